@@ -1,0 +1,50 @@
+# Deep Pneumonia: set-up, run and test in one place.
+#
+#   make run    set everything up, then run the main job on the embedded default
+#   make test   set everything up, then run the whole test suite
+#
+# Both create .venv if it is absent and install the Debian tools the tests talk to.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Debian packages: dcmtk (dcmdump, storescu, transcoders) and dicom3tools (dciodvfy).
+DEBS   := dcmtk dicom3tools
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUN_DIR ?= runs/demo
+
+.PHONY: run test venv system-deps benchmark-synth gallery clean
+
+run: venv
+	$(VENV)/bin/dp-synth --config configs/synth_demo.yaml --out $(RUN_DIR)/data --gallery $(RUN_DIR)/gallery.png
+
+test: venv system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Generation speed of the synthetic phantoms; figures go to docs/benchmarks.md.
+benchmark-synth: venv
+	$(PY) benchmarks/synth_speed.py
+
+# The committed gallery of synthetic images (docs/synthetic_gallery.png).
+gallery: venv
+	$(PY) -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

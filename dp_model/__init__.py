@@ -1,0 +1,1 @@
+"""Deep Pneumonia: networks, losses, datasets, synthetic phantoms and training."""

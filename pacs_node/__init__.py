@@ -1,0 +1,1 @@
+"""The Deep Pneumonia DICOM node: receives chest X-rays, returns SR and SC results."""

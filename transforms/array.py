@@ -1,0 +1,81 @@
+"""MONAI array transforms for chest radiographs (deterministic; see ``augment`` for random ones).
+
+Arrays are channel-first ``(1, rows, columns)`` float32 torch tensors in [0, 1], larger
+brighter. Boxes follow :mod:`dp_transforms.geometry`.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+import numpy as np
+import torch
+from monai.transforms import Transform
+from pydicom.dataset import Dataset
+
+from .dicom import read_dicom
+from .geometry import Letterbox, as_boxes, boxes_to_masks
+from .io import load_image, make_square_pixels
+
+
+class LoadChestXray(Transform):
+    """Load a radiograph file (DICOM, PNG, JPEG, MHA, ...) or a DICOM dataset.
+
+    Args:
+        square_pixels: resample images with non-square pixels (SimpleITK) so that the
+            model sees true proportions.
+
+    Returns (from ``__call__``):
+        the ``(1, rows, columns)`` image and a meta dict with ``spacing`` (mm or None),
+        ``source``, ``original_shape`` and ``box_scale`` (``(x, y)`` factors that carry
+        source boxes onto the returned image; 1.0 unless pixels were made square).
+    """
+
+    def __init__(self, square_pixels: bool = True) -> None:
+        self.square_pixels = square_pixels
+
+    def __call__(self, source: str | PathLike | Dataset) -> tuple[torch.Tensor, dict]:
+        image = read_dicom(source) if isinstance(source, Dataset) else load_image(source)
+        original = image.shape
+        if self.square_pixels:
+            image = make_square_pixels(image)
+        box_scale = (image.shape[1] / original[1], image.shape[0] / original[0])
+        meta = {
+            "spacing": image.spacing,
+            "source": image.source,
+            "original_shape": original,
+            "box_scale": box_scale,
+        }
+        return torch.from_numpy(image.pixels)[None], meta
+
+
+class LetterboxResize(Transform):
+    """Fit an image into a ``size x size`` canvas keeping its aspect ratio (antialiased), pad with ``fill``."""
+
+    def __init__(self, size: int, fill: float = 0.0) -> None:
+        if size < 8:
+            raise ValueError(f"size must be at least 8, got {size}")
+        self.size = size
+        self.fill = fill
+
+    def geometry(self, image: torch.Tensor) -> Letterbox:
+        return Letterbox((int(image.shape[-2]), int(image.shape[-1])), self.size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.geometry(image).image_to_canvas(torch.as_tensor(image, dtype=torch.float32), self.fill)
+
+
+class BoxesToMask(Transform):
+    """Turn an image's boxes into ``mask+`` of shape ``(1, rows, columns)``.
+
+    Args:
+        mask_shape: resolution of the mask; None for the image's own resolution.
+    """
+
+    def __init__(self, mask_shape: tuple[int, int] | None = None) -> None:
+        self.mask_shape = mask_shape
+
+    def __call__(self, boxes: np.ndarray, image_shape: tuple[int, int]) -> torch.Tensor:
+        arr = torch.as_tensor(as_boxes(boxes))[None]
+        return boxes_to_masks(arr, image_shape, self.mask_shape)[0]
+

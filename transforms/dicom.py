@@ -1,0 +1,306 @@
+"""DICOM to pixels: the one conversion used by training, evaluation and the node.
+
+PS3.3 C.11 defines the grayscale pipeline applied here, in order:
+
+1. Modality LUT (Rescale Slope / Intercept, or a Modality LUT Sequence), C.11.1;
+2. VOI LUT Sequence, else the first Window Center / Width with its VOI LUT Function
+   (LINEAR, LINEAR_EXACT, SIGMOID), C.11.2; with neither, a robust automatic window
+   (0.5th to 99.5th percentile), as viewers do;
+3. polarity: MONOCHROME1 is inverted so that larger always means brighter (more
+   attenuation). For DX images "FOR PROCESSING", Pixel Intensity Relationship Sign
+   (C.8.11.3.1.2) decides instead, because such images are defined by their relation to
+   the X-ray beam rather than by their display.
+
+The result is a float32 image in [0, 1] plus the physical pixel spacing, which the outputs
+of the node need for their geometry. Anything that cannot be converted raises
+:class:`~dp_transforms.errors.ImageError` with a reason code and a one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from os import PathLike
+from typing import BinaryIO
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
+
+from .errors import ImageError, ImageErrorReason
+
+logger = logging.getLogger(__name__)
+
+#: Smallest and largest accepted side, and largest pixel count. A chest radiograph is
+#: 1,000 to 4,300 pixels a side; anything outside these bounds is a wrong or hostile file.
+MIN_SIDE = 16
+MAX_SIDE = 16384
+MAX_PIXELS = 64 * 2**20
+
+#: Percentiles of the automatic window used when a file carries no VOI information.
+AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+@dataclass(frozen=True)
+class ChestImage:
+    """A single-channel radiograph ready for the model.
+
+    Attributes:
+        pixels: float32 array (rows, columns) in [0, 1]; larger is brighter, i.e. more
+            attenuating (bone and soft tissue bright, lungs and air dark).
+        spacing: (row, column) pixel spacing in mm, or None when the file does not say.
+        source: where the image came from, for messages.
+    """
+
+    pixels: np.ndarray
+    spacing: tuple[float, float] | None = None
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape  # type: ignore[return-value]
+
+
+def read_dicom(source: str | PathLike | bytes | BinaryIO | Dataset) -> ChestImage:
+    """Read a DICOM file, bytes or dataset and convert it with :func:`dicom_to_image`.
+
+    Reading is tolerant: a file without the 128-byte preamble and file meta information
+    (old or hand-made files) is still read if it parses as a dataset with an image.
+
+    Raises:
+        ImageError: the input is not DICOM, is truncated, or holds no usable image.
+    """
+    if isinstance(source, Dataset):
+        return dicom_to_image(source)
+    if isinstance(source, (bytes, bytearray)):
+        name, source = "<bytes>", BytesIO(source)
+    elif isinstance(source, (str, PathLike)):
+        name = str(source)
+    else:
+        name = str(getattr(source, "name", "<stream>"))
+    return dicom_to_image(_parse(source, name), source=name)
+
+
+def _parse(source: str | PathLike | BinaryIO, name: str) -> Dataset:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = _dcmread_tolerant(source)
+        except FileNotFoundError as exc:
+            raise ImageError(ImageErrorReason.NOT_FOUND, "no such file", name) from exc
+        except InvalidDicomError as exc:
+            raise ImageError(ImageErrorReason.NOT_AN_IMAGE, "not a DICOM file", name) from exc
+        except Exception as exc:  # pydicom raises many types for broken streams
+            raise ImageError(ImageErrorReason.CORRUPT, f"unreadable DICOM ({_one_line(exc)})", name) from exc
+    truncated = [w for w in caught if "end of file" in str(w.message).lower()]
+    if truncated:
+        raise ImageError(
+            ImageErrorReason.CORRUPT, f"file is truncated ({_one_line(truncated[0].message)})", name
+        )
+    return ds
+
+
+def _dcmread_tolerant(source: str | PathLike | BinaryIO) -> Dataset:
+    try:
+        return dcmread(source)
+    except InvalidDicomError:
+        if hasattr(source, "seek"):
+            source.seek(0)  # type: ignore[union-attr]
+        ds = dcmread(source, force=True)
+        # force=True parses anything; a real dataset has an image or at least a SOP class.
+        if "PixelData" not in ds and "SOPClassUID" not in ds:
+            raise
+        return ds
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def dicom_to_image(ds: Dataset, source: str = "") -> ChestImage:
+    """Convert a DICOM dataset to a :class:`ChestImage` (modality LUT, VOI, polarity).
+
+    Args:
+        ds: a dataset with a single-frame grayscale image.
+        source: a name for messages; defaults to the SOP Instance UID.
+
+    Raises:
+        ImageError: no pixel data, colour, several frames, absurd geometry, a transfer
+            syntax no installed decoder handles, or pixel data that fails to decode.
+    """
+    source = source or str(ds.get("SOPInstanceUID", "dataset"))
+    check_single_grayscale_frame(ds, source)
+    stored = decode_pixels(ds, source)
+    values = apply_modality_lut(stored, ds).astype(np.float64, copy=False)
+    pixels = apply_voi_window(values, ds)
+    if not _larger_is_brighter(ds):
+        pixels = 1.0 - pixels
+    return ChestImage(np.clip(pixels, 0.0, 1.0).astype(np.float32), pixel_spacing(ds), source)
+
+
+def check_single_grayscale_frame(ds: Dataset, source: str) -> None:
+    """Refuse, before decoding anything, what cannot be a single grayscale radiograph."""
+    if "PixelData" not in ds:
+        kind = "float" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no"
+        raise ImageError(ImageErrorReason.NO_PIXEL_DATA, f"{kind} pixel data (7FE0,0010)", source)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1 or photometric not in MONOCHROME:
+        raise ImageError(
+            ImageErrorReason.COLOUR,
+            f"Photometric Interpretation {photometric or '(missing)'} with {samples} sample(s) "
+            "per pixel; a radiograph is MONOCHROME1 or MONOCHROME2",
+            source,
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise ImageError(ImageErrorReason.MULTI_FRAME, f"{frames} frames; expected one", source)
+    check_geometry(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), source)
+
+
+def check_geometry(rows: int, columns: int, source: str = "") -> None:
+    """Refuse sizes no radiograph has (and that would exhaust memory)."""
+    if not (MIN_SIDE <= rows <= MAX_SIDE and MIN_SIDE <= columns <= MAX_SIDE):
+        raise ImageError(
+            ImageErrorReason.GEOMETRY,
+            f"image of {rows} x {columns} pixels; each side must be {MIN_SIDE} to {MAX_SIDE}",
+            source,
+        )
+    if rows * columns > MAX_PIXELS:
+        raise ImageError(
+            ImageErrorReason.GEOMETRY,
+            f"image of {rows} x {columns} pixels exceeds {MAX_PIXELS} pixels",
+            source,
+        )
+
+
+def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
+    """Decode the stored values with pydicom's pixel handlers, mapping every failure."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError as exc:
+            raise ImageError(
+                ImageErrorReason.UNDECODABLE, f"no decoder exists for {syntax.name}", source
+            ) from exc
+        if not decoder.is_available:
+            raise ImageError(
+                ImageErrorReason.UNDECODABLE,
+                f"no installed plugin decodes {syntax.name} (needs one of: "
+                f"{', '.join(sorted(decoder.missing_dependencies)) or 'a decoder plugin'})",
+                source,
+            )
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise ValueError, RuntimeError, struct errors ...
+        if syntax is not None and syntax.is_compressed:
+            reason, what = ImageErrorReason.UNDECODABLE, syntax.name
+        else:
+            reason, what = ImageErrorReason.CORRUPT, syntax.name if syntax else "native"
+        raise ImageError(
+            reason, f"pixel data could not be decoded ({what}): {_one_line(exc)}", source
+        ) from exc
+    if arr.ndim != 2:
+        raise ImageError(
+            ImageErrorReason.UNSUPPORTED, f"decoded pixel array has shape {arr.shape}", source
+        )
+    return arr
+
+
+def apply_voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map modality values to [0, 1] by the VOI LUT, the window, or an automatic window."""
+    if ds.get("VOILUTSequence"):
+        return _apply_voi_lut_sequence(values, ds)
+    window = _first_window(ds)
+    if window is not None:
+        center, width = window
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
+        return window_to_unit(values, center, width, function)
+    return auto_window(values)
+
+
+def auto_window(values: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] between robust percentiles, for images that carry no window."""
+    low, high = np.percentile(values, AUTO_WINDOW_PERCENTILES)
+    if high <= low:
+        return np.zeros_like(values)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def window_to_unit(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """PS3.3 C.11.2.1.2 windowing, with output range [0, 1] instead of [ymin, ymax]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width <= 1:  # LINEAR with width 1 is a threshold at the center (C.11.2.1.2.1)
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _first_window(ds: Dataset) -> tuple[float, float] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    center = float(center[0] if isinstance(center, MultiValue) else center)
+    width = float(width[0] if isinstance(width, MultiValue) else width)
+    if width <= 0:
+        logger.warning("ignoring Window Width %s (must be > 0); using an automatic window", width)
+        return None
+    return center, width
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    item = ds.VOILUTSequence[0]
+    entries, first_mapped = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    # The range of the LUT's own entries, not its nominal bit depth: many files declare
+    # 16 bits for 12-bit data.
+    table = apply_voi(np.arange(first_mapped, first_mapped + entries, dtype=np.int64), ds)
+    low, high = float(table.min()), float(table.max())
+    mapped = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64)
+    if high <= low:
+        return np.zeros_like(mapped)
+    return (mapped - low) / (high - low)
+
+
+def _larger_is_brighter(ds: Dataset) -> bool:
+    photometric_says = str(ds.PhotometricInterpretation).strip() == "MONOCHROME2"
+    sign = ds.get("PixelIntensityRelationshipSign")
+    intent = str(ds.get("PresentationIntentType", "")).strip().upper()
+    if sign in (1, -1) and intent == "FOR PROCESSING":
+        # -1: higher values mean less beam intensity, i.e. more attenuation: brighter.
+        sign_says = int(sign) == -1
+        if sign_says != photometric_says:
+            logger.warning(
+                "%s: Pixel Intensity Relationship Sign %+d disagrees with %s; following the sign",
+                ds.get("SOPInstanceUID", "dataset"),
+                int(sign),
+                ds.PhotometricInterpretation,
+            )
+        return sign_says
+    return photometric_says
+
+
+def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm: Pixel Spacing, else Imager Pixel Spacing, else None.
+
+    Zero or negative values, which real files carry, count as absent.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            row, column = (float(v) for v in value)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and column > 0:
+            return row, column
+    return None
