@@ -39,3 +39,37 @@ def run_tool(*args: str | Path, check: bool = True) -> subprocess.CompletedProce
     if check and result.returncode != 0:
         pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def make_dataset(pixels, bits: int | None = None, photometric: str = "MONOCHROME2", **attributes):
+    """A minimal single-frame grayscale Secondary Capture dataset (uncompressed) for tests."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.asarray(pixels)
+    bits = bits or (8 if pixels.dtype == np.uint8 else 16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def write_dicom(path: Path, pixels, **kwargs) -> Path:
+    """Write :func:`make_dataset` to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dataset(pixels, **kwargs).save_as(path, enforce_file_format=True)
+    return path

@@ -6,16 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import data_file, run_tool
+from helpers import data_file, make_dataset, run_tool
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    MPEG2MPML,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from pydicom.uid import MPEG2MPML
 
 from dp_transforms import ImageError, ImageErrorReason, load_image, read_dicom
 from dp_transforms.dicom import MAX_SIDE, pixel_spacing
@@ -83,7 +78,7 @@ def test_lossless_transfer_syntaxes_decode_identically(
 
 @pytest.mark.tools
 def test_jpeg_baseline_decodes_close_to_the_original(tmp_path: Path) -> None:
-    ds = _dataset(np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1)), bits=8)
+    ds = make_dataset(np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1)))
     ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
     run_tool("dcmcjpeg", "+eb", "+q", "90", tmp_path / "plain.dcm", tmp_path / "baseline.dcm")
     assert dcmread(tmp_path / "baseline.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
@@ -123,7 +118,7 @@ def test_broken_or_unsupported_real_files_raise_one_clear_error(name: str, reaso
 
 
 def test_transfer_syntax_without_any_decoder_is_undecodable() -> None:
-    ds = _dataset(np.zeros((64, 64), np.uint16))
+    ds = make_dataset(np.zeros((64, 64), np.uint16), bits=12)
     ds.file_meta.TransferSyntaxUID = MPEG2MPML
     with pytest.raises(ImageError, match="no decoder exists for MPEG2") as caught:
         read_dicom(ds)
@@ -131,7 +126,7 @@ def test_transfer_syntax_without_any_decoder_is_undecodable() -> None:
 
 
 def test_absurd_dimensions_are_refused_before_decoding() -> None:
-    ds = _dataset(np.zeros((64, 64), np.uint16))
+    ds = make_dataset(np.zeros((64, 64), np.uint16), bits=12)
     ds.Rows = MAX_SIDE + 1  # the pixel data no longer matches: decoding must not be attempted
     with pytest.raises(ImageError, match=f"{MAX_SIDE + 1} x 64") as caught:
         read_dicom(ds)
@@ -161,32 +156,11 @@ def test_dicom_bytes_are_accepted(rg1_path: Path) -> None:
 # --- the pipeline on datasets with known answers ------------------------------------------
 
 
-def _dataset(pixels: np.ndarray, bits: int = 12, photometric: str = "MONOCHROME2", **extra) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 8 if bits == 8 else 16
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    return ds
-
-
 RAMP = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
 
 
 def test_rescale_then_linear_window_matches_ps3_3_formula() -> None:
-    ds = _dataset(RAMP, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=3001)
+    ds = make_dataset(RAMP, bits=12, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=3001)
     values = RAMP * 2.0 - 1000
     expected = np.clip((values - (2000 - 0.5)) / (3001 - 1) + 0.5, 0, 1)
     np.testing.assert_allclose(read_dicom(ds).pixels, expected, atol=1e-6)
@@ -194,7 +168,7 @@ def test_rescale_then_linear_window_matches_ps3_3_formula() -> None:
 
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_voi_lut_functions(function: str) -> None:
-    ds = _dataset(RAMP, WindowCenter=[1500, 100], WindowWidth=[1000, 10], VOILUTFunction=function)
+    ds = make_dataset(RAMP, bits=12, WindowCenter=[1500, 100], WindowWidth=[1000, 10], VOILUTFunction=function)
     values = RAMP.astype(np.float64)
     if function == "LINEAR_EXACT":
         expected = np.clip((values - 1500) / 1000 + 0.5, 0, 1)
@@ -208,19 +182,19 @@ def test_voi_lut_sequence_is_preferred_over_the_window() -> None:
     lut.LUTDescriptor = [4096, 0, 16]  # declares 16 bits, holds 12-bit values (common)
     table = (4095 - np.arange(4096)).astype(np.uint16)  # an inverting LUT
     lut.LUTData = table.tolist()
-    ds = _dataset(RAMP, WindowCenter=2048, WindowWidth=4096, VOILUTSequence=Sequence([lut]))
+    ds = make_dataset(RAMP, bits=12, WindowCenter=2048, WindowWidth=4096, VOILUTSequence=Sequence([lut]))
     np.testing.assert_allclose(read_dicom(ds).pixels, 1 - RAMP / 4095.0, atol=1e-6)
 
 
 def test_monochrome1_is_inverted() -> None:
     kwargs = dict(WindowCenter=2048, WindowWidth=4096)
-    m2 = read_dicom(_dataset(RAMP, **kwargs)).pixels
-    m1 = read_dicom(_dataset(RAMP, photometric="MONOCHROME1", **kwargs)).pixels
+    m2 = read_dicom(make_dataset(RAMP, bits=12, **kwargs)).pixels
+    m1 = read_dicom(make_dataset(RAMP, bits=12, photometric="MONOCHROME1", **kwargs)).pixels
     np.testing.assert_allclose(m1, 1 - m2, atol=1e-6)
 
 
 def test_no_window_uses_robust_percentiles() -> None:
-    pixels = read_dicom(_dataset(RAMP)).pixels
+    pixels = read_dicom(make_dataset(RAMP, bits=12)).pixels
     low, high = np.percentile(RAMP, [0.5, 99.5])
     np.testing.assert_allclose(pixels, np.clip((RAMP - low) / (high - low), 0, 1), atol=1e-6)
 
@@ -228,19 +202,19 @@ def test_no_window_uses_robust_percentiles() -> None:
 @pytest.mark.parametrize(("sign", "photometric", "inverted"), [(1, "MONOCHROME2", True), (-1, "MONOCHROME2", False), (-1, "MONOCHROME1", False), (1, "MONOCHROME1", True)])
 def test_for_processing_dx_follows_the_pixel_intensity_relationship_sign(sign: int, photometric: str, inverted: bool) -> None:
     kwargs = dict(WindowCenter=2048, WindowWidth=4096, PresentationIntentType="FOR PROCESSING", PixelIntensityRelationshipSign=sign)
-    pixels = read_dicom(_dataset(RAMP, photometric=photometric, **kwargs)).pixels
+    pixels = read_dicom(make_dataset(RAMP, bits=12, photometric=photometric, **kwargs)).pixels
     straight = np.clip((RAMP - 2047.5) / 4095 + 0.5, 0, 1)
     np.testing.assert_allclose(pixels, 1 - straight if inverted else straight, atol=1e-6)
 
 
 def test_for_presentation_follows_the_photometric_interpretation() -> None:
     kwargs = dict(WindowCenter=2048, WindowWidth=4096, PresentationIntentType="FOR PRESENTATION", PixelIntensityRelationshipSign=1)
-    pixels = read_dicom(_dataset(RAMP, **kwargs)).pixels
+    pixels = read_dicom(make_dataset(RAMP, bits=12, **kwargs)).pixels
     np.testing.assert_allclose(pixels, np.clip((RAMP - 2047.5) / 4095 + 0.5, 0, 1), atol=1e-6)
 
 
 def test_pixel_spacing_preference() -> None:
-    ds = _dataset(RAMP, PixelSpacing=[0.2, 0.25], ImagerPixelSpacing=[0.3, 0.3])
+    ds = make_dataset(RAMP, bits=12, PixelSpacing=[0.2, 0.25], ImagerPixelSpacing=[0.3, 0.3])
     assert pixel_spacing(ds) == (0.2, 0.25)
     del ds.PixelSpacing
     assert pixel_spacing(ds) == (0.3, 0.3)
