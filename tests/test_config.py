@@ -1,0 +1,87 @@
+"""Typed configuration: defaults, YAML, command-line overrides and one-line errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from dp_model.config import ConfigError, from_mapping, load_config, to_mapping
+from dp_model.synth.config import Difficulty, SynthConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+    names: tuple[str, ...] = ("a",)
+
+
+@dataclass(frozen=True)
+class Outer:
+    count: int = 3
+    mode: Literal["fast", "slow"] = "fast"
+    pair: tuple[float, float] = (0.0, 1.0)
+    enabled: bool = True
+    path: Path | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_and_overrides_in_that_order(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("count: 5\ninner:\n  rate: 2\n")
+    config = load_config(Outer, path, {"inner.names": ["x", "y"], "count": None})
+    assert config == Outer(count=5, inner=Inner(rate=2.0, names=("x", "y")))
+    assert load_config(Outer) == Outer()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cuont: 5\n", r"c.yaml: cuont: unknown key; known keys are \['count'"),
+        ("inner:\n  rat: 1\n", r"c.yaml: inner.rat: unknown key"),
+        ("count: 2.5\n", r"c.yaml: count: expected a whole number, got 2.5"),
+        ("count: true\n", r"count: expected a whole number, got True"),
+        ("mode: medium\n", r"mode: expected one of \['fast', 'slow'\], got 'medium'"),
+        ("pair: [1]\n", r"pair: expected 2 values, got 1"),
+        ("enabled: 1\n", r"enabled: expected true or false, got 1"),
+        ("inner: 3\n", r"inner: expected a mapping, got 3"),
+        ("- 1\n- 2\n", r"expected a mapping of keys to values at the top level"),
+        ("count: [\n", r"c.yaml: not valid YAML"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(Outer, path)
+    assert "\n" not in str(caught.value)
+
+
+def test_value_checks_of_the_dataclass_are_reported_with_their_place() -> None:
+    with pytest.raises(ConfigError, match=r"command line: difficulty: label_noise must be in \[0, 0.5\], got 0.9"):
+        load_config(SynthConfig, None, {"difficulty.label_noise": 0.9})
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+        load_config(SynthConfig, "missing.yaml")
+
+
+def test_round_trip_through_plain_data() -> None:
+    config = Outer(count=7, path=Path("/x"), inner=Inner(names=("p", "q")))
+    assert from_mapping(Outer, to_mapping(config)) == config
+
+
+def test_the_documented_synth_config_lists_exactly_the_defaults() -> None:
+    assert load_config(SynthConfig, CONFIGS / "synth.yaml") == SynthConfig()
+    documented = set(to_mapping(SynthConfig()))
+    import yaml
+
+    assert set(yaml.safe_load((CONFIGS / "synth.yaml").read_text())) == documented
+    assert set(yaml.safe_load((CONFIGS / "synth.yaml").read_text())["difficulty"]) == set(to_mapping(Difficulty()))
+
+
+def test_the_demo_config_loads() -> None:
+    demo = load_config(SynthConfig, CONFIGS / "synth_demo.yaml")
+    assert demo.num_images <= 500 and demo.size <= 512
