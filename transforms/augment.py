@@ -218,40 +218,46 @@ def gaussian_blur(batch: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.view(b, c, h, w)
 
 
-class SimCLRViews(Randomizable, Transform):
+class _SharesRandomState(Randomizable):
+    """A wrapper whose randomness lives in inner transforms that share its ``R``.
+
+    Seeding the wrapper seeds them all with one stream; they draw their own
+    parameters, so ``randomize`` has nothing to do here.
+    """
+
+    _inner: tuple[str, ...] = ()
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        for name in self._inner:
+            getattr(self, name).set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data=None) -> None:
+        return None
+
+
+class SimCLRViews(_SharesRandomState, Transform):
     """Two independently augmented views of every image in a batch (SimCLR stage I)."""
+
+    _inner = ("affine", "intensity")
 
     def __init__(self, affine: RandChestAffine | None = None, intensity: RandChestIntensity | None = None) -> None:
         self.affine = affine or RandChestAffine()
         self.intensity = intensity or RandChestIntensity()
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.affine.set_random_state(state=self.R)
-        self.intensity.set_random_state(state=self.R)
-        return self
-
-    def randomize(self, data=None) -> None:  # the wrapped transforms draw their own
-        return None
-
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.intensity(self.affine(batch)), self.intensity(self.affine(batch))
 
 
-class RandChestAffined(Randomizable, MapTransform):
+class RandChestAffined(_SharesRandomState, MapTransform):
     """Apply one :class:`RandChestAffine` draw to all ``keys`` (image and masks move together)."""
+
+    _inner = ("affine",)
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.affine = RandChestAffine(**kwargs)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.affine.set_random_state(state=self.R)
-        return self
-
-    def randomize(self, data=None) -> None:
-        return None
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -264,20 +270,14 @@ class RandChestAffined(Randomizable, MapTransform):
         return d
 
 
-class RandChestIntensityd(Randomizable, MapTransform):
+class RandChestIntensityd(_SharesRandomState, MapTransform):
     """Apply :class:`RandChestIntensity` to each of ``keys`` (images only, never masks)."""
+
+    _inner = ("intensity",)
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.intensity = RandChestIntensity(**kwargs)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.intensity.set_random_state(state=self.R)
-        return self
-
-    def randomize(self, data=None) -> None:
-        return None
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
