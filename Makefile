@@ -17,7 +17,10 @@ RUN_DIR ?= runs/demo
 
 .PHONY: run test venv system-deps benchmark-synth gallery clean
 
+# Until the node exists, the main job is the synthetic-data demo (deterministic: rerunning
+# it rewrites the same files).
 run: venv
+	rm -rf $(RUN_DIR)/data
 	$(VENV)/bin/dp-synth --config configs/synth_demo.yaml --out $(RUN_DIR)/data --gallery $(RUN_DIR)/gallery.png
 
 test: venv system-deps
@@ -42,9 +45,9 @@ system-deps:
 benchmark-synth: venv
 	$(PY) benchmarks/synth_speed.py
 
-# The committed gallery of synthetic images (docs/synthetic_gallery.png).
+# The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
 gallery: venv
-	$(PY) -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png
+	$(PY) -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png --augment docs/augmentations.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

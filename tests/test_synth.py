@@ -19,7 +19,7 @@ from dp_model.synth.anatomy import render_anatomy, sample_anatomy
 from dp_model.synth.cli import main as synth_main
 from dp_model.synth.dicom import build_dataset
 from dp_model.synth.frame import Frame
-from dp_model.synth.gallery import write_gallery
+from dp_model.synth.gallery import write_augmentations, write_gallery
 from dp_model.synth.lesions import LESIONS, Scene
 from dp_model.synth.render import _sample_class, render_case
 from dp_transforms import read_dicom
@@ -217,3 +217,11 @@ def test_gallery_picture(tmp_path: Path) -> None:
     assert image.size[0] > 200 and image.size[1] > 5 * 100
     pixels = np.asarray(image.convert("RGB"), np.int16)
     assert ((pixels[..., 0] > 200) & (pixels[..., 1] < 80)).sum() > 20  # red lesion boxes are drawn
+
+
+def test_augmentation_picture_outlines_the_moved_mask(tmp_path: Path) -> None:
+    image = Image.open(write_augmentations(SMALL, tmp_path / "a.png", size=96))
+    pixels = np.asarray(image.convert("RGB"), np.int16)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    columns = np.flatnonzero(red.any(axis=0))
+    assert columns.size and columns.max() - columns.min() > image.size[0] * 0.6  # outlines in several panels

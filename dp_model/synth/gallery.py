@@ -1,7 +1,8 @@
-"""Pictures of the synthetic data: a gallery per class with boxes, and a side-by-side
-with a real radiograph, so that realism can be judged at a glance.
+"""Pictures of the synthetic data: a gallery per class with boxes, a side-by-side with a
+real radiograph, and the training augmentations applied to a synthetic case, so that
+realism and augmentation can be judged at a glance.
 
-``python -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png``
+``python -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png --augment docs/augmentations.png``
 """
 
 from __future__ import annotations
@@ -99,6 +100,35 @@ def write_comparison(config: SynthConfig, path: str | Path, size: int = 512) -> 
     return _save(fig, path)
 
 
+def write_augmentations(config: SynthConfig, path: str | Path, size: int = 224, seed: int = 0) -> Path:
+    """A lobar case as the model sees it (letterboxed to ``size``), two SimCLR views, and
+    three stage-II draws where image and ``mask+`` (red outline) move together."""
+    import torch
+
+    from dp_transforms import BoxesToMaskd, LetterboxResized, RandChestAffine, RandChestIntensity, SimCLRViews
+
+    case = collect(replace(config, size=512), 1)["lobar"][0]
+    sample = LetterboxResized("image", size, box_keys="boxes")({"image": torch.from_numpy(case.pixels)[None], "boxes": case.boxes})
+    sample = BoxesToMaskd("image")(sample)
+    image, mask = sample["image"][None], sample["mask"][None]
+    views = SimCLRViews().set_random_state(seed)(image.repeat(2, 1, 1, 1))
+    affine, intensity = RandChestAffine().set_random_state(seed), RandChestIntensity().set_random_state(seed)
+    moved, moved_mask = affine(image.repeat(3, 1, 1, 1), mask.repeat(3, 1, 1, 1))
+    jittered = intensity(moved)
+    panels = [("input, mask+ outlined", image[0, 0], mask[0, 0])]
+    panels += [(f"SimCLR view {i + 1}", views[i][0, 0], None) for i in range(2)]
+    panels += [(f"stage II draw {i + 1}", jittered[i, 0], moved_mask[i, 0]) for i in range(3)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    for ax, (title, pixels, outline) in zip(axes, panels):
+        ax.imshow(pixels.numpy(), cmap="gray", vmin=0, vmax=1)
+        if outline is not None:
+            ax.contour(outline.numpy(), levels=[0.5], colors="red", linewidths=1.0)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write pictures of the synthetic data.")
     p.add_argument("--out", type=Path, required=True, help="gallery PNG")
     p.add_argument("--compare", type=Path, help="also write the real-versus-synthetic PNG here")
+    p.add_argument("--augment", type=Path, help="also write the augmentation picture here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=4)
     args = p.parse_args(argv)
@@ -118,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print(write_gallery(config, args.out, args.per_class))
     if args.compare:
         print(write_comparison(config, args.compare))
+    if args.augment:
+        print(write_augmentations(config, args.augment))
     return 0
 
 
