@@ -117,6 +117,25 @@ def test_broken_or_unsupported_real_files_raise_one_clear_error(name: str, reaso
     assert name in message and f"[{reason}]" in message
 
 
+def test_truncation_is_detected_per_thread_when_reading_concurrently(rg1_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    truncated = data_file("emri_small_jpeg_2k_lossless_too_short.dcm")
+    good = data_file("MR_small_RLE.dcm")
+
+    def outcome(path: Path) -> str:
+        try:
+            load_image(path)
+            return "ok"
+        except ImageError as exc:
+            return str(exc.reason)
+
+    paths = [truncated, good] * 16
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(outcome, paths))
+    assert results == ["corrupt", "ok"] * 16
+
+
 def test_transfer_syntax_without_any_decoder_is_undecodable() -> None:
     ds = make_dataset(np.zeros((64, 64), np.uint16), bits=12)
     ds.file_meta.TransferSyntaxUID = MPEG2MPML

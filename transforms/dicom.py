@@ -19,7 +19,9 @@ of the node need for their geometry. Anything that cannot be converted raises
 from __future__ import annotations
 
 import logging
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from os import PathLike
@@ -89,9 +91,39 @@ def read_dicom(source: str | PathLike | bytes | BinaryIO | Dataset) -> ChestImag
     return dicom_to_image(_parse(source, name), source=name)
 
 
+class _ReadWarnings(logging.Handler):
+    """Collects the warnings pydicom logs while the current thread reads a file.
+
+    pydicom reports a file that ends too early only as a warning. ``warnings.catch_warnings``
+    would catch it but changes process-wide state, which races when the node reads in
+    several threads; log records are handled in the thread that logged them, so a
+    thread-local list holds exactly this read's warnings.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        messages = getattr(self._local, "messages", None)
+        if messages is not None:
+            messages.append(record.getMessage())
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        self._local.messages = messages = []
+        try:
+            yield messages
+        finally:
+            self._local.messages = None
+
+
+_READ_WARNINGS = _ReadWarnings()
+logging.getLogger("pydicom").addHandler(_READ_WARNINGS)
+
+
 def _parse(source: str | PathLike | BinaryIO, name: str) -> Dataset:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _READ_WARNINGS.capture() as messages:
         try:
             ds = _dcmread_tolerant(source)
         except FileNotFoundError as exc:
@@ -100,11 +132,9 @@ def _parse(source: str | PathLike | BinaryIO, name: str) -> Dataset:
             raise ImageError(ImageErrorReason.NOT_AN_IMAGE, "not a DICOM file", name) from exc
         except Exception as exc:  # pydicom raises many types for broken streams
             raise ImageError(ImageErrorReason.CORRUPT, f"unreadable DICOM ({_one_line(exc)})", name) from exc
-    truncated = [w for w in caught if "end of file" in str(w.message).lower()]
+    truncated = [m for m in messages if "end of file" in m.lower()]
     if truncated:
-        raise ImageError(
-            ImageErrorReason.CORRUPT, f"file is truncated ({_one_line(truncated[0].message)})", name
-        )
+        raise ImageError(ImageErrorReason.CORRUPT, f"file is truncated ({_one_line(truncated[0])})", name)
     return ds
 
 

@@ -9,7 +9,6 @@ same geometry checks. Every failure is an :class:`~dp_transforms.errors.ImageErr
 
 from __future__ import annotations
 
-import logging
 from os import PathLike
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import ChestImage, auto_window, check_geometry, read_dicom
 from .errors import ImageError, ImageErrorReason
-
-logger = logging.getLogger(__name__)
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 SITK_SUFFIXES = {".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz"}
