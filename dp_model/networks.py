@@ -1,0 +1,182 @@
+"""Deep Pneumonia networks: ResNet18, the MGACR attention heads, and the SimCLR model.
+
+The backbone is MONAI's ``ResNet`` configured to equal torchvision's ResNet18 exactly
+(7 x 7 stride-2 first convolution, max-pool, [2, 2, 2, 2] basic blocks, no bias on the
+down-sampling convolutions): same parameter names, same outputs. MONAI's own defaults
+(3-D, stride-1 first convolution, biased down-sampling) would cost about four times the
+compute in 2-D.
+
+:class:`DeepPneumoniaNet` in ``forward`` returns logits only, in train and eval mode
+alike, so a bundle's ``verify_net_in_out`` and the node see a plain classifier; MGACR is a
+training aid (paper, section V.B) reached through :meth:`DeepPneumoniaNet.forward_train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ResNet
+from torch import Tensor, nn
+
+#: MONAI ResNet arguments that make it torchvision's ResNet18.
+RESNET18 = dict(
+    block="basic",
+    layers=[2, 2, 2, 2],
+    block_inplanes=[64, 128, 256, 512],
+    spatial_dims=2,
+    conv1_t_size=7,
+    conv1_t_stride=2,
+    no_max_pool=False,
+    shortcut_type="B",
+    bias_downsample=False,
+)
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+STAGE_CHANNELS = (64, 128, 256, 512)
+#: Downsampling of each stage's output relative to the input (224 -> 56, 28, 14, 7).
+STAGE_STRIDES = (4, 8, 16, 32)
+
+
+def resnet18(in_channels: int = 1, num_classes: int = 5) -> ResNet:
+    """torchvision's ResNet18, built with MONAI, for ``in_channels``-channel images."""
+    if in_channels < 1 or num_classes < 1:
+        raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
+    return ResNet(n_input_channels=in_channels, num_classes=num_classes, **RESNET18)
+
+
+def stem(resnet: ResNet, x: Tensor) -> Tensor:
+    """The layers before the first residual stage."""
+    x = resnet.act(resnet.bn1(resnet.conv1(x)))
+    return resnet.maxpool(x) if not resnet.no_max_pool else x
+
+
+def pooled(resnet: ResNet, features: Tensor) -> Tensor:
+    """Global average pooling of the last stage, flattened: the representation ``h``."""
+    return torch.flatten(resnet.avgpool(features), 1)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention: channel mean and max, a 7 x 7 convolution, a sigmoid.
+
+    Returns a ``(B, 1, H, W)`` map in (0, 1).
+    """
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        summary = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(summary))
+
+
+class MGACRHead(nn.Module):
+    """The two attention maps of one stage: ``map+`` (lesion) and ``map-`` (elsewhere), Eq. 2-3."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.positive = SpatialAttention(kernel_size)
+        self.negative = SpatialAttention(kernel_size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.positive(x), self.negative(x)
+
+
+@dataclass
+class StageOutput:
+    """What MGACR needs from one residual stage."""
+
+    features: Tensor
+    map_pos: Tensor
+    map_neg: Tensor
+
+
+class DeepPneumoniaNet(nn.Module):
+    """ResNet18 classifier with MGACR attention heads on the chosen residual stages.
+
+    Args:
+        num_classes: number of classes.
+        in_channels: image channels (1 for radiographs).
+        attention_stages: which stages (1 to 4) get an MGACR head; empty for a plain ResNet18.
+        attention_kernel: kernel size of the attention convolutions.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 5,
+        in_channels: int = 1,
+        attention_stages: Sequence[int] = (1, 2, 3, 4),
+        attention_kernel: int = 7,
+    ) -> None:
+        super().__init__()
+        stages = tuple(int(s) for s in attention_stages)
+        if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
+            raise ValueError(f"attention_stages must be distinct values from 1 to 4, got {list(attention_stages)}")
+        self.backbone = resnet18(in_channels, num_classes)
+        self.attention_stages = stages
+        self.heads = nn.ModuleDict({STAGES[s - 1]: MGACRHead(attention_kernel) for s in stages})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)``; the attention heads are not run."""
+        return self.backbone(x)
+
+    def stage_features(self, x: Tensor) -> list[Tensor]:
+        """Outputs of the four residual stages."""
+        out, features = stem(self.backbone, x), []
+        for name in STAGES:
+            out = getattr(self.backbone, name)(out)
+            features.append(out)
+        return features
+
+    def forward_train(self, x: Tensor) -> tuple[Tensor, list[StageOutput]]:
+        """Logits and, for every stage with a head, its features and attention maps."""
+        features = self.stage_features(x)
+        logits = self.backbone.fc(pooled(self.backbone, features[-1]))
+        outputs = []
+        for name, stage in zip(STAGES, features):
+            if name in self.heads:
+                map_pos, map_neg = self.heads[name](stage)
+                outputs.append(StageOutput(stage, map_pos, map_neg))
+        return logits, outputs
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, stage: int | None = None) -> Tensor:
+        """The learned ``map+`` of one stage (default: the deepest with a head), upsampled to the input size."""
+        if not self.attention_stages:
+            raise ValueError("this network has no attention heads")
+        stage = stage or max(self.attention_stages)
+        if stage not in self.attention_stages:
+            raise ValueError(f"stage {stage} has no attention head; heads are on {list(self.attention_stages)}")
+        features = self.stage_features(x)[stage - 1]
+        map_pos, _ = self.heads[STAGES[stage - 1]](features)
+        return F.interpolate(map_pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SimCLRNet(nn.Module):
+    """Stage I: the ResNet18 encoder and an MLP projector (SimCLR).
+
+    The projector (``hidden_dim`` -> ReLU -> ``projection_dim``) is discarded after
+    pre-training; the encoder's weights initialise stage II.
+    """
+
+    def __init__(self, in_channels: int = 1, hidden_dim: int = 512, projection_dim: int = 128) -> None:
+        super().__init__()
+        self.encoder = resnet18(in_channels, num_classes=1)
+        self.encoder.fc = nn.Identity()
+        self.projector = nn.Sequential(
+            nn.Linear(STAGE_CHANNELS[-1], hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, projection_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Projections ``z`` ``(B, projection_dim)`` (not normalised; the loss normalises)."""
+        return self.projector(self.encoder(x))
+
+    def encoder_state(self) -> dict[str, Tensor]:
+        """The encoder's weights, without the classifier, for :meth:`DeepPneumoniaNet.backbone`."""
+        return {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("fc.")}

@@ -1,0 +1,244 @@
+"""Each loss against a direct re-computation of the paper's equation on small tensors."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dp_model.losses import (
+    CBFocalLoss,
+    MGACRLoss,
+    attention_losses,
+    cb_focal_loss,
+    class_balanced_weights,
+    feature_cr_loss,
+    mgacr_loss,
+    nt_xent,
+)
+from dp_model.networks import StageOutput
+
+torch.manual_seed(0)
+
+
+# --- NT-Xent (Eq. 1) ---------------------------------------------------------------------------
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
+    """Eq. 1 term by term: -log(exp(sim(i, j) / tau) / sum over k != i of exp(sim(i, k) / tau))."""
+    z = [v / v.norm() for v in torch.cat([z1, z2]).double()]
+    n2, n = len(z), len(z1)
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        numerator = math.exp(float(z[i] @ z[j]) / tau)
+        denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n2) if k != i)
+        total += -math.log(numerator / denominator)
+    return total / n2
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.5, 1.0])
+def test_nt_xent_matches_equation_1(tau: float) -> None:
+    z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+    assert float(nt_xent(z1, z2, tau)) == pytest.approx(nt_xent_reference(z1, z2, tau), rel=1e-5)
+
+
+def test_nt_xent_is_low_for_matching_views_and_high_for_unrelated_ones() -> None:
+    z = torch.randn(16, 32)
+    assert float(nt_xent(z, z + 0.01 * torch.randn_like(z))) < float(nt_xent(z, torch.randn(16, 32))) - 1.0
+
+
+def test_nt_xent_is_stable_and_float32_under_bf16_autocast() -> None:
+    z1, z2 = (1e4 * torch.randn(8, 16)).requires_grad_(), 1e4 * torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nt_xent(z1.bfloat16(), z2.bfloat16())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(z1.grad).all()
+
+
+def _ddp_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = z1.shape[0] // world
+    part1 = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
+    loss = nt_xent(part1, z2[rank * n : (rank + 1) * n], 0.2, gather=True)
+    loss.backward()
+    out[rank] = (float(loss), part1.grad.clone())
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nt_xent_gathered_across_two_processes_equals_one_process() -> None:
+    z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, _free_port(), z1, z2, out), nprocs=2, join=True)
+        results = dict(out)
+    full = z1.clone().requires_grad_()
+    single = nt_xent(full, z2, 0.2)
+    single.backward()
+    single = single.detach()
+    # Each process averages over its own rows; the global loss is the mean of the two.
+    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(single.item(), rel=1e-5)
+    # DDP averages gradients over processes: each process's gradient is half the global one.
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]) / 2, full.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- MGACR (Eq. 2-6) -----------------------------------------------------------------------------
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean())
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
+def test_attention_losses_match_equations_2_and_3() -> None:
+    map_pos, map_neg = torch.rand(3, 1, 7, 7), torch.rand(3, 1, 7, 7)
+    mask = (torch.rand(3, 1, 7, 7) > 0.6).float()
+    att_pos, att_neg = attention_losses(map_pos, map_neg, mask)
+    for i in range(3):
+        assert float(att_pos[i]) == pytest.approx(mse(map_pos[i], mask[i]) / mse(map_pos[i], 1 - mask[i]), rel=1e-5)
+        assert float(att_neg[i]) == pytest.approx(mse(map_neg[i], 1 - mask[i]), rel=1e-5)
+
+
+def test_feature_cr_loss_matches_equation_5() -> None:
+    f = torch.randn(2, 4, 5, 5)
+    map_pos, map_neg = torch.rand(2, 1, 5, 5), torch.rand(2, 1, 5, 5)
+    loss = feature_cr_loss(f, map_pos, map_neg)
+    for i in range(2):
+        assert float(loss[i]) == pytest.approx(l1(f[i], f[i] * map_pos[i]) / l1(f[i], f[i] * map_neg[i]), rel=1e-5)
+
+
+def test_ratio_denominators_are_guarded() -> None:
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    # map+ exactly equal to mask-: Eq. 2's denominator is zero.
+    att_pos, _ = attention_losses(1 - mask, torch.rand(1, 1, 4, 4), mask, eps=1e-3)
+    assert torch.isfinite(att_pos).all() and float(att_pos[0]) == pytest.approx(1.0 / 1e-3)
+    # map- all ones: Eq. 5's denominator is zero.
+    feat = feature_cr_loss(torch.randn(1, 3, 4, 4), torch.rand(1, 1, 4, 4), torch.ones(1, 1, 4, 4), eps=1e-3)
+    assert torch.isfinite(feat).all()
+
+
+def stages(batch: int = 4, requires_grad: bool = False) -> list[StageOutput]:
+    out = []
+    for size, channels in ((8, 4), (4, 6)):
+        map_pos = torch.rand(batch, 1, size, size, requires_grad=requires_grad)
+        map_neg = torch.rand(batch, 1, size, size, requires_grad=requires_grad)
+        out.append(StageOutput(torch.randn(batch, channels, size, size), map_pos, map_neg))
+    return out
+
+
+def test_mgacr_loss_averages_stages_and_downsamples_masks_by_area() -> None:
+    s = stages()
+    mask = torch.zeros(4, 1, 32, 32)
+    mask[:, :, 4:20, 8:24] = 1.0
+    everyone = torch.ones(4, dtype=torch.bool)
+    parts = mgacr_loss(s, mask, everyone, everyone)
+    expected_pos, expected_feat = [], []
+    for stage in s:
+        small = F.avg_pool2d(mask, 32 // stage.map_pos.shape[-1])
+        expected_pos.append(attention_losses(stage.map_pos, stage.map_neg, small)[0].mean())
+        expected_feat.append(feature_cr_loss(stage.features, stage.map_pos, stage.map_neg).mean())
+    assert float(parts["att_pos"]) == pytest.approx(float(torch.stack(expected_pos).mean()), rel=1e-5)
+    assert float(parts["feat_cr"]) == pytest.approx(float(torch.stack(expected_feat).mean()), rel=1e-5)
+
+
+def test_images_that_do_not_take_part_change_nothing() -> None:
+    s = stages()
+    mask = (torch.rand(4, 1, 32, 32) > 0.7).float()
+    some = torch.tensor([True, False, True, False])
+    before = mgacr_loss(s, mask, some, some)
+    for stage in s:
+        stage.map_pos[1] = torch.rand_like(stage.map_pos[1])
+        stage.features[3] = 10 * torch.randn_like(stage.features[3])  # leaves, no grad: safe to edit
+    after = mgacr_loss(s, mask, some, some)
+    for key in before:
+        assert float(after[key]) == pytest.approx(float(before[key]), rel=1e-6)
+    none = mgacr_loss(s, mask, torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
+    assert all(float(v) == 0.0 for v in none.values())
+
+
+def test_mgacr_module_handles_normal_and_unboxed_images_deliberately() -> None:
+    s = stages(batch=3, requires_grad=True)
+    mask = torch.zeros(3, 1, 32, 32)
+    mask[0, :, 8:16, 8:16] = 1.0
+    has_boxes = torch.tensor([True, False, False])
+    is_normal = torch.tensor([False, True, False])  # image 2: a lesion nobody outlined
+    total, parts = MGACRLoss(att_weight=0.1, feat_weight=0.1)(s, mask, has_boxes, is_normal)
+    total.backward()
+    for stage in s:
+        assert float(stage.map_pos.grad[1].abs().sum()) > 0  # the normal image trains towards an empty mask+
+        assert float(stage.map_pos.grad[2].abs().sum()) == 0  # the unboxed lesion image takes no MGACR term
+    expected = 0.1 * (parts["att_pos"] + parts["att_neg"]) + 0.1 * parts["feat_cr"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    _, skipped = MGACRLoss(normal_images="skip")(s, mask, has_boxes, is_normal)
+    assert skipped["att_pos"].item() != pytest.approx(parts["att_pos"].item())
+
+
+# --- Class-balanced focal loss (Eq. 9) -----------------------------------------------------------
+
+
+def test_class_balanced_weights_follow_the_effective_number() -> None:
+    counts, beta = [900, 300, 30, 0], 0.999
+    weights = class_balanced_weights(counts, beta)
+    raw = [(1 - beta) / (1 - beta ** max(n, 1)) for n in counts]  # zero count: as one image
+    expected = [w * len(raw) / sum(raw) for w in raw]
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float32))
+    assert float(weights.sum()) == pytest.approx(4.0)
+    torch.testing.assert_close(class_balanced_weights(counts, 0.0), torch.ones(4))
+    with pytest.raises(ValueError, match="beta"):
+        class_balanced_weights(counts, 1.0)
+
+
+def test_cb_focal_softmax_matches_equation_9() -> None:
+    logits, target = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    weights = torch.tensor([0.2, 0.5, 1.0, 1.3, 2.0])
+    gamma = 2.0
+    p = logits.softmax(1)
+    expected = sum(-float(weights[t]) * (1 - float(p[i, t])) ** gamma * math.log(float(p[i, t])) for i, t in enumerate(target.tolist())) / 6
+    assert float(cb_focal_loss(logits, target, weights, gamma)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cb_focal_with_gamma_zero_and_equal_weights_is_cross_entropy() -> None:
+    logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert float(cb_focal_loss(logits, target, torch.ones(5), 0.0)) == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-6)
+
+
+def test_cb_focal_sigmoid_matches_the_reference_form() -> None:
+    logits, target = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    weights, gamma = torch.tensor([0.5, 1.0, 1.5]), 1.5
+    total = 0.0
+    for i, t in enumerate(target.tolist()):
+        for c in range(3):
+            p = 1 / (1 + math.exp(-float(logits[i, c])))
+            p_t = p if c == t else 1 - p
+            total += float(weights[t]) * (1 - p_t) ** gamma * -math.log(p_t)
+    assert float(cb_focal_loss(logits, target, weights, gamma, mode="sigmoid")) == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_cb_focal_module_logs_weights_and_runs_in_float32(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"):
+        loss = CBFocalLoss([500, 100, 10], beta=0.999, gamma=1.0, class_names=["normal", "a", "b"])
+    assert "normal 500 images ->" in caplog.text
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(torch.randn(4, 3).bfloat16(), torch.tensor([0, 1, 2, 1]))
+    assert value.dtype == torch.float32
+    with pytest.raises(ValueError, match="mode"):
+        CBFocalLoss([1, 2], mode="tanh")

@@ -1,0 +1,80 @@
+"""Networks: ResNet18 equals torchvision's, MGACR costs nothing at inference, SimCLR transfers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from dp_model.networks import DeepPneumoniaNet, SimCLRNet, resnet18
+
+
+def torchvision_resnet18(num_classes: int = 5) -> torch.nn.Module:
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def test_resnet18_is_torchvisions() -> None:
+    ours, reference = resnet18(1, 5).eval(), torchvision_resnet18().eval()
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 1, 224, 224)
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-6)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_stage_resolutions_at_224() -> None:
+    net = DeepPneumoniaNet().eval()
+    shapes = [tuple(f.shape[1:]) for f in net.stage_features(torch.randn(1, 1, 224, 224))]
+    assert shapes == [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_returns_logits_only_and_never_runs_the_heads(train: bool) -> None:
+    net = DeepPneumoniaNet(num_classes=5).train(train)
+    calls = []
+    for head in net.heads.values():
+        head.register_forward_hook(lambda *args: calls.append(1))
+    out = net(torch.randn(2, 1, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
+    assert not calls
+    plain = resnet18(1, 5).train(train)
+    plain.load_state_dict(net.backbone.state_dict())
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(net.eval()(x), plain.eval()(x))
+
+
+def test_forward_train_gives_maps_for_each_chosen_stage() -> None:
+    net = DeepPneumoniaNet(attention_stages=(2, 4))
+    logits, stages = net.forward_train(torch.randn(3, 1, 96, 96))
+    assert logits.shape == (3, 5) and len(stages) == 2
+    assert [s.features.shape[1] for s in stages] == [128, 512]
+    for stage in stages:
+        assert stage.map_pos.shape == (3, 1, *stage.features.shape[-2:])
+        assert 0 < stage.map_pos.min().item() and stage.map_pos.max().item() < 1
+
+
+def test_train_path_logits_equal_the_inference_logits() -> None:
+    net = DeepPneumoniaNet().eval()
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(net.forward_train(x)[0], net(x))
+
+
+def test_attention_map_and_plain_network() -> None:
+    net = DeepPneumoniaNet().eval()
+    assert net.attention_map(torch.randn(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+    plain = DeepPneumoniaNet(attention_stages=())
+    assert len(plain.heads) == 0 and plain.forward_train(torch.randn(1, 1, 64, 64))[1] == []
+    with pytest.raises(ValueError, match="attention_stages"):
+        DeepPneumoniaNet(attention_stages=(0, 5))
+
+
+def test_simclr_encoder_weights_initialise_the_classifier() -> None:
+    simclr = SimCLRNet(projection_dim=32)
+    assert simclr(torch.randn(4, 1, 64, 64)).shape == (4, 32)
+    net = DeepPneumoniaNet()
+    missing, unexpected = net.backbone.load_state_dict(simclr.encoder_state(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    torch.testing.assert_close(net.backbone.conv1.weight, simclr.encoder.conv1.weight)
