@@ -17,11 +17,12 @@ RUN_DIR ?= runs/demo
 
 .PHONY: run test venv system-deps benchmark-synth gallery clean
 
-# Until the node exists, the main job is the synthetic-data demo (deterministic: rerunning
-# it rewrites the same files).
+# Until the node exists, the main job is the demo: synthetic data, then the demonstration
+# bundle trained on it (deterministic: rerunning it rewrites the same files).
 run: venv
-	rm -rf $(RUN_DIR)/data
+	rm -rf $(RUN_DIR)/data $(RUN_DIR)/bundle
 	$(VENV)/bin/dp-synth --config configs/synth_demo.yaml --out $(RUN_DIR)/data --gallery $(RUN_DIR)/gallery.png
+	$(VENV)/bin/dp-train --config configs/demo.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/bundle
 
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

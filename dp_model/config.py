@@ -87,6 +87,12 @@ def to_mapping(obj: Any) -> Any:
     return obj
 
 
+def require(ok: bool, name: str, value: object, expected: str) -> None:
+    """For a config class's ``__post_init__``: raise ``ValueError`` naming the value when ``ok`` is false."""
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     node = data

@@ -46,6 +46,25 @@ def resnet18(in_channels: int = 1, num_classes: int = 5) -> ResNet:
     return ResNet(n_input_channels=in_channels, num_classes=num_classes, **RESNET18)
 
 
+#: Intensity normalisation applied inside the networks: inputs are images in [0, 1] as
+#: ``dp_transforms`` produces them, so the contract travels with the weights.
+INPUT_MEAN, INPUT_STD = 0.5, 0.25
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` with the constants stored in the state dict."""
+
+    def __init__(self, mean: float = INPUT_MEAN, std: float = INPUT_STD) -> None:
+        super().__init__()
+        if std <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
 def stem(resnet: ResNet, x: Tensor) -> Tensor:
     """The layers before the first residual stage."""
     x = resnet.act(resnet.bn1(resnet.conv1(x)))
@@ -116,17 +135,25 @@ class DeepPneumoniaNet(nn.Module):
         stages = tuple(int(s) for s in attention_stages)
         if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
             raise ValueError(f"attention_stages must be distinct values from 1 to 4, got {list(attention_stages)}")
+        self.normalize = Normalize()
         self.backbone = resnet18(in_channels, num_classes)
         self.attention_stages = stages
         self.heads = nn.ModuleDict({STAGES[s - 1]: MGACRHead(attention_kernel) for s in stages})
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)``; the attention heads are not run."""
-        return self.backbone(x)
+    def forward(self, x: Tensor, train_outputs: bool = False) -> Tensor | tuple[Tensor, list[StageOutput]]:
+        """Logits ``(B, num_classes)`` of images in [0, 1]; the attention heads are not run.
+
+        With ``train_outputs`` (training only), :meth:`forward_train`'s result instead; the
+        flag lets wrappers such as DistributedDataParallel, which only see ``forward``,
+        reach the MGACR outputs.
+        """
+        if train_outputs:
+            return self.forward_train(x)
+        return self.backbone(self.normalize(x))
 
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """Outputs of the four residual stages."""
-        out, features = stem(self.backbone, x), []
+        out, features = stem(self.backbone, self.normalize(x)), []
         for name in STAGES:
             out = getattr(self.backbone, name)(out)
             features.append(out)
@@ -165,6 +192,7 @@ class SimCLRNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, hidden_dim: int = 512, projection_dim: int = 128) -> None:
         super().__init__()
+        self.normalize = Normalize()
         self.encoder = resnet18(in_channels, num_classes=1)
         self.encoder.fc = nn.Identity()
         self.projector = nn.Sequential(
@@ -175,7 +203,7 @@ class SimCLRNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Projections ``z`` ``(B, projection_dim)`` (not normalised; the loss normalises)."""
-        return self.projector(self.encoder(x))
+        return self.projector(self.encoder(self.normalize(x)))
 
     def encoder_state(self) -> dict[str, Tensor]:
         """The encoder's weights, without the classifier, for :meth:`DeepPneumoniaNet.backbone`."""

@@ -1,17 +1,114 @@
-"""``dp-train``: train Deep Pneumonia and write a MONAI bundle (not available in this version)."""
+"""``dp-train``: train Deep Pneumonia into a MONAI bundle, or evaluate a bundle.
+
+Examples::
+
+    dp-train --config configs/demo.yaml --data runs/demo/data --out runs/demo/bundle
+    dp-train --config configs/deep_pneumonia.yaml --data data/synth --out runs/dp
+    dp-train --config configs/deep_pneumonia.yaml --data data/synth --out runs/dp --resume
+    dp-train --config configs/deep_pneumonia.yaml --data data/synth --out runs/dp --stages pretrain
+    dp-train evaluate --bundle runs/dp --data data/other
+
+Options mirror keys of the configuration (``configs/deep_pneumonia.yaml`` lists them all);
+the command line overrides the file. Multi-GPU: ``torchrun --nproc_per_node=N -m
+dp_model.train_cli --config ...``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+from pathlib import Path
+
+from .bundle import BundleError
+from .config import ConfigError, load_config
+from .datasets import DatasetError
+from .training.config import TrainConfig
+
+logger = logging.getLogger("dp-train")
+
+OPTIONS = {
+    "data": "data.root",
+    "layout": "data.layout",
+    "image_size": "data.image_size",
+    "pretrain_epochs": "pretrain.epochs",
+    "finetune_epochs": "finetune.epochs",
+    "batch_size": "finetune.batch_size",
+    "device": "runtime.device",
+    "seed": "runtime.seed",
+    "demo": "demo",
+}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dp-train", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML configuration (default: the embedded default)")
+    p.add_argument("--data", help="dataset folder or CSV file")
+    p.add_argument("--layout", help="dataset layout (default: detected)")
+    p.add_argument("--out", type=Path, help="bundle folder to write (default: runs/<name>)")
+    p.add_argument("--stages", choices=["all", "pretrain", "finetune"], default="all")
+    p.add_argument("--resume", action="store_true", help="continue from the bundle folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--pretrain-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="stage II batch size")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--demo", action="store_true", default=None, help="mark every artefact as a demonstration")
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dp-train evaluate", description="Metrics of a bundle on every image of a dataset.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="where metrics.md goes (default: <bundle>/eval)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "dp-train: training is not available in this version of Deep Pneumonia yet; "
-        "`dp-synth` generates training data meanwhile",
-        file=sys.stderr,
-    )
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        if argv[:1] == ["evaluate"]:
+            return _evaluate(evaluate_parser().parse_args(argv[1:]))
+        return _train(train_parser().parse_args(argv))
+    except (ConfigError, DatasetError, BundleError, ValueError, RuntimeError, OSError) as exc:
+        print(f"dp-train: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dp-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = load_config(TrainConfig, args.config, {key: getattr(args, option) for option, key in OPTIONS.items()})
+    if not config.data.root:
+        raise ConfigError("no dataset: pass --data or set data.root")
+    out = args.out or Path("runs") / config.name
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.force or args.stages == "finetune"):
+        raise ConfigError(f"{out} exists and is not empty (use --resume to continue, --force to overwrite)")
+    from .training.run import train  # heavy imports after the arguments are known good
+
+    result = train(config, out, args.stages, args.resume)
+    if args.stages == "pretrain":
+        print(f"stage I done: encoder in {out / 'checkpoints' / 'encoder.pt'}")
+        return 0
+    r = result.report
+    print(f"bundle: {result.bundle}")
+    print(f"test: accuracy {r.accuracy:.3f}, balanced accuracy {r.balanced_accuracy:.3f}, macro-F1 {r.macro_f1:.3f}, macro AUC {r.macro_auc:.3f}")
+    print(r.table())
+    print(f"model card: {result.bundle / 'docs' / 'README.md'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .bundle import Predictor
+
+    path = Predictor(str(args.bundle)).evaluate_dataset(str(args.data), str(args.out or args.bundle / "eval"))
+    print(path.read_text())
+    return 0
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def test_jpeg_baseline_decodes_close_to_the_original(tmp_path: Path) -> None:
 # --- broken and unsupported real files ------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
@@ -117,6 +118,7 @@ def test_broken_or_unsupported_real_files_raise_one_clear_error(name: str, reaso
     assert name in message and f"[{reason}]" in message
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
 def test_truncation_is_detected_per_thread_when_reading_concurrently(rg1_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -18,12 +18,21 @@ def test_console_scripts_exist() -> None:
         assert callable(scripts[name].load())
 
 
-@pytest.mark.parametrize("name", ["dp-train", "dp-node"])
+@pytest.mark.parametrize("name", ["dp-node"])
 def test_commands_not_yet_available_say_so_in_one_line(name: str, capsys: pytest.CaptureFixture) -> None:
     main = next(ep for ep in entry_points(group="console_scripts") if ep.name == name).load()
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not available" in err
+
+
+@pytest.mark.parametrize("name", ["dp-train", "dp-synth"])
+def test_available_commands_explain_themselves(name: str, capsys: pytest.CaptureFixture) -> None:
+    main = next(ep for ep in entry_points(group="console_scripts") if ep.name == name).load()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "Examples" in capsys.readouterr().out
 
 
 def test_torch_and_torchvision_are_pinned_exactly() -> None:

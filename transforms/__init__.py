@@ -13,7 +13,7 @@ it can never shadow, or be shadowed by, another top-level ``transforms`` module
   that runs on the GPU with per-sample randomness.
 """
 
-from .array import BoxesToMask, LetterboxResize, LoadChestXray
+from .array import BoxesToMask, LetterboxResize, LoadChestXray, load_letterboxed
 from .augment import (
     RandChestAffine,
     RandChestAffined,
@@ -50,6 +50,7 @@ __all__ = [
     "dicom_to_image",
     "gaussian_blur",
     "load_image",
+    "load_letterboxed",
     "make_square_pixels",
     "pad_boxes",
     "read_dicom",

@@ -79,3 +79,22 @@ class BoxesToMask(Transform):
         arr = torch.as_tensor(as_boxes(boxes))[None]
         return boxes_to_masks(arr, image_shape, self.mask_shape)[0]
 
+
+
+def load_letterboxed(
+    source: str | PathLike | Dataset, size: int, boxes: object = None, square_pixels: bool = True
+) -> tuple[torch.Tensor, np.ndarray, Letterbox]:
+    """Load an image and fit it to the ``size x size`` model canvas; the one preprocessing
+    of training, evaluation and the node.
+
+    Returns:
+        the ``(1, size, size)`` float32 canvas, ``boxes`` (source pixels) moved onto it as
+        ``(N, 4)``, and the :class:`~dp_transforms.geometry.Letterbox` that maps outputs back
+        (from the image after any square-pixel resampling).
+    """
+    image, meta = LoadChestXray(square_pixels)(source)
+    resizer = LetterboxResize(size)
+    geometry = resizer.geometry(image)
+    sx, sy = meta["box_scale"]
+    source_boxes = as_boxes(boxes, meta["source"]) * np.array([sx, sy, sx, sy], np.float32)
+    return resizer(image), geometry.boxes_to_canvas(source_boxes), geometry

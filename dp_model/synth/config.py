@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import require as _check
+
 #: The five classes, in index order: normal first (the majority), then the pneumonia
 #: types from most to least frequent. Each has its own texture, size and location.
 CLASSES = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
@@ -96,8 +98,3 @@ class SynthConfig:
         _check(self.workers >= 0, "workers", self.workers, ">= 0")
         if self.layout == "rsna" and self.image_format != "dicom":
             raise ValueError("the rsna layout holds DICOM files; set image_format: dicom")
-
-
-def _check(ok: bool, name: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")

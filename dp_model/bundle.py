@@ -1,0 +1,368 @@
+"""MONAI bundles: what ``dp-train`` writes and what the node and ``dp-train evaluate`` load.
+
+Layout::
+
+    configs/metadata.json        MONAI metadata (validated offline against the vendored
+                                 schema) plus the model contract under "deep_pneumonia"
+    configs/inference.json       python -m monai.bundle run --config_file configs/inference.json
+    configs/evaluate.json        metrics on a dataset split
+    configs/train.json           re-runs the training (train#trainer, train#handlers)
+    configs/multi_gpu_train.json torchrun overrides (DDP)
+    configs/logging.conf
+    models/model.pt              plain CPU state dict (torch.load(..., weights_only=True))
+    models/model.ts              TorchScript export of the classifier
+    docs/README.md               the model card, with plots
+    samples/                     a few images for the inference config to run on
+    LICENSE
+
+Bundle configs can execute code: load only bundles from people you trust.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dp_transforms import ImageError, load_letterboxed
+
+from .networks import DeepPneumoniaNet
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+SCHEMA_FILE = "meta_schema_20240725.json"
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".nrrd")
+PAPER = "X. Wei, X. Niu, X. Zhang, Y. Li. Deep Pneumonia: Attention-Based Contrastive Learning for Class-Imbalanced Pneumonia Lesion Recognition in Chest X-rays. 2022."
+
+
+class BundleError(ValueError):
+    """A bundle is missing a part or does not validate; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What travels with the weights: classes, input size, the network's shape, provenance.
+
+    Attributes:
+        classes: class names in output order.
+        image_size: side of the square input canvas (letterboxed, values in [0, 1]).
+        attention_stages: residual stages with MGACR heads.
+        normal_class: the class meaning "no pneumonia".
+        name, version: the bundle's identity; ``device_uid`` changes with the weights.
+        demo: trained as a demonstration; synthetic: trained on synthetic images.
+    """
+
+    classes: tuple[str, ...]
+    image_size: int
+    attention_stages: tuple[int, ...]
+    normal_class: str
+    name: str
+    version: str
+    device_uid: str
+    demo: bool
+    synthetic: bool
+
+    def network(self) -> DeepPneumoniaNet:
+        return DeepPneumoniaNet(num_classes=len(self.classes), attention_stages=self.attention_stages)
+
+    def to_json(self) -> dict:
+        return {
+            "classes": list(self.classes), "image_size": self.image_size, "attention_stages": list(self.attention_stages),
+            "normal_class": self.normal_class, "name": self.name, "version": self.version, "device_uid": self.device_uid,
+            "demo": self.demo, "synthetic": self.synthetic, "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
+        }  # fmt: skip
+
+    @staticmethod
+    def from_json(data: dict) -> ModelContract:
+        try:
+            return ModelContract(
+                tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
+                str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"metadata.json: the deep_pneumonia model contract is incomplete ({exc})") from None
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def weights_uid(state: dict[str, torch.Tensor]) -> str:
+    """A UID that changes whenever the weights change (the SR's Device UID), 2.25 form."""
+    import hashlib
+    import uuid
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return f"2.25.{uuid.UUID(bytes=digest.digest()[:16], version=5).int}"
+
+
+def write_model(root: Path, model: DeepPneumoniaNet, image_size: int) -> dict[str, torch.Tensor]:
+    """``models/model.pt`` (plain CPU state dict, no wrapper prefixes) and ``models/model.ts``."""
+    model = model.eval().cpu()
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(state, root / "models" / "model.pt")
+    example = torch.rand(1, 1, image_size, image_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is what deployment
+        # tools (and MONAI's ckpt_export) load today; the notice is not for our users.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(root / "models" / "model.ts"))
+    return state
+
+
+def write_metadata(root: Path, contract: ModelContract, description: str, metrics: dict[str, float], data_source: str) -> Path:
+    """``configs/metadata.json``, validated against the vendored schema."""
+    channel_def = {str(i): name for i, name in enumerate(contract.classes)}
+    versions = {name: _version(name) for name in ("deep-pneumonia", "pydicom", "pylibjpeg", "SimpleITK", "torchvision")}
+    meta = {
+        "schema": SCHEMA_URL,
+        "version": contract.version,
+        "changelog": {contract.version: "trained with dp-train"},
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "required_packages_version": versions,
+        "name": contract.name,
+        "task": "Pneumonia type recognition on frontal chest radiographs",
+        "description": description,
+        "authors": "Deep Pneumonia developers",
+        "copyright": "Copyright Deep Pneumonia developers, Apache-2.0",
+        "data_source": data_source,
+        "data_type": "dicom",
+        "image_classes": "single-channel frontal chest radiograph, letterboxed, intensities in [0, 1], larger is brighter",
+        "label_classes": ", ".join(f"{i}: {name}" for i, name in enumerate(contract.classes)),
+        "pred_classes": "softmax probability of each class, in label_classes order",
+        "eval_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+        "intended_use": "Research and software testing only. Not a medical device; not for clinical decisions.",
+        "references": [PAPER],
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "num_channels": 1, "spatial_shape": [contract.image_size, contract.image_size],
+                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "X-ray"},
+            }},
+            "outputs": {"pred": {
+                "type": "probabilities", "format": "classes", "num_channels": len(contract.classes), "spatial_shape": [len(contract.classes)],
+                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": channel_def,
+            }},
+        },  # fmt: skip
+        "deep_pneumonia": contract.to_json(),
+        "platform": platform.platform(),
+    }
+    path = root / "configs" / "metadata.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    validate_metadata(path)
+    return path
+
+
+def validate_metadata(path: Path) -> None:
+    """Validate ``metadata.json`` offline against the vendored MONAI schema."""
+    import jsonschema
+
+    schema = json.loads(files("dp_model.schemas").joinpath(SCHEMA_FILE).read_text())
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+    errors = sorted(jsonschema.Draft201909Validator(schema).iter_errors(meta), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = "/".join(map(str, first.path)) or "top level"
+        raise BundleError(f"{path}: {where}: {first.message} ({len(errors)} schema error(s))")
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_configs(root: Path, contract: ModelContract, train_config: dict) -> None:
+    """The MONAI bundle configs: inference, evaluate, train, multi-GPU train, logging."""
+    configs = root / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    common = {
+        "imports": ["$import torch", "$import dp_model.bundle"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "dp_model.networks.DeepPneumoniaNet", "num_classes": len(contract.classes), "attention_stages": list(contract.attention_stages)},
+        "network": "$@network_def.to(@device)",
+    }
+    inference = common | {
+        "input_dir": "$@bundle_root + '/samples'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "predictor": {"_target_": "dp_model.bundle.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
+        "run": ["$@predictor.predict_folder(@input_dir, @output_dir)"],
+    }
+    evaluate = common | {
+        "dataset_dir": "",
+        "output_dir": "$@bundle_root + '/eval'",
+        "evaluator": {"_target_": "dp_model.bundle.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
+        "run": ["$@evaluator.evaluate_dataset(@dataset_dir, @output_dir)"],
+    }
+    train = {
+        "imports": ["$import dp_model.training.run"],
+        "bundle_root": ".",
+        "config": train_config,
+        "train": {
+            "trainer": {"_target_": "dp_model.training.run.BundleTrainer", "config": "@config", "bundle_root": "@bundle_root"},
+            "handlers": [],
+        },
+        "validate": {"evaluator": "$None"},
+        "run": ["$@train#trainer.run()"],
+    }
+    multi_gpu = {"config": {"runtime": {"device": "cuda"}}}
+    for name, content in (("inference", inference), ("evaluate", evaluate), ("train", train), ("multi_gpu_train", multi_gpu)):
+        (configs / f"{name}.json").write_text(json.dumps(content, indent=2) + "\n")
+    (configs / "logging.conf").write_text(LOGGING_CONF)
+
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+LICENSE = """Copyright Deep Pneumonia developers
+
+Licensed under the Apache License, Version 2.0 (the "License");
+you may not use these files except in compliance with the License.
+You may obtain a copy of the License at
+
+    http://www.apache.org/licenses/LICENSE-2.0
+
+Unless required by applicable law or agreed to in writing, software
+distributed under the License is distributed on an "AS IS" BASIS,
+WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+See the License for the specific language governing permissions and
+limitations under the License.
+
+The weights are not a medical device and are not for clinical use.
+"""
+
+
+def write_samples(root: Path, images: list[Path]) -> None:
+    """A few images for ``inference.json`` to run on out of the box."""
+    folder = root / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        shutil.copy2(image, folder / image.name)
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[DeepPneumoniaNet, ModelContract]:
+    """The classifier (eval mode) and its contract from a bundle written by ``dp-train``."""
+    root = Path(root)
+    meta_path, weights = root / "configs" / "metadata.json", root / "models" / "model.pt"
+    for required in (meta_path, weights):
+        if not required.exists():
+            raise BundleError(f"{root}: not a Deep Pneumonia bundle ({required.relative_to(root)} is missing)")
+    validate_metadata(meta_path)
+    meta = json.loads(meta_path.read_text())
+    if "deep_pneumonia" not in meta:
+        raise BundleError(f"{meta_path}: no deep_pneumonia model contract; was this bundle written by dp-train?")
+    contract = ModelContract.from_json(meta["deep_pneumonia"])
+    model = contract.network()
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError) as exc:
+        raise BundleError(f"{weights}: weights do not fit the network of metadata.json ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), contract
+
+
+class Predictor:
+    """Runs a bundle's classifier on image files; used by the bundle's own configs."""
+
+    def __init__(self, bundle_root: str, network: DeepPneumoniaNet | None = None, device: str | torch.device = "cpu") -> None:
+        self.root = Path(bundle_root)
+        loaded, self.contract = load_bundle(self.root, device)
+        self.model = loaded if network is None else network
+        if network is not None:
+            network.load_state_dict(loaded.state_dict())
+            network.eval()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
+        """Softmax probabilities of the images that load; the reasons of those that do not."""
+        out, problems = [], []
+        for path in paths:
+            try:
+                canvas, _, _ = load_letterboxed(path, self.contract.image_size)
+            except ImageError as exc:
+                problems.append(str(exc))
+                out.append(np.full(len(self.contract.classes), np.nan))
+                continue
+            out.append(self.model(canvas[None].to(self.device)).softmax(dim=1)[0].cpu().numpy())
+        return np.asarray(out), problems
+
+    def predict_folder(self, input_dir: str, output_dir: str) -> Path:
+        """Write ``predictions.csv`` (file, class, probability of each class) for every image in ``input_dir``."""
+        paths = sorted(p for p in Path(input_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise BundleError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        probabilities, problems = self.probabilities(paths)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "prediction", *self.contract.classes])
+            for path, p in zip(paths, probabilities):
+                label = "unreadable" if np.isnan(p).any() else self.contract.classes[int(p.argmax())]
+                writer.writerow([str(path), label, *(f"{v:.4f}" for v in p)])
+        for problem in problems:
+            logger.warning("skipped %s", problem)
+        logger.info("predictions for %d images in %s", len(paths), out / "predictions.csv")
+        return out / "predictions.csv"
+
+    def evaluate_dataset(self, dataset_dir: str, output_dir: str) -> Path:
+        """Metrics of the bundle on every image of a dataset, written as ``metrics.md``."""
+        from .datasets import read_dataset
+        from .metrics import evaluate
+
+        dataset = read_dataset(dataset_dir)
+        if tuple(dataset.classes) != self.contract.classes:
+            raise BundleError(f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}")
+        probabilities, problems = self.probabilities([r.image for r in dataset.records])
+        keep = ~np.isnan(probabilities).any(axis=1)
+        report = evaluate(dataset.targets()[keep], probabilities[keep], self.contract.classes, bootstrap=200)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.md").write_text(report.table() + "\n")
+        logger.info("%d images evaluated, %d unreadable; %s", int(keep.sum()), len(problems), out / "metrics.md")
+        return out / "metrics.md"

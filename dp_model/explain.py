@@ -1,0 +1,41 @@
+"""Heat maps that show where a classifier looked: Grad-CAM (the paper's Fig. 9)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def grad_cam(model: nn.Module, images: Tensor, target_layer: nn.Module, classes: Tensor | None = None) -> Tensor:
+    """Grad-CAM of ``classes`` (default: the predicted ones) at ``target_layer``.
+
+    Args:
+        model: a classifier whose ``forward`` returns logits.
+        images: ``(B, C, H, W)`` inputs.
+        target_layer: the module whose output is weighted by its gradients (for a ResNet,
+            the last residual stage).
+        classes: ``(B,)`` class per image.
+
+    Returns:
+        ``(B, 1, H, W)`` maps in [0, 1], each normalised by its own maximum.
+    """
+    activations: list[Tensor] = []
+    handle = target_layer.register_forward_hook(lambda _m, _i, output: activations.append(output))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)
+            logits = model(x)
+            chosen = logits.argmax(dim=1) if classes is None else classes.to(logits.device)
+            score = logits.gather(1, chosen[:, None]).sum()
+            (gradients,) = torch.autograd.grad(score, activations[0])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations[0]).sum(dim=1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return cam / peak

@@ -1,0 +1,149 @@
+"""Classification metrics for long-tailed data, with bootstrap confidence intervals.
+
+Accuracy is reported to compare with the paper; on a long tail it rewards predicting the
+majority class, so checkpoints are selected on balanced accuracy (mean recall) or macro-F1.
+Everything here is a pure function of labels, predictions and probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C, C)`` counts, rows the true class, columns the predicted one."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(target, np.int64), np.asarray(pred, np.int64)), 1)
+    return matrix
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+
+def per_class(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall (sensitivity), specificity and F1 of each class (NaN where undefined)."""
+    tp = np.diag(matrix).astype(np.float64)
+    fp = matrix.sum(axis=0) - tp
+    fn = matrix.sum(axis=1) - tp
+    tn = matrix.sum() - tp - fp - fn
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    with np.errstate(invalid="ignore"):
+        f1 = np.where((precision + recall) > 0, 2 * precision * recall / (precision + recall), 0.0)
+    f1 = np.where(np.isnan(precision) | np.isnan(recall), np.nan, f1)
+    return {"precision": precision, "recall": recall, "specificity": _ratio(tn, tn + fp), "f1": f1, "support": tp + fn}
+
+
+def roc_auc(target: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of binary ``target`` by ``scores`` (Mann-Whitney, ties counted half)."""
+    target = np.asarray(target, bool)
+    positives, negatives = int(target.sum()), int((~target).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = np.asarray(scores)[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[target].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def roc_curve(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates at every threshold, for plotting."""
+    target = np.asarray(target, bool)
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    tps = np.concatenate([[0], np.cumsum(target[order])])
+    fps = np.concatenate([[0], np.cumsum(~target[order])])
+    return fps / max(1, int((~target).sum())), tps / max(1, int(target.sum()))
+
+
+@dataclass
+class Report:
+    """Metrics of one evaluation.
+
+    Attributes:
+        classes: class names.
+        accuracy, balanced_accuracy, macro_f1, macro_auc: scalars.
+        per_class: precision, recall, specificity, f1, support, auc per class.
+        confusion: the confusion matrix.
+        intervals: 95 % bootstrap intervals of the scalars, ``name -> (low, high)``.
+    """
+
+    classes: tuple[str, ...]
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    macro_auc: float
+    per_class: dict[str, list[float]]
+    confusion: list[list[int]]
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_f1": self.macro_f1,
+            "macro_auc": self.macro_auc,
+        }
+
+    def table(self) -> str:
+        """A markdown table of the per-class metrics and the scalars, for people."""
+        lines = ["| class | support | precision | recall | specificity | F1 | ROC AUC |", "|---|---|---|---|---|---|---|"]
+        for i, name in enumerate(self.classes):
+            values = [self.per_class[k][i] for k in ("precision", "recall", "specificity", "f1", "auc")]
+            lines.append(f"| {name} | {int(self.per_class['support'][i])} | " + " | ".join(_fmt(v) for v in values) + " |")
+        lines.append("")
+        for name, value in self.scalars().items():
+            interval = self.intervals.get(name)
+            ci = f" (95 % CI {_fmt(interval[0])} to {_fmt(interval[1])})" if interval else ""
+            lines.append(f"- {name.replace('_', ' ')}: {_fmt(value)}{ci}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
+def _scalars(target: np.ndarray, probabilities: np.ndarray) -> tuple[float, float, float, float, dict, np.ndarray]:
+    num_classes = probabilities.shape[1]
+    pred = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(target, pred, num_classes)
+    stats = per_class(matrix)
+    aucs = np.array([roc_auc(target == c, probabilities[:, c]) for c in range(num_classes)])
+    accuracy = float(np.trace(matrix) / max(1, matrix.sum()))
+    present = stats["support"] > 0
+    balanced = float(np.nanmean(stats["recall"][present])) if present.any() else float("nan")
+    macro_f1 = float(np.nanmean(np.nan_to_num(stats["f1"][present]))) if present.any() else float("nan")
+    macro_auc = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
+    stats["auc"] = aucs
+    return accuracy, balanced, macro_f1, macro_auc, stats, matrix
+
+
+def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...], bootstrap: int = 0, seed: int = 0) -> Report:
+    """Metrics of ``probabilities`` ``(N, C)`` against ``target`` ``(N,)``.
+
+    With ``bootstrap > 0``, 95 % percentile intervals from that many resamples of the images.
+    Macro averages run over the classes present in ``target``; a class never predicted has
+    precision undefined (n/a) and F1 0.
+    """
+    target, probabilities = np.asarray(target, np.int64), np.asarray(probabilities, np.float64)
+    if probabilities.ndim != 2 or probabilities.shape[0] != target.shape[0]:
+        raise ValueError(f"probabilities must be (N, C) with N = {target.shape[0]}, got {probabilities.shape}")
+    accuracy, balanced, macro_f1, macro_auc, stats, matrix = _scalars(target, probabilities)
+    report = Report(
+        tuple(classes), accuracy, balanced, macro_f1, macro_auc,
+        {k: [float(x) for x in v] for k, v in stats.items()}, matrix.tolist(),
+    )  # fmt: skip
+    if bootstrap > 0 and len(target) > 1:
+        rng = np.random.default_rng(seed)
+        samples = np.array([_scalars(target[i], probabilities[i])[:4] for i in (rng.integers(0, len(target), len(target)) for _ in range(bootstrap))])
+        for column, name in enumerate(("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")):
+            values = samples[:, column][~np.isnan(samples[:, column])]
+            if values.size:
+                report.intervals[name] = (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+    return report

@@ -1,0 +1,180 @@
+"""Configuration of ``dp-train``: data, the two stages, losses, runtime.
+
+Each technique of the paper's ablation (Table I) is one switch:
+
+* ``pretrain.enabled``: contrastive pre-training (stage I);
+* ``finetune.mgacr.attention``: mask-guided attention (Eq. 2-4);
+* ``finetune.mgacr.feature_cr``: feature learning with contrastive regulation (Eq. 5);
+* ``finetune.loss.kind``: ``cb_focal`` (Eq. 9) instead of ``ce``.
+
+The defaults are the full Deep Pneumonia recipe; ``configs/deep_pneumonia.yaml`` lists every
+key with its default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import require as _check
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentation of the training batches (see ``dp_transforms.augment``)."""
+
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    crop_ratio: tuple[float, float] = (0.8, 1.25)
+    rotate_degrees: float = 10.0
+    flip_prob: float = 0.0
+    gamma: tuple[float, float] = (0.8, 1.25)
+    contrast: tuple[float, float] = (0.8, 1.25)
+    brightness: float = 0.08
+    blur_prob: float = 0.2
+    blur_sigma: tuple[float, float] = (0.2, 1.2)
+    noise_prob: float = 0.2
+    noise_std: tuple[float, float] = (0.0, 0.02)
+
+
+def _simclr_augment() -> AugmentConfig:
+    # Stronger views for contrastive learning (SimCLR relies on aggressive crops).
+    return AugmentConfig(crop_scale=(0.3, 1.0), crop_ratio=(0.75, 1.33), blur_prob=0.5, noise_prob=0.5, gamma=(0.7, 1.4), contrast=(0.7, 1.4), brightness=0.15)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split.
+
+    Attributes:
+        root: dataset folder (or CSV file) in any layout ``dp_model.datasets`` reads.
+        layout: the layout, or "auto".
+        image_size: side of the square network input (the paper: 224).
+        test_fraction: share of each class held out for testing (the paper: 0.1).
+        val_fraction: share of the training part held out to select checkpoints.
+        split: "auto" (patient-level when patient ids exist), "stratified", "patient", "official".
+        cache_dir: where decoded, resized images are cached ("" for ~/.cache/deep-pneumonia).
+        workers: processes decoding images (0: all cores).
+    """
+
+    root: str = ""
+    layout: str = "auto"
+    image_size: int = 224
+    test_fraction: float = 0.1
+    val_fraction: float = 0.1
+    split: Literal["auto", "stratified", "patient", "official"] = "auto"
+    cache_dir: str = ""
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(32 <= self.image_size <= 1024, "image_size", self.image_size, "in [32, 1024]")
+        _check(0.0 < self.test_fraction < 0.5, "test_fraction", self.test_fraction, "in (0, 0.5)")
+        _check(0.0 <= self.val_fraction < 0.5, "val_fraction", self.val_fraction, "in [0, 0.5)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage I: SimCLR on the training images themselves."""
+
+    enabled: bool = True
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    temperature: float = 0.2
+    hidden_dim: int = 512
+    projection_dim: int = 128
+    augment: AugmentConfig = field(default_factory=_simclr_augment)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "epochs", self.epochs, ">= 0")
+        _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
+        _check(self.temperature > 0, "temperature", self.temperature, "> 0")
+
+
+@dataclass(frozen=True)
+class MGACRConfig:
+    """Mask-guided attention with contrastive regulation (Eq. 2-6)."""
+
+    attention: bool = True
+    feature_cr: bool = True
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+    att_weight: float = 0.1
+    feat_weight: float = 0.1
+    normal_images: Literal["empty_mask", "skip"] = "empty_mask"
+    eps: float = 1e-3
+
+    @property
+    def enabled(self) -> bool:
+        return self.attention or self.feature_cr
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Classification loss: cross-entropy, focal, or class-balanced focal (Eq. 9)."""
+
+    kind: Literal["ce", "focal", "cb_focal"] = "cb_focal"
+    beta: float = 0.9999
+    gamma: float = 1.0
+    mode: Literal["softmax", "sigmoid"] = "softmax"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage II: supervised training of the classifier."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    select_metric: Literal["balanced_accuracy", "macro_f1", "accuracy"] = "balanced_accuracy"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mgacr: MGACRConfig = field(default_factory=MGACRConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast.
+
+    Attributes:
+        device: "auto" (CUDA when present), "cpu" or "cuda".
+        amp: bfloat16 autocast on CUDA (ignored on the CPU).
+        channels_last: channels-last memory format on CUDA.
+        compile: ``torch.compile`` the training step's network.
+        seed: seeds data order, augmentation and initialisation.
+        threads: CPU threads for PyTorch (0: leave PyTorch's default).
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``dp-train`` needs.
+
+    Attributes:
+        name: the bundle's name.
+        version: the bundle's version.
+        demo: the run is a demonstration on synthetic data; every artefact says so.
+    """
+
+    name: str = "deep_pneumonia"
+    version: str = "0.1.0"
+    demo: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

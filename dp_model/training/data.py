@@ -1,0 +1,178 @@
+"""Training data: each split decoded once, letterboxed to the network size, kept resident.
+
+Decoding is the slow part of a chest X-ray pipeline (a 1024 x 1024 DICOM or PNG takes
+tens of milliseconds), so it happens once, in parallel, and the result is cached on disk.
+A split then lives as uint8 images ``(N, 1, S, S)`` (20,000 images at 224 px are 1 GB),
+zero-padded canvas boxes, labels and flags, and moves to the GPU whole; batches are
+indexed there and augmented there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dp_transforms import load_letterboxed, pad_boxes
+
+from ..datasets import ChestDataset, DatasetError, Record, split_dataset
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the preprocessing changes, so old caches are not reused
+
+
+@dataclass
+class Resident:
+    """A decoded split.
+
+    Attributes:
+        images: ``(N, 1, S, S)`` uint8 letterboxed images.
+        boxes: ``(N, K, 4)`` float32 boxes on the canvas, zero-padded (zero area).
+        labels: ``(N,)`` int64 class indices.
+        has_boxes: ``(N,)`` bool.
+        ids: the dataset's image ids.
+    """
+
+    images: Tensor
+    boxes: Tensor
+    labels: Tensor
+    has_boxes: Tensor
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> Resident:
+        return Resident(self.images.to(device), self.boxes.to(device), self.labels.to(device), self.has_boxes.to(device), self.ids)
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Float images in [0, 1], boxes, labels and flags of the samples at ``index``."""
+        return self.images[index].float().div_(255.0), self.boxes[index], self.labels[index], self.has_boxes[index]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Indices into the dataset's records."""
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...]
+    method: str
+
+
+def make_splits(dataset: ChestDataset, config: DataConfig, seed: int) -> Splits:
+    """Test split first (the paper's per-class 10 %), then a validation part of the rest."""
+    outer = split_dataset(dataset, config.test_fraction, seed, config.split)
+    if config.val_fraction <= 0:
+        return Splits(outer.train, (), outer.test, outer.method)
+    rest = ChestDataset(dataset.name, dataset.root, dataset.classes, dataset.multi_label, tuple(dataset.records[i] for i in outer.train))
+    inner = split_dataset(rest, config.val_fraction, seed + 1, outer.method if outer.method != "official" else "auto")
+    return Splits(tuple(outer.train[i] for i in inner.train), tuple(outer.train[i] for i in inner.test), outer.test, outer.method)
+
+
+def _decode(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
+    path, boxes, size = args
+    torch.set_num_threads(1)
+    canvas, canvas_boxes, _ = load_letterboxed(path, size, boxes)
+    return np.rint(canvas[0].numpy() * 255.0).astype(np.uint8), canvas_boxes
+
+
+def decode(records: list[Record], size: int, workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Decode and letterbox ``records`` with ``workers`` processes (0: all cores)."""
+    jobs = [(str(r.image), r.boxes.tolist(), size) for r in records]
+    count = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    count = max(1, min(count, len(jobs) // 32 or 1))
+    images, boxes = np.zeros((len(jobs), size, size), np.uint8), []
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
+    if count == 1:
+        results = map(_decode, jobs)
+    else:
+        # spawn, not fork: PyTorch's thread pools do not survive a fork safely.
+        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (count * 4))))
+    try:
+        for i, (image, image_boxes) in enumerate(results):
+            images[i] = image
+            boxes.append(image_boxes)
+            bar.update()
+    finally:
+        bar.close()
+        if count > 1:
+            pool.shutdown()
+    return images, boxes
+
+
+def load_split(dataset: ChestDataset, indices: tuple[int, ...], config: DataConfig, desc: str) -> Resident:
+    """Decode (or read from the cache) the records at ``indices``."""
+    if dataset.multi_label:
+        raise DatasetError(f"{dataset.root}: a multi-label dataset; the Deep Pneumonia model needs one class per image")
+    records = [dataset.records[i] for i in indices]
+    path = _cache_path(config, records)
+    if path is not None and path.exists():
+        try:
+            return _from_cache(path)
+        except Exception as exc:  # a damaged cache is rebuilt, never fatal
+            logger.warning("ignoring unreadable cache %s (%s)", path, exc)
+    images, boxes = decode(records, config.image_size, config.workers, desc)
+    index = {name: i for i, name in enumerate(dataset.classes)}
+    resident = Resident(
+        torch.from_numpy(images)[:, None],
+        pad_boxes(boxes),
+        torch.tensor([index[r.labels[0]] for r in records], dtype=torch.int64),
+        torch.tensor([len(b) > 0 for b in boxes]),
+        [r.image_id or str(r.image) for r in records],
+    )
+    if path is not None:
+        _to_cache(path, resident)
+    return resident
+
+
+def _cache_path(config: DataConfig, records: list[Record]) -> Path | None:
+    if not records:
+        return None
+    folder = Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "deep-pneumonia"
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, config.image_size]).encode())
+    for r in records:
+        stat = r.image.stat()
+        digest.update(f"{r.image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{r.labels}|{r.boxes.tolist()}".encode())
+    return folder / f"{digest.hexdigest()[:32]}.pt"
+
+
+def _from_cache(path: Path) -> Resident:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return Resident(saved["images"], saved["boxes"], saved["labels"], saved["has_boxes"], list(saved["ids"]))
+
+
+def _to_cache(path: Path, resident: Resident) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save(
+            {"images": resident.images, "boxes": resident.boxes, "labels": resident.labels, "has_boxes": resident.has_boxes, "ids": resident.ids},
+            temporary,
+        )
+        temporary.replace(path)
+    except OSError as exc:
+        logger.warning("could not cache decoded images in %s (%s)", path.parent, exc)
+
+
+def batches(n: int, batch_size: int, seed: int, drop_last: bool, device: torch.device) -> list[Tensor]:
+    """A seeded permutation of ``range(n)`` in batches (the same for a given seed on every process)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    parts = list(order.split(batch_size))
+    if drop_last and parts and len(parts[-1]) < batch_size:
+        parts.pop()
+    return [p.to(device, non_blocking=True) for p in parts]

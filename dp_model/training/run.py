@@ -1,0 +1,168 @@
+"""One training run from a config to a bundle: data, stage I, stage II, test metrics, bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..bundle import LICENSE, ModelContract, weights_uid, write_configs, write_metadata, write_model, write_samples
+from ..config import from_mapping, to_mapping
+from ..datasets import ChestDataset, read_dataset
+from ..metrics import Report, evaluate
+from . import plots
+from .card import model_card
+from .config import TrainConfig
+from .data import Resident, Splits, load_split, make_splits
+from .engine import History, Runtime, finetune, load_checkpoint, make_runtime, predict, pretrain, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+Stages = Literal["all", "pretrain", "finetune"]
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    bundle: Path
+    report: Report
+    history: History
+    seconds: dict[str, float]
+
+
+def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: bool = False) -> RunResult:
+    """Train and write the bundle into ``out`` (the bundle's root).
+
+    ``stages="pretrain"`` stops after stage I (its encoder is kept in
+    ``checkpoints/encoder.pt``); ``"finetune"`` starts from that encoder when present.
+    """
+    out = Path(out)
+    runtime = make_runtime(config.runtime)
+    seed = config.runtime.seed
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    dataset = read_dataset(config.data.root, config.data.layout)
+    splits = make_splits(dataset, config.data, seed)
+    data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in ("train", "val", "test")}
+    train_data = data["train"].to(runtime.device)
+    timings["data"] = time.perf_counter() - start
+    logger.info("%s; split %s: %d train, %d val, %d test", dataset.summary(), splits.method, len(splits.train), len(splits.val), len(splits.test))
+    log, close = _tensorboard(out / "logs", runtime)
+    history = History()
+    checkpoint = out / "checkpoints" / "last.pt"
+    if not resume and runtime.main and checkpoint.exists():
+        checkpoint.unlink()  # a fresh run never continues a stale one
+    encoder = _stage_one(config, train_data, runtime, out, stages, resume, history, log, timings)
+    if stages == "pretrain":
+        close()
+        return RunResult(out, _empty_report(dataset), history, timings)
+    tick = time.perf_counter()
+
+    def validate(model, split: Resident) -> dict[str, float]:
+        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime), dataset.classes).scalars()
+
+    result = finetune(
+        config.finetune, train_data, data["val"], list(dataset.classes), runtime, seed,
+        encoder=encoder, checkpoint=checkpoint if runtime.main else None, history=history, log=log, evaluate=validate,
+    )  # fmt: skip
+    timings["finetune"] = time.perf_counter() - tick
+    model = result.model.cpu()
+    model.load_state_dict(result.best_state)
+    close()
+    if not runtime.main:
+        return RunResult(out, _empty_report(dataset), history, timings)
+    cpu = Runtime(torch.device("cpu"), False, False, False)
+    probabilities = predict(model, data["test"], cpu)
+    labels = data["test"].labels.numpy()
+    report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
+    timings["total"] = time.perf_counter() - start
+    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings)
+    save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs})
+    return RunResult(out, report, history, timings)
+
+
+def _stage_one(config: TrainConfig, data: Resident, runtime: Runtime, out: Path, stages: Stages, resume: bool, history: History, log, timings: dict) -> dict | None:
+    """Run or reuse stage I; returns the encoder's weights, or None without pre-training."""
+    encoder_path = out / "checkpoints" / "encoder.pt"
+    saved = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None
+    if stages == "finetune" or (saved and saved.get("stage") in ("finetune", "done")):
+        if saved and saved.get("history"):
+            history.pretrain[:] = saved["history"]["pretrain"]
+        return torch.load(encoder_path, map_location="cpu", weights_only=True) if encoder_path.exists() else None
+    if not config.pretrain.enabled or config.pretrain.epochs == 0:
+        return None
+    tick = time.perf_counter()
+    checkpoint = out / "checkpoints" / "last.pt" if runtime.main else None
+    encoder = pretrain(config.pretrain, data, runtime, config.runtime.seed, checkpoint, history, log)
+    if runtime.main:
+        encoder_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(encoder, encoder_path)
+    timings["pretrain"] = time.perf_counter() - tick
+    return encoder
+
+
+def _tensorboard(folder: Path, runtime: Runtime):
+    """A logging function writing each epoch's record to TensorBoard (rank 0 only)."""
+    if not runtime.main:
+        return (lambda *args: None), (lambda: None)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+
+    def log(stage: str, record: dict[str, float], epoch: int) -> None:
+        for key, value in record.items():
+            writer.add_scalar(f"{stage}/{key}", value, epoch + 1)
+        writer.flush()
+
+    return log, writer.close
+
+
+def _empty_report(dataset: ChestDataset) -> Report:
+    nan = float("nan")
+    return Report(dataset.classes, nan, nan, nan, nan, {}, [])
+
+
+def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, splits: Splits, data: dict[str, Resident],
+                  report: Report, history: History, labels: np.ndarray, probabilities: np.ndarray, best_epoch: int, timings: dict) -> None:
+    synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
+    state = write_model(out, model, config.data.image_size)
+    contract = ModelContract(
+        dataset.classes, config.data.image_size, tuple(model.attention_stages), "normal" if "normal" in dataset.classes else dataset.classes[0],
+        config.name, config.version, weights_uid(state), config.demo, synthetic,
+    )  # fmt: skip
+    description = "Deep Pneumonia: ResNet18 with SimCLR pre-training, mask-guided attention with contrastive regulation and a class-balanced focal loss."
+    if config.demo or synthetic:
+        description = "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
+    write_metadata(out, contract, description, report.scalars(), str(config.data.root))
+    write_configs(out, contract, to_mapping(config))
+    (out / "LICENSE").write_text(LICENSE)
+    docs = out / "docs"
+    pictures = {
+        "curves": plots.curves(history, docs / "curves.png"),
+        "confusion": plots.confusion(report, docs / "confusion.png"),
+        "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
+        "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png"),
+    }
+    samples = [dataset.records[i].image for i in splits.test[:3]]
+    write_samples(out, samples)
+    counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures))
+    (out / "configs" / "split.json").write_text(json.dumps({k: [dataset.records[i].image_id for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
+
+
+class BundleTrainer:
+    """``train#trainer`` of a bundle's ``configs/train.json``: re-runs the training that made it."""
+
+    def __init__(self, config: dict, bundle_root: str = ".") -> None:
+        self.config = from_mapping(TrainConfig, config, "configs/train.json")
+        self.root = Path(bundle_root)
+
+    def run(self) -> RunResult:
+        return train(self.config, self.root)

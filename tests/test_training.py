@@ -1,0 +1,220 @@
+"""dp-train: bundles, ablation switches, resume, DDP, command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dp_model.bundle import BundleError, load_bundle, validate_metadata
+from dp_model.datasets import read_dataset
+from dp_model.synth import Difficulty, SynthConfig, generate
+from dp_model.train_cli import main as train_main
+from dp_model.training.config import AugmentConfig, DataConfig, FinetuneConfig, LossConfig, MGACRConfig, PretrainConfig, RuntimeConfig, TrainConfig
+from dp_model.training.data import load_split, make_splits
+from dp_model.training.engine import Runtime, build_classifier, classification_loss, finetune, pretrain
+from dp_model.training.run import train
+
+CPU = Runtime(torch.device("cpu"), amp=False, channels_last=False, compile=False)
+STILL = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotate_degrees=0.0, gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness=0.0, blur_prob=0.0, noise_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    config = SynthConfig(num_images=90, size=96, workers=1, class_weights=(1.0, 1.0, 1.0, 1.0, 1.0), difficulty=Difficulty(label_noise=0.0))
+    generate(config, root, progress=False)
+    return root
+
+
+def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
+    return TrainConfig(
+        name="tiny",
+        demo=True,
+        data=DataConfig(root=str(dataset_dir), image_size=64, cache_dir=str(cache), workers=1),
+        pretrain=PretrainConfig(epochs=1, batch_size=16),
+        finetune=FinetuneConfig(**({"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3} | finetune)),
+        runtime=RuntimeConfig(device="cpu", threads=2),
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle")
+    train(tiny(dataset_dir, out.parent / "cache"), out)
+    return out
+
+
+# --- the bundle ---------------------------------------------------------------------------------
+
+
+def test_bundle_layout_and_offline_metadata_validation(bundle: Path) -> None:
+    for part in ("configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/train.json",
+                 "configs/multi_gpu_train.json", "configs/logging.conf", "models/model.pt", "models/model.ts", "docs/README.md", "LICENSE"):  # fmt: skip
+        assert (bundle / part).is_file(), part
+    validate_metadata(bundle / "configs" / "metadata.json")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["0"] == "normal"
+    assert set(meta["eval_metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc"}
+    broken = bundle / "broken.json"
+    broken.write_text(json.dumps({k: v for k, v in meta.items() if k != "network_data_format"}))
+    with pytest.raises(BundleError, match="network_data_format"):
+        validate_metadata(broken)
+
+
+def test_weights_load_with_weights_only_and_no_wrapper_prefixes(bundle: Path) -> None:
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not [k for k in state if k.startswith(("module.", "_orig_mod."))]
+    model, contract = load_bundle(bundle)
+    x = torch.rand(2, 1, 64, 64)
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"))
+    torch.testing.assert_close(scripted(x), model(x))
+    assert contract.demo and contract.synthetic and contract.device_uid.startswith("2.25.")
+
+
+def test_monai_bundle_runner_runs_the_inference_config(bundle: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", str(bundle), "--output_dir", str(tmp_path)],
+        cwd=bundle, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = (tmp_path / "predictions.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("image,prediction,normal") and len(rows) == 4
+    probabilities = np.array([[float(v) for v in row.split(",")[2:]] for row in rows[1:]])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_model_card_warns_and_reports(bundle: Path) -> None:
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "demonstration model trained on synthetic images" in card
+    assert "95 % CI" in card and "| cavitary |" in card
+    for picture in ("curves.png", "confusion.png", "roc.png", "attention.png"):
+        assert (bundle / "docs" / picture).stat().st_size > 5000
+
+
+def test_evaluate_command_on_the_dataset(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--out", str(tmp_path)]) == 0
+    assert "balanced accuracy" in capsys.readouterr().out
+    assert (tmp_path / "metrics.md").exists()
+
+
+# --- the ablation switches really change what is trained --------------------------------------------
+
+
+def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_path: Path) -> None:
+    config = tiny(dataset_dir, tmp_path / "cache")
+    dataset = read_dataset(dataset_dir)
+    data = load_split(dataset, make_splits(dataset, config.data, 0).train, config.data, "decode")
+    classes = list(dataset.classes)
+    counts = torch.bincount(data.labels, minlength=5).tolist()
+
+    # Contrastive pre-training: the classifier starts from the encoder, not from its initialisation.
+    encoder = pretrain(config.pretrain, data, CPU, seed=0)
+    fresh, warm = build_classifier(config.finetune, 5, None, 0), build_classifier(config.finetune, 5, encoder, 0)
+    assert not torch.equal(fresh.backbone.conv1.weight, warm.backbone.conv1.weight)
+    torch.testing.assert_close(warm.backbone.conv1.weight, encoder["conv1.weight"])
+
+    # MGACR: heads exist only when a term is on; each term adds its own gradient.
+    plain = replace(config.finetune, mgacr=MGACRConfig(attention=False, feature_cr=False))
+    assert len(build_classifier(plain, 5, None, 0).heads) == 0
+    grads = {}
+    for name, mgacr in {"attention": MGACRConfig(feature_cr=False), "feature_cr": MGACRConfig(attention=False)}.items():
+        cfg = replace(config.finetune, epochs=1, mgacr=mgacr, augment=STILL)
+        result = finetune(cfg, data, None, classes, CPU, seed=0)
+        head = result.model.heads["layer4"]
+        grads[name] = (head.positive.conv.weight.clone(), head.negative.conv.weight.clone())
+    assert not torch.equal(grads["attention"][0], grads["feature_cr"][0])
+
+    # The classification loss: cross-entropy, focal and class-balanced focal differ on the same logits.
+    logits, target = torch.randn(16, 5), torch.arange(16) % 5
+    values = {kind: float(classification_loss(replace(config.finetune, loss=LossConfig(kind=kind)), counts, classes)(logits, target)) for kind in ("ce", "focal", "cb_focal")}
+    assert len({round(v, 6) for v in values.values()}) == 3
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(dataset_dir: Path, tmp_path: Path) -> None:
+    config = tiny(dataset_dir, tmp_path / "cache")
+    dataset = read_dataset(dataset_dir)
+    data = load_split(dataset, make_splits(dataset, config.data, 0).train, config.data, "decode")
+    classes = list(dataset.classes)
+    cfg = replace(config.finetune, epochs=3)
+    whole = finetune(cfg, data, None, classes, CPU, seed=0)
+
+    def crash_after_first_epoch(stage: str, record: dict, epoch: int) -> None:
+        if epoch == 0:
+            raise Interrupt
+
+    checkpoint = tmp_path / "last.pt"
+    with pytest.raises(Interrupt):
+        finetune(cfg, data, None, classes, CPU, seed=0, checkpoint=checkpoint, log=crash_after_first_epoch)
+    resumed = finetune(cfg, data, None, classes, CPU, seed=0, checkpoint=checkpoint)
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
+
+
+# --- DDP ------------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, port: int, config: FinetuneConfig, data, classes: list[str], out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+
+    from dp_model.training.engine import make_runtime
+
+    torch.set_num_threads(1)
+    runtime = make_runtime(RuntimeConfig(device="cpu"))
+    result = finetune(config, data, None, classes, runtime, seed=0)
+    if rank == 0:
+        out["state"] = {k: v.clone() for k, v in result.model.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(dataset_dir: Path, tmp_path: Path) -> None:
+    config = tiny(dataset_dir, tmp_path / "cache")
+    dataset = read_dataset(dataset_dir)
+    data = load_split(dataset, make_splits(dataset, config.data, 0).train, config.data, "decode")
+    classes = list(dataset.classes)
+    cfg = replace(config.finetune, epochs=1, batch_size=16, augment=STILL, optimizer="sgd", lr=0.01)
+    single = finetune(cfg, data, None, classes, replace(CPU, micro_batches=2), seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ddp_worker, args=(port, cfg, data, classes, out), nprocs=2, join=True)
+        state = dict(out)["state"]
+    for key, value in single.model.state_dict().items():
+        if "running_" in key or "num_batches" in key:
+            continue  # DDP broadcasts rank 0's BatchNorm statistics; one process accumulates both halves
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train_main(["--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip() == "dp-train: no dataset: pass --data or set data.root"
+    assert train_main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+    assert "no such dataset folder" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert train_main(["--data", str(tmp_path), "--out", str(tmp_path / "full")]) == 2
+    assert "use --resume" in capsys.readouterr().err
+    assert train_main(["evaluate", "--bundle", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a Deep Pneumonia bundle" in capsys.readouterr().err
