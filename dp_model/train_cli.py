@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
     if not config.data.root:
         raise ConfigError("no dataset: pass --data or set data.root")
     out = args.out or Path("runs") / config.name
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.force or args.stages == "finetune"):
+    first_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 may already be writing
+    if first_process and out.exists() and any(out.iterdir()) and not (args.resume or args.force or args.stages == "finetune"):
         raise ConfigError(f"{out} exists and is not empty (use --resume to continue, --force to overwrite)")
     from .training.run import train  # heavy imports after the arguments are known good
 

@@ -85,3 +85,14 @@ def test_the_documented_synth_config_lists_exactly_the_defaults() -> None:
 def test_the_demo_config_loads() -> None:
     demo = load_config(SynthConfig, CONFIGS / "synth_demo.yaml")
     assert demo.num_images <= 500 and demo.size <= 512
+
+
+def test_the_documented_training_config_lists_exactly_the_defaults() -> None:
+    import yaml
+
+    from dp_model.training.config import TrainConfig
+
+    assert load_config(TrainConfig, CONFIGS / "deep_pneumonia.yaml") == TrainConfig()
+    assert yaml.safe_load((CONFIGS / "deep_pneumonia.yaml").read_text()) == to_mapping(TrainConfig())
+    demo = load_config(TrainConfig, CONFIGS / "demo.yaml")
+    assert demo.demo and demo.runtime.device == "cpu"
