@@ -71,6 +71,7 @@ def test_bundle_layout_and_offline_metadata_validation(bundle: Path) -> None:
         validate_metadata(broken)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_weights_load_with_weights_only_and_no_wrapper_prefixes(bundle: Path) -> None:
     state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not [k for k in state if k.startswith(("module.", "_orig_mod."))]

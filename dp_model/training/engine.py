@@ -193,23 +193,22 @@ def pretrain(
     for epoch in range(start, config.epochs):
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 1, epoch, runtime.rank))
         model.train()
-        sums, count = {"loss": 0.0, "top1": 0.0}, 0
+        sums = Sums(runtime.device)
         order = batches(len(data), config.batch_size, epoch_seed(seed, 1, epoch), drop_last=True, device=runtime.device)
         for index in _progress(order, f"stage I {epoch + 1}/{config.epochs}", runtime):
             optimizer.zero_grad(set_to_none=True)
-            for part in runtime.share(index):
+            parts = runtime.share(index)
+            for part in parts:
                 x = data.batch(part)[0]
                 v1, v2 = intensity(affine(x)), intensity(affine(x))
                 with runtime.autocast():
                     z1, z2 = model(runtime.prepare(v1)), model(runtime.prepare(v2))
                 loss = loss_fn(z1, z2)
-                (loss / len(runtime.share(index))).backward()
-                sums["loss"] += float(loss.detach())
-                sums["top1"] += _pair_accuracy(z1.detach(), z2.detach())
-                count += 1
+                (loss / len(parts)).backward()
+                sums.add({"loss": loss, "top1": _pair_accuracy(z1.detach(), z2.detach())})
             optimizer.step()
             schedule.step()
-        record = {k: v / max(1, count) for k, v in sums.items()} | {"lr": schedule.get_last_lr()[0]}
+        record = sums.means() | {"lr": schedule.get_last_lr()[0]}
         history.pretrain.append(record)
         if checkpoint is not None and runtime.main:
             save_checkpoint(checkpoint, {"stage": "pretrain", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
@@ -219,14 +218,35 @@ def pretrain(
     return net.encoder_state()
 
 
-def _pair_accuracy(z1: Tensor, z2: Tensor) -> float:
+def _pair_accuracy(z1: Tensor, z2: Tensor) -> Tensor:
     """Share of views whose nearest other view is their partner (the paper's Fig. 6 'accuracy')."""
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     similarity = z @ z.T
     similarity.fill_diagonal_(-2.0)
     n = z1.shape[0]
     partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-    return float((similarity.argmax(dim=1) == partner).float().mean())
+    return (similarity.argmax(dim=1) == partner).float().mean()
+
+
+class Sums:
+    """Running sums kept on the device: reading a loss every step would stall the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.totals, self.count = device, {}, 0
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.totals[key] = self.totals[key] + value if key in self.totals else value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """One transfer per epoch."""
+        if not self.totals:
+            return {}
+        keys = list(self.totals)
+        values = (torch.stack([self.totals[k] for k in keys]) / max(1, self.count)).tolist()
+        return dict(zip(keys, values))
 
 
 # --- stage II: classifier --------------------------------------------------------------------------------
@@ -291,21 +311,18 @@ def finetune(
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 2, epoch, runtime.rank))
         step = _finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
         model.train()
-        sums: dict[str, float] = {}
-        count = 0
+        sums = Sums(runtime.device)
         order = batches(len(train), config.batch_size, epoch_seed(seed, 2, epoch), drop_last=False, device=runtime.device)
         for index in _progress(order, f"stage II {epoch + 1}/{config.epochs}", runtime):
             optimizer.zero_grad(set_to_none=True)
             parts = runtime.share(index)
             for part in parts:
-                loss, record = step(train.batch(part))
+                loss, parts_of_loss = step(train.batch(part))
                 (loss / len(parts)).backward()
-                for key, value in record.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
+                sums.add(parts_of_loss)
             optimizer.step()
             schedule.step()
-        record = {k: v / max(1, count) for k, v in sums.items()} | {"lr": schedule.get_last_lr()[0]}
+        record = sums.means() | {"lr": schedule.get_last_lr()[0]}
         if val is not None and len(val) and evaluate is not None:
             record |= {f"val_{k}": v for k, v in evaluate(unwrap(model), val).items()}
         metric = record.get(f"val_{config.select_metric}", -record["loss"])
@@ -337,16 +354,16 @@ def _optimizer(config: FinetuneConfig, model: nn.Module) -> torch.optim.Optimize
 
 
 def _finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, size: int, normal: int):
-    """One micro-batch: masks from boxes, joint augmentation, losses. Returns (loss, record)."""
+    """One micro-batch: masks from boxes, joint augmentation, losses. Returns the loss and its parts."""
 
-    def step(batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def step(batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x, boxes, labels, has_boxes = batch
         if mgacr is None:
             x = intensity(affine(x))
             with runtime.autocast():
                 logits = model(runtime.prepare(x))
             loss = cls_loss(logits.float(), labels)
-            return loss, {"loss": float(loss.detach()), "cls": float(loss.detach())}
+            return loss, {"loss": loss, "cls": loss}
         mask = boxes_to_masks(boxes, (size, size))
         x, mask = affine(x, mask)
         x = intensity(x)
@@ -355,8 +372,7 @@ def _finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, 
         classification = cls_loss(logits.float(), labels)
         extra, parts = mgacr(stages, mask, has_boxes, labels == normal)
         loss = classification + extra
-        record = {"loss": float(loss.detach()), "cls": float(classification.detach())}
-        return loss, record | {k: float(v.detach()) for k, v in parts.items()}
+        return loss, {"loss": loss, "cls": classification, **parts}
 
     return step
 
