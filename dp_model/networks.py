@@ -183,6 +183,35 @@ class DeepPneumoniaNet(nn.Module):
         return F.interpolate(map_pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class BaselineNet(nn.Module):
+    """A torchvision classifier for one-channel images (the paper's Table II baselines).
+
+    Args:
+        architecture: "resnet50" or "vgg16" (torchvision's, trained from scratch).
+        num_classes: number of classes.
+    """
+
+    ARCHITECTURES = ("resnet50", "vgg16")
+
+    def __init__(self, architecture: str, num_classes: int = 5) -> None:
+        super().__init__()
+        import torchvision
+
+        if architecture not in self.ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {self.ARCHITECTURES}, got {architecture!r}")
+        self.architecture = architecture
+        self.normalize = Normalize()
+        net = getattr(torchvision.models, architecture)(num_classes=num_classes)
+        if architecture == "resnet50":
+            net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            net.features[0] = nn.Conv2d(1, 64, kernel_size=3, padding=1)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
 class SimCLRNet(nn.Module):
     """Stage I: the ResNet18 encoder and an MLP projector (SimCLR).
 

@@ -7,6 +7,7 @@ Examples::
     dp-train --config configs/deep_pneumonia.yaml --data data/synth --out runs/dp --resume
     dp-train --config configs/deep_pneumonia.yaml --data data/synth --out runs/dp --stages pretrain
     dp-train evaluate --bundle runs/dp --data data/other
+    dp-train ablation --config configs/deep_pneumonia.yaml --data data/synth --out runs/ablation --seeds 0 1 2
 
 Options mirror keys of the configuration (``configs/deep_pneumonia.yaml`` lists them all);
 the command line overrides the file. Multi-GPU: ``torchrun --nproc_per_node=N -m
@@ -68,12 +69,29 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ablation_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dp-train ablation", description="The paper's Table I and Table II on one dataset, several seeds.")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for results.md, results.json, results.png")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tables", choices=["all", "I", "II"], default="all")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--pretrain-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         if argv[:1] == ["evaluate"]:
             return _evaluate(evaluate_parser().parse_args(argv[1:]))
+        if argv[:1] == ["ablation"]:
+            return _ablation(ablation_parser().parse_args(argv[1:]))
         return _train(train_parser().parse_args(argv))
     except (ConfigError, DatasetError, BundleError, ValueError, RuntimeError, OSError) as exc:
         print(f"dp-train: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -102,6 +120,17 @@ def _train(args: argparse.Namespace) -> int:
     print(f"test: accuracy {r.accuracy:.3f}, balanced accuracy {r.balanced_accuracy:.3f}, macro-F1 {r.macro_f1:.3f}, macro AUC {r.macro_auc:.3f}")
     print(r.table())
     print(f"model card: {result.bundle / 'docs' / 'README.md'}")
+    return 0
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    from .training.ablation import run
+
+    options = {k: v for k, v in OPTIONS.items() if k in vars(args)}
+    config = load_config(TrainConfig, args.config, {key: getattr(args, option) for option, key in options.items()})
+    run(config, args.out, args.seeds, args.tables)
+    print((args.out / "results.md").read_text())
+    print(f"results: {args.out / 'results.md'}, {args.out / 'results.png'}")
     return 0
 
 

@@ -205,6 +205,16 @@ def test_two_gloo_processes_match_one_process(dataset_dir: Path, tmp_path: Path)
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_compile_switch_wraps_the_model_and_unwrap_finds_it() -> None:
+    from dp_model.networks import DeepPneumoniaNet
+    from dp_model.training.engine import unwrap, wrap
+
+    net = DeepPneumoniaNet()
+    compiled = wrap(net, replace(CPU, compile=True))
+    assert compiled is not net and type(compiled).__name__ == "OptimizedModule"
+    assert unwrap(compiled) is net and wrap(net, CPU) is net
+
+
 # --- command line ----------------------------------------------------------------------------------------------
 
 
@@ -219,3 +229,22 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "use --resume" in capsys.readouterr().err
     assert train_main(["evaluate", "--bundle", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "not a Deep Pneumonia bundle" in capsys.readouterr().err
+
+
+# --- the paper's tables --------------------------------------------------------------------------------------
+
+
+def test_ablation_harness_writes_both_tables(dataset_dir: Path, tmp_path: Path) -> None:
+    from dp_model.training.ablation import TABLE_I, TABLE_II
+
+    config = tiny(dataset_dir, tmp_path / "cache", epochs=1)
+    assert train_main(["ablation", "--data", str(dataset_dir), "--out", str(tmp_path / "out"), "--seeds", "0",
+                       "--image-size", "64", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16", "--device", "cpu"]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["row"] for r in results["summary"]] == [r.name for r in TABLE_I + TABLE_II]
+    for entry in results["summary"]:
+        assert 0.0 <= entry["accuracy"][0] <= 1.0 and entry["minutes"][0] > 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "Table I" in table and "Table II" in table and "| SVM (polynomial) |" in table
+    assert (tmp_path / "out" / "results.png").stat().st_size > 5000
+    assert config.finetune.epochs == 1

@@ -122,6 +122,7 @@ class LossConfig:
 class FinetuneConfig:
     """Stage II: supervised training of the classifier."""
 
+    architecture: Literal["resnet18", "resnet50", "vgg16"] = "resnet18"
     epochs: int = 30
     batch_size: int = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -138,6 +139,8 @@ class FinetuneConfig:
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
+        if self.architecture != "resnet18" and self.mgacr.enabled:
+            raise ValueError(f"MGACR needs the resnet18 architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}")
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,7 @@ class TrainConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.pretrain.enabled and self.pretrain.epochs > 0 and self.finetune.architecture != "resnet18":
+            raise ValueError(f"contrastive pre-training is implemented for resnet18; set pretrain.enabled: false for {self.finetune.architecture}")

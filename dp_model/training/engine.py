@@ -33,7 +33,7 @@ from tqdm import tqdm
 from dp_transforms import RandChestAffine, RandChestIntensity, boxes_to_masks
 
 from ..losses import CBFocalLoss, MGACRLoss, NTXentLoss
-from ..networks import DeepPneumoniaNet, SimCLRNet
+from ..networks import BaselineNet, DeepPneumoniaNet, SimCLRNet
 from .config import AugmentConfig, FinetuneConfig, PretrainConfig, RuntimeConfig
 from .data import Resident, batches
 
@@ -103,6 +103,8 @@ def wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    if runtime.compile:
+        model = torch.compile(model)
     return model
 
 
@@ -184,9 +186,12 @@ def pretrain(
     model = wrap(net, runtime)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = NTXentLoss(config.temperature)
-    steps_per_epoch = len(data) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"stage I needs at least one full batch: {len(data)} images, batch_size {config.batch_size}")
+    batch_size = min(config.batch_size, len(data))
+    if batch_size < config.batch_size:
+        logger.warning("stage I batch size %d exceeds the %d training images; using %d", config.batch_size, len(data), batch_size)
+    if batch_size < 2:
+        raise ValueError(f"stage I needs at least two training images, got {len(data)}")
+    steps_per_epoch = len(data) // batch_size
     total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
     start = _resume(checkpoint, "pretrain", net, optimizer, schedule, history)
@@ -194,7 +199,7 @@ def pretrain(
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 1, epoch, runtime.rank))
         model.train()
         sums = Sums(runtime.device)
-        order = batches(len(data), config.batch_size, epoch_seed(seed, 1, epoch), drop_last=True, device=runtime.device)
+        order = batches(len(data), batch_size, epoch_seed(seed, 1, epoch), drop_last=True, device=runtime.device)
         for index in _progress(order, f"stage I {epoch + 1}/{config.epochs}", runtime):
             optimizer.zero_grad(set_to_none=True)
             parts = runtime.share(index)
@@ -252,9 +257,11 @@ class Sums:
 # --- stage II: classifier --------------------------------------------------------------------------------
 
 
-def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str, Tensor] | None, seed: int) -> DeepPneumoniaNet:
+def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str, Tensor] | None, seed: int) -> nn.Module:
     """The stage II network: MGACR heads only when a MGACR term is switched on."""
     torch.manual_seed(seed)
+    if config.architecture != "resnet18":
+        return BaselineNet(config.architecture, num_classes)
     stages = config.mgacr.stages if config.mgacr.enabled else ()
     net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages)
     if encoder is not None:
@@ -274,7 +281,7 @@ def classification_loss(config: FinetuneConfig, class_counts: list[int], class_n
 
 @dataclass
 class FinetuneResult:
-    model: DeepPneumoniaNet
+    model: nn.Module
     best_state: dict[str, Tensor]
     best_epoch: int
     best_metric: float
@@ -309,7 +316,7 @@ def finetune(
     normal = class_names.index("normal") if "normal" in class_names else 0
     for epoch in range(start, config.epochs):
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 2, epoch, runtime.rank))
-        step = _finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
+        step = finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
         model.train()
         sums = Sums(runtime.device)
         order = batches(len(train), config.batch_size, epoch_seed(seed, 2, epoch), drop_last=False, device=runtime.device)
@@ -353,7 +360,7 @@ def _optimizer(config: FinetuneConfig, model: nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, size: int, normal: int):
+def finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, size: int, normal: int):
     """One micro-batch: masks from boxes, joint augmentation, losses. Returns the loss and its parts."""
 
     def step(batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

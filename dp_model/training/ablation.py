@@ -1,0 +1,209 @@
+"""The paper's Table I (ablation) and Table II (baselines), measured on one dataset with several seeds.
+
+Table I adds the four techniques to a plain ResNet18 one at a time: contrastive
+pre-training, mask-guided attention, feature contrastive regulation, class-balanced focal
+loss. Table II compares ResNet18, ResNet50 and VGG16 (from scratch, cross-entropy) and
+five scikit-learn classifiers on downsampled pixels with the full Deep Pneumonia recipe.
+Every row reports accuracy (the paper's metric), balanced accuracy and macro-F1 on the same
+test split, and its training time; a row's time includes the stage I it starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+
+from ..datasets import read_dataset
+from ..metrics import evaluate
+from .config import LossConfig, MGACRConfig, TrainConfig
+from .data import Resident, load_split, make_splits
+from .engine import Runtime, finetune, make_runtime, predict, pretrain
+
+logger = logging.getLogger(__name__)
+
+OFF = MGACRConfig(attention=False, feature_cr=False)
+CE = LossConfig(kind="ce")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the comparison."""
+
+    name: str
+    table: str
+    pretrain: bool = False
+    mgacr: MGACRConfig = OFF
+    loss: LossConfig = CE
+    architecture: str = "resnet18"
+    sklearn: str = ""
+
+
+TABLE_I = (
+    Row("ResNet18", "I"),
+    Row("+ contrastive pre-training", "I", pretrain=True),
+    Row("+ mask-guided attention", "I", pretrain=True, mgacr=MGACRConfig(feature_cr=False)),
+    Row("+ feature contrastive regulation", "I", pretrain=True, mgacr=MGACRConfig()),
+    Row("+ CB focal loss (Deep Pneumonia)", "I", pretrain=True, mgacr=MGACRConfig(), loss=LossConfig()),
+)
+TABLE_II = (
+    Row("KNN", "II", sklearn="knn"),
+    Row("Decision tree", "II", sklearn="tree"),
+    Row("AdaBoost", "II", sklearn="adaboost"),
+    Row("Random forest", "II", sklearn="forest"),
+    Row("SVM (polynomial)", "II", sklearn="svm"),
+    Row("VGG16", "II", architecture="vgg16"),
+    Row("ResNet50", "II", architecture="resnet50"),
+)
+
+
+@dataclass
+class Result:
+    row: str
+    table: str
+    seed: int
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    minutes: float
+    extra: dict = field(default_factory=dict)
+
+
+def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "all", sklearn_pixels: int = 32, svm_limit: int = 5000) -> list[Result]:
+    """Train every row for every seed; write ``results.json``, ``results.md`` and ``results.png`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in TABLE_I + TABLE_II if tables in ("all", r.table)]
+    runtime = make_runtime(config.runtime)
+    dataset = read_dataset(config.data.root, config.data.layout)
+    classes = list(dataset.classes)
+    results: list[Result] = []
+    for seed in seeds:
+        splits = make_splits(dataset, config.data, seed)
+        data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
+        train_data = data["train"].to(runtime.device)
+        encoder, encoder_minutes = None, 0.0
+        for row in rows:
+            if row.sklearn:
+                results.append(_sklearn_row(row, data, classes, seed, sklearn_pixels, svm_limit))
+            else:
+                if row.pretrain and encoder is None:
+                    tick = time.perf_counter()
+                    encoder = pretrain(config.pretrain, train_data, runtime, seed)
+                    encoder_minutes = (time.perf_counter() - tick) / 60
+                results.append(_network_row(row, config, train_data, data, classes, runtime, seed, encoder if row.pretrain else None, encoder_minutes if row.pretrain else 0.0))
+            logger.info("seed %d, %s: %s", seed, row.name, results[-1])
+            _write(out, results, config)
+    return results
+
+
+def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict, classes: list[str], runtime: Runtime, seed: int, encoder, encoder_minutes: float) -> Result:
+    tick = time.perf_counter()
+    cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss)
+
+    def validate(model, split: Resident) -> dict[str, float]:
+        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime), tuple(classes)).scalars()
+
+    result = finetune(cfg, train_data, data["val"], classes, runtime, seed, encoder=encoder, evaluate=validate)
+    minutes = encoder_minutes + (time.perf_counter() - tick) / 60
+    model = result.model
+    model.load_state_dict(result.best_state)
+    report = evaluate(data["test"].labels.numpy(), predict(model.to(runtime.device), data["test"], runtime), tuple(classes))
+    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, minutes, {"recall": report.per_class["recall"]})
+
+
+def _pixels(data: Resident, side: int) -> np.ndarray:
+    x = data.images.float().div(255)
+    return F.adaptive_avg_pool2d(x, side).flatten(1).numpy()
+
+
+def _sklearn_row(row: Row, data: dict, classes: list[str], seed: int, side: int, svm_limit: int) -> Result:
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import AdaBoostClassifier, RandomForestClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import SVC
+    from sklearn.tree import DecisionTreeClassifier
+
+    tick = time.perf_counter()
+    x_train, y_train = _pixels(data["train"], side), data["train"].labels.numpy()
+    models = {
+        "knn": lambda: make_pipeline(PCA(64, random_state=seed), KNeighborsClassifier(5)),
+        "tree": lambda: DecisionTreeClassifier(random_state=seed),
+        "adaboost": lambda: AdaBoostClassifier(random_state=seed),
+        "forest": lambda: RandomForestClassifier(300, n_jobs=-1, random_state=seed),
+        "svm": lambda: CalibratedClassifierCV(SVC(kernel="poly", degree=3, random_state=seed), ensemble=False),
+    }
+    if row.sklearn == "svm" and len(x_train) > svm_limit:  # kernel SVMs grow with the square of the data
+        keep = np.random.default_rng(seed).choice(len(x_train), svm_limit, replace=False)
+        x_train, y_train = x_train[keep], y_train[keep]
+    model = models[row.sklearn]().fit(x_train, y_train)
+    probabilities = np.zeros((len(data["test"]), len(classes)))
+    probabilities[:, model.classes_] = model.predict_proba(_pixels(data["test"], side))
+    report = evaluate(data["test"].labels.numpy(), probabilities, tuple(classes))
+    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, (time.perf_counter() - tick) / 60, {"recall": report.per_class["recall"]})
+
+
+def summarise(results: list[Result]) -> list[dict]:
+    """Mean and standard deviation over seeds of every row, in table order."""
+    out = []
+    for name in dict.fromkeys(r.row for r in results):
+        chosen = [r for r in results if r.row == name]
+        entry = {"row": name, "table": chosen[0].table, "seeds": [r.seed for r in chosen]}
+        for metric in ("accuracy", "balanced_accuracy", "macro_f1", "minutes"):
+            values = np.array([getattr(r, metric) for r in chosen])
+            entry[metric] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = []
+    anchors = {TABLE_I[0].name, TABLE_I[-1].name}  # ResNet18 and Deep Pneumonia appear in both tables
+    for table, title in (("I", "Table I: ablation on ResNet18"), ("II", "Table II: other methods")):
+        rows = [e for e in summary if e["table"] == table or (table == "II" and e["row"] in anchors and any(x["table"] == "II" for x in summary))]
+        if not rows:
+            continue
+        lines += [f"### {title}", "", "| method | accuracy | balanced accuracy | macro-F1 | training minutes | seeds |", "|---|---|---|---|---|---|"]
+        for e in rows:
+            cells = [f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("accuracy", "balanced_accuracy", "macro_f1")]
+            lines.append(f"| {e['row']} | " + " | ".join(cells) + f" | {e['minutes'][0]:.2f} | {len(e['seeds'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(out: Path, results: list[Result], config: TrainConfig) -> None:
+    summary = summarise(results)
+    (out / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in results], "summary": summary}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(summary) + "\n")
+    _plot(summary, out / "results.png")
+
+
+def _plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["row"] for e in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 1.8))
+    y = np.arange(len(names))
+    for offset, metric, colour in ((-0.2, "accuracy", "tab:blue"), (0.2, "balanced_accuracy", "tab:orange")):
+        axes[0].barh(y + offset, [e[metric][0] for e in summary], 0.38, xerr=[e[metric][1] for e in summary], color=colour, label=metric.replace("_", " "))
+    axes[0].set_yticks(y, names)
+    axes[0].invert_yaxis()
+    axes[0].set(xlim=(0, 1), xlabel="test score (mean ± sd over seeds)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    for e in summary:
+        axes[1].errorbar(e["minutes"][0], e["balanced_accuracy"][0], yerr=e["balanced_accuracy"][1], fmt="o")
+        axes[1].annotate(e["row"], (e["minutes"][0], e["balanced_accuracy"][0]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    axes[1].set(xlabel="training minutes", ylabel="balanced accuracy", title="accuracy against training time (cf. the paper's Fig. 7)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
