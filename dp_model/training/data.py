@@ -158,7 +158,7 @@ def _from_cache(path: Path) -> Resident:
 def _to_cache(path: Path, resident: Resident) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same split
         torch.save(
             {"images": resident.images, "boxes": resident.boxes, "labels": resident.labels, "has_boxes": resident.has_boxes, "ids": resident.ids},
             temporary,

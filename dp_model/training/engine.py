@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,6 +425,3 @@ def _resume(checkpoint: Path | None, stage: str, net: nn.Module, optimizer, sche
     logger.info("resuming %s from epoch %d (%s)", stage, saved["epoch"] + 1, checkpoint)
     return int(saved["epoch"])
 
-
-def elapsed(start: float) -> str:
-    return f"{time.perf_counter() - start:.0f} s"
