@@ -16,3 +16,18 @@ pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
 def rg1_path() -> Path:
     """RG1_UNCR.dcm: a real PA chest CR, 1955 x 1841, 15-bit, MONOCHROME1."""
     return data_file("RG1_UNCR.dcm")
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default: demo phantoms (configs/synth_demo.yaml) and the bundle of configs/demo.yaml."""
+    from dp_model.config import load_config
+    from dp_model.synth import SynthConfig, generate
+    from dp_model.train_cli import main as train_main
+
+    root = tmp_path_factory.mktemp("demo")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    generate(load_config(SynthConfig, configs / "synth_demo.yaml"), root / "data", progress=False)
+    code = train_main(["--config", str(configs / "demo.yaml"), "--data", str(root / "data"), "--out", str(root / "bundle")])
+    assert code == 0, "dp-train failed on the demo config"
+    return root / "bundle"

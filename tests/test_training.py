@@ -248,3 +248,19 @@ def test_ablation_harness_writes_both_tables(dataset_dir: Path, tmp_path: Path) 
     assert "Table I" in table and "Table II" in table and "| SVM (polynomial) |" in table
     assert (tmp_path / "out" / "results.png").stat().st_size > 5000
     assert config.finetune.epochs == 1
+
+
+@pytest.mark.slow
+def test_the_demo_config_produces_a_valid_bundle(demo_bundle: Path) -> None:
+    validate_metadata(demo_bundle / "configs" / "metadata.json")
+    state = torch.load(demo_bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    model, contract = load_bundle(demo_bundle)
+    assert set(state) == set(model.state_dict())
+    assert contract.demo and contract.image_size == 112 and len(contract.classes) == 5
+    assert "demonstration model" in (demo_bundle / "docs" / "README.md").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", str(demo_bundle)],
+        cwd=demo_bundle, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (demo_bundle / "eval" / "predictions.csv").read_text().count("\n") == 4
