@@ -94,6 +94,25 @@ def test_monai_bundle_runner_runs_the_inference_config(bundle: Path, tmp_path: P
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)
 
 
+def test_the_bundle_train_config_reruns_the_training(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("logs", "checkpoints"))
+    before = torch.load(copy / "models" / "model.pt", weights_only=True)
+    (copy / "models" / "model.pt").unlink()
+    config = json.loads((copy / "configs" / "train.json").read_text())
+    assert config["train"]["trainer"]["_target_"].endswith("BundleTrainer") and "handlers" in config["train"]
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", str(copy)],
+        cwd=copy, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = torch.load(copy / "models" / "model.pt", weights_only=True)
+    assert set(after) == set(before)
+    validate_metadata(copy / "configs" / "metadata.json")
+
+
 def test_model_card_warns_and_reports(bundle: Path) -> None:
     card = (bundle / "docs" / "README.md").read_text()
     assert "demonstration model trained on synthetic images" in card
