@@ -48,6 +48,12 @@ class LoadChestXray(Transform):
         }
         return torch.from_numpy(image.pixels)[None], meta
 
+    @staticmethod
+    def boxes_onto(boxes: object, meta: dict) -> np.ndarray:
+        """Validate source-pixel ``boxes`` and carry them onto the loaded image (``meta`` of this call)."""
+        sx, sy = meta["box_scale"]
+        return as_boxes(boxes, meta["source"]) * np.array([sx, sy, sx, sy], np.float32)
+
 
 class LetterboxResize(Transform):
     """Fit an image into a ``size x size`` canvas keeping its aspect ratio (antialiased), pad with ``fill``."""
@@ -95,6 +101,4 @@ def load_letterboxed(
     image, meta = LoadChestXray(square_pixels)(source)
     resizer = LetterboxResize(size)
     geometry = resizer.geometry(image)
-    sx, sy = meta["box_scale"]
-    source_boxes = as_boxes(boxes, meta["source"]) * np.array([sx, sy, sx, sy], np.float32)
-    return resizer(image), geometry.boxes_to_canvas(source_boxes), geometry
+    return resizer(image), geometry.boxes_to_canvas(LoadChestXray.boxes_onto(boxes, meta)), geometry

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
@@ -46,10 +45,9 @@ class LoadChestXrayd(MapTransform):
         for key in self.key_iterator(d):
             d[key], meta = self.loader(d[key])
             d[f"{key}_meta_dict"] = meta
-            sx, sy = meta["box_scale"]
             for box_key in self.box_keys:
                 if box_key in d:
-                    d[box_key] = as_boxes(d[box_key], meta["source"]) * np.array([sx, sy, sx, sy], np.float32)
+                    d[box_key] = self.loader.boxes_onto(d[box_key], meta)
         return d
 
 
