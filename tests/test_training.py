@@ -160,6 +160,19 @@ def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_
     assert len({round(v, 6) for v in values.values()}) == 3
 
 
+def test_switched_off_pretraining_never_uses_a_leftover_encoder(dataset_dir: Path, tmp_path: Path) -> None:
+    from dp_model.training.engine import History
+    from dp_model.training.run import _stage_one
+
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"conv1.weight": torch.zeros(1)}, checkpoint.parent / "encoder.pt")
+    on = tiny(dataset_dir, tmp_path / "cache")
+    off = replace(on, pretrain=replace(on.pretrain, enabled=False))
+    assert _stage_one(off, None, CPU, checkpoint, "finetune", True, History(), None, {}) is None
+    assert _stage_one(on, None, CPU, checkpoint, "finetune", True, History(), None, {}) is not None
+
+
 # --- resume -------------------------------------------------------------------------------------------------
 
 

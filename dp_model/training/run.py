@@ -59,7 +59,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     checkpoint = out / "checkpoints" / "last.pt"
     if not resume and runtime.main and checkpoint.exists():
         checkpoint.unlink()  # a fresh run never continues a stale one
-    encoder = _stage_one(config, train_data, runtime, out, stages, resume, history, log, timings)
+    encoder = _stage_one(config, train_data, runtime, checkpoint, stages, resume, history, log, timings)
     if stages == "pretrain":
         close()
         return RunResult(out, _empty_report(dataset), history, timings)
@@ -88,19 +88,21 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     return RunResult(out, report, history, timings)
 
 
-def _stage_one(config: TrainConfig, data: Resident, runtime: Runtime, out: Path, stages: Stages, resume: bool, history: History, log, timings: dict) -> dict | None:
-    """Run or reuse stage I; returns the encoder's weights, or None without pre-training."""
-    encoder_path = out / "checkpoints" / "encoder.pt"
-    saved = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None
+def _stage_one(config: TrainConfig, data: Resident, runtime: Runtime, checkpoint: Path, stages: Stages, resume: bool, history: History, log, timings: dict) -> dict | None:
+    """Run or reuse stage I; returns the encoder's weights, or None without pre-training.
+
+    With pre-training switched off, no encoder is used, not even one left in the folder.
+    """
+    if not config.pretrain.enabled or config.pretrain.epochs == 0:
+        return None
+    encoder_path = checkpoint.parent / "encoder.pt"
+    saved = load_checkpoint(checkpoint) if resume else None
     if stages == "finetune" or (saved and saved.get("stage") in ("finetune", "done")):
         if saved and saved.get("history"):
             history.pretrain[:] = saved["history"]["pretrain"]
         return torch.load(encoder_path, map_location="cpu", weights_only=True) if encoder_path.exists() else None
-    if not config.pretrain.enabled or config.pretrain.epochs == 0:
-        return None
     tick = time.perf_counter()
-    checkpoint = out / "checkpoints" / "last.pt" if runtime.main else None
-    encoder = pretrain(config.pretrain, data, runtime, config.runtime.seed, checkpoint, history, log)
+    encoder = pretrain(config.pretrain, data, runtime, config.runtime.seed, checkpoint if runtime.main else None, history, log)
     if runtime.main:
         encoder_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(encoder, encoder_path)
