@@ -50,7 +50,9 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     start = time.perf_counter()
     dataset = read_dataset(config.data.root, config.data.layout)
     splits = make_splits(dataset, config.data, seed)
-    data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in ("train", "val", "test")}
+    # Stage I needs only the training split; validation and test are decoded for stage II.
+    needed = ("train",) if stages == "pretrain" else ("train", "val", "test")
+    data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in needed}
     train_data = data["train"].to(runtime.device)
     timings["data"] = time.perf_counter() - start
     logger.info("%s; split %s: %d train, %d val, %d test", dataset.summary(), splits.method, len(splits.train), len(splits.val), len(splits.test))
