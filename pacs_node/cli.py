@@ -1,17 +1,107 @@
-"""``dp-node``: the DICOM node (not available in this version)."""
+"""``dp-node``: the Deep Pneumonia DICOM node.
+
+Examples::
+
+    dp-node --bundle runs/demo/bundle
+    dp-node --config configs/node.yaml --destination PACS@10.0.0.5:104 --allow MODALITY1
+    storescu -aec DPNODE localhost 11112 chest.dcm      # send it an image (dcmtk)
+
+Options mirror keys of the configuration (``configs/node.yaml`` lists them all); the
+command line overrides the file. SIGTERM or Ctrl-C stop it gracefully: the batch in
+flight is finished and everything else stays in the spool for the next start.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
 import sys
+import threading
+from pathlib import Path
+
+from dp_model.bundle import BundleError
+from dp_model.config import ConfigError, load_config
+
+from .config import NodeConfig
+
+logger = logging.getLogger("dp-node")
+
+#: The embedded default bundle (``make run`` builds it when absent).
+DEMO_BUNDLE = Path("runs/demo/bundle")
+
+OPTIONS = {
+    "port": "port",
+    "host": "host",
+    "ae_title": "ae_title",
+    "bundle": "bundle",
+    "spool": "spool",
+    "output_dir": "output_dir",
+    "destination": "destinations",
+    "allow": "allow",
+    "device": "device",
+    "metrics_port": "metrics_port",
+    "operating_point": "operating_point",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dp-node", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML configuration (default: the embedded default)")
+    p.add_argument("--port", type=int, help="DICOM port to listen on (default 11112)")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--ae-title", help="this node's AE title (default DPNODE)")
+    p.add_argument("--bundle", help=f"MONAI bundle written by dp-train (default {DEMO_BUNDLE})")
+    p.add_argument("--spool", help="folder of received instances not yet finished")
+    p.add_argument("--output-dir", help="where results go when no destination is set")
+    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT", help="send results there (repeatable)")
+    p.add_argument("--allow", action="append", metavar="AET", help="accept only these calling AE titles (repeatable)")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--metrics-port", type=int, help="HTTP port of /health and /metrics on loopback (-1: off)")
+    p.add_argument("--operating-point", type=float, help="threshold on the probability of pneumonia")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def load(args: argparse.Namespace) -> NodeConfig:
+    overrides = {key: getattr(args, option) for option, key in OPTIONS.items()}
+    config = load_config(NodeConfig, args.config, overrides)
+    if not config.bundle:
+        if not (DEMO_BUNDLE / "configs" / "metadata.json").exists():
+            raise ConfigError(f"no bundle: pass --bundle, set bundle in the config, or build the demo bundle with `make demo-bundle` ({DEMO_BUNDLE})")
+        config = load_config(NodeConfig, args.config, overrides | {"bundle": str(DEMO_BUNDLE)})
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "dp-node: the DICOM node is not available in this version of Deep Pneumonia yet",
-        file=sys.stderr,
-    )
-    return 2
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        config = load(args)
+        from .node import Node  # heavy imports after the configuration is known good
+
+        node = Node(config)
+        node.start()
+    except (ConfigError, BundleError, OSError, ValueError) as exc:
+        print(f"dp-node: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    _announce(node, config)
+    done.wait()
+    logger.info("stopping: finishing the batch in flight")
+    node.stop()
+    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _announce(node, config: NodeConfig) -> None:
+    model = node.predictor.contract
+    where = ", ".join(config.destinations) if config.destinations else f"{Path(config.output_dir).resolve()}/<StudyInstanceUID>/"
+    print(f"dp-node: {config.ae_title} listening on port {node.port}, model {model.name} {model.version}{' (DEMONSTRATION)' if model.demo else ''}", flush=True)
+    print(f"  send an image:  storescu -aec {config.ae_title} localhost {node.port} chest.dcm", flush=True)
+    print(f"  results go to:  {where}", flush=True)
+    if node.metrics_port:
+        print(f"  health/metrics: http://{config.metrics_host}:{node.metrics_port}/health  /metrics", flush=True)
+    print(f"  audit log:      {config.audit_path}", flush=True)

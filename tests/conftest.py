@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,13 @@ def rg1_path() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded default: demo phantoms (configs/synth_demo.yaml) and the bundle of configs/demo.yaml."""
+    """The embedded default: demo phantoms (configs/synth_demo.yaml) and the bundle of configs/demo.yaml.
+
+    Set ``DP_TEST_BUNDLE`` to an existing demo bundle (``make run`` writes runs/demo/bundle)
+    to skip the two minutes of training while working on tests that only use it.
+    """
+    if os.environ.get("DP_TEST_BUNDLE"):
+        return Path(os.environ["DP_TEST_BUNDLE"])
     from dp_model.config import load_config
     from dp_model.synth import SynthConfig, generate
     from dp_model.train_cli import main as train_main

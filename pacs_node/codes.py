@@ -1,0 +1,51 @@
+"""Every coded concept the node writes, in one place (DICOM PS3.16; SNOMED CT, DCM, UCUM).
+
+The Structured Report and the Secondary Capture import their codes from here and nowhere
+else. Class labels come from the model's contract; :func:`finding_code` maps each to a
+SNOMED CT concept where one exists and to the node's private scheme otherwise.
+"""
+
+from __future__ import annotations
+
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+#: The private coding scheme for labels SNOMED CT has no concept for (PS3.3 8.1: designators
+#: beginning with "99" are private).
+PRIVATE_SCHEME = "99DPNEU"
+
+#: Procedure reported: the chest radiograph the findings are about, not the algorithm.
+PROCEDURE_CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
+#: The finding of the image-level group.
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+FINDING = codes.DCM.Finding
+FINDING_SITE_LUNG = codes.SCT.Lung
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+#: The score: "Certainty of Finding". DCM 111047 ("Probability of cancer") is wrong here.
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
+PERCENT = codes.UCUM.Percent
+REPORT_TITLE = codes.DCM.ImagingMeasurementReport
+#: Observer type of the model (TID 1002).
+DEVICE = codes.DCM.Device
+#: Purpose of Reference of the Contributing Equipment item describing the algorithm (CID 7005).
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
+
+#: SNOMED CT concepts for the class labels the synthetic and Deep Pneumonia datasets use.
+CLASS_CODES: dict[str, Code] = {
+    "pneumonia": PNEUMONIA,
+    "lobar": Code("278516003", "SCT", "Lobar pneumonia"),
+    "bronchopneumonia": Code("396285007", "SCT", "Bronchopneumonia"),
+    "interstitial": Code("64667001", "SCT", "Interstitial pneumonia"),
+}
+
+
+def finding_code(label: str) -> Code:
+    """The coded concept of one of the model's class labels (private scheme when unknown)."""
+    key = label.strip().lower()
+    if key in CLASS_CODES:
+        return CLASS_CODES[key]
+    meaning = label.replace("_", " ").strip().capitalize() or "Unnamed class"
+    if "pneumonia" not in meaning.lower():
+        meaning = f"{meaning} pneumonia"
+    return Code(key.replace(" ", "-")[:16] or "unnamed", PRIVATE_SCHEME, meaning[:64])

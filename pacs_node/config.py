@@ -1,0 +1,161 @@
+"""The node's configuration: ``configs/node.yaml`` plus command-line overrides, validated once.
+
+The dataclass defaults are the embedded default (``configs/node.yaml`` repeats them, and a
+test keeps the two equal). Every bad value stops the node at start-up with one line that
+names the key, never later while images arrive.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dp_model.config import require
+
+#: PS3.5 6.2: an AE title is 1 to 16 characters of the default repertoire, no backslash.
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
+
+
+def check_ae_title(name: str, value: str) -> None:
+    require(bool(AE_TITLE.match(value)) and value.strip() != "", name, value, "1 to 16 printable ASCII characters, no backslash")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results are sent: ``AET@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @staticmethod
+    def parse(text: str) -> Destination:
+        match = DESTINATION.match(text.strip())
+        require(match is not None, "destination", text, "AET@host:port")
+        assert match is not None
+        port = int(match["port"])
+        require(0 < port < 65536, "destination port", text, "from 1 to 65535")
+        check_ae_title("destination AE title", match["ae"])
+        return Destination(match["ae"], match["host"], port)
+
+    @property
+    def name(self) -> str:
+        """Folder-safe name of the destination's outbox."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.ae_title}@{self.host}_{self.port}")
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Optional TLS (PS3.15 B.1). Empty ``cert`` on the listening side: plain TCP.
+
+    Attributes:
+        cert, key: this node's PEM certificate and key, used when listening and, if
+            ``send`` is on, as the client certificate when sending.
+        ca: PEM bundle of trusted peers; empty means the system store.
+        require_client_cert: refuse callers without a certificate signed by ``ca``.
+        send: use TLS when sending results to every destination.
+    """
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    require_client_cert: bool = False
+    send: bool = False
+
+    def __post_init__(self) -> None:
+        require(bool(self.cert) == bool(self.key), "tls.cert and tls.key", (self.cert, self.key), "given together")
+        for name in ("cert", "key", "ca"):
+            value = getattr(self, name)
+            require(not value or Path(value).is_file(), f"tls.{name}", value, "an existing PEM file")
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """Delivery of results: one association per batch, exponential backoff, dead letters.
+
+    Attributes:
+        batch_size: most objects sent over one association.
+        initial_backoff_s, max_backoff_s: wait after a failed attempt, doubling up to the cap.
+        max_refusals: an object the destination refuses this many times goes to dead letters.
+        dead_letter_after_s: an object still undelivered after this long goes to dead letters.
+    """
+
+    batch_size: int = 32
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 300.0
+    max_refusals: int = 3
+    dead_letter_after_s: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "outbox.batch_size", self.batch_size, "at least 1")
+        require(0 < self.initial_backoff_s <= self.max_backoff_s, "outbox.initial_backoff_s", self.initial_backoff_s, "above 0 and at most max_backoff_s")
+        require(self.max_refusals >= 1, "outbox.max_refusals", self.max_refusals, "at least 1")
+        require(self.dead_letter_after_s > 0, "outbox.dead_letter_after_s", self.dead_letter_after_s, "above 0")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything ``dp-node`` needs; see ``configs/node.yaml`` for the documented defaults."""
+
+    ae_title: str = "DPNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    bundle: str = ""
+    spool: str = "runs/node/spool"
+    output_dir: str = "runs/node/results"
+    destinations: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    max_associations: int = 16
+    max_queue: int = 10000
+    min_free_mb: int = 256
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    device: str = "auto"
+    batch_size: int = 8
+    operating_point: float = 0.5
+    heatmap_stage: int = 3
+    overlay_max_side: int = 2048
+    keep_skipped: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 8089
+    audit_log: str = ""
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+
+    def __post_init__(self) -> None:
+        check_ae_title("ae_title", self.ae_title)
+        for title in self.allow:
+            check_ae_title("allow", title)
+        require(0 <= self.port < 65536, "port", self.port, "from 0 (any free port) to 65535")
+        require(-1 <= self.metrics_port < 65536, "metrics_port", self.metrics_port, "-1 (off), 0 (any free port) or a port")
+        require(self.max_associations >= 1, "max_associations", self.max_associations, "at least 1")
+        require(self.max_queue >= 1, "max_queue", self.max_queue, "at least 1")
+        require(self.min_free_mb >= 0, "min_free_mb", self.min_free_mb, "0 or more")
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
+        require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
+        require(0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1")
+        require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
+        require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
+        for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            require(getattr(self, timeout) > 0, timeout, getattr(self, timeout), "above 0")
+        self.parsed_destinations()
+
+    def parsed_destinations(self) -> list[Destination]:
+        parsed = [Destination.parse(text) for text in self.destinations]
+        names = [d.name for d in parsed]
+        require(len(set(names)) == len(names), "destinations", list(self.destinations), "distinct")
+        return parsed
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit_log) if self.audit_log else Path(self.spool) / "audit.jsonl"

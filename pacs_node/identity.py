@@ -1,0 +1,87 @@
+"""Who made a result and what it is called: deterministic UIDs, series, equipment.
+
+Output UIDs are derived from the source instance and the model's Device UID (which
+changes with the weights), so processing the same image twice with the same model gives
+byte-for-byte the same identifiers, and the PACS keeps one copy, never two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from dp_model.bundle import ModelContract
+
+from . import codes
+
+MANUFACTURER = "Deep Pneumonia developers"
+
+
+def derived_uid(*parts: str) -> str:
+    """A ``2.25`` UID (PS3.5 B.2) that is a pure function of ``parts``.
+
+    (pydicom's ``generate_uid(prefix=None, ...)`` ignores its entropy sources and is random.)
+    """
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
+
+
+@dataclass(frozen=True)
+class ResultIdentity:
+    """UIDs and numbers of the results of one source image for one model."""
+
+    SR_SERIES_NUMBER = 9901
+    SC_SERIES_NUMBER = 9902
+
+    source_uid: str
+    study_uid: str
+    device_uid: str
+    instance_number: int
+    demo: bool
+
+    @staticmethod
+    def of(source: Dataset, model: ModelContract) -> ResultIdentity:
+        number = source.get("InstanceNumber")
+        return ResultIdentity(
+            str(source.SOPInstanceUID), str(source.StudyInstanceUID), model.device_uid, int(number) if number not in (None, "") else 1, model.demo
+        )
+
+    @property
+    def sr_uid(self) -> str:
+        return derived_uid(self.source_uid, self.device_uid, "sr")
+
+    @property
+    def sc_uid(self) -> str:
+        return derived_uid(self.source_uid, self.device_uid, "sc")
+
+    @property
+    def sr_series_uid(self) -> str:
+        return derived_uid(self.study_uid, self.device_uid, "sr-series")
+
+    @property
+    def sc_series_uid(self) -> str:
+        return derived_uid(self.study_uid, self.device_uid, "sc-series")
+
+    def tracking_uid(self, key: str) -> str:
+        return derived_uid(self.source_uid, self.device_uid, "tracking", key)
+
+    def series_description(self, kind: str) -> str:
+        demo = " DEMO" if self.demo else ""
+        return f"AI{demo} {kind} Deep Pneumonia - not for primary diagnosis"[:64]
+
+
+def contributing_equipment(model: ModelContract) -> hd.ContributingEquipment:
+    """The Contributing Equipment item that names the algorithm and its version."""
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=model.name[:64],
+        software_versions=model.version[:64],
+        contribution_description=("Demonstration model trained on synthetic images. " if model.demo else "") + "AI pneumonia detection",
+    )
+    item.DeviceUID = model.device_uid
+    return item

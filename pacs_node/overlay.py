@@ -1,0 +1,119 @@
+"""The Secondary Capture overlay: the source image with the result burned in (highdicom).
+
+What a radiologist sees in any viewer, even one that cannot show a Structured Report:
+the radiograph as displayed (VOI and polarity applied), the lesion heat map blended over
+it, the lesion regions as boxes, the class and score, and a banner that says it is an AI
+result and not for primary diagnosis (and a demonstration, when the model is one).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import highdicom as hd
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dp_model.bundle import ModelContract
+
+from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
+from .predictor import Prediction
+
+# highdicom checks the person names it copies from the source; a single-component name
+# ("ward") is legal DICOM that it merely finds unusual. The node copies source names as
+# they are (tolerant when reading), so this one notice is not for the node's users.
+warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning, module=r"highdicom\.")
+
+BANNER = "AI result - not for primary diagnosis"
+DEMO_BANNER = "DEMONSTRATION MODEL trained on synthetic images"
+#: Heat-map pixels below this are left transparent; above it they are blended in up to HEAT_ALPHA.
+HEAT_FLOOR = 0.2
+HEAT_ALPHA = 0.45
+BOX_COLOUR = (255, 64, 64)
+
+
+def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int) -> tuple[np.ndarray, float]:
+    """The overlay as ``(rows, columns, 3)`` uint8 RGB and the scale from source pixels to it."""
+    scale = min(1.0, max_side / max(pixels.shape))
+    shape = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
+    gray = _resize(pixels, shape)
+    heat = _resize(prediction.heatmap, shape) if prediction.heatmap.size else np.zeros(shape, np.float32)
+    colour = colormaps["turbo"](heat)[..., :3]
+    alpha = (HEAT_ALPHA * np.clip((heat - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1))[..., None]
+    rgb = (1 - alpha) * gray[..., None] + alpha * colour
+    image = Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
+    _annotate(image, prediction, demo, scale)
+    return np.asarray(image), scale
+
+
+def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, np.float32))[None, None]
+    down = shape[0] < array.shape[0]
+    return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=down)[0, 0].numpy()
+
+
+def _annotate(image: Image.Image, prediction: Prediction, demo: bool, scale: float) -> None:
+    draw = ImageDraw.Draw(image)
+    side = max(image.size)
+    font = ImageFont.load_default(size=max(12, side // 45))
+    width = max(2, side // 400)
+    for box in prediction.boxes * scale:
+        draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
+    if prediction.positive:
+        verdict = f"{prediction.label}: pneumonia {100 * prediction.pneumonia_probability:.0f}%"
+    else:
+        verdict = f"no pneumonia at the operating point (pneumonia {100 * prediction.pneumonia_probability:.0f}%)"
+    lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict]
+    line_height = font.size + font.size // 3
+    draw.rectangle([0, 0, image.size[0], line_height * len(lines) + font.size // 2], fill=(0, 0, 0))
+    for i, text in enumerate(lines):
+        draw.text((font.size // 2, font.size // 4 + i * line_height), text, fill=(255, 255, 0) if i == 0 else (255, 255, 255), font=font)
+
+
+def build_overlay(source: Dataset, pixels: np.ndarray, spacing: tuple[float, float] | None, prediction: Prediction, model: ModelContract, identity: ResultIdentity, max_side: int) -> hd.sc.SCImage:
+    """The SC for one source image; ``pixels`` is the source as displayed, in [0, 1]."""
+    rgb, scale = render(pixels, prediction, model.demo, max_side)
+    orientation = tuple(source.get("PatientOrientation") or ())
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=identity.sc_series_uid,
+        series_number=identity.SC_SERIES_NUMBER,
+        sop_instance_uid=identity.sc_uid,
+        instance_number=identity.instance_number,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=tuple(s / scale for s in spacing) if spacing else None,
+        laterality=None,
+        patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[contributing_equipment(model)],
+    )
+    if len(orientation) != 2:
+        sc.PatientOrientation = None  # Type 2: unknown, so empty rather than guessed
+    _describe(sc, source, identity)
+    return sc
+
+
+def _describe(sc: Dataset, source: Dataset, identity: ResultIdentity) -> None:
+    """What highdicom leaves to the caller: burned-in flag, description, source reference."""
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.SeriesDescription = identity.series_description("overlay")
+    sc.DerivationDescription = f"{BANNER}: lesion heat map, regions, class and score of Deep Pneumonia burned in"[:1024]
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    sc.Laterality = laterality if laterality in ("R", "L") else None  # Type 2C: empty when unpaired or unknown
+    if source.get("StudyDescription"):
+        sc.StudyDescription = source.StudyDescription
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = Sequence([reference])

@@ -1,0 +1,166 @@
+"""The model as the node uses it: a bundle in, :class:`Prediction` per image out.
+
+Pure with respect to I/O: datasets in memory go in, arrays come out. One forward pass
+gives both the class probabilities and the learned lesion attention ``map+`` (the MGACR
+head trained against the doctors' boxes), which is the heat map and the source of the
+lesion regions. A network without attention heads falls back to Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from dp_model.bundle import load_bundle
+from dp_model.explain import grad_cam
+from dp_transforms import ChestImage, LetterboxResize, make_square_pixels, read_dicom
+from dp_transforms.geometry import Letterbox
+
+logger = logging.getLogger(__name__)
+
+#: A heat-map pixel belongs to a lesion region above this value of ``map+`` (trained
+#: towards 1 inside the boxes and 0 outside).
+REGION_THRESHOLD = 0.5
+#: Regions smaller than this fraction of the image are noise, and at most this many are reported.
+MIN_REGION_FRACTION = 0.005
+MAX_REGIONS = 3
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image on the model's canvas and the way back to the source pixels."""
+
+    canvas: torch.Tensor
+    geometry: Letterbox
+    source: ChestImage
+
+    @property
+    def source_shape(self) -> tuple[int, int]:
+        return self.source.shape
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image, in the source image's pixel frame.
+
+    Attributes:
+        classes: the model's class labels, in output order.
+        probabilities: softmax probability of each class.
+        normal_class: the label meaning "no pneumonia".
+        operating_point: decision threshold on the probability of pneumonia.
+        heatmap: ``(h, w)`` map in [0, 1] over the whole source image (coarse; resize to draw).
+        boxes: ``(N, 4)`` lesion regions ``(x_min, y_min, x_max, y_max)`` in source pixels.
+    """
+
+    classes: tuple[str, ...]
+    probabilities: np.ndarray
+    normal_class: str
+    operating_point: float
+    heatmap: np.ndarray
+    boxes: np.ndarray
+
+    @property
+    def pneumonia_probability(self) -> float:
+        return float(1.0 - self.probabilities[self.classes.index(self.normal_class)])
+
+    @property
+    def positive(self) -> bool:
+        return self.pneumonia_probability >= self.operating_point
+
+    @property
+    def label(self) -> str:
+        """The most probable pneumonia class when positive, else the normal class."""
+        if not self.positive:
+            return self.normal_class
+        lesions = [i for i, c in enumerate(self.classes) if c != self.normal_class]
+        return self.classes[max(lesions, key=lambda i: self.probabilities[i])]
+
+    @property
+    def label_probability(self) -> float:
+        return float(self.probabilities[self.classes.index(self.label)])
+
+
+def prepare(dataset: Dataset, size: int) -> Prepared:
+    """The preprocessing of ``load_letterboxed`` (training's), keeping the decoded source image.
+
+    Raises:
+        ImageError: the dataset holds no usable image.
+    """
+    source = read_dicom(dataset)  # decoded once: the canvas and the overlay both use it
+    image = torch.from_numpy(make_square_pixels(source).pixels)[None]
+    resizer = LetterboxResize(size)
+    return Prepared(resizer(image), resizer.geometry(image), source)
+
+
+def regions(heatmap: np.ndarray, threshold: float = REGION_THRESHOLD) -> np.ndarray:
+    """Bounding boxes ``(N, 4)`` of the largest connected regions of ``heatmap >= threshold``."""
+    labels, count = ndimage.label(heatmap >= threshold)
+    if count == 0:
+        return np.zeros((0, 4), np.float32)
+    found = []
+    for index, window in enumerate(ndimage.find_objects(labels), start=1):
+        area = int((labels[window] == index).sum())
+        if area >= MIN_REGION_FRACTION * heatmap.size:
+            rows, cols = window
+            found.append((area, [cols.start, rows.start, cols.stop, rows.stop]))
+    found.sort(key=lambda item: -item[0])
+    return np.asarray([box for _, box in found[:MAX_REGIONS]], np.float32).reshape(-1, 4)
+
+
+class NodePredictor:
+    """Batched inference with a ``dp-train`` bundle.
+
+    Args:
+        bundle: the bundle folder.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        operating_point: threshold on the probability of pneumonia.
+        heatmap_stage: residual stage whose ``map+`` is drawn (nearest available head otherwise).
+    """
+
+    def __init__(self, bundle: str | Path, device: str = "auto", operating_point: float = 0.5, heatmap_stage: int = 3) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model, self.contract = load_bundle(bundle, self.device)
+        self.operating_point = operating_point
+        stages = self.model.attention_stages
+        self.stage = min(stages, key=lambda s: (abs(s - heatmap_stage), -s)) if stages else None
+
+    @torch.no_grad()
+    def predict(self, prepared: list[Prepared]) -> list[Prediction]:
+        """One forward pass for a batch of prepared images."""
+        if not prepared:
+            return []
+        batch = torch.stack([p.canvas for p in prepared]).to(self.device)
+        probabilities, maps = self._forward(batch)
+        return [self._prediction(p, probabilities[i], maps[i]) for i, p in enumerate(prepared)]
+
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        if self.stage is None:
+            logits = self.model(batch)
+            maps = grad_cam(self.model, batch, self.model.backbone.layer4)
+        else:
+            logits, outputs = self.model.forward_train(batch)
+            maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
+        return logits.float().softmax(dim=1).cpu().numpy(), maps.float().cpu()
+
+    def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_map: torch.Tensor) -> Prediction:
+        contract, geometry = self.contract, prepared.geometry
+        factor = canvas_map.shape[-1] / contract.image_size
+        (top, left), (rows, columns) = geometry.offset, geometry.content_shape
+        crop = canvas_map[0, round(top * factor) : round((top + rows) * factor), round(left * factor) : round((left + columns) * factor)]
+        heatmap = crop.clamp(0, 1).numpy().astype(np.float32)
+        draft = Prediction(contract.classes, probabilities, contract.normal_class, self.operating_point, heatmap, np.zeros((0, 4), np.float32))
+        if not draft.positive or heatmap.size == 0:
+            return draft
+        # Boxes found on the coarse map, scaled to the source image's pixels.
+        boxes = regions(heatmap)
+        sy, sx = prepared.source_shape[0] / heatmap.shape[0], prepared.source_shape[1] / heatmap.shape[1]
+        boxes = boxes * np.array([sx, sy, sx, sy], np.float32)
+        return Prediction(contract.classes, probabilities, contract.normal_class, self.operating_point, heatmap, boxes)

@@ -1,0 +1,226 @@
+"""The node's pure parts: screening, prediction, the Structured Report and the overlay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run_tool
+from node_support import chest_dataset
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dp_model.bundle import ModelContract
+from pacs_node import codes
+from pacs_node.identity import MANUFACTURER, ResultIdentity
+from pacs_node.overlay import BANNER, BOX_COLOUR, build_overlay, render
+from pacs_node.predictor import NodePredictor, Prediction, prepare, regions
+from pacs_node.report import build_report
+from pacs_node.screen import SkipReason, screen
+
+CLASSES = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
+
+
+@pytest.fixture(scope="module")
+def predictor(demo_bundle: Path) -> NodePredictor:
+    return NodePredictor(demo_bundle, "cpu")
+
+
+@pytest.fixture(scope="module")
+def rg1(rg1_path: Path) -> Dataset:
+    return dcmread(rg1_path)
+
+
+def positive(heatmap: np.ndarray | None = None, boxes=((300, 400, 900, 1200),)) -> Prediction:
+    """A confident lobar pneumonia with one region, independent of the demo model's weights."""
+    return Prediction(CLASSES, np.array([0.1, 0.6, 0.1, 0.1, 0.1]), "normal", 0.5, np.zeros((7, 7), np.float32) if heatmap is None else heatmap, np.asarray(boxes, np.float32).reshape(-1, 4))
+
+
+def negative() -> Prediction:
+    return Prediction(CLASSES, np.array([0.8, 0.05, 0.05, 0.05, 0.05]), "normal", 0.5, np.zeros((7, 7), np.float32), np.zeros((0, 4), np.float32))
+
+
+# --- screening -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attributes", "reason"),
+    [
+        ({}, None),
+        ({"BodyPartExamined": ""}, None),
+        ({"ViewPosition": "AP"}, None),
+        ({"BodyPartExamined": "EXTREMITY"}, SkipReason.BODY_PART),
+        ({"ViewPosition": "LL"}, SkipReason.VIEW),
+        ({"Modality": "MG"}, SkipReason.MODALITY),
+        ({"ImageType": ["DERIVED", "SECONDARY"]}, SkipReason.IMAGE_TYPE),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, SkipReason.IMAGE_TYPE),
+        ({"Rows": 2000, "Columns": 400}, SkipReason.GEOMETRY),
+        ({"Rows": 100, "Columns": 100}, SkipReason.GEOMETRY),
+    ],
+)
+def test_screen_passes_frontal_chest_and_names_the_reason_otherwise(attributes: dict, reason: SkipReason | None) -> None:
+    ds = chest_dataset()
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    found = screen(ds)
+    assert (found[0] if found else None) == reason
+    if found:
+        assert "\n" not in found[1]
+
+
+def test_real_extremity_is_screened_out_and_real_chest_is_not(rg1: Dataset) -> None:
+    from helpers import data_file
+
+    assert screen(rg1) is None
+    assert screen(dcmread(data_file("RG3_UNCR.dcm"), stop_before_pixels=True))[0] == SkipReason.BODY_PART
+
+
+# --- prediction --------------------------------------------------------------------------------------
+
+
+def test_decision_follows_the_operating_point() -> None:
+    probabilities = np.array([0.55, 0.05, 0.3, 0.05, 0.05])
+    at = {op: Prediction(CLASSES, probabilities, "normal", op, np.zeros((2, 2)), np.zeros((0, 4))) for op in (0.4, 0.5)}
+    assert at[0.4].positive and at[0.4].label == "bronchopneumonia" and at[0.4].label_probability == pytest.approx(0.3)
+    assert not at[0.5].positive and at[0.5].label == "normal"
+    assert at[0.5].pneumonia_probability == pytest.approx(0.45)
+
+
+def test_regions_are_the_largest_blobs_in_map_pixels() -> None:
+    heat = np.zeros((40, 50), np.float32)
+    heat[5:15, 10:30] = 0.9  # 200 pixels
+    heat[20:26, 40:44] = 0.7  # 24 pixels
+    heat[35, 2] = 0.9  # 1 pixel: below the minimum region size
+    assert regions(heat).tolist() == [[10, 5, 30, 15], [40, 20, 44, 26]]
+    assert regions(np.full((8, 8), 0.3, np.float32)).shape == (0, 4)
+
+
+def test_real_radiograph_gets_probabilities_and_a_heatmap_over_the_whole_image(predictor: NodePredictor, rg1: Dataset) -> None:
+    prepared = prepare(rg1, predictor.contract.image_size)
+    (prediction,) = predictor.predict([prepared])
+    assert prediction.probabilities.shape == (len(predictor.contract.classes),)
+    assert prediction.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+    assert prediction.heatmap.min() >= 0 and prediction.heatmap.max() <= 1
+    # The canvas is letterboxed; the map keeps only the image's part, so its aspect is the source's.
+    rows, columns = prediction.heatmap.shape
+    assert abs(rows / columns - rg1.Rows / rg1.Columns) < 0.2
+    assert ((prediction.boxes[:, 2:] <= [rg1.Columns, rg1.Rows]).all()) if len(prediction.boxes) else True
+
+
+def test_a_batch_gives_the_same_answers_as_one_by_one(predictor: NodePredictor, rg1: Dataset) -> None:
+    images = [chest_dataset(seed=s) for s in range(3)] + [rg1]
+    prepared = [prepare(ds, predictor.contract.image_size) for ds in images]
+    batched = predictor.predict(prepared)
+    for item, expected in zip(prepared, batched):
+        (single,) = predictor.predict([item])
+        np.testing.assert_allclose(single.probabilities, expected.probabilities, atol=1e-5)
+        np.testing.assert_allclose(single.heatmap, expected.heatmap, atol=1e-5)
+
+
+# --- the Structured Report ---------------------------------------------------------------------------
+
+
+def written(tmp_path: Path, ds: Dataset, name: str) -> Path:
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def errors_of(tool_output: str) -> list[str]:
+    return [line for line in tool_output.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.tools
+def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+    contract = predictor.contract
+    sr = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
+    path = written(tmp_path, sr, "sr.dcm")
+    check = run_tool("dciodvfy", path, check=False)
+    assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
+    dump = run_tool("dsrdump", path).stdout
+    assert '(233604007,SCT,"Pneumonia")' in dump
+    assert 'NUM:(,,"Certainty of Finding")="90.0" (%,UCUM,"Percent")' in dump
+    assert 'CODE:(,,"Lobar pneumonia")=(52101004,SCT,"Present")' in dump
+    assert "SCOORD" in dump and "POLYLINE" in dump
+    assert "Preliminary Flag    : PRELIMINARY" in dump and "Verification Flag   : UNVERIFIED" in dump and "Completion Flag     : COMPLETE" in dump
+
+
+def test_report_round_trip_carries_study_model_identity_and_a_negative_result(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+    contract = predictor.contract
+    sr = dcmread(written(tmp_path, build_report(rg1, negative(), contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
+    assert sr.StudyInstanceUID == rg1.StudyInstanceUID and sr.PatientID == rg1.PatientID
+    assert sr.SeriesInstanceUID != rg1.SeriesInstanceUID and "not for primary diagnosis" in sr.SeriesDescription
+    (ours,) = [item for item in sr.ContributingEquipmentSequence if item.Manufacturer == MANUFACTURER]
+    assert ours.DeviceUID == contract.device_uid and ours.ManufacturerModelName == contract.name
+    assert ours.PurposeOfReferenceCodeSequence[0].CodeValue == codes.PROCESSING_EQUIPMENT.value
+    flat = str(sr.ContentSequence)
+    assert contract.device_uid in flat
+    assert "111047" not in flat  # "Probability of cancer" is the wrong concept for this score
+    # The negative decision is recorded explicitly, not left out.
+    assert codes.ABSENT.value in flat and codes.PRESENT.value not in flat
+    assert "SCOORD" not in flat  # no region without a finding
+
+
+def test_result_uids_depend_only_on_source_and_weights(predictor: NodePredictor, rg1: Dataset) -> None:
+    contract = predictor.contract
+    first = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
+    again = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    retrained = ModelContract(**{**contract.__dict__, "device_uid": "2.25.1234"})
+    other = build_report(rg1, positive(), retrained, ResultIdentity.of(rg1, retrained))
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+    another_image = chest_dataset()
+    assert ResultIdentity.of(another_image, contract).sr_uid != first.SOPInstanceUID
+
+
+def test_unknown_class_labels_get_a_private_code() -> None:
+    assert codes.finding_code("lobar") == codes.CLASS_CODES["lobar"]
+    private = codes.finding_code("cavitary")
+    assert private.scheme_designator == codes.PRIVATE_SCHEME and "pneumonia" in private.meaning.lower()
+
+
+# --- the overlay ------------------------------------------------------------------------------------
+
+
+@pytest.mark.tools
+def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(tmp_path: Path, predictor: NodePredictor, rg1: Dataset, rg1_path: Path) -> None:
+    contract = predictor.contract
+    prepared = prepare(rg1, contract.image_size)
+    identity = ResultIdentity.of(rg1, contract)
+    sc = build_overlay(rg1, prepared.source.pixels, prepared.source.spacing, positive(), contract, identity, 2048)
+    sr = build_report(rg1, positive(), contract, identity)
+    sc_path, sr_path = written(tmp_path, sc, "sc.dcm"), written(tmp_path, sr, "sr.dcm")
+    check = run_tool("dciodvfy", sc_path, check=False)
+    assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
+    consistent = run_tool("dcentvfy", rg1_path, sr_path, sc_path, check=False)
+    assert errors_of(consistent.stdout + consistent.stderr) == [], consistent.stdout + consistent.stderr
+    back = dcmread(sc_path)
+    assert back.BurnedInAnnotation == "YES" and back.StudyInstanceUID == rg1.StudyInstanceUID
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
+    assert back.SOPInstanceUID == identity.sc_uid and back.SeriesInstanceUID != sr.SeriesInstanceUID
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # uncompressed: no viewer mangles it
+    assert (back.Rows, back.Columns, back.SamplesPerPixel) == (rg1.Rows, rg1.Columns, 3)
+
+
+def test_overlay_pixels_show_banner_box_and_heat() -> None:
+    gray = np.full((600, 500), 0.5, np.float32)
+    heat = np.zeros((60, 50), np.float32)
+    heat[40:50, 5:15] = 1.0
+    rgb, scale = render(gray, positive(heat, boxes=((200, 300, 400, 500),)), demo=True, max_side=2048)
+    assert scale == 1.0 and rgb.shape == (600, 500, 3)
+    assert (rgb[2:20, 400:].reshape(-1, 3) == 0).all()  # the black banner behind the text
+    assert (rgb[:40, :300] == [255, 255, 0]).all(axis=-1).any()  # the yellow warning line
+    assert tuple(rgb[400, 200]) == BOX_COLOUR and tuple(rgb[300, 300]) == BOX_COLOUR
+    assert tuple(rgb[250, 250]) == (128, 128, 128)  # untouched gray away from box and heat
+    hot = rgb[450, 100].astype(int)
+    assert hot[0] - hot[2] > 40  # blended heat colour where the map is 1
+    assert BANNER.startswith("AI result")
+
+
+def test_large_images_are_downscaled_with_their_spacing(predictor: NodePredictor, rg1: Dataset) -> None:
+    contract = predictor.contract
+    prepared = prepare(rg1, contract.image_size)
+    sc = build_overlay(rg1, prepared.source.pixels, (0.2, 0.2), negative(), contract, ResultIdentity.of(rg1, contract), 1024)
+    assert max(sc.Rows, sc.Columns) == 1024
+    assert float(sc.PixelSpacing[0]) == pytest.approx(0.2 * rg1.Rows / sc.Rows, rel=0.01)
