@@ -1,0 +1,204 @@
+"""The node on a real network: dcmtk storescu in, dcmtk storescp out, bad input, audit, metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import data_file, run_tool
+from node_support import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, StoreSCP, chest_dataset, send, wait_for
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+from pacs_node.config import NodeConfig
+from pacs_node.node import Node
+from pacs_node.predictor import NodePredictor
+from pacs_node.status import StoreStatus
+
+pytestmark = pytest.mark.tools
+
+
+@pytest.fixture(scope="module")
+def predictor(demo_bundle: Path) -> NodePredictor:
+    return NodePredictor(demo_bundle, "cpu")
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Iterator[StoreSCP]:
+    with StoreSCP(tmp_path / "received") as scp:
+        yield scp
+
+
+def start_node(tmp_path: Path, predictor: NodePredictor, **settings) -> Node:
+    config = NodeConfig(**{"port": 0, "metrics_port": 0, "spool": str(tmp_path / "spool"), "output_dir": str(tmp_path / "out"), "bundle": "unused"} | settings)
+    node = Node(config, predictor)
+    node.start()
+    return node
+
+
+@pytest.fixture
+def node(tmp_path: Path, predictor: NodePredictor, results: StoreSCP) -> Iterator[Node]:
+    running = start_node(tmp_path, predictor, destinations=(results.destination,))
+    yield running
+    running.stop()
+
+
+def audit_lines(node: Node) -> list[dict]:
+    path = node.config.audit_path
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def received_by_modality(scp: StoreSCP) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for ds in scp.received():
+        found.setdefault(ds.Modality, []).append(ds)
+    return found
+
+
+def test_storescu_sends_real_chest_xrays_and_storescp_gets_a_valid_sr_and_sc_for_each(node: Node, results: StoreSCP, tmp_path: Path) -> None:
+    sources = [data_file("RG1_UNCR.dcm"), data_file("RG1_J2KR.dcm")]
+    # -xv proposes JPEG 2000 lossless: the compressed file arrives compressed.
+    for source, syntax in zip(sources, ("-xe", "-xv")):
+        run_tool("storescu", syntax, "-aet", "MODALITY", "-aec", node.config.ae_title, "127.0.0.1", node.port, source)
+    wait_for(lambda: len(results.received()) >= 4, 120, "one SR and one SC per image at storescp")
+    got = received_by_modality(results)
+    assert sorted(got) == ["OT", "SR"] and len(got["SR"]) == len(got["OT"]) == 2
+    source_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sources}
+    assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in got["OT"]} == source_uids
+    for path in sorted(results.folder.iterdir()):
+        check = run_tool("dciodvfy", path, check=False)
+        assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout + check.stderr
+        if path.name.startswith("SR"):
+            dump = run_tool("dsrdump", path).stdout
+            assert '(233604007,SCT,"Pneumonia")' in dump and 'NUM:(,,"Certainty of Finding")' in dump
+    processed = [line for line in audit_lines(node) if line["status"] == "processed"]
+    assert {line["calling_ae"] for line in processed} == {"MODALITY"}
+    assert {line["sop_instance_uid"] for line in processed} == source_uids
+
+
+def test_echo_and_metrics_and_health(node: Node) -> None:
+    run_tool("echoscu", "-aec", node.config.ae_title, "127.0.0.1", node.port)
+    assert send(node.port, [chest_dataset()]) == [StoreStatus.SUCCESS]
+    wait_for(lambda: node.metrics.value("processed_total", outcome="positive") + node.metrics.value("processed_total", outcome="negative") >= 1, 60, "processing")
+    base = f"http://127.0.0.1:{node.metrics_port}"
+    health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
+    assert health["status"] == "ok" and health["worker_alive"] is True
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    assert "dp_node_received_total 1" in metrics and "dp_node_queue_depth" in metrics
+
+
+def test_bad_input_gets_its_status_or_skip_reason_and_the_node_keeps_serving(node: Node, results: StoreSCP) -> None:
+    rgb = chest_dataset(SamplesPerPixel=3, PhotometricInterpretation="RGB", BitsAllocated=8, BitsStored=8, HighBit=7, PlanarConfiguration=0)
+    rgb.PixelData = np.zeros((rgb.Rows, rgb.Columns, 3), np.uint8).tobytes()
+    multi = chest_dataset(NumberOfFrames=2)
+    multi.PixelData = multi.PixelData * 2
+    truncated = chest_dataset()
+    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 3]
+    no_pixels = chest_dataset()
+    del no_pixels.PixelData
+    extremity = dcmread(data_file("RG3_UNCR.dcm"))
+    statuses = send(node.port, [rgb, multi, truncated, no_pixels, extremity])
+    assert statuses == [StoreStatus.SUCCESS] * 5  # accepted and kept; the skip is recorded
+    good = chest_dataset(seed=7)
+    assert send(node.port, [good]) == [StoreStatus.SUCCESS]
+    wait_for(lambda: any(line.get("sop_instance_uid") == good.SOPInstanceUID and line["status"] == "processed" for line in audit_lines(node)), 60, "the good image after the bad ones")
+    reasons = {line["sop_instance_uid"]: line.get("skip_reason") for line in audit_lines(node) if line["status"] == "skipped"}
+    assert reasons == {
+        rgb.SOPInstanceUID: "colour", multi.SOPInstanceUID: "multi-frame", truncated.SOPInstanceUID: "corrupt",
+        no_pixels.SOPInstanceUID: "no-pixel-data", extremity.SOPInstanceUID: "body-part",
+    }  # fmt: skip
+    assert len(list(node.spool.skipped.iterdir())) == 5  # kept, not lost
+
+
+def test_data_set_of_another_sop_class_than_negotiated_is_refused(node: Node) -> None:
+    """A CT data set in a CR context (PS3.4 B.2.3: 0xA900). Every SCU refuses to send one, so
+    the C-STORE request is built by hand."""
+    from io import BytesIO
+
+    from pydicom.filewriter import dcmwrite
+    from pynetdicom.dimse_primitives import C_STORE
+
+    mislabelled = chest_dataset()
+    mislabelled.SOPClassUID = CTImageStorage
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
+    try:
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 2
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ComputedRadiographyImageStorage, mislabelled.SOPInstanceUID
+        encoded = BytesIO()
+        dcmwrite(encoded, mislabelled, implicit_vr=False, little_endian=True)
+        request.DataSet = encoded
+        assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc.release()
+    assert response.Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert node.spool.count() == 0 and not any(node.spool.skipped.iterdir())
+
+
+def test_a_sop_class_the_node_does_not_read_is_refused_at_negotiation(node: Node) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)  # with no context accepted at all, pynetdicom would abort
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
+    try:
+        assert assoc.is_established and [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]
+        assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [CTImageStorage]
+    finally:
+        assoc.release()
+
+
+def test_unknown_calling_ae_is_rejected_when_an_allow_list_is_set(tmp_path: Path, predictor: NodePredictor) -> None:
+    node = start_node(tmp_path, predictor, allow=("MODALITY",))
+    try:
+        refused = AE(ae_title="STRANGER")
+        refused.add_requested_context(str(chest_dataset().SOPClassUID))
+        assoc = refused.associate("127.0.0.1", node.port, ae_title="DPNODE")
+        assert assoc.is_rejected
+        assert send(node.port, [chest_dataset()], calling="MODALITY") == [StoreStatus.SUCCESS]
+    finally:
+        node.stop()
+
+
+def test_no_patient_identifier_reaches_the_audit_log_or_the_logs(node: Node, results: StoreSCP, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    ds = chest_dataset()
+    send(node.port, [ds, chest_dataset(BodyPartExamined="KNEE")])
+    wait_for(lambda: len(audit_lines(node)) >= 2 and len(results.received()) >= 2, 60, "both images handled")
+    text = node.config.audit_path.read_text() + caplog.text
+    assert ds.SOPInstanceUID in text
+    for identifier in (PATIENT_NAME, PATIENT_NAME.split("^")[0], PATIENT_ID, BIRTH_DATE):
+        assert identifier not in text
+
+
+def test_without_destination_results_go_to_the_output_folder(tmp_path: Path, predictor: NodePredictor) -> None:
+    node = start_node(tmp_path, predictor)
+    try:
+        ds = chest_dataset()
+        send(node.port, [ds])
+        folder = tmp_path / "out" / ds.StudyInstanceUID
+        files = wait_for(lambda: sorted(folder.glob("*.dcm")) if folder.exists() and len(list(folder.glob("*.dcm"))) == 2 else None, 60, "two results")
+        assert sorted(dcmread(f).Modality for f in files) == ["OT", "SR"]
+    finally:
+        node.stop()
+
+
+def test_full_queue_answers_out_of_resources_and_keeps_nothing_half_written(tmp_path: Path, predictor: NodePredictor) -> None:
+    node = start_node(tmp_path, predictor, max_queue=1)
+    node._stopping.set()  # the worker stops taking, so the queue fills: a stalled model
+    node._worker.join(5)
+    node._stopping.clear()
+    try:
+        statuses = send(node.port, [chest_dataset(seed=i) for i in range(3)])
+        assert statuses == [StoreStatus.SUCCESS, StoreStatus.OUT_OF_RESOURCES, StoreStatus.OUT_OF_RESOURCES]
+        assert node.spool.count() == 1 and list(node.spool.tmp.iterdir()) == []
+    finally:
+        node.stop()
