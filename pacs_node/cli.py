@@ -105,3 +105,7 @@ def _announce(node, config: NodeConfig) -> None:
     if node.metrics_port:
         print(f"  health/metrics: http://{config.metrics_host}:{node.metrics_port}/health  /metrics", flush=True)
     print(f"  audit log:      {config.audit_path}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
