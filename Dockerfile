@@ -1,12 +1,16 @@
 # CPU image of the Deep Pneumonia DICOM node.
 #   docker build -t deep-pneumonia .
-#   docker run -p 11112:11112 -v dp-spool:/var/lib/dp-node deep-pneumonia
+#   docker run -p 11112:11112 -v dp-spool:/var/lib/dp-node -v /path/to/bundle:/bundle:ro deep-pneumonia \
+#     --destination PACS@pacs.example.org:104
+# The bundle is a dp-train output folder; results go to the destinations given (or, with
+# none, to /var/lib/dp-node/results).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DP_NODE_PORT=11112
+    DP_NODE_PORT=11112 \
+    DP_NODE_BUNDLE=/bundle
 
 # dcmtk provides echoscu for the health check (a real C-ECHO, not a TCP probe).
 RUN apt-get update \
@@ -31,6 +35,6 @@ VOLUME ["/var/lib/dp-node"]
 EXPOSE 11112
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-  CMD echoscu -to 5 localhost "$DP_NODE_PORT" || exit 1
+  CMD echoscu -to 5 -aec DPNODE localhost "$DP_NODE_PORT" || exit 1
 
-CMD ["sh", "-c", "exec dp-node --port \"$DP_NODE_PORT\" --spool /var/lib/dp-node/spool"]
+ENTRYPOINT ["sh", "-c", "exec dp-node --config configs/node.yaml --port \"$DP_NODE_PORT\" --bundle \"$DP_NODE_BUNDLE\" --spool /var/lib/dp-node/spool --output-dir /var/lib/dp-node/results \"$@\"", "dp-node"]

@@ -1,6 +1,6 @@
 # Deep Pneumonia: set-up, run and test in one place.
 #
-#   make run    set everything up, then run the main job on the embedded default
+#   make run    set everything up, then start the DICOM node on the embedded default
 #   make test   set everything up, then run the whole test suite
 #
 # Both create .venv if it is absent and install the Debian tools the tests talk to.
@@ -10,16 +10,26 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-# Debian packages: dcmtk (dcmdump, storescu, transcoders) and dicom3tools (dciodvfy).
-DEBS   := dcmtk dicom3tools
+# Debian packages the tests talk to: dcmtk (storescu, storescp, echoscu, dsrdump),
+# dicom3tools (dciodvfy, dcentvfy) and orthanc (a real PACS).
+DEBS   := dcmtk dicom3tools orthanc
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
 
-.PHONY: run test venv system-deps benchmark-synth gallery clean
+DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
 
-# Until the node exists, the main job is the demo: synthetic data, then the demonstration
-# bundle trained on it (deterministic: rerunning it rewrites the same files).
-run: venv
+.PHONY: run demo-bundle test venv system-deps benchmark-synth benchmark-node gallery clean
+
+# The main job: the DICOM node on the embedded default, the demonstration bundle (trained
+# on synthetic phantoms the first time, about three minutes on two cores). Results of the
+# images sent to it appear under runs/node/results/<StudyInstanceUID>/. Ctrl-C stops it.
+run: venv demo-bundle
+	$(VENV)/bin/dp-node --config configs/node.yaml --bundle $(RUN_DIR)/bundle
+
+demo-bundle: venv $(DEMO_BUNDLE)
+
+# Deterministic: rebuilding rewrites the same files.
+$(DEMO_BUNDLE): configs/synth_demo.yaml configs/demo.yaml
 	rm -rf $(RUN_DIR)/data $(RUN_DIR)/bundle
 	$(VENV)/bin/dp-synth --config configs/synth_demo.yaml --out $(RUN_DIR)/data --gallery $(RUN_DIR)/gallery.png
 	$(VENV)/bin/dp-train --config configs/demo.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/bundle
@@ -47,6 +57,10 @@ system-deps:
 # Generation speed of the synthetic phantoms; figures go to docs/benchmarks.md.
 benchmark-synth: venv
 	$(PY) benchmarks/synth_speed.py
+
+# Latency, throughput and memory of the node against dcmtk's storescp; figures go to docs/benchmarks.md.
+benchmark-node: venv system-deps demo-bundle
+	$(PY) benchmarks/node_latency.py --bundle $(RUN_DIR)/bundle
 
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
 gallery: venv

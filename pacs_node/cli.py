@@ -76,7 +76,8 @@ def load(args: argparse.Namespace) -> NodeConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for chatty in ("pynetdicom", "highdicom"):  # one line per association or module copied is too much
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         config = load(args)
         from .node import Node  # heavy imports after the configuration is known good

@@ -276,6 +276,10 @@ class Node:
             "regions": len(prediction.boxes), "model": model.name, "model_version": model.version,
         }  # fmt: skip
         self.metrics.inc("processed_total", outcome="positive" if prediction.positive else "negative")
+        logger.info(
+            "%s: %s, pneumonia %.0f%%, %d region(s), %.0f ms; %s",
+            source.SOPInstanceUID, prediction.label, 100 * prediction.pneumonia_probability, len(prediction.boxes), 1000 * item.timings["total"], delivery,
+        )
         self._audit(item, "processed", result=result, outputs=[identity.sr_uid, identity.sc_uid], delivery=delivery)
 
     def _hand_over(self, source: Dataset, results: list[Dataset]) -> str:

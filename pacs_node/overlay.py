@@ -36,6 +36,9 @@ DEMO_BANNER = "DEMONSTRATION MODEL trained on synthetic images"
 HEAT_FLOOR = 0.2
 HEAT_ALPHA = 0.45
 BOX_COLOUR = (255, 64, 64)
+_LEVELS = np.linspace(0.0, 1.0, 256)
+HEAT_PALETTE = (colormaps["turbo"](_LEVELS)[:, :3] * 255).round().astype(np.uint8).tobytes()
+HEAT_OPACITY = (255 * HEAT_ALPHA * np.clip((_LEVELS - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1)).round().astype(int).tolist()
 
 
 def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int) -> tuple[np.ndarray, float]:
@@ -44,10 +47,12 @@ def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int
     shape = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
     gray = _resize(pixels, shape)
     heat = _resize(prediction.heatmap, shape) if prediction.heatmap.size else np.zeros(shape, np.float32)
-    colour = colormaps["turbo"](heat)[..., :3]
-    alpha = (HEAT_ALPHA * np.clip((heat - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1))[..., None]
-    rgb = (1 - alpha) * gray[..., None] + alpha * colour
-    image = Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
+    # Heat levels index a 256-entry palette (colour) and table (opacity); PIL composites in C.
+    level = Image.fromarray(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    colour = level.copy()
+    colour.putpalette(HEAT_PALETTE)
+    base = Image.fromarray(np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    image = Image.composite(colour.convert("RGB"), base, level.point(HEAT_OPACITY))
     _annotate(image, prediction, demo, scale)
     return np.asarray(image), scale
 
@@ -65,10 +70,8 @@ def _annotate(image: Image.Image, prediction: Prediction, demo: bool, scale: flo
     width = max(2, side // 400)
     for box in prediction.boxes * scale:
         draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
-    if prediction.positive:
-        verdict = f"{prediction.label}: pneumonia {100 * prediction.pneumonia_probability:.0f}%"
-    else:
-        verdict = f"no pneumonia at the operating point (pneumonia {100 * prediction.pneumonia_probability:.0f}%)"
+    chance = f"pneumonia probability {100 * prediction.pneumonia_probability:.0f}%"
+    verdict = f"Finding: {prediction.label} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
     lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict]
     line_height = font.size + font.size // 3
     draw.rectangle([0, 0, image.size[0], line_height * len(lines) + font.size // 2], fill=(0, 0, 0))

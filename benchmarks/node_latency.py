@@ -1,0 +1,185 @@
+"""Latency, throughput, receive rate and memory of the DICOM node, with dcmtk as the peers.
+
+    python benchmarks/node_latency.py --bundle runs/demo/bundle        # or: make benchmark-node
+    python benchmarks/node_latency.py --bundle runs/demo/bundle --device cuda --images 200
+
+Runs ``dp-node`` as a process whose destination is dcmtk's ``storescp``, and sends it
+copies of the real chest radiograph ``RG1_UNCR.dcm`` (1955 x 1841, 15-bit CR; each copy
+with its own SOP Instance UID) with dcmtk's ``storescu``. It prints:
+
+* latency: from the start of ``storescu`` to the SR stored at the destination, one image
+  per second (targets: p50 at most 1.5 s, p95 at most 3 s on a 2-core CPU);
+* sustained throughput with 4 concurrent ``storescu`` senders, images per second until
+  every SR and SC is at the destination;
+* receive rate: the same files sent over one association to the node and to a plain
+  ``storescp``, in the same run (target: the node at least half of storescp's rate; the
+  node fsyncs every image before it answers, storescp does not);
+* peak resident memory of the node process (target: at most 2 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dp_model.bundle import load_bundle
+from pacs_node.identity import ResultIdentity
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait(predicate, timeout: float, what: str, interval: float = 0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"node_latency: timed out waiting for {what}")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def copies(source: Path, folder: Path, count: int) -> list[Path]:
+    """``count`` copies of ``source``, each a new instance (new SOP Instance UID)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(source)
+    paths = []
+    for i in range(count):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        paths.append(folder / f"{i:05d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def storescp(folder: Path, port: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(["storescp", "-aet", "RESULTS", "-od", str(folder), "+xa", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait(lambda: listening(port), 20, "storescp")
+    return process
+
+
+def storescu(port: int, files: list[Path], called: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, files)], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def arrived(folder: Path, uids: set[str]) -> bool:
+    names = {p.name.split(".", 1)[1] for p in folder.iterdir() if "." in p.name}
+    return uids <= names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--latency-images", type=int, default=30)
+    parser.add_argument("--images", type=int, default=40, help="images for the throughput run (4 senders)")
+    parser.add_argument("--receive-images", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"node_latency: {tool} not found (Debian package dcmtk; make system-deps)")
+    contract = load_bundle(args.bundle)[1]
+    work = Path(tempfile.mkdtemp(prefix="dp-node-bench-"))
+    rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+    dest_port, node_port, plain_port = free_port(), free_port(), free_port()
+    destination = storescp(work / "destination", dest_port)
+    config = work / "node.yaml"
+    config.write_text(yaml.safe_dump({
+        "port": node_port, "host": "127.0.0.1", "bundle": str(args.bundle), "spool": str(work / "spool"), "metrics_port": -1,
+        "device": args.device, "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
+    }))  # fmt: skip
+    log = (work / "node.log").open("w")
+    node = subprocess.Popen([sys.executable, "-m", "pacs_node.cli", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    figures: dict[str, float] = {}
+    try:
+        wait(lambda: listening(node_port), 120, "the node")
+        def identity(path: Path) -> ResultIdentity:
+            return ResultIdentity.of(dcmread(path, stop_before_pixels=True), contract)
+
+        # Warm-up: the first image pays for lazy imports and allocator growth.
+        warm = copies(rg1, work / "warm", 2)
+        storescu(node_port, warm, "DPNODE")
+        wait(lambda: arrived(work / "destination", {identity(p).sr_uid for p in warm}), 120, "warm-up results")
+
+        latencies = []
+        for path in copies(rg1, work / "latency", args.latency_images):
+            sr = identity(path).sr_uid
+            start = time.perf_counter()
+            storescu(node_port, [path], "DPNODE")
+            wait(lambda sr=sr: arrived(work / "destination", {sr}), 60, "an SR")
+            latencies.append(time.perf_counter() - start)
+            time.sleep(max(0.0, 1.0 - latencies[-1]))  # one image per second
+        latencies.sort()
+        figures["latency_p50_s"] = statistics.median(latencies)
+        figures["latency_p95_s"] = latencies[int(0.95 * (len(latencies) - 1))]
+        figures["latency_max_s"] = latencies[-1]
+
+        batch = copies(rg1, work / "throughput", args.images)
+        expected = {uid for p in batch for uid in (identity(p).sr_uid, identity(p).sc_uid)}
+        start = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: storescu(node_port, batch[i::4], "DPNODE"), range(4)))
+        wait(lambda: arrived(work / "destination", expected), 1200, "every throughput result", 0.05)
+        figures["throughput_images_per_s"] = len(batch) / (time.perf_counter() - start)
+
+        same = copies(rg1, work / "receive", args.receive_images)
+        plain = storescp(work / "plain", plain_port)
+        to_plain = storescu(plain_port, same, "ANY-SCP")
+        to_node = storescu(node_port, same, "DPNODE")
+        plain.terminate()
+        figures["storescp_receive_images_per_s"] = len(same) / to_plain
+        figures["node_receive_images_per_s"] = len(same) / to_node
+        figures["node_to_storescp_receive_ratio"] = to_plain / to_node
+        wait(lambda: arrived(work / "destination", {identity(p).sr_uid for p in same}), 600, "the receive-rate results", 0.05)
+        figures["node_peak_rss_mb"] = peak_rss_mb(node.pid)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(60)
+        destination.terminate()
+        log.close()
+    print(f"node benchmark: RG1_UNCR.dcm (1955 x 1841 CR), model {contract.name} ({contract.image_size} px), device {args.device}, {os.cpu_count()} CPUs")
+    print(f"  latency storescu start -> SR at storescp, 1 image/s, n={args.latency_images}: p50 {figures['latency_p50_s']:.2f} s, p95 {figures['latency_p95_s']:.2f} s, max {figures['latency_max_s']:.2f} s  (targets 1.5 s / 3 s)")
+    print(f"  throughput, 4 concurrent senders, {args.images} images: {figures['throughput_images_per_s']:.2f} images/s (SR and SC delivered)")
+    print(f"  receive rate, {args.receive_images} images on one association: node {figures['node_receive_images_per_s']:.1f}/s, storescp {figures['storescp_receive_images_per_s']:.1f}/s, ratio {figures['node_to_storescp_receive_ratio']:.2f}  (target at least 0.5)")
+    print(f"  node peak resident memory: {figures['node_peak_rss_mb']:.0f} MB  (target at most 2048 MB)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
