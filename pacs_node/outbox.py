@@ -146,7 +146,7 @@ class DestinationSender:
         assoc = self._ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             self.stats.failed_associations += 1
-            self.stats.last_error = "association rejected or aborted" if (assoc.is_rejected or assoc.is_aborted) else "no connection"
+            self.stats.last_error = "association rejected" if assoc.is_rejected else "no connection, or the association was aborted"
             self._note_failure(files)
             return False
         try:

@@ -202,3 +202,13 @@ def test_full_queue_answers_out_of_resources_and_keeps_nothing_half_written(tmp_
         assert node.spool.count() == 1 and list(node.spool.tmp.iterdir()) == []
     finally:
         node.stop()
+
+
+def test_nearly_full_disk_answers_out_of_resources(tmp_path: Path, predictor: NodePredictor) -> None:
+    node = start_node(tmp_path, predictor, min_free_mb=2**40)  # more free space than any disk has
+    try:
+        assert send(node.port, [chest_dataset()]) == [StoreStatus.OUT_OF_RESOURCES]
+        assert node.spool.count() == 0 and node.metrics.value("refused_total", reason="disk-full") == 1
+        assert node.health()["status"] == "degraded"
+    finally:
+        node.stop()

@@ -1,0 +1,123 @@
+"""Delivery: backoff, dead letters, and destinations that never wait for each other."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from node_support import chest_dataset, free_port, wait_for
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE, evt
+
+from pacs_node.config import Destination, OutboxConfig
+from pacs_node.outbox import RESULT_CLASSES, DestinationSender
+
+
+class Peer:
+    """A storage SCP answering every C-STORE with ``status``."""
+
+    def __init__(self, status: int = 0x0000) -> None:
+        self.port, self.status, self.stored, self.server = free_port(), status, [], None
+
+    def start(self) -> Peer:
+        ae = AE(ae_title="PEER")
+        for sop_class in RESULT_CLASSES:
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        handler = (evt.EVT_C_STORE, lambda event: self.stored.append(str(event.request.AffectedSOPInstanceUID)) or self.status)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[handler])
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+
+    @property
+    def destination(self) -> Destination:
+        return Destination("PEER", "127.0.0.1", self.port)
+
+
+def result(index: int) -> Dataset:
+    """A small Secondary Capture, as the outbox would hold."""
+    ds = chest_dataset(rows=300, columns=300, seed=index, Modality="OT")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def sender(tmp_path: Path, peer: Peer, deliveries: list, **settings) -> DestinationSender:
+    config = OutboxConfig(**{"initial_backoff_s": 0.2, "max_backoff_s": 0.8} | settings)
+    callback = lambda destination, uid, source, ok: deliveries.append((destination.port, uid, ok))  # noqa: E731
+    return DestinationSender(peer.destination, tmp_path / "outbox", "DPNODE", config, callback, timeout_s=5)
+
+
+def test_a_down_destination_never_delays_a_working_one_and_gets_everything_when_back(tmp_path: Path) -> None:
+    good, down = Peer().start(), Peer()  # `down` is not listening yet
+    deliveries: list = []
+    senders = [sender(tmp_path, good, deliveries), sender(tmp_path, down, deliveries)]
+    uids = []
+    for i in range(5):
+        ds = result(i)
+        uids.append(ds.SOPInstanceUID)
+        for s in senders:
+            s.put(ds, f"source-{i}")
+    start = time.monotonic()
+    for s in senders:
+        s.start()
+        s.wake()
+    try:
+        wait_for(lambda: len(good.stored) == 5, 20, "the working destination")
+        assert time.monotonic() - start < 10
+        wait_for(lambda: senders[1].stats.failed_associations >= 1, 10, "a failed attempt at the destination that is down")
+        assert down.stored == [] and len(senders[1].pending()) == 5
+        down.start()  # it comes back: the backoff is capped, so delivery resumes within about a second
+        wait_for(lambda: len(down.stored) == 5, 20, "the destination that was down")
+        assert sorted(down.stored) == sorted(uids) == sorted(good.stored)
+        assert all(ok for _, _, ok in deliveries) and len(deliveries) == 10
+        assert senders[0].pending() == [] and senders[1].pending() == []
+    finally:
+        for s in senders:
+            s.stop()
+        good.stop()
+        down.stop()
+
+
+def test_objects_a_destination_keeps_refusing_go_to_dead_letters(tmp_path: Path) -> None:
+    refusing = Peer(status=0xA900).start()
+    deliveries: list = []
+    s = sender(tmp_path, refusing, deliveries, max_refusals=2)
+    s.put(result(0), "source-0")
+    s.start()
+    try:
+        wait_for(lambda: deliveries, 20, "a dead letter")
+        dead = sorted(p.name for p in s.dead.iterdir())
+        assert len(refusing.stored) == 2 and deliveries[0][2] is False
+        assert [n for n in dead if n.endswith(".dcm")] and "0xA900" in next(s.dead.glob("*.why.txt")).read_text()
+        assert s.pending() == []
+    finally:
+        s.stop()
+        refusing.stop()
+
+
+def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:
+    down = Peer()
+    s = sender(tmp_path, down, [], initial_backoff_s=0.1, max_backoff_s=0.4)
+    attempts: list[float] = []
+    original = s._send_batch
+
+    def counted(files):
+        attempts.append(time.monotonic())
+        return original(files)
+
+    s._send_batch = counted
+    s.put(result(0), "source-0")
+    s.start()
+    try:
+        wait_for(lambda: len(attempts) >= 6, 20, "six attempts")
+    finally:
+        s.stop()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    # Each gap is the backoff (0.1, 0.2, 0.4, 0.4, ...) plus what one refused attempt costs.
+    assert gaps[1] - gaps[0] > 0.05 and gaps[2] - gaps[1] > 0.12
+    assert abs(gaps[4] - gaps[3]) < 0.15 and max(gaps) < 0.4 + 0.5
