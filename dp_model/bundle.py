@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from dp_transforms import ImageError, load_letterboxed
 
-from .networks import DeepPneumoniaNet
+from .networks import build_network
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class ModelContract:
         normal_class: the class meaning "no pneumonia".
         name, version: the bundle's identity; ``device_uid`` changes with the weights.
         demo: trained as a demonstration; synthetic: trained on synthetic images.
+        architecture: the network (:data:`~dp_model.networks.ARCHITECTURES`); bundles
+            written before variants existed carry none and are ResNet18.
     """
 
     classes: tuple[str, ...]
@@ -72,15 +75,16 @@ class ModelContract:
     device_uid: str
     demo: bool
     synthetic: bool
+    architecture: str = "resnet18"
 
-    def network(self) -> DeepPneumoniaNet:
-        return DeepPneumoniaNet(num_classes=len(self.classes), attention_stages=self.attention_stages)
+    def network(self) -> nn.Module:
+        return build_network(self.architecture, len(self.classes), self.attention_stages)
 
     def to_json(self) -> dict:
         return {
             "classes": list(self.classes), "image_size": self.image_size, "attention_stages": list(self.attention_stages),
             "normal_class": self.normal_class, "name": self.name, "version": self.version, "device_uid": self.device_uid,
-            "demo": self.demo, "synthetic": self.synthetic, "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
+            "demo": self.demo, "synthetic": self.synthetic, "architecture": self.architecture, "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
         }  # fmt: skip
 
     @staticmethod
@@ -89,6 +93,7 @@ class ModelContract:
             return ModelContract(
                 tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
                 str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
+                str(data.get("architecture", "resnet18")),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"metadata.json: the deep_pneumonia model contract is incomplete ({exc})") from None
@@ -109,7 +114,7 @@ def weights_uid(state: dict[str, torch.Tensor]) -> str:
     return f"2.25.{uuid.UUID(bytes=digest.digest()[:16], version=5).int}"
 
 
-def write_model(root: Path, model: DeepPneumoniaNet, image_size: int) -> dict[str, torch.Tensor]:
+def write_model(root: Path, model: nn.Module, image_size: int) -> dict[str, torch.Tensor]:
     """``models/model.pt`` (plain CPU state dict, no wrapper prefixes) and ``models/model.ts``."""
     model = model.eval().cpu()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -201,7 +206,10 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
         "imports": ["$import torch", "$import dp_model.bundle"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "dp_model.networks.DeepPneumoniaNet", "num_classes": len(contract.classes), "attention_stages": list(contract.attention_stages)},
+        "network_def": {
+            "_target_": "dp_model.networks.build_network", "architecture": contract.architecture,
+            "num_classes": len(contract.classes), "attention_stages": list(contract.attention_stages),
+        },  # fmt: skip
         "network": "$@network_def.to(@device)",
     }
     inference = common | {
@@ -285,7 +293,7 @@ def write_samples(root: Path, images: list[Path]) -> None:
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[DeepPneumoniaNet, ModelContract]:
+def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelContract]:
     """The classifier (eval mode) and its contract from a bundle written by ``dp-train``."""
     root = Path(root)
     meta_path, weights = root / "configs" / "metadata.json", root / "models" / "model.pt"
@@ -308,7 +316,7 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[D
 class Predictor:
     """Runs a bundle's classifier on image files; used by the bundle's own configs."""
 
-    def __init__(self, bundle_root: str, network: DeepPneumoniaNet | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, bundle_root: str, network: nn.Module | None = None, device: str | torch.device = "cpu") -> None:
         self.root = Path(bundle_root)
         loaded, self.contract = load_bundle(self.root, device)
         self.model = loaded if network is None else network

@@ -290,3 +290,48 @@ class CBFocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return cb_focal_loss(logits, target, self.weights, self.gamma, self.mode)
+
+
+def inverse_sqrt_weights(class_counts: Sequence[int], alpha: float, normal_index: int = 0, normalize: bool = True) -> Tensor:
+    """Per-class weights of the attention-enhanced ResNet-50's modified focal loss (seed 004).
+
+    ``w_c = a_c / sqrt(n_c)`` with ``a_c = 1 - alpha`` for the normal class and ``alpha``
+    for every pneumonia class. The printed equation pairs each term with the *other*
+    class's count, which would up-weight the majority class against the paper's stated
+    aim; each class's own count is used here (docs/decisions.md). With ``normalize`` the
+    weights are scaled to average 1 over the classes, so the loss keeps cross-entropy's
+    scale and learning rates carry over; ``normalize=False`` is the equation as printed.
+    """
+    n = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if (n < 0).any():
+        raise ValueError(f"class counts must be non-negative, got {list(class_counts)}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    a = torch.full_like(n, alpha)
+    a[normal_index] = 1.0 - alpha
+    weights = a / n.clamp_min(1.0).sqrt()
+    return (weights * len(n) / weights.sum() if normalize else weights).float()
+
+
+class SqrtFocalLoss(nn.Module):
+    """The modified focal loss of seed 004: :func:`cb_focal_loss` (softmax) with :func:`inverse_sqrt_weights`.
+
+    Args:
+        class_counts: training images per class, in class-index order.
+        alpha: weight of the pneumonia classes (``1 - alpha`` for the normal class).
+        gamma: focusing parameter.
+        normal_index: index of the normal class.
+        class_names: for the log line that records the weights.
+    """
+
+    def __init__(self, class_counts: Sequence[int], alpha: float = 0.5, gamma: float = 2.0, normal_index: int = 0, class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.register_buffer("weights", inverse_sqrt_weights(class_counts, alpha, normal_index))
+        self.gamma = float(gamma)
+        names = list(class_names or range(len(class_counts)))
+        logger.info("1/sqrt(n) focal weights (alpha %s, gamma %s): %s", alpha, gamma, ", ".join(f"{c} {n} -> {w:.3f}" for c, n, w in zip(names, class_counts, self.weights.tolist())))
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return cb_focal_loss(logits, target, self.weights, self.gamma, "softmax")

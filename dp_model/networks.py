@@ -170,6 +170,11 @@ class DeepPneumoniaNet(nn.Module):
                 outputs.append(StageOutput(stage, map_pos, map_neg))
         return logits, outputs
 
+    @property
+    def cam_layer(self) -> nn.Module:
+        """Where Grad-CAM looks: the last residual stage."""
+        return self.backbone.layer4
+
     @torch.no_grad()
     def attention_map(self, x: Tensor, stage: int | None = None) -> Tensor:
         """The learned ``map+`` of one stage (default: the deepest with a head), upsampled to the input size."""
@@ -210,6 +215,92 @@ class BaselineNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.normalize(x))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """Where Grad-CAM looks: the last convolutional stage."""
+        return self.net.layer4 if self.architecture == "resnet50" else self.net.features[-3]
+
+
+class SideBranchAttention(nn.Module):
+    """Channel and spatial attention side branches fused into a residual stage (seed 004).
+
+    Two side branches each reduce the stage's features with a stride-2 convolution and
+    restore them with a stride-2 transposed convolution: one ends in a sigmoid per channel
+    (after global average pooling), the other in a sigmoid per pixel. The re-weighted
+    features are added to the original ones: ``x + x * channel(x) + x * spatial(x)``, so a
+    freshly initialised branch starts near the identity plus a constant.
+
+    Args:
+        channels: channels of the stage output.
+        reduction: channel reduction inside the branches.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        mid = max(8, channels // reduction)
+
+        def down() -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(channels, mid, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
+
+        self.channel_down, self.channel_up = down(), nn.ConvTranspose2d(mid, channels, kernel_size=2, stride=2)
+        self.spatial_down, self.spatial_up = down(), nn.ConvTranspose2d(mid, 1, kernel_size=2, stride=2)
+
+    def maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Channel weights ``(B, C, 1, 1)`` and the spatial map ``(B, 1, H, W)``, both in (0, 1)."""
+        channel = torch.sigmoid(F.adaptive_avg_pool2d(self.channel_up(self.channel_down(x)), 1))
+        spatial = self.spatial_up(self.spatial_down(x))
+        if spatial.shape[-2:] != x.shape[-2:]:  # odd sizes: the transposed convolution gives one more
+            spatial = spatial[..., : x.shape[-2], : x.shape[-1]]
+        return channel, torch.sigmoid(spatial)
+
+    def forward(self, x: Tensor) -> Tensor:
+        channel, spatial = self.maps(x)
+        return x + x * channel + x * spatial
+
+
+class AttentionResNet50(nn.Module):
+    """The attention-enhanced ResNet-50 (seed 004): torchvision's ResNet-50, one input channel,
+    a :class:`SideBranchAttention` after each residual stage.
+
+    Args:
+        num_classes: number of classes.
+    """
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        import torchvision
+
+        self.normalize = Normalize()
+        net = torchvision.models.resnet50(num_classes=num_classes)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        for name, channels in zip(STAGES, (256, 512, 1024, 2048)):
+            setattr(net, name, nn.Sequential(getattr(net, name), SideBranchAttention(channels)))
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.net.layer4
+
+
+#: Architectures a bundle can name, with the constructor that builds each.
+ARCHITECTURES = ("resnet18", "resnet50", "vgg16", "attention_resnet50")
+
+
+def build_network(architecture: str, num_classes: int, attention_stages: Sequence[int] = ()) -> nn.Module:
+    """The classifier of ``architecture``; ``attention_stages`` are MGACR heads (resnet18 only)."""
+    if architecture == "resnet18":
+        return DeepPneumoniaNet(num_classes=num_classes, attention_stages=attention_stages)
+    if attention_stages:
+        raise ValueError(f"MGACR attention heads need the resnet18 architecture, not {architecture}")
+    if architecture == "attention_resnet50":
+        return AttentionResNet50(num_classes)
+    if architecture in BaselineNet.ARCHITECTURES:
+        return BaselineNet(architecture, num_classes)
+    raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
 
 
 class SimCLRNet(nn.Module):

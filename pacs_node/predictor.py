@@ -3,7 +3,8 @@
 Pure with respect to I/O: datasets in memory go in, arrays come out. One forward pass
 gives both the class probabilities and the learned lesion attention ``map+`` (the MGACR
 head trained against the doctors' boxes), which is the heat map and the source of the
-lesion regions. A network without attention heads falls back to Grad-CAM.
+lesion regions. A network without MGACR heads (the other architectures a bundle can
+name) gets a Grad-CAM heat map instead.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class NodePredictor:
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
         self.operating_point = operating_point
-        stages = self.model.attention_stages
+        stages = getattr(self.model, "attention_stages", ())
         self.stage = min(stages, key=lambda s: (abs(s - heatmap_stage), -s)) if stages else None
 
     @torch.no_grad()
@@ -144,7 +145,7 @@ class NodePredictor:
     def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         if self.stage is None:
             logits = self.model(batch)
-            maps = grad_cam(self.model, batch, self.model.backbone.layer4)
+            maps = grad_cam(self.model, batch, self.model.cam_layer)
         else:
             logits, outputs = self.model.forward_train(batch)
             maps = outputs[self.model.attention_stages.index(self.stage)].map_pos

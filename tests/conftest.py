@@ -27,7 +27,7 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     to skip the two minutes of training while working on tests that only use it.
     """
     if os.environ.get("DP_TEST_BUNDLE"):
-        return Path(os.environ["DP_TEST_BUNDLE"])
+        return Path(os.environ["DP_TEST_BUNDLE"]).resolve()
     from dp_model.config import load_config
     from dp_model.synth import SynthConfig, generate
     from dp_model.train_cli import main as train_main

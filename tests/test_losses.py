@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from dp_model.losses import (
     CBFocalLoss,
     MGACRLoss,
+    SqrtFocalLoss,
     attention_losses,
     cb_focal_loss,
     class_balanced_weights,
     feature_cr_loss,
+    inverse_sqrt_weights,
     mgacr_loss,
     nt_xent,
 )
@@ -242,3 +244,35 @@ def test_cb_focal_module_logs_weights_and_runs_in_float32(caplog: pytest.LogCapt
     assert value.dtype == torch.float32
     with pytest.raises(ValueError, match="mode"):
         CBFocalLoss([1, 2], mode="tanh")
+
+
+# --- the attention-enhanced ResNet-50's modified focal loss (seed 004) ----------------------------
+
+
+def test_sqrt_focal_matches_the_papers_binary_equation() -> None:
+    """Binary case, weights not normalised: -(1/sqrt(n)) alpha (1 - y')^g log y' for pneumonia,
+    -(1/sqrt(n)) (1 - alpha) y'^g log(1 - y') for normal, y' the probability of pneumonia."""
+    counts, alpha, gamma = [900, 100], 0.3, 2.0  # index 0 normal, 1 pneumonia
+    logits = torch.randn(64, 2, dtype=torch.float64)
+    target = torch.randint(0, 2, (64,))
+    weights = inverse_sqrt_weights(counts, alpha, normal_index=0, normalize=False)
+    got = cb_focal_loss(logits.float(), target, weights, gamma)
+    y = logits.softmax(dim=1)[:, 1]
+    expected = torch.where(
+        target == 1,
+        -(1 / math.sqrt(counts[1])) * alpha * (1 - y) ** gamma * torch.log(y),
+        -(1 / math.sqrt(counts[0])) * (1 - alpha) * y**gamma * torch.log(1 - y),
+    ).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sqrt_focal_weights_favour_rare_classes_and_average_one() -> None:
+    weights = inverse_sqrt_weights([400, 100, 25], alpha=0.5)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[2] / weights[1] == pytest.approx(2.0) and weights[1] / weights[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="alpha"):
+        inverse_sqrt_weights([1, 2], alpha=1.0)
+    module = SqrtFocalLoss([400, 100, 25], alpha=0.5, gamma=0.0)
+    logits, target = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    expected = F.cross_entropy(logits, target, weight=module.weights, reduction="none")
+    assert module(logits, target).item() == pytest.approx(expected.mean().item(), rel=1e-5)

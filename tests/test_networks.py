@@ -77,3 +77,42 @@ def test_simclr_encoder_weights_initialise_the_classifier() -> None:
     missing, unexpected = net.backbone.load_state_dict(simclr.encoder_state(), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     torch.testing.assert_close(net.backbone.conv1.weight, simclr.encoder.conv1.weight)
+
+
+# --- the attention-enhanced ResNet-50 (seed 004) and the architecture registry --------------------
+
+
+def test_side_branch_attention_keeps_the_shape_and_fuses_by_addition() -> None:
+    from dp_model.networks import SideBranchAttention
+
+    branch = SideBranchAttention(32).eval()
+    for size in ((14, 14), (7, 9)):  # odd sizes: the transposed convolution overshoots by one
+        x = torch.randn(2, 32, *size)
+        channel, spatial = branch.maps(x)
+        assert channel.shape == (2, 32, 1, 1) and spatial.shape == (2, 1, *size)
+        assert 0 < channel.min() and channel.max() < 1 and 0 < spatial.min() and spatial.max() < 1
+        torch.testing.assert_close(branch(x), x + x * channel + x * spatial)
+
+
+def test_attention_resnet50_classifies_one_channel_images_and_names_its_cam_layer() -> None:
+    from dp_model.explain import grad_cam
+    from dp_model.networks import AttentionResNet50, SideBranchAttention, build_network
+
+    model = build_network("attention_resnet50", 3).eval()
+    assert isinstance(model, AttentionResNet50)
+    assert sum(isinstance(m, SideBranchAttention) for m in model.modules()) == 4
+    x = torch.rand(2, 1, 64, 64)
+    assert model(x).shape == (2, 3)
+    assert grad_cam(model, x, model.cam_layer).shape == (2, 1, 64, 64)
+
+
+def test_build_network_knows_every_architecture_and_refuses_the_rest() -> None:
+    from dp_model.networks import ARCHITECTURES, BaselineNet, DeepPneumoniaNet, build_network
+
+    assert isinstance(build_network("resnet18", 5, (3, 4)), DeepPneumoniaNet)
+    assert isinstance(build_network("vgg16", 5), BaselineNet)
+    assert all(hasattr(build_network(name, 2), "cam_layer") for name in ARCHITECTURES)
+    with pytest.raises(ValueError, match="MGACR attention heads need the resnet18"):
+        build_network("resnet50", 5, (3,))
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        build_network("resnet1000", 5)

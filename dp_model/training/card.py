@@ -16,13 +16,24 @@ WARNING = (
 )
 
 
+#: One line per architecture, for metadata.json and the model card.
+DESCRIPTIONS = {
+    "resnet18": "Deep Pneumonia: ResNet18 with SimCLR pre-training, mask-guided attention with contrastive regulation and a class-balanced focal loss.",
+    "resnet50": "ResNet-50 baseline trained from scratch (the Deep Pneumonia paper's Table II).",
+    "vgg16": "VGG16 baseline trained from scratch (the Deep Pneumonia paper's Table II).",
+    "attention_resnet50": "Attention-enhanced ResNet-50: channel and spatial attention side branches in every residual stage, trained with a modified focal loss with 1/sqrt(n) class weights.",
+}
+
+
 def _recipe(config: TrainConfig) -> list[str]:
     f, m = config.finetune, config.finetune.mgacr
     lines = [
         f"- stage I (SimCLR, NT-Xent, tau {config.pretrain.temperature}): "
         + (f"{config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}" if config.pretrain.enabled else "off"),
         f"- stage II: {f.epochs} epochs, batch {f.batch_size}, {f.optimizer} lr {f.lr}, checkpoint selected on validation {f.select_metric.replace('_', ' ')}",
-        f"- classification loss: {f.loss.kind}" + (f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})" if f.loss.kind != "ce" else ""),
+        f"- network: {f.architecture}",
+        f"- classification loss: {f.loss.kind}" + (f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})" if f.loss.kind in ("focal", "cb_focal") else "")
+        + (f" (alpha {f.loss.alpha}, gamma {f.loss.gamma})" if f.loss.kind == "sqrt_focal" else ""),
         f"- mask-guided attention: {'on, weight ' + str(m.att_weight) if m.attention else 'off'}; "
         f"feature contrastive regulation: {'on, weight ' + str(m.feat_weight) if m.feature_cr else 'off'}"
         + (f"; stages {list(m.stages)}; normal images: {m.normal_images}" if m.enabled else ""),
@@ -50,9 +61,13 @@ def model_card(
         f"# {contract.name} {contract.version}",
         "",
         *warning,
-        "Pneumonia type recognition on frontal chest radiographs: a ResNet18 pre-trained with SimCLR on the "
-        "training images, then trained with mask-guided attention and contrastive regulation (MGACR) and a "
-        f"class-balanced focal loss, after {PAPER}",
+        (
+            "Pneumonia type recognition on frontal chest radiographs: a ResNet18 pre-trained with SimCLR on the "
+            "training images, then trained with mask-guided attention and contrastive regulation (MGACR) and a "
+            f"class-balanced focal loss, after {PAPER}"
+            if contract.architecture == "resnet18"
+            else f"Pneumonia type recognition on frontal chest radiographs. {DESCRIPTIONS[contract.architecture]}"
+        ),
         "",
         "## Intended use",
         "",

@@ -110,19 +110,26 @@ class MGACRConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Classification loss: cross-entropy, focal, or class-balanced focal (Eq. 9)."""
+    """Classification loss: cross-entropy, focal, class-balanced focal (Eq. 9), or the
+    attention-enhanced ResNet-50's focal loss with 1/sqrt(n) class weights (``sqrt_focal``;
+    ``alpha`` weighs the pneumonia classes, ``1 - alpha`` the normal class)."""
 
-    kind: Literal["ce", "focal", "cb_focal"] = "cb_focal"
+    kind: Literal["ce", "focal", "cb_focal", "sqrt_focal"] = "cb_focal"
     beta: float = 0.9999
     gamma: float = 1.0
     mode: Literal["softmax", "sigmoid"] = "softmax"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.alpha < 1.0, "alpha", self.alpha, "between 0 and 1")
+        _check(self.gamma >= 0.0, "gamma", self.gamma, ">= 0")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Stage II: supervised training of the classifier."""
 
-    architecture: Literal["resnet18", "resnet50", "vgg16"] = "resnet18"
+    architecture: Literal["resnet18", "resnet50", "vgg16", "attention_resnet50"] = "resnet18"
     epochs: int = 30
     batch_size: int = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from dp_transforms import RandChestAffine, RandChestIntensity, boxes_to_masks
 
-from ..losses import CBFocalLoss, MGACRLoss, NTXentLoss
-from ..networks import BaselineNet, DeepPneumoniaNet, SimCLRNet
+from ..losses import CBFocalLoss, MGACRLoss, NTXentLoss, SqrtFocalLoss
+from ..networks import DeepPneumoniaNet, SimCLRNet, build_network
 from .config import AugmentConfig, FinetuneConfig, PretrainConfig, RuntimeConfig
 from .data import Resident, batches
 
@@ -260,7 +260,7 @@ def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str
     """The stage II network: MGACR heads only when a MGACR term is switched on."""
     torch.manual_seed(seed)
     if config.architecture != "resnet18":
-        return BaselineNet(config.architecture, num_classes)
+        return build_network(config.architecture, num_classes)
     stages = config.mgacr.stages if config.mgacr.enabled else ()
     net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages)
     if encoder is not None:
@@ -274,6 +274,9 @@ def classification_loss(config: FinetuneConfig, class_counts: list[int], class_n
     loss = config.loss
     if loss.kind == "ce":
         return nn.CrossEntropyLoss()
+    if loss.kind == "sqrt_focal":
+        normal = class_names.index("normal") if "normal" in class_names else 0
+        return SqrtFocalLoss(class_counts, alpha=loss.alpha, gamma=loss.gamma, normal_index=normal, class_names=class_names)
     beta = loss.beta if loss.kind == "cb_focal" else 0.0  # beta 0: equal weights, plain focal loss
     return CBFocalLoss(class_counts, beta=beta, gamma=loss.gamma, mode=loss.mode, class_names=class_names)
 

@@ -14,7 +14,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..explain import grad_cam  # noqa: E402
 from ..metrics import Report, roc_curve  # noqa: E402
-from ..networks import DeepPneumoniaNet  # noqa: E402
+from torch import nn  # noqa: E402
 from .data import Resident  # noqa: E402
 from .engine import History  # noqa: E402
 
@@ -82,15 +82,15 @@ def roc(labels: np.ndarray, probabilities: np.ndarray, report: Report, path: Pat
     return _save(fig, path)
 
 
-def attention_gallery(model: DeepPneumoniaNet, data: Resident, classes: tuple[str, ...], path: Path, count: int = 6) -> Path:
+def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, count: int = 6) -> Path:
     """Test images with their radiologist boxes, the Grad-CAM of the predicted class and,
     when the model has MGACR heads, its learned ``map+`` (the paper's Fig. 9)."""
     boxed = torch.nonzero(data.has_boxes.cpu()).flatten()[:count]
     chosen = boxed if len(boxed) else torch.arange(min(count, len(data)))
     device = next(model.parameters()).device
     x = data.images[chosen.to(data.images.device)].float().div(255).to(device)
-    cam = grad_cam(model, x, model.backbone.layer4).cpu()
-    maps = model.attention_map(x).cpu() if model.attention_stages else None
+    cam = grad_cam(model, x, model.cam_layer).cpu()
+    maps = model.attention_map(x).cpu() if getattr(model, "attention_stages", ()) else None
     with torch.no_grad():
         probabilities = model.eval()(x).softmax(dim=1).cpu()
     rows = 3 if maps is not None else 2

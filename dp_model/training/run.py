@@ -17,7 +17,7 @@ from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
 from ..metrics import Report, evaluate
 from . import plots
-from .card import model_card
+from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, load_split, make_splits
 from .engine import History, Runtime, finetune, load_checkpoint, make_runtime, predict, pretrain, save_checkpoint
@@ -138,10 +138,10 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
     state = write_model(out, model, config.data.image_size)
     contract = ModelContract(
-        dataset.classes, config.data.image_size, tuple(model.attention_stages), "normal" if "normal" in dataset.classes else dataset.classes[0],
-        config.name, config.version, weights_uid(state), config.demo, synthetic,
+        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), "normal" if "normal" in dataset.classes else dataset.classes[0],
+        config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
     )  # fmt: skip
-    description = "Deep Pneumonia: ResNet18 with SimCLR pre-training, mask-guided attention with contrastive regulation and a class-balanced focal loss."
+    description = DESCRIPTIONS[config.finetune.architecture]
     if config.demo or synthetic:
         description = "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
     write_metadata(out, contract, description, report.scalars(), str(config.data.root))
