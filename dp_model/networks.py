@@ -249,9 +249,8 @@ class SideBranchAttention(nn.Module):
     def maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Channel weights ``(B, C, 1, 1)`` and the spatial map ``(B, 1, H, W)``, both in (0, 1)."""
         channel = torch.sigmoid(F.adaptive_avg_pool2d(self.channel_up(self.channel_down(x)), 1))
-        spatial = self.spatial_up(self.spatial_down(x))
-        if spatial.shape[-2:] != x.shape[-2:]:  # odd sizes: the transposed convolution gives one more
-            spatial = spatial[..., : x.shape[-2], : x.shape[-1]]
+        # Odd sizes: the transposed convolution gives one row or column more; crop it.
+        spatial = self.spatial_up(self.spatial_down(x))[..., : x.shape[-2], : x.shape[-1]]
         return channel, torch.sigmoid(spatial)
 
     def forward(self, x: Tensor) -> Tensor:

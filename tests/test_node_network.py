@@ -116,31 +116,20 @@ def test_bad_input_gets_its_status_or_skip_reason_and_the_node_keeps_serving(nod
     assert len(list(node.spool.skipped.iterdir())) == 5  # kept, not lost
 
 
-def test_data_set_of_another_sop_class_than_negotiated_is_refused(node: Node) -> None:
-    """A CT data set in a CR context (PS3.4 B.2.3: 0xA900). Every SCU refuses to send one, so
-    the C-STORE request is built by hand."""
-    from io import BytesIO
-
-    from pydicom.filewriter import dcmwrite
-    from pynetdicom.dimse_primitives import C_STORE
-
+def test_data_set_of_another_sop_class_than_negotiated_is_refused(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CT data set in a CR context (PS3.4 B.2.3: 0xA900). SCUs refuse to send one, so the
+    association is made to pick the CR context for it."""
     mislabelled = chest_dataset()
     mislabelled.SOPClassUID = CTImageStorage
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
+    monkeypatch.setattr(assoc, "_get_valid_context", lambda *_args, **_kwargs: assoc.accepted_contexts[0])
     try:
-        request = C_STORE()
-        request.MessageID, request.Priority = 1, 2
-        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ComputedRadiographyImageStorage, mislabelled.SOPInstanceUID
-        encoded = BytesIO()
-        dcmwrite(encoded, mislabelled, implicit_vr=False, little_endian=True)
-        request.DataSet = encoded
-        assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
-        _, response = assoc.dimse.get_msg(block=True)
+        status = assoc.send_c_store(mislabelled)
     finally:
         assoc.release()
-    assert response.Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert int(status.Status) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert node.spool.count() == 0 and not any(node.spool.skipped.iterdir())
 
 

@@ -18,15 +18,15 @@ def test_console_scripts_exist() -> None:
         assert callable(scripts[name].load())
 
 
-@pytest.mark.parametrize("name", ["dp-node"])
-def test_commands_not_yet_available_say_so_in_one_line(name: str, capsys: pytest.CaptureFixture) -> None:
-    main = next(ep for ep in entry_points(group="console_scripts") if ep.name == name).load()
-    assert main([]) == 2
+def test_node_without_a_bundle_says_how_to_get_one_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no runs/demo/bundle here
+    main = next(ep for ep in entry_points(group="console_scripts") if ep.name == "dp-node").load()
+    assert main(["--metrics-port", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not available" in err
+    assert err.count("\n") == 1 and "no bundle" in err and "make demo-bundle" in err
 
 
-@pytest.mark.parametrize("name", ["dp-train", "dp-synth"])
+@pytest.mark.parametrize("name", ["dp-train", "dp-synth", "dp-node"])
 def test_available_commands_explain_themselves(name: str, capsys: pytest.CaptureFixture) -> None:
     main = next(ep for ep in entry_points(group="console_scripts") if ep.name == name).load()
     with pytest.raises(SystemExit) as exit_:
