@@ -44,10 +44,14 @@ class Metrics:
             return self.counters[(name, tuple(sorted(labels.items())))]
 
     def render(self) -> str:
-        lines = []
+        lines, typed = [], set()
         with self._lock:
             items = sorted(self.counters.items())
         for (name, labels), value in items:
+            family, kind = (name[: -len("_sum")], "summary") if name.endswith("_sum") else (name[: -len("_count")], "summary") if name.endswith("_count") else (name, "counter")
+            if family not in typed:
+                typed.add(family)
+                lines.append(f"# TYPE dp_node_{family} {kind}")
             lines.append(f"dp_node_{name}{_labels(labels)} {value:g}")
         for name, read in sorted(self.gauges.items()):
             lines.append(f"# HELP dp_node_{name} {self.help[name]}")

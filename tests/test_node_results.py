@@ -224,3 +224,19 @@ def test_large_images_are_downscaled_with_their_spacing(predictor: NodePredictor
     sc = build_overlay(rg1, prepared.source.pixels, (0.2, 0.2), negative(), contract, ResultIdentity.of(rg1, contract), 1024)
     assert max(sc.Rows, sc.Columns) == 1024
     assert float(sc.PixelSpacing[0]) == pytest.approx(0.2 * rg1.Rows / sc.Rows, rel=0.01)
+
+
+def test_metrics_render_in_the_prometheus_text_format() -> None:
+    from pacs_node.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.inc("skipped_total", reason="body-part")
+    metrics.inc("skipped_total", reason='odd"name')
+    metrics.observe("inference_seconds", 0.25)
+    metrics.observe("inference_seconds", 0.75)
+    metrics.gauge("queue_depth", lambda: {(): 2.0}, "instances waiting")
+    lines = metrics.render().splitlines()
+    assert lines.count("# TYPE dp_node_skipped_total counter") == 1
+    assert 'dp_node_skipped_total{reason="body-part"} 1' in lines and 'dp_node_skipped_total{reason="odd\\"name"} 1' in lines
+    assert "# TYPE dp_node_inference_seconds summary" in lines and "dp_node_inference_seconds_sum 1" in lines and "dp_node_inference_seconds_count 2" in lines
+    assert lines[-3:] == ["# HELP dp_node_queue_depth instances waiting", "# TYPE dp_node_queue_depth gauge", "dp_node_queue_depth 2"]

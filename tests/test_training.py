@@ -296,3 +296,10 @@ def test_the_demo_config_produces_a_valid_bundle(demo_bundle: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (demo_bundle / "eval" / "predictions.csv").read_text().count("\n") == 4
+
+
+def test_resume_of_a_complete_run_does_not_train_again(bundle: Path, capsys: pytest.CaptureFixture) -> None:
+    weights = (bundle / "models" / "model.pt").read_bytes()
+    assert train_main(["--data", "unused-when-complete", "--out", str(bundle), "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (bundle / "models" / "model.pt").read_bytes() == weights
