@@ -68,6 +68,10 @@ from .status import StoreStatus
 
 logger = logging.getLogger(__name__)
 
+#: An instance in flight at this many deaths of the process (a decoder that segfaults on it,
+#: say) is moved to spool/failed instead of being tried at every start.
+MAX_STARTS = 3
+
 #: The chest radiograph storage classes the node reads (PS3.4 B.5); nothing else is offered,
 #: so a sender of anything else sees its presentation context rejected.
 STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing)
@@ -117,6 +121,10 @@ class Node:
 
     def start(self) -> None:
         """Re-queue the spool, start the worker, senders, metrics endpoint and the listener."""
+        for path, starts in self.spool.quarantine(MAX_STARTS):
+            logger.error("%s was being processed at %d crashes of the node; moved to %s", path.stem, starts, path.parent)
+            self.metrics.inc("failed_total")
+            self.audit.write("received", sop_instance_uid=path.stem, status="failed", detail=f"in flight at {starts} crashes of the node; quarantined")
         pending = self.spool.pending()
         for path in pending:
             self.queue.put(path)
@@ -222,6 +230,14 @@ class Node:
 
     def process(self, items: list[Item]) -> None:
         """Screen, decode, infer (one batch), write and hand over the results of ``items``."""
+        paths = [item.path for item in items]
+        self.spool.begin(paths)
+        try:
+            self._process(items)
+        finally:
+            self.spool.end(paths)
+
+    def _process(self, items: list[Item]) -> None:
         ready = [item for item in items if self._load(item)]
         if not ready:
             return

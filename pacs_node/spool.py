@@ -5,7 +5,10 @@ Layout under the spool folder::
     tmp/        partial writes (removed at start-up)
     incoming/   received instances waiting for, or in, processing: <SOPInstanceUID>.dcm
     skipped/    received instances that are not frontal chest radiographs (kept when asked)
-    failed/     instances whose processing raised; kept for a person to look at
+    failed/     instances whose processing raised, or that were in flight when the node
+                died too often (a file that crashes a decoder must not crash the node
+                at every start); kept for a person to look at
+    inflight.json   instances being processed, with how many times processing began
 
 A C-STORE is acknowledged only after its bytes are in ``incoming/`` (write to ``tmp/``,
 fsync, atomic rename, fsync of the folder), so a crash at any moment, ``kill -9``
@@ -21,6 +24,7 @@ Sending Application Entity Title (0002,0017), so the audit trail survives a rest
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -84,6 +88,44 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp.iterdir():  # writes that a crash interrupted were never acknowledged
             stale.unlink(missing_ok=True)
+
+    # --- in-flight bookkeeping: a file that kills the process is not retried forever ---------
+
+    def begin(self, paths: list[Path]) -> None:
+        """Record that processing of ``paths`` starts (durably, before it starts)."""
+        starts = self._inflight()
+        for path in paths:
+            starts[path.name] = starts.get(path.name, 0) + 1
+        self._save_inflight(starts)
+
+    def end(self, paths: list[Path]) -> None:
+        """Processing of ``paths`` ended, whatever its outcome."""
+        starts = self._inflight()
+        for path in paths:
+            starts.pop(path.name, None)
+        self._save_inflight(starts)
+
+    def quarantine(self, max_starts: int) -> list[tuple[Path, int]]:
+        """Move to ``failed/`` what was in flight at ``max_starts`` deaths of the process; returns them."""
+        starts, moved = self._inflight(), []
+        for name, count in sorted(starts.items()):
+            path = self.incoming / name
+            if count >= max_starts and path.exists():
+                self._move(path, self.failed)
+                moved.append((self.failed / name, count))
+        if moved:
+            self._save_inflight({k: v for k, v in starts.items() if (self.incoming / k).exists()})
+        return moved
+
+    def _inflight(self) -> dict[str, int]:
+        try:
+            return {str(k): int(v) for k, v in json.loads((self.root / "inflight.json").read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _save_inflight(self, starts: dict[str, int]) -> None:
+        with atomic_file(self.root / "inflight.json", self.tmp) as handle:
+            handle.write(json.dumps(starts).encode())
 
     def store(self, file_meta: FileMetaDataset, dataset_bytes: bytes) -> Path:
         """Write a received instance durably into ``incoming/`` and return its path."""

@@ -201,3 +201,25 @@ def test_nearly_full_disk_answers_out_of_resources(tmp_path: Path, predictor: No
         assert node.health()["status"] == "degraded"
     finally:
         node.stop()
+
+
+def test_an_image_in_flight_at_three_crashes_is_quarantined_not_retried_forever(tmp_path: Path, predictor: NodePredictor) -> None:
+    from pacs_node.spool import Spool
+
+    # Three starts of processing that never ended: the process died each time.
+    spool = Spool(tmp_path / "spool")
+    poison, survivor = (spool.incoming / name for name in ("1.2.3.dcm", "1.2.4.dcm"))
+    chest_dataset().save_as(poison, enforce_file_format=True)
+    chest_dataset().save_as(survivor, enforce_file_format=True)
+    for _ in range(3):
+        spool.begin([poison])
+    spool.begin([survivor])  # died once while this one was in flight: it is tried again
+    node = start_node(tmp_path, predictor)
+    try:
+        assert (node.spool.failed / "1.2.3.dcm").exists() and not poison.exists()
+        wait_for(lambda: not survivor.exists(), 60, "the survivor to be processed")
+        lines = audit_lines(node)
+        assert any(line["sop_instance_uid"] == "1.2.3" and line["status"] == "failed" for line in lines)
+        assert node.spool._inflight() == {}
+    finally:
+        node.stop()
