@@ -96,3 +96,14 @@ def test_the_documented_training_config_lists_exactly_the_defaults() -> None:
     assert yaml.safe_load((CONFIGS / "deep_pneumonia.yaml").read_text()) == to_mapping(TrainConfig())
     demo = load_config(TrainConfig, CONFIGS / "demo.yaml")
     assert demo.demo and demo.runtime.device == "cpu"
+
+
+def test_every_config_file_loads() -> None:
+    from dp_model.training.config import TrainConfig
+    from pacs_node.config import NodeConfig
+
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        cls = SynthConfig if path.name.startswith("synth") else NodeConfig if path.name == "node.yaml" else TrainConfig
+        load_config(cls, path)
