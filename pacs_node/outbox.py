@@ -39,6 +39,11 @@ RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCap
 RESULT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
+def next_backoff(previous: float, config: OutboxConfig) -> float:
+    """The wait after a failed attempt: ``initial_backoff_s``, then doubling up to ``max_backoff_s``."""
+    return min(config.max_backoff_s, max(config.initial_backoff_s, 2 * previous))
+
+
 @dataclass
 class _Attempts:
     """In-memory delivery history of one outbox file (restarts begin again, on purpose)."""
@@ -99,11 +104,11 @@ class DestinationSender:
     def put(self, dataset: Dataset, source_uid: str) -> Path:
         """Write a result durably into this destination's outbox."""
         path = self.folder / f"{dataset.SOPInstanceUID}.dcm"
+        # The sidecar first: the sender picks up *.dcm, and must find its source beside it.
+        with atomic_file(path.with_suffix(".json")) as handle:
+            handle.write(json.dumps({"source": source_uid}).encode())
         with atomic_file(path) as handle:
             dataset.save_as(handle, enforce_file_format=True)
-        meta = path.with_suffix(".json")
-        with atomic_file(meta) as handle:
-            handle.write(json.dumps({"source": source_uid}).encode())
         return path
 
     def pending(self) -> list[Path]:
@@ -129,13 +134,16 @@ class DestinationSender:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            ok = self._send_batch(files[: self.config.batch_size])
-            if ok:
+            if self._send_batch(files[: self.config.batch_size]):
                 backoff = 0.0
                 continue
-            backoff = min(self.config.max_backoff_s, max(self.config.initial_backoff_s, 2 * backoff))
+            backoff = next_backoff(backoff, self.config)
             logger.warning("%s: delivery failed (%s); next try in %.1f s", self.destination, self.stats.last_error, backoff)
-            self._stop.wait(backoff)
+            self._pause(backoff)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before the next attempt; a stop ends the wait at once."""
+        self._stop.wait(seconds)
 
     def _send_batch(self, files: list[Path]) -> bool:
         """Send ``files`` over one association; False when the destination could not be reached."""
