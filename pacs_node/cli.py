@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from dp_model.bundle import BundleError
@@ -69,7 +70,7 @@ def load(args: argparse.Namespace) -> NodeConfig:
     if not config.bundle:
         if not (DEMO_BUNDLE / "configs" / "metadata.json").exists():
             raise ConfigError(f"no bundle: pass --bundle, set bundle in the config, or build the demo bundle with `make demo-bundle` ({DEMO_BUNDLE})")
-        config = load_config(NodeConfig, args.config, overrides | {"bundle": str(DEMO_BUNDLE)})
+        config = replace(config, bundle=str(DEMO_BUNDLE))
     return config
 
 

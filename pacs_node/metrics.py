@@ -48,7 +48,7 @@ class Metrics:
         with self._lock:
             items = sorted(self.counters.items())
         for (name, labels), value in items:
-            family, kind = (name[: -len("_sum")], "summary") if name.endswith("_sum") else (name[: -len("_count")], "summary") if name.endswith("_count") else (name, "counter")
+            family, kind = _family(name)
             if family not in typed:
                 typed.add(family)
                 lines.append(f"# TYPE dp_node_{family} {kind}")
@@ -59,6 +59,14 @@ class Metrics:
             for labels, value in sorted(read().items()):
                 lines.append(f"dp_node_{name}{_labels(labels)} {value:g}")
         return "\n".join(lines) + "\n"
+
+
+def _family(name: str) -> tuple[str, str]:
+    """The metric family a sample belongs to, and its type: ``x_sum`` and ``x_count`` are a summary."""
+    for suffix in ("_sum", "_count"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], "summary"
+    return name, "counter"
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:

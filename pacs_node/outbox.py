@@ -19,7 +19,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -54,13 +54,11 @@ class _Attempts:
 
 @dataclass
 class DeliveryStats:
-    sent: int = 0
-    refused: int = 0
-    dead_letters: int = 0
+    """What /health shows of a destination (delivery counts are in the node's metrics)."""
+
     failed_associations: int = 0
     last_error: str = ""
     backlog: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class DestinationSender:
@@ -183,7 +181,6 @@ class DestinationSender:
             self.stats.last_error = "no response to C-STORE"
             self._note_failure([path])
             return
-        self.stats.refused += 1
         self.stats.last_error = f"C-STORE status 0x{code:04X}"
         attempts = self._attempts.setdefault(path.name, _Attempts())
         attempts.refusals += 1
@@ -195,7 +192,6 @@ class DestinationSender:
         path.with_suffix(".json").unlink(missing_ok=True)
         fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
-        self.stats.sent += 1
         self.on_delivered(self.destination, sop_uid, source, True)
 
     def _note_failure(self, files: list[Path]) -> None:
@@ -214,7 +210,6 @@ class DestinationSender:
         (self.dead / path.with_suffix(".why.txt").name).write_text(why + "\n")
         fsync_dir(self.dead)
         self._attempts.pop(path.name, None)
-        self.stats.dead_letters += 1
         logger.error("%s: %s moved to dead letters: %s", self.destination, path.stem, why)
         self.on_delivered(self.destination, path.stem, source, False)
 

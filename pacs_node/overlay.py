@@ -13,7 +13,6 @@ import warnings
 import highdicom as hd
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
@@ -21,6 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dp_model.bundle import ModelContract
+from dp_transforms.geometry import resize
 
 from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from .predictor import Prediction
@@ -58,9 +58,7 @@ def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    tensor = torch.from_numpy(np.ascontiguousarray(array, np.float32))[None, None]
-    down = shape[0] < array.shape[0]
-    return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=down)[0, 0].numpy()
+    return resize(torch.from_numpy(np.ascontiguousarray(array, np.float32))[None], shape)[0].numpy()
 
 
 def _annotate(image: Image.Image, prediction: Prediction, demo: bool, scale: float) -> None:

@@ -152,11 +152,9 @@ class NodePredictor:
         return logits.float().softmax(dim=1).cpu().numpy(), maps.float().cpu()
 
     def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_map: torch.Tensor) -> Prediction:
-        contract, geometry = self.contract, prepared.geometry
-        factor = canvas_map.shape[-1] / contract.image_size
-        (top, left), (rows, columns) = geometry.offset, geometry.content_shape
-        crop = canvas_map[0, round(top * factor) : round((top + rows) * factor), round(left * factor) : round((left + columns) * factor)]
-        heatmap = crop.clamp(0, 1).numpy().astype(np.float32)
+        contract = self.contract
+        # The map stays coarse (drawing resizes it); only the letterbox padding is cut away.
+        heatmap = prepared.geometry.canvas_crop(canvas_map)[0].clamp(0, 1).numpy().astype(np.float32)
         draft = Prediction(contract.classes, probabilities, contract.normal_class, self.operating_point, heatmap, np.zeros((0, 4), np.float32))
         if not draft.positive or heatmap.size == 0:
             return draft

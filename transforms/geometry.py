@@ -160,25 +160,29 @@ class Letterbox:
 
     def image_to_canvas(self, image: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``(C, H, W)`` source image to ``(C, size, size)``: antialiased resize, then pad."""
-        resized = _resize(image, self.content_shape)
+        resized = resize(image, self.content_shape)
         (top, left), (rows, columns) = self.offset, self.content_shape
         canvas = image.new_full((image.shape[0], self.size, self.size), fill)
         canvas[:, top : top + rows, left : left + columns] = resized
         return canvas
 
-    def canvas_to_source(self, canvas_map: torch.Tensor) -> torch.Tensor:
-        """``(C, h, w)`` map over the canvas (any resolution) back to ``(C, H, W)`` of the source."""
+    def canvas_crop(self, canvas_map: torch.Tensor) -> torch.Tensor:
+        """The part of a ``(C, h, w)`` map over the canvas (any resolution) that covers the source image."""
         factor = canvas_map.shape[-1] / self.size
         (top, left), (rows, columns) = self.offset, self.content_shape
-        crop = canvas_map[
+        return canvas_map[
             :,
             round(top * factor) : round((top + rows) * factor),
             round(left * factor) : round((left + columns) * factor),
         ]
-        return _resize(crop, self.source_shape)
+
+    def canvas_to_source(self, canvas_map: torch.Tensor) -> torch.Tensor:
+        """``(C, h, w)`` map over the canvas (any resolution) back to ``(C, H, W)`` of the source."""
+        return resize(self.canvas_crop(canvas_map), self.source_shape)
 
 
-def _resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``(C, H, W)`` float image to ``shape``: bilinear, antialiased when shrinking."""
     if not image.dtype.is_floating_point:
         raise TypeError(f"resize needs a floating point image, got {image.dtype}")
     if tuple(image.shape[-2:]) == tuple(shape):
