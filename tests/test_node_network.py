@@ -77,7 +77,12 @@ def test_storescu_sends_real_chest_xrays_and_storescp_gets_a_valid_sr_and_sc_for
         if path.name.startswith("SR"):
             dump = run_tool("dsrdump", path).stdout
             assert '(233604007,SCT,"Pneumonia")' in dump and 'NUM:(,,"Certainty of Finding")' in dump
-    processed = [line for line in audit_lines(node) if line["status"] == "processed"]
+    # The audit line is written once the results are handed over, which may be after they arrive.
+    def processed_lines() -> list[dict] | None:
+        lines = [line for line in audit_lines(node) if line["status"] == "processed"]
+        return lines if len(lines) == 2 else None
+
+    processed = wait_for(processed_lines, 30, "two audit lines")
     assert {line["calling_ae"] for line in processed} == {"MODALITY"}
     assert {line["sop_instance_uid"] for line in processed} == source_uids
 
