@@ -39,3 +39,24 @@ def grad_cam(model: nn.Module, images: Tensor, target_layer: nn.Module, classes:
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     return cam / peak
+
+
+def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: int = 0) -> Tensor:
+    """Each model's own answer to "where is the finding of class ``labels``?", ``(B, 1, H, W)`` in [0, 1].
+
+    * multi-label variants (:meth:`class_maps`): the map of the image's finding (CIA-Net's
+      grid probabilities; class attention scaled to its peak);
+    * networks with MGACR heads: the learned ``map+``;
+    * any other classifier: the Grad-CAM of the class, scaled to its peak.
+
+    Thresholded at 0.5, these are the regions the node reports.
+    """
+    labels = labels.to(images.device)
+    if hasattr(model, "class_maps"):
+        _, maps = model.class_maps(images)
+        finding = (labels - (labels > normal).long()).clamp_min(0)
+        chosen = maps[torch.arange(len(images), device=maps.device), finding][:, None]
+        return F.interpolate(chosen.float(), size=images.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    if getattr(model, "attention_stages", ()):
+        return model.attention_map(images).clamp(0, 1)
+    return grad_cam(model, images, model.cam_layer, labels)

@@ -1,4 +1,6 @@
-"""The Deep Pneumonia losses: NT-Xent (Eq. 1), MGACR (Eq. 2-6) and class-balanced focal (Eq. 9).
+"""The Deep Pneumonia losses: NT-Xent (Eq. 1), MGACR (Eq. 2-6) and class-balanced focal (Eq. 9),
+and the losses of the other seed systems: the 1/sqrt(n) focal loss (seed 004), the class
+attention loss (seed 003, Eq. 5) and CIA-Net's grid, MIL and alignment losses (seed 002).
 
 Each loss is a pure function of tensors, computed in float32 whatever the autocast
 context, with a thin ``nn.Module`` that validates its settings once.
@@ -335,3 +337,93 @@ class SqrtFocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return cb_focal_loss(logits, target, self.weights, self.gamma, "softmax")
+
+
+# --- class-based attention (seed 003, Eq. 5) ----------------------------------------------------------
+
+
+def class_attention_weights(positive_counts: Sequence[int]) -> Tensor:
+    """``c_i = n_min^2 / n_i`` from each class's number of positive training images.
+
+    A class without positives counts as one image, so that its weight stays finite.
+    """
+    n = torch.as_tensor(list(positive_counts), dtype=torch.float64).clamp_min(1.0)
+    return (n.min() ** 2 / n).float()
+
+
+@_float32
+def class_attention_loss(logits: Tensor, attention: Tensor, target: Tensor, weights: Tensor, entropy_weight: float) -> Tensor:
+    """Eq. 5 of the class-based attention paper, summed over classes, averaged over images.
+
+    ``-(c_i y log p + (1 - y)(log(1 - p) + lambda H(w_3i)))``: a weighted binary
+    cross-entropy per class, and for each class absent from an image, the entropy of its
+    attention distribution is maximised (a flat map: nothing to look at).
+
+    Args:
+        logits: ``(B, k)``.
+        attention: ``(B, k, H, W)`` class attention distributions (each sums to 1).
+        target: ``(B, k)`` 0/1.
+        weights: ``(k,)`` positive weights ``c_i``.
+        entropy_weight: ``lambda``.
+    """
+    logits, target = logits.float(), target.float()
+    w = attention.float().flatten(2)
+    entropy = -(w * w.clamp_min(1e-12).log()).sum(dim=-1)  # (B, k)
+    positive = weights.to(logits.device) * target * F.logsigmoid(logits)
+    negative = (1.0 - target) * (F.logsigmoid(-logits) + entropy_weight * entropy)
+    return -(positive + negative).sum(dim=1).mean()
+
+
+class ClassAttentionLoss(nn.Module):
+    """:func:`class_attention_loss` with the weights of the training split's counts."""
+
+    def __init__(self, positive_counts: Sequence[int], entropy_weight: float = 0.1, class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if entropy_weight < 0:
+            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
+        self.register_buffer("weights", class_attention_weights(positive_counts))
+        self.entropy_weight = float(entropy_weight)
+        names = list(class_names or range(len(positive_counts)))
+        logger.info("class attention positive weights n_min^2/n_i: %s", ", ".join(f"{c} {n} -> {w:.2f}" for c, n, w in zip(names, positive_counts, self.weights.tolist())))
+
+    def forward(self, logits: Tensor, attention: Tensor, target: Tensor) -> Tensor:
+        return class_attention_loss(logits, attention, target, self.weights, self.entropy_weight)
+
+
+# --- CIA-Net (seed 002, Eq. 2, 4-6) -----------------------------------------------------------------
+
+
+@_float32
+def cia_loss(grid: Tensor, grid_target: Tensor, boxed: Tensor, target: Tensor, box_weight: float = 1.0) -> Tensor:
+    """Eq. 6: ``sum_k lambda_k beta_B L_k(B) + (1 - lambda_k) L_k(I)``, averaged over images.
+
+    Args:
+        grid: ``(B, k, h, w)`` grid logits.
+        grid_target: ``(B, k, h, w)`` 1 where a grid cell overlaps a box of class k.
+        boxed: ``(B, k)`` ``lambda``: class k of the image has box annotation.
+        target: ``(B, k)`` image labels.
+        box_weight: ``beta_B``.
+
+    ``L(B)`` (Eq. 4) is the binary cross-entropy summed over the grid cells; ``L(I)`` (Eq. 5)
+    is the MIL loss ``-y log(1 - prod_j (1 - p_j)) - (1 - y) log prod_j (1 - p_j)``, which is
+    the binary cross-entropy of the image probability :func:`~dp_model.variants.mil_logits`.
+    """
+    from .variants import mil_logits
+
+    grid, grid_target, boxed, target = grid.float(), grid_target.float(), boxed.float(), target.float()
+    box_level = F.binary_cross_entropy_with_logits(grid, grid_target, reduction="none").flatten(2).sum(dim=-1)
+    image_level = F.binary_cross_entropy_with_logits(mil_logits(grid), target, reduction="none")
+    return (boxed * box_weight * box_level + (1.0 - boxed) * image_level).sum(dim=1).mean()
+
+
+@_float32
+def feature_reconstruction_loss(features: Tensor, target_features: Tensor) -> Tensor:
+    """Eq. 2: ``||N(phi(I)) - N(T)||_2 / (C H W)`` per image, averaged over images."""
+    c, h, w = features.shape[1:]
+    return ((features.float() - target_features.float()).flatten(1).norm(dim=1) / (c * h * w)).mean()
+
+
+@_float32
+def consistency_loss(aligned: Tensor, target: Tensor) -> Tensor:
+    """Mean Euclidean distance between corresponding pixels of the aligned image and the target."""
+    return (aligned.float() - target.float()).abs().mean()

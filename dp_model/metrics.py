@@ -147,3 +147,48 @@ def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, 
             if values.size:
                 report.intervals[name] = (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
     return report
+
+
+#: The IoU thresholds of CIA-Net's localization tables.
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """IoU of boolean masks ``(N, H, W)``, one value per image (0 when both are empty)."""
+    predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
+    intersection = (predicted & truth).sum(axis=(1, 2))
+    union = (predicted | truth).sum(axis=(1, 2))
+    return np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
+
+
+def localization_accuracy(
+    predicted: np.ndarray, truth: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], thresholds: tuple[float, ...] = IOU_THRESHOLDS
+) -> dict[str, list[float]]:
+    """Localization accuracy per class and threshold, as CIA-Net's Tables 1-3 report it.
+
+    An image is localized correctly at ``T`` when the IoU of the predicted region (the
+    union of everything the model marks, which may be several small rectangles) with the
+    union of its ground-truth boxes exceeds ``T``. Accuracy is the share of the boxed test
+    images of a class that are correct.
+
+    Args:
+        predicted: ``(N, H, W)`` boolean masks of the model's regions for each image's class.
+        truth: ``(N, H, W)`` boolean masks of the ground-truth boxes (images without boxes
+            are left out).
+        labels: ``(N,)`` class index of each image.
+
+    Returns:
+        ``class -> [accuracy at each threshold]`` for every class with boxed images, and
+        ``"mean"`` over those classes.
+    """
+    iou = mask_iou(predicted, truth)
+    boxed = np.asarray(truth, bool).any(axis=(1, 2))
+    labels = np.asarray(labels)
+    out: dict[str, list[float]] = {}
+    for c, name in enumerate(classes):
+        chosen = boxed & (labels == c)
+        if chosen.any():
+            out[name] = [float((iou[chosen] > t).mean()) for t in thresholds]
+    if out:
+        out["mean"] = [float(np.mean([v[i] for v in out.values()])) for i in range(len(thresholds))]
+    return out

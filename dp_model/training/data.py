@@ -62,6 +62,23 @@ class Resident:
         return self.images[index].float().div_(255.0), self.boxes[index], self.labels[index], self.has_boxes[index]
 
 
+def keep_boxes(data: Resident, fraction: float, seed: int) -> Resident:
+    """``data`` with the boxes of a seeded ``1 - fraction`` of its boxed images removed.
+
+    Those images train from their label alone, as images nobody outlined would.
+    """
+    boxed = torch.nonzero(data.has_boxes.cpu()).flatten()
+    if fraction >= 1.0 or len(boxed) == 0:
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    dropped = boxed[torch.randperm(len(boxed), generator=generator)[: len(boxed) - round(fraction * len(boxed))]]
+    boxes, has_boxes = data.boxes.clone(), data.has_boxes.clone()
+    boxes[dropped.to(boxes.device)] = 0.0
+    has_boxes[dropped.to(has_boxes.device)] = False
+    logger.info("boxes kept on %d of %d boxed training images", int(has_boxes.sum()), len(boxed))
+    return Resident(data.images, boxes, data.labels, has_boxes, data.ids)
+
+
 @dataclass(frozen=True)
 class Splits:
     """Indices into the dataset's records."""
