@@ -26,7 +26,7 @@ import logging
 import platform
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from importlib.resources import files
 from pathlib import Path
@@ -37,7 +37,7 @@ from torch import nn
 
 from dp_transforms import ImageError, load_letterboxed
 
-from .networks import build_network
+from .networks import MULTI_LABEL, build_network, class_scores, output_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class ModelContract:
         demo: trained as a demonstration; synthetic: trained on synthetic images.
         architecture: the network (:data:`~dp_model.networks.ARCHITECTURES`); bundles
             written before variants existed carry none and are ResNet18.
+        options: the network's constructor options (JSON values).
     """
 
     classes: tuple[str, ...]
@@ -76,15 +77,26 @@ class ModelContract:
     demo: bool
     synthetic: bool
     architecture: str = "resnet18"
+    options: dict = field(default_factory=dict)
+
+    @property
+    def multi_label(self) -> bool:
+        """One sigmoid per finding instead of a softmax over every class."""
+        return self.architecture in MULTI_LABEL
+
+    @property
+    def output_classes(self) -> tuple[str, ...]:
+        """The classes of the network's outputs, in order: the findings alone when multi-label."""
+        return tuple(c for c in self.classes if c != self.normal_class) if self.multi_label else self.classes
 
     def network(self) -> nn.Module:
-        return build_network(self.architecture, len(self.classes), self.attention_stages)
+        return build_network(self.architecture, len(self.output_classes), self.attention_stages, **self.options)
 
     def to_json(self) -> dict:
         return {
             "classes": list(self.classes), "image_size": self.image_size, "attention_stages": list(self.attention_stages),
             "normal_class": self.normal_class, "name": self.name, "version": self.version, "device_uid": self.device_uid,
-            "demo": self.demo, "synthetic": self.synthetic, "architecture": self.architecture, "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
+            "demo": self.demo, "synthetic": self.synthetic, "architecture": self.architecture, "options": dict(self.options), "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
         }  # fmt: skip
 
     @staticmethod
@@ -93,7 +105,7 @@ class ModelContract:
             return ModelContract(
                 tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
                 str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
-                str(data.get("architecture", "resnet18")),
+                str(data.get("architecture", "resnet18")), dict(data.get("options", {})),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"metadata.json: the deep_pneumonia model contract is incomplete ({exc})") from None
@@ -125,6 +137,8 @@ def write_model(root: Path, model: nn.Module, image_size: int) -> dict[str, torc
         # TorchScript is deprecated in favour of torch.export, but it is what deployment
         # tools (and MONAI's ckpt_export) load today; the notice is not for our users.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+        # CIA-Net's negative bank size is a constant of the trained model; tracing it is right.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(str(root / "models" / "model.ts"))
     return state
@@ -132,7 +146,9 @@ def write_model(root: Path, model: nn.Module, image_size: int) -> dict[str, torc
 
 def write_metadata(root: Path, contract: ModelContract, description: str, metrics: dict[str, float], data_source: str) -> Path:
     """``configs/metadata.json``, validated against the vendored schema."""
-    channel_def = {str(i): name for i, name in enumerate(contract.classes)}
+    channel_def = {str(i): name for i, name in enumerate(contract.output_classes)}
+    outputs = len(contract.output_classes)
+    pred = "sigmoid probability of each finding, in channel_def order; none above the operating point means normal" if contract.multi_label else "softmax probability of each class, in label_classes order"
     versions = {name: _version(name) for name in ("deep-pneumonia", "pydicom", "pylibjpeg", "SimpleITK", "torchvision")}
     meta = {
         "schema": SCHEMA_URL,
@@ -151,7 +167,7 @@ def write_metadata(root: Path, contract: ModelContract, description: str, metric
         "data_type": "dicom",
         "image_classes": "single-channel frontal chest radiograph, letterboxed, intensities in [0, 1], larger is brighter",
         "label_classes": ", ".join(f"{i}: {name}" for i, name in enumerate(contract.classes)),
-        "pred_classes": "softmax probability of each class, in label_classes order",
+        "pred_classes": pred,
         "eval_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
         "intended_use": "Research and software testing only. Not a medical device; not for clinical decisions.",
         "references": [PAPER],
@@ -161,7 +177,7 @@ def write_metadata(root: Path, contract: ModelContract, description: str, metric
                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "X-ray"},
             }},
             "outputs": {"pred": {
-                "type": "probabilities", "format": "classes", "num_channels": len(contract.classes), "spatial_shape": [len(contract.classes)],
+                "type": "probabilities", "format": "classes", "num_channels": outputs, "spatial_shape": [outputs],
                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": channel_def,
             }},
         },  # fmt: skip
@@ -208,7 +224,7 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": {
             "_target_": "dp_model.networks.build_network", "architecture": contract.architecture,
-            "num_classes": len(contract.classes), "attention_stages": list(contract.attention_stages),
+            "num_classes": len(contract.output_classes), "attention_stages": list(contract.attention_stages), **contract.options,
         },  # fmt: skip
         "network": "$@network_def.to(@device)",
     }
@@ -327,20 +343,24 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
-        """Softmax probabilities of the images that load; the reasons of those that do not."""
+        """Output probabilities of the images that load (NaN rows for the others); the reasons of those that do not."""
         out, problems = [], []
         for path in paths:
             try:
                 canvas, _, _ = load_letterboxed(path, self.contract.image_size)
             except ImageError as exc:
                 problems.append(str(exc))
-                out.append(np.full(len(self.contract.classes), np.nan))
+                out.append(np.full(len(self.contract.output_classes), np.nan))
                 continue
-            out.append(self.model(canvas[None].to(self.device)).softmax(dim=1)[0].cpu().numpy())
+            out.append(output_probabilities(self.model, self.model(canvas[None].to(self.device)))[0].cpu().numpy())
         return np.asarray(out), problems
 
     def predict_folder(self, input_dir: str, output_dir: str) -> Path:
-        """Write ``predictions.csv`` (file, class, probability of each class) for every image in ``input_dir``."""
+        """Write ``predictions.csv`` (file, prediction, probability of each output) for every image in ``input_dir``.
+
+        The prediction is the most probable class; for multi-label models, every finding at
+        or above 0.5 joined by "+", or the normal class when there is none.
+        """
         paths = sorted(p for p in Path(input_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise BundleError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -349,14 +369,20 @@ class Predictor:
         out.mkdir(parents=True, exist_ok=True)
         with (out / "predictions.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["image", "prediction", *self.contract.classes])
+            writer.writerow(["image", "prediction", *self.contract.output_classes])
             for path, p in zip(paths, probabilities):
-                label = "unreadable" if np.isnan(p).any() else self.contract.classes[int(p.argmax())]
+                label = "unreadable" if np.isnan(p).any() else self._label(p)
                 writer.writerow([str(path), label, *(f"{v:.4f}" for v in p)])
         for problem in problems:
             logger.warning("skipped %s", problem)
         logger.info("predictions for %d images in %s", len(paths), out / "predictions.csv")
         return out / "predictions.csv"
+
+    def _label(self, p: np.ndarray) -> str:
+        outputs = self.contract.output_classes
+        if not self.contract.multi_label:
+            return outputs[int(p.argmax())]
+        return "+".join(c for c, v in zip(outputs, p) if v >= 0.5) or self.contract.normal_class
 
     def evaluate_dataset(self, dataset_dir: str, output_dir: str) -> Path:
         """Metrics of the bundle on every image of a dataset, written as ``metrics.md``."""
@@ -368,7 +394,9 @@ class Predictor:
             raise BundleError(f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}")
         probabilities, problems = self.probabilities([r.image for r in dataset.records])
         keep = ~np.isnan(probabilities).any(axis=1)
-        report = evaluate(dataset.targets()[keep], probabilities[keep], self.contract.classes, bootstrap=200)
+        normal = self.contract.classes.index(self.contract.normal_class)
+        scores = class_scores(torch.from_numpy(probabilities[keep]), self.contract.multi_label, normal).numpy()
+        report = evaluate(dataset.targets()[keep], scores, self.contract.classes, bootstrap=200)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.md").write_text(report.table() + "\n")

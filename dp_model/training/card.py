@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..bundle import PAPER, ModelContract
 from ..datasets import ChestDataset
-from ..metrics import Report
+from ..metrics import IOU_THRESHOLDS, Report
 from .config import TrainConfig
 
 WARNING = (
@@ -22,6 +22,10 @@ DESCRIPTIONS = {
     "resnet50": "ResNet-50 baseline trained from scratch (the Deep Pneumonia paper's Table II).",
     "vgg16": "VGG16 baseline trained from scratch (the Deep Pneumonia paper's Table II).",
     "attention_resnet50": "Attention-enhanced ResNet-50: channel and spatial attention side branches in every residual stage, trained with a modified focal loss with 1/sqrt(n) class weights.",
+    "class_attention": "Class-based attention: attention gates on three residual stages with the third replicated per finding, one sigmoid per finding, "
+    "trained with positive weights n_min^2/n_i and the entropy of absent findings' attention maps maximised.",
+    "cia_net": "CIA-Net: contrast-induced attention against the most similar normal image, an alignment module towards a canonical chest, "
+    "and a class-aware grid trained with box-level and MIL losses, so that images without boxes train too.",
 }
 
 
@@ -32,7 +36,7 @@ def _recipe(config: TrainConfig) -> list[str]:
         + (f"{config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}" if config.pretrain.enabled else "off"),
         f"- stage II: {f.epochs} epochs, batch {f.batch_size}, {f.optimizer} lr {f.lr}, checkpoint selected on validation {f.select_metric.replace('_', ' ')}",
         f"- network: {f.architecture}",
-        f"- classification loss: {f.loss.kind}" + (f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})" if f.loss.kind in ("focal", "cb_focal") else "")
+        _variant_loss(config) if f.multi_label else f"- classification loss: {f.loss.kind}" + (f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})" if f.loss.kind in ("focal", "cb_focal") else "")
         + (f" (alpha {f.loss.alpha}, gamma {f.loss.gamma})" if f.loss.kind == "sqrt_focal" else ""),
         f"- mask-guided attention: {'on, weight ' + str(m.att_weight) if m.attention else 'off'}; "
         f"feature contrastive regulation: {'on, weight ' + str(m.feat_weight) if m.feature_cr else 'off'}"
@@ -40,6 +44,28 @@ def _recipe(config: TrainConfig) -> list[str]:
         f"- input: {config.data.image_size} x {config.data.image_size}, one channel, letterboxed, values in [0, 1]",
     ]
     return lines
+
+
+def localization_table(accuracy: dict[str, list[float]]) -> list[str]:
+    """Localization accuracy at each IoU threshold (CIA-Net's Tables 1-3), as markdown lines."""
+    if not accuracy:
+        return []
+    header = " | ".join(f"T(IoU) {t}" for t in IOU_THRESHOLDS)
+    lines = ["Localization accuracy on the boxed test images: the share whose region at 0.5 overlaps the boxes with IoU above T.", "",
+             f"| class | {header} |", "|---|" + "---|" * len(IOU_THRESHOLDS)]  # fmt: skip
+    lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for name, values in accuracy.items()]
+    return [*lines, ""]
+
+
+def _variant_loss(config: TrainConfig) -> str:
+    f = config.finetune
+    if f.architecture == "class_attention":
+        return f"- loss: class attention Eq. 5 (positive weights n_min^2/n_i, entropy weight {f.class_attention.entropy_weight}); one sigmoid per finding"
+    c = f.cia
+    return (
+        f"- loss: CIA-Net Eq. 6 (box weight {c.box_weight}) + alignment (feature {c.feature_weight}, consistency {c.consistency_weight}"
+        f"{'' if c.alignment else ', module off'}); negatives: {c.negative_sampling}; boxes used on {config.data.boxed_fraction:.0%} of boxed training images"
+    )
 
 
 def model_card(
@@ -52,6 +78,7 @@ def model_card(
     best_epoch: int,
     timings: dict[str, float],
     pictures: dict[str, Path],
+    localization: dict[str, list[float]] | None = None,
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
     rows = ["| class | train | validation | test |", "|---|---|---|---|"]
@@ -92,17 +119,23 @@ def model_card(
         "",
         report.table(),
         "",
+        *localization_table(localization or {}),
         f"![confusion matrix]({pictures['confusion'].name}) ![ROC curves]({pictures['roc'].name})",
         "",
         f"![training curves]({pictures['curves'].name})",
         "",
         "## Where the model looks",
         "",
-        "Test images with the radiologists' boxes, the Grad-CAM of the predicted class and, with MGACR, the "
-        "learned positive attention map.",
+        "Test images with the radiologists' boxes, the Grad-CAM of the predicted class and the model's own map: "
+        "with MGACR the learned positive attention map, for a multi-label variant its map of the true finding.",
         "",
         f"![attention]({pictures['attention'].name})",
         "",
+        *(
+            ["Each finding's map on an image of each finding, and each finding's map averaged over its test images:", "",
+             f"![per-finding maps]({pictures['class_maps'].name})", ""]
+            if "class_maps" in pictures else []
+        ),  # fmt: skip
         "## Limitations",
         "",
         "- Trained and tested on one dataset; performance on other hospitals, devices and populations is unknown.",

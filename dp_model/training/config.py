@@ -54,6 +54,9 @@ class DataConfig:
         split: "auto" (patient-level when patient ids exist), "stratified", "patient", "official".
         cache_dir: where decoded, resized images are cached ("" for ~/.cache/deep-pneumonia).
         workers: processes decoding images (0: all cores).
+        boxed_fraction: share of the training images whose lesion boxes are used (a seeded
+            subset; the others train from their label alone), to study limited supervision.
+            Validation and test images keep their boxes.
     """
 
     root: str = ""
@@ -64,8 +67,10 @@ class DataConfig:
     split: Literal["auto", "stratified", "patient", "official"] = "auto"
     cache_dir: str = ""
     workers: int = 0
+    boxed_fraction: float = 1.0
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.boxed_fraction <= 1.0, "boxed_fraction", self.boxed_fraction, "in [0, 1]")
         _check(32 <= self.image_size <= 1024, "image_size", self.image_size, "in [32, 1024]")
         _check(0.0 < self.test_fraction < 0.5, "test_fraction", self.test_fraction, "in (0, 0.5)")
         _check(0.0 <= self.val_fraction < 0.5, "val_fraction", self.val_fraction, "in [0, 0.5)")
@@ -126,10 +131,65 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Stage II: supervised training of the classifier."""
+class ClassAttentionConfig:
+    """The class-based attention network (seed 003) and its loss (Eq. 5).
 
-    architecture: Literal["resnet18", "resnet50", "vgg16", "attention_resnet50"] = "resnet18"
+    Attributes:
+        dim: width of the attention gates' common space.
+        entropy_weight: ``lambda``, weight of the entropy of absent classes' attention maps.
+    """
+
+    dim: int = 64
+    entropy_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 1, "dim", self.dim, ">= 1")
+        _check(self.entropy_weight >= 0, "entropy_weight", self.entropy_weight, ">= 0")
+
+
+@dataclass(frozen=True)
+class CIAConfig:
+    """CIA-Net (seed 002): negative pairing, alignment and the weights of its losses.
+
+    Attributes:
+        negative_sampling: "hash" (nearest 16 x 16 thumbnail), "random" or "canonical" (Table 5).
+        alignment: use the alignment module (Table 6).
+        bank_size: normal training images kept in the model to pair with.
+        box_weight: ``beta_B`` of Eq. 6.
+        feature_weight: weight of the alignment's feature reconstruction loss (Eq. 2).
+        consistency_weight: weight of the alignment's pixel consistency loss.
+        grid_upsample: upsampling of the class maps at test time.
+    """
+
+    negative_sampling: Literal["hash", "random", "canonical"] = "hash"
+    alignment: bool = True
+    bank_size: int = 256
+    box_weight: float = 1.0
+    feature_weight: float = 1.0
+    consistency_weight: float = 1.0
+    grid_upsample: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.bank_size >= 2, "bank_size", self.bank_size, ">= 2")
+        _check(self.grid_upsample >= 1, "grid_upsample", self.grid_upsample, ">= 1")
+        for name in ("box_weight", "feature_weight", "consistency_weight"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+
+
+#: Architectures with one sigmoid output per finding (and their own losses).
+MULTI_LABEL_ARCHITECTURES = ("class_attention", "cia_net")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage II: supervised training of the classifier.
+
+    ``class_attention`` and ``cia_net`` train with their papers' own losses (Eq. 5 of
+    seed 003; Eq. 2 and 4-6 of seed 002), configured under ``class_attention`` and ``cia``;
+    ``loss`` is for the others.
+    """
+
+    architecture: Literal["resnet18", "resnet50", "vgg16", "attention_resnet50", "class_attention", "cia_net"] = "resnet18"
     epochs: int = 30
     batch_size: int = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -141,6 +201,12 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mgacr: MGACRConfig = field(default_factory=MGACRConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    class_attention: ClassAttentionConfig = field(default_factory=ClassAttentionConfig)
+    cia: CIAConfig = field(default_factory=CIAConfig)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.architecture in MULTI_LABEL_ARCHITECTURES
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
@@ -148,6 +214,10 @@ class FinetuneConfig:
         _check(self.lr > 0, "lr", self.lr, "> 0")
         if self.architecture != "resnet18" and self.mgacr.enabled:
             raise ValueError(f"MGACR needs the resnet18 architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}")
+
+
+#: Architectures with ResNet18 backbones, which stage I's encoder initialises.
+PRETRAINABLE = ("resnet18", "class_attention", "cia_net")
 
 
 @dataclass(frozen=True)
@@ -190,5 +260,5 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if self.pretrain.enabled and self.pretrain.epochs > 0 and self.finetune.architecture != "resnet18":
-            raise ValueError(f"contrastive pre-training is implemented for resnet18; set pretrain.enabled: false for {self.finetune.architecture}")
+        if self.pretrain.enabled and self.pretrain.epochs > 0 and self.finetune.architecture not in PRETRAINABLE:
+            raise ValueError(f"contrastive pre-training initialises ResNet18 backbones ({', '.join(PRETRAINABLE)}); set pretrain.enabled: false for {self.finetune.architecture}")

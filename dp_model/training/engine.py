@@ -26,13 +26,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dp_transforms import RandChestAffine, RandChestIntensity, boxes_to_masks
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dp_transforms import RandChestAffine, RandChestIntensity, boxes_to_masks
-
-from ..losses import CBFocalLoss, MGACRLoss, NTXentLoss, SqrtFocalLoss
-from ..networks import DeepPneumoniaNet, SimCLRNet, build_network
+from ..explain import localization_maps
+from ..losses import (
+    CBFocalLoss,
+    ClassAttentionLoss,
+    MGACRLoss,
+    NTXentLoss,
+    SqrtFocalLoss,
+    cia_loss,
+    consistency_loss,
+    feature_reconstruction_loss,
+)
+from ..metrics import localization_accuracy
+from ..networks import (
+    DeepPneumoniaNet,
+    SimCLRNet,
+    build_network,
+    class_scores,
+    output_probabilities,
+)
 from .config import AugmentConfig, FinetuneConfig, PretrainConfig, RuntimeConfig
 from .data import Resident, batches
 
@@ -256,11 +272,33 @@ class Sums:
 # --- stage II: classifier --------------------------------------------------------------------------------
 
 
-def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str, Tensor] | None, seed: int) -> nn.Module:
-    """The stage II network: MGACR heads only when a MGACR term is switched on."""
+def network_options(config: FinetuneConfig, image_size: int) -> dict:
+    """The constructor options of the configured network (they travel in the bundle's contract)."""
+    if config.architecture == "class_attention":
+        return {"dim": config.class_attention.dim}
+    if config.architecture == "cia_net":
+        c = config.cia
+        return {"image_size": image_size, "bank_size": c.bank_size, "negative_sampling": c.negative_sampling, "alignment": c.alignment, "grid_upsample": c.grid_upsample}
+    return {}
+
+
+def findings(class_names: list[str], normal: int) -> list[int]:
+    """Indices of the classes a multi-label network has an output for: all but the normal one."""
+    return [i for i in range(len(class_names)) if i != normal]
+
+
+def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str, Tensor] | None, seed: int, image_size: int = 224) -> nn.Module:
+    """The stage II network: MGACR heads only when a MGACR term is switched on.
+
+    ``num_classes`` counts every class; a multi-label network gets one output per finding.
+    """
     torch.manual_seed(seed)
     if config.architecture != "resnet18":
-        return build_network(config.architecture, num_classes)
+        outputs = num_classes - 1 if config.multi_label else num_classes
+        net = build_network(config.architecture, outputs, **network_options(config, image_size))
+        if encoder is not None:
+            net.load_encoder(encoder)
+        return net
     stages = config.mgacr.stages if config.mgacr.enabled else ()
     net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages)
     if encoder is not None:
@@ -305,9 +343,16 @@ def finetune(
     """Stage II: the classifier, with checkpoints selected on ``config.select_metric`` of ``val``."""
     history = history if history is not None else History()
     counts = torch.bincount(train.labels.cpu(), minlength=len(class_names)).tolist()
-    net = build_classifier(config, len(class_names), encoder, seed)
+    normal = class_names.index("normal") if "normal" in class_names else 0
+    net = build_classifier(config, len(class_names), encoder, seed, train.images.shape[-1])
+    if hasattr(net, "set_references"):  # CIA-Net pairs inputs with normal training images
+        net.set_references(train.images[train.labels == normal].cpu(), seed)
     model = wrap(net, runtime)
-    cls_loss = classification_loss(config, counts, class_names).to(runtime.device)
+    if config.multi_label:
+        outputs = findings(class_names, normal)
+        cls_loss = variant_loss(config, [counts[i] for i in outputs], [class_names[i] for i in outputs]).to(runtime.device)
+    else:
+        cls_loss = classification_loss(config, counts, class_names).to(runtime.device)
     mgacr = _mgacr_loss(config)
     optimizer = _optimizer(config, model)
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
@@ -315,10 +360,12 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, int(config.warmup_epochs * steps_per_epoch)))
     best = {"state": {k: v.detach().clone() for k, v in net.state_dict().items()}, "epoch": -1, "metric": -math.inf}
     start = _resume(checkpoint, "finetune", net, optimizer, schedule, history, best)
-    normal = class_names.index("normal") if "normal" in class_names else 0
     for epoch in range(start, config.epochs):
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 2, epoch, runtime.rank))
-        step = finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
+        if config.multi_label:
+            step = multi_label_step(model, cls_loss, affine, intensity, runtime, train.images.shape[-1], findings(class_names, normal))
+        else:
+            step = finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
         model.train()
         sums = Sums(runtime.device)
         order = batches(len(train), config.batch_size, epoch_seed(seed, 2, epoch), drop_last=False, device=runtime.device)
@@ -386,20 +433,101 @@ def finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, s
     return step
 
 
+def variant_loss(config: FinetuneConfig, positive_counts: list[int], names: list[str]) -> nn.Module:
+    """The multi-label variants' own losses; CIA-Net's is assembled in :func:`multi_label_step`."""
+    if config.architecture == "class_attention":
+        return ClassAttentionLoss(positive_counts, config.class_attention.entropy_weight, names)
+    return CIAObjective(config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight)
+
+
+class CIAObjective(nn.Module):
+    """Eq. 6 plus the alignment's feature reconstruction (Eq. 2) and consistency losses."""
+
+    def __init__(self, box_weight: float, feature_weight: float, consistency_weight: float) -> None:
+        super().__init__()
+        self.box_weight, self.feature_weight, self.consistency_weight = box_weight, feature_weight, consistency_weight
+
+    def forward(self, net: nn.Module, outputs, targets: Tensor, mask: Tensor, has_boxes: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        grid = outputs.grid
+        # A grid cell is positive for the image's class when it overlaps one of its boxes.
+        cells = (F.adaptive_max_pool2d(mask, grid.shape[-2:]) > 0.01).float()
+        boxed = targets * has_boxes[:, None].float()  # lambda: class k of the image has a box
+        detection = cia_loss(grid, targets[:, :, None, None] * cells, boxed, targets, self.box_weight)
+        parts = {"cia": detection}
+        loss = detection
+        if outputs.aligned is not None:
+            canonical = net.canonical.expand_as(outputs.aligned)
+            feature = feature_reconstruction_loss(net.probe(outputs.aligned), net.probe(canonical))
+            consistency = consistency_loss(outputs.aligned, canonical)
+            loss = loss + self.feature_weight * feature + self.consistency_weight * consistency
+            parts |= {"align_feat": feature, "align_consistency": consistency}
+        return loss, parts
+
+
+def multi_label_step(model, loss_fn, affine, intensity, runtime: Runtime, size: int, outputs: list[int]):
+    """One micro-batch of a multi-label variant: one-hot labels become per-finding targets."""
+    net = unwrap(model)
+    columns = torch.tensor(outputs, device=runtime.device)
+
+    def step(batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, boxes, labels, has_boxes = batch
+        targets = F.one_hot(labels, len(outputs) + 1).float()[:, columns]  # the normal class has no column
+        mask = boxes_to_masks(boxes, (size, size))
+        x, mask = affine(x, mask)
+        x = intensity(x)
+        with runtime.autocast():
+            result = model(runtime.prepare(x), train_outputs=True)
+        if isinstance(loss_fn, CIAObjective):
+            loss, parts = loss_fn(net, result, targets, mask, has_boxes)
+        else:
+            logits, attention = result
+            loss = loss_fn(logits, attention, targets)
+            parts = {}
+        return loss, {"loss": loss, **parts}
+
+    return step
+
+
 # --- prediction -------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities ``(N, C)`` of a resident split (no augmentation)."""
+def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int = 256, normal: int = 0) -> np.ndarray:
+    """Class scores ``(N, C)`` of a resident split (no augmentation): softmax probabilities,
+    or for a multi-label network its findings' sigmoids with the normal class (index
+    ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.class_scores`)."""
     model.eval()
     out = []
+    multi_label = getattr(unwrap(model), "multi_label", False)
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(len(data), start + batch_size), device=data.images.device)
         x = data.batch(index)[0].to(runtime.device)
         with runtime.autocast():
-            out.append(model(runtime.prepare(x)).float().softmax(dim=1).cpu())
+            probabilities = output_probabilities(unwrap(model), model(runtime.prepare(x)))
+        out.append(class_scores(probabilities, multi_label, normal).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def localization(model: nn.Module, data: Resident, classes: tuple[str, ...], normal: int = 0, batch_size: int = 64) -> dict[str, list[float]]:
+    """Localization accuracy at :data:`~dp_model.metrics.IOU_THRESHOLDS` on the boxed images of ``data``.
+
+    The model's region for an image is its :func:`~dp_model.explain.localization_maps` map
+    of the image's class at 0.5 or more; the truth is the union of the image's boxes.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    boxed = torch.nonzero(data.has_boxes.cpu()).flatten()
+    predicted, truth, labels = [], [], []
+    size = data.images.shape[-1]
+    for part in boxed.split(batch_size):
+        x, boxes, y, _ = data.batch(part.to(data.images.device))
+        maps = localization_maps(model, x.to(device), y.to(device), normal)
+        predicted.append((maps[:, 0] >= 0.5).cpu().numpy())
+        truth.append((boxes_to_masks(boxes.cpu(), (size, size))[:, 0] >= 0.5).numpy())
+        labels.append(y.cpu().numpy())
+    if not predicted:
+        return {}
+    return localization_accuracy(np.concatenate(predicted), np.concatenate(truth), np.concatenate(labels), classes)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------

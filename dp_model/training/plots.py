@@ -14,6 +14,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..explain import grad_cam  # noqa: E402
 from ..metrics import Report, roc_curve  # noqa: E402
+from ..networks import class_scores, output_probabilities  # noqa: E402
 from torch import nn  # noqa: E402
 from .data import Resident  # noqa: E402
 from .engine import History  # noqa: E402
@@ -82,22 +83,28 @@ def roc(labels: np.ndarray, probabilities: np.ndarray, report: Report, path: Pat
     return _save(fig, path)
 
 
-def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, count: int = 6) -> Path:
-    """Test images with their radiologist boxes, the Grad-CAM of the predicted class and,
-    when the model has MGACR heads, its learned ``map+`` (the paper's Fig. 9)."""
+def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, count: int = 6, normal: int = 0) -> Path:
+    """Test images with their radiologist boxes, the Grad-CAM of the predicted class and the
+    model's own map: MGACR's learned ``map+``, or a multi-label variant's map of the image's
+    true finding (the paper's Fig. 9)."""
     boxed = torch.nonzero(data.has_boxes.cpu()).flatten()[:count]
     chosen = boxed if len(boxed) else torch.arange(min(count, len(data)))
     device = next(model.parameters()).device
     x = data.images[chosen.to(data.images.device)].float().div(255).to(device)
-    cam = grad_cam(model, x, model.cam_layer).cpu()
-    maps = model.attention_map(x).cpu() if getattr(model, "attention_stages", ()) else None
+    labels = data.labels[chosen.to(data.labels.device)].cpu()
+    multi_label = getattr(model, "multi_label", False)
     with torch.no_grad():
-        probabilities = model.eval()(x).softmax(dim=1).cpu()
+        scores = class_scores(output_probabilities(model, model.eval()(x)), multi_label, normal).cpu()
+    # Grad-CAM of the predicted output (for a multi-label model: the most probable finding).
+    outputs = torch.tensor([c for c in range(len(classes)) if c != normal]) if multi_label else torch.arange(len(classes))
+    target = scores[:, outputs].argmax(dim=1)
+    cam = grad_cam(model, x, model.cam_layer, target).cpu()
+    maps, caption = _learned_maps(model, x, labels, normal)
     rows = 3 if maps is not None else 2
     fig, axes = plt.subplots(rows, len(chosen), figsize=(2.4 * len(chosen), 2.5 * rows), squeeze=False)
     for col, index in enumerate(chosen.tolist()):
         image = x[col, 0].cpu().numpy()
-        predicted = int(probabilities[col].argmax())
+        predicted = int(scores[col].argmax())
         axes[0, col].imshow(image, cmap="gray", vmin=0, vmax=1)
         for x0, y0, x1, y1 in data.boxes[index].cpu().tolist():
             if x1 > x0:
@@ -105,11 +112,70 @@ def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...]
         axes[0, col].set_title(f"true {classes[int(data.labels[index])]}", fontsize=8)
         axes[1, col].imshow(image, cmap="gray", vmin=0, vmax=1)
         axes[1, col].imshow(cam[col, 0].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        axes[1, col].set_title(f"Grad-CAM: {classes[predicted]} {float(probabilities[col, predicted]):.2f}", fontsize=8)
+        axes[1, col].set_title(f"Grad-CAM: {classes[predicted]} {float(scores[col, predicted]):.2f}", fontsize=8)
         if maps is not None:
             axes[2, col].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[2, col].imshow(maps[col, 0].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            axes[2, col].set_title("learned map+ (MGACR)", fontsize=8)
+            axes[2, col].set_title(caption, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def _learned_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, normal: int) -> tuple[torch.Tensor | None, str]:
+    """The model's own map of each image at the input size, and what it is."""
+    if getattr(model, "attention_stages", ()):
+        return model.attention_map(x).cpu(), "learned map+ (MGACR)"
+    if not hasattr(model, "class_maps"):
+        return None, ""
+    _, maps = model.class_maps(x)
+    # The map of the image's own finding; a normal image shows the most active one.
+    finding = torch.where(labels == normal, maps.flatten(2).amax(dim=2).argmax(dim=1).cpu(), labels - (labels > normal).long())
+    chosen = maps[torch.arange(len(x)), finding.to(maps.device)][:, None]
+    upsampled = torch.nn.functional.interpolate(chosen.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return upsampled.cpu(), "class-aware grid of the true finding" if getattr(model, "maps_are_detections", False) else "class attention of the true finding"
+
+
+def class_attention_maps(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, normal: int = 0) -> Path:
+    """Per-finding maps of a multi-label model (the class attention paper's Fig. 2 and 3).
+
+    Row ``c`` shows a test image of finding ``c`` and the map of every finding on it: a
+    class-specific model lights up its own finding's map. The last row averages each
+    finding's map over the test images whose label is that finding.
+    """
+    findings = [c for c in range(len(classes)) if c != normal]
+    device = next(model.parameters()).device
+    examples, averages = [], []
+    for c in findings:
+        members = torch.nonzero(data.labels.cpu() == c).flatten()
+        if not len(members):
+            examples.append(None)
+            averages.append(None)
+            continue
+        x = data.images[members.to(data.images.device)].float().div(255).to(device)
+        _, maps = model.class_maps(x)
+        maps = torch.nn.functional.interpolate(maps.float(), size=x.shape[-2:], mode="bilinear", align_corners=False).cpu()
+        examples.append((x[0, 0].cpu().numpy(), maps[0].numpy()))
+        averages.append((x[:, 0].mean(dim=0).cpu().numpy(), maps[:, findings.index(c)].mean(dim=0).numpy()))
+    k = len(findings)
+    fig, axes = plt.subplots(k + 1, k + 1, figsize=(1.9 * (k + 1), 2.0 * (k + 1)), squeeze=False)
+    for row, c in enumerate(findings):
+        axes[row, 0].set_title(f"a {classes[c]} image", fontsize=8)
+        if examples[row] is None:
+            continue
+        image, maps = examples[row]
+        axes[row, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
+        for col in range(k):
+            axes[row, col + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
+            axes[row, col + 1].imshow(maps[col], cmap="jet", alpha=0.45, vmin=0, vmax=max(1e-6, float(maps.max())))
+            axes[row, col + 1].set_title(f"map: {classes[findings[col]]}", fontsize=8, fontweight="bold" if col == row else "normal")
+    axes[k, 0].set_title("average maps", fontsize=8)
+    for col, entry in enumerate(averages):
+        if entry is not None:
+            image, mean_map = entry
+            axes[k, col + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
+            axes[k, col + 1].imshow(mean_map, cmap="jet", alpha=0.45)
+            axes[k, col + 1].set_title(f"mean {classes[findings[col]]} map\non {classes[findings[col]]} images", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     return _save(fig, path)

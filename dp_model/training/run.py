@@ -19,8 +19,8 @@ from ..metrics import Report, evaluate
 from . import plots
 from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
-from .data import Resident, Splits, load_split, make_splits
-from .engine import History, Runtime, finetune, load_checkpoint, make_runtime, predict, pretrain, save_checkpoint
+from .data import Resident, Splits, keep_boxes, load_split, make_splits
+from .engine import History, Runtime, finetune, load_checkpoint, localization, make_runtime, network_options, predict, pretrain, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     # Stage I needs only the training split; validation and test are decoded for stage II.
     needed = ("train",) if stages == "pretrain" else ("train", "val", "test")
     data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in needed}
-    train_data = data["train"].to(runtime.device)
+    train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
+    normal = normal_index(dataset.classes)
     timings["data"] = time.perf_counter() - start
     logger.info("%s; split %s: %d train, %d val, %d test", dataset.summary(), splits.method, len(splits.train), len(splits.val), len(splits.test))
     log, close = _tensorboard(out / "logs", runtime)
@@ -68,7 +69,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     tick = time.perf_counter()
 
     def validate(model, split: Resident) -> dict[str, float]:
-        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime), dataset.classes).scalars()
+        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime, normal=normal), dataset.classes).scalars()
 
     result = finetune(
         config.finetune, train_data, data["val"], list(dataset.classes), runtime, seed,
@@ -81,11 +82,12 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     if not runtime.main:
         return RunResult(out, _empty_report(dataset), history, timings)
     cpu = Runtime(torch.device("cpu"), False, False, False)
-    probabilities = predict(model, data["test"], cpu)
+    probabilities = predict(model, data["test"], cpu, normal=normal)
     labels = data["test"].labels.numpy()
     report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
+    located = localization(model, data["test"], dataset.classes, normal)
     timings["total"] = time.perf_counter() - start
-    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings)
+    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located)
     save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs})
     return RunResult(out, report, history, timings)
 
@@ -128,18 +130,25 @@ def _tensorboard(folder: Path, runtime: Runtime):
     return log, writer.close
 
 
+def normal_index(classes: tuple[str, ...]) -> int:
+    """The class meaning "no pneumonia": "normal" when there is one, else the first."""
+    return classes.index("normal") if "normal" in classes else 0
+
+
 def _empty_report(dataset: ChestDataset) -> Report:
     nan = float("nan")
     return Report(dataset.classes, nan, nan, nan, nan, {}, [])
 
 
 def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, splits: Splits, data: dict[str, Resident],
-                  report: Report, history: History, labels: np.ndarray, probabilities: np.ndarray, best_epoch: int, timings: dict) -> None:
+                  report: Report, history: History, labels: np.ndarray, probabilities: np.ndarray, best_epoch: int, timings: dict,
+                  located: dict[str, list[float]]) -> None:
     synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
     state = write_model(out, model, config.data.image_size)
     contract = ModelContract(
-        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), "normal" if "normal" in dataset.classes else dataset.classes[0],
+        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal_index(dataset.classes)],
         config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
+        network_options(config.finetune, config.data.image_size),
     )  # fmt: skip
     description = DESCRIPTIONS[config.finetune.architecture]
     if config.demo or synthetic:
@@ -152,12 +161,14 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         "curves": plots.curves(history, docs / "curves.png"),
         "confusion": plots.confusion(report, docs / "confusion.png"),
         "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
-        "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png"),
+        "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png", normal=normal_index(dataset.classes)),
     }
+    if hasattr(model, "class_maps"):
+        pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal_index(dataset.classes))
     samples = [dataset.records[i].image for i in splits.test[:3]]
     write_samples(out, samples)
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
-    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures))
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located))
     (out / "configs" / "split.json").write_text(json.dumps({k: [dataset.records[i].image_id for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
 
 
