@@ -61,16 +61,24 @@ def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resize(torch.from_numpy(np.ascontiguousarray(array, np.float32))[None], shape)[0].numpy()
 
 
+def verdict(prediction: Prediction) -> str:
+    """The result line burned into the overlay."""
+    chance = f"pneumonia probability {100 * prediction.pneumonia_probability:.0f}%"
+    if prediction.multi_label and prediction.positive:
+        return "Findings: " + ", ".join(f"{label} {100 * p:.0f}%" for label, p in prediction.findings)
+    return f"Finding: {prediction.label} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
+
+
 def _annotate(image: Image.Image, prediction: Prediction, demo: bool, scale: float) -> None:
     draw = ImageDraw.Draw(image)
     side = max(image.size)
     font = ImageFont.load_default(size=max(12, side // 45))
     width = max(2, side // 400)
-    for box in prediction.boxes * scale:
+    for i, box in enumerate(prediction.boxes * scale):
         draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
-    chance = f"pneumonia probability {100 * prediction.pneumonia_probability:.0f}%"
-    verdict = f"Finding: {prediction.label} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
-    lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict]
+        if prediction.box_labels:  # a model that says which finding it located
+            draw.text((float(box[0]) + width, float(box[1]) + width), prediction.box_labels[i], fill=BOX_COLOUR, font=font)
+    lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict(prediction)]
     line_height = font.size + font.size // 3
     draw.rectangle([0, 0, image.size[0], line_height * len(lines) + font.size // 2], fill=(0, 0, 0))
     for i, text in enumerate(lines):

@@ -3,14 +3,16 @@
 Pure with respect to I/O: datasets in memory go in, arrays come out. One forward pass
 gives both the class probabilities and the learned lesion attention ``map+`` (the MGACR
 head trained against the doctors' boxes), which is the heat map and the source of the
-lesion regions. A network without MGACR heads (the other architectures a bundle can
-name) gets a Grad-CAM heat map instead.
+lesion regions. The multi-label variants give a map per finding: CIA-Net's class-aware
+grid, whose cells at 0.5 or more are its detections (regions labelled with their finding),
+and class attention's distributions (a heat map, no regions). Other networks get a
+Grad-CAM heat map.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +53,15 @@ class Prediction:
     """The model's answer for one image, in the source image's pixel frame.
 
     Attributes:
-        classes: the model's class labels, in output order.
-        probabilities: softmax probability of each class.
+        classes: the model's output labels, in order (for a multi-label model, the findings).
+        probabilities: softmax probability of each class, or sigmoid of each finding.
         normal_class: the label meaning "no pneumonia".
-        operating_point: decision threshold on the probability of pneumonia.
+        operating_point: decision threshold on the probability of pneumonia (of each
+            finding, for a multi-label model).
         heatmap: ``(h, w)`` map in [0, 1] over the whole source image (coarse; resize to draw).
         boxes: ``(N, 4)`` lesion regions ``(x_min, y_min, x_max, y_max)`` in source pixels.
+        multi_label: findings are decided independently.
+        box_labels: the finding of each region, when the model says (else :attr:`label`).
     """
 
     classes: tuple[str, ...]
@@ -65,9 +70,14 @@ class Prediction:
     operating_point: float
     heatmap: np.ndarray
     boxes: np.ndarray
+    multi_label: bool = False
+    box_labels: tuple[str, ...] = ()
 
     @property
     def pneumonia_probability(self) -> float:
+        """Of any pneumonia: ``1 - p(normal)``, or the most probable finding's probability."""
+        if self.multi_label:
+            return float(self.probabilities.max())
         return float(1.0 - self.probabilities[self.classes.index(self.normal_class)])
 
     @property
@@ -82,9 +92,28 @@ class Prediction:
         lesions = [i for i, c in enumerate(self.classes) if c != self.normal_class]
         return self.classes[max(lesions, key=lambda i: self.probabilities[i])]
 
+    def probability(self, label: str) -> float:
+        """The model's probability of ``label`` (of no finding, for the normal class of a multi-label model)."""
+        if self.multi_label and label == self.normal_class:
+            return 1.0 - self.pneumonia_probability
+        return float(self.probabilities[self.classes.index(label)])
+
     @property
     def label_probability(self) -> float:
-        return float(self.probabilities[self.classes.index(self.label)])
+        return self.probability(self.label)
+
+    def present(self, label: str) -> bool:
+        """Whether finding ``label`` is reported present: each at the operating point when
+        multi-label, else only the single decided class."""
+        if self.multi_label:
+            return self.probability(label) >= self.operating_point
+        return self.positive and label == self.label
+
+    @property
+    def findings(self) -> list[tuple[str, float]]:
+        """The findings reported present, most probable first."""
+        present = [(c, self.probability(c)) for c in self.classes if c != self.normal_class and self.present(c)]
+        return sorted(present, key=lambda item: -item[1])
 
 
 def prepare(dataset: Dataset, size: int) -> Prepared:
@@ -130,6 +159,7 @@ class NodePredictor:
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
         self.operating_point = operating_point
+        self.class_maps = hasattr(self.model, "class_maps")
         stages = getattr(self.model, "attention_stages", ())
         self.stage = min(stages, key=lambda s: (abs(s - heatmap_stage), -s)) if stages else None
 
@@ -143,6 +173,10 @@ class NodePredictor:
         return [self._prediction(p, probabilities[i], maps[i]) for i, p in enumerate(prepared)]
 
     def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Output probabilities ``(B, K)`` and maps ``(B, 1 or K, h, w)`` on the canvas."""
+        if self.class_maps:
+            logits, maps = self.model.class_maps(batch)
+            return torch.sigmoid(logits.float()).cpu().numpy(), maps.float().cpu()
         if self.stage is None:
             logits = self.model(batch)
             maps = grad_cam(self.model, batch, self.model.cam_layer)
@@ -151,15 +185,21 @@ class NodePredictor:
             maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
         return logits.float().softmax(dim=1).cpu().numpy(), maps.float().cpu()
 
-    def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_map: torch.Tensor) -> Prediction:
+    def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor) -> Prediction:
         contract = self.contract
-        # The map stays coarse (drawing resizes it); only the letterbox padding is cut away.
-        heatmap = prepared.geometry.canvas_crop(canvas_map)[0].clamp(0, 1).numpy().astype(np.float32)
-        draft = Prediction(contract.classes, probabilities, contract.normal_class, self.operating_point, heatmap, np.zeros((0, 4), np.float32))
-        if not draft.positive or heatmap.size == 0:
+        # The maps stay coarse (drawing resizes them); only the letterbox padding is cut away.
+        maps = prepared.geometry.canvas_crop(canvas_maps).clamp(0, 1).numpy().astype(np.float32)
+        draft = Prediction(contract.output_classes, probabilities, contract.normal_class, self.operating_point, maps[0], np.zeros((0, 4), np.float32), contract.multi_label)
+        if len(maps) > 1:  # one map per finding: draw the most probable finding's
+            draft = replace(draft, heatmap=maps[int(probabilities.argmax())])
+        if not draft.positive or maps[0].size == 0:
             return draft
-        # Boxes found on the coarse map, scaled to the source image's pixels.
-        boxes = regions(heatmap)
-        sy, sx = prepared.source_shape[0] / heatmap.shape[0], prepared.source_shape[1] / heatmap.shape[1]
-        boxes = boxes * np.array([sx, sy, sx, sy], np.float32)
-        return Prediction(contract.classes, probabilities, contract.normal_class, self.operating_point, heatmap, boxes)
+        sy, sx = prepared.source_shape[0] / maps.shape[1], prepared.source_shape[1] / maps.shape[2]
+        scale = np.array([sx, sy, sx, sy], np.float32)
+        if len(maps) == 1:
+            # Boxes found on the coarse map, scaled to the source image's pixels.
+            return replace(draft, boxes=regions(maps[0]) * scale)
+        if not getattr(self.model, "maps_are_detections", False):
+            return draft
+        found = [(label, box) for k, label in enumerate(draft.classes) if draft.present(label) for box in regions(maps[k]) * scale]
+        return replace(draft, boxes=np.asarray([box for _, box in found], np.float32).reshape(-1, 4), box_labels=tuple(label for label, _ in found))

@@ -6,8 +6,10 @@ contract in, a validated dataset out. Content, following DICOM PS3.16 and IHE AI
 * procedure reported: the chest radiograph (not the algorithm);
 * one TID 1501 image-level group for pneumonia (the probability of any pneumonia, present
   or absent at the operating point: a negative result is recorded, not omitted), and one
-  per pneumonia class of the model, each with its Certainty of Finding (DCM 111012);
-* one TID 1410 planar ROI group per lesion region, a closed polyline on the source image;
+  per pneumonia class of the model, each with its Certainty of Finding (DCM 111012); a
+  multi-label model decides each class present or absent on its own;
+* one TID 1410 planar ROI group per lesion region, a closed polyline on the source image,
+  with the finding the model located there;
 * a Device observer carrying the model's name, version and a Device UID that changes
   with the weights; Contributing Equipment names the algorithm;
 * PRELIMINARY, UNVERIFIED, COMPLETE.
@@ -34,8 +36,8 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
     groups = [
         _image_group(source, codes.PNEUMONIA, prediction.pneumonia_probability, prediction.positive, algorithm, identity, "pneumonia"),
         *(
-            _image_group(source, codes.finding_code(label), float(p), prediction.positive and label == prediction.label, algorithm, identity, label)
-            for label, p in zip(prediction.classes, prediction.probabilities)
+            _image_group(source, codes.finding_code(label), prediction.probability(label), prediction.present(label), algorithm, identity, label)
+            for label in prediction.classes
             if label != prediction.normal_class
         ),
         *(_region_group(source, box, prediction, algorithm, identity, i) for i, box in enumerate(prediction.boxes)),
@@ -104,13 +106,14 @@ def _region_group(
         graphic_data=outline,
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
-    finding = codes.finding_code(prediction.label)
+    label = prediction.box_labels[index] if prediction.box_labels else prediction.label
+    finding = codes.finding_code(label)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(f"region-{index}"), identifier=f"Lesion region {index + 1}"),
         referenced_region=region,
         finding_type=finding,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
-        measurements=[_certainty(prediction.label_probability, algorithm)],
+        measurements=[_certainty(prediction.probability(label), algorithm)],
         qualitative_evaluations=[_presence(finding, True)],
     )

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from dp_model.bundle import ModelContract
 from pacs_node import codes
 from pacs_node.identity import MANUFACTURER, ResultIdentity
-from pacs_node.overlay import BANNER, BOX_COLOUR, build_overlay, render
+from pacs_node.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
 from pacs_node.predictor import NodePredictor, Prediction, prepare, regions
 from pacs_node.report import build_report
 from pacs_node.screen import SkipReason, screen
@@ -85,6 +85,51 @@ def test_decision_follows_the_operating_point() -> None:
     assert at[0.4].positive and at[0.4].label == "bronchopneumonia" and at[0.4].label_probability == pytest.approx(0.3)
     assert not at[0.5].positive and at[0.5].label == "normal"
     assert at[0.5].pneumonia_probability == pytest.approx(0.45)
+
+
+FINDINGS = CLASSES[1:]
+
+
+def multi_label(probabilities=(0.8, 0.2, 0.6, 0.1), boxes=((300, 400, 900, 1200), (1000, 300, 1500, 900)), box_labels=("lobar", "interstitial")) -> Prediction:
+    """A multi-label model's answer: lobar and interstitial present, each with a region."""
+    return Prediction(FINDINGS, np.array(probabilities), "normal", 0.5, np.zeros((7, 7), np.float32), np.asarray(boxes, np.float32).reshape(-1, 4), True, box_labels)
+
+
+def test_multi_label_findings_are_decided_one_by_one() -> None:
+    prediction = multi_label()
+    assert prediction.positive and prediction.pneumonia_probability == pytest.approx(0.8) and prediction.label == "lobar"
+    assert [prediction.present(c) for c in FINDINGS] == [True, False, True, False]
+    assert prediction.findings == [("lobar", pytest.approx(0.8)), ("interstitial", pytest.approx(0.6))]
+    assert prediction.probability("normal") == pytest.approx(0.2)
+    quiet = multi_label((0.3, 0.4, 0.1, 0.2), boxes=(), box_labels=())
+    assert not quiet.positive and quiet.label == "normal" and quiet.findings == []
+
+
+@pytest.mark.tools
+def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+    contract = ModelContract(**{**predictor.contract.__dict__, "architecture": "cia_net"})
+    assert contract.multi_label and contract.output_classes == FINDINGS
+    path = written(tmp_path, build_report(rg1, multi_label(), contract, ResultIdentity.of(rg1, contract)), "sr.dcm")
+    check = run_tool("dciodvfy", path, check=False)
+    assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
+    dump = run_tool("dsrdump", path).stdout
+    present = [line for line in dump.splitlines() if '(52101004,SCT,"Present")' in line]
+    absent = [line for line in dump.splitlines() if '(272519000,SCT,"Absent")' in line]
+    # Image level: pneumonia, lobar and interstitial present; bronchopneumonia and cavitary absent.
+    # Regions: one lobar, one interstitial, each with its own finding.
+    assert sum("Lobar pneumonia" in line for line in present) == 2 and sum("nterstitial" in line for line in present) == 2
+    assert len(absent) == 2 and dump.count("POLYLINE") == 2
+    assert 'NUM:(,,"Certainty of Finding")="60.0"' in dump  # the interstitial region carries its own finding's score
+
+
+def test_multi_label_overlay_names_every_finding_and_labels_its_boxes() -> None:
+    rgb, _ = render(np.full((1600, 1600), 0.5, np.float32), multi_label(), demo=False, max_side=2048)
+    # Each box carries its finding's name, drawn inside its top-left corner in the box colour.
+    for x0, y0 in ((300, 400), (1000, 300)):
+        label_area = rgb[y0 + 5 : y0 + 30, x0 + 5 : x0 + 120].reshape(-1, 3)
+        assert (label_area == BOX_COLOUR).all(axis=1).sum() > 20
+    assert verdict(multi_label()) == "Findings: lobar 80%, interstitial 60%"
+    assert verdict(multi_label((0.3, 0.4, 0.1, 0.2), boxes=(), box_labels=())).startswith("No pneumonia at the operating point - pneumonia probability 40%")
 
 
 def test_regions_are_the_largest_blobs_in_map_pixels() -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_tool
 from node_support import chest_dataset, send, wait_for
 from pydicom import dcmread
@@ -15,26 +16,50 @@ from dp_model.training.config import TrainConfig
 from dp_model.training.run import train
 from pacs_node.config import NodeConfig
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.identity import ResultIdentity
+from pacs_node.predictor import NodePredictor, prepare
+from pacs_node.report import build_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.slow
-@pytest.mark.tools
-def test_attention_resnet50_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(demo_bundle: Path, tmp_path: Path) -> None:
+VARIANTS = {
+    # config: (architecture, words of its description, heat-map source)
+    "attention_resnet50": ("attention_resnet50", "1/sqrt(n)", "grad_cam"),
+    "class_attention": ("class_attention", "n_min^2/n_i", "class_maps"),
+    "cia_net": ("cia_net", "class-aware grid", "class_maps"),
+}
+
+
+def train_variant(name: str, demo_bundle: Path, tmp_path: Path) -> Path:
     overrides = {
         "data.root": str(demo_bundle.parent / "data"), "data.image_size": 64, "data.cache_dir": str(tmp_path / "cache"), "data.workers": 1,
+        "data.boxed_fraction": 0.5, "pretrain.epochs": 1, "pretrain.batch_size": 64,
         "finetune.epochs": 1, "finetune.batch_size": 32, "runtime.device": "cpu", "demo": True,
     }  # fmt: skip
-    config = load_config(TrainConfig, CONFIGS / "attention_resnet50.yaml", overrides)
+    config = load_config(TrainConfig, CONFIGS / f"{name}.yaml", overrides)
     bundle = tmp_path / "bundle"
     train(config, bundle)
+    return bundle
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(name: str, demo_bundle: Path, tmp_path: Path) -> None:
+    architecture, description, heat = VARIANTS[name]
+    bundle = train_variant(name, demo_bundle, tmp_path)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    assert meta["deep_pneumonia"]["architecture"] == "attention_resnet50" and "1/sqrt(n)" in meta["description"]
-    assert "attention_resnet50" in (bundle / "docs" / "README.md").read_text()
+    assert meta["deep_pneumonia"]["architecture"] == architecture and description in meta["description"]
+    card = (bundle / "docs" / "README.md").read_text()
+    assert architecture in card and "Localization accuracy" in card
     predictor = NodePredictor(bundle, "cpu")
-    assert predictor.stage is None  # no MGACR heads: the heat map is Grad-CAM
+    multi_label = predictor.contract.multi_label
+    assert multi_label == (architecture != "attention_resnet50")
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(predictor.contract.output_classes)
+    assert predictor.stage is None and predictor.class_maps == (heat == "class_maps")
+    if multi_label:
+        assert (bundle / "docs" / "class_maps.png").exists()
     node = Node(NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), output_dir=str(tmp_path / "out"), bundle=str(bundle)), predictor)
     node.start()
     try:
@@ -48,4 +73,40 @@ def test_attention_resnet50_trains_from_its_config_exports_a_bundle_and_the_node
     check = run_tool("dciodvfy", sr_path, check=False)
     assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout
     sr = dcmread(sr_path)
-    assert sr.ManufacturerModelName == "attention_resnet50"  # the model that made it, named in the SR
+    assert sr.ManufacturerModelName == architecture  # the model that made it, named in the SR
+    # One image-level group for pneumonia and one per finding, each with the model's score.
+    (prediction,) = predictor.predict([prepare(ds, predictor.contract.image_size)])
+    scores = certainties(sr)
+    assert len(scores) == 1 + 4 + len(prediction.boxes)
+    expected = [prediction.pneumonia_probability] + [prediction.probability(c) for c in ("lobar", "bronchopneumonia", "interstitial", "cavitary")]
+    assert scores[:5] == pytest.approx([round(100 * p, 2) for p in expected], abs=0.011)
+
+
+def certainties(sr) -> list[float]:
+    """Every Certainty of Finding value of an SR, in document order."""
+    found = []
+
+    def walk(items) -> None:
+        for item in items:
+            if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111012":
+                found.append(float(item.MeasuredValueSequence[0].NumericValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+@pytest.mark.slow
+def test_cia_net_detections_become_labelled_regions(demo_bundle: Path, tmp_path: Path) -> None:
+    bundle = train_variant("cia_net", demo_bundle, tmp_path)
+    predictor = NodePredictor(bundle, "cpu")
+    with torch.no_grad():  # make the grid certain of lobar everywhere, and of nothing else
+        predictor.model.head[-1].bias.copy_(torch.tensor([8.0, -30.0, -30.0, -30.0]))
+    ds = chest_dataset(rows=400, columns=300)
+    (prediction,) = predictor.predict([prepare(ds, predictor.contract.image_size)])
+    assert prediction.findings[0][0] == "lobar" and [label for label, _ in prediction.findings] == ["lobar"]
+    assert prediction.box_labels == ("lobar",)
+    x0, y0, x1, y1 = prediction.boxes[0]
+    assert x0 <= 5 and y0 <= 5 and x1 >= 295 and y1 >= 395  # the whole image, in source pixels
+    sr = build_report(ds, prediction, predictor.contract, ResultIdentity.of(ds, predictor.contract))
+    assert str(sr.ContentSequence).count("POLYLINE") == 1
