@@ -1,4 +1,5 @@
-"""The paper's Table I (ablation) and Table II (baselines), measured on one dataset with several seeds.
+"""The paper's Table I (ablation) and Table II (baselines), and the four seed systems side by
+side, measured on one dataset with several seeds.
 
 Table I adds the four techniques to a plain ResNet18 one at a time: contrastive
 pre-training, mask-guided attention, feature contrastive regulation, class-balanced focal
@@ -6,6 +7,14 @@ loss. Table II compares ResNet18, ResNet50 and VGG16 (from scratch, cross-entrop
 five scikit-learn classifiers on downsampled pixels with the full Deep Pneumonia recipe.
 Every row reports accuracy (the paper's metric), balanced accuracy and macro-F1 on the same
 test split, and its training time; a row's time includes the stage I it starts from.
+
+The systems table compares Deep Pneumonia, the attention-enhanced ResNet-50, class-based
+attention and CIA-Net, adding the macro ROC AUC and the localization accuracy at CIA-Net's
+IoU thresholds (every network's own map of the true class, see
+:func:`~dp_model.explain.localization_maps`). ``data.boxed_fraction`` below 1 trains every
+row with boxes on only part of the images, which is the supervision CIA-Net is built for.
+The "cia" table is CIA-Net's own ablation: negative sampling (its Table 5) and the
+alignment module (its Table 6).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ import torch.nn.functional as F
 
 from ..datasets import read_dataset
 from ..metrics import evaluate
-from .config import LossConfig, MGACRConfig, TrainConfig
-from .data import Resident, load_split, make_splits
-from .engine import Runtime, finetune, make_runtime, predict, pretrain
+from ..metrics import IOU_THRESHOLDS
+from .config import CIAConfig, LossConfig, MGACRConfig, TrainConfig
+from .data import Resident, keep_boxes, load_split, make_splits
+from .engine import Runtime, finetune, localization, make_runtime, predict, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,11 @@ class Row:
     loss: LossConfig = CE
     architecture: str = "resnet18"
     sklearn: str = ""
+    cia: CIAConfig | None = None  # None: the configuration's
+
+    def key(self) -> tuple:
+        """What the row trains; rows of several tables with the same key are trained once per seed."""
+        return (self.pretrain, self.mgacr, self.loss, self.architecture, self.sklearn, self.cia)
 
 
 TABLE_I = (
@@ -62,6 +77,19 @@ TABLE_II = (
     # The other seed systems, as variants in the same framework.
     Row("Attention-enhanced ResNet-50", "II", architecture="attention_resnet50", loss=LossConfig(kind="sqrt_focal", gamma=2.0)),
 )
+SYSTEMS = (
+    Row("Deep Pneumonia", "systems", pretrain=True, mgacr=MGACRConfig(), loss=LossConfig()),
+    Row("Attention-enhanced ResNet-50", "systems", architecture="attention_resnet50", loss=LossConfig(kind="sqrt_focal", gamma=2.0)),
+    Row("Class-based attention", "systems", pretrain=True, architecture="class_attention"),
+    Row("CIA-Net", "systems", pretrain=True, architecture="cia_net"),
+)
+CIA_ABLATION = (
+    Row("CIA-Net", "cia", pretrain=True, architecture="cia_net"),
+    Row("CIA-Net, random negatives", "cia", pretrain=True, architecture="cia_net", cia=CIAConfig(negative_sampling="random")),
+    Row("CIA-Net, canonical chest as negative", "cia", pretrain=True, architecture="cia_net", cia=CIAConfig(negative_sampling="canonical")),
+    Row("CIA-Net without alignment", "cia", pretrain=True, architecture="cia_net", cia=CIAConfig(alignment=False)),
+)
+TABLES = {"I": TABLE_I, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION}
 
 
 @dataclass
@@ -74,13 +102,20 @@ class Result:
     macro_f1: float
     minutes: float
     extra: dict = field(default_factory=dict)
+    macro_auc: float = float("nan")
+    localization: list[float] = field(default_factory=list)  # mean over classes, at IOU_THRESHOLDS
 
 
 def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "all", sklearn_pixels: int = 32, svm_limit: int = 5000) -> list[Result]:
-    """Train every row for every seed; write ``results.json``, ``results.md`` and ``results.png`` to ``out``."""
+    """Train every row of ``tables`` ("all", "I", "II", "systems", "cia", or several joined by
+    commas) for every seed; write ``results.json``, ``results.md`` and ``results.png`` to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in TABLE_I + TABLE_II if tables in ("all", r.table)]
+    chosen = list(TABLES) if tables == "all" else tables.split(",")
+    unknown = [t for t in chosen if t not in TABLES]
+    if unknown:
+        raise ValueError(f"unknown table {unknown[0]!r}; tables are {', '.join(TABLES)} or all")
+    rows = [r for t in chosen for r in TABLES[t]]
     runtime = make_runtime(config.runtime)
     dataset = read_dataset(config.data.root, config.data.layout)
     classes = list(dataset.classes)
@@ -88,10 +123,13 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
     for seed in seeds:
         splits = make_splits(dataset, config.data, seed)
         data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
-        train_data = data["train"].to(runtime.device)
+        train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
         encoder, encoder_minutes = None, 0.0
+        done: dict[tuple, Result] = {}
         for row in rows:
-            if row.sklearn:
+            if row.key() in done:  # the same training in another table
+                results.append(replace(done[row.key()], row=row.name, table=row.table))
+            elif row.sklearn:
                 results.append(_sklearn_row(row, data, classes, seed, sklearn_pixels, svm_limit))
             else:
                 if row.pretrain and encoder is None:
@@ -99,6 +137,7 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
                     encoder = pretrain(config.pretrain, train_data, runtime, seed)
                     encoder_minutes = (time.perf_counter() - tick) / 60
                 results.append(_network_row(row, config, train_data, data, classes, runtime, seed, encoder if row.pretrain else None, encoder_minutes if row.pretrain else 0.0))
+            done[row.key()] = results[-1]
             logger.info("seed %d, %s: %s", seed, row.name, results[-1])
             _write(out, results, config)
     return results
@@ -106,17 +145,21 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
 
 def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict, classes: list[str], runtime: Runtime, seed: int, encoder, encoder_minutes: float) -> Result:
     tick = time.perf_counter()
-    cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss)
+    cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss, cia=row.cia or config.finetune.cia)
+    normal = classes.index("normal") if "normal" in classes else 0
 
     def validate(model, split: Resident) -> dict[str, float]:
-        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime), tuple(classes)).scalars()
+        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime, normal=normal), tuple(classes)).scalars()
 
     result = finetune(cfg, train_data, data["val"], classes, runtime, seed, encoder=encoder, evaluate=validate)
     minutes = encoder_minutes + (time.perf_counter() - tick) / 60
     model = result.model
     model.load_state_dict(result.best_state)
-    report = evaluate(data["test"].labels.numpy(), predict(model.to(runtime.device), data["test"], runtime), tuple(classes))
-    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, minutes, {"recall": report.per_class["recall"]})
+    model.to(runtime.device)
+    report = evaluate(data["test"].labels.numpy(), predict(model, data["test"], runtime, normal=normal), tuple(classes))
+    located = localization(model, data["test"].to(runtime.device), tuple(classes), normal).get("mean", [])
+    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, minutes,
+                  {"recall": report.per_class["recall"], "auc": report.per_class["auc"]}, report.macro_auc, located)  # fmt: skip
 
 
 def _pixels(data: Resident, side: int) -> np.ndarray:
@@ -149,18 +192,22 @@ def _sklearn_row(row: Row, data: dict, classes: list[str], seed: int, side: int,
     probabilities = np.zeros((len(data["test"]), len(classes)))
     probabilities[:, model.classes_] = model.predict_proba(_pixels(data["test"], side))
     report = evaluate(data["test"].labels.numpy(), probabilities, tuple(classes))
-    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, (time.perf_counter() - tick) / 60, {"recall": report.per_class["recall"]})
+    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, (time.perf_counter() - tick) / 60,
+                  {"recall": report.per_class["recall"]}, report.macro_auc)  # fmt: skip
 
 
 def summarise(results: list[Result]) -> list[dict]:
     """Mean and standard deviation over seeds of every row, in table order."""
     out = []
-    for name in dict.fromkeys(r.row for r in results):
-        chosen = [r for r in results if r.row == name]
+    for table, name in dict.fromkeys((r.table, r.row) for r in results):
+        chosen = [r for r in results if (r.table, r.row) == (table, name)]
         entry = {"row": name, "table": chosen[0].table, "seeds": [r.seed for r in chosen]}
-        for metric in ("accuracy", "balanced_accuracy", "macro_f1", "minutes"):
+        for metric in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "minutes"):
             values = np.array([getattr(r, metric) for r in chosen])
             entry[metric] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+        if all(r.localization for r in chosen):
+            values = np.array([r.localization for r in chosen])
+            entry["localization"] = (values.mean(axis=0).tolist(), (values.std(axis=0, ddof=1) if len(values) > 1 else 0 * values[0]).tolist())
         out.append(entry)
     return out
 
@@ -177,6 +224,19 @@ def markdown(summary: list[dict]) -> str:
             cells = [f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("accuracy", "balanced_accuracy", "macro_f1")]
             lines.append(f"| {e['row']} | " + " | ".join(cells) + f" | {e['minutes'][0]:.2f} | {len(e['seeds'])} |")
         lines.append("")
+    shown = (0.1, 0.3, 0.5, 0.7)
+    for table, title in (("systems", "The four systems"), ("cia", "CIA-Net: negative sampling and alignment")):
+        rows = [e for e in summary if e["table"] == table]
+        if not rows:
+            continue
+        lines += [f"### {title}", "", "| method | accuracy | balanced accuracy | macro-F1 | macro ROC AUC | " + " | ".join(f"loc. acc. T(IoU) {t}" for t in shown)
+                  + " | training minutes | seeds |", "|---|" + "---|" * (len(shown) + 6)]  # fmt: skip
+        for e in rows:
+            cells = [f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")]
+            located = e.get("localization")
+            cells += [f"{located[0][IOU_THRESHOLDS.index(t)]:.2f} ± {located[1][IOU_THRESHOLDS.index(t)]:.2f}" if located else "n/a" for t in shown]
+            lines.append(f"| {e['row']} | " + " | ".join(cells) + f" | {e['minutes'][0]:.2f} | {len(e['seeds'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -185,6 +245,9 @@ def _write(out: Path, results: list[Result], config: TrainConfig) -> None:
     (out / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in results], "summary": summary}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary) + "\n")
     _plot(summary, out / "results.png")
+    systems = [e for e in summary if e["table"] in ("systems", "cia")]
+    if systems:
+        _plot_systems(systems, out / "systems.png")
 
 
 def _plot(summary: list[dict], path: Path) -> None:
@@ -206,6 +269,34 @@ def _plot(summary: list[dict], path: Path) -> None:
         axes[1].errorbar(e["minutes"][0], e["balanced_accuracy"][0], yerr=e["balanced_accuracy"][1], fmt="o")
         axes[1].annotate(e["row"], (e["minutes"][0], e["balanced_accuracy"][0]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     axes[1].set(xlabel="training minutes", ylabel="balanced accuracy", title="accuracy against training time (cf. the paper's Fig. 7)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_systems(summary: list[dict], path: Path) -> None:
+    """Scores of the systems side by side, and their localization accuracy against the IoU threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["row"] for e in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.5 * len(names) + 2.6))
+    y = np.arange(len(names))
+    for offset, metric, colour in ((-0.27, "accuracy", "tab:blue"), (0.0, "balanced_accuracy", "tab:orange"), (0.27, "macro_auc", "tab:green")):
+        axes[0].barh(y + offset, [e[metric][0] for e in summary], 0.26, xerr=[e[metric][1] for e in summary], color=colour, label=metric.replace("_", " "))
+    axes[0].set_yticks(y, names)
+    axes[0].invert_yaxis()
+    axes[0].axvline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    axes[0].set(xlim=(0, 1), xlabel="test score (mean ± sd over seeds)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    for e in summary:
+        if e.get("localization"):
+            mean, sd = (np.array(v) for v in e["localization"])
+            axes[1].errorbar(IOU_THRESHOLDS, mean, yerr=sd, marker="o", capsize=2, label=e["row"])
+    axes[1].set(xlabel="T(IoU)", ylabel="localization accuracy", ylim=(0, 1), title="share of boxed test images localized (cf. CIA-Net's Tables 1-3)")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
