@@ -93,10 +93,12 @@ class Report:
 
     def table(self) -> str:
         """A markdown table of the per-class metrics and the scalars, for people."""
-        lines = ["| class | support | precision | recall | specificity | F1 | ROC AUC |", "|---|---|---|---|---|---|---|"]
+        lines = ["| class | support | precision | recall | specificity | F1 | ROC AUC (95 % CI) |", "|---|---|---|---|---|---|---|"]
         for i, name in enumerate(self.classes):
-            values = [self.per_class[k][i] for k in ("precision", "recall", "specificity", "f1", "auc")]
-            lines.append(f"| {name} | {int(self.per_class['support'][i])} | " + " | ".join(_fmt(v) for v in values) + " |")
+            values = [self.per_class[k][i] for k in ("precision", "recall", "specificity", "f1")]
+            interval = self.intervals.get(f"auc {name}")
+            auc = _fmt(self.per_class["auc"][i]) + (f" ({_fmt(interval[0])} to {_fmt(interval[1])})" if interval else "")
+            lines.append(f"| {name} | {int(self.per_class['support'][i])} | " + " | ".join(_fmt(v) for v in values) + f" | {auc} |")
         lines.append("")
         for name, value in self.scalars().items():
             interval = self.intervals.get(name)
@@ -141,12 +143,21 @@ def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, 
     )  # fmt: skip
     if bootstrap > 0 and len(target) > 1:
         rng = np.random.default_rng(seed)
-        samples = np.array([_scalars(target[i], probabilities[i])[:4] for i in (rng.integers(0, len(target), len(target)) for _ in range(bootstrap))])
+        draws = [_scalars(target[i], probabilities[i]) for i in (rng.integers(0, len(target), len(target)) for _ in range(bootstrap))]
+        samples = np.array([d[:4] for d in draws])
         for column, name in enumerate(("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")):
-            values = samples[:, column][~np.isnan(samples[:, column])]
-            if values.size:
-                report.intervals[name] = (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+            report.intervals |= _interval(name, samples[:, column])
+        # Each class's ROC AUC gets its own interval, as the class-attention paper reports them.
+        aucs = np.array([d[4]["auc"] for d in draws])
+        for c, name in enumerate(report.classes):
+            report.intervals |= _interval(f"auc {name}", aucs[:, c])
     return report
+
+
+def _interval(name: str, values: np.ndarray) -> dict[str, tuple[float, float]]:
+    """95 % percentile interval of the defined bootstrap values (none if there are none)."""
+    values = values[~np.isnan(values)]
+    return {name: (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))} if values.size else {}
 
 
 #: The IoU thresholds of CIA-Net's localization tables.
