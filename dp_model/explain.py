@@ -41,12 +41,17 @@ def grad_cam(model: nn.Module, images: Tensor, target_layer: nn.Module, classes:
     return cam / peak
 
 
+#: The residual stage whose MGACR ``map+`` the node draws and reports regions from.
+HEATMAP_STAGE = 3
+
+
 def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: int = 0) -> Tensor:
     """Each model's own answer to "where is the finding of class ``labels``?", ``(B, 1, H, W)`` in [0, 1].
 
     * multi-label variants (:meth:`class_maps`): the map of the image's finding (CIA-Net's
       grid probabilities; class attention scaled to its peak);
-    * networks with MGACR heads: the learned ``map+``;
+    * networks with MGACR heads: the learned ``map+`` of the stage the node draws (3, or the
+      nearest with a head);
     * any other classifier: the Grad-CAM of the class, scaled to its peak.
 
     Thresholded at 0.5, these are the regions the node reports.
@@ -58,5 +63,5 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
         chosen = maps[torch.arange(len(images), device=maps.device), finding][:, None]
         return F.interpolate(chosen.float(), size=images.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
     if getattr(model, "attention_stages", ()):
-        return model.attention_map(images).clamp(0, 1)
+        return model.attention_map(images, model.nearest_stage(HEATMAP_STAGE)).clamp(0, 1)
     return grad_cam(model, images, model.cam_layer, labels)

@@ -175,6 +175,12 @@ class DeepPneumoniaNet(nn.Module):
         """Where Grad-CAM looks: the last residual stage."""
         return self.backbone.layer4
 
+    def nearest_stage(self, preferred: int = 3) -> int:
+        """The stage with a head nearest to ``preferred`` (the deeper one on a tie)."""
+        if not self.attention_stages:
+            raise ValueError("this network has no attention heads")
+        return min(self.attention_stages, key=lambda s: (abs(s - preferred), -s))
+
     @torch.no_grad()
     def attention_map(self, x: Tensor, stage: int | None = None) -> Tensor:
         """The learned ``map+`` of one stage (default: the deepest with a head), upsampled to the input size."""

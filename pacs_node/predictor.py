@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from dp_model.bundle import load_bundle
-from dp_model.explain import grad_cam
+from dp_model.explain import HEATMAP_STAGE, grad_cam
 from dp_transforms import ChestImage, LetterboxResize, make_square_pixels, read_dicom
 from dp_transforms.geometry import Letterbox
 
@@ -153,15 +153,14 @@ class NodePredictor:
         heatmap_stage: residual stage whose ``map+`` is drawn (nearest available head otherwise).
     """
 
-    def __init__(self, bundle: str | Path, device: str = "auto", operating_point: float = 0.5, heatmap_stage: int = 3) -> None:
+    def __init__(self, bundle: str | Path, device: str = "auto", operating_point: float = 0.5, heatmap_stage: int = HEATMAP_STAGE) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
         self.operating_point = operating_point
         self.class_maps = hasattr(self.model, "class_maps")
-        stages = getattr(self.model, "attention_stages", ())
-        self.stage = min(stages, key=lambda s: (abs(s - heatmap_stage), -s)) if stages else None
+        self.stage = self.model.nearest_stage(heatmap_stage) if getattr(self.model, "attention_stages", ()) else None
 
     @torch.no_grad()
     def predict(self, prepared: list[Prepared]) -> list[Prediction]:
