@@ -295,7 +295,8 @@ def _plot_systems(summary: list[dict], path: Path) -> None:
         if e.get("localization"):
             mean, sd = (np.array(v) for v in e["localization"])
             axes[1].errorbar(IOU_THRESHOLDS, mean, yerr=sd, marker="o", capsize=2, label=e["row"])
-    axes[1].set(xlabel="T(IoU)", ylabel="localization accuracy", ylim=(0, 1), title="share of boxed test images localized (cf. CIA-Net's Tables 1-3)")
+    axes[1].set(xlabel="T(IoU)", ylabel="share of boxed test images localized", ylim=(0, 1))
+    axes[1].set_title("localization accuracy (cf. CIA-Net's Tables 1-3)", fontsize=10)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
