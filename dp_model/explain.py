@@ -41,6 +41,17 @@ def grad_cam(model: nn.Module, images: Tensor, target_layer: nn.Module, classes:
     return cam / peak
 
 
+def finding_index(labels: Tensor, normal: int) -> Tensor:
+    """A multi-label network's output index of each class label (the normal class has none)."""
+    return labels - (labels > normal).long()
+
+
+def finding_maps(maps: Tensor, finding: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(B, 1, H, W)``: map ``finding[i]`` of each image's ``(K, h, w)`` maps, resized to ``size``."""
+    chosen = maps[torch.arange(len(maps), device=maps.device), finding.to(maps.device)][:, None]
+    return F.interpolate(chosen.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
 #: The residual stage whose MGACR ``map+`` the node draws and reports regions from.
 HEATMAP_STAGE = 3
 
@@ -59,9 +70,7 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
     labels = labels.to(images.device)
     if hasattr(model, "class_maps"):
         _, maps = model.class_maps(images)
-        finding = (labels - (labels > normal).long()).clamp_min(0)
-        chosen = maps[torch.arange(len(images), device=maps.device), finding][:, None]
-        return F.interpolate(chosen.float(), size=images.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+        return finding_maps(maps, finding_index(labels, normal).clamp_min(0), images.shape[-2:]).clamp(0, 1)
     if getattr(model, "attention_stages", ()):
         return model.attention_map(images, model.nearest_stage(HEATMAP_STAGE)).clamp(0, 1)
     return grad_cam(model, images, model.cam_layer, labels)

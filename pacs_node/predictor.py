@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from dp_model.bundle import load_bundle
 from dp_model.explain import HEATMAP_STAGE, grad_cam
+from dp_model.networks import output_probabilities
 from dp_transforms import ChestImage, LetterboxResize, make_square_pixels, read_dicom
 from dp_transforms.geometry import Letterbox
 
@@ -175,14 +176,14 @@ class NodePredictor:
         """Output probabilities ``(B, K)`` and maps ``(B, 1 or K, h, w)`` on the canvas."""
         if self.class_maps:
             logits, maps = self.model.class_maps(batch)
-            return torch.sigmoid(logits.float()).cpu().numpy(), maps.float().cpu()
+            return output_probabilities(self.model, logits).cpu().numpy(), maps.float().cpu()
         if self.stage is None:
             logits = self.model(batch)
             maps = grad_cam(self.model, batch, self.model.cam_layer)
         else:
             logits, outputs = self.model.forward_train(batch)
             maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
-        return logits.float().softmax(dim=1).cpu().numpy(), maps.float().cpu()
+        return output_probabilities(self.model, logits).cpu().numpy(), maps.float().cpu()
 
     def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor) -> Prediction:
         contract = self.contract

@@ -33,7 +33,7 @@ from ..metrics import evaluate
 from ..metrics import IOU_THRESHOLDS
 from .config import CIAConfig, LossConfig, MGACRConfig, TrainConfig
 from .data import Resident, keep_boxes, load_split, make_splits
-from .engine import Runtime, finetune, localization, make_runtime, predict, pretrain
+from .engine import Runtime, finetune, localization, make_runtime, normal_index, predict, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
 def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict, classes: list[str], runtime: Runtime, seed: int, encoder, encoder_minutes: float) -> Result:
     tick = time.perf_counter()
     cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss, cia=row.cia or config.finetune.cia)
-    normal = classes.index("normal") if "normal" in classes else 0
+    normal = normal_index(classes)
 
     def validate(model, split: Resident) -> dict[str, float]:
         return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime, normal=normal), tuple(classes)).scalars()

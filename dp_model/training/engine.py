@@ -26,29 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dp_transforms import RandChestAffine, RandChestIntensity, boxes_to_masks
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dp_transforms import RandChestAffine, RandChestIntensity, boxes_to_masks
+
 from ..explain import localization_maps
-from ..losses import (
-    CBFocalLoss,
-    ClassAttentionLoss,
-    MGACRLoss,
-    NTXentLoss,
-    SqrtFocalLoss,
-    cia_loss,
-    consistency_loss,
-    feature_reconstruction_loss,
-)
+from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, NTXentLoss, SqrtFocalLoss, cia_loss, consistency_loss, feature_reconstruction_loss
 from ..metrics import localization_accuracy
-from ..networks import (
-    DeepPneumoniaNet,
-    SimCLRNet,
-    build_network,
-    class_scores,
-    output_probabilities,
-)
+from ..networks import DeepPneumoniaNet, SimCLRNet, build_network, class_scores, output_probabilities
 from .config import AugmentConfig, FinetuneConfig, PretrainConfig, RuntimeConfig
 from .data import Resident, batches
 
@@ -282,7 +268,12 @@ def network_options(config: FinetuneConfig, image_size: int) -> dict:
     return {}
 
 
-def findings(class_names: list[str], normal: int) -> list[int]:
+def normal_index(class_names: list[str] | tuple[str, ...]) -> int:
+    """The class meaning "no pneumonia": "normal" when there is one, else the first."""
+    return class_names.index("normal") if "normal" in class_names else 0
+
+
+def findings(class_names: list[str] | tuple[str, ...], normal: int) -> list[int]:
     """Indices of the classes a multi-label network has an output for: all but the normal one."""
     return [i for i in range(len(class_names)) if i != normal]
 
@@ -313,8 +304,7 @@ def classification_loss(config: FinetuneConfig, class_counts: list[int], class_n
     if loss.kind == "ce":
         return nn.CrossEntropyLoss()
     if loss.kind == "sqrt_focal":
-        normal = class_names.index("normal") if "normal" in class_names else 0
-        return SqrtFocalLoss(class_counts, alpha=loss.alpha, gamma=loss.gamma, normal_index=normal, class_names=class_names)
+        return SqrtFocalLoss(class_counts, alpha=loss.alpha, gamma=loss.gamma, normal_index=normal_index(class_names), class_names=class_names)
     beta = loss.beta if loss.kind == "cb_focal" else 0.0  # beta 0: equal weights, plain focal loss
     return CBFocalLoss(class_counts, beta=beta, gamma=loss.gamma, mode=loss.mode, class_names=class_names)
 
@@ -343,13 +333,13 @@ def finetune(
     """Stage II: the classifier, with checkpoints selected on ``config.select_metric`` of ``val``."""
     history = history if history is not None else History()
     counts = torch.bincount(train.labels.cpu(), minlength=len(class_names)).tolist()
-    normal = class_names.index("normal") if "normal" in class_names else 0
+    normal = normal_index(class_names)
+    outputs = findings(class_names, normal)
     net = build_classifier(config, len(class_names), encoder, seed, train.images.shape[-1])
     if hasattr(net, "set_references"):  # CIA-Net pairs inputs with normal training images
         net.set_references(train.images[train.labels == normal].cpu(), seed)
     model = wrap(net, runtime)
     if config.multi_label:
-        outputs = findings(class_names, normal)
         cls_loss = variant_loss(config, [counts[i] for i in outputs], [class_names[i] for i in outputs]).to(runtime.device)
     else:
         cls_loss = classification_loss(config, counts, class_names).to(runtime.device)
@@ -363,7 +353,7 @@ def finetune(
     for epoch in range(start, config.epochs):
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 2, epoch, runtime.rank))
         if config.multi_label:
-            step = multi_label_step(model, cls_loss, affine, intensity, runtime, train.images.shape[-1], findings(class_names, normal))
+            step = multi_label_step(model, cls_loss, affine, intensity, runtime, train.images.shape[-1], outputs)
         else:
             step = finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
         model.train()
@@ -498,12 +488,13 @@ def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int 
     ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.class_scores`)."""
     model.eval()
     out = []
-    multi_label = getattr(unwrap(model), "multi_label", False)
+    net = unwrap(model)
+    multi_label = getattr(net, "multi_label", False)
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(len(data), start + batch_size), device=data.images.device)
         x = data.batch(index)[0].to(runtime.device)
         with runtime.autocast():
-            probabilities = output_probabilities(unwrap(model), model(runtime.prepare(x)))
+            probabilities = output_probabilities(net, model(runtime.prepare(x)))
         out.append(class_scores(probabilities, multi_label, normal).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 

@@ -12,12 +12,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from ..explain import grad_cam  # noqa: E402
+from ..explain import finding_index, finding_maps, grad_cam  # noqa: E402
 from ..metrics import Report, roc_curve  # noqa: E402
 from ..networks import class_scores, output_probabilities  # noqa: E402
 from torch import nn  # noqa: E402
 from .data import Resident  # noqa: E402
-from .engine import History  # noqa: E402
+from .engine import History, findings  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -96,7 +96,7 @@ def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...]
     with torch.no_grad():
         scores = class_scores(output_probabilities(model, model.eval()(x)), multi_label, normal).cpu()
     # Grad-CAM of the predicted output (for a multi-label model: the most probable finding).
-    outputs = torch.tensor([c for c in range(len(classes)) if c != normal]) if multi_label else torch.arange(len(classes))
+    outputs = torch.tensor(findings(classes, normal)) if multi_label else torch.arange(len(classes))
     target = scores[:, outputs].argmax(dim=1)
     cam = grad_cam(model, x, model.cam_layer, target).cpu()
     maps, caption = _learned_maps(model, x, labels, normal)
@@ -130,10 +130,8 @@ def _learned_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, norma
         return None, ""
     _, maps = model.class_maps(x)
     # The map of the image's own finding; a normal image shows the most active one.
-    finding = torch.where(labels == normal, maps.flatten(2).amax(dim=2).argmax(dim=1).cpu(), labels - (labels > normal).long())
-    chosen = maps[torch.arange(len(x)), finding.to(maps.device)][:, None]
-    upsampled = torch.nn.functional.interpolate(chosen.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return upsampled.cpu(), "class-aware grid of the true finding" if getattr(model, "maps_are_detections", False) else "class attention of the true finding"
+    finding = torch.where(labels == normal, maps.flatten(2).amax(dim=2).argmax(dim=1).cpu(), finding_index(labels, normal))
+    return finding_maps(maps, finding, x.shape[-2:]).cpu(), "class-aware grid of the true finding" if getattr(model, "maps_are_detections", False) else "class attention of the true finding"
 
 
 def class_attention_maps(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, normal: int = 0) -> Path:
@@ -143,10 +141,10 @@ def class_attention_maps(model: nn.Module, data: Resident, classes: tuple[str, .
     class-specific model lights up its own finding's map. The last row averages each
     finding's map over the test images whose label is that finding.
     """
-    findings = [c for c in range(len(classes)) if c != normal]
+    outputs = findings(classes, normal)
     device = next(model.parameters()).device
     examples, averages = [], []
-    for c in findings:
+    for c in outputs:
         members = torch.nonzero(data.labels.cpu() == c).flatten()
         if not len(members):
             examples.append(None)
@@ -156,10 +154,10 @@ def class_attention_maps(model: nn.Module, data: Resident, classes: tuple[str, .
         _, maps = model.class_maps(x)
         maps = torch.nn.functional.interpolate(maps.float(), size=x.shape[-2:], mode="bilinear", align_corners=False).cpu()
         examples.append((x[0, 0].cpu().numpy(), maps[0].numpy()))
-        averages.append((x[:, 0].mean(dim=0).cpu().numpy(), maps[:, findings.index(c)].mean(dim=0).numpy()))
-    k = len(findings)
+        averages.append((x[:, 0].mean(dim=0).cpu().numpy(), maps[:, outputs.index(c)].mean(dim=0).numpy()))
+    k = len(outputs)
     fig, axes = plt.subplots(k + 1, k + 1, figsize=(1.9 * (k + 1), 2.0 * (k + 1)), squeeze=False)
-    for row, c in enumerate(findings):
+    for row, c in enumerate(outputs):
         axes[row, 0].set_title(f"a {classes[c]} image", fontsize=8)
         if examples[row] is None:
             continue
@@ -168,14 +166,14 @@ def class_attention_maps(model: nn.Module, data: Resident, classes: tuple[str, .
         for col in range(k):
             axes[row, col + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row, col + 1].imshow(maps[col], cmap="jet", alpha=0.45, vmin=0, vmax=max(1e-6, float(maps.max())))
-            axes[row, col + 1].set_title(f"map: {classes[findings[col]]}", fontsize=8, fontweight="bold" if col == row else "normal")
+            axes[row, col + 1].set_title(f"map: {classes[outputs[col]]}", fontsize=8, fontweight="bold" if col == row else "normal")
     axes[k, 0].set_title("average maps", fontsize=8)
     for col, entry in enumerate(averages):
         if entry is not None:
             image, mean_map = entry
             axes[k, col + 1].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[k, col + 1].imshow(mean_map, cmap="jet", alpha=0.45)
-            axes[k, col + 1].set_title(f"mean {classes[findings[col]]} map\non {classes[findings[col]]} images", fontsize=7)
+            axes[k, col + 1].set_title(f"mean {classes[outputs[col]]} map\non {classes[outputs[col]]} images", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     return _save(fig, path)

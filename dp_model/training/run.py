@@ -20,7 +20,7 @@ from . import plots
 from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, keep_boxes, load_split, make_splits
-from .engine import History, Runtime, finetune, load_checkpoint, localization, make_runtime, network_options, predict, pretrain, save_checkpoint
+from .engine import History, Runtime, finetune, load_checkpoint, localization, make_runtime, network_options, normal_index, predict, pretrain, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +130,6 @@ def _tensorboard(folder: Path, runtime: Runtime):
     return log, writer.close
 
 
-def normal_index(classes: tuple[str, ...]) -> int:
-    """The class meaning "no pneumonia": "normal" when there is one, else the first."""
-    return classes.index("normal") if "normal" in classes else 0
-
-
 def _empty_report(dataset: ChestDataset) -> Report:
     nan = float("nan")
     return Report(dataset.classes, nan, nan, nan, nan, {}, [])
@@ -145,8 +140,9 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
                   located: dict[str, list[float]]) -> None:
     synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
     state = write_model(out, model, config.data.image_size)
+    normal = normal_index(dataset.classes)
     contract = ModelContract(
-        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal_index(dataset.classes)],
+        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal],
         config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
         network_options(config.finetune, config.data.image_size),
     )  # fmt: skip
@@ -161,10 +157,10 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         "curves": plots.curves(history, docs / "curves.png"),
         "confusion": plots.confusion(report, docs / "confusion.png"),
         "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
-        "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png", normal=normal_index(dataset.classes)),
+        "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png", normal=normal),
     }
     if hasattr(model, "class_maps"):
-        pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal_index(dataset.classes))
+        pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
     samples = [dataset.records[i].image for i in splits.test[:3]]
     write_samples(out, samples)
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
