@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from helpers import require_tool
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -21,6 +25,8 @@ T = TypeVar("T")
 PATIENT_NAME = "Doe^Jane^Q"
 PATIENT_ID = "PID-483920"
 BIRTH_DATE = "19610214"
+#: The calling AE titles the tests use; a node only accepts callers it names.
+TEST_CALLERS = ("TESTSCU", "MODALITY", "STORESCU", "PROBE", "ECHOSCU")
 
 
 def free_port() -> int:
@@ -115,3 +121,229 @@ def send(port: int, datasets: list[Dataset], calling: str = "TESTSCU", called: s
         return [int(status.Status) if status else -1 for status in (assoc.send_c_store(ds) for ds in datasets)]
     finally:
         assoc.release()
+
+
+def node_config(tmp_path: Path, **settings):
+    """A node configuration for tests: any free port, loopback, the test callers allowed.
+
+    Settings are configuration keys; nested ones (``tls``, ``retention`` ...) as mappings
+    or as their config objects.
+    """
+    from dp_model.config import from_mapping, to_mapping
+    from pacs_node.config import NodeConfig
+
+    defaults = {
+        "port": 0, "metrics_port": 0, "spool": str(tmp_path / "spool"), "output_dir": str(tmp_path / "out"),
+        "bundle": "unused", "allow": list(TEST_CALLERS),
+    }  # fmt: skip
+    return from_mapping(NodeConfig, to_mapping(defaults | settings), "test")
+
+
+def start_node(tmp_path: Path, predictor, **settings):
+    """A started in-process node (stop it when done)."""
+    from pacs_node.node import Node
+
+    node = Node(node_config(tmp_path, **settings), predictor)
+    node.start()
+    return node
+
+
+def audit_lines(node_or_path) -> list[dict]:
+    """Every line of a node's audit log (or of the audit log at a path)."""
+    path = Path(node_or_path) if isinstance(node_or_path, (str, Path)) else node_or_path.config.audit_path
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def final_lines(node, status: str | None = None) -> list[dict]:
+    """The audit lines that close the story of a received image (processed, skipped or failed)."""
+    return [line for line in audit_lines(node) if line["event"] == "received" and (status is None or line["status"] == status)]
+
+
+class GatedPredictor:
+    """The real predictor behind a gate: the model waits until the test opens it.
+
+    Lets a test hold the worker in the middle of a batch (to fill a disk, send a
+    duplicate, ...) without reaching into the node's internals.
+    """
+
+    def __init__(self, inner, open_: bool = False) -> None:
+        self.inner, self.contract = inner, inner.contract
+        self.gate, self.entered = threading.Event(), threading.Event()
+        if open_:
+            self.gate.set()
+
+    def predict(self, prepared):
+        self.entered.set()
+        assert self.gate.wait(120), "the test never opened the gate"
+        return self.inner.predict(prepared)
+
+
+@contextmanager
+def lenient_writing() -> Iterator[None]:
+    """Let pydicom write invalid values, as broken modalities do (the tests write strictly otherwise)."""
+    before = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        pydicom_config.settings.writing_validation_mode = before
+
+
+def raw_element(tag: int, vr: str, value: bytes | str):
+    """An element exactly as a file would hold it: ``value`` as bytes under ``vr``, valid or not."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    data = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
+    if len(data) % 2:
+        data += b"\x00" if vr in ("UI", "OB", "UN") else b" "
+    return RawDataElement(Tag(tag), vr, len(data), data, 0, False, True)
+
+
+def write_raw(ds: Dataset, path: Path, **meta: str) -> Path:
+    """Write ``ds`` as it is, invalid values and raw elements included.
+
+    ``meta`` sets file meta elements afterwards (pydicom would otherwise make them agree
+    with the data set). Raw elements (:func:`raw_element`) are written byte for byte, in
+    Explicit VR Little Endian (deflated when the file meta says so).
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.filewriter import write_file_meta_info
+
+    raw = any(isinstance(ds.get_item(tag), RawDataElement) for tag in ds.keys())
+    if not raw and not meta:
+        with lenient_writing():
+            ds.save_as(path, enforce_file_format=True)
+        return path
+    file_meta = ds.file_meta.copy()
+    file_meta.MediaStorageSOPClassUID = file_meta.get("MediaStorageSOPClassUID") or str(ds.SOPClassUID)
+    file_meta.MediaStorageSOPInstanceUID = file_meta.get("MediaStorageSOPInstanceUID") or str(ds.SOPInstanceUID)
+    for keyword, value in meta.items():
+        setattr(file_meta, keyword, value)
+    body = _explicit_little(ds)
+    if file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99":
+        import zlib
+
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = compressor.compress(body) + compressor.flush()
+    elif file_meta.TransferSyntaxUID.is_implicit_VR or not file_meta.TransferSyntaxUID.is_little_endian:
+        raise ValueError("raw elements are written in an explicit little endian transfer syntax only")
+    with path.open("wb") as handle, lenient_writing():
+        handle.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(handle, file_meta, enforce_standard=True)
+        handle.write(body)
+    return path
+
+
+_LONG_VRS = ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
+
+
+def _explicit_little(ds: Dataset) -> bytes:
+    """The data set's elements in Explicit VR Little Endian, raw ones as their bytes."""
+    import struct
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    with lenient_writing():
+        for tag in sorted(ds.keys()):
+            element = ds.get_item(tag)
+            if isinstance(element, RawDataElement):
+                head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + element.VR.encode()
+                head += struct.pack("<HI", 0, len(element.value)) if element.VR in _LONG_VRS else struct.pack("<H", len(element.value))
+                out.write(head + element.value)
+            else:
+                write_data_element(out, correct_ambiguous_vr_element(element, ds, True))
+    return out.getvalue()
+
+
+def send_files(port: int, paths: list[Path], calling: str = "TESTSCU", called: str = "DPNODE", contexts: list[tuple[str, str]] | None = None) -> list[int]:
+    """C-STORE files exactly as their bytes are (pynetdicom's chunked send): the status of each.
+
+    The command's Affected SOP Class and Instance UIDs come from each file's meta
+    information, so a file whose meta and data set disagree is sent as such.
+    """
+    from pynetdicom import _config
+
+    from pydicom.filereader import read_file_meta_info
+
+    metas = [read_file_meta_info(p) for p in paths]  # the data sets themselves may not parse
+    ae = AE(ae_title=calling)
+    for pair in contexts or sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(*pair)
+    before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, f"association with the node failed (calling {calling}, called {called})"
+        try:
+            return [int(status.Status) if status else -1 for status in (assoc.send_c_store(p) for p in paths)]
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+class FullDisk:
+    """A folder on its own small file system that a test can fill up and free again.
+
+    A real tmpfs where mounting is allowed (root, as in CI), so the node meets a real
+    ENOSPC wherever it writes. Where it is not, the same episode is injected: while
+    "full", every fsync of a file under the folder fails with ENOSPC, which is where a
+    durable write meets a full disk first.
+    """
+
+    def __init__(self, folder: Path, size_mb: int = 64) -> None:
+        self.folder, self.size_mb = folder, size_mb
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)], capture_output=True).returncode == 0
+        self._full = threading.Event()
+        self._real_fsync = None
+
+    def fill(self) -> None:
+        """Use every free byte."""
+        if self.mounted:
+            with (self.folder / "filler").open("wb", buffering=0) as handle:
+                for size in (2**20, 65536, 4096, 512, 1):  # then the last crumbs
+                    try:
+                        while True:
+                            handle.write(b"\0" * size)
+                    except OSError:
+                        continue
+            return
+        import errno
+        import os
+
+        self._real_fsync = self._real_fsync or os.fsync
+        real, folder, full = self._real_fsync, str(self.folder.resolve()), self._full
+
+        def fsync(fd: int) -> None:
+            if full.is_set() and os.readlink(f"/proc/self/fd/{fd}").startswith(folder):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            real(fd)
+
+        os.fsync = fsync
+        self._full.set()
+
+    def free(self) -> None:
+        (self.folder / "filler").unlink(missing_ok=True)
+        self._full.clear()
+
+    def close(self) -> None:
+        self.free()
+        if self._real_fsync is not None:
+            import os
+
+            os.fsync = self._real_fsync
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)

@@ -42,6 +42,10 @@ def test_destination_parsing() -> None:
         ({"tls.cert": "/nonexistent.pem", "tls.key": "/nonexistent.key"}, "tls.cert must be an existing PEM file"),
         ({"tls.cert": "x.pem"}, "tls.cert and tls.key must be given together"),
         ({"outbox.initial_backoff_s": 10.0, "outbox.max_backoff_s": 1.0}, "outbox.initial_backoff_s"),
+        ({"max_dataset_mb": 0}, "max_dataset_mb must be at least 1"),
+        ({"handshake_timeout_s": 0.0}, "handshake_timeout_s must be above 0"),
+        ({"retention.skipped_days": -1.0}, "retention.skipped_days must be 0"),
+        ({"allow_networks": ["not-a-network"]}, "allow_networks must be addresses or networks"),
     ],
 )
 def test_bad_values_are_refused_with_their_key(overrides: dict, message: str) -> None:
@@ -54,9 +58,11 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
 
     path = tmp_path / "node.yaml"
     path.write_text("port: 2000\nae_title: FROMFILE\nbundle: some/bundle\n")
-    config = load(parser().parse_args(["--config", str(path), "--port", "3000", "--destination", "A@h:1", "--destination", "B@h:2", "--allow", "CT1"]))
+    argv = ["--config", str(path), "--port", "3000", "--destination", "A@h:1", "--destination", "B@h:2", "--allow", "CT1", "--allow-network", "10.1.0.0/16"]
+    config = load(parser().parse_args(argv))
     assert (config.port, config.ae_title, config.bundle) == (3000, "FROMFILE", "some/bundle")
-    assert config.destinations == ("A@h:1", "B@h:2") and config.allow == ("CT1",)
+    assert config.destinations == ("A@h:1", "B@h:2") and config.allow == ("CT1",) and config.allow_networks == ("10.1.0.0/16",)
+    assert not config.allow_any_caller and load(parser().parse_args([*argv, "--allow-any-caller"])).allow_any_caller
 
 
 @pytest.mark.parametrize(

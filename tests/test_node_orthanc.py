@@ -81,7 +81,7 @@ def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, 
     orthanc = Orthanc(tmp_path / "orthanc", node_port)
     config = NodeConfig(
         port=node_port, host="127.0.0.1", metrics_port=-1, spool=str(tmp_path / "spool"), bundle=str(demo_bundle),
-        destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu",
+        destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu", allow=("ORTHANC",),
     )  # fmt: skip
     node = Node(config, NodePredictor(demo_bundle, "cpu"))
     node.start()

@@ -48,7 +48,7 @@ def result(index: int) -> Dataset:
 
 def sender(tmp_path: Path, peer: Peer, deliveries: list, **settings) -> DestinationSender:
     config = OutboxConfig(**{"initial_backoff_s": 0.2, "max_backoff_s": 0.8} | settings)
-    callback = lambda destination, uid, source, ok: deliveries.append((destination.port, uid, ok))  # noqa: E731
+    callback = lambda destination, uid, source, reason: deliveries.append((destination.port, uid, reason is None))  # noqa: E731
     return DestinationSender(peer.destination, tmp_path / "outbox", "DPNODE", config, callback, timeout_s=5)
 
 

@@ -272,16 +272,21 @@ def test_large_images_are_downscaled_with_their_spacing(predictor: NodePredictor
 
 
 def test_metrics_render_in_the_prometheus_text_format() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     from pacs_node.metrics import Metrics
 
     metrics = Metrics()
     metrics.inc("skipped_total", reason="body-part")
-    metrics.inc("skipped_total", reason='odd"name')
+    metrics.inc("skipped", reason='odd"name')
     metrics.observe("inference_seconds", 0.25)
     metrics.observe("inference_seconds", 0.75)
     metrics.gauge("queue_depth", lambda: {(): 2.0}, "instances waiting")
-    lines = metrics.render().splitlines()
-    assert lines.count("# TYPE dp_node_skipped_total counter") == 1
-    assert 'dp_node_skipped_total{reason="body-part"} 1' in lines and 'dp_node_skipped_total{reason="odd\\"name"} 1' in lines
-    assert "# TYPE dp_node_inference_seconds summary" in lines and "dp_node_inference_seconds_sum 1" in lines and "dp_node_inference_seconds_count 2" in lines
-    assert lines[-3:] == ["# HELP dp_node_queue_depth instances waiting", "# TYPE dp_node_queue_depth gauge", "dp_node_queue_depth 2"]
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    skipped = {s.labels["reason"]: s.value for s in families["dp_node_skipped"].samples if s.name == "dp_node_skipped_total"}
+    assert families["dp_node_skipped"].type == "counter" and skipped == {"body-part": 1.0, 'odd"name': 1.0}
+    inference = {s.name: s.value for s in families["dp_node_inference_seconds"].samples if not s.labels}
+    assert families["dp_node_inference_seconds"].type == "histogram"
+    assert inference["dp_node_inference_seconds_sum"] == 1.0 and inference["dp_node_inference_seconds_count"] == 2
+    assert families["dp_node_queue_depth"].type == "gauge" and families["dp_node_queue_depth"].samples[0].value == 2.0
+    assert metrics.value("skipped_total", reason="body-part") == 1 and metrics.value("inference_seconds_count") == 2

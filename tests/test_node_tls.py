@@ -43,7 +43,7 @@ def test_node_listens_and_sends_over_tls_and_refuses_plain_tcp(tmp_path: Path, d
     handlers = [(evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPInstanceUID) or 0)]
     dest_server = destination.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=handlers, ssl_context=server_side)
     tls = TLSConfig(cert=str(cert), key=str(key), ca=str(cert), send=True)
-    config = NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), bundle=str(demo_bundle), destinations=(f"RESULTS@127.0.0.1:{dest_port}",), tls=tls)
+    config = NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), bundle=str(demo_bundle), destinations=(f"RESULTS@127.0.0.1:{dest_port}",), tls=tls, allow=("MODALITY",))
     node = Node(config, NodePredictor(demo_bundle, "cpu"))
     node.start()
     try:
@@ -60,3 +60,30 @@ def test_node_listens_and_sends_over_tls_and_refuses_plain_tcp(tmp_path: Path, d
     finally:
         node.stop()
         dest_server.shutdown()
+
+
+def test_a_silent_connection_does_not_stall_the_tls_handshakes_of_others(tmp_path: Path, demo_bundle: Path, certificate: tuple[Path, Path]) -> None:
+    """The handshake runs in each connection's thread: one peer that never speaks blocks nobody,
+    and is cut after ``handshake_timeout_s``."""
+    import socket
+
+    cert, key = certificate
+    config = NodeConfig(
+        port=0, metrics_port=-1, spool=str(tmp_path / "spool"), bundle=str(demo_bundle), allow=("MODALITY",),
+        tls=TLSConfig(cert=str(cert), key=str(key)), handshake_timeout_s=20.0,
+    )  # fmt: skip
+    node = Node(config, NodePredictor(demo_bundle, "cpu"))
+    node.start()
+    silent = socket.create_connection(("127.0.0.1", node.port), timeout=60)
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.network_timeout = 10
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE", tls_args=(ssl.create_default_context(cafile=str(cert)), "127.0.0.1"))
+        assert assoc.is_established, "a legitimate TLS association waited behind a silent connection"
+        assert int(assoc.send_c_store(chest_dataset()).Status) == 0
+        assoc.release()
+        assert silent.recv(1) == b""  # cut once the handshake timeout has passed
+    finally:
+        silent.close()
+        node.stop()

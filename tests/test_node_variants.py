@@ -60,7 +60,7 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
     assert predictor.stage is None and predictor.class_maps == (heat == "class_maps")
     if multi_label:
         assert (bundle / "docs" / "class_maps.png").exists()
-    node = Node(NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), output_dir=str(tmp_path / "out"), bundle=str(bundle)), predictor)
+    node = Node(NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), output_dir=str(tmp_path / "out"), bundle=str(bundle), allow=("TESTSCU",)), predictor)
     node.start()
     try:
         ds = chest_dataset()
