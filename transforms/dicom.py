@@ -14,6 +14,15 @@ PS3.3 C.11 defines the grayscale pipeline applied here, in order:
 The result is a float32 image in [0, 1] plus the physical pixel spacing, which the outputs
 of the node need for their geometry. Anything that cannot be converted raises
 :class:`~dp_transforms.errors.ImageError` with a reason code and a one-line message.
+
+Reading is tolerant (:mod:`dp_transforms.header`): the pipeline works on a copy of the
+image pixel module in which every value was checked. A window, rescale or VOI function
+that is not usable is dropped (with a warning that names the attribute, never its value),
+so a broken window costs an automatic window, not the image. Attributes without which
+the pixels cannot be read (Rows, Columns, Bits Allocated ...) make the image unusable.
+Before a compressed frame is decoded, the size its own codestream declares is checked:
+a decoder is never asked for more pixels than :data:`MAX_PIXELS`, whatever Rows and
+Columns say.
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ from typing import BinaryIO
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from . import header
+from .codestream import declared_shape
 from .errors import ImageError, ImageErrorReason
 
 logger = logging.getLogger(__name__)
@@ -49,6 +61,10 @@ MAX_PIXELS = 64 * 2**20
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: Photometric interpretations a message may name (any other value is not repeated).
+KNOWN_PHOTOMETRIC = (*MONOCHROME, "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "HSV", "ARGB", "CMYK")
+#: How much of the start of a compressed frame is searched for the codestream's own header.
+CODESTREAM_HEAD = 65536
 
 
 @dataclass(frozen=True)
@@ -166,14 +182,87 @@ def dicom_to_image(ds: Dataset, source: str = "") -> ChestImage:
         ImageError: no pixel data, colour, several frames, absurd geometry, a transfer
             syntax no installed decoder handles, or pixel data that fails to decode.
     """
-    source = source or str(ds.get("SOPInstanceUID", "dataset"))
-    check_single_grayscale_frame(ds, source)
-    stored = decode_pixels(ds, source)
-    values = apply_modality_lut(stored, ds).astype(np.float64, copy=False)
-    pixels = apply_voi_window(values, ds)
-    if not _larger_is_brighter(ds):
+    source = source or str(header.text(ds, "SOPInstanceUID") or "dataset")
+    pixel = pixel_module(ds, source)
+    stored = decode_pixels(pixel, source)
+    values = _modality_values(stored, pixel, source)
+    pixels = apply_voi_window(values, pixel)
+    if not _larger_is_brighter(pixel):
         pixels = 1.0 - pixels
     return ChestImage(np.clip(pixels, 0.0, 1.0).astype(np.float32), pixel_spacing(ds), source)
+
+
+#: Attributes without which stored pixel values cannot be read.
+REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+def pixel_module(ds: Dataset, source: str) -> Dataset:
+    """A checked copy of what decoding and display need; unusable optional values left out.
+
+    Raises:
+        ImageError: the image cannot be a single grayscale radiograph, or an attribute
+            needed to read its pixels is missing or unusable.
+    """
+    check_single_grayscale_frame(ds, source)
+    out = Dataset()
+    out.file_meta = _file_meta(ds)
+    for keyword in REQUIRED:
+        value = header.integer(ds, keyword)
+        if value is None:
+            raise ImageError(ImageErrorReason.CORRUPT, f"{keyword} is missing or not a whole number", source)
+        setattr(out, keyword, value)
+    if out.BitsAllocated not in (8, 16, 32) or not 1 <= out.BitsStored <= out.BitsAllocated or out.PixelRepresentation not in (0, 1):
+        raise ImageError(ImageErrorReason.CORRUPT, f"{out.BitsStored} bits stored in {out.BitsAllocated} allocated, representation {out.PixelRepresentation}", source)
+    out.HighBit = out.BitsStored - 1  # the only value DICOM allows for a grayscale image
+    out.SamplesPerPixel, out.PhotometricInterpretation = 1, header.text(ds, "PhotometricInterpretation")
+    out.add(ds["PixelData"])
+    _copy_optional(ds, out, source)
+    return out
+
+
+def _file_meta(ds: Dataset) -> FileMetaDataset:
+    """The dataset's file meta, or one that states the encoding it was read with."""
+    meta = FileMetaDataset()
+    syntax = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
+    if not syntax:
+        implicit, little = getattr(ds, "original_encoding", (False, True))
+        syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+    meta.TransferSyntaxUID = UID(str(syntax).strip(" \x00"))
+    return meta
+
+
+def _copy_optional(ds: Dataset, out: Dataset, source: str) -> None:
+    """Rescale, window, VOI and polarity attributes, each only when usable."""
+    slope, intercept = header.number(ds, "RescaleSlope"), header.number(ds, "RescaleIntercept")
+    if slope is not None and intercept is not None and slope != 0:
+        out.RescaleSlope, out.RescaleIntercept = slope, intercept
+    elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        logger.warning("%s: Rescale Slope / Intercept unusable; stored values used as they are", source)
+    if "ModalityLUTSequence" in ds and "RescaleSlope" not in out:
+        out.add(ds["ModalityLUTSequence"])
+    centers, widths = header.numbers(ds, "WindowCenter"), header.numbers(ds, "WindowWidth")
+    if centers and widths:
+        out.WindowCenter, out.WindowWidth = centers[0], widths[0]
+        function = header.text(ds, "VOILUTFunction")
+        out.VOILUTFunction = function if function in VOI_FUNCTIONS else "LINEAR"
+    elif "WindowCenter" in ds or "WindowWidth" in ds:
+        logger.warning("%s: Window Center / Width unusable; using an automatic window", source)
+    if "VOILUTSequence" in ds:
+        out.add(ds["VOILUTSequence"])
+    sign = header.integer(ds, "PixelIntensityRelationshipSign")
+    if sign in (1, -1):
+        out.PixelIntensityRelationshipSign = sign
+    out.PresentationIntentType = header.text(ds, "PresentationIntentType")
+
+
+def _modality_values(stored: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
+    """The Modality LUT applied; a Modality LUT Sequence that cannot be applied is ignored."""
+    try:
+        return apply_modality_lut(stored, ds).astype(np.float64, copy=False)
+    except Exception:  # noqa: BLE001 - a malformed LUT costs the LUT, not the image
+        logger.warning("%s: Modality LUT Sequence unusable; stored values used as they are", source)
+        return stored.astype(np.float64)
 
 
 def check_single_grayscale_frame(ds: Dataset, source: str) -> None:
@@ -181,19 +270,19 @@ def check_single_grayscale_frame(ds: Dataset, source: str) -> None:
     if "PixelData" not in ds:
         kind = "float" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no"
         raise ImageError(ImageErrorReason.NO_PIXEL_DATA, f"{kind} pixel data (7FE0,0010)", source)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = header.text(ds, "PhotometricInterpretation")
+    samples = header.integer(ds, "SamplesPerPixel") or 1
     if samples != 1 or photometric not in MONOCHROME:
         raise ImageError(
             ImageErrorReason.COLOUR,
-            f"Photometric Interpretation {photometric or '(missing)'} with {samples} sample(s) "
+            f"Photometric Interpretation {photometric if photometric in KNOWN_PHOTOMETRIC else '(not a known value)'} with {samples} sample(s) "
             "per pixel; a radiograph is MONOCHROME1 or MONOCHROME2",
             source,
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = header.integer(ds, "NumberOfFrames") or 1
     if frames != 1:
         raise ImageError(ImageErrorReason.MULTI_FRAME, f"{frames} frames; expected one", source)
-    check_geometry(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), source)
+    check_geometry(header.integer(ds, "Rows") or 0, header.integer(ds, "Columns") or 0, source)
 
 
 def check_geometry(rows: int, columns: int, source: str = "") -> None:
@@ -210,6 +299,40 @@ def check_geometry(rows: int, columns: int, source: str = "") -> None:
             f"image of {rows} x {columns} pixels exceeds {MAX_PIXELS} pixels",
             source,
         )
+
+
+def check_codestream(ds: Dataset, source: str) -> None:
+    """Refuse a compressed frame whose own header declares too many pixels, or other ones than Rows and Columns.
+
+    Decoders allocate what the codestream declares, not what Rows and Columns say: a
+    586-byte JPEG 2000 can declare 16384 x 16384 pixels.
+    """
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        head = b"".join(_first_fragments(ds.PixelData))
+    except Exception as exc:
+        raise ImageError(ImageErrorReason.CORRUPT, f"compressed pixel data not encapsulated ({_one_line(exc)})", source) from exc
+    shape = declared_shape(head, syntax)
+    if shape is None:
+        return  # RLE, or a codestream whose header says nothing of its size: Rows and Columns bound it
+    rows, columns = shape
+    if rows == 0 or columns == 0:
+        raise ImageError(ImageErrorReason.UNSUPPORTED, "codestream does not declare its size in its header", source)
+    check_geometry(rows, columns, f"{source} (codestream header)" if source else "codestream header")
+    if (rows, columns) != (ds.Rows, ds.Columns):
+        raise ImageError(ImageErrorReason.CORRUPT, f"codestream declares {rows} x {columns} pixels, the header {ds.Rows} x {ds.Columns}", source)
+
+
+def _first_fragments(pixel_data: bytes) -> Iterator[bytes]:
+    """The start of the first frame: fragments after the Basic Offset Table, up to CODESTREAM_HEAD bytes."""
+    taken = 0
+    for index, fragment in enumerate(generate_fragments(pixel_data)):
+        if index == 0:
+            continue  # the Basic Offset Table
+        yield fragment[: CODESTREAM_HEAD - taken]
+        taken += len(fragment)
+        if taken >= CODESTREAM_HEAD:
+            return
 
 
 def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
@@ -229,6 +352,7 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
                 f"{', '.join(sorted(decoder.missing_dependencies)) or 'a decoder plugin'})",
                 source,
             )
+        check_codestream(ds, source)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # decoders raise ValueError, RuntimeError, struct errors ...
@@ -249,7 +373,10 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
 def apply_voi_window(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """Map modality values to [0, 1] by the VOI LUT, the window, or an automatic window."""
     if ds.get("VOILUTSequence"):
-        return _apply_voi_lut_sequence(values, ds)
+        try:
+            return _apply_voi_lut_sequence(values, ds)
+        except Exception:  # noqa: BLE001 - a malformed LUT costs the LUT, not the image
+            logger.warning("%s: VOI LUT Sequence unusable; using the window or an automatic one", ds.get("SOPInstanceUID", "dataset"))
     window = _first_window(ds)
     if window is not None:
         center, width = window
@@ -278,13 +405,11 @@ def window_to_unit(values: np.ndarray, center: float, width: float, function: st
 
 
 def _first_window(ds: Dataset) -> tuple[float, float] | None:
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None or center == "" or width == "":
+    center, width = header.number(ds, "WindowCenter"), header.number(ds, "WindowWidth")
+    if center is None or width is None:
         return None
-    center = float(center[0] if isinstance(center, MultiValue) else center)
-    width = float(width[0] if isinstance(width, MultiValue) else width)
     if width <= 0:
-        logger.warning("ignoring Window Width %s (must be > 0); using an automatic window", width)
+        logger.warning("ignoring a Window Width of %g (must be > 0); using an automatic window", width)
         return None
     return center, width
 
@@ -303,19 +428,13 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def _larger_is_brighter(ds: Dataset) -> bool:
-    photometric_says = str(ds.PhotometricInterpretation).strip() == "MONOCHROME2"
-    sign = ds.get("PixelIntensityRelationshipSign")
-    intent = str(ds.get("PresentationIntentType", "")).strip().upper()
-    if sign in (1, -1) and intent == "FOR PROCESSING":
+    photometric_says = header.text(ds, "PhotometricInterpretation") == "MONOCHROME2"
+    sign = header.integer(ds, "PixelIntensityRelationshipSign")
+    if sign in (1, -1) and header.text(ds, "PresentationIntentType") == "FOR PROCESSING":
         # -1: higher values mean less beam intensity, i.e. more attenuation: brighter.
-        sign_says = int(sign) == -1
+        sign_says = sign == -1
         if sign_says != photometric_says:
-            logger.warning(
-                "%s: Pixel Intensity Relationship Sign %+d disagrees with %s; following the sign",
-                ds.get("SOPInstanceUID", "dataset"),
-                int(sign),
-                ds.PhotometricInterpretation,
-            )
+            logger.warning("Pixel Intensity Relationship Sign %+d disagrees with the photometric interpretation; following the sign", sign)
         return sign_says
     return photometric_says
 
@@ -326,11 +445,7 @@ def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     Zero or negative values, which real files carry, count as absent.
     """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        try:
-            row, column = (float(v) for v in value)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            continue
-        if row > 0 and column > 0:
-            return row, column
+        found = header.numbers(ds, keyword)
+        if found is not None and len(found) == 2 and all(0 < v < 1e4 for v in found):
+            return found[0], found[1]
     return None
