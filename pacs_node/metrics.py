@@ -1,7 +1,10 @@
-"""Counters the node keeps, and the HTTP endpoint that shows them (loopback by default).
+"""What the node counts, and the HTTP endpoint that shows it (loopback by default).
 
-``GET /health`` answers JSON (``status`` ok or degraded, queue depth, per-destination
-backlog); ``GET /metrics`` answers the Prometheus text format (version 0.0.4).
+Metrics are ``prometheus_client`` counters, histograms and gauges in a registry of the
+node's own, every family declared once in :data:`COUNTERS` and :data:`HISTOGRAMS` with its
+labels and help. ``GET /metrics`` answers the Prometheus text format; ``GET /health``
+answers JSON (``status`` ok, degraded or failed, and the problems found), with HTTP 200
+only when ok, so that a container health check or a load balancer can use it as it is.
 """
 
 from __future__ import annotations
@@ -9,71 +12,94 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
 logger = logging.getLogger(__name__)
+
+PREFIX = "dp_node_"
+
+#: Counter families: name (without ``_total``) -> (help, label names).
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "received": ("instances acknowledged (durable in the spool)", ()),
+    "refused": ("C-STORE requests refused, by reason", ("reason",)),
+    "processed": ("instances with results handed over, by decision", ("outcome",)),
+    "skipped": ("instances that got no result, by reason", ("reason",)),
+    "failed": ("instances whose processing failed for good, by reason", ("reason",)),
+    "retries": ("instances put back for a later try, by reason", ("reason",)),
+    "delivered": ("result objects accepted by a destination", ("destination",)),
+    "dead_letters": ("result objects given up on, by destination and reason", ("destination", "reason")),
+    "associations_rejected": ("association requests rejected, by reason", ("reason",)),
+    "associations_aborted": ("associations the node cut, by reason", ("reason",)),
+    "contexts_refused": ("presentation contexts refused at negotiation", ()),
+    "protocol_errors": ("malformed or unexpected PDUs and broken connections", ()),
+    "thread_restarts": ("worker or sender threads restarted after an unexpected exit", ("thread",)),
+    "audit_write_errors": ("audit lines that could not be written at once (kept and retried)", ()),
+}
+#: Latency histograms in seconds: name -> (help, buckets).
+HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "processing_seconds": ("from acknowledgement to results handed over", (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)),
+    "inference_seconds": ("one forward pass of a batch", (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)),
+    "delivery_seconds": ("one C-STORE of a result to a destination", (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)),
+}
+
+Labels = tuple[tuple[str, str], ...]
+
+# ``*_created`` samples (creation timestamps of each series) say nothing an operator needs.
+disable_created_metrics()
 
 
 class Metrics:
-    """Thread-safe counters and summaries, rendered in the Prometheus text format."""
+    """The node's metrics; thread-safe (prometheus_client's are)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
-        self.gauges: dict[str, Callable[[], dict[tuple[tuple[str, str], ...], float]]] = {}
-        self.help: dict[str, str] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._counters = {name: Counter(PREFIX + name, text, labels, registry=self.registry) for name, (text, labels) in COUNTERS.items()}
+        self._histograms = {name: Histogram(PREFIX + name, text, buckets=buckets, registry=self.registry) for name, (text, buckets) in HISTOGRAMS.items()}
+        self._gauges = _Gauges()
+        self.registry.register(self._gauges)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        with self._lock:
-            self.counters[(name, tuple(sorted(labels.items())))] += amount
+        """Add to the counter ``name`` (with or without its ``_total`` suffix)."""
+        counter = self._counters[name.removesuffix("_total")]
+        (counter.labels(**labels) if labels else counter).inc(amount)
 
     def observe(self, name: str, seconds: float) -> None:
-        """A summary without quantiles: ``name_sum`` and ``name_count``."""
-        with self._lock:
-            self.counters[(f"{name}_sum", ())] += seconds
-            self.counters[(f"{name}_count", ())] += 1
+        self._histograms[name].observe(seconds)
 
-    def gauge(self, name: str, read: Callable[[], dict[tuple[tuple[str, str], ...], float]], help_text: str) -> None:
-        self.gauges[name] = read
-        self.help[name] = help_text
+    def gauge(self, name: str, read: Callable[[], dict[Labels, float]], help_text: str) -> None:
+        """A gauge read when scraped: ``read()`` returns ``{labels: value}``."""
+        self._gauges.add(PREFIX + name, read, help_text)
 
     def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self.counters[(name, tuple(sorted(labels.items())))]
+        """The current value of a counter sample (``received_total``) or histogram sample; 0 if unseen."""
+        name = name if name.endswith(("_total", "_count", "_sum")) else name + "_total"
+        return self.registry.get_sample_value(PREFIX + name, labels) or 0.0
 
-    def render(self) -> str:
-        lines, typed = [], set()
-        with self._lock:
-            items = sorted(self.counters.items())
-        for (name, labels), value in items:
-            family, kind = _family(name)
-            if family not in typed:
-                typed.add(family)
-                lines.append(f"# TYPE dp_node_{family} {kind}")
-            lines.append(f"dp_node_{name}{_labels(labels)} {value:g}")
-        for name, read in sorted(self.gauges.items()):
-            lines.append(f"# HELP dp_node_{name} {self.help[name]}")
-            lines.append(f"# TYPE dp_node_{name} gauge")
-            for labels, value in sorted(read().items()):
-                lines.append(f"dp_node_{name}{_labels(labels)} {value:g}")
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def _family(name: str) -> tuple[str, str]:
-    """The metric family a sample belongs to, and its type: ``x_sum`` and ``x_count`` are a summary."""
-    for suffix in ("_sum", "_count"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)], "summary"
-    return name, "counter"
+class _Gauges:
+    """A collector of gauges whose values are read from the node when scraped."""
 
+    def __init__(self) -> None:
+        self._gauges: dict[str, tuple[Callable[[], dict[Labels, float]], str]] = {}
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
-    return "{" + body + "}"
+    def add(self, name: str, read: Callable[[], dict[Labels, float]], help_text: str) -> None:
+        self._gauges[name] = (read, help_text)
+
+    def collect(self):
+        for name, (read, help_text) in sorted(self._gauges.items()):
+            values = read()
+            labels = sorted({key for labelled in values for key, _ in labelled})
+            family = GaugeMetricFamily(name, help_text, labels=labels)
+            for labelled, value in sorted(values.items()):
+                family.add_metric([dict(labelled)[key] for key in labels], value)
+            yield family
 
 
 class MetricsServer:
@@ -83,14 +109,15 @@ class MetricsServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path.split("?")[0] == "/metrics":
-                    outer._reply(self, 200, metrics.render(), "text/plain; version=0.0.4")
-                elif self.path.split("?")[0] == "/health":
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    outer._reply(self, 200, metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/health":
                     state = health()
-                    outer._reply(self, 200 if state.get("status") == "ok" else 503, json.dumps(state), "application/json")
+                    outer._reply(self, 200 if state.get("status") == "ok" else 503, json.dumps(state).encode(), "application/json")
                 else:
-                    outer._reply(self, 404, "not found: try /health or /metrics\n", "text/plain")
+                    outer._reply(self, 404, b"not found: try /health or /metrics\n", "text/plain")
 
             def log_message(self, *_args) -> None:  # requests are not worth a log line each
                 pass
@@ -104,13 +131,12 @@ class MetricsServer:
         return int(self.server.server_address[1])
 
     @staticmethod
-    def _reply(handler: BaseHTTPRequestHandler, code: int, body: str, content_type: str) -> None:
-        data = body.encode()
+    def _reply(handler: BaseHTTPRequestHandler, code: int, body: bytes, content_type: str) -> None:
         handler.send_response(code)
         handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
-        handler.wfile.write(data)
+        handler.wfile.write(body)
 
     def start(self) -> None:
         self._thread.start()
