@@ -1,46 +1,114 @@
-"""The audit trail: one JSON line per received instance, and one per delivery.
+"""The audit trail: one JSON line per received instance, per refusal and per delivery.
 
 Lines carry correlation ids (SOP Instance UID, Study Instance UID), the calling AE title,
-status, skip reason, the result, where it went and timings. They never carry the patient's
-name, id or birth date: :data:`FIELDS` is the complete list of what a line may hold, and
-anything else is dropped before writing.
+the peer's address, status, stable reason codes, the result, where it went and timings.
+They never carry a value of the data set: :data:`FIELDS` is the complete list of what a
+line may hold, the node writes only codes and fixed sentences into ``detail``, and a UID
+that is not a valid UID (it could hold anything) is replaced by a hash of it.
+
+The file is created 0600. A line that cannot be written (a full disk) is kept in memory,
+in order, and written when space is back: the trail stays complete and never holds half
+a line.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from .sanitize import is_valid_uid
+from .spool import FILE_MODE, private_folder
+
+logger = logging.getLogger(__name__)
+
 #: Every key an audit line may have.
 FIELDS = (
-    "time", "event", "calling_ae", "sop_instance_uid", "study_instance_uid", "sop_class_uid", "status", "skip_reason",
-    "detail", "result", "outputs", "delivery", "destination", "timings_ms",
+    "time", "event", "calling_ae", "peer", "sop_instance_uid", "study_instance_uid", "sop_class_uid", "status",
+    "status_code", "reason", "skip_reason", "detail", "result", "outputs", "delivery", "destination", "contexts",
+    "thread", "timings_ms",
 )  # fmt: skip
+#: Lines kept in memory while the disk is full; beyond this the oldest are dropped (and counted).
+MAX_PENDING = 100_000
+
+def safe_uid(value: object) -> str:
+    """A UID as it may appear in logs and the audit trail: itself when valid, else a hash of it."""
+    text = str(value or "").strip().rstrip("\x00").strip()
+    if not text:
+        return ""
+    if is_valid_uid(text):
+        return text
+    return "invalid-uid-" + hashlib.sha256(text.encode(errors="replace")).hexdigest()[:16]
 
 
 class AuditLog:
-    """Append-only JSON lines, flushed and fsynced per line (one writer per process)."""
+    """Append-only JSON lines, each written whole and fsynced (one writer per process)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.path.parent)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        os.fchmod(self._fd, FILE_MODE)
         self._lock = threading.Lock()
-        self._handle = self.path.open("a", encoding="utf-8")
+        self._pending: collections.deque[bytes] = collections.deque()
+        self.write_errors = 0
+        self.dropped = 0
 
     def write(self, event: str, **fields: Any) -> dict:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event}
         record |= {k: v for k, v in fields.items() if k in FIELDS and v is not None}
-        line = json.dumps(record, separators=(",", ":"), default=str)
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         with self._lock:
-            self._handle.write(line + "\n")
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if len(self._pending) >= MAX_PENDING:
+                self._pending.popleft()
+                self.dropped += 1
+            self._pending.append(line)
+            self._flush()
         return record
+
+    @property
+    def backlog(self) -> int:
+        """Lines waiting for the disk."""
+        return len(self._pending)
+
+    def flush(self) -> bool:
+        """Write what waits; True when nothing is left waiting."""
+        with self._lock:
+            return self._flush()
+
+    def _flush(self) -> bool:
+        while self._pending and self._fd >= 0:
+            line = self._pending[0]
+            size = os.fstat(self._fd).st_size
+            try:
+                if os.write(self._fd, line) != len(line):
+                    raise OSError("short write")
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._undo(size)
+                self.write_errors += 1
+                if self.write_errors == 1 or self.write_errors % 1000 == 0:
+                    logger.error("audit log %s: cannot write (%s); %d line(s) kept in memory until it can", self.path, exc.strerror or exc, len(self._pending))
+                return False
+            self._pending.popleft()
+        return True
+
+    def _undo(self, size: int) -> None:
+        """Cut a half-written line off, so the trail stays one JSON object per line."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            pass
 
     def close(self) -> None:
         with self._lock:
-            self._handle.close()
+            self._flush()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

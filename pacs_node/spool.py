@@ -1,42 +1,73 @@
 """The durable spool: what the node received and has not finished with.
 
-Layout under the spool folder::
+Layout under the spool folder (folders 0700, files 0600: they hold patient data)::
 
-    tmp/        partial writes (removed at start-up)
-    incoming/   received instances waiting for, or in, processing: <SOPInstanceUID>.dcm
-    skipped/    received instances that are not frontal chest radiographs (kept when asked)
-    failed/     instances whose processing raised, or that were in flight when the node
-                died too often (a file that crashes a decoder must not crash the node
-                at every start); kept for a person to look at
-    inflight.json   instances being processed, with how many times processing began
+    tmp/            data sets still arriving and partial writes (removed at start-up)
+    incoming/       received instances waiting for, or in, processing:
+                    <receipt>.dcm and <receipt>.json (who sent it, when, which instance)
+    skipped/        received instances that get no result (not a frontal chest radiograph,
+                    unreadable); kept for a person to look at, within the retention limits
+    failed/         instances whose processing failed, each with <receipt>.why.json (a
+                    stable reason code), and instances that were in flight, alone, when
+                    the node died too often (a file that crashes a decoder must not crash
+                    the node at every start)
+    attempts.json   instances being processed: how many times processing began for each,
+                    alone or in a batch
 
-A C-STORE is acknowledged only after its bytes are in ``incoming/`` (write to ``tmp/``,
-fsync, atomic rename, fsync of the folder), so a crash at any moment, ``kill -9``
-included, loses nothing that was acknowledged. An instance leaves ``incoming/`` only
-after its results are durable in the outbox; a restart therefore picks up every instance
-without a result, and because result UIDs are derived from the source instance,
-processing one twice overwrites rather than duplicates.
+A C-STORE is acknowledged only after its bytes are in ``incoming/`` (received into
+``tmp/``, fsync, atomic rename, fsync of the folder), so a crash at any moment, ``kill -9``
+included, loses nothing that was acknowledged. An instance leaves ``incoming/`` only after
+its results are durable in the outbox; a restart therefore picks up every instance without
+a result, and because result UIDs are derived from the source instance, processing one
+twice overwrites rather than duplicates.
 
-Each file is a DICOM Part 10 file whose file meta records the calling AE title as
-Sending Application Entity Title (0002,0017), so the audit trail survives a restart.
+Every reception gets its own receipt name (time and a sequence number, never a value from
+the data set), so two receptions of the same instance at once never overwrite each other.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
+import itertools
 import json
+import logging
 import os
-import re
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom import dcmread
 
-_UID = re.compile(r"^[0-9.]{1,64}$")
+logger = logging.getLogger(__name__)
+
+#: Errors that say "not now" rather than "never": the disk or memory is full for the moment.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN, errno.EMFILE, errno.ENFILE})
+
+FILE_MODE, FOLDER_MODE = 0o600, 0o700
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk, full memory or similar condition worth retrying later."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+
+
+def private_folder(folder: Path) -> Path:
+    """``folder``, and every parent it creates, readable by the service account only."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(mode=FOLDER_MODE, exist_ok=True)
+        os.chmod(created, FOLDER_MODE)
+    leaf = missing[0] if missing else folder
+    os.chmod(leaf, FOLDER_MODE)
+    return leaf
 
 
 def fsync_dir(folder: Path) -> None:
@@ -53,13 +84,24 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_SEQUENCE = itertools.count()
+
+
 @contextmanager
 def atomic_file(path: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
-    """Open a file that appears at ``path`` complete and durable, or not at all."""
+    """Open a file (mode 0600) that appears at ``path`` complete and durable, or not at all."""
     tmp_dir = tmp_dir or path.parent
-    tmp = tmp_dir / f".{path.name}.{os.getpid()}.{id(path):x}.part"
+    tmp = tmp_dir / f".{path.name}.{os.getpid()}.{next(_SEQUENCE)}.part"
     try:
-        with tmp.open("wb") as handle:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -69,77 +111,152 @@ def atomic_file(path: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
     fsync_dir(path.parent)
 
 
-def instance_name(sop_instance_uid: str) -> str:
-    """File name of an instance: its UID when that is a valid UID, else a hash of it."""
-    uid = sop_instance_uid.strip().rstrip("\x00")
-    if _UID.match(uid):
-        return f"{uid}.dcm"
-    return f"x{hashlib.sha256(uid.encode(errors='replace')).hexdigest()[:40]}.dcm"
+@dataclass(frozen=True)
+class Receipt:
+    """What the node knows of a reception besides the data set: never patient data.
+
+    Attributes:
+        sop_instance_uid: the Affected SOP Instance UID of the C-STORE (checked against the
+            data set's before acceptance).
+        calling_ae: the sender's AE title.
+        peer: the sender's address.
+        received: Unix time of the acknowledgement.
+    """
+
+    sop_instance_uid: str
+    calling_ae: str
+    peer: str
+    received: float
+
+    @staticmethod
+    def read(path: Path) -> Receipt | None:
+        try:
+            return Receipt(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def _receipt_from_header(path: Path) -> Receipt | None:
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPInstanceUID"])
+        calling = str(ds.file_meta.get("SendingApplicationEntityTitle", "")).strip()
+        return Receipt(str(ds.get("SOPInstanceUID", "")).strip(" \x00"), calling, "", path.stat().st_mtime)
+    except Exception:  # noqa: BLE001 - an unreadable file has no receipt; the worker says why
+        return None
+
+
+@dataclass
+class Attempts:
+    """How often processing of one instance began: alone, or as part of a batch."""
+
+    solo: int = 0
+    batch: int = 0
 
 
 class Spool:
     """The spool folders and the moves between them (one process owns a spool)."""
 
     def __init__(self, root: str | Path, keep_skipped: bool = True) -> None:
-        self.root = Path(root)
+        self.root = private_folder(Path(root))
         self.keep_skipped = keep_skipped
-        self.tmp, self.incoming, self.skipped, self.failed = (self.root / n for n in ("tmp", "incoming", "skipped", "failed"))
-        for folder in (self.tmp, self.incoming, self.skipped, self.failed):
-            folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.tmp.iterdir():  # writes that a crash interrupted were never acknowledged
+        self.tmp, self.incoming, self.skipped, self.failed = (private_folder(self.root / n) for n in ("tmp", "incoming", "skipped", "failed"))
+        self._sequence = itertools.count()
+        self._lock = threading.Lock()
+        for stale in self.tmp.iterdir():  # arrivals and writes that a crash interrupted were never acknowledged
             stale.unlink(missing_ok=True)
+        for orphan in self.incoming.glob("*.json"):  # a receipt whose data set never arrived
+            if not orphan.with_suffix(".dcm").exists():
+                orphan.unlink(missing_ok=True)
+        self.attempts = self._load_attempts()
+
+    # --- receiving ----------------------------------------------------------------------------------
+
+    def receipt_name(self) -> str:
+        """A fresh, unique, value-free name for one reception."""
+        return f"{time.time_ns():020d}-{os.getpid()}-{next(self._sequence):06d}"
+
+    def admit(self, received: Path, receipt: Receipt) -> Path:
+        """Move a fully received data set (a Part 10 file) into ``incoming/``, durably, with its receipt.
+
+        Raises:
+            OSError: the disk is full or failing; nothing was admitted.
+        """
+        name = self.receipt_name()
+        path = self.incoming / f"{name}.dcm"
+        fsync_file(received)
+        with atomic_file(path.with_suffix(".json"), self.tmp) as handle:
+            handle.write(json.dumps(asdict(receipt)).encode())
+        try:
+            _move_file(received, path)
+        except OSError:
+            path.with_suffix(".json").unlink(missing_ok=True)
+            raise
+        fsync_dir(self.incoming)
+        return path
+
+    def receipt(self, path: Path) -> Receipt | None:
+        """The receipt beside ``path``; for an instance without one (a spool of an earlier
+        version, a lost receipt), what its own header says."""
+        return Receipt.read(path.with_suffix(".json")) or _receipt_from_header(path)
 
     # --- in-flight bookkeeping: a file that kills the process is not retried forever ---------
 
     def begin(self, paths: list[Path]) -> None:
-        """Record that processing of ``paths`` starts (durably, before it starts)."""
-        starts = self._inflight()
+        """Record, durably and before it starts, that processing of ``paths`` begins.
+
+        Raises:
+            OSError: the record could not be written (a full disk); do not process.
+        """
         for path in paths:
-            starts[path.name] = starts.get(path.name, 0) + 1
-        self._save_inflight(starts)
+            entry = self.attempts.setdefault(path.name, Attempts())
+            if len(paths) == 1:
+                entry.solo += 1
+            else:
+                entry.batch += 1
+        self._save_attempts()
 
     def end(self, paths: list[Path]) -> None:
-        """Processing of ``paths`` ended, whatever its outcome."""
-        starts = self._inflight()
+        """Processing of ``paths`` ended, whatever its outcome (the record is best effort)."""
         for path in paths:
-            starts.pop(path.name, None)
-        self._save_inflight(starts)
+            self.attempts.pop(path.name, None)
+        try:
+            self._save_attempts()
+        except OSError as exc:  # kept in memory; written with the next batch
+            logger.warning("could not update %s (%s); it is written again with the next batch", self.root / "attempts.json", exc.strerror)
 
-    def quarantine(self, max_starts: int) -> list[tuple[Path, int]]:
-        """Move to ``failed/`` what was in flight at ``max_starts`` deaths of the process; returns them."""
-        starts, moved = self._inflight(), []
-        for name, count in sorted(starts.items()):
+    def suspects(self) -> set[str]:
+        """Instances in flight when the process last died: each is retried alone."""
+        return {name for name in self.attempts if (self.incoming / name).exists()}
+
+    def quarantine(self, max_solo: int) -> list[tuple[Path, int]]:
+        """Move to ``failed/`` what was in flight, alone, at ``max_solo`` deaths of the process."""
+        moved = []
+        for name, entry in sorted(self.attempts.items()):
             path = self.incoming / name
-            if count >= max_starts and path.exists():
-                self._move(path, self.failed)
-                moved.append((self.failed / name, count))
+            if entry.solo >= max_solo and path.exists():
+                self.fail(path, "crash-loop", f"in flight, alone, at {entry.solo} deaths of the node")
+                moved.append((self.failed / name, entry.solo))
+        self.attempts = {k: v for k, v in self.attempts.items() if (self.incoming / k).exists()}
         if moved:
-            self._save_inflight({k: v for k, v in starts.items() if (self.incoming / k).exists()})
+            self._save_attempts()
         return moved
 
-    def _inflight(self) -> dict[str, int]:
+    def _load_attempts(self) -> dict[str, Attempts]:
         try:
-            return {str(k): int(v) for k, v in json.loads((self.root / "inflight.json").read_text()).items()}
-        except (OSError, ValueError, AttributeError):
+            data = json.loads((self.root / "attempts.json").read_text())
+            return {str(k): Attempts(int(v.get("solo", 0)), int(v.get("batch", 0))) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
             return {}
 
-    def _save_inflight(self, starts: dict[str, int]) -> None:
-        with atomic_file(self.root / "inflight.json", self.tmp) as handle:
-            handle.write(json.dumps(starts).encode())
+    def _save_attempts(self) -> None:
+        with atomic_file(self.root / "attempts.json", self.tmp) as handle:
+            handle.write(json.dumps({k: asdict(v) for k, v in self.attempts.items()}).encode())
 
-    def store(self, file_meta: FileMetaDataset, dataset_bytes: bytes) -> Path:
-        """Write a received instance durably into ``incoming/`` and return its path."""
-        path = self.incoming / instance_name(str(file_meta.MediaStorageSOPInstanceUID))
-        with atomic_file(path, self.tmp) as handle:
-            handle.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(handle, file_meta, enforce_standard=True)
-            handle.write(dataset_bytes)
-        return path
+    # --- the work and its ends ----------------------------------------------------------------------
 
     def pending(self) -> list[Path]:
         """Instances in ``incoming/``, oldest first: the work a (re)started node must do."""
-        files = [p for p in self.incoming.iterdir() if p.suffix == ".dcm"]
-        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return sorted(p for p in self.incoming.iterdir() if p.suffix == ".dcm")
 
     def count(self) -> int:
         return sum(1 for p in self.incoming.iterdir() if p.suffix == ".dcm")
@@ -150,18 +267,88 @@ class Spool:
     def done(self, path: Path) -> None:
         """The instance's results are durable elsewhere: forget it."""
         path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
         fsync_dir(path.parent)
 
     def skip(self, path: Path) -> None:
-        """Not for the model: keep it in ``skipped/`` (or drop it when not keeping skipped)."""
-        self._move(path, self.skipped) if self.keep_skipped else self.done(path)
+        """No result for it: keep it in ``skipped/`` (or drop it when not keeping skipped)."""
+        if self.keep_skipped:
+            self._move(path, self.skipped)
+        else:
+            self.done(path)
 
-    def fail(self, path: Path) -> None:
-        """Processing raised: keep the instance in ``failed/`` for a person to look at."""
+    def fail(self, path: Path, reason: str, detail: str) -> None:
+        """Processing failed for good: keep the instance in ``failed/`` with the reason beside it."""
+        why = self.failed / f"{path.stem}.why.json"
+        try:
+            with atomic_file(why, self.tmp) as handle:
+                handle.write(json.dumps({"reason": reason, "detail": detail, "time": time.time()}).encode())
+        except OSError:  # the move matters more than the note; the audit line has the reason too
+            pass
         self._move(path, self.failed)
 
     def _move(self, path: Path, folder: Path) -> None:
-        if path.exists():
-            os.replace(path, folder / path.name)
-            fsync_dir(folder)
-            fsync_dir(path.parent)
+        for part in (path, path.with_suffix(".json")):
+            if part.exists():
+                os.replace(part, folder / part.name)
+        fsync_dir(folder)
+        fsync_dir(path.parent)
+
+    # --- retention --------------------------------------------------------------------------------------
+
+    def prune(self, skipped: tuple[float, int], failed: tuple[float, int]) -> int:
+        """Apply ``(days, max_mb)`` limits to ``skipped/`` and ``failed/``; the number of files removed."""
+        return prune(self.skipped, *skipped) + prune(self.failed, *failed)
+
+
+#: Companion files of an instance kept for a person: the reason, the receipt.
+COMPANIONS = (".why.json", ".why.txt", ".json", ".dcm")
+
+
+def prune(folder: Path, days: float, max_mb: int) -> int:
+    """Remove the oldest instances of ``folder`` (with their companion files) beyond an age and a total size.
+
+    The newest instances are kept while they fit; limits of 0 are no limit.
+    """
+    groups: dict[str, list[Path]] = {}
+    for path in folder.iterdir():
+        if path.is_file():
+            key = next((path.name[: -len(s)] for s in COMPANIONS if path.name.endswith(s)), path.name)
+            groups.setdefault(key, []).append(path)
+    now, removed, kept = time.time(), 0, 0
+    # An instance is as old as its oldest file (the image, kept when it arrived).
+    for files in sorted(groups.values(), key=lambda files: min(_mtime(f) for f in files), reverse=True):
+        size, age = sum(_size(f) for f in files), now - min(_mtime(f) for f in files)
+        if (days and age > days * 86400) or (max_mb and kept + size > max_mb * 2**20):
+            for f in files:
+                f.unlink(missing_ok=True)
+            removed += 1
+        else:
+            kept += size
+    return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _move_file(source: Path, target: Path) -> None:
+    """Rename, or copy across file systems (then fsync) when rename cannot."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_file(target) as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 2**20)
+        source.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
-"""C-STORE response statuses the node returns (PS3.4 Annex B.2.3), named once."""
+"""C-STORE response statuses the node returns (PS3.4 Annex B.2.3) and its failure reasons, named once."""
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class StoreStatus(IntEnum):
@@ -21,3 +21,19 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     #: The node is shutting down and accepts nothing new.
     SHUTTING_DOWN = 0xA701
+
+
+class FailReason(StrEnum):
+    """Why processing of an image failed for good; stable values, used in the audit log and metrics.
+
+    Each names the step that failed; the image is kept in ``spool/failed/`` with the reason.
+    """
+
+    READ = "read-error"
+    INFERENCE = "inference-error"
+    REPORT = "report-error"
+    OVERLAY = "overlay-error"
+    HAND_OVER = "hand-over-error"
+    INTERNAL = "internal-error"
+    #: In flight, alone, at three deaths of the node or its worker (a file that crashes a decoder).
+    CRASH_LOOP = "crash-loop"
