@@ -323,9 +323,13 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[n
     contract = ModelContract.from_json(meta["deep_pneumonia"])
     model = contract.network()
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError) as exc:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
         raise BundleError(f"{weights}: weights do not fit the network of metadata.json ({str(exc).splitlines()[0]})") from None
+    # The Device UID names these weights in every SR: it must be theirs, not taken on trust.
+    if weights_uid(state) != contract.device_uid:
+        raise BundleError(f"{meta_path}: the Device UID {contract.device_uid} does not match its weights ({weights}); retrained or altered weights need a new bundle")
     return model.to(device).eval(), contract
 
 

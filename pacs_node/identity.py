@@ -7,8 +7,6 @@ byte-for-byte the same identifiers, and the PACS keeps one copy, never two.
 
 from __future__ import annotations
 
-import hashlib
-import uuid
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -17,17 +15,11 @@ from pydicom.dataset import Dataset
 from dp_model.bundle import ModelContract
 
 from . import codes
+from .sanitize import derived_uid, integer
+
+__all__ = ["MANUFACTURER", "ResultIdentity", "contributing_equipment", "derived_uid"]
 
 MANUFACTURER = "Deep Pneumonia developers"
-
-
-def derived_uid(*parts: str) -> str:
-    """A ``2.25`` UID (PS3.5 B.2) that is a pure function of ``parts``.
-
-    (pydicom's ``generate_uid(prefix=None, ...)`` ignores its entropy sources and is random.)
-    """
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
 
 
 @dataclass(frozen=True)
@@ -45,10 +37,9 @@ class ResultIdentity:
 
     @staticmethod
     def of(source: Dataset, model: ModelContract) -> ResultIdentity:
-        number = source.get("InstanceNumber")
-        return ResultIdentity(
-            str(source.SOPInstanceUID), str(source.StudyInstanceUID), model.device_uid, int(number) if number not in (None, "") else 1, model.demo
-        )
+        """The identity of the results of ``source`` (a :func:`~pacs_node.sanitize.clean_source` data set)."""
+        number = integer(source, "InstanceNumber")
+        return ResultIdentity(str(source.SOPInstanceUID), str(source.StudyInstanceUID), model.device_uid, number if number is not None and number >= 0 else 1, model.demo)
 
     @property
     def sr_uid(self) -> str:

@@ -23,7 +23,7 @@ from scipy import ndimage
 from dp_model.bundle import load_bundle
 from dp_model.explain import HEATMAP_STAGE, grad_cam
 from dp_model.networks import output_probabilities
-from dp_transforms import ChestImage, LetterboxResize, make_square_pixels, read_dicom
+from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.geometry import Letterbox
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,18 @@ class Prediction:
         return sorted(present, key=lambda item: -item[1])
 
 
-def prepare(dataset: Dataset, size: int) -> Prepared:
+def prepare(dataset: Dataset, size: int, name: str = "") -> Prepared:
     """The preprocessing of ``load_letterboxed`` (training's), keeping the decoded source image.
+
+    Args:
+        dataset: the received data set.
+        size: the model's input side.
+        name: what messages call the image (the node passes a checked SOP Instance UID).
 
     Raises:
         ImageError: the dataset holds no usable image.
     """
-    source = read_dicom(dataset)  # decoded once: the canvas and the overlay both use it
+    source = dicom_to_image(dataset, name)  # decoded once: the canvas and the overlay both use it
     image = torch.from_numpy(make_square_pixels(source).pixels)[None]
     resizer = LetterboxResize(size)
     return Prepared(resizer(image), resizer.geometry(image), source)
@@ -157,6 +162,8 @@ class NodePredictor:
     def __init__(self, bundle: str | Path, device: str = "auto", operating_point: float = 0.5, heatmap_stage: int = HEATMAP_STAGE) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)")
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
         self.operating_point = operating_point
