@@ -9,6 +9,10 @@ Examples::
 Options mirror keys of the configuration (``configs/node.yaml`` lists them all); the
 command line overrides the file. SIGTERM or Ctrl-C stop it gracefully: the batch in
 flight is finished and everything else stays in the spool for the next start.
+
+Exit codes: 0 after a stop asked for; 2 when the configuration, the bundle or the device
+is not usable (one line says why); 3 when the node gave up because a thread kept dying,
+so that a service manager (systemd, Docker's restart policy) starts it afresh.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+
+from pydicom import config as pydicom_config
 
 from dp_model.bundle import BundleError
 from dp_model.config import ConfigError, load_config
@@ -40,6 +46,8 @@ OPTIONS = {
     "output_dir": "output_dir",
     "destination": "destinations",
     "allow": "allow",
+    "allow_network": "allow_networks",
+    "allow_any_caller": "allow_any_caller",
     "device": "device",
     "metrics_port": "metrics_port",
     "operating_point": "operating_point",
@@ -50,13 +58,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dp-node", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML configuration (default: the embedded default)")
     p.add_argument("--port", type=int, help="DICOM port to listen on (default 11112)")
-    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--ae-title", help="this node's AE title (default DPNODE)")
     p.add_argument("--bundle", help=f"MONAI bundle written by dp-train (default {DEMO_BUNDLE})")
     p.add_argument("--spool", help="folder of received instances not yet finished")
     p.add_argument("--output-dir", help="where results go when no destination is set")
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT", help="send results there (repeatable)")
-    p.add_argument("--allow", action="append", metavar="AET", help="accept only these calling AE titles (repeatable)")
+    p.add_argument("--allow", action="append", metavar="AET", help="accept these calling AE titles (repeatable; replaces the configured list)")
+    p.add_argument("--allow-network", action="append", metavar="CIDR", help="accept callers from this network, e.g. 10.1.0.0/16 (repeatable; replaces the configured list)")
+    p.add_argument("--allow-any-caller", action="store_const", const=True, help="accept any calling AE title (an open node; said at start)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--metrics-port", type=int, help="HTTP port of /health and /metrics on loopback (-1: off)")
     p.add_argument("--operating-point", type=float, help="threshold on the probability of pneumonia")
@@ -77,8 +87,11 @@ def load(args: argparse.Namespace) -> NodeConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.captureWarnings(True)  # warnings go through the logs, where values are withheld
     for chatty in ("pynetdicom", "highdicom"):  # one line per association or module copied is too much
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
+    # Strict writing: an output that is not valid DICOM is an error, never a file sent on.
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
     try:
         config = load(args)
         from .node import Node  # heavy imports after the configuration is known good
@@ -92,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
     _announce(node, config)
-    done.wait()
+    while not done.wait(1.0) and not node.failed.is_set():
+        pass
     logger.info("stopping: finishing the batch in flight")
     node.stop()
+    if node.failed.is_set():
+        print(f"dp-node: {node.fatal}; exiting so that the service manager restarts the node", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -107,6 +124,8 @@ def _announce(node, config: NodeConfig) -> None:
     if node.metrics_port:
         print(f"  health/metrics: http://{config.metrics_host}:{node.metrics_port}/health  /metrics", flush=True)
     print(f"  audit log:      {config.audit_path}", flush=True)
+    callers = "any calling AE title" if config.allow_any_caller else ", ".join(config.allow)
+    print(f"  accepts:        {callers} from {', '.join(config.allow_networks)}{'' if config.tls.listening else ' (no TLS)'}", flush=True)
 
 
 if __name__ == "__main__":

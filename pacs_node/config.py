@@ -7,6 +7,7 @@ names the key, never later while images arrive.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +57,11 @@ class TLSConfig:
     Attributes:
         cert, key: this node's PEM certificate and key, used when listening and, if
             ``send`` is on, as the client certificate when sending.
-        ca: PEM bundle of trusted peers; empty means the system store.
+        ca: PEM bundle of trusted peers; empty means the system store (for the
+            certificates of destinations and, with ``require_client_cert``, of callers).
         require_client_cert: refuse callers without a certificate signed by ``ca``.
-        send: use TLS when sending results to every destination.
+        send: use TLS when sending results to every destination; required when the node
+            listens with TLS, so that results never leave in cleartext.
     """
 
     cert: str = ""
@@ -103,23 +106,59 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long and how much of what got no result the node keeps for a person to look at.
+
+    ``skipped_*`` applies to ``spool/skipped/``; ``failed_*`` to ``spool/failed/`` and to
+    ``dead-letter/``. The oldest files go first; 0 means no limit.
+    """
+
+    skipped_days: float = 7.0
+    skipped_max_mb: int = 1024
+    failed_days: float = 30.0
+    failed_max_mb: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("skipped_days", "skipped_max_mb", "failed_days", "failed_max_mb"):
+            require(getattr(self, name) >= 0, f"retention.{name}", getattr(self, name), "0 (no limit) or more")
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"allow_networks must be addresses or networks such as 10.0.0.0/8, got {text!r}") from None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
-    """Everything ``dp-node`` needs; see ``configs/node.yaml`` for the documented defaults."""
+    """Everything ``dp-node`` needs; see ``configs/node.yaml`` for the documented defaults.
+
+    Secure by default: the node listens on loopback, accepts only the calling AE titles in
+    ``allow`` from the networks in ``allow_networks``, and an open node (any caller) needs
+    ``allow_any_caller: true``, which it announces at start.
+    """
 
     ae_title: str = "DPNODE"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 11112
     bundle: str = ""
     spool: str = "runs/node/spool"
     output_dir: str = "runs/node/results"
     destinations: tuple[str, ...] = ()
-    allow: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ("STORESCU",)
+    allow_any_caller: bool = False
+    allow_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_associations: int = 16
+    max_associations_per_host: int = 8
     max_queue: int = 10000
+    max_dataset_mb: int = 512
     min_free_mb: int = 256
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    handshake_timeout_s: float = 10.0
+    stall_after_s: float = 300.0
     device: str = "auto"
     batch_size: int = 8
     operating_point: float = 0.5
@@ -131,24 +170,40 @@ class NodeConfig:
     audit_log: str = ""
     tls: TLSConfig = field(default_factory=TLSConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def __post_init__(self) -> None:
         check_ae_title("ae_title", self.ae_title)
         for title in self.allow:
             check_ae_title("allow", title)
+        require(bool(self.allow) or self.allow_any_caller, "allow", list(self.allow), "the calling AE titles that may send (or set allow_any_caller: true for an open node)")
+        require(bool(self.allow_networks), "allow_networks", list(self.allow_networks), "the networks callers may come from (0.0.0.0/0 and ::/0 for any)")
+        self.networks()
         require(0 <= self.port < 65536, "port", self.port, "from 0 (any free port) to 65535")
         require(-1 <= self.metrics_port < 65536, "metrics_port", self.metrics_port, "-1 (off), 0 (any free port) or a port")
         require(self.max_associations >= 1, "max_associations", self.max_associations, "at least 1")
+        require(self.max_associations_per_host >= 1, "max_associations_per_host", self.max_associations_per_host, "at least 1")
         require(self.max_queue >= 1, "max_queue", self.max_queue, "at least 1")
+        require(self.max_dataset_mb >= 1, "max_dataset_mb", self.max_dataset_mb, "at least 1")
         require(self.min_free_mb >= 0, "min_free_mb", self.min_free_mb, "0 or more")
+        require(self.stall_after_s > 0, "stall_after_s", self.stall_after_s, "above 0")
+        require(not (self.tls.listening and self.destinations and not self.tls.send), "tls.send", self.tls.send, "true when the node listens with TLS (results would leave in cleartext)")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
         require(0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1")
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
         require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
-        for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):
             require(getattr(self, timeout) > 0, timeout, getattr(self, timeout), "above 0")
         self.parsed_destinations()
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``allow_networks`` parsed."""
+        return [_network(text) for text in self.allow_networks]
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return self.max_dataset_mb * 2**20
 
     def parsed_destinations(self) -> list[Destination]:
         parsed = [Destination.parse(text) for text in self.destinations]

@@ -1,86 +1,76 @@
-"""The DICOM node: receive, keep, read, report, send back.
+"""The DICOM node: receive, keep, read, report, send back, and never stop doing so.
 
 Threads and what they own:
 
-* association threads (pynetdicom): :meth:`Node.handle_store` only checks the request,
-  writes the bytes durably into the spool and enqueues the path. No decoding, no model.
+* association threads (pynetdicom, :mod:`pacs_node.listener`): check, spool, enqueue;
+  no decoding, no model;
 * one worker: takes up to ``batch_size`` waiting instances, screens and decodes them,
   runs the model once for the batch, builds the SR and the SC, puts them durably in
-  every destination's outbox (or ``output_dir``), then lets the spool forget the source.
-* one sender per destination (:mod:`pacs_node.outbox`).
+  every destination's outbox (or ``output_dir``), then lets the spool forget the source;
+* one sender per destination (:mod:`pacs_node.outbox`);
+* a supervisor: restarts a worker or sender thread that ended unexpectedly, gives up
+  (``fatal``; ``dp-node`` then exits non-zero for its service manager) when one keeps
+  dying, flushes the audit trail after a full disk, applies the retention limits;
 * the metrics endpoint (:mod:`pacs_node.metrics`).
 
-Start-up re-queues every instance still in the spool, so after a crash (``kill -9``
-included) nothing acknowledged is lost; result UIDs are deterministic, so an instance
-processed twice yields the same two objects, not four.
+The promise: an image the node acknowledged gets its results or a recorded reason,
+whatever the image, the peers or the machine do.
+
+* Isolation per image: any exception while processing one image costs that image alone
+  (``spool/failed/``, a stable :class:`~pacs_node.status.FailReason`, an audit line);
+  the next image proceeds. A batch whose inference fails is retried image by image.
+* Passing conditions (a full disk, memory) are retried with backoff, never parked.
+* A batch in flight when the process died is retried one image at a time; an image in
+  flight alone at :data:`MAX_SOLO_STARTS` deaths goes to ``failed/`` (crash-loop).
+* Start-up re-queues every instance still in the spool, so after a crash (``kill -9``
+  included) nothing acknowledged is lost; result UIDs are deterministic, so an instance
+  processed twice yields the same two objects, not four.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import queue
-import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 
+import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    Verification,
-)
 
 from dp_transforms import ImageError
 
-from .audit import AuditLog
+from . import logs
+from .audit import AuditLog, safe_uid
 from .config import NodeConfig
 from .identity import ResultIdentity
+from .listener import Listener, Refusal, client_tls, server_tls
 from .metrics import Metrics, MetricsServer
 from .outbox import DestinationSender
 from .overlay import build_overlay
-from .predictor import NodePredictor, Prepared, prepare
+from .predictor import NodePredictor, Prediction, Prepared, prepare
 from .report import build_report
+from .sanitize import Cleaned, clean_source, is_valid_uid, text
 from .screen import screen
-from .spool import Spool, atomic_file
-from .status import StoreStatus
+from .spool import Receipt, Spool, atomic_file, is_transient, private_folder
+from .status import FailReason, StoreStatus
+from .work import WorkQueue
 
 logger = logging.getLogger(__name__)
 
-#: An instance in flight at this many deaths of the process (a decoder that segfaults on it,
-#: say) is moved to spool/failed instead of being tried at every start.
-MAX_STARTS = 3
-
-#: The chest radiograph storage classes the node reads (PS3.4 B.5); nothing else is offered,
-#: so a sender of anything else sees its presentation context rejected.
-STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing)
-#: Transfer syntaxes accepted; each has a pixel decoder installed (pylibjpeg and plugins).
-TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless,
-)  # fmt: skip
+#: An instance in flight, alone, at this many deaths of the process or its worker (a file that
+#: crashes a decoder, say) is moved to spool/failed instead of being tried again.
+MAX_SOLO_STARTS = 3
+#: A thread that ends unexpectedly this many times within RESTART_WINDOW_S is not restarted
+#: again: the node reports itself failed and ``dp-node`` exits non-zero.
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
+#: Backoff of an instance put back for a passing condition (a full disk).
+RETRY_INITIAL_S, RETRY_MAX_S = 2.0, 300.0
+#: The retention limits are applied this often, and soon after anything is kept.
+PRUNE_EVERY_S = 600.0
 
 
 @dataclass
@@ -88,221 +78,283 @@ class Item:
     """One received instance on its way through the worker."""
 
     path: Path
-    started: float = field(default_factory=time.perf_counter)
+    receipt: Receipt | None
     dataset: Dataset | None = None
     prepared: Prepared | None = None
+    clean: Cleaned | None = None
+    stage: FailReason = FailReason.READ
     timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return safe_uid(self.receipt.sop_instance_uid) if self.receipt else ""
 
 
 class Node:
     """A running node; :meth:`start` it, :meth:`stop` it (also used by the tests)."""
 
     def __init__(self, config: NodeConfig, predictor: NodePredictor | None = None) -> None:
+        self._protocol = logs.install()
         self.config = config
         self.spool = Spool(config.spool, config.keep_skipped)
         self.audit = AuditLog(config.audit_path)
         self.metrics = Metrics()
         self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage)
-        self.queue: queue.Queue[Path] = queue.Queue()
+        self.work = WorkQueue()
         self.output_dir = Path(config.output_dir)
-        client_tls = _client_tls(config) if config.tls.send else None
+        tls = client_tls(config) if config.tls.send else None
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
-            DestinationSender(d, outbox, config.ae_title, config.outbox, self._delivered, client_tls, config.network_timeout_s)
+            DestinationSender(d, outbox, config.ae_title, config.outbox, self._delivered, tls, config.network_timeout_s, self._sent)
             for d in config.parsed_destinations()
         ]
+        self.listener = Listener(config, self.spool, self.audit, self.metrics, self._gate, self.work.put)
+        self.fatal: str | None = None
+        self.failed = threading.Event()
         self._stopping = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="worker", daemon=True)
-        self._server = None
+        self._worker = self._new_worker()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._restarts: dict[str, list[float]] = {}
+        self._retries: dict[str, int] = {}
+        self._busy_since: float | None = None
+        self._prune_due = threading.Event()
+        self._last_progress = time.monotonic()
         self._http: MetricsServer | None = None
         self._register_gauges()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Re-queue the spool, start the worker, senders, metrics endpoint and the listener."""
-        for path, starts in self.spool.quarantine(MAX_STARTS):
-            logger.error("%s was being processed at %d crashes of the node; moved to %s", path.stem, starts, path.parent)
-            self.metrics.inc("failed_total")
-            self.audit.write("received", sop_instance_uid=path.stem, status="failed", detail=f"in flight at {starts} crashes of the node; quarantined")
-        pending = self.spool.pending()
+        """Re-queue the spool, start the worker, senders, supervisor, metrics endpoint and the listener."""
+        self._prune()
+        for path, starts in self.spool.quarantine(MAX_SOLO_STARTS):
+            self._record_quarantine(path, starts)
+        suspects = sorted(self.spool.incoming / name for name in self.spool.suspects())
+        self.work.put_suspects(suspects)
+        pending = [p for p in self.spool.pending() if p not in suspects]
         for path in pending:
-            self.queue.put(path)
-        if pending:
-            logger.info("%d instance(s) from before the last stop are queued again", len(pending))
+            self.work.put(path)
+        if suspects or pending:
+            logger.info("%d instance(s) from before the last stop are queued again (%d retried alone)", len(suspects) + len(pending), len(suspects))
+        self._protocol.listeners.append(self._protocol_error)
         for sender in self.senders:
             sender.start()
         self._worker.start()
+        self._supervisor.start()
         if self.config.metrics_port >= 0:
             self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port, self.metrics, self.health)
             self._http.start()
-        self._server = self._make_ae().start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)],
-            ssl_context=_server_tls(self.config) if self.config.tls.listening else None,
-        )
+        self.listener.start(server_tls(self.config) if self.config.tls.listening else None)
+        self._announce_exposure()
         logger.info("%s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, finish the batch in flight, leave the rest in the spool and outboxes."""
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-        self._worker.join(timeout)
+        self.listener.stop()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
         for sender in self.senders:
             sender.stop()
         if self._http is not None:
             self._http.stop()
+        if self._protocol_error in self._protocol.listeners:
+            self._protocol.listeners.remove(self._protocol_error)
         self.audit.close()
         logger.info("stopped; %d instance(s) left in the spool for the next start", self.spool.count())
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1]) if self._server else self.config.port
+        return self.listener.port
 
     @property
     def metrics_port(self) -> int | None:
         return self._http.port if self._http else None
 
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
-        ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
-            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        ae.maximum_associations = self.config.max_associations
-        ae.acse_timeout = self.config.acse_timeout_s
-        ae.dimse_timeout = self.config.dimse_timeout_s
-        ae.network_timeout = self.config.network_timeout_s
-        ae.require_called_aet = True
-        ae.require_calling_aet = list(self.config.allow)
-        return ae
+    def _announce_exposure(self) -> None:
+        """Say at start what an operator must know about who can reach the node."""
+        if self.config.allow_any_caller:
+            logger.warning("OPEN NODE: any calling AE title is accepted (allow_any_caller: true); name the callers in allow")
+        if any(network.prefixlen == 0 for network in self.config.networks()):
+            logger.warning("connections are accepted from any address (allow_networks holds a /0 network)")
+        if not self.config.tls.listening and not _loopback(self.config.host):
+            logger.warning("DICOM traffic to %s:%d travels in cleartext: patient data is readable on the network (configure tls)", self.config.host, self.port)
 
-    # --- association threads ---------------------------------------------------------------------
+    # --- the association threads' view of the node ----------------------------------------------------
 
-    def handle_echo(self, event: evt.Event) -> int:
-        return StoreStatus.SUCCESS
-
-    def handle_store(self, event: evt.Event) -> int:
-        """PS3.4 B.2.3: success only once the instance is durable in the spool."""
-        calling = str(event.assoc.requestor.ae_title).strip()
+    def _gate(self) -> Refusal | None:
+        """Whether an instance can be taken now (PS3.4 B.2.3: 0xA7xx tells the sender to retry)."""
         if self._stopping.is_set():
-            return self._refuse(StoreStatus.SHUTTING_DOWN, "shutting-down", calling)
-        if self.queue.qsize() >= self.config.max_queue:
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "queue-full", calling)
+            return Refusal(StoreStatus.SHUTTING_DOWN, "shutting-down")
+        if self.fatal:
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "node-failed")
+        if self.work.qsize() >= self.config.max_queue:
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "queue-full")
         if self.spool.free_bytes() < self.config.min_free_mb * 2**20:
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "disk-full", calling)
-        stream = event.encoded_dataset(include_meta=False)
-        problem = _check_header(stream, event)
-        if problem is not None:
-            return self._refuse(problem[0], problem[1], calling)
-        meta = event.file_meta
-        meta.SendingApplicationEntityTitle = calling
-        meta.ReceivingApplicationEntityTitle = self.config.ae_title
-        try:
-            path = self.spool.store(meta, stream)
-        except OSError as exc:  # a full or failing disk: the sender keeps the image and retries
-            logger.error("spool write failed: %s", exc)
-            return self._refuse(StoreStatus.OUT_OF_RESOURCES, "spool-write", calling)
-        self.queue.put(path)
-        self.metrics.inc("received_total")
-        return StoreStatus.SUCCESS
-
-    def _refuse(self, status: StoreStatus, reason: str, calling: str) -> int:
-        self.metrics.inc("refused_total", reason=reason)
-        logger.warning("C-STORE from %s refused: %s (0x%04X)", calling, reason, status)
-        return status
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "disk-full")
+        return None
 
     # --- worker ------------------------------------------------------------------------------------
 
+    def _new_worker(self) -> threading.Thread:
+        return threading.Thread(target=self._guarded_thread("worker", self._work), name="worker", daemon=True)
+
+    def _guarded_thread(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """A thread body that reports how it ended instead of printing a traceback."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - the supervisor restarts the thread
+                logger.critical("%s thread ended: %s", name, logs.describe(exc))
+
+        return run
+
     def _work(self) -> None:
         while not self._stopping.is_set():
-            try:
-                batch = [self.queue.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            while len(batch) < self.config.batch_size:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            self.process([Item(path) for path in batch])
+            batch = self.work.take(self.config.batch_size, 0.2)
+            if batch:
+                self.process(batch)
+            else:
+                self._last_progress = time.monotonic()
 
-    def process(self, items: list[Item]) -> None:
-        """Screen, decode, infer (one batch), write and hand over the results of ``items``."""
-        paths = [item.path for item in items]
-        self.spool.begin(paths)
+    def process(self, paths: list[Path]) -> None:
+        """Screen, decode, infer (one batch), write and hand over the results of ``paths``."""
+        paths = [p for p in paths if not self._crash_loop(p)]
+        if not paths:
+            return
+        items = [Item(path, self.spool.receipt(path)) for path in paths]
+        try:
+            self.spool.begin(paths)  # before anything that could kill the process
+        except OSError as exc:
+            for item in items:
+                self._retry(item, exc)
+            return
+        self._busy_since = time.monotonic()
         try:
             self._process(items)
-        finally:
-            self.spool.end(paths)
+        except Exception as exc:  # noqa: BLE001 - a fault of the node's own, not of the image: record it, keep serving
+            logger.error("internal error while processing a batch (%s)", logs.describe(exc))
+            for item in items:
+                if item.path.exists():
+                    self._fail(item, FailReason.INTERNAL, logs.describe(exc))
+        except BaseException:
+            self.work.put_suspects([item.path for item in items if item.path.exists()])
+            raise  # the thread ends here; the supervisor starts another, which tries these alone
+        self.spool.end(paths)
+        self._busy_since = None
+        self._last_progress = time.monotonic()
+
+    def _crash_loop(self, path: Path) -> bool:
+        """True (and the instance quarantined) when it was in flight, alone, at too many deaths."""
+        attempts = self.spool.attempts.get(path.name)
+        if attempts is None or attempts.solo < MAX_SOLO_STARTS:
+            return False
+        self.spool.fail(path, FailReason.CRASH_LOOP, f"in flight, alone, at {attempts.solo} deaths of the worker")
+        self.spool.end([path])
+        self._record_quarantine(self.spool.failed / path.name, attempts.solo)
+        return True
 
     def _process(self, items: list[Item]) -> None:
-        ready = [item for item in items if self._load(item)]
-        if not ready:
-            return
-        start = time.perf_counter()
+        ready = [item for item in items if self._step(item, self._load)]
+        for item, prediction in self._infer(ready):
+            self._step(item, lambda it, p=prediction: self._finish(it, p))
+
+    def _step(self, item: Item, step: Callable[[Item], object]) -> bool:
+        """Run one step for one image; whatever it raises costs this image alone."""
         try:
-            predictions = self.predictor.predict([item.prepared for item in ready])
-        except Exception as exc:  # noqa: BLE001 - keep every image, record why, keep serving
-            logger.exception("inference failed for a batch of %d", len(ready))
-            for item in ready:
-                self._fail(item, f"inference failed: {exc}")
-            return
-        seconds = time.perf_counter() - start
-        self.metrics.observe("inference_seconds", seconds)
-        for item, prediction in zip(ready, predictions):
-            item.timings["inference"] = seconds / len(ready)
-            try:
-                self._finish(item, prediction)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("writing the results of %s failed", item.path.name)
-                self._fail(item, f"writing results failed: {exc}")
+            return bool(step(item))
+        except Exception as exc:  # noqa: BLE001 - isolation per image
+            self._raised(item, exc)
+            return False
+
+    def _raised(self, item: Item, exc: Exception) -> None:
+        """A passing condition puts the image back for later; anything else fails it, at its stage."""
+        if _transient(exc):
+            self._retry(item, exc)
+        else:
+            self._fail(item, item.stage, logs.describe(exc))
 
     def _load(self, item: Item) -> bool:
         """Read, screen and decode; False (and recorded) when the item gets no result."""
         t0 = time.perf_counter()
         try:
-            item.dataset = dcmread(item.path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            return self._skip(item, "unreadable", f"not a readable DICOM file ({exc})")
-        skipped = screen(item.dataset)
-        if skipped is not None:
-            return self._skip(item, skipped[0].value, skipped[1])
+            item.dataset = dcmread(item.path, defer_size="256 KB")  # large elements stay on disk until read
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the file is not readable
+            if _transient(exc):
+                raise
+            return self._skip(item, "unreadable", "not a readable DICOM file")
+        found = screen(item.dataset)
+        if found is not None:
+            return self._skip(item, found[0].value, found[1])
         try:
-            item.prepared = prepare(item.dataset, self.predictor.contract.image_size)
+            item.prepared = prepare(item.dataset, self.predictor.contract.image_size, item.sop_instance_uid or "image")
         except ImageError as exc:
-            return self._skip(item, exc.reason.value, exc.detail)
+            return self._skip(item, exc.reason.value, logs.redact(exc.detail))
+        item.clean = clean_source(item.dataset)
         item.timings["decode"] = time.perf_counter() - t0
         return True
 
-    def _finish(self, item: Item, prediction) -> None:
+    def _infer(self, ready: list[Item]) -> list[tuple[Item, Prediction]]:
+        """One forward pass for the batch; if it fails, one pass per image, so that one image costs only itself."""
+        if not ready:
+            return []
+        for item in ready:
+            item.stage = FailReason.INFERENCE
+        start = time.perf_counter()
+        try:
+            predictions = self.predictor.predict([item.prepared for item in ready])
+        except Exception as exc:  # noqa: BLE001 - isolation per image
+            if len(ready) > 1 and not _transient(exc):
+                logger.warning("inference failed for a batch of %d (%s); trying the images one by one", len(ready), logs.describe(exc))
+                return [pair for item in ready for pair in self._infer([item])]
+            for item in ready:
+                self._raised(item, exc)
+            return []
+        seconds = time.perf_counter() - start
+        self.metrics.observe("inference_seconds", seconds)
+        for item in ready:
+            item.timings["inference"] = seconds / len(ready)
+        return list(zip(ready, predictions))
+
+    def _finish(self, item: Item, prediction: Prediction) -> bool:
         t0 = time.perf_counter()
-        source, model = item.dataset, self.predictor.contract
+        source, model = item.clean.dataset, self.predictor.contract
         identity = ResultIdentity.of(source, model)
         chest = item.prepared.source
+        item.stage = FailReason.REPORT
         report = build_report(source, prediction, model, identity)
+        item.stage = FailReason.OVERLAY
         overlay = build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side)
         item.timings["build"] = time.perf_counter() - t0
+        item.stage = FailReason.HAND_OVER
         delivery = self._hand_over(source, [report, overlay])
         self.spool.done(item.path)
+        self._processed(item, prediction, identity, delivery)
+        return True
+
+    def _processed(self, item: Item, prediction: Prediction, identity: ResultIdentity, delivery: str) -> None:
+        model = self.predictor.contract
         item.timings["total"] = time.perf_counter() - item.started
+        if item.receipt is not None:
+            self.metrics.observe("processing_seconds", max(0.0, time.time() - item.receipt.received))
         result = {
             "label": prediction.label, "positive": prediction.positive, "pneumonia_probability": round(prediction.pneumonia_probability, 4),
             "regions": len(prediction.boxes), "model": model.name, "model_version": model.version,
         }  # fmt: skip
-        self.metrics.inc("processed_total", outcome="positive" if prediction.positive else "negative")
+        self.metrics.inc("processed", outcome="positive" if prediction.positive else "negative")
         logger.info(
             "%s: %s, pneumonia %.0f%%, %d region(s), %.0f ms; %s",
-            source.SOPInstanceUID, prediction.label, 100 * prediction.pneumonia_probability, len(prediction.boxes), 1000 * item.timings["total"], delivery,
-        )
-        self._audit(item, "processed", result=result, outputs=[identity.sr_uid, identity.sc_uid], delivery=delivery)
+            item.sop_instance_uid, prediction.label, 100 * prediction.pneumonia_probability, len(prediction.boxes), 1000 * item.timings["total"], delivery,
+        )  # fmt: skip
+        note = item.clean.note if item.clean else ""
+        self._audit(item, "processed", result=result, outputs=[identity.sr_uid, identity.sc_uid], delivery=delivery, detail=note or None)
 
     def _hand_over(self, source: Dataset, results: list[Dataset]) -> str:
-        """Results into every outbox, durably; with no destination, into ``output_dir``."""
+        """Results into every outbox, durably; with no destination, into ``output_dir/<StudyInstanceUID>``."""
         if not self.senders:
-            folder = self.output_dir / str(source.StudyInstanceUID)
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = self._study_folder(str(source.StudyInstanceUID))
             for dataset in results:
                 with atomic_file(folder / f"{dataset.Modality}.{dataset.SOPInstanceUID}.dcm") as handle:
                     dataset.save_as(handle, enforce_file_format=True)
@@ -313,79 +365,185 @@ class Node:
             sender.wake()
         return "queued for " + ", ".join(str(s.destination) for s in self.senders)
 
+    def _study_folder(self, study_uid: str) -> Path:
+        """The results folder of a study: only ever a valid UID under ``output_dir``."""
+        if not is_valid_uid(study_uid):
+            raise ValueError("a Study Instance UID that is not a valid UID never names a folder")
+        root = private_folder(self.output_dir).resolve()
+        folder = (root / study_uid).resolve()
+        if folder.parent != root:
+            raise ValueError("the results folder would leave output_dir")
+        return private_folder(folder)
+
+    # --- outcomes ------------------------------------------------------------------------------------
+
     def _skip(self, item: Item, reason: str, detail: str) -> bool:
         self.spool.skip(item.path)
-        self.metrics.inc("skipped_total", reason=reason)
-        logger.info("%s: no result: %s (%s)", item.path.stem, reason, detail)
+        self._prune_due.set()
+        self.metrics.inc("skipped", reason=reason)
+        logger.info("%s: no result: %s (%s)", item.sop_instance_uid, reason, detail)
         self._audit(item, "skipped", skip_reason=reason, detail=detail)
         return False
 
-    def _fail(self, item: Item, detail: str) -> None:
-        self.spool.fail(item.path)
-        self.metrics.inc("failed_total")
-        self._audit(item, "failed", detail=detail)
+    def _fail(self, item: Item, reason: FailReason, detail: str) -> None:
+        self.spool.fail(item.path, reason, detail)
+        self._prune_due.set()
+        self.metrics.inc("failed", reason=reason)
+        logger.error("%s: failed (%s): %s; kept in %s", item.sop_instance_uid, reason, detail, self.spool.failed)
+        self._audit(item, "failed", reason=str(reason), detail=detail)
+
+    def _retry(self, item: Item, exc: BaseException) -> None:
+        """Put an instance back for later: the condition (a full disk) is expected to pass."""
+        reason = "disk-full" if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else "resources"
+        count = self._retries[item.path.name] = self._retries.get(item.path.name, 0) + 1
+        delay = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (count - 1))
+        self.metrics.inc("retries", reason=reason)
+        logger.warning("%s: %s (%s); tried again in %.0f s", item.sop_instance_uid, reason, getattr(exc, "strerror", None) or type(exc).__name__, delay)
+        self.work.retry_later(item.path, delay)
+
+    def _record_quarantine(self, path: Path, starts: int) -> None:
+        receipt = self.spool.receipt(path)
+        logger.error("%s was in flight, alone, at %d deaths of the node; moved to %s", safe_uid(receipt.sop_instance_uid) if receipt else path.stem, starts, path.parent)
+        self.metrics.inc("failed", reason=FailReason.CRASH_LOOP)
+        self._audit(Item(path, receipt), "failed", reason=str(FailReason.CRASH_LOOP), detail=f"in flight, alone, at {starts} deaths of the node; quarantined")
 
     def _audit(self, item: Item, status: str, **fields) -> None:
+        self._retries.pop(item.path.name, None)
         ds = item.dataset
-        meta = getattr(ds, "file_meta", None)
         self.audit.write(
             "received",
-            calling_ae=str(meta.get("SendingApplicationEntityTitle", "")).strip() if meta is not None else None,
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "")) if ds is not None else item.path.stem,
-            study_instance_uid=str(ds.get("StudyInstanceUID", "")) if ds is not None else None,
-            sop_class_uid=str(ds.get("SOPClassUID", "")) if ds is not None else None,
+            calling_ae=item.receipt.calling_ae if item.receipt else None,
+            peer=item.receipt.peer if item.receipt else None,
+            sop_instance_uid=item.sop_instance_uid or None,
+            study_instance_uid=safe_uid(text(ds, "StudyInstanceUID")) if ds is not None else None,
+            sop_class_uid=safe_uid(text(ds, "SOPClassUID")) if ds is not None else None,
             status=status,
             timings_ms={k: round(1000 * v, 1) for k, v in item.timings.items()},
             **fields,
         )
 
-    def _delivered(self, destination, sop_uid: str, source_uid: str, ok: bool) -> None:
-        self.metrics.inc("delivered_total" if ok else "dead_letters_total", destination=str(destination))
-        self.audit.write("delivery", sop_instance_uid=source_uid, outputs=[sop_uid], destination=str(destination), status="delivered" if ok else "dead-letter")
+    def _delivered(self, destination, sop_uid: str, source_uid: str, reason: str | None) -> None:
+        if reason is None:
+            self.metrics.inc("delivered", destination=str(destination))
+        else:
+            self.metrics.inc("dead_letters", destination=str(destination), reason=reason)
+        self.audit.write(
+            "delivery", sop_instance_uid=safe_uid(source_uid), outputs=[sop_uid], destination=str(destination),
+            status="delivered" if reason is None else "dead-letter", reason=reason,
+        )  # fmt: skip
+
+    def _sent(self, seconds: float) -> None:
+        self.metrics.observe("delivery_seconds", seconds)
+
+    def _protocol_error(self) -> None:
+        self.metrics.inc("protocol_errors")
+
+    # --- supervision ---------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        last_prune = time.monotonic()
+        while not self._stopping.wait(0.5):
+            try:
+                self._revive("worker", self._worker.is_alive, self._restart_worker)
+                for sender in self.senders:
+                    self._revive(f"send-{sender.destination.name}", lambda s=sender: s.alive, sender.restart)
+                if self.audit.backlog:
+                    self.audit.flush()
+                if self._prune_due.is_set() or time.monotonic() - last_prune > PRUNE_EVERY_S:
+                    self._prune_due.clear()
+                    self._prune()
+                    last_prune = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - the supervisor outlives what it supervises
+                logger.error("supervisor: %s", logs.describe(exc))
+
+    def _revive(self, name: str, alive: Callable[[], bool], restart: Callable[[], None]) -> None:
+        if alive() or self.fatal or self._stopping.is_set():
+            return
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+        if len(recent) >= MAX_RESTARTS:
+            self._give_up(f"the {name} thread ended {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s")
+            return
+        self._restarts[name] = [*recent, now]
+        self.metrics.inc("thread_restarts", thread=name)
+        logger.error("the %s thread ended unexpectedly; starting it again", name)
+        restart()
+
+    def _restart_worker(self) -> None:
+        self._busy_since = None
+        self._worker = self._new_worker()
+        self._worker.start()
+
+    def _give_up(self, why: str) -> None:
+        self.fatal = why
+        logger.critical("%s: the node stops taking images; its service manager should restart it", why)
+        self.audit.write("node", status="failed", reason="thread-crash-loop", detail=why)
+        self.failed.set()
+
+    def _prune(self) -> None:
+        retention = self.config.retention
+        removed = self.spool.prune((retention.skipped_days, retention.skipped_max_mb), (retention.failed_days, retention.failed_max_mb))
+        for sender in self.senders:
+            removed += sender.prune_dead_letters(retention.failed_days, retention.failed_max_mb)
+        if removed:
+            logger.info("retention: %d kept image(s) removed (older or beyond the size limit)", removed)
 
     # --- health --------------------------------------------------------------------------------------
 
     def health(self) -> dict:
-        disk_ok = self.spool.free_bytes() >= self.config.min_free_mb * 2**20
-        ok = self._worker.is_alive() and disk_ok and not self._stopping.is_set()
+        """``ok``, ``degraded`` (with the problems found) or ``failed``; what ``/health`` answers."""
+        problems = self._problems()
+        status = "failed" if self.fatal else ("degraded" if problems else "ok")
         return {
-            "status": "ok" if ok else "degraded", "worker_alive": self._worker.is_alive(), "disk_ok": disk_ok,
-            "queue": self.queue.qsize(), "model": self.predictor.contract.name, "model_version": self.predictor.contract.version,
-            "destinations": {str(s.destination): {"backlog": s.stats.backlog, "last_error": s.stats.last_error} for s in self.senders},
+            "status": status, "problems": ([self.fatal] if self.fatal else []) + problems, "worker_alive": self._worker.is_alive(),
+            "disk_ok": self._disk_ok(), "queue": self.work.qsize(), "retrying": self.work.retrying,
+            "model": self.predictor.contract.name, "model_version": self.predictor.contract.version,
+            "destinations": {str(s.destination): {"backlog": s.stats.backlog, "last_error": s.stats.last_error, "alive": s.alive} for s in self.senders},
         }  # fmt: skip
 
+    def _disk_ok(self) -> bool:
+        return self.spool.free_bytes() >= self.config.min_free_mb * 2**20
+
+    def _problems(self) -> list[str]:
+        now, stall = time.monotonic(), self.config.stall_after_s
+        problems = []
+        if self._stopping.is_set():
+            problems.append("stopping")
+        elif not self._worker.is_alive():
+            problems.append("the worker thread is not running")
+        if self._busy_since is not None and now - self._busy_since > stall:
+            problems.append(f"the worker has been on one batch for {now - self._busy_since:.0f} s")
+        elif self._busy_since is None and self.work.qsize() > self.work.retrying and now - self._last_progress > stall:
+            problems.append(f"the queue of {self.work.qsize()} has not moved for {now - self._last_progress:.0f} s")
+        if self.work.retrying:
+            problems.append(f"{self.work.retrying} image(s) waiting to be tried again (disk or memory full)")
+        if not self._disk_ok():
+            problems.append(f"less than {self.config.min_free_mb} MB free on the spool's disk")
+        if self.audit.backlog:
+            problems.append(f"{self.audit.backlog} audit line(s) waiting for the disk")
+        problems += [problem for sender in self.senders for problem in _sender_problems(sender, now, stall)]
+        return problems
+
     def _register_gauges(self) -> None:
-        self.metrics.gauge("queue_depth", lambda: {(): float(self.queue.qsize())}, "instances waiting for the model")
+        self.metrics.gauge("queue_depth", lambda: {(): float(self.work.qsize())}, "instances waiting for the model, retries included")
         self.metrics.gauge(
             "outbox_backlog", lambda: {(("destination", str(s.destination)),): float(s.stats.backlog) for s in self.senders}, "results waiting to be sent"
         )
+        self.metrics.gauge("healthy", lambda: {(): float(self.health()["status"] == "ok")}, "1 when /health says ok")
 
 
-def _check_header(stream: bytes, event: evt.Event) -> tuple[StoreStatus, str] | None:
-    """Refuse what is not parseable or not of the negotiated SOP class (PS3.4 B.2.3)."""
-    try:
-        header = dcmread(BytesIO(stream), force=True, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        sop_class = str(header.get("SOPClassUID", ""))
-    except Exception:  # noqa: BLE001 - anything pydicom cannot parse gets the same status
-        return StoreStatus.CANNOT_UNDERSTAND, "unparseable"
-    if sop_class != str(event.context.abstract_syntax):
-        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch"
-    return None
+def _sender_problems(sender: DestinationSender, now: float, stall: float) -> list[str]:
+    if not sender.alive:
+        return [f"the sender to {sender.destination} is not running"]
+    busy = sender.stats.busy_since
+    if busy is not None and now - busy > stall:
+        return [f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s"]
+    return []
 
 
-def _server_tls(config: NodeConfig) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls.cert, config.tls.key)
-    if config.tls.require_client_cert:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=config.tls.ca or None)
-    return context
+def _transient(exc: BaseException) -> bool:
+    return is_transient(exc) or isinstance(exc, torch.OutOfMemoryError)
 
 
-def _client_tls(config: NodeConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls.ca or None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if config.tls.cert:
-        context.load_cert_chain(config.tls.cert, config.tls.key)
-    return context
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

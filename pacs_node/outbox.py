@@ -4,10 +4,16 @@
 durably before the source instance leaves the spool. A sender sends what is there in
 batches, one association per batch, deletes what the destination accepted, and after a
 failure waits with exponential backoff up to a cap. An object the destination refuses
-``max_refusals`` times, or that stays undeliverable for ``dead_letter_after_s``, moves to
-``dead-letter/<destination>/`` for a person to look at. Destinations never wait for each
-other: a destination that is down delays only its own outbox (pynetdicom itself has no
-retry; a gateway that retries a bad destination in a tight loop starves the rest).
+``max_refusals`` times, whose SOP class it does not accept at all, or that stays
+undeliverable for ``dead_letter_after_s``, moves to ``dead-letter/<destination>/`` with
+the reason beside it, for a person to look at. Destinations never wait for each other: a
+destination that is down delays only its own outbox (pynetdicom itself has no retry; a
+gateway that retries a bad destination in a tight loop starves the rest).
+
+A sender never dies of what a destination or a file does: every failure is recorded and
+retried or dead-lettered, and the loop goes on. Each delivery leaves a small marker in
+``outbox/<destination>/.delivered/`` (kept for ``dead_letter_after_s``), so an image
+processed again after a crash does not send results the destination already has.
 """
 
 from __future__ import annotations
@@ -25,18 +31,26 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import ComprehensiveSRStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from .config import Destination, OutboxConfig
-from .spool import atomic_file, fsync_dir
+from .logs import describe
+from .spool import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
 
 logger = logging.getLogger(__name__)
 
 #: The storage classes the node sends, each offered in both uncompressed syntaxes.
 RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage)
 RESULT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: C-STORE statuses that mean the destination has the object: success and the warnings
+#: (coercion of data elements, elements discarded, data set does not match SOP class).
+DELIVERED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
 def next_backoff(previous: float, config: OutboxConfig) -> float:
@@ -54,11 +68,16 @@ class _Attempts:
 
 @dataclass
 class DeliveryStats:
-    """What /health shows of a destination (delivery counts are in the node's metrics)."""
+    """What /health shows of a destination (delivery counts are in the node's metrics).
+
+    Attributes:
+        busy_since: monotonic time the current attempt (association and sends) began, or None.
+    """
 
     failed_associations: int = 0
     last_error: str = ""
     backlog: int = 0
+    busy_since: float | None = None
 
 
 class DestinationSender:
@@ -69,9 +88,11 @@ class DestinationSender:
         root: the outbox root; this destination uses ``root/<name>`` and ``root/../dead-letter/<name>``.
         calling_ae: this node's AE title.
         config: batching, backoff and dead-letter settings.
-        on_delivered: called with ``(destination, sop_instance_uid, source_uid, ok)`` per object.
+        on_delivered: called with ``(destination, sop_instance_uid, source_uid, reason)`` per
+            object: reason None when delivered, else the dead letter's reason code.
         tls: client TLS context, or None.
         timeout_s: ACSE, DIMSE and network timeout.
+        on_sent: called with the seconds each C-STORE took.
     """
 
     def __init__(
@@ -80,16 +101,17 @@ class DestinationSender:
         root: Path,
         calling_ae: str,
         config: OutboxConfig,
-        on_delivered: Callable[[Destination, str, str, bool], None] | None = None,
+        on_delivered: Callable[[Destination, str, str, str | None], None] | None = None,
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 30.0,
+        on_sent: Callable[[float], None] | None = None,
     ) -> None:
         self.destination, self.config, self.tls = destination, config, tls
-        self.folder = root / destination.name
-        self.dead = root.parent / "dead-letter" / destination.name
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.dead.mkdir(parents=True, exist_ok=True)
+        self.folder = private_folder(root / destination.name)
+        self.dead = private_folder(root.parent / "dead-letter" / destination.name)
+        self.ledger = private_folder(self.folder / ".delivered")
         self.on_delivered = on_delivered or (lambda *_: None)
+        self.on_sent = on_sent or (lambda _: None)
         self.stats = DeliveryStats()
         self._attempts: dict[str, _Attempts] = {}
         self._wake = threading.Event()
@@ -97,11 +119,14 @@ class DestinationSender:
         self._ae = AE(ae_title=calling_ae)
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(self._ae, timeout, timeout_s)
-        self._thread = threading.Thread(target=self._run, name=f"send-{destination.name}", daemon=True)
+        self._thread = self._new_thread()
+        self.forget_old_deliveries()
 
-    def put(self, dataset: Dataset, source_uid: str) -> Path:
-        """Write a result durably into this destination's outbox."""
+    def put(self, dataset: Dataset, source_uid: str) -> Path | None:
+        """Write a result durably into this destination's outbox; None when it was delivered already."""
         path = self.folder / f"{dataset.SOPInstanceUID}.dcm"
+        if (self.ledger / path.stem).exists():
+            return None  # processed again after a crash: the destination has it
         # The sidecar first: the sender picks up *.dcm, and must find its source beside it.
         with atomic_file(path.with_suffix(".json")) as handle:
             handle.write(json.dumps({"source": source_uid}).encode())
@@ -109,35 +134,86 @@ class DestinationSender:
             dataset.save_as(handle, enforce_file_format=True)
         return path
 
+    def prune_dead_letters(self, days: float, max_mb: int) -> int:
+        """Apply the retention limits to this destination's dead letters; the number removed."""
+        return prune(self.dead, days, max_mb)
+
+    def forget_old_deliveries(self) -> None:
+        """Drop delivery markers older than ``dead_letter_after_s``."""
+        horizon = time.time() - self.config.dead_letter_after_s
+        for marker in self.ledger.iterdir():
+            try:
+                if marker.stat().st_mtime < horizon:
+                    marker.unlink(missing_ok=True)
+            except OSError:
+                continue
+
     def pending(self) -> list[Path]:
         return sorted((p for p in self.folder.glob("*.dcm")), key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     def wake(self) -> None:
         self._wake.set()
 
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._main, name=f"send-{self.destination.name}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported here; the node's supervisor restarts the sender
+            logger.critical("%s: sender thread ended: %s", self.destination, describe(exc))
+
     def start(self) -> None:
         self._thread.start()
+
+    def restart(self) -> None:
+        """Start a new sender thread after the last one ended unexpectedly."""
+        self.stats.busy_since = None
+        self._thread = self._new_thread()
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         backoff = 0.0
         while not self._stop.is_set():
-            files = self.pending()
-            self.stats.backlog = len(files)
-            if not files:
-                self._wake.wait(1.0)
-                self._wake.clear()
+            try:
+                delivered = self._round()
+            except Exception as exc:  # noqa: BLE001 - a sender must outlive whatever one round does
+                self.stats.busy_since = None
+                self.stats.last_error = f"internal error ({describe(exc)})"
+                logger.error("%s: %s", self.destination, self.stats.last_error)
+                delivered = False
+            if delivered is None:
                 continue
-            if self._send_batch(files[: self.config.batch_size]):
+            if delivered:
                 backoff = 0.0
                 continue
             backoff = next_backoff(backoff, self.config)
             logger.warning("%s: delivery failed (%s); next try in %.1f s", self.destination, self.stats.last_error, backoff)
             self._pause(backoff)
+
+    def _round(self) -> bool | None:
+        """One batch: True when the destination was reached, False when not, None when idle."""
+        files = self.pending()
+        self.stats.backlog = len(files)
+        if not files:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return None
+        self.stats.busy_since = time.monotonic()
+        try:
+            return self._send_batch(files[: self.config.batch_size])
+        finally:
+            self.stats.busy_since = None
 
     def _pause(self, seconds: float) -> None:
         """Wait before the next attempt; a stop ends the wait at once."""
@@ -166,33 +242,51 @@ class DestinationSender:
         return True
 
     def _send_one(self, assoc, path: Path) -> None:
-        source = self._source_of(path)
         try:
             dataset = dcmread(path)
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            self._dead_letter(path, f"unreadable outbox file ({exc})")
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            self._dead_letter(path, "unreadable", f"unreadable outbox file ({type(exc).__name__})")
             return
-        status = assoc.send_c_store(dataset)
+        if not _accepted(assoc, dataset):
+            name = UID(str(dataset.SOPClassUID)).name
+            self._dead_letter(path, "sop-class-not-accepted", f"the destination accepts no presentation context for {name} in {UID(str(dataset.file_meta.TransferSyntaxUID)).name}")
+            return
+        self.stats.busy_since = time.monotonic()
+        started = time.perf_counter()
+        try:
+            status = assoc.send_c_store(dataset)
+        except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
+            self.stats.last_error = f"sending failed ({describe(exc)})"
+            self._refused(path, "send-error", self.stats.last_error)
+            return
+        self.on_sent(time.perf_counter() - started)
+        self._answered(path, dataset, status)
+
+    def _answered(self, path: Path, dataset: Dataset, status) -> None:
         code = int(getattr(status, "Status", -1)) if status else -1
-        if code in (0x0000, 0xB000, 0xB006, 0xB007):
-            self._delivered(path, str(dataset.SOPInstanceUID), source)
+        if code in DELIVERED:
+            self._delivered(path, str(dataset.SOPInstanceUID), self._source_of(path))
             return
         if not status:  # no response: the association broke; try again later
             self.stats.last_error = "no response to C-STORE"
             self._note_failure([path])
             return
         self.stats.last_error = f"C-STORE status 0x{code:04X}"
+        self._refused(path, "refused", self.stats.last_error)
+
+    def _refused(self, path: Path, reason: str, last: str) -> None:
         attempts = self._attempts.setdefault(path.name, _Attempts())
         attempts.refusals += 1
         if attempts.refusals >= self.config.max_refusals:
-            self._dead_letter(path, f"refused {attempts.refusals} times, last status 0x{code:04X}")
+            self._dead_letter(path, reason, f"refused {attempts.refusals} times, last: {last}")
 
     def _delivered(self, path: Path, sop_uid: str, source: str) -> None:
+        _touch(self.ledger / path.stem)
         path.unlink(missing_ok=True)
         path.with_suffix(".json").unlink(missing_ok=True)
         fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
-        self.on_delivered(self.destination, sop_uid, source, True)
+        self.on_delivered(self.destination, sop_uid, source, None)
 
     def _note_failure(self, files: list[Path]) -> None:
         now = time.monotonic()
@@ -200,21 +294,32 @@ class DestinationSender:
             attempts = self._attempts.setdefault(path.name, _Attempts())
             attempts.first_failure = attempts.first_failure or now
             if now - attempts.first_failure >= self.config.dead_letter_after_s:
-                self._dead_letter(path, f"undeliverable for {self.config.dead_letter_after_s:.0f} s")
+                self._dead_letter(path, "undeliverable", f"undeliverable for {self.config.dead_letter_after_s:.0f} s")
 
-    def _dead_letter(self, path: Path, why: str) -> None:
+    def _dead_letter(self, path: Path, reason: str, why: str) -> None:
         source = self._source_of(path)
         for part in (path, path.with_suffix(".json")):
             if part.exists():
                 os.replace(part, self.dead / part.name)
-        (self.dead / path.with_suffix(".why.txt").name).write_text(why + "\n")
+        with atomic_file(self.dead / path.with_suffix(".why.txt").name) as handle:
+            handle.write(f"{reason}: {why}\n".encode())
         fsync_dir(self.dead)
         self._attempts.pop(path.name, None)
         logger.error("%s: %s moved to dead letters: %s", self.destination, path.stem, why)
-        self.on_delivered(self.destination, path.stem, source, False)
+        self.on_delivered(self.destination, path.stem, source, reason)
 
     def _source_of(self, path: Path) -> str:
         try:
             return str(json.loads(path.with_suffix(".json").read_text())["source"])
         except (OSError, ValueError, KeyError):
             return ""
+
+
+def _accepted(assoc, dataset: Dataset) -> bool:
+    """Whether the association has an accepted context for the object's SOP class and transfer syntax."""
+    sop_class, syntax = str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
+    return any(str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax] for cx in assoc.accepted_contexts)
+
+
+def _touch(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))

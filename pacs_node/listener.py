@@ -1,0 +1,585 @@
+"""Receiving: the DICOM listener, what it accepts, and every refusal made visible.
+
+The association threads only check, spool and enqueue (:meth:`Listener.handle_store`):
+no decoding, no model. Data sets are received in chunks straight into the spool's
+``tmp/`` folder (pynetdicom's chunked receive), so an image never sits whole in memory
+on its way in, and a data set that grows past ``max_dataset_mb`` is cut off while it
+arrives. What no peer can do, and how:
+
+* hold a connection slot without negotiating: a connection that has not completed its
+  TLS handshake and A-ASSOCIATE-RQ within ``handshake_timeout_s`` is cut (the handshake
+  runs in the connection's own thread, never in the accept loop);
+* make the node hold a huge PDU: a PDU announcing more than :data:`MAX_PDU_BYTES` is
+  refused before it is read;
+* connect from elsewhere than ``allow_networks``, or hold more than
+  ``max_associations_per_host`` connections from one address;
+* send a data set that is not what the command says (SOP Class and Instance UIDs), or
+  a deflated one that inflates past the size cap.
+
+Each rejected association, refused presentation context, refused C-STORE and cut
+connection gets an audit line (calling AE title, peer address, reason code; no patient
+data) and a counter.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.dsutils import split_dataset
+
+from .audit import AuditLog, safe_uid
+from .config import NodeConfig
+from .logs import describe
+from .metrics import Metrics
+from .spool import Receipt, Spool, atomic_file, is_transient
+from .status import StoreStatus
+
+logger = logging.getLogger(__name__)
+
+#: The storage classes the node reads (PS3.4 B.5); nothing else is offered, so a sender of
+#: anything else sees its presentation context rejected. Secondary Capture is read when its
+#: Modality says it is a radiograph (the RSNA challenge files are stored so).
+STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+#: Transfer syntaxes accepted; each has a pixel decoder installed (pylibjpeg and plugins), and
+#: a deflated data set is inflated (within the size cap) before it is acknowledged.
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+)  # fmt: skip
+#: The largest PDU the node reads. An A-ASSOCIATE-RQ is a few kB; P-DATA PDUs are at most the
+#: node's maximum PDU length (16 kB by default). A peer announcing more is not read.
+MAX_PDU_BYTES = 4 * 2**20
+#: Room for command sets and PDU headers beside the data set itself.
+OVERHEAD_BYTES = 2**20
+#: (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason recorded.
+REJECTIONS = {(1, 1, 3): "calling-ae", (1, 1, 7): "called-ae", (2, 3, 2): "limit", (2, 2, 1): "user-identity", (1, 1, 2): "application-context"}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A C-STORE refused: the status (PS3.4 B.2.3) and a stable reason code."""
+
+    status: StoreStatus
+    reason: str
+
+
+class TooLarge(Exception):
+    """A data set (or its inflated form) is larger than ``max_dataset_mb``."""
+
+
+@dataclass
+class Connection:
+    """One TCP connection, from accept to close."""
+
+    sock: socket.socket
+    peer: str
+    opened: float
+    assoc: object | None = None
+    negotiated: bool = False
+    cut: bool = False
+    receiving: int = 0  # bytes of the data set now arriving
+    too_large: bool = False
+
+
+class Connections:
+    """The open connections, for per-host limits, handshake deadlines and size caps."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[Connection] = []
+
+    def add(self, sock: socket.socket, peer: str) -> Connection:
+        connection = Connection(sock, peer, time.monotonic())
+        with self._lock:
+            self._open.append(connection)
+        return connection
+
+    def attach(self, assoc) -> Connection | None:
+        """Bind an association to the connection of its socket."""
+        raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        with self._lock:
+            for connection in self._open:
+                if connection.sock is raw:
+                    connection.assoc = assoc
+                    return connection
+        return None
+
+    def of(self, assoc) -> Connection | None:
+        with self._lock:
+            return next((c for c in self._open if c.assoc is assoc), None)
+
+    def by_socket(self, sock: socket.socket) -> Connection | None:
+        with self._lock:
+            return next((c for c in self._open if c.sock is sock), None)
+
+    def remove(self, connection: Connection | None) -> None:
+        with self._lock:
+            if connection in self._open:
+                self._open.remove(connection)
+
+    def from_host(self, peer: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._open if c.peer == peer)
+
+    def stalled(self, seconds: float) -> tuple[list[Connection], list[Connection]]:
+        """Connections that never negotiated: those open after ``seconds`` (each reported once),
+        and those already closed; both are forgotten here."""
+        now, overdue, closed = time.monotonic(), [], []
+        with self._lock:
+            for connection in list(self._open):
+                if connection.negotiated:
+                    continue
+                if not _is_open(connection.sock):
+                    closed.append(connection)
+                elif now - connection.opened > seconds and not connection.cut:
+                    connection.cut = True
+                    overdue.append(connection)
+            self._open = [c for c in self._open if c not in closed]
+        return overdue, closed
+
+
+def _is_open(sock: socket.socket) -> bool:
+    try:
+        return sock.fileno() >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def _release_slot(assoc) -> None:
+    """End an acceptor's wait for an A-ASSOCIATE-RQ that will never come."""
+    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    if queue is not None:
+        queue.put(None)
+
+
+def cut(sock: socket.socket) -> None:
+    """End a connection from any thread: a recv blocked on it returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+class BoundedSocket(AssociationSocket):
+    """pynetdicom's association socket, refusing to read a PDU larger than :data:`MAX_PDU_BYTES`."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_BYTES:
+            logger.warning("a peer announced a PDU of %d bytes; connection closed", nr_bytes)
+            return bytearray()  # read as a connection closed before the PDU was complete
+        return super().recv(nr_bytes)
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's server with the listener's checks at accept time and the TLS handshake off the accept loop."""
+
+    def __init__(self, *args, listener: Listener, **kwargs) -> None:
+        self.listener = listener
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        # A partial PDU must not block a reader for ever (an accepted socket blocks by default).
+        # The sweeper cuts a slow negotiation at handshake_timeout_s; this is the backstop.
+        client.settimeout(2 * self.listener.config.handshake_timeout_s)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request, client_address) -> bool:
+        return self.listener.admit_connection(request, client_address)
+
+    def finish_request(self, request, client_address) -> None:
+        """Runs in the connection's own thread: the TLS handshake here cannot stall the accept loop."""
+        if isinstance(request, ssl.SSLSocket) and not self.listener.tls_handshake(request):
+            return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        self.listener.protocol_error(f"connection from {client_address[0]} failed while starting")
+        cut(request)
+
+
+class Listener:
+    """The DICOM side of the node: association control, C-ECHO and C-STORE into the spool.
+
+    Args:
+        config: the node's configuration.
+        spool: where received instances go.
+        audit: the audit trail.
+        metrics: the node's metrics.
+        gate: returns a :class:`Refusal` when the node cannot take an instance now.
+        enqueue: called with the spool path of each instance acknowledged.
+    """
+
+    def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, gate, enqueue) -> None:
+        self.config, self.spool, self.audit, self.metrics = config, spool, audit, metrics
+        self.gate, self.enqueue = gate, enqueue
+        self.networks = config.networks()
+        self.connections = Connections()
+        self.server: GuardedServer | None = None
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="listener-sweeper", daemon=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, ssl_context: ssl.SSLContext | None) -> None:
+        # Data sets arrive in chunks, into the spool's tmp/: never whole in memory, and on the
+        # spool's file system, so acceptance is a rename. (pynetdicom has these as globals.)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(self.spool.tmp))
+        ae = self._make_ae()
+        self.server = ae.make_server(
+            (self.config.host, self.config.port), ssl_context=ssl_context, evt_handlers=self._handlers(),
+            server_class=GuardedServer, listener=self,
+        )  # fmt: skip
+        thread = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
+        thread.start()
+        ae._servers.append(self.server)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.shutdown()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server else self.config.port
+
+    @property
+    def alive(self) -> bool:
+        return self._sweeper.is_alive() or self._stop.is_set()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        ae.maximum_associations = self.config.max_associations
+        ae.acse_timeout = self.config.acse_timeout_s
+        ae.dimse_timeout = self.config.dimse_timeout_s
+        ae.network_timeout = self.config.network_timeout_s
+        ae.require_called_aet = True
+        ae.require_calling_aet = [] if self.config.allow_any_caller else list(self.config.allow)
+        return ae
+
+    def _handlers(self) -> list:
+        return [
+            (evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_CONN_CLOSE, self._closed),
+            (evt.EVT_ACSE_SENT, self._acse_sent), (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_DATA_RECV, self._data_received), (evt.EVT_DIMSE_RECV, self._message_received),
+        ]  # fmt: skip
+
+    # --- connections ---------------------------------------------------------------------------------
+
+    def admit_connection(self, request: socket.socket, client_address) -> bool:
+        """At accept: the peer's network and its number of connections (socketserver's verify_request)."""
+        peer = _address(client_address)
+        if not self._network_allowed(peer):
+            self._rejected("network", peer=peer)
+            return False
+        if self.connections.from_host(peer) >= self.config.max_associations_per_host:
+            self._rejected("per-host-limit", peer=peer)
+            return False
+        self.connections.add(request, peer)
+        return True
+
+    def _network_allowed(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if getattr(address, "ipv4_mapped", None) is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks if network.version == address.version)
+
+    def tls_handshake(self, request: ssl.SSLSocket) -> bool:
+        """The TLS handshake of one connection, in its own thread; False (recorded, closed) when it fails."""
+        try:
+            request.do_handshake()
+            return True
+        except (OSError, ValueError) as exc:
+            connection = self.connections.by_socket(request)
+            self._aborted("tls-handshake", peer=connection.peer if connection else "", detail=type(exc).__name__)
+            self.connections.remove(connection)
+            cut(request)
+            request.close()
+            return False
+
+    def _opened(self, event: evt.Event) -> None:
+        connection = self.connections.attach(event.assoc)
+        socket_ = event.assoc.dul.socket
+        if isinstance(socket_, AssociationSocket) and not isinstance(socket_, BoundedSocket):
+            socket_.__class__ = BoundedSocket
+        if connection is None:
+            logger.debug("a connection opened that the listener did not see accepted")
+
+    def _closed(self, event: evt.Event) -> None:
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is not None:  # a data set cut off while arriving: never acknowledged
+            try:
+                partial.close()
+            finally:
+                Path(partial.name).unlink(missing_ok=True)
+        connection = self.connections.of(event.assoc)
+        if connection is not None and not connection.negotiated:
+            _release_slot(event.assoc)
+        self.connections.remove(connection)
+
+    def _acse_sent(self, event: evt.Event) -> None:
+        primitive = event.primitive
+        if not isinstance(primitive, A_ASSOCIATE) or primitive.result in (None, 0):
+            return
+        connection = self.connections.of(event.assoc)
+        if connection is not None:
+            connection.negotiated = True
+        reason = REJECTIONS.get((primitive.result, primitive.result_source, primitive.diagnostic), "other")
+        self._rejected(reason, peer=_peer(event), calling_ae=_calling(event))
+
+    def _accepted(self, event: evt.Event) -> None:
+        connection = self.connections.of(event.assoc)
+        if connection is not None:
+            connection.negotiated = True
+            connection.sock.settimeout(self.config.network_timeout_s)
+        refused = [_context_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
+        if refused:
+            self.metrics.inc("contexts_refused", len(refused))
+            self.audit.write("association", status="contexts-refused", calling_ae=_calling(event), peer=_peer(event), contexts=refused)
+            logger.info("association from %s: %d presentation context(s) refused: %s", _calling(event), len(refused), ", ".join(refused))
+
+    def _data_received(self, event: evt.Event) -> None:
+        """Count the bytes of the data set arriving; cut the association past the size cap."""
+        if not event.data or event.data[0] != 0x04:  # P-DATA-TF only
+            return
+        connection = self.connections.of(event.assoc)
+        if connection is None or connection.too_large:
+            return
+        connection.receiving += len(event.data)
+        if connection.receiving > self.config.max_dataset_bytes + OVERHEAD_BYTES:
+            connection.too_large = True
+            self._refused(Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large"), _calling(event), _peer(event), "")
+            self.metrics.inc("associations_aborted", reason="too-large")
+            event.assoc.abort(block=False)
+
+    def _message_received(self, event: evt.Event) -> None:
+        connection = self.connections.of(event.assoc)
+        if connection is not None:
+            connection.receiving = 0
+
+    def _sweep(self) -> None:
+        """Cut connections that have not negotiated within ``handshake_timeout_s``, and free the
+        association slot of every connection that closed before negotiating.
+
+        pynetdicom's acceptor waits ``acse_timeout`` for an A-ASSOCIATE-RQ even after its
+        connection is gone, holding a slot; an empty message ends that wait at once.
+        """
+        while not self._stop.wait(0.25):
+            overdue, closed = self.connections.stalled(self.config.handshake_timeout_s)
+            for connection in overdue:
+                self._aborted("handshake-timeout", peer=connection.peer)
+                cut(connection.sock)
+            for connection in overdue + closed:
+                _release_slot(connection.assoc)
+
+    # --- C-ECHO and C-STORE -----------------------------------------------------------------------------
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return StoreStatus.SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int:
+        """PS3.4 B.2.3: success only once the instance is durable in the spool; every refusal recorded."""
+        calling, peer, uid = _calling(event), _peer(event), str(event.request.AffectedSOPInstanceUID or "").strip(" \x00")
+        try:
+            refusal = self.gate() or self._receive(event, calling, peer, uid)
+        except Exception as exc:  # noqa: BLE001 - the one place an exception becomes a status
+            if is_transient(exc) or isinstance(exc, OSError):
+                logger.error("spool write failed (%s)", getattr(exc, "strerror", None) or type(exc).__name__)
+                refusal = Refusal(StoreStatus.OUT_OF_RESOURCES, "spool-write")
+            else:
+                logger.error("C-STORE from %s: internal error (%s); the sender may retry", calling, describe(exc))
+                refusal = Refusal(StoreStatus.OUT_OF_RESOURCES, "internal-error")
+        if refusal is None:
+            self.metrics.inc("received")
+            return StoreStatus.SUCCESS
+        return self._refused(refusal, calling, peer, uid)
+
+    def _receive(self, event: evt.Event, calling: str, peer: str, uid: str) -> Refusal | None:
+        connection = self.connections.of(event.assoc)
+        if connection is not None and connection.too_large:
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
+        received = Path(event.dataset_path)
+        if received.stat().st_size > self.config.max_dataset_bytes + OVERHEAD_BYTES:
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
+        inflated = None
+        try:
+            if str(event.context.transfer_syntax) == DeflatedExplicitVRLittleEndian:
+                received = inflated = self._inflate(received)
+            problem = check_header(received, str(event.context.abstract_syntax), uid)
+            if problem is not None:
+                return problem
+            path = self.spool.admit(received, Receipt(uid, calling, peer, time.time()))
+        except TooLarge:
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
+        finally:
+            if inflated is not None:
+                inflated.unlink(missing_ok=True)
+        self.enqueue(path)
+        return None
+
+    def _inflate(self, path: Path) -> Path:
+        """The data set of a Deflated Explicit VR Little Endian file, inflated into tmp/, within the size cap.
+
+        Raises:
+            TooLarge: it inflates past ``max_dataset_mb``.
+        """
+        meta, offset = split_dataset(path)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        limit, total = self.config.max_dataset_bytes, 0
+        target = self.spool.tmp / f"{self.spool.receipt_name()}.inflated.dcm"
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        with path.open("rb") as source, atomic_file(target, self.spool.tmp) as out:
+            out.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(out, meta, enforce_standard=True)
+            source.seek(offset)
+            while chunk := source.read(2**20):
+                while chunk:
+                    data = inflater.decompress(chunk, 2**20)
+                    total += len(data)
+                    if total > limit:
+                        raise TooLarge
+                    out.write(data)
+                    chunk = inflater.unconsumed_tail
+            rest = inflater.flush()
+            if total + len(rest) > limit:
+                raise TooLarge
+            out.write(rest)
+        return target
+
+    def _refused(self, refusal: Refusal, calling: str, peer: str, uid: str) -> int:
+        self.metrics.inc("refused", reason=refusal.reason)
+        self.audit.write(
+            "store-refused", calling_ae=calling, peer=peer, sop_instance_uid=safe_uid(uid), status="refused",
+            status_code=f"0x{int(refusal.status):04X}", reason=refusal.reason,
+        )  # fmt: skip
+        logger.warning("C-STORE from %s refused: %s (0x%04X)", calling, refusal.reason, refusal.status)
+        return refusal.status
+
+    # --- what the audit trail and the counters see ------------------------------------------------------
+
+    def _rejected(self, reason: str, peer: str, calling_ae: str | None = None) -> None:
+        self.metrics.inc("associations_rejected", reason=reason)
+        self.audit.write("association", status="rejected", reason=reason, calling_ae=calling_ae, peer=peer)
+        logger.warning("association from %s (%s) rejected: %s", calling_ae or "?", peer, reason)
+
+    def _aborted(self, reason: str, peer: str, detail: str | None = None) -> None:
+        self.metrics.inc("associations_aborted", reason=reason)
+        self.audit.write("association", status="aborted", reason=reason, peer=peer, detail=detail)
+        logger.info("connection from %s cut: %s", peer, reason)
+
+    def protocol_error(self, what: str) -> None:
+        self.metrics.inc("protocol_errors")
+        logger.info("%s", what)
+
+
+def check_header(path: Path, sop_class: str, sop_instance: str) -> Refusal | None:
+    """PS3.4 B.2.3: refuse what is not parseable, or not what the command says it is."""
+    try:
+        header = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        found_class = str(header.get("SOPClassUID", "")).strip(" \x00")
+        found_instance = str(header.get("SOPInstanceUID", "")).strip(" \x00")
+    except Exception:  # noqa: BLE001 - anything pydicom cannot parse gets the same status
+        return Refusal(StoreStatus.CANNOT_UNDERSTAND, "unparseable")
+    if found_class != sop_class:
+        return Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch")
+    if found_instance != sop_instance:
+        return Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "instance-uid-mismatch")
+    return None
+
+
+def _address(client_address) -> str:
+    return str(client_address[0]) if isinstance(client_address, (tuple, list)) else str(client_address)
+
+
+def _peer(event: evt.Event) -> str:
+    try:
+        return str(event.assoc.requestor.address)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _calling(event: evt.Event) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _context_name(uid) -> str:
+    name = getattr(uid, "name", "") or ""
+    return name if name and name != str(uid) else safe_uid(uid)
+
+
+def server_tls(config: NodeConfig) -> ssl.SSLContext:
+    """The listening side's TLS context (PS3.15 B.1); callers' certificates against ``ca`` or the system store."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    if config.tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        if config.tls.ca:
+            context.load_verify_locations(cafile=config.tls.ca)
+        else:
+            context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+    return context
+
+
+def client_tls(config: NodeConfig) -> ssl.SSLContext:
+    """The sending side's TLS context: destinations' certificates against ``ca`` or the system store."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.tls.ca or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls.cert:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
