@@ -66,7 +66,7 @@ from pynetdicom.dsutils import split_dataset
 
 from .audit import AuditLog, safe_uid
 from .config import NodeConfig
-from .logs import describe
+from .logs import Throttle, describe
 from .metrics import Metrics
 from .spool import Receipt, Spool, atomic_file, is_transient
 from .status import StoreStatus
@@ -159,21 +159,19 @@ class Connections:
         with self._lock:
             return sum(1 for c in self._open if c.peer == peer)
 
-    def stalled(self, seconds: float) -> tuple[list[Connection], list[Connection]]:
-        """Connections that never negotiated: those open after ``seconds`` (each reported once),
-        and those already closed; both are forgotten here."""
+    def sweep(self, seconds: float) -> tuple[list[Connection], list[Connection]]:
+        """Forget closed connections; return those that never negotiated and are still open after
+        ``seconds`` (each once), and those that closed before negotiating."""
         now, overdue, closed = time.monotonic(), [], []
         with self._lock:
             for connection in list(self._open):
-                if connection.negotiated:
-                    continue
                 if not _is_open(connection.sock):
                     closed.append(connection)
-                elif now - connection.opened > seconds and not connection.cut:
+                elif not connection.negotiated and not connection.cut and now - connection.opened > seconds:
                     connection.cut = True
                     overdue.append(connection)
             self._open = [c for c in self._open if c not in closed]
-        return overdue, closed
+        return overdue, [c for c in closed if not c.negotiated]
 
 
 def _is_open(sock: socket.socket) -> bool:
@@ -203,7 +201,7 @@ class BoundedSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
-            logger.warning("a peer announced a PDU of %d bytes; connection closed", nr_bytes)
+            logger.info("a peer announced a PDU of %d bytes; connection closed", nr_bytes)
             return bytearray()  # read as a connection closed before the PDU was complete
         return super().recv(nr_bytes)
 
@@ -255,8 +253,10 @@ class Listener:
         self.gate, self.enqueue = gate, enqueue
         self.networks = config.networks()
         self.connections = Connections()
+        self.throttle = Throttle()  # a flood of refusals is in the audit trail, not the log
         self.server: GuardedServer | None = None
         self._stop = threading.Event()
+        self._accept = threading.Thread()
         self._sweeper = threading.Thread(target=self._sweep, name="listener-sweeper", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -271,9 +271,9 @@ class Listener:
             (self.config.host, self.config.port), ssl_context=ssl_context, evt_handlers=self._handlers(),
             server_class=GuardedServer, listener=self,
         )  # fmt: skip
-        thread = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
-        thread.start()
         ae._servers.append(self.server)
+        self._accept = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
+        self._accept.start()
         self._sweeper.start()
 
     def stop(self) -> None:
@@ -287,7 +287,17 @@ class Listener:
 
     @property
     def alive(self) -> bool:
-        return self._sweeper.is_alive() or self._stop.is_set()
+        """Whether the accept loop and the sweeper run (or were asked to stop)."""
+        return self._stop.is_set() or (self._accept.is_alive() and self._sweeper.is_alive())
+
+    def restart(self) -> None:
+        """Start again whichever of the accept loop and the sweeper ended unexpectedly."""
+        if not self._accept.is_alive():
+            self._accept = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
+            self._accept.start()
+        if not self._sweeper.is_alive():
+            self._sweeper = threading.Thread(target=self._sweep, name="listener-sweeper", daemon=True)
+            self._sweeper.start()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -314,7 +324,13 @@ class Listener:
 
     def admit_connection(self, request: socket.socket, client_address) -> bool:
         """At accept: the peer's network and its number of connections (socketserver's verify_request)."""
-        peer = _address(client_address)
+        try:
+            return self._admit(request, _address(client_address))
+        except Exception as exc:  # noqa: BLE001 - an exception here would end the accept loop
+            logger.error("checking a new connection failed (%s); refused", describe(exc))
+            return False
+
+    def _admit(self, request: socket.socket, peer: str) -> bool:
         if not self._network_allowed(peer):
             self._rejected("network", peer=peer)
             return False
@@ -415,7 +431,7 @@ class Listener:
         connection is gone, holding a slot; an empty message ends that wait at once.
         """
         while not self._stop.wait(0.25):
-            overdue, closed = self.connections.stalled(self.config.handshake_timeout_s)
+            overdue, closed = self.connections.sweep(self.config.handshake_timeout_s)
             for connection in overdue:
                 self._aborted("handshake-timeout", peer=connection.peer)
                 cut(connection.sock)
@@ -502,7 +518,7 @@ class Listener:
             "store-refused", calling_ae=calling, peer=peer, sop_instance_uid=safe_uid(uid), status="refused",
             status_code=f"0x{int(refusal.status):04X}", reason=refusal.reason,
         )  # fmt: skip
-        logger.warning("C-STORE from %s refused: %s (0x%04X)", calling, refusal.reason, refusal.status)
+        self.throttle.log(logger, logging.WARNING, "C-STORE from %s refused: %s (0x%04X)", calling, refusal.reason, refusal.status)
         return refusal.status
 
     # --- what the audit trail and the counters see ------------------------------------------------------
@@ -510,12 +526,12 @@ class Listener:
     def _rejected(self, reason: str, peer: str, calling_ae: str | None = None) -> None:
         self.metrics.inc("associations_rejected", reason=reason)
         self.audit.write("association", status="rejected", reason=reason, calling_ae=calling_ae, peer=peer)
-        logger.warning("association from %s (%s) rejected: %s", calling_ae or "?", peer, reason)
+        self.throttle.log(logger, logging.WARNING, "association from %s (%s) rejected: %s", calling_ae or "?", peer, reason)
 
     def _aborted(self, reason: str, peer: str, detail: str | None = None) -> None:
         self.metrics.inc("associations_aborted", reason=reason)
         self.audit.write("association", status="aborted", reason=reason, peer=peer, detail=detail)
-        logger.info("connection from %s cut: %s", peer, reason)
+        self.throttle.log(logger, logging.INFO, "connection from %s cut: %s", peer, reason)
 
     def protocol_error(self, what: str) -> None:
         self.metrics.inc("protocol_errors")

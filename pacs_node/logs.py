@@ -10,7 +10,8 @@
   every quoted value in their records, and the node asks pydicom not to validate values
   on reading at all: it validates what it copies itself (:mod:`pacs_node.sanitize`).
 * :func:`describe` names an exception by its type and where it was raised, never by its
-  message (which may quote a value).
+  message (which may quote a value); an exception that ends any thread is logged so, in one
+  line.
 """
 
 from __future__ import annotations
@@ -59,6 +60,35 @@ class RedactValues(logging.Filter):
         return True
 
 
+class Throttle:
+    """At most ``burst`` messages per ``window_s`` seconds, and a count of the ones held back."""
+
+    def __init__(self, burst: int = BURST, window_s: float = WINDOW_S) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._start, self._in_window, self._held = 0.0, 0, 0
+        self._lock = threading.Lock()
+
+    def admit(self) -> tuple[bool, int]:
+        """Whether to log this message, and how many were held back in the window that just ended."""
+        with self._lock:
+            now, held = time.monotonic(), 0
+            if now - self._start >= self.window_s:
+                held, self._held = self._held, 0
+                self._start, self._in_window = now, 0
+            self._in_window += 1
+            if self._in_window > self.burst:
+                self._held += 1
+                return False, held
+            return True, held
+
+    def log(self, logger: logging.Logger, level: int, message: str, *args: object) -> None:
+        allowed, held = self.admit()
+        if held:
+            logger.warning("%d more message(s) like these in the last %.0f s not logged (the audit trail has each)", held, self.window_s)
+        if allowed:
+            logger.log(level, message, *args)
+
+
 class ProtocolLog(logging.Handler):
     """Where pynetdicom's records go: one line each, rate-limited, errors counted."""
 
@@ -66,8 +96,7 @@ class ProtocolLog(logging.Handler):
         super().__init__(logging.DEBUG)
         self.out = logging.getLogger("pacs_node.protocol")
         self.listeners: list[Callable[[], None]] = []
-        self._window_start, self._in_window, self._suppressed = 0.0, 0, 0
-        self._state = threading.Lock()
+        self.throttle = Throttle()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= _PROTOCOL_LEVEL:
@@ -76,24 +105,7 @@ class ProtocolLog(logging.Handler):
         if record.levelno < logging.WARNING:
             self.out.log(record.levelno, "%s", _one_line(record))
             return
-        allowed, suppressed = self._admit()
-        if suppressed:
-            self.out.warning("%d more protocol message(s) in the last %.0f s not logged", suppressed, WINDOW_S)
-        if allowed:
-            self.out.log(logging.WARNING, "peer protocol: %s", _one_line(record))
-
-    def _admit(self) -> tuple[bool, int]:
-        with self._state:
-            now = time.monotonic()
-            suppressed = 0
-            if now - self._window_start >= WINDOW_S:
-                suppressed, self._suppressed = self._suppressed, 0
-                self._window_start, self._in_window = now, 0
-            self._in_window += 1
-            if self._in_window > BURST:
-                self._suppressed += 1
-                return False, suppressed
-            return True, suppressed
+        self.throttle.log(self.out, logging.WARNING, "peer protocol: %s", _one_line(record))
 
 
 def _one_line(record: logging.LogRecord) -> str:
@@ -102,6 +114,22 @@ def _one_line(record: logging.LogRecord) -> str:
     except Exception:  # noqa: BLE001 - a malformed record is still one line
         message = str(record.msg)
     return redact(message)[:300]
+
+
+def _thread_ended(args: threading.ExceptHookArgs) -> None:
+    """An exception that ended a thread: one line, never a traceback (it may quote values).
+
+    pynetdicom's connection threads end so on some malformed input (an event its state
+    machine does not expect); the node's own threads are supervised and report themselves.
+    """
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread else "?"
+    where = describe(args.exc_value) if args.exc_value is not None else args.exc_type.__name__
+    if args.exc_type.__module__.startswith("pynetdicom") or "run_reactor" in name:
+        logging.getLogger("pynetdicom.protocol").error("a connection thread ended on a protocol error (%s)", where)
+    else:
+        logging.getLogger("pacs_node").error("thread %s ended: %s", name, where)
 
 
 _installed: ProtocolLog | None = None
@@ -127,6 +155,7 @@ def install() -> ProtocolLog:
             for name in dict.fromkeys(names):
                 if name.split(".")[0] in ("pydicom", "highdicom") or name == "py.warnings":
                     logging.getLogger(name).addFilter(redact_values)
+            threading.excepthook = _thread_ended
             # The node validates what it copies (pacs_node.sanitize); pydicom's validation on
             # reading would only write the invalid values into the log.
             pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE

@@ -141,11 +141,11 @@ class Node:
         for sender in self.senders:
             sender.start()
         self._worker.start()
-        self._supervisor.start()
         if self.config.metrics_port >= 0:
             self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port, self.metrics, self.health)
             self._http.start()
         self.listener.start(server_tls(self.config) if self.config.tls.listening else None)
+        self._supervisor.start()
         self._announce_exposure()
         logger.info("%s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
@@ -445,6 +445,7 @@ class Node:
         while not self._stopping.wait(0.5):
             try:
                 self._revive("worker", self._worker.is_alive, self._restart_worker)
+                self._revive("listener", lambda: self.listener.alive, self.listener.restart)
                 for sender in self.senders:
                     self._revive(f"send-{sender.destination.name}", lambda s=sender: s.alive, sender.restart)
                 if self.audit.backlog:
@@ -521,6 +522,8 @@ class Node:
             problems.append(f"less than {self.config.min_free_mb} MB free on the spool's disk")
         if self.audit.backlog:
             problems.append(f"{self.audit.backlog} audit line(s) waiting for the disk")
+        if not self.listener.alive:
+            problems.append("the DICOM listener is not running")
         problems += [problem for sender in self.senders for problem in _sender_problems(sender, now, stall)]
         return problems
 
