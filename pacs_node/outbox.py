@@ -13,7 +13,9 @@ gateway that retries a bad destination in a tight loop starves the rest).
 A sender never dies of what a destination or a file does: every failure is recorded and
 retried or dead-lettered, and the loop goes on. Each delivery leaves a small marker in
 ``outbox/<destination>/.delivered/`` (kept for ``dead_letter_after_s``), so an image
-processed again after a crash does not send results the destination already has.
+processed again after a crash does not send results the destination already has. An object
+whose C-STORE was on the wire when the process died is in doubt: before sending it again,
+the sender asks the destination (C-FIND, where it answers queries) whether it has it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
 )
 
 from .config import Destination, OutboxConfig
@@ -121,6 +124,9 @@ class DestinationSender:
             setattr(self._ae, timeout, timeout_s)
         self._thread = self._new_thread()
         self.forget_old_deliveries()
+        for orphan in self.folder.glob("*.json"):  # a sidecar whose object was never written (a full disk)
+            if not orphan.with_suffix(".dcm").exists():
+                orphan.unlink(missing_ok=True)
 
     def put(self, dataset: Dataset, source_uid: str) -> Path | None:
         """Write a result durably into this destination's outbox; None when it was delivered already."""
@@ -221,9 +227,12 @@ class DestinationSender:
 
     def _send_batch(self, files: list[Path]) -> bool:
         """Send ``files`` over one association; False when the destination could not be reached."""
+        in_doubt = {path for path in files if self._sending_marker(path).exists()}
         self._ae.requested_contexts = []
         for sop_class in RESULT_CLASSES:
             self._ae.add_requested_context(sop_class, list(RESULT_SYNTAXES))
+        if in_doubt:  # to ask the destination whether it has them, where it answers queries
+            self._ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         tls_args = (self.tls, self.destination.host) if self.tls else None
         assoc = self._ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title, tls_args=tls_args)
         if not assoc.is_established:
@@ -235,11 +244,34 @@ class DestinationSender:
             for path in files:
                 if not assoc.is_established or self._stop.is_set():
                     return assoc.is_established
+                if path in in_doubt and self._destination_has(assoc, path):
+                    self._delivered(path, path.stem, self._source_of(path))
+                    continue
                 self._send_one(assoc, path)
         finally:
             if assoc.is_established:
                 assoc.release()
         return True
+
+    def _sending_marker(self, path: Path) -> Path:
+        """Present while a C-STORE of ``path`` is on the wire: after a crash, the object is in doubt."""
+        return self.ledger / f"{path.stem}.sending"
+
+    def _destination_has(self, assoc, path: Path) -> bool:
+        """Whether the destination already stores an object whose C-STORE was cut by a crash
+        (PS3.4 C.4.1, Study Root C-FIND at IMAGE level); False when it cannot say."""
+        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind for cx in assoc.accepted_contexts):
+            return False
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
+            answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        except Exception as exc:  # noqa: BLE001 - a destination that cannot answer gets the object again
+            logger.info("%s: could not ask whether %s arrived (%s); sending it again", self.destination, path.stem, describe(exc))
+            return False
+        return any(status and int(status.Status) in (0xFF00, 0xFF01) and found is not None for status, found in answers)
 
     def _send_one(self, assoc, path: Path) -> None:
         try:
@@ -253,6 +285,7 @@ class DestinationSender:
             return
         self.stats.busy_since = time.monotonic()
         started = time.perf_counter()
+        _touch(self._sending_marker(path))
         try:
             status = assoc.send_c_store(dataset)
         except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
@@ -282,6 +315,7 @@ class DestinationSender:
 
     def _delivered(self, path: Path, sop_uid: str, source: str) -> None:
         _touch(self.ledger / path.stem)
+        self._sending_marker(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         path.with_suffix(".json").unlink(missing_ok=True)
         fsync_dir(self.folder)
@@ -304,6 +338,7 @@ class DestinationSender:
         with atomic_file(self.dead / path.with_suffix(".why.txt").name) as handle:
             handle.write(f"{reason}: {why}\n".encode())
         fsync_dir(self.dead)
+        self._sending_marker(path).unlink(missing_ok=True)
         self._attempts.pop(path.name, None)
         logger.error("%s: %s moved to dead letters: %s", self.destination, path.stem, why)
         self.on_delivered(self.destination, path.stem, source, reason)

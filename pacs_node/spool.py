@@ -51,9 +51,17 @@ TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EA
 FILE_MODE, FOLDER_MODE = 0o600, 0o700
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is a full disk, full memory or similar condition worth retrying later."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is a full disk, full memory or a
+    similar condition worth retrying later (pydicom re-raises a write's ENOSPC as an OSError
+    without an errno, naming the element it was writing)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def private_folder(folder: Path) -> Path:

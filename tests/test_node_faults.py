@@ -3,6 +3,8 @@ costs that image or that object at most, never the service."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import struct
 import urllib.request
@@ -105,6 +107,26 @@ def test_a_full_disk_delays_results_and_loses_nothing(tmp_path: Path, predictor:
     finally:
         node.stop()
         disk.close()
+
+
+class FullFile(io.BytesIO):
+    """A file on a full disk: writes fail with ENOSPC once a little has been written."""
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > 1024:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_full_disk_is_recognised_behind_the_exceptions_pydicom_raises_from_it() -> None:
+    from pydicom.filewriter import dcmwrite
+
+    from pacs_node.spool import is_transient
+
+    with pytest.raises(OSError) as raised:
+        dcmwrite(FullFile(), chest_dataset(), enforce_file_format=True)
+    assert raised.value.errno is None  # pydicom's own OSError, naming the element it was writing
+    assert is_transient(raised.value) and not is_transient(ValueError("a bad value"))
 
 
 class SecondaryCaptureOnly:

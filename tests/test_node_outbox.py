@@ -9,24 +9,39 @@ from node_support import chest_dataset, free_port, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs_node.config import Destination, OutboxConfig
 from pacs_node.outbox import RESULT_CLASSES, DestinationSender
 
 
 class Peer:
-    """A storage SCP answering every C-STORE with ``status``."""
+    """A storage SCP answering every C-STORE with ``status``; with ``queries``, a PACS that also
+    answers Study Root C-FIND at IMAGE level about what it stores."""
 
-    def __init__(self, status: int = 0x0000) -> None:
-        self.port, self.status, self.stored, self.server = free_port(), status, [], None
+    def __init__(self, status: int = 0x0000, queries: bool = False) -> None:
+        self.port, self.status, self.stored, self.server, self.queries = free_port(), status, [], None, queries
+        self.asked: list[str] = []
 
     def start(self) -> Peer:
         ae = AE(ae_title="PEER")
         for sop_class in RESULT_CLASSES:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        handler = (evt.EVT_C_STORE, lambda event: self.stored.append(str(event.request.AffectedSOPInstanceUID)) or self.status)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[handler])
+        handlers = [(evt.EVT_C_STORE, lambda event: self.stored.append(str(event.request.AffectedSOPInstanceUID)) or self.status)]
+        if self.queries:
+            ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+            handlers.append((evt.EVT_C_FIND, self._find))
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
+
+    def _find(self, event: evt.Event):
+        uid = str(event.identifier.SOPInstanceUID)
+        self.asked.append(uid)
+        if uid in self.stored:
+            found = Dataset()
+            found.QueryRetrieveLevel, found.SOPInstanceUID = "IMAGE", uid
+            yield 0xFF00, found
+        yield 0x0000, None
 
     def stop(self) -> None:
         if self.server:
@@ -118,3 +133,42 @@ def test_backoff_doubles_up_to_the_cap_between_attempts(tmp_path: Path) -> None:
         s.stop()
     assert waits[:6] == [0.1, 0.2, 0.4, 0.4, 0.4, 0.4]
     assert s.stats.failed_associations >= 6 and len(s.pending()) == 1  # nothing dropped while waiting
+
+
+def test_an_object_in_flight_at_a_crash_is_asked_about_before_it_is_sent_again(tmp_path: Path) -> None:
+    """A kill -9 between the destination storing an object and the sender noting it leaves the
+    object in doubt; a destination that answers C-FIND is asked, and gets nothing twice."""
+    pacs = Peer(queries=True).start()
+    ds, other = result(0), result(1)
+    pacs.stored.append(str(ds.SOPInstanceUID))  # it arrived before the crash
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    for item in (ds, other):
+        s.put(item, "source")
+        s._sending_marker(s.folder / f"{item.SOPInstanceUID}.dcm").touch()  # both were on the wire
+    s.start()
+    try:
+        wait_for(lambda: len(deliveries) == 2, 20, "both objects accounted for")
+        assert pacs.stored.count(str(ds.SOPInstanceUID)) == 1 and pacs.stored.count(str(other.SOPInstanceUID)) == 1
+        assert sorted(pacs.asked) == sorted([str(ds.SOPInstanceUID), str(other.SOPInstanceUID)])
+        assert all(ok for _, _, ok in deliveries) and s.pending() == [] and not list(s.ledger.glob("*.sending"))
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(tmp_path: Path) -> None:
+    pacs = Peer().start()
+    ds = result(0)
+    pacs.stored.append(str(ds.SOPInstanceUID))
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    s.put(ds, "source")
+    s._sending_marker(s.folder / f"{ds.SOPInstanceUID}.dcm").touch()
+    s.start()
+    try:
+        wait_for(lambda: deliveries, 20, "the delivery")
+        assert pacs.stored.count(str(ds.SOPInstanceUID)) == 2  # at least once, when the destination cannot say
+    finally:
+        s.stop()
+        pacs.stop()
