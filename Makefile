@@ -18,7 +18,7 @@ RUN_DIR ?= runs/demo
 
 DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
 
-.PHONY: run demo-bundle test venv system-deps benchmark-synth benchmark-node gallery clean
+.PHONY: run demo-bundle test venv system-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time, about three minutes on two cores). Results of the
@@ -61,6 +61,14 @@ benchmark-synth: venv
 # Latency, throughput and memory of the node against dcmtk's storescp; figures go to docs/benchmarks.md.
 benchmark-node: venv system-deps demo-bundle
 	$(PY) benchmarks/node_latency.py --bundle $(RUN_DIR)/bundle
+
+# 20,000 mutated PDU streams against the node, legitimate stores between them.
+benchmark-netfuzz: venv demo-bundle
+	$(PY) benchmarks/node_netfuzz.py --bundle $(RUN_DIR)/bundle --json docs/results/node_netfuzz.json
+
+# 10,000 images, three kill -9, a destination outage and a full disk (a tmpfs: run as root).
+benchmark-soak: venv demo-bundle
+	$(PY) benchmarks/node_soak.py --bundle $(RUN_DIR)/bundle --json docs/results/node_soak.json
 
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
 gallery: venv

@@ -115,6 +115,7 @@ class Connection:
     assoc: object | None = None
     negotiated: bool = False
     cut: bool = False
+    refused: str = ""  # why the node turned the association request away itself
     receiving: int = 0  # bytes of the data set now arriving
     too_large: bool = False
 
@@ -171,7 +172,7 @@ class Connections:
                     connection.cut = True
                     overdue.append(connection)
             self._open = [c for c in self._open if c not in closed]
-        return overdue, [c for c in closed if not c.negotiated]
+        return overdue, closed
 
 
 def _is_open(sock: socket.socket) -> bool:
@@ -179,6 +180,19 @@ def _is_open(sock: socket.socket) -> bool:
         return sock.fileno() >= 0
     except (OSError, ValueError):
         return False
+
+
+def _discard_partial(assoc) -> None:
+    """Remove the file of a data set cut off while arriving (never acknowledged)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+    except OSError:
+        pass
+    Path(partial.name).unlink(missing_ok=True)
 
 
 def _release_slot(assoc) -> None:
@@ -316,7 +330,7 @@ class Listener:
         return [
             (evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_CONN_CLOSE, self._closed),
-            (evt.EVT_ACSE_SENT, self._acse_sent), (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_REQUESTED, self._requested), (evt.EVT_ACSE_SENT, self._acse_sent), (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_DATA_RECV, self._data_received), (evt.EVT_DIMSE_RECV, self._message_received),
         ]  # fmt: skip
 
@@ -371,17 +385,23 @@ class Listener:
             logger.debug("a connection opened that the listener did not see accepted")
 
     def _closed(self, event: evt.Event) -> None:
-        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        partial = getattr(message, "_data_set_file", None)
-        if partial is not None:  # a data set cut off while arriving: never acknowledged
-            try:
-                partial.close()
-            finally:
-                Path(partial.name).unlink(missing_ok=True)
+        _discard_partial(event.assoc)
         connection = self.connections.of(event.assoc)
         if connection is not None and not connection.negotiated:
             _release_slot(event.assoc)
         self.connections.remove(connection)
+
+    def _requested(self, event: evt.Event) -> None:
+        """An association request arrived: turn it away (transient, congestion) when the node
+        cannot take images now, before a sender pushes a whole data set at a full disk."""
+        refusal = self.gate()
+        if refusal is None:
+            return
+        connection = self.connections.of(event.assoc)
+        if connection is not None:
+            connection.refused = refusal.reason
+        event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # PS3.8 9.3.4: rejected-transient, temporary congestion
+        event.assoc.kill()
 
     def _acse_sent(self, event: evt.Event) -> None:
         primitive = event.primitive
@@ -390,7 +410,7 @@ class Listener:
         connection = self.connections.of(event.assoc)
         if connection is not None:
             connection.negotiated = True
-        reason = REJECTIONS.get((primitive.result, primitive.result_source, primitive.diagnostic), "other")
+        reason = (connection.refused if connection else "") or REJECTIONS.get((primitive.result, primitive.result_source, primitive.diagnostic), "other")
         self._rejected(reason, peer=_peer(event), calling_ae=_calling(event))
 
     def _accepted(self, event: evt.Event) -> None:
@@ -435,8 +455,10 @@ class Listener:
             for connection in overdue:
                 self._aborted("handshake-timeout", peer=connection.peer)
                 cut(connection.sock)
-            for connection in overdue + closed:
+            for connection in overdue + [c for c in closed if not c.negotiated]:
                 _release_slot(connection.assoc)
+            for connection in closed:
+                _discard_partial(connection.assoc)
 
     # --- C-ECHO and C-STORE -----------------------------------------------------------------------------
 
@@ -565,8 +587,10 @@ def _peer(event: evt.Event) -> str:
 
 
 def _calling(event: evt.Event) -> str:
+    """The calling AE title, also before negotiation has copied it from the request."""
     try:
-        return str(event.assoc.requestor.ae_title).strip()
+        requestor = event.assoc.requestor
+        return str(requestor.ae_title or getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
     except Exception:  # noqa: BLE001
         return ""
 

@@ -38,3 +38,21 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = train_main(["--config", str(configs / "demo.yaml"), "--data", str(root / "data"), "--out", str(root / "bundle")])
     assert code == 0, "dp-train failed on the demo config"
     return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def predictor(demo_bundle: Path):
+    """The demo bundle's model as the node runs it (on the CPU), loaded once."""
+    from pacs_node.predictor import NodePredictor
+
+    return NodePredictor(demo_bundle, "cpu")
+
+
+@pytest.fixture
+def node(tmp_path: Path, predictor):
+    """A running node with the test callers allowed, results written to ``tmp_path / "out"``."""
+    from node_support import start_node
+
+    running = start_node(tmp_path, predictor)
+    yield running
+    running.stop()

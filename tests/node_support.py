@@ -115,10 +115,15 @@ def send(port: int, datasets: list[Dataset], calling: str = "TESTSCU", called: s
     for syntax in {str(ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
             ae.add_requested_context(sop_class, syntax)
+    return _store_all(ae, port, called, datasets)
+
+
+def _store_all(ae: AE, port: int, called: str, items: list) -> list[int]:
+    """C-STORE each item (a data set or a file) over one association; the status of each (-1: none)."""
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    assert assoc.is_established, f"association with the node failed (calling {calling}, called {called})"
+    assert assoc.is_established, f"association with the node failed (calling {ae.ae_title}, called {called})"
     try:
-        return [int(status.Status) if status else -1 for status in (assoc.send_c_store(ds) for ds in datasets)]
+        return [int(status.Status) if status else -1 for status in (assoc.send_c_store(item) for item in items)]
     finally:
         assoc.release()
 
@@ -276,12 +281,7 @@ def send_files(port: int, paths: list[Path], calling: str = "TESTSCU", called: s
         ae.add_requested_context(*pair)
     before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
     try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=called)
-        assert assoc.is_established, f"association with the node failed (calling {calling}, called {called})"
-        try:
-            return [int(status.Status) if status else -1 for status in (assoc.send_c_store(p) for p in paths)]
-        finally:
-            assoc.release()
+        return _store_all(ae, port, called, paths)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = before
 

@@ -8,7 +8,6 @@ import io
 import json
 import struct
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,18 +33,6 @@ from pacs_node.node import Node
 from pacs_node.predictor import NodePredictor
 from pacs_node.spool import Spool
 from pacs_node.status import StoreStatus
-
-
-@pytest.fixture(scope="module")
-def predictor(demo_bundle: Path) -> NodePredictor:
-    return NodePredictor(demo_bundle, "cpu")
-
-
-@pytest.fixture
-def node(tmp_path: Path, predictor: NodePredictor) -> Iterator[Node]:
-    running = start_node(tmp_path, predictor)
-    yield running
-    running.stop()
 
 
 def story_of(node: Node, sop_instance_uid: str) -> list[dict]:

@@ -23,11 +23,6 @@ from pacs_node.status import StoreStatus
 pytestmark = pytest.mark.tools
 
 
-@pytest.fixture(scope="module")
-def predictor(demo_bundle: Path) -> NodePredictor:
-    return NodePredictor(demo_bundle, "cpu")
-
-
 @pytest.fixture
 def results(tmp_path: Path) -> Iterator[StoreSCP]:
     with StoreSCP(tmp_path / "received") as scp:
@@ -124,6 +119,8 @@ def test_data_set_of_another_sop_class_than_negotiated_is_refused(node: Node, mo
         assoc.release()
     assert int(status.Status) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert node.spool.count() == 0 and not any(node.spool.skipped.iterdir())
+    (line,) = [x for x in audit_lines(node) if x["event"] == "store-refused"]  # every refusal is recorded
+    assert line["reason"] == "sop-class-mismatch" and line["status_code"] == "0xA900" and line["calling_ae"] == "TESTSCU"
 
 
 def test_a_sop_class_the_node_does_not_read_is_refused_at_negotiation(node: Node) -> None:
@@ -188,11 +185,18 @@ def test_full_queue_answers_out_of_resources_and_keeps_nothing_half_written(tmp_
         node.stop()
 
 
-def test_nearly_full_disk_answers_out_of_resources(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_nearly_full_disk_turns_senders_away_before_they_send(tmp_path: Path, predictor: NodePredictor) -> None:
+    """A sender learns at association time (rejected, transient: temporary congestion) rather
+    than after pushing a whole data set at a disk that cannot take it."""
     node = start_node(tmp_path, predictor, min_free_mb=2**40)  # more free space than any disk has
     try:
-        assert send(node.port, [chest_dataset()]) == [StoreStatus.OUT_OF_RESOURCES]
-        assert node.spool.count() == 0 and node.metrics.value("refused_total", reason="disk-full") == 1
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
+        assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x02, 0x01)
+        assert node.spool.count() == 0 and node.metrics.value("associations_rejected_total", reason="disk-full") == 1
+        (line,) = [x for x in audit_lines(node) if x["event"] == "association"]
+        assert line["status"] == "rejected" and line["reason"] == "disk-full" and line["calling_ae"] == "TESTSCU"
         assert node.health()["status"] == "degraded"
     finally:
         node.stop()

@@ -23,11 +23,6 @@ CLASSES = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
 
 
 @pytest.fixture(scope="module")
-def predictor(demo_bundle: Path) -> NodePredictor:
-    return NodePredictor(demo_bundle, "cpu")
-
-
-@pytest.fixture(scope="module")
 def rg1(rg1_path: Path) -> Dataset:
     return dcmread(rg1_path)
 

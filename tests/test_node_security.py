@@ -36,11 +36,6 @@ from pacs_node.predictor import NodePredictor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def predictor(demo_bundle: Path) -> NodePredictor:
-    return NodePredictor(demo_bundle, "cpu")
-
-
 def test_the_shipped_configuration_names_who_may_connect_and_listens_on_loopback() -> None:
     shipped = load_config(NodeConfig, ROOT / "configs" / "node.yaml")
     assert shipped.allow and not shipped.allow_any_caller

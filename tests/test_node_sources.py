@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import data_file, run_tool
+from helpers import run_tool
 from node_support import (
     TEST_CALLERS,
     audit_lines,
@@ -36,18 +35,6 @@ from pacs_node.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 pytestmark = pytest.mark.tools
-
-
-@pytest.fixture(scope="module")
-def predictor(demo_bundle: Path) -> NodePredictor:
-    return NodePredictor(demo_bundle, "cpu")
-
-
-@pytest.fixture
-def node(tmp_path: Path, predictor: NodePredictor) -> Iterator[Node]:
-    running = start_node(tmp_path, predictor)
-    yield running
-    running.stop()
 
 
 def outcome(node: Node, uid: str, timeout: float = 60) -> dict:
