@@ -35,8 +35,11 @@ from dp_transforms.header import integer, number, text, texts, values
 __all__ = ["Cleaned", "clean_source", "derived_uid", "integer", "is_valid_uid", "number", "output_uid", "text", "texts", "values"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-#: C0 and C1 control characters (ESC stays: ISO 2022 names need it) never belong in a kept value.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1a\x1c-\x1f\x7f-\x9f]")
+#: Control characters a kept value may not hold (PS3.5 6.1.2.3): every C0 and C1 control but
+#: ESC (ISO 2022 names need it); text VRs keep TAB, LF, FF and CR as well.
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f-\x9f]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
+_LONG_TEXT_VRS = ("LT", "ST", "UT")
 _TEXT_VRS = {"AE": 16, "CS": 16, "LO": 64, "SH": 16, "LT": 10240, "ST": 1024, "UT": 2**32 - 2, "UC": 2**32 - 2}
 _NUMERIC_VRS = ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV")
 
@@ -163,8 +166,8 @@ def _copy(source: Dataset, out: Dataset, keyword: str, clean: Cleaned) -> None:
     found = values(source, keyword)
     if not found:
         return _emptied(out, keyword, clean, quiet=element.value in (None, "", b""))
-    if dictionary_VM(tag) == "1" and len(found) > 1:
-        found = found[:1]
+    if dictionary_VM(tag) == "1" and len(found) > 1:  # "12345\67890" is not the patient "12345"
+        return _emptied(out, keyword, clean)
     kept = [_valid(vr, value) for value in found]
     if keyword in ENUMERATED:
         kept = [_enumerated(keyword, value) for value in kept]
@@ -200,7 +203,7 @@ def _fixed(vr: str, value: object):
         return value if isinstance(value, (int, float)) else None
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("ascii", "replace")
-    text_value = _CONTROL.sub("", str(value)).strip(" \x00")
+    text_value = (_TEXT_CONTROL if vr in _LONG_TEXT_VRS else _CONTROL).sub("", str(value)).strip(" \x00")
     if not text_value:
         return None
     fixer = _FIXERS.get(vr)

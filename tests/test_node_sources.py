@@ -238,3 +238,15 @@ def test_two_thousand_header_mutations_of_the_real_rg1_each_get_a_result_or_a_re
         assert bad == {}, bad
     finally:
         node.stop()
+
+
+def test_control_characters_are_kept_only_where_the_vr_allows_them_and_no_value_is_picked_from_many() -> None:
+    from pacs_node.sanitize import clean_source
+
+    ds = chest_dataset(StudyDescription="CHEST\tPA\r\n", PatientComments="first line\r\nsecond line\tend")
+    ds.PatientID = ["12345", "67890"]  # VM 1: which of the two is the patient cannot be told
+    clean = clean_source(ds)
+    assert clean.dataset.StudyDescription == "CHESTPA"  # LO: no TAB, CR or LF
+    assert clean.dataset.PatientComments == "first line\r\nsecond line\tend"  # LT keeps them
+    assert not clean.dataset.PatientID and "PatientID" in clean.emptied  # Type 2: present, empty
+    assert "12345" not in clean.note and "67890" not in clean.note
