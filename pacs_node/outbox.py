@@ -128,14 +128,20 @@ class DestinationSender:
             if not orphan.with_suffix(".dcm").exists():
                 orphan.unlink(missing_ok=True)
 
-    def put(self, dataset: Dataset, source_uid: str) -> Path | None:
-        """Write a result durably into this destination's outbox; None when it was delivered already."""
+    def put(self, dataset: Dataset, source_uid: str, digest: str = "") -> Path | None:
+        """Write a result durably into this destination's outbox; None when the destination
+        already has it, the same content (``digest``) under the same UID.
+
+        An image processed again after a crash gives the same result: it is not sent twice.
+        An image sent again with corrected patient data gives another digest: the corrected
+        result is sent.
+        """
         path = self.folder / f"{dataset.SOPInstanceUID}.dcm"
-        if (self.ledger / path.stem).exists():
-            return None  # processed again after a crash: the destination has it
+        if digest and _read(self.ledger / path.stem) == digest:
+            return None
         # The sidecar first: the sender picks up *.dcm, and must find its source beside it.
         with atomic_file(path.with_suffix(".json")) as handle:
-            handle.write(json.dumps({"source": source_uid}).encode())
+            handle.write(json.dumps({"source": source_uid, "digest": digest}).encode())
         with atomic_file(path) as handle:
             dataset.save_as(handle, enforce_file_format=True)
         return path
@@ -271,7 +277,11 @@ class DestinationSender:
         except Exception as exc:  # noqa: BLE001 - a destination that cannot answer gets the object again
             logger.info("%s: could not ask whether %s arrived (%s); sending it again", self.destination, path.stem, describe(exc))
             return False
-        return any(status and int(status.Status) in (0xFF00, 0xFF01) and found is not None for status, found in answers)
+        uid = str(header.SOPInstanceUID)
+        return any(
+            status and int(status.Status) in (0xFF00, 0xFF01) and found is not None and str(found.get("SOPInstanceUID", "")).strip(" \x00") == uid
+            for status, found in answers
+        )  # a match for this very instance, not whatever a lax PACS returns
 
     def _send_one(self, assoc, path: Path) -> None:
         try:
@@ -289,6 +299,7 @@ class DestinationSender:
         try:
             status = assoc.send_c_store(dataset)
         except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
+            self._sending_marker(path).unlink(missing_ok=True)
             self.stats.last_error = f"sending failed ({describe(exc)})"
             self._refused(path, "send-error", self.stats.last_error)
             return
@@ -297,6 +308,8 @@ class DestinationSender:
 
     def _answered(self, path: Path, dataset: Dataset, status) -> None:
         code = int(getattr(status, "Status", -1)) if status else -1
+        if status:  # the destination answered: the object is no longer in doubt
+            self._sending_marker(path).unlink(missing_ok=True)
         if code in DELIVERED:
             self._delivered(path, str(dataset.SOPInstanceUID), self._source_of(path))
             return
@@ -314,7 +327,7 @@ class DestinationSender:
             self._dead_letter(path, reason, f"refused {attempts.refusals} times, last: {last}")
 
     def _delivered(self, path: Path, sop_uid: str, source: str) -> None:
-        _touch(self.ledger / path.stem)
+        _write(self.ledger / path.stem, self._sidecar(path).get("digest", ""))
         self._sending_marker(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         path.with_suffix(".json").unlink(missing_ok=True)
@@ -335,8 +348,11 @@ class DestinationSender:
         for part in (path, path.with_suffix(".json")):
             if part.exists():
                 os.replace(part, self.dead / part.name)
-        with atomic_file(self.dead / path.with_suffix(".why.txt").name) as handle:
-            handle.write(f"{reason}: {why}\n".encode())
+        try:
+            with atomic_file(self.dead / path.with_suffix(".why.txt").name) as handle:
+                handle.write(f"{reason}: {why}\n".encode())
+        except OSError:  # a full disk: the move matters more than the note; the audit line has the reason
+            pass
         fsync_dir(self.dead)
         self._sending_marker(path).unlink(missing_ok=True)
         self._attempts.pop(path.name, None)
@@ -344,10 +360,15 @@ class DestinationSender:
         self.on_delivered(self.destination, path.stem, source, reason)
 
     def _source_of(self, path: Path) -> str:
+        return str(self._sidecar(path).get("source", ""))
+
+    @staticmethod
+    def _sidecar(path: Path) -> dict:
         try:
-            return str(json.loads(path.with_suffix(".json").read_text())["source"])
-        except (OSError, ValueError, KeyError):
-            return ""
+            found = json.loads(path.with_suffix(".json").read_text())
+            return found if isinstance(found, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
 
 def _accepted(assoc, dataset: Dataset) -> bool:
@@ -358,3 +379,19 @@ def _accepted(assoc, dataset: Dataset) -> bool:
 
 def _touch(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+
+
+def _write(path: Path, text: str) -> None:
+    """A small marker with ``text`` in it (not fsynced: it only has to outlive the process)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None

@@ -19,8 +19,9 @@ class Peer:
     """A storage SCP answering every C-STORE with ``status``; with ``queries``, a PACS that also
     answers Study Root C-FIND at IMAGE level about what it stores."""
 
-    def __init__(self, status: int = 0x0000, queries: bool = False) -> None:
+    def __init__(self, status: int = 0x0000, queries: bool = False, lax: bool = False) -> None:
         self.port, self.status, self.stored, self.server, self.queries = free_port(), status, [], None, queries
+        self.lax = lax  # answers every query with whatever it holds, matching or not
         self.asked: list[str] = []
 
     def start(self) -> Peer:
@@ -37,9 +38,9 @@ class Peer:
     def _find(self, event: evt.Event):
         uid = str(event.identifier.SOPInstanceUID)
         self.asked.append(uid)
-        if uid in self.stored:
+        for held in self.stored if self.lax else [uid] if uid in self.stored else []:
             found = Dataset()
-            found.QueryRetrieveLevel, found.SOPInstanceUID = "IMAGE", uid
+            found.QueryRetrieveLevel, found.SOPInstanceUID = "IMAGE", held
             yield 0xFF00, found
         yield 0x0000, None
 
@@ -169,6 +170,43 @@ def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(tmp
     try:
         wait_for(lambda: deliveries, 20, "the delivery")
         assert pacs.stored.count(str(ds.SOPInstanceUID)) == 2  # at least once, when the destination cannot say
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_a_pacs_that_answers_queries_with_other_objects_still_gets_the_object_in_doubt(tmp_path: Path) -> None:
+    pacs = Peer(queries=True, lax=True).start()
+    pacs.stored.append(str(generate_uid()))  # something else it holds
+    ds = result(0)
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    s.put(ds, "source")
+    s._sending_marker(s.folder / f"{ds.SOPInstanceUID}.dcm").touch()
+    s.start()
+    try:
+        wait_for(lambda: deliveries, 20, "the delivery")
+        assert pacs.asked == [str(ds.SOPInstanceUID)] and pacs.stored.count(str(ds.SOPInstanceUID)) == 1
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(tmp_path: Path) -> None:
+    """Processed again after a crash: same content, nothing sent. Sent again with corrected
+    patient data: another digest, so the corrected result goes out under the same UID."""
+    pacs = Peer().start()
+    ds = result(0)
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    s.start()
+    try:
+        assert s.put(ds, "source", "digest-1") is not None
+        wait_for(lambda: len(deliveries) == 1, 20, "the first delivery")
+        assert s.put(ds, "source", "digest-1") is None
+        assert s.put(ds, "source", "digest-2") is not None
+        wait_for(lambda: len(deliveries) == 2, 20, "the corrected result")
+        assert pacs.stored == [str(ds.SOPInstanceUID)] * 2 and s.pending() == []
     finally:
         s.stop()
         pacs.stop()
