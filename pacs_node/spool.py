@@ -28,6 +28,7 @@ the data set), so two receptions of the same instance at once never overwrite ea
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -144,6 +145,22 @@ class Receipt:
             return None
 
 
+class SpoolInUse(OSError):
+    """Another process holds the spool."""
+
+
+def _lock(path: Path) -> BinaryIO:
+    """Hold an exclusive lock on ``path`` for the life of the process (released when it ends,
+    ``kill -9`` included): two nodes on one spool would process every image twice."""
+    handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE), "r+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SpoolInUse(f"{path.parent}: the spool is in use by another process (one node per spool)") from None
+    return handle
+
+
 def _receipt_from_header(path: Path) -> Receipt | None:
     try:
         ds = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPInstanceUID"])
@@ -166,6 +183,7 @@ class Spool:
 
     def __init__(self, root: str | Path, keep_skipped: bool = True) -> None:
         self.root = private_folder(Path(root))
+        self._lock_file = _lock(self.root / "spool.lock")
         self.keep_skipped = keep_skipped
         self.tmp, self.incoming, self.skipped, self.failed = (private_folder(self.root / n) for n in ("tmp", "incoming", "skipped", "failed"))
         self._sequence = itertools.count()
@@ -176,6 +194,23 @@ class Spool:
             if not orphan.with_suffix(".dcm").exists():
                 orphan.unlink(missing_ok=True)
         self.attempts = self._load_attempts()
+
+    def close(self) -> None:
+        """Let another process (or a later node in this one) have the spool."""
+        self._lock_file.close()
+
+    def remove_stale_tmp(self, age_s: float) -> int:
+        """Remove files in ``tmp/`` untouched for ``age_s``: arrivals and writes that were
+        abandoned (never acknowledged); the number removed."""
+        horizon, removed = time.time() - age_s, 0
+        for path in self.tmp.iterdir():
+            try:
+                if path.stat().st_mtime < horizon:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
 
     # --- receiving ----------------------------------------------------------------------------------
 
@@ -215,13 +250,15 @@ class Spool:
         Raises:
             OSError: the record could not be written (a full disk); do not process.
         """
+        attempts = {name: Attempts(a.solo, a.batch) for name, a in self.attempts.items()}
         for path in paths:
-            entry = self.attempts.setdefault(path.name, Attempts())
+            entry = attempts.setdefault(path.name, Attempts())
             if len(paths) == 1:
                 entry.solo += 1
             else:
                 entry.batch += 1
-        self._save_attempts()
+        self._save_attempts(attempts)
+        self.attempts = attempts  # only once durable: a start that could not be recorded did not happen
 
     def end(self, paths: list[Path]) -> None:
         """Processing of ``paths`` ended, whatever its outcome (the record is best effort)."""
@@ -256,9 +293,10 @@ class Spool:
         except (OSError, ValueError, AttributeError, TypeError):
             return {}
 
-    def _save_attempts(self) -> None:
+    def _save_attempts(self, attempts: dict[str, Attempts] | None = None) -> None:
+        attempts = self.attempts if attempts is None else attempts
         with atomic_file(self.root / "attempts.json", self.tmp) as handle:
-            handle.write(json.dumps({k: asdict(v) for k, v in self.attempts.items()}).encode())
+            handle.write(json.dumps({k: asdict(v) for k, v in attempts.items()}).encode())
 
     # --- the work and its ends ----------------------------------------------------------------------
 

@@ -105,6 +105,38 @@ class FullFile(io.BytesIO):
         return super().write(data)
 
 
+def test_a_start_that_could_not_be_recorded_does_not_count_as_a_death(tmp_path: Path) -> None:
+    """A full disk that refuses the in-flight record three times must not look like three
+    crashes on the image (which would quarantine a healthy image)."""
+    disk = FullDisk(tmp_path / "disk")
+    spool = Spool(disk.folder / "spool")
+    try:
+        path = spool.incoming / "image.dcm"
+        chest_dataset().save_as(path, enforce_file_format=True)
+        disk.fill()
+        for _ in range(3):
+            with pytest.raises(OSError):
+                spool.begin([path])
+        disk.free()
+        assert spool.attempts == {} and spool.quarantine(3) == []
+    finally:
+        spool.close()
+        disk.close()
+
+
+def test_one_spool_one_node() -> None:
+    import tempfile
+
+    from pacs_node.spool import SpoolInUse
+
+    with tempfile.TemporaryDirectory() as folder:
+        first = Spool(folder)
+        with pytest.raises(SpoolInUse, match="in use by another process"):
+            Spool(folder)
+        first.close()
+        Spool(folder).close()
+
+
 def test_a_full_disk_is_recognised_behind_the_exceptions_pydicom_raises_from_it() -> None:
     from pydicom.filewriter import dcmwrite
 
@@ -233,6 +265,7 @@ def test_a_batch_that_crashed_the_node_is_retried_one_image_at_a_time(tmp_path: 
         ds.save_as(path, enforce_file_format=True)
     for _ in range(3):  # killed three times while these four were in one batch
         spool.begin(paths)
+    spool.close()
     node = start_node(tmp_path, predictor)
     try:
         for ds in images:
@@ -250,6 +283,7 @@ def test_an_image_that_crashes_the_node_alone_three_times_is_quarantined(tmp_pat
     for _ in range(3):
         spool.begin([spool.incoming / f"{poison.SOPInstanceUID}.dcm"])  # alone in flight at three deaths
     spool.begin([spool.incoming / f"{survivor.SOPInstanceUID}.dcm"])
+    spool.close()
     node = start_node(tmp_path, predictor)
     try:
         wait_for(lambda: processed(node, survivor), 60, "the survivor")
@@ -283,3 +317,37 @@ def test_a_data_set_whose_instance_uid_differs_from_the_command_is_refused_and_r
     (line,) = [line for line in audit_lines(node) if line["event"] == "store-refused"]
     assert line["reason"] == "instance-uid-mismatch" and line["calling_ae"] == "TESTSCU"
     assert node.metrics.value("refused_total", reason="instance-uid-mismatch") == 1 and node.spool.count() == 0
+
+
+class OutOfMemory:
+    """A model that runs out of memory on every call while ``failing``."""
+
+    def __init__(self, inner: NodePredictor) -> None:
+        self.inner, self.contract, self.failing = inner, inner.contract, True
+
+    def predict(self, prepared):
+        if self.failing:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.inner.predict(prepared)
+
+
+def test_an_image_that_never_fits_in_memory_fails_after_some_retries_and_the_node_goes_on(tmp_path: Path, predictor: NodePredictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pacs_node.node as node_module
+
+    monkeypatch.setattr(node_module, "RETRY_INITIAL_S", 0.05)
+    model = OutOfMemory(predictor)
+    node = start_node(tmp_path, model)
+    try:
+        ds = chest_dataset(seed=1)
+        assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
+        (line,) = wait_for(lambda: [x for x in story_of(node, ds.SOPInstanceUID) if x["status"] == "failed"], 60, "the image to fail")
+        assert "out of memory" in line["detail"] and node.metrics.value("retries_total", reason="resources") == node_module.MAX_MEMORY_RETRIES
+        model.failing = False
+        after = chest_dataset(seed=2)
+        assert send(node.port, [after]) == [StoreStatus.SUCCESS]
+        wait_for(lambda: processed(node, after), 60, "the next image")
+        assert node.fatal is None
+    finally:
+        node.stop()
