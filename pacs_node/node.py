@@ -30,6 +30,7 @@ whatever the image, the peers or the machine do.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import threading
 import time
@@ -67,8 +68,10 @@ MAX_SOLO_STARTS = 3
 #: A thread that ends unexpectedly this many times within RESTART_WINDOW_S is not restarted
 #: again: the node reports itself failed and ``dp-node`` exits non-zero.
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 300.0
-#: Backoff of an instance put back for a passing condition (a full disk).
+#: Backoff of an instance put back for a passing condition (a full disk), and how often an
+#: image that exhausts the memory on its own is tried.
 RETRY_INITIAL_S, RETRY_MAX_S = 2.0, 300.0
+MAX_MEMORY_RETRIES = 5
 #: The retention limits are applied this often, and soon after anything is kept.
 PRUNE_EVERY_S = 600.0
 
@@ -163,6 +166,7 @@ class Node:
             self._protocol.listeners.remove(self._protocol_error)
         self.audit.close()
         logger.info("stopped; %d instance(s) left in the spool for the next start", self.spool.count())
+        self.spool.close()
 
     @property
     def port(self) -> int:
@@ -233,12 +237,13 @@ class Node:
             return
         self._busy_since = time.monotonic()
         try:
-            self._process(items)
-        except Exception as exc:  # noqa: BLE001 - a fault of the node's own, not of the image: record it, keep serving
-            logger.error("internal error while processing a batch (%s)", logs.describe(exc))
-            for item in items:
-                if item.path.exists():
-                    self._fail(item, FailReason.INTERNAL, logs.describe(exc))
+            try:
+                self._process(items)
+            except Exception as exc:  # noqa: BLE001 - a fault of the node's own, not of the image: record it, keep serving
+                logger.error("internal error while processing a batch (%s)", logs.describe(exc))
+                for item in items:
+                    if item.path.exists():
+                        self._fail(item, FailReason.INTERNAL, logs.describe(exc))
         except BaseException:
             self.work.put_suspects([item.path for item in items if item.path.exists()])
             raise  # the thread ends here; the supervisor starts another, which tries these alone
@@ -306,11 +311,10 @@ class Node:
         try:
             predictions = self.predictor.predict([item.prepared for item in ready])
         except Exception as exc:  # noqa: BLE001 - isolation per image
-            if len(ready) > 1 and not _transient(exc):
+            if len(ready) > 1:  # one image's fault, or a batch too large for the memory: one by one
                 logger.warning("inference failed for a batch of %d (%s); trying the images one by one", len(ready), logs.describe(exc))
                 return [pair for item in ready for pair in self._infer([item])]
-            for item in ready:
-                self._raised(item, exc)
+            self._raised(ready[0], exc)
             return []
         seconds = time.perf_counter() - start
         self.metrics.observe("inference_seconds", seconds)
@@ -329,7 +333,7 @@ class Node:
         overlay = build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side)
         item.timings["build"] = time.perf_counter() - t0
         item.stage = FailReason.HAND_OVER
-        delivery = self._hand_over(source, [report, overlay])
+        delivery = self._hand_over(source, [report, overlay], _content_digest(source, prediction))
         self.spool.done(item.path)
         self._processed(item, prediction, identity, delivery)
         return True
@@ -351,7 +355,7 @@ class Node:
         note = item.clean.note if item.clean else ""
         self._audit(item, "processed", result=result, outputs=[identity.sr_uid, identity.sc_uid], delivery=delivery, detail=note or None)
 
-    def _hand_over(self, source: Dataset, results: list[Dataset]) -> str:
+    def _hand_over(self, source: Dataset, results: list[Dataset], digest: str) -> str:
         """Results into every outbox, durably; with no destination, into ``output_dir/<StudyInstanceUID>``."""
         if not self.senders:
             folder = self._study_folder(str(source.StudyInstanceUID))
@@ -359,11 +363,12 @@ class Node:
                 with atomic_file(folder / f"{dataset.Modality}.{dataset.SOPInstanceUID}.dcm") as handle:
                     dataset.save_as(handle, enforce_file_format=True)
             return f"written to {folder}"
+        queued, had = [], []
         for sender in self.senders:
-            for dataset in results:
-                sender.put(dataset, str(source.SOPInstanceUID))
+            put = [sender.put(dataset, str(source.SOPInstanceUID), digest) for dataset in results]
+            (queued if any(put) else had).append(str(sender.destination))
             sender.wake()
-        return "queued for " + ", ".join(str(s.destination) for s in self.senders)
+        return "; ".join(f"{what} {', '.join(names)}" for what, names in (("queued for", queued), ("already delivered to", had)) if names)
 
     def _study_folder(self, study_uid: str) -> Path:
         """The results folder of a study: only ever a valid UID under ``output_dir``."""
@@ -393,9 +398,16 @@ class Node:
         self._audit(item, "failed", reason=str(reason), detail=detail)
 
     def _retry(self, item: Item, exc: BaseException) -> None:
-        """Put an instance back for later: the condition (a full disk) is expected to pass."""
-        reason = "disk-full" if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else "resources"
+        """Put an instance back for later: the condition (a full disk) is expected to pass.
+
+        A full disk is waited out for as long as it lasts; an image that exhausts the memory
+        alone MAX_MEMORY_RETRIES times is not going to fit, and fails.
+        """
+        reason = "disk-full" if _errno(exc) in (errno.ENOSPC, errno.EDQUOT) else "resources"
         count = self._retries[item.path.name] = self._retries.get(item.path.name, 0) + 1
+        if reason == "resources" and count > MAX_MEMORY_RETRIES:
+            self._fail(item, item.stage, f"out of memory {count} times ({logs.describe(exc)})")
+            return
         delay = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (count - 1))
         self.metrics.inc("retries", reason=reason)
         logger.warning("%s: %s (%s); tried again in %.0f s", item.sop_instance_uid, reason, getattr(exc, "strerror", None) or type(exc).__name__, delay)
@@ -542,6 +554,29 @@ def _sender_problems(sender: DestinationSender, now: float, stall: float) -> lis
     if busy is not None and now - busy > stall:
         return [f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s"]
     return []
+
+
+def _content_digest(source: Dataset, prediction: Prediction) -> str:
+    """What the results say, in short: the copied source attributes and the model's answer.
+
+    The same image processed again gives the same digest (nothing is sent twice); the same
+    instance sent again with corrected patient data gives another (the correction is sent).
+    """
+    digest = hashlib.sha256()
+    for element in source:
+        digest.update(f"{element.tag}={element.value}\x1f".encode(errors="replace"))
+    digest.update(prediction.probabilities.astype("float32").round(6).tobytes())
+    digest.update(prediction.boxes.astype("float32").round(2).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _errno(exc: BaseException | None) -> int | None:
+    """The errno of ``exc`` or of the exception it was raised from."""
+    while exc is not None:
+        if getattr(exc, "errno", None) is not None:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _transient(exc: BaseException) -> bool:
