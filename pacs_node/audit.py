@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 FIELDS = (
     "time", "event", "calling_ae", "peer", "sop_instance_uid", "study_instance_uid", "sop_class_uid", "status",
     "status_code", "reason", "skip_reason", "detail", "result", "outputs", "delivery", "destination", "contexts",
-    "thread", "timings_ms",
+    "thread", "timings_ms", "count",
 )  # fmt: skip
 #: Lines kept in memory while the disk is full; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 100_000
@@ -45,6 +45,45 @@ def safe_uid(value: object) -> str:
     if is_valid_uid(text):
         return text
     return "invalid-uid-" + hashlib.sha256(text.encode(errors="replace")).hexdigest()[:16]
+
+
+class Bursts:
+    """Audit lines of refusals that a peer can repeat at will (connections from a network that
+    is not allowed, past a per-host limit ...): each kind, from each peer, is written in full
+    ``burst`` times a minute; the rest are counted, and the count is written once a minute
+    (``count``). Every refusal stays accounted for; a flood cannot fill the disk or stall
+    the accept loop with fsyncs."""
+
+    def __init__(self, audit: AuditLog, burst: int = 10, window_s: float = 60.0) -> None:
+        self.audit, self.burst, self.window_s = audit, burst, window_s
+        self._windows: dict[tuple, list] = {}  # key -> [start, written, held, fields]
+        self._lock = threading.Lock()
+
+    def write(self, event: str, key: tuple, **fields: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None or now - window[0] >= self.window_s:
+                self._close(key)
+                window = self._windows[key] = [now, 0, 0, (event, fields)]
+            window[1] += 1
+            held = window[1] > self.burst
+            window[2] += held
+        if not held:
+            self.audit.write(event, **fields)
+
+    def flush(self) -> None:
+        """Write the counts of windows that have ended."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, w in self._windows.items() if now - w[0] >= self.window_s]:
+                self._close(key)
+
+    def _close(self, key: tuple) -> None:
+        window = self._windows.pop(key, None)
+        if window and window[2]:
+            event, fields = window[3]
+            self.audit.write(event, **(fields | {"count": window[2], "detail": f"{window[2]} more like this within {self.window_s:.0f} s"}))
 
 
 class AuditLog:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import queue
 import socket
 import ssl
 import tempfile
@@ -64,7 +65,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.dsutils import split_dataset
 
-from .audit import AuditLog, safe_uid
+from .audit import AuditLog, Bursts, safe_uid
 from .config import NodeConfig
 from .logs import Throttle, describe
 from .metrics import Metrics
@@ -89,6 +90,10 @@ TRANSFER_SYNTAXES = (
 MAX_PDU_BYTES = 4 * 2**20
 #: Room for command sets and PDU headers beside the data set itself.
 OVERHEAD_BYTES = 2**20
+#: The spool's free space is checked while a data set arrives, every this many bytes.
+DISK_CHECK_BYTES = 2**20
+#: Files in spool/tmp untouched this long belong to no arrival or write in progress.
+STALE_TMP_S = 600.0
 #: (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason recorded.
 REJECTIONS = {(1, 1, 3): "calling-ae", (1, 1, 7): "called-ae", (2, 3, 2): "limit", (2, 2, 1): "user-identity", (1, 1, 2): "application-context"}
 
@@ -105,6 +110,10 @@ class TooLarge(Exception):
     """A data set (or its inflated form) is larger than ``max_dataset_mb``."""
 
 
+class Unparseable(Exception):
+    """A data set whose encoding itself is broken (a deflate stream that does not inflate)."""
+
+
 @dataclass
 class Connection:
     """One TCP connection, from accept to close."""
@@ -117,7 +126,8 @@ class Connection:
     cut: bool = False
     refused: str = ""  # why the node turned the association request away itself
     receiving: int = 0  # bytes of the data set now arriving
-    too_large: bool = False
+    since_disk_check: int = 0
+    too_large: bool = False  # cut off while arriving (too large, or the disk filled up)
 
 
 class Connections:
@@ -183,16 +193,23 @@ def _is_open(sock: socket.socket) -> bool:
 
 
 def _discard_partial(assoc) -> None:
-    """Remove the file of a data set cut off while arriving (never acknowledged)."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    partial = getattr(message, "_data_set_file", None)
-    if partial is None:
-        return
-    try:
-        partial.close()
-    except OSError:
-        pass
-    Path(partial.name).unlink(missing_ok=True)
+    """Remove the files of data sets that arrived but will never be served (never acknowledged):
+    the one cut off while arriving, and those queued behind the store in progress when the
+    association ended."""
+    dimse = getattr(assoc, "dimse", None)
+    files = [getattr(getattr(dimse, "message", None), "_data_set_file", None)]
+    waiting = getattr(dimse, "msg_queue", None)
+    while waiting is not None:
+        try:
+            files.append(getattr(waiting.get_nowait()[1], "_dataset_file", None))
+        except queue.Empty:
+            break
+    for handle in filter(None, files):
+        try:
+            handle.close()
+        except OSError:
+            pass
+        Path(handle.name).unlink(missing_ok=True)
 
 
 def _release_slot(assoc) -> None:
@@ -268,6 +285,7 @@ class Listener:
         self.networks = config.networks()
         self.connections = Connections()
         self.throttle = Throttle()  # a flood of refusals is in the audit trail, not the log
+        self.bursts = Bursts(audit)
         self.server: GuardedServer | None = None
         self._stop = threading.Event()
         self._accept = threading.Thread()
@@ -432,11 +450,19 @@ class Listener:
         if connection is None or connection.too_large:
             return
         connection.receiving += len(event.data)
+        connection.since_disk_check += len(event.data)
         if connection.receiving > self.config.max_dataset_bytes + OVERHEAD_BYTES:
-            connection.too_large = True
-            self._refused(Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large"), _calling(event), _peer(event), "")
-            self.metrics.inc("associations_aborted", reason="too-large")
-            event.assoc.abort(block=False)
+            self._cut_while_arriving(event, connection, "too-large")
+        elif connection.since_disk_check >= DISK_CHECK_BYTES:
+            connection.since_disk_check = 0
+            if self.spool.free_bytes() < self.config.min_free_mb * 2**20:
+                self._cut_while_arriving(event, connection, "disk-full")
+
+    def _cut_while_arriving(self, event: evt.Event, connection: Connection, reason: str) -> None:
+        connection.too_large = True
+        self._refused(Refusal(StoreStatus.OUT_OF_RESOURCES, reason), _calling(event), _peer(event), "")
+        self.metrics.inc("associations_aborted", reason=reason)
+        event.assoc.abort(block=False)
 
     def _message_received(self, event: evt.Event) -> None:
         connection = self.connections.of(event.assoc)
@@ -450,7 +476,12 @@ class Listener:
         pynetdicom's acceptor waits ``acse_timeout`` for an A-ASSOCIATE-RQ even after its
         connection is gone, holding a slot; an empty message ends that wait at once.
         """
+        last_tmp_check = time.monotonic()
         while not self._stop.wait(0.25):
+            if time.monotonic() - last_tmp_check > 60:
+                last_tmp_check = time.monotonic()
+                self.spool.remove_stale_tmp(STALE_TMP_S)
+            self.bursts.flush()
             overdue, closed = self.connections.sweep(self.config.handshake_timeout_s)
             for connection in overdue:
                 self._aborted("handshake-timeout", peer=connection.peer)
@@ -499,6 +530,8 @@ class Listener:
             path = self.spool.admit(received, Receipt(uid, calling, peer, time.time()))
         except TooLarge:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
+        except Unparseable:
+            return Refusal(StoreStatus.CANNOT_UNDERSTAND, "unparseable")
         finally:
             if inflated is not None:
                 inflated.unlink(missing_ok=True)
@@ -510,8 +543,12 @@ class Listener:
 
         Raises:
             TooLarge: it inflates past ``max_dataset_mb``.
+            Unparseable: the file meta or the deflate stream is broken, or the stream ends early.
         """
-        meta, offset = split_dataset(path)
+        try:
+            meta, offset = split_dataset(path)
+        except Exception as exc:  # noqa: BLE001 - file meta that does not parse
+            raise Unparseable from exc
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         limit, total = self.config.max_dataset_bytes, 0
         target = self.spool.tmp / f"{self.spool.receipt_name()}.inflated.dcm"
@@ -522,13 +559,21 @@ class Listener:
             source.seek(offset)
             while chunk := source.read(2**20):
                 while chunk:
-                    data = inflater.decompress(chunk, 2**20)
+                    try:
+                        data = inflater.decompress(chunk, 2**20)
+                    except zlib.error as exc:
+                        raise Unparseable from exc
                     total += len(data)
                     if total > limit:
                         raise TooLarge
                     out.write(data)
                     chunk = inflater.unconsumed_tail
-            rest = inflater.flush()
+            try:
+                rest = inflater.flush()
+            except zlib.error as exc:
+                raise Unparseable from exc
+            if not inflater.eof:  # the stream stops short: a data set cut off on the way
+                raise Unparseable
             if total + len(rest) > limit:
                 raise TooLarge
             out.write(rest)
@@ -547,12 +592,12 @@ class Listener:
 
     def _rejected(self, reason: str, peer: str, calling_ae: str | None = None) -> None:
         self.metrics.inc("associations_rejected", reason=reason)
-        self.audit.write("association", status="rejected", reason=reason, calling_ae=calling_ae, peer=peer)
+        self.bursts.write("association", ("rejected", reason, peer, calling_ae), status="rejected", reason=reason, calling_ae=calling_ae, peer=peer)
         self.throttle.log(logger, logging.WARNING, "association from %s (%s) rejected: %s", calling_ae or "?", peer, reason)
 
     def _aborted(self, reason: str, peer: str, detail: str | None = None) -> None:
         self.metrics.inc("associations_aborted", reason=reason)
-        self.audit.write("association", status="aborted", reason=reason, peer=peer, detail=detail)
+        self.bursts.write("association", ("aborted", reason, peer), status="aborted", reason=reason, peer=peer, detail=detail)
         self.throttle.log(logger, logging.INFO, "connection from %s cut: %s", peer, reason)
 
     def protocol_error(self, what: str) -> None:

@@ -137,6 +137,22 @@ def test_one_spool_one_node() -> None:
         Spool(folder).close()
 
 
+def test_abandoned_files_in_the_spools_tmp_folder_are_swept_and_fresh_ones_kept(tmp_path: Path) -> None:
+    import os
+    import time
+
+    spool = Spool(tmp_path / "spool")
+    try:
+        old, fresh = spool.tmp / "abandoned.part", spool.tmp / "arriving.part"
+        old.write_bytes(b"x" * 1000)
+        fresh.write_bytes(b"y")
+        os.utime(old, (time.time() - 3600, time.time() - 3600))
+        assert spool.remove_stale_tmp(600) == 1
+        assert not old.exists() and fresh.exists()
+    finally:
+        spool.close()
+
+
 def test_a_full_disk_is_recognised_behind_the_exceptions_pydicom_raises_from_it() -> None:
     from pydicom.filewriter import dcmwrite
 

@@ -176,3 +176,20 @@ def test_metrics_are_prometheus_with_latency_histograms(tmp_path: Path, predicto
     assert len(buckets) >= 8 and buckets[-1].value == 1
     received = {s.name: s.value for s in families["dp_node_received"].samples}
     assert received["dp_node_received_total"] == 1
+
+
+def test_a_flood_of_refusals_is_counted_in_the_audit_trail_not_written_line_by_line(tmp_path: Path) -> None:
+    from pacs_node.audit import AuditLog, Bursts
+
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    bursts = Bursts(audit, burst=10, window_s=0.5)
+    for _ in range(25):
+        bursts.write("association", ("rejected", "network", "10.9.9.9"), status="rejected", reason="network", peer="10.9.9.9")
+    bursts.write("association", ("rejected", "network", "10.9.9.8"), status="rejected", reason="network", peer="10.9.9.8")
+    time.sleep(0.6)
+    bursts.flush()
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    flood = [line for line in lines if line["peer"] == "10.9.9.9"]
+    assert len(flood) == 11 and flood[-1]["count"] == 15 and sum(line.get("count", 1) for line in flood) == 25
+    assert [line for line in lines if line["peer"] == "10.9.9.8"] != []  # another peer is not held back by the flood
