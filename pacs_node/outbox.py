@@ -327,7 +327,10 @@ class DestinationSender:
             self._dead_letter(path, reason, f"refused {attempts.refusals} times, last: {last}")
 
     def _delivered(self, path: Path, sop_uid: str, source: str) -> None:
-        _write(self.ledger / path.stem, self._sidecar(path).get("digest", ""))
+        try:
+            _write(self.ledger / path.stem, self._sidecar(path).get("digest", ""))
+        except OSError:  # a full disk: the destination has the object all the same; sending it again would duplicate it
+            logger.warning("%s: could not note the delivery of %s (disk full?); an image processed again would be sent again", self.destination, path.stem)
         self._sending_marker(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         path.with_suffix(".json").unlink(missing_ok=True)

@@ -210,3 +210,27 @@ def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(
     finally:
         s.stop()
         pacs.stop()
+
+
+def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import pacs_node.outbox as outbox
+
+    def full(path, text) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outbox, "_write", full)
+    pacs = Peer().start()
+    ds = result(0)
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    s.put(ds, "source", "digest")
+    s.start()
+    try:
+        wait_for(lambda: deliveries, 20, "the delivery")
+        time.sleep(1.5)  # a retry would come after the 0.2 s backoff
+        assert pacs.stored == [str(ds.SOPInstanceUID)] and s.pending() == []
+    finally:
+        s.stop()
+        pacs.stop()
