@@ -18,7 +18,7 @@ RUN_DIR ?= runs/demo
 
 DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
 
-.PHONY: run demo-bundle test venv system-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak gallery clean
+.PHONY: run demo-bundle test venv system-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time, about three minutes on two cores). Results of the
@@ -69,6 +69,10 @@ benchmark-netfuzz: venv demo-bundle
 # 10,000 images, three kill -9, a destination outage and a full disk (a tmpfs: run as root).
 benchmark-soak: venv demo-bundle
 	$(PY) benchmarks/node_soak.py --bundle $(RUN_DIR)/bundle --json docs/results/node_soak.json
+
+# 16 data sets of 200 MB arriving at once: the node's memory must not grow with them.
+benchmark-memory: venv system-deps demo-bundle
+	$(PY) benchmarks/node_memory.py --bundle $(RUN_DIR)/bundle --json docs/results/node_memory.json
 
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
 gallery: venv
