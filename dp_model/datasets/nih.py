@@ -38,6 +38,8 @@ CLASSES = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )  # fmt: skip
 NO_FINDING = "No Finding"
+#: Of the fourteen findings, the one that means pneumonia.
+PNEUMONIA = ("Pneumonia",)
 ENTRY_CSVS = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 BBOX_CSV = "BBox_List_2017.csv"
 BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
@@ -68,7 +70,7 @@ def read(root: str | Path, missing_images: Literal["skip", "error"] = "skip") ->
         records.append(Record(images[name], labels, image_boxes, box_labels, row["Patient ID"], name, split.get(name)))
     if missing:
         logger.warning("%s: %d of %d listed images are not on disk and were skipped", root, missing, missing + len(records))
-    return ChestDataset(NAME, root, CLASSES, True, tuple(records))
+    return ChestDataset(NAME, root, CLASSES, True, tuple(records), PNEUMONIA)
 
 
 def _findings(value: str, path: Path, line: int) -> tuple[str, ...]:

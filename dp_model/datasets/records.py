@@ -50,6 +50,8 @@ class ChestDataset:
         classes: class names; the index of a name is its class index.
         multi_label: whether an image may carry several labels (or none).
         records: the images.
+        pneumonia: the classes that mean pneumonia, as the layout declares them; empty:
+            every class but the normal one (see :attr:`pneumonia_classes`).
     """
 
     name: str
@@ -57,6 +59,7 @@ class ChestDataset:
     classes: tuple[str, ...]
     multi_label: bool
     records: tuple[Record, ...]
+    pneumonia: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         known = set(self.classes)
@@ -71,6 +74,10 @@ class ChestDataset:
                 raise DatasetError(f"{self.root}: {record.image_id}: {len(record.boxes)} boxes but {len(record.box_labels)} box labels")
             if not self.multi_label and len(record.labels) != 1:
                 raise DatasetError(f"{self.root}: {record.image_id}: {len(record.labels)} labels in a single-label dataset")
+
+    def pneumonia_classes(self, normal: str) -> tuple[str, ...]:
+        """The declared pneumonia classes, or every class but ``normal``."""
+        return self.pneumonia or tuple(c for c in self.classes if c != normal)
 
     def __len__(self) -> int:
         return len(self.records)

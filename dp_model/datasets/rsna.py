@@ -26,6 +26,8 @@ from .records import ChestDataset, DatasetError, Record, index_images, parse_flo
 
 NAME = "rsna"
 CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
+#: The challenge's pneumonia class: "No Lung Opacity / Not Normal" is abnormal, not pneumonia.
+PNEUMONIA = ("Lung Opacity",)
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASSES_CSV = "stage_2_detailed_class_info.csv"
 IMAGE_FOLDERS = ("stage_2_train_images", "stage_1_train_images", "train_images")
@@ -53,7 +55,7 @@ def read(root: str | Path) -> ChestDataset:
             raise DatasetError(f"{folder}: no DICOM file {patient}.dcm")
         xyxy = xywh_to_xyxy(boxes[patient]) if boxes[patient] else np.zeros((0, 4), np.float32)
         records.append(Record(images[patient], (label,), xyxy, (label,) * len(xyxy), patient, patient))
-    return ChestDataset(NAME, root, CLASSES, False, tuple(records))
+    return ChestDataset(NAME, root, CLASSES, False, tuple(records), PNEUMONIA)
 
 
 def _read_labels(path: Path) -> tuple[dict[str, list[list[float]]], dict[str, int]]:

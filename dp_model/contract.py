@@ -1,0 +1,273 @@
+"""The model contract: everything the node needs to know about a model, and the one decision rule.
+
+What travels with the weights (in ``configs/metadata.json`` under ``deep_pneumonia``, and
+``models/ood.pt`` for the feature statistics):
+
+* the classes, the normal class, and which classes mean *pneumonia*, declared by the
+  dataset layout (in the RSNA layout "No Lung Opacity / Not Normal" is not pneumonia);
+* the input geometry and the network's architecture and options;
+* the calibration: a temperature applied to the logits before the softmax or sigmoid;
+* the operating points: "present" (for a stated sensitivity) and "triage" (for a stated
+  specificity), each with the sensitivity and specificity measured on validation;
+* the out-of-distribution gate: a threshold on the Mahalanobis distance of the penultimate
+  features, taken from held-out in-distribution images.
+
+The node and evaluation import this module, never the training code. Bundles written
+before a field existed load with the field's default, and :meth:`ModelContract.defaults`
+names the defaults used so that the node can say so at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .networks import MULTI_LABEL, build_network
+
+__all__ = ["ContractError", "Decision", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_probability"]
+
+
+class ContractError(ValueError):
+    """A contract that is incomplete or inconsistent; the message names the field."""
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A threshold on the probability of pneumonia and what it was chosen for.
+
+    Attributes:
+        threshold: "present" (or "flagged") at or above it.
+        target: what it was chosen for, in words ("sensitivity 0.90 on validation").
+        sensitivity, specificity: measured on the validation split at ``threshold``
+            (None where not measured).
+    """
+
+    threshold: float
+    target: str = ""
+    sensitivity: float | None = None
+    specificity: float | None = None
+
+    def to_json(self) -> dict:
+        return {"threshold": self.threshold, "target": self.target, "sensitivity": self.sensitivity, "specificity": self.specificity}
+
+    @staticmethod
+    def from_json(data: dict) -> OperatingPoint:
+        threshold = float(data["threshold"])
+        if not 0.0 < threshold < 1.0:
+            raise ContractError(f"operating point threshold must be between 0 and 1, got {threshold}")
+        sensitivity, specificity = (None if data.get(key) is None else float(data[key]) for key in ("sensitivity", "specificity"))
+        return OperatingPoint(threshold, str(data.get("target", "")), sensitivity, specificity)
+
+
+#: The "present" point of a bundle that carries none.
+DEFAULT_PRESENT = OperatingPoint(0.5, "0.5 (the bundle states no operating point)")
+
+
+@dataclass(frozen=True)
+class OODGate:
+    """An image is outside the training distribution when the Mahalanobis distance of its
+    penultimate features to the nearest class mean exceeds ``threshold``.
+
+    Attributes:
+        threshold: on the distance; the ``quantile`` of held-out in-distribution distances.
+        quantile: so that about ``1 - quantile`` of in-distribution images are turned away.
+        held_out: how many held-out images the threshold comes from.
+    """
+
+    threshold: float
+    quantile: float
+    held_out: int
+    kind: str = "mahalanobis"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "threshold": self.threshold, "quantile": self.quantile, "held_out": self.held_out}
+
+    @staticmethod
+    def from_json(data: dict) -> OODGate:
+        if data.get("kind", "mahalanobis") != "mahalanobis":
+            raise ContractError(f"out-of-distribution gate {data.get('kind')!r} is not known (mahalanobis)")
+        return OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]))
+
+
+def pneumonia_probability(probabilities: np.ndarray, outputs: tuple[str, ...], pneumonia: tuple[str, ...], multi_label: bool) -> np.ndarray:
+    """The probability of pneumonia of each row of ``probabilities`` (``(..., K)`` over ``outputs``).
+
+    Softmax outputs: the sum over the pneumonia classes (the classes exclude each other).
+    Sigmoid outputs (multi-label): the largest pneumonia finding's probability.
+    """
+    index = [outputs.index(c) for c in pneumonia if c in outputs]
+    if not index:
+        return np.zeros(probabilities.shape[:-1], np.float64)
+    chosen = np.asarray(probabilities, np.float64)[..., index]
+    return chosen.max(axis=-1) if multi_label else np.clip(chosen.sum(axis=-1), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the rule says about one image's probabilities."""
+
+    pneumonia_probability: float
+    positive: bool
+    triage: bool
+    label: str
+    findings: tuple[tuple[str, float], ...]
+
+
+def decide(
+    probabilities: np.ndarray, outputs: tuple[str, ...], normal: str, pneumonia: tuple[str, ...], multi_label: bool, threshold: float, triage: float | None = None
+) -> Decision:
+    """The one rule from one image's output probabilities to what is reported.
+
+    Pneumonia is present when its probability (:func:`pneumonia_probability`) reaches
+    ``threshold``. Then the label is the most probable pneumonia class, and the findings are
+    the pneumonia classes present: for a multi-label model each one at the threshold, else
+    the label alone. The triage flag is raised at ``triage`` (never without one).
+    """
+    probabilities = np.asarray(probabilities)
+    p = float(pneumonia_probability(probabilities, outputs, pneumonia, multi_label))
+    positive, flagged = p >= threshold, triage is not None and p >= triage
+    ranked = sorted((c for c in pneumonia if c in outputs), key=lambda c: -float(probabilities[outputs.index(c)]))
+    if not positive or not ranked:
+        return Decision(p, positive, flagged, normal, ())
+    chosen = [c for c in ranked if probabilities[outputs.index(c)] >= threshold] if multi_label else ranked[:1]
+    return Decision(p, positive, flagged, ranked[0], tuple((c, float(probabilities[outputs.index(c)])) for c in chosen))
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What travels with the weights: classes, input size, the network's shape, provenance,
+    calibration, operating points and the out-of-distribution gate.
+
+    Attributes:
+        classes: class names in output order.
+        image_size: side of the square input canvas (letterboxed, values in [0, 1]).
+        attention_stages: residual stages with MGACR heads.
+        normal_class: the class meaning "no finding".
+        name, version: the bundle's identity; ``device_uid`` changes with the weights.
+        demo: trained as a demonstration; synthetic: trained on synthetic images.
+        architecture: the network (:data:`~dp_model.networks.ARCHITECTURES`); bundles
+            written before variants existed carry none and are ResNet18.
+        options: the network's constructor options (JSON values).
+        pneumonia_classes: the classes that mean pneumonia (declared by the dataset layout);
+            empty in bundles written before: every class but the normal one.
+        temperature: logits are divided by it before the softmax or sigmoid (1: uncalibrated).
+        calibration: how the temperature was fitted and what it did (for the model card).
+        operating_points: "present" and optionally "triage".
+        ood: the out-of-distribution gate, or None (no gate: every image is assessed).
+    """
+
+    classes: tuple[str, ...]
+    image_size: int
+    attention_stages: tuple[int, ...]
+    normal_class: str
+    name: str
+    version: str
+    device_uid: str
+    demo: bool
+    synthetic: bool
+    architecture: str = "resnet18"
+    options: dict = field(default_factory=dict)
+    pneumonia_classes: tuple[str, ...] = ()
+    temperature: float = 1.0
+    calibration: dict = field(default_factory=dict)
+    operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
+    ood: OODGate | None = None
+
+    # --- the network and its outputs ------------------------------------------------------------
+
+    @property
+    def multi_label(self) -> bool:
+        """One sigmoid per finding instead of a softmax over every class."""
+        return self.architecture in MULTI_LABEL
+
+    @property
+    def output_classes(self) -> tuple[str, ...]:
+        """The classes of the network's outputs, in order: the findings alone when multi-label."""
+        return tuple(c for c in self.classes if c != self.normal_class) if self.multi_label else self.classes
+
+    @property
+    def pneumonia(self) -> tuple[str, ...]:
+        """The classes that count towards the probability of pneumonia."""
+        return self.pneumonia_classes or tuple(c for c in self.classes if c != self.normal_class)
+
+    def network(self) -> nn.Module:
+        return build_network(self.architecture, len(self.output_classes), self.attention_stages, **self.options)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Calibrated probabilities of the network's logits: a sigmoid per finding, or a softmax."""
+        scaled = logits.float() / self.temperature
+        return torch.sigmoid(scaled) if self.multi_label else scaled.softmax(dim=1)
+
+    # --- the decision rule ----------------------------------------------------------------------
+
+    @property
+    def present_point(self) -> OperatingPoint:
+        return self.operating_points.get("present", DEFAULT_PRESENT)
+
+    @property
+    def triage_point(self) -> OperatingPoint | None:
+        return self.operating_points.get("triage")
+
+    def pneumonia_probability(self, probabilities: np.ndarray) -> np.ndarray:
+        return pneumonia_probability(probabilities, self.output_classes, self.pneumonia, self.multi_label)
+
+    def decide(self, probabilities: np.ndarray, threshold: float | None = None) -> Decision:
+        """:func:`decide` at the bundle's points (``threshold`` overrides "present")."""
+        threshold = self.present_point.threshold if threshold is None else threshold
+        triage = None if self.triage_point is None else self.triage_point.threshold
+        return decide(probabilities, self.output_classes, self.normal_class, self.pneumonia, self.multi_label, threshold, triage)
+
+    def defaults(self) -> list[str]:
+        """The fields this contract lacks and the defaults used for them (bundles written before)."""
+        found = []
+        if not self.pneumonia_classes:
+            found.append(f"pneumonia classes: every class but {self.normal_class!r}")
+        if self.temperature == 1.0 and not self.calibration:
+            found.append("calibration: none (temperature 1)")
+        if "present" not in self.operating_points:
+            found.append(f"operating point: {DEFAULT_PRESENT.threshold}")
+        if self.ood is None:
+            found.append("out-of-distribution gate: none (every image is assessed)")
+        return found
+
+    # --- JSON -------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {
+            "classes": list(self.classes), "image_size": self.image_size, "attention_stages": list(self.attention_stages),
+            "normal_class": self.normal_class, "name": self.name, "version": self.version, "device_uid": self.device_uid,
+            "demo": self.demo, "synthetic": self.synthetic, "architecture": self.architecture, "options": dict(self.options),
+            "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
+            "pneumonia_classes": list(self.pneumonia), "temperature": self.temperature, "calibration": dict(self.calibration),
+            "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
+            "ood": None if self.ood is None else self.ood.to_json(),
+        }  # fmt: skip
+
+    @staticmethod
+    def from_json(data: dict) -> ModelContract:
+        try:
+            contract = ModelContract(
+                tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
+                str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
+                str(data.get("architecture", "resnet18")), dict(data.get("options", {})),
+                tuple(data.get("pneumonia_classes", ())), float(data.get("temperature", 1.0)), dict(data.get("calibration", {})),
+                {str(k): OperatingPoint.from_json(v) for k, v in data.get("operating_points", {}).items()},
+                None if data.get("ood") is None else OODGate.from_json(data["ood"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"the deep_pneumonia model contract is incomplete or invalid ({exc})") from None
+        contract.check()
+        return contract
+
+    def check(self) -> None:
+        """Raise :class:`ContractError` when the fields contradict each other."""
+        if self.normal_class not in self.classes:
+            raise ContractError(f"normal class {self.normal_class!r} is not one of the classes {list(self.classes)}")
+        unknown = [c for c in self.pneumonia_classes if c not in self.classes or c == self.normal_class]
+        if unknown:
+            raise ContractError(f"pneumonia class {unknown[0]!r} is not a finding of {list(self.classes)}")
+        if not self.temperature > 0:
+            raise ContractError(f"temperature must be > 0, got {self.temperature}")
