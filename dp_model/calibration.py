@@ -1,0 +1,131 @@
+"""Calibration: temperature scaling (Guo et al., ICML 2017), expected calibration error,
+operating points.
+
+A network trained with focal and class-balanced losses on a small split is rarely
+calibrated: its probabilities are scores, not frequencies. One temperature ``T``, fitted on
+the validation split by minimising the negative log-likelihood, divides the logits before
+the softmax (or each sigmoid); the ranking of the images, hence every AUC, is unchanged.
+The expected calibration error (ECE) of the top-class probability is measured before and
+after, with a bootstrap interval, on held-out images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .contract import OperatingPoint
+
+#: Bins of the reliability diagram and of the ECE.
+BINS = 15
+#: The temperature is searched within these bounds.
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def _nll(logits: Tensor, targets: Tensor, multi_label: bool) -> Tensor:
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, targets.float())
+    return F.cross_entropy(logits, targets)
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool = False) -> float:
+    """The temperature minimising the validation NLL of ``logits`` ``(N, K)``.
+
+    ``targets``: class indices ``(N,)``, or ``(N, K)`` multi-hot for sigmoid outputs.
+    """
+    x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(targets))
+    if len(x) == 0:
+        return 1.0
+    # A golden-section search on log T: the NLL is unimodal in T, and this needs no step size.
+    lo, hi = np.log(T_MIN), np.log(T_MAX)
+    ratio = (np.sqrt(5) - 1) / 2
+
+    def loss(log_t: float) -> float:
+        return float(_nll(x / np.exp(log_t), y, multi_label))
+
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return float(np.exp((lo + hi) / 2))
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
+    x = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
+    return (torch.sigmoid(x) if multi_label else x.softmax(dim=1)).numpy()
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> float:
+    """Expected calibration error: the bin-weighted gap between confidence and accuracy."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    if len(confidence) == 0:
+        return float("nan")
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(total)
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Top-class confidence and correctness of each image, and their ECE with an interval."""
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    ece: float
+    low: float
+    high: float
+
+    def to_json(self) -> dict:
+        return {"ece": round(self.ece, 4), "ece_low": round(self.low, 4), "ece_high": round(self.high, 4), "images": len(self.confidence)}
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, multi_label: bool = False, bootstrap: int = 1000, seed: int = 0) -> Reliability:
+    """Top-label reliability of ``probs`` ``(N, K)`` against class indices (or multi-hot rows)."""
+    probs = np.asarray(probs, np.float64)
+    if multi_label:  # every (image, finding) pair is a binary forecast
+        p, truth = probs.ravel(), np.asarray(labels, np.float64).ravel() >= 0.5
+        confidence, correct = np.where(p >= 0.5, p, 1 - p), ((p >= 0.5) == truth).astype(np.float64)
+    else:
+        confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    value = ece(confidence, correct)
+    rng = np.random.default_rng(seed)
+    draws = [ece(confidence[i], correct[i]) for i in (rng.integers(0, len(confidence), len(confidence)) for _ in range(bootstrap))] if len(confidence) else [np.nan]
+    low, high = np.nanpercentile(draws, [2.5, 97.5]) if len(confidence) else (np.nan, np.nan)
+    return Reliability(confidence, correct, value, float(low), float(high))
+
+
+def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None = None, specificity: float | None = None) -> OperatingPoint:
+    """The threshold on ``scores`` for a target sensitivity (the highest threshold reaching it)
+    or a target specificity (the lowest threshold reaching it), with what it gives there."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    if (sensitivity is None) == (specificity is None):
+        raise ValueError("give a target sensitivity or a target specificity")
+    if positive.all() or not positive.any():
+        raise ValueError("the validation split needs images with and without pneumonia to place an operating point")
+    candidates = np.unique(np.clip(scores, 1e-6, 1 - 1e-6))
+    sens = np.array([(scores[positive] >= t).mean() for t in candidates])
+    spec = np.array([(scores[~positive] < t).mean() for t in candidates])
+    if sensitivity is not None:
+        chosen = int(np.nonzero(sens >= sensitivity)[0].max())
+        target = f"sensitivity {sensitivity:.2f} on validation"
+    else:
+        reaching = np.nonzero(spec >= specificity)[0]
+        chosen = int(reaching.min()) if len(reaching) else len(candidates) - 1
+        target = f"specificity {specificity:.2f} on validation"
+    return OperatingPoint(float(candidates[chosen]), target, round(float(sens[chosen]), 4), round(float(spec[chosen]), 4))

@@ -1,0 +1,114 @@
+"""The model contract: one decision rule, calibration, operating points, the out-of-distribution gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dp_model.calibration import fit_temperature, operating_point, probabilities, reliability
+from dp_model.contract import ContractError, ModelContract, OODGate, OperatingPoint, decide
+from dp_model.ood import FeatureStatistics, threshold
+
+RSNA = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
+
+
+def contract(**fields) -> ModelContract:
+    base = {
+        "classes": ("normal", "lobar", "interstitial"), "image_size": 64, "attention_stages": (), "normal_class": "normal", "name": "m",
+        "version": "1", "device_uid": "2.25.1", "demo": True, "synthetic": True,
+    }  # fmt: skip
+    return ModelContract(**(base | fields))
+
+
+def test_in_the_rsna_layout_abnormal_but_not_opacity_is_not_pneumonia() -> None:
+    rsna = contract(classes=RSNA, normal_class="Normal", pneumonia_classes=("Lung Opacity",))
+    abnormal = np.array([0.1, 0.8, 0.1])  # "No Lung Opacity / Not Normal"
+    decision = rsna.decide(abnormal)
+    assert decision.pneumonia_probability == pytest.approx(0.1) and not decision.positive and decision.label == "Normal"
+    opacity = rsna.decide(np.array([0.2, 0.2, 0.6]))
+    assert opacity.positive and opacity.label == "Lung Opacity" and opacity.findings == (("Lung Opacity", pytest.approx(0.6)),)
+
+
+def test_the_rule_sums_exclusive_classes_and_takes_the_largest_independent_finding() -> None:
+    softmax = contract().decide(np.array([0.4, 0.35, 0.25]))
+    assert softmax.pneumonia_probability == pytest.approx(0.6) and softmax.positive and softmax.label == "lobar"
+    findings = decide(np.array([0.7, 0.55]), ("lobar", "interstitial"), "normal", ("lobar", "interstitial"), True, 0.5)
+    assert findings.pneumonia_probability == pytest.approx(0.7) and [c for c, _ in findings.findings] == ["lobar", "interstitial"]
+    none = decide(np.array([0.3, 0.2]), ("lobar", "interstitial"), "normal", ("lobar", "interstitial"), True, 0.5)
+    assert not none.positive and none.label == "normal" and none.findings == ()
+
+
+def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> None:
+    points = {"present": OperatingPoint(0.3, "sensitivity 0.90"), "triage": OperatingPoint(0.8, "specificity 0.95")}
+    with_points = contract(operating_points=points)
+    p = np.array([0.65, 0.2, 0.15])  # pneumonia 0.35
+    assert with_points.decide(p).positive and not with_points.decide(p).triage
+    assert not with_points.decide(p, threshold=0.5).positive  # the node's explicit override
+    assert with_points.decide(np.array([0.1, 0.8, 0.1])).triage
+    assert not contract().decide(np.array([0.0, 1.0, 0.0])).triage  # no triage point, no flag
+
+
+def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> None:
+    old = {k: v for k, v in contract().to_json().items() if k not in ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood")}
+    loaded = ModelContract.from_json(old)
+    assert loaded.pneumonia == ("lobar", "interstitial") and loaded.temperature == 1.0 and loaded.present_point.threshold == 0.5
+    assert loaded.ood is None and len(loaded.defaults()) == 4
+    assert ModelContract.from_json(contract(operating_points={"present": OperatingPoint(0.3)}, ood=OODGate(10.0, 0.99, 40)).to_json()).ood == OODGate(10.0, 0.99, 40)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"pneumonia_classes": ["normal"]}, "pneumonia class"), ({"temperature": 0}, "temperature"), ({"operating_points": {"present": {"threshold": 1.5}}}, "threshold")],
+)
+def test_an_inconsistent_contract_is_refused_with_the_field_named(change: dict, message: str) -> None:
+    with pytest.raises(ContractError, match=message):
+        ModelContract.from_json(contract().to_json() | change)
+
+
+def overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a 3-class model right about 70 % of the time but saying 99 %."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    guess = np.where(rng.random(n) < 0.7, labels, (labels + rng.integers(1, 3, n)) % 3)
+    logits = rng.normal(0, 0.3, (n, 3))
+    logits[np.arange(n), guess] += 6.0
+    return logits, labels
+
+
+def test_temperature_scaling_fitted_on_validation_lowers_the_calibration_error_on_held_out_images() -> None:
+    val_logits, val_labels = overconfident(400, 0)
+    test_logits, test_labels = overconfident(400, 1)
+    t = fit_temperature(val_logits, val_labels)
+    assert t > 2.0  # an overconfident model is cooled
+    before = reliability(probabilities(test_logits, 1.0), test_labels, bootstrap=50)
+    after = reliability(probabilities(test_logits, t), test_labels, bootstrap=50)
+    assert after.ece < before.ece / 3 and after.high < before.low
+    assert (probabilities(test_logits, t).argmax(1) == probabilities(test_logits, 1.0).argmax(1)).all()  # the ranking is kept
+
+
+def test_an_operating_point_reproduces_its_stated_sensitivity_and_specificity_on_validation() -> None:
+    rng = np.random.default_rng(3)
+    positive = rng.random(500) < 0.3
+    scores = np.clip(np.where(positive, rng.normal(0.7, 0.15, 500), rng.normal(0.35, 0.15, 500)), 0.001, 0.999)
+    point = operating_point(scores, positive, sensitivity=0.90)
+    assert (scores[positive] >= point.threshold).mean() == pytest.approx(point.sensitivity, abs=1e-4) and point.sensitivity >= 0.90
+    assert (scores[~positive] < point.threshold).mean() == pytest.approx(point.specificity, abs=1e-4)
+    strict = operating_point(scores, positive, specificity=0.95)
+    assert strict.specificity >= 0.95 and strict.threshold > point.threshold
+    with pytest.raises(ValueError, match="with and without pneumonia"):
+        operating_point(scores, np.ones(500, bool), sensitivity=0.9)
+
+
+def test_the_mahalanobis_gate_passes_held_out_in_distribution_features_and_stops_shifted_ones() -> None:
+    rng = np.random.default_rng(4)
+    centres = rng.normal(0, 3, (3, 64))
+    labels = rng.integers(0, 3, 300)
+    train = torch.from_numpy(centres[labels] + rng.normal(0, 1, (300, 64))).float()
+    held_labels = rng.integers(0, 3, 200)
+    held_out = torch.from_numpy(centres[held_labels] + rng.normal(0, 1, (200, 64))).float()
+    shifted = torch.from_numpy(rng.normal(0, 1, (50, 64)) * 3 + 8).float()
+    stats = FeatureStatistics.fit(train, labels)
+    gate = threshold(stats.scores(held_out[:100]))
+    assert (stats.scores(held_out[100:]) <= gate).mean() >= 0.9
+    assert (stats.scores(shifted) > gate).all()
