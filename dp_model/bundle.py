@@ -11,6 +11,7 @@ Layout::
     configs/logging.conf
     models/model.pt              plain CPU state dict (torch.load(..., weights_only=True))
     models/model.ts              TorchScript export of the classifier
+    models/ood.pt                feature statistics of the out-of-distribution gate
     docs/README.md               the model card, with plots
     samples/                     a few images for the inference config to run on
     LICENSE
@@ -20,13 +21,11 @@ Bundle configs can execute code: load only bundles from people you trust.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import platform
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from importlib.resources import files
 from pathlib import Path
@@ -35,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dp_transforms import ImageError, load_letterboxed
 
-from .networks import MULTI_LABEL, build_network, class_scores, output_probabilities
+from .contract import ContractError, ModelContract
+from .ood import FeatureStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -49,66 +48,6 @@ PAPER = "X. Wei, X. Niu, X. Zhang, Y. Li. Deep Pneumonia: Attention-Based Contra
 
 class BundleError(ValueError):
     """A bundle is missing a part or does not validate; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ModelContract:
-    """What travels with the weights: classes, input size, the network's shape, provenance.
-
-    Attributes:
-        classes: class names in output order.
-        image_size: side of the square input canvas (letterboxed, values in [0, 1]).
-        attention_stages: residual stages with MGACR heads.
-        normal_class: the class meaning "no pneumonia".
-        name, version: the bundle's identity; ``device_uid`` changes with the weights.
-        demo: trained as a demonstration; synthetic: trained on synthetic images.
-        architecture: the network (:data:`~dp_model.networks.ARCHITECTURES`); bundles
-            written before variants existed carry none and are ResNet18.
-        options: the network's constructor options (JSON values).
-    """
-
-    classes: tuple[str, ...]
-    image_size: int
-    attention_stages: tuple[int, ...]
-    normal_class: str
-    name: str
-    version: str
-    device_uid: str
-    demo: bool
-    synthetic: bool
-    architecture: str = "resnet18"
-    options: dict = field(default_factory=dict)
-
-    @property
-    def multi_label(self) -> bool:
-        """One sigmoid per finding instead of a softmax over every class."""
-        return self.architecture in MULTI_LABEL
-
-    @property
-    def output_classes(self) -> tuple[str, ...]:
-        """The classes of the network's outputs, in order: the findings alone when multi-label."""
-        return tuple(c for c in self.classes if c != self.normal_class) if self.multi_label else self.classes
-
-    def network(self) -> nn.Module:
-        return build_network(self.architecture, len(self.output_classes), self.attention_stages, **self.options)
-
-    def to_json(self) -> dict:
-        return {
-            "classes": list(self.classes), "image_size": self.image_size, "attention_stages": list(self.attention_stages),
-            "normal_class": self.normal_class, "name": self.name, "version": self.version, "device_uid": self.device_uid,
-            "demo": self.demo, "synthetic": self.synthetic, "architecture": self.architecture, "options": dict(self.options), "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
-        }  # fmt: skip
-
-    @staticmethod
-    def from_json(data: dict) -> ModelContract:
-        try:
-            return ModelContract(
-                tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
-                str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
-                str(data.get("architecture", "resnet18")), dict(data.get("options", {})),
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"metadata.json: the deep_pneumonia model contract is incomplete ({exc})") from None
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -219,7 +158,7 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
     configs = root / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     common = {
-        "imports": ["$import torch", "$import dp_model.bundle"],
+        "imports": ["$import torch", "$import dp_model.inference"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": {
@@ -231,13 +170,13 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
     inference = common | {
         "input_dir": "$@bundle_root + '/samples'",
         "output_dir": "$@bundle_root + '/eval'",
-        "predictor": {"_target_": "dp_model.bundle.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
+        "predictor": {"_target_": "dp_model.inference.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
         "run": ["$@predictor.predict_folder(@input_dir, @output_dir)"],
     }
     evaluate = common | {
         "dataset_dir": "",
         "output_dir": "$@bundle_root + '/eval'",
-        "evaluator": {"_target_": "dp_model.bundle.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
+        "evaluator": {"_target_": "dp_model.inference.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
         "run": ["$@evaluator.evaluate_dataset(@dataset_dir, @output_dir)"],
     }
     train = {
@@ -298,12 +237,56 @@ The weights are not a medical device and are not for clinical use.
 """
 
 
+#: Attributes that name or date a patient, a visit or a site: removed from the samples a bundle carries.
+IDENTIFYING = (
+    "AccessionNumber", "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "StudyID", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
+    "AcquisitionTime", "ContentTime", "StationName", "DeviceSerialNumber", "RequestAttributesSequence",
+)  # fmt: skip
+
+
 def write_samples(root: Path, images: list[Path]) -> None:
-    """A few images for ``inference.json`` to run on out of the box."""
+    """A few images for ``inference.json`` to run on out of the box, without patient data.
+
+    DICOM files lose the patient module, private elements and the identifying attributes
+    above; other images are decoded and written again (no metadata). File names are
+    ``sample-N`` (names like an RSNA patientId identify a patient).
+    """
     folder = root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    for image in images:
-        shutil.copy2(image, folder / image.name)
+    for number, image in enumerate(images, start=1):
+        target = folder / f"sample-{number}{image.suffix.lower()}"
+        if image.suffix.lower() in (".dcm", ".dicom"):
+            _deidentified(image).save_as(target, enforce_file_format=True)
+        elif image.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+            from PIL import Image
+
+            with Image.open(image) as opened:
+                opened.copy().save(target)  # pixels only
+        else:
+            shutil.copy2(image, target)
+
+
+def _deidentified(path: Path):
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    ds = dcmread(path)
+    ds.remove_private_tags()
+    for element in list(ds):
+        if element.tag.group == 0x0010 and element.keyword not in ("PatientSex", "PatientAge"):
+            del ds[element.tag]
+    for keyword in IDENTIFYING:
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PatientName, ds.PatientID = "SAMPLE^IMAGE", "SAMPLE"
+    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "dp-train: patient, dates, site, private data removed"
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if keyword in ds:
+            setattr(ds, keyword, generate_uid())
+    if "SOPInstanceUID" in ds and hasattr(ds, "file_meta"):
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -320,7 +303,10 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[n
     meta = json.loads(meta_path.read_text())
     if "deep_pneumonia" not in meta:
         raise BundleError(f"{meta_path}: no deep_pneumonia model contract; was this bundle written by dp-train?")
-    contract = ModelContract.from_json(meta["deep_pneumonia"])
+    try:
+        contract = ModelContract.from_json(meta["deep_pneumonia"])
+    except ContractError as exc:
+        raise BundleError(f"{meta_path}: {exc}") from None
     model = contract.network()
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -333,76 +319,21 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[n
     return model.to(device).eval(), contract
 
 
-class Predictor:
-    """Runs a bundle's classifier on image files; used by the bundle's own configs."""
+def load_feature_statistics(root: str | Path, contract: ModelContract) -> FeatureStatistics | None:
+    """The out-of-distribution gate's statistics (``models/ood.pt``), None for a bundle without a gate."""
+    if contract.ood is None:
+        return None
+    path = Path(root) / "models" / "ood.pt"
+    try:
+        return FeatureStatistics.load(path)
+    except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        raise BundleError(f"{path}: the out-of-distribution gate's statistics are missing or unreadable ({str(exc).splitlines()[0]})") from None
 
-    def __init__(self, bundle_root: str, network: nn.Module | None = None, device: str | torch.device = "cpu") -> None:
-        self.root = Path(bundle_root)
-        loaded, self.contract = load_bundle(self.root, device)
-        self.model = loaded if network is None else network
-        if network is not None:
-            network.load_state_dict(loaded.state_dict())
-            network.eval()
-        self.device = torch.device(device)
 
-    @torch.no_grad()
-    def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
-        """Output probabilities of the images that load (NaN rows for the others); the reasons of those that do not."""
-        out, problems = [], []
-        for path in paths:
-            try:
-                canvas, _, _ = load_letterboxed(path, self.contract.image_size)
-            except ImageError as exc:
-                problems.append(str(exc))
-                out.append(np.full(len(self.contract.output_classes), np.nan))
-                continue
-            out.append(output_probabilities(self.model, self.model(canvas[None].to(self.device)))[0].cpu().numpy())
-        return np.asarray(out), problems
+def __getattr__(name: str):
+    """``dp_model.bundle.Predictor``, which the configs of bundles written before name."""
+    if name == "Predictor":
+        from .inference import Predictor
 
-    def predict_folder(self, input_dir: str, output_dir: str) -> Path:
-        """Write ``predictions.csv`` (file, prediction, probability of each output) for every image in ``input_dir``.
-
-        The prediction is the most probable class; for multi-label models, every finding at
-        or above 0.5 joined by "+", or the normal class when there is none.
-        """
-        paths = sorted(p for p in Path(input_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise BundleError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        probabilities, problems = self.probabilities(paths)
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["image", "prediction", *self.contract.output_classes])
-            for path, p in zip(paths, probabilities):
-                label = "unreadable" if np.isnan(p).any() else self._label(p)
-                writer.writerow([str(path), label, *(f"{v:.4f}" for v in p)])
-        for problem in problems:
-            logger.warning("skipped %s", problem)
-        logger.info("predictions for %d images in %s", len(paths), out / "predictions.csv")
-        return out / "predictions.csv"
-
-    def _label(self, p: np.ndarray) -> str:
-        outputs = self.contract.output_classes
-        if not self.contract.multi_label:
-            return outputs[int(p.argmax())]
-        return "+".join(c for c, v in zip(outputs, p) if v >= 0.5) or self.contract.normal_class
-
-    def evaluate_dataset(self, dataset_dir: str, output_dir: str) -> Path:
-        """Metrics of the bundle on every image of a dataset, written as ``metrics.md``."""
-        from .datasets import read_dataset
-        from .metrics import evaluate
-
-        dataset = read_dataset(dataset_dir)
-        if tuple(dataset.classes) != self.contract.classes:
-            raise BundleError(f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}")
-        probabilities, problems = self.probabilities([r.image for r in dataset.records])
-        keep = ~np.isnan(probabilities).any(axis=1)
-        normal = self.contract.classes.index(self.contract.normal_class)
-        scores = class_scores(torch.from_numpy(probabilities[keep]), self.contract.multi_label, normal).numpy()
-        report = evaluate(dataset.targets()[keep], scores, self.contract.classes, bootstrap=200)
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.md").write_text(report.table() + "\n")
-        logger.info("%d images evaluated, %d unreadable; %s", int(keep.sum()), len(problems), out / "metrics.md")
-        return out / "metrics.md"
+        return Predictor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

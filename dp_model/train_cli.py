@@ -140,7 +140,7 @@ def _ablation(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .bundle import Predictor
+    from .inference import Predictor
 
     path = Predictor(str(args.bundle)).evaluate_dataset(str(args.data), str(args.out or args.bundle / "eval"))
     print(path.read_text())

@@ -1,0 +1,93 @@
+"""Running a bundle's classifier on image files: what a bundle's ``inference.json`` and
+``evaluate.json`` call (``dp-train evaluate`` too)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dp_transforms import ImageError, load_letterboxed
+
+from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle
+from .networks import class_scores
+
+logger = logging.getLogger(__name__)
+
+
+class Predictor:
+    """Runs a bundle's classifier on image files; used by the bundle's own configs."""
+
+    def __init__(self, bundle_root: str, network: nn.Module | None = None, device: str | torch.device = "cpu") -> None:
+        self.root = Path(bundle_root)
+        loaded, self.contract = load_bundle(self.root, device)
+        self.model = loaded if network is None else network
+        if network is not None:
+            network.load_state_dict(loaded.state_dict())
+            network.eval()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
+        """Output probabilities of the images that load (NaN rows for the others); the reasons of those that do not."""
+        out, problems = [], []
+        for path in paths:
+            try:
+                canvas, _, _ = load_letterboxed(path, self.contract.image_size)
+            except ImageError as exc:
+                problems.append(str(exc))
+                out.append(np.full(len(self.contract.output_classes), np.nan))
+                continue
+            out.append(self.contract.probabilities(self.model(canvas[None].to(self.device)))[0].cpu().numpy())
+        return np.asarray(out), problems
+
+    def predict_folder(self, input_dir: str, output_dir: str) -> Path:
+        """Write ``predictions.csv`` (file, prediction, probability of each output) for every image in ``input_dir``.
+
+        The prediction follows the contract's rule (:meth:`~dp_model.contract.ModelContract.decide`)
+        at the bundle's operating point: the normal class, or the pneumonia finding(s) present
+        joined by "+".
+        """
+        paths = sorted(p for p in Path(input_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise BundleError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        probabilities, problems = self.probabilities(paths)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "prediction", *self.contract.output_classes])
+            for path, p in zip(paths, probabilities):
+                label = "unreadable" if np.isnan(p).any() else self._label(p)
+                writer.writerow([str(path), label, *(f"{v:.4f}" for v in p)])
+        for problem in problems:
+            logger.warning("skipped %s", problem)
+        logger.info("predictions for %d images in %s", len(paths), out / "predictions.csv")
+        return out / "predictions.csv"
+
+    def _label(self, p: np.ndarray) -> str:
+        decision = self.contract.decide(p)
+        return "+".join(c for c, _ in decision.findings) or decision.label
+
+    def evaluate_dataset(self, dataset_dir: str, output_dir: str) -> Path:
+        """Metrics of the bundle on every image of a dataset, written as ``metrics.md``."""
+        from .datasets import read_dataset
+        from .metrics import evaluate
+
+        dataset = read_dataset(dataset_dir)
+        if tuple(dataset.classes) != self.contract.classes:
+            raise BundleError(f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}")
+        probabilities, problems = self.probabilities([r.image for r in dataset.records])
+        keep = ~np.isnan(probabilities).any(axis=1)
+        normal = self.contract.classes.index(self.contract.normal_class)
+        scores = class_scores(torch.from_numpy(probabilities[keep]), self.contract.multi_label, normal).numpy()
+        report = evaluate(dataset.targets()[keep], scores, self.contract.classes, bootstrap=200)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.md").write_text(report.table() + "\n")
+        logger.info("%d images evaluated, %d unreadable; %s", int(keep.sum()), len(problems), out / "metrics.md")
+        return out / "metrics.md"
