@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bundle import PAPER, ModelContract
+from ..bundle import PAPER
+from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
 from .config import TrainConfig
@@ -79,6 +80,7 @@ def model_card(
     timings: dict[str, float],
     pictures: dict[str, Path],
     localization: dict[str, list[float]] | None = None,
+    turned_away: float | None = None,
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
     rows = ["| class | train | validation | test |", "|---|---|---|---|"]
@@ -103,7 +105,7 @@ def model_card(
         "",
         "## Data",
         "",
-        f"`{config.data.root}` ({dataset.name} layout), {len(dataset)} images; {split_method} split "
+        f"`{Path(config.data.root).name}` ({dataset.name} layout), {len(dataset)} images; {split_method} split "
         f"(test {config.data.test_fraction:.0%} of each class, validation {config.data.val_fraction:.0%} of the rest).",
         "",
         *rows,
@@ -124,6 +126,7 @@ def model_card(
         "",
         f"![training curves]({pictures['curves'].name})",
         "",
+        *calibration_section(contract, pictures, turned_away),
         "## Where the model looks",
         "",
         "Test images with the radiologists' boxes, the Grad-CAM of the predicted class and the model's own map: "
@@ -160,3 +163,44 @@ def model_card(
         "",
     ]
     return "\n".join(parts)
+
+
+def calibration_section(contract: ModelContract, pictures: dict[str, Path], turned_away: float | None) -> list[str]:
+    """Calibration, operating points and the out-of-distribution gate, as markdown lines."""
+    lines = ["## Calibration, operating points, out-of-distribution gate", ""]
+    found = contract.calibration
+    if found:
+        b, a = found["test_before"], found["test_after"]
+        lines += [
+            f"Temperature scaling on the validation split: T = {contract.temperature:.3f}. Expected calibration error of the "
+            f"top-class probability on the {a['images']} test images ({15} bins; 95 % bootstrap intervals): "
+            f"{b['ece']:.3f} [{b['ece_low']:.3f}, {b['ece_high']:.3f}] before, {a['ece']:.3f} [{a['ece_low']:.3f}, {a['ece_high']:.3f}] after.",
+            "",
+        ]
+    rows = [f"| {name} | {p.threshold:.4f} | {p.target} | {_rate(p.sensitivity)} | {_rate(p.specificity)} |" for name, p in contract.operating_points.items()]
+    lines += [
+        f"Probability of pneumonia: {'the largest' if contract.multi_label else 'the sum'} of the calibrated probabilities of "
+        f"{', '.join(contract.pneumonia)}. The node reports pneumonia present at the \"present\" point and raises a triage flag at the \"triage\" point:",
+        "",
+        "| operating point | threshold | chosen for | sensitivity (validation) | specificity (validation) |",
+        "|---|---|---|---|---|",
+        *(rows or ["| present | 0.5000 | no operating point could be placed | - | - |"]),
+        "",
+    ]
+    if contract.ood is not None:
+        share = "" if turned_away is None else f" It turns away {turned_away:.1%} of the held-out test images."
+        lines += [
+            f"Out-of-distribution gate: an image whose penultimate features lie farther than {contract.ood.threshold:.1f} (squared "
+            f"Mahalanobis distance to the nearest class mean of the training features) is not assessed; the threshold is the "
+            f"{contract.ood.quantile:.0%} quantile of {contract.ood.held_out} validation images.{share}",
+            "",
+        ]
+    else:
+        lines += ["No out-of-distribution gate: every image is assessed.", ""]
+    if "calibration" in pictures:
+        lines += [f"![calibration]({pictures['calibration'].name})", ""]
+    return lines
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from ..calibration import BINS, Reliability  # noqa: E402
 from ..explain import finding_index, finding_maps, grad_cam  # noqa: E402
 from ..metrics import Report, roc_curve  # noqa: E402
 from ..networks import class_scores, output_probabilities  # noqa: E402
@@ -51,6 +52,34 @@ def curves(history: History, path: Path) -> Path:
             axes[2].plot(epochs, [r[key] for r in history.finetune], label=key[4:].replace("_", " "))
     axes[2].set(title="stage II: validation", xlabel="epoch", ylim=(0, 1))
     axes[2].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def reliability(before: Reliability, after: Reliability, path: Path, scores: tuple[np.ndarray, np.ndarray] | None = None, gate: float | None = None) -> Path:
+    """Reliability diagrams of the test images before and after calibration; with ``scores``
+    (in-distribution, other) and the ``gate``, the out-of-distribution scores beside them."""
+    fig, axes = plt.subplots(1, 3 if scores is not None else 2, figsize=(15 if scores is not None else 10, 4))
+    edges = np.linspace(0, 1, BINS + 1)
+    for ax, found, title in ((axes[0], before, "before calibration"), (axes[1], after, "after temperature scaling")):
+        which = np.minimum((found.confidence * BINS).astype(int), BINS - 1)
+        accuracy = [found.correct[which == b].mean() if (which == b).any() else np.nan for b in range(BINS)]
+        counts = np.bincount(which, minlength=BINS)
+        ax.bar(edges[:-1], accuracy, width=1 / BINS, align="edge", edgecolor="black", alpha=0.7, label="accuracy in the bin")
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        for b in np.nonzero(counts)[0]:
+            ax.text(edges[b] + 0.5 / BINS, 0.02, str(counts[b]), ha="center", fontsize=7)
+        ax.set(title=f"{title}: ECE {found.ece:.3f} [{found.low:.3f}, {found.high:.3f}]", xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left", fontsize=8)
+    if scores is not None:
+        inside, outside = scores
+        top = max(np.max(inside, initial=1), np.max(outside, initial=1), gate or 1)
+        bins = np.geomspace(max(1e-1, min(np.min(inside, initial=1), np.min(outside, initial=1))), top * 1.5, 40)
+        axes[2].hist(inside, bins=bins, alpha=0.6, label="held-out test images")
+        axes[2].hist(outside, bins=bins, alpha=0.6, label="other images")
+        if gate is not None:
+            axes[2].axvline(gate, color="red", label="gate")
+        axes[2].set(xscale="log", title="out-of-distribution score", xlabel="Mahalanobis distance", ylabel="images")
+        axes[2].legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -12,11 +12,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..bundle import LICENSE, ModelContract, weights_uid, write_configs, write_metadata, write_model, write_samples
+from ..bundle import LICENSE, weights_uid, write_configs, write_metadata, write_model, write_samples
+from ..contract import ModelContract
 from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
 from ..metrics import Report, evaluate
-from . import plots
+from . import calibrate, plots
 from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, keep_boxes, load_split, make_splits
@@ -86,8 +87,10 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     labels = data["test"].labels.numpy()
     report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
     located = localization(model, data["test"], dataset.classes, normal)
+    pneumonia = dataset.pneumonia_classes(dataset.classes[normal])
+    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed)
     timings["total"] = time.perf_counter() - start
-    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located)
+    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted)
     save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs})
     return RunResult(out, report, history, timings)
 
@@ -137,19 +140,23 @@ def _empty_report(dataset: ChestDataset) -> Report:
 
 def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, splits: Splits, data: dict[str, Resident],
                   report: Report, history: History, labels: np.ndarray, probabilities: np.ndarray, best_epoch: int, timings: dict,
-                  located: dict[str, list[float]]) -> None:
+                  located: dict[str, list[float]], fitted: calibrate.Fitted) -> None:
     synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
     state = write_model(out, model, config.data.image_size)
     normal = normal_index(dataset.classes)
     contract = ModelContract(
         dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal],
         config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
-        network_options(config.finetune, config.data.image_size),
+        network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
+        round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, fitted.ood,
     )  # fmt: skip
+    if fitted.statistics is not None:
+        fitted.statistics.save(out / "models" / "ood.pt")
     description = DESCRIPTIONS[config.finetune.architecture]
     if config.demo or synthetic:
         description = "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
-    write_metadata(out, contract, description, report.scalars(), str(config.data.root))
+    # Where the data came from, by layout and folder name: an absolute path says too much about a site.
+    write_metadata(out, contract, description, report.scalars(), f"{dataset.name} layout, folder {Path(config.data.root).name}")
     write_configs(out, contract, to_mapping(config))
     (out / "LICENSE").write_text(LICENSE)
     docs = out / "docs"
@@ -159,13 +166,25 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
         "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png", normal=normal),
     }
+    test_scores = fitted.statistics.scores(calibrate.outputs(model, data["test"])[1]) if fitted.statistics is not None else None
+    pictures["calibration"] = plots.reliability(
+        fitted.before, fitted.after, docs / "calibration.png", None if test_scores is None else (test_scores, np.zeros(0)), fitted.ood and fitted.ood.threshold,
+    )  # fmt: skip
+    turned_away = None if test_scores is None or fitted.ood is None else float((test_scores > fitted.ood.threshold).mean())
     if hasattr(model, "class_maps"):
         pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
     samples = [dataset.records[i].image for i in splits.test[:3]]
     write_samples(out, samples)
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
-    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located))
-    (out / "configs" / "split.json").write_text(json.dumps({k: [dataset.records[i].image_id for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away))
+    # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
+    (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [_hashed(dataset.records[i].image_id) for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
+
+
+def _hashed(image_id: str | None) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(image_id).encode()).hexdigest()[:16]
 
 
 class BundleTrainer:
