@@ -22,6 +22,17 @@ FINDING = codes.DCM.Finding
 FINDING_SITE_LUNG = codes.SCT.Lung
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
+#: The presence of pneumonia in an image the model did not assess (outside its training distribution).
+INDETERMINATE = codes.SCT.Indeterminate
+YES, NO = codes.SCT.Yes, codes.SCT.No
+#: Whether the image lies within the model's training distribution (Yes / No): an image
+#: outside it is not assessed, and the report says so in codes, not in free text alone.
+WITHIN_DISTRIBUTION = Code("in-distribution", PRIVATE_SCHEME, "Image within the model's training distribution")
+#: The out-of-distribution score (squared Mahalanobis distance of the model's features), no units.
+DISTRIBUTION_SCORE = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
+NO_UNITS = codes.UCUM.NoUnits
+#: Raised (Yes) when the probability of pneumonia reaches the bundle's triage operating point.
+TRIAGE_FLAG = Code("triage", PRIVATE_SCHEME, "Triage priority flag")
 #: The score: "Certainty of Finding". DCM 111047 ("Probability of cancer") is wrong here.
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
 PERCENT = codes.UCUM.Percent

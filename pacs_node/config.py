@@ -161,7 +161,8 @@ class NodeConfig:
     stall_after_s: float = 300.0
     device: str = "auto"
     batch_size: int = 8
-    operating_point: float = 0.5
+    operating_point: float | None = None  # None: the bundle's "present" point
+    ood_gate: bool = True  # False: every image is assessed, however unlike the training images
     heatmap_stage: int = 3
     overlay_max_side: int = 2048
     keep_skipped: bool = True
@@ -190,7 +191,7 @@ class NodeConfig:
         require(not (self.tls.listening and self.destinations and not self.tls.send), "tls.send", self.tls.send, "true when the node listens with TLS (results would leave in cleartext)")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
-        require(0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1")
+        require(self.operating_point is None or 0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1, or empty")
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
         require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
         for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):

@@ -26,7 +26,9 @@ PREFIX = "dp_node_"
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "received": ("instances acknowledged (durable in the spool)", ()),
     "refused": ("C-STORE requests refused, by reason", ("reason",)),
-    "processed": ("instances with results handed over, by decision", ("outcome",)),
+    "processed": ("instances with results handed over, by decision (positive, negative, not-assessed)", ("outcome",)),
+    "triage_flags": ("instances whose probability of pneumonia reached the bundle's triage point", ()),
+    "out_of_distribution": ("instances outside the model's training distribution: not assessed", ()),
     "skipped": ("instances that got no result, by reason", ("reason",)),
     "failed": ("instances whose processing failed for good, by reason", ("reason",)),
     "retries": ("instances put back for a later try, by reason", ("reason",)),

@@ -103,7 +103,7 @@ class Node:
         self.spool = Spool(config.spool, config.keep_skipped)
         self.audit = AuditLog(config.audit_path)
         self.metrics = Metrics()
-        self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage)
+        self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage, config.ood_gate)
         self.work = WorkQueue()
         self.output_dir = Path(config.output_dir)
         tls = client_tls(config) if config.tls.send else None
@@ -345,12 +345,24 @@ class Node:
             self.metrics.observe("processing_seconds", max(0.0, time.time() - item.receipt.received))
         result = {
             "label": prediction.label, "positive": prediction.positive, "pneumonia_probability": round(prediction.pneumonia_probability, 4),
-            "regions": len(prediction.boxes), "model": model.name, "model_version": model.version,
+            "regions": len(prediction.boxes), "model": model.name, "model_version": model.version, "assessed": prediction.assessed,
         }  # fmt: skip
-        self.metrics.inc("processed", outcome="positive" if prediction.positive else "negative")
+        if prediction.triage_point is not None:
+            result["triage"] = prediction.triage
+        if prediction.ood_score is not None:
+            result["ood_score"] = round(prediction.ood_score, 2)
+        if not prediction.assessed:
+            result |= {"label": None, "positive": None, "not_assessed": "out-of-distribution"}
+        outcome = "not-assessed" if not prediction.assessed else "positive" if prediction.positive else "negative"
+        self.metrics.inc("processed", outcome=outcome)
+        if prediction.triage:
+            self.metrics.inc("triage_flags")
+        if not prediction.assessed:
+            self.metrics.inc("out_of_distribution")
         logger.info(
-            "%s: %s, pneumonia %.0f%%, %d region(s), %.0f ms; %s",
-            item.sop_instance_uid, prediction.label, 100 * prediction.pneumonia_probability, len(prediction.boxes), 1000 * item.timings["total"], delivery,
+            "%s: %s, pneumonia %.0f%%%s, %d region(s), %.0f ms; %s",
+            item.sop_instance_uid, prediction.label if prediction.assessed else "not assessed (outside the training distribution)",
+            100 * prediction.pneumonia_probability, ", TRIAGE" if prediction.triage else "", len(prediction.boxes), 1000 * item.timings["total"], delivery,
         )  # fmt: skip
         note = item.clean.note if item.clean else ""
         self._audit(item, "processed", result=result, outputs=[identity.sr_uid, identity.sc_uid], delivery=delivery, detail=note or None)

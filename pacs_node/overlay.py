@@ -46,7 +46,8 @@ def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int
     scale = min(1.0, max_side / max(pixels.shape))
     shape = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
     gray = _resize(pixels, shape)
-    heat = _resize(prediction.heatmap, shape) if prediction.heatmap.size else np.zeros(shape, np.float32)
+    shown = prediction.heatmap.size and prediction.assessed  # no map for an image the model cannot judge
+    heat = _resize(prediction.heatmap, shape) if shown else np.zeros(shape, np.float32)
     # Heat levels index a 256-entry palette (colour) and table (opacity); PIL composites in C.
     level = Image.fromarray(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     colour = level.copy()
@@ -63,7 +64,11 @@ def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def verdict(prediction: Prediction) -> str:
     """The result line burned into the overlay."""
+    if not prediction.assessed:
+        return "NOT ASSESSED: image outside the model's training distribution"
     chance = f"pneumonia probability {100 * prediction.pneumonia_probability:.0f}%"
+    if prediction.triage:
+        chance += " - TRIAGE FLAG"
     if prediction.multi_label and prediction.positive:
         return "Findings: " + ", ".join(f"{label} {100 * p:.0f}%" for label, p in prediction.findings)
     return f"Finding: {prediction.label} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
@@ -109,6 +114,7 @@ def build_overlay(source: Dataset, pixels: np.ndarray, spacing: tuple[float, flo
     if len(orientation) != 2:
         sc.PatientOrientation = None  # Type 2: unknown, so empty rather than guessed
     _describe(sc, source, identity)
+    sc.ImageComments = verdict(prediction)  # the burned-in result line, readable by machines too
     return sc
 
 

@@ -12,6 +12,7 @@ Grad-CAM heat map.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import torch
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dp_model.bundle import load_bundle
+from dp_model.bundle import load_bundle, load_feature_statistics
+from dp_model.contract import Decision, decide
 from dp_model.explain import HEATMAP_STAGE, grad_cam
-from dp_model.networks import output_probabilities
+from dp_model.ood import penultimate
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.geometry import Letterbox
 
@@ -55,14 +57,18 @@ class Prediction:
 
     Attributes:
         classes: the model's output labels, in order (for a multi-label model, the findings).
-        probabilities: softmax probability of each class, or sigmoid of each finding.
-        normal_class: the label meaning "no pneumonia".
+        probabilities: calibrated softmax probability of each class, or sigmoid of each finding.
+        normal_class: the label meaning "no finding".
         operating_point: decision threshold on the probability of pneumonia (of each
             finding, for a multi-label model).
         heatmap: ``(h, w)`` map in [0, 1] over the whole source image (coarse; resize to draw).
         boxes: ``(N, 4)`` lesion regions ``(x_min, y_min, x_max, y_max)`` in source pixels.
         multi_label: findings are decided independently.
         box_labels: the finding of each region, when the model says (else :attr:`label`).
+        pneumonia: the classes that mean pneumonia (empty: every class but the normal one).
+        triage_point: the threshold of the triage flag (None: no flag).
+        ood_score, ood_threshold: the out-of-distribution score and the gate's threshold
+            (None: no gate). Above the threshold the image is not assessed.
     """
 
     classes: tuple[str, ...]
@@ -73,30 +79,43 @@ class Prediction:
     boxes: np.ndarray
     multi_label: bool = False
     box_labels: tuple[str, ...] = ()
+    pneumonia: tuple[str, ...] = ()
+    triage_point: float | None = None
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+
+    @property
+    def assessed(self) -> bool:
+        """False when the image lies outside the model's training distribution: no finding is asserted."""
+        return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold
+
+    @property
+    def decision(self) -> Decision:
+        pneumonia = self.pneumonia or tuple(c for c in self.classes if c != self.normal_class)
+        return decide(self.probabilities, self.classes, self.normal_class, pneumonia, self.multi_label, self.operating_point, self.triage_point)
 
     @property
     def pneumonia_probability(self) -> float:
-        """Of any pneumonia: ``1 - p(normal)``, or the most probable finding's probability."""
-        if self.multi_label:
-            return float(self.probabilities.max())
-        return float(1.0 - self.probabilities[self.classes.index(self.normal_class)])
+        """Of any pneumonia (:func:`~dp_model.contract.pneumonia_probability`)."""
+        return self.decision.pneumonia_probability
 
     @property
     def positive(self) -> bool:
-        return self.pneumonia_probability >= self.operating_point
+        return self.assessed and self.decision.positive
+
+    @property
+    def triage(self) -> bool:
+        return self.assessed and self.decision.triage
 
     @property
     def label(self) -> str:
         """The most probable pneumonia class when positive, else the normal class."""
-        if not self.positive:
-            return self.normal_class
-        lesions = [i for i, c in enumerate(self.classes) if c != self.normal_class]
-        return self.classes[max(lesions, key=lambda i: self.probabilities[i])]
+        return self.decision.label if self.positive else self.normal_class
 
     def probability(self, label: str) -> float:
         """The model's probability of ``label`` (of no finding, for the normal class of a multi-label model)."""
         if self.multi_label and label == self.normal_class:
-            return 1.0 - self.pneumonia_probability
+            return 1.0 - float(self.probabilities.max())
         return float(self.probabilities[self.classes.index(label)])
 
     @property
@@ -104,17 +123,13 @@ class Prediction:
         return self.probability(self.label)
 
     def present(self, label: str) -> bool:
-        """Whether finding ``label`` is reported present: each at the operating point when
-        multi-label, else only the single decided class."""
-        if self.multi_label:
-            return self.probability(label) >= self.operating_point
-        return self.positive and label == self.label
+        """Whether finding ``label`` is reported present (one of :attr:`findings`)."""
+        return any(name == label for name, _ in self.findings)
 
     @property
     def findings(self) -> list[tuple[str, float]]:
         """The findings reported present, most probable first."""
-        present = [(c, self.probability(c)) for c in self.classes if c != self.normal_class and self.present(c)]
-        return sorted(present, key=lambda item: -item[1])
+        return list(self.decision.findings) if self.positive else []
 
 
 def prepare(dataset: Dataset, size: int, name: str = "") -> Prepared:
@@ -155,20 +170,42 @@ class NodePredictor:
     Args:
         bundle: the bundle folder.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        operating_point: threshold on the probability of pneumonia.
+        operating_point: threshold on the probability of pneumonia; None: the bundle's
+            "present" point (0.5 for a bundle that states none).
         heatmap_stage: residual stage whose ``map+`` is drawn (nearest available head otherwise).
+        ood_gate: apply the bundle's out-of-distribution gate (off: every image is assessed,
+            as when validating a model on a site's own images; the score is still reported).
     """
 
-    def __init__(self, bundle: str | Path, device: str = "auto", operating_point: float = 0.5, heatmap_stage: int = HEATMAP_STAGE) -> None:
+    def __init__(
+        self, bundle: str | Path, device: str = "auto", operating_point: float | None = None, heatmap_stage: int = HEATMAP_STAGE, ood_gate: bool = True
+    ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)")
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
-        self.operating_point = operating_point
+        self.statistics = load_feature_statistics(bundle, self.contract)
+        if self.statistics is not None:
+            self.statistics = type(self.statistics)(self.statistics.means.to(self.device), self.statistics.precision.to(self.device))
+        self.operating_point = self.contract.present_point.threshold if operating_point is None else operating_point
+        self.ood_gate = ood_gate
         self.class_maps = hasattr(self.model, "class_maps")
         self.stage = self.model.nearest_stage(heatmap_stage) if getattr(self.model, "attention_stages", ()) else None
+        self._announce(operating_point)
+
+    def _announce(self, override: float | None) -> None:
+        """Say at start how the model decides: where each setting comes from."""
+        point = self.contract.present_point
+        if override is None:
+            logger.info("operating point %.4f from the bundle (%s)", point.threshold, point.target or "no target stated")
+        else:
+            logger.info("operating point %.4f set in the node's configuration (the bundle's is %.4f, %s)", override, point.threshold, point.target or "no target stated")
+        for default in self.contract.defaults():
+            logger.info("the bundle states no %s", default)
+        if self.contract.ood is not None and not self.ood_gate:
+            logger.warning("the out-of-distribution gate is switched off: every image is assessed, however unlike the training images")
 
     @torch.no_grad()
     def predict(self, prepared: list[Prepared]) -> list[Prediction]:
@@ -176,27 +213,36 @@ class NodePredictor:
         if not prepared:
             return []
         batch = torch.stack([p.canvas for p in prepared]).to(self.device)
-        probabilities, maps = self._forward(batch)
-        return [self._prediction(p, probabilities[i], maps[i]) for i, p in enumerate(prepared)]
+        probabilities, maps, scores = self._forward(batch)
+        return [self._prediction(p, probabilities[i], maps[i], None if scores is None else float(scores[i])) for i, p in enumerate(prepared)]
 
-    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """Output probabilities ``(B, K)`` and maps ``(B, 1 or K, h, w)`` on the canvas."""
-        if self.class_maps:
-            logits, maps = self.model.class_maps(batch)
-            return output_probabilities(self.model, logits).cpu().numpy(), maps.float().cpu()
-        if self.stage is None:
-            logits = self.model(batch)
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
+        """Calibrated output probabilities ``(B, K)``, maps ``(B, 1 or K, h, w)`` on the
+        canvas, and the out-of-distribution score of each image (None without a gate)."""
+        with penultimate(self.model) if self.statistics is not None else nullcontext([]) as seen:
+            if self.class_maps:
+                logits, maps = self.model.class_maps(batch)
+            elif self.stage is None:
+                logits = self.model(batch)
+            else:
+                logits, outputs = self.model.forward_train(batch)
+                maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
+        if not self.class_maps and self.stage is None:
             maps = grad_cam(self.model, batch, self.model.cam_layer)
-        else:
-            logits, outputs = self.model.forward_train(batch)
-            maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
-        return output_probabilities(self.model, logits).cpu().numpy(), maps.float().cpu()
+        scores = None
+        if self.statistics is not None and seen and seen[-1].shape[0] == len(batch):
+            scores = self.statistics.scores(seen[-1].to(self.device))
+        return self.contract.probabilities(logits).cpu().numpy(), maps.float().cpu(), scores
 
-    def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor) -> Prediction:
+    def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor, ood_score: float | None) -> Prediction:
         contract = self.contract
         # The maps stay coarse (drawing resizes them); only the letterbox padding is cut away.
         maps = prepared.geometry.canvas_crop(canvas_maps).clamp(0, 1).numpy().astype(np.float32)
-        draft = Prediction(contract.output_classes, probabilities, contract.normal_class, self.operating_point, maps[0], np.zeros((0, 4), np.float32), contract.multi_label)
+        draft = Prediction(
+            contract.output_classes, probabilities, contract.normal_class, self.operating_point, maps[0], np.zeros((0, 4), np.float32),
+            contract.multi_label, (), contract.pneumonia, contract.triage_point and contract.triage_point.threshold,
+            ood_score, None if ood_score is None or contract.ood is None or not self.ood_gate else contract.ood.threshold,
+        )  # fmt: skip
         if len(maps) > 1:  # one map per finding: draw the most probable finding's
             draft = replace(draft, heatmap=maps[int(probabilities.argmax())])
         if not draft.positive or maps[0].size == 0:

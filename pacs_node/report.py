@@ -8,6 +8,10 @@ contract in, a validated dataset out. Content, following DICOM PS3.16 and IHE AI
   or absent at the operating point: a negative result is recorded, not omitted), and one
   per pneumonia class of the model, each with its Certainty of Finding (DCM 111012); a
   multi-label model decides each class present or absent on its own;
+* for an image outside the model's training distribution, instead of all these: one group
+  with pneumonia Indeterminate, "within the training distribution: No" and the score;
+  no certainty is stated for an image the model cannot judge;
+* a triage flag (Yes / No) in the pneumonia group when the bundle has a triage point;
 * one TID 1410 planar ROI group per lesion region, a closed polyline on the source image,
   with the finding the model located there;
 * a Device observer carrying the model's name, version and a Device UID that changes
@@ -32,16 +36,24 @@ from .predictor import Prediction
 def build_report(source: Dataset, prediction: Prediction, model: ModelContract, identity: ResultIdentity) -> hd.sr.Comprehensive3DSR:
     """The SR for one source image."""
     # The operating point travels with the decision it produced.
-    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=[f"operating point {prediction.operating_point:g}"])
-    groups = [
-        _image_group(source, codes.PNEUMONIA, prediction.pneumonia_probability, prediction.positive, algorithm, identity, "pneumonia"),
-        *(
-            _image_group(source, codes.finding_code(label), prediction.probability(label), prediction.present(label), algorithm, identity, label)
-            for label in prediction.classes
-            if label != prediction.normal_class
-        ),
-        *(_region_group(source, box, prediction, algorithm, identity, i) for i, box in enumerate(prediction.boxes)),
-    ]
+    parameters = [f"operating point {prediction.operating_point:g}"]
+    if prediction.triage_point is not None:
+        parameters.append(f"triage point {prediction.triage_point:g}")
+    if prediction.ood_threshold is not None:
+        parameters.append(f"out-of-distribution threshold {prediction.ood_threshold:g}")
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters)
+    if not prediction.assessed:
+        groups = [_not_assessed_group(source, prediction, algorithm, identity)]
+    else:
+        groups = [
+            _image_group(source, codes.PNEUMONIA, prediction.pneumonia_probability, prediction.positive, algorithm, identity, "pneumonia", _flags(prediction)),
+            *(
+                _image_group(source, codes.finding_code(label), prediction.probability(label), prediction.present(label), algorithm, identity, label)
+                for label in prediction.classes
+                if label != prediction.normal_class
+            ),
+            *(_region_group(source, box, prediction, algorithm, identity, i) for i, box in enumerate(prediction.boxes)),
+        ]
     content = hd.sr.MeasurementReport(
         observation_context=_observation_context(model),
         procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH,
@@ -82,8 +94,17 @@ def _presence(finding: Code, present: bool) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(name=finding, value=codes.PRESENT if present else codes.ABSENT)
 
 
+def _flags(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
+    """The image was assessed; and the triage flag, where the bundle has a triage point."""
+    flags = [hd.sr.QualitativeEvaluation(name=codes.WITHIN_DISTRIBUTION, value=codes.YES)] if prediction.ood_threshold is not None else []
+    if prediction.triage_point is not None:
+        flags.append(hd.sr.QualitativeEvaluation(name=codes.TRIAGE_FLAG, value=codes.YES if prediction.triage else codes.NO))
+    return flags
+
+
 def _image_group(
-    source: Dataset, finding: Code, probability: float, present: bool, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, key: str
+    source: Dataset, finding: Code, probability: float, present: bool, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, key: str,
+    extra: list[hd.sr.QualitativeEvaluation] | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(key), identifier=f"{finding.meaning} (image)"[:64]),
@@ -91,7 +112,24 @@ def _image_group(
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
         measurements=[_certainty(probability, algorithm)],
-        qualitative_evaluations=[_presence(finding, present)],
+        qualitative_evaluations=[_presence(finding, present), *(extra or [])],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )  # fmt: skip
+
+
+def _not_assessed_group(source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """An image outside the training distribution: pneumonia indeterminate, why (coded), no certainty."""
+    score = hd.sr.Measurement(name=codes.DISTRIBUTION_SCORE, value=round(float(prediction.ood_score), 2), unit=codes.NO_UNITS, algorithm_id=algorithm)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid("pneumonia"), identifier="Pneumonia (image, not assessed)"),
+        finding_type=codes.PNEUMONIA,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
+        measurements=[score],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.PNEUMONIA, value=codes.INDETERMINATE),
+            hd.sr.QualitativeEvaluation(name=codes.WITHIN_DISTRIBUTION, value=codes.NO),
+        ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
 

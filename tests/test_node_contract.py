@@ -1,0 +1,113 @@
+"""The node keeps the bundle's contract: calibrated scores, the bundle's operating points,
+and no finding asserted for an image outside the training distribution."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run_tool
+from node_support import final_lines, send_files, wait_for
+from pydicom import dcmread
+
+from dp_model.bundle import load_bundle
+from pacs_node import codes
+from pacs_node.node import Node
+from pacs_node.predictor import NodePredictor, prepare
+from pacs_node.status import StoreStatus
+
+
+def test_the_demo_bundle_carries_calibration_operating_points_and_a_gate(demo_bundle: Path) -> None:
+    _, contract = load_bundle(demo_bundle)
+    assert contract.temperature > 0 and contract.calibration["test_after"]["ece"] >= 0
+    present = contract.present_point
+    assert 0 < present.threshold < 1 and present.sensitivity >= 0.90 and "sensitivity" in present.target
+    assert contract.ood is not None and contract.ood.held_out >= 10 and (demo_bundle / "models" / "ood.pt").exists()
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    assert "Expected calibration error" in card and "Out-of-distribution gate" in card and (demo_bundle / "docs" / "calibration.png").exists()
+
+
+def test_real_radiographs_are_outside_the_phantoms_distribution_and_held_out_phantoms_inside(predictor: NodePredictor, demo_bundle: Path, rg1_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    real = [dcmread(rg1_path), *(dcmread(get_testdata_file(name)) for name in ("RG3_UNCR.dcm", "RG1_J2KR.dcm"))]
+    held_out = [dcmread(path) for path in sorted((demo_bundle / "samples").glob("*.dcm"))]
+    assert len(held_out) == 3
+    answers = predictor.predict([prepare(ds, predictor.contract.image_size) for ds in real + held_out])
+    assert [a.assessed for a in answers] == [False] * len(real) + [True] * len(held_out)
+    assert all(not a.positive and not a.findings and len(a.boxes) == 0 for a in answers[: len(real)])
+
+
+@pytest.mark.tools
+def test_an_image_outside_the_distribution_is_reported_not_assessed_everywhere(node: Node, tmp_path: Path, rg1_path: Path) -> None:
+    assert send_files(node.port, [rg1_path]) == [StoreStatus.SUCCESS]
+    uid = str(dcmread(rg1_path, stop_before_pixels=True).SOPInstanceUID)
+    (line,) = wait_for(lambda: [x for x in final_lines(node) if x["sop_instance_uid"] == uid], 120, "RG1's outcome")
+    assert line["status"] == "processed" and line["result"]["assessed"] is False and line["result"]["not_assessed"] == "out-of-distribution"
+    assert line["result"]["positive"] is None and line["result"]["ood_score"] > node.predictor.contract.ood.threshold
+    assert node.metrics.value("out_of_distribution_total") == 1 and node.metrics.value("processed_total", outcome="not-assessed") == 1
+    (sr_path,) = (tmp_path / "out").rglob("SR.*.dcm")
+    dump = run_tool("dsrdump", sr_path).stdout
+    assert 'CODE:(,,"Pneumonia")=(82334004,SCT,"Indeterminate")' in dump
+    assert "Image within the model's training distribution\")=(373067005,SCT,\"No\")" in dump
+    assert "Certainty of Finding" not in dump and "SCOORD" not in dump  # no score, no region for an image it cannot judge
+    (sc_path,) = (tmp_path / "out").rglob("OT.*.dcm")
+    sc = dcmread(sc_path)
+    assert sc.ImageComments.startswith("NOT ASSESSED")
+
+
+def test_the_node_uses_the_bundles_operating_point_unless_its_configuration_overrides_it(demo_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pacs_node.predictor")
+    own = NodePredictor(demo_bundle, "cpu")
+    assert own.operating_point == own.contract.present_point.threshold
+    assert "from the bundle" in caplog.text
+    caplog.clear()
+    overridden = NodePredictor(demo_bundle, "cpu", operating_point=0.42)
+    assert overridden.operating_point == 0.42 and "set in the node's configuration" in caplog.text
+
+
+def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_says_what_it_lacks(demo_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(demo_bundle, old)
+    meta_path = old / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood"):
+        meta["deep_pneumonia"].pop(key)
+    meta_path.write_text(json.dumps(meta))
+    (old / "models" / "ood.pt").unlink()
+    caplog.set_level(logging.INFO, logger="pacs_node.predictor")
+    predictor = NodePredictor(old, "cpu")
+    assert predictor.operating_point == 0.5 and predictor.statistics is None
+    for lacking in ("operating point", "calibration", "out-of-distribution gate", "pneumonia classes"):
+        assert f"the bundle states no {lacking}" in caplog.text
+
+
+def test_a_bundle_carries_no_patient_data(demo_bundle: Path) -> None:
+    meta = json.loads((demo_bundle / "configs" / "metadata.json").read_text())
+    assert "/" not in meta["data_source"]  # no absolute path of a site's data
+    split = json.loads((demo_bundle / "configs" / "split.json").read_text())
+    assert all(len(x) == 16 and int(x, 16) >= 0 for x in split["test"])  # hashed ids
+    for path in (demo_bundle / "samples").iterdir():
+        assert path.name.startswith("sample-")
+        ds = dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == "SAMPLE" and "StudyDate" not in ds
+        assert not any(element.tag.is_private for element in ds)
+
+
+def test_calibrated_probabilities_are_what_the_node_reports(predictor: NodePredictor, demo_bundle: Path) -> None:
+    """The node applies the bundle's temperature: its probabilities differ from the raw softmax
+    exactly as dividing the logits by T says."""
+    import torch
+
+    ds = dcmread(min((demo_bundle / "samples").glob("*.dcm")))
+    prepared = prepare(ds, predictor.contract.image_size)
+    with torch.no_grad():
+        logits = predictor.model(prepared.canvas[None])
+    expected = (logits / predictor.contract.temperature).softmax(1)[0].numpy()
+    (answer,) = predictor.predict([prepared])
+    assert np.allclose(answer.probabilities, expected, atol=1e-5)
+    assert codes.TRIAGE_FLAG.scheme_designator == codes.PRIVATE_SCHEME
