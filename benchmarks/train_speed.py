@@ -28,7 +28,8 @@ from dp_model.losses import CBFocalLoss, MGACRLoss, NTXentLoss
 from dp_model.networks import DeepPneumoniaNet, SimCLRNet
 from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, RuntimeConfig
 from dp_model.training.data import Resident
-from dp_model.training.engine import augmenters, finetune_step, make_runtime, wrap
+from dp_model.training.engine import finetune_step
+from dp_model.training.runtime import augmenters, make_runtime, wrap
 
 
 def resident(n: int, size: int, device: torch.device, seed: int = 0) -> Resident:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .networks import MULTI_LABEL, build_network
+from .architectures import MULTI_LABEL, build_network
 
 __all__ = ["ContractError", "Decision", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_probability"]
 

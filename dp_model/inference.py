@@ -14,7 +14,7 @@ from torch import nn
 from dp_transforms import ImageError, load_letterboxed
 
 from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle
-from .networks import class_scores
+from .architectures import class_scores
 
 logger = logging.getLogger(__name__)
 

@@ -292,51 +292,6 @@ class AttentionResNet50(nn.Module):
 
 
 #: Architectures a bundle can name, with the constructor that builds each.
-ARCHITECTURES = ("resnet18", "resnet50", "vgg16", "attention_resnet50", "class_attention", "cia_net")
-#: Those with one sigmoid output per finding (the normal class is none of them).
-MULTI_LABEL = ("class_attention", "cia_net")
-
-
-def build_network(architecture: str, num_classes: int, attention_stages: Sequence[int] = (), **options) -> nn.Module:
-    """The classifier of ``architecture``; ``attention_stages`` are MGACR heads (resnet18 only).
-
-    ``num_classes`` counts the outputs: every class for the single-label architectures, the
-    findings alone for :data:`MULTI_LABEL` ones. ``options`` go to the variant's constructor.
-    """
-    if architecture == "resnet18":
-        return DeepPneumoniaNet(num_classes=num_classes, attention_stages=attention_stages, **options)
-    if attention_stages:
-        raise ValueError(f"MGACR attention heads need the resnet18 architecture, not {architecture}")
-    if architecture == "attention_resnet50":
-        return AttentionResNet50(num_classes, **options)
-    if architecture in BaselineNet.ARCHITECTURES:
-        return BaselineNet(architecture, num_classes, **options)
-    if architecture in MULTI_LABEL:
-        from .variants import CIANet, ClassAttentionNet
-
-        return (ClassAttentionNet if architecture == "class_attention" else CIANet)(num_classes, **options)
-    raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
-
-
-def output_probabilities(model: nn.Module, logits: Tensor) -> Tensor:
-    """Probabilities of a network's logits: a sigmoid per finding, or a softmax over classes."""
-    return torch.sigmoid(logits.float()) if getattr(model, "multi_label", False) else logits.float().softmax(dim=1)
-
-
-def class_scores(probabilities: Tensor, multi_label: bool, normal_index: int) -> Tensor:
-    """``(N, C)`` scores over every class, the normal one included, whatever the output.
-
-    Softmax probabilities are returned as they are. For per-finding sigmoids ``(N, C - 1)``
-    the normal class scores ``1 - max_k p_k`` and the findings keep theirs, so that the
-    argmax is "normal" exactly when no finding reaches 0.5, and single-label metrics compare
-    every architecture on the same footing.
-    """
-    if not multi_label:
-        return probabilities
-    normal = 1.0 - probabilities.amax(dim=1, keepdim=True)
-    return torch.cat([probabilities[:, :normal_index], normal, probabilities[:, normal_index:]], dim=1)
-
-
 class SimCLRNet(nn.Module):
     """Stage I: the ResNet18 encoder and an MLP projector (SimCLR).
 
@@ -362,3 +317,14 @@ class SimCLRNet(nn.Module):
     def encoder_state(self) -> dict[str, Tensor]:
         """The encoder's weights, without the classifier, for :meth:`DeepPneumoniaNet.backbone`."""
         return {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("fc.")}
+
+
+def __getattr__(name: str):
+    """The names that moved to :mod:`dp_model.architectures` (the configs of bundles written
+    before name ``dp_model.networks.build_network``), imported when asked for, so that this
+    module never imports the variants at load time."""
+    if name in ("ARCHITECTURES", "MULTI_LABEL", "build_network", "output_probabilities", "class_scores"):
+        from . import architectures
+
+        return getattr(architectures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

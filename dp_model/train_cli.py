@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     first_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 may already be writing
     if first_process and out.exists() and any(out.iterdir()) and not (args.resume or args.force or args.stages == "finetune"):
         raise ConfigError(f"{out} exists and is not empty (use --resume to continue, --force to overwrite)")
-    from .training.engine import load_checkpoint
+    from .training.checkpoints import load_checkpoint
     from .training.run import train  # heavy imports after the arguments are known good
 
     if args.resume and args.stages != "pretrain" and (load_checkpoint(out / "checkpoints" / "last.pt") or {}).get("stage") == "done":

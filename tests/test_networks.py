@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -95,8 +98,9 @@ def test_side_branch_attention_keeps_the_shape_and_fuses_by_addition() -> None:
 
 
 def test_attention_resnet50_classifies_one_channel_images_and_names_its_cam_layer() -> None:
+    from dp_model.architectures import build_network
     from dp_model.explain import grad_cam
-    from dp_model.networks import AttentionResNet50, SideBranchAttention, build_network
+    from dp_model.networks import AttentionResNet50, SideBranchAttention
 
     model = build_network("attention_resnet50", 3).eval()
     assert isinstance(model, AttentionResNet50)
@@ -107,7 +111,8 @@ def test_attention_resnet50_classifies_one_channel_images_and_names_its_cam_laye
 
 
 def test_build_network_knows_every_architecture_and_refuses_the_rest() -> None:
-    from dp_model.networks import ARCHITECTURES, BaselineNet, DeepPneumoniaNet, build_network
+    from dp_model.architectures import ARCHITECTURES, build_network
+    from dp_model.networks import BaselineNet, DeepPneumoniaNet
 
     assert isinstance(build_network("resnet18", 5, (3, 4)), DeepPneumoniaNet)
     assert isinstance(build_network("vgg16", 5), BaselineNet)
@@ -116,3 +121,11 @@ def test_build_network_knows_every_architecture_and_refuses_the_rest() -> None:
         build_network("resnet50", 5, (3,))
     with pytest.raises(ValueError, match="architecture must be one of"):
         build_network("resnet1000", 5)
+
+
+def test_the_networks_module_does_not_import_the_variants() -> None:
+    """networks <- variants <- architectures: no cycle, and old bundle configs still find
+    ``dp_model.networks.build_network``."""
+    code = "import sys, dp_model.networks as n; assert 'dp_model.variants' not in sys.modules; n.build_network('cia_net', 4); print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr[-1000:]

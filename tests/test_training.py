@@ -16,12 +16,15 @@ import torch
 import torch.multiprocessing as mp
 
 from dp_model.bundle import BundleError, load_bundle, validate_metadata
+from dp_model.config import to_mapping
 from dp_model.datasets import read_dataset
 from dp_model.synth import Difficulty, SynthConfig, generate
 from dp_model.train_cli import main as train_main
 from dp_model.training.config import AugmentConfig, DataConfig, FinetuneConfig, LossConfig, MGACRConfig, PretrainConfig, RuntimeConfig, TrainConfig
 from dp_model.training.data import load_split, make_splits
-from dp_model.training.engine import Runtime, build_classifier, classification_loss, finetune, pretrain
+from dp_model.training.engine import finetune, pretrain
+from dp_model.training.objectives import build_classifier, classification_loss
+from dp_model.training.runtime import Runtime
 from dp_model.training.run import train
 
 CPU = Runtime(torch.device("cpu"), amp=False, channels_last=False, compile=False)
@@ -121,6 +124,24 @@ def test_model_card_warns_and_reports(bundle: Path) -> None:
         assert (bundle / "docs" / picture).stat().st_size > 5000
 
 
+def test_every_checkpoint_carries_the_runs_configuration(dataset_dir: Path, tmp_path: Path) -> None:
+    from dp_model.training.checkpoints import load_checkpoint
+
+    config = tiny(dataset_dir, tmp_path / "cache", epochs=1)
+    seen: list[dict] = []
+
+    def look(stage: str, record: dict, epoch: int) -> None:  # called after each epoch's checkpoint
+        seen.append(load_checkpoint(checkpoint))
+
+    checkpoint = tmp_path / "last.pt"
+    data = load_split(read_dataset(str(dataset_dir)), list(range(40)), config.data, "decode")
+    pretrain(config.pretrain, data, CPU, 0, checkpoint, log=look, run_config=to_mapping(config))
+    finetune(config.finetune, data, None, list(read_dataset(str(dataset_dir)).classes), CPU, 0, checkpoint=checkpoint, log=look)
+    assert [c["stage"] for c in seen] == ["pretrain", "finetune"]
+    assert seen[0]["config"]["name"] == "tiny" and seen[0]["config"]["finetune"]["epochs"] == 1  # the whole run's
+    assert seen[1]["config"]["epochs"] == 1 and "mgacr" in seen[1]["config"]  # the stage's, when no run is given
+
+
 def test_evaluate_command_on_the_dataset(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--out", str(tmp_path)]) == 0
     assert "balanced accuracy" in capsys.readouterr().out
@@ -161,7 +182,7 @@ def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_
 
 
 def test_switched_off_pretraining_never_uses_a_leftover_encoder(dataset_dir: Path, tmp_path: Path) -> None:
-    from dp_model.training.engine import History
+    from dp_model.training.checkpoints import History
     from dp_model.training.run import _stage_one
 
     checkpoint = tmp_path / "checkpoints" / "last.pt"
@@ -207,7 +228,7 @@ def _ddp_worker(rank: int, port: int, config: FinetuneConfig, data, classes: lis
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
-    from dp_model.training.engine import make_runtime
+    from dp_model.training.runtime import make_runtime
 
     torch.set_num_threads(1)
     runtime = make_runtime(RuntimeConfig(device="cpu"))
@@ -239,7 +260,7 @@ def test_two_gloo_processes_match_one_process(dataset_dir: Path, tmp_path: Path)
 
 def test_compile_switch_wraps_the_model_and_unwrap_finds_it() -> None:
     from dp_model.networks import DeepPneumoniaNet
-    from dp_model.training.engine import unwrap, wrap
+    from dp_model.training.runtime import unwrap, wrap
 
     net = DeepPneumoniaNet()
     compiled = wrap(net, replace(CPU, compile=True))

@@ -20,7 +20,7 @@ from dp_model.losses import (
     feature_reconstruction_loss,
 )
 from dp_model.metrics import localization_accuracy, mask_iou
-from dp_model.networks import build_network, class_scores
+from dp_model.architectures import build_network, class_scores
 from dp_model.training.data import Resident, keep_boxes
 from dp_model.variants import AlignmentModule, AttentionGate, CIANet, ClassAttentionNet, mil_logits
 

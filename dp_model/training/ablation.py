@@ -33,7 +33,10 @@ from ..metrics import evaluate
 from ..metrics import IOU_THRESHOLDS
 from .config import CIAConfig, LossConfig, MGACRConfig, TrainConfig
 from .data import Resident, keep_boxes, load_split, make_splits
-from .engine import Runtime, finetune, localization, make_runtime, normal_index, predict, pretrain
+from .engine import finetune, pretrain
+from .evaluation import localization, predict
+from .objectives import normal_index
+from .runtime import Runtime, make_runtime
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from ..calibration import BINS, Reliability  # noqa: E402
 from ..explain import finding_index, finding_maps, grad_cam  # noqa: E402
 from ..metrics import Report, roc_curve  # noqa: E402
-from ..networks import class_scores, output_probabilities  # noqa: E402
+from ..architectures import class_scores, output_probabilities  # noqa: E402
 from torch import nn  # noqa: E402
 from .data import Resident  # noqa: E402
-from .engine import History, findings  # noqa: E402
+from .checkpoints import History  # noqa: E402
+from .objectives import findings  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

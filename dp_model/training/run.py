@@ -21,7 +21,11 @@ from . import calibrate, plots
 from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, keep_boxes, load_split, make_splits
-from .engine import History, Runtime, finetune, load_checkpoint, localization, make_runtime, network_options, normal_index, predict, pretrain, save_checkpoint
+from .checkpoints import History, load_checkpoint, save_checkpoint
+from .engine import finetune, pretrain
+from .evaluation import localization, predict
+from .objectives import network_options, normal_index
+from .runtime import Runtime, make_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
 
     result = finetune(
         config.finetune, train_data, data["val"], list(dataset.classes), runtime, seed,
-        encoder=encoder, checkpoint=checkpoint if runtime.main else None, history=history, log=log, evaluate=validate,
+        encoder=encoder, checkpoint=checkpoint if runtime.main else None, history=history, log=log, evaluate=validate, run_config=to_mapping(config),
     )  # fmt: skip
     timings["finetune"] = time.perf_counter() - tick
     model = result.model.cpu()
@@ -91,7 +95,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed)
     timings["total"] = time.perf_counter() - start
     _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted)
-    save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs})
+    save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs}, to_mapping(config))
     return RunResult(out, report, history, timings)
 
 
@@ -109,7 +113,7 @@ def _stage_one(config: TrainConfig, data: Resident, runtime: Runtime, checkpoint
             history.pretrain[:] = saved["history"]["pretrain"]
         return torch.load(encoder_path, map_location="cpu", weights_only=True) if encoder_path.exists() else None
     tick = time.perf_counter()
-    encoder = pretrain(config.pretrain, data, runtime, config.runtime.seed, checkpoint if runtime.main else None, history, log)
+    encoder = pretrain(config.pretrain, data, runtime, config.runtime.seed, checkpoint if runtime.main else None, history, log, to_mapping(config))
     if runtime.main:
         encoder_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(encoder, encoder_path)

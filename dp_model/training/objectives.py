@@ -1,0 +1,107 @@
+"""What stage II builds from its configuration: the network, the losses, the optimizer, the class helpers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..architectures import build_network
+from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, consistency_loss, feature_reconstruction_loss
+from ..networks import DeepPneumoniaNet
+from .config import FinetuneConfig
+
+
+def network_options(config: FinetuneConfig, image_size: int) -> dict:
+    """The constructor options of the configured network (they travel in the bundle's contract)."""
+    if config.architecture == "class_attention":
+        return {"dim": config.class_attention.dim}
+    if config.architecture == "cia_net":
+        c = config.cia
+        return {"image_size": image_size, "bank_size": c.bank_size, "negative_sampling": c.negative_sampling, "alignment": c.alignment, "grid_upsample": c.grid_upsample}
+    return {}
+
+
+def normal_index(class_names: list[str] | tuple[str, ...]) -> int:
+    """The class meaning "no pneumonia": "normal" when there is one, else the first."""
+    return class_names.index("normal") if "normal" in class_names else 0
+
+
+def findings(class_names: list[str] | tuple[str, ...], normal: int) -> list[int]:
+    """Indices of the classes a multi-label network has an output for: all but the normal one."""
+    return [i for i in range(len(class_names)) if i != normal]
+
+
+def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str, Tensor] | None, seed: int, image_size: int = 224) -> nn.Module:
+    """The stage II network: MGACR heads only when a MGACR term is switched on.
+
+    ``num_classes`` counts every class; a multi-label network gets one output per finding.
+    """
+    torch.manual_seed(seed)
+    if config.architecture != "resnet18":
+        outputs = num_classes - 1 if config.multi_label else num_classes
+        net = build_network(config.architecture, outputs, **network_options(config, image_size))
+        if encoder is not None:
+            net.load_encoder(encoder)
+        return net
+    stages = config.mgacr.stages if config.mgacr.enabled else ()
+    net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages)
+    if encoder is not None:
+        missing, unexpected = net.backbone.load_state_dict(encoder, strict=False)
+        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+            raise ValueError(f"pre-trained encoder does not fit: missing {missing}, unexpected {unexpected}")
+    return net
+
+
+def classification_loss(config: FinetuneConfig, class_counts: list[int], class_names: list[str]) -> nn.Module:
+    loss = config.loss
+    if loss.kind == "ce":
+        return nn.CrossEntropyLoss()
+    if loss.kind == "sqrt_focal":
+        return SqrtFocalLoss(class_counts, alpha=loss.alpha, gamma=loss.gamma, normal_index=normal_index(class_names), class_names=class_names)
+    beta = loss.beta if loss.kind == "cb_focal" else 0.0  # beta 0: equal weights, plain focal loss
+    return CBFocalLoss(class_counts, beta=beta, gamma=loss.gamma, mode=loss.mode, class_names=class_names)
+
+
+def mgacr_loss(config: FinetuneConfig) -> MGACRLoss | None:
+    m = config.mgacr
+    if not m.enabled:
+        return None
+    return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps)
+
+
+def make_optimizer(config: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def variant_loss(config: FinetuneConfig, positive_counts: list[int], names: list[str]) -> nn.Module:
+    """The multi-label variants' own losses; CIA-Net's is assembled in :func:`multi_label_step`."""
+    if config.architecture == "class_attention":
+        return ClassAttentionLoss(positive_counts, config.class_attention.entropy_weight, names)
+    return CIAObjective(config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight)
+
+
+class CIAObjective(nn.Module):
+    """Eq. 6 plus the alignment's feature reconstruction (Eq. 2) and consistency losses."""
+
+    def __init__(self, box_weight: float, feature_weight: float, consistency_weight: float) -> None:
+        super().__init__()
+        self.box_weight, self.feature_weight, self.consistency_weight = box_weight, feature_weight, consistency_weight
+
+    def forward(self, net: nn.Module, outputs, targets: Tensor, mask: Tensor, has_boxes: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        grid = outputs.grid
+        # A grid cell is positive for the image's class when it overlaps one of its boxes.
+        cells = (F.adaptive_max_pool2d(mask, grid.shape[-2:]) > 0.01).float()
+        boxed = targets * has_boxes[:, None].float()  # lambda: class k of the image has a box
+        detection = cia_loss(grid, targets[:, :, None, None] * cells, boxed, targets, self.box_weight)
+        parts = {"cia": detection}
+        loss = detection
+        if outputs.aligned is not None:
+            canonical = net.canonical.expand_as(outputs.aligned)
+            feature = feature_reconstruction_loss(net.probe(outputs.aligned), net.probe(canonical))
+            consistency = consistency_loss(outputs.aligned, canonical)
+            loss = loss + self.feature_weight * feature + self.consistency_weight * consistency
+            parts |= {"align_feat": feature, "align_consistency": consistency}
+        return loss, parts
