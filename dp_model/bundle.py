@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import warnings
 from importlib import metadata as importlib_metadata
 from importlib.resources import files
@@ -36,7 +35,8 @@ from torch import nn
 
 
 from .contract import ContractError, ModelContract
-from .ood import FeatureStatistics
+from .ood import FeatureStatistics, classifier_layer
+from .ood import digest as ood_digest
 
 logger = logging.getLogger(__name__)
 
@@ -237,56 +237,82 @@ The weights are not a medical device and are not for clinical use.
 """
 
 
-#: Attributes that name or date a patient, a visit or a site: removed from the samples a bundle carries.
-IDENTIFYING = (
-    "AccessionNumber", "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-    "OperatorsName", "StudyID", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
-    "AcquisitionTime", "ContentTime", "StationName", "DeviceSerialNumber", "RequestAttributesSequence",
+#: What a sample image keeps (an allow-list, after PS3.15's Basic Profile): what the pixels
+#: need to be read as the node reads them, and nothing that names or dates a patient, a visit,
+#: a device or a site.
+KEPT = (
+    "SOPClassUID", "Modality", "ImageType", "BodyPartExamined", "ViewPosition", "PatientOrientation", "SamplesPerPixel",
+    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "PlanarConfiguration", "PixelSpacing", "ImagerPixelSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType",
+    "WindowCenter", "WindowWidth", "VOILUTFunction", "PresentationLUTShape", "PixelIntensityRelationship",
+    "PixelIntensityRelationshipSign", "LossyImageCompression", "PixelData",
+)  # fmt: skip
+#: Type 2 attributes of the modules a CR/DX image needs: present, empty.
+EMPTIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
+    "StudyID", "SeriesNumber", "InstanceNumber", "Manufacturer",
 )  # fmt: skip
 
 
 def write_samples(root: Path, images: list[Path]) -> None:
     """A few images for ``inference.json`` to run on out of the box, without patient data.
 
-    DICOM files lose the patient module, private elements and the identifying attributes
-    above; other images are decoded and written again (no metadata). File names are
-    ``sample-N`` (names like an RSNA patientId identify a patient).
+    DICOM files are rebuilt from an allow-list (:data:`KEPT`) with new UIDs; an image with
+    annotations burned in is left out. Other images are decoded and written again (pixels and
+    spacing only). File names are ``sample-N`` (names like an RSNA patientId identify a patient).
     """
     folder = root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    for number, image in enumerate(images, start=1):
-        target = folder / f"sample-{number}{image.suffix.lower()}"
-        if image.suffix.lower() in (".dcm", ".dicom"):
-            _deidentified(image).save_as(target, enforce_file_format=True)
-        elif image.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-            from PIL import Image
-
-            with Image.open(image) as opened:
-                opened.copy().save(target)  # pixels only
+    number = 0
+    for image in images:
+        suffix = image.suffix.lower()
+        target = folder / f"sample-{number + 1}{suffix}"
+        if suffix in (".dcm", ".dicom"):
+            ds = _deidentified(image)
+            if ds is None:
+                continue
+            ds.save_as(target, enforce_file_format=True)
         else:
-            shutil.copy2(image, target)
+            _pixels_only(image, target)
+        number += 1
 
 
 def _deidentified(path: Path):
+    """A new data set holding only :data:`KEPT` from ``path``; None when annotations are burned in."""
     from pydicom import dcmread
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import generate_uid
 
-    ds = dcmread(path)
-    ds.remove_private_tags()
-    for element in list(ds):
-        if element.tag.group == 0x0010 and element.keyword not in ("PatientSex", "PatientAge"):
-            del ds[element.tag]
-    for keyword in IDENTIFYING:
-        if keyword in ds:
-            delattr(ds, keyword)
+    source = dcmread(path)
+    if str(source.get("BurnedInAnnotation", "")).upper() == "YES":
+        logger.info("%s: annotations burned into the pixels; not shipped as a sample", path.name)
+        return None
+    ds = Dataset()
+    for keyword in KEPT:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):  # a spacing of 0 (as some files hold) is no spacing
+        if keyword in ds and not all(float(v) > 0 for v in (ds[keyword].value or [0])):
+            del ds[keyword]
+    for keyword in EMPTIED:
+        setattr(ds, keyword, "")
     ds.PatientName, ds.PatientID = "SAMPLE^IMAGE", "SAMPLE"
-    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "dp-train: patient, dates, site, private data removed"
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        if keyword in ds:
-            setattr(ds, keyword, generate_uid())
-    if "SOPInstanceUID" in ds and hasattr(ds, "file_meta"):
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "dp-train: allow-list, new UIDs"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = source.file_meta.TransferSyntaxUID
     return ds
+
+
+def _pixels_only(image: Path, target: Path) -> None:
+    """Pixels (and spacing) written again: no header field of the original travels."""
+    import SimpleITK as sitk
+
+    read = sitk.ReadImage(str(image))
+    clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(read), isVector=read.GetNumberOfComponentsPerPixel() > 1)
+    clean.SetSpacing(read.GetSpacing())
+    sitk.WriteImage(clean, str(target))
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -319,15 +345,19 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[n
     return model.to(device).eval(), contract
 
 
-def load_feature_statistics(root: str | Path, contract: ModelContract) -> FeatureStatistics | None:
-    """The out-of-distribution gate's statistics (``models/ood.pt``), None for a bundle without a gate."""
+def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn.Module | None = None) -> FeatureStatistics | None:
+    """The out-of-distribution gate's statistics (``models/ood.pt``), checked against the
+    contract's digest and the network's feature size; None for a bundle without a gate."""
     if contract.ood is None:
         return None
     path = Path(root) / "models" / "ood.pt"
+    layer = classifier_layer(model) if model is not None else None
     try:
-        return FeatureStatistics.load(path)
-    except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise BundleError(f"{path}: the out-of-distribution gate's statistics are missing or unreadable ({str(exc).splitlines()[0]})") from None
+        if contract.ood.digest and ood_digest(path) != contract.ood.digest:
+            raise ValueError("its SHA-256 differs from the one metadata.json records (altered or from another training)")
+        return FeatureStatistics.load(path, layer.in_features if layer is not None else None)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, AttributeError, TypeError) as exc:
+        raise BundleError(f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})") from None
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ after, with a bootstrap interval, on held-out images.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .contract import OperatingPoint
+from .contract import TEMPERATURE_RANGE, OperatingPoint
+
+logger = logging.getLogger(__name__)
 
 #: Bins of the reliability diagram and of the ECE.
 BINS = 15
 #: The temperature is searched within these bounds.
-T_MIN, T_MAX = 0.05, 20.0
+T_MIN, T_MAX = TEMPERATURE_RANGE
 
 
 def _nll(logits: Tensor, targets: Tensor, multi_label: bool) -> Tensor:
@@ -39,7 +42,11 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool =
     """
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(targets))
-    if len(x) == 0:
+    if len(x) < 2 or not torch.isfinite(x).all():
+        logger.warning("calibration: %s; temperature 1", "non-finite logits" if len(x) else "fewer than two validation images")
+        return 1.0
+    if not multi_label and len(torch.unique(y)) < 2:
+        logger.warning("calibration: the validation split holds one class only; temperature 1")
         return 1.0
     # A golden-section search on log T: the NLL is unimodal in T, and this needs no step size.
     lo, hi = np.log(T_MIN), np.log(T_MAX)
@@ -59,7 +66,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool =
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
             fb = loss(b)
-    return float(np.exp((lo + hi) / 2))
+    found = float(np.exp((lo + hi) / 2))
+    if not T_MIN * 1.01 < found < T_MAX / 1.01:
+        logger.warning("calibration: the temperature %.3g lies at the bound of the search; the validation split says little", found)
+    return found
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
@@ -116,9 +126,15 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
     if (sensitivity is None) == (specificity is None):
         raise ValueError("give a target sensitivity or a target specificity")
+    target_value = sensitivity if sensitivity is not None else specificity
+    if not 0 < target_value <= 1:
+        raise ValueError(f"a target sensitivity or specificity lies in (0, 1], got {target_value}")
+    if not np.isfinite(scores).all():
+        raise ValueError("non-finite scores on the validation split")
     if positive.all() or not positive.any():
         raise ValueError("the validation split needs images with and without pneumonia to place an operating point")
-    candidates = np.unique(np.clip(scores, 1e-6, 1 - 1e-6))
+    scores = np.clip(scores, 1e-6, 1 - 1e-6)  # a threshold lies strictly between 0 and 1
+    candidates = np.unique(scores)
     sens = np.array([(scores[positive] >= t).mean() for t in candidates])
     spec = np.array([(scores[~positive] < t).mean() for t in candidates])
     if sensitivity is not None:
@@ -126,6 +142,8 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
         target = f"sensitivity {sensitivity:.2f} on validation"
     else:
         reaching = np.nonzero(spec >= specificity)[0]
-        chosen = int(reaching.min()) if len(reaching) else len(candidates) - 1
+        if not len(reaching):
+            raise ValueError(f"no threshold reaches a specificity of {specificity:.2f} on the validation split")
+        chosen = int(reaching.min())
         target = f"specificity {specificity:.2f} on validation"
     return OperatingPoint(float(candidates[chosen]), target, round(float(sens[chosen]), 4), round(float(spec[chosen]), 4))

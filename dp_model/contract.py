@@ -19,6 +19,7 @@ names the defaults used so that the node can say so at start.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,13 +56,17 @@ class OperatingPoint:
 
     @staticmethod
     def from_json(data: dict) -> OperatingPoint:
+        if not isinstance(data, dict):
+            raise ContractError(f"an operating point must be an object, not {type(data).__name__}")
         threshold = float(data["threshold"])
-        if not 0.0 < threshold < 1.0:
+        if not 0.0 < threshold < 1.0:  # NaN fails this too
             raise ContractError(f"operating point threshold must be between 0 and 1, got {threshold}")
         sensitivity, specificity = (None if data.get(key) is None else float(data[key]) for key in ("sensitivity", "specificity"))
         return OperatingPoint(threshold, str(data.get("target", "")), sensitivity, specificity)
 
 
+#: The temperatures a contract may hold (the calibration searches within them).
+TEMPERATURE_RANGE = (0.05, 20.0)
 #: The "present" point of a bundle that carries none.
 DEFAULT_PRESENT = OperatingPoint(0.5, "0.5 (the bundle states no operating point)")
 
@@ -75,21 +80,30 @@ class OODGate:
         threshold: on the distance; the ``quantile`` of held-out in-distribution distances.
         quantile: so that about ``1 - quantile`` of in-distribution images are turned away.
         held_out: how many held-out images the threshold comes from.
+        digest: SHA-256 of ``models/ood.pt`` (the statistics), checked at load.
     """
 
     threshold: float
     quantile: float
     held_out: int
     kind: str = "mahalanobis"
+    digest: str = ""
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "threshold": self.threshold, "quantile": self.quantile, "held_out": self.held_out}
+        return {"kind": self.kind, "threshold": self.threshold, "quantile": self.quantile, "held_out": self.held_out, "digest": self.digest}
 
     @staticmethod
     def from_json(data: dict) -> OODGate:
+        if not isinstance(data, dict):
+            raise ContractError(f"ood must be an object, not {type(data).__name__}")
         if data.get("kind", "mahalanobis") != "mahalanobis":
             raise ContractError(f"out-of-distribution gate {data.get('kind')!r} is not known (mahalanobis)")
-        return OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]))
+        gate = OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]), digest=str(data.get("digest", "")))
+        if not (math.isfinite(gate.threshold) and gate.threshold > 0):
+            raise ContractError(f"ood threshold must be a finite number above 0, got {gate.threshold}")
+        if not 0 < gate.quantile < 1 or gate.held_out < 1:
+            raise ContractError(f"ood quantile must be between 0 and 1 and held_out at least 1, got {gate.quantile}, {gate.held_out}")
+        return gate
 
 
 def pneumonia_probability(probabilities: np.ndarray, outputs: tuple[str, ...], pneumonia: tuple[str, ...], multi_label: bool) -> np.ndarray:
@@ -128,7 +142,8 @@ def decide(
     """
     probabilities = np.asarray(probabilities)
     p = float(pneumonia_probability(probabilities, outputs, pneumonia, multi_label))
-    positive, flagged = p >= threshold, triage is not None and p >= triage
+    positive = p >= threshold  # NaN is never positive; the node refuses non-finite outputs before this
+    flagged = positive and triage is not None and p >= triage  # a flag on a negative report would contradict it
     ranked = sorted((c for c in pneumonia if c in outputs), key=lambda c: -float(probabilities[outputs.index(c)]))
     if not positive or not ranked:
         return Decision(p, positive, flagged, normal, ())
@@ -253,11 +268,13 @@ class ModelContract:
                 tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
                 str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
                 str(data.get("architecture", "resnet18")), dict(data.get("options", {})),
-                tuple(data.get("pneumonia_classes", ())), float(data.get("temperature", 1.0)), dict(data.get("calibration", {})),
-                {str(k): OperatingPoint.from_json(v) for k, v in data.get("operating_points", {}).items()},
+                _strings(data.get("pneumonia_classes", []), "pneumonia_classes"), float(data.get("temperature", 1.0)), dict(data.get("calibration", {})),
+                {str(k): OperatingPoint.from_json(v) for k, v in _mapping(data.get("operating_points", {}), "operating_points").items()},
                 None if data.get("ood") is None else OODGate.from_json(data["ood"]),
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
+        except ContractError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContractError(f"the deep_pneumonia model contract is incomplete or invalid ({exc})") from None
         contract.check()
         return contract
@@ -269,5 +286,20 @@ class ModelContract:
         unknown = [c for c in self.pneumonia_classes if c not in self.classes or c == self.normal_class]
         if unknown:
             raise ContractError(f"pneumonia class {unknown[0]!r} is not a finding of {list(self.classes)}")
-        if not self.temperature > 0:
-            raise ContractError(f"temperature must be > 0, got {self.temperature}")
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:  # NaN and inf fail this too
+            raise ContractError(f"temperature must be between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}, got {self.temperature}")
+        triage = self.triage_point
+        if triage is not None and triage.threshold < self.present_point.threshold:
+            raise ContractError(f"the triage point {triage.threshold} is below the present point {self.present_point.threshold}")
+
+
+def _strings(value, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ContractError(f"{name} must be a list of class names")
+    return tuple(value)
+
+
+def _mapping(value, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise ContractError(f"{name} must be an object")
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ from torch import nn
 
 from dp_transforms import ImageError, load_letterboxed
 
-from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle
+from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
 from .architectures import class_scores
+from .ood import penultimate
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +32,28 @@ class Predictor:
             network.load_state_dict(loaded.state_dict())
             network.eval()
         self.device = torch.device(device)
+        self.statistics = load_feature_statistics(self.root, self.contract, loaded)
+        self.assessed: list[bool] = []  # of the images of the last call, as the node's gate decides
 
     @torch.no_grad()
     def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
-        """Output probabilities of the images that load (NaN rows for the others); the reasons of those that do not."""
-        out, problems = [], []
+        """Output probabilities of the images that load (NaN rows for the others); the reasons
+        of those that do not. :attr:`assessed` says, per image, whether the out-of-distribution
+        gate lets it through (as in the node)."""
+        out, problems, self.assessed = [], [], []
         for path in paths:
             try:
                 canvas, _, _ = load_letterboxed(path, self.contract.image_size)
             except ImageError as exc:
                 problems.append(str(exc))
                 out.append(np.full(len(self.contract.output_classes), np.nan))
+                self.assessed.append(False)
                 continue
-            out.append(self.contract.probabilities(self.model(canvas[None].to(self.device)))[0].cpu().numpy())
+            with penultimate(self.model) if self.statistics is not None else nullcontext([]) as seen:
+                logits = self.model(canvas[None].to(self.device))
+            out.append(self.contract.probabilities(logits)[0].cpu().numpy())
+            score = self.statistics.scores(seen[-1].to(self.device))[0] if self.statistics is not None else None
+            self.assessed.append(score is None or bool(score <= self.contract.ood.threshold))
         return np.asarray(out), problems
 
     def predict_folder(self, input_dir: str, output_dir: str) -> Path:
@@ -50,7 +61,7 @@ class Predictor:
 
         The prediction follows the contract's rule (:meth:`~dp_model.contract.ModelContract.decide`)
         at the bundle's operating point: the normal class, or the pneumonia finding(s) present
-        joined by "+".
+        joined by "+"; "not assessed" for an image the out-of-distribution gate stops.
         """
         paths = sorted(p for p in Path(input_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
@@ -61,8 +72,8 @@ class Predictor:
         with (out / "predictions.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["image", "prediction", *self.contract.output_classes])
-            for path, p in zip(paths, probabilities):
-                label = "unreadable" if np.isnan(p).any() else self._label(p)
+            for path, p, assessed in zip(paths, probabilities, self.assessed):
+                label = "unreadable" if np.isnan(p).any() else self._label(p) if assessed else "not assessed"
                 writer.writerow([str(path), label, *(f"{v:.4f}" for v in p)])
         for problem in problems:
             logger.warning("skipped %s", problem)

@@ -175,6 +175,11 @@ class DeepPneumoniaNet(nn.Module):
         """Where Grad-CAM looks: the last residual stage."""
         return self.backbone.layer4
 
+    @property
+    def classifier_layer(self) -> nn.Linear:
+        """The linear layer whose input (one row per image) is the penultimate representation."""
+        return self.backbone.fc
+
     def nearest_stage(self, preferred: int = 3) -> int:
         """The stage with a head nearest to ``preferred`` (the deeper one on a tie)."""
         if not self.attention_stages:
@@ -221,6 +226,11 @@ class BaselineNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.normalize(x))
+
+    @property
+    def classifier_layer(self) -> nn.Linear:
+        """The linear layer whose input (one row per image) is the penultimate representation."""
+        return self.net.fc if hasattr(self.net, "fc") else self.net.classifier[-1]
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -285,6 +295,11 @@ class AttentionResNet50(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.normalize(x))
+
+    @property
+    def classifier_layer(self) -> nn.Linear:
+        """The linear layer whose input (one row per image) is the penultimate representation."""
+        return self.net.fc if hasattr(self.net, "fc") else self.net.classifier[-1]
 
     @property
     def cam_layer(self) -> nn.Module:

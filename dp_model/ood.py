@@ -28,20 +28,21 @@ SHRINKAGE = 0.1
 QUANTILE = 0.99
 
 
-def last_linear(model: nn.Module) -> nn.Linear | None:
-    """The network's last linear layer, whose input is the penultimate representation."""
-    found = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return found[-1] if found else None
+def classifier_layer(model: nn.Module) -> nn.Linear | None:
+    """The layer whose input is the penultimate representation, one row per image, as the
+    network names it (``classifier_layer``); None for a network that names none (CIA-Net,
+    whose last linear layers belong to its alignment module and see other images too)."""
+    return getattr(model, "classifier_layer", None)
 
 
 @contextmanager
 def penultimate(model: nn.Module) -> Iterator[list[Tensor]]:
     """Within the block, every forward pass appends its penultimate features ``(B, D)`` to the list."""
-    layer = last_linear(model)
+    layer = classifier_layer(model)
     if layer is None:
-        raise ValueError(f"{type(model).__name__} has no linear layer: no penultimate features for an out-of-distribution gate")
+        raise ValueError(f"{type(model).__name__} names no classifier layer: no penultimate features for an out-of-distribution gate")
     seen: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().flatten(1).float().cpu()))
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().flatten(1).float()))
     try:
         yield seen
     finally:
@@ -82,9 +83,33 @@ class FeatureStatistics:
         torch.save({"means": self.means.contiguous(), "precision": self.precision.contiguous()}, path)
 
     @staticmethod
-    def load(path: Path) -> FeatureStatistics:
+    def load(path: Path, features: int | None = None) -> FeatureStatistics:
+        """Read and check: means ``(K, D)``, a symmetric positive-definite precision ``(D, D)``,
+        finite, ``D == features`` when given.
+
+        Raises:
+            ValueError: what is wrong, in words.
+        """
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return FeatureStatistics(state["means"].float(), state["precision"].float())
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor) for k in ("means", "precision")):
+            raise ValueError("not a dict of tensors 'means' and 'precision'")
+        means, precision = state["means"].float(), state["precision"].float()
+        if means.ndim != 2 or precision.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]) or len(means) == 0:
+            raise ValueError(f"shapes do not fit: means {tuple(means.shape)}, precision {tuple(precision.shape)}")
+        if features is not None and means.shape[1] != features:
+            raise ValueError(f"{means.shape[1]} feature dimensions, the network has {features}")
+        if not (torch.isfinite(means).all() and torch.isfinite(precision).all()):
+            raise ValueError("non-finite values")
+        if not torch.allclose(precision, precision.T, rtol=1e-4, atol=1e-6) or torch.linalg.cholesky_ex(precision.double()).info != 0:
+            raise ValueError("the precision is not symmetric positive-definite")
+        return FeatureStatistics(means, precision)
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of the statistics file: the contract records it, the loader checks it."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def threshold(held_out_scores: np.ndarray, quantile: float = QUANTILE) -> float:

@@ -97,6 +97,12 @@ class ClassAttentionNet(nn.Module):
         self.own = nn.Parameter(torch.empty(num_classes, 256))  # class j's weights on g_3j
         nn.init.normal_(self.own, std=1.0 / math.sqrt(256 + 192))
 
+    @property
+    def classifier_layer(self) -> nn.Linear:
+        """The shared linear layer over (g_1, g_2), one row per image: the gate's features (the
+        per-finding g_3 terms are not in them)."""
+        return self.shared
+
     def forward(self, x: Tensor, train_outputs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``(B, k)``; with ``train_outputs``, also the class maps ``w_3j`` ``(B, k, H, W)``."""
         out = stem(self.backbone, self.normalize(x))

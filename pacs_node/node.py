@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -350,7 +351,7 @@ class Node:
         if prediction.triage_point is not None:
             result["triage"] = prediction.triage
         if prediction.ood_score is not None:
-            result["ood_score"] = round(prediction.ood_score, 2)
+            result["ood_score"] = round(prediction.ood_score, 2) if np.isfinite(prediction.ood_score) else None
         if not prediction.assessed:
             result |= {"label": None, "positive": None, "not_assessed": "out-of-distribution"}
         outcome = "not-assessed" if not prediction.assessed else "positive" if prediction.positive else "negative"

@@ -86,8 +86,9 @@ class Prediction:
 
     @property
     def assessed(self) -> bool:
-        """False when the image lies outside the model's training distribution: no finding is asserted."""
-        return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold
+        """False when the image lies outside the model's training distribution (or its score
+        is not a number): no finding is asserted."""
+        return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold  # NaN: not assessed
 
     @property
     def decision(self) -> Decision:
@@ -186,7 +187,7 @@ class NodePredictor:
             raise ValueError(f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)")
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
-        self.statistics = load_feature_statistics(bundle, self.contract)
+        self.statistics = load_feature_statistics(bundle, self.contract, self.model)
         if self.statistics is not None:
             self.statistics = type(self.statistics)(self.statistics.means.to(self.device), self.statistics.precision.to(self.device))
         self.operating_point = self.contract.present_point.threshold if operating_point is None else operating_point
@@ -202,6 +203,9 @@ class NodePredictor:
             logger.info("operating point %.4f from the bundle (%s)", point.threshold, point.target or "no target stated")
         else:
             logger.info("operating point %.4f set in the node's configuration (the bundle's is %.4f, %s)", override, point.threshold, point.target or "no target stated")
+        triage = self.contract.triage_point
+        if override is not None and triage is not None and override > triage.threshold:
+            logger.warning("the configured operating point %.4f lies above the bundle's triage point %.4f: every positive image is also flagged", override, triage.threshold)
         for default in self.contract.defaults():
             logger.info("the bundle states no %s", default)
         if self.contract.ood is not None and not self.ood_gate:
@@ -229,10 +233,14 @@ class NodePredictor:
                 maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
         if not self.class_maps and self.stage is None:
             maps = grad_cam(self.model, batch, self.model.cam_layer)
-        scores = None
-        if self.statistics is not None and seen and seen[-1].shape[0] == len(batch):
-            scores = self.statistics.scores(seen[-1].to(self.device))
-        return self.contract.probabilities(logits).cpu().numpy(), maps.float().cpu(), scores
+        probabilities = self.contract.probabilities(logits).cpu().numpy()
+        if not np.isfinite(probabilities).all():
+            raise ValueError("the model gave non-finite outputs")  # fails the image: no report on numbers that mean nothing
+        if self.statistics is None:
+            return probabilities, maps.float().cpu(), None
+        if len(seen) != 1 or seen[0].shape[0] != len(batch):  # the gate fails closed, never open
+            raise RuntimeError(f"the out-of-distribution gate saw {len(seen)} feature passes for one batch")
+        return probabilities, maps.float().cpu(), self.statistics.scores(seen[0].to(self.device))
 
     def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor, ood_score: float | None) -> Prediction:
         contract = self.contract

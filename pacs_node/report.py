@@ -119,13 +119,14 @@ def _image_group(
 
 def _not_assessed_group(source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """An image outside the training distribution: pneumonia indeterminate, why (coded), no certainty."""
-    score = hd.sr.Measurement(name=codes.DISTRIBUTION_SCORE, value=round(float(prediction.ood_score), 2), unit=codes.NO_UNITS, algorithm_id=algorithm)
+    score = float(prediction.ood_score) if prediction.ood_score is not None else float("nan")
+    measured = [hd.sr.Measurement(name=codes.DISTRIBUTION_SCORE, value=round(score, 2), unit=codes.NO_UNITS, algorithm_id=algorithm)] if np.isfinite(score) else []
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid("pneumonia"), identifier="Pneumonia (image, not assessed)"),
         finding_type=codes.PNEUMONIA,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
-        measurements=[score],
+        measurements=measured,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=codes.PNEUMONIA, value=codes.INDETERMINATE),
             hd.sr.QualitativeEvaluation(name=codes.WITHIN_DISTRIBUTION, value=codes.NO),

@@ -39,6 +39,12 @@ def test_the_rule_sums_exclusive_classes_and_takes_the_largest_independent_findi
     assert not none.positive and none.label == "normal" and none.findings == ()
 
 
+def test_no_triage_flag_on_a_negative_report_whatever_the_override() -> None:
+    points = {"present": OperatingPoint(0.3), "triage": OperatingPoint(0.8)}
+    decision = contract(operating_points=points).decide(np.array([0.1, 0.8, 0.1]), threshold=0.95)  # pneumonia 0.9
+    assert not decision.positive and not decision.triage
+
+
 def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> None:
     points = {"present": OperatingPoint(0.3, "sensitivity 0.90"), "triage": OperatingPoint(0.8, "specificity 0.95")}
     with_points = contract(operating_points=points)
@@ -59,7 +65,24 @@ def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> 
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"pneumonia_classes": ["normal"]}, "pneumonia class"), ({"temperature": 0}, "temperature"), ({"operating_points": {"present": {"threshold": 1.5}}}, "threshold")],
+    [
+        ({"pneumonia_classes": ["normal"]}, "pneumonia class"),
+        ({"pneumonia_classes": {"lobar": 1}}, "pneumonia_classes"),
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": 1e-300}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e30}, "temperature"),
+        ({"operating_points": {"present": {"threshold": 1.5}}}, "threshold"),
+        ({"operating_points": {"present": {"threshold": float("nan")}}}, "threshold"),
+        ({"operating_points": [0.5]}, "operating_points"),
+        ({"operating_points": {"present": None}}, "operating point"),
+        ({"operating_points": {"present": {"threshold": 0.7}, "triage": {"threshold": 0.1}}}, "triage point"),
+        ({"ood": [1, 2]}, "ood"),
+        ({"ood": {"threshold": float("inf"), "quantile": 0.99, "held_out": 40}}, "ood threshold"),
+        ({"ood": {"threshold": float("nan"), "quantile": 0.99, "held_out": 40}}, "ood threshold"),
+        ({"ood": {"threshold": -5, "quantile": 0.99, "held_out": 40}}, "ood threshold"),
+        ({"ood": {"threshold": 800, "quantile": 7, "held_out": -3}}, "quantile"),
+    ],
 )
 def test_an_inconsistent_contract_is_refused_with_the_field_named(change: dict, message: str) -> None:
     with pytest.raises(ContractError, match=message):
@@ -112,3 +135,24 @@ def test_the_mahalanobis_gate_passes_held_out_in_distribution_features_and_stops
     gate = threshold(stats.scores(held_out[:100]))
     assert (stats.scores(held_out[100:]) <= gate).mean() >= 0.9
     assert (stats.scores(shifted) > gate).all()
+
+
+def test_operating_points_refuse_what_the_validation_split_cannot_give() -> None:
+    positive = np.array([True, True, False, False])
+    with pytest.raises(ValueError, match="no threshold reaches a specificity"):
+        operating_point(np.array([0.5, 0.5, 0.5, 0.5]), positive, specificity=0.95)
+    with pytest.raises(ValueError, match="non-finite"):
+        operating_point(np.array([0.5, np.nan, 0.2, 0.1]), positive, sensitivity=0.9)
+    zero = operating_point(np.array([0.0, 0.0, 0.0, 0.0]), positive, sensitivity=0.9)  # scores of exactly 0
+    assert 0 < zero.threshold < 1 and zero.sensitivity == 1.0
+    assert fit_temperature(np.full((5, 3), np.nan), np.zeros(5, int)) == 1.0
+    assert fit_temperature(np.random.default_rng(0).normal(size=(20, 3)), np.zeros(20, int)) == 1.0  # one class: nothing to fit
+
+
+def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> None:
+    from dp_model.architectures import build_network
+    from dp_model.ood import classifier_layer
+
+    net = build_network("resnet18", 5)
+    assert classifier_layer(net) is net.backbone.fc
+    assert classifier_layer(build_network("cia_net", 4)) is None  # its last linear layers see the paired normal image too

@@ -94,7 +94,7 @@ def test_a_bundle_carries_no_patient_data(demo_bundle: Path) -> None:
     for path in (demo_bundle / "samples").iterdir():
         assert path.name.startswith("sample-")
         ds = dcmread(path)
-        assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == "SAMPLE" and "StudyDate" not in ds
+        assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == "SAMPLE" and not ds.StudyDate
         assert not any(element.tag.is_private for element in ds)
 
 
@@ -111,3 +111,84 @@ def test_calibrated_probabilities_are_what_the_node_reports(predictor: NodePredi
     (answer,) = predictor.predict([prepared])
     assert np.allclose(answer.probabilities, expected, atol=1e-5)
     assert codes.TRIAGE_FLAG.scheme_designator == codes.PRIVATE_SCHEME
+
+
+@pytest.mark.parametrize("tamper", ["digest", "shape", "not-positive-definite", "not-a-dict"])
+def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later(demo_bundle: Path, tmp_path: Path, tamper: str) -> None:
+    import torch
+
+    from dp_model.bundle import BundleError
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, copy)
+    path = copy / "models" / "ood.pt"
+    state = torch.load(path, weights_only=True)
+    meta_path = copy / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    if tamper == "digest":
+        state["means"] = state["means"] + 1.0
+    elif tamper == "shape":
+        state["means"] = state["means"][:, :-1]
+    elif tamper == "not-positive-definite":
+        state["precision"] = -state["precision"]
+    else:
+        state = [state["means"]]
+    torch.save(state, path)
+    if tamper != "digest":  # the digest says so first; past it, the content is checked
+        meta["deep_pneumonia"]["ood"]["digest"] = ""
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="ood.pt"):
+        NodePredictor(copy, "cpu")
+
+
+def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assessed(predictor: NodePredictor, demo_bundle: Path, rg1_path: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from pacs_node.identity import ResultIdentity
+    from pacs_node.report import build_report
+
+    ds = dcmread(min((demo_bundle / "samples").glob("*.dcm")))
+    prepared = prepare(ds, predictor.contract.image_size)
+    layer = predictor.model.classifier_layer
+    handle = layer.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    try:
+        with pytest.raises(ValueError, match="non-finite outputs"):
+            predictor.predict([prepared])
+    finally:
+        handle.remove()
+    (answer,) = predictor.predict([prepared])
+    nan_score = dataclasses.replace(answer, ood_score=float("nan"))
+    assert not nan_score.assessed and not nan_score.positive
+    rg1 = dcmread(rg1_path)
+    sr = build_report(rg1, nan_score, predictor.contract, ResultIdentity.of(rg1, predictor.contract))
+    assert "82334004" in str(sr.ContentSequence)  # Indeterminate, the score left out
+
+
+
+def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(tmp_path: Path, rg1_path: Path) -> None:
+    from pydicom.dataset import Dataset
+
+    from dp_model.bundle import write_samples
+
+    ds = dcmread(rg1_path)
+    ds.InstitutionalDepartmentName, ds.RequestingPhysician, ds.AdmissionID = "Our Department", "Smith^John", "ADM42"
+    ds.AcquisitionDateTime, ds.StationName = "20240101101010", "ROOM1"
+    referenced = Dataset()
+    referenced.PatientName, referenced.PatientID = "Doe^Jane", "MRN123"
+    ds.ReferencedPatientSequence = [referenced]
+    ds.add_new(0x60003000, "OW", b"\x00" * 8)
+    ds.add_new(0x60000022, "LO", "DOE JANE 1940")
+    original = tmp_path / "original.dcm"
+    ds.save_as(original)
+    burned = tmp_path / "burned.dcm"
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(burned)
+    write_samples(tmp_path / "bundle", [original, burned])
+    (sample,) = (tmp_path / "bundle" / "samples").iterdir()  # the burned-in one is left out
+    text = sample.read_bytes()
+    for value in (b"Doe^Jane", b"MRN123", b"Our Department", b"Smith^John", b"ADM42", b"ROOM1", b"DOE JANE", b"20240101", str(ds.StudyInstanceUID).encode()):
+        assert value not in text, value
+    kept = dcmread(sample)
+    assert kept.PatientIdentityRemoved == "YES" and kept.Rows == ds.Rows and kept.pixel_array.shape == ds.pixel_array.shape
+    check = run_tool("dciodvfy", sample, check=False)
+    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout + check.stderr

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..calibration import Reliability, fit_temperature, operating_point, probabilities, reliability
 from ..contract import OODGate, OperatingPoint, pneumonia_probability
-from ..ood import QUANTILE, FeatureStatistics, last_linear, penultimate, threshold
+from ..ood import QUANTILE, FeatureStatistics, classifier_layer, penultimate, threshold
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -34,15 +34,14 @@ def outputs(model: nn.Module, data: Resident, batch_size: int = 128) -> tuple[np
     model = model.eval().cpu()
     logits: list[torch.Tensor] = []
     features: list[torch.Tensor] | None = []
-    with penultimate(model) if last_linear(model) is not None else nullcontext(None) as seen:
+    with penultimate(model) if classifier_layer(model) is not None else nullcontext(None) as seen:
         for start in range(0, len(data), batch_size):
             x = data.batch(torch.arange(start, min(len(data), start + batch_size)))[0].cpu()
             if seen is not None:
                 seen.clear()
             logits.append(model(x).float())
-            # One row per image, or the last linear layer is not the image's classifier (CIA-Net's grid): no gate.
-            if features is not None and seen and seen[-1].shape[0] == len(x):
-                features.append(seen[-1])
+            if features is not None and len(seen) == 1 and seen[0].shape[0] == len(x):  # one pass, one row per image
+                features.append(seen[0].cpu())
             else:
                 features = None
     features = torch.cat(features) if features else None
@@ -103,7 +102,7 @@ def fit(model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], n
 
 def _gate(model: nn.Module, train: Resident, val_features: torch.Tensor | None, classes: tuple[str, ...]) -> tuple[OODGate | None, FeatureStatistics | None]:
     if val_features is None or len(val_features) < 10:
-        logger.warning("no out-of-distribution gate: %s", "the network has no linear classifier" if val_features is None else "fewer than 10 validation images")
+        logger.warning("no out-of-distribution gate: %s", "the network names no classifier layer" if val_features is None else "fewer than 10 validation images")
         return None, None
     _, train_features = outputs(model, train)
     statistics = FeatureStatistics.fit(train_features, train.labels.cpu().numpy())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +14,7 @@ import torch
 
 from ..bundle import LICENSE, weights_uid, write_configs, write_metadata, write_model, write_samples
 from ..contract import ModelContract
+from ..ood import digest as ood_digest
 from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
 from ..metrics import Report, evaluate
@@ -148,14 +149,16 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
     state = write_model(out, model, config.data.image_size)
     normal = normal_index(dataset.classes)
+    gate = fitted.ood
+    if fitted.statistics is not None and gate is not None:
+        fitted.statistics.save(out / "models" / "ood.pt")
+        gate = replace(gate, digest=ood_digest(out / "models" / "ood.pt"))
     contract = ModelContract(
         dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal],
         config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
         network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
-        round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, fitted.ood,
+        round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate,
     )  # fmt: skip
-    if fitted.statistics is not None:
-        fitted.statistics.save(out / "models" / "ood.pt")
     description = DESCRIPTIONS[config.finetune.architecture]
     if config.demo or synthetic:
         description = "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
