@@ -30,15 +30,14 @@ TRIAGE_SPECIFICITY = 0.95
 @torch.no_grad()
 def outputs(model: nn.Module, data: Resident, batch_size: int = 128) -> tuple[np.ndarray, torch.Tensor | None]:
     """Logits ``(N, K)`` of a resident split and its penultimate features ``(N, D)`` (None
-    for a network without a final linear layer), on the CPU, without augmentation."""
+    for a network that names no classifier layer), on the CPU, without augmentation."""
     model = model.eval().cpu()
     logits: list[torch.Tensor] = []
     features: list[torch.Tensor] | None = []
-    with penultimate(model) if classifier_layer(model) is not None else nullcontext(None) as seen:
+    with penultimate(model) if classifier_layer(model) is not None else nullcontext([]) as seen:
         for start in range(0, len(data), batch_size):
             x = data.batch(torch.arange(start, min(len(data), start + batch_size)))[0].cpu()
-            if seen is not None:
-                seen.clear()
+            seen.clear()
             logits.append(model(x).float())
             if features is not None and len(seen) == 1 and seen[0].shape[0] == len(x):  # one pass, one row per image
                 features.append(seen[0].cpu())
