@@ -75,8 +75,9 @@ benchmark-memory: venv system-deps demo-bundle
 	$(PY) benchmarks/node_memory.py --bundle $(RUN_DIR)/bundle --json docs/results/node_memory.json
 
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
-gallery: venv
+gallery: venv demo-bundle
 	$(PY) -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png --augment docs/augmentations.png
+	$(PY) -m pacs_node.gallery --bundle $(RUN_DIR)/bundle --out docs/node_overlay.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

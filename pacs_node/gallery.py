@@ -1,0 +1,55 @@
+"""The README's picture of what the node writes: the overlays of a real radiograph and of a
+held-out phantom, side by side, from a bundle.
+
+    python -m pacs_node.gallery --bundle runs/demo/bundle --out docs/node_overlay.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from .identity import ResultIdentity
+from .overlay import build_overlay
+from .predictor import NodePredictor, prepare
+from .sanitize import clean_source
+
+
+def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
+    """The RGB overlay the node would send for the image at ``path``."""
+    source = dcmread(path)
+    prepared = prepare(source, predictor.contract.image_size)
+    (prediction,) = predictor.predict([prepared])
+    clean = clean_source(source).dataset
+    identity = ResultIdentity.of(clean, predictor.contract)
+    sc = build_overlay(clean, prepared.source.pixels, prepared.source.spacing, prediction, predictor.contract, identity, 1024)
+    return sc.pixel_array
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
+    parser.add_argument("--out", type=Path, default=Path("docs/node_overlay.png"))
+    args = parser.parse_args(argv)
+    predictor = NodePredictor(args.bundle, "cpu")
+    images = [overlay_pixels(predictor, Path(get_testdata_file("RG1_UNCR.dcm"))), overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm")))]
+    height = 720
+    tiles = [Image.fromarray(image).resize((round(image.shape[1] * height / image.shape[0]), height)) for image in images]
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 16 * (len(tiles) - 1), height), "white")
+    x = 0
+    for tile in tiles:
+        canvas.paste(tile, (x, 0))
+        x += tile.width + 16
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(args.out, optimize=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
