@@ -73,10 +73,11 @@ def reliability(before: Reliability, after: Reliability, path: Path, scores: tup
         ax.legend(loc="upper left", fontsize=8)
     if scores is not None:
         inside, outside = scores
-        top = max(np.max(inside, initial=1), np.max(outside, initial=1), gate or 1)
-        bins = np.geomspace(max(1e-1, min(np.min(inside, initial=1), np.min(outside, initial=1))), top * 1.5, 40)
+        every = np.concatenate([inside, outside, [gate] if gate else []])
+        bins = np.geomspace(max(1e-3, every.min() / 1.5), every.max() * 1.5, 40)
         axes[2].hist(inside, bins=bins, alpha=0.6, label="held-out test images")
-        axes[2].hist(outside, bins=bins, alpha=0.6, label="other images")
+        if len(outside):
+            axes[2].hist(outside, bins=bins, alpha=0.6, label="other images")
         if gate is not None:
             axes[2].axvline(gate, color="red", label="gate")
         axes[2].set(xscale="log", title="out-of-distribution score", xlabel="Mahalanobis distance", ylabel="images")
