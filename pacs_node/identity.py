@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from dp_model.bundle import ModelContract
+from dp_model.contract import ModelContract
 
 from . import codes
 from .sanitize import derived_uid, integer

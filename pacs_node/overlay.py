@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dp_model.bundle import ModelContract
+from dp_model.contract import ModelContract
 from dp_transforms.geometry import resize
 
 from .identity import MANUFACTURER, ResultIdentity, contributing_equipment

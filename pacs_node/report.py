@@ -26,7 +26,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from dp_model.bundle import ModelContract
+from dp_model.contract import ModelContract
 
 from . import codes
 from .identity import MANUFACTURER, ResultIdentity, contributing_equipment

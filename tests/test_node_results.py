@@ -11,7 +11,7 @@ from node_support import chest_dataset
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dp_model.bundle import ModelContract
+from dp_model.contract import ModelContract
 from pacs_node import codes
 from pacs_node.identity import MANUFACTURER, ResultIdentity
 from pacs_node.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
