@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,9 @@ class Prediction:
         is not a number): no finding is asserted."""
         return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold  # NaN: not assessed
 
-    @property
+    @cached_property
     def decision(self) -> Decision:
+        """:func:`~dp_model.contract.decide` on these probabilities (computed once)."""
         pneumonia = self.pneumonia or tuple(c for c in self.classes if c != self.normal_class)
         return decide(self.probabilities, self.classes, self.normal_class, pneumonia, self.multi_label, self.operating_point, self.triage_point)
 
