@@ -23,7 +23,8 @@ DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time, about three minutes on two cores). Results of the
 # images sent to it appear under runs/node/results/<StudyInstanceUID>/. Ctrl-C stops it.
-run: venv demo-bundle
+# system-deps: the README's walkthrough sends with dcmtk's storescu and reads with dsrdump.
+run: venv system-deps demo-bundle
 	$(VENV)/bin/dp-node --config configs/node.yaml --bundle $(RUN_DIR)/bundle
 
 demo-bundle: venv $(DEMO_BUNDLE)

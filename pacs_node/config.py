@@ -130,6 +130,11 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"allow_networks must be addresses or networks such as 10.0.0.0/8, got {text!r}") from None
 
 
+#: What the node can write for each image: the Structured Report, the Secondary Capture
+#: overlay, the Grayscale Softcopy Presentation State.
+OUTPUTS = ("sr", "sc", "gsps")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything ``dp-node`` needs; see ``configs/node.yaml`` for the documented defaults.
@@ -164,6 +169,7 @@ class NodeConfig:
     operating_point: float | None = None  # None: the bundle's "present" point
     ood_gate: bool = True  # False: every image is assessed, however unlike the training images
     heatmap_stage: int = 3
+    outputs: tuple[str, ...] = ("sr", "sc")  # of OUTPUTS; "gsps" adds a presentation state with the regions
     overlay_max_side: int = 2048
     keep_skipped: bool = True
     metrics_host: str = "127.0.0.1"
@@ -193,6 +199,7 @@ class NodeConfig:
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
         require(self.operating_point is None or 0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1, or empty")
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
+        require(bool(self.outputs) and set(self.outputs) <= set(OUTPUTS) and len(set(self.outputs)) == len(self.outputs), "outputs", list(self.outputs), f"one or more of {', '.join(OUTPUTS)}, each once")
         require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
         for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):
             require(getattr(self, timeout) > 0, timeout, getattr(self, timeout), "above 0")

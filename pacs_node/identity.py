@@ -28,6 +28,7 @@ class ResultIdentity:
 
     SR_SERIES_NUMBER = 9901
     SC_SERIES_NUMBER = 9902
+    PR_SERIES_NUMBER = 9903
 
     source_uid: str
     study_uid: str
@@ -48,6 +49,14 @@ class ResultIdentity:
     @property
     def sc_uid(self) -> str:
         return derived_uid(self.source_uid, self.device_uid, "sc")
+
+    @property
+    def pr_uid(self) -> str:
+        return derived_uid(self.source_uid, self.device_uid, "pr")
+
+    @property
+    def pr_series_uid(self) -> str:
+        return derived_uid(self.study_uid, self.device_uid, "pr-series")
 
     @property
     def sr_series_uid(self) -> str:

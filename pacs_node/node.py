@@ -53,6 +53,7 @@ from .listener import Listener, Refusal, client_tls, server_tls
 from .metrics import Metrics, MetricsServer
 from .outbox import DestinationSender
 from .overlay import build_overlay
+from .presentation import build_presentation_state
 from .predictor import NodePredictor, Prediction, Prepared, prepare
 from .report import build_report
 from .sanitize import Cleaned, clean_source, is_valid_uid, text
@@ -328,18 +329,24 @@ class Node:
         source, model = item.clean.dataset, self.predictor.contract
         identity = ResultIdentity.of(source, model)
         chest = item.prepared.source
-        item.stage = FailReason.REPORT
-        report = build_report(source, prediction, model, identity)
-        item.stage = FailReason.OVERLAY
-        overlay = build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side)
+        results = []
+        if "sr" in self.config.outputs:
+            item.stage = FailReason.REPORT
+            results.append(build_report(source, prediction, model, identity))
+        if "sc" in self.config.outputs:
+            item.stage = FailReason.OVERLAY
+            results.append(build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side))
+        if "gsps" in self.config.outputs:
+            item.stage = FailReason.PRESENTATION
+            results.append(build_presentation_state(source, item.dataset, prediction, model, identity))
         item.timings["build"] = time.perf_counter() - t0
         item.stage = FailReason.HAND_OVER
-        delivery = self._hand_over(source, [report, overlay], _content_digest(source, prediction))
+        delivery = self._hand_over(source, results, _content_digest(source, prediction))
         self.spool.done(item.path)
-        self._processed(item, prediction, identity, delivery)
+        self._processed(item, prediction, [str(r.SOPInstanceUID) for r in results], delivery)
         return True
 
-    def _processed(self, item: Item, prediction: Prediction, identity: ResultIdentity, delivery: str) -> None:
+    def _processed(self, item: Item, prediction: Prediction, outputs: list[str], delivery: str) -> None:
         model = self.predictor.contract
         item.timings["total"] = time.perf_counter() - item.started
         if item.receipt is not None:
@@ -366,7 +373,7 @@ class Node:
             100 * prediction.pneumonia_probability, ", TRIAGE" if prediction.triage else "", len(prediction.boxes), 1000 * item.timings["total"], delivery,
         )  # fmt: skip
         note = item.clean.note if item.clean else ""
-        self._audit(item, "processed", result=result, outputs=[identity.sr_uid, identity.sc_uid], delivery=delivery, detail=note or None)
+        self._audit(item, "processed", result=result, outputs=outputs, delivery=delivery, detail=note or None)
 
     def _hand_over(self, source: Dataset, results: list[Dataset], digest: str) -> str:
         """Results into every outbox, durably; with no destination, into ``output_dir/<StudyInstanceUID>``."""

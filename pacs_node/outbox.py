@@ -38,6 +38,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
 )
@@ -49,7 +50,7 @@ from .spool import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
 logger = logging.getLogger(__name__)
 
 #: The storage classes the node sends, each offered in both uncompressed syntaxes.
-RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage)
+RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage, GrayscaleSoftcopyPresentationStateStorage)
 RESULT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: C-STORE statuses that mean the destination has the object: success and the warnings
 #: (coercion of data elements, elements discarded, data set does not match SOP class).

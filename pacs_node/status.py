@@ -33,6 +33,7 @@ class FailReason(StrEnum):
     INFERENCE = "inference-error"
     REPORT = "report-error"
     OVERLAY = "overlay-error"
+    PRESENTATION = "presentation-state-error"
     HAND_OVER = "hand-over-error"
     INTERNAL = "internal-error"
     #: In flight, alone, at three deaths of the node or its worker (a file that crashes a decoder).

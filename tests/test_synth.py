@@ -194,6 +194,9 @@ def test_dicom_files_pass_dciodvfy(tmp_path: Path, monochrome1: bool, dx: bool) 
     report = result.stdout + result.stderr
     assert ("DXImageForPresentation" if dx else "CRImage") in report
     assert "Error" not in report, report
+    # OHIF's renderer refuses an explicit VOI LUT Function (a white image, "Invalid VOI LUT
+    # function"); LINEAR is the default without one.
+    assert "VOILUTFunction" not in dcmread(path)
 
 
 # --- command line and pictures --------------------------------------------------------------------

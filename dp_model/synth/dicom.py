@@ -98,7 +98,6 @@ def _pixels(ds: Dataset, pixels: np.ndarray, monochrome1: bool) -> None:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, BITS, BITS - 1
     ds.PixelRepresentation = 0
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.VOILUTFunction = "LINEAR"
     ds.PixelData = stored.tobytes()
 
 
