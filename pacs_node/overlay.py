@@ -2,8 +2,10 @@
 
 What a radiologist sees in any viewer, even one that cannot show a Structured Report:
 the radiograph as displayed (VOI and polarity applied), the lesion heat map blended over
-it, the lesion regions as boxes, the class and score, and a banner that says it is an AI
-result and not for primary diagnosis (and a demonstration, when the model is one).
+it where the model located a finding, the lesion regions as boxes, and, in a black band
+above the radiograph (never over it), a banner that says it is an AI result and not for
+primary diagnosis (and a demonstration, when the model is one) and the finding in words
+(its coded meaning) with its probability.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dp_model.contract import ModelContract
 from dp_transforms.geometry import resize
 
 from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
-from .predictor import Prediction
+from . import codes
+from .predictor import REGION_THRESHOLD, Prediction
 
 # highdicom checks the person names it copies from the source; a single-component name
 # ("ward") is legal DICOM that it merely finds unusual. The node copies source names as
@@ -32,8 +35,9 @@ warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represe
 
 BANNER = "AI result - not for primary diagnosis"
 DEMO_BANNER = "DEMONSTRATION MODEL trained on synthetic images"
-#: Heat-map pixels below this are left transparent; above it they are blended in up to HEAT_ALPHA.
-HEAT_FLOOR = 0.2
+#: Heat-map pixels below the regions' threshold are left transparent; above it they are
+#: blended in, up to HEAT_ALPHA: the film is tinted only where the model located something.
+HEAT_FLOOR = REGION_THRESHOLD
 HEAT_ALPHA = 0.45
 BOX_COLOUR = (255, 64, 64)
 _LEVELS = np.linspace(0.0, 1.0, 256)
@@ -42,24 +46,32 @@ HEAT_OPACITY = (255 * HEAT_ALPHA * np.clip((_LEVELS - HEAT_FLOOR) / (1 - HEAT_FL
 
 
 def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int) -> tuple[np.ndarray, float]:
-    """The overlay as ``(rows, columns, 3)`` uint8 RGB and the scale from source pixels to it."""
+    """The overlay as ``(band + rows, columns, 3)`` uint8 RGB and the scale from source pixels
+    to it: a black band with the banner and the verdict above the radiograph (never over it),
+    the heat map where the model located a finding, the regions."""
     scale = min(1.0, max_side / max(pixels.shape))
     shape = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
     gray = _resize(pixels, shape)
-    shown = prediction.heatmap.size and prediction.assessed  # no map for an image the model cannot judge
+    # The map only where it says something: a positive result, at the regions' threshold.
+    shown = prediction.heatmap.size and prediction.positive
     heat = _resize(prediction.heatmap, shape) if shown else np.zeros(shape, np.float32)
     # Heat levels index a 256-entry palette (colour) and table (opacity); PIL composites in C.
     level = Image.fromarray(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     colour = level.copy()
     colour.putpalette(HEAT_PALETTE)
     base = Image.fromarray(np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    image = Image.composite(colour.convert("RGB"), base, level.point(HEAT_OPACITY))
-    _annotate(image, prediction, demo, scale)
-    return np.asarray(image), scale
+    radiograph = Image.composite(colour.convert("RGB"), base, level.point(HEAT_OPACITY))
+    _draw_regions(radiograph, prediction, scale)
+    return np.asarray(_with_band(radiograph, prediction, demo)), scale
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resize(torch.from_numpy(np.ascontiguousarray(array, np.float32))[None], shape)[0].numpy()
+
+
+def name(label: str) -> str:
+    """What a class label means, in words (its coded meaning: "Interstitial pneumonia")."""
+    return codes.finding_code(label).meaning
 
 
 def verdict(prediction: Prediction) -> str:
@@ -70,24 +82,36 @@ def verdict(prediction: Prediction) -> str:
     if prediction.triage:
         chance += " - TRIAGE FLAG"
     if prediction.multi_label and prediction.positive:
-        return "Findings: " + ", ".join(f"{label} {100 * p:.0f}%" for label, p in prediction.findings)
-    return f"Finding: {prediction.label} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
+        return "Findings: " + ", ".join(f"{name(label)} {100 * p:.0f}%" for label, p in prediction.findings)
+    return f"Finding: {name(prediction.label)} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
 
 
-def _annotate(image: Image.Image, prediction: Prediction, demo: bool, scale: float) -> None:
+def _font(side: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(12, side // 45))
+
+
+def _draw_regions(image: Image.Image, prediction: Prediction, scale: float) -> None:
     draw = ImageDraw.Draw(image)
     side = max(image.size)
-    font = ImageFont.load_default(size=max(12, side // 45))
-    width = max(2, side // 400)
+    font, width = _font(side), max(2, side // 400)
     for i, box in enumerate(prediction.boxes * scale):
         draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
         if prediction.box_labels:  # a model that says which finding it located
-            draw.text((float(box[0]) + width, float(box[1]) + width), prediction.box_labels[i], fill=BOX_COLOUR, font=font)
+            draw.text((float(box[0]) + width, float(box[1]) + width), name(prediction.box_labels[i]), fill=BOX_COLOUR, font=font)
+
+
+def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> Image.Image:
+    """``radiograph`` below a black band holding the banner and the verdict."""
+    font = _font(max(radiograph.size))
     lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict(prediction)]
     line_height = font.size + font.size // 3
-    draw.rectangle([0, 0, image.size[0], line_height * len(lines) + font.size // 2], fill=(0, 0, 0))
+    band = line_height * len(lines) + font.size // 2
+    image = Image.new("RGB", (radiograph.size[0], band + radiograph.size[1]), (0, 0, 0))
+    image.paste(radiograph, (0, band))
+    draw = ImageDraw.Draw(image)
     for i, text in enumerate(lines):
         draw.text((font.size // 2, font.size // 4 + i * line_height), text, fill=(255, 255, 0) if i == 0 else (255, 255, 255), font=font)
+    return image
 
 
 def build_overlay(source: Dataset, pixels: np.ndarray, spacing: tuple[float, float] | None, prediction: Prediction, model: ModelContract, identity: ResultIdentity, max_side: int) -> hd.sc.SCImage:

@@ -59,7 +59,7 @@ def test_dcmtk_reads_the_regions_text_and_grayscale_pipeline_of_the_presentation
     dump += run_tool("dcmp2pgm", "-v", "-p", path, source, tmp_path / "out.pgm").stderr
     assert "Graphic Layer #1 [AI]" in dump
     assert "coordinates: 300\\400, 900\\400, 900\\1200, 300\\1200, 300\\400" in dump
-    assert '"lobar 60%"' in dump and "Finding: lobar" in dump and "not for primary diagnosis" in dump
+    assert '"lobar 60%"' in dump and "Finding: Lobar pneumonia" in dump and "not for primary diagnosis" in dump
     assert "window center=15000 width=30000" in dump  # RG1's own window, restated
     assert "Number of activated overlays: 1" in dump  # the outlines also as an overlay plane
 

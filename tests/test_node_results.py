@@ -120,10 +120,11 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_
 def test_multi_label_overlay_names_every_finding_and_labels_its_boxes() -> None:
     rgb, _ = render(np.full((1600, 1600), 0.5, np.float32), multi_label(), demo=False, max_side=2048)
     # Each box carries its finding's name, drawn inside its top-left corner in the box colour.
+    band = rgb.shape[0] - 1600
     for x0, y0 in ((300, 400), (1000, 300)):
-        label_area = rgb[y0 + 5 : y0 + 30, x0 + 5 : x0 + 120].reshape(-1, 3)
+        label_area = rgb[band + y0 + 5 : band + y0 + 30, x0 + 5 : x0 + 120].reshape(-1, 3)
         assert (label_area == BOX_COLOUR).all(axis=1).sum() > 20
-    assert verdict(multi_label()) == "Findings: lobar 80%, interstitial 60%"
+    assert verdict(multi_label()) == "Findings: Lobar pneumonia 80%, Interstitial pneumonia 60%"
     assert verdict(multi_label((0.3, 0.4, 0.1, 0.2), boxes=(), box_labels=())).startswith("No pneumonia at the operating point - pneumonia probability 40%")
 
 
@@ -240,7 +241,7 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(tmp_path: Pat
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
     assert back.SOPInstanceUID == identity.sc_uid and back.SeriesInstanceUID != sr.SeriesInstanceUID
     assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # uncompressed: no viewer mangles it
-    assert (back.Rows, back.Columns, back.SamplesPerPixel) == (rg1.Rows, rg1.Columns, 3)
+    assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows  # the band above the full image
 
 
 def test_overlay_pixels_show_banner_box_and_heat() -> None:
@@ -248,13 +249,17 @@ def test_overlay_pixels_show_banner_box_and_heat() -> None:
     heat = np.zeros((60, 50), np.float32)
     heat[40:50, 5:15] = 1.0
     rgb, scale = render(gray, positive(heat, boxes=((200, 300, 400, 500),)), demo=True, max_side=2048)
-    assert scale == 1.0 and rgb.shape == (600, 500, 3)
-    assert (rgb[2:20, 400:].reshape(-1, 3) == 0).all()  # the black banner behind the text
-    assert (rgb[:40, :300] == [255, 255, 0]).all(axis=-1).any()  # the yellow warning line
-    assert tuple(rgb[400, 200]) == BOX_COLOUR and tuple(rgb[300, 300]) == BOX_COLOUR
-    assert tuple(rgb[250, 250]) == (128, 128, 128)  # untouched gray away from box and heat
-    hot = rgb[450, 100].astype(int)
+    band = rgb.shape[0] - 600  # the banner's own band above the radiograph, which stays whole
+    assert scale == 1.0 and rgb.shape[1:] == (500, 3) and 30 < band < 150
+    assert (rgb[2:20, 400:].reshape(-1, 3) == 0).all()  # the black band behind the text
+    assert (rgb[:band, :300] == [255, 255, 0]).all(axis=-1).any()  # the yellow warning line
+    assert tuple(rgb[band + 400, 200]) == BOX_COLOUR and tuple(rgb[band + 300, 300]) == BOX_COLOUR
+    assert tuple(rgb[band + 250, 250]) == (128, 128, 128)  # untouched gray away from box and heat
+    assert tuple(rgb[band + 2, 250]) == (128, 128, 128)  # the radiograph's top rows are not covered
+    hot = rgb[band + 450, 100].astype(int)
     assert hot[0] - hot[2] > 40  # blended heat colour where the map is 1
+    cool = rgb[band + 250, 250].astype(int)
+    assert abs(cool[0] - cool[2]) < 3  # no tint where the map is 0
     assert BANNER.startswith("AI result")
 
 
@@ -262,8 +267,10 @@ def test_large_images_are_downscaled_with_their_spacing(predictor: NodePredictor
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)
     sc = build_overlay(rg1, prepared.source.pixels, (0.2, 0.2), negative(), contract, ResultIdentity.of(rg1, contract), 1024)
-    assert max(sc.Rows, sc.Columns) == 1024
-    assert float(sc.PixelSpacing[0]) == pytest.approx(0.2 * rg1.Rows / sc.Rows, rel=0.01)
+    radiograph_rows = round(rg1.Rows * 1024 / max(rg1.Rows, rg1.Columns))
+    assert max(radiograph_rows, sc.Columns) == 1024 and sc.Rows > radiograph_rows  # the band comes on top
+    assert not sc.pixel_array[: sc.Rows - radiograph_rows, -20:].any()  # and is black where no text is
+    assert float(sc.PixelSpacing[1]) == pytest.approx(0.2 * rg1.Columns / sc.Columns, rel=0.01)
 
 
 def test_metrics_render_in_the_prometheus_text_format() -> None:
