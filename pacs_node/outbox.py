@@ -33,7 +33,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -238,6 +238,7 @@ class DestinationSender:
         self._ae.requested_contexts = []
         for sop_class in RESULT_CLASSES:
             self._ae.add_requested_context(sop_class, list(RESULT_SYNTAXES))
+        self._ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGLSLossless])  # its own context: accepted or not on its own
         if in_doubt:  # to ask the destination whether it has them, where it answers queries
             self._ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         tls_args = (self.tls, self.destination.host) if self.tls else None
@@ -290,6 +291,9 @@ class DestinationSender:
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             self._dead_letter(path, "unreadable", f"unreadable outbox file ({type(exc).__name__})")
             return
+        if not _accepted(assoc, dataset) and dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.decompress(generate_instance_uid=False)  # the same instance, the same pixels, uncompressed
+            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         if not _accepted(assoc, dataset):
             name = UID(str(dataset.SOPClassUID)).name
             self._dead_letter(path, "sop-class-not-accepted", f"the destination accepts no presentation context for {name} in {UID(str(dataset.file_meta.TransferSyntaxUID)).name}")

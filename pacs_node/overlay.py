@@ -19,7 +19,7 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import JPEGLSLossless
 
 from dp_model.contract import ModelContract
 from dp_transforms.geometry import resize
@@ -132,7 +132,7 @@ def build_overlay(source: Dataset, pixels: np.ndarray, spacing: tuple[float, flo
         pixel_spacing=tuple(s / scale for s in spacing) if spacing else None,
         laterality=None,
         patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        transfer_syntax_uid=JPEGLSLossless,  # lossless, about a quarter of the size; the outbox decompresses for a destination without it
         contributing_equipment=[contributing_equipment(model)],
     )
     if len(orientation) != 2:

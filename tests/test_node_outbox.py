@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+
+import pytest
 from pathlib import Path
 
 from node_support import chest_dataset, free_port, wait_for
@@ -19,21 +21,27 @@ class Peer:
     """A storage SCP answering every C-STORE with ``status``; with ``queries``, a PACS that also
     answers Study Root C-FIND at IMAGE level about what it stores."""
 
-    def __init__(self, status: int = 0x0000, queries: bool = False, lax: bool = False) -> None:
+    def __init__(self, status: int = 0x0000, queries: bool = False, lax: bool = False, syntaxes: tuple = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)) -> None:
         self.port, self.status, self.stored, self.server, self.queries = free_port(), status, [], None, queries
         self.lax = lax  # answers every query with whatever it holds, matching or not
+        self.syntaxes, self.received_syntaxes = list(syntaxes), []
         self.asked: list[str] = []
 
     def start(self) -> Peer:
         ae = AE(ae_title="PEER")
         for sop_class in RESULT_CLASSES:
-            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        handlers = [(evt.EVT_C_STORE, lambda event: self.stored.append(str(event.request.AffectedSOPInstanceUID)) or self.status)]
+            ae.add_supported_context(sop_class, self.syntaxes)
+        handlers = [(evt.EVT_C_STORE, self._store)]
         if self.queries:
             ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
             handlers.append((evt.EVT_C_FIND, self._find))
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
+
+    def _store(self, event: evt.Event) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        self.received_syntaxes.append(str(event.context.transfer_syntax))
+        return self.status
 
     def _find(self, event: evt.Event):
         uid = str(event.identifier.SOPInstanceUID)
@@ -231,6 +239,27 @@ def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(tmp_pa
         wait_for(lambda: deliveries, 20, "the delivery")
         time.sleep(1.5)  # a retry would come after the 0.2 s backoff
         assert pacs.stored == [str(ds.SOPInstanceUID)] and s.pending() == []
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+@pytest.mark.parametrize("takes_jpeg_ls", [True, False])
+def test_a_losslessly_compressed_overlay_reaches_destinations_with_and_without_the_syntax(tmp_path: Path, takes_jpeg_ls: bool) -> None:
+    from pydicom.uid import JPEGLSLossless
+
+    syntaxes = (JPEGLSLossless, ExplicitVRLittleEndian) if takes_jpeg_ls else (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    pacs = Peer(syntaxes=syntaxes).start()
+    ds = result(0)
+    ds.compress(JPEGLSLossless)
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    s.put(ds, "source")
+    s.start()
+    try:
+        wait_for(lambda: deliveries, 20, "the delivery")
+        assert pacs.stored == [str(ds.SOPInstanceUID)] and all(ok for _, _, ok in deliveries)
+        assert pacs.received_syntaxes == [JPEGLSLossless if takes_jpeg_ls else ExplicitVRLittleEndian]
     finally:
         s.stop()
         pacs.stop()

@@ -240,7 +240,8 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(tmp_path: Pat
     assert back.BurnedInAnnotation == "YES" and back.StudyInstanceUID == rg1.StudyInstanceUID
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
     assert back.SOPInstanceUID == identity.sc_uid and back.SeriesInstanceUID != sr.SeriesInstanceUID
-    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # uncompressed: no viewer mangles it
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless: no viewer is shown lossy pixels
+    assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
     assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows  # the band above the full image
 
 
