@@ -32,10 +32,11 @@ def require_tool(name: str) -> str:
     return path
 
 
-def run_tool(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a tool; with ``check``, fail the test with its output if it exits non-zero."""
+def run_tool(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a tool (in ``cwd``, for tools that write files there); with ``check``, fail the
+    test with its output if it exits non-zero."""
     tool = require_tool(str(args[0]))
-    result = subprocess.run([tool, *map(str, args[1:])], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([tool, *map(str, args[1:])], capture_output=True, text=True, timeout=300, cwd=cwd)
     if check and result.returncode != 0:
         pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

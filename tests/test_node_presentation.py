@@ -55,13 +55,19 @@ def test_dcmtk_reads_the_regions_text_and_grayscale_pipeline_of_the_presentation
     path = gsps(tmp_path, rg1, predictor, lobar())
     source = tmp_path / "rg1.dcm"
     rg1.save_as(source)
-    dump = run_tool("dcmp2pgm", "-v", "-p", path, source, tmp_path / "out.pgm").stdout
-    dump += run_tool("dcmp2pgm", "-v", "-p", path, source, tmp_path / "out.pgm").stderr
+    rendered = run_tool("dcmp2pgm", "-v", "-p", path, source, tmp_path / "out.pgm", cwd=tmp_path)  # it writes overlays into cwd
+    dump = rendered.stdout + rendered.stderr
     assert "Graphic Layer #1 [AI]" in dump
     assert "coordinates: 300\\400, 900\\400, 900\\1200, 300\\1200, 300\\400" in dump
     assert '"lobar 60%"' in dump and "Finding: Lobar pneumonia" in dump and "not for primary diagnosis" in dump
     assert "window center=15000 width=30000" in dump  # RG1's own window, restated
     assert "Number of activated overlays: 1" in dump  # the outlines also as an overlay plane
+    # dcmp2pgm renders the activated overlay plane into its own bitmap: the marks, in pixels.
+    from PIL import Image
+
+    marks = np.asarray(Image.open(tmp_path / "ovl_0101.pgm"))
+    x0, y0, x1, y1 = BOX
+    assert marks.shape == (y1 - y0, x1 - x0) and marks[0].min() > 0 and marks[:, -1].min() > 0 and marks[100:-100, 100:-100].max() == 0
 
 
 def test_the_outline_overlay_marks_the_box_edges_and_nothing_inside(tmp_path: Path, rg1: Dataset, predictor: NodePredictor) -> None:
