@@ -1,0 +1,98 @@
+"""What the model says about one image, and what the node reports from it: :class:`Prediction`.
+
+The decision itself is :func:`dp_model.contract.decide`, the one rule; a prediction holds
+its inputs (probabilities, operating point, triage point, the out-of-distribution score and
+threshold) and the regions and heat map in the source image's pixel frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from dp_model.contract import Decision, decide
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image, in the source image's pixel frame.
+
+    Attributes:
+        classes: the model's output labels, in order (for a multi-label model, the findings).
+        probabilities: calibrated softmax probability of each class, or sigmoid of each finding.
+        normal_class: the label meaning "no finding".
+        operating_point: decision threshold on the probability of pneumonia (of each
+            finding, for a multi-label model).
+        heatmap: ``(h, w)`` map in [0, 1] over the whole source image (coarse; resize to draw).
+        boxes: ``(N, 4)`` lesion regions ``(x_min, y_min, x_max, y_max)`` in source pixels.
+        multi_label: findings are decided independently.
+        box_labels: the finding of each region, when the model says (else :attr:`label`).
+        pneumonia: the classes that mean pneumonia (empty: every class but the normal one).
+        triage_point: the threshold of the triage flag (None: no flag).
+        ood_score, ood_threshold: the out-of-distribution score and the gate's threshold
+            (None: no gate). Above the threshold the image is not assessed.
+    """
+
+    classes: tuple[str, ...]
+    probabilities: np.ndarray
+    normal_class: str
+    operating_point: float
+    heatmap: np.ndarray
+    boxes: np.ndarray
+    multi_label: bool = False
+    box_labels: tuple[str, ...] = ()
+    pneumonia: tuple[str, ...] = ()
+    triage_point: float | None = None
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+
+    @property
+    def assessed(self) -> bool:
+        """False when the image lies outside the model's training distribution (or its score
+        is not a number): no finding is asserted."""
+        return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold  # NaN: not assessed
+
+    @cached_property
+    def decision(self) -> Decision:
+        """:func:`~dp_model.contract.decide` on these probabilities (computed once)."""
+        pneumonia = self.pneumonia or tuple(c for c in self.classes if c != self.normal_class)
+        return decide(self.probabilities, self.classes, self.normal_class, pneumonia, self.multi_label, self.operating_point, self.triage_point)
+
+    @property
+    def pneumonia_probability(self) -> float:
+        """Of any pneumonia (:func:`~dp_model.contract.pneumonia_probability`)."""
+        return self.decision.pneumonia_probability
+
+    @property
+    def positive(self) -> bool:
+        return self.assessed and self.decision.positive
+
+    @property
+    def triage(self) -> bool:
+        return self.assessed and self.decision.triage
+
+    @property
+    def label(self) -> str:
+        """The most probable pneumonia class when positive, else the normal class."""
+        return self.decision.label if self.positive else self.normal_class
+
+    def probability(self, label: str) -> float:
+        """The model's probability of ``label`` (of no finding, for the normal class of a multi-label model)."""
+        if self.multi_label and label == self.normal_class:
+            return 1.0 - float(self.probabilities.max())
+        return float(self.probabilities[self.classes.index(label)])
+
+    @property
+    def label_probability(self) -> float:
+        return self.probability(self.label)
+
+    def present(self, label: str) -> bool:
+        """Whether finding ``label`` is reported present (one of :attr:`findings`)."""
+        return any(name == label for name, _ in self.findings)
+
+    @property
+    def findings(self) -> list[tuple[str, float]]:
+        """The findings reported present, most probable first."""
+        return list(self.decision.findings) if self.positive else []
