@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .architectures import MULTI_LABEL, build_network
 
-__all__ = ["ContractError", "Decision", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_probability"]
+__all__ = ["ContractError", "Decision", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_classes", "pneumonia_probability"]
 
 
 class ContractError(ValueError):
@@ -119,6 +119,11 @@ def pneumonia_probability(probabilities: np.ndarray, outputs: tuple[str, ...], p
     return chosen.max(axis=-1) if multi_label else np.clip(chosen.sum(axis=-1), 0.0, 1.0)
 
 
+def pneumonia_classes(declared: tuple[str, ...], classes: tuple[str, ...], normal: str) -> tuple[str, ...]:
+    """The classes that mean pneumonia: those declared, or every class but the normal one."""
+    return declared or tuple(c for c in classes if c != normal)
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the rule says about one image's probabilities."""
@@ -206,7 +211,7 @@ class ModelContract:
     @property
     def pneumonia(self) -> tuple[str, ...]:
         """The classes that count towards the probability of pneumonia."""
-        return self.pneumonia_classes or tuple(c for c in self.classes if c != self.normal_class)
+        return pneumonia_classes(self.pneumonia_classes, self.classes, self.normal_class)
 
     def network(self) -> nn.Module:
         return build_network(self.architecture, len(self.output_classes), self.attention_stages, **self.options)

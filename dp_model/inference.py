@@ -16,7 +16,7 @@ from dp_transforms import ImageError, load_letterboxed
 
 from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
 from .architectures import class_scores
-from .ood import penultimate
+from .ood import one_pass, penultimate
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Predictor:
             with penultimate(self.model) if self.statistics is not None else nullcontext([]) as seen:
                 logits = self.model(canvas[None].to(self.device))
             out.append(self.contract.probabilities(logits)[0].cpu().numpy())
-            score = self.statistics.scores(seen[-1].to(self.device))[0] if self.statistics is not None else None
+            score = self.statistics.scores(one_pass(seen, 1).to(self.device))[0] if self.statistics is not None else None
             self.assessed.append(score is None or bool(score <= self.contract.ood.threshold))
         return np.asarray(out), problems
 

@@ -49,6 +49,20 @@ def penultimate(model: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+def one_pass(seen: list[Tensor], rows: int) -> Tensor:
+    """The features of the single forward pass :func:`penultimate` saw since the last call
+    (the list is emptied), one row per image.
+
+    Raises:
+        ValueError: not exactly one pass of ``rows`` rows: a gate must not guess which.
+    """
+    passes = list(seen)
+    seen.clear()
+    if len(passes) != 1 or passes[0].shape[0] != rows:
+        raise ValueError(f"{len(passes)} feature passes for {rows} image(s), not one")
+    return passes[0]
+
+
 @dataclass(frozen=True)
 class FeatureStatistics:
     """Class means ``(K, D)`` and the shared precision ``(D, D)`` of the training features."""
@@ -77,6 +91,9 @@ class FeatureStatistics:
         difference = features.float()[:, None, :] - self.means[None]  # (N, K, D)
         distances = torch.einsum("nkd,de,nke->nk", difference, self.precision, difference)
         return distances.min(dim=1).values.cpu().numpy()
+
+    def to(self, device: torch.device | str) -> FeatureStatistics:
+        return FeatureStatistics(self.means.to(device), self.precision.to(device))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from dp_model.contract import Decision, decide
+from dp_model.contract import Decision, decide, pneumonia_classes
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Prediction:
     @cached_property
     def decision(self) -> Decision:
         """:func:`~dp_model.contract.decide` on these probabilities (computed once)."""
-        pneumonia = self.pneumonia or tuple(c for c in self.classes if c != self.normal_class)
+        pneumonia = pneumonia_classes(self.pneumonia, self.classes, self.normal_class)
         return decide(self.probabilities, self.classes, self.normal_class, pneumonia, self.multi_label, self.operating_point, self.triage_point)
 
     @property

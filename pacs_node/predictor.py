@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from dp_model.bundle import load_bundle, load_feature_statistics
 from dp_model.explain import HEATMAP_STAGE, grad_cam
-from dp_model.ood import penultimate
+from dp_model.ood import one_pass, penultimate
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.geometry import Letterbox
 
@@ -108,9 +108,8 @@ class NodePredictor:
             raise ValueError(f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)")
         self.device = torch.device(device)
         self.model, self.contract = load_bundle(bundle, self.device)
-        self.statistics = load_feature_statistics(bundle, self.contract, self.model)
-        if self.statistics is not None:
-            self.statistics = type(self.statistics)(self.statistics.means.to(self.device), self.statistics.precision.to(self.device))
+        statistics = load_feature_statistics(bundle, self.contract, self.model)
+        self.statistics = statistics.to(self.device) if statistics is not None else None
         self.operating_point = self.contract.present_point.threshold if operating_point is None else operating_point
         self.ood_gate = ood_gate
         self.class_maps = hasattr(self.model, "class_maps")
@@ -159,9 +158,8 @@ class NodePredictor:
             raise ValueError("the model gave non-finite outputs")  # fails the image: no report on numbers that mean nothing
         if self.statistics is None:
             return probabilities, maps.float().cpu(), None
-        if len(seen) != 1 or seen[0].shape[0] != len(batch):  # the gate fails closed, never open
-            raise RuntimeError(f"the out-of-distribution gate saw {len(seen)} feature passes for one batch")
-        return probabilities, maps.float().cpu(), self.statistics.scores(seen[0].to(self.device))
+        # The gate fails closed, never open: no single pass of features, no report.
+        return probabilities, maps.float().cpu(), self.statistics.scores(one_pass(seen, len(batch)).to(self.device))
 
     def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor, ood_score: float | None) -> Prediction:
         contract = self.contract

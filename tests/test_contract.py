@@ -156,3 +156,13 @@ def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> No
     net = build_network("resnet18", 5)
     assert classifier_layer(net) is net.backbone.fc
     assert classifier_layer(build_network("cia_net", 4)) is None  # its last linear layers see the paired normal image too
+
+
+def test_the_gate_takes_exactly_one_pass_of_features_one_row_per_image() -> None:
+    from dp_model.ood import one_pass
+
+    seen = [torch.zeros(4, 8)]
+    assert one_pass(seen, 4).shape == (4, 8) and seen == []  # taken, and the list emptied for the next batch
+    for passes, rows in (([torch.zeros(4, 8), torch.zeros(4, 8)], 4), ([torch.zeros(8, 8)], 4), ([], 4)):
+        with pytest.raises(ValueError, match="not one"):  # a second pass (another image's), rows that are not images, none
+            one_pass(passes, rows)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..calibration import Reliability, fit_temperature, operating_point, probabilities, reliability
 from ..contract import OODGate, OperatingPoint, pneumonia_probability
-from ..ood import QUANTILE, FeatureStatistics, classifier_layer, penultimate, threshold
+from ..ood import QUANTILE, FeatureStatistics, classifier_layer, one_pass, penultimate, threshold
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,12 @@ def outputs(model: nn.Module, data: Resident, batch_size: int = 128) -> tuple[np
     with penultimate(model) if classifier_layer(model) is not None else nullcontext([]) as seen:
         for start in range(0, len(data), batch_size):
             x = data.batch(torch.arange(start, min(len(data), start + batch_size)))[0].cpu()
-            seen.clear()
             logits.append(model(x).float())
-            if features is not None and len(seen) == 1 and seen[0].shape[0] == len(x):  # one pass, one row per image
-                features.append(seen[0].cpu())
-            else:
-                features = None
+            if features is not None:
+                try:
+                    features.append(one_pass(seen, len(x)).cpu())
+                except ValueError:  # no single pass of one row per image: no gate
+                    features = None
     features = torch.cat(features) if features else None
     return (torch.cat(logits).numpy() if logits else np.zeros((0, 0))), features
 
