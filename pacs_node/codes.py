@@ -7,12 +7,22 @@ SNOMED CT concept where one exists and to the node's private scheme otherwise.
 
 from __future__ import annotations
 
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 #: The private coding scheme for labels SNOMED CT has no concept for (PS3.3 8.1: designators
 #: beginning with "99" are private).
 PRIVATE_SCHEME = "99DPNEU"
+#: IHE's scheme for the codes its AI Results profile defines before DICOM assigns them.
+IHE_SCHEME = "99IHE"
+#: How each private scheme used is identified in the objects (Coding Scheme Identification
+#: Sequence, PS3.3 C.12.1.1.4): designator -> (name, responsible organisation).
+PRIVATE_SCHEMES = {
+    PRIVATE_SCHEME: ("Deep Pneumonia node codes", "Deep Pneumonia project"),
+    IHE_SCHEME: ("IHE Radiology codes", "IHE International"),
+}
 
 #: Procedure reported: the chest radiograph the findings are about, not the algorithm.
 PROCEDURE_CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
@@ -37,9 +47,18 @@ TRIAGE_FLAG = Code("triage", PRIVATE_SCHEME, "Triage priority flag")
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
 PERCENT = codes.UCUM.Percent
 REPORT_TITLE = codes.DCM.ImagingMeasurementReport
+#: TID 1500 row 6: the container of the measurement groups (viewers draw every group in it).
+IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements
+#: TID 1500 row 12: the container of the image-level classification.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: The threshold a decision was taken at (operating point, triage point, gate threshold).
+THRESHOLD_VALUE = codes.DCM.ThresholdValue
 #: Observer type of the model (TID 1002).
 DEVICE = codes.DCM.Device
-#: Purpose of Reference of the Contributing Equipment item describing the algorithm (CID 7005).
+#: Purpose of Reference of the Contributing Equipment item describing the algorithm: IHE AI
+#: Results' "Processing Algorithm" (CID 7005 is extensible; its nearest DCM concept,
+#: 109102 "Processing Equipment", does not say that an algorithm made the content).
+PROCESSING_ALGORITHM = Code("Newcode1", IHE_SCHEME, "Processing Algorithm")
 PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
 
 #: SNOMED CT concepts for the class labels the synthetic and Deep Pneumonia datasets use.
@@ -60,3 +79,26 @@ def finding_code(label: str) -> Code:
     if "pneumonia" not in meaning.lower():
         meaning = f"{meaning} pneumonia"
     return Code(key.replace(" ", "-")[:16] or "unnamed", PRIVATE_SCHEME, meaning[:64])
+
+
+def region_score_code(label: str) -> Code:
+    """The concept of a region's score, named after its finding ("Lobar pneumonia region score").
+
+    A viewer that labels a region from its numbers (OHIF) then shows what was found there.
+    """
+    finding = finding_code(label)
+    key = label.strip().lower().replace(" ", "-") or "unnamed"
+    return Code(f"rs-{key}"[:16], PRIVATE_SCHEME, f"{finding.meaning} region score"[:64])
+
+
+def identify_schemes(dataset: Dataset) -> None:
+    """Add a Coding Scheme Identification item for each private scheme ``dataset`` uses."""
+    used = {str(element.value) for element in dataset.iterall() if element.keyword == "CodingSchemeDesignator"}
+    items = []
+    for designator in sorted(used & PRIVATE_SCHEMES.keys()):
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        item.CodingSchemeName, item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEMES[designator]
+        items.append(item)
+    if items:
+        dataset.CodingSchemeIdentificationSequence = Sequence(items)

@@ -133,6 +133,9 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 #: What the node can write for each image: the Structured Report, the Secondary Capture
 #: overlay, the Grayscale Softcopy Presentation State.
 OUTPUTS = ("sr", "sc", "gsps")
+#: The overlay's Modality: the source's (CR or DX; viewers hang it beside the radiograph, and
+#: OHIF opens a cine player on OT series), or OT, for routing rules that send every CR and DX on.
+OVERLAY_MODALITIES = ("source", "OT")
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class NodeConfig:
     heatmap_stage: int = 3
     outputs: tuple[str, ...] = ("sr", "sc")  # of OUTPUTS; "gsps" adds a presentation state with the regions
     overlay_max_side: int = 2048
+    overlay_modality: str = "source"  # "source": the radiograph's CR or DX; "OT": Other
     keep_skipped: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8089
@@ -200,6 +204,7 @@ class NodeConfig:
         require(self.operating_point is None or 0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1, or empty")
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
         require(bool(self.outputs) and set(self.outputs) <= set(OUTPUTS) and len(set(self.outputs)) == len(self.outputs), "outputs", list(self.outputs), f"one or more of {', '.join(OUTPUTS)}, each once")
+        require(self.overlay_modality in OVERLAY_MODALITIES, "overlay_modality", self.overlay_modality, " or ".join(OVERLAY_MODALITIES))
         require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
         for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):
             require(getattr(self, timeout) > 0, timeout, getattr(self, timeout), "above 0")

@@ -78,10 +78,25 @@ def contributing_equipment(model: ModelContract) -> hd.ContributingEquipment:
     """The Contributing Equipment item that names the algorithm and its version."""
     item = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+        purpose_of_reference=codes.PROCESSING_EQUIPMENT,  # highdicom takes CID 7005's own codes only
         manufacturer_model_name=model.name[:64],
         software_versions=model.version[:64],
         contribution_description=("Demonstration model trained on synthetic images. " if model.demo else "") + "AI pneumonia detection",
     )
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)]  # IHE AI Results
     item.DeviceUID = model.device_uid
     return item
+
+
+#: What each result is, by SOP class: the prefix of its file name in ``output_dir``.
+RESULT_KINDS = {
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34": "SR",  # Comprehensive 3D SR (earlier versions)
+    "1.2.840.10008.5.1.4.1.1.7": "SC",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.11.1": "PR",  # Grayscale Softcopy Presentation State
+}
+
+
+def result_kind(dataset: Dataset) -> str:
+    """``SR``, ``SC`` or ``PR`` (the overlay's Modality may be the radiograph's, so not that)."""
+    return RESULT_KINDS.get(str(dataset.SOPClassUID), "OT")

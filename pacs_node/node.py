@@ -48,7 +48,7 @@ from dp_transforms import ImageError
 from . import logs
 from .audit import AuditLog, safe_uid
 from .config import NodeConfig
-from .identity import ResultIdentity
+from .identity import ResultIdentity, result_kind
 from .listener import Listener, Refusal, client_tls, server_tls
 from .metrics import Metrics, MetricsServer
 from .outbox import DestinationSender
@@ -335,7 +335,7 @@ class Node:
             results.append(build_report(source, prediction, model, identity))
         if "sc" in self.config.outputs:
             item.stage = FailReason.OVERLAY
-            results.append(build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side))
+            results.append(build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side, self.config.overlay_modality))
         if "gsps" in self.config.outputs:
             item.stage = FailReason.PRESENTATION
             results.append(build_presentation_state(source, item.dataset, prediction, model, identity))
@@ -380,7 +380,7 @@ class Node:
         if not self.senders:
             folder = self._study_folder(str(source.StudyInstanceUID))
             for dataset in results:
-                with atomic_file(folder / f"{dataset.Modality}.{dataset.SOPInstanceUID}.dcm") as handle:
+                with atomic_file(folder / f"{result_kind(dataset)}.{dataset.SOPInstanceUID}.dcm") as handle:
                     dataset.save_as(handle, enforce_file_format=True)
             return f"written to {folder}"
         queued, had = [], []

@@ -114,8 +114,12 @@ def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> I
     return image
 
 
-def build_overlay(source: Dataset, pixels: np.ndarray, spacing: tuple[float, float] | None, prediction: Prediction, model: ModelContract, identity: ResultIdentity, max_side: int) -> hd.sc.SCImage:
-    """The SC for one source image; ``pixels`` is the source as displayed, in [0, 1]."""
+def build_overlay(
+    source: Dataset, pixels: np.ndarray, spacing: tuple[float, float] | None, prediction: Prediction, model: ModelContract, identity: ResultIdentity, max_side: int,
+    modality: str = "source",
+) -> hd.sc.SCImage:
+    """The SC for one source image; ``pixels`` is the source as displayed, in [0, 1]; ``modality``
+    "source" (the radiograph's CR or DX, else OT) or "OT"."""
     rgb, scale = render(pixels, prediction, model.demo, max_side)
     orientation = tuple(source.get("PatientOrientation") or ())
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -138,6 +142,10 @@ def build_overlay(source: Dataset, pixels: np.ndarray, spacing: tuple[float, flo
     if len(orientation) != 2:
         sc.PatientOrientation = None  # Type 2: unknown, so empty rather than guessed
     _describe(sc, source, identity)
+    received = str(source.get("Modality", "")).upper()
+    # The loop guard knows the node's own objects, whatever their modality.
+    sc.Modality = received if modality == "source" and received in ("CR", "DX") else "OT"
+    codes.identify_schemes(sc)
     sc.ImageComments = verdict(prediction)  # the burned-in result line, readable by machines too
     return sc
 

@@ -29,6 +29,7 @@ class Prediction:
         boxes: ``(N, 4)`` lesion regions ``(x_min, y_min, x_max, y_max)`` in source pixels.
         multi_label: findings are decided independently.
         box_labels: the finding of each region, when the model says (else :attr:`label`).
+        box_scores: each region's own score in [0, 1]: the peak of the localisation map inside it.
         pneumonia: the classes that mean pneumonia (empty: every class but the normal one).
         triage_point: the threshold of the triage flag (None: no flag).
         ood_score, ood_threshold: the out-of-distribution score and the gate's threshold
@@ -47,6 +48,7 @@ class Prediction:
     triage_point: float | None = None
     ood_score: float | None = None
     ood_threshold: float | None = None
+    box_scores: tuple[float, ...] = ()
 
     @property
     def assessed(self) -> bool:
@@ -91,6 +93,14 @@ class Prediction:
     def present(self, label: str) -> bool:
         """Whether finding ``label`` is reported present (one of :attr:`findings`)."""
         return any(name == label for name, _ in self.findings)
+
+    def region_label(self, index: int) -> str:
+        """The finding located in region ``index``."""
+        return self.box_labels[index] if self.box_labels else self.label
+
+    def region_score(self, index: int) -> float:
+        """Region ``index``'s own score (the peak of the map inside it; NaN when unknown)."""
+        return float(self.box_scores[index]) if index < len(self.box_scores) else float("nan")
 
     @property
     def findings(self) -> list[tuple[str, float]]:

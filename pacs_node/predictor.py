@@ -71,19 +71,19 @@ def prepare(dataset: Dataset, size: int, name: str = "") -> Prepared:
     return Prepared(resizer(image), resizer.geometry(image), source)
 
 
-def regions(heatmap: np.ndarray, threshold: float = REGION_THRESHOLD) -> np.ndarray:
-    """Bounding boxes ``(N, 4)`` of the largest connected regions of ``heatmap >= threshold``."""
+def regions(heatmap: np.ndarray, threshold: float = REGION_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """The largest connected regions of ``heatmap >= threshold``: boxes ``(N, 4)``
+    ``(x_min, y_min, x_max, y_max)`` in map pixels, and each region's peak value ``(N,)``."""
     labels, count = ndimage.label(heatmap >= threshold)
-    if count == 0:
-        return np.zeros((0, 4), np.float32)
     found = []
-    for index, window in enumerate(ndimage.find_objects(labels), start=1):
-        area = int((labels[window] == index).sum())
-        if area >= MIN_REGION_FRACTION * heatmap.size:
+    for index, window in enumerate(ndimage.find_objects(labels) if count else [], start=1):
+        inside = labels[window] == index
+        if inside.sum() >= MIN_REGION_FRACTION * heatmap.size:
             rows, cols = window
-            found.append((area, [cols.start, rows.start, cols.stop, rows.stop]))
+            found.append((int(inside.sum()), [cols.start, rows.start, cols.stop, rows.stop], float(heatmap[window][inside].max())))
     found.sort(key=lambda item: -item[0])
-    return np.asarray([box for _, box in found[:MAX_REGIONS]], np.float32).reshape(-1, 4)
+    found = found[:MAX_REGIONS]
+    return np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4), np.asarray([peak for _, _, peak in found], np.float32)
 
 
 class NodePredictor:
@@ -178,8 +178,12 @@ class NodePredictor:
         scale = np.array([sx, sy, sx, sy], np.float32)
         if len(maps) == 1:
             # Boxes found on the coarse map, scaled to the source image's pixels.
-            return replace(draft, boxes=regions(maps[0]) * scale)
+            boxes, peaks = regions(maps[0])
+            return replace(draft, boxes=boxes * scale, box_scores=tuple(peaks.tolist()))
         if not getattr(self.model, "maps_are_detections", False):
             return draft
-        found = [(label, box) for k, label in enumerate(draft.classes) if draft.present(label) for box in regions(maps[k]) * scale]
-        return replace(draft, boxes=np.asarray([box for _, box in found], np.float32).reshape(-1, 4), box_labels=tuple(label for label, _ in found))
+        found = [(label, box, peak) for k, label in enumerate(draft.classes) if draft.present(label) for box, peak in zip(*regions(maps[k]))]
+        return replace(
+            draft, boxes=np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4) * scale,
+            box_labels=tuple(label for label, _, _ in found), box_scores=tuple(float(peak) for _, _, peak in found),
+        )  # fmt: skip

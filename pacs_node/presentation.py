@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from dp_model.contract import ModelContract
 from dp_transforms.header import number, numbers, text
 
+from . import codes
 from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from .overlay import BANNER, verdict
 from .predictor import Prediction
@@ -45,8 +46,7 @@ def build_presentation_state(
         x0, y0, x1, y1 = (float(np.clip(v, 0, limit)) for v, limit in zip(box, (columns, rows, columns, rows)))
         outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
         graphics.append(hd.pr.GraphicObject(hd.pr.GraphicTypeValues.POLYLINE, outline, hd.pr.AnnotationUnitsValues.PIXEL, tracking_id=f"region {index + 1}", tracking_uid=identity.tracking_uid(f"pr-region-{index}")))
-        label = prediction.box_labels[index] if prediction.box_labels else prediction.label
-        texts.append(hd.pr.TextObject(f"{label} {100 * prediction.probability(label):.0f}%", hd.pr.AnnotationUnitsValues.PIXEL, anchor_point=(x0, y0), anchor_point_visible=False))
+        texts.append(hd.pr.TextObject(_region_text(prediction, index), hd.pr.AnnotationUnitsValues.PIXEL, anchor_point=(x0, y0), anchor_point_visible=False))
     annotation = hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts)
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
@@ -66,9 +66,16 @@ def build_presentation_state(
         **_grayscale(received),
     )
     state.SeriesDescription = identity.series_description("marks")
+    codes.identify_schemes(state)
     state.Laterality = None  # Type 2C: a presentation state of the whole chest, no side
     _outline_overlay(state, prediction.boxes, rows, columns)
     return state
+
+
+def _region_text(prediction: Prediction, index: int) -> str:
+    """What the SR says of a region: its finding's name and its own score."""
+    name, peak = codes.finding_code(prediction.region_label(index)).meaning, prediction.region_score(index)
+    return f"{name}, region score {100 * peak:.0f}%" if np.isfinite(peak) else name
 
 
 def _outline_overlay(state: Dataset, boxes: np.ndarray, rows: int, columns: int) -> None:

@@ -1,22 +1,28 @@
-"""The Structured Report: a TID 1500 Measurement Report in a Comprehensive 3D SR (highdicom).
+"""The Structured Report: a TID 1500 Measurement Report in a Comprehensive SR (highdicom).
 
 Pure: the source dataset, a :class:`~pacs_node.predictor.Prediction` and the model's
-contract in, a validated dataset out. Content, following DICOM PS3.16 and IHE AI Results:
+contract in, a validated dataset out. Two readers, two places (DICOM PS3.16, IHE AI Results;
+the design and the viewer evidence are in docs/decisions.md):
 
-* procedure reported: the chest radiograph (not the algorithm);
-* one TID 1501 image-level group for pneumonia (the probability of any pneumonia, present
-  or absent at the operating point: a negative result is recorded, not omitted), and one
-  per pneumonia class of the model, each with its Certainty of Finding (DCM 111012); a
-  multi-label model decides each class present or absent on its own;
-* for an image outside the model's training distribution, instead of all these: one group
-  with pneumonia Indeterminate, "within the training distribution: No" and the score;
-  no certainty is stated for an image the model cannot judge;
-* a triage flag (Yes / No) in the pneumonia group when the bundle has a triage point;
-* one TID 1410 planar ROI group per lesion region, a closed polyline on the source image,
-  with the finding the model located there;
-* a Device observer carrying the model's name, version and a Device UID that changes
-  with the weights; Contributing Equipment names the algorithm;
-* PRELIMINARY, UNVERIFIED, COMPLETE.
+* **Imaging Measurements**: one TID 1410 planar ROI group per lesion region, a closed
+  polyline on the source image, with the finding located there, the lung as finding site
+  and the region's own score (the peak of the model's localisation map inside it), named
+  after its finding ("Lobar pneumonia region score"), so that a viewer which labels a
+  region from its numbers (OHIF) shows what and how much. Only groups with coordinates
+  live here: viewers draw every group of this container.
+* **Qualitative Evaluations**: the image-level classification, for machines and for
+  viewers that list SR content: pneumonia Present / Absent (a negative result is recorded,
+  not omitted) and each pneumonia class of the model, each with its Certainty of Finding
+  and the Threshold Value it was decided at, so that "certainty 86 %, threshold 90 %:
+  Absent" reads as the decision it is, not a contradiction; the triage flag with its
+  threshold; for an image outside the training distribution, pneumonia Indeterminate,
+  "within the training distribution: No" and the score, and no certainty at all.
+
+A Device observer carries the model's name, version and a Device UID that changes with the
+weights; Contributing Equipment names the algorithm; every private coding scheme used is
+identified (Coding Scheme Identification Sequence). PRELIMINARY, UNVERIFIED, COMPLETE.
+Comprehensive SR (not 3D): the coordinates are 2D, and it is the SR class PACS and
+``storescu`` accept by default.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ from . import codes
 from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from .predictor import Prediction
 
+HAS_PROPERTIES = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
-def build_report(source: Dataset, prediction: Prediction, model: ModelContract, identity: ResultIdentity) -> hd.sr.Comprehensive3DSR:
+
+def build_report(source: Dataset, prediction: Prediction, model: ModelContract, identity: ResultIdentity) -> hd.sr.ComprehensiveSR:
     """The SR for one source image."""
     # The operating point travels with the decision it produced.
     parameters = [f"operating point {prediction.operating_point:g}"]
@@ -42,25 +51,9 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
     if prediction.ood_threshold is not None:
         parameters.append(f"out-of-distribution threshold {prediction.ood_threshold:g}")
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters)
-    if not prediction.assessed:
-        groups = [_not_assessed_group(source, prediction, algorithm, identity)]
-    else:
-        groups = [
-            _image_group(source, codes.PNEUMONIA, prediction.pneumonia_probability, prediction.positive, algorithm, identity, "pneumonia", _flags(prediction)),
-            *(
-                _image_group(source, codes.finding_code(label), prediction.probability(label), prediction.present(label), algorithm, identity, label)
-                for label in prediction.classes
-                if label != prediction.normal_class
-            ),
-            *(_region_group(source, box, prediction, algorithm, identity, i) for i, box in enumerate(prediction.boxes)),
-        ]
-    content = hd.sr.MeasurementReport(
-        observation_context=_observation_context(model),
-        procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH,
-        imaging_measurements=groups,
-        title=codes.REPORT_TITLE,
-    )
-    sr = hd.sr.Comprehensive3DSR(
+    regions = [_region_group(source, prediction, algorithm, identity, i) for i in range(len(prediction.boxes))] if prediction.assessed else []
+    content = _measurement_report(_observation_context(model), regions, _classification(prediction))
+    sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=content,
         series_instance_uid=identity.sr_series_uid,
@@ -76,7 +69,25 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
     sr.SeriesDescription = identity.series_description("report")
     sr.ManufacturerModelName = model.name[:64]
     sr.SoftwareVersions = model.version[:64]
+    codes.identify_schemes(sr)
     return sr
+
+
+def _measurement_report(context: hd.sr.ObservationContext, regions: list, evaluations: hd.sr.ContainerContentItem) -> hd.sr.MeasurementReport:
+    """TID 1500 with the region groups (row 6, when there are any) and the Qualitative Evaluations (row 12).
+
+    highdicom builds row 6 only and insists on one group; an image without regions is built
+    with a stand-in group whose container is then taken out again.
+    """
+    stand_in = [hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="stand-in"))]
+    report = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH, imaging_measurements=regions or stand_in, title=codes.REPORT_TITLE
+    )
+    root = report[0]
+    if not regions:
+        root.ContentSequence = [item for item in root.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue != codes.IMAGING_MEASUREMENTS.value]
+    root.ContentSequence.append(evaluations)
+    return report
 
 
 def _observation_context(model: ModelContract) -> hd.sr.ObservationContext:
@@ -86,73 +97,85 @@ def _observation_context(model: ModelContract) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(observer_type=codes.DEVICE, observer_identifying_attributes=device))
 
 
-def _certainty(probability: float, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=codes.CERTAINTY_OF_FINDING, value=round(100.0 * probability, 2), unit=codes.PERCENT, algorithm_id=algorithm)
+def _num(name: Code, value: float, unit: Code, relationship=HAS_PROPERTIES) -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(name=name, value=round(float(value), 2), unit=unit, relationship_type=relationship)
 
 
-def _presence(finding: Code, present: bool) -> hd.sr.QualitativeEvaluation:
-    return hd.sr.QualitativeEvaluation(name=finding, value=codes.PRESENT if present else codes.ABSENT)
+def _evaluation(name: Code, value: Code, properties: list[hd.sr.NumContentItem]) -> hd.sr.CodeContentItem:
+    item = hd.sr.CodeContentItem(name=name, value=value, relationship_type=CONTAINS)
+    if properties:
+        item.ContentSequence = hd.sr.ContentSequence(properties)
+    return item
 
 
-def _flags(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
-    """The image was assessed; and the triage flag, where the bundle has a triage point."""
-    flags = [hd.sr.QualitativeEvaluation(name=codes.WITHIN_DISTRIBUTION, value=codes.YES)] if prediction.ood_threshold is not None else []
+def _decision(finding: Code, present: bool, probability: float, threshold: float | None) -> hd.sr.CodeContentItem:
+    """Present / Absent, with the certainty and the threshold it was decided at (None: no single threshold)."""
+    properties = [_num(codes.CERTAINTY_OF_FINDING, 100.0 * probability, codes.PERCENT)]
+    if threshold is not None:
+        properties.append(_num(codes.THRESHOLD_VALUE, 100.0 * threshold, codes.PERCENT))
+    return _evaluation(finding, codes.PRESENT if present else codes.ABSENT, properties)
+
+
+def _classification(prediction: Prediction) -> hd.sr.ContainerContentItem:
+    """The image-level results (TID 1500 row 12): one CODE per finding, negatives included."""
+    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(_assessed(prediction) if prediction.assessed else _not_assessed(prediction))
+    return container
+
+
+def _assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
+    # A class of a multi-label model is decided at the operating point on its own; a class of a
+    # softmax model is the most probable one once pneumonia is present, so it has no threshold.
+    class_threshold = prediction.operating_point if prediction.multi_label else None
+    items = [
+        _decision(codes.PNEUMONIA, prediction.positive, prediction.pneumonia_probability, prediction.operating_point),
+        *(
+            _decision(codes.finding_code(label), prediction.present(label), prediction.probability(label), class_threshold)
+            for label in prediction.classes
+            if label != prediction.normal_class
+        ),
+    ]
+    if prediction.ood_threshold is not None:
+        items.append(_evaluation(codes.WITHIN_DISTRIBUTION, codes.YES, _distribution(prediction)))
     if prediction.triage_point is not None:
-        flags.append(hd.sr.QualitativeEvaluation(name=codes.TRIAGE_FLAG, value=codes.YES if prediction.triage else codes.NO))
-    return flags
+        items.append(_evaluation(codes.TRIAGE_FLAG, codes.YES if prediction.triage else codes.NO, [_num(codes.THRESHOLD_VALUE, 100.0 * prediction.triage_point, codes.PERCENT)]))
+    return items
 
 
-def _image_group(
-    source: Dataset, finding: Code, probability: float, present: bool, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, key: str,
-    extra: list[hd.sr.QualitativeEvaluation] | None = None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(key), identifier=f"{finding.meaning} (image)"[:64]),
-        finding_type=finding,
-        algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
-        measurements=[_certainty(probability, algorithm)],
-        qualitative_evaluations=[_presence(finding, present), *(extra or [])],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-    )  # fmt: skip
+def _distribution(prediction: Prediction) -> list[hd.sr.NumContentItem]:
+    """The out-of-distribution score and the gate's threshold (no units), when both are numbers."""
+    values = [(codes.DISTRIBUTION_SCORE, prediction.ood_score), (codes.THRESHOLD_VALUE, prediction.ood_threshold)]
+    return [_num(name, value, codes.NO_UNITS) for name, value in values if value is not None and np.isfinite(value)]
 
 
-def _not_assessed_group(source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _not_assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
     """An image outside the training distribution: pneumonia indeterminate, why (coded), no certainty."""
-    score = float(prediction.ood_score) if prediction.ood_score is not None else float("nan")
-    measured = [hd.sr.Measurement(name=codes.DISTRIBUTION_SCORE, value=round(score, 2), unit=codes.NO_UNITS, algorithm_id=algorithm)] if np.isfinite(score) else []
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid("pneumonia"), identifier="Pneumonia (image, not assessed)"),
-        finding_type=codes.PNEUMONIA,
-        algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
-        measurements=measured,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=codes.PNEUMONIA, value=codes.INDETERMINATE),
-            hd.sr.QualitativeEvaluation(name=codes.WITHIN_DISTRIBUTION, value=codes.NO),
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-    )
+    return [
+        _evaluation(codes.PNEUMONIA, codes.INDETERMINATE, []),
+        _evaluation(codes.WITHIN_DISTRIBUTION, codes.NO, _distribution(prediction)),
+    ]
 
 
 def _region_group(
-    source: Dataset, box: np.ndarray, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, index: int
+    source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, index: int
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)
+    x0, y0, x1, y1 = (float(v) for v in prediction.boxes[index])
+    outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)  # closed: the first point again
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=outline,
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
-    label = prediction.box_labels[index] if prediction.box_labels else prediction.label
+    label = prediction.region_label(index)
     finding = codes.finding_code(label)
+    peak = prediction.region_score(index)
+    score = [hd.sr.Measurement(name=codes.region_score_code(label), value=round(100.0 * peak, 2), unit=codes.PERCENT, algorithm_id=algorithm)] if np.isfinite(peak) else []
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(f"region-{index}"), identifier=f"Lesion region {index + 1}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(f"region-{index}"), identifier=f"{finding.meaning} region {index + 1}"[:64]),
         referenced_region=region,
         finding_type=finding,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
-        measurements=[_certainty(prediction.probability(label), algorithm)],
-        qualitative_evaluations=[_presence(finding, True)],
+        measurements=score,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=codes.PRESENT)],
     )

@@ -39,6 +39,7 @@ def test_destination_parsing() -> None:
         ({"destinations": ["PACS@h:104", "PACS@h:104"]}, "destinations must be distinct"),
         ({"operating_point": 1.5}, "operating_point must be between 0 and 1"),
         ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"overlay_modality": "MR"}, "overlay_modality must be source or OT"),
         ({"tls.cert": "/nonexistent.pem", "tls.key": "/nonexistent.key"}, "tls.cert must be an existing PEM file"),
         ({"tls.cert": "x.pem"}, "tls.cert and tls.key must be given together"),
         ({"outbox.initial_backoff_s": 10.0, "outbox.max_backoff_s": 1.0}, "outbox.initial_backoff_s"),

@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
+from pacs_node.identity import result_kind
 from pacs_node.node import Node
 from pacs_node.predictor import NodePredictor
 from pacs_node.status import StoreStatus
@@ -36,10 +37,10 @@ def node(tmp_path: Path, predictor: NodePredictor, results: StoreSCP) -> Iterato
     running.stop()
 
 
-def received_by_modality(scp: StoreSCP) -> dict[str, list]:
+def received_by_kind(scp: StoreSCP) -> dict[str, list]:
     found: dict[str, list] = {}
     for ds in scp.received():
-        found.setdefault(ds.Modality, []).append(ds)
+        found.setdefault(result_kind(ds), []).append(ds)
     return found
 
 
@@ -50,17 +51,18 @@ def test_storescu_sends_real_chest_xrays_and_storescp_gets_a_valid_sr_and_sc_for
         run_tool("storescu", syntax, "-aet", "MODALITY", "-aec", node.config.ae_title, "127.0.0.1", node.port, source)
     # storescp answers once a file is complete; the node's delivery line follows that answer.
     wait_for(lambda: len([x for x in audit_lines(node) if x["event"] == "delivery" and x["status"] == "delivered"]) >= 4, 120, "one SR and one SC per image at storescp")
-    got = received_by_modality(results)
-    assert sorted(got) == ["OT", "SR"] and len(got["SR"]) == len(got["OT"]) == 2
+    got = received_by_kind(results)
+    assert sorted(got) == ["SC", "SR"] and len(got["SR"]) == len(got["SC"]) == 2
     source_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sources}
-    assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in got["OT"]} == source_uids
+    assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in got["SC"]} == source_uids
+    assert {sc.Modality for sc in got["SC"]} == {"CR"}  # the radiograph's: hung beside it, no cine player
     for path in sorted(results.folder.iterdir()):
         check = run_tool("dciodvfy", path, check=False)
         assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout + check.stderr
         if path.name.startswith("SR"):
             dump = run_tool("dsrdump", path).stdout
             # Real radiographs lie outside the demonstration model's phantoms: reported not assessed, coded.
-            assert '(233604007,SCT,"Pneumonia")' in dump and '(82334004,SCT,"Indeterminate")' in dump and "Certainty of Finding" not in dump
+            assert 'CODE:(,,"Pneumonia")=(82334004,SCT,"Indeterminate")' in dump and "Certainty of Finding" not in dump
     # The audit line is written once the results are handed over, which may be after they arrive.
     def processed_lines() -> list[dict] | None:
         lines = [line for line in audit_lines(node) if line["status"] == "processed"]
@@ -166,7 +168,7 @@ def test_without_destination_results_go_to_the_output_folder(tmp_path: Path, pre
         send(node.port, [ds])
         folder = tmp_path / "out" / ds.StudyInstanceUID
         files = wait_for(lambda: sorted(folder.glob("*.dcm")) if folder.exists() and len(list(folder.glob("*.dcm"))) == 2 else None, 60, "two results")
-        assert sorted(dcmread(f).Modality for f in files) == ["OT", "SR"]
+        assert sorted(f.name[:3] for f in files) == ["SC.", "SR."] and sorted(result_kind(dcmread(f)) for f in files) == ["SC", "SR"]
     finally:
         node.stop()
 

@@ -19,12 +19,14 @@ from pacs_node.predictor import NodePredictor
 
 pytestmark = pytest.mark.tools
 
-# Orthanc sends every CR or DX it stores to the node, and nothing else: the node's SR
-# and SC come back as modalities SR and OT, so they are never routed again (no loop).
+# Orthanc sends every CR or DX radiograph it stores to the node, and nothing else. The rule
+# names the radiograph storage classes as well as the modality: the node's overlay carries
+# the radiograph's modality (CR) but is a Secondary Capture, so it is never routed again.
 ROUTE = """
+local RADIOGRAPHS = { ['1.2.840.10008.5.1.4.1.1.1'] = true, ['1.2.840.10008.5.1.4.1.1.1.1'] = true }
 function OnStoredInstance(instanceId, tags, metadata, origin)
   local modality = tags['Modality']
-  if modality == 'CR' or modality == 'DX' then
+  if (modality == 'CR' or modality == 'DX') and RADIOGRAPHS[metadata['SopClassUid']] then
     SendToModality(instanceId, 'dpnode')
   end
 end
@@ -94,9 +96,11 @@ def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, 
 
 
 def series_by_modality(orthanc: Orthanc, study: str) -> dict[str, list[dict]]:
+    """The study's series by modality; the node's overlay (CR, like its radiograph) as "SC"."""
     found: dict[str, list[dict]] = {}
     for series in orthanc.get(f"/studies/{study}/series"):
-        found.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
+        overlay = "overlay" in series["MainDicomTags"].get("SeriesDescription", "")
+        found.setdefault("SC" if overlay else series["MainDicomTags"]["Modality"], []).append(series)
     return found
 
 
@@ -104,11 +108,11 @@ def test_orthanc_routes_the_chest_xray_and_gets_sr_and_sc_in_the_same_study(pacs
     orthanc, node = pacs_and_node
     stored = orthanc.upload(data_file("RG1_UNCR.dcm"))
     study = stored["ParentStudy"]
-    found = wait_for(lambda: (s := series_by_modality(orthanc, study)) and {"SR", "OT"} <= set(s) and s, 120, "the SR and the SC in Orthanc's study")
+    found = wait_for(lambda: (s := series_by_modality(orthanc, study)) and {"SR", "SC"} <= set(s) and s, 120, "the SR and the SC in Orthanc's study")
     time.sleep(3)  # a routing loop would show up as more instances by now
     found = series_by_modality(orthanc, study)
-    assert sorted(found) == ["CR", "OT", "SR"]
-    assert [len(series["Instances"]) for modality in ("CR", "SR", "OT") for series in found[modality]] == [1, 1, 1]
+    assert sorted(found) == ["CR", "SC", "SR"]
+    assert [len(series["Instances"]) for modality in ("CR", "SR", "SC") for series in found[modality]] == [1, 1, 1]
     assert "not for primary diagnosis" in found["SR"][0]["MainDicomTags"]["SeriesDescription"]
     processed = [json.loads(line) for line in node.config.audit_path.read_text().splitlines() if '"received"' in line]
     assert [line["status"] for line in processed] == ["processed"] and processed[0]["calling_ae"] == "ORTHANC"
@@ -119,4 +123,4 @@ def test_orthanc_routes_the_chest_xray_and_gets_sr_and_sc_in_the_same_study(pacs
     wait_for(lambda: sum(1 for line in node.config.audit_path.read_text().splitlines() if '"processed"' in line) == 2, 60, "the second processing")
     wait_for(lambda: all(s.stats.backlog == 0 for s in node.senders) and not any(s.pending() for s in node.senders), 60, "delivery")
     again = series_by_modality(orthanc, study)
-    assert [len(series["Instances"]) for modality in ("CR", "SR", "OT") for series in again[modality]] == [1, 1, 1]
+    assert [len(series["Instances"]) for modality in ("CR", "SR", "SC") for series in again[modality]] == [1, 1, 1]

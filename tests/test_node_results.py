@@ -27,9 +27,10 @@ def rg1(rg1_path: Path) -> Dataset:
     return dcmread(rg1_path)
 
 
-def positive(heatmap: np.ndarray | None = None, boxes=((300, 400, 900, 1200),)) -> Prediction:
+def positive(heatmap: np.ndarray | None = None, boxes=((300, 400, 900, 1200),), scores=(0.83,)) -> Prediction:
     """A confident lobar pneumonia with one region, independent of the demo model's weights."""
-    return Prediction(CLASSES, np.array([0.1, 0.6, 0.1, 0.1, 0.1]), "normal", 0.5, np.zeros((7, 7), np.float32) if heatmap is None else heatmap, np.asarray(boxes, np.float32).reshape(-1, 4))
+    heat = np.zeros((7, 7), np.float32) if heatmap is None else heatmap
+    return Prediction(CLASSES, np.array([0.1, 0.6, 0.1, 0.1, 0.1]), "normal", 0.5, heat, np.asarray(boxes, np.float32).reshape(-1, 4), box_scores=scores[: len(boxes)])
 
 
 def negative() -> Prediction:
@@ -87,7 +88,8 @@ FINDINGS = CLASSES[1:]
 
 def multi_label(probabilities=(0.8, 0.2, 0.6, 0.1), boxes=((300, 400, 900, 1200), (1000, 300, 1500, 900)), box_labels=("lobar", "interstitial")) -> Prediction:
     """A multi-label model's answer: lobar and interstitial present, each with a region."""
-    return Prediction(FINDINGS, np.array(probabilities), "normal", 0.5, np.zeros((7, 7), np.float32), np.asarray(boxes, np.float32).reshape(-1, 4), True, box_labels)
+    heat, boxes = np.zeros((7, 7), np.float32), np.asarray(boxes, np.float32).reshape(-1, 4)
+    return Prediction(FINDINGS, np.array(probabilities), "normal", 0.5, heat, boxes, True, box_labels, box_scores=(0.71, 0.64)[: len(boxes)])
 
 
 def test_multi_label_findings_are_decided_one_by_one() -> None:
@@ -114,7 +116,10 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_
     # Regions: one lobar, one interstitial, each with its own finding.
     assert sum("Lobar pneumonia" in line for line in present) == 2 and sum("nterstitial" in line for line in present) == 2
     assert len(absent) == 2 and dump.count("POLYLINE") == 2
-    assert 'NUM:(,,"Certainty of Finding")="60.0"' in dump  # the interstitial region carries its own finding's score
+    # Each region carries its own score, named after its finding; each finding its certainty and
+    # the threshold it was decided at (a multi-label model decides each at the operating point).
+    assert 'NUM:(,,"Lobar pneumonia region score")="71.0"' in dump and 'NUM:(,,"Interstitial pneumonia region score")="64.0"' in dump
+    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + len(FINDINGS)
 
 
 def test_multi_label_overlay_names_every_finding_and_labels_its_boxes() -> None:
@@ -133,8 +138,11 @@ def test_regions_are_the_largest_blobs_in_map_pixels() -> None:
     heat[5:15, 10:30] = 0.9  # 200 pixels
     heat[20:26, 40:44] = 0.7  # 24 pixels
     heat[35, 2] = 0.9  # 1 pixel: below the minimum region size
-    assert regions(heat).tolist() == [[10, 5, 30, 15], [40, 20, 44, 26]]
-    assert regions(np.full((8, 8), 0.3, np.float32)).shape == (0, 4)
+    heat[8, 12] = 0.95
+    boxes, peaks = regions(heat)
+    assert boxes.tolist() == [[10, 5, 30, 15], [40, 20, 44, 26]]
+    assert peaks.tolist() == pytest.approx([0.95, 0.7])  # each region's own peak
+    assert regions(np.full((8, 8), 0.3, np.float32))[0].shape == (0, 4)
 
 
 def test_real_radiograph_gets_probabilities_and_a_heatmap_over_the_whole_image(predictor: NodePredictor, rg1: Dataset) -> None:
@@ -180,9 +188,10 @@ def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(tmp_path: Pa
     check = run_tool("dciodvfy", path, check=False)
     assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
     dump = run_tool("dsrdump", path).stdout
-    assert '(233604007,SCT,"Pneumonia")' in dump
+    assert 'CODE:(,,"Pneumonia")=(52101004,SCT,"Present")' in dump
     assert 'NUM:(,,"Certainty of Finding")="90.0" (%,UCUM,"Percent")' in dump
     assert 'CODE:(,,"Lobar pneumonia")=(52101004,SCT,"Present")' in dump
+    assert 'contains CODE:(,,"Finding")=(278516003,SCT,"Lobar pneumonia")' in dump  # the region's finding
     assert "SCOORD" in dump and "POLYLINE" in dump
     assert "Preliminary Flag    : PRELIMINARY" in dump and "Verification Flag   : UNVERIFIED" in dump and "Completion Flag     : COMPLETE" in dump
 
@@ -194,13 +203,69 @@ def test_report_round_trip_carries_study_model_identity_and_a_negative_result(tm
     assert sr.SeriesInstanceUID != rg1.SeriesInstanceUID and "not for primary diagnosis" in sr.SeriesDescription
     (ours,) = [item for item in sr.ContributingEquipmentSequence if item.Manufacturer == MANUFACTURER]
     assert ours.DeviceUID == contract.device_uid and ours.ManufacturerModelName == contract.name
-    assert ours.PurposeOfReferenceCodeSequence[0].CodeValue == codes.PROCESSING_EQUIPMENT.value
+    (purpose,) = ours.PurposeOfReferenceCodeSequence  # IHE AI Results: the algorithm that made the content
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == (codes.PROCESSING_ALGORITHM.value, "99IHE")
     flat = str(sr.ContentSequence)
     assert contract.device_uid in flat
     assert "111047" not in flat  # "Probability of cancer" is the wrong concept for this score
     # The negative decision is recorded explicitly, not left out.
     assert codes.ABSENT.value in flat and codes.PRESENT.value not in flat
     assert "SCOORD" not in flat  # no region without a finding
+
+
+def concept(item: Dataset) -> str:
+    return item.ConceptNameCodeSequence[0].CodeMeaning
+
+
+def containers(sr: Dataset) -> dict[str, Dataset]:
+    """The TID 1500 root's containers, by name."""
+    return {concept(item): item for item in sr.ContentSequence if item.ValueType == "CONTAINER"}
+
+
+def evaluations(sr: Dataset) -> dict[str, tuple[str, dict[str, float]]]:
+    """The image-level classification: finding -> (value, {property: number})."""
+    found = {}
+    for item in containers(sr)["Qualitative Evaluations"].ContentSequence:
+        numbers = {concept(num): float(num.MeasuredValueSequence[0].NumericValue) for num in item.get("ContentSequence", []) if num.ValueType == "NUM"}
+        found[concept(item)] = (item.ConceptCodeSequence[0].CodeMeaning, numbers)
+    return found
+
+
+def test_report_is_what_a_viewer_draws_and_a_machine_reads(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+    """What OHIF needs (docs/decisions.md): every measurement group has coordinates on the source
+    image, its tracking UID is the group's first UIDREF, and its numbers name the finding; the
+    image-level classification sits where viewers do not draw, each decision with its numbers."""
+    contract = predictor.contract
+    sr = dcmread(written(tmp_path, build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: 2D coordinates, accepted widely
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+    groups = containers(sr)["Imaging Measurements"].ContentSequence
+    assert len(groups) == 1
+    for group in groups:
+        items = group.ContentSequence
+        (scoord,) = [item for item in items if item.ValueType == "SCOORD"]
+        assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
+        points = np.asarray(scoord.GraphicData, float).reshape(-1, 2)
+        assert np.isfinite(points).all() and (points[0] == points[-1]).all()  # closed
+        assert [concept(item) for item in items if item.ValueType == "UIDREF"][0] == "Tracking Unique Identifier"
+        (score,) = [item for item in items if item.ValueType == "NUM"]
+        # The region's own score (the map's peak in it), not a copy of the class probability (60 %).
+        assert concept(score) == "Lobar pneumonia region score" and float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(83.0)
+    found = evaluations(sr)
+    assert found["Pneumonia"] == ("Present", {"Certainty of Finding": 90.0, "Threshold Value": 50.0})
+    assert found["Lobar pneumonia"] == ("Present", {"Certainty of Finding": 60.0})
+    assert found["Bronchopneumonia"] == ("Absent", {"Certainty of Finding": 10.0})
+    schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+    assert schemes == {codes.PRIVATE_SCHEME, codes.IHE_SCHEME}
+
+
+def test_a_negative_report_states_each_decision_with_its_threshold_and_has_no_measurement_group(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+    contract = predictor.contract
+    below = Prediction(CLASSES, np.array([0.14, 0.8, 0.02, 0.02, 0.02]), "normal", 0.9, np.zeros((7, 7), np.float32), np.zeros((0, 4), np.float32))
+    sr = dcmread(written(tmp_path, build_report(rg1, below, contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
+    assert set(containers(sr)) == {"Qualitative Evaluations"}  # nothing for a viewer to draw, nothing to break it
+    # 86 % is below the 90 % operating point: Absent, and the report says both numbers.
+    assert evaluations(sr)["Pneumonia"] == ("Absent", {"Certainty of Finding": 86.0, "Threshold Value": 90.0})
 
 
 def test_result_uids_depend_only_on_source_and_weights(predictor: NodePredictor, rg1: Dataset) -> None:
@@ -243,6 +308,17 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(tmp_path: Pat
     assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless: no viewer is shown lossy pixels
     assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
     assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows  # the band above the full image
+
+
+@pytest.mark.parametrize(("received", "asked", "written"), [("CR", "source", "CR"), ("DX", "source", "DX"), ("", "source", "OT"), ("CR", "OT", "OT")])
+def test_the_overlay_takes_the_radiographs_modality_unless_asked_for_ot(rg1: Dataset, predictor: NodePredictor, received: str, asked: str, written: str) -> None:
+    """OHIF opens a cine player on OT series; routing rules that forward every CR would need OT."""
+    source = rg1.copy()
+    source.Modality = received
+    pixels = np.full((64, 64), 0.5, np.float32)
+    sc = build_overlay(source, pixels, None, negative(), predictor.contract, ResultIdentity.of(rg1, predictor.contract), 256, asked)
+    assert sc.Modality == written and sc.ImageType == ["DERIVED", "SECONDARY"]
+    assert screen(sc)[0] == SkipReason.AI_RESULT  # sent back to the node, it is never scored
 
 
 def test_overlay_pixels_show_banner_box_and_heat() -> None:

@@ -75,10 +75,11 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
     assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout
     sr = dcmread(sr_path)
     assert sr.ManufacturerModelName == architecture  # the model that made it, named in the SR
-    # One image-level group for pneumonia and one per finding, each with the model's score.
+    # One image-level decision for pneumonia and one per finding, each with the model's score
+    # (a region carries its own score, not a certainty).
     (prediction,) = predictor.predict([prepare(ds, predictor.contract.image_size)])
     scores = certainties(sr)
-    assert len(scores) == 1 + 4 + len(prediction.boxes)
+    assert len(scores) == 1 + 4
     expected = [prediction.pneumonia_probability] + [prediction.probability(c) for c in ("lobar", "bronchopneumonia", "interstitial", "cavitary")]
     assert scores[:5] == pytest.approx([round(100 * p, 2) for p in expected], abs=0.011)
 
