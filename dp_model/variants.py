@@ -187,8 +187,22 @@ class AlignmentModule(nn.Module):
         return torch.stack([torch.stack([sx * cos, -sy * sin, tx], 1), torch.stack([sx * sin, sy * cos, ty], 1)], 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        grid = F.affine_grid(self.transform(x), list(x.shape), align_corners=False)
-        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
+        return warp(x, self.transform(x), padding="border")
+
+
+def warp(x: Tensor, theta: Tensor, padding: str = "zeros") -> Tensor:
+    """``x`` seen in the aligned frame: ``out(u) = x(theta u)`` (Eq. 1), in ``affine_grid``'s
+    normalised coordinates, so the same ``theta`` serves any resolution (an image, a mask, a grid)."""
+    grid = F.affine_grid(theta.float(), list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding, align_corners=False).to(x.dtype)
+
+
+def unwarp(x: Tensor, theta: Tensor) -> Tensor:
+    """The inverse of :func:`warp`: an aligned-frame map back in the input's frame (zero where
+    the aligned view did not reach)."""
+    linear, shift = theta[:, :, :2].float(), theta[:, :, 2:].float()
+    inverse = torch.linalg.inv(linear)
+    return warp(x, torch.cat([inverse, -inverse @ shift], dim=2))
 
 
 #: How CIA-Net picks the negative image of each input (the paper's Table 5).
@@ -203,11 +217,14 @@ class CIAOutputs:
         grid: ``(B, k, h, w)`` class-aware grid logits.
         attention: ``(B, 1, h, w)`` the normalised contrast map ``Delta M``.
         aligned: ``(B, 1, H, W)`` the aligned inputs (``None`` without alignment).
+        theta: ``(B, 2, 3)`` the alignment of each input (``None`` without alignment): the
+            grid lives in the aligned frame, so box targets are warped by it (:func:`warp`).
     """
 
     grid: Tensor
     attention: Tensor
     aligned: Tensor | None
+    theta: Tensor | None = None
 
 
 class CIANet(nn.Module):
@@ -323,8 +340,12 @@ class CIANet(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _aligned(self, x: Tensor) -> Tensor:
-        return self.align(x) if self.align is not None else x
+    def _aligned(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The input in the aligned frame, and the alignment (None without the module)."""
+        if self.align is None:
+            return x, None
+        theta = self.align.transform(x)
+        return warp(x, theta, padding="border"), theta
 
     def _attention_map(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         out = stem(self.attention_trunk, self.normalize(x))
@@ -332,10 +353,10 @@ class CIANet(nn.Module):
             out = getattr(self.attention_trunk, name)(out)
         return torch.sigmoid(self.attention_head(F.adaptive_max_pool2d(out, size)))
 
-    def weighted_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``F+`` weighted by ``Delta M`` (Eq. 3), ``Delta M``, and the aligned input."""
+    def weighted_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``F+`` weighted by ``Delta M`` (Eq. 3), ``Delta M``, the aligned input and its alignment."""
         negative = self.negatives(x)
-        x, negative = self._aligned(x), self._aligned(negative)
+        (x, theta), (negative, _) = self._aligned(x), self._aligned(negative)
         out = stem(self.backbone, self.normalize(x))
         for name in STAGE_NAMES:
             out = getattr(self.backbone, name)(out)
@@ -343,24 +364,26 @@ class CIANet(nn.Module):
         both = self._attention_map(torch.cat([x, negative]), size)
         delta = (both[: x.shape[0]] - both[x.shape[0] :]).abs()
         delta = delta * (size[0] * size[1]) / delta.flatten(1).sum(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
-        return out * delta, delta, x
+        return out * delta, delta, x, theta
 
     def forward(self, x: Tensor, train_outputs: bool = False) -> Tensor | CIAOutputs:
         """Image logits ``(B, k)`` (MIL over the grid); with ``train_outputs``, :class:`CIAOutputs`."""
-        features, delta, aligned = self.weighted_features(x)
+        features, delta, aligned, theta = self.weighted_features(x)
         grid = self.head(features)
         if train_outputs:
-            return CIAOutputs(grid, delta, aligned if self.align is not None else None)
+            return CIAOutputs(grid, delta, aligned if theta is not None else None, theta)
         return mil_logits(grid)
 
     @torch.no_grad()
     def class_maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Image logits and the class-aware grid probabilities, upsampled before the head."""
-        features, _, _ = self.weighted_features(x)
+        """Image logits and the class-aware grid probabilities, upsampled before the head, in the
+        input's frame (the grid is computed in the aligned one and warped back)."""
+        features, _, _, theta = self.weighted_features(x)
         logits = mil_logits(self.head(features))
         if self.grid_upsample > 1:
             features = F.interpolate(features, scale_factor=self.grid_upsample, mode="bilinear", align_corners=False)
-        return logits, torch.sigmoid(self.head(features).float())
+        maps = torch.sigmoid(self.head(features).float())
+        return logits, maps if theta is None else unwarp(maps, theta)
 
     @property
     def cam_layer(self) -> nn.Module:

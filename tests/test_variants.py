@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dp_model.losses import (
     class_attention_loss,
@@ -22,7 +23,8 @@ from dp_model.losses import (
 from dp_model.metrics import localization_accuracy, mask_iou
 from dp_model.architectures import build_network, class_scores
 from dp_model.training.data import Resident, keep_boxes
-from dp_model.variants import AlignmentModule, AttentionGate, CIANet, ClassAttentionNet, mil_logits
+from dp_model.training.objectives import grid_targets
+from dp_model.variants import AlignmentModule, AttentionGate, CIANet, ClassAttentionNet, mil_logits, unwarp, warp
 
 torch.manual_seed(0)
 
@@ -147,6 +149,69 @@ def test_the_alignment_transform_is_equation_1_and_starts_as_the_identity() -> N
     tx, ty, sx, sy, theta = 0.5 * raw[0], 0.5 * raw[1], math.exp(0.25 * raw[2]), math.exp(0.25 * raw[3]), math.pi / 12 * raw[4]
     expected = torch.tensor([[sx * math.cos(theta), -sy * math.sin(theta), tx], [sx * math.sin(theta), sy * math.cos(theta), ty]])
     assert torch.allclose(matrix, expected, atol=1e-5)
+
+
+SHIFT = 0.25  # the alignment of the frame tests: a pure translation by an eighth of the image
+
+
+def _shifted_alignment(net: CIANet) -> None:
+    """Make ``net``'s alignment a translation: aligned(u) = input(u + SHIFT) in normalised x."""
+    with torch.no_grad():
+        net.align.parameters_out.bias.copy_(torch.tensor([math.atanh(2 * SHIFT), 0.0, 0.0, 0.0, 0.0]))
+
+
+def _square(size: int = 64, box: tuple[int, int, int, int] = (8, 24, 24, 40)) -> torch.Tensor:
+    x0, y0, x1, y1 = box
+    image = torch.zeros(1, 1, size, size)
+    image[..., y0:y1, x0:x1] = 1.0
+    return image
+
+
+def test_warp_and_unwarp_are_inverse_at_any_resolution() -> None:
+    theta = torch.tensor([[[1.1, -0.1, 0.2], [0.05, 0.9, -0.1]]])
+    mask = _square()
+    moved = warp(mask, theta) >= 0.5
+    back = unwarp(warp(mask, theta), theta) >= 0.5
+    truth = mask >= 0.5
+    assert (moved & truth).sum() / (moved | truth).sum() < 0.6  # it did move
+    assert (back & truth).sum() / (back | truth).sum() > 0.85  # and came back (bilinear twice blurs the edges)
+    # The same theta moves a 16 x 16 grid as it moves the 64 x 64 image.
+    small = F.adaptive_avg_pool2d(warp(mask, theta), 16)
+    assert torch.allclose(small, warp(F.adaptive_avg_pool2d(mask, 16), theta), atol=0.2)
+
+
+def test_cia_net_targets_maps_and_truth_share_one_frame_whatever_the_alignment_does() -> None:
+    """A grid that lights up where the aligned input is bright: its maps must land on the
+    square where the square is in the input, and its targets where the grid sees the square."""
+    net = CIANet(num_classes=1, image_size=64, bank_size=4, alignment=True, grid_upsample=1).eval()
+    net.set_references(_bank_images(4, 64))
+    _shifted_alignment(net)
+
+    def features(x: torch.Tensor):  # the aligned input, pooled to an 8 x 8 grid, as "features"
+        (aligned, theta), _ = net._aligned(x), None
+        pooled = F.adaptive_avg_pool2d(aligned, 8)
+        return pooled.expand(-1, 512, -1, -1), torch.ones_like(pooled), aligned, theta
+
+    net.weighted_features = features
+    with torch.no_grad():
+        for conv in (net.head[0], net.head[2]):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        net.head[0].weight[0, 0] = 1.0
+        net.head[2].weight[0, 0] = 20.0
+        net.head[2].bias.fill_(-10.0)  # above 0.5 where the cell is more than half square
+    image = _square()
+    _, maps = net.class_maps(image)
+    found = F.interpolate(maps, size=(64, 64), mode="nearest")[0, 0] >= 0.5
+    truth = image[0, 0] >= 0.5
+    overlap = (found & truth).sum() / (found | truth).sum()
+    assert overlap > 0.5, f"IoU of the map with the square {overlap:.2f}"
+    # Targets: the cells over the square as the grid sees it (in the aligned frame).
+    outputs = net(image, train_outputs=True)
+    cells = grid_targets(image, outputs.theta, outputs.grid.shape[-2:])
+    seen = F.adaptive_avg_pool2d(outputs.aligned, 8) > 0.01
+    assert cells.bool().equal(seen)
+    assert not cells.bool().equal(F.adaptive_max_pool2d(image, 8) > 0.01)  # the input's frame differs
 
 
 def _bank_images(n: int, size: int = 32) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..architectures import build_network
 from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, consistency_loss, feature_reconstruction_loss
 from ..networks import DeepPneumoniaNet
+from ..variants import warp
 from .config import FinetuneConfig
 
 
@@ -83,6 +84,17 @@ def variant_loss(config: FinetuneConfig, positive_counts: list[int], names: list
     return CIAObjective(config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight)
 
 
+def grid_targets(mask: Tensor, theta: Tensor | None, size: tuple[int, int]) -> Tensor:
+    """CIA-Net's positive cells: those overlapping a box projected into the grid's frame.
+
+    The grid is computed on the aligned input, so the mask (in the input's frame) is first
+    warped by the same alignment (the paper's "projected ground truth box").
+    """
+    if theta is not None:
+        mask = warp(mask, theta)
+    return (F.adaptive_max_pool2d(mask.float(), tuple(size)) > 0.01).float()
+
+
 class CIAObjective(nn.Module):
     """Eq. 6 plus the alignment's feature reconstruction (Eq. 2) and consistency losses."""
 
@@ -92,8 +104,7 @@ class CIAObjective(nn.Module):
 
     def forward(self, net: nn.Module, outputs, targets: Tensor, mask: Tensor, has_boxes: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         grid = outputs.grid
-        # A grid cell is positive for the image's class when it overlaps one of its boxes.
-        cells = (F.adaptive_max_pool2d(mask, grid.shape[-2:]) > 0.01).float()
+        cells = grid_targets(mask, outputs.theta, grid.shape[-2:])
         boxed = targets * has_boxes[:, None].float()  # lambda: class k of the image has a box
         detection = cia_loss(grid, targets[:, :, None, None] * cells, boxed, targets, self.box_weight)
         parts = {"cia": detection}
