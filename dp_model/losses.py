@@ -125,12 +125,23 @@ def attention_losses(map_pos: Tensor, map_neg: Tensor, mask_pos: Tensor, eps: fl
     return towards / away.clamp_min(eps), _mean_per_image((map_neg - mask_neg) ** 2)
 
 
+#: Eq. 5 as printed ("paper"), or with the maps held fixed inside it ("detached"). As printed,
+#: ``L1(f, f * map+) = mean |f| (1 - map+)`` is smallest at ``map+ = 1`` everywhere, pulling
+#: the maps away from the masks Eq. 2-3 train them towards; detached, Eq. 5 shapes the
+#: features only, and the attention optimum (maps equal to masks) stays an optimum.
+FeatureCRForm = Literal["paper", "detached"]
+
+
 @_float32
-def feature_cr_loss(features: Tensor, map_pos: Tensor, map_neg: Tensor, eps: float = 1e-3) -> Tensor:
-    """Per-image ``L_feat_cr = L1(f, f * map+) / L1(f, f * map-)`` (Eq. 5)."""
-    f = features.float()
-    towards = _mean_per_image((f - f * map_pos.float()).abs())
-    away = _mean_per_image((f - f * map_neg.float()).abs())
+def feature_cr_loss(features: Tensor, map_pos: Tensor, map_neg: Tensor, eps: float = 1e-3, form: FeatureCRForm = "paper") -> Tensor:
+    """Per-image ``L_feat_cr = L1(f, f * map+) / L1(f, f * map-)`` (Eq. 5), in ``form``."""
+    f, map_pos, map_neg = features.float(), map_pos.float(), map_neg.float()
+    if form == "detached":
+        map_pos, map_neg = map_pos.detach(), map_neg.detach()
+    elif form != "paper":
+        raise ValueError(f"form must be 'paper' or 'detached', got {form!r}")
+    towards = _mean_per_image((f - f * map_pos).abs())
+    away = _mean_per_image((f - f * map_neg).abs())
     return towards / away.clamp_min(eps)
 
 
@@ -141,6 +152,7 @@ def mgacr_loss(
     attention_images: Tensor,
     feature_images: Tensor,
     eps: float = 1e-3,
+    form: FeatureCRForm = "paper",
 ) -> dict[str, Tensor]:
     """MGACR over all stages (Eq. 4 and 6), averaged over stages and over the images that take part.
 
@@ -160,11 +172,21 @@ def mgacr_loss(
     for stage in stages:
         mask = F.adaptive_avg_pool2d(mask_pos.float(), stage.map_pos.shape[-2:])
         att_pos, att_neg = attention_losses(stage.map_pos, stage.map_neg, mask, eps)
-        feat = feature_cr_loss(stage.features, stage.map_pos, stage.map_neg, eps)
+        feat = feature_cr_loss(stage.features, stage.map_pos, stage.map_neg, eps, form)
         totals["att_pos"].append(_masked_mean(att_pos, att_weight))
         totals["att_neg"].append(_masked_mean(att_neg, att_weight))
         totals["feat_cr"].append(_masked_mean(feat, feat_weight))
     return {k: torch.stack(v).mean() if v else mask_pos.new_zeros(()) for k, v in totals.items()}
+
+
+@_float32
+def relative_scale(classification: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """``L_cls / CE`` on the same batch, without gradient: the factor by which the
+    classification loss's weighting (class-balanced, focal) shrinks plain cross-entropy.
+    MGACR multiplied by it keeps one weight relative to the classification loss whatever
+    that weighting does (Table I's rows 4 and 5 otherwise change MGACR's weight too)."""
+    ce = F.cross_entropy(logits.float(), labels)
+    return (classification.float() / ce.clamp_min(1e-8)).detach()
 
 
 def _masked_mean(values: Tensor, weight: Tensor) -> Tensor:
@@ -181,6 +203,10 @@ class MGACRLoss(nn.Module):
         normal_images: "empty_mask" to train the attention of images labelled normal
             towards an empty ``mask+``, "skip" to leave them out.
         eps: lower bound of the ratios' denominators.
+        feature_form: Eq. 5 as printed or with detached maps (:data:`FeatureCRForm`).
+        relative: weigh MGACR against the classification loss as against plain cross-entropy
+            (:func:`relative_scale`), so that class-balanced and focal weighting, which shrink
+            the classification loss, do not make MGACR heavier.
     """
 
     def __init__(
@@ -189,13 +215,18 @@ class MGACRLoss(nn.Module):
         feat_weight: float = 0.1,
         normal_images: Literal["empty_mask", "skip"] = "empty_mask",
         eps: float = 1e-3,
+        feature_form: FeatureCRForm = "paper",
+        relative: bool = False,
     ) -> None:
         super().__init__()
         if att_weight < 0 or feat_weight < 0 or eps <= 0:
             raise ValueError(f"weights must be >= 0 and eps > 0, got {att_weight}, {feat_weight}, {eps}")
         if normal_images not in ("empty_mask", "skip"):
             raise ValueError(f"normal_images must be 'empty_mask' or 'skip', got {normal_images!r}")
+        if feature_form not in ("paper", "detached"):
+            raise ValueError(f"feature_form must be 'paper' or 'detached', got {feature_form!r}")
         self.att_weight, self.feat_weight, self.normal_images, self.eps = att_weight, feat_weight, normal_images, eps
+        self.feature_form, self.relative = feature_form, relative
 
     def forward(self, stages: Sequence[StageOutput], mask_pos: Tensor, has_boxes: Tensor, is_normal: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Total weighted loss and its parts.
@@ -205,7 +236,7 @@ class MGACRLoss(nn.Module):
             is_normal: ``(B,)`` bool, the image is labelled with the normal class.
         """
         attention = has_boxes | is_normal if self.normal_images == "empty_mask" else has_boxes
-        parts = mgacr_loss(stages, mask_pos, attention, has_boxes, self.eps)
+        parts = mgacr_loss(stages, mask_pos, attention, has_boxes, self.eps, self.feature_form)
         total = self.att_weight * (parts["att_pos"] + parts["att_neg"]) + self.feat_weight * parts["feat_cr"]
         return total, parts
 
@@ -342,13 +373,27 @@ class SqrtFocalLoss(nn.Module):
 # --- class-based attention (seed 003, Eq. 5) ----------------------------------------------------------
 
 
-def class_attention_weights(positive_counts: Sequence[int]) -> Tensor:
-    """``c_i = n_min^2 / n_i`` from each class's number of positive training images.
+#: ``c_i`` of the class attention loss: the paper's ``n_min^2 / n_i`` ("paper"), or the ratio of
+#: each finding's negatives to its positives ("balanced"), which does not grow with the dataset.
+ClassWeighting = Literal["paper", "balanced"]
 
-    A class without positives counts as one image, so that its weight stays finite.
+
+def class_attention_weights(positive_counts: Sequence[int], weighting: ClassWeighting = "paper", total: int | None = None) -> Tensor:
+    """``c_i`` from each class's number of positive training images.
+
+    "paper": ``n_min^2 / n_i``, which grows with the dataset (ten times the images, ten times
+    the weights); "balanced": ``(N - n_i) / n_i`` for ``total`` images ``N``, the weight that
+    makes a class's positives weigh as much as its negatives. A class without positives counts
+    as one image, so that its weight stays finite.
     """
     n = torch.as_tensor(list(positive_counts), dtype=torch.float64).clamp_min(1.0)
-    return (n.min() ** 2 / n).float()
+    if weighting == "paper":
+        return (n.min() ** 2 / n).float()
+    if weighting != "balanced":
+        raise ValueError(f"weighting must be 'paper' or 'balanced', got {weighting!r}")
+    if total is None or total < n.max():
+        raise ValueError(f"balanced weights need the number of training images, at least each class's count; got {total}")
+    return ((total - n).clamp_min(1.0) / n).float()
 
 
 @_float32
@@ -377,14 +422,17 @@ def class_attention_loss(logits: Tensor, attention: Tensor, target: Tensor, weig
 class ClassAttentionLoss(nn.Module):
     """:func:`class_attention_loss` with the weights of the training split's counts."""
 
-    def __init__(self, positive_counts: Sequence[int], entropy_weight: float = 0.1, class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, positive_counts: Sequence[int], entropy_weight: float = 0.1, class_names: Sequence[str] | None = None,
+        weighting: ClassWeighting = "paper", total: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
-        self.register_buffer("weights", class_attention_weights(positive_counts))
+        self.register_buffer("weights", class_attention_weights(positive_counts, weighting, total))
         self.entropy_weight = float(entropy_weight)
         names = list(class_names or range(len(positive_counts)))
-        logger.info("class attention positive weights n_min^2/n_i: %s", ", ".join(f"{c} {n} -> {w:.2f}" for c, n, w in zip(names, positive_counts, self.weights.tolist())))
+        logger.info(f"class attention positive weights ({weighting}): %s", ", ".join(f"{c} {n} -> {w:.2f}" for c, n, w in zip(names, positive_counts, self.weights.tolist())))
 
     def forward(self, logits: Tensor, attention: Tensor, target: Tensor) -> Tensor:
         return class_attention_loss(logits, attention, target, self.weights, self.entropy_weight)

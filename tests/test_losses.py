@@ -22,6 +22,7 @@ from dp_model.losses import (
     inverse_sqrt_weights,
     mgacr_loss,
     nt_xent,
+    relative_scale,
 )
 from dp_model.networks import StageOutput
 
@@ -192,6 +193,56 @@ def test_mgacr_module_handles_normal_and_unboxed_images_deliberately() -> None:
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     _, skipped = MGACRLoss(normal_images="skip")(s, mask, has_boxes, is_normal)
     assert skipped["att_pos"].item() != pytest.approx(parts["att_pos"].item())
+
+
+def _box_stage(side: int = 96, box: int = 19, channels: int = 8, requires_grad: bool = True) -> tuple[StageOutput, torch.Tensor]:
+    """One stage whose maps equal the masks of a 4 % box: the optimum of Eq. 2-3."""
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., 10 : 10 + box, 10 : 10 + box] = 1.0
+    features = torch.rand(1, channels, side, side, generator=torch.Generator().manual_seed(0)) + 0.5
+    map_pos, map_neg = mask.clone().requires_grad_(requires_grad), (1 - mask).clone().requires_grad_(requires_grad)
+    return StageOutput(features, map_pos, map_neg), mask
+
+
+def test_eq5_as_printed_pulls_the_maps_off_the_attention_optimum_and_detached_does_not() -> None:
+    """At maps equal to the masks, Eq. 2-3 are at their optimum (zero, zero gradient). As printed,
+    Eq. 5 is far from its own there and is smallest with map+ = 1 everywhere; detached, it
+    leaves the maps where the attention terms put them."""
+    stage, mask = _box_stage()
+    everywhere = StageOutput(stage.features, torch.ones_like(mask), torch.zeros_like(mask))
+    yes, no = torch.tensor([True]), torch.tensor([False])
+    at_masks = mgacr_loss([stage], mask, yes, yes)
+    at_ones = mgacr_loss([everywhere], mask, yes, yes)
+    assert at_masks["att_pos"].item() == pytest.approx(0.0) and at_masks["feat_cr"].item() > 10.0
+    assert at_ones["feat_cr"].item() < 0.01 and at_ones["att_pos"].item() > 10.0
+    for form, moves in (("paper", True), ("detached", False)):
+        stage, mask = _box_stage()
+        total, _ = MGACRLoss(feature_form=form)([stage], mask, yes, no)
+        total.backward()
+        pull = float(stage.map_pos.grad.abs().sum() + stage.map_neg.grad.abs().sum())
+        assert (pull > 1e-3) == moves, (form, pull)
+    # The features still learn from the detached form.
+    stage, mask = _box_stage()
+    features = stage.features.clone().requires_grad_(True)
+    feature_cr_loss(features, stage.map_pos, stage.map_neg, form="detached").sum().backward()
+    assert float(features.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="feature_form"):
+        MGACRLoss(feature_form="log")
+
+
+def test_relative_mgacr_keeps_one_weight_against_any_classification_weighting() -> None:
+    """Class-balanced weights (normalised to sum to C) and the focal factor shrink the
+    classification loss; a relative MGACR shrinks with it, so its share stays that of CE."""
+    logits, labels = torch.randn(16, 5, generator=torch.Generator().manual_seed(3)), torch.tensor([0] * 12 + [1, 2, 3, 4])
+    counts = [9000, 400, 300, 200, 30]
+    ce = F.cross_entropy(logits, labels)
+    mgacr = torch.tensor(2.0)
+    shares = []
+    for loss in (CBFocalLoss(counts, beta=0.0, gamma=0.0), CBFocalLoss(counts, beta=0.9999, gamma=1.0), CBFocalLoss(counts, beta=0.9999, gamma=2.0)):
+        classification = loss(logits, labels)
+        shares.append(float(mgacr * relative_scale(classification, logits, labels) / classification))
+    assert shares == pytest.approx([float(mgacr / ce)] * 3, rel=1e-5)
+    assert not relative_scale(ce.requires_grad_(), logits, labels).requires_grad
 
 
 # --- Class-balanced focal loss (Eq. 9) -----------------------------------------------------------

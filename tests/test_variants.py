@@ -214,6 +214,22 @@ def test_cia_net_targets_maps_and_truth_share_one_frame_whatever_the_alignment_d
     assert not cells.bool().equal(F.adaptive_max_pool2d(image, 8) > 0.01)  # the input's frame differs
 
 
+def test_class_attention_weights_paper_grow_with_the_dataset_balanced_do_not() -> None:
+    """The same class proportions at 1,800 and 18,000 images: the paper's c_i grow tenfold,
+    the balanced ones stay, and weigh each class's positives as its negatives."""
+    small, total = [300, 120, 60, 20], 1800
+    large = [10 * n for n in small]
+    paper_small, paper_large = class_attention_weights(small), class_attention_weights(large)
+    assert paper_large.tolist() == pytest.approx((10 * paper_small).tolist(), rel=1e-5)
+    balanced_small = class_attention_weights(small, "balanced", total)
+    balanced_large = class_attention_weights(large, "balanced", 10 * total)
+    assert balanced_large.tolist() == pytest.approx(balanced_small.tolist(), rel=1e-5)
+    for n, c in zip(small, balanced_small.tolist()):
+        assert n * c == pytest.approx(total - n, rel=1e-5)
+    with pytest.raises(ValueError, match="number of training images"):
+        class_attention_weights(small, "balanced")
+
+
 def _bank_images(n: int, size: int = 32) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return (torch.rand(n, 1, size, size, generator=generator) * 255).to(torch.uint8)

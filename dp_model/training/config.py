@@ -107,6 +107,13 @@ class MGACRConfig:
     feat_weight: float = 0.1
     normal_images: Literal["empty_mask", "skip"] = "empty_mask"
     eps: float = 1e-3
+    #: Eq. 5 as printed, or with the maps detached inside it (see ``dp_model.losses.FeatureCRForm``).
+    feature_form: Literal["paper", "detached"] = "paper"
+    #: weigh MGACR relative to the classification loss as to plain cross-entropy (``relative_scale``).
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.feature_form in ("paper", "detached"), "feature_form", self.feature_form, "paper or detached")
 
     @property
     def enabled(self) -> bool:
@@ -141,9 +148,12 @@ class ClassAttentionConfig:
 
     dim: int = 64
     entropy_weight: float = 0.1
+    #: ``c_i``: "paper" ``n_min^2 / n_i`` or "balanced" negatives over positives (``class_attention_weights``).
+    class_weights: Literal["paper", "balanced"] = "paper"
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, "dim", self.dim, ">= 1")
+        _check(self.class_weights in ("paper", "balanced"), "class_weights", self.class_weights, "paper or balanced")
         _check(self.entropy_weight >= 0, "entropy_weight", self.entropy_weight, ">= 0")
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dp_transforms import boxes_to_masks
 
-from ..losses import NTXentLoss
+from ..losses import NTXentLoss, relative_scale
 from ..networks import SimCLRNet
 from ..config import to_mapping
 from .checkpoints import History, history_state, resume, save_checkpoint
@@ -170,7 +170,7 @@ def finetune(
         net.set_references(train.images[train.labels == normal].cpu(), seed)
     model = wrap(net, runtime)
     if config.multi_label:
-        cls_loss = variant_loss(config, [counts[i] for i in outputs], [class_names[i] for i in outputs]).to(runtime.device)
+        cls_loss = variant_loss(config, [counts[i] for i in outputs], [class_names[i] for i in outputs], sum(counts)).to(runtime.device)
     else:
         cls_loss = classification_loss(config, counts, class_names).to(runtime.device)
     mgacr = mgacr_loss(config)
@@ -235,8 +235,11 @@ def finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, s
             logits, stages = model(runtime.prepare(x), train_outputs=True)
         classification = cls_loss(logits.float(), labels)
         extra, parts = mgacr(stages, mask, has_boxes, labels == normal)
+        if mgacr.relative:
+            parts["mgacr_scale"] = relative_scale(classification, logits, labels)
+            extra = extra * parts["mgacr_scale"]
         loss = classification + extra
-        return loss, {"loss": loss, "cls": classification, **parts}
+        return loss, {"loss": loss, "cls": classification, "mgacr": extra.detach(), **parts}
 
     return step
 

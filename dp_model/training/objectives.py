@@ -68,7 +68,7 @@ def mgacr_loss(config: FinetuneConfig) -> MGACRLoss | None:
     m = config.mgacr
     if not m.enabled:
         return None
-    return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps)
+    return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps, m.feature_form, m.relative)
 
 
 def make_optimizer(config: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -77,10 +77,12 @@ def make_optimizer(config: FinetuneConfig, model: nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def variant_loss(config: FinetuneConfig, positive_counts: list[int], names: list[str]) -> nn.Module:
-    """The multi-label variants' own losses; CIA-Net's is assembled in :func:`multi_label_step`."""
+def variant_loss(config: FinetuneConfig, positive_counts: list[int], names: list[str], total: int | None = None) -> nn.Module:
+    """The multi-label variants' own losses; CIA-Net's is assembled in :func:`multi_label_step`.
+    ``total``: training images (the balanced class weights need it)."""
     if config.architecture == "class_attention":
-        return ClassAttentionLoss(positive_counts, config.class_attention.entropy_weight, names)
+        c = config.class_attention
+        return ClassAttentionLoss(positive_counts, c.entropy_weight, names, c.class_weights, total)
     return CIAObjective(config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight)
 
 
