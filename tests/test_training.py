@@ -20,6 +20,7 @@ from dp_model.config import to_mapping
 from dp_model.datasets import read_dataset
 from dp_model.synth import Difficulty, SynthConfig, generate
 from dp_model.train_cli import main as train_main
+from dp_model.training.engine import epoch_line
 from dp_model.training.config import AugmentConfig, DataConfig, FinetuneConfig, LossConfig, MGACRConfig, PretrainConfig, RuntimeConfig, TrainConfig
 from dp_model.training.data import load_split, make_splits
 from dp_model.training.engine import finetune, pretrain
@@ -331,3 +332,11 @@ def test_resume_of_a_complete_run_does_not_train_again(bundle: Path, capsys: pyt
     assert train_main(["--data", "unused-when-complete", "--out", str(bundle), "--resume"]) == 0
     assert "already complete" in capsys.readouterr().out
     assert (bundle / "models" / "model.pt").read_bytes() == weights
+
+
+def test_each_epoch_prints_its_losses_validation_and_how_far_from_chance() -> None:
+    """A stuck run shows on the console while it runs, not at the end."""
+    line = epoch_line("stage II 2/10", {"loss": 1.5, "cls": 1.2, "feat_cr": 3.0, "lr": 0.001, "val_balanced_accuracy": 0.41, "val_macro_auc": 0.71})
+    assert line == "stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val balanced accuracy 0.410, macro auc 0.710; lr 0.001"
+    stuck = epoch_line("stage I 1/5", {"loss": 4.845, "top1": 0.008, "lr": 0.1, "chance_loss": 4.844, "chance_top1": 1 / 127})
+    assert "loss 4.845 (top1 0.008) [chance: loss 4.844, top1 0.008]" in stuck

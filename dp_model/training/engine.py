@@ -93,6 +93,9 @@ def pretrain(
             schedule.step()
         record = sums.means() | {"lr": schedule.get_last_lr()[0]}
         history.pretrain.append(record)
+        if runtime.main:  # NT-Xent at chance is ln(2N - 1), pair accuracy 1 / (2N - 1)
+            chance = {"chance_loss": math.log(2 * batch_size - 1), "chance_top1": 1.0 / (2 * batch_size - 1)}
+            logger.info("%s", epoch_line(f"stage I {epoch + 1}/{config.epochs}", record | chance))
         if checkpoint is not None and runtime.main:
             save_checkpoint(checkpoint, {"stage": "pretrain", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                          "schedule": schedule.state_dict(), "history": history_state(history)}, run_config or to_mapping(config))  # fmt: skip
@@ -205,6 +208,8 @@ def finetune(
         if metric > best["metric"]:
             best = {"state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "epoch": epoch, "metric": metric}
         history.finetune.append(record)
+        if runtime.main:
+            logger.info("%s", epoch_line(f"stage II {epoch + 1}/{config.epochs}", record))
         if checkpoint is not None and runtime.main:
             save_checkpoint(
                 checkpoint,
@@ -215,6 +220,22 @@ def finetune(
         if log:
             log("finetune", record, epoch)
     return FinetuneResult(net, best["state"], int(best["epoch"]), float(best["metric"]))
+
+
+def epoch_line(stage: str, record: dict[str, float]) -> str:
+    """One console line per epoch: the loss and its terms, then the validation metrics.
+
+    >>> epoch_line("stage II 2/10", {"loss": 1.5, "cls": 1.2, "feat_cr": 3.0, "lr": 0.001, "val_macro_auc": 0.71})
+    'stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val macro auc 0.710; lr 0.001'
+    """
+    terms = [f"{k} {v:.3f}" for k, v in record.items() if k not in ("loss", "lr") and not k.startswith(("val_", "chance_"))]
+    line = f"{stage}: loss {record.get('loss', float('nan')):.3f}" + (f" ({', '.join(terms)})" if terms else "")
+    if "chance_loss" in record:
+        line += f" [chance: loss {record['chance_loss']:.3f}, top1 {record['chance_top1']:.3f}]"
+    validation = [f"{k[4:].replace('_', ' ')} {v:.3f}" for k, v in record.items() if k.startswith("val_")]
+    if validation:
+        line += "; val " + ", ".join(validation)
+    return line + f"; lr {record.get('lr', float('nan')):.3g}"
 
 
 def finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, size: int, normal: int):
