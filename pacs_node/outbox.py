@@ -2,8 +2,10 @@
 
 ``outbox/<destination>/`` holds the results still to deliver, one DICOM file each, written
 durably before the source instance leaves the spool. A sender sends what is there in
-batches, one association per batch (:mod:`pacs_node.cstore`), deletes what the destination
-accepted, and after a failure waits with exponential backoff up to a cap. An object the destination refuses
+batches, one association (C-STORE, :mod:`pacs_node.cstore`) or a few HTTP requests
+(STOW-RS, :mod:`pacs_node.stow`) per batch, deletes what the destination accepted, and after
+a failure waits with exponential backoff up to a cap, or longer when an HTTP destination
+asks (Retry-After, up to the same cap). An object the destination refuses
 ``max_refusals`` times, whose SOP class it does not accept at all, or that stays
 undeliverable for ``dead_letter_after_s``, moves to ``dead-letter/<destination>/`` with
 the reason beside it, for a person to look at. Destinations never wait for each other: a
@@ -15,9 +17,12 @@ retried or dead-lettered, and the loop goes on. Each delivery leaves a small mar
 ``outbox/<destination>/.delivered/`` (kept for ``dead_letter_after_s``), so an image
 processed again after a crash does not send results the destination already has. An object
 that was on the wire when the process died, or that got no answer, is in doubt: before
-sending it again, the sender asks the destination (C-FIND, where it answers queries)
-whether it has it. How a destination is reached is a transport's business
-(:mod:`pacs_node.transport`); what a delivery promises is the sender's.
+sending it again, the sender asks the destination whether it has it (C-FIND where it
+answers queries, QIDO-RS).
+
+A destination that refuses the node's credentials (HTTP 401, 403) holds its results: they
+stay in the outbox, tried again with backoff, ``/health`` says why and an audit line says so
+once; mended credentials are used at the next try, with no restart.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from .config import Destination, OutboxConfig
+from .config import Destination, OutboxConfig, WebDestination
 from .cstore import CStoreTransport
 from .logs import describe
 from .spool import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
+from .stow import StowTransport
 from .transport import Link, Outcome, Status, Transport, Unreachable
 
 logger = logging.getLogger(__name__)
@@ -90,15 +96,15 @@ class DestinationSender:
 
     def __init__(
         self,
-        destination: Destination,
+        destination: Destination | WebDestination,
         root: Path,
         calling_ae: str,
         config: OutboxConfig,
-        on_delivered: Callable[[Destination, str, str, str | None], None] | None = None,
+        on_delivered: Callable[[Destination | WebDestination, str, str, str | None], None] | None = None,
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 30.0,
         on_sent: Callable[[float], None] | None = None,
-        on_held: Callable[[Destination, str | None, str], None] | None = None,
+        on_held: Callable[[Destination | WebDestination, str | None, str], None] | None = None,
     ) -> None:
         self.destination, self.config = destination, config
         self.folder = private_folder(root / destination.name)
@@ -360,8 +366,10 @@ class DestinationSender:
             return {}
 
 
-def open_transport(destination: Destination, calling_ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout_s: float) -> Transport:
-    """C-STORE to an AE title."""
+def open_transport(destination: Destination | WebDestination, calling_ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout_s: float) -> Transport:
+    """C-STORE to an AE title, STOW-RS to a URL."""
+    if isinstance(destination, WebDestination):
+        return StowTransport(destination, tls, timeout_s, config.max_request_mb * 2**20)
     return CStoreTransport(destination, calling_ae, tls, timeout_s)
 
 
