@@ -11,8 +11,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 # Debian packages the tests talk to: dcmtk (storescu, storescp, echoscu, dsrdump),
-# dicom3tools (dciodvfy, dcentvfy) and orthanc (a real PACS).
-DEBS   := dcmtk dicom3tools orthanc
+# dicom3tools (dciodvfy, dcentvfy), orthanc (a real PACS) and its DICOMweb plugin.
+DEBS   := dcmtk dicom3tools orthanc orthanc-dicomweb
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
 

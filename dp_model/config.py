@@ -106,8 +106,11 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = _fitting([a for a in args if a is not type(None)], value)
+        if len(options) == 1:  # its own error, naming the key inside (and no value beside it)
+            return _convert(options[0], value, source, key)
         errors = []
-        for option in (a for a in args if a is not type(None)):
+        for option in options:
             try:
                 return _convert(option, value, source, key)
             except ConfigError as exc:
@@ -131,6 +134,13 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{source}: {key}: expected one of {[e.value for e in hint]}, got {value!r}") from None
     return _convert_scalar(hint, value, source, key)
+
+
+def _fitting(options: list[Any], value: Any) -> list[Any]:
+    """The options of a union that can take ``value``: a mapping only a dataclass or a dict, anything else only the others."""
+    takes_mapping = [dataclasses.is_dataclass(a) or get_origin(a) in (dict, Mapping) for a in options]
+    fitting = [a for a, mapping in zip(options, takes_mapping) if mapping == isinstance(value, Mapping)]
+    return fitting or options
 
 
 def _convert_sequence(hint: Any, value: Any, source: str, key: str) -> Any:

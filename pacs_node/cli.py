@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help=f"MONAI bundle written by dp-train (default {DEMO_BUNDLE})")
     p.add_argument("--spool", help="folder of received instances not yet finished")
     p.add_argument("--output-dir", help="where results go when no destination is set")
-    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT", help="send results there (repeatable)")
+    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT|URL", help="send results there by C-STORE, or by STOW-RS to a DICOMweb URL (repeatable)")
     p.add_argument("--allow", action="append", metavar="AET", help="accept these calling AE titles (repeatable; replaces the configured list)")
     p.add_argument("--allow-network", action="append", metavar="CIDR", help="accept callers from this network, e.g. 10.1.0.0/16 (repeatable; replaces the configured list)")
     p.add_argument("--allow-any-caller", action="store_const", const=True, help="accept any calling AE title (an open node; said at start)")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _announce(node, config: NodeConfig) -> None:
     model = node.predictor.contract
-    where = ", ".join(config.destinations) if config.destinations else f"{Path(config.output_dir).resolve()}/<StudyInstanceUID>/"
+    where = ", ".join(map(str, config.parsed_destinations())) if config.destinations else f"{Path(config.output_dir).resolve()}/<StudyInstanceUID>/"
     print(f"dp-node: {config.ae_title} listening on port {node.port}, model {model.name} {model.version}{' (DEMONSTRATION)' if model.demo else ''}", flush=True)
     print(f"  send an image:  storescu -aec {config.ae_title} localhost {node.port} chest.dcm", flush=True)
     print(f"  results go to:  {where}", flush=True)

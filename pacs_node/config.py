@@ -8,19 +8,33 @@ names the key, never later while images arrive.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+from urllib.parse import SplitResult, urlsplit
 
 from dp_model.config import require
 
 #: PS3.5 6.2: an AE title is 1 to 16 characters of the default repertoire, no backslash.
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
+DESTINATION_FORMS = "AET@host:port or a DICOMweb URL (http:// or https://)"
 
 
 def check_ae_title(name: str, value: str) -> None:
     require(bool(AE_TITLE.match(value)) and value.strip() != "", name, value, "1 to 16 printable ASCII characters, no backslash")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (a name or an address in 127.0.0.0/8 or ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,7 @@ class Destination:
     @staticmethod
     def parse(text: str) -> Destination:
         match = DESTINATION.match(text.strip())
-        require(match is not None, "destination", text, "AET@host:port")
+        require(match is not None, "destination", text, DESTINATION_FORMS)
         assert match is not None
         port = int(match["port"])
         require(0 < port < 65536, "destination port", text, "from 1 to 65535")
@@ -51,17 +65,131 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class WebDestination:
+    """A DICOMweb service that takes results by STOW-RS (PS3.18 10.5) at ``<url>/studies``.
+
+    Attributes:
+        url: the service's base URL, ``https://pacs.example/dicom-web``; no user, password,
+            query or fragment in it.
+        auth: ``none``, ``basic`` (``user`` and a password) or ``bearer`` (a token).
+        user: the user name for ``basic``.
+        secret_file, secret_env: where the password or token is, a file or an environment
+            variable (one of the two): never the secret itself in the configuration. It is
+            read again for every request, so that a renewed token needs no restart.
+    """
+
+    url: str
+    auth: Literal["none", "basic", "bearer"] = "none"
+    user: str = ""
+    secret_file: str = ""
+    secret_env: str = ""
+
+    def __post_init__(self) -> None:
+        parts = _url_parts(self.url)
+        require(not parts.username and not parts.password, "url", _shown(parts), "free of a user or password (set user, and secret_file or secret_env)")
+        require(self.auth in ("none", "basic", "bearer"), "auth", self.auth, "none, basic or bearer")
+        has_secret = bool(self.secret_file) + bool(self.secret_env)
+        require(has_secret == (self.auth != "none"), "secret_file or secret_env", self.secret_file or self.secret_env, "one of the two with basic or bearer auth, neither without")
+        require(self.auth != "basic" or (bool(self.user) and ":" not in self.user), "user", self.user, "a user name without ':' for basic auth")
+        if self.auth != "none":
+            self.read_secret()
+
+    def read_secret(self) -> str:
+        """The password or token (ValueError naming the key when it cannot be had)."""
+        if self.secret_env:
+            secret = os.environ.get(self.secret_env, "").strip()
+            require(bool(secret), "secret_env", self.secret_env, "the name of a set, non-empty environment variable")
+        else:
+            try:
+                secret = Path(self.secret_file).read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                secret = ""
+            require(bool(secret), "secret_file", self.secret_file, "a readable file holding the password or token")
+        key = "secret_env" if self.secret_env else "secret_file"
+        require(secret.isprintable(), key, self.secret_env or self.secret_file, "one line of printable characters")
+        return secret
+
+    @property
+    def parts(self) -> SplitResult:
+        return urlsplit(self.url.strip())
+
+    @property
+    def host(self) -> str:
+        return self.parts.hostname or ""
+
+    @property
+    def port(self) -> int:
+        return self.parts.port or (443 if self.https else 80)
+
+    @property
+    def https(self) -> bool:
+        return self.parts.scheme == "https"
+
+    @property
+    def base_path(self) -> str:
+        return self.parts.path.rstrip("/")
+
+    @property
+    def stow_path(self) -> str:
+        """Where STOW-RS requests go (PS3.18 10.5.1)."""
+        return f"{self.base_path}/studies"
+
+    @property
+    def cleartext(self) -> bool:
+        """Whether results would cross a network unencrypted."""
+        return not self.https and not is_loopback(self.host)
+
+    @property
+    def name(self) -> str:
+        """Folder-safe name of the destination's outbox."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.parts.scheme}_{self.host}_{self.port}{self.base_path}")
+
+    def __str__(self) -> str:
+        return f"{self.parts.scheme}://{self.parts.netloc}{self.base_path}"
+
+
+def _url_parts(url: str) -> SplitResult:
+    expected = "an http:// or https:// URL with a host (a port from 1 to 65535), no query"
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # a broken IPv6 address
+        raise ValueError(f"url must be {expected}, got {url.split('://')[0] + '://...'!r}") from None
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # not a number, or beyond 65535
+        port_ok = False
+    ok = parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok and not parts.query and not parts.fragment
+    require(ok, "url", _shown(parts), expected)
+    return parts
+
+
+def _shown(parts: SplitResult) -> str:
+    """A URL as an error message may show it: any user or password withheld."""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"<withheld>@{host}" if "@" in parts.netloc else host).geturl()
+
+
+def parse_destination(text: str) -> Destination | WebDestination:
+    """``AET@host:port`` (C-STORE) or an http(s) URL (STOW-RS)."""
+    if "://" in text:
+        require(text.strip().lower().startswith(("http://", "https://")), "destination", text.split("://")[0] + "://...", DESTINATION_FORMS)
+        return WebDestination(text.strip())
+    return Destination.parse(text)
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     """Optional TLS (PS3.15 B.1). Empty ``cert`` on the listening side: plain TCP.
 
     Attributes:
-        cert, key: this node's PEM certificate and key, used when listening and, if
-            ``send`` is on, as the client certificate when sending.
+        cert, key: this node's PEM certificate and key, used when listening and as the
+            client certificate when sending over TLS (``send`` on, or an https:// destination).
         ca: PEM bundle of trusted peers; empty means the system store (for the
             certificates of destinations and, with ``require_client_cert``, of callers).
         require_client_cert: refuse callers without a certificate signed by ``ca``.
         send: use TLS when sending results to every destination; required when the node
-            listens with TLS, so that results never leave in cleartext.
+            listens with TLS, so that results never leave in cleartext (an http://
+            destination must then be on loopback; https:// always uses TLS).
     """
 
     cert: str = ""
@@ -90,6 +218,7 @@ class OutboxConfig:
         initial_backoff_s, max_backoff_s: wait after a failed attempt, doubling up to the cap.
         max_refusals: an object the destination refuses this many times goes to dead letters.
         dead_letter_after_s: an object still undelivered after this long goes to dead letters.
+        max_request_mb: most megabytes in one STOW-RS request (an object larger goes alone).
     """
 
     batch_size: int = 32
@@ -97,9 +226,11 @@ class OutboxConfig:
     max_backoff_s: float = 300.0
     max_refusals: int = 3
     dead_letter_after_s: float = 7 * 24 * 3600.0
+    max_request_mb: int = 64
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "outbox.batch_size", self.batch_size, "at least 1")
+        require(self.max_request_mb >= 1, "outbox.max_request_mb", self.max_request_mb, "at least 1")
         require(0 < self.initial_backoff_s <= self.max_backoff_s, "outbox.initial_backoff_s", self.initial_backoff_s, "above 0 and at most max_backoff_s")
         require(self.max_refusals >= 1, "outbox.max_refusals", self.max_refusals, "at least 1")
         require(self.dead_letter_after_s > 0, "outbox.dead_letter_after_s", self.dead_letter_after_s, "above 0")
@@ -121,6 +252,15 @@ class RetentionConfig:
     def __post_init__(self) -> None:
         for name in ("skipped_days", "skipped_max_mb", "failed_days", "failed_max_mb"):
             require(getattr(self, name) >= 0, f"retention.{name}", getattr(self, name), "0 (no limit) or more")
+
+
+def _destination(index: int, item: str | WebDestination) -> Destination | WebDestination:
+    if isinstance(item, WebDestination):
+        return item
+    try:
+        return parse_destination(item)
+    except ValueError as exc:
+        raise ValueError(f"destinations[{index}]: {exc}") from None
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -153,7 +293,7 @@ class NodeConfig:
     bundle: str = ""
     spool: str = "runs/node/spool"
     output_dir: str = "runs/node/results"
-    destinations: tuple[str, ...] = ()
+    destinations: tuple[str | WebDestination, ...] = ()
     allow: tuple[str, ...] = ("STORESCU",)
     allow_any_caller: bool = False
     allow_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -218,10 +358,13 @@ class NodeConfig:
     def max_dataset_bytes(self) -> int:
         return self.max_dataset_mb * 2**20
 
-    def parsed_destinations(self) -> list[Destination]:
-        parsed = [Destination.parse(text) for text in self.destinations]
+    def parsed_destinations(self) -> list[Destination | WebDestination]:
+        parsed = [_destination(index, item) for index, item in enumerate(self.destinations)]
         names = [d.name for d in parsed]
-        require(len(set(names)) == len(names), "destinations", list(self.destinations), "distinct")
+        require(len(set(names)) == len(names), "destinations", [str(d) for d in parsed], "distinct")
+        for index, destination in enumerate(parsed):
+            cleartext = isinstance(destination, WebDestination) and destination.cleartext
+            require(not (cleartext and self.tls.send), f"destinations[{index}]", str(destination), "https:// when tls.send is true (results would leave in cleartext)")
         return parsed
 
     @property

@@ -34,6 +34,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "retries": ("instances put back for a later try, by reason", ("reason",)),
     "delivered": ("result objects accepted by a destination", ("destination",)),
     "dead_letters": ("result objects given up on, by destination and reason", ("destination", "reason")),
+    "delivery_holds": ("times a destination's deliveries were held until a person acts, by reason (authentication)", ("destination", "reason")),
     "associations_rejected": ("association requests rejected, by reason", ("reason",)),
     "associations_aborted": ("associations the node cut, by reason", ("reason",)),
     "contexts_refused": ("presentation contexts refused at negotiation", ()),
@@ -45,7 +46,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "processing_seconds": ("from acknowledgement to results handed over", (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)),
     "inference_seconds": ("one forward pass of a batch", (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)),
-    "delivery_seconds": ("one C-STORE of a result to a destination", (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)),
+    "delivery_seconds": ("one C-STORE of a result, or one STOW-RS request of a batch, to a destination", (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)),
 }
 
 Labels = tuple[tuple[str, str], ...]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from dp_transforms import ImageError
 
 from . import logs
 from .audit import AuditLog, safe_uid
-from .config import NodeConfig
+from .config import Destination, NodeConfig, WebDestination, is_loopback
 from .identity import ResultIdentity, result_kind
 from .listener import Listener, Refusal, client_tls, server_tls
 from .metrics import Metrics, MetricsServer
@@ -108,10 +109,9 @@ class Node:
         self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage, config.ood_gate)
         self.work = WorkQueue()
         self.output_dir = Path(config.output_dir)
-        tls = client_tls(config) if config.tls.send else None
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
-            DestinationSender(d, outbox, config.ae_title, config.outbox, self._delivered, tls, config.network_timeout_s, self._sent)
+            DestinationSender(d, outbox, config.ae_title, config.outbox, self._delivered, _sending_tls(config, d), config.network_timeout_s, self._sent, self._held)
             for d in config.parsed_destinations()
         ]
         self.listener = Listener(config, self.spool, self.audit, self.metrics, self._gate, self.work.put)
@@ -184,8 +184,11 @@ class Node:
             logger.warning("OPEN NODE: any calling AE title is accepted (allow_any_caller: true); name the callers in allow")
         if any(network.prefixlen == 0 for network in self.config.networks()):
             logger.warning("connections are accepted from any address (allow_networks holds a /0 network)")
-        if not self.config.tls.listening and not _loopback(self.config.host):
+        if not self.config.tls.listening and not is_loopback(self.config.host):
             logger.warning("DICOM traffic to %s:%d travels in cleartext: patient data is readable on the network (configure tls)", self.config.host, self.port)
+        for sender in self.senders:
+            if isinstance(sender.destination, WebDestination) and sender.destination.cleartext:
+                logger.warning("results to %s travel in cleartext: patient data is readable on the network (use https://)", sender.destination)
 
     # --- the association threads' view of the node ----------------------------------------------------
 
@@ -464,6 +467,12 @@ class Node:
             status="delivered" if reason is None else "dead-letter", reason=reason,
         )  # fmt: skip
 
+    def _held(self, destination, reason: str | None, detail: str) -> None:
+        """A destination's deliveries held until a person acts (reason), or resumed (None)."""
+        if reason is not None:
+            self.metrics.inc("delivery_holds", destination=str(destination), reason=reason)
+        self.audit.write("delivery", destination=str(destination), status="held" if reason else "resumed", reason=reason, detail=detail)
+
     def _sent(self, seconds: float) -> None:
         self.metrics.observe("delivery_seconds", seconds)
 
@@ -570,6 +579,8 @@ class Node:
 def _sender_problems(sender: DestinationSender, now: float, stall: float) -> list[str]:
     if not sender.alive:
         return [f"the sender to {sender.destination} is not running"]
+    if sender.stats.held:
+        return [f"the sender to {sender.destination} holds its results ({sender.stats.held}): {sender.stats.last_error}"]
     busy = sender.stats.busy_since
     if busy is not None and now - busy > stall:
         return [f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s"]
@@ -603,5 +614,8 @@ def _transient(exc: BaseException) -> bool:
     return is_transient(exc) or isinstance(exc, torch.OutOfMemoryError)
 
 
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+def _sending_tls(config: NodeConfig, destination: Destination | WebDestination) -> ssl.SSLContext | None:
+    """The client TLS context for one destination: https:// always, C-STORE with ``tls.send``."""
+    if config.tls.send or (isinstance(destination, WebDestination) and destination.https):
+        return client_tls(config)
+    return None

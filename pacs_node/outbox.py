@@ -2,8 +2,10 @@
 
 ``outbox/<destination>/`` holds the results still to deliver, one DICOM file each, written
 durably before the source instance leaves the spool. A sender sends what is there in
-batches, one association per batch, deletes what the destination accepted, and after a
-failure waits with exponential backoff up to a cap. An object the destination refuses
+batches, one association (C-STORE, :mod:`pacs_node.cstore`) or a few HTTP requests
+(STOW-RS, :mod:`pacs_node.stow`) per batch, deletes what the destination accepted, and after
+a failure waits with exponential backoff up to a cap, or longer when an HTTP destination
+asks (Retry-After, up to the same cap). An object the destination refuses
 ``max_refusals`` times, whose SOP class it does not accept at all, or that stays
 undeliverable for ``dead_letter_after_s``, moves to ``dead-letter/<destination>/`` with
 the reason beside it, for a person to look at. Destinations never wait for each other: a
@@ -14,8 +16,13 @@ A sender never dies of what a destination or a file does: every failure is recor
 retried or dead-lettered, and the loop goes on. Each delivery leaves a small marker in
 ``outbox/<destination>/.delivered/`` (kept for ``dead_letter_after_s``), so an image
 processed again after a crash does not send results the destination already has. An object
-whose C-STORE was on the wire when the process died is in doubt: before sending it again,
-the sender asks the destination (C-FIND, where it answers queries) whether it has it.
+that was on the wire when the process died, or that got no answer, is in doubt: before
+sending it again, the sender asks the destination whether it has it (C-FIND where it
+answers queries, QIDO-RS).
+
+A destination that refuses the node's credentials (HTTP 401, 403) holds its results: they
+stay in the outbox, tried again with backoff, ``/health`` says why and an audit line says so
+once; mended credentials are used at the next try, with no restart.
 """
 
 from __future__ import annotations
@@ -30,32 +37,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
-from pynetdicom import AE
-from pynetdicom.sop_class import (
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
-    SecondaryCaptureImageStorage,
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
-from .config import Destination, OutboxConfig
+from .config import Destination, OutboxConfig, WebDestination
+from .cstore import CStoreTransport
 from .logs import describe
 from .spool import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
+from .stow import StowTransport
+from .transport import Link, Outcome, Status, Transport, Unreachable
 
 logger = logging.getLogger(__name__)
-
-#: The storage classes the node sends, each offered in both uncompressed syntaxes.
-RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage, GrayscaleSoftcopyPresentationStateStorage)
-RESULT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-#: C-STORE statuses that mean the destination has the object: success and the warnings
-#: (coercion of data elements, elements discarded, data set does not match SOP class).
-DELIVERED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-
 
 def next_backoff(previous: float, config: OutboxConfig) -> float:
     """The wait after a failed attempt: ``initial_backoff_s``, then doubling up to ``max_backoff_s``."""
@@ -76,12 +67,14 @@ class DeliveryStats:
 
     Attributes:
         busy_since: monotonic time the current attempt (association and sends) began, or None.
+        held: why the destination's deliveries are held until a person acts (``authentication``), or empty.
     """
 
     failed_associations: int = 0
     last_error: str = ""
     backlog: int = 0
     busy_since: float | None = None
+    held: str = ""
 
 
 class DestinationSender:
@@ -94,35 +87,39 @@ class DestinationSender:
         config: batching, backoff and dead-letter settings.
         on_delivered: called with ``(destination, sop_instance_uid, source_uid, reason)`` per
             object: reason None when delivered, else the dead letter's reason code.
-        tls: client TLS context, or None.
+        tls: client TLS context, or None (an https:// destination then trusts the system store).
         timeout_s: ACSE, DIMSE and network timeout.
-        on_sent: called with the seconds each C-STORE took.
+        on_sent: called with the seconds each C-STORE or STOW-RS request took.
+        on_held: called with ``(destination, reason, detail)`` when the destination's deliveries
+            become held (reason ``authentication``), and with reason None when they resume.
     """
 
     def __init__(
         self,
-        destination: Destination,
+        destination: Destination | WebDestination,
         root: Path,
         calling_ae: str,
         config: OutboxConfig,
-        on_delivered: Callable[[Destination, str, str, str | None], None] | None = None,
+        on_delivered: Callable[[Destination | WebDestination, str, str, str | None], None] | None = None,
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 30.0,
         on_sent: Callable[[float], None] | None = None,
+        on_held: Callable[[Destination | WebDestination, str | None, str], None] | None = None,
     ) -> None:
-        self.destination, self.config, self.tls = destination, config, tls
+        self.destination, self.config = destination, config
         self.folder = private_folder(root / destination.name)
         self.dead = private_folder(root.parent / "dead-letter" / destination.name)
         self.ledger = private_folder(self.folder / ".delivered")
         self.on_delivered = on_delivered or (lambda *_: None)
         self.on_sent = on_sent or (lambda _: None)
+        self.on_held = on_held or (lambda *_: None)
         self.stats = DeliveryStats()
+        self.transport = open_transport(destination, calling_ae, config, tls, timeout_s)
         self._attempts: dict[str, _Attempts] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._ae = AE(ae_title=calling_ae)
-        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
-            setattr(self._ae, timeout, timeout_s)
+        self._retry_after = 0.0
+        self._wire_started: float | None = None
         self._thread = self._new_thread()
         self.forget_old_deliveries()
         for orphan in self.folder.glob("*.json"):  # a sidecar whose object was never written (a full disk)
@@ -211,8 +208,9 @@ class DestinationSender:
                 backoff = 0.0
                 continue
             backoff = next_backoff(backoff, self.config)
-            logger.warning("%s: delivery failed (%s); next try in %.1f s", self.destination, self.stats.last_error, backoff)
-            self._pause(backoff)
+            wait, self._retry_after = max(backoff, min(self._retry_after, self.config.max_backoff_s)), 0.0
+            logger.warning("%s: delivery failed (%s); next try in %.1f s", self.destination, self.stats.last_error, wait)
+            self._pause(wait)
 
     def _round(self) -> bool | None:
         """One batch: True when the destination was reached, False when not, None when idle."""
@@ -233,97 +231,85 @@ class DestinationSender:
         self._stop.wait(seconds)
 
     def _send_batch(self, files: list[Path]) -> bool:
-        """Send ``files`` over one association; False when the destination could not be reached."""
+        """Send ``files`` over one link; False when the destination could not be reached or used."""
         in_doubt = {path for path in files if self._sending_marker(path).exists()}
-        self._ae.requested_contexts = []
-        for sop_class in RESULT_CLASSES:
-            self._ae.add_requested_context(sop_class, list(RESULT_SYNTAXES))
-        self._ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGLSLossless])  # its own context: accepted or not on its own
-        if in_doubt:  # to ask the destination whether it has them, where it answers queries
-            self._ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        tls_args = (self.tls, self.destination.host) if self.tls else None
-        assoc = self._ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title, tls_args=tls_args)
-        if not assoc.is_established:
+        try:
+            link = self.transport.open(ask=bool(in_doubt))
+        except Unreachable as exc:
             self.stats.failed_associations += 1
-            self.stats.last_error = "association rejected" if assoc.is_rejected else "no connection, or the association was aborted"
-            self._note_failure(files)
+            self._unavailable(files, Outcome(Status.UNAVAILABLE, exc.reason, exc.detail))  # markers stay: nothing was sent
             return False
         try:
-            for path in files:
-                if not assoc.is_established or self._stop.is_set():
-                    return assoc.is_established
-                if path in in_doubt and self._destination_has(assoc, path):
-                    self._delivered(path, path.stem, self._source_of(path))
-                    continue
-                self._send_one(assoc, path)
+            return self._use(link, files, in_doubt)
         finally:
-            if assoc.is_established:
-                assoc.release()
-        return True
+            link.close()
+
+    def _use(self, link: Link, files: list[Path], in_doubt: set[Path]) -> bool:
+        """Ask about the objects in doubt, send the rest; False when the link broke or the destination was unavailable."""
+        todo = []
+        for path in files:
+            if path in in_doubt and link.usable and link.has(path):
+                self._delivered(path, path.stem, self._source_of(path))
+            else:
+                todo.append(path)
+        usable = True
+        for group in link.groups(todo):
+            if not (usable and link.usable) or self._stop.is_set():
+                break
+            self._wire_started = None
+            outcomes = link.send(group, self._on_wire)
+            if self._wire_started is not None:
+                self.on_sent(time.perf_counter() - self._wire_started)
+            settled = [self._settle(path, outcome) for path, outcome in outcomes.items()]  # every one, even after a False
+            usable = all(settled)
+        return usable and link.usable
+
+    def _on_wire(self, group: list[Path]) -> None:
+        """Mark objects about to leave: should the process die before their answer, they are in doubt."""
+        self.stats.busy_since = time.monotonic()
+        for path in group:
+            _touch(self._sending_marker(path))
+        self._wire_started = time.perf_counter()
 
     def _sending_marker(self, path: Path) -> Path:
-        """Present while a C-STORE of ``path`` is on the wire: after a crash, the object is in doubt."""
+        """Present while ``path`` is on the wire or unanswered: after a crash, the object is in doubt."""
         return self.ledger / f"{path.stem}.sending"
 
-    def _destination_has(self, assoc, path: Path) -> bool:
-        """Whether the destination already stores an object whose C-STORE was cut by a crash
-        (PS3.4 C.4.1, Study Root C-FIND at IMAGE level); False when it cannot say."""
-        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind for cx in assoc.accepted_contexts):
-            return False
-        try:
-            header = dcmread(path, stop_before_pixels=True)
-            query = Dataset()
-            query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
-            answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
-        except Exception as exc:  # noqa: BLE001 - a destination that cannot answer gets the object again
-            logger.info("%s: could not ask whether %s arrived (%s); sending it again", self.destination, path.stem, describe(exc))
-            return False
-        uid = str(header.SOPInstanceUID)
-        return any(
-            status and int(status.Status) in (0xFF00, 0xFF01) and found is not None and str(found.get("SOPInstanceUID", "")).strip(" \x00") == uid
-            for status, found in answers
-        )  # a match for this very instance, not whatever a lax PACS returns
-
-    def _send_one(self, assoc, path: Path) -> None:
-        try:
-            dataset = dcmread(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            self._dead_letter(path, "unreadable", f"unreadable outbox file ({type(exc).__name__})")
-            return
-        if not _accepted(assoc, dataset) and dataset.file_meta.TransferSyntaxUID.is_compressed:
-            dataset.decompress(generate_instance_uid=False)  # the same instance, the same pixels, uncompressed
-            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        if not _accepted(assoc, dataset):
-            name = UID(str(dataset.SOPClassUID)).name
-            self._dead_letter(path, "sop-class-not-accepted", f"the destination accepts no presentation context for {name} in {UID(str(dataset.file_meta.TransferSyntaxUID)).name}")
-            return
-        self.stats.busy_since = time.monotonic()
-        started = time.perf_counter()
-        _touch(self._sending_marker(path))
-        try:
-            status = assoc.send_c_store(dataset)
-        except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
+    def _settle(self, path: Path, outcome: Outcome) -> bool:
+        """Act on what became of one object; False when the destination could not take it now."""
+        if outcome.status is not Status.UNANSWERED:  # answered: no longer in doubt
             self._sending_marker(path).unlink(missing_ok=True)
-            self.stats.last_error = f"sending failed ({describe(exc)})"
-            self._refused(path, "send-error", self.stats.last_error)
-            return
-        self.on_sent(time.perf_counter() - started)
-        self._answered(path, dataset, status)
+        if outcome.status is Status.STORED:
+            self._delivered(path, path.stem, self._source_of(path))
+        elif outcome.status is Status.REFUSED:
+            self.stats.last_error = outcome.detail
+            self._refused(path, outcome.reason, outcome.detail)
+        elif outcome.status is Status.REJECTED:
+            self._dead_letter(path, outcome.reason, outcome.detail)
+        else:
+            self._unavailable([path], outcome)
+            return False
+        return True
 
-    def _answered(self, path: Path, dataset: Dataset, status) -> None:
-        code = int(getattr(status, "Status", -1)) if status else -1
-        if status:  # the destination answered: the object is no longer in doubt
-            self._sending_marker(path).unlink(missing_ok=True)
-        if code in DELIVERED:
-            self._delivered(path, str(dataset.SOPInstanceUID), self._source_of(path))
-            return
-        if not status:  # no response: the association broke; try again later
-            self.stats.last_error = "no response to C-STORE"
-            self._note_failure([path])
-            return
-        self.stats.last_error = f"C-STORE status 0x{code:04X}"
-        self._refused(path, "refused", self.stats.last_error)
+    def _unavailable(self, files: list[Path], outcome: Outcome) -> None:
+        """The destination took nothing now: back off, hold when a person must act, dead-letter what waited too long."""
+        self.stats.last_error = outcome.detail
+        self._retry_after = max(self._retry_after, outcome.retry_after)
+        self._hold(outcome.reason, outcome.detail)
+        self._note_failure(files)
+
+    def _hold(self, reason: str, detail: str) -> None:
+        """Say once that deliveries are held for a reason a person must mend (the credentials)."""
+        if reason and self.stats.held != reason:
+            self.stats.held = reason
+            logger.error("%s: deliveries held (%s): %s", self.destination, reason, detail)
+            self.on_held(self.destination, reason, detail)
+
+    def _resume(self) -> None:
+        if self.stats.held:
+            self.stats.held = ""
+            logger.info("%s: deliveries resumed", self.destination)
+            self.on_held(self.destination, None, "delivered again")
 
     def _refused(self, path: Path, reason: str, last: str) -> None:
         attempts = self._attempts.setdefault(path.name, _Attempts())
@@ -341,6 +327,7 @@ class DestinationSender:
         path.with_suffix(".json").unlink(missing_ok=True)
         fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
+        self._resume()
         self.on_delivered(self.destination, sop_uid, source, None)
 
     def _note_failure(self, files: list[Path]) -> None:
@@ -349,7 +336,7 @@ class DestinationSender:
             attempts = self._attempts.setdefault(path.name, _Attempts())
             attempts.first_failure = attempts.first_failure or now
             if now - attempts.first_failure >= self.config.dead_letter_after_s:
-                self._dead_letter(path, "undeliverable", f"undeliverable for {self.config.dead_letter_after_s:.0f} s")
+                self._dead_letter(path, "undeliverable", f"undeliverable for {self.config.dead_letter_after_s:.0f} s, last: {self.stats.last_error}")
 
     def _dead_letter(self, path: Path, reason: str, why: str) -> None:
         source = self._source_of(path)
@@ -379,10 +366,11 @@ class DestinationSender:
             return {}
 
 
-def _accepted(assoc, dataset: Dataset) -> bool:
-    """Whether the association has an accepted context for the object's SOP class and transfer syntax."""
-    sop_class, syntax = str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
-    return any(str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax] for cx in assoc.accepted_contexts)
+def open_transport(destination: Destination | WebDestination, calling_ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout_s: float) -> Transport:
+    """C-STORE to an AE title, STOW-RS to a URL."""
+    if isinstance(destination, WebDestination):
+        return StowTransport(destination, tls, timeout_s, config.max_request_mb * 2**20)
+    return CStoreTransport(destination, calling_ae, tls, timeout_s)
 
 
 def _touch(path: Path) -> None:

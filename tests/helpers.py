@@ -32,6 +32,16 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_file(path: str | Path, package: str) -> Path:
+    """A file a Debian package installs (an Orthanc plugin); missing, it fails in CI and skips elsewhere."""
+    if not Path(path).is_file():
+        message = f"{path} is missing (Debian package {package}; `make system-deps`)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(path)
+
+
 def run_tool(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a tool (in ``cwd``, for tools that write files there); with ``check``, fail the
     test with its output if it exits non-zero."""

@@ -1,12 +1,14 @@
-"""Support for the node's tests: free ports, waiting, a dcmtk storescp peer, test images, sending."""
+"""Support for the node's tests: free ports, waiting, dcmtk storescp and Orthanc peers, test images, sending."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +84,63 @@ class StoreSCP:
 
     def __exit__(self, *_exc) -> None:
         self.stop()
+
+
+class Orthanc:
+    """A throw-away Orthanc with its own storage, DICOM and HTTP ports on loopback.
+
+    Args:
+        folder: its configuration, storage and log.
+        settings: added to its configuration (Lua scripts, modalities, plugins ...).
+        user: ``(name, password)`` of its one registered user; with it, HTTP authentication is on
+            and every REST call here uses it.
+    """
+
+    def __init__(self, folder: Path, settings: dict | None = None, user: tuple[str, str] | None = None) -> None:
+        self.folder, self.dicom_port, self.http_port, self.user = folder, free_port(), free_port(), user
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "dp-node-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": user is not None, "RegisteredUsers": dict([user]) if user else {}, "Plugins": [],
+        }  # fmt: skip
+        (folder / "orthanc.json").write_text(json.dumps(config | (settings or {})))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        """Start it (again, after :meth:`stop`, on the same storage and ports)."""
+        self.log = (self.folder / "orthanc.log").open("a")
+        self.process = subprocess.Popen([require_tool("Orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._up, 60, "Orthanc's REST API")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def request(self, path: str, data: bytes | None = None, method: str = "GET"):
+        """A REST call, its JSON answer."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.user:
+            request.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.user).encode()).decode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def get(self, path: str):
+        return self.request(path)
+
+    def upload(self, path: Path) -> dict:
+        return self.request("/instances", path.read_bytes(), "POST")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+            self.log.close()
 
 
 def chest_dataset(rows: int = 320, columns: int = 288, seed: int = 0, **attributes) -> Dataset:

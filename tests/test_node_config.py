@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from dp_model.config import ConfigError, load_config, to_mapping
 from pacs_node.cli import main
-from pacs_node.config import Destination, NodeConfig
+from pacs_node.config import Destination, NodeConfig, WebDestination, parse_destination
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -47,11 +48,52 @@ def test_destination_parsing() -> None:
         ({"handshake_timeout_s": 0.0}, "handshake_timeout_s must be above 0"),
         ({"retention.skipped_days": -1.0}, "retention.skipped_days must be 0"),
         ({"allow_networks": ["not-a-network"]}, "allow_networks must be addresses or networks"),
+        ({"destinations": ["ftp://pacs.example/dicom-web"]}, "destinations[0]: destination must be AET@host:port or a DICOMweb URL"),
+        ({"destinations": ["PACS@h:104", "https:///dicom-web"]}, "destinations[1]: url must be an http:// or https:// URL with a host"),
+        ({"destinations": ["https://pacs.example/dicom-web?x=1"]}, "url must be an http:// or https:// URL with a host"),
+        ({"destinations": ["https://pacs.example/dicom-web", "https://pacs.example/dicom-web/"]}, "destinations must be distinct"),
+        ({"destinations": ["http://pacs.example/dicom-web"], "tls.send": True}, "destinations[0] must be https:// when tls.send is true"),
+        ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "kerberos"}]}, "destinations[0].auth: expected one of"),
+        ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "bearer"}]}, "destinations[0]: secret_file or secret_env must be"),
+        ({"destinations": [{"url": "https://pacs.example/dicom-web", "secret_env": "HOME"}]}, "destinations[0]: secret_file or secret_env must be"),
+        ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "basic", "secret_env": "HOME"}]}, "destinations[0]: user must be"),
+        ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "basic", "user": "dp", "secret_file": "/nonexistent"}]}, "destinations[0]: secret_file must be a readable file"),
+        ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "bearer", "secret_env": "DP_TEST_NEVER_SET"}]}, "destinations[0]: secret_env must be the name of a set"),
+        ({"outbox.max_request_mb": 0}, "outbox.max_request_mb must be at least 1"),
     ],
 )
 def test_bad_values_are_refused_with_their_key(overrides: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(NodeConfig, None, overrides)
+
+
+def test_a_url_destination_is_a_stow_rs_endpoint_with_its_secret_read_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    web = parse_destination(" https://pacs.example:8443/dicom-web/ ")
+    assert isinstance(web, WebDestination) and (web.host, web.port, web.stow_path) == ("pacs.example", 8443, "/dicom-web/studies")
+    assert str(web) == "https://pacs.example:8443/dicom-web" and web.name != Destination.parse("PACS@pacs.example:8443").name
+    assert parse_destination("PACS@10.0.0.5:104") == Destination("PACS", "10.0.0.5", 104)
+    secret = tmp_path / "pacs.secret"
+    secret.write_text("s3cret-password\n")
+    monkeypatch.setenv("DP_TEST_TOKEN", "t0ken")
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"destinations": [
+        "PACS@10.0.0.5:104", "http://127.0.0.1:8042/dicom-web",
+        {"url": "https://pacs.example/dicom-web", "auth": "basic", "user": "dpnode", "secret_file": str(secret)},
+        {"url": "https://other.example/dicom-web", "auth": "bearer", "secret_env": "DP_TEST_TOKEN"},
+    ], "tls": {"send": True}}))  # fmt: skip
+    config = load_config(NodeConfig, path)
+    kinds = [type(d).__name__ for d in config.parsed_destinations()]
+    assert kinds == ["Destination", "WebDestination", "WebDestination", "WebDestination"]  # http to loopback stays allowed
+    assert [d.read_secret() for d in config.parsed_destinations()[2:]] == ["s3cret-password", "t0ken"]
+    assert "s3cret" not in repr(config) and "t0ken" not in repr(config)
+    assert load_config(NodeConfig, None, {"destinations": ["http://pacs.example/dicom-web"]}).tls.send is False  # cleartext only without tls.send
+
+
+def test_a_secret_given_in_the_configuration_is_never_echoed_in_the_error() -> None:
+    for destinations in (["https://dpnode:hunter2@pacs.example/dicom-web"], [{"url": "https://pacs.example/dicom-web", "password": "hunter2"}]):
+        with pytest.raises(ConfigError) as raised:
+            load_config(NodeConfig, None, {"destinations": destinations})
+        assert "destinations[0]" in str(raised.value) and "hunter2" not in str(raised.value)
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import data_file, require_tool
-from node_support import free_port, wait_for
+from helpers import data_file
+from node_support import Orthanc, free_port, wait_for
 
 from pacs_node.config import NodeConfig
 from pacs_node.node import Node
@@ -33,54 +31,15 @@ end
 """
 
 
-class Orthanc:
-    """A throw-away Orthanc with its own storage, DICOM and HTTP ports on loopback."""
-
-    def __init__(self, folder: Path, node_port: int) -> None:
-        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "route.lua").write_text(ROUTE)
-        (folder / "orthanc.json").write_text(json.dumps({
-            "Name": "dp-node-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "Plugins": [], "LuaScripts": [str(folder / "route.lua")],
-            "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True,
-        }))  # fmt: skip
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        self.log = (self.folder / "orthanc.log").open("w")
-        self.process = subprocess.Popen([require_tool("Orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._up, 60, "Orthanc's REST API")
-        return self
-
-    def _up(self) -> bool:
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-    def upload(self, path: Path) -> dict:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/instances", data=path.read_bytes(), method="POST")
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(30)
-            self.log.close()
-
-
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, Node]]:
     node_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", node_port)
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    (folder / "route.lua").write_text(ROUTE)
+    orthanc = Orthanc(folder, {
+        "LuaScripts": [str(folder / "route.lua")], "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True,
+    })  # fmt: skip
     config = NodeConfig(
         port=node_port, host="127.0.0.1", metrics_port=-1, spool=str(tmp_path / "spool"), bundle=str(demo_bundle),
         destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu", allow=("ORTHANC",),
@@ -118,8 +77,7 @@ def test_orthanc_routes_the_chest_xray_and_gets_sr_and_sc_in_the_same_study(pacs
     assert [line["status"] for line in processed] == ["processed"] and processed[0]["calling_ae"] == "ORTHANC"
     # Sending the same image again (a re-route, a resend) replaces the results, never duplicates them.
     orthanc.get(f"/instances/{stored['ID']}")
-    request = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/modalities/dpnode/store", data=json.dumps({"Resources": [stored["ID"]], "Synchronous": True}).encode(), method="POST")
-    urllib.request.urlopen(request, timeout=60).read()
+    orthanc.request("/modalities/dpnode/store", json.dumps({"Resources": [stored["ID"]], "Synchronous": True}).encode(), "POST")
     wait_for(lambda: sum(1 for line in node.config.audit_path.read_text().splitlines() if '"processed"' in line) == 2, 60, "the second processing")
     wait_for(lambda: all(s.stats.backlog == 0 for s in node.senders) and not any(s.pending() for s in node.senders), 60, "delivery")
     again = series_by_modality(orthanc, study)

@@ -14,7 +14,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs_node.config import Destination, OutboxConfig
-from pacs_node.outbox import RESULT_CLASSES, DestinationSender
+from pacs_node.cstore import RESULT_CLASSES
+from pacs_node.outbox import DestinationSender
 
 
 class Peer:

@@ -1,0 +1,143 @@
+"""Results to a DICOM destination: C-STORE over one association per batch, C-FIND about objects in doubt."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from .config import Destination
+from .logs import describe
+from .transport import STORED, Outcome, Status, Unreachable
+
+logger = logging.getLogger(__name__)
+
+#: The storage classes the node sends, each offered in both uncompressed syntaxes.
+RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage, GrayscaleSoftcopyPresentationStateStorage)
+RESULT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: C-STORE statuses that mean the destination has the object: success and the warnings
+#: (coercion of data elements, elements discarded, data set does not match SOP class).
+DELIVERED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+#: C-FIND statuses of a response that carries a match (PS3.4 C.4.1.1.4).
+PENDING = frozenset({0xFF00, 0xFF01})
+
+
+class CStoreTransport:
+    """Associations with one DICOM destination.
+
+    Args:
+        destination: where to send.
+        calling_ae: this node's AE title.
+        tls: client TLS context, or None.
+        timeout_s: ACSE, DIMSE and network timeout.
+    """
+
+    def __init__(self, destination: Destination, calling_ae: str, tls: ssl.SSLContext | None, timeout_s: float) -> None:
+        self.destination, self.tls = destination, tls
+        self._ae = AE(ae_title=calling_ae)
+        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            setattr(self._ae, timeout, timeout_s)
+
+    def open(self, ask: bool) -> CStoreLink:
+        self._ae.requested_contexts = []
+        for sop_class in RESULT_CLASSES:
+            self._ae.add_requested_context(sop_class, list(RESULT_SYNTAXES))
+        self._ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGLSLossless])  # its own context: accepted or not on its own
+        if ask:  # to ask the destination whether it has objects in doubt, where it answers queries
+            self._ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        tls_args = (self.tls, self.destination.host) if self.tls else None
+        assoc = self._ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title, tls_args=tls_args)
+        if not assoc.is_established:
+            raise Unreachable("association rejected" if assoc.is_rejected else "no connection, or the association was aborted")
+        return CStoreLink(assoc, str(self.destination))
+
+
+class CStoreLink:
+    """One association: a C-STORE per object."""
+
+    def __init__(self, assoc, name: str) -> None:
+        self.assoc, self.name = assoc, name
+
+    @property
+    def usable(self) -> bool:
+        return self.assoc.is_established
+
+    def groups(self, files: list[Path]) -> list[list[Path]]:
+        return [[path] for path in files]
+
+    def send(self, group: list[Path], on_wire: Callable[[list[Path]], None]) -> dict[Path, Outcome]:
+        return {path: self._store(path, on_wire) for path in group}
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+    def has(self, path: Path) -> bool:
+        """Whether the destination already stores an object whose C-STORE was cut by a crash
+        (PS3.4 C.4.1, Study Root C-FIND at IMAGE level); False when it cannot say."""
+        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind for cx in self.assoc.accepted_contexts):
+            return False
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
+            answers = list(self.assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        except Exception as exc:  # noqa: BLE001 - a destination that cannot answer gets the object again
+            logger.info("%s: could not ask whether %s arrived (%s); sending it again", self.name, path.stem, describe(exc))
+            return False
+        uid = str(header.SOPInstanceUID)
+        return any(
+            status and int(status.Status) in PENDING and found is not None and str(found.get("SOPInstanceUID", "")).strip(" \x00") == uid
+            for status, found in answers
+        )  # a match for this very instance, not whatever a lax PACS returns
+
+    def _store(self, path: Path, on_wire: Callable[[list[Path]], None]) -> Outcome:
+        try:
+            dataset = dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            return Outcome(Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})")
+        if not _accepted(self.assoc, dataset) and dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.decompress(generate_instance_uid=False)  # the same instance, the same pixels, uncompressed
+            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if not _accepted(self.assoc, dataset):
+            name, syntax = UID(str(dataset.SOPClassUID)).name, UID(str(dataset.file_meta.TransferSyntaxUID)).name
+            return Outcome(Status.REJECTED, "sop-class-not-accepted", f"the destination accepts no presentation context for {name} in {syntax}")
+        on_wire([path])
+        try:
+            status = self.assoc.send_c_store(dataset)
+        except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
+            return Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})")
+        return _outcome(status)
+
+
+def _outcome(status: Dataset | None) -> Outcome:
+    """The outcome of a C-STORE response (PS3.4 B.2.3); none at all: the association broke."""
+    if not status:
+        return Outcome(Status.UNANSWERED, detail="no response to C-STORE")
+    code = getattr(status, "Status", None)
+    if code is None:
+        return Outcome(Status.REFUSED, "refused", "C-STORE response without a status")
+    if int(code) in DELIVERED:
+        return STORED
+    return Outcome(Status.REFUSED, "refused", f"C-STORE status 0x{int(code):04X}")
+
+
+def _accepted(assoc, dataset: Dataset) -> bool:
+    """Whether the association has an accepted context for the object's SOP class and transfer syntax."""
+    sop_class, syntax = str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
+    return any(str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax] for cx in assoc.accepted_contexts)
