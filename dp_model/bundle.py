@@ -294,6 +294,8 @@ def _deidentified(path: Path):
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):  # a spacing of 0 (as some files hold) is no spacing
         if keyword in ds and not all(float(v) > 0 for v in (ds[keyword].value or [0])):
             del ds[keyword]
+    if str(ds.get("VOILUTFunction", "")).strip().upper() == "LINEAR":
+        del ds.VOILUTFunction  # the default when absent; OHIF 3.13 refuses the image when it is stated
     for keyword in EMPTIED:
         setattr(ds, keyword, "")
     ds.PatientName, ds.PatientID = "SAMPLE^IMAGE", "SAMPLE"

@@ -176,6 +176,7 @@ def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(tmp_p
     ds = dcmread(rg1_path)
     ds.InstitutionalDepartmentName, ds.RequestingPhysician, ds.AdmissionID = "Our Department", "Smith^John", "ADM42"
     ds.AcquisitionDateTime, ds.StationName = "20240101101010", "ROOM1"
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 16000, 30000, "LINEAR"  # the default, stated: OHIF 3.13 refuses it
     referenced = Dataset()
     referenced.PatientName, referenced.PatientID = "Doe^Jane", "MRN123"
     ds.ReferencedPatientSequence = [referenced]
@@ -193,5 +194,6 @@ def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(tmp_p
         assert value not in text, value
     kept = dcmread(sample)
     assert kept.PatientIdentityRemoved == "YES" and kept.Rows == ds.Rows and kept.pixel_array.shape == ds.pixel_array.shape
+    assert kept.WindowWidth == 30000 and "VOILUTFunction" not in kept
     check = run_tool("dciodvfy", sample, check=False)
     assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout + check.stderr
