@@ -7,13 +7,14 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from helpers import require_tool
+from helpers import require_file, require_tool
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -82,6 +83,85 @@ class StoreSCP:
 
     def __exit__(self, *_exc) -> None:
         self.stop()
+
+
+# Orthanc sends every CR or DX it stores to the node, and nothing else: the node's SR
+# and SC come back as modalities SR and OT, so they are never routed again (no loop).
+ORTHANC_ROUTE = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  local modality = tags['Modality']
+  if modality == 'CR' or modality == 'DX' then
+    SendToModality(instanceId, 'dpnode')
+  end
+end
+"""
+#: Where Debian's orthanc packages put their plugins, and which package brings each.
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+ORTHANC_PLUGIN_PACKAGES = {"libOrthancDicomWeb.so": "orthanc-dicomweb", "libServeFolders.so": "orthanc"}
+
+
+class Orthanc:
+    """A throw-away Orthanc with its own storage, DICOM and HTTP ports on loopback.
+
+    It routes CR and DX to the node on ``node_port``. ``plugins`` are Debian's plugin
+    files to load (``libOrthancDicomWeb.so``, ``libServeFolders.so``); ``settings`` add
+    configuration sections (``DicomWeb``, ``ServeFolders`` ...).
+    """
+
+    def __init__(self, folder: Path, node_port: int, plugins: tuple[str, ...] = (), **settings) -> None:
+        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "route.lua").write_text(ORTHANC_ROUTE)
+        loaded = [str(require_file(ORTHANC_PLUGINS / name, ORTHANC_PLUGIN_PACKAGES.get(name, "orthanc"))) for name in plugins]
+        (folder / "orthanc.json").write_text(json.dumps({
+            "Name": "dp-node-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "Plugins": loaded, "LuaScripts": [str(folder / "route.lua")],
+            "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True,
+        } | settings))  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        self.log = (self.folder / "orthanc.log").open("w")
+        self.process = subprocess.Popen([require_tool("Orthanc", "orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._up, 60, "Orthanc's REST API")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited ({self.process.returncode}):\n{(self.folder / 'orthanc.log').read_text()[-3000:]}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def upload(self, path: Path) -> dict:
+        request = urllib.request.Request(f"{self.url}/instances", data=path.read_bytes(), method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def series_by_modality(self, study: str) -> dict[str, list[dict]]:
+        """The series of an Orthanc study (its Orthanc ID), by modality."""
+        found: dict[str, list[dict]] = {}
+        for series in self.get(f"/studies/{study}/series"):
+            found.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
+        return found
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.log.close()
+            self.process = None
 
 
 def chest_dataset(rows: int = 320, columns: int = 288, seed: int = 0, **attributes) -> Dataset:

@@ -3,77 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import data_file, require_tool
-from node_support import free_port, wait_for
+from helpers import data_file
+from node_support import Orthanc, free_port, wait_for
 
 from pacs_node.config import NodeConfig
 from pacs_node.node import Node
 from pacs_node.predictor import NodePredictor
 
 pytestmark = pytest.mark.tools
-
-# Orthanc sends every CR or DX it stores to the node, and nothing else: the node's SR
-# and SC come back as modalities SR and OT, so they are never routed again (no loop).
-ROUTE = """
-function OnStoredInstance(instanceId, tags, metadata, origin)
-  local modality = tags['Modality']
-  if modality == 'CR' or modality == 'DX' then
-    SendToModality(instanceId, 'dpnode')
-  end
-end
-"""
-
-
-class Orthanc:
-    """A throw-away Orthanc with its own storage, DICOM and HTTP ports on loopback."""
-
-    def __init__(self, folder: Path, node_port: int) -> None:
-        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "route.lua").write_text(ROUTE)
-        (folder / "orthanc.json").write_text(json.dumps({
-            "Name": "dp-node-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "Plugins": [], "LuaScripts": [str(folder / "route.lua")],
-            "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True,
-        }))  # fmt: skip
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        self.log = (self.folder / "orthanc.log").open("w")
-        self.process = subprocess.Popen([require_tool("Orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._up, 60, "Orthanc's REST API")
-        return self
-
-    def _up(self) -> bool:
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-    def upload(self, path: Path) -> dict:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/instances", data=path.read_bytes(), method="POST")
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(30)
-            self.log.close()
-
 
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, Node]]:
@@ -93,20 +36,13 @@ def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, 
         orthanc.stop()
 
 
-def series_by_modality(orthanc: Orthanc, study: str) -> dict[str, list[dict]]:
-    found: dict[str, list[dict]] = {}
-    for series in orthanc.get(f"/studies/{study}/series"):
-        found.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
-    return found
-
-
 def test_orthanc_routes_the_chest_xray_and_gets_sr_and_sc_in_the_same_study(pacs_and_node: tuple[Orthanc, Node]) -> None:
     orthanc, node = pacs_and_node
     stored = orthanc.upload(data_file("RG1_UNCR.dcm"))
     study = stored["ParentStudy"]
-    found = wait_for(lambda: (s := series_by_modality(orthanc, study)) and {"SR", "OT"} <= set(s) and s, 120, "the SR and the SC in Orthanc's study")
+    found = wait_for(lambda: (s := orthanc.series_by_modality(study)) and {"SR", "OT"} <= set(s) and s, 120, "the SR and the SC in Orthanc's study")
     time.sleep(3)  # a routing loop would show up as more instances by now
-    found = series_by_modality(orthanc, study)
+    found = orthanc.series_by_modality(study)
     assert sorted(found) == ["CR", "OT", "SR"]
     assert [len(series["Instances"]) for modality in ("CR", "SR", "OT") for series in found[modality]] == [1, 1, 1]
     assert "not for primary diagnosis" in found["SR"][0]["MainDicomTags"]["SeriesDescription"]
@@ -118,5 +54,5 @@ def test_orthanc_routes_the_chest_xray_and_gets_sr_and_sc_in_the_same_study(pacs
     urllib.request.urlopen(request, timeout=60).read()
     wait_for(lambda: sum(1 for line in node.config.audit_path.read_text().splitlines() if '"processed"' in line) == 2, 60, "the second processing")
     wait_for(lambda: all(s.stats.backlog == 0 for s in node.senders) and not any(s.pending() for s in node.senders), 60, "delivery")
-    again = series_by_modality(orthanc, study)
+    again = orthanc.series_by_modality(study)
     assert [len(series["Instances"]) for modality in ("CR", "SR", "OT") for series in again[modality]] == [1, 1, 1]
