@@ -10,15 +10,19 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+VIEWER := tests/viewer
+VIEWER_STAMP := $(VIEWER)/node_modules/.installed
 # Debian packages the tests talk to: dcmtk (storescu, storescp, echoscu, dsrdump),
-# dicom3tools (dciodvfy, dcentvfy), orthanc (a real PACS) and its DICOMweb plugin.
-DEBS   := dcmtk dicom3tools orthanc orthanc-dicomweb
+# dicom3tools (dciodvfy, dcentvfy), orthanc (a real PACS) with its DICOMweb plugin, and
+# chromium with nodejs (OHIF, a real web viewer, in a real browser); npm where no npm is
+# on the PATH already (a Node.js from elsewhere brings its own).
+DEBS   := dcmtk dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
 
 DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
 
-.PHONY: run demo-bundle test venv system-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
+.PHONY: run demo-bundle test venv system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time, about three minutes on two cores). Results of the
@@ -35,7 +39,7 @@ $(DEMO_BUNDLE): configs/synth_demo.yaml configs/demo.yaml
 	$(VENV)/bin/dp-synth --config configs/synth_demo.yaml --out $(RUN_DIR)/data --gallery $(RUN_DIR)/gallery.png
 	$(VENV)/bin/dp-train --config configs/demo.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/bundle
 
-test: venv system-deps
+test: venv system-deps viewer-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -44,6 +48,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# OHIF's prebuilt viewer and puppeteer-core, exactly as tests/viewer/package-lock.json pins
+# them, for tests/test_viewer_ohif.py; no browser download (the test drives Debian's chromium).
+viewer-deps: $(VIEWER_STAMP)
+
+$(VIEWER_STAMP): $(VIEWER)/package.json $(VIEWER)/package-lock.json | system-deps
+	cd $(VIEWER) && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
 
 system-deps:
 	@missing=""; for p in $(DEBS); do \
@@ -81,4 +93,4 @@ gallery: venv demo-bundle
 	$(PY) -m pacs_node.gallery --bundle $(RUN_DIR)/bundle --out docs/node_overlay.png
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(VIEWER)/node_modules

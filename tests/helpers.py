@@ -21,11 +21,11 @@ def data_file(name: str) -> Path:
     return Path(path)
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str = "dcmtk / dicom3tools") -> str:
     """Path of a command-line tool; a missing tool fails in CI (make test installs it) and skips elsewhere."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian packages dcmtk / dicom3tools; `make system-deps`)"
+        message = f"{name} is not installed (Debian package {package}; `make system-deps`)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -33,13 +33,14 @@ def require_tool(name: str) -> str:
 
 
 def require_file(path: str | Path, package: str) -> Path:
-    """A file a Debian package installs (an Orthanc plugin); missing, it fails in CI and skips elsewhere."""
-    if not Path(path).is_file():
+    """A file a Debian package installs (a plugin, a library); missing, it fails in CI and skips elsewhere."""
+    path = Path(path)
+    if not path.exists():
         message = f"{path} is missing (Debian package {package}; `make system-deps`)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    return Path(path)
+    return path
 
 
 def run_tool(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:

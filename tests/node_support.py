@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from helpers import require_tool
+from helpers import require_file, require_tool
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -86,35 +86,70 @@ class StoreSCP:
         self.stop()
 
 
+# Orthanc sends every CR or DX radiograph it stores to the node, and nothing else. The rule
+# names the radiograph storage classes as well as the modality: the node's overlay carries
+# the radiograph's modality (CR) but is a Secondary Capture, so it is never routed again.
+ORTHANC_ROUTE = """
+local RADIOGRAPHS = { ['1.2.840.10008.5.1.4.1.1.1'] = true, ['1.2.840.10008.5.1.4.1.1.1.1'] = true }
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  local modality = tags['Modality']
+  if (modality == 'CR' or modality == 'DX') and RADIOGRAPHS[metadata['SopClassUid']] then
+    SendToModality(instanceId, 'dpnode')
+  end
+end
+"""
+#: Where Debian's orthanc packages put their plugins, and which package brings each.
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+ORTHANC_PLUGIN_PACKAGES = {"libOrthancDicomWeb.so": "orthanc-dicomweb", "libServeFolders.so": "orthanc"}
+
+
 class Orthanc:
     """A throw-away Orthanc with its own storage, DICOM and HTTP ports on loopback.
 
     Args:
         folder: its configuration, storage and log.
-        settings: added to its configuration (Lua scripts, modalities, plugins ...).
+        settings: added to its configuration (Lua scripts, modalities, DICOMweb ...).
         user: ``(name, password)`` of its one registered user; with it, HTTP authentication is on
             and every REST call here uses it.
+        plugins: Debian's plugin files to load (``libOrthancDicomWeb.so``, ``libServeFolders.so``).
     """
 
-    def __init__(self, folder: Path, settings: dict | None = None, user: tuple[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, settings: dict | None = None, user: tuple[str, str] | None = None, plugins: tuple[str, ...] = ()) -> None:
         self.folder, self.dicom_port, self.http_port, self.user = folder, free_port(), free_port(), user
         folder.mkdir(parents=True, exist_ok=True)
+        settings = dict(settings or {})
+        loaded = [str(require_file(ORTHANC_PLUGINS / name, ORTHANC_PLUGIN_PACKAGES.get(name, "orthanc"))) for name in plugins]
         config = {
             "Name": "dp-node-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
             "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": user is not None, "RegisteredUsers": dict([user]) if user else {}, "Plugins": [],
+            "AuthenticationEnabled": user is not None, "RegisteredUsers": dict([user]) if user else {},
+            "Plugins": loaded + list(settings.pop("Plugins", [])),
         }  # fmt: skip
-        (folder / "orthanc.json").write_text(json.dumps(config | (settings or {})))
+        (folder / "orthanc.json").write_text(json.dumps(config | settings))
         self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def routing_to(cls, folder: Path, node_port: int, plugins: tuple[str, ...] = (), **settings) -> Orthanc:
+        """An Orthanc that sends the radiographs it stores to the node on ``node_port`` (:data:`ORTHANC_ROUTE`)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "route.lua").write_text(ORTHANC_ROUTE)
+        routing = {"LuaScripts": [str(folder / "route.lua")], "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True}
+        return cls(folder, routing | settings, plugins=plugins)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> Orthanc:
         """Start it (again, after :meth:`stop`, on the same storage and ports)."""
         self.log = (self.folder / "orthanc.log").open("a")
-        self.process = subprocess.Popen([require_tool("Orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen([require_tool("Orthanc", "orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self._up, 60, "Orthanc's REST API")
         return self
 
     def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited ({self.process.returncode}):\n{(self.folder / 'orthanc.log').read_text()[-3000:]}")
         try:
             self.get("/system")
             return True
@@ -123,7 +158,7 @@ class Orthanc:
 
     def request(self, path: str, data: bytes | None = None, method: str = "GET"):
         """A REST call, its JSON answer."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         if self.user:
             request.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.user).encode()).decode())
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -134,6 +169,15 @@ class Orthanc:
 
     def upload(self, path: Path) -> dict:
         return self.request("/instances", path.read_bytes(), "POST")
+
+    def series_by_modality(self, study: str) -> dict[str, list[dict]]:
+        """The series of an Orthanc study (its Orthanc ID) by modality; the node's overlay,
+        which carries its radiograph's modality, under "SC"."""
+        found: dict[str, list[dict]] = {}
+        for series in self.get(f"/studies/{study}/series"):
+            tags = series["MainDicomTags"]
+            found.setdefault("SC" if "overlay" in tags.get("SeriesDescription", "") else tags["Modality"], []).append(series)
+        return found
 
     def stop(self) -> None:
         if self.process is not None:

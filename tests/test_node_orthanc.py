@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,29 +18,11 @@ from pacs_node.predictor import NodePredictor
 
 pytestmark = pytest.mark.tools
 
-# Orthanc sends every CR or DX radiograph it stores to the node, and nothing else. The rule
-# names the radiograph storage classes as well as the modality: the node's overlay carries
-# the radiograph's modality (CR) but is a Secondary Capture, so it is never routed again.
-ROUTE = """
-local RADIOGRAPHS = { ['1.2.840.10008.5.1.4.1.1.1'] = true, ['1.2.840.10008.5.1.4.1.1.1.1'] = true }
-function OnStoredInstance(instanceId, tags, metadata, origin)
-  local modality = tags['Modality']
-  if (modality == 'CR' or modality == 'DX') and RADIOGRAPHS[metadata['SopClassUid']] then
-    SendToModality(instanceId, 'dpnode')
-  end
-end
-"""
-
 
 @pytest.fixture
 def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, Node]]:
     node_port = free_port()
-    folder = tmp_path / "orthanc"
-    folder.mkdir()
-    (folder / "route.lua").write_text(ROUTE)
-    orthanc = Orthanc(folder, {
-        "LuaScripts": [str(folder / "route.lua")], "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True,
-    })  # fmt: skip
+    orthanc = Orthanc.routing_to(tmp_path / "orthanc", node_port)
     config = NodeConfig(
         port=node_port, host="127.0.0.1", metrics_port=-1, spool=str(tmp_path / "spool"), bundle=str(demo_bundle),
         destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu", allow=("ORTHANC",),
@@ -54,31 +37,23 @@ def pacs_and_node(tmp_path: Path, demo_bundle: Path) -> Iterator[tuple[Orthanc, 
         orthanc.stop()
 
 
-def series_by_modality(orthanc: Orthanc, study: str) -> dict[str, list[dict]]:
-    """The study's series by modality; the node's overlay (CR, like its radiograph) as "SC"."""
-    found: dict[str, list[dict]] = {}
-    for series in orthanc.get(f"/studies/{study}/series"):
-        overlay = "overlay" in series["MainDicomTags"].get("SeriesDescription", "")
-        found.setdefault("SC" if overlay else series["MainDicomTags"]["Modality"], []).append(series)
-    return found
-
-
 def test_orthanc_routes_the_chest_xray_and_gets_sr_and_sc_in_the_same_study(pacs_and_node: tuple[Orthanc, Node]) -> None:
     orthanc, node = pacs_and_node
     stored = orthanc.upload(data_file("RG1_UNCR.dcm"))
     study = stored["ParentStudy"]
-    found = wait_for(lambda: (s := series_by_modality(orthanc, study)) and {"SR", "SC"} <= set(s) and s, 120, "the SR and the SC in Orthanc's study")
+    found = wait_for(lambda: (s := orthanc.series_by_modality(study)) and {"SR", "SC"} <= set(s) and s, 120, "the SR and the SC in Orthanc's study")
     time.sleep(3)  # a routing loop would show up as more instances by now
-    found = series_by_modality(orthanc, study)
-    assert sorted(found) == ["CR", "SC", "SR"]
+    found = orthanc.series_by_modality(study)
+    assert sorted(found) == ["CR", "SC", "SR"]  # the overlay (CR, as its radiograph) is not routed again
     assert [len(series["Instances"]) for modality in ("CR", "SR", "SC") for series in found[modality]] == [1, 1, 1]
     assert "not for primary diagnosis" in found["SR"][0]["MainDicomTags"]["SeriesDescription"]
     processed = [json.loads(line) for line in node.config.audit_path.read_text().splitlines() if '"received"' in line]
     assert [line["status"] for line in processed] == ["processed"] and processed[0]["calling_ae"] == "ORTHANC"
     # Sending the same image again (a re-route, a resend) replaces the results, never duplicates them.
     orthanc.get(f"/instances/{stored['ID']}")
-    orthanc.request("/modalities/dpnode/store", json.dumps({"Resources": [stored["ID"]], "Synchronous": True}).encode(), "POST")
+    request = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/modalities/dpnode/store", data=json.dumps({"Resources": [stored["ID"]], "Synchronous": True}).encode(), method="POST")
+    urllib.request.urlopen(request, timeout=60).read()
     wait_for(lambda: sum(1 for line in node.config.audit_path.read_text().splitlines() if '"processed"' in line) == 2, 60, "the second processing")
     wait_for(lambda: all(s.stats.backlog == 0 for s in node.senders) and not any(s.pending() for s in node.senders), 60, "delivery")
-    again = series_by_modality(orthanc, study)
+    again = orthanc.series_by_modality(study)
     assert [len(series["Instances"]) for modality in ("CR", "SR", "SC") for series in again[modality]] == [1, 1, 1]

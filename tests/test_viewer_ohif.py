@@ -1,0 +1,174 @@
+"""A radiologist opens the node's results in OHIF: the SR's regions drawn on the radiograph, the SC shown.
+
+Orthanc routes each radiograph to the node and gets the SR and the SC back, as in
+test_node_orthanc.py; it also serves them over DICOMweb, and OHIF 3.13.2 itself, to
+Debian's chromium (headless, WebGL in SwiftShader), which ``tests/viewer/ohif_check.mjs``
+drives. For each study the check opens the SR, the source image alone and the SC in
+OHIF's viewport and fails on a page error or a broken page (React's "Error Boundary"),
+on a black viewport, and when a region of the SR is not among OHIF's annotations at its
+place or not drawn there.
+
+Set ``DP_VIEWER_SHOTS=docs`` to keep the synthetic study's screenshots as
+``docs/ohif_sr.png`` and ``docs/ohif_sc.png``; every screenshot is in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import IN_CI, data_file, require_tool
+from node_support import Orthanc, audit_lines, free_port, wait_for
+from pydicom import dcmread
+from viewer_support import OHIF_DIST, VIEWER, ViewerOrigin, orthanc_settings
+
+from pacs_node.config import NodeConfig
+from pacs_node.node import Node
+from pacs_node.predictor import NodePredictor
+
+pytestmark = [pytest.mark.tools, pytest.mark.slow]
+
+CHECK = VIEWER / "ohif_check.mjs"
+
+
+def require_viewer() -> tuple[str, str]:
+    """node and chromium, and OHIF with puppeteer-core from ``make viewer-deps``; missing, fail in CI, skip elsewhere."""
+    node, chromium = require_tool("node", "nodejs"), require_tool("chromium", "chromium")
+    if not (OHIF_DIST / "index.html").exists() or not (VIEWER / "node_modules" / "puppeteer-core").exists():
+        message = "OHIF and puppeteer-core are not installed in tests/viewer (`make viewer-deps`)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return node, chromium
+
+
+@dataclass
+class Site:
+    """Orthanc with OHIF in front, the node behind, and what was sent to them."""
+
+    orthanc: Orthanc
+    node: Node
+    origin: ViewerOrigin
+    uploads: dict[str, dict] = field(default_factory=dict)
+
+
+def synthetic_positive(bundle: Path, folder: Path) -> Path:
+    """A phantom from the bundle's samples that the demo model finds pneumonia in, with lesion regions.
+
+    Without its VOI LUT Function: OHIF 3.13.2 reads the attribute's LINEAR as "L" and its
+    viewport breaks ("Invalid VOI LUT function", an Error Boundary) on the source image,
+    whatever the node sends.
+    """
+    ds = dcmread(bundle / "samples" / "sample-1.dcm")
+    del ds.VOILUTFunction
+    path = folder / "synthetic.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path) -> Iterator[Site]:
+    require_viewer()
+    folder = tmp_path_factory.mktemp("viewer")
+    node_port = free_port()
+    orthanc = Orthanc.routing_to(folder / "orthanc", node_port, plugins=("libOrthancDicomWeb.so", "libServeFolders.so"), **orthanc_settings(folder / "orthanc"))
+    config = NodeConfig(
+        port=node_port, host="127.0.0.1", metrics_port=-1, spool=str(folder / "spool"), bundle=str(demo_bundle),
+        destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu", allow=("ORTHANC",),
+    )  # fmt: skip
+    node = Node(config, NodePredictor(demo_bundle, "cpu"))
+    node.start()
+    orthanc.start()
+    origin = ViewerOrigin(orthanc.http_port).start()
+    running = Site(orthanc, node, origin)
+    try:
+        # Both go in at once: the node works on one while the browser looks at the other.
+        images = {"rg1": data_file("RG1_UNCR.dcm"), "synthetic": synthetic_positive(demo_bundle, folder)}
+        running.uploads = {case: running.orthanc.upload(path) | {"path": str(path)} for case, path in images.items()}
+        yield running
+    finally:
+        origin.stop()
+        node.stop()
+        orthanc.stop()
+
+
+def results_in_orthanc(site: Site, case: str, timeout: float = 120) -> dict[str, str]:
+    """Series Instance UIDs of the study's source, SR and SC once the node's results are in Orthanc."""
+    study = site.uploads[case]["ParentStudy"]
+    uid = site.orthanc.get(f"/studies/{study}")["MainDicomTags"]["StudyInstanceUID"]
+
+    def arrived() -> dict | None:
+        found = site.orthanc.series_by_modality(study)
+        if {"SR", "SC"} <= set(found):
+            return found
+        said = [(line["status"], line.get("reason"), line.get("detail")) for line in audit_lines(site.node) if line["event"] == "received" and line.get("study_instance_uid") == uid]
+        if any(status != "processed" for status, *_ in said):
+            pytest.fail(f"the node made no results for {case}: its audit says {said}")
+        return None
+
+    found = wait_for(arrived, timeout, f"the SR and the SC of {case} in Orthanc")
+    uids = {modality: found[modality][0]["MainDicomTags"]["SeriesInstanceUID"] for modality in ("CR", "SR", "SC")}
+    return {"study": uid, **uids, "sr_id": found["SR"][0]["Instances"][0]}
+
+
+def sr_regions(site: Site, instance: str) -> list[list[list[float]]]:
+    """The SR's region outlines (SCOORD polylines), in the source image's pixels."""
+    with urllib.request.urlopen(f"{site.orthanc.url}/instances/{instance}/file", timeout=30) as response:
+        sr = dcmread(io.BytesIO(response.read()))
+    found: list[list[list[float]]] = []
+
+    def walk(items) -> None:
+        for item in items:
+            if item.get("ValueType") == "SCOORD":
+                data = [float(v) for v in item.GraphicData]
+                found.append([data[i : i + 2] for i in range(0, len(data), 2)])
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def run_check(node: str, chromium: str, spec: dict, folder: Path) -> dict:
+    (folder / "spec.json").write_text(json.dumps(spec, indent=1))
+    started = time.monotonic()
+    result = subprocess.run([node, str(CHECK), str(folder / "spec.json")], check=False, capture_output=True, text=True, timeout=240, env=os.environ | {"CHROMIUM": chromium})
+    (folder / "report.json").write_text(result.stdout)
+    if result.returncode != 0:
+        pytest.fail(f"ohif_check.mjs failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout)
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    return report
+
+
+@pytest.mark.parametrize("case", ["rg1", "synthetic"])
+def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> None:
+    node, chromium = require_viewer()
+    series = results_in_orthanc(site, case)
+    regions = sr_regions(site, series["sr_id"])
+    assert all(math.isfinite(v) for region in regions for point in region for v in point), f"the SR's outlines hold values that are not numbers: {regions}"
+    spec = {
+        "origin": site.origin.url, "out": str(tmp_path),
+        "studies": [{"name": case, "study": series["study"], "source": series["CR"], "sr": series["SR"], "sc": series["SC"], "regions": regions}],
+    }  # fmt: skip
+    report = run_check(node, chromium, spec, tmp_path)
+    shots = os.environ.get("DP_VIEWER_SHOTS")
+    if shots and case == "synthetic":
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        for kind in ("sr", "sc"):
+            shutil.copyfile(tmp_path / f"{case}_{kind}.png", Path(shots) / f"ohif_{kind}.png")
+    for note in report.get("notes", []):
+        warnings.warn(f"OHIF: {note}", stacklevel=1)
+    assert not report["problems"], f"OHIF does not show the node's results for {case} (screenshots and report.json in {tmp_path}):\n" + "\n".join(report["problems"])
+    if case == "synthetic":
+        assert regions, "the demo model found no lesion region in the synthetic positive: nothing to look for in OHIF"
