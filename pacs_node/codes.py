@@ -91,6 +91,14 @@ def region_score_code(label: str) -> Code:
     return Code(f"rs-{key}"[:16], PRIVATE_SCHEME, f"{finding.meaning} region score"[:64])
 
 
+def image_score_code(label: str) -> Code:
+    """The concept of the image-level certainty shown on the image, named after its finding
+    ("Pneumonia certainty (image)"): the number Certainty of Finding states in the classification."""
+    finding = finding_code(label)
+    key = label.strip().lower().replace(" ", "-") or "unnamed"
+    return Code(f"is-{key}"[:16], PRIVATE_SCHEME, f"{finding.meaning} certainty (image)"[:64])
+
+
 def identify_schemes(dataset: Dataset) -> None:
     """Add a Coding Scheme Identification item for each private scheme ``dataset`` uses."""
     used = {str(element.value) for element in dataset.iterall() if element.keyword == "CodingSchemeDesignator"}

@@ -4,12 +4,15 @@ Pure: the source dataset, a :class:`~pacs_node.predictor.Prediction` and the mod
 contract in, a validated dataset out. Two readers, two places (DICOM PS3.16, IHE AI Results;
 the design and the viewer evidence are in docs/decisions.md):
 
-* **Imaging Measurements**: one TID 1410 planar ROI group per lesion region, a closed
-  polyline on the source image, with the finding located there, the lung as finding site
-  and the region's own score (the peak of the model's localisation map inside it), named
-  after its finding ("Lobar pneumonia region score"), so that a viewer which labels a
-  region from its numbers (OHIF) shows what and how much. Only groups with coordinates
-  live here: viewers draw every group of this container.
+* **Imaging Measurements**: what a viewer draws (OHIF draws every group of this container
+  and needs coordinates in each). First the image-level result as a TID 1410 group whose
+  region is the whole image: pneumonia with its certainty and the threshold it was decided
+  at, named so that the viewer's label says what ("Pneumonia certainty (image)"), negative
+  results included; an image outside the training distribution gets its score and the
+  gate's threshold instead. Then one group per lesion region, a closed polyline on the
+  source image, with the finding located there, the lung as finding site and the region's
+  own score (the peak of the model's localisation map inside it), named after its finding
+  ("Lobar pneumonia region score").
 * **Qualitative Evaluations**: the image-level classification, for machines and for
   viewers that list SR content: pneumonia Present / Absent (a negative result is recorded,
   not omitted) and each pneumonia class of the model, each with its Certainty of Finding
@@ -52,7 +55,8 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
         parameters.append(f"out-of-distribution threshold {prediction.ood_threshold:g}")
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters)
     regions = [_region_group(source, prediction, algorithm, identity, i) for i in range(len(prediction.boxes))] if prediction.assessed else []
-    content = _measurement_report(_observation_context(model), regions, _classification(prediction))
+    groups = [_image_group(source, prediction, algorithm, identity), *regions]
+    content = _measurement_report(_observation_context(model), groups, _classification(prediction))
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=content,
@@ -73,20 +77,10 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
     return sr
 
 
-def _measurement_report(context: hd.sr.ObservationContext, regions: list, evaluations: hd.sr.ContainerContentItem) -> hd.sr.MeasurementReport:
-    """TID 1500 with the region groups (row 6, when there are any) and the Qualitative Evaluations (row 12).
-
-    highdicom builds row 6 only and insists on one group; an image without regions is built
-    with a stand-in group whose container is then taken out again.
-    """
-    stand_in = [hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="stand-in"))]
-    report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH, imaging_measurements=regions or stand_in, title=codes.REPORT_TITLE
-    )
-    root = report[0]
-    if not regions:
-        root.ContentSequence = [item for item in root.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue != codes.IMAGING_MEASUREMENTS.value]
-    root.ContentSequence.append(evaluations)
+def _measurement_report(context: hd.sr.ObservationContext, groups: list, evaluations: hd.sr.ContainerContentItem) -> hd.sr.MeasurementReport:
+    """TID 1500 with the measurement groups (row 6) and the Qualitative Evaluations (row 12)."""
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH, imaging_measurements=groups, title=codes.REPORT_TITLE)
+    report[0].ContentSequence.append(evaluations)  # highdicom builds row 6 only
     return report
 
 
@@ -156,14 +150,43 @@ def _not_assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
     ]
 
 
+def _outline(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)  # closed: the first point again
+
+
+def _image_group(
+    source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The image-level result as a region that is the whole image: what a viewer opens the SR on."""
+    if prediction.assessed:
+        numbers = [(codes.image_score_code("pneumonia"), 100.0 * prediction.pneumonia_probability, codes.PERCENT), (codes.THRESHOLD_VALUE, 100.0 * prediction.operating_point, codes.PERCENT)]
+        value = codes.PRESENT if prediction.positive else codes.ABSENT
+    else:
+        numbers = [(codes.DISTRIBUTION_SCORE, prediction.ood_score, codes.NO_UNITS), (codes.THRESHOLD_VALUE, prediction.ood_threshold, codes.NO_UNITS)]
+        value = codes.INDETERMINATE
+    measured = [hd.sr.Measurement(name=name, value=round(float(v), 2), unit=unit, algorithm_id=algorithm) for name, v, unit in numbers if v is not None and np.isfinite(v)]
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_outline(0.0, 0.0, float(source.Columns), float(source.Rows)),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid("pneumonia"), identifier="Pneumonia (whole image)"),
+        referenced_region=region,
+        finding_type=codes.PNEUMONIA,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
+        measurements=measured,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.PNEUMONIA, value=value)],
+    )
+
+
 def _region_group(
     source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, index: int
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    x0, y0, x1, y1 = (float(v) for v in prediction.boxes[index])
-    outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)  # closed: the first point again
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=outline,
+        graphic_data=_outline(*(float(v) for v in prediction.boxes[index])),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
     label = prediction.region_label(index)

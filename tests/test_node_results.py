@@ -115,11 +115,11 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_
     # Image level: pneumonia, lobar and interstitial present; bronchopneumonia and cavitary absent.
     # Regions: one lobar, one interstitial, each with its own finding.
     assert sum("Lobar pneumonia" in line for line in present) == 2 and sum("nterstitial" in line for line in present) == 2
-    assert len(absent) == 2 and dump.count("POLYLINE") == 2
+    assert len(absent) == 2 and dump.count("POLYLINE") == 3  # the whole image, and the two regions
     # Each region carries its own score, named after its finding; each finding its certainty and
     # the threshold it was decided at (a multi-label model decides each at the operating point).
     assert 'NUM:(,,"Lobar pneumonia region score")="71.0"' in dump and 'NUM:(,,"Interstitial pneumonia region score")="64.0"' in dump
-    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + len(FINDINGS)
+    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + 1 + len(FINDINGS)  # the whole image, pneumonia, each finding
 
 
 def test_multi_label_overlay_names_every_finding_and_labels_its_boxes() -> None:
@@ -210,7 +210,7 @@ def test_report_round_trip_carries_study_model_identity_and_a_negative_result(tm
     assert "111047" not in flat  # "Probability of cancer" is the wrong concept for this score
     # The negative decision is recorded explicitly, not left out.
     assert codes.ABSENT.value in flat and codes.PRESENT.value not in flat
-    assert "SCOORD" not in flat  # no region without a finding
+    assert flat.count("POLYLINE") == 1  # no region without a finding: only the whole image
 
 
 def concept(item: Dataset) -> str:
@@ -220,6 +220,14 @@ def concept(item: Dataset) -> str:
 def containers(sr: Dataset) -> dict[str, Dataset]:
     """The TID 1500 root's containers, by name."""
     return {concept(item): item for item in sr.ContentSequence if item.ValueType == "CONTAINER"}
+
+
+def scoords(group: Dataset) -> list[Dataset]:
+    return [item for item in group.ContentSequence if item.ValueType == "SCOORD"]
+
+
+def group_numbers(group: Dataset) -> dict[str, float]:
+    return {concept(item): float(item.MeasuredValueSequence[0].NumericValue) for item in group.ContentSequence if item.ValueType == "NUM"}
 
 
 def evaluations(sr: Dataset) -> dict[str, tuple[str, dict[str, float]]]:
@@ -240,7 +248,7 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(tmp_path: Path, predi
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: 2D coordinates, accepted widely
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
     groups = containers(sr)["Imaging Measurements"].ContentSequence
-    assert len(groups) == 1
+    assert len(groups) == 2  # the whole image's result, then the region
     for group in groups:
         items = group.ContentSequence
         (scoord,) = [item for item in items if item.ValueType == "SCOORD"]
@@ -248,9 +256,12 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(tmp_path: Path, predi
         points = np.asarray(scoord.GraphicData, float).reshape(-1, 2)
         assert np.isfinite(points).all() and (points[0] == points[-1]).all()  # closed
         assert [concept(item) for item in items if item.ValueType == "UIDREF"][0] == "Tracking Unique Identifier"
-        (score,) = [item for item in items if item.ValueType == "NUM"]
-        # The region's own score (the map's peak in it), not a copy of the class probability (60 %).
-        assert concept(score) == "Lobar pneumonia region score" and float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(83.0)
+    image, region = (group_numbers(group) for group in groups)
+    # What OHIF labels the image with: the finding's name, its certainty, the threshold.
+    assert image == {"Pneumonia certainty (image)": 90.0, "Threshold Value": 50.0}
+    assert np.asarray(scoords(groups[0])[0].GraphicData).reshape(-1, 2).max(axis=0).tolist() == [rg1.Columns, rg1.Rows]
+    # The region's own score (the map's peak in it), not a copy of the class probability (60 %).
+    assert region == {"Lobar pneumonia region score": 83.0}
     found = evaluations(sr)
     assert found["Pneumonia"] == ("Present", {"Certainty of Finding": 90.0, "Threshold Value": 50.0})
     assert found["Lobar pneumonia"] == ("Present", {"Certainty of Finding": 60.0})
@@ -259,12 +270,13 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(tmp_path: Path, predi
     assert schemes == {codes.PRIVATE_SCHEME, codes.IHE_SCHEME}
 
 
-def test_a_negative_report_states_each_decision_with_its_threshold_and_has_no_measurement_group(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_image(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
     contract = predictor.contract
     below = Prediction(CLASSES, np.array([0.14, 0.8, 0.02, 0.02, 0.02]), "normal", 0.9, np.zeros((7, 7), np.float32), np.zeros((0, 4), np.float32))
     sr = dcmread(written(tmp_path, build_report(rg1, below, contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
-    assert set(containers(sr)) == {"Qualitative Evaluations"}  # nothing for a viewer to draw, nothing to break it
-    # 86 % is below the 90 % operating point: Absent, and the report says both numbers.
+    (image,) = containers(sr)["Imaging Measurements"].ContentSequence  # the whole image only: a viewer opens on it
+    # 86 % is below the 90 % operating point: Absent, and the report says both numbers, to a viewer and to a machine.
+    assert group_numbers(image) == {"Pneumonia certainty (image)": 86.0, "Threshold Value": 90.0}
     assert evaluations(sr)["Pneumonia"] == ("Absent", {"Certainty of Finding": 86.0, "Threshold Value": 90.0})
 
 

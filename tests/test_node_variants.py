@@ -111,4 +111,4 @@ def test_cia_net_detections_become_labelled_regions(demo_bundle: Path, tmp_path:
     x0, y0, x1, y1 = prediction.boxes[0]
     assert x0 <= 5 and y0 <= 5 and x1 >= 295 and y1 >= 395  # the whole image, in source pixels
     sr = build_report(ds, prediction, predictor.contract, ResultIdentity.of(ds, predictor.contract))
-    assert str(sr.ContentSequence).count("POLYLINE") == 1
+    assert str(sr.ContentSequence).count("POLYLINE") == 2  # the whole image's result, and the region

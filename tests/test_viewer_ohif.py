@@ -8,8 +8,8 @@ OHIF's viewport and fails on a page error or a broken page (React's "Error Bound
 on a black viewport, and when a region of the SR is not among OHIF's annotations at its
 place or not drawn there.
 
-Set ``DP_VIEWER_SHOTS=docs`` to keep the synthetic study's screenshots as
-``docs/ohif_sr.png`` and ``docs/ohif_sc.png``; every screenshot is in the test's tmp dir.
+Set ``DP_VIEWER_SHOTS=docs`` to keep the screenshots of RG1 (with a valid spacing) and of the
+phantom as ``docs/ohif_{rg1,phantom}_{sr,sc}.png``; every screenshot is in the test's tmp dir.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import pytest
 from helpers import IN_CI, data_file, require_tool
 from node_support import Orthanc, audit_lines, free_port, wait_for
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from viewer_support import OHIF_DIST, VIEWER, ViewerOrigin, orthanc_settings
 
 from pacs_node.config import NodeConfig
@@ -63,18 +64,23 @@ class Site:
     uploads: dict[str, dict] = field(default_factory=dict)
 
 
-def synthetic_positive(bundle: Path, folder: Path) -> Path:
-    """A phantom from the bundle's samples that the demo model finds pneumonia in, with lesion regions.
-
-    Without its VOI LUT Function: OHIF 3.13.2 reads the attribute's LINEAR as "L" and its
-    viewport breaks ("Invalid VOI LUT function", an Error Boundary) on the source image,
-    whatever the node sends.
-    """
-    ds = dcmread(bundle / "samples" / "sample-1.dcm")
-    del ds.VOILUTFunction
-    path = folder / "synthetic.dcm"
+def rg1_with_valid_spacing(folder: Path) -> Path:
+    """RG1 as a correctly configured modality would send it: its PixelSpacing of 0\\0 (which
+    OHIF turns into a black image) left out, its ImagerPixelSpacing kept; a study of its own."""
+    ds = dcmread(data_file("RG1_UNCR.dcm"))
+    del ds.PixelSpacing
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = folder / "rg1_spaced.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def synthetic_positive(bundle: Path, folder: Path) -> Path:
+    """A phantom from the bundle's samples that the demo model finds pneumonia in, with lesion
+    regions, as the bundle ships it (with no VOI LUT Function: OHIF 3.13.2 reads a stated
+    LINEAR as "L" and breaks on the source image, "Invalid VOI LUT function")."""
+    return bundle / "samples" / "sample-1.dcm"
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path) -> Iterato
     running = Site(orthanc, node, origin)
     try:
         # Both go in at once: the node works on one while the browser looks at the other.
-        images = {"rg1": data_file("RG1_UNCR.dcm"), "synthetic": synthetic_positive(demo_bundle, folder)}
+        images = {"rg1": data_file("RG1_UNCR.dcm"), "rg1_spaced": rg1_with_valid_spacing(folder), "synthetic": synthetic_positive(demo_bundle, folder)}
         running.uploads = {case: running.orthanc.upload(path) | {"path": str(path)} for case, path in images.items()}
         yield running
     finally:
@@ -123,19 +129,18 @@ def results_in_orthanc(site: Site, case: str, timeout: float = 120) -> dict[str,
 
 
 def sr_regions(site: Site, instance: str) -> list[list[list[float]]]:
-    """The SR's region outlines (SCOORD polylines), in the source image's pixels."""
+    """The SR's lesion region outlines (SCOORD polylines), in the source image's pixels; the
+    whole-image outline of the image-level result is the image's border, not a region."""
     with urllib.request.urlopen(f"{site.orthanc.url}/instances/{instance}/file", timeout=30) as response:
         sr = dcmread(io.BytesIO(response.read()))
     found: list[list[list[float]]] = []
-
-    def walk(items) -> None:
-        for item in items:
-            if item.get("ValueType") == "SCOORD":
-                data = [float(v) for v in item.GraphicData]
-                found.append([data[i : i + 2] for i in range(0, len(data), 2)])
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
+    for container in sr.ContentSequence:
+        for group in container.get("ContentSequence", []) if container.ValueType == "CONTAINER" else []:
+            names = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in group.get("ContentSequence", [])}
+            if "Image Region" not in names or "whole image" in names["Tracking Identifier"].TextValue:
+                continue
+            data = [float(v) for v in names["Image Region"].GraphicData]
+            found.append([data[i : i + 2] for i in range(0, len(data), 2)])
     return found
 
 
@@ -151,7 +156,7 @@ def run_check(node: str, chromium: str, spec: dict, folder: Path) -> dict:
     return report
 
 
-@pytest.mark.parametrize("case", ["rg1", "synthetic"])
+@pytest.mark.parametrize("case", ["rg1", "rg1_spaced", "synthetic"])
 def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> None:
     node, chromium = require_viewer()
     series = results_in_orthanc(site, case)
@@ -163,12 +168,18 @@ def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> 
     }  # fmt: skip
     report = run_check(node, chromium, spec, tmp_path)
     shots = os.environ.get("DP_VIEWER_SHOTS")
-    if shots and case == "synthetic":
+    if shots and case != "rg1":
         Path(shots).mkdir(parents=True, exist_ok=True)
+        name = {"rg1_spaced": "ohif_rg1", "synthetic": "ohif_phantom"}[case]
         for kind in ("sr", "sc"):
-            shutil.copyfile(tmp_path / f"{case}_{kind}.png", Path(shots) / f"ohif_{kind}.png")
+            shutil.copyfile(tmp_path / f"{case}_{kind}.png", Path(shots) / f"{name}_{kind}.png")
     for note in report.get("notes", []):
         warnings.warn(f"OHIF: {note}", stacklevel=1)
     assert not report["problems"], f"OHIF does not show the node's results for {case} (screenshots and report.json in {tmp_path}):\n" + "\n".join(report["problems"])
+    # OHIF labels the image with the image-level result, and each region with its finding and score.
+    labels = report["studies"][0]["views"]["sr"]["viewport"]["labels"]
+    expected = "Pneumonia certainty (image)" if case == "synthetic" else "Out-of-distribution score"  # RG1 is unlike the demo's phantoms
+    assert sum(expected in label for label in labels) == 1, labels
+    assert sum("region score" in label for label in labels) == len(regions), labels
     if case == "synthetic":
         assert regions, "the demo model found no lesion region in the synthetic positive: nothing to look for in OHIF"
