@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -84,14 +85,21 @@ class Predictor:
         decision = self.contract.decide(p)
         return "+".join(c for c, _ in decision.findings) or decision.label
 
-    def evaluate_dataset(self, dataset_dir: str, output_dir: str) -> Path:
-        """Metrics of the bundle on every image of a dataset, written as ``metrics.md``."""
+    def evaluate_dataset(self, dataset_dir: str, output_dir: str, layout: str = "auto", split: str = "all") -> Path:
+        """Metrics of the bundle on a dataset, written as ``metrics.md``: every image, or only
+        those of the bundle's own ``split`` (train, val or test) when it is the data it was trained from."""
         from .datasets import read_dataset
+        from .datasets.splits import split_subset
         from .metrics import evaluate
 
-        dataset = read_dataset(dataset_dir)
+        dataset = read_dataset(dataset_dir, layout)
         if tuple(dataset.classes) != self.contract.classes:
             raise BundleError(f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}")
+        if split != "all":
+            split_file = self.root / "configs" / "split.json"
+            if not split_file.is_file():
+                raise BundleError(f"{self.root}: no configs/split.json, so no {split} split to score; use --split all")
+            dataset = split_subset(dataset, json.loads(split_file.read_text()), split)
         probabilities, problems = self.probabilities([r.image for r in dataset.records])
         keep = ~np.isnan(probabilities).any(axis=1)
         normal = self.contract.classes.index(self.contract.normal_class)

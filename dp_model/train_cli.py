@@ -66,6 +66,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where metrics.md goes (default: <bundle>/eval)")
+    p.add_argument("--layout", default="auto", help="dataset layout (default: detected)")
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                   help="score only the images of the bundle's own split (the data it was trained from); default: every image")
     return p
 
 
@@ -142,7 +145,7 @@ def _ablation(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .inference import Predictor
 
-    path = Predictor(str(args.bundle)).evaluate_dataset(str(args.data), str(args.out or args.bundle / "eval"))
+    path = Predictor(str(args.bundle)).evaluate_dataset(str(args.data), str(args.out or args.bundle / "eval"), args.layout, args.split)
     print(path.read_text())
     return 0
 

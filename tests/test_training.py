@@ -149,6 +149,24 @@ def test_evaluate_command_on_the_dataset(bundle: Path, dataset_dir: Path, tmp_pa
     assert (tmp_path / "metrics.md").exists()
 
 
+def test_evaluate_scores_the_bundles_own_test_split_only(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    split = json.loads((bundle / "configs" / "split.json").read_text())
+    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--layout", "auto", "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    table = (tmp_path / "test" / "metrics.md").read_text()
+    supports = [int(line.split("|")[2]) for line in table.splitlines() if line.startswith("| ") and line.split("|")[2].strip().isdigit()]
+    assert sum(supports) == len(split["test"])  # the held-out images, not the whole dataset
+    # Another dataset holds none of the bundle's images: one clear line, exit 2.
+    other = tmp_path / "other"
+    generate(SynthConfig(num_images=12, size=64, workers=1, seed=99), other, progress=False)
+    for table in ("labels.csv", "boxes.csv", "synth_truth.csv"):  # images of another site, named its own way
+        (other / table).write_text((other / table).read_text().replace("syn", "site"))
+    for image in (other / "images").iterdir():
+        image.rename(image.with_name(image.name.replace("syn", "site")))
+    capsys.readouterr()
+    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(other), "--split", "test"]) == 2
+    assert "none of its 12 images is in the bundle's test split" in capsys.readouterr().err
+
+
 # --- the ablation switches really change what is trained --------------------------------------------
 
 

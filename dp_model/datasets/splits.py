@@ -118,3 +118,27 @@ def _finish(dataset: ChestDataset, test: list[int], method: str) -> Split:
     split = Split(train, tuple(sorted(chosen)), method)
     logger.info("%s split: %d train, %d test images", method, len(split.train), len(split.test))
     return split
+
+
+def hashed_id(image_id: str | None) -> str:
+    """How a bundle's ``split.json`` names an image: sha256 of its id, 16 hex digits (no PHI)."""
+    import hashlib
+
+    return hashlib.sha256(str(image_id).encode()).hexdigest()[:16]
+
+
+def split_subset(dataset: ChestDataset, split_file: dict, part: str) -> ChestDataset:
+    """The records of ``dataset`` that a bundle's ``split.json`` puts in ``part`` (train, val, test).
+
+    Raises:
+        DatasetError: no record of the dataset is in that part (another dataset, or another split).
+    """
+    from dataclasses import replace
+
+    wanted = set(split_file.get(part, []))
+    chosen = [record for record in dataset.records if hashed_id(record.image_id) in wanted]
+    if not chosen:
+        raise DatasetError(f"{dataset.root}: none of its {len(dataset.records)} images is in the bundle's {part} split; is it the dataset the bundle was trained from?")
+    if len(chosen) < len(wanted):
+        logger.warning("%d of the %d images of the bundle's %s split are not in %s", len(wanted) - len(chosen), len(wanted), part, dataset.root)
+    return replace(dataset, records=chosen)

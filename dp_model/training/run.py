@@ -17,6 +17,7 @@ from ..contract import ModelContract
 from ..ood import digest as ood_digest
 from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
+from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
 from . import calibrate, plots
 from .card import DESCRIPTIONS, model_card
@@ -185,13 +186,9 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
     (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away))
     # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
-    (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [_hashed(dataset.records[i].image_id) for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
+    (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
 
 
-def _hashed(image_id: str | None) -> str:
-    import hashlib
-
-    return hashlib.sha256(str(image_id).encode()).hexdigest()[:16]
 
 
 class BundleTrainer:
