@@ -102,8 +102,29 @@ def test_every_config_file_loads() -> None:
     from dp_model.training.config import TrainConfig
     from pacs_node.config import NodeConfig
 
-    files = sorted(CONFIGS.glob("*.yaml"))
-    assert len(files) >= 6
+    files = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("paper/*.yaml"))
+    assert len(files) >= 10
     for path in files:
         cls = SynthConfig if path.name.startswith("synth") else NodeConfig if path.name == "node.yaml" else TrainConfig
         load_config(cls, path)
+
+
+def test_the_papers_recipes_are_what_the_papers_print() -> None:
+    from dp_model.training.config import TrainConfig
+
+    cia = load_config(TrainConfig, CONFIGS / "paper" / "cia_net.yaml")
+    f = cia.finetune
+    assert (cia.data.image_size, f.batch_size, f.epochs, f.optimizer, f.lr, f.schedule, f.step_epochs, f.step_gamma) == (512, 6, 15, "sgd", 0.001, "step", 5, 0.1)
+    assert f.augment.crop_scale == (1.0, 1.0) and f.augment.rotate_degrees == 0 and f.augment.noise_prob == 0 and f.cia.grid_upsample == 8
+    attention = load_config(TrainConfig, CONFIGS / "paper" / "attention_resnet50.yaml").finetune
+    assert (attention.batch_size, attention.optimizer, attention.lr, attention.schedule, attention.epochs) == (16, "adamw", 5e-5, "step", 100)
+    deep = load_config(TrainConfig, CONFIGS / "paper" / "deep_pneumonia.yaml")
+    assert (deep.pretrain.optimizer, deep.finetune.optimizer, deep.finetune.batch_size, deep.data.image_size) == ("sgd", "sgd", 16, 224)
+
+
+def test_step_schedule_divides_the_rate_every_step_after_the_warm_up() -> None:
+    from dp_model.training.runtime import warmup_step
+
+    factors = [warmup_step(s, warmup=2, every=5, gamma=0.1) for s in range(14)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2:7] == [1.0] * 5 and factors[7:12] == pytest.approx([0.1] * 5) and factors[12] == pytest.approx(0.01)

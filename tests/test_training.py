@@ -358,3 +358,18 @@ def test_each_epoch_prints_its_losses_validation_and_how_far_from_chance() -> No
     assert line == "stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val balanced accuracy 0.410, macro auc 0.710; lr 0.001"
     stuck = epoch_line("stage I 1/5", {"loss": 4.845, "top1": 0.008, "lr": 0.1, "chance_loss": 4.844, "chance_top1": 1 / 127})
     assert "loss 4.845 (top1 0.008) [chance: loss 4.844, top1 0.008]" in stuck
+
+
+def test_the_papers_optimisers_and_step_schedule_train(dataset_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stage I with SGD, stage II with a StepLR-like schedule: the rate falls tenfold each step,
+    and each epoch's line reaches the console."""
+    caplog.set_level("INFO", logger="dp_model.training.engine")
+    config = tiny(dataset_dir, tmp_path / "cache", epochs=3, schedule="step", step_epochs=1, step_gamma=0.1, warmup_epochs=0.0, optimizer="sgd", lr=0.01)
+    data = load_split(read_dataset(str(dataset_dir)), list(range(32)), config.data, "decode")
+    records: list[tuple[str, dict]] = []
+    encoder = pretrain(replace(config.pretrain, optimizer="sgd", lr=0.05), data, CPU, 0, log=lambda stage, record, epoch: records.append((stage, record)))
+    finetune(config.finetune, data, None, list(read_dataset(str(dataset_dir)).classes), CPU, 0, encoder=encoder, log=lambda stage, record, epoch: records.append((stage, record)))
+    rates = [record["lr"] for stage, record in records if stage == "finetune"]
+    assert rates == pytest.approx([1e-3, 1e-4, 1e-5])  # after each epoch's steps: 0.01 x 0.1 per epoch
+    assert all(np.isfinite(record["loss"]) for _, record in records)
+    assert "stage I 1/1: loss" in caplog.text and "[chance: loss" in caplog.text and "stage II 3/3: loss" in caplog.text

@@ -83,7 +83,9 @@ class PretrainConfig:
     enabled: bool = True
     epochs: int = 20
     batch_size: int = 256
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # the Deep Pneumonia paper: SGD for both stages
     lr: float = 1e-3
+    momentum: float = 0.9
     weight_decay: float = 1e-6
     temperature: float = 0.2
     hidden_dim: int = 512
@@ -94,6 +96,7 @@ class PretrainConfig:
         _check(self.epochs >= 0, "epochs", self.epochs, ">= 0")
         _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
         _check(self.temperature > 0, "temperature", self.temperature, "> 0")
+        _check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "adamw or sgd")
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,11 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
+    #: "cosine" (after the warm-up) or "step": the rate times ``step_gamma`` every ``step_epochs``
+    #: epochs, as CIA-Net's and the attention ResNet-50's papers train.
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_epochs: int = 5
+    step_gamma: float = 0.1
     select_metric: Literal["balanced_accuracy", "macro_f1", "accuracy"] = "balanced_accuracy"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mgacr: MGACRConfig = field(default_factory=MGACRConfig)
@@ -222,6 +230,8 @@ class FinetuneConfig:
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.schedule in ("cosine", "step"), "schedule", self.schedule, "cosine or step")
+        _check(self.step_epochs >= 1 and 0 < self.step_gamma <= 1, "step_epochs / step_gamma", (self.step_epochs, self.step_gamma), ">= 1 / in (0, 1]")
         if self.architecture != "resnet18" and self.mgacr.enabled:
             raise ValueError(f"MGACR needs the resnet18 architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}")
 

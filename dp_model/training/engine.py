@@ -34,7 +34,7 @@ from .data import Resident, batches
 from .objectives import (
     CIAObjective, build_classifier, classification_loss, findings, make_optimizer, mgacr_loss, normal_index, variant_loss,
 )  # fmt: skip
-from .runtime import Runtime, augmenters, epoch_seed, unwrap, warmup_cosine, wrap
+from .runtime import Runtime, augmenters, epoch_seed, unwrap, warmup_cosine, warmup_step, wrap
 
 __all__ = ["FinetuneResult", "finetune", "finetune_step", "multi_label_step", "pretrain"]
 
@@ -62,7 +62,7 @@ def pretrain(
     torch.manual_seed(seed)
     net = SimCLRNet(hidden_dim=config.hidden_dim, projection_dim=config.projection_dim)
     model = wrap(net, runtime)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, model)
     loss_fn = NTXentLoss(config.temperature)
     batch_size = min(config.batch_size, len(data))
     if batch_size < config.batch_size:
@@ -180,7 +180,11 @@ def finetune(
     optimizer = make_optimizer(config, model)
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, int(config.warmup_epochs * steps_per_epoch)))
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "step":
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_step(s, warmup, config.step_epochs * steps_per_epoch, config.step_gamma))
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     best = {"state": {k: v.detach().clone() for k, v in net.state_dict().items()}, "epoch": -1, "metric": -math.inf}
     start = resume(checkpoint, "finetune", net, optimizer, schedule, history, best)
     for epoch in range(start, config.epochs):

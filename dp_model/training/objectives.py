@@ -10,7 +10,7 @@ from ..architectures import build_network
 from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, consistency_loss, feature_reconstruction_loss
 from ..networks import DeepPneumoniaNet
 from ..variants import warp
-from .config import FinetuneConfig
+from .config import FinetuneConfig, PretrainConfig
 
 
 def network_options(config: FinetuneConfig, image_size: int) -> dict:
@@ -71,7 +71,8 @@ def mgacr_loss(config: FinetuneConfig) -> MGACRLoss | None:
     return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps, m.feature_form, m.relative)
 
 
-def make_optimizer(config: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: FinetuneConfig | PretrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, or AdamW, from a stage's configuration."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

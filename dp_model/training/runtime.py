@@ -107,6 +107,13 @@ def epoch_seed(seed: int, stage: int, epoch: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch * 101 + rank) % (2**31 - 1)
 
 
+def warmup_step(step: int, warmup: int, every: int, gamma: float) -> float:
+    """Learning-rate factor: linear warm-up, then ``gamma`` times less every ``every`` steps (StepLR)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return gamma ** ((step - warmup) // max(1, every))
+
+
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to zero."""
     if warmup > 0 and step < warmup:
