@@ -127,6 +127,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"bundle: {result.bundle}")
     print(f"test: accuracy {r.accuracy:.3f}, balanced accuracy {r.balanced_accuracy:.3f}, macro-F1 {r.macro_f1:.3f}, macro AUC {r.macro_auc:.3f}")
     print(r.table())
+    if result.baselines:
+        print("baselines on the same test images: " + ", ".join(f"{name} balanced accuracy {b.balanced_accuracy:.3f}, macro AUC {b.macro_auc:.3f}" for name, b in result.baselines.items()))
     print(f"model card: {result.bundle / 'docs' / 'README.md'}")
     return 0
 

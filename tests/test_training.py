@@ -373,3 +373,27 @@ def test_the_papers_optimisers_and_step_schedule_train(dataset_dir: Path, tmp_pa
     assert rates == pytest.approx([1e-3, 1e-4, 1e-5])  # after each epoch's steps: 0.01 x 0.1 per epoch
     assert all(np.isfinite(record["loss"]) for _, record in records)
     assert "stage I 1/1: loss" in caplog.text and "[chance: loss" in caplog.text and "stage II 3/3: loss" in caplog.text
+
+
+def test_the_card_sets_the_model_beside_a_plain_resnet18_the_majority_class_and_chance(bundle: Path) -> None:
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "## Against its baselines" in card
+    for row in ("| this model |", "| plain ResNet18 (cross-entropy, no augmentation, same split and budget) |", '| majority class (always "', "| chance (random scores) |"):
+        assert row in card, row
+
+
+def test_baselines_are_what_they_say_and_a_model_that_does_not_beat_them_is_told_so() -> None:
+    from dp_model.metrics import evaluate
+    from dp_model.training import baselines
+
+    classes = ("normal", "a", "b")
+    train_labels, test = np.array([0] * 60 + [1] * 20 + [2] * 20), np.array([0] * 30 + [1] * 10 + [2] * 10)
+    majority = baselines.majority(train_labels, test, classes)
+    assert majority.accuracy == pytest.approx(0.6) and majority.balanced_accuracy == pytest.approx(1 / 3) and majority.macro_auc == pytest.approx(0.5)
+    assert abs(baselines.chance(np.repeat(test, 40), classes).macro_auc - 0.5) < 0.05  # random scores: chance, on enough images
+    good = evaluate(test, np.eye(3)[test] * 0.9 + 0.05, classes, bootstrap=200)
+    assert baselines.shortfalls(good, {"majority": majority}) == []
+    words = baselines.shortfalls(majority, {"plain ResNet18": good})
+    assert any("not clearly above 0.333" in w for w in words) and any("plain ResNet18" in w for w in words)
+    section = "\n".join(baselines.section(majority, {"plain ResNet18": good}, "normal"))
+    assert "**Warning: this model is not better than its baselines:**" in section

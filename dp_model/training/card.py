@@ -8,6 +8,7 @@ from ..bundle import PAPER
 from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
+from . import baselines
 from .config import TrainConfig
 
 WARNING = (
@@ -69,6 +70,10 @@ def _variant_loss(config: TrainConfig) -> str:
     )
 
 
+def _majority_class(counts: dict[str, dict[str, int]]) -> str:
+    return max(counts["train"], key=counts["train"].get)
+
+
 def model_card(
     config: TrainConfig,
     contract: ModelContract,
@@ -81,6 +86,7 @@ def model_card(
     pictures: dict[str, Path],
     localization: dict[str, list[float]] | None = None,
     turned_away: float | None = None,
+    compared: dict[str, Report] | None = None,
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
     rows = ["| class | train | validation | test |", "|---|---|---|---|"]
@@ -121,6 +127,7 @@ def model_card(
         "",
         report.table(),
         "",
+        *(baselines.section(report, compared, _majority_class(counts)) if compared else []),
         *localization_table(localization or {}),
         f"![confusion matrix]({pictures['confusion'].name}) ![ROC curves]({pictures['roc'].name})",
         "",

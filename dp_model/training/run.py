@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +19,7 @@ from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
-from . import calibrate, plots
+from . import baselines, calibrate, plots
 from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, keep_boxes, load_split, make_splits
@@ -42,6 +42,7 @@ class RunResult:
     report: Report
     history: History
     seconds: dict[str, float]
+    baselines: dict[str, Report] = field(default_factory=dict)
 
 
 def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: bool = False) -> RunResult:
@@ -92,13 +93,33 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     probabilities = predict(model, data["test"], cpu, normal=normal)
     labels = data["test"].labels.numpy()
     report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
+    tick = time.perf_counter()
+    compared = _baselines(config, train_data, data, dataset.classes, runtime, validate) if config.baseline else {}
+    timings["baselines"] = time.perf_counter() - tick
+    for line in baselines.shortfalls(report, compared):
+        logger.warning("not better than its baselines: %s", line)
     located = localization(model, data["test"], dataset.classes, normal)
     pneumonia = dataset.pneumonia_classes(dataset.classes[normal])
     fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed)
     timings["total"] = time.perf_counter() - start
-    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted)
+    _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted, compared)
     save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs}, to_mapping(config))
-    return RunResult(out, report, history, timings)
+    return RunResult(out, report, history, timings, compared)
+
+
+def _baselines(config: TrainConfig, train_data: Resident, data: dict[str, Resident], classes: tuple[str, ...], runtime: Runtime, validate) -> dict[str, Report]:
+    """The plain ResNet18 (same split, epochs, batch and optimiser), the majority class and chance, on the test split."""
+    seed = config.runtime.seed
+    plain = finetune(baselines.plain_recipe(config.finetune), train_data, data["val"], list(classes), runtime, seed, evaluate=validate)
+    model = plain.model.cpu()
+    model.load_state_dict(plain.best_state)
+    cpu = Runtime(torch.device("cpu"), False, False, False)
+    labels = data["test"].labels.numpy()
+    return {
+        "plain ResNet18": evaluate(labels, predict(model, data["test"], cpu, normal=0), classes, bootstrap=1000, seed=seed),
+        "majority": baselines.majority(data["train"].labels.cpu().numpy(), labels, classes, seed),
+        "chance": baselines.chance(labels, classes, seed),
+    }
 
 
 def _stage_one(config: TrainConfig, data: Resident, runtime: Runtime, checkpoint: Path, stages: Stages, resume: bool, history: History, log, timings: dict) -> dict | None:
@@ -146,7 +167,7 @@ def _empty_report(dataset: ChestDataset) -> Report:
 
 def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, splits: Splits, data: dict[str, Resident],
                   report: Report, history: History, labels: np.ndarray, probabilities: np.ndarray, best_epoch: int, timings: dict,
-                  located: dict[str, list[float]], fitted: calibrate.Fitted) -> None:
+                  located: dict[str, list[float]], fitted: calibrate.Fitted, compared: dict[str, Report] | None = None) -> None:
     synthetic = (Path(config.data.root) / "synth_config.yaml").exists() or (Path(config.data.root).parent / "synth_config.yaml").exists()
     state = write_model(out, model, config.data.image_size)
     normal = normal_index(dataset.classes)
@@ -184,7 +205,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     samples = [dataset.records[i].image for i in splits.test[:3]]
     write_samples(out, samples)
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
-    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away))
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared))
     # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
     (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
 
