@@ -397,3 +397,13 @@ def test_baselines_are_what_they_say_and_a_model_that_does_not_beat_them_is_told
     assert any("not clearly above 0.333" in w for w in words) and any("plain ResNet18" in w for w in words)
     section = "\n".join(baselines.section(majority, {"plain ResNet18": good}, "normal"))
     assert "**Warning: this model is not better than its baselines:**" in section
+
+
+def test_a_stage_one_that_never_left_chance_is_called_so() -> None:
+    from dp_model.training.card import stage_one_verdict
+
+    stuck = stage_one_verdict([{"loss": 4.853, "top1": 0.008}, {"loss": 4.845, "top1": 0.008}], 64)  # ln(127) = 4.844
+    assert "did not leave chance" in stuck[0] and "chance 4.844" in stuck[0]
+    learned = stage_one_verdict([{"loss": 4.8, "top1": 0.01}, {"loss": 1.2, "top1": 0.7}], 64)
+    assert "it learned" in learned[0]
+    assert stage_one_verdict([], 64) == []

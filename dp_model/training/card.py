@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..bundle import PAPER
@@ -70,6 +71,17 @@ def _variant_loss(config: TrainConfig) -> str:
     )
 
 
+def stage_one_verdict(records: list[dict[str, float]], batch_size: int) -> list[str]:
+    """Whether stage I left chance: NT-Xent against ``ln(2N - 1)`` and pair accuracy against
+    ``1 / (2N - 1)`` for ``N`` pairs a batch (an encoder that has not left chance is no pre-training)."""
+    if not records:
+        return []
+    last, chance_loss, chance_top1 = records[-1], math.log(2 * batch_size - 1), 1.0 / (2 * batch_size - 1)
+    left = last["loss"] < 0.9 * chance_loss and last.get("top1", 0.0) > 5 * chance_top1
+    verdict = "it learned" if left else "**it did not leave chance: the encoder it gave stage II is no better than a random one**"
+    return [f"- stage I ended at NT-Xent {last['loss']:.3f} (chance {chance_loss:.3f}) and pair accuracy {last.get('top1', float('nan')):.3f} (chance {chance_top1:.3f}): {verdict}"]
+
+
 def _majority_class(counts: dict[str, dict[str, int]]) -> str:
     return max(counts["train"], key=counts["train"].get)
 
@@ -87,6 +99,7 @@ def model_card(
     localization: dict[str, list[float]] | None = None,
     turned_away: float | None = None,
     compared: dict[str, Report] | None = None,
+    pretrain_history: list[dict[str, float]] | None = None,
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
     rows = ["| class | train | validation | test |", "|---|---|---|---|"]
@@ -119,6 +132,7 @@ def model_card(
         "## Training",
         "",
         *_recipe(config),
+        *stage_one_verdict(pretrain_history or [], config.pretrain.batch_size),
         f"- best validation epoch: {best_epoch + 1}; seed {config.runtime.seed}; time: {minutes}",
         "",
         "## Test metrics",

@@ -205,7 +205,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     samples = [dataset.records[i].image for i in splits.test[:3]]
     write_samples(out, samples)
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
-    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared))
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain))
     # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
     (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
 
