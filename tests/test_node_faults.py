@@ -188,7 +188,7 @@ def test_a_destination_that_refuses_the_sr_class_still_gets_every_overlay(tmp_pa
         assert {line["reason"] for line in dead} == {"sop-class-not-accepted"}
         (sender,) = node.senders
         assert sender.alive and sender.pending() == []
-        assert "Comprehensive 3D SR" in next(sender.dead.glob("*.why.txt")).read_text()
+        assert "Comprehensive SR" in next(sender.dead.glob("*.why.txt")).read_text()
     finally:
         node.stop()
         pacs.server.shutdown()
