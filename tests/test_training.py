@@ -406,4 +406,6 @@ def test_a_stage_one_that_never_left_chance_is_called_so() -> None:
     assert "did not leave chance" in stuck[0] and "chance 4.844" in stuck[0]
     learned = stage_one_verdict([{"loss": 4.8, "top1": 0.01}, {"loss": 1.2, "top1": 0.7}], 64)
     assert "it learned" in learned[0]
+    barely = stage_one_verdict([{"loss": 5.030, "top1": 0.017}], 128)  # the learning regime's ten epochs: 4 x chance
+    assert "barely left chance" in barely[0]
     assert stage_one_verdict([], 64) == []

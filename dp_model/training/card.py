@@ -77,8 +77,13 @@ def stage_one_verdict(records: list[dict[str, float]], batch_size: int) -> list[
     if not records:
         return []
     last, chance_loss, chance_top1 = records[-1], math.log(2 * batch_size - 1), 1.0 / (2 * batch_size - 1)
-    left = last["loss"] < 0.9 * chance_loss and last.get("top1", 0.0) > 5 * chance_top1
-    verdict = "it learned" if left else "**it did not leave chance: the encoder it gave stage II is no better than a random one**"
+    top1 = last.get("top1", 0.0)
+    if top1 <= 2 * chance_top1 and last["loss"] >= 0.97 * chance_loss:
+        verdict = "**it did not leave chance: the encoder it gave stage II is no better than a random one**"
+    elif top1 < 10 * chance_top1:
+        verdict = "**it barely left chance: the encoder it gave stage II is little better than a random one**"
+    else:
+        verdict = "it learned"
     return [f"- stage I ended at NT-Xent {last['loss']:.3f} (chance {chance_loss:.3f}) and pair accuracy {last.get('top1', float('nan')):.3f} (chance {chance_top1:.3f}): {verdict}"]
 
 
