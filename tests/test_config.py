@@ -102,7 +102,7 @@ def test_every_config_file_loads() -> None:
     from dp_model.training.config import TrainConfig
     from pacs_node.config import NodeConfig
 
-    files = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("paper/*.yaml"))
+    files = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("paper/*.yaml")) + sorted(CONFIGS.glob("learning_ladder/*.yaml"))
     assert len(files) >= 10
     for path in files:
         cls = SynthConfig if path.name.startswith("synth") else NodeConfig if path.name == "node.yaml" else TrainConfig
