@@ -25,7 +25,7 @@ DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
 .PHONY: run demo-bundle test venv system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
-# on synthetic phantoms the first time, about three minutes on two cores). Results of the
+# on synthetic phantoms the first time, about two minutes on two cores). Results of the
 # images sent to it appear under runs/node/results/<StudyInstanceUID>/. Ctrl-C stops it.
 # system-deps: the README's walkthrough sends with dcmtk's storescu and reads with dsrdump.
 run: venv system-deps demo-bundle
