@@ -86,17 +86,19 @@ def region_score_code(label: str) -> Code:
 
     A viewer that labels a region from its numbers (OHIF) then shows what was found there.
     """
-    finding = finding_code(label)
-    key = label.strip().lower().replace(" ", "-") or "unnamed"
-    return Code(f"rs-{key}"[:16], PRIVATE_SCHEME, f"{finding.meaning} region score"[:64])
+    return _named_after(label, "rs", "region score")
 
 
 def image_score_code(label: str) -> Code:
     """The concept of the image-level certainty shown on the image, named after its finding
     ("Pneumonia certainty (image)"): the number Certainty of Finding states in the classification."""
-    finding = finding_code(label)
+    return _named_after(label, "is", "certainty (image)")
+
+
+def _named_after(label: str, prefix: str, what: str) -> Code:
+    """A private concept about finding ``label``: ``<prefix>-<label>``, "<finding's meaning> <what>"."""
     key = label.strip().lower().replace(" ", "-") or "unnamed"
-    return Code(f"is-{key}"[:16], PRIVATE_SCHEME, f"{finding.meaning} certainty (image)"[:64])
+    return Code(f"{prefix}-{key}"[:16], PRIVATE_SCHEME, f"{finding_code(label).meaning} {what}"[:64])
 
 
 def identify_schemes(dataset: Dataset) -> None:

@@ -150,8 +150,10 @@ def _not_assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
     ]
 
 
-def _outline(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)  # closed: the first point again
+def _region(source: Dataset, x0: float, y0: float, x1: float, y1: float) -> hd.sr.ImageRegion:
+    """A box on the source image as a closed polyline (the first point again: viewers draw it open otherwise)."""
+    outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)
+    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline, source_image=hd.sr.SourceImageForRegion.from_source_image(source))
 
 
 def _image_group(
@@ -165,14 +167,9 @@ def _image_group(
         numbers = [(codes.DISTRIBUTION_SCORE, prediction.ood_score, codes.NO_UNITS), (codes.THRESHOLD_VALUE, prediction.ood_threshold, codes.NO_UNITS)]
         value = codes.INDETERMINATE
     measured = [hd.sr.Measurement(name=name, value=round(float(v), 2), unit=unit, algorithm_id=algorithm) for name, v, unit in numbers if v is not None and np.isfinite(v)]
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=_outline(0.0, 0.0, float(source.Columns), float(source.Rows)),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid("pneumonia"), identifier="Pneumonia (whole image)"),
-        referenced_region=region,
+        referenced_region=_region(source, 0.0, 0.0, float(source.Columns), float(source.Rows)),
         finding_type=codes.PNEUMONIA,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
@@ -184,18 +181,13 @@ def _image_group(
 def _region_group(
     source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity, index: int
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=_outline(*(float(v) for v in prediction.boxes[index])),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
     label = prediction.region_label(index)
     finding = codes.finding_code(label)
     peak = prediction.region_score(index)
     score = [hd.sr.Measurement(name=codes.region_score_code(label), value=round(100.0 * peak, 2), unit=codes.PERCENT, algorithm_id=algorithm)] if np.isfinite(peak) else []
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(f"region-{index}"), identifier=f"{finding.meaning} region {index + 1}"[:64]),
-        referenced_region=region,
+        referenced_region=_region(source, *(float(v) for v in prediction.boxes[index])),
         finding_type=finding,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.FINDING_SITE_LUNG)],
