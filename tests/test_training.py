@@ -315,7 +315,7 @@ def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [(r["table"], r["row"]) for r in results["summary"]] == [(r.table, r.name) for rows in TABLES.values() for r in rows]
     for entry in results["summary"]:
-        assert 0.0 <= entry["accuracy"][0] <= 1.0 and entry["minutes"][0] > 0
+        assert 0.0 <= entry["accuracy"][0] <= 1.0 and (entry["minutes"][0] > 0) == (entry["table"] != "baselines" or entry["row"].startswith("Plain"))
     table = (tmp_path / "out" / "results.md").read_text()
     assert "Table I" in table and "Table II" in table and "| SVM (polynomial) |" in table
     assert "### The four systems" in table and "| CIA-Net without alignment |" in table
@@ -325,6 +325,13 @@ def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) 
     assert by_row[("systems", "Deep Pneumonia")]["balanced_accuracy"] == by_row[("I", "+ CB focal loss (Deep Pneumonia)")]["balanced_accuracy"]
     assert by_row[("systems", "CIA-Net")]["minutes"] == by_row[("cia", "CIA-Net")]["minutes"]
     assert (tmp_path / "out" / "results.png").stat().st_size > 5000 and (tmp_path / "out" / "systems.png").stat().st_size > 5000
+    # The baselines: majority and chance without training, each network row with its bootstrap
+    # interval and recall per class; the corrected variants beside the papers'.
+    assert by_row[("baselines", "Majority class")]["balanced_accuracy"][0] == pytest.approx(0.2)
+    assert "### Baselines" in table and "### The corrected variants" in table and "### Recall of each class" in table
+    for key in (("baselines", "Plain ResNet18 (CE, no augmentation, fixed rate)"), ("systems", "CIA-Net"), ("options", "Class-based attention, balanced c_i")):
+        low, high = by_row[key]["balanced_accuracy_interval"]
+        assert low <= by_row[key]["balanced_accuracy"][0] <= high and len(by_row[key]["recall"]) == 5
     assert config.finetune.epochs == 1
     assert train_main(["ablation", "--data", str(dataset_dir), "--out", str(tmp_path / "x"), "--tables", "III"]) == 2
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ..datasets import read_dataset
 from ..metrics import evaluate
 from ..metrics import IOU_THRESHOLDS
-from .config import CIAConfig, LossConfig, MGACRConfig, TrainConfig
+from . import baselines
+from .config import AugmentConfig, CIAConfig, ClassAttentionConfig, LossConfig, MGACRConfig, TrainConfig
 from .data import Resident, keep_boxes, load_split, make_splits
 from .engine import finetune, pretrain
 from .evaluation import localization, predict
@@ -56,12 +57,25 @@ class Row:
     architecture: str = "resnet18"
     sklearn: str = ""
     cia: CIAConfig | None = None  # None: the configuration's
+    #: "plain" (:func:`baselines.plain_recipe`), "majority" or "chance"; "" for the row's own recipe.
+    baseline: str = ""
+    augment: AugmentConfig | None = None  # None: the configuration's
+    class_attention: ClassAttentionConfig | None = None  # None: the configuration's
 
     def key(self) -> tuple:
         """What the row trains; rows of several tables with the same key are trained once per seed."""
-        return (self.pretrain, self.mgacr, self.loss, self.architecture, self.sklearn, self.cia)
+        return (self.pretrain, self.mgacr, self.loss, self.architecture, self.sklearn, self.cia, self.baseline, self.augment, self.class_attention)
 
 
+#: What every other row must beat (the model card shows the same three).
+BASELINES = (
+    Row("Plain ResNet18 (CE, no augmentation, fixed rate)", "baselines", baseline="plain"),
+    Row("Majority class", "baselines", baseline="majority"),
+    Row("Chance (random scores)", "baselines", baseline="chance"),
+)
+#: Milder than the default augmentation: small crops and rotations, mild intensity changes,
+#: no blur or noise (the learning regime's ladder found the default the largest single loss).
+LIGHT_AUGMENTATION = AugmentConfig(crop_scale=(0.85, 1.0), crop_ratio=(0.9, 1.1), rotate_degrees=5.0, gamma=(0.9, 1.1), contrast=(0.9, 1.1), brightness=0.04, blur_prob=0.0, noise_prob=0.0)
 TABLE_I = (
     Row("ResNet18", "I"),
     Row("+ contrastive pre-training", "I", pretrain=True),
@@ -92,7 +106,14 @@ CIA_ABLATION = (
     Row("CIA-Net, canonical chest as negative", "cia", pretrain=True, architecture="cia_net", cia=CIAConfig(negative_sampling="canonical")),
     Row("CIA-Net without alignment", "cia", pretrain=True, architecture="cia_net", cia=CIAConfig(alignment=False)),
 )
-TABLES = {"I": TABLE_I, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION}
+#: The corrected variants of the papers' choices (docs/decisions.md), each beside the paper's.
+OPTIONS = (
+    Row("Deep Pneumonia, Eq. 5 with detached maps", "options", pretrain=True, mgacr=MGACRConfig(feature_form="detached"), loss=LossConfig()),
+    Row("Deep Pneumonia, MGACR relative to the loss", "options", pretrain=True, mgacr=MGACRConfig(relative=True), loss=LossConfig()),
+    Row("Deep Pneumonia, light augmentation", "options", pretrain=True, mgacr=MGACRConfig(), loss=LossConfig(), augment=LIGHT_AUGMENTATION),
+    Row("Class-based attention, balanced c_i", "options", pretrain=True, architecture="class_attention", class_attention=ClassAttentionConfig(class_weights="balanced")),
+)
+TABLES = {"baselines": BASELINES, "I": TABLE_I, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION, "options": OPTIONS}
 
 
 @dataclass
@@ -123,32 +144,46 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
     dataset = read_dataset(config.data.root, config.data.layout)
     classes = list(dataset.classes)
     results: list[Result] = []
-    for seed in seeds:
-        splits = make_splits(dataset, config.data, seed)
-        data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
-        train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
-        encoder, encoder_minutes = None, 0.0
-        done: dict[tuple, Result] = {}
-        for row in rows:
-            if row.key() in done:  # the same training in another table
-                results.append(replace(done[row.key()], row=row.name, table=row.table))
+    # Row by row, every seed of a row before the next row: a comparison stopped early holds
+    # whole rows. Each seed's split, training images and stage I encoder are kept for the others.
+    per_seed: dict[int, dict] = {}
+    done: dict[tuple, Result] = {}
+    for row in rows:
+        for seed in seeds:
+            if seed not in per_seed:
+                splits = make_splits(dataset, config.data, seed)
+                data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
+                per_seed[seed] = {"data": data, "train": keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device), "encoder": None, "minutes": 0.0}
+            state = per_seed[seed]
+            if (seed, row.key()) in done:  # the same training in another table
+                results.append(replace(done[seed, row.key()], row=row.name, table=row.table))
+            elif row.baseline in ("majority", "chance"):
+                results.append(_trivial_row(row, state["data"], classes, seed))
             elif row.sklearn:
-                results.append(_sklearn_row(row, data, classes, seed, sklearn_pixels, svm_limit))
+                results.append(_sklearn_row(row, state["data"], classes, seed, sklearn_pixels, svm_limit))
             else:
-                if row.pretrain and encoder is None:
+                if row.pretrain and state["encoder"] is None:
                     tick = time.perf_counter()
-                    encoder = pretrain(config.pretrain, train_data, runtime, seed)
-                    encoder_minutes = (time.perf_counter() - tick) / 60
-                results.append(_network_row(row, config, train_data, data, classes, runtime, seed, encoder if row.pretrain else None, encoder_minutes if row.pretrain else 0.0))
-            done[row.key()] = results[-1]
+                    state["encoder"] = pretrain(config.pretrain, state["train"], runtime, seed)
+                    state["minutes"] = (time.perf_counter() - tick) / 60
+                encoder, minutes = (state["encoder"], state["minutes"]) if row.pretrain else (None, 0.0)
+                results.append(_network_row(row, config, state["train"], state["data"], classes, runtime, seed, encoder, minutes))
+            done[seed, row.key()] = results[-1]
             logger.info("seed %d, %s: %s", seed, row.name, results[-1])
             _write(out, results, config)
     return results
 
 
+def _recipe(row: Row, config: TrainConfig):
+    """The stage II configuration a row trains with."""
+    cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss, cia=row.cia or config.finetune.cia,
+                  augment=row.augment or config.finetune.augment, class_attention=row.class_attention or config.finetune.class_attention)  # fmt: skip
+    return baselines.plain_recipe(cfg) if row.baseline == "plain" else cfg
+
+
 def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict, classes: list[str], runtime: Runtime, seed: int, encoder, encoder_minutes: float) -> Result:
     tick = time.perf_counter()
-    cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss, cia=row.cia or config.finetune.cia)
+    cfg = _recipe(row, config)
     normal = normal_index(classes)
 
     def validate(model, split: Resident) -> dict[str, float]:
@@ -159,10 +194,23 @@ def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict
     model = result.model
     model.load_state_dict(result.best_state)
     model.to(runtime.device)
-    report = evaluate(data["test"].labels.numpy(), predict(model, data["test"], runtime, normal=normal), tuple(classes))
+    report = evaluate(data["test"].labels.numpy(), predict(model, data["test"], runtime, normal=normal), tuple(classes), bootstrap=1000, seed=seed)
     located = localization(model, data["test"].to(runtime.device), tuple(classes), normal).get("mean", [])
-    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, minutes,
-                  {"recall": report.per_class["recall"], "auc": report.per_class["auc"]}, report.macro_auc, located)  # fmt: skip
+    return _result(row, seed, report, minutes, located)
+
+
+def _trivial_row(row: Row, data: dict, classes: list[str], seed: int) -> Result:
+    labels = data["test"].labels.numpy()
+    if row.baseline == "majority":
+        report = baselines.majority(data["train"].labels.numpy(), labels, tuple(classes), seed)
+    else:
+        report = baselines.chance(labels, tuple(classes), seed)
+    return _result(row, seed, report, 0.0, [])
+
+
+def _result(row: Row, seed: int, report, minutes: float, located: list[float]) -> Result:
+    extra = {"classes": list(report.classes), "recall": report.per_class["recall"], "auc": report.per_class["auc"], "intervals": {k: report.intervals[k] for k in ("balanced_accuracy", "macro_auc") if k in report.intervals}}
+    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, minutes, extra, report.macro_auc, located)
 
 
 def _pixels(data: Resident, side: int) -> np.ndarray:
@@ -200,7 +248,8 @@ def _sklearn_row(row: Row, data: dict, classes: list[str], seed: int, side: int,
 
 
 def summarise(results: list[Result]) -> list[dict]:
-    """Mean and standard deviation over seeds of every row, in table order."""
+    """Mean and standard deviation over seeds of every row, in table order, with the mean of
+    the seeds' 95 % bootstrap intervals and the mean recall of each class."""
     out = []
     for table, name in dict.fromkeys((r.table, r.row) for r in results):
         chosen = [r for r in results if (r.table, r.row) == (table, name)]
@@ -208,6 +257,13 @@ def summarise(results: list[Result]) -> list[dict]:
         for metric in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "minutes"):
             values = np.array([getattr(r, metric) for r in chosen])
             entry[metric] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+        for metric in ("balanced_accuracy", "macro_auc"):
+            bounds = [r.extra.get("intervals", {}).get(metric) for r in chosen]
+            if all(b is not None for b in bounds):
+                entry[f"{metric}_interval"] = tuple(float(v) for v in np.mean(np.array(bounds, dtype=float), axis=0))
+        if all("recall" in r.extra and "classes" in r.extra for r in chosen):
+            entry["classes"] = chosen[0].extra["classes"]
+            entry["recall"] = np.nanmean(np.array([r.extra["recall"] for r in chosen], dtype=float), axis=0).tolist()
         if all(r.localization for r in chosen):
             values = np.array([r.localization for r in chosen])
             entry["localization"] = (values.mean(axis=0).tolist(), (values.std(axis=0, ddof=1) if len(values) > 1 else 0 * values[0]).tolist())
@@ -215,32 +271,51 @@ def summarise(results: list[Result]) -> list[dict]:
     return out
 
 
+TITLES = {
+    "baselines": "Baselines: what every row must beat",
+    "I": "Table I: ablation on ResNet18",
+    "II": "Table II: other methods",
+    "systems": "The four systems",
+    "cia": "CIA-Net: negative sampling and alignment",
+    "options": "The corrected variants",
+}
+
+
 def markdown(summary: list[dict]) -> str:
+    """One table per comparison: mean ± sd over seeds, the seeds' mean 95 % bootstrap interval,
+    localization where maps exist, then every row's mean recall per class."""
     lines = []
     anchors = {TABLE_I[0].name, TABLE_I[-1].name}  # ResNet18 and Deep Pneumonia appear in both tables
-    for table, title in (("I", "Table I: ablation on ResNet18"), ("II", "Table II: other methods")):
-        rows = [e for e in summary if e["table"] == table or (table == "II" and e["row"] in anchors and any(x["table"] == "II" for x in summary))]
+    shown = (0.1, 0.3, 0.5, 0.7)
+    for table, title in TITLES.items():
+        rows = [e for e in summary if e["table"] == table or (table == "II" and e["row"] in anchors and e["table"] == "I" and any(x["table"] == "II" for x in summary))]
         if not rows:
             continue
-        lines += [f"### {title}", "", "| method | accuracy | balanced accuracy | macro-F1 | training minutes | seeds |", "|---|---|---|---|---|---|"]
+        located = any(e.get("localization") for e in rows)
+        head = ["method", "accuracy", "balanced accuracy", "its 95 % interval", "macro-F1", "macro ROC AUC", "its 95 % interval"]
+        head += [f"loc. acc. T(IoU) {t}" for t in shown] if located else []
+        lines += [f"### {title}", "", "| " + " | ".join(head + ["training minutes", "seeds"]) + " |", "|---" * (len(head) + 2) + "|"]
         for e in rows:
-            cells = [f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("accuracy", "balanced_accuracy", "macro_f1")]
+            cells = [f"{e['accuracy'][0]:.3f} ± {e['accuracy'][1]:.3f}", f"{e['balanced_accuracy'][0]:.3f} ± {e['balanced_accuracy'][1]:.3f}", _interval(e, "balanced_accuracy"),
+                     f"{e['macro_f1'][0]:.3f} ± {e['macro_f1'][1]:.3f}", f"{e['macro_auc'][0]:.3f} ± {e['macro_auc'][1]:.3f}", _interval(e, "macro_auc")]  # fmt: skip
+            if located:
+                loc = e.get("localization")
+                cells += [f"{loc[0][IOU_THRESHOLDS.index(t)]:.2f} ± {loc[1][IOU_THRESHOLDS.index(t)]:.2f}" if loc else "n/a" for t in shown]
             lines.append(f"| {e['row']} | " + " | ".join(cells) + f" | {e['minutes'][0]:.2f} | {len(e['seeds'])} |")
         lines.append("")
-    shown = (0.1, 0.3, 0.5, 0.7)
-    for table, title in (("systems", "The four systems"), ("cia", "CIA-Net: negative sampling and alignment")):
-        rows = [e for e in summary if e["table"] == table]
-        if not rows:
-            continue
-        lines += [f"### {title}", "", "| method | accuracy | balanced accuracy | macro-F1 | macro ROC AUC | " + " | ".join(f"loc. acc. T(IoU) {t}" for t in shown)
-                  + " | training minutes | seeds |", "|---|" + "---|" * (len(shown) + 6)]  # fmt: skip
-        for e in rows:
-            cells = [f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")]
-            located = e.get("localization")
-            cells += [f"{located[0][IOU_THRESHOLDS.index(t)]:.2f} ± {located[1][IOU_THRESHOLDS.index(t)]:.2f}" if located else "n/a" for t in shown]
-            lines.append(f"| {e['row']} | " + " | ".join(cells) + f" | {e['minutes'][0]:.2f} | {len(e['seeds'])} |")
+    with_recall = [e for e in summary if e.get("recall")]
+    if with_recall:
+        classes = with_recall[0]["classes"]
+        lines += ["### Recall of each class (mean over seeds)", "", "| method | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        for e in dict((e["row"], e) for e in with_recall).values():
+            lines.append(f"| {e['row']} | " + " | ".join(f"{v:.2f}" for v in e["recall"]) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _interval(entry: dict, metric: str) -> str:
+    bounds = entry.get(f"{metric}_interval")
+    return f"{bounds[0]:.3f} to {bounds[1]:.3f}" if bounds else "n/a"
 
 
 def _write(out: Path, results: list[Result], config: TrainConfig) -> None:
@@ -248,7 +323,7 @@ def _write(out: Path, results: list[Result], config: TrainConfig) -> None:
     (out / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in results], "summary": summary}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary) + "\n")
     _plot(summary, out / "results.png")
-    systems = [e for e in summary if e["table"] in ("systems", "cia")]
+    systems = [e for e in summary if e["table"] in ("systems", "cia", "options")]
     if systems:
         _plot_systems(systems, out / "systems.png")
 
