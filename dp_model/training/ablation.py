@@ -29,8 +29,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from ..datasets import read_dataset
-from ..metrics import evaluate
-from ..metrics import IOU_THRESHOLDS
+from ..metrics import IOU_THRESHOLDS, evaluate
 from . import baselines
 from .config import AugmentConfig, CIAConfig, ClassAttentionConfig, LossConfig, MGACRConfig, TrainConfig
 from .data import Resident, keep_boxes, load_split, make_splits
@@ -307,7 +306,7 @@ def markdown(summary: list[dict]) -> str:
     if with_recall:
         classes = with_recall[0]["classes"]
         lines += ["### Recall of each class (mean over seeds)", "", "| method | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-        for e in dict((e["row"], e) for e in with_recall).values():
+        for e in {e["row"]: e for e in with_recall}.values():
             lines.append(f"| {e['row']} | " + " | ".join(f"{v:.2f}" for v in e["recall"]) + " |")
         lines.append("")
     return "\n".join(lines)
