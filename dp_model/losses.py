@@ -164,9 +164,11 @@ def mgacr_loss(
         feature_images: ``(B,)`` bool, images that take the feature term.
 
     Returns:
-        ``att_pos``, ``att_neg``, ``feat_cr`` (each a scalar; zero when no image takes part).
+        ``att_pos``, ``att_neg``, ``feat_cr`` (each a scalar; zero when no image takes part),
+        and the same terms of each stage alone as ``"<term>@<stage>"``, for the training record.
     """
     totals = {"att_pos": [], "att_neg": [], "feat_cr": []}
+    each: dict[str, Tensor] = {}
     att_weight = attention_images.float()
     feat_weight = feature_images.float()
     for stage in stages:
@@ -176,7 +178,9 @@ def mgacr_loss(
         totals["att_pos"].append(_masked_mean(att_pos, att_weight))
         totals["att_neg"].append(_masked_mean(att_neg, att_weight))
         totals["feat_cr"].append(_masked_mean(feat, feat_weight))
-    return {k: torch.stack(v).mean() if v else mask_pos.new_zeros(()) for k, v in totals.items()}
+        for key in totals:
+            each[f"{key}@{stage.name or len(totals[key])}"] = totals[key][-1].detach()
+    return {k: torch.stack(v).mean() if v else mask_pos.new_zeros(()) for k, v in totals.items()} | each
 
 
 @_float32

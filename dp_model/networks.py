@@ -112,6 +112,7 @@ class StageOutput:
     features: Tensor
     map_pos: Tensor
     map_neg: Tensor
+    name: str = ""  # the residual stage ("layer1" to "layer4"), for per-stage loss records
 
 
 class DeepPneumoniaNet(nn.Module):
@@ -167,7 +168,7 @@ class DeepPneumoniaNet(nn.Module):
         for name, stage in zip(STAGES, features):
             if name in self.heads:
                 map_pos, map_neg = self.heads[name](stage)
-                outputs.append(StageOutput(stage, map_pos, map_neg))
+                outputs.append(StageOutput(stage, map_pos, map_neg, name))
         return logits, outputs
 
     @property

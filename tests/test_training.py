@@ -200,6 +200,30 @@ def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_
     assert len({round(v, 6) for v in values.values()}) == 3
 
 
+def test_mgacr_terms_are_recorded_at_each_residual_stage_and_plotted(dataset_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dp_model.training.checkpoints import History
+    from dp_model.training.plots import curves
+
+    config = tiny(dataset_dir, tmp_path / "cache")
+    dataset = read_dataset(dataset_dir)
+    data = load_split(dataset, make_splits(dataset, config.data, 0).train, config.data, "decode")
+    history = History()
+    cfg = replace(config.finetune, epochs=2, mgacr=MGACRConfig(), augment=STILL)
+    finetune(cfg, data, None, list(dataset.classes), CPU, seed=0, history=history)
+    stages = [f"layer{s}" for s in build_classifier(cfg, 5, None, 0).attention_stages]
+    for record in history.finetune:
+        for term in ("att_pos", "att_neg", "feat_cr"):
+            each = [record[f"{term}@{stage}"] for stage in stages]
+            assert record[term] == pytest.approx(np.mean(each), rel=1e-4)  # the stages' mean is the term
+        assert len({round(record[f"feat_cr@{stage}"], 6) for stage in stages}) == len(stages)  # each stage its own
+        assert "@" not in epoch_line("stage II", record)  # the console line stays one line
+    with_stages = Image.open(curves(history, tmp_path / "with.png")).size
+    without = Image.open(curves(History(finetune=[{k: v for k, v in r.items() if "@" not in k} for r in history.finetune]), tmp_path / "without.png")).size
+    assert with_stages[0] > without[0] * 1.2  # the per-stage panel is drawn only when there are stages
+
+
 def test_switched_off_pretraining_never_uses_a_leftover_encoder(dataset_dir: Path, tmp_path: Path) -> None:
     from dp_model.training.checkpoints import History
     from dp_model.training.run import _stage_one

@@ -227,12 +227,13 @@ def finetune(
 
 
 def epoch_line(stage: str, record: dict[str, float]) -> str:
-    """One console line per epoch: the loss and its terms, then the validation metrics.
+    """One console line per epoch: the loss and its terms, then the validation metrics
+    (per-stage terms, ``"<term>@<stage>"``, stay in the record and the model card's plot).
 
     >>> epoch_line("stage II 2/10", {"loss": 1.5, "cls": 1.2, "feat_cr": 3.0, "lr": 0.001, "val_macro_auc": 0.71})
     'stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val macro auc 0.710; lr 0.001'
     """
-    terms = [f"{k} {v:.3f}" for k, v in record.items() if k not in ("loss", "lr") and not k.startswith(("val_", "chance_"))]
+    terms = [f"{k} {v:.3f}" for k, v in record.items() if k not in ("loss", "lr") and not k.startswith(("val_", "chance_")) and "@" not in k]
     line = f"{stage}: loss {record.get('loss', float('nan')):.3f}" + (f" ({', '.join(terms)})" if terms else "")
     if "chance_loss" in record:
         line += f" [chance: loss {record['chance_loss']:.3f}, top1 {record['chance_top1']:.3f}]"

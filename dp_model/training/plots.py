@@ -31,8 +31,10 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def curves(history: History, path: Path) -> Path:
-    """Stage I loss and pair accuracy; stage II losses and validation metrics, per epoch."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    """Stage I loss and pair accuracy; stage II losses and validation metrics, per epoch; with
+    MGACR, its terms at each residual stage and its weight against the classification loss."""
+    stages = sorted({k.split("@")[1] for k in (history.finetune[0] if history.finetune else {}) if "@" in k})
+    fig, axes = plt.subplots(1, 4 if stages else 3, figsize=(20 if stages else 15, 3.8))
     if history.pretrain:
         epochs = np.arange(1, len(history.pretrain) + 1)
         axes[0].plot(epochs, [r["loss"] for r in history.pretrain], label="NT-Xent loss")
@@ -52,7 +54,20 @@ def curves(history: History, path: Path) -> Path:
         if history.finetune and key in history.finetune[0]:
             axes[2].plot(epochs, [r[key] for r in history.finetune], label=key[4:].replace("_", " "))
     axes[2].set(title="stage II: validation", xlabel="epoch", ylim=(0, 1))
-    axes[2].legend(fontsize=8)
+    if axes[2].lines:
+        axes[2].legend(fontsize=8)
+    if stages:
+        for colour, stage in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], stages):
+            attention = [r.get(f"att_pos@{stage}", np.nan) + r.get(f"att_neg@{stage}", np.nan) for r in history.finetune]
+            axes[3].plot(epochs, attention, color=colour, label=f"{stage}: L_att+ + L_att-")
+            axes[3].plot(epochs, [r.get(f"feat_cr@{stage}", np.nan) for r in history.finetune], color=colour, linestyle="--", label=f"{stage}: L_feat_cr")
+        axes[3].set(title="stage II: MGACR at each residual stage", xlabel="epoch", yscale="log")
+        axes[3].legend(fontsize=7, loc="upper left")
+        if "mgacr" in history.finetune[0]:
+            share = axes[3].twinx()
+            share.plot(epochs, [r["mgacr"] / max(r["cls"], 1e-8) for r in history.finetune], color="black", linestyle=":", label="weighted MGACR / classification loss")
+            share.set_ylabel("weighted MGACR / classification loss")
+            share.legend(fontsize=7, loc="upper right")
     return _save(fig, path)
 
 
