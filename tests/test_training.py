@@ -360,6 +360,26 @@ def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) 
     assert train_main(["ablation", "--data", str(dataset_dir), "--out", str(tmp_path / "x"), "--tables", "III"]) == 2
 
 
+def test_each_comparison_row_trains_with_what_its_name_says(dataset_dir: Path, tmp_path: Path) -> None:
+    from dp_model.training.ablation import OPTIONS, TABLES, _recipe
+    from dp_model.training.baselines import NO_AUGMENTATION
+
+    config = tiny(dataset_dir, tmp_path / "cache")
+    recipes = {row.name: _recipe(row, config) for rows in TABLES.values() for row in rows}
+    plain = recipes["Plain ResNet18 (CE, no augmentation, fixed rate)"]
+    assert plain.augment == NO_AUGMENTATION and plain.loss.kind == "ce" and not plain.mgacr.enabled and plain.step_gamma == 1.0
+    assert recipes["ResNet18"].augment == config.finetune.augment  # Table I's first row keeps the recipe's augmentation
+    paper = recipes["Deep Pneumonia"]
+    assert (paper.mgacr.feature_form, paper.mgacr.relative, paper.loss.kind) == ("paper", False, "cb_focal")
+    assert recipes[OPTIONS[0].name].mgacr.feature_form == "detached" and recipes[OPTIONS[1].name].mgacr.relative
+    assert recipes[OPTIONS[2].name].augment.rotate_degrees < config.finetune.augment.rotate_degrees
+    assert recipes[OPTIONS[3].name].class_attention.class_weights == "balanced" and recipes["Class-based attention"].class_attention.class_weights == "paper"
+    # Apart from the option it names, each variant trains as the system it varies.
+    for variant, system in ((OPTIONS[0], "Deep Pneumonia"), (OPTIONS[1], "Deep Pneumonia"), (OPTIONS[2], "Deep Pneumonia"), (OPTIONS[3], "Class-based attention")):
+        differing = [f for f in vars(paper) if getattr(recipes[variant.name], f) != getattr(recipes[system], f)]
+        assert len(differing) == 1, (variant.name, differing)
+
+
 @pytest.mark.slow
 def test_the_demo_config_produces_a_valid_bundle(demo_bundle: Path) -> None:
     validate_metadata(demo_bundle / "configs" / "metadata.json")
