@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The learning-regime tables of docs/results.md: the baselines, the paper's Table I, the four
+# seed systems and the corrected variants, three seeds each, on 1,500 phantoms at 128 px.
+# About 2 h 15 min on two CPU cores (a few minutes per row and seed); results are written
+# after every row, so a stopped run keeps the rows it finished.
+#
+#   benchmarks/learning_regime.sh                 # all four tables, seeds 0 1 2
+#   TABLES=I SEEDS="0" benchmarks/learning_regime.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+data=${DATA:-runs/learning_data}
+out=${OUT:-runs/learning_tables}
+[ -f "$data/labels.csv" ] || "$python" -m dp_model.synth.cli --config configs/synth_learning.yaml --out "$data"
+# shellcheck disable=SC2086
+"$python" -m dp_model.train_cli ablation --config configs/learning.yaml --data "$data" --out "$out" \
+    --tables "${TABLES:-baselines,I,systems,options}" --seeds ${SEEDS:-0 1 2} --finetune-epochs "${EPOCHS:-8}"
+mkdir -p docs/results/learning
+cp "$out"/results.md "$out"/results.json "$out"/results.png docs/results/learning/
+[ -f "$out/systems.png" ] && cp "$out/systems.png" docs/results/learning/
+echo "copied to docs/results/learning/"
