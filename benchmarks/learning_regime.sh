@@ -13,7 +13,7 @@ data=${DATA:-runs/learning_data}
 out=${OUT:-runs/learning_tables}
 [ -f "$data/labels.csv" ] || "$python" -m dp_model.synth.cli --config configs/synth_learning.yaml --out "$data"
 # shellcheck disable=SC2086
-"$python" -m dp_model.train_cli ablation --config configs/learning.yaml --data "$data" --out "$out" \
+"$python" -m dp_model.train_cli ablation --config configs/learning_ladder/0_full_recipe.yaml --data "$data" --out "$out" \
     --tables "${TABLES:-baselines,I,systems,options}" --seeds ${SEEDS:-0 1 2} --finetune-epochs "${EPOCHS:-8}"
 mkdir -p docs/results/learning
 cp "$out"/results.md "$out"/results.json "$out"/results.png docs/results/learning/
