@@ -6,16 +6,18 @@
 #
 #   benchmarks/learning_regime.sh                 # all four tables, seeds 0 1 2
 #   TABLES=I SEEDS="0" benchmarks/learning_regime.sh
+#   TABLES=options OUT=runs/learning_options DOCS=docs/results/learning_options benchmarks/learning_regime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 data=${DATA:-runs/learning_data}
 out=${OUT:-runs/learning_tables}
+docs=${DOCS:-docs/results/learning}
 [ -f "$data/labels.csv" ] || "$python" -m dp_model.synth.cli --config configs/synth_learning.yaml --out "$data"
 # shellcheck disable=SC2086
 "$python" -m dp_model.train_cli ablation --config configs/learning_ladder/0_full_recipe.yaml --data "$data" --out "$out" \
     --tables "${TABLES:-baselines,I,systems,options}" --seeds ${SEEDS:-0 1 2} --finetune-epochs "${EPOCHS:-8}"
-mkdir -p docs/results/learning
-cp "$out"/results.md "$out"/results.json "$out"/results.png docs/results/learning/
-[ -f "$out/systems.png" ] && cp "$out/systems.png" docs/results/learning/
-echo "copied to docs/results/learning/"
+mkdir -p "$docs"
+cp "$out"/results.md "$out"/results.json "$out"/results.png "$docs"/
+if [ -f "$out/systems.png" ]; then cp "$out/systems.png" "$docs"/; fi
+echo "copied to $docs/"

@@ -34,7 +34,7 @@ def curves(history: History, path: Path) -> Path:
     """Stage I loss and pair accuracy; stage II losses and validation metrics, per epoch; with
     MGACR, its terms at each residual stage and its weight against the classification loss."""
     stages = sorted({k.split("@")[1] for k in (history.finetune[0] if history.finetune else {}) if "@" in k})
-    fig, axes = plt.subplots(1, 4 if stages else 3, figsize=(20 if stages else 15, 3.8))
+    fig, axes = plt.subplots(1, 4 if stages else 3, figsize=(20 if stages else 15, 4.6 if stages else 3.8))
     if history.pretrain:
         epochs = np.arange(1, len(history.pretrain) + 1)
         axes[0].plot(epochs, [r["loss"] for r in history.pretrain], label="NT-Xent loss")
@@ -62,12 +62,15 @@ def curves(history: History, path: Path) -> Path:
             axes[3].plot(epochs, attention, color=colour, label=f"{stage}: L_att+ + L_att-")
             axes[3].plot(epochs, [r.get(f"feat_cr@{stage}", np.nan) for r in history.finetune], color=colour, linestyle="--", label=f"{stage}: L_feat_cr")
         axes[3].set(title="stage II: MGACR at each residual stage", xlabel="epoch", yscale="log")
-        axes[3].legend(fontsize=7, loc="upper left")
+        handles, labels = axes[3].get_legend_handles_labels()
         if "mgacr" in history.finetune[0]:
             share = axes[3].twinx()
             share.plot(epochs, [r["mgacr"] / max(r["cls"], 1e-8) for r in history.finetune], color="black", linestyle=":", label="weighted MGACR / classification loss")
             share.set_ylabel("weighted MGACR / classification loss")
-            share.legend(fontsize=7, loc="upper right")
+            more, names = share.get_legend_handles_labels()
+            handles, labels = handles + more, labels + names
+        # Below the panel, in columns: with heads on four stages, nine entries hide the curves.
+        axes[3].legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     return _save(fig, path)
 
 
