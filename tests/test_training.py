@@ -378,6 +378,31 @@ def test_each_comparison_row_trains_with_what_its_name_says(dataset_dir: Path, t
     for variant, system in ((OPTIONS[0], "Deep Pneumonia"), (OPTIONS[1], "Deep Pneumonia"), (OPTIONS[2], "Deep Pneumonia"), (OPTIONS[3], "Class-based attention")):
         differing = [f for f in vars(paper) if getattr(recipes[variant.name], f) != getattr(recipes[system], f)]
         assert len(differing) == 1, (variant.name, differing)
+        assert variant.name.split(",")[0] == system  # the name the paired comparison pairs by
+
+
+def test_paired_comparison_pairs_each_variant_with_its_system_seed_by_seed(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_options", Path(__file__).parents[1] / "benchmarks" / "paired_options.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+
+    def result(row: str, seed: int, ba: float, auc: float, loc: float) -> dict:
+        return {"row": row, "seed": seed, "balanced_accuracy": ba, "macro_auc": auc, "localization": [loc, 0.0], "extra": {"recall": [0.5, 0.5]}}
+
+    systems = tmp_path / "systems.json"
+    systems.write_text(json.dumps({"results": [result("Deep Pneumonia", 0, 0.40, 0.70, 0.0), result("Deep Pneumonia", 1, 0.50, 0.80, 0.1)]}))
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"results": [result("Deep Pneumonia, detached", 0, 0.45, 0.69, 0.2), result("Deep Pneumonia, detached", 1, 0.52, 0.78, 0.3),
+                                               result("Deep Pneumonia, detached", 2, 0.99, 0.99, 0.9), result("Unknown system, x", 0, 0.9, 0.9, 0.9)]}))
+    table = paired.paired(paired.load([str(systems), str(options)]))
+    ba = next(line for line in table.splitlines() if "balanced accuracy" in line)
+    auc = next(line for line in table.splitlines() if "macro ROC AUC" in line)
+    assert "+0.050, +0.020" in ba and "+0.035" in ba and "2 of 2" in ba  # seed 2 has no system to pair with
+    assert "-0.010, -0.020" in auc and "0 of 2" in auc
+    assert "Unknown system" not in table
+    assert paired.main(["paired_options.py", str(tmp_path / "missing.json")]) == 2
 
 
 @pytest.mark.slow
