@@ -361,10 +361,16 @@ def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) 
 
 
 def test_each_comparison_row_trains_with_what_its_name_says(dataset_dir: Path, tmp_path: Path) -> None:
-    from dp_model.training.ablation import OPTIONS, TABLES, _recipe
+    from dp_model.training.ablation import OPTIONS, SYSTEMS, TABLES, _recipe
     from dp_model.training.baselines import NO_AUGMENTATION
+    from dp_model.training.config import STRONG_AUGMENTATION
 
-    config = tiny(dataset_dir, tmp_path / "cache")
+    light = tiny(dataset_dir, tmp_path / "cache")
+    # Under the default (light) augmentation, the light augmentation row is its system: trained once.
+    assert OPTIONS[2].key(light) == SYSTEMS[0].key(light) and OPTIONS[0].key(light) != SYSTEMS[0].key(light)
+    # The tables' recipe: the strong augmentation, which the light augmentation row varies.
+    config = replace(light, finetune=replace(light.finetune, augment=STRONG_AUGMENTATION))
+    assert OPTIONS[2].key(config) != SYSTEMS[0].key(config)
     recipes = {row.name: _recipe(row, config) for rows in TABLES.values() for row in rows}
     plain = recipes["Plain ResNet18 (CE, no augmentation, fixed rate)"]
     assert plain.augment == NO_AUGMENTATION and plain.loss.kind == "ce" and not plain.mgacr.enabled and plain.step_gamma == 1.0
