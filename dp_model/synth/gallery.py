@@ -101,21 +101,26 @@ def write_comparison(config: SynthConfig, path: str | Path, size: int = 512) -> 
 
 def write_augmentations(config: SynthConfig, path: str | Path, size: int = 224, seed: int = 0) -> Path:
     """A lobar case as the model sees it (letterboxed to ``size``), two SimCLR views, and
-    three stage-II draws where image and ``mask+`` (red outline) move together."""
+    three stage-II draws where image and ``mask+`` (red outline) move together, each drawn
+    with the augmentation its stage trains with by default."""
     import torch
 
-    from dp_transforms import BoxesToMaskd, LetterboxResized, RandChestAffine, RandChestIntensity, SimCLRViews
+    from dp_transforms import BoxesToMaskd, LetterboxResized
+
+    from ..training.config import FinetuneConfig, PretrainConfig
+    from ..training.runtime import augmenters
 
     case = collect(replace(config, size=512), 1)["lobar"][0]
     sample = LetterboxResized("image", size, box_keys="boxes")({"image": torch.from_numpy(case.pixels)[None], "boxes": case.boxes})
     sample = BoxesToMaskd("image")(sample)
     image, mask = sample["image"][None], sample["mask"][None]
-    views = SimCLRViews().set_random_state(seed)(image.repeat(2, 1, 1, 1))
-    affine, intensity = RandChestAffine().set_random_state(seed), RandChestIntensity().set_random_state(seed)
+    affine, intensity = augmenters(PretrainConfig().augment, seed)
+    views = intensity(affine(image.repeat(2, 1, 1, 1)))
+    affine, intensity = augmenters(FinetuneConfig().augment, seed)
     moved, moved_mask = affine(image.repeat(3, 1, 1, 1), mask.repeat(3, 1, 1, 1))
     jittered = intensity(moved)
     panels = [("input, mask+ outlined", image[0, 0], mask[0, 0])]
-    panels += [(f"SimCLR view {i + 1}", views[i][0, 0], None) for i in range(2)]
+    panels += [(f"SimCLR view {i + 1}", views[i, 0], None) for i in range(2)]
     panels += [(f"stage II draw {i + 1}", jittered[i, 0], moved_mask[i, 0]) for i in range(3)]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
     for ax, (title, pixels, outline) in zip(axes, panels):
