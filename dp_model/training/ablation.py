@@ -64,7 +64,7 @@ class Row:
     def key(self, config: TrainConfig) -> tuple:
         """What the row trains under ``config``; rows with the same key (in several tables, or a
         variant whose option the configuration already has) are trained once per seed."""
-        return (self.pretrain, self.sklearn, self.baseline, repr(_recipe(self, config)))
+        return (self.pretrain, self.sklearn, self.baseline, _recipe(self, config))
 
 
 #: What every other row must beat (the model card shows the same three).
@@ -154,9 +154,9 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
                 splits = make_splits(dataset, config.data, seed)
                 data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
                 per_seed[seed] = {"data": data, "train": keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device), "encoder": None, "minutes": 0.0}
-            state = per_seed[seed]
-            if (seed, row.key(config)) in done:  # the same training under another name
-                results.append(replace(done[seed, row.key(config)], row=row.name, table=row.table))
+            state, key = per_seed[seed], (seed, row.key(config))
+            if key in done:  # the same training under another name
+                results.append(replace(done[key], row=row.name, table=row.table))
             elif row.baseline in ("majority", "chance"):
                 results.append(_trivial_row(row, state["data"], classes, seed))
             elif row.sklearn:
@@ -168,7 +168,7 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
                     state["minutes"] = (time.perf_counter() - tick) / 60
                 encoder, minutes = (state["encoder"], state["minutes"]) if row.pretrain else (None, 0.0)
                 results.append(_network_row(row, config, state["train"], state["data"], classes, runtime, seed, encoder, minutes))
-            done[seed, row.key(config)] = results[-1]
+            done[key] = results[-1]
             logger.info("seed %d, %s: %s", seed, row.name, results[-1])
             _write(out, results, config)
     return results
