@@ -83,9 +83,10 @@ benchmark-netfuzz: venv demo-bundle
 benchmark-soak: venv demo-bundle
 	$(PY) benchmarks/node_soak.py --bundle $(RUN_DIR)/bundle --json docs/results/node_soak.json
 
-# 16 data sets of 200 MB arriving at once: the node's memory must not grow with them.
+# Data sets of 200 MB arriving at once (the node's memory must not grow with them), one
+# 8192 x 8192 image per decode path (the decode budget's edge) and a batch of them: peak memory.
 benchmark-memory: venv system-deps demo-bundle
-	$(PY) benchmarks/node_memory.py --bundle $(RUN_DIR)/bundle --json docs/results/node_memory.json
+	$(PY) benchmarks/node_memory.py --bundle $(RUN_DIR)/bundle --senders 4 --json docs/results/node_memory.json
 
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
 gallery: venv demo-bundle

@@ -309,6 +309,7 @@ class NodeConfig:
     stall_after_s: float = 300.0
     device: str = "auto"
     batch_size: int = 8
+    batch_memory_mb: int = 256  # what the decoded images of one batch may hold; a larger image goes alone
     operating_point: float | None = None  # None: the bundle's "present" point
     ood_gate: bool = True  # False: every image is assessed, however unlike the training images
     heatmap_stage: int = 3
@@ -341,6 +342,7 @@ class NodeConfig:
         require(not (self.tls.listening and self.destinations and not self.tls.send), "tls.send", self.tls.send, "true when the node listens with TLS (results would leave in cleartext)")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
+        require(self.batch_memory_mb >= 1, "batch_memory_mb", self.batch_memory_mb, "at least 1")
         require(self.operating_point is None or 0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1, or empty")
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
         require(bool(self.outputs) and set(self.outputs) <= set(OUTPUTS) and len(set(self.outputs)) == len(self.outputs), "outputs", list(self.outputs), f"one or more of {', '.join(OUTPUTS)}, each once")

@@ -27,7 +27,7 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     (prediction,) = predictor.predict([prepared])
     clean = clean_source(source).dataset
     identity = ResultIdentity.of(clean, predictor.contract)
-    sc = build_overlay(clean, prepared.source.pixels, prepared.source.spacing, prediction, predictor.contract, identity, 1024)
+    sc = build_overlay(clean, prepared.source.pixels, prepared.source.spacing, prepared.on_source(prediction), predictor.contract, identity, 1024)
     return sc.pixel_array
 
 

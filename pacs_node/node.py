@@ -5,7 +5,8 @@ Threads and what they own:
 * association threads (pynetdicom, :mod:`pacs_node.listener`): check, spool, enqueue;
   no decoding, no model;
 * one worker: takes up to ``batch_size`` waiting instances, screens and decodes them,
-  runs the model once for the batch, builds the SR and the SC, puts them durably in
+  runs the model once for the batch (whose decoded images hold ``batch_memory_mb`` at
+  most), builds the SR and the SC, puts them durably in
   every destination's outbox (or ``output_dir``), then lets the spool forget the source;
 * one sender per destination (:mod:`pacs_node.outbox`);
 * a supervisor: restarts a worker or sender thread that ended unexpectedly, gives up
@@ -55,7 +56,7 @@ from .metrics import Metrics, MetricsServer
 from .outbox import DestinationSender
 from .overlay import build_overlay
 from .presentation import build_presentation_state
-from .predictor import NodePredictor, Prediction, Prepared, prepare
+from .predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
 from .report import build_report
 from .sanitize import Cleaned, clean_source, is_valid_uid, text
 from .screen import screen
@@ -107,7 +108,7 @@ class Node:
         self.audit = AuditLog(config.audit_path)
         self.metrics = Metrics()
         self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage, config.ood_gate)
-        self.work = WorkQueue()
+        self.work = WorkQueue(self._held_bytes)
         self.output_dir = Path(config.output_dir)
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
@@ -222,11 +223,19 @@ class Node:
 
     def _work(self) -> None:
         while not self._stopping.is_set():
-            batch = self.work.take(self.config.batch_size, 0.2)
+            batch = self.work.take(self.config.batch_size, 0.2, self.config.batch_memory_mb * 2**20)
             if batch:
                 self.process(batch)
             else:
                 self._last_progress = time.monotonic()
+
+    def _held_bytes(self, path: Path) -> int:
+        """What the image at ``path`` will hold in a batch, from its header's Rows and Columns (0: unreadable)."""
+        try:
+            found = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            return held_bytes(int(found.Rows), int(found.Columns), self.predictor.contract.image_size, self.config.overlay_max_side)
+        except Exception:  # noqa: BLE001 - the worker reports an unreadable file when it reads it
+            return 0
 
     def process(self, paths: list[Path]) -> None:
         """Screen, decode, infer (one batch), write and hand over the results of ``paths``."""
@@ -299,7 +308,7 @@ class Node:
         if found is not None:
             return self._skip(item, found[0].value, found[1])
         try:
-            item.prepared = prepare(item.dataset, self.predictor.contract.image_size, item.sop_instance_uid or "image")
+            item.prepared = prepare(item.dataset, self.predictor.contract.image_size, item.sop_instance_uid or "image", self.config.overlay_max_side)
         except ImageError as exc:
             return self._skip(item, exc.reason.value, logs.redact(exc.detail))
         item.clean = clean_source(item.dataset)
@@ -338,7 +347,7 @@ class Node:
             results.append(build_report(source, prediction, model, identity))
         if "sc" in self.config.outputs:
             item.stage = FailReason.OVERLAY
-            results.append(build_overlay(source, chest.pixels, chest.spacing, prediction, model, identity, self.config.overlay_max_side, self.config.overlay_modality))
+            results.append(build_overlay(source, chest.pixels, chest.spacing, item.prepared.on_source(prediction), model, identity, self.config.overlay_max_side, self.config.overlay_modality))
         if "gsps" in self.config.outputs:
             item.stage = FailReason.PRESENTATION
             results.append(build_presentation_state(source, item.dataset, prediction, model, identity))

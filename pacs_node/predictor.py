@@ -25,11 +25,12 @@ from dp_model.bundle import load_bundle, load_feature_statistics
 from dp_model.explain import HEATMAP_STAGE, grad_cam
 from dp_model.ood import one_pass, penultimate
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
-from dp_transforms.geometry import Letterbox
+from dp_transforms.dicom import WORKING_PIXELS
+from dp_transforms.geometry import Letterbox, resize
 
 from .prediction import Prediction
 
-__all__ = ["NodePredictor", "Prediction", "Prepared", "prepare", "regions"]
+__all__ = ["NodePredictor", "Prediction", "Prepared", "held_bytes", "prepare", "regions"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,36 +40,74 @@ REGION_THRESHOLD = 0.5
 #: Regions smaller than this fraction of the image are noise, and at most this many are reported.
 MIN_REGION_FRACTION = 0.005
 MAX_REGIONS = 3
+#: The overlay's largest side unless the node's configuration says otherwise (overlay_max_side).
+OVERLAY_MAX_SIDE = 2048
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image on the model's canvas and the way back to the source pixels."""
+    """An image on the model's canvas, the image the overlay draws on, and the way back.
+
+    Attributes:
+        canvas: the model's input.
+        geometry: the letterbox between the canvas and the (square-pixel) working image.
+        source: the received image as displayed, at most the overlay's size: what a batch
+            holds of each image until its results are written.
+        source_shape: ``(rows, columns)`` of the received image; predictions are in its pixels.
+    """
 
     canvas: torch.Tensor
     geometry: Letterbox
     source: ChestImage
+    source_shape: tuple[int, int]
 
-    @property
-    def source_shape(self) -> tuple[int, int]:
-        return self.source.shape
+    def on_source(self, prediction: Prediction) -> Prediction:
+        """``prediction`` with its boxes in the pixels of :attr:`source` (for the overlay)."""
+        sy, sx = self.source.shape[0] / self.source_shape[0], self.source.shape[1] / self.source_shape[1]
+        if (sy, sx) == (1.0, 1.0) or not len(prediction.boxes):
+            return prediction
+        return replace(prediction, boxes=prediction.boxes * np.array([sx, sy, sx, sy], np.float32))
 
 
-def prepare(dataset: Dataset, size: int, name: str = "") -> Prepared:
-    """The preprocessing of ``load_letterboxed`` (training's), keeping the decoded source image.
+def prepare(dataset: Dataset, size: int, name: str = "", max_side: int = OVERLAY_MAX_SIDE) -> Prepared:
+    """The preprocessing of ``load_letterboxed`` (training's), keeping an overlay-sized source image.
+
+    The image is decoded once, within the decode budget; a very large one is reduced on the
+    way (see :func:`~dp_transforms.dicom.dicom_to_image`). The canvas comes from it, the
+    overlay's image is it at most ``max_side`` pixels a side.
 
     Args:
         dataset: the received data set.
         size: the model's input side.
         name: what messages call the image (the node passes a checked SOP Instance UID).
+        max_side: the overlay's largest side (the node's ``overlay_max_side``).
 
     Raises:
         ImageError: the dataset holds no usable image.
     """
-    source = dicom_to_image(dataset, name)  # decoded once: the canvas and the overlay both use it
-    image = torch.from_numpy(make_square_pixels(source).pixels)[None]
+    decoded = dicom_to_image(dataset, name)
+    image = torch.from_numpy(make_square_pixels(decoded, max_pixels=WORKING_PIXELS).pixels)[None]
     resizer = LetterboxResize(size)
-    return Prepared(resizer(image), resizer.geometry(image), source)
+    shape = decoded.original_shape or decoded.shape
+    return Prepared(resizer(image), resizer.geometry(image), overlay_image(decoded, shape, max_side), shape)
+
+
+def overlay_image(image: ChestImage, shape: tuple[int, int], max_side: int) -> ChestImage:
+    """``image`` (of a received ``shape``) at the size the overlay draws it: at most ``max_side`` a side."""
+    scale = min(1.0, max_side / max(shape))
+    target = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
+    if image.shape == target:
+        return image
+    pixels = resize(torch.from_numpy(image.pixels)[None], target)[0].numpy()
+    spacing = None if image.spacing is None else (image.spacing[0] * image.shape[0] / target[0], image.spacing[1] * image.shape[1] / target[1])
+    return ChestImage(pixels, spacing, image.source, shape)
+
+
+def held_bytes(rows: int, columns: int, size: int, max_side: int = OVERLAY_MAX_SIDE) -> int:
+    """What a :class:`Prepared` of a ``rows x columns`` image holds until its batch is written:
+    the overlay-sized image and the canvas, float32."""
+    scale = min(1.0, max_side / max(rows, columns, 1))
+    return 4 * (max(1, round(rows * scale)) * max(1, round(columns * scale)) + size * size)
 
 
 def regions(heatmap: np.ndarray, threshold: float = REGION_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:

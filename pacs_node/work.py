@@ -1,6 +1,8 @@
 """The worker's queue: instances waiting for the model, in order, with retries and suspects.
 
-* Instances are taken in batches of up to ``batch_size``.
+* Instances are taken in batches of up to ``batch_size``, and of at most ``max_bytes`` of
+  what their decoded images will hold until their results are written (``weigh`` tells, from
+  each header); an instance heavier than that on its own is taken alone.
 * A *suspect* (in flight when the process last died, or when the worker thread died) is
   always taken alone, so that a file that kills the process is found by itself and the
   others of its batch are not blamed with it.
@@ -15,13 +17,15 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
 class WorkQueue:
     """Thread-safe; ``put`` from the association threads, ``take`` from the worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, weigh: Callable[[Path], int] | None = None) -> None:
+        self._weigh = weigh
         self._ready: collections.deque[Path] = collections.deque()
         self._later: list[tuple[float, int, Path]] = []
         self._suspects: set[str] = set()
@@ -44,8 +48,9 @@ class WorkQueue:
         with self._changed:
             heapq.heappush(self._later, (time.monotonic() + seconds, next(self._order), path))
 
-    def take(self, batch_size: int, timeout: float) -> list[Path]:
-        """Up to ``batch_size`` paths (a suspect alone); [] when nothing came within ``timeout``."""
+    def take(self, batch_size: int, timeout: float, max_bytes: int | None = None) -> list[Path]:
+        """Up to ``batch_size`` paths (a suspect alone) that weigh at most ``max_bytes`` together
+        (the first whatever it weighs); [] when nothing came within ``timeout``."""
         with self._changed:
             self._release_due()
             if not self._ready:
@@ -57,10 +62,17 @@ class WorkQueue:
             if first.name in self._suspects:
                 self._suspects.discard(first.name)
                 return [first]
-            batch = [first]
+            batch, held = [first], self._weight(first, max_bytes)
             while self._ready and len(batch) < batch_size and self._ready[0].name not in self._suspects:
+                weight = self._weight(self._ready[0], max_bytes)
+                if max_bytes is not None and held + weight > max_bytes:
+                    break
                 batch.append(self._ready.popleft())
+                held += weight
             return batch
+
+    def _weight(self, path: Path, max_bytes: int | None) -> int:
+        return self._weigh(path) if self._weigh is not None and max_bytes is not None else 0
 
     def qsize(self) -> int:
         """Everything waiting, retries included."""

@@ -36,7 +36,7 @@ class LoadChestXray(Transform):
 
     def __call__(self, source: str | PathLike | Dataset) -> tuple[torch.Tensor, dict]:
         image = read_dicom(source) if isinstance(source, Dataset) else load_image(source)
-        original = image.shape
+        original = image.original_shape or image.shape
         if self.square_pixels:
             image = make_square_pixels(image)
         box_scale = (image.shape[1] / original[1], image.shape[0] / original[0])

@@ -9,6 +9,9 @@ same geometry checks. Every failure is an :class:`~dp_transforms.errors.ImageErr
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import replace
 from os import PathLike
 from pathlib import Path
 
@@ -16,8 +19,10 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .dicom import ChestImage, auto_window, check_geometry, read_dicom
+from .dicom import MAX_PIXELS, MAX_SPACING_RATIO, ChestImage, auto_window, check_geometry, read_dicom
 from .errors import ImageError, ImageErrorReason
+
+logger = logging.getLogger(__name__)
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 SITK_SUFFIXES = {".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz"}
@@ -136,24 +141,32 @@ def _load_sitk(path: Path) -> ChestImage:
     return ChestImage(pixels, (float(row), float(column)), str(path))
 
 
-def make_square_pixels(image: ChestImage, tolerance: float = 0.01) -> ChestImage:
+def make_square_pixels(image: ChestImage, tolerance: float = 0.01, max_pixels: int = MAX_PIXELS) -> ChestImage:
     """Resample with SimpleITK so that rows and columns have the same physical spacing.
 
     Some CR readers and scanned films have non-square pixels; the model and the overlays
-    assume square ones. The finer of the two spacings is kept, so no detail is lost.
-    Images without a known spacing, or already square within ``tolerance``, are returned
-    unchanged.
+    assume square ones. The finer of the two spacings is kept, so no detail is lost, unless
+    the result would exceed ``max_pixels`` (the decode budget by default): then the spacing
+    that fills the budget. Images without a known spacing, or already square within
+    ``tolerance``, are returned unchanged; so is one whose spacings differ by more than
+    :data:`~dp_transforms.dicom.MAX_SPACING_RATIO`, which no radiograph has, with its
+    spacing dropped and a warning.
     """
     if image.spacing is None:
         return image
     row, column = image.spacing
     if abs(row - column) <= tolerance * max(row, column):
         return image
-    target = min(row, column)
+    if max(row, column) > MAX_SPACING_RATIO * min(row, column):
+        logger.warning("%s: pixel spacing with rows and columns more than %g:1 apart; treated as unknown", image.source or "image", MAX_SPACING_RATIO)
+        return replace(image, spacing=None)
+    rows, columns = image.pixels.shape
+    target = max(min(row, column), math.sqrt(rows * row * columns * column / max_pixels))
+    new_size = (max(1, round(columns * column / target)), max(1, round(rows * row / target)))
+    if new_size[0] * new_size[1] > max_pixels:
+        new_size = (max(1, math.floor(columns * column / target)), max(1, math.floor(rows * row / target)))
     source = sitk.GetImageFromArray(image.pixels)
     source.SetSpacing((column, row))
-    rows, columns = image.pixels.shape
-    new_size = (round(columns * column / target), round(rows * row / target))
     # Keep the physical extent: the first output pixel's centre sits half a new pixel
     # inside the image's edge, not on the first input pixel's centre.
     origin = (0.5 * (target - column), 0.5 * (target - row))
@@ -168,5 +181,8 @@ def make_square_pixels(image: ChestImage, tolerance: float = 0.01) -> ChestImage
         0.0,
         sitk.sitkFloat32,
     )
-    pixels = sitk.GetArrayFromImage(resampled).astype(np.float32)
-    return ChestImage(np.clip(pixels, 0.0, 1.0), (target, target), image.source)
+    del source
+    pixels = sitk.GetArrayFromImage(resampled)  # float32, its own copy
+    del resampled
+    np.clip(pixels, 0.0, 1.0, out=pixels)
+    return ChestImage(pixels, (target, target), image.source, image.original_shape or image.shape)
