@@ -39,6 +39,7 @@ import functools
 import ipaddress
 import logging
 import queue
+import select
 import socket
 import ssl
 import tempfile
@@ -274,7 +275,7 @@ class Connections:
             return refusal, victim
 
     def _idlest(self, now: float, at_least: float) -> list[Connection]:
-        idle = [c for c in self._open if c.admitted and not c.ending and c.idle(now) >= at_least]
+        idle = [c for c in self._open if c.admitted and not c.ending and c.idle(now) >= at_least and not _unread(c.sock)]
         return sorted(idle, key=lambda c: -c.idle(now))
 
     def end(self, connection: Connection, reason: str) -> bool:
@@ -295,7 +296,7 @@ class Connections:
         rate = config.min_receive_kb_s * 1000
         with self._lock:
             for connection in self._open:
-                if not connection.admitted or connection.ending:
+                if not connection.admitted or connection.ending or _unread(connection.sock):
                     continue
                 if connection.too_slow(now, rate):
                     found.append((connection, "slow-transfer"))
@@ -330,6 +331,16 @@ class Connections:
                     overdue.append(connection)
             self._open = [c for c in self._open if c not in closed]
         return overdue, closed
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether bytes wait on ``sock`` that the node has not read yet (then any delay is the node's)."""
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _is_open(sock: socket.socket) -> bool:
@@ -381,9 +392,9 @@ class BoundedSocket(AssociationSocket):
     pynetdicom reads a PDU's header, then its body, each with a blocking loop whose socket
     timeout starts again with every byte: a peer sending a byte every few seconds would hold
     the connection's threads for ever. Here a read of ``n`` bytes must be complete within
-    ``grace_s + n / bytes_per_s`` (``receive_grace_s``, ``min_receive_kb_s``); past that the
-    connection is cut (``too_slow`` is told) and the read returns what it has, which
-    pynetdicom treats as a connection closed mid-PDU.
+    ``grace_s + n / bytes_per_s`` (``receive_grace_s``, ``min_receive_kb_s``); past that, as
+    soon as no byte is waiting, the connection is cut (``too_slow`` is told) and the read
+    returns what it has, which pynetdicom treats as a connection closed mid-PDU.
     """
 
     grace_s: float | None = None  # None: no deadline (a socket the listener did not set up)
@@ -403,9 +414,9 @@ class BoundedSocket(AssociationSocket):
         before = sock.gettimeout()
         try:
             while len(data) < nr_bytes:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+                # Past the deadline, bytes already waiting are still read: a node too busy to read
+                # them (a loaded machine) must not blame the peer. Only a wait that finds none cuts.
+                left = max(deadline - time.monotonic(), 0.01)
                 sock.settimeout(left if before is None else min(left, before))
                 try:
                     chunk = sock.recv(min(4096, nr_bytes - len(data)))
