@@ -306,6 +306,13 @@ class NodeConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0  # an association with no DIMSE activity this long is aborted
+    reserved_associations: int = 4  # the last slots: for addresses holding under half their per-host limit
+    reclaim_idle_s: float = 5.0  # fewer free slots than reserved: associations idle this long are reclaimed
+    receive_grace_s: float = 10.0  # a PDU or DIMSE message under way must arrive at min_receive_kb_s ...
+    min_receive_kb_s: float = 4.0  # ... after this grace (kB = 1000 bytes)
+    http_timeout_s: float = 10.0  # an HTTP connection is closed this long after it opened
+    http_max_connections: int = 16  # concurrent HTTP connections; beyond, 503 without a thread
     stall_after_s: float = 300.0
     device: str = "auto"
     batch_size: int = 8
@@ -350,7 +357,20 @@ class NodeConfig:
         require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
         for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):
             require(getattr(self, timeout) > 0, timeout, getattr(self, timeout), "above 0")
+        self._check_slots()
         self.parsed_destinations()
+
+    def _check_slots(self) -> None:
+        """The keys that keep idle, trickling and crowding peers from holding the node's slots and threads."""
+        for name in ("idle_timeout_s", "reclaim_idle_s", "receive_grace_s", "min_receive_kb_s", "http_timeout_s"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "above 0")
+        require(self.reserved_associations >= 0, "reserved_associations", self.reserved_associations, "0 or more")
+        require(self.http_max_connections >= 1, "http_max_connections", self.http_max_connections, "at least 1")
+
+    @property
+    def reserved_slots(self) -> int:
+        """``reserved_associations``, at most half of ``max_associations`` (a small node reserves less)."""
+        return min(self.reserved_associations, self.max_associations // 2)
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """``allow_networks`` parsed."""

@@ -11,14 +11,26 @@ arrives. What no peer can do, and how:
   runs in the connection's own thread, never in the accept loop);
 * make the node hold a huge PDU: a PDU announcing more than :data:`MAX_PDU_BYTES` is
   refused before it is read;
-* connect from elsewhere than ``allow_networks``, or hold more than
-  ``max_associations_per_host`` connections from one address;
+* hold a slot by going silent: an association with no DIMSE activity for
+  ``idle_timeout_s`` is aborted, and while fewer than ``reserved_associations`` slots are
+  free, those idle for ``reclaim_idle_s`` are reclaimed, the longest idle first (a request
+  that finds no slot free takes one so at once);
+* hold a slot or a thread by trickling: a PDU, or a DIMSE message, under way must arrive at
+  ``min_receive_kb_s`` on average after ``receive_grace_s``, or its connection is cut
+  (:class:`BoundedSocket` bounds every read; the sweeper checks every message);
+* connect from elsewhere than ``allow_networks``; hold more than
+  ``max_associations_per_host`` associations from one address, or the reserved slots while
+  holding half of that (an A-ASSOCIATE-RJ, rejected-transient, local limit exceeded:
+  PS3.8 9.3.4, "busy, try later"); open connections past a hard cap well above those
+  limits (:data:`FLOOD_FACTOR`; closed at once, a flood);
 * send a data set that is not what the command says (SOP Class and Instance UIDs), or
   a deflated one that inflates past the size cap.
 
 Each rejected association, refused presentation context, refused C-STORE and cut
 connection gets an audit line (calling AE title, peer address, reason code; no patient
-data) and a counter.
+data) and a counter. :meth:`Listener.problems` tells ``/health`` when every slot is in use,
+when the accept loop or the sweeper is not running, and when associations keep ending on
+an internal error of the node's own.
 """
 
 from __future__ import annotations
@@ -27,12 +39,15 @@ import functools
 import ipaddress
 import logging
 import queue
+import select
 import socket
 import ssl
 import tempfile
 import threading
 import time
 import zlib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +111,19 @@ DISK_CHECK_BYTES = 2**20
 STALE_TMP_S = 600.0
 #: (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason recorded.
 REJECTIONS = {(1, 1, 3): "calling-ae", (1, 1, 7): "called-ae", (2, 3, 2): "limit", (2, 2, 1): "user-identity", (1, 1, 2): "application-context"}
+#: A-ASSOCIATE-RJ for a slot limit: rejected-transient, service-provider (presentation), local
+#: limit exceeded (PS3.8 9.3.4): the sender retries later instead of reporting a network failure.
+TRANSIENT_LIMIT = (0x02, 0x03, 0x02)
+#: Open TCP connections are closed at accept past this many times the association limits (all
+#: connections, and those from one address): a flood, not a sender to answer politely.
+FLOOD_FACTOR = 4
+#: A connection the node is ending has this long to go after its A-ABORT; then its socket is cut
+#: (a connection thread blocked in a read never sends the A-ABORT).
+ABORT_GRACE_S = 0.5
+#: /health reports associations ending on an internal error when this many in a row do.
+CRASH_RUN = 3
+#: A C-ECHO whose handler failed: processing failure (PS3.7 C.4, a general status).
+ECHO_FAILURE = 0x0110
 
 
 @dataclass(frozen=True)
@@ -128,6 +156,51 @@ class Connection:
     receiving: int = 0  # bytes of the data set now arriving
     since_disk_check: int = 0
     too_large: bool = False  # cut off while arriving (too large, or the disk filled up)
+    admitted: bool = False  # holds one of the max_associations slots
+    active: float = 0.0  # last DIMSE activity: accepted, a PDU received, a handler run
+    allowance: float = 0.0  # bytes the message now arriving may fall behind the minimum rate, at allowance_at
+    allowance_at: float = 0.0
+    serving: int = 0  # handlers running now
+    ending: str = ""  # why the node is ending it (its slot is free again)
+    end_by: float = float("inf")  # its socket is cut then if still open
+    served: int = 0  # requests answered with success
+    internal_error: str = ""  # the last internal error of the node's own on it (describe())
+
+    def idle(self, now: float) -> float:
+        """Seconds without DIMSE activity; 0 while a message arrives or a handler runs."""
+        return 0.0 if self.serving or self.receiving else now - self.active
+
+    def took(self, nbytes: int, now: float, grace_s: float, bytes_per_s: float) -> None:
+        """A PDU of the message now arriving: its bytes refill the allowance, up to ``grace_s`` worth.
+
+        A token bucket: the allowance drains at ``bytes_per_s`` and what arrives refills it, so a
+        message may pause at most ``grace_s`` and must average ``bytes_per_s`` over any stretch;
+        bytes sent early buy no later silence beyond the grace.
+        """
+        full = grace_s * bytes_per_s
+        left = full if not self.receiving else self.allowance - (now - self.allowance_at) * bytes_per_s
+        self.allowance, self.allowance_at = min(full, left + nbytes), now
+        self.receiving += nbytes
+
+    def too_slow(self, now: float, bytes_per_s: float) -> bool:
+        """Whether the message under way has used up its allowance (see :meth:`took`)."""
+        return self.receiving > 0 and self.allowance - (now - self.allowance_at) * bytes_per_s < 0
+
+
+def slot_refusal(held: int, held_by_host: int, config: NodeConfig) -> str | None:
+    """Why an association request cannot have a slot now (None: it can).
+
+    ``held`` slots are in use, ``held_by_host`` of them by the requesting address. The last
+    ``reserved_slots`` go only to addresses holding fewer than half their per-host limit,
+    so that a few addresses (a crowd of idle peers) cannot take every slot.
+    """
+    if held_by_host >= config.max_associations_per_host:
+        return "per-host-limit"
+    if held >= config.max_associations:
+        return "limit"
+    if held >= config.max_associations - config.reserved_slots and 2 * held_by_host >= config.max_associations_per_host:
+        return "reserved-slots"
+    return None
 
 
 class Connections:
@@ -161,14 +234,89 @@ class Connections:
         with self._lock:
             return next((c for c in self._open if c.sock is sock), None)
 
-    def remove(self, connection: Connection | None) -> None:
+    def remove(self, connection: Connection | None) -> bool:
+        """Forget a connection; True the first time (the caller records how it ended)."""
         with self._lock:
             if connection in self._open:
                 self._open.remove(connection)
+                return True
+            return False
 
     def from_host(self, peer: str) -> int:
         with self._lock:
             return sum(1 for c in self._open if c.peer == peer)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def held(self) -> int:
+        """Association slots in use."""
+        with self._lock:
+            return self._held()
+
+    def _held(self, peer: str | None = None) -> int:
+        return sum(1 for c in self._open if c.admitted and not c.ending and (peer is None or c.peer == peer))
+
+    def claim(self, connection: Connection, config: NodeConfig) -> tuple[str | None, Connection | None]:
+        """A slot for ``connection`` (refusal None), or why not; with the connection reclaimed for
+        it, when every slot was in use and one had been idle for ``reclaim_idle_s``."""
+        now, victim = time.monotonic(), None
+        with self._lock:
+            held, by_host = self._held(), self._held(connection.peer)
+            refusal = slot_refusal(held, by_host, config)
+            if refusal == "limit" and slot_refusal(held - 1, by_host, config) is None:
+                victim = next(iter(self._idlest(now, config.reclaim_idle_s)), None)
+                if victim is not None:
+                    self._end(victim, "reclaimed", now)
+                    refusal = None
+            if refusal is None:
+                connection.admitted, connection.active = True, now
+            return refusal, victim
+
+    def _idlest(self, now: float, at_least: float) -> list[Connection]:
+        idle = [c for c in self._open if c.admitted and not c.ending and c.idle(now) >= at_least and not _unread(c.sock)]
+        return sorted(idle, key=lambda c: -c.idle(now))
+
+    def end(self, connection: Connection, reason: str) -> bool:
+        """Mark a connection as being ended by the node; True the first time."""
+        with self._lock:
+            return self._end(connection, reason, time.monotonic())
+
+    def _end(self, connection: Connection, reason: str, now: float) -> bool:
+        if connection.ending:
+            return False
+        connection.ending, connection.end_by = reason, now + ABORT_GRACE_S
+        return True
+
+    def due(self, config: NodeConfig) -> list[tuple[Connection, str]]:
+        """The associations to end now, and why: idle past ``idle_timeout_s``, a message arriving
+        too slowly, and (while fewer than the reserved slots are free) the idlest past ``reclaim_idle_s``."""
+        now, found = time.monotonic(), []
+        rate = config.min_receive_kb_s * 1000
+        with self._lock:
+            for connection in self._open:
+                if not connection.admitted or connection.ending or _unread(connection.sock):
+                    continue
+                if connection.too_slow(now, rate):
+                    found.append((connection, "slow-transfer"))
+                elif connection.idle(now) > config.idle_timeout_s:
+                    found.append((connection, "idle-timeout"))
+            short = config.reserved_slots - (config.max_associations - self._held() + len(found))
+            chosen = {id(c) for c, _ in found}
+            found += [(c, "reclaimed") for c in self._idlest(now, config.reclaim_idle_s) if id(c) not in chosen][: max(short, 0)]
+            for connection, reason in found:
+                self._end(connection, reason, now)
+        return found
+
+    def overdue_ends(self) -> list[Connection]:
+        """Connections still open past their ``end_by`` (each once)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [c for c in self._open if c.end_by < now]
+            for connection in late:
+                connection.end_by = float("inf")
+        return late
 
     def sweep(self, seconds: float) -> tuple[list[Connection], list[Connection]]:
         """Forget closed connections; return those that never negotiated and are still open after
@@ -183,6 +331,16 @@ class Connections:
                     overdue.append(connection)
             self._open = [c for c in self._open if c not in closed]
         return overdue, closed
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether bytes wait on ``sock`` that the node has not read yet (then any delay is the node's)."""
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _is_open(sock: socket.socket) -> bool:
@@ -228,13 +386,56 @@ def cut(sock: socket.socket) -> None:
 
 
 class BoundedSocket(AssociationSocket):
-    """pynetdicom's association socket, refusing to read a PDU larger than :data:`MAX_PDU_BYTES`."""
+    """pynetdicom's association socket, refusing to read a PDU larger than :data:`MAX_PDU_BYTES`,
+    and giving every read a deadline.
+
+    pynetdicom reads a PDU's header, then its body, each with a blocking loop whose socket
+    timeout starts again with every byte: a peer sending a byte every few seconds would hold
+    the connection's threads for ever. Here a read of ``n`` bytes must be complete within
+    ``grace_s + n / bytes_per_s`` (``receive_grace_s``, ``min_receive_kb_s``); past that, as
+    soon as no byte is waiting, the connection is cut (``too_slow`` is told) and the read
+    returns what it has, which pynetdicom treats as a connection closed mid-PDU.
+    """
+
+    grace_s: float | None = None  # None: no deadline (a socket the listener did not set up)
+    bytes_per_s: float = 1.0
+    too_slow: Callable[[], None] = staticmethod(lambda: None)
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
             logger.info("a peer announced a PDU of %d bytes; connection closed", nr_bytes)
             return bytearray()  # read as a connection closed before the PDU was complete
-        return super().recv(nr_bytes)
+        if self.grace_s is None or self.socket is None:
+            return super().recv(nr_bytes)
+        return self._recv_by(nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.bytes_per_s)
+
+    def _recv_by(self, nr_bytes: int, deadline: float) -> bytearray:
+        sock, data = self.socket, bytearray()
+        before = sock.gettimeout()
+        try:
+            while len(data) < nr_bytes:
+                # Past the deadline, bytes already waiting are still read: a node too busy to read
+                # them (a loaded machine) must not blame the peer. Only a wait that finds none cuts.
+                left = max(deadline - time.monotonic(), 0.01)
+                sock.settimeout(left if before is None else min(left, before))
+                try:
+                    chunk = sock.recv(min(4096, nr_bytes - len(data)))
+                except TimeoutError:
+                    if time.monotonic() < deadline:
+                        raise  # the socket's own (network) timeout: pynetdicom's to report
+                    break
+                if not chunk:
+                    return data
+                data.extend(chunk)
+        finally:
+            try:
+                sock.settimeout(before)
+            except OSError:
+                pass
+        if len(data) < nr_bytes:
+            self.too_slow()
+            cut(sock)
+        return data
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -287,9 +488,12 @@ class Listener:
         self.throttle = Throttle()  # a flood of refusals is in the audit trail, not the log
         self.bursts = Bursts(audit)
         self.server: GuardedServer | None = None
+        self._outcomes: deque[str] = deque(maxlen=CRASH_RUN)  # how the last associations that did DIMSE ended
+        self._current = threading.local()  # the connection whose request this thread serves
         self._stop = threading.Event()
         self._accept = threading.Thread()
         self._sweeper = threading.Thread(target=self._sweep, name="listener-sweeper", daemon=True)
+        metrics.gauge("association_slots_in_use", lambda: {(): float(self.connections.held())}, "association slots held (of max_associations)")
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -336,7 +540,9 @@ class Listener:
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        ae.maximum_associations = self.config.max_associations
+        # The listener counts the slots itself (Connections.claim, at EVT_REQUESTED); pynetdicom's
+        # own count (threads alive, those ending included) is only the backstop of a flood.
+        ae.maximum_associations = FLOOD_FACTOR * self.config.max_associations
         ae.acse_timeout = self.config.acse_timeout_s
         ae.dimse_timeout = self.config.dimse_timeout_s
         ae.network_timeout = self.config.network_timeout_s
@@ -345,12 +551,57 @@ class Listener:
         return ae
 
     def _handlers(self) -> list:
-        return [
-            (evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo),
+        notifications = [
             (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_CONN_CLOSE, self._closed),
             (evt.EVT_REQUESTED, self._requested), (evt.EVT_ACSE_SENT, self._acse_sent), (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_DATA_RECV, self._data_received), (evt.EVT_DIMSE_RECV, self._message_received),
         ]  # fmt: skip
+        services = [(evt.EVT_C_STORE, self._serve(self.handle_store, StoreStatus.OUT_OF_RESOURCES)), (evt.EVT_C_ECHO, self._serve(self.handle_echo, ECHO_FAILURE))]
+        return services + [(event, self._guard(handler)) for event, handler in notifications]
+
+    def _serve(self, handler: Callable[[evt.Event], int], failure: int) -> Callable[[evt.Event], int]:
+        """A DIMSE service handler that keeps its association active while it runs, and records how
+        it ended. An exception escaping it is an internal error answered ``failure`` (pynetdicom would
+        answer a C-ECHO success, and leave a C-STORE's temporary file behind)."""
+
+        @functools.wraps(handler)
+        def serve(event: evt.Event) -> int:
+            connection = self.connections.of(event.assoc)
+            self._current.connection = connection
+            if connection is not None:
+                connection.serving += 1
+            try:
+                status = handler(event)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the sender may retry
+                self._internal_error(connection, handler.__name__, exc)
+                status = failure
+            finally:
+                self._current.connection = None
+                if connection is not None:
+                    connection.serving -= 1
+                    connection.active = time.monotonic()
+            if connection is not None and status == StoreStatus.SUCCESS:
+                connection.served += 1
+            return status
+
+        return serve
+
+    def _guard(self, handler: Callable[[evt.Event], None]) -> Callable[[evt.Event], None]:
+        """A notification handler whose exception is recorded as the node's own, not a peer's protocol error."""
+
+        @functools.wraps(handler)
+        def guarded(event: evt.Event) -> None:
+            try:
+                handler(event)
+            except Exception as exc:  # noqa: BLE001 - pynetdicom would log it as a peer's fault
+                self._internal_error(self.connections.of(event.assoc), handler.__name__, exc)
+
+        return guarded
+
+    def _internal_error(self, connection: Connection | None, where: str, exc: BaseException) -> None:
+        logger.error("association handler %s: internal error (%s)", where, describe(exc))
+        if connection is not None:
+            connection.internal_error = f"{where}: {describe(exc)}"
 
     # --- connections ---------------------------------------------------------------------------------
 
@@ -366,8 +617,11 @@ class Listener:
         if not self._network_allowed(peer):
             self._rejected("network", peer=peer)
             return False
-        if self.connections.from_host(peer) >= self.config.max_associations_per_host:
-            self._rejected("per-host-limit", peer=peer)
+        # The association limits are answered politely at EVT_REQUESTED (A-ASSOCIATE-RJ); only a
+        # flood, far past them, is closed here without a word.
+        flooding = self.connections.count() >= FLOOD_FACTOR * self.config.max_associations
+        if flooding or self.connections.from_host(peer) >= FLOOD_FACTOR * self.config.max_associations_per_host:
+            self._rejected("connection-flood", peer=peer)
             return False
         self.connections.add(request, peer)
         return True
@@ -401,25 +655,56 @@ class Listener:
             socket_.__class__ = BoundedSocket
         if connection is None:
             logger.debug("a connection opened that the listener did not see accepted")
+        elif isinstance(socket_, BoundedSocket):
+            socket_.grace_s, socket_.bytes_per_s = self.config.receive_grace_s, self.config.min_receive_kb_s * 1000
+            socket_.too_slow = functools.partial(self._cut_now, connection, "slow-transfer")
 
     def _closed(self, event: evt.Event) -> None:
         _discard_partial(event.assoc)
         connection = self.connections.of(event.assoc)
         if connection is not None and not connection.negotiated:
             _release_slot(event.assoc)
-        self.connections.remove(connection)
+        if self.connections.remove(connection):
+            self._ended(connection)
+
+    def _ended(self, connection: Connection) -> None:
+        """Remember how an association that did DIMSE work ended: served, or on an internal error."""
+        if connection.served:
+            self._outcomes.append("")
+        elif connection.internal_error:
+            self._outcomes.append(connection.internal_error)
 
     def _requested(self, event: evt.Event) -> None:
         """An association request arrived: turn it away (transient, congestion) when the node
         cannot take images now, before a sender pushes a whole data set at a full disk."""
         refusal = self.gate()
-        if refusal is None:
-            return
         connection = self.connections.of(event.assoc)
+        if refusal is None:
+            self._take_slot(event, connection)
+            return
         if connection is not None:
             connection.refused = refusal.reason
         event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # PS3.8 9.3.4: rejected-transient, temporary congestion
         event.assoc.kill()
+
+    def _take_slot(self, event: evt.Event, connection: Connection | None) -> None:
+        """A slot for a request that will negotiate, or A-ASSOCIATE-RJ rejected-transient (PS3.8 9.3.4):
+        per-host limit, no slot free, or only reserved ones left for an address holding many.
+        A request that finds none free takes the slot of an association idle ``reclaim_idle_s``."""
+        if connection is None or not self._would_negotiate(event.assoc):
+            return  # pynetdicom rejects it (calling or called AE title) without a slot
+        reason, reclaimed = self.connections.claim(connection, self.config)
+        if reclaimed is not None:
+            self._abort(reclaimed, "reclaimed")
+        if reason is not None:
+            connection.refused = reason
+            event.assoc.acse.send_reject(*TRANSIENT_LIMIT)
+            event.assoc.kill()
+
+    def _would_negotiate(self, assoc) -> bool:
+        request = assoc.requestor.primitive
+        called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
+        return called == self.config.ae_title.strip() and (self.config.allow_any_caller or calling in {aet.strip() for aet in self.config.allow})
 
     def _acse_sent(self, event: evt.Event) -> None:
         primitive = event.primitive
@@ -427,14 +712,14 @@ class Listener:
             return
         connection = self.connections.of(event.assoc)
         if connection is not None:
-            connection.negotiated = True
+            connection.negotiated, connection.admitted = True, False
         reason = (connection.refused if connection else "") or REJECTIONS.get((primitive.result, primitive.result_source, primitive.diagnostic), "other")
         self._rejected(reason, peer=_peer(event), calling_ae=_calling(event))
 
     def _accepted(self, event: evt.Event) -> None:
         connection = self.connections.of(event.assoc)
         if connection is not None:
-            connection.negotiated = True
+            connection.negotiated, connection.active = True, time.monotonic()
             connection.sock.settimeout(self.config.network_timeout_s)
         refused = [_context_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
         if refused:
@@ -444,12 +729,14 @@ class Listener:
 
     def _data_received(self, event: evt.Event) -> None:
         """Count the bytes of the data set arriving; cut the association past the size cap."""
+        connection = self.connections.of(event.assoc)
+        if connection is not None:
+            connection.active = time.monotonic()
         if not event.data or event.data[0] != 0x04:  # P-DATA-TF only
             return
-        connection = self.connections.of(event.assoc)
         if connection is None or connection.too_large:
             return
-        connection.receiving += len(event.data)
+        connection.took(len(event.data), connection.active, self.config.receive_grace_s, self.config.min_receive_kb_s * 1000)
         connection.since_disk_check += len(event.data)
         if connection.receiving > self.config.max_dataset_bytes + OVERHEAD_BYTES:
             self._cut_while_arriving(event, connection, "too-large")
@@ -467,11 +754,12 @@ class Listener:
     def _message_received(self, event: evt.Event) -> None:
         connection = self.connections.of(event.assoc)
         if connection is not None:
-            connection.receiving = 0
+            connection.receiving, connection.active = 0, time.monotonic()
 
     def _sweep(self) -> None:
-        """Cut connections that have not negotiated within ``handshake_timeout_s``, and free the
-        association slot of every connection that closed before negotiating.
+        """Cut connections that have not negotiated within ``handshake_timeout_s``, free the
+        association slot of every connection that closed before negotiating, and end the
+        associations idle, arriving too slowly, or reclaimed under pressure (:meth:`_end_due`).
 
         pynetdicom's acceptor waits ``acse_timeout`` for an A-ASSOCIATE-RQ even after its
         connection is gone, holding a slot; an empty message ends that wait at once.
@@ -490,6 +778,49 @@ class Listener:
                 _release_slot(connection.assoc)
             for connection in closed:
                 _discard_partial(connection.assoc)
+                self._ended(connection)
+            self._end_due()
+
+    def _end_due(self) -> None:
+        """End the associations idle or arriving too slowly, and reclaim idle ones under pressure;
+        cut the sockets of those that have not gone after their A-ABORT."""
+        for connection, reason in self.connections.due(self.config):
+            self._abort(connection, reason)
+        for connection in self.connections.overdue_ends():
+            cut(connection.sock)
+
+    def _cut_now(self, connection: Connection, reason: str) -> None:
+        """End an association at once, from any thread, its own included (its socket is cut, no A-ABORT)."""
+        if self.connections.end(connection, reason):
+            self._aborted(reason, peer=connection.peer)
+        cut(connection.sock)
+
+    def _abort(self, connection: Connection, reason: str) -> None:
+        """Record an association the node ends, and send its A-ABORT (PS3.8 7.3.1, source: service-user);
+        the sweeper cuts the socket ABORT_GRACE_S later if the peer has not gone."""
+        self._aborted(reason, peer=connection.peer)
+        try:
+            if connection.assoc is not None:
+                connection.assoc.abort(block=False)
+        except Exception as exc:  # noqa: BLE001 - the cut that follows ends it all the same
+            logger.debug("A-ABORT to %s not sent (%s)", connection.peer, describe(exc))
+
+    def problems(self) -> list[str]:
+        """What ``/health`` should say about receiving: threads not running, every slot in use,
+        associations that keep ending on an internal error of the node's own."""
+        found = []
+        if not self._stop.is_set():
+            if not self._accept.is_alive():
+                found.append("the DICOM accept loop is not running")
+            if not self._sweeper.is_alive():
+                found.append("the listener's sweeper is not running")
+        held = self.connections.held()
+        if held >= self.config.max_associations:
+            found.append(f"association slots exhausted: {held} of {self.config.max_associations} in use")
+        outcomes = list(self._outcomes)
+        if len(outcomes) == CRASH_RUN and all(outcomes):
+            found.append(f"the last {CRASH_RUN} associations each ended on an internal error of the node's own (last: {outcomes[-1]})")
+        return found
 
     # --- C-ECHO and C-STORE -----------------------------------------------------------------------------
 
@@ -580,6 +911,9 @@ class Listener:
         return target
 
     def _refused(self, refusal: Refusal, calling: str, peer: str, uid: str) -> int:
+        connection = getattr(self._current, "connection", None)
+        if refusal.reason == "internal-error" and connection is not None:
+            connection.internal_error = "handle_store: a C-STORE refused, internal-error"
         self.metrics.inc("refused", reason=refusal.reason)
         self.audit.write(
             "store-refused", calling_ae=calling, peer=peer, sop_instance_uid=safe_uid(uid), status="refused",

@@ -5,13 +5,20 @@ node's own, every family declared once in :data:`COUNTERS` and :data:`HISTOGRAMS
 labels and help. ``GET /metrics`` answers the Prometheus text format; ``GET /health``
 answers JSON (``status`` ok, degraded or failed, and the problems found), with HTTP 200
 only when ok, so that a container health check or a load balancer can use it as it is.
+
+No client can hold the endpoint's threads: each connection is closed ``http_timeout_s``
+after it opened, whether its request was read or not (a silent or trickling client included),
+and past ``http_max_connections`` open at once a new one is answered 503 and closed by the
+accept loop itself, without a thread.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -105,13 +112,85 @@ class _Gauges:
             yield family
 
 
-class MetricsServer:
-    """``/health`` and ``/metrics`` over HTTP on a background thread."""
+#: What a connection past the cap is told before it is closed.
+BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n"
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], dict]) -> None:
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server whose connections each have a deadline, and whose number is capped.
+
+    The deadline is enforced by the accept loop (``service_actions`` runs every
+    ``poll_interval``): a connection still open past it has its socket shut down, which ends
+    its thread's read or write at once. The handler's socket timeout bounds each read too.
+    """
+
+    daemon_threads = True
+    #: Connections the kernel holds until the accept loop takes them (socketserver's 5 drops the
+    #: SYNs of a burst, which clients then retry a second or three later).
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], timeout_s: float, max_connections: int) -> None:
+        self.timeout_s, self.max_connections = timeout_s, max_connections
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def verify_request(self, request, client_address) -> bool:
+        with self._lock:
+            if len(self._deadlines) < self.max_connections:
+                self._deadlines[request] = time.monotonic() + self.timeout_s
+                return True
+        _tell_busy(request)
+        return False
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection cut or dropped mid-request: one debug line, not a traceback on stderr."""
+        logger.debug("HTTP connection from %s ended early", client_address[0] if client_address else "?")
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, deadline in self._deadlines.items() if deadline < now]
+            for sock in late:
+                self._deadlines[sock] = float("inf")  # cut once; its thread closes it
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _tell_busy(request: socket.socket) -> None:
+    """503 to a connection past the cap, without waiting on it (the accept loop must not block)."""
+    try:
+        request.setblocking(False)
+        request.send(BUSY)
+    except OSError:
+        pass
+
+
+class MetricsServer:
+    """``/health`` and ``/metrics`` over HTTP on a background thread.
+
+    Args:
+        host, port: where to listen (port 0: any free port).
+        metrics: what ``/metrics`` shows.
+        health: what ``/health`` answers.
+        timeout_s: each connection is closed this long after it opened (``http_timeout_s``).
+        max_connections: connections open at once (``http_max_connections``).
+    """
+
+    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], dict], timeout_s: float = 10.0, max_connections: int = 16) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # each read; the server's deadline bounds the whole connection
+
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path == "/metrics":
@@ -125,9 +204,8 @@ class MetricsServer:
             def log_message(self, *_args) -> None:  # requests are not worth a log line each
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+        self.server = BoundedHTTPServer((host, port), Handler, timeout_s, max_connections)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": min(0.5, timeout_s / 4)}, name="metrics-http", daemon=True)
 
     @property
     def port(self) -> int:

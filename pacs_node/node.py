@@ -148,7 +148,7 @@ class Node:
             sender.start()
         self._worker.start()
         if self.config.metrics_port >= 0:
-            self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port, self.metrics, self.health)
+            self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port, self.metrics, self.health, self.config.http_timeout_s, self.config.http_max_connections)
             self._http.start()
         self.listener.start(server_tls(self.config) if self.config.tls.listening else None)
         self._supervisor.start()
@@ -574,6 +574,7 @@ class Node:
             problems.append(f"{self.audit.backlog} audit line(s) waiting for the disk")
         if not self.listener.alive:
             problems.append("the DICOM listener is not running")
+        problems += self.listener.problems()
         problems += [problem for sender in self.senders for problem in _sender_problems(sender, now, stall)]
         return problems
 
