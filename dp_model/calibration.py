@@ -3,10 +3,22 @@ operating points.
 
 A network trained with focal and class-balanced losses on a small split is rarely
 calibrated: its probabilities are scores, not frequencies. One temperature ``T``, fitted on
-the validation split by minimising the negative log-likelihood, divides the logits before
-the softmax (or each sigmoid); the ranking of the images, hence every AUC, is unchanged.
+the calibration split by minimising the negative log-likelihood, divides the logits before
+the softmax (or each sigmoid). That keeps each image's argmax and the ranking of the images
+by any single class's probability (and by a single sigmoid), but not the ranking by a sum
+of softmax probabilities: the probability of pneumonia, ``1 - p(normal)`` over five classes,
+of logits (0, 3, -10, -10, -10) is above that of (0, 1, 1, 1, -10) at T = 1 and below it at
+T = 10. So the AUC of the served (scaled) probability of pneumonia is measured on its own
+(:mod:`dp_model.served`), not taken from the unscaled outputs.
+
 The expected calibration error (ECE) of the top-class probability is measured before and
-after, with a bootstrap interval, on held-out images.
+after, with a bootstrap interval, on held-out images; the binary calibration of the
+probability of pneumonia, the number the node states, is in :mod:`dp_model.served`.
+
+The operating points are placed where a one-sided Clopper-Pearson lower bound of the
+targeted rate reaches the target (:func:`certified_point`), not where the point estimate
+does: with 20 positives, the threshold whose observed sensitivity is 0.90 has a true
+sensitivity below 0.85 about a third of the time.
 """
 
 from __future__ import annotations
@@ -36,17 +48,17 @@ def _nll(logits: Tensor, targets: Tensor, multi_label: bool) -> Tensor:
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool = False) -> float:
-    """The temperature minimising the validation NLL of ``logits`` ``(N, K)``.
+    """The temperature minimising the held-out NLL of ``logits`` ``(N, K)``.
 
     ``targets``: class indices ``(N,)``, or ``(N, K)`` multi-hot for sigmoid outputs.
     """
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(targets))
     if len(x) < 2 or not torch.isfinite(x).all():
-        logger.warning("calibration: %s; temperature 1", "non-finite logits" if len(x) else "fewer than two validation images")
+        logger.warning("calibration: %s; temperature 1", "non-finite logits" if len(x) else "fewer than two held-out images")
         return 1.0
     if not multi_label and len(torch.unique(y)) < 2:
-        logger.warning("calibration: the validation split holds one class only; temperature 1")
+        logger.warning("calibration: the held-out split holds one class only; temperature 1")
         return 1.0
     # A golden-section search on log T: the NLL is unimodal in T, and this needs no step size.
     lo, hi = np.log(T_MIN), np.log(T_MAX)
@@ -68,7 +80,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool =
             fb = loss(b)
     found = float(np.exp((lo + hi) / 2))
     if not T_MIN * 1.01 < found < T_MAX / 1.01:
-        logger.warning("calibration: the temperature %.3g lies at the bound of the search; the validation split says little", found)
+        logger.warning("calibration: the temperature %.3g lies at the bound of the search; the held-out split says little", found)
     return found
 
 
@@ -147,3 +159,67 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
         chosen = int(reaching.min())
         target = f"specificity {specificity:.2f} on validation"
     return OperatingPoint(float(candidates[chosen]), target, round(float(sens[chosen]), 4), round(float(spec[chosen]), 4))
+
+
+#: The one-sided confidence of the operating points' lower bounds.
+CONFIDENCE = 0.95
+
+
+def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None = None, specificity: float | None = None,
+                    confidence: float = CONFIDENCE, split: str = "calibration") -> OperatingPoint:  # fmt: skip
+    """The threshold on ``scores`` where the one-sided Clopper-Pearson lower bound (at
+    ``confidence``) of the sensitivity, or of the specificity, reaches the target.
+
+    For a sensitivity: the highest such threshold (the fewest false positives). When no
+    threshold reaches it (fewer than ``log(1 - confidence) / log(target)`` positives: 29 for
+    0.90 at 95 %), the threshold with the largest bound, the lowest positive's score, marked
+    not certified: the node needs a "present" point, and this one misses the fewest.
+    For a specificity: the lowest such threshold; none reaching it raises (a triage flag is
+    optional, and one that cannot be backed is left out).
+
+    Raises:
+        ValueError: no target or both, a target outside (0, 1], non-finite scores, one
+            class only, or a specificity no threshold can certify (the message says why).
+    """
+    from .served import lower_bound
+
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    _check_target(scores, positive, sensitivity, specificity)
+    scores = np.clip(scores, 1e-6, 1 - 1e-6)  # a threshold lies strictly between 0 and 1
+    candidates = np.unique(np.append(scores, min(1 - 1e-7, scores.max() + 1e-7)))  # the last one is above every score
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    detected = np.array([int((scores[positive] >= t).sum()) for t in candidates])
+    cleared = np.array([int((scores[~positive] < t).sum()) for t in candidates])
+    if sensitivity is not None:
+        bounds = lower_bound(detected, n_pos, confidence)
+        reaching = np.nonzero(bounds >= sensitivity)[0]
+        chosen = int(reaching.max()) if len(reaching) else int(np.nonzero(bounds == bounds.max())[0].max())
+        name, target_value, count = "sensitivity", sensitivity, f"{n_pos} positives"
+    else:
+        bounds = lower_bound(cleared, n_neg, confidence)
+        reaching = np.nonzero(bounds >= specificity)[0]
+        if not len(reaching):
+            raise ValueError(f"no threshold certifies a specificity of {specificity:.2f} at {confidence:.0%} on the {split} split's {n_neg} negatives "
+                             f"(the bound of {n_neg} of {n_neg} is {lower_bound(n_neg, n_neg, confidence):.3f})")  # fmt: skip
+        chosen = int(reaching.min())
+        name, target_value, count = "specificity", specificity, f"{n_neg} negatives"
+    certified = bool(bounds[chosen] >= target_value)
+    target = f"{name} {target_value:.2f} at {confidence:.0%} confidence on the {split} split ({count})"
+    if not certified:
+        target += f": not certified, the best lower bound is {bounds[chosen]:.3f}"
+    return OperatingPoint(
+        float(candidates[chosen]), target, round(detected[chosen] / n_pos, 4), round(cleared[chosen] / n_neg, 4),
+        float(bounds[chosen]), confidence, certified, split, n_pos, n_neg,
+    )  # fmt: skip
+
+
+def _check_target(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None, specificity: float | None) -> None:
+    if (sensitivity is None) == (specificity is None):
+        raise ValueError("give a target sensitivity or a target specificity")
+    target_value = sensitivity if sensitivity is not None else specificity
+    if not 0 < target_value <= 1:
+        raise ValueError(f"a target sensitivity or specificity lies in (0, 1], got {target_value}")
+    if not np.isfinite(scores).all():
+        raise ValueError("non-finite scores on the held-out split")
+    if positive.all() or not positive.any():
+        raise ValueError("the held-out split needs images with and without pneumonia to place an operating point")

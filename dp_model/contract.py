@@ -8,9 +8,12 @@ What travels with the weights (in ``configs/metadata.json`` under ``deep_pneumon
 * the input geometry and the network's architecture and options;
 * the calibration: a temperature applied to the logits before the softmax or sigmoid;
 * the operating points: "present" (for a stated sensitivity) and "triage" (for a stated
-  specificity), each with the sensitivity and specificity measured on validation;
+  specificity), each placed where a one-sided Clopper-Pearson lower bound reaches its target
+  on the calibration split (bundles written before: the point estimate on validation);
 * the out-of-distribution gate: a threshold on the Mahalanobis distance of the penultimate
-  features, taken from held-out in-distribution images.
+  features, an order statistic of held-out in-distribution images chosen so that its
+  false-rejection rate is bounded with stated confidence;
+* the sizes of the splits that trained, selected, calibrated and tested the model.
 
 The node and evaluation import this module, never the training code. Bundles written
 before a field existed load with the field's default, and :meth:`ModelContract.defaults`
@@ -42,17 +45,31 @@ class OperatingPoint:
     Attributes:
         threshold: "present" (or "flagged") at or above it.
         target: what it was chosen for, in words ("sensitivity 0.90 on validation").
-        sensitivity, specificity: measured on the validation split at ``threshold``
-            (None where not measured).
+        sensitivity, specificity: measured at ``threshold`` on the split that chose it
+            (None where not measured): they chose the point and do not estimate its
+            performance; the model card measures that on test.
+        lower_bound: the one-sided Clopper-Pearson lower bound, at ``confidence``, of the
+            targeted rate on the split that chose it (None: chosen on the point estimate).
+        certified: whether ``lower_bound`` reaches the target (None: not asked).
+        split: the split that chose it; positives, negatives: how many images it held.
     """
 
     threshold: float
     target: str = ""
     sensitivity: float | None = None
     specificity: float | None = None
+    lower_bound: float | None = None
+    confidence: float | None = None
+    certified: bool | None = None
+    split: str = ""
+    positives: int | None = None
+    negatives: int | None = None
 
     def to_json(self) -> dict:
-        return {"threshold": self.threshold, "target": self.target, "sensitivity": self.sensitivity, "specificity": self.specificity}
+        found = {"threshold": self.threshold, "target": self.target, "sensitivity": self.sensitivity, "specificity": self.specificity}
+        extra = {"lower_bound": self.lower_bound, "confidence": self.confidence, "certified": self.certified, "split": self.split,
+                 "positives": self.positives, "negatives": self.negatives}  # fmt: skip
+        return found | {k: v for k, v in extra.items() if v not in (None, "")}
 
     @staticmethod
     def from_json(data: dict) -> OperatingPoint:
@@ -61,8 +78,10 @@ class OperatingPoint:
         threshold = float(data["threshold"])
         if not 0.0 < threshold < 1.0:  # NaN fails this too
             raise ContractError(f"operating point threshold must be between 0 and 1, got {threshold}")
-        sensitivity, specificity = (None if data.get(key) is None else float(data[key]) for key in ("sensitivity", "specificity"))
-        return OperatingPoint(threshold, str(data.get("target", "")), sensitivity, specificity)
+        sensitivity, specificity, bound, confidence = (None if data.get(k) is None else float(data[k]) for k in ("sensitivity", "specificity", "lower_bound", "confidence"))
+        positives, negatives = (None if data.get(k) is None else int(data[k]) for k in ("positives", "negatives"))
+        certified = None if data.get("certified") is None else bool(data["certified"])
+        return OperatingPoint(threshold, str(data.get("target", "")), sensitivity, specificity, bound, confidence, certified, str(data.get("split", "")), positives, negatives)
 
 
 #: The temperatures a contract may hold (the calibration searches within them).
@@ -77,10 +96,16 @@ class OODGate:
     penultimate features to the nearest class mean exceeds ``threshold``.
 
     Attributes:
-        threshold: on the distance; the ``quantile`` of held-out in-distribution distances.
-        quantile: so that about ``1 - quantile`` of in-distribution images are turned away.
+        threshold: on the distance; an order statistic of held-out in-distribution distances.
+        quantile: so that about ``1 - quantile`` of in-distribution images are turned away
+            (for a rank ``r`` of ``n``, ``r / (n + 1)``: the expected share let through).
         held_out: how many held-out images the threshold comes from.
         digest: SHA-256 of ``models/ood.pt`` (the statistics), checked at load.
+        rank: the threshold is the ``rank``-th smallest held-out distance (None: a quantile).
+        false_rejection: the share of in-distribution images turned away is at most this
+            with probability ``confidence`` over the draw of the held-out images (None: not stated).
+        shrinkage: weight of the scaled identity in the covariance (None: not recorded).
+        split: the split the held-out images came from.
     """
 
     threshold: float
@@ -88,9 +113,16 @@ class OODGate:
     held_out: int
     kind: str = "mahalanobis"
     digest: str = ""
+    rank: int | None = None
+    false_rejection: float | None = None
+    confidence: float | None = None
+    shrinkage: float | None = None
+    split: str = ""
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "threshold": self.threshold, "quantile": self.quantile, "held_out": self.held_out, "digest": self.digest}
+        found = {"kind": self.kind, "threshold": self.threshold, "quantile": self.quantile, "held_out": self.held_out, "digest": self.digest}
+        extra = {"rank": self.rank, "false_rejection": self.false_rejection, "confidence": self.confidence, "shrinkage": self.shrinkage, "split": self.split}
+        return found | {k: v for k, v in extra.items() if v not in (None, "")}
 
     @staticmethod
     def from_json(data: dict) -> OODGate:
@@ -98,7 +130,9 @@ class OODGate:
             raise ContractError(f"ood must be an object, not {type(data).__name__}")
         if data.get("kind", "mahalanobis") != "mahalanobis":
             raise ContractError(f"out-of-distribution gate {data.get('kind')!r} is not known (mahalanobis)")
-        gate = OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]), digest=str(data.get("digest", "")))
+        rank, bound, confidence, shrinkage = (None if data.get(k) is None else float(data[k]) for k in ("rank", "false_rejection", "confidence", "shrinkage"))
+        gate = OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]), digest=str(data.get("digest", "")),
+                       rank=None if rank is None else int(rank), false_rejection=bound, confidence=confidence, shrinkage=shrinkage, split=str(data.get("split", "")))  # fmt: skip
         if not (math.isfinite(gate.threshold) and gate.threshold > 0):
             raise ContractError(f"ood threshold must be a finite number above 0, got {gate.threshold}")
         if not 0 < gate.quantile < 1 or gate.held_out < 1:
@@ -177,6 +211,8 @@ class ModelContract:
         calibration: how the temperature was fitted and what it did (for the model card).
         operating_points: "present" and optionally "triage".
         ood: the out-of-distribution gate, or None (no gate: every image is assessed).
+        splits: images in each split (train, validation, calibration, test) and which split
+            chose the temperature, the points and the gate (``"calibrated_on"``).
     """
 
     classes: tuple[str, ...]
@@ -195,6 +231,7 @@ class ModelContract:
     calibration: dict = field(default_factory=dict)
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     ood: OODGate | None = None
+    splits: dict = field(default_factory=dict)
 
     # --- the network and its outputs ------------------------------------------------------------
 
@@ -251,6 +288,12 @@ class ModelContract:
             found.append(f"operating point: {DEFAULT_PRESENT.threshold}")
         if self.ood is None:
             found.append("out-of-distribution gate: none (every image is assessed)")
+        elif self.ood.false_rejection is None:
+            found.append(f"false-rejection bound of the out-of-distribution gate: the {self.ood.quantile:.0%} quantile of {self.ood.held_out} held-out images, no confidence stated")
+        if "present" in self.operating_points and self.present_point.lower_bound is None:
+            found.append("confidence bound of the operating points: point estimates on the split that chose them")
+        if not self.splits:
+            found.append("split sizes: not recorded")
         return found
 
     # --- JSON -------------------------------------------------------------------------------------
@@ -263,7 +306,7 @@ class ModelContract:
             "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
             "pneumonia_classes": list(self.pneumonia), "temperature": self.temperature, "calibration": dict(self.calibration),
             "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
-            "ood": None if self.ood is None else self.ood.to_json(),
+            "ood": None if self.ood is None else self.ood.to_json(), "splits": dict(self.splits),
         }  # fmt: skip
 
     @staticmethod
@@ -275,7 +318,7 @@ class ModelContract:
                 str(data.get("architecture", "resnet18")), dict(data.get("options", {})),
                 _strings(data.get("pneumonia_classes", []), "pneumonia_classes"), float(data.get("temperature", 1.0)), dict(data.get("calibration", {})),
                 {str(k): OperatingPoint.from_json(v) for k, v in _mapping(data.get("operating_points", {}), "operating_points").items()},
-                None if data.get("ood") is None else OODGate.from_json(data["ood"]),
+                None if data.get("ood") is None else OODGate.from_json(data["ood"]), dict(_mapping(data.get("splits", {}), "splits")),
             )  # fmt: skip
         except ContractError:
             raise

@@ -35,13 +35,14 @@ class Predictor:
         self.device = torch.device(device)
         self.statistics = load_feature_statistics(self.root, self.contract, loaded)
         self.assessed: list[bool] = []  # of the images of the last call, as the node's gate decides
+        self.ood_scores: list[float] = []  # of the images of the last call (NaN: no gate, or unreadable)
 
     @torch.no_grad()
     def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
         """Output probabilities of the images that load (NaN rows for the others); the reasons
         of those that do not. :attr:`assessed` says, per image, whether the out-of-distribution
         gate lets it through (as in the node)."""
-        out, problems, self.assessed = [], [], []
+        out, problems, self.assessed, self.ood_scores = [], [], [], []
         for path in paths:
             try:
                 canvas, _, _ = load_letterboxed(path, self.contract.image_size)
@@ -49,12 +50,14 @@ class Predictor:
                 problems.append(str(exc))
                 out.append(np.full(len(self.contract.output_classes), np.nan))
                 self.assessed.append(False)
+                self.ood_scores.append(float("nan"))
                 continue
             with penultimate(self.model) if self.statistics is not None else nullcontext([]) as seen:
                 logits = self.model(canvas[None].to(self.device))
             out.append(self.contract.probabilities(logits)[0].cpu().numpy())
             score = self.statistics.scores(one_pass(seen, 1).to(self.device))[0] if self.statistics is not None else None
             self.assessed.append(score is None or bool(score <= self.contract.ood.threshold))
+            self.ood_scores.append(float("nan") if score is None else float(score))
         return np.asarray(out), problems
 
     def predict_folder(self, input_dir: str, output_dir: str) -> Path:
@@ -87,7 +90,10 @@ class Predictor:
 
     def evaluate_dataset(self, dataset_dir: str, output_dir: str, layout: str = "auto", split: str = "all") -> Path:
         """Metrics of the bundle on a dataset, written as ``metrics.md``: every image, or only
-        those of the bundle's own ``split`` (train, val or test) when it is the data it was trained from."""
+        those of the bundle's own ``split`` (train, val, calibration or test) when it is the data it was trained from.
+
+        ``metrics.md`` holds the network's class metrics and then the served decision
+        (:meth:`served`); ``served.json``, ``scores.npz`` and ``served_reliability.png`` go beside it."""
         from .datasets import read_dataset
         from .datasets.splits import split_subset
         from .metrics import evaluate
@@ -107,6 +113,26 @@ class Predictor:
         report = evaluate(dataset.targets()[keep], scores, self.contract.classes, bootstrap=200)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.md").write_text(report.table() + "\n")
+        served = self.served(dataset, probabilities, keep, out)
+        (out / "metrics.md").write_text(report.table() + "\n\n" + served + "\n")
         logger.info("%d images evaluated, %d unreadable; %s", int(keep.sum()), len(problems), out / "metrics.md")
         return out / "metrics.md"
+
+    def served(self, dataset, probabilities: np.ndarray, keep: np.ndarray, out: Path) -> str:
+        """The node's decision on the readable images of ``dataset`` (:func:`dp_model.served.evaluate_served`),
+        from the probabilities and gate scores of the last :meth:`probabilities` call; writes
+        ``served.json``, ``scores.npz`` (image ids hashed as in ``split.json``) and the reliability
+        diagram into ``out``, and returns the markdown."""
+        from .datasets.splits import hashed_id
+        from .served import evaluate_served, is_pneumonia, reliability_diagram, save_scores, served_decisions
+
+        labels, ood = dataset.targets()[keep], np.asarray(self.ood_scores, np.float64)[keep]
+        ood = None if self.statistics is None else ood
+        report = evaluate_served(probabilities[keep], ood, labels, self.contract)
+        (out / "served.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        ids = [hashed_id(r.image_id) for r, kept in zip(dataset.records, keep) if kept]
+        save_scores(out / "scores.npz", ids, labels, probabilities[keep], ood, self.contract)
+        decided = served_decisions(probabilities[keep], ood, self.contract)
+        truth = is_pneumonia(labels, self.contract)
+        reliability_diagram(decided.pneumonia_probability[decided.assessed], truth[decided.assessed], out / "served_reliability.png", "served P(pneumonia), assessed images")
+        return "## Served decision\n\n" + report.table()

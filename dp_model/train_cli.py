@@ -67,7 +67,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where metrics.md goes (default: <bundle>/eval)")
     p.add_argument("--layout", default="auto", help="dataset layout (default: detected)")
-    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+    p.add_argument("--split", choices=["all", "train", "val", "calibration", "test"], default="all",
                    help="score only the images of the bundle's own split (the data it was trained from); default: every image")
     return p
 

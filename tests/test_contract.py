@@ -56,11 +56,23 @@ def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> No
 
 
 def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> None:
-    old = {k: v for k, v in contract().to_json().items() if k not in ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood")}
+    old = {k: v for k, v in contract().to_json().items() if k not in ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood", "splits")}
     loaded = ModelContract.from_json(old)
     assert loaded.pneumonia == ("lobar", "interstitial") and loaded.temperature == 1.0 and loaded.present_point.threshold == 0.5
-    assert loaded.ood is None and len(loaded.defaults()) == 4
+    assert loaded.ood is None and len(loaded.defaults()) == 5 and "split sizes: not recorded" in loaded.defaults()
     assert ModelContract.from_json(contract(operating_points={"present": OperatingPoint(0.3)}, ood=OODGate(10.0, 0.99, 40)).to_json()).ood == OODGate(10.0, 0.99, 40)
+
+
+def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones_say_what_they_lack() -> None:
+    present = OperatingPoint(0.3, "sensitivity 0.90", 1.0, 0.4, lower_bound=0.905, confidence=0.95, certified=True, split="calibration", positives=30, negatives=20)
+    gate = OODGate(10.0, 0.98, 300, rank=299, false_rejection=0.01, confidence=0.95, shrinkage=0.31, split="calibration")
+    splits = {"train": 200, "validation": 40, "calibration": 40, "test": 48, "calibrated_on": "calibration"}
+    new = contract(operating_points={"present": present}, ood=gate, splits=splits, temperature=1.5, calibration={"split": "calibration"})
+    loaded = ModelContract.from_json(new.to_json())
+    assert loaded.present_point == present and loaded.ood == gate and loaded.splits == splits and loaded.defaults() == []
+    older = new.to_json() | {"operating_points": {"present": {"threshold": 0.3}}, "ood": {"threshold": 10.0, "quantile": 0.99, "held_out": 44}}
+    lacking = ModelContract.from_json(older).defaults()
+    assert any("false-rejection bound" in line and "44 held-out" in line for line in lacking) and any("confidence bound of the operating points" in line for line in lacking)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +94,7 @@ def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> 
         ({"ood": {"threshold": float("nan"), "quantile": 0.99, "held_out": 40}}, "ood threshold"),
         ({"ood": {"threshold": -5, "quantile": 0.99, "held_out": 40}}, "ood threshold"),
         ({"ood": {"threshold": 800, "quantile": 7, "held_out": -3}}, "quantile"),
+        ({"splits": [1, 2]}, "splits"),
     ],
 )
 def test_an_inconsistent_contract_is_refused_with_the_field_named(change: dict, message: str) -> None:

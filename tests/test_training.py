@@ -54,7 +54,8 @@ def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
 @pytest.fixture(scope="module")
 def bundle(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle")
-    train(tiny(dataset_dir, out.parent / "cache"), out)
+    config = tiny(dataset_dir, out.parent / "cache")
+    train(replace(config, data=replace(config.data, calibration_fraction=0.15)), out)  # 12 calibration images: enough for a gate
     return out
 
 
@@ -125,6 +126,30 @@ def test_model_card_warns_and_reports(bundle: Path) -> None:
         assert (bundle / "docs" / picture).stat().st_size > 5000
 
 
+def test_the_card_measures_the_served_decision_on_test_and_its_saved_scores_recompute_it(bundle: Path) -> None:
+    from dp_model.served import evaluate_scores_file
+
+    _, contract = load_bundle(bundle)
+    split = json.loads((bundle / "configs" / "split.json").read_text())
+    sizes = contract.splits
+    assert sizes["calibrated_on"] == "calibration" and {k: sizes[k] for k in ("train", "calibration", "test")} == {k: len(split[k]) for k in ("train", "calibration", "test")}
+    assert contract.present_point.split == "calibration" and contract.present_point.lower_bound is not None
+    assert contract.ood.split == "calibration" and contract.ood.held_out == sizes["calibration"] and contract.ood.false_rejection > 0.01  # 12 images bound little
+    card = (bundle / "docs" / "README.md").read_text()
+    served = card[card.index("## The served decision on the test split") :]
+    assert "Clopper-Pearson" in served and "| present |" in served and "not assessed:" in served and "| number | chosen on | measured on |" in served
+    assert f"calibration ({sizes['calibration']} images)" in served and "Brier" in served
+    assert "sensitivity (validation)" not in card  # the points' own figures are not passed off as validation, or as performance
+    assert (bundle / "docs" / "served_reliability.png").stat().st_size > 5000
+    with np.load(bundle / "docs" / "scores_test.npz", allow_pickle=False) as saved:
+        assert sorted(saved["ids"].tolist()) == sorted(split["test"]) and saved["probabilities"].shape == (len(split["test"]), len(contract.classes))
+        np.testing.assert_allclose(saved["pneumonia_probability"], contract.pneumonia_probability(saved["probabilities"]))
+    for name in ("val", "calibration"):
+        assert (bundle / "docs" / f"scores_{name}.npz").is_file()
+    recomputed = evaluate_scores_file(bundle / "docs" / "scores_test.npz", contract, bootstrap=1000, seed=0)
+    assert recomputed.to_json() == json.loads((bundle / "docs" / "served_test.json").read_text())
+
+
 def test_every_checkpoint_carries_the_runs_configuration(dataset_dir: Path, tmp_path: Path) -> None:
     from dp_model.training.checkpoints import load_checkpoint
 
@@ -149,6 +174,24 @@ def test_evaluate_command_on_the_dataset(bundle: Path, dataset_dir: Path, tmp_pa
     assert (tmp_path / "metrics.md").exists()
 
 
+def test_evaluate_reports_the_served_decision_as_the_node_makes_it(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--split", "test", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "balanced accuracy" in printed and "## Served decision" in printed and "| present |" in printed and "not assessed:" in printed
+    served = json.loads((tmp_path / "served.json").read_text())
+    _, contract = load_bundle(bundle)
+    card = json.loads((bundle / "docs" / "served_test.json").read_text())
+    assert served["thresholds"] == card["thresholds"] and served["all"]["images"] == card["all"]["images"] == contract.splits["test"]
+    assert served["all"]["positives"] == card["all"]["positives"] and served["all"]["present"]["sensitivity"]["low"] is not None
+    with np.load(tmp_path / "scores.npz") as files, np.load(bundle / "docs" / "scores_test.npz") as resident:
+        a, b = np.argsort(files["ids"]), np.argsort(resident["ids"])
+        assert (files["ids"][a] == resident["ids"][b]).all()
+        # The image files are read as floats, the card's copy was kept as 8-bit: the same model says nearly the same.
+        np.testing.assert_allclose(files["probabilities"][a], resident["probabilities"][b], atol=0.05)
+        assert (files["assessed"][a] == resident["assessed"][b]).mean() >= 0.8
+    assert (tmp_path / "served_reliability.png").stat().st_size > 5000
+
+
 def test_evaluate_scores_the_bundles_own_test_split_only(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     split = json.loads((bundle / "configs" / "split.json").read_text())
     assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--layout", "auto", "--split", "test", "--out", str(tmp_path / "test")]) == 0
@@ -165,6 +208,21 @@ def test_evaluate_scores_the_bundles_own_test_split_only(bundle: Path, dataset_d
     capsys.readouterr()
     assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(other), "--split", "test"]) == 2
     assert "none of its 12 images is in the bundle's test split" in capsys.readouterr().err
+
+
+def test_a_calibration_split_comes_out_of_the_training_part_and_leaves_validation_and_test_as_they_were(dataset_dir: Path) -> None:
+    dataset = read_dataset(dataset_dir)
+    shared = DataConfig(root=str(dataset_dir), calibration_fraction=0.0)
+    before = make_splits(dataset, shared, 0)
+    after = make_splits(dataset, replace(shared, calibration_fraction=0.2), 0)
+    assert before.calibration == () and (after.val, after.test) == (before.val, before.test)
+    assert set(after.calibration) | set(after.train) == set(before.train) and not set(after.calibration) & set(after.train)
+    assert abs(len(after.calibration) - 0.2 * (len(before.train) + len(before.val))) <= len(dataset.classes)
+    assert {dataset.records[i].labels for i in after.calibration} == {dataset.records[i].labels for i in after.test}  # stratified: every class
+    counted = make_splits(dataset, replace(shared, calibration_images=15), 0)
+    assert abs(len(counted.calibration) - 15) <= len(dataset.classes)
+    with pytest.raises(ValueError, match="calibration"):
+        make_splits(dataset, replace(shared, calibration_images=len(before.train)), 0)
 
 
 # --- the ablation switches really change what is trained --------------------------------------------

@@ -151,7 +151,8 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
     for row in rows:
         for seed in seeds:
             if seed not in per_seed:
-                splits = make_splits(dataset, config.data, seed)
+                # No row calibrates or places operating points: the calibration images train, as before they existed.
+                splits = make_splits(dataset, replace(config.data, calibration_fraction=0.0, calibration_images=0), seed)
                 data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
                 per_seed[seed] = {"data": data, "train": keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device), "encoder": None, "minutes": 0.0}
             state, key = per_seed[seed], (seed, row.key(config))

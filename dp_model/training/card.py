@@ -9,6 +9,8 @@ from ..bundle import PAPER
 from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
+from ..ood import FALSE_REJECTION
+from ..served import ServedReport
 from . import baselines
 from .config import TrainConfig
 
@@ -105,10 +107,12 @@ def model_card(
     turned_away: float | None = None,
     compared: dict[str, Report] | None = None,
     pretrain_history: list[dict[str, float]] | None = None,
+    served: ServedReport | None = None,
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
-    rows = ["| class | train | validation | test |", "|---|---|---|---|"]
-    rows += [f"| {c} | {counts['train'][c]} | {counts['val'][c]} | {counts['test'][c]} |" for c in dataset.classes]
+    parts_shown = [k for k in ("train", "val", "calibration", "test") if k in counts]
+    rows = ["| class | " + " | ".join(SPLIT_TITLES[k] for k in parts_shown) + " |", "|---|" + "---|" * len(parts_shown)]
+    rows += [f"| {c} | " + " | ".join(str(counts[k][c]) for k in parts_shown) + " |" for c in dataset.classes]
     minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     parts = [
         f"# {contract.name} {contract.version}",
@@ -130,7 +134,10 @@ def model_card(
         "## Data",
         "",
         f"`{Path(config.data.root).name}` ({dataset.name} layout), {len(dataset)} images; {split_method} split "
-        f"(test {config.data.test_fraction:.0%} of each class, validation {config.data.val_fraction:.0%} of the rest).",
+        f"(test {config.data.test_fraction:.0%} of each class, validation {config.data.val_fraction:.0%} of the rest"
+        + (f", calibration {len_of(counts, 'calibration')} images of the rest)." if "calibration" in counts else ").")
+        + " Validation chose the checkpoint; " + ("the calibration split" if "calibration" in counts else "validation too")
+        + " chose the temperature, the operating points and the gate's threshold; test chose nothing.",
         "",
         *rows,
         "",
@@ -143,6 +150,8 @@ def model_card(
         "## Test metrics",
         "",
         "95 % confidence intervals from 1,000 bootstrap resamples of the test images.",
+        "These are the network's own outputs (argmax over the classes, AUCs of each class's probability before "
+        "temperature scaling), not what the node reports: that is under \"The served decision on the test split\".",
         "",
         report.table(),
         "",
@@ -153,6 +162,7 @@ def model_card(
         f"![training curves]({pictures['curves'].name})",
         "",
         *calibration_section(contract, pictures, turned_away),
+        *served_section(contract, served, pictures),
         "## Where the model looks",
         "",
         "Test images with the radiologists' boxes, the Grad-CAM of the predicted class and the model's own map: "
@@ -191,6 +201,49 @@ def model_card(
     return "\n".join(parts)
 
 
+#: Column titles of the splits.
+SPLIT_TITLES = {"train": "train", "val": "validation", "calibration": "calibration", "test": "test"}
+
+
+def len_of(counts: dict[str, dict[str, int]], part: str) -> int:
+    return sum(counts[part].values())
+
+
+def served_section(contract: ModelContract, served: ServedReport | None, pictures: dict[str, Path]) -> list[str]:
+    """What the node reports, measured once on the test split with intervals, and on which
+    split each number was chosen and on which it was measured, as markdown lines."""
+    if served is None:
+        return []
+    sizes = contract.splits
+    where = sizes.get("calibrated_on", "validation")
+    chosen_on = f"{where} ({sizes.get(where, '?')} images)"
+    lines = [
+        "## The served decision on the test split",
+        "",
+        f"What the node reports, measured once on the {served.all.images} test images ({served.all.positives} with pneumonia): the contract's rule "
+        "(`dp_model.contract.decide`) at the bundle's operating points, on the temperature-scaled probabilities, behind the "
+        "out-of-distribution gate. An image the gate stops is not reported positive: on every image it counts as missed if it has "
+        f"pneumonia. Rates with exact (Clopper-Pearson) {served.confidence:.0%} intervals; the AUC with 1,000 bootstrap resamples. "
+        "Per-image scores of every held-out split are in `scores_test.npz`, `scores_val.npz` and `scores_calibration.npz` "
+        "(ids hashed as in `configs/split.json`); `dp_model.served.evaluate_scores_file` recomputes this table from them.",
+        "",
+        served.table(),
+        "",
+        "| number | chosen on | measured on |",
+        "|---|---|---|",
+        f"| checkpoint | validation ({sizes.get('validation', '?')} images) | test: the metrics above |",
+        f"| temperature T = {contract.temperature:.3f} | {chosen_on} | test: Brier, ECE, AUC of the probability of pneumonia |",
+        *(f"| \"{name}\" threshold {p.threshold:.4f} ({p.target}) | {chosen_on} | test: the table above |" for name, p in contract.operating_points.items()),
+        *([f"| gate threshold {contract.ood.threshold:.1f} | {chosen_on} | test: not assessed |"] if contract.ood is not None else []),
+        "",
+    ]
+    if "triage" not in contract.operating_points:
+        lines += [_no_triage(contract, where), ""]
+    if "served_reliability" in pictures:
+        lines += [f"![reliability of the served probability of pneumonia]({pictures['served_reliability'].name})", ""]
+    return lines
+
+
 def calibration_section(contract: ModelContract, pictures: dict[str, Path], turned_away: float | None) -> list[str]:
     """Calibration, operating points and the out-of-distribution gate, as markdown lines."""
     lines = ["## Calibration, operating points, out-of-distribution gate", ""]
@@ -198,7 +251,7 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
     if found:
         b, a = found["test_before"], found["test_after"]
         lines += [
-            f"Temperature scaling on the validation split: T = {contract.temperature:.3f}. Expected calibration error of the "
+            f"Temperature scaling on the {found.get('split', 'validation')} split: T = {contract.temperature:.3f}. Expected calibration error of the "
             f"top-class probability on the {a['images']} test images ({15} bins; 95 % bootstrap intervals): "
             f"{b['ece']:.3f} [{b['ece_low']:.3f}, {b['ece_high']:.3f}] before, {a['ece']:.3f} [{a['ece_low']:.3f}, {a['ece_high']:.3f}] after.",
             "",
@@ -208,12 +261,27 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
         f"Probability of pneumonia: {'the largest' if contract.multi_label else 'the sum'} of the calibrated probabilities of "
         f"{', '.join(contract.pneumonia)}. The node reports pneumonia present at the \"present\" point and raises a triage flag at the \"triage\" point:",
         "",
-        "| operating point | threshold | chosen for | sensitivity (validation) | specificity (validation) |",
+        "| operating point | threshold | chosen for | sensitivity (where chosen) | specificity (where chosen) |",
         "|---|---|---|---|---|",
         *(rows or ["| present | 0.5000 | no operating point could be placed | - | - |"]),
         "",
+        "The sensitivity and specificity in this table are those of the split that chose each point: they placed it and do not "
+        "estimate how it performs. The test split measures that, under \"The served decision on the test split\".",
+        "",
     ]
-    if contract.ood is not None:
+    if contract.ood is not None and contract.ood.false_rejection is not None:
+        gate = contract.ood
+        lines += [
+            f"Out-of-distribution gate: an image whose penultimate features lie farther than {gate.threshold:.1f} (squared Mahalanobis "
+            f"distance to the nearest class mean of the training features, covariance shrunk {gate.shrinkage:.2f} towards a scaled identity "
+            f"by Ledoit-Wolf) is not assessed. The threshold is the {_rank(gate.rank, gate.held_out)} distance of the {gate.held_out} {gate.split} images, "
+            f"so that it turns away at most {gate.false_rejection:.1%} of in-distribution images with {gate.confidence:.0%} confidence"
+            + (f" (too few images for {FALSE_REJECTION:.0%}: that needs {math.ceil(math.log(1 - gate.confidence) / math.log(1 - FALSE_REJECTION))})."
+               if gate.false_rejection > FALSE_REJECTION * 1.001 else ".")
+            + ("" if turned_away is None else f" It turns away {turned_away:.1%} of the test images."),
+            "",
+        ]
+    elif contract.ood is not None:
         share = "" if turned_away is None else f" It turns away {turned_away:.1%} of the held-out test images."
         lines += [
             f"Out-of-distribution gate: an image whose penultimate features lie farther than {contract.ood.threshold:.1f} (squared "
@@ -226,6 +294,29 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
     if "calibration" in pictures:
         lines += [f"![calibration]({pictures['calibration'].name})", ""]
     return lines
+
+
+def _rank(rank: int | None, n: int) -> str:
+    """"the largest", or "the 996th smallest"."""
+    if rank is None or rank >= n:
+        return "largest"
+    suffix = "th" if 10 <= rank % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(rank % 10, "th")
+    return f"{rank}{suffix} smallest"
+
+
+def _no_triage(contract: ModelContract, where: str) -> str:
+    """Why the bundle raises no triage flag, as far as the contract tells."""
+    negatives = contract.present_point.negatives
+    if negatives is None:
+        return "No triage point: the node raises no triage flag."
+    from ..calibration import CONFIDENCE
+    from .calibrate import TRIAGE_SPECIFICITY
+
+    needed = math.ceil(math.log(1 - CONFIDENCE) / math.log(TRIAGE_SPECIFICITY))
+    if negatives < needed:
+        return (f"No triage point, so no triage flag: a specificity of {TRIAGE_SPECIFICITY:.2f} cannot be certified at {CONFIDENCE:.0%} on the "
+                f"{where} split's {negatives} images without pneumonia (it needs at least {needed}).")  # fmt: skip
+    return f"No triage point, so no triage flag: its certified threshold on the {where} split fell below the \"present\" point, or none reached it."
 
 
 def _rate(value: float | None) -> str:

@@ -81,22 +81,45 @@ def keep_boxes(data: Resident, fraction: float, seed: int) -> Resident:
 
 @dataclass(frozen=True)
 class Splits:
-    """Indices into the dataset's records."""
+    """Indices into the dataset's records; ``calibration`` is empty when the temperature,
+    the operating points and the gate are chosen on ``val``."""
 
     train: tuple[int, ...]
     val: tuple[int, ...]
     test: tuple[int, ...]
     method: str
+    calibration: tuple[int, ...] = ()
 
 
 def make_splits(dataset: ChestDataset, config: DataConfig, seed: int) -> Splits:
-    """Test split first (the paper's per-class 10 %), then a validation part of the rest."""
+    """Test split first (the paper's per-class 10 %), then a validation part of the rest,
+    then a calibration part of what is left (:func:`carve_calibration`)."""
     outer = split_dataset(dataset, config.test_fraction, seed, config.split)
     if config.val_fraction <= 0:
-        return Splits(outer.train, (), outer.test, outer.method)
+        return carve_calibration(dataset, Splits(outer.train, (), outer.test, outer.method), config, seed)
     rest = ChestDataset(dataset.name, dataset.root, dataset.classes, dataset.multi_label, tuple(dataset.records[i] for i in outer.train))
     inner = split_dataset(rest, config.val_fraction, seed + 1, outer.method if outer.method != "official" else "auto")
-    return Splits(tuple(outer.train[i] for i in inner.train), tuple(outer.train[i] for i in inner.test), outer.test, outer.method)
+    splits = Splits(tuple(outer.train[i] for i in inner.train), tuple(outer.train[i] for i in inner.test), outer.test, outer.method)
+    return carve_calibration(dataset, splits, config, seed)
+
+
+def carve_calibration(dataset: ChestDataset, splits: Splits, config: DataConfig, seed: int) -> Splits:
+    """``splits`` with a calibration part taken from its training part, stratified (or by
+    patient) as the others: ``calibration_images`` images, or ``calibration_fraction`` of the
+    non-test images. Validation and test stay as they were.
+
+    Raises:
+        ValueError: the calibration part would leave no training images.
+    """
+    non_test = len(splits.train) + len(splits.val)
+    wanted = config.calibration_images or round(config.calibration_fraction * non_test)
+    if wanted <= 0:
+        return splits
+    if wanted >= len(splits.train):
+        raise ValueError(f"a calibration split of {wanted} images leaves none of the {len(splits.train)} training images; lower data.calibration_fraction or data.calibration_images")
+    part = ChestDataset(dataset.name, dataset.root, dataset.classes, dataset.multi_label, tuple(dataset.records[i] for i in splits.train))
+    inner = split_dataset(part, wanted / len(splits.train), seed + 2, splits.method if splits.method != "official" else "auto")
+    return Splits(tuple(splits.train[i] for i in inner.train), splits.val, splits.test, splits.method, tuple(splits.train[i] for i in inner.test))
 
 
 def _decode(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
+from ..served import ServedReport, evaluate_served, is_pneumonia, reliability_diagram, save_scores, served_decisions
 from . import baselines, calibrate, plots
 from .card import DESCRIPTIONS, model_card
 from .config import TrainConfig
@@ -59,12 +60,12 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     dataset = read_dataset(config.data.root, config.data.layout)
     splits = make_splits(dataset, config.data, seed)
     # Stage I needs only the training split; validation and test are decoded for stage II.
-    needed = ("train",) if stages == "pretrain" else ("train", "val", "test")
+    needed = ("train",) if stages == "pretrain" else ("train", "val", "test") + (("calibration",) if splits.calibration else ())
     data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in needed}
     train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
     normal = normal_index(dataset.classes)
     timings["data"] = time.perf_counter() - start
-    logger.info("%s; split %s: %d train, %d val, %d test", dataset.summary(), splits.method, len(splits.train), len(splits.val), len(splits.test))
+    logger.info("%s; split %s: %d train, %d val, %d calibration, %d test", dataset.summary(), splits.method, len(splits.train), len(splits.val), len(splits.calibration), len(splits.test))
     log, close = _tensorboard(out / "logs", runtime)
     history = History()
     checkpoint = out / "checkpoints" / "last.pt"
@@ -179,7 +180,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal],
         config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
         network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
-        round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate,
+        round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate, split_sizes(splits, fitted),
     )  # fmt: skip
     description = DESCRIPTIONS[config.finetune.architecture]
     if config.demo or synthetic:
@@ -202,12 +203,42 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     turned_away = None if test_scores is None or fitted.ood is None else float((test_scores > fitted.ood.threshold).mean())
     if hasattr(model, "class_maps"):
         pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
+    served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
+    pictures["served_reliability"] = docs / "served_reliability.png"
     samples = [dataset.records[i].image for i in splits.test[:3]]
     write_samples(out, samples)
-    counts = {name: dataset.class_counts(getattr(splits, name)) for name in ("train", "val", "test")}
-    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain))
+    parts = ("train", "val", "calibration", "test") if splits.calibration else ("train", "val", "test")
+    counts = {name: dataset.class_counts(getattr(splits, name)) for name in parts}
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain, served))
     # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
-    (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in ("train", "val", "test")}) + "\n")
+    (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in parts}) + "\n")
+
+
+def split_sizes(splits: Splits, fitted: calibrate.Fitted) -> dict:
+    """Images in each split, and the split that chose the temperature, the points and the gate."""
+    sizes = {"train": len(splits.train), "validation": len(splits.val), "calibration": len(splits.calibration), "test": len(splits.test)}
+    return sizes | {"calibrated_on": fitted.calibration.get("split", "validation")}
+
+
+def served_on_test(docs: Path, model, contract: ModelContract, fitted: calibrate.Fitted, data: dict[str, Resident], seed: int) -> ServedReport:
+    """The node's rule measured on the test split, once: ``docs/served_test.json``, the
+    reliability diagram of the probability of pneumonia, and each split's per-image scores
+    (``docs/scores_<split>.npz``, ids hashed as in ``split.json``) to recompute every figure from."""
+    found = {}
+    for name in ("test", "val", "calibration"):
+        if name in data and len(data[name]):
+            probabilities, ood = calibrate.calibrated_outputs(model, data[name], contract, fitted.statistics)
+            labels = data[name].labels.cpu().numpy()
+            save_scores(docs / f"scores_{name}.npz", [hashed_id(i) for i in data[name].ids], labels, probabilities, ood, contract)
+            found[name] = (probabilities, ood, labels)
+    probabilities, ood, labels = found["test"]
+    served = evaluate_served(probabilities, ood, labels, contract, bootstrap=1000, seed=seed)
+    (docs / "served_test.json").write_text(json.dumps(served.to_json(), indent=1) + "\n")
+    decided, truth = served_decisions(probabilities, ood, contract), is_pneumonia(labels, contract)
+    kept = decided.assessed
+    reliability_diagram(decided.pneumonia_probability[kept], truth[kept], docs / "served_reliability.png", f"served P(pneumonia), {int(kept.sum())} assessed test images")
+    logger.info("served decision on test:\n%s", served.table())
+    return served
 
 
 
