@@ -203,6 +203,22 @@ def test_an_image_not_assessed_is_logged_and_audited_without_a_probability(predi
     assert node.metrics.value("processed_total", outcome="not-assessed") == 1
 
 
+def test_the_bundle_runner_states_no_probability_for_an_image_it_does_not_assess(demo_bundle: Path, rg1_path: Path, tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    from dp_model.inference import Predictor
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(rg1_path, tmp_path / "in" / "rg1.dcm")  # a real radiograph: outside the demonstration model's phantoms
+    for sample in sorted((demo_bundle / "samples").glob("*.dcm"))[:1]:
+        shutil.copy(sample, tmp_path / "in")
+    rows = list(csv.reader((Predictor(str(demo_bundle)).predict_folder(str(tmp_path / "in"), str(tmp_path / "out"))).open()))
+    judged = {row[1] == "not assessed": row[2:] for row in rows[1:]}
+    assert set(judged) == {True, False}
+    assert all(cell == "" for cell in judged[True]) and all(cell != "" for cell in judged[False])
+
+
 # --- the training log and the model card ----------------------------------------------------------------
 
 
