@@ -231,6 +231,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_training_log_names_each_split_and_announces_the_plain_baseline(tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from dp_model.training.config import DataConfig, FinetuneConfig, PretrainConfig, RuntimeConfig, TrainConfig
     from dp_model.training.run import train
@@ -242,15 +243,16 @@ def test_the_training_log_names_each_split_and_announces_the_plain_baseline(tiny
     )  # fmt: skip
     train(config, tmp_path / "bundle")
     messages = [r.getMessage() for r in caplog.records]
-    splits = [m for m in messages if " split" in m and " train" in m]
+    splits = [m for m in messages if "split:" in m]
     assert len(splits) == 1 and all(word in splits[0] for word in ("train", "validation", "test")), splits
     epochs = [i for i, m in enumerate(messages) if m.startswith("stage II ")]
-    (heading,) = [i for i, m in enumerate(messages) if "plain ResNet18" in m and "baseline" in m]
+    (heading,) = [i for i, m in enumerate(messages) if m.startswith("baseline: a plain ResNet18")]
     assert epochs[0] < heading < epochs[-1], "the baseline's epochs come after a heading that says whose they are"
     card = (tmp_path / "bundle" / "docs" / "README.md").read_text()
     metadata = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
-    assert "SimCLR" not in card.split("## Intended use")[0] and "SimCLR" not in metadata["description"], "stage I was off"
-    assert "without SimCLR pre-training" in card
+    intro = card.split("## Intended use")[0]
+    assert "pre-trained with SimCLR" not in intro and "without SimCLR pre-training" in intro, "stage I was off"
+    assert "with SimCLR pre-training" not in metadata["description"] and "no SimCLR pre-training" in metadata["description"]
 
 
 def _contract(before: float, after: float) -> SimpleNamespace:
