@@ -1,9 +1,10 @@
 # Deep Pneumonia: set-up, run and test in one place.
 #
-#   make run    set everything up, then start the DICOM node on the embedded default
-#   make test   set everything up, then run the whole test suite
+#   make run    set up what the node needs, then start the DICOM node on the embedded default
+#   make test   set up everything the tests talk to, then run the whole test suite
 #
-# Both create .venv if it is absent and install the Debian tools the tests talk to.
+# Both create .venv if it is absent. `make run` installs only the Python stack and dcmtk;
+# `make test` adds the tools, the PACS and the web viewer the tests check the results in.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,41 +13,61 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 VIEWER := tests/viewer
 VIEWER_STAMP := $(VIEWER)/node_modules/.installed
-# Debian packages the tests talk to: dcmtk (storescu, storescp, echoscu, dsrdump),
-# dicom3tools (dciodvfy, dcentvfy), orthanc (a real PACS) with its DICOMweb plugin, and
-# chromium with nodejs (OHIF, a real web viewer, in a real browser); npm where no npm is
-# on the PATH already (a Node.js from elsewhere brings its own).
-DEBS   := dcmtk dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm)
+# Debian packages. Running the node: dcmtk only, for the README's walkthrough beside the
+# running node (storescu sends, dsrdump and dsr2html read the SR, dcml2pnm draws the overlay).
+# The tests also talk to dicom3tools (dciodvfy, dcentvfy), orthanc (a real PACS) with its
+# DICOMweb plugin, and chromium with nodejs (OHIF, a real web viewer, in a real browser);
+# npm where no npm is on the PATH already (a Node.js from elsewhere brings its own).
+RUN_DEBS := dcmtk
+DEBS     := $(RUN_DEBS) dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
+# PyTorch from another index, before the rest: on a machine without an NVIDIA GPU,
+# `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs the CPU-only wheels
+# (2.14.1+cpu satisfies the ==2.14.1 pin; the Dockerfile does the same) instead of the
+# 4 GB of CUDA libraries that PyPI's torch brings. Empty: PyPI's.
+TORCH_INDEX ?=
+TORCH_PINS  := $(shell grep -E '^torch(vision)?==' requirements/constraints.txt)
 
-DEMO_BUNDLE := $(RUN_DIR)/bundle/configs/metadata.json
+# The demonstration bundle's stamp is named by the content of its two configs: it is
+# trained again when they change, not when a checkout or a copy merely touches them.
+DEMO_CONFIGS := configs/synth_demo.yaml configs/demo.yaml
+DEMO_BUNDLE  := $(RUN_DIR)/bundle/.built-$(shell cat $(DEMO_CONFIGS) | sha256sum | cut -c1-12)
 
-.PHONY: run demo-bundle test venv system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
+.PHONY: run demo-bundle test venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
-# on synthetic phantoms the first time, about two minutes on two cores). Results of the
-# images sent to it appear under runs/node/results/<StudyInstanceUID>/. Ctrl-C stops it.
-# system-deps: the README's walkthrough sends with dcmtk's storescu and reads with dsrdump.
-run: venv system-deps demo-bundle
-	$(VENV)/bin/dp-node --config configs/node.yaml --bundle $(RUN_DIR)/bundle
+# on synthetic phantoms the first time only; `make run` again starts the node at once).
+# Results of the images sent to it appear under runs/node/results/<StudyInstanceUID>/.
+# Ctrl-C stops it.
+# NODE_ARGS: more options, e.g. `make run NODE_ARGS="--port 11113 --metrics-port 8090"`.
+run: venv run-deps demo-bundle
+	$(VENV)/bin/dp-node --config configs/node.yaml --bundle $(RUN_DIR)/bundle $(NODE_ARGS)
 
-demo-bundle: venv $(DEMO_BUNDLE)
+demo-bundle: $(DEMO_BUNDLE)
 
-# Deterministic: rebuilding rewrites the same files.
-$(DEMO_BUNDLE): configs/synth_demo.yaml configs/demo.yaml
+# Deterministic: rebuilding rewrites the same files. Built once per content of its configs
+# (the venv is order-only: reinstalling packages does not retrain); the stamp is written
+# last, so an interrupted training is started again, never served.
+$(DEMO_BUNDLE): | $(STAMP)
+	@echo "==> building the demonstration model (once): synthetic images into $(RUN_DIR)/data, then training into $(RUN_DIR)/bundle"
 	rm -rf $(RUN_DIR)/data $(RUN_DIR)/bundle
 	$(VENV)/bin/dp-synth --config configs/synth_demo.yaml --out $(RUN_DIR)/data --gallery $(RUN_DIR)/gallery.png
 	$(VENV)/bin/dp-train --config configs/demo.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/bundle
+	touch $@
 
 test: venv system-deps viewer-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
 
+# pydicom-data (the [test] extra) is also the walkthrough's: it holds RG1, the real
+# radiograph the README sends to the running node; pytest comes with it (a few MB).
 $(STAMP): pyproject.toml requirements/constraints.txt
+	@echo "==> Python stack into $(VENV) (PyTorch, MONAI, pydicom, pynetdicom ...; several GB with CUDA, minutes the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(if $(TORCH_INDEX),$(PIP) install --index-url $(TORCH_INDEX) $(TORCH_PINS))
+	$(PIP) install -c requirements/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # OHIF's prebuilt viewer and puppeteer-core, exactly as tests/viewer/package-lock.json pins
@@ -54,25 +75,37 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 viewer-deps: $(VIEWER_STAMP)
 
 $(VIEWER_STAMP): $(VIEWER)/package.json $(VIEWER)/package-lock.json | system-deps
+	@echo "==> OHIF viewer and puppeteer-core into $(VIEWER)/node_modules (npm ci)"
 	cd $(VIEWER) && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The Debian packages `make run` needs, and those `make test` needs (sudo when not root).
+run-deps:
+	@$(call apt_install,$(RUN_DEBS))
+
 system-deps:
-	@missing=""; for p in $(DEBS); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	@$(call apt_install,$(DEBS))
+
+# Installs the packages of $(1) that are not installed yet, saying what it does at each step.
+define apt_install
+missing=""; for p in $(1); do \
+  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+done; \
+if [ -n "$$missing" ]; then \
+  echo "==> Debian packages to install:$$missing"; \
+  echo "==> apt-get update"; \
+  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+  echo "==> apt-get install$$missing" && \
+  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+fi
+endef
 
 # Generation speed of the synthetic phantoms; figures go to docs/benchmarks.md.
 benchmark-synth: venv
 	$(PY) benchmarks/synth_speed.py
 
 # Latency, throughput and memory of the node against dcmtk's storescp; figures go to docs/benchmarks.md.
-benchmark-node: venv system-deps demo-bundle
+benchmark-node: venv run-deps demo-bundle
 	$(PY) benchmarks/node_latency.py --bundle $(RUN_DIR)/bundle
 
 # 20,000 mutated PDU streams against the node, legitimate stores between them.
@@ -85,7 +118,7 @@ benchmark-soak: venv demo-bundle
 
 # Data sets of 200 MB arriving at once (the node's memory must not grow with them), one
 # 8192 x 8192 image per decode path (the decode budget's edge) and a batch of them: peak memory.
-benchmark-memory: venv system-deps demo-bundle
+benchmark-memory: venv run-deps demo-bundle
 	$(PY) benchmarks/node_memory.py --bundle $(RUN_DIR)/bundle --senders 4 --json docs/results/node_memory.json
 
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).

@@ -61,7 +61,7 @@ class Predictor:
         return np.asarray(out), problems
 
     def predict_folder(self, input_dir: str, output_dir: str) -> Path:
-        """Write ``predictions.csv`` (file, prediction, probability of each output) for every image in ``input_dir``.
+        """Write ``predictions.csv`` (file, prediction, probability of each output; none when not assessed) for every image in ``input_dir``.
 
         The prediction follows the contract's rule (:meth:`~dp_model.contract.ModelContract.decide`)
         at the bundle's operating point: the normal class, or the pneumonia finding(s) present
@@ -78,7 +78,8 @@ class Predictor:
             writer.writerow(["image", "prediction", *self.contract.output_classes])
             for path, p, assessed in zip(paths, probabilities, self.assessed):
                 label = "unreadable" if np.isnan(p).any() else self._label(p) if assessed else "not assessed"
-                writer.writerow([str(path), label, *(f"{v:.4f}" for v in p)])
+                # Not assessed: no finding and no probability stated, the cells left empty (as in the node's SR).
+                writer.writerow([str(path), label, *(f"{v:.4f}" if assessed else "" for v in p)])
         for problem in problems:
             logger.warning("skipped %s", problem)
         logger.info("predictions for %d images in %s", len(paths), out / "predictions.csv")

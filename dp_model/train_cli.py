@@ -22,12 +22,15 @@ import os
 import sys
 from pathlib import Path
 
-from .bundle import BundleError
+# Light imports only, so that --help and a mistaken argument answer at once: the datasets,
+# the bundle and training bring PyTorch and MONAI (seconds on two cores), after parsing.
 from .config import ConfigError, load_config
-from .datasets import DatasetError
 from .training.config import TrainConfig
 
 logger = logging.getLogger("dp-train")
+
+#: The layouts dp_model.datasets reads, for --help (importing it would take seconds; a test keeps them equal).
+LAYOUT_NAMES = "deep-pneumonia, rsna, nih, pediatric or csv"
 
 OPTIONS = {
     "data": "data.root",
@@ -46,7 +49,7 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dp-train", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML configuration (default: the embedded default)")
     p.add_argument("--data", help="dataset folder or CSV file")
-    p.add_argument("--layout", help="dataset layout (default: detected)")
+    p.add_argument("--layout", help=f"dataset layout: {LAYOUT_NAMES} (default: detected)")
     p.add_argument("--out", type=Path, help="bundle folder to write (default: runs/<name>)")
     p.add_argument("--stages", choices=["all", "pretrain", "finetune"], default="all")
     p.add_argument("--resume", action="store_true", help="continue from the bundle folder's last checkpoint")
@@ -66,7 +69,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where metrics.md goes (default: <bundle>/eval)")
-    p.add_argument("--layout", default="auto", help="dataset layout (default: detected)")
+    p.add_argument("--layout", default="auto", help=f"dataset layout: {LAYOUT_NAMES} (default: detected)")
     p.add_argument("--split", choices=["all", "train", "val", "calibration", "test"], default="all",
                    help="score only the images of the bundle's own split (the data it was trained from); default: every image")
     return p
@@ -89,14 +92,13 @@ def ablation_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"evaluate": (evaluate_parser, _evaluate), "ablation": (ablation_parser, _ablation)}
+    make_parser, command = commands.get(argv[0], (None, None)) if argv else (None, None)
+    args = make_parser().parse_args(argv[1:]) if make_parser else train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        if argv[:1] == ["evaluate"]:
-            return _evaluate(evaluate_parser().parse_args(argv[1:]))
-        if argv[:1] == ["ablation"]:
-            return _ablation(ablation_parser().parse_args(argv[1:]))
-        return _train(train_parser().parse_args(argv))
-    except (ConfigError, DatasetError, BundleError, ValueError, RuntimeError, OSError) as exc:
+        return (command or _train)(args)
+    except (ValueError, RuntimeError, OSError) as exc:  # ConfigError, DatasetError and BundleError among them
         print(f"dp-train: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -112,6 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     first_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 may already be writing
     if first_process and out.exists() and any(out.iterdir()) and not (args.resume or args.force or args.stages == "finetune"):
         raise ConfigError(f"{out} exists and is not empty (use --resume to continue, --force to overwrite)")
+    check_layout(config.data.root, config.data.layout)
     from .training.checkpoints import load_checkpoint
     from .training.run import train  # heavy imports after the arguments are known good
 
@@ -145,11 +148,28 @@ def _ablation(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if not args.bundle.exists():
+        raise ConfigError(f"bundle {args.bundle} does not exist: pass --bundle with a folder dp-train wrote")
     from .inference import Predictor
 
-    path = Predictor(str(args.bundle)).evaluate_dataset(str(args.data), str(args.out or args.bundle / "eval"), args.layout, args.split)
+    predictor = Predictor(str(args.bundle))
+    check_layout(args.data, args.layout)
+    path = predictor.evaluate_dataset(str(args.data), str(args.out or args.bundle / "eval"), args.layout, args.split)
     print(path.read_text())
     return 0
+
+
+def check_layout(root: str | Path, layout: str) -> None:
+    """Recognise the dataset's layout before anything is trained or scored; a folder in none
+    of them gets the option that names one, and its values."""
+    from .datasets import LAYOUTS, DatasetError, detect_layout
+
+    if layout not in (None, "", "auto") or not Path(root).is_dir():
+        return  # a named layout is checked by its reader; a missing folder says so there
+    try:
+        detect_layout(root)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc}: --layout {'|'.join(LAYOUTS)} (config key data.layout)") from exc
 
 
 if __name__ == "__main__":

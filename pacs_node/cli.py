@@ -18,16 +18,18 @@ so that a service manager (systemd, Docker's restart policy) starts it afresh.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
-from pydicom import config as pydicom_config
-
-from dp_model.bundle import BundleError
+# Light imports only: `dp-node --help` and every mistake in the arguments answer at once;
+# PyTorch, MONAI and pydicom (seconds on two cores) come once the arguments are known good.
 from dp_model.config import ConfigError, load_config
 
 from .config import NodeConfig
@@ -84,23 +86,76 @@ def load(args: argparse.Namespace) -> NodeConfig:
     return config
 
 
+def check_bundle(config: NodeConfig) -> None:
+    """A bundle path that names nothing is said so at once, not after PyTorch has loaded."""
+    if not Path(config.bundle).exists():
+        raise ConfigError(f"bundle {config.bundle} does not exist: pass --bundle (config key bundle) with a folder dp-train wrote, or build the demo bundle with `make demo-bundle`")
+
+
+#: The node's listening ports: config key -> (option, what to add to the advice).
+PORTS = {"port": ("--port", ""), "metrics_port": ("--metrics-port", "; -1 turns /health and /metrics off")}
+
+
+def check_ports(config: NodeConfig) -> None:
+    """Bind and listen on the DICOM and metrics ports for a moment, before the model loads.
+
+    A port in use would otherwise surface as a bare ``[Errno 98]`` only after the seconds the
+    model takes to load, without saying which port. Both sockets are held together, so the same
+    port given twice is caught too; they are closed at once (``SO_REUSEADDR``, as both servers
+    set it, so that a port just released by a previous run is not mistaken for one in use).
+    """
+    with ExitStack() as held:
+        for key, host in (("port", config.host), ("metrics_port", config.metrics_host)):
+            port = getattr(config, key)
+            if port <= 0:  # 0: any free port; -1: metrics off
+                continue
+            sock = held.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host.strip("[]"), port))
+                sock.listen(1)
+            except OSError as exc:
+                raise ConfigError(_port_problem(key, host, port, exc)) from exc
+
+
+def _port_problem(key: str, host: str, port: int, exc: OSError) -> str:
+    option, more = PORTS[key]
+    if exc.errno == errno.EADDRINUSE:
+        why = "is in use (another dp-node, or another program)"
+    elif exc.errno == errno.EACCES:
+        why = "needs privileges (a port below 1024)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = f"cannot be opened: {host} is not an address of this machine"
+    else:
+        why = f"cannot be opened ({exc.strerror or exc})"
+    return f"port {port} on {host} {why}: choose another with {option} (config key {key}){more}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.captureWarnings(True)  # warnings go through the logs, where values are withheld
     for chatty in ("pynetdicom", "highdicom"):  # one line per association or module copied is too much
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
+    try:
+        config = load(args)
+        check_bundle(config)
+        check_ports(config)  # before the model's seconds of loading
+    except (ConfigError, OSError, ValueError) as exc:
+        return _fail(exc)
+    from pydicom import config as pydicom_config
+
+    from .node import Node  # heavy imports after the configuration is known good
+
     # Strict writing: an output that is not valid DICOM is an error, never a file sent on.
     pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
     try:
-        config = load(args)
-        from .node import Node  # heavy imports after the configuration is known good
-
         node = Node(config)
         node.start()
-    except (ConfigError, BundleError, OSError, ValueError) as exc:
-        print(f"dp-node: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as exc:  # ConfigError and BundleError are ValueErrors
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:  # taken between the check and now
+            exc = ConfigError(f"a port was taken while the model loaded ({exc.strerror}): DICOM port {config.port} (--port), metrics port {config.metrics_port} (--metrics-port)")
+        return _fail(exc)
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
@@ -113,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dp-node: {node.fatal}; exiting so that the service manager restarts the node", file=sys.stderr)
         return 3
     return 0
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"dp-node: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 def _announce(node, config: NodeConfig) -> None:

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
+if TYPE_CHECKING:  # PyTorch, pydicom and highdicom load after --help has been answered
+    import numpy as np
 
-from .identity import ResultIdentity
-from .overlay import build_overlay
-from .predictor import NodePredictor, prepare
-from .sanitize import clean_source
+    from .predictor import NodePredictor
 
 
 def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     """The RGB overlay the node would send for the image at ``path``."""
+    from pydicom import dcmread
+
+    from .identity import ResultIdentity
+    from .overlay import build_overlay
+    from .predictor import prepare
+    from .sanitize import clean_source
+
     source = dcmread(path)
     prepared = prepare(source, predictor.contract.image_size)
     (prediction,) = predictor.predict([prepared])
@@ -32,10 +35,15 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pacs_node.gallery", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--out", type=Path, default=Path("docs/node_overlay.png"))
     args = parser.parse_args(argv)
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from .predictor import NodePredictor  # PyTorch: seconds, after the arguments
+
     predictor = NodePredictor(args.bundle, "cpu")
     images = [overlay_pixels(predictor, Path(get_testdata_file("RG1_UNCR.dcm"))), overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm")))]
     height = 720

@@ -7,6 +7,7 @@ prints one line either way. The port is ``DP_NODE_METRICS_PORT`` (default 8089) 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -15,6 +16,8 @@ import urllib.request
 
 
 def main(argv: list[str] | None = None) -> int:
+    summary, details = __doc__.split("\n\n", 1)
+    argparse.ArgumentParser(prog="python -m pacs_node.health", description=summary.split(": ", 1)[1].replace("``", ""), epilog=details.replace("``", "")).parse_args(argv)
     host = os.environ.get("DP_NODE_METRICS_HOST", "127.0.0.1")
     port = os.environ.get("DP_NODE_METRICS_PORT", "8089")
     url = f"http://{host}:{port}/health"

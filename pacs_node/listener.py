@@ -721,11 +721,22 @@ class Listener:
         if connection is not None:
             connection.negotiated, connection.active = True, time.monotonic()
             connection.sock.settimeout(self.config.network_timeout_s)
-        refused = [_context_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
+        # A sender proposes each SOP class in one or more presentation contexts (PS3.8 9.3.2.2;
+        # storescu: two each, for every storage class it knows): what was refused is the SOP
+        # class, counted once per association. Refusing what is not a chest radiograph is the
+        # node doing its job, so one short INFO line; the classes at DEBUG, once per peer.
+        refused = sorted({_context_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
         if refused:
+            calling, peer = _calling(event), _peer(event)
             self.metrics.inc("contexts_refused", len(refused))
-            self.audit.write("association", status="contexts-refused", calling_ae=_calling(event), peer=_peer(event), contexts=refused)
-            logger.info("association from %s: %d presentation context(s) refused: %s", _calling(event), len(refused), ", ".join(refused))
+            self.audit.write("association", status="contexts-refused", calling_ae=calling, peer=peer, contexts=refused)
+            logger.info("association from %s: %d proposed SOP class(es) refused (the list: --log-level DEBUG)", calling, len(refused))
+            listed = self.__dict__.setdefault("_refusals_listed", set())  # (caller, peer, classes) already listed
+            if logger.isEnabledFor(logging.DEBUG) and (calling, peer, tuple(refused)) not in listed:
+                if len(listed) >= 1024:  # many peers, or a fuzzer: list again rather than grow
+                    listed.clear()
+                listed.add((calling, peer, tuple(refused)))
+                logger.debug("SOP classes %s at %s proposes and the node refuses: %s", calling, peer, ", ".join(refused))
 
     def _data_received(self, event: evt.Event) -> None:
         """Count the bytes of the data set arriving; cut the association past the size cap."""

@@ -44,7 +44,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "delivery_holds": ("times a destination's deliveries were held until a person acts, by reason (authentication)", ("destination", "reason")),
     "associations_rejected": ("association requests rejected, by reason", ("reason",)),
     "associations_aborted": ("associations the node cut, by reason", ("reason",)),
-    "contexts_refused": ("presentation contexts refused at negotiation", ()),
+    "contexts_refused": ("SOP classes refused at association negotiation, each counted once per association however many presentation contexts proposed it (storescu proposes every storage class: expected, not an error)", ()),
     "protocol_errors": ("malformed or unexpected PDUs and broken connections", ()),
     "thread_restarts": ("worker or sender threads restarted after an unexpected exit", ("thread",)),
     "audit_write_errors": ("audit lines that could not be written at once (kept and retried)", ()),

@@ -371,18 +371,18 @@ class Node:
             result["triage"] = prediction.triage
         if prediction.ood_score is not None:
             result["ood_score"] = round(prediction.ood_score, 2) if np.isfinite(prediction.ood_score) else None
-        if not prediction.assessed:
-            result |= {"label": None, "positive": None, "not_assessed": "out-of-distribution"}
+        if not prediction.assessed:  # no finding asserted, so no probability stated either (as in the SR and SC)
+            result = {k: v for k, v in result.items() if k != "pneumonia_probability"} | {"label": None, "positive": None, "not_assessed": "out-of-distribution"}
         outcome = "not-assessed" if not prediction.assessed else "positive" if prediction.positive else "negative"
         self.metrics.inc("processed", outcome=outcome)
         if prediction.triage:
             self.metrics.inc("triage_flags")
         if not prediction.assessed:
             self.metrics.inc("out_of_distribution")
+        said = f"{prediction.label}, pneumonia {100 * prediction.pneumonia_probability:.0f}%" if prediction.assessed else "not assessed (outside the training distribution)"
         logger.info(
-            "%s: %s, pneumonia %.0f%%%s, %d region(s), %.0f ms; %s",
-            item.sop_instance_uid, prediction.label if prediction.assessed else "not assessed (outside the training distribution)",
-            100 * prediction.pneumonia_probability, ", TRIAGE" if prediction.triage else "", len(prediction.boxes), 1000 * item.timings["total"], delivery,
+            "%s: %s%s, %d region(s), %.0f ms; %s",
+            item.sop_instance_uid, said, ", TRIAGE" if prediction.triage else "", len(prediction.boxes), 1000 * item.timings["total"], delivery,
         )  # fmt: skip
         note = item.clean.note if item.clean else ""
         self._audit(item, "processed", result=result, outputs=outputs, delivery=delivery, detail=note or None)

@@ -113,7 +113,7 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
     [
         (["--port", "-5", "--bundle", "x"], "port must be from 0"),
         (["--destination", "nonsense", "--bundle", "x"], "destination must be AET@host:port"),
-        (["--bundle", "/no/such/bundle", "--port", "0", "--metrics-port", "-1"], "not a Deep Pneumonia bundle"),
+        (["--bundle", "/no/such/bundle", "--port", "0", "--metrics-port", "-1"], "bundle /no/such/bundle does not exist"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_code_2(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

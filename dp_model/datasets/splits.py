@@ -116,7 +116,7 @@ def _finish(dataset: ChestDataset, test: list[int], method: str) -> Split:
     chosen = set(test)
     train = tuple(i for i in range(len(dataset.records)) if i not in chosen)
     split = Split(train, tuple(sorted(chosen)), method)
-    logger.info("%s split: %d train, %d test images", method, len(split.train), len(split.test))
+    logger.debug("%s split: %d images kept, %d held out", method, len(split.train), len(split.test))  # test or validation: the caller says
     return split
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..bundle import PAPER
+from ..bundle import PAPER, SCHEMA_FILE
 from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
@@ -32,6 +32,31 @@ DESCRIPTIONS = {
     "cia_net": "CIA-Net: contrast-induced attention against the most similar normal image, an alignment module towards a canonical chest, "
     "and a class-aware grid trained with box-level and MIL losses, so that images without boxes train too.",
 }
+
+
+#: Each classification loss, in words.
+LOSSES = {"ce": "cross-entropy", "focal": "a focal loss", "cb_focal": "a class-balanced focal loss", "sqrt_focal": "a focal loss with 1/sqrt(n) class weights"}
+
+
+def pretrained(config: TrainConfig) -> bool:
+    """Whether stage I (SimCLR) gave stage II its encoder (as :func:`~dp_model.training.run.train` decides)."""
+    return config.pretrain.enabled and config.pretrain.epochs > 0
+
+
+def _techniques(config: TrainConfig) -> str:
+    """What stage II of the Deep Pneumonia ResNet18 was trained with, as this config says."""
+    m = config.finetune.mgacr
+    mgacr = {(True, True): "mask-guided attention with contrastive regulation (MGACR)", (True, False): "mask-guided attention (no contrastive regulation)",
+             (False, True): "feature contrastive regulation (no mask-guided attention)", (False, False): "no mask-guided attention"}[(m.attention, m.feature_cr)]  # fmt: skip
+    return f"{mgacr} and {LOSSES[config.finetune.loss.kind]}"
+
+
+def describe(config: TrainConfig) -> str:
+    """One line for metadata.json: the architecture's description, true to this run's switches."""
+    if config.finetune.architecture != "resnet18":
+        return DESCRIPTIONS[config.finetune.architecture]
+    stage_one = "SimCLR pre-training" if pretrained(config) else "no SimCLR pre-training (stage I off)"
+    return f"Deep Pneumonia: ResNet18 with {stage_one}, {_techniques(config)}."
 
 
 def _recipe(config: TrainConfig) -> list[str]:
@@ -119,9 +144,9 @@ def model_card(
         "",
         *warning,
         (
-            "Pneumonia type recognition on frontal chest radiographs: a ResNet18 pre-trained with SimCLR on the "
-            "training images, then trained with mask-guided attention and contrastive regulation (MGACR) and a "
-            f"class-balanced focal loss, after {PAPER}"
+            "Pneumonia type recognition on frontal chest radiographs: a ResNet18 "
+            + ("pre-trained with SimCLR on the training images, then trained" if pretrained(config) else "trained from scratch, without SimCLR pre-training (stage I was off),")
+            + f" with {_techniques(config)}, after {PAPER}"
             if contract.architecture == "resnet18"
             else f"Pneumonia type recognition on frontal chest radiographs. {DESCRIPTIONS[contract.architecture]}"
         ),
@@ -184,8 +209,14 @@ def model_card(
         "",
         "## Use",
         "",
+        "In this folder, with the Deep Pneumonia virtualenv active (`. <repository>/.venv/bin/activate`: MONAI and the "
+        "network's code live there); the second command checks `configs/metadata.json` against MONAI's schema offline, "
+        "with the copy kept in the package:",
+        "",
         "```bash",
         "python -m monai.bundle run --config_file configs/inference.json --bundle_root . --input_dir samples --output_dir eval",
+        "python -m monai.bundle verify_metadata --meta_file configs/metadata.json \\",
+        f"    --filepath \"$(python -c \"from importlib.resources import files; print(files('dp_model.schemas') / '{SCHEMA_FILE}')\")\"",
         "```",
         "",
         "```python",
@@ -253,7 +284,8 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
         lines += [
             f"Temperature scaling on the {found.get('split', 'validation')} split: T = {contract.temperature:.3f}. Expected calibration error of the "
             f"top-class probability on the {a['images']} test images ({15} bins; 95 % bootstrap intervals): "
-            f"{b['ece']:.3f} [{b['ece_low']:.3f}, {b['ece_high']:.3f}] before, {a['ece']:.3f} [{a['ece_low']:.3f}, {a['ece_high']:.3f}] after.",
+            f"{b['ece']:.3f} [{b['ece_low']:.3f}, {b['ece_high']:.3f}] before, {a['ece']:.3f} [{a['ece_low']:.3f}, {a['ece_high']:.3f}] after."
+            + _calibration_verdict(b, a, found.get('split', 'validation')),
             "",
         ]
     rows = [f"| {name} | {p.threshold:.4f} | {p.target} | {_rate(p.sensitivity)} | {_rate(p.specificity)} |" for name, p in contract.operating_points.items()]
@@ -317,6 +349,19 @@ def _no_triage(contract: ModelContract, where: str) -> str:
         return (f"No triage point, so no triage flag: a specificity of {TRIAGE_SPECIFICITY:.2f} cannot be certified at {CONFIDENCE:.0%} on the "
                 f"{where} split's {negatives} images without pneumonia (it needs at least {needed}).")  # fmt: skip
     return f"No triage point, so no triage flag: its certified threshold on the {where} split fell below the \"present\" point, or none reached it."
+
+
+def _calibration_verdict(before: dict, after: dict, split: str = "validation") -> str:
+    """A word when temperature scaling did not lower the test error (a number left alone reads as a success)."""
+    if after["ece"] <= before["ece"]:
+        return ""
+    overlap = after["ece_low"] <= before["ece_high"] and before["ece_low"] <= after["ece_high"]
+    return (
+        f" **Calibration did not help on the test images: the error rose from {before['ece']:.3f} to {after['ece']:.3f}**"
+        + ("; the intervals overlap, so the change is within what so few test images can tell apart" if overlap else "")
+        + f". The temperature fitted on the {split} split does not carry over to the test split; "
+        "read the probabilities as scores, not as frequencies."
+    )
 
 
 def _rate(value: float | None) -> str:

@@ -21,7 +21,7 @@ from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
 from ..served import ServedReport, evaluate_served, is_pneumonia, reliability_diagram, save_scores, served_decisions
 from . import baselines, calibrate, plots
-from .card import DESCRIPTIONS, model_card
+from .card import describe, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, keep_boxes, load_split, make_splits
 from .checkpoints import History, load_checkpoint, save_checkpoint
@@ -65,7 +65,8 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
     normal = normal_index(dataset.classes)
     timings["data"] = time.perf_counter() - start
-    logger.info("%s; split %s: %d train, %d val, %d calibration, %d test", dataset.summary(), splits.method, len(splits.train), len(splits.val), len(splits.calibration), len(splits.test))
+    logger.info("%s", dataset.summary())
+    logger.info("%s split: %d train, %d validation, %d calibration, %d test images", splits.method, len(splits.train), len(splits.val), len(splits.calibration), len(splits.test))
     log, close = _tensorboard(out / "logs", runtime)
     history = History()
     checkpoint = out / "checkpoints" / "last.pt"
@@ -111,6 +112,8 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
 def _baselines(config: TrainConfig, train_data: Resident, data: dict[str, Resident], classes: tuple[str, ...], runtime: Runtime, validate) -> dict[str, Report]:
     """The plain ResNet18 (same split, epochs, batch and optimiser), the majority class and chance, on the test split."""
     seed = config.runtime.seed
+    # Its epoch lines read like the model's ("stage II 1/N"): say whose they are.
+    logger.info("baseline: a plain ResNet18 (cross-entropy, no augmentation, no MGACR), same split, %d epochs, from scratch", config.finetune.epochs)
     plain = finetune(baselines.plain_recipe(config.finetune), train_data, data["val"], list(classes), runtime, seed, evaluate=validate)
     model = plain.model.cpu()
     model.load_state_dict(plain.best_state)
@@ -182,7 +185,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
         round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate, split_sizes(splits, fitted),
     )  # fmt: skip
-    description = DESCRIPTIONS[config.finetune.architecture]
+    description = describe(config)
     if config.demo or synthetic:
         description = "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
     # Where the data came from, by layout and folder name: an absolute path says too much about a site.
