@@ -70,6 +70,7 @@ _config.VALIDATORS["UI"] = lambda value: (True, "")
 config.settings.writing_validation_mode = config.IGNORE
 port, called, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 ae = AE(ae_title="MODALITY")
+ae.dimse_timeout = 10
 ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
 assoc = ae.associate("127.0.0.1", port, ae_title=called)
 assert assoc.is_established
@@ -85,13 +86,35 @@ def test_a_c_store_whose_instance_uid_is_too_long_is_refused_by_name_and_the_ass
     """pynetdicom drops a command whose Affected SOP Instance UID is past 64 characters (PS3.5
     9.1) and aborts the association. The node answers it, 0xC000 cannot understand (PS3.4
     B.2.3), writes an audit line, and takes the next image on the same association."""
-    long_one = chest_dataset(seed=0)
+    bad = chest_dataset(seed=0)
     with lenient_writing():
-        long_one.SOPInstanceUID = long_one.file_meta.MediaStorageSOPInstanceUID = LONG_UID
-    files = [write_raw(long_one, tmp_path / "long.dcm"), write_raw(chest_dataset(seed=1), tmp_path / "next.dcm")]
+        bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = LONG_UID
+    files = [write_raw(bad, tmp_path / "bad.dcm"), write_raw(chest_dataset(seed=1), tmp_path / "next.dcm")]
     run = subprocess.run([sys.executable, "-c", UNCHECKED_SENDER, str(node.port), node.config.ae_title, *map(str, files)], capture_output=True, text=True, timeout=60)
     assert [int(line) for line in run.stdout.split()] == [0xC000, 0x0000], run.stdout + run.stderr
     wait_for(lambda: final_lines(node, "processed"), 30, "the next image processed")
     refused = [line for line in audit_lines(node) if line["event"] == "store-refused"]
-    assert [(line["reason"], line["status_code"]) for line in refused] == [("invalid-uid", "0xC000")]
+    assert [(line["reason"], line["status_code"], bool(line.get("sop_instance_uid"))) for line in refused] == [("invalid-uid", "0xC000", False)]
     assert LONG_UID not in node.config.audit_path.read_text()
+
+
+def test_a_command_whose_class_uid_is_not_valid_is_served_under_its_presentation_context() -> None:
+    """Both command UIDs are checked by pynetdicom; a bad SOP Class UID takes the context's own,
+    so that the storage service answers (and refuses it by name)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.presentation import build_context
+
+    from pacs_node.listener import INVALID_UID_STAND_IN, stand_in_for_invalid_uids
+
+    class Message:
+        context_id, command_set = 3, Dataset()
+
+    context = build_context("1.2.840.10008.5.1.4.1.1.1")
+    context.context_id = 3
+    assoc = type("Assoc", (), {"accepted_contexts": [context]})()
+    with lenient_writing():
+        Message.command_set.CommandField, Message.command_set.AffectedSOPClassUID = 0x0001, LONG_UID
+        Message.command_set.AffectedSOPInstanceUID = "1.2.3.4"
+    stand_in_for_invalid_uids(Message, assoc)
+    assert Message.command_set.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.1"
+    assert Message.command_set.AffectedSOPInstanceUID == INVALID_UID_STAND_IN
