@@ -476,3 +476,23 @@ def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_au
         node.stop()
         pacs.stop()
 
+
+
+def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest() -> None:
+    """Batched inference is not bit-exact: the same image alone and in a batch comes out a few
+    1e-8 apart. That is not a correction; a number the results state differently is."""
+    import numpy as np
+
+    from pacs_node.node import _content_digest
+    from pacs_node.prediction import Prediction
+    from pacs_node.sanitize import clean_source
+
+    source = clean_source(chest_dataset()).dataset
+
+    def saying(pneumonia: float) -> Prediction:
+        probabilities = np.array([1 - pneumonia, pneumonia], dtype=np.float32)
+        return Prediction(("normal", "pneumonia"), probabilities, "normal", 0.5, np.zeros((4, 4)), np.zeros((0, 4)))
+
+    alone, batched = saying(0.0181415 - 3e-8), saying(0.0181415 + 3e-8)  # across a rounding boundary at six decimals
+    assert _content_digest(source, alone) == _content_digest(source, batched)
+    assert _content_digest(source, saying(0.0182)) != _content_digest(source, alone)  # the SR would say 1.82 %, not 1.81 %
