@@ -52,8 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    UID,
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -84,6 +86,7 @@ from .audit import AuditLog, Bursts, safe_uid
 from .config import NodeConfig
 from .logs import Throttle, describe
 from .metrics import Metrics
+from .sanitize import derived_uid
 from .spool import Receipt, Spool, atomic_file, is_transient
 from .status import StoreStatus
 
@@ -763,6 +766,7 @@ class Listener:
         event.assoc.abort(block=False)
 
     def _message_received(self, event: evt.Event) -> None:
+        stand_in_for_invalid_uids(event.message, event.assoc)
         connection = self.connections.of(event.assoc)
         if connection is not None:
             connection.receiving, connection.active = 0, time.monotonic()
@@ -838,9 +842,11 @@ class Listener:
     def handle_echo(self, event: evt.Event) -> int:
         return StoreStatus.SUCCESS
 
-    def handle_store(self, event: evt.Event) -> int:
+    def handle_store(self, event: evt.Event) -> int | Dataset:
         """PS3.4 B.2.3: success only once the instance is durable in the spool; every refusal recorded."""
         calling, peer, uid = _calling(event), _peer(event), str(event.request.AffectedSOPInstanceUID or "").strip(" \x00")
+        if uid == INVALID_UID_STAND_IN:
+            return _echoing_no_uid(self._refused(Refusal(StoreStatus.CANNOT_UNDERSTAND, "invalid-uid"), calling, peer, ""))
         try:
             refusal = self.gate() or self._receive(event, calling, peer, uid)
         except Exception as exc:  # noqa: BLE001 - the one place an exception becomes a status
@@ -948,6 +954,56 @@ class Listener:
     def protocol_error(self, what: str) -> None:
         self.metrics.inc("protocol_errors")
         logger.info("%s", what)
+
+
+#: Put in place of a C-STORE command's Affected SOP Instance UID that pynetdicom would not
+#: take (see :func:`stand_in_for_invalid_uids`); no sender has it (a 2.25 UID derived from a sentence).
+INVALID_UID_STAND_IN = derived_uid("pacs_node", "C-STORE command", "Affected SOP Instance UID not valid")
+#: CommandField of a C-STORE-RQ (PS3.7 E.1).
+C_STORE_RQ = 0x0001
+
+
+def stand_in_for_invalid_uids(message, assoc) -> None:
+    """Let a C-STORE whose command UIDs pynetdicom would refuse reach the handler, to be refused by name.
+
+    PS3.7 9.3.1.1: the Affected SOP Class and Instance UIDs of a C-STORE-RQ are UIs, at most
+    64 characters (PS3.5 9.1). pynetdicom 3 checks them while turning the decoded message into
+    its primitive (``dimse_primitives`` setters via ``utils.set_uid``); one that fails raises
+    there, in ``DIMSEServiceProvider.receive_primitive``, which aborts the association: the
+    sender gets no status, the node writes no audit line, and the images queued behind it on
+    that association are lost to it. Called from EVT_DIMSE_RECV, which comes just before that
+    conversion: a UID pynetdicom's own validator refuses (or an absent one) is replaced, the
+    instance UID by :data:`INVALID_UID_STAND_IN` and the class UID by the abstract syntax of
+    the presentation context, so that :meth:`Listener.handle_store` answers 0xC000 (cannot
+    understand, PS3.4 B.2.3) and the association goes on.
+    """
+    command = getattr(message, "command_set", None)
+    if command is None or command.get("CommandField") != C_STORE_RQ:
+        return
+    replace = {keyword: not _valid_command_uid(command, keyword) for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID")}
+    if replace["AffectedSOPClassUID"]:
+        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id), None)
+        if context is None:
+            return  # no context either: pynetdicom aborts, as for any message on an unknown context
+        command.AffectedSOPClassUID = context.abstract_syntax
+    if any(replace.values()):
+        command.AffectedSOPInstanceUID = INVALID_UID_STAND_IN
+
+
+def _valid_command_uid(command, keyword: str) -> bool:
+    value = command.get(keyword)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return isinstance(value, str) and _config.VALIDATORS["UI"](UID(value.strip(" \x00")))[0]
+
+
+def _echoing_no_uid(status: int) -> Dataset:
+    """A C-STORE response status without the command's UIDs (both U(=) in the response, PS3.7 9.1.1.1):
+    the node never echoes the stand-in of a UID it could not take."""
+    response = Dataset()
+    response.Status = int(status)
+    response.AffectedSOPClassUID = response.AffectedSOPInstanceUID = None
+    return response
 
 
 def check_header(path: Path, sop_class: str, sop_instance: str) -> Refusal | None:

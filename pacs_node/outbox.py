@@ -13,12 +13,33 @@ destination that is down delays only its own outbox (pynetdicom itself has no re
 gateway that retries a bad destination in a tight loop starves the rest).
 
 A sender never dies of what a destination or a file does: every failure is recorded and
-retried or dead-lettered, and the loop goes on. Each delivery leaves a small marker in
-``outbox/<destination>/.delivered/`` (kept for ``dead_letter_after_s``), so an image
-processed again after a crash does not send results the destination already has. An object
-that was on the wire when the process died, or that got no answer, is in doubt: before
-sending it again, the sender asks the destination whether it has it (C-FIND where it
-answers queries, QIDO-RS).
+retried or dead-lettered, and the loop goes on; whatever goes wrong while one file is
+prepared costs that file alone. Each delivery leaves a small marker in
+``outbox/<destination>/.delivered/<SOPInstanceUID>`` holding the content digest sent (kept
+for ``dead_letter_after_s``), so an image processed again after a crash does not send results
+the destination already has. An object that was on the wire when the process died, or that
+got no answer, is in doubt (``.delivered/<entry>.sending``): before sending it again, the
+sender asks the destination whether it has it (C-FIND where it answers queries, QIDO-RS).
+
+Entries, exactly once. A result is written as an entry of its own,
+``<SOPInstanceUID>_<n>.dcm`` with a sidecar ``<SOPInstanceUID>_<n>.json`` (its source, the
+node's content digest, and the SHA-256 and size of the file's exact bytes), ``n`` one more
+than the newest entry of that UID still in the outbox. An entry is never rewritten: a result
+corrected while the one before is on the wire is another entry, sent after it, and the first
+one's success can neither count for it nor remove it. One lock per outbox makes the check
+and the write of :meth:`DestinationSender.put` atomic with the sender's ledger-write-and-unlink
+of a delivery: a result identical to the newest entry of its UID, or (with none waiting) to
+what the ledger says was delivered, is not written again, so the same image sent twenty
+times in quick succession gives each result once whatever the timing. An entry superseded
+by a newer one of the same UID before it was delivered is dropped, never sent (the newer
+one is what the destination must end up with). Files of the layout before (``<UID>.dcm``)
+are adopted as entry 0 at start, after a structural check, their in-doubt markers with them.
+
+Integrity. The outbox trusts none of its files: before each send (and before asking about
+an object in doubt) the file's bytes are checked against the digest recorded at hand-over.
+A file cut short, changed, or whose sidecar is missing or unreadable goes to dead letters
+(reason ``integrity``) with an audit line, and never holds up what is queued behind it; a
+truncated SR that still parses is never delivered.
 
 A destination that refuses the node's credentials (HTTP 401, 403) holds its results: they
 stay in the outbox, tried again with backoff, ``/health`` says why and an audit line says so
@@ -27,9 +48,12 @@ once; mended credentials are used at the next try, with no restart.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -37,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .config import Destination, OutboxConfig, WebDestination
@@ -116,33 +141,76 @@ class DestinationSender:
         self.stats = DeliveryStats()
         self.transport = open_transport(destination, calling_ae, config, tls, timeout_s)
         self._attempts: dict[str, _Attempts] = {}
+        self._lock = threading.Lock()  # put's check-and-write against a delivery's ledger-write-and-unlink
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._retry_after = 0.0
         self._wire_started: float | None = None
         self._thread = self._new_thread()
         self.forget_old_deliveries()
+        for legacy in [p for p in self.folder.glob("*.dcm") if _LEGACY.fullmatch(p.stem)]:
+            try:
+                self._adopt(legacy)
+            except OSError as exc:  # a full disk: it stays as it is, not sent, until a start that can adopt it
+                logger.warning("%s: could not adopt %s from the outbox layout before (%s)", destination, legacy.name, describe(exc))
         for orphan in self.folder.glob("*.json"):  # a sidecar whose object was never written (a full disk)
             if not orphan.with_suffix(".dcm").exists():
                 orphan.unlink(missing_ok=True)
 
     def put(self, dataset: Dataset, source_uid: str, digest: str = "") -> Path | None:
-        """Write a result durably into this destination's outbox; None when the destination
-        already has it, the same content (``digest``) under the same UID.
+        """Write a result durably into this destination's outbox as a new entry; the entry that
+        will carry it, or None when the destination already has it (see the module).
 
-        An image processed again after a crash gives the same result: it is not sent twice.
-        An image sent again with corrected patient data gives another digest: the corrected
-        result is sent.
+        An image processed again after a crash gives the same result, the same content
+        (``digest``) under the same UID: it is not sent twice. An image sent again with
+        corrected patient data gives another digest: the corrected result is sent, after any
+        entry of the same UID already on the wire. Without a digest, every put is sent.
         """
-        path = self.folder / f"{dataset.SOPInstanceUID}.dcm"
-        if digest and _read(self.ledger / path.stem) == digest:
-            return None
-        # The sidecar first: the sender picks up *.dcm, and must find its source beside it.
-        with atomic_file(path.with_suffix(".json")) as handle:
-            handle.write(json.dumps({"source": source_uid, "digest": digest}).encode())
-        with atomic_file(path) as handle:
-            dataset.save_as(handle, enforce_file_format=True)
+        uid = str(dataset.SOPInstanceUID)
+        data = _encoded(dataset)
+        with self._lock:
+            entries = self._entries_of(uid)
+            if digest and entries and self._sidecar(entries[-1]).get("digest") == digest:
+                return entries[-1]  # the same result is waiting, or on the wire
+            if digest and not entries and _read(self.ledger / uid) == digest:
+                return None
+            path = self.folder / f"{uid}_{_sequence(entries[-1]) + 1 if entries else 1}.dcm"
+            # The sidecar first: the sender picks up *.dcm, and must find its source and digest beside it.
+            sidecar = {"source": source_uid, "digest": digest, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            with atomic_file(path.with_suffix(".json")) as handle:
+                handle.write(json.dumps(sidecar).encode())
+            with atomic_file(path) as handle:
+                handle.write(data)
         return path
+
+    def _entries_of(self, uid: str) -> list[Path]:
+        """The entries of ``uid`` in the outbox, oldest first."""
+        prefix = f"{uid}_"
+        found = [self.folder / e.name for e in os.scandir(self.folder) if e.name.startswith(prefix) and e.name.endswith(".dcm")]
+        return sorted((p for p in found if _uid_of(p) == uid), key=_sequence)
+
+    def _adopt(self, path: Path) -> None:
+        """Make a file of the layout before (``<UID>.dcm``, a sidecar without a file digest) entry 0
+        of its UID, its in-doubt marker with it. Its bytes were never recorded: a structural check
+        (it parses, and is the instance its name says) stands in for the digest, this once."""
+        uid, target = path.stem, self.folder / f"{path.stem}_0.dcm"
+        try:
+            data = path.read_bytes()
+            problem = _not_the_instance(data, uid)
+        except OSError as exc:
+            problem = f"unreadable ({describe(exc)})"
+        if problem:
+            self._dead_letter(path, "integrity", f"outbox file from before the upgrade: {problem}")
+            return
+        sidecar = self._sidecar(path) | {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        with atomic_file(target.with_suffix(".json")) as handle:
+            handle.write(json.dumps(sidecar).encode())
+        marker = self.ledger / f"{uid}.sending"
+        if marker.exists():  # before the file: a crash in between leaves the marker where the entry will be
+            os.replace(marker, self._sending_marker(target))
+        os.replace(path, target)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        fsync_dir(self.folder)
 
     def prune_dead_letters(self, days: float, max_mb: int) -> int:
         """Apply the retention limits to this destination's dead letters; the number removed."""
@@ -159,7 +227,41 @@ class DestinationSender:
                 continue
 
     def pending(self) -> list[Path]:
-        return sorted((p for p in self.folder.glob("*.dcm")), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        """The entries waiting (and the one on the wire), oldest first."""
+        with self._lock:
+            return self._listing()
+
+    def _listing(self) -> list[Path]:
+        """Every ``*.dcm`` but files of the layout before not yet adopted (see ``__init__``)."""
+        stamped = []
+        for entry in os.scandir(self.folder):
+            if entry.name.endswith(".dcm") and not _LEGACY.fullmatch(entry.name[:-4]):
+                try:
+                    stamped.append((entry.stat().st_mtime_ns, entry.name))
+                except OSError:  # gone since the listing
+                    continue
+        return [self.folder / name for _, name in sorted(stamped)]
+
+    def _take(self) -> list[Path]:
+        """The entries to send now, oldest first; entries superseded by a newer one of the same
+        UID are dropped (never sent: the destination must end up with the newer)."""
+        with self._lock:
+            entries = self._listing()
+            newest: dict[str, Path] = {}
+            for path in entries:
+                if _sequence(path) >= _sequence(newest.get(_uid_of(path), path)):
+                    newest[_uid_of(path)] = path
+            for path in entries:
+                if newest[_uid_of(path)] is not path:
+                    self._drop(path)
+        return [path for path in entries if newest[_uid_of(path)] is path]
+
+    def _drop(self, path: Path) -> None:
+        """Remove a superseded entry (the caller holds the lock)."""
+        for part in (self._sending_marker(path), path, path.with_suffix(".json")):
+            part.unlink(missing_ok=True)
+        self._attempts.pop(path.name, None)
+        logger.info("%s: %s superseded by a newer result of the same instance before it was delivered; not sent", self.destination, path.stem)
 
     def wake(self) -> None:
         self._wake.set()
@@ -214,7 +316,7 @@ class DestinationSender:
 
     def _round(self) -> bool | None:
         """One batch: True when the destination was reached, False when not, None when idle."""
-        files = self.pending()
+        files = self._take()
         self.stats.backlog = len(files)
         if not files:
             self._wake.wait(1.0)
@@ -232,6 +334,9 @@ class DestinationSender:
 
     def _send_batch(self, files: list[Path]) -> bool:
         """Send ``files`` over one link; False when the destination could not be reached or used."""
+        files = [path for path in files if self._intact(path)]
+        if not files:
+            return True
         in_doubt = {path for path in files if self._sending_marker(path).exists()}
         try:
             link = self.transport.open(ask=bool(in_doubt))
@@ -248,8 +353,8 @@ class DestinationSender:
         """Ask about the objects in doubt, send the rest; False when the link broke or the destination was unavailable."""
         todo = []
         for path in files:
-            if path in in_doubt and link.usable and link.has(path):
-                self._delivered(path, path.stem, self._source_of(path))
+            if path in in_doubt and link.usable and _has(link, path):
+                self._delivered(path)
             else:
                 todo.append(path)
         usable = True
@@ -257,12 +362,37 @@ class DestinationSender:
             if not (usable and link.usable) or self._stop.is_set():
                 break
             self._wire_started = None
-            outcomes = link.send(group, self._on_wire)
+            outcomes = self._send(link, group)
             if self._wire_started is not None:
                 self.on_sent(time.perf_counter() - self._wire_started)
             settled = [self._settle(path, outcome) for path, outcome in outcomes.items()]  # every one, even after a False
             usable = all(settled)
         return usable and link.usable
+
+    def _send(self, link: Link, group: list[Path]) -> dict[Path, Outcome]:
+        """``link.send``; whatever it raises costs the group alone (one file, for C-STORE), as a refusal."""
+        try:
+            return link.send(group, self._on_wire)
+        except Exception as exc:  # noqa: BLE001 - a file pynetdicom or pydicom chokes on must not stop the queue
+            logger.warning("%s: could not send %s (%s)", self.destination, ", ".join(p.stem for p in group), describe(exc))
+            return dict.fromkeys(group, Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})"))
+
+    def _intact(self, path: Path) -> bool:
+        """Whether ``path`` holds exactly the bytes handed over (its sidecar's SHA-256 and size);
+        a file that does not, or cannot be checked, goes to dead letters (reason ``integrity``)."""
+        sidecar = self._sidecar(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return False  # gone since the listing (superseded, or moved by a person)
+        except OSError as exc:
+            problem = f"unreadable ({describe(exc)})"
+        else:
+            problem = _mismatch(data, sidecar)
+        if problem:
+            self._dead_letter(path, "integrity", f"the outbox file is not the one handed over: {problem}")
+            return False
+        return True
 
     def _on_wire(self, group: list[Path]) -> None:
         """Mark objects about to leave: should the process die before their answer, they are in doubt."""
@@ -280,7 +410,7 @@ class DestinationSender:
         if outcome.status is not Status.UNANSWERED:  # answered: no longer in doubt
             self._sending_marker(path).unlink(missing_ok=True)
         if outcome.status is Status.STORED:
-            self._delivered(path, path.stem, self._source_of(path))
+            self._delivered(path)
         elif outcome.status is Status.REFUSED:
             self.stats.last_error = outcome.detail
             self._refused(path, outcome.reason, outcome.detail)
@@ -317,18 +447,21 @@ class DestinationSender:
         if attempts.refusals >= self.config.max_refusals:
             self._dead_letter(path, reason, f"refused {attempts.refusals} times, last: {last}")
 
-    def _delivered(self, path: Path, sop_uid: str, source: str) -> None:
-        try:
-            _write(self.ledger / path.stem, self._sidecar(path).get("digest", ""))
-        except OSError:  # a full disk: the destination has the object all the same; sending it again would duplicate it
-            logger.warning("%s: could not note the delivery of %s (disk full?); an image processed again would be sent again", self.destination, path.stem)
-        self._sending_marker(path).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-        path.with_suffix(".json").unlink(missing_ok=True)
-        fsync_dir(self.folder)
+    def _delivered(self, path: Path) -> None:
+        """Note that the destination has entry ``path``: its digest in the ledger, the entry gone,
+        in one step against :meth:`put` (the lock)."""
+        sidecar, uid = self._sidecar(path), _uid_of(path)
+        with self._lock:
+            try:
+                _write(self.ledger / uid, str(sidecar.get("digest", "")))
+            except OSError:  # a full disk: the destination has the object all the same; sending it again would duplicate it
+                logger.warning("%s: could not note the delivery of %s (disk full?); an image processed again would be sent again", self.destination, uid)
+            for part in (self._sending_marker(path), path, path.with_suffix(".json")):
+                part.unlink(missing_ok=True)
+            fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
         self._resume()
-        self.on_delivered(self.destination, sop_uid, source, None)
+        self.on_delivered(self.destination, uid, str(sidecar.get("source", "")), None)
 
     def _note_failure(self, files: list[Path]) -> None:
         now = time.monotonic()
@@ -339,12 +472,15 @@ class DestinationSender:
                 self._dead_letter(path, "undeliverable", f"undeliverable for {self.config.dead_letter_after_s:.0f} s, last: {self.stats.last_error}")
 
     def _dead_letter(self, path: Path, reason: str, why: str) -> None:
-        source = self._source_of(path)
-        for part in (path, path.with_suffix(".json")):
-            if part.exists():
-                os.replace(part, self.dead / part.name)
+        """Move an entry to ``dead-letter/<destination>/<uid>.dcm`` (a person looks for it by its UID;
+        a later dead letter of the same UID replaces it), with its sidecar and the reason."""
+        source, uid = self._source_of(path), _uid_of(path)
+        with self._lock:
+            for part, suffix in ((path, ".dcm"), (path.with_suffix(".json"), ".json")):
+                if part.exists():
+                    os.replace(part, self.dead / f"{uid}{suffix}")
         try:
-            with atomic_file(self.dead / path.with_suffix(".why.txt").name) as handle:
+            with atomic_file(self.dead / f"{uid}.why.txt") as handle:
                 handle.write(f"{reason}: {why}\n".encode())
         except OSError:  # a full disk: the move matters more than the note; the audit line has the reason
             pass
@@ -352,7 +488,7 @@ class DestinationSender:
         self._sending_marker(path).unlink(missing_ok=True)
         self._attempts.pop(path.name, None)
         logger.error("%s: %s moved to dead letters: %s", self.destination, path.stem, why)
-        self.on_delivered(self.destination, path.stem, source, reason)
+        self.on_delivered(self.destination, uid, source, reason)
 
     def _source_of(self, path: Path) -> str:
         return str(self._sidecar(path).get("source", ""))
@@ -371,6 +507,61 @@ def open_transport(destination: Destination | WebDestination, calling_ae: str, c
     if isinstance(destination, WebDestination):
         return StowTransport(destination, tls, timeout_s, config.max_request_mb * 2**20)
     return CStoreTransport(destination, calling_ae, tls, timeout_s)
+
+
+#: The name of an outbox file of the layout before entries: the SOP Instance UID alone.
+_LEGACY = re.compile(r"[0-9.]+")
+
+
+def _uid_of(path: Path) -> str:
+    """The SOP Instance UID of an entry (``<uid>_<n>.dcm``; a file of the layout before: ``<uid>.dcm``)."""
+    uid, separator, _ = path.stem.rpartition("_")
+    return uid if separator else path.stem
+
+
+def _sequence(path: Path) -> int:
+    """The number of an entry among those of its UID (0 for an adopted file of the layout before)."""
+    _, separator, number = path.stem.rpartition("_")
+    return int(number) if separator and number.isdigit() else 0
+
+
+def _encoded(dataset: Dataset) -> bytes:
+    """The PS3.10 file of ``dataset``: the exact bytes written, and digested."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _mismatch(data: bytes, sidecar: dict) -> str:
+    """Why ``data`` is not the file described by ``sidecar``; empty when it is."""
+    expected = sidecar.get("sha256")
+    if not isinstance(expected, str) or not expected:
+        return "its sidecar is missing, unreadable or has no digest"
+    if sidecar.get("size") != len(data):
+        return f"{len(data)} bytes, {sidecar.get('size')} handed over"
+    if hashlib.sha256(data).hexdigest() != expected:
+        return "its content changed since hand-over"
+    return ""
+
+
+def _not_the_instance(data: bytes, uid: str) -> str:
+    """Why ``data`` is not a complete PS3.10 file of instance ``uid``; empty when it is."""
+    try:
+        ds = dcmread(io.BytesIO(data))
+        found = str(ds.SOPInstanceUID)
+        ds.SOPClassUID  # noqa: B018 - a file cut short reads without it
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the file is not usable
+        return f"not a readable DICOM file ({type(exc).__name__})"
+    return "" if found == uid else "it holds another instance than its name says"
+
+
+def _has(link: Link, path: Path) -> bool:
+    """``link.has``, False (send it again) when asking fails in a way the link did not foresee."""
+    try:
+        return link.has(path)
+    except Exception as exc:  # noqa: BLE001 - one object in doubt must not end the round
+        logger.info("could not ask whether %s arrived (%s); sending it again", path.stem, describe(exc))
+        return False
 
 
 def _touch(path: Path) -> None:

@@ -9,10 +9,15 @@ Writing: :func:`clean_source` builds, from a received data set, the only data se
 writers (SR and SC) see: the patient, study and equipment attributes they copy and the
 identifiers they reference, each copied when valid for its VR, fixed when a known legacy
 form says what was meant (``1945-01-01``, ``10:15:00``, ``female``, ``61 years``), and left
-empty (Type 2) or out (Type 3) otherwise. Sequences are left out. A UID that is not valid
-is replaced by a UID derived from it, the same every time, so that the results of a study
-with an invalid Study Instance UID still share one study. What was changed is reported by
-keyword, never by value.
+empty (Type 2) or out (Type 3) otherwise. Sequences are left out. What was changed is
+reported by keyword, never by value.
+
+A source UID that is not valid, or missing, is replaced by a derived one, the same every
+time (:func:`source_uid`), and never shared by two patients: the patient's identifiers go
+into every derivation. An invalid Study Instance UID becomes one derived study per patient,
+so the results of that patient's images still share one study; a missing one becomes one
+study per source image, since nothing says which images belong together. A constant
+stand-in would put every patient's results without a Study Instance UID into one study.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pydicom.valuerep import validate_value
 
 from dp_transforms.header import integer, number, text, texts, values
 
-__all__ = ["Cleaned", "clean_source", "derived_uid", "integer", "is_valid_uid", "number", "output_uid", "text", "texts", "values"]
+__all__ = ["Cleaned", "clean_source", "derived_uid", "integer", "is_valid_uid", "number", "output_uid", "source_uid", "text", "texts", "values"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 #: Control characters a kept value may not hold (PS3.5 6.1.2.3): every C0 and C1 control but
@@ -60,6 +65,9 @@ COPIED = (
 #: Type 2 attributes of the outputs: present, empty when the source has no valid value.
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
 UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: What tells one patient from another, as the source has it: every UID the node derives
+#: for a source includes these, so that a derived study never holds two patients.
+PATIENT_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
 #: Enumerated values (PS3.3) of the coded attributes copied; anything else is left out.
 ENUMERATED = {
     "PatientSex": ("M", "F", "O"), "QualityControlSubject": ("YES", "NO"), "PatientIdentityRemoved": ("YES", "NO"),
@@ -101,12 +109,30 @@ def output_uid(value: object, role: str) -> str:
     return stripped if is_valid_uid(stripped) else derived_uid("invalid source UID", role, raw)
 
 
+def source_uid(ds: Dataset, keyword: str) -> tuple[str, str]:
+    """The UID the outputs carry for the source's ``keyword``, and how it was had: ``""`` (the
+    source's own, padding removed), ``"invalid"`` or ``"missing"`` (derived; see the module).
+
+    A derived UID is a function of the patient's identifiers as well, so two patients never
+    share one; a missing one also of the source's other UIDs, so each image gets its own.
+    """
+    raw = _raw_text(ds, keyword)
+    stripped = raw.strip(" \x00")
+    if is_valid_uid(stripped):
+        return stripped, ""
+    patient = [_raw_text(ds, key) for key in PATIENT_KEYS]
+    if stripped:
+        return derived_uid("invalid source UID", keyword, raw, *patient), "invalid"
+    return derived_uid("missing source UID", keyword, *(_raw_text(ds, key) for key in UIDS), *patient), "missing"
+
+
 # --- strict writing -------------------------------------------------------------------------------------
 
 
 @dataclass
 class Cleaned:
-    """The data set the writers may read, and what was changed on the way (keywords only)."""
+    """The data set the writers may read, and what was changed on the way (keywords only;
+    a derived UID's keyword says how: ``StudyInstanceUID (missing)``, ``(invalid)``)."""
 
     dataset: Dataset
     fixed: list[str] = field(default_factory=list)
@@ -126,10 +152,10 @@ def clean_source(ds: Dataset) -> Cleaned:
     out = clean.dataset
     out.SOPClassUID = str(ds.get("SOPClassUID", "")).strip(" \x00")
     for keyword in UIDS:
-        original = _raw_text(ds, keyword)
-        out.add(DataElement(tag_for_keyword(keyword), "UI", output_uid(original, keyword)))
-        if out[keyword].value != original.strip(" \x00"):
-            clean.derived.append(keyword)
+        uid, how = source_uid(ds, keyword)
+        out.add(DataElement(tag_for_keyword(keyword), "UI", uid))
+        if how:
+            clean.derived.append(f"{keyword} ({how})")
     for keyword in COPIED:
         _copy(ds, out, keyword, clean)
     for keyword in TYPE_2:

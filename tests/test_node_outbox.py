@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import threading
 import time
 
 import pytest
 from pathlib import Path
 
 from node_support import chest_dataset, free_port, wait_for
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs_node.config import Destination, OutboxConfig
 from pacs_node.cstore import RESULT_CLASSES
 from pacs_node.outbox import DestinationSender
+from pacs_node.spool import atomic_file
 
 
 class Peer:
     """A storage SCP answering every C-STORE with ``status``; with ``queries``, a PACS that also
     answers Study Root C-FIND at IMAGE level about what it stores."""
 
-    def __init__(self, status: int = 0x0000, queries: bool = False, lax: bool = False, syntaxes: tuple = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)) -> None:
+    def __init__(
+        self, status: int = 0x0000, queries: bool = False, lax: bool = False, syntaxes: tuple = (ExplicitVRLittleEndian, ImplicitVRLittleEndian), stall: bool = False
+    ) -> None:
         self.port, self.status, self.stored, self.server, self.queries = free_port(), status, [], None, queries
+        self.received: list[Dataset] = []
+        # With ``stall``, each C-STORE waits until the test sets ``go``: the object is on the wire.
+        self.go, self.on_wire = threading.Event(), threading.Event()
+        if not stall:
+            self.go.set()
         self.lax = lax  # answers every query with whatever it holds, matching or not
         self.syntaxes, self.received_syntaxes = list(syntaxes), []
         self.asked: list[str] = []
@@ -40,6 +53,9 @@ class Peer:
         return self
 
     def _store(self, event: evt.Event) -> int:
+        self.on_wire.set()
+        assert self.go.wait(30), "the test never let the C-STORE go on"
+        self.received.append(event.dataset)
         self.stored.append(str(event.request.AffectedSOPInstanceUID))
         self.received_syntaxes.append(str(event.context.transfer_syntax))
         return self.status
@@ -154,8 +170,7 @@ def test_an_object_in_flight_at_a_crash_is_asked_about_before_it_is_sent_again(t
     deliveries: list = []
     s = sender(tmp_path, pacs, deliveries)
     for item in (ds, other):
-        s.put(item, "source")
-        s._sending_marker(s.folder / f"{item.SOPInstanceUID}.dcm").touch()  # both were on the wire
+        s._sending_marker(s.put(item, "source")).touch()  # both were on the wire
     s.start()
     try:
         wait_for(lambda: len(deliveries) == 2, 20, "both objects accounted for")
@@ -173,8 +188,7 @@ def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(tmp
     pacs.stored.append(str(ds.SOPInstanceUID))
     deliveries: list = []
     s = sender(tmp_path, pacs, deliveries)
-    s.put(ds, "source")
-    s._sending_marker(s.folder / f"{ds.SOPInstanceUID}.dcm").touch()
+    s._sending_marker(s.put(ds, "source")).touch()
     s.start()
     try:
         wait_for(lambda: deliveries, 20, "the delivery")
@@ -190,8 +204,7 @@ def test_a_pacs_that_answers_queries_with_other_objects_still_gets_the_object_in
     ds = result(0)
     deliveries: list = []
     s = sender(tmp_path, pacs, deliveries)
-    s.put(ds, "source")
-    s._sending_marker(s.folder / f"{ds.SOPInstanceUID}.dcm").touch()
+    s._sending_marker(s.put(ds, "source")).touch()
     s.start()
     try:
         wait_for(lambda: deliveries, 20, "the delivery")
@@ -264,3 +277,222 @@ def test_a_losslessly_compressed_overlay_reaches_destinations_with_and_without_t
     finally:
         s.stop()
         pacs.stop()
+
+
+def report(index: int, findings: int = 3) -> Dataset:
+    """A small Comprehensive SR with ``findings`` content items, COMPLETE, as the outbox would hold."""
+    ds = Dataset()
+    ds.file_meta = result(index).file_meta
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "SR"
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    items = []
+    for number in range(findings):
+        item = Dataset()
+        item.RelationshipType, item.ValueType, item.TextValue = "CONTAINS", "TEXT", f"finding {number}"
+        items.append(item)
+    ds.ContentSequence = Sequence(items)
+    return ds
+
+
+def recording_sender(tmp_path: Path, peer: Peer, **settings) -> tuple[DestinationSender, list[tuple[str, str | None]]]:
+    """A sender whose reports are kept as ``(sop_instance_uid, reason)``: reason None when delivered."""
+    reports: list[tuple[str, str | None]] = []
+    config = OutboxConfig(**{"initial_backoff_s": 0.2, "max_backoff_s": 0.8} | settings)
+    s = DestinationSender(peer.destination, tmp_path / "outbox", "DPNODE", config, lambda d, uid, source, reason: reports.append((uid, reason)), timeout_s=5)
+    return s, reports
+
+
+def test_a_result_corrected_while_the_first_is_on_the_wire_is_delivered_after_it(tmp_path: Path) -> None:
+    """The corrected result has the same SOP Instance UID and another content digest; the
+    first's success must not count for it, nor remove it."""
+    pacs = Peer(stall=True).start()
+    first = result(0)
+    corrected = copy.deepcopy(first)
+    corrected.PatientName = "Doe^Janet"
+    s, reports = recording_sender(tmp_path, pacs)
+    s.put(first, "source", "digest-1")
+    s.start()
+    try:
+        assert pacs.on_wire.wait(20), "the first result never went out"
+        assert s.put(corrected, "source", "digest-2") is not None
+        pacs.go.set()
+        wait_for(lambda: len(reports) == 2, 10, "the first result, then the corrected one")
+        assert pacs.stored == [str(first.SOPInstanceUID)] * 2 and [str(ds.PatientName) for ds in pacs.received] == ["Doe^Jane^Q", "Doe^Janet"]
+        assert reports == [(str(first.SOPInstanceUID), None)] * 2 and s.pending() == []
+        assert s.put(corrected, "source", "digest-2") is None  # the destination has the corrected one now
+    finally:
+        pacs.go.set()
+        s.stop()
+        pacs.stop()
+
+
+def test_identical_results_put_again_and_again_while_they_are_sent_reach_the_destination_once(tmp_path: Path) -> None:
+    """An image sent 20 times in quick succession gives the same results 20 times; whatever the
+    moment each arrives (before, during or after the delivery of the one before), the
+    destination gets each result once."""
+    pacs = Peer().start()
+    s, reports = recording_sender(tmp_path, pacs)
+    s.start()
+    rounds = []
+    try:
+        for round_ in range(12):
+            pair = [report(round_), result(round_)]
+            rounds.append(pair)
+            for _ in range(20):
+                for ds in pair:
+                    s.put(ds, f"source-{round_}", f"digest-{round_}")
+                s.wake()
+        wait_for(lambda: s.pending() == [] and s.stats.busy_since is None, 30, "an empty outbox")
+        time.sleep(0.3)  # anything put back by a race would be picked up within the sender's idle second
+        wait_for(lambda: s.pending() == [], 5, "an empty outbox")
+        expected = sorted(str(ds.SOPInstanceUID) for pair in rounds for ds in pair)
+        assert sorted(pacs.stored) == expected, "a result reached the destination twice, or never"
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_a_truncated_outbox_file_goes_to_dead_letters_and_the_results_behind_it_are_delivered(tmp_path: Path) -> None:
+    pacs = Peer().start()
+    s, reports = recording_sender(tmp_path, pacs)
+    broken, behind = result(0), [result(1), report(2)]
+    path = s.put(broken, "source-0", "digest-0")
+    for ds in behind:
+        s.put(ds, "source", "digest")
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"DICM") + 200])  # the file meta and a few bytes: no SOP Class UID
+    s.start()
+    try:
+        wait_for(lambda: len(reports) == 3, 10, "the two results delivered and the broken one accounted for")
+        assert sorted(pacs.stored) == sorted(str(ds.SOPInstanceUID) for ds in behind)
+        assert (str(broken.SOPInstanceUID), "integrity") in reports and s.pending() == []
+        assert next(s.dead.glob("*.why.txt")).read_text().startswith("integrity:")
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+@pytest.mark.parametrize("damage", ["fewer-content-items", "sidecar-gone", "sidecar-unreadable"])
+def test_a_result_changed_after_hand_over_is_never_delivered(tmp_path: Path, damage: str) -> None:
+    """An SR cut short that still parses (fewer content items, CompletionFlag COMPLETE) reads
+    as a valid report; only the digest recorded at hand-over shows it is not the one written."""
+    pacs = Peer().start()
+    s, reports = recording_sender(tmp_path, pacs)
+    sr = report(0, findings=3)
+    path = s.put(sr, "source", "digest")
+    if damage == "fewer-content-items":
+        truncated = copy.deepcopy(sr)
+        truncated.ContentSequence = Sequence(list(sr.ContentSequence)[:1])
+        with atomic_file(path) as handle:
+            truncated.save_as(handle, enforce_file_format=True)
+    elif damage == "sidecar-gone":
+        path.with_suffix(".json").unlink()
+    else:
+        path.with_suffix(".json").write_text("{not json")
+    s.start()
+    try:
+        wait_for(lambda: reports, 10, "the result accounted for")
+        assert reports == [(str(sr.SOPInstanceUID), "integrity")] and pacs.stored == [] and s.pending() == []
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_the_destination_ends_with_the_newest_result_and_superseded_ones_are_never_sent(tmp_path: Path) -> None:
+    """On the wire: the first result. Then a correction, then the first content again: the
+    correction, superseded before it was sent, never goes; the destination ends with the newest."""
+    pacs = Peer(stall=True).start()
+    first = result(0)
+    corrected = copy.deepcopy(first)
+    corrected.PatientName = "Doe^Janet"
+    s, reports = recording_sender(tmp_path, pacs)
+    s.put(first, "source", "digest-1")
+    s.start()
+    try:
+        assert pacs.on_wire.wait(20), "the first result never went out"
+        s.put(corrected, "source", "digest-2")
+        s.put(first, "source", "digest-1")
+        pacs.go.set()
+        wait_for(lambda: len(reports) == 2 and s.pending() == [], 10, "two deliveries")
+        assert [str(ds.PatientName) for ds in pacs.received] == ["Doe^Jane^Q", "Doe^Jane^Q"]
+    finally:
+        pacs.go.set()
+        s.stop()
+        pacs.stop()
+
+
+def test_results_in_the_outbox_layout_before_are_delivered_after_an_upgrade(tmp_path: Path) -> None:
+    """``<uid>.dcm`` with a sidecar of source and digest, a ``<uid>.sending`` marker for one in
+    doubt: each is delivered once, the one in doubt asked about first; one cut short is a dead letter."""
+    pacs = Peer(queries=True).start()
+    folder = tmp_path / "outbox" / pacs.destination.name
+    (folder / ".delivered").mkdir(parents=True)
+    waiting, in_doubt, cut = result(0), result(1), result(2)
+    pacs.stored.append(str(in_doubt.SOPInstanceUID))  # it arrived before the process died
+    for ds in (waiting, in_doubt, cut):
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        (folder / f"{ds.SOPInstanceUID}.json").write_text(json.dumps({"source": "source", "digest": "digest"}))
+    (folder / ".delivered" / f"{in_doubt.SOPInstanceUID}.sending").touch()
+    data = (folder / f"{cut.SOPInstanceUID}.dcm").read_bytes()
+    (folder / f"{cut.SOPInstanceUID}.dcm").write_bytes(data[: data.index(b"DICM") + 300])
+    s, reports = recording_sender(tmp_path, pacs)
+    s.start()
+    try:
+        wait_for(lambda: len(reports) == 3, 10, "every result accounted for")
+        assert sorted(reports) == sorted([(str(waiting.SOPInstanceUID), None), (str(in_doubt.SOPInstanceUID), None), (str(cut.SOPInstanceUID), "integrity")])
+        assert sorted(pacs.stored) == sorted([str(waiting.SOPInstanceUID), str(in_doubt.SOPInstanceUID)]) and pacs.asked == [str(in_doubt.SOPInstanceUID)]
+        assert s.pending() == [] and not list(s.ledger.glob("*.sending")) and s.put(waiting, "source", "digest") is None
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_audits_the_dead_letter(tmp_path: Path, predictor) -> None:
+    """The whole node: its results wait for a destination that is down; the SR is cut short on
+    disk meanwhile. When the destination is back, the overlay is delivered and the SR is a dead
+    letter with an audit line (reason integrity), never sent."""
+    from node_support import audit_lines, send, start_node
+
+    from pacs_node.identity import result_kind
+
+    pacs = Peer()  # not listening yet
+    node = start_node(tmp_path, predictor, destinations=[f"PEER@127.0.0.1:{pacs.port}"], outbox={"initial_backoff_s": 0.2, "max_backoff_s": 0.5}, metrics_port=-1)
+    try:
+        assert send(node.port, [chest_dataset(seed=0)]) == [0]
+        outbox = node.senders[0]
+        entries = wait_for(lambda: len(outbox.pending()) == 2 and outbox.pending(), 30, "the SR and the SC in the outbox")
+        kinds = {result_kind(dcmread(path)): path for path in entries}
+        uids = {kind: str(dcmread(path).SOPInstanceUID) for kind, path in kinds.items()}
+        data = kinds["SR"].read_bytes()
+        kinds["SR"].write_bytes(data[: len(data) * 2 // 3])
+        pacs.start()
+        lines = wait_for(lambda: len([line for line in audit_lines(node) if line["event"] == "delivery"]) == 2 and audit_lines(node), 20, "two delivery lines")
+        deliveries = {line["status"]: line for line in lines if line["event"] == "delivery"}
+        assert deliveries["dead-letter"]["reason"] == "integrity" and deliveries["dead-letter"]["outputs"] == [uids["SR"]]
+        assert pacs.stored == [uids["SC"]] and outbox.pending() == []
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+
+def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest() -> None:
+    """Batched inference is not bit-exact: the same image alone and in a batch comes out a few
+    1e-8 apart. That is not a correction; a number the results state differently is."""
+    import numpy as np
+
+    from pacs_node.node import _content_digest
+    from pacs_node.prediction import Prediction
+    from pacs_node.sanitize import clean_source
+
+    source = clean_source(chest_dataset()).dataset
+
+    def saying(pneumonia: float) -> Prediction:
+        probabilities = np.array([1 - pneumonia, pneumonia], dtype=np.float32)
+        return Prediction(("normal", "pneumonia"), probabilities, "normal", 0.5, np.zeros((4, 4)), np.zeros((0, 4)))
+
+    alone, batched = saying(0.0181415 - 3e-8), saying(0.0181415 + 3e-8)  # across a rounding boundary at six decimals
+    assert _content_digest(source, alone) == _content_digest(source, batched)
+    assert _content_digest(source, saying(0.0182)) != _content_digest(source, alone)  # the SR would say 1.82 %, not 1.81 %
