@@ -454,12 +454,14 @@ class Node:
     def _audit(self, item: Item, status: str, **fields) -> None:
         self._retries.pop(item.path.name, None)
         ds = item.dataset
+        # The study the results went into: a derived one when the source's was missing or invalid.
+        study = item.clean.dataset if item.clean is not None else ds
         self.audit.write(
             "received",
             calling_ae=item.receipt.calling_ae if item.receipt else None,
             peer=item.receipt.peer if item.receipt else None,
             sop_instance_uid=item.sop_instance_uid or None,
-            study_instance_uid=safe_uid(text(ds, "StudyInstanceUID")) if ds is not None else None,
+            study_instance_uid=safe_uid(text(study, "StudyInstanceUID")) if study is not None else None,
             sop_class_uid=safe_uid(text(ds, "SOPClassUID")) if ds is not None else None,
             status=status,
             timings_ms={k: round(1000 * v, 1) for k, v in item.timings.items()},

@@ -57,6 +57,8 @@ def test_two_patients_sent_without_a_study_uid_get_their_results_in_two_studies(
         assert path.parent.name == str(ds.StudyInstanceUID)
     assert sorted(map(sorted, by_study.values())) == [["PID-1"], ["PID-2"]]
     assert all("StudyInstanceUID (missing)" in line["detail"] for line in final_lines(node, "processed"))
+    # The audit trail names the study the results went into, so a person can find them.
+    assert {line.get("study_instance_uid") for line in final_lines(node, "processed")} == set(by_study)
 
 
 #: A modality that puts UIDs into its commands unchecked, as a separate process (the
