@@ -253,7 +253,7 @@ class Spool:
 
     def receipt(self, path: Path) -> Receipt | None:
         """The receipt beside ``path``; for an instance without one (a spool of an earlier
-        version, a lost receipt), what its own header says."""
+        version, a lost or damaged receipt), what its own header says."""
         return Receipt.read(path.with_suffix(".json")) or _receipt_from_header(path)
 
     # --- in-flight bookkeeping: a file that kills the process is not retried forever ---------
