@@ -8,7 +8,9 @@ that is not a valid UID (it could hold anything) is replaced by a hash of it.
 
 The file is created 0600. A line that cannot be written (a full disk) is kept in memory,
 in order, and written when space is back: the trail stays complete and never holds half
-a line.
+a line. A process killed halfway through a line leaves that line torn; the next line
+written (after a restart, say) starts on a line of its own, so that only the torn line
+is lost to a reader, never the whole line after it.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class AuditLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         private_folder(self.path.parent)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)  # read: the last byte (_torn)
         os.fchmod(self._fd, FILE_MODE)
         self._lock = threading.Lock()
         self._pending: collections.deque[bytes] = collections.deque()
@@ -123,8 +125,8 @@ class AuditLog:
 
     def _flush(self) -> bool:
         while self._pending and self._fd >= 0:
-            line = self._pending[0]
             size = os.fstat(self._fd).st_size
+            line = (b"\n" if self._torn(size) else b"") + self._pending[0]
             try:
                 if os.write(self._fd, line) != len(line):
                     raise OSError("short write")
@@ -137,6 +139,13 @@ class AuditLog:
                 return False
             self._pending.popleft()
         return True
+
+    def _torn(self, size: int) -> bool:
+        """Whether the file ends inside a line (a process killed while writing it)."""
+        try:
+            return size > 0 and os.pread(self._fd, 1, size - 1) != b"\n"
+        except OSError:
+            return False
 
     def _undo(self, size: int) -> None:
         """Cut a half-written line off, so the trail stays one JSON object per line."""

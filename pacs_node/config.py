@@ -8,6 +8,7 @@ names the key, never later while images arrive.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,10 +22,32 @@ from dp_model.config import require
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
 DESTINATION_FORMS = "AET@host:port or a DICOMweb URL (http:// or https://)"
+#: The longest timeout, backoff or stall bound the node takes: a day. Socket timeouts and
+#: lock waits take no more than ``threading.TIMEOUT_MAX`` (about 292 years) and fail with an
+#: OverflowError beyond it, on every association; nothing the node waits for needs a day.
+MAX_WAIT_S = 86400.0
+#: The longest age the node compares with (dead letters, retention): ten years.
+MAX_AGE_DAYS = 3650.0
+#: PS3.3 C.7.6.3.1: Rows and Columns are US, so no image side exceeds 65535 pixels.
+MAX_IMAGE_SIDE = 65535
 
 
 def check_ae_title(name: str, value: str) -> None:
     require(bool(AE_TITLE.match(value)) and value.strip() != "", name, value, "1 to 16 printable ASCII characters, no backslash")
+
+
+def check_seconds(name: str, value: float, most: float = MAX_WAIT_S) -> None:
+    """A duration in seconds: finite, above 0 and at most ``most`` (nan, inf and 1e10 never reach a socket or a lock)."""
+    require(_finite(value) and 0 < value <= most, name, value, f"above 0 and at most {most:g} s")
+
+
+def check_days(name: str, value: float) -> None:
+    """An age limit in days: 0 (no limit) up to :data:`MAX_AGE_DAYS`."""
+    require(_finite(value) and 0 <= value <= MAX_AGE_DAYS, name, value, f"0 (no limit) to {MAX_AGE_DAYS:g} days")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_loopback(host: str) -> bool:
@@ -219,6 +242,8 @@ class OutboxConfig:
         max_refusals: an object the destination refuses this many times goes to dead letters.
         dead_letter_after_s: an object still undelivered after this long goes to dead letters.
         max_request_mb: most megabytes in one STOW-RS request (an object larger goes alone).
+        stall_after_s: ``/health`` says degraded when a destination's oldest result has
+            waited this long, or every attempt to deliver to it has failed for this long.
     """
 
     batch_size: int = 32
@@ -227,13 +252,17 @@ class OutboxConfig:
     max_refusals: int = 3
     dead_letter_after_s: float = 7 * 24 * 3600.0
     max_request_mb: int = 64
+    stall_after_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "outbox.batch_size", self.batch_size, "at least 1")
         require(self.max_request_mb >= 1, "outbox.max_request_mb", self.max_request_mb, "at least 1")
-        require(0 < self.initial_backoff_s <= self.max_backoff_s, "outbox.initial_backoff_s", self.initial_backoff_s, "above 0 and at most max_backoff_s")
+        check_seconds("outbox.max_backoff_s", self.max_backoff_s)
+        check_seconds("outbox.initial_backoff_s", self.initial_backoff_s)
+        require(self.initial_backoff_s <= self.max_backoff_s, "outbox.initial_backoff_s", self.initial_backoff_s, "at most max_backoff_s")
         require(self.max_refusals >= 1, "outbox.max_refusals", self.max_refusals, "at least 1")
-        require(self.dead_letter_after_s > 0, "outbox.dead_letter_after_s", self.dead_letter_after_s, "above 0")
+        check_seconds("outbox.dead_letter_after_s", self.dead_letter_after_s, MAX_AGE_DAYS * 86400)
+        check_seconds("outbox.stall_after_s", self.stall_after_s)
 
 
 @dataclass(frozen=True)
@@ -250,8 +279,10 @@ class RetentionConfig:
     failed_max_mb: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("skipped_days", "skipped_max_mb", "failed_days", "failed_max_mb"):
+        for name in ("skipped_max_mb", "failed_max_mb"):
             require(getattr(self, name) >= 0, f"retention.{name}", getattr(self, name), "0 (no limit) or more")
+        for name in ("skipped_days", "failed_days"):
+            check_days(f"retention.{name}", getattr(self, name))
 
 
 def _destination(index: int, item: str | WebDestination) -> Destination | WebDestination:
@@ -345,7 +376,7 @@ class NodeConfig:
         require(self.max_queue >= 1, "max_queue", self.max_queue, "at least 1")
         require(self.max_dataset_mb >= 1, "max_dataset_mb", self.max_dataset_mb, "at least 1")
         require(self.min_free_mb >= 0, "min_free_mb", self.min_free_mb, "0 or more")
-        require(self.stall_after_s > 0, "stall_after_s", self.stall_after_s, "above 0")
+        check_seconds("stall_after_s", self.stall_after_s)
         require(not (self.tls.listening and self.destinations and not self.tls.send), "tls.send", self.tls.send, "true when the node listens with TLS (results would leave in cleartext)")
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
@@ -354,16 +385,17 @@ class NodeConfig:
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
         require(bool(self.outputs) and set(self.outputs) <= set(OUTPUTS) and len(set(self.outputs)) == len(self.outputs), "outputs", list(self.outputs), f"one or more of {', '.join(OUTPUTS)}, each once")
         require(self.overlay_modality in OVERLAY_MODALITIES, "overlay_modality", self.overlay_modality, " or ".join(OVERLAY_MODALITIES))
-        require(self.overlay_max_side >= 256, "overlay_max_side", self.overlay_max_side, "at least 256")
+        require(256 <= self.overlay_max_side <= MAX_IMAGE_SIDE, "overlay_max_side", self.overlay_max_side, f"from 256 to {MAX_IMAGE_SIDE}")
         for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):
-            require(getattr(self, timeout) > 0, timeout, getattr(self, timeout), "above 0")
+            check_seconds(timeout, getattr(self, timeout))
         self._check_slots()
         self.parsed_destinations()
 
     def _check_slots(self) -> None:
         """The keys that keep idle, trickling and crowding peers from holding the node's slots and threads."""
-        for name in ("idle_timeout_s", "reclaim_idle_s", "receive_grace_s", "min_receive_kb_s", "http_timeout_s"):
-            require(getattr(self, name) > 0, name, getattr(self, name), "above 0")
+        for name in ("idle_timeout_s", "reclaim_idle_s", "receive_grace_s", "http_timeout_s"):
+            check_seconds(name, getattr(self, name))
+        require(_finite(self.min_receive_kb_s) and 0 < self.min_receive_kb_s <= 1e6, "min_receive_kb_s", self.min_receive_kb_s, "above 0 and at most 1e+06 kB/s")
         require(self.reserved_associations >= 0, "reserved_associations", self.reserved_associations, "0 or more")
         require(self.http_max_connections >= 1, "http_max_connections", self.http_max_connections, "at least 1")
 

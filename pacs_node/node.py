@@ -53,7 +53,7 @@ from .config import Destination, NodeConfig, WebDestination, is_loopback
 from .identity import ResultIdentity, result_kind
 from .listener import Listener, Refusal, client_tls, server_tls
 from .metrics import Metrics, MetricsServer
-from .outbox import DestinationSender
+from .outbox import DeliveryStats, DestinationSender
 from .overlay import build_overlay
 from .presentation import build_presentation_state
 from .predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
@@ -187,6 +187,11 @@ class Node:
             logger.warning("connections are accepted from any address (allow_networks holds a /0 network)")
         if not self.config.tls.listening and not is_loopback(self.config.host):
             logger.warning("DICOM traffic to %s:%d travels in cleartext: patient data is readable on the network (configure tls)", self.config.host, self.port)
+        if self._http is not None and not is_loopback(self.config.metrics_host):
+            logger.warning(
+                "/health and /metrics are served to the network on %s:%d, without authentication (metrics_host); they name destinations and counts, never patient data",
+                self.config.metrics_host, self.metrics_port,
+            )  # fmt: skip
         for sender in self.senders:
             if isinstance(sender.destination, WebDestination) and sender.destination.cleartext:
                 logger.warning("results to %s travel in cleartext: patient data is readable on the network (use https://)", sender.destination)
@@ -549,9 +554,9 @@ class Node:
         status = "failed" if self.fatal else ("degraded" if problems else "ok")
         return {
             "status": status, "problems": ([self.fatal] if self.fatal else []) + problems, "worker_alive": self._worker.is_alive(),
-            "disk_ok": self._disk_ok(), "queue": self.work.qsize(), "retrying": self.work.retrying,
+            "disk_ok": self._disk_ok(), "spool_free_mb": self.spool.free_bytes() // 2**20, "queue": self.work.qsize(), "retrying": self.work.retrying,
             "model": self.predictor.contract.name, "model_version": self.predictor.contract.version,
-            "destinations": {str(s.destination): {"backlog": s.stats.backlog, "last_error": s.stats.last_error, "alive": s.alive} for s in self.senders},
+            "destinations": {str(s.destination): _sender_state(s) for s in self.senders},
         }  # fmt: skip
 
     def _disk_ok(self) -> bool:
@@ -571,32 +576,67 @@ class Node:
         if self.work.retrying:
             problems.append(f"{self.work.retrying} image(s) waiting to be tried again (disk or memory full)")
         if not self._disk_ok():
-            problems.append(f"less than {self.config.min_free_mb} MB free on the spool's disk")
+            problems.append(
+                f"the spool's disk has {self.spool.free_bytes() // 2**20} MB free, below min_free_mb ({self.config.min_free_mb} MB): "
+                "new images are refused (0xA700) until space is freed"
+            )  # fmt: skip
         if self.audit.backlog:
             problems.append(f"{self.audit.backlog} audit line(s) waiting for the disk")
         if not self.listener.alive:
             problems.append("the DICOM listener is not running")
         problems += self.listener.problems()
-        problems += [problem for sender in self.senders for problem in _sender_problems(sender, now, stall)]
+        problems += [problem for sender in self.senders for problem in _sender_problems(sender, now, stall, self.config.outbox.stall_after_s)]
         return problems
 
     def _register_gauges(self) -> None:
+        def per_destination(read: Callable[[DestinationSender], float]) -> Callable[[], dict]:
+            return lambda: {(("destination", str(s.destination)),): read(s) for s in self.senders}
+
         self.metrics.gauge("queue_depth", lambda: {(): float(self.work.qsize())}, "instances waiting for the model, retries included")
-        self.metrics.gauge(
-            "outbox_backlog", lambda: {(("destination", str(s.destination)),): float(s.stats.backlog) for s in self.senders}, "results waiting to be sent"
-        )
+        self.metrics.gauge("outbox_backlog", per_destination(lambda s: float(s.stats.backlog)), "results waiting to be sent")
+        self.metrics.gauge("outbox_oldest_seconds", per_destination(lambda s: _waited(s.stats) or 0.0), "how long the oldest result waiting for a destination has waited (0: none waits)")
+        self.metrics.gauge("destination_failing_seconds", per_destination(lambda s: _failing(s.stats) or 0.0), "how long every try to deliver to a destination has failed (0: not failing)")
+        self.metrics.gauge("spool_free_bytes", lambda: {(): float(self.spool.free_bytes())}, "free space on the spool's disk (below min_free_mb, images are refused)")
         self.metrics.gauge("healthy", lambda: {(): float(self.health()["status"] == "ok")}, "1 when /health says ok")
 
 
-def _sender_problems(sender: DestinationSender, now: float, stall: float) -> list[str]:
+def _waited(stats: DeliveryStats) -> float | None:
+    """Seconds the oldest result waiting has waited, or None when none waits."""
+    return None if stats.oldest is None else max(0.0, time.time() - stats.oldest)
+
+
+def _failing(stats: DeliveryStats) -> float | None:
+    """Seconds every try to deliver has failed, or None when the last one delivered."""
+    return None if stats.failing_since is None else time.monotonic() - stats.failing_since
+
+
+def _sender_state(sender: DestinationSender) -> dict:
+    stats = sender.stats
+    waited, failing = _waited(stats), _failing(stats)
+    return {
+        "backlog": stats.backlog, "last_error": stats.last_error, "alive": sender.alive,
+        "oldest_s": None if waited is None else round(waited, 1), "failing_s": None if failing is None else round(failing, 1),
+    }  # fmt: skip
+
+
+def _sender_problems(sender: DestinationSender, now: float, stall: float, late: float) -> list[str]:
+    """What is wrong with one destination's deliveries: a dead or stuck sender, held results,
+    or results not getting through (the oldest waiting, or every try failing, past ``late``)."""
     if not sender.alive:
         return [f"the sender to {sender.destination} is not running"]
     if sender.stats.held:
         return [f"the sender to {sender.destination} holds its results ({sender.stats.held}): {sender.stats.last_error}"]
+    problems = []
     busy = sender.stats.busy_since
     if busy is not None and now - busy > stall:
-        return [f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s"]
-    return []
+        problems.append(f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s")
+    waited, failing = _waited(sender.stats) or 0.0, _failing(sender.stats)
+    if waited > late or (failing or 0.0) > late:
+        problem = f"results for {sender.destination} are not getting through: {sender.stats.backlog} waiting, the oldest for {waited:.0f} s"
+        if failing is not None:
+            problem += f"; every try has failed for {failing:.0f} s ({sender.stats.last_error})"
+        problems.append(problem)
+    return problems
 
 
 def _content_digest(source: Dataset, prediction: Prediction) -> str:

@@ -93,6 +93,10 @@ class DeliveryStats:
     Attributes:
         busy_since: monotonic time the current attempt (association and sends) began, or None.
         held: why the destination's deliveries are held until a person acts (``authentication``), or empty.
+        oldest: Unix time the oldest result now waiting was put in the outbox, or None when
+            none waits (a file time, so that the wait counts across restarts).
+        failing_since: monotonic time of the first attempt since the last delivery that
+            delivered nothing (unreachable, unavailable, unanswered, refused), or None.
     """
 
     failed_associations: int = 0
@@ -100,6 +104,13 @@ class DeliveryStats:
     backlog: int = 0
     busy_since: float | None = None
     held: str = ""
+    oldest: float | None = None
+    failing_since: float | None = None
+
+    def failed(self) -> None:
+        """An attempt delivered nothing: the destination has been failing since now, if not before."""
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
 
 
 class DestinationSender:
@@ -318,7 +329,9 @@ class DestinationSender:
         """One batch: True when the destination was reached, False when not, None when idle."""
         files = self._take()
         self.stats.backlog = len(files)
+        self.stats.oldest = _mtime(files[0]) if files else None
         if not files:
+            self.stats.failing_since = None  # nothing left to fail on
             self._wake.wait(1.0)
             self._wake.clear()
             return None
@@ -424,6 +437,7 @@ class DestinationSender:
     def _unavailable(self, files: list[Path], outcome: Outcome) -> None:
         """The destination took nothing now: back off, hold when a person must act, dead-letter what waited too long."""
         self.stats.last_error = outcome.detail
+        self.stats.failed()
         self._retry_after = max(self._retry_after, outcome.retry_after)
         self._hold(outcome.reason, outcome.detail)
         self._note_failure(files)
@@ -442,6 +456,7 @@ class DestinationSender:
             self.on_held(self.destination, None, "delivered again")
 
     def _refused(self, path: Path, reason: str, last: str) -> None:
+        self.stats.failed()
         attempts = self._attempts.setdefault(path.name, _Attempts())
         attempts.refusals += 1
         if attempts.refusals >= self.config.max_refusals:
@@ -460,6 +475,7 @@ class DestinationSender:
                 part.unlink(missing_ok=True)
             fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
+        self.stats.failing_since = None
         self._resume()
         self.on_delivered(self.destination, uid, str(sidecar.get("source", "")), None)
 
@@ -575,6 +591,13 @@ def _write(path: Path, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # delivered or moved meanwhile
+        return None
 
 
 def _read(path: Path) -> str | None:

@@ -32,13 +32,14 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -139,10 +140,23 @@ class Receipt:
 
     @staticmethod
     def read(path: Path) -> Receipt | None:
+        """The receipt at ``path``; None when there is none, or it does not hold what a receipt
+        holds (text where text belongs, a finite, non-negative time): a damaged receipt must not
+        turn a delivered result into a failure; the caller falls back to the instance's header."""
         try:
-            return Receipt(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
             return None
+        if not isinstance(found, dict) or set(found) != RECEIPT_FIELDS:
+            return None
+        texts = all(isinstance(found[key], str) for key in ("sop_instance_uid", "calling_ae", "peer"))
+        received = found["received"]
+        when = isinstance(received, (int, float)) and not isinstance(received, bool) and math.isfinite(received) and received >= 0
+        return Receipt(**found) if texts and when else None
+
+
+#: The keys of a receipt's file, no more, no fewer.
+RECEIPT_FIELDS = frozenset(field.name for field in fields(Receipt))
 
 
 class SpoolInUse(OSError):
@@ -239,7 +253,7 @@ class Spool:
 
     def receipt(self, path: Path) -> Receipt | None:
         """The receipt beside ``path``; for an instance without one (a spool of an earlier
-        version, a lost receipt), what its own header says."""
+        version, a lost or damaged receipt), what its own header says."""
         return Receipt.read(path.with_suffix(".json")) or _receipt_from_header(path)
 
     # --- in-flight bookkeeping: a file that kills the process is not retried forever ---------

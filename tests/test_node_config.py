@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 import yaml
@@ -60,6 +64,7 @@ def test_destination_parsing() -> None:
         ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "basic", "user": "dp", "secret_file": "/nonexistent"}]}, "destinations[0]: secret_file must be a readable file"),
         ({"destinations": [{"url": "https://pacs.example/dicom-web", "auth": "bearer", "secret_env": "DP_TEST_NEVER_SET"}]}, "destinations[0]: secret_env must be the name of a set"),
         ({"outbox.max_request_mb": 0}, "outbox.max_request_mb must be at least 1"),
+        ({"overlay_max_side": 10**10}, "overlay_max_side must be from 256 to 65535"),
     ],
 )
 def test_bad_values_are_refused_with_their_key(overrides: dict, message: str) -> None:
@@ -125,3 +130,43 @@ def test_bad_configuration_is_one_line_and_exit_code_2(argv: list[str], message:
 def test_missing_config_file_as_a_process(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "pacs_node.cli", "--config", str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == f"dp-node: {tmp_path / 'nope.yaml'}: file not found"
+
+
+def float_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of ``cls`` that holds a number with a fraction, nested sections included."""
+    hints, keys = get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += float_keys(hint, f"{prefix}{f.name}.")
+        elif hint is float or float in get_args(hint):
+            keys.append(prefix + f.name)
+    return keys
+
+
+@pytest.mark.parametrize("value", [1e10, math.inf, math.nan])
+@pytest.mark.parametrize("key", float_keys(NodeConfig))
+def test_every_number_of_seconds_or_days_is_one_a_socket_or_a_lock_can_take(key: str, value: float) -> None:
+    """Timeouts, backoffs and bounds reach socket timeouts and lock waits (or comparisons that
+    nan and inf make meaningless): beyond what those calls take, every association would die
+    of an OverflowError; the key is refused at load, by name."""
+    assert {"acse_timeout_s", "handshake_timeout_s", "outbox.max_backoff_s", "retention.failed_days"} <= set(float_keys(NodeConfig))
+    with pytest.raises(ConfigError, match=re.escape(f"{key} must be")):
+        load_config(NodeConfig, None, {key: value})
+
+
+@pytest.mark.parametrize("text", [".inf", ".nan"])
+def test_a_timeout_of_inf_or_nan_in_the_file_is_one_line_and_exit_code_2(text: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"acse_timeout_s: {text}\nbundle: x\nspool: {tmp_path / 'spool'}\n")
+    code = main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "acse_timeout_s must be above 0 and at most 86400 s" in err and err.count("\n") == 1, err
+
+
+def test_a_timeout_beyond_what_a_socket_takes_stops_dp_node_with_one_line_not_a_traceback(tmp_path: Path, demo_bundle: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"bundle: {demo_bundle}\nspool: {tmp_path / 'spool'}\nport: 0\nmetrics_port: -1\nnetwork_timeout_s: 1.0e+10\n")
+    result = subprocess.run([sys.executable, "-m", "pacs_node.cli", "--config", str(path)], capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip() == f"dp-node: {path}: network_timeout_s must be above 0 and at most 86400 s, got 10000000000.0"
