@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..calibration import Reliability, fit_temperature, operating_point, probabilities, reliability
-from ..contract import OODGate, OperatingPoint, pneumonia_probability
+from ..contract import Localization, OODGate, OperatingPoint, pneumonia_probability
 from ..ood import QUANTILE, FeatureStatistics, classifier_layer, one_pass, penultimate, threshold
 from .data import Resident
 
@@ -58,12 +58,19 @@ class Fitted:
     statistics: FeatureStatistics | None
     before: Reliability
     after: Reliability
+    localization: Localization | None = None  # measured by :mod:`.regions`, carried to the contract
+    logit_adjustment: tuple[float, ...] = ()
 
 
-def fit(model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], normal: int, pneumonia: tuple[str, ...], multi_label: bool, seed: int = 0) -> Fitted:
-    """Temperature, operating points and the out-of-distribution gate of a trained model."""
+def fit(
+    model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], normal: int, pneumonia: tuple[str, ...], multi_label: bool, seed: int = 0,
+    offsets: tuple[float, ...] = (),
+) -> Fitted:
+    """Temperature, operating points and the out-of-distribution gate of a trained model;
+    ``offsets`` (the contract's ``logit_adjustment``) come off the logits before the temperature."""
     val_logits, val_features = outputs(model, data["val"])
     test_logits, _ = outputs(model, data["test"])
+    val_logits, test_logits = val_logits - np.asarray(offsets or 0.0, np.float32), test_logits - np.asarray(offsets or 0.0, np.float32)
     val_labels, test_labels = data["val"].labels.cpu().numpy(), data["test"].labels.cpu().numpy()
     outputs_order = tuple(c for i, c in enumerate(classes) if i != normal) if multi_label else classes
 
