@@ -63,6 +63,7 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
     located = predictor.contract.localization
     assert predictor.source == located.source and located.source in map_sources(predictor.model) and heat in located.candidates
     assert "Lesion regions: measured against a fixed prior" in card
+    assert bool(predictor.contract.logit_adjustment) == (architecture == "class_attention")  # its log c_i, the others none
     if multi_label:
         assert (bundle / "docs" / "class_maps.png").exists()
     node = Node(NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), output_dir=str(tmp_path / "out"), bundle=str(bundle), allow=("TESTSCU",)), predictor)
