@@ -145,3 +145,32 @@ def test_the_prior_and_the_maps_are_scored_on_the_same_images_in_the_same_order(
     prior = prior_scores(prior_maps(boxed_split(40, 4), 3), val)
     assert located.prior_validation == prior.figures()
     assert located.difference_low > 0
+
+
+# --- counterfactual phantoms ---------------------------------------------------------------------
+
+
+def test_a_case_renders_as_the_dataset_has_it_without_its_lesion_and_with_it_moved() -> None:
+    from dp_model.synth import Difficulty, SynthConfig
+    from dp_model.synth.counterfactual import render_variants
+    from dp_model.synth.render import render_case
+
+    config = SynthConfig(num_images=40, size=96, seed=7, difficulty=Difficulty(lesion_contrast=0.8, distractor_rate=1.0, pathology_overlap=0.5))
+    seen = set()
+    for index in range(16):
+        variants, case = render_variants(config, index), render_case(config, index)
+        assert np.array_equal(variants.with_lesion, case.pixels), "the first variant is the dataset's image, to the bit"
+        seen.add(variants.label)
+        if variants.label == "normal":
+            assert np.array_equal(variants.without_lesion, case.pixels) and np.array_equal(variants.moved, case.pixels) and not len(variants.boxes)
+            continue
+        inside = np.zeros(case.pixels.shape, bool)
+        for x0, y0, x1, y1 in variants.boxes.astype(int):
+            inside[y0:y1, x0:x1] = True
+        change = np.abs(variants.with_lesion - variants.without_lesion)
+        assert change[inside].mean() > 5 * change[~inside].mean()  # only the lesion went
+        centre = 96 / 2
+        # Mirrored about the body's midline: each part's centre changes side.
+        for (x0, _, x1, _), (m0, _, m1, _) in zip(variants.boxes, variants.moved_boxes):
+            assert ((x0 + x1) / 2 - centre) * ((m0 + m1) / 2 - centre) < 0
+    assert "normal" in seen and len(seen) >= 3
