@@ -174,3 +174,91 @@ def test_a_case_renders_as_the_dataset_has_it_without_its_lesion_and_with_it_mov
         for (x0, _, x1, _), (m0, _, m1, _) in zip(variants.boxes, variants.moved_boxes):
             assert ((x0 + x1) / 2 - centre) * ((m0 + m1) / 2 - centre) < 0
     assert "normal" in seen and len(seen) >= 3
+
+
+# --- benchmarks/localization_checks.py: its core on a tiny model -----------------------------------
+
+
+def checks_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("localization_checks", Path(__file__).parents[1] / "benchmarks" / "localization_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cascading_randomization_changes_grad_cam_at_once_and_map_plus_only_once_its_head_goes() -> None:
+    checks = checks_module()
+    torch.manual_seed(0)
+    net = build_network("resnet18", 5, (1, 2, 3, 4)).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = boxed_split(6, 3)
+    data = Resident(torch.nn.functional.interpolate(data.images.float(), size=64).to(torch.uint8), data.boxes * 2, data.labels, data.has_boxes, data.ids)
+    found = checks.model_randomization(net, data, normal=0, seed=0)
+    assert list(found) == ["classifier (fc)", "attention heads", "layer4", "layer3", "layer2", "layer1", "stem (conv1, bn1)"]
+    # map+ is computed beside the classifier, not from it: the classifier's weights do not move it ...
+    assert found["classifier (fc)"]["map+:3"] == pytest.approx(1.0) and found["classifier (fc)"]["grad_cam"] < 0.95
+    # ... its own head does.
+    assert found["attention heads"]["map+:3"] < 0.95 and found["stem (conv1, bn1)"]["cam"] < 0.95
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the trained network is left as it was
+
+
+def test_shuffled_annotations_move_label_and_boxes_together() -> None:
+    checks = checks_module()
+    data = boxed_split(30, 0)
+    data = Resident(data.images, data.boxes, torch.arange(30) % 5, data.has_boxes, data.ids)
+    mixed = checks.shuffled(data, seed=1)
+    assert sorted(mixed.labels.tolist()) == sorted(data.labels.tolist()) and not torch.equal(mixed.labels, data.labels)
+    pairs = {(int(label), tuple(box[0].tolist())) for label, box in zip(data.labels, data.boxes)}
+    assert {(int(label), tuple(box[0].tolist())) for label, box in zip(mixed.labels, mixed.boxes)} == pairs
+    assert torch.equal(mixed.images, data.images)  # the images stay: only who owns which annotation changes
+
+
+class Oracle(nn.Module):
+    """A stand-in that knows each counterfactual canvas: its map is the lesion where there is
+    one (none without it), and it calls pneumonia by the same rule."""
+
+    attention_stages = (3,)
+
+    def __init__(self, cases: dict) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        canvases = torch.from_numpy(cases["canvases"])
+        masks = torch.from_numpy(cases["masks"]).float()
+        self.known = [(canvases[i, v], masks[i, m] if m is not None else torch.zeros_like(masks[i, 0])) for i in range(len(canvases)) for v, m in ((0, 0), (1, None), (2, 1))]
+
+    def nearest_stage(self, preferred: int = 3) -> int:
+        return 3
+
+    def _lesion(self, image: torch.Tensor) -> torch.Tensor:
+        return next(mask for canvas, mask in self.known if torch.equal(canvas, image[0]))
+
+    def attention_map(self, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        return torch.stack([self._lesion(image) for image in x])[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = torch.tensor([float(self._lesion(image).any()) for image in x])
+        return torch.stack([-4 * present + 2, 4 * present - 2, *([torch.full_like(present, -9.0)] * 3)], dim=1)
+
+
+def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> None:
+    from dp_model.contract import ModelContract
+    from dp_model.synth import SynthConfig
+
+    checks = checks_module()
+    synth = SynthConfig(num_images=10, size=64, seed=7)
+    cases = checks.counterfactual_cases(synth, 10, 6, 64, tmp_path)
+    assert cases["canvases"].shape == (6, 3, 64, 64) and cases["masks"].shape == (6, 2, 64, 64) and "normal" not in cases["labels"]
+    classes = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
+    contract = ModelContract(classes, 64, (3,), "normal", "oracle", "1", "2.25.1", True, True)
+    prior = np.zeros((5, 64, 64), np.float32)
+    prior[:, :8, :8] = 1.0  # a corner: never where a lesion is
+    rates = checks.counterfactual_rates(Oracle(cases), contract, cases, prior)
+    assert rates["positive_with"] == 1.0 and rates["positive_without"] == 0.0 and rates["flipped_to_negative"] == 1.0
+    oracle = rates["maps"]["map+:3"]
+    assert oracle["pointing_drawn"] == 1.0 and oracle["mass_in_box_with"] == 1.0 and oracle["mass_in_box_without"] == 0.0
+    if rates["moved_apart"]:
+        assert oracle["follows"] == 1.0 and oracle["stays"] == 0.0
+    assert rates["maps"]["prior"]["pointing_drawn"] == 0.0
