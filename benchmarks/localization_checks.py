@@ -19,8 +19,9 @@
    rendered with its lesion, without it, and with it mirrored to the other lung
    (:func:`dp_model.synth.counterfactual.render_variants`): does the served decision change when
    the lesion goes, and does each map's maximum follow the lesion when it moves?
-6. With ``--class-attention``: class attention trained the same way, its test normal recall
-   and balanced accuracy with and without the logit adjustment (``log c_i``).
+6. With ``--class-attention``: class attention trained the same way (from the same stage I
+   encoder), its test normal recall and balanced accuracy with and without the logit
+   adjustment (``log c_i``).
 
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
@@ -31,6 +32,7 @@ import argparse
 import copy
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -230,7 +232,11 @@ def logit_adjustment_effect(data: Path, out: Path, overrides: dict, splits_test:
     and without subtracting ``log c_i`` (both at the 0.5 rule, no temperature)."""
     config = load_config(TrainConfig, ROOT / "configs" / "class_attention.yaml", overrides | {"data.root": str(data), "finetune.batch_size": 32})
     bundle = out / "class_attention"
-    train(config, bundle)
+    encoder = out / "bundle" / "checkpoints" / "encoder.pt"
+    if encoder.exists():  # stage I never sees labels: the same encoder serves both networks
+        (bundle / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(encoder, bundle / "checkpoints" / "encoder.pt")
+    train(config, bundle, stages=_stages(bundle))
     model, contract = load_bundle(bundle)
     normal = normal_index(classes)
     found = {"offsets": list(contract.logit_adjustment)}
@@ -241,6 +247,12 @@ def logit_adjustment_effect(data: Path, out: Path, overrides: dict, splits_test:
 
 
 # --- the run ---------------------------------------------------------------------------------------
+
+
+def _stages(bundle: Path) -> str:
+    """Stage I once: a run stopped after it, or a network that shares its encoder, goes on from it
+    (the CPU runs are deterministic, so the result is the uninterrupted run's)."""
+    return "finetune" if (bundle / "checkpoints" / "encoder.pt").exists() else "all"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(TrainConfig, ROOT / "configs" / "learning.yaml", overrides)
     bundle = args.out / "bundle"
     if not (bundle / "models" / "model.pt").exists():
-        train(config, bundle)
+        train(config, bundle, stages=_stages(bundle))
     model, contract = load_bundle(bundle)
     dataset = read_dataset(config.data.root, config.data.layout)
     found = make_splits(dataset, config.data, args.seed)
