@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..architectures import build_network
-from ..losses import CBFocalLoss, ClassAttentionLoss, class_attention_weights, MGACRLoss, SqrtFocalLoss, cia_loss, consistency_loss, feature_reconstruction_loss
+from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, class_attention_weights, consistency_loss, feature_reconstruction_loss
 from ..networks import DeepPneumoniaNet
 from ..variants import warp
 from .config import FinetuneConfig, PretrainConfig
