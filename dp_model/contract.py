@@ -13,6 +13,11 @@ What travels with the weights (in ``configs/metadata.json`` under ``deep_pneumon
 * the out-of-distribution gate: a threshold on the Mahalanobis distance of the penultimate
   features, an order statistic of held-out in-distribution images chosen so that its
   false-rejection rate is bounded with stated confidence;
+* the localization: which map the lesion regions come from, how well each map source and a
+  fixed prior map localized the boxed validation and test images, and whether the regions
+  earned their place on a film (:class:`Localization`);
+* the logit adjustment: per-output offsets subtracted before calibration (class attention's
+  ``log c_i``, which undoes the positive weights of its loss);
 * the sizes of the splits that trained, selected, calibrated and tested the model.
 
 The node and evaluation import this module, never the training code. Bundles written
@@ -23,15 +28,16 @@ names the defaults used so that the node can say so at start.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .architectures import MULTI_LABEL, build_network
+from .explain import MAP_SOURCES
 
-__all__ = ["ContractError", "Decision", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_classes", "pneumonia_probability"]
+__all__ = ["ContractError", "Decision", "Localization", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_classes", "pneumonia_probability"]
 
 
 class ContractError(ValueError):
@@ -140,6 +146,125 @@ class OODGate:
         return gate
 
 
+#: Regions are shown only when the chosen map's validation accuracy at IoU > 0.3 is at least
+#: this much above the prior's (and the other conditions of :func:`regions_earned` hold).
+REGION_MARGIN = 0.05
+#: The summary figures a localization carries (:data:`dp_model.metrics.FIGURE_KEYS`).
+LOCALIZATION_KEYS = ("iou>0.1", "iou>0.3", "iou>0.5", "pointing")
+NOT_MEASURED = "Lesion regions not shown: this model's localization was not measured on held-out images"
+NOT_EARNED = "Lesion regions not shown: this model's localization did not beat a fixed prior on held-out data"
+
+
+def regions_earned(chosen: dict[str, float], prior: dict[str, float], difference_low: float, margin: float = REGION_MARGIN) -> bool:
+    """The rule (docs/decisions.md): on the validation split, the chosen map's share of boxed
+    images with IoU > 0.3 is at least ``margin`` above the prior map's, the lower end of the
+    95 % paired bootstrap interval of that difference is above 0 (a few images cannot earn
+    it), and its pointing game beats the prior's. NaN anywhere: not earned."""
+    values = [chosen.get("iou>0.3"), prior.get("iou>0.3"), chosen.get("pointing"), prior.get("pointing"), difference_low]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return False
+    return chosen["iou>0.3"] >= prior["iou>0.3"] + margin and difference_low > 0 and chosen["pointing"] > prior["pointing"]
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Where the node's lesion regions come from, and the evidence that they say anything.
+
+    Every map source the network offers (:data:`dp_model.explain.MAP_SOURCES`) and a fixed
+    prior map (each class's mean training box, at half its peak) are scored on the boxed
+    images of the validation split, each handed the image's true class; the source with the
+    best validation accuracy at IoU > 0.3 is chosen, and the test split is reported once.
+
+    Attributes:
+        source: the chosen map source ("map+:3", "grad_cam", "cam", "class_maps").
+        shown: whether the node draws regions (:func:`regions_earned` on validation).
+        margin: the margin of the rule.
+        validation, test: the chosen source's figures (:data:`LOCALIZATION_KEYS`).
+        prior_validation, prior_test: the prior map's.
+        difference_low: lower end of the paired bootstrap interval of chosen minus prior at
+            IoU > 0.3, on validation.
+        candidates: every source's validation figures, by source.
+        images: boxed images scored, ``{"validation": n, "test": n}``.
+    """
+
+    source: str
+    shown: bool
+    margin: float = REGION_MARGIN
+    validation: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    prior_validation: dict[str, float] = field(default_factory=dict)
+    prior_test: dict[str, float] = field(default_factory=dict)
+    difference_low: float = float("nan")
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        """Why regions are not shown (empty when they are)."""
+        return "" if self.shown else NOT_EARNED
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source, "shown": self.shown, "margin": self.margin, "rule": "IoU>0.3 accuracy at least margin above the prior's, "
+            "its paired bootstrap lower bound above 0, and pointing game above the prior's, on validation",
+            **{key: _json_figures(getattr(self, key)) for key in ("validation", "test", "prior_validation", "prior_test")},
+            "difference_low": _finite_or_none(self.difference_low), "candidates": {k: _json_figures(v) for k, v in self.candidates.items()},
+            "images": dict(self.images),
+        }  # fmt: skip
+
+    @staticmethod
+    def from_json(data: dict) -> Localization:
+        if not isinstance(data, dict):
+            raise ContractError(f"localization must be an object, not {type(data).__name__}")
+        figures = {key: _figures(data.get(key, {}), key) for key in ("validation", "test", "prior_validation", "prior_test")}
+        low = data.get("difference_low")
+        located = Localization(
+            str(data["source"]), _boolean(data["shown"], "localization shown"), float(data.get("margin", REGION_MARGIN)), **figures,
+            difference_low=float("nan") if low is None else float(low),
+            candidates={str(k): _figures(v, f"candidate {k}") for k, v in _mapping(data.get("candidates", {}), "candidates").items()},
+            images={str(k): int(v) for k, v in _mapping(data.get("images", {}), "images").items()},
+        )  # fmt: skip
+        located.check()
+        return located
+
+    def check(self) -> None:
+        """A contract cannot claim regions its own figures do not earn, nor loosen the rule."""
+        if self.source not in MAP_SOURCES:
+            raise ContractError(f"localization source {self.source!r} is not one of {list(MAP_SOURCES)}")
+        if self.margin < REGION_MARGIN or not math.isfinite(self.margin):
+            raise ContractError(f"localization margin must be at least {REGION_MARGIN}, got {self.margin}")
+        if self.shown and not regions_earned(self.validation, self.prior_validation, self.difference_low, self.margin):
+            raise ContractError(
+                f"localization says regions are shown, but its validation figures do not beat the prior's by the rule "
+                f"(IoU>0.3 {self.validation.get('iou>0.3')} against {self.prior_validation.get('iou>0.3')} + {self.margin}, "
+                f"pointing {self.validation.get('pointing')} against {self.prior_validation.get('pointing')}, bound {self.difference_low})"
+            )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _json_figures(figures: dict[str, float]) -> dict[str, float | None]:
+    """Figures as JSON can hold them: NaN (nothing to measure) as null."""
+    return {k: _finite_or_none(v) for k, v in figures.items()}
+
+
+def _boolean(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ContractError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _figures(value, name: str) -> dict[str, float]:
+    """Localization figures: a mapping of :data:`LOCALIZATION_KEYS` to numbers (null: NaN)."""
+    found = _mapping(value, name)
+    unknown = [k for k in found if k not in LOCALIZATION_KEYS]
+    if unknown:
+        raise ContractError(f"localization {name}: {unknown[0]!r} is not one of {list(LOCALIZATION_KEYS)}")
+    return {k: float("nan") if v is None else float(v) for k, v in found.items()}
+
+
 def pneumonia_probability(probabilities: np.ndarray, outputs: tuple[str, ...], pneumonia: tuple[str, ...], multi_label: bool) -> np.ndarray:
     """The probability of pneumonia of each row of ``probabilities`` (``(..., K)`` over ``outputs``).
 
@@ -213,6 +338,10 @@ class ModelContract:
         ood: the out-of-distribution gate, or None (no gate: every image is assessed).
         splits: images in each split (train, validation, calibration, test) and which split
             chose the temperature, the points and the gate (``"calibrated_on"``).
+        localization: the map source of the regions and whether they are shown; None in
+            bundles written before it was measured: no regions.
+        logit_adjustment: subtracted from each output's logit before the temperature (empty:
+            none); class attention's ``log c_i``, so that 0.5 means what it says.
     """
 
     classes: tuple[str, ...]
@@ -232,6 +361,8 @@ class ModelContract:
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     ood: OODGate | None = None
     splits: dict = field(default_factory=dict)
+    localization: Localization | None = None
+    logit_adjustment: tuple[float, ...] = ()
 
     # --- the network and its outputs ------------------------------------------------------------
 
@@ -255,7 +386,10 @@ class ModelContract:
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Calibrated probabilities of the network's logits: a sigmoid per finding, or a softmax."""
-        scaled = logits.float() / self.temperature
+        logits = logits.float()
+        if self.logit_adjustment:
+            logits = logits - torch.tensor(self.logit_adjustment, dtype=logits.dtype, device=logits.device)
+        scaled = logits / self.temperature
         return torch.sigmoid(scaled) if self.multi_label else scaled.softmax(dim=1)
 
     # --- the decision rule ----------------------------------------------------------------------
@@ -294,6 +428,8 @@ class ModelContract:
             found.append("confidence bound of the operating points: point estimates on the split that chose them")
         if not self.splits:
             found.append("split sizes: not recorded")
+        if self.localization is None:
+            found.append("localization: not measured on held-out images (no lesion regions are drawn)")
         return found
 
     # --- JSON -------------------------------------------------------------------------------------
@@ -307,6 +443,8 @@ class ModelContract:
             "pneumonia_classes": list(self.pneumonia), "temperature": self.temperature, "calibration": dict(self.calibration),
             "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
             "ood": None if self.ood is None else self.ood.to_json(), "splits": dict(self.splits),
+            "localization": None if self.localization is None else self.localization.to_json(),
+            "logit_adjustment": list(self.logit_adjustment),
         }  # fmt: skip
 
     @staticmethod
@@ -319,6 +457,10 @@ class ModelContract:
                 _strings(data.get("pneumonia_classes", []), "pneumonia_classes"), float(data.get("temperature", 1.0)), dict(data.get("calibration", {})),
                 {str(k): OperatingPoint.from_json(v) for k, v in _mapping(data.get("operating_points", {}), "operating_points").items()},
                 None if data.get("ood") is None else OODGate.from_json(data["ood"]), dict(_mapping(data.get("splits", {}), "splits")),
+            )  # fmt: skip
+            contract = replace(
+                contract, localization=None if data.get("localization") is None else Localization.from_json(data["localization"]),
+                logit_adjustment=tuple(float(v) for v in data.get("logit_adjustment", [])),
             )  # fmt: skip
         except ContractError:
             raise
@@ -336,6 +478,8 @@ class ModelContract:
             raise ContractError(f"pneumonia class {unknown[0]!r} is not a finding of {list(self.classes)}")
         if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:  # NaN and inf fail this too
             raise ContractError(f"temperature must be between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}, got {self.temperature}")
+        if self.logit_adjustment and (len(self.logit_adjustment) != len(self.output_classes) or not all(math.isfinite(v) for v in self.logit_adjustment)):
+            raise ContractError(f"logit_adjustment must hold one finite number per output {list(self.output_classes)}, got {list(self.logit_adjustment)}")
         triage = self.triage_point
         if triage is not None and triage.threshold < self.present_point.threshold:
             raise ContractError(f"the triage point {triage.threshold} is below the present point {self.present_point.threshold}")

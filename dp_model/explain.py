@@ -1,4 +1,6 @@
-"""Heat maps that show where a classifier looked: Grad-CAM (the paper's Fig. 9)."""
+"""Heat maps that show where a classifier looked: Grad-CAM (the paper's Fig. 9), CAM, and the
+networks' own maps, each a named *map source* that training measures and a bundle's contract
+names (:data:`MAP_SOURCES`)."""
 
 from __future__ import annotations
 
@@ -74,3 +76,96 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
     if getattr(model, "attention_stages", ()):
         return model.attention_map(images, model.nearest_stage(HEATMAP_STAGE)).clamp(0, 1)
     return grad_cam(model, images, model.cam_layer, labels)
+
+
+# --- map sources: every map a network offers, by name ----------------------------------------------
+
+#: Names of the map sources: the MGACR ``map+`` of a stage ("map+:3"), a multi-label network's
+#: own per-finding maps, Grad-CAM, and CAM (only where it is exact).
+CLASS_MAPS, GRAD_CAM, CAM = "class_maps", "grad_cam", "cam"
+MAP_SOURCES = ("map+:1", "map+:2", "map+:3", "map+:4", CLASS_MAPS, GRAD_CAM, CAM)
+
+
+def map_sources(model: nn.Module) -> tuple[str, ...]:
+    """The map sources ``model`` offers, in :data:`MAP_SOURCES` order.
+
+    CAM (Zhou et al. 2016) is offered only where it is exact: a network that declares
+    ``cam_exact``, whose logits are one linear layer over the global average of
+    ``cam_layer``'s output, so that the class map is that layer's weights applied pixel by pixel.
+    """
+    found = [f"map+:{s}" for s in sorted(getattr(model, "attention_stages", ()))]
+    if hasattr(model, "class_maps"):
+        found.append(CLASS_MAPS)
+    if hasattr(model, "cam_layer"):
+        found.append(GRAD_CAM)
+    if getattr(model, "cam_exact", False):
+        found.append(CAM)
+    return tuple(found)
+
+
+def default_source(model: nn.Module, stage: int = HEATMAP_STAGE) -> str:
+    """The source of bundles that name none: the per-finding maps, else ``map+`` of the head
+    nearest ``stage``, else Grad-CAM (what the node drew before sources were measured)."""
+    if hasattr(model, "class_maps"):
+        return CLASS_MAPS
+    if getattr(model, "attention_stages", ()):
+        return f"map+:{model.nearest_stage(stage)}"
+    return GRAD_CAM
+
+
+def source_stage(source: str) -> int | None:
+    """The residual stage of a ``map+`` source (None for the others)."""
+    return int(source.split(":")[1]) if source.startswith("map+:") else None
+
+
+@torch.no_grad()
+def cam(model: nn.Module, images: Tensor, classes: Tensor | None = None) -> Tensor:
+    """CAM of ``classes`` (default: the predicted ones): the classifier's weights of the class
+    applied to ``cam_layer``'s output, ReLU, scaled to each map's peak, ``(B, 1, H, W)``.
+
+    Exact only for a network with ``cam_exact`` (:func:`map_sources`).
+    """
+    activations: list[Tensor] = []
+    handle = model.cam_layer.register_forward_hook(lambda _m, _i, output: activations.append(output))
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    chosen = logits.argmax(dim=1) if classes is None else classes.to(logits.device)
+    weights = model.classifier_layer.weight[chosen].float()  # (B, C)
+    maps = F.relu(torch.einsum("bc,bchw->bhw", weights, activations[0].float()))[:, None]
+    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return maps / maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def output_maps(model: nn.Module, images: Tensor, source: str, outputs: Tensor | None = None) -> Tensor:
+    """The maps of a gradient or weight source (:data:`GRAD_CAM`, :data:`CAM`) for output
+    indices ``outputs`` (default: the most probable output), ``(B, 1, H, W)`` in [0, 1]."""
+    if source == GRAD_CAM:
+        return grad_cam(model, images, model.cam_layer, outputs)
+    if source == CAM:
+        return cam(model, images, outputs)
+    raise ValueError(f"map source {source!r} is no gradient or weight source ({GRAD_CAM}, {CAM})")
+
+
+@torch.no_grad()
+def _own_maps(model: nn.Module, images: Tensor, source: str, finding: Tensor) -> Tensor:
+    if source == CLASS_MAPS:
+        _, maps = model.class_maps(images)
+        return finding_maps(maps, finding, images.shape[-2:])
+    return model.attention_map(images, source_stage(source))
+
+
+def source_maps(model: nn.Module, images: Tensor, source: str, labels: Tensor, normal: int = 0) -> Tensor:
+    """The maps of ``source`` for the images' classes ``labels`` (dataset class indices), as
+    evaluation hands them: the true class, ``(B, 1, H, W)`` in [0, 1]. ``map+`` ignores the class."""
+    if source not in map_sources(model):
+        raise ValueError(f"map source {source!r} is not offered by this network ({', '.join(map_sources(model))})")
+    labels = labels.to(images.device)
+    outputs = finding_index(labels, normal).clamp_min(0) if getattr(model, "multi_label", False) else labels
+    if source in (GRAD_CAM, CAM):
+        return output_maps(model, images, source, outputs)
+    return _own_maps(model, images, source, outputs).clamp(0, 1)

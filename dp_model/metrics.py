@@ -203,3 +203,58 @@ def localization_accuracy(
     if out:
         out["mean"] = [float(np.mean([v[i] for v in out.values()])) for i in range(len(thresholds))]
     return out
+
+
+#: The IoU thresholds of the summary that decides whether regions are shown (a subset of
+#: :data:`IOU_THRESHOLDS`), and the keys of :func:`localization_figures`.
+SUMMARY_THRESHOLDS = (0.1, 0.3, 0.5)
+FIGURE_KEYS = tuple(f"iou>{t}" for t in SUMMARY_THRESHOLDS) + ("pointing",)
+
+
+def pointing_game(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Whether each map's maximum lies inside the truth (Zhang et al. 2016, without tolerance).
+
+    A map whose maximum is shared by several pixels (a saturated sigmoid, a flat prior) scores
+    the share of those pixels inside the truth: the expected hit of breaking the tie at
+    random, so that a plateau is not decided by scan order.
+
+    Args:
+        maps: ``(N, H, W)`` scores.
+        truth: ``(N, H, W)`` boolean masks.
+
+    Returns:
+        ``(N,)`` values in [0, 1].
+    """
+    maps, truth = np.asarray(maps, np.float32), np.asarray(truth, bool)
+    flat = maps.reshape(len(maps), -1)
+    peak = flat >= flat.max(axis=1, keepdims=True)
+    return (peak & truth.reshape(len(truth), -1)).sum(axis=1) / np.maximum(peak.sum(axis=1), 1)
+
+
+def localization_figures(iou: np.ndarray, pointing: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The summary of per-image localization scores: the share of images with IoU above each
+    of :data:`SUMMARY_THRESHOLDS`, and the pointing game, each averaged within a class and
+    then over the classes present (as CIA-Net's "mean" row, so that the common classes do
+    not decide alone). NaN without images."""
+    iou, pointing, labels = np.asarray(iou, np.float64), np.asarray(pointing, np.float64), np.asarray(labels)
+    present = np.unique(labels)
+    if not len(present):
+        return {key: float("nan") for key in FIGURE_KEYS}
+    values = [*((iou > t).astype(np.float64) for t in SUMMARY_THRESHOLDS), pointing]
+    return {key: float(np.mean([v[labels == c].mean() for c in present])) for key, v in zip(FIGURE_KEYS, values)}
+
+
+def paired_difference_low(a: np.ndarray, b: np.ndarray, labels: np.ndarray, resamples: int = 1000, seed: int = 0) -> float:
+    """The lower end of the 95 % percentile bootstrap interval of ``mean_a - mean_b``, both
+    class-averaged as :func:`localization_figures`, resampling images (paired: the same
+    images for both). ``a`` and ``b`` are per-image scores (0/1 hits). NaN without images."""
+    a, b, labels = np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(labels)
+    if not len(a):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(a), len(a))
+        chosen = labels[index]
+        differences.append(np.mean([(a[index][chosen == c] - b[index][chosen == c]).mean() for c in np.unique(chosen)]))
+    return float(np.percentile(differences, 2.5))

@@ -125,6 +125,9 @@ class DeepPneumoniaNet(nn.Module):
         attention_kernel: kernel size of the attention convolutions.
     """
 
+    #: Logits are one linear layer over the global average of ``cam_layer``: CAM is exact.
+    cam_exact = True
+
     def __init__(
         self,
         num_classes: int = 5,
@@ -238,6 +241,11 @@ class BaselineNet(nn.Module):
         """Where Grad-CAM looks: the last convolutional stage."""
         return self.net.layer4 if self.architecture == "resnet50" else self.net.features[-3]
 
+    @property
+    def cam_exact(self) -> bool:
+        """ResNet-50 pools and has one linear layer (CAM is exact); VGG16's classifier is three."""
+        return self.architecture == "resnet50"
+
 
 class SideBranchAttention(nn.Module):
     """Channel and spatial attention side branches fused into a residual stage (seed 004).
@@ -282,6 +290,9 @@ class AttentionResNet50(nn.Module):
     Args:
         num_classes: number of classes.
     """
+
+    #: Logits are one linear layer over the global average of ``cam_layer`` (attention included).
+    cam_exact = True
 
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()

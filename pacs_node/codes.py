@@ -51,6 +51,9 @@ REPORT_TITLE = codes.DCM.ImagingMeasurementReport
 IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements
 #: TID 1500 row 12: the container of the image-level classification.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: A free-text remark in the Qualitative Evaluations (TID 1500 row 14, TEXT): why a positive
+#: result carries no lesion regions.
+COMMENT = codes.DCM.Comment
 #: The threshold a decision was taken at (operating point, triage point, gate threshold).
 THRESHOLD_VALUE = codes.DCM.ThresholdValue
 #: Observer type of the model (TID 1002).

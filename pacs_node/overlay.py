@@ -5,7 +5,9 @@ the radiograph as displayed (VOI and polarity applied), the lesion heat map blen
 it where the model located a finding, the lesion regions as boxes, and, in a black band
 above the radiograph (never over it), a banner that says it is an AI result and not for
 primary diagnosis (and a demonstration, when the model is one) and the finding in words
-(its coded meaning) with its probability.
+(its coded meaning) with its probability. A positive result whose regions the bundle did not
+earn (its maps did not beat a fixed prior on held-out images) gets neither heat map nor
+boxes, and a line in the band that says so.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int
     scale = min(1.0, max_side / max(pixels.shape))
     shape = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
     gray = _resize(pixels, shape)
-    # The map only where it says something: a positive result, at the regions' threshold.
-    shown = prediction.heatmap.size and prediction.positive
+    # The map only where it says something: a positive result whose regions are shown, at their threshold.
+    shown = prediction.heatmap.size and prediction.positive and not prediction.regions_withheld
     heat = _resize(prediction.heatmap, shape) if shown else np.zeros(shape, np.float32)
     # Heat levels index a 256-entry palette (colour) and table (opacity); PIL composites in C.
     level = Image.fromarray(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -100,10 +102,23 @@ def _draw_regions(image: Image.Image, prediction: Prediction, scale: float) -> N
             draw.text((float(box[0]) + width, float(box[1]) + width), name(prediction.box_labels[i]), fill=BOX_COLOUR, font=font)
 
 
+def _wrapped(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (a word longer than that keeps its line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> Image.Image:
     """``radiograph`` below a black band holding the banner and the verdict."""
     font = _font(max(radiograph.size))
     lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict(prediction)]
+    if prediction.positive and prediction.regions_withheld:
+        lines += _wrapped(prediction.regions_withheld, font, radiograph.size[0] - font.size)
     line_height = font.size + font.size // 3
     band = line_height * len(lines) + font.size // 2
     image = Image.new("RGB", (radiograph.size[0], band + radiograph.size[1]), (0, 0, 0))

@@ -34,6 +34,9 @@ class Prediction:
         triage_point: the threshold of the triage flag (None: no flag).
         ood_score, ood_threshold: the out-of-distribution score and the gate's threshold
             (None: no gate). Above the threshold the image is not assessed.
+        regions_withheld: why a positive result carries no regions, in words ("": regions
+            are drawn where found): the bundle's localization was not measured, or did not
+            beat a fixed prior map on held-out images.
     """
 
     classes: tuple[str, ...]
@@ -49,6 +52,7 @@ class Prediction:
     ood_score: float | None = None
     ood_threshold: float | None = None
     box_scores: tuple[float, ...] = ()
+    regions_withheld: str = ""
 
     @property
     def assessed(self) -> bool:

@@ -1,12 +1,14 @@
 """The model as the node uses it: a bundle in, :class:`Prediction` per image out.
 
-Pure with respect to I/O: datasets in memory go in, arrays come out. One forward pass
-gives both the class probabilities and the learned lesion attention ``map+`` (the MGACR
-head trained against the doctors' boxes), which is the heat map and the source of the
-lesion regions. The multi-label variants give a map per finding: CIA-Net's class-aware
-grid, whose cells at 0.5 or more are its detections (regions labelled with their finding),
-and class attention's distributions (a heat map, no regions). Other networks get a
-Grad-CAM heat map.
+Pure with respect to I/O: datasets in memory go in, arrays come out. The heat map comes from
+the map source the bundle's contract names (:class:`~dp_model.contract.Localization`): the
+learned lesion attention ``map+`` of a stage (the MGACR head trained against the doctors'
+boxes, from the same forward pass), a multi-label variant's map per finding (CIA-Net's
+class-aware grid, class attention's distributions; regions labelled with their finding),
+CAM or Grad-CAM. Lesion regions are drawn only when the contract says that source beat a
+fixed prior map on held-out images; otherwise a positive result carries no regions and says
+why (:attr:`Prediction.regions_withheld`). A bundle that names no source (written before
+sources were measured) gets the former default map and no regions.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dp_model.bundle import load_bundle, load_feature_statistics
-from dp_model.explain import HEATMAP_STAGE, grad_cam
+from dp_model.bundle import BundleError, load_bundle, load_feature_statistics
+from dp_model.contract import NOT_MEASURED
+from dp_model.explain import CLASS_MAPS, HEATMAP_STAGE, default_source, map_sources, output_maps, source_stage
 from dp_model.ood import one_pass, penultimate
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.dicom import WORKING_PIXELS
@@ -133,7 +136,8 @@ class NodePredictor:
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         operating_point: threshold on the probability of pneumonia; None: the bundle's
             "present" point (0.5 for a bundle that states none).
-        heatmap_stage: residual stage whose ``map+`` is drawn (nearest available head otherwise).
+        heatmap_stage: for a bundle that names no map source: the residual stage whose ``map+``
+            is drawn (nearest available head otherwise). A bundle's own source always wins.
         ood_gate: apply the bundle's out-of-distribution gate (off: every image is assessed,
             as when validating a model on a site's own images; the score is still reported).
     """
@@ -151,8 +155,13 @@ class NodePredictor:
         self.statistics = statistics.to(self.device) if statistics is not None else None
         self.operating_point = self.contract.present_point.threshold if operating_point is None else operating_point
         self.ood_gate = ood_gate
-        self.class_maps = hasattr(self.model, "class_maps")
-        self.stage = self.model.nearest_stage(heatmap_stage) if getattr(self.model, "attention_stages", ()) else None
+        located = self.contract.localization
+        self.source = default_source(self.model, heatmap_stage) if located is None else located.source
+        if self.source not in map_sources(self.model):
+            raise BundleError(f"{bundle}: the contract's map source {self.source!r} is not one this network offers ({', '.join(map_sources(self.model))})")
+        self.class_maps, self.stage = self.source == CLASS_MAPS, source_stage(self.source)
+        #: Why a positive result carries no regions ("": they are drawn).
+        self.regions_withheld = NOT_MEASURED if located is None else located.reason
         self._announce(operating_point)
 
     def _announce(self, override: float | None) -> None:
@@ -167,6 +176,11 @@ class NodePredictor:
             logger.warning("the configured operating point %.4f lies above the bundle's triage point %.4f: every positive image is also flagged", override, triage.threshold)
         for default in self.contract.defaults():
             logger.info("the bundle states no %s", default)
+        located = self.contract.localization
+        if located is not None and located.shown:
+            logger.info("lesion regions from %s: on validation IoU>0.3 %.3f against the prior's %.3f", located.source, located.validation["iou>0.3"], located.prior_validation["iou>0.3"])
+        elif located is not None:  # a bundle without the field is named among the defaults above
+            logger.info("%s (%s; IoU>0.3 %.3f against the prior's %.3f on validation)", self.regions_withheld, located.source, located.validation.get("iou>0.3", float("nan")), located.prior_validation.get("iou>0.3", float("nan")))
         if self.contract.ood is not None and not self.ood_gate:
             logger.warning("the out-of-distribution gate is switched off: every image is assessed, however unlike the training images")
 
@@ -191,7 +205,7 @@ class NodePredictor:
                 logits, outputs = self.model.forward_train(batch)
                 maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
         if not self.class_maps and self.stage is None:
-            maps = grad_cam(self.model, batch, self.model.cam_layer)
+            maps = output_maps(self.model, batch, self.source)
         probabilities = self.contract.probabilities(logits).cpu().numpy()
         if not np.isfinite(probabilities).all():
             raise ValueError("the model gave non-finite outputs")  # fails the image: no report on numbers that mean nothing
@@ -212,15 +226,15 @@ class NodePredictor:
         if len(maps) > 1:  # one map per finding: draw the most probable finding's
             draft = replace(draft, heatmap=maps[int(probabilities.argmax())])
         if not draft.positive or maps[0].size == 0:
-            return draft
+            return draft  # no region on a negative or not-assessed result, whatever the map says
+        if self.regions_withheld:
+            return replace(draft, regions_withheld=self.regions_withheld)
         sy, sx = prepared.source_shape[0] / maps.shape[1], prepared.source_shape[1] / maps.shape[2]
         scale = np.array([sx, sy, sx, sy], np.float32)
         if len(maps) == 1:
             # Boxes found on the coarse map, scaled to the source image's pixels.
             boxes, peaks = regions(maps[0])
             return replace(draft, boxes=boxes * scale, box_scores=tuple(peaks.tolist()))
-        if not getattr(self.model, "maps_are_detections", False):
-            return draft
         found = [(label, box, peak) for k, label in enumerate(draft.classes) if draft.present(label) for box, peak in zip(*regions(maps[k]))]
         return replace(
             draft, boxes=np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4) * scale,

@@ -12,7 +12,9 @@ the design and the viewer evidence are in docs/decisions.md):
   gate's threshold instead. Then one group per lesion region, a closed polyline on the
   source image, with the finding located there, the lung as finding site and the region's
   own score (the peak of the model's localisation map inside it), named after its finding
-  ("Lobar pneumonia region score").
+  ("Lobar pneumonia region score"). Regions only where the bundle's maps beat a fixed prior
+  on held-out images; otherwise none, and a Comment (TEXT, TID 1500 row 14) among the
+  Qualitative Evaluations says so.
 * **Qualitative Evaluations**: the image-level classification, for machines and for
   viewers that list SR content: pneumonia Present / Absent (a negative result is recorded,
   not omitted) and each pneumonia class of the model, each with its Certainty of Finding
@@ -133,6 +135,8 @@ def _assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
         items.append(_evaluation(codes.WITHIN_DISTRIBUTION, codes.YES, _distribution(prediction)))
     if prediction.triage_point is not None:
         items.append(_evaluation(codes.TRIAGE_FLAG, codes.YES if prediction.triage else codes.NO, [_num(codes.THRESHOLD_VALUE, 100.0 * prediction.triage_point, codes.PERCENT)]))
+    if prediction.regions_withheld:  # a positive result without regions says why, where regions would be expected
+        items.append(hd.sr.TextContentItem(name=codes.COMMENT, value=prediction.regions_withheld[:1024], relationship_type=CONTAINS))
     return items
 
 

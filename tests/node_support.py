@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -450,3 +451,33 @@ class FullDisk:
             os.fsync = self._real_fsync
         if self.mounted:
             subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
+
+
+#: A contract's localization that earns regions: well above the prior on every figure. Tests
+#: that check how regions are drawn give it to a copy of the demo bundle (:func:`bundle_with`).
+LOCALIZING = {
+    "source": "map+:3", "shown": True, "margin": 0.05,
+    "validation": {"iou>0.1": 0.9, "iou>0.3": 0.7, "iou>0.5": 0.4, "pointing": 0.9},
+    "prior_validation": {"iou>0.1": 0.64, "iou>0.3": 0.34, "iou>0.5": 0.21, "pointing": 0.5},
+    "test": {"iou>0.1": 0.88, "iou>0.3": 0.66, "iou>0.5": 0.38, "pointing": 0.87},
+    "prior_test": {"iou>0.1": 0.63, "iou>0.3": 0.33, "iou>0.5": 0.2, "pointing": 0.5},
+    "difference_low": 0.25, "images": {"validation": 400, "test": 400},
+}  # fmt: skip
+
+
+def bundle_with(bundle: Path, folder: Path, **fields) -> Path:
+    """A copy of ``bundle`` in ``folder`` whose contract has ``fields`` set (None: removed); the weights are linked."""
+    folder.mkdir(parents=True)
+    for item in bundle.iterdir():
+        if item.name == "configs":
+            shutil.copytree(item, folder / "configs")
+        elif item.name in ("models", "samples", "LICENSE"):
+            (folder / item.name).symlink_to(item)
+    path = folder / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    for key, value in fields.items():
+        meta["deep_pneumonia"].pop(key, None)
+        if value is not None:
+            meta["deep_pneumonia"][key] = value
+    path.write_text(json.dumps(meta, indent=1))
+    return folder

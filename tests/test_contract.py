@@ -56,10 +56,12 @@ def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> No
 
 
 def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> None:
-    old = {k: v for k, v in contract().to_json().items() if k not in ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood", "splits")}
+    later = ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood", "splits", "localization", "logit_adjustment")
+    old = {k: v for k, v in contract().to_json().items() if k not in later}
     loaded = ModelContract.from_json(old)
     assert loaded.pneumonia == ("lobar", "interstitial") and loaded.temperature == 1.0 and loaded.present_point.threshold == 0.5
-    assert loaded.ood is None and len(loaded.defaults()) == 5 and "split sizes: not recorded" in loaded.defaults()
+    assert loaded.ood is None and loaded.localization is None and loaded.logit_adjustment == () and len(loaded.defaults()) == 6
+    assert "split sizes: not recorded" in loaded.defaults() and any(line.startswith("localization: not measured") for line in loaded.defaults())
     assert ModelContract.from_json(contract(operating_points={"present": OperatingPoint(0.3)}, ood=OODGate(10.0, 0.99, 40)).to_json()).ood == OODGate(10.0, 0.99, 40)
 
 
@@ -69,7 +71,8 @@ def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones
     splits = {"train": 200, "validation": 40, "calibration": 40, "test": 48, "calibrated_on": "calibration"}
     new = contract(operating_points={"present": present}, ood=gate, splits=splits, temperature=1.5, calibration={"split": "calibration"})
     loaded = ModelContract.from_json(new.to_json())
-    assert loaded.present_point == present and loaded.ood == gate and loaded.splits == splits and loaded.defaults() == []
+    assert loaded.present_point == present and loaded.ood == gate and loaded.splits == splits
+    assert [line.split(":")[0] for line in loaded.defaults()] == ["localization"]  # the one field this contract lacks
     older = new.to_json() | {"operating_points": {"present": {"threshold": 0.3}}, "ood": {"threshold": 10.0, "quantile": 0.99, "held_out": 44}}
     lacking = ModelContract.from_json(older).defaults()
     assert any("false-rejection bound" in line and "44 held-out" in line for line in lacking) and any("confidence bound of the operating points" in line for line in lacking)
@@ -95,6 +98,13 @@ def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones
         ({"ood": {"threshold": -5, "quantile": 0.99, "held_out": 40}}, "ood threshold"),
         ({"ood": {"threshold": 800, "quantile": 7, "held_out": -3}}, "quantile"),
         ({"splits": [1, 2]}, "splits"),
+        ({"localization": {"source": "map+:3", "shown": "yes"}}, "localization shown"),
+        ({"localization": {"source": "map+:3", "shown": True}}, "do not beat the prior"),
+        ({"localization": {"source": "map+:3", "shown": False, "validation": {"iou>0.9": 1.0}}}, "iou>0.9"),
+        ({"localization": {"source": "lime", "shown": False}}, "localization source"),
+        ({"localization": {"source": "cam", "shown": False, "margin": 0.01}}, "margin"),
+        ({"logit_adjustment": [1.0]}, "logit_adjustment"),
+        ({"logit_adjustment": [1.0, float("nan")]}, "logit_adjustment"),
     ],
 )
 def test_an_inconsistent_contract_is_refused_with_the_field_named(change: dict, message: str) -> None:
@@ -179,3 +189,24 @@ def test_the_gate_takes_exactly_one_pass_of_features_one_row_per_image() -> None
     for passes, rows in (([torch.zeros(4, 8), torch.zeros(4, 8)], 4), ([torch.zeros(8, 8)], 4), ([], 4)):
         with pytest.raises(ValueError, match="not one"):  # a second pass (another image's), rows that are not images, none
             one_pass(passes, rows)
+
+
+def test_localization_travels_with_the_contract_and_the_rule_is_the_stated_one() -> None:
+    from dp_model.contract import Localization, regions_earned
+
+    prior = {"iou>0.1": 0.64, "iou>0.3": 0.34, "iou>0.5": 0.21, "pointing": 0.5}
+    beats = prior | {"iou>0.3": 0.40, "pointing": 0.6}
+    assert regions_earned(beats, prior, 0.01) and not regions_earned(beats, prior, -0.01)  # the interval must clear 0
+    assert not regions_earned(beats | {"iou>0.3": 0.38}, prior, 0.01)  # under the 0.05 margin
+    assert not regions_earned(beats | {"pointing": 0.5}, prior, 0.01)  # the pointing game must beat the prior's too
+    assert not regions_earned(beats | {"iou>0.3": float("nan")}, prior, 0.01)
+    located = Localization("cam", True, validation=beats, prior_validation=prior, difference_low=0.01, candidates={"cam": beats, "grad_cam": beats}, images={"validation": 300})
+    loaded = ModelContract.from_json(contract(architecture="class_attention", localization=located, logit_adjustment=(0.5, -0.25)).to_json())
+    assert loaded.localization == located and loaded.logit_adjustment == (0.5, -0.25)
+
+
+def test_the_logit_adjustment_comes_off_before_the_sigmoid() -> None:
+    multi = contract(architecture="class_attention", logit_adjustment=(np.log(9.0), 0.0))
+    # Trained with c = 9 on its first finding, the network says 0.9 where the truth is 0.5.
+    p = multi.probabilities(torch.tensor([[np.log(9.0), 0.0]])).numpy()[0]
+    assert p == pytest.approx([0.5, 0.5], abs=1e-6)

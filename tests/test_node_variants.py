@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_tool
-from node_support import chest_dataset, send, wait_for
+from node_support import LOCALIZING, bundle_with, chest_dataset, send, wait_for
 from pydicom import dcmread
 
 from dp_model.config import load_config
+from dp_model.explain import map_sources
 from dp_model.training.config import TrainConfig
 from dp_model.training.run import train
 from pacs_node.config import NodeConfig
@@ -58,7 +59,11 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
     multi_label = predictor.contract.multi_label
     assert multi_label == (architecture != "attention_resnet50")
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(predictor.contract.output_classes)
-    assert predictor.stage is None and predictor.class_maps == (heat == "class_maps")
+    # The map source is the one chosen on validation, measured against the prior map.
+    located = predictor.contract.localization
+    assert predictor.source == located.source and located.source in map_sources(predictor.model) and heat in located.candidates
+    assert "Lesion regions: measured against a fixed prior" in card
+    assert bool(predictor.contract.logit_adjustment) == (architecture == "class_attention")  # its log c_i, the others none
     if multi_label:
         assert (bundle / "docs" / "class_maps.png").exists()
     node = Node(NodeConfig(port=0, metrics_port=-1, spool=str(tmp_path / "spool"), output_dir=str(tmp_path / "out"), bundle=str(bundle), allow=("TESTSCU",)), predictor)
@@ -100,7 +105,10 @@ def certainties(sr) -> list[float]:
 
 @pytest.mark.slow
 def test_cia_net_detections_become_labelled_regions(demo_bundle: Path, tmp_path: Path) -> None:
-    bundle = train_variant("cia_net", demo_bundle, tmp_path)
+    trained = train_variant("cia_net", demo_bundle, tmp_path)
+    # One epoch does not localize; how detections become regions is what is tested, so the
+    # contract of a copy says the grid earned them.
+    bundle = bundle_with(trained, tmp_path / "earned", localization=LOCALIZING | {"source": "class_maps"})
     predictor = NodePredictor(bundle, "cpu", ood_gate=False)
     with torch.no_grad():  # make the grid certain of lobar everywhere, and of nothing else
         predictor.model.head[-1].bias.copy_(torch.tensor([8.0, -30.0, -30.0, -30.0]))

@@ -150,6 +150,16 @@ def test_the_card_measures_the_served_decision_on_test_and_its_saved_scores_reco
     assert recomputed.to_json() == json.loads((bundle / "docs" / "served_test.json").read_text())
 
 
+def test_the_contract_carries_every_map_source_against_the_prior_and_the_card_shows_them(bundle: Path) -> None:
+    _, contract = load_bundle(bundle)
+    located = contract.localization
+    assert set(located.candidates) == {"map+:1", "map+:2", "map+:3", "map+:4", "grad_cam", "cam"} and located.source in located.candidates
+    assert set(located.prior_validation) == set(located.test) == {"iou>0.1", "iou>0.3", "iou>0.5", "pointing"}
+    assert located.images["validation"] > 0 and not contract.logit_adjustment  # offsets are class attention's alone
+    card = (bundle / "docs" / "README.md").read_text()
+    assert "## Lesion regions: measured against a fixed prior" in card and "prior (mean training box)" in card
+
+
 def test_every_checkpoint_carries_the_runs_configuration(dataset_dir: Path, tmp_path: Path) -> None:
     from dp_model.training.checkpoints import load_checkpoint
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from helpers import IN_CI, data_file, require_tool
-from node_support import Orthanc, audit_lines, free_port, wait_for
+from node_support import LOCALIZING, Orthanc, audit_lines, bundle_with, free_port, wait_for
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from viewer_support import OHIF_DIST, VIEWER, ViewerOrigin, orthanc_settings
@@ -93,7 +93,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path) -> Iterato
         port=node_port, host="127.0.0.1", metrics_port=-1, spool=str(folder / "spool"), bundle=str(demo_bundle),
         destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu", allow=("ORTHANC",),
     )  # fmt: skip
-    node = Node(config, NodePredictor(demo_bundle, "cpu"))
+    # The demo model's maps do not beat the prior map, so it draws no regions; what is tested
+    # here is how OHIF draws regions, so the node serves a copy whose contract says they are earned.
+    node = Node(config, NodePredictor(bundle_with(demo_bundle, folder / "bundle", localization=LOCALIZING), "cpu"))
     node.start()
     orthanc.start()
     origin = ViewerOrigin(orthanc.http_port).start()

@@ -17,9 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import CONFIDENCE, Reliability, certified_point, fit_temperature, probabilities, reliability
-from ..contract import ModelContract, OODGate, OperatingPoint, pneumonia_probability
-from ..ood import FALSE_REJECTION, FeatureStatistics, certified_threshold, classifier_layer, one_pass, penultimate
+from ..calibration import (
+    CONFIDENCE,
+    Reliability,
+    certified_point,
+    fit_temperature,
+    probabilities,
+    reliability,
+)
+from ..contract import Localization, ModelContract, OODGate, OperatingPoint, pneumonia_probability
+from ..ood import (
+    FALSE_REJECTION,
+    FeatureStatistics,
+    certified_threshold,
+    classifier_layer,
+    one_pass,
+    penultimate,
+)
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -75,15 +89,23 @@ class Fitted:
     statistics: FeatureStatistics | None
     before: Reliability
     after: Reliability
+    localization: Localization | None = None  # measured by :mod:`.regions`, carried to the contract
+    logit_adjustment: tuple[float, ...] = ()
 
 
-def fit(model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], normal: int, pneumonia: tuple[str, ...], multi_label: bool, seed: int = 0) -> Fitted:
+def fit(
+    model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], normal: int, pneumonia: tuple[str, ...], multi_label: bool, seed: int = 0,
+    offsets: tuple[float, ...] = (),
+) -> Fitted:
     """Temperature, operating points and the out-of-distribution gate of a trained model,
-    chosen on the calibration split (:func:`held_out_split`)."""
+    chosen on the calibration split (:func:`held_out_split`); ``offsets`` (the contract's
+    ``logit_adjustment``) come off the logits before the temperature."""
     split = held_out_split(data)
     name = SPLIT_NAMES[split]
     val_logits, val_features = outputs(model, data[split])
     test_logits, _ = outputs(model, data["test"])
+    shift = np.asarray(offsets or 0.0, np.float32)
+    val_logits, test_logits = val_logits - shift, test_logits - shift
     val_labels, test_labels = data[split].labels.cpu().numpy(), data["test"].labels.cpu().numpy()
     outputs_order = tuple(c for i, c in enumerate(classes) if i != normal) if multi_label else classes
 

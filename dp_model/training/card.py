@@ -182,6 +182,7 @@ def model_card(
         "",
         *(baselines.section(report, compared, _majority_class(counts)) if compared else []),
         *localization_table(localization or {}),
+        *regions_section(contract),
         f"![confusion matrix]({pictures['confusion'].name}) ![ROC curves]({pictures['roc'].name})",
         "",
         f"![training curves]({pictures['curves'].name})",
@@ -366,3 +367,48 @@ def _calibration_verdict(before: dict, after: dict, split: str = "validation") -
 
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def regions_section(contract: ModelContract) -> list[str]:
+    """Whether the node draws lesion regions, and the evidence: every map source and the fixed
+    prior on the boxed validation images, the chosen one and the prior on test (markdown lines)."""
+    located = contract.localization
+    if located is None:
+        return []
+    keys = ("iou>0.1", "iou>0.3", "iou>0.5", "pointing")
+
+    def row(name: str, figures: dict[str, float]) -> str:
+        return f"| {name} | " + " | ".join("n/a" if not math.isfinite(figures.get(k, math.nan)) else f"{figures[k]:.2f}" for k in keys) + " |"
+
+    header = ["| map | IoU > 0.1 | IoU > 0.3 | IoU > 0.5 | pointing game |", "|---|---|---|---|---|"]
+    verdict = (
+        f"**Regions are shown**, from `{located.source}`."
+        if located.shown
+        else f"**Regions are not shown**: the best map, `{located.source}`, does not beat the prior by the rule. The node reports the classification without regions and says so."
+    )
+    low = "n/a" if not math.isfinite(located.difference_low) else f"{located.difference_low:+.3f}"
+    return [
+        "## Lesion regions: measured against a fixed prior",
+        "",
+        "The node draws lesion regions only when the model's maps localize the boxed validation images better than a map that "
+        "ignores the image: each class's mean training box, at half its peak, handed the true class (the prior). Each map is "
+        "handed the true class too; its region is where it reaches 0.5. Figures are shares of boxed images (IoU of the region "
+        "with the union of the boxes above T; the map's maximum inside a box), averaged within each class, then over classes. "
+        f"Rule: IoU > 0.3 at least {located.margin:.2f} above the prior's, the lower end of its 95 % paired bootstrap interval "
+        "above 0, and the pointing game above the prior's, on validation; the source with the best validation IoU > 0.3 is chosen.",
+        "",
+        f"Validation ({located.images.get('validation', 0)} boxed images):",
+        "",
+        *header,
+        *(row(f"`{name}`" + (" (chosen)" if name == located.source else ""), figures) for name, figures in located.candidates.items()),
+        row("prior (mean training box)", located.prior_validation),
+        "",
+        f"Test ({located.images.get('test', 0)} boxed images, reported once):",
+        "",
+        *header,
+        row(f"`{located.source}`", located.test),
+        row("prior (mean training box)", located.prior_test),
+        "",
+        f"Difference at IoU > 0.3 on validation, chosen minus prior: lower end of its 95 % interval {low}. {verdict}",
+        "",
+    ]

@@ -175,6 +175,11 @@ class ClassAttentionConfig:
     entropy_weight: float = 0.1
     #: ``c_i``: "paper" ``n_min^2 / n_i`` or "balanced" negatives over positives (``class_attention_weights``).
     class_weights: Literal["paper", "balanced"] = "paper"
+    #: Subtract ``log c_i`` from each finding's logit when the model is used (the contract's
+    #: ``logit_adjustment``): the weighted loss's optimum is ``p* = c q / (c q + 1 - q)`` for
+    #: a true probability ``q``, which reaches 0.5 already at ``q = 1 / (1 + c_i)``; the
+    #: offset gives back ``q``, so that the 0.5 rule and "normal" mean what they say.
+    logit_adjustment: bool = True
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, "dim", self.dim, ">= 1")

@@ -16,10 +16,11 @@ from .runtime import Runtime, unwrap
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int = 256, normal: int = 0) -> np.ndarray:
+def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int = 256, normal: int = 0, offsets: tuple[float, ...] = ()) -> np.ndarray:
     """Class scores ``(N, C)`` of a resident split (no augmentation): softmax probabilities,
     or for a multi-label network its findings' sigmoids with the normal class (index
-    ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.class_scores`)."""
+    ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.class_scores`). ``offsets``
+    are subtracted from the logits first (the contract's ``logit_adjustment``)."""
     model.eval()
     out = []
     net = unwrap(model)
@@ -28,7 +29,10 @@ def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int 
         index = torch.arange(start, min(len(data), start + batch_size), device=data.images.device)
         x = data.batch(index)[0].to(runtime.device)
         with runtime.autocast():
-            probabilities = output_probabilities(net, model(runtime.prepare(x)))
+            logits = model(runtime.prepare(x))
+        if offsets:
+            logits = logits.float() - torch.tensor(offsets, device=logits.device)
+        probabilities = output_probabilities(net, logits)
         out.append(class_scores(probabilities, multi_label, normal).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..architectures import build_network
-from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, consistency_loss, feature_reconstruction_loss
+from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, class_attention_weights, consistency_loss, feature_reconstruction_loss
 from ..networks import DeepPneumoniaNet
 from ..variants import warp
 from .config import FinetuneConfig, PretrainConfig
@@ -119,3 +119,13 @@ class CIAObjective(nn.Module):
             loss = loss + self.feature_weight * feature + self.consistency_weight * consistency
             parts |= {"align_feat": feature, "align_consistency": consistency}
         return loss, parts
+
+
+def logit_adjustment(config: FinetuneConfig, class_counts: list[int], normal: int) -> tuple[float, ...]:
+    """``log c_i`` per finding for class attention with ``logit_adjustment`` on (the weights its
+    loss trained with, from the training split's counts), else none."""
+    if config.architecture != "class_attention" or not config.class_attention.logit_adjustment:
+        return ()
+    positives = [class_counts[i] for i in findings(list(range(len(class_counts))), normal)]
+    weights = class_attention_weights(positives, config.class_attention.class_weights, sum(class_counts))
+    return tuple(round(float(w), 6) for w in torch.log(weights.double()))

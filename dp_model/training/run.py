@@ -20,14 +20,14 @@ from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
 from ..served import ServedReport, evaluate_served, is_pneumonia, reliability_diagram, save_scores, served_decisions
-from . import baselines, calibrate, plots
+from . import baselines, calibrate, plots, regions
 from .card import describe, model_card
 from .config import TrainConfig
 from .data import Resident, Splits, keep_boxes, load_split, make_splits
 from .checkpoints import History, load_checkpoint, save_checkpoint
 from .engine import finetune, pretrain
 from .evaluation import localization, predict
-from .objectives import network_options, normal_index
+from .objectives import logit_adjustment, network_options, normal_index
 from .runtime import Runtime, make_runtime
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in needed}
     train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
     normal = normal_index(dataset.classes)
+    offsets = logit_adjustment(config.finetune, torch.bincount(train_data.labels.cpu(), minlength=len(dataset.classes)).tolist(), normal)
     timings["data"] = time.perf_counter() - start
     logger.info("%s", dataset.summary())
     logger.info("%s split: %d train, %d validation, %d calibration, %d test images", splits.method, len(splits.train), len(splits.val), len(splits.calibration), len(splits.test))
@@ -78,12 +79,12 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
         return RunResult(out, _empty_report(dataset), history, timings)
     tick = time.perf_counter()
 
-    def validate(model, split: Resident) -> dict[str, float]:
-        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime, normal=normal), dataset.classes).scalars()
+    def validate(model, split: Resident, adjusted: tuple[float, ...] = ()) -> dict[str, float]:
+        return evaluate(split.labels.cpu().numpy(), predict(model, split, runtime, normal=normal, offsets=adjusted), dataset.classes).scalars()
 
     result = finetune(
         config.finetune, train_data, data["val"], list(dataset.classes), runtime, seed,
-        encoder=encoder, checkpoint=checkpoint if runtime.main else None, history=history, log=log, evaluate=validate, run_config=to_mapping(config),
+        encoder=encoder, checkpoint=checkpoint if runtime.main else None, history=history, log=log, evaluate=lambda m, s: validate(m, s, offsets), run_config=to_mapping(config),
     )  # fmt: skip
     timings["finetune"] = time.perf_counter() - tick
     model = result.model.cpu()
@@ -92,7 +93,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     if not runtime.main:
         return RunResult(out, _empty_report(dataset), history, timings)
     cpu = Runtime(torch.device("cpu"), False, False, False)
-    probabilities = predict(model, data["test"], cpu, normal=normal)
+    probabilities = predict(model, data["test"], cpu, normal=normal, offsets=offsets)
     labels = data["test"].labels.numpy()
     report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
     tick = time.perf_counter()
@@ -101,9 +102,11 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     for line in baselines.shortfalls(report, compared):
         logger.warning("not better than its baselines: %s", line)
     located = localization(model, data["test"], dataset.classes, normal)
+    shown = regions.measure(model, train_data.to("cpu"), data["val"], data["test"], len(dataset.classes), normal, seed)
     pneumonia = dataset.pneumonia_classes(dataset.classes[normal])
-    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed)
+    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed, offsets)
     timings["total"] = time.perf_counter() - start
+    fitted = replace(fitted, localization=shown, logit_adjustment=offsets)
     _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted, compared)
     save_checkpoint(checkpoint, {"stage": "done", "epoch": config.finetune.epochs}, to_mapping(config))
     return RunResult(out, report, history, timings, compared)
@@ -185,6 +188,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
         round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate, split_sizes(splits, fitted),
     )  # fmt: skip
+    contract = replace(contract, localization=fitted.localization, logit_adjustment=fitted.logit_adjustment)
     description = describe(config)
     if config.demo or synthetic:
         description = "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
