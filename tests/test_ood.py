@@ -80,6 +80,19 @@ def test_relative_mahalanobis_is_zero_everywhere_for_one_class_and_discounts_sha
     assert plain.score(far)[0] > 30 and two.score(far)[0] < 0.5 * plain.score(far)[0]
 
 
+def test_relative_mahalanobis_ranks_a_direction_the_training_images_do_not_span_as_outside() -> None:
+    rng = np.random.default_rng(5)
+    labels = np.arange(300) % 3
+    features = np.zeros((300, 100))
+    features[:, :3] = rng.normal(size=(300, 3)) + np.eye(3)[labels] * 6.0  # three well-separated classes
+    features[:, 3:] = rng.normal(size=(300, 97)) * 0.3  # less variation elsewhere
+    detector = RelativeMahalanobis.fit(torch.from_numpy(features), labels)
+    away = features[:1].copy()
+    away[0, 10] += 5.0  # 17 standard deviations along a direction the training images hardly take
+    # (The background's shrinkage estimated apart, 0.01 against the classes' 0.16, scores it -70.)
+    assert detector.score(seen(away))[0] > detector.score(seen(features)).max()
+
+
 def test_knn_is_the_distance_of_normalised_features_to_the_kth_nearest_training_image() -> None:
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     first, second = NearestNeighbour.fit(bank, 1), NearestNeighbour.fit(bank, 2)
@@ -109,6 +122,16 @@ def test_vim_adds_alpha_times_the_norm_outside_the_principal_subspace_to_minus_t
     assert inside == pytest.approx(-torch.logsumexp(logits[0], 0).item(), abs=0.05 * vim.alpha + 1e-3)
 
 
+def test_vim_keeps_a_residual_when_the_training_images_are_fewer_than_the_dimensions() -> None:
+    rng = np.random.default_rng(4)
+    features = torch.from_numpy(rng.normal(size=(40, 64))).float()
+    classifier = torch.nn.Linear(64, 3)
+    vim = VirtualLogit.fit(features, classifier(features).detach(), classifier)
+    # 40 images span 40 dimensions: a 32-dimensional principal space (half the 64) would leave
+    # them no residual at all; at most half the images (20) leaves them one.
+    assert vim.residual.shape == (64, 44) and 0 < vim.alpha < 1e3
+
+
 def test_multilayer_mahalanobis_standardises_each_stage_by_the_training_scores_and_averages() -> None:
     features, labels = two_classes(2000)
     x = torch.from_numpy(features).float()
@@ -132,7 +155,7 @@ def test_a_watched_forward_pass_shows_logits_penultimate_features_and_the_four_p
 
     torch.manual_seed(0)
     model = DeepPneumoniaNet(attention_stages=(2, 3)).eval()
-    x = torch.rand(3, 1, 64, 64)
+    x = torch.rand(3, 1, 32, 32)
     found = observe(model, [x[:2], x[2:]], stages=True)
     assert [s.shape[1] for s in found.stages] == [64, 128, 256, 512] and len(found) == 3
     # The penultimate representation of a ResNet is its last stage, average-pooled; the logits its linear map.
@@ -147,11 +170,21 @@ def test_a_watched_forward_pass_shows_logits_penultimate_features_and_the_four_p
 
 
 def test_a_network_without_residual_stages_has_no_multilayer_view() -> None:
-    from dp_model.networks import BaselineNet
+    class Plain(torch.nn.Module):  # a VGG's shape: features, then a classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.features, self.head = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), torch.nn.Linear(4, 3)
+            self.layer1 = torch.nn.Identity()  # one stage of the name is not four
 
-    assert stage_modules(BaselineNet("vgg16")) is None
+        classifier_layer = property(lambda self: self.head)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x))
+
+    assert stage_modules(Plain()) is None
+    assert observe(Plain(), [torch.rand(2, 1, 8, 8)]).features.shape == (2, 4)
     with pytest.raises(ValueError, match="no residual stages"):
-        with watching(BaselineNet("vgg16"), stages=True):
+        with watching(Plain(), stages=True):
             pass
 
 
@@ -214,3 +247,69 @@ def default_gate_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFact
     replace_gate(copy, gate, detector)
     assert json.loads((copy / "configs" / "metadata.json").read_text())["deep_pneumonia"]["ood"]["kind"] == DEFAULT_DETECTOR
     return copy
+
+
+# --- near-OOD phantoms -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", ["lateral", "paediatric", "lut", "edge", "rotated", "cropped", "inverted", "ct_scout"])
+def test_each_shift_renders_the_same_image_twice_unlike_the_generators_own(shift: str) -> None:
+    from dp_model.synth import SynthConfig
+    from dp_model.synth.render import render_case
+    from dp_model.synth.shifts import SHIFTS, render_shifted
+
+    assert shift in SHIFTS
+    config = SynthConfig(size=160, num_images=4, seed=3)
+    own = render_case(config, 1).pixels
+    image = render_shifted(config, 1, shift)
+    assert np.array_equal(image, render_shifted(config, 1, shift)) and not np.array_equal(image, render_shifted(config, 2, shift))
+    assert image.dtype == np.float32 and image.min() >= 0 and image.max() <= 1 and image.std() > 0.05
+    assert image.shape != own.shape or np.abs(image - own).mean() > 0.02
+    assert np.array_equal(own, render_case(config, 1).pixels)  # the generator's own image is untouched
+    if shift == "ct_scout":
+        assert image.shape[0] > 2 * image.shape[1]
+    if shift == "inverted":
+        from dataclasses import replace
+
+        from dp_model.synth.shifts import _seed
+
+        np.testing.assert_allclose(image, 1 - render_case(replace(config, seed=_seed(config, shift)), 1).pixels)
+
+
+def ct_slice_as_chest_radiograph() -> "Dataset":
+    """A CT slice (pydicom-data's 693_UNCR.dcm, as displayed) under a CR chest PA header:
+    a far-OOD image whose header the node's screening cannot tell from a radiograph's."""
+    from helpers import data_file
+    from node_support import chest_dataset
+    from pydicom import dcmread
+
+    from dp_transforms import dicom_to_image
+
+    pixels = dicom_to_image(dcmread(data_file("693_UNCR.dcm"))).pixels
+    ds = chest_dataset(rows=pixels.shape[0], columns=pixels.shape[1])
+    ds.PixelData = np.rint(np.clip(pixels, 0, 1) * 4095).astype(np.uint16).tobytes()
+    return ds
+
+
+def test_the_default_gate_marks_a_far_ood_image_not_assessed_and_a_held_out_phantom_assessed(default_gate_bundle: Path, tmp_path: Path) -> None:
+    from node_support import final_lines, send, start_node, wait_for
+    from pydicom import dcmread
+
+    from pacs_node.predictor import NodePredictor
+    from pacs_node.status import StoreStatus
+
+    predictor = NodePredictor(default_gate_bundle, "cpu")
+    assert predictor.contract.ood is not None and predictor.contract.ood.kind == DEFAULT_DETECTOR
+    far, phantom = ct_slice_as_chest_radiograph(), dcmread(sorted((default_gate_bundle / "samples").glob("*.dcm"))[0])
+    node = start_node(tmp_path, predictor)
+    try:
+        assert send(node.port, [far, phantom]) == [StoreStatus.SUCCESS] * 2
+        lines = wait_for(lambda: len(final_lines(node)) == 2 and final_lines(node), 60, "both outcomes")
+    finally:
+        node.stop()
+    outcome = {line["sop_instance_uid"]: line for line in lines}
+    far_line, phantom_line = outcome[str(far.SOPInstanceUID)], outcome[str(phantom.SOPInstanceUID)]
+    assert far_line["status"] == phantom_line["status"] == "processed"
+    assert far_line["result"]["assessed"] is False and far_line["result"]["not_assessed"] == "out-of-distribution"
+    assert far_line["result"]["ood_score"] > predictor.contract.ood.threshold
+    assert phantom_line["result"]["assessed"] is True and phantom_line["result"]["ood_score"] <= predictor.contract.ood.threshold
