@@ -218,6 +218,9 @@ def choose(validation: dict[str, dict], near: list[str], incumbent: str = "mahal
     mean validation AUROC over the near-OOD categories; the incumbent stays unless beaten by
     more than :data:`MARGIN`. Returns the name and the reason in words."""
     kept = {n: r for n, r in validation.items() if r["false_rejection"]["low"] <= FALSE_REJECTION}
+    if not kept:  # a calibration split too small to keep 1 % with any detector: the AUROC alone decides, and says so
+        return choose({n: r | {"false_rejection": r["false_rejection"] | {"low": 0.0}} for n, r in validation.items()}, near, incumbent)[0], (
+            "no detector's validation false rejection is consistent with 1 % at this calibration size; chosen on the AUROC alone")
     mean = {n: float(np.mean([r["categories"][c]["auroc"] for c in near])) for n, r in kept.items()}
     best = max(mean, key=mean.get)
     if incumbent in mean and mean[best] - mean[incumbent] <= MARGIN:
