@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydicom.dataset import Dataset
 
 from dp_model.contract import ContractError, OODGate
 from dp_model.ood import (DEFAULT_DETECTOR, DETECTORS, Energy, FeatureStatistics, MaxSoftmax, MultiLayerMahalanobis, NearestNeighbour, RelativeMahalanobis,
@@ -276,7 +277,7 @@ def test_each_shift_renders_the_same_image_twice_unlike_the_generators_own(shift
         np.testing.assert_allclose(image, 1 - render_case(replace(config, seed=_seed(config, shift)), 1).pixels)
 
 
-def ct_slice_as_chest_radiograph() -> "Dataset":
+def ct_slice_as_chest_radiograph() -> Dataset:
     """A CT slice (pydicom-data's 693_UNCR.dcm, as displayed) under a CR chest PA header:
     a far-OOD image whose header the node's screening cannot tell from a radiograph's."""
     from helpers import data_file
