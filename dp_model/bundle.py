@@ -35,7 +35,7 @@ from torch import nn
 
 
 from .contract import ContractError, ModelContract
-from .ood import FeatureStatistics, classifier_layer
+from .ood import Detector, classifier_layer, load_detector
 from .ood import digest as ood_digest
 
 logger = logging.getLogger(__name__)
@@ -347,9 +347,10 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[n
     return model.to(device).eval(), contract
 
 
-def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn.Module | None = None) -> FeatureStatistics | None:
-    """The out-of-distribution gate's statistics (``models/ood.pt``), checked against the
-    contract's digest and the network's feature size; None for a bundle without a gate."""
+def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn.Module | None = None) -> Detector | None:
+    """The out-of-distribution gate's detector (of the contract's ``ood.kind``) from its
+    statistics (``models/ood.pt``), checked against the contract's digest and the network's
+    feature size; None for a bundle without a gate."""
     if contract.ood is None:
         return None
     path = Path(root) / "models" / "ood.pt"
@@ -357,7 +358,7 @@ def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn
     try:
         if contract.ood.digest and ood_digest(path) != contract.ood.digest:
             raise ValueError("its SHA-256 differs from the one metadata.json records (altered or from another training)")
-        return FeatureStatistics.load(path, layer.in_features if layer is not None else None)
+        return load_detector(path, contract.ood.kind, layer.in_features if layer is not None else None)
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, AttributeError, TypeError) as exc:
         raise BundleError(f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})") from None
 

@@ -10,9 +10,10 @@ What travels with the weights (in ``configs/metadata.json`` under ``deep_pneumon
 * the operating points: "present" (for a stated sensitivity) and "triage" (for a stated
   specificity), each placed where a one-sided Clopper-Pearson lower bound reaches its target
   on the calibration split (bundles written before: the point estimate on validation);
-* the out-of-distribution gate: a threshold on the Mahalanobis distance of the penultimate
-  features, an order statistic of held-out in-distribution images chosen so that its
-  false-rejection rate is bounded with stated confidence;
+* the out-of-distribution gate: a threshold on a detector's score (``kind``; bundles written
+  before name the Mahalanobis distance of the penultimate features), an order statistic of
+  held-out in-distribution images chosen so that its false-rejection rate is bounded with
+  stated confidence;
 * the localization: which map the lesion regions come from, how well each map source and a
   fixed prior map localized the boxed validation and test images, and whether the regions
   earned their place on a film (:class:`Localization`);
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from .architectures import MULTI_LABEL, build_network
 from .explain import MAP_SOURCES
+from .ood import DETECTORS
 
 __all__ = ["ContractError", "Decision", "Localization", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_classes", "pneumonia_probability"]
 
@@ -98,14 +100,16 @@ DEFAULT_PRESENT = OperatingPoint(0.5, "0.5 (the bundle states no operating point
 
 @dataclass(frozen=True)
 class OODGate:
-    """An image is outside the training distribution when the Mahalanobis distance of its
-    penultimate features to the nearest class mean exceeds ``threshold``.
+    """An image is outside the training distribution when its score by the ``kind`` detector
+    (:data:`dp_model.ood.DETECTORS`; the Mahalanobis distance of its penultimate features to
+    the nearest class mean in bundles that name none) exceeds ``threshold``.
 
     Attributes:
-        threshold: on the distance; an order statistic of held-out in-distribution distances.
+        threshold: on the score; an order statistic of held-out in-distribution scores.
         quantile: so that about ``1 - quantile`` of in-distribution images are turned away
             (for a rank ``r`` of ``n``, ``r / (n + 1)``: the expected share let through).
         held_out: how many held-out images the threshold comes from.
+        kind: the detector, a key of :data:`dp_model.ood.DETECTORS`.
         digest: SHA-256 of ``models/ood.pt`` (the statistics), checked at load.
         rank: the threshold is the ``rank``-th smallest held-out distance (None: a quantile).
         false_rejection: the share of in-distribution images turned away is at most this
@@ -134,13 +138,15 @@ class OODGate:
     def from_json(data: dict) -> OODGate:
         if not isinstance(data, dict):
             raise ContractError(f"ood must be an object, not {type(data).__name__}")
-        if data.get("kind", "mahalanobis") != "mahalanobis":
-            raise ContractError(f"out-of-distribution gate {data.get('kind')!r} is not known (mahalanobis)")
+        kind = data.get("kind", "mahalanobis")
+        if kind not in DETECTORS:
+            raise ContractError(f"out-of-distribution gate {kind!r} is not known ({', '.join(DETECTORS)})")
         rank, bound, confidence, shrinkage = (None if data.get(k) is None else float(data[k]) for k in ("rank", "false_rejection", "confidence", "shrinkage"))
-        gate = OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]), digest=str(data.get("digest", "")),
+        gate = OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]), kind, digest=str(data.get("digest", "")),
                        rank=None if rank is None else int(rank), false_rejection=bound, confidence=confidence, shrinkage=shrinkage, split=str(data.get("split", "")))  # fmt: skip
-        if not (math.isfinite(gate.threshold) and gate.threshold > 0):
-            raise ContractError(f"ood threshold must be a finite number above 0, got {gate.threshold}")
+        # A distance is above 0; the scores of the other detectors (minus a probability, an energy) may be any finite number.
+        if not (math.isfinite(gate.threshold) and (gate.threshold > 0 or kind not in ("mahalanobis", "knn"))):
+            raise ContractError(f"ood threshold must be a finite number{' above 0' if kind in ('mahalanobis', 'knn') else ''}, got {gate.threshold}")
         if not 0 < gate.quantile < 1 or gate.held_out < 1:
             raise ContractError(f"ood quantile must be between 0 and 1 and held_out at least 1, got {gate.quantile}, {gate.held_out}")
         return gate

@@ -17,7 +17,7 @@ from dp_transforms import ImageError, load_letterboxed
 
 from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
 from .architectures import class_scores
-from .ood import one_pass, penultimate
+from .ood import watching
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ class Predictor:
                 self.assessed.append(False)
                 self.ood_scores.append(float("nan"))
                 continue
-            with penultimate(self.model) if self.statistics is not None else nullcontext([]) as seen:
+            with watching(self.model, self.statistics.needs_stages) if self.statistics is not None else nullcontext() as watch:
                 logits = self.model(canvas[None].to(self.device))
             out.append(self.contract.probabilities(logits)[0].cpu().numpy())
-            score = self.statistics.scores(one_pass(seen, 1).to(self.device))[0] if self.statistics is not None else None
+            score = self.statistics.score(watch.seen(logits, 1))[0] if self.statistics is not None else None
             self.assessed.append(score is None or bool(score <= self.contract.ood.threshold))
             self.ood_scores.append(float("nan") if score is None else float(score))
         return np.asarray(out), problems

@@ -26,7 +26,7 @@ from scipy import ndimage
 from dp_model.bundle import BundleError, load_bundle, load_feature_statistics
 from dp_model.contract import NOT_MEASURED
 from dp_model.explain import CLASS_MAPS, HEATMAP_STAGE, default_source, map_sources, output_maps, source_stage
-from dp_model.ood import one_pass, penultimate
+from dp_model.ood import watching
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.dicom import WORKING_PIXELS
 from dp_transforms.geometry import Letterbox, resize
@@ -196,7 +196,7 @@ class NodePredictor:
     def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
         """Calibrated output probabilities ``(B, K)``, maps ``(B, 1 or K, h, w)`` on the
         canvas, and the out-of-distribution score of each image (None without a gate)."""
-        with penultimate(self.model) if self.statistics is not None else nullcontext([]) as seen:
+        with watching(self.model, self.statistics.needs_stages) if self.statistics is not None else nullcontext() as watch:
             if self.class_maps:
                 logits, maps = self.model.class_maps(batch)
             elif self.stage is None:
@@ -212,7 +212,7 @@ class NodePredictor:
         if self.statistics is None:
             return probabilities, maps.float().cpu(), None
         # The gate fails closed, never open: no single pass of features, no report.
-        return probabilities, maps.float().cpu(), self.statistics.scores(one_pass(seen, len(batch)).to(self.device))
+        return probabilities, maps.float().cpu(), self.statistics.score(watch.seen(logits, len(batch)))
 
     def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor, ood_score: float | None) -> Prediction:
         contract = self.contract

@@ -128,14 +128,15 @@ def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later
     state = torch.load(path, weights_only=True)
     meta_path = copy / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
+    means, precision = ("means", "precision") if "means" in state else ("means.3", "precision.3")  # the multi-layer gate: its last stage
     if tamper == "digest":
-        state["means"] = state["means"] + 1.0
+        state[means] = state[means] + 1.0
     elif tamper == "shape":
-        state["means"] = state["means"][:, :-1]
+        state[means] = state[means][:, :-1]
     elif tamper == "not-positive-definite":
-        state["precision"] = -state["precision"]
+        state[precision] = -state[precision]
     else:
-        state = [state["means"]]
+        state = [state[means]]
     torch.save(state, path)
     if tamper != "digest":  # the digest says so first; past it, the content is checked
         meta["deep_pneumonia"]["ood"]["digest"] = ""

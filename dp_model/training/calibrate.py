@@ -3,37 +3,27 @@
 On the calibration split (the validation split when the run holds none out): the
 temperature, the operating points (each where a one-sided Clopper-Pearson bound reaches its
 target) and the threshold of the out-of-distribution gate (an order statistic with a bounded
-false-rejection rate); on the training split: the feature statistics of the gate. On the
-test split, reported only: the calibration error before and after.
+false-rejection rate); on the training split: the statistics of the gate's detector
+(:data:`~dp_model.ood.DEFAULT_DETECTOR` unless asked otherwise). On the test split, reported
+only: the calibration error before and after.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import (
-    CONFIDENCE,
-    Reliability,
-    certified_point,
-    fit_temperature,
-    probabilities,
-    reliability,
-)
+from ..calibration import CONFIDENCE, Reliability, certified_point, fit_temperature, probabilities, reliability
 from ..contract import Localization, ModelContract, OODGate, OperatingPoint, pneumonia_probability
-from ..ood import (
-    FALSE_REJECTION,
-    FeatureStatistics,
-    certified_threshold,
-    classifier_layer,
-    one_pass,
-    penultimate,
-)
+from ..ood import (DEFAULT_DETECTOR, FALSE_REJECTION, DETECTORS, Detector, Seen, certified_threshold, classifier_layer, digest, fit_detector, needs_stages,
+                   observe, one_pass, penultimate, stage_modules)  # fmt: skip
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -50,12 +40,22 @@ def held_out_split(data: dict[str, Resident]) -> str:
     return "calibration" if len(data.get("calibration", ())) else "val"
 
 
-def calibrated_outputs(model: nn.Module, data: Resident, contract: ModelContract, statistics: FeatureStatistics | None) -> tuple[np.ndarray, np.ndarray | None]:
+def calibrated_outputs(model: nn.Module, data: Resident, contract: ModelContract, statistics: Detector | None) -> tuple[np.ndarray, np.ndarray | None]:
     """What the node computes for each image of a split: the contract's calibrated
     probabilities ``(N, K)`` and the out-of-distribution scores ``(N,)`` (None without a gate)."""
-    logits, features = outputs(model, data)
-    calibrated = contract.probabilities(torch.from_numpy(logits)).numpy()
-    return calibrated, None if statistics is None or features is None else statistics.scores(features)
+    if statistics is None:
+        logits, _ = outputs(model, data)
+        return contract.probabilities(torch.from_numpy(logits)).numpy(), None
+    seen = observed(model, data, statistics.needs_stages)
+    return contract.probabilities(seen.logits).numpy(), statistics.score(seen)
+
+
+@torch.no_grad()
+def observed(model: nn.Module, data: Resident, stages: bool = False, batch_size: int = 128) -> Seen:
+    """What a detector reads of a resident split (:class:`~dp_model.ood.Seen`), on the CPU, without augmentation."""
+    model = model.eval().cpu()
+    starts = range(0, len(data), batch_size)
+    return observe(model, (data.batch(torch.arange(s, min(len(data), s + batch_size)))[0].cpu() for s in starts), stages)
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ class Fitted:
     calibration: dict
     operating_points: dict[str, OperatingPoint]
     ood: OODGate | None
-    statistics: FeatureStatistics | None
+    statistics: Detector | None
     before: Reliability
     after: Reliability
     localization: Localization | None = None  # measured by :mod:`.regions`, carried to the contract
@@ -95,14 +95,14 @@ class Fitted:
 
 def fit(
     model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], normal: int, pneumonia: tuple[str, ...], multi_label: bool, seed: int = 0,
-    offsets: tuple[float, ...] = (),
+    offsets: tuple[float, ...] = (), detector: str = DEFAULT_DETECTOR,
 ) -> Fitted:
-    """Temperature, operating points and the out-of-distribution gate of a trained model,
-    chosen on the calibration split (:func:`held_out_split`); ``offsets`` (the contract's
-    ``logit_adjustment``) come off the logits before the temperature."""
+    """Temperature, operating points and the out-of-distribution gate (of the ``detector``
+    kind) of a trained model, chosen on the calibration split (:func:`held_out_split`);
+    ``offsets`` (the contract's ``logit_adjustment``) come off the logits before the temperature."""
     split = held_out_split(data)
     name = SPLIT_NAMES[split]
-    val_logits, val_features = outputs(model, data[split])
+    val_logits, _ = outputs(model, data[split])
     test_logits, _ = outputs(model, data["test"])
     shift = np.asarray(offsets or 0.0, np.float32)
     val_logits, test_logits = val_logits - shift, test_logits - shift
@@ -127,7 +127,7 @@ def fit(
     scores = pneumonia_probability(probabilities(val_logits, temperature, multi_label), outputs_order, pneumonia, multi_label)
     is_pneumonia = np.isin(np.asarray(classes)[val_labels], pneumonia)
     points = _points(scores, is_pneumonia, name)
-    gate, statistics = _gate(model, data["train"], val_features, classes, name)
+    gate, statistics = fit_gate(model, data["train"], data[split], name, detector)
     return Fitted(temperature, calibration, points, gate, statistics, before, after)
 
 
@@ -152,17 +152,68 @@ def _points(scores: np.ndarray, is_pneumonia: np.ndarray, split: str) -> dict[st
     return points
 
 
-def _gate(model: nn.Module, train: Resident, val_features: torch.Tensor | None, classes: tuple[str, ...], split: str = "validation") -> tuple[OODGate | None, FeatureStatistics | None]:
-    if val_features is None or len(val_features) < 10:
-        logger.warning("no out-of-distribution gate: %s", "the network names no classifier layer" if val_features is None else f"fewer than 10 {split} images")
+def fit_gate(model: nn.Module, train: Resident, held_out: Resident, split: str = "validation", kind: str = DEFAULT_DETECTOR) -> tuple[OODGate | None, Detector | None]:
+    """The out-of-distribution gate: the ``kind`` detector fitted on the training split, its
+    threshold the order statistic of the ``held_out`` images' scores that bounds the false
+    rejections (:func:`~dp_model.ood.certified_threshold`). None without a classifier layer,
+    with fewer than 10 held-out images, or when a forward pass is not one row per image; a
+    network without residual stages gets the Mahalanobis detector instead of the multi-layer one."""
+    if kind not in DETECTORS:
+        raise ValueError(f"out-of-distribution detector {kind!r} is not known ({', '.join(DETECTORS)})")
+    if classifier_layer(model) is None or len(held_out) < 10:
+        logger.warning("no out-of-distribution gate: %s", "the network names no classifier layer" if classifier_layer(model) is None else f"fewer than 10 {split} images")
         return None, None
-    _, train_features = outputs(model, train)
-    statistics = FeatureStatistics.fit(train_features, train.labels.cpu().numpy())
-    held_out = statistics.scores(val_features)
-    value, rank, bound = certified_threshold(held_out, FALSE_REJECTION, CONFIDENCE)
-    gate = OODGate(value, rank / (len(held_out) + 1), len(held_out), rank=rank, false_rejection=bound, confidence=CONFIDENCE, shrinkage=statistics.shrinkage, split=split)
+    if needs_stages(kind) and stage_modules(model) is None:
+        logger.warning("%s has no residual stages: the gate uses the Mahalanobis detector instead of %s", type(model).__name__, kind)
+        kind = "mahalanobis"
+    try:
+        detector = fit_detector(kind, observed(model, train, needs_stages(kind)), train.labels.cpu().numpy(), classifier_layer(model))
+        scores = detector.score(observed(model, held_out, detector.needs_stages))
+    except ValueError as exc:  # no single pass of one row per image: no gate
+        logger.warning("no out-of-distribution gate: %s", exc)
+        return None, None
+    value, rank, bound = certified_threshold(scores, FALSE_REJECTION, CONFIDENCE)
+    shrinkage = getattr(detector, "shrinkage", None)
+    gate = OODGate(value, rank / (len(scores) + 1), len(scores), kind=kind, rank=rank, false_rejection=bound, confidence=CONFIDENCE, shrinkage=shrinkage, split=split)
     log = logger.info if bound <= FALSE_REJECTION else logger.warning
-    log("out-of-distribution gate: Mahalanobis distance above %.1f (the %d-th smallest of %d %s images: at most %.1f%% of in-distribution images "
-        "turned away, at %.0f%% confidence; covariance shrinkage %.3f)", value, rank, len(held_out), split, 100 * bound, 100 * CONFIDENCE, statistics.shrinkage)  # fmt: skip
-    return gate, statistics
+    log("out-of-distribution gate: %s above %.4g (the %d-th smallest of %d %s images: at most %.1f%% of in-distribution images "
+        "turned away, at %.0f%% confidence)", kind, value, rank, len(scores), split, 100 * bound, 100 * CONFIDENCE)  # fmt: skip
+    return gate, detector
 
+
+def replace_gate(root: Path, gate: OODGate, detector: Detector) -> None:
+    """Give the bundle at ``root`` another gate: its ``models/ood.pt`` and the contract's
+    ``ood`` entry (with the new file's digest). The model card is not rewritten: it still
+    describes the gate the bundle was trained with."""
+    root = Path(root)
+    detector.save(root / "models" / "ood.pt")
+    meta_path = root / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["deep_pneumonia"]["ood"] = replace(gate, digest=digest(root / "models" / "ood.pt")).to_json()
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def resident_splits(bundle: Path, data: Path, parts: tuple[str, ...] = ("train", "val", "calibration", "test"), layout: str = "auto") -> dict[str, Resident]:
+    """The bundle's own splits of the dataset it was trained from (its ``configs/split.json``),
+    decoded as training decoded them: what refitting a gate, or benchmarking one, reads.
+    A part the bundle does not have (no calibration split) is left out.
+
+    Raises:
+        DatasetError: the dataset holds none of a part's images (another dataset).
+    """
+    from ..bundle import load_bundle
+    from ..datasets import read_dataset
+    from ..datasets.splits import split_subset
+    from .config import DataConfig
+    from .data import load_split
+
+    _, contract = load_bundle(bundle)
+    split_file = json.loads((Path(bundle) / "configs" / "split.json").read_text())
+    dataset = read_dataset(str(data), layout)
+    config = DataConfig(root=str(data), image_size=contract.image_size)
+    found = {}
+    for part in parts:
+        if split_file.get(part):
+            subset = split_subset(dataset, split_file, part)
+            found[part] = load_split(subset, tuple(range(len(subset.records))), config, f"decode {part}")
+    return found

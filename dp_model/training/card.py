@@ -9,7 +9,7 @@ from ..bundle import PAPER, SCHEMA_FILE
 from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
-from ..ood import FALSE_REJECTION
+from ..ood import DETECTORS, FALSE_REJECTION
 from ..served import ServedReport
 from . import baselines
 from .config import TrainConfig
@@ -304,11 +304,16 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
     ]
     if contract.ood is not None and contract.ood.false_rejection is not None:
         gate = contract.ood
+        if gate.kind == "mahalanobis":
+            opening = (f"Out-of-distribution gate: an image whose penultimate features lie farther than {gate.threshold:.1f} (squared Mahalanobis "
+                       f"distance to the nearest class mean of the training features, covariance shrunk {gate.shrinkage or 0:.2f} towards a scaled identity "
+                       f"by Ledoit-Wolf) is not assessed. The threshold is the {_rank(gate.rank, gate.held_out)} distance of the {gate.held_out} {gate.split} images, ")  # fmt: skip
+        else:
+            opening = (f"Out-of-distribution gate ({gate.kind}): an image whose score ({DETECTORS[gate.kind]}) is above {gate.threshold:.4g} is not "
+                       f"assessed. The threshold is the {_rank(gate.rank, gate.held_out)} score of the {gate.held_out} {gate.split} images, ")  # fmt: skip
         lines += [
-            f"Out-of-distribution gate: an image whose penultimate features lie farther than {gate.threshold:.1f} (squared Mahalanobis "
-            f"distance to the nearest class mean of the training features, covariance shrunk {gate.shrinkage:.2f} towards a scaled identity "
-            f"by Ledoit-Wolf) is not assessed. The threshold is the {_rank(gate.rank, gate.held_out)} distance of the {gate.held_out} {gate.split} images, "
-            f"so that it turns away at most {gate.false_rejection:.1%} of in-distribution images with {gate.confidence:.0%} confidence"
+            opening
+            + f"so that it turns away at most {gate.false_rejection:.1%} of in-distribution images with {gate.confidence:.0%} confidence"
             + (f" (too few images for {FALSE_REJECTION:.0%}: that needs {math.ceil(math.log(1 - gate.confidence) / math.log(1 - FALSE_REJECTION))})."
                if gate.false_rejection > FALSE_REJECTION * 1.001 else ".")
             + ("" if turned_away is None else f" It turns away {turned_away:.1%} of the test images."),

@@ -203,7 +203,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
         "attention": plots.attention_gallery(model, data["test"], dataset.classes, docs / "attention.png", normal=normal),
     }
-    test_scores = fitted.statistics.scores(calibrate.outputs(model, data["test"])[1]) if fitted.statistics is not None else None
+    test_scores = calibrate.calibrated_outputs(model, data["test"], contract, fitted.statistics)[1]
     pictures["calibration"] = plots.reliability(
         fitted.before, fitted.after, docs / "calibration.png", None if test_scores is None else (test_scores, np.zeros(0)), fitted.ood and fitted.ood.threshold,
     )  # fmt: skip
