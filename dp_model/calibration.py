@@ -136,15 +136,7 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     """The threshold on ``scores`` for a target sensitivity (the highest threshold reaching it)
     or a target specificity (the lowest threshold reaching it), with what it gives there."""
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    if (sensitivity is None) == (specificity is None):
-        raise ValueError("give a target sensitivity or a target specificity")
-    target_value = sensitivity if sensitivity is not None else specificity
-    if not 0 < target_value <= 1:
-        raise ValueError(f"a target sensitivity or specificity lies in (0, 1], got {target_value}")
-    if not np.isfinite(scores).all():
-        raise ValueError("non-finite scores on the validation split")
-    if positive.all() or not positive.any():
-        raise ValueError("the validation split needs images with and without pneumonia to place an operating point")
+    _check_target(scores, positive, sensitivity, specificity)
     scores = np.clip(scores, 1e-6, 1 - 1e-6)  # a threshold lies strictly between 0 and 1
     candidates = np.unique(scores)
     sens = np.array([(scores[positive] >= t).mean() for t in candidates])
