@@ -735,7 +735,8 @@ class Listener:
         if refused:
             calling, peer = _calling(event), _peer(event)
             self.metrics.inc("contexts_refused", len(refused))
-            self.audit.write("association", status="contexts-refused", calling_ae=calling, peer=peer, contexts=refused)
+            # The peer's to repeat at will: in full a few times a minute, counted after that (Bursts).
+            self.bursts.write("association", ("contexts-refused", calling, peer, tuple(refused)), status="contexts-refused", calling_ae=calling, peer=peer, contexts=refused)
             logger.info("association from %s: %d proposed SOP class(es) refused (the list: --log-level DEBUG)", calling, len(refused))
             listed = self.__dict__.setdefault("_refusals_listed", set())  # (caller, peer, classes) already listed
             if logger.isEnabledFor(logging.DEBUG) and (calling, peer, tuple(refused)) not in listed:

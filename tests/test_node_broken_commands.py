@@ -146,3 +146,21 @@ def test_a_data_set_cut_short_mid_element_is_refused_not_acknowledged(node: Node
     assert store(peer, command_set(str(ds.SOPInstanceUID)), truncated(encoded(ds), where)) == StoreStatus.CANNOT_UNDERSTAND
     assert then_stores(peer)
     assert wait_for(lambda: refusals(node), 10, "the audit line") == [("truncated", "0xC000")]
+
+
+def test_a_peer_proposing_refused_classes_again_and_again_cannot_grow_the_audit_trail_line_by_line(node: Node) -> None:
+    """The SOP classes a peer proposes and the node refuses are the peer's to repeat at will, as
+    many as 127 a request: like other repeatable refusals, each peer's are written in full a few
+    times a minute and counted after that, so an allowed peer cannot fill the spool's disk."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="TESTSCU")
+    for index in range(60):
+        ae.add_requested_context(f"1.2.826.0.1.3680043.8.498.{index + 1}", ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    for _ in range(25):
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
+        assert assoc.is_established
+        assoc.release()
+    lines = [line for line in audit_lines(node) if line.get("status") == "contexts-refused"]
+    assert 0 < len(lines) <= 10, len(lines)
