@@ -52,7 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
@@ -70,7 +72,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, _config, dimse_messages, dsutils, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -505,6 +507,7 @@ class Listener:
         # spool's file system, so acceptance is a rename. (pynetdicom has these as globals.)
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(self.spool.tmp))
+        dimse_messages.decode = decode_command_set
         ae = self._make_ae()
         self.server = ae.make_server(
             (self.config.host, self.config.port), ssl_context=ssl_context, evt_handlers=self._handlers(),
@@ -732,7 +735,8 @@ class Listener:
         if refused:
             calling, peer = _calling(event), _peer(event)
             self.metrics.inc("contexts_refused", len(refused))
-            self.audit.write("association", status="contexts-refused", calling_ae=calling, peer=peer, contexts=refused)
+            # The peer's to repeat at will: in full a few times a minute, counted after that (Bursts).
+            self.bursts.write("association", ("contexts-refused", calling, peer, tuple(refused)), status="contexts-refused", calling_ae=calling, peer=peer, contexts=refused)
             logger.info("association from %s: %d proposed SOP class(es) refused (the list: --log-level DEBUG)", calling, len(refused))
             listed = self.__dict__.setdefault("_refusals_listed", set())  # (caller, peer, classes) already listed
             if logger.isEnabledFor(logging.DEBUG) and (calling, peer, tuple(refused)) not in listed:
@@ -865,6 +869,8 @@ class Listener:
         connection = self.connections.of(event.assoc)
         if connection is not None and connection.too_large:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
+        if event.dataset_path is None:  # a C-STORE-RQ that says no data set follows (PS3.7 9.3.1.1: one must)
+            return Refusal(StoreStatus.CANNOT_UNDERSTAND, "no-data-set")
         received = Path(event.dataset_path)
         if received.stat().st_size > self.config.max_dataset_bytes + OVERHEAD_BYTES:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
@@ -994,7 +1000,28 @@ def _valid_command_uid(command, keyword: str) -> bool:
     value = command.get(keyword)
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    return isinstance(value, str) and _config.VALIDATORS["UI"](UID(value.strip(" \x00")))[0]
+    if not isinstance(value, str) or value.strip(" \x00") == INVALID_UID_STAND_IN:
+        return False
+    return _config.VALIDATORS["UI"](UID(value.strip(" \x00")))[0]
+
+
+def decode_command_set(encoded, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Dataset:
+    """pynetdicom's ``dsutils.decode`` (as ``dimse_messages`` calls it), and a C-STORE-RQ command set
+    whose Affected SOP Class or Instance UID is absent, empty or not valid made one pynetdicom can take.
+
+    With chunked receiving, pynetdicom writes the received file's meta information (PS3.10 7.1)
+    from the command's two UIDs as soon as the command set is decoded, before any event handler
+    runs: an absent UID raised there, an empty one failed its meta check, and either aborted the
+    association with no status and no audit line. Each such UID is put here as
+    :data:`INVALID_UID_STAND_IN`; :func:`stand_in_for_invalid_uids` then gives the class UID the
+    presentation context's own, and :meth:`Listener.handle_store` refuses the instance by name.
+    """
+    dataset = dsutils.decode(encoded, is_implicit_vr, is_little_endian, deflated)
+    if dataset.get("CommandField") == C_STORE_RQ:
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            if not _valid_command_uid(dataset, keyword):
+                setattr(dataset, keyword, INVALID_UID_STAND_IN)
+    return dataset
 
 
 def _echoing_no_uid(status: int) -> Dataset:
@@ -1007,11 +1034,15 @@ def _echoing_no_uid(status: int) -> Dataset:
 
 
 def check_header(path: Path, sop_class: str, sop_instance: str) -> Refusal | None:
-    """PS3.4 B.2.3: refuse what is not parseable, or not what the command says it is."""
+    """PS3.4 B.2.3: refuse what is not parseable, cut short, or not what the command says it is."""
     try:
         header = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPClassUID", "SOPInstanceUID"])
         found_class = str(header.get("SOPClassUID", "")).strip(" \x00")
         found_instance = str(header.get("SOPInstanceUID", "")).strip(" \x00")
+        if cut_short(path):
+            return Refusal(StoreStatus.CANNOT_UNDERSTAND, "truncated")
+    except EOFError:  # an undefined-length value whose delimiter never came
+        return Refusal(StoreStatus.CANNOT_UNDERSTAND, "truncated")
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse gets the same status
         return Refusal(StoreStatus.CANNOT_UNDERSTAND, "unparseable")
     if found_class != sop_class:
@@ -1019,6 +1050,30 @@ def check_header(path: Path, sop_class: str, sop_instance: str) -> Refusal | Non
     if found_instance != sop_instance:
         return Refusal(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "instance-uid-mismatch")
     return None
+
+
+def cut_short(path: Path) -> bool:
+    """Whether the data set's last top-level element is longer than what arrived of it.
+
+    A sender (or a proxy) that stops mid-element still ends its message with a last fragment
+    (PS3.8 E.2); pydicom reads such a file without a word, and the node would acknowledge an
+    object that is not the one the modality holds, which may then delete its only good copy.
+    Values are skipped, not read (``defer_size``): the walk costs the element headers only.
+    A cut inside an undefined-length sequence is not seen here (pydicom ends it at the end of
+    the file); the image is then skipped or failed by name after acknowledgement.
+
+    Raises:
+        EOFError: an undefined-length value (encapsulated pixel data) ends before its delimiter.
+    """
+    meta, offset = split_dataset(path)
+    syntax = UID(str(meta.TransferSyntaxUID))
+    end, size = offset, path.stat().st_size
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        for element in data_element_generator(handle, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
+            defined = isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF
+            end = element.value_tell + element.length if defined else handle.tell()
+    return end > size
 
 
 def _address(client_address) -> str:
