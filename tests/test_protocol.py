@@ -136,6 +136,21 @@ def test_rows_scored_on_different_images_cannot_be_paired() -> None:
         paired(a, shifted, resamples=10)
 
 
+def test_a_map_is_compared_with_the_prior_on_the_same_boxed_images() -> None:
+    rng = np.random.default_rng(0)
+    a, prior = {}, {}
+    for s in range(5):
+        labels = rng.integers(0, 4, 300)
+        hits = rng.random(300) < 0.6
+        prior[s] = (np.where(hits, 0.4, 0.05), labels)
+        a[s] = (np.where(hits | (rng.random(300) < 0.5), 0.4, 0.05), labels)  # hits wherever the prior does, and more
+    found = compare.paired_localization(a, prior, threshold=0.1, resamples=300)
+    assert found.difference == pytest.approx(np.mean([compare.class_mean(a[s][1], (a[s][0] > 0.1) * 1.0) - compare.class_mean(prior[s][1], (prior[s][0] > 0.1) * 1.0) for s in a]))
+    assert found.verdict == "better" and compare.paired_localization(prior, prior, resamples=50).verdict == "level"
+    assert compare.paired_localization(a, prior, threshold=0.5, resamples=50).verdict == "level"  # nobody passes 0.5
+    assert compare.class_mean(np.array([0, 0, 0, 1]), np.array([1.0, 1.0, 1.0, 0.0])) == 0.5  # each class counts once
+
+
 # --- choosing on validation, reporting test once ----------------------------------------------------------------
 
 
@@ -219,13 +234,14 @@ def test_the_prior_map_is_each_classs_mean_training_box() -> None:
     from dp_model.training.evaluation import prior_ious, prior_maps
 
     boxes = torch.zeros(4, 1, 4)
-    boxes[0, 0], boxes[1, 0], boxes[2, 0] = torch.tensor([0.0, 0, 16, 16]), torch.tensor([8.0, 8, 24, 24]), torch.tensor([32.0, 32, 64, 64])
+    boxes[0, 0], boxes[1, 0], boxes[2, 0] = torch.tensor([0.0, 0, 16, 16]), torch.tensor([24.0, 24, 40, 40]), torch.tensor([32.0, 32, 64, 64])
     train = Resident(torch.zeros(4, 1, 64, 64, dtype=torch.uint8), boxes, torch.tensor([1, 1, 2, 0]), torch.tensor([True, True, True, False]), ["a", "b", "c", "d"])
     prior = prior_maps(train, 3)
     assert prior[0].max() == 0 and prior[2][40, 40] == 1.0 and prior[2][10, 10] == 0
-    assert prior[1][12, 12] == 1.0 and prior[1][4, 4] == 0.5 and prior[1][20, 20] == 0.5  # two boxes overlap in the middle
+    # Class 1's two boxes do not meet: each covers half its images, and the map is scaled to its peak.
+    assert prior[1][4, 4] == 1.0 and prior[1][30, 30] == 1.0 and prior[1][20, 20] == 0
     iou, labels = prior_ious(prior, train)
-    assert labels.tolist() == [1, 1, 2] and iou[2] == pytest.approx(1.0) and 0 < iou[0] < 1
+    assert labels.tolist() == [1, 1, 2] and iou[2] == pytest.approx(1.0) and iou[0] == pytest.approx(0.5)
 
 
 # --- the ablation harness keeps everything the protocol needs ------------------------------------------------------
@@ -234,7 +250,7 @@ def test_the_prior_map_is_each_classs_mean_training_box() -> None:
 def test_every_row_keeps_validation_and_test_scores_per_image(tmp_path: Path) -> None:
     from dp_model.synth import Difficulty, SynthConfig, generate
     from dp_model.train_cli import main as train_main
-    from dp_model.training.ablation import PLAIN_SEARCH, SELECTIONS, STANDING, SYSTEM_SEARCH, TABLE_I
+    from dp_model.training.ablation import PLAIN_SEARCH, PROTOCOL, SELECTIONS, STANDING, SYSTEM_SEARCH, TABLE_I
 
     data = tmp_path / "synth"
     generate(SynthConfig(num_images=70, size=96, workers=1, class_weights=(1.0, 1.0, 1.0, 1.0, 1.0), difficulty=Difficulty(label_noise=0.0)), data, progress=False)
@@ -264,3 +280,11 @@ def test_every_row_keeps_validation_and_test_scores_per_image(tmp_path: Path) ->
     for choice, names in SELECTIONS.items():
         chosen = select({n: {s: out / by[(s, n)]["scores"] for s in (0, 1)} for n in names})
         assert chosen.chosen in names and set(chosen.validation) == set(names), choice
+    # The protocol's report reads nothing but results.json and the score files.
+    report = compare.protocol_report(out / "results.json", PROTOCOL, resamples=20, min_seeds=2)
+    assert report["seeds"] == [0, 1] and set(report["selections"]) == set(SELECTIONS)
+    pairs = {(c["a"], c["b"], c["metric"]) for c in report["comparisons"]}
+    assert (TABLE_I[1].name, TABLE_I[0].name, "balanced_accuracy") in pairs and ("Deep Pneumonia, tuned on validation", "Plain ResNet18, tuned on validation", "macro_auc") in pairs
+    assert (TABLE_I[-1].name, STANDING[3].name, "loc. IoU > 0.1") in pairs
+    assert {c["verdict"] for c in report["comparisons"]} <= {"better", "worse", "level", "not resolved"}
+    assert "### Chosen on validation, measured once on test" in compare.protocol_markdown(report)

@@ -137,6 +137,17 @@ SELECTIONS = {
     "Plain ResNet18, tuned on validation": tuple(r.name for r in PLAIN_SEARCH),
     "Deep Pneumonia, tuned on validation": (TABLE_I[-1].name, SYSTEM_SEARCH[0].name),
 }
+#: The protocol's report on Table I (:func:`~dp_model.training.compare.protocol_report`): the
+#: choices above, each step of Table I against the one before, the full system against the
+#: plain network and the tuned systems against each other and the block statistics, every map
+#: against the prior map.
+PROTOCOL = compare.Plan(
+    SELECTIONS,
+    tuple(r.name for r in TABLE_I),
+    ((TABLE_I[-1].name, TABLE_I[0].name), ("Deep Pneumonia, tuned on validation", "Plain ResNet18, tuned on validation"),
+     ("Deep Pneumonia, tuned on validation", STANDING[2].name), ("Plain ResNet18, tuned on validation", STANDING[2].name)),
+    STANDING[3].name,
+)  # fmt: skip
 TABLES = {"baselines": BASELINES, "plain": PLAIN_SEARCH, "standing": STANDING, "I": TABLE_I, "search": SYSTEM_SEARCH, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION, "options": OPTIONS}
 
 
@@ -200,7 +211,8 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
             results.append(_row(row, config, state, classes, runtime, seed, out, sklearn_pixels, svm_limit))
         done[key] = results[-1]
         logger.info("seed %d, %s: %s", seed, row.name, results[-1])
-        _write(out, results, config)
+        _write(out, results, config, plot=False)
+    _write(out, results, config)
     return results
 
 
@@ -463,10 +475,13 @@ def _interval(entry: dict, metric: str) -> str:
     return f"{bounds[0]:.3f} to {bounds[1]:.3f}" if bounds else "n/a"
 
 
-def _write(out: Path, results: list[Result], config: TrainConfig) -> None:
+def _write(out: Path, results: list[Result], config: TrainConfig, plot: bool = True) -> None:
+    """results.json and results.md after every row (a stopped run keeps its rows), the plots at the end."""
     summary = summarise(results)
     (out / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in results], "summary": summary}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary) + "\n")
+    if not plot:
+        return
     _plot(summary, out / "results.png")
     systems = [e for e in summary if e["table"] in ("systems", "cia", "options")]
     if systems:

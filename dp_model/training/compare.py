@@ -19,6 +19,7 @@ is for these particular trained models.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,16 +194,18 @@ class Comparison:
                 "per_seed": {str(s): list(v) for s, v in self.per_seed.items()}, "margin": self.margin, "verdict": self.verdict}  # fmt: skip
 
 
-def _paired_seed(a: Scores, b: Scores, metric: Callable, resamples: int, rng: np.random.Generator, adjust: bool) -> tuple[float, np.ndarray]:
+def _paired_seed(a: np.ndarray, b: np.ndarray, labels: np.ndarray, metric: Callable, resamples: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
     """The difference on one seed's images and its bootstrap draws, the same images for both."""
-    if a.ids.shape != b.ids.shape or not np.array_equal(a.ids, b.ids) or not np.array_equal(a.labels, b.labels):
-        raise ValueError("a paired comparison needs the same images with the same labels in both rows")
-    pa, pb, labels = a.probabilities(adjust), b.probabilities(adjust), a.labels
     draws = np.empty(resamples)
     for r in range(resamples):
         index = rng.integers(0, len(labels), len(labels))
-        draws[r] = metric(labels[index], pa[index]) - metric(labels[index], pb[index])
-    return metric(labels, pa) - metric(labels, pb), draws
+        draws[r] = metric(labels[index], a[index]) - metric(labels[index], b[index])
+    return metric(labels, a) - metric(labels, b), draws
+
+
+def _same_images(a: Scores, b: Scores) -> None:
+    if a.ids.shape != b.ids.shape or not np.array_equal(a.ids, b.ids) or not np.array_equal(a.labels, b.labels):
+        raise ValueError("a paired comparison needs the same images with the same labels in both rows")
 
 
 def paired(a: dict[int, Scores], b: dict[int, Scores], metric: str = "balanced_accuracy", margin: float = MARGIN, resamples: int = 1000,
@@ -214,10 +217,38 @@ def paired(a: dict[int, Scores], b: dict[int, Scores], metric: str = "balanced_a
     images) deciding the verdict; with fewer than ``min_seeds`` seeds it is "not resolved".
     """
     seeds = sorted(set(a) & set(b))
+    for s in seeds:
+        _same_images(a[s], b[s])
+    values = {s: (a[s].probabilities(adjust), b[s].probabilities(adjust), a[s].labels) for s in seeds}
+    return _combine(values, METRICS[metric], metric, margin, resamples, seed, min_seeds)
+
+
+def class_mean(labels: np.ndarray, hits: np.ndarray) -> float:
+    """The share of hits within each class, averaged over the classes present (CIA-Net's "mean")."""
+    return float(np.mean([hits[labels == c].mean() for c in np.unique(labels)])) if len(labels) else float("nan")
+
+
+def paired_localization(a: dict[int, tuple[np.ndarray, np.ndarray]], b: dict[int, tuple[np.ndarray, np.ndarray]], threshold: float = 0.1, margin: float = MARGIN,
+                        resamples: int = 1000, seed: int = 0, min_seeds: int = MIN_SEEDS) -> Comparison:  # fmt: skip
+    """Localization accuracy at IoU > ``threshold`` (class-averaged) of ``a`` minus ``b``, on the
+    same boxed test images: seed -> ``(iou, labels)`` per boxed image, in the same order."""
+    seeds = sorted(set(a) & set(b))
+    values = {}
+    for s in seeds:
+        (iou_a, labels), (iou_b, labels_b) = a[s], b[s]
+        if iou_a.shape != iou_b.shape or not np.array_equal(labels, labels_b):
+            raise ValueError("a paired comparison needs the same images with the same labels in both rows")
+        values[s] = ((np.asarray(iou_a) > threshold).astype(float), (np.asarray(iou_b) > threshold).astype(float), np.asarray(labels))
+    return _combine(values, class_mean, f"loc. IoU > {threshold}", margin, resamples, seed, min_seeds)
+
+
+def _combine(values: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], metric: Callable, name: str, margin: float, resamples: int, seed: int, min_seeds: int) -> Comparison:
+    """Per-seed paired bootstraps, then the images-only and the two-level combinations."""
+    seeds = sorted(values)
     if not seeds:
         raise ValueError("the two rows share no seed")
     rng = np.random.default_rng(seed)
-    found = {s: _paired_seed(a[s], b[s], METRICS[metric], resamples, rng, adjust) for s in seeds}
+    found = {s: _paired_seed(*values[s], metric, resamples, rng) for s in seeds}
     per_seed = {s: (float(d), *_percentiles(draws)) for s, (d, draws) in found.items()}
     draws = np.stack([found[s][1] for s in seeds])  # (seeds, resamples)
     images_only = _percentiles(draws.mean(axis=0))
@@ -226,7 +257,7 @@ def paired(a: dict[int, Scores], b: dict[int, Scores], metric: str = "balanced_a
     both = _percentiles(draws[picked_seeds, picked_draws].mean(axis=1))
     difference = float(np.mean([found[s][0] for s in seeds]))
     decided = verdict(*both, margin) if len(seeds) >= min_seeds else "not resolved"
-    return Comparison(metric, difference, both, images_only, per_seed, margin, decided)
+    return Comparison(name, difference, both, images_only, per_seed, margin, decided)
 
 
 def _percentiles(values: np.ndarray) -> tuple[float, float]:
@@ -239,3 +270,106 @@ def _percentiles(values: np.ndarray) -> tuple[float, float]:
 def scores_of(files: dict[int, Path], split: str = "test") -> dict[int, Scores]:
     """Seed -> the saved scores of one split."""
     return {s: load_scores(p, split) for s, p in files.items()}
+
+
+# --- the protocol's report ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a protocol report chooses and compares, by row name.
+
+    Attributes:
+        selections: the name of a choice -> the rows it chooses among on validation.
+        ladder: rows that each add one thing to the one before (the paper's Table I).
+        against: ``(a, b)`` pairs to compare; a name of ``selections`` stands for its chosen row.
+        prior: the prior map's row, which every map is compared with.
+    """
+
+    selections: dict[str, tuple[str, ...]]
+    ladder: tuple[str, ...]
+    against: tuple[tuple[str, str], ...]
+    prior: str
+
+
+def _files(results: list[dict], out: Path) -> dict[str, dict[int, Path]]:
+    files: dict[str, dict[int, Path]] = {}
+    for r in results:
+        if r.get("scores"):
+            files.setdefault(r["row"], {})[r["seed"]] = out / r["scores"]
+    return files
+
+
+def _complete(files: dict[str, dict[int, Path]], names: Iterable[str]) -> list[int]:
+    """The seeds every named row has: a comparison uses whole seeds only."""
+    sets = [set(files.get(n, {})) for n in names]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def _ious(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as found:
+        return found["test_iou"].astype(np.float64), found["test_iou_labels"].astype(np.int64)
+
+
+def protocol_report(results_json: Path, plan: Plan, margin: float = MARGIN, resamples: int = 1000, min_seeds: int = MIN_SEEDS) -> dict:
+    """Every selection on validation, then every paired comparison on test, from a results.json
+    of ``dp-train ablation`` and the score files beside it; seeds missing a row are left out."""
+    out = results_json.parent
+    files = _files(json.loads(results_json.read_text())["results"], out)
+    names = {n for rows in plan.selections.values() for n in rows} | set(plan.ladder) | {n for pair in plan.against for n in pair if n not in plan.selections} | {plan.prior}
+    seeds = _complete(files, names)
+    files = {n: {s: p for s, p in by.items() if s in seeds} for n, by in files.items()}
+    report: dict = {"margin": margin, "resamples": resamples, "min_seeds": min_seeds, "seeds": seeds, "selections": {}, "rows": {}, "comparisons": []}
+    for choice, candidates in plan.selections.items():
+        found = select({n: files[n] for n in candidates})
+        report["selections"][choice] = found.__dict__ | {"test_per_seed": {str(k): v for k, v in found.test_per_seed.items()}}
+        files[choice] = files[found.chosen]
+    for name in plan.ladder:
+        report["rows"][name] = _row_figures(files[name])
+
+    def compare(a: str, b: str) -> None:
+        for metric in METRICS:
+            found = paired(scores_of(files[a]), scores_of(files[b]), metric, margin, resamples, min_seeds=min_seeds)
+            report["comparisons"].append({"a": a, "b": b} | found.to_json())
+
+    for before, after in zip(plan.ladder, plan.ladder[1:]):
+        compare(after, before)
+    for a, b in plan.against:
+        compare(a, b)
+    prior = {s: _ious(p) for s, p in files[plan.prior].items()}
+    for name in plan.ladder:
+        for threshold in (0.1, 0.3):
+            found = paired_localization({s: _ious(p) for s, p in files[name].items()}, prior, threshold, margin, resamples, min_seeds=min_seeds)
+            report["comparisons"].append({"a": name, "b": plan.prior} | found.to_json())
+    report["prior"] = {f"loc. IoU > {t}": float(np.mean([class_mean(lab, (iou > t).astype(float)) for iou, lab in prior.values()])) for t in (0.1, 0.3)}
+    return report
+
+
+def _row_figures(files: dict[int, Path]) -> dict:
+    """Mean over seeds: validation and test balanced accuracy (logit-adjusted), test macro AUC,
+    the chosen taus."""
+    val, test = scores_of(files, "val"), scores_of(files, "test")
+    return {
+        "validation_balanced_accuracy": float(np.mean([balanced_accuracy(v.labels, v.probabilities()) for v in val.values()])),
+        "balanced_accuracy": float(np.mean([balanced_accuracy(t.labels, t.probabilities()) for t in test.values()])),
+        "balanced_accuracy_unadjusted": float(np.mean([balanced_accuracy(t.labels, t.probabilities(False)) for t in test.values()])),
+        "macro_auc": float(np.mean([macro_auc(t.labels, t.probabilities()) for t in test.values()])),
+        "tau": [t.tau for t in test.values()],
+    }
+
+
+def protocol_markdown(report: dict) -> str:
+    """The report as tables: the choices made on validation, then every paired difference."""
+    margin = report["margin"]
+    lines = [f"Seeds: {', '.join(map(str, report['seeds']))} ({len(report['seeds'])}). Margin: {margin}. "
+             f"Intervals: 95 % percentile, {report['resamples']} paired resamples of seeds and of the test images within each seed.", ""]  # fmt: skip
+    lines += ["### Chosen on validation, measured once on test", "", "| choice | candidates (mean validation balanced accuracy, logit-adjusted) | chosen | test balanced accuracy | test macro ROC AUC |", "|---|---|---|---|---|"]
+    for choice, found in report["selections"].items():
+        candidates = "; ".join(f"{n}: {v:.3f}" for n, v in found["validation"].items())
+        lines.append(f"| {choice} | {candidates} | {found['chosen']} | {found['test']['balanced_accuracy']:.3f} | {found['test']['macro_auc']:.3f} |")
+    lines += ["", "### Paired differences (a − b) on the test images", "", "| a | b | metric | difference | 95 % interval (seeds and images) | images only | seeds where a > b | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        ahead = sum(v[0] > 0 for v in c["per_seed"].values())
+        lines.append(f"| {c['a']} | {c['b']} | {c['metric'].replace('_', ' ')} | {c['difference']:+.3f} | {c['interval'][0]:+.3f} to {c['interval'][1]:+.3f} | "
+                     f"{c['images_only'][0]:+.3f} to {c['images_only'][1]:+.3f} | {ahead} of {len(c['per_seed'])} | **{c['verdict']}** |")  # fmt: skip
+    return "\n".join(lines) + "\n"
