@@ -244,6 +244,27 @@ def test_the_prior_map_is_each_classs_mean_training_box() -> None:
     assert labels.tolist() == [1, 1, 2] and iou[2] == pytest.approx(1.0) and iou[0] == pytest.approx(0.5)
 
 
+# --- the baselines get the system's budget ----------------------------------------------------------------------
+
+
+def test_the_plain_network_gets_the_systems_search_and_budget() -> None:
+    from dataclasses import replace
+
+    from dp_model.training.ablation import PLAIN_SEARCH, SELECTIONS, SYSTEM_SEARCH, TABLE_I, _recipe
+    from dp_model.training.config import FinetuneConfig, TrainConfig
+
+    config = TrainConfig(finetune=FinetuneConfig(epochs=8, batch_size=32, optimizer="adamw", lr=1e-3, warmup_epochs=0.5))
+    system = {row.name: _recipe(row, config) for row in (*TABLE_I, *SYSTEM_SEARCH)}
+    plain = [_recipe(row, config) for row in PLAIN_SEARCH]
+    # The same augmentations as the system's search, and everything else of the system's recipe.
+    assert {p.augment for p in plain} == {system[n].augment for n in SELECTIONS["Deep Pneumonia, tuned on validation"]} == set(baselines.PLAIN_AUGMENTATIONS.values())
+    for p in plain:
+        assert (p.schedule, p.epochs, p.lr, p.warmup_epochs, p.batch_size, p.optimizer) == ("cosine", 8, 1e-3, 0.5, 32, "adamw")
+        assert p.loss.kind == "ce" and not p.mgacr.enabled and p.architecture == "resnet18"
+        twin = system["Deep Pneumonia, strong augmentation" if p.augment == baselines.PLAIN_AUGMENTATIONS["strong"] else TABLE_I[-1].name]
+        assert replace(twin, mgacr=p.mgacr, loss=p.loss) == p  # the system differs only by what Table I adds
+
+
 # --- the ablation harness keeps everything the protocol needs ------------------------------------------------------
 
 

@@ -147,6 +147,7 @@ PROTOCOL = compare.Plan(
     ((TABLE_I[-1].name, TABLE_I[0].name), ("Deep Pneumonia, tuned on validation", "Plain ResNet18, tuned on validation"),
      ("Deep Pneumonia, tuned on validation", STANDING[2].name), ("Plain ResNet18, tuned on validation", STANDING[2].name)),
     STANDING[3].name,
+    tuple(r.name for r in STANDING[:3]),
 )  # fmt: skip
 TABLES = {"baselines": BASELINES, "plain": PLAIN_SEARCH, "standing": STANDING, "I": TABLE_I, "search": SYSTEM_SEARCH, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION, "options": OPTIONS}
 

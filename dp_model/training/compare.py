@@ -284,12 +284,14 @@ class Plan:
         ladder: rows that each add one thing to the one before (the paper's Table I).
         against: ``(a, b)`` pairs to compare; a name of ``selections`` stands for its chosen row.
         prior: the prior map's row, which every map is compared with.
+        standing: rows shown beside the others in every table (majority, chance, block statistics).
     """
 
     selections: dict[str, tuple[str, ...]]
     ladder: tuple[str, ...]
     against: tuple[tuple[str, str], ...]
     prior: str
+    standing: tuple[str, ...] = ()
 
 
 def _files(results: list[dict], out: Path) -> dict[str, dict[int, Path]]:
@@ -316,7 +318,7 @@ def protocol_report(results_json: Path, plan: Plan, margin: float = MARGIN, resa
     of ``dp-train ablation`` and the score files beside it; seeds missing a row are left out."""
     out = results_json.parent
     files = _files(json.loads(results_json.read_text())["results"], out)
-    names = {n for rows in plan.selections.values() for n in rows} | set(plan.ladder) | {n for pair in plan.against for n in pair if n not in plan.selections} | {plan.prior}
+    names = {n for rows in plan.selections.values() for n in rows} | set(plan.ladder) | {n for pair in plan.against for n in pair if n not in plan.selections} | {plan.prior} | set(plan.standing)
     seeds = _complete(files, names)
     files = {n: {s: p for s, p in by.items() if s in seeds} for n, by in files.items()}
     report: dict = {"margin": margin, "resamples": resamples, "min_seeds": min_seeds, "seeds": seeds, "selections": {}, "rows": {}, "comparisons": []}
@@ -324,7 +326,9 @@ def protocol_report(results_json: Path, plan: Plan, margin: float = MARGIN, resa
         found = select({n: files[n] for n in candidates})
         report["selections"][choice] = found.__dict__ | {"test_per_seed": {str(k): v for k, v in found.test_per_seed.items()}}
         files[choice] = files[found.chosen]
-    for name in plan.ladder:
+    # Test figures of the rows that are measured, not chosen among: the non-chosen candidates
+    # of a selection show their validation figure only.
+    for name in (*plan.standing, *plan.selections, *plan.ladder):
         report["rows"][name] = _row_figures(files[name])
 
     def compare(a: str, b: str) -> None:
@@ -341,15 +345,22 @@ def protocol_report(results_json: Path, plan: Plan, margin: float = MARGIN, resa
         for threshold in (0.1, 0.3):
             found = paired_localization({s: _ious(p) for s, p in files[name].items()}, prior, threshold, margin, resamples, min_seeds=min_seeds)
             report["comparisons"].append({"a": name, "b": plan.prior} | found.to_json())
-    report["prior"] = {f"loc. IoU > {t}": float(np.mean([class_mean(lab, (iou > t).astype(float)) for iou, lab in prior.values()])) for t in (0.1, 0.3)}
+    report["rows"][plan.prior] = {"localization": _located(prior)}
     return report
+
+
+def _located(ious: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean over seeds of the class-averaged share of boxed test images above 0.1 and 0.3 IoU."""
+    return {f"IoU > {t}": float(np.mean([class_mean(lab, (iou > t).astype(float)) for iou, lab in ious.values()])) for t in (0.1, 0.3)}
 
 
 def _row_figures(files: dict[int, Path]) -> dict:
     """Mean over seeds: validation and test balanced accuracy (logit-adjusted), test macro AUC,
     the chosen taus."""
     val, test = scores_of(files, "val"), scores_of(files, "test")
-    return {
+    with np.load(next(iter(files.values()))) as first:
+        located = {"localization": _located({s: _ious(p) for s, p in files.items()})} if "test_iou" in first else {}
+    return located | {
         "validation_balanced_accuracy": float(np.mean([balanced_accuracy(v.labels, v.probabilities()) for v in val.values()])),
         "balanced_accuracy": float(np.mean([balanced_accuracy(t.labels, t.probabilities()) for t in test.values()])),
         "balanced_accuracy_unadjusted": float(np.mean([balanced_accuracy(t.labels, t.probabilities(False)) for t in test.values()])),
@@ -367,6 +378,15 @@ def protocol_markdown(report: dict) -> str:
     for choice, found in report["selections"].items():
         candidates = "; ".join(f"{n}: {v:.3f}" for n, v in found["validation"].items())
         lines.append(f"| {choice} | {candidates} | {found['chosen']} | {found['test']['balanced_accuracy']:.3f} | {found['test']['macro_auc']:.3f} |")
+    lines += ["", "### Every row: validation figure, test figures", "",
+              "| row | validation balanced accuracy (logit-adjusted) | test balanced accuracy (logit-adjusted) | without the adjustment | test macro ROC AUC | loc. IoU > 0.1 | loc. IoU > 0.3 | tau chosen (range over seeds) |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in report["rows"].items():
+        located = row.get("localization", {})
+        figures = [row.get(k) for k in ("validation_balanced_accuracy", "balanced_accuracy", "balanced_accuracy_unadjusted", "macro_auc")] + [located.get("IoU > 0.1"), located.get("IoU > 0.3")]
+        taus = row.get("tau")
+        cells = [f"{v:.3f}" if v is not None and np.isfinite(v) else "n/a" for v in figures] + [f"{min(taus):+.2f} to {max(taus):+.2f}" if taus else "n/a"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "### Paired differences (a − b) on the test images", "", "| a | b | metric | difference | 95 % interval (seeds and images) | images only | seeds where a > b | verdict |", "|---|---|---|---|---|---|---|---|"]
     for c in report["comparisons"]:
         ahead = sum(v[0] > 0 for v in c["per_seed"].values())
