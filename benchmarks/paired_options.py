@@ -10,6 +10,13 @@ Two modes:
 
       python benchmarks/paired_options.py --protocol runs/protocol/results.json
 
+  With ``--pair A B`` (repeatable) it compares those rows instead, each pair on every seed
+  the two rows share (a run stopped part-way leaves some rows with more seeds than the
+  report's common ones), and writes ``pairs.json`` and ``pairs.md``.
+
+      python benchmarks/paired_options.py --protocol docs/results/protocol/results.json \\
+          --pair "Plain ResNet18, light augmentation, cosine" "Block statistics (16 x 16 mean and SD, gradient boosting)"
+
 * ``RESULTS.json [RESULTS.json ...]``: each corrected variant against the system it varies,
   seed by seed, from the scalars of older runs that saved no per-image scores ("Deep Pneumonia,
   Eq. 5 with detached maps" varies "Deep Pneumonia"). It shows per-seed differences only: it
@@ -69,10 +76,21 @@ def protocol(results: Path, margin: float, resamples: int, min_seeds: int) -> st
     return text
 
 
+def pairs(results: Path, named: list[list[str]], margin: float, resamples: int, min_seeds: int) -> str:
+    from dp_model.training.compare import pairs_markdown, pairs_report
+
+    report = pairs_report(results, [tuple(pair) for pair in named], margin, resamples, min_seeds)
+    (results.parent / "pairs.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = pairs_markdown(report)
+    (results.parent / "pairs.md").write_text(text)
+    return text
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="paired_options.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", help="results.json of older runs (per-seed differences only)")
     parser.add_argument("--protocol", type=Path, help="results.json of a run with per-image scores")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"), help="with --protocol: compare row A with row B on every seed both have")
     parser.add_argument("--margin", type=float, default=0.02)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--min-seeds", type=int, default=5)
@@ -87,7 +105,10 @@ def main(argv: list[str]) -> int:
         return 2
     if args.protocol:
         try:
-            sys.stdout.write(protocol(args.protocol, args.margin, args.resamples, args.min_seeds))
+            if args.pair:
+                sys.stdout.write(pairs(args.protocol, args.pair, args.margin, args.resamples, args.min_seeds))
+            else:
+                sys.stdout.write(protocol(args.protocol, args.margin, args.resamples, args.min_seeds))
         except (KeyError, ValueError) as exc:
             print(f"paired_options.py: {args.protocol} cannot be compared: {exc}", file=sys.stderr)
             return 2

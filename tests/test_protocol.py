@@ -309,3 +309,41 @@ def test_every_row_keeps_validation_and_test_scores_per_image(tmp_path: Path) ->
     assert (TABLE_I[-1].name, STANDING[3].name, "loc. IoU > 0.1") in pairs
     assert {c["verdict"] for c in report["comparisons"]} <= {"better", "worse", "level", "not resolved"}
     assert "### Chosen on validation, measured once on test" in compare.protocol_markdown(report)
+
+
+def test_a_named_pair_is_compared_on_every_seed_both_rows_have(tmp_path: Path) -> None:
+    # "strong" has seeds 0-2, "weak" 0-2, "partial" only 0: the protocol's report would cut
+    # every row to seed 0; a named pair keeps the three seeds its two rows share.
+    rng = np.random.default_rng(7)
+    results = []
+    for s in range(3):
+        val_labels, test_labels = _labels(200, rng), _labels(200, rng)
+        noise = rng.normal(size=(200, 5))
+        for name, skill in (("strong", 3.0), ("weak", 0.5), ("partial", 1.0)):
+            if name == "partial" and s:
+                continue
+            path = _save(tmp_path / f"{name}{s}.npz", (_ids(200), val_labels, _scores(val_labels, skill, rng)), (_ids(200, 1000), test_labels, _scores(test_labels, skill, rng, noise)))
+            results.append({"row": name, "seed": s, "scores": path.name})
+    (tmp_path / "results.json").write_text(json.dumps({"results": results}))
+    report = compare.pairs_report(tmp_path / "results.json", [("strong", "weak"), ("strong", "partial")], resamples=100, min_seeds=3)
+    first, _, third, _ = report["comparisons"]
+    assert (first["a"], first["b"], first["metric"], set(first["per_seed"])) == ("strong", "weak", "balanced_accuracy", {"0", "1", "2"})
+    assert first["verdict"] == "better" and third["verdict"] == "not resolved" and set(third["per_seed"]) == {"0"}
+    assert third["interval_alone"] == compare.verdict(*third["interval"])  # one seed: no verdict, the interval still shown
+    text = compare.pairs_markdown(report)
+    assert "| strong | weak | balanced accuracy |" in text and "3 of 3 | **better** | better |" in text and "1 of 1" in text
+    with pytest.raises(ValueError, match="no row named 'missing'"):
+        compare.pairs_report(tmp_path / "results.json", [("strong", "missing")])
+    script = _paired_options()
+    assert script.main(["paired_options.py", "--protocol", str(tmp_path / "results.json"), "--pair", "strong", "weak", "--resamples", "50"]) == 0
+    assert "| strong | weak | macro auc | 0, 1, 2 |" in (tmp_path / "pairs.md").read_text() and (tmp_path / "pairs.json").is_file()
+    assert script.main(["paired_options.py", "--protocol", str(tmp_path / "results.json"), "--pair", "strong", "missing"]) == 2
+
+
+def _paired_options():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_options", Path(__file__).parents[1] / "benchmarks" / "paired_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -393,3 +393,39 @@ def protocol_markdown(report: dict) -> str:
         lines.append(f"| {c['a']} | {c['b']} | {c['metric'].replace('_', ' ')} | {c['difference']:+.3f} | {c['interval'][0]:+.3f} to {c['interval'][1]:+.3f} | "
                      f"{c['images_only'][0]:+.3f} to {c['images_only'][1]:+.3f} | {ahead} of {len(c['per_seed'])} | **{c['verdict']}** |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def pairs_report(results_json: Path, pairs: Iterable[tuple[str, str]], margin: float = MARGIN, resamples: int = 1000, min_seeds: int = MIN_SEEDS) -> dict:
+    """Named pairs of rows compared on the test images of every seed the two rows share.
+
+    The protocol's report (:func:`protocol_report`) cuts every row to the seeds all of its rows
+    have; a run stopped part-way leaves some rows with more seeds than others, and a named pair
+    here keeps all of its own. Nothing is chosen: both rows are named, so no test figure takes
+    part in a choice."""
+    out = results_json.parent
+    files = _files(json.loads(results_json.read_text())["results"], out)
+    report: dict = {"margin": margin, "resamples": resamples, "min_seeds": min_seeds, "comparisons": []}
+    for a, b in pairs:
+        for name in (a, b):
+            if name not in files:
+                raise ValueError(f"no row named {name!r} with saved scores in {results_json}")
+        for metric in METRICS:
+            found = paired(scores_of(files[a]), scores_of(files[b]), metric, margin, resamples, min_seeds=min_seeds)
+            # What the interval alone says, shown beside the verdict: with fewer seeds than the
+            # protocol asks the verdict stays "not resolved" whatever the interval.
+            report["comparisons"].append({"a": a, "b": b} | found.to_json() | {"interval_alone": verdict(*found.interval, margin)})
+    return report
+
+
+def pairs_markdown(report: dict) -> str:
+    """:func:`pairs_report` as one table, with the seeds each pair shares."""
+    lines = [f"Margin: {report['margin']}. Intervals: 95 % percentile, {report['resamples']} paired resamples of seeds and of the test images within each seed; "
+             f"a verdict needs {report['min_seeds']} seeds.", "",
+             f"| a | b | metric | seeds | difference | 95 % interval (seeds and images) | images only | seeds where a > b | verdict | the interval alone at ±{report['margin']} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in report["comparisons"]:
+        ahead = sum(v[0] > 0 for v in c["per_seed"].values())
+        lines.append(f"| {c['a']} | {c['b']} | {c['metric'].replace('_', ' ')} | {', '.join(c['per_seed'])} | {c['difference']:+.3f} | "
+                     f"{c['interval'][0]:+.3f} to {c['interval'][1]:+.3f} | {c['images_only'][0]:+.3f} to {c['images_only'][1]:+.3f} | "
+                     f"{ahead} of {len(c['per_seed'])} | **{c['verdict']}** | {c['interval_alone']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
