@@ -81,7 +81,8 @@ def ablation_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True, help="folder for results.md, results.json, results.png")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--tables", default="all", help="all, or a comma-separated list of I, II, systems, cia")
+    p.add_argument("--tables", default="all", help="all, or a comma-separated list of baselines, plain, standing, I, search, II, systems, cia, options")
+    p.add_argument("--by-seed", action="store_true", help="every row of a seed before the next seed (a stopped run keeps whole seeds)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--pretrain-epochs", type=int)
     p.add_argument("--finetune-epochs", type=int)
@@ -141,7 +142,7 @@ def _ablation(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in OPTIONS.items() if k in vars(args)}
     config = load_config(TrainConfig, args.config, {key: getattr(args, option) for option, key in options.items()})
-    run(config, args.out, args.seeds, args.tables)
+    run(config, args.out, args.seeds, args.tables, by_seed=args.by_seed)
     print((args.out / "results.md").read_text())
     print(f"results: {args.out / 'results.md'}, {args.out / 'results.png'}")
     return 0

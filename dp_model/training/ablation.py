@@ -29,12 +29,13 @@ import numpy as np
 import torch.nn.functional as F
 
 from ..datasets import read_dataset
+from ..datasets.splits import hashed_id
 from ..metrics import IOU_THRESHOLDS, evaluate
-from . import baselines
-from .config import AugmentConfig, CIAConfig, ClassAttentionConfig, LossConfig, MGACRConfig, TrainConfig
+from . import baselines, compare
+from .config import STRONG_AUGMENTATION, AugmentConfig, CIAConfig, ClassAttentionConfig, LossConfig, MGACRConfig, TrainConfig
 from .data import Resident, keep_boxes, load_split, make_splits
 from .engine import finetune, pretrain
-from .evaluation import localization, predict
+from .evaluation import predict, prior_ious, prior_maps, region_ious
 from .objectives import normal_index
 from .runtime import Runtime, make_runtime
 
@@ -56,7 +57,9 @@ class Row:
     architecture: str = "resnet18"
     sklearn: str = ""
     cia: CIAConfig | None = None  # None: the configuration's
-    #: "plain" (:func:`baselines.plain_recipe`), "majority" or "chance"; "" for the row's own recipe.
+    #: "plain" (:func:`baselines.plain_recipe`), "tuned" (:func:`baselines.tuned_plain_recipe`
+    #: with the row's augmentation), "majority", "chance", "block" (block statistics) or "prior"
+    #: (the prior map); "" for the row's own recipe.
     baseline: str = ""
     augment: AugmentConfig | None = None  # None: the configuration's
     class_attention: ClassAttentionConfig | None = None  # None: the configuration's
@@ -64,7 +67,9 @@ class Row:
     def key(self, config: TrainConfig) -> tuple:
         """What the row trains under ``config``; rows with the same key (in several tables, or a
         variant whose option the configuration already has) are trained once per seed."""
-        return (self.pretrain, self.sklearn, self.baseline, _recipe(self, config))
+        # A tuned plain row is its recipe and nothing else: the same training as Table I's first
+        # row when its augmentation is the configuration's.
+        return (self.pretrain, self.sklearn, "" if self.baseline == "tuned" else self.baseline, _recipe(self, config))
 
 
 #: What every other row must beat (the model card shows the same three).
@@ -113,7 +118,38 @@ OPTIONS = (
     Row("Deep Pneumonia, light augmentation", "options", pretrain=True, mgacr=MGACRConfig(), loss=LossConfig(), augment=LIGHT_AUGMENTATION),
     Row("Class-based attention, balanced c_i", "options", pretrain=True, architecture="class_attention", class_attention=ClassAttentionConfig(class_weights="balanced")),
 )
-TABLES = {"baselines": BASELINES, "I": TABLE_I, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION, "options": OPTIONS}
+#: The plain ResNet18 with the search the system gets: each augmentation the system's recipe was
+#: chosen from, the system's cosine schedule and epochs; the protocol picks one on validation.
+PLAIN_SEARCH = tuple(Row(f"Plain ResNet18, {name} augmentation, cosine", "plain", baseline="tuned", augment=augment) for name, augment in baselines.PLAIN_AUGMENTATIONS.items())
+#: The rows that stand in every table of the protocol: what answers without learning, what
+#: learns without depth, and for localization what ignores the image.
+STANDING = (
+    Row("Majority class", "standing", baseline="majority"),
+    Row("Chance (random scores)", "standing", baseline="chance"),
+    Row("Block statistics (16 x 16 mean and SD, gradient boosting)", "standing", baseline="block"),
+    Row("Prior map (each class's mean training box)", "standing", baseline="prior"),
+)
+#: The system's other recipe: the augmentation it was chosen against.
+SYSTEM_SEARCH = (Row("Deep Pneumonia, strong augmentation", "search", pretrain=True, mgacr=MGACRConfig(), loss=LossConfig(), augment=STRONG_AUGMENTATION),)
+#: What the protocol chooses on validation (:func:`~dp_model.training.compare.select`): the
+#: name of the choice -> the rows it chooses among.
+SELECTIONS = {
+    "Plain ResNet18, tuned on validation": tuple(r.name for r in PLAIN_SEARCH),
+    "Deep Pneumonia, tuned on validation": (TABLE_I[-1].name, SYSTEM_SEARCH[0].name),
+}
+#: The protocol's report on Table I (:func:`~dp_model.training.compare.protocol_report`): the
+#: choices above, each step of Table I against the one before, the full system against the
+#: plain network and the tuned systems against each other and the block statistics, every map
+#: against the prior map.
+PROTOCOL = compare.Plan(
+    SELECTIONS,
+    tuple(r.name for r in TABLE_I),
+    ((TABLE_I[-1].name, TABLE_I[0].name), ("Deep Pneumonia, tuned on validation", "Plain ResNet18, tuned on validation"),
+     ("Deep Pneumonia, tuned on validation", STANDING[2].name), ("Plain ResNet18, tuned on validation", STANDING[2].name)),
+    STANDING[3].name,
+    tuple(r.name for r in STANDING[:3]),
+)  # fmt: skip
+TABLES = {"baselines": BASELINES, "plain": PLAIN_SEARCH, "standing": STANDING, "I": TABLE_I, "search": SYSTEM_SEARCH, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION, "options": OPTIONS}
 
 
 @dataclass
@@ -128,11 +164,23 @@ class Result:
     extra: dict = field(default_factory=dict)
     macro_auc: float = float("nan")
     localization: list[float] = field(default_factory=list)  # mean over classes, at IOU_THRESHOLDS
+    #: The same scalars on the validation split, which every choice is made on.
+    validation: dict = field(default_factory=dict)
+    #: The post-hoc logit adjustment: ``tau`` chosen on validation, and the scalars after it on
+    #: ``validation`` and ``test`` (ROC AUC does not move: the adjustment keeps every ranking).
+    adjusted: dict = field(default_factory=dict)
+    #: The per-image scores of both splits, relative to results.json (:func:`compare.save_scores`).
+    scores: str = ""
 
 
-def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "all", sklearn_pixels: int = 32, svm_limit: int = 5000) -> list[Result]:
-    """Train every row of ``tables`` ("all", "I", "II", "systems", "cia", or several joined by
-    commas) for every seed; write ``results.json``, ``results.md`` and ``results.png`` to ``out``."""
+def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "all", sklearn_pixels: int = 32, svm_limit: int = 5000, by_seed: bool = False) -> list[Result]:
+    """Train every row of ``tables`` ("all", or names of :data:`TABLES` joined by commas) for
+    every seed; write ``results.json``, ``results.md``, ``results.png`` and every row's
+    per-image scores (``scores/<row>_seed<N>.npz``) to ``out``.
+
+    Row by row, every seed of a row before the next row (a comparison stopped early holds
+    whole rows), or with ``by_seed`` every row of a seed before the next seed (a run stopped
+    early holds whole seeds, which paired comparisons need)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = list(TABLES) if tables == "all" else tables.split(",")
@@ -144,45 +192,115 @@ def run(config: TrainConfig, out: str | Path, seeds: list[int], tables: str = "a
     dataset = read_dataset(config.data.root, config.data.layout)
     classes = list(dataset.classes)
     results: list[Result] = []
-    # Row by row, every seed of a row before the next row: a comparison stopped early holds
-    # whole rows. Each seed's split, training images and stage I encoder are kept for the others.
+    # Each seed's split, training images and stage I encoder are kept for its other rows.
     per_seed: dict[int, dict] = {}
     done: dict[tuple, Result] = {}
-    for row in rows:
-        for seed in seeds:
-            if seed not in per_seed:
-                # No row calibrates or places operating points: the calibration images train, as before they existed.
-                splits = make_splits(dataset, replace(config.data, calibration_fraction=0.0, calibration_images=0), seed)
-                data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
-                per_seed[seed] = {"data": data, "train": keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device), "encoder": None, "minutes": 0.0}
-            state, key = per_seed[seed], (seed, row.key(config))
-            if key in done:  # the same training under another name
-                results.append(replace(done[key], row=row.name, table=row.table))
-            elif row.baseline in ("majority", "chance"):
-                results.append(_trivial_row(row, state["data"], classes, seed))
-            elif row.sklearn:
-                results.append(_sklearn_row(row, state["data"], classes, seed, sklearn_pixels, svm_limit))
-            else:
-                if row.pretrain and state["encoder"] is None:
-                    tick = time.perf_counter()
-                    state["encoder"] = pretrain(config.pretrain, state["train"], runtime, seed)
-                    state["minutes"] = (time.perf_counter() - tick) / 60
-                encoder, minutes = (state["encoder"], state["minutes"]) if row.pretrain else (None, 0.0)
-                results.append(_network_row(row, config, state["train"], state["data"], classes, runtime, seed, encoder, minutes))
-            done[key] = results[-1]
-            logger.info("seed %d, %s: %s", seed, row.name, results[-1])
-            _write(out, results, config)
+    order = [(row, seed) for seed in seeds for row in rows] if by_seed else [(row, seed) for row in rows for seed in seeds]
+    for row, seed in order:
+        if by_seed:
+            for finished in [s for s in per_seed if s != seed]:
+                del per_seed[finished]  # whole seeds are done: free their images
+        if seed not in per_seed:
+            # No row calibrates or places operating points: the calibration images train, as before they existed.
+            splits = make_splits(dataset, replace(config.data, calibration_fraction=0.0, calibration_images=0), seed)
+            data = {k: load_split(dataset, getattr(splits, k), config.data, f"decode {k}") for k in ("train", "val", "test")}
+            per_seed[seed] = {"data": data, "train": keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device), "encoder": None, "minutes": 0.0}
+        state, key = per_seed[seed], (seed, row.key(config))
+        if key in done:  # the same training under another name: its scores under this name too
+            results.append(_renamed(done[key], row, out))
+        else:
+            results.append(_row(row, config, state, classes, runtime, seed, out, sklearn_pixels, svm_limit))
+        done[key] = results[-1]
+        logger.info("seed %d, %s: %s", seed, row.name, results[-1])
+        _write(out, results, config, plot=False)
+    _write(out, results, config)
     return results
+
+
+def _row(row: Row, config: TrainConfig, state: dict, classes: list[str], runtime: Runtime, seed: int, out: Path, sklearn_pixels: int, svm_limit: int) -> Result:
+    """Train and measure one row on one seed."""
+    finish = _Finisher(row, seed, classes, state["data"], out)
+    if row.baseline in ("majority", "chance"):
+        return _trivial_row(row, state["data"], classes, seed, finish)
+    if row.baseline == "block":
+        return _block_row(state["data"], classes, seed, finish)
+    if row.baseline == "prior":
+        return _prior_row(state["train"], state["data"]["test"], classes, finish)
+    if row.sklearn:
+        return _sklearn_row(row, state["data"], classes, seed, sklearn_pixels, svm_limit, finish)
+    if row.pretrain and state["encoder"] is None:
+        tick = time.perf_counter()
+        state["encoder"] = pretrain(config.pretrain, state["train"], runtime, seed)
+        state["minutes"] = (time.perf_counter() - tick) / 60
+    encoder, minutes = (state["encoder"], state["minutes"]) if row.pretrain else (None, 0.0)
+    return _network_row(row, config, state["train"], state["data"], classes, runtime, seed, encoder, minutes, finish)
 
 
 def _recipe(row: Row, config: TrainConfig):
     """The stage II configuration a row trains with."""
     cfg = replace(config.finetune, architecture=row.architecture, mgacr=row.mgacr, loss=row.loss, cia=row.cia or config.finetune.cia,
                   augment=row.augment or config.finetune.augment, class_attention=row.class_attention or config.finetune.class_attention)  # fmt: skip
+    if row.baseline == "tuned":
+        return baselines.tuned_plain_recipe(cfg, cfg.augment)
     return baselines.plain_recipe(cfg) if row.baseline == "plain" else cfg
 
 
-def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict, classes: list[str], runtime: Runtime, seed: int, encoder, encoder_minutes: float) -> Result:
+def _log_scores(probabilities: np.ndarray) -> np.ndarray:
+    """Log scores at the saved precision (:func:`compare.rounded`); 1e-12 stands for zero."""
+    return compare.rounded(np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, None)))
+
+
+class _Finisher:
+    """Turns a row's validation and test scores into its :class:`Result`: metrics on both
+    splits, the logit adjustment chosen on validation, and the saved per-image scores."""
+
+    def __init__(self, row: Row, seed: int, classes: list[str], data: dict[str, Resident], out: Path) -> None:
+        self.row, self.seed, self.classes, self.data, self.out = row, seed, classes, data, out
+        self.counts = np.bincount(data["train"].labels.cpu().numpy(), minlength=len(classes))
+
+    def path(self, row: Row) -> Path:
+        return Path("scores") / f"{compare.slug(row.table + ' ' + row.name)}_seed{self.seed}.npz"
+
+    def __call__(self, val: np.ndarray, test: np.ndarray, minutes: float, located: tuple[np.ndarray, np.ndarray] | None = None) -> Result:
+        names = tuple(self.classes)
+        val_log, test_log = _log_scores(val), _log_scores(test)
+        val_labels, test_labels = (self.data[k].labels.cpu().numpy() for k in ("val", "test"))
+        prior = self.counts / max(1, self.counts.sum())
+        tau = baselines.choose_tau(val_log, val_labels, prior)
+        report = evaluate(test_labels, np.exp(test_log), names, bootstrap=1000, seed=self.seed)
+        checked = evaluate(val_labels, np.exp(val_log), names).scalars()
+        # No interval here: differences between rows are judged by compare.paired on the saved scores.
+        after = evaluate(test_labels, baselines.adjusted(test_log, prior, tau), names)
+        adjusted = {"tau": tau, "validation": evaluate(val_labels, baselines.adjusted(val_log, prior, tau), names).scalars(), "test": after.scalars(), "recall": after.per_class["recall"]}
+        splits = {k: ([hashed_id(i) for i in self.data[k].ids], labels, scores) for k, labels, scores in (("val", val_labels, val_log), ("test", test_labels, test_log))}
+        extra = {"test_iou": np.asarray(located[0], np.float16), "test_iou_labels": np.asarray(located[1], np.int8)} if located is not None else {}
+        compare.save_scores(self.out / self.path(self.row), splits, self.counts, tau, names, extra)
+        located_mean = _located(*located, len(names)) if located is not None else []
+        result = _result(self.row, self.seed, report, minutes, located_mean)
+        result.validation, result.adjusted, result.scores = checked, adjusted, str(self.path(self.row))
+        return result
+
+
+def _renamed(found: Result, row: Row, out: Path) -> Result:
+    """A result trained once and shown under another row's name, its scores file copied."""
+    result = replace(found, row=row.name, table=row.table)
+    if found.scores:
+        target = Path("scores") / (compare.slug(row.table + " " + row.name) + f"_seed{found.seed}.npz")
+        (out / target).write_bytes((out / found.scores).read_bytes())
+        result.scores = str(target)
+    return result
+
+
+def _located(iou: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
+    """Mean over the classes with boxed images of the share with IoU above each of
+    :data:`IOU_THRESHOLDS` (the "mean" of :func:`~dp_model.metrics.localization_accuracy`)."""
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    if not present:
+        return []
+    return [float(np.mean([(iou[labels == c] > t).mean() for c in present])) for t in IOU_THRESHOLDS]
+
+
+def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict, classes: list[str], runtime: Runtime, seed: int, encoder, encoder_minutes: float, finish: _Finisher) -> Result:
     tick = time.perf_counter()
     cfg = _recipe(row, config)
     normal = normal_index(classes)
@@ -195,18 +313,39 @@ def _network_row(row: Row, config: TrainConfig, train_data: Resident, data: dict
     model = result.model
     model.load_state_dict(result.best_state)
     model.to(runtime.device)
-    report = evaluate(data["test"].labels.numpy(), predict(model, data["test"], runtime, normal=normal), tuple(classes), bootstrap=1000, seed=seed)
-    located = localization(model, data["test"].to(runtime.device), tuple(classes), normal).get("mean", [])
-    return _result(row, seed, report, minutes, located)
+    val, test = (predict(model, data[k], runtime, normal=normal) for k in ("val", "test"))
+    return finish(val, test, minutes, region_ious(model, data["test"].to(runtime.device), normal))
 
 
-def _trivial_row(row: Row, data: dict, classes: list[str], seed: int) -> Result:
-    labels = data["test"].labels.numpy()
-    if row.baseline == "majority":
-        report = baselines.majority(data["train"].labels.numpy(), labels, tuple(classes), seed)
-    else:
-        report = baselines.chance(labels, tuple(classes), seed)
-    return _result(row, seed, report, 0.0, [])
+def _trivial_row(row: Row, data: dict, classes: list[str], seed: int, finish: _Finisher) -> Result:
+    counts = np.bincount(data["train"].labels.numpy(), minlength=len(classes))
+    rng = np.random.default_rng(seed)
+
+    def scores(n: int) -> np.ndarray:
+        if row.baseline == "majority":  # always the training split's most frequent class
+            return np.eye(len(classes))[np.full(n, counts.argmax())]
+        return rng.dirichlet(np.ones(len(classes)), size=n)  # random scores, fixed by the seed
+
+    return finish(scores(len(data["val"])), scores(len(data["test"])), 0.0)
+
+
+def _block_row(data: dict, classes: list[str], seed: int, finish: _Finisher) -> Result:
+    tick = time.perf_counter()
+    numpy = {k: (data[k].images.cpu().numpy(), data[k].labels.cpu().numpy()) for k in ("train", "val", "test")}
+    val, test, params = baselines.block_statistics(numpy["train"], numpy["val"], numpy["test"][0], len(classes), seed)
+    result = finish(val, test, (time.perf_counter() - tick) / 60)
+    result.extra["chosen_on_validation"] = params
+    return result
+
+
+def _prior_row(train: Resident, test: Resident, classes: list[str], finish: _Finisher) -> Result:
+    """The prior map localizes; it does not classify (its class scores are uniform, chance)."""
+    tick = time.perf_counter()
+    located = prior_ious(prior_maps(train.to("cpu"), len(classes)), test.to("cpu"))
+    uniform = {k: np.full((len(finish.data[k]), len(classes)), 1.0 / len(classes)) for k in ("val", "test")}
+    result = finish(uniform["val"], uniform["test"], (time.perf_counter() - tick) / 60, located)
+    nan = float("nan")
+    return replace(result, accuracy=nan, balanced_accuracy=nan, macro_f1=nan, macro_auc=nan, extra={}, validation={}, adjusted={})
 
 
 def _result(row: Row, seed: int, report, minutes: float, located: list[float]) -> Result:
@@ -219,7 +358,7 @@ def _pixels(data: Resident, side: int) -> np.ndarray:
     return F.adaptive_avg_pool2d(x, side).flatten(1).numpy()
 
 
-def _sklearn_row(row: Row, data: dict, classes: list[str], seed: int, side: int, svm_limit: int) -> Result:
+def _sklearn_row(row: Row, data: dict, classes: list[str], seed: int, side: int, svm_limit: int, finish: _Finisher) -> Result:
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.decomposition import PCA
     from sklearn.ensemble import AdaBoostClassifier, RandomForestClassifier
@@ -241,11 +380,11 @@ def _sklearn_row(row: Row, data: dict, classes: list[str], seed: int, side: int,
         keep = np.random.default_rng(seed).choice(len(x_train), svm_limit, replace=False)
         x_train, y_train = x_train[keep], y_train[keep]
     model = models[row.sklearn]().fit(x_train, y_train)
-    probabilities = np.zeros((len(data["test"]), len(classes)))
-    probabilities[:, model.classes_] = model.predict_proba(_pixels(data["test"], side))
-    report = evaluate(data["test"].labels.numpy(), probabilities, tuple(classes))
-    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, (time.perf_counter() - tick) / 60,
-                  {"recall": report.per_class["recall"]}, report.macro_auc)  # fmt: skip
+    scores = {}
+    for k in ("val", "test"):
+        scores[k] = np.zeros((len(data[k]), len(classes)))
+        scores[k][:, model.classes_] = model.predict_proba(_pixels(data[k], side))
+    return finish(scores["val"], scores["test"], (time.perf_counter() - tick) / 60)
 
 
 def summarise(results: list[Result]) -> list[dict]:
@@ -265,6 +404,13 @@ def summarise(results: list[Result]) -> list[dict]:
         if all("recall" in r.extra and "classes" in r.extra for r in chosen):
             entry["classes"] = chosen[0].extra["classes"]
             entry["recall"] = np.nanmean(np.array([r.extra["recall"] for r in chosen], dtype=float), axis=0).tolist()
+        if all(r.validation for r in chosen):
+            values = np.array([r.validation["balanced_accuracy"] for r in chosen])
+            entry["validation_balanced_accuracy"] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+        if all(r.adjusted for r in chosen):
+            values = np.array([r.adjusted["test"]["balanced_accuracy"] for r in chosen])
+            entry["adjusted_balanced_accuracy"] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+            entry["tau"] = [r.adjusted["tau"] for r in chosen]
         if all(r.localization for r in chosen):
             values = np.array([r.localization for r in chosen])
             entry["localization"] = (values.mean(axis=0).tolist(), (values.std(axis=0, ddof=1) if len(values) > 1 else 0 * values[0]).tolist())
@@ -274,10 +420,13 @@ def summarise(results: list[Result]) -> list[dict]:
 
 TITLES = {
     "baselines": "Baselines: what every row must beat",
+    "plain": "The plain ResNet18 with the system's search (chosen on validation by the protocol)",
+    "standing": "Standing rows: no learning, no depth, no image",
     "I": "Table I: ablation on ResNet18",
     "II": "Table II: other methods",
     "systems": "The four systems",
     "cia": "CIA-Net: negative sampling and alignment",
+    "search": "The system's other recipe (chosen on validation by the protocol)",
     "options": "The corrected variants",
 }
 
@@ -293,12 +442,15 @@ def markdown(summary: list[dict]) -> str:
         if not rows:
             continue
         located = any(e.get("localization") for e in rows)
+        protocol = any(e.get("validation_balanced_accuracy") for e in rows)
         head = ["method", "accuracy", "balanced accuracy", "its 95 % interval", "macro-F1", "macro ROC AUC", "its 95 % interval"]
+        head += ["val. balanced accuracy", "balanced accuracy, logit-adjusted (tau on val.)"] if protocol else []
         head += [f"loc. acc. T(IoU) {t}" for t in shown] if located else []
         lines += [f"### {title}", "", "| " + " | ".join(head + ["training minutes", "seeds"]) + " |", "|---" * (len(head) + 2) + "|"]
         for e in rows:
-            cells = [f"{e['accuracy'][0]:.3f} ± {e['accuracy'][1]:.3f}", f"{e['balanced_accuracy'][0]:.3f} ± {e['balanced_accuracy'][1]:.3f}", _interval(e, "balanced_accuracy"),
-                     f"{e['macro_f1'][0]:.3f} ± {e['macro_f1'][1]:.3f}", f"{e['macro_auc'][0]:.3f} ± {e['macro_auc'][1]:.3f}", _interval(e, "macro_auc")]  # fmt: skip
+            cells = [_spread(e.get("accuracy")), _spread(e.get("balanced_accuracy")), _interval(e, "balanced_accuracy"),
+                     _spread(e.get("macro_f1")), _spread(e.get("macro_auc")), _interval(e, "macro_auc")]  # fmt: skip
+            cells += [_spread(e.get("validation_balanced_accuracy")), _spread(e.get("adjusted_balanced_accuracy"))] if protocol else []
             if located:
                 loc = e.get("localization")
                 cells += [f"{loc[0][IOU_THRESHOLDS.index(t)]:.2f} ± {loc[1][IOU_THRESHOLDS.index(t)]:.2f}" if loc else "n/a" for t in shown]
@@ -314,15 +466,23 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _spread(value: tuple[float, float] | None) -> str:
+    """``mean ± sd``, or n/a for a figure a row does not have (the prior map classifies nothing)."""
+    return f"{value[0]:.3f} ± {value[1]:.3f}" if value is not None and np.isfinite(value[0]) else "n/a"
+
+
 def _interval(entry: dict, metric: str) -> str:
     bounds = entry.get(f"{metric}_interval")
     return f"{bounds[0]:.3f} to {bounds[1]:.3f}" if bounds else "n/a"
 
 
-def _write(out: Path, results: list[Result], config: TrainConfig) -> None:
+def _write(out: Path, results: list[Result], config: TrainConfig, plot: bool = True) -> None:
+    """results.json and results.md after every row (a stopped run keeps its rows), the plots at the end."""
     summary = summarise(results)
     (out / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in results], "summary": summary}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary) + "\n")
+    if not plot:
+        return
     _plot(summary, out / "results.png")
     systems = [e for e in summary if e["table"] in ("systems", "cia", "options")]
     if systems:

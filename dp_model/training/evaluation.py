@@ -10,7 +10,7 @@ from dp_transforms import boxes_to_masks
 
 from ..architectures import class_scores, output_probabilities
 from ..explain import localization_maps
-from ..metrics import localization_accuracy
+from ..metrics import localization_accuracy, mask_iou
 from .data import Resident
 from .runtime import Runtime, unwrap
 
@@ -57,3 +57,46 @@ def localization(model: nn.Module, data: Resident, classes: tuple[str, ...], nor
     if not predicted:
         return {}
     return localization_accuracy(np.concatenate(predicted), np.concatenate(truth), np.concatenate(labels), classes)
+
+
+def _truth_masks(data: Resident, index: torch.Tensor) -> np.ndarray:
+    size = data.images.shape[-1]
+    return (boxes_to_masks(data.boxes[index].cpu(), (size, size))[:, 0] >= 0.5).numpy()
+
+
+def region_ious(model: nn.Module, data: Resident, normal: int = 0, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per boxed image of ``data``: the IoU of the model's region (:func:`localization`'s map of
+    the image's class at 0.5) with the union of its boxes, and its class; what a paired
+    comparison of two maps, or of a map and :func:`prior_maps`, resamples."""
+    model.eval()
+    device = next(model.parameters()).device
+    iou, labels = [], []
+    for part in torch.nonzero(data.has_boxes.cpu()).flatten().split(batch_size):
+        x, _, y, _ = data.batch(part.to(data.images.device))
+        maps = localization_maps(model, x.to(device), y.to(device), normal)
+        iou.append(mask_iou((maps[:, 0] >= 0.5).cpu().numpy(), _truth_masks(data, part)))
+        labels.append(y.cpu().numpy())
+    return (np.concatenate(iou), np.concatenate(labels)) if iou else (np.zeros(0), np.zeros(0, np.int64))
+
+
+def prior_maps(train: Resident, num_classes: int) -> np.ndarray:
+    """``(C, S, S)``: each class's mean box mask over its boxed training images, scaled to its
+    peak (zeros for a class without boxes). Handed an image's true class, this map ignores the
+    image: a learned map has to beat it to show that it looks at the lesion."""
+    size = train.images.shape[-1]
+    total, count = np.zeros((num_classes, size, size)), np.zeros(num_classes)
+    for part in torch.nonzero(train.has_boxes.cpu()).flatten().split(256):
+        labels = train.labels[part].cpu().numpy()
+        np.add.at(total, labels, _truth_masks(train, part))
+        np.add.at(count, labels, 1)
+    mean = total / np.maximum(count, 1)[:, None, None]
+    return (mean / np.maximum(mean.reshape(num_classes, -1).max(axis=1), 1e-12)[:, None, None]).astype(np.float32)
+
+
+def prior_ious(prior: np.ndarray, data: Resident) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`region_ious` for the prior map of each boxed image's true class (region: 0.5 of its peak)."""
+    boxed = torch.nonzero(data.has_boxes.cpu()).flatten()
+    labels = data.labels[boxed].cpu().numpy()
+    if not len(boxed):
+        return np.zeros(0), labels
+    return mask_iou(prior[labels] >= 0.5, _truth_masks(data, boxed)), labels
