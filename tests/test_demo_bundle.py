@@ -93,6 +93,11 @@ def test_the_demo_bundles_test_phantoms_share_no_patient_with_its_training(demo_
     assert None not in held_out and not held_out & fitted
 
 
+def test_the_demo_card_says_how_easy_its_phantoms_were(demo_bundle: Path) -> None:
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    assert "Synthetic phantoms (`dp-synth`" in card and "lesion contrast" in card and "label noise" in card
+
+
 # --- decoding: no process pool where it costs more than it saves ------------------------------------
 
 
