@@ -37,7 +37,7 @@ def test_scores(demo_bundle: Path):
     _, contract = load_bundle(demo_bundle)
     saved_scores = demo_bundle / "docs" / "scores_test.npz"
     assert saved_scores.exists(), f"{demo_bundle} saved no per-image test scores to recompute its figures from"
-    with np.load(demo_bundle / "docs" / "scores_test.npz", allow_pickle=False) as saved:
+    with np.load(saved_scores, allow_pickle=False) as saved:
         scores = {key: saved[key] for key in saved.files}
     return contract, scores
 
@@ -49,6 +49,12 @@ def test_the_demo_model_recognises_the_types_of_its_held_out_test_phantoms(test_
     assert tuple(scores["outputs"]) == tuple(contract.classes), "one probability per class, in the contract's order"
     found = _balanced_accuracy(labels, probabilities.argmax(axis=1), len(contract.classes))
     assert found >= BALANCED_ACCURACY, f"balanced accuracy {found:.3f} on {len(labels)} held-out test images"
+
+
+def test_the_demo_model_is_above_its_plain_baseline_by_its_own_card(demo_bundle: Path) -> None:
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    assert "| plain ResNet18" in card, "the card sets the plain ResNet18 beside the model"
+    assert "not better than its baselines" not in card
 
 
 def test_the_demo_models_present_point_keeps_normal_test_phantoms_negative(test_scores) -> None:
