@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,33 +124,56 @@ def carve_calibration(dataset: ChestDataset, splits: Splits, config: DataConfig,
 
 
 def _decode(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
-    path, boxes, size = args
+    """One image in a pool's worker: one thread each, the pool is the parallelism."""
     torch.set_num_threads(1)
+    return _decode_here(args)
+
+
+def _decode_here(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
+    """One image in this process, with its thread settings left as training wants them."""
+    path, boxes, size = args
     canvas, canvas_boxes, _ = load_letterboxed(path, size, boxes)
     return np.rint(canvas[0].numpy() * 255.0).astype(np.uint8), canvas_boxes
 
 
+#: Images decoded in this process first, to time them before deciding on a pool.
+PROBE_IMAGES = 16
+#: A process pool pays only when the rest would take this long in this process: each spawned
+#: worker imports PyTorch and MONAI before its first image (seconds each on a two-core machine),
+#: which cost the demo's 256-pixel phantoms (about 2 ms each) more than decoding them all here.
+POOL_BREAK_EVEN_S = 10.0
+
+
 def decode(records: list[Record], size: int, workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list[np.ndarray]]:
-    """Decode and letterbox ``records`` with ``workers`` processes (0: all cores)."""
+    """Decode and letterbox ``records`` with ``workers`` processes (0: all cores), or in this
+    process when the first :data:`PROBE_IMAGES` say the rest is quicker than starting a pool."""
     jobs = [(str(r.image), r.boxes.tolist(), size) for r in records]
     count = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     count = max(1, min(count, len(jobs) // 32 or 1))
     images, boxes = np.zeros((len(jobs), size, size), np.uint8), []
     bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
-    if count == 1:
-        results = map(_decode, jobs)
-    else:
-        # spawn, not fork: PyTorch's thread pools do not survive a fork safely.
-        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (count * 4))))
+    pool = None
     try:
-        for i, (image, image_boxes) in enumerate(results):
+        tick = time.perf_counter()
+        for i, job in enumerate(jobs[:PROBE_IMAGES]):
+            images[i], image_boxes = _decode_here(job)
+            boxes.append(image_boxes)
+            bar.update()
+        rest = jobs[PROBE_IMAGES:]
+        per_image = (time.perf_counter() - tick) / max(1, min(len(jobs), PROBE_IMAGES))
+        if count == 1 or per_image * len(rest) < POOL_BREAK_EVEN_S:
+            results = map(_decode_here, rest)
+        else:
+            # spawn, not fork: PyTorch's thread pools do not survive a fork safely.
+            pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+            results = pool.map(_decode, rest, chunksize=max(1, min(64, len(rest) // (count * 4))))
+        for i, (image, image_boxes) in enumerate(results, start=len(boxes)):
             images[i] = image
             boxes.append(image_boxes)
             bar.update()
     finally:
         bar.close()
-        if count > 1:
+        if pool is not None:
             pool.shutdown()
     return images, boxes
 

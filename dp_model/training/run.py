@@ -212,13 +212,30 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
     served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
-    samples = [dataset.records[i].image for i in splits.test[:3]]
+    samples = [dataset.records[i].image for i in example_images(docs / "scores_test.npz", splits.test, normal)]
     write_samples(out, samples)
     parts = ("train", "val", "calibration", "test") if splits.calibration else ("train", "val", "test")
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in parts}
     (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain, served))
     # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
     (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in parts}) + "\n")
+
+
+def example_images(scores_file: Path, test: tuple[int, ...], normal: int, count: int = 3) -> list[int]:
+    """Dataset indices of the test images ``samples/`` holds, for the README's walkthrough: a
+    pneumonia the node reports present with its type right, a normal image it reports
+    negative, then more of other types it gets right; the first test images fill up what is
+    missing. Picked from the saved test scores after every figure was computed: they show what
+    an answer looks like, the test figures say how often it is right."""
+    with np.load(scores_file, allow_pickle=False) as saved:
+        labels, right = saved["labels"], saved["assessed"] & (saved["probabilities"].argmax(axis=1) == saved["labels"])
+        right &= saved["positive"] == (labels != normal)
+    chosen: list[int] = []
+    pneumonia = [i for i in range(len(test)) if right[i] and labels[i] != normal]
+    negative = [i for i in range(len(test)) if right[i] and labels[i] == normal]
+    for pool in (pneumonia[:1], negative[:1], [i for i in pneumonia if labels[i] != labels[pneumonia[0]]] if pneumonia else [], range(len(test))):
+        chosen += [i for i in pool if i not in chosen][: count - len(chosen)]
+    return [test[i] for i in chosen[:count]]
 
 
 def split_sizes(splits: Splits, fitted: calibrate.Fitted) -> dict:

@@ -1,0 +1,168 @@
+"""The embedded demonstration bundle (what `make run` serves): right on its own held-out
+phantoms, and quick to build.
+
+The figures are recomputed from what the bundle saved about its test split (the per-image
+scores of ``docs/scores_test.npz``, the contract's points and gate), never read from a number
+the card states; the split is checked to keep each patient on one side when the phantoms the
+bundle was trained from lie beside it (``make run`` and the suite's fixture both put them there).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dp_model.training import data as training_data
+
+#: What the demonstration must reach on its held-out test phantoms (docs/benchmarks.md, "Demo model").
+BALANCED_ACCURACY = 0.80
+PRESENT_SPECIFICITY = 0.80
+#: Fewer test images than this and a lucky split could pass: the figures would mean little.
+TEST_IMAGES = 150
+
+
+def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, classes: int) -> float:
+    recalls = [float((predicted[labels == c] == c).mean()) for c in range(classes) if (labels == c).any()]
+    return float(np.mean(recalls))
+
+
+@pytest.fixture(scope="module")
+def test_scores(demo_bundle: Path):
+    from dp_model.bundle import load_bundle
+
+    _, contract = load_bundle(demo_bundle)
+    saved_scores = demo_bundle / "docs" / "scores_test.npz"
+    assert saved_scores.exists(), f"{demo_bundle} saved no per-image test scores to recompute its figures from"
+    with np.load(saved_scores, allow_pickle=False) as saved:
+        scores = {key: saved[key] for key in saved.files}
+    return contract, scores
+
+
+def test_the_demo_model_recognises_the_types_of_its_held_out_test_phantoms(test_scores) -> None:
+    contract, scores = test_scores
+    labels, probabilities = scores["labels"], scores["probabilities"]
+    assert len(labels) >= TEST_IMAGES, f"only {len(labels)} test images"
+    assert tuple(scores["outputs"]) == tuple(contract.classes), "one probability per class, in the contract's order"
+    found = _balanced_accuracy(labels, probabilities.argmax(axis=1), len(contract.classes))
+    assert found >= BALANCED_ACCURACY, f"balanced accuracy {found:.3f} on {len(labels)} held-out test images"
+
+
+def test_the_demo_model_is_above_its_plain_baseline_by_its_own_card(demo_bundle: Path) -> None:
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    assert "| plain ResNet18" in card, "the card sets the plain ResNet18 beside the model"
+    assert "not better than its baselines" not in card
+
+
+def test_the_demo_models_present_point_keeps_normal_test_phantoms_negative(test_scores) -> None:
+    from dp_model.served import is_pneumonia, served_decisions
+
+    contract, scores = test_scores
+    ood = None if np.isnan(scores["ood_score"]).all() else scores["ood_score"]
+    served = served_decisions(scores["probabilities"], ood, contract)
+    np.testing.assert_array_equal(served.positive, scores["positive"], err_msg="the saved decisions are the contract's rule")
+    truth = is_pneumonia(scores["labels"], contract)
+    specificity = float((~served.positive[~truth]).mean())
+    sensitivity = float(served.positive[truth].mean())
+    assert "present" in contract.operating_points and contract.operating_points["present"].certified
+    assert specificity >= PRESENT_SPECIFICITY, f"present point: specificity {specificity:.3f} at sensitivity {sensitivity:.3f} on test"
+
+
+@pytest.mark.xfail(strict=True, reason="MGACR's map+ falls below 0.5 everywhere under Eq. 2 (docs/decisions.md, 'Where the papers' "
+                   "equations pull against each other'); no map source of the demo network beats the prior map yet")
+def test_the_demo_model_draws_regions_because_they_beat_the_prior_map(demo_bundle: Path, test_scores) -> None:
+    from dp_model.contract import regions_earned
+
+    contract, _ = test_scores
+    located = contract.localization
+    assert located is not None and located.shown, "lesion regions are not shown"
+    assert regions_earned(located.validation, located.prior_validation, located.difference_low, located.margin)
+    assert located.test["iou>0.3"] > located.prior_test["iou>0.3"], "on test too, the regions beat the fixed prior"
+
+
+def test_the_demo_bundles_test_phantoms_share_no_patient_with_its_training(demo_bundle: Path) -> None:
+    from dp_model.datasets import read_dataset
+    from dp_model.datasets.splits import hashed_id
+
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    assert "patient split" in card
+    phantoms = demo_bundle.parent / "data"
+    if not phantoms.exists():
+        pytest.skip(f"the phantoms the bundle was trained from are not beside it ({phantoms})")
+    split = json.loads((demo_bundle / "configs" / "split.json").read_text())
+    patient = {hashed_id(r.image_id): r.patient_id for r in read_dataset(phantoms).records}
+    held_out = {patient[i] for i in split["test"]}
+    fitted = {patient[i] for part in ("train", "val", "calibration") for i in split.get(part, [])}
+    assert None not in held_out and not held_out & fitted
+
+
+def test_the_demo_card_says_how_easy_its_phantoms_were(demo_bundle: Path) -> None:
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    assert "Synthetic phantoms (`dp-synth`" in card and "lesion contrast" in card and "label noise" in card
+
+
+# --- decoding: no process pool where it costs more than it saves ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_phantoms(tmp_path_factory: pytest.TempPathFactory):
+    from dp_model.datasets import read_dataset
+    from dp_model.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("phantoms")
+    generate(SynthConfig(num_images=72, size=96, workers=1), root, progress=False)
+    return read_dataset(root).records
+
+
+class _NoPool:
+    def __init__(self, *args, **kwargs) -> None:
+        raise AssertionError("a process pool was started for a few small images")
+
+
+class _InlinePool:
+    """Stands in for a process pool: maps in this process, and counts that it was used."""
+
+    started = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        type(self).started += 1
+
+    def map(self, function, jobs, chunksize: int = 1):
+        return map(function, jobs)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_few_small_images_are_decoded_in_this_process_with_trainings_threads_left_alone(small_phantoms, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training_data, "ProcessPoolExecutor", _NoPool)
+    threads = torch.get_num_threads()
+    images, boxes = training_data.decode(small_phantoms, 64, workers=2)
+    assert images.shape == (72, 64, 64) and len(boxes) == 72 and images.max() > 0
+    assert torch.get_num_threads() == threads
+
+
+def test_images_slow_to_decode_still_go_to_a_pool_and_come_back_in_order(small_phantoms, monkeypatch: pytest.MonkeyPatch) -> None:
+    here, _ = training_data.decode(small_phantoms, 64, workers=1)
+    monkeypatch.setattr(training_data, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(training_data, "POOL_BREAK_EVEN_S", 0.0)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the inline "worker" must not change this process
+    pooled, boxes = training_data.decode(small_phantoms, 64, workers=2)
+    assert _InlinePool.started == 1 and len(boxes) == 72
+    np.testing.assert_array_equal(pooled, here)
+
+
+def test_the_samples_are_a_pneumonia_and_a_normal_test_image_the_node_gets_right(tmp_path: Path) -> None:
+    from dp_model.training.run import example_images
+
+    labels = np.array([0, 1, 2, 0, 1, 3])
+    probabilities = np.eye(5)[[0, 2, 2, 0, 1, 3]]  # the first lobar image is called bronchopneumonia
+    positive = np.array([True, True, True, False, True, True])  # the first normal image is called positive
+    assessed = np.array([True, True, True, True, True, False])  # the interstitial one is turned away
+    np.savez(tmp_path / "scores.npz", labels=labels, probabilities=probabilities, positive=positive, assessed=assessed)
+    test = (10, 11, 12, 13, 14, 15)
+    assert example_images(tmp_path / "scores.npz", test, normal=0) == [12, 13, 14]
+    assert example_images(tmp_path / "scores.npz", test, normal=0, count=5) == [12, 13, 14, 10, 11]
