@@ -322,6 +322,47 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(dataset_dir
         torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
 
 
+def test_decoding_gives_the_caller_back_its_thread_count(dataset_dir: Path, tmp_path: Path) -> None:
+    """Decoding leaves PyTorch's thread count as it found it:
+    the training that follows must run with the configured count whether or not its
+    splits came from the cache."""
+    dataset = read_dataset(dataset_dir)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        data = DataConfig(root=str(dataset_dir), image_size=32, cache_dir=str(tmp_path / "cache"), workers=1)
+        load_split(dataset, tuple(range(8)), data, "decode")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of one configuration on one RSNA-layout folder give bit-identical weights.
+
+    The second run reads the decoded splits from the cache the first wrote, as a second
+    ``dp-train`` does: nothing the first run did while decoding (in this process or in a
+    pool) may change how the second trains. CPU kernels reduce in an order that depends on
+    the thread count, so the configuration pins it (two threads) and decoding must leave it
+    alone."""
+    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
+    config = TrainConfig(
+        name="twice", baseline=False,
+        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
+        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", threads=2),
+    )  # fmt: skip
+    states: list[dict] = []
+    # The weights as the bundle would get them; the bundle's pictures and files are not needed here.
+    monkeypatch.setattr("dp_model.training.run._write_bundle", lambda out, config, model, *rest: states.append(model.state_dict()))
+    for run in ("first", "second"):
+        train(config, tmp_path / run)
+    assert list(states[0]) == list(states[1])
+    differ = [key for key in states[0] if not torch.equal(states[0][key], states[1][key])]
+    assert not differ, f"{len(differ)} of {len(states[0])} tensors differ, first {differ[0]}"
+
+
 # --- DDP ------------------------------------------------------------------------------------------------------
 
 

@@ -9,11 +9,13 @@ indexed there and augmented there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +126,28 @@ def carve_calibration(dataset: ChestDataset, splits: Splits, config: DataConfig,
 
 def _decode(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
     path, boxes, size = args
-    torch.set_num_threads(1)
     canvas, canvas_boxes, _ = load_letterboxed(path, size, boxes)
     return np.rint(canvas[0].numpy() * 255.0).astype(np.uint8), canvas_boxes
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Decode with one PyTorch thread, then give the caller back its own thread count.
+
+    CPU training kernels reduce in an order that depends on the thread count, so a decode
+    that left the process at one thread made a run that decoded train differently from a
+    run that found its splits in the cache (the same command, two different models).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)  # several decoding processes share the cores
 
 
 def decode(records: list[Record], size: int, workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list[np.ndarray]]:
@@ -136,21 +157,20 @@ def decode(records: list[Record], size: int, workers: int = 0, desc: str = "deco
     count = max(1, min(count, len(jobs) // 32 or 1))
     images, boxes = np.zeros((len(jobs), size, size), np.uint8), []
     bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
-    if count == 1:
-        results = map(_decode, jobs)
-    else:
-        # spawn, not fork: PyTorch's thread pools do not survive a fork safely.
-        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (count * 4))))
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        if count == 1:
+            stack.enter_context(one_thread())
+            results = map(_decode, jobs)
+        else:
+            # spawn, not fork: PyTorch's thread pools do not survive a fork safely. map
+            # returns results in the order of the jobs, whatever order the workers finish in.
+            pool = stack.enter_context(ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start))
+            results = pool.map(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (count * 4))))
         for i, (image, image_boxes) in enumerate(results):
             images[i] = image
             boxes.append(image_boxes)
             bar.update()
-    finally:
-        bar.close()
-        if count > 1:
-            pool.shutdown()
     return images, boxes
 
 
