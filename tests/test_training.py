@@ -590,3 +590,35 @@ def test_a_stage_one_that_never_left_chance_is_called_so() -> None:
     barely = stage_one_verdict([{"loss": 5.030, "top1": 0.017}], 128)  # the learning regime's ten epochs: 4 x chance
     assert "barely left chance" in barely[0]
     assert stage_one_verdict([], 64) == []
+
+
+def _resident(images: torch.Tensor, labels: np.ndarray):
+    from dp_model.training.data import Resident
+
+    n = len(labels)
+    return Resident(images, torch.zeros(n, 1, 4), torch.as_tensor(labels, dtype=torch.int64), torch.zeros(n, dtype=torch.bool), [str(i) for i in range(n)])
+
+
+def test_block_statistics_read_the_brightness_of_blocks_and_nothing_finer() -> None:
+    """Gradient boosting on the mean and SD of 16 x 16 blocks: it learns a class written in
+    one block's brightness, and stays at chance when the classes differ only in a pattern
+    finer than a block with the same mean and spread (stripes one way or the other)."""
+    from dp_model.training import baselines
+
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 60)
+    base = torch.as_tensor(rng.integers(60, 120, (120, 1, 64, 64)), dtype=torch.uint8)  # any size: resized to 128
+    assert baselines.block_features(base).shape == (120, 128)
+    bright = base.clone()
+    bright[labels == 1, :, 8:16, 40:48] += 60
+    parts = [slice(0, 60), slice(60, 90), slice(90, 120)]
+    split = [_resident(bright[p], labels[p]) for p in parts]
+    quick = {"grid": {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None, "balanced")}, "trees": (10, 30)}
+    report = baselines.block_statistics(*split, ("a", "b"), **quick)
+    assert report.balanced_accuracy > 0.9
+    stripes = torch.zeros(120, 1, 64, 64, dtype=torch.uint8)
+    rows, cols = torch.arange(64)[:, None].expand(64, 64), torch.arange(64)[None, :].expand(64, 64)
+    stripes[labels == 0] = (100 + 40 * (rows % 2)).to(torch.uint8)  # horizontal stripes, period 2 px (4 px at 128)
+    stripes[labels == 1] = (100 + 40 * (cols % 2)).to(torch.uint8)  # vertical: same block mean and SD
+    fitted = baselines.fit_block_statistics(*[_resident(stripes[p], labels[p]) for p in parts[:2]], classes=2, **quick)
+    assert fitted.val_balanced_accuracy == pytest.approx(0.5)
