@@ -392,3 +392,25 @@ def test_augmentation_picture_outlines_the_moved_mask(tmp_path: Path) -> None:
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
     columns = np.flatnonzero(red.any(axis=0))
     assert columns.size and columns.max() - columns.min() > image.size[0] * 0.6  # outlines in several panels
+
+
+def test_a_pacemaker_is_a_device_abnormality_with_a_lead_to_the_heart() -> None:
+    """A device is one of RSNA's "Not Normal" findings: a dense generator under a clavicle,
+    lateral, and a lead that ends over the heart."""
+    from dp_model.synth import findings
+
+    assert "pacemaker" in findings.ABNORMALITIES
+    for seed in range(4):
+        s = scene(400 + seed)
+        parts = findings.ABNORMAL_OPACITIES["pacemaker"](s, np.random.default_rng(seed))
+        layer = np.zeros(s.maps.lungs.shape, np.float32)
+        for opacity in parts:
+            layer[opacity.window] += opacity.layer
+        assert layer.max() > 0.5  # metal: denser than any lesion
+        u, v = s.frame.grids
+        can = layer > 0.5 * layer.max()
+        assert np.abs(u[can]).mean() > 0.3 and v[can].mean() < s.anatomy.heart[1] - 0.3  # under a clavicle, lateral
+        cx, cy, rx, ry, _ = s.anatomy.heart
+        over_heart = (np.hypot((u - cx) / rx, (v - cy) / ry) < 1.0) & (layer > 0.1)
+        assert over_heart.any()
+        assert not any(opacity.boxed for opacity in parts)

@@ -17,7 +17,7 @@ Each pattern is scaled so that its mean density over its extent is the drawn den
 
 Abnormalities that are not pneumonia (the RSNA challenge's "No Lung Opacity / Not
 Normal"): cardiomegaly, a pleural effusion blunting a costophrenic angle, a solitary
-nodule, a band of atelectasis. Distractors (calcified granulomas, nipple shadows, ECG
+nodule, a band of atelectasis, a device (a pacemaker and its lead). Distractors (calcified granulomas, nipple shadows, ECG
 electrodes and their wires) are normal findings and appear in every class.
 """
 
@@ -163,8 +163,8 @@ PATTERNS: dict[str, Callable[[Scene, np.random.Generator, Focus], Opacity]] = {
 # --- abnormal, not pneumonia ----------------------------------------------------------------------
 
 #: Abnormalities that are not pneumonia, and how often each is the one drawn.
-ABNORMALITIES = ("cardiomegaly", "effusion", "nodule", "atelectasis")
-ABNORMALITY_WEIGHTS = (0.3, 0.3, 0.2, 0.2)
+ABNORMALITIES = ("cardiomegaly", "effusion", "nodule", "atelectasis", "pacemaker")
+ABNORMALITY_WEIGHTS = (0.25, 0.25, 0.2, 0.15, 0.15)
 
 
 def draw_abnormalities(rng: np.random.Generator, rate: float) -> tuple[str, ...]:
@@ -222,11 +222,34 @@ def atelectasis(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
     return [Opacity(window, scene.confine(window, layer), boxed=False)]
 
 
+def pacemaker(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
+    """A device: a pacemaker's generator in the subcutaneous pocket under a clavicle (the
+    patient's left mostly), and its lead down the superior vena cava into the heart."""
+    anatomy = scene.anatomy
+    side = 1 if rng.random() < 0.8 else -1
+    cu, cv = side * rng.uniform(0.42, 0.58), anatomy.clavicle[0] + rng.uniform(0.1, 0.18)
+    half_u, half_v = rng.uniform(0.06, 0.08), rng.uniform(0.045, 0.06)
+    window = scene.frame.window((cu, cv), max(half_u, half_v) + 0.03)
+    u, v = scene.frame.local(window)
+    case = soft(ellipse_margin(u, v, cu, cv, half_u, half_v, rng.uniform(-0.3, 0.3)), 0.003)
+    battery = soft(ellipse_margin(u, v, cu - 0.3 * side * half_u, cv, 0.45 * half_u, 0.6 * half_v), 0.003)
+    generator = Opacity(window, (0.7 + 0.25 * battery) * case, boxed=False)
+    hx, hy, hrx, hry, _ = anatomy.heart
+    points = [(cu - side * 0.6 * half_u, cv), (0.03, -0.4), (0.0, hy - 0.6 * hry), (hx - 0.2 * hrx, hy), (hx + 0.6 * hrx, hy + 0.5 * hry)]
+    points = [(pu + rng.normal(0, 0.01), pv + rng.normal(0, 0.01)) for pu, pv in points]
+    window = scene.frame.box_window(points, 0.02)
+    u, v = scene.frame.local(window)
+    distance = np.minimum.reduce([segment_distance(u, v, a, b) for a, b in zip(points, points[1:])])
+    lead = Opacity(window, 0.45 * soft(0.005 - distance, 0.0015), boxed=False)
+    return [generator, lead]
+
+
 #: Renderers of the abnormalities drawn as opacities (cardiomegaly changes the anatomy instead).
 ABNORMAL_OPACITIES: dict[str, Callable[[Scene, np.random.Generator], list[Opacity]]] = {
     "effusion": effusion,
     "nodule": nodule,
     "atelectasis": atelectasis,
+    "pacemaker": pacemaker,
 }
 
 
