@@ -140,6 +140,22 @@ def test_rsna_layout_with_several_boxes_per_patient(rsna: Path) -> None:
     assert all(r.patient_id == r.image_id for r in ds)
 
 
+def test_rsna_images_of_one_patient_are_grouped_by_their_dicom_patient_id(rsna: Path) -> None:
+    """Each patientId names an image; the file's Patient ID names the patient, so a split
+    keeps two images of one person on one side."""
+    a, b, c, _ = RSNA_IDS
+    for image in (a, b):
+        write_dicom(rsna / "stage_2_train_images" / f"{image}.dcm", np.zeros((64, 64), np.uint8), PatientID="SAME-PERSON")
+    (rsna / "stage_2_train_images" / f"{c}.dcm").write_bytes(b"not a DICOM file")  # unreadable: its image id stands in
+    by_id = {r.image_id: r for r in read_dataset(rsna)}
+    assert by_id[a].patient_id == by_id[b].patient_id == "SAME-PERSON"
+    assert by_id[c].patient_id == c
+    for seed in range(6):
+        split = split_dataset(read_dataset(rsna), 0.4, seed=seed, method="patient")
+        sides = {index in split.test for index, record in enumerate(read_dataset(rsna).records) if record.image_id in (a, b)}
+        assert len(sides) == 1
+
+
 def test_rsna_target_and_class_must_agree(rsna: Path) -> None:
     path = rsna / "stage_2_detailed_class_info.csv"
     path.write_text(path.read_text().replace(",Normal\n", ",Lung Opacity\n"))

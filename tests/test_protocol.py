@@ -212,16 +212,16 @@ def test_block_statistics_learn_what_lives_in_one_block_and_choose_on_validation
         return x, labels
 
     train, val, test = images(300), images(150), images(150)
-    features = baselines.block_features(train[0])
+    features = baselines.tile_features(train[0])
     assert features.shape == (300, 32)
     assert features[0, 0] == pytest.approx(train[0][0, 0, :16, :16].mean()) and features[0, 16] == pytest.approx(train[0][0, 0, :16, :16].std(), rel=1e-5)
-    val_scores, test_scores, chosen = baselines.block_statistics(train, val, test[0], 5, seed=0, iterations=15)
-    assert chosen in baselines.BLOCK_GRID and val_scores.shape == (150, 5)
+    val_scores, test_scores, chosen = baselines.tile_statistics(train, val, test[0], 5, seed=0, iterations=15)
+    assert chosen in baselines.TILE_GRID and val_scores.shape == (150, 5)
     assert compare.balanced_accuracy(test[1], test_scores) > 0.8
-    _, shuffled, _ = baselines.block_statistics((train[0], rng.permutation(train[1])), val, test[0], 5, seed=0, iterations=15)
+    _, shuffled, _ = baselines.tile_statistics((train[0], rng.permutation(train[1])), val, test[0], 5, seed=0, iterations=15)
     assert compare.balanced_accuracy(test[1], shuffled) < 0.45
     with pytest.raises(ValueError, match="multiple of 16"):
-        baselines.block_features(np.zeros((1, 1, 40, 40)))
+        baselines.tile_features(np.zeros((1, 1, 40, 40)))
 
 
 # --- the prior map ----------------------------------------------------------------------------------------------

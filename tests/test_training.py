@@ -332,6 +332,47 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(dataset_dir
         torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
 
 
+def test_decoding_gives_the_caller_back_its_thread_count(dataset_dir: Path, tmp_path: Path) -> None:
+    """Decoding leaves PyTorch's thread count as it found it:
+    the training that follows must run with the configured count whether or not its
+    splits came from the cache."""
+    dataset = read_dataset(dataset_dir)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        data = DataConfig(root=str(dataset_dir), image_size=32, cache_dir=str(tmp_path / "cache"), workers=1)
+        load_split(dataset, tuple(range(8)), data, "decode")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of one configuration on one RSNA-layout folder give bit-identical weights.
+
+    The second run reads the decoded splits from the cache the first wrote, as a second
+    ``dp-train`` does: nothing the first run did while decoding (in this process or in a
+    pool) may change how the second trains. CPU kernels reduce in an order that depends on
+    the thread count, so the configuration pins it (two threads) and decoding must leave it
+    alone."""
+    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
+    config = TrainConfig(
+        name="twice", baseline=False,
+        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
+        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", threads=2),
+    )  # fmt: skip
+    states: list[dict] = []
+    # The weights as the bundle would get them; the bundle's pictures and files are not needed here.
+    monkeypatch.setattr("dp_model.training.run._write_bundle", lambda out, config, model, *rest: states.append(model.state_dict()))
+    for run in ("first", "second"):
+        train(config, tmp_path / run)
+    assert list(states[0]) == list(states[1])
+    differ = [key for key in states[0] if not torch.equal(states[0][key], states[1][key])]
+    assert not differ, f"{len(differ)} of {len(states[0])} tensors differ, first {differ[0]}"
+
+
 # --- DDP ------------------------------------------------------------------------------------------------------
 
 
@@ -560,3 +601,35 @@ def test_a_stage_one_that_never_left_chance_is_called_so() -> None:
     barely = stage_one_verdict([{"loss": 5.030, "top1": 0.017}], 128)  # the learning regime's ten epochs: 4 x chance
     assert "barely left chance" in barely[0]
     assert stage_one_verdict([], 64) == []
+
+
+def _resident(images: torch.Tensor, labels: np.ndarray):
+    from dp_model.training.data import Resident
+
+    n = len(labels)
+    return Resident(images, torch.zeros(n, 1, 4), torch.as_tensor(labels, dtype=torch.int64), torch.zeros(n, dtype=torch.bool), [str(i) for i in range(n)])
+
+
+def test_block_statistics_read_the_brightness_of_blocks_and_nothing_finer() -> None:
+    """Gradient boosting on the mean and SD of 16 x 16 blocks: it learns a class written in
+    one block's brightness, and stays at chance when the classes differ only in a pattern
+    finer than a block with the same mean and spread (stripes one way or the other)."""
+    from dp_model.training import baselines
+
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 60)
+    base = torch.as_tensor(rng.integers(60, 120, (120, 1, 64, 64)), dtype=torch.uint8)  # any size: resized to 128
+    assert baselines.block_features(base).shape == (120, 128)
+    bright = base.clone()
+    bright[labels == 1, :, 8:16, 40:48] += 60
+    parts = [slice(0, 60), slice(60, 90), slice(90, 120)]
+    split = [_resident(bright[p], labels[p]) for p in parts]
+    quick = {"grid": {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None, "balanced")}, "trees": (10, 30)}
+    report = baselines.block_statistics(*split, ("a", "b"), **quick)
+    assert report.balanced_accuracy > 0.9
+    stripes = torch.zeros(120, 1, 64, 64, dtype=torch.uint8)
+    rows, cols = torch.arange(64)[:, None].expand(64, 64), torch.arange(64)[None, :].expand(64, 64)
+    stripes[labels == 0] = (100 + 40 * (rows % 2)).to(torch.uint8)  # horizontal stripes, period 2 px (4 px at 128)
+    stripes[labels == 1] = (100 + 40 * (cols % 2)).to(torch.uint8)  # vertical: same block mean and SD
+    fitted = baselines.fit_block_statistics(*[_resident(stripes[p], labels[p]) for p in parts[:2]], classes=2, **quick)
+    assert fitted.val_balanced_accuracy == pytest.approx(0.5)

@@ -45,11 +45,18 @@ class Anatomy:
         return self.dome_right if side < 0 else self.dome_left
 
 
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
-    """Draw a plausible adult patient; about one film in five is an AP (portable) view."""
+def sample_anatomy(rng: np.random.Generator, unrecorded_cardiomegaly: bool = True) -> Anatomy:
+    """Draw a plausible adult patient; about one film in five is an AP (portable) view.
+
+    With ``unrecorded_cardiomegaly`` (generator version 1) one patient in ten has an
+    enlarged heart that no label records; version 2 records cardiomegaly as a finding
+    instead and passes False. The same random numbers are drawn either way.
+    """
     ap = bool(rng.random() < 0.2)
     dome_right = rng.uniform(0.22, 0.36)
     cardiomegaly = rng.uniform(1.12, 1.3) if rng.random() < 0.1 else 1.0
+    if not unrecorded_cardiomegaly:
+        cardiomegaly = 1.0
     heart_rx = rng.uniform(0.25, 0.31) * cardiomegaly * (1.1 if ap else 1.0)
     heart_ry = rng.uniform(0.18, 0.23) * (1.05 if ap else 1.0)
     return Anatomy(

@@ -29,6 +29,7 @@ OPTIONS = {
     "num_images": "num_images",
     "size": "size",
     "seed": "seed",
+    "version": "version",
     "layout": "layout",
     "image_format": "image_format",
     "workers": "workers",
@@ -37,6 +38,7 @@ OPTIONS = {
     "distractor_rate": "difficulty.distractor_rate",
     "label_noise": "difficulty.label_noise",
     "pathology_overlap": "difficulty.pathology_overlap",
+    "abnormality_rate": "difficulty.abnormality_rate",
 }
 
 
@@ -47,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, help="number of images")
     p.add_argument("--size", type=int, help="side of the square images in pixels")
     p.add_argument("--seed", type=int, help="master seed")
+    p.add_argument("--version", type=int, help="generator version: 2 (default) or 1 (the data of the published tables)")
     p.add_argument("--layout", help="deep-pneumonia, rsna or csv")
     p.add_argument("--image-format", help="dicom or png")
     p.add_argument("--workers", type=int, help="processes (0: all cores)")
@@ -55,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distractor-rate", type=float, help="mean lesion-like non-pneumonia findings per image")
     p.add_argument("--label-noise", type=float, help="fraction of wrongly recorded labels")
     p.add_argument("--pathology-overlap", type=float, help="chance of a faint unrecorded second lesion type")
+    p.add_argument("--abnormality-rate", type=float, help="share of images with a non-pneumonia abnormality (version 2)")
     p.add_argument("--gallery", type=Path, help="also write a PNG gallery of a few images per class here")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

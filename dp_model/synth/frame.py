@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,23 @@ def segment_distance(u: np.ndarray, v: np.ndarray, a: tuple[float, float], b: tu
     length2 = du * du + dv * dv or np.float32(1e-12)
     t = np.clip(((u - au) * du + (v - av) * dv) / length2, 0.0, 1.0)
     return np.hypot(u - au - t * du, v - av - t * dv)
+
+
+def smooth(image: np.ndarray, factor: int) -> np.ndarray:
+    """A cheap low-pass: down ``factor`` times (bilinear), back up (bicubic)."""
+    res = image.shape[0]
+    small = Image.fromarray(image, mode="F").resize((max(1, res // factor),) * 2, Image.BILINEAR)
+    return np.asarray(small.resize((res, res), Image.BICUBIC), np.float32)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize of a square float image to ``size x size``."""
+    return np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.BICUBIC), np.float32)
+
+
+def upsample_nearest(image: np.ndarray, size: int) -> np.ndarray:
+    """Repeat pixels when ``size`` is a multiple of the side, else :func:`resize`."""
+    factor = size // image.shape[0]
+    if factor * image.shape[0] == size:
+        return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
+    return resize(image, size)

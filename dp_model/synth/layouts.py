@@ -4,7 +4,8 @@ Image files are written by the workers as cases are rendered (:func:`write_image
 the label files are written once at the end from the rows the workers return
 (:func:`write_tables`), so the result is identical whatever the number of workers.
 Besides the layout's own files, every dataset gets ``synth_truth.csv`` (true class,
-recorded class, lesion density, true boxes) and ``synth_config.yaml``.
+recorded class, lesion density, true boxes; from version 2 also the abnormalities that
+are not pneumonia and the simulated device) and ``synth_config.yaml``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def image_id(config: SynthConfig, index: int) -> str:
 
 
 def patient_id(config: SynthConfig, case: Case, name: str) -> str:
-    return name if config.layout == "rsna" else f"P{config.seed:03d}-{case.patient:06d}"
+    """The patient's id. Version 1 named an RSNA patient after the image, although
+    consecutive images share a patient's anatomy; version 2 gives every layout the patient."""
+    return name if config.layout == "rsna" and config.version == 1 else f"P{config.seed:03d}-{case.patient:06d}"
 
 
 def image_path(root: Path, config: SynthConfig, name: str) -> Path:
@@ -81,7 +84,7 @@ def write_tables(root: Path, config: SynthConfig, rows: list[Row]) -> None:
     """Write the layout's label files and ``synth_truth.csv``."""
     rows = sorted(rows, key=lambda r: r.index)
     {"deep-pneumonia": _deep_pneumonia, "rsna": _rsna, "csv": _generic_csv}[config.layout](root, config, rows)
-    _truth(root, rows)
+    _truth(root, rows, config.version)
 
 
 def _deep_pneumonia(root: Path, config: SynthConfig, rows: list[Row]) -> None:
@@ -102,8 +105,11 @@ def _rsna(root: Path, config: SynthConfig, rows: list[Row]) -> None:
                 labels.append([r.image_id, *map(_number, (x0, y0, x1 - x0, y1 - y0)), 1])
                 detailed.append([r.image_id, "Lung Opacity"])
             continue
-        # Anything abnormal that is not an outlined opacity is "not normal" in RSNA's terms.
-        abnormal = r.recorded_label != CLASSES[0] or r.info["distractors"] > 0
+        # Anything abnormal that is not an outlined opacity is "not normal" in RSNA's terms:
+        # in version 1, any distractor; in version 2, an abnormality that is not pneumonia
+        # (distractors are normal findings there, in every class).
+        found = r.info["distractors"] > 0 if config.version == 1 else bool(r.info["abnormalities"])
+        abnormal = r.recorded_label != CLASSES[0] or found
         labels.append([r.image_id, "", "", "", "", 0])
         detailed.append([r.image_id, "No Lung Opacity / Not Normal" if abnormal else "Normal"])
     _csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], labels)
@@ -121,14 +127,16 @@ def _generic_csv(root: Path, config: SynthConfig, rows: list[Row]) -> None:
     _csv(root / "data.csv", ["image", "label", "patient_id", "x_min", "y_min", "x_max", "y_max"], out)
 
 
-def _truth(root: Path, rows: list[Row]) -> None:
+def _truth(root: Path, rows: list[Row], version: int) -> None:
     header = ["image_id", "patient_id", "true_label", "recorded_label", "lesion_density", "distractors", "sex", "age", "view", "true_boxes"]
+    extra = ["abnormalities", "device"] if version > 1 else []  # version 1's table stays as it was
     _csv(
         root / "synth_truth.csv",
-        header,
+        header + extra,
         (
             [r.image_id, r.patient_id, r.label, r.recorded_label, r.info["lesion_density"], r.info["distractors"],
              r.info["sex"], r.info["age"], r.info["view"], json.dumps(r.true_boxes)]
+            + ([" ".join(r.info["abnormalities"]), r.info["device"]] if extra else [])
             for r in rows
         ),
     )  # fmt: skip

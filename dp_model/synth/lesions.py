@@ -250,13 +250,14 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.n
     return np.clip(np.asarray(field, np.float32) / 1.5, -1.0, 1.0)
 
 
-def _bronchograms(rng: np.random.Generator, frame: Frame, window: Window, centre: tuple[float, float], radius: float) -> np.ndarray:
-    """Branching air-filled bronchi seen through consolidation: thin dark lines, 0..1."""
+def _bronchograms(rng: np.random.Generator, frame: Frame, window: Window, centre: tuple[float, float], radius: float, width_units: float = 0.006) -> np.ndarray:
+    """Branching air-filled bronchi seen through consolidation: thin dark lines, 0..1, about
+    ``width_units`` canonical units wide."""
     rows, cols = window[0].stop - window[0].start, window[1].stop - window[1].start
     canvas = Image.new("L", (max(cols, 1), max(rows, 1)))
     draw = ImageDraw.Draw(canvas)
     origin = np.array([window[1].start, window[0].start], np.float64)
-    width = max(1, round(0.006 * frame.scale * frame.res))
+    width = max(1, round(width_units * frame.scale * frame.res))
     for _ in range(int(rng.integers(2, 5))):
         start = np.array(centre) + rng.normal(0, 0.3 * radius, 2)
         angle = rng.uniform(0, 2 * np.pi)

@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import detector, findings
 from .anatomy import render_anatomy, sample_anatomy
 from .config import CLASSES, SynthConfig
 from .frame import Frame
+from .frame import resize as _resize
+from .frame import smooth as _smooth
+from .frame import upsample_nearest as _upsample_nearest
 from .lesions import LESIONS, Opacity, Scene, distractors
 
 #: Attenuation per unit of the maps, for the detector's exponential law.
@@ -55,7 +59,57 @@ def patient_of(index: int, config: SynthConfig) -> int:
 
 
 def render_case(config: SynthConfig, index: int) -> Case:
-    """Render image ``index`` of the dataset described by ``config``."""
+    """Render image ``index`` of the dataset described by ``config``, with its generator version."""
+    return _render_v1(config, index) if config.version == 1 else _render_v2(config, index)
+
+
+def _render_v2(config: SynthConfig, index: int) -> Case:
+    """Version 2: see :mod:`.detector` and :mod:`.findings` for what changed and why."""
+    rng = np.random.default_rng([config.seed, 1, index])
+    patient = patient_of(index, config)
+    patient_rng = np.random.default_rng([config.seed, 2, patient])
+    anatomy = sample_anatomy(patient_rng, unrecorded_cardiomegaly=False)
+    label = _sample_class(rng, config)
+    difficulty = config.difficulty
+    abnormal = findings.draw_abnormalities(rng, difficulty.abnormality_rate)
+    if "cardiomegaly" in abnormal:
+        anatomy = findings.enlarged_heart(anatomy, rng)
+    res = min(config.size, MAX_WORK_RES)
+    frame = Frame(res, scale=rng.uniform(1.0, 1.12), angle=rng.normal(0, 0.035), shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)))
+    scene = Scene(anatomy, render_anatomy(anatomy, frame, patient_rng), frame)
+    anatomy_only = scene.maps.attenuation.copy()
+    density = difficulty.lesion_contrast * float(np.exp(rng.normal(0, difficulty.contrast_spread)))
+    lesions = findings.pneumonia(label, scene, rng, density) if label in findings.PATTERNS else []
+    extra = []
+    if lesions and rng.random() < difficulty.pathology_overlap:  # a faint, unrecorded second type
+        extra = findings.pneumonia(str(rng.choice([k for k in findings.PATTERNS if k != label])), scene, rng, 0.4 * density)
+        for opacity in extra:
+            opacity.boxed = False
+    others = [o for name in abnormal if name in findings.ABNORMAL_OPACITIES for o in findings.ABNORMAL_OPACITIES[name](scene, rng)]
+    clutter = findings.distractors(scene, rng, int(rng.poisson(difficulty.distractor_rate)))
+    attenuation = scene.maps.attenuation
+    for opacity in (*lesions, *extra, *others, *clutter):
+        attenuation[opacity.window] += opacity.layer
+    acquisition = detector.acquire(rng, anatomy)
+    pixels = detector.form_image(attenuation, anatomy_only, config.size, acquisition, rng)
+    true_boxes = _boxes(lesions, res, config.size, rng)
+    recorded, boxes = _record(rng, label, true_boxes, difficulty.label_noise)
+    if rng.random() < 0.3:
+        _burn_marker(pixels, rng)
+    info = dict(
+        sex="F" if anatomy.female else "M",
+        age=int(patient_rng.integers(18, 90)),
+        view="AP" if anatomy.ap_view else "PA",
+        lesion_density=round(density, 4) if lesions else 0.0,
+        distractors=len(clutter),
+        abnormalities=list(abnormal),
+        device=acquisition.device.name,
+    )
+    return Case(index, patient, label, recorded, pixels, boxes, true_boxes, info)
+
+
+def _render_v1(config: SynthConfig, index: int) -> Case:
+    """Version 1, kept bit for bit: the data of the published tables."""
     rng = np.random.default_rng([config.seed, 1, index])
     patient = patient_of(index, config)
     patient_rng = np.random.default_rng([config.seed, 2, patient])
@@ -131,23 +185,6 @@ def form_image(attenuation: np.ndarray, size: int, rng: np.random.Generator) -> 
     noise *= _upsample_nearest(sigma.astype(np.float32), size)
     full += noise
     return np.clip(full, 0.0, 1.0, out=full).astype(np.float32, copy=False)
-
-
-def _upsample_nearest(image: np.ndarray, size: int) -> np.ndarray:
-    factor = size // image.shape[0]
-    if factor * image.shape[0] == size:
-        return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
-    return _resize(image, size)
-
-
-def _smooth(image: np.ndarray, factor: int) -> np.ndarray:
-    res = image.shape[0]
-    small = Image.fromarray(image, mode="F").resize((max(1, res // factor),) * 2, Image.BILINEAR)
-    return np.asarray(small.resize((res, res), Image.BICUBIC), np.float32)
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.BICUBIC), np.float32)
 
 
 def _boxes(lesions: list[Opacity], res: int, size: int, rng: np.random.Generator) -> np.ndarray:

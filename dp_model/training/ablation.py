@@ -332,7 +332,7 @@ def _trivial_row(row: Row, data: dict, classes: list[str], seed: int, finish: _F
 def _block_row(data: dict, classes: list[str], seed: int, finish: _Finisher) -> Result:
     tick = time.perf_counter()
     numpy = {k: (data[k].images.cpu().numpy(), data[k].labels.cpu().numpy()) for k in ("train", "val", "test")}
-    val, test, params = baselines.block_statistics(numpy["train"], numpy["val"], numpy["test"][0], len(classes), seed)
+    val, test, params = baselines.tile_statistics(numpy["train"], numpy["val"], numpy["test"][0], len(classes), seed)
     result = finish(val, test, (time.perf_counter() - tick) / 60)
     result.extra["chosen_on_validation"] = params
     return result

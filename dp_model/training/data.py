@@ -124,13 +124,8 @@ def carve_calibration(dataset: ChestDataset, splits: Splits, config: DataConfig,
 
 
 def _decode(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
-    """One image in a pool's worker: one thread each, the pool is the parallelism."""
-    torch.set_num_threads(1)
-    return _decode_here(args)
-
-
-def _decode_here(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
-    """One image in this process, with its thread settings left as training wants them."""
+    """One image, in this process (its thread count left as training wants it) or in a pool's
+    worker (one thread each, set by :func:`_worker_start`: the pool is the parallelism)."""
     path, boxes, size = args
     canvas, canvas_boxes, _ = load_letterboxed(path, size, boxes)
     return np.rint(canvas[0].numpy() * 255.0).astype(np.uint8), canvas_boxes
@@ -142,6 +137,10 @@ PROBE_IMAGES = 16
 #: worker imports PyTorch and MONAI before its first image (seconds each on a two-core machine),
 #: which cost the demo's 256-pixel phantoms (about 2 ms each) more than decoding them all here.
 POOL_BREAK_EVEN_S = 10.0
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)  # several decoding processes share the cores
 
 
 def decode(records: list[Record], size: int, workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list[np.ndarray]]:
@@ -156,16 +155,17 @@ def decode(records: list[Record], size: int, workers: int = 0, desc: str = "deco
     try:
         tick = time.perf_counter()
         for i, job in enumerate(jobs[:PROBE_IMAGES]):
-            images[i], image_boxes = _decode_here(job)
+            images[i], image_boxes = _decode(job)
             boxes.append(image_boxes)
             bar.update()
         rest = jobs[PROBE_IMAGES:]
         per_image = (time.perf_counter() - tick) / max(1, min(len(jobs), PROBE_IMAGES))
         if count == 1 or per_image * len(rest) < POOL_BREAK_EVEN_S:
-            results = map(_decode_here, rest)
+            results = map(_decode, rest)
         else:
-            # spawn, not fork: PyTorch's thread pools do not survive a fork safely.
-            pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+            # spawn, not fork: PyTorch's thread pools do not survive a fork safely. map returns
+            # results in the order of the jobs, whatever order the workers finish in.
+            pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
             results = pool.map(_decode, rest, chunksize=max(1, min(64, len(rest) // (count * 4))))
         for i, (image, image_boxes) in enumerate(results, start=len(boxes)):
             images[i] = image

@@ -113,7 +113,8 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
 
 
 def _baselines(config: TrainConfig, train_data: Resident, data: dict[str, Resident], classes: tuple[str, ...], runtime: Runtime, validate) -> dict[str, Report]:
-    """The plain ResNet18 (same split, epochs, batch and optimiser), the majority class and chance, on the test split."""
+    """The plain ResNet18 (same split, epochs, batch and optimiser), block statistics (chosen on
+    validation), the majority class and chance, on the test split."""
     seed = config.runtime.seed
     # Its epoch lines read like the model's ("stage II 1/N"): say whose they are.
     logger.info("baseline: a plain ResNet18 (cross-entropy, no augmentation, no MGACR), same split, %d epochs, from scratch", config.finetune.epochs)
@@ -124,6 +125,7 @@ def _baselines(config: TrainConfig, train_data: Resident, data: dict[str, Reside
     labels = data["test"].labels.numpy()
     return {
         "plain ResNet18": evaluate(labels, predict(model, data["test"], cpu, normal=0), classes, bootstrap=1000, seed=seed),
+        **({"block statistics": baselines.block_statistics(data["train"], data["val"], data["test"], classes, seed)} if len(data["val"]) else {}),
         "majority": baselines.majority(data["train"].labels.cpu().numpy(), labels, classes, seed),
         "chance": baselines.chance(labels, classes, seed),
     }

@@ -9,6 +9,7 @@ statistics are per process (SyncBatchNorm is used on CUDA); a single process wit
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from dp_transforms import RandChestAffine, RandChestIntensity
 
 from .config import AugmentConfig, RuntimeConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +72,10 @@ def make_runtime(config: RuntimeConfig, micro_batches: int = 1) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    else:
+        # CPU kernels split their sums by thread: the same run with another thread count
+        # gives other (equally valid) weights, so the count is part of what reproduces a run.
+        logger.info("training on the CPU with %d PyTorch threads (runtime.threads pins the count; the weights depend on it)", torch.get_num_threads())
     return Runtime(device, config.amp and cuda, config.channels_last and cuda, config.compile, rank, world, micro_batches)
 
 
