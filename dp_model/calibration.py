@@ -155,6 +155,9 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
 
 #: The one-sided confidence of the operating points' lower bounds.
 CONFIDENCE = 0.95
+#: How far below the score it is placed at a certified threshold lies: far above float32's
+#: rounding of a probability (6e-8 near 0.5), far below any difference between two images.
+THRESHOLD_MARGIN = 1e-6
 
 
 def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None = None, specificity: float | None = None,
@@ -179,6 +182,10 @@ def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     _check_target(scores, positive, sensitivity, specificity)
     scores = np.clip(scores, 1e-6, 1 - 1e-6)  # a threshold lies strictly between 0 and 1
     candidates = np.unique(np.append(scores, min(1 - 1e-7, scores.max() + 1e-7)))  # the last one is above every score
+    # Each threshold sits a margin below the score it is placed at: the node computes the same
+    # image's score in float32, in another batch, and may land a few units of the last place
+    # lower; on the threshold itself it would turn a positive the bound counted into a negative.
+    candidates = candidates - THRESHOLD_MARGIN
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     detected = np.array([int((scores[positive] >= t).sum()) for t in candidates])
     cleared = np.array([int((scores[~positive] < t).sum()) for t in candidates])
