@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -155,7 +156,9 @@ def test_a_case_renders_as_the_dataset_has_it_without_its_lesion_and_with_it_mov
     from dp_model.synth.counterfactual import render_variants
     from dp_model.synth.render import render_case
 
-    config = SynthConfig(num_images=40, size=96, seed=7, difficulty=Difficulty(lesion_contrast=0.8, distractor_rate=1.0, pathology_overlap=0.5))
+    config = SynthConfig(num_images=40, size=96, seed=7, version=1, difficulty=Difficulty(lesion_contrast=0.8, distractor_rate=1.0, pathology_overlap=0.5))
+    with pytest.raises(ValueError, match="version 1"):
+        render_variants(replace(config, version=2), 0)
     seen = set()
     for index in range(16):
         variants, case = render_variants(config, index), render_case(config, index)
@@ -248,7 +251,7 @@ def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> 
     from dp_model.synth import SynthConfig
 
     checks = checks_module()
-    synth = SynthConfig(num_images=10, size=64, seed=7)
+    synth = SynthConfig(num_images=10, size=64, seed=7, version=1)
     cases = checks.counterfactual_cases(synth, 10, 6, 64, tmp_path)
     assert cases["canvases"].shape == (6, 3, 64, 64) and cases["masks"].shape == (6, 2, 64, 64) and "normal" not in cases["labels"]
     classes = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")

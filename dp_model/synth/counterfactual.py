@@ -55,7 +55,13 @@ class Variants:
 
 
 def render_variants(config: SynthConfig, index: int) -> Variants:
-    """Render case ``index`` of ``config`` with its lesion, without it, and moved."""
+    """Render case ``index`` of ``config`` with its lesion, without it, and moved.
+
+    Generator version 1 only: the variants repeat its random draws in its order (the data of
+    the localization tables, configs/synth_learning.yaml). A version 2 config is refused, so
+    that a variant is never passed off as a case it is not."""
+    if config.version != 1:
+        raise ValueError(f"counterfactual variants follow generator version 1's draws; this config is version {config.version} (set version: 1)")
     rng = np.random.default_rng([config.seed, 1, index])
     patient = patient_of(index, config)
     patient_rng = np.random.default_rng([config.seed, 2, patient])
