@@ -396,7 +396,12 @@ def test_two_gloo_processes_match_one_process(dataset_dir: Path, tmp_path: Path)
     data = load_split(dataset, make_splits(dataset, config.data, 0).train, config.data, "decode")
     classes = list(dataset.classes)
     cfg = replace(config.finetune, epochs=1, batch_size=16, augment=STILL, optimizer="sgd", lr=0.01)
-    single = finetune(cfg, data, None, classes, replace(CPU, micro_batches=2), seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs: CPU sums split by thread count
+    try:
+        single = finetune(cfg, data, None, classes, replace(CPU, micro_batches=2), seed=0)
+    finally:
+        torch.set_num_threads(threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
