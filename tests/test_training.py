@@ -532,7 +532,7 @@ def test_the_demo_config_produces_a_valid_bundle(demo_bundle: Path) -> None:
     state = torch.load(demo_bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     model, contract = load_bundle(demo_bundle)
     assert set(state) == set(model.state_dict())
-    assert contract.demo and contract.image_size == 112 and len(contract.classes) == 5
+    assert contract.demo and contract.image_size == 64 and len(contract.classes) == 5
     assert "demonstration model" in (demo_bundle / "docs" / "README.md").read_text()
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", str(demo_bundle)],
