@@ -122,9 +122,7 @@ def tile_statistics(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray,
 
 def _full(model, x: np.ndarray, num_classes: int) -> np.ndarray:
     """Probabilities over every class, zero for a class the training split lacked."""
-    out = np.zeros((len(x), num_classes))
-    out[:, model.classes_] = model.predict_proba(x)
-    return out
+    return _widen(model.predict_proba(x), model.classes_, num_classes, np.float64)
 
 
 def majority(train_labels: np.ndarray, test_labels: np.ndarray, classes: tuple[str, ...], seed: int = 0) -> Report:
@@ -229,8 +227,9 @@ def mean_recall(target: np.ndarray, predicted: np.ndarray, classes: int) -> floa
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def _widen(probabilities: np.ndarray, present: np.ndarray, classes: int) -> np.ndarray:
-    out = np.zeros((len(probabilities), classes), np.float32)
+def _widen(probabilities: np.ndarray, present: np.ndarray, classes: int, dtype: type = np.float32) -> np.ndarray:
+    """Probabilities over every class, zero for a class the training split lacked."""
+    out = np.zeros((len(probabilities), classes), dtype)
     out[:, np.asarray(present, np.int64)] = probabilities
     return out
 
