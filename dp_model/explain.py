@@ -80,10 +80,11 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
 
 # --- map sources: every map a network offers, by name ----------------------------------------------
 
-#: Names of the map sources: the MGACR ``map+`` of a stage ("map+:3"), a multi-label network's
-#: own per-finding maps, Grad-CAM, and CAM (only where it is exact).
+#: Names of the map sources: the MGACR ``map+`` of a stage ("map+:3"), the supervised lesion
+#: head of a stage ("lesion:2"), a multi-label network's own per-finding maps, Grad-CAM, and
+#: CAM (only where it is exact).
 CLASS_MAPS, GRAD_CAM, CAM = "class_maps", "grad_cam", "cam"
-MAP_SOURCES = ("map+:1", "map+:2", "map+:3", "map+:4", CLASS_MAPS, GRAD_CAM, CAM)
+MAP_SOURCES = ("map+:1", "map+:2", "map+:3", "map+:4", "lesion:1", "lesion:2", "lesion:3", "lesion:4", CLASS_MAPS, GRAD_CAM, CAM)
 
 
 def map_sources(model: nn.Module) -> tuple[str, ...]:
@@ -94,6 +95,8 @@ def map_sources(model: nn.Module) -> tuple[str, ...]:
     ``cam_layer``'s output, so that the class map is that layer's weights applied pixel by pixel.
     """
     found = [f"map+:{s}" for s in sorted(getattr(model, "attention_stages", ()))]
+    if getattr(model, "lesion_stage", 0):
+        found.append(f"lesion:{model.lesion_stage}")
     if hasattr(model, "class_maps"):
         found.append(CLASS_MAPS)
     if hasattr(model, "cam_layer"):
@@ -114,8 +117,14 @@ def default_source(model: nn.Module, stage: int = HEATMAP_STAGE) -> str:
 
 
 def source_stage(source: str) -> int | None:
-    """The residual stage of a ``map+`` source (None for the others)."""
-    return int(source.split(":")[1]) if source.startswith("map+:") else None
+    """The residual stage of a ``map+`` or lesion-head source (None for the others)."""
+    return int(source.split(":")[1]) if source.startswith(("map+:", "lesion:")) else None
+
+
+def stage_map(output, source: str) -> Tensor:
+    """The map of a ``map+`` or lesion-head ``source`` from its stage's training outputs
+    (:class:`~dp_model.networks.StageOutput`), at the stage's resolution, in [0, 1]."""
+    return output.lesion.sigmoid() if source.startswith("lesion:") else output.map_pos
 
 
 @torch.no_grad()
@@ -156,6 +165,8 @@ def _own_maps(model: nn.Module, images: Tensor, source: str, finding: Tensor) ->
     if source == CLASS_MAPS:
         _, maps = model.class_maps(images)
         return finding_maps(maps, finding, images.shape[-2:])
+    if source.startswith("lesion:"):
+        return model.lesion_map(images)
     return model.attention_map(images, source_stage(source))
 
 

@@ -211,6 +211,9 @@ class MGACRLoss(nn.Module):
         relative: weigh MGACR against the classification loss as against plain cross-entropy
             (:func:`relative_scale`), so that class-balanced and focal weighting, which shrink
             the classification loss, do not make MGACR heavier.
+        lesion_weight: weight of the supervised lesion head's loss (:func:`lesion_loss`), on
+            the images that take the attention terms; it counts only where a stage carries
+            the head.
     """
 
     def __init__(
@@ -221,16 +224,17 @@ class MGACRLoss(nn.Module):
         eps: float = 1e-3,
         feature_form: FeatureCRForm = "paper",
         relative: bool = False,
+        lesion_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if att_weight < 0 or feat_weight < 0 or eps <= 0:
-            raise ValueError(f"weights must be >= 0 and eps > 0, got {att_weight}, {feat_weight}, {eps}")
+        if att_weight < 0 or feat_weight < 0 or lesion_weight < 0 or eps <= 0:
+            raise ValueError(f"weights must be >= 0 and eps > 0, got {att_weight}, {feat_weight}, {lesion_weight}, {eps}")
         if normal_images not in ("empty_mask", "skip"):
             raise ValueError(f"normal_images must be 'empty_mask' or 'skip', got {normal_images!r}")
         if feature_form not in ("paper", "detached"):
             raise ValueError(f"feature_form must be 'paper' or 'detached', got {feature_form!r}")
         self.att_weight, self.feat_weight, self.normal_images, self.eps = att_weight, feat_weight, normal_images, eps
-        self.feature_form, self.relative = feature_form, relative
+        self.feature_form, self.relative, self.lesion_weight = feature_form, relative, lesion_weight
 
     def forward(self, stages: Sequence[StageOutput], mask_pos: Tensor, has_boxes: Tensor, is_normal: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Total weighted loss and its parts.
@@ -242,7 +246,27 @@ class MGACRLoss(nn.Module):
         attention = has_boxes | is_normal if self.normal_images == "empty_mask" else has_boxes
         parts = mgacr_loss(stages, mask_pos, attention, has_boxes, self.eps, self.feature_form)
         total = self.att_weight * (parts["att_pos"] + parts["att_neg"]) + self.feat_weight * parts["feat_cr"]
+        for stage in stages:
+            if stage.lesion is not None:
+                parts["lesion"] = _masked_mean(lesion_loss(stage.lesion, mask_pos), attention.float())
+                total = total + self.lesion_weight * parts["lesion"]
         return total, parts
+
+
+@_float32
+def lesion_loss(logits: Tensor, mask_pos: Tensor) -> Tensor:
+    """Per image: binary cross-entropy of the lesion head's logits ``(B, 1, h, w)``, resized
+    bilinearly to the mask's ``(H, W)`` as the regions are drawn from them, against the lesion
+    mask, averaged over the pixels. A pixel inside a box is learnt above 0.5, the region
+    threshold, and one outside below it.
+
+    Not in the paper: Eq. 2's ratio is near its optimum for a map low everywhere when lesions
+    cover a few per cent of the image, and the CBAM-style gate sees only the channel mean and
+    maximum, so ``map+`` does not learn the boxes (docs/decisions.md). A per-pixel target on
+    the features themselves does.
+    """
+    resized = F.interpolate(logits.float(), size=mask_pos.shape[-2:], mode="bilinear", align_corners=False)
+    return _mean_per_image(F.binary_cross_entropy_with_logits(resized, mask_pos.float(), reduction="none"))
 
 
 # --- Class-balanced focal loss (Eq. 9) ----------------------------------------------------------

@@ -113,6 +113,8 @@ class StageOutput:
     map_pos: Tensor
     map_neg: Tensor
     name: str = ""  # the residual stage ("layer1" to "layer4"), for per-stage loss records
+    #: logits of the supervised lesion head, on the stage that carries it (None elsewhere)
+    lesion: Tensor | None = None
 
 
 class DeepPneumoniaNet(nn.Module):
@@ -123,6 +125,10 @@ class DeepPneumoniaNet(nn.Module):
         in_channels: image channels (1 for radiographs).
         attention_stages: which stages (1 to 4) get an MGACR head; empty for a plain ResNet18.
         attention_kernel: kernel size of the attention convolutions.
+        lesion_stage: the stage (one of ``attention_stages``) whose features also feed a
+            supervised lesion head, a 1x1 convolution trained per pixel against the box mask
+            (``mgacr.lesion_stage``); 0 for none. Training only, like the MGACR heads: the
+            logits do not depend on it.
     """
 
     #: Logits are one linear layer over the global average of ``cam_layer``: CAM is exact.
@@ -134,15 +140,20 @@ class DeepPneumoniaNet(nn.Module):
         in_channels: int = 1,
         attention_stages: Sequence[int] = (1, 2, 3, 4),
         attention_kernel: int = 7,
+        lesion_stage: int = 0,
     ) -> None:
         super().__init__()
         stages = tuple(int(s) for s in attention_stages)
         if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
             raise ValueError(f"attention_stages must be distinct values from 1 to 4, got {list(attention_stages)}")
+        if lesion_stage and lesion_stage not in stages:
+            raise ValueError(f"lesion_stage must be 0 or one of the attention stages {list(stages)}, got {lesion_stage}")
         self.normalize = Normalize()
         self.backbone = resnet18(in_channels, num_classes)
         self.attention_stages = stages
         self.heads = nn.ModuleDict({STAGES[s - 1]: MGACRHead(attention_kernel) for s in stages})
+        self.lesion_stage = int(lesion_stage)
+        self.lesion_head = nn.Conv2d(STAGE_CHANNELS[lesion_stage - 1], 1, 1) if lesion_stage else None
 
     def forward(self, x: Tensor, train_outputs: bool = False) -> Tensor | tuple[Tensor, list[StageOutput]]:
         """Logits ``(B, num_classes)`` of images in [0, 1]; the attention heads are not run.
@@ -171,7 +182,8 @@ class DeepPneumoniaNet(nn.Module):
         for name, stage in zip(STAGES, features):
             if name in self.heads:
                 map_pos, map_neg = self.heads[name](stage)
-                outputs.append(StageOutput(stage, map_pos, map_neg, name))
+                lesion = self.lesion_head(stage) if self.lesion_head is not None and name == STAGES[self.lesion_stage - 1] else None
+                outputs.append(StageOutput(stage, map_pos, map_neg, name, lesion))
         return logits, outputs
 
     @property
@@ -201,6 +213,14 @@ class DeepPneumoniaNet(nn.Module):
         features = self.stage_features(x)[stage - 1]
         map_pos, _ = self.heads[STAGES[stage - 1]](features)
         return F.interpolate(map_pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def lesion_map(self, x: Tensor) -> Tensor:
+        """The supervised lesion head's probability map, upsampled to the input size."""
+        if self.lesion_head is None:
+            raise ValueError("this network has no lesion head")
+        features = self.stage_features(x)[self.lesion_stage - 1]
+        return F.interpolate(self.lesion_head(features).sigmoid(), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class BaselineNet(nn.Module):

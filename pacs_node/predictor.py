@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from dp_model.bundle import BundleError, load_bundle, load_feature_statistics
 from dp_model.contract import NOT_MEASURED
-from dp_model.explain import CLASS_MAPS, HEATMAP_STAGE, default_source, map_sources, output_maps, source_stage
+from dp_model.explain import CLASS_MAPS, HEATMAP_STAGE, default_source, map_sources, output_maps, source_stage, stage_map
 from dp_model.ood import watching
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.dicom import WORKING_PIXELS
@@ -203,7 +203,7 @@ class NodePredictor:
                 logits = self.model(batch)
             else:
                 logits, outputs = self.model.forward_train(batch)
-                maps = outputs[self.model.attention_stages.index(self.stage)].map_pos
+                maps = stage_map(outputs[self.model.attention_stages.index(self.stage)], self.source)
         if not self.class_maps and self.stage is None:
             maps = output_maps(self.model, batch, self.source)
         probabilities = self.contract.probabilities(logits).cpu().numpy()

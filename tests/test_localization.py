@@ -122,6 +122,23 @@ def test_cam_is_offered_only_where_exact_and_every_source_gives_a_map_in_range()
             assert maps.shape == (2, 1, 64, 64) and 0 <= float(maps.min()) and float(maps.max()) <= 1
     with pytest.raises(ValueError, match="not offered"):
         source_maps(deep, torch.rand(1, 1, 64, 64), "class_maps", torch.tensor([1]))
+    headed = build_network("resnet18", 5, (1, 2, 3, 4), lesion_stage=2).eval()
+    assert map_sources(headed) == ("map+:1", "map+:2", "map+:3", "map+:4", "lesion:2", GRAD_CAM, CAM)
+    x = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(source_maps(headed, x, "lesion:2", torch.tensor([1, 2])), headed.lesion_map(x))
+
+
+def test_a_configured_lesion_head_is_built_and_travels_in_the_network_options() -> None:
+    from dp_model.training.objectives import build_classifier, network_options
+
+    config = FinetuneConfig(mgacr=MGACRConfig(stages=(2, 3), lesion_stage=2))
+    assert network_options(config, 64) == {"lesion_stage": 2}
+    net = build_classifier(config, 5, None, seed=0, image_size=64)
+    assert net.lesion_stage == 2 and "lesion:2" in map_sources(net)
+    assert build_network("resnet18", 5, (2, 3), **network_options(config, 64)).state_dict().keys() == net.state_dict().keys()
+    assert network_options(FinetuneConfig(), 64) == {}
+    with pytest.raises(ValueError, match="lesion_stage"):
+        MGACRConfig(stages=(2, 3), lesion_stage=1)
 
 
 def test_class_attention_offsets_undo_its_positive_weights() -> None:

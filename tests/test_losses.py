@@ -327,3 +327,27 @@ def test_sqrt_focal_weights_favour_rare_classes_and_average_one() -> None:
     logits, target = torch.randn(8, 3), torch.randint(0, 3, (8,))
     expected = F.cross_entropy(logits, target, weight=module.weights, reduction="none")
     assert module(logits, target).item() == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_the_lesion_loss_is_smallest_at_the_mask_and_counts_only_where_a_stage_carries_the_head() -> None:
+    from dp_model.losses import lesion_loss
+
+    stage, mask = _box_stage(side=64, box=16, requires_grad=False)
+    cells = torch.nn.functional.adaptive_avg_pool2d(mask, (8, 8))
+    right = 8.0 * (2 * cells - 1)  # confident where the box is, on the head's 8 x 8 cells
+    assert lesion_loss(right, mask).item() < 0.25 * lesion_loss(torch.zeros(1, 1, 8, 8), mask).item()
+    assert lesion_loss(-right, mask).item() > 1.0
+    # Resized as the regions are drawn, the right logits put the box's pixels above 0.5 and the rest below.
+    drawn = torch.nn.functional.interpolate(right.sigmoid(), size=(64, 64), mode="bilinear", align_corners=False) >= 0.5
+    assert float((drawn & mask.bool()).sum() / (drawn | mask.bool()).sum()) > 0.5
+    yes = torch.tensor([True])
+    headed = StageOutput(stage.features, stage.map_pos, stage.map_neg, "layer2", torch.zeros(1, 1, 8, 8, requires_grad=True))
+    plain_total, plain_parts = MGACRLoss(lesion_weight=2.0)([stage], mask, yes, yes)
+    total, parts = MGACRLoss(lesion_weight=2.0)([headed], mask, yes, yes)
+    assert "lesion" not in plain_parts
+    assert total.item() == pytest.approx(plain_total.item() + 2.0 * parts["lesion"].item(), rel=1e-5)
+    total.backward()
+    assert headed.lesion.grad.abs().sum() > 0
+    # An image that takes no attention term (a lesion image without boxes) takes no lesion term.
+    _, none = MGACRLoss()([headed], mask, torch.tensor([False]), torch.tensor([False]))
+    assert none["lesion"].item() == 0.0

@@ -64,6 +64,22 @@ def test_train_path_logits_equal_the_inference_logits() -> None:
     torch.testing.assert_close(net.forward_train(x)[0], net(x))
 
 
+def test_the_lesion_head_gives_logits_on_its_stage_only_and_leaves_the_classifier_alone() -> None:
+    torch.manual_seed(0)
+    net = DeepPneumoniaNet(attention_stages=(1, 2, 3), lesion_stage=2).eval()
+    x = torch.rand(2, 1, 64, 64)
+    logits, stages = net.forward_train(x)
+    assert [s.lesion is not None for s in stages] == [False, True, False]
+    assert stages[1].lesion.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(logits, net(x))
+    heat = net.lesion_map(x)
+    assert heat.shape == (2, 1, 64, 64) and 0 < float(heat.min()) and float(heat.max()) < 1
+    # The head's weights travel in the state dict; a network without the head has none.
+    assert "lesion_head.weight" in net.state_dict() and "lesion_head.weight" not in DeepPneumoniaNet().state_dict()
+    with pytest.raises(ValueError, match="lesion_stage"):
+        DeepPneumoniaNet(attention_stages=(1, 3), lesion_stage=2)
+
+
 def test_attention_map_and_plain_network() -> None:
     net = DeepPneumoniaNet().eval()
     assert net.attention_map(torch.randn(1, 1, 64, 64)).shape == (1, 1, 64, 64)

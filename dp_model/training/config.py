@@ -136,9 +136,16 @@ class MGACRConfig:
     feature_form: Literal["paper", "detached"] = "paper"
     #: weigh MGACR relative to the classification loss as to plain cross-entropy (``relative_scale``).
     relative: bool = False
+    #: a supervised lesion head (1x1 convolution, per-cell cross-entropy against the box mask)
+    #: on this stage's features, one of ``stages``; 0: none. Not in the paper: ``map+`` does
+    #: not learn the boxes under Eq. 2 (``dp_model.losses.lesion_loss``).
+    lesion_stage: int = 0
+    lesion_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.feature_form in ("paper", "detached"), "feature_form", self.feature_form, "paper or detached")
+        _check(self.lesion_stage == 0 or self.lesion_stage in self.stages, "lesion_stage", self.lesion_stage, f"0 or one of the stages {list(self.stages)}")
+        _check(self.lesion_weight >= 0, "lesion_weight", self.lesion_weight, ">= 0")
 
     @property
     def enabled(self) -> bool:

@@ -20,6 +20,8 @@ def network_options(config: FinetuneConfig, image_size: int) -> dict:
     if config.architecture == "cia_net":
         c = config.cia
         return {"image_size": image_size, "bank_size": c.bank_size, "negative_sampling": c.negative_sampling, "alignment": c.alignment, "grid_upsample": c.grid_upsample}
+    if config.architecture == "resnet18" and config.mgacr.enabled and config.mgacr.lesion_stage:
+        return {"lesion_stage": config.mgacr.lesion_stage}
     return {}
 
 
@@ -46,7 +48,7 @@ def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str
             net.load_encoder(encoder)
         return net
     stages = config.mgacr.stages if config.mgacr.enabled else ()
-    net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages)
+    net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages, **network_options(config, image_size))
     if encoder is not None:
         missing, unexpected = net.backbone.load_state_dict(encoder, strict=False)
         if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
@@ -68,7 +70,7 @@ def mgacr_loss(config: FinetuneConfig) -> MGACRLoss | None:
     m = config.mgacr
     if not m.enabled:
         return None
-    return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps, m.feature_form, m.relative)
+    return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps, m.feature_form, m.relative, m.lesion_weight)
 
 
 def make_optimizer(config: FinetuneConfig | PretrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -134,8 +134,8 @@ def roc(labels: np.ndarray, probabilities: np.ndarray, report: Report, path: Pat
 
 def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, count: int = 6, normal: int = 0) -> Path:
     """Test images with their radiologist boxes, the Grad-CAM of the predicted class and the
-    model's own map: MGACR's learned ``map+``, or a multi-label variant's map of the image's
-    true finding (the paper's Fig. 9)."""
+    model's own map: the supervised lesion head's, MGACR's learned ``map+``, or a multi-label
+    variant's map of the image's true finding (the paper's Fig. 9)."""
     boxed = torch.nonzero(data.has_boxes.cpu()).flatten()[:count]
     chosen = boxed if len(boxed) else torch.arange(min(count, len(data)))
     device = next(model.parameters()).device
@@ -173,6 +173,8 @@ def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...]
 
 def _learned_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, normal: int) -> tuple[torch.Tensor | None, str]:
     """The model's own map of each image at the input size, and what it is."""
+    if getattr(model, "lesion_stage", 0):
+        return model.lesion_map(x).cpu(), "lesion head (box-supervised)"
     if getattr(model, "attention_stages", ()):
         return model.attention_map(x).cpu(), "learned map+ (MGACR)"
     if not hasattr(model, "class_maps"):
