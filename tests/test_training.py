@@ -638,3 +638,35 @@ def test_block_statistics_read_the_brightness_of_blocks_and_nothing_finer() -> N
     stripes[labels == 1] = (100 + 40 * (cols % 2)).to(torch.uint8)  # vertical: same block mean and SD
     fitted = baselines.fit_block_statistics(*[_resident(stripes[p], labels[p]) for p in parts[:2]], classes=2, **quick)
     assert fitted.val_balanced_accuracy == pytest.approx(0.5)
+
+
+def test_the_block_statistics_search_reads_one_fit_per_setting_as_growing_it_25_trees_at_a_time_would() -> None:
+    """Grown at once and read from its staged predictions, each setting chooses the tree count
+    and gives the probabilities that refitting it step by step (warm start) does."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from dp_model.training import baselines
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 150)
+    images = torch.as_tensor(rng.integers(50, 150, (150, 1, 32, 32)), dtype=torch.uint8)
+    images[labels == 1, :, :8, :8] += 40
+    images[labels == 2, :, 20:, 20:] += 25
+    train, val = _resident(images[:100], labels[:100]), _resident(images[100:], labels[100:])
+    grid, trees = {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None, "balanced")}, (5, 40)
+    fitted = baselines.fit_block_statistics(train, val, 3, seed=0, grid=grid, trees=trees)
+    x_train, x_val = baselines.block_features(train.images), baselines.block_features(val.images)
+    best = (-1.0, None, 0)
+    for weight in grid["class_weight"]:  # the step-by-step search, as it was written before
+        model = HistGradientBoostingClassifier(max_iter=5, warm_start=True, early_stopping=False, random_state=0, learning_rate=0.1, max_leaf_nodes=7, class_weight=weight)
+        here, waited = -1.0, 0
+        while model.max_iter <= 40 and waited < 4:
+            model.fit(x_train, labels[:100])
+            score = baselines.mean_recall(labels[100:], model.classes_[model.predict_proba(x_val).argmax(1)], 3)
+            here, waited = (score, 0) if score > here else (here, waited + 1)
+            if score > best[0]:
+                best = (score, weight, model.max_iter)
+            model.set_params(max_iter=model.max_iter + 5)
+    assert (fitted.val_balanced_accuracy, fitted.params["class_weight"], fitted.trees) == best
+    again = HistGradientBoostingClassifier(max_iter=best[2], early_stopping=False, random_state=0, learning_rate=0.1, max_leaf_nodes=7, class_weight=best[1])
+    np.testing.assert_allclose(fitted.probabilities(val.images), again.fit(x_train, labels[:100]).predict_proba(x_val), rtol=1e-6, atol=1e-9)
