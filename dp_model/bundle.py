@@ -254,17 +254,24 @@ EMPTIED = (
 )  # fmt: skip
 
 
-def write_samples(root: Path, images: list[Path]) -> None:
+#: Beside the samples: each one's ground truth (its labels and its lesion boxes in its own pixels).
+SAMPLES_TRUTH = "truth.json"
+
+
+def write_samples(root: Path, images: list[Path], truths: list[dict] | None = None) -> None:
     """A few images for ``inference.json`` to run on out of the box, without patient data.
 
     DICOM files are rebuilt from an allow-list (:data:`KEPT`) with new UIDs; an image with
     annotations burned in is left out. Other images are decoded and written again (pixels and
     spacing only). File names are ``sample-N`` (names like an RSNA patientId identify a patient).
+    ``truths`` (one per image: ``labels`` and ``boxes``, ``[x_min, y_min, x_max, y_max]`` in the
+    image's pixels) go to ``samples/truth.json`` by file name, so that a reader can set the
+    node's answer beside the truth.
     """
     folder = root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    number = 0
-    for image in images:
+    number, written = 0, {}
+    for i, image in enumerate(images):
         suffix = image.suffix.lower()
         target = folder / f"sample-{number + 1}{suffix}"
         if suffix in (".dcm", ".dicom"):
@@ -274,7 +281,11 @@ def write_samples(root: Path, images: list[Path]) -> None:
             ds.save_as(target, enforce_file_format=True)
         else:
             _pixels_only(image, target)
+        if truths is not None:
+            written[target.name] = truths[i]
         number += 1
+    if written:
+        (folder / SAMPLES_TRUTH).write_text(json.dumps(written, indent=2) + "\n")
 
 
 def _deidentified(path: Path):

@@ -116,16 +116,19 @@ def _wrapped(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]
 def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> Image.Image:
     """``radiograph`` below a black band holding the banner and the verdict."""
     font = _font(max(radiograph.size))
-    lines = [BANNER, *([DEMO_BANNER] if demo else []), verdict(prediction)]
+    texts = [BANNER, *([DEMO_BANNER] if demo else []), verdict(prediction)]
     if prediction.positive and prediction.regions_withheld:
-        lines += _wrapped(prediction.regions_withheld, font, radiograph.size[0] - font.size)
+        texts.append(prediction.regions_withheld)
+    # Every sentence wrapped to the film's width: on a narrow image (a 256-px phantom) the
+    # verdict would otherwise run off its edge. The banner keeps its colour on each of its lines.
+    lines = [(line, i == 0) for i, text in enumerate(texts) for line in _wrapped(text, font, radiograph.size[0] - font.size)]
     line_height = font.size + font.size // 3
     band = line_height * len(lines) + font.size // 2
     image = Image.new("RGB", (radiograph.size[0], band + radiograph.size[1]), (0, 0, 0))
     image.paste(radiograph, (0, band))
     draw = ImageDraw.Draw(image)
-    for i, text in enumerate(lines):
-        draw.text((font.size // 2, font.size // 4 + i * line_height), text, fill=(255, 255, 0) if i == 0 else (255, 255, 255), font=font)
+    for i, (text, banner) in enumerate(lines):
+        draw.text((font.size // 2, font.size // 4 + i * line_height), text, fill=(255, 255, 0) if banner else (255, 255, 255), font=font)
     return image
 
 

@@ -352,6 +352,19 @@ def test_overlay_pixels_show_banner_box_and_heat() -> None:
     assert BANNER.startswith("AI result")
 
 
+def test_on_a_narrow_film_every_line_of_the_band_is_wrapped_inside_it() -> None:
+    """A 256-px phantom: the demo banner and the verdict are wider than the film at the smallest
+    font; each is wrapped, so no text reaches the right edge and the band grows instead."""
+    gray = np.full((256, 256), 0.5, np.float32)
+    heat = np.zeros((16, 16), np.float32)
+    rgb, _ = render(gray, positive(heat, boxes=((40, 80, 64, 112),)), demo=True, max_side=2048)
+    band = rgb.shape[0] - 256
+    margin = 6  # half the smallest font: the text starts this far from the left edge, and stops as far from the right
+    assert not rgb[:band, -margin:].any(), "text runs off the film's right edge"
+    assert band > 4 * 16, "the banner, the demonstration line and the verdict need more than three lines here"
+    assert (rgb[:band] == [255, 255, 0]).all(axis=-1).any() and (rgb[:band] == [255, 255, 255]).all(axis=-1).any()
+
+
 def test_large_images_are_downscaled_with_their_spacing(predictor: NodePredictor, rg1: Dataset) -> None:
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)

@@ -158,7 +158,7 @@ def run_check(node: str, chromium: str, spec: dict, folder: Path) -> dict:
     return report
 
 
-@pytest.mark.parametrize("case", ["rg1", "rg1_spaced", pytest.param("synthetic", marks=pytest.mark.xfail(reason="the demo model withholds regions (they do not beat the prior map): no region to find in OHIF", strict=False))])
+@pytest.mark.parametrize("case", ["rg1", "rg1_spaced", "synthetic"])
 def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> None:
     node, chromium = require_viewer()
     series = results_in_orthanc(site, case)

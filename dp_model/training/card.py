@@ -193,8 +193,10 @@ def model_card(
         "## Where the model looks",
         "",
         "Test images with the radiologists' boxes, the Grad-CAM of the predicted class and the model's own map: "
-        "with MGACR the learned positive attention map, for a multi-label variant its map of the true finding.",
+        "the box-supervised lesion head's where the network has one, else with MGACR the learned positive attention map, "
+        "for a multi-label variant its map of the true finding.",
         "",
+        *looks_line(contract),
         f"![attention]({pictures['attention'].name})",
         "",
         *(
@@ -204,6 +206,9 @@ def model_card(
         ),  # fmt: skip
         "## Limitations",
         "",
+        *(["- Trained and tested on synthetic phantoms made by `dp-synth` (settings under Data). Nothing here says how it "
+           "reads a real radiograph; the demonstration's phantoms are deliberately easy, lesions at full density.",]
+          if contract.demo or contract.synthetic else []),  # fmt: skip
         "- Trained and tested on one dataset; performance on other hospitals, devices and populations is unknown.",
         "- Frontal (PA/AP) adult chest radiographs only; other views and body parts are out of scope.",
         "- Accuracy rewards the majority class on long-tailed data; read balanced accuracy and per-class recall.",
@@ -236,6 +241,17 @@ def model_card(
 
 #: Column titles of the splits.
 SPLIT_TITLES = {"train": "train", "val": "validation", "calibration": "calibration", "test": "test"}
+
+
+def looks_line(contract: ModelContract) -> list[str]:
+    """Whether the node draws any of these maps: only the source that earned it on validation."""
+    located = contract.localization
+    if located is None:
+        return ["The node draws none of these maps: this model's localization was not measured.", ""]
+    if not located.shown:
+        return [f"The node draws none of these maps: its best source, `{located.source}`, did not beat the fixed prior map "
+                "on validation (\"Lesion regions\" above).", ""]
+    return [f"The node draws regions from `{located.source}` only (chosen on validation, \"Lesion regions\" above).", ""]
 
 
 def phantoms_line(root: Path) -> list[str]:

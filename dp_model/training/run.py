@@ -214,8 +214,9 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
     served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
-    samples = [dataset.records[i].image for i in example_images(docs / "scores_test.npz", splits.test, normal)]
-    write_samples(out, samples)
+    chosen = [dataset.records[i] for i in example_images(docs / "scores_test.npz", splits.test, normal)]
+    truths = [{"labels": list(r.labels), "boxes": [[round(float(v), 1) for v in box] for box in r.boxes]} for r in chosen]
+    write_samples(out, [r.image for r in chosen], truths)
     parts = ("train", "val", "calibration", "test") if splits.calibration else ("train", "val", "test")
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in parts}
     (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain, served))
