@@ -176,6 +176,26 @@ class BlockModel:
             return _widen(_after(self.model, block_features(images), self.trees), self.model.classes_, self.classes)
 
 
+def _boosting(binned: dict, **params):
+    """scikit-learn's ``HistGradientBoostingClassifier`` that bins its training features once
+    per class weighting and reuses them across the settings of one search (``binned``, shared):
+    the bins depend on the features and the sample weights only, and with weights binning
+    costs seconds per fit. The trees are those of the plain classifier (a test compares them)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    class Binned(HistGradientBoostingClassifier):
+        def _bin_data(self, X, sample_weight, is_training_data):
+            if not is_training_data:
+                return super()._bin_data(X, sample_weight, is_training_data)
+            key = str(self.class_weight)
+            if key not in binned:
+                binned[key] = (super()._bin_data(X, sample_weight, is_training_data), self._bin_mapper)
+            X_binned, self._bin_mapper = binned[key]
+            return X_binned.copy(order="F")
+
+    return Binned(**params)
+
+
 def _after(model, x: np.ndarray, rounds: int) -> np.ndarray:
     """The probabilities of a boosted model after its first ``rounds`` rounds."""
     return next(itertools.islice(model.staged_predict_proba(x), rounds - 1, None))
@@ -191,16 +211,15 @@ def fit_block_statistics(train: Resident, val: Resident, classes: int, seed: int
     predictions: boosting without subsampling is the same model whether grown at once or 25
     rounds at a time, and one fit bins the features once (with class weights, binning costs
     seconds per fit)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
     x_train, x_val = block_features(train.images), block_features(val.images)
     y_train, y_val = train.labels.cpu().numpy(), val.labels.cpu().numpy()
     step, most = trees
     best: tuple[float, dict, int, object] = (-1.0, {}, step, None)
+    binned: dict = {}
     with _threads(len(x_train)):
         for values in itertools.product(*(grid or BLOCK_GRID).values()):
             params = dict(zip(grid or BLOCK_GRID, values))
-            model = HistGradientBoostingClassifier(max_iter=most, early_stopping=False, random_state=seed, **params).fit(x_train, y_train)
+            model = _boosting(binned, max_iter=most, early_stopping=False, random_state=seed, **params).fit(x_train, y_train)
             here, waited = -1.0, 0
             for rounds, probabilities in enumerate(model.staged_predict_proba(x_val), start=1):
                 if rounds % step or waited >= 4:
