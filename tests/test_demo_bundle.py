@@ -96,6 +96,10 @@ def test_the_walkthroughs_samples_are_answered_right_with_regions_on_the_lesion(
     from pacs_node.predictor import NodePredictor, prepare
 
     truth = json.loads((demo_bundle / "samples" / "truth.json").read_text())
+    card = (demo_bundle / "docs" / "README.md").read_text()
+    for name, expected in truth.items():  # the card says what each sample is
+        line = next((row for row in card.splitlines() if row.startswith(f"- `{name}`: ")), "")
+        assert expected["labels"][0] in line and all(f"x {box[0]:g}-{box[2]:g}" in line for box in expected["boxes"]), f"the card's line for {name}: {line!r}"
     predictor = NodePredictor(demo_bundle, "cpu")
     assert {"normal"} in [set(t["labels"]) for t in truth.values()], "no normal sample"
     assert any(set(t["labels"]) != {"normal"} for t in truth.values()), "no pneumonia sample"

@@ -94,7 +94,11 @@ def test_a_bundle_carries_no_patient_data(demo_bundle: Path) -> None:
     assert "/" not in meta["data_source"]  # no absolute path of a site's data
     split = json.loads((demo_bundle / "configs" / "split.json").read_text())
     assert all(len(x) == 16 and int(x, 16) >= 0 for x in split["test"])  # hashed ids
+    truth = json.loads((demo_bundle / "samples" / "truth.json").read_text())
+    assert all(name.startswith("sample-") and set(entry) == {"labels", "boxes"} for name, entry in truth.items())  # nothing but the answer
     for path in (demo_bundle / "samples").iterdir():
+        if path.name == "truth.json":
+            continue
         assert path.name.startswith("sample-")
         ds = dcmread(path)
         assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == "SAMPLE" and not ds.StudyDate

@@ -133,6 +133,7 @@ def model_card(
     compared: dict[str, Report] | None = None,
     pretrain_history: list[dict[str, float]] | None = None,
     served: ServedReport | None = None,
+    samples: dict[str, dict] | None = None,
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
     parts_shown = [k for k in ("train", "val", "calibration", "test") if k in counts]
@@ -216,6 +217,7 @@ def model_card(
         "",
         "## Use",
         "",
+        *samples_lines(samples or {}),
         "In this folder, with the Deep Pneumonia virtualenv active (`. <repository>/.venv/bin/activate`: MONAI and the "
         "network's code live there); the second command checks `configs/metadata.json` against MONAI's schema offline, "
         "with the copy kept in the package:",
@@ -241,6 +243,21 @@ def model_card(
 
 #: Column titles of the splits.
 SPLIT_TITLES = {"train": "train", "val": "validation", "calibration": "calibration", "test": "test"}
+
+
+def samples_lines(samples: dict[str, dict]) -> list[str]:
+    """What ``samples/`` holds and the ground truth of each (``samples/truth.json``)."""
+    if not samples:
+        return []
+
+    def truth(entry: dict) -> str:
+        boxes = entry.get("boxes") or []
+        where = "; ".join(f"box x {b[0]:g}-{b[2]:g}, y {b[1]:g}-{b[3]:g}" for b in boxes)
+        return ", ".join(entry.get("labels") or ["no finding"]) + (f" ({where})" if where else "")
+
+    return [f"`samples/` holds {len(samples)} test images, picked after every figure above as examples the model gets right "
+            "(the test figures say how often it is); their ground truth, from `samples/truth.json`, in the image's own pixels:", "",
+            *[f"- `{name}`: {truth(entry)}" for name, entry in samples.items()], ""]
 
 
 def looks_line(contract: ModelContract) -> list[str]:

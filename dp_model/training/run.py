@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..bundle import LICENSE, weights_uid, write_configs, write_metadata, write_model, write_samples
+from ..bundle import LICENSE, SAMPLES_TRUTH, weights_uid, write_configs, write_metadata, write_model, write_samples
 from ..contract import ModelContract
 from ..ood import digest as ood_digest
 from ..config import from_mapping, to_mapping
@@ -217,9 +217,11 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     chosen = [dataset.records[i] for i in example_images(docs / "scores_test.npz", splits.test, normal)]
     truths = [{"labels": list(r.labels), "boxes": [[round(float(v), 1) for v in box] for box in r.boxes]} for r in chosen]
     write_samples(out, [r.image for r in chosen], truths)
+    truth_file = out / "samples" / SAMPLES_TRUTH
+    samples = json.loads(truth_file.read_text()) if truth_file.exists() else {}
     parts = ("train", "val", "calibration", "test") if splits.calibration else ("train", "val", "test")
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in parts}
-    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain, served))
+    (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain, served, samples))
     # The split by hashed image id: enough to check two bundles used the same split, no patient's id.
     (out / "configs" / "split.json").write_text(json.dumps({"hashed": "sha256 of the image id, 16 hex digits"} | {k: [hashed_id(dataset.records[i].image_id) for i in getattr(splits, k)] for k in parts}) + "\n")
 
