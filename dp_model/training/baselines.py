@@ -299,7 +299,9 @@ def section(model: Report, baselines: dict[str, Report], majority_class: str) ->
         rows.append(f"| {names.get(name, name)} | " + " | ".join(cells) + " |")
     found = shortfalls(model, baselines)
     words = ["**Warning: this model is not better than its baselines:** " + "; ".join(found) + ". Do not read its other figures as evidence that it learned."] if found else []
-    return ["## Against its baselines", "", *rows, "", *words, *([""] if words else [])]
+    saved = ["The trained baselines' per-image test probabilities are in `scores_baselines.npz` (same images and order as "
+             "`scores_test.npz`), so that each difference can be re-checked paired.", ""] if {"plain ResNet18", "block statistics"} & set(baselines) else []
+    return ["## Against its baselines", "", *rows, "", *words, *([""] if words else []), *saved]
 
 
 def _cell(report: Report, key: str) -> str:
