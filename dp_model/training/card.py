@@ -81,7 +81,9 @@ def localization_table(accuracy: dict[str, list[float]]) -> list[str]:
     if not accuracy:
         return []
     header = " | ".join(f"T(IoU) {t}" for t in IOU_THRESHOLDS)
-    lines = ["Localization accuracy on the boxed test images: the share whose region at 0.5 overlaps the boxes with IoU above T.", "",
+    lines = ["Localization accuracy on the boxed test images of the network's own map in the papers' sense (MGACR's `map+` of "
+             "stage 3, a multi-label network's map of the finding, else Grad-CAM): the share whose region at 0.5 overlaps the "
+             "boxes with IoU above T. The node draws regions from the source under \"Lesion regions\", which may be another.", "",
              f"| class | {header} |", "|---|" + "---|" * len(IOU_THRESHOLDS)]  # fmt: skip
     lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for name, values in accuracy.items()]
     return [*lines, ""]
