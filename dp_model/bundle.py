@@ -258,7 +258,7 @@ EMPTIED = (
 SAMPLES_TRUTH = "truth.json"
 
 
-def write_samples(root: Path, images: list[Path], truths: list[dict] | None = None) -> None:
+def write_samples(root: Path, images: list[Path], truths: list[dict] | None = None) -> dict[str, dict]:
     """A few images for ``inference.json`` to run on out of the box, without patient data.
 
     DICOM files are rebuilt from an allow-list (:data:`KEPT`) with new UIDs; an image with
@@ -266,7 +266,7 @@ def write_samples(root: Path, images: list[Path], truths: list[dict] | None = No
     spacing only). File names are ``sample-N`` (names like an RSNA patientId identify a patient).
     ``truths`` (one per image: ``labels`` and ``boxes``, ``[x_min, y_min, x_max, y_max]`` in the
     image's pixels) go to ``samples/truth.json`` by file name, so that a reader can set the
-    node's answer beside the truth.
+    node's answer beside the truth; they are returned as written (empty without ``truths``).
     """
     folder = root / "samples"
     folder.mkdir(parents=True, exist_ok=True)
@@ -286,6 +286,7 @@ def write_samples(root: Path, images: list[Path], truths: list[dict] | None = No
         number += 1
     if written:
         (folder / SAMPLES_TRUTH).write_text(json.dumps(written, indent=2) + "\n")
+    return written
 
 
 def _deidentified(path: Path):

@@ -222,7 +222,9 @@ def fit_block_statistics(train: Resident, val: Resident, classes: int, seed: int
             model = _boosting(binned, max_iter=most, early_stopping=False, random_state=seed, **params).fit(x_train, y_train)
             here, waited = -1.0, 0
             for rounds, probabilities in enumerate(model.staged_predict_proba(x_val), start=1):
-                if rounds % step or waited >= 4:
+                if waited >= 4:
+                    break
+                if rounds % step:
                     continue
                 score = mean_recall(y_val, model.classes_[probabilities.argmax(1)], classes)
                 here, waited = (score, 0) if score > here else (here, waited + 1)

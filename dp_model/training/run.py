@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..bundle import LICENSE, SAMPLES_TRUTH, weights_uid, write_configs, write_metadata, write_model, write_samples
+from ..bundle import LICENSE, weights_uid, write_configs, write_metadata, write_model, write_samples
 from ..contract import ModelContract
 from ..ood import digest as ood_digest
 from ..config import from_mapping, to_mapping
@@ -229,9 +229,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
     pictures["served_reliability"] = docs / "served_reliability.png"
     chosen = [dataset.records[i] for i in example_images(docs / "scores_test.npz", splits.test, normal)]
     truths = [{"labels": list(r.labels), "boxes": [[round(float(v), 1) for v in box] for box in r.boxes]} for r in chosen]
-    write_samples(out, [r.image for r in chosen], truths)
-    truth_file = out / "samples" / SAMPLES_TRUTH
-    samples = json.loads(truth_file.read_text()) if truth_file.exists() else {}
+    samples = write_samples(out, [r.image for r in chosen], truths)
     parts = ("train", "val", "calibration", "test") if splits.calibration else ("train", "val", "test")
     counts = {name: dataset.class_counts(getattr(splits, name)) for name in parts}
     (docs / "README.md").write_text(model_card(config, contract, dataset, counts, splits.method, report, best_epoch, timings, pictures, located, turned_away, compared, history.pretrain, served, samples))
