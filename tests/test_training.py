@@ -670,3 +670,19 @@ def test_the_block_statistics_search_reads_one_fit_per_setting_as_growing_it_25_
     assert (fitted.val_balanced_accuracy, fitted.params["class_weight"], fitted.trees) == best
     again = HistGradientBoostingClassifier(max_iter=best[2], early_stopping=False, random_state=0, learning_rate=0.1, max_leaf_nodes=7, class_weight=best[1])
     np.testing.assert_allclose(fitted.probabilities(val.images), again.fit(x_train, labels[:100]).predict_proba(x_val), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("scores", "chosen"), [((0.5, 0.4, 0.4, 0.4, 0.9, 0.1, 0.1, 0.1), 25), ((0.5, 0.4, 0.4, 0.4, 0.4, 0.95, 0.1, 0.1), 5)])
+def test_the_block_statistics_search_reads_on_through_three_steps_without_gain_and_stops_after_four(monkeypatch, scores, chosen: int) -> None:
+    """Validation scores scripted per step of 5 trees: a gain after three flat steps is found;
+    after four flat steps the search stops and never reads the next one."""
+    from dp_model.training import baselines
+
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1], 30)
+    images = torch.as_tensor(rng.integers(50, 150, (60, 1, 32, 32)), dtype=torch.uint8)
+    read = iter(scores)
+    monkeypatch.setattr(baselines, "mean_recall", lambda *_: next(read))
+    grid = {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None,)}
+    fitted = baselines.fit_block_statistics(_resident(images[:40], labels[:40]), _resident(images[40:], labels[40:]), 2, grid=grid, trees=(5, 40))
+    assert fitted.trees == chosen and fitted.val_balanced_accuracy == max(scores[: chosen // 5 + 4])
