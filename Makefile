@@ -124,7 +124,7 @@ benchmark-memory: venv run-deps demo-bundle
 # The committed pictures: gallery, real versus synthetic, augmentations (docs/*.png).
 gallery: venv demo-bundle
 	$(PY) -m dp_model.synth.gallery --out docs/synthetic_gallery.png --compare docs/synthetic_vs_real.png --augment docs/augmentations.png
-	$(PY) -m pacs_node.gallery --bundle $(RUN_DIR)/bundle --out docs/node_overlay.png
+	$(PY) -m pacs_node.results.gallery --bundle $(RUN_DIR)/bundle --out docs/node_overlay.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache $(VIEWER)/node_modules

@@ -39,7 +39,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dp_model.bundle import load_bundle
-from pacs_node.identity import ResultIdentity
+from pacs_node.results.identity import ResultIdentity
 
 
 def free_port() -> int:

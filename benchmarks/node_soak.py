@@ -46,9 +46,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, StudyRootQueryRetrieveInformationModelFind
 
 from dp_model.bundle import load_bundle
-from pacs_node.cstore import RESULT_CLASSES
-from pacs_node.identity import ResultIdentity
-from pacs_node.sanitize import clean_source
+from pacs_node.delivery.cstore import RESULT_CLASSES
+from pacs_node.results.identity import ResultIdentity
+from pacs_node.intake.sanitize import clean_source
 
 CALLING = "SOAK"
 

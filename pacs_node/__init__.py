@@ -1,1 +1,14 @@
-"""The Deep Pneumonia DICOM node: receives chest X-rays, returns SR and SC results."""
+"""The Deep Pneumonia DICOM node: receives chest X-rays, returns SR and SC results.
+
+The data path, one folder per step, over a ground floor every step may use::
+
+    intake/     listener -> spool -> screen, sanitize -> work queue
+    model/      predictor: a bundle in, a Prediction per image out
+    results/    one writer per output kind (SR, SC, GSPS) -> Result
+    delivery/   outbox per destination -> transports (C-STORE, STOW-RS)
+
+    ground:     config, logs, metrics, audit, status, codes, files, uids
+
+``node.py`` wires the steps together; ``cli.py`` is ``dp-node``. A step imports from the
+ground floor and from steps before it, never from a step after it (tests/test_imports.py).
+"""

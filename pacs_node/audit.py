@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .sanitize import is_valid_uid
-from .spool import FILE_MODE, private_folder
+from pacs_node.uids import is_valid_uid
+from pacs_node.files import FILE_MODE, private_folder
 
 logger = logging.getLogger(__name__)
 

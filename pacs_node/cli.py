@@ -32,7 +32,7 @@ from pathlib import Path
 # PyTorch, MONAI and pydicom (seconds on two cores) come once the arguments are known good.
 from dp_model.config import ConfigError, load_config
 
-from .config import NodeConfig
+from pacs_node.config import NodeConfig
 
 logger = logging.getLogger("dp-node")
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc)
     from pydicom import config as pydicom_config
 
-    from .node import Node  # heavy imports after the configuration is known good
+    from pacs_node.node import Node  # heavy imports after the configuration is known good
 
     # Strict writing: an output that is not valid DICOM is an error, never a file sent on.
     pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE

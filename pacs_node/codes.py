@@ -12,6 +12,10 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+#: Who the node's results say made them (Manufacturer of every object it writes; the screen
+#: knows the node's own results by it, and never reads them as radiographs).
+MANUFACTURER = "Deep Pneumonia developers"
+
 #: The private coding scheme for labels SNOMED CT has no concept for (PS3.3 8.1: designators
 #: beginning with "99" are private).
 PRIVATE_SCHEME = "99DPNEU"

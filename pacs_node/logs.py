@@ -8,7 +8,7 @@
 * pydicom and highdicom put attribute values into their warnings ("Invalid value for VR
   DA: '1945-01-01'", a person name highdicom finds unusual). :class:`RedactValues` replaces
   every quoted value in their records, and the node asks pydicom not to validate values
-  on reading at all: it validates what it copies itself (:mod:`pacs_node.sanitize`).
+  on reading at all: it validates what it copies itself (:mod:`pacs_node.intake.sanitize`).
 * :func:`describe` names an exception by its type and where it was raised, never by its
   message (which may quote a value); an exception that ends any thread is logged so, in one
   line.
@@ -156,7 +156,7 @@ def install() -> ProtocolLog:
                 if name.split(".")[0] in ("pydicom", "highdicom") or name == "py.warnings":
                     logging.getLogger(name).addFilter(redact_values)
             threading.excepthook = _thread_ended
-            # The node validates what it copies (pacs_node.sanitize); pydicom's validation on
+            # The node validates what it copies (pacs_node.intake.sanitize); pydicom's validation on
             # reading would only write the invalid values into the log.
             pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         return _installed

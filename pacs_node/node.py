@@ -2,13 +2,13 @@
 
 Threads and what they own:
 
-* association threads (pynetdicom, :mod:`pacs_node.listener`): check, spool, enqueue;
+* association threads (pynetdicom, :mod:`pacs_node.intake.listener`): check, spool, enqueue;
   no decoding, no model;
 * one worker: takes up to ``batch_size`` waiting instances, screens and decodes them,
   runs the model once for the batch (whose decoded images hold ``batch_memory_mb`` at
   most), builds the SR and the SC, puts them durably in
   every destination's outbox (or ``output_dir``), then lets the spool forget the source;
-* one sender per destination (:mod:`pacs_node.outbox`);
+* one sender per destination (:mod:`pacs_node.delivery.outbox`);
 * a supervisor: restarts a worker or sender thread that ended unexpectedly, gives up
   (``fatal``; ``dp-node`` then exits non-zero for its service manager) when one keeps
   dying, flushes the audit trail after a full disk, applies the retention limits;
@@ -47,22 +47,24 @@ from pydicom.dataset import Dataset
 
 from dp_transforms import ImageError
 
-from . import logs
-from .audit import AuditLog, safe_uid
-from .config import Destination, NodeConfig, WebDestination, is_loopback
-from .identity import ResultIdentity, result_kind
-from .listener import Listener, Refusal, client_tls, server_tls
-from .metrics import Metrics, MetricsServer
-from .outbox import DeliveryStats, DestinationSender
-from .overlay import build_overlay
-from .presentation import build_presentation_state
-from .predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
-from .report import build_report
-from .sanitize import Cleaned, clean_source, is_valid_uid, text
-from .screen import screen
-from .spool import Receipt, Spool, atomic_file, is_transient, private_folder
-from .status import FailReason, StoreStatus
-from .work import WorkQueue
+from pacs_node import logs
+from pacs_node.audit import AuditLog, safe_uid
+from pacs_node.config import Destination, NodeConfig, WebDestination, is_loopback
+from pacs_node.results.identity import ResultIdentity, result_kind
+from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
+from pacs_node.metrics import Metrics, MetricsServer
+from pacs_node.delivery.outbox import DeliveryStats, DestinationSender
+from pacs_node.results.overlay import build_overlay
+from pacs_node.results.presentation import build_presentation_state
+from pacs_node.model.predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
+from pacs_node.results.report import build_report
+from pacs_node.uids import is_valid_uid
+from pacs_node.intake.sanitize import Cleaned, clean_source, text
+from pacs_node.intake.screen import screen
+from pacs_node.files import atomic_file, is_transient, private_folder
+from pacs_node.intake.spool import Receipt, Spool
+from pacs_node.status import FailReason, StoreStatus
+from pacs_node.intake.work import WorkQueue
 
 logger = logging.getLogger(__name__)
 

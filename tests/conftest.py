@@ -43,7 +43,7 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def predictor(demo_bundle: Path):
     """The demo bundle's model as the node runs it (on the CPU), loaded once."""
-    from pacs_node.predictor import NodePredictor
+    from pacs_node.model.predictor import NodePredictor
 
     return NodePredictor(demo_bundle, "cpu")
 

@@ -30,9 +30,9 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 from dp_transforms import ChestImage, ImageError, ImageErrorReason, dicom_to_image, make_square_pixels
 from dp_transforms import dicom as dicom_module
 from dp_transforms.dicom import pixel_spacing
-from pacs_node.predictor import prepare
+from pacs_node.model.predictor import prepare
 from pacs_node.status import StoreStatus
-from pacs_node.work import WorkQueue
+from pacs_node.intake.work import WorkQueue
 
 
 def peak_mb(call: Callable[[], object]) -> tuple[object, float]:

@@ -107,7 +107,7 @@ def test_the_walkthroughs_samples_are_answered_right_with_regions_on_the_lesion(
     normal phantom answered negative with no region."""
     from pydicom import dcmread
 
-    from pacs_node.predictor import NodePredictor, prepare
+    from pacs_node.model.predictor import NodePredictor, prepare
 
     truth = json.loads((demo_bundle / "samples" / "truth.json").read_text())
     card = (demo_bundle / "docs" / "README.md").read_text()

@@ -28,7 +28,7 @@ COMMANDS = [
     ("dp_model.train_cli", ["ablation"]),
     ("dp_model.synth.cli", []),
     ("pacs_node.health", []),
-    ("pacs_node.gallery", []),
+    ("pacs_node.results.gallery", []),
 ]
 #: What takes seconds to import on a 2-core machine; --help must not wait for it (pydicom
 #: alone takes a fifth of a second: dp-synth's package brings it, and that is allowed).
@@ -158,7 +158,7 @@ def test_the_layouts_listed_in_the_help_are_the_readers_layouts() -> None:
 
 @pytest.mark.tools
 def test_storescu_proposing_every_storage_class_gives_one_short_line_and_counts_each_class_once(node, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="pacs_node.listener")
+    caplog.set_level(logging.DEBUG, logger="pacs_node.intake.listener")
     image = write_raw(chest_dataset(), tmp_path / "chest.dcm")
     for _ in range(2):
         run_tool("storescu", "-aet", "STORESCU", "-aec", "DPNODE", "127.0.0.1", node.port, image)

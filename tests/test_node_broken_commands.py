@@ -21,7 +21,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from test_node_slots import RawPeer, established, health
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 CONTEXTS = ((ComputedRadiographyImageStorage, ExplicitVRLittleEndian), (Verification, ExplicitVRLittleEndian))

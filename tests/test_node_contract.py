@@ -17,7 +17,7 @@ from pydicom import dcmread
 from dp_model.bundle import load_bundle
 from pacs_node import codes
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor, prepare
+from pacs_node.model.predictor import NodePredictor, prepare
 from pacs_node.status import StoreStatus
 
 
@@ -64,7 +64,7 @@ def test_an_image_outside_the_distribution_is_reported_not_assessed_everywhere(n
 
 
 def test_the_node_uses_the_bundles_operating_point_unless_its_configuration_overrides_it(demo_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pacs_node.predictor")
+    caplog.set_level(logging.INFO, logger="pacs_node.model.predictor")
     own = NodePredictor(demo_bundle, "cpu")
     assert own.operating_point == own.contract.present_point.threshold
     assert "from the bundle" in caplog.text
@@ -82,7 +82,7 @@ def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_s
         meta["deep_pneumonia"].pop(key)
     meta_path.write_text(json.dumps(meta))
     (old / "models" / "ood.pt").unlink()
-    caplog.set_level(logging.INFO, logger="pacs_node.predictor")
+    caplog.set_level(logging.INFO, logger="pacs_node.model.predictor")
     predictor = NodePredictor(old, "cpu")
     assert predictor.operating_point == 0.5 and predictor.statistics is None
     for lacking in ("operating point", "calibration", "out-of-distribution gate", "pneumonia classes"):
@@ -152,8 +152,8 @@ def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later
 def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assessed(predictor: NodePredictor, demo_bundle: Path, rg1_path: Path, tmp_path: Path) -> None:
     import dataclasses
 
-    from pacs_node.identity import ResultIdentity
-    from pacs_node.report import build_report
+    from pacs_node.results.identity import ResultIdentity
+    from pacs_node.results.report import build_report
 
     ds = dcmread(min((demo_bundle / "samples").glob("*.dcm")))
     prepared = prepare(ds, predictor.contract.image_size)

@@ -20,8 +20,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from dp_model.bundle import load_bundle
-from pacs_node.cstore import RESULT_CLASSES
-from pacs_node.identity import ResultIdentity
+from pacs_node.delivery.cstore import RESULT_CLASSES
+from pacs_node.results.identity import ResultIdentity
 
 IMAGES = 500
 SENDERS = 8

@@ -30,8 +30,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
-from pacs_node.spool import Spool
+from pacs_node.model.predictor import NodePredictor
+from pacs_node.intake.spool import Spool
 from pacs_node.status import StoreStatus
 
 
@@ -127,7 +127,7 @@ def test_a_start_that_could_not_be_recorded_does_not_count_as_a_death(tmp_path: 
 def test_one_spool_one_node() -> None:
     import tempfile
 
-    from pacs_node.spool import SpoolInUse
+    from pacs_node.intake.spool import SpoolInUse
 
     with tempfile.TemporaryDirectory() as folder:
         first = Spool(folder)
@@ -156,7 +156,7 @@ def test_abandoned_files_in_the_spools_tmp_folder_are_swept_and_fresh_ones_kept(
 def test_a_full_disk_is_recognised_behind_the_exceptions_pydicom_raises_from_it() -> None:
     from pydicom.filewriter import dcmwrite
 
-    from pacs_node.spool import is_transient
+    from pacs_node.files import is_transient
 
     with pytest.raises(OSError) as raised:
         dcmwrite(FullFile(), chest_dataset(), enforce_file_format=True)

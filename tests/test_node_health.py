@@ -18,7 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 #: Fast retries and a short bound, so that a test sees the node give up hope in seconds.

@@ -38,7 +38,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 

@@ -12,8 +12,9 @@ from node_support import audit_lines, chest_dataset, final_lines, lenient_writin
 from pydicom import dcmread
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
-from pacs_node.sanitize import clean_source, is_valid_uid
+from pacs_node.model.predictor import NodePredictor
+from pacs_node.uids import is_valid_uid
+from pacs_node.intake.sanitize import clean_source
 
 #: An Affected SOP Instance UID of 86 characters: digits and dots, but past the 64 of PS3.5 9.1.
 LONG_UID = "1.2.826.0.1.3680043.8.498." + "1" * 60
@@ -106,7 +107,7 @@ def test_a_command_whose_class_uid_is_not_valid_is_served_under_its_presentation
     from pydicom.dataset import Dataset
     from pynetdicom.presentation import build_context
 
-    from pacs_node.listener import INVALID_UID_STAND_IN, stand_in_for_invalid_uids
+    from pacs_node.intake.listener import INVALID_UID_STAND_IN, stand_in_for_invalid_uids
 
     class Message:
         context_id, command_set = 3, Dataset()

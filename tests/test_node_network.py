@@ -16,9 +16,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from pacs_node.identity import result_kind
+from pacs_node.results.identity import result_kind
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 pytestmark = pytest.mark.tools

@@ -14,7 +14,7 @@ from node_support import Orthanc, free_port, wait_for
 
 from pacs_node.config import NodeConfig
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 
 pytestmark = pytest.mark.tools
 

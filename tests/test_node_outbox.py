@@ -19,9 +19,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs_node.config import Destination, OutboxConfig
-from pacs_node.cstore import RESULT_CLASSES
-from pacs_node.outbox import DestinationSender
-from pacs_node.spool import atomic_file
+from pacs_node.delivery.cstore import RESULT_CLASSES
+from pacs_node.delivery.outbox import DestinationSender
+from pacs_node.files import atomic_file
 
 
 class Peer:
@@ -237,7 +237,7 @@ def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(
 def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    import pacs_node.outbox as outbox
+    import pacs_node.delivery.outbox as outbox
 
     def full(path, text) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -455,7 +455,7 @@ def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_au
     letter with an audit line (reason integrity), never sent."""
     from node_support import audit_lines, send, start_node
 
-    from pacs_node.identity import result_kind
+    from pacs_node.results.identity import result_kind
 
     pacs = Peer()  # not listening yet
     node = start_node(tmp_path, predictor, destinations=[f"PEER@127.0.0.1:{pacs.port}"], outbox={"initial_backoff_s": 0.2, "max_backoff_s": 0.5}, metrics_port=-1)
@@ -484,8 +484,8 @@ def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest
     import numpy as np
 
     from pacs_node.node import _content_digest
-    from pacs_node.prediction import Prediction
-    from pacs_node.sanitize import clean_source
+    from pacs_node.model.prediction import Prediction
+    from pacs_node.intake.sanitize import clean_source
 
     source = clean_source(chest_dataset()).dataset
 

@@ -11,11 +11,11 @@ from node_support import chest_dataset, send, wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pacs_node.identity import ResultIdentity
+from pacs_node.results.identity import ResultIdentity
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor, Prediction
-from pacs_node.presentation import build_presentation_state
-from pacs_node.sanitize import clean_source
+from pacs_node.model.predictor import NodePredictor, Prediction
+from pacs_node.results.presentation import build_presentation_state
+from pacs_node.intake.sanitize import clean_source
 from pacs_node.status import StoreStatus
 
 pytestmark = pytest.mark.tools

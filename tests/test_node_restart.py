@@ -11,8 +11,8 @@ import pytest
 from node_support import audit_lines, chest_dataset, final_lines, send, start_node, wait_for
 
 from pacs_node.audit import AuditLog
-from pacs_node.predictor import NodePredictor
-from pacs_node.spool import Receipt, Spool
+from pacs_node.model.predictor import NodePredictor
+from pacs_node.intake.spool import Receipt, Spool
 
 
 def test_the_first_audit_line_after_a_restart_starts_on_a_new_line_after_a_torn_one(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from pydicom.dataset import Dataset
 
 from dp_model.contract import ModelContract
 from pacs_node import codes
-from pacs_node.identity import MANUFACTURER, ResultIdentity
-from pacs_node.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
-from pacs_node.predictor import NodePredictor, Prediction, prepare, regions
-from pacs_node.report import build_report
-from pacs_node.screen import SkipReason, screen
+from pacs_node.results.identity import MANUFACTURER, ResultIdentity
+from pacs_node.results.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
+from pacs_node.model.predictor import NodePredictor, Prediction, prepare, regions
+from pacs_node.results.report import build_report
+from pacs_node.intake.screen import SkipReason, screen
 
 CLASSES = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
 

@@ -31,7 +31,7 @@ from dp_model.bundle import BundleError, load_bundle
 from dp_model.config import ConfigError, load_config
 from pacs_node.cli import main
 from pacs_node.config import NodeConfig, TLSConfig
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x02, 0x03
@@ -359,9 +359,9 @@ def test_a_listener_whose_threads_are_not_running_says_which(tmp_path: Path) -> 
     from node_support import node_config
 
     from pacs_node.audit import AuditLog
-    from pacs_node.listener import Listener
+    from pacs_node.intake.listener import Listener
     from pacs_node.metrics import Metrics
-    from pacs_node.spool import Spool
+    from pacs_node.intake.spool import Spool
 
     config = node_config(tmp_path)
     spool = Spool(config.spool)

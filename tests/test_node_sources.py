@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 from pacs_node.status import StoreStatus
 
 pytestmark = pytest.mark.tools
@@ -241,7 +241,7 @@ def test_two_thousand_header_mutations_of_the_real_rg1_each_get_a_result_or_a_re
 
 
 def test_control_characters_are_kept_only_where_the_vr_allows_them_and_no_value_is_picked_from_many() -> None:
-    from pacs_node.sanitize import clean_source
+    from pacs_node.intake.sanitize import clean_source
 
     ds = chest_dataset(StudyDescription="CHEST\tPA\r\n", PatientComments="first line\r\nsecond line\tend")
     ds.PatientID = ["12345", "67890"]  # VM 1: which of the two is the patient cannot be told

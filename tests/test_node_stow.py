@@ -33,8 +33,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from pacs_node.config import NodeConfig, OutboxConfig, TLSConfig, WebDestination
-from pacs_node.identity import ResultIdentity
-from pacs_node.outbox import DestinationSender
+from pacs_node.results.identity import ResultIdentity
+from pacs_node.delivery.outbox import DestinationSender
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PASSWORD = "orthanc-test-password-7f3a"

@@ -14,9 +14,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from pacs_node.config import NodeConfig, TLSConfig
-from pacs_node.cstore import RESULT_CLASSES
+from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 
 
 @pytest.fixture(scope="module")

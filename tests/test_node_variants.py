@@ -17,9 +17,9 @@ from dp_model.training.config import TrainConfig
 from dp_model.training.run import train
 from pacs_node.config import NodeConfig
 from pacs_node.node import Node
-from pacs_node.identity import ResultIdentity
-from pacs_node.predictor import NodePredictor, prepare
-from pacs_node.report import build_report
+from pacs_node.results.identity import ResultIdentity
+from pacs_node.model.predictor import NodePredictor, prepare
+from pacs_node.results.report import build_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

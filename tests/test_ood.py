@@ -296,7 +296,7 @@ def test_the_default_gate_marks_a_far_ood_image_not_assessed_and_a_held_out_phan
     from node_support import final_lines, send, start_node, wait_for
     from pydicom import dcmread
 
-    from pacs_node.predictor import NodePredictor
+    from pacs_node.model.predictor import NodePredictor
     from pacs_node.status import StoreStatus
 
     predictor = NodePredictor(default_gate_bundle, "cpu")

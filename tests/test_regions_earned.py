@@ -20,7 +20,7 @@ from node_support import LOCALIZING, bundle_with, send, start_node, wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pacs_node.predictor import NodePredictor, prepare
+from pacs_node.model.predictor import NodePredictor, prepare
 
 #: The maps of the review: far below the prior (map+ at 0.00-0.08, the prior at 0.64 / 0.34 / 0.21).
 NOT_EARNED = LOCALIZING | {
@@ -98,7 +98,7 @@ def test_a_bundle_whose_maps_beat_the_prior_draws_its_regions(tmp_path: Path, de
 
 def test_an_old_bundle_draws_no_region_and_the_node_says_so_at_start(tmp_path: Path, demo_bundle: Path, positive_case: Dataset, caplog: pytest.LogCaptureFixture) -> None:
     bundle = bundle_with(demo_bundle, tmp_path / "bundle", localization=None)
-    with caplog.at_level(logging.INFO, logger="pacs_node.predictor"):
+    with caplog.at_level(logging.INFO, logger="pacs_node.model.predictor"):
         predictor = NodePredictor(bundle, "cpu")
     assert any("localization: not measured" in record.getMessage() for record in caplog.records)
     (prediction,) = predictor.predict([prepare(positive_case, predictor.contract.image_size)])
@@ -116,8 +116,8 @@ def test_regions_are_never_drawn_on_a_negative_or_not_assessed_result(tmp_path: 
 
 
 def test_the_overlay_of_a_positive_result_without_earned_regions_has_no_heat_and_says_why() -> None:
-    from pacs_node.overlay import render
-    from pacs_node.prediction import Prediction
+    from pacs_node.results.overlay import render
+    from pacs_node.model.prediction import Prediction
 
     gray = np.tile(np.linspace(0.2, 0.8, 400, dtype=np.float32), (500, 1))
     lobar = Prediction(("normal", "lobar"), np.array([0.1, 0.9]), "normal", 0.5, np.ones((7, 7), np.float32), np.zeros((0, 4), np.float32))

@@ -51,7 +51,7 @@ def test_clopper_pearson_intervals_match_their_closed_forms_and_the_published_ta
 
 
 def test_the_served_rule_is_the_nodes_image_by_image() -> None:
-    from pacs_node.prediction import Prediction
+    from pacs_node.model.prediction import Prediction
 
     served = served_decisions(PROBABILITIES, OOD, contract())
     node = [Prediction(CLASSES, p, "normal", 0.5, np.zeros((2, 2)), np.zeros((0, 4)), triage_point=0.8, ood_score=s, ood_threshold=10.0) for p, s in zip(PROBABILITIES, OOD)]

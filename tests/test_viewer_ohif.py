@@ -36,7 +36,7 @@ from viewer_support import OHIF_DIST, VIEWER, ViewerOrigin, orthanc_settings
 
 from pacs_node.config import NodeConfig
 from pacs_node.node import Node
-from pacs_node.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor
 
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 

@@ -39,9 +39,9 @@ from pydicom.sr.coding import Code
 
 from dp_model.contract import ModelContract
 
-from . import codes
-from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
-from .predictor import Prediction
+from pacs_node import codes
+from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
+from pacs_node.model.predictor import Prediction
 
 HAS_PROPERTIES = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
 CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS

@@ -14,12 +14,12 @@ from pydicom.dataset import Dataset
 
 from dp_model.contract import ModelContract
 
-from . import codes
-from .sanitize import derived_uid, integer
+from pacs_node import codes
+from pacs_node.codes import MANUFACTURER
+from pacs_node.uids import derived_uid
+from pacs_node.intake.sanitize import integer
 
 __all__ = ["MANUFACTURER", "ResultIdentity", "contributing_equipment", "derived_uid"]
-
-MANUFACTURER = "Deep Pneumonia developers"
 
 
 @dataclass(frozen=True)

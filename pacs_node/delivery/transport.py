@@ -1,9 +1,9 @@
 """How a sender reaches a destination: the interface both transports keep, and what became of each object.
 
-The outbox (:mod:`pacs_node.outbox`) owns everything a delivery promises: the persistent
+The outbox (:mod:`pacs_node.delivery.outbox`) owns everything a delivery promises: the persistent
 queue, backoff, dead letters, the delivery ledger, the ``sending`` markers of objects in
-doubt. A transport only moves bytes and says what happened: :mod:`pacs_node.cstore` over a
-DICOM association (C-STORE, C-FIND), :mod:`pacs_node.stow` over HTTP (STOW-RS, QIDO-RS).
+doubt. A transport only moves bytes and says what happened: :mod:`pacs_node.delivery.cstore` over a
+DICOM association (C-STORE, C-FIND), :mod:`pacs_node.delivery.stow` over HTTP (STOW-RS, QIDO-RS).
 """
 
 from __future__ import annotations

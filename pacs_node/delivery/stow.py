@@ -41,8 +41,8 @@ from xml.etree import ElementTree
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from .config import WebDestination
-from .transport import STORED, Outcome, Status, Unreachable
+from pacs_node.config import WebDestination
+from pacs_node.delivery.transport import STORED, Outcome, Status, Unreachable
 
 logger = logging.getLogger(__name__)
 

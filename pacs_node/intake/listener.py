@@ -84,13 +84,14 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.dsutils import split_dataset
 
-from .audit import AuditLog, Bursts, safe_uid
-from .config import NodeConfig
-from .logs import Throttle, describe
-from .metrics import Metrics
-from .sanitize import derived_uid
-from .spool import Receipt, Spool, atomic_file, is_transient
-from .status import StoreStatus
+from pacs_node.audit import AuditLog, Bursts, safe_uid
+from pacs_node.config import NodeConfig
+from pacs_node.logs import Throttle, describe
+from pacs_node.metrics import Metrics
+from pacs_node.uids import derived_uid
+from pacs_node.files import atomic_file, is_transient
+from pacs_node.intake.spool import Receipt, Spool
+from pacs_node.status import StoreStatus
 
 logger = logging.getLogger(__name__)
 

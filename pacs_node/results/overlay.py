@@ -26,9 +26,9 @@ from pydicom.uid import JPEGLSLossless
 from dp_model.contract import ModelContract
 from dp_transforms.geometry import resize
 
-from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
-from . import codes
-from .predictor import REGION_THRESHOLD, Prediction
+from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
+from pacs_node import codes
+from pacs_node.model.predictor import REGION_THRESHOLD, Prediction
 
 # highdicom checks the person names it copies from the source; a single-component name
 # ("ward") is legal DICOM that it merely finds unusual. The node copies source names as

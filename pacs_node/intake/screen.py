@@ -24,8 +24,8 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from dp_transforms.header import integer, text, texts
 
-from . import codes
-from .identity import MANUFACTURER
+from pacs_node import codes
+from pacs_node.codes import MANUFACTURER
 
 MODALITIES = ("CR", "DX")
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")

@@ -21,10 +21,10 @@ from pydicom.dataset import Dataset
 from dp_model.contract import ModelContract
 from dp_transforms.header import number, numbers, text
 
-from . import codes
-from .identity import MANUFACTURER, ResultIdentity, contributing_equipment
-from .overlay import BANNER, verdict
-from .predictor import Prediction
+from pacs_node import codes
+from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
+from pacs_node.results.overlay import BANNER, verdict
+from pacs_node.model.predictor import Prediction
 
 __all__ = ["build_presentation_state"]
 

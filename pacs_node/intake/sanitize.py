@@ -23,9 +23,7 @@ stand-in would put every patient's results without a Study Instance UID into one
 from __future__ import annotations
 
 import datetime
-import hashlib
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -36,10 +34,10 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
 from dp_transforms.header import integer, number, text, texts, values
+from pacs_node.uids import derived_uid, is_valid_uid
 
 __all__ = ["Cleaned", "clean_source", "derived_uid", "integer", "is_valid_uid", "number", "output_uid", "source_uid", "text", "texts", "values"]
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 #: Control characters a kept value may not hold (PS3.5 6.1.2.3): every C0 and C1 control but
 #: ESC (ISO 2022 names need it); text VRs keep TAB, LF, FF and CR as well.
 _CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f-\x9f]")
@@ -80,26 +78,6 @@ PATIENT_ORIENTATION = re.compile(r"^[APLRHF]{1,3}$")
 
 
 # --- UIDs --------------------------------------------------------------------------------------------
-
-
-def is_valid_uid(value: object) -> bool:
-    """PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters; and, as validators
-    such as dciodvfy check, an OID under the ISO (1) or joint (2) root with at least two
-    components (under ISO, the second below 40)."""
-    text_value = str(value or "")
-    if not (0 < len(text_value) <= 64 and _UID.match(text_value)):
-        return False
-    components = text_value.split(".")
-    return len(components) >= 2 and (components[0] == "2" or (components[0] == "1" and int(components[1]) < 40))
-
-
-def derived_uid(*parts: str) -> str:
-    """A ``2.25`` UID (PS3.5 B.2) that is a pure function of ``parts``.
-
-    (pydicom's ``generate_uid(prefix=None, ...)`` ignores its entropy sources and is random.)
-    """
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode(errors="replace")).digest()
-    return f"2.25.{uuid.UUID(bytes=digest[:16], version=4).int}"
 
 
 def output_uid(value: object, role: str) -> str:

@@ -2,8 +2,8 @@
 
 ``outbox/<destination>/`` holds the results still to deliver, one DICOM file each, written
 durably before the source instance leaves the spool. A sender sends what is there in
-batches, one association (C-STORE, :mod:`pacs_node.cstore`) or a few HTTP requests
-(STOW-RS, :mod:`pacs_node.stow`) per batch, deletes what the destination accepted, and after
+batches, one association (C-STORE, :mod:`pacs_node.delivery.cstore`) or a few HTTP requests
+(STOW-RS, :mod:`pacs_node.delivery.stow`) per batch, deletes what the destination accepted, and after
 a failure waits with exponential backoff up to a cap, or longer when an HTTP destination
 asks (Retry-After, up to the same cap). An object the destination refuses
 ``max_refusals`` times, whose SOP class it does not accept at all, or that stays
@@ -64,12 +64,12 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from .config import Destination, OutboxConfig, WebDestination
-from .cstore import CStoreTransport
-from .logs import describe
-from .spool import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
-from .stow import StowTransport
-from .transport import Link, Outcome, Status, Transport, Unreachable
+from pacs_node.config import Destination, OutboxConfig, WebDestination
+from pacs_node.delivery.cstore import CStoreTransport
+from pacs_node.logs import describe
+from pacs_node.files import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
+from pacs_node.delivery.stow import StowTransport
+from pacs_node.delivery.transport import Link, Outcome, Status, Transport, Unreachable
 
 logger = logging.getLogger(__name__)
 

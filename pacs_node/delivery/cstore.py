@@ -20,9 +20,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from .config import Destination
-from .logs import describe
-from .transport import STORED, Outcome, Status, Unreachable
+from pacs_node.config import Destination
+from pacs_node.logs import describe
+from pacs_node.delivery.transport import STORED, Outcome, Status, Unreachable
 
 logger = logging.getLogger(__name__)
 

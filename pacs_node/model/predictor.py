@@ -31,7 +31,7 @@ from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_squa
 from dp_transforms.dicom import WORKING_PIXELS
 from dp_transforms.geometry import Letterbox, resize
 
-from .prediction import Prediction
+from pacs_node.model.prediction import Prediction
 
 __all__ = ["NodePredictor", "Prediction", "Prepared", "held_bytes", "prepare", "regions"]
 

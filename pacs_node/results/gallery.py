@@ -1,7 +1,7 @@
 """The README's picture of what the node writes: the overlays of a real radiograph and of a
 held-out phantom, side by side, from a bundle.
 
-    python -m pacs_node.gallery --bundle runs/demo/bundle --out docs/node_overlay.png
+    python -m pacs_node.results.gallery --bundle runs/demo/bundle --out docs/node_overlay.png
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # PyTorch, pydicom and highdicom load after --help has been answered
     import numpy as np
 
-    from .predictor import NodePredictor
+    from pacs_node.model.predictor import NodePredictor
 
 
 def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     """The RGB overlay the node would send for the image at ``path``."""
     from pydicom import dcmread
 
-    from .identity import ResultIdentity
-    from .overlay import build_overlay
-    from .predictor import prepare
-    from .sanitize import clean_source
+    from pacs_node.results.identity import ResultIdentity
+    from pacs_node.results.overlay import build_overlay
+    from pacs_node.model.predictor import prepare
+    from pacs_node.intake.sanitize import clean_source
 
     source = dcmread(path)
     prepared = prepare(source, predictor.contract.image_size)
@@ -35,14 +35,14 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pacs_node.gallery", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pacs_node.results.gallery", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--out", type=Path, default=Path("docs/node_overlay.png"))
     args = parser.parse_args(argv)
     from PIL import Image
     from pydicom.data import get_testdata_file
 
-    from .predictor import NodePredictor  # PyTorch: seconds, after the arguments
+    from pacs_node.model.predictor import NodePredictor  # PyTorch: seconds, after the arguments
 
     predictor = NodePredictor(args.bundle, "cpu")
     images = [overlay_pixels(predictor, Path(get_testdata_file("RG1_UNCR.dcm"))), overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm")))]

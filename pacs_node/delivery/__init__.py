@@ -1,0 +1,3 @@
+"""Delivery: one durable outbox per destination, a sender thread each, and the transports
+(C-STORE, STOW-RS) that carry results; a result is a file and its sidecar, whatever its kind.
+"""
