@@ -67,6 +67,9 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    #: Every DICOM output kind the node writes goes over C-STORE.
+    outputs: tuple[str, ...] = ()
+    protocol = "dimse"
 
     @staticmethod
     def parse(text: str) -> Destination:
@@ -99,6 +102,8 @@ class WebDestination:
         secret_file, secret_env: where the password or token is, a file or an environment
             variable (one of the two): never the secret itself in the configuration. It is
             read again for every request, so that a renewed token needs no restart.
+        protocol: how results reach it (:mod:`pacs_node.delivery.registry`): ``stow-rs``.
+        outputs: the output kinds it takes; empty: every kind its protocol carries.
     """
 
     url: str
@@ -106,8 +111,12 @@ class WebDestination:
     user: str = ""
     secret_file: str = ""
     secret_env: str = ""
+    protocol: str = "stow-rs"
+    outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        require(bool(OUTPUT_NAME.fullmatch(self.protocol)), "protocol", self.protocol, "a protocol's name, such as stow-rs")
+        _require_kinds(self.outputs, "outputs", empty=True)
         parts = _url_parts(self.url)
         require(not parts.username and not parts.password, "url", _shown(parts), "free of a user or password (set user, and secret_file or secret_env)")
         require(self.auth in ("none", "basic", "bearer"), "auth", self.auth, "none, basic or bearer")
@@ -285,6 +294,12 @@ class RetentionConfig:
             check_days(f"retention.{name}", getattr(self, name))
 
 
+def _require_kinds(kinds: tuple[str, ...], key: str, empty: bool) -> None:
+    """The shape of a list of output kinds; which kinds exist is the results registry's to say."""
+    ok = (empty or bool(kinds)) and len(set(kinds)) == len(kinds) and all(isinstance(k, str) and OUTPUT_NAME.fullmatch(k) for k in kinds)
+    require(ok, key, list(kinds), ("" if empty else "one or more ") + "output kinds (sr, sc, gsps), each once")
+
+
 def _destination(index: int, item: str | WebDestination) -> Destination | WebDestination:
     if isinstance(item, WebDestination):
         return item
@@ -301,9 +316,8 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"allow_networks must be addresses or networks such as 10.0.0.0/8, got {text!r}") from None
 
 
-#: What the node can write for each image: the Structured Report, the Secondary Capture
-#: overlay, the Grayscale Softcopy Presentation State.
-OUTPUTS = ("sr", "sc", "gsps")
+#: An output kind's name (the kinds themselves are data: :mod:`pacs_node.results.registry`).
+OUTPUT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 #: The overlay's Modality: the source's (CR or DX; viewers hang it beside the radiograph, and
 #: OHIF opens a cine player on OT series), or OT, for routing rules that send every CR and DX on.
 OVERLAY_MODALITIES = ("source", "OT")
@@ -351,7 +365,7 @@ class NodeConfig:
     operating_point: float | None = None  # None: the bundle's "present" point
     ood_gate: bool = True  # False: every image is assessed, however unlike the training images
     heatmap_stage: int = 3
-    outputs: tuple[str, ...] = ("sr", "sc")  # of OUTPUTS; "gsps" adds a presentation state with the regions
+    outputs: tuple[str, ...] = ("sr", "sc")  # output kinds (pacs_node.results.registry): sr, sc, gsps (a presentation state with the regions)
     overlay_max_side: int = 2048
     overlay_modality: str = "source"  # "source": the radiograph's CR or DX; "OT": Other
     keep_skipped: bool = True
@@ -383,7 +397,7 @@ class NodeConfig:
         require(self.batch_memory_mb >= 1, "batch_memory_mb", self.batch_memory_mb, "at least 1")
         require(self.operating_point is None or 0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1, or empty")
         require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
-        require(bool(self.outputs) and set(self.outputs) <= set(OUTPUTS) and len(set(self.outputs)) == len(self.outputs), "outputs", list(self.outputs), f"one or more of {', '.join(OUTPUTS)}, each once")
+        _require_kinds(self.outputs, "outputs", empty=False)
         require(self.overlay_modality in OVERLAY_MODALITIES, "overlay_modality", self.overlay_modality, " or ".join(OVERLAY_MODALITIES))
         require(256 <= self.overlay_max_side <= MAX_IMAGE_SIDE, "overlay_max_side", self.overlay_max_side, f"from 256 to {MAX_IMAGE_SIDE}")
         for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):

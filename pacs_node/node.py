@@ -42,29 +42,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dp_transforms import ImageError
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dp_transforms import ImageError
-
+from dp_model.config import ConfigError
 from pacs_node import logs
 from pacs_node.audit import AuditLog, safe_uid
 from pacs_node.config import Destination, NodeConfig, WebDestination, is_loopback
-from pacs_node.results.identity import ResultIdentity, result_kind
-from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
-from pacs_node.metrics import Metrics, MetricsServer
 from pacs_node.delivery.outbox import DeliveryStats, DestinationSender
-from pacs_node.results.overlay import build_overlay
-from pacs_node.results.presentation import build_presentation_state
-from pacs_node.model.predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
-from pacs_node.results.report import build_report
-from pacs_node.uids import is_valid_uid
+from pacs_node.delivery.registry import protocol_of
+from pacs_node.files import atomic_file, is_transient, private_folder
+from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
 from pacs_node.intake.sanitize import Cleaned, clean_source, text
 from pacs_node.intake.screen import screen
-from pacs_node.files import atomic_file, is_transient, private_folder
 from pacs_node.intake.spool import Receipt, Spool
-from pacs_node.status import FailReason, StoreStatus
 from pacs_node.intake.work import WorkQueue
+from pacs_node.metrics import Metrics, MetricsServer
+from pacs_node.model.predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
+from pacs_node.results.base import Result, ResultContext, ResultWriter
+from pacs_node.results.identity import ResultIdentity
+from pacs_node.results.registry import writers_for
+from pacs_node.status import FailReason, StoreStatus
+from pacs_node.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class Node:
         self.spool = Spool(config.spool, config.keep_skipped)
         self.audit = AuditLog(config.audit_path)
         self.metrics = Metrics()
+        self.writers = check_outputs(config)
         self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage, config.ood_gate)
         self.work = WorkQueue(self._held_bytes)
         self.output_dir = Path(config.output_dir)
@@ -346,23 +347,19 @@ class Node:
     def _finish(self, item: Item, prediction: Prediction) -> bool:
         t0 = time.perf_counter()
         source, model = item.clean.dataset, self.predictor.contract
-        identity = ResultIdentity.of(source, model)
-        chest = item.prepared.source
+        context = ResultContext(
+            source=source, received=item.dataset, prepared=item.prepared, prediction=prediction, model=model,
+            identity=ResultIdentity.of(source, model), config=self.config,
+        )  # fmt: skip
         results = []
-        if "sr" in self.config.outputs:
-            item.stage = FailReason.REPORT
-            results.append(build_report(source, prediction, model, identity))
-        if "sc" in self.config.outputs:
-            item.stage = FailReason.OVERLAY
-            results.append(build_overlay(source, chest.pixels, chest.spacing, item.prepared.on_source(prediction), model, identity, self.config.overlay_max_side, self.config.overlay_modality))
-        if "gsps" in self.config.outputs:
-            item.stage = FailReason.PRESENTATION
-            results.append(build_presentation_state(source, item.dataset, prediction, model, identity))
+        for writer in self.writers:
+            item.stage = writer.fail_reason
+            results.append(writer.build(context))
         item.timings["build"] = time.perf_counter() - t0
         item.stage = FailReason.HAND_OVER
         delivery = self._hand_over(source, results, _content_digest(source, prediction))
         self.spool.done(item.path)
-        self._processed(item, prediction, [str(r.SOPInstanceUID) for r in results], delivery)
+        self._processed(item, prediction, [r.uid for r in results], delivery)
         return True
 
     def _processed(self, item: Item, prediction: Prediction, outputs: list[str], delivery: str) -> None:
@@ -394,17 +391,21 @@ class Node:
         note = item.clean.note if item.clean else ""
         self._audit(item, "processed", result=result, outputs=outputs, delivery=delivery, detail=note or None)
 
-    def _hand_over(self, source: Dataset, results: list[Dataset], digest: str) -> str:
-        """Results into every outbox, durably; with no destination, into ``output_dir/<StudyInstanceUID>``."""
+    def _hand_over(self, source: Dataset, results: list[Result], digest: str) -> str:
+        """Results into the outbox of every destination that takes them, durably; with no
+        destination, into ``output_dir/<StudyInstanceUID>``."""
         if not self.senders:
             folder = self._study_folder(str(source.StudyInstanceUID))
-            for dataset in results:
-                with atomic_file(folder / f"{result_kind(dataset)}.{dataset.SOPInstanceUID}.dcm") as handle:
-                    dataset.save_as(handle, enforce_file_format=True)
+            for result in results:
+                with atomic_file(folder / result.file_name) as handle:
+                    handle.write(result.data)
             return f"written to {folder}"
         queued, had = [], []
         for sender in self.senders:
-            put = [sender.put(dataset, str(source.SOPInstanceUID), digest) for dataset in results]
+            taken = [result for result in results if sender.takes(result)]
+            if not taken:
+                continue
+            put = [sender.put(result, str(source.SOPInstanceUID), digest) for result in taken]
             (queued if any(put) else had).append(str(sender.destination))
             sender.wake()
         return "; ".join(f"{what} {', '.join(names)}" for what, names in (("queued for", queued), ("already delivered to", had)) if names)
@@ -600,6 +601,23 @@ class Node:
         self.metrics.gauge("destination_failing_seconds", per_destination(lambda s: _failing(s.stats) or 0.0), "how long every try to deliver to a destination has failed (0: not failing)")
         self.metrics.gauge("spool_free_bytes", lambda: {(): float(self.spool.free_bytes())}, "free space on the spool's disk (below min_free_mb, images are refused)")
         self.metrics.gauge("healthy", lambda: {(): float(self.health()["status"] == "ok")}, "1 when /health says ok")
+
+
+def check_outputs(config: NodeConfig) -> list[ResultWriter]:
+    """The writers of ``outputs``; a ConfigError naming the key when an output kind, a
+    destination's protocol, or a kind a destination lists is not one the node has, or when a
+    destination could never take anything the node writes."""
+    writers = writers_for(config.outputs)
+    for index, destination in enumerate(config.parsed_destinations()):
+        protocol = protocol_of(destination)
+        listed = writers_for(destination.outputs, f"destinations[{index}].outputs") if destination.outputs else writers
+        missing = [w.kind for w in listed if w.kind not in config.outputs]
+        if missing:
+            raise ConfigError(f"destinations[{index}].outputs lists {', '.join(missing)}, which outputs does not write ({', '.join(config.outputs)})")
+        media = {w.kind: w.media_type for w in listed}
+        if not any(m in protocol.media_types for m in media.values()):
+            raise ConfigError(f"destinations[{index}] ({protocol.name}) carries none of the outputs it would take: {', '.join(media)}")
+    return writers
 
 
 def _waited(stats: DeliveryStats) -> float | None:

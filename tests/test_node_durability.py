@@ -132,7 +132,7 @@ def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(
         expected = set()
         for ds in images:
             identity = ResultIdentity.of(ds, contract)
-            expected |= {identity.sr_uid, identity.sc_uid}
+            expected |= {identity.instance_uid("sr"), identity.instance_uid("sc")}
         wait_for(lambda: set(destination.stored) >= expected, 600, "every result at the destination")
         time.sleep(2)  # anything still to come would be a duplicate or a stray
         # Counted, not compared as sets: exactly one SR and one SC per image, no other instance.

@@ -289,7 +289,7 @@ def test_result_uids_depend_only_on_source_and_weights(predictor: NodePredictor,
     other = build_report(rg1, positive(), retrained, ResultIdentity.of(rg1, retrained))
     assert other.SOPInstanceUID != first.SOPInstanceUID
     another_image = chest_dataset()
-    assert ResultIdentity.of(another_image, contract).sr_uid != first.SOPInstanceUID
+    assert ResultIdentity.of(another_image, contract).instance_uid("sr") != first.SOPInstanceUID
 
 
 def test_unknown_class_labels_get_a_private_code() -> None:
@@ -316,7 +316,7 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(tmp_path: Pat
     back = dcmread(sc_path)
     assert back.BurnedInAnnotation == "YES" and back.StudyInstanceUID == rg1.StudyInstanceUID
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
-    assert back.SOPInstanceUID == identity.sc_uid and back.SeriesInstanceUID != sr.SeriesInstanceUID
+    assert back.SOPInstanceUID == identity.instance_uid("sc") and back.SeriesInstanceUID != sr.SeriesInstanceUID
     assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless: no viewer is shown lossy pixels
     assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
     assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows  # the band above the full image

@@ -418,7 +418,7 @@ def delivered(node) -> list[str]:
 
 def expected_results(images: list[Dataset], predictor) -> set[str]:
     identities = [ResultIdentity.of(ds, predictor.contract) for ds in images]
-    return {uid for identity in identities for uid in (identity.sr_uid, identity.sc_uid)}
+    return {uid for identity in identities for uid in (identity.instance_uid("sr"), identity.instance_uid("sc"))}
 
 
 @pytest.mark.tools

@@ -21,8 +21,8 @@ from pynetdicom.sop_class import (
 )
 
 from pacs_node.config import Destination
-from pacs_node.logs import describe
 from pacs_node.delivery.transport import STORED, Outcome, Status, Unreachable
+from pacs_node.logs import describe
 
 logger = logging.getLogger(__name__)
 

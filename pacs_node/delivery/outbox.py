@@ -1,6 +1,7 @@
 """Sending results: one persistent outbox per destination, each with its own sender thread.
 
-``outbox/<destination>/`` holds the results still to deliver, one DICOM file each, written
+``outbox/<destination>/`` holds the results still to deliver, one file each (a DICOM object,
+or a result of another media type where the destination's protocol carries it), written
 durably before the source instance leaves the spool. A sender sends what is there in
 batches, one association (C-STORE, :mod:`pacs_node.delivery.cstore`) or a few HTTP requests
 (STOW-RS, :mod:`pacs_node.delivery.stow`) per batch, deletes what the destination accepted, and after
@@ -22,8 +23,9 @@ got no answer, is in doubt (``.delivered/<entry>.sending``): before sending it a
 sender asks the destination whether it has it (C-FIND where it answers queries, QIDO-RS).
 
 Entries, exactly once. A result is written as an entry of its own,
-``<SOPInstanceUID>_<n>.dcm`` with a sidecar ``<SOPInstanceUID>_<n>.json`` (its source, the
-node's content digest, and the SHA-256 and size of the file's exact bytes), ``n`` one more
+``<uid>_<n><suffix>`` (``<SOPInstanceUID>_<n>.dcm`` for a DICOM object) with a sidecar
+``<uid>_<n>.json`` (its source, kind and media type, the node's content digest, and the SHA-256
+and size of the file's exact bytes), ``n`` one more
 than the newest entry of that UID still in the outbox. An entry is never rewritten: a result
 corrected while the one before is on the wire is another entry, sent after it, and the first
 one's success can neither count for it nor remove it. One lock per outbox makes the check
@@ -65,11 +67,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from pacs_node.config import Destination, OutboxConfig, WebDestination
-from pacs_node.delivery.cstore import CStoreTransport
-from pacs_node.logs import describe
+from pacs_node.delivery.registry import protocol_of
+from pacs_node.delivery.transport import Link, Outcome, Status, Unreachable
 from pacs_node.files import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
-from pacs_node.delivery.stow import StowTransport
-from pacs_node.delivery.transport import Link, Outcome, Status, Transport, Unreachable
+from pacs_node.logs import describe
+from pacs_node.results.base import Result
+from pacs_node.results.identity import result_kind
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +153,9 @@ class DestinationSender:
         self.on_sent = on_sent or (lambda _: None)
         self.on_held = on_held or (lambda *_: None)
         self.stats = DeliveryStats()
-        self.transport = open_transport(destination, calling_ae, config, tls, timeout_s)
+        protocol = protocol_of(destination)
+        self.media_types = protocol.media_types
+        self.transport = protocol.open(destination, calling_ae, config, tls, timeout_s)
         self._attempts: dict[str, _Attempts] = {}
         self._lock = threading.Lock()  # put's check-and-write against a delivery's ledger-write-and-unlink
         self._wake = threading.Event()
@@ -164,11 +169,18 @@ class DestinationSender:
                 self._adopt(legacy)
             except OSError as exc:  # a full disk: it stays as it is, not sent, until a start that can adopt it
                 logger.warning("%s: could not adopt %s from the outbox layout before (%s)", destination, legacy.name, describe(exc))
-        for orphan in self.folder.glob("*.json"):  # a sidecar whose object was never written (a full disk)
-            if not orphan.with_suffix(".dcm").exists():
+        keys = {_key(path) for path in self._listing()}
+        for orphan in self.folder.iterdir():  # a sidecar whose object was never written (a full disk)
+            if _SIDECAR.fullmatch(orphan.name) and orphan.name[: -len(".json")] not in keys:
                 orphan.unlink(missing_ok=True)
 
-    def put(self, dataset: Dataset, source_uid: str, digest: str = "") -> Path | None:
+    def takes(self, result: Result) -> bool:
+        """Whether ``result`` goes to this destination: its protocol carries the result's media
+        type, and the destination takes its kind (every kind, when it lists none)."""
+        outputs = self.destination.outputs
+        return result.media_type in self.media_types and (not outputs or result.kind in outputs)
+
+    def put(self, result: Result | Dataset, source_uid: str, digest: str = "") -> Path | None:
         """Write a result durably into this destination's outbox as a new entry; the entry that
         will carry it, or None when the destination already has it (see the module).
 
@@ -177,18 +189,22 @@ class DestinationSender:
         corrected patient data gives another digest: the corrected result is sent, after any
         entry of the same UID already on the wire. Without a digest, every put is sent.
         """
-        uid = str(dataset.SOPInstanceUID)
-        data = _encoded(dataset)
+        if isinstance(result, Dataset):
+            result = Result.of_dataset(result, result_kind(result).lower(), result_kind(result))
+        uid, data = result.uid, result.data
         with self._lock:
             entries = self._entries_of(uid)
             if digest and entries and self._sidecar(entries[-1]).get("digest") == digest:
                 return entries[-1]  # the same result is waiting, or on the wire
             if digest and not entries and _read(self.ledger / uid) == digest:
                 return None
-            path = self.folder / f"{uid}_{_sequence(entries[-1]) + 1 if entries else 1}.dcm"
-            # The sidecar first: the sender picks up *.dcm, and must find its source and digest beside it.
-            sidecar = {"source": source_uid, "digest": digest, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-            with atomic_file(path.with_suffix(".json")) as handle:
+            path = self.folder / f"{uid}_{_sequence(entries[-1]) + 1 if entries else 1}{result.suffix}"
+            # The sidecar first: the sender picks up entries, and must find their source and digest beside them.
+            sidecar = {
+                "source": source_uid, "digest": digest, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                "kind": result.kind, "media_type": result.media_type,
+            }  # fmt: skip
+            with atomic_file(_sidecar_path(path)) as handle:
                 handle.write(json.dumps(sidecar).encode())
             with atomic_file(path) as handle:
                 handle.write(data)
@@ -197,7 +213,7 @@ class DestinationSender:
     def _entries_of(self, uid: str) -> list[Path]:
         """The entries of ``uid`` in the outbox, oldest first."""
         prefix = f"{uid}_"
-        found = [self.folder / e.name for e in os.scandir(self.folder) if e.name.startswith(prefix) and e.name.endswith(".dcm")]
+        found = [self.folder / e.name for e in os.scandir(self.folder) if e.name.startswith(prefix) and _ENTRY.fullmatch(e.name)]
         return sorted((p for p in found if _uid_of(p) == uid), key=_sequence)
 
     def _adopt(self, path: Path) -> None:
@@ -243,10 +259,10 @@ class DestinationSender:
             return self._listing()
 
     def _listing(self) -> list[Path]:
-        """Every ``*.dcm`` but files of the layout before not yet adopted (see ``__init__``)."""
+        """Every entry (``<uid>_<n><suffix>``); files of the layout before are adopted first (see ``__init__``)."""
         stamped = []
         for entry in os.scandir(self.folder):
-            if entry.name.endswith(".dcm") and not _LEGACY.fullmatch(entry.name[:-4]):
+            if _ENTRY.fullmatch(entry.name):
                 try:
                     stamped.append((entry.stat().st_mtime_ns, entry.name))
                 except OSError:  # gone since the listing
@@ -269,7 +285,7 @@ class DestinationSender:
 
     def _drop(self, path: Path) -> None:
         """Remove a superseded entry (the caller holds the lock)."""
-        for part in (self._sending_marker(path), path, path.with_suffix(".json")):
+        for part in (self._sending_marker(path), path, _sidecar_path(path)):
             part.unlink(missing_ok=True)
         self._attempts.pop(path.name, None)
         logger.info("%s: %s superseded by a newer result of the same instance before it was delivered; not sent", self.destination, path.stem)
@@ -416,7 +432,7 @@ class DestinationSender:
 
     def _sending_marker(self, path: Path) -> Path:
         """Present while ``path`` is on the wire or unanswered: after a crash, the object is in doubt."""
-        return self.ledger / f"{path.stem}.sending"
+        return self.ledger / f"{_key(path)}.sending"
 
     def _settle(self, path: Path, outcome: Outcome) -> bool:
         """Act on what became of one object; False when the destination could not take it now."""
@@ -471,7 +487,7 @@ class DestinationSender:
                 _write(self.ledger / uid, str(sidecar.get("digest", "")))
             except OSError:  # a full disk: the destination has the object all the same; sending it again would duplicate it
                 logger.warning("%s: could not note the delivery of %s (disk full?); an image processed again would be sent again", self.destination, uid)
-            for part in (self._sending_marker(path), path, path.with_suffix(".json")):
+            for part in (self._sending_marker(path), path, _sidecar_path(path)):
                 part.unlink(missing_ok=True)
             fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
@@ -488,11 +504,11 @@ class DestinationSender:
                 self._dead_letter(path, "undeliverable", f"undeliverable for {self.config.dead_letter_after_s:.0f} s, last: {self.stats.last_error}")
 
     def _dead_letter(self, path: Path, reason: str, why: str) -> None:
-        """Move an entry to ``dead-letter/<destination>/<uid>.dcm`` (a person looks for it by its UID;
-        a later dead letter of the same UID replaces it), with its sidecar and the reason."""
+        """Move an entry to ``dead-letter/<destination>/<uid><suffix>`` (a person looks for it by its
+        UID; a later dead letter of the same UID replaces it), with its sidecar and the reason."""
         source, uid = self._source_of(path), _uid_of(path)
         with self._lock:
-            for part, suffix in ((path, ".dcm"), (path.with_suffix(".json"), ".json")):
+            for part, suffix in ((path, _suffix(path)), (_sidecar_path(path), ".json")):
                 if part.exists():
                     os.replace(part, self.dead / f"{uid}{suffix}")
         try:
@@ -512,40 +528,50 @@ class DestinationSender:
     @staticmethod
     def _sidecar(path: Path) -> dict:
         try:
-            found = json.loads(path.with_suffix(".json").read_text())
+            found = json.loads(_sidecar_path(path).read_text())
             return found if isinstance(found, dict) else {}
         except (OSError, ValueError):
             return {}
-
-
-def open_transport(destination: Destination | WebDestination, calling_ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout_s: float) -> Transport:
-    """C-STORE to an AE title, STOW-RS to a URL."""
-    if isinstance(destination, WebDestination):
-        return StowTransport(destination, tls, timeout_s, config.max_request_mb * 2**20)
-    return CStoreTransport(destination, calling_ae, tls, timeout_s)
 
 
 #: The name of an outbox file of the layout before entries: the SOP Instance UID alone.
 _LEGACY = re.compile(r"[0-9.]+")
 
 
+#: An entry: ``<uid>_<n><suffix>``, its sidecar ``<uid>_<n>.json`` (partial writes start with a dot).
+_ENTRY = re.compile(r"(?P<uid>[0-9A-Za-z][0-9A-Za-z.-]*)_(?P<n>[0-9]+)(?P<suffix>\.(?!json$)[^_]+)")
+_SIDECAR = re.compile(r"[0-9A-Za-z][0-9A-Za-z.-]*_[0-9]+\.json")
+
+
+def _parts(path: Path) -> tuple[str, int, str]:
+    """``(uid, n, suffix)`` of an entry; a file of the layout before (``<uid>.dcm``): ``(uid, 0, ".dcm")``."""
+    match = _ENTRY.fullmatch(path.name)
+    if match:
+        return match["uid"], int(match["n"]), match["suffix"]
+    return path.stem, 0, path.suffix
+
+
 def _uid_of(path: Path) -> str:
-    """The SOP Instance UID of an entry (``<uid>_<n>.dcm``; a file of the layout before: ``<uid>.dcm``)."""
-    uid, separator, _ = path.stem.rpartition("_")
-    return uid if separator else path.stem
+    """The UID of an entry (the SOP Instance UID of a DICOM object)."""
+    return _parts(path)[0]
 
 
 def _sequence(path: Path) -> int:
     """The number of an entry among those of its UID (0 for an adopted file of the layout before)."""
-    _, separator, number = path.stem.rpartition("_")
-    return int(number) if separator and number.isdigit() else 0
+    return _parts(path)[1]
 
 
-def _encoded(dataset: Dataset) -> bytes:
-    """The PS3.10 file of ``dataset``: the exact bytes written, and digested."""
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+def _suffix(path: Path) -> str:
+    return _parts(path)[2]
+
+
+def _key(path: Path) -> str:
+    """An entry's name without its suffix: what its sidecar and in-doubt marker are named after."""
+    return path.name[: -len(_suffix(path))]
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(f"{_key(path)}.json")
 
 
 def _mismatch(data: bytes, sidecar: dict) -> str:

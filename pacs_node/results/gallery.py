@@ -20,10 +20,10 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     """The RGB overlay the node would send for the image at ``path``."""
     from pydicom import dcmread
 
+    from pacs_node.intake.sanitize import clean_source
+    from pacs_node.model.predictor import prepare
     from pacs_node.results.identity import ResultIdentity
     from pacs_node.results.overlay import build_overlay
-    from pacs_node.model.predictor import prepare
-    from pacs_node.intake.sanitize import clean_source
 
     source = dcmread(path)
     prepared = prepare(source, predictor.contract.image_size)

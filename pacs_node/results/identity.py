@@ -13,11 +13,10 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from dp_model.contract import ModelContract
-
 from pacs_node import codes
 from pacs_node.codes import MANUFACTURER
-from pacs_node.uids import derived_uid
 from pacs_node.intake.sanitize import integer
+from pacs_node.uids import derived_uid
 
 __all__ = ["MANUFACTURER", "ResultIdentity", "contributing_equipment", "derived_uid"]
 
@@ -42,29 +41,13 @@ class ResultIdentity:
         number = integer(source, "InstanceNumber")
         return ResultIdentity(str(source.SOPInstanceUID), str(source.StudyInstanceUID), model.device_uid, number if number is not None and number >= 0 else 1, model.demo)
 
-    @property
-    def sr_uid(self) -> str:
-        return derived_uid(self.source_uid, self.device_uid, "sr")
+    def instance_uid(self, role: str) -> str:
+        """The SOP Instance UID of this image's result of ``role`` (a writer's role: ``sr``, ``sc``, ``pr``)."""
+        return derived_uid(self.source_uid, self.device_uid, role)
 
-    @property
-    def sc_uid(self) -> str:
-        return derived_uid(self.source_uid, self.device_uid, "sc")
-
-    @property
-    def pr_uid(self) -> str:
-        return derived_uid(self.source_uid, self.device_uid, "pr")
-
-    @property
-    def pr_series_uid(self) -> str:
-        return derived_uid(self.study_uid, self.device_uid, "pr-series")
-
-    @property
-    def sr_series_uid(self) -> str:
-        return derived_uid(self.study_uid, self.device_uid, "sr-series")
-
-    @property
-    def sc_series_uid(self) -> str:
-        return derived_uid(self.study_uid, self.device_uid, "sc-series")
+    def series_uid(self, role: str) -> str:
+        """The series of every result of ``role`` in this study, for this model."""
+        return derived_uid(self.study_uid, self.device_uid, f"{role}-series")
 
     def tracking_uid(self, key: str) -> str:
         return derived_uid(self.source_uid, self.device_uid, "tracking", key)

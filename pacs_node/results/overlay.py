@@ -17,6 +17,7 @@ import warnings
 import highdicom as hd
 import numpy as np
 import torch
+from dp_transforms.geometry import resize
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
@@ -24,11 +25,14 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
 
 from dp_model.contract import ModelContract
-from dp_transforms.geometry import resize
-
-from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from pacs_node import codes
 from pacs_node.model.predictor import REGION_THRESHOLD, Prediction
+from pacs_node.results.base import DICOM, Result, ResultContext
+from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
+from pacs_node.status import FailReason
+
+#: What this output's UIDs are derived under (:meth:`~pacs_node.results.identity.ResultIdentity.instance_uid`).
+ROLE = "sc"
 
 # highdicom checks the person names it copies from the source; a single-component name
 # ("ward") is legal DICOM that it merely finds unusual. The node copies source names as
@@ -146,9 +150,9 @@ def build_overlay(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=identity.sc_series_uid,
+        series_instance_uid=identity.series_uid(ROLE),
         series_number=identity.SC_SERIES_NUMBER,
-        sop_instance_uid=identity.sc_uid,
+        sop_instance_uid=identity.instance_uid(ROLE),
         instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
         pixel_spacing=tuple(s / scale for s in spacing) if spacing else None,
@@ -182,3 +186,18 @@ def _describe(sc: Dataset, source: Dataset, identity: ResultIdentity) -> None:
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = Sequence([reference])
+
+
+class OverlayWriter:
+    """The ``sc`` output: the Secondary Capture with the result burned in."""
+
+    media_type = DICOM
+    kind, label, role, fail_reason = "sc", "SC", ROLE, FailReason.OVERLAY
+
+    def build(self, context: ResultContext) -> Result:
+        chest = context.prepared.source
+        overlay = build_overlay(
+            context.source, chest.pixels, chest.spacing, context.prepared.on_source(context.prediction), context.model, context.identity,
+            context.config.overlay_max_side, context.config.overlay_modality,
+        )
+        return Result.of_dataset(overlay, self.kind, self.label)

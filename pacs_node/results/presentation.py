@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from dp_transforms.header import number, numbers, text
 from pydicom.dataset import Dataset
 
 from dp_model.contract import ModelContract
-from dp_transforms.header import number, numbers, text
-
 from pacs_node import codes
+from pacs_node.model.predictor import Prediction
+from pacs_node.results.base import DICOM, Result, ResultContext
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from pacs_node.results.overlay import BANNER, verdict
-from pacs_node.model.predictor import Prediction
+from pacs_node.status import FailReason
+
+#: What this output's UIDs are derived under (:meth:`~pacs_node.results.identity.ResultIdentity.instance_uid`).
+ROLE = "pr"
 
 __all__ = ["build_presentation_state"]
 
@@ -50,9 +54,9 @@ def build_presentation_state(
     annotation = hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts)
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
-        series_instance_uid=identity.pr_series_uid,
+        series_instance_uid=identity.series_uid(ROLE),
         series_number=identity.PR_SERIES_NUMBER,
-        sop_instance_uid=identity.pr_uid,
+        sop_instance_uid=identity.instance_uid(ROLE),
         instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model.name[:64],
@@ -129,3 +133,13 @@ def _headline(prediction: Prediction, model: ModelContract, rows: int, columns: 
     demo = " (DEMONSTRATION MODEL)" if model.demo else ""
     text = f"{BANNER}{demo}: {verdict(prediction)}"[:1024]
     return hd.pr.TextObject(text, hd.pr.AnnotationUnitsValues.PIXEL, bounding_box=(columns * 0.02, rows * 0.01, columns * 0.98, rows * 0.06), text_justification=hd.pr.TextJustificationValues.LEFT)
+
+
+class PresentationWriter:
+    """The ``gsps`` output: the regions and the result line as a presentation state over the radiograph."""
+
+    media_type = DICOM
+    kind, label, role, fail_reason = "gsps", "PR", ROLE, FailReason.PRESENTATION
+
+    def build(self, context: ResultContext) -> Result:
+        return Result.of_dataset(build_presentation_state(context.source, context.received, context.prediction, context.model, context.identity), self.kind, self.label)

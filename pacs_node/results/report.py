@@ -38,10 +38,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from dp_model.contract import ModelContract
-
 from pacs_node import codes
-from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from pacs_node.model.predictor import Prediction
+from pacs_node.results.base import DICOM, Result, ResultContext
+from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
+from pacs_node.status import FailReason
+
+#: What this output's UIDs are derived under (:meth:`~pacs_node.results.identity.ResultIdentity.instance_uid`).
+ROLE = "sr"
 
 HAS_PROPERTIES = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
 CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
@@ -62,9 +66,9 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=content,
-        series_instance_uid=identity.sr_series_uid,
+        series_instance_uid=identity.series_uid(ROLE),
         series_number=identity.SR_SERIES_NUMBER,
-        sop_instance_uid=identity.sr_uid,
+        sop_instance_uid=identity.instance_uid(ROLE),
         instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -198,3 +202,13 @@ def _region_group(
         measurements=score,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=codes.PRESENT)],
     )
+
+
+class ReportWriter:
+    """The ``sr`` output: the Structured Report (TID 1500) of one image."""
+
+    media_type = DICOM
+    kind, label, role, fail_reason = "sr", "SR", ROLE, FailReason.REPORT
+
+    def build(self, context: ResultContext) -> Result:
+        return Result.of_dataset(build_report(context.source, context.prediction, context.model, context.identity), self.kind, self.label)

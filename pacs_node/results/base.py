@@ -1,0 +1,125 @@
+"""What every output kind is: a :class:`ResultWriter` builds one :class:`Result` from one
+:class:`ResultContext`.
+
+A result is bytes with a name, a media type and a kind: the outbox keeps it durably, a
+destination takes it when the destination's transport carries its media type (and the
+destination lists the kind, where it lists kinds), and ``output_dir`` gets it as
+``<label>.<uid><suffix>``. Nothing after the writer knows what is inside: a new kind (a FHIR
+DiagnosticReport, say) is one writer module and one line in :mod:`pacs_node.results.registry`,
+and, when no transport carries its media type yet, one transport in
+:mod:`pacs_node.delivery.registry`.
+
+Identity: a writer names its ``role``, and :class:`~pacs_node.results.identity.ResultIdentity`
+derives the instance and series UIDs from the source, the model and that role, so the same
+image and model always give the same identifiers (PS3.5 B.2) and two kinds never share one.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    from dp_model.contract import ModelContract
+    from pacs_node.config import NodeConfig
+    from pacs_node.model.prediction import Prediction
+    from pacs_node.model.predictor import Prepared
+    from pacs_node.results.identity import ResultIdentity
+
+DICOM = "application/dicom"
+
+#: What a result's suffix may not be: the outbox's sidecars are ``<uid>_<n>.json``
+#: (``.fhir.json`` is a suffix of its own), partial writes end in ``.part``.
+RESERVED_SUFFIXES = (".json", ".part", ".sending")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultContext:
+    """Everything the writers of one image may use; the same object for every writer.
+
+    Attributes:
+        source: the cleaned data set (:func:`~pacs_node.intake.sanitize.clean_source`), the
+            only one a writer copies patient and study attributes from.
+        received: the data set as it arrived (a presentation state keeps its grayscale pipeline).
+        prepared: the decoded image, as displayed, and the way from the model's canvas back to it.
+        prediction: what the model says, in the source's pixels.
+        model: the contract of the bundle that said it.
+        identity: the UIDs, series and instance number of this image's results.
+        config: the node's configuration (overlay size, modality).
+    """
+
+    source: Dataset
+    received: Dataset
+    prepared: Prepared
+    prediction: Prediction
+    model: ModelContract
+    identity: ResultIdentity
+    config: NodeConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """One output of one image, ready to keep and to send.
+
+    Attributes:
+        kind: the writer's kind, as ``outputs`` names it (``sr``).
+        label: the prefix of its file name in ``output_dir`` (``SR``).
+        uid: what identifies it at a destination (the SOP Instance UID of a DICOM object); digits,
+            letters, dots and dashes only, as it names files.
+        data: the exact bytes sent and digested.
+        media_type: ``application/dicom`` for DICOM objects; the transport is chosen by it.
+        suffix: the file suffix (``.dcm``).
+    """
+
+    kind: str
+    label: str
+    uid: str
+    data: bytes
+    media_type: str = DICOM
+    suffix: str = ".dcm"
+
+    def __post_init__(self) -> None:
+        if not self.uid or not all(c.isalnum() or c in ".-" for c in self.uid):
+            raise ValueError(f"a result's uid names files: letters, digits, dots and dashes only, got {self.uid!r}")
+        if not self.suffix.startswith(".") or "_" in self.suffix or self.suffix in RESERVED_SUFFIXES or self.suffix.endswith(RESERVED_SUFFIXES[1:]):
+            raise ValueError(f"a result's suffix must start with a dot, hold no '_' and be none of {', '.join(RESERVED_SUFFIXES)}, got {self.suffix!r}")
+
+    @property
+    def file_name(self) -> str:
+        """Its name in ``output_dir/<StudyInstanceUID>/``: ``SR.<uid>.dcm``."""
+        return f"{self.label}.{self.uid}{self.suffix}"
+
+    @staticmethod
+    def of_dataset(dataset: Dataset, kind: str, label: str) -> Result:
+        """A DICOM object as a result: its PS3.10 file, encoded once for every destination."""
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return Result(kind=kind, label=label, uid=str(dataset.SOPInstanceUID), data=buffer.getvalue())
+
+
+@runtime_checkable
+class ResultWriter(Protocol):
+    """One output kind.
+
+    Attributes:
+        kind: its name in the configuration's ``outputs`` and a destination's ``outputs``.
+        label: the prefix of its files in ``output_dir``.
+        role: what its UIDs are derived under (never shared by two kinds).
+        media_type: the media type of its results (``application/dicom``): which destinations
+            can carry them is known before the first image.
+        fail_reason: the stable reason an image fails with when building this kind raises
+            (audit log, metrics, ``spool/failed/``).
+    """
+
+    kind: str
+    label: str
+    role: str
+    media_type: str
+    fail_reason: str
+
+    def build(self, context: ResultContext) -> Result:
+        """This kind's result for one image."""
+        ...
