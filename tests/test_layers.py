@@ -2,8 +2,8 @@
 
 ``pacs_node`` is intake -> model -> results -> delivery over a ground floor (config, logs,
 metrics, audit, status, codes, files, uids). A step imports the ground floor and the steps
-before it; the ground floor imports no step (``node.py`` and ``cli.py`` are the wiring, and
-may import every step). A change that makes intake import a writer, or the outbox import the
+before it; the ground floor imports no step (the wiring, ``node.py`` with the pipeline, the
+supervisor and the outcome events, and ``cli.py``, may import every step). A change that makes intake import a writer, or the outbox import the
 model, fails here with the offending line.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pacs_node"
 STEPS = ("intake", "model", "results", "delivery")
-WIRING = ("pacs_node.node", "pacs_node.cli")
+WIRING = ("pacs_node.node", "pacs_node.cli", "pacs_node.pipeline", "pacs_node.supervisor", "pacs_node.outcomes")
 
 
 def _module(path: Path) -> str:

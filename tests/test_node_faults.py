@@ -353,7 +353,7 @@ class OutOfMemory:
 
 
 def test_an_image_that_never_fits_in_memory_fails_after_some_retries_and_the_node_goes_on(tmp_path: Path, predictor: NodePredictor, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pacs_node.node as node_module
+    import pacs_node.pipeline as node_module
 
     monkeypatch.setattr(node_module, "RETRY_INITIAL_S", 0.05)
     model = OutOfMemory(predictor)
