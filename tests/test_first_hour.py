@@ -188,7 +188,7 @@ class NeverAssessed:
 
 
 def test_an_image_not_assessed_is_logged_and_audited_without_a_probability(predictor, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pacs_node.node")
+    caplog.set_level(logging.INFO, logger="pacs_node")
     node = start_node(tmp_path, NeverAssessed(predictor))
     try:
         ds = chest_dataset()
