@@ -105,7 +105,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     located = localization(model, data["test"], dataset.classes, normal)
     shown = regions.measure(model, train_data.to("cpu"), data["val"], data["test"], len(dataset.classes), normal, seed)
     pneumonia = dataset.pneumonia_classes(dataset.classes[normal])
-    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed, offsets)
+    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, model.multi_label, seed, offsets)
     timings["total"] = time.perf_counter() - start
     fitted = replace(fitted, localization=shown, logit_adjustment=offsets)
     _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted, compared)
@@ -198,7 +198,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         fitted.statistics.save(out / "models" / "ood.pt")
         gate = replace(gate, digest=ood_digest(out / "models" / "ood.pt"))
     contract = ModelContract(
-        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal],
+        dataset.classes, config.data.image_size, tuple(model.attention_stages), dataset.classes[normal],
         config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
         network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
         round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate, split_sizes(splits, fitted),
@@ -223,7 +223,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         fitted.before, fitted.after, docs / "calibration.png", None if test_scores is None else (test_scores, np.zeros(0)), fitted.ood and fitted.ood.threshold,
     )  # fmt: skip
     turned_away = None if test_scores is None or fitted.ood is None else float((test_scores > fitted.ood.threshold).mean())
-    if hasattr(model, "class_maps"):
+    if model.has_class_maps:
         pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
     served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
