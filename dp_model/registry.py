@@ -68,6 +68,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             name="vgg16", network="dp_model.networks:BaselineNet", arguments={"architecture": "vgg16", "cam_layer": "features.28"},
             description=f"VGG16 {_PAPER_BASELINE}",
         ),
+        Architecture(  # features ends in a batch norm; a ReLU comes before the pool, so CAM is not exact
+            name="densenet121", network="dp_model.networks:BaselineNet", arguments={"architecture": "densenet121", "cam_layer": "features"},
+            description="DenseNet-121 baseline trained from scratch (the network of CheXNet, Rajpurkar et al. 2017).",
+        ),
         Architecture(
             name="attention_resnet50", network="dp_model.networks:AttentionResNet50",
             description="Attention-enhanced ResNet-50: channel and spatial attention side branches in every residual stage, trained with a modified focal loss with 1/sqrt(n) class weights.",

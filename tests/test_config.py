@@ -164,11 +164,10 @@ def test_an_unknown_architecture_fails_at_load_naming_the_key_and_the_known_name
 
 def test_the_training_config_reads_multi_label_and_pre_training_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new entry of the table is a valid ``finetune.architecture`` with nothing else to edit."""
-    from dp_model.architectures import ARCHITECTURES, Architecture
-    from dp_model.networks import BaselineNet
+    from dp_model.registry import ARCHITECTURES, Architecture
     from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, TrainConfig
 
-    entry = Architecture(name="mobile_test", build=BaselineNet, description="a test entry", multi_label=True)
+    entry = Architecture(name="mobile_test", network="dp_model.networks:BaselineNet", description="a test entry", multi_label=True)
     monkeypatch.setitem(ARCHITECTURES, "mobile_test", entry)
     finetune = FinetuneConfig(architecture="mobile_test", mgacr=MGACRConfig(attention=False, feature_cr=False))
     assert finetune.multi_label

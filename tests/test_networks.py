@@ -205,3 +205,20 @@ def test_the_registry_and_the_training_config_need_no_pytorch() -> None:
     code = "import sys, dp_model.registry, dp_model.training.config; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr[-1000:]
+
+
+def test_the_densenet121_baseline_added_as_one_registry_entry_trains_a_step() -> None:
+    """A torchvision classifier is one :class:`~dp_model.networks.BaselineNet` entry: the
+    training config accepts it, stage II builds it and one optimizer step moves its weights."""
+    from dp_model.training.config import FinetuneConfig, MGACRConfig
+    from dp_model.training.objectives import build_classifier, classification_loss, make_optimizer
+
+    config = FinetuneConfig(architecture="densenet121", mgacr=MGACRConfig(attention=False, feature_cr=False), lr=0.01)
+    net = build_classifier(config, 3, None, seed=0, image_size=64).train()
+    assert net.net.features.conv0.in_channels == 1 and net.classifier_layer is net.net.classifier
+    loss_fn, optimizer = classification_loss(config, [5, 3, 2], ["normal", "a", "b"]), make_optimizer(config, net)
+    before = net.classifier_layer.weight.detach().clone()
+    loss = loss_fn(net(torch.rand(4, 1, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(before, net.classifier_layer.weight)
