@@ -333,7 +333,7 @@ class ModelContract:
         normal_class: the class meaning "no finding".
         name, version: the bundle's identity; ``device_uid`` changes with the weights.
         demo: trained as a demonstration; synthetic: trained on synthetic images.
-        architecture: the network (:data:`~dp_model.networks.ARCHITECTURES`); bundles
+        architecture: the network (:data:`~dp_model.registry.ARCHITECTURES`); bundles
             written before variants existed carry none and are ResNet18.
         options: the network's constructor options (JSON values).
         pneumonia_classes: the classes that mean pneumonia (declared by the dataset layout);
