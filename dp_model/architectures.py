@@ -1,46 +1,29 @@
-"""Every classifier by name: the Deep Pneumonia network, the Table II baselines and the variants.
+"""Every classifier by name, and how their outputs become class scores.
 
-This module sits above :mod:`dp_model.networks` and :mod:`dp_model.variants` (which builds on
-the networks), so that neither imports the other's dependants.
+The table itself is :data:`dp_model.registry.ARCHITECTURES` (light: no PyTorch); this module
+gives its names where bundle configs (``dp_model.architectures.build_network``), tests and
+the training code look for them, and every list of architectures derives from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .networks import AttentionResNet50, BaselineNet, DeepPneumoniaNet
-from .variants import CIANet, ClassAttentionNet
+from .classifier import Classifier
+from .registry import ARCHITECTURES, Architecture, build_network
 
-ARCHITECTURES = ("resnet18", "resnet50", "vgg16", "attention_resnet50", "class_attention", "cia_net")
+__all__ = ["ARCHITECTURES", "MULTI_LABEL", "PRETRAINABLE", "Architecture", "build_network", "class_scores", "output_probabilities"]
+
 #: Those with one sigmoid output per finding (the normal class is none of them).
-MULTI_LABEL = ("class_attention", "cia_net")
+MULTI_LABEL = tuple(name for name, a in ARCHITECTURES.items() if a.multi_label)
+#: Those with ResNet18 backbones, which stage I's encoder initialises.
+PRETRAINABLE = tuple(name for name, a in ARCHITECTURES.items() if a.pretrainable)
 
 
-def build_network(architecture: str, num_classes: int, attention_stages: Sequence[int] = (), **options) -> nn.Module:
-    """The classifier of ``architecture``; ``attention_stages`` are MGACR heads (resnet18 only).
-
-    ``num_classes`` counts the outputs: every class for the single-label architectures, the
-    findings alone for :data:`MULTI_LABEL` ones. ``options`` go to the variant's constructor.
-    """
-    if architecture == "resnet18":
-        return DeepPneumoniaNet(num_classes=num_classes, attention_stages=attention_stages, **options)
-    if attention_stages:
-        raise ValueError(f"MGACR attention heads need the resnet18 architecture, not {architecture}")
-    if architecture == "attention_resnet50":
-        return AttentionResNet50(num_classes, **options)
-    if architecture in BaselineNet.ARCHITECTURES:
-        return BaselineNet(architecture, num_classes, **options)
-    if architecture in MULTI_LABEL:
-        return (ClassAttentionNet if architecture == "class_attention" else CIANet)(num_classes, **options)
-    raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
-
-
-def output_probabilities(model: nn.Module, logits: Tensor) -> Tensor:
+def output_probabilities(model: Classifier, logits: Tensor) -> Tensor:
     """Probabilities of a network's logits: a sigmoid per finding, or a softmax over classes."""
-    return torch.sigmoid(logits.float()) if getattr(model, "multi_label", False) else logits.float().softmax(dim=1)
+    return torch.sigmoid(logits.float()) if model.multi_label else logits.float().softmax(dim=1)
 
 
 def class_scores(probabilities: Tensor, multi_label: bool, normal_index: int) -> Tensor:

@@ -16,6 +16,9 @@ Layout::
     samples/                     a few images for the inference config to run on
     LICENSE
 
+Reading a bundle back lives in :mod:`dp_model.loading` and running one in
+:mod:`dp_model.inference`; their names are importable from here as well.
+
 Bundle configs can execute code: load only bundles from people you trust.
 """
 
@@ -26,43 +29,29 @@ import logging
 import platform
 import warnings
 from importlib import metadata as importlib_metadata
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-
-from .contract import ContractError, ModelContract
-from .ood import Detector, classifier_layer, load_detector
-from .ood import digest as ood_digest
+from .contract import ModelContract
+from .inference import Predictor as Predictor  # named by the configs of bundles written before 2026-12-01
+from .loading import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from .loading import SCHEMA_FILE as SCHEMA_FILE
+from .loading import BundleError as BundleError
+from .loading import load_bundle as load_bundle
+from .loading import load_feature_statistics as load_feature_statistics
+from .loading import validate_metadata
+from .loading import weights_uid as weights_uid
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-SCHEMA_FILE = "meta_schema_20240725.json"
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".nrrd")
 PAPER = "X. Wei, X. Niu, X. Zhang, Y. Li. Deep Pneumonia: Attention-Based Contrastive Learning for Class-Imbalanced Pneumonia Lesion Recognition in Chest X-rays. 2022."
 
 
-class BundleError(ValueError):
-    """A bundle is missing a part or does not validate; the message names the file."""
-
-
 # --- writing ----------------------------------------------------------------------------------------
-
-
-def weights_uid(state: dict[str, torch.Tensor]) -> str:
-    """A UID that changes whenever the weights change (the SR's Device UID), 2.25 form."""
-    import hashlib
-    import uuid
-
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return f"2.25.{uuid.UUID(bytes=digest.digest()[:16], version=5).int}"
 
 
 def write_model(root: Path, model: nn.Module, image_size: int) -> dict[str, torch.Tensor]:
@@ -128,22 +117,6 @@ def write_metadata(root: Path, contract: ModelContract, description: str, metric
     path.write_text(json.dumps(meta, indent=2) + "\n")
     validate_metadata(path)
     return path
-
-
-def validate_metadata(path: Path) -> None:
-    """Validate ``metadata.json`` offline against the vendored MONAI schema."""
-    import jsonschema
-
-    schema = json.loads(files("dp_model.schemas").joinpath(SCHEMA_FILE).read_text())
-    try:
-        meta = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable ({exc})") from None
-    errors = sorted(jsonschema.Draft201909Validator(schema).iter_errors(meta), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = "/".join(map(str, first.path)) or "top level"
-        raise BundleError(f"{path}: {where}: {first.message} ({len(errors)} schema error(s))")
 
 
 def _version(name: str) -> str:
@@ -327,58 +300,3 @@ def _pixels_only(image: Path, target: Path) -> None:
     clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(read), isVector=read.GetNumberOfComponentsPerPixel() > 1)
     clean.SetSpacing(read.GetSpacing())
     sitk.WriteImage(clean, str(target))
-
-
-# --- loading ------------------------------------------------------------------------------------------
-
-
-def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelContract]:
-    """The classifier (eval mode) and its contract from a bundle written by ``dp-train``."""
-    root = Path(root)
-    meta_path, weights = root / "configs" / "metadata.json", root / "models" / "model.pt"
-    for required in (meta_path, weights):
-        if not required.exists():
-            raise BundleError(f"{root}: not a Deep Pneumonia bundle ({required.relative_to(root)} is missing)")
-    validate_metadata(meta_path)
-    meta = json.loads(meta_path.read_text())
-    if "deep_pneumonia" not in meta:
-        raise BundleError(f"{meta_path}: no deep_pneumonia model contract; was this bundle written by dp-train?")
-    try:
-        contract = ModelContract.from_json(meta["deep_pneumonia"])
-    except ContractError as exc:
-        raise BundleError(f"{meta_path}: {exc}") from None
-    model = contract.network()
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, OSError, EOFError) as exc:
-        raise BundleError(f"{weights}: weights do not fit the network of metadata.json ({str(exc).splitlines()[0]})") from None
-    # The Device UID names these weights in every SR: it must be theirs, not taken on trust.
-    if weights_uid(state) != contract.device_uid:
-        raise BundleError(f"{meta_path}: the Device UID {contract.device_uid} does not match its weights ({weights}); retrained or altered weights need a new bundle")
-    return model.to(device).eval(), contract
-
-
-def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn.Module | None = None) -> Detector | None:
-    """The out-of-distribution gate's detector (of the contract's ``ood.kind``) from its
-    statistics (``models/ood.pt``), checked against the contract's digest and the network's
-    feature size; None for a bundle without a gate."""
-    if contract.ood is None:
-        return None
-    path = Path(root) / "models" / "ood.pt"
-    layer = classifier_layer(model) if model is not None else None
-    try:
-        if contract.ood.digest and ood_digest(path) != contract.ood.digest:
-            raise ValueError("its SHA-256 differs from the one metadata.json records (altered or from another training)")
-        return load_detector(path, contract.ood.kind, layer.in_features if layer is not None else None)
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, AttributeError, TypeError) as exc:
-        raise BundleError(f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})") from None
-
-
-def __getattr__(name: str):
-    """``dp_model.bundle.Predictor``, which the configs of bundles written before name."""
-    if name == "Predictor":
-        from .inference import Predictor
-
-        return Predictor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -150,7 +150,7 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
             raise ValueError(f"no threshold reaches a specificity of {specificity:.2f} on the validation split")
         chosen = int(reaching.min())
         target = f"specificity {specificity:.2f} on validation"
-    return OperatingPoint(float(candidates[chosen]), target, round(float(sens[chosen]), 4), round(float(spec[chosen]), 4))
+    return OperatingPoint(threshold=float(candidates[chosen]), target=target, sensitivity=round(float(sens[chosen]), 4), specificity=round(float(spec[chosen]), 4))
 
 
 #: The one-sided confidence of the operating points' lower bounds.
@@ -207,8 +207,8 @@ def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     if not certified:
         target += f": not certified, the best lower bound is {bounds[chosen]:.3f}"
     return OperatingPoint(
-        float(candidates[chosen]), target, round(detected[chosen] / n_pos, 4), round(cleared[chosen] / n_neg, 4),
-        float(bounds[chosen]), confidence, certified, split, n_pos, n_neg,
+        threshold=float(candidates[chosen]), target=target, sensitivity=round(detected[chosen] / n_pos, 4), specificity=round(cleared[chosen] / n_neg, 4),
+        lower_bound=float(bounds[chosen]), confidence=confidence, certified=certified, split=split, positives=n_pos, negatives=n_neg,
     )  # fmt: skip
 
 

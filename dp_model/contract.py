@@ -46,7 +46,7 @@ class ContractError(ValueError):
     """A contract that is incomplete or inconsistent; the message names the field."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OperatingPoint:
     """A threshold on the probability of pneumonia and what it was chosen for.
 
@@ -89,16 +89,16 @@ class OperatingPoint:
         sensitivity, specificity, bound, confidence = (None if data.get(k) is None else float(data[k]) for k in ("sensitivity", "specificity", "lower_bound", "confidence"))
         positives, negatives = (None if data.get(k) is None else int(data[k]) for k in ("positives", "negatives"))
         certified = None if data.get("certified") is None else bool(data["certified"])
-        return OperatingPoint(threshold, str(data.get("target", "")), sensitivity, specificity, bound, confidence, certified, str(data.get("split", "")), positives, negatives)
+        return OperatingPoint(threshold=threshold, target=str(data.get("target", "")), sensitivity=sensitivity, specificity=specificity, lower_bound=bound, confidence=confidence, certified=certified, split=str(data.get("split", "")), positives=positives, negatives=negatives)
 
 
 #: The temperatures a contract may hold (the calibration searches within them).
 TEMPERATURE_RANGE = (0.05, 20.0)
 #: The "present" point of a bundle that carries none.
-DEFAULT_PRESENT = OperatingPoint(0.5, "0.5 (the bundle states no operating point)")
+DEFAULT_PRESENT = OperatingPoint(threshold=0.5, target="0.5 (the bundle states no operating point)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OODGate:
     """An image is outside the training distribution when its score by the ``kind`` detector
     (:data:`dp_model.ood.DETECTORS`; the Mahalanobis distance of its penultimate features to
@@ -142,7 +142,7 @@ class OODGate:
         if kind not in DETECTORS:
             raise ContractError(f"out-of-distribution gate {kind!r} is not known ({', '.join(DETECTORS)})")
         rank, bound, confidence, shrinkage = (None if data.get(k) is None else float(data[k]) for k in ("rank", "false_rejection", "confidence", "shrinkage"))
-        gate = OODGate(float(data["threshold"]), float(data["quantile"]), int(data["held_out"]), kind, digest=str(data.get("digest", "")),
+        gate = OODGate(threshold=float(data["threshold"]), quantile=float(data["quantile"]), held_out=int(data["held_out"]), kind=kind, digest=str(data.get("digest", "")),
                        rank=None if rank is None else int(rank), false_rejection=bound, confidence=confidence, shrinkage=shrinkage, split=str(data.get("split", "")))  # fmt: skip
         # A distance is above 0; the scores of the other detectors (minus a probability, an energy) may be any finite number.
         if not (math.isfinite(gate.threshold) and (gate.threshold > 0 or kind not in ("mahalanobis", "knn"))):
@@ -172,7 +172,7 @@ def regions_earned(chosen: dict[str, float], prior: dict[str, float], difference
     return chosen["iou>0.3"] >= prior["iou>0.3"] + margin and difference_low > 0 and chosen["pointing"] > prior["pointing"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Localization:
     """Where the node's lesion regions come from, and the evidence that they say anything.
 
@@ -225,7 +225,7 @@ class Localization:
         figures = {key: _figures(data.get(key, {}), key) for key in ("validation", "test", "prior_validation", "prior_test")}
         low = data.get("difference_low")
         located = Localization(
-            str(data["source"]), _boolean(data["shown"], "localization shown"), float(data.get("margin", REGION_MARGIN)), **figures,
+            source=str(data["source"]), shown=_boolean(data["shown"], "localization shown"), margin=float(data.get("margin", REGION_MARGIN)), **figures,
             difference_low=float("nan") if low is None else float(low),
             candidates={str(k): _figures(v, f"candidate {k}") for k, v in _mapping(data.get("candidates", {}), "candidates").items()},
             images={str(k): int(v) for k, v in _mapping(data.get("images", {}), "images").items()},
@@ -321,7 +321,7 @@ def decide(
     return Decision(p, positive, flagged, ranked[0], tuple((c, float(probabilities[outputs.index(c)])) for c in chosen))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelContract:
     """What travels with the weights: classes, input size, the network's shape, provenance,
     calibration, operating points and the out-of-distribution gate.
@@ -333,7 +333,7 @@ class ModelContract:
         normal_class: the class meaning "no finding".
         name, version: the bundle's identity; ``device_uid`` changes with the weights.
         demo: trained as a demonstration; synthetic: trained on synthetic images.
-        architecture: the network (:data:`~dp_model.networks.ARCHITECTURES`); bundles
+        architecture: the network (:data:`~dp_model.registry.ARCHITECTURES`); bundles
             written before variants existed carry none and are ResNet18.
         options: the network's constructor options (JSON values).
         pneumonia_classes: the classes that mean pneumonia (declared by the dataset layout);
@@ -457,12 +457,12 @@ class ModelContract:
     def from_json(data: dict) -> ModelContract:
         try:
             contract = ModelContract(
-                tuple(data["classes"]), int(data["image_size"]), tuple(data["attention_stages"]), str(data["normal_class"]),
-                str(data["name"]), str(data["version"]), str(data["device_uid"]), bool(data["demo"]), bool(data["synthetic"]),
-                str(data.get("architecture", "resnet18")), dict(data.get("options", {})),
-                _strings(data.get("pneumonia_classes", []), "pneumonia_classes"), float(data.get("temperature", 1.0)), dict(data.get("calibration", {})),
-                {str(k): OperatingPoint.from_json(v) for k, v in _mapping(data.get("operating_points", {}), "operating_points").items()},
-                None if data.get("ood") is None else OODGate.from_json(data["ood"]), dict(_mapping(data.get("splits", {}), "splits")),
+                classes=tuple(data["classes"]), image_size=int(data["image_size"]), attention_stages=tuple(data["attention_stages"]), normal_class=str(data["normal_class"]),
+                name=str(data["name"]), version=str(data["version"]), device_uid=str(data["device_uid"]), demo=bool(data["demo"]), synthetic=bool(data["synthetic"]),
+                architecture=str(data.get("architecture", "resnet18")), options=dict(data.get("options", {})),
+                pneumonia_classes=_strings(data.get("pneumonia_classes", []), "pneumonia_classes"), temperature=float(data.get("temperature", 1.0)), calibration=dict(data.get("calibration", {})),
+                operating_points={str(k): OperatingPoint.from_json(v) for k, v in _mapping(data.get("operating_points", {}), "operating_points").items()},
+                ood=None if data.get("ood") is None else OODGate.from_json(data["ood"]), splits=dict(_mapping(data.get("splits", {}), "splits")),
             )  # fmt: skip
             contract = replace(
                 contract, localization=None if data.get("localization") is None else Localization.from_json(data["localization"]),

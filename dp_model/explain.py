@@ -70,10 +70,10 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
     Thresholded at 0.5, these are the regions the node reports.
     """
     labels = labels.to(images.device)
-    if hasattr(model, "class_maps"):
+    if model.has_class_maps:
         _, maps = model.class_maps(images)
         return finding_maps(maps, finding_index(labels, normal).clamp_min(0), images.shape[-2:]).clamp(0, 1)
-    if getattr(model, "attention_stages", ()):
+    if model.attention_stages:
         return model.attention_map(images, model.nearest_stage(HEATMAP_STAGE)).clamp(0, 1)
     return grad_cam(model, images, model.cam_layer, labels)
 
@@ -94,14 +94,13 @@ def map_sources(model: nn.Module) -> tuple[str, ...]:
     ``cam_exact``, whose logits are one linear layer over the global average of
     ``cam_layer``'s output, so that the class map is that layer's weights applied pixel by pixel.
     """
-    found = [f"map+:{s}" for s in sorted(getattr(model, "attention_stages", ()))]
-    if getattr(model, "lesion_stage", 0):
+    found = [f"map+:{s}" for s in sorted(model.attention_stages)]
+    if model.lesion_stage:
         found.append(f"lesion:{model.lesion_stage}")
-    if hasattr(model, "class_maps"):
+    if model.has_class_maps:
         found.append(CLASS_MAPS)
-    if hasattr(model, "cam_layer"):
-        found.append(GRAD_CAM)
-    if getattr(model, "cam_exact", False):
+    found.append(GRAD_CAM)  # every network names its cam_layer
+    if model.cam_exact:
         found.append(CAM)
     return tuple(found)
 
@@ -109,9 +108,9 @@ def map_sources(model: nn.Module) -> tuple[str, ...]:
 def default_source(model: nn.Module, stage: int = HEATMAP_STAGE) -> str:
     """The source of bundles that name none: the per-finding maps, else ``map+`` of the head
     nearest ``stage``, else Grad-CAM (what the node drew before sources were measured)."""
-    if hasattr(model, "class_maps"):
+    if model.has_class_maps:
         return CLASS_MAPS
-    if getattr(model, "attention_stages", ()):
+    if model.attention_stages:
         return f"map+:{model.nearest_stage(stage)}"
     return GRAD_CAM
 
@@ -176,7 +175,7 @@ def source_maps(model: nn.Module, images: Tensor, source: str, labels: Tensor, n
     if source not in map_sources(model):
         raise ValueError(f"map source {source!r} is not offered by this network ({', '.join(map_sources(model))})")
     labels = labels.to(images.device)
-    outputs = finding_index(labels, normal).clamp_min(0) if getattr(model, "multi_label", False) else labels
+    outputs = finding_index(labels, normal).clamp_min(0) if model.multi_label else labels
     if source in (GRAD_CAM, CAM):
         return output_maps(model, images, source, outputs)
     return _own_maps(model, images, source, outputs).clamp(0, 1)

@@ -15,7 +15,7 @@ from torch import nn
 
 from dp_transforms import ImageError, load_letterboxed
 
-from .bundle import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
+from .loading import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
 from .architectures import class_scores
 from .ood import watching
 

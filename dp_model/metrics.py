@@ -62,7 +62,7 @@ def roc_curve(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return fps / max(1, int((~target).sum())), tps / max(1, int(target.sum()))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Report:
     """Metrics of one evaluation.
 
@@ -138,8 +138,8 @@ def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, 
         raise ValueError(f"probabilities must be (N, C) with N = {target.shape[0]}, got {probabilities.shape}")
     accuracy, balanced, macro_f1, macro_auc, stats, matrix = _scalars(target, probabilities)
     report = Report(
-        tuple(classes), accuracy, balanced, macro_f1, macro_auc,
-        {k: [float(x) for x in v] for k, v in stats.items()}, matrix.tolist(),
+        classes=tuple(classes), accuracy=accuracy, balanced_accuracy=balanced, macro_f1=macro_f1, macro_auc=macro_auc,
+        per_class={k: [float(x) for x in v] for k, v in stats.items()}, confusion=matrix.tolist(),
     )  # fmt: skip
     if bootstrap > 0 and len(target) > 1:
         rng = np.random.default_rng(seed)

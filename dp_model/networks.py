@@ -1,10 +1,8 @@
-"""Deep Pneumonia networks: ResNet18, the MGACR attention heads, and the SimCLR model.
+"""Deep Pneumonia networks: ResNet18, the MGACR attention heads, the baselines and the SimCLR
+model. :data:`dp_model.registry.ARCHITECTURES` names each classifier.
 
-The backbone is MONAI's ``ResNet`` configured to equal torchvision's ResNet18 exactly
-(7 x 7 stride-2 first convolution, max-pool, [2, 2, 2, 2] basic blocks, no bias on the
-down-sampling convolutions): same parameter names, same outputs. MONAI's own defaults
-(3-D, stride-1 first convolution, biased down-sampling) would cost about four times the
-compute in 2-D.
+The ResNet18 trunk (:mod:`dp_model.backbones`) is torchvision's, built with MONAI. Every
+classifier gives the :class:`~dp_model.classifier.Classifier` interface.
 
 :class:`DeepPneumoniaNet` in ``forward`` returns logits only, in train and eval mode
 alike, so a bundle's ``verify_net_in_out`` and the node see a plain classifier; MGACR is a
@@ -18,62 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import ResNet
 from torch import Tensor, nn
 
-#: MONAI ResNet arguments that make it torchvision's ResNet18.
-RESNET18 = dict(
-    block="basic",
-    layers=[2, 2, 2, 2],
-    block_inplanes=[64, 128, 256, 512],
-    spatial_dims=2,
-    conv1_t_size=7,
-    conv1_t_stride=2,
-    no_max_pool=False,
-    shortcut_type="B",
-    bias_downsample=False,
-)
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-STAGE_CHANNELS = (64, 128, 256, 512)
-#: Downsampling of each stage's output relative to the input (224 -> 56, 28, 14, 7).
-STAGE_STRIDES = (4, 8, 16, 32)
-
-
-def resnet18(in_channels: int = 1, num_classes: int = 5) -> ResNet:
-    """torchvision's ResNet18, built with MONAI, for ``in_channels``-channel images."""
-    if in_channels < 1 or num_classes < 1:
-        raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
-    return ResNet(n_input_channels=in_channels, num_classes=num_classes, **RESNET18)
-
-
-#: Intensity normalisation applied inside the networks: inputs are images in [0, 1] as
-#: ``dp_transforms`` produces them, so the contract travels with the weights.
-INPUT_MEAN, INPUT_STD = 0.5, 0.25
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` with the constants stored in the state dict."""
-
-    def __init__(self, mean: float = INPUT_MEAN, std: float = INPUT_STD) -> None:
-        super().__init__()
-        if std <= 0:
-            raise ValueError(f"std must be > 0, got {std}")
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-
-def stem(resnet: ResNet, x: Tensor) -> Tensor:
-    """The layers before the first residual stage."""
-    x = resnet.act(resnet.bn1(resnet.conv1(x)))
-    return resnet.maxpool(x) if not resnet.no_max_pool else x
-
-
-def pooled(resnet: ResNet, features: Tensor) -> Tensor:
-    """Global average pooling of the last stage, flattened: the representation ``h``."""
-    return torch.flatten(resnet.avgpool(features), 1)
+from .backbones import STAGE_CHANNELS, STAGES, Normalize, pooled, resnet18, stem
+from .classifier import ClassifierBase
+from .registry import build_network as build_network  # named by the configs of bundles written before 2026-12-01
 
 
 class SpatialAttention(nn.Module):
@@ -117,7 +64,7 @@ class StageOutput:
     lesion: Tensor | None = None
 
 
-class DeepPneumoniaNet(nn.Module):
+class DeepPneumoniaNet(ClassifierBase):
     """ResNet18 classifier with MGACR attention heads on the chosen residual stages.
 
     Args:
@@ -223,48 +170,48 @@ class DeepPneumoniaNet(nn.Module):
         return F.interpolate(self.lesion_head(features).sigmoid(), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class BaselineNet(nn.Module):
-    """A torchvision classifier for one-channel images (the paper's Table II baselines).
+class BaselineNet(ClassifierBase):
+    """A torchvision classifier for one-channel images, trained from scratch (the paper's
+    Table II baselines, and any other torchvision classifier).
+
+    The first convolution is replaced by a one-channel one of the same shape, under the same
+    name, so that the state dict keeps torchvision's parameter names.
 
     Args:
-        architecture: "resnet50" or "vgg16" (torchvision's, trained from scratch).
+        architecture: the torchvision model's name ("resnet50", "vgg16", "densenet121", ...).
         num_classes: number of classes.
+        cam_layer: dotted name of the module Grad-CAM looks at: the last convolutional stage.
+        cam_exact: the logits are one linear layer over the global average of ``cam_layer``.
     """
 
-    ARCHITECTURES = ("resnet50", "vgg16")
-
-    def __init__(self, architecture: str, num_classes: int = 5) -> None:
+    def __init__(self, architecture: str, num_classes: int = 5, cam_layer: str = "layer4", cam_exact: bool = False) -> None:
         super().__init__()
         import torchvision
 
-        if architecture not in self.ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {self.ARCHITECTURES}, got {architecture!r}")
+        if architecture not in torchvision.models.list_models(torchvision.models):
+            raise ValueError(f"architecture must be a torchvision classifier, got {architecture!r}")
         self.architecture = architecture
         self.normalize = Normalize()
         net = getattr(torchvision.models, architecture)(num_classes=num_classes)
-        if architecture == "resnet50":
-            net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        else:
-            net.features[0] = nn.Conv2d(1, 64, kernel_size=3, padding=1)
+        name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+        one_channel = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding, bias=first.bias is not None)
+        net.set_submodule(name, one_channel)
         self.net = net
+        self._cam_layer = cam_layer
+        self.cam_exact = cam_exact
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.normalize(x))
 
     @property
     def classifier_layer(self) -> nn.Linear:
-        """The linear layer whose input (one row per image) is the penultimate representation."""
-        return self.net.fc if hasattr(self.net, "fc") else self.net.classifier[-1]
+        """The last linear layer: its input (one row per image) is the penultimate representation."""
+        return [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
 
     @property
     def cam_layer(self) -> nn.Module:
         """Where Grad-CAM looks: the last convolutional stage."""
-        return self.net.layer4 if self.architecture == "resnet50" else self.net.features[-3]
-
-    @property
-    def cam_exact(self) -> bool:
-        """ResNet-50 pools and has one linear layer (CAM is exact); VGG16's classifier is three."""
-        return self.architecture == "resnet50"
+        return self.net.get_submodule(self._cam_layer)
 
 
 class SideBranchAttention(nn.Module):
@@ -303,7 +250,7 @@ class SideBranchAttention(nn.Module):
         return x + x * channel + x * spatial
 
 
-class AttentionResNet50(nn.Module):
+class AttentionResNet50(ClassifierBase):
     """The attention-enhanced ResNet-50 (seed 004): torchvision's ResNet-50, one input channel,
     a :class:`SideBranchAttention` after each residual stage.
 
@@ -331,14 +278,13 @@ class AttentionResNet50(nn.Module):
     @property
     def classifier_layer(self) -> nn.Linear:
         """The linear layer whose input (one row per image) is the penultimate representation."""
-        return self.net.fc if hasattr(self.net, "fc") else self.net.classifier[-1]
+        return self.net.fc
 
     @property
     def cam_layer(self) -> nn.Module:
         return self.net.layer4
 
 
-#: Architectures a bundle can name, with the constructor that builds each.
 class SimCLRNet(nn.Module):
     """Stage I: the ResNet18 encoder and an MLP projector (SimCLR).
 
@@ -364,14 +310,3 @@ class SimCLRNet(nn.Module):
     def encoder_state(self) -> dict[str, Tensor]:
         """The encoder's weights, without the classifier, for :meth:`DeepPneumoniaNet.backbone`."""
         return {k: v for k, v in self.encoder.state_dict().items() if not k.startswith("fc.")}
-
-
-def __getattr__(name: str):
-    """The names that moved to :mod:`dp_model.architectures` (the configs of bundles written
-    before name ``dp_model.networks.build_network``), imported when asked for, so that this
-    module never imports the variants at load time."""
-    if name in ("ARCHITECTURES", "MULTI_LABEL", "build_network", "output_probabilities", "class_scores"):
-        from . import architectures
-
-        return getattr(architectures, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

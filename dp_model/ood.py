@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .classifier import Classifier
+
 #: Weight of the scaled identity in the shrunk covariance, in bundles written before it was estimated.
 SHRINKAGE = 0.1
 #: The share of held-out in-distribution images that the gate lets through.
@@ -80,11 +82,11 @@ KNN_K = 10
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def classifier_layer(model: nn.Module) -> nn.Linear | None:
+def classifier_layer(model: Classifier) -> nn.Linear | None:
     """The layer whose input is the penultimate representation, one row per image, as the
     network names it (``classifier_layer``); None for a network that names none (CIA-Net,
     whose last linear layers belong to its alignment module and see other images too)."""
-    return getattr(model, "classifier_layer", None)
+    return model.classifier_layer
 
 
 def stage_modules(model: nn.Module) -> list[nn.Module] | None:

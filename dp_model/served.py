@@ -214,7 +214,7 @@ class Block:
         return {"images": self.images, "positives": self.positives, "negatives": self.negatives} | points | scalars
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServedReport:
     """:func:`evaluate_served`'s answer."""
 
@@ -284,9 +284,9 @@ def evaluate_served(probabilities: np.ndarray, ood_scores: np.ndarray | None, la
     thresholds = {"present": contract.present_point.threshold} | ({"triage": contract.triage_point.threshold} if contract.triage_point else {})
     every = np.ones(len(truth), bool)
     return ServedReport(
-        thresholds, proportion(~served.assessed, confidence), proportion(~served.assessed[truth], confidence), proportion(~served.assessed[~truth], confidence),
-        _block(served, truth, every, bootstrap, seed, bins, confidence, points), _block(served, truth, served.assessed, bootstrap, seed, bins, confidence, points),
-        bins, confidence, contract.temperature,
+        thresholds=thresholds, abstention=proportion(~served.assessed, confidence), abstention_positives=proportion(~served.assessed[truth], confidence), abstention_negatives=proportion(~served.assessed[~truth], confidence),
+        all=_block(served, truth, every, bootstrap, seed, bins, confidence, points), assessed=_block(served, truth, served.assessed, bootstrap, seed, bins, confidence, points),
+        bins=bins, confidence=confidence, temperature=contract.temperature,
     )  # fmt: skip
 
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .networks import Normalize, pooled, resnet18, stem
+from .backbones import Normalize, pooled, resnet18, stem
+from .classifier import ClassifierBase
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -72,7 +73,7 @@ class AttentionGate(nn.Module):
         return features.to(local.dtype), weights.view(b, self.heads, h, w)
 
 
-class ClassAttentionNet(nn.Module):
+class ClassAttentionNet(ClassifierBase):
     """ResNet18 with attention gates on stages 1-3 and the third gate replicated per class.
 
     The local features of layers 1, 2 and 3 are gated by the global feature of layer 4
@@ -85,6 +86,8 @@ class ClassAttentionNet(nn.Module):
     """
 
     multi_label = True
+    has_class_maps = True
+    maps_are_detections = False  # the distributions show where the class looked, not lesions
 
     def __init__(self, num_classes: int = 4, in_channels: int = 1, dim: int = 64) -> None:
         super().__init__()
@@ -120,8 +123,6 @@ class ClassAttentionNet(nn.Module):
         """Logits and each class's attention distribution, scaled so its peak is 1."""
         logits, w3 = self.forward(x, train_outputs=True)
         return logits, w3 / w3.flatten(2).amax(dim=-1).clamp_min(1e-12)[..., None, None]
-
-    maps_are_detections = False  # the distributions show where the class looked, not lesions
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -227,7 +228,7 @@ class CIAOutputs:
     theta: Tensor | None = None
 
 
-class CIANet(nn.Module):
+class CIANet(ClassifierBase):
     """Contrast-induced attention network with the alignment module (seed 002).
 
     * Alignment (optional): every input, positive or negative, is first transformed towards
@@ -256,7 +257,9 @@ class CIANet(nn.Module):
     """
 
     multi_label = True
+    has_class_maps = True
     maps_are_detections = True
+    needs_references = True
     HASH_SIDE = 16
 
     def __init__(
@@ -388,6 +391,12 @@ class CIANet(nn.Module):
     @property
     def cam_layer(self) -> nn.Module:
         return self.backbone.layer4
+
+    @property
+    def classifier_layer(self) -> None:
+        """None: the last linear layers belong to the alignment module and see other images
+        too, so no layer's input is this image's penultimate representation."""
+        return None
 
     def load_encoder(self, encoder: dict[str, Tensor]) -> None:
         _load_encoder(self.backbone, encoder)

@@ -147,3 +147,30 @@ def test_step_schedule_divides_the_rate_every_step_after_the_warm_up() -> None:
     factors = [warmup_step(s, warmup=2, every=5, gamma=0.1) for s in range(14)]
     assert factors[:2] == [0.5, 1.0]
     assert factors[2:7] == [1.0] * 5 and factors[7:12] == pytest.approx([0.1] * 5) and factors[12] == pytest.approx(0.01)
+
+
+def test_an_unknown_architecture_fails_at_load_naming_the_key_and_the_known_names(tmp_path: Path) -> None:
+    from dp_model.architectures import ARCHITECTURES
+    from dp_model.training.config import TrainConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text("finetune:\n  architecture: resnet1000\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(TrainConfig, path)
+    message = str(caught.value)
+    assert "\n" not in message and "finetune" in message and "architecture" in message and "'resnet1000'" in message
+    assert all(name in message for name in ARCHITECTURES)
+
+
+def test_the_training_config_reads_multi_label_and_pre_training_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new entry of the table is a valid ``finetune.architecture`` with nothing else to edit."""
+    from dp_model.registry import ARCHITECTURES, Architecture
+    from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, TrainConfig
+
+    entry = Architecture(name="mobile_test", network="dp_model.networks:BaselineNet", description="a test entry", multi_label=True)
+    monkeypatch.setitem(ARCHITECTURES, "mobile_test", entry)
+    finetune = FinetuneConfig(architecture="mobile_test", mgacr=MGACRConfig(attention=False, feature_cr=False))
+    assert finetune.multi_label
+    with pytest.raises(ValueError, match="pre-training initialises ResNet18 backbones"):
+        TrainConfig(finetune=finetune)
+    assert TrainConfig(finetune=finetune, pretrain=PretrainConfig(enabled=False)).finetune.architecture == "mobile_test"

@@ -40,13 +40,13 @@ def test_the_rule_sums_exclusive_classes_and_takes_the_largest_independent_findi
 
 
 def test_no_triage_flag_on_a_negative_report_whatever_the_override() -> None:
-    points = {"present": OperatingPoint(0.3), "triage": OperatingPoint(0.8)}
+    points = {"present": OperatingPoint(threshold=0.3), "triage": OperatingPoint(threshold=0.8)}
     decision = contract(operating_points=points).decide(np.array([0.1, 0.8, 0.1]), threshold=0.95)  # pneumonia 0.9
     assert not decision.positive and not decision.triage
 
 
 def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> None:
-    points = {"present": OperatingPoint(0.3, "sensitivity 0.90"), "triage": OperatingPoint(0.8, "specificity 0.95")}
+    points = {"present": OperatingPoint(threshold=0.3, target="sensitivity 0.90"), "triage": OperatingPoint(threshold=0.8, target="specificity 0.95")}
     with_points = contract(operating_points=points)
     p = np.array([0.65, 0.2, 0.15])  # pneumonia 0.35
     assert with_points.decide(p).positive and not with_points.decide(p).triage
@@ -62,12 +62,12 @@ def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> 
     assert loaded.pneumonia == ("lobar", "interstitial") and loaded.temperature == 1.0 and loaded.present_point.threshold == 0.5
     assert loaded.ood is None and loaded.localization is None and loaded.logit_adjustment == () and len(loaded.defaults()) == 6
     assert "split sizes: not recorded" in loaded.defaults() and any(line.startswith("localization: not measured") for line in loaded.defaults())
-    assert ModelContract.from_json(contract(operating_points={"present": OperatingPoint(0.3)}, ood=OODGate(10.0, 0.99, 40)).to_json()).ood == OODGate(10.0, 0.99, 40)
+    assert ModelContract.from_json(contract(operating_points={"present": OperatingPoint(threshold=0.3)}, ood=OODGate(threshold=10.0, quantile=0.99, held_out=40)).to_json()).ood == OODGate(threshold=10.0, quantile=0.99, held_out=40)
 
 
 def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones_say_what_they_lack() -> None:
-    present = OperatingPoint(0.3, "sensitivity 0.90", 1.0, 0.4, lower_bound=0.905, confidence=0.95, certified=True, split="calibration", positives=30, negatives=20)
-    gate = OODGate(10.0, 0.98, 300, rank=299, false_rejection=0.01, confidence=0.95, shrinkage=0.31, split="calibration")
+    present = OperatingPoint(threshold=0.3, target="sensitivity 0.90", sensitivity=1.0, specificity=0.4, lower_bound=0.905, confidence=0.95, certified=True, split="calibration", positives=30, negatives=20)
+    gate = OODGate(threshold=10.0, quantile=0.98, held_out=300, rank=299, false_rejection=0.01, confidence=0.95, shrinkage=0.31, split="calibration")
     splits = {"train": 200, "validation": 40, "calibration": 40, "test": 48, "calibrated_on": "calibration"}
     new = contract(operating_points={"present": present}, ood=gate, splits=splits, temperature=1.5, calibration={"split": "calibration"})
     loaded = ModelContract.from_json(new.to_json())
@@ -200,7 +200,7 @@ def test_localization_travels_with_the_contract_and_the_rule_is_the_stated_one()
     assert not regions_earned(beats | {"iou>0.3": 0.38}, prior, 0.01)  # under the 0.05 margin
     assert not regions_earned(beats | {"pointing": 0.5}, prior, 0.01)  # the pointing game must beat the prior's too
     assert not regions_earned(beats | {"iou>0.3": float("nan")}, prior, 0.01)
-    located = Localization("cam", True, validation=beats, prior_validation=prior, difference_low=0.01, candidates={"cam": beats, "grad_cam": beats}, images={"validation": 300})
+    located = Localization(source="cam", shown=True, validation=beats, prior_validation=prior, difference_low=0.01, candidates={"cam": beats, "grad_cam": beats}, images={"validation": 300})
     loaded = ModelContract.from_json(contract(architecture="class_attention", localization=located, logit_adjustment=(0.5, -0.25)).to_json())
     assert loaded.localization == located and loaded.logit_adjustment == (0.5, -0.25)
 

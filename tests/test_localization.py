@@ -272,7 +272,7 @@ def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> 
     cases = checks.counterfactual_cases(synth, 10, 6, 64, tmp_path)
     assert cases["canvases"].shape == (6, 3, 64, 64) and cases["masks"].shape == (6, 2, 64, 64) and "normal" not in cases["labels"]
     classes = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
-    contract = ModelContract(classes, 64, (3,), "normal", "oracle", "1", "2.25.1", True, True)
+    contract = ModelContract(classes=classes, image_size=64, attention_stages=(3,), normal_class="normal", name="oracle", version="1", device_uid="2.25.1", demo=True, synthetic=True)
     prior = np.zeros((5, 64, 64), np.float32)
     prior[:, :8, :8] = 1.0  # a corner: never where a lesion is
     rates = checks.counterfactual_rates(Oracle(cases), contract, cases, prior)

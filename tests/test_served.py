@@ -21,7 +21,7 @@ def contract(**fields) -> ModelContract:
     base = {
         "classes": CLASSES, "image_size": 64, "attention_stages": (), "normal_class": "normal", "name": "m", "version": "1",
         "device_uid": "2.25.1", "demo": True, "synthetic": True,
-        "operating_points": {"present": OperatingPoint(0.5), "triage": OperatingPoint(0.8)}, "ood": OODGate(10.0, 0.99, 40),
+        "operating_points": {"present": OperatingPoint(threshold=0.5), "triage": OperatingPoint(threshold=0.8)}, "ood": OODGate(threshold=10.0, quantile=0.99, held_out=40),
     }  # fmt: skip
     return ModelContract(**(base | fields))
 

@@ -152,7 +152,7 @@ PROTOCOL = compare.Plan(
 TABLES = {"baselines": BASELINES, "plain": PLAIN_SEARCH, "standing": STANDING, "I": TABLE_I, "search": SYSTEM_SEARCH, "II": TABLE_II, "systems": SYSTEMS, "cia": CIA_ABLATION, "options": OPTIONS}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Result:
     row: str
     table: str
@@ -350,7 +350,7 @@ def _prior_row(train: Resident, test: Resident, classes: list[str], finish: _Fin
 
 def _result(row: Row, seed: int, report, minutes: float, located: list[float]) -> Result:
     extra = {"classes": list(report.classes), "recall": report.per_class["recall"], "auc": report.per_class["auc"], "intervals": {k: report.intervals[k] for k in ("balanced_accuracy", "macro_auc") if k in report.intervals}}
-    return Result(row.name, row.table, seed, report.accuracy, report.balanced_accuracy, report.macro_f1, minutes, extra, report.macro_auc, located)
+    return Result(row=row.name, table=row.table, seed=seed, accuracy=report.accuracy, balanced_accuracy=report.balanced_accuracy, macro_f1=report.macro_f1, minutes=minutes, extra=extra, macro_auc=report.macro_auc, localization=located)
 
 
 def _pixels(data: Resident, side: int) -> np.ndarray:

@@ -78,7 +78,7 @@ def outputs(model: nn.Module, data: Resident, batch_size: int = 128) -> tuple[np
     return (torch.cat(logits).numpy() if logits else np.zeros((0, 0))), features
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Fitted:
     """What the contract gets, and what the model card shows."""
 
@@ -128,7 +128,7 @@ def fit(
     is_pneumonia = np.isin(np.asarray(classes)[val_labels], pneumonia)
     points = _points(scores, is_pneumonia, name)
     gate, statistics = fit_gate(model, data["train"], data[split], name, detector)
-    return Fitted(temperature, calibration, points, gate, statistics, before, after)
+    return Fitted(temperature=temperature, calibration=calibration, operating_points=points, ood=gate, statistics=statistics, before=before, after=after)
 
 
 def _points(scores: np.ndarray, is_pneumonia: np.ndarray, split: str) -> dict[str, OperatingPoint]:
@@ -174,7 +174,7 @@ def fit_gate(model: nn.Module, train: Resident, held_out: Resident, split: str =
         return None, None
     value, rank, bound = certified_threshold(scores, FALSE_REJECTION, CONFIDENCE)
     shrinkage = getattr(detector, "shrinkage", None)
-    gate = OODGate(value, rank / (len(scores) + 1), len(scores), kind=kind, rank=rank, false_rejection=bound, confidence=CONFIDENCE, shrinkage=shrinkage, split=split)
+    gate = OODGate(threshold=value, quantile=rank / (len(scores) + 1), held_out=len(scores), kind=kind, rank=rank, false_rejection=bound, confidence=CONFIDENCE, shrinkage=shrinkage, split=split)
     log = logger.info if bound <= FALSE_REJECTION else logger.warning
     log("out-of-distribution gate: %s above %.4g (the %d-th smallest of %d %s images: at most %.1f%% of in-distribution images "
         "turned away, at %.0f%% confidence)", kind, value, rank, len(scores), split, 100 * bound, 100 * CONFIDENCE)  # fmt: skip

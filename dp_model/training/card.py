@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..architectures import ARCHITECTURES
 from ..bundle import PAPER, SCHEMA_FILE
 from ..contract import ModelContract
 from ..datasets import ChestDataset
@@ -19,19 +20,6 @@ WARNING = (
     "chest radiograph. Its outputs say nothing about real patients. It is not a medical device "
     "and must not be used for any clinical purpose."
 )
-
-
-#: One line per architecture, for metadata.json and the model card.
-DESCRIPTIONS = {
-    "resnet18": "Deep Pneumonia: ResNet18 with SimCLR pre-training, mask-guided attention with contrastive regulation and a class-balanced focal loss.",
-    "resnet50": "ResNet-50 baseline trained from scratch (the Deep Pneumonia paper's Table II).",
-    "vgg16": "VGG16 baseline trained from scratch (the Deep Pneumonia paper's Table II).",
-    "attention_resnet50": "Attention-enhanced ResNet-50: channel and spatial attention side branches in every residual stage, trained with a modified focal loss with 1/sqrt(n) class weights.",
-    "class_attention": "Class-based attention: attention gates on three residual stages with the third replicated per finding, one sigmoid per finding, "
-    "trained with positive weights n_min^2/n_i and the entropy of absent findings' attention maps maximised.",
-    "cia_net": "CIA-Net: contrast-induced attention against the most similar normal image, an alignment module towards a canonical chest, "
-    "and a class-aware grid trained with box-level and MIL losses, so that images without boxes train too.",
-}
 
 
 #: Each classification loss, in words.
@@ -54,7 +42,7 @@ def _techniques(config: TrainConfig) -> str:
 def describe(config: TrainConfig) -> str:
     """One line for metadata.json: the architecture's description, true to this run's switches."""
     if config.finetune.architecture != "resnet18":
-        return DESCRIPTIONS[config.finetune.architecture]
+        return ARCHITECTURES[config.finetune.architecture].description
     stage_one = "SimCLR pre-training" if pretrained(config) else "no SimCLR pre-training (stage I off)"
     return f"Deep Pneumonia: ResNet18 with {stage_one}, {_techniques(config)}."
 
@@ -151,7 +139,7 @@ def model_card(
             + ("pre-trained with SimCLR on the training images, then trained" if pretrained(config) else "trained from scratch, without SimCLR pre-training (stage I was off),")
             + f" with {_techniques(config)}, after {PAPER}"
             if contract.architecture == "resnet18"
-            else f"Pneumonia type recognition on frontal chest radiographs. {DESCRIPTIONS[contract.architecture]}"
+            else f"Pneumonia type recognition on frontal chest radiographs. {ARCHITECTURES[contract.architecture].description}"
         ),
         "",
         "## Intended use",

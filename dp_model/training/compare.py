@@ -117,7 +117,7 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"balanced_accur
 # --- choosing on validation -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Selection:
     """What :func:`select` chose, on which split, and the chosen row's test figures."""
 
@@ -156,7 +156,7 @@ def select(candidates: dict[str, dict[int, Path]], metric: str = "balanced_accur
         found = load_scores(candidates[chosen][s], "test")
         per_seed[s] = {k: f(found.labels, found.probabilities(adjust)) for k, f in METRICS.items()}
     test = {k: float(np.mean([v[k] for v in per_seed.values()])) for k in METRICS}
-    return Selection(chosen, metric, seeds, validation, test, per_seed)
+    return Selection(chosen=chosen, metric=metric, seeds=seeds, validation=validation, test=test, test_per_seed=per_seed)
 
 
 # --- paired comparison ----------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def verdict(low: float, high: float, margin: float = MARGIN) -> str:
     return "not resolved"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Comparison:
     """``a - b`` of one metric: per seed and combined, with 95 % percentile intervals."""
 
@@ -257,7 +257,7 @@ def _combine(values: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], metri
     both = _percentiles(draws[picked_seeds, picked_draws].mean(axis=1))
     difference = float(np.mean([found[s][0] for s in seeds]))
     decided = verdict(*both, margin) if len(seeds) >= min_seeds else "not resolved"
-    return Comparison(name, difference, both, images_only, per_seed, margin, decided)
+    return Comparison(metric=name, difference=difference, interval=both, images_only=images_only, per_seed=per_seed, margin=margin, verdict=decided)
 
 
 def _percentiles(values: np.ndarray) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..registry import ARCHITECTURES
 from ..config import require as _check
 
 
@@ -223,10 +224,6 @@ class CIAConfig:
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
 
 
-#: Architectures with one sigmoid output per finding (and their own losses).
-MULTI_LABEL_ARCHITECTURES = ("class_attention", "cia_net")
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Stage II: supervised training of the classifier.
@@ -236,7 +233,8 @@ class FinetuneConfig:
     ``loss`` is for the others.
     """
 
-    architecture: Literal["resnet18", "resnet50", "vgg16", "attention_resnet50", "class_attention", "cia_net"] = "resnet18"
+    #: a key of :data:`dp_model.architectures.ARCHITECTURES`
+    architecture: str = "resnet18"
     epochs: int = 30
     batch_size: int = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -258,20 +256,19 @@ class FinetuneConfig:
 
     @property
     def multi_label(self) -> bool:
-        return self.architecture in MULTI_LABEL_ARCHITECTURES
+        """One sigmoid output per finding, trained with the architecture's own losses."""
+        return ARCHITECTURES[self.architecture].multi_label
 
     def __post_init__(self) -> None:
+        _check(self.architecture in ARCHITECTURES, "architecture", self.architecture, f"one of {list(ARCHITECTURES)}")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(self.schedule in ("cosine", "step"), "schedule", self.schedule, "cosine or step")
         _check(self.step_epochs >= 1 and 0 < self.step_gamma <= 1, "step_epochs / step_gamma", (self.step_epochs, self.step_gamma), ">= 1 / in (0, 1]")
-        if self.architecture != "resnet18" and self.mgacr.enabled:
-            raise ValueError(f"MGACR needs the resnet18 architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}")
-
-
-#: Architectures with ResNet18 backbones, which stage I's encoder initialises.
-PRETRAINABLE = ("resnet18", "class_attention", "cia_net")
+        if not ARCHITECTURES[self.architecture].attention and self.mgacr.enabled:
+            heads = " or ".join(name for name, a in ARCHITECTURES.items() if a.attention)
+            raise ValueError(f"MGACR needs the {heads} architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}")
 
 
 @dataclass(frozen=True)
@@ -317,5 +314,6 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if self.pretrain.enabled and self.pretrain.epochs > 0 and self.finetune.architecture not in PRETRAINABLE:
-            raise ValueError(f"contrastive pre-training initialises ResNet18 backbones ({', '.join(PRETRAINABLE)}); set pretrain.enabled: false for {self.finetune.architecture}")
+        if self.pretrain.enabled and self.pretrain.epochs > 0 and not ARCHITECTURES[self.finetune.architecture].pretrainable:
+            pretrainable = [name for name, a in ARCHITECTURES.items() if a.pretrainable]
+            raise ValueError(f"contrastive pre-training initialises ResNet18 backbones ({', '.join(pretrainable)}); set pretrain.enabled: false for {self.finetune.architecture}")

@@ -169,7 +169,7 @@ def finetune(
     normal = normal_index(class_names)
     outputs = findings(class_names, normal)
     net = build_classifier(config, len(class_names), encoder, seed, train.images.shape[-1])
-    if hasattr(net, "set_references"):  # CIA-Net pairs inputs with normal training images
+    if net.needs_references:  # CIA-Net pairs inputs with normal training images
         net.set_references(train.images[train.labels == normal].cpu(), seed)
     model = wrap(net, runtime)
     if config.multi_label:

@@ -19,12 +19,12 @@ from .runtime import Runtime, unwrap
 def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int = 256, normal: int = 0, offsets: tuple[float, ...] = ()) -> np.ndarray:
     """Class scores ``(N, C)`` of a resident split (no augmentation): softmax probabilities,
     or for a multi-label network its findings' sigmoids with the normal class (index
-    ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.class_scores`). ``offsets``
+    ``normal``) scoring ``1 - max`` (:func:`~dp_model.architectures.class_scores`). ``offsets``
     are subtracted from the logits first (the contract's ``logit_adjustment``)."""
     model.eval()
     out = []
     net = unwrap(model)
-    multi_label = getattr(net, "multi_label", False)
+    multi_label = net.multi_label
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(len(data), start + batch_size), device=data.images.device)
         x = data.batch(index)[0].to(runtime.device)

@@ -141,7 +141,7 @@ def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...]
     device = next(model.parameters()).device
     x = data.images[chosen.to(data.images.device)].float().div(255).to(device)
     labels = data.labels[chosen.to(data.labels.device)].cpu()
-    multi_label = getattr(model, "multi_label", False)
+    multi_label = model.multi_label
     with torch.no_grad():
         scores = class_scores(output_probabilities(model, model.eval()(x)), multi_label, normal).cpu()
     # Grad-CAM of the predicted output (for a multi-label model: the most probable finding).
@@ -173,16 +173,16 @@ def attention_gallery(model: nn.Module, data: Resident, classes: tuple[str, ...]
 
 def _learned_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, normal: int) -> tuple[torch.Tensor | None, str]:
     """The model's own map of each image at the input size, and what it is."""
-    if getattr(model, "lesion_stage", 0):
+    if model.lesion_stage:
         return model.lesion_map(x).cpu(), "lesion head (box-supervised)"
-    if getattr(model, "attention_stages", ()):
+    if model.attention_stages:
         return model.attention_map(x).cpu(), "learned map+ (MGACR)"
-    if not hasattr(model, "class_maps"):
+    if not model.has_class_maps:
         return None, ""
     _, maps = model.class_maps(x)
     # The map of the image's own finding; a normal image shows the most active one.
     finding = torch.where(labels == normal, maps.flatten(2).amax(dim=2).argmax(dim=1).cpu(), finding_index(labels, normal))
-    return finding_maps(maps, finding, x.shape[-2:]).cpu(), "class-aware grid of the true finding" if getattr(model, "maps_are_detections", False) else "class attention of the true finding"
+    return finding_maps(maps, finding, x.shape[-2:]).cpu(), "class-aware grid of the true finding" if model.maps_are_detections else "class attention of the true finding"
 
 
 def class_attention_maps(model: nn.Module, data: Resident, classes: tuple[str, ...], path: Path, normal: int = 0) -> Path:

@@ -118,12 +118,12 @@ def measure(model: nn.Module, train: Resident, val: Resident, test: Resident, nu
     candidates = {source: scores.figures() for source, scores in scored.items()}
     chosen = min(candidates, key=lambda s: _order(s, candidates[s])) if candidates else default_source(model)
     if chosen not in scored:  # a network with no map at all: nothing to measure
-        return Localization(chosen, False, images={"validation": len(prior_val.iou), "test": len(prior_test.iou)})
+        return Localization(source=chosen, shown=False, images={"validation": len(prior_val.iou), "test": len(prior_test.iou)})
     low = paired_difference_low(scored[chosen].iou > 0.3, prior_val.iou > 0.3, prior_val.labels, seed=seed) if len(prior_val.iou) else float("nan")
     shown = regions_earned(candidates[chosen], prior_val.figures(), low, REGION_MARGIN)
     located = Localization(
-        chosen, shown, REGION_MARGIN, candidates[chosen], source_scores(model, test, chosen, normal).figures(), prior_val.figures(), prior_test.figures(),
-        low, candidates, {"validation": len(prior_val.iou), "test": len(prior_test.iou)},
+        source=chosen, shown=shown, margin=REGION_MARGIN, validation=candidates[chosen], test=source_scores(model, test, chosen, normal).figures(), prior_validation=prior_val.figures(), prior_test=prior_test.figures(),
+        difference_low=low, candidates=candidates, images={"validation": len(prior_val.iou), "test": len(prior_test.iou)},
     )  # fmt: skip
     logger.info(
         "localization: %s chosen on validation (IoU>0.3 %.3f, pointing %.3f; prior %.3f, %.3f): regions %s",

@@ -105,7 +105,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     located = localization(model, data["test"], dataset.classes, normal)
     shown = regions.measure(model, train_data.to("cpu"), data["val"], data["test"], len(dataset.classes), normal, seed)
     pneumonia = dataset.pneumonia_classes(dataset.classes[normal])
-    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, bool(getattr(model, "multi_label", False)), seed, offsets)
+    fitted = calibrate.fit(model, data, dataset.classes, normal, pneumonia, model.multi_label, seed, offsets)
     timings["total"] = time.perf_counter() - start
     fitted = replace(fitted, localization=shown, logit_adjustment=offsets)
     _write_bundle(out, config, model, dataset, splits, data, report, history, labels, probabilities, result.best_epoch, timings, located, fitted, compared)
@@ -184,7 +184,7 @@ def _tensorboard(folder: Path, runtime: Runtime):
 
 def _empty_report(dataset: ChestDataset) -> Report:
     nan = float("nan")
-    return Report(dataset.classes, nan, nan, nan, nan, {}, [])
+    return Report(classes=dataset.classes, accuracy=nan, balanced_accuracy=nan, macro_f1=nan, macro_auc=nan, per_class={}, confusion=[])
 
 
 def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, splits: Splits, data: dict[str, Resident],
@@ -198,10 +198,10 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         fitted.statistics.save(out / "models" / "ood.pt")
         gate = replace(gate, digest=ood_digest(out / "models" / "ood.pt"))
     contract = ModelContract(
-        dataset.classes, config.data.image_size, tuple(getattr(model, "attention_stages", ())), dataset.classes[normal],
-        config.name, config.version, weights_uid(state), config.demo, synthetic, config.finetune.architecture,
-        network_options(config.finetune, config.data.image_size), dataset.pneumonia_classes(dataset.classes[normal]),
-        round(fitted.temperature, 6), fitted.calibration, fitted.operating_points, gate, split_sizes(splits, fitted),
+        classes=dataset.classes, image_size=config.data.image_size, attention_stages=tuple(model.attention_stages), normal_class=dataset.classes[normal],
+        name=config.name, version=config.version, device_uid=weights_uid(state), demo=config.demo, synthetic=synthetic, architecture=config.finetune.architecture,
+        options=network_options(config.finetune, config.data.image_size), pneumonia_classes=dataset.pneumonia_classes(dataset.classes[normal]),
+        temperature=round(fitted.temperature, 6), calibration=fitted.calibration, operating_points=fitted.operating_points, ood=gate, splits=split_sizes(splits, fitted),
     )  # fmt: skip
     contract = replace(contract, localization=fitted.localization, logit_adjustment=fitted.logit_adjustment)
     description = describe(config)
@@ -223,7 +223,7 @@ def _write_bundle(out: Path, config: TrainConfig, model, dataset: ChestDataset, 
         fitted.before, fitted.after, docs / "calibration.png", None if test_scores is None else (test_scores, np.zeros(0)), fitted.ood and fitted.ood.threshold,
     )  # fmt: skip
     turned_away = None if test_scores is None or fitted.ood is None else float((test_scores > fitted.ood.threshold).mean())
-    if hasattr(model, "class_maps"):
+    if model.has_class_maps:
         pictures["class_maps"] = plots.class_attention_maps(model, data["test"], dataset.classes, docs / "class_maps.png", normal)
     served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
