@@ -575,7 +575,7 @@ def test_the_papers_optimisers_and_step_schedule_train(dataset_dir: Path, tmp_pa
 def test_the_card_sets_the_model_beside_a_plain_resnet18_the_majority_class_and_chance(bundle: Path) -> None:
     card = (bundle / "docs" / "README.md").read_text()
     assert "## Against its baselines" in card
-    for row in ("| this model |", "| plain ResNet18 (cross-entropy, no augmentation, same split and budget) |", '| majority class (always "', "| chance (random scores) |"):
+    for row in ("| this model |", "| plain ResNet18, untuned (cross-entropy, no augmentation, fixed learning rate, no search; same split and epochs) |", '| majority class (always "', "| chance (random scores) |"):
         assert row in card, row
 
 

@@ -1,4 +1,4 @@
-"""What a model must beat: a plain ResNet18 on the same split with the same budget, block
+"""What a model must beat: an untuned plain ResNet18 on the same split and epochs, block
 statistics (a non-deep model of coarse brightness and texture), the majority class and chance.
 
 A model whose figures carry intervals can still be worse than answering "normal" every
@@ -281,7 +281,7 @@ def shortfalls(model: Report, baselines: dict[str, Report]) -> list[str]:
         found.append(f"its macro ROC AUC ({model.macro_auc:.3f}, interval from {low_auc:.3f}) is not clearly above 0.5, chance")
     plain = baselines.get("plain ResNet18")
     if plain is not None and not model.balanced_accuracy > plain.balanced_accuracy:
-        found.append(f"the plain ResNet18 trained on the same split with the same budget does as well or better (balanced accuracy {plain.balanced_accuracy:.3f})")
+        found.append(f"an untuned plain ResNet18 trained on the same split and epochs does as well or better (balanced accuracy {plain.balanced_accuracy:.3f})")
     if plain is not None and np.isfinite(plain.macro_auc) and not model.macro_auc > plain.macro_auc:
         found.append(f"the plain ResNet18's macro ROC AUC is as high or higher ({plain.macro_auc:.3f} against {model.macro_auc:.3f})")
     blocks = baselines.get("block statistics")
@@ -292,7 +292,7 @@ def shortfalls(model: Report, baselines: dict[str, Report]) -> list[str]:
 
 def section(model: Report, baselines: dict[str, Report], majority_class: str) -> list[str]:
     """The model card's comparison: a table, then a warning in words when there is one to give."""
-    names = {"plain ResNet18": "plain ResNet18 (cross-entropy, no augmentation, same split and budget)",
+    names = {"plain ResNet18": "plain ResNet18, untuned (cross-entropy, no augmentation, fixed learning rate, no search; same split and epochs)",
              "block statistics": "block statistics (mean and SD of 16 x 16 blocks, gradient boosting)",
              "majority": f'majority class (always "{majority_class}")', "chance": "chance (random scores)"}  # fmt: skip
     rows = ["| | accuracy | balanced accuracy | macro F1 | macro ROC AUC |", "|---|---|---|---|---|"]

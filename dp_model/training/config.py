@@ -305,8 +305,8 @@ class TrainConfig:
     name: str = "deep_pneumonia"
     version: str = "0.1.0"
     demo: bool = False
-    #: also train a plain ResNet18 (cross-entropy, no augmentation) on the same split with the
-    #: same budget, and show it, the majority class and chance beside the model in its card
+    #: also train an untuned plain ResNet18 (cross-entropy, no augmentation, no search) on the same
+    #: split and epochs, and show it, the majority class and chance beside the model in its card
     baseline: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
