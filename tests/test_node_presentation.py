@@ -60,7 +60,7 @@ def test_dcmtk_reads_the_regions_text_and_grayscale_pipeline_of_the_presentation
     dump = rendered.stdout + rendered.stderr
     assert "Graphic Layer #1 [AI]" in dump
     assert "coordinates: 300\\400, 900\\400, 900\\1200, 300\\1200, 300\\400" in dump
-    assert '"Lobar pneumonia, region score 83%"' in dump  # as the SR says it: the finding's name, the region's own score and "Finding: Lobar pneumonia" in dump and "not for primary diagnosis" in dump
+    assert '"Lobar pneumonia, region score 0.83 (map peak, not a probability)"' in dump  # as the SR says it: the finding's name, the region's own score and "Finding: Lobar pneumonia" in dump and "not for primary diagnosis" in dump
     assert "window center=15000 width=30000" in dump  # RG1's own window, restated
     assert "Number of activated overlays: 1" in dump  # the outlines also as an overlay plane
     # dcmp2pgm renders the activated overlay plane into its own bitmap: the marks, in pixels.

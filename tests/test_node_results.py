@@ -118,7 +118,7 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_
     assert len(absent) == 2 and dump.count("POLYLINE") == 3  # the whole image, and the two regions
     # Each region carries its own score, named after its finding; each finding its certainty and
     # the threshold it was decided at (a multi-label model decides each at the operating point).
-    assert 'NUM:(,,"Lobar pneumonia region score")="71.0"' in dump and 'NUM:(,,"Interstitial pneumonia region score")="64.0"' in dump
+    assert 'NUM:(,,"Lobar pneumonia region score")="0.71"' in dump and 'NUM:(,,"Interstitial pneumonia region score")="0.64"' in dump
     assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + 1 + len(FINDINGS)  # the whole image, pneumonia, each finding
 
 
@@ -261,7 +261,7 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(tmp_path: Path, predi
     assert image == {"Pneumonia certainty (image)": 90.0, "Threshold Value": 50.0}
     assert np.asarray(scoords(groups[0])[0].GraphicData).reshape(-1, 2).max(axis=0).tolist() == [rg1.Columns, rg1.Rows]
     # The region's own score (the map's peak in it), not a copy of the class probability (60 %).
-    assert region == {"Lobar pneumonia region score": 83.0}
+    assert region == {"Lobar pneumonia region score": 0.83}  # a map peak, no units: not a probability
     found = evaluations(sr)
     assert found["Pneumonia"] == ("Present", {"Certainty of Finding": 90.0, "Threshold Value": 50.0})
     assert found["Lobar pneumonia"] == ("Present", {"Certainty of Finding": 60.0})

@@ -79,7 +79,7 @@ def build_presentation_state(
 def _region_text(prediction: Prediction, index: int) -> str:
     """What the SR says of a region: its finding's name and its own score."""
     name, peak = codes.finding_code(prediction.region_label(index)).meaning, prediction.region_score(index)
-    return f"{name}, region score {100 * peak:.0f}%" if np.isfinite(peak) else name
+    return f"{name}, region score {peak:.2f} (map peak, not a probability)" if np.isfinite(peak) else name
 
 
 def _outline_overlay(state: Dataset, boxes: np.ndarray, rows: int, columns: int) -> None:

@@ -11,7 +11,8 @@ the design and the viewer evidence are in docs/decisions.md):
   results included; an image outside the training distribution gets its score and the
   gate's threshold instead. Then one group per lesion region, a closed polyline on the
   source image, with the finding located there, the lung as finding site and the region's
-  own score (the peak of the model's localisation map inside it), named after its finding
+  own score (the peak of the model's localisation map inside it, in [0, 1] and without units:
+  not a probability), named after its finding
   ("Lobar pneumonia region score"). Regions only where the bundle's maps beat a fixed prior
   on held-out images; otherwise none, and a Comment (TEXT, TID 1500 row 14) among the
   Qualitative Evaluations says so.
@@ -192,7 +193,8 @@ def _region_group(
     label = prediction.region_label(index)
     finding = codes.finding_code(label)
     peak = prediction.region_score(index)
-    score = [hd.sr.Measurement(name=codes.region_score_code(label), value=round(100.0 * peak, 2), unit=codes.PERCENT, algorithm_id=algorithm)] if np.isfinite(peak) else []
+    # The map's peak in [0, 1], no units: it is not a probability, and a percent would read as one.
+    score = [hd.sr.Measurement(name=codes.region_score_code(label), value=round(peak, 4), unit=codes.NO_UNITS, algorithm_id=algorithm)] if np.isfinite(peak) else []
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(f"region-{index}"), identifier=f"{finding.meaning} region {index + 1}"[:64]),
         referenced_region=_region(source, *(float(v) for v in prediction.boxes[index])),
