@@ -111,6 +111,8 @@ class Served:
     assessed: np.ndarray
     positive: np.ndarray
     triage: np.ndarray
+    #: the finding the node names (the most probable pneumonia class when positive)
+    label: np.ndarray
 
 
 def admitted(ood_scores: np.ndarray | None, contract: ModelContract) -> np.ndarray | None:
@@ -131,7 +133,8 @@ def served_decisions(probabilities: np.ndarray, ood_scores: np.ndarray | None, c
     assessed = np.ones(len(decisions), bool) if gate is None else gate
     positive = assessed & np.array([d.positive for d in decisions], bool)
     triage = assessed & np.array([d.triage for d in decisions], bool)
-    return Served(np.array([d.pneumonia_probability for d in decisions], np.float64), assessed, positive, triage)
+    labels = np.array([d.label for d in decisions], dtype=object)
+    return Served(np.array([d.pneumonia_probability for d in decisions], np.float64), assessed, positive, triage, labels)
 
 
 def is_pneumonia(labels: np.ndarray, contract: ModelContract) -> np.ndarray:
@@ -224,6 +227,9 @@ class ServedReport:
     abstention_negatives: Proportion
     all: Block
     assessed: Block
+    #: of the pneumonia images the node reports positive, the share whose named type (the
+    #: finding in the SR and on the overlay) is the true one; None with one pneumonia class
+    type_correct: Proportion | None = None
     bins: int
     confidence: float
     temperature: float
@@ -235,6 +241,7 @@ class ServedReport:
             "temperature": self.temperature, "thresholds": dict(self.thresholds), "abstention": self.abstention.to_json(),
             "abstention_positives": self.abstention_positives.to_json(), "abstention_negatives": self.abstention_negatives.to_json(),
             "all": self.all.to_json(), "assessed": self.assessed.to_json(),
+            "type_among_served_positives": None if self.type_correct is None else self.type_correct.to_json(),
         }  # fmt: skip
 
     def table(self) -> str:
@@ -250,6 +257,9 @@ class ServedReport:
             f"- not assessed: {a.successes} of {a.total}, {a.text()}; {self.abstention_positives.successes} of {self.abstention_positives.total} "
             f"with pneumonia, {self.abstention_negatives.successes} of {self.abstention_negatives.total} without",
         ]
+        if self.type_correct is not None:
+            t = self.type_correct
+            lines.append(f"- type named right: {t.successes} of {t.total} pneumonia images reported positive, {t.text()}")
         for label, block in (("assessed images", self.assessed), ("every image", self.all)):
             auc = "n/a" if np.isnan(block.auc) else f"{block.auc:.3f}" + ("" if np.isnan(block.auc_low) else f" ({level} bootstrap CI {block.auc_low:.3f} to {block.auc_high:.3f})")
             lines.append(f"- probability of pneumonia ({label}, {block.images}): Brier {_text(block.brier)}, ECE {_text(block.ece)} ({self.bins} equal-mass bins), AUC {auc}")
@@ -283,10 +293,13 @@ def evaluate_served(probabilities: np.ndarray, ood_scores: np.ndarray | None, la
     points = ("present", "triage") if contract.triage_point is not None else ("present",)
     thresholds = {"present": contract.present_point.threshold} | ({"triage": contract.triage_point.threshold} if contract.triage_point else {})
     every = np.ones(len(truth), bool)
+    typed = served.positive & truth
+    named_right = served.label[typed] == np.asarray(contract.classes, dtype=object)[np.asarray(labels)[typed]]
+    type_correct = proportion(named_right.astype(bool), confidence) if len(contract.pneumonia) > 1 else None
     return ServedReport(
         thresholds=thresholds, abstention=proportion(~served.assessed, confidence), abstention_positives=proportion(~served.assessed[truth], confidence), abstention_negatives=proportion(~served.assessed[~truth], confidence),
         all=_block(served, truth, every, bootstrap, seed, bins, confidence, points), assessed=_block(served, truth, served.assessed, bootstrap, seed, bins, confidence, points),
-        bins=bins, confidence=confidence, temperature=contract.temperature,
+        type_correct=type_correct, bins=bins, confidence=confidence, temperature=contract.temperature,
     )  # fmt: skip
 
 

@@ -184,3 +184,14 @@ def test_the_covariance_shrinkage_is_estimated_by_ledoit_wolf() -> None:
         centred = features.double().numpy() - np.stack([features.double().numpy()[labels == k].mean(0) for k in (0, 1)])[labels]
         assert stats.shrinkage == pytest.approx(ledoit_wolf_shrinkage(centred, assume_centered=True), rel=1e-6)
     assert FeatureStatistics.fit(features, labels, shrinkage=0.1).shrinkage == 0.1
+
+
+def test_the_type_the_node_names_is_scored_on_the_pneumonia_images_it_reports_positive() -> None:
+    """Of the three pneumonia images reported positive by hand (0, 1; 3 is not assessed), image 0
+    is named lobar (right) and image 1, a tie of lobar and interstitial, lobar (wrong)."""
+    report = evaluate_served(PROBABILITIES, OOD, LABELS, contract(), bootstrap=0, bins=2)
+    assert (report.type_correct.successes, report.type_correct.total) == (1, 2)
+    assert report.to_json()["type_among_served_positives"]["successes"] == 1 and "type named right: 1 of 2" in report.table()
+    single = contract(classes=("normal", "pneumonia"))
+    two = np.array([[0.2, 0.8], [0.9, 0.1]])
+    assert evaluate_served(two, None, np.array([1, 0]), single, bootstrap=0, bins=2).type_correct is None
