@@ -53,6 +53,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="bundle folder to write (default: runs/<name>)")
     p.add_argument("--stages", choices=["all", "pretrain", "finetune"], default="all")
     p.add_argument("--resume", action="store_true", help="continue from the bundle folder's last checkpoint")
+    p.add_argument("--validation-only", action="store_true",
+                   help="for choosing a recipe: train, measure on validation only (validation.json); the test split is never read and no bundle is written")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p.add_argument("--image-size", type=int)
     p.add_argument("--pretrain-epochs", type=int)
@@ -123,11 +125,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{out}: this training is already complete; its bundle is there (use --force to train again)")
         return 0
 
-    result = train(config, out, args.stages, args.resume)
+    result = train(config, out, args.stages, args.resume, validation_only=args.validation_only)
     if args.stages == "pretrain":
         print(f"stage I done: encoder in {out / 'checkpoints' / 'encoder.pt'}")
         return 0
     r = result.report
+    if args.validation_only:
+        print(f"validation (test not read): balanced accuracy {r.balanced_accuracy:.3f}, macro AUC {r.macro_auc:.3f}; {out / 'validation.json'}")
+        return 0
     print(f"bundle: {result.bundle}")
     print(f"test: accuracy {r.accuracy:.3f}, balanced accuracy {r.balanced_accuracy:.3f}, macro-F1 {r.macro_f1:.3f}, macro AUC {r.macro_auc:.3f}")
     print(r.table())

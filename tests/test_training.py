@@ -686,3 +686,27 @@ def test_the_block_statistics_search_reads_on_through_three_steps_without_gain_a
     grid = {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None,)}
     fitted = baselines.fit_block_statistics(_resident(images[:40], labels[:40]), _resident(images[40:], labels[40:]), 2, grid=grid, trees=(5, 40))
     assert fitted.trees == chosen and fitted.val_balanced_accuracy == max(scores[: chosen // 5 + 4])
+
+
+def test_a_validation_only_run_never_reads_the_test_split_and_writes_validation_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Choosing a recipe must leave test unseen: the run decodes no test image, measures
+    nothing on it, writes no bundle, and keeps per-image validation scores to re-check."""
+    import dp_model.training.run as run_module
+
+    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
+    config = TrainConfig(
+        name="choose", baseline=False,
+        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
+        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", threads=2),
+    )  # fmt: skip
+    decoded: list[str] = []
+    load = run_module.load_split
+    monkeypatch.setattr(run_module, "load_split", lambda dataset, indices, data, what: decoded.append(what) or load(dataset, indices, data, what))
+    result = train(config, tmp_path / "out", validation_only=True)
+    assert decoded == ["decode train", "decode val"]
+    summary = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert summary["split"] == "validation" and "never" in summary["test"]
+    assert summary["validation"]["balanced_accuracy"] == pytest.approx(result.report.balanced_accuracy)
+    assert len(summary["images"]) == sum(map(sum, result.report.confusion)) > 0, "one row per validation image"
+    assert not (tmp_path / "out" / "configs" / "metadata.json").exists() and not (tmp_path / "out" / "docs").exists()

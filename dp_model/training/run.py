@@ -46,11 +46,15 @@ class RunResult:
     baselines: dict[str, Report] = field(default_factory=dict)
 
 
-def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: bool = False) -> RunResult:
+def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: bool = False, validation_only: bool = False) -> RunResult:
     """Train and write the bundle into ``out`` (the bundle's root).
 
     ``stages="pretrain"`` stops after stage I (its encoder is kept in
     ``checkpoints/encoder.pt``); ``"finetune"`` starts from that encoder when present.
+    ``validation_only``: for choosing a recipe. The test split is never decoded, nothing is
+    measured on it; the run writes ``validation.json`` (the chosen epoch, the validation
+    figures and per-image validation scores) and its checkpoint, not a bundle, and its
+    report is the validation one.
     """
     out = Path(out)
     runtime = make_runtime(config.runtime)
@@ -60,7 +64,7 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     dataset = read_dataset(config.data.root, config.data.layout)
     splits = make_splits(dataset, config.data, seed)
     # Stage I needs only the training split; validation and test are decoded for stage II.
-    needed = ("train",) if stages == "pretrain" else ("train", "val", "test") + (("calibration",) if splits.calibration else ())
+    needed = ("train",) if stages == "pretrain" else ("train", "val") if validation_only else ("train", "val", "test") + (("calibration",) if splits.calibration else ())
     data = {name: load_split(dataset, getattr(splits, name), config.data, f"decode {name}") for name in needed}
     train_data = keep_boxes(data["train"], config.data.boxed_fraction, seed).to(runtime.device)
     normal = normal_index(dataset.classes)
@@ -93,6 +97,8 @@ def train(config: TrainConfig, out: str | Path, stages: Stages = "all", resume: 
     if not runtime.main:
         return RunResult(out, _empty_report(dataset), history, timings)
     cpu = Runtime(torch.device("cpu"), False, False, False)
+    if validation_only:
+        return _validation_only(out, model, data["val"], dataset, splits, cpu, normal, offsets, result.best_epoch, history, timings, seed)
     probabilities = predict(model, data["test"], cpu, normal=normal, offsets=offsets)
     labels = data["test"].labels.numpy()
     report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
@@ -180,6 +186,24 @@ def _tensorboard(folder: Path, runtime: Runtime):
         writer.flush()
 
     return log, writer.close
+
+
+def _validation_only(out: Path, model, val: Resident, dataset: ChestDataset, splits: Splits, cpu: Runtime, normal: int, offsets: tuple[float, ...],
+                     best_epoch: int, history: History, timings: dict, seed: int) -> RunResult:  # fmt: skip
+    """A run for choosing: the chosen checkpoint's validation figures and per-image scores, no test."""
+    labels = val.labels.numpy()
+    probabilities = predict(model, val, cpu, normal=normal, offsets=offsets)
+    report = evaluate(labels, probabilities, dataset.classes, bootstrap=1000, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [hashed_id(dataset.records[i].image_id) for i in splits.val]
+    summary = {
+        "split": "validation", "test": "never decoded nor measured (--validation-only)", "best_epoch": best_epoch,
+        "validation": report.scalars(), "classes": list(dataset.classes),
+        "images": [{"id": i, "label": int(y), "probabilities": [round(float(v), 6) for v in row]} for i, y, row in zip(ids, labels, probabilities, strict=True)],
+    }  # fmt: skip
+    (out / "validation.json").write_text(json.dumps(summary, indent=1) + "\n")
+    logger.info("validation only: balanced accuracy %.3f at epoch %d; %s (the test split was not read)", report.balanced_accuracy, best_epoch, out / "validation.json")
+    return RunResult(out, report, history, timings)
 
 
 def _empty_report(dataset: ChestDataset) -> Report:
