@@ -16,6 +16,7 @@ is lost to a reader, never the whole line after it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,19 +59,19 @@ class Bursts:
 
     def __init__(self, audit: AuditLog, burst: int = 10, window_s: float = 60.0) -> None:
         self.audit, self.burst, self.window_s = audit, burst, window_s
-        self._windows: dict[tuple, list] = {}  # key -> [start, written, held, fields]
+        self._windows: dict[tuple[object, ...], _Window] = {}
         self._lock = threading.Lock()
 
-    def write(self, event: str, key: tuple, **fields: Any) -> None:
+    def write(self, event: str, key: tuple[object, ...], **fields: Any) -> None:
         now = time.monotonic()
         with self._lock:
             window = self._windows.get(key)
-            if window is None or now - window[0] >= self.window_s:
+            if window is None or now - window.start >= self.window_s:
                 self._close(key)
-                window = self._windows[key] = [now, 0, 0, (event, fields)]
-            window[1] += 1
-            held = window[1] > self.burst
-            window[2] += held
+                window = self._windows[key] = _Window(now, event, fields)
+            window.written += 1
+            held = window.written > self.burst
+            window.held += held
         if not held:
             self.audit.write(event, **fields)
 
@@ -78,14 +79,26 @@ class Bursts:
         """Write the counts of windows that have ended."""
         now = time.monotonic()
         with self._lock:
-            for key in [k for k, w in self._windows.items() if now - w[0] >= self.window_s]:
+            for key in [k for k, w in self._windows.items() if now - w.start >= self.window_s]:
                 self._close(key)
 
-    def _close(self, key: tuple) -> None:
+    def _close(self, key: tuple[object, ...]) -> None:
         window = self._windows.pop(key, None)
-        if window and window[2]:
-            event, fields = window[3]
-            self.audit.write(event, **(fields | {"count": window[2], "detail": f"{window[2]} more like this within {self.window_s:.0f} s"}))
+        if window and window.held:
+            event, fields = window.event, window.fields
+            self.audit.write(event, **(fields | {"count": window.held, "detail": f"{window.held} more like this within {self.window_s:.0f} s"}))
+
+
+@dataclasses.dataclass
+class _Window:
+    """One kind of refusal from one peer: when its minute started, how many lines came in it,
+    how many of those were held back, and the first line's event and fields (the count's)."""
+
+    start: float
+    event: str
+    fields: dict[str, Any]
+    written: int = 0
+    held: int = 0
 
 
 class AuditLog:
@@ -101,7 +114,7 @@ class AuditLog:
         self.write_errors = 0
         self.dropped = 0
 
-    def write(self, event: str, **fields: Any) -> dict:
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event}
         record |= {k: v for k, v in fields.items() if k in FIELDS and v is not None}
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()

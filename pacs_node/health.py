@@ -13,6 +13,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if status == "ok" else 1
 
 
-def _json(body: bytes) -> dict:
+def _json(body: bytes) -> dict[str, Any]:
     try:
-        return json.loads(body)
+        state: dict[str, Any] = json.loads(body)  # the node's own /health: a JSON object
+        return state
     except ValueError:
         return {}
 

@@ -19,8 +19,9 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -59,7 +60,7 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
 Labels = tuple[tuple[str, str], ...]
 
 # ``*_created`` samples (creation timestamps of each series) say nothing an operator needs.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 
 class Metrics:
@@ -102,7 +103,7 @@ class _Gauges:
     def add(self, name: str, read: Callable[[], dict[Labels, float]], help_text: str) -> None:
         self._gauges[name] = (read, help_text)
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, (read, help_text) in sorted(self._gauges.items()):
             values = read()
             labels = sorted({key for labelled in values for key, _ in labelled})
@@ -111,6 +112,12 @@ class _Gauges:
                 family.add_metric([dict(labelled)[key] for key in labels], value)
             yield family
 
+
+#: What ``socketserver`` hands a server's methods: a stream server's connection is a socket; the
+#: tuple is a datagram server's, which this module never runs.
+_Request = socket.socket | tuple[bytes, socket.socket]
+#: A peer's address as ``accept`` gives it: (host, port), with flow info and scope id for IPv6.
+_Address = tuple[str, int] | tuple[str, int, int, int]
 
 #: What a connection past the cap is told before it is closed.
 BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n"
@@ -135,7 +142,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         super().__init__(address, handler)
 
-    def verify_request(self, request, client_address) -> bool:
+    def verify_request(self, request: _Request, client_address: _Address) -> bool:
+        request = _connection(request)
         with self._lock:
             if len(self._deadlines) < self.max_connections:
                 self._deadlines[request] = time.monotonic() + self.timeout_s
@@ -143,12 +151,12 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         _tell_busy(request)
         return False
 
-    def shutdown_request(self, request) -> None:
+    def shutdown_request(self, request: _Request) -> None:
         with self._lock:
-            self._deadlines.pop(request, None)
+            self._deadlines.pop(_connection(request), None)
         super().shutdown_request(request)
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: _Request, client_address: _Address) -> None:
         """A connection cut or dropped mid-request: one debug line, not a traceback on stderr."""
         logger.debug("HTTP connection from %s ended early", client_address[0] if client_address else "?")
 
@@ -163,6 +171,12 @@ class BoundedHTTPServer(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _connection(request: _Request) -> socket.socket:
+    """The socket of a connection: a ``ThreadingHTTPServer`` is a stream server."""
+    assert isinstance(request, socket.socket), "a stream server's request is its connection"
+    return request
 
 
 def _tell_busy(request: socket.socket) -> None:
@@ -185,7 +199,7 @@ class MetricsServer:
         max_connections: connections open at once (``http_max_connections``).
     """
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], dict], timeout_s: float = 10.0, max_connections: int = 16) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], dict[str, Any]], timeout_s: float = 10.0, max_connections: int = 16) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -201,7 +215,7 @@ class MetricsServer:
                 else:
                     outer._reply(self, 404, b"not found: try /health or /metrics\n", "text/plain")
 
-            def log_message(self, *_args) -> None:  # requests are not worth a log line each
+            def log_message(self, *_args: object) -> None:  # requests are not worth a log line each
                 pass
 
         self.server = BoundedHTTPServer((host, port), Handler, timeout_s, max_connections)
