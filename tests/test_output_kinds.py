@@ -153,6 +153,7 @@ def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and
         ({"outputs": ("sr", "fhir")}, "outputs must be one or more of sr, sc, gsps, each once, got ['sr', 'fhir']"),
         ({"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "fhir-rest"}]}, "protocol of http://127.0.0.1:9/x must be one of dimse, stow-rs, got 'fhir-rest'"),
         ({"destinations": [{"url": "http://127.0.0.1:9/x", "outputs": ["gsps"]}]}, "destinations[0].outputs lists gsps, which outputs does not write (sr, sc)"),
+        ({"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "dimse"}]}, "protocol of http://127.0.0.1:9/x: dimse sends to an AE title at a host and port, not to a web address"),
     ],
 )
 def test_a_kind_or_protocol_the_node_does_not_have_is_a_configuration_error(tmp_path: Path, predictor, settings, message) -> None:

@@ -12,7 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
-from pynetdicom.sop_class import (
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated into the module at import, invisible to a checker
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     GrayscaleSoftcopyPresentationStateStorage,
@@ -69,7 +70,7 @@ class CStoreTransport:
 class CStoreLink:
     """One association: a C-STORE per object."""
 
-    def __init__(self, assoc, name: str) -> None:
+    def __init__(self, assoc: Association, name: str) -> None:
         self.assoc, self.name = assoc, name
 
     @property
@@ -137,7 +138,7 @@ def _outcome(status: Dataset | None) -> Outcome:
     return Outcome(Status.REFUSED, "refused", f"C-STORE status 0x{int(code):04X}")
 
 
-def _accepted(assoc, dataset: Dataset) -> bool:
+def _accepted(assoc: Association, dataset: Dataset) -> bool:
     """Whether the association has an accepted context for the object's SOP class and transfer syntax."""
     sop_class, syntax = str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
     return any(str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax] for cx in assoc.accepted_contexts)

@@ -526,7 +526,7 @@ class DestinationSender:
         return str(self._sidecar(path).get("source", ""))
 
     @staticmethod
-    def _sidecar(path: Path) -> dict:
+    def _sidecar(path: Path) -> dict[str, object]:
         try:
             found = json.loads(_sidecar_path(path).read_text())
             return found if isinstance(found, dict) else {}
@@ -574,7 +574,7 @@ def _sidecar_path(path: Path) -> Path:
     return path.with_name(f"{_key(path)}.json")
 
 
-def _mismatch(data: bytes, sidecar: dict) -> str:
+def _mismatch(data: bytes, sidecar: dict[str, object]) -> str:
     """Why ``data`` is not the file described by ``sidecar``; empty when it is."""
     expected = sidecar.get("sha256")
     if not isinstance(expected, str) or not expected:

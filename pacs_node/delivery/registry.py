@@ -62,5 +62,17 @@ def protocol_of(destination: Destination | WebDestination) -> Protocol:
     return found
 
 
-register(Protocol(name="dimse", media_types=frozenset({DICOM}), open=lambda d, ae, config, tls, timeout: CStoreTransport(d, ae, tls, timeout)))
-register(Protocol(name="stow-rs", media_types=frozenset({DICOM}), open=lambda d, ae, config, tls, timeout: StowTransport(d, tls, timeout, config.max_request_mb * 2**20)))
+def _open_dimse(destination: Destination | WebDestination, ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout: float) -> Transport:
+    if not isinstance(destination, Destination):
+        raise ConfigError(f"protocol of {destination}: dimse sends to an AE title at a host and port, not to a web address")
+    return CStoreTransport(destination, ae, tls, timeout)
+
+
+def _open_stow(destination: Destination | WebDestination, ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout: float) -> Transport:
+    if not isinstance(destination, WebDestination):
+        raise ConfigError(f"protocol of {destination}: stow-rs sends to a web address, not to an AE title")
+    return StowTransport(destination, tls, timeout, config.max_request_mb * 2**20)
+
+
+register(Protocol(name="dimse", media_types=frozenset({DICOM}), open=_open_dimse))
+register(Protocol(name="stow-rs", media_types=frozenset({DICOM}), open=_open_stow))

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 from xml.etree import ElementTree
 
@@ -238,7 +239,7 @@ def _answer(status: int, body: bytes, retry_after: str | None) -> Answer:
     return Answer(status, stored, failed, _seconds(retry_after))
 
 
-def _json_listed(answer: dict, sequence: str, code: str) -> dict[str, int | None]:
+def _json_listed(answer: dict[str, Any], sequence: str, code: str) -> dict[str, int | None]:
     listed: dict[str, int | None] = {}
     for item in answer.get(sequence, {}).get("Value") or []:
         uid = _json_first(item, REFERENCED_SOP_INSTANCE_UID)
@@ -247,7 +248,8 @@ def _json_listed(answer: dict, sequence: str, code: str) -> dict[str, int | None
     return listed
 
 
-def _json_first(item: dict, tag: str):
+def _json_first(item: dict[str, Any], tag: str) -> Any:
+    """The first value of an attribute of a DICOM JSON object (PS3.18 F.2): whatever the peer sent."""
     return (item.get(tag, {}).get("Value") or [None])[0]
 
 
@@ -274,7 +276,9 @@ def _found(body: bytes) -> set[str]:
         return set()
 
 
-def _number(value) -> int | None:
+def _number(value: object) -> int | None:
+    if not isinstance(value, (str, int, float)):
+        return None  # absent, or a list or object where a number belongs
     try:
         return int(value)
     except (TypeError, ValueError):
