@@ -118,7 +118,10 @@ class ResultWriter(Protocol):
     label: str
     role: str
     media_type: str
-    fail_reason: str
+
+    @property
+    def fail_reason(self) -> str:  # read-only, so that a writer may name a FailReason (a str)
+        ...
 
     def build(self, context: ResultContext) -> Result:
         """This kind's result for one image."""

@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pacs_node.model.predictor import NodePredictor  # PyTorch: seconds, after the arguments
 
+    chest = get_testdata_file("RG1_UNCR.dcm")  # a path; None without the pydicom-data package
+    if not isinstance(chest, str):
+        print("the gallery draws RG1_UNCR.dcm of pydicom-data: pip install pydicom-data")
+        return 1
     predictor = NodePredictor(args.bundle, "cpu")
-    images = [overlay_pixels(predictor, Path(get_testdata_file("RG1_UNCR.dcm"))), overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm")))]
+    images = [overlay_pixels(predictor, Path(chest)), overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm")))]
     height = 720
     tiles = [Image.fromarray(image).resize((round(image.shape[1] * height / image.shape[0]), height)) for image in images]
     canvas = Image.new("RGB", (sum(t.width for t in tiles) + 16 * (len(tiles) - 1), height), "white")

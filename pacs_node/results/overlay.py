@@ -93,7 +93,11 @@ def verdict(prediction: Prediction) -> str:
 
 
 def _font(side: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=max(12, side // 45))
+    font = ImageFont.load_default(size=max(12, side // 45))
+    # Pillow falls back to a fixed-size bitmap font only when built without FreeType; its
+    # wheels always have it, and a bitmap font could not be sized to the film anyway.
+    assert isinstance(font, ImageFont.FreeTypeFont), "Pillow without FreeType"
+    return font
 
 
 def _draw_regions(image: Image.Image, prediction: Prediction, scale: float) -> None:
@@ -125,14 +129,15 @@ def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> I
         texts.append(prediction.regions_withheld)
     # Every sentence wrapped to the film's width: on a narrow image (a 256-px phantom) the
     # verdict would otherwise run off its edge. The banner keeps its colour on each of its lines.
-    lines = [(line, i == 0) for i, text in enumerate(texts) for line in _wrapped(text, font, radiograph.size[0] - font.size)]
-    line_height = font.size + font.size // 3
-    band = line_height * len(lines) + font.size // 2
+    size = int(font.size)  # the whole number of pixels _font asked for (Pillow types it float)
+    lines = [(line, i == 0) for i, text in enumerate(texts) for line in _wrapped(text, font, radiograph.size[0] - size)]
+    line_height = size + size // 3
+    band = line_height * len(lines) + size // 2
     image = Image.new("RGB", (radiograph.size[0], band + radiograph.size[1]), (0, 0, 0))
     image.paste(radiograph, (0, band))
     draw = ImageDraw.Draw(image)
     for i, (text, banner) in enumerate(lines):
-        draw.text((font.size // 2, font.size // 4 + i * line_height), text, fill=(255, 255, 0) if banner else (255, 255, 255), font=font)
+        draw.text((size // 2, size // 4 + i * line_height), text, fill=(255, 255, 0) if banner else (255, 255, 255), font=font)
     return image
 
 
@@ -155,14 +160,14 @@ def build_overlay(
         sop_instance_uid=identity.instance_uid(ROLE),
         instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
-        pixel_spacing=tuple(s / scale for s in spacing) if spacing else None,
+        pixel_spacing=(spacing[0] / scale, spacing[1] / scale) if spacing else None,  # type: ignore[arg-type]  # highdicom 0.28's from_ref_dataset says int, its __init__ float: millimetres
         laterality=None,
         patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
         transfer_syntax_uid=JPEGLSLossless,  # lossless, about a quarter of the size; the outbox decompresses for a destination without it
         contributing_equipment=[contributing_equipment(model)],
     )
     if len(orientation) != 2:
-        sc.PatientOrientation = None  # Type 2: unknown, so empty rather than guessed
+        sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2: unknown, so empty rather than guessed (mypy infers highdicom's list)
     _describe(sc, source, identity)
     received = str(source.get("Modality", "")).upper()
     # The loop guard knows the node's own objects, whatever their modality.

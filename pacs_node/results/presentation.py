@@ -14,6 +14,8 @@ it leaves the diagnostic pixels untouched. Graphics are in the source's pixel un
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import highdicom as hd
 import numpy as np
 from dp_transforms.header import number, numbers, text
@@ -112,11 +114,19 @@ def _outline_overlay(state: Dataset, boxes: np.ndarray, rows: int, columns: int)
     state.add_new(0x60003000, "OW", packed + b"\0" * (len(packed) % 2))
 
 
-def _grayscale(received: Dataset) -> dict:
+class _Grayscale(TypedDict, total=False):
+    """The grayscale pipeline's arguments of a GSPS, those the received image has."""
+
+    modality_lut_transformation: hd.ModalityLUTTransformation
+    voi_lut_transformations: list[hd.pr.SoftcopyVOILUTTransformation]
+    presentation_lut_transformation: hd.PresentationLUTTransformation
+
+
+def _grayscale(received: Dataset) -> _Grayscale:
     """The received image's own modality LUT, window and polarity, as the GSPS must restate them
     (a presentation state replaces the image's; without them a viewer shows the raw range).
     Values a header holds that are not numbers are left out, as the node's reading leaves them."""
-    found: dict = {}
+    found: _Grayscale = {}
     slope, intercept = number(received, "RescaleSlope"), number(received, "RescaleIntercept")
     if slope is not None and intercept is not None and slope != 0:
         found["modality_lut_transformation"] = hd.ModalityLUTTransformation(rescale_intercept=intercept, rescale_slope=slope, rescale_type="US")

@@ -84,7 +84,7 @@ def build_report(source: Dataset, prediction: Prediction, model: ModelContract, 
     return sr
 
 
-def _measurement_report(context: hd.sr.ObservationContext, groups: list, evaluations: hd.sr.ContainerContentItem) -> hd.sr.MeasurementReport:
+def _measurement_report(context: hd.sr.ObservationContext, groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations], evaluations: hd.sr.ContainerContentItem) -> hd.sr.MeasurementReport:
     """TID 1500 with the measurement groups (row 6) and the Qualitative Evaluations (row 12)."""
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH, imaging_measurements=groups, title=codes.REPORT_TITLE)
     report[0].ContentSequence.append(evaluations)  # highdicom builds row 6 only
@@ -98,7 +98,7 @@ def _observation_context(model: ModelContract) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(observer_type=codes.DEVICE, observer_identifying_attributes=device))
 
 
-def _num(name: Code, value: float, unit: Code, relationship=HAS_PROPERTIES) -> hd.sr.NumContentItem:
+def _num(name: Code, value: float, unit: Code, relationship: hd.sr.RelationshipTypeValues = HAS_PROPERTIES) -> hd.sr.NumContentItem:
     return hd.sr.NumContentItem(name=name, value=round(float(value), 2), unit=unit, relationship_type=relationship)
 
 
@@ -124,11 +124,11 @@ def _classification(prediction: Prediction) -> hd.sr.ContainerContentItem:
     return container
 
 
-def _assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
+def _assessed(prediction: Prediction) -> list[hd.sr.ContentItem]:
     # A class of a multi-label model is decided at the operating point on its own; a class of a
     # softmax model is the most probable one once pneumonia is present, so it has no threshold.
     class_threshold = prediction.operating_point if prediction.multi_label else None
-    items = [
+    items: list[hd.sr.ContentItem] = [
         _decision(codes.PNEUMONIA, prediction.positive, prediction.pneumonia_probability, prediction.operating_point),
         *(
             _decision(codes.finding_code(label), prediction.present(label), prediction.probability(label), class_threshold)
@@ -151,7 +151,7 @@ def _distribution(prediction: Prediction) -> list[hd.sr.NumContentItem]:
     return [_num(name, value, codes.NO_UNITS) for name, value in values if value is not None and np.isfinite(value)]
 
 
-def _not_assessed(prediction: Prediction) -> list[hd.sr.CodeContentItem]:
+def _not_assessed(prediction: Prediction) -> list[hd.sr.ContentItem]:
     """An image outside the training distribution: pneumonia indeterminate, why (coded), no certainty."""
     return [
         _evaluation(codes.PNEUMONIA, codes.INDETERMINATE, []),
@@ -169,6 +169,7 @@ def _image_group(
     source: Dataset, prediction: Prediction, algorithm: hd.sr.AlgorithmIdentification, identity: ResultIdentity
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """The image-level result as a region that is the whole image: what a viewer opens the SR on."""
+    numbers: list[tuple[Code, float | None, Code]]
     if prediction.assessed:
         numbers = [(codes.image_score_code("pneumonia"), 100.0 * prediction.pneumonia_probability, codes.PERCENT), (codes.THRESHOLD_VALUE, 100.0 * prediction.operating_point, codes.PERCENT)]
         value = codes.PRESENT if prediction.positive else codes.ABSENT
