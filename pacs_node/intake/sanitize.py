@@ -28,9 +28,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pydicom import config as pydicom_config
-from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 
 from dp_transforms.header import integer, number, text, texts, values
@@ -131,14 +132,14 @@ def clean_source(ds: Dataset) -> Cleaned:
     out.SOPClassUID = str(ds.get("SOPClassUID", "")).strip(" \x00")
     for keyword in UIDS:
         uid, how = source_uid(ds, keyword)
-        out.add(DataElement(tag_for_keyword(keyword), "UI", uid))
+        out.add(DataElement(Tag(keyword), "UI", uid))
         if how:
             clean.derived.append(f"{keyword} ({how})")
     for keyword in COPIED:
         _copy(ds, out, keyword, clean)
     for keyword in TYPE_2:
         if keyword not in out:
-            out.add(DataElement(tag_for_keyword(keyword), dictionary_VR(tag_for_keyword(keyword)), None))
+            out.add(DataElement(Tag(keyword), dictionary_VR(Tag(keyword)), None))
     out.InstanceNumber = integer(ds, "InstanceNumber") if 0 <= (integer(ds, "InstanceNumber") or -1) < 2**31 else 1
     # What makes it a source image for highdicom's references (the pixels were read with these).
     for keyword in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):
@@ -159,7 +160,7 @@ def _raw_text(ds: Dataset, keyword: str) -> str:
 
 
 def _copy(source: Dataset, out: Dataset, keyword: str, clean: Cleaned) -> None:
-    tag = tag_for_keyword(keyword)
+    tag = Tag(keyword)
     try:
         element = source[tag]
     except Exception:  # noqa: BLE001 - absent, or unreadable: the same for the output
@@ -184,13 +185,13 @@ def _copy(source: Dataset, out: Dataset, keyword: str, clean: Cleaned) -> None:
 
 def _emptied(out: Dataset, keyword: str, clean: Cleaned, quiet: bool = False) -> None:
     if keyword in TYPE_2:
-        tag = tag_for_keyword(keyword)
+        tag = Tag(keyword)
         out.add(DataElement(tag, dictionary_VR(tag), None))
     if not quiet:
         clean.emptied.append(keyword)
 
 
-def _valid(vr: str, value: object):
+def _valid(vr: str, value: object) -> int | float | str | None:
     """``value`` made valid for ``vr`` (legacy forms fixed), or None."""
     candidate = _fixed(vr, value)
     if candidate is None:
@@ -202,7 +203,7 @@ def _valid(vr: str, value: object):
     return candidate
 
 
-def _fixed(vr: str, value: object):
+def _fixed(vr: str, value: object) -> int | float | str | None:
     if vr in _NUMERIC_VRS:
         return value if isinstance(value, (int, float)) else None
     if isinstance(value, (bytes, bytearray)):
