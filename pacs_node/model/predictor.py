@@ -24,8 +24,10 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from dp_model.bundle import BundleError, load_bundle, load_feature_statistics
+from dp_model.classifier import ClassifierBase
 from dp_model.contract import NOT_MEASURED
 from dp_model.explain import CLASS_MAPS, HEATMAP_STAGE, default_source, map_sources, output_maps, source_stage, stage_map
+from dp_model.networks import DeepPneumoniaNet
 from dp_model.ood import watching
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.dicom import WORKING_PIXELS
@@ -150,7 +152,9 @@ class NodePredictor:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)")
         self.device = torch.device(device)
-        self.model, self.contract = load_bundle(bundle, self.device)
+        model, self.contract = load_bundle(bundle, self.device)
+        assert isinstance(model, ClassifierBase), "a bundle's network is built from dp_model's registry"
+        self.model = model
         statistics = load_feature_statistics(bundle, self.contract, self.model)
         self.statistics = statistics.to(self.device) if statistics is not None else None
         self.operating_point = self.contract.present_point.threshold if operating_point is None else operating_point
@@ -202,6 +206,8 @@ class NodePredictor:
             elif self.stage is None:
                 logits = self.model(batch)
             else:
+                # map+ and lesion: sources are offered by the MGACR network only (map_sources).
+                assert isinstance(self.model, DeepPneumoniaNet)
                 logits, outputs = self.model.forward_train(batch)
                 maps = stage_map(outputs[self.model.attention_stages.index(self.stage)], self.source)
         if not self.class_maps and self.stage is None:
@@ -212,6 +218,7 @@ class NodePredictor:
         if self.statistics is None:
             return probabilities, maps.float().cpu(), None
         # The gate fails closed, never open: no single pass of features, no report.
+        assert watch is not None  # watching(), since there are statistics
         return probabilities, maps.float().cpu(), self.statistics.score(watch.seen(logits, len(batch)))
 
     def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor, ood_score: float | None) -> Prediction:
@@ -220,7 +227,7 @@ class NodePredictor:
         maps = prepared.geometry.canvas_crop(canvas_maps).clamp(0, 1).numpy().astype(np.float32)
         draft = Prediction(
             contract.output_classes, probabilities, contract.normal_class, self.operating_point, maps[0], np.zeros((0, 4), np.float32),
-            contract.multi_label, (), contract.pneumonia, contract.triage_point and contract.triage_point.threshold,
+            contract.multi_label, (), contract.pneumonia, None if contract.triage_point is None else contract.triage_point.threshold,
             ood_score, None if ood_score is None or contract.ood is None or not self.ood_gate else contract.ood.threshold,
         )  # fmt: skip
         if len(maps) > 1:  # one map per finding: draw the most probable finding's
