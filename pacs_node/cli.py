@@ -27,12 +27,16 @@ import threading
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Light imports only: `dp-node --help` and every mistake in the arguments answer at once;
 # PyTorch, MONAI and pydicom (seconds on two cores) come once the arguments are known good.
 from dp_model.config import ConfigError, load_config
 
 from pacs_node.config import NodeConfig
+
+if TYPE_CHECKING:
+    from pacs_node.node import Node
 
 logger = logging.getLogger("dp-node")
 
@@ -175,7 +179,7 @@ def _fail(exc: BaseException) -> int:
     return 2
 
 
-def _announce(node, config: NodeConfig) -> None:
+def _announce(node: Node, config: NodeConfig) -> None:
     model = node.predictor.contract
     where = ", ".join(map(str, config.parsed_destinations())) if config.destinations else f"{Path(config.output_dir).resolve()}/<StudyInstanceUID>/"
     print(f"dp-node: {config.ae_title} listening on port {node.port}, model {model.name} {model.version}{' (DEMONSTRATION)' if model.demo else ''}", flush=True)

@@ -25,6 +25,7 @@ whatever the image, the peers or the machine do.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import threading
@@ -191,7 +192,7 @@ class Pipeline:
     def _steps(self, items: list[Item]) -> None:
         ready = [item for item in items if self._step(item, self._read) and self._step(item, self._decode)]
         for item, prediction in self._infer(ready):
-            self._step(item, lambda it, p=prediction: self._write_and_hand_over(it, p))
+            self._step(item, functools.partial(self._write_and_hand_over, prediction=prediction))
 
     def _step(self, item: Item, step: Callable[[Item], bool]) -> bool:
         """Run one step for one image; whatever it raises costs this image alone."""
@@ -285,7 +286,8 @@ class Pipeline:
                 with atomic_file(folder / result.file_name) as handle:
                     handle.write(result.data)
             return f"written to {folder}"
-        queued, had = [], []
+        queued: list[str] = []
+        had: list[str] = []
         for sender in self.senders:
             taken = [result for result in results if sender.takes(result)]
             if not taken:

@@ -24,7 +24,7 @@ from pacs_node.config import NodeConfig
 from pacs_node.delivery.outbox import DeliveryStats, DestinationSender
 from pacs_node.intake.listener import Listener
 from pacs_node.intake.spool import Spool
-from pacs_node.metrics import Metrics
+from pacs_node.metrics import Labels, Metrics
 from pacs_node.outcomes import NodeFailed, Outcomes
 from pacs_node.pipeline import Pipeline
 
@@ -76,7 +76,7 @@ class Supervisor:
                 self._revive("worker", self.worker.is_alive, self._restart_worker)
                 self._revive("listener", lambda: self.listener.alive, self.listener.restart)
                 for sender in self.senders:
-                    self._revive(f"send-{sender.destination.name}", lambda s=sender: s.alive, sender.restart)
+                    self._revive(f"send-{sender.destination.name}", lambda: sender.alive, sender.restart)  # called within this iteration
                 if self.audit.backlog:
                     self.audit.flush()
                 if self.prune_due.is_set() or time.monotonic() - last_prune > PRUNE_EVERY_S:
@@ -162,7 +162,7 @@ class Supervisor:
         return problems
 
     def _register_gauges(self) -> None:
-        def per_destination(read: Callable[[DestinationSender], float]) -> Callable[[], dict]:
+        def per_destination(read: Callable[[DestinationSender], float]) -> Callable[[], dict[Labels, float]]:
             return lambda: {(("destination", str(s.destination)),): read(s) for s in self.senders}
 
         work = self.pipeline.work
