@@ -48,6 +48,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
+from io import BytesIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, dimse_messages, dsutils, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import (
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated into the module at import, invisible to a checker
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
@@ -91,6 +96,10 @@ from pacs_node.metrics import Metrics
 from pacs_node.uids import derived_uid
 from pacs_node.files import atomic_file, is_transient
 from pacs_node.intake.spool import Receipt, Spool
+
+#: What ``socketserver`` hands a server's methods: a stream server's connection is a socket; the
+#: tuple is a datagram server's, which the listener never runs.
+_Request = socket.socket | tuple[bytes, socket.socket]
 from pacs_node.status import StoreStatus
 
 logger = logging.getLogger(__name__)
@@ -116,7 +125,7 @@ DISK_CHECK_BYTES = 2**20
 #: Files in spool/tmp untouched this long belong to no arrival or write in progress.
 STALE_TMP_S = 600.0
 #: (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason recorded.
-REJECTIONS = {(1, 1, 3): "calling-ae", (1, 1, 7): "called-ae", (2, 3, 2): "limit", (2, 2, 1): "user-identity", (1, 1, 2): "application-context"}
+REJECTIONS: dict[tuple[int, int | None, int | None], str] = {(1, 1, 3): "calling-ae", (1, 1, 7): "called-ae", (2, 3, 2): "limit", (2, 2, 1): "user-identity", (1, 1, 2): "application-context"}
 #: A-ASSOCIATE-RJ for a slot limit: rejected-transient, service-provider (presentation), local
 #: limit exceeded (PS3.8 9.3.4): the sender retries later instead of reporting a network failure.
 TRANSIENT_LIMIT = (0x02, 0x03, 0x02)
@@ -155,7 +164,7 @@ class Connection:
     sock: socket.socket
     peer: str
     opened: float
-    assoc: object | None = None
+    assoc: Association | None = None
     negotiated: bool = False
     cut: bool = False
     refused: str = ""  # why the node turned the association request away itself
@@ -222,7 +231,7 @@ class Connections:
             self._open.append(connection)
         return connection
 
-    def attach(self, assoc) -> Connection | None:
+    def attach(self, assoc: Association) -> Connection | None:
         """Bind an association to the connection of its socket."""
         raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
         with self._lock:
@@ -232,7 +241,7 @@ class Connections:
                     return connection
         return None
 
-    def of(self, assoc) -> Connection | None:
+    def of(self, assoc: Association) -> Connection | None:
         with self._lock:
             return next((c for c in self._open if c.assoc is assoc), None)
 
@@ -356,7 +365,7 @@ def _is_open(sock: socket.socket) -> bool:
         return False
 
 
-def _discard_partial(assoc) -> None:
+def _discard_partial(assoc: Association | None) -> None:
     """Remove the files of data sets that arrived but will never be served (never acknowledged):
     the one cut off while arriving, and those queued behind the store in progress when the
     association ended."""
@@ -376,7 +385,7 @@ def _discard_partial(assoc) -> None:
         Path(handle.name).unlink(missing_ok=True)
 
 
-def _release_slot(assoc) -> None:
+def _release_slot(assoc: Association | None) -> None:
     """End an acceptor's wait for an A-ASSOCIATE-RQ that will never come."""
     queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
     if queue is not None:
@@ -413,10 +422,10 @@ class BoundedSocket(AssociationSocket):
             return bytearray()  # read as a connection closed before the PDU was complete
         if self.grace_s is None or self.socket is None:
             return super().recv(nr_bytes)
-        return self._recv_by(nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.bytes_per_s)
+        return self._recv_by(self.socket, nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.bytes_per_s)
 
-    def _recv_by(self, nr_bytes: int, deadline: float) -> bytearray:
-        sock, data = self.socket, bytearray()
+    def _recv_by(self, sock: socket.socket, nr_bytes: int, deadline: float) -> bytearray:
+        data = bytearray()
         before = sock.gettimeout()
         try:
             while len(data) < nr_bytes:
@@ -447,11 +456,15 @@ class BoundedSocket(AssociationSocket):
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's server with the listener's checks at accept time and the TLS handshake off the accept loop."""
 
-    def __init__(self, *args, listener: Listener, **kwargs) -> None:
+    def __init__(
+        self, ae: AE, address: tuple[str, int] | tuple[str, int, int, int], ae_title: str, contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None, evt_handlers: list[evt.EventHandlerType] | None = None, *, listener: Listener,
+    ) -> None:
         self.listener = listener
-        super().__init__(*args, **kwargs)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None  # bound in __init__; pynetdicom declares it optional
         client, address = self.socket.accept()
         # A partial PDU must not block a reader for ever (an accepted socket blocks by default).
         # The sweeper cuts a slow negotiation at handshake_timeout_s; this is the backstop.
@@ -460,18 +473,18 @@ class GuardedServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
-    def verify_request(self, request, client_address) -> bool:
-        return self.listener.admit_connection(request, client_address)
+    def verify_request(self, request: _Request, client_address: object) -> bool:
+        return self.listener.admit_connection(_connection(request), client_address)
 
-    def finish_request(self, request, client_address) -> None:
+    def finish_request(self, request: _Request, client_address: object) -> None:
         """Runs in the connection's own thread: the TLS handshake here cannot stall the accept loop."""
         if isinstance(request, ssl.SSLSocket) and not self.listener.tls_handshake(request):
             return
         super().finish_request(request, client_address)
 
-    def handle_error(self, request, client_address) -> None:
-        self.listener.protocol_error(f"connection from {client_address[0]} failed while starting")
-        cut(request)
+    def handle_error(self, request: _Request, client_address: object) -> None:
+        self.listener.protocol_error(f"connection from {_address(client_address)} failed while starting")
+        cut(_connection(request))
 
 
 class Listener:
@@ -486,7 +499,7 @@ class Listener:
         enqueue: called with the spool path of each instance acknowledged.
     """
 
-    def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, gate, enqueue) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, gate: Callable[[], Refusal | None], enqueue: Callable[[Path], None]) -> None:
         self.config, self.spool, self.audit, self.metrics = config, spool, audit, metrics
         self.gate, self.enqueue = gate, enqueue
         self.networks = config.networks()
@@ -507,15 +520,18 @@ class Listener:
         # Data sets arrive in chunks, into the spool's tmp/: never whole in memory, and on the
         # spool's file system, so acceptance is a rename. (pynetdicom has these as globals.)
         _config.STORE_RECV_CHUNKED_DATASET = True
-        dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(self.spool.tmp))
-        dimse_messages.decode = decode_command_set
+        # Names dimse_messages imported for itself, which pynetdicom does not re-export.
+        dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(self.spool.tmp))  # type: ignore[attr-defined,assignment]
+        dimse_messages.decode = decode_command_set  # type: ignore[attr-defined]
         ae = self._make_ae()
-        self.server = ae.make_server(
+        server = ae.make_server(
             (self.config.host, self.config.port), ssl_context=ssl_context, evt_handlers=self._handlers(),
             server_class=GuardedServer, listener=self,
         )  # fmt: skip
-        ae._servers.append(self.server)
-        self._accept = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
+        assert isinstance(server, GuardedServer)  # the server_class asked for
+        self.server = server
+        ae._servers.append(server)
+        self._accept = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
         self._accept.start()
         self._sweeper.start()
 
@@ -536,6 +552,7 @@ class Listener:
     def restart(self) -> None:
         """Start again whichever of the accept loop and the sweeper ended unexpectedly."""
         if not self._accept.is_alive():
+            assert self.server is not None  # the supervisor restarts a listener it started
             self._accept = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
             self._accept.start()
         if not self._sweeper.is_alive():
@@ -557,22 +574,22 @@ class Listener:
         ae.require_calling_aet = [] if self.config.allow_any_caller else list(self.config.allow)
         return ae
 
-    def _handlers(self) -> list:
+    def _handlers(self) -> list[evt.EventHandlerType]:
         notifications = [
             (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_CONN_CLOSE, self._closed),
             (evt.EVT_REQUESTED, self._requested), (evt.EVT_ACSE_SENT, self._acse_sent), (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_DATA_RECV, self._data_received), (evt.EVT_DIMSE_RECV, self._message_received),
         ]  # fmt: skip
-        services = [(evt.EVT_C_STORE, self._serve(self.handle_store, StoreStatus.OUT_OF_RESOURCES)), (evt.EVT_C_ECHO, self._serve(self.handle_echo, ECHO_FAILURE))]
+        services: list[evt.EventHandlerType] = [(evt.EVT_C_STORE, self._serve(self.handle_store, StoreStatus.OUT_OF_RESOURCES)), (evt.EVT_C_ECHO, self._serve(self.handle_echo, ECHO_FAILURE))]
         return services + [(event, self._guard(handler)) for event, handler in notifications]
 
-    def _serve(self, handler: Callable[[evt.Event], int], failure: int) -> Callable[[evt.Event], int]:
+    def _serve(self, handler: Callable[[evt.Event], int | Dataset], failure: int) -> Callable[[evt.Event], int | Dataset]:
         """A DIMSE service handler that keeps its association active while it runs, and records how
         it ended. An exception escaping it is an internal error answered ``failure`` (pynetdicom would
         answer a C-ECHO success, and leave a C-STORE's temporary file behind)."""
 
         @functools.wraps(handler)
-        def serve(event: evt.Event) -> int:
+        def serve(event: evt.Event) -> int | Dataset:
             connection = self.connections.of(event.assoc)
             self._current.connection = connection
             if connection is not None:
@@ -612,7 +629,7 @@ class Listener:
 
     # --- connections ---------------------------------------------------------------------------------
 
-    def admit_connection(self, request: socket.socket, client_address) -> bool:
+    def admit_connection(self, request: socket.socket, client_address: object) -> bool:
         """At accept: the peer's network and its number of connections (socketserver's verify_request)."""
         try:
             return self._admit(request, _address(client_address))
@@ -638,7 +655,7 @@ class Listener:
             address = ipaddress.ip_address(peer)
         except ValueError:
             return False
-        if getattr(address, "ipv4_mapped", None) is not None:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks if network.version == address.version)
 
@@ -671,7 +688,7 @@ class Listener:
         connection = self.connections.of(event.assoc)
         if connection is not None and not connection.negotiated:
             _release_slot(event.assoc)
-        if self.connections.remove(connection):
+        if connection is not None and self.connections.remove(connection):
             self._ended(connection)
 
     def _ended(self, connection: Connection) -> None:
@@ -708,13 +725,14 @@ class Listener:
             event.assoc.acse.send_reject(*TRANSIENT_LIMIT)
             event.assoc.kill()
 
-    def _would_negotiate(self, assoc) -> bool:
+    def _would_negotiate(self, assoc: Association) -> bool:
         request = assoc.requestor.primitive
+        assert request is not None  # asked at EVT_REQUESTED: the A-ASSOCIATE-RQ has arrived
         called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
         return called == self.config.ae_title.strip() and (self.config.allow_any_caller or calling in {aet.strip() for aet in self.config.allow})
 
     def _acse_sent(self, event: evt.Event) -> None:
-        primitive = event.primitive
+        primitive = event.primitive  # type: ignore[attr-defined]  # set from the ACSE event's attributes, undeclared by pynetdicom
         if not isinstance(primitive, A_ASSOCIATE) or primitive.result in (None, 0):
             return
         connection = self.connections.of(event.assoc)
@@ -849,7 +867,9 @@ class Listener:
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
         """PS3.4 B.2.3: success only once the instance is durable in the spool; every refusal recorded."""
-        calling, peer, uid = _calling(event), _peer(event), str(event.request.AffectedSOPInstanceUID or "").strip(" \x00")
+        request = event.request
+        assert isinstance(request, C_STORE)  # the request of EVT_C_STORE
+        calling, peer, uid = _calling(event), _peer(event), str(request.AffectedSOPInstanceUID or "").strip(" \x00")
         if uid == INVALID_UID_STAND_IN:
             return _echoing_no_uid(self._refused(Refusal(StoreStatus.CANNOT_UNDERSTAND, "invalid-uid"), calling, peer, ""))
         try:
@@ -910,7 +930,7 @@ class Listener:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         with path.open("rb") as source, atomic_file(target, self.spool.tmp) as out:
             out.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(out, meta, enforce_standard=True)
+            write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]  # pydicom asks a DicomIO and a FileMetaDataset; it writes bytes to any file and reads a Dataset
             source.seek(offset)
             while chunk := source.read(2**20):
                 while chunk:
@@ -970,7 +990,7 @@ INVALID_UID_STAND_IN = derived_uid("pacs_node", "C-STORE command", "Affected SOP
 C_STORE_RQ = 0x0001
 
 
-def stand_in_for_invalid_uids(message, assoc) -> None:
+def stand_in_for_invalid_uids(message: DIMSEMessage, assoc: Association) -> None:
     """Let a C-STORE whose command UIDs pynetdicom would refuse reach the handler, to be refused by name.
 
     PS3.7 9.3.1.1: the Affected SOP Class and Instance UIDs of a C-STORE-RQ are UIs, at most
@@ -997,7 +1017,7 @@ def stand_in_for_invalid_uids(message, assoc) -> None:
         command.AffectedSOPInstanceUID = INVALID_UID_STAND_IN
 
 
-def _valid_command_uid(command, keyword: str) -> bool:
+def _valid_command_uid(command: Dataset, keyword: str) -> bool:
     value = command.get(keyword)
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
@@ -1006,7 +1026,7 @@ def _valid_command_uid(command, keyword: str) -> bool:
     return _config.VALIDATORS["UI"](UID(value.strip(" \x00")))[0]
 
 
-def decode_command_set(encoded, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Dataset:
+def decode_command_set(bytestring: BytesIO, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Dataset:
     """pynetdicom's ``dsutils.decode`` (as ``dimse_messages`` calls it), and a C-STORE-RQ command set
     whose Affected SOP Class or Instance UID is absent, empty or not valid made one pynetdicom can take.
 
@@ -1017,7 +1037,7 @@ def decode_command_set(encoded, is_implicit_vr: bool, is_little_endian: bool, de
     :data:`INVALID_UID_STAND_IN`; :func:`stand_in_for_invalid_uids` then gives the class UID the
     presentation context's own, and :meth:`Listener.handle_store` refuses the instance by name.
     """
-    dataset = dsutils.decode(encoded, is_implicit_vr, is_little_endian, deflated)
+    dataset = dsutils.decode(bytestring, is_implicit_vr, is_little_endian, deflated)
     if dataset.get("CommandField") == C_STORE_RQ:
         for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
             if not _valid_command_uid(dataset, keyword):
@@ -1072,13 +1092,21 @@ def cut_short(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(offset)
         for element in data_element_generator(handle, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
-            defined = isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF
-            end = element.value_tell + element.length if defined else handle.tell()
+            if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
+                end = element.value_tell + element.length
+            else:
+                end = handle.tell()
     return end > size
 
 
-def _address(client_address) -> str:
+def _address(client_address: object) -> str:
     return str(client_address[0]) if isinstance(client_address, (tuple, list)) else str(client_address)
+
+
+def _connection(request: _Request) -> socket.socket:
+    """The socket of a connection: the listener's server is a stream server."""
+    assert isinstance(request, socket.socket), "a stream server's request is its connection"
+    return request
 
 
 def _peer(event: evt.Event) -> str:
@@ -1097,7 +1125,7 @@ def _calling(event: evt.Event) -> str:
         return ""
 
 
-def _context_name(uid) -> str:
+def _context_name(uid: UID | None) -> str:
     name = getattr(uid, "name", "") or ""
     return name if name and name != str(uid) else safe_uid(uid)
 
