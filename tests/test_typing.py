@@ -1,0 +1,22 @@
+"""The node passes mypy in strict mode (``[tool.mypy]`` in pyproject.toml), with no finding.
+
+Types are checked where they are cheapest to keep: a wrong argument, an unhandled None or a
+protocol a writer no longer meets fails here with its file and line, before any test starts
+a node. mypy's cache goes to a temporary folder, so that the check never reads a cache left
+by another checkout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mypy import api
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_node_package_has_no_type_errors_in_strict_mode(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # the configuration and the packages are found from the project root
+    # No targets here: the configuration's ``files`` names them.
+    report, errors, status = api.run(["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "mypy")])
+    assert status == 0 and not errors, f"mypy found:\n{report}{errors}"
