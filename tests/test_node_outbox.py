@@ -483,7 +483,7 @@ def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest
     1e-8 apart. That is not a correction; a number the results state differently is."""
     import numpy as np
 
-    from pacs_node.node import _content_digest
+    from pacs_node.pipeline import _content_digest
     from pacs_node.model.prediction import Prediction
     from pacs_node.intake.sanitize import clean_source
 
