@@ -30,6 +30,19 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that need the trained demo bundle ``bundle`` (``make test-fast`` leaves
+    them out); under xdist, start with the files that hold a slow test. ``--dist loadfile``
+    hands out files in this order, so that the longest start first and the two workers end
+    together, rather than one worker running the viewer's or the training's minute alone."""
+    for item in items:
+        if "demo_bundle" in getattr(item, "fixturenames", ()):
+            item.add_marker("bundle")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)  # stable: the order within a file is kept
+
+
 @pytest.fixture(scope="session")
 def rg1_path() -> Path:
     """RG1_UNCR.dcm: a real PA chest CR, 1955 x 1841, 15-bit, MONOCHROME1."""
