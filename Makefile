@@ -34,7 +34,7 @@ TORCH_PINS  := $(shell grep -E '^torch(vision)?==' requirements/constraints.txt)
 DEMO_CONFIGS := configs/synth_demo.yaml configs/demo.yaml
 DEMO_BUNDLE  := $(RUN_DIR)/bundle/.built-$(shell cat $(DEMO_CONFIGS) | sha256sum | cut -c1-12)
 
-.PHONY: run demo-bundle test venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
+.PHONY: run demo-bundle test test-fast venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time only; `make run` again starts the node at once).
@@ -56,8 +56,17 @@ $(DEMO_BUNDLE): | $(STAMP)
 	$(VENV)/bin/dp-train --config configs/demo.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/bundle
 	touch $@
 
+# Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built
+# once); the demo bundle is trained once into .pytest_cache for every worker and every run of
+# the same code (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: venv system-deps viewer-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The inner loop: the tests that need neither the trained demo bundle, nor the command-line
+# tools, nor a slow run (no system packages, no viewer); `make test` before a commit.
+test-fast: venv
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow and not tools and not bundle" $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,33 @@ from pydicom import config as pydicom_config
 # Strict when writing, as the project's outputs must be: an invalid value raises in tests.
 pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
 
+ROOT = Path(__file__).resolve().parents[1]
+#: torch's own thread count, before an xdist worker lowers it (the demo bundle trains with it).
+THREADS: list[int] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2``), one torch thread per worker: two
+    workers of two threads each on two cores wait on each other more than they compute."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        THREADS.append(torch.get_num_threads())
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that need the trained demo bundle ``bundle`` (``make test-fast`` leaves
+    them out); under xdist, start with the files that hold a slow test. ``--dist loadfile``
+    hands out files in this order, so that the longest start first and the two workers end
+    together, rather than one worker running the viewer's or the training's minute alone."""
+    for item in items:
+        if "demo_bundle" in getattr(item, "fixturenames", ()):
+            item.add_marker("bundle")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)  # stable: the order within a file is kept
+
 
 @pytest.fixture(scope="session")
 def rg1_path() -> Path:
@@ -20,24 +50,66 @@ def rg1_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_bundle(request: pytest.FixtureRequest) -> Path:
     """The embedded default: demo phantoms (configs/synth_demo.yaml) and the bundle of configs/demo.yaml.
 
-    Set ``DP_TEST_BUNDLE`` to an existing demo bundle (``make run`` writes runs/demo/bundle)
-    to skip the two minutes of training while working on tests that only use it.
+    Trained once per content of what makes it (:func:`demo_bundle_key`) into the pytest cache
+    (``.pytest_cache/d/demo-bundle-KEY``), under a file lock: the xdist workers of one run
+    share one training, and a later run of unchanged code trains nothing. Set
+    ``DP_TEST_BUNDLE`` to an existing demo bundle (``make run`` writes runs/demo/bundle) to use
+    that one instead.
     """
     if os.environ.get("DP_TEST_BUNDLE"):
         return Path(os.environ["DP_TEST_BUNDLE"]).resolve()
+    cache = Path(request.config.cache.mkdir("demo-bundles"))
+    with (cache / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait here while one trains
+        root = cache / demo_bundle_key()
+        if not (root / "bundle").is_dir():
+            for stale in cache.iterdir():  # another content's bundle (and its 100 MB of phantoms)
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+            building = cache / f".building-{os.getpid()}"
+            _train_demo_bundle(building)
+            building.rename(root)  # last: an interrupted training is trained again, never used
+    return root / "bundle"
+
+
+def demo_bundle_key() -> str:
+    """What the demo bundle is a function of: its two configs, the code that generates the
+    phantoms and trains (dp_model, transforms) and the versions of the numeric stack."""
+    import monai
+    import numpy
+    import sklearn
+    import torch
+
+    digest = hashlib.sha256(f"{torch.__version__} {monai.__version__} {numpy.__version__} {sklearn.__version__}".encode())
+    files = [ROOT / "configs" / "synth_demo.yaml", ROOT / "configs" / "demo.yaml"]
+    for folder in ("dp_model", "transforms"):
+        files += sorted(path for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".json", ".yaml"))
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _train_demo_bundle(root: Path) -> None:
+    """Phantoms into ``root / "data"``, the bundle of configs/demo.yaml into ``root / "bundle"``."""
     from dp_model.config import load_config
     from dp_model.synth import SynthConfig, generate
     from dp_model.train_cli import main as train_main
 
-    root = tmp_path_factory.mktemp("demo")
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    import torch
+
+    shutil.rmtree(root, ignore_errors=True)
+    configs = ROOT / "configs"
     generate(load_config(SynthConfig, configs / "synth_demo.yaml"), root / "data", progress=False)
-    code = train_main(["--config", str(configs / "demo.yaml"), "--data", str(root / "data"), "--out", str(root / "bundle")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS[0] if THREADS else threads)  # as `make run` trains it: its figures depend on it
+    try:
+        code = train_main(["--config", str(configs / "demo.yaml"), "--data", str(root / "data"), "--out", str(root / "bundle")])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, "dp-train failed on the demo config"
-    return root / "bundle"
 
 
 @pytest.fixture(scope="session")
