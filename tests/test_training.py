@@ -348,6 +348,17 @@ def test_decoding_gives_the_caller_back_its_thread_count(dataset_dir: Path, tmp_
 
 
 @pytest.mark.slow
+def _rsna_run(tmp_path: Path, name: str) -> TrainConfig:
+    """One epoch on 40 RSNA-layout phantoms at 32 px, two threads, no baselines."""
+    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
+    return TrainConfig(
+        name=name, baseline=False,
+        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
+        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", threads=2),
+    )  # fmt: skip
+
+
 def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs of one configuration on one RSNA-layout folder give bit-identical weights.
 
@@ -356,13 +367,7 @@ def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tm
     pool) may change how the second trains. CPU kernels reduce in an order that depends on
     the thread count, so the configuration pins it (two threads) and decoding must leave it
     alone."""
-    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
-    config = TrainConfig(
-        name="twice", baseline=False,
-        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
-        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
-        runtime=RuntimeConfig(device="cpu", threads=2),
-    )  # fmt: skip
+    config = _rsna_run(tmp_path, "twice")
     states: list[dict] = []
     # The weights as the bundle would get them; the bundle's pictures and files are not needed here.
     monkeypatch.setattr("dp_model.training.run._write_bundle", lambda out, config, model, *rest: states.append(model.state_dict()))
@@ -693,13 +698,7 @@ def test_a_validation_only_run_never_reads_the_test_split_and_writes_validation_
     nothing on it, writes no bundle, and keeps per-image validation scores to re-check."""
     import dp_model.training.run as run_module
 
-    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
-    config = TrainConfig(
-        name="choose", baseline=False,
-        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
-        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
-        runtime=RuntimeConfig(device="cpu", threads=2),
-    )  # fmt: skip
+    config = _rsna_run(tmp_path, "choose")
     decoded: list[str] = []
     load = run_module.load_split
     monkeypatch.setattr(run_module, "load_split", lambda dataset, indices, data, what: decoded.append(what) or load(dataset, indices, data, what))
