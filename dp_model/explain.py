@@ -99,7 +99,8 @@ def map_sources(model: nn.Module) -> tuple[str, ...]:
         found.append(f"lesion:{model.lesion_stage}")
     if model.has_class_maps:
         found.append(CLASS_MAPS)
-    found.append(GRAD_CAM)  # every network names its cam_layer
+    if model.cam_layer is not None:  # every network names one; a stand-in of learned maps alone may not
+        found.append(GRAD_CAM)
     if model.cam_exact:
         found.append(CAM)
     return tuple(found)

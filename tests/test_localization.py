@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+
+from dp_model.classifier import ClassifierBase
 from torch import nn
 
 from dp_model.architectures import build_network
@@ -63,11 +65,13 @@ def test_the_prior_is_each_class_mean_training_box_at_half_its_peak() -> None:
     assert far["iou>0.1"] == 0.0 and far["pointing"] == 0.0
 
 
-class StandIn(nn.Module):
+class StandIn(ClassifierBase):
     """A network with one MGACR-like head whose ``map+`` is the image itself (it sees the
     lesion), or a fixed blob in a corner (it ignores the image)."""
 
     attention_stages = (3,)
+    cam_layer = None  # learned maps only: no Grad-CAM to offer
+    classifier_layer = None
 
     def __init__(self, sees: bool) -> None:
         super().__init__()
@@ -236,11 +240,13 @@ def test_shuffled_annotations_move_label_and_boxes_together() -> None:
     assert torch.equal(mixed.images, data.images)  # the images stay: only who owns which annotation changes
 
 
-class Oracle(nn.Module):
+class Oracle(ClassifierBase):
     """A stand-in that knows each counterfactual canvas: its map is the lesion where there is
     one (none without it), and it calls pneumonia by the same rule."""
 
     attention_stages = (3,)
+    cam_layer = None  # learned maps only: no Grad-CAM to offer
+    classifier_layer = None
 
     def __init__(self, cases: dict) -> None:
         super().__init__()
