@@ -242,7 +242,7 @@ class Pipeline:
             item.stage = FailReason.INFERENCE
         start = time.perf_counter()
         try:
-            predictions = self.predictor.predict([item.prepared for item in ready if item.prepared is not None])
+            predictions = self.predictor.predict([_prepared(item) for item in ready])
         except Exception as exc:  # noqa: BLE001 - isolation per image
             if len(ready) > 1:  # one image's fault, or a batch too large for the memory: one by one
                 logger.warning("inference failed for a batch of %d (%s); trying the images one by one", len(ready), logs.describe(exc))
@@ -342,6 +342,12 @@ class Pipeline:
         image = Item(path, self.spool.receipt(path)).image()
         detail = f"in flight, alone, at {starts} deaths of the node; quarantined"
         self.outcomes.emit(Failed(image=image, reason=str(FailReason.CRASH_LOOP), detail=detail, folder=path.parent, deaths=starts))
+
+
+def _prepared(item: Item) -> Prepared:
+    """An item's decoded image; only items that passed the decode step reach inference."""
+    assert item.prepared is not None
+    return item.prepared
 
 
 def _content_digest(source: Dataset, prediction: Prediction) -> str:

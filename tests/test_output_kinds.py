@@ -164,3 +164,19 @@ def test_a_kind_or_protocol_the_node_does_not_have_is_a_configuration_error(tmp_
     with pytest.raises(ValueError) as raised:
         Node(node_config(tmp_path, **settings), predictor)
     assert str(raised.value) == message
+
+
+def test_a_dicom_object_put_as_it_is_carries_its_writers_kind() -> None:
+    """A presentation state handed to an outbox as a data set is of kind ``gsps`` (the name a
+    destination's ``outputs`` uses), not ``pr``, its file label."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pacs_node.results.registry import dicom_result
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", "2.25.7"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    result = dicom_result(ds)
+    assert (result.kind, result.label, result.uid, result.file_name) == ("gsps", "PR", "2.25.7", "PR.2.25.7.dcm")

@@ -72,7 +72,7 @@ from pacs_node.delivery.transport import Link, Outcome, Status, Unreachable
 from pacs_node.files import FILE_MODE, atomic_file, fsync_dir, private_folder, prune
 from pacs_node.logs import describe
 from pacs_node.results.base import Result
-from pacs_node.results.identity import result_kind
+from pacs_node.results.registry import dicom_result
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class DestinationSender:
         entry of the same UID already on the wire. Without a digest, every put is sent.
         """
         if isinstance(result, Dataset):
-            result = Result.of_dataset(result, result_kind(result).lower(), result_kind(result))
+            result = dicom_result(result)
         uid, data = result.uid, result.data
         with self._lock:
             entries = self._entries_of(uid)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydicom.dataset import Dataset
+
 from dp_model.config import ConfigError
-from pacs_node.results.base import ResultWriter
+from pacs_node.results.base import Result, ResultWriter
+from pacs_node.results.identity import result_kind
 from pacs_node.results.overlay import OverlayWriter
 from pacs_node.results.presentation import PresentationWriter
 from pacs_node.results.report import ReportWriter
@@ -44,6 +47,14 @@ def writers_for(kinds: Iterable[str], key: str = "outputs") -> list[ResultWriter
     if unknown or not kinds or len(set(kinds)) != len(kinds):
         raise ConfigError(f"{key} must be one or more of {', '.join(WRITERS)}, each once, got {kinds!r}")
     return [WRITERS[kind] for kind in kinds]
+
+
+def dicom_result(dataset: Dataset) -> Result:
+    """A DICOM object already built, as the result of the writer whose label its SOP class has
+    (``SR``, ``SC``, ``PR``: kind ``gsps``), so that a destination's ``outputs`` reads it right."""
+    label = result_kind(dataset)
+    kind = next((writer.kind for writer in WRITERS.values() if writer.label == label), label.lower())
+    return Result.of_dataset(dataset, kind, label)
 
 
 for _writer in (ReportWriter(), OverlayWriter(), PresentationWriter()):
