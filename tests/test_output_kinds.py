@@ -180,3 +180,11 @@ def test_a_dicom_object_put_as_it_is_carries_its_writers_kind() -> None:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     result = dicom_result(ds)
     assert (result.kind, result.label, result.uid, result.file_name) == ("gsps", "PR", "2.25.7", "PR.2.25.7.dcm")
+
+
+@pytest.mark.parametrize(("uid", "suffix"), [("../../etc/passwd", ".dcm"), ("1.2_3", ".dcm"), ("", ".dcm"), ("1.2.3", ".x/../../y"), ("1.2.3", ".json"), ("1.2.3", ".a_b"), ("1.2.3", "dcm")])
+def test_a_result_whose_uid_or_suffix_could_name_another_path_is_refused(uid: str, suffix: str) -> None:
+    """A writer's uid and suffix become file names in the outbox and output_dir: only plain names."""
+    with pytest.raises(ValueError, match="a result's"):
+        Result(kind="fhir", label="FHIR", uid=uid, data=b"{}", suffix=suffix)
+    assert Result(kind="fhir", label="FHIR", uid="2.25.7", data=b"{}", suffix=".fhir.json").file_name == "FHIR.2.25.7.fhir.json"

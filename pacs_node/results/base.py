@@ -17,6 +17,7 @@ image and model always give the same identifiers (PS3.5 B.2) and two kinds never
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -34,6 +35,8 @@ DICOM = "application/dicom"
 #: What a result's suffix may not be: the outbox's sidecars are ``<uid>_<n>.json``
 #: (``.fhir.json`` is a suffix of its own), partial writes end in ``.part``.
 RESERVED_SUFFIXES = (".json", ".part", ".sending")
+#: A suffix names a file type, never a path: dot-separated letters and digits (``.fhir.json``).
+_SUFFIX = re.compile(r"(\.[A-Za-z0-9]+)+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,8 +87,8 @@ class Result:
     def __post_init__(self) -> None:
         if not self.uid or not all(c.isalnum() or c in ".-" for c in self.uid):
             raise ValueError(f"a result's uid names files: letters, digits, dots and dashes only, got {self.uid!r}")
-        if not self.suffix.startswith(".") or "_" in self.suffix or self.suffix in RESERVED_SUFFIXES or self.suffix.endswith(RESERVED_SUFFIXES[1:]):
-            raise ValueError(f"a result's suffix must start with a dot, hold no '_' and be none of {', '.join(RESERVED_SUFFIXES)}, got {self.suffix!r}")
+        if not _SUFFIX.fullmatch(self.suffix) or self.suffix in RESERVED_SUFFIXES or self.suffix.endswith(RESERVED_SUFFIXES[1:]):
+            raise ValueError(f"a result's suffix must be dot-separated letters and digits (.fhir.json), none of {', '.join(RESERVED_SUFFIXES)}, got {self.suffix!r}")
 
     @property
     def file_name(self) -> str:
