@@ -57,11 +57,11 @@ $(DEMO_BUNDLE): | $(STAMP)
 	touch $@
 
 # Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built
-# once; tests/conftest.py makes the files xdist groups); the demo bundle is trained once into .pytest_cache for every worker and every run of
+# once); the demo bundle is trained once into .pytest_cache for every worker and every run of
 # the same code (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: venv system-deps viewer-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The inner loop: the tests that need neither the trained demo bundle, nor the command-line
 # tools, nor a slow run (no system packages, no viewer); `make test` before a commit.

@@ -30,23 +30,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests that need the trained demo bundle ``bundle`` (``make test-fast`` leaves
-    them out). For ``--dist loadgroup`` (``make test``), a test file is one unit of work, so
-    that its module fixtures are built once, unless a test names its own ``xdist_group`` (the
-    ablation harness, a few minutes, apart from the rest of test_training.py); units holding
-    a slow test are handed out first, so that the two workers end together rather than one
-    running the last long test alone."""
+    them out); under xdist, start with the files that hold a slow test. ``--dist loadfile``
+    hands out files in this order, so that the longest start first and the two workers end
+    together, rather than one worker running the viewer's or the training's minute alone."""
     for item in items:
         if "demo_bundle" in getattr(item, "fixturenames", ()):
             item.add_marker("bundle")
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        group = {item: item.get_closest_marker("xdist_group").args[0] for item in items}
-        slow = {group[item] for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: group[item] not in slow)  # stable: the order within a unit is kept
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)  # stable: the order within a file is kept
 
 
 @pytest.fixture(scope="session")

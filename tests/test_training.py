@@ -445,7 +445,6 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ablation")
 def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) -> None:
     from dp_model.training.ablation import TABLES
 
