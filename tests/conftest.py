@@ -61,7 +61,11 @@ def demo_bundle(request: pytest.FixtureRequest) -> Path:
     """
     if os.environ.get("DP_TEST_BUNDLE"):
         return Path(os.environ["DP_TEST_BUNDLE"]).resolve()
-    cache = Path(request.config.cache.mkdir("demo-bundles"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("demo-bundles"))
+    else:  # -p no:cacheprovider: the folder above the workers' temporary folders, this run only
+        cache = request.getfixturevalue("tmp_path_factory").getbasetemp().parent / "demo-bundles"
+        cache.mkdir(exist_ok=True)
     with (cache / ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait here while one trains
         root = cache / demo_bundle_key()

@@ -449,6 +449,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 # --- the paper's tables --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) -> None:
     from dp_model.training.ablation import TABLES
 
