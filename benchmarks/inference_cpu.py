@@ -50,13 +50,17 @@ def main() -> None:
         model = DeepPneumoniaNet(num_classes=5).eval()
     x = torch.rand(1, 1, args.size, args.size)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"{cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.size} px, {args.runs} runs after {args.warmup} warm-up\n")
+    print(
+        f"{cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.size} px, {args.runs} runs after {args.warmup} warm-up\n"
+    )
     print("| variant | median ms | p95 ms |")
     print("|---|---|---|")
     median, p95 = measure(model, x, args.runs, args.warmup)
     print(f"| eager, float32 | {median:.1f} | {p95:.1f} |")
     cl = model.to(memory_format=torch.channels_last)
-    median, p95 = measure(cl, x.contiguous(memory_format=torch.channels_last), args.runs, args.warmup)
+    median, p95 = measure(
+        cl, x.contiguous(memory_format=torch.channels_last), args.runs, args.warmup
+    )
     print(f"| eager, float32, channels-last | {median:.1f} | {p95:.1f} |")
 
 

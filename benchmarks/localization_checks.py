@@ -73,7 +73,9 @@ logger = logging.getLogger("localization_checks")
 def cascade(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """The Deep Pneumonia network's layers from the output down, for cascading re-initialisation."""
     if not isinstance(model, DeepPneumoniaNet):
-        raise ValueError(f"the cascade is defined for the Deep Pneumonia network (resnet18), not {type(model).__name__}")
+        raise ValueError(
+            f"the cascade is defined for the Deep Pneumonia network (resnet18), not {type(model).__name__}"
+        )
     b = model.backbone
     steps = [("classifier (fc)", [b.fc])]
     if len(model.heads):
@@ -104,11 +106,15 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(found)
 
 
-def _maps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, source: str, normal: int) -> np.ndarray:
+def _maps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, source: str, normal: int
+) -> np.ndarray:
     return source_maps(model, x, source, y, normal)[:, 0].float().cpu().numpy()
 
 
-def model_randomization(model: nn.Module, data: Resident, normal: int, images: int = 96, seed: int = 0) -> dict[str, dict[str, float]]:
+def model_randomization(
+    model: nn.Module, data: Resident, normal: int, images: int = 96, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Mean rank correlation with the trained maps after each cumulative re-initialisation step."""
     boxed = torch.nonzero(data.has_boxes).flatten()[:images]
     x, _, y, _ = data.batch(boxed)
@@ -119,7 +125,10 @@ def model_randomization(model: nn.Module, data: Resident, normal: int, images: i
     for step, (name, modules) in enumerate(cascade(random)):
         reinitialize(modules, seed + step)
         random.eval()
-        out[name] = {s: float(np.nanmean(rank_correlation(trained[s], _maps(random, x, y, s, normal)))) for s in sources}
+        out[name] = {
+            s: float(np.nanmean(rank_correlation(trained[s], _maps(random, x, y, s, normal))))
+            for s in sources
+        }
         logger.info("randomized down to %s: %s", name, out[name])
     return out
 
@@ -130,28 +139,60 @@ def model_randomization(model: nn.Module, data: Resident, normal: int, images: i
 def shuffled(data: Resident, seed: int) -> Resident:
     """``data`` with each image's annotation (label and boxes together) given to another image."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return Resident(data.images, data.boxes[order], data.labels[order], data.has_boxes[order], data.ids)
+    return Resident(
+        data.images, data.boxes[order], data.labels[order], data.has_boxes[order], data.ids
+    )
 
 
-def label_randomization(config: TrainConfig, bundle: Path, splits: dict[str, Resident], classes: tuple[str, ...], seed: int) -> dict:
+def label_randomization(
+    config: TrainConfig,
+    bundle: Path,
+    splits: dict[str, Resident],
+    classes: tuple[str, ...],
+    seed: int,
+) -> dict:
     """Train the recipe on shuffled annotations and measure its maps against the prior."""
     encoder_path = bundle / "checkpoints" / "encoder.pt"
-    encoder = torch.load(encoder_path, map_location="cpu", weights_only=True) if encoder_path.exists() else None
+    encoder = (
+        torch.load(encoder_path, map_location="cpu", weights_only=True)
+        if encoder_path.exists()
+        else None
+    )
     normal = normal_index(classes)
-    result = finetune(config.finetune, shuffled(splits["train"], seed), splits["val"], list(classes), CPU, seed, encoder=encoder,
-                      evaluate=lambda m, s: evaluate(s.labels.numpy(), predict(m, s, CPU, normal=normal), classes).scalars())  # fmt: skip
+    result = finetune(
+        config.finetune,
+        shuffled(splits["train"], seed),
+        splits["val"],
+        list(classes),
+        CPU,
+        seed,
+        encoder=encoder,
+        evaluate=lambda m, s: evaluate(
+            s.labels.numpy(), predict(m, s, CPU, normal=normal), classes
+        ).scalars(),
+    )
     model = result.model.cpu()
     model.load_state_dict(result.best_state)
     model.eval()
-    located = measure(model, splits["train"], splits["val"], splits["test"], len(classes), normal, seed)
-    report = evaluate(splits["test"].labels.numpy(), predict(model, splits["test"], CPU, normal=normal), classes)
-    return {"localization": located.to_json(), "balanced_accuracy": report.balanced_accuracy, "macro_auc": report.macro_auc}
+    located = measure(
+        model, splits["train"], splits["val"], splits["test"], len(classes), normal, seed
+    )
+    report = evaluate(
+        splits["test"].labels.numpy(), predict(model, splits["test"], CPU, normal=normal), classes
+    )
+    return {
+        "localization": located.to_json(),
+        "balanced_accuracy": report.balanced_accuracy,
+        "macro_auc": report.macro_auc,
+    }
 
 
 # --- counterfactuals -------------------------------------------------------------------------------
 
 
-def counterfactual_cases(synth: SynthConfig, start: int, count: int, image_size: int, folder: Path) -> dict[str, np.ndarray]:
+def counterfactual_cases(
+    synth: SynthConfig, start: int, count: int, image_size: int, folder: Path
+) -> dict[str, np.ndarray]:
     """``count`` lesion cases from index ``start`` on, each variant written and read back as the
     dataset's images are (8-bit PNG, letterboxed): canvases ``(N, 3, S, S)`` in [0, 1] (with,
     without, moved), truth masks ``(N, 2, S, S)`` (as drawn, as moved), classes."""
@@ -162,17 +203,31 @@ def counterfactual_cases(synth: SynthConfig, start: int, count: int, image_size:
         if variants.label == "normal" or not len(variants.boxes):
             continue
         images, boxes = [], []
-        for name, pixels, drawn in (("with", variants.with_lesion, variants.boxes), ("without", variants.without_lesion, variants.boxes), ("moved", variants.moved, variants.moved_boxes)):
+        for name, pixels, drawn in (
+            ("with", variants.with_lesion, variants.boxes),
+            ("without", variants.without_lesion, variants.boxes),
+            ("moved", variants.moved, variants.moved_boxes),
+        ):
             path = folder / f"{variants.index}_{name}.png"
             Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(path)
             canvas, on_canvas, _ = load_letterboxed(path, image_size, drawn)
             images.append(canvas[0].numpy())
             boxes.append(on_canvas)
-        mask = boxes_to_masks(torch.from_numpy(np.stack([_padded(boxes[0], 4), _padded(boxes[2], 4)])).float(), (image_size, image_size))[:, 0] >= 0.5
+        mask = (
+            boxes_to_masks(
+                torch.from_numpy(np.stack([_padded(boxes[0], 4), _padded(boxes[2], 4)])).float(),
+                (image_size, image_size),
+            )[:, 0]
+            >= 0.5
+        )
         canvases.append(np.stack(images))
         masks.append(mask.numpy())
         labels.append(variants.label)
-    return {"canvases": np.stack(canvases).astype(np.float32), "masks": np.stack(masks), "labels": np.asarray(labels)}
+    return {
+        "canvases": np.stack(canvases).astype(np.float32),
+        "masks": np.stack(masks),
+        "labels": np.asarray(labels),
+    }
 
 
 def _padded(boxes: np.ndarray, count: int) -> np.ndarray:
@@ -182,14 +237,24 @@ def _padded(boxes: np.ndarray, count: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _served(model: nn.Module, contract: ModelContract, canvases: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _served(
+    model: nn.Module, contract: ModelContract, canvases: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
     """The probability of pneumonia and the decision at the bundle's "present" point."""
     probabilities = contract.probabilities(model(canvases)).numpy()
     decisions = [contract.decide(p) for p in probabilities]
-    return np.array([d.pneumonia_probability for d in decisions]), np.array([d.positive for d in decisions])
+    return np.array([d.pneumonia_probability for d in decisions]), np.array(
+        [d.positive for d in decisions]
+    )
 
 
-def counterfactual_rates(model: nn.Module, contract: ModelContract, cases: dict[str, np.ndarray], prior: np.ndarray, normal: int = 0) -> dict:
+def counterfactual_rates(
+    model: nn.Module,
+    contract: ModelContract,
+    cases: dict[str, np.ndarray],
+    prior: np.ndarray,
+    normal: int = 0,
+) -> dict:
     """What changes with the lesion: the served decision, and where each map points."""
     canvases = torch.from_numpy(cases["canvases"])
     with_, without, moved = canvases[:, 0:1], canvases[:, 1:2], canvases[:, 2:3]
@@ -197,25 +262,35 @@ def counterfactual_rates(model: nn.Module, contract: ModelContract, cases: dict[
     classes = torch.tensor([contract.classes.index(c) for c in cases["labels"]])
     p_with, pos_with = _served(model, contract, with_)
     p_without, pos_without = _served(model, contract, without)
-    apart = mask_iou(drawn, shifted) < 0.1  # the mirrored lesion landed elsewhere (not a bilateral one)
+    # the mirrored lesion landed elsewhere (not a bilateral one)
+    apart = mask_iou(drawn, shifted) < 0.1
     out = {
-        "cases": len(classes), "moved_apart": int(apart.sum()),
-        "positive_with": float(pos_with.mean()), "positive_without": float(pos_without.mean()),
+        "cases": len(classes),
+        "moved_apart": int(apart.sum()),
+        "positive_with": float(pos_with.mean()),
+        "positive_without": float(pos_without.mean()),
         "flipped_to_negative": float((pos_with & ~pos_without).sum() / max(1, pos_with.sum())),
-        "probability_lower_without": float((p_without < p_with).mean()), "mean_probability_drop": float((p_with - p_without).mean()),
+        "probability_lower_without": float((p_without < p_with).mean()),
+        "mean_probability_drop": float((p_with - p_without).mean()),
         "maps": {},
-    }  # fmt: skip
+    }
     fixed = prior[classes.numpy()]
-    out["maps"]["prior"] = {"pointing_drawn": float(pointing_game(fixed, drawn).mean()), "follows": float(pointing_game(fixed[apart], shifted[apart]).mean()),
-                            "stays": float(pointing_game(fixed[apart], drawn[apart]).mean())}  # fmt: skip
+    out["maps"]["prior"] = {
+        "pointing_drawn": float(pointing_game(fixed, drawn).mean()),
+        "follows": float(pointing_game(fixed[apart], shifted[apart]).mean()),
+        "stays": float(pointing_game(fixed[apart], drawn[apart]).mean()),
+    }
     for source in map_sources(model):
-        on_with, on_without, on_moved = (_maps(model, x, classes, source, normal) for x in (with_, without, moved))
+        on_with, on_without, on_moved = (
+            _maps(model, x, classes, source, normal) for x in (with_, without, moved)
+        )
         out["maps"][source] = {
             "pointing_drawn": float(pointing_game(on_with, drawn).mean()),
             "follows": float(pointing_game(on_moved[apart], shifted[apart]).mean()),
             "stays": float(pointing_game(on_moved[apart], drawn[apart]).mean()),
-            "mass_in_box_with": float(_mass_inside(on_with, drawn).mean()), "mass_in_box_without": float(_mass_inside(on_without, drawn).mean()),
-        }  # fmt: skip
+            "mass_in_box_with": float(_mass_inside(on_with, drawn).mean()),
+            "mass_in_box_without": float(_mass_inside(on_without, drawn).mean()),
+        }
     return out
 
 
@@ -227,10 +302,16 @@ def _mass_inside(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 # --- class attention's logit adjustment ---------------------------------------------------------------
 
 
-def logit_adjustment_effect(data: Path, out: Path, overrides: dict, splits_test: Resident, classes: tuple[str, ...]) -> dict:
+def logit_adjustment_effect(
+    data: Path, out: Path, overrides: dict, splits_test: Resident, classes: tuple[str, ...]
+) -> dict:
     """Class attention trained on the same data: test normal recall and balanced accuracy with
     and without subtracting ``log c_i`` (both at the 0.5 rule, no temperature)."""
-    config = load_config(TrainConfig, ROOT / "configs" / "class_attention.yaml", overrides | {"data.root": str(data), "finetune.batch_size": 32})
+    config = load_config(
+        TrainConfig,
+        ROOT / "configs" / "class_attention.yaml",
+        overrides | {"data.root": str(data), "finetune.batch_size": 32},
+    )
     bundle = out / "class_attention"
     encoder = out / "bundle" / "checkpoints" / "encoder.pt"
     if encoder.exists():  # stage I never sees labels: the same encoder serves both networks
@@ -241,8 +322,16 @@ def logit_adjustment_effect(data: Path, out: Path, overrides: dict, splits_test:
     normal = normal_index(classes)
     found = {"offsets": list(contract.logit_adjustment)}
     for name, offsets in (("without", ()), ("with", contract.logit_adjustment)):
-        report = evaluate(splits_test.labels.numpy(), predict(model, splits_test, CPU, normal=normal, offsets=offsets), classes)
-        found[name] = {"balanced_accuracy": report.balanced_accuracy, "normal_recall": report.per_class["recall"][normal], "recall": report.per_class["recall"]}
+        report = evaluate(
+            splits_test.labels.numpy(),
+            predict(model, splits_test, CPU, normal=normal, offsets=offsets),
+            classes,
+        )
+        found[name] = {
+            "balanced_accuracy": report.balanced_accuracy,
+            "normal_recall": report.per_class["recall"][normal],
+            "recall": report.per_class["recall"],
+        }
     return found
 
 
@@ -258,7 +347,11 @@ def _stages(bundle: Path) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="synthetic data folder (default: OUT/data, generated when missing)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="synthetic data folder (default: OUT/data, generated when missing)",
+    )
     p.add_argument("--num-images", type=int, default=1200)
     p.add_argument("--size", type=int, default=128, help="phantom side, pixels")
     p.add_argument("--image-size", type=int, default=128, help="model input side")
@@ -266,7 +359,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-epochs", type=int, default=4)
     p.add_argument("--cases", type=int, default=150, help="counterfactual lesion cases")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class-attention", action="store_true", help="also measure class attention's logit adjustment")
+    p.add_argument(
+        "--class-attention",
+        action="store_true",
+        help="also measure class attention's logit adjustment",
+    )
     return p
 
 
@@ -274,13 +371,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     data = args.data or args.out / "data"
-    synth = load_config(SynthConfig, ROOT / "configs" / "synth_learning.yaml", {"num_images": args.num_images, "size": args.size})
+    synth = load_config(
+        SynthConfig,
+        ROOT / "configs" / "synth_learning.yaml",
+        {"num_images": args.num_images, "size": args.size},
+    )
     if not (data / "labels.csv").exists():
         generate(synth, data, progress=False)
     overrides = {
-        "data.root": str(data), "data.image_size": args.image_size, "data.cache_dir": str(args.out / "cache"), "data.val_fraction": 0.2,
-        "data.test_fraction": 0.2, "pretrain.epochs": args.pretrain_epochs, "finetune.epochs": args.epochs, "runtime.seed": args.seed, "baseline": False,
-    }  # fmt: skip
+        "data.root": str(data),
+        "data.image_size": args.image_size,
+        "data.cache_dir": str(args.out / "cache"),
+        "data.val_fraction": 0.2,
+        "data.test_fraction": 0.2,
+        "pretrain.epochs": args.pretrain_epochs,
+        "finetune.epochs": args.epochs,
+        "runtime.seed": args.seed,
+        "baseline": False,
+    }
     config = load_config(TrainConfig, ROOT / "configs" / "learning.yaml", overrides)
     bundle = args.out / "bundle"
     if not (bundle / "models" / "model.pt").exists():
@@ -288,16 +396,32 @@ def main(argv: list[str] | None = None) -> int:
     model, contract = load_bundle(bundle)
     dataset = read_dataset(config.data.root, config.data.layout)
     found = make_splits(dataset, config.data, args.seed)
-    splits = {name: load_split(dataset, getattr(found, name), config.data, name) for name in ("train", "val", "test")}
+    splits = {
+        name: load_split(dataset, getattr(found, name), config.data, name)
+        for name in ("train", "val", "test")
+    }
     normal = normal_index(dataset.classes)
-    results: dict = {"scale": vars(args) | {"out": str(args.out), "data": str(data)}, "localization": contract.localization.to_json()}
-    results["model_randomization"] = model_randomization(model, splits["test"], normal, seed=args.seed)
-    results["label_randomization"] = label_randomization(config, bundle, splits, dataset.classes, args.seed)
+    results: dict = {
+        "scale": vars(args) | {"out": str(args.out), "data": str(data)},
+        "localization": contract.localization.to_json(),
+    }
+    results["model_randomization"] = model_randomization(
+        model, splits["test"], normal, seed=args.seed
+    )
+    results["label_randomization"] = label_randomization(
+        config, bundle, splits, dataset.classes, args.seed
+    )
     with tempfile.TemporaryDirectory() as folder:
-        cases = counterfactual_cases(synth, args.num_images + 100, args.cases, args.image_size, Path(folder))
-    results["counterfactuals"] = counterfactual_rates(model, contract, cases, prior_maps(splits["train"], len(dataset.classes)), normal)
+        cases = counterfactual_cases(
+            synth, args.num_images + 100, args.cases, args.image_size, Path(folder)
+        )
+    results["counterfactuals"] = counterfactual_rates(
+        model, contract, cases, prior_maps(splits["train"], len(dataset.classes)), normal
+    )
     if args.class_attention:
-        results["class_attention"] = logit_adjustment_effect(data, args.out, overrides, splits["test"], dataset.classes)
+        results["class_attention"] = logit_adjustment_effect(
+            data, args.out, overrides, splits["test"], dataset.classes
+        )
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
@@ -311,38 +435,93 @@ def markdown(results: dict) -> str:
     keys = ("iou>0.1", "iou>0.3", "iou>0.5", "pointing")
 
     def row(name: str, figures: dict) -> str:
-        return f"| {name} | " + " | ".join("n/a" if figures.get(k) is None else f"{figures[k]:.2f}" for k in keys) + " |"
+        return (
+            f"| {name} | "
+            + " | ".join("n/a" if figures.get(k) is None else f"{figures[k]:.2f}" for k in keys)
+            + " |"
+        )
 
-    header = ["| map | IoU > 0.1 | IoU > 0.3 | IoU > 0.5 | pointing game |", "|---|---|---|---|---|"]
-    lines += [f"Validation, {loc['images'].get('validation')} boxed images (the trained model):", "", *header]
-    lines += [row(f"`{s}`" + (" (chosen)" if s == loc["source"] else ""), f) for s, f in loc["candidates"].items()]
-    lines += [row("prior (mean training box)", loc["prior_validation"]), "", f"Test, {loc['images'].get('test')} boxed images:", "", *header]
-    lines += [row(f"`{loc['source']}`", loc["test"]), row("prior (mean training box)", loc["prior_test"]), ""]
-    lines += [f"Regions shown: {'yes' if loc['shown'] else 'no'} (paired lower bound at IoU > 0.3: {loc['difference_low']})", ""]
+    header = [
+        "| map | IoU > 0.1 | IoU > 0.3 | IoU > 0.5 | pointing game |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"Validation, {loc['images'].get('validation')} boxed images (the trained model):",
+        "",
+        *header,
+    ]
+    lines += [
+        row(f"`{s}`" + (" (chosen)" if s == loc["source"] else ""), f)
+        for s, f in loc["candidates"].items()
+    ]
+    lines += [
+        row("prior (mean training box)", loc["prior_validation"]),
+        "",
+        f"Test, {loc['images'].get('test')} boxed images:",
+        "",
+        *header,
+    ]
+    lines += [
+        row(f"`{loc['source']}`", loc["test"]),
+        row("prior (mean training box)", loc["prior_test"]),
+        "",
+    ]
+    lines += [
+        f"Regions shown: {'yes' if loc['shown'] else 'no'} (paired lower bound at IoU > 0.3: {loc['difference_low']})",
+        "",
+    ]
     randomized = results["model_randomization"]
     sources = list(next(iter(randomized.values())))
-    lines += ["| re-initialised down to | " + " | ".join(f"`{s}`" for s in sources) + " |", "|---|" + "---|" * len(sources)]
-    lines += [f"| {step} | " + " | ".join(f"{v[s]:.2f}" for s in sources) + " |" for step, v in randomized.items()]
+    lines += [
+        "| re-initialised down to | " + " | ".join(f"`{s}`" for s in sources) + " |",
+        "|---|" + "---|" * len(sources),
+    ]
+    lines += [
+        f"| {step} | " + " | ".join(f"{v[s]:.2f}" for s in sources) + " |"
+        for step, v in randomized.items()
+    ]
     shuffled_ = results["label_randomization"]
     sl = shuffled_["localization"]
-    lines += ["", f"Shuffled annotations: test balanced accuracy {shuffled_['balanced_accuracy']:.3f}, macro AUC {shuffled_['macro_auc']:.3f}.", "", *header]
-    lines += [row(f"`{s}`", f) for s, f in sl["candidates"].items()] + [row("prior (mean training box)", sl["prior_validation"]), ""]
+    lines += [
+        "",
+        f"Shuffled annotations: test balanced accuracy {shuffled_['balanced_accuracy']:.3f}, macro AUC {shuffled_['macro_auc']:.3f}.",
+        "",
+        *header,
+    ]
+    lines += [row(f"`{s}`", f) for s, f in sl["candidates"].items()] + [
+        row("prior (mean training box)", sl["prior_validation"]),
+        "",
+    ]
     cf = results["counterfactuals"]
     lines += [
         f"Counterfactuals: {cf['cases']} lesion cases ({cf['moved_apart']} whose mirrored lesion lands apart). Served decision positive "
         f"{cf['positive_with']:.2f} with the lesion, {cf['positive_without']:.2f} without; of those positive with it, {cf['flipped_to_negative']:.2f} "
         f"turn negative without it; the probability of pneumonia is lower without the lesion in {cf['probability_lower_without']:.2f} "
-        f"(mean drop {cf['mean_probability_drop']:.3f}).", "",
+        f"(mean drop {cf['mean_probability_drop']:.3f}).",
+        "",
         "| map | maximum in the lesion's box | moved: maximum in the new box | moved: maximum still in the old box | map mass in the box, with / without |",
         "|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for source, m in cf["maps"].items():
-        mass = f"{m['mass_in_box_with']:.2f} / {m['mass_in_box_without']:.2f}" if "mass_in_box_with" in m else "-"
-        lines.append(f"| {'prior' if source == 'prior' else f'`{source}`'} | {m['pointing_drawn']:.2f} | {m['follows']:.2f} | {m['stays']:.2f} | {mass} |")
+        mass = (
+            f"{m['mass_in_box_with']:.2f} / {m['mass_in_box_without']:.2f}"
+            if "mass_in_box_with" in m
+            else "-"
+        )
+        lines.append(
+            f"| {'prior' if source == 'prior' else f'`{source}`'} | {m['pointing_drawn']:.2f} | {m['follows']:.2f} | {m['stays']:.2f} | {mass} |"
+        )
     if "class_attention" in results:
         ca = results["class_attention"]
-        lines += ["", "| class attention, 0.5 rule | normal recall | balanced accuracy |", "|---|---|---|"]
-        lines += [f"| {name} log c_i | {ca[name]['normal_recall']:.3f} | {ca[name]['balanced_accuracy']:.3f} |" for name in ("without", "with")]
+        lines += [
+            "",
+            "| class attention, 0.5 rule | normal recall | balanced accuracy |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {name} log c_i | {ca[name]['normal_recall']:.3f} | {ca[name]['balanced_accuracy']:.3f} |"
+            for name in ("without", "with")
+        ]
     return "\n".join(lines) + "\n"
 
 

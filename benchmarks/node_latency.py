@@ -76,14 +76,22 @@ def copies(source: Path, folder: Path, count: int) -> list[Path]:
 
 def storescp(folder: Path, port: int) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(["storescp", "-aet", "RESULTS", "-od", str(folder), "+xa", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        ["storescp", "-aet", "RESULTS", "-od", str(folder), "+xa", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait(lambda: listening(port), 20, "storescp")
     return process
 
 
 def storescu(port: int, files: list[Path], called: str) -> float:
     start = time.perf_counter()
-    subprocess.run(["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, files)], check=True, capture_output=True)
+    subprocess.run(
+        ["storescu", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -104,35 +112,57 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--latency-images", type=int, default=30)
-    parser.add_argument("--images", type=int, default=40, help="images for the throughput run (4 senders)")
+    parser.add_argument(
+        "--images", type=int, default=40, help="images for the throughput run (4 senders)"
+    )
     parser.add_argument("--receive-images", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"node_latency: {tool} not found (Debian package dcmtk; make system-deps)")
+            raise SystemExit(
+                f"node_latency: {tool} not found (Debian package dcmtk; make system-deps)"
+            )
     contract = load_bundle(args.bundle)[1]
     work = Path(tempfile.mkdtemp(prefix="dp-node-bench-"))
     rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
     dest_port, node_port, plain_port = free_port(), free_port(), free_port()
     destination = storescp(work / "destination", dest_port)
     config = work / "node.yaml"
-    config.write_text(yaml.safe_dump({
-        "port": node_port, "host": "127.0.0.1", "bundle": str(args.bundle), "spool": str(work / "spool"), "metrics_port": -1,
-        "device": args.device, "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "port": node_port,
+                "host": "127.0.0.1",
+                "bundle": str(args.bundle),
+                "spool": str(work / "spool"),
+                "metrics_port": -1,
+                "device": args.device,
+                "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
+            }
+        )
+    )
     log = (work / "node.log").open("w")
-    node = subprocess.Popen([sys.executable, "-m", "pacs_node.cli", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "pacs_node.cli", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     figures: dict[str, float] = {}
     try:
         wait(lambda: listening(node_port), 120, "the node")
+
         def identity(path: Path) -> ResultIdentity:
             return ResultIdentity.of(dcmread(path, stop_before_pixels=True), contract)
 
         # Warm-up: the first image pays for lazy imports and allocator growth.
         warm = copies(rg1, work / "warm", 2)
         storescu(node_port, warm, "DPNODE")
-        wait(lambda: arrived(work / "destination", {identity(p).sr_uid for p in warm}), 120, "warm-up results")
+        wait(
+            lambda: arrived(work / "destination", {identity(p).sr_uid for p in warm}),
+            120,
+            "warm-up results",
+        )
 
         latencies = []
         for path in copies(rg1, work / "latency", args.latency_images):
@@ -163,18 +193,33 @@ def main() -> int:
         figures["storescp_receive_images_per_s"] = len(same) / to_plain
         figures["node_receive_images_per_s"] = len(same) / to_node
         figures["node_to_storescp_receive_ratio"] = to_plain / to_node
-        wait(lambda: arrived(work / "destination", {identity(p).sr_uid for p in same}), 600, "the receive-rate results", 0.05)
+        wait(
+            lambda: arrived(work / "destination", {identity(p).sr_uid for p in same}),
+            600,
+            "the receive-rate results",
+            0.05,
+        )
         figures["node_peak_rss_mb"] = peak_rss_mb(node.pid)
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(60)
         destination.terminate()
         log.close()
-    print(f"node benchmark: RG1_UNCR.dcm (1955 x 1841 CR), model {contract.name} ({contract.image_size} px), device {args.device}, {os.cpu_count()} CPUs")
-    print(f"  latency storescu start -> SR at storescp, 1 image/s, n={args.latency_images}: p50 {figures['latency_p50_s']:.2f} s, p95 {figures['latency_p95_s']:.2f} s, max {figures['latency_max_s']:.2f} s  (targets 1.5 s / 3 s)")
-    print(f"  throughput, 4 concurrent senders, {args.images} images: {figures['throughput_images_per_s']:.2f} images/s (SR and SC delivered)")
-    print(f"  receive rate, {args.receive_images} images on one association: node {figures['node_receive_images_per_s']:.1f}/s, storescp {figures['storescp_receive_images_per_s']:.1f}/s, ratio {figures['node_to_storescp_receive_ratio']:.2f}  (target at least 0.5)")
-    print(f"  node peak resident memory: {figures['node_peak_rss_mb']:.0f} MB  (target at most 2048 MB)")
+    print(
+        f"node benchmark: RG1_UNCR.dcm (1955 x 1841 CR), model {contract.name} ({contract.image_size} px), device {args.device}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"  latency storescu start -> SR at storescp, 1 image/s, n={args.latency_images}: p50 {figures['latency_p50_s']:.2f} s, p95 {figures['latency_p95_s']:.2f} s, max {figures['latency_max_s']:.2f} s  (targets 1.5 s / 3 s)"
+    )
+    print(
+        f"  throughput, 4 concurrent senders, {args.images} images: {figures['throughput_images_per_s']:.2f} images/s (SR and SC delivered)"
+    )
+    print(
+        f"  receive rate, {args.receive_images} images on one association: node {figures['node_receive_images_per_s']:.1f}/s, storescp {figures['storescp_receive_images_per_s']:.1f}/s, ratio {figures['node_to_storescp_receive_ratio']:.2f}  (target at least 0.5)"
+    )
+    print(
+        f"  node peak resident memory: {figures['node_peak_rss_mb']:.0f} MB  (target at most 2048 MB)"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

@@ -68,9 +68,16 @@ def large_image(path: Path, seed: int, side: int, bits: int = 12) -> Path:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     rng = np.random.default_rng(seed)
     xx, yy = np.arange(side)[None, :], np.arange(side)[:, None]
-    lungs = (np.abs(xx - side / 2) > side * 0.08) & (np.abs(xx - side / 2) < side * 0.4) & (yy > side * 0.15) & (yy < side * 0.8)
+    lungs = (
+        (np.abs(xx - side / 2) > side * 0.08)
+        & (np.abs(xx - side / 2) < side * 0.4)
+        & (yy > side * 0.15)
+        & (yy < side * 0.8)
+    )
     top = 2**bits - 1
-    pixels = np.where(lungs, np.float32(top * 0.22), np.float32(top * 0.68)) + rng.standard_normal((side, side), dtype=np.float32) * (top / 200)
+    pixels = np.where(lungs, np.float32(top * 0.22), np.float32(top * 0.68)) + rng.standard_normal(
+        (side, side), dtype=np.float32
+    ) * (top / 200)
     ds.Rows = ds.Columns = side
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = (8, 8, 7) if bits == 8 else (16, bits, bits - 1)
     ds.PixelData = np.clip(pixels, 0, top).astype(np.uint8 if bits == 8 else np.uint16).tobytes()
@@ -85,7 +92,11 @@ def encoded(native: Path, name: str, how: tuple | None, folder: Path, seed: int,
     if how is None:
         return shutil.copy(native, path)
     if how[0] in ("dcmconv", "dcmcjpeg"):
-        source = large_image(folder / f"{name}-source.dcm", seed, side, bits=8) if how[1] == "+eb" else native
+        source = (
+            large_image(folder / f"{name}-source.dcm", seed, side, bits=8)
+            if how[1] == "+eb"
+            else native
+        )
         subprocess.run([how[0], how[1], str(source), str(path)], check=True, capture_output=True)
     else:
         ds = dcmread(native)
@@ -121,13 +132,29 @@ class Node:
     def __init__(self, work: Path, bundle: Path, senders: int, mb: int) -> None:
         self.work, self.port, self.out = work, free_port(), work / "out"
         config = work / "node.yaml"
-        config.write_text(yaml.safe_dump({
-            "port": self.port, "host": "127.0.0.1", "bundle": str(bundle), "spool": str(work / "spool"), "output_dir": str(self.out),
-            "metrics_port": -1, "device": "cpu", "allow": ["STORESCU"], "max_associations": senders + 2,
-            "max_associations_per_host": senders + 2, "max_dataset_mb": mb + 64,
-        }))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "port": self.port,
+                    "host": "127.0.0.1",
+                    "bundle": str(bundle),
+                    "spool": str(work / "spool"),
+                    "output_dir": str(self.out),
+                    "metrics_port": -1,
+                    "device": "cpu",
+                    "allow": ["STORESCU"],
+                    "max_associations": senders + 2,
+                    "max_associations_per_host": senders + 2,
+                    "max_dataset_mb": mb + 64,
+                }
+            )
+        )
         self.log = (work / "node.log").open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "pacs_node.cli", "--config", str(config)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pacs_node.cli", "--config", str(config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait(lambda: listening(self.port), 180, "the node")
 
     def results(self) -> int:
@@ -155,21 +182,41 @@ def phase_large(node: Node, work: Path, senders: int, mb: int) -> dict:
     before, results = node.reset_peak(), node.results()
     started = time.perf_counter()
     with ThreadPoolExecutor(senders) as pool:
-        list(pool.map(lambda f: subprocess.run(["storescu", "-aec", "DPNODE", "127.0.0.1", str(node.port), str(f)], check=True, capture_output=True), files))
+        list(
+            pool.map(
+                lambda f: subprocess.run(
+                    ["storescu", "-aec", "DPNODE", "127.0.0.1", str(node.port), str(f)],
+                    check=True,
+                    capture_output=True,
+                ),
+                files,
+            )
+        )
     received = time.perf_counter() - started
     node.wait_results(results + 2 * senders)
     total = time.perf_counter() - started
     after = node.peak()
     for f in files:
         f.unlink()
-    print(f"large: {senders} concurrent associations, one {mb} MB data set each ({senders * mb / 1024:.1f} GB)")
-    print(f"  peak resident memory: {before:.0f} MB before, {after:.0f} MB during (+{after - before:.0f} MB)")
-    print(f"  all acknowledged in {received:.1f} s ({senders * mb / received:.1f} MB/s), all results in {total:.1f} s")
+    print(
+        f"large: {senders} concurrent associations, one {mb} MB data set each ({senders * mb / 1024:.1f} GB)"
+    )
+    print(
+        f"  peak resident memory: {before:.0f} MB before, {after:.0f} MB during (+{after - before:.0f} MB)"
+    )
+    print(
+        f"  all acknowledged in {received:.1f} s ({senders * mb / received:.1f} MB/s), all results in {total:.1f} s"
+    )
     return {
-        "senders": senders, "data_set_mb": mb, "peak_rss_before_mb": round(before, 1), "peak_rss_after_mb": round(after, 1),
-        "peak_rss_growth_mb": round(after - before, 1), "seconds_until_all_acknowledged": round(received, 1),
-        "seconds_until_all_results": round(total, 1), "receive_mb_per_s": round(senders * mb / received, 1),
-    }  # fmt: skip
+        "senders": senders,
+        "data_set_mb": mb,
+        "peak_rss_before_mb": round(before, 1),
+        "peak_rss_after_mb": round(after, 1),
+        "peak_rss_growth_mb": round(after - before, 1),
+        "seconds_until_all_acknowledged": round(received, 1),
+        "seconds_until_all_results": round(total, 1),
+        "receive_mb_per_s": round(senders * mb / received, 1),
+    }
 
 
 def phase_decode(node: Node, work: Path, side: int) -> dict:
@@ -177,7 +224,9 @@ def phase_decode(node: Node, work: Path, side: int) -> dict:
     folder.mkdir()
     native = large_image(folder / "native-source.dcm", 6000, side)
     figures = {}
-    print(f"decode paths: one {side} x {side} image each ({side * side / 2**20:.0f} Mpx), sent alone")
+    print(
+        f"decode paths: one {side} x {side} image each ({side * side / 2**20:.0f} Mpx), sent alone"
+    )
     for index, (name, how) in enumerate(DECODE_PATHS):
         path = encoded(native, name, how, folder, 6001 + index, side)
         before, results = node.reset_peak(), node.results()
@@ -186,10 +235,14 @@ def phase_decode(node: Node, work: Path, side: int) -> dict:
         node.wait_results(results + 2)
         peak = node.peak()
         figures[name] = {
-            "file_mb": round(path.stat().st_size / 2**20, 1), "peak_rss_mb": round(peak, 1), "peak_rss_growth_mb": round(peak - before, 1),
+            "file_mb": round(path.stat().st_size / 2**20, 1),
+            "peak_rss_mb": round(peak, 1),
+            "peak_rss_growth_mb": round(peak - before, 1),
             "seconds_until_results": round(time.perf_counter() - started, 1),
-        }  # fmt: skip
-        print(f"  {name:14s} {figures[name]['file_mb']:7.1f} MB file: peak {peak:6.0f} MB (+{peak - before:4.0f} MB), results in {figures[name]['seconds_until_results']:.1f} s")
+        }
+        print(
+            f"  {name:14s} {figures[name]['file_mb']:7.1f} MB file: peak {peak:6.0f} MB (+{peak - before:4.0f} MB), results in {figures[name]['seconds_until_results']:.1f} s"
+        )
         path.unlink()
     shutil.rmtree(folder)
     return figures
@@ -208,8 +261,16 @@ def phase_batch(node: Node, work: Path, side: int, count: int, senders: int) -> 
     seconds = time.perf_counter() - started
     shutil.rmtree(folder)
     print(f"batch: {count} native {side} x {side} images sent at once ({senders} at a time)")
-    print(f"  peak resident memory {peak:.0f} MB (+{peak - before:.0f} MB), all results in {seconds:.1f} s")
-    return {"images": count, "side": side, "peak_rss_mb": round(peak, 1), "peak_rss_growth_mb": round(peak - before, 1), "seconds_until_all_results": round(seconds, 1)}
+    print(
+        f"  peak resident memory {peak:.0f} MB (+{peak - before:.0f} MB), all results in {seconds:.1f} s"
+    )
+    return {
+        "images": count,
+        "side": side,
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_growth_mb": round(peak - before, 1),
+        "seconds_until_all_results": round(seconds, 1),
+    }
 
 
 def main() -> int:
@@ -217,13 +278,25 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--senders", type=int, default=16)
     parser.add_argument("--mb", type=int, default=200)
-    parser.add_argument("--side", type=int, default=8192, help="side of the decode and batch phases' images (8192: the decode budget's edge)")
-    parser.add_argument("--batch", type=int, default=8, help="images of the batch phase (the node's default batch_size)")
+    parser.add_argument(
+        "--side",
+        type=int,
+        default=8192,
+        help="side of the decode and batch phases' images (8192: the decode budget's edge)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="images of the batch phase (the node's default batch_size)",
+    )
     parser.add_argument("--phases", default="large,decode,batch")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if shutil.which("storescu") is None or shutil.which("dcmcjpeg") is None:
-        raise SystemExit("node_memory: storescu / dcmcjpeg not found (Debian package dcmtk; make system-deps)")
+        raise SystemExit(
+            "node_memory: storescu / dcmcjpeg not found (Debian package dcmtk; make system-deps)"
+        )
     work = Path(tempfile.mkdtemp(prefix="dp-node-memory-"))
     node = Node(work, args.bundle, args.senders, max(args.mb, 2 * args.side**2 // 2**20))
     figures: dict = {}

@@ -52,21 +52,53 @@ def chest(seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     rows, columns = 320, 288
     yy, xx = np.mgrid[0:rows, 0:columns]
-    lungs = (np.abs(xx - columns / 2) > columns * 0.08) & (np.abs(xx - columns / 2) < columns * 0.4) & (yy > rows * 0.15) & (yy < rows * 0.8)
+    lungs = (
+        (np.abs(xx - columns / 2) > columns * 0.08)
+        & (np.abs(xx - columns / 2) < columns * 0.4)
+        & (yy > rows * 0.15)
+        & (yy < rows * 0.8)
+    )
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"dp-bench {seed} instance"])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[f"dp-bench {seed} instance"]
+    )
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[f"dp-bench {seed} study"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[f"dp-bench {seed} series"])
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Fuzz^Peer", "FUZZ1", "19600101", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "20261201", "120000", "A1", "1", ""
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.Manufacturer = "CR", "CHEST", "PA", "Bench"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Fuzz^Peer",
+        "FUZZ1",
+        "19600101",
+        "O",
+    )
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = (
+        "20261201",
+        "120000",
+        "A1",
+        "1",
+        "",
+    )
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.Manufacturer = (
+        "CR",
+        "CHEST",
+        "PA",
+        "Bench",
+    )
     ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = (
+        rows,
+        columns,
+        1,
+        "MONOCHROME2",
+    )
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.clip(np.where(lungs, 900, 2800) + rng.normal(0, 60, (rows, columns)), 0, 4095).astype(np.uint16).tobytes()
+    ds.PixelData = (
+        np.clip(np.where(lungs, 900, 2800) + rng.normal(0, 60, (rows, columns)), 0, 4095)
+        .astype(np.uint16)
+        .tobytes()
+    )
     return ds
 
 
@@ -165,7 +197,9 @@ def cut(pdu: bytes, rng: random.Random) -> bytes:
 
 
 def retype(pdu: bytes, rng: random.Random) -> bytes:
-    return bytes([rng.choice([0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x00, 0x08, 0xFF])]) + pdu[1:]
+    return (
+        bytes([rng.choice([0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x00, 0x08, 0xFF])]) + pdu[1:]
+    )
 
 
 def inner_item(pdu: bytes, rng: random.Random) -> bytes:
@@ -174,7 +208,9 @@ def inner_item(pdu: bytes, rng: random.Random) -> bytes:
         return flip(pdu, rng)
     at = rng.randrange(74, len(pdu) - 4)
     data = bytearray(pdu)
-    data[at : at + 4] = bytes([rng.choice([0x10, 0x20, 0x21, 0x30, 0x40, 0x50, 0x51, 0x52, 0x55, 0x58, 0x00]), 0]) + struct.pack(">H", rng.choice([0, 1, 0xFFFF, rng.randrange(4096)]))
+    data[at : at + 4] = bytes(
+        [rng.choice([0x10, 0x20, 0x21, 0x30, 0x40, 0x50, 0x51, 0x52, 0x55, 0x58, 0x00]), 0]
+    ) + struct.pack(">H", rng.choice([0, 1, 0xFFFF, rng.randrange(4096)]))
     return bytes(data)
 
 
@@ -215,23 +251,41 @@ def fuzz_one(port: int, stream: bytes) -> None:
 
 def node_config(work: Path, port: int, metrics_port: int, bundle: Path) -> Path:
     config = work / "node.yaml"
-    config.write_text(yaml.safe_dump({
-        "port": port, "host": "127.0.0.1", "bundle": str(bundle), "spool": str(work / "spool"), "output_dir": str(work / "out"),
-        "metrics_port": metrics_port, "device": "cpu", "allow": [CALLING], "handshake_timeout_s": 2.0, "keep_skipped": False,
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "port": port,
+                "host": "127.0.0.1",
+                "bundle": str(bundle),
+                "spool": str(work / "spool"),
+                "output_dir": str(work / "out"),
+                "metrics_port": metrics_port,
+                "device": "cpu",
+                "allow": [CALLING],
+                "handshake_timeout_s": 2.0,
+                "keep_skipped": False,
+            }
+        )
+    )
     return config
 
 
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--streams", type=int, default=20000)
-    parser.add_argument("--seconds", type=float, default=1800, help="stop sending fuzzed streams after this long")
+    parser.add_argument(
+        "--seconds", type=float, default=1800, help="stop sending fuzzed streams after this long"
+    )
     parser.add_argument("--legit-every", type=int, default=500)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -241,7 +295,17 @@ def main() -> int:
     port, metrics_port = free_port(), free_port()
     log_path = work / "node.log"
     log = log_path.open("w")
-    node = subprocess.Popen([sys.executable, "-m", "pacs_node.cli", "--config", str(node_config(work, port, metrics_port, args.bundle))], stdout=log, stderr=subprocess.STDOUT)
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pacs_node.cli",
+            "--config",
+            str(node_config(work, port, metrics_port, args.bundle)),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     rng = random.Random(args.seed)
     legit: list[str] = []
     sent = 0
@@ -250,18 +314,33 @@ def main() -> int:
         seeds = record_seeds(port)
         started = time.monotonic()
         with ThreadPoolExecutor(args.workers) as pool:
-            while sent < args.streams and time.monotonic() - started < args.seconds and node.poll() is None:
+            while (
+                sent < args.streams
+                and time.monotonic() - started < args.seconds
+                and node.poll() is None
+            ):
                 batch = min(args.legit_every, args.streams - sent)
-                list(pool.map(lambda stream: fuzz_one(port, stream), [mutated_stream(seeds, rng) for _ in range(batch)]))
+                list(
+                    pool.map(
+                        lambda stream: fuzz_one(port, stream),
+                        [mutated_stream(seeds, rng) for _ in range(batch)],
+                    )
+                )
                 sent += batch
                 ds = chest(1000 + len(legit))
                 if legitimate_store(port, ds):
                     legit.append(str(ds.StudyInstanceUID))
-                print(f"  {sent} streams, {len(legit)} legitimate images acknowledged, {time.monotonic() - started:.0f} s", flush=True)
+                print(
+                    f"  {sent} streams, {len(legit)} legitimate images acknowledged, {time.monotonic() - started:.0f} s",
+                    flush=True,
+                )
         fuzz_seconds = time.monotonic() - started
         crashed = node.poll() is not None
+
         def complete() -> list[str]:
-            return [study for study in legit if len(list((work / "out" / study).glob("*.dcm"))) == 2]
+            return [
+                study for study in legit if len(list((work / "out" / study).glob("*.dcm"))) == 2
+            ]
 
         deadline = time.monotonic() + 600
         while not crashed and len(complete()) < len(legit) and time.monotonic() < deadline:
@@ -277,14 +356,29 @@ def main() -> int:
         log.close()
     text = log_path.read_text(errors="replace")
     figures = {
-        "streams": sent, "seconds": round(fuzz_seconds, 1), "streams_per_s": round(sent / fuzz_seconds, 1), "node_crashed": crashed,
-        "node_exit_code": node.returncode, "legitimate_acknowledged": len(legit), "legitimate_with_results": with_results,
-        "protocol_errors_counted": errors, "connections_cut": aborted, "log_lines": text.count("\n"), "log_bytes": len(text.encode()),
-        "tracebacks_in_log": text.count("Traceback"), "peak_rss_mb": round(rss, 1),
-    }  # fmt: skip
-    print(f"network fuzzer: {sent} mutated PDU streams in {fuzz_seconds:.0f} s ({figures['streams_per_s']}/s), {args.workers} concurrent peers, {os.cpu_count()} CPUs")
-    print(f"  node crashed: {'YES' if crashed else 'no'}; legitimate images: {len(legit)} acknowledged, {with_results} with their SR and SC")
-    print(f"  protocol errors counted {errors:.0f}, connections cut {aborted:.0f}; log {figures['log_lines']} lines, {figures['log_bytes'] / 1024:.0f} kB, {figures['tracebacks_in_log']} tracebacks")
+        "streams": sent,
+        "seconds": round(fuzz_seconds, 1),
+        "streams_per_s": round(sent / fuzz_seconds, 1),
+        "node_crashed": crashed,
+        "node_exit_code": node.returncode,
+        "legitimate_acknowledged": len(legit),
+        "legitimate_with_results": with_results,
+        "protocol_errors_counted": errors,
+        "connections_cut": aborted,
+        "log_lines": text.count("\n"),
+        "log_bytes": len(text.encode()),
+        "tracebacks_in_log": text.count("Traceback"),
+        "peak_rss_mb": round(rss, 1),
+    }
+    print(
+        f"network fuzzer: {sent} mutated PDU streams in {fuzz_seconds:.0f} s ({figures['streams_per_s']}/s), {args.workers} concurrent peers, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"  node crashed: {'YES' if crashed else 'no'}; legitimate images: {len(legit)} acknowledged, {with_results} with their SR and SC"
+    )
+    print(
+        f"  protocol errors counted {errors:.0f}, connections cut {aborted:.0f}; log {figures['log_lines']} lines, {figures['log_bytes'] / 1024:.0f} kB, {figures['tracebacks_in_log']} tracebacks"
+    )
     print(f"  node peak resident memory {rss:.0f} MB")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

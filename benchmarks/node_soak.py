@@ -25,6 +25,7 @@ It prints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -43,12 +44,15 @@ from node_netfuzz import chest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from dp_model.bundle import load_bundle
 from pacs_node.delivery.cstore import RESULT_CLASSES
-from pacs_node.results.identity import ResultIdentity
 from pacs_node.intake.sanitize import clean_source
+from pacs_node.results.identity import ResultIdentity
 
 CALLING = "SOAK"
 
@@ -103,7 +107,11 @@ class Node:
         self.kills = 0
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "pacs_node.cli", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pacs_node.cli", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait(self._listening, 180, "the node to listen")
 
     def _listening(self) -> bool:
@@ -122,16 +130,16 @@ class Node:
         return self.process.wait(120)
 
     def _note_rss(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.peak_rss_mb = max(self.peak_rss_mb, peak_rss_mb(self.process.pid))
-        except OSError:
-            pass
 
 
 class Sender(threading.Thread):
     """One modality: sends its images in order, each until it is acknowledged."""
 
-    def __init__(self, port: int, indices: list[int], acknowledged: dict[str, int], lock: threading.Lock) -> None:
+    def __init__(
+        self, port: int, indices: list[int], acknowledged: dict[str, int], lock: threading.Lock
+    ) -> None:
         super().__init__(daemon=True)
         self.port, self.indices, self.acknowledged, self.lock = port, indices, acknowledged, lock
         self.refusals = Counter()
@@ -165,7 +173,13 @@ class Sender(threading.Thread):
 
 def mount_tmpfs(folder: Path, size_mb: int) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
 
 
 def fill(folder: Path) -> None:
@@ -192,7 +206,12 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--senders", type=int, default=8)
-    parser.add_argument("--disk-mb", type=int, default=3072, help="the spool's tmpfs: room for the backlog of every image at once")
+    parser.add_argument(
+        "--disk-mb",
+        type=int,
+        default=3072,
+        help="the spool's tmpfs: room for the backlog of every image at once",
+    )
     parser.add_argument("--full-seconds", type=float, default=20.0)
     parser.add_argument("--outage-seconds", type=float, default=60.0)
     parser.add_argument("--json", type=Path)
@@ -202,12 +221,26 @@ def main() -> int:
     mounted = mount_tmpfs(disk, args.disk_mb)
     port, destination = free_port(), CountingDestination()
     config = work / "node.yaml"
-    config.write_text(yaml.safe_dump({
-        "port": port, "host": "127.0.0.1", "bundle": str(args.bundle), "spool": str(disk / "spool"), "metrics_port": -1,
-        "destinations": [f"RESULTS@127.0.0.1:{destination.port}"], "device": "cpu", "batch_size": 16, "allow": [CALLING],
-        "min_free_mb": 8, "keep_skipped": False, "outbox": {"initial_backoff_s": 0.5, "max_backoff_s": 5.0},
-        "max_associations_per_host": 2 * args.senders,  # the senders stand for modalities on as many hosts
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "port": port,
+                "host": "127.0.0.1",
+                "bundle": str(args.bundle),
+                "spool": str(disk / "spool"),
+                "metrics_port": -1,
+                "destinations": [f"RESULTS@127.0.0.1:{destination.port}"],
+                "device": "cpu",
+                "batch_size": 16,
+                "allow": [CALLING],
+                "min_free_mb": 8,
+                "keep_skipped": False,
+                "outbox": {"initial_backoff_s": 0.5, "max_backoff_s": 5.0},
+                # the senders stand for modalities on as many hosts
+                "max_associations_per_host": 2 * args.senders,
+            }
+        )
+    )
     node = Node(config, work / "node.log", port)
     acknowledged: dict[str, int] = {}
     lock = threading.Lock()
@@ -215,19 +248,33 @@ def main() -> int:
     started = time.monotonic()
     destination.up()
     node.start()
-    senders = [Sender(port, list(range(i, args.images, args.senders)), acknowledged, lock) for i in range(args.senders)]
+    senders = [
+        Sender(port, list(range(i, args.images, args.senders)), acknowledged, lock)
+        for i in range(args.senders)
+    ]
     for sender in senders:
         sender.start()
 
     def at(share: float) -> None:
-        wait(lambda: len(acknowledged) >= share * args.images, 7200, f"{share:.0%} of the images acknowledged", 0.2)
+        wait(
+            lambda: len(acknowledged) >= share * args.images,
+            7200,
+            f"{share:.0%} of the images acknowledged",
+            0.2,
+        )
 
     def note(event: str) -> None:  # the episodes as they happen: a long run shows where it is
         events.append(event)
         print(f"  {event}", flush=True)
 
     try:
-        schedule = [(0.15, "kill"), (0.30, "destination outage"), (0.45, "kill"), (0.60, "disk full"), (0.75, "kill")]
+        schedule = [
+            (0.15, "kill"),
+            (0.30, "destination outage"),
+            (0.45, "kill"),
+            (0.60, "disk full"),
+            (0.75, "kill"),
+        ]
         for share, what in schedule:
             at(share)
             note(f"{time.monotonic() - started:.0f} s, {len(acknowledged)} acknowledged: {what}")
@@ -249,7 +296,12 @@ def main() -> int:
         sent_seconds = time.monotonic() - started
         contract = load_bundle(args.bundle)[1]
         expected = expected_results(sorted(acknowledged.values()), contract)
-        wait(lambda: set(destination.stored) >= set(expected), 3600, "every result at the destination", 0.5)
+        wait(
+            lambda: set(destination.stored) >= set(expected),
+            3600,
+            "every result at the destination",
+            0.5,
+        )
         done_seconds = time.monotonic() - started
         time.sleep(10)  # anything still to come would be a duplicate or a stray
     finally:
@@ -260,29 +312,53 @@ def main() -> int:
     outcomes = Counter(line["sop_instance_uid"] for line in audit if line["event"] == "received")
     refusals = Counter(line["reason"] for line in audit if line["event"] == "store-refused")
     figures = {
-        "images_acknowledged": len(acknowledged), "senders": args.senders, "wall_s_until_all_acknowledged": round(sent_seconds, 1),
-        "wall_s_until_all_results": round(done_seconds, 1), "images_per_s": round(len(acknowledged) / done_seconds, 2),
-        "kills": node.kills, "disk_full_episode": mounted, "results_expected": len(expected),
-        "results_exactly_once": sum(1 for uid in expected if counts[uid] == 1), "duplicates": sum(max(0, counts[uid] - 1) for uid in expected),
-        "missing": sum(1 for uid in expected if counts[uid] == 0), "strays": sum(1 for uid in counts if uid not in expected),
+        "images_acknowledged": len(acknowledged),
+        "senders": args.senders,
+        "wall_s_until_all_acknowledged": round(sent_seconds, 1),
+        "wall_s_until_all_results": round(done_seconds, 1),
+        "images_per_s": round(len(acknowledged) / done_seconds, 2),
+        "kills": node.kills,
+        "disk_full_episode": mounted,
+        "results_expected": len(expected),
+        "results_exactly_once": sum(1 for uid in expected if counts[uid] == 1),
+        "duplicates": sum(max(0, counts[uid] - 1) for uid in expected),
+        "missing": sum(1 for uid in expected if counts[uid] == 0),
+        "strays": sum(1 for uid in counts if uid not in expected),
         "images_with_an_outcome_line": sum(1 for uid in acknowledged if outcomes[uid] >= 1),
         "images_with_several_outcome_lines": sum(1 for uid in acknowledged if outcomes[uid] > 1),
-        "refusals_by_reason": dict(refusals), "sender_retries": dict(sum((s.refusals for s in senders), Counter())),
-        "node_peak_rss_mb": round(node.peak_rss_mb, 1), "node_exit_code": exit_code, "events": events,
-    }  # fmt: skip
-    print(f"soak: {len(acknowledged)} images over {args.senders} associations, {node.kills} kill -9, a destination outage, "
-          f"{'a disk-full episode' if mounted else 'NO disk-full episode (mounting a tmpfs needs root)'}; {os.cpu_count()} CPUs")  # fmt: skip
+        "refusals_by_reason": dict(refusals),
+        "sender_retries": dict(sum((s.refusals for s in senders), Counter())),
+        "node_peak_rss_mb": round(node.peak_rss_mb, 1),
+        "node_exit_code": exit_code,
+        "events": events,
+    }
+    print(
+        f"soak: {len(acknowledged)} images over {args.senders} associations, {node.kills} kill -9, a destination outage, "
+        f"{'a disk-full episode' if mounted else 'NO disk-full episode (mounting a tmpfs needs root)'}; {os.cpu_count()} CPUs"
+    )
     for event in events:
         print(f"  {event}")
-    print(f"  wall time {done_seconds:.0f} s ({figures['images_per_s']} images/s, results included)")
-    print(f"  results: {figures['results_exactly_once']} of {len(expected)} exactly once; duplicates {figures['duplicates']}, missing {figures['missing']}, strays {figures['strays']}")
-    print(f"  audit: {figures['images_with_an_outcome_line']} of {len(acknowledged)} images with an outcome line, {figures['images_with_several_outcome_lines']} with more than one; refusals {dict(refusals)}")
-    print(f"  node peak resident memory {node.peak_rss_mb:.0f} MB; exit code at the end {exit_code}")
+    print(
+        f"  wall time {done_seconds:.0f} s ({figures['images_per_s']} images/s, results included)"
+    )
+    print(
+        f"  results: {figures['results_exactly_once']} of {len(expected)} exactly once; duplicates {figures['duplicates']}, missing {figures['missing']}, strays {figures['strays']}"
+    )
+    print(
+        f"  audit: {figures['images_with_an_outcome_line']} of {len(acknowledged)} images with an outcome line, {figures['images_with_several_outcome_lines']} with more than one; refusals {dict(refusals)}"
+    )
+    print(
+        f"  node peak resident memory {node.peak_rss_mb:.0f} MB; exit code at the end {exit_code}"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if mounted:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-    ok = figures["results_exactly_once"] == len(expected) and figures["strays"] == 0 and figures["images_with_an_outcome_line"] == len(acknowledged)
+    ok = (
+        figures["results_exactly_once"] == len(expected)
+        and figures["strays"] == 0
+        and figures["images_with_an_outcome_line"] == len(acknowledged)
+    )
     return 0 if ok else 1
 
 

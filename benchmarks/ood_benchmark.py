@@ -79,7 +79,9 @@ def synth_config(data: Path):
 
     path = data / "synth_config.yaml"
     if not path.exists():
-        raise SystemExit(f"{data}: no synth_config.yaml; the near-OOD sets are made from the data's own generator settings")
+        raise SystemExit(
+            f"{data}: no synth_config.yaml; the near-OOD sets are made from the data's own generator settings"
+        )
     return load_config(SynthConfig, path)
 
 
@@ -95,7 +97,12 @@ def fresh_phantoms(config, out: Path, role: str, count: int, size: int):
     if not (root / "labels.csv").exists():
         generate(replace(config, seed=seed, num_images=count), root, progress=False)
     dataset = read_dataset(str(root))
-    return load_split(dataset, tuple(range(len(dataset.records))), DataConfig(root=str(root), image_size=size, cache_dir=str(out / "cache")), f"decode fresh {role}")
+    return load_split(
+        dataset,
+        tuple(range(len(dataset.records))),
+        DataConfig(root=str(root), image_size=size, cache_dir=str(out / "cache")),
+        f"decode fresh {role}",
+    )
 
 
 def _render_one(args) -> str:
@@ -141,7 +148,11 @@ def far_ood(size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     canvases, left_out = {}, {}
     for path in sorted(pydicom_data().glob("*.dcm")):
         if re.search(r"_(J2KI|J2KR|UNCI)\.dcm$", path.name) or path.name.startswith("RG1_"):
-            left_out[path.name] = "another encoding of an image used" if not path.name.startswith("RG1_") else "RG1: its own category"
+            left_out[path.name] = (
+                "another encoding of an image used"
+                if not path.name.startswith("RG1_")
+                else "RG1: its own category"
+            )
             continue
         try:
             canvas = load_letterboxed(path, size)[0]
@@ -182,7 +193,10 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     if not len(inside) or not len(outside):
         return float("nan")
     ranks = rankdata(np.concatenate([inside, outside]))
-    return float((ranks[len(inside) :].sum() - len(outside) * (len(outside) + 1) / 2) / (len(inside) * len(outside)))
+    return float(
+        (ranks[len(inside) :].sum() - len(outside) * (len(outside) + 1) / 2)
+        / (len(inside) * len(outside))
+    )
 
 
 def fpr_at_tpr(inside: np.ndarray, outside: np.ndarray, tpr: float = TPR) -> float:
@@ -193,17 +207,36 @@ def fpr_at_tpr(inside: np.ndarray, outside: np.ndarray, tpr: float = TPR) -> flo
 
 def rate(count: int, total: int) -> dict:
     low, high = clopper_pearson(count, total)
-    return {"count": int(count), "total": int(total), "rate": count / total if total else float("nan"), "low": low, "high": high}
+    return {
+        "count": int(count),
+        "total": int(total),
+        "rate": count / total if total else float("nan"),
+        "low": low,
+        "high": high,
+    }
 
 
-def measure(scores: dict[str, np.ndarray], inside: str, categories: list[str], cut: float, errors: np.ndarray) -> dict:
+def measure(
+    scores: dict[str, np.ndarray],
+    inside: str,
+    categories: list[str],
+    cut: float,
+    errors: np.ndarray,
+) -> dict:
     """One detector on one role: per-category AUROC, FPR at 95 % TPR and share turned away at
     ``cut``; the in-distribution false rejections; the misclassification view."""
     ind = scores[inside]
     rejected = ind > cut
     found = {
-        "categories": {c: {"auroc": auroc(ind, scores[c]), "fpr95": fpr_at_tpr(ind, scores[c]), "turned_away": float((scores[c] > cut).mean()), "images": len(scores[c])}
-                       for c in categories},  # fmt: skip
+        "categories": {
+            c: {
+                "auroc": auroc(ind, scores[c]),
+                "fpr95": fpr_at_tpr(ind, scores[c]),
+                "turned_away": float((scores[c] > cut).mean()),
+                "images": len(scores[c]),
+            }
+            for c in categories
+        },
         "false_rejection": rate(int(rejected.sum()), len(ind)),
         "misclassified_auroc": auroc(ind[~errors], ind[errors]),
         "error_rejected": rate(int(errors[rejected].sum()), int(rejected.sum())),
@@ -212,25 +245,46 @@ def measure(scores: dict[str, np.ndarray], inside: str, categories: list[str], c
     return found
 
 
-def choose(validation: dict[str, dict], near: list[str], incumbent: str = "mahalanobis") -> tuple[str, str]:
+def choose(
+    validation: dict[str, dict], near: list[str], incumbent: str = "mahalanobis"
+) -> tuple[str, str]:
     """The rule: among the detectors whose validation false-rejection at the certified threshold
     is consistent with the gate's 1 % (Clopper-Pearson lower bound at most 1 %), the highest
     mean validation AUROC over the near-OOD categories; the incumbent stays unless beaten by
     more than :data:`MARGIN`. Returns the name and the reason in words."""
     kept = {n: r for n, r in validation.items() if r["false_rejection"]["low"] <= FALSE_REJECTION}
-    if not kept:  # a calibration split too small to keep 1 % with any detector: the AUROC alone decides, and says so
-        return choose({n: r | {"false_rejection": r["false_rejection"] | {"low": 0.0}} for n, r in validation.items()}, near, incumbent)[0], (
-            "no detector's validation false rejection is consistent with 1 % at this calibration size; chosen on the AUROC alone")
+    if not kept:
+        # a calibration split too small to keep 1 % with any detector: the AUROC alone decides, and
+        # says so
+        return choose(
+            {
+                n: r | {"false_rejection": r["false_rejection"] | {"low": 0.0}}
+                for n, r in validation.items()
+            },
+            near,
+            incumbent,
+        )[0], (
+            "no detector's validation false rejection is consistent with 1 % at this calibration size; chosen on the AUROC alone"
+        )
     mean = {n: float(np.mean([r["categories"][c]["auroc"] for c in near])) for n, r in kept.items()}
     best = max(mean, key=mean.get)
     if incumbent in mean and mean[best] - mean[incumbent] <= MARGIN:
         best = incumbent
     dropped = sorted(set(validation) - set(kept))
-    reason = f"mean near-OOD validation AUROC {mean[best]:.3f}" + (f"; left out for false rejections above 1 %: {', '.join(dropped)}" if dropped else "")
+    reason = f"mean near-OOD validation AUROC {mean[best]:.3f}" + (
+        f"; left out for false rejections above 1 %: {', '.join(dropped)}" if dropped else ""
+    )
     return best, reason
 
 
-def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], role: str, near: list[str], resamples: int = 1000, seed: int = 0) -> dict:
+def paired_difference(
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    role: str,
+    near: list[str],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Mean near-OOD AUROC of detector ``a`` less ``b`` on ``role``, with a 95 % paired
     bootstrap interval: each resample draws the in-distribution images and each category's
     images with replacement, the same draw for both detectors."""
@@ -238,15 +292,26 @@ def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], role: 
     inside = f"id_{role}"
 
     def mean_auroc(scores: dict[str, np.ndarray], pick: dict[str, np.ndarray]) -> float:
-        return float(np.mean([auroc(scores[inside][pick[inside]], scores[f"{role}:{c}"][pick[c]]) for c in near]))
+        return float(
+            np.mean(
+                [auroc(scores[inside][pick[inside]], scores[f"{role}:{c}"][pick[c]]) for c in near]
+            )
+        )
 
-    whole = {inside: np.arange(len(a[inside]))} | {c: np.arange(len(a[f"{role}:{c}"])) for c in near}
+    whole = {inside: np.arange(len(a[inside]))} | {
+        c: np.arange(len(a[f"{role}:{c}"])) for c in near
+    }
     draws = []
     for _ in range(resamples):
         pick = {key: rng.integers(0, len(index), len(index)) for key, index in whole.items()}
         draws.append(mean_auroc(a, pick) - mean_auroc(b, pick))
     low, high = np.percentile(draws, [2.5, 97.5])
-    return {"difference": mean_auroc(a, whole) - mean_auroc(b, whole), "low": float(low), "high": float(high), "resamples": resamples}
+    return {
+        "difference": mean_auroc(a, whole) - mean_auroc(b, whole),
+        "low": float(low),
+        "high": float(high),
+        "resamples": resamples,
+    }
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -261,7 +326,11 @@ def collect(args) -> tuple[dict[str, Seen], dict[str, np.ndarray], dict, torch.n
     size = contract.image_size
     splits = resident_splits(args.bundle, args.data)
     config = synth_config(args.data)
-    seen, labels, sets = {}, {}, {"image_size": size, "near_ood": {}, "splits": {k: len(v) for k, v in splits.items()}}
+    seen, labels, sets = (
+        {},
+        {},
+        {"image_size": size, "near_ood": {}, "splits": {k: len(v) for k, v in splits.items()}},
+    )
     for part, data in splits.items():
         seen[part], labels[part] = observed(model, data, stages=True), data.labels.numpy()
     for role in ROLES:
@@ -269,7 +338,10 @@ def collect(args) -> tuple[dict[str, Seen], dict[str, np.ndarray], dict, torch.n
         if fresh is not None:
             own = seen[role]
             extra = observed(model, fresh, stages=True)
-            seen[f"id_{role}"], labels[f"id_{role}"] = Seen.cat([own, extra]), np.concatenate([labels[role], fresh.labels.numpy()])
+            seen[f"id_{role}"], labels[f"id_{role}"] = (
+                Seen.cat([own, extra]),
+                np.concatenate([labels[role], fresh.labels.numpy()]),
+            )
         else:
             seen[f"id_{role}"], labels[f"id_{role}"] = seen[role], labels[role]
         sets[f"id_{role}"] = {"bundle_split": len(labels[role]), "fresh_phantoms": args.fresh}
@@ -277,8 +349,12 @@ def collect(args) -> tuple[dict[str, Seen], dict[str, np.ndarray], dict, torch.n
             seen[f"{role}:{shift}"] = observe(model, batches(load_images(paths, size)), stages=True)
             sets["near_ood"][shift] = len(paths)
     canvases, left_out = far_ood(size)
-    seen["test:far_ood"] = observe(model, batches(_as_resident(torch.stack(list(canvases.values())))), stages=True)
-    seen["test:rg1"] = observe(model, batches(load_images([pydicom_data() / REAL_CHEST], size)), stages=True)
+    seen["test:far_ood"] = observe(
+        model, batches(_as_resident(torch.stack(list(canvases.values())))), stages=True
+    )
+    seen["test:rg1"] = observe(
+        model, batches(load_images([pydicom_data() / REAL_CHEST], size)), stages=True
+    )
     sets |= {"far_ood": sorted(canvases), "far_ood_left_out": left_out, "real_chest": REAL_CHEST}
     return seen, labels, sets, model
 
@@ -291,14 +367,25 @@ def evaluate(seen: dict[str, Seen], labels: dict[str, np.ndarray], model) -> dic
     held = "calibration" if "calibration" in seen else "val"
     results, scores_out = {}, {}
     for name, kind, method in CANDIDATES:
-        detector = fit_detector(kind, seen["train"], labels["train"], classifier_layer(model), method)
+        detector = fit_detector(
+            kind, seen["train"], labels["train"], classifier_layer(model), method
+        )
         scores = {key: detector.score(value) for key, value in seen.items() if key != "train"}
         cut, rank, bound = certified_threshold(scores[held])
-        entry = {"kind": kind, "shrinkage": method if "mahalanobis" in kind else None, "threshold": cut, "rank": rank, "held_out": len(scores[held]),
-                 "bound": bound, "threshold_split": held}  # fmt: skip
+        entry = {
+            "kind": kind,
+            "shrinkage": method if "mahalanobis" in kind else None,
+            "threshold": cut,
+            "rank": rank,
+            "held_out": len(scores[held]),
+            "bound": bound,
+            "threshold_split": held,
+        }
         for role in ROLES:
             errors = seen[f"id_{role}"].logits.argmax(1).numpy() != labels[f"id_{role}"]
-            categories = [f"{role}:{c}" for c in near] + (["test:far_ood", "test:rg1"] if role == "test" else [])
+            categories = [f"{role}:{c}" for c in near] + (
+                ["test:far_ood", "test:rg1"] if role == "test" else []
+            )
             found = measure(scores, f"id_{role}", categories, cut, errors)
             found["categories"] = {k.split(":", 1)[1]: v for k, v in found["categories"].items()}
             entry[role] = found
@@ -307,8 +394,22 @@ def evaluate(seen: dict[str, Seen], labels: dict[str, np.ndarray], model) -> dic
         results[name] = entry
         scores_out[name] = scores
     chosen, reason = choose({n: r["val"] for n, r in results.items()}, near)
-    against = {role: paired_difference(scores_out[chosen], scores_out["mahalanobis"], role, near) for role in ROLES} if chosen != "mahalanobis" else {}
-    return {"detectors": results, "chosen": chosen, "rule": reason, "near_ood": near, "chosen_minus_mahalanobis": against, "scores": scores_out}
+    against = (
+        {
+            role: paired_difference(scores_out[chosen], scores_out["mahalanobis"], role, near)
+            for role in ROLES
+        }
+        if chosen != "mahalanobis"
+        else {}
+    )
+    return {
+        "detectors": results,
+        "chosen": chosen,
+        "rule": reason,
+        "near_ood": near,
+        "chosen_minus_mahalanobis": against,
+        "scores": scores_out,
+    }
 
 
 def table(result: dict, role: str) -> str:
@@ -316,29 +417,59 @@ def table(result: dict, role: str) -> str:
     false-rejection rate, and the misclassification view."""
     near = result["near_ood"]
     extra = ["far_ood", "rg1"] if role == "test" else []
-    head = ["detector", "near mean AUROC", *near, *extra, "ID false rejection [95 % CI]", "AUROC for errors", "errors: rejected / accepted"]
+    head = [
+        "detector",
+        "near mean AUROC",
+        *near,
+        *extra,
+        "ID false rejection [95 % CI]",
+        "AUROC for errors",
+        "errors: rejected / accepted",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in result["detectors"].items():
         r = entry[role]
         cat = r["categories"]
         mean = np.mean([cat[c]["auroc"] for c in near])
         cells = [f"{cat[c]['auroc']:.3f} / {cat[c]['fpr95']:.2f}" for c in near]
-        cells += [f"{cat['far_ood']['auroc']:.3f} / {cat['far_ood']['fpr95']:.2f}"] if role == "test" else []
-        cells += [("rejected" if cat["rg1"]["turned_away"] else "accepted") + f" (above {entry['rg1_percentile']:.0%} of ID)"] if role == "test" else []
+        cells += (
+            [f"{cat['far_ood']['auroc']:.3f} / {cat['far_ood']['fpr95']:.2f}"]
+            if role == "test"
+            else []
+        )
+        cells += (
+            [
+                ("rejected" if cat["rg1"]["turned_away"] else "accepted")
+                + f" (above {entry['rg1_percentile']:.0%} of ID)"
+            ]
+            if role == "test"
+            else []
+        )
         fr, rej, acc = r["false_rejection"], r["error_rejected"], r["error_accepted"]
         label = f"**{name}**" if name == result["chosen"] else name
-        lines.append(f"| {label} | {mean:.3f} | " + " | ".join(cells) + f" | {fr['count']}/{fr['total']} = {fr['rate']:.1%} [{fr['low']:.1%}, {fr['high']:.1%}] | "
-                     f"{r['misclassified_auroc']:.3f} | {rej['count']}/{rej['total']} / {acc['count']}/{acc['total']} = {rej['rate']:.0%} / {acc['rate']:.0%} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {mean:.3f} | "
+            + " | ".join(cells)
+            + f" | {fr['count']}/{fr['total']} = {fr['rate']:.1%} [{fr['low']:.1%}, {fr['high']:.1%}] | "
+            f"{r['misclassified_auroc']:.3f} | {rej['count']}/{rej['total']} / {acc['count']}/{acc['total']} = {rej['rate']:.0%} / {acc['rate']:.0%} |"
+        )
     return "\n".join(lines)
 
 
 def turned_away_table(result: dict) -> str:
     """Share of each test category turned away at the certified threshold, per detector."""
     cats = [*result["near_ood"], "far_ood"]
-    lines = ["| detector | threshold (rank of n, calibration) | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 2)]
+    lines = [
+        "| detector | threshold (rank of n, calibration) | " + " | ".join(cats) + " |",
+        "|" + "---|" * (len(cats) + 2),
+    ]
     for name, entry in result["detectors"].items():
         cat = entry["test"]["categories"]
-        lines.append(f"| {name} | {entry['threshold']:.4g} ({entry['rank']} of {entry['held_out']}) | " + " | ".join(f"{cat[c]['turned_away']:.0%}" for c in cats) + " |")
+        lines.append(
+            f"| {name} | {entry['threshold']:.4g} ({entry['rank']} of {entry['held_out']}) | "
+            + " | ".join(f"{cat[c]['turned_away']:.0%}" for c in cats)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -346,29 +477,65 @@ def save_seen(path: Path, seen: dict[str, Seen], labels: dict[str, np.ndarray], 
     """The forward passes of a run, as tensors only (``--reuse`` reads them back)."""
     state = {"sets": torch.tensor(list(json.dumps(sets).encode()), dtype=torch.uint8)}
     for name, found in seen.items():
-        state |= {f"{name}/logits": found.logits, f"{name}/features": found.features} | {f"{name}/stage{i}": x for i, x in enumerate(found.stages)}
-    state |= {f"{name}/labels": torch.from_numpy(np.asarray(value)) for name, value in labels.items()}
+        state |= {f"{name}/logits": found.logits, f"{name}/features": found.features} | {
+            f"{name}/stage{i}": x for i, x in enumerate(found.stages)
+        }
+    state |= {
+        f"{name}/labels": torch.from_numpy(np.asarray(value)) for name, value in labels.items()
+    }
     torch.save(state, path)
 
 
 def load_seen(path: Path) -> tuple[dict[str, Seen], dict[str, np.ndarray], dict]:
     state = torch.load(path, weights_only=True)
     names = {key.rsplit("/", 1)[0] for key in state if key.endswith("/logits")}
-    seen = {n: Seen(state[f"{n}/logits"], state[f"{n}/features"], tuple(state[f"{n}/stage{i}"] for i in range(4) if f"{n}/stage{i}" in state)) for n in names}
-    labels = {key.rsplit("/", 1)[0]: value.numpy() for key, value in state.items() if key.endswith("/labels")}
+    seen = {
+        n: Seen(
+            state[f"{n}/logits"],
+            state[f"{n}/features"],
+            tuple(state[f"{n}/stage{i}"] for i in range(4) if f"{n}/stage{i}" in state),
+        )
+        for n in names
+    }
+    labels = {
+        key.rsplit("/", 1)[0]: value.numpy()
+        for key, value in state.items()
+        if key.endswith("/labels")
+    }
     return seen, labels, json.loads(bytes(state["sets"].tolist()).decode())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="the synthetic dataset the bundle was trained from")
-    parser.add_argument("--out", type=Path, default=Path("runs/ood/bench"), help="where the generated images go")
-    parser.add_argument("--json", type=Path, help="write the results here (and per-image scores beside it, .npz)")
-    parser.add_argument("--per-shift", type=int, default=200, help="near-OOD images per shift and role")
-    parser.add_argument("--fresh", type=int, default=500, help="new in-distribution phantoms per role (0: the bundle's splits only)")
-    parser.add_argument("--reuse", action="store_true", help="reuse the forward passes of the last run into --out (same bundle and data)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the synthetic dataset the bundle was trained from"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/ood/bench"), help="where the generated images go"
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write the results here (and per-image scores beside it, .npz)"
+    )
+    parser.add_argument(
+        "--per-shift", type=int, default=200, help="near-OOD images per shift and role"
+    )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=500,
+        help="new in-distribution phantoms per role (0: the bundle's splits only)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the forward passes of the last run into --out (same bundle and data)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.manual_seed(0)
@@ -384,16 +551,33 @@ def main(argv: list[str] | None = None) -> int:
     scores = result.pop("scores")
     _, contract = load_bundle(args.bundle)
     shipped = contract.ood.kind if contract.ood is not None else None
-    report = {"bundle": str(args.bundle), "data": str(args.data), "date": datetime.date.today().isoformat(), "sets": sets, "shipped_kind": shipped,
-              "shipped_threshold": None if contract.ood is None else contract.ood.threshold} | result  # fmt: skip
+    report = {
+        "bundle": str(args.bundle),
+        "data": str(args.data),
+        "date": datetime.date.today().isoformat(),
+        "sets": sets,
+        "shipped_kind": shipped,
+        "shipped_threshold": None if contract.ood is None else contract.ood.threshold,
+    } | result
     for role, d in result["chosen_minus_mahalanobis"].items():
-        print(f"{role}: {result['chosen']} - mahalanobis, mean near-OOD AUROC {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (paired bootstrap)")
-    print(f"chosen on validation: {result['chosen']} ({result['rule']})\n\n## validation\n\n{table(result, 'val')}\n\n## test\n\n{table(result, 'test')}\n\n"
-          f"## turned away at the certified threshold (test)\n\n{turned_away_table(result)}")  # fmt: skip
+        print(
+            f"{role}: {result['chosen']} - mahalanobis, mean near-OOD AUROC {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (paired bootstrap)"
+        )
+    print(
+        f"chosen on validation: {result['chosen']} ({result['rule']})\n\n## validation\n\n{table(result, 'val')}\n\n## test\n\n{table(result, 'test')}\n\n"
+        f"## turned away at the certified threshold (test)\n\n{turned_away_table(result)}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
-        np.savez_compressed(args.json.with_suffix(".npz"), **{f"{d}/{k}": v.astype(np.float32) for d, by_set in scores.items() for k, v in by_set.items()})
+        np.savez_compressed(
+            args.json.with_suffix(".npz"),
+            **{
+                f"{d}/{k}": v.astype(np.float32)
+                for d, by_set in scores.items()
+                for k, v in by_set.items()
+            },
+        )
     return 0
 
 

@@ -34,7 +34,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = (("balanced accuracy", lambda r: r["balanced_accuracy"]), ("macro ROC AUC", lambda r: r["macro_auc"]), ("loc. IoU > 0.1", lambda r: r["localization"][0] if r.get("localization") else float("nan")), ("normal recall", lambda r: r["extra"]["recall"][0]))
+METRICS = (
+    ("balanced accuracy", lambda r: r["balanced_accuracy"]),
+    ("macro ROC AUC", lambda r: r["macro_auc"]),
+    ("loc. IoU > 0.1", lambda r: r["localization"][0] if r.get("localization") else float("nan")),
+    ("normal recall", lambda r: r["extra"]["recall"][0]),
+)
 
 
 def load(paths: list[str]) -> dict[str, dict[int, dict]]:
@@ -61,7 +66,9 @@ def paired(rows: dict[str, dict[int, dict]]) -> str:
             deltas = [value(by_seed[s]) - value(rows[system][s]) for s in seeds]
             each = ", ".join(f"{d:+.3f}" for d in deltas)
             better = sum(d > 0 for d in deltas)
-            lines.append(f"| {name} | {system} | {metric} | {each} | {sum(deltas) / len(deltas):+.3f} | {better} of {len(seeds)} |")
+            lines.append(
+                f"| {name} | {system} | {metric} | {each} | {sum(deltas) / len(deltas):+.3f} | {better} of {len(seeds)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +83,9 @@ def protocol(results: Path, margin: float, resamples: int, min_seeds: int) -> st
     return text
 
 
-def pairs(results: Path, named: list[list[str]], margin: float, resamples: int, min_seeds: int) -> str:
+def pairs(
+    results: Path, named: list[list[str]], margin: float, resamples: int, min_seeds: int
+) -> str:
     from dp_model.training.compare import pairs_markdown, pairs_report
 
     report = pairs_report(results, [tuple(pair) for pair in named], margin, resamples, min_seeds)
@@ -88,9 +97,17 @@ def pairs(results: Path, named: list[list[str]], margin: float, resamples: int, 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="paired_options.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="*", help="results.json of older runs (per-seed differences only)")
+    parser.add_argument(
+        "results", nargs="*", help="results.json of older runs (per-seed differences only)"
+    )
     parser.add_argument("--protocol", type=Path, help="results.json of a run with per-image scores")
-    parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"), help="with --protocol: compare row A with row B on every seed both have")
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="with --protocol: compare row A with row B on every seed both have",
+    )
     parser.add_argument("--margin", type=float, default=0.02)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--min-seeds", type=int, default=5)
@@ -106,9 +123,13 @@ def main(argv: list[str]) -> int:
     if args.protocol:
         try:
             if args.pair:
-                sys.stdout.write(pairs(args.protocol, args.pair, args.margin, args.resamples, args.min_seeds))
+                sys.stdout.write(
+                    pairs(args.protocol, args.pair, args.margin, args.resamples, args.min_seeds)
+                )
             else:
-                sys.stdout.write(protocol(args.protocol, args.margin, args.resamples, args.min_seeds))
+                sys.stdout.write(
+                    protocol(args.protocol, args.margin, args.resamples, args.min_seeds)
+                )
         except (KeyError, ValueError) as exc:
             print(f"paired_options.py: {args.protocol} cannot be compared: {exc}", file=sys.stderr)
             return 2

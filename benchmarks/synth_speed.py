@@ -63,10 +63,16 @@ def main() -> None:
     print("| what | workers | images/s | ms per image per core | 20,000 images | bytes per image |")
     print("|---|---|---|---|---|---|")
     per_image = render_only(base, 20)
-    print(f"| render only, no files | 1 | {1 / per_image:.1f} | {per_image * 1000:.0f} | {20000 * per_image / 60:.1f} min | - |")
+    print(
+        f"| render only, no files | 1 | {1 / per_image:.1f} | {per_image * 1000:.0f} | {20000 * per_image / 60:.1f} min | - |"
+    )
     for image_format in args.formats:
         config = replace(base, image_format=image_format)
-        root = args.out / image_format if args.out else Path(tempfile.mkdtemp(prefix=f"dp-synth-{image_format}-"))
+        root = (
+            args.out / image_format
+            if args.out
+            else Path(tempfile.mkdtemp(prefix=f"dp-synth-{image_format}-"))
+        )
         try:
             summary = generate(config, root, progress=False)
             size = folder_bytes(root) / summary.images

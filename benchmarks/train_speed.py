@@ -40,7 +40,9 @@ def resident(n: int, size: int, device: torch.device, seed: int = 0) -> Resident
     corner = torch.rand(n // 2, 2, generator=g) * size * 0.6
     boxes[: n // 2, 0, :2], boxes[: n // 2, 0, 2:] = corner, corner + size * 0.3
     labels = torch.randint(0, 5, (n,), generator=g)
-    return Resident(images, boxes, labels, boxes[:, :, 2].sum(1) > 0, [str(i) for i in range(n)]).to(device)
+    return Resident(
+        images, boxes, labels, boxes[:, :, 2].sum(1) > 0, [str(i) for i in range(n)]
+    ).to(device)
 
 
 def timed(step, steps: int, warmup: int, device: torch.device) -> float:
@@ -74,18 +76,24 @@ def ceiling(runtime, batch: int, size: int, steps: int, warmup: int) -> float:
 
 
 def stage_two(runtime, data: Resident, batch: int, steps: int, warmup: int, mgacr: bool) -> float:
-    config = FinetuneConfig(mgacr=MGACRConfig() if mgacr else MGACRConfig(attention=False, feature_cr=False))
+    config = FinetuneConfig(
+        mgacr=MGACRConfig() if mgacr else MGACRConfig(attention=False, feature_cr=False)
+    )
     net = DeepPneumoniaNet(attention_stages=config.mgacr.stages if mgacr else ())
     model = wrap(net, runtime)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     cls = CBFocalLoss([1000, 400, 240, 130, 50]).to(runtime.device)
     extra = MGACRLoss() if mgacr else None
     affine, intensity = augmenters(config.augment, 0)
-    one = finetune_step(model, cls, extra, affine, intensity, runtime, data.images.shape[-1], normal=0)
+    one = finetune_step(
+        model, cls, extra, affine, intensity, runtime, data.images.shape[-1], normal=0
+    )
     g = torch.Generator().manual_seed(1)
 
     def step() -> None:
-        index = torch.randint(0, len(data), (batch,), generator=g).to(runtime.device, non_blocking=True)
+        index = torch.randint(0, len(data), (batch,), generator=g).to(
+            runtime.device, non_blocking=True
+        )
         optimizer.zero_grad(set_to_none=True)
         loss, _ = one(data.batch(index))
         loss.backward()
@@ -103,7 +111,9 @@ def stage_one(runtime, data: Resident, batch: int, steps: int, warmup: int) -> f
     g = torch.Generator().manual_seed(2)
 
     def step() -> None:
-        index = torch.randint(0, len(data), (batch,), generator=g).to(runtime.device, non_blocking=True)
+        index = torch.randint(0, len(data), (batch,), generator=g).to(
+            runtime.device, non_blocking=True
+        )
         x = data.batch(index)[0]
         v1, v2 = intensity(affine(x)), intensity(affine(x))
         optimizer.zero_grad(set_to_none=True)
@@ -127,7 +137,9 @@ def main() -> None:
     args = parser.parse_args()
     runtime = make_runtime(RuntimeConfig(device=args.device, compile=args.compile))
     name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
-    print(f"{name}; torch {torch.__version__}; {args.size} px, batch {args.batch}, bf16 {runtime.amp}, channels-last {runtime.channels_last}, compile {args.compile}\n")
+    print(
+        f"{name}; torch {torch.__version__}; {args.size} px, batch {args.batch}, bf16 {runtime.amp}, channels-last {runtime.channels_last}, compile {args.compile}\n"
+    )
     data = resident(args.images, args.size, runtime.device)
     top = ceiling(runtime, args.batch, args.size, args.steps, args.warmup)
     full = stage_two(runtime, data, args.batch, args.steps, args.warmup, mgacr=True)

@@ -13,7 +13,15 @@ from torch import Tensor
 from .classifier import Classifier
 from .registry import ARCHITECTURES, Architecture, build_network
 
-__all__ = ["ARCHITECTURES", "MULTI_LABEL", "PRETRAINABLE", "Architecture", "build_network", "class_scores", "output_probabilities"]
+__all__ = [
+    "ARCHITECTURES",
+    "MULTI_LABEL",
+    "PRETRAINABLE",
+    "Architecture",
+    "build_network",
+    "class_scores",
+    "output_probabilities",
+]
 
 #: Those with one sigmoid output per finding (the normal class is none of them).
 MULTI_LABEL = tuple(name for name, a in ARCHITECTURES.items() if a.multi_label)
@@ -37,4 +45,6 @@ def class_scores(probabilities: Tensor, multi_label: bool, normal_index: int) ->
     if not multi_label:
         return probabilities
     normal = 1.0 - probabilities.amax(dim=1, keepdim=True)
-    return torch.cat([probabilities[:, :normal_index], normal, probabilities[:, normal_index:]], dim=1)
+    return torch.cat(
+        [probabilities[:, :normal_index], normal, probabilities[:, normal_index:]], dim=1
+    )

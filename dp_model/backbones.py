@@ -37,7 +37,9 @@ STAGE_STRIDES = (4, 8, 16, 32)
 def resnet18(in_channels: int = 1, num_classes: int = 5) -> ResNet:
     """torchvision's ResNet18, built with MONAI, for ``in_channels``-channel images."""
     if in_channels < 1 or num_classes < 1:
-        raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
+        raise ValueError(
+            f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}"
+        )
     return ResNet(n_input_channels=in_channels, num_classes=num_classes, **RESNET18)
 
 

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from .contract import ModelContract
-from .inference import Predictor as Predictor  # named by the configs of bundles written before 2026-12-01
+
+# named by the configs of bundles written before 2026-12-01
+from .inference import Predictor as Predictor
 from .loading import IMAGE_SUFFIXES as IMAGE_SUFFIXES
 from .loading import SCHEMA_FILE as SCHEMA_FILE
 from .loading import BundleError as BundleError
@@ -72,12 +74,25 @@ def write_model(root: Path, model: nn.Module, image_size: int) -> dict[str, torc
     return state
 
 
-def write_metadata(root: Path, contract: ModelContract, description: str, metrics: dict[str, float], data_source: str) -> Path:
+def write_metadata(
+    root: Path,
+    contract: ModelContract,
+    description: str,
+    metrics: dict[str, float],
+    data_source: str,
+) -> Path:
     """``configs/metadata.json``, validated against the vendored schema."""
     channel_def = {str(i): name for i, name in enumerate(contract.output_classes)}
     outputs = len(contract.output_classes)
-    pred = "sigmoid probability of each finding, in channel_def order; none above the operating point means normal" if contract.multi_label else "softmax probability of each class, in label_classes order"
-    versions = {name: _version(name) for name in ("deep-pneumonia", "pydicom", "pylibjpeg", "SimpleITK", "torchvision")}
+    pred = (
+        "sigmoid probability of each finding, in channel_def order; none above the operating point means normal"
+        if contract.multi_label
+        else "softmax probability of each class, in label_classes order"
+    )
+    versions = {
+        name: _version(name)
+        for name in ("deep-pneumonia", "pydicom", "pylibjpeg", "SimpleITK", "torchvision")
+    }
     meta = {
         "schema": SCHEMA_URL,
         "version": contract.version,
@@ -100,15 +115,31 @@ def write_metadata(root: Path, contract: ModelContract, description: str, metric
         "intended_use": "Research and software testing only. Not a medical device; not for clinical decisions.",
         "references": [PAPER],
         "network_data_format": {
-            "inputs": {"image": {
-                "type": "image", "format": "magnitude", "num_channels": 1, "spatial_shape": [contract.image_size, contract.image_size],
-                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "X-ray"},
-            }},
-            "outputs": {"pred": {
-                "type": "probabilities", "format": "classes", "num_channels": outputs, "spatial_shape": [outputs],
-                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False, "channel_def": channel_def,
-            }},
-        },  # fmt: skip
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "num_channels": 1,
+                    "spatial_shape": [contract.image_size, contract.image_size],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "X-ray"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": outputs,
+                    "spatial_shape": [outputs],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": channel_def,
+                }
+            },
+        },
         "deep_pneumonia": contract.to_json(),
         "platform": platform.platform(),
     }
@@ -135,21 +166,34 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": {
-            "_target_": "dp_model.architectures.build_network", "architecture": contract.architecture,
-            "num_classes": len(contract.output_classes), "attention_stages": list(contract.attention_stages), **contract.options,
-        },  # fmt: skip
+            "_target_": "dp_model.architectures.build_network",
+            "architecture": contract.architecture,
+            "num_classes": len(contract.output_classes),
+            "attention_stages": list(contract.attention_stages),
+            **contract.options,
+        },
         "network": "$@network_def.to(@device)",
     }
     inference = common | {
         "input_dir": "$@bundle_root + '/samples'",
         "output_dir": "$@bundle_root + '/eval'",
-        "predictor": {"_target_": "dp_model.inference.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
+        "predictor": {
+            "_target_": "dp_model.inference.Predictor",
+            "bundle_root": "@bundle_root",
+            "network": "@network",
+            "device": "@device",
+        },
         "run": ["$@predictor.predict_folder(@input_dir, @output_dir)"],
     }
     evaluate = common | {
         "dataset_dir": "",
         "output_dir": "$@bundle_root + '/eval'",
-        "evaluator": {"_target_": "dp_model.inference.Predictor", "bundle_root": "@bundle_root", "network": "@network", "device": "@device"},
+        "evaluator": {
+            "_target_": "dp_model.inference.Predictor",
+            "bundle_root": "@bundle_root",
+            "network": "@network",
+            "device": "@device",
+        },
         "run": ["$@evaluator.evaluate_dataset(@dataset_dir, @output_dir)"],
     }
     train = {
@@ -157,14 +201,23 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
         "bundle_root": ".",
         "config": train_config,
         "train": {
-            "trainer": {"_target_": "dp_model.training.run.BundleTrainer", "config": "@config", "bundle_root": "@bundle_root"},
+            "trainer": {
+                "_target_": "dp_model.training.run.BundleTrainer",
+                "config": "@config",
+                "bundle_root": "@bundle_root",
+            },
             "handlers": [],
         },
         "validate": {"evaluator": "$None"},
         "run": ["$@train#trainer.run()"],
     }
     multi_gpu = {"config": {"runtime": {"device": "cuda"}}}
-    for name, content in (("inference", inference), ("evaluate", evaluate), ("train", train), ("multi_gpu_train", multi_gpu)):
+    for name, content in (
+        ("inference", inference),
+        ("evaluate", evaluate),
+        ("train", train),
+        ("multi_gpu_train", multi_gpu),
+    ):
         (configs / f"{name}.json").write_text(json.dumps(content, indent=2) + "\n")
     (configs / "logging.conf").write_text(LOGGING_CONF)
 
@@ -214,24 +267,59 @@ The weights are not a medical device and are not for clinical use.
 #: need to be read as the node reads them, and nothing that names or dates a patient, a visit,
 #: a device or a site.
 KEPT = (
-    "SOPClassUID", "Modality", "ImageType", "BodyPartExamined", "ViewPosition", "PatientOrientation", "SamplesPerPixel",
-    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "PlanarConfiguration", "PixelSpacing", "ImagerPixelSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType",
-    "WindowCenter", "WindowWidth", "VOILUTFunction", "PresentationLUTShape", "PixelIntensityRelationship",
-    "PixelIntensityRelationshipSign", "LossyImageCompression", "PixelData",
-)  # fmt: skip
+    "SOPClassUID",
+    "Modality",
+    "ImageType",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PatientOrientation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "PresentationLUTShape",
+    "PixelIntensityRelationship",
+    "PixelIntensityRelationshipSign",
+    "LossyImageCompression",
+    "PixelData",
+)
 #: Type 2 attributes of the modules a CR/DX image needs: present, empty.
 EMPTIED = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
-    "StudyID", "SeriesNumber", "InstanceNumber", "Manufacturer",
-)  # fmt: skip
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Manufacturer",
+)
 
 
 #: Beside the samples: each one's ground truth (its labels and its lesion boxes in its own pixels).
 SAMPLES_TRUTH = "truth.json"
 
 
-def write_samples(root: Path, images: list[Path], truths: list[dict] | None = None) -> dict[str, dict]:
+def write_samples(
+    root: Path, images: list[Path], truths: list[dict] | None = None
+) -> dict[str, dict]:
     """A few images for ``inference.json`` to run on out of the box, without patient data.
 
     DICOM files are rebuilt from an allow-list (:data:`KEPT`) with new UIDs; an image with
@@ -276,18 +364,27 @@ def _deidentified(path: Path):
     for keyword in KEPT:
         if keyword in source:
             ds[keyword] = source[keyword]
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):  # a spacing of 0 (as some files hold) is no spacing
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        # a spacing of 0 (as some files hold) is no spacing
         if keyword in ds and not all(float(v) > 0 for v in (ds[keyword].value or [0])):
             del ds[keyword]
     if str(ds.get("VOILUTFunction", "")).strip().upper() == "LINEAR":
-        del ds.VOILUTFunction  # the default when absent; OHIF 3.13 refuses the image when it is stated
+        # the default when absent; OHIF 3.13 refuses the image when it is stated
+        del ds.VOILUTFunction
     for keyword in EMPTIED:
         setattr(ds, keyword, "")
     ds.PatientName, ds.PatientID = "SAMPLE^IMAGE", "SAMPLE"
     ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "dp-train: allow-list, new UIDs"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        generate_uid(),
+    )
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+    )
     ds.file_meta.TransferSyntaxUID = source.file_meta.TransferSyntaxUID
     return ds
 
@@ -297,6 +394,8 @@ def _pixels_only(image: Path, target: Path) -> None:
     import SimpleITK as sitk
 
     read = sitk.ReadImage(str(image))
-    clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(read), isVector=read.GetNumberOfComponentsPerPixel() > 1)
+    clean = sitk.GetImageFromArray(
+        sitk.GetArrayFromImage(read), isVector=read.GetNumberOfComponentsPerPixel() > 1
+    )
     clean.SetSpacing(read.GetSpacing())
     sitk.WriteImage(clean, str(target))

@@ -55,7 +55,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool =
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(targets))
     if len(x) < 2 or not torch.isfinite(x).all():
-        logger.warning("calibration: %s; temperature 1", "non-finite logits" if len(x) else "fewer than two held-out images")
+        logger.warning(
+            "calibration: %s; temperature 1",
+            "non-finite logits" if len(x) else "fewer than two held-out images",
+        )
         return 1.0
     if not multi_label and len(torch.unique(y)) < 2:
         logger.warning("calibration: the held-out split holds one class only; temperature 1")
@@ -80,11 +83,16 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool =
             fb = loss(b)
     found = float(np.exp((lo + hi) / 2))
     if not T_MIN * 1.01 < found < T_MAX / 1.01:
-        logger.warning("calibration: the temperature %.3g lies at the bound of the search; the held-out split says little", found)
+        logger.warning(
+            "calibration: the temperature %.3g lies at the bound of the search; the held-out split says little",
+            found,
+        )
     return found
 
 
-def probabilities(logits: np.ndarray, temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
+def probabilities(
+    logits: np.ndarray, temperature: float = 1.0, multi_label: bool = False
+) -> np.ndarray:
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
     return (torch.sigmoid(x) if multi_label else x.softmax(dim=1)).numpy()
 
@@ -114,25 +122,51 @@ class Reliability:
     high: float
 
     def to_json(self) -> dict:
-        return {"ece": round(self.ece, 4), "ece_low": round(self.low, 4), "ece_high": round(self.high, 4), "images": len(self.confidence)}
+        return {
+            "ece": round(self.ece, 4),
+            "ece_low": round(self.low, 4),
+            "ece_high": round(self.high, 4),
+            "images": len(self.confidence),
+        }
 
 
-def reliability(probs: np.ndarray, labels: np.ndarray, multi_label: bool = False, bootstrap: int = 1000, seed: int = 0) -> Reliability:
+def reliability(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    multi_label: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> Reliability:
     """Top-label reliability of ``probs`` ``(N, K)`` against class indices (or multi-hot rows)."""
     probs = np.asarray(probs, np.float64)
     if multi_label:  # every (image, finding) pair is a binary forecast
         p, truth = probs.ravel(), np.asarray(labels, np.float64).ravel() >= 0.5
         confidence, correct = np.where(p >= 0.5, p, 1 - p), ((p >= 0.5) == truth).astype(np.float64)
     else:
-        confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+        confidence, correct = (
+            probs.max(axis=1),
+            (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64),
+        )
     value = ece(confidence, correct)
     rng = np.random.default_rng(seed)
-    draws = [ece(confidence[i], correct[i]) for i in (rng.integers(0, len(confidence), len(confidence)) for _ in range(bootstrap))] if len(confidence) else [np.nan]
+    draws = (
+        [
+            ece(confidence[i], correct[i])
+            for i in (rng.integers(0, len(confidence), len(confidence)) for _ in range(bootstrap))
+        ]
+        if len(confidence)
+        else [np.nan]
+    )
     low, high = np.nanpercentile(draws, [2.5, 97.5]) if len(confidence) else (np.nan, np.nan)
     return Reliability(confidence, correct, value, float(low), float(high))
 
 
-def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None = None, specificity: float | None = None) -> OperatingPoint:
+def operating_point(
+    scores: np.ndarray,
+    positive: np.ndarray,
+    sensitivity: float | None = None,
+    specificity: float | None = None,
+) -> OperatingPoint:
     """The threshold on ``scores`` for a target sensitivity (the highest threshold reaching it)
     or a target specificity (the lowest threshold reaching it), with what it gives there."""
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
@@ -147,10 +181,17 @@ def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     else:
         reaching = np.nonzero(spec >= specificity)[0]
         if not len(reaching):
-            raise ValueError(f"no threshold reaches a specificity of {specificity:.2f} on the validation split")
+            raise ValueError(
+                f"no threshold reaches a specificity of {specificity:.2f} on the validation split"
+            )
         chosen = int(reaching.min())
         target = f"specificity {specificity:.2f} on validation"
-    return OperatingPoint(threshold=float(candidates[chosen]), target=target, sensitivity=round(float(sens[chosen]), 4), specificity=round(float(spec[chosen]), 4))
+    return OperatingPoint(
+        threshold=float(candidates[chosen]),
+        target=target,
+        sensitivity=round(float(sens[chosen]), 4),
+        specificity=round(float(spec[chosen]), 4),
+    )
 
 
 #: The one-sided confidence of the operating points' lower bounds.
@@ -160,8 +201,14 @@ CONFIDENCE = 0.95
 THRESHOLD_MARGIN = 1e-6
 
 
-def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None = None, specificity: float | None = None,
-                    confidence: float = CONFIDENCE, split: str = "calibration") -> OperatingPoint:  # fmt: skip
+def certified_point(
+    scores: np.ndarray,
+    positive: np.ndarray,
+    sensitivity: float | None = None,
+    specificity: float | None = None,
+    confidence: float = CONFIDENCE,
+    split: str = "calibration",
+) -> OperatingPoint:
     """The threshold on ``scores`` where the one-sided Clopper-Pearson lower bound (at
     ``confidence``) of the sensitivity, or of the specificity, reaches the target.
 
@@ -181,7 +228,8 @@ def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
     _check_target(scores, positive, sensitivity, specificity)
     scores = np.clip(scores, 1e-6, 1 - 1e-6)  # a threshold lies strictly between 0 and 1
-    candidates = np.unique(np.append(scores, min(1 - 1e-7, scores.max() + 1e-7)))  # the last one is above every score
+    # the last one is above every score
+    candidates = np.unique(np.append(scores, min(1 - 1e-7, scores.max() + 1e-7)))
     # Each threshold sits a margin below the score it is placed at: the node computes the same
     # image's score in float32, in another batch, and may land a few units of the last place
     # lower; on the threshold itself it would turn a positive the bound counted into a negative.
@@ -192,27 +240,45 @@ def certified_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float
     if sensitivity is not None:
         bounds = lower_bound(detected, n_pos, confidence)
         reaching = np.nonzero(bounds >= sensitivity)[0]
-        chosen = int(reaching.max()) if len(reaching) else int(np.nonzero(bounds == bounds.max())[0].max())
+        chosen = (
+            int(reaching.max())
+            if len(reaching)
+            else int(np.nonzero(bounds == bounds.max())[0].max())
+        )
         name, target_value, count = "sensitivity", sensitivity, f"{n_pos} positives"
     else:
         bounds = lower_bound(cleared, n_neg, confidence)
         reaching = np.nonzero(bounds >= specificity)[0]
         if not len(reaching):
-            raise ValueError(f"no threshold certifies a specificity of {specificity:.2f} at {confidence:.0%} on the {split} split's {n_neg} negatives "
-                             f"(the bound of {n_neg} of {n_neg} is {lower_bound(n_neg, n_neg, confidence):.3f})")  # fmt: skip
+            raise ValueError(
+                f"no threshold certifies a specificity of {specificity:.2f} at {confidence:.0%} on the {split} split's {n_neg} negatives "
+                f"(the bound of {n_neg} of {n_neg} is {lower_bound(n_neg, n_neg, confidence):.3f})"
+            )
         chosen = int(reaching.min())
         name, target_value, count = "specificity", specificity, f"{n_neg} negatives"
     certified = bool(bounds[chosen] >= target_value)
-    target = f"{name} {target_value:.2f} at {confidence:.0%} confidence on the {split} split ({count})"
+    target = (
+        f"{name} {target_value:.2f} at {confidence:.0%} confidence on the {split} split ({count})"
+    )
     if not certified:
         target += f": not certified, the best lower bound is {bounds[chosen]:.3f}"
     return OperatingPoint(
-        threshold=float(candidates[chosen]), target=target, sensitivity=round(detected[chosen] / n_pos, 4), specificity=round(cleared[chosen] / n_neg, 4),
-        lower_bound=float(bounds[chosen]), confidence=confidence, certified=certified, split=split, positives=n_pos, negatives=n_neg,
-    )  # fmt: skip
+        threshold=float(candidates[chosen]),
+        target=target,
+        sensitivity=round(detected[chosen] / n_pos, 4),
+        specificity=round(cleared[chosen] / n_neg, 4),
+        lower_bound=float(bounds[chosen]),
+        confidence=confidence,
+        certified=certified,
+        split=split,
+        positives=n_pos,
+        negatives=n_neg,
+    )
 
 
-def _check_target(scores: np.ndarray, positive: np.ndarray, sensitivity: float | None, specificity: float | None) -> None:
+def _check_target(
+    scores: np.ndarray, positive: np.ndarray, sensitivity: float | None, specificity: float | None
+) -> None:
     if (sensitivity is None) == (specificity is None):
         raise ValueError("give a target sensitivity or a target specificity")
     target_value = sensitivity if sensitivity is not None else specificity
@@ -221,4 +287,6 @@ def _check_target(scores: np.ndarray, positive: np.ndarray, sensitivity: float |
     if not np.isfinite(scores).all():
         raise ValueError("non-finite scores on the held-out split")
     if positive.all() or not positive.any():
-        raise ValueError("the held-out split needs images with and without pneumonia to place an operating point")
+        raise ValueError(
+            "the held-out split needs images with and without pneumonia to place an operating point"
+        )

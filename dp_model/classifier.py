@@ -111,4 +111,3 @@ class ClassifierBase(nn.Module):
 
     def set_references(self, normals: Tensor, seed: int = 0) -> None:
         raise ValueError(f"{type(self).__name__} contrasts with no reference images")
-

@@ -26,7 +26,9 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> T:
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides``.
 
     ``overrides`` uses dotted keys (``{"difficulty.label_noise": 0.05}``), as command-line
@@ -53,16 +55,26 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping
     return from_mapping(cls, data, source)
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], source: str = "config", prefix: str = "") -> T:
+def from_mapping(
+    cls: type[T], data: Mapping[str, Any], source: str = "config", prefix: str = ""
+) -> T:
     """Build dataclass ``cls`` from ``data``, checking every key and type."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
+        raise ConfigError(
+            f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}"
+        )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: {prefix}{unknown[0]}: unknown key; known keys are {sorted(fields)}")
-    values = {name: _convert(hints[name], data[name], source, prefix + name) for name in fields if name in data}
+        raise ConfigError(
+            f"{source}: {prefix}{unknown[0]}: unknown key; known keys are {sorted(fields)}"
+        )
+    values = {
+        name: _convert(hints[name], data[name], source, prefix + name)
+        for name in fields
+        if name in data
+    }
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -125,21 +137,31 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return {str(k): _convert(args[1], v, source, f"{key}.{k}") for k, v in value.items()} if args else dict(value)
+        return (
+            {str(k): _convert(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
+            if args
+            else dict(value)
+        )
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, source, key + ".")
     if isinstance(hint, type) and issubclass(hint, Enum):
         try:
             return hint(value)
         except ValueError:
-            raise ConfigError(f"{source}: {key}: expected one of {[e.value for e in hint]}, got {value!r}") from None
+            raise ConfigError(
+                f"{source}: {key}: expected one of {[e.value for e in hint]}, got {value!r}"
+            ) from None
     return _convert_scalar(hint, value, source, key)
 
 
 def _fitting(options: list[Any], value: Any) -> list[Any]:
     """The options of a union that can take ``value``: a mapping only a dataclass or a dict, anything else only the others."""
-    takes_mapping = [dataclasses.is_dataclass(a) or get_origin(a) in (dict, Mapping) for a in options]
-    fitting = [a for a, mapping in zip(options, takes_mapping) if mapping == isinstance(value, Mapping)]
+    takes_mapping = [
+        dataclasses.is_dataclass(a) or get_origin(a) in (dict, Mapping) for a in options
+    ]
+    fitting = [
+        a for a, mapping in zip(options, takes_mapping) if mapping == isinstance(value, Mapping)
+    ]
     return fitting or options
 
 
@@ -150,7 +172,9 @@ def _convert_sequence(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin is tuple and args and args[-1] is not Ellipsis:
         if len(value) != len(args):
             raise ConfigError(f"{source}: {key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+        )
     item = args[0] if args else Any
     items = [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
     return tuple(items) if origin is tuple else items

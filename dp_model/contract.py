@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,17 @@ from .architectures import MULTI_LABEL, build_network
 from .explain import MAP_SOURCES
 from .ood import DETECTORS
 
-__all__ = ["ContractError", "Decision", "Localization", "ModelContract", "OODGate", "OperatingPoint", "decide", "pneumonia_classes", "pneumonia_probability"]
+__all__ = [
+    "ContractError",
+    "Decision",
+    "Localization",
+    "ModelContract",
+    "OODGate",
+    "OperatingPoint",
+    "decide",
+    "pneumonia_classes",
+    "pneumonia_probability",
+]
 
 
 class ContractError(ValueError):
@@ -73,23 +84,52 @@ class OperatingPoint:
     positives: int | None = None
     negatives: int | None = None
 
-    def to_json(self) -> dict:
-        found = {"threshold": self.threshold, "target": self.target, "sensitivity": self.sensitivity, "specificity": self.specificity}
-        extra = {"lower_bound": self.lower_bound, "confidence": self.confidence, "certified": self.certified, "split": self.split,
-                 "positives": self.positives, "negatives": self.negatives}  # fmt: skip
+    def to_json(self) -> dict[str, Any]:
+        found = {
+            "threshold": self.threshold,
+            "target": self.target,
+            "sensitivity": self.sensitivity,
+            "specificity": self.specificity,
+        }
+        extra = {
+            "lower_bound": self.lower_bound,
+            "confidence": self.confidence,
+            "certified": self.certified,
+            "split": self.split,
+            "positives": self.positives,
+            "negatives": self.negatives,
+        }
         return found | {k: v for k, v in extra.items() if v not in (None, "")}
 
     @staticmethod
-    def from_json(data: dict) -> OperatingPoint:
+    def from_json(data: dict[str, Any]) -> OperatingPoint:
         if not isinstance(data, dict):
             raise ContractError(f"an operating point must be an object, not {type(data).__name__}")
         threshold = float(data["threshold"])
         if not 0.0 < threshold < 1.0:  # NaN fails this too
-            raise ContractError(f"operating point threshold must be between 0 and 1, got {threshold}")
-        sensitivity, specificity, bound, confidence = (None if data.get(k) is None else float(data[k]) for k in ("sensitivity", "specificity", "lower_bound", "confidence"))
-        positives, negatives = (None if data.get(k) is None else int(data[k]) for k in ("positives", "negatives"))
+            raise ContractError(
+                f"operating point threshold must be between 0 and 1, got {threshold}"
+            )
+        sensitivity, specificity, bound, confidence = (
+            None if data.get(k) is None else float(data[k])
+            for k in ("sensitivity", "specificity", "lower_bound", "confidence")
+        )
+        positives, negatives = (
+            None if data.get(k) is None else int(data[k]) for k in ("positives", "negatives")
+        )
         certified = None if data.get("certified") is None else bool(data["certified"])
-        return OperatingPoint(threshold=threshold, target=str(data.get("target", "")), sensitivity=sensitivity, specificity=specificity, lower_bound=bound, confidence=confidence, certified=certified, split=str(data.get("split", "")), positives=positives, negatives=negatives)
+        return OperatingPoint(
+            threshold=threshold,
+            target=str(data.get("target", "")),
+            sensitivity=sensitivity,
+            specificity=specificity,
+            lower_bound=bound,
+            confidence=confidence,
+            certified=certified,
+            split=str(data.get("split", "")),
+            positives=positives,
+            negatives=negatives,
+        )
 
 
 #: The temperatures a contract may hold (the calibration searches within them).
@@ -129,26 +169,60 @@ class OODGate:
     shrinkage: float | None = None
     split: str = ""
 
-    def to_json(self) -> dict:
-        found = {"kind": self.kind, "threshold": self.threshold, "quantile": self.quantile, "held_out": self.held_out, "digest": self.digest}
-        extra = {"rank": self.rank, "false_rejection": self.false_rejection, "confidence": self.confidence, "shrinkage": self.shrinkage, "split": self.split}
+    def to_json(self) -> dict[str, Any]:
+        found = {
+            "kind": self.kind,
+            "threshold": self.threshold,
+            "quantile": self.quantile,
+            "held_out": self.held_out,
+            "digest": self.digest,
+        }
+        extra = {
+            "rank": self.rank,
+            "false_rejection": self.false_rejection,
+            "confidence": self.confidence,
+            "shrinkage": self.shrinkage,
+            "split": self.split,
+        }
         return found | {k: v for k, v in extra.items() if v not in (None, "")}
 
     @staticmethod
-    def from_json(data: dict) -> OODGate:
+    def from_json(data: dict[str, Any]) -> OODGate:
         if not isinstance(data, dict):
             raise ContractError(f"ood must be an object, not {type(data).__name__}")
         kind = data.get("kind", "mahalanobis")
         if kind not in DETECTORS:
-            raise ContractError(f"out-of-distribution gate {kind!r} is not known ({', '.join(DETECTORS)})")
-        rank, bound, confidence, shrinkage = (None if data.get(k) is None else float(data[k]) for k in ("rank", "false_rejection", "confidence", "shrinkage"))
-        gate = OODGate(threshold=float(data["threshold"]), quantile=float(data["quantile"]), held_out=int(data["held_out"]), kind=kind, digest=str(data.get("digest", "")),
-                       rank=None if rank is None else int(rank), false_rejection=bound, confidence=confidence, shrinkage=shrinkage, split=str(data.get("split", "")))  # fmt: skip
+            raise ContractError(
+                f"out-of-distribution gate {kind!r} is not known ({', '.join(DETECTORS)})"
+            )
+        rank, bound, confidence, shrinkage = (
+            None if data.get(k) is None else float(data[k])
+            for k in ("rank", "false_rejection", "confidence", "shrinkage")
+        )
+        gate = OODGate(
+            threshold=float(data["threshold"]),
+            quantile=float(data["quantile"]),
+            held_out=int(data["held_out"]),
+            kind=kind,
+            digest=str(data.get("digest", "")),
+            rank=None if rank is None else int(rank),
+            false_rejection=bound,
+            confidence=confidence,
+            shrinkage=shrinkage,
+            split=str(data.get("split", "")),
+        )
         # A distance is above 0; the scores of the other detectors (minus a probability, an energy) may be any finite number.
-        if not (math.isfinite(gate.threshold) and (gate.threshold > 0 or kind not in ("mahalanobis", "knn"))):
-            raise ContractError(f"ood threshold must be a finite number{' above 0' if kind in ('mahalanobis', 'knn') else ''}, got {gate.threshold}")
+        if not (
+            math.isfinite(gate.threshold)
+            and (gate.threshold > 0 or kind not in ("mahalanobis", "knn"))
+        ):
+            raise ContractError(
+                f"ood threshold must be a finite number{' above 0' if kind in ('mahalanobis', 'knn') else ''}, got {gate.threshold}"
+            )
         if not 0 < gate.quantile < 1 or gate.held_out < 1:
-            raise ContractError(f"ood quantile must be between 0 and 1 and held_out at least 1, got {gate.quantile}, {gate.held_out}")
+            raise ContractError(
+                f"ood quantile must be between 0 and 1 and held_out at least 1, got {gate.quantile}, {gate.held_out}"
+            )
         return gate
 
 
@@ -157,19 +231,36 @@ class OODGate:
 REGION_MARGIN = 0.05
 #: The summary figures a localization carries (:data:`dp_model.metrics.FIGURE_KEYS`).
 LOCALIZATION_KEYS = ("iou>0.1", "iou>0.3", "iou>0.5", "pointing")
-NOT_MEASURED = "Lesion regions not shown: this model's localization was not measured on held-out images"
+NOT_MEASURED = (
+    "Lesion regions not shown: this model's localization was not measured on held-out images"
+)
 NOT_EARNED = "Lesion regions not shown: this model's localization did not beat a fixed prior on held-out data"
 
 
-def regions_earned(chosen: dict[str, float], prior: dict[str, float], difference_low: float, margin: float = REGION_MARGIN) -> bool:
+def regions_earned(
+    chosen: dict[str, float],
+    prior: dict[str, float],
+    difference_low: float,
+    margin: float = REGION_MARGIN,
+) -> bool:
     """The rule (docs/decisions.md): on the validation split, the chosen map's share of boxed
     images with IoU > 0.3 is at least ``margin`` above the prior map's, the lower end of the
     95 % paired bootstrap interval of that difference is above 0 (a few images cannot earn
     it), and its pointing game beats the prior's. NaN anywhere: not earned."""
-    values = [chosen.get("iou>0.3"), prior.get("iou>0.3"), chosen.get("pointing"), prior.get("pointing"), difference_low]
+    values = [
+        chosen.get("iou>0.3"),
+        prior.get("iou>0.3"),
+        chosen.get("pointing"),
+        prior.get("pointing"),
+        difference_low,
+    ]
     if any(v is None or not math.isfinite(v) for v in values):
         return False
-    return chosen["iou>0.3"] >= prior["iou>0.3"] + margin and difference_low > 0 and chosen["pointing"] > prior["pointing"]
+    return (
+        chosen["iou>0.3"] >= prior["iou>0.3"] + margin
+        and difference_low > 0
+        and chosen["pointing"] > prior["pointing"]
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,37 +300,59 @@ class Localization:
         """Why regions are not shown (empty when they are)."""
         return "" if self.shown else NOT_EARNED
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
-            "source": self.source, "shown": self.shown, "margin": self.margin, "rule": "IoU>0.3 accuracy at least margin above the prior's, "
+            "source": self.source,
+            "shown": self.shown,
+            "margin": self.margin,
+            "rule": "IoU>0.3 accuracy at least margin above the prior's, "
             "its paired bootstrap lower bound above 0, and pointing game above the prior's, on validation",
-            **{key: _json_figures(getattr(self, key)) for key in ("validation", "test", "prior_validation", "prior_test")},
-            "difference_low": _finite_or_none(self.difference_low), "candidates": {k: _json_figures(v) for k, v in self.candidates.items()},
+            **{
+                key: _json_figures(getattr(self, key))
+                for key in ("validation", "test", "prior_validation", "prior_test")
+            },
+            "difference_low": _finite_or_none(self.difference_low),
+            "candidates": {k: _json_figures(v) for k, v in self.candidates.items()},
             "images": dict(self.images),
-        }  # fmt: skip
+        }
 
     @staticmethod
-    def from_json(data: dict) -> Localization:
+    def from_json(data: dict[str, Any]) -> Localization:
         if not isinstance(data, dict):
             raise ContractError(f"localization must be an object, not {type(data).__name__}")
-        figures = {key: _figures(data.get(key, {}), key) for key in ("validation", "test", "prior_validation", "prior_test")}
+        figures = {
+            key: _figures(data.get(key, {}), key)
+            for key in ("validation", "test", "prior_validation", "prior_test")
+        }
         low = data.get("difference_low")
         located = Localization(
-            source=str(data["source"]), shown=_boolean(data["shown"], "localization shown"), margin=float(data.get("margin", REGION_MARGIN)), **figures,
+            source=str(data["source"]),
+            shown=_boolean(data["shown"], "localization shown"),
+            margin=float(data.get("margin", REGION_MARGIN)),
+            **figures,
             difference_low=float("nan") if low is None else float(low),
-            candidates={str(k): _figures(v, f"candidate {k}") for k, v in _mapping(data.get("candidates", {}), "candidates").items()},
+            candidates={
+                str(k): _figures(v, f"candidate {k}")
+                for k, v in _mapping(data.get("candidates", {}), "candidates").items()
+            },
             images={str(k): int(v) for k, v in _mapping(data.get("images", {}), "images").items()},
-        )  # fmt: skip
+        )
         located.check()
         return located
 
     def check(self) -> None:
         """A contract cannot claim regions its own figures do not earn, nor loosen the rule."""
         if self.source not in MAP_SOURCES:
-            raise ContractError(f"localization source {self.source!r} is not one of {list(MAP_SOURCES)}")
+            raise ContractError(
+                f"localization source {self.source!r} is not one of {list(MAP_SOURCES)}"
+            )
         if self.margin < REGION_MARGIN or not math.isfinite(self.margin):
-            raise ContractError(f"localization margin must be at least {REGION_MARGIN}, got {self.margin}")
-        if self.shown and not regions_earned(self.validation, self.prior_validation, self.difference_low, self.margin):
+            raise ContractError(
+                f"localization margin must be at least {REGION_MARGIN}, got {self.margin}"
+            )
+        if self.shown and not regions_earned(
+            self.validation, self.prior_validation, self.difference_low, self.margin
+        ):
             raise ContractError(
                 f"localization says regions are shown, but its validation figures do not beat the prior's by the rule "
                 f"(IoU>0.3 {self.validation.get('iou>0.3')} against {self.prior_validation.get('iou>0.3')} + {self.margin}, "
@@ -256,22 +369,29 @@ def _json_figures(figures: dict[str, float]) -> dict[str, float | None]:
     return {k: _finite_or_none(v) for k, v in figures.items()}
 
 
-def _boolean(value, name: str) -> bool:
+def _boolean(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise ContractError(f"{name} must be true or false, got {value!r}")
     return value
 
 
-def _figures(value, name: str) -> dict[str, float]:
+def _figures(value: object, name: str) -> dict[str, float]:
     """Localization figures: a mapping of :data:`LOCALIZATION_KEYS` to numbers (null: NaN)."""
     found = _mapping(value, name)
     unknown = [k for k in found if k not in LOCALIZATION_KEYS]
     if unknown:
-        raise ContractError(f"localization {name}: {unknown[0]!r} is not one of {list(LOCALIZATION_KEYS)}")
+        raise ContractError(
+            f"localization {name}: {unknown[0]!r} is not one of {list(LOCALIZATION_KEYS)}"
+        )
     return {k: float("nan") if v is None else float(v) for k, v in found.items()}
 
 
-def pneumonia_probability(probabilities: np.ndarray, outputs: tuple[str, ...], pneumonia: tuple[str, ...], multi_label: bool) -> np.ndarray:
+def pneumonia_probability(
+    probabilities: np.ndarray,
+    outputs: tuple[str, ...],
+    pneumonia: tuple[str, ...],
+    multi_label: bool,
+) -> np.ndarray:
     """The probability of pneumonia of each row of ``probabilities`` (``(..., K)`` over ``outputs``).
 
     Softmax outputs: the sum over the pneumonia classes (the classes exclude each other).
@@ -281,10 +401,13 @@ def pneumonia_probability(probabilities: np.ndarray, outputs: tuple[str, ...], p
     if not index:
         return np.zeros(probabilities.shape[:-1], np.float64)
     chosen = np.asarray(probabilities, np.float64)[..., index]
-    return chosen.max(axis=-1) if multi_label else np.clip(chosen.sum(axis=-1), 0.0, 1.0)
+    combined = chosen.max(axis=-1) if multi_label else np.clip(chosen.sum(axis=-1), 0.0, 1.0)
+    return np.asarray(combined, np.float64)
 
 
-def pneumonia_classes(declared: tuple[str, ...], classes: tuple[str, ...], normal: str) -> tuple[str, ...]:
+def pneumonia_classes(
+    declared: tuple[str, ...], classes: tuple[str, ...], normal: str
+) -> tuple[str, ...]:
     """The classes that mean pneumonia: those declared, or every class but the normal one."""
     return declared or tuple(c for c in classes if c != normal)
 
@@ -301,7 +424,13 @@ class Decision:
 
 
 def decide(
-    probabilities: np.ndarray, outputs: tuple[str, ...], normal: str, pneumonia: tuple[str, ...], multi_label: bool, threshold: float, triage: float | None = None
+    probabilities: np.ndarray,
+    outputs: tuple[str, ...],
+    normal: str,
+    pneumonia: tuple[str, ...],
+    multi_label: bool,
+    threshold: float,
+    triage: float | None = None,
 ) -> Decision:
     """The one rule from one image's output probabilities to what is reported.
 
@@ -312,13 +441,28 @@ def decide(
     """
     probabilities = np.asarray(probabilities)
     p = float(pneumonia_probability(probabilities, outputs, pneumonia, multi_label))
-    positive = p >= threshold  # NaN is never positive; the node refuses non-finite outputs before this
-    flagged = positive and triage is not None and p >= triage  # a flag on a negative report would contradict it
-    ranked = sorted((c for c in pneumonia if c in outputs), key=lambda c: -float(probabilities[outputs.index(c)]))
+    # NaN is never positive; the node refuses non-finite outputs before this
+    positive = p >= threshold
+    # a flag on a negative report would contradict it
+    flagged = positive and triage is not None and p >= triage
+    ranked = sorted(
+        (c for c in pneumonia if c in outputs),
+        key=lambda c: -float(probabilities[outputs.index(c)]),
+    )
     if not positive or not ranked:
         return Decision(p, positive, flagged, normal, ())
-    chosen = [c for c in ranked if probabilities[outputs.index(c)] >= threshold] if multi_label else ranked[:1]
-    return Decision(p, positive, flagged, ranked[0], tuple((c, float(probabilities[outputs.index(c)])) for c in chosen))
+    chosen = (
+        [c for c in ranked if probabilities[outputs.index(c)] >= threshold]
+        if multi_label
+        else ranked[:1]
+    )
+    return Decision(
+        p,
+        positive,
+        flagged,
+        ranked[0],
+        tuple((c, float(probabilities[outputs.index(c)])) for c in chosen),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,13 +504,13 @@ class ModelContract:
     demo: bool
     synthetic: bool
     architecture: str = "resnet18"
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     pneumonia_classes: tuple[str, ...] = ()
     temperature: float = 1.0
-    calibration: dict = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     ood: OODGate | None = None
-    splits: dict = field(default_factory=dict)
+    splits: dict[str, Any] = field(default_factory=dict)
     localization: Localization | None = None
     logit_adjustment: tuple[float, ...] = ()
 
@@ -380,7 +524,11 @@ class ModelContract:
     @property
     def output_classes(self) -> tuple[str, ...]:
         """The classes of the network's outputs, in order: the findings alone when multi-label."""
-        return tuple(c for c in self.classes if c != self.normal_class) if self.multi_label else self.classes
+        return (
+            tuple(c for c in self.classes if c != self.normal_class)
+            if self.multi_label
+            else self.classes
+        )
 
     @property
     def pneumonia(self) -> tuple[str, ...]:
@@ -388,13 +536,20 @@ class ModelContract:
         return pneumonia_classes(self.pneumonia_classes, self.classes, self.normal_class)
 
     def network(self) -> nn.Module:
-        return build_network(self.architecture, len(self.output_classes), self.attention_stages, **self.options)
+        """The untrained network of this contract (its weights are the bundle's to load)."""
+        built = build_network(
+            self.architecture, len(self.output_classes), self.attention_stages, **self.options
+        )
+        assert isinstance(built, nn.Module)  # every registered builder makes a torch module
+        return built
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Calibrated probabilities of the network's logits: a sigmoid per finding, or a softmax."""
         logits = logits.float()
         if self.logit_adjustment:
-            logits = logits - torch.tensor(self.logit_adjustment, dtype=logits.dtype, device=logits.device)
+            logits = logits - torch.tensor(
+                self.logit_adjustment, dtype=logits.dtype, device=logits.device
+            )
         scaled = logits / self.temperature
         return torch.sigmoid(scaled) if self.multi_label else scaled.softmax(dim=1)
 
@@ -409,13 +564,23 @@ class ModelContract:
         return self.operating_points.get("triage")
 
     def pneumonia_probability(self, probabilities: np.ndarray) -> np.ndarray:
-        return pneumonia_probability(probabilities, self.output_classes, self.pneumonia, self.multi_label)
+        return pneumonia_probability(
+            probabilities, self.output_classes, self.pneumonia, self.multi_label
+        )
 
     def decide(self, probabilities: np.ndarray, threshold: float | None = None) -> Decision:
         """:func:`decide` at the bundle's points (``threshold`` overrides "present")."""
         threshold = self.present_point.threshold if threshold is None else threshold
         triage = None if self.triage_point is None else self.triage_point.threshold
-        return decide(probabilities, self.output_classes, self.normal_class, self.pneumonia, self.multi_label, threshold, triage)
+        return decide(
+            probabilities,
+            self.output_classes,
+            self.normal_class,
+            self.pneumonia,
+            self.multi_label,
+            threshold,
+            triage,
+        )
 
     def defaults(self) -> list[str]:
         """The fields this contract lacks and the defaults used for them (bundles written before)."""
@@ -429,75 +594,129 @@ class ModelContract:
         if self.ood is None:
             found.append("out-of-distribution gate: none (every image is assessed)")
         elif self.ood.false_rejection is None:
-            found.append(f"false-rejection bound of the out-of-distribution gate: the {self.ood.quantile:.0%} quantile of {self.ood.held_out} held-out images, no confidence stated")
+            found.append(
+                f"false-rejection bound of the out-of-distribution gate: the {self.ood.quantile:.0%} quantile of {self.ood.held_out} held-out images, no confidence stated"
+            )
         if "present" in self.operating_points and self.present_point.lower_bound is None:
-            found.append("confidence bound of the operating points: point estimates on the split that chose them")
+            found.append(
+                "confidence bound of the operating points: point estimates on the split that chose them"
+            )
         if not self.splits:
             found.append("split sizes: not recorded")
         if self.localization is None:
-            found.append("localization: not measured on held-out images (no lesion regions are drawn)")
+            found.append(
+                "localization: not measured on held-out images (no lesion regions are drawn)"
+            )
         return found
 
     # --- JSON -------------------------------------------------------------------------------------
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
-            "classes": list(self.classes), "image_size": self.image_size, "attention_stages": list(self.attention_stages),
-            "normal_class": self.normal_class, "name": self.name, "version": self.version, "device_uid": self.device_uid,
-            "demo": self.demo, "synthetic": self.synthetic, "architecture": self.architecture, "options": dict(self.options),
+            "classes": list(self.classes),
+            "image_size": self.image_size,
+            "attention_stages": list(self.attention_stages),
+            "normal_class": self.normal_class,
+            "name": self.name,
+            "version": self.version,
+            "device_uid": self.device_uid,
+            "demo": self.demo,
+            "synthetic": self.synthetic,
+            "architecture": self.architecture,
+            "options": dict(self.options),
             "input": "one channel, letterboxed to image_size, values in [0, 1], larger brighter",
-            "pneumonia_classes": list(self.pneumonia), "temperature": self.temperature, "calibration": dict(self.calibration),
+            "pneumonia_classes": list(self.pneumonia),
+            "temperature": self.temperature,
+            "calibration": dict(self.calibration),
             "operating_points": {k: v.to_json() for k, v in self.operating_points.items()},
-            "ood": None if self.ood is None else self.ood.to_json(), "splits": dict(self.splits),
+            "ood": None if self.ood is None else self.ood.to_json(),
+            "splits": dict(self.splits),
             "localization": None if self.localization is None else self.localization.to_json(),
             "logit_adjustment": list(self.logit_adjustment),
-        }  # fmt: skip
+        }
 
     @staticmethod
-    def from_json(data: dict) -> ModelContract:
+    def from_json(data: dict[str, Any]) -> ModelContract:
         try:
             contract = ModelContract(
-                classes=tuple(data["classes"]), image_size=int(data["image_size"]), attention_stages=tuple(data["attention_stages"]), normal_class=str(data["normal_class"]),
-                name=str(data["name"]), version=str(data["version"]), device_uid=str(data["device_uid"]), demo=bool(data["demo"]), synthetic=bool(data["synthetic"]),
-                architecture=str(data.get("architecture", "resnet18")), options=dict(data.get("options", {})),
-                pneumonia_classes=_strings(data.get("pneumonia_classes", []), "pneumonia_classes"), temperature=float(data.get("temperature", 1.0)), calibration=dict(data.get("calibration", {})),
-                operating_points={str(k): OperatingPoint.from_json(v) for k, v in _mapping(data.get("operating_points", {}), "operating_points").items()},
-                ood=None if data.get("ood") is None else OODGate.from_json(data["ood"]), splits=dict(_mapping(data.get("splits", {}), "splits")),
-            )  # fmt: skip
+                classes=tuple(data["classes"]),
+                image_size=int(data["image_size"]),
+                attention_stages=tuple(data["attention_stages"]),
+                normal_class=str(data["normal_class"]),
+                name=str(data["name"]),
+                version=str(data["version"]),
+                device_uid=str(data["device_uid"]),
+                demo=bool(data["demo"]),
+                synthetic=bool(data["synthetic"]),
+                architecture=str(data.get("architecture", "resnet18")),
+                options=dict(data.get("options", {})),
+                pneumonia_classes=_strings(data.get("pneumonia_classes", []), "pneumonia_classes"),
+                temperature=float(data.get("temperature", 1.0)),
+                calibration=dict(data.get("calibration", {})),
+                operating_points={
+                    str(k): OperatingPoint.from_json(v)
+                    for k, v in _mapping(
+                        data.get("operating_points", {}), "operating_points"
+                    ).items()
+                },
+                ood=None if data.get("ood") is None else OODGate.from_json(data["ood"]),
+                splits=dict(_mapping(data.get("splits", {}), "splits")),
+            )
             contract = replace(
-                contract, localization=None if data.get("localization") is None else Localization.from_json(data["localization"]),
+                contract,
+                localization=None
+                if data.get("localization") is None
+                else Localization.from_json(data["localization"]),
                 logit_adjustment=tuple(float(v) for v in data.get("logit_adjustment", [])),
-            )  # fmt: skip
+            )
         except ContractError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ContractError(f"the deep_pneumonia model contract is incomplete or invalid ({exc})") from None
+            raise ContractError(
+                f"the deep_pneumonia model contract is incomplete or invalid ({exc})"
+            ) from None
         contract.check()
         return contract
 
     def check(self) -> None:
         """Raise :class:`ContractError` when the fields contradict each other."""
         if self.normal_class not in self.classes:
-            raise ContractError(f"normal class {self.normal_class!r} is not one of the classes {list(self.classes)}")
-        unknown = [c for c in self.pneumonia_classes if c not in self.classes or c == self.normal_class]
+            raise ContractError(
+                f"normal class {self.normal_class!r} is not one of the classes {list(self.classes)}"
+            )
+        unknown = [
+            c for c in self.pneumonia_classes if c not in self.classes or c == self.normal_class
+        ]
         if unknown:
-            raise ContractError(f"pneumonia class {unknown[0]!r} is not a finding of {list(self.classes)}")
-        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:  # NaN and inf fail this too
-            raise ContractError(f"temperature must be between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}, got {self.temperature}")
-        if self.logit_adjustment and (len(self.logit_adjustment) != len(self.output_classes) or not all(math.isfinite(v) for v in self.logit_adjustment)):
-            raise ContractError(f"logit_adjustment must hold one finite number per output {list(self.output_classes)}, got {list(self.logit_adjustment)}")
+            raise ContractError(
+                f"pneumonia class {unknown[0]!r} is not a finding of {list(self.classes)}"
+            )
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+            # NaN and inf fail this too
+            raise ContractError(
+                f"temperature must be between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}, got {self.temperature}"
+            )
+        if self.logit_adjustment and (
+            len(self.logit_adjustment) != len(self.output_classes)
+            or not all(math.isfinite(v) for v in self.logit_adjustment)
+        ):
+            raise ContractError(
+                f"logit_adjustment must hold one finite number per output {list(self.output_classes)}, got {list(self.logit_adjustment)}"
+            )
         triage = self.triage_point
         if triage is not None and triage.threshold < self.present_point.threshold:
-            raise ContractError(f"the triage point {triage.threshold} is below the present point {self.present_point.threshold}")
+            raise ContractError(
+                f"the triage point {triage.threshold} is below the present point {self.present_point.threshold}"
+            )
 
 
-def _strings(value, name: str) -> tuple[str, ...]:
+def _strings(value: object, name: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise ContractError(f"{name} must be a list of class names")
     return tuple(value)
 
 
-def _mapping(value, name: str) -> dict:
+def _mapping(value: object, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ContractError(f"{name} must be an object")
     return value

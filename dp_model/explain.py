@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def grad_cam(model: nn.Module, images: Tensor, target_layer: nn.Module, classes: Tensor | None = None) -> Tensor:
+def grad_cam(
+    model: nn.Module, images: Tensor, target_layer: nn.Module, classes: Tensor | None = None
+) -> Tensor:
     """Grad-CAM of ``classes`` (default: the predicted ones) at ``target_layer``.
 
     Args:
@@ -72,7 +74,9 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
     labels = labels.to(images.device)
     if model.has_class_maps:
         _, maps = model.class_maps(images)
-        return finding_maps(maps, finding_index(labels, normal).clamp_min(0), images.shape[-2:]).clamp(0, 1)
+        return finding_maps(
+            maps, finding_index(labels, normal).clamp_min(0), images.shape[-2:]
+        ).clamp(0, 1)
     if model.attention_stages:
         return model.attention_map(images, model.nearest_stage(HEATMAP_STAGE)).clamp(0, 1)
     return grad_cam(model, images, model.cam_layer, labels)
@@ -84,7 +88,19 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
 #: head of a stage ("lesion:2"), a multi-label network's own per-finding maps, Grad-CAM, and
 #: CAM (only where it is exact).
 CLASS_MAPS, GRAD_CAM, CAM = "class_maps", "grad_cam", "cam"
-MAP_SOURCES = ("map+:1", "map+:2", "map+:3", "map+:4", "lesion:1", "lesion:2", "lesion:3", "lesion:4", CLASS_MAPS, GRAD_CAM, CAM)
+MAP_SOURCES = (
+    "map+:1",
+    "map+:2",
+    "map+:3",
+    "map+:4",
+    "lesion:1",
+    "lesion:2",
+    "lesion:3",
+    "lesion:4",
+    CLASS_MAPS,
+    GRAD_CAM,
+    CAM,
+)
 
 
 def map_sources(model: nn.Module) -> tuple[str, ...]:
@@ -99,7 +115,8 @@ def map_sources(model: nn.Module) -> tuple[str, ...]:
         found.append(f"lesion:{model.lesion_stage}")
     if model.has_class_maps:
         found.append(CLASS_MAPS)
-    if model.cam_layer is not None:  # every network names one; a stand-in of learned maps alone may not
+    if model.cam_layer is not None:
+        # every network names one; a stand-in of learned maps alone may not
         found.append(GRAD_CAM)
     if model.cam_exact:
         found.append(CAM)
@@ -135,7 +152,9 @@ def cam(model: nn.Module, images: Tensor, classes: Tensor | None = None) -> Tens
     Exact only for a network with ``cam_exact`` (:func:`map_sources`).
     """
     activations: list[Tensor] = []
-    handle = model.cam_layer.register_forward_hook(lambda _m, _i, output: activations.append(output))
+    handle = model.cam_layer.register_forward_hook(
+        lambda _m, _i, output: activations.append(output)
+    )
     was_training = model.training
     model.eval()
     try:
@@ -150,7 +169,9 @@ def cam(model: nn.Module, images: Tensor, classes: Tensor | None = None) -> Tens
     return maps / maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
-def output_maps(model: nn.Module, images: Tensor, source: str, outputs: Tensor | None = None) -> Tensor:
+def output_maps(
+    model: nn.Module, images: Tensor, source: str, outputs: Tensor | None = None
+) -> Tensor:
     """The maps of a gradient or weight source (:data:`GRAD_CAM`, :data:`CAM`) for output
     indices ``outputs`` (default: the most probable output), ``(B, 1, H, W)`` in [0, 1]."""
     if source == GRAD_CAM:
@@ -170,11 +191,15 @@ def _own_maps(model: nn.Module, images: Tensor, source: str, finding: Tensor) ->
     return model.attention_map(images, source_stage(source))
 
 
-def source_maps(model: nn.Module, images: Tensor, source: str, labels: Tensor, normal: int = 0) -> Tensor:
+def source_maps(
+    model: nn.Module, images: Tensor, source: str, labels: Tensor, normal: int = 0
+) -> Tensor:
     """The maps of ``source`` for the images' classes ``labels`` (dataset class indices), as
     evaluation hands them: the true class, ``(B, 1, H, W)`` in [0, 1]. ``map+`` ignores the class."""
     if source not in map_sources(model):
-        raise ValueError(f"map source {source!r} is not offered by this network ({', '.join(map_sources(model))})")
+        raise ValueError(
+            f"map source {source!r} is not offered by this network ({', '.join(map_sources(model))})"
+        )
     labels = labels.to(images.device)
     outputs = finding_index(labels, normal).clamp_min(0) if model.multi_label else labels
     if source in (GRAD_CAM, CAM):

@@ -15,8 +15,8 @@ from torch import nn
 
 from dp_transforms import ImageError, load_letterboxed
 
-from .loading import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
 from .architectures import class_scores
+from .loading import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
 from .ood import watching
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 class Predictor:
     """Runs a bundle's classifier on image files; used by the bundle's own configs."""
 
-    def __init__(self, bundle_root: str, network: nn.Module | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, bundle_root: str, network: nn.Module | None = None, device: str | torch.device = "cpu"
+    ) -> None:
         self.root = Path(bundle_root)
         loaded, self.contract = load_bundle(self.root, device)
         self.model = loaded if network is None else network
@@ -35,7 +37,8 @@ class Predictor:
         self.device = torch.device(device)
         self.statistics = load_feature_statistics(self.root, self.contract, loaded)
         self.assessed: list[bool] = []  # of the images of the last call, as the node's gate decides
-        self.ood_scores: list[float] = []  # of the images of the last call (NaN: no gate, or unreadable)
+        # of the images of the last call (NaN: no gate, or unreadable)
+        self.ood_scores: list[float] = []
 
     @torch.no_grad()
     def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
@@ -52,10 +55,18 @@ class Predictor:
                 self.assessed.append(False)
                 self.ood_scores.append(float("nan"))
                 continue
-            with watching(self.model, self.statistics.needs_stages) if self.statistics is not None else nullcontext() as watch:
+            with (
+                watching(self.model, self.statistics.needs_stages)
+                if self.statistics is not None
+                else nullcontext() as watch
+            ):
                 logits = self.model(canvas[None].to(self.device))
             out.append(self.contract.probabilities(logits)[0].cpu().numpy())
-            score = self.statistics.score(watch.seen(logits, 1))[0] if self.statistics is not None else None
+            score = (
+                self.statistics.score(watch.seen(logits, 1))[0]
+                if self.statistics is not None
+                else None
+            )
             self.assessed.append(score is None or bool(score <= self.contract.ood.threshold))
             self.ood_scores.append(float("nan") if score is None else float(score))
         return np.asarray(out), problems
@@ -77,7 +88,13 @@ class Predictor:
             writer = csv.writer(handle)
             writer.writerow(["image", "prediction", *self.contract.output_classes])
             for path, p, assessed in zip(paths, probabilities, self.assessed):
-                label = "unreadable" if np.isnan(p).any() else self._label(p) if assessed else "not assessed"
+                label = (
+                    "unreadable"
+                    if np.isnan(p).any()
+                    else self._label(p)
+                    if assessed
+                    else "not assessed"
+                )
                 # Not assessed: no finding and no probability stated, the cells left empty (as in the node's SR).
                 writer.writerow([str(path), label, *(f"{v:.4f}" if assessed else "" for v in p)])
         for problem in problems:
@@ -89,7 +106,9 @@ class Predictor:
         decision = self.contract.decide(p)
         return "+".join(c for c, _ in decision.findings) or decision.label
 
-    def evaluate_dataset(self, dataset_dir: str, output_dir: str, layout: str = "auto", split: str = "all") -> Path:
+    def evaluate_dataset(
+        self, dataset_dir: str, output_dir: str, layout: str = "auto", split: str = "all"
+    ) -> Path:
         """Metrics of the bundle on a dataset, written as ``metrics.md``: every image, or only
         those of the bundle's own ``split`` (train, val, calibration or test) when it is the data it was trained from.
 
@@ -101,22 +120,33 @@ class Predictor:
 
         dataset = read_dataset(dataset_dir, layout)
         if tuple(dataset.classes) != self.contract.classes:
-            raise BundleError(f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}")
+            raise BundleError(
+                f"{dataset_dir}: classes {list(dataset.classes)} differ from the bundle's {list(self.contract.classes)}"
+            )
         if split != "all":
             split_file = self.root / "configs" / "split.json"
             if not split_file.is_file():
-                raise BundleError(f"{self.root}: no configs/split.json, so no {split} split to score; use --split all")
+                raise BundleError(
+                    f"{self.root}: no configs/split.json, so no {split} split to score; use --split all"
+                )
             dataset = split_subset(dataset, json.loads(split_file.read_text()), split)
         probabilities, problems = self.probabilities([r.image for r in dataset.records])
         keep = ~np.isnan(probabilities).any(axis=1)
         normal = self.contract.classes.index(self.contract.normal_class)
-        scores = class_scores(torch.from_numpy(probabilities[keep]), self.contract.multi_label, normal).numpy()
+        scores = class_scores(
+            torch.from_numpy(probabilities[keep]), self.contract.multi_label, normal
+        ).numpy()
         report = evaluate(dataset.targets()[keep], scores, self.contract.classes, bootstrap=200)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         served = self.served(dataset, probabilities, keep, out)
         (out / "metrics.md").write_text(report.table() + "\n\n" + served + "\n")
-        logger.info("%d images evaluated, %d unreadable; %s", int(keep.sum()), len(problems), out / "metrics.md")
+        logger.info(
+            "%d images evaluated, %d unreadable; %s",
+            int(keep.sum()),
+            len(problems),
+            out / "metrics.md",
+        )
         return out / "metrics.md"
 
     def served(self, dataset, probabilities: np.ndarray, keep: np.ndarray, out: Path) -> str:
@@ -125,7 +155,13 @@ class Predictor:
         ``served.json``, ``scores.npz`` (image ids hashed as in ``split.json``) and the reliability
         diagram into ``out``, and returns the markdown."""
         from .datasets.splits import hashed_id
-        from .served import evaluate_served, is_pneumonia, reliability_diagram, save_scores, served_decisions
+        from .served import (
+            evaluate_served,
+            is_pneumonia,
+            reliability_diagram,
+            save_scores,
+            served_decisions,
+        )
 
         labels, ood = dataset.targets()[keep], np.asarray(self.ood_scores, np.float64)[keep]
         ood = None if self.statistics is None else ood
@@ -135,5 +171,10 @@ class Predictor:
         save_scores(out / "scores.npz", ids, labels, probabilities[keep], ood, self.contract)
         decided = served_decisions(probabilities[keep], ood, self.contract)
         truth = is_pneumonia(labels, self.contract)
-        reliability_diagram(decided.pneumonia_probability[decided.assessed], truth[decided.assessed], out / "served_reliability.png", "served P(pneumonia), assessed images")
+        reliability_diagram(
+            decided.pneumonia_probability[decided.assessed],
+            truth[decided.assessed],
+            out / "served_reliability.png",
+            "served P(pneumonia), assessed images",
+        )
         return "## Served decision\n\n" + report.table()

@@ -48,24 +48,32 @@ def validate_metadata(path: Path) -> None:
         meta = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: unreadable ({exc})") from None
-    errors = sorted(jsonschema.Draft201909Validator(schema).iter_errors(meta), key=lambda e: list(e.path))
+    errors = sorted(
+        jsonschema.Draft201909Validator(schema).iter_errors(meta), key=lambda e: list(e.path)
+    )
     if errors:
         first = errors[0]
         where = "/".join(map(str, first.path)) or "top level"
         raise BundleError(f"{path}: {where}: {first.message} ({len(errors)} schema error(s))")
 
 
-def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelContract]:
+def load_bundle(
+    root: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelContract]:
     """The classifier (eval mode) and its contract from a bundle written by ``dp-train``."""
     root = Path(root)
     meta_path, weights = root / "configs" / "metadata.json", root / "models" / "model.pt"
     for required in (meta_path, weights):
         if not required.exists():
-            raise BundleError(f"{root}: not a Deep Pneumonia bundle ({required.relative_to(root)} is missing)")
+            raise BundleError(
+                f"{root}: not a Deep Pneumonia bundle ({required.relative_to(root)} is missing)"
+            )
     validate_metadata(meta_path)
     meta = json.loads(meta_path.read_text())
     if "deep_pneumonia" not in meta:
-        raise BundleError(f"{meta_path}: no deep_pneumonia model contract; was this bundle written by dp-train?")
+        raise BundleError(
+            f"{meta_path}: no deep_pneumonia model contract; was this bundle written by dp-train?"
+        )
     try:
         contract = ModelContract.from_json(meta["deep_pneumonia"])
     except ContractError as exc:
@@ -75,14 +83,20 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> tuple[n
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, ValueError, OSError, EOFError) as exc:
-        raise BundleError(f"{weights}: weights do not fit the network of metadata.json ({str(exc).splitlines()[0]})") from None
+        raise BundleError(
+            f"{weights}: weights do not fit the network of metadata.json ({str(exc).splitlines()[0]})"
+        ) from None
     # The Device UID names these weights in every SR: it must be theirs, not taken on trust.
     if weights_uid(state) != contract.device_uid:
-        raise BundleError(f"{meta_path}: the Device UID {contract.device_uid} does not match its weights ({weights}); retrained or altered weights need a new bundle")
+        raise BundleError(
+            f"{meta_path}: the Device UID {contract.device_uid} does not match its weights ({weights}); retrained or altered weights need a new bundle"
+        )
     return model.to(device).eval(), contract
 
 
-def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn.Module | None = None) -> Detector | None:
+def load_feature_statistics(
+    root: str | Path, contract: ModelContract, model: nn.Module | None = None
+) -> Detector | None:
     """The out-of-distribution gate's detector (of the contract's ``ood.kind``) from its
     statistics (``models/ood.pt``), checked against the contract's digest and the network's
     feature size; None for a bundle without a gate."""
@@ -92,7 +106,21 @@ def load_feature_statistics(root: str | Path, contract: ModelContract, model: nn
     layer = classifier_layer(model) if model is not None else None
     try:
         if contract.ood.digest and ood_digest(path) != contract.ood.digest:
-            raise ValueError("its SHA-256 differs from the one metadata.json records (altered or from another training)")
-        return load_detector(path, contract.ood.kind, layer.in_features if layer is not None else None)
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, AttributeError, TypeError) as exc:
-        raise BundleError(f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})") from None
+            raise ValueError(
+                "its SHA-256 differs from the one metadata.json records (altered or from another training)"
+            )
+        return load_detector(
+            path, contract.ood.kind, layer.in_features if layer is not None else None
+        )
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        EOFError,
+        AttributeError,
+        TypeError,
+    ) as exc:
+        raise BundleError(
+            f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})"
+        ) from None

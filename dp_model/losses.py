@@ -44,7 +44,9 @@ def _float32(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
+        device = next(
+            (a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu"
+        )
         with torch.autocast(device_type=device, enabled=False):
             return fn(*args, **kwargs)
 
@@ -67,17 +69,18 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2, gather: bool = Fal
         gather: gather the projections of all processes (DDP) as negatives.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D): views 1 then views 2
     everyone, offset, world = _gather(local) if gather else (local, 0, 1)
     n = z1.shape[0]
     logits = local @ everyone.T / temperature  # (2N, 2N * world)
     rows = torch.arange(2 * n, device=local.device)
     logits[rows, rows + offset] = float("-inf")  # a view is not its own negative
-    if world == 1:
-        partner = (rows + n) % (2 * n)
-    else:  # gathered layout: process p holds columns [2Np, 2N(p+1)), views 1 then views 2
-        partner = offset + (rows + n) % (2 * n)
+    # Gathered layout: process p holds columns [2Np, 2N(p+1)), views 1 then views 2; one
+    # process: offset 0.
+    partner = offset + (rows + n) % (2 * n)
     return F.cross_entropy(logits, partner)
 
 
@@ -112,7 +115,9 @@ def _mean_per_image(x: Tensor) -> Tensor:
 
 
 @_float32
-def attention_losses(map_pos: Tensor, map_neg: Tensor, mask_pos: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+def attention_losses(
+    map_pos: Tensor, map_neg: Tensor, mask_pos: Tensor, eps: float = 1e-3
+) -> tuple[Tensor, Tensor]:
     """Per-image ``L_att+`` (Eq. 2) and ``L_att-`` (Eq. 3).
 
     ``L_att+ = MSE(map+, mask+) / MSE(map+, mask-)``, ``L_att- = MSE(map-, mask-)``,
@@ -133,7 +138,13 @@ FeatureCRForm = Literal["paper", "detached"]
 
 
 @_float32
-def feature_cr_loss(features: Tensor, map_pos: Tensor, map_neg: Tensor, eps: float = 1e-3, form: FeatureCRForm = "paper") -> Tensor:
+def feature_cr_loss(
+    features: Tensor,
+    map_pos: Tensor,
+    map_neg: Tensor,
+    eps: float = 1e-3,
+    form: FeatureCRForm = "paper",
+) -> Tensor:
     """Per-image ``L_feat_cr = L1(f, f * map+) / L1(f, f * map-)`` (Eq. 5), in ``form``."""
     f, map_pos, map_neg = features.float(), map_pos.float(), map_neg.float()
     if form == "detached":
@@ -180,7 +191,9 @@ def mgacr_loss(
         totals["feat_cr"].append(_masked_mean(feat, feat_weight))
         for key in totals:
             each[f"{key}@{stage.name or len(totals[key])}"] = totals[key][-1].detach()
-    return {k: torch.stack(v).mean() if v else mask_pos.new_zeros(()) for k, v in totals.items()} | each
+    return {
+        k: torch.stack(v).mean() if v else mask_pos.new_zeros(()) for k, v in totals.items()
+    } | each
 
 
 @_float32
@@ -228,15 +241,24 @@ class MGACRLoss(nn.Module):
     ) -> None:
         super().__init__()
         if att_weight < 0 or feat_weight < 0 or lesion_weight < 0 or eps <= 0:
-            raise ValueError(f"weights must be >= 0 and eps > 0, got {att_weight}, {feat_weight}, {lesion_weight}, {eps}")
+            raise ValueError(
+                f"weights must be >= 0 and eps > 0, got {att_weight}, {feat_weight}, {lesion_weight}, {eps}"
+            )
         if normal_images not in ("empty_mask", "skip"):
             raise ValueError(f"normal_images must be 'empty_mask' or 'skip', got {normal_images!r}")
         if feature_form not in ("paper", "detached"):
             raise ValueError(f"feature_form must be 'paper' or 'detached', got {feature_form!r}")
-        self.att_weight, self.feat_weight, self.normal_images, self.eps = att_weight, feat_weight, normal_images, eps
+        self.att_weight, self.feat_weight, self.normal_images, self.eps = (
+            att_weight,
+            feat_weight,
+            normal_images,
+            eps,
+        )
         self.feature_form, self.relative, self.lesion_weight = feature_form, relative, lesion_weight
 
-    def forward(self, stages: Sequence[StageOutput], mask_pos: Tensor, has_boxes: Tensor, is_normal: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, stages: Sequence[StageOutput], mask_pos: Tensor, has_boxes: Tensor, is_normal: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total weighted loss and its parts.
 
         Args:
@@ -245,10 +267,15 @@ class MGACRLoss(nn.Module):
         """
         attention = has_boxes | is_normal if self.normal_images == "empty_mask" else has_boxes
         parts = mgacr_loss(stages, mask_pos, attention, has_boxes, self.eps, self.feature_form)
-        total = self.att_weight * (parts["att_pos"] + parts["att_neg"]) + self.feat_weight * parts["feat_cr"]
+        total = (
+            self.att_weight * (parts["att_pos"] + parts["att_neg"])
+            + self.feat_weight * parts["feat_cr"]
+        )
         for stage in stages:
             if stage.lesion is not None:
-                parts["lesion"] = _masked_mean(lesion_loss(stage.lesion, mask_pos), attention.float())
+                parts["lesion"] = _masked_mean(
+                    lesion_loss(stage.lesion, mask_pos), attention.float()
+                )
                 total = total + self.lesion_weight * parts["lesion"]
         return total, parts
 
@@ -265,8 +292,12 @@ def lesion_loss(logits: Tensor, mask_pos: Tensor) -> Tensor:
     maximum, so ``map+`` does not learn the boxes (docs/decisions.md). A per-pixel target on
     the features themselves does.
     """
-    resized = F.interpolate(logits.float(), size=mask_pos.shape[-2:], mode="bilinear", align_corners=False)
-    return _mean_per_image(F.binary_cross_entropy_with_logits(resized, mask_pos.float(), reduction="none"))
+    resized = F.interpolate(
+        logits.float(), size=mask_pos.shape[-2:], mode="bilinear", align_corners=False
+    )
+    return _mean_per_image(
+        F.binary_cross_entropy_with_logits(resized, mask_pos.float(), reduction="none")
+    )
 
 
 # --- Class-balanced focal loss (Eq. 9) ----------------------------------------------------------
@@ -279,7 +310,9 @@ def class_balanced_weights(counts: Sequence[int], beta: float) -> Tensor:
     n = torch.as_tensor(list(counts), dtype=torch.float64)
     if n.numel() == 0 or (n < 0).any():
         raise ValueError(f"class counts must be non-negative, got {list(counts)}")
-    effective = (1.0 - torch.pow(beta, n.clamp_min(1.0))) / (1.0 - beta) if beta > 0 else torch.ones_like(n)
+    effective = (
+        (1.0 - torch.pow(beta, n.clamp_min(1.0))) / (1.0 - beta) if beta > 0 else torch.ones_like(n)
+    )
     weights = 1.0 / effective
     return (weights * len(n) / weights.sum()).float()
 
@@ -346,14 +379,19 @@ class CBFocalLoss(nn.Module):
             beta,
             gamma,
             mode,
-            ", ".join(f"{name} {n} images -> {w:.3f}" for name, n, w in zip(names, class_counts, self.weights.tolist())),
+            ", ".join(
+                f"{name} {n} images -> {w:.3f}"
+                for name, n, w in zip(names, class_counts, self.weights.tolist())
+            ),
         )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return cb_focal_loss(logits, target, self.weights, self.gamma, self.mode)
 
 
-def inverse_sqrt_weights(class_counts: Sequence[int], alpha: float, normal_index: int = 0, normalize: bool = True) -> Tensor:
+def inverse_sqrt_weights(
+    class_counts: Sequence[int], alpha: float, normal_index: int = 0, normalize: bool = True
+) -> Tensor:
     """Per-class weights of the attention-enhanced ResNet-50's modified focal loss (seed 004).
 
     ``w_c = a_c / sqrt(n_c)`` with ``a_c = 1 - alpha`` for the normal class and ``alpha``
@@ -385,14 +423,28 @@ class SqrtFocalLoss(nn.Module):
         class_names: for the log line that records the weights.
     """
 
-    def __init__(self, class_counts: Sequence[int], alpha: float = 0.5, gamma: float = 2.0, normal_index: int = 0, class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        class_counts: Sequence[int],
+        alpha: float = 0.5,
+        gamma: float = 2.0,
+        normal_index: int = 0,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.register_buffer("weights", inverse_sqrt_weights(class_counts, alpha, normal_index))
         self.gamma = float(gamma)
         names = list(class_names or range(len(class_counts)))
-        logger.info("1/sqrt(n) focal weights (alpha %s, gamma %s): %s", alpha, gamma, ", ".join(f"{c} {n} -> {w:.3f}" for c, n, w in zip(names, class_counts, self.weights.tolist())))
+        logger.info(
+            "1/sqrt(n) focal weights (alpha %s, gamma %s): %s",
+            alpha,
+            gamma,
+            ", ".join(
+                f"{c} {n} -> {w:.3f}" for c, n, w in zip(names, class_counts, self.weights.tolist())
+            ),
+        )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return cb_focal_loss(logits, target, self.weights, self.gamma, "softmax")
@@ -406,7 +458,9 @@ class SqrtFocalLoss(nn.Module):
 ClassWeighting = Literal["paper", "balanced"]
 
 
-def class_attention_weights(positive_counts: Sequence[int], weighting: ClassWeighting = "paper", total: int | None = None) -> Tensor:
+def class_attention_weights(
+    positive_counts: Sequence[int], weighting: ClassWeighting = "paper", total: int | None = None
+) -> Tensor:
     """``c_i`` from each class's number of positive training images.
 
     "paper": ``n_min^2 / n_i``, which grows with the dataset (ten times the images, ten times
@@ -420,12 +474,16 @@ def class_attention_weights(positive_counts: Sequence[int], weighting: ClassWeig
     if weighting != "balanced":
         raise ValueError(f"weighting must be 'paper' or 'balanced', got {weighting!r}")
     if total is None or total < n.max():
-        raise ValueError(f"balanced weights need the number of training images, at least each class's count; got {total}")
+        raise ValueError(
+            f"balanced weights need the number of training images, at least each class's count; got {total}"
+        )
     return ((total - n).clamp_min(1.0) / n).float()
 
 
 @_float32
-def class_attention_loss(logits: Tensor, attention: Tensor, target: Tensor, weights: Tensor, entropy_weight: float) -> Tensor:
+def class_attention_loss(
+    logits: Tensor, attention: Tensor, target: Tensor, weights: Tensor, entropy_weight: float
+) -> Tensor:
     """Eq. 5 of the class-based attention paper, summed over classes, averaged over images.
 
     ``-(c_i y log p + (1 - y)(log(1 - p) + lambda H(w_3i)))``: a weighted binary
@@ -451,16 +509,26 @@ class ClassAttentionLoss(nn.Module):
     """:func:`class_attention_loss` with the weights of the training split's counts."""
 
     def __init__(
-        self, positive_counts: Sequence[int], entropy_weight: float = 0.1, class_names: Sequence[str] | None = None,
-        weighting: ClassWeighting = "paper", total: int | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        positive_counts: Sequence[int],
+        entropy_weight: float = 0.1,
+        class_names: Sequence[str] | None = None,
+        weighting: ClassWeighting = "paper",
+        total: int | None = None,
+    ) -> None:
         super().__init__()
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
         self.register_buffer("weights", class_attention_weights(positive_counts, weighting, total))
         self.entropy_weight = float(entropy_weight)
         names = list(class_names or range(len(positive_counts)))
-        logger.info(f"class attention positive weights ({weighting}): %s", ", ".join(f"{c} {n} -> {w:.2f}" for c, n, w in zip(names, positive_counts, self.weights.tolist())))
+        logger.info(
+            f"class attention positive weights ({weighting}): %s",
+            ", ".join(
+                f"{c} {n} -> {w:.2f}"
+                for c, n, w in zip(names, positive_counts, self.weights.tolist())
+            ),
+        )
 
     def forward(self, logits: Tensor, attention: Tensor, target: Tensor) -> Tensor:
         return class_attention_loss(logits, attention, target, self.weights, self.entropy_weight)
@@ -470,7 +538,9 @@ class ClassAttentionLoss(nn.Module):
 
 
 @_float32
-def cia_loss(grid: Tensor, grid_target: Tensor, boxed: Tensor, target: Tensor, box_weight: float = 1.0) -> Tensor:
+def cia_loss(
+    grid: Tensor, grid_target: Tensor, boxed: Tensor, target: Tensor, box_weight: float = 1.0
+) -> Tensor:
     """Eq. 6: ``sum_k lambda_k beta_B L_k(B) + (1 - lambda_k) L_k(I)``, averaged over images.
 
     Args:
@@ -486,8 +556,17 @@ def cia_loss(grid: Tensor, grid_target: Tensor, boxed: Tensor, target: Tensor, b
     """
     from .variants import mil_logits
 
-    grid, grid_target, boxed, target = grid.float(), grid_target.float(), boxed.float(), target.float()
-    box_level = F.binary_cross_entropy_with_logits(grid, grid_target, reduction="none").flatten(2).sum(dim=-1)
+    grid, grid_target, boxed, target = (
+        grid.float(),
+        grid_target.float(),
+        boxed.float(),
+        target.float(),
+    )
+    box_level = (
+        F.binary_cross_entropy_with_logits(grid, grid_target, reduction="none")
+        .flatten(2)
+        .sum(dim=-1)
+    )
     image_level = F.binary_cross_entropy_with_logits(mil_logits(grid), target, reduction="none")
     return (boxed * box_weight * box_level + (1.0 - boxed) * image_level).sum(dim=1).mean()
 
@@ -496,7 +575,9 @@ def cia_loss(grid: Tensor, grid_target: Tensor, boxed: Tensor, target: Tensor, b
 def feature_reconstruction_loss(features: Tensor, target_features: Tensor) -> Tensor:
     """Eq. 2: ``||N(phi(I)) - N(T)||_2 / (C H W)`` per image, averaged over images."""
     c, h, w = features.shape[1:]
-    return ((features.float() - target_features.float()).flatten(1).norm(dim=1) / (c * h * w)).mean()
+    return (
+        (features.float() - target_features.float()).flatten(1).norm(dim=1) / (c * h * w)
+    ).mean()
 
 
 @_float32

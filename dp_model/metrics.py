@@ -34,7 +34,13 @@ def per_class(matrix: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore"):
         f1 = np.where((precision + recall) > 0, 2 * precision * recall / (precision + recall), 0.0)
     f1 = np.where(np.isnan(precision) | np.isnan(recall), np.nan, f1)
-    return {"precision": precision, "recall": recall, "specificity": _ratio(tn, tn + fp), "f1": f1, "support": tp + fn}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "specificity": _ratio(tn, tn + fp),
+        "f1": f1,
+        "support": tp + fn,
+    }
 
 
 def roc_auc(target: np.ndarray, scores: np.ndarray) -> float:
@@ -93,12 +99,21 @@ class Report:
 
     def table(self) -> str:
         """A markdown table of the per-class metrics and the scalars, for people."""
-        lines = ["| class | support | precision | recall | specificity | F1 | ROC AUC (95 % CI) |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| class | support | precision | recall | specificity | F1 | ROC AUC (95 % CI) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for i, name in enumerate(self.classes):
             values = [self.per_class[k][i] for k in ("precision", "recall", "specificity", "f1")]
             interval = self.intervals.get(f"auc {name}")
-            auc = _fmt(self.per_class["auc"][i]) + (f" ({_fmt(interval[0])} to {_fmt(interval[1])})" if interval else "")
-            lines.append(f"| {name} | {int(self.per_class['support'][i])} | " + " | ".join(_fmt(v) for v in values) + f" | {auc} |")
+            auc = _fmt(self.per_class["auc"][i]) + (
+                f" ({_fmt(interval[0])} to {_fmt(interval[1])})" if interval else ""
+            )
+            lines.append(
+                f"| {name} | {int(self.per_class['support'][i])} | "
+                + " | ".join(_fmt(v) for v in values)
+                + f" | {auc} |"
+            )
         lines.append("")
         for name, value in self.scalars().items():
             interval = self.intervals.get(name)
@@ -111,7 +126,9 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
 
 
-def _scalars(target: np.ndarray, probabilities: np.ndarray) -> tuple[float, float, float, float, dict, np.ndarray]:
+def _scalars(
+    target: np.ndarray, probabilities: np.ndarray
+) -> tuple[float, float, float, float, dict, np.ndarray]:
     num_classes = probabilities.shape[1]
     pred = probabilities.argmax(axis=1)
     matrix = confusion_matrix(target, pred, num_classes)
@@ -120,13 +137,21 @@ def _scalars(target: np.ndarray, probabilities: np.ndarray) -> tuple[float, floa
     accuracy = float(np.trace(matrix) / max(1, matrix.sum()))
     present = stats["support"] > 0
     balanced = float(np.nanmean(stats["recall"][present])) if present.any() else float("nan")
-    macro_f1 = float(np.nanmean(np.nan_to_num(stats["f1"][present]))) if present.any() else float("nan")
+    macro_f1 = (
+        float(np.nanmean(np.nan_to_num(stats["f1"][present]))) if present.any() else float("nan")
+    )
     macro_auc = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
     stats["auc"] = aucs
     return accuracy, balanced, macro_f1, macro_auc, stats, matrix
 
 
-def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...], bootstrap: int = 0, seed: int = 0) -> Report:
+def evaluate(
+    target: np.ndarray,
+    probabilities: np.ndarray,
+    classes: tuple[str, ...],
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> Report:
     """Metrics of ``probabilities`` ``(N, C)`` against ``target`` ``(N,)``.
 
     With ``bootstrap > 0``, 95 % percentile intervals from that many resamples of the images.
@@ -135,15 +160,25 @@ def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, 
     """
     target, probabilities = np.asarray(target, np.int64), np.asarray(probabilities, np.float64)
     if probabilities.ndim != 2 or probabilities.shape[0] != target.shape[0]:
-        raise ValueError(f"probabilities must be (N, C) with N = {target.shape[0]}, got {probabilities.shape}")
+        raise ValueError(
+            f"probabilities must be (N, C) with N = {target.shape[0]}, got {probabilities.shape}"
+        )
     accuracy, balanced, macro_f1, macro_auc, stats, matrix = _scalars(target, probabilities)
     report = Report(
-        classes=tuple(classes), accuracy=accuracy, balanced_accuracy=balanced, macro_f1=macro_f1, macro_auc=macro_auc,
-        per_class={k: [float(x) for x in v] for k, v in stats.items()}, confusion=matrix.tolist(),
-    )  # fmt: skip
+        classes=tuple(classes),
+        accuracy=accuracy,
+        balanced_accuracy=balanced,
+        macro_f1=macro_f1,
+        macro_auc=macro_auc,
+        per_class={k: [float(x) for x in v] for k, v in stats.items()},
+        confusion=matrix.tolist(),
+    )
     if bootstrap > 0 and len(target) > 1:
         rng = np.random.default_rng(seed)
-        draws = [_scalars(target[i], probabilities[i]) for i in (rng.integers(0, len(target), len(target)) for _ in range(bootstrap))]
+        draws = [
+            _scalars(target[i], probabilities[i])
+            for i in (rng.integers(0, len(target), len(target)) for _ in range(bootstrap))
+        ]
         samples = np.array([d[:4] for d in draws])
         for column, name in enumerate(("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")):
             report.intervals |= _interval(name, samples[:, column])
@@ -157,7 +192,11 @@ def evaluate(target: np.ndarray, probabilities: np.ndarray, classes: tuple[str, 
 def _interval(name: str, values: np.ndarray) -> dict[str, tuple[float, float]]:
     """95 % percentile interval of the defined bootstrap values (none if there are none)."""
     values = values[~np.isnan(values)]
-    return {name: (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))} if values.size else {}
+    return (
+        {name: (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))}
+        if values.size
+        else {}
+    )
 
 
 #: The IoU thresholds of CIA-Net's localization tables.
@@ -173,7 +212,11 @@ def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def localization_accuracy(
-    predicted: np.ndarray, truth: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], thresholds: tuple[float, ...] = IOU_THRESHOLDS
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    thresholds: tuple[float, ...] = IOU_THRESHOLDS,
 ) -> dict[str, list[float]]:
     """Localization accuracy per class and threshold, as CIA-Net's Tables 1-3 report it.
 
@@ -231,20 +274,31 @@ def pointing_game(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return (peak & truth.reshape(len(truth), -1)).sum(axis=1) / np.maximum(peak.sum(axis=1), 1)
 
 
-def localization_figures(iou: np.ndarray, pointing: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def localization_figures(
+    iou: np.ndarray, pointing: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
     """The summary of per-image localization scores: the share of images with IoU above each
     of :data:`SUMMARY_THRESHOLDS`, and the pointing game, each averaged within a class and
     then over the classes present (as CIA-Net's "mean" row, so that the common classes do
     not decide alone). NaN without images."""
-    iou, pointing, labels = np.asarray(iou, np.float64), np.asarray(pointing, np.float64), np.asarray(labels)
+    iou, pointing, labels = (
+        np.asarray(iou, np.float64),
+        np.asarray(pointing, np.float64),
+        np.asarray(labels),
+    )
     present = np.unique(labels)
     if not len(present):
         return {key: float("nan") for key in FIGURE_KEYS}
     values = [*((iou > t).astype(np.float64) for t in SUMMARY_THRESHOLDS), pointing]
-    return {key: float(np.mean([v[labels == c].mean() for c in present])) for key, v in zip(FIGURE_KEYS, values)}
+    return {
+        key: float(np.mean([v[labels == c].mean() for c in present]))
+        for key, v in zip(FIGURE_KEYS, values)
+    }
 
 
-def paired_difference_low(a: np.ndarray, b: np.ndarray, labels: np.ndarray, resamples: int = 1000, seed: int = 0) -> float:
+def paired_difference_low(
+    a: np.ndarray, b: np.ndarray, labels: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> float:
     """The lower end of the 95 % percentile bootstrap interval of ``mean_a - mean_b``, both
     class-averaged as :func:`localization_figures`, resampling images (paired: the same
     images for both). ``a`` and ``b`` are per-image scores (0/1 hits). NaN without images."""
@@ -256,5 +310,9 @@ def paired_difference_low(a: np.ndarray, b: np.ndarray, labels: np.ndarray, resa
     for _ in range(resamples):
         index = rng.integers(0, len(a), len(a))
         chosen = labels[index]
-        differences.append(np.mean([(a[index][chosen == c] - b[index][chosen == c]).mean() for c in np.unique(chosen)]))
+        differences.append(
+            np.mean(
+                [(a[index][chosen == c] - b[index][chosen == c]).mean() for c in np.unique(chosen)]
+            )
+        )
     return float(np.percentile(differences, 2.5))

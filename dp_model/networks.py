@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from .backbones import STAGE_CHANNELS, STAGES, Normalize, pooled, resnet18, stem
 from .classifier import ClassifierBase
-from .registry import build_network as build_network  # named by the configs of bundles written before 2026-12-01
+
+# named by the configs of bundles written before 2026-12-01
+from .registry import build_network as build_network
 
 
 class SpatialAttention(nn.Module):
@@ -92,17 +94,25 @@ class DeepPneumoniaNet(ClassifierBase):
         super().__init__()
         stages = tuple(int(s) for s in attention_stages)
         if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
-            raise ValueError(f"attention_stages must be distinct values from 1 to 4, got {list(attention_stages)}")
+            raise ValueError(
+                f"attention_stages must be distinct values from 1 to 4, got {list(attention_stages)}"
+            )
         if lesion_stage and lesion_stage not in stages:
-            raise ValueError(f"lesion_stage must be 0 or one of the attention stages {list(stages)}, got {lesion_stage}")
+            raise ValueError(
+                f"lesion_stage must be 0 or one of the attention stages {list(stages)}, got {lesion_stage}"
+            )
         self.normalize = Normalize()
         self.backbone = resnet18(in_channels, num_classes)
         self.attention_stages = stages
         self.heads = nn.ModuleDict({STAGES[s - 1]: MGACRHead(attention_kernel) for s in stages})
         self.lesion_stage = int(lesion_stage)
-        self.lesion_head = nn.Conv2d(STAGE_CHANNELS[lesion_stage - 1], 1, 1) if lesion_stage else None
+        self.lesion_head = (
+            nn.Conv2d(STAGE_CHANNELS[lesion_stage - 1], 1, 1) if lesion_stage else None
+        )
 
-    def forward(self, x: Tensor, train_outputs: bool = False) -> Tensor | tuple[Tensor, list[StageOutput]]:
+    def forward(
+        self, x: Tensor, train_outputs: bool = False
+    ) -> Tensor | tuple[Tensor, list[StageOutput]]:
         """Logits ``(B, num_classes)`` of images in [0, 1]; the attention heads are not run.
 
         With ``train_outputs`` (training only), :meth:`forward_train`'s result instead; the
@@ -129,7 +139,11 @@ class DeepPneumoniaNet(ClassifierBase):
         for name, stage in zip(STAGES, features):
             if name in self.heads:
                 map_pos, map_neg = self.heads[name](stage)
-                lesion = self.lesion_head(stage) if self.lesion_head is not None and name == STAGES[self.lesion_stage - 1] else None
+                lesion = (
+                    self.lesion_head(stage)
+                    if self.lesion_head is not None and name == STAGES[self.lesion_stage - 1]
+                    else None
+                )
                 outputs.append(StageOutput(stage, map_pos, map_neg, name, lesion))
         return logits, outputs
 
@@ -156,7 +170,9 @@ class DeepPneumoniaNet(ClassifierBase):
             raise ValueError("this network has no attention heads")
         stage = stage or max(self.attention_stages)
         if stage not in self.attention_stages:
-            raise ValueError(f"stage {stage} has no attention head; heads are on {list(self.attention_stages)}")
+            raise ValueError(
+                f"stage {stage} has no attention head; heads are on {list(self.attention_stages)}"
+            )
         features = self.stage_features(x)[stage - 1]
         map_pos, _ = self.heads[STAGES[stage - 1]](features)
         return F.interpolate(map_pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -167,7 +183,12 @@ class DeepPneumoniaNet(ClassifierBase):
         if self.lesion_head is None:
             raise ValueError("this network has no lesion head")
         features = self.stage_features(x)[self.lesion_stage - 1]
-        return F.interpolate(self.lesion_head(features).sigmoid(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(
+            self.lesion_head(features).sigmoid(),
+            size=x.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
 
 
 class BaselineNet(ClassifierBase):
@@ -184,7 +205,13 @@ class BaselineNet(ClassifierBase):
         cam_exact: the logits are one linear layer over the global average of ``cam_layer``.
     """
 
-    def __init__(self, architecture: str, num_classes: int = 5, cam_layer: str = "layer4", cam_exact: bool = False) -> None:
+    def __init__(
+        self,
+        architecture: str,
+        num_classes: int = 5,
+        cam_layer: str = "layer4",
+        cam_exact: bool = False,
+    ) -> None:
         super().__init__()
         import torchvision
 
@@ -194,7 +221,14 @@ class BaselineNet(ClassifierBase):
         self.normalize = Normalize()
         net = getattr(torchvision.models, architecture)(num_classes=num_classes)
         name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-        one_channel = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding, bias=first.bias is not None)
+        one_channel = nn.Conv2d(
+            1,
+            first.out_channels,
+            first.kernel_size,
+            first.stride,
+            first.padding,
+            bias=first.bias is not None,
+        )
         net.set_submodule(name, one_channel)
         self.net = net
         self._cam_layer = cam_layer
@@ -233,10 +267,20 @@ class SideBranchAttention(nn.Module):
         mid = max(8, channels // reduction)
 
         def down() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(channels, mid, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(channels, mid, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(mid),
+                nn.ReLU(inplace=True),
+            )
 
-        self.channel_down, self.channel_up = down(), nn.ConvTranspose2d(mid, channels, kernel_size=2, stride=2)
-        self.spatial_down, self.spatial_up = down(), nn.ConvTranspose2d(mid, 1, kernel_size=2, stride=2)
+        self.channel_down, self.channel_up = (
+            down(),
+            nn.ConvTranspose2d(mid, channels, kernel_size=2, stride=2),
+        )
+        self.spatial_down, self.spatial_up = (
+            down(),
+            nn.ConvTranspose2d(mid, 1, kernel_size=2, stride=2),
+        )
 
     def maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Channel weights ``(B, C, 1, 1)`` and the spatial map ``(B, 1, H, W)``, both in (0, 1)."""
@@ -292,7 +336,9 @@ class SimCLRNet(nn.Module):
     pre-training; the encoder's weights initialise stage II.
     """
 
-    def __init__(self, in_channels: int = 1, hidden_dim: int = 512, projection_dim: int = 128) -> None:
+    def __init__(
+        self, in_channels: int = 1, hidden_dim: int = 512, projection_dim: int = 128
+    ) -> None:
         super().__init__()
         self.normalize = Normalize()
         self.encoder = resnet18(in_channels, num_classes=1)

@@ -105,9 +105,13 @@ def penultimate(model: nn.Module) -> Iterator[list[Tensor]]:
     """Within the block, every forward pass appends its penultimate features ``(B, D)`` to the list."""
     layer = classifier_layer(model)
     if layer is None:
-        raise ValueError(f"{type(model).__name__} names no classifier layer: no penultimate features for an out-of-distribution gate")
+        raise ValueError(
+            f"{type(model).__name__} names no classifier layer: no penultimate features for an out-of-distribution gate"
+        )
     seen: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().flatten(1).float()))
+    handle = layer.register_forward_hook(
+        lambda module, inputs, output: seen.append(inputs[0].detach().flatten(1).float())
+    )
     try:
         yield seen
     finally:
@@ -146,7 +150,11 @@ class Seen:
         return len(self.features)
 
     def to(self, device: torch.device | str) -> Seen:
-        return Seen(self.logits.to(device), self.features.to(device), tuple(s.to(device) for s in self.stages))
+        return Seen(
+            self.logits.to(device),
+            self.features.to(device),
+            tuple(s.to(device) for s in self.stages),
+        )
 
     def take(self, index: Tensor | np.ndarray) -> Seen:
         """The rows at ``index`` (a boolean mask or indices)."""
@@ -158,8 +166,14 @@ class Seen:
         parts = list(parts)
         if not parts:
             raise ValueError("no forward passes to join")
-        stages = tuple(torch.cat(layer) for layer in zip(*(p.stages for p in parts))) if parts[0].stages else ()
-        return Seen(torch.cat([p.logits for p in parts]), torch.cat([p.features for p in parts]), stages)
+        stages = (
+            tuple(torch.cat(layer) for layer in zip(*(p.stages for p in parts)))
+            if parts[0].stages
+            else ()
+        )
+        return Seen(
+            torch.cat([p.logits for p in parts]), torch.cat([p.features for p in parts]), stages
+        )
 
 
 class Watch:
@@ -168,15 +182,29 @@ class Watch:
     def __init__(self, model: nn.Module, stages: bool = False) -> None:
         layer = classifier_layer(model)
         if layer is None:
-            raise ValueError(f"{type(model).__name__} names no classifier layer: no penultimate features for an out-of-distribution gate")
+            raise ValueError(
+                f"{type(model).__name__} names no classifier layer: no penultimate features for an out-of-distribution gate"
+            )
         modules = stage_modules(model) if stages else []
         if modules is None:
-            raise ValueError(f"{type(model).__name__} has no residual stages {', '.join(STAGE_NAMES)}: no multi-layer detector for it")
+            raise ValueError(
+                f"{type(model).__name__} has no residual stages {', '.join(STAGE_NAMES)}: no multi-layer detector for it"
+            )
         self._features: list[Tensor] = []
         self._stages: list[list[Tensor]] = [[] for _ in modules]
-        self._handles = [layer.register_forward_hook(lambda module, inputs, output: self._features.append(inputs[0].detach().flatten(1).float()))]
+        self._handles = [
+            layer.register_forward_hook(
+                lambda module, inputs, output: self._features.append(
+                    inputs[0].detach().flatten(1).float()
+                )
+            )
+        ]
         for found, module in zip(self._stages, modules):
-            self._handles.append(module.register_forward_hook(lambda module, inputs, output, found=found: found.append(_pooled(output))))
+            self._handles.append(
+                module.register_forward_hook(
+                    lambda module, inputs, output, found=found: found.append(_pooled(output))
+                )
+            )
 
     def seen(self, logits: Tensor, rows: int) -> Seen:
         """What the single forward pass since the last call showed, with its ``logits``.
@@ -249,11 +277,17 @@ def estimated_shrinkage(centred: Tensor, method: str = "ledoit-wolf") -> float:
     if centred.shape[0] < 2 or centred.shape[1] < 2:
         return 1.0
     x = centred.double().cpu().numpy()
-    weight = ledoit_wolf_shrinkage(x, assume_centered=True) if method == "ledoit-wolf" else OAS(assume_centered=True).fit(x).shrinkage_
+    weight = (
+        ledoit_wolf_shrinkage(x, assume_centered=True)
+        if method == "ledoit-wolf"
+        else OAS(assume_centered=True).fit(x).shrinkage_
+    )
     return float(np.clip(weight, 0.0, 1.0))
 
 
-def shrunk_precision(centred: Tensor, shrinkage: float | None = None, method: str = "ledoit-wolf") -> tuple[Tensor, float]:
+def shrunk_precision(
+    centred: Tensor, shrinkage: float | None = None, method: str = "ledoit-wolf"
+) -> tuple[Tensor, float]:
     """The inverse of the covariance of centred rows ``(N, D)`` shrunk towards a scaled
     identity (``shrinkage``; None: estimated by ``method``), float64, and the weight used."""
     centred = centred.double()
@@ -261,11 +295,15 @@ def shrunk_precision(centred: Tensor, shrinkage: float | None = None, method: st
     scale = covariance.diagonal().mean().clamp_min(1e-12)
     if shrinkage is None:
         shrinkage = estimated_shrinkage(centred, method)
-    shrunk = (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(len(covariance), dtype=covariance.dtype)
+    shrunk = (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(
+        len(covariance), dtype=covariance.dtype
+    )
     return torch.linalg.inv(shrunk), float(shrinkage)
 
 
-def _class_gaussians(features: Tensor, labels: np.ndarray, shrinkage: float | None, method: str) -> tuple[Tensor, Tensor, float]:
+def _class_gaussians(
+    features: Tensor, labels: np.ndarray, shrinkage: float | None, method: str
+) -> tuple[Tensor, Tensor, float]:
     """Class means ``(K, D)`` (classes with images only), the shared precision, the shrinkage."""
     features, labels = features.double(), np.asarray(labels)
     means, centred = [], []
@@ -296,7 +334,12 @@ class FeatureStatistics:
     needs_stages = False
 
     @staticmethod
-    def fit(features: Tensor, labels: np.ndarray, shrinkage: float | None = None, method: str = "ledoit-wolf") -> FeatureStatistics:
+    def fit(
+        features: Tensor,
+        labels: np.ndarray,
+        shrinkage: float | None = None,
+        method: str = "ledoit-wolf",
+    ) -> FeatureStatistics:
         """From training features ``(N, D)`` and class indices ``(N,)`` (classes with images only).
 
         ``shrinkage``: the weight of the scaled identity; None estimates it by ``method``
@@ -318,7 +361,9 @@ class FeatureStatistics:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"means": self.means.contiguous(), "precision": self.precision.contiguous()}, path)
+        torch.save(
+            {"means": self.means.contiguous(), "precision": self.precision.contiguous()}, path
+        )
 
     @staticmethod
     def load(path: Path, features: int | None = None) -> FeatureStatistics:
@@ -329,25 +374,39 @@ class FeatureStatistics:
             ValueError: what is wrong, in words.
         """
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor) for k in ("means", "precision")):
+        if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), torch.Tensor) for k in ("means", "precision")
+        ):
             raise ValueError("not a dict of tensors 'means' and 'precision'")
         return FeatureStatistics(*_checked_gaussian(state["means"], state["precision"], features))
 
 
-def _checked_gaussian(means: Tensor, precision: Tensor, features: int | None) -> tuple[Tensor, Tensor]:
+def _checked_gaussian(
+    means: Tensor, precision: Tensor, features: int | None
+) -> tuple[Tensor, Tensor]:
     """``means (K, D)`` and a symmetric positive-definite ``precision (D, D)``, finite, checked.
 
     Raises:
         ValueError: what is wrong, in words.
     """
     means, precision = means.float(), precision.float()
-    if means.ndim != 2 or precision.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]) or len(means) == 0:
-        raise ValueError(f"shapes do not fit: means {tuple(means.shape)}, precision {tuple(precision.shape)}")
+    if (
+        means.ndim != 2
+        or precision.ndim != 2
+        or precision.shape != (means.shape[1], means.shape[1])
+        or len(means) == 0
+    ):
+        raise ValueError(
+            f"shapes do not fit: means {tuple(means.shape)}, precision {tuple(precision.shape)}"
+        )
     if features is not None and means.shape[1] != features:
         raise ValueError(f"{means.shape[1]} feature dimensions, the network has {features}")
     if not (torch.isfinite(means).all() and torch.isfinite(precision).all()):
         raise ValueError("non-finite values")
-    if not torch.allclose(precision, precision.T, rtol=1e-4, atol=1e-6) or torch.linalg.cholesky_ex(precision.double()).info != 0:
+    if (
+        not torch.allclose(precision, precision.T, rtol=1e-4, atol=1e-6)
+        or torch.linalg.cholesky_ex(precision.double()).info != 0
+    ):
         raise ValueError("the precision is not symmetric positive-definite")
     return means, precision
 
@@ -369,13 +428,19 @@ class _Stored:
             if isinstance(value, tuple):
                 state |= {f"{f.name}.{i}": v.contiguous().cpu() for i, v in enumerate(value)}
             else:
-                state[f.name] = value.contiguous().cpu() if isinstance(value, Tensor) else torch.tensor(float(value))
+                state[f.name] = (
+                    value.contiguous().cpu()
+                    if isinstance(value, Tensor)
+                    else torch.tensor(float(value))
+                )
         torch.save(state, path)
 
     @classmethod
     def _state(cls, path: Path) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+        ):
             raise ValueError("not a dict of named tensors")
         for value in state.values():
             if not torch.isfinite(value.float()).all():
@@ -443,7 +508,9 @@ class RelativeMahalanobis(_Stored):
     needs_stages = False
 
     @staticmethod
-    def fit(features: Tensor, labels: np.ndarray, method: str = "ledoit-wolf") -> RelativeMahalanobis:
+    def fit(
+        features: Tensor, labels: np.ndarray, method: str = "ledoit-wolf"
+    ) -> RelativeMahalanobis:
         """The background covariance is shrunk by the weight estimated for the classes' one:
         in the directions the training features hardly span, each distance is the shrinkage
         target's, and two different weights would make their difference an artefact of the
@@ -465,8 +532,13 @@ class RelativeMahalanobis(_Stored):
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> RelativeMahalanobis:
-        means, precision, centre, background = _required(cls._state(path), "means", "precision", "background_mean", "background_precision")
-        return cls(*_checked_gaussian(means, precision, features), *_checked_gaussian(centre, background, features))
+        means, precision, centre, background = _required(
+            cls._state(path), "means", "precision", "background_mean", "background_precision"
+        )
+        return cls(
+            *_checked_gaussian(means, precision, features),
+            *_checked_gaussian(centre, background, features),
+        )
 
 
 @dataclass(frozen=True)
@@ -486,20 +558,37 @@ class MultiLayerMahalanobis(_Stored):
     needs_stages = True
 
     @staticmethod
-    def fit(stages: tuple[Tensor, ...], labels: np.ndarray, method: str = "ledoit-wolf") -> MultiLayerMahalanobis:
+    def fit(
+        stages: tuple[Tensor, ...], labels: np.ndarray, method: str = "ledoit-wolf"
+    ) -> MultiLayerMahalanobis:
         if not stages:
             raise ValueError("no stage features to fit a multi-layer detector on")
         means, precisions, centres, spreads = [], [], [], []
         for x in stages:
             m, p, _ = _class_gaussians(x, labels, None, method)
             own = nearest_distance(x, m, p).double()
-            means.append(m), precisions.append(p), centres.append(own.mean()), spreads.append(own.std().clamp_min(1e-6))
-        return MultiLayerMahalanobis(tuple(means), tuple(precisions), torch.stack(centres).float(), torch.stack(spreads).float())
+            (
+                means.append(m),
+                precisions.append(p),
+                centres.append(own.mean()),
+                spreads.append(own.std().clamp_min(1e-6)),
+            )
+        return MultiLayerMahalanobis(
+            tuple(means),
+            tuple(precisions),
+            torch.stack(centres).float(),
+            torch.stack(spreads).float(),
+        )
 
     def score(self, seen: Seen) -> np.ndarray:
         if len(seen.stages) != len(self.means):
-            raise ValueError(f"{len(seen.stages)} stage outputs seen, the detector reads {len(self.means)}")
-        per_stage = torch.stack([nearest_distance(x, m, p) for x, m, p in zip(seen.stages, self.means, self.precision)], dim=1)
+            raise ValueError(
+                f"{len(seen.stages)} stage outputs seen, the detector reads {len(self.means)}"
+            )
+        per_stage = torch.stack(
+            [nearest_distance(x, m, p) for x, m, p in zip(seen.stages, self.means, self.precision)],
+            dim=1,
+        )
         return ((per_stage - self.centre) / self.spread).mean(dim=1).cpu().numpy()
 
     @classmethod
@@ -508,11 +597,19 @@ class MultiLayerMahalanobis(_Stored):
         count = sum(1 for k in state if k.startswith("means."))
         if count == 0:
             raise ValueError("no stage statistics")
-        gaussians = [_checked_gaussian(*_required(state, f"means.{i}", f"precision.{i}"), None) for i in range(count)]
+        gaussians = [
+            _checked_gaussian(*_required(state, f"means.{i}", f"precision.{i}"), None)
+            for i in range(count)
+        ]
         centre, spread = _required(state, "centre", "spread")
         if centre.shape != (count,) or spread.shape != (count,) or not (spread > 0).all():
             raise ValueError(f"centre and spread must be {count} numbers, spread above 0")
-        return cls(tuple(g[0] for g in gaussians), tuple(g[1] for g in gaussians), centre.float(), spread.float())
+        return cls(
+            tuple(g[0] for g in gaussians),
+            tuple(g[1] for g in gaussians),
+            centre.float(),
+            spread.float(),
+        )
 
 
 @dataclass(frozen=True)
@@ -539,7 +636,9 @@ class NearestNeighbour(_Stored):
     def load(cls, path: Path, features: int | None = None) -> NearestNeighbour:
         bank, k = _required(cls._state(path), "bank", "k")
         if bank.ndim != 2 or (features is not None and bank.shape[1] != features):
-            raise ValueError(f"a bank of shape {tuple(bank.shape)} does not fit {features} features")
+            raise ValueError(
+                f"a bank of shape {tuple(bank.shape)} does not fit {features} features"
+            )
         if not 1 <= int(k) <= len(bank):
             raise ValueError(f"k {int(k)} outside [1, {len(bank)}]")
         return cls(bank.float(), int(k))
@@ -566,7 +665,9 @@ class VirtualLogit(_Stored):
     needs_stages = False
 
     @staticmethod
-    def fit(features: Tensor, logits: Tensor, classifier: nn.Linear, dim: int | None = None) -> VirtualLogit:
+    def fit(
+        features: Tensor, logits: Tensor, classifier: nn.Linear, dim: int | None = None
+    ) -> VirtualLogit:
         """``dim``: the principal subspace's dimension. Default: half the features' (the
         published choice for 512-dimensional ResNet-18 features), but at most half the
         training images, so that the training features do vary outside it (with fewer images
@@ -574,12 +675,18 @@ class VirtualLogit(_Stored):
         every training image makes ``alpha`` meaningless)."""
         x = features.double()
         weight = classifier.weight.detach().double().cpu()
-        bias = classifier.bias.detach().double().cpu() if classifier.bias is not None else torch.zeros(len(weight), dtype=torch.float64)
+        bias = (
+            classifier.bias.detach().double().cpu()
+            if classifier.bias is not None
+            else torch.zeros(len(weight), dtype=torch.float64)
+        )
         origin = -torch.linalg.pinv(weight) @ bias
         centred = x.cpu() - origin
         dim = max(1, min(x.shape[1] // 2, len(x) // 2)) if dim is None else dim
         if not 1 <= dim < x.shape[1]:
-            raise ValueError(f"the principal subspace's dimension must lie in [1, {x.shape[1] - 1}], got {dim}")
+            raise ValueError(
+                f"the principal subspace's dimension must lie in [1, {x.shape[1] - 1}], got {dim}"
+            )
         _, vectors = torch.linalg.eigh(centred.T @ centred / len(centred))  # ascending eigenvalues
         residual = vectors[:, : x.shape[1] - dim]
         norms = (centred @ residual).norm(dim=1)
@@ -593,15 +700,27 @@ class VirtualLogit(_Stored):
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> VirtualLogit:
         origin, residual, alpha = _required(cls._state(path), "origin", "residual", "alpha")
-        if origin.ndim != 1 or residual.ndim != 2 or residual.shape[0] != len(origin) or (features is not None and len(origin) != features):
-            raise ValueError(f"shapes do not fit: origin {tuple(origin.shape)}, residual basis {tuple(residual.shape)}")
+        if (
+            origin.ndim != 1
+            or residual.ndim != 2
+            or residual.shape[0] != len(origin)
+            or (features is not None and len(origin) != features)
+        ):
+            raise ValueError(
+                f"shapes do not fit: origin {tuple(origin.shape)}, residual basis {tuple(residual.shape)}"
+            )
         return cls(origin.float(), residual.float(), float(alpha))
 
 
 _CLASSES = {
-    "mahalanobis": FeatureStatistics, "relative_mahalanobis": RelativeMahalanobis, "multilayer_mahalanobis": MultiLayerMahalanobis,
-    "knn": NearestNeighbour, "vim": VirtualLogit, "msp": MaxSoftmax, "energy": Energy,
-}  # fmt: skip
+    "mahalanobis": FeatureStatistics,
+    "relative_mahalanobis": RelativeMahalanobis,
+    "multilayer_mahalanobis": MultiLayerMahalanobis,
+    "knn": NearestNeighbour,
+    "vim": VirtualLogit,
+    "msp": MaxSoftmax,
+    "energy": Energy,
+}
 
 
 def needs_stages(kind: str) -> bool:
@@ -611,11 +730,19 @@ def needs_stages(kind: str) -> bool:
 
 def _known(kind: str):
     if kind not in _CLASSES:
-        raise ValueError(f"out-of-distribution detector {kind!r} is not known ({', '.join(DETECTORS)})")
+        raise ValueError(
+            f"out-of-distribution detector {kind!r} is not known ({', '.join(DETECTORS)})"
+        )
     return _CLASSES[kind]
 
 
-def fit_detector(kind: str, train: Seen, labels: np.ndarray, classifier: nn.Linear | None = None, method: str = "ledoit-wolf") -> Detector:
+def fit_detector(
+    kind: str,
+    train: Seen,
+    labels: np.ndarray,
+    classifier: nn.Linear | None = None,
+    method: str = "ledoit-wolf",
+) -> Detector:
     """The detector ``kind`` fitted on the training split's forward passes ``train`` and class
     indices ``labels``; ``classifier`` is the network's classifier layer (ViM needs its weights),
     ``method`` how the Mahalanobis detectors shrink their covariance."""
@@ -657,7 +784,9 @@ def threshold(held_out_scores: np.ndarray, quantile: float = QUANTILE) -> float:
     return float(np.quantile(np.asarray(held_out_scores, np.float64), quantile))
 
 
-def gate_rank(n: int, false_rejection: float = FALSE_REJECTION, confidence: float = CONFIDENCE) -> tuple[int, float]:
+def gate_rank(
+    n: int, false_rejection: float = FALSE_REJECTION, confidence: float = CONFIDENCE
+) -> tuple[int, float]:
     """The smallest rank ``r`` (1-based, of ``n`` held-out scores) whose order statistic turns
     away at most ``false_rejection`` of in-distribution images with probability ``confidence``,
     and the bound it gives.
@@ -672,14 +801,20 @@ def gate_rank(n: int, false_rejection: float = FALSE_REJECTION, confidence: floa
     if n < 1:
         raise ValueError("no held-out images to place an out-of-distribution gate")
     if not (0 < false_rejection < 1 and 0 < confidence < 1):
-        raise ValueError(f"false_rejection and confidence lie in (0, 1), got {false_rejection}, {confidence}")
+        raise ValueError(
+            f"false_rejection and confidence lie in (0, 1), got {false_rejection}, {confidence}"
+        )
     reached = np.nonzero(binom.cdf(np.arange(n), n, 1 - false_rejection) >= confidence)[0]
     if len(reached):
         return int(reached[0]) + 1, float(false_rejection)
     return n, float(1 - (1 - confidence) ** (1 / n))
 
 
-def certified_threshold(held_out_scores: np.ndarray, false_rejection: float = FALSE_REJECTION, confidence: float = CONFIDENCE) -> tuple[float, int, float]:
+def certified_threshold(
+    held_out_scores: np.ndarray,
+    false_rejection: float = FALSE_REJECTION,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, int, float]:
     """The gate's threshold: the :func:`gate_rank`-th smallest held-out score; with the rank and
     the false-rejection bound it holds at ``confidence``.
 

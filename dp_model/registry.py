@@ -57,40 +57,60 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture(
-            name="resnet18", network="dp_model.networks:DeepPneumoniaNet", pretrainable=True, attention=True,
+            name="resnet18",
+            network="dp_model.networks:DeepPneumoniaNet",
+            pretrainable=True,
+            attention=True,
             description="Deep Pneumonia: ResNet18 with SimCLR pre-training, mask-guided attention with contrastive regulation and a class-balanced focal loss.",
         ),
         Architecture(
-            name="resnet50", network="dp_model.networks:BaselineNet", arguments={"architecture": "resnet50", "cam_layer": "layer4", "cam_exact": True},
+            name="resnet50",
+            network="dp_model.networks:BaselineNet",
+            arguments={"architecture": "resnet50", "cam_layer": "layer4", "cam_exact": True},
             description=f"ResNet-50 {_PAPER_BASELINE}",
         ),
-        Architecture(  # three linear layers after the pool: CAM is not exact; features.28 is the last convolution
-            name="vgg16", network="dp_model.networks:BaselineNet", arguments={"architecture": "vgg16", "cam_layer": "features.28"},
+        # three linear layers after the pool: CAM is not exact; features.28 is the last convolution
+        Architecture(
+            name="vgg16",
+            network="dp_model.networks:BaselineNet",
+            arguments={"architecture": "vgg16", "cam_layer": "features.28"},
             description=f"VGG16 {_PAPER_BASELINE}",
         ),
-        Architecture(  # features ends in a batch norm; a ReLU comes before the pool, so CAM is not exact
-            name="densenet121", network="dp_model.networks:BaselineNet", arguments={"architecture": "densenet121", "cam_layer": "features"},
+        # features ends in a batch norm; a ReLU comes before the pool, so CAM is not exact
+        Architecture(
+            name="densenet121",
+            network="dp_model.networks:BaselineNet",
+            arguments={"architecture": "densenet121", "cam_layer": "features"},
             description="DenseNet-121 baseline trained from scratch (the network of CheXNet, Rajpurkar et al. 2017).",
         ),
         Architecture(
-            name="attention_resnet50", network="dp_model.networks:AttentionResNet50",
+            name="attention_resnet50",
+            network="dp_model.networks:AttentionResNet50",
             description="Attention-enhanced ResNet-50: channel and spatial attention side branches in every residual stage, trained with a modified focal loss with 1/sqrt(n) class weights.",
         ),
         Architecture(
-            name="class_attention", network="dp_model.variants:ClassAttentionNet", multi_label=True, pretrainable=True,
+            name="class_attention",
+            network="dp_model.variants:ClassAttentionNet",
+            multi_label=True,
+            pretrainable=True,
             description="Class-based attention: attention gates on three residual stages with the third replicated per finding, one sigmoid per finding, "
             "trained with positive weights n_min^2/n_i and the entropy of absent findings' attention maps maximised.",
         ),
         Architecture(
-            name="cia_net", network="dp_model.variants:CIANet", multi_label=True, pretrainable=True,
+            name="cia_net",
+            network="dp_model.variants:CIANet",
+            multi_label=True,
+            pretrainable=True,
             description="CIA-Net: contrast-induced attention against the most similar normal image, an alignment module towards a canonical chest, "
             "and a class-aware grid trained with box-level and MIL losses, so that images without boxes train too.",
         ),
     )
-}  # fmt: skip
+}
 
 
-def build_network(architecture: str, num_classes: int, attention_stages: Sequence[int] = (), **options: Any) -> Classifier:
+def build_network(
+    architecture: str, num_classes: int, attention_stages: Sequence[int] = (), **options: Any
+) -> Classifier:
     """The classifier of ``architecture`` (a key of :data:`ARCHITECTURES`); ``attention_stages``
     are MGACR heads, for the architectures that take them.
 

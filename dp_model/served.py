@@ -34,9 +34,23 @@ from .contract import ModelContract
 from .metrics import roc_auc
 
 __all__ = [
-    "Block", "Proportion", "Served", "ServedReport", "adaptive_ece", "admitted", "brier", "clopper_pearson", "evaluate_scores_file",
-    "evaluate_served", "is_pneumonia", "lower_bound", "reliability_bins", "reliability_diagram", "save_scores", "served_decisions",
-]  # fmt: skip
+    "Block",
+    "Proportion",
+    "Served",
+    "ServedReport",
+    "adaptive_ece",
+    "admitted",
+    "brier",
+    "clopper_pearson",
+    "evaluate_scores_file",
+    "evaluate_served",
+    "is_pneumonia",
+    "lower_bound",
+    "reliability_bins",
+    "reliability_diagram",
+    "save_scores",
+    "served_decisions",
+]
 
 #: Two-sided confidence of every interval reported here.
 CONFIDENCE = 0.95
@@ -47,7 +61,9 @@ BINS = 10
 # --- exact binomial intervals -------------------------------------------------------------------------
 
 
-def clopper_pearson(successes: int, total: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+def clopper_pearson(
+    successes: int, total: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """The exact two-sided interval of a proportion (Clopper and Pearson, 1934); NaN for no trials."""
     from scipy.stats import beta
 
@@ -55,7 +71,11 @@ def clopper_pearson(successes: int, total: int, confidence: float = CONFIDENCE) 
         return float("nan"), float("nan")
     alpha = 1 - confidence
     low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, total - successes + 1))
-    high = 1.0 if successes == total else float(beta.ppf(1 - alpha / 2, successes + 1, total - successes))
+    high = (
+        1.0
+        if successes == total
+        else float(beta.ppf(1 - alpha / 2, successes + 1, total - successes))
+    )
     return low, high
 
 
@@ -87,10 +107,20 @@ class Proportion:
         return self.successes / self.total if self.total else float("nan")
 
     def to_json(self) -> dict:
-        return {"successes": self.successes, "total": self.total, "value": _number(self.value), "low": _number(self.low), "high": _number(self.high)}
+        return {
+            "successes": self.successes,
+            "total": self.total,
+            "value": _number(self.value),
+            "low": _number(self.low),
+            "high": _number(self.high),
+        }
 
     def text(self) -> str:
-        return "n/a (no images)" if not self.total else f"{self.value:.3f} ({self.low:.3f} to {self.high:.3f})"
+        return (
+            "n/a (no images)"
+            if not self.total
+            else f"{self.value:.3f} ({self.low:.3f} to {self.high:.3f})"
+        )
 
 
 def proportion(hits: np.ndarray, confidence: float = CONFIDENCE) -> Proportion:
@@ -124,7 +154,9 @@ def admitted(ood_scores: np.ndarray | None, contract: ModelContract) -> np.ndarr
         return np.asarray(ood_scores, np.float64) <= contract.ood.threshold
 
 
-def served_decisions(probabilities: np.ndarray, ood_scores: np.ndarray | None, contract: ModelContract) -> Served:
+def served_decisions(
+    probabilities: np.ndarray, ood_scores: np.ndarray | None, contract: ModelContract
+) -> Served:
     """The node's answers for calibrated ``probabilities`` ``(N, K)`` over the contract's outputs
     and out-of-distribution ``ood_scores`` ``(N,)`` (None: no gate), at the bundle's points."""
     probabilities = np.asarray(probabilities, np.float64)
@@ -134,7 +166,13 @@ def served_decisions(probabilities: np.ndarray, ood_scores: np.ndarray | None, c
     positive = assessed & np.array([d.positive for d in decisions], bool)
     triage = assessed & np.array([d.triage for d in decisions], bool)
     labels = np.array([d.label for d in decisions], dtype=object)
-    return Served(np.array([d.pneumonia_probability for d in decisions], np.float64), assessed, positive, triage, labels)
+    return Served(
+        np.array([d.pneumonia_probability for d in decisions], np.float64),
+        assessed,
+        positive,
+        triage,
+        labels,
+    )
 
 
 def is_pneumonia(labels: np.ndarray, contract: ModelContract) -> np.ndarray:
@@ -156,14 +194,24 @@ def _equal_mass(probability: np.ndarray, bins: int) -> list[np.ndarray]:
     return [part for part in np.array_split(order, min(bins, len(order))) if len(part)]
 
 
-def reliability_bins(probability: np.ndarray, truth: np.ndarray, bins: int = BINS, confidence: float = CONFIDENCE) -> list[dict]:
+def reliability_bins(
+    probability: np.ndarray, truth: np.ndarray, bins: int = BINS, confidence: float = CONFIDENCE
+) -> list[dict]:
     """Equal-mass bins of the probability: each bin's images, mean probability, observed
     frequency and the frequency's Clopper-Pearson interval."""
     p, y = np.asarray(probability, np.float64), np.asarray(truth, bool)
     out = []
     for part in _equal_mass(p, bins):
         share = proportion(y[part], confidence)
-        out.append({"images": len(part), "mean_probability": float(p[part].mean()), "frequency": share.value, "low": share.low, "high": share.high})
+        out.append(
+            {
+                "images": len(part),
+                "mean_probability": float(p[part].mean()),
+                "frequency": share.value,
+                "low": share.low,
+                "high": share.high,
+            }
+        )
     return out
 
 
@@ -172,18 +220,33 @@ def adaptive_ece(probability: np.ndarray, truth: np.ndarray, bins: int = BINS) -
     bin's mean probability and its observed frequency (NaN for no images)."""
     found = reliability_bins(probability, truth, bins)
     total = sum(b["images"] for b in found)
-    return float(sum(b["images"] / total * abs(b["mean_probability"] - b["frequency"]) for b in found)) if total else float("nan")
+    return (
+        float(sum(b["images"] / total * abs(b["mean_probability"] - b["frequency"]) for b in found))
+        if total
+        else float("nan")
+    )
 
 
-def _auc_interval(probability: np.ndarray, truth: np.ndarray, bootstrap: int, seed: int, confidence: float) -> tuple[float, float, float]:
+def _auc_interval(
+    probability: np.ndarray, truth: np.ndarray, bootstrap: int, seed: int, confidence: float
+) -> tuple[float, float, float]:
     value = roc_auc(truth, probability)
     if bootstrap <= 0 or np.isnan(value):
         return value, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    draws = np.array([roc_auc(truth[i], probability[i]) for i in (rng.integers(0, len(truth), len(truth)) for _ in range(bootstrap))])
+    draws = np.array(
+        [
+            roc_auc(truth[i], probability[i])
+            for i in (rng.integers(0, len(truth), len(truth)) for _ in range(bootstrap))
+        ]
+    )
     draws = draws[~np.isnan(draws)]
     tail = 100 * (1 - confidence) / 2
-    return (value, *map(float, np.percentile(draws, [tail, 100 - tail]))) if len(draws) else (value, float("nan"), float("nan"))
+    return (
+        (value, *map(float, np.percentile(draws, [tail, 100 - tail])))
+        if len(draws)
+        else (value, float("nan"), float("nan"))
+    )
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -212,9 +275,21 @@ class Block:
     auc_high: float
 
     def to_json(self) -> dict:
-        points = {name: {"sensitivity": self.sensitivity[name].to_json(), "specificity": self.specificity[name].to_json()} for name in self.sensitivity}
-        scalars = {k: _number(getattr(self, k)) for k in ("brier", "ece", "auc", "auc_low", "auc_high")}
-        return {"images": self.images, "positives": self.positives, "negatives": self.negatives} | points | scalars
+        points = {
+            name: {
+                "sensitivity": self.sensitivity[name].to_json(),
+                "specificity": self.specificity[name].to_json(),
+            }
+            for name in self.sensitivity
+        }
+        scalars = {
+            k: _number(getattr(self, k)) for k in ("brier", "ece", "auc", "auc_low", "auc_high")
+        }
+        return (
+            {"images": self.images, "positives": self.positives, "negatives": self.negatives}
+            | points
+            | scalars
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,21 +311,34 @@ class ServedReport:
 
     def to_json(self) -> dict:
         return {
-            "rule": "dp_model.contract.decide at the bundle's points, behind its out-of-distribution gate", "confidence": self.confidence,
-            "interval": "Clopper-Pearson (exact) for proportions, percentile bootstrap for the AUC", "ece_bins": f"{self.bins} equal-mass",
-            "temperature": self.temperature, "thresholds": dict(self.thresholds), "abstention": self.abstention.to_json(),
-            "abstention_positives": self.abstention_positives.to_json(), "abstention_negatives": self.abstention_negatives.to_json(),
-            "all": self.all.to_json(), "assessed": self.assessed.to_json(),
-            "type_among_served_positives": None if self.type_correct is None else self.type_correct.to_json(),
-        }  # fmt: skip
+            "rule": "dp_model.contract.decide at the bundle's points, behind its out-of-distribution gate",
+            "confidence": self.confidence,
+            "interval": "Clopper-Pearson (exact) for proportions, percentile bootstrap for the AUC",
+            "ece_bins": f"{self.bins} equal-mass",
+            "temperature": self.temperature,
+            "thresholds": dict(self.thresholds),
+            "abstention": self.abstention.to_json(),
+            "abstention_positives": self.abstention_positives.to_json(),
+            "abstention_negatives": self.abstention_negatives.to_json(),
+            "all": self.all.to_json(),
+            "assessed": self.assessed.to_json(),
+            "type_among_served_positives": None
+            if self.type_correct is None
+            else self.type_correct.to_json(),
+        }
 
     def table(self) -> str:
         """Markdown for people: the points' rates with intervals, abstention, calibration."""
         level = f"{self.confidence:.0%}"
-        lines = [f"| point | threshold | images | sensitivity ({level} CI) | specificity ({level} CI) |", "|---|---|---|---|---|"]
+        lines = [
+            f"| point | threshold | images | sensitivity ({level} CI) | specificity ({level} CI) |",
+            "|---|---|---|---|---|",
+        ]
         for name, threshold in self.thresholds.items():
             for label, block in (("every image", self.all), ("assessed", self.assessed)):
-                lines.append(f"| {name} | {threshold:.4f} | {label} ({block.images}) | {block.sensitivity[name].text()} | {block.specificity[name].text()} |")
+                lines.append(
+                    f"| {name} | {threshold:.4f} | {label} ({block.images}) | {block.sensitivity[name].text()} | {block.specificity[name].text()} |"
+                )
         a = self.abstention
         lines += [
             "",
@@ -259,24 +347,63 @@ class ServedReport:
         ]
         if self.type_correct is not None:
             t = self.type_correct
-            lines.append(f"- type named right: {t.successes} of {t.total} pneumonia images reported positive, {t.text()}")
+            lines.append(
+                f"- type named right: {t.successes} of {t.total} pneumonia images reported positive, {t.text()}"
+            )
         for label, block in (("assessed images", self.assessed), ("every image", self.all)):
-            auc = "n/a" if np.isnan(block.auc) else f"{block.auc:.3f}" + ("" if np.isnan(block.auc_low) else f" ({level} bootstrap CI {block.auc_low:.3f} to {block.auc_high:.3f})")
-            lines.append(f"- probability of pneumonia ({label}, {block.images}): Brier {_text(block.brier)}, ECE {_text(block.ece)} ({self.bins} equal-mass bins), AUC {auc}")
+            auc = (
+                "n/a"
+                if np.isnan(block.auc)
+                else f"{block.auc:.3f}"
+                + (
+                    ""
+                    if np.isnan(block.auc_low)
+                    else f" ({level} bootstrap CI {block.auc_low:.3f} to {block.auc_high:.3f})"
+                )
+            )
+            lines.append(
+                f"- probability of pneumonia ({label}, {block.images}): Brier {_text(block.brier)}, ECE {_text(block.ece)} ({self.bins} equal-mass bins), AUC {auc}"
+            )
         return "\n".join(lines)
 
 
-def _block(served: Served, truth: np.ndarray, keep: np.ndarray, bootstrap: int, seed: int, bins: int, confidence: float, points: tuple[str, ...]) -> Block:
+def _block(
+    served: Served,
+    truth: np.ndarray,
+    keep: np.ndarray,
+    bootstrap: int,
+    seed: int,
+    bins: int,
+    confidence: float,
+    points: tuple[str, ...],
+) -> Block:
     y, p = truth[keep], served.pneumonia_probability[keep]
     flags = {"present": served.positive[keep], "triage": served.triage[keep]}
     sensitivity = {name: proportion(flags[name][y], confidence) for name in points}
     specificity = {name: proportion(~flags[name][~y], confidence) for name in points}
     auc = _auc_interval(p, y, bootstrap, seed, confidence)
-    return Block(int(keep.sum()), int(y.sum()), int((~y).sum()), sensitivity, specificity, brier(p, y), adaptive_ece(p, y, bins), *auc)
+    return Block(
+        int(keep.sum()),
+        int(y.sum()),
+        int((~y).sum()),
+        sensitivity,
+        specificity,
+        brier(p, y),
+        adaptive_ece(p, y, bins),
+        *auc,
+    )
 
 
-def evaluate_served(probabilities: np.ndarray, ood_scores: np.ndarray | None, labels: np.ndarray, contract: ModelContract,
-                    bootstrap: int = 1000, seed: int = 0, bins: int = BINS, confidence: float = CONFIDENCE) -> ServedReport:  # fmt: skip
+def evaluate_served(
+    probabilities: np.ndarray,
+    ood_scores: np.ndarray | None,
+    labels: np.ndarray,
+    contract: ModelContract,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    bins: int = BINS,
+    confidence: float = CONFIDENCE,
+) -> ServedReport:
     """Score the node's rule against the truth.
 
     Args:
@@ -291,22 +418,42 @@ def evaluate_served(probabilities: np.ndarray, ood_scores: np.ndarray | None, la
     if len(truth) != len(served.assessed):
         raise ValueError(f"{len(truth)} labels for {len(served.assessed)} images")
     points = ("present", "triage") if contract.triage_point is not None else ("present",)
-    thresholds = {"present": contract.present_point.threshold} | ({"triage": contract.triage_point.threshold} if contract.triage_point else {})
+    thresholds = {"present": contract.present_point.threshold} | (
+        {"triage": contract.triage_point.threshold} if contract.triage_point else {}
+    )
     every = np.ones(len(truth), bool)
     typed = served.positive & truth
-    named_right = served.label[typed] == np.asarray(contract.classes, dtype=object)[np.asarray(labels)[typed]]
-    type_correct = proportion(named_right.astype(bool), confidence) if len(contract.pneumonia) > 1 else None
+    named_right = (
+        served.label[typed] == np.asarray(contract.classes, dtype=object)[np.asarray(labels)[typed]]
+    )
+    type_correct = (
+        proportion(named_right.astype(bool), confidence) if len(contract.pneumonia) > 1 else None
+    )
     return ServedReport(
-        thresholds=thresholds, abstention=proportion(~served.assessed, confidence), abstention_positives=proportion(~served.assessed[truth], confidence), abstention_negatives=proportion(~served.assessed[~truth], confidence),
-        all=_block(served, truth, every, bootstrap, seed, bins, confidence, points), assessed=_block(served, truth, served.assessed, bootstrap, seed, bins, confidence, points),
-        type_correct=type_correct, bins=bins, confidence=confidence, temperature=contract.temperature,
-    )  # fmt: skip
+        thresholds=thresholds,
+        abstention=proportion(~served.assessed, confidence),
+        abstention_positives=proportion(~served.assessed[truth], confidence),
+        abstention_negatives=proportion(~served.assessed[~truth], confidence),
+        all=_block(served, truth, every, bootstrap, seed, bins, confidence, points),
+        assessed=_block(served, truth, served.assessed, bootstrap, seed, bins, confidence, points),
+        type_correct=type_correct,
+        bins=bins,
+        confidence=confidence,
+        temperature=contract.temperature,
+    )
 
 
 # --- per-image scores on disk, and the reliability diagram -----------------------------------------------
 
 
-def save_scores(path: Path, ids: list[str], labels: np.ndarray, probabilities: np.ndarray, ood_scores: np.ndarray | None, contract: ModelContract) -> Path:
+def save_scores(
+    path: Path,
+    ids: list[str],
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    ood_scores: np.ndarray | None,
+    contract: ModelContract,
+) -> Path:
     """Per-image scores as ``.npz`` (no pickles): ``ids`` (as given: a bundle passes the hashed
     ids of ``split.json``), ``labels`` (class indices), ``classes``, ``outputs``, calibrated
     ``probabilities``, ``pneumonia_probability``, ``ood_score`` (NaN: no gate), and the node's
@@ -315,11 +462,21 @@ def save_scores(path: Path, ids: list[str], labels: np.ndarray, probabilities: n
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        path, ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, np.int64), classes=np.asarray(contract.classes, dtype=str),
-        outputs=np.asarray(contract.output_classes, dtype=str), probabilities=np.asarray(probabilities, np.float64),
-        pneumonia_probability=served.pneumonia_probability, ood_score=np.full(len(served.assessed), np.nan) if ood_scores is None else np.asarray(ood_scores, np.float64),
-        assessed=served.assessed, positive=served.positive, triage=served.triage, temperature=np.float64(contract.temperature),
-    )  # fmt: skip
+        path,
+        ids=np.asarray(ids, dtype=str),
+        labels=np.asarray(labels, np.int64),
+        classes=np.asarray(contract.classes, dtype=str),
+        outputs=np.asarray(contract.output_classes, dtype=str),
+        probabilities=np.asarray(probabilities, np.float64),
+        pneumonia_probability=served.pneumonia_probability,
+        ood_score=np.full(len(served.assessed), np.nan)
+        if ood_scores is None
+        else np.asarray(ood_scores, np.float64),
+        assessed=served.assessed,
+        positive=served.positive,
+        triage=served.triage,
+        temperature=np.float64(contract.temperature),
+    )
     return path
 
 
@@ -327,10 +484,18 @@ def evaluate_scores_file(path: Path, contract: ModelContract, **options) -> Serv
     """:func:`evaluate_served` on a file of :func:`save_scores` (a NaN score: no gate, as saved)."""
     with np.load(path, allow_pickle=False) as saved:
         scores = saved["ood_score"]
-        return evaluate_served(saved["probabilities"], None if np.isnan(scores).all() else scores, saved["labels"], contract, **options)
+        return evaluate_served(
+            saved["probabilities"],
+            None if np.isnan(scores).all() else scores,
+            saved["labels"],
+            contract,
+            **options,
+        )
 
 
-def reliability_diagram(probability: np.ndarray, truth: np.ndarray, path: Path, title: str, bins: int = BINS) -> Path:
+def reliability_diagram(
+    probability: np.ndarray, truth: np.ndarray, path: Path, title: str, bins: int = BINS
+) -> Path:
     """Observed frequency against mean probability in equal-mass bins, with each bin's
     Clopper-Pearson interval, and the diagonal of perfect calibration; as a PNG."""
     import matplotlib
@@ -344,9 +509,26 @@ def reliability_diagram(probability: np.ndarray, truth: np.ndarray, path: Path, 
     if found:
         x = np.array([b["mean_probability"] for b in found])
         y = np.array([b["frequency"] for b in found])
-        error = np.array([[b["frequency"] - b["low"] for b in found], [b["high"] - b["frequency"] for b in found]])
-        ax.errorbar(x, y, yerr=error, fmt="o", capsize=3, label=f"{len(found)} equal-mass bins, {CONFIDENCE:.0%} CI")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="served probability of pneumonia", ylabel="observed share with pneumonia")
+        error = np.array(
+            [
+                [b["frequency"] - b["low"] for b in found],
+                [b["high"] - b["frequency"] for b in found],
+            ]
+        )
+        ax.errorbar(
+            x,
+            y,
+            yerr=error,
+            fmt="o",
+            capsize=3,
+            label=f"{len(found)} equal-mass bins, {CONFIDENCE:.0%} CI",
+        )
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="served probability of pneumonia",
+        ylabel="observed share with pneumonia",
+    )
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     path = Path(path)

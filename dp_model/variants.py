@@ -95,7 +95,13 @@ class ClassAttentionNet(ClassifierBase):
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.normalize = Normalize()
         self.backbone = _backbone(in_channels)
-        self.gates = nn.ModuleList([AttentionGate(64, 512, dim), AttentionGate(128, 512, dim), AttentionGate(256, 512, dim, heads=num_classes)])
+        self.gates = nn.ModuleList(
+            [
+                AttentionGate(64, 512, dim),
+                AttentionGate(128, 512, dim),
+                AttentionGate(256, 512, dim, heads=num_classes),
+            ]
+        )
         self.shared = nn.Linear(64 + 128, num_classes)  # class j's weights on (g_1, g_2)
         self.own = nn.Parameter(torch.empty(num_classes, 256))  # class j's weights on g_3j
         nn.init.normal_(self.own, std=1.0 / math.sqrt(256 + 192))
@@ -114,7 +120,9 @@ class ClassAttentionNet(ClassifierBase):
             out = getattr(self.backbone, name)(out)
             locals_.append(out)
         g = pooled(self.backbone, locals_[-1])
-        (g1, _), (g2, _), (g3, w3) = (gate(l, g) for gate, l in zip(self.gates, locals_[:3]))
+        (g1, _), (g2, _), (g3, w3) = (
+            gate(local, g) for gate, local in zip(self.gates, locals_[:3])
+        )
         logits = self.shared(torch.cat([g1[:, 0], g2[:, 0]], dim=1)) + (g3 * self.own).sum(dim=-1)
         return (logits, w3) if train_outputs else logits
 
@@ -149,7 +157,9 @@ class FeatureProbe(nn.Module):
         shapes = ((16, 1, 5, 5), (32, 16, 3, 3), (32, 32, 3, 3))
         for i, shape in enumerate(shapes):
             fan_in = shape[1] * shape[2] * shape[3]
-            self.register_buffer(f"w{i}", torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in))
+            self.register_buffer(
+                f"w{i}", torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(F.conv2d(x, self.w0, stride=2, padding=2))
@@ -169,11 +179,18 @@ class AlignmentModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            nn.Conv2d(1, 16, 5, stride=2, padding=2),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.parameters_out = nn.Linear(64, 5)
         nn.init.zeros_(self.parameters_out.weight)
         nn.init.zeros_(self.parameters_out.bias)
@@ -185,7 +202,9 @@ class AlignmentModule(nn.Module):
         sx, sy = torch.exp(0.25 * raw[:, 2]), torch.exp(0.25 * raw[:, 3])
         theta = (math.pi / 12) * raw[:, 4]
         cos, sin = torch.cos(theta), torch.sin(theta)
-        return torch.stack([torch.stack([sx * cos, -sy * sin, tx], 1), torch.stack([sx * sin, sy * cos, ty], 1)], 1)
+        return torch.stack(
+            [torch.stack([sx * cos, -sy * sin, tx], 1), torch.stack([sx * sin, sy * cos, ty], 1)], 1
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return warp(x, self.transform(x), padding="border")
@@ -195,7 +214,9 @@ def warp(x: Tensor, theta: Tensor, padding: str = "zeros") -> Tensor:
     """``x`` seen in the aligned frame: ``out(u) = x(theta u)`` (Eq. 1), in ``affine_grid``'s
     normalised coordinates, so the same ``theta`` serves any resolution (an image, a mask, a grid)."""
     grid = F.affine_grid(theta.float(), list(x.shape), align_corners=False)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding, align_corners=False).to(x.dtype)
+    return F.grid_sample(
+        x.float(), grid, mode="bilinear", padding_mode=padding, align_corners=False
+    ).to(x.dtype)
 
 
 def unwarp(x: Tensor, theta: Tensor) -> Tensor:
@@ -274,9 +295,13 @@ class CIANet(ClassifierBase):
     ) -> None:
         super().__init__()
         if negative_sampling not in ("hash", "random", "canonical"):
-            raise ValueError(f"negative_sampling must be hash, random or canonical, got {negative_sampling!r}")
+            raise ValueError(
+                f"negative_sampling must be hash, random or canonical, got {negative_sampling!r}"
+            )
         if bank_size < 1 or grid_upsample < 1:
-            raise ValueError(f"bank_size and grid_upsample must be positive, got {bank_size}, {grid_upsample}")
+            raise ValueError(
+                f"bank_size and grid_upsample must be positive, got {bank_size}, {grid_upsample}"
+            )
         self.negative_sampling, self.grid_upsample = negative_sampling, grid_upsample
         self.normalize = Normalize()
         self.align = AlignmentModule() if alignment else None
@@ -285,11 +310,15 @@ class CIANet(ClassifierBase):
         self.attention_trunk = _backbone(in_channels)
         self.attention_trunk.layer4 = nn.Identity()  # C4 only
         self.attention_head = nn.Conv2d(256, 1, 1)
-        self.head = nn.Sequential(nn.Conv2d(512, 256, 1), nn.ReLU(inplace=True), nn.Conv2d(256, num_classes, 1))
+        self.head = nn.Sequential(
+            nn.Conv2d(512, 256, 1), nn.ReLU(inplace=True), nn.Conv2d(256, num_classes, 1)
+        )
         # A prior of about 2 % per cell: with every cell at 0.5, MIL's image probability
         # 1 - prod(1 - p) would start at 1 for every class and image.
         nn.init.constant_(self.head[-1].bias, -4.0)
-        self.register_buffer("bank", torch.zeros(bank_size, 1, image_size, image_size, dtype=torch.uint8))
+        self.register_buffer(
+            "bank", torch.zeros(bank_size, 1, image_size, image_size, dtype=torch.uint8)
+        )
         self.register_buffer("bank_codes", torch.zeros(bank_size, self.HASH_SIDE**2))
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("canonical", torch.zeros(1, 1, image_size, image_size))
@@ -303,10 +332,18 @@ class CIANet(ClassifierBase):
         Args:
             normals: ``(N, 1, S, S)`` uint8 canvases of images labelled normal.
         """
-        if normals.ndim != 4 or normals.shape[1:] != self.bank.shape[1:] or normals.dtype != torch.uint8:
-            raise ValueError(f"normal images must be uint8 {tuple(self.bank.shape[1:])}, got {normals.dtype} {tuple(normals.shape[1:])}")
+        if (
+            normals.ndim != 4
+            or normals.shape[1:] != self.bank.shape[1:]
+            or normals.dtype != torch.uint8
+        ):
+            raise ValueError(
+                f"normal images must be uint8 {tuple(self.bank.shape[1:])}, got {normals.dtype} {tuple(normals.shape[1:])}"
+            )
         if len(normals) < 2:
-            raise ValueError(f"CIA-Net needs at least two normal training images to contrast with, got {len(normals)}")
+            raise ValueError(
+                f"CIA-Net needs at least two normal training images to contrast with, got {len(normals)}"
+            )
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(normals), generator=generator)
         chosen = normals[order[: self.bank.shape[0]].to(normals.device)].to(self.bank.device)
@@ -315,7 +352,8 @@ class CIANet(ClassifierBase):
         self.bank_count.fill_(len(chosen))
         self.bank_codes.zero_()
         self.bank_codes[: len(chosen)] = self.hash_codes(chosen.float() / 255.0)
-        mean = normals[order[:500].to(normals.device)].float().mean(dim=0, keepdim=True) / 255.0  # the paper averages 500
+        # the paper averages 500
+        mean = normals[order[:500].to(normals.device)].float().mean(dim=0, keepdim=True) / 255.0
         self.canonical.copy_(mean.to(self.canonical.device))
 
     def hash_codes(self, x: Tensor) -> Tensor:
@@ -326,7 +364,9 @@ class CIANet(ClassifierBase):
         """The negative image paired with each input, in [0, 1]."""
         count = int(self.bank_count)
         if count == 0:
-            raise RuntimeError("CIA-Net has no negative images; call set_references with normal training images first")
+            raise RuntimeError(
+                "CIA-Net has no negative images; call set_references with normal training images first"
+            )
         if self.negative_sampling == "canonical":
             return self.canonical.expand(len(x), -1, -1, -1).to(x.dtype)
         codes = self.hash_codes(x)
@@ -366,7 +406,11 @@ class CIANet(ClassifierBase):
         size = out.shape[-2:]
         both = self._attention_map(torch.cat([x, negative]), size)
         delta = (both[: x.shape[0]] - both[x.shape[0] :]).abs()
-        delta = delta * (size[0] * size[1]) / delta.flatten(1).sum(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+        delta = (
+            delta
+            * (size[0] * size[1])
+            / delta.flatten(1).sum(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+        )
         return out * delta, delta, x, theta
 
     def forward(self, x: Tensor, train_outputs: bool = False) -> Tensor | CIAOutputs:
@@ -384,7 +428,9 @@ class CIANet(ClassifierBase):
         features, _, _, theta = self.weighted_features(x)
         logits = mil_logits(self.head(features))
         if self.grid_upsample > 1:
-            features = F.interpolate(features, scale_factor=self.grid_upsample, mode="bilinear", align_corners=False)
+            features = F.interpolate(
+                features, scale_factor=self.grid_upsample, mode="bilinear", align_corners=False
+            )
         maps = torch.sigmoid(self.head(features).float())
         return logits, maps if theta is None else unwarp(maps, theta)
 

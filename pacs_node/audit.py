@@ -16,6 +16,7 @@ is lost to a reader, never the whole line after it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,19 +27,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pacs_node.uids import is_valid_uid
 from pacs_node.files import FILE_MODE, private_folder
+from pacs_node.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
 #: Every key an audit line may have.
 FIELDS = (
-    "time", "event", "calling_ae", "peer", "sop_instance_uid", "study_instance_uid", "sop_class_uid", "status",
-    "status_code", "reason", "skip_reason", "detail", "result", "outputs", "delivery", "destination", "contexts",
-    "thread", "timings_ms", "count",
-)  # fmt: skip
+    "time",
+    "event",
+    "calling_ae",
+    "peer",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "sop_class_uid",
+    "status",
+    "status_code",
+    "reason",
+    "skip_reason",
+    "detail",
+    "result",
+    "outputs",
+    "delivery",
+    "destination",
+    "contexts",
+    "thread",
+    "timings_ms",
+    "count",
+)
 #: Lines kept in memory while the disk is full; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 100_000
+
 
 def safe_uid(value: object) -> str:
     """A UID as it may appear in logs and the audit trail: itself when valid, else a hash of it."""
@@ -86,7 +105,16 @@ class Bursts:
         window = self._windows.pop(key, None)
         if window and window.held:
             event, fields = window.event, window.fields
-            self.audit.write(event, **(fields | {"count": window.held, "detail": f"{window.held} more like this within {self.window_s:.0f} s"}))
+            self.audit.write(
+                event,
+                **(
+                    fields
+                    | {
+                        "count": window.held,
+                        "detail": f"{window.held} more like this within {self.window_s:.0f} s",
+                    }
+                ),
+            )
 
 
 @dataclasses.dataclass
@@ -107,7 +135,8 @@ class AuditLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         private_folder(self.path.parent)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)  # read: the last byte (_torn)
+        # read: the last byte (_torn)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
         os.fchmod(self._fd, FILE_MODE)
         self._lock = threading.Lock()
         self._pending: collections.deque[bytes] = collections.deque()
@@ -148,7 +177,12 @@ class AuditLog:
                 self._undo(size)
                 self.write_errors += 1
                 if self.write_errors == 1 or self.write_errors % 1000 == 0:
-                    logger.error("audit log %s: cannot write (%s); %d line(s) kept in memory until it can", self.path, exc.strerror or exc, len(self._pending))
+                    logger.error(
+                        "audit log %s: cannot write (%s); %d line(s) kept in memory until it can",
+                        self.path,
+                        exc.strerror or exc,
+                        len(self._pending),
+                    )
                 return False
             self._pending.popleft()
         return True
@@ -162,10 +196,8 @@ class AuditLog:
 
     def _undo(self, size: int) -> None:
         """Cut a half-written line off, so the trail stays one JSON object per line."""
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(self._fd, size)
-        except OSError:
-            pass
 
     def close(self) -> None:
         with self._lock:

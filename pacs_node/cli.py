@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 # Light imports only: `dp-node --help` and every mistake in the arguments answer at once;
 # PyTorch, MONAI and pydicom (seconds on two cores) come once the arguments are known good.
 from dp_model.config import ConfigError, load_config
-
 from pacs_node.config import NodeConfig
 
 if TYPE_CHECKING:
@@ -61,21 +60,52 @@ OPTIONS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dp-node", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dp-node",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="YAML configuration (default: the embedded default)")
     p.add_argument("--port", type=int, help="DICOM port to listen on (default 11112)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument(
+        "--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
     p.add_argument("--ae-title", help="this node's AE title (default DPNODE)")
     p.add_argument("--bundle", help=f"MONAI bundle written by dp-train (default {DEMO_BUNDLE})")
     p.add_argument("--spool", help="folder of received instances not yet finished")
     p.add_argument("--output-dir", help="where results go when no destination is set")
-    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT|URL", help="send results there by C-STORE, or by STOW-RS to a DICOMweb URL (repeatable)")
-    p.add_argument("--allow", action="append", metavar="AET", help="accept these calling AE titles (repeatable; replaces the configured list)")
-    p.add_argument("--allow-network", action="append", metavar="CIDR", help="accept callers from this network, e.g. 10.1.0.0/16 (repeatable; replaces the configured list)")
-    p.add_argument("--allow-any-caller", action="store_const", const=True, help="accept any calling AE title (an open node; said at start)")
+    p.add_argument(
+        "--destination",
+        action="append",
+        metavar="AET@HOST:PORT|URL",
+        help="send results there by C-STORE, or by STOW-RS to a DICOMweb URL (repeatable)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        metavar="AET",
+        help="accept these calling AE titles (repeatable; replaces the configured list)",
+    )
+    p.add_argument(
+        "--allow-network",
+        action="append",
+        metavar="CIDR",
+        help="accept callers from this network, e.g. 10.1.0.0/16 (repeatable; replaces the configured list)",
+    )
+    p.add_argument(
+        "--allow-any-caller",
+        action="store_const",
+        const=True,
+        help="accept any calling AE title (an open node; said at start)",
+    )
     p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--metrics-port", type=int, help="HTTP port of /health and /metrics on loopback (-1: off)")
-    p.add_argument("--operating-point", type=float, help="threshold on the probability of pneumonia")
+    p.add_argument(
+        "--metrics-port", type=int, help="HTTP port of /health and /metrics on loopback (-1: off)"
+    )
+    p.add_argument(
+        "--operating-point", type=float, help="threshold on the probability of pneumonia"
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -85,7 +115,9 @@ def load(args: argparse.Namespace) -> NodeConfig:
     config = load_config(NodeConfig, args.config, overrides)
     if not config.bundle:
         if not (DEMO_BUNDLE / "configs" / "metadata.json").exists():
-            raise ConfigError(f"no bundle: pass --bundle, set bundle in the config, or build the demo bundle with `make demo-bundle` ({DEMO_BUNDLE})")
+            raise ConfigError(
+                f"no bundle: pass --bundle, set bundle in the config, or build the demo bundle with `make demo-bundle` ({DEMO_BUNDLE})"
+            )
         config = replace(config, bundle=str(DEMO_BUNDLE))
     return config
 
@@ -93,11 +125,16 @@ def load(args: argparse.Namespace) -> NodeConfig:
 def check_bundle(config: NodeConfig) -> None:
     """A bundle path that names nothing is said so at once, not after PyTorch has loaded."""
     if not Path(config.bundle).exists():
-        raise ConfigError(f"bundle {config.bundle} does not exist: pass --bundle (config key bundle) with a folder dp-train wrote, or build the demo bundle with `make demo-bundle`")
+        raise ConfigError(
+            f"bundle {config.bundle} does not exist: pass --bundle (config key bundle) with a folder dp-train wrote, or build the demo bundle with `make demo-bundle`"
+        )
 
 
 #: The node's listening ports: config key -> (option, what to add to the advice).
-PORTS = {"port": ("--port", ""), "metrics_port": ("--metrics-port", "; -1 turns /health and /metrics off")}
+PORTS = {
+    "port": ("--port", ""),
+    "metrics_port": ("--metrics-port", "; -1 turns /health and /metrics off"),
+}
 
 
 def check_ports(config: NodeConfig) -> None:
@@ -113,7 +150,11 @@ def check_ports(config: NodeConfig) -> None:
             port = getattr(config, key)
             if port <= 0:  # 0: any free port; -1: metrics off
                 continue
-            sock = held.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM))
+            sock = held.enter_context(
+                socket.socket(
+                    socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+                )
+            )
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host.strip("[]"), port))
@@ -137,10 +178,15 @@ def _port_problem(key: str, host: str, port: int, exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
     logging.captureWarnings(True)  # warnings go through the logs, where values are withheld
-    for chatty in ("pynetdicom", "highdicom"):  # one line per association or module copied is too much
-        logging.getLogger(chatty).setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
+    for chatty in ("pynetdicom", "highdicom"):
+        # one line per association or module copied is too much
+        logging.getLogger(chatty).setLevel(
+            logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING
+        )
     try:
         config = load(args)
         check_bundle(config)
@@ -157,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         node = Node(config)
         node.start()
     except (OSError, ValueError) as exc:  # ConfigError and BundleError are ValueErrors
-        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:  # taken between the check and now
-            exc = ConfigError(f"a port was taken while the model loaded ({exc.strerror}): DICOM port {config.port} (--port), metrics port {config.metrics_port} (--metrics-port)")
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            # taken between the check and now
+            exc = ConfigError(
+                f"a port was taken while the model loaded ({exc.strerror}): DICOM port {config.port} (--port), metrics port {config.metrics_port} (--metrics-port)"
+            )
         return _fail(exc)
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -169,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("stopping: finishing the batch in flight")
     node.stop()
     if node.failed.is_set():
-        print(f"dp-node: {node.fatal}; exiting so that the service manager restarts the node", file=sys.stderr)
+        print(
+            f"dp-node: {node.fatal}; exiting so that the service manager restarts the node",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -181,15 +233,31 @@ def _fail(exc: BaseException) -> int:
 
 def _announce(node: Node, config: NodeConfig) -> None:
     model = node.predictor.contract
-    where = ", ".join(map(str, config.parsed_destinations())) if config.destinations else f"{Path(config.output_dir).resolve()}/<StudyInstanceUID>/"
-    print(f"dp-node: {config.ae_title} listening on port {node.port}, model {model.name} {model.version}{' (DEMONSTRATION)' if model.demo else ''}", flush=True)
-    print(f"  send an image:  storescu -aec {config.ae_title} localhost {node.port} chest.dcm", flush=True)
+    where = (
+        ", ".join(map(str, config.parsed_destinations()))
+        if config.destinations
+        else f"{Path(config.output_dir).resolve()}/<StudyInstanceUID>/"
+    )
+    print(
+        f"dp-node: {config.ae_title} listening on port {node.port}, model {model.name} {model.version}{' (DEMONSTRATION)' if model.demo else ''}",
+        flush=True,
+    )
+    print(
+        f"  send an image:  storescu -aec {config.ae_title} localhost {node.port} chest.dcm",
+        flush=True,
+    )
     print(f"  results go to:  {where}", flush=True)
     if node.metrics_port:
-        print(f"  health/metrics: http://{config.metrics_host}:{node.metrics_port}/health  /metrics", flush=True)
+        print(
+            f"  health/metrics: http://{config.metrics_host}:{node.metrics_port}/health  /metrics",
+            flush=True,
+        )
     print(f"  audit log:      {config.audit_path}", flush=True)
     callers = "any calling AE title" if config.allow_any_caller else ", ".join(config.allow)
-    print(f"  accepts:        {callers} from {', '.join(config.allow_networks)}{'' if config.tls.listening else ' (no TLS)'}", flush=True)
+    print(
+        f"  accepts:        {callers} from {', '.join(config.allow_networks)}{'' if config.tls.listening else ' (no TLS)'}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

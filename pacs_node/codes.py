@@ -41,7 +41,9 @@ INDETERMINATE = codes.SCT.Indeterminate
 YES, NO = codes.SCT.Yes, codes.SCT.No
 #: Whether the image lies within the model's training distribution (Yes / No): an image
 #: outside it is not assessed, and the report says so in codes, not in free text alone.
-WITHIN_DISTRIBUTION = Code("in-distribution", PRIVATE_SCHEME, "Image within the model's training distribution")
+WITHIN_DISTRIBUTION = Code(
+    "in-distribution", PRIVATE_SCHEME, "Image within the model's training distribution"
+)
 #: The out-of-distribution score (squared Mahalanobis distance of the model's features), no units.
 DISTRIBUTION_SCORE = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
 NO_UNITS = codes.UCUM.NoUnits
@@ -105,17 +107,25 @@ def image_score_code(label: str) -> Code:
 def _named_after(label: str, prefix: str, what: str) -> Code:
     """A private concept about finding ``label``: ``<prefix>-<label>``, "<finding's meaning> <what>"."""
     key = label.strip().lower().replace(" ", "-") or "unnamed"
-    return Code(f"{prefix}-{key}"[:16], PRIVATE_SCHEME, f"{finding_code(label).meaning} {what}"[:64])
+    return Code(
+        f"{prefix}-{key}"[:16], PRIVATE_SCHEME, f"{finding_code(label).meaning} {what}"[:64]
+    )
 
 
 def identify_schemes(dataset: Dataset) -> None:
     """Add a Coding Scheme Identification item for each private scheme ``dataset`` uses."""
-    used = {str(element.value) for element in dataset.iterall() if element.keyword == "CodingSchemeDesignator"}
+    used = {
+        str(element.value)
+        for element in dataset.iterall()
+        if element.keyword == "CodingSchemeDesignator"
+    }
     items = []
     for designator in sorted(used & PRIVATE_SCHEMES.keys()):
         item = Dataset()
         item.CodingSchemeDesignator = designator
-        item.CodingSchemeName, item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEMES[designator]
+        item.CodingSchemeName, item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEMES[
+            designator
+        ]
         items.append(item)
     if items:
         dataset.CodingSchemeIdentificationSequence = Sequence(items)

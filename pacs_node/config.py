@@ -33,7 +33,12 @@ MAX_IMAGE_SIDE = 65535
 
 
 def check_ae_title(name: str, value: str) -> None:
-    require(bool(AE_TITLE.match(value)) and value.strip() != "", name, value, "1 to 16 printable ASCII characters, no backslash")
+    require(
+        bool(AE_TITLE.match(value)) and value.strip() != "",
+        name,
+        value,
+        "1 to 16 printable ASCII characters, no backslash",
+    )
 
 
 def check_seconds(name: str, value: float, most: float = MAX_WAIT_S) -> None:
@@ -43,7 +48,12 @@ def check_seconds(name: str, value: float, most: float = MAX_WAIT_S) -> None:
 
 def check_days(name: str, value: float) -> None:
     """An age limit in days: 0 (no limit) up to :data:`MAX_AGE_DAYS`."""
-    require(_finite(value) and 0 <= value <= MAX_AGE_DAYS, name, value, f"0 (no limit) to {MAX_AGE_DAYS:g} days")
+    require(
+        _finite(value) and 0 <= value <= MAX_AGE_DAYS,
+        name,
+        value,
+        f"0 (no limit) to {MAX_AGE_DAYS:g} days",
+    )
 
 
 def _finite(value: object) -> bool:
@@ -115,14 +125,36 @@ class WebDestination:
     outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        require(bool(OUTPUT_NAME.fullmatch(self.protocol)), "protocol", self.protocol, "a protocol's name, such as stow-rs")
+        require(
+            bool(OUTPUT_NAME.fullmatch(self.protocol)),
+            "protocol",
+            self.protocol,
+            "a protocol's name, such as stow-rs",
+        )
         _require_kinds(self.outputs, "outputs", empty=True)
         parts = _url_parts(self.url)
-        require(not parts.username and not parts.password, "url", _shown(parts), "free of a user or password (set user, and secret_file or secret_env)")
-        require(self.auth in ("none", "basic", "bearer"), "auth", self.auth, "none, basic or bearer")
+        require(
+            not parts.username and not parts.password,
+            "url",
+            _shown(parts),
+            "free of a user or password (set user, and secret_file or secret_env)",
+        )
+        require(
+            self.auth in ("none", "basic", "bearer"), "auth", self.auth, "none, basic or bearer"
+        )
         has_secret = bool(self.secret_file) + bool(self.secret_env)
-        require(has_secret == (self.auth != "none"), "secret_file or secret_env", self.secret_file or self.secret_env, "one of the two with basic or bearer auth, neither without")
-        require(self.auth != "basic" or (bool(self.user) and ":" not in self.user), "user", self.user, "a user name without ':' for basic auth")
+        require(
+            has_secret == (self.auth != "none"),
+            "secret_file or secret_env",
+            self.secret_file or self.secret_env,
+            "one of the two with basic or bearer auth, neither without",
+        )
+        require(
+            self.auth != "basic" or (bool(self.user) and ":" not in self.user),
+            "user",
+            self.user,
+            "a user name without ':' for basic auth",
+        )
         if self.auth != "none":
             self.read_secret()
 
@@ -130,15 +162,30 @@ class WebDestination:
         """The password or token (ValueError naming the key when it cannot be had)."""
         if self.secret_env:
             secret = os.environ.get(self.secret_env, "").strip()
-            require(bool(secret), "secret_env", self.secret_env, "the name of a set, non-empty environment variable")
+            require(
+                bool(secret),
+                "secret_env",
+                self.secret_env,
+                "the name of a set, non-empty environment variable",
+            )
         else:
             try:
                 secret = Path(self.secret_file).read_text().strip()
             except (OSError, UnicodeDecodeError):
                 secret = ""
-            require(bool(secret), "secret_file", self.secret_file, "a readable file holding the password or token")
+            require(
+                bool(secret),
+                "secret_file",
+                self.secret_file,
+                "a readable file holding the password or token",
+            )
         key = "secret_env" if self.secret_env else "secret_file"
-        require(secret.isprintable(), key, self.secret_env or self.secret_file, "one line of printable characters")
+        require(
+            secret.isprintable(),
+            key,
+            self.secret_env or self.secret_file,
+            "one line of printable characters",
+        )
         return secret
 
     @property
@@ -174,7 +221,9 @@ class WebDestination:
     @property
     def name(self) -> str:
         """Folder-safe name of the destination's outbox."""
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.parts.scheme}_{self.host}_{self.port}{self.base_path}")
+        return re.sub(
+            r"[^A-Za-z0-9_.-]", "_", f"{self.parts.scheme}_{self.host}_{self.port}{self.base_path}"
+        )
 
     def __str__(self) -> str:
         return f"{self.parts.scheme}://{self.parts.netloc}{self.base_path}"
@@ -185,12 +234,20 @@ def _url_parts(url: str) -> SplitResult:
     try:
         parts = urlsplit(url.strip())
     except ValueError:  # a broken IPv6 address
-        raise ValueError(f"url must be {expected}, got {url.split('://')[0] + '://...'!r}") from None
+        raise ValueError(
+            f"url must be {expected}, got {url.split('://')[0] + '://...'!r}"
+        ) from None
     try:
         port_ok = parts.port != 0
     except ValueError:  # not a number, or beyond 65535
         port_ok = False
-    ok = parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok and not parts.query and not parts.fragment
+    ok = (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and port_ok
+        and not parts.query
+        and not parts.fragment
+    )
     require(ok, "url", _shown(parts), expected)
     return parts
 
@@ -204,7 +261,12 @@ def _shown(parts: SplitResult) -> str:
 def parse_destination(text: str) -> Destination | WebDestination:
     """``AET@host:port`` (C-STORE) or an http(s) URL (STOW-RS)."""
     if "://" in text:
-        require(text.strip().lower().startswith(("http://", "https://")), "destination", text.split("://")[0] + "://...", DESTINATION_FORMS)
+        require(
+            text.strip().lower().startswith(("http://", "https://")),
+            "destination",
+            text.split("://")[0] + "://...",
+            DESTINATION_FORMS,
+        )
         return WebDestination(text.strip())
     return Destination.parse(text)
 
@@ -231,10 +293,17 @@ class TLSConfig:
     send: bool = False
 
     def __post_init__(self) -> None:
-        require(bool(self.cert) == bool(self.key), "tls.cert and tls.key", (self.cert, self.key), "given together")
+        require(
+            bool(self.cert) == bool(self.key),
+            "tls.cert and tls.key",
+            (self.cert, self.key),
+            "given together",
+        )
         for name in ("cert", "key", "ca"):
             value = getattr(self, name)
-            require(not value or Path(value).is_file(), f"tls.{name}", value, "an existing PEM file")
+            require(
+                not value or Path(value).is_file(), f"tls.{name}", value, "an existing PEM file"
+            )
 
     @property
     def listening(self) -> bool:
@@ -265,10 +334,17 @@ class OutboxConfig:
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "outbox.batch_size", self.batch_size, "at least 1")
-        require(self.max_request_mb >= 1, "outbox.max_request_mb", self.max_request_mb, "at least 1")
+        require(
+            self.max_request_mb >= 1, "outbox.max_request_mb", self.max_request_mb, "at least 1"
+        )
         check_seconds("outbox.max_backoff_s", self.max_backoff_s)
         check_seconds("outbox.initial_backoff_s", self.initial_backoff_s)
-        require(self.initial_backoff_s <= self.max_backoff_s, "outbox.initial_backoff_s", self.initial_backoff_s, "at most max_backoff_s")
+        require(
+            self.initial_backoff_s <= self.max_backoff_s,
+            "outbox.initial_backoff_s",
+            self.initial_backoff_s,
+            "at most max_backoff_s",
+        )
         require(self.max_refusals >= 1, "outbox.max_refusals", self.max_refusals, "at least 1")
         check_seconds("outbox.dead_letter_after_s", self.dead_letter_after_s, MAX_AGE_DAYS * 86400)
         check_seconds("outbox.stall_after_s", self.stall_after_s)
@@ -289,15 +365,29 @@ class RetentionConfig:
 
     def __post_init__(self) -> None:
         for name in ("skipped_max_mb", "failed_max_mb"):
-            require(getattr(self, name) >= 0, f"retention.{name}", getattr(self, name), "0 (no limit) or more")
+            require(
+                getattr(self, name) >= 0,
+                f"retention.{name}",
+                getattr(self, name),
+                "0 (no limit) or more",
+            )
         for name in ("skipped_days", "failed_days"):
             check_days(f"retention.{name}", getattr(self, name))
 
 
 def _require_kinds(kinds: tuple[str, ...], key: str, empty: bool) -> None:
     """The shape of a list of output kinds; which kinds exist is the results registry's to say."""
-    ok = (empty or bool(kinds)) and len(set(kinds)) == len(kinds) and all(isinstance(k, str) and OUTPUT_NAME.fullmatch(k) for k in kinds)
-    require(ok, key, list(kinds), ("" if empty else "one or more ") + "output kinds (sr, sc, gsps), each once")
+    ok = (
+        (empty or bool(kinds))
+        and len(set(kinds)) == len(kinds)
+        and all(isinstance(k, str) and OUTPUT_NAME.fullmatch(k) for k in kinds)
+    )
+    require(
+        ok,
+        key,
+        list(kinds),
+        ("" if empty else "one or more ") + "output kinds (sr, sc, gsps), each once",
+    )
 
 
 def _destination(index: int, item: str | WebDestination) -> Destination | WebDestination:
@@ -313,7 +403,9 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ValueError(f"allow_networks must be addresses or networks such as 10.0.0.0/8, got {text!r}") from None
+        raise ValueError(
+            f"allow_networks must be addresses or networks such as 10.0.0.0/8, got {text!r}"
+        ) from None
 
 
 #: An output kind's name (the kinds themselves are data: :mod:`pacs_node.results.registry`).
@@ -352,20 +444,26 @@ class NodeConfig:
     network_timeout_s: float = 60.0
     handshake_timeout_s: float = 10.0
     idle_timeout_s: float = 30.0  # an association with no DIMSE activity this long is aborted
-    reserved_associations: int = 4  # the last slots: for addresses holding under half their per-host limit
-    reclaim_idle_s: float = 5.0  # fewer free slots than reserved: associations idle this long are reclaimed
-    receive_grace_s: float = 10.0  # a PDU or DIMSE message under way must arrive at min_receive_kb_s ...
+    # the last slots: for addresses holding under half their per-host limit
+    reserved_associations: int = 4
+    # fewer free slots than reserved: associations idle this long are reclaimed
+    reclaim_idle_s: float = 5.0
+    # a PDU or DIMSE message under way must arrive at min_receive_kb_s ...
+    receive_grace_s: float = 10.0
     min_receive_kb_s: float = 4.0  # ... after this grace (kB = 1000 bytes)
     http_timeout_s: float = 10.0  # an HTTP connection is closed this long after it opened
     http_max_connections: int = 16  # concurrent HTTP connections; beyond, 503 without a thread
     stall_after_s: float = 300.0
     device: str = "auto"
     batch_size: int = 8
-    batch_memory_mb: int = 256  # what the decoded images of one batch may hold; a larger image goes alone
+    # what the decoded images of one batch may hold; a larger image goes alone
+    batch_memory_mb: int = 256
     operating_point: float | None = None  # None: the bundle's "present" point
     ood_gate: bool = True  # False: every image is assessed, however unlike the training images
     heatmap_stage: int = 3
-    outputs: tuple[str, ...] = ("sr", "sc")  # output kinds (pacs_node.results.registry): sr, sc, gsps (a presentation state with the regions)
+    # output kinds (pacs_node.results.registry): sr, sc, gsps (a presentation state with the
+    # regions)
+    outputs: tuple[str, ...] = ("sr", "sc")
     overlay_max_side: int = 2048
     overlay_modality: str = "source"  # "source": the radiograph's CR or DX; "OT": Other
     keep_skipped: bool = True
@@ -380,27 +478,79 @@ class NodeConfig:
         check_ae_title("ae_title", self.ae_title)
         for title in self.allow:
             check_ae_title("allow", title)
-        require(bool(self.allow) or self.allow_any_caller, "allow", list(self.allow), "the calling AE titles that may send (or set allow_any_caller: true for an open node)")
-        require(bool(self.allow_networks), "allow_networks", list(self.allow_networks), "the networks callers may come from (0.0.0.0/0 and ::/0 for any)")
+        require(
+            bool(self.allow) or self.allow_any_caller,
+            "allow",
+            list(self.allow),
+            "the calling AE titles that may send (or set allow_any_caller: true for an open node)",
+        )
+        require(
+            bool(self.allow_networks),
+            "allow_networks",
+            list(self.allow_networks),
+            "the networks callers may come from (0.0.0.0/0 and ::/0 for any)",
+        )
         self.networks()
         require(0 <= self.port < 65536, "port", self.port, "from 0 (any free port) to 65535")
-        require(-1 <= self.metrics_port < 65536, "metrics_port", self.metrics_port, "-1 (off), 0 (any free port) or a port")
+        require(
+            -1 <= self.metrics_port < 65536,
+            "metrics_port",
+            self.metrics_port,
+            "-1 (off), 0 (any free port) or a port",
+        )
         require(self.max_associations >= 1, "max_associations", self.max_associations, "at least 1")
-        require(self.max_associations_per_host >= 1, "max_associations_per_host", self.max_associations_per_host, "at least 1")
+        require(
+            self.max_associations_per_host >= 1,
+            "max_associations_per_host",
+            self.max_associations_per_host,
+            "at least 1",
+        )
         require(self.max_queue >= 1, "max_queue", self.max_queue, "at least 1")
         require(self.max_dataset_mb >= 1, "max_dataset_mb", self.max_dataset_mb, "at least 1")
         require(self.min_free_mb >= 0, "min_free_mb", self.min_free_mb, "0 or more")
         check_seconds("stall_after_s", self.stall_after_s)
-        require(not (self.tls.listening and self.destinations and not self.tls.send), "tls.send", self.tls.send, "true when the node listens with TLS (results would leave in cleartext)")
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", self.device, "auto, cpu or cuda[:N]")
+        require(
+            not (self.tls.listening and self.destinations and not self.tls.send),
+            "tls.send",
+            self.tls.send,
+            "true when the node listens with TLS (results would leave in cleartext)",
+        )
+        require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            self.device,
+            "auto, cpu or cuda[:N]",
+        )
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
         require(self.batch_memory_mb >= 1, "batch_memory_mb", self.batch_memory_mb, "at least 1")
-        require(self.operating_point is None or 0.0 < self.operating_point < 1.0, "operating_point", self.operating_point, "between 0 and 1, or empty")
-        require(self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4")
+        require(
+            self.operating_point is None or 0.0 < self.operating_point < 1.0,
+            "operating_point",
+            self.operating_point,
+            "between 0 and 1, or empty",
+        )
+        require(
+            self.heatmap_stage in (1, 2, 3, 4), "heatmap_stage", self.heatmap_stage, "1, 2, 3 or 4"
+        )
         _require_kinds(self.outputs, "outputs", empty=False)
-        require(self.overlay_modality in OVERLAY_MODALITIES, "overlay_modality", self.overlay_modality, " or ".join(OVERLAY_MODALITIES))
-        require(256 <= self.overlay_max_side <= MAX_IMAGE_SIDE, "overlay_max_side", self.overlay_max_side, f"from 256 to {MAX_IMAGE_SIDE}")
-        for timeout in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "handshake_timeout_s"):
+        require(
+            self.overlay_modality in OVERLAY_MODALITIES,
+            "overlay_modality",
+            self.overlay_modality,
+            " or ".join(OVERLAY_MODALITIES),
+        )
+        require(
+            256 <= self.overlay_max_side <= MAX_IMAGE_SIDE,
+            "overlay_max_side",
+            self.overlay_max_side,
+            f"from 256 to {MAX_IMAGE_SIDE}",
+        )
+        for timeout in (
+            "acse_timeout_s",
+            "dimse_timeout_s",
+            "network_timeout_s",
+            "handshake_timeout_s",
+        ):
             check_seconds(timeout, getattr(self, timeout))
         self._check_slots()
         self.parsed_destinations()
@@ -409,9 +559,24 @@ class NodeConfig:
         """The keys that keep idle, trickling and crowding peers from holding the node's slots and threads."""
         for name in ("idle_timeout_s", "reclaim_idle_s", "receive_grace_s", "http_timeout_s"):
             check_seconds(name, getattr(self, name))
-        require(_finite(self.min_receive_kb_s) and 0 < self.min_receive_kb_s <= 1e6, "min_receive_kb_s", self.min_receive_kb_s, "above 0 and at most 1e+06 kB/s")
-        require(self.reserved_associations >= 0, "reserved_associations", self.reserved_associations, "0 or more")
-        require(self.http_max_connections >= 1, "http_max_connections", self.http_max_connections, "at least 1")
+        require(
+            _finite(self.min_receive_kb_s) and 0 < self.min_receive_kb_s <= 1e6,
+            "min_receive_kb_s",
+            self.min_receive_kb_s,
+            "above 0 and at most 1e+06 kB/s",
+        )
+        require(
+            self.reserved_associations >= 0,
+            "reserved_associations",
+            self.reserved_associations,
+            "0 or more",
+        )
+        require(
+            self.http_max_connections >= 1,
+            "http_max_connections",
+            self.http_max_connections,
+            "at least 1",
+        )
 
     @property
     def reserved_slots(self) -> int:
@@ -432,7 +597,12 @@ class NodeConfig:
         require(len(set(names)) == len(names), "destinations", [str(d) for d in parsed], "distinct")
         for index, destination in enumerate(parsed):
             cleartext = isinstance(destination, WebDestination) and destination.cleartext
-            require(not (cleartext and self.tls.send), f"destinations[{index}]", str(destination), "https:// when tls.send is true (results would leave in cleartext)")
+            require(
+                not (cleartext and self.tls.send),
+                f"destinations[{index}]",
+                str(destination),
+                "https:// when tls.send is true (results would leave in cleartext)",
+            )
         return parsed
 
     @property

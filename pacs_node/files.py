@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 #: Errors that say "not now" rather than "never": the disk or memory is full for the moment.
-TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN, errno.EMFILE, errno.ENFILE})
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN, errno.EMFILE, errno.ENFILE}
+)
 
 FILE_MODE, FOLDER_MODE = 0o600, 0o700
 
@@ -29,7 +31,9 @@ def is_transient(exc: BaseException | None) -> bool:
     without an errno, naming the element it was writing)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS):
+        if isinstance(exc, MemoryError) or (
+            isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+        ):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -81,7 +85,9 @@ def atomic_file(path: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{next(_SEQUENCE)}.part"
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as handle:
+        with os.fdopen(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
+        ) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -89,7 +95,6 @@ def atomic_file(path: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
-
 
 
 #: Companion files of an instance kept for a person: the reason, the receipt.
@@ -104,11 +109,15 @@ def prune(folder: Path, days: float, max_mb: int) -> int:
     groups: dict[str, list[Path]] = {}
     for path in folder.iterdir():
         if path.is_file():
-            key = next((path.name[: -len(s)] for s in COMPANIONS if path.name.endswith(s)), path.name)
+            key = next(
+                (path.name[: -len(s)] for s in COMPANIONS if path.name.endswith(s)), path.name
+            )
             groups.setdefault(key, []).append(path)
     now, removed, kept = time.time(), 0, 0
     # An instance is as old as its oldest file (the image, kept when it arrived).
-    for files in sorted(groups.values(), key=lambda files: min(_mtime(f) for f in files), reverse=True):
+    for files in sorted(
+        groups.values(), key=lambda files: min(_mtime(f) for f in files), reverse=True
+    ):
         size, age = sum(_size(f) for f in files), now - min(_mtime(f) for f in files)
         if (days and age > days * 86400) or (max_mb and kept + size > max_mb * 2**20):
             for f in files:

@@ -18,7 +18,11 @@ from typing import Any
 
 def main(argv: list[str] | None = None) -> int:
     summary, details = __doc__.split("\n\n", 1)
-    argparse.ArgumentParser(prog="python -m pacs_node.health", description=summary.split(": ", 1)[1].replace("``", ""), epilog=details.replace("``", "")).parse_args(argv)
+    argparse.ArgumentParser(
+        prog="python -m pacs_node.health",
+        description=summary.split(": ", 1)[1].replace("``", ""),
+        epilog=details.replace("``", ""),
+    ).parse_args(argv)
     host = os.environ.get("DP_NODE_METRICS_HOST", "127.0.0.1")
     port = os.environ.get("DP_NODE_METRICS_PORT", "8089")
     url = f"http://{host}:{port}/health"
@@ -31,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dp-node health: no answer from {url} ({type(exc).__name__})")
         return 1
     status = state.get("status", "unknown")
-    print(f"dp-node health: {status}" + (f": {'; '.join(state.get('problems', []))}" if status != "ok" else ""))
+    print(
+        f"dp-node health: {status}"
+        + (f": {'; '.join(state.get('problems', []))}" if status != "ok" else "")
+    )
     return 0 if status == "ok" else 1
 
 

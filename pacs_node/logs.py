@@ -84,7 +84,11 @@ class Throttle:
     def log(self, logger: logging.Logger, level: int, message: str, *args: object) -> None:
         allowed, held = self.admit()
         if held:
-            logger.warning("%d more message(s) like these in the last %.0f s not logged (the audit trail has each)", held, self.window_s)
+            logger.warning(
+                "%d more message(s) like these in the last %.0f s not logged (the audit trail has each)",
+                held,
+                self.window_s,
+            )
         if allowed:
             logger.log(level, message, *args)
 
@@ -127,7 +131,9 @@ def _thread_ended(args: threading.ExceptHookArgs) -> None:
     name = args.thread.name if args.thread else "?"
     where = describe(args.exc_value) if args.exc_value is not None else args.exc_type.__name__
     if args.exc_type.__module__.startswith("pynetdicom") or "run_reactor" in name:
-        logging.getLogger("pynetdicom.protocol").error("a connection thread ended on a protocol error (%s)", where)
+        logging.getLogger("pynetdicom.protocol").error(
+            "a connection thread ended on a protocol error (%s)", where
+        )
     else:
         logging.getLogger("pacs_node").error("thread %s ended: %s", name, where)
 

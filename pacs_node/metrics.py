@@ -14,6 +14,7 @@ accept loop itself, without a thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -23,7 +24,14 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
@@ -34,27 +42,54 @@ PREFIX = "dp_node_"
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "received": ("instances acknowledged (durable in the spool)", ()),
     "refused": ("C-STORE requests refused, by reason", ("reason",)),
-    "processed": ("instances with results handed over, by decision (positive, negative, not-assessed)", ("outcome",)),
-    "triage_flags": ("instances whose probability of pneumonia reached the bundle's triage point", ()),
-    "out_of_distribution": ("instances outside the model's training distribution: not assessed", ()),
+    "processed": (
+        "instances with results handed over, by decision (positive, negative, not-assessed)",
+        ("outcome",),
+    ),
+    "triage_flags": (
+        "instances whose probability of pneumonia reached the bundle's triage point",
+        (),
+    ),
+    "out_of_distribution": (
+        "instances outside the model's training distribution: not assessed",
+        (),
+    ),
     "skipped": ("instances that got no result, by reason", ("reason",)),
     "failed": ("instances whose processing failed for good, by reason", ("reason",)),
     "retries": ("instances put back for a later try, by reason", ("reason",)),
     "delivered": ("result objects accepted by a destination", ("destination",)),
-    "dead_letters": ("result objects given up on, by destination and reason", ("destination", "reason")),
-    "delivery_holds": ("times a destination's deliveries were held until a person acts, by reason (authentication)", ("destination", "reason")),
+    "dead_letters": (
+        "result objects given up on, by destination and reason",
+        ("destination", "reason"),
+    ),
+    "delivery_holds": (
+        "times a destination's deliveries were held until a person acts, by reason (authentication)",
+        ("destination", "reason"),
+    ),
     "associations_rejected": ("association requests rejected, by reason", ("reason",)),
     "associations_aborted": ("associations the node cut, by reason", ("reason",)),
-    "contexts_refused": ("SOP classes refused at association negotiation, each counted once per association however many presentation contexts proposed it (storescu proposes every storage class: expected, not an error)", ()),
+    "contexts_refused": (
+        "SOP classes refused at association negotiation, each counted once per association however many presentation contexts proposed it (storescu proposes every storage class: expected, not an error)",
+        (),
+    ),
     "protocol_errors": ("malformed or unexpected PDUs and broken connections", ()),
     "thread_restarts": ("worker or sender threads restarted after an unexpected exit", ("thread",)),
     "audit_write_errors": ("audit lines that could not be written at once (kept and retried)", ()),
 }
 #: Latency histograms in seconds: name -> (help, buckets).
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "processing_seconds": ("from acknowledgement to results handed over", (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)),
-    "inference_seconds": ("one forward pass of a batch", (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)),
-    "delivery_seconds": ("one C-STORE of a result, or one STOW-RS request of a batch, to a destination", (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)),
+    "processing_seconds": (
+        "from acknowledgement to results handed over",
+        (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+    ),
+    "inference_seconds": (
+        "one forward pass of a batch",
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+    ),
+    "delivery_seconds": (
+        "one C-STORE of a result, or one STOW-RS request of a batch, to a destination",
+        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+    ),
 }
 
 Labels = tuple[tuple[str, str], ...]
@@ -68,8 +103,14 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._counters = {name: Counter(PREFIX + name, text, labels, registry=self.registry) for name, (text, labels) in COUNTERS.items()}
-        self._histograms = {name: Histogram(PREFIX + name, text, buckets=buckets, registry=self.registry) for name, (text, buckets) in HISTOGRAMS.items()}
+        self._counters = {
+            name: Counter(PREFIX + name, text, labels, registry=self.registry)
+            for name, (text, labels) in COUNTERS.items()
+        }
+        self._histograms = {
+            name: Histogram(PREFIX + name, text, buckets=buckets, registry=self.registry)
+            for name, (text, buckets) in HISTOGRAMS.items()
+        }
         self._gauges = _Gauges()
         self.registry.register(self._gauges)
 
@@ -136,7 +177,13 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     #: SYNs of a burst, which clients then retry a second or three later).
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        timeout_s: float,
+        max_connections: int,
+    ) -> None:
         self.timeout_s, self.max_connections = timeout_s, max_connections
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
@@ -158,7 +205,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: _Request, client_address: _Address) -> None:
         """A connection cut or dropped mid-request: one debug line, not a traceback on stderr."""
-        logger.debug("HTTP connection from %s ended early", client_address[0] if client_address else "?")
+        logger.debug(
+            "HTTP connection from %s ended early", client_address[0] if client_address else "?"
+        )
 
     def service_actions(self) -> None:
         now = time.monotonic()
@@ -167,10 +216,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             for sock in late:
                 self._deadlines[sock] = float("inf")  # cut once; its thread closes it
         for sock in late:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def _connection(request: _Request) -> socket.socket:
@@ -199,7 +246,15 @@ class MetricsServer:
         max_connections: connections open at once (``http_max_connections``).
     """
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], dict[str, Any]], timeout_s: float = 10.0, max_connections: int = 16) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        health: Callable[[], dict[str, Any]],
+        timeout_s: float = 10.0,
+        max_connections: int = 16,
+    ) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -211,7 +266,12 @@ class MetricsServer:
                     outer._reply(self, 200, metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/health":
                     state = health()
-                    outer._reply(self, 200 if state.get("status") == "ok" else 503, json.dumps(state).encode(), "application/json")
+                    outer._reply(
+                        self,
+                        200 if state.get("status") == "ok" else 503,
+                        json.dumps(state).encode(),
+                        "application/json",
+                    )
                 else:
                     outer._reply(self, 404, b"not found: try /health or /metrics\n", "text/plain")
 
@@ -219,7 +279,12 @@ class MetricsServer:
                 pass
 
         self.server = BoundedHTTPServer((host, port), Handler, timeout_s, max_connections)
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": min(0.5, timeout_s / 4)}, name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": min(0.5, timeout_s / 4)},
+            name="metrics-http",
+            daemon=True,
+        )
 
     @property
     def port(self) -> int:

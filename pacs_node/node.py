@@ -67,25 +67,56 @@ class Node:
         self.audit = AuditLog(config.audit_path)
         self.metrics = Metrics()
         self.outcomes = Outcomes(AuditTrail(self.audit), Counters(self.metrics), LogLines())
-        self.predictor = predictor or NodePredictor(config.bundle, config.device, config.operating_point, config.heatmap_stage, config.ood_gate)
+        self.predictor = predictor or NodePredictor(
+            config.bundle,
+            config.device,
+            config.operating_point,
+            config.heatmap_stage,
+            config.ood_gate,
+        )
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
             DestinationSender(
-                d, outbox, config.ae_title, config.outbox, self._delivered, _sending_tls(config, d), config.network_timeout_s,
-                lambda seconds: self.outcomes.emit(Sent(seconds=seconds)), lambda *held: self.outcomes.emit(Held(destination=held[0], reason=held[1], detail=held[2])),
+                d,
+                outbox,
+                config.ae_title,
+                config.outbox,
+                self._delivered,
+                _sending_tls(config, d),
+                config.network_timeout_s,
+                lambda seconds: self.outcomes.emit(Sent(seconds=seconds)),
+                lambda *held: self.outcomes.emit(
+                    Held(destination=held[0], reason=held[1], detail=held[2])
+                ),
             )
             for d in config.parsed_destinations()
-        ]  # fmt: skip
+        ]
         self._stopping, prune_due = threading.Event(), threading.Event()
         self.pipeline = Pipeline(
-            config=config, spool=self.spool, predictor=self.predictor, writers=writers, senders=self.senders, outcomes=self.outcomes, prune_due=prune_due,
-        )  # fmt: skip
-        self.listener = Listener(config, self.spool, self.audit, self.metrics, self._gate, self.pipeline.work.put)
+            config=config,
+            spool=self.spool,
+            predictor=self.predictor,
+            writers=writers,
+            senders=self.senders,
+            outcomes=self.outcomes,
+            prune_due=prune_due,
+        )
+        self.listener = Listener(
+            config, self.spool, self.audit, self.metrics, self._gate, self.pipeline.work.put
+        )
         self.supervisor = Supervisor(
-            config=config, pipeline=self.pipeline, listener=self.listener, senders=self.senders, spool=self.spool, audit=self.audit,
-            metrics=self.metrics, outcomes=self.outcomes, stopping=self._stopping, prune_due=prune_due,
+            config=config,
+            pipeline=self.pipeline,
+            listener=self.listener,
+            senders=self.senders,
+            spool=self.spool,
+            audit=self.audit,
+            metrics=self.metrics,
+            outcomes=self.outcomes,
+            stopping=self._stopping,
+            prune_due=prune_due,
             model=(self.predictor.contract.name, self.predictor.contract.version),
-        )  # fmt: skip
+        )
         self._http: MetricsServer | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -99,7 +130,14 @@ class Node:
             sender.start()
         self.supervisor.start_worker()
         if self.config.metrics_port >= 0:
-            self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port, self.metrics, self.health, self.config.http_timeout_s, self.config.http_max_connections)
+            self._http = MetricsServer(
+                self.config.metrics_host,
+                self.config.metrics_port,
+                self.metrics,
+                self.health,
+                self.config.http_timeout_s,
+                self.config.http_max_connections,
+            )
             self._http.start()
         self.listener.start(server_tls(self.config) if self.config.tls.listening else None)
         self.supervisor.start()
@@ -118,7 +156,9 @@ class Node:
         if self._protocol_error in self._protocol.listeners:
             self._protocol.listeners.remove(self._protocol_error)
         self.audit.close()
-        logger.info("stopped; %d instance(s) left in the spool for the next start", self.spool.count())
+        logger.info(
+            "stopped; %d instance(s) left in the spool for the next start", self.spool.count()
+        )
         self.spool.close()
 
     @property
@@ -146,19 +186,31 @@ class Node:
     def _announce_exposure(self) -> None:
         """Say at start what an operator must know about who can reach the node."""
         if self.config.allow_any_caller:
-            logger.warning("OPEN NODE: any calling AE title is accepted (allow_any_caller: true); name the callers in allow")
+            logger.warning(
+                "OPEN NODE: any calling AE title is accepted (allow_any_caller: true); name the callers in allow"
+            )
         if any(network.prefixlen == 0 for network in self.config.networks()):
-            logger.warning("connections are accepted from any address (allow_networks holds a /0 network)")
+            logger.warning(
+                "connections are accepted from any address (allow_networks holds a /0 network)"
+            )
         if not self.config.tls.listening and not is_loopback(self.config.host):
-            logger.warning("DICOM traffic to %s:%d travels in cleartext: patient data is readable on the network (configure tls)", self.config.host, self.port)
+            logger.warning(
+                "DICOM traffic to %s:%d travels in cleartext: patient data is readable on the network (configure tls)",
+                self.config.host,
+                self.port,
+            )
         if self._http is not None and not is_loopback(self.config.metrics_host):
             logger.warning(
                 "/health and /metrics are served to the network on %s:%d, without authentication (metrics_host); they name destinations and counts, never patient data",
-                self.config.metrics_host, self.metrics_port,
-            )  # fmt: skip
+                self.config.metrics_host,
+                self.metrics_port,
+            )
         for sender in self.senders:
             if isinstance(sender.destination, WebDestination) and sender.destination.cleartext:
-                logger.warning("results to %s travel in cleartext: patient data is readable on the network (use https://)", sender.destination)
+                logger.warning(
+                    "results to %s travel in cleartext: patient data is readable on the network (use https://)",
+                    sender.destination,
+                )
 
     # --- the association threads' view of the node ----------------------------------------------------
 
@@ -176,8 +228,18 @@ class Node:
 
     # --- what the senders and the protocol layer report --------------------------------------------------
 
-    def _delivered(self, destination: Destination | WebDestination, uid: str, source_uid: str, reason: str | None) -> None:
-        self.outcomes.emit(Delivered(destination=destination, uid=uid, source_uid=safe_uid(source_uid), reason=reason))
+    def _delivered(
+        self,
+        destination: Destination | WebDestination,
+        uid: str,
+        source_uid: str,
+        reason: str | None,
+    ) -> None:
+        self.outcomes.emit(
+            Delivered(
+                destination=destination, uid=uid, source_uid=safe_uid(source_uid), reason=reason
+            )
+        )
 
     def _protocol_error(self) -> None:
         self.outcomes.emit(ProtocolError())
@@ -190,17 +252,27 @@ def check_outputs(config: NodeConfig) -> list[ResultWriter]:
     writers = writers_for(config.outputs)
     for index, destination in enumerate(config.parsed_destinations()):
         protocol = protocol_of(destination)
-        listed = writers_for(destination.outputs, f"destinations[{index}].outputs") if destination.outputs else writers
+        listed = (
+            writers_for(destination.outputs, f"destinations[{index}].outputs")
+            if destination.outputs
+            else writers
+        )
         missing = [w.kind for w in listed if w.kind not in config.outputs]
         if missing:
-            raise ConfigError(f"destinations[{index}].outputs lists {', '.join(missing)}, which outputs does not write ({', '.join(config.outputs)})")
+            raise ConfigError(
+                f"destinations[{index}].outputs lists {', '.join(missing)}, which outputs does not write ({', '.join(config.outputs)})"
+            )
         media = {w.kind: w.media_type for w in listed}
         if not any(m in protocol.media_types for m in media.values()):
-            raise ConfigError(f"destinations[{index}] ({protocol.name}) carries none of the outputs it would take: {', '.join(media)}")
+            raise ConfigError(
+                f"destinations[{index}] ({protocol.name}) carries none of the outputs it would take: {', '.join(media)}"
+            )
     return writers
 
 
-def _sending_tls(config: NodeConfig, destination: Destination | WebDestination) -> ssl.SSLContext | None:
+def _sending_tls(
+    config: NodeConfig, destination: Destination | WebDestination
+) -> ssl.SSLContext | None:
     """The client TLS context for one destination: https:// always, C-STORE with ``tls.send``."""
     if config.tls.send or (isinstance(destination, WebDestination) and destination.https):
         return client_tls(config)

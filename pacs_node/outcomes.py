@@ -137,7 +137,18 @@ class NodeFailed:
     why: str
 
 
-Event = Processed | Skipped | Failed | Retried | Inferred | Delivered | Held | Sent | ProtocolError | NodeFailed
+Event = (
+    Processed
+    | Skipped
+    | Failed
+    | Retried
+    | Inferred
+    | Delivered
+    | Held
+    | Sent
+    | ProtocolError
+    | NodeFailed
+)
 Subscriber = Callable[[Event], None]
 
 
@@ -168,15 +179,27 @@ def result_summary(prediction: Prediction, model: ModelContract) -> dict[str, ob
     """What the audit trail says of a result: the finding, never more than the SR states (no
     probability where no finding was asserted)."""
     result: dict[str, object] = {
-        "label": prediction.label, "positive": prediction.positive, "pneumonia_probability": round(prediction.pneumonia_probability, 4),
-        "regions": len(prediction.boxes), "model": model.name, "model_version": model.version, "assessed": prediction.assessed,
-    }  # fmt: skip
+        "label": prediction.label,
+        "positive": prediction.positive,
+        "pneumonia_probability": round(prediction.pneumonia_probability, 4),
+        "regions": len(prediction.boxes),
+        "model": model.name,
+        "model_version": model.version,
+        "assessed": prediction.assessed,
+    }
     if prediction.triage_point is not None:
         result["triage"] = prediction.triage
     if prediction.ood_score is not None:
-        result["ood_score"] = round(prediction.ood_score, 2) if np.isfinite(prediction.ood_score) else None
-    if not prediction.assessed:  # no finding asserted, so no probability stated either (as in the SR and SC)
-        result = {k: v for k, v in result.items() if k != "pneumonia_probability"} | {"label": None, "positive": None, "not_assessed": "out-of-distribution"}
+        result["ood_score"] = (
+            round(prediction.ood_score, 2) if np.isfinite(prediction.ood_score) else None
+        )
+    if not prediction.assessed:
+        # no finding asserted, so no probability stated either (as in the SR and SC)
+        result = {k: v for k, v in result.items() if k != "pneumonia_probability"} | {
+            "label": None,
+            "positive": None,
+            "not_assessed": "out-of-distribution",
+        }
     return result
 
 
@@ -191,21 +214,40 @@ class AuditTrail:
         match event:
             case Processed():
                 result = result_summary(event.prediction, event.model)
-                self._image(event.image, "processed", result=result, outputs=event.outputs, delivery=event.delivery, detail=event.note or None)
+                self._image(
+                    event.image,
+                    "processed",
+                    result=result,
+                    outputs=event.outputs,
+                    delivery=event.delivery,
+                    detail=event.note or None,
+                )
             case Skipped():
                 self._image(event.image, "skipped", skip_reason=event.reason, detail=event.detail)
             case Failed():
                 self._image(event.image, "failed", reason=event.reason, detail=event.detail)
             case Delivered():
                 self.audit.write(
-                    "delivery", sop_instance_uid=event.source_uid, outputs=[event.uid], destination=str(event.destination),
-                    status="delivered" if event.reason is None else "dead-letter", reason=event.reason,
-                )  # fmt: skip
+                    "delivery",
+                    sop_instance_uid=event.source_uid,
+                    outputs=[event.uid],
+                    destination=str(event.destination),
+                    status="delivered" if event.reason is None else "dead-letter",
+                    reason=event.reason,
+                )
             case Held():
                 status = "held" if event.reason else "resumed"
-                self.audit.write("delivery", destination=str(event.destination), status=status, reason=event.reason, detail=event.detail)
+                self.audit.write(
+                    "delivery",
+                    destination=str(event.destination),
+                    status=status,
+                    reason=event.reason,
+                    detail=event.detail,
+                )
             case NodeFailed():
-                self.audit.write("node", status="failed", reason="thread-crash-loop", detail=event.why)
+                self.audit.write(
+                    "node", status="failed", reason="thread-crash-loop", detail=event.why
+                )
 
     def _image(self, image: Image, status: str, **fields: object) -> None:
         self.audit.write(
@@ -232,8 +274,16 @@ class Counters:
         match event:
             case Processed(prediction=prediction):
                 if event.image.received is not None:
-                    metrics.observe("processing_seconds", max(0.0, time.time() - event.image.received))
-                outcome = "not-assessed" if not prediction.assessed else "positive" if prediction.positive else "negative"
+                    metrics.observe(
+                        "processing_seconds", max(0.0, time.time() - event.image.received)
+                    )
+                outcome = (
+                    "not-assessed"
+                    if not prediction.assessed
+                    else "positive"
+                    if prediction.positive
+                    else "negative"
+                )
                 metrics.inc("processed", outcome=outcome)
                 if prediction.triage:
                     metrics.inc("triage_flags")
@@ -250,7 +300,9 @@ class Counters:
             case Delivered(reason=None):
                 metrics.inc("delivered", destination=str(event.destination))
             case Delivered():
-                metrics.inc("dead_letters", destination=str(event.destination), reason=event.reason or "")
+                metrics.inc(
+                    "dead_letters", destination=str(event.destination), reason=event.reason or ""
+                )
             case Held(reason=str() as reason):
                 metrics.inc("delivery_holds", destination=str(event.destination), reason=reason)
             case Sent():
@@ -265,25 +317,75 @@ class LogLines:
     def __call__(self, event: Event) -> None:
         match event:
             case Processed(image=image, prediction=prediction):
-                said = f"{prediction.label}, pneumonia {100 * prediction.pneumonia_probability:.0f}%" if prediction.assessed else "not assessed (outside the training distribution)"
+                said = (
+                    f"{prediction.label}, pneumonia {100 * prediction.pneumonia_probability:.0f}%"
+                    if prediction.assessed
+                    else "not assessed (outside the training distribution)"
+                )
                 logger.info(
                     "%s: %s%s, %d region(s), %.0f ms; %s",
-                    image.sop_instance_uid, said, ", TRIAGE" if prediction.triage else "", len(prediction.boxes), 1000 * image.timings.get("total", 0.0), event.delivery,
-                )  # fmt: skip
+                    image.sop_instance_uid,
+                    said,
+                    ", TRIAGE" if prediction.triage else "",
+                    len(prediction.boxes),
+                    1000 * image.timings.get("total", 0.0),
+                    event.delivery,
+                )
             case Skipped():
-                logger.info("%s: no result: %s (%s)", event.image.sop_instance_uid, event.reason, event.detail)
+                logger.info(
+                    "%s: no result: %s (%s)",
+                    event.image.sop_instance_uid,
+                    event.reason,
+                    event.detail,
+                )
             case Failed(deaths=0):
-                logger.error("%s: failed (%s): %s; kept in %s", event.image.sop_instance_uid, event.reason, event.detail, event.folder)
+                logger.error(
+                    "%s: failed (%s): %s; kept in %s",
+                    event.image.sop_instance_uid,
+                    event.reason,
+                    event.detail,
+                    event.folder,
+                )
             case Failed():
                 who = event.image.sop_instance_uid or "an instance without a receipt"
-                logger.error("%s was in flight, alone, at %d deaths of the node; moved to %s", who, event.deaths, event.folder)
+                logger.error(
+                    "%s was in flight, alone, at %d deaths of the node; moved to %s",
+                    who,
+                    event.deaths,
+                    event.folder,
+                )
             case Retried():
-                logger.warning("%s: %s (%s); tried again in %.0f s", event.image.sop_instance_uid, event.reason, event.why, event.delay)
+                logger.warning(
+                    "%s: %s (%s); tried again in %.0f s",
+                    event.image.sop_instance_uid,
+                    event.reason,
+                    event.why,
+                    event.delay,
+                )
             case NodeFailed():
-                logger.critical("%s: the node stops taking images; its service manager should restart it", event.why)
+                logger.critical(
+                    "%s: the node stops taking images; its service manager should restart it",
+                    event.why,
+                )
 
 
 __all__ = [
-    "AuditTrail", "Counters", "Delivered", "Event", "Failed", "FailReason", "Held", "Image", "Inferred", "LogLines", "NodeFailed",
-    "Outcomes", "Processed", "ProtocolError", "Retried", "Sent", "Skipped", "result_summary",
-]  # fmt: skip
+    "AuditTrail",
+    "Counters",
+    "Delivered",
+    "Event",
+    "Failed",
+    "FailReason",
+    "Held",
+    "Image",
+    "Inferred",
+    "LogLines",
+    "NodeFailed",
+    "Outcomes",
+    "Processed",
+    "ProtocolError",
+    "Retried",
+    "Sent",
+    "Skipped",
+    "result_summary",
+]

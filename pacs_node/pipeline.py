@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dp_transforms import ImageError
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dp_transforms import ImageError
 from pacs_node import logs
 from pacs_node.audit import safe_uid
 from pacs_node.config import NodeConfig
@@ -94,8 +94,12 @@ class Item:
             sop_instance_uid=self.sop_instance_uid,
             calling_ae=self.receipt.calling_ae if self.receipt else None,
             peer=self.receipt.peer if self.receipt else None,
-            study_instance_uid=safe_uid(text(study, "StudyInstanceUID")) if study is not None else None,
-            sop_class_uid=safe_uid(text(self.dataset, "SOPClassUID")) if self.dataset is not None else None,
+            study_instance_uid=safe_uid(text(study, "StudyInstanceUID"))
+            if study is not None
+            else None,
+            sop_class_uid=safe_uid(text(self.dataset, "SOPClassUID"))
+            if self.dataset is not None
+            else None,
             received=self.receipt.received if self.receipt else None,
             timings=dict(self.timings),
         )
@@ -106,10 +110,23 @@ class Pipeline:
     batch), ``write`` (every output kind), ``hand over``; each image's outcome is emitted."""
 
     def __init__(
-        self, *, config: NodeConfig, spool: Spool, predictor: NodePredictor, writers: list[ResultWriter], senders: list[DestinationSender],
-        outcomes: Outcomes, prune_due: threading.Event,
-    ) -> None:  # fmt: skip
-        self.config, self.spool, self.predictor, self.writers, self.senders = config, spool, predictor, writers, senders
+        self,
+        *,
+        config: NodeConfig,
+        spool: Spool,
+        predictor: NodePredictor,
+        writers: list[ResultWriter],
+        senders: list[DestinationSender],
+        outcomes: Outcomes,
+        prune_due: threading.Event,
+    ) -> None:
+        self.config, self.spool, self.predictor, self.writers, self.senders = (
+            config,
+            spool,
+            predictor,
+            writers,
+            senders,
+        )
         self.outcomes, self.prune_due = outcomes, prune_due
         self.work = WorkQueue(self._held_bytes)
         self.output_dir = Path(config.output_dir)
@@ -130,7 +147,11 @@ class Pipeline:
         for path in pending:
             self.work.put(path)
         if suspects or pending:
-            logger.info("%d instance(s) from before the last stop are queued again (%d retried alone)", len(suspects) + len(pending), len(suspects))
+            logger.info(
+                "%d instance(s) from before the last stop are queued again (%d retried alone)",
+                len(suspects) + len(pending),
+                len(suspects),
+            )
 
     def run(self, stopping: threading.Event) -> None:
         """The worker thread's body: batches until ``stopping`` is set."""
@@ -145,7 +166,12 @@ class Pipeline:
         """What the image at ``path`` will hold in a batch, from its header's Rows and Columns (0: unreadable)."""
         try:
             found = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-            return held_bytes(int(found.Rows), int(found.Columns), self.predictor.contract.image_size, self.config.overlay_max_side)
+            return held_bytes(
+                int(found.Rows),
+                int(found.Columns),
+                self.predictor.contract.image_size,
+                self.config.overlay_max_side,
+            )
         except Exception:  # noqa: BLE001 - the worker reports an unreadable file when it reads it
             return 0
 
@@ -182,7 +208,11 @@ class Pipeline:
         attempts = self.spool.attempts.get(path.name)
         if attempts is None or attempts.solo < MAX_SOLO_STARTS:
             return False
-        self.spool.fail(path, FailReason.CRASH_LOOP, f"in flight, alone, at {attempts.solo} deaths of the worker")
+        self.spool.fail(
+            path,
+            FailReason.CRASH_LOOP,
+            f"in flight, alone, at {attempts.solo} deaths of the worker",
+        )
         self.spool.end([path])
         self._quarantined(self.spool.failed / path.name, attempts.solo)
         return True
@@ -190,7 +220,11 @@ class Pipeline:
     # --- the steps -----------------------------------------------------------------------------------
 
     def _steps(self, items: list[Item]) -> None:
-        ready = [item for item in items if self._step(item, self._read) and self._step(item, self._decode)]
+        ready = [
+            item
+            for item in items
+            if self._step(item, self._read) and self._step(item, self._decode)
+        ]
         for item, prediction in self._infer(ready):
             self._step(item, functools.partial(self._write_and_hand_over, prediction=prediction))
 
@@ -214,7 +248,7 @@ class Pipeline:
         item.read_at = time.perf_counter()
         try:
             item.dataset = dcmread(item.path, defer_size="256 KB")
-        except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the file is not readable
+        except Exception as exc:  # whatever pydicom raises, the file is not readable
             if _transient(exc):
                 raise
             return self._skip(item, "unreadable", "not a readable DICOM file")
@@ -227,7 +261,12 @@ class Pipeline:
         """The pixels on the model's canvas and as displayed, and the cleaned data set the writers copy from."""
         assert item.dataset is not None  # _read succeeded
         try:
-            item.prepared = prepare(item.dataset, self.predictor.contract.image_size, item.sop_instance_uid or "image", self.config.overlay_max_side)
+            item.prepared = prepare(
+                item.dataset,
+                self.predictor.contract.image_size,
+                item.sop_instance_uid or "image",
+                self.config.overlay_max_side,
+            )
         except ImageError as exc:
             return self._skip(item, exc.reason.value, logs.redact(exc.detail))
         item.clean = clean_source(item.dataset)
@@ -245,7 +284,11 @@ class Pipeline:
             predictions = self.predictor.predict([_prepared(item) for item in ready])
         except Exception as exc:  # noqa: BLE001 - isolation per image
             if len(ready) > 1:  # one image's fault, or a batch too large for the memory: one by one
-                logger.warning("inference failed for a batch of %d (%s); trying the images one by one", len(ready), logs.describe(exc))
+                logger.warning(
+                    "inference failed for a batch of %d (%s); trying the images one by one",
+                    len(ready),
+                    logs.describe(exc),
+                )
                 return [pair for item in ready for pair in self._infer([item])]
             self._raised(ready[0], exc)
             return []
@@ -256,13 +299,19 @@ class Pipeline:
         return list(zip(ready, predictions, strict=True))
 
     def _write_and_hand_over(self, item: Item, prediction: Prediction) -> bool:
-        assert item.clean is not None and item.dataset is not None and item.prepared is not None  # _decode succeeded
+        # _decode succeeded
+        assert item.clean is not None and item.dataset is not None and item.prepared is not None
         t0 = time.perf_counter()
         source, model = item.clean.dataset, self.predictor.contract
         context = ResultContext(
-            source=source, received=item.dataset, prepared=item.prepared, prediction=prediction, model=model,
-            identity=ResultIdentity.of(source, model), config=self.config,
-        )  # fmt: skip
+            source=source,
+            received=item.dataset,
+            prepared=item.prepared,
+            prediction=prediction,
+            model=model,
+            identity=ResultIdentity.of(source, model),
+            config=self.config,
+        )
         results = []
         for writer in self.writers:
             item.stage = writer.fail_reason
@@ -274,7 +323,16 @@ class Pipeline:
         item.timings["total"] = time.perf_counter() - item.started
         self._retries.pop(item.path.name, None)
         note = item.clean.note if item.clean else ""
-        self.outcomes.emit(Processed(image=item.image(), prediction=prediction, model=model, outputs=[r.uid for r in results], delivery=delivery, note=note))
+        self.outcomes.emit(
+            Processed(
+                image=item.image(),
+                prediction=prediction,
+                model=model,
+                outputs=[r.uid for r in results],
+                delivery=delivery,
+                note=note,
+            )
+        )
         return True
 
     def _hand_over(self, source: Dataset, results: list[Result], digest: str) -> str:
@@ -295,7 +353,11 @@ class Pipeline:
             put = [sender.put(result, str(source.SOPInstanceUID), digest) for result in taken]
             (queued if any(put) else had).append(str(sender.destination))
             sender.wake()
-        return "; ".join(f"{what} {', '.join(names)}" for what, names in (("queued for", queued), ("already delivered to", had)) if names)
+        return "; ".join(
+            f"{what} {', '.join(names)}"
+            for what, names in (("queued for", queued), ("already delivered to", had))
+            if names
+        )
 
     def _study_folder(self, study_uid: str) -> Path:
         """The results folder of a study: only ever a valid UID under ``output_dir``."""
@@ -320,7 +382,9 @@ class Pipeline:
         self.spool.fail(item.path, reason, detail)
         self.prune_due.set()
         self._retries.pop(item.path.name, None)
-        self.outcomes.emit(Failed(image=item.image(), reason=str(reason), detail=detail, folder=self.spool.failed))
+        self.outcomes.emit(
+            Failed(image=item.image(), reason=str(reason), detail=detail, folder=self.spool.failed)
+        )
 
     def _retry(self, item: Item, exc: BaseException) -> None:
         """Put an instance back for later: the condition (a full disk) is expected to pass.
@@ -341,7 +405,15 @@ class Pipeline:
     def _quarantined(self, path: Path, starts: int) -> None:
         image = Item(path, self.spool.receipt(path)).image()
         detail = f"in flight, alone, at {starts} deaths of the node; quarantined"
-        self.outcomes.emit(Failed(image=image, reason=str(FailReason.CRASH_LOOP), detail=detail, folder=path.parent, deaths=starts))
+        self.outcomes.emit(
+            Failed(
+                image=image,
+                reason=str(FailReason.CRASH_LOOP),
+                detail=detail,
+                folder=path.parent,
+                deaths=starts,
+            )
+        )
 
 
 def _prepared(item: Item) -> Prepared:
@@ -365,7 +437,11 @@ def _content_digest(source: Dataset, prediction: Prediction) -> str:
     digest = hashlib.sha256()
     for element in source:
         digest.update(f"{element.tag}={element.value}\x1f".encode(errors="replace"))
-    stated = [*prediction.probabilities.astype("float64").tolist(), *prediction.box_scores, prediction.operating_point]
+    stated = [
+        *prediction.probabilities.astype("float64").tolist(),
+        *prediction.box_scores,
+        prediction.operating_point,
+    ]
     digest.update(np.round(100.0 * np.asarray(stated, dtype="float64"), 2).tobytes())
     digest.update(f"assessed={prediction.assessed}".encode())
     digest.update(prediction.boxes.astype("float32").round(2).tobytes())

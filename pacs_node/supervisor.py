@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -41,10 +42,26 @@ class Supervisor:
     """Owns the worker thread and its own; watches the listener and the senders."""
 
     def __init__(
-        self, *, config: NodeConfig, pipeline: Pipeline, listener: Listener, senders: list[DestinationSender], spool: Spool, audit: AuditLog,
-        metrics: Metrics, outcomes: Outcomes, stopping: threading.Event, prune_due: threading.Event, model: tuple[str, str],
-    ) -> None:  # fmt: skip
-        self.config, self.pipeline, self.listener, self.senders = config, pipeline, listener, senders
+        self,
+        *,
+        config: NodeConfig,
+        pipeline: Pipeline,
+        listener: Listener,
+        senders: list[DestinationSender],
+        spool: Spool,
+        audit: AuditLog,
+        metrics: Metrics,
+        outcomes: Outcomes,
+        stopping: threading.Event,
+        prune_due: threading.Event,
+        model: tuple[str, str],
+    ) -> None:
+        self.config, self.pipeline, self.listener, self.senders = (
+            config,
+            pipeline,
+            listener,
+            senders,
+        )
         self.spool, self.audit, self.metrics, self.outcomes = spool, audit, metrics, outcomes
         self.stopping, self.prune_due, self.model = stopping, prune_due, model
         self.fatal: str | None = None
@@ -67,7 +84,11 @@ class Supervisor:
     # --- threads -------------------------------------------------------------------------------------
 
     def _new_worker(self) -> threading.Thread:
-        return threading.Thread(target=_guarded("worker", lambda: self.pipeline.run(self.stopping)), name="worker", daemon=True)
+        return threading.Thread(
+            target=_guarded("worker", lambda: self.pipeline.run(self.stopping)),
+            name="worker",
+            daemon=True,
+        )
 
     def _supervise(self) -> None:
         last_prune = time.monotonic()
@@ -76,7 +97,8 @@ class Supervisor:
                 self._revive("worker", self.worker.is_alive, self._restart_worker)
                 self._revive("listener", lambda: self.listener.alive, self.listener.restart)
                 for sender in self.senders:
-                    self._revive(f"send-{sender.destination.name}", lambda: sender.alive, sender.restart)  # called within this iteration
+                    alive = functools.partial(getattr, sender, "alive")
+                    self._revive(f"send-{sender.destination.name}", alive, sender.restart)
                 if self.audit.backlog:
                     self.audit.flush()
                 if self.prune_due.is_set() or time.monotonic() - last_prune > PRUNE_EVERY_S:
@@ -92,7 +114,9 @@ class Supervisor:
         now = time.monotonic()
         recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW_S]
         if len(recent) >= MAX_RESTARTS:
-            self._give_up(f"the {name} thread ended {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s")
+            self._give_up(
+                f"the {name} thread ended {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s"
+            )
             return
         self._restarts[name] = [*recent, now]
         self.metrics.inc("thread_restarts", thread=name)
@@ -112,11 +136,16 @@ class Supervisor:
     def prune(self) -> None:
         """Apply the retention limits to the kept images and every destination's dead letters."""
         retention = self.config.retention
-        removed = self.spool.prune((retention.skipped_days, retention.skipped_max_mb), (retention.failed_days, retention.failed_max_mb))
+        removed = self.spool.prune(
+            (retention.skipped_days, retention.skipped_max_mb),
+            (retention.failed_days, retention.failed_max_mb),
+        )
         for sender in self.senders:
             removed += sender.prune_dead_letters(retention.failed_days, retention.failed_max_mb)
         if removed:
-            logger.info("retention: %d kept image(s) removed (older or beyond the size limit)", removed)
+            logger.info(
+                "retention: %d kept image(s) removed (older or beyond the size limit)", removed
+            )
 
     # --- health --------------------------------------------------------------------------------------
 
@@ -126,52 +155,103 @@ class Supervisor:
         status = "failed" if self.fatal else ("degraded" if problems else "ok")
         work = self.pipeline.work
         return {
-            "status": status, "problems": ([self.fatal] if self.fatal else []) + problems, "worker_alive": self.worker.is_alive(),
-            "disk_ok": self._disk_ok(), "spool_free_mb": self.spool.free_bytes() // 2**20, "queue": work.qsize(), "retrying": work.retrying,
-            "model": self.model[0], "model_version": self.model[1],
+            "status": status,
+            "problems": ([self.fatal] if self.fatal else []) + problems,
+            "worker_alive": self.worker.is_alive(),
+            "disk_ok": self._disk_ok(),
+            "spool_free_mb": self.spool.free_bytes() // 2**20,
+            "queue": work.qsize(),
+            "retrying": work.retrying,
+            "model": self.model[0],
+            "model_version": self.model[1],
             "destinations": {str(s.destination): _sender_state(s) for s in self.senders},
-        }  # fmt: skip
+        }
 
     def _disk_ok(self) -> bool:
         return self.spool.free_bytes() >= self.config.min_free_mb * 2**20
 
     def _problems(self) -> list[str]:
-        now, stall, pipeline, work = time.monotonic(), self.config.stall_after_s, self.pipeline, self.pipeline.work
+        now, stall, pipeline, work = (
+            time.monotonic(),
+            self.config.stall_after_s,
+            self.pipeline,
+            self.pipeline.work,
+        )
         problems = []
         if self.stopping.is_set():
             problems.append("stopping")
         elif not self.worker.is_alive():
             problems.append("the worker thread is not running")
         if pipeline.busy_since is not None and now - pipeline.busy_since > stall:
-            problems.append(f"the worker has been on one batch for {now - pipeline.busy_since:.0f} s")
-        elif pipeline.busy_since is None and work.qsize() > work.retrying and now - pipeline.last_progress > stall:
-            problems.append(f"the queue of {work.qsize()} has not moved for {now - pipeline.last_progress:.0f} s")
+            problems.append(
+                f"the worker has been on one batch for {now - pipeline.busy_since:.0f} s"
+            )
+        elif (
+            pipeline.busy_since is None
+            and work.qsize() > work.retrying
+            and now - pipeline.last_progress > stall
+        ):
+            problems.append(
+                f"the queue of {work.qsize()} has not moved for {now - pipeline.last_progress:.0f} s"
+            )
         if work.retrying:
-            problems.append(f"{work.retrying} image(s) waiting to be tried again (disk or memory full)")
+            problems.append(
+                f"{work.retrying} image(s) waiting to be tried again (disk or memory full)"
+            )
         if not self._disk_ok():
             problems.append(
                 f"the spool's disk has {self.spool.free_bytes() // 2**20} MB free, below min_free_mb ({self.config.min_free_mb} MB): "
                 "new images are refused (0xA700) until space is freed"
-            )  # fmt: skip
+            )
         if self.audit.backlog:
             problems.append(f"{self.audit.backlog} audit line(s) waiting for the disk")
         if not self.listener.alive:
             problems.append("the DICOM listener is not running")
         problems += self.listener.problems()
-        problems += [problem for sender in self.senders for problem in _sender_problems(sender, now, stall, self.config.outbox.stall_after_s)]
+        problems += [
+            problem
+            for sender in self.senders
+            for problem in _sender_problems(sender, now, stall, self.config.outbox.stall_after_s)
+        ]
         return problems
 
     def _register_gauges(self) -> None:
-        def per_destination(read: Callable[[DestinationSender], float]) -> Callable[[], dict[Labels, float]]:
+        def per_destination(
+            read: Callable[[DestinationSender], float],
+        ) -> Callable[[], dict[Labels, float]]:
             return lambda: {(("destination", str(s.destination)),): read(s) for s in self.senders}
 
         work = self.pipeline.work
-        self.metrics.gauge("queue_depth", lambda: {(): float(work.qsize())}, "instances waiting for the model, retries included")
-        self.metrics.gauge("outbox_backlog", per_destination(lambda s: float(s.stats.backlog)), "results waiting to be sent")
-        self.metrics.gauge("outbox_oldest_seconds", per_destination(lambda s: _waited(s.stats) or 0.0), "how long the oldest result waiting for a destination has waited (0: none waits)")
-        self.metrics.gauge("destination_failing_seconds", per_destination(lambda s: _failing(s.stats) or 0.0), "how long every try to deliver to a destination has failed (0: not failing)")
-        self.metrics.gauge("spool_free_bytes", lambda: {(): float(self.spool.free_bytes())}, "free space on the spool's disk (below min_free_mb, images are refused)")
-        self.metrics.gauge("healthy", lambda: {(): float(self.health()["status"] == "ok")}, "1 when /health says ok")
+        self.metrics.gauge(
+            "queue_depth",
+            lambda: {(): float(work.qsize())},
+            "instances waiting for the model, retries included",
+        )
+        self.metrics.gauge(
+            "outbox_backlog",
+            per_destination(lambda s: float(s.stats.backlog)),
+            "results waiting to be sent",
+        )
+        self.metrics.gauge(
+            "outbox_oldest_seconds",
+            per_destination(lambda s: _waited(s.stats) or 0.0),
+            "how long the oldest result waiting for a destination has waited (0: none waits)",
+        )
+        self.metrics.gauge(
+            "destination_failing_seconds",
+            per_destination(lambda s: _failing(s.stats) or 0.0),
+            "how long every try to deliver to a destination has failed (0: not failing)",
+        )
+        self.metrics.gauge(
+            "spool_free_bytes",
+            lambda: {(): float(self.spool.free_bytes())},
+            "free space on the spool's disk (below min_free_mb, images are refused)",
+        )
+        self.metrics.gauge(
+            "healthy",
+            lambda: {(): float(self.health()["status"] == "ok")},
+            "1 when /health says ok",
+        )
 
 
 def _guarded(name: str, target: Callable[[], None]) -> Callable[[], None]:
@@ -200,9 +280,12 @@ def _sender_state(sender: DestinationSender) -> dict[str, object]:
     stats = sender.stats
     waited, failing = _waited(stats), _failing(stats)
     return {
-        "backlog": stats.backlog, "last_error": stats.last_error, "alive": sender.alive,
-        "oldest_s": None if waited is None else round(waited, 1), "failing_s": None if failing is None else round(failing, 1),
-    }  # fmt: skip
+        "backlog": stats.backlog,
+        "last_error": stats.last_error,
+        "alive": sender.alive,
+        "oldest_s": None if waited is None else round(waited, 1),
+        "failing_s": None if failing is None else round(failing, 1),
+    }
 
 
 def _sender_problems(sender: DestinationSender, now: float, stall: float, late: float) -> list[str]:
@@ -211,11 +294,15 @@ def _sender_problems(sender: DestinationSender, now: float, stall: float, late: 
     if not sender.alive:
         return [f"the sender to {sender.destination} is not running"]
     if sender.stats.held:
-        return [f"the sender to {sender.destination} holds its results ({sender.stats.held}): {sender.stats.last_error}"]
+        return [
+            f"the sender to {sender.destination} holds its results ({sender.stats.held}): {sender.stats.last_error}"
+        ]
     problems = []
     busy = sender.stats.busy_since
     if busy is not None and now - busy > stall:
-        problems.append(f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s")
+        problems.append(
+            f"the sender to {sender.destination}: one delivery has taken {now - busy:.0f} s"
+        )
     waited, failing = _waited(sender.stats) or 0.0, _failing(sender.stats)
     if waited > late or (failing or 0.0) > late:
         problem = f"results for {sender.destination} are not getting through: {sender.stats.backlog} waiting, the oldest for {waited:.0f} s"

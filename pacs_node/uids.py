@@ -17,7 +17,9 @@ def is_valid_uid(value: object) -> bool:
     if not (0 < len(text_value) <= 64 and _UID.match(text_value)):
         return False
     components = text_value.split(".")
-    return len(components) >= 2 and (components[0] == "2" or (components[0] == "1" and int(components[1]) < 40))
+    return len(components) >= 2 and (
+        components[0] == "2" or (components[0] == "1" and int(components[1]) < 40)
+    )
 
 
 def derived_uid(*parts: str) -> str:

@@ -40,7 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("bundle")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         slow = {item.path for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: item.path not in slow)  # stable: the order within a file is kept
+        # stable: the order within a file is kept
+        items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture(scope="session")
@@ -87,10 +88,14 @@ def demo_bundle_key() -> str:
     import sklearn
     import torch
 
-    digest = hashlib.sha256(f"{torch.__version__} {monai.__version__} {numpy.__version__} {sklearn.__version__}".encode())
+    digest = hashlib.sha256(
+        f"{torch.__version__} {monai.__version__} {numpy.__version__} {sklearn.__version__}".encode()
+    )
     files = [ROOT / "configs" / "synth_demo.yaml", ROOT / "configs" / "demo.yaml"]
     for folder in ("dp_model", "transforms"):
-        files += sorted(path for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".json", ".yaml"))
+        files += sorted(
+            path for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".json", ".yaml")
+        )
     for path in files:
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -98,19 +103,29 @@ def demo_bundle_key() -> str:
 
 def _train_demo_bundle(root: Path) -> None:
     """Phantoms into ``root / "data"``, the bundle of configs/demo.yaml into ``root / "bundle"``."""
+    import torch
+
     from dp_model.config import load_config
     from dp_model.synth import SynthConfig, generate
     from dp_model.train_cli import main as train_main
-
-    import torch
 
     shutil.rmtree(root, ignore_errors=True)
     configs = ROOT / "configs"
     generate(load_config(SynthConfig, configs / "synth_demo.yaml"), root / "data", progress=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS[0] if THREADS else threads)  # as `make run` trains it: its figures depend on it
+    # as `make run` trains it: its figures depend on it
+    torch.set_num_threads(THREADS[0] if THREADS else threads)
     try:
-        code = train_main(["--config", str(configs / "demo.yaml"), "--data", str(root / "data"), "--out", str(root / "bundle")])
+        code = train_main(
+            [
+                "--config",
+                str(configs / "demo.yaml"),
+                "--data",
+                str(root / "data"),
+                "--out",
+                str(root / "bundle"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0, "dp-train failed on the demo config"

@@ -29,24 +29,118 @@ MUTATIONS = int(os.environ.get("DP_HEADER_MUTATIONS", "500"))
 
 #: What the node reads (screening, the pixel pipeline, geometry) and what it copies into its outputs.
 ATTRIBUTES = (
-    "Modality", "BodyPartExamined", "ViewPosition", "ImageType", "Rows", "Columns", "BitsAllocated", "BitsStored",
-    "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "RescaleSlope",
-    "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction", "PixelSpacing",
-    "ImagerPixelSpacing", "PixelIntensityRelationshipSign", "PresentationIntentType", "PatientName", "PatientID",
-    "PatientBirthDate", "PatientSex", "PatientAge", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "ReferringPhysicianName", "StudyDescription", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "InstanceNumber", "SeriesNumber", "PatientOrientation", "Laterality", "ImageLaterality", "Manufacturer",
-    "SpecificCharacterSet", "BurnedInAnnotation", "ContentDate", "ContentTime", "SeriesDate", "InstitutionName",
-    "SeriesDescription", "ManufacturerModelName", "SoftwareVersions", "OtherPatientIDs", "PatientWeight",
-    "ConversionType", "PlanarConfiguration", "LossyImageCompression", "ImageComments", "Sensitivity", "KVP",
-)  # fmt: skip
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "NumberOfFrames",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "PixelIntensityRelationshipSign",
+    "PresentationIntentType",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "InstanceNumber",
+    "SeriesNumber",
+    "PatientOrientation",
+    "Laterality",
+    "ImageLaterality",
+    "Manufacturer",
+    "SpecificCharacterSet",
+    "BurnedInAnnotation",
+    "ContentDate",
+    "ContentTime",
+    "SeriesDate",
+    "InstitutionName",
+    "SeriesDescription",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "OtherPatientIDs",
+    "PatientWeight",
+    "ConversionType",
+    "PlanarConfiguration",
+    "LossyImageCompression",
+    "ImageComments",
+    "Sensitivity",
+    "KVP",
+)
 
 TEXTS = (
-    "", " ", "abc", "-1", "0", "1e309", "NaN", "inf", "1\\2\\3", "../../etc/passwd", "/tmp/x", "DROP TABLE;", "Müller^José",
-    "山田^太郎", "\x00\x01\x02", "CHEST", "PA", "LATERAL", "DERIVED\\SECONDARY", "MONOCHROME3", "1945-01-01", "female",
-    "x" * 300, "1.2.03.4", "1.2." + "9" * 80, "2.25.", "LINEAR_EXACT", "SIGMOID", "ISO 2022 IR 87", "ISO_IR 999",
-)  # fmt: skip
-VRS = ("CS", "DS", "IS", "LO", "SH", "UI", "US", "SS", "UL", "FL", "FD", "OB", "UN", "PN", "DA", "TM")
+    "",
+    " ",
+    "abc",
+    "-1",
+    "0",
+    "1e309",
+    "NaN",
+    "inf",
+    "1\\2\\3",
+    "../../etc/passwd",
+    "/tmp/x",
+    "DROP TABLE;",
+    "Müller^José",
+    "山田^太郎",
+    "\x00\x01\x02",
+    "CHEST",
+    "PA",
+    "LATERAL",
+    "DERIVED\\SECONDARY",
+    "MONOCHROME3",
+    "1945-01-01",
+    "female",
+    "x" * 300,
+    "1.2.03.4",
+    "1.2." + "9" * 80,
+    "2.25.",
+    "LINEAR_EXACT",
+    "SIGMOID",
+    "ISO 2022 IR 87",
+    "ISO_IR 999",
+)
+VRS = (
+    "CS",
+    "DS",
+    "IS",
+    "LO",
+    "SH",
+    "UI",
+    "US",
+    "SS",
+    "UL",
+    "FL",
+    "FD",
+    "OB",
+    "UN",
+    "PN",
+    "DA",
+    "TM",
+)
 
 
 def small_rg1(path: Path) -> Dataset:
@@ -62,7 +156,9 @@ def mutate(base: Dataset, index: int) -> Dataset:
     """The ``index``-th mutant: a copy of ``base`` with its own SOP Instance UID and 1 to 4 mutations."""
     rng = random.Random(index)
     ds = copy.deepcopy(base)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{1000 + index}{rng.randrange(10**12)}"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+        f"2.25.{1000 + index}{rng.randrange(10**12)}"
+    )
     keyword, mutator = PAIRS[index % len(PAIRS)]
     mutator(ds, keyword, rng)
     for _ in range(rng.randint(0, 3)):
@@ -101,7 +197,9 @@ def _wrong_vr(ds: Dataset, keyword: str, rng: random.Random) -> None:
     """The attribute written with another VR than the dictionary's (explicit VR lets a file lie)."""
     vr = rng.choice(VRS)
     if vr in PACK:
-        _put(ds, keyword, vr, struct.pack("<" + PACK[vr], _fit(vr, rng.choice([3, -3, 70000, 2.5]))))
+        _put(
+            ds, keyword, vr, struct.pack("<" + PACK[vr], _fit(vr, rng.choice([3, -3, 70000, 2.5])))
+        )
     elif vr in ("OB", "UN"):
         _put(ds, keyword, vr, bytes(rng.randrange(256) for _ in range(rng.randrange(0, 9))))
     else:
@@ -113,7 +211,14 @@ def _multi(ds: Dataset, keyword: str, rng: random.Random) -> None:
     vr = dictionary_VR(tag_for_keyword(keyword))
     count = rng.randint(2, 3)
     if vr in PACK:
-        _put(ds, keyword, vr, b"".join(struct.pack("<" + PACK[vr], _fit(vr, rng.randrange(1, 3000))) for _ in range(count)))
+        _put(
+            ds,
+            keyword,
+            vr,
+            b"".join(
+                struct.pack("<" + PACK[vr], _fit(vr, rng.randrange(1, 3000))) for _ in range(count)
+            ),
+        )
     elif vr not in BINARY:
         _put(ds, keyword, vr, "\\".join(rng.choice(TEXTS) for _ in range(count)))
 
@@ -121,13 +226,25 @@ def _multi(ds: Dataset, keyword: str, rng: random.Random) -> None:
 def _raw(ds: Dataset, keyword: str, rng: random.Random) -> None:
     """Raw bytes of a random length under the dictionary's VR (an odd length for a number, say)."""
     vr = dictionary_VR(tag_for_keyword(keyword))
-    _put(ds, keyword, vr if vr != "SQ" else "UN", bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 7, 64]))))
+    _put(
+        ds,
+        keyword,
+        vr if vr != "SQ" else "UN",
+        bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 7, 64]))),
+    )
 
 
 def _uid(ds: Dataset, keyword: str, rng: random.Random) -> None:
     """An invalid UID in one of the UIDs the outputs copy or reference."""
     keyword = rng.choice(("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"))
-    _put(ds, keyword, "UI", rng.choice(["1.2.03.4", "1.2." + "9" * 80, "abc", "", "1..2", "../../x", "1.2.3.", " 1.2.3"]))
+    _put(
+        ds,
+        keyword,
+        "UI",
+        rng.choice(
+            ["1.2.03.4", "1.2." + "9" * 80, "abc", "", "1..2", "../../x", "1.2.3.", " 1.2.3"]
+        ),
+    )
 
 
 BINARY = ("US", "SS", "UL", "FL", "FD", "OB", "OW", "SQ", "AT", "UN")

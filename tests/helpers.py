@@ -43,11 +43,15 @@ def require_file(path: str | Path, package: str) -> Path:
     return path
 
 
-def run_tool(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_tool(
+    *args: str | Path, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run a tool (in ``cwd``, for tools that write files there); with ``check``, fail the
     test with its output if it exits non-zero."""
     tool = require_tool(str(args[0]))
-    result = subprocess.run([tool, *map(str, args[1:])], capture_output=True, text=True, timeout=300, cwd=cwd)
+    result = subprocess.run(
+        [tool, *map(str, args[1:])], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
     if check and result.returncode != 0:
         pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

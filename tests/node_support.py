@@ -59,7 +59,11 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         tool = require_tool("storescp")
-        self.process = subprocess.Popen([tool, "-aet", self.ae_title, "-od", str(self.folder), "+xa", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [tool, "-aet", self.ae_title, "-od", str(self.folder), "+xa", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         wait_for(self._listening, 20, "storescp to listen")
         return self
 
@@ -78,7 +82,11 @@ class StoreSCP:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
     def received(self) -> list[Dataset]:
-        return [dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        return [
+            dcmread(p)
+            for p in sorted(self.folder.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        ]
 
     def __enter__(self) -> StoreSCP:
         return self.start()
@@ -101,7 +109,10 @@ end
 """
 #: Where Debian's orthanc packages put their plugins, and which package brings each.
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
-ORTHANC_PLUGIN_PACKAGES = {"libOrthancDicomWeb.so": "orthanc-dicomweb", "libServeFolders.so": "orthanc"}
+ORTHANC_PLUGIN_PACKAGES = {
+    "libOrthancDicomWeb.so": "orthanc-dicomweb",
+    "libServeFolders.so": "orthanc",
+}
 
 
 class Orthanc:
@@ -115,26 +126,52 @@ class Orthanc:
         plugins: Debian's plugin files to load (``libOrthancDicomWeb.so``, ``libServeFolders.so``).
     """
 
-    def __init__(self, folder: Path, settings: dict | None = None, user: tuple[str, str] | None = None, plugins: tuple[str, ...] = ()) -> None:
-        self.folder, self.dicom_port, self.http_port, self.user = folder, free_port(), free_port(), user
+    def __init__(
+        self,
+        folder: Path,
+        settings: dict | None = None,
+        user: tuple[str, str] | None = None,
+        plugins: tuple[str, ...] = (),
+    ) -> None:
+        self.folder, self.dicom_port, self.http_port, self.user = (
+            folder,
+            free_port(),
+            free_port(),
+            user,
+        )
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(settings or {})
-        loaded = [str(require_file(ORTHANC_PLUGINS / name, ORTHANC_PLUGIN_PACKAGES.get(name, "orthanc"))) for name in plugins]
+        loaded = [
+            str(require_file(ORTHANC_PLUGINS / name, ORTHANC_PLUGIN_PACKAGES.get(name, "orthanc")))
+            for name in plugins
+        ]
         config = {
-            "Name": "dp-node-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": user is not None, "RegisteredUsers": dict([user]) if user else {},
+            "Name": "dp-node-test",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": user is not None,
+            "RegisteredUsers": dict([user]) if user else {},
             "Plugins": loaded + list(settings.pop("Plugins", [])),
-        }  # fmt: skip
+        }
         (folder / "orthanc.json").write_text(json.dumps(config | settings))
         self.process: subprocess.Popen | None = None
 
     @classmethod
-    def routing_to(cls, folder: Path, node_port: int, plugins: tuple[str, ...] = (), **settings) -> Orthanc:
+    def routing_to(
+        cls, folder: Path, node_port: int, plugins: tuple[str, ...] = (), **settings
+    ) -> Orthanc:
         """An Orthanc that sends the radiographs it stores to the node on ``node_port`` (:data:`ORTHANC_ROUTE`)."""
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "route.lua").write_text(ORTHANC_ROUTE)
-        routing = {"LuaScripts": [str(folder / "route.lua")], "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]}, "DicomAlwaysAllowStore": True}
+        routing = {
+            "LuaScripts": [str(folder / "route.lua")],
+            "DicomModalities": {"dpnode": ["DPNODE", "127.0.0.1", node_port]},
+            "DicomAlwaysAllowStore": True,
+        }
         return cls(folder, routing | settings, plugins=plugins)
 
     @property
@@ -144,13 +181,19 @@ class Orthanc:
     def start(self) -> Orthanc:
         """Start it (again, after :meth:`stop`, on the same storage and ports)."""
         self.log = (self.folder / "orthanc.log").open("a")
-        self.process = subprocess.Popen([require_tool("Orthanc", "orthanc"), str(self.folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [require_tool("Orthanc", "orthanc"), str(self.folder / "orthanc.json")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self._up, 60, "Orthanc's REST API")
         return self
 
     def _up(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited ({self.process.returncode}):\n{(self.folder / 'orthanc.log').read_text()[-3000:]}")
+            raise AssertionError(
+                f"Orthanc exited ({self.process.returncode}):\n{(self.folder / 'orthanc.log').read_text()[-3000:]}"
+            )
         try:
             self.get("/system")
             return True
@@ -161,7 +204,9 @@ class Orthanc:
         """A REST call, its JSON answer."""
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         if self.user:
-            request.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.user).encode()).decode())
+            request.add_header(
+                "Authorization", "Basic " + base64.b64encode(":".join(self.user).encode()).decode()
+            )
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
@@ -177,7 +222,9 @@ class Orthanc:
         found: dict[str, list[dict]] = {}
         for series in self.get(f"/studies/{study}/series"):
             tags = series["MainDicomTags"]
-            found.setdefault("SC" if "overlay" in tags.get("SeriesDescription", "") else tags["Modality"], []).append(series)
+            found.setdefault(
+                "SC" if "overlay" in tags.get("SeriesDescription", "") else tags["Modality"], []
+            ).append(series)
         return found
 
     def stop(self) -> None:
@@ -192,7 +239,12 @@ def chest_dataset(rows: int = 320, columns: int = 288, seed: int = 0, **attribut
     """A small CR frontal chest radiograph with patient identifiers the node must never log."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:rows, 0:columns]
-    lungs = (np.abs(xx - columns / 2) > columns * 0.08) & (np.abs(xx - columns / 2) < columns * 0.4) & (yy > rows * 0.15) & (yy < rows * 0.8)
+    lungs = (
+        (np.abs(xx - columns / 2) > columns * 0.08)
+        & (np.abs(xx - columns / 2) < columns * 0.4)
+        & (yy > rows * 0.15)
+        & (yy < rows * 0.8)
+    )
     pixels = np.where(lungs, 900, 2800) + rng.normal(0, 60, (rows, columns))
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -200,12 +252,22 @@ def chest_dataset(rows: int = 320, columns: int = 288, seed: int = 0, **attribut
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, PATIENT_ID, BIRTH_DATE, "F"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        PATIENT_NAME,
+        PATIENT_ID,
+        BIRTH_DATE,
+        "F",
+    )
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261122", "101500", "ACC1", "1"
     ds.ReferringPhysicianName, ds.Manufacturer = "", "Test"
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
     ds.SeriesNumber, ds.InstanceNumber, ds.PatientOrientation = 1, 1, ["L", "F"]
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = (
+        rows,
+        columns,
+        1,
+        "MONOCHROME2",
+    )
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
     for key, value in attributes.items():
@@ -213,7 +275,9 @@ def chest_dataset(rows: int = 320, columns: int = 288, seed: int = 0, **attribut
     return ds
 
 
-def send(port: int, datasets: list[Dataset], calling: str = "TESTSCU", called: str = "DPNODE") -> list[int]:
+def send(
+    port: int, datasets: list[Dataset], calling: str = "TESTSCU", called: str = "DPNODE"
+) -> list[int]:
     """C-STORE ``datasets`` over one association; the status of each (-1: no response)."""
     ae = AE(ae_title=calling)
     for syntax in {str(ds.file_meta.TransferSyntaxUID) for ds in datasets}:
@@ -225,9 +289,14 @@ def send(port: int, datasets: list[Dataset], calling: str = "TESTSCU", called: s
 def _store_all(ae: AE, port: int, called: str, items: list) -> list[int]:
     """C-STORE each item (a data set or a file) over one association; the status of each (-1: none)."""
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    assert assoc.is_established, f"association with the node failed (calling {ae.ae_title}, called {called})"
+    assert assoc.is_established, (
+        f"association with the node failed (calling {ae.ae_title}, called {called})"
+    )
     try:
-        return [int(status.Status) if status else -1 for status in (assoc.send_c_store(item) for item in items)]
+        return [
+            int(status.Status) if status else -1
+            for status in (assoc.send_c_store(item) for item in items)
+        ]
     finally:
         assoc.release()
 
@@ -242,9 +311,13 @@ def node_config(tmp_path: Path, **settings):
     from pacs_node.config import NodeConfig
 
     defaults = {
-        "port": 0, "metrics_port": 0, "spool": str(tmp_path / "spool"), "output_dir": str(tmp_path / "out"),
-        "bundle": "unused", "allow": list(TEST_CALLERS),
-    }  # fmt: skip
+        "port": 0,
+        "metrics_port": 0,
+        "spool": str(tmp_path / "spool"),
+        "output_dir": str(tmp_path / "out"),
+        "bundle": "unused",
+        "allow": list(TEST_CALLERS),
+    }
     return from_mapping(NodeConfig, to_mapping(defaults | settings), "test")
 
 
@@ -259,13 +332,21 @@ def start_node(tmp_path: Path, predictor, **settings):
 
 def audit_lines(node_or_path) -> list[dict]:
     """Every line of a node's audit log (or of the audit log at a path)."""
-    path = Path(node_or_path) if isinstance(node_or_path, (str, Path)) else node_or_path.config.audit_path
+    path = (
+        Path(node_or_path)
+        if isinstance(node_or_path, (str, Path))
+        else node_or_path.config.audit_path
+    )
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def final_lines(node, status: str | None = None) -> list[dict]:
     """The audit lines that close the story of a received image (processed, skipped or failed)."""
-    return [line for line in audit_lines(node) if line["event"] == "received" and (status is None or line["status"] == status)]
+    return [
+        line
+        for line in audit_lines(node)
+        if line["event"] == "received" and (status is None or line["status"] == status)
+    ]
 
 
 class GatedPredictor:
@@ -319,14 +400,18 @@ def write_raw(ds: Dataset, path: Path, **meta: str) -> Path:
     from pydicom.dataelem import RawDataElement
     from pydicom.filewriter import write_file_meta_info
 
-    raw = any(isinstance(ds.get_item(tag), RawDataElement) for tag in ds.keys())
+    raw = any(isinstance(ds.get_item(tag), RawDataElement) for tag in ds.keys())  # noqa: SIM118 (a Dataset iterates elements)
     if not raw and not meta:
         with lenient_writing():
             ds.save_as(path, enforce_file_format=True)
         return path
     file_meta = ds.file_meta.copy()
-    file_meta.MediaStorageSOPClassUID = file_meta.get("MediaStorageSOPClassUID") or str(ds.SOPClassUID)
-    file_meta.MediaStorageSOPInstanceUID = file_meta.get("MediaStorageSOPInstanceUID") or str(ds.SOPInstanceUID)
+    file_meta.MediaStorageSOPClassUID = file_meta.get("MediaStorageSOPClassUID") or str(
+        ds.SOPClassUID
+    )
+    file_meta.MediaStorageSOPInstanceUID = file_meta.get("MediaStorageSOPInstanceUID") or str(
+        ds.SOPInstanceUID
+    )
     for keyword, value in meta.items():
         setattr(file_meta, keyword, value)
     body = _explicit_little(ds)
@@ -335,8 +420,13 @@ def write_raw(ds: Dataset, path: Path, **meta: str) -> Path:
 
         compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
         body = compressor.compress(body) + compressor.flush()
-    elif file_meta.TransferSyntaxUID.is_implicit_VR or not file_meta.TransferSyntaxUID.is_little_endian:
-        raise ValueError("raw elements are written in an explicit little endian transfer syntax only")
+    elif (
+        file_meta.TransferSyntaxUID.is_implicit_VR
+        or not file_meta.TransferSyntaxUID.is_little_endian
+    ):
+        raise ValueError(
+            "raw elements are written in an explicit little endian transfer syntax only"
+        )
     with path.open("wb") as handle, lenient_writing():
         handle.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(handle, file_meta, enforce_standard=True)
@@ -362,26 +452,37 @@ def _explicit_little(ds: Dataset) -> bytes:
             element = ds.get_item(tag)
             if isinstance(element, RawDataElement):
                 head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + element.VR.encode()
-                head += struct.pack("<HI", 0, len(element.value)) if element.VR in _LONG_VRS else struct.pack("<H", len(element.value))
+                head += (
+                    struct.pack("<HI", 0, len(element.value))
+                    if element.VR in _LONG_VRS
+                    else struct.pack("<H", len(element.value))
+                )
                 out.write(head + element.value)
             else:
                 write_data_element(out, correct_ambiguous_vr_element(element, ds, True))
     return out.getvalue()
 
 
-def send_files(port: int, paths: list[Path], calling: str = "TESTSCU", called: str = "DPNODE", contexts: list[tuple[str, str]] | None = None) -> list[int]:
+def send_files(
+    port: int,
+    paths: list[Path],
+    calling: str = "TESTSCU",
+    called: str = "DPNODE",
+    contexts: list[tuple[str, str]] | None = None,
+) -> list[int]:
     """C-STORE files exactly as their bytes are (pynetdicom's chunked send): the status of each.
 
     The command's Affected SOP Class and Instance UIDs come from each file's meta
     information, so a file whose meta and data set disagree is sent as such.
     """
-    from pynetdicom import _config
-
     from pydicom.filereader import read_file_meta_info
+    from pynetdicom import _config
 
     metas = [read_file_meta_info(p) for p in paths]  # the data sets themselves may not parse
     ae = AE(ae_title=calling)
-    for pair in contexts or sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+    for pair in contexts or sorted(
+        {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
+    ):
         ae.add_requested_context(*pair)
     before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
     try:
@@ -410,7 +511,13 @@ class FullDisk:
     def __init__(self, folder: Path, size_mb: int = 64) -> None:
         self.folder, self.size_mb = folder, size_mb
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)], capture_output=True).returncode == 0
+        self.mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
         self._full = threading.Event()
         self._real_fsync = None
 
@@ -456,13 +563,16 @@ class FullDisk:
 #: A contract's localization that earns regions: well above the prior on every figure. Tests
 #: that check how regions are drawn give it to a copy of the demo bundle (:func:`bundle_with`).
 LOCALIZING = {
-    "source": "map+:3", "shown": True, "margin": 0.05,
+    "source": "map+:3",
+    "shown": True,
+    "margin": 0.05,
     "validation": {"iou>0.1": 0.9, "iou>0.3": 0.7, "iou>0.5": 0.4, "pointing": 0.9},
     "prior_validation": {"iou>0.1": 0.64, "iou>0.3": 0.34, "iou>0.5": 0.21, "pointing": 0.5},
     "test": {"iou>0.1": 0.88, "iou>0.3": 0.66, "iou>0.5": 0.38, "pointing": 0.87},
     "prior_test": {"iou>0.1": 0.63, "iou>0.3": 0.33, "iou>0.5": 0.2, "pointing": 0.5},
-    "difference_low": 0.25, "images": {"validation": 400, "test": 400},
-}  # fmt: skip
+    "difference_low": 0.25,
+    "images": {"validation": 400, "test": 400},
+}
 
 
 def bundle_with(bundle: Path, folder: Path, **fields) -> Path:

@@ -22,7 +22,9 @@ from dp_transforms import (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def phantom(batch: int = 6, size: int = 64, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def phantom(
+    batch: int = 6, size: int = 64, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of identical images with a bright square lesion, and its mask."""
     image = torch.full((batch, 1, size, size), 0.3, device=device)
     image[:, :, 20:36, 28:44] = 0.9
@@ -42,7 +44,9 @@ def test_each_sample_gets_its_own_geometry(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_image_and_mask_move_together(device: str) -> None:
     image, mask = phantom(device=device)
-    out_image, out_mask = RandChestAffine(scale=(0.5, 1.0), rotate_degrees=10).set_random_state(3)(image, mask)
+    out_image, out_mask = RandChestAffine(scale=(0.5, 1.0), rotate_degrees=10).set_random_state(3)(
+        image, mask
+    )
     for i in range(image.shape[0]):
         inside = out_image[i][out_mask[i] > 0.9]
         outside = out_image[i][(out_mask[i] < 0.1) & (out_image[i] > 0)]
@@ -61,7 +65,9 @@ def test_seeded_runs_repeat_and_seeds_differ() -> None:
 
 def test_identity_parameters_leave_the_image_unchanged() -> None:
     image, _ = phantom()
-    out = RandChestAffine(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_degrees=0).set_random_state(0)(image)
+    out = RandChestAffine(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_degrees=0).set_random_state(0)(
+        image
+    )
     torch.testing.assert_close(out, image, atol=1e-5, rtol=0)
 
 
@@ -79,7 +85,9 @@ def test_rotation_is_true_in_pixel_space_on_non_square_images() -> None:
     height, width = 60, 120
     image = torch.zeros(1, 1, height, width)
     image[0, 0, 30 - 1 : 30 + 1, 90 - 1 : 90 + 1] = 1.0  # a dot 30 px right of the centre
-    affine = RandChestAffine(scale=(1.0, 1.0), ratio=(2.0, 2.0), rotate_degrees=10).set_random_state(0)
+    affine = RandChestAffine(
+        scale=(1.0, 1.0), ratio=(2.0, 2.0), rotate_degrees=10
+    ).set_random_state(0)
     affine.randomize(1)
     angle = math.radians(8.0)
     affine._params["angle"][:] = angle
@@ -143,7 +151,7 @@ def test_noise_is_seeded_and_images_stay_in_range() -> None:
     a = RandChestIntensity(**kwargs).set_random_state(1)(image)
     b = RandChestIntensity(**kwargs).set_random_state(1)(image)
     torch.testing.assert_close(a, b)
-    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
 def test_simclr_views_differ_from_each_other_and_are_single_channel() -> None:
@@ -158,8 +166,12 @@ def test_simclr_views_differ_from_each_other_and_are_single_channel() -> None:
 
 def test_dictionary_wrappers_share_geometry_and_leave_masks_unjittered() -> None:
     image, mask = phantom(batch=4)
-    data = RandChestAffined(("image", "mask"), scale=(0.6, 1.0)).set_random_state(0)({"image": image, "mask": mask})
-    expected_image, expected_mask = RandChestAffine(scale=(0.6, 1.0)).set_random_state(0)(image, mask)
+    data = RandChestAffined(("image", "mask"), scale=(0.6, 1.0)).set_random_state(0)(
+        {"image": image, "mask": mask}
+    )
+    expected_image, expected_mask = RandChestAffine(scale=(0.6, 1.0)).set_random_state(0)(
+        image, mask
+    )
     torch.testing.assert_close(data["image"], expected_image)
     torch.testing.assert_close(data["mask"], expected_mask)
     jittered = RandChestIntensityd("image").set_random_state(0)(data)

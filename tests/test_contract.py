@@ -15,9 +15,16 @@ RSNA = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 
 def contract(**fields) -> ModelContract:
     base = {
-        "classes": ("normal", "lobar", "interstitial"), "image_size": 64, "attention_stages": (), "normal_class": "normal", "name": "m",
-        "version": "1", "device_uid": "2.25.1", "demo": True, "synthetic": True,
-    }  # fmt: skip
+        "classes": ("normal", "lobar", "interstitial"),
+        "image_size": 64,
+        "attention_stages": (),
+        "normal_class": "normal",
+        "name": "m",
+        "version": "1",
+        "device_uid": "2.25.1",
+        "demo": True,
+        "synthetic": True,
+    }
     return ModelContract(**(base | fields))
 
 
@@ -25,28 +32,60 @@ def test_in_the_rsna_layout_abnormal_but_not_opacity_is_not_pneumonia() -> None:
     rsna = contract(classes=RSNA, normal_class="Normal", pneumonia_classes=("Lung Opacity",))
     abnormal = np.array([0.1, 0.8, 0.1])  # "No Lung Opacity / Not Normal"
     decision = rsna.decide(abnormal)
-    assert decision.pneumonia_probability == pytest.approx(0.1) and not decision.positive and decision.label == "Normal"
+    assert (
+        decision.pneumonia_probability == pytest.approx(0.1)
+        and not decision.positive
+        and decision.label == "Normal"
+    )
     opacity = rsna.decide(np.array([0.2, 0.2, 0.6]))
-    assert opacity.positive and opacity.label == "Lung Opacity" and opacity.findings == (("Lung Opacity", pytest.approx(0.6)),)
+    assert (
+        opacity.positive
+        and opacity.label == "Lung Opacity"
+        and opacity.findings == (("Lung Opacity", pytest.approx(0.6)),)
+    )
 
 
 def test_the_rule_sums_exclusive_classes_and_takes_the_largest_independent_finding() -> None:
     softmax = contract().decide(np.array([0.4, 0.35, 0.25]))
-    assert softmax.pneumonia_probability == pytest.approx(0.6) and softmax.positive and softmax.label == "lobar"
-    findings = decide(np.array([0.7, 0.55]), ("lobar", "interstitial"), "normal", ("lobar", "interstitial"), True, 0.5)
-    assert findings.pneumonia_probability == pytest.approx(0.7) and [c for c, _ in findings.findings] == ["lobar", "interstitial"]
-    none = decide(np.array([0.3, 0.2]), ("lobar", "interstitial"), "normal", ("lobar", "interstitial"), True, 0.5)
+    assert (
+        softmax.pneumonia_probability == pytest.approx(0.6)
+        and softmax.positive
+        and softmax.label == "lobar"
+    )
+    findings = decide(
+        np.array([0.7, 0.55]),
+        ("lobar", "interstitial"),
+        "normal",
+        ("lobar", "interstitial"),
+        True,
+        0.5,
+    )
+    assert findings.pneumonia_probability == pytest.approx(0.7) and [
+        c for c, _ in findings.findings
+    ] == ["lobar", "interstitial"]
+    none = decide(
+        np.array([0.3, 0.2]),
+        ("lobar", "interstitial"),
+        "normal",
+        ("lobar", "interstitial"),
+        True,
+        0.5,
+    )
     assert not none.positive and none.label == "normal" and none.findings == ()
 
 
 def test_no_triage_flag_on_a_negative_report_whatever_the_override() -> None:
     points = {"present": OperatingPoint(threshold=0.3), "triage": OperatingPoint(threshold=0.8)}
-    decision = contract(operating_points=points).decide(np.array([0.1, 0.8, 0.1]), threshold=0.95)  # pneumonia 0.9
+    # pneumonia 0.9
+    decision = contract(operating_points=points).decide(np.array([0.1, 0.8, 0.1]), threshold=0.95)
     assert not decision.positive and not decision.triage
 
 
 def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> None:
-    points = {"present": OperatingPoint(threshold=0.3, target="sensitivity 0.90"), "triage": OperatingPoint(threshold=0.8, target="specificity 0.95")}
+    points = {
+        "present": OperatingPoint(threshold=0.3, target="sensitivity 0.90"),
+        "triage": OperatingPoint(threshold=0.8, target="specificity 0.95"),
+    }
     with_points = contract(operating_points=points)
     p = np.array([0.65, 0.2, 0.15])  # pneumonia 0.35
     assert with_points.decide(p).positive and not with_points.decide(p).triage
@@ -56,26 +95,89 @@ def test_the_bundles_points_decide_and_a_triage_flag_needs_its_own_point() -> No
 
 
 def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> None:
-    later = ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood", "splits", "localization", "logit_adjustment")
+    later = (
+        "pneumonia_classes",
+        "temperature",
+        "calibration",
+        "operating_points",
+        "ood",
+        "splits",
+        "localization",
+        "logit_adjustment",
+    )
     old = {k: v for k, v in contract().to_json().items() if k not in later}
     loaded = ModelContract.from_json(old)
-    assert loaded.pneumonia == ("lobar", "interstitial") and loaded.temperature == 1.0 and loaded.present_point.threshold == 0.5
-    assert loaded.ood is None and loaded.localization is None and loaded.logit_adjustment == () and len(loaded.defaults()) == 6
-    assert "split sizes: not recorded" in loaded.defaults() and any(line.startswith("localization: not measured") for line in loaded.defaults())
-    assert ModelContract.from_json(contract(operating_points={"present": OperatingPoint(threshold=0.3)}, ood=OODGate(threshold=10.0, quantile=0.99, held_out=40)).to_json()).ood == OODGate(threshold=10.0, quantile=0.99, held_out=40)
+    assert (
+        loaded.pneumonia == ("lobar", "interstitial")
+        and loaded.temperature == 1.0
+        and loaded.present_point.threshold == 0.5
+    )
+    assert (
+        loaded.ood is None
+        and loaded.localization is None
+        and loaded.logit_adjustment == ()
+        and len(loaded.defaults()) == 6
+    )
+    assert "split sizes: not recorded" in loaded.defaults() and any(
+        line.startswith("localization: not measured") for line in loaded.defaults()
+    )
+    assert ModelContract.from_json(
+        contract(
+            operating_points={"present": OperatingPoint(threshold=0.3)},
+            ood=OODGate(threshold=10.0, quantile=0.99, held_out=40),
+        ).to_json()
+    ).ood == OODGate(threshold=10.0, quantile=0.99, held_out=40)
 
 
-def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones_say_what_they_lack() -> None:
-    present = OperatingPoint(threshold=0.3, target="sensitivity 0.90", sensitivity=1.0, specificity=0.4, lower_bound=0.905, confidence=0.95, certified=True, split="calibration", positives=30, negatives=20)
-    gate = OODGate(threshold=10.0, quantile=0.98, held_out=300, rank=299, false_rejection=0.01, confidence=0.95, shrinkage=0.31, split="calibration")
-    splits = {"train": 200, "validation": 40, "calibration": 40, "test": 48, "calibrated_on": "calibration"}
-    new = contract(operating_points={"present": present}, ood=gate, splits=splits, temperature=1.5, calibration={"split": "calibration"})
+def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones_say_what_they_lack():
+    present = OperatingPoint(
+        threshold=0.3,
+        target="sensitivity 0.90",
+        sensitivity=1.0,
+        specificity=0.4,
+        lower_bound=0.905,
+        confidence=0.95,
+        certified=True,
+        split="calibration",
+        positives=30,
+        negatives=20,
+    )
+    gate = OODGate(
+        threshold=10.0,
+        quantile=0.98,
+        held_out=300,
+        rank=299,
+        false_rejection=0.01,
+        confidence=0.95,
+        shrinkage=0.31,
+        split="calibration",
+    )
+    splits = {
+        "train": 200,
+        "validation": 40,
+        "calibration": 40,
+        "test": 48,
+        "calibrated_on": "calibration",
+    }
+    new = contract(
+        operating_points={"present": present},
+        ood=gate,
+        splits=splits,
+        temperature=1.5,
+        calibration={"split": "calibration"},
+    )
     loaded = ModelContract.from_json(new.to_json())
     assert loaded.present_point == present and loaded.ood == gate and loaded.splits == splits
-    assert [line.split(":")[0] for line in loaded.defaults()] == ["localization"]  # the one field this contract lacks
-    older = new.to_json() | {"operating_points": {"present": {"threshold": 0.3}}, "ood": {"threshold": 10.0, "quantile": 0.99, "held_out": 44}}
+    # the one field this contract lacks
+    assert [line.split(":")[0] for line in loaded.defaults()] == ["localization"]
+    older = new.to_json() | {
+        "operating_points": {"present": {"threshold": 0.3}},
+        "ood": {"threshold": 10.0, "quantile": 0.99, "held_out": 44},
+    }
     lacking = ModelContract.from_json(older).defaults()
-    assert any("false-rejection bound" in line and "44 held-out" in line for line in lacking) and any("confidence bound of the operating points" in line for line in lacking)
+    assert any(
+        "false-rejection bound" in line and "44 held-out" in line for line in lacking
+    ) and any("confidence bound of the operating points" in line for line in lacking)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +193,10 @@ def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones
         ({"operating_points": {"present": {"threshold": float("nan")}}}, "threshold"),
         ({"operating_points": [0.5]}, "operating_points"),
         ({"operating_points": {"present": None}}, "operating point"),
-        ({"operating_points": {"present": {"threshold": 0.7}, "triage": {"threshold": 0.1}}}, "triage point"),
+        (
+            {"operating_points": {"present": {"threshold": 0.7}, "triage": {"threshold": 0.1}}},
+            "triage point",
+        ),
         ({"ood": [1, 2]}, "ood"),
         ({"ood": {"threshold": float("inf"), "quantile": 0.99, "held_out": 40}}, "ood threshold"),
         ({"ood": {"threshold": float("nan"), "quantile": 0.99, "held_out": 40}}, "ood threshold"),
@@ -100,14 +205,19 @@ def test_points_and_gate_chosen_with_stated_confidence_round_trip_and_older_ones
         ({"splits": [1, 2]}, "splits"),
         ({"localization": {"source": "map+:3", "shown": "yes"}}, "localization shown"),
         ({"localization": {"source": "map+:3", "shown": True}}, "do not beat the prior"),
-        ({"localization": {"source": "map+:3", "shown": False, "validation": {"iou>0.9": 1.0}}}, "iou>0.9"),
+        (
+            {"localization": {"source": "map+:3", "shown": False, "validation": {"iou>0.9": 1.0}}},
+            "iou>0.9",
+        ),
         ({"localization": {"source": "lime", "shown": False}}, "localization source"),
         ({"localization": {"source": "cam", "shown": False, "margin": 0.01}}, "margin"),
         ({"logit_adjustment": [1.0]}, "logit_adjustment"),
         ({"logit_adjustment": [1.0, float("nan")]}, "logit_adjustment"),
     ],
 )
-def test_an_inconsistent_contract_is_refused_with_the_field_named(change: dict, message: str) -> None:
+def test_an_inconsistent_contract_is_refused_with_the_field_named(
+    change: dict, message: str
+) -> None:
     with pytest.raises(ContractError, match=message):
         ModelContract.from_json(contract().to_json() | change)
 
@@ -122,7 +232,7 @@ def overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return logits, labels
 
 
-def test_temperature_scaling_fitted_on_validation_lowers_the_calibration_error_on_held_out_images() -> None:
+def test_temperature_scaling_fitted_on_validation_lowers_the_calibration_error_on_held_out_images():
     val_logits, val_labels = overconfident(400, 0)
     test_logits, test_labels = overconfident(400, 1)
     t = fit_temperature(val_logits, val_labels)
@@ -130,23 +240,32 @@ def test_temperature_scaling_fitted_on_validation_lowers_the_calibration_error_o
     before = reliability(probabilities(test_logits, 1.0), test_labels, bootstrap=50)
     after = reliability(probabilities(test_logits, t), test_labels, bootstrap=50)
     assert after.ece < before.ece / 3 and after.high < before.low
-    assert (probabilities(test_logits, t).argmax(1) == probabilities(test_logits, 1.0).argmax(1)).all()  # the ranking is kept
+    # the ranking is kept
+    assert (
+        probabilities(test_logits, t).argmax(1) == probabilities(test_logits, 1.0).argmax(1)
+    ).all()
 
 
-def test_an_operating_point_reproduces_its_stated_sensitivity_and_specificity_on_validation() -> None:
+def test_an_operating_point_reproduces_its_stated_sensitivity_and_specificity_on_validation():
     rng = np.random.default_rng(3)
     positive = rng.random(500) < 0.3
-    scores = np.clip(np.where(positive, rng.normal(0.7, 0.15, 500), rng.normal(0.35, 0.15, 500)), 0.001, 0.999)
+    scores = np.clip(
+        np.where(positive, rng.normal(0.7, 0.15, 500), rng.normal(0.35, 0.15, 500)), 0.001, 0.999
+    )
     point = operating_point(scores, positive, sensitivity=0.90)
-    assert (scores[positive] >= point.threshold).mean() == pytest.approx(point.sensitivity, abs=1e-4) and point.sensitivity >= 0.90
-    assert (scores[~positive] < point.threshold).mean() == pytest.approx(point.specificity, abs=1e-4)
+    assert (scores[positive] >= point.threshold).mean() == pytest.approx(
+        point.sensitivity, abs=1e-4
+    ) and point.sensitivity >= 0.90
+    assert (scores[~positive] < point.threshold).mean() == pytest.approx(
+        point.specificity, abs=1e-4
+    )
     strict = operating_point(scores, positive, specificity=0.95)
     assert strict.specificity >= 0.95 and strict.threshold > point.threshold
     with pytest.raises(ValueError, match="with and without pneumonia"):
         operating_point(scores, np.ones(500, bool), sensitivity=0.9)
 
 
-def test_the_mahalanobis_gate_passes_held_out_in_distribution_features_and_stops_shifted_ones() -> None:
+def test_the_mahalanobis_gate_passes_held_out_in_distribution_features_and_stops_shifted_ones():
     rng = np.random.default_rng(4)
     centres = rng.normal(0, 3, (3, 64))
     labels = rng.integers(0, 3, 300)
@@ -166,10 +285,12 @@ def test_operating_points_refuse_what_the_validation_split_cannot_give() -> None
         operating_point(np.array([0.5, 0.5, 0.5, 0.5]), positive, specificity=0.95)
     with pytest.raises(ValueError, match="non-finite"):
         operating_point(np.array([0.5, np.nan, 0.2, 0.1]), positive, sensitivity=0.9)
-    zero = operating_point(np.array([0.0, 0.0, 0.0, 0.0]), positive, sensitivity=0.9)  # scores of exactly 0
+    # scores of exactly 0
+    zero = operating_point(np.array([0.0, 0.0, 0.0, 0.0]), positive, sensitivity=0.9)
     assert 0 < zero.threshold < 1 and zero.sensitivity == 1.0
     assert fit_temperature(np.full((5, 3), np.nan), np.zeros(5, int)) == 1.0
-    assert fit_temperature(np.random.default_rng(0).normal(size=(20, 3)), np.zeros(20, int)) == 1.0  # one class: nothing to fit
+    # one class: nothing to fit
+    assert fit_temperature(np.random.default_rng(0).normal(size=(20, 3)), np.zeros(20, int)) == 1.0
 
 
 def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> None:
@@ -178,16 +299,23 @@ def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> No
 
     net = build_network("resnet18", 5)
     assert classifier_layer(net) is net.backbone.fc
-    assert classifier_layer(build_network("cia_net", 4)) is None  # its last linear layers see the paired normal image too
+    # its last linear layers see the paired normal image too
+    assert classifier_layer(build_network("cia_net", 4)) is None
 
 
 def test_the_gate_takes_exactly_one_pass_of_features_one_row_per_image() -> None:
     from dp_model.ood import one_pass
 
     seen = [torch.zeros(4, 8)]
-    assert one_pass(seen, 4).shape == (4, 8) and seen == []  # taken, and the list emptied for the next batch
-    for passes, rows in (([torch.zeros(4, 8), torch.zeros(4, 8)], 4), ([torch.zeros(8, 8)], 4), ([], 4)):
-        with pytest.raises(ValueError, match="not one"):  # a second pass (another image's), rows that are not images, none
+    # taken, and the list emptied for the next batch
+    assert one_pass(seen, 4).shape == (4, 8) and seen == []
+    for passes, rows in (
+        ([torch.zeros(4, 8), torch.zeros(4, 8)], 4),
+        ([torch.zeros(8, 8)], 4),
+        ([], 4),
+    ):
+        with pytest.raises(ValueError, match="not one"):
+            # a second pass (another image's), rows that are not images, none
             one_pass(passes, rows)
 
 
@@ -196,12 +324,26 @@ def test_localization_travels_with_the_contract_and_the_rule_is_the_stated_one()
 
     prior = {"iou>0.1": 0.64, "iou>0.3": 0.34, "iou>0.5": 0.21, "pointing": 0.5}
     beats = prior | {"iou>0.3": 0.40, "pointing": 0.6}
-    assert regions_earned(beats, prior, 0.01) and not regions_earned(beats, prior, -0.01)  # the interval must clear 0
+    # the interval must clear 0
+    assert regions_earned(beats, prior, 0.01) and not regions_earned(beats, prior, -0.01)
     assert not regions_earned(beats | {"iou>0.3": 0.38}, prior, 0.01)  # under the 0.05 margin
-    assert not regions_earned(beats | {"pointing": 0.5}, prior, 0.01)  # the pointing game must beat the prior's too
+    # the pointing game must beat the prior's too
+    assert not regions_earned(beats | {"pointing": 0.5}, prior, 0.01)
     assert not regions_earned(beats | {"iou>0.3": float("nan")}, prior, 0.01)
-    located = Localization(source="cam", shown=True, validation=beats, prior_validation=prior, difference_low=0.01, candidates={"cam": beats, "grad_cam": beats}, images={"validation": 300})
-    loaded = ModelContract.from_json(contract(architecture="class_attention", localization=located, logit_adjustment=(0.5, -0.25)).to_json())
+    located = Localization(
+        source="cam",
+        shown=True,
+        validation=beats,
+        prior_validation=prior,
+        difference_low=0.01,
+        candidates={"cam": beats, "grad_cam": beats},
+        images={"validation": 300},
+    )
+    loaded = ModelContract.from_json(
+        contract(
+            architecture="class_attention", localization=located, logit_adjustment=(0.5, -0.25)
+        ).to_json()
+    )
     assert loaded.localization == located and loaded.logit_adjustment == (0.5, -0.25)
 
 

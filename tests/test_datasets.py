@@ -37,19 +37,25 @@ def write(path: Path, text: str) -> Path:
 def deep_pneumonia(tmp_path: Path) -> Path:
     root = tmp_path / "dp"
     write(root / "classes.txt", "normal\nlobar\npatchy\ninterstitial\ncavitary\n")
-    write(root / "labels.csv", """
+    write(
+        root / "labels.csv",
+        """
 image_id,label,patient_id
 img001,0,P1
 img002,lobar,P1
 img003,2,P2
 img004,4,P3
-""")
-    write(root / "boxes.csv", """
+""",
+    )
+    write(
+        root / "boxes.csv",
+        """
 image_id,x_min,y_min,x_max,y_max
 img002,10,12,20,30
 img003,1,1,5,5
 img003,20.5,20,30,31.25
-""")
+""",
+    )
     for name in ("img001.png", "img002.png", "sub/img003.png"):
         png(root / "images" / name)
     write_dicom(root / "images" / "img004.dcm", np.zeros((32, 32), np.uint16), bits=12)
@@ -69,23 +75,51 @@ def test_deep_pneumonia_layout(deep_pneumonia: Path) -> None:
     assert by_id["img004"].boxes.shape == (0, 4)  # a lesion nobody outlined is kept
     assert by_id["img004"].image.suffix == ".dcm"
     np.testing.assert_array_equal(ds.targets(), [0, 1, 2, 4])
-    assert ds.class_counts() == {"normal": 1, "lobar": 1, "patchy": 1, "interstitial": 0, "cavitary": 1}
+    assert ds.class_counts() == {
+        "normal": 1,
+        "lobar": 1,
+        "patchy": 1,
+        "interstitial": 0,
+        "cavitary": 1,
+    }
 
 
 @pytest.mark.parametrize(
     ("file", "text", "message"),
     [
-        ("boxes.csv", "image_id,x_min,y_min,x_max,y_max\nimg999,1,1,2,2\n", r"boxes.csv:2: box for image 'img999'"),
-        ("boxes.csv", "image_id,x_min,y_min,x_max,y_max\nimg001,1,1,2,2\n", "labelled 'normal' but has boxes"),
-        ("boxes.csv", "image_id,x_min,y_min,x_max,y_max\nimg002,5,1,2,2\n", r"boxes.csv:2: empty or inverted box"),
-        ("boxes.csv", "image_id,x_min,y_min,x_max\nimg002,5,1,2\n", r"missing column\(s\) \['y_max'\]"),
+        (
+            "boxes.csv",
+            "image_id,x_min,y_min,x_max,y_max\nimg999,1,1,2,2\n",
+            r"boxes.csv:2: box for image 'img999'",
+        ),
+        (
+            "boxes.csv",
+            "image_id,x_min,y_min,x_max,y_max\nimg001,1,1,2,2\n",
+            "labelled 'normal' but has boxes",
+        ),
+        (
+            "boxes.csv",
+            "image_id,x_min,y_min,x_max,y_max\nimg002,5,1,2,2\n",
+            r"boxes.csv:2: empty or inverted box",
+        ),
+        (
+            "boxes.csv",
+            "image_id,x_min,y_min,x_max\nimg002,5,1,2\n",
+            r"missing column\(s\) \['y_max'\]",
+        ),
         ("labels.csv", "image_id,label\nimg001,7\n", r"labels.csv:2: label '7' is neither"),
         ("labels.csv", "image_id,label\nimg001,0\nimg001,0\n", "listed twice"),
         ("labels.csv", "image_id,label\nimg042,0\n", "no file for image 'img042'"),
-        ("boxes.csv", "image_id,x_min,y_min,x_max,y_max\nimg002,a,1,2,2\n", r"boxes.csv:2: column 'x_min' is not a number: 'a'"),
+        (
+            "boxes.csv",
+            "image_id,x_min,y_min,x_max,y_max\nimg002,a,1,2,2\n",
+            r"boxes.csv:2: column 'x_min' is not a number: 'a'",
+        ),
     ],
 )
-def test_deep_pneumonia_errors_name_file_and_line(deep_pneumonia: Path, file: str, text: str, message: str) -> None:
+def test_deep_pneumonia_errors_name_file_and_line(
+    deep_pneumonia: Path, file: str, text: str, message: str
+) -> None:
     write(deep_pneumonia / file, text)
     with pytest.raises(DatasetError, match=message):
         read_dataset(deep_pneumonia)
@@ -105,25 +139,35 @@ RSNA_IDS = (
 def rsna(tmp_path: Path) -> Path:
     root = tmp_path / "rsna"
     a, b, c, d = RSNA_IDS
-    write(root / "stage_2_train_labels.csv", f"""
+    write(
+        root / "stage_2_train_labels.csv",
+        f"""
 patientId,x,y,width,height,Target
 {a},,,,,0
 {b},,,,,0
 {c},264.0,152.0,213.0,379.0,1
 {c},562.0,152.0,256.0,453.0,1
 {d},,,,,0
-""")
+""",
+    )
     # As in the real file, the detailed classes repeat once per row of the labels file.
-    write(root / "stage_2_detailed_class_info.csv", f"""
+    write(
+        root / "stage_2_detailed_class_info.csv",
+        f"""
 patientId,class
 {a},No Lung Opacity / Not Normal
 {b},No Lung Opacity / Not Normal
 {c},Lung Opacity
 {c},Lung Opacity
 {d},Normal
-""")
+""",
+    )
     for patient in RSNA_IDS:
-        write_dicom(root / "stage_2_train_images" / f"{patient}.dcm", np.zeros((64, 64), np.uint8), PatientID=patient)
+        write_dicom(
+            root / "stage_2_train_images" / f"{patient}.dcm",
+            np.zeros((64, 64), np.uint8),
+            PatientID=patient,
+        )
     return root
 
 
@@ -145,14 +189,23 @@ def test_rsna_images_of_one_patient_are_grouped_by_their_dicom_patient_id(rsna: 
     keeps two images of one person on one side."""
     a, b, c, _ = RSNA_IDS
     for image in (a, b):
-        write_dicom(rsna / "stage_2_train_images" / f"{image}.dcm", np.zeros((64, 64), np.uint8), PatientID="SAME-PERSON")
-    (rsna / "stage_2_train_images" / f"{c}.dcm").write_bytes(b"not a DICOM file")  # unreadable: its image id stands in
+        write_dicom(
+            rsna / "stage_2_train_images" / f"{image}.dcm",
+            np.zeros((64, 64), np.uint8),
+            PatientID="SAME-PERSON",
+        )
+    # unreadable: its image id stands in
+    (rsna / "stage_2_train_images" / f"{c}.dcm").write_bytes(b"not a DICOM file")
     by_id = {r.image_id: r for r in read_dataset(rsna)}
     assert by_id[a].patient_id == by_id[b].patient_id == "SAME-PERSON"
     assert by_id[c].patient_id == c
     for seed in range(6):
         split = split_dataset(read_dataset(rsna), 0.4, seed=seed, method="patient")
-        sides = {index in split.test for index, record in enumerate(read_dataset(rsna).records) if record.image_id in (a, b)}
+        sides = {
+            index in split.test
+            for index, record in enumerate(read_dataset(rsna).records)
+            if record.image_id in (a, b)
+        }
         assert len(sides) == 1
 
 
@@ -176,7 +229,9 @@ def test_rsna_missing_dicom_file(rsna: Path) -> None:
 def nih(tmp_path: Path) -> Path:
     root = tmp_path / "nih"
     # The real header: "[Width,Height]" splits into two columns, and a trailing comma.
-    write(root / "Data_Entry_2017.csv", """
+    write(
+        root / "Data_Entry_2017.csv",
+        """
 Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],
 00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,
 00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143,
@@ -185,21 +240,39 @@ Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,Vie
 00000004_000.png,Mass|Nodule,0,4,82,M,AP,2500,2048,0.168,0.168,
 00000005_000.png,Infiltration,0,5,69,F,PA,2048,2500,0.168,0.168,
 00000099_000.png,No Finding,0,99,40,F,PA,2048,2500,0.168,0.168,
-""")
-    write(root / "BBox_List_2017.csv", """
+""",
+    )
+    write(
+        root / "BBox_List_2017.csv",
+        """
 Image Index,Finding Label,Bbox [x,y,w,h],,,
 00000004_000.png,Mass,225.084745762712,547.019216763771,86.7796610169491,79.1864406779661,,,
 00000004_000.png,Nodule,686.067796610169,131.07118644067,185.491525423729,313.491525423729,,,
 00000005_000.png,Infiltrate,100,100,50,60,,,
-""")
-    write(root / "train_val_list.txt", "00000001_000.png\n00000001_001.png\n00000002_000.png\n00000003_000.png\n")
+""",
+    )
+    write(
+        root / "train_val_list.txt",
+        "00000001_000.png\n00000001_001.png\n00000002_000.png\n00000003_000.png\n",
+    )
     write(root / "test_list.txt", "00000004_000.png\n00000005_000.png\n")
-    for index, name in enumerate(("00000001_000", "00000001_001", "00000002_000", "00000003_000", "00000004_000", "00000005_000")):
+    for index, name in enumerate(
+        (
+            "00000001_000",
+            "00000001_001",
+            "00000002_000",
+            "00000003_000",
+            "00000004_000",
+            "00000005_000",
+        )
+    ):
         png(root / f"images_00{1 + index // 3}" / "images" / f"{name}.png", rgb=index == 0)
     return root
 
 
-def test_nih_multilabel_boxes_aliases_and_missing_images(nih: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_nih_multilabel_boxes_aliases_and_missing_images(
+    nih: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert detect_layout(nih) == "nih"
     with caplog.at_level(logging.WARNING):
         ds = read_dataset(nih)
@@ -256,7 +329,9 @@ def test_pediatric_folders_names_and_patients(pediatric: Path) -> None:
     assert by_id["NORMAL2-IM-1427-0001"].patient_id == "NORMAL2-IM-1427"
     assert by_id["IM-0115-0001"].labels == ("normal",) and by_id["IM-0115-0001"].split == "train"
     assert by_id["person1946_bacteria_4874"].split == "val"
-    assert LoadChestXrayd("image")({"image": by_id["person1000_virus_1681"].image})["image"].shape == (1, 32, 32)
+    assert LoadChestXrayd("image")({"image": by_id["person1000_virus_1681"].image})[
+        "image"
+    ].shape == (1, 32, 32)
 
 
 def test_pediatric_two_classes(pediatric: Path) -> None:
@@ -273,12 +348,15 @@ def test_pediatric_two_classes(pediatric: Path) -> None:
 def test_generic_csv_single_label_with_boxes(tmp_path: Path) -> None:
     png(tmp_path / "a.png")
     png(tmp_path / "img" / "b.png")
-    csv = write(tmp_path / "data.csv", """
+    csv = write(
+        tmp_path / "data.csv",
+        """
 image,label,patient_id,x_min,y_min,x_max,y_max
 a.png,normal,p1,,,,
 img/b.png,pneumonia,p2,1,2,10,12
 img/b.png,pneumonia,p2,15,15,20,25
-""")
+""",
+    )
     assert detect_layout(csv) == "csv"
     ds = read_dataset(csv)
     assert ds.classes == ("normal", "pneumonia") and not ds.multi_label
@@ -290,7 +368,10 @@ def test_generic_csv_multi_label_and_classes_file(tmp_path: Path) -> None:
     png(tmp_path / "a.png")
     png(tmp_path / "b.png")
     write(tmp_path / "classes.txt", "effusion\nnodule\nmass\n")
-    csv = write(tmp_path / "data.csv", "image,label,box_label,x_min,y_min,x_max,y_max\na.png,effusion|mass,mass,1,1,5,5\nb.png,,,,,,\n")
+    csv = write(
+        tmp_path / "data.csv",
+        "image,label,box_label,x_min,y_min,x_max,y_max\na.png,effusion|mass,mass,1,1,5,5\nb.png,,,,,,\n",
+    )
     ds = read_dataset(csv)
     assert ds.multi_label and ds.classes == ("effusion", "nodule", "mass")
     np.testing.assert_array_equal(ds.targets(), [[1, 0, 1], [0, 0, 0]])
@@ -300,7 +381,10 @@ def test_generic_csv_multi_label_and_classes_file(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("image,label,x_min,y_min,x_max,y_max\na.png,x,1,1,,\n", r"data.csv:2: a box needs all of"),
-        ("image,label,patient_id\na.png,x,p1\na.png,x,p2\n", r"data.csv:3: 'patient_id' differs from line 2"),
+        (
+            "image,label,patient_id\na.png,x,p1\na.png,x,p2\n",
+            r"data.csv:3: 'patient_id' differs from line 2",
+        ),
         ("image,label\nmissing.png,x\n", "image file 'missing.png' not found"),
         ("image,diagnosis\na.png,x\n", r"missing column\(s\) \['label'\]"),
     ],
@@ -324,7 +408,9 @@ def long_tailed(n_per_class: dict[str, int], patients: bool) -> ChestDataset:
     for label, n in n_per_class.items():
         for _ in range(n):
             patient = f"p{index // 3}" if patients else None  # three images per patient
-            records.append(Record(Path(f"{index}.png"), (label,), patient_id=patient, image_id=str(index)))
+            records.append(
+                Record(Path(f"{index}.png"), (label,), patient_id=patient, image_id=str(index))
+            )
             index += 1
     return ChestDataset("test", Path("."), tuple(n_per_class), False, tuple(records))
 

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from node_support import chest_dataset, final_lines, send, send_files, start_node, wait_for, write_raw
+from node_support import (
+    chest_dataset,
+    final_lines,
+    send,
+    send_files,
+    start_node,
+    wait_for,
+    write_raw,
+)
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -27,12 +35,18 @@ from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.pixels.decoders.base import DecodeRunner
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
-from dp_transforms import ChestImage, ImageError, ImageErrorReason, dicom_to_image, make_square_pixels
+from dp_transforms import (
+    ChestImage,
+    ImageError,
+    ImageErrorReason,
+    dicom_to_image,
+    make_square_pixels,
+)
 from dp_transforms import dicom as dicom_module
 from dp_transforms.dicom import pixel_spacing
+from pacs_node.intake.work import WorkQueue
 from pacs_node.model.predictor import prepare
 from pacs_node.status import StoreStatus
-from pacs_node.intake.work import WorkQueue
 
 
 def peak_mb(call: Callable[[], object]) -> tuple[object, float]:
@@ -62,7 +76,9 @@ def encapsulated(rows: int, columns: int, syntax: str, frame: bytes, bits: int =
 @pytest.fixture
 def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if any pydicom decoding plugin is asked to decode a compressed frame."""
-    monkeypatch.setattr(DecodeRunner, "_decode_frame", lambda self, src: pytest.fail("a decoder was called"))
+    monkeypatch.setattr(
+        DecodeRunner, "_decode_frame", lambda self, src: pytest.fail("a decoder was called")
+    )
 
 
 # --- RLE ------------------------------------------------------------------------------------------
@@ -74,7 +90,9 @@ def rle_frame(segments: list[bytes]) -> bytes:
     for segment in segments:
         offsets.append(at)
         at += len(segment)
-    return struct.pack("<16I", len(segments), *offsets, *[0] * (15 - len(segments))) + b"".join(segments)
+    return struct.pack("<16I", len(segments), *offsets, *[0] * (15 - len(segments))) + b"".join(
+        segments
+    )
 
 
 #: A replicate run (PS3.5 G.3.1): header byte 129 repeats the next byte 128 times; 64x per byte.
@@ -84,28 +102,44 @@ REPLICATE_128 = bytes([129, 7])
 def test_an_rle_bomb_is_refused_from_its_run_headers_without_inflating_it() -> None:
     # 256 x 256 pixels of 16 bits: each segment must decode to 65,536 bytes. The first is
     # short (the compiled decoder gives up on it), the second inflates 2 MiB into 128 MiB.
-    bomb = encapsulated(256, 256, RLELossless, rle_frame([REPLICATE_128 * 8, REPLICATE_128 * 2**20]))
+    bomb = encapsulated(
+        256, 256, RLELossless, rle_frame([REPLICATE_128 * 8, REPLICATE_128 * 2**20])
+    )
     refused, peak = peak_mb(lambda: dicom_to_image(bomb))
     assert isinstance(refused, ImageError), refused
     assert refused.reason == ImageErrorReason.CORRUPT and "RLE segment" in str(refused)
     assert peak < 16, f"refusing an RLE bomb allocated {peak:.0f} MiB"
 
 
-def test_a_compiled_decoder_that_panics_costs_the_image_not_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_compiled_decoder_that_panics_costs_the_image_not_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # pyo3 turns a panic of a Rust decoder (pylibjpeg-rle) into PanicException, a BaseException.
     panic = type("PanicException", (BaseException,), {})
-    monkeypatch.setattr(DecodeRunner, "_decode_frame", lambda self, src: (_ for _ in ()).throw(panic("index out of bounds")))
+    monkeypatch.setattr(
+        DecodeRunner,
+        "_decode_frame",
+        lambda self, src: (_ for _ in ()).throw(panic("index out of bounds")),
+    )
     ds = chest_dataset(rows=64, columns=64)
     ds.compress(RLELossless, encoding_plugin="pydicom")
     with pytest.raises(ImageError) as refused:
         dicom_to_image(ds)
-    assert refused.value.reason == ImageErrorReason.UNDECODABLE and "index out of bounds" in str(refused.value)
+    assert refused.value.reason == ImageErrorReason.UNDECODABLE and "index out of bounds" in str(
+        refused.value
+    )
 
 
-def test_the_pure_python_rle_decoder_is_not_used_while_a_compiled_one_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pure_python_rle_decoder_is_not_used_while_a_compiled_one_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import pydicom.pixels.decoders.rle as pure_python
 
-    monkeypatch.setattr(pure_python, "_rle_decode_frame", lambda *args: pytest.fail("the pure-Python RLE decoder ran"))
+    monkeypatch.setattr(
+        pure_python,
+        "_rle_decode_frame",
+        lambda *args: pytest.fail("the pure-Python RLE decoder ran"),
+    )
     short = encapsulated(256, 256, RLELossless, rle_frame([REPLICATE_128 * 8, REPLICATE_128 * 512]))
     with pytest.raises(ImageError) as refused:
         dicom_to_image(short)
@@ -120,14 +154,23 @@ def test_rle_images_within_their_declared_size_decode_as_before() -> None:
 
 
 def test_the_node_records_an_rle_bomb_as_corrupt_and_carries_on(node, tmp_path: Path) -> None:
-    bomb = encapsulated(256, 256, RLELossless, rle_frame([REPLICATE_128 * 8, REPLICATE_128 * 2**20]))
+    bomb = encapsulated(
+        256, 256, RLELossless, rle_frame([REPLICATE_128 * 8, REPLICATE_128 * 2**20])
+    )
     small = chest_dataset(seed=4)
     assert send_files(node.port, [write_raw(bomb, tmp_path / "bomb.dcm")]) == [StoreStatus.SUCCESS]
     assert send(node.port, [small]) == [StoreStatus.SUCCESS]
     uids = (bomb.SOPInstanceUID, small.SOPInstanceUID)
-    wait_for(lambda: len([x for x in final_lines(node) if x["sop_instance_uid"] in uids]) == 2, 60, "both outcomes")
+    wait_for(
+        lambda: len([x for x in final_lines(node) if x["sop_instance_uid"] in uids]) == 2,
+        60,
+        "both outcomes",
+    )
     lines = {x["sop_instance_uid"]: x for x in final_lines(node)}
-    assert lines[bomb.SOPInstanceUID]["status"] == "skipped" and lines[bomb.SOPInstanceUID]["skip_reason"] == "corrupt"
+    assert (
+        lines[bomb.SOPInstanceUID]["status"] == "skipped"
+        and lines[bomb.SOPInstanceUID]["skip_reason"] == "corrupt"
+    )
     assert lines[small.SOPInstanceUID]["status"] == "processed"
 
 
@@ -138,11 +181,19 @@ def j2k_codestream(declared: int | None = None) -> bytes:
     """A real 64 x 64 lossless JPEG 2000 codestream; with ``declared``, its SIZ says ``declared`` pixels a side."""
     ds = chest_dataset(rows=64, columns=64, BitsStored=16, HighBit=15)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
-    codestream = b"".join(list(generate_fragments(ds.PixelData))[1:])  # after the Basic Offset Table
+    # after the Basic Offset Table
+    codestream = b"".join(list(generate_fragments(ds.PixelData))[1:])
     if declared is not None:
-        at = codestream.index(b"\xff\x51")  # SIZ: marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz
+        # SIZ: marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz
+        at = codestream.index(b"\xff\x51")
         size = struct.pack(">II", declared, declared)
-        codestream = codestream[: at + 6] + size + codestream[at + 14 : at + 22] + size + codestream[at + 30 :]
+        codestream = (
+            codestream[: at + 6]
+            + size
+            + codestream[at + 14 : at + 22]
+            + size
+            + codestream[at + 30 :]
+        )
     return codestream
 
 
@@ -153,11 +204,16 @@ def box(kind: bytes, payload: bytes) -> bytes:
 
 def jp2(codestream: bytes, decoy: bytes = b"") -> bytes:
     """A JP2 file around ``codestream``; ``decoy`` goes in an XML box before it."""
-    header = box(b"ihdr", struct.pack(">IIHBBBB", 64, 64, 1, 15, 7, 0, 0)) + box(b"colr", struct.pack(">BBBI", 1, 0, 0, 17))
+    header = box(b"ihdr", struct.pack(">IIHBBBB", 64, 64, 1, 15, 7, 0, 0)) + box(
+        b"colr", struct.pack(">BBBI", 1, 0, 0, 17)
+    )
     return (
-        box(b"jP  ", b"\r\n\x87\n") + box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ") + box(b"jp2h", header)
-        + (box(b"xml ", decoy) if decoy else b"") + box(b"jp2c", codestream)
-    )  # fmt: skip
+        box(b"jP  ", b"\r\n\x87\n")
+        + box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ")
+        + box(b"jp2h", header)
+        + (box(b"xml ", decoy) if decoy else b"")
+        + box(b"jp2c", codestream)
+    )
 
 
 def test_a_jp2_frame_is_judged_by_its_codestream_not_by_a_decoy_siz(no_decoding: None) -> None:
@@ -171,7 +227,9 @@ def test_a_jp2_frame_is_judged_by_its_codestream_not_by_a_decoy_siz(no_decoding:
 
 def test_a_jp2_wrapped_codestream_decodes_like_the_raw_one() -> None:
     raw = dicom_to_image(encapsulated(64, 64, JPEG2000Lossless, j2k_codestream())).pixels
-    wrapped = dicom_to_image(encapsulated(64, 64, JPEG2000Lossless, jp2(j2k_codestream(), decoy=b"<not a codestream/>"))).pixels
+    wrapped = dicom_to_image(
+        encapsulated(64, 64, JPEG2000Lossless, jp2(j2k_codestream(), decoy=b"<not a codestream/>"))
+    ).pixels
     np.testing.assert_array_equal(wrapped, raw)
 
 
@@ -184,11 +242,15 @@ def test_a_jpeg_2000_frame_must_start_with_its_codestream(no_decoding: None) -> 
 # --- JPEG -----------------------------------------------------------------------------------------
 
 
-def jpeg_frame(rows: int = 64, columns: int = 64, padding: int = 0, components: int | None = None) -> bytes:
+def jpeg_frame(
+    rows: int = 64, columns: int = 64, padding: int = 0, components: int | None = None
+) -> bytes:
     """A baseline JPEG of 64 x 64 gray pixels (Pillow) whose SOF declares ``rows`` x ``columns``,
     after ``padding`` APP1 segments of 64 KiB each."""
     out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8), "L").save(out, "JPEG", quality=90)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8), "L").save(
+        out, "JPEG", quality=90
+    )
     data = out.getvalue()
     at = data.index(b"\xff\xc0")
     data = data[: at + 5] + struct.pack(">HH", rows, columns) + data[at + 9 :]
@@ -205,7 +267,9 @@ def test_a_jpeg_frame_header_pushed_beyond_the_searched_head_is_refused(no_decod
     assert refused.value.reason == ImageErrorReason.CORRUPT
 
 
-def test_a_jpeg_frame_with_more_components_than_one_gray_sample_is_refused(no_decoding: None) -> None:
+def test_a_jpeg_frame_with_more_components_than_one_gray_sample_is_refused(
+    no_decoding: None,
+) -> None:
     with pytest.raises(ImageError) as refused:
         dicom_to_image(encapsulated(64, 64, JPEGBaseline8Bit, jpeg_frame(components=3), bits=8))
     assert refused.value.reason == ImageErrorReason.CORRUPT and "3 components" in str(refused.value)
@@ -219,7 +283,9 @@ def test_a_plain_jpeg_frame_still_decodes() -> None:
 # --- native ---------------------------------------------------------------------------------------
 
 
-def test_native_pixel_data_longer_than_the_budget_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_pixel_data_longer_than_the_budget_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ds = chest_dataset(rows=64, columns=64)
     ds.PixelData = ds.PixelData * 64  # 64 frames' worth of bytes behind a one-frame header
     path = write_raw(ds, tmp_path / "long.dcm")
@@ -228,7 +294,9 @@ def test_native_pixel_data_longer_than_the_budget_is_refused_before_it_is_read(t
     with pytest.raises(ImageError) as refused:
         dicom_to_image(deferred)
     assert refused.value.reason == ImageErrorReason.GEOMETRY
-    assert deferred.get_item("PixelData", keep_deferred=True).value is None, "the pixel data was read"
+    assert deferred.get_item("PixelData", keep_deferred=True).value is None, (
+        "the pixel data was read"
+    )
 
 
 def test_decoding_leaves_the_data_set_without_its_pixel_bytes(tmp_path: Path) -> None:
@@ -243,7 +311,9 @@ def test_decoding_leaves_the_data_set_without_its_pixel_bytes(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("spacing", [[1, 0.001], [9999, 0.0001]])
-def test_an_absurd_spacing_ratio_costs_the_attribute_not_the_image(spacing: list[float], caplog: pytest.LogCaptureFixture) -> None:
+def test_an_absurd_spacing_ratio_costs_the_attribute_not_the_image(
+    spacing: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
     ds = chest_dataset(rows=256, columns=256, PixelSpacing=spacing)
     prepared, peak = peak_mb(lambda: prepare(ds, 64, "image"))
     assert not isinstance(prepared, Exception), prepared
@@ -253,7 +323,9 @@ def test_an_absurd_spacing_ratio_costs_the_attribute_not_the_image(spacing: list
 
 
 def test_an_absurd_spacing_ratio_falls_back_to_the_imager_pixel_spacing() -> None:
-    ds = chest_dataset(rows=256, columns=256, PixelSpacing=[1, 0.001], ImagerPixelSpacing=[0.2, 0.2])
+    ds = chest_dataset(
+        rows=256, columns=256, PixelSpacing=[1, 0.001], ImagerPixelSpacing=[0.2, 0.2]
+    )
     assert pixel_spacing(ds) == (0.2, 0.2)
 
 
@@ -263,10 +335,14 @@ def test_square_pixel_resampling_never_exceeds_the_pixel_budget() -> None:
     assert square.pixels.size <= 2_000_000
     rows, columns = square.shape
     assert square.spacing[0] == square.spacing[1]
-    assert rows * square.spacing[0] == pytest.approx(400, rel=0.01) and columns * square.spacing[1] == pytest.approx(100, rel=0.01)
+    assert rows * square.spacing[0] == pytest.approx(400, rel=0.01) and columns * square.spacing[
+        1
+    ] == pytest.approx(100, rel=0.01)
 
 
-def test_square_pixel_resampling_of_an_absurd_ratio_leaves_the_image_alone(caplog: pytest.LogCaptureFixture) -> None:
+def test_square_pixel_resampling_of_an_absurd_ratio_leaves_the_image_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     image = ChestImage(np.zeros((256, 256), np.float32), spacing=(1.0, 0.001), source="t.mha")
     square = make_square_pixels(image)
     assert square.shape == (256, 256) and square.spacing is None
@@ -289,7 +365,9 @@ def large_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_an_8192_pixel_square_image_converts_within_a_small_multiple_of_its_stored_size(large_file: Path) -> None:
+def test_an_8192_pixel_square_image_converts_within_a_small_multiple_of_its_stored_size(
+    large_file: Path,
+) -> None:
     ds = dcmread(large_file, defer_size="256 KB")  # as the node reads
     started = time.perf_counter()
     image, peak = peak_mb(lambda: dicom_to_image(ds))
@@ -298,8 +376,10 @@ def test_an_8192_pixel_square_image_converts_within_a_small_multiple_of_its_stor
     assert peak < 400, f"converting 128 MiB of stored values allocated {peak:.0f} MiB at its peak"
     assert image.pixels.dtype == np.float32 and image.pixels.size <= dicom_module.WORKING_PIXELS
     assert image.original_shape == (8192, 8192)
-    assert image.spacing == pytest.approx((0.05 * 8192 / image.shape[0], 0.05 * 8192 / image.shape[1]))
-    assert 0.0 <= image.pixels.min() and image.pixels.max() <= 1.0
+    assert image.spacing == pytest.approx(
+        (0.05 * 8192 / image.shape[0], 0.05 * 8192 / image.shape[1])
+    )
+    assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
 
 
 def test_the_node_keeps_only_an_overlay_sized_copy_of_a_large_image(large_file: Path) -> None:
@@ -307,7 +387,9 @@ def test_the_node_keeps_only_an_overlay_sized_copy_of_a_large_image(large_file: 
     prepared, peak = peak_mb(lambda: prepare(ds, 64, "image", max_side=2048))
     assert not isinstance(prepared, Exception), prepared
     assert peak < 400, f"preparing an 8192 x 8192 image allocated {peak:.0f} MiB at its peak"
-    held = (prepared.source.pixels.nbytes + prepared.canvas.numel() * prepared.canvas.element_size()) / 2**20
+    held = (
+        prepared.source.pixels.nbytes + prepared.canvas.numel() * prepared.canvas.element_size()
+    ) / 2**20
     assert held <= 16.1, f"a prepared 8192 x 8192 image holds {held:.0f} MiB"
     assert max(prepared.source.shape) == 2048 and prepared.source_shape == (8192, 8192)
     assert prepared.source.spacing == pytest.approx((0.2, 0.2))
@@ -346,7 +428,9 @@ def test_a_batch_of_large_images_is_sized_by_memory(tmp_path: Path, predictor) -
     # Each 2048 x 2048 image keeps a 1024 x 1024 float32 copy for its overlay (4 MiB): two fit in 10 MiB.
     node = start_node(tmp_path, recording, batch_size=8, batch_memory_mb=10, overlay_max_side=1024)
     try:
-        assert send(node.port, [chest_dataset(rows=320, columns=288, seed=20)]) == [StoreStatus.SUCCESS]
+        assert send(node.port, [chest_dataset(rows=320, columns=288, seed=20)]) == [
+            StoreStatus.SUCCESS
+        ]
         wait_for(recording.entered.is_set, 60, "the first batch")
         large = [chest_dataset(rows=2048, columns=2048, seed=21 + i) for i in range(4)]
         assert send(node.port, large) == [StoreStatus.SUCCESS] * 4

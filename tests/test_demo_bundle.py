@@ -26,7 +26,9 @@ TEST_IMAGES = 150
 
 
 def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, classes: int) -> float:
-    recalls = [float((predicted[labels == c] == c).mean()) for c in range(classes) if (labels == c).any()]
+    recalls = [
+        float((predicted[labels == c] == c).mean()) for c in range(classes) if (labels == c).any()
+    ]
     return float(np.mean(recalls))
 
 
@@ -36,7 +38,9 @@ def test_scores(demo_bundle: Path):
 
     _, contract = load_bundle(demo_bundle)
     saved_scores = demo_bundle / "docs" / "scores_test.npz"
-    assert saved_scores.exists(), f"{demo_bundle} saved no per-image test scores to recompute its figures from"
+    assert saved_scores.exists(), (
+        f"{demo_bundle} saved no per-image test scores to recompute its figures from"
+    )
     with np.load(saved_scores, allow_pickle=False) as saved:
         scores = {key: saved[key] for key in saved.files}
     return contract, scores
@@ -46,12 +50,18 @@ def test_the_demo_model_recognises_the_types_of_its_held_out_test_phantoms(test_
     contract, scores = test_scores
     labels, probabilities = scores["labels"], scores["probabilities"]
     assert len(labels) >= TEST_IMAGES, f"only {len(labels)} test images"
-    assert tuple(scores["outputs"]) == tuple(contract.classes), "one probability per class, in the contract's order"
+    assert tuple(scores["outputs"]) == tuple(contract.classes), (
+        "one probability per class, in the contract's order"
+    )
     found = _balanced_accuracy(labels, probabilities.argmax(axis=1), len(contract.classes))
-    assert found >= BALANCED_ACCURACY, f"balanced accuracy {found:.3f} on {len(labels)} held-out test images"
+    assert found >= BALANCED_ACCURACY, (
+        f"balanced accuracy {found:.3f} on {len(labels)} held-out test images"
+    )
 
 
-def test_the_demo_model_is_clearly_above_its_baselines_recomputed_from_their_saved_scores(demo_bundle: Path, test_scores) -> None:
+def test_the_demo_model_is_clearly_above_its_baselines_recomputed_from_their_saved_scores(
+    demo_bundle: Path, test_scores
+) -> None:
     """The baselines' per-image test scores are saved beside the model's, on the same images in
     the same order; the model's balanced accuracy is above each, the paired bootstrap interval
     of the difference (1,000 resamples of the test images) above zero."""
@@ -62,13 +72,23 @@ def test_the_demo_model_is_clearly_above_its_baselines_recomputed_from_their_sav
         np.testing.assert_array_equal(saved["ids"], scores["ids"])
         np.testing.assert_array_equal(saved["labels"], scores["labels"])
         others = {key: saved[key].argmax(axis=1) for key in ("plain_resnet18", "block_statistics")}
-    labels, ours, classes = scores["labels"], scores["probabilities"].argmax(axis=1), scores["probabilities"].shape[1]
+    labels, ours, classes = (
+        scores["labels"],
+        scores["probabilities"].argmax(axis=1),
+        scores["probabilities"].shape[1],
+    )
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, len(labels), len(labels)) for _ in range(1000)]
     for name, theirs in others.items():
-        differences = [_balanced_accuracy(labels[d], ours[d], classes) - _balanced_accuracy(labels[d], theirs[d], classes) for d in draws]
+        differences = [
+            _balanced_accuracy(labels[d], ours[d], classes)
+            - _balanced_accuracy(labels[d], theirs[d], classes)
+            for d in draws
+        ]
         low = float(np.percentile(differences, 2.5))
-        assert low > 0, f"{name}: the model's lead in balanced accuracy is not clear (95 % interval from {low:+.3f})"
+        assert low > 0, (
+            f"{name}: the model's lead in balanced accuracy is not clear (95 % interval from {low:+.3f})"
+        )
 
 
 def test_the_demo_models_present_point_keeps_normal_test_phantoms_negative(test_scores) -> None:
@@ -77,31 +97,45 @@ def test_the_demo_models_present_point_keeps_normal_test_phantoms_negative(test_
     contract, scores = test_scores
     ood = None if np.isnan(scores["ood_score"]).all() else scores["ood_score"]
     served = served_decisions(scores["probabilities"], ood, contract)
-    np.testing.assert_array_equal(served.positive, scores["positive"], err_msg="the saved decisions are the contract's rule")
+    np.testing.assert_array_equal(
+        served.positive, scores["positive"], err_msg="the saved decisions are the contract's rule"
+    )
     truth = is_pneumonia(scores["labels"], contract)
     specificity = float((~served.positive[~truth]).mean())
     sensitivity = float(served.positive[truth].mean())
     assert "present" in contract.operating_points and contract.operating_points["present"].certified
-    assert specificity >= PRESENT_SPECIFICITY, f"present point: specificity {specificity:.3f} at sensitivity {sensitivity:.3f} on test"
+    assert specificity >= PRESENT_SPECIFICITY, (
+        f"present point: specificity {specificity:.3f} at sensitivity {sensitivity:.3f} on test"
+    )
 
 
-def test_the_demo_model_draws_regions_because_they_beat_the_prior_map(demo_bundle: Path, test_scores) -> None:
+def test_the_demo_model_draws_regions_because_they_beat_the_prior_map(
+    demo_bundle: Path, test_scores
+) -> None:
     from dp_model.contract import regions_earned
 
     contract, _ = test_scores
     located = contract.localization
     assert located is not None and located.shown, "lesion regions are not shown"
-    assert regions_earned(located.validation, located.prior_validation, located.difference_low, located.margin)
-    assert located.test["iou>0.3"] > located.prior_test["iou>0.3"], "on test too, the regions beat the fixed prior"
+    assert regions_earned(
+        located.validation, located.prior_validation, located.difference_low, located.margin
+    )
+    assert located.test["iou>0.3"] > located.prior_test["iou>0.3"], (
+        "on test too, the regions beat the fixed prior"
+    )
 
 
 def _iou(a: list[float], b: list[float]) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
 
-def test_the_walkthroughs_samples_are_answered_right_with_regions_on_the_lesion(demo_bundle: Path) -> None:
+def test_the_walkthroughs_samples_are_answered_right_with_regions_on_the_lesion(
+    demo_bundle: Path,
+) -> None:
     """What the README shows a newcomer: the node's answer on each sample beside its ground truth
     (``samples/truth.json``): pneumonia found with its type and a region on the lesion box, a
     normal phantom answered negative with no region."""
@@ -113,22 +147,41 @@ def test_the_walkthroughs_samples_are_answered_right_with_regions_on_the_lesion(
     card = (demo_bundle / "docs" / "README.md").read_text()
     for name, expected in truth.items():  # the card says what each sample is
         line = next((row for row in card.splitlines() if row.startswith(f"- `{name}`: ")), "")
-        assert expected["labels"][0] in line and all(f"x {box[0]:g}-{box[2]:g}" in line for box in expected["boxes"]), f"the card's line for {name}: {line!r}"
+        assert expected["labels"][0] in line and all(
+            f"x {box[0]:g}-{box[2]:g}" in line for box in expected["boxes"]
+        ), f"the card's line for {name}: {line!r}"
     predictor = NodePredictor(demo_bundle, "cpu")
     assert {"normal"} in [set(t["labels"]) for t in truth.values()], "no normal sample"
     assert any(set(t["labels"]) != {"normal"} for t in truth.values()), "no pneumonia sample"
     for name, expected in truth.items():
-        (found,) = predictor.predict([prepare(dcmread(demo_bundle / "samples" / name), predictor.contract.image_size)])
+        (found,) = predictor.predict(
+            [prepare(dcmread(demo_bundle / "samples" / name), predictor.contract.image_size)]
+        )
         assert found.assessed, name
         if expected["labels"] == ["normal"]:
-            assert not found.positive and len(found.boxes) == 0, f"{name}: a normal phantom answered {found}"
+            assert not found.positive and len(found.boxes) == 0, (
+                f"{name}: a normal phantom answered {found}"
+            )
             continue
-        assert found.positive and expected["labels"] == [found.classes[int(np.argmax(found.probabilities))]], name
-        best = max((_iou(list(map(float, box)), truth_box) for box in found.boxes for truth_box in expected["boxes"]), default=0.0)
-        assert best > 0.3, f"{name}: no region on the lesion (best IoU {best:.2f}; regions {found.boxes.tolist()}, boxes {expected['boxes']})"
+        assert found.positive and expected["labels"] == [
+            found.classes[int(np.argmax(found.probabilities))]
+        ], name
+        best = max(
+            (
+                _iou(list(map(float, box)), truth_box)
+                for box in found.boxes
+                for truth_box in expected["boxes"]
+            ),
+            default=0.0,
+        )
+        assert best > 0.3, (
+            f"{name}: no region on the lesion (best IoU {best:.2f}; regions {found.boxes.tolist()}, boxes {expected['boxes']})"
+        )
 
 
-def test_the_demo_bundles_test_phantoms_share_no_patient_with_its_training(demo_bundle: Path) -> None:
+def test_the_demo_bundles_test_phantoms_share_no_patient_with_its_training(
+    demo_bundle: Path,
+) -> None:
     from dp_model.datasets import read_dataset
     from dp_model.datasets.splits import hashed_id
 
@@ -146,7 +199,11 @@ def test_the_demo_bundles_test_phantoms_share_no_patient_with_its_training(demo_
 
 def test_the_demo_card_says_how_easy_its_phantoms_were(demo_bundle: Path) -> None:
     card = (demo_bundle / "docs" / "README.md").read_text()
-    assert "Synthetic phantoms (`dp-synth`" in card and "lesion contrast" in card and "label noise" in card
+    assert (
+        "Synthetic phantoms (`dp-synth`" in card
+        and "lesion contrast" in card
+        and "label noise" in card
+    )
 
 
 # --- decoding: no process pool where it costs more than it saves ------------------------------------
@@ -182,7 +239,9 @@ class _InlinePool:
         pass
 
 
-def test_a_few_small_images_are_decoded_in_this_process_with_trainings_threads_left_alone(small_phantoms, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_few_small_images_are_decoded_in_this_process_with_trainings_threads_left_alone(
+    small_phantoms, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(training_data, "ProcessPoolExecutor", _NoPool)
     threads = torch.get_num_threads()
     images, boxes = training_data.decode(small_phantoms, 64, workers=2)
@@ -190,24 +249,38 @@ def test_a_few_small_images_are_decoded_in_this_process_with_trainings_threads_l
     assert torch.get_num_threads() == threads
 
 
-def test_images_slow_to_decode_still_go_to_a_pool_and_come_back_in_order(small_phantoms, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_images_slow_to_decode_still_go_to_a_pool_and_come_back_in_order(
+    small_phantoms, monkeypatch: pytest.MonkeyPatch
+) -> None:
     here, _ = training_data.decode(small_phantoms, 64, workers=1)
     monkeypatch.setattr(training_data, "ProcessPoolExecutor", _InlinePool)
     monkeypatch.setattr(training_data, "POOL_BREAK_EVEN_S", 0.0)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the inline "worker" must not change this process
+    # the inline "worker" must not change this process
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     pooled, boxes = training_data.decode(small_phantoms, 64, workers=2)
     assert _InlinePool.started == 1 and len(boxes) == 72
     np.testing.assert_array_equal(pooled, here)
 
 
-def test_the_samples_are_a_pneumonia_and_a_normal_test_image_the_node_gets_right(tmp_path: Path) -> None:
+def test_the_samples_are_a_pneumonia_and_a_normal_test_image_the_node_gets_right(
+    tmp_path: Path,
+) -> None:
     from dp_model.training.run import example_images
 
     labels = np.array([0, 1, 2, 0, 1, 3])
-    probabilities = np.eye(5)[[0, 2, 2, 0, 1, 3]]  # the first lobar image is called bronchopneumonia
-    positive = np.array([True, True, True, False, True, True])  # the first normal image is called positive
-    assessed = np.array([True, True, True, True, True, False])  # the interstitial one is turned away
-    np.savez(tmp_path / "scores.npz", labels=labels, probabilities=probabilities, positive=positive, assessed=assessed)
+    # the first lobar image is called bronchopneumonia
+    probabilities = np.eye(5)[[0, 2, 2, 0, 1, 3]]
+    # the first normal image is called positive
+    positive = np.array([True, True, True, False, True, True])
+    # the interstitial one is turned away
+    assessed = np.array([True, True, True, True, True, False])
+    np.savez(
+        tmp_path / "scores.npz",
+        labels=labels,
+        probabilities=probabilities,
+        positive=positive,
+        assessed=assessed,
+    )
     test = (10, 11, 12, 13, 14, 15)
     assert example_images(tmp_path / "scores.npz", test, normal=0) == [12, 13, 14]
     assert example_images(tmp_path / "scores.npz", test, normal=0, count=5) == [12, 13, 14, 10, 11]

@@ -18,7 +18,9 @@ from dp_transforms.dicom import MAX_SIDE, pixel_spacing
 
 def roi(pixels: np.ndarray, rows: tuple[float, float], cols: tuple[float, float]) -> float:
     h, w = pixels.shape
-    return float(pixels[int(rows[0] * h) : int(rows[1] * h), int(cols[0] * w) : int(cols[1] * w)].mean())
+    return float(
+        pixels[int(rows[0] * h) : int(rows[1] * h), int(cols[0] * w) : int(cols[1] * w)].mean()
+    )
 
 
 # --- the real chest radiograph ---------------------------------------------------------
@@ -28,7 +30,7 @@ def test_rg1_lungs_darker_than_mediastinum_and_spine(rg1_path: Path) -> None:
     image = load_image(rg1_path)
     assert image.pixels.shape == (1955, 1841)
     assert image.pixels.dtype == np.float32
-    assert 0.0 <= image.pixels.min() and image.pixels.max() <= 1.0
+    assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
     right_lung = roi(image.pixels, (0.25, 0.55), (0.15, 0.35))
     left_lung = roi(image.pixels, (0.25, 0.55), (0.65, 0.85))
     spine_mediastinum = roi(image.pixels, (0.20, 0.70), (0.46, 0.54))
@@ -59,7 +61,8 @@ def test_rg1_lossy_jpeg2000_is_close(rg1_path: Path) -> None:
     ("tool", "options", "syntax"),
     [
         ("dcmcjpeg", ["+el"], "1.2.840.10008.1.2.4.57"),  # JPEG lossless, process 14 (SV 6)
-        ("dcmcjpeg", ["+e1"], "1.2.840.10008.1.2.4.70"),  # JPEG lossless, first-order prediction (SV1)
+        # JPEG lossless, first-order prediction (SV1)
+        ("dcmcjpeg", ["+e1"], "1.2.840.10008.1.2.4.70"),
         ("dcmcjpls", ["+el"], "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
         ("dcmcrle", [], "1.2.840.10008.1.2.5"),  # RLE lossless
         ("dcmconv", ["+td"], "1.2.840.10008.1.2.1.99"),  # deflated explicit little endian
@@ -81,7 +84,9 @@ def test_jpeg_baseline_decodes_close_to_the_original(tmp_path: Path) -> None:
     ds = make_dataset(np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1)))
     ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
     run_tool("dcmcjpeg", "+eb", "+q", "90", tmp_path / "plain.dcm", tmp_path / "baseline.dcm")
-    assert dcmread(tmp_path / "baseline.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert (
+        dcmread(tmp_path / "baseline.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    )
     plain = load_image(tmp_path / "plain.dcm").pixels
     baseline = load_image(tmp_path / "baseline.dcm").pixels
     assert float(np.abs(plain - baseline).mean()) < 0.01
@@ -109,7 +114,9 @@ def test_jpeg_baseline_decodes_close_to_the_original(tmp_path: Path) -> None:
         ("rtplan.dump", ImageErrorReason.NOT_AN_IMAGE),
     ],
 )
-def test_broken_or_unsupported_real_files_raise_one_clear_error(name: str, reason: ImageErrorReason) -> None:
+def test_broken_or_unsupported_real_files_raise_one_clear_error(
+    name: str, reason: ImageErrorReason
+) -> None:
     with pytest.raises(ImageError) as caught:
         load_image(data_file(name))
     assert caught.value.reason == reason
@@ -181,7 +188,9 @@ RAMP = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
 
 
 def test_rescale_then_linear_window_matches_ps3_3_formula() -> None:
-    ds = make_dataset(RAMP, bits=12, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=3001)
+    ds = make_dataset(
+        RAMP, bits=12, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=3001
+    )
     values = RAMP * 2.0 - 1000
     expected = np.clip((values - (2000 - 0.5)) / (3001 - 1) + 0.5, 0, 1)
     np.testing.assert_allclose(read_dicom(ds).pixels, expected, atol=1e-6)
@@ -189,7 +198,9 @@ def test_rescale_then_linear_window_matches_ps3_3_formula() -> None:
 
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_voi_lut_functions(function: str) -> None:
-    ds = make_dataset(RAMP, bits=12, WindowCenter=[1500, 100], WindowWidth=[1000, 10], VOILUTFunction=function)
+    ds = make_dataset(
+        RAMP, bits=12, WindowCenter=[1500, 100], WindowWidth=[1000, 10], VOILUTFunction=function
+    )
     values = RAMP.astype(np.float64)
     if function == "LINEAR_EXACT":
         expected = np.clip((values - 1500) / 1000 + 0.5, 0, 1)
@@ -203,7 +214,9 @@ def test_voi_lut_sequence_is_preferred_over_the_window() -> None:
     lut.LUTDescriptor = [4096, 0, 16]  # declares 16 bits, holds 12-bit values (common)
     table = (4095 - np.arange(4096)).astype(np.uint16)  # an inverting LUT
     lut.LUTData = table.tolist()
-    ds = make_dataset(RAMP, bits=12, WindowCenter=2048, WindowWidth=4096, VOILUTSequence=Sequence([lut]))
+    ds = make_dataset(
+        RAMP, bits=12, WindowCenter=2048, WindowWidth=4096, VOILUTSequence=Sequence([lut])
+    )
     np.testing.assert_allclose(read_dicom(ds).pixels, 1 - RAMP / 4095.0, atol=1e-6)
 
 
@@ -220,16 +233,36 @@ def test_no_window_uses_robust_percentiles() -> None:
     np.testing.assert_allclose(pixels, np.clip((RAMP - low) / (high - low), 0, 1), atol=1e-6)
 
 
-@pytest.mark.parametrize(("sign", "photometric", "inverted"), [(1, "MONOCHROME2", True), (-1, "MONOCHROME2", False), (-1, "MONOCHROME1", False), (1, "MONOCHROME1", True)])
-def test_for_processing_dx_follows_the_pixel_intensity_relationship_sign(sign: int, photometric: str, inverted: bool) -> None:
-    kwargs = dict(WindowCenter=2048, WindowWidth=4096, PresentationIntentType="FOR PROCESSING", PixelIntensityRelationshipSign=sign)
+@pytest.mark.parametrize(
+    ("sign", "photometric", "inverted"),
+    [
+        (1, "MONOCHROME2", True),
+        (-1, "MONOCHROME2", False),
+        (-1, "MONOCHROME1", False),
+        (1, "MONOCHROME1", True),
+    ],
+)
+def test_for_processing_dx_follows_the_pixel_intensity_relationship_sign(
+    sign: int, photometric: str, inverted: bool
+) -> None:
+    kwargs = dict(
+        WindowCenter=2048,
+        WindowWidth=4096,
+        PresentationIntentType="FOR PROCESSING",
+        PixelIntensityRelationshipSign=sign,
+    )
     pixels = read_dicom(make_dataset(RAMP, bits=12, photometric=photometric, **kwargs)).pixels
     straight = np.clip((RAMP - 2047.5) / 4095 + 0.5, 0, 1)
     np.testing.assert_allclose(pixels, 1 - straight if inverted else straight, atol=1e-6)
 
 
 def test_for_presentation_follows_the_photometric_interpretation() -> None:
-    kwargs = dict(WindowCenter=2048, WindowWidth=4096, PresentationIntentType="FOR PRESENTATION", PixelIntensityRelationshipSign=1)
+    kwargs = dict(
+        WindowCenter=2048,
+        WindowWidth=4096,
+        PresentationIntentType="FOR PRESENTATION",
+        PixelIntensityRelationshipSign=1,
+    )
     pixels = read_dicom(make_dataset(RAMP, bits=12, **kwargs)).pixels
     np.testing.assert_allclose(pixels, np.clip((RAMP - 2047.5) / 4095 + 0.5, 0, 1), atol=1e-6)
 

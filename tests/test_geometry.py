@@ -44,7 +44,9 @@ def test_as_boxes_validates() -> None:
 
 def test_xywh_and_clip() -> None:
     np.testing.assert_array_equal(xywh_to_xyxy([[10, 20, 30, 40]]), [[10, 20, 40, 60]])
-    clipped = clip_boxes(np.array([[-5, -5, 10, 10], [90, 90, 200, 200], [150, 0, 160, 10]], np.float32), (100, 120))
+    clipped = clip_boxes(
+        np.array([[-5, -5, 10, 10], [90, 90, 200, 200], [150, 0, 160, 10]], np.float32), (100, 120)
+    )
     np.testing.assert_array_equal(clipped, [[0, 0, 10, 10], [90, 90, 120, 100]])
 
 
@@ -53,7 +55,9 @@ def test_masks_at_any_resolution_equal_area_downsampling(mask_side: int) -> None
     boxes = np.array([[10, 20, 60, 90], [120, 130, 200, 210]], np.float32)
     masks = boxes_to_masks(torch.as_tensor(boxes)[None], (224, 224), (mask_side, mask_side))
     factor = 224 // mask_side
-    expected = F.avg_pool2d(torch.as_tensor(reference_mask(boxes, (224, 224), 1))[None, None], factor)[0, 0]
+    expected = F.avg_pool2d(
+        torch.as_tensor(reference_mask(boxes, (224, 224), 1))[None, None], factor
+    )[0, 0]
     np.testing.assert_allclose(masks[0, 0].numpy(), expected.numpy(), atol=1e-5)
 
 
@@ -65,7 +69,9 @@ def test_fractional_box_edges_cover_partial_pixels() -> None:
 
 
 def test_images_without_boxes_and_padding_rows() -> None:
-    batch = pad_boxes([np.zeros((0, 4), np.float32), np.array([[0, 0, 4, 4], [4, 4, 8, 8]], np.float32)])
+    batch = pad_boxes(
+        [np.zeros((0, 4), np.float32), np.array([[0, 0, 4, 4], [4, 4, 8, 8]], np.float32)]
+    )
     assert batch.shape == (2, 2, 4)
     masks = boxes_to_masks(batch, (8, 8))
     assert float(masks[0].sum()) == 0.0  # a normal image: mask+ empty, so mask- is all ones
@@ -88,9 +94,13 @@ def test_letterbox_image_content_lands_under_its_boxes() -> None:
     geometry = Letterbox((300, 500), 100)
     canvas = geometry.image_to_canvas(image)
     assert canvas.shape == (1, 100, 100)
-    x0, y0, x1, y1 = geometry.boxes_to_canvas(np.array([[50, 100, 150, 200]], np.float32))[0].round().astype(int)
+    x0, y0, x1, y1 = (
+        geometry.boxes_to_canvas(np.array([[50, 100, 150, 200]], np.float32))[0].round().astype(int)
+    )
     inside = canvas[0, y0:y1, x0:x1].mean()
-    assert float(inside) > 0.95 and float(canvas.sum()) == pytest.approx(float(inside) * (y1 - y0) * (x1 - x0), rel=0.1)
+    assert float(inside) > 0.95 and float(canvas.sum()) == pytest.approx(
+        float(inside) * (y1 - y0) * (x1 - x0), rel=0.1
+    )
     assert float(canvas[0, :20].abs().max()) == 0.0  # the padding above the content
 
 

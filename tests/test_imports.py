@@ -75,7 +75,9 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             # ``from pkg import x`` imports the module pkg.x when there is one, else pkg itself.
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
         found |= {t for t in targets if t in modules and t != name}
     return found
 
@@ -110,15 +112,26 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_walk_finds_every_package_and_relative_imports() -> None:
     graph = import_graph()
-    assert {"dp_model.contract", "dp_model.training.engine", "dp_transforms", "pacs_node.node"} <= set(graph)
+    assert {
+        "dp_model.contract",
+        "dp_model.training.engine",
+        "dp_transforms",
+        "pacs_node.node",
+    } <= set(graph)
     assert "dp_model.config" in graph["dp_model.training.config"]  # from ..config import require
-    assert "dp_transforms" in graph["dp_model.inference"] or any(m.startswith("dp_transforms") for m in graph["dp_model.inference"])
+    assert "dp_transforms" in graph["dp_model.inference"] or any(
+        m.startswith("dp_transforms") for m in graph["dp_model.inference"]
+    )
 
 
 def all_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """One cycle per knot of mutually importing modules (strongly connected component)."""
     reach = {node: _reachable(graph, node) for node in graph}
-    knots = {frozenset(n for n in graph if start in reach[n] and n in reach[start]) for start in graph if start in reach[start]}
+    knots = {
+        frozenset(n for n in graph if start in reach[n] and n in reach[start])
+        for start in graph
+        if start in reach[start]
+    }
     return sorted(find_cycle({n: graph[n] & knot for n in knot}) for knot in knots)
 
 
@@ -135,7 +148,10 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_find_cycle_names_the_modules_of_a_circle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
-    assert all_cycles({"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c", "e"}, "e": set()}) == [["a", "b", "a"], ["c", "d", "c"]]
+    assert all_cycles({"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c", "e"}, "e": set()}) == [
+        ["a", "b", "a"],
+        ["c", "d", "c"],
+    ]
 
 
 def test_no_module_imports_itself_through_others() -> None:

@@ -16,7 +16,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pacs_node"
 STEPS = ("intake", "model", "results", "delivery")
-WIRING = ("pacs_node.node", "pacs_node.cli", "pacs_node.pipeline", "pacs_node.supervisor", "pacs_node.outcomes")
+WIRING = (
+    "pacs_node.node",
+    "pacs_node.cli",
+    "pacs_node.pipeline",
+    "pacs_node.supervisor",
+    "pacs_node.outcomes",
+)
 
 
 def _module(path: Path) -> str:
@@ -35,10 +41,18 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            names = [f"{base}.{alias.name}" for alias in node.names] if base in ("pacs_node", *(f"pacs_node.{s}" for s in STEPS)) else [base]
+            names = (
+                [f"{base}.{alias.name}" for alias in node.names]
+                if base in ("pacs_node", *(f"pacs_node.{s}" for s in STEPS))
+                else [base]
+            )
             found += [(node.lineno, name) for name in names if name.startswith("pacs_node")]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("pacs_node")]
+            found += [
+                (node.lineno, alias.name)
+                for alias in node.names
+                if alias.name.startswith("pacs_node")
+            ]
     return found
 
 
@@ -57,7 +71,9 @@ def _crossings() -> list[str]:
         own = _step(module)
         for line, target in _imports(path):
             if _step(target) > own:
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target} (a later step)")
+                wrong.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line} imports {target} (a later step)"
+                )
     return wrong
 
 
@@ -75,10 +91,14 @@ def test_a_backward_import_is_found(tmp_path, monkeypatch):
     for step in STEPS:
         (fake / step).mkdir(parents=True)
         (fake / step / "__init__.py").write_text("")
-    (fake / "intake" / "screen.py").write_text("from pacs_node.results.identity import ResultIdentity\n")
+    (fake / "intake" / "screen.py").write_text(
+        "from pacs_node.results.identity import ResultIdentity\n"
+    )
     (fake / "results" / "report.py").write_text("from ..intake import screen\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
-    assert _crossings() == ["pacs_node/intake/screen.py:1 imports pacs_node.results.identity (a later step)"]
+    assert _crossings() == [
+        "pacs_node/intake/screen.py:1 imports pacs_node.results.identity (a later step)"
+    ]
 
 
 @pytest.mark.parametrize("step", STEPS)

@@ -8,11 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from dp_model.classifier import ClassifierBase
 from torch import nn
 
 from dp_model.architectures import build_network
+from dp_model.classifier import ClassifierBase
 from dp_model.explain import CAM, GRAD_CAM, cam, grad_cam, map_sources, source_maps
 from dp_model.metrics import localization_figures, paired_difference_low, pointing_game
 from dp_model.training.config import ClassAttentionConfig, FinetuneConfig, MGACRConfig
@@ -38,7 +37,8 @@ def test_figures_average_within_each_class_then_over_classes() -> None:
     pointing = np.array([1.0, 1.0, 1.0, 0.0])
     labels = np.array([1, 1, 1, 2])
     figures = localization_figures(iou, pointing, labels)
-    assert figures == {"iou>0.1": 0.5, "iou>0.3": 0.5, "iou>0.5": 0.5, "pointing": 0.5}  # not 0.75: the rare class counts as much
+    # not 0.75: the rare class counts as much
+    assert figures == {"iou>0.1": 0.5, "iou>0.3": 0.5, "iou>0.5": 0.5, "pointing": 0.5}
     assert math.isnan(localization_figures(np.zeros(0), np.zeros(0), np.zeros(0))["pointing"])
     hits = np.ones(200)
     assert paired_difference_low(hits, np.zeros(200), np.ones(200)) == 1.0
@@ -53,14 +53,26 @@ def boxed_split(n: int, seed: int, box=None) -> Resident:
         x0, y0 = box or (int(rng.integers(0, SIZE - 10)), int(rng.integers(0, SIZE - 10)))
         boxes[i, 0] = torch.tensor([x0, y0, x0 + 10, y0 + 10], dtype=torch.float32)
         images[i, 0, y0 : y0 + 10, x0 : x0 + 10] = 255
-    return Resident(images, boxes, torch.ones(n, dtype=torch.int64), torch.ones(n, dtype=torch.bool), [str(i) for i in range(n)])
+    return Resident(
+        images,
+        boxes,
+        torch.ones(n, dtype=torch.int64),
+        torch.ones(n, dtype=torch.bool),
+        [str(i) for i in range(n)],
+    )
 
 
 def test_the_prior_is_each_class_mean_training_box_at_half_its_peak() -> None:
     train = boxed_split(20, 0, box=(4, 6))
     prior = prior_maps(train, 3)
-    assert prior.shape == (3, SIZE, SIZE) and prior[1].max() == 1.0 and not prior[0].any()  # normal has no boxes
-    assert prior_scores(prior, boxed_split(5, 1, box=(4, 6))).figures() == {"iou>0.1": 1.0, "iou>0.3": 1.0, "iou>0.5": 1.0, "pointing": 1.0}
+    # normal has no boxes
+    assert prior.shape == (3, SIZE, SIZE) and prior[1].max() == 1.0 and not prior[0].any()
+    assert prior_scores(prior, boxed_split(5, 1, box=(4, 6))).figures() == {
+        "iou>0.1": 1.0,
+        "iou>0.3": 1.0,
+        "iou>0.5": 1.0,
+        "pointing": 1.0,
+    }
     far = prior_scores(prior, boxed_split(5, 1, box=(20, 20))).figures()
     assert far["iou>0.1"] == 0.0 and far["pointing"] == 0.0
 
@@ -91,15 +103,30 @@ class StandIn(ClassifierBase):
 def test_a_map_that_sees_the_lesion_earns_regions_and_one_that_ignores_the_image_does_not() -> None:
     train, val, test = boxed_split(60, 0), boxed_split(60, 1), boxed_split(60, 2)
     earned = measure(StandIn(True), train, val, test, 3, seed=0)
-    assert earned.source == "map+:3" and earned.shown and earned.validation["iou>0.5"] == 1.0 and earned.test["pointing"] == 1.0
-    assert earned.prior_validation["iou>0.3"] < 0.7 and earned.difference_low > 0 and earned.images == {"validation": 60, "test": 60}
+    assert (
+        earned.source == "map+:3"
+        and earned.shown
+        and earned.validation["iou>0.5"] == 1.0
+        and earned.test["pointing"] == 1.0
+    )
+    assert (
+        earned.prior_validation["iou>0.3"] < 0.7
+        and earned.difference_low > 0
+        and earned.images == {"validation": 60, "test": 60}
+    )
     blind = measure(StandIn(False), train, val, test, 3, seed=0)
-    assert not blind.shown and blind.validation["iou>0.3"] < blind.prior_validation["iou>0.3"] + 0.05
+    assert (
+        not blind.shown and blind.validation["iou>0.3"] < blind.prior_validation["iou>0.3"] + 0.05
+    )
 
 
 def test_a_few_validation_images_cannot_earn_regions_however_good_the_map() -> None:
-    located = measure(StandIn(True), boxed_split(60, 0), boxed_split(3, 1), boxed_split(3, 2), 3, seed=0)
-    assert located.validation["iou>0.3"] == 1.0 and located.difference_low <= 0 and not located.shown
+    located = measure(
+        StandIn(True), boxed_split(60, 0), boxed_split(3, 1), boxed_split(3, 2), 3, seed=0
+    )
+    assert (
+        located.validation["iou>0.3"] == 1.0 and located.difference_low <= 0 and not located.shown
+    )
 
 
 @pytest.mark.parametrize("architecture", ["resnet18", "resnet50", "attention_resnet50"])
@@ -110,7 +137,9 @@ def test_cam_equals_grad_cam_where_it_is_exact(architecture: str) -> None:
     net = build_network(architecture, 5, (3,) if architecture == "resnet18" else ()).eval()
     x, classes = torch.rand(2, 1, 64, 64), torch.tensor([1, 3])
     assert CAM in map_sources(net)
-    torch.testing.assert_close(cam(net, x, classes), grad_cam(net, x, net.cam_layer, classes), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(
+        cam(net, x, classes), grad_cam(net, x, net.cam_layer, classes), atol=1e-4, rtol=1e-3
+    )
 
 
 def test_cam_is_offered_only_where_exact_and_every_source_gives_a_map_in_range() -> None:
@@ -123,13 +152,25 @@ def test_cam_is_offered_only_where_exact_and_every_source_gives_a_map_in_range()
     for net in (attention, deep):
         for source in map_sources(net):
             maps = source_maps(net, torch.rand(2, 1, 64, 64), source, torch.tensor([1, 2]))
-            assert maps.shape == (2, 1, 64, 64) and 0 <= float(maps.min()) and float(maps.max()) <= 1
+            assert (
+                maps.shape == (2, 1, 64, 64) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+            )
     with pytest.raises(ValueError, match="not offered"):
         source_maps(deep, torch.rand(1, 1, 64, 64), "class_maps", torch.tensor([1]))
     headed = build_network("resnet18", 5, (1, 2, 3, 4), lesion_stage=2).eval()
-    assert map_sources(headed) == ("map+:1", "map+:2", "map+:3", "map+:4", "lesion:2", GRAD_CAM, CAM)
+    assert map_sources(headed) == (
+        "map+:1",
+        "map+:2",
+        "map+:3",
+        "map+:4",
+        "lesion:2",
+        GRAD_CAM,
+        CAM,
+    )
     x = torch.rand(2, 1, 64, 64)
-    torch.testing.assert_close(source_maps(headed, x, "lesion:2", torch.tensor([1, 2])), headed.lesion_map(x))
+    torch.testing.assert_close(
+        source_maps(headed, x, "lesion:2", torch.tensor([1, 2])), headed.lesion_map(x)
+    )
 
 
 def test_a_configured_lesion_head_is_built_and_travels_in_the_network_options() -> None:
@@ -139,7 +180,10 @@ def test_a_configured_lesion_head_is_built_and_travels_in_the_network_options() 
     assert network_options(config, 64) == {"lesion_stage": 2}
     net = build_classifier(config, 5, None, seed=0, image_size=64)
     assert net.lesion_stage == 2 and "lesion:2" in map_sources(net)
-    assert build_network("resnet18", 5, (2, 3), **network_options(config, 64)).state_dict().keys() == net.state_dict().keys()
+    assert (
+        build_network("resnet18", 5, (2, 3), **network_options(config, 64)).state_dict().keys()
+        == net.state_dict().keys()
+    )
     assert network_options(FinetuneConfig(), 64) == {}
     with pytest.raises(ValueError, match="lesion_stage"):
         MGACRConfig(stages=(2, 3), lesion_stage=1)
@@ -152,11 +196,24 @@ def test_class_attention_offsets_undo_its_positive_weights() -> None:
     off = MGACRConfig(attention=False, feature_cr=False)
     config = FinetuneConfig(architecture="class_attention", mgacr=off)
     offsets = logit_adjustment(config, counts, 0)
-    assert offsets == pytest.approx([math.log(25 / 40), math.log(25 / 20), math.log(25 / 10), math.log(25 / 5)], abs=1e-6)
+    assert offsets == pytest.approx(
+        [math.log(25 / 40), math.log(25 / 20), math.log(25 / 10), math.log(25 / 5)], abs=1e-6
+    )
     c, q = 5.0, 0.1
     optimum = torch.logit(torch.tensor(c * q / (c * q + 1 - q)))
     assert float(torch.sigmoid(optimum - math.log(c))) == pytest.approx(q)
-    assert logit_adjustment(FinetuneConfig(architecture="class_attention", mgacr=off, class_attention=ClassAttentionConfig(logit_adjustment=False)), counts, 0) == ()
+    assert (
+        logit_adjustment(
+            FinetuneConfig(
+                architecture="class_attention",
+                mgacr=off,
+                class_attention=ClassAttentionConfig(logit_adjustment=False),
+            ),
+            counts,
+            0,
+        )
+        == ()
+    )
     assert logit_adjustment(FinetuneConfig(), counts, 0) == ()
 
 
@@ -177,16 +234,28 @@ def test_a_case_renders_as_the_dataset_has_it_without_its_lesion_and_with_it_mov
     from dp_model.synth.counterfactual import render_variants
     from dp_model.synth.render import render_case
 
-    config = SynthConfig(num_images=40, size=96, seed=7, version=1, difficulty=Difficulty(lesion_contrast=0.8, distractor_rate=1.0, pathology_overlap=0.5))
+    config = SynthConfig(
+        num_images=40,
+        size=96,
+        seed=7,
+        version=1,
+        difficulty=Difficulty(lesion_contrast=0.8, distractor_rate=1.0, pathology_overlap=0.5),
+    )
     with pytest.raises(ValueError, match="version 1"):
         render_variants(replace(config, version=2), 0)
     seen = set()
     for index in range(16):
         variants, case = render_variants(config, index), render_case(config, index)
-        assert np.array_equal(variants.with_lesion, case.pixels), "the first variant is the dataset's image, to the bit"
+        assert np.array_equal(variants.with_lesion, case.pixels), (
+            "the first variant is the dataset's image, to the bit"
+        )
         seen.add(variants.label)
         if variants.label == "normal":
-            assert np.array_equal(variants.without_lesion, case.pixels) and np.array_equal(variants.moved, case.pixels) and not len(variants.boxes)
+            assert (
+                np.array_equal(variants.without_lesion, case.pixels)
+                and np.array_equal(variants.moved, case.pixels)
+                and not len(variants.boxes)
+            )
             continue
         inside = np.zeros(case.pixels.shape, bool)
         for x0, y0, x1, y1 in variants.boxes.astype(int):
@@ -207,26 +276,46 @@ def checks_module():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("localization_checks", Path(__file__).parents[1] / "benchmarks" / "localization_checks.py")
+    spec = importlib.util.spec_from_file_location(
+        "localization_checks", Path(__file__).parents[1] / "benchmarks" / "localization_checks.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_cascading_randomization_changes_grad_cam_at_once_and_map_plus_only_once_its_head_goes() -> None:
+def test_cascading_randomization_changes_grad_cam_at_once_and_map_plus_only_once_its_head_goes():
     checks = checks_module()
     torch.manual_seed(0)
     net = build_network("resnet18", 5, (1, 2, 3, 4)).eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     data = boxed_split(6, 3)
-    data = Resident(torch.nn.functional.interpolate(data.images.float(), size=64).to(torch.uint8), data.boxes * 2, data.labels, data.has_boxes, data.ids)
+    data = Resident(
+        torch.nn.functional.interpolate(data.images.float(), size=64).to(torch.uint8),
+        data.boxes * 2,
+        data.labels,
+        data.has_boxes,
+        data.ids,
+    )
     found = checks.model_randomization(net, data, normal=0, seed=0)
-    assert list(found) == ["classifier (fc)", "attention heads", "layer4", "layer3", "layer2", "layer1", "stem (conv1, bn1)"]
+    assert list(found) == [
+        "classifier (fc)",
+        "attention heads",
+        "layer4",
+        "layer3",
+        "layer2",
+        "layer1",
+        "stem (conv1, bn1)",
+    ]
     # map+ is computed beside the classifier, not from it: the classifier's weights do not move it ...
-    assert found["classifier (fc)"]["map+:3"] == pytest.approx(1.0) and found["classifier (fc)"]["grad_cam"] < 0.95
+    assert (
+        found["classifier (fc)"]["map+:3"] == pytest.approx(1.0)
+        and found["classifier (fc)"]["grad_cam"] < 0.95
+    )
     # ... its own head does.
     assert found["attention heads"]["map+:3"] < 0.95 and found["stem (conv1, bn1)"]["cam"] < 0.95
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the trained network is left as it was
+    # the trained network is left as it was
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_shuffled_annotations_move_label_and_boxes_together() -> None:
@@ -234,10 +323,15 @@ def test_shuffled_annotations_move_label_and_boxes_together() -> None:
     data = boxed_split(30, 0)
     data = Resident(data.images, data.boxes, torch.arange(30) % 5, data.has_boxes, data.ids)
     mixed = checks.shuffled(data, seed=1)
-    assert sorted(mixed.labels.tolist()) == sorted(data.labels.tolist()) and not torch.equal(mixed.labels, data.labels)
+    assert sorted(mixed.labels.tolist()) == sorted(data.labels.tolist()) and not torch.equal(
+        mixed.labels, data.labels
+    )
     pairs = {(int(label), tuple(box[0].tolist())) for label, box in zip(data.labels, data.boxes)}
-    assert {(int(label), tuple(box[0].tolist())) for label, box in zip(mixed.labels, mixed.boxes)} == pairs
-    assert torch.equal(mixed.images, data.images)  # the images stay: only who owns which annotation changes
+    assert {
+        (int(label), tuple(box[0].tolist())) for label, box in zip(mixed.labels, mixed.boxes)
+    } == pairs
+    # the images stay: only who owns which annotation changes
+    assert torch.equal(mixed.images, data.images)
 
 
 class Oracle(ClassifierBase):
@@ -253,7 +347,11 @@ class Oracle(ClassifierBase):
         self.weight = nn.Parameter(torch.zeros(1))
         canvases = torch.from_numpy(cases["canvases"])
         masks = torch.from_numpy(cases["masks"]).float()
-        self.known = [(canvases[i, v], masks[i, m] if m is not None else torch.zeros_like(masks[i, 0])) for i in range(len(canvases)) for v, m in ((0, 0), (1, None), (2, 1))]
+        self.known = [
+            (canvases[i, v], masks[i, m] if m is not None else torch.zeros_like(masks[i, 0]))
+            for i in range(len(canvases))
+            for v, m in ((0, 0), (1, None), (2, 1))
+        ]
 
     def nearest_stage(self, preferred: int = 3) -> int:
         return 3
@@ -266,7 +364,9 @@ class Oracle(ClassifierBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         present = torch.tensor([float(self._lesion(image).any()) for image in x])
-        return torch.stack([-4 * present + 2, 4 * present - 2, *([torch.full_like(present, -9.0)] * 3)], dim=1)
+        return torch.stack(
+            [-4 * present + 2, 4 * present - 2, *([torch.full_like(present, -9.0)] * 3)], dim=1
+        )
 
 
 def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> None:
@@ -276,15 +376,37 @@ def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> 
     checks = checks_module()
     synth = SynthConfig(num_images=10, size=64, seed=7, version=1)
     cases = checks.counterfactual_cases(synth, 10, 6, 64, tmp_path)
-    assert cases["canvases"].shape == (6, 3, 64, 64) and cases["masks"].shape == (6, 2, 64, 64) and "normal" not in cases["labels"]
+    assert (
+        cases["canvases"].shape == (6, 3, 64, 64)
+        and cases["masks"].shape == (6, 2, 64, 64)
+        and "normal" not in cases["labels"]
+    )
     classes = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
-    contract = ModelContract(classes=classes, image_size=64, attention_stages=(3,), normal_class="normal", name="oracle", version="1", device_uid="2.25.1", demo=True, synthetic=True)
+    contract = ModelContract(
+        classes=classes,
+        image_size=64,
+        attention_stages=(3,),
+        normal_class="normal",
+        name="oracle",
+        version="1",
+        device_uid="2.25.1",
+        demo=True,
+        synthetic=True,
+    )
     prior = np.zeros((5, 64, 64), np.float32)
     prior[:, :8, :8] = 1.0  # a corner: never where a lesion is
     rates = checks.counterfactual_rates(Oracle(cases), contract, cases, prior)
-    assert rates["positive_with"] == 1.0 and rates["positive_without"] == 0.0 and rates["flipped_to_negative"] == 1.0
+    assert (
+        rates["positive_with"] == 1.0
+        and rates["positive_without"] == 0.0
+        and rates["flipped_to_negative"] == 1.0
+    )
     oracle = rates["maps"]["map+:3"]
-    assert oracle["pointing_drawn"] == 1.0 and oracle["mass_in_box_with"] == 1.0 and oracle["mass_in_box_without"] == 0.0
+    assert (
+        oracle["pointing_drawn"] == 1.0
+        and oracle["mass_in_box_with"] == 1.0
+        and oracle["mass_in_box_without"] == 0.0
+    )
     if rates["moved_apart"]:
         assert oracle["follows"] == 1.0 and oracle["stays"] == 0.0
     assert rates["maps"]["prior"]["pointing_drawn"] == 0.0

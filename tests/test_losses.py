@@ -53,7 +53,10 @@ def test_nt_xent_matches_equation_1(tau: float) -> None:
 
 def test_nt_xent_is_low_for_matching_views_and_high_for_unrelated_ones() -> None:
     z = torch.randn(16, 32)
-    assert float(nt_xent(z, z + 0.01 * torch.randn_like(z))) < float(nt_xent(z, torch.randn(16, 32))) - 1.0
+    assert (
+        float(nt_xent(z, z + 0.01 * torch.randn_like(z)))
+        < float(nt_xent(z, torch.randn(16, 32))) - 1.0
+    )
 
 
 def test_nt_xent_is_stable_and_float32_under_bf16_autocast() -> None:
@@ -65,7 +68,9 @@ def test_nt_xent_is_stable_and_float32_under_bf16_autocast() -> None:
     assert torch.isfinite(z1.grad).all()
 
 
-def _ddp_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: dict) -> None:
+def _ddp_worker(
+    rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: dict
+) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -97,7 +102,9 @@ def test_nt_xent_gathered_across_two_processes_equals_one_process() -> None:
     # Each process averages over its own rows; the global loss is the mean of the two.
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(single.item(), rel=1e-5)
     # DDP averages gradients over processes: each process's gradient is half the global one.
-    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]) / 2, full.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.cat([results[0][1], results[1][1]]) / 2, full.grad, rtol=1e-4, atol=1e-6
+    )
 
 
 # --- MGACR (Eq. 2-6) -----------------------------------------------------------------------------
@@ -116,7 +123,9 @@ def test_attention_losses_match_equations_2_and_3() -> None:
     mask = (torch.rand(3, 1, 7, 7) > 0.6).float()
     att_pos, att_neg = attention_losses(map_pos, map_neg, mask)
     for i in range(3):
-        assert float(att_pos[i]) == pytest.approx(mse(map_pos[i], mask[i]) / mse(map_pos[i], 1 - mask[i]), rel=1e-5)
+        assert float(att_pos[i]) == pytest.approx(
+            mse(map_pos[i], mask[i]) / mse(map_pos[i], 1 - mask[i]), rel=1e-5
+        )
         assert float(att_neg[i]) == pytest.approx(mse(map_neg[i], 1 - mask[i]), rel=1e-5)
 
 
@@ -125,7 +134,9 @@ def test_feature_cr_loss_matches_equation_5() -> None:
     map_pos, map_neg = torch.rand(2, 1, 5, 5), torch.rand(2, 1, 5, 5)
     loss = feature_cr_loss(f, map_pos, map_neg)
     for i in range(2):
-        assert float(loss[i]) == pytest.approx(l1(f[i], f[i] * map_pos[i]) / l1(f[i], f[i] * map_neg[i]), rel=1e-5)
+        assert float(loss[i]) == pytest.approx(
+            l1(f[i], f[i] * map_pos[i]) / l1(f[i], f[i] * map_neg[i]), rel=1e-5
+        )
 
 
 def test_ratio_denominators_are_guarded() -> None:
@@ -135,7 +146,9 @@ def test_ratio_denominators_are_guarded() -> None:
     att_pos, _ = attention_losses(1 - mask, torch.rand(1, 1, 4, 4), mask, eps=1e-3)
     assert torch.isfinite(att_pos).all() and float(att_pos[0]) == pytest.approx(1.0 / 1e-3)
     # map- all ones: Eq. 5's denominator is zero.
-    feat = feature_cr_loss(torch.randn(1, 3, 4, 4), torch.rand(1, 1, 4, 4), torch.ones(1, 1, 4, 4), eps=1e-3)
+    feat = feature_cr_loss(
+        torch.randn(1, 3, 4, 4), torch.rand(1, 1, 4, 4), torch.ones(1, 1, 4, 4), eps=1e-3
+    )
     assert torch.isfinite(feat).all()
 
 
@@ -159,8 +172,12 @@ def test_mgacr_loss_averages_stages_and_downsamples_masks_by_area() -> None:
         small = F.avg_pool2d(mask, 32 // stage.map_pos.shape[-1])
         expected_pos.append(attention_losses(stage.map_pos, stage.map_neg, small)[0].mean())
         expected_feat.append(feature_cr_loss(stage.features, stage.map_pos, stage.map_neg).mean())
-    assert float(parts["att_pos"]) == pytest.approx(float(torch.stack(expected_pos).mean()), rel=1e-5)
-    assert float(parts["feat_cr"]) == pytest.approx(float(torch.stack(expected_feat).mean()), rel=1e-5)
+    assert float(parts["att_pos"]) == pytest.approx(
+        float(torch.stack(expected_pos).mean()), rel=1e-5
+    )
+    assert float(parts["feat_cr"]) == pytest.approx(
+        float(torch.stack(expected_feat).mean()), rel=1e-5
+    )
 
 
 def test_images_that_do_not_take_part_change_nothing() -> None:
@@ -170,7 +187,8 @@ def test_images_that_do_not_take_part_change_nothing() -> None:
     before = mgacr_loss(s, mask, some, some)
     for stage in s:
         stage.map_pos[1] = torch.rand_like(stage.map_pos[1])
-        stage.features[3] = 10 * torch.randn_like(stage.features[3])  # leaves, no grad: safe to edit
+        # leaves, no grad: safe to edit
+        stage.features[3] = 10 * torch.randn_like(stage.features[3])
     after = mgacr_loss(s, mask, some, some)
     for key in before:
         assert float(after[key]) == pytest.approx(float(before[key]), rel=1e-6)
@@ -187,20 +205,27 @@ def test_mgacr_module_handles_normal_and_unboxed_images_deliberately() -> None:
     total, parts = MGACRLoss(att_weight=0.1, feat_weight=0.1)(s, mask, has_boxes, is_normal)
     total.backward()
     for stage in s:
-        assert float(stage.map_pos.grad[1].abs().sum()) > 0  # the normal image trains towards an empty mask+
-        assert float(stage.map_pos.grad[2].abs().sum()) == 0  # the unboxed lesion image takes no MGACR term
+        # the normal image trains towards an empty mask+
+        assert float(stage.map_pos.grad[1].abs().sum()) > 0
+        # the unboxed lesion image takes no MGACR term
+        assert float(stage.map_pos.grad[2].abs().sum()) == 0
     expected = 0.1 * (parts["att_pos"] + parts["att_neg"]) + 0.1 * parts["feat_cr"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     _, skipped = MGACRLoss(normal_images="skip")(s, mask, has_boxes, is_normal)
     assert skipped["att_pos"].item() != pytest.approx(parts["att_pos"].item())
 
 
-def _box_stage(side: int = 96, box: int = 19, channels: int = 8, requires_grad: bool = True) -> tuple[StageOutput, torch.Tensor]:
+def _box_stage(
+    side: int = 96, box: int = 19, channels: int = 8, requires_grad: bool = True
+) -> tuple[StageOutput, torch.Tensor]:
     """One stage whose maps equal the masks of a 4 % box: the optimum of Eq. 2-3."""
     mask = torch.zeros(1, 1, side, side)
     mask[..., 10 : 10 + box, 10 : 10 + box] = 1.0
     features = torch.rand(1, channels, side, side, generator=torch.Generator().manual_seed(0)) + 0.5
-    map_pos, map_neg = mask.clone().requires_grad_(requires_grad), (1 - mask).clone().requires_grad_(requires_grad)
+    map_pos, map_neg = (
+        mask.clone().requires_grad_(requires_grad),
+        (1 - mask).clone().requires_grad_(requires_grad),
+    )
     return StageOutput(features, map_pos, map_neg), mask
 
 
@@ -233,14 +258,23 @@ def test_eq5_as_printed_pulls_the_maps_off_the_attention_optimum_and_detached_do
 def test_relative_mgacr_keeps_one_weight_against_any_classification_weighting() -> None:
     """Class-balanced weights (normalised to sum to C) and the focal factor shrink the
     classification loss; a relative MGACR shrinks with it, so its share stays that of CE."""
-    logits, labels = torch.randn(16, 5, generator=torch.Generator().manual_seed(3)), torch.tensor([0] * 12 + [1, 2, 3, 4])
+    logits, labels = (
+        torch.randn(16, 5, generator=torch.Generator().manual_seed(3)),
+        torch.tensor([0] * 12 + [1, 2, 3, 4]),
+    )
     counts = [9000, 400, 300, 200, 30]
     ce = F.cross_entropy(logits, labels)
     mgacr = torch.tensor(2.0)
     shares = []
-    for loss in (CBFocalLoss(counts, beta=0.0, gamma=0.0), CBFocalLoss(counts, beta=0.9999, gamma=1.0), CBFocalLoss(counts, beta=0.9999, gamma=2.0)):
+    for loss in (
+        CBFocalLoss(counts, beta=0.0, gamma=0.0),
+        CBFocalLoss(counts, beta=0.9999, gamma=1.0),
+        CBFocalLoss(counts, beta=0.9999, gamma=2.0),
+    ):
         classification = loss(logits, labels)
-        shares.append(float(mgacr * relative_scale(classification, logits, labels) / classification))
+        shares.append(
+            float(mgacr * relative_scale(classification, logits, labels) / classification)
+        )
     assert shares == pytest.approx([float(mgacr / ce)] * 3, rel=1e-5)
     assert not relative_scale(ce.requires_grad_(), logits, labels).requires_grad
 
@@ -265,13 +299,21 @@ def test_cb_focal_softmax_matches_equation_9() -> None:
     weights = torch.tensor([0.2, 0.5, 1.0, 1.3, 2.0])
     gamma = 2.0
     p = logits.softmax(1)
-    expected = sum(-float(weights[t]) * (1 - float(p[i, t])) ** gamma * math.log(float(p[i, t])) for i, t in enumerate(target.tolist())) / 6
+    expected = (
+        sum(
+            -float(weights[t]) * (1 - float(p[i, t])) ** gamma * math.log(float(p[i, t]))
+            for i, t in enumerate(target.tolist())
+        )
+        / 6
+    )
     assert float(cb_focal_loss(logits, target, weights, gamma)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_cb_focal_with_gamma_zero_and_equal_weights_is_cross_entropy() -> None:
     logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
-    assert float(cb_focal_loss(logits, target, torch.ones(5), 0.0)) == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-6)
+    assert float(cb_focal_loss(logits, target, torch.ones(5), 0.0)) == pytest.approx(
+        float(F.cross_entropy(logits, target)), rel=1e-6
+    )
 
 
 def test_cb_focal_sigmoid_matches_the_reference_form() -> None:
@@ -283,7 +325,9 @@ def test_cb_focal_sigmoid_matches_the_reference_form() -> None:
             p = 1 / (1 + math.exp(-float(logits[i, c])))
             p_t = p if c == t else 1 - p
             total += float(weights[t]) * (1 - p_t) ** gamma * -math.log(p_t)
-    assert float(cb_focal_loss(logits, target, weights, gamma, mode="sigmoid")) == pytest.approx(total / 4, rel=1e-5)
+    assert float(cb_focal_loss(logits, target, weights, gamma, mode="sigmoid")) == pytest.approx(
+        total / 4, rel=1e-5
+    )
 
 
 def test_cb_focal_module_logs_weights_and_runs_in_float32(caplog: pytest.LogCaptureFixture) -> None:
@@ -320,7 +364,9 @@ def test_sqrt_focal_matches_the_papers_binary_equation() -> None:
 def test_sqrt_focal_weights_favour_rare_classes_and_average_one() -> None:
     weights = inverse_sqrt_weights([400, 100, 25], alpha=0.5)
     assert weights.mean().item() == pytest.approx(1.0)
-    assert weights[2] / weights[1] == pytest.approx(2.0) and weights[1] / weights[0] == pytest.approx(2.0)
+    assert weights[2] / weights[1] == pytest.approx(2.0) and weights[1] / weights[
+        0
+    ] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="alpha"):
         inverse_sqrt_weights([1, 2], alpha=1.0)
     module = SqrtFocalLoss([400, 100, 25], alpha=0.5, gamma=0.0)
@@ -329,23 +375,38 @@ def test_sqrt_focal_weights_favour_rare_classes_and_average_one() -> None:
     assert module(logits, target).item() == pytest.approx(expected.mean().item(), rel=1e-5)
 
 
-def test_the_lesion_loss_is_smallest_at_the_mask_and_counts_only_where_a_stage_carries_the_head() -> None:
+def test_the_lesion_loss_is_smallest_at_the_mask_and_counts_only_where_a_stage_carries_the_head():
     from dp_model.losses import lesion_loss
 
     stage, mask = _box_stage(side=64, box=16, requires_grad=False)
     cells = torch.nn.functional.adaptive_avg_pool2d(mask, (8, 8))
     right = 8.0 * (2 * cells - 1)  # confident where the box is, on the head's 8 x 8 cells
-    assert lesion_loss(right, mask).item() < 0.25 * lesion_loss(torch.zeros(1, 1, 8, 8), mask).item()
+    assert (
+        lesion_loss(right, mask).item() < 0.25 * lesion_loss(torch.zeros(1, 1, 8, 8), mask).item()
+    )
     assert lesion_loss(-right, mask).item() > 1.0
     # Resized as the regions are drawn, the right logits put the box's pixels above 0.5 and the rest below.
-    drawn = torch.nn.functional.interpolate(right.sigmoid(), size=(64, 64), mode="bilinear", align_corners=False) >= 0.5
+    drawn = (
+        torch.nn.functional.interpolate(
+            right.sigmoid(), size=(64, 64), mode="bilinear", align_corners=False
+        )
+        >= 0.5
+    )
     assert float((drawn & mask.bool()).sum() / (drawn | mask.bool()).sum()) > 0.5
     yes = torch.tensor([True])
-    headed = StageOutput(stage.features, stage.map_pos, stage.map_neg, "layer2", torch.zeros(1, 1, 8, 8, requires_grad=True))
+    headed = StageOutput(
+        stage.features,
+        stage.map_pos,
+        stage.map_neg,
+        "layer2",
+        torch.zeros(1, 1, 8, 8, requires_grad=True),
+    )
     plain_total, plain_parts = MGACRLoss(lesion_weight=2.0)([stage], mask, yes, yes)
     total, parts = MGACRLoss(lesion_weight=2.0)([headed], mask, yes, yes)
     assert "lesion" not in plain_parts
-    assert total.item() == pytest.approx(plain_total.item() + 2.0 * parts["lesion"].item(), rel=1e-5)
+    assert total.item() == pytest.approx(
+        plain_total.item() + 2.0 * parts["lesion"].item(), rel=1e-5
+    )
     total.backward()
     assert headed.lesion.grad.abs().sum() > 0
     # An image that takes no attention term (a lesion image without boxes) takes no lesion term.

@@ -24,7 +24,9 @@ def test_resnet18_is_torchvisions() -> None:
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(2, 1, 224, 224)
     torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-6)
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == sum(
+        p.numel() for p in reference.parameters()
+    )
 
 
 def test_stage_resolutions_at_224() -> None:
@@ -55,7 +57,7 @@ def test_forward_train_gives_maps_for_each_chosen_stage() -> None:
     assert [s.features.shape[1] for s in stages] == [128, 512]
     for stage in stages:
         assert stage.map_pos.shape == (3, 1, *stage.features.shape[-2:])
-        assert 0 < stage.map_pos.min().item() and stage.map_pos.max().item() < 1
+        assert stage.map_pos.min().item() > 0 and stage.map_pos.max().item() < 1
 
 
 def test_train_path_logits_equal_the_inference_logits() -> None:
@@ -73,9 +75,12 @@ def test_the_lesion_head_gives_logits_on_its_stage_only_and_leaves_the_classifie
     assert stages[1].lesion.shape == (2, 1, 8, 8)
     torch.testing.assert_close(logits, net(x))
     heat = net.lesion_map(x)
-    assert heat.shape == (2, 1, 64, 64) and 0 < float(heat.min()) and float(heat.max()) < 1
+    assert heat.shape == (2, 1, 64, 64) and float(heat.min()) > 0 and float(heat.max()) < 1
     # The head's weights travel in the state dict; a network without the head has none.
-    assert "lesion_head.weight" in net.state_dict() and "lesion_head.weight" not in DeepPneumoniaNet().state_dict()
+    assert (
+        "lesion_head.weight" in net.state_dict()
+        and "lesion_head.weight" not in DeepPneumoniaNet().state_dict()
+    )
     with pytest.raises(ValueError, match="lesion_stage"):
         DeepPneumoniaNet(attention_stages=(1, 3), lesion_stage=2)
 
@@ -109,7 +114,7 @@ def test_side_branch_attention_keeps_the_shape_and_fuses_by_addition() -> None:
         x = torch.randn(2, 32, *size)
         channel, spatial = branch.maps(x)
         assert channel.shape == (2, 32, 1, 1) and spatial.shape == (2, 1, *size)
-        assert 0 < channel.min() and channel.max() < 1 and 0 < spatial.min() and spatial.max() < 1
+        assert channel.min() > 0 and channel.max() < 1 and spatial.min() > 0 and spatial.max() < 1
         torch.testing.assert_close(branch(x), x + x * channel + x * spatial)
 
 
@@ -142,7 +147,9 @@ def test_build_network_knows_every_architecture_and_refuses_the_rest() -> None:
 TINY = {"cia_net": {"image_size": 64, "bank_size": 4}}
 
 
-@pytest.mark.parametrize("name", list(__import__("dp_model.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES))
+@pytest.mark.parametrize(
+    "name", list(__import__("dp_model.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
+)
 def test_every_registered_architecture_builds_and_gives_the_classifier_interface(name: str) -> None:
     """Walks the registry: a new entry is checked here without editing this test."""
     from dp_model.classifier import Classifier, ClassifierBase
@@ -189,21 +196,26 @@ def test_attention_entries_take_mgacr_heads_and_the_others_refuse_them() -> None
 def test_the_names_that_bundle_configs_use_are_plain_imports() -> None:
     """Configs of bundles written before 2026-12-01 name ``dp_model.networks.build_network``
     and ``dp_model.bundle.Predictor``; newer ones the ``architectures`` and ``inference`` ones."""
+    from monai.utils.module import locate  # how a bundle config resolves its _target_
+
     import dp_model.architectures
     import dp_model.bundle
     import dp_model.inference
     import dp_model.networks
-    from monai.utils.module import locate  # how a bundle config resolves its _target_
 
     assert locate("dp_model.networks.build_network") is dp_model.architectures.build_network
     assert locate("dp_model.bundle.Predictor") is dp_model.inference.Predictor
-    assert not hasattr(dp_model.networks, "__getattr__") and not hasattr(dp_model.bundle, "__getattr__")
+    assert not hasattr(dp_model.networks, "__getattr__") and not hasattr(
+        dp_model.bundle, "__getattr__"
+    )
 
 
 def test_the_registry_and_the_training_config_need_no_pytorch() -> None:
     """``dp-train --help`` and config validation read the registry before PyTorch is loaded."""
     code = "import sys, dp_model.registry, dp_model.training.config; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.stdout.strip() == "[]", result.stderr[-1000:]
 
 
@@ -213,10 +225,15 @@ def test_the_densenet121_baseline_added_as_one_registry_entry_trains_a_step() ->
     from dp_model.training.config import FinetuneConfig, MGACRConfig
     from dp_model.training.objectives import build_classifier, classification_loss, make_optimizer
 
-    config = FinetuneConfig(architecture="densenet121", mgacr=MGACRConfig(attention=False, feature_cr=False), lr=0.01)
+    config = FinetuneConfig(
+        architecture="densenet121", mgacr=MGACRConfig(attention=False, feature_cr=False), lr=0.01
+    )
     net = build_classifier(config, 3, None, seed=0, image_size=64).train()
     assert net.net.features.conv0.in_channels == 1 and net.classifier_layer is net.net.classifier
-    loss_fn, optimizer = classification_loss(config, [5, 3, 2], ["normal", "a", "b"]), make_optimizer(config, net)
+    loss_fn, optimizer = (
+        classification_loss(config, [5, 3, 2], ["normal", "a", "b"]),
+        make_optimizer(config, net),
+    )
     before = net.classifier_layer.weight.detach().clone()
     loss = loss_fn(net(torch.rand(4, 1, 64, 64)), torch.tensor([0, 1, 2, 0]))
     loss.backward()

@@ -20,18 +20,26 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from test_node_slots import RawPeer, established, health
 
-from pacs_node.node import Node
 from pacs_node.model.predictor import NodePredictor
+from pacs_node.node import Node
 from pacs_node.status import StoreStatus
 
-CONTEXTS = ((ComputedRadiographyImageStorage, ExplicitVRLittleEndian), (Verification, ExplicitVRLittleEndian))
+CONTEXTS = (
+    (ComputedRadiographyImageStorage, ExplicitVRLittleEndian),
+    (Verification, ExplicitVRLittleEndian),
+)
 #: (0000,0800) Command Data Set Type (PS3.7 E.1): 0x0101 means no data set follows.
 NO_DATA_SET = 0x0101
 #: The command's UIDs left out ("absent"), empty, or as the sender has them.
 ABSENT = object()
 
 
-def command_set(instance_uid=ABSENT, class_uid=str(ComputedRadiographyImageStorage), message_id: int = 1, data_set: bool = True) -> bytes:
+def command_set(
+    instance_uid=ABSENT,
+    class_uid=str(ComputedRadiographyImageStorage),
+    message_id: int = 1,
+    data_set: bool = True,
+) -> bytes:
     """A C-STORE-RQ command set (PS3.7 9.3.1.1), Implicit VR Little Endian, ``ABSENT`` UIDs left out."""
     command = Dataset()
     command.CommandGroupLength = 0
@@ -71,7 +79,11 @@ def store(peer: RawPeer, command: bytes, data: bytes | None) -> int | None:
 
 
 def refusals(node: Node) -> list[tuple[str, str]]:
-    return [(line["reason"], line["status_code"]) for line in audit_lines(node) if line["event"] == "store-refused"]
+    return [
+        (line["reason"], line["status_code"])
+        for line in audit_lines(node)
+        if line["event"] == "store-refused"
+    ]
 
 
 @pytest.fixture
@@ -85,11 +97,16 @@ def peer(node: Node):
 def then_stores(peer: RawPeer) -> bool:
     """Whether an ordinary C-STORE on the same association still succeeds."""
     ds = chest_dataset(seed=7)
-    return store(peer, command_set(str(ds.SOPInstanceUID), message_id=2), encoded(ds)) == StoreStatus.SUCCESS
+    return (
+        store(peer, command_set(str(ds.SOPInstanceUID), message_id=2), encoded(ds))
+        == StoreStatus.SUCCESS
+    )
 
 
 @pytest.mark.parametrize("uid", [ABSENT, ""], ids=["absent", "empty"])
-def test_a_c_store_without_an_instance_uid_is_refused_by_name_and_the_association_goes_on(node: Node, peer: RawPeer, uid) -> None:
+def test_a_c_store_without_an_instance_uid_is_refused_by_name_and_the_association_goes_on(
+    node: Node, peer: RawPeer, uid
+) -> None:
     """Affected SOP Instance UID is required in a C-STORE-RQ (PS3.7 9.3.1.1). pynetdicom names the
     received file after it as soon as the command set is complete, before any event handler
     runs: without one, the association broke with no status and no audit line."""
@@ -100,14 +117,21 @@ def test_a_c_store_without_an_instance_uid_is_refused_by_name_and_the_associatio
 
 
 @pytest.mark.parametrize("uid", [ABSENT, ""], ids=["absent", "empty"])
-def test_a_c_store_without_a_class_uid_is_refused_by_name_and_the_association_goes_on(node: Node, peer: RawPeer, uid) -> None:
+def test_a_c_store_without_a_class_uid_is_refused_by_name_and_the_association_goes_on(
+    node: Node, peer: RawPeer, uid
+) -> None:
     ds = chest_dataset(seed=1)
-    assert store(peer, command_set(str(ds.SOPInstanceUID), class_uid=uid), encoded(ds)) == StoreStatus.CANNOT_UNDERSTAND
+    assert (
+        store(peer, command_set(str(ds.SOPInstanceUID), class_uid=uid), encoded(ds))
+        == StoreStatus.CANNOT_UNDERSTAND
+    )
     assert then_stores(peer)
     assert wait_for(lambda: refusals(node), 10, "the audit line") == [("invalid-uid", "0xC000")]
 
 
-def test_a_c_store_without_a_data_set_is_the_peers_fault_not_the_nodes(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_a_c_store_without_a_data_set_is_the_peers_fault_not_the_nodes(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     """A C-STORE-RQ must carry a data set (PS3.7 9.3.1.1). One that says it has none is refused
     0xC000 (retrying it will not help), not 0xA700, and is never counted as an internal error of
     the node's own: three such peers made /health say the node was failing."""
@@ -118,7 +142,10 @@ def test_a_c_store_without_a_data_set_is_the_peers_fault_not_the_nodes(tmp_path:
             try:
                 assert established(peer.associate(contexts=CONTEXTS))
                 ds = chest_dataset(seed=seed)
-                assert store(peer, command_set(str(ds.SOPInstanceUID), data_set=False), None) == StoreStatus.CANNOT_UNDERSTAND
+                assert (
+                    store(peer, command_set(str(ds.SOPInstanceUID), data_set=False), None)
+                    == StoreStatus.CANNOT_UNDERSTAND
+                )
             finally:
                 peer.close()
         wait_for(lambda: len(refusals(node)) == 3, 10, "the audit lines")
@@ -138,17 +165,24 @@ def truncated(data: bytes, where: str) -> bytes:
 
 
 @pytest.mark.parametrize("where", ["pixel-data", "last-byte", "patient-name"])
-def test_a_data_set_cut_short_mid_element_is_refused_not_acknowledged(node: Node, peer: RawPeer, where: str) -> None:
+def test_a_data_set_cut_short_mid_element_is_refused_not_acknowledged(
+    node: Node, peer: RawPeer, where: str
+) -> None:
     """A data set whose last element is shorter than its own length says is not the object the
     modality holds: success (PS3.4 B.2.3) would let the modality delete the only good copy. It is
     refused 0xC000, cannot understand, and the association goes on."""
     ds = chest_dataset(seed=1)
-    assert store(peer, command_set(str(ds.SOPInstanceUID)), truncated(encoded(ds), where)) == StoreStatus.CANNOT_UNDERSTAND
+    assert (
+        store(peer, command_set(str(ds.SOPInstanceUID)), truncated(encoded(ds), where))
+        == StoreStatus.CANNOT_UNDERSTAND
+    )
     assert then_stores(peer)
     assert wait_for(lambda: refusals(node), 10, "the audit line") == [("truncated", "0xC000")]
 
 
-def test_a_peer_proposing_refused_classes_again_and_again_cannot_grow_the_audit_trail_line_by_line(node: Node) -> None:
+def test_a_peer_proposing_refused_classes_again_and_again_cannot_grow_the_audit_trail_line_by_line(
+    node: Node,
+) -> None:
     """The SOP classes a peer proposes and the node refuses are the peer's to repeat at will, as
     many as 127 a request: like other repeatable refusals, each peer's are written in full a few
     times a minute and counted after that, so an allowed peer cannot fill the spool's disk."""

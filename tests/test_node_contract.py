@@ -16,8 +16,8 @@ from pydicom import dcmread
 
 from dp_model.bundle import load_bundle
 from pacs_node import codes
-from pacs_node.node import Node
 from pacs_node.model.predictor import NodePredictor, prepare
+from pacs_node.node import Node
 from pacs_node.status import StoreStatus
 
 
@@ -26,44 +26,84 @@ def test_the_demo_bundle_carries_calibration_operating_points_and_a_gate(demo_bu
     before, after = contract.calibration["test_before"], contract.calibration["test_after"]
     # Both measured on the held-out test images, with intervals (that temperature scaling lowers
     # the ECE is shown in tests/test_contract.py; 47 test images are too few to show it every time).
-    assert contract.temperature > 0 and all(0 <= m["ece"] <= 1 and m["ece_low"] <= m["ece_high"] for m in (before, after))
+    assert contract.temperature > 0 and all(
+        0 <= m["ece"] <= 1 and m["ece_low"] <= m["ece_high"] for m in (before, after)
+    )
     present = contract.present_point
-    assert 0 < present.threshold < 1 and present.sensitivity >= 0.90 and "sensitivity" in present.target
-    assert contract.ood is not None and contract.ood.held_out >= 10 and (demo_bundle / "models" / "ood.pt").exists()
+    assert (
+        0 < present.threshold < 1
+        and present.sensitivity >= 0.90
+        and "sensitivity" in present.target
+    )
+    assert (
+        contract.ood is not None
+        and contract.ood.held_out >= 10
+        and (demo_bundle / "models" / "ood.pt").exists()
+    )
     card = (demo_bundle / "docs" / "README.md").read_text()
-    assert "Expected calibration error" in card and "Out-of-distribution gate" in card and (demo_bundle / "docs" / "calibration.png").exists()
+    assert (
+        "Expected calibration error" in card
+        and "Out-of-distribution gate" in card
+        and (demo_bundle / "docs" / "calibration.png").exists()
+    )
 
 
-def test_real_radiographs_are_outside_the_phantoms_distribution_and_held_out_phantoms_inside(predictor: NodePredictor, demo_bundle: Path, rg1_path: Path) -> None:
+def test_real_radiographs_are_outside_the_phantoms_distribution_and_held_out_phantoms_inside(
+    predictor: NodePredictor, demo_bundle: Path, rg1_path: Path
+) -> None:
     from pydicom.data import get_testdata_file
 
-    real = [dcmread(rg1_path), *(dcmread(get_testdata_file(name)) for name in ("RG3_UNCR.dcm", "RG1_J2KR.dcm"))]
+    real = [
+        dcmread(rg1_path),
+        *(dcmread(get_testdata_file(name)) for name in ("RG3_UNCR.dcm", "RG1_J2KR.dcm")),
+    ]
     held_out = [dcmread(path) for path in sorted((demo_bundle / "samples").glob("*.dcm"))]
     assert len(held_out) == 3
-    answers = predictor.predict([prepare(ds, predictor.contract.image_size) for ds in real + held_out])
+    answers = predictor.predict(
+        [prepare(ds, predictor.contract.image_size) for ds in real + held_out]
+    )
     assert [a.assessed for a in answers] == [False] * len(real) + [True] * len(held_out)
-    assert all(not a.positive and not a.findings and len(a.boxes) == 0 for a in answers[: len(real)])
+    assert all(
+        not a.positive and not a.findings and len(a.boxes) == 0 for a in answers[: len(real)]
+    )
 
 
 @pytest.mark.tools
-def test_an_image_outside_the_distribution_is_reported_not_assessed_everywhere(node: Node, tmp_path: Path, rg1_path: Path) -> None:
+def test_an_image_outside_the_distribution_is_reported_not_assessed_everywhere(
+    node: Node, tmp_path: Path, rg1_path: Path
+) -> None:
     assert send_files(node.port, [rg1_path]) == [StoreStatus.SUCCESS]
     uid = str(dcmread(rg1_path, stop_before_pixels=True).SOPInstanceUID)
-    (line,) = wait_for(lambda: [x for x in final_lines(node) if x["sop_instance_uid"] == uid], 120, "RG1's outcome")
-    assert line["status"] == "processed" and line["result"]["assessed"] is False and line["result"]["not_assessed"] == "out-of-distribution"
-    assert line["result"]["positive"] is None and line["result"]["ood_score"] > node.predictor.contract.ood.threshold
-    assert node.metrics.value("out_of_distribution_total") == 1 and node.metrics.value("processed_total", outcome="not-assessed") == 1
+    (line,) = wait_for(
+        lambda: [x for x in final_lines(node) if x["sop_instance_uid"] == uid], 120, "RG1's outcome"
+    )
+    assert (
+        line["status"] == "processed"
+        and line["result"]["assessed"] is False
+        and line["result"]["not_assessed"] == "out-of-distribution"
+    )
+    assert (
+        line["result"]["positive"] is None
+        and line["result"]["ood_score"] > node.predictor.contract.ood.threshold
+    )
+    assert (
+        node.metrics.value("out_of_distribution_total") == 1
+        and node.metrics.value("processed_total", outcome="not-assessed") == 1
+    )
     (sr_path,) = (tmp_path / "out").rglob("SR.*.dcm")
     dump = run_tool("dsrdump", sr_path).stdout
     assert 'CODE:(,,"Pneumonia")=(82334004,SCT,"Indeterminate")' in dump
-    assert "Image within the model's training distribution\")=(373067005,SCT,\"No\")" in dump
-    assert "Certainty of Finding" not in dump and dump.count("POLYLINE") == 1  # no score, no region but the whole image
+    assert 'Image within the model\'s training distribution")=(373067005,SCT,"No")' in dump
+    # no score, no region but the whole image
+    assert "Certainty of Finding" not in dump and dump.count("POLYLINE") == 1
     (sc_path,) = (tmp_path / "out").rglob("SC.*.dcm")
     sc = dcmread(sc_path)
     assert sc.ImageComments.startswith("NOT ASSESSED")
 
 
-def test_the_node_uses_the_bundles_operating_point_unless_its_configuration_overrides_it(demo_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_node_uses_the_bundles_operating_point_unless_its_configuration_overrides_it(
+    demo_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="pacs_node.model.predictor")
     own = NodePredictor(demo_bundle, "cpu")
     assert own.operating_point == own.contract.present_point.threshold
@@ -73,7 +113,9 @@ def test_the_node_uses_the_bundles_operating_point_unless_its_configuration_over
     assert overridden.operating_point == 0.42 and "set in the node's configuration" in caplog.text
 
 
-def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_says_what_it_lacks(demo_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_says_what_it_lacks(
+    demo_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     old = tmp_path / "old"
     shutil.copytree(demo_bundle, old)
     meta_path = old / "configs" / "metadata.json"
@@ -85,7 +127,12 @@ def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_s
     caplog.set_level(logging.INFO, logger="pacs_node.model.predictor")
     predictor = NodePredictor(old, "cpu")
     assert predictor.operating_point == 0.5 and predictor.statistics is None
-    for lacking in ("operating point", "calibration", "out-of-distribution gate", "pneumonia classes"):
+    for lacking in (
+        "operating point",
+        "calibration",
+        "out-of-distribution gate",
+        "pneumonia classes",
+    ):
         assert f"the bundle states no {lacking}" in caplog.text
 
 
@@ -95,7 +142,11 @@ def test_a_bundle_carries_no_patient_data(demo_bundle: Path) -> None:
     split = json.loads((demo_bundle / "configs" / "split.json").read_text())
     assert all(len(x) == 16 and int(x, 16) >= 0 for x in split["test"])  # hashed ids
     truth = json.loads((demo_bundle / "samples" / "truth.json").read_text())
-    assert all(name.startswith("sample-") and set(entry) == {"labels", "boxes"} for name, entry in truth.items())  # nothing but the answer
+    # nothing but the answer
+    assert all(
+        name.startswith("sample-") and set(entry) == {"labels", "boxes"}
+        for name, entry in truth.items()
+    )
     for path in (demo_bundle / "samples").iterdir():
         if path.name == "truth.json":
             continue
@@ -105,7 +156,9 @@ def test_a_bundle_carries_no_patient_data(demo_bundle: Path) -> None:
         assert not any(element.tag.is_private for element in ds)
 
 
-def test_calibrated_probabilities_are_what_the_node_reports(predictor: NodePredictor, demo_bundle: Path) -> None:
+def test_calibrated_probabilities_are_what_the_node_reports(
+    predictor: NodePredictor, demo_bundle: Path
+) -> None:
     """The node applies the bundle's temperature: its probabilities differ from the raw softmax
     exactly as dividing the logits by T says."""
     import torch
@@ -121,7 +174,9 @@ def test_calibrated_probabilities_are_what_the_node_reports(predictor: NodePredi
 
 
 @pytest.mark.parametrize("tamper", ["digest", "shape", "not-positive-definite", "not-a-dict"])
-def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later(demo_bundle: Path, tmp_path: Path, tamper: str) -> None:
+def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later(
+    demo_bundle: Path, tmp_path: Path, tamper: str
+) -> None:
     import torch
 
     from dp_model.bundle import BundleError
@@ -132,7 +187,8 @@ def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later
     state = torch.load(path, weights_only=True)
     meta_path = copy / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    means, precision = ("means", "precision") if "means" in state else ("means.3", "precision.3")  # the multi-layer gate: its last stage
+    # the multi-layer gate: its last stage
+    means, precision = ("means", "precision") if "means" in state else ("means.3", "precision.3")
     if tamper == "digest":
         state[means] = state[means] + 1.0
     elif tamper == "shape":
@@ -149,7 +205,9 @@ def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later
         NodePredictor(copy, "cpu")
 
 
-def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assessed(predictor: NodePredictor, demo_bundle: Path, rg1_path: Path, tmp_path: Path) -> None:
+def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assessed(
+    predictor: NodePredictor, demo_bundle: Path, rg1_path: Path, tmp_path: Path
+) -> None:
     import dataclasses
 
     from pacs_node.results.identity import ResultIdentity
@@ -168,20 +226,28 @@ def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assesse
     nan_score = dataclasses.replace(answer, ood_score=float("nan"))
     assert not nan_score.assessed and not nan_score.positive
     rg1 = dcmread(rg1_path)
-    sr = build_report(rg1, nan_score, predictor.contract, ResultIdentity.of(rg1, predictor.contract))
+    sr = build_report(
+        rg1, nan_score, predictor.contract, ResultIdentity.of(rg1, predictor.contract)
+    )
     assert "82334004" in str(sr.ContentSequence)  # Indeterminate, the score left out
 
 
-
-def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(tmp_path: Path, rg1_path: Path) -> None:
+def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(
+    tmp_path: Path, rg1_path: Path
+) -> None:
     from pydicom.dataset import Dataset
 
     from dp_model.bundle import write_samples
 
     ds = dcmread(rg1_path)
-    ds.InstitutionalDepartmentName, ds.RequestingPhysician, ds.AdmissionID = "Our Department", "Smith^John", "ADM42"
+    ds.InstitutionalDepartmentName, ds.RequestingPhysician, ds.AdmissionID = (
+        "Our Department",
+        "Smith^John",
+        "ADM42",
+    )
     ds.AcquisitionDateTime, ds.StationName = "20240101101010", "ROOM1"
-    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 16000, 30000, "LINEAR"  # the default, stated: OHIF 3.13 refuses it
+    # the default, stated: OHIF 3.13 refuses it
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 16000, 30000, "LINEAR"
     referenced = Dataset()
     referenced.PatientName, referenced.PatientID = "Doe^Jane", "MRN123"
     ds.ReferencedPatientSequence = [referenced]
@@ -195,10 +261,26 @@ def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(tmp_p
     write_samples(tmp_path / "bundle", [original, burned])
     (sample,) = (tmp_path / "bundle" / "samples").iterdir()  # the burned-in one is left out
     text = sample.read_bytes()
-    for value in (b"Doe^Jane", b"MRN123", b"Our Department", b"Smith^John", b"ADM42", b"ROOM1", b"DOE JANE", b"20240101", str(ds.StudyInstanceUID).encode()):
+    for value in (
+        b"Doe^Jane",
+        b"MRN123",
+        b"Our Department",
+        b"Smith^John",
+        b"ADM42",
+        b"ROOM1",
+        b"DOE JANE",
+        b"20240101",
+        str(ds.StudyInstanceUID).encode(),
+    ):
         assert value not in text, value
     kept = dcmread(sample)
-    assert kept.PatientIdentityRemoved == "YES" and kept.Rows == ds.Rows and kept.pixel_array.shape == ds.pixel_array.shape
+    assert (
+        kept.PatientIdentityRemoved == "YES"
+        and kept.Rows == ds.Rows
+        and kept.pixel_array.shape == ds.pixel_array.shape
+    )
     assert kept.WindowWidth == 30000 and "VOILUTFunction" not in kept
     check = run_tool("dciodvfy", sample, check=False)
-    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout + check.stderr
+    assert not [
+        line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+    ], check.stdout + check.stderr

@@ -23,7 +23,9 @@ from dp_model.bundle import load_bundle
 from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.results.identity import ResultIdentity
 
-IMAGES = 200  # a quarter acknowledged at the kill, a backlog behind them (make benchmark-soak: 10,000, three kills)
+# a quarter acknowledged at the kill, a backlog behind them (make benchmark-soak: 10,000, three
+# kills)
+IMAGES = 200
 SENDERS = 8
 
 
@@ -45,7 +47,9 @@ class CountingSCP:
         ae = AE(ae_title="RESULTS")
         for sop_class in RESULT_CLASSES:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
 
     def stop(self) -> None:
         if self.server is not None:
@@ -56,7 +60,9 @@ class CountingSCP:
 class Modality:
     """Sends its images like a modality does: retry what was not acknowledged, until all are."""
 
-    def __init__(self, port: int, images: list[Dataset], acknowledged: set[str], lock: threading.Lock) -> None:
+    def __init__(
+        self, port: int, images: list[Dataset], acknowledged: set[str], lock: threading.Lock
+    ) -> None:
         self.port, self.images, self.acknowledged, self.lock = port, images, acknowledged, lock
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -83,7 +89,12 @@ class Modality:
 
 def start_node(config: Path, log) -> subprocess.Popen:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pacs_node.cli", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pacs_node.cli", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def echo_ok(port: int) -> bool:
@@ -98,14 +109,27 @@ def echo_ok(port: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(tmp_path: Path, demo_bundle: Path) -> None:
+def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(
+    tmp_path: Path, demo_bundle: Path
+) -> None:
     port, destination = free_port(), CountingSCP()
     config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({
-        "port": port, "host": "127.0.0.1", "bundle": str(demo_bundle), "spool": str(tmp_path / "spool"), "metrics_port": -1,
-        "destinations": [f"RESULTS@127.0.0.1:{destination.port}"], "device": "cpu", "batch_size": 16, "allow": ["MODALITY", "PROBE"],
-        "outbox": {"initial_backoff_s": 0.5, "max_backoff_s": 2.0},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "port": port,
+                "host": "127.0.0.1",
+                "bundle": str(demo_bundle),
+                "spool": str(tmp_path / "spool"),
+                "metrics_port": -1,
+                "destinations": [f"RESULTS@127.0.0.1:{destination.port}"],
+                "device": "cpu",
+                "batch_size": 16,
+                "allow": ["MODALITY", "PROBE"],
+                "outbox": {"initial_backoff_s": 0.5, "max_backoff_s": 2.0},
+            }
+        )
+    )
     images = [chest_dataset(rows=300, columns=280, seed=i) for i in range(IMAGES)]
     acknowledged: set[str] = set()
     lock = threading.Lock()
@@ -117,7 +141,9 @@ def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(
         for sender in senders:
             sender.thread.start()
         # The destination is down while the first images arrive; the node is killed mid-run.
-        wait_for(lambda: len(acknowledged) >= IMAGES // 4, 300, "a quarter of the images acknowledged")
+        wait_for(
+            lambda: len(acknowledged) >= IMAGES // 4, 300, "a quarter of the images acknowledged"
+        )
         node.kill()  # SIGKILL: no chance to clean up
         node.wait(30)
         killed_at = len(acknowledged)
@@ -133,14 +159,19 @@ def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(
         for ds in images:
             identity = ResultIdentity.of(ds, contract)
             expected |= {identity.instance_uid("sr"), identity.instance_uid("sc")}
-        wait_for(lambda: set(destination.stored) >= expected, 600, "every result at the destination")
+        wait_for(
+            lambda: set(destination.stored) >= expected, 600, "every result at the destination"
+        )
         time.sleep(2)  # anything still to come would be a duplicate or a stray
         # Counted, not compared as sets: exactly one SR and one SC per image, no other instance.
         assert destination.stored == Counter(dict.fromkeys(expected, 1))
         node.send_signal(signal.SIGTERM)
         assert node.wait(60) == 0
         assert killed_at < IMAGES
-        assert list((tmp_path / "spool" / "incoming").glob("*.dcm")) == [] and list((tmp_path / "spool" / "failed").glob("*.dcm")) == []
+        assert (
+            list((tmp_path / "spool" / "incoming").glob("*.dcm")) == []
+            and list((tmp_path / "spool" / "failed").glob("*.dcm")) == []
+        )
         assert list((tmp_path / "dead-letter").rglob("*.dcm")) == []
     finally:
         if node.poll() is None:

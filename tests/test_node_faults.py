@@ -29,9 +29,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
-from pacs_node.node import Node
-from pacs_node.model.predictor import NodePredictor
 from pacs_node.intake.spool import Spool
+from pacs_node.model.predictor import NodePredictor
+from pacs_node.node import Node
 from pacs_node.status import StoreStatus
 
 
@@ -47,42 +47,76 @@ def malformed(kind: str):
     """A chest image with one header value as broken modalities write it."""
     ds = chest_dataset(seed=3)
     if kind == "window-center-text":
-        ds[0x00281050], ds[0x00281051] = raw_element(0x00281050, "DS", "abc"), raw_element(0x00281051, "DS", "4000")
+        ds[0x00281050], ds[0x00281051] = (
+            raw_element(0x00281050, "DS", "abc"),
+            raw_element(0x00281051, "DS", "4000"),
+        )
     elif kind == "rescale-slope-text":
-        ds[0x00281053], ds[0x00281052] = raw_element(0x00281053, "DS", "abc"), raw_element(0x00281052, "DS", "0")
+        ds[0x00281053], ds[0x00281052] = (
+            raw_element(0x00281053, "DS", "abc"),
+            raw_element(0x00281052, "DS", "0"),
+        )
     elif kind == "rows-two-values":
         ds[0x00280010] = raw_element(0x00280010, "US", struct.pack("<HH", ds.Rows, ds.Rows))
     elif kind == "columns-zero":
         ds[0x00280011] = raw_element(0x00280011, "US", struct.pack("<H", 0))
     elif kind == "bits-stored-text":
-        ds[0x00280101] = raw_element(0x00280101, "LO", "xy")  # text, under a wrong VR, where a number belongs
+        # text, under a wrong VR, where a number belongs
+        ds[0x00280101] = raw_element(0x00280101, "LO", "xy")
     return ds
 
 
-@pytest.mark.parametrize("kind", ["window-center-text", "rescale-slope-text", "rows-two-values", "columns-zero", "bits-stored-text"])
-def test_a_malformed_header_costs_at_most_that_image_and_the_next_one_is_processed(node: Node, tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "window-center-text",
+        "rescale-slope-text",
+        "rows-two-values",
+        "columns-zero",
+        "bits-stored-text",
+    ],
+)
+def test_a_malformed_header_costs_at_most_that_image_and_the_next_one_is_processed(
+    node: Node, tmp_path: Path, kind: str
+) -> None:
     bad, good = malformed(kind), chest_dataset(seed=4)
     assert send_files(node.port, [write_raw(bad, tmp_path / "bad.dcm")]) == [StoreStatus.SUCCESS]
     assert send(node.port, [good]) == [StoreStatus.SUCCESS]
     wait_for(lambda: processed(node, good), 60, "the good image after the malformed one")
-    story = wait_for(lambda: story_of(node, bad.SOPInstanceUID), 10, "a recorded outcome for the malformed image")
+    story = wait_for(
+        lambda: story_of(node, bad.SOPInstanceUID), 10, "a recorded outcome for the malformed image"
+    )
     assert len(story) == 1 and story[0]["status"] in ("processed", "skipped"), story
-    if kind in ("window-center-text", "rescale-slope-text"):  # tolerant reading: a bad window is not a bad image
+    if kind in ("window-center-text", "rescale-slope-text"):
+        # tolerant reading: a bad window is not a bad image
         assert story[0]["status"] == "processed"
     assert node.health()["worker_alive"] and node.spool.count() == 0
 
 
-def test_a_full_disk_delays_results_and_loses_nothing(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_a_full_disk_delays_results_and_loses_nothing(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     disk = FullDisk(tmp_path / "disk")
     gated = GatedPredictor(predictor)
-    node = start_node(tmp_path, gated, spool=str(disk.folder / "spool"), output_dir=str(disk.folder / "out"), min_free_mb=0, metrics_port=-1)
+    node = start_node(
+        tmp_path,
+        gated,
+        spool=str(disk.folder / "spool"),
+        output_dir=str(disk.folder / "out"),
+        min_free_mb=0,
+        metrics_port=-1,
+    )
     try:
         first = chest_dataset(seed=1)
         assert send(node.port, [first]) == [StoreStatus.SUCCESS]
         assert gated.entered.wait(60)
         disk.fill()  # the disk fills while the model reads the image
         gated.gate.set()
-        wait_for(lambda: node.metrics.value("retries_total", reason="disk-full") >= 1, 60, "a retry for lack of space")
+        wait_for(
+            lambda: node.metrics.value("retries_total", reason="disk-full") >= 1,
+            60,
+            "a retry for lack of space",
+        )
         assert node.health()["status"] == "degraded"
         disk.free()
         wait_for(lambda: processed(node, first), 120, "the image once space is back")
@@ -137,7 +171,9 @@ def test_one_spool_one_node() -> None:
         Spool(folder).close()
 
 
-def test_abandoned_files_in_the_spools_tmp_folder_are_swept_and_fresh_ones_kept(tmp_path: Path) -> None:
+def test_abandoned_files_in_the_spools_tmp_folder_are_swept_and_fresh_ones_kept(
+    tmp_path: Path,
+) -> None:
     import os
     import time
 
@@ -170,12 +206,19 @@ class SecondaryCaptureOnly:
     def __init__(self) -> None:
         self.port, self.stored = free_port(), []
         ae = AE(ae_title="SCONLY")
-        ae.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        handler = (evt.EVT_C_STORE, lambda event: self.stored.append(str(event.request.AffectedSOPInstanceUID)) or 0x0000)
+        ae.add_supported_context(
+            SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
+        handler = (
+            evt.EVT_C_STORE,
+            lambda event: self.stored.append(str(event.request.AffectedSOPInstanceUID)) or 0x0000,
+        )
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[handler])
 
 
-def test_a_destination_that_refuses_the_sr_class_still_gets_every_overlay(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_a_destination_that_refuses_the_sr_class_still_gets_every_overlay(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     pacs = SecondaryCaptureOnly()
     node = start_node(tmp_path, predictor, destinations=(f"SCONLY@127.0.0.1:{pacs.port}",))
     try:
@@ -183,8 +226,26 @@ def test_a_destination_that_refuses_the_sr_class_still_gets_every_overlay(tmp_pa
         for ds in images:  # one at a time: every batch holds an SR the destination refuses
             assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
         wait_for(lambda: len(pacs.stored) == 3, 60, "the three overlays at the destination")
-        dead = wait_for(lambda: [line for line in audit_lines(node) if line["event"] == "delivery" and line["status"] == "dead-letter"] if len(
-            [line for line in audit_lines(node) if line["event"] == "delivery" and line["status"] == "dead-letter"]) == 3 else None, 30, "three dead letters")  # fmt: skip
+        dead = wait_for(
+            lambda: (
+                [
+                    line
+                    for line in audit_lines(node)
+                    if line["event"] == "delivery" and line["status"] == "dead-letter"
+                ]
+                if len(
+                    [
+                        line
+                        for line in audit_lines(node)
+                        if line["event"] == "delivery" and line["status"] == "dead-letter"
+                    ]
+                )
+                == 3
+                else None
+            ),
+            30,
+            "three dead letters",
+        )
         assert {line["reason"] for line in dead} == {"sop-class-not-accepted"}
         (sender,) = node.senders
         # The destination counts an overlay when it stores it; the sender removes the file once it
@@ -212,7 +273,9 @@ class CrashingOnce:
         return self.inner.predict(prepared)
 
 
-def test_a_worker_that_dies_is_restarted_and_its_image_processed(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_a_worker_that_dies_is_restarted_and_its_image_processed(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     node = start_node(tmp_path, CrashingOnce(predictor))
     try:
         ds = chest_dataset()
@@ -224,14 +287,17 @@ def test_a_worker_that_dies_is_restarted_and_its_image_processed(tmp_path: Path,
         node.stop()
 
 
-def test_a_worker_that_keeps_dying_stops_the_node_for_the_service_manager(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_a_worker_that_keeps_dying_stops_the_node_for_the_service_manager(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     node = start_node(tmp_path, CrashingOnce(predictor, times=1000))
     try:
         for seed in range(3):
             send(node.port, [chest_dataset(seed=seed)])
         wait_for(lambda: node.fatal, 60, "the node to give up")
         assert "worker" in node.fatal and node.health()["status"] == "failed"
-        assert node.spool.count() + len(list(node.spool.failed.glob("*.dcm"))) == 3  # nothing lost on the way out
+        # nothing lost on the way out
+        assert node.spool.count() + len(list(node.spool.failed.glob("*.dcm"))) == 3
     finally:
         node.stop()
 
@@ -244,16 +310,27 @@ class SlowDestination:
 
         self.port, self.stored = free_port(), []
         ae = AE(ae_title="SLOW")
-        for sop_class in ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", SecondaryCaptureImageStorage):
+        for sop_class in (
+            "1.2.840.10008.5.1.4.1.1.88.34",
+            "1.2.840.10008.5.1.4.1.1.88.33",
+            SecondaryCaptureImageStorage,
+        ):
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        handler = (evt.EVT_C_STORE, lambda event: time.sleep(seconds) or self.stored.append(1) or 0x0000)
+        handler = (
+            evt.EVT_C_STORE,
+            lambda event: time.sleep(seconds) or self.stored.append(1) or 0x0000,
+        )
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[handler])
 
 
-def test_health_says_degraded_when_a_sender_is_stuck_or_the_queue_does_not_move(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_health_says_degraded_when_a_sender_is_stuck_or_the_queue_does_not_move(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     slow = SlowDestination(6.0)
     gated = GatedPredictor(predictor)
-    node = start_node(tmp_path, gated, destinations=(f"SLOW@127.0.0.1:{slow.port}",), stall_after_s=1.0)
+    node = start_node(
+        tmp_path, gated, destinations=(f"SLOW@127.0.0.1:{slow.port}",), stall_after_s=1.0
+    )
     url = f"http://127.0.0.1:{node.metrics_port}/health"
 
     def health() -> tuple[int, dict]:
@@ -266,17 +343,33 @@ def test_health_says_degraded_when_a_sender_is_stuck_or_the_queue_does_not_move(
     try:
         assert health()[0] == 200
         send(node.port, [chest_dataset()])
-        code, state = wait_for(lambda: (lambda h: h if h[0] == 503 else None)(health()), 30, "degraded health while the model is stuck")
+        code, state = wait_for(
+            lambda: (lambda h: h if h[0] == 503 else None)(health()),
+            30,
+            "degraded health while the model is stuck",
+        )
         assert any("worker" in problem for problem in state["problems"]), state
         gated.gate.set()
-        code, state = wait_for(lambda: (lambda h: h if h[0] == 503 and any("send" in p for p in h[1]["problems"]) else None)(health()), 30, "a stuck sender")
-        wait_for(lambda: len(slow.stored) == 2 and health()[0] == 200, 60, "health back once both results are delivered")
+        code, state = wait_for(
+            lambda: (
+                lambda h: h if h[0] == 503 and any("send" in p for p in h[1]["problems"]) else None
+            )(health()),
+            30,
+            "a stuck sender",
+        )
+        wait_for(
+            lambda: len(slow.stored) == 2 and health()[0] == 200,
+            60,
+            "health back once both results are delivered",
+        )
     finally:
         node.stop()
         slow.server.shutdown()
 
 
-def test_a_batch_that_crashed_the_node_is_retried_one_image_at_a_time(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_a_batch_that_crashed_the_node_is_retried_one_image_at_a_time(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     spool = Spool(tmp_path / "spool")
     images = [chest_dataset(seed=i) for i in range(4)]
     paths = [spool.incoming / f"{ds.SOPInstanceUID}.dcm" for ds in images]
@@ -288,19 +381,24 @@ def test_a_batch_that_crashed_the_node_is_retried_one_image_at_a_time(tmp_path: 
     node = start_node(tmp_path, predictor)
     try:
         for ds in images:
-            wait_for(lambda ds=ds: processed(node, ds), 60, "every image of the batch, one at a time")
+            wait_for(
+                lambda ds=ds: processed(node, ds), 60, "every image of the batch, one at a time"
+            )
         assert list(node.spool.failed.iterdir()) == []
     finally:
         node.stop()
 
 
-def test_an_image_that_crashes_the_node_alone_three_times_is_quarantined(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_an_image_that_crashes_the_node_alone_three_times_is_quarantined(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     spool = Spool(tmp_path / "spool")
     poison, survivor = chest_dataset(seed=1), chest_dataset(seed=2)
     for ds in (poison, survivor):
         ds.save_as(spool.incoming / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     for _ in range(3):
-        spool.begin([spool.incoming / f"{poison.SOPInstanceUID}.dcm"])  # alone in flight at three deaths
+        # alone in flight at three deaths
+        spool.begin([spool.incoming / f"{poison.SOPInstanceUID}.dcm"])
     spool.begin([spool.incoming / f"{survivor.SOPInstanceUID}.dcm"])
     spool.close()
     node = start_node(tmp_path, predictor)
@@ -313,7 +411,9 @@ def test_an_image_that_crashes_the_node_alone_three_times_is_quarantined(tmp_pat
         node.stop()
 
 
-def test_the_same_instance_received_twice_at_once_is_processed_not_called_unreadable(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_the_same_instance_received_twice_at_once_is_processed_not_called_unreadable(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     gated = GatedPredictor(predictor)
     node = start_node(tmp_path, gated)
     try:
@@ -323,19 +423,32 @@ def test_the_same_instance_received_twice_at_once_is_processed_not_called_unread
         assert send(node.port, [first, other]) == [StoreStatus.SUCCESS, StoreStatus.SUCCESS]
         gated.gate.set()
         wait_for(lambda: processed(node, other), 60, "the other image")
-        wait_for(lambda: len(story_of(node, first.SOPInstanceUID)) == 2, 30, "both receptions accounted for")
+        wait_for(
+            lambda: len(story_of(node, first.SOPInstanceUID)) == 2,
+            30,
+            "both receptions accounted for",
+        )
         assert {line["status"] for line in story_of(node, first.SOPInstanceUID)} == {"processed"}
         assert node.spool.count() == 0
     finally:
         node.stop()
 
 
-def test_a_data_set_whose_instance_uid_differs_from_the_command_is_refused_and_recorded(node: Node, tmp_path: Path) -> None:
-    ds = chest_dataset()  # the command will carry the UID of the file meta, another than the data set's
-    assert send_files(node.port, [write_raw(ds, tmp_path / "mismatch.dcm", MediaStorageSOPInstanceUID=generate_uid())]) == [StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+def test_a_data_set_whose_instance_uid_differs_from_the_command_is_refused_and_recorded(
+    node: Node, tmp_path: Path
+) -> None:
+    # the command will carry the UID of the file meta, another than the data set's
+    ds = chest_dataset()
+    assert send_files(
+        node.port,
+        [write_raw(ds, tmp_path / "mismatch.dcm", MediaStorageSOPInstanceUID=generate_uid())],
+    ) == [StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS]
     (line,) = [line for line in audit_lines(node) if line["event"] == "store-refused"]
     assert line["reason"] == "instance-uid-mismatch" and line["calling_ae"] == "TESTSCU"
-    assert node.metrics.value("refused_total", reason="instance-uid-mismatch") == 1 and node.spool.count() == 0
+    assert (
+        node.metrics.value("refused_total", reason="instance-uid-mismatch") == 1
+        and node.spool.count() == 0
+    )
 
 
 class OutOfMemory:
@@ -352,7 +465,9 @@ class OutOfMemory:
         return self.inner.predict(prepared)
 
 
-def test_an_image_that_never_fits_in_memory_fails_after_some_retries_and_the_node_goes_on(tmp_path: Path, predictor: NodePredictor, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_image_that_never_fits_in_memory_fails_after_some_retries_and_the_node_goes_on(
+    tmp_path: Path, predictor: NodePredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pacs_node.pipeline as node_module
 
     monkeypatch.setattr(node_module, "RETRY_INITIAL_S", 0.05)
@@ -361,8 +476,16 @@ def test_an_image_that_never_fits_in_memory_fails_after_some_retries_and_the_nod
     try:
         ds = chest_dataset(seed=1)
         assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
-        (line,) = wait_for(lambda: [x for x in story_of(node, ds.SOPInstanceUID) if x["status"] == "failed"], 60, "the image to fail")
-        assert "out of memory" in line["detail"] and node.metrics.value("retries_total", reason="resources") == node_module.MAX_MEMORY_RETRIES
+        (line,) = wait_for(
+            lambda: [x for x in story_of(node, ds.SOPInstanceUID) if x["status"] == "failed"],
+            60,
+            "the image to fail",
+        )
+        assert (
+            "out of memory" in line["detail"]
+            and node.metrics.value("retries_total", reason="resources")
+            == node_module.MAX_MEMORY_RETRIES
+        )
         model.failing = False
         after = chest_dataset(seed=2)
         assert send(node.port, [after]) == [StoreStatus.SUCCESS]

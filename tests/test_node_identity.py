@@ -8,13 +8,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_support import audit_lines, chest_dataset, final_lines, lenient_writing, send, start_node, wait_for, write_raw
+from node_support import (
+    audit_lines,
+    chest_dataset,
+    final_lines,
+    lenient_writing,
+    send,
+    start_node,
+    wait_for,
+    write_raw,
+)
 from pydicom import dcmread
 
-from pacs_node.node import Node
-from pacs_node.model.predictor import NodePredictor
-from pacs_node.uids import is_valid_uid
 from pacs_node.intake.sanitize import clean_source
+from pacs_node.model.predictor import NodePredictor
+from pacs_node.node import Node
+from pacs_node.uids import is_valid_uid
 
 #: An Affected SOP Instance UID of 86 characters: digits and dots, but past the 64 of PS3.5 9.1.
 LONG_UID = "1.2.826.0.1.3680043.8.498." + "1" * 60
@@ -26,18 +35,26 @@ def without_study(patient_id: str, seed: int):
     return ds
 
 
-def test_two_patients_without_a_study_uid_get_two_studies_and_the_same_image_always_the_same_one() -> None:
+def test_two_patients_without_a_study_uid_get_two_studies_and_the_same_image_always_the_same_one():
     first, second = without_study("PID-1", 0), without_study("PID-2", 1)
     studies = [str(clean_source(ds).dataset.StudyInstanceUID) for ds in (first, second, first)]
-    assert studies[0] != studies[1] and studies[0] == studies[2] and all(is_valid_uid(uid) for uid in studies)
+    assert (
+        studies[0] != studies[1]
+        and studies[0] == studies[2]
+        and all(is_valid_uid(uid) for uid in studies)
+    )
     note = clean_source(first).note
     assert "StudyInstanceUID (missing)" in note and "PID-1" not in note and "Patient" not in note
 
 
-def test_one_invalid_study_uid_shared_by_two_patients_gives_each_patient_a_study_of_their_own() -> None:
-    images = [chest_dataset(seed=i, PatientID=pid, StudyInstanceUID="1.2.3.abc") for i, pid in enumerate(("PID-1", "PID-1", "PID-2"))]
+def test_one_invalid_study_uid_shared_by_two_patients_gives_each_patient_a_study_of_their_own():
+    images = [
+        chest_dataset(seed=i, PatientID=pid, StudyInstanceUID="1.2.3.abc")
+        for i, pid in enumerate(("PID-1", "PID-1", "PID-2"))
+    ]
     studies = [str(clean_source(ds).dataset.StudyInstanceUID) for ds in images]
-    assert studies[0] == studies[1] != studies[2]  # the same patient's images still share their (invalid) study
+    # the same patient's images still share their (invalid) study
+    assert studies[0] == studies[1] != studies[2]
     assert "StudyInstanceUID (invalid)" in clean_source(images[0]).note
 
 
@@ -48,7 +65,9 @@ def node(tmp_path: Path, predictor: NodePredictor) -> Iterator[Node]:
     running.stop()
 
 
-def test_two_patients_sent_without_a_study_uid_get_their_results_in_two_studies(node: Node, tmp_path: Path) -> None:
+def test_two_patients_sent_without_a_study_uid_get_their_results_in_two_studies(
+    node: Node, tmp_path: Path
+) -> None:
     assert send(node.port, [without_study("PID-1", 0), without_study("PID-2", 1)]) == [0, 0]
     wait_for(lambda: len(final_lines(node, "processed")) == 2, 30, "both images processed")
     by_study: dict[str, set[str]] = {}
@@ -57,9 +76,13 @@ def test_two_patients_sent_without_a_study_uid_get_their_results_in_two_studies(
         by_study.setdefault(str(ds.StudyInstanceUID), set()).add(str(ds.PatientID))
         assert path.parent.name == str(ds.StudyInstanceUID)
     assert sorted(map(sorted, by_study.values())) == [["PID-1"], ["PID-2"]]
-    assert all("StudyInstanceUID (missing)" in line["detail"] for line in final_lines(node, "processed"))
+    assert all(
+        "StudyInstanceUID (missing)" in line["detail"] for line in final_lines(node, "processed")
+    )
     # The audit trail names the study the results went into, so a person can find them.
-    assert {line.get("study_instance_uid") for line in final_lines(node, "processed")} == set(by_study)
+    assert {line.get("study_instance_uid") for line in final_lines(node, "processed")} == set(
+        by_study
+    )
 
 
 #: A modality that puts UIDs into its commands unchecked, as a separate process (the
@@ -85,19 +108,39 @@ if assoc.is_established:
 """
 
 
-def test_a_c_store_whose_instance_uid_is_too_long_is_refused_by_name_and_the_association_goes_on(node: Node, tmp_path: Path) -> None:
+def test_a_c_store_whose_instance_uid_is_too_long_is_refused_by_name_and_the_association_goes_on(
+    node: Node, tmp_path: Path
+) -> None:
     """pynetdicom drops a command whose Affected SOP Instance UID is past 64 characters (PS3.5
     9.1) and aborts the association. The node answers it, 0xC000 cannot understand (PS3.4
     B.2.3), writes an audit line, and takes the next image on the same association."""
     bad = chest_dataset(seed=0)
     with lenient_writing():
         bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = LONG_UID
-    files = [write_raw(bad, tmp_path / "bad.dcm"), write_raw(chest_dataset(seed=1), tmp_path / "next.dcm")]
-    run = subprocess.run([sys.executable, "-c", UNCHECKED_SENDER, str(node.port), node.config.ae_title, *map(str, files)], capture_output=True, text=True, timeout=60)
+    files = [
+        write_raw(bad, tmp_path / "bad.dcm"),
+        write_raw(chest_dataset(seed=1), tmp_path / "next.dcm"),
+    ]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            UNCHECKED_SENDER,
+            str(node.port),
+            node.config.ae_title,
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert [int(line) for line in run.stdout.split()] == [0xC000, 0x0000], run.stdout + run.stderr
     wait_for(lambda: final_lines(node, "processed"), 30, "the next image processed")
     refused = [line for line in audit_lines(node) if line["event"] == "store-refused"]
-    assert [(line["reason"], line["status_code"], bool(line.get("sop_instance_uid"))) for line in refused] == [("invalid-uid", "0xC000", False)]
+    assert [
+        (line["reason"], line["status_code"], bool(line.get("sop_instance_uid")))
+        for line in refused
+    ] == [("invalid-uid", "0xC000", False)]
     assert LONG_UID not in node.config.audit_path.read_text()
 
 

@@ -10,15 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import data_file, run_tool
-from node_support import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, GatedPredictor, StoreSCP, audit_lines, chest_dataset, send, start_node, wait_for
+from node_support import (
+    BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    GatedPredictor,
+    StoreSCP,
+    audit_lines,
+    chest_dataset,
+    send,
+    start_node,
+    wait_for,
+)
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from pacs_node.results.identity import result_kind
-from pacs_node.node import Node
 from pacs_node.model.predictor import NodePredictor
+from pacs_node.node import Node
+from pacs_node.results.identity import result_kind
 from pacs_node.status import StoreStatus
 
 pytestmark = pytest.mark.tools
@@ -44,25 +55,57 @@ def received_by_kind(scp: StoreSCP) -> dict[str, list]:
     return found
 
 
-def test_storescu_sends_real_chest_xrays_and_storescp_gets_a_valid_sr_and_sc_for_each(node: Node, results: StoreSCP, tmp_path: Path) -> None:
+def test_storescu_sends_real_chest_xrays_and_storescp_gets_a_valid_sr_and_sc_for_each(
+    node: Node, results: StoreSCP, tmp_path: Path
+) -> None:
     sources = [data_file("RG1_UNCR.dcm"), data_file("RG1_J2KR.dcm")]
     # -xv proposes JPEG 2000 lossless: the compressed file arrives compressed.
     for source, syntax in zip(sources, ("-xe", "-xv")):
-        run_tool("storescu", syntax, "-aet", "MODALITY", "-aec", node.config.ae_title, "127.0.0.1", node.port, source)
+        run_tool(
+            "storescu",
+            syntax,
+            "-aet",
+            "MODALITY",
+            "-aec",
+            node.config.ae_title,
+            "127.0.0.1",
+            node.port,
+            source,
+        )
     # storescp answers once a file is complete; the node's delivery line follows that answer.
-    wait_for(lambda: len([x for x in audit_lines(node) if x["event"] == "delivery" and x["status"] == "delivered"]) >= 4, 120, "one SR and one SC per image at storescp")
+    wait_for(
+        lambda: (
+            len(
+                [
+                    x
+                    for x in audit_lines(node)
+                    if x["event"] == "delivery" and x["status"] == "delivered"
+                ]
+            )
+            >= 4
+        ),
+        120,
+        "one SR and one SC per image at storescp",
+    )
     got = received_by_kind(results)
     assert sorted(got) == ["SC", "SR"] and len(got["SR"]) == len(got["SC"]) == 2
     source_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sources}
     assert {sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in got["SC"]} == source_uids
-    assert {sc.Modality for sc in got["SC"]} == {"CR"}  # the radiograph's: hung beside it, no cine player
+    # the radiograph's: hung beside it, no cine player
+    assert {sc.Modality for sc in got["SC"]} == {"CR"}
     for path in sorted(results.folder.iterdir()):
         check = run_tool("dciodvfy", path, check=False)
-        assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout + check.stderr
+        assert not [
+            line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+        ], check.stdout + check.stderr
         if path.name.startswith("SR"):
             dump = run_tool("dsrdump", path).stdout
             # Real radiographs lie outside the demonstration model's phantoms: reported not assessed, coded.
-            assert 'CODE:(,,"Pneumonia")=(82334004,SCT,"Indeterminate")' in dump and "Certainty of Finding" not in dump
+            assert (
+                'CODE:(,,"Pneumonia")=(82334004,SCT,"Indeterminate")' in dump
+                and "Certainty of Finding" not in dump
+            )
+
     # The audit line is written once the results are handed over, which may be after they arrive.
     def processed_lines() -> list[dict] | None:
         lines = [line for line in audit_lines(node) if line["status"] == "processed"]
@@ -76,7 +119,17 @@ def test_storescu_sends_real_chest_xrays_and_storescp_gets_a_valid_sr_and_sc_for
 def test_echo_and_metrics_and_health(node: Node) -> None:
     run_tool("echoscu", "-aec", node.config.ae_title, "127.0.0.1", node.port)
     assert send(node.port, [chest_dataset()]) == [StoreStatus.SUCCESS]
-    wait_for(lambda: sum(node.metrics.value("processed_total", outcome=o) for o in ("positive", "negative", "not-assessed")) >= 1, 60, "processing")
+    wait_for(
+        lambda: (
+            sum(
+                node.metrics.value("processed_total", outcome=o)
+                for o in ("positive", "negative", "not-assessed")
+            )
+            >= 1
+        ),
+        60,
+        "processing",
+    )
     base = f"http://127.0.0.1:{node.metrics_port}"
     health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
     assert health["status"] == "ok" and health["worker_alive"] is True
@@ -84,8 +137,17 @@ def test_echo_and_metrics_and_health(node: Node) -> None:
     assert "dp_node_received_total 1" in metrics and "dp_node_queue_depth" in metrics
 
 
-def test_bad_input_gets_its_status_or_skip_reason_and_the_node_keeps_serving(node: Node, results: StoreSCP) -> None:
-    rgb = chest_dataset(SamplesPerPixel=3, PhotometricInterpretation="RGB", BitsAllocated=8, BitsStored=8, HighBit=7, PlanarConfiguration=0)
+def test_bad_input_gets_its_status_or_skip_reason_and_the_node_keeps_serving(
+    node: Node, results: StoreSCP
+) -> None:
+    rgb = chest_dataset(
+        SamplesPerPixel=3,
+        PhotometricInterpretation="RGB",
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+        PlanarConfiguration=0,
+    )
     rgb.PixelData = np.zeros((rgb.Rows, rgb.Columns, 3), np.uint8).tobytes()
     multi = chest_dataset(NumberOfFrames=2)
     multi.PixelData = multi.PixelData * 2
@@ -98,16 +160,32 @@ def test_bad_input_gets_its_status_or_skip_reason_and_the_node_keeps_serving(nod
     assert statuses == [StoreStatus.SUCCESS] * 5  # accepted and kept; the skip is recorded
     good = chest_dataset(seed=7)
     assert send(node.port, [good]) == [StoreStatus.SUCCESS]
-    wait_for(lambda: any(line.get("sop_instance_uid") == good.SOPInstanceUID and line["status"] == "processed" for line in audit_lines(node)), 60, "the good image after the bad ones")
-    reasons = {line["sop_instance_uid"]: line.get("skip_reason") for line in audit_lines(node) if line["status"] == "skipped"}
+    wait_for(
+        lambda: any(
+            line.get("sop_instance_uid") == good.SOPInstanceUID and line["status"] == "processed"
+            for line in audit_lines(node)
+        ),
+        60,
+        "the good image after the bad ones",
+    )
+    reasons = {
+        line["sop_instance_uid"]: line.get("skip_reason")
+        for line in audit_lines(node)
+        if line["status"] == "skipped"
+    }
     assert reasons == {
-        rgb.SOPInstanceUID: "colour", multi.SOPInstanceUID: "multi-frame", truncated.SOPInstanceUID: "corrupt",
-        no_pixels.SOPInstanceUID: "no-pixel-data", extremity.SOPInstanceUID: "body-part",
-    }  # fmt: skip
+        rgb.SOPInstanceUID: "colour",
+        multi.SOPInstanceUID: "multi-frame",
+        truncated.SOPInstanceUID: "corrupt",
+        no_pixels.SOPInstanceUID: "no-pixel-data",
+        extremity.SOPInstanceUID: "body-part",
+    }
     assert len(list(node.spool.skipped.glob("*.dcm"))) == 5  # kept, not lost
 
 
-def test_data_set_of_another_sop_class_than_negotiated_is_refused(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_set_of_another_sop_class_than_negotiated_is_refused(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A CT data set in a CR context (PS3.4 B.2.3: 0xA900). SCUs refuse to send one, so the
     association is made to pick the CR context for it."""
     mislabelled = chest_dataset()
@@ -115,30 +193,42 @@ def test_data_set_of_another_sop_class_than_negotiated_is_refused(node: Node, mo
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
-    monkeypatch.setattr(assoc, "_get_valid_context", lambda *_args, **_kwargs: assoc.accepted_contexts[0])
+    monkeypatch.setattr(
+        assoc, "_get_valid_context", lambda *_args, **_kwargs: assoc.accepted_contexts[0]
+    )
     try:
         status = assoc.send_c_store(mislabelled)
     finally:
         assoc.release()
     assert int(status.Status) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert node.spool.count() == 0 and not any(node.spool.skipped.iterdir())
-    (line,) = [x for x in audit_lines(node) if x["event"] == "store-refused"]  # every refusal is recorded
-    assert line["reason"] == "sop-class-mismatch" and line["status_code"] == "0xA900" and line["calling_ae"] == "TESTSCU"
+    # every refusal is recorded
+    (line,) = [x for x in audit_lines(node) if x["event"] == "store-refused"]
+    assert (
+        line["reason"] == "sop-class-mismatch"
+        and line["status_code"] == "0xA900"
+        and line["calling_ae"] == "TESTSCU"
+    )
 
 
 def test_a_sop_class_the_node_does_not_read_is_refused_at_negotiation(node: Node) -> None:
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage)
-    ae.add_requested_context(Verification)  # with no context accepted at all, pynetdicom would abort
+    # with no context accepted at all, pynetdicom would abort
+    ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
     try:
-        assert assoc.is_established and [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]
+        assert assoc.is_established and [cx.abstract_syntax for cx in assoc.accepted_contexts] == [
+            Verification
+        ]
         assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [CTImageStorage]
     finally:
         assoc.release()
 
 
-def test_unknown_calling_ae_is_rejected_when_an_allow_list_is_set(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_unknown_calling_ae_is_rejected_when_an_allow_list_is_set(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     node = start_node(tmp_path, predictor, allow=("MODALITY",))
     try:
         refused = AE(ae_title="STRANGER")
@@ -150,30 +240,50 @@ def test_unknown_calling_ae_is_rejected_when_an_allow_list_is_set(tmp_path: Path
         node.stop()
 
 
-def test_no_patient_identifier_reaches_the_audit_log_or_the_logs(node: Node, results: StoreSCP, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_patient_identifier_reaches_the_audit_log_or_the_logs(
+    node: Node, results: StoreSCP, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("DEBUG")
     ds = chest_dataset()
     send(node.port, [ds, chest_dataset(BodyPartExamined="KNEE")])
-    wait_for(lambda: len(audit_lines(node)) >= 2 and len(results.received()) >= 2, 60, "both images handled")
+    wait_for(
+        lambda: len(audit_lines(node)) >= 2 and len(results.received()) >= 2,
+        60,
+        "both images handled",
+    )
     text = node.config.audit_path.read_text() + caplog.text
     assert ds.SOPInstanceUID in text
     for identifier in (PATIENT_NAME, PATIENT_NAME.split("^")[0], PATIENT_ID, BIRTH_DATE):
         assert identifier not in text
 
 
-def test_without_destination_results_go_to_the_output_folder(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_without_destination_results_go_to_the_output_folder(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     node = start_node(tmp_path, predictor)
     try:
         ds = chest_dataset()
         send(node.port, [ds])
         folder = tmp_path / "out" / ds.StudyInstanceUID
-        files = wait_for(lambda: sorted(folder.glob("*.dcm")) if folder.exists() and len(list(folder.glob("*.dcm"))) == 2 else None, 60, "two results")
-        assert sorted(f.name[:3] for f in files) == ["SC.", "SR."] and sorted(result_kind(dcmread(f)) for f in files) == ["SC", "SR"]
+        files = wait_for(
+            lambda: (
+                sorted(folder.glob("*.dcm"))
+                if folder.exists() and len(list(folder.glob("*.dcm"))) == 2
+                else None
+            ),
+            60,
+            "two results",
+        )
+        assert sorted(f.name[:3] for f in files) == ["SC.", "SR."] and sorted(
+            result_kind(dcmread(f)) for f in files
+        ) == ["SC", "SR"]
     finally:
         node.stop()
 
 
-def test_full_queue_answers_out_of_resources_and_keeps_nothing_half_written(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_full_queue_answers_out_of_resources_and_keeps_nothing_half_written(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     gated = GatedPredictor(predictor)  # a stalled model: the queue fills
     node = start_node(tmp_path, gated, max_queue=1)
     try:
@@ -188,7 +298,9 @@ def test_full_queue_answers_out_of_resources_and_keeps_nothing_half_written(tmp_
         node.stop()
 
 
-def test_nearly_full_disk_turns_senders_away_before_they_send(tmp_path: Path, predictor: NodePredictor) -> None:
+def test_nearly_full_disk_turns_senders_away_before_they_send(
+    tmp_path: Path, predictor: NodePredictor
+) -> None:
     """A sender learns at association time (rejected, transient: temporary congestion) rather
     than after pushing a whole data set at a disk that cannot take it."""
     node = start_node(tmp_path, predictor, min_free_mb=2**40)  # more free space than any disk has
@@ -196,10 +308,20 @@ def test_nearly_full_disk_turns_senders_away_before_they_send(tmp_path: Path, pr
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
-        assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x02, 0x01)
-        assert node.spool.count() == 0 and node.metrics.value("associations_rejected_total", reason="disk-full") == 1
+        assert assoc.is_rejected and (
+            assoc.acceptor.primitive.result,
+            assoc.acceptor.primitive.diagnostic,
+        ) == (0x02, 0x01)
+        assert (
+            node.spool.count() == 0
+            and node.metrics.value("associations_rejected_total", reason="disk-full") == 1
+        )
         (line,) = [x for x in audit_lines(node) if x["event"] == "association"]
-        assert line["status"] == "rejected" and line["reason"] == "disk-full" and line["calling_ae"] == "TESTSCU"
+        assert (
+            line["status"] == "rejected"
+            and line["reason"] == "disk-full"
+            and line["calling_ae"] == "TESTSCU"
+        )
         assert node.health()["status"] == "degraded"
     finally:
         node.stop()

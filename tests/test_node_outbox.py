@@ -6,15 +6,20 @@ import copy
 import json
 import threading
 import time
-
-import pytest
 from pathlib import Path
 
+import pytest
 from node_support import chest_dataset, free_port, wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -29,9 +34,20 @@ class Peer:
     answers Study Root C-FIND at IMAGE level about what it stores."""
 
     def __init__(
-        self, status: int = 0x0000, queries: bool = False, lax: bool = False, syntaxes: tuple = (ExplicitVRLittleEndian, ImplicitVRLittleEndian), stall: bool = False
+        self,
+        status: int = 0x0000,
+        queries: bool = False,
+        lax: bool = False,
+        syntaxes: tuple = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+        stall: bool = False,
     ) -> None:
-        self.port, self.status, self.stored, self.server, self.queries = free_port(), status, [], None, queries
+        self.port, self.status, self.stored, self.server, self.queries = (
+            free_port(),
+            status,
+            [],
+            None,
+            queries,
+        )
         self.received: list[Dataset] = []
         # With ``stall``, each C-STORE waits until the test sets ``go``: the object is on the wire.
         self.go, self.on_wire = threading.Event(), threading.Event()
@@ -89,11 +105,18 @@ def result(index: int) -> Dataset:
 
 def sender(tmp_path: Path, peer: Peer, deliveries: list, **settings) -> DestinationSender:
     config = OutboxConfig(**{"initial_backoff_s": 0.2, "max_backoff_s": 0.8} | settings)
-    callback = lambda destination, uid, source, reason: deliveries.append((destination.port, uid, reason is None))  # noqa: E731
-    return DestinationSender(peer.destination, tmp_path / "outbox", "DPNODE", config, callback, timeout_s=5)
+
+    def callback(destination, uid, source, reason):
+        return deliveries.append((destination.port, uid, reason is None))
+
+    return DestinationSender(
+        peer.destination, tmp_path / "outbox", "DPNODE", config, callback, timeout_s=5
+    )
 
 
-def test_a_down_destination_never_delays_a_working_one_and_gets_everything_when_back(tmp_path: Path) -> None:
+def test_a_down_destination_never_delays_a_working_one_and_gets_everything_when_back(
+    tmp_path: Path,
+) -> None:
     good, down = Peer().start(), Peer()  # `down` is not listening yet
     deliveries: list = []
     senders = [sender(tmp_path, good, deliveries), sender(tmp_path, down, deliveries)]
@@ -108,9 +131,14 @@ def test_a_down_destination_never_delays_a_working_one_and_gets_everything_when_
         s.wake()
     try:
         wait_for(lambda: len(good.stored) == 5, 20, "the working destination")
-        wait_for(lambda: senders[1].stats.failed_associations >= 1, 10, "a failed attempt at the destination that is down")
+        wait_for(
+            lambda: senders[1].stats.failed_associations >= 1,
+            10,
+            "a failed attempt at the destination that is down",
+        )
         assert down.stored == [] and len(senders[1].pending()) == 5
-        down.start()  # it comes back: the backoff is capped, so delivery resumes within about a second
+        # it comes back: the backoff is capped, so delivery resumes within about a second
+        down.start()
         wait_for(lambda: len(down.stored) == 5, 20, "the destination that was down")
         assert sorted(down.stored) == sorted(uids) == sorted(good.stored)
         # The peer stores before its response reaches the sender, which then reports the delivery.
@@ -134,7 +162,9 @@ def test_objects_a_destination_keeps_refusing_go_to_dead_letters(tmp_path: Path)
         wait_for(lambda: deliveries, 20, "a dead letter")
         dead = sorted(p.name for p in s.dead.iterdir())
         assert len(refusing.stored) == 2 and deliveries[0][2] is False
-        assert [n for n in dead if n.endswith(".dcm")] and "0xA900" in next(s.dead.glob("*.why.txt")).read_text()
+        assert [n for n in dead if n.endswith(".dcm")] and "0xA900" in next(
+            s.dead.glob("*.why.txt")
+        ).read_text()
         assert s.pending() == []
     finally:
         s.stop()
@@ -146,7 +176,8 @@ def test_backoff_doubles_up_to_the_cap_between_attempts(tmp_path: Path) -> None:
     s = sender(tmp_path, down, [], initial_backoff_s=0.1, max_backoff_s=0.4)
     waits: list[float] = []
 
-    def pause(seconds: float) -> None:  # record the wait instead of sleeping it: no timing in the test
+    def pause(seconds: float) -> None:
+        # record the wait instead of sleeping it: no timing in the test
         waits.append(seconds)
         time.sleep(0.01)
 
@@ -158,10 +189,13 @@ def test_backoff_doubles_up_to_the_cap_between_attempts(tmp_path: Path) -> None:
     finally:
         s.stop()
     assert waits[:6] == [0.1, 0.2, 0.4, 0.4, 0.4, 0.4]
-    assert s.stats.failed_associations >= 6 and len(s.pending()) == 1  # nothing dropped while waiting
+    # nothing dropped while waiting
+    assert s.stats.failed_associations >= 6 and len(s.pending()) == 1
 
 
-def test_an_object_in_flight_at_a_crash_is_asked_about_before_it_is_sent_again(tmp_path: Path) -> None:
+def test_an_object_in_flight_at_a_crash_is_asked_about_before_it_is_sent_again(
+    tmp_path: Path,
+) -> None:
     """A kill -9 between the destination storing an object and the sender noting it leaves the
     object in doubt; a destination that answers C-FIND is asked, and gets nothing twice."""
     pacs = Peer(queries=True).start()
@@ -174,15 +208,24 @@ def test_an_object_in_flight_at_a_crash_is_asked_about_before_it_is_sent_again(t
     s.start()
     try:
         wait_for(lambda: len(deliveries) == 2, 20, "both objects accounted for")
-        assert pacs.stored.count(str(ds.SOPInstanceUID)) == 1 and pacs.stored.count(str(other.SOPInstanceUID)) == 1
+        assert (
+            pacs.stored.count(str(ds.SOPInstanceUID)) == 1
+            and pacs.stored.count(str(other.SOPInstanceUID)) == 1
+        )
         assert sorted(pacs.asked) == sorted([str(ds.SOPInstanceUID), str(other.SOPInstanceUID)])
-        assert all(ok for _, _, ok in deliveries) and s.pending() == [] and not list(s.ledger.glob("*.sending"))
+        assert (
+            all(ok for _, _, ok in deliveries)
+            and s.pending() == []
+            and not list(s.ledger.glob("*.sending"))
+        )
     finally:
         s.stop()
         pacs.stop()
 
 
-def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(tmp_path: Path) -> None:
+def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(
+    tmp_path: Path,
+) -> None:
     pacs = Peer().start()
     ds = result(0)
     pacs.stored.append(str(ds.SOPInstanceUID))
@@ -192,13 +235,16 @@ def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(tmp
     s.start()
     try:
         wait_for(lambda: deliveries, 20, "the delivery")
-        assert pacs.stored.count(str(ds.SOPInstanceUID)) == 2  # at least once, when the destination cannot say
+        # at least once, when the destination cannot say
+        assert pacs.stored.count(str(ds.SOPInstanceUID)) == 2
     finally:
         s.stop()
         pacs.stop()
 
 
-def test_a_pacs_that_answers_queries_with_other_objects_still_gets_the_object_in_doubt(tmp_path: Path) -> None:
+def test_a_pacs_that_answers_queries_with_other_objects_still_gets_the_object_in_doubt(
+    tmp_path: Path,
+) -> None:
     pacs = Peer(queries=True, lax=True).start()
     pacs.stored.append(str(generate_uid()))  # something else it holds
     ds = result(0)
@@ -208,13 +254,18 @@ def test_a_pacs_that_answers_queries_with_other_objects_still_gets_the_object_in
     s.start()
     try:
         wait_for(lambda: deliveries, 20, "the delivery")
-        assert pacs.asked == [str(ds.SOPInstanceUID)] and pacs.stored.count(str(ds.SOPInstanceUID)) == 1
+        assert (
+            pacs.asked == [str(ds.SOPInstanceUID)]
+            and pacs.stored.count(str(ds.SOPInstanceUID)) == 1
+        )
     finally:
         s.stop()
         pacs.stop()
 
 
-def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(tmp_path: Path) -> None:
+def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(
+    tmp_path: Path,
+) -> None:
     """Processed again after a crash: same content, nothing sent. Sent again with corrected
     patient data: another digest, so the corrected result goes out under the same UID."""
     pacs = Peer().start()
@@ -234,7 +285,9 @@ def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(
         pacs.stop()
 
 
-def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(tmp_path: Path, monkeypatch) -> None:
+def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(
+    tmp_path: Path, monkeypatch
+) -> None:
     import errno
 
     import pacs_node.delivery.outbox as outbox
@@ -259,10 +312,16 @@ def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(tmp_pa
 
 
 @pytest.mark.parametrize("takes_jpeg_ls", [True, False])
-def test_a_losslessly_compressed_overlay_reaches_destinations_with_and_without_the_syntax(tmp_path: Path, takes_jpeg_ls: bool) -> None:
+def test_a_losslessly_compressed_overlay_reaches_destinations_with_and_without_the_syntax(
+    tmp_path: Path, takes_jpeg_ls: bool
+) -> None:
     from pydicom.uid import JPEGLSLossless
 
-    syntaxes = (JPEGLSLossless, ExplicitVRLittleEndian) if takes_jpeg_ls else (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    syntaxes = (
+        (JPEGLSLossless, ExplicitVRLittleEndian)
+        if takes_jpeg_ls
+        else (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    )
     pacs = Peer(syntaxes=syntaxes).start()
     ds = result(0)
     ds.compress(JPEGLSLossless)
@@ -273,7 +332,9 @@ def test_a_losslessly_compressed_overlay_reaches_destinations_with_and_without_t
     try:
         wait_for(lambda: deliveries, 20, "the delivery")
         assert pacs.stored == [str(ds.SOPInstanceUID)] and all(ok for _, _, ok in deliveries)
-        assert pacs.received_syntaxes == [JPEGLSLossless if takes_jpeg_ls else ExplicitVRLittleEndian]
+        assert pacs.received_syntaxes == [
+            JPEGLSLossless if takes_jpeg_ls else ExplicitVRLittleEndian
+        ]
     finally:
         s.stop()
         pacs.stop()
@@ -290,21 +351,36 @@ def report(index: int, findings: int = 3) -> Dataset:
     items = []
     for number in range(findings):
         item = Dataset()
-        item.RelationshipType, item.ValueType, item.TextValue = "CONTAINS", "TEXT", f"finding {number}"
+        item.RelationshipType, item.ValueType, item.TextValue = (
+            "CONTAINS",
+            "TEXT",
+            f"finding {number}",
+        )
         items.append(item)
     ds.ContentSequence = Sequence(items)
     return ds
 
 
-def recording_sender(tmp_path: Path, peer: Peer, **settings) -> tuple[DestinationSender, list[tuple[str, str | None]]]:
+def recording_sender(
+    tmp_path: Path, peer: Peer, **settings
+) -> tuple[DestinationSender, list[tuple[str, str | None]]]:
     """A sender whose reports are kept as ``(sop_instance_uid, reason)``: reason None when delivered."""
     reports: list[tuple[str, str | None]] = []
     config = OutboxConfig(**{"initial_backoff_s": 0.2, "max_backoff_s": 0.8} | settings)
-    s = DestinationSender(peer.destination, tmp_path / "outbox", "DPNODE", config, lambda d, uid, source, reason: reports.append((uid, reason)), timeout_s=5)
+    s = DestinationSender(
+        peer.destination,
+        tmp_path / "outbox",
+        "DPNODE",
+        config,
+        lambda d, uid, source, reason: reports.append((uid, reason)),
+        timeout_s=5,
+    )
     return s, reports
 
 
-def test_a_result_corrected_while_the_first_is_on_the_wire_is_delivered_after_it(tmp_path: Path) -> None:
+def test_a_result_corrected_while_the_first_is_on_the_wire_is_delivered_after_it(
+    tmp_path: Path,
+) -> None:
     """The corrected result has the same SOP Instance UID and another content digest; the
     first's success must not count for it, nor remove it."""
     pacs = Peer(stall=True).start()
@@ -319,16 +395,21 @@ def test_a_result_corrected_while_the_first_is_on_the_wire_is_delivered_after_it
         assert s.put(corrected, "source", "digest-2") is not None
         pacs.go.set()
         wait_for(lambda: len(reports) == 2, 10, "the first result, then the corrected one")
-        assert pacs.stored == [str(first.SOPInstanceUID)] * 2 and [str(ds.PatientName) for ds in pacs.received] == ["Doe^Jane^Q", "Doe^Janet"]
+        assert pacs.stored == [str(first.SOPInstanceUID)] * 2 and [
+            str(ds.PatientName) for ds in pacs.received
+        ] == ["Doe^Jane^Q", "Doe^Janet"]
         assert reports == [(str(first.SOPInstanceUID), None)] * 2 and s.pending() == []
-        assert s.put(corrected, "source", "digest-2") is None  # the destination has the corrected one now
+        # the destination has the corrected one now
+        assert s.put(corrected, "source", "digest-2") is None
     finally:
         pacs.go.set()
         s.stop()
         pacs.stop()
 
 
-def test_identical_results_put_again_and_again_while_they_are_sent_reach_the_destination_once(tmp_path: Path) -> None:
+def test_identical_results_put_again_and_again_while_they_are_sent_reach_the_destination_once(
+    tmp_path: Path,
+) -> None:
     """An image sent 20 times in quick succession gives the same results 20 times; whatever the
     moment each arrives (before, during or after the delivery of the one before), the
     destination gets each result once."""
@@ -345,7 +426,8 @@ def test_identical_results_put_again_and_again_while_they_are_sent_reach_the_des
                     s.put(ds, f"source-{round_}", f"digest-{round_}")
                 s.wake()
         wait_for(lambda: s.pending() == [] and s.stats.busy_since is None, 30, "an empty outbox")
-        time.sleep(0.3)  # anything put back by a race would be picked up within the sender's idle second
+        # anything put back by a race would be picked up within the sender's idle second
+        time.sleep(0.3)
         wait_for(lambda: s.pending() == [], 5, "an empty outbox")
         expected = sorted(str(ds.SOPInstanceUID) for pair in rounds for ds in pair)
         assert sorted(pacs.stored) == expected, "a result reached the destination twice, or never"
@@ -354,7 +436,9 @@ def test_identical_results_put_again_and_again_while_they_are_sent_reach_the_des
         pacs.stop()
 
 
-def test_a_truncated_outbox_file_goes_to_dead_letters_and_the_results_behind_it_are_delivered(tmp_path: Path) -> None:
+def test_a_truncated_outbox_file_goes_to_dead_letters_and_the_results_behind_it_are_delivered(
+    tmp_path: Path,
+) -> None:
     pacs = Peer().start()
     s, reports = recording_sender(tmp_path, pacs)
     broken, behind = result(0), [result(1), report(2)]
@@ -362,10 +446,15 @@ def test_a_truncated_outbox_file_goes_to_dead_letters_and_the_results_behind_it_
     for ds in behind:
         s.put(ds, "source", "digest")
     data = path.read_bytes()
-    path.write_bytes(data[: data.index(b"DICM") + 200])  # the file meta and a few bytes: no SOP Class UID
+    # the file meta and a few bytes: no SOP Class UID
+    path.write_bytes(data[: data.index(b"DICM") + 200])
     s.start()
     try:
-        wait_for(lambda: len(reports) == 3, 10, "the two results delivered and the broken one accounted for")
+        wait_for(
+            lambda: len(reports) == 3,
+            10,
+            "the two results delivered and the broken one accounted for",
+        )
         assert sorted(pacs.stored) == sorted(str(ds.SOPInstanceUID) for ds in behind)
         assert (str(broken.SOPInstanceUID), "integrity") in reports and s.pending() == []
         assert next(s.dead.glob("*.why.txt")).read_text().startswith("integrity:")
@@ -394,13 +483,19 @@ def test_a_result_changed_after_hand_over_is_never_delivered(tmp_path: Path, dam
     s.start()
     try:
         wait_for(lambda: reports, 10, "the result accounted for")
-        assert reports == [(str(sr.SOPInstanceUID), "integrity")] and pacs.stored == [] and s.pending() == []
+        assert (
+            reports == [(str(sr.SOPInstanceUID), "integrity")]
+            and pacs.stored == []
+            and s.pending() == []
+        )
     finally:
         s.stop()
         pacs.stop()
 
 
-def test_the_destination_ends_with_the_newest_result_and_superseded_ones_are_never_sent(tmp_path: Path) -> None:
+def test_the_destination_ends_with_the_newest_result_and_superseded_ones_are_never_sent(
+    tmp_path: Path,
+) -> None:
     """On the wire: the first result. Then a correction, then the first content again: the
     correction, superseded before it was sent, never goes; the destination ends with the newest."""
     pacs = Peer(stall=True).start()
@@ -433,7 +528,9 @@ def test_results_in_the_outbox_layout_before_are_delivered_after_an_upgrade(tmp_
     pacs.stored.append(str(in_doubt.SOPInstanceUID))  # it arrived before the process died
     for ds in (waiting, in_doubt, cut):
         ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-        (folder / f"{ds.SOPInstanceUID}.json").write_text(json.dumps({"source": "source", "digest": "digest"}))
+        (folder / f"{ds.SOPInstanceUID}.json").write_text(
+            json.dumps({"source": "source", "digest": "digest"})
+        )
     (folder / ".delivered" / f"{in_doubt.SOPInstanceUID}.sending").touch()
     data = (folder / f"{cut.SOPInstanceUID}.dcm").read_bytes()
     (folder / f"{cut.SOPInstanceUID}.dcm").write_bytes(data[: data.index(b"DICM") + 300])
@@ -441,15 +538,29 @@ def test_results_in_the_outbox_layout_before_are_delivered_after_an_upgrade(tmp_
     s.start()
     try:
         wait_for(lambda: len(reports) == 3, 10, "every result accounted for")
-        assert sorted(reports) == sorted([(str(waiting.SOPInstanceUID), None), (str(in_doubt.SOPInstanceUID), None), (str(cut.SOPInstanceUID), "integrity")])
-        assert sorted(pacs.stored) == sorted([str(waiting.SOPInstanceUID), str(in_doubt.SOPInstanceUID)]) and pacs.asked == [str(in_doubt.SOPInstanceUID)]
-        assert s.pending() == [] and not list(s.ledger.glob("*.sending")) and s.put(waiting, "source", "digest") is None
+        assert sorted(reports) == sorted(
+            [
+                (str(waiting.SOPInstanceUID), None),
+                (str(in_doubt.SOPInstanceUID), None),
+                (str(cut.SOPInstanceUID), "integrity"),
+            ]
+        )
+        assert sorted(pacs.stored) == sorted(
+            [str(waiting.SOPInstanceUID), str(in_doubt.SOPInstanceUID)]
+        ) and pacs.asked == [str(in_doubt.SOPInstanceUID)]
+        assert (
+            s.pending() == []
+            and not list(s.ledger.glob("*.sending"))
+            and s.put(waiting, "source", "digest") is None
+        )
     finally:
         s.stop()
         pacs.stop()
 
 
-def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_audits_the_dead_letter(tmp_path: Path, predictor) -> None:
+def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_audits_the_dead_letter(
+    tmp_path: Path, predictor
+) -> None:
     """The whole node: its results wait for a destination that is down; the SR is cut short on
     disk meanwhile. When the destination is back, the overlay is delivered and the SR is a dead
     letter with an audit line (reason integrity), never sent."""
@@ -458,24 +569,42 @@ def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_au
     from pacs_node.results.identity import result_kind
 
     pacs = Peer()  # not listening yet
-    node = start_node(tmp_path, predictor, destinations=[f"PEER@127.0.0.1:{pacs.port}"], outbox={"initial_backoff_s": 0.2, "max_backoff_s": 0.5}, metrics_port=-1)
+    node = start_node(
+        tmp_path,
+        predictor,
+        destinations=[f"PEER@127.0.0.1:{pacs.port}"],
+        outbox={"initial_backoff_s": 0.2, "max_backoff_s": 0.5},
+        metrics_port=-1,
+    )
     try:
         assert send(node.port, [chest_dataset(seed=0)]) == [0]
         outbox = node.senders[0]
-        entries = wait_for(lambda: len(outbox.pending()) == 2 and outbox.pending(), 30, "the SR and the SC in the outbox")
+        entries = wait_for(
+            lambda: len(outbox.pending()) == 2 and outbox.pending(),
+            30,
+            "the SR and the SC in the outbox",
+        )
         kinds = {result_kind(dcmread(path)): path for path in entries}
         uids = {kind: str(dcmread(path).SOPInstanceUID) for kind, path in kinds.items()}
         data = kinds["SR"].read_bytes()
         kinds["SR"].write_bytes(data[: len(data) * 2 // 3])
         pacs.start()
-        lines = wait_for(lambda: len([line for line in audit_lines(node) if line["event"] == "delivery"]) == 2 and audit_lines(node), 20, "two delivery lines")
+        lines = wait_for(
+            lambda: (
+                len([line for line in audit_lines(node) if line["event"] == "delivery"]) == 2
+                and audit_lines(node)
+            ),
+            20,
+            "two delivery lines",
+        )
         deliveries = {line["status"]: line for line in lines if line["event"] == "delivery"}
-        assert deliveries["dead-letter"]["reason"] == "integrity" and deliveries["dead-letter"]["outputs"] == [uids["SR"]]
+        assert deliveries["dead-letter"]["reason"] == "integrity" and deliveries["dead-letter"][
+            "outputs"
+        ] == [uids["SR"]]
         assert pacs.stored == [uids["SC"]] and outbox.pending() == []
     finally:
         node.stop()
         pacs.stop()
-
 
 
 def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest() -> None:
@@ -483,16 +612,25 @@ def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest
     1e-8 apart. That is not a correction; a number the results state differently is."""
     import numpy as np
 
-    from pacs_node.pipeline import _content_digest
-    from pacs_node.model.prediction import Prediction
     from pacs_node.intake.sanitize import clean_source
+    from pacs_node.model.prediction import Prediction
+    from pacs_node.pipeline import _content_digest
 
     source = clean_source(chest_dataset()).dataset
 
     def saying(pneumonia: float) -> Prediction:
         probabilities = np.array([1 - pneumonia, pneumonia], dtype=np.float32)
-        return Prediction(("normal", "pneumonia"), probabilities, "normal", 0.5, np.zeros((4, 4)), np.zeros((0, 4)))
+        return Prediction(
+            ("normal", "pneumonia"),
+            probabilities,
+            "normal",
+            0.5,
+            np.zeros((4, 4)),
+            np.zeros((0, 4)),
+        )
 
-    alone, batched = saying(0.0181415 - 3e-8), saying(0.0181415 + 3e-8)  # across a rounding boundary at six decimals
+    # across a rounding boundary at six decimals
+    alone, batched = saying(0.0181415 - 3e-8), saying(0.0181415 + 3e-8)
     assert _content_digest(source, alone) == _content_digest(source, batched)
-    assert _content_digest(source, saying(0.0182)) != _content_digest(source, alone)  # the SR would say 1.82 %, not 1.81 %
+    # the SR would say 1.82 %, not 1.81 %
+    assert _content_digest(source, saying(0.0182)) != _content_digest(source, alone)

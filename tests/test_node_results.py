@@ -13,11 +13,11 @@ from pydicom.dataset import Dataset
 
 from dp_model.contract import ModelContract
 from pacs_node import codes
+from pacs_node.intake.screen import SkipReason, screen
+from pacs_node.model.predictor import NodePredictor, Prediction, prepare, regions
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity
 from pacs_node.results.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
-from pacs_node.model.predictor import NodePredictor, Prediction, prepare, regions
 from pacs_node.results.report import build_report
-from pacs_node.intake.screen import SkipReason, screen
 
 CLASSES = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")
 
@@ -27,14 +27,31 @@ def rg1(rg1_path: Path) -> Dataset:
     return dcmread(rg1_path)
 
 
-def positive(heatmap: np.ndarray | None = None, boxes=((300, 400, 900, 1200),), scores=(0.83,)) -> Prediction:
+def positive(
+    heatmap: np.ndarray | None = None, boxes=((300, 400, 900, 1200),), scores=(0.83,)
+) -> Prediction:
     """A confident lobar pneumonia with one region, independent of the demo model's weights."""
     heat = np.zeros((7, 7), np.float32) if heatmap is None else heatmap
-    return Prediction(CLASSES, np.array([0.1, 0.6, 0.1, 0.1, 0.1]), "normal", 0.5, heat, np.asarray(boxes, np.float32).reshape(-1, 4), box_scores=scores[: len(boxes)])
+    return Prediction(
+        CLASSES,
+        np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
+        "normal",
+        0.5,
+        heat,
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        box_scores=scores[: len(boxes)],
+    )
 
 
 def negative() -> Prediction:
-    return Prediction(CLASSES, np.array([0.8, 0.05, 0.05, 0.05, 0.05]), "normal", 0.5, np.zeros((7, 7), np.float32), np.zeros((0, 4), np.float32))
+    return Prediction(
+        CLASSES,
+        np.array([0.8, 0.05, 0.05, 0.05, 0.05]),
+        "normal",
+        0.5,
+        np.zeros((7, 7), np.float32),
+        np.zeros((0, 4), np.float32),
+    )
 
 
 # --- screening -------------------------------------------------------------------------------------
@@ -55,7 +72,9 @@ def negative() -> Prediction:
         ({"Rows": 100, "Columns": 100}, SkipReason.GEOMETRY),
     ],
 )
-def test_screen_passes_frontal_chest_and_names_the_reason_otherwise(attributes: dict, reason: SkipReason | None) -> None:
+def test_screen_passes_frontal_chest_and_names_the_reason_otherwise(
+    attributes: dict, reason: SkipReason | None
+) -> None:
     ds = chest_dataset()
     for key, value in attributes.items():
         setattr(ds, key, value)
@@ -69,7 +88,10 @@ def test_real_extremity_is_screened_out_and_real_chest_is_not(rg1: Dataset) -> N
     from helpers import data_file
 
     assert screen(rg1) is None
-    assert screen(dcmread(data_file("RG3_UNCR.dcm"), stop_before_pixels=True))[0] == SkipReason.BODY_PART
+    assert (
+        screen(dcmread(data_file("RG3_UNCR.dcm"), stop_before_pixels=True))[0]
+        == SkipReason.BODY_PART
+    )
 
 
 # --- prediction --------------------------------------------------------------------------------------
@@ -77,8 +99,15 @@ def test_real_extremity_is_screened_out_and_real_chest_is_not(rg1: Dataset) -> N
 
 def test_decision_follows_the_operating_point() -> None:
     probabilities = np.array([0.55, 0.05, 0.3, 0.05, 0.05])
-    at = {op: Prediction(CLASSES, probabilities, "normal", op, np.zeros((2, 2)), np.zeros((0, 4))) for op in (0.4, 0.5)}
-    assert at[0.4].positive and at[0.4].label == "bronchopneumonia" and at[0.4].label_probability == pytest.approx(0.3)
+    at = {
+        op: Prediction(CLASSES, probabilities, "normal", op, np.zeros((2, 2)), np.zeros((0, 4)))
+        for op in (0.4, 0.5)
+    }
+    assert (
+        at[0.4].positive
+        and at[0.4].label == "bronchopneumonia"
+        and at[0.4].label_probability == pytest.approx(0.3)
+    )
     assert not at[0.5].positive and at[0.5].label == "normal"
     assert at[0.5].pneumonia_probability == pytest.approx(0.45)
 
@@ -86,27 +115,54 @@ def test_decision_follows_the_operating_point() -> None:
 FINDINGS = CLASSES[1:]
 
 
-def multi_label(probabilities=(0.8, 0.2, 0.6, 0.1), boxes=((300, 400, 900, 1200), (1000, 300, 1500, 900)), box_labels=("lobar", "interstitial")) -> Prediction:
+def multi_label(
+    probabilities=(0.8, 0.2, 0.6, 0.1),
+    boxes=((300, 400, 900, 1200), (1000, 300, 1500, 900)),
+    box_labels=("lobar", "interstitial"),
+) -> Prediction:
     """A multi-label model's answer: lobar and interstitial present, each with a region."""
     heat, boxes = np.zeros((7, 7), np.float32), np.asarray(boxes, np.float32).reshape(-1, 4)
-    return Prediction(FINDINGS, np.array(probabilities), "normal", 0.5, heat, boxes, True, box_labels, box_scores=(0.71, 0.64)[: len(boxes)])
+    return Prediction(
+        FINDINGS,
+        np.array(probabilities),
+        "normal",
+        0.5,
+        heat,
+        boxes,
+        True,
+        box_labels,
+        box_scores=(0.71, 0.64)[: len(boxes)],
+    )
 
 
 def test_multi_label_findings_are_decided_one_by_one() -> None:
     prediction = multi_label()
-    assert prediction.positive and prediction.pneumonia_probability == pytest.approx(0.8) and prediction.label == "lobar"
+    assert (
+        prediction.positive
+        and prediction.pneumonia_probability == pytest.approx(0.8)
+        and prediction.label == "lobar"
+    )
     assert [prediction.present(c) for c in FINDINGS] == [True, False, True, False]
-    assert prediction.findings == [("lobar", pytest.approx(0.8)), ("interstitial", pytest.approx(0.6))]
+    assert prediction.findings == [
+        ("lobar", pytest.approx(0.8)),
+        ("interstitial", pytest.approx(0.6)),
+    ]
     assert prediction.probability("normal") == pytest.approx(0.2)
     quiet = multi_label((0.3, 0.4, 0.1, 0.2), boxes=(), box_labels=())
     assert not quiet.positive and quiet.label == "normal" and quiet.findings == []
 
 
 @pytest.mark.tools
-def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(
+    tmp_path: Path, predictor: NodePredictor, rg1: Dataset
+) -> None:
     contract = ModelContract(**{**predictor.contract.__dict__, "architecture": "cia_net"})
     assert contract.multi_label and contract.output_classes == FINDINGS
-    path = written(tmp_path, build_report(rg1, multi_label(), contract, ResultIdentity.of(rg1, contract)), "sr.dcm")
+    path = written(
+        tmp_path,
+        build_report(rg1, multi_label(), contract, ResultIdentity.of(rg1, contract)),
+        "sr.dcm",
+    )
     check = run_tool("dciodvfy", path, check=False)
     assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
     dump = run_tool("dsrdump", path).stdout
@@ -114,23 +170,34 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(tmp_
     absent = [line for line in dump.splitlines() if '(272519000,SCT,"Absent")' in line]
     # Image level: pneumonia, lobar and interstitial present; bronchopneumonia and cavitary absent.
     # Regions: one lobar, one interstitial, each with its own finding.
-    assert sum("Lobar pneumonia" in line for line in present) == 2 and sum("nterstitial" in line for line in present) == 2
+    assert (
+        sum("Lobar pneumonia" in line for line in present) == 2
+        and sum("nterstitial" in line for line in present) == 2
+    )
     assert len(absent) == 2 and dump.count("POLYLINE") == 3  # the whole image, and the two regions
     # Each region carries its own score, named after its finding; each finding its certainty and
     # the threshold it was decided at (a multi-label model decides each at the operating point).
-    assert 'NUM:(,,"Lobar pneumonia region score")="0.71"' in dump and 'NUM:(,,"Interstitial pneumonia region score")="0.64"' in dump
-    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + 1 + len(FINDINGS)  # the whole image, pneumonia, each finding
+    assert (
+        'NUM:(,,"Lobar pneumonia region score")="0.71"' in dump
+        and 'NUM:(,,"Interstitial pneumonia region score")="0.64"' in dump
+    )
+    # the whole image, pneumonia, each finding
+    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + 1 + len(FINDINGS)
 
 
 def test_multi_label_overlay_names_every_finding_and_labels_its_boxes() -> None:
-    rgb, _ = render(np.full((1600, 1600), 0.5, np.float32), multi_label(), demo=False, max_side=2048)
+    rgb, _ = render(
+        np.full((1600, 1600), 0.5, np.float32), multi_label(), demo=False, max_side=2048
+    )
     # Each box carries its finding's name, drawn inside its top-left corner in the box colour.
     band = rgb.shape[0] - 1600
     for x0, y0 in ((300, 400), (1000, 300)):
         label_area = rgb[band + y0 + 5 : band + y0 + 30, x0 + 5 : x0 + 120].reshape(-1, 3)
         assert (label_area == BOX_COLOUR).all(axis=1).sum() > 20
     assert verdict(multi_label()) == "Findings: Lobar pneumonia 80%, Interstitial pneumonia 60%"
-    assert verdict(multi_label((0.3, 0.4, 0.1, 0.2), boxes=(), box_labels=())).startswith("No pneumonia at the operating point - pneumonia probability 40%")
+    assert verdict(multi_label((0.3, 0.4, 0.1, 0.2), boxes=(), box_labels=())).startswith(
+        "No pneumonia at the operating point - pneumonia probability 40%"
+    )
 
 
 def test_regions_are_the_largest_blobs_in_map_pixels() -> None:
@@ -145,7 +212,9 @@ def test_regions_are_the_largest_blobs_in_map_pixels() -> None:
     assert regions(np.full((8, 8), 0.3, np.float32))[0].shape == (0, 4)
 
 
-def test_real_radiograph_gets_probabilities_and_a_heatmap_over_the_whole_image(predictor: NodePredictor, rg1: Dataset) -> None:
+def test_real_radiograph_gets_probabilities_and_a_heatmap_over_the_whole_image(
+    predictor: NodePredictor, rg1: Dataset
+) -> None:
     prepared = prepare(rg1, predictor.contract.image_size)
     (prediction,) = predictor.predict([prepared])
     assert prediction.probabilities.shape == (len(predictor.contract.classes),)
@@ -154,10 +223,16 @@ def test_real_radiograph_gets_probabilities_and_a_heatmap_over_the_whole_image(p
     # The canvas is letterboxed; the map keeps only the image's part, so its aspect is the source's.
     rows, columns = prediction.heatmap.shape
     assert abs(rows / columns - rg1.Rows / rg1.Columns) < 0.2
-    assert ((prediction.boxes[:, 2:] <= [rg1.Columns, rg1.Rows]).all()) if len(prediction.boxes) else True
+    assert (
+        ((prediction.boxes[:, 2:] <= [rg1.Columns, rg1.Rows]).all())
+        if len(prediction.boxes)
+        else True
+    )
 
 
-def test_a_batch_gives_the_same_answers_as_one_by_one(predictor: NodePredictor, rg1: Dataset) -> None:
+def test_a_batch_gives_the_same_answers_as_one_by_one(
+    predictor: NodePredictor, rg1: Dataset
+) -> None:
     images = [chest_dataset(seed=s) for s in range(3)] + [rg1]
     prepared = [prepare(ds, predictor.contract.image_size) for ds in images]
     batched = predictor.predict(prepared)
@@ -181,7 +256,9 @@ def errors_of(tool_output: str) -> list[str]:
 
 
 @pytest.mark.tools
-def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(
+    tmp_path: Path, predictor: NodePredictor, rg1: Dataset
+) -> None:
     contract = predictor.contract
     sr = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
     path = written(tmp_path, sr, "sr.dcm")
@@ -191,20 +268,42 @@ def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(tmp_path: Pa
     assert 'CODE:(,,"Pneumonia")=(52101004,SCT,"Present")' in dump
     assert 'NUM:(,,"Certainty of Finding")="90.0" (%,UCUM,"Percent")' in dump
     assert 'CODE:(,,"Lobar pneumonia")=(52101004,SCT,"Present")' in dump
-    assert 'contains CODE:(,,"Finding")=(278516003,SCT,"Lobar pneumonia")' in dump  # the region's finding
+    # the region's finding
+    assert 'contains CODE:(,,"Finding")=(278516003,SCT,"Lobar pneumonia")' in dump
     assert "SCOORD" in dump and "POLYLINE" in dump
-    assert "Preliminary Flag    : PRELIMINARY" in dump and "Verification Flag   : UNVERIFIED" in dump and "Completion Flag     : COMPLETE" in dump
+    assert (
+        "Preliminary Flag    : PRELIMINARY" in dump
+        and "Verification Flag   : UNVERIFIED" in dump
+        and "Completion Flag     : COMPLETE" in dump
+    )
 
 
-def test_report_round_trip_carries_study_model_identity_and_a_negative_result(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+def test_report_round_trip_carries_study_model_identity_and_a_negative_result(
+    tmp_path: Path, predictor: NodePredictor, rg1: Dataset
+) -> None:
     contract = predictor.contract
-    sr = dcmread(written(tmp_path, build_report(rg1, negative(), contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
+    sr = dcmread(
+        written(
+            tmp_path,
+            build_report(rg1, negative(), contract, ResultIdentity.of(rg1, contract)),
+            "sr.dcm",
+        )
+    )
     assert sr.StudyInstanceUID == rg1.StudyInstanceUID and sr.PatientID == rg1.PatientID
-    assert sr.SeriesInstanceUID != rg1.SeriesInstanceUID and "not for primary diagnosis" in sr.SeriesDescription
-    (ours,) = [item for item in sr.ContributingEquipmentSequence if item.Manufacturer == MANUFACTURER]
+    assert (
+        sr.SeriesInstanceUID != rg1.SeriesInstanceUID
+        and "not for primary diagnosis" in sr.SeriesDescription
+    )
+    (ours,) = [
+        item for item in sr.ContributingEquipmentSequence if item.Manufacturer == MANUFACTURER
+    ]
     assert ours.DeviceUID == contract.device_uid and ours.ManufacturerModelName == contract.name
-    (purpose,) = ours.PurposeOfReferenceCodeSequence  # IHE AI Results: the algorithm that made the content
-    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == (codes.PROCESSING_ALGORITHM.value, "99IHE")
+    # IHE AI Results: the algorithm that made the content
+    (purpose,) = ours.PurposeOfReferenceCodeSequence
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == (
+        codes.PROCESSING_ALGORITHM.value,
+        "99IHE",
+    )
     flat = str(sr.ContentSequence)
     assert contract.device_uid in flat
     assert "111047" not in flat  # "Probability of cancer" is the wrong concept for this score
@@ -227,64 +326,115 @@ def scoords(group: Dataset) -> list[Dataset]:
 
 
 def group_numbers(group: Dataset) -> dict[str, float]:
-    return {concept(item): float(item.MeasuredValueSequence[0].NumericValue) for item in group.ContentSequence if item.ValueType == "NUM"}
+    return {
+        concept(item): float(item.MeasuredValueSequence[0].NumericValue)
+        for item in group.ContentSequence
+        if item.ValueType == "NUM"
+    }
 
 
 def evaluations(sr: Dataset) -> dict[str, tuple[str, dict[str, float]]]:
     """The image-level classification: finding -> (value, {property: number})."""
     found = {}
     for item in containers(sr)["Qualitative Evaluations"].ContentSequence:
-        numbers = {concept(num): float(num.MeasuredValueSequence[0].NumericValue) for num in item.get("ContentSequence", []) if num.ValueType == "NUM"}
+        numbers = {
+            concept(num): float(num.MeasuredValueSequence[0].NumericValue)
+            for num in item.get("ContentSequence", [])
+            if num.ValueType == "NUM"
+        }
         found[concept(item)] = (item.ConceptCodeSequence[0].CodeMeaning, numbers)
     return found
 
 
-def test_report_is_what_a_viewer_draws_and_a_machine_reads(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+def test_report_is_what_a_viewer_draws_and_a_machine_reads(
+    tmp_path: Path, predictor: NodePredictor, rg1: Dataset
+) -> None:
     """What OHIF needs (docs/decisions.md): every measurement group has coordinates on the source
     image, its tracking UID is the group's first UIDREF, and its numbers name the finding; the
     image-level classification sits where viewers do not draw, each decision with its numbers."""
     contract = predictor.contract
-    sr = dcmread(written(tmp_path, build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: 2D coordinates, accepted widely
+    sr = dcmread(
+        written(
+            tmp_path,
+            build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract)),
+            "sr.dcm",
+        )
+    )
+    # Comprehensive SR: 2D coordinates, accepted widely
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
     groups = containers(sr)["Imaging Measurements"].ContentSequence
     assert len(groups) == 2  # the whole image's result, then the region
     for group in groups:
         items = group.ContentSequence
         (scoord,) = [item for item in items if item.ValueType == "SCOORD"]
-        assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
+        assert (
+            scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == rg1.SOPInstanceUID
+        )
         points = np.asarray(scoord.GraphicData, float).reshape(-1, 2)
         assert np.isfinite(points).all() and (points[0] == points[-1]).all()  # closed
-        assert [concept(item) for item in items if item.ValueType == "UIDREF"][0] == "Tracking Unique Identifier"
+        assert [concept(item) for item in items if item.ValueType == "UIDREF"][
+            0
+        ] == "Tracking Unique Identifier"
     image, region = (group_numbers(group) for group in groups)
     # What OHIF labels the image with: the finding's name, its certainty, the threshold.
     assert image == {"Pneumonia certainty (image)": 90.0, "Threshold Value": 50.0}
-    assert np.asarray(scoords(groups[0])[0].GraphicData).reshape(-1, 2).max(axis=0).tolist() == [rg1.Columns, rg1.Rows]
+    assert np.asarray(scoords(groups[0])[0].GraphicData).reshape(-1, 2).max(axis=0).tolist() == [
+        rg1.Columns,
+        rg1.Rows,
+    ]
     # The region's own score (the map's peak in it), not a copy of the class probability (60 %).
-    assert region == {"Lobar pneumonia region score": 0.83}  # a map peak, no units: not a probability
+    # a map peak, no units: not a probability
+    assert region == {"Lobar pneumonia region score": 0.83}
     found = evaluations(sr)
-    assert found["Pneumonia"] == ("Present", {"Certainty of Finding": 90.0, "Threshold Value": 50.0})
+    assert found["Pneumonia"] == (
+        "Present",
+        {"Certainty of Finding": 90.0, "Threshold Value": 50.0},
+    )
     assert found["Lobar pneumonia"] == ("Present", {"Certainty of Finding": 60.0})
     assert found["Bronchopneumonia"] == ("Absent", {"Certainty of Finding": 10.0})
     schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
     assert schemes == {codes.PRIVATE_SCHEME, codes.IHE_SCHEME}
 
 
-def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_image(tmp_path: Path, predictor: NodePredictor, rg1: Dataset) -> None:
+def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_image(
+    tmp_path: Path, predictor: NodePredictor, rg1: Dataset
+) -> None:
     contract = predictor.contract
-    below = Prediction(CLASSES, np.array([0.14, 0.8, 0.02, 0.02, 0.02]), "normal", 0.9, np.zeros((7, 7), np.float32), np.zeros((0, 4), np.float32))
-    sr = dcmread(written(tmp_path, build_report(rg1, below, contract, ResultIdentity.of(rg1, contract)), "sr.dcm"))
-    (image,) = containers(sr)["Imaging Measurements"].ContentSequence  # the whole image only: a viewer opens on it
+    below = Prediction(
+        CLASSES,
+        np.array([0.14, 0.8, 0.02, 0.02, 0.02]),
+        "normal",
+        0.9,
+        np.zeros((7, 7), np.float32),
+        np.zeros((0, 4), np.float32),
+    )
+    sr = dcmread(
+        written(
+            tmp_path, build_report(rg1, below, contract, ResultIdentity.of(rg1, contract)), "sr.dcm"
+        )
+    )
+    # the whole image only: a viewer opens on it
+    (image,) = containers(sr)["Imaging Measurements"].ContentSequence
     # 86 % is below the 90 % operating point: Absent, and the report says both numbers, to a viewer and to a machine.
     assert group_numbers(image) == {"Pneumonia certainty (image)": 86.0, "Threshold Value": 90.0}
-    assert evaluations(sr)["Pneumonia"] == ("Absent", {"Certainty of Finding": 86.0, "Threshold Value": 90.0})
+    assert evaluations(sr)["Pneumonia"] == (
+        "Absent",
+        {"Certainty of Finding": 86.0, "Threshold Value": 90.0},
+    )
 
 
-def test_result_uids_depend_only_on_source_and_weights(predictor: NodePredictor, rg1: Dataset) -> None:
+def test_result_uids_depend_only_on_source_and_weights(
+    predictor: NodePredictor, rg1: Dataset
+) -> None:
     contract = predictor.contract
     first = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
     again = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
-    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (
+        again.SOPInstanceUID,
+        again.SeriesInstanceUID,
+    )
     retrained = ModelContract(**{**contract.__dict__, "device_uid": "2.25.1234"})
     other = build_report(rg1, positive(), retrained, ResultIdentity.of(rg1, retrained))
     assert other.SOPInstanceUID != first.SOPInstanceUID
@@ -295,40 +445,67 @@ def test_result_uids_depend_only_on_source_and_weights(predictor: NodePredictor,
 def test_unknown_class_labels_get_a_private_code() -> None:
     assert codes.finding_code("lobar") == codes.CLASS_CODES["lobar"]
     private = codes.finding_code("cavitary")
-    assert private.scheme_designator == codes.PRIVATE_SCHEME and "pneumonia" in private.meaning.lower()
+    assert (
+        private.scheme_designator == codes.PRIVATE_SCHEME and "pneumonia" in private.meaning.lower()
+    )
 
 
 # --- the overlay ------------------------------------------------------------------------------------
 
 
 @pytest.mark.tools
-def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(tmp_path: Path, predictor: NodePredictor, rg1: Dataset, rg1_path: Path) -> None:
+def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(
+    tmp_path: Path, predictor: NodePredictor, rg1: Dataset, rg1_path: Path
+) -> None:
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)
     identity = ResultIdentity.of(rg1, contract)
-    sc = build_overlay(rg1, prepared.source.pixels, prepared.source.spacing, positive(), contract, identity, 2048)
+    sc = build_overlay(
+        rg1, prepared.source.pixels, prepared.source.spacing, positive(), contract, identity, 2048
+    )
     sr = build_report(rg1, positive(), contract, identity)
     sc_path, sr_path = written(tmp_path, sc, "sc.dcm"), written(tmp_path, sr, "sr.dcm")
     check = run_tool("dciodvfy", sc_path, check=False)
     assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
     consistent = run_tool("dcentvfy", rg1_path, sr_path, sc_path, check=False)
-    assert errors_of(consistent.stdout + consistent.stderr) == [], consistent.stdout + consistent.stderr
+    assert errors_of(consistent.stdout + consistent.stderr) == [], (
+        consistent.stdout + consistent.stderr
+    )
     back = dcmread(sc_path)
     assert back.BurnedInAnnotation == "YES" and back.StudyInstanceUID == rg1.StudyInstanceUID
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == rg1.SOPInstanceUID
-    assert back.SOPInstanceUID == identity.instance_uid("sc") and back.SeriesInstanceUID != sr.SeriesInstanceUID
-    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless: no viewer is shown lossy pixels
+    assert (
+        back.SOPInstanceUID == identity.instance_uid("sc")
+        and back.SeriesInstanceUID != sr.SeriesInstanceUID
+    )
+    # JPEG-LS lossless: no viewer is shown lossy pixels
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
     assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
-    assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows  # the band above the full image
+    # the band above the full image
+    assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows
 
 
-@pytest.mark.parametrize(("received", "asked", "written"), [("CR", "source", "CR"), ("DX", "source", "DX"), ("", "source", "OT"), ("CR", "OT", "OT")])
-def test_the_overlay_takes_the_radiographs_modality_unless_asked_for_ot(rg1: Dataset, predictor: NodePredictor, received: str, asked: str, written: str) -> None:
+@pytest.mark.parametrize(
+    ("received", "asked", "written"),
+    [("CR", "source", "CR"), ("DX", "source", "DX"), ("", "source", "OT"), ("CR", "OT", "OT")],
+)
+def test_the_overlay_takes_the_radiographs_modality_unless_asked_for_ot(
+    rg1: Dataset, predictor: NodePredictor, received: str, asked: str, written: str
+) -> None:
     """OHIF opens a cine player on OT series; routing rules that forward every CR would need OT."""
     source = rg1.copy()
     source.Modality = received
     pixels = np.full((64, 64), 0.5, np.float32)
-    sc = build_overlay(source, pixels, None, negative(), predictor.contract, ResultIdentity.of(rg1, predictor.contract), 256, asked)
+    sc = build_overlay(
+        source,
+        pixels,
+        None,
+        negative(),
+        predictor.contract,
+        ResultIdentity.of(rg1, predictor.contract),
+        256,
+        asked,
+    )
     assert sc.Modality == written and sc.ImageType == ["DERIVED", "SECONDARY"]
     assert screen(sc)[0] == SkipReason.AI_RESULT  # sent back to the node, it is never scored
 
@@ -337,7 +514,9 @@ def test_overlay_pixels_show_banner_box_and_heat() -> None:
     gray = np.full((600, 500), 0.5, np.float32)
     heat = np.zeros((60, 50), np.float32)
     heat[40:50, 5:15] = 1.0
-    rgb, scale = render(gray, positive(heat, boxes=((200, 300, 400, 500),)), demo=True, max_side=2048)
+    rgb, scale = render(
+        gray, positive(heat, boxes=((200, 300, 400, 500),)), demo=True, max_side=2048
+    )
     band = rgb.shape[0] - 600  # the banner's own band above the radiograph, which stays whole
     assert scale == 1.0 and rgb.shape[1:] == (500, 3) and 30 < band < 150
     assert (rgb[2:20, 400:].reshape(-1, 3) == 0).all()  # the black band behind the text
@@ -359,19 +538,37 @@ def test_on_a_narrow_film_every_line_of_the_band_is_wrapped_inside_it() -> None:
     heat = np.zeros((16, 16), np.float32)
     rgb, _ = render(gray, positive(heat, boxes=((40, 80, 64, 112),)), demo=True, max_side=2048)
     band = rgb.shape[0] - 256
-    margin = 6  # half the smallest font: the text starts this far from the left edge, and stops as far from the right
+    # half the smallest font: the text starts this far from the left edge, and stops as far from the
+    # right
+    margin = 6
     assert not rgb[:band, -margin:].any(), "text runs off the film's right edge"
-    assert band > 4 * 16, "the banner, the demonstration line and the verdict need more than three lines here"
-    assert (rgb[:band] == [255, 255, 0]).all(axis=-1).any() and (rgb[:band] == [255, 255, 255]).all(axis=-1).any()
+    assert band > 4 * 16, (
+        "the banner, the demonstration line and the verdict need more than three lines here"
+    )
+    assert (rgb[:band] == [255, 255, 0]).all(axis=-1).any() and (rgb[:band] == [255, 255, 255]).all(
+        axis=-1
+    ).any()
 
 
-def test_large_images_are_downscaled_with_their_spacing(predictor: NodePredictor, rg1: Dataset) -> None:
+def test_large_images_are_downscaled_with_their_spacing(
+    predictor: NodePredictor, rg1: Dataset
+) -> None:
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)
-    sc = build_overlay(rg1, prepared.source.pixels, (0.2, 0.2), negative(), contract, ResultIdentity.of(rg1, contract), 1024)
+    sc = build_overlay(
+        rg1,
+        prepared.source.pixels,
+        (0.2, 0.2),
+        negative(),
+        contract,
+        ResultIdentity.of(rg1, contract),
+        1024,
+    )
     radiograph_rows = round(rg1.Rows * 1024 / max(rg1.Rows, rg1.Columns))
-    assert max(radiograph_rows, sc.Columns) == 1024 and sc.Rows > radiograph_rows  # the band comes on top
-    assert not sc.pixel_array[: sc.Rows - radiograph_rows, -20:].any()  # and is black where no text is
+    # the band comes on top
+    assert max(radiograph_rows, sc.Columns) == 1024 and sc.Rows > radiograph_rows
+    # and is black where no text is
+    assert not sc.pixel_array[: sc.Rows - radiograph_rows, -20:].any()
     assert float(sc.PixelSpacing[1]) == pytest.approx(0.2 * rg1.Columns / sc.Columns, rel=0.01)
 
 
@@ -387,10 +584,28 @@ def test_metrics_render_in_the_prometheus_text_format() -> None:
     metrics.observe("inference_seconds", 0.75)
     metrics.gauge("queue_depth", lambda: {(): 2.0}, "instances waiting")
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
-    skipped = {s.labels["reason"]: s.value for s in families["dp_node_skipped"].samples if s.name == "dp_node_skipped_total"}
-    assert families["dp_node_skipped"].type == "counter" and skipped == {"body-part": 1.0, 'odd"name': 1.0}
-    inference = {s.name: s.value for s in families["dp_node_inference_seconds"].samples if not s.labels}
+    skipped = {
+        s.labels["reason"]: s.value
+        for s in families["dp_node_skipped"].samples
+        if s.name == "dp_node_skipped_total"
+    }
+    assert families["dp_node_skipped"].type == "counter" and skipped == {
+        "body-part": 1.0,
+        'odd"name': 1.0,
+    }
+    inference = {
+        s.name: s.value for s in families["dp_node_inference_seconds"].samples if not s.labels
+    }
     assert families["dp_node_inference_seconds"].type == "histogram"
-    assert inference["dp_node_inference_seconds_sum"] == 1.0 and inference["dp_node_inference_seconds_count"] == 2
-    assert families["dp_node_queue_depth"].type == "gauge" and families["dp_node_queue_depth"].samples[0].value == 2.0
-    assert metrics.value("skipped_total", reason="body-part") == 1 and metrics.value("inference_seconds_count") == 2
+    assert (
+        inference["dp_node_inference_seconds_sum"] == 1.0
+        and inference["dp_node_inference_seconds_count"] == 2
+    )
+    assert (
+        families["dp_node_queue_depth"].type == "gauge"
+        and families["dp_node_queue_depth"].samples[0].value == 2.0
+    )
+    assert (
+        metrics.value("skipped_total", reason="body-part") == 1
+        and metrics.value("inference_seconds_count") == 2
+    )

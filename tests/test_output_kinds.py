@@ -15,7 +15,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from node_support import StoreSCP, audit_lines, chest_dataset, final_lines, send, start_node, wait_for
+from node_support import (
+    StoreSCP,
+    audit_lines,
+    chest_dataset,
+    final_lines,
+    send,
+    start_node,
+    wait_for,
+)
 
 from pacs_node.delivery import registry as protocols
 from pacs_node.delivery.transport import STORED, Outcome, Status, Unreachable
@@ -34,11 +42,27 @@ class DiagnosticReportWriter:
     def build(self, context: ResultContext) -> Result:
         prediction, uid = context.prediction, context.identity.instance_uid(self.role)
         report = {
-            "resourceType": "DiagnosticReport", "id": uid, "status": "preliminary",
-            "imagingStudy": [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{context.source.StudyInstanceUID}"}}],
+            "resourceType": "DiagnosticReport",
+            "id": uid,
+            "status": "preliminary",
+            "imagingStudy": [
+                {
+                    "identifier": {
+                        "system": "urn:dicom:uid",
+                        "value": f"urn:oid:{context.source.StudyInstanceUID}",
+                    }
+                }
+            ],
             "conclusion": prediction.label if prediction.assessed else "not assessed",
-        }  # fmt: skip
-        return Result(kind=self.kind, label=self.label, uid=uid, data=json.dumps(report).encode(), media_type=FHIR, suffix=".fhir.json")
+        }
+        return Result(
+            kind=self.kind,
+            label=self.label,
+            uid=uid,
+            data=json.dumps(report).encode(),
+            media_type=FHIR,
+            suffix=".fhir.json",
+        )
 
 
 class FhirServer(http.server.ThreadingHTTPServer):
@@ -48,14 +72,16 @@ class FhirServer(http.server.ThreadingHTTPServer):
         self.received: list[tuple[str, str, dict]] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(handler) -> None:  # noqa: N805 - the server is `self` here
+            def do_POST(handler) -> None:  # the server is `self` here
                 body = handler.rfile.read(int(handler.headers["Content-Length"]))
-                self.received.append((handler.path, handler.headers["Content-Type"], json.loads(body)))
+                self.received.append(
+                    (handler.path, handler.headers["Content-Type"], json.loads(body))
+                )
                 handler.send_response(201)
                 handler.send_header("Content-Length", "0")
                 handler.end_headers()
 
-            def log_message(handler, *_args) -> None:  # noqa: N805
+            def log_message(handler, *_args) -> None:
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
@@ -79,9 +105,18 @@ class FhirLink:
         on_wire(group)
         outcomes = {}
         for path in group:
-            request = urllib.request.Request(f"{self.url}/DiagnosticReport", data=path.read_bytes(), headers={"Content-Type": FHIR}, method="POST")
+            request = urllib.request.Request(
+                f"{self.url}/DiagnosticReport",
+                data=path.read_bytes(),
+                headers={"Content-Type": FHIR},
+                method="POST",
+            )
             with urllib.request.urlopen(request, timeout=10) as answer:
-                outcomes[path] = STORED if answer.status == 201 else Outcome(Status.REFUSED, "http", f"HTTP {answer.status}")
+                outcomes[path] = (
+                    STORED
+                    if answer.status == 201
+                    else Outcome(Status.REFUSED, "http", f"HTTP {answer.status}")
+                )
         return outcomes
 
     def has(self, path: Path) -> bool:
@@ -105,13 +140,21 @@ class FhirTransport:
 def fhir_kind():
     """The toy kind and its protocol, registered for one test and removed after it."""
     writers.register(DiagnosticReportWriter())
-    protocols.register(protocols.Protocol(name="fhir-rest", media_types=frozenset({FHIR}), open=lambda d, ae, config, tls, timeout: FhirTransport(str(d))))
+    protocols.register(
+        protocols.Protocol(
+            name="fhir-rest",
+            media_types=frozenset({FHIR}),
+            open=lambda d, ae, config, tls, timeout: FhirTransport(str(d)),
+        )
+    )
     yield
     writers.unregister("fhir")
     protocols.unregister("fhir-rest")
 
 
-def test_a_registered_kind_is_written_to_output_dir_beside_the_dicom_results(tmp_path: Path, predictor, fhir_kind) -> None:
+def test_a_registered_kind_is_written_to_output_dir_beside_the_dicom_results(
+    tmp_path: Path, predictor, fhir_kind
+) -> None:
     node = start_node(tmp_path, predictor, outputs=("sr", "fhir"))
     try:
         ds = chest_dataset()
@@ -120,7 +163,10 @@ def test_a_registered_kind_is_written_to_output_dir_beside_the_dicom_results(tmp
         wait_for(lambda: len(list(folder.glob("*"))) == 2, 60, "the SR and the FHIR report")
         (report_file,) = folder.glob("FHIR.*.fhir.json")
         report = json.loads(report_file.read_text())
-        assert report["resourceType"] == "DiagnosticReport" and report_file.name == f"FHIR.{report['id']}.fhir.json"
+        assert (
+            report["resourceType"] == "DiagnosticReport"
+            and report_file.name == f"FHIR.{report['id']}.fhir.json"
+        )
         assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{ds.StudyInstanceUID}"
         (line,) = final_lines(node, "processed")
         assert report["id"] in line["outputs"] and len(line["outputs"]) == 2
@@ -128,20 +174,49 @@ def test_a_registered_kind_is_written_to_output_dir_beside_the_dicom_results(tmp
         node.stop()
 
 
-def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and_no_other(tmp_path: Path, predictor, fhir_kind) -> None:
+def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and_no_other(
+    tmp_path: Path, predictor, fhir_kind
+) -> None:
     server = FhirServer()
-    fhir_destination = {"url": f"http://127.0.0.1:{server.server_address[1]}/fhir", "protocol": "fhir-rest", "outputs": ["fhir"]}
+    fhir_destination = {
+        "url": f"http://127.0.0.1:{server.server_address[1]}/fhir",
+        "protocol": "fhir-rest",
+        "outputs": ["fhir"],
+    }
     with StoreSCP(tmp_path / "pacs") as pacs:
-        node = start_node(tmp_path, predictor, outputs=("sr", "fhir"), destinations=[pacs.destination, fhir_destination])
+        node = start_node(
+            tmp_path,
+            predictor,
+            outputs=("sr", "fhir"),
+            destinations=[pacs.destination, fhir_destination],
+        )
         try:
             ds = chest_dataset()
             assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
-            wait_for(lambda: server.received and pacs.received(), 60, "the FHIR report and the SR at their destinations")
-            wait_for(lambda: len([line for line in audit_lines(node) if line["status"] == "delivered"]) == 2, 30, "two deliveries")
+            wait_for(
+                lambda: server.received and pacs.received(),
+                60,
+                "the FHIR report and the SR at their destinations",
+            )
+            wait_for(
+                lambda: (
+                    len([line for line in audit_lines(node) if line["status"] == "delivered"]) == 2
+                ),
+                30,
+                "two deliveries",
+            )
             ((path, media_type, report),) = server.received
-            assert path == "/fhir/DiagnosticReport" and media_type == FHIR and report["resourceType"] == "DiagnosticReport"
-            assert [str(d.Modality) for d in pacs.received()] == ["SR"], "the C-STORE destination gets the DICOM kinds only"
-            assert not any(p.is_file() for p in (tmp_path / "outbox").rglob("*") if ".delivered" not in p.parts), "both outboxes emptied"
+            assert (
+                path == "/fhir/DiagnosticReport"
+                and media_type == FHIR
+                and report["resourceType"] == "DiagnosticReport"
+            )
+            assert [str(d.Modality) for d in pacs.received()] == ["SR"], (
+                "the C-STORE destination gets the DICOM kinds only"
+            )
+            assert not any(
+                p.is_file() for p in (tmp_path / "outbox").rglob("*") if ".delivered" not in p.parts
+            ), "both outboxes emptied"
         finally:
             node.stop()
         server.shutdown()
@@ -150,13 +225,27 @@ def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"outputs": ("sr", "fhir")}, "outputs must be one or more of sr, sc, gsps, each once, got ['sr', 'fhir']"),
-        ({"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "fhir-rest"}]}, "protocol of http://127.0.0.1:9/x must be one of dimse, stow-rs, got 'fhir-rest'"),
-        ({"destinations": [{"url": "http://127.0.0.1:9/x", "outputs": ["gsps"]}]}, "destinations[0].outputs lists gsps, which outputs does not write (sr, sc)"),
-        ({"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "dimse"}]}, "protocol of http://127.0.0.1:9/x: dimse sends to an AE title at a host and port, not to a web address"),
+        (
+            {"outputs": ("sr", "fhir")},
+            "outputs must be one or more of sr, sc, gsps, each once, got ['sr', 'fhir']",
+        ),
+        (
+            {"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "fhir-rest"}]},
+            "protocol of http://127.0.0.1:9/x must be one of dimse, stow-rs, got 'fhir-rest'",
+        ),
+        (
+            {"destinations": [{"url": "http://127.0.0.1:9/x", "outputs": ["gsps"]}]},
+            "destinations[0].outputs lists gsps, which outputs does not write (sr, sc)",
+        ),
+        (
+            {"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "dimse"}]},
+            "protocol of http://127.0.0.1:9/x: dimse sends to an AE title at a host and port, not to a web address",
+        ),
     ],
 )
-def test_a_kind_or_protocol_the_node_does_not_have_is_a_configuration_error(tmp_path: Path, predictor, settings, message) -> None:
+def test_a_kind_or_protocol_the_node_does_not_have_is_a_configuration_error(
+    tmp_path: Path, predictor, settings, message
+) -> None:
     from node_support import node_config
 
     from pacs_node.node import Node
@@ -179,12 +268,33 @@ def test_a_dicom_object_put_as_it_is_carries_its_writers_kind() -> None:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     result = dicom_result(ds)
-    assert (result.kind, result.label, result.uid, result.file_name) == ("gsps", "PR", "2.25.7", "PR.2.25.7.dcm")
+    assert (result.kind, result.label, result.uid, result.file_name) == (
+        "gsps",
+        "PR",
+        "2.25.7",
+        "PR.2.25.7.dcm",
+    )
 
 
-@pytest.mark.parametrize(("uid", "suffix"), [("../../etc/passwd", ".dcm"), ("1.2_3", ".dcm"), ("", ".dcm"), ("1.2.3", ".x/../../y"), ("1.2.3", ".json"), ("1.2.3", ".a_b"), ("1.2.3", "dcm")])
-def test_a_result_whose_uid_or_suffix_could_name_another_path_is_refused(uid: str, suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("uid", "suffix"),
+    [
+        ("../../etc/passwd", ".dcm"),
+        ("1.2_3", ".dcm"),
+        ("", ".dcm"),
+        ("1.2.3", ".x/../../y"),
+        ("1.2.3", ".json"),
+        ("1.2.3", ".a_b"),
+        ("1.2.3", "dcm"),
+    ],
+)
+def test_a_result_whose_uid_or_suffix_could_name_another_path_is_refused(
+    uid: str, suffix: str
+) -> None:
     """A writer's uid and suffix become file names in the outbox and output_dir: only plain names."""
     with pytest.raises(ValueError, match="a result's"):
         Result(kind="fhir", label="FHIR", uid=uid, data=b"{}", suffix=suffix)
-    assert Result(kind="fhir", label="FHIR", uid="2.25.7", data=b"{}", suffix=".fhir.json").file_name == "FHIR.2.25.7.fhir.json"
+    assert (
+        Result(kind="fhir", label="FHIR", uid="2.25.7", data=b"{}", suffix=".fhir.json").file_name
+        == "FHIR.2.25.7.fhir.json"
+    )

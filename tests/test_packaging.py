@@ -18,7 +18,9 @@ def test_console_scripts_exist() -> None:
         assert callable(scripts[name].load())
 
 
-def test_node_without_a_bundle_says_how_to_get_one_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_node_without_a_bundle_says_how_to_get_one_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # no runs/demo/bundle here
     main = next(ep for ep in entry_points(group="console_scripts") if ep.name == "dp-node").load()
     assert main(["--metrics-port", "-1"]) == 2
@@ -36,7 +38,10 @@ def test_available_commands_explain_themselves(name: str, capsys: pytest.Capture
 
 
 def test_torch_and_torchvision_are_pinned_exactly() -> None:
-    pins = {re.split(r"[=<>!~ ;\[]", r, maxsplit=1)[0].lower(): r for r in requires("deep-pneumonia") or []}
+    pins = {
+        re.split(r"[=<>!~ ;\[]", r, maxsplit=1)[0].lower(): r
+        for r in requires("deep-pneumonia") or []
+    }
     assert pins["torch"].replace(" ", "") == "torch==2.14.1"
     assert pins["torchvision"].replace(" ", "") == "torchvision==0.29.1"
 
@@ -52,11 +57,15 @@ def test_the_transforms_folder_is_imported_as_dp_transforms_only() -> None:
         for line in path.read_text().splitlines():
             if re.match(r"\s*(import transforms\b|from transforms\b)", line):
                 offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
-    assert not offenders, "import dp_transforms instead (docs/decisions.md):\n" + "\n".join(offenders)
+    assert not offenders, "import dp_transforms instead (docs/decisions.md):\n" + "\n".join(
+        offenders
+    )
 
 
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text().splitlines()
-    first_block = readme[readme.index("```bash") + 1 : readme.index("```", readme.index("```bash") + 1)]
+    first_block = readme[
+        readme.index("```bash") + 1 : readme.index("```", readme.index("```bash") + 1)
+    ]
     assert [line.split("#")[0].strip() for line in first_block] == ["make run", "make test"]
     assert "exec make test" in (ROOT / ".ci" / "run").read_text()

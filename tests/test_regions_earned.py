@@ -52,7 +52,10 @@ def region_groups(sr: Dataset) -> int:
         if item.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
             continue
         for group in item.ContentSequence:
-            names = {child.ConceptNameCodeSequence[0].CodeMeaning: child for child in group.ContentSequence}
+            names = {
+                child.ConceptNameCodeSequence[0].CodeMeaning: child
+                for child in group.ContentSequence
+            }
             found += "whole image" not in names["Tracking Identifier"].TextValue
     return found
 
@@ -61,86 +64,154 @@ def comments(sr: Dataset) -> list[str]:
     """The Comment (DCM 121106) texts of the SR's Qualitative Evaluations."""
     for item in sr.ContentSequence:
         if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations":
-            return [c.TextValue for c in item.ContentSequence if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeValue == "121106"]
+            return [
+                c.TextValue
+                for c in item.ContentSequence
+                if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeValue == "121106"
+            ]
     return []
 
 
 def results_of(tmp_path: Path, bundle: Path, ds: Dataset, **settings) -> dict[str, Dataset]:
     """Run ``ds`` through a real node serving ``bundle``: its SR, SC and GSPS by kind."""
-    node = start_node(tmp_path, NodePredictor(bundle, "cpu"), outputs=("sr", "sc", "gsps"), **settings)
+    node = start_node(
+        tmp_path, NodePredictor(bundle, "cpu"), outputs=("sr", "sc", "gsps"), **settings
+    )
     try:
         assert send(node.port, [ds]) == [0]
         folder = tmp_path / "out" / ds.StudyInstanceUID
-        wait_for(lambda: folder.exists() and len(list(folder.glob("*.dcm"))) == 3, 60, "the SR, SC and GSPS")
+        wait_for(
+            lambda: folder.exists() and len(list(folder.glob("*.dcm"))) == 3,
+            60,
+            "the SR, SC and GSPS",
+        )
     finally:
         node.stop()
     return {path.name.split(".")[0]: dcmread(path) for path in folder.glob("*.dcm")}
 
 
-def test_a_bundle_whose_maps_do_not_beat_the_prior_draws_no_region_and_says_so(tmp_path: Path, demo_bundle: Path, positive_case: Dataset) -> None:
+def test_a_bundle_whose_maps_do_not_beat_the_prior_draws_no_region_and_says_so(
+    tmp_path: Path, demo_bundle: Path, positive_case: Dataset
+) -> None:
     bundle = bundle_with(demo_bundle, tmp_path / "bundle", localization=NOT_EARNED)
     found = results_of(tmp_path, bundle, positive_case)
     sr = found["SR"]
-    assert "Present" in str(sr.ContentSequence)  # a positive result: exactly where regions were drawn before
+    # a positive result: exactly where regions were drawn before
+    assert "Present" in str(sr.ContentSequence)
     assert region_groups(sr) == 0
     assert comments(sr) == [NOT_EARNED_TEXT]
-    check = run_tool("dciodvfy", tmp_path / "out" / positive_case.StudyInstanceUID / f"SR.{sr.SOPInstanceUID}.dcm", check=False)
-    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stdout
-    assert "GraphicObjectSequence" not in found["PR"].GraphicAnnotationSequence[0] and 0x60000010 not in found["PR"]
+    check = run_tool(
+        "dciodvfy",
+        tmp_path / "out" / positive_case.StudyInstanceUID / f"SR.{sr.SOPInstanceUID}.dcm",
+        check=False,
+    )
+    assert not [
+        line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+    ], check.stdout
+    assert (
+        "GraphicObjectSequence" not in found["PR"].GraphicAnnotationSequence[0]
+        and 0x60000010 not in found["PR"]
+    )
 
 
-def test_a_bundle_whose_maps_beat_the_prior_draws_its_regions(tmp_path: Path, demo_bundle: Path, positive_case: Dataset) -> None:
+def test_a_bundle_whose_maps_beat_the_prior_draws_its_regions(
+    tmp_path: Path, demo_bundle: Path, positive_case: Dataset
+) -> None:
     bundle = bundle_with(demo_bundle, tmp_path / "bundle", localization=EARNED)
     found = results_of(tmp_path, bundle, positive_case)
     assert region_groups(found["SR"]) >= 1 and not comments(found["SR"])
-    assert len(found["PR"].GraphicAnnotationSequence[0].GraphicObjectSequence) == region_groups(found["SR"])
+    assert len(found["PR"].GraphicAnnotationSequence[0].GraphicObjectSequence) == region_groups(
+        found["SR"]
+    )
 
 
-def test_an_old_bundle_draws_no_region_and_the_node_says_so_at_start(tmp_path: Path, demo_bundle: Path, positive_case: Dataset, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_old_bundle_draws_no_region_and_the_node_says_so_at_start(
+    tmp_path: Path, demo_bundle: Path, positive_case: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
     bundle = bundle_with(demo_bundle, tmp_path / "bundle", localization=None)
     with caplog.at_level(logging.INFO, logger="pacs_node.model.predictor"):
         predictor = NodePredictor(bundle, "cpu")
     assert any("localization: not measured" in record.getMessage() for record in caplog.records)
     (prediction,) = predictor.predict([prepare(positive_case, predictor.contract.image_size)])
-    assert prediction.positive and len(prediction.boxes) == 0 and "not measured" in prediction.regions_withheld
+    assert (
+        prediction.positive
+        and len(prediction.boxes) == 0
+        and "not measured" in prediction.regions_withheld
+    )
 
 
-def test_regions_are_never_drawn_on_a_negative_or_not_assessed_result(tmp_path: Path, demo_bundle: Path, positive_case: Dataset) -> None:
+def test_regions_are_never_drawn_on_a_negative_or_not_assessed_result(
+    tmp_path: Path, demo_bundle: Path, positive_case: Dataset
+) -> None:
     earned = bundle_with(demo_bundle, tmp_path / "earned", localization=EARNED)
     size = NodePredictor(earned, "cpu").contract.image_size
-    (negative,) = NodePredictor(earned, "cpu", operating_point=0.9999).predict([prepare(positive_case, size)])
-    assert not negative.positive and len(negative.boxes) == 0 and negative.heatmap.max() >= 0.5  # the map would have given regions
-    ood = json.loads((earned / "configs" / "metadata.json").read_text())["deep_pneumonia"]["ood"] | {"threshold": 0.001}
-    (outside,) = NodePredictor(bundle_with(demo_bundle, tmp_path / "outside", localization=EARNED, ood=ood), "cpu").predict([prepare(positive_case, size)])
+    (negative,) = NodePredictor(earned, "cpu", operating_point=0.9999).predict(
+        [prepare(positive_case, size)]
+    )
+    # the map would have given regions
+    assert not negative.positive and len(negative.boxes) == 0 and negative.heatmap.max() >= 0.5
+    ood = json.loads((earned / "configs" / "metadata.json").read_text())["deep_pneumonia"][
+        "ood"
+    ] | {"threshold": 0.001}
+    (outside,) = NodePredictor(
+        bundle_with(demo_bundle, tmp_path / "outside", localization=EARNED, ood=ood), "cpu"
+    ).predict([prepare(positive_case, size)])
     assert not outside.assessed and len(outside.boxes) == 0
 
 
 def test_the_overlay_of_a_positive_result_without_earned_regions_has_no_heat_and_says_why() -> None:
-    from pacs_node.results.overlay import render
     from pacs_node.model.prediction import Prediction
+    from pacs_node.results.overlay import render
 
     gray = np.tile(np.linspace(0.2, 0.8, 400, dtype=np.float32), (500, 1))
-    lobar = Prediction(("normal", "lobar"), np.array([0.1, 0.9]), "normal", 0.5, np.ones((7, 7), np.float32), np.zeros((0, 4), np.float32))
+    lobar = Prediction(
+        ("normal", "lobar"),
+        np.array([0.1, 0.9]),
+        "normal",
+        0.5,
+        np.ones((7, 7), np.float32),
+        np.zeros((0, 4), np.float32),
+    )
     shown, _ = render(gray, lobar, demo=False, max_side=512)
-    withheld, _ = render(gray, replace(lobar, regions_withheld=NOT_EARNED_TEXT), demo=False, max_side=512)
+    withheld, _ = render(
+        gray, replace(lobar, regions_withheld=NOT_EARNED_TEXT), demo=False, max_side=512
+    )
     band = withheld.shape[0] - gray.shape[0]
     assert band > shown.shape[0] - gray.shape[0]  # a line more in the band
     film = withheld[band:].astype(int)
-    assert (film[..., 0] == film[..., 1]).all() and (film[..., 1] == film[..., 2]).all()  # gray: no heat anywhere
-    assert not (shown[shown.shape[0] - gray.shape[0] :, ..., 0] == shown[shown.shape[0] - gray.shape[0] :, ..., 2]).all()  # the earned map tints it
+    # gray: no heat anywhere
+    assert (film[..., 0] == film[..., 1]).all() and (film[..., 1] == film[..., 2]).all()
+    # the earned map tints it
+    assert not (
+        shown[shown.shape[0] - gray.shape[0] :, ..., 0]
+        == shown[shown.shape[0] - gray.shape[0] :, ..., 2]
+    ).all()
 
 
-def test_a_contract_cannot_claim_regions_its_figures_do_not_earn(tmp_path: Path, demo_bundle: Path) -> None:
+def test_a_contract_cannot_claim_regions_its_figures_do_not_earn(
+    tmp_path: Path, demo_bundle: Path
+) -> None:
     from dp_model.bundle import BundleError
 
     for name, claim in {
         "below the prior": NOT_EARNED | {"shown": True},
-        "margin loosened": LOCALIZING | {"margin": 0.0, "validation": LOCALIZING["validation"] | {"iou>0.3": 0.35}},
+        "margin loosened": LOCALIZING
+        | {"margin": 0.0, "validation": LOCALIZING["validation"] | {"iou>0.3": 0.35}},
         "too few images to decide": LOCALIZING | {"difference_low": -0.01},
         "unknown source": LOCALIZING | {"source": "saliency"},
     }.items():
         with pytest.raises(BundleError, match="localization"):
-            NodePredictor(bundle_with(demo_bundle, tmp_path / name.replace(" ", "_"), localization=claim), "cpu")
+            NodePredictor(
+                bundle_with(demo_bundle, tmp_path / name.replace(" ", "_"), localization=claim),
+                "cpu",
+            )
     # A source the network does not offer: the demo network has map+ heads, no class maps.
     with pytest.raises(BundleError, match="not one this network offers"):
-        NodePredictor(bundle_with(demo_bundle, tmp_path / "class_maps", localization=LOCALIZING | {"source": "class_maps"}), "cpu")
+        NodePredictor(
+            bundle_with(
+                demo_bundle,
+                tmp_path / "class_maps",
+                localization=LOCALIZING | {"source": "class_maps"},
+            ),
+            "cpu",
+        )

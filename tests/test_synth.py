@@ -62,7 +62,10 @@ def test_lesions_stay_in_the_lungs_and_inside_their_boxes(kind: str) -> None:
             assert (layer * (lungs < 0.05)).sum() < 0.01 * max(layer.sum(), 1e-6)
             x0, y0, x1, y1 = opacity.box()
             rows, cols = opacity.window
-            inside = layer[int(y0) - rows.start : int(y1) - rows.start, int(x0) - cols.start : int(x1) - cols.start].sum()
+            inside = layer[
+                int(y0) - rows.start : int(y1) - rows.start,
+                int(x0) - cols.start : int(x1) - cols.start,
+            ].sum()
             assert inside >= 0.85 * layer.sum()
 
 
@@ -79,7 +82,9 @@ def lesion_stats(kind: str, n: int = 16) -> tuple[float, float]:
 
 
 def test_each_lesion_type_has_its_own_size_and_location() -> None:
-    lobar, broncho, interstitial, cavitary = (lesion_stats(k) for k in ("lobar", "bronchopneumonia", "interstitial", "cavitary"))
+    lobar, broncho, interstitial, cavitary = (
+        lesion_stats(k) for k in ("lobar", "bronchopneumonia", "interstitial", "cavitary")
+    )
     assert cavitary[0] < broncho[0] < lobar[0]  # small round cavities, clusters, whole lobes
     assert interstitial[0] > broncho[0]  # diffuse
     assert cavitary[1] < lobar[1] and cavitary[1] < broncho[1]  # cavities sit higher
@@ -98,10 +103,14 @@ def test_classes_are_long_tailed_with_normal_the_majority() -> None:
 
 
 def test_label_noise_and_distractor_controls() -> None:
-    clean = cases(replace(SMALL, size=64, difficulty=Difficulty(label_noise=0.0, distractor_rate=0.0)), 60)
+    clean = cases(
+        replace(SMALL, size=64, difficulty=Difficulty(label_noise=0.0, distractor_rate=0.0)), 60
+    )
     assert all(c.recorded_label == c.label for c in clean)
     assert all(c.info["distractors"] == 0 for c in clean)
-    noisy = cases(replace(SMALL, size=64, difficulty=Difficulty(label_noise=0.5, distractor_rate=4.0)), 60)
+    noisy = cases(
+        replace(SMALL, size=64, difficulty=Difficulty(label_noise=0.5, distractor_rate=4.0)), 60
+    )
     wrong = sum(c.recorded_label != c.label for c in noisy)
     assert 15 <= wrong <= 45
     assert np.mean([c.info["distractors"] for c in noisy]) > 2.5
@@ -116,7 +125,9 @@ def test_lesion_contrast_control_changes_what_is_drawn() -> None:
     index = next(i for i in range(50) if render_case(SMALL, i).label == "lobar")
     normal_like = render_case(faint, index)
     obvious = render_case(strong, index)
-    assert obvious.info["lesion_density"] == pytest.approx(1.5) and normal_like.info["lesion_density"] == pytest.approx(0.2)
+    assert obvious.info["lesion_density"] == pytest.approx(1.5) and normal_like.info[
+        "lesion_density"
+    ] == pytest.approx(0.2)
     x0, y0, x1, y1 = obvious.true_boxes[0].astype(int)
     assert obvious.pixels[y0:y1, x0:x1].mean() > normal_like.pixels[y0:y1, x0:x1].mean() + 0.03
 
@@ -146,25 +157,38 @@ VERSION_1_RSNA = "b210824ab662894a9bd4a17766083e0b2b7d147837918211de5465a59c37d8
 @pytest.mark.parametrize(("size", "index"), sorted(VERSION_1_CASES))
 def test_version_1_draws_the_published_cases_bit_for_bit(size: int, index: int) -> None:
     case = render_case(replace(SMALL, size=size, version=1), index)
-    digest = hashlib.sha256(case.pixels.tobytes() + case.boxes.tobytes() + case.true_boxes.tobytes() + case.recorded_label.encode())
+    digest = hashlib.sha256(
+        case.pixels.tobytes()
+        + case.boxes.tobytes()
+        + case.true_boxes.tobytes()
+        + case.recorded_label.encode()
+    )
     assert digest.hexdigest() == VERSION_1_CASES[size, index]
 
 
 def test_version_1_writes_the_published_rsna_dataset(tmp_path: Path) -> None:
-    generate(replace(SMALL, num_images=12, size=64, layout="rsna", version=1), tmp_path, progress=False)
+    generate(
+        replace(SMALL, num_images=12, size=64, layout="rsna", version=1), tmp_path, progress=False
+    )
     digest = hashlib.sha256()
     for path in sorted(tmp_path.rglob("*")):
         if path.suffix == ".csv":
             digest.update(path.name.encode() + path.read_bytes())
         elif path.suffix == ".dcm":
             ds = dcmread(path)
-            digest.update(path.name.encode() + ds.PixelData + f"{ds.PatientID}|{ds.PhotometricInterpretation}|{ds.SOPClassUID}".encode())
+            digest.update(
+                path.name.encode()
+                + ds.PixelData
+                + f"{ds.PatientID}|{ds.PhotometricInterpretation}|{ds.SOPClassUID}".encode()
+            )
     assert digest.hexdigest() == VERSION_1_RSNA
 
 
 def test_version_2_is_the_default_and_draws_other_images() -> None:
     assert SynthConfig().version == 2
-    assert not np.array_equal(render_case(SMALL, 0).pixels, render_case(replace(SMALL, version=1), 0).pixels)
+    assert not np.array_equal(
+        render_case(SMALL, 0).pixels, render_case(replace(SMALL, version=1), 0).pixels
+    )
 
 
 def test_output_does_not_depend_on_the_number_of_workers(tmp_path: Path) -> None:
@@ -174,7 +198,12 @@ def test_output_does_not_depend_on_the_number_of_workers(tmp_path: Path) -> None
     comparison = filecmp.dircmp(tmp_path / "one", tmp_path / "two")
     assert comparison.diff_files == ["synth_config.yaml"]  # it records the worker count
     assert not comparison.left_only and not comparison.right_only
-    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "one" / "images", tmp_path / "two" / "images", [p.name for p in (tmp_path / "one" / "images").iterdir()], shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(
+        tmp_path / "one" / "images",
+        tmp_path / "two" / "images",
+        [p.name for p in (tmp_path / "one" / "images").iterdir()],
+        shallow=False,
+    )
     assert not mismatch and not errors
 
 
@@ -188,7 +217,9 @@ def test_deep_pneumonia_layout_reads_back(tmp_path: Path) -> None:
     split = split_dataset(ds, 0.1)
     assert split.method == "patient"
     image = read_dicom(ds.records[0].image)
-    assert image.pixels.shape == (128, 128) and image.spacing == pytest.approx((430 / 128, 430 / 128), abs=1e-3)
+    assert image.pixels.shape == (128, 128) and image.spacing == pytest.approx(
+        (430 / 128, 430 / 128), abs=1e-3
+    )
     for r in ds:
         assert ((r.boxes >= 0) & (r.boxes <= 128)).all()
 
@@ -198,17 +229,28 @@ def test_rsna_layout_reads_back(tmp_path: Path) -> None:
     ds = read_dataset(tmp_path)
     assert ds.name == "rsna" and len(ds) == SMALL.num_images
     labels = Counter(r.labels[0] for r in ds)
-    assert labels["Lung Opacity"] > 0 and labels["Normal"] + labels["No Lung Opacity / Not Normal"] > 0
+    assert (
+        labels["Lung Opacity"] > 0 and labels["Normal"] + labels["No Lung Opacity / Not Normal"] > 0
+    )
     record = next(r for r in ds if r.labels == ("Lung Opacity",))
     assert len(record.boxes) > 0
     assert dcmread(record.image, stop_before_pixels=True).PatientID == record.patient_id
 
 
-def test_rsna_patients_own_several_images_and_not_normal_means_an_abnormality(tmp_path: Path) -> None:
+def test_rsna_patients_own_several_images_and_not_normal_means_an_abnormality(
+    tmp_path: Path,
+) -> None:
     """Version 2: the file's Patient ID groups a patient's images (which share anatomy), so
     a patient-level split keeps them together; "No Lung Opacity / Not Normal" is an image
     with a non-pneumonia abnormality, and distractors appear on "Normal" images too."""
-    config = replace(SMALL, num_images=60, size=64, layout="rsna", patients_per_image=0.5, difficulty=Difficulty(label_noise=0.0, distractor_rate=2.0))
+    config = replace(
+        SMALL,
+        num_images=60,
+        size=64,
+        layout="rsna",
+        patients_per_image=0.5,
+        difficulty=Difficulty(label_noise=0.0, distractor_rate=2.0),
+    )
     generate(config, tmp_path, progress=False)
     ds = read_dataset(tmp_path)
     truth = {row["image_id"]: row for row in csv.DictReader((tmp_path / "synth_truth.csv").open())}
@@ -219,7 +261,9 @@ def test_rsna_patients_own_several_images_and_not_normal_means_an_abnormality(tm
     assert not test_patients & {ds.records[i].patient_id for i in split.train}
     for r in ds:
         if r.labels[0] != "Lung Opacity":
-            assert (r.labels[0] == "No Lung Opacity / Not Normal") == bool(truth[r.image_id]["abnormalities"]), r.image_id
+            assert (r.labels[0] == "No Lung Opacity / Not Normal") == bool(
+                truth[r.image_id]["abnormalities"]
+            ), r.image_id
     normal = [r for r in ds if r.labels[0] == "Normal"]
     assert normal and any(int(truth[r.image_id]["distractors"]) > 0 for r in normal)
 
@@ -238,12 +282,19 @@ def test_the_window_follows_the_device_and_the_patient_not_the_lesion() -> None:
     """The same case drawn with a faint and with a dense lesion: far from the lesion the
     images agree to the bit in version 2; version 1 windowed each image on its own
     percentiles, so a lesion changed every pixel of the image."""
-    faint, dense = (Difficulty(lesion_contrast=c, contrast_spread=0.0, pathology_overlap=0.0) for c in (0.2, 1.5))
+    faint, dense = (
+        Difficulty(lesion_contrast=c, contrast_spread=0.0, pathology_overlap=0.0)
+        for c in (0.2, 1.5)
+    )
     config = replace(SMALL, size=256)
     index = next(i for i in range(60) if render_case(config, i).label == "lobar")
     for version, equal in ((2, True), (1, False)):
-        a, b = (render_case(replace(config, version=version, difficulty=d), index) for d in (faint, dense))
-        far = far_from(b.true_boxes, 256, 100)  # processing smooths over about a twelfth of the image
+        a, b = (
+            render_case(replace(config, version=version, difficulty=d), index)
+            for d in (faint, dense)
+        )
+        # processing smooths over about a twelfth of the image
+        far = far_from(b.true_boxes, 256, 100)
         assert far.sum() > 5000
         assert np.array_equal(a.pixels[far], b.pixels[far]) is equal, version
 
@@ -292,7 +343,14 @@ def focus_statistics(kind: str, n: int = 24) -> dict[str, np.ndarray]:
         out["area"].append((x1 - x0) * (y1 - y0) / s.frame.res**2)
         out["height"].append((y0 + y1) / 2 / s.frame.res)
         rows, cols = opacity.window
-        out["density"].append(float(opacity.layer[int(y0) - rows.start : int(y1) - rows.start, int(x0) - cols.start : int(x1) - cols.start].mean()))
+        out["density"].append(
+            float(
+                opacity.layer[
+                    int(y0) - rows.start : int(y1) - rows.start,
+                    int(x0) - cols.start : int(x1) - cols.start,
+                ].mean()
+            )
+        )
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -300,7 +358,10 @@ def test_version_2_pneumonia_types_share_size_zone_and_density() -> None:
     """No single statistic separates the types: for every pair of types, the middle halves
     of their box areas, heights and mean densities overlap (version 1's did not: cavities
     were small and high, lobar consolidations large, dense and low)."""
-    stats = {kind: focus_statistics(kind) for kind in ("lobar", "bronchopneumonia", "interstitial", "cavitary")}
+    stats = {
+        kind: focus_statistics(kind)
+        for kind in ("lobar", "bronchopneumonia", "interstitial", "cavitary")
+    }
     for key in ("area", "height", "density"):
         quartiles = {kind: np.percentile(values[key], [25, 75]) for kind, values in stats.items()}
         for a, (low_a, high_a) in quartiles.items():
@@ -342,7 +403,9 @@ def test_csv_layout_with_png_reads_back(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("monochrome1", [False, True])
 @pytest.mark.parametrize("dx", [False, True])
-def test_dicom_files_load_back_to_the_rendered_pixels(tmp_path: Path, monochrome1: bool, dx: bool) -> None:
+def test_dicom_files_load_back_to_the_rendered_pixels(
+    tmp_path: Path, monochrome1: bool, dx: bool
+) -> None:
     case = render_case(SMALL, 3)
     path = tmp_path / "x.dcm"
     build_dataset(case, 0, monochrome1, dx, "P1").save_as(path, enforce_file_format=True)
@@ -350,10 +413,14 @@ def test_dicom_files_load_back_to_the_rendered_pixels(tmp_path: Path, monochrome
 
 
 @pytest.mark.tools
-@pytest.mark.parametrize(("monochrome1", "dx"), [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(
+    ("monochrome1", "dx"), [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_dicom_files_pass_dciodvfy(tmp_path: Path, monochrome1: bool, dx: bool) -> None:
     path = tmp_path / "x.dcm"
-    build_dataset(render_case(SMALL, 5), 0, monochrome1, dx, "P1").save_as(path, enforce_file_format=True)
+    build_dataset(render_case(SMALL, 5), 0, monochrome1, dx, "P1").save_as(
+        path, enforce_file_format=True
+    )
     result = run_tool("dciodvfy", path, check=False)
     report = result.stdout + result.stderr
     assert ("DXImageForPresentation" if dx else "CRImage") in report
@@ -366,15 +433,37 @@ def test_dicom_files_pass_dciodvfy(tmp_path: Path, monochrome1: bool, dx: bool) 
 # --- command line and pictures --------------------------------------------------------------------
 
 
-def test_cli_writes_a_dataset_and_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert synth_main(["--out", str(tmp_path / "d"), "--num-images", "12", "--size", "64", "--workers", "1", "--quiet"]) == 0
+def test_cli_writes_a_dataset_and_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        synth_main(
+            [
+                "--out",
+                str(tmp_path / "d"),
+                "--num-images",
+                "12",
+                "--size",
+                "64",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "12 synthetic images" in capsys.readouterr().out
     assert synth_main(["--out", str(tmp_path / "d"), "--quiet"]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
     assert synth_main(["--out", str(tmp_path / "e"), "--label-noise", "0.9", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "label_noise must be in [0, 0.5], got 0.9" in err
-    assert synth_main(["--out", str(tmp_path / "f"), "--layout", "rsna", "--image-format", "png", "--quiet"]) == 2
+    assert (
+        synth_main(
+            ["--out", str(tmp_path / "f"), "--layout", "rsna", "--image-format", "png", "--quiet"]
+        )
+        == 2
+    )
     assert "rsna layout holds DICOM" in capsys.readouterr().err
 
 
@@ -391,7 +480,8 @@ def test_augmentation_picture_outlines_the_moved_mask(tmp_path: Path) -> None:
     pixels = np.asarray(image.convert("RGB"), np.int16)
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
     columns = np.flatnonzero(red.any(axis=0))
-    assert columns.size and columns.max() - columns.min() > image.size[0] * 0.6  # outlines in several panels
+    # outlines in several panels
+    assert columns.size and columns.max() - columns.min() > image.size[0] * 0.6
 
 
 def test_a_pacemaker_is_a_device_abnormality_with_a_lead_to_the_heart() -> None:
@@ -409,7 +499,8 @@ def test_a_pacemaker_is_a_device_abnormality_with_a_lead_to_the_heart() -> None:
         assert layer.max() > 0.5  # metal: denser than any lesion
         u, v = s.frame.grids
         can = layer > 0.5 * layer.max()
-        assert np.abs(u[can]).mean() > 0.3 and v[can].mean() < s.anatomy.heart[1] - 0.3  # under a clavicle, lateral
+        # under a clavicle, lateral
+        assert np.abs(u[can]).mean() > 0.3 and v[can].mean() < s.anatomy.heart[1] - 0.3
         cx, cy, rx, ry, _ = s.anatomy.heart
         over_heart = (np.hypot((u - cx) / rx, (v - cy) / ry) < 1.0) & (layer > 0.1)
         assert over_heart.any()

@@ -20,22 +20,45 @@ from dp_model.config import to_mapping
 from dp_model.datasets import read_dataset
 from dp_model.synth import Difficulty, SynthConfig, generate
 from dp_model.train_cli import main as train_main
-from dp_model.training.engine import epoch_line
-from dp_model.training.config import AugmentConfig, DataConfig, FinetuneConfig, LossConfig, MGACRConfig, PretrainConfig, RuntimeConfig, TrainConfig
+from dp_model.training.config import (
+    AugmentConfig,
+    DataConfig,
+    FinetuneConfig,
+    LossConfig,
+    MGACRConfig,
+    PretrainConfig,
+    RuntimeConfig,
+    TrainConfig,
+)
 from dp_model.training.data import load_split, make_splits
-from dp_model.training.engine import finetune, pretrain
+from dp_model.training.engine import epoch_line, finetune, pretrain
 from dp_model.training.objectives import build_classifier, classification_loss
-from dp_model.training.runtime import Runtime
 from dp_model.training.run import train
+from dp_model.training.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), amp=False, channels_last=False, compile=False)
-STILL = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotate_degrees=0.0, gamma=(1.0, 1.0), contrast=(1.0, 1.0), brightness=0.0, blur_prob=0.0, noise_prob=0.0)
+STILL = AugmentConfig(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    rotate_degrees=0.0,
+    gamma=(1.0, 1.0),
+    contrast=(1.0, 1.0),
+    brightness=0.0,
+    blur_prob=0.0,
+    noise_prob=0.0,
+)
 
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    config = SynthConfig(num_images=90, size=96, workers=1, class_weights=(1.0, 1.0, 1.0, 1.0, 1.0), difficulty=Difficulty(label_noise=0.0))
+    config = SynthConfig(
+        num_images=90,
+        size=96,
+        workers=1,
+        class_weights=(1.0, 1.0, 1.0, 1.0, 1.0),
+        difficulty=Difficulty(label_noise=0.0),
+    )
     generate(config, root, progress=False)
     return root
 
@@ -46,7 +69,9 @@ def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
         demo=True,
         data=DataConfig(root=str(dataset_dir), image_size=64, cache_dir=str(cache), workers=1),
         pretrain=PretrainConfig(epochs=1, batch_size=16),
-        finetune=FinetuneConfig(**({"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3} | finetune)),
+        finetune=FinetuneConfig(
+            **({"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3} | finetune)
+        ),
         runtime=RuntimeConfig(device="cpu", threads=2),
     )
 
@@ -55,7 +80,8 @@ def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
 def bundle(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle")
     config = tiny(dataset_dir, out.parent / "cache")
-    train(replace(config, data=replace(config.data, calibration_fraction=0.15)), out)  # 12 calibration images: enough for a gate
+    # 12 calibration images: enough for a gate
+    train(replace(config, data=replace(config.data, calibration_fraction=0.15)), out)
     return out
 
 
@@ -63,8 +89,18 @@ def bundle(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bundle_layout_and_offline_metadata_validation(bundle: Path) -> None:
-    for part in ("configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/train.json",
-                 "configs/multi_gpu_train.json", "configs/logging.conf", "models/model.pt", "models/model.ts", "docs/README.md", "LICENSE"):  # fmt: skip
+    for part in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/evaluate.json",
+        "configs/train.json",
+        "configs/multi_gpu_train.json",
+        "configs/logging.conf",
+        "models/model.pt",
+        "models/model.ts",
+        "docs/README.md",
+        "LICENSE",
+    ):
         assert (bundle / part).is_file(), part
     validate_metadata(bundle / "configs" / "metadata.json")
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
@@ -89,9 +125,23 @@ def test_weights_load_with_weights_only_and_no_wrapper_prefixes(bundle: Path) ->
 
 def test_monai_bundle_runner_runs_the_inference_config(bundle: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", str(bundle), "--output_dir", str(tmp_path)],
-        cwd=bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--bundle_root",
+            str(bundle),
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = (tmp_path / "predictions.csv").read_text().strip().splitlines()
     assert rows[0].startswith("image,prediction,normal") and len(rows) == 4
@@ -107,11 +157,26 @@ def test_the_bundle_train_config_reruns_the_training(bundle: Path, tmp_path: Pat
     before = torch.load(copy / "models" / "model.pt", weights_only=True)
     (copy / "models" / "model.pt").unlink()
     config = json.loads((copy / "configs" / "train.json").read_text())
-    assert config["train"]["trainer"]["_target_"].endswith("BundleTrainer") and "handlers" in config["train"]
+    assert (
+        config["train"]["trainer"]["_target_"].endswith("BundleTrainer")
+        and "handlers" in config["train"]
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", str(copy)],
-        cwd=copy, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/train.json",
+            "--bundle_root",
+            str(copy),
+        ],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     after = torch.load(copy / "models" / "model.pt", weights_only=True)
     assert set(after) == set(before)
@@ -126,38 +191,75 @@ def test_model_card_warns_and_reports(bundle: Path) -> None:
         assert (bundle / "docs" / picture).stat().st_size > 5000
 
 
-def test_the_card_measures_the_served_decision_on_test_and_its_saved_scores_recompute_it(bundle: Path) -> None:
+def test_the_card_measures_the_served_decision_on_test_and_its_saved_scores_recompute_it(
+    bundle: Path,
+) -> None:
     from dp_model.served import evaluate_scores_file
 
     _, contract = load_bundle(bundle)
     split = json.loads((bundle / "configs" / "split.json").read_text())
     sizes = contract.splits
-    assert sizes["calibrated_on"] == "calibration" and {k: sizes[k] for k in ("train", "calibration", "test")} == {k: len(split[k]) for k in ("train", "calibration", "test")}
-    assert contract.present_point.split == "calibration" and contract.present_point.lower_bound is not None
-    assert contract.ood.split == "calibration" and contract.ood.held_out == sizes["calibration"] and contract.ood.false_rejection > 0.01  # 12 images bound little
+    assert sizes["calibrated_on"] == "calibration" and {
+        k: sizes[k] for k in ("train", "calibration", "test")
+    } == {k: len(split[k]) for k in ("train", "calibration", "test")}
+    assert (
+        contract.present_point.split == "calibration"
+        and contract.present_point.lower_bound is not None
+    )
+    # 12 images bound little
+    assert (
+        contract.ood.split == "calibration"
+        and contract.ood.held_out == sizes["calibration"]
+        and contract.ood.false_rejection > 0.01
+    )
     card = (bundle / "docs" / "README.md").read_text()
     served = card[card.index("## The served decision on the test split") :]
-    assert "Clopper-Pearson" in served and "| present |" in served and "not assessed:" in served and "| number | chosen on | measured on |" in served
+    assert (
+        "Clopper-Pearson" in served
+        and "| present |" in served
+        and "not assessed:" in served
+        and "| number | chosen on | measured on |" in served
+    )
     assert f"calibration ({sizes['calibration']} images)" in served and "Brier" in served
-    assert "sensitivity (validation)" not in card  # the points' own figures are not passed off as validation, or as performance
+    # the points' own figures are not passed off as validation, or as performance
+    assert "sensitivity (validation)" not in card
     assert (bundle / "docs" / "served_reliability.png").stat().st_size > 5000
     with np.load(bundle / "docs" / "scores_test.npz", allow_pickle=False) as saved:
-        assert sorted(saved["ids"].tolist()) == sorted(split["test"]) and saved["probabilities"].shape == (len(split["test"]), len(contract.classes))
-        np.testing.assert_allclose(saved["pneumonia_probability"], contract.pneumonia_probability(saved["probabilities"]))
+        assert sorted(saved["ids"].tolist()) == sorted(split["test"]) and saved[
+            "probabilities"
+        ].shape == (len(split["test"]), len(contract.classes))
+        np.testing.assert_allclose(
+            saved["pneumonia_probability"], contract.pneumonia_probability(saved["probabilities"])
+        )
     for name in ("val", "calibration"):
         assert (bundle / "docs" / f"scores_{name}.npz").is_file()
-    recomputed = evaluate_scores_file(bundle / "docs" / "scores_test.npz", contract, bootstrap=1000, seed=0)
+    recomputed = evaluate_scores_file(
+        bundle / "docs" / "scores_test.npz", contract, bootstrap=1000, seed=0
+    )
     assert recomputed.to_json() == json.loads((bundle / "docs" / "served_test.json").read_text())
 
 
-def test_the_contract_carries_every_map_source_against_the_prior_and_the_card_shows_them(bundle: Path) -> None:
+def test_the_contract_carries_every_map_source_against_the_prior_and_the_card_shows_them(
+    bundle: Path,
+) -> None:
     _, contract = load_bundle(bundle)
     located = contract.localization
-    assert set(located.candidates) == {"map+:1", "map+:2", "map+:3", "map+:4", "grad_cam", "cam"} and located.source in located.candidates
-    assert set(located.prior_validation) == set(located.test) == {"iou>0.1", "iou>0.3", "iou>0.5", "pointing"}
-    assert located.images["validation"] > 0 and not contract.logit_adjustment  # offsets are class attention's alone
+    assert (
+        set(located.candidates) == {"map+:1", "map+:2", "map+:3", "map+:4", "grad_cam", "cam"}
+        and located.source in located.candidates
+    )
+    assert (
+        set(located.prior_validation)
+        == set(located.test)
+        == {"iou>0.1", "iou>0.3", "iou>0.5", "pointing"}
+    )
+    # offsets are class attention's alone
+    assert located.images["validation"] > 0 and not contract.logit_adjustment
     card = (bundle / "docs" / "README.md").read_text()
-    assert "## Lesion regions: measured against a fixed prior" in card and "prior (mean training box)" in card
+    assert (
+        "## Lesion regions: measured against a fixed prior" in card
+        and "prior (mean training box)" in card
+    )
 
 
 def test_every_checkpoint_carries_the_runs_configuration(dataset_dir: Path, tmp_path: Path) -> None:
@@ -172,63 +274,158 @@ def test_every_checkpoint_carries_the_runs_configuration(dataset_dir: Path, tmp_
     checkpoint = tmp_path / "last.pt"
     data = load_split(read_dataset(str(dataset_dir)), list(range(40)), config.data, "decode")
     pretrain(config.pretrain, data, CPU, 0, checkpoint, log=look, run_config=to_mapping(config))
-    finetune(config.finetune, data, None, list(read_dataset(str(dataset_dir)).classes), CPU, 0, checkpoint=checkpoint, log=look)
+    finetune(
+        config.finetune,
+        data,
+        None,
+        list(read_dataset(str(dataset_dir)).classes),
+        CPU,
+        0,
+        checkpoint=checkpoint,
+        log=look,
+    )
     assert [c["stage"] for c in seen] == ["pretrain", "finetune"]
-    assert seen[0]["config"]["name"] == "tiny" and seen[0]["config"]["finetune"]["epochs"] == 1  # the whole run's
-    assert seen[1]["config"]["epochs"] == 1 and "mgacr" in seen[1]["config"]  # the stage's, when no run is given
+    # the whole run's
+    assert seen[0]["config"]["name"] == "tiny" and seen[0]["config"]["finetune"]["epochs"] == 1
+    # the stage's, when no run is given
+    assert seen[1]["config"]["epochs"] == 1 and "mgacr" in seen[1]["config"]
 
 
-def test_evaluate_command_on_the_dataset(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--out", str(tmp_path)]) == 0
+def test_evaluate_command_on_the_dataset(
+    bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--bundle",
+                str(bundle),
+                "--data",
+                str(dataset_dir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "balanced accuracy" in capsys.readouterr().out
     assert (tmp_path / "metrics.md").exists()
 
 
-def test_evaluate_reports_the_served_decision_as_the_node_makes_it(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--split", "test", "--out", str(tmp_path)]) == 0
+def test_evaluate_reports_the_served_decision_as_the_node_makes_it(
+    bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--bundle",
+                str(bundle),
+                "--data",
+                str(dataset_dir),
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "balanced accuracy" in printed and "## Served decision" in printed and "| present |" in printed and "not assessed:" in printed
+    assert (
+        "balanced accuracy" in printed
+        and "## Served decision" in printed
+        and "| present |" in printed
+        and "not assessed:" in printed
+    )
     served = json.loads((tmp_path / "served.json").read_text())
     _, contract = load_bundle(bundle)
     card = json.loads((bundle / "docs" / "served_test.json").read_text())
-    assert served["thresholds"] == card["thresholds"] and served["all"]["images"] == card["all"]["images"] == contract.splits["test"]
-    assert served["all"]["positives"] == card["all"]["positives"] and served["all"]["present"]["sensitivity"]["low"] is not None
-    with np.load(tmp_path / "scores.npz") as files, np.load(bundle / "docs" / "scores_test.npz") as resident:
+    assert (
+        served["thresholds"] == card["thresholds"]
+        and served["all"]["images"] == card["all"]["images"] == contract.splits["test"]
+    )
+    assert (
+        served["all"]["positives"] == card["all"]["positives"]
+        and served["all"]["present"]["sensitivity"]["low"] is not None
+    )
+    with (
+        np.load(tmp_path / "scores.npz") as files,
+        np.load(bundle / "docs" / "scores_test.npz") as resident,
+    ):
         a, b = np.argsort(files["ids"]), np.argsort(resident["ids"])
         assert (files["ids"][a] == resident["ids"][b]).all()
         # The image files are read as floats, the card's copy was kept as 8-bit: the same model says nearly the same.
-        np.testing.assert_allclose(files["probabilities"][a], resident["probabilities"][b], atol=0.05)
+        np.testing.assert_allclose(
+            files["probabilities"][a], resident["probabilities"][b], atol=0.05
+        )
         assert (files["assessed"][a] == resident["assessed"][b]).mean() >= 0.8
     assert (tmp_path / "served_reliability.png").stat().st_size > 5000
 
 
-def test_evaluate_scores_the_bundles_own_test_split_only(bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_scores_the_bundles_own_test_split_only(
+    bundle: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     split = json.loads((bundle / "configs" / "split.json").read_text())
-    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(dataset_dir), "--layout", "auto", "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--bundle",
+                str(bundle),
+                "--data",
+                str(dataset_dir),
+                "--layout",
+                "auto",
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "test"),
+            ]
+        )
+        == 0
+    )
     table = (tmp_path / "test" / "metrics.md").read_text()
-    supports = [int(line.split("|")[2]) for line in table.splitlines() if line.startswith("| ") and line.split("|")[2].strip().isdigit()]
+    supports = [
+        int(line.split("|")[2])
+        for line in table.splitlines()
+        if line.startswith("| ") and line.split("|")[2].strip().isdigit()
+    ]
     assert sum(supports) == len(split["test"])  # the held-out images, not the whole dataset
     # Another dataset holds none of the bundle's images: one clear line, exit 2.
     other = tmp_path / "other"
     generate(SynthConfig(num_images=12, size=64, workers=1, seed=99), other, progress=False)
-    for table in ("labels.csv", "boxes.csv", "synth_truth.csv"):  # images of another site, named its own way
+    for table in ("labels.csv", "boxes.csv", "synth_truth.csv"):
+        # images of another site, named its own way
         (other / table).write_text((other / table).read_text().replace("syn", "site"))
     for image in (other / "images").iterdir():
         image.rename(image.with_name(image.name.replace("syn", "site")))
     capsys.readouterr()
-    assert train_main(["evaluate", "--bundle", str(bundle), "--data", str(other), "--split", "test"]) == 2
+    assert (
+        train_main(["evaluate", "--bundle", str(bundle), "--data", str(other), "--split", "test"])
+        == 2
+    )
     assert "none of its 12 images is in the bundle's test split" in capsys.readouterr().err
 
 
-def test_a_calibration_split_comes_out_of_the_training_part_and_leaves_validation_and_test_as_they_were(dataset_dir: Path) -> None:
+def test_a_calibration_split_comes_out_of_the_training_part_and_leaves_validation_and_test_as_they_were(
+    dataset_dir: Path,
+) -> None:
     dataset = read_dataset(dataset_dir)
     shared = DataConfig(root=str(dataset_dir), calibration_fraction=0.0)
     before = make_splits(dataset, shared, 0)
     after = make_splits(dataset, replace(shared, calibration_fraction=0.2), 0)
     assert before.calibration == () and (after.val, after.test) == (before.val, before.test)
-    assert set(after.calibration) | set(after.train) == set(before.train) and not set(after.calibration) & set(after.train)
-    assert abs(len(after.calibration) - 0.2 * (len(before.train) + len(before.val))) <= len(dataset.classes)
-    assert {dataset.records[i].labels for i in after.calibration} == {dataset.records[i].labels for i in after.test}  # stratified: every class
+    assert set(after.calibration) | set(after.train) == set(before.train) and not set(
+        after.calibration
+    ) & set(after.train)
+    assert abs(len(after.calibration) - 0.2 * (len(before.train) + len(before.val))) <= len(
+        dataset.classes
+    )
+    # stratified: every class
+    assert {dataset.records[i].labels for i in after.calibration} == {
+        dataset.records[i].labels for i in after.test
+    }
     counted = make_splits(dataset, replace(shared, calibration_images=15), 0)
     assert abs(len(counted.calibration) - 15) <= len(dataset.classes)
     with pytest.raises(ValueError, match="calibration"):
@@ -247,7 +444,10 @@ def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_
 
     # Contrastive pre-training: the classifier starts from the encoder, not from its initialisation.
     encoder = pretrain(config.pretrain, data, CPU, seed=0)
-    fresh, warm = build_classifier(config.finetune, 5, None, 0), build_classifier(config.finetune, 5, encoder, 0)
+    fresh, warm = (
+        build_classifier(config.finetune, 5, None, 0),
+        build_classifier(config.finetune, 5, encoder, 0),
+    )
     assert not torch.equal(fresh.backbone.conv1.weight, warm.backbone.conv1.weight)
     torch.testing.assert_close(warm.backbone.conv1.weight, encoder["conv1.weight"])
 
@@ -255,7 +455,10 @@ def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_
     plain = replace(config.finetune, mgacr=MGACRConfig(attention=False, feature_cr=False))
     assert len(build_classifier(plain, 5, None, 0).heads) == 0
     grads = {}
-    for name, mgacr in {"attention": MGACRConfig(feature_cr=False), "feature_cr": MGACRConfig(attention=False)}.items():
+    for name, mgacr in {
+        "attention": MGACRConfig(feature_cr=False),
+        "feature_cr": MGACRConfig(attention=False),
+    }.items():
         cfg = replace(config.finetune, epochs=1, mgacr=mgacr, augment=STILL)
         result = finetune(cfg, data, None, classes, CPU, seed=0)
         head = result.model.heads["layer4"]
@@ -264,11 +467,20 @@ def test_each_ablation_switch_changes_the_training_graph(dataset_dir: Path, tmp_
 
     # The classification loss: cross-entropy, focal and class-balanced focal differ on the same logits.
     logits, target = torch.randn(16, 5), torch.arange(16) % 5
-    values = {kind: float(classification_loss(replace(config.finetune, loss=LossConfig(kind=kind)), counts, classes)(logits, target)) for kind in ("ce", "focal", "cb_focal")}
+    values = {
+        kind: float(
+            classification_loss(
+                replace(config.finetune, loss=LossConfig(kind=kind)), counts, classes
+            )(logits, target)
+        )
+        for kind in ("ce", "focal", "cb_focal")
+    }
     assert len({round(v, 6) for v in values.values()}) == 3
 
 
-def test_mgacr_terms_are_recorded_at_each_residual_stage_and_plotted(dataset_dir: Path, tmp_path: Path) -> None:
+def test_mgacr_terms_are_recorded_at_each_residual_stage_and_plotted(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
     from PIL import Image
 
     from dp_model.training.checkpoints import History
@@ -284,15 +496,27 @@ def test_mgacr_terms_are_recorded_at_each_residual_stage_and_plotted(dataset_dir
     for record in history.finetune:
         for term in ("att_pos", "att_neg", "feat_cr"):
             each = [record[f"{term}@{stage}"] for stage in stages]
-            assert record[term] == pytest.approx(np.mean(each), rel=1e-4)  # the stages' mean is the term
-        assert len({round(record[f"feat_cr@{stage}"], 6) for stage in stages}) == len(stages)  # each stage its own
+            # the stages' mean is the term
+            assert record[term] == pytest.approx(np.mean(each), rel=1e-4)
+        # each stage its own
+        assert len({round(record[f"feat_cr@{stage}"], 6) for stage in stages}) == len(stages)
         assert "@" not in epoch_line("stage II", record)  # the console line stays one line
     with_stages = Image.open(curves(history, tmp_path / "with.png")).size
-    without = Image.open(curves(History(finetune=[{k: v for k, v in r.items() if "@" not in k} for r in history.finetune]), tmp_path / "without.png")).size
-    assert with_stages[0] > without[0] * 1.2  # the per-stage panel is drawn only when there are stages
+    without = Image.open(
+        curves(
+            History(
+                finetune=[{k: v for k, v in r.items() if "@" not in k} for r in history.finetune]
+            ),
+            tmp_path / "without.png",
+        )
+    ).size
+    # the per-stage panel is drawn only when there are stages
+    assert with_stages[0] > without[0] * 1.2
 
 
-def test_switched_off_pretraining_never_uses_a_leftover_encoder(dataset_dir: Path, tmp_path: Path) -> None:
+def test_switched_off_pretraining_never_uses_a_leftover_encoder(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
     from dp_model.training.checkpoints import History
     from dp_model.training.run import _stage_one
 
@@ -312,7 +536,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_result(dataset_dir: Path, tmp_path: Path) -> None:
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
     config = tiny(dataset_dir, tmp_path / "cache")
     dataset = read_dataset(dataset_dir)
     data = load_split(dataset, make_splits(dataset, config.data, 0).train, config.data, "decode")
@@ -326,7 +552,16 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(dataset_dir
 
     checkpoint = tmp_path / "last.pt"
     with pytest.raises(Interrupt):
-        finetune(cfg, data, None, classes, CPU, seed=0, checkpoint=checkpoint, log=crash_after_first_epoch)
+        finetune(
+            cfg,
+            data,
+            None,
+            classes,
+            CPU,
+            seed=0,
+            checkpoint=checkpoint,
+            log=crash_after_first_epoch,
+        )
     resumed = finetune(cfg, data, None, classes, CPU, seed=0, checkpoint=checkpoint)
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
@@ -340,7 +575,9 @@ def test_decoding_gives_the_caller_back_its_thread_count(dataset_dir: Path, tmp_
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        data = DataConfig(root=str(dataset_dir), image_size=32, cache_dir=str(tmp_path / "cache"), workers=1)
+        data = DataConfig(
+            root=str(dataset_dir), image_size=32, cache_dir=str(tmp_path / "cache"), workers=1
+        )
         load_split(dataset, tuple(range(8)), data, "decode")
         assert torch.get_num_threads() == 3
     finally:
@@ -350,16 +587,31 @@ def test_decoding_gives_the_caller_back_its_thread_count(dataset_dir: Path, tmp_
 @pytest.mark.slow
 def _rsna_run(tmp_path: Path, name: str) -> TrainConfig:
     """One epoch on 40 RSNA-layout phantoms at 32 px, two threads, no baselines."""
-    generate(SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3), tmp_path / "data", progress=False)
+    generate(
+        SynthConfig(num_images=40, size=64, workers=1, layout="rsna", seed=3),
+        tmp_path / "data",
+        progress=False,
+    )
     return TrainConfig(
-        name=name, baseline=False,
-        data=DataConfig(root=str(tmp_path / "data"), image_size=32, cache_dir=str(tmp_path / "cache"), workers=0, val_fraction=0.15, test_fraction=0.15),
-        pretrain=PretrainConfig(enabled=False), finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
+        name=name,
+        baseline=False,
+        data=DataConfig(
+            root=str(tmp_path / "data"),
+            image_size=32,
+            cache_dir=str(tmp_path / "cache"),
+            workers=0,
+            val_fraction=0.15,
+            test_fraction=0.15,
+        ),
+        pretrain=PretrainConfig(enabled=False),
+        finetune=FinetuneConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-3),
         runtime=RuntimeConfig(device="cpu", threads=2),
-    )  # fmt: skip
+    )
 
 
-def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two runs of one configuration on one RSNA-layout folder give bit-identical weights.
 
     The second run reads the decoded splits from the cache the first wrote, as a second
@@ -370,7 +622,10 @@ def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tm
     config = _rsna_run(tmp_path, "twice")
     states: list[dict] = []
     # The weights as the bundle would get them; the bundle's pictures and files are not needed here.
-    monkeypatch.setattr("dp_model.training.run._write_bundle", lambda out, config, model, *rest: states.append(model.state_dict()))
+    monkeypatch.setattr(
+        "dp_model.training.run._write_bundle",
+        lambda out, config, model, *rest: states.append(model.state_dict()),
+    )
     for run in ("first", "second"):
         train(config, tmp_path / run)
     assert list(states[0]) == list(states[1])
@@ -381,8 +636,16 @@ def test_the_same_command_on_the_same_data_trains_the_same_weights_on_the_cpu(tm
 # --- DDP ------------------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, port: int, config: FinetuneConfig, data, classes: list[str], out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+def _ddp_worker(
+    rank: int, port: int, config: FinetuneConfig, data, classes: list[str], out: dict
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
     import torch.distributed as dist
 
     from dp_model.training.runtime import make_runtime
@@ -416,7 +679,8 @@ def test_two_gloo_processes_match_one_process(dataset_dir: Path, tmp_path: Path)
         state = dict(out)["state"]
     for key, value in single.model.state_dict().items():
         if "running_" in key or "num_batches" in key:
-            continue  # DDP broadcasts rank 0's BatchNorm statistics; one process accumulates both halves
+            # DDP broadcasts rank 0's BatchNorm statistics; one process accumulates both halves
+            continue
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
@@ -454,56 +718,142 @@ def test_ablation_harness_writes_every_table(dataset_dir: Path, tmp_path: Path) 
     from dp_model.training.ablation import TABLES
 
     config = tiny(dataset_dir, tmp_path / "cache", epochs=1)
-    assert train_main(["ablation", "--data", str(dataset_dir), "--out", str(tmp_path / "out"), "--seeds", "0",
-                       "--image-size", "64", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        train_main(
+            [
+                "ablation",
+                "--data",
+                str(dataset_dir),
+                "--out",
+                str(tmp_path / "out"),
+                "--seeds",
+                "0",
+                "--image-size",
+                "64",
+                "--pretrain-epochs",
+                "1",
+                "--finetune-epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [(r["table"], r["row"]) for r in results["summary"]] == [(r.table, r.name) for rows in TABLES.values() for r in rows]
+    assert [(r["table"], r["row"]) for r in results["summary"]] == [
+        (r.table, r.name) for rows in TABLES.values() for r in rows
+    ]
     for entry in results["summary"]:
         untrained = entry["row"] in ("Majority class", "Chance (random scores)")
-        assert (0.0 <= entry["accuracy"][0] <= 1.0 or entry["row"].startswith("Prior map")) and (entry["minutes"][0] > 0) == (not untrained)
+        assert (0.0 <= entry["accuracy"][0] <= 1.0 or entry["row"].startswith("Prior map")) and (
+            entry["minutes"][0] > 0
+        ) == (not untrained)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "Table I" in table and "Table II" in table and "| SVM (polynomial) |" in table
     assert "### The four systems" in table and "| CIA-Net without alignment |" in table
     # Networks get localization accuracy at every threshold; the same training in two tables is run once.
     by_row = {(r["table"], r["row"]): r for r in results["summary"]}
-    assert all(len(by_row[("systems", name)]["localization"][0]) == 7 for name in ("Deep Pneumonia", "CIA-Net", "Class-based attention"))
-    assert by_row[("systems", "Deep Pneumonia")]["balanced_accuracy"] == by_row[("I", "+ CB focal loss (Deep Pneumonia)")]["balanced_accuracy"]
+    assert all(
+        len(by_row[("systems", name)]["localization"][0]) == 7
+        for name in ("Deep Pneumonia", "CIA-Net", "Class-based attention")
+    )
+    assert (
+        by_row[("systems", "Deep Pneumonia")]["balanced_accuracy"]
+        == by_row[("I", "+ CB focal loss (Deep Pneumonia)")]["balanced_accuracy"]
+    )
     assert by_row[("systems", "CIA-Net")]["minutes"] == by_row[("cia", "CIA-Net")]["minutes"]
-    assert (tmp_path / "out" / "results.png").stat().st_size > 5000 and (tmp_path / "out" / "systems.png").stat().st_size > 5000
+    assert (tmp_path / "out" / "results.png").stat().st_size > 5000 and (
+        tmp_path / "out" / "systems.png"
+    ).stat().st_size > 5000
     # The baselines: majority and chance without training, each network row with its bootstrap
     # interval and recall per class; the corrected variants beside the papers'.
     assert by_row[("baselines", "Majority class")]["balanced_accuracy"][0] == pytest.approx(0.2)
-    assert "### Baselines" in table and "### The corrected variants" in table and "### Recall of each class" in table
-    for key in (("baselines", "Plain ResNet18 (CE, no augmentation, fixed rate)"), ("systems", "CIA-Net"), ("options", "Class-based attention, balanced c_i")):
+    assert (
+        "### Baselines" in table
+        and "### The corrected variants" in table
+        and "### Recall of each class" in table
+    )
+    for key in (
+        ("baselines", "Plain ResNet18 (CE, no augmentation, fixed rate)"),
+        ("systems", "CIA-Net"),
+        ("options", "Class-based attention, balanced c_i"),
+    ):
         low, high = by_row[key]["balanced_accuracy_interval"]
-        assert low <= by_row[key]["balanced_accuracy"][0] <= high and len(by_row[key]["recall"]) == 5
+        assert (
+            low <= by_row[key]["balanced_accuracy"][0] <= high and len(by_row[key]["recall"]) == 5
+        )
     assert config.finetune.epochs == 1
-    assert train_main(["ablation", "--data", str(dataset_dir), "--out", str(tmp_path / "x"), "--tables", "III"]) == 2
+    assert (
+        train_main(
+            [
+                "ablation",
+                "--data",
+                str(dataset_dir),
+                "--out",
+                str(tmp_path / "x"),
+                "--tables",
+                "III",
+            ]
+        )
+        == 2
+    )
 
 
-def test_each_comparison_row_trains_with_what_its_name_says(dataset_dir: Path, tmp_path: Path) -> None:
+def test_each_comparison_row_trains_with_what_its_name_says(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
     from dp_model.training.ablation import OPTIONS, SYSTEMS, TABLES, _recipe
     from dp_model.training.baselines import NO_AUGMENTATION
     from dp_model.training.config import STRONG_AUGMENTATION
 
     light = tiny(dataset_dir, tmp_path / "cache")
     # Under the default (light) augmentation, the light augmentation row is its system: trained once.
-    assert OPTIONS[2].key(light) == SYSTEMS[0].key(light) and OPTIONS[0].key(light) != SYSTEMS[0].key(light)
+    assert OPTIONS[2].key(light) == SYSTEMS[0].key(light) and OPTIONS[0].key(light) != SYSTEMS[
+        0
+    ].key(light)
     # The tables' recipe: the strong augmentation, which the light augmentation row varies.
     config = replace(light, finetune=replace(light.finetune, augment=STRONG_AUGMENTATION))
     assert OPTIONS[2].key(config) != SYSTEMS[0].key(config)
     recipes = {row.name: _recipe(row, config) for rows in TABLES.values() for row in rows}
     plain = recipes["Plain ResNet18 (CE, no augmentation, fixed rate)"]
-    assert plain.augment == NO_AUGMENTATION and plain.loss.kind == "ce" and not plain.mgacr.enabled and plain.step_gamma == 1.0
-    assert recipes["ResNet18"].augment == config.finetune.augment  # Table I's first row keeps the recipe's augmentation
+    assert (
+        plain.augment == NO_AUGMENTATION
+        and plain.loss.kind == "ce"
+        and not plain.mgacr.enabled
+        and plain.step_gamma == 1.0
+    )
+    # Table I's first row keeps the recipe's augmentation
+    assert recipes["ResNet18"].augment == config.finetune.augment
     paper = recipes["Deep Pneumonia"]
-    assert (paper.mgacr.feature_form, paper.mgacr.relative, paper.loss.kind) == ("paper", False, "cb_focal")
-    assert recipes[OPTIONS[0].name].mgacr.feature_form == "detached" and recipes[OPTIONS[1].name].mgacr.relative
+    assert (paper.mgacr.feature_form, paper.mgacr.relative, paper.loss.kind) == (
+        "paper",
+        False,
+        "cb_focal",
+    )
+    assert (
+        recipes[OPTIONS[0].name].mgacr.feature_form == "detached"
+        and recipes[OPTIONS[1].name].mgacr.relative
+    )
     assert recipes[OPTIONS[2].name].augment.rotate_degrees < config.finetune.augment.rotate_degrees
-    assert recipes[OPTIONS[3].name].class_attention.class_weights == "balanced" and recipes["Class-based attention"].class_attention.class_weights == "paper"
+    assert (
+        recipes[OPTIONS[3].name].class_attention.class_weights == "balanced"
+        and recipes["Class-based attention"].class_attention.class_weights == "paper"
+    )
     # Apart from the option it names, each variant trains as the system it varies.
-    for variant, system in ((OPTIONS[0], "Deep Pneumonia"), (OPTIONS[1], "Deep Pneumonia"), (OPTIONS[2], "Deep Pneumonia"), (OPTIONS[3], "Class-based attention")):
-        differing = [f for f in vars(paper) if getattr(recipes[variant.name], f) != getattr(recipes[system], f)]
+    for variant, system in (
+        (OPTIONS[0], "Deep Pneumonia"),
+        (OPTIONS[1], "Deep Pneumonia"),
+        (OPTIONS[2], "Deep Pneumonia"),
+        (OPTIONS[3], "Class-based attention"),
+    ):
+        differing = [
+            f
+            for f in vars(paper)
+            if getattr(recipes[variant.name], f) != getattr(recipes[system], f)
+        ]
         assert len(differing) == 1, (variant.name, differing)
         assert variant.name.split(",")[0] == system  # the name the paired comparison pairs by
 
@@ -511,22 +861,51 @@ def test_each_comparison_row_trains_with_what_its_name_says(dataset_dir: Path, t
 def test_paired_comparison_pairs_each_variant_with_its_system_seed_by_seed(tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paired_options", Path(__file__).parents[1] / "benchmarks" / "paired_options.py")
+    spec = importlib.util.spec_from_file_location(
+        "paired_options", Path(__file__).parents[1] / "benchmarks" / "paired_options.py"
+    )
     paired = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paired)
 
     def result(row: str, seed: int, ba: float, auc: float, loc: float) -> dict:
-        return {"row": row, "seed": seed, "balanced_accuracy": ba, "macro_auc": auc, "localization": [loc, 0.0], "extra": {"recall": [0.5, 0.5]}}
+        return {
+            "row": row,
+            "seed": seed,
+            "balanced_accuracy": ba,
+            "macro_auc": auc,
+            "localization": [loc, 0.0],
+            "extra": {"recall": [0.5, 0.5]},
+        }
 
     systems = tmp_path / "systems.json"
-    systems.write_text(json.dumps({"results": [result("Deep Pneumonia", 0, 0.40, 0.70, 0.0), result("Deep Pneumonia", 1, 0.50, 0.80, 0.1)]}))
+    systems.write_text(
+        json.dumps(
+            {
+                "results": [
+                    result("Deep Pneumonia", 0, 0.40, 0.70, 0.0),
+                    result("Deep Pneumonia", 1, 0.50, 0.80, 0.1),
+                ]
+            }
+        )
+    )
     options = tmp_path / "options.json"
-    options.write_text(json.dumps({"results": [result("Deep Pneumonia, detached", 0, 0.45, 0.69, 0.2), result("Deep Pneumonia, detached", 1, 0.52, 0.78, 0.3),
-                                               result("Deep Pneumonia, detached", 2, 0.99, 0.99, 0.9), result("Unknown system, x", 0, 0.9, 0.9, 0.9)]}))
+    options.write_text(
+        json.dumps(
+            {
+                "results": [
+                    result("Deep Pneumonia, detached", 0, 0.45, 0.69, 0.2),
+                    result("Deep Pneumonia, detached", 1, 0.52, 0.78, 0.3),
+                    result("Deep Pneumonia, detached", 2, 0.99, 0.99, 0.9),
+                    result("Unknown system, x", 0, 0.9, 0.9, 0.9),
+                ]
+            }
+        )
+    )
     table = paired.paired(paired.load([str(systems), str(options)]))
     ba = next(line for line in table.splitlines() if "balanced accuracy" in line)
     auc = next(line for line in table.splitlines() if "macro ROC AUC" in line)
-    assert "+0.050, +0.020" in ba and "+0.035" in ba and "2 of 2" in ba  # seed 2 has no system to pair with
+    # seed 2 has no system to pair with
+    assert "+0.050, +0.020" in ba and "+0.035" in ba and "2 of 2" in ba
     assert "-0.010, -0.020" in auc and "0 of 2" in auc
     assert "Unknown system" not in table
     assert paired.main(["paired_options.py", str(tmp_path / "missing.json")]) == 2
@@ -541,14 +920,28 @@ def test_the_demo_config_produces_a_valid_bundle(demo_bundle: Path) -> None:
     assert contract.demo and contract.image_size == 64 and len(contract.classes) == 5
     assert "demonstration model" in (demo_bundle / "docs" / "README.md").read_text()
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", str(demo_bundle)],
-        cwd=demo_bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--bundle_root",
+            str(demo_bundle),
+        ],
+        cwd=demo_bundle,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (demo_bundle / "eval" / "predictions.csv").read_text().count("\n") == 4
 
 
-def test_resume_of_a_complete_run_does_not_train_again(bundle: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_of_a_complete_run_does_not_train_again(
+    bundle: Path, capsys: pytest.CaptureFixture
+) -> None:
     weights = (bundle / "models" / "model.pt").read_bytes()
     assert train_main(["--data", "unused-when-complete", "--out", str(bundle), "--resume"]) == 0
     assert "already complete" in capsys.readouterr().out
@@ -557,31 +950,86 @@ def test_resume_of_a_complete_run_does_not_train_again(bundle: Path, capsys: pyt
 
 def test_each_epoch_prints_its_losses_validation_and_how_far_from_chance() -> None:
     """A stuck run shows on the console while it runs, not at the end."""
-    line = epoch_line("stage II 2/10", {"loss": 1.5, "cls": 1.2, "feat_cr": 3.0, "lr": 0.001, "val_balanced_accuracy": 0.41, "val_macro_auc": 0.71})
-    assert line == "stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val balanced accuracy 0.410, macro auc 0.710; lr 0.001"
-    stuck = epoch_line("stage I 1/5", {"loss": 4.845, "top1": 0.008, "lr": 0.1, "chance_loss": 4.844, "chance_top1": 1 / 127})
+    line = epoch_line(
+        "stage II 2/10",
+        {
+            "loss": 1.5,
+            "cls": 1.2,
+            "feat_cr": 3.0,
+            "lr": 0.001,
+            "val_balanced_accuracy": 0.41,
+            "val_macro_auc": 0.71,
+        },
+    )
+    assert (
+        line
+        == "stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val balanced accuracy 0.410, macro auc 0.710; lr 0.001"
+    )
+    stuck = epoch_line(
+        "stage I 1/5",
+        {"loss": 4.845, "top1": 0.008, "lr": 0.1, "chance_loss": 4.844, "chance_top1": 1 / 127},
+    )
     assert "loss 4.845 (top1 0.008) [chance: loss 4.844, top1 0.008]" in stuck
 
 
-def test_the_papers_optimisers_and_step_schedule_train(dataset_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_papers_optimisers_and_step_schedule_train(
+    dataset_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Stage I with SGD, stage II with a StepLR-like schedule: the rate falls tenfold each step,
     and each epoch's line reaches the console."""
     caplog.set_level("INFO", logger="dp_model.training.engine")
-    config = tiny(dataset_dir, tmp_path / "cache", epochs=3, schedule="step", step_epochs=1, step_gamma=0.1, warmup_epochs=0.0, optimizer="sgd", lr=0.01)
+    config = tiny(
+        dataset_dir,
+        tmp_path / "cache",
+        epochs=3,
+        schedule="step",
+        step_epochs=1,
+        step_gamma=0.1,
+        warmup_epochs=0.0,
+        optimizer="sgd",
+        lr=0.01,
+    )
     data = load_split(read_dataset(str(dataset_dir)), list(range(32)), config.data, "decode")
     records: list[tuple[str, dict]] = []
-    encoder = pretrain(replace(config.pretrain, optimizer="sgd", lr=0.05), data, CPU, 0, log=lambda stage, record, epoch: records.append((stage, record)))
-    finetune(config.finetune, data, None, list(read_dataset(str(dataset_dir)).classes), CPU, 0, encoder=encoder, log=lambda stage, record, epoch: records.append((stage, record)))
+    encoder = pretrain(
+        replace(config.pretrain, optimizer="sgd", lr=0.05),
+        data,
+        CPU,
+        0,
+        log=lambda stage, record, epoch: records.append((stage, record)),
+    )
+    finetune(
+        config.finetune,
+        data,
+        None,
+        list(read_dataset(str(dataset_dir)).classes),
+        CPU,
+        0,
+        encoder=encoder,
+        log=lambda stage, record, epoch: records.append((stage, record)),
+    )
     rates = [record["lr"] for stage, record in records if stage == "finetune"]
-    assert rates == pytest.approx([1e-3, 1e-4, 1e-5])  # after each epoch's steps: 0.01 x 0.1 per epoch
+    # after each epoch's steps: 0.01 x 0.1 per epoch
+    assert rates == pytest.approx([1e-3, 1e-4, 1e-5])
     assert all(np.isfinite(record["loss"]) for _, record in records)
-    assert "stage I 1/1: loss" in caplog.text and "[chance: loss" in caplog.text and "stage II 3/3: loss" in caplog.text
+    assert (
+        "stage I 1/1: loss" in caplog.text
+        and "[chance: loss" in caplog.text
+        and "stage II 3/3: loss" in caplog.text
+    )
 
 
-def test_the_card_sets_the_model_beside_a_plain_resnet18_the_majority_class_and_chance(bundle: Path) -> None:
+def test_the_card_sets_the_model_beside_a_plain_resnet18_the_majority_class_and_chance(
+    bundle: Path,
+) -> None:
     card = (bundle / "docs" / "README.md").read_text()
     assert "## Against its baselines" in card
-    for row in ("| this model |", "| plain ResNet18, untuned (cross-entropy, no augmentation, fixed learning rate, no search; same split and epochs) |", '| majority class (always "', "| chance (random scores) |"):
+    for row in (
+        "| this model |",
+        "| plain ResNet18, untuned (cross-entropy, no augmentation, fixed learning rate, no search; same split and epochs) |",
+        '| majority class (always "',
+        "| chance (random scores) |",
+    ):
         assert row in card, row
 
 
@@ -590,14 +1038,24 @@ def test_baselines_are_what_they_say_and_a_model_that_does_not_beat_them_is_told
     from dp_model.training import baselines
 
     classes = ("normal", "a", "b")
-    train_labels, test = np.array([0] * 60 + [1] * 20 + [2] * 20), np.array([0] * 30 + [1] * 10 + [2] * 10)
+    train_labels, test = (
+        np.array([0] * 60 + [1] * 20 + [2] * 20),
+        np.array([0] * 30 + [1] * 10 + [2] * 10),
+    )
     majority = baselines.majority(train_labels, test, classes)
-    assert majority.accuracy == pytest.approx(0.6) and majority.balanced_accuracy == pytest.approx(1 / 3) and majority.macro_auc == pytest.approx(0.5)
-    assert abs(baselines.chance(np.repeat(test, 40), classes).macro_auc - 0.5) < 0.05  # random scores: chance, on enough images
+    assert (
+        majority.accuracy == pytest.approx(0.6)
+        and majority.balanced_accuracy == pytest.approx(1 / 3)
+        and majority.macro_auc == pytest.approx(0.5)
+    )
+    # random scores: chance, on enough images
+    assert abs(baselines.chance(np.repeat(test, 40), classes).macro_auc - 0.5) < 0.05
     good = evaluate(test, np.eye(3)[test] * 0.9 + 0.05, classes, bootstrap=200)
     assert baselines.shortfalls(good, {"majority": majority}) == []
     words = baselines.shortfalls(majority, {"plain ResNet18": good})
-    assert any("not clearly above 0.333" in w for w in words) and any("plain ResNet18" in w for w in words)
+    assert any("not clearly above 0.333" in w for w in words) and any(
+        "plain ResNet18" in w for w in words
+    )
     section = "\n".join(baselines.section(majority, {"plain ResNet18": good}, "normal"))
     assert "**Warning: this model is not better than its baselines:**" in section
 
@@ -605,11 +1063,13 @@ def test_baselines_are_what_they_say_and_a_model_that_does_not_beat_them_is_told
 def test_a_stage_one_that_never_left_chance_is_called_so() -> None:
     from dp_model.training.card import stage_one_verdict
 
-    stuck = stage_one_verdict([{"loss": 4.853, "top1": 0.008}, {"loss": 4.845, "top1": 0.008}], 64)  # ln(127) = 4.844
+    # ln(127) = 4.844
+    stuck = stage_one_verdict([{"loss": 4.853, "top1": 0.008}, {"loss": 4.845, "top1": 0.008}], 64)
     assert "did not leave chance" in stuck[0] and "chance 4.844" in stuck[0]
     learned = stage_one_verdict([{"loss": 4.8, "top1": 0.01}, {"loss": 1.2, "top1": 0.7}], 64)
     assert "it learned" in learned[0]
-    barely = stage_one_verdict([{"loss": 5.030, "top1": 0.017}], 128)  # the learning regime's ten epochs: 4 x chance
+    # the learning regime's ten epochs: 4 x chance
+    barely = stage_one_verdict([{"loss": 5.030, "top1": 0.017}], 128)
     assert "barely left chance" in barely[0]
     assert stage_one_verdict([], 64) == []
 
@@ -618,7 +1078,13 @@ def _resident(images: torch.Tensor, labels: np.ndarray):
     from dp_model.training.data import Resident
 
     n = len(labels)
-    return Resident(images, torch.zeros(n, 1, 4), torch.as_tensor(labels, dtype=torch.int64), torch.zeros(n, dtype=torch.bool), [str(i) for i in range(n)])
+    return Resident(
+        images,
+        torch.zeros(n, 1, 4),
+        torch.as_tensor(labels, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.bool),
+        [str(i) for i in range(n)],
+    )
 
 
 def test_block_statistics_read_the_brightness_of_blocks_and_nothing_finer() -> None:
@@ -629,24 +1095,36 @@ def test_block_statistics_read_the_brightness_of_blocks_and_nothing_finer() -> N
 
     rng = np.random.default_rng(0)
     labels = np.tile([0, 1], 60)
-    base = torch.as_tensor(rng.integers(60, 120, (120, 1, 64, 64)), dtype=torch.uint8)  # any size: resized to 128
+    # any size: resized to 128
+    base = torch.as_tensor(rng.integers(60, 120, (120, 1, 64, 64)), dtype=torch.uint8)
     assert baselines.block_features(base).shape == (120, 128)
     bright = base.clone()
     bright[labels == 1, :, 8:16, 40:48] += 60
     parts = [slice(0, 60), slice(60, 90), slice(90, 120)]
     split = [_resident(bright[p], labels[p]) for p in parts]
-    quick = {"grid": {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None, "balanced")}, "trees": (10, 30)}
+    quick = {
+        "grid": {
+            "learning_rate": (0.1,),
+            "max_leaf_nodes": (7,),
+            "class_weight": (None, "balanced"),
+        },
+        "trees": (10, 30),
+    }
     report = baselines.block_statistics(*split, ("a", "b"), **quick)
     assert report.balanced_accuracy > 0.9
     stripes = torch.zeros(120, 1, 64, 64, dtype=torch.uint8)
     rows, cols = torch.arange(64)[:, None].expand(64, 64), torch.arange(64)[None, :].expand(64, 64)
-    stripes[labels == 0] = (100 + 40 * (rows % 2)).to(torch.uint8)  # horizontal stripes, period 2 px (4 px at 128)
-    stripes[labels == 1] = (100 + 40 * (cols % 2)).to(torch.uint8)  # vertical: same block mean and SD
-    fitted = baselines.fit_block_statistics(*[_resident(stripes[p], labels[p]) for p in parts[:2]], classes=2, **quick)
+    # horizontal stripes, period 2 px (4 px at 128)
+    stripes[labels == 0] = (100 + 40 * (rows % 2)).to(torch.uint8)
+    # vertical: same block mean and SD
+    stripes[labels == 1] = (100 + 40 * (cols % 2)).to(torch.uint8)
+    fitted = baselines.fit_block_statistics(
+        *[_resident(stripes[p], labels[p]) for p in parts[:2]], classes=2, **quick
+    )
     assert fitted.val_balanced_accuracy == pytest.approx(0.5)
 
 
-def test_the_block_statistics_search_reads_one_fit_per_setting_as_growing_it_25_trees_at_a_time_would() -> None:
+def test_the_block_statistics_search_reads_one_fit_per_setting_as_growing_it_25_trees_at_a_time_would():
     """Grown at once and read from its staged predictions, each setting chooses the tree count
     and gives the probabilities that refitting it step by step (warm start) does."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -659,27 +1137,60 @@ def test_the_block_statistics_search_reads_one_fit_per_setting_as_growing_it_25_
     images[labels == 1, :, :8, :8] += 40
     images[labels == 2, :, 20:, 20:] += 25
     train, val = _resident(images[:100], labels[:100]), _resident(images[100:], labels[100:])
-    grid, trees = {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None, "balanced")}, (5, 40)
+    grid, trees = (
+        {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None, "balanced")},
+        (5, 40),
+    )
     fitted = baselines.fit_block_statistics(train, val, 3, seed=0, grid=grid, trees=trees)
     x_train, x_val = baselines.block_features(train.images), baselines.block_features(val.images)
     best = (-1.0, None, 0)
     for weight in grid["class_weight"]:  # the step-by-step search, as it was written before
-        model = HistGradientBoostingClassifier(max_iter=5, warm_start=True, early_stopping=False, random_state=0, learning_rate=0.1, max_leaf_nodes=7, class_weight=weight)
+        model = HistGradientBoostingClassifier(
+            max_iter=5,
+            warm_start=True,
+            early_stopping=False,
+            random_state=0,
+            learning_rate=0.1,
+            max_leaf_nodes=7,
+            class_weight=weight,
+        )
         here, waited = -1.0, 0
         while model.max_iter <= 40 and waited < 4:
             model.fit(x_train, labels[:100])
-            score = baselines.mean_recall(labels[100:], model.classes_[model.predict_proba(x_val).argmax(1)], 3)
+            score = baselines.mean_recall(
+                labels[100:], model.classes_[model.predict_proba(x_val).argmax(1)], 3
+            )
             here, waited = (score, 0) if score > here else (here, waited + 1)
             if score > best[0]:
                 best = (score, weight, model.max_iter)
             model.set_params(max_iter=model.max_iter + 5)
     assert (fitted.val_balanced_accuracy, fitted.params["class_weight"], fitted.trees) == best
-    again = HistGradientBoostingClassifier(max_iter=best[2], early_stopping=False, random_state=0, learning_rate=0.1, max_leaf_nodes=7, class_weight=best[1])
-    np.testing.assert_allclose(fitted.probabilities(val.images), again.fit(x_train, labels[:100]).predict_proba(x_val), rtol=1e-6, atol=1e-9)
+    again = HistGradientBoostingClassifier(
+        max_iter=best[2],
+        early_stopping=False,
+        random_state=0,
+        learning_rate=0.1,
+        max_leaf_nodes=7,
+        class_weight=best[1],
+    )
+    np.testing.assert_allclose(
+        fitted.probabilities(val.images),
+        again.fit(x_train, labels[:100]).predict_proba(x_val),
+        rtol=1e-6,
+        atol=1e-9,
+    )
 
 
-@pytest.mark.parametrize(("scores", "chosen"), [((0.5, 0.4, 0.4, 0.4, 0.9, 0.1, 0.1, 0.1), 25), ((0.5, 0.4, 0.4, 0.4, 0.4, 0.95, 0.1, 0.1), 5)])
-def test_the_block_statistics_search_reads_on_through_three_steps_without_gain_and_stops_after_four(monkeypatch, scores, chosen: int) -> None:
+@pytest.mark.parametrize(
+    ("scores", "chosen"),
+    [
+        ((0.5, 0.4, 0.4, 0.4, 0.9, 0.1, 0.1, 0.1), 25),
+        ((0.5, 0.4, 0.4, 0.4, 0.4, 0.95, 0.1, 0.1), 5),
+    ],
+)
+def test_the_block_statistics_search_reads_on_through_three_steps_without_gain_and_stops_after_four(
+    monkeypatch, scores, chosen: int
+) -> None:
     """Validation scores scripted per step of 5 trees: a gain after three flat steps is found;
     after four flat steps the search stops and never reads the next one."""
     from dp_model.training import baselines
@@ -690,11 +1201,19 @@ def test_the_block_statistics_search_reads_on_through_three_steps_without_gain_a
     read = iter(scores)
     monkeypatch.setattr(baselines, "mean_recall", lambda *_: next(read))
     grid = {"learning_rate": (0.1,), "max_leaf_nodes": (7,), "class_weight": (None,)}
-    fitted = baselines.fit_block_statistics(_resident(images[:40], labels[:40]), _resident(images[40:], labels[40:]), 2, grid=grid, trees=(5, 40))
+    fitted = baselines.fit_block_statistics(
+        _resident(images[:40], labels[:40]),
+        _resident(images[40:], labels[40:]),
+        2,
+        grid=grid,
+        trees=(5, 40),
+    )
     assert fitted.trees == chosen and fitted.val_balanced_accuracy == max(scores[: chosen // 5 + 4])
 
 
-def test_a_validation_only_run_never_reads_the_test_split_and_writes_validation_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_validation_only_run_never_reads_the_test_split_and_writes_validation_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Choosing a recipe must leave test unseen: the run decodes no test image, measures
     nothing on it, writes no bundle, and keeps per-image validation scores to re-check."""
     import dp_model.training.run as run_module
@@ -702,11 +1221,24 @@ def test_a_validation_only_run_never_reads_the_test_split_and_writes_validation_
     config = _rsna_run(tmp_path, "choose")
     decoded: list[str] = []
     load = run_module.load_split
-    monkeypatch.setattr(run_module, "load_split", lambda dataset, indices, data, what: decoded.append(what) or load(dataset, indices, data, what))
+    monkeypatch.setattr(
+        run_module,
+        "load_split",
+        lambda dataset, indices, data, what: (
+            decoded.append(what) or load(dataset, indices, data, what)
+        ),
+    )
     result = train(config, tmp_path / "out", validation_only=True)
     assert decoded == ["decode train", "decode val"]
     summary = json.loads((tmp_path / "out" / "validation.json").read_text())
     assert summary["split"] == "validation" and "never" in summary["test"]
-    assert summary["validation"]["balanced_accuracy"] == pytest.approx(result.report.balanced_accuracy)
-    assert len(summary["images"]) == sum(map(sum, result.report.confusion)) > 0, "one row per validation image"
-    assert not (tmp_path / "out" / "configs" / "metadata.json").exists() and not (tmp_path / "out" / "docs").exists()
+    assert summary["validation"]["balanced_accuracy"] == pytest.approx(
+        result.report.balanced_accuracy
+    )
+    assert len(summary["images"]) == sum(map(sum, result.report.confusion)) > 0, (
+        "one row per validation image"
+    )
+    assert (
+        not (tmp_path / "out" / "configs" / "metadata.json").exists()
+        and not (tmp_path / "out" / "docs").exists()
+    )

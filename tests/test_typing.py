@@ -23,5 +23,7 @@ def test_the_node_package_has_no_type_errors_in_strict_mode(tmp_path: Path, monk
     (tmp_path / "path" / "dp_transforms").symlink_to(ROOT / "transforms", target_is_directory=True)
     monkeypatch.setenv("MYPYPATH", str(tmp_path / "path"))
     # No targets here: the configuration's ``files`` names them.
-    report, errors, status = api.run(["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "mypy")])
+    report, errors, status = api.run(
+        ["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "mypy")]
+    )
     assert status == 0 and not errors, f"mypy found:\n{report}{errors}"

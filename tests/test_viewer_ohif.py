@@ -35,8 +35,8 @@ from pydicom.uid import generate_uid
 from viewer_support import OHIF_DIST, VIEWER, ViewerOrigin, orthanc_settings
 
 from pacs_node.config import NodeConfig
-from pacs_node.node import Node
 from pacs_node.model.predictor import NodePredictor
+from pacs_node.node import Node
 
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
@@ -46,7 +46,10 @@ CHECK = VIEWER / "ohif_check.mjs"
 def require_viewer() -> tuple[str, str]:
     """node and chromium, and OHIF with puppeteer-core from ``make viewer-deps``; missing, fail in CI, skip elsewhere."""
     node, chromium = require_tool("node", "nodejs"), require_tool("chromium", "chromium")
-    if not (OHIF_DIST / "index.html").exists() or not (VIEWER / "node_modules" / "puppeteer-core").exists():
+    if (
+        not (OHIF_DIST / "index.html").exists()
+        or not (VIEWER / "node_modules" / "puppeteer-core").exists()
+    ):
         message = "OHIF and puppeteer-core are not installed in tests/viewer (`make viewer-deps`)"
         if IN_CI:
             pytest.fail(message)
@@ -69,7 +72,11 @@ def rg1_with_valid_spacing(folder: Path) -> Path:
     OHIF turns into a black image) left out, its ImagerPixelSpacing kept; a study of its own."""
     ds = dcmread(data_file("RG1_UNCR.dcm"))
     del ds.PixelSpacing
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        generate_uid(),
+    )
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     path = folder / "rg1_spaced.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -88,22 +95,43 @@ def site(tmp_path_factory: pytest.TempPathFactory, demo_bundle: Path) -> Iterato
     require_viewer()
     folder = tmp_path_factory.mktemp("viewer")
     node_port = free_port()
-    orthanc = Orthanc.routing_to(folder / "orthanc", node_port, plugins=("libOrthancDicomWeb.so", "libServeFolders.so"), **orthanc_settings(folder / "orthanc"))
+    orthanc = Orthanc.routing_to(
+        folder / "orthanc",
+        node_port,
+        plugins=("libOrthancDicomWeb.so", "libServeFolders.so"),
+        **orthanc_settings(folder / "orthanc"),
+    )
     config = NodeConfig(
-        port=node_port, host="127.0.0.1", metrics_port=-1, spool=str(folder / "spool"), bundle=str(demo_bundle),
-        destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",), device="cpu", allow=("ORTHANC",),
-    )  # fmt: skip
+        port=node_port,
+        host="127.0.0.1",
+        metrics_port=-1,
+        spool=str(folder / "spool"),
+        bundle=str(demo_bundle),
+        destinations=(f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",),
+        device="cpu",
+        allow=("ORTHANC",),
+    )
     # The demo model's maps do not beat the prior map, so it draws no regions; what is tested
     # here is how OHIF draws regions, so the node serves a copy whose contract says they are earned.
-    node = Node(config, NodePredictor(bundle_with(demo_bundle, folder / "bundle", localization=LOCALIZING), "cpu"))
+    node = Node(
+        config,
+        NodePredictor(bundle_with(demo_bundle, folder / "bundle", localization=LOCALIZING), "cpu"),
+    )
     node.start()
     orthanc.start()
     origin = ViewerOrigin(orthanc.http_port).start()
     running = Site(orthanc, node, origin)
     try:
         # Both go in at once: the node works on one while the browser looks at the other.
-        images = {"rg1": data_file("RG1_UNCR.dcm"), "rg1_spaced": rg1_with_valid_spacing(folder), "synthetic": synthetic_positive(demo_bundle, folder)}
-        running.uploads = {case: running.orthanc.upload(path) | {"path": str(path)} for case, path in images.items()}
+        images = {
+            "rg1": data_file("RG1_UNCR.dcm"),
+            "rg1_spaced": rg1_with_valid_spacing(folder),
+            "synthetic": synthetic_positive(demo_bundle, folder),
+        }
+        running.uploads = {
+            case: running.orthanc.upload(path) | {"path": str(path)}
+            for case, path in images.items()
+        }
         yield running
     finally:
         origin.stop()
@@ -120,26 +148,43 @@ def results_in_orthanc(site: Site, case: str, timeout: float = 120) -> dict[str,
         found = site.orthanc.series_by_modality(study)
         if {"SR", "SC"} <= set(found):
             return found
-        said = [(line["status"], line.get("reason"), line.get("detail")) for line in audit_lines(site.node) if line["event"] == "received" and line.get("study_instance_uid") == uid]
+        said = [
+            (line["status"], line.get("reason"), line.get("detail"))
+            for line in audit_lines(site.node)
+            if line["event"] == "received" and line.get("study_instance_uid") == uid
+        ]
         if any(status != "processed" for status, *_ in said):
             pytest.fail(f"the node made no results for {case}: its audit says {said}")
         return None
 
     found = wait_for(arrived, timeout, f"the SR and the SC of {case} in Orthanc")
-    uids = {modality: found[modality][0]["MainDicomTags"]["SeriesInstanceUID"] for modality in ("CR", "SR", "SC")}
+    uids = {
+        modality: found[modality][0]["MainDicomTags"]["SeriesInstanceUID"]
+        for modality in ("CR", "SR", "SC")
+    }
     return {"study": uid, **uids, "sr_id": found["SR"][0]["Instances"][0]}
 
 
 def sr_regions(site: Site, instance: str) -> list[list[list[float]]]:
     """The SR's lesion region outlines (SCOORD polylines), in the source image's pixels; the
     whole-image outline of the image-level result is the image's border, not a region."""
-    with urllib.request.urlopen(f"{site.orthanc.url}/instances/{instance}/file", timeout=30) as response:
+    with urllib.request.urlopen(
+        f"{site.orthanc.url}/instances/{instance}/file", timeout=30
+    ) as response:
         sr = dcmread(io.BytesIO(response.read()))
     found: list[list[list[float]]] = []
     for container in sr.ContentSequence:
-        for group in container.get("ContentSequence", []) if container.ValueType == "CONTAINER" else []:
-            names = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in group.get("ContentSequence", [])}
-            if "Image Region" not in names or "whole image" in names["Tracking Identifier"].TextValue:
+        for group in (
+            container.get("ContentSequence", []) if container.ValueType == "CONTAINER" else []
+        ):
+            names = {
+                item.ConceptNameCodeSequence[0].CodeMeaning: item
+                for item in group.get("ContentSequence", [])
+            }
+            if (
+                "Image Region" not in names
+                or "whole image" in names["Tracking Identifier"].TextValue
+            ):
                 continue
             data = [float(v) for v in names["Image Region"].GraphicData]
             found.append([data[i : i + 2] for i in range(0, len(data), 2)])
@@ -149,7 +194,14 @@ def sr_regions(site: Site, instance: str) -> list[list[list[float]]]:
 def run_check(node: str, chromium: str, spec: dict, folder: Path) -> dict:
     (folder / "spec.json").write_text(json.dumps(spec, indent=1))
     started = time.monotonic()
-    result = subprocess.run([node, str(CHECK), str(folder / "spec.json")], check=False, capture_output=True, text=True, timeout=240, env=os.environ | {"CHROMIUM": chromium})
+    result = subprocess.run(
+        [node, str(CHECK), str(folder / "spec.json")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=os.environ | {"CHROMIUM": chromium},
+    )
     (folder / "report.json").write_text(result.stdout)
     if result.returncode != 0:
         pytest.fail(f"ohif_check.mjs failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -163,11 +215,23 @@ def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> 
     node, chromium = require_viewer()
     series = results_in_orthanc(site, case)
     regions = sr_regions(site, series["sr_id"])
-    assert all(math.isfinite(v) for region in regions for point in region for v in point), f"the SR's outlines hold values that are not numbers: {regions}"
+    assert all(math.isfinite(v) for region in regions for point in region for v in point), (
+        f"the SR's outlines hold values that are not numbers: {regions}"
+    )
     spec = {
-        "origin": site.origin.url, "out": str(tmp_path),
-        "studies": [{"name": case, "study": series["study"], "source": series["CR"], "sr": series["SR"], "sc": series["SC"], "regions": regions}],
-    }  # fmt: skip
+        "origin": site.origin.url,
+        "out": str(tmp_path),
+        "studies": [
+            {
+                "name": case,
+                "study": series["study"],
+                "source": series["CR"],
+                "sr": series["SR"],
+                "sc": series["SC"],
+                "regions": regions,
+            }
+        ],
+    }
     report = run_check(node, chromium, spec, tmp_path)
     shots = os.environ.get("DP_VIEWER_SHOTS")
     if shots and case != "rg1":
@@ -177,11 +241,17 @@ def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> 
             shutil.copyfile(tmp_path / f"{case}_{kind}.png", Path(shots) / f"{name}_{kind}.png")
     for note in report.get("notes", []):
         warnings.warn(f"OHIF: {note}", stacklevel=1)
-    assert not report["problems"], f"OHIF does not show the node's results for {case} (screenshots and report.json in {tmp_path}):\n" + "\n".join(report["problems"])
+    assert not report["problems"], (
+        f"OHIF does not show the node's results for {case} (screenshots and report.json in {tmp_path}):\n"
+        + "\n".join(report["problems"])
+    )
     # OHIF labels the image with the image-level result, and each region with its finding and score.
     labels = report["studies"][0]["views"]["sr"]["viewport"]["labels"]
-    expected = "Pneumonia certainty (image)" if case == "synthetic" else "Out-of-distribution score"  # RG1 is unlike the demo's phantoms
+    # RG1 is unlike the demo's phantoms
+    expected = "Pneumonia certainty (image)" if case == "synthetic" else "Out-of-distribution score"
     assert sum(expected in label for label in labels) == 1, labels
     assert sum("region score" in label for label in labels) == len(regions), labels
     if case == "synthetic":
-        assert regions, "the demo model found no lesion region in the synthetic positive: nothing to look for in OHIF"
+        assert regions, (
+            "the demo model found no lesion region in the synthetic positive: nothing to look for in OHIF"
+        )

@@ -67,8 +67,16 @@ def orthanc_settings(folder: Path) -> dict:
     config.mkdir(parents=True, exist_ok=True)
     (config / "app-config.js").write_text(APP_CONFIG)
     return {
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado"},
-        "ServeFolders": {"AllowCache": True, "Folders": {"/ohif": str(OHIF_DIST), "/ohif-config": str(config)}},
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "WadoRoot": "/wado",
+        },
+        "ServeFolders": {
+            "AllowCache": True,
+            "Folders": {"/ohif": str(OHIF_DIST), "/ohif-config": str(config)},
+        },
     }
 
 
@@ -114,20 +122,32 @@ class ViewerOrigin:
         return "/ohif" + ("/index.html" if path.split("?")[0] == "/" else path)
 
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
-        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection", "keep-alive")}
+        headers = {
+            k: v
+            for k, v in handler.headers.items()
+            if k.lower() not in ("host", "connection", "keep-alive")
+        }
         status, reply, body = self._fetch(handler.command, self._target(handler.path), headers)
         page = handler.path.split("?")[0].rsplit("/", 1)[-1]
         if status == 404 and not handler.path.startswith(self.PASS) and "." not in page:
-            status, reply, body = self._fetch(handler.command, "/ohif/index.html", headers)  # a deep link into the app
+            # a deep link into the app
+            status, reply, body = self._fetch(handler.command, "/ohif/index.html", headers)
         handler.send_response(status)
         for key, value in reply:
-            if key.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
+            if key.lower() not in (
+                "connection",
+                "keep-alive",
+                "transfer-encoding",
+                "content-length",
+            ):
                 handler.send_header(key, value)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
 
-    def _fetch(self, method: str, path: str, headers: dict) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _fetch(
+        self, method: str, path: str, headers: dict
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", self.orthanc_port, timeout=120)
         try:
             connection.request(method, path, headers=headers)

@@ -68,7 +68,9 @@ class LetterboxResize(Transform):
         return Letterbox((int(image.shape[-2]), int(image.shape[-1])), self.size)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.geometry(image).image_to_canvas(torch.as_tensor(image, dtype=torch.float32), self.fill)
+        return self.geometry(image).image_to_canvas(
+            torch.as_tensor(image, dtype=torch.float32), self.fill
+        )
 
 
 class BoxesToMask(Transform):
@@ -84,7 +86,6 @@ class BoxesToMask(Transform):
     def __call__(self, boxes: np.ndarray, image_shape: tuple[int, int]) -> torch.Tensor:
         arr = torch.as_tensor(as_boxes(boxes))[None]
         return boxes_to_masks(arr, image_shape, self.mask_shape)[0]
-
 
 
 def load_letterboxed(

@@ -83,7 +83,9 @@ class RandChestAffine(Randomizable, Transform):
         angle = np.deg2rad(self.R.uniform(-self.rotate_degrees, self.rotate_degrees, batch_size))
         flip = self.R.random_sample(batch_size) < self.flip_prob
         angle[keep], flip[keep] = 0.0, False
-        self._params = dict(area=area, log_ratio=log_ratio, keep=keep, position=position, angle=angle, flip=flip)
+        self._params = dict(
+            area=area, log_ratio=log_ratio, keep=keep, position=position, angle=angle, flip=flip
+        )
 
     def theta(self, height: int, width: int) -> np.ndarray:
         """``(B, 2, 3)`` affine from output to input normalised coordinates (``affine_grid``).
@@ -121,9 +123,13 @@ class RandChestAffine(Randomizable, Transform):
             self.randomize(batch.shape[0])
         rows, columns = self.output_size or batch.shape[-2:]
         theta = torch.as_tensor(self.theta(batch.shape[-2], batch.shape[-1]), device=batch.device)
-        grid = F.affine_grid(theta.to(batch.dtype), [batch.shape[0], 1, rows, columns], align_corners=False)
+        grid = F.affine_grid(
+            theta.to(batch.dtype), [batch.shape[0], 1, rows, columns], align_corners=False
+        )
         stacked = torch.cat([batch, *[e.to(batch.dtype) for e in extra]], dim=1) if extra else batch
-        out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(
+            stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         parts = torch.split(out, [batch.shape[1], *[e.shape[1] for e in extra]], dim=1)
         parts = [p[0] if squeezed else p for p in parts]
         return parts[0] if not others else tuple(parts)
@@ -164,8 +170,16 @@ class RandChestIntensity(Randomizable, Transform):
     def randomize(self, batch_size: int) -> None:
         r = self.R
         log_gamma = r.uniform(math.log(self.gamma[0]), math.log(self.gamma[1]), batch_size)
-        sigma = np.where(r.random_sample(batch_size) < self.blur_prob, r.uniform(*self.blur_sigma, batch_size), 0.0)
-        noise = np.where(r.random_sample(batch_size) < self.noise_prob, r.uniform(*self.noise_std, batch_size), 0.0)
+        sigma = np.where(
+            r.random_sample(batch_size) < self.blur_prob,
+            r.uniform(*self.blur_sigma, batch_size),
+            0.0,
+        )
+        noise = np.where(
+            r.random_sample(batch_size) < self.noise_prob,
+            r.uniform(*self.noise_std, batch_size),
+            0.0,
+        )
         self._params = dict(
             gamma=np.exp(log_gamma),
             contrast=r.uniform(*self.contrast, batch_size),
@@ -181,7 +195,11 @@ class RandChestIntensity(Randomizable, Transform):
             self.randomize(batch.shape[0])
         if self._params is None:
             raise RuntimeError("call randomize() first")
-        p = {k: torch.as_tensor(v, device=batch.device, dtype=batch.dtype) for k, v in self._params.items() if k != "seed"}
+        p = {
+            k: torch.as_tensor(v, device=batch.device, dtype=batch.dtype)
+            for k, v in self._params.items()
+            if k != "seed"
+        }
         shape = (-1, 1, 1, 1)
         x = batch.clamp(1e-6, 1.0) ** p["gamma"].view(shape)
         mean = x.mean(dim=(-2, -1), keepdim=True)
@@ -189,7 +207,9 @@ class RandChestIntensity(Randomizable, Transform):
         if bool((self._params["sigma"] > 0).any()):
             x = gaussian_blur(x, p["sigma"])
         if bool((self._params["noise"] > 0).any()):
-            generator = torch.Generator(device=batch.device).manual_seed(int(self._params["seed"][0]))
+            generator = torch.Generator(device=batch.device).manual_seed(
+                int(self._params["seed"][0])
+            )
             noise = torch.randn(x.shape, generator=generator, device=batch.device, dtype=x.dtype)
             x = x + noise * p["noise"].view(shape)
         x = x.clamp(0.0, 1.0)
@@ -242,7 +262,9 @@ class SimCLRViews(_SharesRandomState, Transform):
 
     _inner = ("affine", "intensity")
 
-    def __init__(self, affine: RandChestAffine | None = None, intensity: RandChestIntensity | None = None) -> None:
+    def __init__(
+        self, affine: RandChestAffine | None = None, intensity: RandChestIntensity | None = None
+    ) -> None:
         self.affine = affine or RandChestAffine()
         self.intensity = intensity or RandChestIntensity()
 

@@ -27,7 +27,9 @@ from pydicom.uid import UID, RLELossless
 
 #: SOF markers of ITU T.81 (all processes; not DHT C4, JPG C8, DAC CC), DHP (which declares
 #: the size of a hierarchical image) and JPEG-LS SOF55.
-SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDE, 0xF7})
+SOF_MARKERS = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDE, 0xF7}
+)
 SOI = b"\xff\xd8"
 J2K_START = b"\xff\x4f\xff\x51"  # SOC, then SIZ: the SIZ segment must come first
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
@@ -114,14 +116,20 @@ def _siz(head: bytes, at: int) -> Declared:
     body = head[at + 4 :]
     if len(body) < 2 + 2 + 32 + 2 + 3:
         raise CodestreamError("JPEG 2000 SIZ marker segment is truncated")
-    x_size, y_size, x_offset, y_offset, x_tile, y_tile, x_tile_offset, y_tile_offset = struct.unpack(">8I", body[4:36])
+    x_size, y_size, x_offset, y_offset, x_tile, y_tile, x_tile_offset, y_tile_offset = (
+        struct.unpack(">8I", body[4:36])
+    )
     (components,) = struct.unpack(">H", body[36:38])
     if len(body) < 38 + 3 * max(components, 1):
         raise CodestreamError("JPEG 2000 SIZ marker segment is truncated")
     bits = max((body[38 + 3 * i] & 0x7F) + 1 for i in range(max(components, 1)))
     if x_tile == 0 or y_tile == 0 or x_tile_offset > x_offset or y_tile_offset > y_offset:
         raise CodestreamError("JPEG 2000 SIZ declares an invalid tile grid")
-    tiles = -(-(x_size - x_tile_offset) // x_tile) * -(-(y_size - y_tile_offset) // y_tile) if x_size > x_tile_offset and y_size > y_tile_offset else 0
+    tiles = (
+        -(-(x_size - x_tile_offset) // x_tile) * -(-(y_size - y_tile_offset) // y_tile)
+        if x_size > x_tile_offset and y_size > y_tile_offset
+        else 0
+    )
     if tiles > MAX_TILES:
         raise CodestreamError(f"JPEG 2000 SIZ declares {tiles} tiles (at most {MAX_TILES})")
     return Declared(max(0, y_size - y_offset), max(0, x_size - x_offset), components, bits)
@@ -171,14 +179,22 @@ def check_rle(frame: bytes, segments: int, segment_length: int) -> None:
     if count != segments:
         raise CodestreamError(f"RLE header declares {count} segments; the image needs {segments}")
     bounds = [*offsets[:count], len(frame)]
-    if bounds[0] < 64 or any(end <= start for start, end in zip(bounds, bounds[1:])) or bounds[-2] >= len(frame):
+    if (
+        bounds[0] < 64
+        or any(end <= start for start, end in zip(bounds, bounds[1:]))
+        or bounds[-2] >= len(frame)
+    ):
         raise CodestreamError("RLE segment offsets are out of order or beyond the frame")
     most = RLE_MAX_EXPANSION * segment_length + 2  # and an even-length pad byte
     for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
         if end - start > most:
-            raise CodestreamError(f"RLE segment {index} holds {end - start} bytes, more than any encoding of {segment_length} bytes")
+            raise CodestreamError(
+                f"RLE segment {index} holds {end - start} bytes, more than any encoding of {segment_length} bytes"
+            )
         if rle_decoded_length(frame, start, end, segment_length) > segment_length:
-            raise CodestreamError(f"RLE segment {index} decodes to more than the {segment_length} bytes of Rows x Columns")
+            raise CodestreamError(
+                f"RLE segment {index} decodes to more than the {segment_length} bytes of Rows x Columns"
+            )
 
 
 def rle_decoded_length(data: bytes, start: int, end: int, limit: int) -> int:

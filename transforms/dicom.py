@@ -87,7 +87,19 @@ AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Photometric interpretations a message may name (any other value is not repeated).
-KNOWN_PHOTOMETRIC = (*MONOCHROME, "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "HSV", "ARGB", "CMYK")
+KNOWN_PHOTOMETRIC = (
+    *MONOCHROME,
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_ICT",
+    "YBR_RCT",
+    "YBR_PARTIAL_420",
+    "HSV",
+    "ARGB",
+    "CMYK",
+)
 #: How much of the start of a compressed frame is searched for the codestream's own header.
 CODESTREAM_HEAD = 65536
 
@@ -176,10 +188,14 @@ def _parse(source: str | PathLike | BinaryIO, name: str) -> Dataset:
         except InvalidDicomError as exc:
             raise ImageError(ImageErrorReason.NOT_AN_IMAGE, "not a DICOM file", name) from exc
         except Exception as exc:  # pydicom raises many types for broken streams
-            raise ImageError(ImageErrorReason.CORRUPT, f"unreadable DICOM ({_one_line(exc)})", name) from exc
+            raise ImageError(
+                ImageErrorReason.CORRUPT, f"unreadable DICOM ({_one_line(exc)})", name
+            ) from exc
     truncated = [m for m in messages if "end of file" in m.lower()]
     if truncated:
-        raise ImageError(ImageErrorReason.CORRUPT, f"file is truncated ({_one_line(truncated[0])})", name)
+        raise ImageError(
+            ImageErrorReason.CORRUPT, f"file is truncated ({_one_line(truncated[0])})", name
+        )
     return ds
 
 
@@ -200,7 +216,9 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
-def dicom_to_image(ds: Dataset, source: str = "", working_pixels: int = WORKING_PIXELS) -> ChestImage:
+def dicom_to_image(
+    ds: Dataset, source: str = "", working_pixels: int = WORKING_PIXELS
+) -> ChestImage:
     """Convert a DICOM dataset to a :class:`ChestImage` (modality LUT, VOI, polarity).
 
     Pixel Data that ``ds`` has not read yet (``dcmread(..., defer_size=...)``) is read for
@@ -231,7 +249,9 @@ def dicom_to_image(ds: Dataset, source: str = "", working_pixels: int = WORKING_
     spacing = pixel_spacing(ds)
     if spacing is not None and factor > 1:
         spacing = (spacing[0] * factor, spacing[1] * factor)
-    return ChestImage(pixels.astype(np.float32, copy=False), spacing, source, shape if factor > 1 else None)
+    return ChestImage(
+        pixels.astype(np.float32, copy=False), spacing, source, shape if factor > 1 else None
+    )
 
 
 def reduction_factor(rows: int, columns: int, working_pixels: int) -> int:
@@ -279,13 +299,26 @@ def pixel_module(ds: Dataset, source: str) -> Dataset:
     for keyword in REQUIRED:
         value = header.integer(ds, keyword)
         if value is None:
-            raise ImageError(ImageErrorReason.CORRUPT, f"{keyword} is missing or not a whole number", source)
+            raise ImageError(
+                ImageErrorReason.CORRUPT, f"{keyword} is missing or not a whole number", source
+            )
         setattr(out, keyword, value)
-    if out.BitsAllocated not in (8, 16, 32) or not 1 <= out.BitsStored <= out.BitsAllocated or out.PixelRepresentation not in (0, 1):
-        raise ImageError(ImageErrorReason.CORRUPT, f"{out.BitsStored} bits stored in {out.BitsAllocated} allocated, representation {out.PixelRepresentation}", source)
+    if (
+        out.BitsAllocated not in (8, 16, 32)
+        or not 1 <= out.BitsStored <= out.BitsAllocated
+        or out.PixelRepresentation not in (0, 1)
+    ):
+        raise ImageError(
+            ImageErrorReason.CORRUPT,
+            f"{out.BitsStored} bits stored in {out.BitsAllocated} allocated, representation {out.PixelRepresentation}",
+            source,
+        )
     out.HighBit = out.BitsStored - 1  # the only value DICOM allows for a grayscale image
     check_budget(out.Rows, out.Columns, out.BitsAllocated, source)
-    out.SamplesPerPixel, out.PhotometricInterpretation = 1, header.text(ds, "PhotometricInterpretation")
+    out.SamplesPerPixel, out.PhotometricInterpretation = (
+        1,
+        header.text(ds, "PhotometricInterpretation"),
+    )
     out.add(_pixel_data(ds, out, source))
     _copy_optional(ds, out, source)
     return out
@@ -302,18 +335,36 @@ def _pixel_data(ds: Dataset, out: Dataset, source: str) -> DataElement:
     raw = isinstance(element, RawDataElement)
     syntax = out.file_meta.TransferSyntaxUID
     compressed = syntax.is_transfer_syntax and syntax.is_compressed
-    length = (0 if element.length == UNDEFINED_LENGTH else element.length) if raw else len(element.value or b"")
+    length = (
+        (0 if element.length == UNDEFINED_LENGTH else element.length)
+        if raw
+        else len(element.value or b"")
+    )
     if not compressed and length > MAX_BYTES:
-        raise ImageError(ImageErrorReason.GEOMETRY, f"native pixel data of {length} bytes exceeds the decode budget of {MAX_BYTES} bytes", source)
+        raise ImageError(
+            ImageErrorReason.GEOMETRY,
+            f"native pixel data of {length} bytes exceeds the decode budget of {MAX_BYTES} bytes",
+            source,
+        )
     if not raw:
         return element
     if element.value is None and element.length:
         try:
-            element = read_deferred_data_element(ds.fileobj_type, _deferred_source(ds), ds.timestamp, element)
-        except Exception as exc:  # noqa: BLE001 - a file gone or changed since it was read
-            raise ImageError(ImageErrorReason.CORRUPT, f"pixel data could not be read ({_one_line(exc)})", source) from exc
-    vr = element.VR if element.VR in ("OB", "OW") else ("OB" if compressed or out.BitsAllocated <= 8 else "OW")
-    return DataElement(PIXEL_DATA, vr, element.value, is_undefined_length=element.length == UNDEFINED_LENGTH)
+            element = read_deferred_data_element(
+                ds.fileobj_type, _deferred_source(ds), ds.timestamp, element
+            )
+        except Exception as exc:  # a file gone or changed since it was read
+            raise ImageError(
+                ImageErrorReason.CORRUPT, f"pixel data could not be read ({_one_line(exc)})", source
+            ) from exc
+    vr = (
+        element.VR
+        if element.VR in ("OB", "OW")
+        else ("OB" if compressed or out.BitsAllocated <= 8 else "OW")
+    )
+    return DataElement(
+        PIXEL_DATA, vr, element.value, is_undefined_length=element.length == UNDEFINED_LENGTH
+    )
 
 
 def _deferred_source(ds: Dataset) -> object:
@@ -328,7 +379,11 @@ def check_budget(rows: int, columns: int, bits: int, source: str, what: str = "i
     check_geometry(rows, columns, source)
     size = rows * columns * -(-bits // 8)
     if size > MAX_BYTES:
-        raise ImageError(ImageErrorReason.GEOMETRY, f"{what} of {rows} x {columns} pixels of {bits} bits ({size} bytes) exceeds the decode budget of {MAX_BYTES} bytes", source)
+        raise ImageError(
+            ImageErrorReason.GEOMETRY,
+            f"{what} of {rows} x {columns} pixels of {bits} bits ({size} bytes) exceeds the decode budget of {MAX_BYTES} bytes",
+            source,
+        )
 
 
 def _file_meta(ds: Dataset) -> FileMetaDataset:
@@ -337,7 +392,11 @@ def _file_meta(ds: Dataset) -> FileMetaDataset:
     syntax = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
     if not syntax:
         implicit, little = getattr(ds, "original_encoding", (False, True))
-        syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+        syntax = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+        )
     meta.TransferSyntaxUID = UID(str(syntax).strip(" \x00"))
     return meta
 
@@ -348,7 +407,9 @@ def _copy_optional(ds: Dataset, out: Dataset, source: str) -> None:
     if slope is not None and intercept is not None and slope != 0:
         out.RescaleSlope, out.RescaleIntercept = slope, intercept
     elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        logger.warning("%s: Rescale Slope / Intercept unusable; stored values used as they are", source)
+        logger.warning(
+            "%s: Rescale Slope / Intercept unusable; stored values used as they are", source
+        )
     if "ModalityLUTSequence" in ds and "RescaleSlope" not in out:
         out.add(ds["ModalityLUTSequence"])
     centers, widths = header.numbers(ds, "WindowCenter"), header.numbers(ds, "WindowWidth")
@@ -377,7 +438,9 @@ def _modality_values(stored: np.ndarray, ds: Dataset, source: str, factor: int =
         try:
             stored = apply_modality_lut(stored, ds)
         except Exception:  # noqa: BLE001 - a malformed LUT costs the LUT, not the image
-            logger.warning("%s: Modality LUT Sequence unusable; stored values used as they are", source)
+            logger.warning(
+                "%s: Modality LUT Sequence unusable; stored values used as they are", source
+            )
     values = block_mean(stored, factor, dtype) if factor > 1 else stored.astype(dtype)
     if "RescaleSlope" in ds:  # only when usable (see _copy_optional)
         values *= float(ds.RescaleSlope)
@@ -434,27 +497,55 @@ def check_frame(ds: Dataset, source: str) -> None:
     syntax = ds.file_meta.TransferSyntaxUID
     try:
         if kind(syntax) == "rle":
-            check_rle(b"".join(_fragments(ds.PixelData)), ds.BitsAllocated // 8, ds.Rows * ds.Columns)
+            check_rle(
+                b"".join(_fragments(ds.PixelData)), ds.BitsAllocated // 8, ds.Rows * ds.Columns
+            )
             return
         declared = declared_frame(b"".join(_fragments(ds.PixelData, CODESTREAM_HEAD)), syntax)
     except CodestreamError as exc:
         raise ImageError(ImageErrorReason.CORRUPT, str(exc), source) from exc
-    except Exception as exc:  # noqa: BLE001 - pydicom's item parser raises several types
-        raise ImageError(ImageErrorReason.CORRUPT, f"compressed pixel data not encapsulated ({_one_line(exc)})", source) from exc
+    except Exception as exc:  # pydicom's item parser raises several types
+        raise ImageError(
+            ImageErrorReason.CORRUPT,
+            f"compressed pixel data not encapsulated ({_one_line(exc)})",
+            source,
+        ) from exc
     if declared is not None:
         _check_declared(declared, ds, source)
 
 
 def _check_declared(declared: Declared, ds: Dataset, source: str) -> None:
     if declared.rows == 0 or declared.columns == 0:
-        raise ImageError(ImageErrorReason.UNSUPPORTED, "codestream does not declare its size in its header", source)
-    check_budget(declared.rows, declared.columns, declared.bits, f"{source} (codestream header)" if source else "codestream header", "codestream")
+        raise ImageError(
+            ImageErrorReason.UNSUPPORTED,
+            "codestream does not declare its size in its header",
+            source,
+        )
+    check_budget(
+        declared.rows,
+        declared.columns,
+        declared.bits,
+        f"{source} (codestream header)" if source else "codestream header",
+        "codestream",
+    )
     if declared.components != 1:
-        raise ImageError(ImageErrorReason.CORRUPT, f"codestream declares {declared.components} components; a grayscale image has 1", source)
+        raise ImageError(
+            ImageErrorReason.CORRUPT,
+            f"codestream declares {declared.components} components; a grayscale image has 1",
+            source,
+        )
     if (declared.rows, declared.columns) != (ds.Rows, ds.Columns):
-        raise ImageError(ImageErrorReason.CORRUPT, f"codestream declares {declared.rows} x {declared.columns} pixels, the header {ds.Rows} x {ds.Columns}", source)
+        raise ImageError(
+            ImageErrorReason.CORRUPT,
+            f"codestream declares {declared.rows} x {declared.columns} pixels, the header {ds.Rows} x {ds.Columns}",
+            source,
+        )
     if declared.bits > ds.BitsAllocated:
-        raise ImageError(ImageErrorReason.CORRUPT, f"codestream declares {declared.bits}-bit samples in {ds.BitsAllocated} bits allocated", source)
+        raise ImageError(
+            ImageErrorReason.CORRUPT,
+            f"codestream declares {declared.bits}-bit samples in {ds.BitsAllocated} bits allocated",
+            source,
+        )
 
 
 def _fragments(pixel_data: bytes, limit: int | None = None) -> Iterator[bytes]:
@@ -476,7 +567,9 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as exc:
-        raise ImageError(ImageErrorReason.UNDECODABLE, f"no decoder exists for {syntax.name}", source) from exc
+        raise ImageError(
+            ImageErrorReason.UNDECODABLE, f"no decoder exists for {syntax.name}", source
+        ) from exc
     if not decoder.is_available:
         raise ImageError(
             ImageErrorReason.UNDECODABLE,
@@ -490,11 +583,14 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         arr, _ = decoder.as_array(ds, decoding_plugin=plugin)
     except MemoryError:
         raise  # the machine, not the image: worth another try later
-    except BaseException as exc:  # decoders raise ValueError, RuntimeError ..., compiled Rust ones a PanicException
+    except BaseException as exc:
+        # decoders raise ValueError, RuntimeError ..., compiled Rust ones a PanicException
         if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
             raise
         reason = ImageErrorReason.UNDECODABLE if syntax.is_compressed else ImageErrorReason.CORRUPT
-        raise ImageError(reason, f"pixel data could not be decoded ({syntax.name}): {_one_line(exc)}", source) from exc
+        raise ImageError(
+            reason, f"pixel data could not be decoded ({syntax.name}): {_one_line(exc)}", source
+        ) from exc
     _check_decoded(arr, ds, source)
     return arr
 
@@ -502,9 +598,15 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
 def _check_decoded(arr: np.ndarray, ds: Dataset, source: str) -> None:
     """The budget on what decoding actually gave: one frame of Rows x Columns, within MAX_BYTES."""
     if arr.ndim != 2:
-        raise ImageError(ImageErrorReason.UNSUPPORTED, f"decoded pixel array has shape {arr.shape}", source)
+        raise ImageError(
+            ImageErrorReason.UNSUPPORTED, f"decoded pixel array has shape {arr.shape}", source
+        )
     if arr.shape != (ds.Rows, ds.Columns) or arr.nbytes > MAX_BYTES:
-        raise ImageError(ImageErrorReason.GEOMETRY, f"decoded pixel array of {arr.shape[0]} x {arr.shape[1]} ({arr.nbytes} bytes) is not the {ds.Rows} x {ds.Columns} declared within the budget", source)
+        raise ImageError(
+            ImageErrorReason.GEOMETRY,
+            f"decoded pixel array of {arr.shape[0]} x {arr.shape[1]} ({arr.nbytes} bytes) is not the {ds.Rows} x {ds.Columns} declared within the budget",
+            source,
+        )
 
 
 def apply_voi_window(values: np.ndarray, ds: Dataset, in_place: bool = False) -> np.ndarray:
@@ -518,7 +620,10 @@ def apply_voi_window(values: np.ndarray, ds: Dataset, in_place: bool = False) ->
         try:
             return _apply_voi_lut_sequence(values, ds)
         except Exception:  # noqa: BLE001 - a malformed LUT costs the LUT, not the image
-            logger.warning("%s: VOI LUT Sequence unusable; using the window or an automatic one", ds.get("SOPInstanceUID", "dataset"))
+            logger.warning(
+                "%s: VOI LUT Sequence unusable; using the window or an automatic one",
+                ds.get("SOPInstanceUID", "dataset"),
+            )
     out = values if in_place else None
     window = _first_window(ds)
     if window is not None:
@@ -532,7 +637,9 @@ def _float_out(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """Where a mapping of ``values`` goes: ``out``, or a new array of their float type."""
     if out is not None:
         return out
-    return np.empty(values.shape, values.dtype if values.dtype in (np.float32, np.float64) else np.float64)
+    return np.empty(
+        values.shape, values.dtype if values.dtype in (np.float32, np.float64) else np.float64
+    )
 
 
 def auto_window(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -547,7 +654,13 @@ def auto_window(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def window_to_unit(values: np.ndarray, center: float, width: float, function: str = "LINEAR", out: np.ndarray | None = None) -> np.ndarray:
+def window_to_unit(
+    values: np.ndarray,
+    center: float,
+    width: float,
+    function: str = "LINEAR",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """PS3.3 C.11.2.1.2 windowing, with output range [0, 1] instead of [ymin, ymax].
 
     Computed in the float type of ``values`` (float64 for integers), into ``out`` when given
@@ -579,7 +692,9 @@ def _first_window(ds: Dataset) -> tuple[float, float] | None:
     if center is None or width is None:
         return None
     if width <= 0:
-        logger.warning("ignoring a Window Width of %g (must be > 0); using an automatic window", width)
+        logger.warning(
+            "ignoring a Window Width of %g (must be > 0); using an automatic window", width
+        )
         return None
     return center, width
 
@@ -591,7 +706,9 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
     entries, first_mapped = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
     # The range of the LUT's own entries, not its nominal bit depth: many files declare
     # 16 bits for 12-bit data.
-    table = apply_voi(np.arange(first_mapped, first_mapped + entries, dtype=np.int64), ds).astype(np.float64)
+    table = apply_voi(np.arange(first_mapped, first_mapped + entries, dtype=np.int64), ds).astype(
+        np.float64
+    )
     low, high = float(table.min()), float(table.max())
     dtype = values.dtype if values.dtype in (np.float32, np.float64) else np.float64
     if high <= low:
@@ -612,7 +729,10 @@ def _larger_is_brighter(ds: Dataset) -> bool:
         # -1: higher values mean less beam intensity, i.e. more attenuation: brighter.
         sign_says = sign == -1
         if sign_says != photometric_says:
-            logger.warning("Pixel Intensity Relationship Sign %+d disagrees with the photometric interpretation; following the sign", sign)
+            logger.warning(
+                "Pixel Intensity Relationship Sign %+d disagrees with the photometric interpretation; following the sign",
+                sign,
+            )
         return sign_says
     return photometric_says
 
@@ -624,11 +744,18 @@ def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     rows and columns differ by more than :data:`MAX_SPACING_RATIO` (it would make square-pixel
     resampling stretch the image that much), with a warning that names the attribute.
     """
-    for keyword, name in (("PixelSpacing", "Pixel Spacing"), ("ImagerPixelSpacing", "Imager Pixel Spacing")):
+    for keyword, name in (
+        ("PixelSpacing", "Pixel Spacing"),
+        ("ImagerPixelSpacing", "Imager Pixel Spacing"),
+    ):
         found = header.numbers(ds, keyword)
         if found is not None and len(found) == 2 and all(0 < v < 1e4 for v in found):
             if max(found) > MAX_SPACING_RATIO * min(found):
-                logger.warning("%s: rows and columns differ by more than %g:1, as in no radiograph; treated as unknown", name, MAX_SPACING_RATIO)
+                logger.warning(
+                    "%s: rows and columns differ by more than %g:1, as in no radiograph; treated as unknown",
+                    name,
+                    MAX_SPACING_RATIO,
+                )
                 continue
             return found[0], found[1]
     return None

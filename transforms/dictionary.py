@@ -76,7 +76,9 @@ class LetterboxResized(MapTransform):
         for key in self.key_iterator(d):
             key_geometry = self.resizer.geometry(d[key])
             if geometry is not None and key_geometry != geometry:
-                raise ValueError(f"'{key}' has shape {key_geometry.source_shape}, others {geometry.source_shape}")
+                raise ValueError(
+                    f"'{key}' has shape {key_geometry.source_shape}, others {geometry.source_shape}"
+                )
             geometry = key_geometry
             d[key] = self.resizer(d[key])
             d[f"{key}_letterbox"] = geometry

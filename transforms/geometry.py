@@ -40,7 +40,9 @@ def as_boxes(boxes: object, source: str = "") -> np.ndarray:
         raise ValueError(f"{prefix}boxes contain non-finite values: {arr.tolist()}")
     bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
     if bad.any():
-        raise ValueError(f"{prefix}box with max < min (x_min, y_min, x_max, y_max): {arr[bad][0].tolist()}")
+        raise ValueError(
+            f"{prefix}box with max < min (x_min, y_min, x_max, y_max): {arr[bad][0].tolist()}"
+        )
     return arr
 
 
@@ -151,11 +153,16 @@ class Letterbox:
 
     def boxes_to_canvas(self, boxes: np.ndarray) -> np.ndarray:
         (sy, sx), (top, left) = self.scale, self.offset
-        return (boxes * np.array([sx, sy, sx, sy], np.float32) + np.array([left, top, left, top], np.float32)).astype(np.float32)
+        return (
+            boxes * np.array([sx, sy, sx, sy], np.float32)
+            + np.array([left, top, left, top], np.float32)
+        ).astype(np.float32)
 
     def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
         (sy, sx), (top, left) = self.scale, self.offset
-        out = (np.asarray(boxes, np.float32) - np.array([left, top, left, top], np.float32)) / np.array([sx, sy, sx, sy], np.float32)
+        out = (
+            np.asarray(boxes, np.float32) - np.array([left, top, left, top], np.float32)
+        ) / np.array([sx, sy, sx, sy], np.float32)
         return clip_boxes(out.astype(np.float32), self.source_shape, min_size=0.0)
 
     def image_to_canvas(self, image: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

@@ -26,7 +26,9 @@ def values(ds: Dataset, keyword: str) -> list:
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("ascii", "replace").strip(" \x00").split("\\")
     if isinstance(value, (list, tuple, MultiValue)):
-        return [v for v in value if v is not None and v != "" and not isinstance(v, (Dataset, Sequence))]
+        return [
+            v for v in value if v is not None and v != "" and not isinstance(v, (Dataset, Sequence))
+        ]
     return [] if value == "" else [value]
 
 

@@ -19,7 +19,14 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .dicom import MAX_PIXELS, MAX_SPACING_RATIO, ChestImage, auto_window, check_geometry, read_dicom
+from .dicom import (
+    MAX_PIXELS,
+    MAX_SPACING_RATIO,
+    ChestImage,
+    auto_window,
+    check_geometry,
+    read_dicom,
+)
 from .errors import ImageError, ImageErrorReason
 
 logger = logging.getLogger(__name__)
@@ -74,7 +81,9 @@ def sniff_format(path: Path) -> str:
         return "pil"
     if head.startswith(b"NRRD") or b"ObjectType" in head or b"NDims" in head:
         return "sitk"
-    suffix = "".join(path.suffixes[-2:]).lower() if path.name.endswith(".gz") else path.suffix.lower()
+    suffix = (
+        "".join(path.suffixes[-2:]).lower() if path.name.endswith(".gz") else path.suffix.lower()
+    )
     if suffix in SITK_SUFFIXES:
         return "sitk"
     if suffix in DICOM_SUFFIXES:
@@ -124,7 +133,9 @@ def _load_sitk(path: Path) -> ChestImage:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "read failed"
-        raise ImageError(ImageErrorReason.CORRUPT, f"unreadable image ({first_line})", str(path)) from exc
+        raise ImageError(
+            ImageErrorReason.CORRUPT, f"unreadable image ({first_line})", str(path)
+        ) from exc
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(
             ImageErrorReason.COLOUR,
@@ -141,7 +152,9 @@ def _load_sitk(path: Path) -> ChestImage:
     return ChestImage(pixels, (float(row), float(column)), str(path))
 
 
-def make_square_pixels(image: ChestImage, tolerance: float = 0.01, max_pixels: int = MAX_PIXELS) -> ChestImage:
+def make_square_pixels(
+    image: ChestImage, tolerance: float = 0.01, max_pixels: int = MAX_PIXELS
+) -> ChestImage:
     """Resample with SimpleITK so that rows and columns have the same physical spacing.
 
     Some CR readers and scanned films have non-square pixels; the model and the overlays
@@ -158,13 +171,20 @@ def make_square_pixels(image: ChestImage, tolerance: float = 0.01, max_pixels: i
     if abs(row - column) <= tolerance * max(row, column):
         return image
     if max(row, column) > MAX_SPACING_RATIO * min(row, column):
-        logger.warning("%s: pixel spacing with rows and columns more than %g:1 apart; treated as unknown", image.source or "image", MAX_SPACING_RATIO)
+        logger.warning(
+            "%s: pixel spacing with rows and columns more than %g:1 apart; treated as unknown",
+            image.source or "image",
+            MAX_SPACING_RATIO,
+        )
         return replace(image, spacing=None)
     rows, columns = image.pixels.shape
     target = max(min(row, column), math.sqrt(rows * row * columns * column / max_pixels))
     new_size = (max(1, round(columns * column / target)), max(1, round(rows * row / target)))
     if new_size[0] * new_size[1] > max_pixels:
-        new_size = (max(1, math.floor(columns * column / target)), max(1, math.floor(rows * row / target)))
+        new_size = (
+            max(1, math.floor(columns * column / target)),
+            max(1, math.floor(rows * row / target)),
+        )
     source = sitk.GetImageFromArray(image.pixels)
     source.SetSpacing((column, row))
     # Keep the physical extent: the first output pixel's centre sits half a new pixel

@@ -45,4 +45,13 @@ def read_dataset(path: str | Path, layout: str = "auto") -> ChestDataset:
     return LAYOUTS[name](path)
 
 
-__all__ = ["ChestDataset", "DatasetError", "LAYOUTS", "Record", "Split", "detect_layout", "read_dataset", "split_dataset"]
+__all__ = [
+    "ChestDataset",
+    "DatasetError",
+    "LAYOUTS",
+    "Record",
+    "Split",
+    "detect_layout",
+    "read_dataset",
+    "split_dataset",
+]

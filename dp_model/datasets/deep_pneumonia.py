@@ -33,7 +33,9 @@ def looks_like(root: Path) -> bool:
 def read_classes(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
-    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    names = tuple(
+        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    )
     if len(names) < 2 or len(set(names)) != len(names):
         raise DatasetError(f"{path}: need at least two distinct class names, got {list(names)}")
     return names
@@ -43,7 +45,9 @@ def read_boxes(path: Path, known_images: set[str]) -> dict[str, list[list[float]
     boxes: dict[str, list[list[float]]] = defaultdict(list)
     for line, row in read_csv_rows(path, ("image_id", *BOX_COLUMNS)):
         if row["image_id"] not in known_images:
-            raise DatasetError(f"{path}:{line}: box for image {row['image_id']!r}, which labels.csv does not list")
+            raise DatasetError(
+                f"{path}:{line}: box for image {row['image_id']!r}, which labels.csv does not list"
+            )
         box = [parse_float(row[c], path, line, c) for c in BOX_COLUMNS]
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DatasetError(f"{path}:{line}: empty or inverted box {box}")
@@ -59,19 +63,35 @@ def read(root: str | Path) -> ChestDataset:
     images = index_images(root / "images")
     labels: dict[str, tuple[str, str | None]] = {}
     for line, row in rows:
-        image_id, label = row["image_id"], _class_name(row["label"], classes, root / "labels.csv", line)
+        image_id, label = (
+            row["image_id"],
+            _class_name(row["label"], classes, root / "labels.csv", line),
+        )
         if image_id in labels:
             raise DatasetError(f"{root / 'labels.csv'}:{line}: image {image_id!r} listed twice")
         if image_id not in images:
-            raise DatasetError(f"{root / 'labels.csv'}:{line}: no file for image {image_id!r} in {root / 'images'}")
+            raise DatasetError(
+                f"{root / 'labels.csv'}:{line}: no file for image {image_id!r} in {root / 'images'}"
+            )
         labels[image_id] = (label, row.get("patient_id") or None)
     boxes = read_boxes(root / "boxes.csv", set(labels)) if (root / "boxes.csv").exists() else {}
     records = []
     for image_id, (label, patient) in labels.items():
         image_boxes = np.asarray(boxes.get(image_id, []), np.float32).reshape(-1, 4)
         if len(image_boxes) and label == classes[0]:
-            raise DatasetError(f"{root / 'boxes.csv'}: image {image_id!r} is labelled {label!r} but has boxes")
-        records.append(Record(images[image_id], (label,), image_boxes, (label,) * len(image_boxes), patient, image_id))
+            raise DatasetError(
+                f"{root / 'boxes.csv'}: image {image_id!r} is labelled {label!r} but has boxes"
+            )
+        records.append(
+            Record(
+                images[image_id],
+                (label,),
+                image_boxes,
+                (label,) * len(image_boxes),
+                patient,
+                image_id,
+            )
+        )
     return ChestDataset(NAME, root, classes, False, tuple(records))
 
 
@@ -80,4 +100,6 @@ def _class_name(value: str, classes: tuple[str, ...], path: Path, line: int) -> 
         return value
     if value.isdigit() and int(value) < len(classes):
         return classes[int(value)]
-    raise DatasetError(f"{path}:{line}: label {value!r} is neither a class name nor an index below {len(classes)}")
+    raise DatasetError(
+        f"{path}:{line}: label {value!r} is neither a class name nor an index below {len(classes)}"
+    )

@@ -39,16 +39,22 @@ def read(csv_path: str | Path, multi_label: bool | None = None) -> ChestDataset:
     rows = read_csv_rows(csv_path, ("image", "label"))
     images: dict[str, dict] = {}
     for line, row in rows:
-        entry = images.setdefault(row["image"], {"row": row, "line": line, "boxes": [], "box_labels": []})
+        entry = images.setdefault(
+            row["image"], {"row": row, "line": line, "boxes": [], "box_labels": []}
+        )
         for column in ("label", "patient_id", "split"):
             if row.get(column, "") != entry["row"].get(column, ""):
-                raise DatasetError(f"{csv_path}:{line}: {column!r} differs from line {entry['line']} for the same image")
+                raise DatasetError(
+                    f"{csv_path}:{line}: {column!r} differs from line {entry['line']} for the same image"
+                )
         box = _box(row, csv_path, line)
         if box is not None:
             entry["boxes"].append(box)
             entry["box_labels"].append(row.get("box_label") or row["label"])
     if multi_label is None:
-        multi_label = any("|" in e["row"]["label"] or not e["row"]["label"] for e in images.values())
+        multi_label = any(
+            "|" in e["row"]["label"] or not e["row"]["label"] for e in images.values()
+        )
     records = tuple(_record(csv_path, image, e, multi_label) for image, e in images.items())
     classes = _classes(csv_path, records)
     return ChestDataset(NAME, csv_path.parent, classes, multi_label, records)
@@ -73,11 +79,21 @@ def _record(csv_path: Path, image: str, entry: dict, multi_label: bool) -> Recor
         raise DatasetError(f"{csv_path}:{entry['line']}: image file {image!r} not found")
     labels = tuple(x for x in row["label"].split("|") if x) if multi_label else (row["label"],)
     boxes = np.asarray(entry["boxes"], np.float32).reshape(-1, 4)
-    return Record(path, labels, boxes, tuple(entry["box_labels"]), row.get("patient_id") or None, image, row.get("split") or None)
+    return Record(
+        path,
+        labels,
+        boxes,
+        tuple(entry["box_labels"]),
+        row.get("patient_id") or None,
+        image,
+        row.get("split") or None,
+    )
 
 
 def _classes(csv_path: Path, records: tuple[Record, ...]) -> tuple[str, ...]:
     listed = csv_path.parent / "classes.txt"
     if listed.exists():
         return tuple(line.strip() for line in listed.read_text().splitlines() if line.strip())
-    return tuple(sorted({label for record in records for label in (*record.labels, *record.box_labels)}))
+    return tuple(
+        sorted({label for record in records for label in (*record.labels, *record.box_labels)})
+    )

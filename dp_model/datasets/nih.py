@@ -34,9 +34,21 @@ logger = logging.getLogger(__name__)
 
 NAME = "nih"
 CLASSES = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)  # fmt: skip
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 NO_FINDING = "No Finding"
 #: Of the fourteen findings, the one that means pneumonia.
 PNEUMONIA = ("Pneumonia",)
@@ -67,9 +79,24 @@ def read(root: str | Path, missing_images: Literal["skip", "error"] = "skip") ->
             continue
         labels = _findings(row["Finding Labels"], entry, line)
         image_boxes, box_labels = boxes.get(name, (np.zeros((0, 4), np.float32), ()))
-        records.append(Record(images[name], labels, image_boxes, box_labels, row["Patient ID"], name, split.get(name)))
+        records.append(
+            Record(
+                images[name],
+                labels,
+                image_boxes,
+                box_labels,
+                row["Patient ID"],
+                name,
+                split.get(name),
+            )
+        )
     if missing:
-        logger.warning("%s: %d of %d listed images are not on disk and were skipped", root, missing, missing + len(records))
+        logger.warning(
+            "%s: %d of %d listed images are not on disk and were skipped",
+            root,
+            missing,
+            missing + len(records),
+        )
     return ChestDataset(NAME, root, CLASSES, True, tuple(records), PNEUMONIA)
 
 

@@ -30,7 +30,9 @@ SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 def looks_like(root: Path) -> bool:
-    return any((root / split / folder).is_dir() for split in SPLITS for folder in ("NORMAL", "PNEUMONIA"))
+    return any(
+        (root / split / folder).is_dir() for split in SPLITS for folder in ("NORMAL", "PNEUMONIA")
+    )
 
 
 def read(root: str | Path, classes: Literal["three", "two"] = "three") -> ChestDataset:
@@ -45,7 +47,15 @@ def read(root: str | Path, classes: Literal["three", "two"] = "three") -> ChestD
             for path in sorted(p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES):
                 label = _label(path, folder, classes)
                 match = PATIENT.match(path.stem)
-                records.append(Record(path, (label,), patient_id=match.group(1) if match else None, image_id=path.stem, split=split))
+                records.append(
+                    Record(
+                        path,
+                        (label,),
+                        patient_id=match.group(1) if match else None,
+                        image_id=path.stem,
+                        split=split,
+                    )
+                )
     if not records:
         raise DatasetError(f"{root}: no images in train|val|test/NORMAL|PNEUMONIA")
     return ChestDataset(NAME, root, THREE if classes == "three" else TWO, False, tuple(records))

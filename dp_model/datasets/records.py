@@ -66,14 +66,22 @@ class ChestDataset:
         for record in self.records:
             unknown = [label for label in record.labels if label not in known]
             if unknown:
-                raise DatasetError(f"{self.root}: {record.image_id or record.image}: unknown label {unknown[0]!r}; classes are {list(self.classes)}")
+                raise DatasetError(
+                    f"{self.root}: {record.image_id or record.image}: unknown label {unknown[0]!r}; classes are {list(self.classes)}"
+                )
             unknown_boxes = [label for label in record.box_labels if label not in known]
             if unknown_boxes:
-                raise DatasetError(f"{self.root}: {record.image_id or record.image}: box label {unknown_boxes[0]!r} is not a class; classes are {list(self.classes)}")
+                raise DatasetError(
+                    f"{self.root}: {record.image_id or record.image}: box label {unknown_boxes[0]!r} is not a class; classes are {list(self.classes)}"
+                )
             if len(record.box_labels) != len(record.boxes):
-                raise DatasetError(f"{self.root}: {record.image_id}: {len(record.boxes)} boxes but {len(record.box_labels)} box labels")
+                raise DatasetError(
+                    f"{self.root}: {record.image_id}: {len(record.boxes)} boxes but {len(record.box_labels)} box labels"
+                )
             if not self.multi_label and len(record.labels) != 1:
-                raise DatasetError(f"{self.root}: {record.image_id}: {len(record.labels)} labels in a single-label dataset")
+                raise DatasetError(
+                    f"{self.root}: {record.image_id}: {len(record.labels)} labels in a single-label dataset"
+                )
 
     def pneumonia_classes(self, normal: str) -> tuple[str, ...]:
         """The declared pneumonia classes, or every class but ``normal``."""
@@ -123,7 +131,9 @@ def read_csv_rows(path: Path, required: Sequence[str]) -> list[tuple[int, dict[s
         if missing:
             raise DatasetError(f"{path}: missing column(s) {missing}; header is {header}")
         reader.fieldnames = header
-        return [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}) for row in reader]
+        return [
+            (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}) for row in reader
+        ]
 
 
 def parse_float(value: str, path: Path, line: int, column: str) -> float:
@@ -136,7 +146,9 @@ def parse_float(value: str, path: Path, line: int, column: str) -> float:
     return number
 
 
-def index_images(folder: Path, suffixes: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")) -> dict[str, Path]:
+def index_images(
+    folder: Path, suffixes: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+) -> dict[str, Path]:
     """Map file stem (and full name) to path for every image below ``folder``."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: image folder not found")

@@ -53,11 +53,22 @@ def read(root: str | Path) -> ChestDataset:
         if label is None:
             raise DatasetError(f"{root / CLASSES_CSV}: no class for patientId {patient!r}")
         if (label == "Lung Opacity") != bool(target):
-            raise DatasetError(f"{root}: patientId {patient!r} has Target {target} but class {label!r}")
+            raise DatasetError(
+                f"{root}: patientId {patient!r} has Target {target} but class {label!r}"
+            )
         if patient not in images:
             raise DatasetError(f"{folder}: no DICOM file {patient}.dcm")
         xyxy = xywh_to_xyxy(boxes[patient]) if boxes[patient] else np.zeros((0, 4), np.float32)
-        records.append(Record(images[patient], (label,), xyxy, (label,) * len(xyxy), header_patient(images[patient]) or patient, patient))
+        records.append(
+            Record(
+                images[patient],
+                (label,),
+                xyxy,
+                (label,) * len(xyxy),
+                header_patient(images[patient]) or patient,
+                patient,
+            )
+        )
     return ChestDataset(NAME, root, CLASSES, False, tuple(records), PNEUMONIA)
 
 
@@ -85,7 +96,9 @@ def _read_labels(path: Path) -> tuple[dict[str, list[list[float]]], dict[str, in
             raise DatasetError(f"{path}:{line}: patientId {patient!r} has rows with Target 0 and 1")
         entry = boxes.setdefault(patient, [])
         if target == "1":
-            entry.append([parse_float(row[c], path, line, c) for c in ("x", "y", "width", "height")])
+            entry.append(
+                [parse_float(row[c], path, line, c) for c in ("x", "y", "width", "height")]
+            )
     return boxes, targets
 
 
@@ -93,7 +106,11 @@ def _read_detailed(path: Path) -> dict[str, str]:
     classes: dict[str, str] = {}
     for line, row in read_csv_rows(path, ("patientId", "class")):
         if row["class"] not in CLASSES:
-            raise DatasetError(f"{path}:{line}: unknown class {row['class']!r}; expected one of {list(CLASSES)}")
+            raise DatasetError(
+                f"{path}:{line}: unknown class {row['class']!r}; expected one of {list(CLASSES)}"
+            )
         if classes.setdefault(row["patientId"], row["class"]) != row["class"]:
-            raise DatasetError(f"{path}:{line}: patientId {row['patientId']!r} has two different classes")
+            raise DatasetError(
+                f"{path}:{line}: patientId {row['patientId']!r} has two different classes"
+            )
     return classes

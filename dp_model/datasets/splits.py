@@ -30,7 +30,9 @@ class Split:
     method: str
 
 
-def split_dataset(dataset: ChestDataset, test_fraction: float = 0.1, seed: int = 0, method: Method = "auto") -> Split:
+def split_dataset(
+    dataset: ChestDataset, test_fraction: float = 0.1, seed: int = 0, method: Method = "auto"
+) -> Split:
     """Split ``dataset``; ``auto`` is patient-level when every record has a patient id, else stratified."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -71,7 +73,9 @@ def patient_split(dataset: ChestDataset, test_fraction: float, seed: int) -> Spl
     """Stratified by class at the level of patients: each patient's images all go to one side."""
     missing = sum(1 for r in dataset.records if r.patient_id is None)
     if missing:
-        raise DatasetError(f"{dataset.root}: {missing} images have no patient id; a patient-level split needs them all")
+        raise DatasetError(
+            f"{dataset.root}: {missing} images have no patient id; a patient-level split needs them all"
+        )
     frequency = Counter(label for r in dataset.records for label in r.labels)
     patients: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(dataset.records):
@@ -116,7 +120,8 @@ def _finish(dataset: ChestDataset, test: list[int], method: str) -> Split:
     chosen = set(test)
     train = tuple(i for i in range(len(dataset.records)) if i not in chosen)
     split = Split(train, tuple(sorted(chosen)), method)
-    logger.debug("%s split: %d images kept, %d held out", method, len(split.train), len(split.test))  # test or validation: the caller says
+    # test or validation: the caller says
+    logger.debug("%s split: %d images kept, %d held out", method, len(split.train), len(split.test))
     return split
 
 
@@ -138,7 +143,15 @@ def split_subset(dataset: ChestDataset, split_file: dict, part: str) -> ChestDat
     wanted = set(split_file.get(part, []))
     chosen = [record for record in dataset.records if hashed_id(record.image_id) in wanted]
     if not chosen:
-        raise DatasetError(f"{dataset.root}: none of its {len(dataset.records)} images is in the bundle's {part} split; is it the dataset the bundle was trained from?")
+        raise DatasetError(
+            f"{dataset.root}: none of its {len(dataset.records)} images is in the bundle's {part} split; is it the dataset the bundle was trained from?"
+        )
     if len(chosen) < len(wanted):
-        logger.warning("%d of the %d images of the bundle's %s split are not in %s", len(wanted) - len(chosen), len(wanted), part, dataset.root)
+        logger.warning(
+            "%d of the %d images of the bundle's %s split are not in %s",
+            len(wanted) - len(chosen),
+            len(wanted),
+            part,
+            dataset.root,
+        )
     return replace(dataset, records=chosen)

@@ -69,7 +69,13 @@ def sample_anatomy(rng: np.random.Generator, unrecorded_cardiomegaly: bool = Tru
         dome_right=dome_right,
         dome_left=dome_right + rng.uniform(0.02, 0.08),
         costophrenic_depth=rng.uniform(0.12, 0.2),
-        heart=(rng.uniform(0.07, 0.14), dome_right + rng.uniform(-0.1, -0.03), heart_rx, heart_ry, rng.uniform(0.15, 0.45)),
+        heart=(
+            rng.uniform(0.07, 0.14),
+            dome_right + rng.uniform(-0.1, -0.03),
+            heart_rx,
+            heart_ry,
+            rng.uniform(0.15, 0.45),
+        ),
         mediastinum_half_width=rng.uniform(0.08, 0.105),
         rib_gap=rng.uniform(0.115, 0.135),
         rib_curvature=rng.uniform(0.32, 0.48),
@@ -104,7 +110,9 @@ def render_anatomy(anatomy: Anatomy, frame: Frame, rng: np.random.Generator) -> 
         lung[window] *= centre
     lungs = lung_right + lung_left
     attenuation = _body(u, v, anatomy) - 0.55 * lungs * _lung_depth(u, v, anatomy)
-    attenuation[window] += 0.06 * heart + _spine(*frame.local(window), heart) + _airways(*frame.local(window))
+    attenuation[window] += (
+        0.06 * heart + _spine(*frame.local(window), heart) + _airways(*frame.local(window))
+    )
     attenuation += _ribs(u, v, anatomy) * (0.45 + 0.55 * lungs)
     _add_clavicles(attenuation, frame, anatomy)
     _add_shoulders(attenuation, frame, anatomy)
@@ -127,7 +135,9 @@ def lung_outline(u: np.ndarray, v: np.ndarray, anatomy: Anatomy, side: int) -> n
     """Signed margin of one lung's outer outline (apex and lateral wall): a tilted ellipse."""
     half_width = 0.5 * anatomy.thorax_half_width + 0.05
     centre = side * (anatomy.thorax_half_width - half_width)
-    return ellipse_margin(u, v, centre, anatomy.lung_centre_v, half_width, anatomy.lung_half_height, side * 0.1)
+    return ellipse_margin(
+        u, v, centre, anatomy.lung_centre_v, half_width, anatomy.lung_half_height, side * 0.1
+    )
 
 
 def lateral_wall(v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
@@ -162,13 +172,20 @@ def _lung_depth(u: np.ndarray, v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
 def _mediastinum(u: np.ndarray, v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     width = anatomy.mediastinum_half_width + 0.03 * soft(v + 0.1, 0.1)
     band = soft(width - np.abs(u - 0.01), 0.012)
-    knob = soft(ellipse_margin(u, v, anatomy.mediastinum_half_width + 0.005, anatomy.heart[1] - 0.48, 0.055, 0.07), 0.015)
+    knob = soft(
+        ellipse_margin(
+            u, v, anatomy.mediastinum_half_width + 0.005, anatomy.heart[1] - 0.48, 0.055, 0.07
+        ),
+        0.015,
+    )
     return np.maximum(band, knob)
 
 
 def _body(u: np.ndarray, v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     """Soft tissue: an elliptical chest that widens into the shoulders at the top."""
-    chest = (anatomy.thorax_half_width + 0.14) * np.sqrt(np.clip(1.0 - ((v - 0.3) / 1.5) ** 2, 0.05, 1.0))
+    chest = (anatomy.thorax_half_width + 0.14) * np.sqrt(
+        np.clip(1.0 - ((v - 0.3) / 1.5) ** 2, 0.05, 1.0)
+    )
     shoulders = soft(-0.58 - v, 0.06)
     half = chest * (1.0 - shoulders) + 1.25 * shoulders
     thickness = np.sqrt(np.clip(1.0 - (u / half) ** 2, 0.0, 1.0))
@@ -187,14 +204,19 @@ def _add_breasts(out: np.ndarray, frame: Frame, anatomy: Anatomy) -> None:
 def _spine(u: np.ndarray, v: np.ndarray, heart: np.ndarray) -> np.ndarray:
     column = soft(0.058 - np.abs(u), 0.006)
     endplates = np.cos(np.pi * v / 0.075) ** 8  # bright endplates between vertebral bodies
-    pedicles = soft(0.012 - np.abs(np.abs(u) - 0.04), 0.004) * np.cos(np.pi * (v + 0.02) / 0.075) ** 2
+    pedicles = (
+        soft(0.012 - np.abs(np.abs(u) - 0.04), 0.004) * np.cos(np.pi * (v + 0.02) / 0.075) ** 2
+    )
     return (0.03 + 0.012 * endplates + 0.02 * pedicles) * column * (1.0 - 0.6 * heart)
 
 
 def _airways(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     carina = -0.3
     trachea = soft(0.03 - np.abs(u + 0.01), 0.006) * soft(carina - v, 0.01) * soft(v + 1.0, 0.05)
-    bronchi = sum(soft(0.022 - segment_distance(u, v, (0.0, carina), (s * 0.15, carina + 0.17)), 0.006) for s in (-1, 1))
+    bronchi = sum(
+        soft(0.022 - segment_distance(u, v, (0.0, carina), (s * 0.15, carina + 0.17)), 0.006)
+        for s in (-1, 1)
+    )
     return -0.1 * np.clip(trachea + bronchi, 0.0, 1.0)
 
 
@@ -213,7 +235,9 @@ def _ribs(u: np.ndarray, v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     wall = lateral_wall(v, anatomy)
     apex = anatomy.lung_centre_v - anatomy.lung_half_height
     region = soft(wall + 0.06 - a, 0.02) * soft(a - 0.06, 0.01) * soft(v - apex + 0.06, 0.02)
-    region *= soft(0.5 * (anatomy.dome_right + anatomy.dome_left) + anatomy.costophrenic_depth + 0.08 - v, 0.04)
+    region *= soft(
+        0.5 * (anatomy.dome_right + anatomy.dome_left) + anatomy.costophrenic_depth + 0.08 - v, 0.04
+    )
     # Posterior ribs leave the spine almost level, then arch down laterally; the spaces
     # between them widen towards the base.
     drop = v - apex + 0.05 * a - anatomy.rib_curvature * 1.9 * (a - 0.05) ** 2
@@ -229,10 +253,17 @@ def _ribs(u: np.ndarray, v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
 def _add_clavicles(out: np.ndarray, frame: Frame, anatomy: Anatomy) -> None:
     medial_v, rise = anatomy.clavicle
     for side in (-1, 1):
-        points = [(side * 0.06, medial_v), (side * 0.22, medial_v - 0.01), (side * 0.42, medial_v - 0.3 * rise), (side * 0.62, medial_v - rise)]
+        points = [
+            (side * 0.06, medial_v),
+            (side * 0.22, medial_v - 0.01),
+            (side * 0.42, medial_v - 0.3 * rise),
+            (side * 0.62, medial_v - rise),
+        ]
         window = frame.box_window(points, 0.04)
         u, v = frame.local(window)
-        distance = np.minimum.reduce([segment_distance(u, v, a, b) for a, b in zip(points, points[1:])])
+        distance = np.minimum.reduce(
+            [segment_distance(u, v, a, b) for a, b in zip(points, points[1:])]
+        )
         thickness = 0.024
         bone = soft(thickness - distance, 0.005)
         cortex = np.exp(-(((thickness - distance) / 0.006) ** 2)) * bone
@@ -243,7 +274,9 @@ def _add_shoulders(out: np.ndarray, frame: Frame, anatomy: Anatomy) -> None:
     """Humeral heads and the scapulae."""
     for side in (-1, 1):
         window = frame.window((side * 0.98, -0.74), 0.18)
-        out[window] += 0.15 * soft(ellipse_margin(*frame.local(window), side * 0.98, -0.74, 0.15, 0.16), 0.01)
+        out[window] += 0.15 * soft(
+            ellipse_margin(*frame.local(window), side * 0.98, -0.74, 0.15, 0.16), 0.01
+        )
         window = frame.window((side * 0.8, -0.4), 0.4)
         scapula = ellipse_margin(*frame.local(window), side * 0.8, -0.4, 0.18, 0.36, side * -0.25)
         out[window] += (0.08 if anatomy.ap_view else 0.04) * soft(scapula, 0.015)
@@ -277,7 +310,10 @@ def _vessels(frame: Frame, anatomy: Anatomy) -> np.ndarray:
             for (x0, y0), (x1, y1) in zip(pixels[: len(starts)], pixels[len(starts) :]):
                 draw.line([(x0, y0), (x1, y1)], fill=190 - 25 * depth, width=max(1, round(width)))
             turns = rng.uniform(-0.6, 0.6, (len(ends), 2)).reshape(-1)
-            starts, directions = np.repeat(ends, 2, axis=0), _rotate(np.repeat(directions, 2, axis=0), turns)
+            starts, directions = (
+                np.repeat(ends, 2, axis=0),
+                _rotate(np.repeat(directions, 2, axis=0), turns),
+            )
             length, width = length * rng.uniform(0.6, 0.8), width * 0.7
         hx, hy = frame.to_pixels(hilum[None])[0]
         r = 0.06 * px_per_unit
@@ -288,7 +324,10 @@ def _vessels(frame: Frame, anatomy: Anatomy) -> np.ndarray:
 
 def _rotate(vectors: np.ndarray, angles: np.ndarray) -> np.ndarray:
     cos, sin = np.cos(angles), np.sin(angles)
-    return np.stack([cos * vectors[:, 0] - sin * vectors[:, 1], sin * vectors[:, 0] + cos * vectors[:, 1]], axis=1)
+    return np.stack(
+        [cos * vectors[:, 0] - sin * vectors[:, 1], sin * vectors[:, 0] + cos * vectors[:, 1]],
+        axis=1,
+    )
 
 
 def _texture(rng: np.random.Generator, res: int) -> np.ndarray:

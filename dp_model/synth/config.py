@@ -57,12 +57,31 @@ class Difficulty:
     abnormality_rate: float = 0.3
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.lesion_contrast <= 3.0, "lesion_contrast", self.lesion_contrast, "in (0, 3]")
-        _check(0.0 <= self.contrast_spread <= 2.0, "contrast_spread", self.contrast_spread, "in [0, 2]")
-        _check(0.0 <= self.distractor_rate <= 20.0, "distractor_rate", self.distractor_rate, "in [0, 20]")
+        _check(
+            0.0 < self.lesion_contrast <= 3.0, "lesion_contrast", self.lesion_contrast, "in (0, 3]"
+        )
+        _check(
+            0.0 <= self.contrast_spread <= 2.0, "contrast_spread", self.contrast_spread, "in [0, 2]"
+        )
+        _check(
+            0.0 <= self.distractor_rate <= 20.0,
+            "distractor_rate",
+            self.distractor_rate,
+            "in [0, 20]",
+        )
         _check(0.0 <= self.label_noise <= 0.5, "label_noise", self.label_noise, "in [0, 0.5]")
-        _check(0.0 <= self.pathology_overlap <= 1.0, "pathology_overlap", self.pathology_overlap, "in [0, 1]")
-        _check(0.0 <= self.abnormality_rate <= 1.0, "abnormality_rate", self.abnormality_rate, "in [0, 1]")
+        _check(
+            0.0 <= self.pathology_overlap <= 1.0,
+            "pathology_overlap",
+            self.pathology_overlap,
+            "in [0, 1]",
+        )
+        _check(
+            0.0 <= self.abnormality_rate <= 1.0,
+            "abnormality_rate",
+            self.abnormality_rate,
+            "in [0, 1]",
+        )
 
 
 @dataclass(frozen=True)
@@ -106,14 +125,31 @@ class SynthConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        _check(1 <= self.num_images <= 10_000_000, "num_images", self.num_images, "in [1, 10000000]")
+        _check(
+            1 <= self.num_images <= 10_000_000, "num_images", self.num_images, "in [1, 10000000]"
+        )
         _check(64 <= self.size <= 4096, "size", self.size, "in [64, 4096]")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.version in VERSIONS, "version", self.version, f"one of {list(VERSIONS)}")
-        _check(all(w >= 0 for w in self.class_weights) and sum(self.class_weights) > 0, "class_weights", self.class_weights, "non-negative, not all zero")
-        _check(0.0 <= self.monochrome1_fraction <= 1.0, "monochrome1_fraction", self.monochrome1_fraction, "in [0, 1]")
+        _check(
+            all(w >= 0 for w in self.class_weights) and sum(self.class_weights) > 0,
+            "class_weights",
+            self.class_weights,
+            "non-negative, not all zero",
+        )
+        _check(
+            0.0 <= self.monochrome1_fraction <= 1.0,
+            "monochrome1_fraction",
+            self.monochrome1_fraction,
+            "in [0, 1]",
+        )
         _check(0.0 <= self.dx_fraction <= 1.0, "dx_fraction", self.dx_fraction, "in [0, 1]")
-        _check(0.0 < self.patients_per_image <= 1.0, "patients_per_image", self.patients_per_image, "in (0, 1]")
+        _check(
+            0.0 < self.patients_per_image <= 1.0,
+            "patients_per_image",
+            self.patients_per_image,
+            "in (0, 1]",
+        )
         _check(self.workers >= 0, "workers", self.workers, ">= 0")
         if self.layout == "rsna" and self.image_format != "dicom":
             raise ValueError("the rsna layout holds DICOM files; set image_format: dicom")

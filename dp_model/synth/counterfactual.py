@@ -24,7 +24,16 @@ from .anatomy import render_anatomy, sample_anatomy
 from .config import SynthConfig
 from .frame import Frame
 from .lesions import LESIONS, Opacity, Scene, distractors
-from .render import MAX_WORK_RES, _boxes, _burn_marker, _overlap, _record, _sample_class, form_image, patient_of
+from .render import (
+    MAX_WORK_RES,
+    _boxes,
+    _burn_marker,
+    _overlap,
+    _record,
+    _sample_class,
+    form_image,
+    patient_of,
+)
 
 __all__ = ["Variants", "render_variants"]
 
@@ -61,14 +70,21 @@ def render_variants(config: SynthConfig, index: int) -> Variants:
     the localization tables, configs/synth_learning.yaml). A version 2 config is refused, so
     that a variant is never passed off as a case it is not."""
     if config.version != 1:
-        raise ValueError(f"counterfactual variants follow generator version 1's draws; this config is version {config.version} (set version: 1)")
+        raise ValueError(
+            f"counterfactual variants follow generator version 1's draws; this config is version {config.version} (set version: 1)"
+        )
     rng = np.random.default_rng([config.seed, 1, index])
     patient = patient_of(index, config)
     patient_rng = np.random.default_rng([config.seed, 2, patient])
     anatomy = sample_anatomy(patient_rng)
     label = _sample_class(rng, config)
     res = min(config.size, MAX_WORK_RES)
-    frame = Frame(res, scale=rng.uniform(1.0, 1.12), angle=rng.normal(0, 0.035), shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)))
+    frame = Frame(
+        res,
+        scale=rng.uniform(1.0, 1.12),
+        angle=rng.normal(0, 0.035),
+        shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)),
+    )
     scene = Scene(anatomy, render_anatomy(anatomy, frame, patient_rng), frame)
     difficulty = config.difficulty
     density = difficulty.lesion_contrast * float(np.exp(rng.normal(0, difficulty.contrast_spread)))
@@ -78,13 +94,15 @@ def render_variants(config: SynthConfig, index: int) -> Variants:
     parts = [_placed(opacity, res) for opacity in lesions]
     moved = [_mirrored(part, scene) for part in parts]
 
-    def attenuation(first: list[Opacity]) -> np.ndarray:  # added in render_case's order, so that the sums match to the bit
+    def attenuation(first: list[Opacity]) -> np.ndarray:
+        # added in render_case's order, so that the sums match to the bit
         found = scene.maps.attenuation.copy()
         for opacity in (*first, *extra, *clutter):
             found[opacity.window] += opacity.layer
         return found
 
-    def finish(attenuation: np.ndarray) -> np.ndarray:  # the rest of render_case's draws, from the same state
+    def finish(attenuation: np.ndarray) -> np.ndarray:
+        # the rest of render_case's draws, from the same state
         own = copy.deepcopy(rng)
         pixels = form_image(attenuation, config.size, own)
         _record(own, label, _boxes(lesions, res, config.size, own), difficulty.label_noise)
@@ -94,9 +112,14 @@ def render_variants(config: SynthConfig, index: int) -> Variants:
 
     scale = config.size / res
     return Variants(
-        index, label, finish(attenuation(lesions)), finish(attenuation([])), finish(attenuation([Opacity((slice(None), slice(None)), part) for part in moved])),
-        _tight_boxes(parts, scale), _tight_boxes(moved, scale),
-    )  # fmt: skip
+        index,
+        label,
+        finish(attenuation(lesions)),
+        finish(attenuation([])),
+        finish(attenuation([Opacity((slice(None), slice(None)), part) for part in moved])),
+        _tight_boxes(parts, scale),
+        _tight_boxes(moved, scale),
+    )
 
 
 def _placed(opacity: Opacity, res: int) -> np.ndarray:
@@ -112,7 +135,9 @@ def _mirrored(layer: np.ndarray, scene: Scene) -> np.ndarray:
         return layer
     u, v = scene.frame.grids
     source = scene.frame.to_pixels(np.stack([-u.ravel(), v.ravel()], axis=1)) - 0.5  # pixel centres
-    mirrored = ndimage.map_coordinates(layer, [source[:, 1], source[:, 0]], order=1, mode="constant").reshape(layer.shape)
+    mirrored = ndimage.map_coordinates(
+        layer, [source[:, 1], source[:, 0]], order=1, mode="constant"
+    ).reshape(layer.shape)
     return (mirrored * np.clip(scene.maps.lungs, 0.0, 1.0)).astype(np.float32)
 
 

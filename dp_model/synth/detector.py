@@ -59,10 +59,54 @@ class Device:
 
 #: The systems images come from, equally often.
 DEVICES = (
-    Device("CR-1", damping=0.35, reference=0.75, edges=0.25, centre=0.80, width=0.19, black=0.04, white=0.88, photons=2200.0, electronic=0.008),
-    Device("CR-2", damping=0.5, reference=0.7, edges=0.45, centre=0.74, width=0.16, black=0.06, white=0.92, photons=1800.0, electronic=0.01),
-    Device("DR-1", damping=0.45, reference=0.8, edges=0.3, centre=0.84, width=0.22, black=0.03, white=0.84, photons=4500.0, electronic=0.004),
-    Device("DR-2", damping=0.55, reference=0.75, edges=0.55, centre=0.78, width=0.2, black=0.05, white=0.9, photons=3500.0, electronic=0.005),
+    Device(
+        "CR-1",
+        damping=0.35,
+        reference=0.75,
+        edges=0.25,
+        centre=0.80,
+        width=0.19,
+        black=0.04,
+        white=0.88,
+        photons=2200.0,
+        electronic=0.008,
+    ),
+    Device(
+        "CR-2",
+        damping=0.5,
+        reference=0.7,
+        edges=0.45,
+        centre=0.74,
+        width=0.16,
+        black=0.06,
+        white=0.92,
+        photons=1800.0,
+        electronic=0.01,
+    ),
+    Device(
+        "DR-1",
+        damping=0.45,
+        reference=0.8,
+        edges=0.3,
+        centre=0.84,
+        width=0.22,
+        black=0.03,
+        white=0.84,
+        photons=4500.0,
+        electronic=0.004,
+    ),
+    Device(
+        "DR-2",
+        damping=0.55,
+        reference=0.75,
+        edges=0.55,
+        centre=0.78,
+        width=0.2,
+        black=0.05,
+        white=0.9,
+        photons=3500.0,
+        electronic=0.005,
+    ),
 )
 
 #: Share of the patient's extra (or missing) thickness that automatic exposure control
@@ -88,7 +132,13 @@ def acquire(rng: np.random.Generator, anatomy: Anatomy) -> Acquisition:
     return Acquisition(device, centre, width, device.photons * rng.uniform(0.7, 1.4))
 
 
-def form_image(attenuation: np.ndarray, anatomy_only: np.ndarray, size: int, acquisition: Acquisition, rng: np.random.Generator) -> np.ndarray:
+def form_image(
+    attenuation: np.ndarray,
+    anatomy_only: np.ndarray,
+    size: int,
+    acquisition: Acquisition,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """The processed, displayed image with noise, ``(size, size)`` float32 in ``[0, 1]``.
 
     Args:
@@ -108,7 +158,9 @@ def form_image(attenuation: np.ndarray, anatomy_only: np.ndarray, size: int, acq
     full = resize(display, size) if size != res else display
     full = (full - device.black) * np.float32(1.0 / (device.white - device.black))
     noise = rng.standard_normal(full.shape, dtype=np.float32)
-    noise *= np.sqrt(upsample_nearest(sigma.astype(np.float32), size) ** 2 + np.float32(device.electronic**2))
+    noise *= np.sqrt(
+        upsample_nearest(sigma.astype(np.float32), size) ** 2 + np.float32(device.electronic**2)
+    )
     full += noise
     return np.clip(full, 0.0, 1.0, out=full).astype(np.float32, copy=False)
 
@@ -121,4 +173,6 @@ def _process(attenuation: np.ndarray, device: Device, fine: bool) -> np.ndarray:
 
 
 def _tone(processed: np.ndarray, acquisition: Acquisition) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-(processed - acquisition.centre) / acquisition.width))).astype(np.float32)
+    return (1.0 / (1.0 + np.exp(-(processed - acquisition.centre) / acquisition.width))).astype(
+        np.float32
+    )

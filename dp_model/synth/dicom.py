@@ -15,13 +15,13 @@ from datetime import date, timedelta
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
 )
 
 from .render import Case
@@ -121,5 +121,9 @@ def _dx_modules(ds: Dataset, monochrome1: bool) -> None:
 
 def _code(code: Code) -> Dataset:
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (
+        code.value,
+        code.scheme_designator,
+        code.meaning,
+    )
     return item

@@ -38,7 +38,12 @@ DENSITY = 0.3
 EXTENT = (0.08, 0.2)
 #: Where each type leans: half its foci fall in this vertical band of the lung (0 apex,
 #: 1 base), the other half anywhere from 0.15 to 0.85.
-ZONES = {"lobar": (0.5, 0.85), "bronchopneumonia": (0.5, 0.85), "interstitial": (0.35, 0.85), "cavitary": (0.15, 0.5)}
+ZONES = {
+    "lobar": (0.5, 0.85),
+    "bronchopneumonia": (0.5, 0.85),
+    "interstitial": (0.35, 0.85),
+    "cavitary": (0.15, 0.5),
+}
 #: Chance of a second focus, by type.
 SECOND_FOCUS = {"lobar": 0.2, "bronchopneumonia": 0.35, "interstitial": 0.45, "cavitary": 0.25}
 
@@ -60,7 +65,9 @@ def draw_focus(scene: Scene, rng: np.random.Generator, kind: str, density: float
     zone = rng.uniform(*band)
     centre = scene.point(rng, side, (max(0.05, zone - 0.05), min(0.95, zone + 0.05)))
     extent = float(np.exp(rng.uniform(np.log(EXTENT[0]), np.log(EXTENT[1]))))
-    return Focus(side, centre, extent, DENSITY * density * rng.uniform(0.75, 1.25), rng.uniform(0.0, 1.0))
+    return Focus(
+        side, centre, extent, DENSITY * density * rng.uniform(0.75, 1.25), rng.uniform(0.0, 1.0)
+    )
 
 
 def pneumonia(kind: str, scene: Scene, rng: np.random.Generator, density: float) -> list[Opacity]:
@@ -69,13 +76,17 @@ def pneumonia(kind: str, scene: Scene, rng: np.random.Generator, density: float)
     return [PATTERNS[kind](scene, rng, draw_focus(scene, rng, kind, density)) for _ in range(count)]
 
 
-def _frame_focus(scene: Scene, focus: Focus, reach: float = 1.5) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
+def _frame_focus(
+    scene: Scene, focus: Focus, reach: float = 1.5
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
     window = scene.frame.window(focus.centre, reach * focus.extent + 0.04)
     u, v = scene.frame.local(window)
     return window, u, v
 
 
-def _scaled(scene: Scene, window, region: np.ndarray, pattern: np.ndarray, density: float) -> Opacity:
+def _scaled(
+    scene: Scene, window, region: np.ndarray, pattern: np.ndarray, density: float
+) -> Opacity:
     """``pattern`` inside ``region``, confined to the lungs, scaled to mean ``density`` over
     the box a reader would draw around it: every type adds the same density to its box on
     average, whatever its pattern."""
@@ -84,7 +95,11 @@ def _scaled(scene: Scene, window, region: np.ndarray, pattern: np.ndarray, densi
     if box is None:
         return opacity
     x0, y0, x1, y1 = (int(b) for b in box)
-    mean = float(opacity.layer[y0 - window[0].start : y1 - window[0].start, x0 - window[1].start : x1 - window[1].start].mean())
+    mean = float(
+        opacity.layer[
+            y0 - window[0].start : y1 - window[0].start, x0 - window[1].start : x1 - window[1].start
+        ].mean()
+    )
     opacity.layer *= np.float32(density / mean)
     return opacity
 
@@ -99,8 +114,11 @@ def lobar(scene: Scene, rng: np.random.Generator, focus: Focus) -> Opacity:
     cu, cv = focus.centre
     rx, ry = focus.extent * rng.uniform(0.9, 1.2), focus.extent * rng.uniform(0.75, 1.05)
     region = soft(ellipse_margin(u, v, cu, cv, rx, ry, rng.uniform(-0.5, 0.5)), 0.15 * focus.extent)
-    slope, upper = rng.uniform(-0.35, 0.35), rng.random() < 0.5  # a fissure: one sharp straight edge
-    fissure = (cv + 0.5 * ry + slope * (u - cu)) - v if upper else v - (cv - 0.5 * ry + slope * (u - cu))
+    # a fissure: one sharp straight edge
+    slope, upper = rng.uniform(-0.35, 0.35), rng.random() < 0.5
+    fissure = (
+        (cv + 0.5 * ry + slope * (u - cu)) - v if upper else v - (cv - 0.5 * ry + slope * (u - cu))
+    )
     region = region * soft(fissure, 0.004)
     mottling = 0.8 + 0.35 * focus.heterogeneity * _noise(rng, u.shape, _cells(focus, 0.08))
     bronchi = _bronchograms(rng, scene.frame, window, focus.centre, max(rx, ry), width_units=0.012)
@@ -112,20 +130,33 @@ def bronchopneumonia(scene: Scene, rng: np.random.Generator, focus: Focus) -> Op
     cu, cv = focus.centre
     total = np.zeros(u.shape, np.float32)
     radius_range = (0.028, 0.048)
-    count = int(round(rng.uniform(0.8, 1.2) * (focus.extent / 0.038) ** 2 * (1.5 - 0.7 * focus.heterogeneity)))
+    count = int(
+        round(
+            rng.uniform(0.8, 1.2) * (focus.extent / 0.038) ** 2 * (1.5 - 0.7 * focus.heterogeneity)
+        )
+    )
     for _ in range(max(5, count)):
         bu, bv = cu + rng.normal(0, 0.55 * focus.extent), cv + rng.normal(0, 0.45 * focus.extent)
         radius = rng.uniform(*radius_range)
         total += np.exp(-((u - bu) ** 2 + (v - bv) ** 2) / radius**2) * rng.uniform(0.6, 1.0)
     fluffy = 1.0 - np.exp(-1.6 * total)  # overlapping nodules merge, without exceeding solid
-    region = soft(ellipse_margin(u, v, cu, cv, 1.3 * focus.extent, 1.1 * focus.extent), 0.2 * focus.extent)
-    return _scaled(scene, window, region, 0.25 * (1.0 - focus.heterogeneity) + fluffy, focus.density)
+    region = soft(
+        ellipse_margin(u, v, cu, cv, 1.3 * focus.extent, 1.1 * focus.extent), 0.2 * focus.extent
+    )
+    return _scaled(
+        scene, window, region, 0.25 * (1.0 - focus.heterogeneity) + fluffy, focus.density
+    )
 
 
 def interstitial(scene: Scene, rng: np.random.Generator, focus: Focus) -> Opacity:
     window, u, v = _frame_focus(scene, focus)
     cu, cv = focus.centre
-    region = soft(ellipse_margin(u, v, cu, cv, focus.extent * rng.uniform(1.0, 1.3), focus.extent * rng.uniform(1.0, 1.3)), 0.25 * focus.extent)
+    region = soft(
+        ellipse_margin(
+            u, v, cu, cv, focus.extent * rng.uniform(1.0, 1.3), focus.extent * rng.uniform(1.0, 1.3)
+        ),
+        0.25 * focus.extent,
+    )
     # A net of lines where band-limited noise crosses zero, over a ground-glass haze.
     net = soft(0.18 - np.abs(_noise(rng, u.shape, _cells(focus, 0.085))), 0.05)
     haze = 0.7 + 0.3 * _noise(rng, u.shape, _cells(focus, 0.2))
@@ -139,12 +170,18 @@ def cavitary(scene: Scene, rng: np.random.Generator, focus: Focus) -> Opacity:
     radius = focus.extent * rng.uniform(0.45, 0.7)
     wall = radius * rng.uniform(0.3, 0.45)
     angle = np.arctan2(v - cv, u - cu)
-    wobble = 1.0 + sum(rng.uniform(-0.08, 0.08) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    wobble = 1.0 + sum(
+        rng.uniform(-0.08, 0.08) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
     d = np.hypot(u - cu, (v - cv) * rng.uniform(0.85, 1.15)) / wobble
     outer, lumen = soft(radius - d, 0.004), soft(radius - wall - d, 0.004)
-    region = soft(ellipse_margin(u, v, cu, cv, focus.extent * 1.15, focus.extent), 0.2 * focus.extent)
+    region = soft(
+        ellipse_margin(u, v, cu, cv, focus.extent * 1.15, focus.extent), 0.2 * focus.extent
+    )
     halo = 0.45 + 0.3 * (1.0 - focus.heterogeneity)
-    pattern = halo * (1.0 - outer) + (outer - lumen) * (0.85 + 0.15 * _noise(rng, u.shape, _cells(focus, 0.06)))
+    pattern = halo * (1.0 - outer) + (outer - lumen) * (
+        0.85 + 0.15 * _noise(rng, u.shape, _cells(focus, 0.06))
+    )
     if rng.random() < 0.4:  # an air-fluid level: gravity keeps it horizontal
         level = cv + rng.uniform(-0.3, 0.5) * (radius - wall)
         pattern = pattern + 0.85 * lumen * soft(v - level, 0.002)
@@ -195,7 +232,9 @@ def effusion(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
         angle_v = anatomy.dome(side) + anatomy.costophrenic_depth
         height = rng.uniform(0.08, 0.22)
         top = angle_v - height - 0.1
-        window = scene.frame.box_window([(side * 0.1, top), (side * (anatomy.thorax_half_width + 0.05), angle_v + 0.05)], 0.03)
+        window = scene.frame.box_window(
+            [(side * 0.1, top), (side * (anatomy.thorax_half_width + 0.05), angle_v + 0.05)], 0.03
+        )
         u, v = scene.frame.local(window)
         a = np.clip(side * u / anatomy.thorax_half_width, 0.0, 1.0)
         meniscus = angle_v - height * (0.25 + 0.75 * a**3)
@@ -218,7 +257,9 @@ def atelectasis(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
     a, b = (cu - half, cv - half * angle), (cu + half, cv + half * angle)
     window = scene.frame.box_window([a, b], 0.04)
     u, v = scene.frame.local(window)
-    layer = rng.uniform(0.15, 0.28) * soft(rng.uniform(0.008, 0.014) - segment_distance(u, v, a, b), 0.004)
+    layer = rng.uniform(0.15, 0.28) * soft(
+        rng.uniform(0.008, 0.014) - segment_distance(u, v, a, b), 0.004
+    )
     return [Opacity(window, scene.confine(window, layer), boxed=False)]
 
 
@@ -232,10 +273,18 @@ def pacemaker(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
     window = scene.frame.window((cu, cv), max(half_u, half_v) + 0.03)
     u, v = scene.frame.local(window)
     case = soft(ellipse_margin(u, v, cu, cv, half_u, half_v, rng.uniform(-0.3, 0.3)), 0.003)
-    battery = soft(ellipse_margin(u, v, cu - 0.3 * side * half_u, cv, 0.45 * half_u, 0.6 * half_v), 0.003)
+    battery = soft(
+        ellipse_margin(u, v, cu - 0.3 * side * half_u, cv, 0.45 * half_u, 0.6 * half_v), 0.003
+    )
     generator = Opacity(window, (0.7 + 0.25 * battery) * case, boxed=False)
     hx, hy, hrx, hry, _ = anatomy.heart
-    points = [(cu - side * 0.6 * half_u, cv), (0.03, -0.4), (0.0, hy - 0.6 * hry), (hx - 0.2 * hrx, hy), (hx + 0.6 * hrx, hy + 0.5 * hry)]
+    points = [
+        (cu - side * 0.6 * half_u, cv),
+        (0.03, -0.4),
+        (0.0, hy - 0.6 * hry),
+        (hx - 0.2 * hrx, hy),
+        (hx + 0.6 * hrx, hy + 0.5 * hry),
+    ]
     points = [(pu + rng.normal(0, 0.01), pv + rng.normal(0, 0.01)) for pu, pv in points]
     window = scene.frame.box_window(points, 0.02)
     u, v = scene.frame.local(window)
@@ -260,4 +309,3 @@ def distractors(scene: Scene, rng: np.random.Generator, count: int) -> list[Opac
     for index in rng.choice(len(kinds), size=count, p=[0.4, 0.3, 0.3]):
         out.extend(kinds[index](scene, rng))
     return out
-

@@ -87,7 +87,9 @@ def soft(margin: np.ndarray | float, width: float) -> np.ndarray:
     return x * x * (np.float32(3.0) - np.float32(2.0) * x)
 
 
-def ellipse_margin(u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float, ry: float, tilt: float = 0.0) -> np.ndarray:
+def ellipse_margin(
+    u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float, ry: float, tilt: float = 0.0
+) -> np.ndarray:
     """Approximate signed distance to an ellipse's outline, positive inside."""
     du, dv = u - np.float32(cx), v - np.float32(cy)
     if tilt:
@@ -97,7 +99,9 @@ def ellipse_margin(u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float
     return (1.0 - radius) * np.float32(min(rx, ry))
 
 
-def segment_distance(u: np.ndarray, v: np.ndarray, a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
+def segment_distance(
+    u: np.ndarray, v: np.ndarray, a: tuple[float, float], b: tuple[float, float]
+) -> np.ndarray:
     """Distance from every point to the segment ``a``-``b``."""
     au, av = np.float32(a[0]), np.float32(a[1])
     du, dv = np.float32(b[0] - a[0]), np.float32(b[1] - a[1])
@@ -115,7 +119,9 @@ def smooth(image: np.ndarray, factor: int) -> np.ndarray:
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Bicubic resize of a square float image to ``size x size``."""
-    return np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.BICUBIC), np.float32)
+    return np.asarray(
+        Image.fromarray(image, mode="F").resize((size, size), Image.BICUBIC), np.float32
+    )
 
 
 def upsample_nearest(image: np.ndarray, size: int) -> np.ndarray:

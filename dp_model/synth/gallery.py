@@ -15,11 +15,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
 
-from .config import CLASSES, SynthConfig  # noqa: E402
-from .render import Case, render_case  # noqa: E402
+from .config import CLASSES, SynthConfig
+from .render import Case, render_case
 
 TITLES = {
     "normal": "normal",
@@ -42,12 +42,16 @@ def collect(config: SynthConfig, per_class: int, limit: int = 5000) -> dict[str,
     return found
 
 
-def write_gallery(config: SynthConfig, path: str | Path, per_class: int = 4, size: int = 512) -> Path:
+def write_gallery(
+    config: SynthConfig, path: str | Path, per_class: int = 4, size: int = 512
+) -> Path:
     """A grid, one row per class, of images with their recorded boxes (red) and any
     lesion left unboxed by label noise (dashed yellow)."""
     config = replace(config, size=min(config.size, size))
     cases = collect(config, per_class)
-    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(2.6 * per_class, 2.75 * len(CLASSES)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(CLASSES), per_class, figsize=(2.6 * per_class, 2.75 * len(CLASSES)), squeeze=False
+    )
     for row, name in enumerate(CLASSES):
         for col in range(per_class):
             ax = axes[row, col]
@@ -57,20 +61,46 @@ def write_gallery(config: SynthConfig, path: str | Path, per_class: int = 4, siz
             case = cases[name][col]
             ax.imshow(case.pixels, cmap="gray", vmin=0, vmax=1)
             _draw_boxes(ax, case)
-            note = "" if case.recorded_label == case.label else f"  (recorded: {case.recorded_label})"
+            note = (
+                "" if case.recorded_label == case.label else f"  (recorded: {case.recorded_label})"
+            )
             ax.set_title(f"#{case.index}{note}", fontsize=7)
-        axes[row, 0].text(-0.06, 0.5, TITLES[name], transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right", fontsize=10)
-    fig.suptitle(f"Synthetic chest X-rays (seed {config.seed}): red = recorded lesion boxes. Not for clinical use.", fontsize=10)
+        axes[row, 0].text(
+            -0.06,
+            0.5,
+            TITLES[name],
+            transform=axes[row, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=10,
+        )
+    fig.suptitle(
+        f"Synthetic chest X-rays (seed {config.seed}): red = recorded lesion boxes. Not for clinical use.",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0.02, 0, 1, 0.98))
     return _save(fig, path)
 
 
 def _draw_boxes(ax: plt.Axes, case: Case) -> None:
     for x0, y0, x1, y1 in case.boxes:
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.2))
+        ax.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.2)
+        )
     if len(case.boxes) == 0:
         for x0, y0, x1, y1 in case.true_boxes:
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.0, linestyle="--"))
+            ax.add_patch(
+                Rectangle(
+                    (x0, y0),
+                    x1 - x0,
+                    y1 - y0,
+                    fill=False,
+                    edgecolor="yellow",
+                    linewidth=1.0,
+                    linestyle="--",
+                )
+            )
 
 
 def write_comparison(config: SynthConfig, path: str | Path, size: int = 512) -> Path:
@@ -86,7 +116,8 @@ def write_comparison(config: SynthConfig, path: str | Path, size: int = 512) -> 
     config = replace(config, size=min(config.size, size))
     found = collect(config, 1)
     shown = [("real: RG1_UNCR.dcm (CR, PA)", real, None)] + [
-        (f"synthetic: {TITLES[name]}", found[name][0].pixels, found[name][0]) for name in ("normal", "lobar", "cavitary")
+        (f"synthetic: {TITLES[name]}", found[name][0].pixels, found[name][0])
+        for name in ("normal", "lobar", "cavitary")
     ]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
     for ax, (title, pixels, case) in zip(axes, shown):
@@ -99,7 +130,9 @@ def write_comparison(config: SynthConfig, path: str | Path, size: int = 512) -> 
     return _save(fig, path)
 
 
-def write_augmentations(config: SynthConfig, path: str | Path, size: int = 224, seed: int = 0) -> Path:
+def write_augmentations(
+    config: SynthConfig, path: str | Path, size: int = 224, seed: int = 0
+) -> Path:
     """A lobar case as the model sees it (letterboxed to ``size``), two SimCLR views, and
     three stage-II draws where image and ``mask+`` (red outline) move together, each drawn
     with the augmentation its stage trains with by default."""
@@ -111,7 +144,9 @@ def write_augmentations(config: SynthConfig, path: str | Path, size: int = 224, 
     from ..training.runtime import augmenters
 
     case = collect(replace(config, size=512), 1)["lobar"][0]
-    sample = LetterboxResized("image", size, box_keys="boxes")({"image": torch.from_numpy(case.pixels)[None], "boxes": case.boxes})
+    sample = LetterboxResized("image", size, box_keys="boxes")(
+        {"image": torch.from_numpy(case.pixels)[None], "boxes": case.boxes}
+    )
     sample = BoxesToMaskd("image")(sample)
     image, mask = sample["image"][None], sample["mask"][None]
     affine, intensity = augmenters(PretrainConfig().augment, seed)

@@ -35,7 +35,9 @@ class Summary:
 
 
 def worker_count(config: SynthConfig) -> int:
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    available = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, min(config.workers or available, config.num_images))
 
 
@@ -50,7 +52,9 @@ def generate(config: SynthConfig, root: str | Path, progress: bool = True) -> Su
     workers = worker_count(config)
     start = time.perf_counter()
     rows = []
-    bar = tqdm(total=config.num_images, desc="dp-synth", unit="img", disable=not progress, smoothing=0.05)
+    bar = tqdm(
+        total=config.num_images, desc="dp-synth", unit="img", disable=not progress, smoothing=0.05
+    )
     with bar:
         if workers == 1:
             for index in range(config.num_images):
@@ -61,7 +65,13 @@ def generate(config: SynthConfig, root: str | Path, progress: bool = True) -> Su
             context = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 chunk = max(1, min(64, config.num_images // (workers * 8)))
-                for row in pool.map(_one, [root] * config.num_images, [config] * config.num_images, range(config.num_images), chunksize=chunk):
+                for row in pool.map(
+                    _one,
+                    [root] * config.num_images,
+                    [config] * config.num_images,
+                    range(config.num_images),
+                    chunksize=chunk,
+                ):
                     rows.append(row)
                     bar.update()
     write_tables(root, config, rows)
@@ -70,7 +80,14 @@ def generate(config: SynthConfig, root: str | Path, progress: bool = True) -> Su
     for row in rows:
         counts[row.recorded_label] = counts.get(row.recorded_label, 0) + 1
     summary = Summary(root, len(rows), seconds, workers, counts)
-    logger.info("wrote %d images to %s in %.1f s (%.1f images/s, %d workers)", summary.images, root, seconds, summary.images_per_second, workers)
+    logger.info(
+        "wrote %d images to %s in %.1f s (%.1f images/s, %d workers)",
+        summary.images,
+        root,
+        seconds,
+        summary.images_per_second,
+        workers,
+    )
     return summary
 
 

@@ -50,7 +50,11 @@ def image_id(config: SynthConfig, index: int) -> str:
 def patient_id(config: SynthConfig, case: Case, name: str) -> str:
     """The patient's id. Version 1 named an RSNA patient after the image, although
     consecutive images share a patient's anatomy; version 2 gives every layout the patient."""
-    return name if config.layout == "rsna" and config.version == 1 else f"P{config.seed:03d}-{case.patient:06d}"
+    return (
+        name
+        if config.layout == "rsna" and config.version == 1
+        else f"P{config.seed:03d}-{case.patient:06d}"
+    )
 
 
 def image_path(root: Path, config: SynthConfig, name: str) -> Path:
@@ -68,10 +72,21 @@ def write_image(root: Path, config: SynthConfig, case: Case) -> Row:
         rng = np.random.default_rng([config.seed, 3, case.index])
         monochrome1 = bool(rng.random() < config.monochrome1_fraction)
         dx = bool(rng.random() < config.dx_fraction)
-        build_dataset(case, config.seed, monochrome1, dx, patient).save_as(path, enforce_file_format=True)
+        build_dataset(case, config.seed, monochrome1, dx, patient).save_as(
+            path, enforce_file_format=True
+        )
     else:
         Image.fromarray(np.rint(case.pixels * 255).astype(np.uint8)).save(path, compress_level=1)
-    return Row(case.index, name, patient, case.label, case.recorded_label, case.boxes.tolist(), case.true_boxes.tolist(), case.info)
+    return Row(
+        case.index,
+        name,
+        patient,
+        case.label,
+        case.recorded_label,
+        case.boxes.tolist(),
+        case.true_boxes.tolist(),
+        case.info,
+    )
 
 
 def prepare(root: Path, config: SynthConfig) -> None:
@@ -83,13 +98,19 @@ def prepare(root: Path, config: SynthConfig) -> None:
 def write_tables(root: Path, config: SynthConfig, rows: list[Row]) -> None:
     """Write the layout's label files and ``synth_truth.csv``."""
     rows = sorted(rows, key=lambda r: r.index)
-    {"deep-pneumonia": _deep_pneumonia, "rsna": _rsna, "csv": _generic_csv}[config.layout](root, config, rows)
+    {"deep-pneumonia": _deep_pneumonia, "rsna": _rsna, "csv": _generic_csv}[config.layout](
+        root, config, rows
+    )
     _truth(root, rows, config.version)
 
 
 def _deep_pneumonia(root: Path, config: SynthConfig, rows: list[Row]) -> None:
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    _csv(root / "labels.csv", ["image_id", "label", "patient_id"], ([r.image_id, r.recorded_label, r.patient_id] for r in rows))
+    _csv(
+        root / "labels.csv",
+        ["image_id", "label", "patient_id"],
+        ([r.image_id, r.recorded_label, r.patient_id] for r in rows),
+    )
     _csv(
         root / "boxes.csv",
         ["image_id", "x_min", "y_min", "x_max", "y_max"],
@@ -112,7 +133,11 @@ def _rsna(root: Path, config: SynthConfig, rows: list[Row]) -> None:
         abnormal = r.recorded_label != CLASSES[0] or found
         labels.append([r.image_id, "", "", "", "", 0])
         detailed.append([r.image_id, "No Lung Opacity / Not Normal" if abnormal else "Normal"])
-    _csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], labels)
+    _csv(
+        root / "stage_2_train_labels.csv",
+        ["patientId", "x", "y", "width", "height", "Target"],
+        labels,
+    )
     _csv(root / "stage_2_detailed_class_info.csv", ["patientId", "class"], detailed)
 
 
@@ -123,23 +148,54 @@ def _generic_csv(root: Path, config: SynthConfig, rows: list[Row]) -> None:
     for r in rows:
         image = f"images/{r.image_id}{suffix}"
         for box in r.boxes or [[]]:
-            out.append([image, r.recorded_label, r.patient_id, *map(_number, box), *([""] * (4 - len(box)))])
-    _csv(root / "data.csv", ["image", "label", "patient_id", "x_min", "y_min", "x_max", "y_max"], out)
+            out.append(
+                [
+                    image,
+                    r.recorded_label,
+                    r.patient_id,
+                    *map(_number, box),
+                    *([""] * (4 - len(box))),
+                ]
+            )
+    _csv(
+        root / "data.csv", ["image", "label", "patient_id", "x_min", "y_min", "x_max", "y_max"], out
+    )
 
 
 def _truth(root: Path, rows: list[Row], version: int) -> None:
-    header = ["image_id", "patient_id", "true_label", "recorded_label", "lesion_density", "distractors", "sex", "age", "view", "true_boxes"]
+    header = [
+        "image_id",
+        "patient_id",
+        "true_label",
+        "recorded_label",
+        "lesion_density",
+        "distractors",
+        "sex",
+        "age",
+        "view",
+        "true_boxes",
+    ]
     extra = ["abnormalities", "device"] if version > 1 else []  # version 1's table stays as it was
     _csv(
         root / "synth_truth.csv",
         header + extra,
         (
-            [r.image_id, r.patient_id, r.label, r.recorded_label, r.info["lesion_density"], r.info["distractors"],
-             r.info["sex"], r.info["age"], r.info["view"], json.dumps(r.true_boxes)]
+            [
+                r.image_id,
+                r.patient_id,
+                r.label,
+                r.recorded_label,
+                r.info["lesion_density"],
+                r.info["distractors"],
+                r.info["sex"],
+                r.info["age"],
+                r.info["view"],
+                json.dumps(r.true_boxes),
+            ]
             + ([" ".join(r.info["abnormalities"]), r.info["device"]] if extra else [])
             for r in rows
         ),
-    )  # fmt: skip
+    )
 
 
 def _csv(path: Path, header: list[str], rows) -> None:

@@ -66,7 +66,9 @@ class Scene:
     def lung(self, side: int) -> np.ndarray:
         return self.maps.lung_right if side < 0 else self.maps.lung_left
 
-    def point(self, rng: np.random.Generator, side: int, zone: tuple[float, float]) -> tuple[float, float]:
+    def point(
+        self, rng: np.random.Generator, side: int, zone: tuple[float, float]
+    ) -> tuple[float, float]:
         """A random canonical point well inside one lung, in a vertical ``zone`` (0 apex, 1 base)."""
         mask, res = self.lung(side), self.frame.res
         base = self.anatomy.dome(side)
@@ -100,7 +102,13 @@ def lobar(scene: Scene, rng: np.random.Generator, density: float) -> list[Opacit
         fissure = v - (cv - 0.5 * ry + slope * (u - cu))
     region = region * soft(fissure, 0.004)
     mottling = 0.85 + 0.15 * _noise(rng, region.shape, 6)
-    layer = density * 0.6 * region * mottling * (1.0 - 0.3 * _bronchograms(rng, scene.frame, window, (cu, cv), rx))
+    layer = (
+        density
+        * 0.6
+        * region
+        * mottling
+        * (1.0 - 0.3 * _bronchograms(rng, scene.frame, window, (cu, cv), rx))
+    )
     return [Opacity(window, scene.confine(window, layer))]
 
 
@@ -157,11 +165,15 @@ def _cavity(scene: Scene, rng: np.random.Generator, density: float) -> Opacity:
     u, v = scene.frame.local(window)
     # An irregular outline: the radius wobbles with the angle.
     angle = np.arctan2(v - cv, u - cu)
-    wobble = 1.0 + sum(rng.uniform(-0.08, 0.08) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    wobble = 1.0 + sum(
+        rng.uniform(-0.08, 0.08) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
     d = np.hypot(u - cu, (v - cv) * rng.uniform(0.85, 1.15)) / wobble
     outer, lumen = soft(radius - d, 0.004), soft(radius - wall - d, 0.004)
     halo = soft(1.8 * radius - d, 0.25 * radius)
-    layer = 0.24 * (outer - lumen) * (0.8 + 0.2 * _noise(rng, u.shape, 8)) + 0.1 * halo - 0.05 * lumen
+    layer = (
+        0.24 * (outer - lumen) * (0.8 + 0.2 * _noise(rng, u.shape, 8)) + 0.1 * halo - 0.05 * lumen
+    )
     if rng.random() < 0.4:  # an air-fluid level: gravity keeps it horizontal
         level = cv + rng.uniform(-0.3, 0.5) * (radius - wall)
         layer = layer + 0.24 * lumen * soft(v - level, 0.002)
@@ -190,7 +202,14 @@ def distractors(scene: Scene, rng: np.random.Generator, count: int) -> list[Opac
     return out
 
 
-def _disc(scene: Scene, centre: tuple[float, float], radius: float, edge: float, level: float, confine: bool = True) -> Opacity:
+def _disc(
+    scene: Scene,
+    centre: tuple[float, float],
+    radius: float,
+    edge: float,
+    level: float,
+    confine: bool = True,
+) -> Opacity:
     window = scene.frame.window(centre, radius + 4 * edge + 0.01)
     u, v = scene.frame.local(window)
     layer = level * soft(radius - np.hypot(u - centre[0], v - centre[1]), edge)
@@ -205,7 +224,10 @@ def _granuloma(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
 def _nipples(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
     u, dv = rng.uniform(0.32, 0.46), rng.uniform(-0.14, 0.0)
     radius, level = rng.uniform(0.016, 0.024), rng.uniform(0.06, 0.12)
-    return [_disc(scene, (side * u, scene.anatomy.dome(side) + dv), radius, 0.004, level, confine=False) for side in (-1, 1)]
+    return [
+        _disc(scene, (side * u, scene.anatomy.dome(side) + dv), radius, 0.004, level, confine=False)
+        for side in (-1, 1)
+    ]
 
 
 def _electrode(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
@@ -245,12 +267,23 @@ def _faint_nodule(scene: Scene, rng: np.random.Generator) -> list[Opacity]:
 def _noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
     """Smooth noise in about [-1, 1] with ``cells`` features across the larger side."""
     rows, cols = shape
-    grid = rng.standard_normal((max(2, cells * rows // max(rows, cols, 1)), max(2, cells * cols // max(rows, cols, 1))))
-    field = Image.fromarray(grid.astype(np.float32), mode="F").resize((max(cols, 1), max(rows, 1)), Image.BICUBIC)
+    grid = rng.standard_normal(
+        (max(2, cells * rows // max(rows, cols, 1)), max(2, cells * cols // max(rows, cols, 1)))
+    )
+    field = Image.fromarray(grid.astype(np.float32), mode="F").resize(
+        (max(cols, 1), max(rows, 1)), Image.BICUBIC
+    )
     return np.clip(np.asarray(field, np.float32) / 1.5, -1.0, 1.0)
 
 
-def _bronchograms(rng: np.random.Generator, frame: Frame, window: Window, centre: tuple[float, float], radius: float, width_units: float = 0.006) -> np.ndarray:
+def _bronchograms(
+    rng: np.random.Generator,
+    frame: Frame,
+    window: Window,
+    centre: tuple[float, float],
+    radius: float,
+    width_units: float = 0.006,
+) -> np.ndarray:
     """Branching air-filled bronchi seen through consolidation: thin dark lines, 0..1, about
     ``width_units`` canonical units wide."""
     rows, cols = window[0].stop - window[0].start, window[1].stop - window[1].start
@@ -268,4 +301,3 @@ def _bronchograms(rng: np.random.Generator, frame: Frame, window: Window, centre
         pixels = frame.to_pixels(np.array(points)) - origin
         draw.line([tuple(p) for p in pixels], fill=255, width=width)
     return np.asarray(canvas.filter(ImageFilter.GaussianBlur(width)), np.float32) / 255.0
-

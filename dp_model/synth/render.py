@@ -75,17 +75,29 @@ def _render_v2(config: SynthConfig, index: int) -> Case:
     if "cardiomegaly" in abnormal:
         anatomy = findings.enlarged_heart(anatomy, rng)
     res = min(config.size, MAX_WORK_RES)
-    frame = Frame(res, scale=rng.uniform(1.0, 1.12), angle=rng.normal(0, 0.035), shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)))
+    frame = Frame(
+        res,
+        scale=rng.uniform(1.0, 1.12),
+        angle=rng.normal(0, 0.035),
+        shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)),
+    )
     scene = Scene(anatomy, render_anatomy(anatomy, frame, patient_rng), frame)
     anatomy_only = scene.maps.attenuation.copy()
     density = difficulty.lesion_contrast * float(np.exp(rng.normal(0, difficulty.contrast_spread)))
     lesions = findings.pneumonia(label, scene, rng, density) if label in findings.PATTERNS else []
     extra = []
     if lesions and rng.random() < difficulty.pathology_overlap:  # a faint, unrecorded second type
-        extra = findings.pneumonia(str(rng.choice([k for k in findings.PATTERNS if k != label])), scene, rng, 0.4 * density)
+        extra = findings.pneumonia(
+            str(rng.choice([k for k in findings.PATTERNS if k != label])), scene, rng, 0.4 * density
+        )
         for opacity in extra:
             opacity.boxed = False
-    others = [o for name in abnormal if name in findings.ABNORMAL_OPACITIES for o in findings.ABNORMAL_OPACITIES[name](scene, rng)]
+    others = [
+        o
+        for name in abnormal
+        if name in findings.ABNORMAL_OPACITIES
+        for o in findings.ABNORMAL_OPACITIES[name](scene, rng)
+    ]
     clutter = findings.distractors(scene, rng, int(rng.poisson(difficulty.distractor_rate)))
     attenuation = scene.maps.attenuation
     for opacity in (*lesions, *extra, *others, *clutter):
@@ -116,7 +128,12 @@ def _render_v1(config: SynthConfig, index: int) -> Case:
     anatomy = sample_anatomy(patient_rng)
     label = _sample_class(rng, config)
     res = min(config.size, MAX_WORK_RES)
-    frame = Frame(res, scale=rng.uniform(1.0, 1.12), angle=rng.normal(0, 0.035), shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)))
+    frame = Frame(
+        res,
+        scale=rng.uniform(1.0, 1.12),
+        angle=rng.normal(0, 0.035),
+        shift=(rng.normal(0, 0.025), rng.normal(0.07, 0.03)),
+    )
     scene = Scene(anatomy, render_anatomy(anatomy, frame, patient_rng), frame)
     difficulty = config.difficulty
     density = difficulty.lesion_contrast * float(np.exp(rng.normal(0, difficulty.contrast_spread)))
@@ -146,7 +163,9 @@ def _sample_class(rng: np.random.Generator, config: SynthConfig) -> str:
     return CLASSES[int(rng.choice(len(CLASSES), p=weights / weights.sum()))]
 
 
-def _overlap(scene: Scene, rng: np.random.Generator, label: str, density: float, probability: float) -> list[Opacity]:
+def _overlap(
+    scene: Scene, rng: np.random.Generator, label: str, density: float, probability: float
+) -> list[Opacity]:
     """A faint, unrecorded lesion of another type: real patients rarely show one pattern only."""
     if label not in LESIONS or rng.random() >= probability:
         return []
@@ -198,11 +217,15 @@ def _boxes(lesions: list[Opacity], res: int, size: int, rng: np.random.Generator
         w, h = x1 - x0, y1 - y0
         grow = rng.uniform(-0.04, 0.12, 4) * np.array([w, h, w, h])
         x0, y0, x1, y1 = x0 - grow[0], y0 - grow[1], x1 + grow[2], y1 + grow[3]
-        out.append([max(0.0, round(x0)), max(0.0, round(y0)), min(size, round(x1)), min(size, round(y1))])
+        out.append(
+            [max(0.0, round(x0)), max(0.0, round(y0)), min(size, round(x1)), min(size, round(y1))]
+        )
     return np.asarray(out, np.float32).reshape(-1, 4)
 
 
-def _record(rng: np.random.Generator, label: str, boxes: np.ndarray, noise: float) -> tuple[str, np.ndarray]:
+def _record(
+    rng: np.random.Generator, label: str, boxes: np.ndarray, noise: float
+) -> tuple[str, np.ndarray]:
     """Label noise as readers make it: confused types, missed lesions, over-called normals."""
     if rng.random() >= noise:
         return label, boxes

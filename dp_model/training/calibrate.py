@@ -20,10 +20,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import CONFIDENCE, Reliability, certified_point, fit_temperature, probabilities, reliability
+from ..calibration import (
+    CONFIDENCE,
+    Reliability,
+    certified_point,
+    fit_temperature,
+    probabilities,
+    reliability,
+)
 from ..contract import Localization, ModelContract, OODGate, OperatingPoint, pneumonia_probability
-from ..ood import (DEFAULT_DETECTOR, FALSE_REJECTION, DETECTORS, Detector, Seen, certified_threshold, classifier_layer, digest, fit_detector, needs_stages,
-                   observe, one_pass, penultimate, stage_modules)  # fmt: skip
+from ..ood import (
+    DEFAULT_DETECTOR,
+    DETECTORS,
+    FALSE_REJECTION,
+    Detector,
+    Seen,
+    certified_threshold,
+    classifier_layer,
+    digest,
+    fit_detector,
+    needs_stages,
+    observe,
+    one_pass,
+    penultimate,
+    stage_modules,
+)
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -40,7 +61,9 @@ def held_out_split(data: dict[str, Resident]) -> str:
     return "calibration" if len(data.get("calibration", ())) else "val"
 
 
-def calibrated_outputs(model: nn.Module, data: Resident, contract: ModelContract, statistics: Detector | None) -> tuple[np.ndarray, np.ndarray | None]:
+def calibrated_outputs(
+    model: nn.Module, data: Resident, contract: ModelContract, statistics: Detector | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """What the node computes for each image of a split: the contract's calibrated
     probabilities ``(N, K)`` and the out-of-distribution scores ``(N,)`` (None without a gate)."""
     if statistics is None:
@@ -55,11 +78,17 @@ def observed(model: nn.Module, data: Resident, stages: bool = False, batch_size:
     """What a detector reads of a resident split (:class:`~dp_model.ood.Seen`), on the CPU, without augmentation."""
     model = model.eval().cpu()
     starts = range(0, len(data), batch_size)
-    return observe(model, (data.batch(torch.arange(s, min(len(data), s + batch_size)))[0].cpu() for s in starts), stages)
+    return observe(
+        model,
+        (data.batch(torch.arange(s, min(len(data), s + batch_size)))[0].cpu() for s in starts),
+        stages,
+    )
 
 
 @torch.no_grad()
-def outputs(model: nn.Module, data: Resident, batch_size: int = 128) -> tuple[np.ndarray, torch.Tensor | None]:
+def outputs(
+    model: nn.Module, data: Resident, batch_size: int = 128
+) -> tuple[np.ndarray, torch.Tensor | None]:
     """Logits ``(N, K)`` of a resident split and its penultimate features ``(N, D)`` (None
     for a network that names no classifier layer), on the CPU, without augmentation."""
     model = model.eval().cpu()
@@ -94,8 +123,15 @@ class Fitted:
 
 
 def fit(
-    model: nn.Module, data: dict[str, Resident], classes: tuple[str, ...], normal: int, pneumonia: tuple[str, ...], multi_label: bool, seed: int = 0,
-    offsets: tuple[float, ...] = (), detector: str = DEFAULT_DETECTOR,
+    model: nn.Module,
+    data: dict[str, Resident],
+    classes: tuple[str, ...],
+    normal: int,
+    pneumonia: tuple[str, ...],
+    multi_label: bool,
+    seed: int = 0,
+    offsets: tuple[float, ...] = (),
+    detector: str = DEFAULT_DETECTOR,
 ) -> Fitted:
     """Temperature, operating points and the out-of-distribution gate (of the ``detector``
     kind) of a trained model, chosen on the calibration split (:func:`held_out_split`);
@@ -107,7 +143,9 @@ def fit(
     shift = np.asarray(offsets or 0.0, np.float32)
     val_logits, test_logits = val_logits - shift, test_logits - shift
     val_labels, test_labels = data[split].labels.cpu().numpy(), data["test"].labels.cpu().numpy()
-    outputs_order = tuple(c for i, c in enumerate(classes) if i != normal) if multi_label else classes
+    outputs_order = (
+        tuple(c for i, c in enumerate(classes) if i != normal) if multi_label else classes
+    )
 
     def targets(labels: np.ndarray) -> np.ndarray:  # what the network's outputs are trained towards
         if not multi_label:
@@ -119,65 +157,150 @@ def fit(
         return hot
 
     temperature = fit_temperature(val_logits, targets(val_labels), multi_label)
-    before = reliability(probabilities(test_logits, 1.0, multi_label), targets(test_labels), multi_label, seed=seed)
-    after = reliability(probabilities(test_logits, temperature, multi_label), targets(test_labels), multi_label, seed=seed)
-    calibration = {"method": f"temperature scaling on the {name} split", "split": name, "images": len(val_labels), "test_before": before.to_json(), "test_after": after.to_json()}
-    logger.info("calibration: temperature %.3f; test ECE %.3f [%.3f, %.3f] -> %.3f [%.3f, %.3f]", temperature, before.ece, before.low, before.high, after.ece, after.low, after.high)
+    before = reliability(
+        probabilities(test_logits, 1.0, multi_label), targets(test_labels), multi_label, seed=seed
+    )
+    after = reliability(
+        probabilities(test_logits, temperature, multi_label),
+        targets(test_labels),
+        multi_label,
+        seed=seed,
+    )
+    calibration = {
+        "method": f"temperature scaling on the {name} split",
+        "split": name,
+        "images": len(val_labels),
+        "test_before": before.to_json(),
+        "test_after": after.to_json(),
+    }
+    logger.info(
+        "calibration: temperature %.3f; test ECE %.3f [%.3f, %.3f] -> %.3f [%.3f, %.3f]",
+        temperature,
+        before.ece,
+        before.low,
+        before.high,
+        after.ece,
+        after.low,
+        after.high,
+    )
 
-    scores = pneumonia_probability(probabilities(val_logits, temperature, multi_label), outputs_order, pneumonia, multi_label)
+    scores = pneumonia_probability(
+        probabilities(val_logits, temperature, multi_label), outputs_order, pneumonia, multi_label
+    )
     is_pneumonia = np.isin(np.asarray(classes)[val_labels], pneumonia)
     points = _points(scores, is_pneumonia, name)
     gate, statistics = fit_gate(model, data["train"], data[split], name, detector)
-    return Fitted(temperature=temperature, calibration=calibration, operating_points=points, ood=gate, statistics=statistics, before=before, after=after)
+    return Fitted(
+        temperature=temperature,
+        calibration=calibration,
+        operating_points=points,
+        ood=gate,
+        statistics=statistics,
+        before=before,
+        after=after,
+    )
 
 
 def _points(scores: np.ndarray, is_pneumonia: np.ndarray, split: str) -> dict[str, OperatingPoint]:
-    """"present" and "triage", each where its one-sided lower bound reaches its target; a
+    """ "present" and "triage", each where its one-sided lower bound reaches its target; a
     "present" target the split cannot certify is placed at its best bound and said so."""
     points: dict[str, OperatingPoint] = {}
     try:
-        points["present"] = certified_point(scores, is_pneumonia, sensitivity=PRESENT_SENSITIVITY, split=split)
+        points["present"] = certified_point(
+            scores, is_pneumonia, sensitivity=PRESENT_SENSITIVITY, split=split
+        )
     except ValueError as exc:
         logger.warning("no operating points: %s; the node uses 0.5", exc)
         return points
     try:
-        points["triage"] = certified_point(scores, is_pneumonia, specificity=TRIAGE_SPECIFICITY, split=split)
-        if points["triage"].threshold < points["present"].threshold:  # a flag is never raised below "present"
+        points["triage"] = certified_point(
+            scores, is_pneumonia, specificity=TRIAGE_SPECIFICITY, split=split
+        )
+        if points["triage"].threshold < points["present"].threshold:
+            # a flag is never raised below "present"
             del points["triage"]
     except ValueError as exc:
         logger.warning("no triage point: %s", exc)
     for key, point in points.items():
         log = logger.info if point.certified else logger.warning
-        log("operating point %s: %.4f (%s; sensitivity %.3f, specificity %.3f there)", key, point.threshold, point.target, point.sensitivity, point.specificity)
+        log(
+            "operating point %s: %.4f (%s; sensitivity %.3f, specificity %.3f there)",
+            key,
+            point.threshold,
+            point.target,
+            point.sensitivity,
+            point.specificity,
+        )
     return points
 
 
-def fit_gate(model: nn.Module, train: Resident, held_out: Resident, split: str = "validation", kind: str = DEFAULT_DETECTOR) -> tuple[OODGate | None, Detector | None]:
+def fit_gate(
+    model: nn.Module,
+    train: Resident,
+    held_out: Resident,
+    split: str = "validation",
+    kind: str = DEFAULT_DETECTOR,
+) -> tuple[OODGate | None, Detector | None]:
     """The out-of-distribution gate: the ``kind`` detector fitted on the training split, its
     threshold the order statistic of the ``held_out`` images' scores that bounds the false
     rejections (:func:`~dp_model.ood.certified_threshold`). None without a classifier layer,
     with fewer than 10 held-out images, or when a forward pass is not one row per image; a
     network without residual stages gets the Mahalanobis detector instead of the multi-layer one."""
     if kind not in DETECTORS:
-        raise ValueError(f"out-of-distribution detector {kind!r} is not known ({', '.join(DETECTORS)})")
+        raise ValueError(
+            f"out-of-distribution detector {kind!r} is not known ({', '.join(DETECTORS)})"
+        )
     if classifier_layer(model) is None or len(held_out) < 10:
-        logger.warning("no out-of-distribution gate: %s", "the network names no classifier layer" if classifier_layer(model) is None else f"fewer than 10 {split} images")
+        logger.warning(
+            "no out-of-distribution gate: %s",
+            "the network names no classifier layer"
+            if classifier_layer(model) is None
+            else f"fewer than 10 {split} images",
+        )
         return None, None
     if needs_stages(kind) and stage_modules(model) is None:
-        logger.warning("%s has no residual stages: the gate uses the Mahalanobis detector instead of %s", type(model).__name__, kind)
+        logger.warning(
+            "%s has no residual stages: the gate uses the Mahalanobis detector instead of %s",
+            type(model).__name__,
+            kind,
+        )
         kind = "mahalanobis"
     try:
-        detector = fit_detector(kind, observed(model, train, needs_stages(kind)), train.labels.cpu().numpy(), classifier_layer(model))
+        detector = fit_detector(
+            kind,
+            observed(model, train, needs_stages(kind)),
+            train.labels.cpu().numpy(),
+            classifier_layer(model),
+        )
         scores = detector.score(observed(model, held_out, detector.needs_stages))
     except ValueError as exc:  # no single pass of one row per image: no gate
         logger.warning("no out-of-distribution gate: %s", exc)
         return None, None
     value, rank, bound = certified_threshold(scores, FALSE_REJECTION, CONFIDENCE)
     shrinkage = getattr(detector, "shrinkage", None)
-    gate = OODGate(threshold=value, quantile=rank / (len(scores) + 1), held_out=len(scores), kind=kind, rank=rank, false_rejection=bound, confidence=CONFIDENCE, shrinkage=shrinkage, split=split)
+    gate = OODGate(
+        threshold=value,
+        quantile=rank / (len(scores) + 1),
+        held_out=len(scores),
+        kind=kind,
+        rank=rank,
+        false_rejection=bound,
+        confidence=CONFIDENCE,
+        shrinkage=shrinkage,
+        split=split,
+    )
     log = logger.info if bound <= FALSE_REJECTION else logger.warning
-    log("out-of-distribution gate: %s above %.4g (the %d-th smallest of %d %s images: at most %.1f%% of in-distribution images "
-        "turned away, at %.0f%% confidence)", kind, value, rank, len(scores), split, 100 * bound, 100 * CONFIDENCE)  # fmt: skip
+    log(
+        "out-of-distribution gate: %s above %.4g (the %d-th smallest of %d %s images: at most %.1f%% of in-distribution images "
+        "turned away, at %.0f%% confidence)",
+        kind,
+        value,
+        rank,
+        len(scores),
+        split,
+        100 * bound,
+        100 * CONFIDENCE,
+    )
     return gate, detector
 
 
@@ -189,11 +312,18 @@ def replace_gate(root: Path, gate: OODGate, detector: Detector) -> None:
     detector.save(root / "models" / "ood.pt")
     meta_path = root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta["deep_pneumonia"]["ood"] = replace(gate, digest=digest(root / "models" / "ood.pt")).to_json()
+    meta["deep_pneumonia"]["ood"] = replace(
+        gate, digest=digest(root / "models" / "ood.pt")
+    ).to_json()
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def resident_splits(bundle: Path, data: Path, parts: tuple[str, ...] = ("train", "val", "calibration", "test"), layout: str = "auto") -> dict[str, Resident]:
+def resident_splits(
+    bundle: Path,
+    data: Path,
+    parts: tuple[str, ...] = ("train", "val", "calibration", "test"),
+    layout: str = "auto",
+) -> dict[str, Resident]:
     """The bundle's own splits of the dataset it was trained from (its ``configs/split.json``),
     decoded as training decoded them: what refitting a gate, or benchmarking one, reads.
     A part the bundle does not have (no calibration split) is left out.
@@ -215,5 +345,7 @@ def resident_splits(bundle: Path, data: Path, parts: tuple[str, ...] = ("train",
     for part in parts:
         if split_file.get(part):
             subset = split_subset(dataset, split_file, part)
-            found[part] = load_split(subset, tuple(range(len(subset.records))), config, f"decode {part}")
+            found[part] = load_split(
+                subset, tuple(range(len(subset.records))), config, f"decode {part}"
+            )
     return found

@@ -23,7 +23,12 @@ WARNING = (
 
 
 #: Each classification loss, in words.
-LOSSES = {"ce": "cross-entropy", "focal": "a focal loss", "cb_focal": "a class-balanced focal loss", "sqrt_focal": "a focal loss with 1/sqrt(n) class weights"}
+LOSSES = {
+    "ce": "cross-entropy",
+    "focal": "a focal loss",
+    "cb_focal": "a class-balanced focal loss",
+    "sqrt_focal": "a focal loss with 1/sqrt(n) class weights",
+}
 
 
 def pretrained(config: TrainConfig) -> bool:
@@ -34,8 +39,12 @@ def pretrained(config: TrainConfig) -> bool:
 def _techniques(config: TrainConfig) -> str:
     """What stage II of the Deep Pneumonia ResNet18 was trained with, as this config says."""
     m = config.finetune.mgacr
-    mgacr = {(True, True): "mask-guided attention with contrastive regulation (MGACR)", (True, False): "mask-guided attention (no contrastive regulation)",
-             (False, True): "feature contrastive regulation (no mask-guided attention)", (False, False): "no mask-guided attention"}[(m.attention, m.feature_cr)]  # fmt: skip
+    mgacr = {
+        (True, True): "mask-guided attention with contrastive regulation (MGACR)",
+        (True, False): "mask-guided attention (no contrastive regulation)",
+        (False, True): "feature contrastive regulation (no mask-guided attention)",
+        (False, False): "no mask-guided attention",
+    }[(m.attention, m.feature_cr)]
     return f"{mgacr} and {LOSSES[config.finetune.loss.kind]}"
 
 
@@ -43,7 +52,9 @@ def describe(config: TrainConfig) -> str:
     """One line for metadata.json: the architecture's description, true to this run's switches."""
     if config.finetune.architecture != "resnet18":
         return ARCHITECTURES[config.finetune.architecture].description
-    stage_one = "SimCLR pre-training" if pretrained(config) else "no SimCLR pre-training (stage I off)"
+    stage_one = (
+        "SimCLR pre-training" if pretrained(config) else "no SimCLR pre-training (stage I off)"
+    )
     return f"Deep Pneumonia: ResNet18 with {stage_one}, {_techniques(config)}."
 
 
@@ -51,10 +62,21 @@ def _recipe(config: TrainConfig) -> list[str]:
     f, m = config.finetune, config.finetune.mgacr
     lines = [
         f"- stage I (SimCLR, NT-Xent, tau {config.pretrain.temperature}): "
-        + (f"{config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}" if config.pretrain.enabled else "off"),
+        + (
+            f"{config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}"
+            if config.pretrain.enabled
+            else "off"
+        ),
         f"- stage II: {f.epochs} epochs, batch {f.batch_size}, {f.optimizer} lr {f.lr}, checkpoint selected on validation {f.select_metric.replace('_', ' ')}",
         f"- network: {f.architecture}",
-        _variant_loss(config) if f.multi_label else f"- classification loss: {f.loss.kind}" + (f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})" if f.loss.kind in ("focal", "cb_focal") else "")
+        _variant_loss(config)
+        if f.multi_label
+        else f"- classification loss: {f.loss.kind}"
+        + (
+            f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})"
+            if f.loss.kind in ("focal", "cb_focal")
+            else ""
+        )
         + (f" (alpha {f.loss.alpha}, gamma {f.loss.gamma})" if f.loss.kind == "sqrt_focal" else ""),
         f"- mask-guided attention: {'on, weight ' + str(m.att_weight) if m.attention else 'off'}; "
         f"feature contrastive regulation: {'on, weight ' + str(m.feat_weight) if m.feature_cr else 'off'}"
@@ -69,11 +91,18 @@ def localization_table(accuracy: dict[str, list[float]]) -> list[str]:
     if not accuracy:
         return []
     header = " | ".join(f"T(IoU) {t}" for t in IOU_THRESHOLDS)
-    lines = ["Localization accuracy on the boxed test images of the network's own map in the papers' sense (MGACR's `map+` of "
-             "stage 3, a multi-label network's map of the finding, else Grad-CAM): the share whose region at 0.5 overlaps the "
-             "boxes with IoU above T. The node draws regions from the source under \"Lesion regions\", which may be another.", "",
-             f"| class | {header} |", "|---|" + "---|" * len(IOU_THRESHOLDS)]  # fmt: skip
-    lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for name, values in accuracy.items()]
+    lines = [
+        "Localization accuracy on the boxed test images of the network's own map in the papers' sense (MGACR's `map+` of "
+        "stage 3, a multi-label network's map of the finding, else Grad-CAM): the share whose region at 0.5 overlaps the "
+        'boxes with IoU above T. The node draws regions from the source under "Lesion regions", which may be another.',
+        "",
+        f"| class | {header} |",
+        "|---|" + "---|" * len(IOU_THRESHOLDS),
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+        for name, values in accuracy.items()
+    ]
     return [*lines, ""]
 
 
@@ -93,7 +122,11 @@ def stage_one_verdict(records: list[dict[str, float]], batch_size: int) -> list[
     ``1 / (2N - 1)`` for ``N`` pairs a batch (an encoder that has not left chance is no pre-training)."""
     if not records:
         return []
-    last, chance_loss, chance_top1 = records[-1], math.log(2 * batch_size - 1), 1.0 / (2 * batch_size - 1)
+    last, chance_loss, chance_top1 = (
+        records[-1],
+        math.log(2 * batch_size - 1),
+        1.0 / (2 * batch_size - 1),
+    )
     top1 = last.get("top1", 0.0)
     if top1 <= 2 * chance_top1 and last["loss"] >= 0.97 * chance_loss:
         verdict = "**it did not leave chance: the encoder it gave stage II is no better than a random one**"
@@ -101,7 +134,9 @@ def stage_one_verdict(records: list[dict[str, float]], batch_size: int) -> list[
         verdict = "**it barely left chance: the encoder it gave stage II is little better than a random one**"
     else:
         verdict = "it learned"
-    return [f"- stage I ended at NT-Xent {last['loss']:.3f} (chance {chance_loss:.3f}) and pair accuracy {last.get('top1', float('nan')):.3f} (chance {chance_top1:.3f}): {verdict}"]
+    return [
+        f"- stage I ended at NT-Xent {last['loss']:.3f} (chance {chance_loss:.3f}) and pair accuracy {last.get('top1', float('nan')):.3f} (chance {chance_top1:.3f}): {verdict}"
+    ]
 
 
 def _majority_class(counts: dict[str, dict[str, int]]) -> str:
@@ -127,8 +162,14 @@ def model_card(
 ) -> str:
     warning = [WARNING, ""] if contract.demo or contract.synthetic else []
     parts_shown = [k for k in ("train", "val", "calibration", "test") if k in counts]
-    rows = ["| class | " + " | ".join(SPLIT_TITLES[k] for k in parts_shown) + " |", "|---|" + "---|" * len(parts_shown)]
-    rows += [f"| {c} | " + " | ".join(str(counts[k][c]) for k in parts_shown) + " |" for c in dataset.classes]
+    rows = [
+        "| class | " + " | ".join(SPLIT_TITLES[k] for k in parts_shown) + " |",
+        "|---|" + "---|" * len(parts_shown),
+    ]
+    rows += [
+        f"| {c} | " + " | ".join(str(counts[k][c]) for k in parts_shown) + " |"
+        for c in dataset.classes
+    ]
     minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     parts = [
         f"# {contract.name} {contract.version}",
@@ -136,7 +177,11 @@ def model_card(
         *warning,
         (
             "Pneumonia type recognition on frontal chest radiographs: a ResNet18 "
-            + ("pre-trained with SimCLR on the training images, then trained" if pretrained(config) else "trained from scratch, without SimCLR pre-training (stage I was off),")
+            + (
+                "pre-trained with SimCLR on the training images, then trained"
+                if pretrained(config)
+                else "trained from scratch, without SimCLR pre-training (stage I was off),"
+            )
             + f" with {_techniques(config)}, after {PAPER}"
             if contract.architecture == "resnet18"
             else f"Pneumonia type recognition on frontal chest radiographs. {ARCHITECTURES[contract.architecture].description}"
@@ -151,8 +196,13 @@ def model_card(
         "",
         f"`{Path(config.data.root).name}` ({dataset.name} layout), {len(dataset)} images; {split_method} split "
         f"(test {config.data.test_fraction:.0%} of each class, validation {config.data.val_fraction:.0%} of the rest"
-        + (f", calibration {len_of(counts, 'calibration')} images of the rest)." if "calibration" in counts else ").")
-        + " Validation chose the checkpoint; " + ("the calibration split" if "calibration" in counts else "validation too")
+        + (
+            f", calibration {len_of(counts, 'calibration')} images of the rest)."
+            if "calibration" in counts
+            else ")."
+        )
+        + " Validation chose the checkpoint; "
+        + ("the calibration split" if "calibration" in counts else "validation too")
         + " chose the temperature, the operating points and the gate's threshold; test chose nothing.",
         *phantoms_line(Path(config.data.root)),
         "",
@@ -168,7 +218,7 @@ def model_card(
         "",
         "95 % confidence intervals from 1,000 bootstrap resamples of the test images.",
         "These are the network's own outputs (argmax over the classes, AUCs of each class's probability before "
-        "temperature scaling), not what the node reports: that is under \"The served decision on the test split\".",
+        'temperature scaling), not what the node reports: that is under "The served decision on the test split".',
         "",
         report.table(),
         "",
@@ -191,15 +241,25 @@ def model_card(
         f"![attention]({pictures['attention'].name})",
         "",
         *(
-            ["Each finding's map on an image of each finding, and each finding's map averaged over its test images:", "",
-             f"![per-finding maps]({pictures['class_maps'].name})", ""]
-            if "class_maps" in pictures else []
-        ),  # fmt: skip
+            [
+                "Each finding's map on an image of each finding, and each finding's map averaged over its test images:",
+                "",
+                f"![per-finding maps]({pictures['class_maps'].name})",
+                "",
+            ]
+            if "class_maps" in pictures
+            else []
+        ),
         "## Limitations",
         "",
-        *(["- Trained and tested on synthetic phantoms made by `dp-synth` (settings under Data). Nothing here says how it "
-           "reads a real radiograph; the demonstration's phantoms are deliberately easy, lesions at full density.",]
-          if contract.demo or contract.synthetic else []),  # fmt: skip
+        *(
+            [
+                "- Trained and tested on synthetic phantoms made by `dp-synth` (settings under Data). Nothing here says how it "
+                "reads a real radiograph; the demonstration's phantoms are deliberately easy, lesions at full density.",
+            ]
+            if contract.demo or contract.synthetic
+            else []
+        ),
         "- Trained and tested on one dataset; performance on other hospitals, devices and populations is unknown.",
         "- Frontal (PA/AP) adult chest radiographs only; other views and body parts are out of scope.",
         "- Accuracy rewards the majority class on long-tailed data; read balanced accuracy and per-class recall.",
@@ -245,20 +305,33 @@ def samples_lines(samples: dict[str, dict]) -> list[str]:
         where = "; ".join(f"box x {b[0]:g}-{b[2]:g}, y {b[1]:g}-{b[3]:g}" for b in boxes)
         return ", ".join(entry.get("labels") or ["no finding"]) + (f" ({where})" if where else "")
 
-    return [f"`samples/` holds {len(samples)} test images, picked after every figure above as examples the model gets right "
-            "(the test figures say how often it is); their ground truth, from `samples/truth.json`, in the image's own pixels:", "",
-            *[f"- `{name}`: {truth(entry)}" for name, entry in samples.items()], ""]
+    return [
+        f"`samples/` holds {len(samples)} test images, picked after every figure above as examples the model gets right "
+        "(the test figures say how often it is); their ground truth, from `samples/truth.json`, in the image's own pixels:",
+        "",
+        *[f"- `{name}`: {truth(entry)}" for name, entry in samples.items()],
+        "",
+    ]
 
 
 def looks_line(contract: ModelContract) -> list[str]:
     """Whether the node draws any of these maps: only the source that earned it on validation."""
     located = contract.localization
     if located is None:
-        return ["The node draws none of these maps: this model's localization was not measured.", ""]
+        return [
+            "The node draws none of these maps: this model's localization was not measured.",
+            "",
+        ]
     if not located.shown:
-        return [f"The node draws none of these maps: its best source, `{located.source}`, did not beat the fixed prior map "
-                "on validation (\"Lesion regions\" above).", ""]
-    return [f"The node draws regions from `{located.source}` only (chosen on validation, \"Lesion regions\" above).", ""]
+        return [
+            f"The node draws none of these maps: its best source, `{located.source}`, did not beat the fixed prior map "
+            'on validation ("Lesion regions" above).',
+            "",
+        ]
+    return [
+        f'The node draws regions from `{located.source}` only (chosen on validation, "Lesion regions" above).',
+        "",
+    ]
 
 
 def phantoms_line(root: Path) -> list[str]:
@@ -276,15 +349,21 @@ def phantoms_line(root: Path) -> list[str]:
         weights = settings.get("class_weights")
     except (yaml.YAMLError, AttributeError):
         return []
-    return ["", f"Synthetic phantoms (`dp-synth`, {settings.get('size')} px): {text}"
-            + (f"; class weights {', '.join(str(w) for w in weights)}" if weights else "") + "."]
+    return [
+        "",
+        f"Synthetic phantoms (`dp-synth`, {settings.get('size')} px): {text}"
+        + (f"; class weights {', '.join(str(w) for w in weights)}" if weights else "")
+        + ".",
+    ]
 
 
 def len_of(counts: dict[str, dict[str, int]], part: str) -> int:
     return sum(counts[part].values())
 
 
-def served_section(contract: ModelContract, served: ServedReport | None, pictures: dict[str, Path]) -> list[str]:
+def served_section(
+    contract: ModelContract, served: ServedReport | None, pictures: dict[str, Path]
+) -> list[str]:
     """What the node reports, measured once on the test split with intervals, and on which
     split each number was chosen and on which it was measured, as markdown lines."""
     if served is None:
@@ -308,18 +387,30 @@ def served_section(contract: ModelContract, served: ServedReport | None, picture
         "|---|---|---|",
         f"| checkpoint | validation ({sizes.get('validation', '?')} images) | test: the metrics above |",
         f"| temperature T = {contract.temperature:.3f} | {chosen_on} | test: Brier, ECE, AUC of the probability of pneumonia |",
-        *(f"| \"{name}\" threshold {p.threshold:.4f} ({p.target}) | {chosen_on} | test: the table above |" for name, p in contract.operating_points.items()),
-        *([f"| gate threshold {contract.ood.threshold:.1f} | {chosen_on} | test: not assessed |"] if contract.ood is not None else []),
+        *(
+            f'| "{name}" threshold {p.threshold:.4f} ({p.target}) | {chosen_on} | test: the table above |'
+            for name, p in contract.operating_points.items()
+        ),
+        *(
+            [f"| gate threshold {contract.ood.threshold:.1f} | {chosen_on} | test: not assessed |"]
+            if contract.ood is not None
+            else []
+        ),
         "",
     ]
     if "triage" not in contract.operating_points:
         lines += [_no_triage(contract, where), ""]
     if "served_reliability" in pictures:
-        lines += [f"![reliability of the served probability of pneumonia]({pictures['served_reliability'].name})", ""]
+        lines += [
+            f"![reliability of the served probability of pneumonia]({pictures['served_reliability'].name})",
+            "",
+        ]
     return lines
 
 
-def calibration_section(contract: ModelContract, pictures: dict[str, Path], turned_away: float | None) -> list[str]:
+def calibration_section(
+    contract: ModelContract, pictures: dict[str, Path], turned_away: float | None
+) -> list[str]:
     """Calibration, operating points and the out-of-distribution gate, as markdown lines."""
     lines = ["## Calibration, operating points, out-of-distribution gate", ""]
     found = contract.calibration
@@ -329,41 +420,59 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
             f"Temperature scaling on the {found.get('split', 'validation')} split: T = {contract.temperature:.3f}. Expected calibration error of the "
             f"top-class probability on the {a['images']} test images ({15} bins; 95 % bootstrap intervals): "
             f"{b['ece']:.3f} [{b['ece_low']:.3f}, {b['ece_high']:.3f}] before, {a['ece']:.3f} [{a['ece_low']:.3f}, {a['ece_high']:.3f}] after."
-            + _calibration_verdict(b, a, found.get('split', 'validation')),
+            + _calibration_verdict(b, a, found.get("split", "validation")),
             "",
         ]
-    rows = [f"| {name} | {p.threshold:.4f} | {p.target} | {_rate(p.sensitivity)} | {_rate(p.specificity)} |" for name, p in contract.operating_points.items()]
+    rows = [
+        f"| {name} | {p.threshold:.4f} | {p.target} | {_rate(p.sensitivity)} | {_rate(p.specificity)} |"
+        for name, p in contract.operating_points.items()
+    ]
     lines += [
         f"Probability of pneumonia: {'the largest' if contract.multi_label else 'the sum'} of the calibrated probabilities of "
-        f"{', '.join(contract.pneumonia)}. The node reports pneumonia present at the \"present\" point and raises a triage flag at the \"triage\" point:",
+        f'{", ".join(contract.pneumonia)}. The node reports pneumonia present at the "present" point and raises a triage flag at the "triage" point:',
         "",
         "| operating point | threshold | chosen for | sensitivity (where chosen) | specificity (where chosen) |",
         "|---|---|---|---|---|",
         *(rows or ["| present | 0.5000 | no operating point could be placed | - | - |"]),
         "",
         "The sensitivity and specificity in this table are those of the split that chose each point: they placed it and do not "
-        "estimate how it performs. The test split measures that, under \"The served decision on the test split\".",
+        'estimate how it performs. The test split measures that, under "The served decision on the test split".',
         "",
     ]
     if contract.ood is not None and contract.ood.false_rejection is not None:
         gate = contract.ood
         if gate.kind == "mahalanobis":
-            opening = (f"Out-of-distribution gate: an image whose penultimate features lie farther than {gate.threshold:.1f} (squared Mahalanobis "
-                       f"distance to the nearest class mean of the training features, covariance shrunk {gate.shrinkage or 0:.2f} towards a scaled identity "
-                       f"by Ledoit-Wolf) is not assessed. The threshold is the {_rank(gate.rank, gate.held_out)} distance of the {gate.held_out} {gate.split} images, ")  # fmt: skip
+            opening = (
+                f"Out-of-distribution gate: an image whose penultimate features lie farther than {gate.threshold:.1f} (squared Mahalanobis "
+                f"distance to the nearest class mean of the training features, covariance shrunk {gate.shrinkage or 0:.2f} towards a scaled identity "
+                f"by Ledoit-Wolf) is not assessed. The threshold is the {_rank(gate.rank, gate.held_out)} distance of the {gate.held_out} {gate.split} images, "
+            )
         else:
-            opening = (f"Out-of-distribution gate ({gate.kind}): an image whose score ({DETECTORS[gate.kind]}) is above {gate.threshold:.4g} is not "
-                       f"assessed. The threshold is the {_rank(gate.rank, gate.held_out)} score of the {gate.held_out} {gate.split} images, ")  # fmt: skip
+            opening = (
+                f"Out-of-distribution gate ({gate.kind}): an image whose score ({DETECTORS[gate.kind]}) is above {gate.threshold:.4g} is not "
+                f"assessed. The threshold is the {_rank(gate.rank, gate.held_out)} score of the {gate.held_out} {gate.split} images, "
+            )
         lines += [
             opening
             + f"so that it turns away at most {gate.false_rejection:.1%} of in-distribution images with {gate.confidence:.0%} confidence"
-            + (f" (too few images for {FALSE_REJECTION:.0%}: that needs {math.ceil(math.log(1 - gate.confidence) / math.log(1 - FALSE_REJECTION))})."
-               if gate.false_rejection > FALSE_REJECTION * 1.001 else ".")
-            + ("" if turned_away is None else f" It turns away {turned_away:.1%} of the test images."),
+            + (
+                f" (too few images for {FALSE_REJECTION:.0%}: that needs {math.ceil(math.log(1 - gate.confidence) / math.log(1 - FALSE_REJECTION))})."
+                if gate.false_rejection > FALSE_REJECTION * 1.001
+                else "."
+            )
+            + (
+                ""
+                if turned_away is None
+                else f" It turns away {turned_away:.1%} of the test images."
+            ),
             "",
         ]
     elif contract.ood is not None:
-        share = "" if turned_away is None else f" It turns away {turned_away:.1%} of the held-out test images."
+        share = (
+            ""
+            if turned_away is None
+            else f" It turns away {turned_away:.1%} of the held-out test images."
+        )
         lines += [
             f"Out-of-distribution gate: an image whose penultimate features lie farther than {contract.ood.threshold:.1f} (squared "
             f"Mahalanobis distance to the nearest class mean of the training features) is not assessed; the threshold is the "
@@ -378,7 +487,7 @@ def calibration_section(contract: ModelContract, pictures: dict[str, Path], turn
 
 
 def _rank(rank: int | None, n: int) -> str:
-    """"the largest", or "the 996th smallest"."""
+    """ "the largest", or "the 996th smallest"."""
     if rank is None or rank >= n:
         return "largest"
     suffix = "th" if 10 <= rank % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(rank % 10, "th")
@@ -395,9 +504,11 @@ def _no_triage(contract: ModelContract, where: str) -> str:
 
     needed = math.ceil(math.log(1 - CONFIDENCE) / math.log(TRIAGE_SPECIFICITY))
     if negatives < needed:
-        return (f"No triage point, so no triage flag: a specificity of {TRIAGE_SPECIFICITY:.2f} cannot be certified at {CONFIDENCE:.0%} on the "
-                f"{where} split's {negatives} images without pneumonia (it needs at least {needed}).")  # fmt: skip
-    return f"No triage point, so no triage flag: its certified threshold on the {where} split fell below the \"present\" point, or none reached it."
+        return (
+            f"No triage point, so no triage flag: a specificity of {TRIAGE_SPECIFICITY:.2f} cannot be certified at {CONFIDENCE:.0%} on the "
+            f"{where} split's {negatives} images without pneumonia (it needs at least {needed})."
+        )
+    return f'No triage point, so no triage flag: its certified threshold on the {where} split fell below the "present" point, or none reached it.'
 
 
 def _calibration_verdict(before: dict, after: dict, split: str = "validation") -> str:
@@ -407,7 +518,11 @@ def _calibration_verdict(before: dict, after: dict, split: str = "validation") -
     overlap = after["ece_low"] <= before["ece_high"] and before["ece_low"] <= after["ece_high"]
     return (
         f" **Calibration did not help on the test images: the error rose from {before['ece']:.3f} to {after['ece']:.3f}**"
-        + ("; the intervals overlap, so the change is within what so few test images can tell apart" if overlap else "")
+        + (
+            "; the intervals overlap, so the change is within what so few test images can tell apart"
+            if overlap
+            else ""
+        )
         + f". The temperature fitted on the {split} split does not carry over to the test split; "
         "read the probabilities as scores, not as frequencies."
     )
@@ -426,9 +541,19 @@ def regions_section(contract: ModelContract) -> list[str]:
     keys = ("iou>0.1", "iou>0.3", "iou>0.5", "pointing")
 
     def row(name: str, figures: dict[str, float]) -> str:
-        return f"| {name} | " + " | ".join("n/a" if not math.isfinite(figures.get(k, math.nan)) else f"{figures[k]:.2f}" for k in keys) + " |"
+        return (
+            f"| {name} | "
+            + " | ".join(
+                "n/a" if not math.isfinite(figures.get(k, math.nan)) else f"{figures[k]:.2f}"
+                for k in keys
+            )
+            + " |"
+        )
 
-    header = ["| map | IoU > 0.1 | IoU > 0.3 | IoU > 0.5 | pointing game |", "|---|---|---|---|---|"]
+    header = [
+        "| map | IoU > 0.1 | IoU > 0.3 | IoU > 0.5 | pointing game |",
+        "|---|---|---|---|---|",
+    ]
     verdict = (
         f"**Regions are shown**, from `{located.source}`."
         if located.shown
@@ -448,7 +573,10 @@ def regions_section(contract: ModelContract) -> list[str]:
         f"Validation ({located.images.get('validation', 0)} boxed images):",
         "",
         *header,
-        *(row(f"`{name}`" + (" (chosen)" if name == located.source else ""), figures) for name, figures in located.candidates.items()),
+        *(
+            row(f"`{name}`" + (" (chosen)" if name == located.source else ""), figures)
+            for name, figures in located.candidates.items()
+        ),
         row("prior (mean training box)", located.prior_validation),
         "",
         f"Test ({located.images.get('test', 0)} boxed images, reported once):",

@@ -39,10 +39,21 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 def history_state(history: History) -> dict:
-    return {"pretrain": [dict(r) for r in history.pretrain], "finetune": [dict(r) for r in history.finetune]}
+    return {
+        "pretrain": [dict(r) for r in history.pretrain],
+        "finetune": [dict(r) for r in history.finetune],
+    }
 
 
-def resume(checkpoint: Path | None, stage: str, net: nn.Module, optimizer, schedule, history: History, best: dict | None = None) -> int:
+def resume(
+    checkpoint: Path | None,
+    stage: str,
+    net: nn.Module,
+    optimizer,
+    schedule,
+    history: History,
+    best: dict | None = None,
+) -> int:
     """Load the last checkpoint of ``stage`` if there is one; returns the epoch to start from."""
     saved = load_checkpoint(checkpoint) if checkpoint is not None else None
     if not saved or saved.get("stage") != stage:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..registry import ARCHITECTURES
 from ..config import require as _check
+from ..registry import ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,30 @@ class AugmentConfig:
 
 #: The framework's default until the options table: the recipe of every table in docs/results.md
 #: measured before it, which those tables' configs name explicitly so that they reproduce.
-STRONG_AUGMENTATION = AugmentConfig(crop_scale=(0.7, 1.0), crop_ratio=(0.8, 1.25), rotate_degrees=10.0, gamma=(0.8, 1.25), contrast=(0.8, 1.25), brightness=0.08, blur_prob=0.2, noise_prob=0.2)
+STRONG_AUGMENTATION = AugmentConfig(
+    crop_scale=(0.7, 1.0),
+    crop_ratio=(0.8, 1.25),
+    rotate_degrees=10.0,
+    gamma=(0.8, 1.25),
+    contrast=(0.8, 1.25),
+    brightness=0.08,
+    blur_prob=0.2,
+    noise_prob=0.2,
+)
 
 
 def _simclr_augment() -> AugmentConfig:
     # Stronger views for contrastive learning (SimCLR relies on aggressive crops).
-    return AugmentConfig(crop_scale=(0.3, 1.0), crop_ratio=(0.75, 1.33), rotate_degrees=10.0, blur_prob=0.5, noise_prob=0.5, gamma=(0.7, 1.4), contrast=(0.7, 1.4), brightness=0.15)
+    return AugmentConfig(
+        crop_scale=(0.3, 1.0),
+        crop_ratio=(0.75, 1.33),
+        rotate_degrees=10.0,
+        blur_prob=0.5,
+        noise_prob=0.5,
+        gamma=(0.7, 1.4),
+        contrast=(0.7, 1.4),
+        brightness=0.15,
+    )
 
 
 @dataclass(frozen=True)
@@ -91,11 +109,18 @@ class DataConfig:
     boxed_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.boxed_fraction <= 1.0, "boxed_fraction", self.boxed_fraction, "in [0, 1]")
+        _check(
+            0.0 <= self.boxed_fraction <= 1.0, "boxed_fraction", self.boxed_fraction, "in [0, 1]"
+        )
         _check(32 <= self.image_size <= 1024, "image_size", self.image_size, "in [32, 1024]")
         _check(0.0 < self.test_fraction < 0.5, "test_fraction", self.test_fraction, "in (0, 0.5)")
         _check(0.0 <= self.val_fraction < 0.5, "val_fraction", self.val_fraction, "in [0, 0.5)")
-        _check(0.0 <= self.calibration_fraction < 0.5, "calibration_fraction", self.calibration_fraction, "in [0, 0.5)")
+        _check(
+            0.0 <= self.calibration_fraction < 0.5,
+            "calibration_fraction",
+            self.calibration_fraction,
+            "in [0, 0.5)",
+        )
         _check(self.calibration_images >= 0, "calibration_images", self.calibration_images, ">= 0")
 
 
@@ -144,8 +169,18 @@ class MGACRConfig:
     lesion_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.feature_form in ("paper", "detached"), "feature_form", self.feature_form, "paper or detached")
-        _check(self.lesion_stage == 0 or self.lesion_stage in self.stages, "lesion_stage", self.lesion_stage, f"0 or one of the stages {list(self.stages)}")
+        _check(
+            self.feature_form in ("paper", "detached"),
+            "feature_form",
+            self.feature_form,
+            "paper or detached",
+        )
+        _check(
+            self.lesion_stage == 0 or self.lesion_stage in self.stages,
+            "lesion_stage",
+            self.lesion_stage,
+            f"0 or one of the stages {list(self.stages)}",
+        )
         _check(self.lesion_weight >= 0, "lesion_weight", self.lesion_weight, ">= 0")
 
     @property
@@ -191,7 +226,12 @@ class ClassAttentionConfig:
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, "dim", self.dim, ">= 1")
-        _check(self.class_weights in ("paper", "balanced"), "class_weights", self.class_weights, "paper or balanced")
+        _check(
+            self.class_weights in ("paper", "balanced"),
+            "class_weights",
+            self.class_weights,
+            "paper or balanced",
+        )
         _check(self.entropy_weight >= 0, "entropy_weight", self.entropy_weight, ">= 0")
 
 
@@ -260,15 +300,27 @@ class FinetuneConfig:
         return ARCHITECTURES[self.architecture].multi_label
 
     def __post_init__(self) -> None:
-        _check(self.architecture in ARCHITECTURES, "architecture", self.architecture, f"one of {list(ARCHITECTURES)}")
+        _check(
+            self.architecture in ARCHITECTURES,
+            "architecture",
+            self.architecture,
+            f"one of {list(ARCHITECTURES)}",
+        )
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(self.schedule in ("cosine", "step"), "schedule", self.schedule, "cosine or step")
-        _check(self.step_epochs >= 1 and 0 < self.step_gamma <= 1, "step_epochs / step_gamma", (self.step_epochs, self.step_gamma), ">= 1 / in (0, 1]")
+        _check(
+            self.step_epochs >= 1 and 0 < self.step_gamma <= 1,
+            "step_epochs / step_gamma",
+            (self.step_epochs, self.step_gamma),
+            ">= 1 / in (0, 1]",
+        )
         if not ARCHITECTURES[self.architecture].attention and self.mgacr.enabled:
             heads = " or ".join(name for name, a in ARCHITECTURES.items() if a.attention)
-            raise ValueError(f"MGACR needs the {heads} architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}")
+            raise ValueError(
+                f"MGACR needs the {heads} architecture; switch mgacr.attention and mgacr.feature_cr off for {self.architecture}"
+            )
 
 
 @dataclass(frozen=True)
@@ -314,6 +366,12 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if self.pretrain.enabled and self.pretrain.epochs > 0 and not ARCHITECTURES[self.finetune.architecture].pretrainable:
+        if (
+            self.pretrain.enabled
+            and self.pretrain.epochs > 0
+            and not ARCHITECTURES[self.finetune.architecture].pretrainable
+        ):
             pretrainable = [name for name, a in ARCHITECTURES.items() if a.pretrainable]
-            raise ValueError(f"contrastive pre-training initialises ResNet18 backbones ({', '.join(pretrainable)}); set pretrain.enabled: false for {self.finetune.architecture}")
+            raise ValueError(
+                f"contrastive pre-training initialises ResNet18 backbones ({', '.join(pretrainable)}); set pretrain.enabled: false for {self.finetune.architecture}"
+            )

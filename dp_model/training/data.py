@@ -56,11 +56,22 @@ class Resident:
         return self.images.shape[0]
 
     def to(self, device: torch.device | str) -> Resident:
-        return Resident(self.images.to(device), self.boxes.to(device), self.labels.to(device), self.has_boxes.to(device), self.ids)
+        return Resident(
+            self.images.to(device),
+            self.boxes.to(device),
+            self.labels.to(device),
+            self.has_boxes.to(device),
+            self.ids,
+        )
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Float images in [0, 1], boxes, labels and flags of the samples at ``index``."""
-        return self.images[index].float().div_(255.0), self.boxes[index], self.labels[index], self.has_boxes[index]
+        return (
+            self.images[index].float().div_(255.0),
+            self.boxes[index],
+            self.labels[index],
+            self.has_boxes[index],
+        )
 
 
 def keep_boxes(data: Resident, fraction: float, seed: int) -> Resident:
@@ -72,7 +83,9 @@ def keep_boxes(data: Resident, fraction: float, seed: int) -> Resident:
     if fraction >= 1.0 or len(boxed) == 0:
         return data
     generator = torch.Generator().manual_seed(seed)
-    dropped = boxed[torch.randperm(len(boxed), generator=generator)[: len(boxed) - round(fraction * len(boxed))]]
+    dropped = boxed[
+        torch.randperm(len(boxed), generator=generator)[: len(boxed) - round(fraction * len(boxed))]
+    ]
     boxes, has_boxes = data.boxes.clone(), data.has_boxes.clone()
     boxes[dropped.to(boxes.device)] = 0.0
     has_boxes[dropped.to(has_boxes.device)] = False
@@ -97,14 +110,31 @@ def make_splits(dataset: ChestDataset, config: DataConfig, seed: int) -> Splits:
     then a calibration part of what is left (:func:`carve_calibration`)."""
     outer = split_dataset(dataset, config.test_fraction, seed, config.split)
     if config.val_fraction <= 0:
-        return carve_calibration(dataset, Splits(outer.train, (), outer.test, outer.method), config, seed)
-    rest = ChestDataset(dataset.name, dataset.root, dataset.classes, dataset.multi_label, tuple(dataset.records[i] for i in outer.train))
-    inner = split_dataset(rest, config.val_fraction, seed + 1, outer.method if outer.method != "official" else "auto")
-    splits = Splits(tuple(outer.train[i] for i in inner.train), tuple(outer.train[i] for i in inner.test), outer.test, outer.method)
+        return carve_calibration(
+            dataset, Splits(outer.train, (), outer.test, outer.method), config, seed
+        )
+    rest = ChestDataset(
+        dataset.name,
+        dataset.root,
+        dataset.classes,
+        dataset.multi_label,
+        tuple(dataset.records[i] for i in outer.train),
+    )
+    inner = split_dataset(
+        rest, config.val_fraction, seed + 1, outer.method if outer.method != "official" else "auto"
+    )
+    splits = Splits(
+        tuple(outer.train[i] for i in inner.train),
+        tuple(outer.train[i] for i in inner.test),
+        outer.test,
+        outer.method,
+    )
     return carve_calibration(dataset, splits, config, seed)
 
 
-def carve_calibration(dataset: ChestDataset, splits: Splits, config: DataConfig, seed: int) -> Splits:
+def carve_calibration(
+    dataset: ChestDataset, splits: Splits, config: DataConfig, seed: int
+) -> Splits:
     """``splits`` with a calibration part taken from its training part, stratified (or by
     patient) as the others: ``calibration_images`` images, or ``calibration_fraction`` of the
     non-test images. Validation and test stay as they were.
@@ -117,10 +147,29 @@ def carve_calibration(dataset: ChestDataset, splits: Splits, config: DataConfig,
     if wanted <= 0:
         return splits
     if wanted >= len(splits.train):
-        raise ValueError(f"a calibration split of {wanted} images leaves none of the {len(splits.train)} training images; lower data.calibration_fraction or data.calibration_images")
-    part = ChestDataset(dataset.name, dataset.root, dataset.classes, dataset.multi_label, tuple(dataset.records[i] for i in splits.train))
-    inner = split_dataset(part, wanted / len(splits.train), seed + 2, splits.method if splits.method != "official" else "auto")
-    return Splits(tuple(splits.train[i] for i in inner.train), splits.val, splits.test, splits.method, tuple(splits.train[i] for i in inner.test))
+        raise ValueError(
+            f"a calibration split of {wanted} images leaves none of the {len(splits.train)} training images; lower data.calibration_fraction or data.calibration_images"
+        )
+    part = ChestDataset(
+        dataset.name,
+        dataset.root,
+        dataset.classes,
+        dataset.multi_label,
+        tuple(dataset.records[i] for i in splits.train),
+    )
+    inner = split_dataset(
+        part,
+        wanted / len(splits.train),
+        seed + 2,
+        splits.method if splits.method != "official" else "auto",
+    )
+    return Splits(
+        tuple(splits.train[i] for i in inner.train),
+        splits.val,
+        splits.test,
+        splits.method,
+        tuple(splits.train[i] for i in inner.test),
+    )
 
 
 def _decode(args: tuple[str, list[list[float]], int]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +192,15 @@ def _worker_start() -> None:
     torch.set_num_threads(1)  # several decoding processes share the cores
 
 
-def decode(records: list[Record], size: int, workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list[np.ndarray]]:
+def decode(
+    records: list[Record], size: int, workers: int = 0, desc: str = "decode"
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Decode and letterbox ``records`` with ``workers`` processes (0: all cores), or in this
     process when the first :data:`PROBE_IMAGES` say the rest is quicker than starting a pool."""
     jobs = [(str(r.image), r.boxes.tolist(), size) for r in records]
-    count = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    count = workers or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     count = max(1, min(count, len(jobs) // 32 or 1))
     images, boxes = np.zeros((len(jobs), size, size), np.uint8), []
     bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
@@ -165,7 +218,9 @@ def decode(records: list[Record], size: int, workers: int = 0, desc: str = "deco
         else:
             # spawn, not fork: PyTorch's thread pools do not survive a fork safely. map returns
             # results in the order of the jobs, whatever order the workers finish in.
-            pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
+            pool = ProcessPoolExecutor(
+                count, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start
+            )
             results = pool.map(_decode, rest, chunksize=max(1, min(64, len(rest) // (count * 4))))
         for i, (image, image_boxes) in enumerate(results, start=len(boxes)):
             images[i] = image
@@ -178,16 +233,20 @@ def decode(records: list[Record], size: int, workers: int = 0, desc: str = "deco
     return images, boxes
 
 
-def load_split(dataset: ChestDataset, indices: tuple[int, ...], config: DataConfig, desc: str) -> Resident:
+def load_split(
+    dataset: ChestDataset, indices: tuple[int, ...], config: DataConfig, desc: str
+) -> Resident:
     """Decode (or read from the cache) the records at ``indices``."""
     if dataset.multi_label:
-        raise DatasetError(f"{dataset.root}: a multi-label dataset; the Deep Pneumonia model needs one class per image")
+        raise DatasetError(
+            f"{dataset.root}: a multi-label dataset; the Deep Pneumonia model needs one class per image"
+        )
     records = [dataset.records[i] for i in indices]
     path = _cache_path(config, records)
     if path is not None and path.exists():
         try:
             return _from_cache(path)
-        except Exception as exc:  # a damaged cache is rebuilt, never fatal
+        except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways; rebuilt, never fatal
             logger.warning("ignoring unreadable cache %s (%s)", path, exc)
     images, boxes = decode(records, config.image_size, config.workers, desc)
     index = {name: i for i, name in enumerate(dataset.classes)}
@@ -206,25 +265,38 @@ def load_split(dataset: ChestDataset, indices: tuple[int, ...], config: DataConf
 def _cache_path(config: DataConfig, records: list[Record]) -> Path | None:
     if not records:
         return None
-    folder = Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "deep-pneumonia"
+    folder = (
+        Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "deep-pneumonia"
+    )
     digest = hashlib.sha256(json.dumps([CACHE_FORMAT, config.image_size]).encode())
     for r in records:
         stat = r.image.stat()
-        digest.update(f"{r.image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{r.labels}|{r.boxes.tolist()}".encode())
+        digest.update(
+            f"{r.image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{r.labels}|{r.boxes.tolist()}".encode()
+        )
     return folder / f"{digest.hexdigest()[:32]}.pt"
 
 
 def _from_cache(path: Path) -> Resident:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    return Resident(saved["images"], saved["boxes"], saved["labels"], saved["has_boxes"], list(saved["ids"]))
+    return Resident(
+        saved["images"], saved["boxes"], saved["labels"], saved["has_boxes"], list(saved["ids"])
+    )
 
 
 def _to_cache(path: Path, resident: Resident) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same split
+        # several processes may write the same split
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(
-            {"images": resident.images, "boxes": resident.boxes, "labels": resident.labels, "has_boxes": resident.has_boxes, "ids": resident.ids},
+            {
+                "images": resident.images,
+                "boxes": resident.boxes,
+                "labels": resident.labels,
+                "has_boxes": resident.has_boxes,
+                "ids": resident.ids,
+            },
             temporary,
         )
         temporary.replace(path)
@@ -232,7 +304,9 @@ def _to_cache(path: Path, resident: Resident) -> None:
         logger.warning("could not cache decoded images in %s (%s)", path.parent, exc)
 
 
-def batches(n: int, batch_size: int, seed: int, drop_last: bool, device: torch.device) -> list[Tensor]:
+def batches(
+    n: int, batch_size: int, seed: int, drop_last: bool, device: torch.device
+) -> list[Tensor]:
     """A seeded permutation of ``range(n)`` in batches (the same for a given seed on every process)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)

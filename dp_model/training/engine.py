@@ -25,15 +25,22 @@ from tqdm import tqdm
 
 from dp_transforms import boxes_to_masks
 
+from ..config import to_mapping
 from ..losses import NTXentLoss, relative_scale
 from ..networks import SimCLRNet
-from ..config import to_mapping
 from .checkpoints import History, history_state, resume, save_checkpoint
 from .config import FinetuneConfig, PretrainConfig
 from .data import Resident, batches
 from .objectives import (
-    CIAObjective, build_classifier, classification_loss, findings, make_optimizer, mgacr_loss, normal_index, variant_loss,
-)  # fmt: skip
+    CIAObjective,
+    build_classifier,
+    classification_loss,
+    findings,
+    make_optimizer,
+    mgacr_loss,
+    normal_index,
+    variant_loss,
+)
 from .runtime import Runtime, augmenters, epoch_seed, unwrap, warmup_cosine, warmup_step, wrap
 
 __all__ = ["FinetuneResult", "finetune", "finetune_step", "multi_label_step", "pretrain"]
@@ -66,18 +73,27 @@ def pretrain(
     loss_fn = NTXentLoss(config.temperature)
     batch_size = min(config.batch_size, len(data))
     if batch_size < config.batch_size:
-        logger.warning("stage I batch size %d exceeds the %d training images; using %d", config.batch_size, len(data), batch_size)
+        logger.warning(
+            "stage I batch size %d exceeds the %d training images; using %d",
+            config.batch_size,
+            len(data),
+            batch_size,
+        )
     if batch_size < 2:
         raise ValueError(f"stage I needs at least two training images, got {len(data)}")
     steps_per_epoch = len(data) // batch_size
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, steps_per_epoch)
+    )
     start = resume(checkpoint, "pretrain", net, optimizer, schedule, history)
     for epoch in range(start, config.epochs):
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 1, epoch, runtime.rank))
         model.train()
         sums = Sums(runtime.device)
-        order = batches(len(data), batch_size, epoch_seed(seed, 1, epoch), drop_last=True, device=runtime.device)
+        order = batches(
+            len(data), batch_size, epoch_seed(seed, 1, epoch), drop_last=True, device=runtime.device
+        )
         for index in _progress(order, f"stage I {epoch + 1}/{config.epochs}", runtime):
             optimizer.zero_grad(set_to_none=True)
             parts = runtime.share(index)
@@ -94,11 +110,24 @@ def pretrain(
         record = sums.means() | {"lr": schedule.get_last_lr()[0]}
         history.pretrain.append(record)
         if runtime.main:  # NT-Xent at chance is ln(2N - 1), pair accuracy 1 / (2N - 1)
-            chance = {"chance_loss": math.log(2 * batch_size - 1), "chance_top1": 1.0 / (2 * batch_size - 1)}
+            chance = {
+                "chance_loss": math.log(2 * batch_size - 1),
+                "chance_top1": 1.0 / (2 * batch_size - 1),
+            }
             logger.info("%s", epoch_line(f"stage I {epoch + 1}/{config.epochs}", record | chance))
         if checkpoint is not None and runtime.main:
-            save_checkpoint(checkpoint, {"stage": "pretrain", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "schedule": schedule.state_dict(), "history": history_state(history)}, run_config or to_mapping(config))  # fmt: skip
+            save_checkpoint(
+                checkpoint,
+                {
+                    "stage": "pretrain",
+                    "epoch": epoch + 1,
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "history": history_state(history),
+                },
+                run_config or to_mapping(config),
+            )
         if log:
             log("pretrain", record, epoch)
     return net.encoder_state()
@@ -173,7 +202,9 @@ def finetune(
         net.set_references(train.images[train.labels == normal].cpu(), seed)
     model = wrap(net, runtime)
     if config.multi_label:
-        cls_loss = variant_loss(config, [counts[i] for i in outputs], [class_names[i] for i in outputs], sum(counts)).to(runtime.device)
+        cls_loss = variant_loss(
+            config, [counts[i] for i in outputs], [class_names[i] for i in outputs], sum(counts)
+        ).to(runtime.device)
     else:
         cls_loss = classification_loss(config, counts, class_names).to(runtime.device)
     mgacr = mgacr_loss(config)
@@ -182,20 +213,41 @@ def finetune(
     total = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
     if config.schedule == "step":
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_step(s, warmup, config.step_epochs * steps_per_epoch, config.step_gamma))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: warmup_step(
+                s, warmup, config.step_epochs * steps_per_epoch, config.step_gamma
+            ),
+        )
     else:
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
-    best = {"state": {k: v.detach().clone() for k, v in net.state_dict().items()}, "epoch": -1, "metric": -math.inf}
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, total, warmup)
+        )
+    best = {
+        "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "epoch": -1,
+        "metric": -math.inf,
+    }
     start = resume(checkpoint, "finetune", net, optimizer, schedule, history, best)
     for epoch in range(start, config.epochs):
         affine, intensity = augmenters(config.augment, epoch_seed(seed, 2, epoch, runtime.rank))
         if config.multi_label:
-            step = multi_label_step(model, cls_loss, affine, intensity, runtime, train.images.shape[-1], outputs)
+            step = multi_label_step(
+                model, cls_loss, affine, intensity, runtime, train.images.shape[-1], outputs
+            )
         else:
-            step = finetune_step(model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal)
+            step = finetune_step(
+                model, cls_loss, mgacr, affine, intensity, runtime, train.images.shape[-1], normal
+            )
         model.train()
         sums = Sums(runtime.device)
-        order = batches(len(train), config.batch_size, epoch_seed(seed, 2, epoch), drop_last=False, device=runtime.device)
+        order = batches(
+            len(train),
+            config.batch_size,
+            epoch_seed(seed, 2, epoch),
+            drop_last=False,
+            device=runtime.device,
+        )
         for index in _progress(order, f"stage II {epoch + 1}/{config.epochs}", runtime):
             optimizer.zero_grad(set_to_none=True)
             parts = runtime.share(index)
@@ -210,17 +262,28 @@ def finetune(
             record |= {f"val_{k}": v for k, v in evaluate(unwrap(model), val).items()}
         metric = record.get(f"val_{config.select_metric}", -record["loss"])
         if metric > best["metric"]:
-            best = {"state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "epoch": epoch, "metric": metric}
+            best = {
+                "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                "epoch": epoch,
+                "metric": metric,
+            }
         history.finetune.append(record)
         if runtime.main:
             logger.info("%s", epoch_line(f"stage II {epoch + 1}/{config.epochs}", record))
         if checkpoint is not None and runtime.main:
             save_checkpoint(
                 checkpoint,
-                {"stage": "finetune", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(), "history": history_state(history), "best": best},
+                {
+                    "stage": "finetune",
+                    "epoch": epoch + 1,
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "history": history_state(history),
+                    "best": best,
+                },
                 run_config or to_mapping(config),
-            )  # fmt: skip
+            )
         if log:
             log("finetune", record, epoch)
     return FinetuneResult(net, best["state"], int(best["epoch"]), float(best["metric"]))
@@ -233,17 +296,27 @@ def epoch_line(stage: str, record: dict[str, float]) -> str:
     >>> epoch_line("stage II 2/10", {"loss": 1.5, "cls": 1.2, "feat_cr": 3.0, "lr": 0.001, "val_macro_auc": 0.71})
     'stage II 2/10: loss 1.500 (cls 1.200, feat_cr 3.000); val macro auc 0.710; lr 0.001'
     """
-    terms = [f"{k} {v:.3f}" for k, v in record.items() if k not in ("loss", "lr") and not k.startswith(("val_", "chance_")) and "@" not in k]
-    line = f"{stage}: loss {record.get('loss', float('nan')):.3f}" + (f" ({', '.join(terms)})" if terms else "")
+    terms = [
+        f"{k} {v:.3f}"
+        for k, v in record.items()
+        if k not in ("loss", "lr") and not k.startswith(("val_", "chance_")) and "@" not in k
+    ]
+    line = f"{stage}: loss {record.get('loss', float('nan')):.3f}" + (
+        f" ({', '.join(terms)})" if terms else ""
+    )
     if "chance_loss" in record:
         line += f" [chance: loss {record['chance_loss']:.3f}, top1 {record['chance_top1']:.3f}]"
-    validation = [f"{k[4:].replace('_', ' ')} {v:.3f}" for k, v in record.items() if k.startswith("val_")]
+    validation = [
+        f"{k[4:].replace('_', ' ')} {v:.3f}" for k, v in record.items() if k.startswith("val_")
+    ]
     if validation:
         line += "; val " + ", ".join(validation)
     return line + f"; lr {record.get('lr', float('nan')):.3g}"
 
 
-def finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, size: int, normal: int):
+def finetune_step(
+    model, cls_loss, mgacr, affine, intensity, runtime: Runtime, size: int, normal: int
+):
     """One micro-batch: masks from boxes, joint augmentation, losses. Returns the loss and its parts."""
 
     def step(batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -270,14 +343,17 @@ def finetune_step(model, cls_loss, mgacr, affine, intensity, runtime: Runtime, s
     return step
 
 
-def multi_label_step(model, loss_fn, affine, intensity, runtime: Runtime, size: int, outputs: list[int]):
+def multi_label_step(
+    model, loss_fn, affine, intensity, runtime: Runtime, size: int, outputs: list[int]
+):
     """One micro-batch of a multi-label variant: one-hot labels become per-finding targets."""
     net = unwrap(model)
     columns = torch.tensor(outputs, device=runtime.device)
 
     def step(batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x, boxes, labels, has_boxes = batch
-        targets = F.one_hot(labels, len(outputs) + 1).float()[:, columns]  # the normal class has no column
+        # the normal class has no column
+        targets = F.one_hot(labels, len(outputs) + 1).float()[:, columns]
         mask = boxes_to_masks(boxes, (size, size))
         x, mask = affine(x, mask)
         x = intensity(x)

@@ -16,7 +16,14 @@ from .runtime import Runtime, unwrap
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int = 256, normal: int = 0, offsets: tuple[float, ...] = ()) -> np.ndarray:
+def predict(
+    model: nn.Module,
+    data: Resident,
+    runtime: Runtime,
+    batch_size: int = 256,
+    normal: int = 0,
+    offsets: tuple[float, ...] = (),
+) -> np.ndarray:
     """Class scores ``(N, C)`` of a resident split (no augmentation): softmax probabilities,
     or for a multi-label network its findings' sigmoids with the normal class (index
     ``normal``) scoring ``1 - max`` (:func:`~dp_model.architectures.class_scores`). ``offsets``
@@ -37,7 +44,13 @@ def predict(model: nn.Module, data: Resident, runtime: Runtime, batch_size: int 
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
-def localization(model: nn.Module, data: Resident, classes: tuple[str, ...], normal: int = 0, batch_size: int = 64) -> dict[str, list[float]]:
+def localization(
+    model: nn.Module,
+    data: Resident,
+    classes: tuple[str, ...],
+    normal: int = 0,
+    batch_size: int = 64,
+) -> dict[str, list[float]]:
     """Localization accuracy at :data:`~dp_model.metrics.IOU_THRESHOLDS` on the boxed images of ``data``.
 
     The model's region for an image is its :func:`~dp_model.explain.localization_maps` map
@@ -56,7 +69,9 @@ def localization(model: nn.Module, data: Resident, classes: tuple[str, ...], nor
         labels.append(y.cpu().numpy())
     if not predicted:
         return {}
-    return localization_accuracy(np.concatenate(predicted), np.concatenate(truth), np.concatenate(labels), classes)
+    return localization_accuracy(
+        np.concatenate(predicted), np.concatenate(truth), np.concatenate(labels), classes
+    )
 
 
 def _truth_masks(data: Resident, index: torch.Tensor) -> np.ndarray:
@@ -64,7 +79,9 @@ def _truth_masks(data: Resident, index: torch.Tensor) -> np.ndarray:
     return (boxes_to_masks(data.boxes[index].cpu(), (size, size))[:, 0] >= 0.5).numpy()
 
 
-def region_ious(model: nn.Module, data: Resident, normal: int = 0, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def region_ious(
+    model: nn.Module, data: Resident, normal: int = 0, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Per boxed image of ``data``: the IoU of the model's region (:func:`localization`'s map of
     the image's class at 0.5) with the union of its boxes, and its class; what a paired
     comparison of two maps, or of a map and :func:`prior_maps`, resamples."""
@@ -76,7 +93,11 @@ def region_ious(model: nn.Module, data: Resident, normal: int = 0, batch_size: i
         maps = localization_maps(model, x.to(device), y.to(device), normal)
         iou.append(mask_iou((maps[:, 0] >= 0.5).cpu().numpy(), _truth_masks(data, part)))
         labels.append(y.cpu().numpy())
-    return (np.concatenate(iou), np.concatenate(labels)) if iou else (np.zeros(0), np.zeros(0, np.int64))
+    return (
+        (np.concatenate(iou), np.concatenate(labels))
+        if iou
+        else (np.zeros(0), np.zeros(0, np.int64))
+    )
 
 
 def prior_maps(train: Resident, num_classes: int) -> np.ndarray:
@@ -90,7 +111,9 @@ def prior_maps(train: Resident, num_classes: int) -> np.ndarray:
         np.add.at(total, labels, _truth_masks(train, part))
         np.add.at(count, labels, 1)
     mean = total / np.maximum(count, 1)[:, None, None]
-    return (mean / np.maximum(mean.reshape(num_classes, -1).max(axis=1), 1e-12)[:, None, None]).astype(np.float32)
+    return (
+        mean / np.maximum(mean.reshape(num_classes, -1).max(axis=1), 1e-12)[:, None, None]
+    ).astype(np.float32)
 
 
 def prior_ious(prior: np.ndarray, data: Resident) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..architectures import build_network
-from ..losses import CBFocalLoss, ClassAttentionLoss, MGACRLoss, SqrtFocalLoss, cia_loss, class_attention_weights, consistency_loss, feature_reconstruction_loss
+from ..losses import (
+    CBFocalLoss,
+    ClassAttentionLoss,
+    MGACRLoss,
+    SqrtFocalLoss,
+    cia_loss,
+    class_attention_weights,
+    consistency_loss,
+    feature_reconstruction_loss,
+)
 from ..networks import DeepPneumoniaNet
 from ..variants import warp
 from .config import FinetuneConfig, PretrainConfig
@@ -19,7 +28,13 @@ def network_options(config: FinetuneConfig, image_size: int) -> dict:
         return {"dim": config.class_attention.dim}
     if config.architecture == "cia_net":
         c = config.cia
-        return {"image_size": image_size, "bank_size": c.bank_size, "negative_sampling": c.negative_sampling, "alignment": c.alignment, "grid_upsample": c.grid_upsample}
+        return {
+            "image_size": image_size,
+            "bank_size": c.bank_size,
+            "negative_sampling": c.negative_sampling,
+            "alignment": c.alignment,
+            "grid_upsample": c.grid_upsample,
+        }
     if config.architecture == "resnet18" and config.mgacr.enabled and config.mgacr.lesion_stage:
         return {"lesion_stage": config.mgacr.lesion_stage}
     return {}
@@ -35,7 +50,13 @@ def findings(class_names: list[str] | tuple[str, ...], normal: int) -> list[int]
     return [i for i in range(len(class_names)) if i != normal]
 
 
-def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str, Tensor] | None, seed: int, image_size: int = 224) -> nn.Module:
+def build_classifier(
+    config: FinetuneConfig,
+    num_classes: int,
+    encoder: dict[str, Tensor] | None,
+    seed: int,
+    image_size: int = 224,
+) -> nn.Module:
     """The stage II network: MGACR heads only when a MGACR term is switched on.
 
     ``num_classes`` counts every class; a multi-label network gets one output per finding.
@@ -48,45 +69,79 @@ def build_classifier(config: FinetuneConfig, num_classes: int, encoder: dict[str
             net.load_encoder(encoder)
         return net
     stages = config.mgacr.stages if config.mgacr.enabled else ()
-    net = DeepPneumoniaNet(num_classes=num_classes, attention_stages=stages, **network_options(config, image_size))
+    net = DeepPneumoniaNet(
+        num_classes=num_classes, attention_stages=stages, **network_options(config, image_size)
+    )
     if encoder is not None:
         missing, unexpected = net.backbone.load_state_dict(encoder, strict=False)
         if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise ValueError(f"pre-trained encoder does not fit: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"pre-trained encoder does not fit: missing {missing}, unexpected {unexpected}"
+            )
     return net
 
 
-def classification_loss(config: FinetuneConfig, class_counts: list[int], class_names: list[str]) -> nn.Module:
+def classification_loss(
+    config: FinetuneConfig, class_counts: list[int], class_names: list[str]
+) -> nn.Module:
     loss = config.loss
     if loss.kind == "ce":
         return nn.CrossEntropyLoss()
     if loss.kind == "sqrt_focal":
-        return SqrtFocalLoss(class_counts, alpha=loss.alpha, gamma=loss.gamma, normal_index=normal_index(class_names), class_names=class_names)
+        return SqrtFocalLoss(
+            class_counts,
+            alpha=loss.alpha,
+            gamma=loss.gamma,
+            normal_index=normal_index(class_names),
+            class_names=class_names,
+        )
     beta = loss.beta if loss.kind == "cb_focal" else 0.0  # beta 0: equal weights, plain focal loss
-    return CBFocalLoss(class_counts, beta=beta, gamma=loss.gamma, mode=loss.mode, class_names=class_names)
+    return CBFocalLoss(
+        class_counts, beta=beta, gamma=loss.gamma, mode=loss.mode, class_names=class_names
+    )
 
 
 def mgacr_loss(config: FinetuneConfig) -> MGACRLoss | None:
     m = config.mgacr
     if not m.enabled:
         return None
-    return MGACRLoss(m.att_weight if m.attention else 0.0, m.feat_weight if m.feature_cr else 0.0, m.normal_images, m.eps, m.feature_form, m.relative, m.lesion_weight)
+    return MGACRLoss(
+        m.att_weight if m.attention else 0.0,
+        m.feat_weight if m.feature_cr else 0.0,
+        m.normal_images,
+        m.eps,
+        m.feature_form,
+        m.relative,
+        m.lesion_weight,
+    )
 
 
-def make_optimizer(config: FinetuneConfig | PretrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(
+    config: FinetuneConfig | PretrainConfig, model: nn.Module
+) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum, or AdamW, from a stage's configuration."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=True,
+        )
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def variant_loss(config: FinetuneConfig, positive_counts: list[int], names: list[str], total: int | None = None) -> nn.Module:
+def variant_loss(
+    config: FinetuneConfig, positive_counts: list[int], names: list[str], total: int | None = None
+) -> nn.Module:
     """The multi-label variants' own losses; CIA-Net's is assembled in :func:`multi_label_step`.
     ``total``: training images (the balanced class weights need it)."""
     if config.architecture == "class_attention":
         c = config.class_attention
         return ClassAttentionLoss(positive_counts, c.entropy_weight, names, c.class_weights, total)
-    return CIAObjective(config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight)
+    return CIAObjective(
+        config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight
+    )
 
 
 def grid_targets(mask: Tensor, theta: Tensor | None, size: tuple[int, int]) -> Tensor:
@@ -105,13 +160,21 @@ class CIAObjective(nn.Module):
 
     def __init__(self, box_weight: float, feature_weight: float, consistency_weight: float) -> None:
         super().__init__()
-        self.box_weight, self.feature_weight, self.consistency_weight = box_weight, feature_weight, consistency_weight
+        self.box_weight, self.feature_weight, self.consistency_weight = (
+            box_weight,
+            feature_weight,
+            consistency_weight,
+        )
 
-    def forward(self, net: nn.Module, outputs, targets: Tensor, mask: Tensor, has_boxes: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, net: nn.Module, outputs, targets: Tensor, mask: Tensor, has_boxes: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         grid = outputs.grid
         cells = grid_targets(mask, outputs.theta, grid.shape[-2:])
         boxed = targets * has_boxes[:, None].float()  # lambda: class k of the image has a box
-        detection = cia_loss(grid, targets[:, :, None, None] * cells, boxed, targets, self.box_weight)
+        detection = cia_loss(
+            grid, targets[:, :, None, None] * cells, boxed, targets, self.box_weight
+        )
         parts = {"cia": detection}
         loss = detection
         if outputs.aligned is not None:
@@ -123,11 +186,15 @@ class CIAObjective(nn.Module):
         return loss, parts
 
 
-def logit_adjustment(config: FinetuneConfig, class_counts: list[int], normal: int) -> tuple[float, ...]:
+def logit_adjustment(
+    config: FinetuneConfig, class_counts: list[int], normal: int
+) -> tuple[float, ...]:
     """``log c_i`` per finding for class attention with ``logit_adjustment`` on (the weights its
     loss trained with, from the training split's counts), else none."""
     if config.architecture != "class_attention" or not config.class_attention.logit_adjustment:
         return ()
     positives = [class_counts[i] for i in findings(list(range(len(class_counts))), normal)]
-    weights = class_attention_weights(positives, config.class_attention.class_weights, sum(class_counts))
+    weights = class_attention_weights(
+        positives, config.class_attention.class_weights, sum(class_counts)
+    )
     return tuple(round(float(w), 6) for w in torch.log(weights.double()))

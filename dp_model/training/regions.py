@@ -67,7 +67,9 @@ def prior_maps(train: Resident, num_classes: int) -> np.ndarray:
         np.add.at(total, labels, masks)
         np.add.at(count, labels, 1)
     mean = total / np.maximum(count, 1)[:, None, None]
-    return (mean / np.maximum(mean.reshape(num_classes, -1).max(axis=1), 1e-12)[:, None, None]).astype(np.float32)
+    return (
+        mean / np.maximum(mean.reshape(num_classes, -1).max(axis=1), 1e-12)[:, None, None]
+    ).astype(np.float32)
 
 
 def _score(maps: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,14 +86,21 @@ def prior_scores(prior: np.ndarray, data: Resident, batch_size: int = 256) -> Sc
     return _joined(iou, pointing, labels)
 
 
-def source_scores(model: nn.Module, data: Resident, source: str, normal: int = 0, batch_size: int = 64) -> Scores:
+def source_scores(
+    model: nn.Module, data: Resident, source: str, normal: int = 0, batch_size: int = 64
+) -> Scores:
     """The maps of ``source`` for each boxed image's true class, scored against its boxes."""
     model.eval()
     device = next(model.parameters()).device
     iou, pointing, labels = [], [], []
     for part in _boxed(data).split(batch_size):
         x, _, y, _ = data.batch(part.to(data.images.device))
-        maps = source_maps(model, x.to(device), source, y.to(device), normal)[:, 0].float().cpu().numpy()
+        maps = (
+            source_maps(model, x.to(device), source, y.to(device), normal)[:, 0]
+            .float()
+            .cpu()
+            .numpy()
+        )
         found = _score(maps, _truth(data, part))
         iou.append(found[0]), pointing.append(found[1]), labels.append(y.cpu().numpy())
     return _joined(iou, pointing, labels)
@@ -109,25 +118,59 @@ def _order(source: str, figures: dict[str, float]) -> tuple:
     return (*nan_last, COST.get(source, 0), source)
 
 
-def measure(model: nn.Module, train: Resident, val: Resident, test: Resident, num_classes: int, normal: int = 0, seed: int = 0) -> Localization:
+def measure(
+    model: nn.Module,
+    train: Resident,
+    val: Resident,
+    test: Resident,
+    num_classes: int,
+    normal: int = 0,
+    seed: int = 0,
+) -> Localization:
     """Every map source of ``model`` and the prior on validation, the chosen one on test, and
     the decision (:func:`~dp_model.contract.regions_earned`)."""
     prior = prior_maps(train, num_classes)
     prior_val, prior_test = prior_scores(prior, val), prior_scores(prior, test)
     scored = {source: source_scores(model, val, source, normal) for source in map_sources(model)}
     candidates = {source: scores.figures() for source, scores in scored.items()}
-    chosen = min(candidates, key=lambda s: _order(s, candidates[s])) if candidates else default_source(model)
+    chosen = (
+        min(candidates, key=lambda s: _order(s, candidates[s]))
+        if candidates
+        else default_source(model)
+    )
     if chosen not in scored:  # a network with no map at all: nothing to measure
-        return Localization(source=chosen, shown=False, images={"validation": len(prior_val.iou), "test": len(prior_test.iou)})
-    low = paired_difference_low(scored[chosen].iou > 0.3, prior_val.iou > 0.3, prior_val.labels, seed=seed) if len(prior_val.iou) else float("nan")
+        return Localization(
+            source=chosen,
+            shown=False,
+            images={"validation": len(prior_val.iou), "test": len(prior_test.iou)},
+        )
+    low = (
+        paired_difference_low(
+            scored[chosen].iou > 0.3, prior_val.iou > 0.3, prior_val.labels, seed=seed
+        )
+        if len(prior_val.iou)
+        else float("nan")
+    )
     shown = regions_earned(candidates[chosen], prior_val.figures(), low, REGION_MARGIN)
     located = Localization(
-        source=chosen, shown=shown, margin=REGION_MARGIN, validation=candidates[chosen], test=source_scores(model, test, chosen, normal).figures(), prior_validation=prior_val.figures(), prior_test=prior_test.figures(),
-        difference_low=low, candidates=candidates, images={"validation": len(prior_val.iou), "test": len(prior_test.iou)},
-    )  # fmt: skip
+        source=chosen,
+        shown=shown,
+        margin=REGION_MARGIN,
+        validation=candidates[chosen],
+        test=source_scores(model, test, chosen, normal).figures(),
+        prior_validation=prior_val.figures(),
+        prior_test=prior_test.figures(),
+        difference_low=low,
+        candidates=candidates,
+        images={"validation": len(prior_val.iou), "test": len(prior_test.iou)},
+    )
     logger.info(
         "localization: %s chosen on validation (IoU>0.3 %.3f, pointing %.3f; prior %.3f, %.3f): regions %s",
-        chosen, located.validation["iou>0.3"], located.validation["pointing"], located.prior_validation["iou>0.3"],
-        located.prior_validation["pointing"], "shown" if shown else "not shown",
-    )  # fmt: skip
+        chosen,
+        located.validation["iou>0.3"],
+        located.validation["pointing"],
+        located.prior_validation["iou>0.3"],
+        located.prior_validation["pointing"],
+        "shown" if shown else "not shown",
+    )
     return located

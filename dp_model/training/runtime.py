@@ -66,7 +66,11 @@ def make_runtime(config: RuntimeConfig, micro_batches: int = 1) -> Runtime:
         raise RuntimeError("device: cuda was asked for, but no CUDA device is available")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda
+        else torch.device("cpu")
+    )
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -75,8 +79,19 @@ def make_runtime(config: RuntimeConfig, micro_batches: int = 1) -> Runtime:
     else:
         # CPU kernels split their sums by thread: the same run with another thread count
         # gives other (equally valid) weights, so the count is part of what reproduces a run.
-        logger.info("training on the CPU with %d PyTorch threads (runtime.threads pins the count; the weights depend on it)", torch.get_num_threads())
-    return Runtime(device, config.amp and cuda, config.channels_last and cuda, config.compile, rank, world, micro_batches)
+        logger.info(
+            "training on the CPU with %d PyTorch threads (runtime.threads pins the count; the weights depend on it)",
+            torch.get_num_threads(),
+        )
+    return Runtime(
+        device,
+        config.amp and cuda,
+        config.channels_last and cuda,
+        config.compile,
+        rank,
+        world,
+        micro_batches,
+    )
 
 
 def wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -88,7 +103,9 @@ def wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
         if runtime.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=False
+        )
     if runtime.compile:
         model = torch.compile(model)
     return model
@@ -102,11 +119,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def augmenters(config: AugmentConfig, seed: int) -> tuple[RandChestAffine, RandChestIntensity]:
-    affine = RandChestAffine(scale=config.crop_scale, ratio=config.crop_ratio, rotate_degrees=config.rotate_degrees, flip_prob=config.flip_prob)
+    affine = RandChestAffine(
+        scale=config.crop_scale,
+        ratio=config.crop_ratio,
+        rotate_degrees=config.rotate_degrees,
+        flip_prob=config.flip_prob,
+    )
     intensity = RandChestIntensity(
-        gamma=config.gamma, contrast=config.contrast, brightness=config.brightness,
-        blur_prob=config.blur_prob, blur_sigma=config.blur_sigma, noise_prob=config.noise_prob, noise_std=config.noise_std,
-    )  # fmt: skip
+        gamma=config.gamma,
+        contrast=config.contrast,
+        brightness=config.brightness,
+        blur_prob=config.blur_prob,
+        blur_sigma=config.blur_sigma,
+        noise_prob=config.noise_prob,
+        noise_std=config.noise_std,
+    )
     return affine.set_random_state(seed), intensity.set_random_state(seed + 1)
 
 

@@ -28,7 +28,12 @@ from pacs_node.logs import describe
 logger = logging.getLogger(__name__)
 
 #: The storage classes the node sends, each offered in both uncompressed syntaxes.
-RESULT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage, GrayscaleSoftcopyPresentationStateStorage)
+RESULT_CLASSES = (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+)
 RESULT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: C-STORE statuses that mean the destination has the object: success and the warnings
 #: (coercion of data elements, elements discarded, data set does not match SOP class).
@@ -47,7 +52,13 @@ class CStoreTransport:
         timeout_s: ACSE, DIMSE and network timeout.
     """
 
-    def __init__(self, destination: Destination, calling_ae: str, tls: ssl.SSLContext | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        destination: Destination,
+        calling_ae: str,
+        tls: ssl.SSLContext | None,
+        timeout_s: float,
+    ) -> None:
         self.destination, self.tls = destination, tls
         self._ae = AE(ae_title=calling_ae)
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
@@ -57,13 +68,23 @@ class CStoreTransport:
         self._ae.requested_contexts = []
         for sop_class in RESULT_CLASSES:
             self._ae.add_requested_context(sop_class, list(RESULT_SYNTAXES))
-        self._ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGLSLossless])  # its own context: accepted or not on its own
+        # its own context: accepted or not on its own
+        self._ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGLSLossless])
         if ask:  # to ask the destination whether it has objects in doubt, where it answers queries
             self._ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         tls_args = (self.tls, self.destination.host) if self.tls else None
-        assoc = self._ae.associate(self.destination.host, self.destination.port, ae_title=self.destination.ae_title, tls_args=tls_args)
+        assoc = self._ae.associate(
+            self.destination.host,
+            self.destination.port,
+            ae_title=self.destination.ae_title,
+            tls_args=tls_args,
+        )
         if not assoc.is_established:
-            raise Unreachable("association rejected" if assoc.is_rejected else "no connection, or the association was aborted")
+            raise Unreachable(
+                "association rejected"
+                if assoc.is_rejected
+                else "no connection, or the association was aborted"
+            )
         return CStoreLink(assoc, str(self.destination))
 
 
@@ -90,20 +111,37 @@ class CStoreLink:
     def has(self, path: Path) -> bool:
         """Whether the destination already stores an object whose C-STORE was cut by a crash
         (PS3.4 C.4.1, Study Root C-FIND at IMAGE level); False when it cannot say."""
-        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind for cx in self.assoc.accepted_contexts):
+        if not any(
+            cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
+            for cx in self.assoc.accepted_contexts
+        ):
             return False
         try:
             header = dcmread(path, stop_before_pixels=True)
             query = Dataset()
             query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
-            answers = list(self.assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = (
+                header.StudyInstanceUID,
+                header.SeriesInstanceUID,
+                header.SOPInstanceUID,
+            )
+            answers = list(
+                self.assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            )
         except Exception as exc:  # noqa: BLE001 - a destination that cannot answer gets the object again
-            logger.info("%s: could not ask whether %s arrived (%s); sending it again", self.name, path.stem, describe(exc))
+            logger.info(
+                "%s: could not ask whether %s arrived (%s); sending it again",
+                self.name,
+                path.stem,
+                describe(exc),
+            )
             return False
         uid = str(header.SOPInstanceUID)
         return any(
-            status and int(status.Status) in PENDING and found is not None and str(found.get("SOPInstanceUID", "")).strip(" \x00") == uid
+            status
+            and int(status.Status) in PENDING
+            and found is not None
+            and str(found.get("SOPInstanceUID", "")).strip(" \x00") == uid
             for status, found in answers
         )  # a match for this very instance, not whatever a lax PACS returns
 
@@ -111,13 +149,23 @@ class CStoreLink:
         try:
             dataset = dcmread(path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            return Outcome(Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})")
+            return Outcome(
+                Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})"
+            )
         if not _accepted(self.assoc, dataset) and dataset.file_meta.TransferSyntaxUID.is_compressed:
-            dataset.decompress(generate_instance_uid=False)  # the same instance, the same pixels, uncompressed
+            # the same instance, the same pixels, uncompressed
+            dataset.decompress(generate_instance_uid=False)
             dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         if not _accepted(self.assoc, dataset):
-            name, syntax = UID(str(dataset.SOPClassUID)).name, UID(str(dataset.file_meta.TransferSyntaxUID)).name
-            return Outcome(Status.REJECTED, "sop-class-not-accepted", f"the destination accepts no presentation context for {name} in {syntax}")
+            name, syntax = (
+                UID(str(dataset.SOPClassUID)).name,
+                UID(str(dataset.file_meta.TransferSyntaxUID)).name,
+            )
+            return Outcome(
+                Status.REJECTED,
+                "sop-class-not-accepted",
+                f"the destination accepts no presentation context for {name} in {syntax}",
+            )
         on_wire([path])
         try:
             status = self.assoc.send_c_store(dataset)
@@ -141,4 +189,7 @@ def _outcome(status: Dataset | None) -> Outcome:
 def _accepted(assoc: Association, dataset: Dataset) -> bool:
     """Whether the association has an accepted context for the object's SOP class and transfer syntax."""
     sop_class, syntax = str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
-    return any(str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax] for cx in assoc.accepted_contexts)
+    return any(
+        str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax]
+        for cx in assoc.accepted_contexts
+    )

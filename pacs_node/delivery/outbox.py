@@ -76,6 +76,7 @@ from pacs_node.results.registry import dicom_result
 
 logger = logging.getLogger(__name__)
 
+
 def next_backoff(previous: float, config: OutboxConfig) -> float:
     """The wait after a failed attempt: ``initial_backoff_s``, then doubling up to ``max_backoff_s``."""
     return min(config.max_backoff_s, max(config.initial_backoff_s, 2 * previous))
@@ -139,7 +140,8 @@ class DestinationSender:
         root: Path,
         calling_ae: str,
         config: OutboxConfig,
-        on_delivered: Callable[[Destination | WebDestination, str, str, str | None], None] | None = None,
+        on_delivered: Callable[[Destination | WebDestination, str, str, str | None], None]
+        | None = None,
         tls: ssl.SSLContext | None = None,
         timeout_s: float = 30.0,
         on_sent: Callable[[float], None] | None = None,
@@ -157,7 +159,8 @@ class DestinationSender:
         self.media_types = protocol.media_types
         self.transport = protocol.open(destination, calling_ae, config, tls, timeout_s)
         self._attempts: dict[str, _Attempts] = {}
-        self._lock = threading.Lock()  # put's check-and-write against a delivery's ledger-write-and-unlink
+        # put's check-and-write against a delivery's ledger-write-and-unlink
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._retry_after = 0.0
@@ -167,10 +170,17 @@ class DestinationSender:
         for legacy in [p for p in self.folder.glob("*.dcm") if _LEGACY.fullmatch(p.stem)]:
             try:
                 self._adopt(legacy)
-            except OSError as exc:  # a full disk: it stays as it is, not sent, until a start that can adopt it
-                logger.warning("%s: could not adopt %s from the outbox layout before (%s)", destination, legacy.name, describe(exc))
+            except OSError as exc:
+                # a full disk: it stays as it is, not sent, until a start that can adopt it
+                logger.warning(
+                    "%s: could not adopt %s from the outbox layout before (%s)",
+                    destination,
+                    legacy.name,
+                    describe(exc),
+                )
         keys = {_key(path) for path in self._listing()}
-        for orphan in self.folder.iterdir():  # a sidecar whose object was never written (a full disk)
+        for orphan in self.folder.iterdir():
+            # a sidecar whose object was never written (a full disk)
             if _SIDECAR.fullmatch(orphan.name) and orphan.name[: -len(".json")] not in keys:
                 orphan.unlink(missing_ok=True)
 
@@ -198,12 +208,18 @@ class DestinationSender:
                 return entries[-1]  # the same result is waiting, or on the wire
             if digest and not entries and _read(self.ledger / uid) == digest:
                 return None
-            path = self.folder / f"{uid}_{_sequence(entries[-1]) + 1 if entries else 1}{result.suffix}"
+            path = (
+                self.folder / f"{uid}_{_sequence(entries[-1]) + 1 if entries else 1}{result.suffix}"
+            )
             # The sidecar first: the sender picks up entries, and must find their source and digest beside them.
             sidecar = {
-                "source": source_uid, "digest": digest, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                "kind": result.kind, "media_type": result.media_type,
-            }  # fmt: skip
+                "source": source_uid,
+                "digest": digest,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "kind": result.kind,
+                "media_type": result.media_type,
+            }
             with atomic_file(_sidecar_path(path)) as handle:
                 handle.write(json.dumps(sidecar).encode())
             with atomic_file(path) as handle:
@@ -213,7 +229,11 @@ class DestinationSender:
     def _entries_of(self, uid: str) -> list[Path]:
         """The entries of ``uid`` in the outbox, oldest first."""
         prefix = f"{uid}_"
-        found = [self.folder / e.name for e in os.scandir(self.folder) if e.name.startswith(prefix) and _ENTRY.fullmatch(e.name)]
+        found = [
+            self.folder / e.name
+            for e in os.scandir(self.folder)
+            if e.name.startswith(prefix) and _ENTRY.fullmatch(e.name)
+        ]
         return sorted((p for p in found if _uid_of(p) == uid), key=_sequence)
 
     def _adopt(self, path: Path) -> None:
@@ -229,11 +249,15 @@ class DestinationSender:
         if problem:
             self._dead_letter(path, "integrity", f"outbox file from before the upgrade: {problem}")
             return
-        sidecar = self._sidecar(path) | {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        sidecar = self._sidecar(path) | {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
         with atomic_file(target.with_suffix(".json")) as handle:
             handle.write(json.dumps(sidecar).encode())
         marker = self.ledger / f"{uid}.sending"
-        if marker.exists():  # before the file: a crash in between leaves the marker where the entry will be
+        if marker.exists():
+            # before the file: a crash in between leaves the marker where the entry will be
             os.replace(marker, self._sending_marker(target))
         os.replace(path, target)
         path.with_suffix(".json").unlink(missing_ok=True)
@@ -288,13 +312,19 @@ class DestinationSender:
         for part in (self._sending_marker(path), path, _sidecar_path(path)):
             part.unlink(missing_ok=True)
         self._attempts.pop(path.name, None)
-        logger.info("%s: %s superseded by a newer result of the same instance before it was delivered; not sent", self.destination, path.stem)
+        logger.info(
+            "%s: %s superseded by a newer result of the same instance before it was delivered; not sent",
+            self.destination,
+            path.stem,
+        )
 
     def wake(self) -> None:
         self._wake.set()
 
     def _new_thread(self) -> threading.Thread:
-        return threading.Thread(target=self._main, name=f"send-{self.destination.name}", daemon=True)
+        return threading.Thread(
+            target=self._main, name=f"send-{self.destination.name}", daemon=True
+        )
 
     def _main(self) -> None:
         try:
@@ -337,8 +367,16 @@ class DestinationSender:
                 backoff = 0.0
                 continue
             backoff = next_backoff(backoff, self.config)
-            wait, self._retry_after = max(backoff, min(self._retry_after, self.config.max_backoff_s)), 0.0
-            logger.warning("%s: delivery failed (%s); next try in %.1f s", self.destination, self.stats.last_error, wait)
+            wait, self._retry_after = (
+                max(backoff, min(self._retry_after, self.config.max_backoff_s)),
+                0.0,
+            )
+            logger.warning(
+                "%s: delivery failed (%s); next try in %.1f s",
+                self.destination,
+                self.stats.last_error,
+                wait,
+            )
             self._pause(wait)
 
     def _round(self) -> bool | None:
@@ -371,7 +409,8 @@ class DestinationSender:
             link = self.transport.open(ask=bool(in_doubt))
         except Unreachable as exc:
             self.stats.failed_associations += 1
-            self._unavailable(files, Outcome(Status.UNAVAILABLE, exc.reason, exc.detail))  # markers stay: nothing was sent
+            # markers stay: nothing was sent
+            self._unavailable(files, Outcome(Status.UNAVAILABLE, exc.reason, exc.detail))
             return False
         try:
             return self._use(link, files, in_doubt)
@@ -394,7 +433,8 @@ class DestinationSender:
             outcomes = self._send(link, group)
             if self._wire_started is not None:
                 self.on_sent(time.perf_counter() - self._wire_started)
-            settled = [self._settle(path, outcome) for path, outcome in outcomes.items()]  # every one, even after a False
+            # every one, even after a False
+            settled = [self._settle(path, outcome) for path, outcome in outcomes.items()]
             usable = all(settled)
         return usable and link.usable
 
@@ -403,8 +443,15 @@ class DestinationSender:
         try:
             return link.send(group, self._on_wire)
         except Exception as exc:  # noqa: BLE001 - a file pynetdicom or pydicom chokes on must not stop the queue
-            logger.warning("%s: could not send %s (%s)", self.destination, ", ".join(p.stem for p in group), describe(exc))
-            return dict.fromkeys(group, Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})"))
+            logger.warning(
+                "%s: could not send %s (%s)",
+                self.destination,
+                ", ".join(p.stem for p in group),
+                describe(exc),
+            )
+            return dict.fromkeys(
+                group, Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})")
+            )
 
     def _intact(self, path: Path) -> bool:
         """Whether ``path`` holds exactly the bytes handed over (its sidecar's SHA-256 and size);
@@ -419,7 +466,9 @@ class DestinationSender:
         else:
             problem = _mismatch(data, sidecar)
         if problem:
-            self._dead_letter(path, "integrity", f"the outbox file is not the one handed over: {problem}")
+            self._dead_letter(
+                path, "integrity", f"the outbox file is not the one handed over: {problem}"
+            )
             return False
         return True
 
@@ -485,8 +534,14 @@ class DestinationSender:
         with self._lock:
             try:
                 _write(self.ledger / uid, str(sidecar.get("digest", "")))
-            except OSError:  # a full disk: the destination has the object all the same; sending it again would duplicate it
-                logger.warning("%s: could not note the delivery of %s (disk full?); an image processed again would be sent again", self.destination, uid)
+            except OSError:
+                # a full disk: the destination has the object all the same; sending it again would
+                # duplicate it
+                logger.warning(
+                    "%s: could not note the delivery of %s (disk full?); an image processed again would be sent again",
+                    self.destination,
+                    uid,
+                )
             for part in (self._sending_marker(path), path, _sidecar_path(path)):
                 part.unlink(missing_ok=True)
             fsync_dir(self.folder)
@@ -501,7 +556,11 @@ class DestinationSender:
             attempts = self._attempts.setdefault(path.name, _Attempts())
             attempts.first_failure = attempts.first_failure or now
             if now - attempts.first_failure >= self.config.dead_letter_after_s:
-                self._dead_letter(path, "undeliverable", f"undeliverable for {self.config.dead_letter_after_s:.0f} s, last: {self.stats.last_error}")
+                self._dead_letter(
+                    path,
+                    "undeliverable",
+                    f"undeliverable for {self.config.dead_letter_after_s:.0f} s, last: {self.stats.last_error}",
+                )
 
     def _dead_letter(self, path: Path, reason: str, why: str) -> None:
         """Move an entry to ``dead-letter/<destination>/<uid><suffix>`` (a person looks for it by its
@@ -514,7 +573,8 @@ class DestinationSender:
         try:
             with atomic_file(self.dead / f"{uid}.why.txt") as handle:
                 handle.write(f"{reason}: {why}\n".encode())
-        except OSError:  # a full disk: the move matters more than the note; the audit line has the reason
+        except OSError:
+            # a full disk: the move matters more than the note; the audit line has the reason
             pass
         fsync_dir(self.dead)
         self._sending_marker(path).unlink(missing_ok=True)
@@ -602,7 +662,9 @@ def _has(link: Link, path: Path) -> bool:
     try:
         return link.has(path)
     except Exception as exc:  # noqa: BLE001 - one object in doubt must not end the round
-        logger.info("could not ask whether %s arrived (%s); sending it again", path.stem, describe(exc))
+        logger.info(
+            "could not ask whether %s arrived (%s); sending it again", path.stem, describe(exc)
+        )
         return False
 
 

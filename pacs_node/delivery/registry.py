@@ -20,7 +20,9 @@ from pacs_node.delivery.stow import StowTransport
 from pacs_node.delivery.transport import Transport
 from pacs_node.results.base import DICOM
 
-Opener = Callable[[Destination | WebDestination, str, OutboxConfig, ssl.SSLContext | None, float], Transport]
+Opener = Callable[
+    [Destination | WebDestination, str, OutboxConfig, ssl.SSLContext | None, float], Transport
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,19 +60,37 @@ def protocol_of(destination: Destination | WebDestination) -> Protocol:
     """The destination's protocol; a ConfigError naming it when none of that name is known."""
     found = PROTOCOLS.get(destination.protocol)
     if found is None:
-        raise ConfigError(f"protocol of {destination} must be one of {', '.join(PROTOCOLS)}, got {destination.protocol!r}")
+        raise ConfigError(
+            f"protocol of {destination} must be one of {', '.join(PROTOCOLS)}, got {destination.protocol!r}"
+        )
     return found
 
 
-def _open_dimse(destination: Destination | WebDestination, ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout: float) -> Transport:
+def _open_dimse(
+    destination: Destination | WebDestination,
+    ae: str,
+    config: OutboxConfig,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+) -> Transport:
     if not isinstance(destination, Destination):
-        raise ConfigError(f"protocol of {destination}: dimse sends to an AE title at a host and port, not to a web address")
+        raise ConfigError(
+            f"protocol of {destination}: dimse sends to an AE title at a host and port, not to a web address"
+        )
     return CStoreTransport(destination, ae, tls, timeout)
 
 
-def _open_stow(destination: Destination | WebDestination, ae: str, config: OutboxConfig, tls: ssl.SSLContext | None, timeout: float) -> Transport:
+def _open_stow(
+    destination: Destination | WebDestination,
+    ae: str,
+    config: OutboxConfig,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+) -> Transport:
     if not isinstance(destination, WebDestination):
-        raise ConfigError(f"protocol of {destination}: stow-rs sends to a web address, not to an AE title")
+        raise ConfigError(
+            f"protocol of {destination}: stow-rs sends to a web address, not to an AE title"
+        )
     return StowTransport(destination, tls, timeout, config.max_request_mb * 2**20)
 
 

@@ -85,8 +85,18 @@ class StowTransport:
         max_request_bytes: most bytes of DICOM files in one request.
     """
 
-    def __init__(self, destination: WebDestination, tls: ssl.SSLContext | None, timeout_s: float, max_request_bytes: int) -> None:
-        self.destination, self.timeout_s, self.max_request_bytes = destination, timeout_s, max_request_bytes
+    def __init__(
+        self,
+        destination: WebDestination,
+        tls: ssl.SSLContext | None,
+        timeout_s: float,
+        max_request_bytes: int,
+    ) -> None:
+        self.destination, self.timeout_s, self.max_request_bytes = (
+            destination,
+            timeout_s,
+            max_request_bytes,
+        )
         self.tls = (tls or ssl.create_default_context()) if destination.https else None
 
     def open(self, ask: bool) -> StowLink:
@@ -112,8 +122,18 @@ class StowTransport:
 class StowLink:
     """One HTTP connection (opened again when the service closes it) for one batch."""
 
-    def __init__(self, destination: WebDestination, connection: http.client.HTTPConnection, authorization: dict[str, str], max_request_bytes: int) -> None:
-        self.destination, self.connection, self.max_request_bytes = destination, connection, max_request_bytes
+    def __init__(
+        self,
+        destination: WebDestination,
+        connection: http.client.HTTPConnection,
+        authorization: dict[str, str],
+        max_request_bytes: int,
+    ) -> None:
+        self.destination, self.connection, self.max_request_bytes = (
+            destination,
+            connection,
+            max_request_bytes,
+        )
         self.authorization = authorization
         self.usable = True
 
@@ -138,7 +158,9 @@ class StowLink:
             try:
                 parts[path] = _instance(path)
             except UNREADABLE as exc:
-                outcomes[path] = Outcome(Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})")
+                outcomes[path] = Outcome(
+                    Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})"
+                )
         return outcomes | (self._post(parts, on_wire) if parts else {})
 
     def has(self, path: Path) -> bool:
@@ -146,46 +168,79 @@ class StowLink:
         study, series and SOP Instance UID); False when it cannot say, and the object goes again."""
         try:
             header = dcmread(path, stop_before_pixels=True)
-            study, series, uid = (str(header[keyword].value) for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+            study, series, uid = (
+                str(header[keyword].value)
+                for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            )
             target = f"{self.destination.base_path}/studies/{quote(study)}/series/{quote(series)}/instances?SOPInstanceUID={quote(uid)}"
             status, body, _ = self._exchange("GET", target, {"Accept": DICOM_JSON})
         except (*UNREADABLE, http.client.HTTPException) as exc:
             self.connection.close()
-            logger.info("%s: could not ask whether %s arrived (%s); sending it again", self.destination, path.stem, _why(exc))
+            logger.info(
+                "%s: could not ask whether %s arrived (%s); sending it again",
+                self.destination,
+                path.stem,
+                _why(exc),
+            )
             return False
-        return status == 200 and uid in _found(body)  # this very instance, not whatever a lax service returns
+        # this very instance, not whatever a lax service returns
+        return status == 200 and uid in _found(body)
 
     def close(self) -> None:
         self.connection.close()
 
-    def _post(self, parts: dict[Path, tuple[str, bytes]], on_wire: Callable[[list[Path]], None]) -> dict[Path, Outcome]:
+    def _post(
+        self, parts: dict[Path, tuple[str, bytes]], on_wire: Callable[[list[Path]], None]
+    ) -> dict[Path, Outcome]:
         """One STOW-RS request for ``parts``; the outcome of each."""
-        if self.connection.sock is None:  # the service closed the last connection: open another before anything leaves
+        if self.connection.sock is None:
+            # the service closed the last connection: open another before anything leaves
             try:
                 self.connection.connect()
             except OSError as exc:
                 self.connection.close()
                 self.usable = False
-                return dict.fromkeys(parts, Outcome(Status.UNAVAILABLE, detail=f"no connection ({_why(exc)})"))
+                return dict.fromkeys(
+                    parts, Outcome(Status.UNAVAILABLE, detail=f"no connection ({_why(exc)})")
+                )
         boundary = uuid.uuid4().hex
         body = _multipart([data for _, data in parts.values()], boundary)
-        headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}', "Accept": STORE_ANSWER_TYPES, "Content-Length": str(sum(map(len, body)))}
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": STORE_ANSWER_TYPES,
+            "Content-Length": str(sum(map(len, body))),
+        }
         on_wire(list(parts))
         try:
             answer = _answer(*self._exchange("POST", self.destination.stow_path, headers, body))
         except (OSError, http.client.HTTPException) as exc:
             self.connection.close()
             self.usable = False
-            return dict.fromkeys(parts, Outcome(Status.UNANSWERED, detail=f"no answer to STOW-RS ({_why(exc)})"))
+            return dict.fromkeys(
+                parts, Outcome(Status.UNANSWERED, detail=f"no answer to STOW-RS ({_why(exc)})")
+            )
         if len(parts) > 1 and answer.status in REFUSING and not (answer.stored or answer.failed):
-            logger.info("%s: a request of %d refused (HTTP %d) without saying which; sending them one by one", self.destination, len(parts), answer.status)
-            return {path: outcome for path, part in parts.items() for path, outcome in self._post({path: part}, on_wire).items()}
+            logger.info(
+                "%s: a request of %d refused (HTTP %d) without saying which; sending them one by one",
+                self.destination,
+                len(parts),
+                answer.status,
+            )
+            return {
+                path: outcome
+                for path, part in parts.items()
+                for path, outcome in self._post({path: part}, on_wire).items()
+            }
         outcomes = {path: fate(answer, uid) for path, (uid, _) in parts.items()}
         self._note_warnings(answer)
-        self.usable = all(o.status not in (Status.UNAVAILABLE, Status.UNANSWERED) for o in outcomes.values())
+        self.usable = all(
+            o.status not in (Status.UNAVAILABLE, Status.UNANSWERED) for o in outcomes.values()
+        )
         return outcomes
 
-    def _exchange(self, method: str, target: str, headers: dict[str, str], body: list[bytes] | None = None) -> tuple[int, bytes, str | None]:
+    def _exchange(
+        self, method: str, target: str, headers: dict[str, str], body: list[bytes] | None = None
+    ) -> tuple[int, bytes, str | None]:
         """One request and its answer: status, at most MAX_ANSWER_BYTES of the body, Retry-After."""
         self.connection.request(method, target, body=body, headers=headers | self.authorization)
         response = self.connection.getresponse()
@@ -204,17 +259,31 @@ def fate(answer: Answer, uid: str) -> Outcome:
     """What the answer to a STOW-RS request says of one of its instances (PS3.18 10.5.3)."""
     status = answer.status
     if status in AUTHENTICATION:
-        return Outcome(Status.UNAVAILABLE, "authentication", f"HTTP {status}: the destination refused the credentials")
+        return Outcome(
+            Status.UNAVAILABLE,
+            "authentication",
+            f"HTTP {status}: the destination refused the credentials",
+        )
     if uid in answer.failed:
         code = answer.failed[uid]
-        return Outcome(Status.REFUSED, "refused", f"STOW-RS failure reason {'unstated' if code is None else f'0x{code:04X}'} (HTTP {status})")
+        return Outcome(
+            Status.REFUSED,
+            "refused",
+            f"STOW-RS failure reason {'unstated' if code is None else f'0x{code:04X}'} (HTTP {status})",
+        )
     if uid in answer.stored or status == 200:
         return STORED
     if 200 <= status < 300:
-        return Outcome(Status.UNANSWERED, detail=f"HTTP {status} without this instance in the answer")
+        return Outcome(
+            Status.UNANSWERED, detail=f"HTTP {status} without this instance in the answer"
+        )
     if status in REFUSING:
         return Outcome(Status.REFUSED, "refused", f"HTTP {status} {_phrase(status)}")
-    return Outcome(Status.UNAVAILABLE, detail=f"HTTP {status} {_phrase(status)}", retry_after=answer.retry_after)
+    return Outcome(
+        Status.UNAVAILABLE,
+        detail=f"HTTP {status} {_phrase(status)}",
+        retry_after=answer.retry_after,
+    )
 
 
 def read_store_answer(body: bytes) -> tuple[dict[str, int | None], dict[str, int | None]]:
@@ -225,10 +294,15 @@ def read_store_answer(body: bytes) -> tuple[dict[str, int | None], dict[str, int
     try:
         if text.startswith(b"{"):
             found = json.loads(text)
-            return _json_listed(found, REFERENCED_SOP_SEQUENCE, WARNING_REASON), _json_listed(found, FAILED_SOP_SEQUENCE, FAILURE_REASON)
-        if text.startswith(b"<") and b"<!DOCTYPE" not in text and b"<!ENTITY" not in text:  # no entities from a peer
+            return _json_listed(found, REFERENCED_SOP_SEQUENCE, WARNING_REASON), _json_listed(
+                found, FAILED_SOP_SEQUENCE, FAILURE_REASON
+            )
+        if text.startswith(b"<") and b"<!DOCTYPE" not in text and b"<!ENTITY" not in text:
+            # no entities from a peer
             root = ElementTree.fromstring(text)
-            return _xml_listed(root, REFERENCED_SOP_SEQUENCE, WARNING_REASON), _xml_listed(root, FAILED_SOP_SEQUENCE, FAILURE_REASON)
+            return _xml_listed(root, REFERENCED_SOP_SEQUENCE, WARNING_REASON), _xml_listed(
+                root, FAILED_SOP_SEQUENCE, FAILURE_REASON
+            )
     except (ValueError, TypeError, AttributeError, ElementTree.ParseError):
         pass
     return {}, {}
@@ -271,7 +345,11 @@ def _found(body: bytes) -> set[str]:
     """The SOP Instance UIDs of a QIDO-RS answer in DICOM JSON."""
     try:
         matches = json.loads(body) if body.strip() else []
-        return {str(_json_first(match, SOP_INSTANCE_UID)) for match in matches} if isinstance(matches, list) else set()
+        return (
+            {str(_json_first(match, SOP_INSTANCE_UID)) for match in matches}
+            if isinstance(matches, list)
+            else set()
+        )
     except (ValueError, TypeError, AttributeError):
         return set()
 
@@ -318,7 +396,10 @@ def _authorization(destination: WebDestination) -> dict[str, str]:
     secret = destination.read_secret()
     if destination.auth == "bearer":
         return {"Authorization": f"Bearer {secret}"}
-    return {"Authorization": "Basic " + base64.b64encode(f"{destination.user}:{secret}".encode()).decode("ascii")}
+    return {
+        "Authorization": "Basic "
+        + base64.b64encode(f"{destination.user}:{secret}".encode()).decode("ascii")
+    }
 
 
 def _size(path: Path) -> int:

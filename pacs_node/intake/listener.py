@@ -35,6 +35,7 @@ an internal error of the node's own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -48,8 +49,8 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
@@ -58,8 +59,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
-    UID,
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -77,6 +78,7 @@ from pynetdicom import AE, _config, dimse_messages, dsutils, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated into the module at import, invisible to a checker
@@ -87,34 +89,48 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated in
     Verification,
 )
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
-from pynetdicom.dsutils import split_dataset
 
 from pacs_node.audit import AuditLog, Bursts, safe_uid
 from pacs_node.config import NodeConfig
-from pacs_node.logs import Throttle, describe
-from pacs_node.metrics import Metrics
-from pacs_node.uids import derived_uid
 from pacs_node.files import atomic_file, is_transient
 from pacs_node.intake.spool import Receipt, Spool
+from pacs_node.logs import Throttle, describe
+from pacs_node.metrics import Metrics
+from pacs_node.status import StoreStatus
+from pacs_node.uids import derived_uid
 
 #: What ``socketserver`` hands a server's methods: a stream server's connection is a socket; the
 #: tuple is a datagram server's, which the listener never runs.
 _Request = socket.socket | tuple[bytes, socket.socket]
-from pacs_node.status import StoreStatus
 
 logger = logging.getLogger(__name__)
 
 #: The storage classes the node reads (PS3.4 B.5); nothing else is offered, so a sender of
 #: anything else sees its presentation context rejected. Secondary Capture is read when its
 #: Modality says it is a radiograph (the RSNA challenge files are stored so).
-STORAGE_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+STORAGE_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
 #: Transfer syntaxes accepted; each has a pixel decoder installed (pylibjpeg and plugins), and
 #: a deflated data set is inflated (within the size cap) before it is acknowledged.
 TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless,
-)  # fmt: skip
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
 #: The largest PDU the node reads. An A-ASSOCIATE-RQ is a few kB; P-DATA PDUs are at most the
 #: node's maximum PDU length (16 kB by default). A peer announcing more is not read.
 MAX_PDU_BYTES = 4 * 2**20
@@ -125,7 +141,13 @@ DISK_CHECK_BYTES = 2**20
 #: Files in spool/tmp untouched this long belong to no arrival or write in progress.
 STALE_TMP_S = 600.0
 #: (result, source, diagnostic) of A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason recorded.
-REJECTIONS: dict[tuple[int, int | None, int | None], str] = {(1, 1, 3): "calling-ae", (1, 1, 7): "called-ae", (2, 3, 2): "limit", (2, 2, 1): "user-identity", (1, 1, 2): "application-context"}
+REJECTIONS: dict[tuple[int, int | None, int | None], str] = {
+    (1, 1, 3): "calling-ae",
+    (1, 1, 7): "called-ae",
+    (2, 3, 2): "limit",
+    (2, 2, 1): "user-identity",
+    (1, 1, 2): "application-context",
+}
 #: A-ASSOCIATE-RJ for a slot limit: rejected-transient, service-provider (presentation), local
 #: limit exceeded (PS3.8 9.3.4): the sender retries later instead of reporting a network failure.
 TRANSIENT_LIMIT = (0x02, 0x03, 0x02)
@@ -173,7 +195,8 @@ class Connection:
     too_large: bool = False  # cut off while arriving (too large, or the disk filled up)
     admitted: bool = False  # holds one of the max_associations slots
     active: float = 0.0  # last DIMSE activity: accepted, a PDU received, a handler run
-    allowance: float = 0.0  # bytes the message now arriving may fall behind the minimum rate, at allowance_at
+    # bytes the message now arriving may fall behind the minimum rate, at allowance_at
+    allowance: float = 0.0
     allowance_at: float = 0.0
     serving: int = 0  # handlers running now
     ending: str = ""  # why the node is ending it (its slot is free again)
@@ -193,7 +216,9 @@ class Connection:
         bytes sent early buy no later silence beyond the grace.
         """
         full = grace_s * bytes_per_s
-        left = full if not self.receiving else self.allowance - (now - self.allowance_at) * bytes_per_s
+        left = (
+            full if not self.receiving else self.allowance - (now - self.allowance_at) * bytes_per_s
+        )
         self.allowance, self.allowance_at = min(full, left + nbytes), now
         self.receiving += nbytes
 
@@ -213,7 +238,10 @@ def slot_refusal(held: int, held_by_host: int, config: NodeConfig) -> str | None
         return "per-host-limit"
     if held >= config.max_associations:
         return "limit"
-    if held >= config.max_associations - config.reserved_slots and 2 * held_by_host >= config.max_associations_per_host:
+    if (
+        held >= config.max_associations - config.reserved_slots
+        and 2 * held_by_host >= config.max_associations_per_host
+    ):
         return "reserved-slots"
     return None
 
@@ -271,9 +299,15 @@ class Connections:
             return self._held()
 
     def _held(self, peer: str | None = None) -> int:
-        return sum(1 for c in self._open if c.admitted and not c.ending and (peer is None or c.peer == peer))
+        return sum(
+            1
+            for c in self._open
+            if c.admitted and not c.ending and (peer is None or c.peer == peer)
+        )
 
-    def claim(self, connection: Connection, config: NodeConfig) -> tuple[str | None, Connection | None]:
+    def claim(
+        self, connection: Connection, config: NodeConfig
+    ) -> tuple[str | None, Connection | None]:
         """A slot for ``connection`` (refusal None), or why not; with the connection reclaimed for
         it, when every slot was in use and one had been idle for ``reclaim_idle_s``."""
         now, victim = time.monotonic(), None
@@ -290,7 +324,11 @@ class Connections:
             return refusal, victim
 
     def _idlest(self, now: float, at_least: float) -> list[Connection]:
-        idle = [c for c in self._open if c.admitted and not c.ending and c.idle(now) >= at_least and not _unread(c.sock)]
+        idle = [
+            c
+            for c in self._open
+            if c.admitted and not c.ending and c.idle(now) >= at_least and not _unread(c.sock)
+        ]
         return sorted(idle, key=lambda c: -c.idle(now))
 
     def end(self, connection: Connection, reason: str) -> bool:
@@ -319,7 +357,11 @@ class Connections:
                     found.append((connection, "idle-timeout"))
             short = config.reserved_slots - (config.max_associations - self._held() + len(found))
             chosen = {id(c) for c, _ in found}
-            found += [(c, "reclaimed") for c in self._idlest(now, config.reclaim_idle_s) if id(c) not in chosen][: max(short, 0)]
+            found += [
+                (c, "reclaimed")
+                for c in self._idlest(now, config.reclaim_idle_s)
+                if id(c) not in chosen
+            ][: max(short, 0)]
             for connection, reason in found:
                 self._end(connection, reason, now)
         return found
@@ -341,7 +383,11 @@ class Connections:
             for connection in list(self._open):
                 if not _is_open(connection.sock):
                     closed.append(connection)
-                elif not connection.negotiated and not connection.cut and now - connection.opened > seconds:
+                elif (
+                    not connection.negotiated
+                    and not connection.cut
+                    and now - connection.opened > seconds
+                ):
                     connection.cut = True
                     overdue.append(connection)
             self._open = [c for c in self._open if c not in closed]
@@ -378,10 +424,8 @@ def _discard_partial(assoc: Association | None) -> None:
         except queue.Empty:
             break
     for handle in filter(None, files):
-        try:
+        with contextlib.suppress(OSError):
             handle.close()
-        except OSError:
-            pass
         Path(handle.name).unlink(missing_ok=True)
 
 
@@ -394,10 +438,8 @@ def _release_slot(assoc: Association | None) -> None:
 
 def cut(sock: socket.socket) -> None:
     """End a connection from any thread: a recv blocked on it returns at once."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, ValueError):
-        pass
 
 
 class BoundedSocket(AssociationSocket):
@@ -422,7 +464,9 @@ class BoundedSocket(AssociationSocket):
             return bytearray()  # read as a connection closed before the PDU was complete
         if self.grace_s is None or self.socket is None:
             return super().recv(nr_bytes)
-        return self._recv_by(self.socket, nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.bytes_per_s)
+        return self._recv_by(
+            self.socket, nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.bytes_per_s
+        )
 
     def _recv_by(self, sock: socket.socket, nr_bytes: int, deadline: float) -> bytearray:
         data = bytearray()
@@ -443,10 +487,8 @@ class BoundedSocket(AssociationSocket):
                     return data
                 data.extend(chunk)
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 sock.settimeout(before)
-            except OSError:
-                pass
         if len(data) < nr_bytes:
             self.too_slow()
             cut(sock)
@@ -457,8 +499,15 @@ class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's server with the listener's checks at accept time and the TLS handshake off the accept loop."""
 
     def __init__(
-        self, ae: AE, address: tuple[str, int] | tuple[str, int, int, int], ae_title: str, contexts: list[PresentationContext],
-        ssl_context: ssl.SSLContext | None = None, evt_handlers: list[evt.EventHandlerType] | None = None, *, listener: Listener,
+        self,
+        ae: AE,
+        address: tuple[str, int] | tuple[str, int, int, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[evt.EventHandlerType] | None = None,
+        *,
+        listener: Listener,
     ) -> None:
         self.listener = listener
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers)
@@ -470,7 +519,9 @@ class GuardedServer(ThreadedAssociationServer):
         # The sweeper cuts a slow negotiation at handshake_timeout_s; this is the backstop.
         client.settimeout(2 * self.listener.config.handshake_timeout_s)
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
     def verify_request(self, request: _Request, client_address: object) -> bool:
@@ -483,7 +534,9 @@ class GuardedServer(ThreadedAssociationServer):
         super().finish_request(request, client_address)
 
     def handle_error(self, request: _Request, client_address: object) -> None:
-        self.listener.protocol_error(f"connection from {_address(client_address)} failed while starting")
+        self.listener.protocol_error(
+            f"connection from {_address(client_address)} failed while starting"
+        )
         cut(_connection(request))
 
 
@@ -499,7 +552,15 @@ class Listener:
         enqueue: called with the spool path of each instance acknowledged.
     """
 
-    def __init__(self, config: NodeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, gate: Callable[[], Refusal | None], enqueue: Callable[[Path], None]) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        spool: Spool,
+        audit: AuditLog,
+        metrics: Metrics,
+        gate: Callable[[], Refusal | None],
+        enqueue: Callable[[Path], None],
+    ) -> None:
         self.config, self.spool, self.audit, self.metrics = config, spool, audit, metrics
         self.gate, self.enqueue = gate, enqueue
         self.networks = config.networks()
@@ -507,12 +568,17 @@ class Listener:
         self.throttle = Throttle()  # a flood of refusals is in the audit trail, not the log
         self.bursts = Bursts(audit)
         self.server: GuardedServer | None = None
-        self._outcomes: deque[str] = deque(maxlen=CRASH_RUN)  # how the last associations that did DIMSE ended
+        # how the last associations that did DIMSE ended
+        self._outcomes: deque[str] = deque(maxlen=CRASH_RUN)
         self._current = threading.local()  # the connection whose request this thread serves
         self._stop = threading.Event()
         self._accept = threading.Thread()
         self._sweeper = threading.Thread(target=self._sweep, name="listener-sweeper", daemon=True)
-        metrics.gauge("association_slots_in_use", lambda: {(): float(self.connections.held())}, "association slots held (of max_associations)")
+        metrics.gauge(
+            "association_slots_in_use",
+            lambda: {(): float(self.connections.held())},
+            "association slots held (of max_associations)",
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -521,17 +587,23 @@ class Listener:
         # spool's file system, so acceptance is a rename. (pynetdicom has these as globals.)
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Names dimse_messages imported for itself, which pynetdicom does not re-export.
-        dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(self.spool.tmp))  # type: ignore[attr-defined,assignment]
+        chunks_file = functools.partial(tempfile.NamedTemporaryFile, dir=str(self.spool.tmp))
+        dimse_messages.NamedTemporaryFile = chunks_file  # type: ignore[attr-defined,assignment]
         dimse_messages.decode = decode_command_set  # type: ignore[attr-defined]
         ae = self._make_ae()
         server = ae.make_server(
-            (self.config.host, self.config.port), ssl_context=ssl_context, evt_handlers=self._handlers(),
-            server_class=GuardedServer, listener=self,
-        )  # fmt: skip
+            (self.config.host, self.config.port),
+            ssl_context=ssl_context,
+            evt_handlers=self._handlers(),
+            server_class=GuardedServer,
+            listener=self,
+        )
         assert isinstance(server, GuardedServer)  # the server_class asked for
         self.server = server
         ae._servers.append(server)
-        self._accept = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+        self._accept = threading.Thread(
+            target=server.serve_forever, name="dicom-accept", daemon=True
+        )
         self._accept.start()
         self._sweeper.start()
 
@@ -553,10 +625,14 @@ class Listener:
         """Start again whichever of the accept loop and the sweeper ended unexpectedly."""
         if not self._accept.is_alive():
             assert self.server is not None  # the supervisor restarts a listener it started
-            self._accept = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
+            self._accept = threading.Thread(
+                target=self.server.serve_forever, name="dicom-accept", daemon=True
+            )
             self._accept.start()
         if not self._sweeper.is_alive():
-            self._sweeper = threading.Thread(target=self._sweep, name="listener-sweeper", daemon=True)
+            self._sweeper = threading.Thread(
+                target=self._sweep, name="listener-sweeper", daemon=True
+            )
             self._sweeper.start()
 
     def _make_ae(self) -> AE:
@@ -576,14 +652,23 @@ class Listener:
 
     def _handlers(self) -> list[evt.EventHandlerType]:
         notifications = [
-            (evt.EVT_CONN_OPEN, self._opened), (evt.EVT_CONN_CLOSE, self._closed),
-            (evt.EVT_REQUESTED, self._requested), (evt.EVT_ACSE_SENT, self._acse_sent), (evt.EVT_ACCEPTED, self._accepted),
-            (evt.EVT_DATA_RECV, self._data_received), (evt.EVT_DIMSE_RECV, self._message_received),
-        ]  # fmt: skip
-        services: list[evt.EventHandlerType] = [(evt.EVT_C_STORE, self._serve(self.handle_store, StoreStatus.OUT_OF_RESOURCES)), (evt.EVT_C_ECHO, self._serve(self.handle_echo, ECHO_FAILURE))]
+            (evt.EVT_CONN_OPEN, self._opened),
+            (evt.EVT_CONN_CLOSE, self._closed),
+            (evt.EVT_REQUESTED, self._requested),
+            (evt.EVT_ACSE_SENT, self._acse_sent),
+            (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_DATA_RECV, self._data_received),
+            (evt.EVT_DIMSE_RECV, self._message_received),
+        ]
+        services: list[evt.EventHandlerType] = [
+            (evt.EVT_C_STORE, self._serve(self.handle_store, StoreStatus.OUT_OF_RESOURCES)),
+            (evt.EVT_C_ECHO, self._serve(self.handle_echo, ECHO_FAILURE)),
+        ]
         return services + [(event, self._guard(handler)) for event, handler in notifications]
 
-    def _serve(self, handler: Callable[[evt.Event], int | Dataset], failure: int) -> Callable[[evt.Event], int | Dataset]:
+    def _serve(
+        self, handler: Callable[[evt.Event], int | Dataset], failure: int
+    ) -> Callable[[evt.Event], int | Dataset]:
         """A DIMSE service handler that keeps its association active while it runs, and records how
         it ended. An exception escaping it is an internal error answered ``failure`` (pynetdicom would
         answer a C-ECHO success, and leave a C-STORE's temporary file behind)."""
@@ -622,7 +707,9 @@ class Listener:
 
         return guarded
 
-    def _internal_error(self, connection: Connection | None, where: str, exc: BaseException) -> None:
+    def _internal_error(
+        self, connection: Connection | None, where: str, exc: BaseException
+    ) -> None:
         logger.error("association handler %s: internal error (%s)", where, describe(exc))
         if connection is not None:
             connection.internal_error = f"{where}: {describe(exc)}"
@@ -644,7 +731,11 @@ class Listener:
         # The association limits are answered politely at EVT_REQUESTED (A-ASSOCIATE-RJ); only a
         # flood, far past them, is closed here without a word.
         flooding = self.connections.count() >= FLOOD_FACTOR * self.config.max_associations
-        if flooding or self.connections.from_host(peer) >= FLOOD_FACTOR * self.config.max_associations_per_host:
+        if (
+            flooding
+            or self.connections.from_host(peer)
+            >= FLOOD_FACTOR * self.config.max_associations_per_host
+        ):
             self._rejected("connection-flood", peer=peer)
             return False
         self.connections.add(request, peer)
@@ -657,7 +748,9 @@ class Listener:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        return any(address in network for network in self.networks if network.version == address.version)
+        return any(
+            address in network for network in self.networks if network.version == address.version
+        )
 
     def tls_handshake(self, request: ssl.SSLSocket) -> bool:
         """The TLS handshake of one connection, in its own thread; False (recorded, closed) when it fails."""
@@ -666,7 +759,11 @@ class Listener:
             return True
         except (OSError, ValueError) as exc:
             connection = self.connections.by_socket(request)
-            self._aborted("tls-handshake", peer=connection.peer if connection else "", detail=type(exc).__name__)
+            self._aborted(
+                "tls-handshake",
+                peer=connection.peer if connection else "",
+                detail=type(exc).__name__,
+            )
             self.connections.remove(connection)
             cut(request)
             request.close()
@@ -680,7 +777,10 @@ class Listener:
         if connection is None:
             logger.debug("a connection opened that the listener did not see accepted")
         elif isinstance(socket_, BoundedSocket):
-            socket_.grace_s, socket_.bytes_per_s = self.config.receive_grace_s, self.config.min_receive_kb_s * 1000
+            socket_.grace_s, socket_.bytes_per_s = (
+                self.config.receive_grace_s,
+                self.config.min_receive_kb_s * 1000,
+            )
             socket_.too_slow = functools.partial(self._cut_now, connection, "slow-transfer")
 
     def _closed(self, event: evt.Event) -> None:
@@ -708,7 +808,8 @@ class Listener:
             return
         if connection is not None:
             connection.refused = refusal.reason
-        event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # PS3.8 9.3.4: rejected-transient, temporary congestion
+        # PS3.8 9.3.4: rejected-transient, temporary congestion
+        event.assoc.acse.send_reject(0x02, 0x03, 0x01)
         event.assoc.kill()
 
     def _take_slot(self, event: evt.Event, connection: Connection | None) -> None:
@@ -728,8 +829,13 @@ class Listener:
     def _would_negotiate(self, assoc: Association) -> bool:
         request = assoc.requestor.primitive
         assert request is not None  # asked at EVT_REQUESTED: the A-ASSOCIATE-RQ has arrived
-        called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
-        return called == self.config.ae_title.strip() and (self.config.allow_any_caller or calling in {aet.strip() for aet in self.config.allow})
+        called, calling = (
+            str(request.called_ae_title).strip(),
+            str(request.calling_ae_title).strip(),
+        )
+        return called == self.config.ae_title.strip() and (
+            self.config.allow_any_caller or calling in {aet.strip() for aet in self.config.allow}
+        )
 
     def _acse_sent(self, event: evt.Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]  # set from the ACSE event's attributes, undeclared by pynetdicom
@@ -738,7 +844,9 @@ class Listener:
         connection = self.connections.of(event.assoc)
         if connection is not None:
             connection.negotiated, connection.admitted = True, False
-        reason = (connection.refused if connection else "") or REJECTIONS.get((primitive.result, primitive.result_source, primitive.diagnostic), "other")
+        reason = (connection.refused if connection else "") or REJECTIONS.get(
+            (primitive.result, primitive.result_source, primitive.diagnostic), "other"
+        )
         self._rejected(reason, peer=_peer(event), calling_ae=_calling(event))
 
     def _accepted(self, event: evt.Event) -> None:
@@ -750,19 +858,38 @@ class Listener:
         # storescu: two each, for every storage class it knows): what was refused is the SOP
         # class, counted once per association. Refusing what is not a chest radiograph is the
         # node doing its job, so one short INFO line; the classes at DEBUG, once per peer.
-        refused = sorted({_context_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
+        refused = sorted(
+            {_context_name(cx.abstract_syntax) for cx in event.assoc.rejected_contexts}
+        )
         if refused:
             calling, peer = _calling(event), _peer(event)
             self.metrics.inc("contexts_refused", len(refused))
             # The peer's to repeat at will: in full a few times a minute, counted after that (Bursts).
-            self.bursts.write("association", ("contexts-refused", calling, peer, tuple(refused)), status="contexts-refused", calling_ae=calling, peer=peer, contexts=refused)
-            logger.info("association from %s: %d proposed SOP class(es) refused (the list: --log-level DEBUG)", calling, len(refused))
-            listed = self.__dict__.setdefault("_refusals_listed", set())  # (caller, peer, classes) already listed
+            self.bursts.write(
+                "association",
+                ("contexts-refused", calling, peer, tuple(refused)),
+                status="contexts-refused",
+                calling_ae=calling,
+                peer=peer,
+                contexts=refused,
+            )
+            logger.info(
+                "association from %s: %d proposed SOP class(es) refused (the list: --log-level DEBUG)",
+                calling,
+                len(refused),
+            )
+            # (caller, peer, classes) already listed
+            listed = self.__dict__.setdefault("_refusals_listed", set())
             if logger.isEnabledFor(logging.DEBUG) and (calling, peer, tuple(refused)) not in listed:
                 if len(listed) >= 1024:  # many peers, or a fuzzer: list again rather than grow
                     listed.clear()
                 listed.add((calling, peer, tuple(refused)))
-                logger.debug("SOP classes %s at %s proposes and the node refuses: %s", calling, peer, ", ".join(refused))
+                logger.debug(
+                    "SOP classes %s at %s proposes and the node refuses: %s",
+                    calling,
+                    peer,
+                    ", ".join(refused),
+                )
 
     def _data_received(self, event: evt.Event) -> None:
         """Count the bytes of the data set arriving; cut the association past the size cap."""
@@ -773,7 +900,12 @@ class Listener:
             return
         if connection is None or connection.too_large:
             return
-        connection.took(len(event.data), connection.active, self.config.receive_grace_s, self.config.min_receive_kb_s * 1000)
+        connection.took(
+            len(event.data),
+            connection.active,
+            self.config.receive_grace_s,
+            self.config.min_receive_kb_s * 1000,
+        )
         connection.since_disk_check += len(event.data)
         if connection.receiving > self.config.max_dataset_bytes + OVERHEAD_BYTES:
             self._cut_while_arriving(event, connection, "too-large")
@@ -784,7 +916,9 @@ class Listener:
 
     def _cut_while_arriving(self, event: evt.Event, connection: Connection, reason: str) -> None:
         connection.too_large = True
-        self._refused(Refusal(StoreStatus.OUT_OF_RESOURCES, reason), _calling(event), _peer(event), "")
+        self._refused(
+            Refusal(StoreStatus.OUT_OF_RESOURCES, reason), _calling(event), _peer(event), ""
+        )
         self.metrics.inc("associations_aborted", reason=reason)
         event.assoc.abort(block=False)
 
@@ -854,10 +988,14 @@ class Listener:
                 found.append("the listener's sweeper is not running")
         held = self.connections.held()
         if held >= self.config.max_associations:
-            found.append(f"association slots exhausted: {held} of {self.config.max_associations} in use")
+            found.append(
+                f"association slots exhausted: {held} of {self.config.max_associations} in use"
+            )
         outcomes = list(self._outcomes)
         if len(outcomes) == CRASH_RUN and all(outcomes):
-            found.append(f"the last {CRASH_RUN} associations each ended on an internal error of the node's own (last: {outcomes[-1]})")
+            found.append(
+                f"the last {CRASH_RUN} associations each ended on an internal error of the node's own (last: {outcomes[-1]})"
+            )
         return found
 
     # --- C-ECHO and C-STORE -----------------------------------------------------------------------------
@@ -869,17 +1007,31 @@ class Listener:
         """PS3.4 B.2.3: success only once the instance is durable in the spool; every refusal recorded."""
         request = event.request
         assert isinstance(request, C_STORE)  # the request of EVT_C_STORE
-        calling, peer, uid = _calling(event), _peer(event), str(request.AffectedSOPInstanceUID or "").strip(" \x00")
+        calling, peer, uid = (
+            _calling(event),
+            _peer(event),
+            str(request.AffectedSOPInstanceUID or "").strip(" \x00"),
+        )
         if uid == INVALID_UID_STAND_IN:
-            return _echoing_no_uid(self._refused(Refusal(StoreStatus.CANNOT_UNDERSTAND, "invalid-uid"), calling, peer, ""))
+            return _echoing_no_uid(
+                self._refused(
+                    Refusal(StoreStatus.CANNOT_UNDERSTAND, "invalid-uid"), calling, peer, ""
+                )
+            )
         try:
             refusal = self.gate() or self._receive(event, calling, peer, uid)
         except Exception as exc:  # noqa: BLE001 - the one place an exception becomes a status
             if is_transient(exc) or isinstance(exc, OSError):
-                logger.error("spool write failed (%s)", getattr(exc, "strerror", None) or type(exc).__name__)
+                logger.error(
+                    "spool write failed (%s)", getattr(exc, "strerror", None) or type(exc).__name__
+                )
                 refusal = Refusal(StoreStatus.OUT_OF_RESOURCES, "spool-write")
             else:
-                logger.error("C-STORE from %s: internal error (%s); the sender may retry", calling, describe(exc))
+                logger.error(
+                    "C-STORE from %s: internal error (%s); the sender may retry",
+                    calling,
+                    describe(exc),
+                )
                 refusal = Refusal(StoreStatus.OUT_OF_RESOURCES, "internal-error")
         if refusal is None:
             self.metrics.inc("received")
@@ -890,7 +1042,8 @@ class Listener:
         connection = self.connections.of(event.assoc)
         if connection is not None and connection.too_large:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
-        if event.dataset_path is None:  # a C-STORE-RQ that says no data set follows (PS3.7 9.3.1.1: one must)
+        if event.dataset_path is None:
+            # a C-STORE-RQ that says no data set follows (PS3.7 9.3.1.1: one must)
             return Refusal(StoreStatus.CANNOT_UNDERSTAND, "no-data-set")
         received = Path(event.dataset_path)
         if received.stat().st_size > self.config.max_dataset_bytes + OVERHEAD_BYTES:
@@ -922,7 +1075,7 @@ class Listener:
         """
         try:
             meta, offset = split_dataset(path)
-        except Exception as exc:  # noqa: BLE001 - file meta that does not parse
+        except Exception as exc:  # file meta that does not parse
             raise Unparseable from exc
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         limit, total = self.config.max_dataset_bytes, 0
@@ -960,22 +1113,55 @@ class Listener:
             connection.internal_error = "handle_store: a C-STORE refused, internal-error"
         self.metrics.inc("refused", reason=refusal.reason)
         self.audit.write(
-            "store-refused", calling_ae=calling, peer=peer, sop_instance_uid=safe_uid(uid), status="refused",
-            status_code=f"0x{int(refusal.status):04X}", reason=refusal.reason,
-        )  # fmt: skip
-        self.throttle.log(logger, logging.WARNING, "C-STORE from %s refused: %s (0x%04X)", calling, refusal.reason, refusal.status)
+            "store-refused",
+            calling_ae=calling,
+            peer=peer,
+            sop_instance_uid=safe_uid(uid),
+            status="refused",
+            status_code=f"0x{int(refusal.status):04X}",
+            reason=refusal.reason,
+        )
+        self.throttle.log(
+            logger,
+            logging.WARNING,
+            "C-STORE from %s refused: %s (0x%04X)",
+            calling,
+            refusal.reason,
+            refusal.status,
+        )
         return refusal.status
 
     # --- what the audit trail and the counters see ------------------------------------------------------
 
     def _rejected(self, reason: str, peer: str, calling_ae: str | None = None) -> None:
         self.metrics.inc("associations_rejected", reason=reason)
-        self.bursts.write("association", ("rejected", reason, peer, calling_ae), status="rejected", reason=reason, calling_ae=calling_ae, peer=peer)
-        self.throttle.log(logger, logging.WARNING, "association from %s (%s) rejected: %s", calling_ae or "?", peer, reason)
+        self.bursts.write(
+            "association",
+            ("rejected", reason, peer, calling_ae),
+            status="rejected",
+            reason=reason,
+            calling_ae=calling_ae,
+            peer=peer,
+        )
+        self.throttle.log(
+            logger,
+            logging.WARNING,
+            "association from %s (%s) rejected: %s",
+            calling_ae or "?",
+            peer,
+            reason,
+        )
 
     def _aborted(self, reason: str, peer: str, detail: str | None = None) -> None:
         self.metrics.inc("associations_aborted", reason=reason)
-        self.bursts.write("association", ("aborted", reason, peer), status="aborted", reason=reason, peer=peer, detail=detail)
+        self.bursts.write(
+            "association",
+            ("aborted", reason, peer),
+            status="aborted",
+            reason=reason,
+            peer=peer,
+            detail=detail,
+        )
         self.throttle.log(logger, logging.INFO, "connection from %s cut: %s", peer, reason)
 
     def protocol_error(self, what: str) -> None:
@@ -985,7 +1171,9 @@ class Listener:
 
 #: Put in place of a C-STORE command's Affected SOP Instance UID that pynetdicom would not
 #: take (see :func:`stand_in_for_invalid_uids`); no sender has it (a 2.25 UID derived from a sentence).
-INVALID_UID_STAND_IN = derived_uid("pacs_node", "C-STORE command", "Affected SOP Instance UID not valid")
+INVALID_UID_STAND_IN = derived_uid(
+    "pacs_node", "C-STORE command", "Affected SOP Instance UID not valid"
+)
 #: CommandField of a C-STORE-RQ (PS3.7 E.1).
 C_STORE_RQ = 0x0001
 
@@ -1007,9 +1195,14 @@ def stand_in_for_invalid_uids(message: DIMSEMessage, assoc: Association) -> None
     command = getattr(message, "command_set", None)
     if command is None or command.get("CommandField") != C_STORE_RQ:
         return
-    replace = {keyword: not _valid_command_uid(command, keyword) for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID")}
+    replace = {
+        keyword: not _valid_command_uid(command, keyword)
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+    }
     if replace["AffectedSOPClassUID"]:
-        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id), None)
+        context = next(
+            (cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id), None
+        )
         if context is None:
             return  # no context either: pynetdicom aborts, as for any message on an unknown context
         command.AffectedSOPClassUID = context.abstract_syntax
@@ -1026,7 +1219,9 @@ def _valid_command_uid(command: Dataset, keyword: str) -> bool:
     return _config.VALIDATORS["UI"](UID(value.strip(" \x00")))[0]
 
 
-def decode_command_set(bytestring: BytesIO, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False) -> Dataset:
+def decode_command_set(
+    bytestring: BytesIO, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
+) -> Dataset:
     """pynetdicom's ``dsutils.decode`` (as ``dimse_messages`` calls it), and a C-STORE-RQ command set
     whose Affected SOP Class or Instance UID is absent, empty or not valid made one pynetdicom can take.
 
@@ -1057,7 +1252,12 @@ def _echoing_no_uid(status: int) -> Dataset:
 def check_header(path: Path, sop_class: str, sop_instance: str) -> Refusal | None:
     """PS3.4 B.2.3: refuse what is not parseable, cut short, or not what the command says it is."""
     try:
-        header = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        header = dcmread(
+            path,
+            stop_before_pixels=True,
+            defer_size=4096,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
         found_class = str(header.get("SOPClassUID", "")).strip(" \x00")
         found_instance = str(header.get("SOPInstanceUID", "")).strip(" \x00")
         if cut_short(path):
@@ -1091,7 +1291,9 @@ def cut_short(path: Path) -> bool:
     end, size = offset, path.stat().st_size
     with path.open("rb") as handle:
         handle.seek(offset)
-        for element in data_element_generator(handle, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
+        for element in data_element_generator(
+            handle, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256
+        ):
             if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF:
                 end = element.value_tell + element.length
             else:
@@ -1100,7 +1302,9 @@ def cut_short(path: Path) -> bool:
 
 
 def _address(client_address: object) -> str:
-    return str(client_address[0]) if isinstance(client_address, (tuple, list)) else str(client_address)
+    return (
+        str(client_address[0]) if isinstance(client_address, (tuple, list)) else str(client_address)
+    )
 
 
 def _connection(request: _Request) -> socket.socket:
@@ -1120,7 +1324,9 @@ def _calling(event: evt.Event) -> str:
     """The calling AE title, also before negotiation has copied it from the request."""
     try:
         requestor = event.assoc.requestor
-        return str(requestor.ae_title or getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
+        return str(
+            requestor.ae_title or getattr(requestor.primitive, "calling_ae_title", "") or ""
+        ).strip()
     except Exception:  # noqa: BLE001
         return ""
 
@@ -1151,5 +1357,3 @@ def client_tls(config: NodeConfig) -> ssl.SSLContext:
     if config.tls.cert:
         context.load_cert_chain(config.tls.cert, config.tls.key)
     return context
-
-

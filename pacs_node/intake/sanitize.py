@@ -37,42 +37,125 @@ from pydicom.valuerep import validate_value
 from dp_transforms.header import integer, number, text, texts, values
 from pacs_node.uids import derived_uid, is_valid_uid
 
-__all__ = ["Cleaned", "clean_source", "derived_uid", "integer", "is_valid_uid", "number", "output_uid", "source_uid", "text", "texts", "values"]
+__all__ = [
+    "Cleaned",
+    "clean_source",
+    "derived_uid",
+    "integer",
+    "is_valid_uid",
+    "number",
+    "output_uid",
+    "source_uid",
+    "text",
+    "texts",
+    "values",
+]
 
 #: Control characters a kept value may not hold (PS3.5 6.1.2.3): every C0 and C1 control but
 #: ESC (ISO 2022 names need it); text VRs keep TAB, LF, FF and CR as well.
 _CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f-\x9f]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
 _LONG_TEXT_VRS = ("LT", "ST", "UT")
-_TEXT_VRS = {"AE": 16, "CS": 16, "LO": 64, "SH": 16, "LT": 10240, "ST": 1024, "UT": 2**32 - 2, "UC": 2**32 - 2}
+_TEXT_VRS = {
+    "AE": 16,
+    "CS": 16,
+    "LO": 64,
+    "SH": 16,
+    "LT": 10240,
+    "ST": 1024,
+    "UT": 2**32 - 2,
+    "UC": 2**32 - 2,
+}
 _NUMERIC_VRS = ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV")
 
 #: Patient, study and equipment attributes the writers copy from the source (highdicom's
 #: Patient, General Study and Patient Study modules, and the acquisition equipment).
 COPIED = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
-    "QualityControlSubject", "OtherPatientNames", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientSpeciesDescription", "PatientBreedDescription",
-    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "ConsultingPhysicianName", "StudyDescription",
-    "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "StudyID", "RequestingService", "AdmittingDiagnosesDescription",
-    "PatientAge", "PatientSize", "PatientWeight", "MeasuredAPDimension", "MeasuredLateralDimension", "PatientBodyMassIndex",
-    "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory", "PregnancyStatus",
-    "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "AdmissionID", "ServiceEpisodeID", "ServiceEpisodeDescription",
-    "PatientState", "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
-    "InstitutionalDepartmentName", "InstitutionAddress", "StationName", "Laterality", "ImageLaterality",
-)  # fmt: skip
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "TypeOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "QualityControlSubject",
+    "OtherPatientNames",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientSpeciesDescription",
+    "PatientBreedDescription",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "ConsultingPhysicianName",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "StudyID",
+    "RequestingService",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "MeasuredAPDimension",
+    "MeasuredLateralDimension",
+    "PatientBodyMassIndex",
+    "MedicalAlerts",
+    "Allergies",
+    "Occupation",
+    "SmokingStatus",
+    "AdditionalPatientHistory",
+    "PregnancyStatus",
+    "LastMenstrualDate",
+    "PatientSexNeutered",
+    "ReasonForVisit",
+    "AdmissionID",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "PatientState",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "InstitutionAddress",
+    "StationName",
+    "Laterality",
+    "ImageLaterality",
+)
 #: Type 2 attributes of the outputs: present, empty when the source has no valid value.
-TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
+TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+)
 UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 #: What tells one patient from another, as the source has it: every UID the node derives
 #: for a source includes these, so that a derived study never holds two patients.
 PATIENT_KEYS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
 #: Enumerated values (PS3.3) of the coded attributes copied; anything else is left out.
 ENUMERATED = {
-    "PatientSex": ("M", "F", "O"), "QualityControlSubject": ("YES", "NO"), "PatientIdentityRemoved": ("YES", "NO"),
-    "SmokingStatus": ("YES", "NO", "UNKNOWN"), "PatientSexNeutered": ("ALTERED", "UNALTERED"), "Laterality": ("R", "L"),
-    "ImageLaterality": ("R", "L", "U", "B"), "TypeOfPatientID": ("TEXT", "RFID", "BARCODE"),
-}  # fmt: skip
+    "PatientSex": ("M", "F", "O"),
+    "QualityControlSubject": ("YES", "NO"),
+    "PatientIdentityRemoved": ("YES", "NO"),
+    "SmokingStatus": ("YES", "NO", "UNKNOWN"),
+    "PatientSexNeutered": ("ALTERED", "UNALTERED"),
+    "Laterality": ("R", "L"),
+    "ImageLaterality": ("R", "L", "U", "B"),
+    "TypeOfPatientID": ("TEXT", "RFID", "BARCODE"),
+}
 #: Words legacy systems write for the patient's sex.
 SEX_WORDS = {"MALE": "M", "MAN": "M", "H": "M", "FEMALE": "F", "WOMAN": "F", "W": "F", "OTHER": "O"}
 PATIENT_ORIENTATION = re.compile(r"^[APLRHF]{1,3}$")
@@ -102,7 +185,9 @@ def source_uid(ds: Dataset, keyword: str) -> tuple[str, str]:
     patient = [_raw_text(ds, key) for key in PATIENT_KEYS]
     if stripped:
         return derived_uid("invalid source UID", keyword, raw, *patient), "invalid"
-    return derived_uid("missing source UID", keyword, *(_raw_text(ds, key) for key in UIDS), *patient), "missing"
+    return derived_uid(
+        "missing source UID", keyword, *(_raw_text(ds, key) for key in UIDS), *patient
+    ), "missing"
 
 
 # --- strict writing -------------------------------------------------------------------------------------
@@ -121,7 +206,15 @@ class Cleaned:
     @property
     def note(self) -> str:
         """A one-line account without values, for the audit trail."""
-        parts = [f"{what}: {', '.join(keywords)}" for what, keywords in (("fixed", self.fixed), ("left empty", self.emptied), ("derived UIDs", self.derived)) if keywords]
+        parts = [
+            f"{what}: {', '.join(keywords)}"
+            for what, keywords in (
+                ("fixed", self.fixed),
+                ("left empty", self.emptied),
+                ("derived UIDs", self.derived),
+            )
+            if keywords
+        ]
         return "; ".join(parts)
 
 
@@ -140,7 +233,9 @@ def clean_source(ds: Dataset) -> Cleaned:
     for keyword in TYPE_2:
         if keyword not in out:
             out.add(DataElement(Tag(keyword), dictionary_VR(Tag(keyword)), None))
-    out.InstanceNumber = integer(ds, "InstanceNumber") if 0 <= (integer(ds, "InstanceNumber") or -1) < 2**31 else 1
+    out.InstanceNumber = (
+        integer(ds, "InstanceNumber") if 0 <= (integer(ds, "InstanceNumber") or -1) < 2**31 else 1
+    )
     # What makes it a source image for highdicom's references (the pixels were read with these).
     for keyword in ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation"):
         value = integer(ds, keyword)
@@ -166,7 +261,7 @@ def _copy(source: Dataset, out: Dataset, keyword: str, clean: Cleaned) -> None:
     except Exception:  # noqa: BLE001 - absent, or unreadable: the same for the output
         return
     vr = dictionary_VR(tag)
-    if element.VR != vr and element.VR != "UN":
+    if vr != element.VR and element.VR != "UN":
         return _emptied(out, keyword, clean)
     found = values(source, keyword)
     if not found:
@@ -208,7 +303,9 @@ def _fixed(vr: str, value: object) -> int | float | str | None:
         return value if isinstance(value, (int, float)) else None
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("ascii", "replace")
-    text_value = (_TEXT_CONTROL if vr in _LONG_TEXT_VRS else _CONTROL).sub("", str(value)).strip(" \x00")
+    text_value = (
+        (_TEXT_CONTROL if vr in _LONG_TEXT_VRS else _CONTROL).sub("", str(value)).strip(" \x00")
+    )
     if not text_value:
         return None
     fixer = _FIXERS.get(vr)
@@ -274,6 +371,8 @@ def _enumerated(keyword: str, value: object) -> str | None:
 
 def _character_set(out: Dataset) -> None:
     """UTF-8 (ISO_IR 192) when any kept text needs more than ASCII; the values are Python text."""
-    texts_kept: Iterable[str] = (str(e.value) for e in out if e.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and e.value)
+    texts_kept: Iterable[str] = (
+        str(e.value) for e in out if e.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and e.value
+    )
     if any(not t.isascii() for t in texts_kept):
         out.SpecificCharacterSet = "ISO_IR 192"

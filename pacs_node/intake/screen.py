@@ -23,7 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from dp_transforms.header import integer, text, texts
-
 from pacs_node import codes
 from pacs_node.codes import MANUFACTURER
 
@@ -59,7 +58,10 @@ def _made_by_ai(ds: Dataset) -> tuple[SkipReason, str] | None:
     if text(ds, "Manufacturer") == MANUFACTURER.upper():
         return SkipReason.AI_RESULT, "made by this node (loop guard)"
     if text(ds, "BurnedInAnnotation") == "YES":
-        return SkipReason.AI_RESULT, "annotations are burned into its pixels: a derived image, not a radiograph"
+        return (
+            SkipReason.AI_RESULT,
+            "annotations are burned into its pixels: a derived image, not a radiograph",
+        )
     if any(_is_algorithm(item) for item in _items(ds, "ContributingEquipmentSequence")):
         return SkipReason.AI_RESULT, "an algorithm is among its contributing equipment"
     return None
@@ -76,7 +78,9 @@ def _is_algorithm(item: Dataset) -> bool:
     if text(item, "Manufacturer") == MANUFACTURER.upper():
         return True
     purposes = _items(item, "PurposeOfReferenceCodeSequence")
-    return any(text(code, "CodeValue") == codes.PROCESSING_EQUIPMENT.value.upper() for code in purposes)
+    return any(
+        text(code, "CodeValue") == codes.PROCESSING_EQUIPMENT.value.upper() for code in purposes
+    )
 
 
 def _modality(ds: Dataset) -> tuple[SkipReason, str] | None:
@@ -111,6 +115,13 @@ def _image_type(ds: Dataset) -> tuple[SkipReason, str] | None:
 
 def _geometry(ds: Dataset) -> tuple[SkipReason, str] | None:
     rows, columns = integer(ds, "Rows") or 0, integer(ds, "Columns") or 0
-    if rows and columns and (min(rows, columns) < MIN_SIDE or max(rows, columns) > MAX_ASPECT * min(rows, columns)):
-        return SkipReason.GEOMETRY, f"{rows} x {columns} pixels is not the shape of a chest radiograph"
+    if (
+        rows
+        and columns
+        and (min(rows, columns) < MIN_SIDE or max(rows, columns) > MAX_ASPECT * min(rows, columns))
+    ):
+        return (
+            SkipReason.GEOMETRY,
+            f"{rows} x {columns} pixels is not the shape of a chest radiograph",
+        )
     return None

@@ -47,6 +47,7 @@ from pacs_node.files import FILE_MODE, atomic_file, fsync_dir, fsync_file, priva
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Receipt:
     """What the node knows of a reception besides the data set: never patient data.
@@ -75,9 +76,16 @@ class Receipt:
             return None
         if not isinstance(found, dict) or set(found) != RECEIPT_FIELDS:
             return None
-        texts = all(isinstance(found[key], str) for key in ("sop_instance_uid", "calling_ae", "peer"))
+        texts = all(
+            isinstance(found[key], str) for key in ("sop_instance_uid", "calling_ae", "peer")
+        )
         received = found["received"]
-        when = isinstance(received, (int, float)) and not isinstance(received, bool) and math.isfinite(received) and received >= 0
+        when = (
+            isinstance(received, (int, float))
+            and not isinstance(received, bool)
+            and math.isfinite(received)
+            and received >= 0
+        )
         return Receipt(**found) if texts and when else None
 
 
@@ -97,15 +105,21 @@ def _lock(path: Path) -> BinaryIO:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise SpoolInUse(f"{path.parent}: the spool is in use by another process (one node per spool)") from None
+        raise SpoolInUse(
+            f"{path.parent}: the spool is in use by another process (one node per spool)"
+        ) from None
     return handle
 
 
 def _receipt_from_header(path: Path) -> Receipt | None:
     try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPInstanceUID"])
+        ds = dcmread(
+            path, stop_before_pixels=True, defer_size=4096, specific_tags=["SOPInstanceUID"]
+        )
         calling = str(ds.file_meta.get("SendingApplicationEntityTitle", "")).strip()
-        return Receipt(str(ds.get("SOPInstanceUID", "")).strip(" \x00"), calling, "", path.stat().st_mtime)
+        return Receipt(
+            str(ds.get("SOPInstanceUID", "")).strip(" \x00"), calling, "", path.stat().st_mtime
+        )
     except Exception:  # noqa: BLE001 - an unreadable file has no receipt; the worker says why
         return None
 
@@ -125,10 +139,13 @@ class Spool:
         self.root = private_folder(Path(root))
         self._lock_file = _lock(self.root / "spool.lock")
         self.keep_skipped = keep_skipped
-        self.tmp, self.incoming, self.skipped, self.failed = (private_folder(self.root / n) for n in ("tmp", "incoming", "skipped", "failed"))
+        self.tmp, self.incoming, self.skipped, self.failed = (
+            private_folder(self.root / n) for n in ("tmp", "incoming", "skipped", "failed")
+        )
         self._sequence = itertools.count()
         self._lock = threading.Lock()
-        for stale in self.tmp.iterdir():  # arrivals and writes that a crash interrupted were never acknowledged
+        for stale in self.tmp.iterdir():
+            # arrivals and writes that a crash interrupted were never acknowledged
             stale.unlink(missing_ok=True)
         for orphan in self.incoming.glob("*.json"):  # a receipt whose data set never arrived
             if not orphan.with_suffix(".dcm").exists():
@@ -198,7 +215,8 @@ class Spool:
             else:
                 entry.batch += 1
         self._save_attempts(attempts)
-        self.attempts = attempts  # only once durable: a start that could not be recorded did not happen
+        # only once durable: a start that could not be recorded did not happen
+        self.attempts = attempts
 
     def end(self, paths: list[Path]) -> None:
         """Processing of ``paths`` ended, whatever its outcome (the record is best effort)."""
@@ -207,7 +225,11 @@ class Spool:
         try:
             self._save_attempts()
         except OSError as exc:  # kept in memory; written with the next batch
-            logger.warning("could not update %s (%s); it is written again with the next batch", self.root / "attempts.json", exc.strerror)
+            logger.warning(
+                "could not update %s (%s); it is written again with the next batch",
+                self.root / "attempts.json",
+                exc.strerror,
+            )
 
     def suspects(self) -> set[str]:
         """Instances in flight when the process last died: each is retried alone."""
@@ -219,7 +241,9 @@ class Spool:
         for name, entry in sorted(self.attempts.items()):
             path = self.incoming / name
             if entry.solo >= max_solo and path.exists():
-                self.fail(path, "crash-loop", f"in flight, alone, at {entry.solo} deaths of the node")
+                self.fail(
+                    path, "crash-loop", f"in flight, alone, at {entry.solo} deaths of the node"
+                )
                 moved.append((self.failed / name, entry.solo))
         self.attempts = {k: v for k, v in self.attempts.items() if (self.incoming / k).exists()}
         if moved:
@@ -229,7 +253,10 @@ class Spool:
     def _load_attempts(self) -> dict[str, Attempts]:
         try:
             data = json.loads((self.root / "attempts.json").read_text())
-            return {str(k): Attempts(int(v.get("solo", 0)), int(v.get("batch", 0))) for k, v in data.items()}
+            return {
+                str(k): Attempts(int(v.get("solo", 0)), int(v.get("batch", 0)))
+                for k, v in data.items()
+            }
         except (OSError, ValueError, AttributeError, TypeError):
             return {}
 
@@ -268,7 +295,9 @@ class Spool:
         why = self.failed / f"{path.stem}.why.json"
         try:
             with atomic_file(why, self.tmp) as handle:
-                handle.write(json.dumps({"reason": reason, "detail": detail, "time": time.time()}).encode())
+                handle.write(
+                    json.dumps({"reason": reason, "detail": detail, "time": time.time()}).encode()
+                )
         except OSError:  # the move matters more than the note; the audit line has the reason too
             pass
         self._move(path, self.failed)

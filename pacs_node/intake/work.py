@@ -63,7 +63,11 @@ class WorkQueue:
                 self._suspects.discard(first.name)
                 return [first]
             batch, held = [first], self._weight(first, max_bytes)
-            while self._ready and len(batch) < batch_size and self._ready[0].name not in self._suspects:
+            while (
+                self._ready
+                and len(batch) < batch_size
+                and self._ready[0].name not in self._suspects
+            ):
                 weight = self._weight(self._ready[0], max_bytes)
                 if max_bytes is not None and held + weight > max_bytes:
                     break

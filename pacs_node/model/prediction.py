@@ -58,13 +58,26 @@ class Prediction:
     def assessed(self) -> bool:
         """False when the image lies outside the model's training distribution (or its score
         is not a number): no finding is asserted."""
-        return self.ood_score is None or self.ood_threshold is None or self.ood_score <= self.ood_threshold  # NaN: not assessed
+        # NaN: not assessed
+        return (
+            self.ood_score is None
+            or self.ood_threshold is None
+            or self.ood_score <= self.ood_threshold
+        )
 
     @cached_property
     def decision(self) -> Decision:
         """:func:`~dp_model.contract.decide` on these probabilities (computed once)."""
         pneumonia = pneumonia_classes(self.pneumonia, self.classes, self.normal_class)
-        return decide(self.probabilities, self.classes, self.normal_class, pneumonia, self.multi_label, self.operating_point, self.triage_point)
+        return decide(
+            self.probabilities,
+            self.classes,
+            self.normal_class,
+            pneumonia,
+            self.multi_label,
+            self.operating_point,
+            self.triage_point,
+        )
 
     @property
     def pneumonia_probability(self) -> float:

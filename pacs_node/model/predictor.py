@@ -26,13 +26,20 @@ from scipy import ndimage
 from dp_model.bundle import BundleError, load_bundle, load_feature_statistics
 from dp_model.classifier import ClassifierBase
 from dp_model.contract import NOT_MEASURED
-from dp_model.explain import CLASS_MAPS, HEATMAP_STAGE, default_source, map_sources, output_maps, source_stage, stage_map
+from dp_model.explain import (
+    CLASS_MAPS,
+    HEATMAP_STAGE,
+    default_source,
+    map_sources,
+    output_maps,
+    source_stage,
+    stage_map,
+)
 from dp_model.networks import DeepPneumoniaNet
 from dp_model.ood import watching
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.dicom import WORKING_PIXELS
 from dp_transforms.geometry import Letterbox, resize
-
 from pacs_node.model.prediction import Prediction
 
 __all__ = ["NodePredictor", "Prediction", "Prepared", "held_bytes", "prepare", "regions"]
@@ -68,13 +75,18 @@ class Prepared:
 
     def on_source(self, prediction: Prediction) -> Prediction:
         """``prediction`` with its boxes in the pixels of :attr:`source` (for the overlay)."""
-        sy, sx = self.source.shape[0] / self.source_shape[0], self.source.shape[1] / self.source_shape[1]
+        sy, sx = (
+            self.source.shape[0] / self.source_shape[0],
+            self.source.shape[1] / self.source_shape[1],
+        )
         if (sy, sx) == (1.0, 1.0) or not len(prediction.boxes):
             return prediction
         return replace(prediction, boxes=prediction.boxes * np.array([sx, sy, sx, sy], np.float32))
 
 
-def prepare(dataset: Dataset, size: int, name: str = "", max_side: int = OVERLAY_MAX_SIDE) -> Prepared:
+def prepare(
+    dataset: Dataset, size: int, name: str = "", max_side: int = OVERLAY_MAX_SIDE
+) -> Prepared:
     """The preprocessing of ``load_letterboxed`` (training's), keeping an overlay-sized source image.
 
     The image is decoded once, within the decode budget; a very large one is reduced on the
@@ -94,7 +106,9 @@ def prepare(dataset: Dataset, size: int, name: str = "", max_side: int = OVERLAY
     image = torch.from_numpy(make_square_pixels(decoded, max_pixels=WORKING_PIXELS).pixels)[None]
     resizer = LetterboxResize(size)
     shape = decoded.original_shape or decoded.shape
-    return Prepared(resizer(image), resizer.geometry(image), overlay_image(decoded, shape, max_side), shape)
+    return Prepared(
+        resizer(image), resizer.geometry(image), overlay_image(decoded, shape, max_side), shape
+    )
 
 
 def overlay_image(image: ChestImage, shape: tuple[int, int], max_side: int) -> ChestImage:
@@ -104,7 +118,14 @@ def overlay_image(image: ChestImage, shape: tuple[int, int], max_side: int) -> C
     if image.shape == target:
         return image
     pixels = resize(torch.from_numpy(image.pixels)[None], target)[0].numpy()
-    spacing = None if image.spacing is None else (image.spacing[0] * image.shape[0] / target[0], image.spacing[1] * image.shape[1] / target[1])
+    spacing = (
+        None
+        if image.spacing is None
+        else (
+            image.spacing[0] * image.shape[0] / target[0],
+            image.spacing[1] * image.shape[1] / target[1],
+        )
+    )
     return ChestImage(pixels, spacing, image.source, shape)
 
 
@@ -115,7 +136,9 @@ def held_bytes(rows: int, columns: int, size: int, max_side: int = OVERLAY_MAX_S
     return 4 * (max(1, round(rows * scale)) * max(1, round(columns * scale)) + size * size)
 
 
-def regions(heatmap: np.ndarray, threshold: float = REGION_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+def regions(
+    heatmap: np.ndarray, threshold: float = REGION_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray]:
     """The largest connected regions of ``heatmap >= threshold``: boxes ``(N, 4)``
     ``(x_min, y_min, x_max, y_max)`` in map pixels, and each region's peak value ``(N,)``."""
     labels, count = ndimage.label(heatmap >= threshold)
@@ -124,10 +147,18 @@ def regions(heatmap: np.ndarray, threshold: float = REGION_THRESHOLD) -> tuple[n
         inside = labels[window] == index
         if inside.sum() >= MIN_REGION_FRACTION * heatmap.size:
             rows, cols = window
-            found.append((int(inside.sum()), [cols.start, rows.start, cols.stop, rows.stop], float(heatmap[window][inside].max())))
+            found.append(
+                (
+                    int(inside.sum()),
+                    [cols.start, rows.start, cols.stop, rows.stop],
+                    float(heatmap[window][inside].max()),
+                )
+            )
     found.sort(key=lambda item: -item[0])
     found = found[:MAX_REGIONS]
-    return np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4), np.asarray([peak for _, _, peak in found], np.float32)
+    return np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4), np.asarray(
+        [peak for _, _, peak in found], np.float32
+    )
 
 
 class NodePredictor:
@@ -145,24 +176,39 @@ class NodePredictor:
     """
 
     def __init__(
-        self, bundle: str | Path, device: str = "auto", operating_point: float | None = None, heatmap_stage: int = HEATMAP_STAGE, ood_gate: bool = True
+        self,
+        bundle: str | Path,
+        device: str = "auto",
+        operating_point: float | None = None,
+        heatmap_stage: int = HEATMAP_STAGE,
+        ood_gate: bool = True,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)")
+            raise ValueError(
+                f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)"
+            )
         self.device = torch.device(device)
         model, self.contract = load_bundle(bundle, self.device)
-        assert isinstance(model, ClassifierBase), "a bundle's network is built from dp_model's registry"
+        assert isinstance(model, ClassifierBase), (
+            "a bundle's network is built from dp_model's registry"
+        )
         self.model = model
         statistics = load_feature_statistics(bundle, self.contract, self.model)
         self.statistics = statistics.to(self.device) if statistics is not None else None
-        self.operating_point = self.contract.present_point.threshold if operating_point is None else operating_point
+        self.operating_point = (
+            self.contract.present_point.threshold if operating_point is None else operating_point
+        )
         self.ood_gate = ood_gate
         located = self.contract.localization
-        self.source = default_source(self.model, heatmap_stage) if located is None else located.source
+        self.source = (
+            default_source(self.model, heatmap_stage) if located is None else located.source
+        )
         if self.source not in map_sources(self.model):
-            raise BundleError(f"{bundle}: the contract's map source {self.source!r} is not one this network offers ({', '.join(map_sources(self.model))})")
+            raise BundleError(
+                f"{bundle}: the contract's map source {self.source!r} is not one this network offers ({', '.join(map_sources(self.model))})"
+            )
         self.class_maps, self.stage = self.source == CLASS_MAPS, source_stage(self.source)
         #: Why a positive result carries no regions ("": they are drawn).
         self.regions_withheld = NOT_MEASURED if located is None else located.reason
@@ -172,21 +218,47 @@ class NodePredictor:
         """Say at start how the model decides: where each setting comes from."""
         point = self.contract.present_point
         if override is None:
-            logger.info("operating point %.4f from the bundle (%s)", point.threshold, point.target or "no target stated")
+            logger.info(
+                "operating point %.4f from the bundle (%s)",
+                point.threshold,
+                point.target or "no target stated",
+            )
         else:
-            logger.info("operating point %.4f set in the node's configuration (the bundle's is %.4f, %s)", override, point.threshold, point.target or "no target stated")
+            logger.info(
+                "operating point %.4f set in the node's configuration (the bundle's is %.4f, %s)",
+                override,
+                point.threshold,
+                point.target or "no target stated",
+            )
         triage = self.contract.triage_point
         if override is not None and triage is not None and override > triage.threshold:
-            logger.warning("the configured operating point %.4f lies above the bundle's triage point %.4f: every positive image is also flagged", override, triage.threshold)
+            logger.warning(
+                "the configured operating point %.4f lies above the bundle's triage point %.4f: every positive image is also flagged",
+                override,
+                triage.threshold,
+            )
         for default in self.contract.defaults():
             logger.info("the bundle states no %s", default)
         located = self.contract.localization
         if located is not None and located.shown:
-            logger.info("lesion regions from %s: on validation IoU>0.3 %.3f against the prior's %.3f", located.source, located.validation["iou>0.3"], located.prior_validation["iou>0.3"])
+            logger.info(
+                "lesion regions from %s: on validation IoU>0.3 %.3f against the prior's %.3f",
+                located.source,
+                located.validation["iou>0.3"],
+                located.prior_validation["iou>0.3"],
+            )
         elif located is not None:  # a bundle without the field is named among the defaults above
-            logger.info("%s (%s; IoU>0.3 %.3f against the prior's %.3f on validation)", self.regions_withheld, located.source, located.validation.get("iou>0.3", float("nan")), located.prior_validation.get("iou>0.3", float("nan")))
+            logger.info(
+                "%s (%s; IoU>0.3 %.3f against the prior's %.3f on validation)",
+                self.regions_withheld,
+                located.source,
+                located.validation.get("iou>0.3", float("nan")),
+                located.prior_validation.get("iou>0.3", float("nan")),
+            )
         if self.contract.ood is not None and not self.ood_gate:
-            logger.warning("the out-of-distribution gate is switched off: every image is assessed, however unlike the training images")
+            logger.warning(
+                "the out-of-distribution gate is switched off: every image is assessed, however unlike the training images"
+            )
 
     @torch.no_grad()
     def predict(self, prepared: list[Prepared]) -> list[Prediction]:
@@ -195,12 +267,21 @@ class NodePredictor:
             return []
         batch = torch.stack([p.canvas for p in prepared]).to(self.device)
         probabilities, maps, scores = self._forward(batch)
-        return [self._prediction(p, probabilities[i], maps[i], None if scores is None else float(scores[i])) for i, p in enumerate(prepared)]
+        return [
+            self._prediction(
+                p, probabilities[i], maps[i], None if scores is None else float(scores[i])
+            )
+            for i, p in enumerate(prepared)
+        ]
 
     def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
         """Calibrated output probabilities ``(B, K)``, maps ``(B, 1 or K, h, w)`` on the
         canvas, and the out-of-distribution score of each image (None without a gate)."""
-        with watching(self.model, self.statistics.needs_stages) if self.statistics is not None else nullcontext() as watch:
+        with (
+            watching(self.model, self.statistics.needs_stages)
+            if self.statistics is not None
+            else nullcontext() as watch
+        ):
             if self.class_maps:
                 logits, maps = self.model.class_maps(batch)
             elif self.stage is None:
@@ -209,27 +290,51 @@ class NodePredictor:
                 # map+ and lesion: sources are offered by the MGACR network only (map_sources).
                 assert isinstance(self.model, DeepPneumoniaNet)
                 logits, outputs = self.model.forward_train(batch)
-                maps = stage_map(outputs[self.model.attention_stages.index(self.stage)], self.source)
+                maps = stage_map(
+                    outputs[self.model.attention_stages.index(self.stage)], self.source
+                )
         if not self.class_maps and self.stage is None:
             maps = output_maps(self.model, batch, self.source)
         probabilities = self.contract.probabilities(logits).cpu().numpy()
         if not np.isfinite(probabilities).all():
-            raise ValueError("the model gave non-finite outputs")  # fails the image: no report on numbers that mean nothing
+            # fails the image: no report on numbers that mean nothing
+            raise ValueError("the model gave non-finite outputs")
         if self.statistics is None:
             return probabilities, maps.float().cpu(), None
         # The gate fails closed, never open: no single pass of features, no report.
         assert watch is not None  # watching(), since there are statistics
-        return probabilities, maps.float().cpu(), self.statistics.score(watch.seen(logits, len(batch)))
+        return (
+            probabilities,
+            maps.float().cpu(),
+            self.statistics.score(watch.seen(logits, len(batch))),
+        )
 
-    def _prediction(self, prepared: Prepared, probabilities: np.ndarray, canvas_maps: torch.Tensor, ood_score: float | None) -> Prediction:
+    def _prediction(
+        self,
+        prepared: Prepared,
+        probabilities: np.ndarray,
+        canvas_maps: torch.Tensor,
+        ood_score: float | None,
+    ) -> Prediction:
         contract = self.contract
         # The maps stay coarse (drawing resizes them); only the letterbox padding is cut away.
         maps = prepared.geometry.canvas_crop(canvas_maps).clamp(0, 1).numpy().astype(np.float32)
         draft = Prediction(
-            contract.output_classes, probabilities, contract.normal_class, self.operating_point, maps[0], np.zeros((0, 4), np.float32),
-            contract.multi_label, (), contract.pneumonia, None if contract.triage_point is None else contract.triage_point.threshold,
-            ood_score, None if ood_score is None or contract.ood is None or not self.ood_gate else contract.ood.threshold,
-        )  # fmt: skip
+            contract.output_classes,
+            probabilities,
+            contract.normal_class,
+            self.operating_point,
+            maps[0],
+            np.zeros((0, 4), np.float32),
+            contract.multi_label,
+            (),
+            contract.pneumonia,
+            None if contract.triage_point is None else contract.triage_point.threshold,
+            ood_score,
+            None
+            if ood_score is None or contract.ood is None or not self.ood_gate
+            else contract.ood.threshold,
+        )
         if len(maps) > 1:  # one map per finding: draw the most probable finding's
             draft = replace(draft, heatmap=maps[int(probabilities.argmax())])
         if not draft.positive or maps[0].size == 0:
@@ -242,8 +347,15 @@ class NodePredictor:
             # Boxes found on the coarse map, scaled to the source image's pixels.
             boxes, peaks = regions(maps[0])
             return replace(draft, boxes=boxes * scale, box_scores=tuple(peaks.tolist()))
-        found = [(label, box, peak) for k, label in enumerate(draft.classes) if draft.present(label) for box, peak in zip(*regions(maps[k]))]
+        found = [
+            (label, box, peak)
+            for k, label in enumerate(draft.classes)
+            if draft.present(label)
+            for box, peak in zip(*regions(maps[k]))
+        ]
         return replace(
-            draft, boxes=np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4) * scale,
-            box_labels=tuple(label for label, _, _ in found), box_scores=tuple(float(peak) for _, _, peak in found),
-        )  # fmt: skip
+            draft,
+            boxes=np.asarray([box for _, box, _ in found], np.float32).reshape(-1, 4) * scale,
+            box_labels=tuple(label for label, _, _ in found),
+            box_scores=tuple(float(peak) for _, _, peak in found),
+        )

@@ -86,9 +86,17 @@ class Result:
 
     def __post_init__(self) -> None:
         if not self.uid or not all(c.isalnum() or c in ".-" for c in self.uid):
-            raise ValueError(f"a result's uid names files: letters, digits, dots and dashes only, got {self.uid!r}")
-        if not _SUFFIX.fullmatch(self.suffix) or self.suffix in RESERVED_SUFFIXES or self.suffix.endswith(RESERVED_SUFFIXES[1:]):
-            raise ValueError(f"a result's suffix must be dot-separated letters and digits (.fhir.json), none of {', '.join(RESERVED_SUFFIXES)}, got {self.suffix!r}")
+            raise ValueError(
+                f"a result's uid names files: letters, digits, dots and dashes only, got {self.uid!r}"
+            )
+        if (
+            not _SUFFIX.fullmatch(self.suffix)
+            or self.suffix in RESERVED_SUFFIXES
+            or self.suffix.endswith(RESERVED_SUFFIXES[1:])
+        ):
+            raise ValueError(
+                f"a result's suffix must be dot-separated letters and digits (.fhir.json), none of {', '.join(RESERVED_SUFFIXES)}, got {self.suffix!r}"
+            )
 
     @property
     def file_name(self) -> str:
@@ -100,7 +108,9 @@ class Result:
         """A DICOM object as a result: its PS3.10 file, encoded once for every destination."""
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
-        return Result(kind=kind, label=label, uid=str(dataset.SOPInstanceUID), data=buffer.getvalue())
+        return Result(
+            kind=kind, label=label, uid=str(dataset.SOPInstanceUID), data=buffer.getvalue()
+        )
 
 
 @runtime_checkable

@@ -30,12 +30,22 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     (prediction,) = predictor.predict([prepared])
     clean = clean_source(source).dataset
     identity = ResultIdentity.of(clean, predictor.contract)
-    sc = build_overlay(clean, prepared.source.pixels, prepared.source.spacing, prepared.on_source(prediction), predictor.contract, identity, 1024)
+    sc = build_overlay(
+        clean,
+        prepared.source.pixels,
+        prepared.source.spacing,
+        prepared.on_source(prediction),
+        predictor.contract,
+        identity,
+        1024,
+    )
     return sc.pixel_array
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pacs_node.results.gallery", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pacs_node.results.gallery", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
     parser.add_argument("--out", type=Path, default=Path("docs/node_overlay.png"))
     args = parser.parse_args(argv)
@@ -49,10 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         print("the gallery draws RG1_UNCR.dcm of pydicom-data: pip install pydicom-data")
         return 1
     predictor = NodePredictor(args.bundle, "cpu")
-    images = [overlay_pixels(predictor, Path(chest)), overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm")))]
+    images = [
+        overlay_pixels(predictor, Path(chest)),
+        overlay_pixels(predictor, min((args.bundle / "samples").glob("*.dcm"))),
+    ]
     height = 720
-    tiles = [Image.fromarray(image).resize((round(image.shape[1] * height / image.shape[0]), height)) for image in images]
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 16 * (len(tiles) - 1), height), "white")
+    tiles = [
+        Image.fromarray(image).resize((round(image.shape[1] * height / image.shape[0]), height))
+        for image in images
+    ]
+    canvas = Image.new(
+        "RGB", (sum(t.width for t in tiles) + 16 * (len(tiles) - 1), height), "white"
+    )
     x = 0
     for tile in tiles:
         canvas.paste(tile, (x, 0))

@@ -39,7 +39,13 @@ class ResultIdentity:
     def of(source: Dataset, model: ModelContract) -> ResultIdentity:
         """The identity of the results of ``source`` (a :func:`~pacs_node.sanitize.clean_source` data set)."""
         number = integer(source, "InstanceNumber")
-        return ResultIdentity(str(source.SOPInstanceUID), str(source.StudyInstanceUID), model.device_uid, number if number is not None and number >= 0 else 1, model.demo)
+        return ResultIdentity(
+            str(source.SOPInstanceUID),
+            str(source.StudyInstanceUID),
+            model.device_uid,
+            number if number is not None and number >= 0 else 1,
+            model.demo,
+        )
 
     def instance_uid(self, role: str) -> str:
         """The SOP Instance UID of this image's result of ``role`` (a writer's role: ``sr``, ``sc``, ``pr``)."""
@@ -61,12 +67,17 @@ def contributing_equipment(model: ModelContract) -> hd.ContributingEquipment:
     """The Contributing Equipment item that names the algorithm and its version."""
     item = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.PROCESSING_EQUIPMENT,  # highdicom takes CID 7005's own codes only
+        # highdicom takes CID 7005's own codes only
+        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
         manufacturer_model_name=model.name[:64],
         software_versions=model.version[:64],
-        contribution_description=("Demonstration model trained on synthetic images. " if model.demo else "") + "AI pneumonia detection",
+        contribution_description=(
+            "Demonstration model trained on synthetic images. " if model.demo else ""
+        )
+        + "AI pneumonia detection",
     )
-    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)]  # IHE AI Results
+    # IHE AI Results
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)]
     item.DeviceUID = model.device_uid
     return item
 

@@ -17,7 +17,6 @@ import warnings
 import highdicom as hd
 import numpy as np
 import torch
-from dp_transforms.geometry import resize
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
@@ -25,6 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless
 
 from dp_model.contract import ModelContract
+from dp_transforms.geometry import resize
 from pacs_node import codes
 from pacs_node.model.predictor import REGION_THRESHOLD, Prediction
 from pacs_node.results.base import DICOM, Result, ResultContext
@@ -37,7 +37,12 @@ ROLE = "sc"
 # highdicom checks the person names it copies from the source; a single-component name
 # ("ward") is legal DICOM that it merely finds unusual. The node copies source names as
 # they are (tolerant when reading), so this one notice is not for the node's users.
-warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning, module=r"highdicom\.")
+warnings.filterwarnings(
+    "ignore",
+    message=r"The string .* is unlikely to represent the intended person name",
+    category=UserWarning,
+    module=r"highdicom\.",
+)
 
 BANNER = "AI result - not for primary diagnosis"
 DEMO_BANNER = "DEMONSTRATION MODEL trained on synthetic images"
@@ -48,10 +53,17 @@ HEAT_ALPHA = 0.45
 BOX_COLOUR = (255, 64, 64)
 _LEVELS = np.linspace(0.0, 1.0, 256)
 HEAT_PALETTE = (colormaps["turbo"](_LEVELS)[:, :3] * 255).round().astype(np.uint8).tobytes()
-HEAT_OPACITY = (255 * HEAT_ALPHA * np.clip((_LEVELS - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1)).round().astype(int).tolist()
+HEAT_OPACITY = (
+    (255 * HEAT_ALPHA * np.clip((_LEVELS - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1))
+    .round()
+    .astype(int)
+    .tolist()
+)
 
 
-def render(pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int) -> tuple[np.ndarray, float]:
+def render(
+    pixels: np.ndarray, prediction: Prediction, demo: bool, max_side: int
+) -> tuple[np.ndarray, float]:
     """The overlay as ``(band + rows, columns, 3)`` uint8 RGB and the scale from source pixels
     to it: a black band with the banner and the verdict above the radiograph (never over it),
     the heat map where the model located a finding, the regions."""
@@ -88,8 +100,14 @@ def verdict(prediction: Prediction) -> str:
     if prediction.triage:
         chance += " - TRIAGE FLAG"
     if prediction.multi_label and prediction.positive:
-        return "Findings: " + ", ".join(f"{name(label)} {100 * p:.0f}%" for label, p in prediction.findings)
-    return f"Finding: {name(prediction.label)} - {chance}" if prediction.positive else f"No pneumonia at the operating point - {chance}"
+        return "Findings: " + ", ".join(
+            f"{name(label)} {100 * p:.0f}%" for label, p in prediction.findings
+        )
+    return (
+        f"Finding: {name(prediction.label)} - {chance}"
+        if prediction.positive
+        else f"No pneumonia at the operating point - {chance}"
+    )
 
 
 def _font(side: int) -> ImageFont.FreeTypeFont:
@@ -107,7 +125,12 @@ def _draw_regions(image: Image.Image, prediction: Prediction, scale: float) -> N
     for i, box in enumerate(prediction.boxes * scale):
         draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
         if prediction.box_labels:  # a model that says which finding it located
-            draw.text((float(box[0]) + width, float(box[1]) + width), name(prediction.box_labels[i]), fill=BOX_COLOUR, font=font)
+            draw.text(
+                (float(box[0]) + width, float(box[1]) + width),
+                name(prediction.box_labels[i]),
+                fill=BOX_COLOUR,
+                font=font,
+            )
 
 
 def _wrapped(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
@@ -130,19 +153,34 @@ def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> I
     # Every sentence wrapped to the film's width: on a narrow image (a 256-px phantom) the
     # verdict would otherwise run off its edge. The banner keeps its colour on each of its lines.
     size = int(font.size)  # the whole number of pixels _font asked for (Pillow types it float)
-    lines = [(line, i == 0) for i, text in enumerate(texts) for line in _wrapped(text, font, radiograph.size[0] - size)]
+    lines = [
+        (line, i == 0)
+        for i, text in enumerate(texts)
+        for line in _wrapped(text, font, radiograph.size[0] - size)
+    ]
     line_height = size + size // 3
     band = line_height * len(lines) + size // 2
     image = Image.new("RGB", (radiograph.size[0], band + radiograph.size[1]), (0, 0, 0))
     image.paste(radiograph, (0, band))
     draw = ImageDraw.Draw(image)
     for i, (text, banner) in enumerate(lines):
-        draw.text((size // 2, size // 4 + i * line_height), text, fill=(255, 255, 0) if banner else (255, 255, 255), font=font)
+        draw.text(
+            (size // 2, size // 4 + i * line_height),
+            text,
+            fill=(255, 255, 0) if banner else (255, 255, 255),
+            font=font,
+        )
     return image
 
 
 def build_overlay(
-    source: Dataset, pixels: np.ndarray, spacing: tuple[float, float] | None, prediction: Prediction, model: ModelContract, identity: ResultIdentity, max_side: int,
+    source: Dataset,
+    pixels: np.ndarray,
+    spacing: tuple[float, float] | None,
+    prediction: Prediction,
+    model: ModelContract,
+    identity: ResultIdentity,
+    max_side: int,
     modality: str = "source",
 ) -> hd.sc.SCImage:
     """The SC for one source image; ``pixels`` is the source as displayed, in [0, 1]; ``modality``
@@ -163,7 +201,9 @@ def build_overlay(
         pixel_spacing=(spacing[0] / scale, spacing[1] / scale) if spacing else None,  # type: ignore[arg-type]  # highdicom 0.28's from_ref_dataset says int, its __init__ float: millimetres
         laterality=None,
         patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
-        transfer_syntax_uid=JPEGLSLossless,  # lossless, about a quarter of the size; the outbox decompresses for a destination without it
+        # lossless, about a quarter of the size; the outbox decompresses for a destination without
+        # it
+        transfer_syntax_uid=JPEGLSLossless,
         contributing_equipment=[contributing_equipment(model)],
     )
     if len(orientation) != 2:
@@ -182,9 +222,12 @@ def _describe(sc: Dataset, source: Dataset, identity: ResultIdentity) -> None:
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.SeriesDescription = identity.series_description("overlay")
-    sc.DerivationDescription = f"{BANNER}: lesion heat map, regions, class and score of Deep Pneumonia burned in"[:1024]
+    sc.DerivationDescription = (
+        f"{BANNER}: lesion heat map, regions, class and score of Deep Pneumonia burned in"[:1024]
+    )
     laterality = source.get("Laterality") or source.get("ImageLaterality")
-    sc.Laterality = laterality if laterality in ("R", "L") else None  # Type 2C: empty when unpaired or unknown
+    # Type 2C: empty when unpaired or unknown
+    sc.Laterality = laterality if laterality in ("R", "L") else None
     if source.get("StudyDescription"):
         sc.StudyDescription = source.StudyDescription
     reference = Dataset()
@@ -202,7 +245,13 @@ class OverlayWriter:
     def build(self, context: ResultContext) -> Result:
         chest = context.prepared.source
         overlay = build_overlay(
-            context.source, chest.pixels, chest.spacing, context.prepared.on_source(context.prediction), context.model, context.identity,
-            context.config.overlay_max_side, context.config.overlay_modality,
+            context.source,
+            chest.pixels,
+            chest.spacing,
+            context.prepared.on_source(context.prediction),
+            context.model,
+            context.identity,
+            context.config.overlay_max_side,
+            context.config.overlay_modality,
         )
         return Result.of_dataset(overlay, self.kind, self.label)

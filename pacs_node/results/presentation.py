@@ -18,10 +18,10 @@ from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
-from dp_transforms.header import number, numbers, text
 from pydicom.dataset import Dataset
 
 from dp_model.contract import ModelContract
+from dp_transforms.header import number, numbers, text
 from pacs_node import codes
 from pacs_node.model.predictor import Prediction
 from pacs_node.results.base import DICOM, Result, ResultContext
@@ -40,20 +40,51 @@ LAYER_COLOUR = hd.color.CIELabColor(55.0, 70.0, 60.0)
 
 
 def build_presentation_state(
-    source: Dataset, received: Dataset, prediction: Prediction, model: ModelContract, identity: ResultIdentity
+    source: Dataset,
+    received: Dataset,
+    prediction: Prediction,
+    model: ModelContract,
+    identity: ResultIdentity,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The GSPS for one source image: ``source`` the cleaned data set the results copy from,
     ``received`` the data set as it arrived (its grayscale pipeline is kept, so the image looks
     as it does without the presentation state)."""
     rows, columns = int(source.Rows), int(source.Columns)
-    layer = hd.pr.GraphicLayer(layer_name=LAYER, order=1, description="Deep Pneumonia regions and result", display_color=LAYER_COLOUR)
+    layer = hd.pr.GraphicLayer(
+        layer_name=LAYER,
+        order=1,
+        description="Deep Pneumonia regions and result",
+        display_color=LAYER_COLOUR,
+    )
     graphics, texts = [], [_headline(prediction, model, rows, columns)]
     for index, box in enumerate(np.asarray(prediction.boxes, np.float64).reshape(-1, 4)):
-        x0, y0, x1, y1 = (float(np.clip(v, 0, limit)) for v, limit in zip(box, (columns, rows, columns, rows)))
+        x0, y0, x1, y1 = (
+            float(np.clip(v, 0, limit)) for v, limit in zip(box, (columns, rows, columns, rows))
+        )
         outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
-        graphics.append(hd.pr.GraphicObject(hd.pr.GraphicTypeValues.POLYLINE, outline, hd.pr.AnnotationUnitsValues.PIXEL, tracking_id=f"region {index + 1}", tracking_uid=identity.tracking_uid(f"pr-region-{index}")))
-        texts.append(hd.pr.TextObject(_region_text(prediction, index), hd.pr.AnnotationUnitsValues.PIXEL, anchor_point=(x0, y0), anchor_point_visible=False))
-    annotation = hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts)
+        graphics.append(
+            hd.pr.GraphicObject(
+                hd.pr.GraphicTypeValues.POLYLINE,
+                outline,
+                hd.pr.AnnotationUnitsValues.PIXEL,
+                tracking_id=f"region {index + 1}",
+                tracking_uid=identity.tracking_uid(f"pr-region-{index}"),
+            )
+        )
+        texts.append(
+            hd.pr.TextObject(
+                _region_text(prediction, index),
+                hd.pr.AnnotationUnitsValues.PIXEL,
+                anchor_point=(x0, y0),
+                anchor_point_visible=False,
+            )
+        )
+    annotation = hd.pr.GraphicAnnotation(
+        referenced_images=[source],
+        graphic_layer=layer,
+        graphic_objects=graphics or None,
+        text_objects=texts,
+    )
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[source],
         series_instance_uid=identity.series_uid(ROLE),
@@ -80,8 +111,15 @@ def build_presentation_state(
 
 def _region_text(prediction: Prediction, index: int) -> str:
     """What the SR says of a region: its finding's name and its own score."""
-    name, peak = codes.finding_code(prediction.region_label(index)).meaning, prediction.region_score(index)
-    return f"{name}, region score {peak:.2f} (map peak, not a probability)" if np.isfinite(peak) else name
+    name, peak = (
+        codes.finding_code(prediction.region_label(index)).meaning,
+        prediction.region_score(index),
+    )
+    return (
+        f"{name}, region score {peak:.2f} (map peak, not a probability)"
+        if np.isfinite(peak)
+        else name
+    )
 
 
 def _outline_overlay(state: Dataset, boxes: np.ndarray, rows: int, columns: int) -> None:
@@ -93,15 +131,25 @@ def _outline_overlay(state: Dataset, boxes: np.ndarray, rows: int, columns: int)
         return
     width = max(2, max(rows, columns) // 400)
     x0, y0 = (max(0, int(np.floor(boxes[:, i].min()))) for i in (0, 1))
-    x1, y1 = min(columns, int(np.ceil(boxes[:, 2].max()))), min(rows, int(np.ceil(boxes[:, 3].max())))
+    x1, y1 = (
+        min(columns, int(np.ceil(boxes[:, 2].max()))),
+        min(rows, int(np.ceil(boxes[:, 3].max()))),
+    )
     if x1 - x0 < 2 or y1 - y0 < 2:
         return
     mask = np.zeros((y1 - y0, x1 - x0), bool)
     for bx0, by0, bx1, by1 in boxes:
         left, top = int(bx0) - x0, int(by0) - y0
-        right, bottom = min(int(np.ceil(bx1)) - x0, mask.shape[1]), min(int(np.ceil(by1)) - y0, mask.shape[0])
-        mask[top : top + width, left:right] = mask[max(top, bottom - width) : bottom, left:right] = True
-        mask[top:bottom, left : left + width] = mask[top:bottom, max(left, right - width) : right] = True
+        right, bottom = (
+            min(int(np.ceil(bx1)) - x0, mask.shape[1]),
+            min(int(np.ceil(by1)) - y0, mask.shape[0]),
+        )
+        mask[top : top + width, left:right] = mask[
+            max(top, bottom - width) : bottom, left:right
+        ] = True
+        mask[top:bottom, left : left + width] = mask[
+            top:bottom, max(left, right - width) : right
+        ] = True
     packed = np.packbits(mask.ravel(), bitorder="little").tobytes()
     state.add_new(0x60000010, "US", mask.shape[0])  # Overlay Rows
     state.add_new(0x60000011, "US", mask.shape[1])  # Overlay Columns
@@ -129,20 +177,36 @@ def _grayscale(received: Dataset) -> _Grayscale:
     found: _Grayscale = {}
     slope, intercept = number(received, "RescaleSlope"), number(received, "RescaleIntercept")
     if slope is not None and intercept is not None and slope != 0:
-        found["modality_lut_transformation"] = hd.ModalityLUTTransformation(rescale_intercept=intercept, rescale_slope=slope, rescale_type="US")
-    centres, widths = numbers(received, "WindowCenter") or [], numbers(received, "WindowWidth") or []
+        found["modality_lut_transformation"] = hd.ModalityLUTTransformation(
+            rescale_intercept=intercept, rescale_slope=slope, rescale_type="US"
+        )
+    centres, widths = (
+        numbers(received, "WindowCenter") or [],
+        numbers(received, "WindowWidth") or [],
+    )
     if centres and widths and widths[0] > 0:
-        found["voi_lut_transformations"] = [hd.pr.SoftcopyVOILUTTransformation(window_center=centres[0], window_width=widths[0])]
+        found["voi_lut_transformations"] = [
+            hd.pr.SoftcopyVOILUTTransformation(window_center=centres[0], window_width=widths[0])
+        ]
     inverse = text(received, "PhotometricInterpretation").upper() == "MONOCHROME1"
-    found["presentation_lut_transformation"] = hd.PresentationLUTTransformation(presentation_lut_shape="INVERSE" if inverse else "IDENTITY")
+    found["presentation_lut_transformation"] = hd.PresentationLUTTransformation(
+        presentation_lut_shape="INVERSE" if inverse else "IDENTITY"
+    )
     return found
 
 
-def _headline(prediction: Prediction, model: ModelContract, rows: int, columns: int) -> hd.pr.TextObject:
+def _headline(
+    prediction: Prediction, model: ModelContract, rows: int, columns: int
+) -> hd.pr.TextObject:
     """The banner and the verdict, in a box across the top of the image."""
     demo = " (DEMONSTRATION MODEL)" if model.demo else ""
     text = f"{BANNER}{demo}: {verdict(prediction)}"[:1024]
-    return hd.pr.TextObject(text, hd.pr.AnnotationUnitsValues.PIXEL, bounding_box=(columns * 0.02, rows * 0.01, columns * 0.98, rows * 0.06), text_justification=hd.pr.TextJustificationValues.LEFT)
+    return hd.pr.TextObject(
+        text,
+        hd.pr.AnnotationUnitsValues.PIXEL,
+        bounding_box=(columns * 0.02, rows * 0.01, columns * 0.98, rows * 0.06),
+        text_justification=hd.pr.TextJustificationValues.LEFT,
+    )
 
 
 class PresentationWriter:
@@ -152,4 +216,14 @@ class PresentationWriter:
     kind, label, role, fail_reason = "gsps", "PR", ROLE, FailReason.PRESENTATION
 
     def build(self, context: ResultContext) -> Result:
-        return Result.of_dataset(build_presentation_state(context.source, context.received, context.prediction, context.model, context.identity), self.kind, self.label)
+        return Result.of_dataset(
+            build_presentation_state(
+                context.source,
+                context.received,
+                context.prediction,
+                context.model,
+                context.identity,
+            ),
+            self.kind,
+            self.label,
+        )

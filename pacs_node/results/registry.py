@@ -26,11 +26,17 @@ WRITERS: dict[str, ResultWriter] = {}
 def register(writer: ResultWriter) -> ResultWriter:
     """Make ``writer``'s kind available to ``outputs``; its kind, label and role must be new."""
     if not isinstance(writer, ResultWriter):
-        raise TypeError(f"{writer!r} is not a ResultWriter (kind, label, role, media_type, fail_reason, build)")
+        raise TypeError(
+            f"{writer!r} is not a ResultWriter (kind, label, role, media_type, fail_reason, build)"
+        )
     for attribute in ("kind", "label", "role"):
-        taken = [w.kind for w in WRITERS.values() if getattr(w, attribute) == getattr(writer, attribute)]
+        taken = [
+            w.kind for w in WRITERS.values() if getattr(w, attribute) == getattr(writer, attribute)
+        ]
         if taken:
-            raise ValueError(f"output {attribute} {getattr(writer, attribute)!r} is already that of {taken[0]!r}")
+            raise ValueError(
+                f"output {attribute} {getattr(writer, attribute)!r} is already that of {taken[0]!r}"
+            )
     WRITERS[writer.kind] = writer
     return writer
 
@@ -45,7 +51,9 @@ def writers_for(kinds: Iterable[str], key: str = "outputs") -> list[ResultWriter
     kinds = list(kinds)
     unknown = [kind for kind in kinds if kind not in WRITERS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):
-        raise ConfigError(f"{key} must be one or more of {', '.join(WRITERS)}, each once, got {kinds!r}")
+        raise ConfigError(
+            f"{key} must be one or more of {', '.join(WRITERS)}, each once, got {kinds!r}"
+        )
     return [WRITERS[kind] for kind in kinds]
 
 
@@ -53,7 +61,9 @@ def dicom_result(dataset: Dataset) -> Result:
     """A DICOM object already built, as the result of the writer whose label its SOP class has
     (``SR``, ``SC``, ``PR``: kind ``gsps``), so that a destination's ``outputs`` reads it right."""
     label = result_kind(dataset)
-    kind = next((writer.kind for writer in WRITERS.values() if writer.label == label), label.lower())
+    kind = next(
+        (writer.kind for writer in WRITERS.values() if writer.label == label), label.lower()
+    )
     return Result.of_dataset(dataset, kind, label)
 
 
