@@ -39,7 +39,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dp_model.bundle import load_bundle
-from pacs_node.results.identity import ResultIdentity
+from pacs_node.config import NodeConfig
+from pacs_node.results.identity import ResultIdentity, rendition
 
 
 def free_port() -> int:
@@ -153,7 +154,9 @@ def main() -> int:
         wait(lambda: listening(node_port), 120, "the node")
 
         def identity(path: Path) -> ResultIdentity:
-            return ResultIdentity.of(dcmread(path, stop_before_pixels=True), contract)
+            return ResultIdentity.of(
+                dcmread(path, stop_before_pixels=True), contract, rendition(NodeConfig(), contract)
+            )
 
         # Warm-up: the first image pays for lazy imports and allocator growth.
         warm = copies(rg1, work / "warm", 2)

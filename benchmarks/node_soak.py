@@ -50,9 +50,10 @@ from pynetdicom.sop_class import (
 )
 
 from dp_model.bundle import load_bundle
+from pacs_node.config import NodeConfig
 from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.intake.sanitize import clean_source
-from pacs_node.results.identity import ResultIdentity
+from pacs_node.results.identity import ResultIdentity, rendition
 
 CALLING = "SOAK"
 
@@ -196,8 +197,9 @@ def expected_results(indices: list[int], contract) -> dict[str, int]:
     """SR and SC UIDs the node must deliver for each image index (its identity is derived)."""
     expected = {}
     for index in indices:
-        identity = ResultIdentity.of(clean_source(chest(index)).dataset, contract)
-        expected[identity.sr_uid] = expected[identity.sc_uid] = index
+        source = clean_source(chest(index)).dataset
+        identity = ResultIdentity.of(source, contract, rendition(NodeConfig(), contract))
+        expected[identity.instance_uid("sr")] = expected[identity.instance_uid("sc")] = index
     return expected
 
 

@@ -52,7 +52,7 @@ from pacs_node.intake.work import WorkQueue
 from pacs_node.model.predictor import NodePredictor, Prediction, Prepared, held_bytes, prepare
 from pacs_node.outcomes import Failed, Image, Inferred, Outcomes, Processed, Retried, Skipped
 from pacs_node.results.base import Result, ResultContext, ResultWriter
-from pacs_node.results.identity import ResultIdentity
+from pacs_node.results.identity import ResultIdentity, rendition
 from pacs_node.status import FailReason
 from pacs_node.uids import is_valid_uid
 
@@ -128,6 +128,8 @@ class Pipeline:
             senders,
         )
         self.outcomes, self.prune_due = outcomes, prune_due
+        #: The settings' share of every result's UIDs (identity.rendition), fixed at start.
+        self.rendition = rendition(config, predictor.contract)
         self.work = WorkQueue(self._held_bytes)
         self.output_dir = Path(config.output_dir)
         self.busy_since: float | None = None
@@ -309,7 +311,7 @@ class Pipeline:
             prepared=item.prepared,
             prediction=prediction,
             model=model,
-            identity=ResultIdentity.of(source, model),
+            identity=ResultIdentity.of(source, model, self.rendition),
             config=self.config,
         )
         results = []

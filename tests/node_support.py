@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from helpers import require_file, require_tool
@@ -23,6 +23,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+if TYPE_CHECKING:
+    from pacs_node.config import NodeConfig
+    from pacs_node.results.identity import ResultIdentity
 
 T = TypeVar("T")
 PATIENT_NAME = "Doe^Jane^Q"
@@ -202,13 +206,17 @@ class Orthanc:
 
     def request(self, path: str, data: bytes | None = None, method: str = "GET"):
         """A REST call, its JSON answer."""
+        return json.loads(self.request_bytes(path, data, method))
+
+    def request_bytes(self, path: str, data: bytes | None = None, method: str = "GET") -> bytes:
+        """A REST call, its answer as it came (``/instances/<id>/file``: the DICOM file)."""
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         if self.user:
             request.add_header(
                 "Authorization", "Basic " + base64.b64encode(":".join(self.user).encode()).decode()
             )
         with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def get(self, path: str):
         return self.request(path)
@@ -591,3 +599,12 @@ def bundle_with(bundle: Path, folder: Path, **fields) -> Path:
             meta["deep_pneumonia"][key] = value
     path.write_text(json.dumps(meta, indent=1))
     return folder
+
+
+def identity_of(source: Dataset, contract, config: NodeConfig | None = None) -> ResultIdentity:
+    """The identity the node gives the results of ``source`` under ``config`` (default settings
+    when None): the UIDs it derives, with the settings' share (identity.rendition)."""
+    from pacs_node.config import NodeConfig
+    from pacs_node.results.identity import ResultIdentity, rendition
+
+    return ResultIdentity.of(source, contract, rendition(config or NodeConfig(), contract))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import run_tool
-from node_support import final_lines, send_files, wait_for
+from node_support import final_lines, identity_of, send_files, wait_for
 from pydicom import dcmread
 
 from dp_model.bundle import load_bundle
@@ -210,7 +210,6 @@ def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assesse
 ) -> None:
     import dataclasses
 
-    from pacs_node.results.identity import ResultIdentity
     from pacs_node.results.report import build_report
 
     ds = dcmread(min((demo_bundle / "samples").glob("*.dcm")))
@@ -226,9 +225,7 @@ def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assesse
     nan_score = dataclasses.replace(answer, ood_score=float("nan"))
     assert not nan_score.assessed and not nan_score.positive
     rg1 = dcmread(rg1_path)
-    sr = build_report(
-        rg1, nan_score, predictor.contract, ResultIdentity.of(rg1, predictor.contract)
-    )
+    sr = build_report(rg1, nan_score, predictor.contract, identity_of(rg1, predictor.contract))
     assert "82334004" in str(sr.ContentSequence)  # Indeterminate, the score left out
 
 

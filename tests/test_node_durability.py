@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from node_support import chest_dataset, free_port, wait_for
+from node_support import chest_dataset, free_port, identity_of, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
@@ -21,7 +21,6 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from dp_model.bundle import load_bundle
 from pacs_node.delivery.cstore import RESULT_CLASSES
-from pacs_node.results.identity import ResultIdentity
 
 # a quarter acknowledged at the kill, a backlog behind them (make benchmark-soak: 10,000, three
 # kills)
@@ -157,7 +156,7 @@ def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(
         contract = load_bundle(demo_bundle)[1]
         expected = set()
         for ds in images:
-            identity = ResultIdentity.of(ds, contract)
+            identity = identity_of(ds, contract)
             expected |= {identity.instance_uid("sr"), identity.instance_uid("sc")}
         wait_for(
             lambda: set(destination.stored) >= expected, 600, "every result at the destination"

@@ -164,3 +164,56 @@ def test_a_command_whose_class_uid_is_not_valid_is_served_under_its_presentation
     stand_in_for_invalid_uids(Message, assoc)
     assert Message.command_set.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.1"
     assert Message.command_set.AffectedSOPInstanceUID == INVALID_UID_STAND_IN
+
+
+# --- what a result's UIDs follow ------------------------------------------------------------------
+
+
+def test_every_setting_that_changes_what_a_result_says_changes_its_uids(
+    demo_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from dp_model.bundle import load_bundle
+    from pacs_node.config import NodeConfig
+    from pacs_node.results import identity
+
+    contract = load_bundle(demo_bundle)[1]
+    default = NodeConfig()
+    base = identity.rendition(default, contract)
+    bundles_point = contract.present_point.threshold
+    changed = {
+        "operating point": replace(default, operating_point=0.99),
+        "gate off": replace(default, ood_gate=False),
+    }
+    if contract.localization is None:  # the stage matters only where the bundle names no source
+        changed["map stage"] = replace(default, heatmap_stage=2)
+    for what, config in changed.items():
+        assert identity.rendition(config, contract) != base, what
+    # The same settings written out are the same results; other outputs leave these unchanged.
+    for config in (
+        replace(default, operating_point=bundles_point),
+        replace(default, outputs=("sr", "sc", "gsps")),
+    ):
+        assert identity.rendition(config, contract) == base
+    # Another node code: other UIDs for every role.
+    source = chest_dataset()
+    before = identity.ResultIdentity.of(source, contract, base)
+    monkeypatch.setattr(identity, "results_format", lambda: "another")
+    after = identity.ResultIdentity.of(source, contract, identity.rendition(default, contract))
+    for role in ("sr", "sc", "pr"):
+        assert before.instance_uid(role) != after.instance_uid(role)
+    assert before.tracking_uid("region-0") != after.tracking_uid("region-0")
+
+
+def test_the_code_digest_reads_every_module_that_decides_a_results_content() -> None:
+    from pacs_node.results import identity
+
+    root = Path(identity.__file__).resolve().parents[1]
+    read = {
+        p.relative_to(root).as_posix()
+        for name in identity.RESULTS_CODE
+        for p in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py"))
+    }
+    assert {"results/report.py", "results/overlay.py", "model/prediction.py", "codes.py"} <= read
+    assert len(identity.results_format()) == 16

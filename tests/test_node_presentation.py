@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import run_tool
-from node_support import chest_dataset, send, wait_for
+from node_support import chest_dataset, identity_of, send, wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -44,7 +44,7 @@ def rg1(rg1_path: Path) -> Dataset:
 def gsps(tmp_path: Path, rg1: Dataset, predictor: NodePredictor, prediction: Prediction) -> Path:
     clean = clean_source(rg1).dataset
     state = build_presentation_state(
-        clean, rg1, prediction, predictor.contract, ResultIdentity.of(clean, predictor.contract)
+        clean, rg1, prediction, predictor.contract, identity_of(clean, predictor.contract)
     )
     path = tmp_path / "pr.dcm"
     state.save_as(path, enforce_file_format=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import run_tool
-from node_support import chest_dataset
+from node_support import chest_dataset, identity_of
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -15,7 +15,7 @@ from dp_model.contract import ModelContract
 from pacs_node import codes
 from pacs_node.intake.screen import SkipReason, screen
 from pacs_node.model.predictor import NodePredictor, Prediction, prepare, regions
-from pacs_node.results.identity import MANUFACTURER, ResultIdentity
+from pacs_node.results.identity import MANUFACTURER
 from pacs_node.results.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
 from pacs_node.results.report import build_report
 
@@ -160,7 +160,7 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(
     assert contract.multi_label and contract.output_classes == FINDINGS
     path = written(
         tmp_path,
-        build_report(rg1, multi_label(), contract, ResultIdentity.of(rg1, contract)),
+        build_report(rg1, multi_label(), contract, identity_of(rg1, contract)),
         "sr.dcm",
     )
     check = run_tool("dciodvfy", path, check=False)
@@ -260,7 +260,7 @@ def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(
     tmp_path: Path, predictor: NodePredictor, rg1: Dataset
 ) -> None:
     contract = predictor.contract
-    sr = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
+    sr = build_report(rg1, positive(), contract, identity_of(rg1, contract))
     path = written(tmp_path, sr, "sr.dcm")
     check = run_tool("dciodvfy", path, check=False)
     assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
@@ -285,7 +285,7 @@ def test_report_round_trip_carries_study_model_identity_and_a_negative_result(
     sr = dcmread(
         written(
             tmp_path,
-            build_report(rg1, negative(), contract, ResultIdentity.of(rg1, contract)),
+            build_report(rg1, negative(), contract, identity_of(rg1, contract)),
             "sr.dcm",
         )
     )
@@ -356,7 +356,7 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(
     sr = dcmread(
         written(
             tmp_path,
-            build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract)),
+            build_report(rg1, positive(), contract, identity_of(rg1, contract)),
             "sr.dcm",
         )
     )
@@ -411,9 +411,7 @@ def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_
         np.zeros((0, 4), np.float32),
     )
     sr = dcmread(
-        written(
-            tmp_path, build_report(rg1, below, contract, ResultIdentity.of(rg1, contract)), "sr.dcm"
-        )
+        written(tmp_path, build_report(rg1, below, contract, identity_of(rg1, contract)), "sr.dcm")
     )
     # the whole image only: a viewer opens on it
     (image,) = containers(sr)["Imaging Measurements"].ContentSequence
@@ -425,21 +423,21 @@ def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_
     )
 
 
-def test_result_uids_depend_only_on_source_and_weights(
+def test_result_uids_follow_the_source_the_weights_and_the_settings(
     predictor: NodePredictor, rg1: Dataset
 ) -> None:
     contract = predictor.contract
-    first = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
-    again = build_report(rg1, positive(), contract, ResultIdentity.of(rg1, contract))
+    first = build_report(rg1, positive(), contract, identity_of(rg1, contract))
+    again = build_report(rg1, positive(), contract, identity_of(rg1, contract))
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (
         again.SOPInstanceUID,
         again.SeriesInstanceUID,
     )
     retrained = ModelContract(**{**contract.__dict__, "device_uid": "2.25.1234"})
-    other = build_report(rg1, positive(), retrained, ResultIdentity.of(rg1, retrained))
+    other = build_report(rg1, positive(), retrained, identity_of(rg1, retrained))
     assert other.SOPInstanceUID != first.SOPInstanceUID
     another_image = chest_dataset()
-    assert ResultIdentity.of(another_image, contract).instance_uid("sr") != first.SOPInstanceUID
+    assert identity_of(another_image, contract).instance_uid("sr") != first.SOPInstanceUID
 
 
 def test_unknown_class_labels_get_a_private_code() -> None:
@@ -459,7 +457,7 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(
 ) -> None:
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)
-    identity = ResultIdentity.of(rg1, contract)
+    identity = identity_of(rg1, contract)
     sc = build_overlay(
         rg1, prepared.source.pixels, prepared.source.spacing, positive(), contract, identity, 2048
     )
@@ -502,7 +500,7 @@ def test_the_overlay_takes_the_radiographs_modality_unless_asked_for_ot(
         None,
         negative(),
         predictor.contract,
-        ResultIdentity.of(rg1, predictor.contract),
+        identity_of(rg1, predictor.contract),
         256,
         asked,
     )
@@ -561,7 +559,7 @@ def test_large_images_are_downscaled_with_their_spacing(
         (0.2, 0.2),
         negative(),
         contract,
-        ResultIdentity.of(rg1, contract),
+        identity_of(rg1, contract),
         1024,
     )
     radiograph_rows = round(rg1.Rows * 1024 / max(rg1.Rows, rg1.Columns))

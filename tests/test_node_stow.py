@@ -20,7 +20,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from helpers import require_file, require_tool
-from node_support import Orthanc, audit_lines, chest_dataset, send, start_node, wait_for
+from node_support import (
+    Orthanc,
+    audit_lines,
+    chest_dataset,
+    identity_of,
+    send,
+    start_node,
+    wait_for,
+)
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -34,7 +42,6 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from pacs_node.config import NodeConfig, OutboxConfig, TLSConfig, WebDestination
 from pacs_node.delivery.outbox import DestinationSender
-from pacs_node.results.identity import ResultIdentity
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PASSWORD = "orthanc-test-password-7f3a"
@@ -592,7 +599,7 @@ def delivered(node) -> list[str]:
 
 
 def expected_results(images: list[Dataset], predictor) -> set[str]:
-    identities = [ResultIdentity.of(ds, predictor.contract) for ds in images]
+    identities = [identity_of(ds, predictor.contract) for ds in images]
     return {
         uid
         for identity in identities

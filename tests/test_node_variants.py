@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_tool
-from node_support import LOCALIZING, bundle_with, chest_dataset, send, wait_for
+from node_support import LOCALIZING, bundle_with, chest_dataset, identity_of, send, wait_for
 from pydicom import dcmread
 
 from dp_model.config import load_config
@@ -18,7 +18,6 @@ from dp_model.training.run import train
 from pacs_node.config import NodeConfig
 from pacs_node.model.predictor import NodePredictor, prepare
 from pacs_node.node import Node
-from pacs_node.results.identity import ResultIdentity
 from pacs_node.results.report import build_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -189,6 +188,6 @@ def test_cia_net_detections_become_labelled_regions(trained, tmp_path: Path) -> 
         and y1 <= 400
         and (x1 - x0) * (y1 - y0) >= 0.75 * 300 * 400
     )
-    sr = build_report(ds, prediction, predictor.contract, ResultIdentity.of(ds, predictor.contract))
+    sr = build_report(ds, prediction, predictor.contract, identity_of(ds, predictor.contract))
     # the whole image's result, and the region
     assert str(sr.ContentSequence).count("POLYLINE") == 2

@@ -20,16 +20,19 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     """The RGB overlay the node would send for the image at ``path``."""
     from pydicom import dcmread
 
+    from pacs_node.config import NodeConfig
     from pacs_node.intake.sanitize import clean_source
     from pacs_node.model.predictor import prepare
-    from pacs_node.results.identity import ResultIdentity
+    from pacs_node.results.identity import ResultIdentity, rendition
     from pacs_node.results.overlay import build_overlay
 
     source = dcmread(path)
     prepared = prepare(source, predictor.contract.image_size)
     (prediction,) = predictor.predict([prepared])
     clean = clean_source(source).dataset
-    identity = ResultIdentity.of(clean, predictor.contract)
+    identity = ResultIdentity.of(
+        clean, predictor.contract, rendition(NodeConfig(), predictor.contract)
+    )
     sc = build_overlay(
         clean,
         prepared.source.pixels,

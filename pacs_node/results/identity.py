@@ -1,13 +1,22 @@
 """Who made a result and what it is called: deterministic UIDs, series, equipment.
 
-Output UIDs are derived from the source instance and the model's Device UID (which
-changes with the weights), so processing the same image twice with the same model gives
-byte-for-byte the same identifiers, and the PACS keeps one copy, never two.
+Output UIDs are derived from the source instance, the model's Device UID (which changes with
+the weights) and the node's :func:`rendition` (what else changes what a result says: the
+operating point, the out-of-distribution gate, the map drawn, the node's own code). The
+same image through the same model and settings gives the same identifiers, so the PACS keeps
+one copy, never two; any change of what a result says gives new identifiers, so a PACS never
+keeps a first answer under the UID of a different second one (PS3.3 C.12.1.1.1: one SOP
+Instance UID names one content).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -18,7 +27,59 @@ from pacs_node.codes import MANUFACTURER
 from pacs_node.intake.sanitize import integer
 from pacs_node.uids import derived_uid
 
-__all__ = ["MANUFACTURER", "ResultIdentity", "contributing_equipment", "derived_uid"]
+if TYPE_CHECKING:
+    from pacs_node.config import NodeConfig
+
+__all__ = [
+    "MANUFACTURER",
+    "RESULTS_CODE",
+    "ResultIdentity",
+    "contributing_equipment",
+    "derived_uid",
+    "rendition",
+    "results_format",
+]
+
+#: The code that decides what a result says for a given image and model: the model runner and
+#: its prediction, the writers, the codes. Its digest is part of every result's UIDs, so a node
+#: whose code changed never sends a different object under an earlier object's UID; no version
+#: number has to be remembered and raised by hand.
+RESULTS_CODE = ("results", "model", "codes.py")
+
+
+@functools.cache
+def results_format() -> str:
+    """The digest of :data:`RESULTS_CODE`'s Python sources, as installed."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in RESULTS_CODE:
+        for path in (
+            sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        ):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def rendition(config: NodeConfig, model: ModelContract) -> str:
+    """What, besides the source and the weights, decides what a result says: a short digest.
+
+    The operating point in use (the configured one, else the bundle's), whether the
+    out-of-distribution gate applies, the map's stage where the bundle names no map source
+    (otherwise the bundle's own source is drawn, whatever the stage), and
+    :func:`results_format`. The list of outputs is not part of it: adding a kind does not change
+    what the others say.
+    """
+    point = model.present_point.threshold
+    settings = {
+        "format": results_format(),
+        "operating_point": repr(
+            float(point if config.operating_point is None else config.operating_point)
+        ),
+        "ood_gate": bool(config.ood_gate),
+        "heatmap_stage": config.heatmap_stage if model.localization is None else None,
+    }
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -34,10 +95,12 @@ class ResultIdentity:
     device_uid: str
     instance_number: int
     demo: bool
+    rendition: str
 
     @staticmethod
-    def of(source: Dataset, model: ModelContract) -> ResultIdentity:
-        """The identity of the results of ``source`` (a :func:`~pacs_node.sanitize.clean_source` data set)."""
+    def of(source: Dataset, model: ModelContract, rendition: str) -> ResultIdentity:
+        """The identity of the results of ``source`` (a :func:`~pacs_node.sanitize.clean_source`
+        data set) under the settings digest ``rendition`` (:func:`rendition`)."""
         number = integer(source, "InstanceNumber")
         return ResultIdentity(
             str(source.SOPInstanceUID),
@@ -45,18 +108,19 @@ class ResultIdentity:
             model.device_uid,
             number if number is not None and number >= 0 else 1,
             model.demo,
+            rendition,
         )
 
     def instance_uid(self, role: str) -> str:
         """The SOP Instance UID of this image's result of ``role`` (a writer's role: ``sr``, ``sc``, ``pr``)."""
-        return derived_uid(self.source_uid, self.device_uid, role)
+        return derived_uid(self.source_uid, self.device_uid, self.rendition, role)
 
     def series_uid(self, role: str) -> str:
         """The series of every result of ``role`` in this study, for this model."""
         return derived_uid(self.study_uid, self.device_uid, f"{role}-series")
 
     def tracking_uid(self, key: str) -> str:
-        return derived_uid(self.source_uid, self.device_uid, "tracking", key)
+        return derived_uid(self.source_uid, self.device_uid, self.rendition, "tracking", key)
 
     def series_description(self, kind: str) -> str:
         demo = " DEMO" if self.demo else ""
