@@ -147,3 +147,21 @@ def node(tmp_path: Path, predictor):
     running = start_node(tmp_path, predictor)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """90 synthetic radiographs of 96 px, the five classes alike, once per test module that
+    trains on them (tiny runs: tests/training_support.py)."""
+    from dp_model.synth import Difficulty, SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    config = SynthConfig(
+        num_images=90,
+        size=96,
+        workers=1,
+        class_weights=(1.0, 1.0, 1.0, 1.0, 1.0),
+        difficulty=Difficulty(label_noise=0.0),
+    )
+    generate(config, root, progress=False)
+    return root
