@@ -32,8 +32,8 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     identity = ResultIdentity.of(clean, predictor.contract)
     sc = build_overlay(
         clean,
+        source,
         prepared.source.pixels,
-        prepared.source.spacing,
         prepared.on_source(prediction),
         predictor.contract,
         identity,
