@@ -69,6 +69,14 @@ DEVICE = codes.DCM.Device
 #: 109102 "Processing Equipment", does not say that an algorithm made the content).
 PROCESSING_ALGORITHM = Code("Newcode1", IHE_SCHEME, "Processing Algorithm")
 PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
+#: The radiographic view of a source's View Position (PS3.3 C.8.11.5) as CID 4010 "DX View"
+#: codes: the overlay's View Code Sequence, the SC IOD's own place for the view (C.8.6.2).
+VIEW_CODES: dict[str, Code] = {
+    "PA": codes.SCT.PosteroAnterior,
+    "AP": codes.SCT.AnteroPosterior,
+    "LL": codes.SCT.LeftLateral,
+    "RL": codes.SCT.RightLateral,
+}
 
 #: SNOMED CT concepts for the class labels the synthetic and Deep Pneumonia datasets use.
 CLASS_CODES: dict[str, Code] = {

@@ -49,8 +49,14 @@ def run_tool(
     """Run a tool (in ``cwd``, for tools that write files there); with ``check``, fail the
     test with its output if it exits non-zero."""
     tool = require_tool(str(args[0]))
+    # errors="replace": the tools print a file's values in its own character set (Latin-1 ...)
     result = subprocess.run(
-        [tool, *map(str, args[1:])], capture_output=True, text=True, timeout=300, cwd=cwd
+        [tool, *map(str, args[1:])],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -458,9 +458,7 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)
     identity = identity_of(rg1, contract)
-    sc = build_overlay(
-        rg1, prepared.source.pixels, prepared.source.spacing, positive(), contract, identity, 2048
-    )
+    sc = build_overlay(rg1, rg1, prepared.source.pixels, positive(), contract, identity, 2048)
     sr = build_report(rg1, positive(), contract, identity)
     sc_path, sr_path = written(tmp_path, sc, "sc.dcm"), written(tmp_path, sr, "sr.dcm")
     check = run_tool("dciodvfy", sc_path, check=False)
@@ -496,8 +494,8 @@ def test_the_overlay_takes_the_radiographs_modality_unless_asked_for_ot(
     pixels = np.full((64, 64), 0.5, np.float32)
     sc = build_overlay(
         source,
+        source,
         pixels,
-        None,
         negative(),
         predictor.contract,
         identity_of(rg1, predictor.contract),
@@ -553,10 +551,12 @@ def test_large_images_are_downscaled_with_their_spacing(
 ) -> None:
     contract = predictor.contract
     prepared = prepare(rg1, contract.image_size)
+    source = rg1.copy()
+    source.PixelSpacing = [0.2, 0.2]  # RG1's own is 0\0
     sc = build_overlay(
-        rg1,
+        source,
+        source,
         prepared.source.pixels,
-        (0.2, 0.2),
         negative(),
         contract,
         identity_of(rg1, contract),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pydicom import config as pydicom_config
@@ -35,6 +34,7 @@ from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 
 from dp_transforms.header import integer, number, text, texts, values
+from pacs_node.charsets import character_set_for, text_values
 from pacs_node.uids import derived_uid, is_valid_uid
 
 __all__ = [
@@ -245,7 +245,7 @@ def clean_source(ds: Dataset) -> Cleaned:
     orientation = [v for v in texts(ds, "PatientOrientation") if PATIENT_ORIENTATION.match(v)]
     if len(orientation) == 2:
         out.PatientOrientation = orientation
-    _character_set(out)
+    _character_set(out, ds)
     return clean
 
 
@@ -369,10 +369,10 @@ def _enumerated(keyword: str, value: object) -> str | None:
     return code if code in ENUMERATED[keyword] else None
 
 
-def _character_set(out: Dataset) -> None:
-    """UTF-8 (ISO_IR 192) when any kept text needs more than ASCII; the values are Python text."""
-    texts_kept: Iterable[str] = (
-        str(e.value) for e in out if e.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and e.value
-    )
-    if any(not t.isascii() for t in texts_kept):
-        out.SpecificCharacterSet = "ISO_IR 192"
+def _character_set(out: Dataset, source: Dataset) -> None:
+    """The source's own character set when it holds every kept text, else UTF-8 (ISO_IR 192)
+    when any needs more than ASCII (:mod:`pacs_node.charsets`): the values are Python text,
+    and written in the source's set they are the source's bytes."""
+    found = character_set_for(texts(source, "SpecificCharacterSet"), text_values(out))
+    if found is not None:
+        out.SpecificCharacterSet = found

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pydicom.dataset import Dataset
 
+from pacs_node.charsets import fit_character_set
+
 if TYPE_CHECKING:
     from dp_model.contract import ModelContract
     from pacs_node.config import NodeConfig
@@ -105,7 +107,9 @@ class Result:
 
     @staticmethod
     def of_dataset(dataset: Dataset, kind: str, label: str) -> Result:
-        """A DICOM object as a result: its PS3.10 file, encoded once for every destination."""
+        """A DICOM object as a result: its PS3.10 file, encoded once for every destination, in a
+        character set that holds every one of its values (:func:`~pacs_node.charsets.fit_character_set`)."""
+        fit_character_set(dataset)
         buffer = io.BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         return Result(

@@ -35,8 +35,8 @@ def overlay_pixels(predictor: NodePredictor, path: Path) -> np.ndarray:
     )
     sc = build_overlay(
         clean,
+        source,
         prepared.source.pixels,
-        prepared.source.spacing,
         prepared.on_source(prediction),
         predictor.contract,
         identity,

@@ -8,10 +8,16 @@ primary diagnosis (and a demonstration, when the model is one) and the finding i
 (its coded meaning) with its probability. A positive result whose regions the bundle did not
 earn (its maps did not beat a fixed prior on held-out images) gets neither heat map nor
 boxes, and a line in the band that says so.
+
+What it says of itself is what the source said of the image: the patient and study modules
+whole, body part and view, the source's spacing under its own name and scaled to the overlay,
+and its lossy compression history (docs/decisions.md, "What the overlay and the presentation
+state mean").
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import highdicom as hd
@@ -21,11 +27,13 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGLSLossless
+from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless
 
 from dp_model.contract import ModelContract
+from dp_transforms import header
 from dp_transforms.geometry import resize
 from pacs_node import codes
+from pacs_node.charsets import fit_character_set
 from pacs_node.model.predictor import REGION_THRESHOLD, Prediction
 from pacs_node.results.base import DICOM, Result, ResultContext
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
@@ -43,6 +51,33 @@ warnings.filterwarnings(
     category=UserWarning,
     module=r"highdicom\.",
 )
+
+#: The overlay's own encoding: lossless (a viewer is never shown pixels the node degraded),
+#: about a quarter of the size; the outbox decompresses it for a destination without it.
+TRANSFER_SYNTAX = JPEGLSLossless
+#: Transfer syntaxes whose every image is lossy, and the method each names in Lossy Image
+#: Compression Method (PS3.3 C.7.6.1.1.5.1). JPEG 2000 and HTJ2K may be either: for those the
+#: header's own Lossy Image Compression decides.
+LOSSY_SYNTAXES: dict[str, str] = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+}
+#: The defined terms of Lossy Image Compression Method (PS3.3 C.7.6.1.1.5.1).
+LOSSY_METHODS = (
+    "ISO_10918_1",
+    "ISO_14495_1",
+    "ISO_15444_1",
+    "ISO_15444_15",
+    "ISO_13818_2",
+    "ISO_14496_10",
+    "ISO_23008_2",
+    "ISO_18181_1",
+)
+#: View Position's defined terms for chest radiographs (PS3.3 C.8.11.5.1.1).
+VIEW_POSITIONS = ("AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO")
+#: Pixel Spacing Calibration Type's enumerated values (PS3.3 10.7.1.3).
+CALIBRATION_TYPES = ("GEOMETRY", "FIDUCIAL")
 
 BANNER = "AI result - not for primary diagnosis"
 DEMO_BANNER = "DEMONSTRATION MODEL trained on synthetic images"
@@ -68,7 +103,7 @@ def render(
     to it: a black band with the banner and the verdict above the radiograph (never over it),
     the heat map where the model located a finding, the regions."""
     scale = min(1.0, max_side / max(pixels.shape))
-    shape = (max(1, round(pixels.shape[0] * scale)), max(1, round(pixels.shape[1] * scale)))
+    shape = _scaled(pixels.shape, scale)
     gray = _resize(pixels, shape)
     # The map only where it says something: a positive result whose regions are shown, at their threshold.
     shown = prediction.heatmap.size and prediction.positive and not prediction.regions_withheld
@@ -81,6 +116,11 @@ def render(
     radiograph = Image.composite(colour.convert("RGB"), base, level.point(HEAT_OPACITY))
     _draw_regions(radiograph, prediction, scale)
     return np.asarray(_with_band(radiograph, prediction, demo)), scale
+
+
+def _scaled(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
+    """The radiograph's ``(rows, columns)`` on the overlay."""
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -175,16 +215,24 @@ def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> I
 
 def build_overlay(
     source: Dataset,
+    received: Dataset,
     pixels: np.ndarray,
-    spacing: tuple[float, float] | None,
     prediction: Prediction,
     model: ModelContract,
     identity: ResultIdentity,
     max_side: int,
     modality: str = "source",
 ) -> hd.sc.SCImage:
-    """The SC for one source image; ``pixels`` is the source as displayed, in [0, 1]; ``modality``
-    "source" (the radiograph's CR or DX, else OT) or "OT"."""
+    """The SC for one source image.
+
+    Args:
+        source: the cleaned data set (:func:`~pacs_node.intake.sanitize.clean_source`): the
+            patient, study and equipment attributes copied.
+        received: the data set as it arrived: what the image is (body part, view, spacing,
+            lossy history), read tolerantly and carried when valid.
+        pixels: the source as displayed, in [0, 1], at most ``max_side`` a side.
+        modality: "source" (the radiograph's CR or DX, else OT) or "OT".
+    """
     rgb, scale = render(pixels, prediction, model.demo, max_side)
     orientation = tuple(source.get("PatientOrientation") or ())
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -198,22 +246,31 @@ def build_overlay(
         sop_instance_uid=identity.instance_uid(ROLE),
         instance_number=identity.instance_number,
         manufacturer=MANUFACTURER,
-        pixel_spacing=(spacing[0] / scale, spacing[1] / scale) if spacing else None,  # type: ignore[arg-type]  # highdicom 0.28's from_ref_dataset says int, its __init__ float: millimetres
         laterality=None,
         patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
-        # lossless, about a quarter of the size; the outbox decompresses for a destination without
-        # it
-        transfer_syntax_uid=JPEGLSLossless,
+        transfer_syntax_uid=TRANSFER_SYNTAX,
         contributing_equipment=[contributing_equipment(model)],
     )
     if len(orientation) != 2:
         sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2: unknown, so empty rather than guessed (mypy infers highdicom's list)
+    # highdicom's SC copies a few patient and study attributes; the modules whole (identity
+    # removed, de-identification method ...) as for the other outputs (PS3.3 C.7.1.1, C.7.2)
+    sc.copy_patient_and_study_information(source)
     _describe(sc, source, identity)
-    received = str(source.get("Modality", "")).upper()
+    radiograph = _scaled(pixels.shape, scale)
+    _spacing(sc, received, _factors(source, radiograph))
+    _what_it_shows(sc, received)
+    _lossy(sc, received)
+    received_modality = str(source.get("Modality", "")).upper()
     # The loop guard knows the node's own objects, whatever their modality.
-    sc.Modality = received if modality == "source" and received in ("CR", "DX") else "OT"
+    sc.Modality = (
+        received_modality if modality == "source" and received_modality in ("CR", "DX") else "OT"
+    )
+    # PS3.3 C.8.6.1: made by software from a digital image, not captured off a modality's interface
+    sc.ConversionType = "WSD"
     codes.identify_schemes(sc)
     sc.ImageComments = verdict(prediction)  # the burned-in result line, readable by machines too
+    fit_character_set(sc)
     return sc
 
 
@@ -226,14 +283,124 @@ def _describe(sc: Dataset, source: Dataset, identity: ResultIdentity) -> None:
         f"{BANNER}: lesion heat map, regions, class and score of Deep Pneumonia burned in"[:1024]
     )
     laterality = source.get("Laterality") or source.get("ImageLaterality")
-    # Type 2C: empty when unpaired or unknown
-    sc.Laterality = laterality if laterality in ("R", "L") else None
+    if laterality in ("R", "L"):
+        sc.Laterality = laterality
+    elif "Laterality" in sc:  # Type 2C, of a paired body part: a chest is none (PS3.3 C.7.3.1)
+        del sc.Laterality
+    if source.get("ImageLaterality"):  # R, L, U or B: sanitize copies only those
+        sc.ImageLaterality = source.ImageLaterality
     if source.get("StudyDescription"):
         sc.StudyDescription = source.StudyDescription
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = Sequence([reference])
+
+
+def _factors(source: Dataset, radiograph: tuple[int, int]) -> tuple[float, float] | None:
+    """How much larger a pixel of the overlay's radiograph is than one of the source, by row
+    and by column (None when the source's size is unknown)."""
+    rows, columns = header.integer(source, "Rows"), header.integer(source, "Columns")
+    if not rows or not columns or rows < 0 or columns < 0:
+        return None
+    return rows / radiograph[0], columns / radiograph[1]
+
+
+def _spacing(sc: Dataset, received: Dataset, factors: tuple[float, float] | None) -> None:
+    """The source's spacings under their own names, scaled by the resampling (PS3.3 10.7.1.3).
+
+    Imager Pixel Spacing is measured at the detector: a distance in the patient is smaller by
+    the geometric magnification. Pixel Spacing is calibrated in the patient only where Pixel
+    Spacing Calibration Type says so; without it, it means what the source's meant. Carried as
+    Pixel Spacing, a detector spacing would make every measurement on the overlay too large by
+    the magnification (10 to 20 % on a chest film).
+    """
+    if factors is None:
+        return
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        found = header.numbers(received, keyword)
+        if found is None or len(found) != 2 or not all(0 < v < 1e4 for v in found):
+            continue
+        setattr(sc, keyword, [_ds(found[0] * factors[0]), _ds(found[1] * factors[1])])
+        if keyword == "PixelSpacing":
+            _calibration(sc, received)
+
+
+def _calibration(sc: Dataset, received: Dataset) -> None:
+    """Pixel Spacing Calibration Type and Description (PS3.3 10.7), when the source was calibrated."""
+    kind = header.text(received, "PixelSpacingCalibrationType").upper()
+    if kind not in CALIBRATION_TYPES:
+        return
+    sc.PixelSpacingCalibrationType = kind
+    found = header.values(received, "PixelSpacingCalibrationDescription")
+    described = re.sub(r"[\x00-\x1f\\]", "", str(found[0])).strip() if found else ""
+    # Type 1C with the type: the source's words, or what the type says
+    sc.PixelSpacingCalibrationDescription = (described or f"calibrated by {kind.lower()}")[:64]
+
+
+def _ds(value: float) -> str:
+    """A spacing in millimetres as a Decimal String (16 characters at most), to the nanometre."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _what_it_shows(sc: Dataset, received: Dataset) -> None:
+    """Body part and view as the source says them, where valid: a hanging protocol places the
+    overlay beside the radiograph by them. The view also as a code (View Code Sequence,
+    CID 4010: the SC Image module's own place for it, PS3.3 C.8.6.2)."""
+    part = body_part(received)
+    if part:
+        sc.BodyPartExamined = part
+    view = header.text(received, "ViewPosition").upper()
+    if view in VIEW_POSITIONS:
+        # not an SC attribute (a Standard Extended SOP Class): hanging protocols read it
+        sc.ViewPosition = view
+        if view in codes.VIEW_CODES:
+            sc.ViewCodeSequence = [hd.sr.CodedConcept.from_code(codes.VIEW_CODES[view])]
+
+
+def body_part(received: Dataset) -> str:
+    """The source's Body Part Examined when it is a valid code string (PS3.3 C.7.3.1), else ""."""
+    part = header.text(received, "BodyPartExamined").upper()
+    return part if re.fullmatch(r"[A-Z0-9_ ]{1,16}", part) else ""
+
+
+def _lossy(sc: Dataset, received: Dataset) -> None:
+    history = lossy_history(received, TRANSFER_SYNTAX)
+    if history is None:
+        return
+    flag, ratios, methods = history
+    sc.LossyImageCompression = flag
+    if ratios:
+        sc.LossyImageCompressionRatio = [_ds(ratio) for ratio in ratios]
+    if methods:
+        sc.LossyImageCompressionMethod = methods
+
+
+def lossy_history(received: Dataset, written: str) -> tuple[str, list[float], list[str]] | None:
+    """Lossy Image Compression, its ratios and methods for an image made from ``received`` and
+    written in the transfer syntax ``written`` (PS3.3 C.7.6.1.1.5): "01" once any step was
+    lossy, and never reset. None when nothing is known either way.
+
+    The steps: what the source's header records, then the source's own transfer syntax where it
+    is lossy whatever the header says (JPEG baseline forwarded by a gateway that did not say
+    so), then the node's own encoding. Ratios are kept only while each method has its ratio.
+    """
+    flag = header.text(received, "LossyImageCompression")
+    ratios = header.numbers(received, "LossyImageCompressionRatio") or []
+    methods = [
+        m for m in header.texts(received, "LossyImageCompressionMethod") if m in LOSSY_METHODS
+    ]
+    if flag != "01":
+        ratios, methods = [], []
+    meta = getattr(received, "file_meta", None)
+    received_syntax = header.text(meta, "TransferSyntaxUID") if isinstance(meta, Dataset) else ""
+    for syntax in (received_syntax, written):
+        method = LOSSY_SYNTAXES.get(syntax)
+        if method is not None and (syntax == written or method not in methods):
+            flag, methods = "01", [*methods, method]
+    if flag not in ("00", "01"):
+        return None
+    return flag, ratios if len(ratios) == len(methods) else [], methods
 
 
 class OverlayWriter:
@@ -246,8 +413,8 @@ class OverlayWriter:
         chest = context.prepared.source
         overlay = build_overlay(
             context.source,
+            context.received,
             chest.pixels,
-            chest.spacing,
             context.prepared.on_source(context.prediction),
             context.model,
             context.identity,
