@@ -18,8 +18,12 @@ VIEWER_STAMP := $(VIEWER)/node_modules/.installed
 # The tests also talk to dicom3tools (dciodvfy, dcentvfy), orthanc (a real PACS) with its
 # DICOMweb plugin, and chromium with nodejs (OHIF, a real web viewer, in a real browser);
 # npm where no npm is on the PATH already (a Node.js from elsewhere brings its own).
+# libpixelmed-java: PixelMed's DicomSRValidator checks the SR's content against the PS3.16
+# templates (tests/validators.py); default-jdk-headless runs it, through the JDK's source
+# launcher (a JRE alone has no compiler), over every SR in one JVM.
 RUN_DEBS := dcmtk
-DEBS     := $(RUN_DEBS) dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm)
+DEBS     := $(RUN_DEBS) dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm) \
+            libpixelmed-java default-jdk-headless
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
 # PyTorch from another index, before the rest: on a machine without an NVIDIA GPU,
