@@ -7,6 +7,8 @@ SNOMED CT concept where one exists and to the node's private scheme otherwise.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
@@ -137,3 +139,46 @@ def identify_schemes(dataset: Dataset) -> None:
         items.append(item)
     if items:
         dataset.CodingSchemeIdentificationSequence = Sequence(items)
+
+
+# --- FHIR: the worklist message (pacs_node.results.worklist) -------------------------------------
+
+
+class Coding(NamedTuple):
+    """A FHIR Coding: the URI of its code system, the code and its display."""
+
+    system: str
+    code: str
+    display: str
+
+
+#: The URI FHIR names each coding scheme by, by DICOM designator (FHIR R4 terminologies; DCM:
+#: PS3.16 8). The private scheme's URI is this file, where its codes are defined.
+FHIR_SYSTEMS = {
+    "SCT": "http://snomed.info/sct",
+    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "UCUM": "http://unitsofmeasure.org",
+    "LN": "http://loinc.org",
+    PRIVATE_SCHEME: "https://github.com/deep-pneumonia/deep-pneumonia/blob/main/pacs_node/codes.py",
+}
+#: What the worklist message reports on: a chest radiograph study, whatever its views (LOINC).
+CHEST_XR_STUDY = Code("30745-4", "LN", "XR Chest Views")
+#: DiagnosticReport.category: radiology (HL7 v2 table 0074, FHIR R4's diagnostic service sections).
+RADIOLOGY = Coding("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")
+#: Observation.category: an imaging observation.
+IMAGING = Coding("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")
+_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+#: Observation.interpretation of a finding decided present, absent, or not assessed.
+POSITIVE = Coding(_INTERPRETATION, "POS", "Positive")
+NEGATIVE = Coding(_INTERPRETATION, "NEG", "Negative")
+INDETERMINATE_RESULT = Coding(_INTERPRETATION, "IND", "Indeterminate")
+#: The triage flag as the priority a worklist orders by (FHIR request-priority): raised, not raised.
+URGENT = Coding("http://hl7.org/fhir/request-priority", "urgent", "Urgent")
+ROUTINE = Coding("http://hl7.org/fhir/request-priority", "routine", "Routine")
+#: The type of an Accession Number identifier (HL7 v2 table 0203): the key a RIS orders by.
+ACCESSION = Coding("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN", "Accession ID")
+
+
+def fhir_coding(code: Code) -> Coding:
+    """A DICOM coded concept as a FHIR Coding (KeyError for a scheme FHIR has no URI for here)."""
+    return Coding(FHIR_SYSTEMS[code.scheme_designator], code.value, code.meaning)

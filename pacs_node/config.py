@@ -112,7 +112,8 @@ class WebDestination:
         secret_file, secret_env: where the password or token is, a file or an environment
             variable (one of the two): never the secret itself in the configuration. It is
             read again for every request, so that a renewed token needs no restart.
-        protocol: how results reach it (:mod:`pacs_node.delivery.registry`): ``stow-rs``.
+        protocol: how results reach it (:mod:`pacs_node.delivery.registry`): ``stow-rs``, or
+            ``fhir`` for a FHIR server (the worklist message, output ``fhir``).
         outputs: the output kinds it takes; empty: every kind its protocol carries.
     """
 
@@ -386,7 +387,7 @@ def _require_kinds(kinds: tuple[str, ...], key: str, empty: bool) -> None:
         ok,
         key,
         list(kinds),
-        ("" if empty else "one or more ") + "output kinds (sr, sc, gsps), each once",
+        ("" if empty else "one or more ") + "output kinds (sr, sc, gsps, fhir), each once",
     )
 
 
@@ -462,7 +463,7 @@ class NodeConfig:
     ood_gate: bool = True  # False: every image is assessed, however unlike the training images
     heatmap_stage: int = 3
     # output kinds (pacs_node.results.registry): sr, sc, gsps (a presentation state with the
-    # regions)
+    # regions), fhir (the worklist message, for a destination with protocol fhir)
     outputs: tuple[str, ...] = ("sr", "sc")
     overlay_max_side: int = 2048
     overlay_modality: str = "source"  # "source": the radiograph's CR or DX; "OT": Other

@@ -34,6 +34,7 @@ class FailReason(StrEnum):
     REPORT = "report-error"
     OVERLAY = "overlay-error"
     PRESENTATION = "presentation-state-error"
+    WORKLIST = "worklist-error"
     HAND_OVER = "hand-over-error"
     INTERNAL = "internal-error"
     #: In flight, alone, at three deaths of the node or its worker (a file that crashes a decoder).

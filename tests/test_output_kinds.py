@@ -37,7 +37,7 @@ FHIR = "application/fhir+json"
 class DiagnosticReportWriter:
     """The toy kind: a FHIR DiagnosticReport of the finding, as JSON."""
 
-    kind, label, role, media_type, fail_reason = "fhir", "FHIR", "fhir-report", FHIR, "fhir-error"
+    kind, label, role, media_type, fail_reason = "toy", "TOY", "toy-report", FHIR, "toy-error"
 
     def build(self, context: ResultContext) -> Result:
         prediction, uid = context.prediction, context.identity.instance_uid(self.role)
@@ -148,27 +148,28 @@ def fhir_kind():
         )
     )
     yield
-    writers.unregister("fhir")
+    writers.unregister("toy")
     protocols.unregister("fhir-rest")
 
 
 def test_a_registered_kind_is_written_to_output_dir_beside_the_dicom_results(
     tmp_path: Path, predictor, fhir_kind
 ) -> None:
-    node = start_node(tmp_path, predictor, outputs=("sr", "fhir"))
+    node = start_node(tmp_path, predictor, outputs=("sr", "toy"))
     try:
         ds = chest_dataset()
         assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
         folder = tmp_path / "out" / ds.StudyInstanceUID
         wait_for(lambda: len(list(folder.glob("*"))) == 2, 60, "the SR and the FHIR report")
-        (report_file,) = folder.glob("FHIR.*.fhir.json")
+        (report_file,) = folder.glob("TOY.*.fhir.json")
         report = json.loads(report_file.read_text())
         assert (
             report["resourceType"] == "DiagnosticReport"
-            and report_file.name == f"FHIR.{report['id']}.fhir.json"
+            and report_file.name == f"TOY.{report['id']}.fhir.json"
         )
         assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{ds.StudyInstanceUID}"
-        (line,) = final_lines(node, "processed")
+        # the files are written before the audit line that closes the image
+        (line,) = wait_for(lambda: final_lines(node, "processed"), 30, "the processed line")
         assert report["id"] in line["outputs"] and len(line["outputs"]) == 2
     finally:
         node.stop()
@@ -181,13 +182,13 @@ def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and
     fhir_destination = {
         "url": f"http://127.0.0.1:{server.server_address[1]}/fhir",
         "protocol": "fhir-rest",
-        "outputs": ["fhir"],
+        "outputs": ["toy"],
     }
     with StoreSCP(tmp_path / "pacs") as pacs:
         node = start_node(
             tmp_path,
             predictor,
-            outputs=("sr", "fhir"),
+            outputs=("sr", "toy"),
             destinations=[pacs.destination, fhir_destination],
         )
         try:
@@ -226,12 +227,12 @@ def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and
     ("settings", "message"),
     [
         (
-            {"outputs": ("sr", "fhir")},
-            "outputs must be one or more of sr, sc, gsps, each once, got ['sr', 'fhir']",
+            {"outputs": ("sr", "toy")},
+            "outputs must be one or more of sr, sc, gsps, fhir, each once, got ['sr', 'toy']",
         ),
         (
             {"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "fhir-rest"}]},
-            "protocol of http://127.0.0.1:9/x must be one of dimse, stow-rs, got 'fhir-rest'",
+            "protocol of http://127.0.0.1:9/x must be one of dimse, stow-rs, fhir, got 'fhir-rest'",
         ),
         (
             {"destinations": [{"url": "http://127.0.0.1:9/x", "outputs": ["gsps"]}]},

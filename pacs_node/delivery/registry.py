@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from dp_model.config import ConfigError
 from pacs_node.config import Destination, OutboxConfig, WebDestination
 from pacs_node.delivery.cstore import CStoreTransport
+from pacs_node.delivery.fhir import open_fhir
 from pacs_node.delivery.stow import StowTransport
 from pacs_node.delivery.transport import Transport
-from pacs_node.results.base import DICOM
+from pacs_node.results.base import DICOM, FHIR_JSON
 
 Opener = Callable[
     [Destination | WebDestination, str, OutboxConfig, ssl.SSLContext | None, float], Transport
@@ -96,3 +97,4 @@ def _open_stow(
 
 register(Protocol(name="dimse", media_types=frozenset({DICOM}), open=_open_dimse))
 register(Protocol(name="stow-rs", media_types=frozenset({DICOM}), open=_open_stow))
+register(Protocol(name="fhir", media_types=frozenset({FHIR_JSON}), open=open_fhir))

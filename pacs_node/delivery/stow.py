@@ -110,6 +110,12 @@ class StowTransport:
         except OSError as exc:
             connection.close()
             raise Unreachable(f"no connection ({_why(exc)})") from None
+        return self._link(connection, authorization)
+
+    def _link(
+        self, connection: http.client.HTTPConnection, authorization: dict[str, str]
+    ) -> StowLink:
+        """What an open connection becomes (another protocol over HTTP makes its own link)."""
         return StowLink(self.destination, connection, authorization, self.max_request_bytes)
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -193,16 +199,9 @@ class StowLink:
         self, parts: dict[Path, tuple[str, bytes]], on_wire: Callable[[list[Path]], None]
     ) -> dict[Path, Outcome]:
         """One STOW-RS request for ``parts``; the outcome of each."""
-        if self.connection.sock is None:
-            # the service closed the last connection: open another before anything leaves
-            try:
-                self.connection.connect()
-            except OSError as exc:
-                self.connection.close()
-                self.usable = False
-                return dict.fromkeys(
-                    parts, Outcome(Status.UNAVAILABLE, detail=f"no connection ({_why(exc)})")
-                )
+        problem = self._reconnect()
+        if problem:
+            return dict.fromkeys(parts, Outcome(Status.UNAVAILABLE, detail=problem))
         boundary = uuid.uuid4().hex
         body = _multipart([data for _, data in parts.values()], boundary)
         headers = {
@@ -237,6 +236,19 @@ class StowLink:
             o.status not in (Status.UNAVAILABLE, Status.UNANSWERED) for o in outcomes.values()
         )
         return outcomes
+
+    def _reconnect(self) -> str:
+        """Open another connection when the service closed the last one, before anything leaves;
+        why it could not be opened (the link is then unusable), or empty."""
+        if self.connection.sock is not None:
+            return ""
+        try:
+            self.connection.connect()
+        except OSError as exc:
+            self.connection.close()
+            self.usable = False
+            return f"no connection ({_why(exc)})"
+        return ""
 
     def _exchange(
         self, method: str, target: str, headers: dict[str, str], body: list[bytes] | None = None

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from pacs_node.results.identity import ResultIdentity
 
 DICOM = "application/dicom"
+#: FHIR resources in JSON (FHIR R4 http.html#mime-type): the worklist message.
+FHIR_JSON = "application/fhir+json"
 
 #: What a result's suffix may not be: the outbox's sidecars are ``<uid>_<n>.json``
 #: (``.fhir.json`` is a suffix of its own), partial writes end in ``.part``.

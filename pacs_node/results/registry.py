@@ -19,6 +19,7 @@ from pacs_node.results.identity import result_kind
 from pacs_node.results.overlay import OverlayWriter
 from pacs_node.results.presentation import PresentationWriter
 from pacs_node.results.report import ReportWriter
+from pacs_node.results.worklist import WorklistWriter
 
 WRITERS: dict[str, ResultWriter] = {}
 
@@ -67,5 +68,5 @@ def dicom_result(dataset: Dataset) -> Result:
     return Result.of_dataset(dataset, kind, label)
 
 
-for _writer in (ReportWriter(), OverlayWriter(), PresentationWriter()):
+for _writer in (ReportWriter(), OverlayWriter(), PresentationWriter(), WorklistWriter()):
     register(_writer)

@@ -1,0 +1,363 @@
+"""The ``fhir`` output: the worklist message, a FHIR R4 transaction Bundle a RIS or worklist reads.
+
+Why: the SR states the triage flag in the node's private code, which no RIS or worklist reads.
+They read FHIR. The message is a DiagnosticReport (status ``preliminary``, LOINC 30745-4 "XR
+Chest Views", category radiology) about the study, found by its Study Instance UID and, where
+the image has one, its Accession Number (the key a RIS orders by), the image analysed as its
+key image, and one Observation per finding the SR states: the same decision, the same numbers,
+nothing more (only what the model card measured is shown):
+
+* pneumonia Present / Absent (interpretation POS / NEG) with its Certainty of Finding and the
+  Threshold Value it was decided at; each class of the model likewise (a class of a softmax
+  model has no threshold of its own); why a positive result has no regions, as a note;
+* the distribution gate: within the training distribution Yes, with the score and threshold;
+* the triage flag as the priority a worklist orders by (FHIR request-priority): ``urgent``
+  when raised, ``routine`` when not, with the triage point;
+* an image outside the training distribution: pneumonia Indeterminate (IND), the gate's No and
+  its score; no certainty and no flag.
+
+The Observations name the algorithm, a Device (model name, version, Device UID, manufacturer; a
+demonstration model says so), and derive from the study and the image.
+
+Exactly once: each resource carries an identifier derived from the source and the model
+(:meth:`~pacs_node.results.identity.ResultIdentity.instance_uid`; the Device: the model's Device
+UID) and is created with ``ifNoneExist`` on it (FHIR R4 RESTful API, conditional create), all in
+one transaction: the same Bundle POSTed again (after a timeout, or a kill -9 between the
+server's commit and its answer) creates nothing, and a model's Device is created once for all
+its images. The bytes are a function of the image and the model, no clock in them.
+
+No patient identifier is in the message: the RIS knows the patient from the study and its order.
+Built as data and validated by fhir.resources' R4B models (R4B changed none of the resources used
+here), so a message that is written is a valid one: a missing element, an unknown one or a
+value of the wrong form raises, and the image fails with ``worklist-error``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from fhir.resources.R4B.bundle import Bundle
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from dp_model.contract import ModelContract
+from pacs_node import codes
+from pacs_node.codes import Coding, fhir_coding
+from pacs_node.model.prediction import Prediction
+from pacs_node.results.base import FHIR_JSON, Result, ResultContext
+from pacs_node.results.identity import ResultIdentity
+from pacs_node.status import FailReason
+
+#: What this output's identifiers are derived under.
+ROLE = "fhir"
+#: A DICOM UID as a FHIR identifier (as FHIR R4 ImagingStudy.identifier): ``urn:oid:<UID>``.
+DICOM_UID = "urn:dicom:uid"
+#: An OID that names no DICOM object (the report's, the Observations'), as FHIR writes any URI.
+OID = "urn:ietf:rfc:3986"
+
+Json = dict[str, Any]
+
+
+class Finding(NamedTuple):
+    """One Observation: what it states, as the SR states it.
+
+    Attributes:
+        key: what its identifier is derived under, unique in the message.
+        name: the finding (Observation.code).
+        value: the decision (Observation.valueCodeableConcept).
+        numbers: ``(name, value, unit)`` of each number stated with it (Observation.component).
+        interpretation: POS / NEG / IND, where the value is a decision on a finding.
+        note: a remark in words (why a positive result has no regions).
+    """
+
+    key: str
+    name: Code
+    value: Coding
+    numbers: tuple[tuple[Code, float, Code], ...] = ()
+    interpretation: Coding | None = None
+    note: str = ""
+
+
+def findings(prediction: Prediction) -> list[Finding]:
+    """The Observations of one image: those the SR's Qualitative Evaluations state, in its order."""
+    if not prediction.assessed:
+        return [
+            Finding(
+                "pneumonia",
+                codes.PNEUMONIA,
+                fhir_coding(codes.INDETERMINATE),
+                interpretation=codes.INDETERMINATE_RESULT,
+            ),
+            Finding(
+                "distribution", codes.WITHIN_DISTRIBUTION, fhir_coding(codes.NO), _gate(prediction)
+            ),
+        ]
+    # as the SR: a class of a softmax model is the most probable once pneumonia is present
+    class_threshold = prediction.operating_point if prediction.multi_label else None
+    found = [
+        _decision(
+            "pneumonia",
+            codes.PNEUMONIA,
+            prediction.positive,
+            prediction.pneumonia_probability,
+            prediction.operating_point,
+        )._replace(note=prediction.regions_withheld),
+        *(
+            _decision(
+                f"class-{label}",
+                codes.finding_code(label),
+                prediction.present(label),
+                prediction.probability(label),
+                class_threshold,
+            )
+            for label in prediction.classes
+            if label != prediction.normal_class
+        ),
+    ]
+    if prediction.ood_threshold is not None:
+        found.append(
+            Finding(
+                "distribution", codes.WITHIN_DISTRIBUTION, fhir_coding(codes.YES), _gate(prediction)
+            )
+        )
+    if prediction.triage_point is not None:
+        found.append(
+            Finding(
+                "triage",
+                codes.TRIAGE_FLAG,
+                codes.URGENT if prediction.triage else codes.ROUTINE,
+                ((codes.THRESHOLD_VALUE, 100.0 * prediction.triage_point, codes.PERCENT),),
+            )
+        )
+    return found
+
+
+def _decision(
+    key: str, name: Code, present: bool, probability: float, threshold: float | None
+) -> Finding:
+    """Present / Absent with the certainty and, where there is one, the threshold it was decided at."""
+    numbers = [(codes.CERTAINTY_OF_FINDING, 100.0 * probability, codes.PERCENT)]
+    if threshold is not None:
+        numbers.append((codes.THRESHOLD_VALUE, 100.0 * threshold, codes.PERCENT))
+    return Finding(
+        key,
+        name,
+        fhir_coding(codes.PRESENT if present else codes.ABSENT),
+        tuple(numbers),
+        codes.POSITIVE if present else codes.NEGATIVE,
+    )
+
+
+def _gate(prediction: Prediction) -> tuple[tuple[Code, float, Code], ...]:
+    """The out-of-distribution score and the gate's threshold (no units), where numbers."""
+    values = [
+        (codes.DISTRIBUTION_SCORE, prediction.ood_score),
+        (codes.THRESHOLD_VALUE, prediction.ood_threshold),
+    ]
+    return tuple(
+        (name, value, codes.NO_UNITS)
+        for name, value in values
+        if value is not None and math.isfinite(value)
+    )
+
+
+def build_bundle(
+    source: Dataset, prediction: Prediction, model: ModelContract, identity: ResultIdentity
+) -> Bundle:
+    """The worklist message of one image: the Device, the Observations, the DiagnosticReport."""
+    about = _about(source)
+    device = _device(model)
+    stated = findings(prediction)
+    uids = [identity.instance_uid(f"{ROLE}-{finding.key}") for finding in stated]
+    observations = [
+        _observation(finding, uid, _full_url(model.device_uid), about)
+        for finding, uid in zip(stated, uids)
+    ]
+    report = _report(source, prediction, model, identity, [_full_url(uid) for uid in uids])
+    entries = [_entry(device), *map(_entry, observations), _entry(report)]
+    return Bundle.model_validate(
+        {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    )
+
+
+def _about(source: Dataset) -> Json:
+    """What every resource is about: the study, the image analysed, the day it was taken."""
+    study, image = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
+    found: Json = {
+        "study": {"type": "ImagingStudy", "identifier": _identifier(DICOM_UID, study)},
+        "image": {"type": "Media", "identifier": _identifier(DICOM_UID, image)},
+    }
+    day = _date(source.get("StudyDate"))
+    return found | ({"effectiveDateTime": day} if day else {})
+
+
+def _date(value: object) -> str:
+    """A DICOM DA (``YYYYMMDD``) as a FHIR date; empty when it is not one. A date alone: the
+    time of a DICOM study has no time zone, which a FHIR dateTime with a time must have."""
+    try:
+        return datetime.strptime(str(value or ""), "%Y%m%d").date().isoformat()
+    except ValueError:
+        return ""
+
+
+def _device(model: ModelContract) -> Json:
+    """The algorithm, once per set of weights (its Device UID)."""
+    device: Json = {
+        "resourceType": "Device",
+        "identifier": [_identifier(DICOM_UID, model.device_uid)],
+        "manufacturer": codes.MANUFACTURER,
+        "deviceName": [{"name": model.name, "type": "model-name"}],
+        "type": {"text": "AI pneumonia detection algorithm"},
+        "version": [{"value": model.version}],
+    }
+    if model.demo:
+        device["note"] = [
+            {"text": "Demonstration model trained on synthetic images: not for clinical use."}
+        ]
+    return device
+
+
+def _observation(finding: Finding, uid: str, device_url: str, about: Json) -> Json:
+    observation: Json = {
+        "resourceType": "Observation",
+        "identifier": [_identifier(OID, uid)],
+        "status": "preliminary",
+        "category": [{"coding": [_coding(codes.IMAGING)]}],
+        "code": {"coding": [_coding(fhir_coding(finding.name))], "text": finding.name.meaning},
+        "device": {"reference": device_url},
+        "derivedFrom": [about["study"], about["image"]],
+        "valueCodeableConcept": {"coding": [_coding(finding.value)]},
+    }
+    if "effectiveDateTime" in about:
+        observation["effectiveDateTime"] = about["effectiveDateTime"]
+    if finding.interpretation is not None:
+        observation["interpretation"] = [{"coding": [_coding(finding.interpretation)]}]
+    if finding.numbers:
+        observation["component"] = [_component(*number) for number in finding.numbers]
+    if finding.note:
+        observation["note"] = [{"text": finding.note}]
+    return observation
+
+
+def _component(name: Code, value: float, unit: Code) -> Json:
+    """A number, rounded as the SR rounds it, in UCUM."""
+    return {
+        "code": {"coding": [_coding(fhir_coding(name))]},
+        "valueQuantity": {
+            "value": round(float(value), 2),
+            "unit": unit.value,
+            "system": codes.FHIR_SYSTEMS["UCUM"],
+            "code": unit.value,
+        },
+    }
+
+
+def _report(
+    source: Dataset,
+    prediction: Prediction,
+    model: ModelContract,
+    identity: ResultIdentity,
+    results: list[str],
+) -> Json:
+    about = _about(source)
+    report: Json = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [_identifier(OID, identity.instance_uid(ROLE))],
+        "status": "preliminary",
+        "category": [{"coding": [_coding(codes.RADIOLOGY)]}],
+        "code": {"coding": [_coding(fhir_coding(codes.CHEST_XR_STUDY))]},
+        "result": [{"reference": url} for url in results],
+        "imagingStudy": [about["study"]],
+        "media": [{"comment": "The radiograph analysed", "link": about["image"]}],
+        "conclusion": conclusion(prediction, model),
+    }
+    accession = str(source.get("AccessionNumber", "") or "").strip()
+    if accession:
+        order = {"type": {"coding": [_coding(codes.ACCESSION)]}, "value": accession}
+        report["basedOn"] = [{"type": "ServiceRequest", "identifier": order}]
+    if "effectiveDateTime" in about:
+        report["effectiveDateTime"] = about["effectiveDateTime"]
+    if prediction.positive:
+        concluded = [
+            codes.PNEUMONIA,
+            *(codes.finding_code(label) for label, _ in prediction.findings),
+        ]
+        unique = list(dict.fromkeys(fhir_coding(code) for code in concluded))
+        report["conclusionCode"] = [{"coding": [_coding(coding)]} for coding in unique]
+    return report
+
+
+def conclusion(prediction: Prediction, model: ModelContract) -> str:
+    """The result in one sentence a worklist shows, with the numbers the Observations state."""
+    demo = "DEMONSTRATION model trained on synthetic images. " if model.demo else ""
+    if not prediction.assessed:
+        said = "Not assessed: the image lies outside the model's training distribution"
+    else:
+        said = (
+            f"Pneumonia {'present' if prediction.positive else 'absent'}"
+            f" (certainty {100.0 * prediction.pneumonia_probability:.2f} %,"
+            f" decided at {100.0 * prediction.operating_point:.2f} %)"
+        )
+        if prediction.positive:
+            said += ": " + ", ".join(
+                codes.finding_code(label).meaning for label, _ in prediction.findings
+            )
+        if prediction.triage_point is not None:
+            said += (
+                f". Triage priority {'urgent' if prediction.triage else 'routine'}"
+                f" (flagged at {100.0 * prediction.triage_point:.2f} %)"
+            )
+    return (
+        f"{demo}{said}. Preliminary result of {model.name} {model.version},"
+        " not verified by a radiologist; not for primary diagnosis."
+    )
+
+
+def _identifier(system: str, uid: str) -> Json:
+    return {"system": system, "value": f"urn:oid:{uid}"}
+
+
+def _coding(coding: Coding) -> Json:
+    return {"system": coding.system, "code": coding.code, "display": coding.display}
+
+
+def _full_url(uid: str) -> str:
+    """The resource's name inside the Bundle, which the server replaces by its own id
+    (FHIR R4 Bundle.entry.fullUrl): a UUID derived from the identifier, so stable too."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, uid)}"
+
+
+def _entry(resource: Json) -> Json:
+    """A conditional create: POST, unless a resource with this identifier exists."""
+    (identifier,) = resource["identifier"]
+    uid = identifier["value"].removeprefix("urn:oid:")
+    return {
+        "fullUrl": _full_url(uid),
+        "resource": resource,
+        "request": {
+            "method": "POST",
+            "url": resource["resourceType"],
+            "ifNoneExist": f"identifier={identifier['system']}|{identifier['value']}",
+        },
+    }
+
+
+class WorklistWriter:
+    """The ``fhir`` output: the worklist message of one image (FHIR R4 transaction Bundle)."""
+
+    media_type = FHIR_JSON
+    kind, label, role, fail_reason = "fhir", "FHIR", ROLE, FailReason.WORKLIST
+
+    def build(self, context: ResultContext) -> Result:
+        bundle = build_bundle(context.source, context.prediction, context.model, context.identity)
+        return Result(
+            kind=self.kind,
+            label=self.label,
+            uid=context.identity.instance_uid(ROLE),
+            data=bundle.model_dump_json().encode(),
+            media_type=FHIR_JSON,
+            suffix=".fhir.json",
+        )
