@@ -2,8 +2,8 @@
 
 Types are checked where they are cheapest to keep: a wrong argument, an unhandled None or a
 protocol a writer no longer meets fails here with its file and line, before any test starts
-a node. mypy's cache goes to a temporary folder, so that the check never reads a cache left
-by another checkout.
+a node. mypy's incremental cache is this checkout's own ``.mypy_cache`` (ignored by git): a
+second run rechecks only what changed, in seconds rather than half a minute.
 """
 
 from __future__ import annotations
@@ -24,6 +24,6 @@ def test_the_node_package_has_no_type_errors_in_strict_mode(tmp_path: Path, monk
     monkeypatch.setenv("MYPYPATH", str(tmp_path / "path"))
     # No targets here: the configuration's ``files`` names them.
     report, errors, status = api.run(
-        ["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "mypy")]
+        ["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(ROOT / ".mypy_cache")]
     )
     assert status == 0 and not errors, f"mypy found:\n{report}{errors}"
