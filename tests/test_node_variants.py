@@ -32,12 +32,12 @@ VARIANTS = {
 
 
 def train_variant(name: str, demo_bundle: Path, tmp_path: Path) -> Path:
-    """One epoch of each stage on the demo phantoms at 64 px. Without the baselines (a plain
+    """One epoch of each stage on the demo phantoms at 32 px. Without the baselines (a plain
     ResNet18 and the block statistics, three fifths of the time): the model card's comparison
     is tested in test_training.py; here, what the variant's own config makes of the framework."""
     overrides = {
         "data.root": str(demo_bundle.parent / "data"),
-        "data.image_size": 64,
+        "data.image_size": 32,
         "data.cache_dir": str(tmp_path / "cache"),
         "data.workers": 1,
         "data.boxed_fraction": 0.5,
@@ -159,7 +159,7 @@ def certainties(sr) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="the 64-px demonstration data gives CIA-Net boxes too coarse to pass the region-size check; to rework on an earned-contract bundle",
+    reason="one epoch of alignment may warp the grid so that its detections cover less than the region-size check asks; to rework on an earned-contract bundle",
     strict=False,
 )
 def test_cia_net_detections_become_labelled_regions(trained, tmp_path: Path) -> None:
