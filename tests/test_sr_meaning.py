@@ -19,6 +19,7 @@ from pathlib import Path
 import highdicom as hd
 import pytest
 from helpers import data_file, require_file, run_tool
+from node_support import wait_for
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
@@ -27,11 +28,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
+    StudyRootQueryRetrieveInformationModelFind,
 )
 
 from pacs_node import codes
-from pacs_node.config import Destination, NodeConfig
+from pacs_node.config import Destination, NodeConfig, OutboxConfig
 from pacs_node.delivery.cstore import CStoreTransport
+from pacs_node.delivery.outbox import DestinationSender
 from pacs_node.delivery.transport import Status
 from pacs_node.intake.sanitize import clean_source
 from pacs_node.model.predictor import NodePredictor, Prediction, prepare
@@ -377,21 +380,35 @@ def test_both_sr_classes_carry_the_same_report_and_pass_dciodvfy(
 
 
 class Peer:
-    """A storage SCP on a free loopback port that accepts only ``sop_classes``."""
+    """A storage SCP on a free loopback port that accepts only ``sop_classes``, and answers
+    Study Root C-FIND at IMAGE level about the instances it ``holds``."""
 
-    def __init__(self, sop_classes: tuple[str, ...]) -> None:
+    def __init__(self, sop_classes: tuple[str, ...], holds: tuple[str, ...] = ()) -> None:
         self.stored: list[Dataset] = []
+        self.holds, self.asked = set(holds), []
         ae = AE(ae_title="RESULTS")
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self.server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)],
         )
         self.port = int(self.server.server_address[1])
 
     def _store(self, event: evt.Event) -> int:
         self.stored.append(event.dataset)
         return 0x0000
+
+    def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        uid = str(event.identifier.SOPInstanceUID)
+        self.asked.append(uid)
+        if uid in self.holds:
+            found = Dataset()
+            found.QueryRetrieveLevel, found.SOPInstanceUID = "IMAGE", uid
+            yield 0xFF00, found
+        yield 0x0000, None
 
 
 @pytest.mark.parametrize(
@@ -424,6 +441,36 @@ def test_a_destination_gets_the_3d_sr_where_it_accepts_it_and_the_comprehensive_
     assert stored.SOPClassUID == expected
     assert stored.SOPInstanceUID == sop_instance_uid_in(found.identity.instance_uid("sr"), expected)
     assert stored.ContentSequence == found.dataset.ContentSequence
+
+
+def test_a_report_in_doubt_after_a_crash_is_asked_about_in_the_class_it_is_sent_in(
+    cases: dict[str, Case], tmp_path: Path
+) -> None:
+    """The report reached the destination as a Comprehensive 3D SR just before a crash: the
+    sender asks about that instance, finds it, and sends nothing again."""
+    found = cases["positive"]
+    first = found.identity.instance_uid("sr")
+    solid = sop_instance_uid_in(first, Comprehensive3DSRStorage)
+    peer = Peer((Comprehensive3DSRStorage, ComprehensiveSRStorage), holds=(solid,))
+    delivered: list[tuple[str, str | None]] = []
+    sender = DestinationSender(
+        Destination("RESULTS", "127.0.0.1", peer.port),
+        tmp_path / "outbox",
+        "DPNODE",
+        OutboxConfig(initial_backoff_s=0.2, max_backoff_s=0.8),
+        lambda destination, uid, source, reason: delivered.append((uid, reason)),
+        timeout_s=5,
+    )
+    entry = sender.put(dcmread(found.path), "source")
+    assert entry is not None
+    sender._sending_marker(entry).touch()  # on the wire when the process died
+    sender.start()
+    try:
+        wait_for(lambda: delivered, 20, "the report in doubt accounted for")
+    finally:
+        sender.stop()
+        peer.server.shutdown()
+    assert peer.asked == [solid] and peer.stored == [] and delivered == [(first, None)]
 
 
 # --- PixelMed's validator ------------------------------------------------------------------------------
