@@ -35,9 +35,25 @@ PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 FINDING = codes.DCM.Finding
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
+#: The presence of pneumonia in an image the model did not assess (outside its training
+#: distribution). Not in the SR, which says "No algorithms succeeded" (:data:`NOT_ASSESSED`).
+INDETERMINATE = codes.SCT.Indeterminate
+YES, NO = codes.SCT.Yes, codes.SCT.No
+#: Whether the image lies within the model's training distribution (Yes / No): an image
+#: outside it is not assessed. Not in the SR (:data:`NOT_ASSESSED` says it in DICOM's terms).
+WITHIN_DISTRIBUTION = Code(
+    "in-distribution", PRIVATE_SCHEME, "Image within the model's training distribution"
+)
 #: The out-of-distribution score (squared Mahalanobis distance of the model's features), no units.
 DISTRIBUTION_SCORE = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
 NO_UNITS = codes.UCUM.NoUnits
+#: Raised (Yes) when the probability of pneumonia reaches the bundle's triage operating point.
+#: The SR states it as a SNOMED CT priority (:data:`PRIORITY`).
+TRIAGE_FLAG = Code("triage", PRIVATE_SCHEME, "Triage priority flag")
+#: "Certainty of Finding": how likely a detected finding is of its stated type. The SR states
+#: the model's outputs as probabilities instead (:func:`probability_code`). DCM 111047
+#: ("Probability of cancer") is wrong for either.
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
 #: What the algorithm did, for the whole report (TID 1500 row 13, CID 6047, as the CAD SR
 #: templates state it, e.g. TID 4100 Chest CAD): pneumonia found, not found, or the image not
 #: assessed at all (outside the model's training distribution: "no algorithms succeeded").
