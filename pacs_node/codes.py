@@ -35,14 +35,14 @@ PROCEDURE_CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
 #: The finding of the image-level group.
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 FINDING = codes.DCM.Finding
-FINDING_SITE_LUNG = codes.SCT.Lung
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
-#: The presence of pneumonia in an image the model did not assess (outside its training distribution).
+#: The presence of pneumonia in an image the model did not assess (outside its training
+#: distribution). Not in the SR, which says "No algorithms succeeded" (:data:`NOT_ASSESSED`).
 INDETERMINATE = codes.SCT.Indeterminate
 YES, NO = codes.SCT.Yes, codes.SCT.No
 #: Whether the image lies within the model's training distribution (Yes / No): an image
-#: outside it is not assessed, and the report says so in codes, not in free text alone.
+#: outside it is not assessed. Not in the SR (:data:`NOT_ASSESSED` says it in DICOM's terms).
 WITHIN_DISTRIBUTION = Code(
     "in-distribution", PRIVATE_SCHEME, "Image within the model's training distribution"
 )
@@ -50,20 +50,45 @@ WITHIN_DISTRIBUTION = Code(
 DISTRIBUTION_SCORE = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
 NO_UNITS = codes.UCUM.NoUnits
 #: Raised (Yes) when the probability of pneumonia reaches the bundle's triage operating point.
+#: The SR states it as a SNOMED CT priority (:data:`PRIORITY`).
 TRIAGE_FLAG = Code("triage", PRIVATE_SCHEME, "Triage priority flag")
-#: The score: "Certainty of Finding". DCM 111047 ("Probability of cancer") is wrong here.
+#: "Certainty of Finding": how likely a detected finding is of its stated type. The SR states
+#: the model's outputs as probabilities instead (:func:`probability_code`). DCM 111047
+#: ("Probability of cancer") is wrong for either.
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
+#: What the algorithm did, for the whole report (TID 1500 row 13, CID 6047, as the CAD SR
+#: templates state it, e.g. TID 4100 Chest CAD): pneumonia found, not found, or the image not
+#: assessed at all (outside the model's training distribution: "no algorithms succeeded").
+CAD_PROCESSING_SUMMARY = codes.DCM.CADProcessingAndFindingsSummary
+WITH_FINDINGS = codes.DCM.AllAlgorithmsSucceededWithFindings
+WITHOUT_FINDINGS = codes.DCM.AllAlgorithmsSucceededWithoutFindings
+NOT_ASSESSED = codes.DCM.NoAlgorithmsSucceededWithoutFindings
+#: The triage flag as a reading priority (SNOMED CT "Priority" with a value from its
+#: "Priorities" hierarchy): High priority when the probability of pneumonia reaches the
+#: bundle's triage point, Normal priority when it does not.
+PRIORITY = Code("260870009", "SCT", "Priority")
+HIGH_PRIORITY = Code("394849002", "SCT", "High priority")
+NORMAL_PRIORITY = Code("394848005", "SCT", "Normal priority")
 PERCENT = codes.UCUM.Percent
 REPORT_TITLE = codes.DCM.ImagingMeasurementReport
 #: TID 1500 row 6: the container of the measurement groups (viewers draw every group in it).
 IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements
-#: TID 1500 row 12: the container of the image-level classification.
+#: TID 1500 row 12: the container of the report-level evaluations.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-#: A free-text remark in the Qualitative Evaluations (TID 1500 row 14, TEXT): why a positive
-#: result carries no lesion regions.
+#: A free-text remark (TID 1500 row 14; in the image-level group, the verdict in words): why
+#: a positive result carries no lesion regions, why an image was not assessed.
 COMMENT = codes.DCM.Comment
-#: The threshold a decision was taken at (operating point, triage point, gate threshold).
+#: The threshold a decision was taken at (operating point, gate threshold).
 THRESHOLD_VALUE = codes.DCM.ThresholdValue
+#: TID 1600 Image Library: the source radiograph, and what is known of it (TID 1602).
+IMAGE_LIBRARY = codes.DCM.ImageLibrary
+IMAGE_LIBRARY_GROUP = codes.DCM.ImageLibraryGroup
+SOURCE = Code("260753009", "SCT", "Source")
+MODALITY = codes.DCM.Modality
+#: The image library's Modality descriptor (CID 29) of the radiographs the node assesses.
+MODALITIES = {"CR": codes.cid29.ComputedRadiography, "DX": codes.cid29.DigitalRadiography}
+PIXEL_DATA_ROWS, PIXEL_DATA_COLUMNS = codes.DCM.PixelDataRows, codes.DCM.PixelDataColumns
+PIXELS = Code("{pixels}", "UCUM", "Pixels")
 #: Observer type of the model (TID 1002).
 DEVICE = codes.DCM.Device
 #: Purpose of Reference of the Contributing Equipment item describing the algorithm: IHE AI
@@ -108,10 +133,19 @@ def region_score_code(label: str) -> Code:
     return _named_after(label, "rs", "region score")
 
 
-def image_score_code(label: str) -> Code:
-    """The concept of the image-level certainty shown on the image, named after its finding
-    ("Pneumonia certainty (image)"): the number Certainty of Finding states in the classification."""
-    return _named_after(label, "is", "certainty (image)")
+def probability_code(label: str) -> Code:
+    """The concept of the model's probability of finding ``label`` ("Probability of lobar
+    pneumonia"): what the model outputs for the image, stated as a probability.
+
+    Not DCM 111012 "Certainty of Finding", which is how likely a finding already detected is
+    of its stated type: the model's outputs are probabilities of each finding being present,
+    also where it is absent (docs/decisions.md).
+    """
+    key = label.strip().lower().replace(" ", "-") or "unnamed"
+    meaning = finding_code(label).meaning
+    return Code(
+        f"p-{key}"[:16], PRIVATE_SCHEME, f"Probability of {meaning[:1].lower()}{meaning[1:]}"[:64]
+    )
 
 
 def _named_after(label: str, prefix: str, what: str) -> Code:

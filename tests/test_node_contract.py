@@ -92,10 +92,14 @@ def test_an_image_outside_the_distribution_is_reported_not_assessed_everywhere(
     )
     (sr_path,) = (tmp_path / "out").rglob("SR.*.dcm")
     dump = run_tool("dsrdump", sr_path).stdout
-    assert 'CODE:(,,"Pneumonia")=(82334004,SCT,"Indeterminate")' in dump
-    assert 'Image within the model\'s training distribution")=(373067005,SCT,"No")' in dump
-    # no score, no region but the whole image
-    assert "Certainty of Finding" not in dump and dump.count("POLYLINE") == 1
+    # said in DICOM's CAD terms; nothing of pneumonia, present, absent or indeterminate
+    assert (
+        'CODE:(,,"CAD Processing and Findings Summary")=(111245,DCM,"No algorithms succeeded; without findings")'
+        in dump
+    )
+    assert 'CODE:(,,"Pneumonia")' not in dump and "Probability of" not in dump
+    # no region: only the whole image the gate's score was computed from
+    assert dump.count("POLYLINE") == 1
     (sc_path,) = (tmp_path / "out").rglob("SC.*.dcm")
     sc = dcmread(sc_path)
     assert sc.ImageComments.startswith("NOT ASSESSED")
@@ -226,7 +230,9 @@ def test_non_finite_outputs_fail_the_image_and_a_non_finite_score_is_not_assesse
     assert not nan_score.assessed and not nan_score.positive
     rg1 = dcmread(rg1_path)
     sr = build_report(rg1, nan_score, predictor.contract, identity_of(rg1, predictor.contract))
-    assert "82334004" in str(sr.ContentSequence)  # Indeterminate, the score left out
+    said = str(sr.ContentSequence)
+    # not assessed (DCM 111245), the score left out
+    assert "111245" in said and codes.DISTRIBUTION_SCORE.value not in said
 
 
 def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(

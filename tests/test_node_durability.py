@@ -21,6 +21,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from dp_model.bundle import load_bundle
 from pacs_node.delivery.cstore import RESULT_CLASSES
+from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 # a quarter acknowledged at the kill, a backlog behind them (make benchmark-soak: 10,000, three
 # kills)
@@ -157,7 +158,9 @@ def test_every_acknowledged_image_gets_exactly_one_sr_and_one_sc_despite_kill_9(
         expected = set()
         for ds in images:
             identity = identity_of(ds, contract)
-            expected |= {identity.instance_uid("sr"), identity.instance_uid("sc")}
+            # the destination takes Comprehensive 3D SR: the report's 3D form, its own UID
+            report = sop_instance_uid_in(identity.instance_uid("sr"), COMPREHENSIVE_3D_SR)
+            expected |= {report, identity.instance_uid("sc")}
         wait_for(
             lambda: set(destination.stored) >= expected, 600, "every result at the destination"
         )

@@ -174,15 +174,20 @@ def test_multi_label_report_has_a_decision_per_finding_and_labelled_regions(
         sum("Lobar pneumonia" in line for line in present) == 2
         and sum("nterstitial" in line for line in present) == 2
     )
-    assert len(absent) == 2 and dump.count("POLYLINE") == 3  # the whole image, and the two regions
-    # Each region carries its own score, named after its finding; each finding its certainty and
-    # the threshold it was decided at (a multi-label model decides each at the operating point).
+    # the whole image (what the image-level numbers were inferred from), and the two regions
+    assert len(absent) == 2 and dump.count("POLYLINE") == 3
+    # Each region carries its own score, named after its finding; each finding its probability,
+    # and the image-level group the threshold each was decided at (a multi-label model decides
+    # each at the operating point).
     assert (
         'NUM:(,,"Lobar pneumonia region score")="0.71"' in dump
         and 'NUM:(,,"Interstitial pneumonia region score")="0.64"' in dump
     )
-    # the whole image, pneumonia, each finding
-    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1 + 1 + len(FINDINGS)
+    assert (
+        'NUM:(,,"Probability of lobar pneumonia")="80.0"' in dump
+        and 'NUM:(,,"Probability of interstitial pneumonia")="60.0"' in dump
+    )
+    assert dump.count('NUM:(,,"Threshold Value")="50.0"') == 1
 
 
 def test_multi_label_overlay_names_every_finding_and_labels_its_boxes() -> None:
@@ -266,7 +271,7 @@ def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(
     assert errors_of(check.stdout + check.stderr) == [], check.stdout + check.stderr
     dump = run_tool("dsrdump", path).stdout
     assert 'CODE:(,,"Pneumonia")=(52101004,SCT,"Present")' in dump
-    assert 'NUM:(,,"Certainty of Finding")="90.0" (%,UCUM,"Percent")' in dump
+    assert 'NUM:(,,"Probability of pneumonia")="90.0" (%,UCUM,"Percent")' in dump
     assert 'CODE:(,,"Lobar pneumonia")=(52101004,SCT,"Present")' in dump
     # the region's finding
     assert 'contains CODE:(,,"Finding")=(278516003,SCT,"Lobar pneumonia")' in dump
@@ -309,7 +314,8 @@ def test_report_round_trip_carries_study_model_identity_and_a_negative_result(
     assert "111047" not in flat  # "Probability of cancer" is the wrong concept for this score
     # The negative decision is recorded explicitly, not left out.
     assert codes.ABSENT.value in flat and codes.PRESENT.value not in flat
-    assert flat.count("POLYLINE") == 1  # no region without a finding: only the whole image
+    # no lesion region: only the whole image's outline, what the image-level numbers came from
+    assert flat.count("POLYLINE") == 1
 
 
 def concept(item: Dataset) -> str:
@@ -321,8 +327,15 @@ def containers(sr: Dataset) -> dict[str, Dataset]:
     return {concept(item): item for item in sr.ContentSequence if item.ValueType == "CONTAINER"}
 
 
-def scoords(group: Dataset) -> list[Dataset]:
-    return [item for item in group.ContentSequence if item.ValueType == "SCOORD"]
+def outlines(group: Dataset) -> list[Dataset]:
+    """A group's SCOORDs: a lesion region's own (TID 1410), or the image-level group's whole
+    image, which its first number was INFERRED FROM (TID 300)."""
+    return [
+        item
+        for entry in group.ContentSequence
+        for item in (entry, *entry.get("ContentSequence", []))
+        if item.ValueType == "SCOORD"
+    ]
 
 
 def group_numbers(group: Dataset) -> dict[str, float]:
@@ -333,17 +346,13 @@ def group_numbers(group: Dataset) -> dict[str, float]:
     }
 
 
-def evaluations(sr: Dataset) -> dict[str, tuple[str, dict[str, float]]]:
-    """The image-level classification: finding -> (value, {property: number})."""
-    found = {}
-    for item in containers(sr)["Qualitative Evaluations"].ContentSequence:
-        numbers = {
-            concept(num): float(num.MeasuredValueSequence[0].NumericValue)
-            for num in item.get("ContentSequence", [])
-            if num.ValueType == "NUM"
-        }
-        found[concept(item)] = (item.ConceptCodeSequence[0].CodeMeaning, numbers)
-    return found
+def group_decisions(group: Dataset) -> dict[str, str]:
+    """A group's qualitative evaluations (TID 1501 row 11): finding -> Present / Absent."""
+    return {
+        concept(item): item.ConceptCodeSequence[0].CodeMeaning
+        for item in group.ContentSequence
+        if item.ValueType == "CODE" and concept(item) != "Finding"
+    }
 
 
 def test_report_is_what_a_viewer_draws_and_a_machine_reads(
@@ -351,7 +360,7 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(
 ) -> None:
     """What OHIF needs (docs/decisions.md): every measurement group has coordinates on the source
     image, its tracking UID is the group's first UIDREF, and its numbers name the finding; the
-    image-level classification sits where viewers do not draw, each decision with its numbers."""
+    image-level group holds each decision beside the probabilities it was made from."""
     contract = predictor.contract
     sr = dcmread(
         written(
@@ -360,14 +369,14 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(
             "sr.dcm",
         )
     )
-    # Comprehensive SR: 2D coordinates, accepted widely
+    # Comprehensive SR as written; a destination that takes Comprehensive 3D SR gets that form
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
     groups = containers(sr)["Imaging Measurements"].ContentSequence
-    assert len(groups) == 2  # the whole image's result, then the region
+    assert len(groups) == 2  # the image-level result, then the region
     for group in groups:
         items = group.ContentSequence
-        (scoord,) = [item for item in items if item.ValueType == "SCOORD"]
+        (scoord,) = outlines(group)
         assert (
             scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             == rg1.SOPInstanceUID
@@ -378,27 +387,35 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(
             0
         ] == "Tracking Unique Identifier"
     image, region = (group_numbers(group) for group in groups)
-    # What OHIF labels the image with: the finding's name, its certainty, the threshold.
-    assert image == {"Pneumonia certainty (image)": 90.0, "Threshold Value": 50.0}
-    assert np.asarray(scoords(groups[0])[0].GraphicData).reshape(-1, 2).max(axis=0).tolist() == [
+    # What OHIF labels the image with: the probability of pneumonia first, the threshold, then
+    # the probability of each class.
+    assert image == {
+        "Probability of pneumonia": 90.0,
+        "Threshold Value": 50.0,
+        "Probability of lobar pneumonia": 60.0,
+        "Probability of bronchopneumonia": 10.0,
+        "Probability of interstitial pneumonia": 10.0,
+        "Probability of cavitary pneumonia": 10.0,
+    }
+    assert np.asarray(outlines(groups[0])[0].GraphicData).reshape(-1, 2).max(axis=0).tolist() == [
         rg1.Columns,
         rg1.Rows,
     ]
     # The region's own score (the map's peak in it), not a copy of the class probability (60 %).
     # a map peak, no units: not a probability
     assert region == {"Lobar pneumonia region score": 0.83}
-    found = evaluations(sr)
-    assert found["Pneumonia"] == (
-        "Present",
-        {"Certainty of Finding": 90.0, "Threshold Value": 50.0},
-    )
-    assert found["Lobar pneumonia"] == ("Present", {"Certainty of Finding": 60.0})
-    assert found["Bronchopneumonia"] == ("Absent", {"Certainty of Finding": 10.0})
+    assert group_decisions(groups[0]) == {
+        "Pneumonia": "Present",
+        "Lobar pneumonia": "Present",
+        "Bronchopneumonia": "Absent",
+        "Interstitial pneumonia": "Absent",
+        "Cavitary pneumonia": "Absent",
+    }
     schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
     assert schemes == {codes.PRIVATE_SCHEME, codes.IHE_SCHEME}
 
 
-def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_image(
+def test_a_negative_report_states_each_decision_beside_its_threshold(
     tmp_path: Path, predictor: NodePredictor, rg1: Dataset
 ) -> None:
     contract = predictor.contract
@@ -413,14 +430,13 @@ def test_a_negative_report_states_each_decision_with_its_threshold_on_the_whole_
     sr = dcmread(
         written(tmp_path, build_report(rg1, below, contract, identity_of(rg1, contract)), "sr.dcm")
     )
-    # the whole image only: a viewer opens on it
+    # the image-level group only: a viewer opens on it
     (image,) = containers(sr)["Imaging Measurements"].ContentSequence
-    # 86 % is below the 90 % operating point: Absent, and the report says both numbers, to a viewer and to a machine.
-    assert group_numbers(image) == {"Pneumonia certainty (image)": 86.0, "Threshold Value": 90.0}
-    assert evaluations(sr)["Pneumonia"] == (
-        "Absent",
-        {"Certainty of Finding": 86.0, "Threshold Value": 90.0},
-    )
+    # 86 % is below the 90 % operating point: Absent, and the report says both numbers, to a
+    # viewer and to a machine.
+    numbers = group_numbers(image)
+    assert (numbers["Probability of pneumonia"], numbers["Threshold Value"]) == (86.0, 90.0)
+    assert group_decisions(image)["Pneumonia"] == "Absent"
 
 
 def test_result_uids_follow_the_source_the_weights_and_the_settings(

@@ -15,6 +15,7 @@ from dp_model.config import load_config
 from dp_model.explain import map_sources
 from dp_model.training.config import TrainConfig
 from dp_model.training.run import train
+from pacs_node import codes
 from pacs_node.config import NodeConfig
 from pacs_node.model.predictor import NodePredictor, prepare
 from pacs_node.node import Node
@@ -132,10 +133,10 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
     ], check.stdout
     sr = dcmread(sr_path)
     assert sr.ManufacturerModelName == architecture  # the model that made it, named in the SR
-    # One image-level decision for pneumonia and one per finding, each with the model's score
-    # (a region carries its own score, not a certainty).
+    # The model's probability of pneumonia and of each finding, in the image-level group (a
+    # region carries its own score, not a probability).
     (prediction,) = predictor.predict([prepare(ds, predictor.contract.image_size)])
-    scores = certainties(sr)
+    scores = probabilities(sr)
     assert len(scores) == 1 + 4
     expected = [prediction.pneumonia_probability] + [
         prediction.probability(c) for c in ("lobar", "bronchopneumonia", "interstitial", "cavitary")
@@ -143,13 +144,19 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
     assert scores[:5] == pytest.approx([round(100 * p, 2) for p in expected], abs=0.011)
 
 
-def certainties(sr) -> list[float]:
-    """Every Certainty of Finding value of an SR, in document order."""
+def probabilities(sr) -> list[float]:
+    """Every probability an SR states ("Probability of ...", :func:`codes.probability_code`), in
+    document order."""
     found = []
 
     def walk(items) -> None:
         for item in items:
-            if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111012":
+            concept = item.ConceptNameCodeSequence[0] if item.ValueType == "NUM" else None
+            if (
+                concept
+                and concept.CodingSchemeDesignator == codes.PRIVATE_SCHEME
+                and concept.CodeValue.startswith("p-")
+            ):
                 found.append(float(item.MeasuredValueSequence[0].NumericValue))
             walk(item.get("ContentSequence", []))
 

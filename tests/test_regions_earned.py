@@ -46,17 +46,14 @@ def positive_case(demo_bundle: Path) -> Dataset:
 
 
 def region_groups(sr: Dataset) -> int:
-    """The lesion region groups of an SR's Imaging Measurements (the whole-image group is not one)."""
+    """The lesion region groups (TID 1410, an Image Region of their own) of an SR's Imaging
+    Measurements; the image-level group (TID 1501) is not one."""
     found = 0
     for item in sr.ContentSequence:
         if item.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
             continue
         for group in item.ContentSequence:
-            names = {
-                child.ConceptNameCodeSequence[0].CodeMeaning: child
-                for child in group.ContentSequence
-            }
-            found += "whole image" not in names["Tracking Identifier"].TextValue
+            found += any(child.ValueType == "SCOORD" for child in group.ContentSequence)
     return found
 
 

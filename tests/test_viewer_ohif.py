@@ -31,6 +31,7 @@ import pytest
 from helpers import IN_CI, data_file, require_tool
 from node_support import LOCALIZING, Orthanc, audit_lines, bundle_with, free_port, wait_for
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from viewer_support import OHIF_DIST, VIEWER, ViewerOrigin, orthanc_settings
 
@@ -165,13 +166,30 @@ def results_in_orthanc(site: Site, case: str, timeout: float = 120) -> dict[str,
     return {"study": uid, **uids, "sr_id": found["SR"][0]["Instances"][0]}
 
 
-def sr_regions(site: Site, instance: str) -> list[list[list[float]]]:
-    """The SR's lesion region outlines (SCOORD polylines), in the source image's pixels; the
-    whole-image outline of the image-level result is the image's border, not a region."""
+def stored_sr(site: Site, instance: str) -> Dataset:
     with urllib.request.urlopen(
         f"{site.orthanc.url}/instances/{instance}/file", timeout=30
     ) as response:
-        sr = dcmread(io.BytesIO(response.read()))
+        return dcmread(io.BytesIO(response.read()))
+
+
+def sr_verdict(sr: Dataset) -> str:
+    """The verdict in words: the Comment of the SR's image-level group (TID 1501, no region)."""
+    (measurements,) = [
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    return next(
+        item.TextValue
+        for group in measurements.ContentSequence
+        if not any(child.ValueType == "SCOORD" for child in group.ContentSequence)
+        for item in group.ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    )
+
+
+def sr_regions(sr: Dataset) -> list[list[list[float]]]:
+    """The SR's lesion region outlines (SCOORD polylines of its TID 1410 groups), in the
+    source image's pixels; the image-level group has no region of its own."""
     found: list[list[list[float]]] = []
     for container in sr.ContentSequence:
         for group in (
@@ -181,10 +199,7 @@ def sr_regions(site: Site, instance: str) -> list[list[list[float]]]:
                 item.ConceptNameCodeSequence[0].CodeMeaning: item
                 for item in group.get("ContentSequence", [])
             }
-            if (
-                "Image Region" not in names
-                or "whole image" in names["Tracking Identifier"].TextValue
-            ):
+            if "Image Region" not in names:
                 continue
             data = [float(v) for v in names["Image Region"].GraphicData]
             found.append([data[i : i + 2] for i in range(0, len(data), 2)])
@@ -214,7 +229,8 @@ def run_check(node: str, chromium: str, spec: dict, folder: Path) -> dict:
 def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> None:
     node, chromium = require_viewer()
     series = results_in_orthanc(site, case)
-    regions = sr_regions(site, series["sr_id"])
+    sr = stored_sr(site, series["sr_id"])
+    regions = sr_regions(sr)
     assert all(math.isfinite(v) for region in regions for point in region for v in point), (
         f"the SR's outlines hold values that are not numbers: {regions}"
     )
@@ -245,10 +261,18 @@ def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> 
         f"OHIF does not show the node's results for {case} (screenshots and report.json in {tmp_path}):\n"
         + "\n".join(report["problems"])
     )
-    # OHIF labels the image with the image-level result, and each region with its finding and score.
+    # OHIF labels the image with the image-level result, the verdict in words first, and each
+    # region with its finding and score.
     labels = report["studies"][0]["views"]["sr"]["viewport"]["labels"]
+    verdict = sr_verdict(sr)
     # RG1 is unlike the demo's phantoms
-    expected = "Pneumonia certainty (image)" if case == "synthetic" else "Out-of-distribution score"
+    if case == "synthetic":
+        expected = "Probability of pneumonia"
+        assert verdict.startswith("Finding: "), verdict
+    else:
+        expected = "Out-of-distribution score"
+        assert verdict.startswith("NOT ASSESSED"), verdict
+    assert sum(verdict in label for label in labels) == 1, (verdict, labels)
     assert sum(expected in label for label in labels) == 1, labels
     assert sum("region score" in label for label in labels) == len(regions), labels
     if case == "synthetic":

@@ -31,6 +31,7 @@ from node_support import (
     chest_dataset,
     final_lines,
     free_port,
+    identity_of,
     node_config,
     send,
     start_node,
@@ -47,7 +48,6 @@ from pacs_node import codes
 from pacs_node.config import NodeConfig
 from pacs_node.model.prediction import Prediction
 from pacs_node.results.base import ResultContext
-from pacs_node.results.identity import ResultIdentity
 from pacs_node.results.report import build_report
 from pacs_node.status import StoreStatus
 
@@ -232,7 +232,7 @@ def context(contract, predicted: Prediction, source: Dataset | None = None) -> R
         prepared=None,
         prediction=predicted,
         model=contract,
-        identity=ResultIdentity.of(source, contract),
+        identity=identity_of(source, contract),
         config=NodeConfig(),
     )
 
@@ -262,7 +262,7 @@ def test_the_bundle_is_a_valid_fhir_transaction_that_creates_each_resource_once_
 ) -> None:
     source = chest_dataset()
     result = message(contract, prediction(), source)
-    identity = ResultIdentity.of(source, contract)
+    identity = identity_of(source, contract)
     bundle = Bundle.model_validate_json(result.data)  # fhir.resources: R4B, as R4 for these
     assert bundle.type == "transaction"
     assert (result.kind, result.media_type, result.suffix) == ("fhir", FHIR_JSON, ".fhir.json")
@@ -427,7 +427,7 @@ def test_the_observations_state_the_decision_the_sr_states_and_the_flag_as_a_pri
 ) -> None:
     source = chest_dataset()
     result = message(contract, predicted, source)
-    sr = build_report(source, predicted, contract, ResultIdentity.of(source, contract))
+    sr = build_report(source, predicted, contract, identity_of(source, contract))
     assert _fhir_evaluations(result) == _sr_evaluations(sr)
     observations = resources(result)["Observation"]
     triage = [o for o in observations if o["code"]["coding"][0]["code"] == codes.TRIAGE_FLAG.value]
@@ -585,7 +585,7 @@ def test_a_message_the_server_refuses_goes_to_dead_letters_at_once_with_an_audit
         ds = sample(3)
         assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
         (line,) = wait_for(lambda: deliveries(node, "dead-letter"), 30, "a dead letter")
-        identity = ResultIdentity.of(ds, triage_predictor.contract)
+        identity = identity_of(ds, triage_predictor.contract)
         assert line["outputs"] == [identity.instance_uid("fhir")] and line["reason"] == "refused"
         dead = tmp_path / "dead-letter" / node.senders[0].destination.name
         assert (dead / f"{identity.instance_uid('fhir')}.fhir.json").exists()
@@ -675,7 +675,7 @@ def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_th
         time.sleep(1.0)  # anything more would be a duplicate
         reports = server.of_type("DiagnosticReport")
         assert len(reports) == 1, f"{len(reports)} reports stored from {len(server.posts)} POSTs"
-        identity = ResultIdentity.of(ds, contract_of(triage_bundle))
+        identity = identity_of(ds, contract_of(triage_bundle))
         assert reports[0]["identifier"][0]["value"] == f"urn:oid:{identity.instance_uid('fhir')}"
         # with search the node asks and POSTs nothing again; without, the server dedupes the POST
         assert len(server.posts) == (1 if search else 2)

@@ -24,10 +24,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated in
 from pacs_node.config import Destination
 from pacs_node.delivery.transport import STORED, Outcome, Status, Unreachable
 from pacs_node.logs import describe
+from pacs_node.results.report import COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR, in_sop_class
 
 logger = logging.getLogger(__name__)
 
-#: The storage classes the node sends, each offered in both uncompressed syntaxes.
+#: The storage classes the node sends, each offered in both uncompressed syntaxes. The report
+#: is offered in both SR classes, each in a context of its own: the destination accepts or
+#: rejects each (PS3.8 9.3.3.2), and gets the Comprehensive 3D SR where it accepts it
+#: (:func:`_in_accepted_class`).
 RESULT_CLASSES = (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -117,7 +121,7 @@ class CStoreLink:
         ):
             return False
         try:
-            header = dcmread(path, stop_before_pixels=True)
+            header = _in_accepted_class(self.assoc, dcmread(path, stop_before_pixels=True))
             query = Dataset()
             query.QueryRetrieveLevel = "IMAGE"
             query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = (
@@ -147,11 +151,20 @@ class CStoreLink:
 
     def _store(self, path: Path, on_wire: Callable[[list[Path]], None]) -> Outcome:
         try:
-            dataset = dcmread(path)
+            dataset: Dataset = dcmread(path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             return Outcome(
                 Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})"
             )
+        sent = _in_accepted_class(self.assoc, dataset)
+        if sent is not dataset:  # the audit and the ledger name the report by its first UID
+            logger.info(
+                "%s: report %s sent as Comprehensive 3D SR %s",
+                self.name,
+                dataset.SOPInstanceUID,
+                sent.SOPInstanceUID,
+            )
+            dataset = sent
         if not _accepted(self.assoc, dataset) and dataset.file_meta.TransferSyntaxUID.is_compressed:
             # the same instance, the same pixels, uncompressed
             dataset.decompress(generate_instance_uid=False)
@@ -188,8 +201,23 @@ def _outcome(status: Dataset | None) -> Outcome:
 
 def _accepted(assoc: Association, dataset: Dataset) -> bool:
     """Whether the association has an accepted context for the object's SOP class and transfer syntax."""
-    sop_class, syntax = str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
+    return _accepts(assoc, str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID))
+
+
+def _accepts(assoc: Association, sop_class: str, syntax: str) -> bool:
     return any(
         str(cx.abstract_syntax) == sop_class and syntax in [str(t) for t in cx.transfer_syntax]
         for cx in assoc.accepted_contexts
     )
+
+
+def _in_accepted_class(assoc: Association, dataset: Dataset) -> Dataset:
+    """The report as a Comprehensive 3D SR where the destination accepted that class (IHE AI
+    Results asks for it), else as it is, a Comprehensive SR: decided per destination and
+    association, from the contexts it accepted. Both carry the same content; the 3D form has
+    a SOP Instance UID of its own, derived from the first (:func:`~pacs_node.results.report.in_sop_class`)."""
+    if str(dataset.SOPClassUID) != COMPREHENSIVE_SR or not _accepts(
+        assoc, COMPREHENSIVE_3D_SR, str(dataset.file_meta.TransferSyntaxUID)
+    ):
+        return dataset
+    return in_sop_class(dataset, COMPREHENSIVE_3D_SR)

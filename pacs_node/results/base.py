@@ -145,3 +145,11 @@ class ResultWriter(Protocol):
     def build(self, context: ResultContext) -> Result:
         """This kind's result for one image."""
         ...
+
+
+def region_tracking_uid(identity: ResultIdentity, index: int) -> str:
+    """The Tracking UID of lesion region ``index`` (its place in ``Prediction.boxes``), the same
+    in every result that marks it: the SR's TID 1410 group (Tracking Unique Identifier, PS3.16
+    TID 1410 row 3) and the presentation state's graphic object (Tracking UID (0062,0021),
+    PS3.3 C.10.5.1.2), so that a viewer knows the two marks as one region."""
+    return identity.tracking_uid(f"region-{index}")
