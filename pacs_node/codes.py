@@ -34,28 +34,14 @@ PRIVATE_SCHEMES = {
 PROCEDURE_CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
 #: The finding of the image-level group.
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
-FINDING = codes.DCM.Finding
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
-#: The presence of pneumonia in an image the model did not assess (outside its training
-#: distribution). Not in the SR, which says "No algorithms succeeded" (:data:`NOT_ASSESSED`).
-INDETERMINATE = codes.SCT.Indeterminate
-YES, NO = codes.SCT.Yes, codes.SCT.No
-#: Whether the image lies within the model's training distribution (Yes / No): an image
-#: outside it is not assessed. Not in the SR (:data:`NOT_ASSESSED` says it in DICOM's terms).
-WITHIN_DISTRIBUTION = Code(
-    "in-distribution", PRIVATE_SCHEME, "Image within the model's training distribution"
-)
 #: The out-of-distribution score (squared Mahalanobis distance of the model's features), no units.
 DISTRIBUTION_SCORE = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
 NO_UNITS = codes.UCUM.NoUnits
-#: Raised (Yes) when the probability of pneumonia reaches the bundle's triage operating point.
-#: The SR states it as a SNOMED CT priority (:data:`PRIORITY`).
+#: The private concept the triage flag was once stated under. Neither the SR nor the worklist
+#: message writes it (both state :data:`PRIORITY`); kept because a test names it.
 TRIAGE_FLAG = Code("triage", PRIVATE_SCHEME, "Triage priority flag")
-#: "Certainty of Finding": how likely a detected finding is of its stated type. The SR states
-#: the model's outputs as probabilities instead (:func:`probability_code`). DCM 111047
-#: ("Probability of cancer") is wrong for either.
-CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding
 #: What the algorithm did, for the whole report (TID 1500 row 13, CID 6047, as the CAD SR
 #: templates state it, e.g. TID 4100 Chest CAD): pneumonia found, not found, or the image not
 #: assessed at all (outside the model's training distribution: "no algorithms succeeded").
@@ -202,11 +188,12 @@ RADIOLOGY = Coding("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radi
 #: Observation.category: an imaging observation.
 IMAGING = Coding("http://terminology.hl7.org/CodeSystem/observation-category", "imaging", "Imaging")
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-#: Observation.interpretation of a finding decided present, absent, or not assessed.
+#: Observation.interpretation of a finding decided present or absent (an image not assessed
+#: has no decision, so no interpretation: its CAD summary says :data:`NOT_ASSESSED`).
 POSITIVE = Coding(_INTERPRETATION, "POS", "Positive")
 NEGATIVE = Coding(_INTERPRETATION, "NEG", "Negative")
-INDETERMINATE_RESULT = Coding(_INTERPRETATION, "IND", "Indeterminate")
-#: The triage flag as the priority a worklist orders by (FHIR request-priority): raised, not raised.
+#: The triage flag as the priority a worklist orders by (FHIR request-priority): raised, not
+#: raised; the worklist message states :data:`HIGH_PRIORITY` / :data:`NORMAL_PRIORITY` beside it.
 URGENT = Coding("http://hl7.org/fhir/request-priority", "urgent", "Urgent")
 ROUTINE = Coding("http://hl7.org/fhir/request-priority", "routine", "Routine")
 #: The type of an Accession Number identifier (HL7 v2 table 0203): the key a RIS orders by.

@@ -11,6 +11,7 @@ repeated after a crash is allowed on the wire only because the server would dedu
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import highdicom as hd
 import numpy as np
 import pytest
 import yaml
@@ -347,66 +349,88 @@ def test_the_same_image_and_model_give_the_same_bytes_another_model_other_identi
     assert not ids & other_ids and other.uid != first.uid
 
 
-def _sr_evaluations(sr: Dataset) -> Counter:
-    """The SR's Qualitative Evaluations (TID 1500 row 12): (finding, value, {number: value})."""
+#: What a consumer reads from a coded concept, in FHIR or DICOM: (scheme designator, code).
+Concept = tuple[str, str]
+
+
+def _key(concept) -> Concept:
+    """A DICOM code (pydicom, highdicom or a Code Sequence item) as (designator, value)."""
+    return str(concept.scheme_designator), str(concept.value)
+
+
+def _sr_statements(sr: Dataset, source: Dataset) -> tuple[Counter, dict[str, str], str]:
+    """What the SR states, read as a consumer reads it: highdicom's TID 1500 reader for the
+    image-level group (TID 1501 on the source image), the content tree for TID 1500 row 12.
+
+    Returns the statements (``("coded", name, value)`` for each decision and each row-12 code,
+    ``("number", name, value, unit)`` for each of the group's numbers), the group's algorithm
+    parameters by name ("triage point" -> "0.7"), and the row-12 Comment ("" when none).
+    """
+    data = io.BytesIO()
+    sr.save_as(data, enforce_file_format=True)
+    read = hd.sr.srread(io.BytesIO(data.getvalue()))
+    report = read.content
+    (group,) = report.get_image_measurement_groups(
+        referenced_sop_instance_uid=str(source.SOPInstanceUID)
+    )
+    stated: Counter = Counter()
+    for evaluation in group.get_qualitative_evaluations():
+        stated["coded", _key(evaluation.name), _key(evaluation.value)] += 1
+    for measurement in group.get_measurements():
+        stated["number", _key(measurement.name), measurement.value, _key(measurement.unit)] += 1
     (container,) = [
         item
-        for item in sr.ContentSequence
+        for item in read.ContentSequence
         if item.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
     ]
-    found: Counter = Counter()
+    comment = ""
     for item in container.ContentSequence:
-        if item.ValueType != "CODE":
-            continue
-        name, value = item.ConceptNameCodeSequence[0], item.ConceptCodeSequence[0]
-        numbers = tuple(
-            sorted(
-                (
-                    (
-                        n.ConceptNameCodeSequence[0].CodingSchemeDesignator,
-                        n.ConceptNameCodeSequence[0].CodeValue,
-                    ),
-                    float(n.MeasuredValueSequence[0].NumericValue),
-                )
-                for n in item.get("ContentSequence", [])
-            )
-        )
-        found[
-            (name.CodingSchemeDesignator, name.CodeValue),
-            (value.CodingSchemeDesignator, value.CodeValue),
-            numbers,
-        ] += 1
-    return found
+        name = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "CODE":
+            value = item.ConceptCodeSequence[0]
+            stated[
+                "coded",
+                (name.CodingSchemeDesignator, name.CodeValue),
+                (value.CodingSchemeDesignator, value.CodeValue),
+            ] += 1
+        elif (name.CodingSchemeDesignator, name.CodeValue) == _key(codes.COMMENT):
+            comment = str(item.TextValue)
+    parameters = [
+        str(item.TextValue)
+        for item in group[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"
+    ]
+    named = dict(parameter.rsplit(" ", 1) for parameter in parameters)
+    return stated, named, comment
 
 
-def _fhir_evaluations(result) -> Counter:
-    """The same, read from the Observations (FHIR URIs back to DICOM scheme designators)."""
+def _fhir_statements(result) -> tuple[Counter, dict[str, float]]:
+    """The same, read from the Observations (FHIR URIs back to DICOM scheme designators): each
+    Observation's code and the DICOM coding of its value, each component as a number. The
+    triage point is returned apart, by its Observation's name: the SR states it as an
+    algorithm parameter."""
     schemes = {uri: designator for designator, uri in SYSTEMS.items()}
     schemes[codes.FHIR_SYSTEMS[codes.PRIVATE_SCHEME]] = codes.PRIVATE_SCHEME
-    # the triage flag is stated as a request priority (FHIR), Yes / No in the SR
-    schemes[PRIORITY] = "priority"
-    flag = {
-        ("priority", "urgent"): ("SCT", codes.YES.value),
-        ("priority", "routine"): ("SCT", codes.NO.value),
-    }
-    found: Counter = Counter()
+    stated: Counter = Counter()
+    points: dict[str, float] = {}
     for observation in resources(result)["Observation"]:
         (name,) = observation["code"]["coding"]
-        (value,) = observation["valueCodeableConcept"]["coding"]
-        value_code = (schemes[value["system"]], value["code"])
-        numbers = tuple(
-            sorted(
-                (
-                    (schemes[c["code"]["coding"][0]["system"]], c["code"]["coding"][0]["code"]),
-                    float(c["valueQuantity"]["value"]),
-                )
-                for c in observation.get("component", [])
-            )
-        )
-        found[
-            (schemes[name["system"]], name["code"]), flag.get(value_code, value_code), numbers
-        ] += 1
-    return found
+        code = (schemes[name["system"]], name["code"])
+        (value,) = [
+            c for c in observation["valueCodeableConcept"]["coding"] if c["system"] in schemes
+        ]
+        stated["coded", code, (schemes[value["system"]], value["code"])] += 1
+        for component in observation.get("component", []):
+            (number,) = component["code"]["coding"]
+            quantity = component["valueQuantity"]
+            assert quantity["system"] == SYSTEMS["UCUM"] and quantity["unit"] == quantity["code"]
+            number_code = (schemes[number["system"]], number["code"])
+            if code == _key(codes.PRIORITY):
+                points[number["display"]] = quantity["value"]
+                continue
+            unit = ("UCUM", quantity["code"])
+            stated["number", number_code, quantity["value"], unit] += 1
+    return stated, points
 
 
 @pytest.mark.parametrize(
@@ -425,30 +449,67 @@ def _fhir_evaluations(result) -> Counter:
 def test_the_observations_state_the_decision_the_sr_states_and_the_flag_as_a_priority(
     contract, predicted: Prediction, priority: str | None
 ) -> None:
+    """A worklist and a PACS are told the same thing: the Observations state what the SR
+    states (the decisions, the probabilities and thresholds, the CAD summary, the priority),
+    read back from each as its consumer reads it, and nothing else."""
     source = chest_dataset()
     result = message(contract, predicted, source)
     sr = build_report(source, predicted, contract, identity_of(source, contract))
-    assert _fhir_evaluations(result) == _sr_evaluations(sr)
-    observations = resources(result)["Observation"]
-    triage = [o for o in observations if o["code"]["coding"][0]["code"] == codes.TRIAGE_FLAG.value]
+    said, parameters, comment = _sr_statements(sr, source)
+    told, points = _fhir_statements(result)
+    assert told == said
+    # the triage point: an algorithm parameter in the SR, a threshold beside the priority here
+    triage_point = float(parameters["triage point"]) if "triage point" in parameters else None
     if priority is None:
-        assert triage == []
+        assert points == {}
     else:
-        (flag,) = triage
-        assert flag["valueCodeableConcept"]["coding"][0]["code"] == priority
-    (pneumonia, *_) = [
-        o for o in observations if o["code"]["coding"][0]["code"] == codes.PNEUMONIA.value
+        assert points == {codes.THRESHOLD_VALUE.meaning: pytest.approx(100 * triage_point)}
+    observations = resources(result)["Observation"]
+    by_code = {o["code"]["coding"][0]["code"]: o for o in observations}
+    assert len(by_code) == len(observations)
+    # the priority a worklist orders by comes first, the SR's SNOMED CT priority beside it
+    if priority is None:
+        assert codes.PRIORITY.value not in by_code
+    else:
+        first, sct = by_code[codes.PRIORITY.value]["valueCodeableConcept"]["coding"]
+        assert (first["system"], first["code"]) == (PRIORITY, priority)
+        high = priority == "urgent"
+        assert sct["code"] == (codes.HIGH_PRIORITY if high else codes.NORMAL_PRIORITY).value
+    # each probability lies on the Observation of the finding it is named for
+    for observation in observations:
+        meaning = observation["code"]["text"]
+        for component in observation.get("component", []):
+            display = component["code"]["coding"][0]["display"]
+            if display.startswith("Probability of "):
+                assert display == f"Probability of {meaning[:1].lower()}{meaning[1:]}"
+    text = result.data.decode()
+    assert "Certainty" not in text and "Indeterminate" not in text
+    (summary,) = [
+        o for o in observations if o["code"]["text"] == codes.CAD_PROCESSING_SUMMARY.meaning
     ]
-    interpretation = pneumonia["interpretation"][0]["coding"][0]["code"]
-    expected = "IND" if not predicted.assessed else ("POS" if predicted.positive else "NEG")
-    assert interpretation == expected
-    if predicted.regions_withheld:
-        assert pneumonia["note"] == [{"text": predicted.regions_withheld}]
     (report,) = resources(result)["DiagnosticReport"]
     if not predicted.assessed:
+        # no decision, so nothing of pneumonia and no interpretation; the summary says why
+        assert list(by_code) == [codes.CAD_PROCESSING_SUMMARY.value]
+        assert "interpretation" not in summary
+        assert comment.startswith("Not assessed") and summary["note"][0]["text"].startswith(
+            "Not assessed"
+        )
         assert "Not assessed" in report["conclusion"] and "%" not in report["conclusion"]
         assert "conclusionCode" not in report
-    elif predicted.positive:
+        return
+    pneumonia = by_code[codes.PNEUMONIA.value]
+    interpretation = pneumonia["interpretation"][0]["coding"][0]["code"]
+    assert interpretation == ("POS" if predicted.positive else "NEG")
+    assert [c["code"]["coding"][0]["code"] for c in pneumonia["component"]] == [
+        codes.probability_code("pneumonia").value,
+        codes.THRESHOLD_VALUE.value,
+    ]
+    if predicted.regions_withheld:
+        assert comment == predicted.regions_withheld
+        assert pneumonia["note"] == [{"text": predicted.regions_withheld}]
+    assert "certainty" not in report["conclusion"]
+    if predicted.positive:
         assert {
             "system": SYSTEMS["SCT"],
             "code": codes.PNEUMONIA.value,
@@ -533,7 +594,7 @@ def test_a_worklist_server_gets_exactly_one_message_per_image_and_the_flagged_on
             priorities[uid] = [
                 o["valueCodeableConcept"]["coding"][0]["code"]
                 for o in server.of_type("Observation")
-                if o["code"]["coding"][0]["code"] == codes.TRIAGE_FLAG.value
+                if o["code"]["coding"][0]["code"] == codes.PRIORITY.value
                 and {"type": "ImagingStudy", "identifier": study["identifier"]} in o["derivedFrom"]
             ]
         lines = wait_for(lambda: len(final_lines(node)) == 6 and final_lines(node), 30, "six")

@@ -1,20 +1,25 @@
 """The ``fhir`` output: the worklist message, a FHIR R4 transaction Bundle a RIS or worklist reads.
 
-Why: the SR states the triage flag in the node's private code, which no RIS or worklist reads.
-They read FHIR. The message is a DiagnosticReport (status ``preliminary``, LOINC 30745-4 "XR
-Chest Views", category radiology) about the study, found by its Study Instance UID and, where
-the image has one, its Accession Number (the key a RIS orders by), the image analysed as its
-key image, and one Observation per finding the SR states: the same decision, the same numbers,
-nothing more (only what the model card measured is shown):
+Why: RIS and worklists read FHIR, not DICOM SR. The message is a DiagnosticReport (status
+``preliminary``, LOINC 30745-4 "XR Chest Views", category radiology) about the study, found by its
+Study Instance UID and, where the image has one, its Accession Number (the key a RIS orders by),
+the image analysed as its key image, and one Observation per statement the SR
+(:mod:`pacs_node.results.report`) makes, so that a worklist and a PACS are told the same thing:
+the same decision, the same numbers rounded the same way, nothing more (docs/decisions.md, "The
+worklist message says what the SR says"):
 
-* pneumonia Present / Absent (interpretation POS / NEG) with its Certainty of Finding and the
-  Threshold Value it was decided at; each class of the model likewise (a class of a softmax
-  model has no threshold of its own); why a positive result has no regions, as a note;
-* the distribution gate: within the training distribution Yes, with the score and threshold;
-* the triage flag as the priority a worklist orders by (FHIR request-priority): ``urgent``
-  when raised, ``routine`` when not, with the triage point;
-* an image outside the training distribution: pneumonia Indeterminate (IND), the gate's No and
-  its score; no certainty and no flag.
+* pneumonia Present / Absent (interpretation POS / NEG) with the probability of pneumonia and the
+  Threshold Value it was decided at, both in percent; each class of the model Present / Absent
+  with its probability ("Probability of lobar pneumonia"). Probabilities are named as such,
+  never Certainty of Finding. Why a positive result has no regions, as a note;
+* the CAD Processing and Findings Summary (DCM 111017): all algorithms succeeded with findings,
+  without findings, or, for an image outside the training distribution, no algorithm succeeded
+  (DCM 111245). Such an image has no decision, neither Present, Absent nor Indeterminate: the
+  summary carries the gate's score and threshold and a note says why;
+* the triage flag where the bundle has a triage point and the image was assessed: SNOMED CT
+  "Priority", its value FHIR's request-priority (``urgent`` when raised, ``routine`` when not,
+  the coding a worklist orders by) with the SR's High / Normal priority beside it, and the
+  triage point.
 
 The Observations name the algorithm, a Device (model name, version, Device UID, manufacturer; a
 demonstration model says so), and derive from the study and the image.
@@ -66,89 +71,98 @@ class Finding(NamedTuple):
 
     Attributes:
         key: what its identifier is derived under, unique in the message.
-        name: the finding (Observation.code).
-        value: the decision (Observation.valueCodeableConcept).
+        name: what is observed (Observation.code).
+        value: the codings of its value, one concept (Observation.valueCodeableConcept).
         numbers: ``(name, value, unit)`` of each number stated with it (Observation.component).
-        interpretation: POS / NEG / IND, where the value is a decision on a finding.
-        note: a remark in words (why a positive result has no regions).
+        interpretation: POS / NEG, where the value is a decision on a finding.
+        note: a remark in words (why a positive result has no regions, why an image was not
+            assessed).
     """
 
     key: str
     name: Code
-    value: Coding
+    value: tuple[Coding, ...]
     numbers: tuple[tuple[Code, float, Code], ...] = ()
     interpretation: Coding | None = None
     note: str = ""
 
 
+#: Why an image has no decision, in the words the message uses for it.
+NOT_ASSESSED = "Not assessed: the image lies outside the model's training distribution"
+
+
 def findings(prediction: Prediction) -> list[Finding]:
-    """The Observations of one image: those the SR's Qualitative Evaluations state, in its order."""
+    """The Observations of one image, in the SR's order: its image-level group's decisions, each
+    with the numbers named for it, then its Qualitative Evaluations (TID 1500 row 12).
+
+    An image not assessed has no decision in the SR, so none here: the CAD Processing and
+    Findings Summary says so, with the gate's score and threshold, and no priority is stated.
+    """
     if not prediction.assessed:
-        return [
-            Finding(
-                "pneumonia",
-                codes.PNEUMONIA,
-                fhir_coding(codes.INDETERMINATE),
-                interpretation=codes.INDETERMINATE_RESULT,
-            ),
-            Finding(
-                "distribution", codes.WITHIN_DISTRIBUTION, fhir_coding(codes.NO), _gate(prediction)
-            ),
-        ]
-    # as the SR: a class of a softmax model is the most probable once pneumonia is present
-    class_threshold = prediction.operating_point if prediction.multi_label else None
+        return [_summary(prediction, _gate(prediction), NOT_ASSESSED)]
     found = [
         _decision(
             "pneumonia",
             codes.PNEUMONIA,
             prediction.positive,
-            prediction.pneumonia_probability,
-            prediction.operating_point,
+            (
+                (codes.probability_code("pneumonia"), prediction.pneumonia_probability),
+                (codes.THRESHOLD_VALUE, prediction.operating_point),
+            ),
         )._replace(note=prediction.regions_withheld),
         *(
             _decision(
                 f"class-{label}",
                 codes.finding_code(label),
                 prediction.present(label),
-                prediction.probability(label),
-                class_threshold,
+                ((codes.probability_code(label), prediction.probability(label)),),
             )
             for label in prediction.classes
             if label != prediction.normal_class
         ),
+        _summary(prediction),
     ]
-    if prediction.ood_threshold is not None:
-        found.append(
-            Finding(
-                "distribution", codes.WITHIN_DISTRIBUTION, fhir_coding(codes.YES), _gate(prediction)
-            )
-        )
     if prediction.triage_point is not None:
-        found.append(
-            Finding(
-                "triage",
-                codes.TRIAGE_FLAG,
-                codes.URGENT if prediction.triage else codes.ROUTINE,
-                ((codes.THRESHOLD_VALUE, 100.0 * prediction.triage_point, codes.PERCENT),),
-            )
-        )
+        found.append(_priority(prediction.triage, prediction.triage_point))
     return found
 
 
 def _decision(
-    key: str, name: Code, present: bool, probability: float, threshold: float | None
+    key: str, name: Code, present: bool, fractions: tuple[tuple[Code, float], ...]
 ) -> Finding:
-    """Present / Absent with the certainty and, where there is one, the threshold it was decided at."""
-    numbers = [(codes.CERTAINTY_OF_FINDING, 100.0 * probability, codes.PERCENT)]
-    if threshold is not None:
-        numbers.append((codes.THRESHOLD_VALUE, 100.0 * threshold, codes.PERCENT))
+    """Present / Absent, with the probabilities (and threshold) named for it, in percent."""
     return Finding(
         key,
         name,
-        fhir_coding(codes.PRESENT if present else codes.ABSENT),
-        tuple(numbers),
+        (fhir_coding(codes.PRESENT if present else codes.ABSENT),),
+        tuple((number, 100.0 * fraction, codes.PERCENT) for number, fraction in fractions),
         codes.POSITIVE if present else codes.NEGATIVE,
     )
+
+
+def _summary(
+    prediction: Prediction, numbers: tuple[tuple[Code, float, Code], ...] = (), note: str = ""
+) -> Finding:
+    """What the algorithm did (DCM 111017, CID 6047, as the SR's row 12 states it): with
+    findings, without findings, or no algorithm succeeded (the image was not assessed)."""
+    if not prediction.assessed:
+        summary = codes.NOT_ASSESSED
+    else:
+        summary = codes.WITH_FINDINGS if prediction.positive else codes.WITHOUT_FINDINGS
+    return Finding(
+        "summary", codes.CAD_PROCESSING_SUMMARY, (fhir_coding(summary),), numbers, note=note
+    )
+
+
+def _priority(raised: bool, triage_point: float) -> Finding:
+    """The triage flag as the SR's SNOMED CT Priority and as the FHIR request-priority a
+    worklist orders by (the first coding), with the triage point it was decided at."""
+    if raised:
+        value = (codes.URGENT, fhir_coding(codes.HIGH_PRIORITY))
+    else:
+        value = (codes.ROUTINE, fhir_coding(codes.NORMAL_PRIORITY))
+    threshold = ((codes.THRESHOLD_VALUE, 100.0 * triage_point, codes.PERCENT),)
+    return Finding("priority", codes.PRIORITY, value, threshold)
 
 
 def _gate(prediction: Prediction) -> tuple[tuple[Code, float, Code], ...]:
@@ -229,7 +243,7 @@ def _observation(finding: Finding, uid: str, device_url: str, about: Json) -> Js
         "code": {"coding": [_coding(fhir_coding(finding.name))], "text": finding.name.meaning},
         "device": {"reference": device_url},
         "derivedFrom": [about["study"], about["image"]],
-        "valueCodeableConcept": {"coding": [_coding(finding.value)]},
+        "valueCodeableConcept": {"coding": [_coding(coding) for coding in finding.value]},
     }
     if "effectiveDateTime" in about:
         observation["effectiveDateTime"] = about["effectiveDateTime"]
@@ -294,11 +308,11 @@ def conclusion(prediction: Prediction, model: ModelContract) -> str:
     """The result in one sentence a worklist shows, with the numbers the Observations state."""
     demo = "DEMONSTRATION model trained on synthetic images. " if model.demo else ""
     if not prediction.assessed:
-        said = "Not assessed: the image lies outside the model's training distribution"
+        said = NOT_ASSESSED
     else:
         said = (
             f"Pneumonia {'present' if prediction.positive else 'absent'}"
-            f" (certainty {100.0 * prediction.pneumonia_probability:.2f} %,"
+            f" (probability {100.0 * prediction.pneumonia_probability:.2f} %,"
             f" decided at {100.0 * prediction.operating_point:.2f} %)"
         )
         if prediction.positive:
