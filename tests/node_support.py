@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 if TYPE_CHECKING:
     from pacs_node.config import NodeConfig
@@ -608,3 +608,14 @@ def identity_of(source: Dataset, contract, config: NodeConfig | None = None) -> 
     from pacs_node.results.identity import ResultIdentity, rendition
 
     return ResultIdentity.of(source, contract, rendition(config or NodeConfig(), contract))
+
+
+def echo_ok(port: int, called: str = "DPNODE") -> bool:
+    """The node on ``port`` answers a C-ECHO (it is up, or up again after a restart)."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    assoc.release()
+    return True

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from node_support import chest_dataset, free_port, identity_of, wait_for
+from node_support import chest_dataset, echo_ok, free_port, identity_of, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from dp_model.bundle import load_bundle
 from pacs_node.delivery.cstore import RESULT_CLASSES
@@ -95,16 +95,6 @@ def start_node(config: Path, log) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         env=env,
     )
-
-
-def echo_ok(port: int) -> bool:
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DPNODE")
-    if not assoc.is_established:
-        return False
-    assoc.release()
-    return True
 
 
 @pytest.mark.slow

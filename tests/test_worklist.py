@@ -31,6 +31,7 @@ from node_support import (
     audit_lines,
     bundle_with,
     chest_dataset,
+    echo_ok,
     final_lines,
     free_port,
     identity_of,
@@ -43,8 +44,6 @@ from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from pacs_node import codes
 from pacs_node.config import NodeConfig
@@ -681,16 +680,6 @@ def test_a_message_whose_answer_never_came_is_asked_about_before_it_is_sent_agai
         server.shutdown()
 
 
-def _echo(port: int) -> bool:
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DPNODE")
-    if not assoc.is_established:
-        return False
-    assoc.release()
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("search", [True, False], ids=["server-searches", "server-cannot-search"])
 def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_the_node(
@@ -722,7 +711,7 @@ def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_th
     command = [sys.executable, "-m", "pacs_node.cli", "--config", str(config)]
     node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _echo(port), 60, "the node to answer C-ECHO")
+        wait_for(lambda: echo_ok(port), 60, "the node to answer C-ECHO")
         ds = sample(3)
         assert send(port, [ds]) == [StoreStatus.SUCCESS]
         wait_for(server.held.is_set, 30, "the transaction stored and its answer held")
