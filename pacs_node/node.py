@@ -247,10 +247,13 @@ class Node:
 
 def check_outputs(config: NodeConfig) -> list[ResultWriter]:
     """The writers of ``outputs``; a ConfigError naming the key when an output kind, a
-    destination's protocol, or a kind a destination lists is not one the node has, or when a
-    destination could never take anything the node writes."""
+    destination's protocol, or a kind a destination lists is not one the node has, when a
+    destination could never take anything the node writes, or when a kind would be written for
+    every image and taken by no destination (with destinations, ``output_dir`` is not used)."""
     writers = writers_for(config.outputs)
-    for index, destination in enumerate(config.parsed_destinations()):
+    taken: set[str] = set()
+    destinations = config.parsed_destinations()
+    for index, destination in enumerate(destinations):
         protocol = protocol_of(destination)
         listed = (
             writers_for(destination.outputs, f"destinations[{index}].outputs")
@@ -267,6 +270,12 @@ def check_outputs(config: NodeConfig) -> list[ResultWriter]:
             raise ConfigError(
                 f"destinations[{index}] ({protocol.name}) carries none of the outputs it would take: {', '.join(media)}"
             )
+        taken |= {kind for kind, m in media.items() if m in protocol.media_types}
+    untaken = [w.kind for w in writers if destinations and w.kind not in taken]
+    if untaken:
+        raise ConfigError(
+            f"outputs writes {', '.join(untaken)}, which no destination takes: add a destination that carries it, or remove it from outputs"
+        )
     return writers
 
 

@@ -242,6 +242,10 @@ def test_a_registered_kind_reaches_the_destination_whose_protocol_carries_it_and
             {"destinations": [{"url": "http://127.0.0.1:9/x", "protocol": "dimse"}]},
             "protocol of http://127.0.0.1:9/x: dimse sends to an AE title at a host and port, not to a web address",
         ),
+        (  # built for every image and sent nowhere: with destinations, output_dir is not used
+            {"outputs": ["sr", "fhir"], "destinations": ["PACS@127.0.0.1:9"]},
+            "outputs writes fhir, which no destination takes: add a destination that carries it, or remove it from outputs",
+        ),
     ],
 )
 def test_a_kind_or_protocol_the_node_does_not_have_is_a_configuration_error(
