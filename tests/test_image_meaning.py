@@ -188,6 +188,17 @@ def test_a_malformed_voi_lut_costs_the_lut_not_the_presentation_state(
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (15000, 30000)
 
 
+def test_the_windows_explanation_is_restated_as_one_value_beside_its_one_window(
+    rg1_path: Path, predictor: NodePredictor
+) -> None:
+    received = dcmread(rg1_path)
+    received.WindowCenter, received.WindowWidth = 15000, 30000
+    received.WindowCenterWidthExplanation = "center=109.932/width=233.467"
+    (voi,) = presentation(received, predictor, lobar()).SoftcopyVOILUTSequence
+    assert voi["WindowCenterWidthExplanation"].VM == voi["WindowCenter"].VM == 1
+    assert voi.WindowCenterWidthExplanation == "center=109.932/width=233.467"
+
+
 # --- 7: lossy history ---------------------------------------------------------------------------------
 
 

@@ -207,13 +207,66 @@ def test_every_setting_that_changes_what_a_result_says_changes_its_uids(
 
 
 def test_the_code_digest_reads_every_module_that_decides_a_results_content() -> None:
+    import importlib.util
+
     from pacs_node.results import identity
 
-    root = Path(identity.__file__).resolve().parents[1]
-    read = {
-        p.relative_to(root).as_posix()
-        for name in identity.RESULTS_CODE
-        for p in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py"))
-    }
-    assert {"results/report.py", "results/overlay.py", "model/prediction.py", "codes.py"} <= read
+    read = set()
+    for package, name in identity.RESULTS_CODE:
+        spec = importlib.util.find_spec(package)
+        root = Path(next(iter(spec.submodule_search_locations)))
+        where = root / name
+        read |= {
+            f"{package}/{p.relative_to(root).as_posix()}"
+            for p in (where.rglob("*.py") if where.is_dir() else [where])
+        }
+    assert {
+        "pacs_node/results/report.py",
+        "pacs_node/results/overlay.py",
+        "pacs_node/model/prediction.py",
+        "pacs_node/codes.py",
+        "pacs_node/intake/sanitize.py",
+        "dp_model/contract.py",
+        "dp_transforms/dicom.py",
+    } <= read
     assert len(identity.results_format()) == 16
+
+
+def test_every_setting_a_writer_reads_is_part_of_the_uids_and_changes_them(
+    demo_bundle: Path,
+) -> None:
+    # What the writers read of the node's configuration, from their source: a writer that starts
+    # reading another setting fails here until the setting is one of CONTENT_SETTINGS.
+    import re
+    from dataclasses import replace
+
+    from dp_model.bundle import load_bundle
+    from pacs_node.config import NodeConfig
+    from pacs_node.results import identity
+
+    folder = Path(identity.__file__).parent
+    read = {
+        name
+        for path in folder.glob("*.py")
+        for name in re.findall(r"\bconfig\.(\w+)", path.read_text())
+        if name != "parsed_destinations"
+    }
+    assert read <= set(identity.CONTENT_SETTINGS), read - set(identity.CONTENT_SETTINGS)
+    contract = load_bundle(demo_bundle)[1]
+    default = NodeConfig()
+    other = {
+        "operating_point": 0.99,
+        "ood_gate": False,
+        "heatmap_stage": 2,
+        "overlay_max_side": 1024,
+        "overlay_modality": "OT",
+    }
+    assert set(other) == set(identity.CONTENT_SETTINGS)
+    base = identity.rendition(default, contract)
+    for name, value in other.items():
+        if name == "heatmap_stage" and contract.localization is not None:
+            continue  # the bundle's own map source is drawn, whatever the stage
+        assert identity.rendition(replace(default, **{name: value}), contract) != base, name
+    # A bundle recalibrated keeps its weights and Device UID, and says other things.
+    warmer = replace(contract, temperature=contract.temperature * 2)
+    assert identity.rendition(default, warmer) != base

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from pacs_node.config import NodeConfig
 
 __all__ = [
+    "CONTENT_SETTINGS",
     "MANUFACTURER",
     "RESULTS_CODE",
     "ResultIdentity",
@@ -40,24 +43,53 @@ __all__ = [
     "results_format",
 ]
 
-#: The code that decides what a result says for a given image and model: the model runner and
-#: its prediction, the writers, the codes. Its digest is part of every result's UIDs, so a node
+#: The code that decides what a result says for a given image and model, as (package, path in
+#: it; "" for the whole package): the model runner and its prediction, the decision rules of the
+#: contract, the writers and their codes, the copy of the source's patient and study modules,
+#: the pixels the overlay is drawn from. Its digest is part of every result's UIDs, so a node
 #: whose code changed never sends a different object under an earlier object's UID; no version
 #: number has to be remembered and raised by hand.
-RESULTS_CODE = ("results", "model", "codes.py")
+RESULTS_CODE = (
+    ("pacs_node", "results"),
+    ("pacs_node", "model"),
+    ("pacs_node", "codes.py"),
+    ("pacs_node", "charsets.py"),
+    ("pacs_node", "intake/sanitize.py"),
+    ("dp_model", "contract.py"),
+    ("dp_transforms", ""),
+)
+#: The libraries whose version shows in, or shapes, a result's bytes (highdicom names itself in
+#: the Contributing Equipment; pydicom writes the files; Pillow draws the overlay's text).
+RESULTS_LIBRARIES = ("highdicom", "pydicom", "pillow")
 
 
 @functools.cache
 def results_format() -> str:
-    """The digest of :data:`RESULTS_CODE`'s Python sources, as installed."""
-    root = Path(__file__).resolve().parents[1]
+    """The digest of :data:`RESULTS_CODE`'s Python sources as installed, and of the versions of
+    :data:`RESULTS_LIBRARIES`."""
     digest = hashlib.sha256()
-    for name in RESULTS_CODE:
-        for path in (
-            sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
-        ):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for package, name in RESULTS_CODE:
+        spec = importlib.util.find_spec(package)  # found, not imported
+        assert spec is not None and spec.submodule_search_locations, package
+        root = Path(next(iter(spec.submodule_search_locations)))
+        where = root / name
+        for path in sorted(where.rglob("*.py")) if where.is_dir() else [where]:
+            label = f"{package}/{path.relative_to(root).as_posix()}"
+            digest.update(label.encode() + b"\0" + path.read_bytes())
+    for library in RESULTS_LIBRARIES:
+        digest.update(f"{library}=={importlib.metadata.version(library)}".encode())
     return digest.hexdigest()[:16]
+
+
+#: The node's settings that change what a result says (tests/test_node_identity.py keeps every
+#: other setting of NodeConfig on a list of those that do not, so a new one must be placed).
+CONTENT_SETTINGS = (
+    "operating_point",
+    "ood_gate",
+    "heatmap_stage",
+    "overlay_max_side",
+    "overlay_modality",
+)
 
 
 def rendition(config: NodeConfig, model: ModelContract) -> str:
@@ -65,18 +97,23 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
 
     The operating point in use (the configured one, else the bundle's), whether the
     out-of-distribution gate applies, the map's stage where the bundle names no map source
-    (otherwise the bundle's own source is drawn, whatever the stage), and
-    :func:`results_format`. The list of outputs is not part of it: adding a kind does not change
-    what the others say.
+    (otherwise the bundle's own source is drawn, whatever the stage), the overlay's size and
+    modality, the whole model contract (its points, gate, temperature: a bundle recalibrated
+    keeps its weights and Device UID), and :func:`results_format`. The list of outputs is not
+    part of it: adding a kind does not change what the others say.
     """
     point = model.present_point.threshold
+    contract = json.dumps(model.to_json(), sort_keys=True, default=str)
     settings = {
         "format": results_format(),
+        "contract": hashlib.sha256(contract.encode()).hexdigest(),
         "operating_point": repr(
             float(point if config.operating_point is None else config.operating_point)
         ),
         "ood_gate": bool(config.ood_gate),
         "heatmap_stage": config.heatmap_stage if model.localization is None else None,
+        "overlay_max_side": int(config.overlay_max_side),
+        "overlay_modality": str(config.overlay_modality),
     }
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -272,10 +272,13 @@ def _window(received: Dataset) -> hd.pr.SoftcopyVOILUTTransformation | None:
     usable = widths[0] > 0 if function == "LINEAR_EXACT" else widths[0] >= 1
     if not usable:
         return None
+    explanation = _explanation(received, "WindowCenterWidthExplanation")
+    # As one-item lists: highdicom 0.28 stores a str explanation as list(str), one value per
+    # character (VM 28 beside a WindowCenter of VM 1), which no validator notices.
     return hd.pr.SoftcopyVOILUTTransformation(
-        window_center=centres[0],
-        window_width=widths[0],
-        window_explanation=_explanation(received, "WindowCenterWidthExplanation"),
+        window_center=[centres[0]],
+        window_width=[widths[0]],
+        window_explanation=None if explanation is None else [explanation],
         voi_lut_function=function if function in VOI_FUNCTIONS else None,
     )
 
