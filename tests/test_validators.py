@@ -73,13 +73,9 @@ ALLOWED_WARNINGS = {
     # dcentvfy
     (
         "Warning - Different information entities for attribute - Element=<AccessionNumber> IE"
-        " <*> versus <*> for file <*> versus <*>"
+        " <*> versus <*> for file <**> versus <**>"
     ): "dcentvfy's tables: Series in image IODs, Study in SR; RG1's header relabelled SR gets it too",
     # PixelMed
-    (
-        'Warning: *: /CONTAINER (126000,DCM,"Imaging Measurement Report")/CONTAINER (C0034375,'
-        'UMLS,"Qualitative Evaluations")/CODE */NUM *: Content Item not in template'
-    ): "TID 1500 is extensible: certainty, threshold and OOD score qualify the decision they are in",
     (
         'Warning: *: /CONTAINER (126000,DCM,"Imaging Measurement Report")/CONTAINER (126010,DCM,'
         '"Imaging Measurements")/CONTAINER (125007,DCM,"Measurement Group")/CODE *: Content Item'
@@ -106,7 +102,7 @@ VALIDATOR_LIMITS = {
     **{
         (
             "Error: Template 1410 PlanarROIMeasurements/[Row 1] CONTAINER (125007,DCM,"
-            f'"Measurement Group")/{row}: within *: /CONTAINER (126000,DCM,"Imaging Measurement'
+            f'"Measurement Group")/{row}: within 1.9.1: /CONTAINER (126000,DCM,"Imaging Measurement'
             ' Report")/CONTAINER (126010,DCM,"Imaging Measurements")/CONTAINER (125007,DCM,'
             '"Measurement Group"): Missing conditional content item'
         ): "PixelMed 2022 checks the image-level TID 1501 group (no region by design, PS3.16"
@@ -128,8 +124,13 @@ class KnownProblem(Exception):
 
 
 def matches(pattern: str, line: str) -> bool:
-    """``line`` is ``pattern``, where each ``*`` of the pattern stands for any text."""
-    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), line) is not None
+    """``line`` is ``pattern``, where each ``*`` of the pattern stands for any text without a
+    ``/``: a ``*`` in a content item's path stands for one item, never for a deeper path;
+    ``**`` stands for any text."""
+    anything = [
+        "[^/]*".join(map(re.escape, part.split("*"))) for part in pattern.split("**")
+    ]  # ``**``: any text at all (a file's path)
+    return re.fullmatch(".*".join(anything), line) is not None
 
 
 def check(report: Report, known: list[str] | None = None) -> None:
