@@ -1,11 +1,12 @@
-"""The Deep Pneumonia DICOM node: receives chest X-rays, returns SR and SC results.
+"""The Deep Pneumonia DICOM node: receives chest X-rays, returns their results (an SR, an
+overlay, a presentation state, a worklist message).
 
 The data path, one folder per step, over a ground floor every step may use::
 
     intake/     listener -> spool -> screen, sanitize -> work queue
     model/      predictor: a bundle in, a Prediction per image out
-    results/    one writer per output kind (SR, SC, GSPS) -> Result
-    delivery/   outbox per destination -> transports (C-STORE, STOW-RS)
+    results/    one writer per output kind (SR, SC, GSPS, FHIR) -> Result
+    delivery/   outbox per destination -> transports (C-STORE, STOW-RS, FHIR)
 
     ground:     config, logs, metrics, audit, status, codes, files, uids
 

@@ -33,7 +33,7 @@ _PROTOCOL_LEVEL = logging.ERROR
 
 
 def describe(exc: BaseException) -> str:
-    """``ValueError in pacs_node/report.py:87 (build_report)``: the type and place, no message."""
+    """``ValueError in pacs_node/results/report.py:87 (build_report)``: the type and place, no message."""
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return type(exc).__name__

@@ -136,7 +136,7 @@ class ResultIdentity:
 
     @staticmethod
     def of(source: Dataset, model: ModelContract, rendition: str) -> ResultIdentity:
-        """The identity of the results of ``source`` (a :func:`~pacs_node.sanitize.clean_source`
+        """The identity of the results of ``source`` (a :func:`~pacs_node.intake.sanitize.clean_source`
         data set) under the settings digest ``rendition`` (:func:`rendition`)."""
         number = integer(source, "InstanceNumber")
         return ResultIdentity(

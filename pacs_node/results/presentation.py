@@ -1,8 +1,8 @@
 """The Grayscale Softcopy Presentation State: the regions and a short result line as graphics
 on the source image, which a PACS viewer draws over the original pixels and can switch off.
 
-Pure: the source data set (a :func:`~pacs_node.sanitize.clean_source` one, which carries
-Rows and Columns), a :class:`~pacs_node.predictor.Prediction` and the model's contract in,
+Pure: the source data set (a :func:`~pacs_node.intake.sanitize.clean_source` one, which carries
+Rows and Columns), a :class:`~pacs_node.model.prediction.Prediction` and the model's contract in,
 a GSPS (highdicom) out. A few kilobytes, where the overlay is megabytes; unlike the overlay,
 it leaves the diagnostic pixels untouched. Graphics are in the source's pixel units:
 

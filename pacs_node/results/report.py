@@ -1,7 +1,7 @@
 """The Structured Report: a TID 1500 Measurement Report (highdicom), in Comprehensive SR and,
 where a destination takes it, Comprehensive 3D SR.
 
-Pure: the source dataset, a :class:`~pacs_node.predictor.Prediction` and the model's
+Pure: the source dataset, a :class:`~pacs_node.model.prediction.Prediction` and the model's
 contract in, a validated dataset out. Read by machines (highdicom's TID 1500 reader, IHE AI
 Results displays), by generic SR renderers (dcmtk's ``dsr2html``) and by OHIF; every choice
 and the PS3.16 rows it follows are in docs/decisions.md ("The SR says what it means"):
