@@ -153,7 +153,7 @@ TINY = {"cia_net": {"image_size": 64, "bank_size": 4}}
 def test_every_registered_architecture_builds_and_gives_the_classifier_interface(name: str) -> None:
     """Walks the registry: a new entry is checked here without editing this test."""
     from dp_model.classifier import Classifier, ClassifierBase
-    from dp_model.explain import grad_cam, map_sources
+    from dp_model.explain import cam, grad_cam, map_sources
     from dp_model.registry import ARCHITECTURES
 
     entry = ARCHITECTURES[name]
@@ -180,6 +180,9 @@ def test_every_registered_architecture_builds_and_gives_the_classifier_interface
             net.class_maps(x)
     assert grad_cam(net, x, net.cam_layer).shape == (2, 1, 64, 64)
     assert "grad_cam" in map_sources(net) and ("cam" in map_sources(net)) == net.cam_exact
+    if net.cam_exact:  # logits = W . mean(cam_layer): Grad-CAM's weights are W / hw, the same map
+        net.eval()
+        assert torch.allclose(cam(net, x), grad_cam(net, x, net.cam_layer), atol=1e-4), name
 
 
 def test_attention_entries_take_mgacr_heads_and_the_others_refuse_them() -> None:
