@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit
@@ -118,6 +118,7 @@ class WebDestination:
     """
 
     url: str
+    _: KW_ONLY
     auth: Literal["none", "basic", "bearer"] = "none"
     user: str = ""
     secret_file: str = ""
@@ -272,7 +273,7 @@ def parse_destination(text: str) -> Destination | WebDestination:
     return Destination.parse(text)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TLSConfig:
     """Optional TLS (PS3.15 B.1). Empty ``cert`` on the listening side: plain TCP.
 
@@ -311,7 +312,7 @@ class TLSConfig:
         return bool(self.cert)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutboxConfig:
     """Delivery of results: one association per batch, exponential backoff, dead letters.
 
@@ -351,7 +352,7 @@ class OutboxConfig:
         check_seconds("outbox.stall_after_s", self.stall_after_s)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetentionConfig:
     """How long and how much of what got no result the node keeps for a person to look at.
 
@@ -416,7 +417,7 @@ OUTPUT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 OVERLAY_MODALITIES = ("source", "OT")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     """Everything ``dp-node`` needs; see ``configs/node.yaml`` for the documented defaults.
 

@@ -79,13 +79,13 @@ class Node:
             DestinationSender(
                 d,
                 outbox,
-                config.ae_title,
-                config.outbox,
-                self._delivered,
-                _sending_tls(config, d),
-                config.network_timeout_s,
-                lambda seconds: self.outcomes.emit(Sent(seconds=seconds)),
-                lambda *held: self.outcomes.emit(
+                calling_ae=config.ae_title,
+                config=config.outbox,
+                on_delivered=self._delivered,
+                tls=_sending_tls(config, d),
+                timeout_s=config.network_timeout_s,
+                on_sent=lambda seconds: self.outcomes.emit(Sent(seconds=seconds)),
+                on_held=lambda *held: self.outcomes.emit(
                     Held(destination=held[0], reason=held[1], detail=held[2])
                 ),
             )
@@ -102,7 +102,12 @@ class Node:
             prune_due=prune_due,
         )
         self.listener = Listener(
-            config, self.spool, self.audit, self.metrics, self._gate, self.pipeline.work.put
+            config,
+            spool=self.spool,
+            audit=self.audit,
+            metrics=self.metrics,
+            gate=self._gate,
+            enqueue=self.pipeline.work.put,
         )
         self.supervisor = Supervisor(
             config=config,

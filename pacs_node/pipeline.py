@@ -67,7 +67,7 @@ RETRY_INITIAL_S, RETRY_MAX_S = 2.0, 300.0
 MAX_MEMORY_RETRIES = 5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Item:
     """One received instance on its way through the worker; ``stage`` is the failure reason
     should the step under way raise."""
@@ -182,7 +182,7 @@ class Pipeline:
         paths = [p for p in paths if not self._crash_loop(p)]
         if not paths:
             return
-        items = [Item(path, self.spool.receipt(path)) for path in paths]
+        items = [Item(path=path, receipt=self.spool.receipt(path)) for path in paths]
         try:
             self.spool.begin(paths)  # before anything that could kill the process
         except OSError as exc:
@@ -405,7 +405,7 @@ class Pipeline:
         self.work.retry_later(item.path, delay)
 
     def _quarantined(self, path: Path, starts: int) -> None:
-        image = Item(path, self.spool.receipt(path)).image()
+        image = Item(path=path, receipt=self.spool.receipt(path)).image()
         detail = f"in flight, alone, at {starts} deaths of the node; quarantined"
         self.outcomes.emit(
             Failed(

@@ -38,12 +38,12 @@ def lobar(*boxes: tuple[float, float, float, float]) -> Prediction:
     """A confident lobar pneumonia with ``boxes`` as its regions."""
     found = np.asarray(boxes or [(300, 400, 900, 1200)], np.float32).reshape(-1, 4)
     return Prediction(
-        CLASSES,
-        np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
-        "normal",
-        0.5,
-        np.zeros((7, 7), np.float32),
-        found,
+        classes=CLASSES,
+        probabilities=np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=found,
         box_scores=(0.83,) * len(found),
     )
 
@@ -314,12 +314,12 @@ def test_an_output_whose_text_the_sources_character_set_cannot_hold_is_written_i
     script; the patient's Latin-1 name then travels in UTF-8, unchanged."""
     received = latin_1_chest()
     prediction = Prediction(
-        ("normal", "λ-pneumonia"),
-        np.array([0.2, 0.8]),
-        "normal",
-        0.5,
-        np.zeros((7, 7), np.float32),
-        np.array([[40, 60, 120, 200]], np.float32),
+        classes=("normal", "λ-pneumonia"),
+        probabilities=np.array([0.2, 0.8]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=np.array([[40, 60, 120, 200]], np.float32),
     )
     for output in (
         overlay(received, predictor, prediction),

@@ -111,7 +111,12 @@ def sender(tmp_path: Path, peer: Peer, deliveries: list, **settings) -> Destinat
         return deliveries.append((destination.port, uid, reason is None))
 
     return DestinationSender(
-        peer.destination, tmp_path / "outbox", "DPNODE", config, callback, timeout_s=5
+        peer.destination,
+        tmp_path / "outbox",
+        calling_ae="DPNODE",
+        config=config,
+        on_delivered=callback,
+        timeout_s=5,
     )
 
 
@@ -379,9 +384,9 @@ def recording_sender(
     s = DestinationSender(
         peer.destination,
         tmp_path / "outbox",
-        "DPNODE",
-        config,
-        lambda d, uid, source, reason: reports.append((uid, reason)),
+        calling_ae="DPNODE",
+        config=config,
+        on_delivered=lambda d, uid, source, reason: reports.append((uid, reason)),
         timeout_s=5,
     )
     return s, reports
@@ -630,12 +635,12 @@ def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest
     def saying(pneumonia: float) -> Prediction:
         probabilities = np.array([1 - pneumonia, pneumonia], dtype=np.float32)
         return Prediction(
-            ("normal", "pneumonia"),
-            probabilities,
-            "normal",
-            0.5,
-            np.zeros((4, 4)),
-            np.zeros((0, 4)),
+            classes=("normal", "pneumonia"),
+            probabilities=probabilities,
+            normal_class="normal",
+            operating_point=0.5,
+            heatmap=np.zeros((4, 4)),
+            boxes=np.zeros((0, 4)),
         )
 
     # across a rounding boundary at six decimals

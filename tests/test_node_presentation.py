@@ -26,12 +26,12 @@ BOX = (300, 400, 900, 1200)
 def lobar(boxes=(BOX,)) -> Prediction:
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     return Prediction(
-        CLASSES,
-        np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
-        "normal",
-        0.5,
-        np.zeros((7, 7), np.float32),
-        boxes,
+        classes=CLASSES,
+        probabilities=np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=boxes,
         box_scores=(0.83,) * len(boxes),
     )
 
@@ -119,12 +119,12 @@ def test_an_image_without_regions_gets_the_text_only(
     tmp_path: Path, rg1: Dataset, predictor: NodePredictor
 ) -> None:
     negative = Prediction(
-        CLASSES,
-        np.array([0.8, 0.05, 0.05, 0.05, 0.05]),
-        "normal",
-        0.5,
-        np.zeros((7, 7), np.float32),
-        np.zeros((0, 4), np.float32),
+        classes=CLASSES,
+        probabilities=np.array([0.8, 0.05, 0.05, 0.05, 0.05]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=np.zeros((0, 4), np.float32),
     )
     state = dcmread(gsps(tmp_path, rg1, predictor, negative))
     (annotation,) = state.GraphicAnnotationSequence

@@ -33,24 +33,24 @@ def positive(
     """A confident lobar pneumonia with one region, independent of the demo model's weights."""
     heat = np.zeros((7, 7), np.float32) if heatmap is None else heatmap
     return Prediction(
-        CLASSES,
-        np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
-        "normal",
-        0.5,
-        heat,
-        np.asarray(boxes, np.float32).reshape(-1, 4),
+        classes=CLASSES,
+        probabilities=np.array([0.1, 0.6, 0.1, 0.1, 0.1]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=heat,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
         box_scores=scores[: len(boxes)],
     )
 
 
 def negative() -> Prediction:
     return Prediction(
-        CLASSES,
-        np.array([0.8, 0.05, 0.05, 0.05, 0.05]),
-        "normal",
-        0.5,
-        np.zeros((7, 7), np.float32),
-        np.zeros((0, 4), np.float32),
+        classes=CLASSES,
+        probabilities=np.array([0.8, 0.05, 0.05, 0.05, 0.05]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=np.zeros((0, 4), np.float32),
     )
 
 
@@ -100,7 +100,14 @@ def test_real_extremity_is_screened_out_and_real_chest_is_not(rg1: Dataset) -> N
 def test_decision_follows_the_operating_point() -> None:
     probabilities = np.array([0.55, 0.05, 0.3, 0.05, 0.05])
     at = {
-        op: Prediction(CLASSES, probabilities, "normal", op, np.zeros((2, 2)), np.zeros((0, 4)))
+        op: Prediction(
+            classes=CLASSES,
+            probabilities=probabilities,
+            normal_class="normal",
+            operating_point=op,
+            heatmap=np.zeros((2, 2)),
+            boxes=np.zeros((0, 4)),
+        )
         for op in (0.4, 0.5)
     }
     assert (
@@ -123,14 +130,14 @@ def multi_label(
     """A multi-label model's answer: lobar and interstitial present, each with a region."""
     heat, boxes = np.zeros((7, 7), np.float32), np.asarray(boxes, np.float32).reshape(-1, 4)
     return Prediction(
-        FINDINGS,
-        np.array(probabilities),
-        "normal",
-        0.5,
-        heat,
-        boxes,
-        True,
-        box_labels,
+        classes=FINDINGS,
+        probabilities=np.array(probabilities),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=heat,
+        boxes=boxes,
+        multi_label=True,
+        box_labels=box_labels,
         box_scores=(0.71, 0.64)[: len(boxes)],
     )
 
@@ -420,12 +427,12 @@ def test_a_negative_report_states_each_decision_beside_its_threshold(
 ) -> None:
     contract = predictor.contract
     below = Prediction(
-        CLASSES,
-        np.array([0.14, 0.8, 0.02, 0.02, 0.02]),
-        "normal",
-        0.9,
-        np.zeros((7, 7), np.float32),
-        np.zeros((0, 4), np.float32),
+        classes=CLASSES,
+        probabilities=np.array([0.14, 0.8, 0.02, 0.02, 0.02]),
+        normal_class="normal",
+        operating_point=0.9,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=np.zeros((0, 4), np.float32),
     )
     sr = dcmread(
         written(tmp_path, build_report(rg1, below, contract, identity_of(rg1, contract)), "sr.dcm")

@@ -453,7 +453,12 @@ def test_a_listener_whose_threads_are_not_running_says_which(tmp_path: Path) -> 
     spool = Spool(config.spool)
     try:
         listener = Listener(
-            config, spool, AuditLog(config.audit_path), Metrics(), lambda: None, lambda _path: None
+            config,
+            spool=spool,
+            audit=AuditLog(config.audit_path),
+            metrics=Metrics(),
+            gate=lambda: None,
+            enqueue=lambda _path: None,
         )
         assert listener.problems() == [
             "the DICOM accept loop is not running",

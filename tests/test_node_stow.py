@@ -279,9 +279,9 @@ def sender(
     s = DestinationSender(
         destination,
         tmp_path / "outbox",
-        "DPNODE",
-        config,
-        recorder.delivered,
+        calling_ae="DPNODE",
+        config=config,
+        on_delivered=recorder.delivered,
         timeout_s=5,
         on_held=recorder.held,
     )

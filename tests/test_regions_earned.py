@@ -162,12 +162,12 @@ def test_the_overlay_of_a_positive_result_without_earned_regions_has_no_heat_and
 
     gray = np.tile(np.linspace(0.2, 0.8, 400, dtype=np.float32), (500, 1))
     lobar = Prediction(
-        ("normal", "lobar"),
-        np.array([0.1, 0.9]),
-        "normal",
-        0.5,
-        np.ones((7, 7), np.float32),
-        np.zeros((0, 4), np.float32),
+        classes=("normal", "lobar"),
+        probabilities=np.array([0.1, 0.9]),
+        normal_class="normal",
+        operating_point=0.5,
+        heatmap=np.ones((7, 7), np.float32),
+        boxes=np.zeros((0, 4), np.float32),
     )
     shown, _ = render(gray, lobar, demo=False, max_side=512)
     withheld, _ = render(

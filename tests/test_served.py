@@ -77,12 +77,12 @@ def test_the_served_rule_is_the_nodes_image_by_image() -> None:
     served = served_decisions(PROBABILITIES, OOD, contract())
     node = [
         Prediction(
-            CLASSES,
-            p,
-            "normal",
-            0.5,
-            np.zeros((2, 2)),
-            np.zeros((0, 4)),
+            classes=CLASSES,
+            probabilities=p,
+            normal_class="normal",
+            operating_point=0.5,
+            heatmap=np.zeros((2, 2)),
+            boxes=np.zeros((0, 4)),
             triage_point=0.8,
             ood_score=s,
             ood_threshold=10.0,

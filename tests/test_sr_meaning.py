@@ -456,9 +456,9 @@ def test_a_report_in_doubt_after_a_crash_is_asked_about_in_the_class_it_is_sent_
     sender = DestinationSender(
         Destination("RESULTS", "127.0.0.1", peer.port),
         tmp_path / "outbox",
-        "DPNODE",
-        OutboxConfig(initial_backoff_s=0.2, max_backoff_s=0.8),
-        lambda destination, uid, source, reason: delivered.append((uid, reason)),
+        calling_ae="DPNODE",
+        config=OutboxConfig(initial_backoff_s=0.2, max_backoff_s=0.8),
+        on_delivered=lambda destination, uid, source, reason: delivered.append((uid, reason)),
         timeout_s=5,
     )
     entry = sender.put(dcmread(found.path), "source")

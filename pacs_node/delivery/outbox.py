@@ -138,6 +138,7 @@ class DestinationSender:
         self,
         destination: Destination | WebDestination,
         root: Path,
+        *,
         calling_ae: str,
         config: OutboxConfig,
         on_delivered: Callable[[Destination | WebDestination, str, str, str | None], None]

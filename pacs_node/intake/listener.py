@@ -179,7 +179,7 @@ class Unparseable(Exception):
     """A data set whose encoding itself is broken (a deflate stream that does not inflate)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Connection:
     """One TCP connection, from accept to close."""
 
@@ -254,7 +254,7 @@ class Connections:
         self._open: list[Connection] = []
 
     def add(self, sock: socket.socket, peer: str) -> Connection:
-        connection = Connection(sock, peer, time.monotonic())
+        connection = Connection(sock=sock, peer=peer, opened=time.monotonic())
         with self._lock:
             self._open.append(connection)
         return connection
@@ -555,6 +555,7 @@ class Listener:
     def __init__(
         self,
         config: NodeConfig,
+        *,
         spool: Spool,
         audit: AuditLog,
         metrics: Metrics,

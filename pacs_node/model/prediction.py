@@ -15,7 +15,7 @@ import numpy as np
 from dp_model.contract import Decision, decide, pneumonia_classes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Prediction:
     """The model's answer for one image, in the source image's pixel frame.
 

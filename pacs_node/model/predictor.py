@@ -320,18 +320,18 @@ class NodePredictor:
         # The maps stay coarse (drawing resizes them); only the letterbox padding is cut away.
         maps = prepared.geometry.canvas_crop(canvas_maps).clamp(0, 1).numpy().astype(np.float32)
         draft = Prediction(
-            contract.output_classes,
-            probabilities,
-            contract.normal_class,
-            self.operating_point,
-            maps[0],
-            np.zeros((0, 4), np.float32),
-            contract.multi_label,
-            (),
-            contract.pneumonia,
-            None if contract.triage_point is None else contract.triage_point.threshold,
-            ood_score,
-            None
+            classes=contract.output_classes,
+            probabilities=probabilities,
+            normal_class=contract.normal_class,
+            operating_point=self.operating_point,
+            heatmap=maps[0],
+            boxes=np.zeros((0, 4), np.float32),
+            multi_label=contract.multi_label,
+            box_labels=(),
+            pneumonia=contract.pneumonia,
+            triage_point=None if contract.triage_point is None else contract.triage_point.threshold,
+            ood_score=ood_score,
+            ood_threshold=None
             if ood_score is None or contract.ood is None or not self.ood_gate
             else contract.ood.threshold,
         )

@@ -119,7 +119,7 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ResultIdentity:
     """UIDs and numbers of the results of one source image for one model."""
 
@@ -140,12 +140,12 @@ class ResultIdentity:
         data set) under the settings digest ``rendition`` (:func:`rendition`)."""
         number = integer(source, "InstanceNumber")
         return ResultIdentity(
-            str(source.SOPInstanceUID),
-            str(source.StudyInstanceUID),
-            model.device_uid,
-            number if number is not None and number >= 0 else 1,
-            model.demo,
-            rendition,
+            source_uid=str(source.SOPInstanceUID),
+            study_uid=str(source.StudyInstanceUID),
+            device_uid=model.device_uid,
+            instance_number=number if number is not None and number >= 0 else 1,
+            demo=model.demo,
+            rendition=rendition,
         )
 
     def instance_uid(self, role: str) -> str:
