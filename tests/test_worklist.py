@@ -556,7 +556,7 @@ def fhir_node(tmp_path: Path, predictor, server: FhirServer, **settings):
     return start_node(
         tmp_path,
         predictor,
-        outputs=("sr", "fhir"),
+        outputs=("fhir",),  # a node writes only what some destination takes
         destinations=[server.destination()],
         outbox=FAST_RETRY,
         **settings,
@@ -701,7 +701,7 @@ def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_th
                 "metrics_port": -1,
                 "device": "cpu",
                 "allow": ["TESTSCU", "PROBE"],
-                "outputs": ["sr", "fhir"],
+                "outputs": ["fhir"],
                 "destinations": [server.destination()],
                 "outbox": FAST_RETRY,
             }
@@ -756,10 +756,14 @@ def test_a_fhir_destination_takes_the_worklist_message_and_no_dicom_object(
 
     server = FhirServer()
     node = Node(
-        node_config(tmp_path, outputs=("sr", "fhir"), destinations=[server.destination()]),
+        node_config(
+            tmp_path,
+            outputs=("sr", "fhir"),
+            destinations=[server.destination(), "PACS@127.0.0.1:9"],
+        ),
         predictor,
     )
-    (sender,) = node.senders
+    sender = node.senders[0]
     assert sender.takes(message(contract, prediction()))
     assert not sender.takes(Result(kind="sr", label="SR", uid="2.25.1", data=b""))
     server.shutdown()
