@@ -99,6 +99,12 @@ CLASS_CODES: dict[str, Code] = {
 }
 
 
+#: What a single-label (softmax) model names when pneumonia is present: the most probable
+#: pneumonia class, valued with that class's code. Not a decision on the type (none is made at
+#: an operating point), so never Present or Absent (docs/decisions.md).
+MOST_PROBABLE_TYPE = Code("type", PRIVATE_SCHEME, "Most probable pneumonia type")
+
+
 def finding_code(label: str) -> Code:
     """The coded concept of one of the model's class labels (private scheme when unknown)."""
     key = label.strip().lower()

@@ -7,6 +7,7 @@ attributes a viewer or a hanging protocol reads are read back from the written f
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -328,7 +329,7 @@ def test_an_output_whose_text_the_sources_character_set_cannot_hold_is_written_i
         back = dcmread(io.BytesIO(Result.of_dataset(output, "x", "X").data))
         assert back.SpecificCharacterSet == "ISO_IR 192"
         assert str(back.PatientName) == LATIN_1_NAME
-        assert "Λ-pneumonia" in str(back.get("ImageComments", "")) + "".join(
+        assert "λ-pneumonia" in str(back.get("ImageComments", "")) + "".join(
             str(text.UnformattedTextValue)
             for annotation in back.get("GraphicAnnotationSequence", [])
             for text in annotation.TextObjectSequence
@@ -492,3 +493,62 @@ def _walk(items):
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+# --- 9: the verdict says what the model decided, and the overlay what was drawn ----------------------
+
+
+def types_below_the_threshold(**change) -> Prediction:
+    """A single-label pneumonia at 70 % (threshold 60 %) whose most probable type, cavitary, is
+    at 25 %: every type below the threshold, as on the demo bundle's first sample."""
+    found = Prediction(
+        CLASSES,
+        np.array([0.3, 0.2, 0.1, 0.15, 0.25]),
+        "normal",
+        0.6,
+        np.zeros((7, 7), np.float32),
+        np.asarray([(300, 400, 900, 1200)], np.float32),
+        box_scores=(0.83,),
+    )
+    return dataclasses.replace(found, **change)
+
+
+def test_the_verdict_names_the_most_probable_type_as_most_likely_not_as_a_finding(
+    predictor: NodePredictor,
+) -> None:
+    """A softmax model decides pneumonia at its operating point and names the most probable
+    type; it decides no type. The overlay's and the presentation state's text say so."""
+    received = chest_dataset()
+    prediction = types_below_the_threshold()
+    assert prediction.positive and prediction.label == "cavitary"
+    said = str(overlay(received, predictor, prediction).ImageComments)
+    assert "most likely cavitary (25%)" in said, said
+    assert said.startswith("Pneumonia") and "threshold 60%" in said, said
+    assert "Finding" not in said and "Lobar" not in said and "Interstitial" not in said, said
+    state = presentation(received, predictor, prediction)
+    texts = [
+        str(text.UnformattedTextValue)
+        for annotation in state.GraphicAnnotationSequence
+        for text in annotation.get("TextObjectSequence", [])
+    ]
+    assert any(said in text for text in texts), texts
+
+
+@pytest.mark.parametrize("case", ["negative", "not assessed"])
+def test_an_overlay_with_only_its_banner_drawn_claims_no_heat_map_or_regions(
+    predictor: NodePredictor, case: str
+) -> None:
+    """PS3.3 C.8.6.2 / C.7.6.1.1.4: the Derivation Description says how the image was derived;
+    for a negative or an image not assessed that is the band of text and nothing over the film."""
+    change: dict = {"probabilities": np.array([0.8, 0.05, 0.05, 0.05, 0.05])}
+    change["boxes"] = np.zeros((0, 4), np.float32)
+    if case == "not assessed":
+        change |= {"ood_score": 50.0, "ood_threshold": 7.5}
+    sc = overlay(chest_dataset(), predictor, types_below_the_threshold(**change))
+    described = str(sc.DerivationDescription).lower()
+    assert "heat map" not in described and "region" not in described, described
+    assert "result line" in described or "verdict" in described, described
+    drawn = str(
+        overlay(chest_dataset(), predictor, types_below_the_threshold()).DerivationDescription
+    )
+    assert "heat map" in drawn and "region" in drawn, drawn

@@ -279,7 +279,9 @@ def test_report_passes_dciodvfy_and_dsrdump_shows_finding_and_score(
     dump = run_tool("dsrdump", path).stdout
     assert 'CODE:(,,"Pneumonia")=(52101004,SCT,"Present")' in dump
     assert 'NUM:(,,"Probability of pneumonia")="90.0" (%,UCUM,"Percent")' in dump
-    assert 'CODE:(,,"Lobar pneumonia")=(52101004,SCT,"Present")' in dump
+    # a softmax model's type is chosen, not decided: named as the most probable, never Present
+    assert 'CODE:(,,"Most probable pneumonia type")=(278516003,SCT,"Lobar pneumonia")' in dump
+    assert 'CODE:(,,"Lobar pneumonia")=(52101004,SCT,"Present")' not in dump
     # the region's finding
     assert 'contains CODE:(,,"Finding")=(278516003,SCT,"Lobar pneumonia")' in dump
     assert "SCOORD" in dump and "POLYLINE" in dump
@@ -413,10 +415,7 @@ def test_report_is_what_a_viewer_draws_and_a_machine_reads(
     assert region == {"Lobar pneumonia region score": 0.83}
     assert group_decisions(groups[0]) == {
         "Pneumonia": "Present",
-        "Lobar pneumonia": "Present",
-        "Bronchopneumonia": "Absent",
-        "Interstitial pneumonia": "Absent",
-        "Cavitary pneumonia": "Absent",
+        "Most probable pneumonia type": "Lobar pneumonia",
     }
     schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
     assert schemes == {codes.PRIVATE_SCHEME, codes.IHE_SCHEME}

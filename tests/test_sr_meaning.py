@@ -140,13 +140,25 @@ def key(code) -> tuple[str, str]:
     return str(code.value), str(code.scheme_designator)
 
 
-def findings(prediction: Prediction) -> list[tuple[str, bool]]:
-    """Each finding the model decides, with its decision: pneumonia, then each class."""
-    return [(codes.PNEUMONIA.meaning, prediction.positive)] + [
-        (codes.finding_code(label).meaning, prediction.present(label))
-        for label in prediction.classes
-        if label != prediction.normal_class
-    ]
+def findings(prediction: Prediction) -> list[tuple[str, str]]:
+    """What the image-level group states, as ``(name, value)``: pneumonia Present / Absent,
+    then, for a multi-label model, each finding Present / Absent, for a single-label one with
+    pneumonia present the most probable type (chosen, not decided)."""
+    said = "Present" if prediction.positive else "Absent"
+    stated = [(codes.PNEUMONIA.meaning, said)]
+    if prediction.multi_label:
+        stated += [
+            (
+                codes.finding_code(label).meaning,
+                "Present" if prediction.present(label) else "Absent",
+            )
+            for label in prediction.classes
+            if label != prediction.normal_class
+        ]
+    elif prediction.most_probable_type is not None:
+        chosen = codes.finding_code(prediction.most_probable_type).meaning
+        stated.append((codes.MOST_PROBABLE_TYPE.meaning, chosen))
+    return stated
 
 
 def rendered(path: Path) -> str:
@@ -170,8 +182,7 @@ def test_every_container_is_separate_so_a_generic_renderer_names_each_finding(
     containers = [ds, *(item for item in items(ds) if item.ValueType == "CONTAINER")]
     assert {str(c.ContinuityOfContent) for c in containers} == {"SEPARATE"}
     text = rendered(found.path)
-    for meaning, present in findings(found.prediction):
-        value = "Present" if present else "Absent"
+    for meaning, value in findings(found.prediction):
         assert re.search(rf"{re.escape(meaning)} ?: {value} \(", text), (meaning, value, text)
     dump = run_tool("dsrdump", found.path).stdout
     assert '<CONTAINER:(,,"Imaging Measurement Report")=SEPARATE>' in dump
@@ -225,9 +236,7 @@ def test_the_image_level_result_is_a_measurement_group_highdicom_finds_without_a
         finding_type=codes.PNEUMONIA, referenced_sop_instance_uid=source_uid
     )
     evaluations = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
-    assert evaluations == {
-        meaning: ("Present" if present else "Absent") for meaning, present in findings(prediction)
-    }
+    assert evaluations == dict(findings(prediction))
     measured = {m.name.meaning: m.value for m in group.get_measurements()}
     assert measured[codes.THRESHOLD_VALUE.meaning] == pytest.approx(
         100 * prediction.operating_point, abs=0.006
@@ -240,6 +249,64 @@ def test_the_image_level_result_is_a_measurement_group_highdicom_finds_without_a
         outline = region.roi.value.reshape(-1, 2)
         width, height = outline.max(axis=0) - outline.min(axis=0)
         assert (width, height) != (found.source.Columns, found.source.Rows)
+
+
+# --- 4b. a single-label model names the most probable type; it decides none ----------------------------
+
+
+def type_statements(found: Case) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Every coded statement of the report about a pneumonia type: a type stated Present or
+    Absent, or named as the most probable one."""
+    prediction = found.prediction
+    types = {
+        key(codes.finding_code(label))
+        for label in prediction.classes
+        if label != prediction.normal_class
+    }
+    return [
+        (name_of(item), value_of(item))
+        for item in items(found.dataset)
+        if item.ValueType == "CODE"
+        and (name_of(item) in types or name_of(item) == key(codes.MOST_PROBABLE_TYPE))
+    ]
+
+
+def test_a_positive_single_label_report_names_the_most_probable_type_and_states_no_type_absent(
+    cases: dict[str, Case],
+) -> None:
+    """A softmax model decides pneumonia at its operating point and then names the most probable
+    pneumonia class (``contract.decide``): no type is decided, so none is stated Absent, and the
+    one named is named as the most probable, not Present below the threshold printed beside it."""
+    found = cases["positive"]
+    prediction = found.prediction
+    assert not prediction.multi_label
+    types = [label for label in prediction.classes if label != prediction.normal_class]
+    # the demo's first sample: every type below the operating point, pneumonia above it
+    assert all(prediction.probability(label) < prediction.operating_point for label in types)
+    assert prediction.label == max(types, key=prediction.probability)
+    stated = type_statements(found)
+    assert key(codes.ABSENT) not in {value for _, value in stated}, stated
+    assert key(codes.PRESENT) not in {value for _, value in stated}, stated
+    (group,) = found.report.get_image_measurement_groups(finding_type=codes.PNEUMONIA)
+    evaluations = [(key(e.name), key(e.value)) for e in group.get_qualitative_evaluations()]
+    assert evaluations == [
+        (key(codes.PNEUMONIA), key(codes.PRESENT)),
+        (key(codes.MOST_PROBABLE_TYPE), key(codes.finding_code(prediction.label))),
+    ]
+    comment = [
+        str(item.TextValue)
+        for item in items(found.dataset)
+        if item.ValueType == "TEXT" and name_of(item) == key(codes.COMMENT)
+    ]
+    assert any("most likely" in text for text in comment), comment
+
+
+@pytest.mark.parametrize("case", ["negative", "not assessed"])
+def test_a_report_without_pneumonia_makes_no_type_statement(
+    cases: dict[str, Case], case: str
+) -> None:
+    """Pneumonia Absent is the whole decision (not assessed: no decision at all)."""
+    assert type_statements(cases[case]) == []
 
 
 # --- 5. "not assessed" in DICOM's terms ----------------------------------------------------------------

@@ -225,6 +225,20 @@ def prediction(
     )
 
 
+def types_below() -> Prediction:
+    """A softmax pneumonia at 75 % (threshold 60 %) whose types are each below the threshold:
+    lobar at 40 % is the most probable."""
+    return Prediction(
+        classes=("normal", "lobar", "interstitial"),
+        probabilities=np.array([0.25, 0.4, 0.35]),
+        normal_class="normal",
+        operating_point=0.6,
+        heatmap=np.zeros((4, 4)),
+        boxes=np.zeros((0, 4)),
+        triage_point=0.7,
+    )
+
+
 def context(contract, predicted: Prediction, source: Dataset | None = None) -> ResultContext:
     source = source or chest_dataset()
     return ResultContext(
@@ -442,8 +456,18 @@ def _fhir_statements(result) -> tuple[Counter, dict[str, float]]:
         (prediction(lobar=0.9, multi_label=True), "urgent"),
         (prediction(lobar=0.8, withheld="regions are not drawn: not measured"), "urgent"),
         (prediction(ood_score=50.0), None),
+        (types_below(), "urgent"),
     ],
-    ids=["flagged", "positive", "negative", "no-triage-point", "multi-label", "withheld", "ood"],
+    ids=[
+        "flagged",
+        "positive",
+        "negative",
+        "no-triage-point",
+        "multi-label",
+        "withheld",
+        "ood",
+        "types-below",
+    ],
 )
 def test_the_observations_state_the_decision_the_sr_states_and_the_flag_as_a_priority(
     contract, predicted: Prediction, priority: str | None
@@ -474,12 +498,16 @@ def test_the_observations_state_the_decision_the_sr_states_and_the_flag_as_a_pri
         assert (first["system"], first["code"]) == (PRIORITY, priority)
         high = priority == "urgent"
         assert sct["code"] == (codes.HIGH_PRIORITY if high else codes.NORMAL_PRIORITY).value
-    # each probability lies on the Observation of the finding it is named for
+    # each probability lies on the Observation of the finding it is named for (a softmax
+    # model's type probabilities, decided on by no one, beside pneumonia's)
     for observation in observations:
         meaning = observation["code"]["text"]
+        if meaning == codes.MOST_PROBABLE_TYPE.meaning:
+            meaning = observation["valueCodeableConcept"]["coding"][0]["display"]
+        beside = meaning == codes.PNEUMONIA.meaning and not predicted.multi_label
         for component in observation.get("component", []):
             display = component["code"]["coding"][0]["display"]
-            if display.startswith("Probability of "):
+            if display.startswith("Probability of ") and not beside:
                 assert display == f"Probability of {meaning[:1].lower()}{meaning[1:]}"
     text = result.data.decode()
     assert "Certainty" not in text and "Indeterminate" not in text
@@ -500,7 +528,7 @@ def test_the_observations_state_the_decision_the_sr_states_and_the_flag_as_a_pri
     pneumonia = by_code[codes.PNEUMONIA.value]
     interpretation = pneumonia["interpretation"][0]["coding"][0]["code"]
     assert interpretation == ("POS" if predicted.positive else "NEG")
-    assert [c["code"]["coding"][0]["code"] for c in pneumonia["component"]] == [
+    assert [c["code"]["coding"][0]["code"] for c in pneumonia["component"]][:2] == [
         codes.probability_code("pneumonia").value,
         codes.THRESHOLD_VALUE.value,
     ]
@@ -514,6 +542,45 @@ def test_the_observations_state_the_decision_the_sr_states_and_the_flag_as_a_pri
             "code": codes.PNEUMONIA.value,
             "display": "Pneumonia",
         } in [c["coding"][0] for c in report["conclusionCode"]]
+
+
+@pytest.mark.parametrize("case", ["types-below", "negative", "multi-label"])
+def test_a_softmax_model_names_the_most_probable_type_and_decides_none(contract, case: str) -> None:
+    """The type of a softmax model's pneumonia is its most probable pneumonia class, chosen
+    after pneumonia was decided (``contract.decide``): one Observation names it, with its
+    probability; no type is POS or NEG. A negative states pneumonia alone. A multi-label model
+    decides each finding at its operating point, and each is stated so."""
+    predicted = {
+        "types-below": types_below(),
+        "negative": prediction(lobar=0.2),
+        "multi-label": prediction(lobar=0.9, multi_label=True),
+    }[case]
+    observations = resources(message(contract, predicted))["Observation"]
+    by_code = {o["code"]["coding"][0]["code"]: o for o in observations}
+    types = {codes.finding_code(label).value for label in ("lobar", "interstitial")}
+    decided = {
+        code: o["interpretation"][0]["coding"][0]["code"]
+        for code, o in by_code.items()
+        if "interpretation" in o
+    }
+    if case == "multi-label":
+        assert decided == {codes.PNEUMONIA.value: "POS", **dict.fromkeys(types, "POS")}
+        assert codes.MOST_PROBABLE_TYPE.value not in by_code
+        return
+    assert decided == {codes.PNEUMONIA.value: "POS" if predicted.positive else "NEG"}
+    assert not types & by_code.keys()
+    (report,) = resources(message(contract, predicted))["DiagnosticReport"]
+    if not predicted.positive:
+        assert codes.MOST_PROBABLE_TYPE.value not in by_code
+        assert "most likely" not in report["conclusion"]
+        return
+    named = by_code[codes.MOST_PROBABLE_TYPE.value]
+    (value,) = named["valueCodeableConcept"]["coding"]
+    assert value["code"] == codes.finding_code("lobar").value
+    (number,) = named["component"]
+    assert number["code"]["coding"][0]["display"] == "Probability of lobar pneumonia"
+    assert number["valueQuantity"]["value"] == 40.0
+    assert "most likely lobar pneumonia (40.00 %)" in report["conclusion"], report["conclusion"]
 
 
 # --- delivering it ------------------------------------------------------------------------------

@@ -97,6 +97,16 @@ class Prediction:
         """The most probable pneumonia class when positive, else the normal class."""
         return self.decision.label if self.positive else self.normal_class
 
+    @property
+    def most_probable_type(self) -> str | None:
+        """The pneumonia type a single-label (softmax) model names when pneumonia is present:
+        its most probable pneumonia class, chosen after pneumonia was decided, never itself
+        decided at an operating point. None when negative, not assessed, or multi-label (each
+        finding of a multi-label model is decided at its own operating point: :attr:`findings`)."""
+        if self.multi_label or not self.positive or self.label == self.normal_class:
+            return None
+        return self.label
+
     def probability(self, label: str) -> float:
         """The model's probability of ``label`` (of no finding, for the normal class of a multi-label model)."""
         if self.multi_label and label == self.normal_class:

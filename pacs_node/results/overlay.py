@@ -106,8 +106,11 @@ def render(
     shape = _scaled(pixels.shape, scale)
     gray = _resize(pixels, shape)
     # The map only where it says something: a positive result whose regions are shown, at their threshold.
-    shown = prediction.heatmap.size and prediction.positive and not prediction.regions_withheld
-    heat = _resize(prediction.heatmap, shape) if shown else np.zeros(shape, np.float32)
+    heat = (
+        _resize(prediction.heatmap, shape)
+        if heat_shown(prediction)
+        else np.zeros(shape, np.float32)
+    )
     # Heat levels index a 256-entry palette (colour) and table (opacity); PIL composites in C.
     level = Image.fromarray(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     colour = level.copy()
@@ -116,6 +119,23 @@ def render(
     radiograph = Image.composite(colour.convert("RGB"), base, level.point(HEAT_OPACITY))
     _draw_regions(radiograph, prediction, scale)
     return np.asarray(_with_band(radiograph, prediction, demo)), scale
+
+
+def heat_shown(prediction: Prediction) -> bool:
+    """Whether the heat map is blended in: a positive result whose regions are shown."""
+    return bool(prediction.heatmap.size and prediction.positive and not prediction.regions_withheld)
+
+
+def drawn(prediction: Prediction) -> str:
+    """What the overlay burns in, in words (its Derivation Description, PS3.3 C.7.6.1.1.4):
+    the band, and the heat map and regions only where :func:`render` draws them."""
+    parts = ["result line"]
+    if heat_shown(prediction):
+        parts.append("lesion heat map")
+    if len(prediction.boxes):
+        labelled = " with their findings" if prediction.box_labels else ""
+        parts.append(f"{len(prediction.boxes)} lesion region(s){labelled}")
+    return f"{BANNER}: {', '.join(parts)} of Deep Pneumonia burned in"
 
 
 def _scaled(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
@@ -133,21 +153,35 @@ def name(label: str) -> str:
 
 
 def verdict(prediction: Prediction) -> str:
-    """The result line burned into the overlay."""
+    """The result line burned into the overlay: what the model decided, and no more.
+
+    A single-label model decides pneumonia at its operating point and then names its most
+    probable type, which is not itself decided: "Pneumonia - probability 83% (threshold 61%),
+    most likely cavitary (47%)". A multi-label model's findings are each decided.
+    """
     if not prediction.assessed:
         return "NOT ASSESSED: image outside the model's training distribution"
-    chance = f"pneumonia probability {100 * prediction.pneumonia_probability:.0f}%"
-    if prediction.triage:
-        chance += " - TRIAGE FLAG"
+    flag = " - TRIAGE FLAG" if prediction.triage else ""
     if prediction.multi_label and prediction.positive:
         return "Findings: " + ", ".join(
             f"{name(label)} {100 * p:.0f}%" for label, p in prediction.findings
         )
-    return (
-        f"Finding: {name(prediction.label)} - {chance}"
-        if prediction.positive
-        else f"No pneumonia at the operating point - {chance}"
-    )
+    percent = f"{100 * prediction.pneumonia_probability:.0f}%"
+    if not prediction.positive:
+        return f"No pneumonia at the operating point - pneumonia probability {percent}"
+    said = f"Pneumonia - probability {percent} (threshold {100 * prediction.operating_point:.0f}%)"
+    chosen = prediction.most_probable_type
+    if chosen is not None:
+        said += f", most likely {type_name(chosen)} ({100 * prediction.probability(chosen):.0f}%)"
+    return said + flag
+
+
+def type_name(label: str) -> str:
+    """A pneumonia type as the verdict names it after "most likely": "cavitary",
+    "bronchopneumonia" (its coded meaning, lower case, without a trailing "pneumonia")."""
+    meaning = name(label)
+    short = meaning.removesuffix(" pneumonia") if meaning.lower() != "pneumonia" else meaning
+    return short[:1].lower() + short[1:]
 
 
 def _font(side: int) -> ImageFont.FreeTypeFont:
@@ -257,6 +291,7 @@ def build_overlay(
     # removed, de-identification method ...) as for the other outputs (PS3.3 C.7.1.1, C.7.2)
     sc.copy_patient_and_study_information(source)
     _describe(sc, source, identity)
+    sc.DerivationDescription = drawn(prediction)[:1024]
     radiograph = _scaled(pixels.shape, scale)
     _spacing(sc, received, _factors(source, radiograph))
     _what_it_shows(sc, received)
@@ -279,9 +314,6 @@ def _describe(sc: Dataset, source: Dataset, identity: ResultIdentity) -> None:
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.SeriesDescription = identity.series_description("overlay")
-    sc.DerivationDescription = (
-        f"{BANNER}: lesion heat map, regions, class and score of Deep Pneumonia burned in"[:1024]
-    )
     laterality = source.get("Laterality") or source.get("ImageLaterality")
     if laterality in ("R", "L"):
         sc.Laterality = laterality

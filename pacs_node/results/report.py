@@ -10,9 +10,12 @@ and the PS3.16 rows it follows are in docs/decisions.md ("The SR says what it me
 * **Imaging Measurements** (TID 1500 row 6): first the image-level result, a TID 1501
   Measurement Group on the source image (its "Source" IMAGE item), no region: Finding
   Pneumonia, the model's probability of pneumonia and of each pneumonia class as
-  probabilities ("Probability of lobar pneumonia", percent), the Threshold Value it was
-  decided at, and each decision Present / Absent as a qualitative evaluation (negatives
-  stated, not omitted); the verdict in words as a Comment. An image outside the training
+  probabilities ("Probability of lobar pneumonia", percent), the Threshold Value pneumonia
+  was decided at, and each decision Present / Absent as a qualitative evaluation (negatives
+  stated, not omitted): for a multi-label model pneumonia and each finding, each decided at
+  its operating point; for a single-label model pneumonia alone and, when present, the "Most
+  probable pneumonia type" valued with the type's code (a type is chosen, never decided, so
+  never stated Present or Absent); the verdict in words as a Comment. An image outside the training
   distribution gets the gate's score and threshold, no finding and no decision. The first
   number is INFERRED FROM the whole image's outline (TID 300, TID 320): what it was computed
   from, and what OHIF needs to show the group at all. Then one TID 1410 group per lesion
@@ -308,17 +311,33 @@ def _numbers(prediction: Prediction) -> list[tuple[Code, float | None, Code]]:
 
 
 def _decisions(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
-    """Pneumonia and each of its classes, Present or Absent (none for an image not assessed)."""
+    """What the model decided (none for an image not assessed): pneumonia Present or Absent;
+    for a multi-label model each finding too, at its own operating point; for a single-label
+    one, when present, the most probable type (:func:`_most_probable`), no type decided."""
     if not prediction.assessed:
         return []
-    decided = [(codes.PNEUMONIA, prediction.positive)] + [
-        (codes.finding_code(label), prediction.present(label))
-        for label in prediction.classes
-        if label != prediction.normal_class
-    ]
+    decided = [(codes.PNEUMONIA, prediction.positive)]
+    if prediction.multi_label:
+        decided += [
+            (codes.finding_code(label), prediction.present(label))
+            for label in prediction.classes
+            if label != prediction.normal_class
+        ]
     return [
         hd.sr.QualitativeEvaluation(name=name, value=codes.PRESENT if present else codes.ABSENT)
         for name, present in decided
+    ] + _most_probable(prediction)
+
+
+def _most_probable(prediction: Prediction) -> list[hd.sr.QualitativeEvaluation]:
+    """A single-label model's pneumonia type: "Most probable pneumonia type" valued with the
+    type's code. The model chose it as the most probable pneumonia class, not at an operating
+    point, so it is neither Present nor Absent (its probability is the group's number)."""
+    chosen = prediction.most_probable_type
+    if chosen is None:
+        return []
+    return [
+        hd.sr.QualitativeEvaluation(name=codes.MOST_PROBABLE_TYPE, value=codes.finding_code(chosen))
     ]
 
 
@@ -405,8 +424,19 @@ def _region_group(
         finding_type=finding,
         algorithm_id=algorithm,
         measurements=score,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=codes.PRESENT)],
+        qualitative_evaluations=_region_decisions(prediction, finding),
     )
+
+
+def _region_decisions(prediction: Prediction, finding: Code) -> list[hd.sr.QualitativeEvaluation]:
+    """A region's finding Present where the model decided it (multi-label); for a single-label
+    model, pneumonia Present and the region's finding as the most probable type."""
+    if prediction.multi_label:
+        return [hd.sr.QualitativeEvaluation(name=finding, value=codes.PRESENT)]
+    return [
+        hd.sr.QualitativeEvaluation(name=codes.PNEUMONIA, value=codes.PRESENT),
+        hd.sr.QualitativeEvaluation(name=codes.MOST_PROBABLE_TYPE, value=finding),
+    ]
 
 
 class ReportWriter:

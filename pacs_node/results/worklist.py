@@ -9,9 +9,12 @@ the same decision, the same numbers rounded the same way, nothing more (docs/dec
 worklist message says what the SR says"):
 
 * pneumonia Present / Absent (interpretation POS / NEG) with the probability of pneumonia and the
-  Threshold Value it was decided at, both in percent; each class of the model Present / Absent
-  with its probability ("Probability of lobar pneumonia"). Probabilities are named as such,
-  never Certainty of Finding. Why a positive result has no regions, as a note;
+  Threshold Value it was decided at, both in percent. A multi-label model: each finding Present /
+  Absent with its probability ("Probability of lobar pneumonia"), each decided at its operating
+  point. A single-label model decides no type: the probability of each type is a number beside
+  pneumonia, and when pneumonia is present one Observation "Most probable pneumonia type" names
+  the type with its probability, neither POS nor NEG. Probabilities are named as such, never
+  Certainty of Finding. Why a positive result has no regions, as a note;
 * the CAD Processing and Findings Summary (DCM 111017): all algorithms succeeded with findings,
   without findings, or, for an image outside the training distribution, no algorithm succeeded
   (DCM 111245). Such an image has no decision, neither Present, Absent nor Indeterminate: the
@@ -100,16 +103,35 @@ def findings(prediction: Prediction) -> list[Finding]:
     """
     if not prediction.assessed:
         return [_summary(prediction, _gate(prediction), NOT_ASSESSED)]
-    found = [
-        _decision(
-            "pneumonia",
-            codes.PNEUMONIA,
-            prediction.positive,
-            (
-                (codes.probability_code("pneumonia"), prediction.pneumonia_probability),
-                (codes.THRESHOLD_VALUE, prediction.operating_point),
-            ),
-        )._replace(note=prediction.regions_withheld),
+    found = (_each_decided(prediction) if prediction.multi_label else _type_chosen(prediction)) + [
+        _summary(prediction)
+    ]
+    if prediction.triage_point is not None:
+        found.append(_priority(prediction.triage, prediction.triage_point))
+    return found
+
+
+def _pneumonia(prediction: Prediction, others: tuple[tuple[Code, float], ...] = ()) -> Finding:
+    """Pneumonia Present / Absent with its probability and the threshold it was decided at,
+    then ``others``: probabilities stated with it, no decision of their own."""
+    numbers = (
+        (codes.probability_code("pneumonia"), prediction.pneumonia_probability),
+        (codes.THRESHOLD_VALUE, prediction.operating_point),
+        *others,
+    )
+    return _decision("pneumonia", codes.PNEUMONIA, prediction.positive, numbers)._replace(
+        note=prediction.regions_withheld
+    )
+
+
+def _types(prediction: Prediction) -> list[str]:
+    return [label for label in prediction.classes if label != prediction.normal_class]
+
+
+def _each_decided(prediction: Prediction) -> list[Finding]:
+    """A multi-label model: pneumonia and each finding Present / Absent at its operating point."""
+    return [
+        _pneumonia(prediction),
         *(
             _decision(
                 f"class-{label}",
@@ -117,13 +139,32 @@ def findings(prediction: Prediction) -> list[Finding]:
                 prediction.present(label),
                 ((codes.probability_code(label), prediction.probability(label)),),
             )
-            for label in prediction.classes
-            if label != prediction.normal_class
+            for label in _types(prediction)
         ),
-        _summary(prediction),
     ]
-    if prediction.triage_point is not None:
-        found.append(_priority(prediction.triage, prediction.triage_point))
+
+
+def _type_chosen(prediction: Prediction) -> list[Finding]:
+    """A single-label model: pneumonia Present / Absent, with the probability of each type
+    beside it, and when present the most probable type with its probability (as the SR's
+    "Most probable pneumonia type"): a type is chosen, not decided, so none is POS or NEG."""
+    chosen = prediction.most_probable_type
+    others = tuple(
+        (codes.probability_code(label), prediction.probability(label))
+        for label in _types(prediction)
+        if label != chosen
+    )
+    found = [_pneumonia(prediction, others)]
+    if chosen is not None:
+        number = (codes.probability_code(chosen), 100.0 * prediction.probability(chosen))
+        found.append(
+            Finding(
+                "type",
+                codes.MOST_PROBABLE_TYPE,
+                (fhir_coding(codes.finding_code(chosen)),),
+                ((*number, codes.PERCENT),),
+            )
+        )
     return found
 
 
@@ -315,7 +356,14 @@ def conclusion(prediction: Prediction, model: ModelContract) -> str:
             f" (probability {100.0 * prediction.pneumonia_probability:.2f} %,"
             f" decided at {100.0 * prediction.operating_point:.2f} %)"
         )
-        if prediction.positive:
+        chosen = prediction.most_probable_type
+        if chosen is not None:
+            meaning = codes.finding_code(chosen).meaning
+            said += (
+                f", most likely {meaning[:1].lower()}{meaning[1:]}"
+                f" ({100.0 * prediction.probability(chosen):.2f} %)"
+            )
+        elif prediction.positive:
             said += ": " + ", ".join(
                 codes.finding_code(label).meaning for label, _ in prediction.findings
             )
