@@ -502,12 +502,12 @@ def types_below_the_threshold(**change) -> Prediction:
     """A single-label pneumonia at 70 % (threshold 60 %) whose most probable type, cavitary, is
     at 25 %: every type below the threshold, as on the demo bundle's first sample."""
     found = Prediction(
-        CLASSES,
-        np.array([0.3, 0.2, 0.1, 0.15, 0.25]),
-        "normal",
-        0.6,
-        np.zeros((7, 7), np.float32),
-        np.asarray([(300, 400, 900, 1200)], np.float32),
+        classes=CLASSES,
+        probabilities=np.array([0.3, 0.2, 0.1, 0.15, 0.25]),
+        normal_class="normal",
+        operating_point=0.6,
+        heatmap=np.zeros((7, 7), np.float32),
+        boxes=np.asarray([(300, 400, 900, 1200)], np.float32),
         box_scores=(0.83,),
     )
     return dataclasses.replace(found, **change)

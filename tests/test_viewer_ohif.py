@@ -268,7 +268,7 @@ def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> 
     # RG1 is unlike the demo's phantoms
     if case == "synthetic":
         expected = "Probability of pneumonia"
-        assert verdict.startswith("Finding: "), verdict
+        assert verdict.startswith("Pneumonia - probability"), verdict
     else:
         expected = "Out-of-distribution score"
         assert verdict.startswith("NOT ASSESSED"), verdict
