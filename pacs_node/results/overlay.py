@@ -295,6 +295,7 @@ def build_overlay(
     radiograph = _scaled(pixels.shape, scale)
     _spacing(sc, received, _factors(source, radiograph))
     _what_it_shows(sc, received)
+    set_laterality(sc, source)  # after the body part, which decides whether it is required
     _lossy(sc, received)
     received_modality = str(source.get("Modality", "")).upper()
     # The loop guard knows the node's own objects, whatever their modality.
@@ -314,11 +315,6 @@ def _describe(sc: Dataset, source: Dataset, identity: ResultIdentity) -> None:
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.SeriesDescription = identity.series_description("overlay")
-    laterality = source.get("Laterality") or source.get("ImageLaterality")
-    if laterality in ("R", "L"):
-        sc.Laterality = laterality
-    elif "Laterality" in sc:  # Type 2C, of a paired body part: a chest is none (PS3.3 C.7.3.1)
-        del sc.Laterality
     if source.get("ImageLaterality"):  # R, L, U or B: sanitize copies only those
         sc.ImageLaterality = source.ImageLaterality
     if source.get("StudyDescription"):
@@ -388,6 +384,22 @@ def _what_it_shows(sc: Dataset, received: Dataset) -> None:
         sc.ViewPosition = view
         if view in codes.VIEW_CODES:
             sc.ViewCodeSequence = [hd.sr.CodedConcept.from_code(codes.VIEW_CODES[view])]
+
+
+#: Body parts with a left and a right among those the screen lets through (a chest is none).
+PAIRED_PARTS = ("LUNG", "LUNGS")
+
+
+def set_laterality(result: Dataset, source: Dataset, part: str | None = None) -> None:
+    """Laterality (PS3.3 C.7.3.1, Type 2C): present only for a paired body part (the lungs; a
+    chest is none) whose result carries no Image Laterality; then the source's side, R or L,
+    or empty when it is not known. ``part``: the body part the result carries (default: its own)."""
+    laterality = source.get("Laterality") or source.get("ImageLaterality")
+    part = str(result.get("BodyPartExamined", "")) if part is None else part
+    if part in PAIRED_PARTS and not result.get("ImageLaterality"):
+        result.Laterality = laterality if laterality in ("R", "L") else ""
+    elif "Laterality" in result:
+        del result.Laterality
 
 
 def body_part(received: Dataset) -> str:

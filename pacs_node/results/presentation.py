@@ -36,7 +36,7 @@ from pacs_node.charsets import fit_character_set
 from pacs_node.model.predictor import Prediction
 from pacs_node.results.base import DICOM, Result, ResultContext
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
-from pacs_node.results.overlay import BANNER, body_part, verdict
+from pacs_node.results.overlay import BANNER, body_part, set_laterality, verdict
 from pacs_node.status import FailReason
 
 #: What this output's UIDs are derived under (:meth:`~pacs_node.results.identity.ResultIdentity.instance_uid`).
@@ -111,23 +111,13 @@ def build_presentation_state(
     )
     state.SeriesDescription = identity.series_description("marks")
     codes.identify_schemes(state)
-    _laterality(state, source)
     part = body_part(received)
     if part:  # a hanging protocol finds the marks with the radiograph by it
         state.BodyPartExamined = part
+    set_laterality(state, source, part)
     _outline_overlay(state, prediction.boxes, rows, columns)
     fit_character_set(state)
     return state
-
-
-def _laterality(state: Dataset, source: Dataset) -> None:
-    """The source's side, where it has one; absent otherwise (Type 2C, of a paired body part:
-    a chest is none, PS3.3 C.7.3.1)."""
-    laterality = source.get("Laterality") or source.get("ImageLaterality")
-    if laterality in ("R", "L"):
-        state.Laterality = laterality
-    elif "Laterality" in state:
-        del state.Laterality
 
 
 def _region_text(prediction: Prediction, index: int) -> str:
