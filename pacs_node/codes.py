@@ -39,8 +39,6 @@ ABSENT = codes.SCT.Absent
 #: The out-of-distribution score (squared Mahalanobis distance of the model's features), no units.
 DISTRIBUTION_SCORE = Code("ood-score", PRIVATE_SCHEME, "Out-of-distribution score")
 NO_UNITS = codes.UCUM.NoUnits
-#: The private concept the triage flag was once stated under. Neither the SR nor the worklist
-#: message writes it (both state :data:`PRIORITY`); kept because a test names it.
 #: What the algorithm did, for the whole report (TID 1500 row 13, CID 6047, as the CAD SR
 #: templates state it, e.g. TID 4100 Chest CAD): pneumonia found, not found, or the image not
 #: assessed at all (outside the model's training distribution: "no algorithms succeeded").
