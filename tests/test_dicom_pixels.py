@@ -272,3 +272,26 @@ def test_pixel_spacing_preference() -> None:
     assert pixel_spacing(ds) == (0.2, 0.25)
     del ds.PixelSpacing
     assert pixel_spacing(ds) == (0.3, 0.3)
+
+
+@pytest.mark.parametrize("case", ["rg1", "rg1_j2k", "phantom", "anisotropic", "monochrome1"])
+def test_the_node_and_training_see_the_same_canvas(rg1_path: Path, case: str) -> None:
+    """The node's ``prepare`` and training's ``load_letterboxed`` are written apart (the node
+    keeps an overlay-sized copy as it decodes): on images below the node's working size
+    (20 Mpixels) they give the same model canvas, value for value."""
+    from node_support import chest_dataset
+
+    from dp_transforms.array import load_letterboxed
+    from pacs_node.model.predictor import prepare
+
+    ds = {
+        "rg1": lambda: dcmread(rg1_path),
+        "rg1_j2k": lambda: dcmread(data_file("RG1_J2KR.dcm")),
+        "phantom": chest_dataset,
+        "anisotropic": lambda: chest_dataset(PixelSpacing=[0.1, 0.2]),
+        "monochrome1": lambda: chest_dataset(PhotometricInterpretation="MONOCHROME1"),
+    }[case]()
+    node = prepare(ds, 224).canvas
+    training = load_letterboxed(ds, 224)[0]
+    assert node.shape == training.shape == (1, 224, 224)
+    assert float((node - training).abs().max()) < 1e-6
