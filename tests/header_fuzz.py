@@ -5,8 +5,8 @@ four mutations: random values of random types in the attributes the node reads o
 deleted attributes, wrong VRs, several values where one belongs, raw bytes, invalid UIDs,
 unknown character sets, personal data where a code belongs. The first mutation of mutant
 ``i`` is the ``i``-th of :data:`PAIRS` (every attribute under every kind of mutation, once
-per 420 mutants), the others are drawn from a generator seeded with ``i``: the 500 mutants
-of a test run reach every pair, which 500 drawn at random would not (about 20 would be
+per 420 mutants), the others are drawn from a generator seeded with ``i``: the 420 mutants
+of a test run reach every pair, which 420 drawn at random would not (about 150 would be
 missed); ``DP_HEADER_MUTATIONS=2000`` runs more (each mutant costs the node about 70 ms,
 most of it building the SR).
 """
@@ -25,7 +25,6 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-MUTATIONS = int(os.environ.get("DP_HEADER_MUTATIONS", "500"))
 
 #: What the node reads (screening, the pixel pipeline, geometry) and what it copies into its outputs.
 ATTRIBUTES = (
@@ -262,3 +261,5 @@ def _fit(vr: str, value: float) -> float | int:
 MUTATORS = (_delete, _text, _number, _wrong_vr, _multi, _raw, _uid)
 #: Every attribute under every kind of mutation: the first mutation of mutant ``i`` is ``PAIRS[i % len(PAIRS)]``.
 PAIRS = [(keyword, mutator) for mutator in MUTATORS for keyword in ATTRIBUTES]
+#: Mutants per test run: every pair once as the first mutation, unless the environment asks for more.
+MUTATIONS = int(os.environ.get("DP_HEADER_MUTATIONS", str(len(PAIRS))))

@@ -25,7 +25,7 @@ from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 # a quarter acknowledged at the kill, a backlog behind them (make benchmark-soak: 10,000, three
 # kills)
-IMAGES = 200
+IMAGES = 120
 SENDERS = 8
 
 

@@ -329,7 +329,8 @@ class SlowDestination:
 def test_health_says_degraded_when_a_sender_is_stuck_or_the_queue_does_not_move(
     tmp_path: Path, predictor: NodePredictor
 ) -> None:
-    slow = SlowDestination(6.0)
+    # Each store takes 2.5 s: well past the 1 s stall bound, short enough to wait out.
+    slow = SlowDestination(2.5)
     gated = GatedPredictor(predictor)
     node = start_node(
         tmp_path, gated, destinations=(f"SLOW@127.0.0.1:{slow.port}",), stall_after_s=1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -112,11 +113,12 @@ def test_a_silent_connection_does_not_stall_the_tls_handshakes_of_others(
         bundle=str(demo_bundle),
         allow=("MODALITY",),
         tls=TLSConfig(cert=str(cert), key=str(key)),
-        handshake_timeout_s=20.0,
+        handshake_timeout_s=6.0,
     )
     node = Node(config, NodePredictor(demo_bundle, "cpu"))
     node.start()
     silent = socket.create_connection(("127.0.0.1", node.port), timeout=60)
+    opened = time.monotonic()
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
@@ -132,6 +134,13 @@ def test_a_silent_connection_does_not_stall_the_tls_handshakes_of_others(
         )
         assert int(assoc.send_c_store(chest_dataset()).Status) == 0
         assoc.release()
+        # The silent peer was still connected all along: the association did not get through
+        # because the silent one had already been cut.
+        assert time.monotonic() - opened < config.handshake_timeout_s
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent.recv(1)
+        silent.setblocking(True)
         assert silent.recv(1) == b""  # cut once the handshake timeout has passed
     finally:
         silent.close()

@@ -32,12 +32,12 @@ VARIANTS = {
 }
 
 
-def train_variant(name: str, demo_bundle: Path, tmp_path: Path) -> Path:
-    """One epoch of each stage on the demo phantoms at 32 px. Without the baselines (a plain
+def train_variant(name: str, data: Path, tmp_path: Path) -> Path:
+    """One epoch of each stage on 90 phantoms (``dataset_dir``) at 32 px. Without the baselines (a plain
     ResNet18 and the block statistics, three fifths of the time): the model card's comparison
     is tested in test_training.py; here, what the variant's own config makes of the framework."""
     overrides = {
-        "data.root": str(demo_bundle.parent / "data"),
+        "data.root": str(data),
         "data.image_size": 32,
         "data.cache_dir": str(tmp_path / "cache"),
         "data.workers": 1,
@@ -57,13 +57,13 @@ def train_variant(name: str, demo_bundle: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+def trained(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """``trained(name)``: the variant's bundle, trained once for the tests of this module."""
     root, bundles = tmp_path_factory.mktemp("variants"), {}
 
     def get(name: str) -> Path:
         if name not in bundles:
-            bundles[name] = train_variant(name, demo_bundle, root)
+            bundles[name] = train_variant(name, dataset_dir, root)
         return bundles[name]
 
     return get

@@ -409,7 +409,7 @@ def test_every_row_keeps_validation_and_test_scores_per_image(tmp_path: Path) ->
                 "--tables",
                 "plain,standing,I,search",
                 "--image-size",
-                "64",
+                "32",
                 "--pretrain-epochs",
                 "1",
                 "--finetune-epochs",

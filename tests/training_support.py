@@ -34,7 +34,7 @@ def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
     return TrainConfig(
         name="tiny",
         demo=True,
-        data=DataConfig(root=str(dataset_dir), image_size=64, cache_dir=str(cache), workers=1),
+        data=DataConfig(root=str(dataset_dir), image_size=32, cache_dir=str(cache), workers=1),
         pretrain=PretrainConfig(epochs=1, batch_size=16),
         finetune=FinetuneConfig(
             **({"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3} | finetune)
