@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .classifier import Classifier
+from .contract import no_finding_probability
 from .registry import ARCHITECTURES, Architecture, build_network
 
 __all__ = [
@@ -38,13 +39,13 @@ def class_scores(probabilities: Tensor, multi_label: bool, normal_index: int) ->
     """``(N, C)`` scores over every class, the normal one included, whatever the output.
 
     Softmax probabilities are returned as they are. For per-finding sigmoids ``(N, C - 1)``
-    the normal class scores ``1 - max_k p_k`` and the findings keep theirs, so that the
-    argmax is "normal" exactly when no finding reaches 0.5, and single-label metrics compare
-    every architecture on the same footing.
+    the normal class scores :func:`~dp_model.contract.no_finding_probability` (``1 - max_k
+    p_k``) and the findings keep theirs, so that the argmax is "normal" exactly when no
+    finding reaches 0.5, and single-label metrics compare every architecture on the same footing.
     """
     if not multi_label:
         return probabilities
-    normal = 1.0 - probabilities.amax(dim=1, keepdim=True)
+    normal = no_finding_probability(probabilities)[:, None]
     return torch.cat(
         [probabilities[:, :normal_index], normal, probabilities[:, normal_index:]], dim=1
     )

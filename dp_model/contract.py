@@ -21,26 +21,29 @@ What travels with the weights (in ``configs/metadata.json`` under ``deep_pneumon
   ``log c_i``, which undoes the positive weights of its loss);
 * the sizes of the splits that trained, selected, calibrated and tested the model.
 
-The node and evaluation import this module, never the training code. Bundles written
-before a field existed load with the field's default, and :meth:`ModelContract.defaults`
-names the defaults used so that the node can say so at start.
+The node and evaluation import this module, never the training code. The contract states
+its ``format`` (:data:`FORMAT`); one written before the format was recorded is format 1 and
+is migrated on load by :func:`_migrate_1`, which fills each field it lacks with the default
+older bundles meant, and :meth:`ModelContract.defaults` names the defaults used so that the
+node can say so at start. A contract of a newer format than this code knows is refused.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .architectures import MULTI_LABEL, build_network
 from .explain import MAP_SOURCES
 from .ood import DETECTORS
+from .registry import ARCHITECTURES, build_network
 
 __all__ = [
+    "FORMAT",
     "ContractError",
     "Decision",
     "Localization",
@@ -48,9 +51,16 @@ __all__ = [
     "OODGate",
     "OperatingPoint",
     "decide",
+    "no_finding_probability",
     "pneumonia_classes",
     "pneumonia_probability",
+    "within_gate",
 ]
+
+#: The format of the contract's JSON that :meth:`ModelContract.to_json` writes, and the newest
+#: :meth:`ModelContract.from_json` reads. 1: written before the format was recorded (fields
+#: added over time, each missing one meaning its default); 2: every field present.
+FORMAT = 2
 
 
 class ContractError(ValueError):
@@ -386,6 +396,34 @@ def _figures(value: object, name: str) -> dict[str, float]:
     return {k: float("nan") if v is None else float(v) for k, v in found.items()}
 
 
+@overload
+def within_gate(score: float | None, threshold: float | None) -> bool: ...
+@overload
+def within_gate(score: np.ndarray, threshold: float | None) -> np.ndarray: ...
+def within_gate(score: float | np.ndarray | None, threshold: float | None) -> bool | np.ndarray:
+    """Whether the out-of-distribution gate lets an image (or each of an array's) through:
+    its ``score`` is at or below ``threshold``. A NaN score never passes (the gate fails
+    closed); no gate (``threshold`` None) or no score lets everything through."""
+    if isinstance(score, np.ndarray):
+        if threshold is None:
+            return np.ones(score.shape, bool)
+        with np.errstate(invalid="ignore"):
+            return np.asarray(score, np.float64) <= threshold
+    return score is None or threshold is None or bool(score <= threshold)
+
+
+_Probabilities = TypeVar("_Probabilities", np.ndarray, Tensor)
+
+
+def no_finding_probability(findings: _Probabilities) -> _Probabilities:
+    """The probability of the normal class of a multi-label model: one minus its most probable
+    finding's, along the last axis of ``findings`` (each finding's sigmoid), so that "normal"
+    is the most probable class exactly when no finding reaches 0.5."""
+    if isinstance(findings, Tensor):
+        return 1.0 - findings.amax(dim=-1)
+    return np.asarray(1.0 - np.max(findings, axis=-1))
+
+
 def pneumonia_probability(
     probabilities: np.ndarray,
     outputs: tuple[str, ...],
@@ -519,7 +557,8 @@ class ModelContract:
     @property
     def multi_label(self) -> bool:
         """One sigmoid per finding instead of a softmax over every class."""
-        return self.architecture in MULTI_LABEL
+        registered = ARCHITECTURES.get(self.architecture)
+        return registered is not None and registered.multi_label
 
     @property
     def output_classes(self) -> tuple[str, ...]:
@@ -582,6 +621,15 @@ class ModelContract:
             triage,
         )
 
+    @overload
+    def admits(self, scores: float | None) -> bool: ...
+    @overload
+    def admits(self, scores: np.ndarray) -> np.ndarray: ...
+    def admits(self, scores: float | np.ndarray | None) -> bool | np.ndarray:
+        """Whether this contract's gate lets images of out-of-distribution ``scores`` through
+        (:func:`within_gate`; everything passes without a gate)."""
+        return within_gate(scores, None if self.ood is None else self.ood.threshold)
+
     def defaults(self) -> list[str]:
         """The fields this contract lacks and the defaults used for them (bundles written before)."""
         found = []
@@ -613,6 +661,7 @@ class ModelContract:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "format": FORMAT,
             "classes": list(self.classes),
             "image_size": self.image_size,
             "attention_stages": list(self.attention_stages),
@@ -637,6 +686,9 @@ class ModelContract:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ModelContract:
+        """The contract of ``data`` of any format up to :data:`FORMAT` (older ones migrated
+        first), every field read strictly."""
+        data = _migrated(data)
         try:
             contract = ModelContract(
                 classes=tuple(data["classes"]),
@@ -648,26 +700,24 @@ class ModelContract:
                 device_uid=str(data["device_uid"]),
                 demo=bool(data["demo"]),
                 synthetic=bool(data["synthetic"]),
-                architecture=str(data.get("architecture", "resnet18")),
-                options=dict(data.get("options", {})),
-                pneumonia_classes=_strings(data.get("pneumonia_classes", []), "pneumonia_classes"),
-                temperature=float(data.get("temperature", 1.0)),
-                calibration=dict(data.get("calibration", {})),
+                architecture=str(data["architecture"]),
+                options=dict(_mapping(data["options"], "options")),
+                pneumonia_classes=_strings(data["pneumonia_classes"], "pneumonia_classes"),
+                temperature=float(data["temperature"]),
+                calibration=dict(_mapping(data["calibration"], "calibration")),
                 operating_points={
                     str(k): OperatingPoint.from_json(v)
-                    for k, v in _mapping(
-                        data.get("operating_points", {}), "operating_points"
-                    ).items()
+                    for k, v in _mapping(data["operating_points"], "operating_points").items()
                 },
-                ood=None if data.get("ood") is None else OODGate.from_json(data["ood"]),
-                splits=dict(_mapping(data.get("splits", {}), "splits")),
+                ood=None if data["ood"] is None else OODGate.from_json(data["ood"]),
+                splits=dict(_mapping(data["splits"], "splits")),
             )
             contract = replace(
                 contract,
                 localization=None
-                if data.get("localization") is None
+                if data["localization"] is None
                 else Localization.from_json(data["localization"]),
-                logit_adjustment=tuple(float(v) for v in data.get("logit_adjustment", [])),
+                logit_adjustment=tuple(float(v) for v in data["logit_adjustment"]),
             )
         except ContractError:
             raise
@@ -708,6 +758,44 @@ class ModelContract:
             raise ContractError(
                 f"the triage point {triage.threshold} is below the present point {self.present_point.threshold}"
             )
+
+
+def _migrated(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` brought to :data:`FORMAT`, one migration per format it passes (``data`` itself
+    is left as it is); a format this code does not know is refused."""
+    if not isinstance(data, dict):
+        raise ContractError(
+            f"the deep_pneumonia model contract must be an object, not {type(data).__name__}"
+        )
+    found = data.get("format", 1)
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise ContractError(f"the contract's format must be a whole number from 1, got {found!r}")
+    if found > FORMAT:
+        raise ContractError(
+            f"the model contract was written by a newer dp-train (format {found}); this one reads up to {FORMAT}"
+        )
+    return _migrate_1(data) if found == 1 else data
+
+
+def _migrate_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 to 2: each field added after the first bundles, filled with what its absence
+    meant (ResNet18, every class but the normal one meaning pneumonia, no calibration, no
+    operating point, gate, localization or logit adjustment; see
+    :meth:`ModelContract.defaults`). The values are the contract's own, as an old bundle left
+    them: a migrated contract is the one format 1 always read."""
+    lacking: dict[str, Any] = {
+        "architecture": "resnet18",
+        "options": {},
+        "pneumonia_classes": [],
+        "temperature": 1.0,
+        "calibration": {},
+        "operating_points": {},
+        "ood": None,
+        "splits": {},
+        "localization": None,
+        "logit_adjustment": [],
+    }
+    return lacking | data | {"format": 2}
 
 
 def _strings(value: object, name: str) -> tuple[str, ...]:

@@ -1,12 +1,12 @@
 """Running a bundle's classifier on image files: what a bundle's ``inference.json`` and
-``evaluate.json`` call (``dp-train evaluate`` too)."""
+``evaluate.json`` call (``dp-train evaluate`` too), through :class:`dp_model.runner.Runner`,
+the node's runner."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,10 @@ from torch import nn
 from dp_transforms import ImageError, load_letterboxed
 
 from .architectures import class_scores
-from .loading import IMAGE_SUFFIXES, BundleError, load_bundle, load_feature_statistics
-from .ood import watching
+from .contract import ModelContract
+from .loading import IMAGE_SUFFIXES, BundleError
+from .ood import Detector
+from .runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +31,32 @@ class Predictor:
         self, bundle_root: str, network: nn.Module | None = None, device: str | torch.device = "cpu"
     ) -> None:
         self.root = Path(bundle_root)
-        loaded, self.contract = load_bundle(self.root, device)
-        self.model = loaded if network is None else network
-        if network is not None:
-            network.load_state_dict(loaded.state_dict())
-            network.eval()
-        self.device = torch.device(device)
-        self.statistics = load_feature_statistics(self.root, self.contract, loaded)
+        self.runner = Runner(bundle=self.root, device=device, network=network)
         self.assessed: list[bool] = []  # of the images of the last call, as the node's gate decides
         # of the images of the last call (NaN: no gate, or unreadable)
         self.ood_scores: list[float] = []
 
-    @torch.no_grad()
+    @property
+    def contract(self) -> ModelContract:
+        return self.runner.contract
+
+    @property
+    def model(self) -> nn.Module:
+        """The network that runs: the configs' own ``network`` when given, else the bundle's."""
+        return self.runner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def statistics(self) -> Detector | None:
+        return self.runner.statistics
+
     def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
         """Output probabilities of the images that load (NaN rows for the others); the reasons
         of those that do not. :attr:`assessed` says, per image, whether the out-of-distribution
-        gate lets it through (as in the node)."""
+        gate lets it through (:meth:`~dp_model.contract.ModelContract.admits`, as in the node)."""
         out, problems, self.assessed, self.ood_scores = [], [], [], []
         for path in paths:
             try:
@@ -55,20 +67,11 @@ class Predictor:
                 self.assessed.append(False)
                 self.ood_scores.append(float("nan"))
                 continue
-            with (
-                watching(self.model, self.statistics.needs_stages)
-                if self.statistics is not None
-                else nullcontext() as watch
-            ):
-                logits = self.model(canvas[None].to(self.device))
-            out.append(self.contract.probabilities(logits)[0].cpu().numpy())
-            score = (
-                self.statistics.score(watch.seen(logits, 1))[0]
-                if self.statistics is not None
-                else None
-            )
-            self.assessed.append(score is None or bool(score <= self.contract.ood.threshold))
-            self.ood_scores.append(float("nan") if score is None else float(score))
+            outputs = self.runner.run(canvas[None])
+            out.append(outputs.probabilities[0])
+            score = None if outputs.ood_scores is None else float(outputs.ood_scores[0])
+            self.assessed.append(self.contract.admits(score))
+            self.ood_scores.append(float("nan") if score is None else score)
         return np.asarray(out), problems
 
     def predict_folder(self, input_dir: str, output_dir: str) -> Path:

@@ -147,11 +147,11 @@ class Served:
 
 def admitted(ood_scores: np.ndarray | None, contract: ModelContract) -> np.ndarray | None:
     """Whether the gate lets each image through, as the node decides it: no gate (or no
-    scores) lets everything through; a score above the threshold, or NaN, does not pass."""
+    scores) lets everything through; a score above the threshold, or NaN, does not pass
+    (:meth:`~dp_model.contract.ModelContract.admits`)."""
     if ood_scores is None or contract.ood is None:
         return None
-    with np.errstate(invalid="ignore"):
-        return np.asarray(ood_scores, np.float64) <= contract.ood.threshold
+    return contract.admits(np.asarray(ood_scores, np.float64))
 
 
 def served_decisions(

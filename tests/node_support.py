@@ -595,6 +595,8 @@ def bundle_with(bundle: Path, folder: Path, **fields) -> Path:
     meta = json.loads(path.read_text())
     for key, value in fields.items():
         meta["deep_pneumonia"].pop(key, None)
+        if value is None:  # a contract without the field: one written before it, format 1
+            meta["deep_pneumonia"].pop("format", None)
         if value is not None:
             meta["deep_pneumonia"][key] = value
     path.write_text(json.dumps(meta, indent=1))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+from dp_model.runner import Runner
 from pacs_node.config import NodeConfig, OutboxConfig, RetentionConfig, TLSConfig, WebDestination
 from pacs_node.delivery.outbox import DestinationSender
 from pacs_node.intake.listener import Connection, Listener
@@ -34,6 +35,7 @@ KEYWORD_ONLY: list[tuple[Callable[..., object], tuple[str, ...]]] = [
     (Item, ()),
     (DestinationSender, ("destination", "root")),
     (Listener, ("config",)),
+    (Runner, ()),
 ]
 
 

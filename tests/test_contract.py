@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from dp_model.calibration import fit_temperature, operating_point, probabilities, reliability
-from dp_model.contract import ContractError, ModelContract, OODGate, OperatingPoint, decide
+from dp_model.contract import (
+    FORMAT,
+    ContractError,
+    ModelContract,
+    OODGate,
+    OperatingPoint,
+    decide,
+    no_finding_probability,
+    within_gate,
+)
 from dp_model.ood import FeatureStatistics, threshold
 
 RSNA = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
@@ -105,7 +114,8 @@ def test_a_contract_written_before_these_fields_loads_with_stated_defaults() -> 
         "localization",
         "logit_adjustment",
     )
-    old = {k: v for k, v in contract().to_json().items() if k not in later}
+    # written before the format was recorded: format 1
+    old = {k: v for k, v in contract().to_json().items() if k not in (*later, "format")}
     loaded = ModelContract.from_json(old)
     assert (
         loaded.pneumonia == ("lobar", "interstitial")
@@ -352,3 +362,69 @@ def test_the_logit_adjustment_comes_off_before_the_sigmoid() -> None:
     # Trained with c = 9 on its first finding, the network says 0.9 where the truth is 0.5.
     p = multi.probabilities(torch.tensor([[np.log(9.0), 0.0]])).numpy()[0]
     assert p == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_a_contract_records_its_format_and_a_round_trip_keeps_it() -> None:
+    written = contract(temperature=1.5, calibration={"split": "calibration"}).to_json()
+    assert written["format"] == FORMAT == 2
+    assert ModelContract.from_json(written).to_json() == written
+
+
+def test_a_contract_without_a_format_reads_as_before_with_each_missing_field_at_its_default() -> (
+    None
+):
+    old = {
+        k: v
+        for k, v in contract().to_json().items()
+        if k in ("classes", "image_size", "attention_stages", "normal_class", "name")
+        or k in ("version", "device_uid", "demo", "synthetic")
+    }
+    loaded = ModelContract.from_json(old)
+    assert loaded == contract()  # the dataclass's own defaults: resnet18, temperature 1, no gate
+    assert loaded.architecture == "resnet18" and loaded.pneumonia_classes == ()
+    assert len(loaded.defaults()) == 6  # and the node still says what the bundle lacked
+    assert "format" not in old  # the migration works on a copy
+
+
+def test_a_contract_of_a_newer_format_is_refused_naming_both_formats() -> None:
+    with pytest.raises(
+        ContractError, match=r"written by a newer dp-train \(format 3\); this one reads up to 2"
+    ):
+        ModelContract.from_json(contract().to_json() | {"format": 3})
+
+
+@pytest.mark.parametrize("bad", [0, -1, "2", 2.0, True, None, [2]])
+def test_a_format_that_is_not_a_whole_number_from_1_is_refused(bad: object) -> None:
+    with pytest.raises(ContractError, match="format"):
+        ModelContract.from_json(contract().to_json() | {"format": bad})
+
+
+@pytest.mark.parametrize("missing", ["temperature", "localization", "architecture", "ood"])
+def test_a_format_2_contract_lacking_a_field_is_refused_naming_it(missing: str) -> None:
+    written = contract().to_json()
+    del written[missing]
+    with pytest.raises(ContractError, match=missing):
+        ModelContract.from_json(written)
+
+
+def test_the_gate_passes_a_score_at_or_below_its_threshold_and_never_nan() -> None:
+    assert within_gate(9.0, 10.0) and within_gate(10.0, 10.0) and not within_gate(10.5, 10.0)
+    assert not within_gate(float("nan"), 10.0) and not within_gate(float("inf"), 10.0)
+    assert within_gate(float("nan"), None) and within_gate(None, 10.0)  # no gate, or no score
+    scores = np.array([9.0, 10.0, 10.5, np.nan])
+    assert within_gate(scores, 10.0).tolist() == [True, True, False, False]
+    assert within_gate(scores, None).tolist() == [True] * 4
+    gated = contract(ood=OODGate(threshold=10.0, quantile=0.99, held_out=40))
+    assert gated.admits(scores).tolist() == [True, True, False, False]
+    assert contract().admits(scores).tolist() == [True] * 4
+    assert gated.admits(10.0) is True and gated.admits(float("nan")) is False
+
+
+def test_the_normal_class_of_a_multi_label_model_is_one_minus_its_largest_finding() -> None:
+    findings = np.array([[0.2, 0.7], [0.1, 0.3]])
+    assert no_finding_probability(findings) == pytest.approx([0.3, 0.7])
+    assert torch.allclose(
+        no_finding_probability(torch.tensor(findings)),
+        torch.tensor([0.3, 0.7], dtype=torch.float64),
+    )
+    assert float(no_finding_probability(findings[0])) == pytest.approx(0.3)

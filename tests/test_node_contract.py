@@ -124,8 +124,10 @@ def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_s
     shutil.copytree(demo_bundle, old)
     meta_path = old / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
+    # written before these fields, and before the contract recorded its format
     for key in ("pneumonia_classes", "temperature", "calibration", "operating_points", "ood"):
         meta["deep_pneumonia"].pop(key)
+    meta["deep_pneumonia"].pop("format", None)
     meta_path.write_text(json.dumps(meta))
     (old / "models" / "ood.pt").unlink()
     caplog.set_level(logging.INFO, logger="pacs_node.model.predictor")
@@ -138,6 +140,48 @@ def test_a_bundle_written_before_the_contract_had_these_fields_still_loads_and_s
         "pneumonia classes",
     ):
         assert f"the bundle states no {lacking}" in caplog.text
+
+
+def _with_contract(demo_bundle: Path, folder: Path, change) -> Path:
+    """A copy of ``demo_bundle``'s configs (weights linked) whose contract is ``change(contract)``."""
+    folder.mkdir(parents=True)
+    shutil.copytree(demo_bundle / "configs", folder / "configs")
+    (folder / "models").symlink_to(demo_bundle / "models")
+    path = folder / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta["deep_pneumonia"] = change(dict(meta["deep_pneumonia"]))
+    path.write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_bundle_without_a_contract_format_loads_the_same_contract_as_one_of_format_2(
+    demo_bundle: Path, tmp_path: Path
+) -> None:
+    """Bundles written before the format was recorded are format 1, migrated on load."""
+    from dp_model.contract import FORMAT
+
+    old = _with_contract(
+        demo_bundle, tmp_path / "old", lambda c: {k: v for k, v in c.items() if k != "format"}
+    )
+    new = _with_contract(demo_bundle, tmp_path / "new", lambda c: c | {"format": FORMAT})
+    _, old_contract = load_bundle(old)
+    _, new_contract = load_bundle(new)
+    assert old_contract == new_contract
+    assert old_contract.to_json()["format"] == FORMAT  # written back as the current format
+
+
+def test_a_bundle_of_a_newer_contract_format_is_refused_at_load_with_one_line(
+    demo_bundle: Path, tmp_path: Path
+) -> None:
+    from dp_model.bundle import BundleError
+
+    newer = _with_contract(demo_bundle, tmp_path / "newer", lambda c: c | {"format": 3})
+    with pytest.raises(BundleError) as refused:
+        NodePredictor(newer, "cpu")
+    assert "metadata.json" in str(refused.value) and (
+        "written by a newer dp-train (format 3); this one reads up to 2" in str(refused.value)
+    )
+    assert "\n" not in str(refused.value)
 
 
 def test_a_bundle_carries_no_patient_data(demo_bundle: Path) -> None:

@@ -121,6 +121,60 @@ def test_the_served_rule_is_the_nodes_image_by_image() -> None:
     ]
 
 
+class Scripted:
+    """A detector whose scores are given: one per image, in order."""
+
+    kind = "scripted"
+    needs_stages = False
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = list(scores)
+
+    def score(self, seen) -> np.ndarray:
+        return np.array([self.scores.pop(0) for _ in range(len(seen.features))])
+
+
+def test_the_gate_gives_one_answer_in_the_node_the_served_evaluation_and_the_bundles_predictor(
+    demo_bundle,
+) -> None:
+    """At, just above and far above the threshold, and NaN; then without a gate."""
+    from dataclasses import replace
+
+    from dp_model.inference import Predictor
+    from pacs_node.model.prediction import Prediction
+
+    predictor = Predictor(str(demo_bundle))
+    threshold = predictor.contract.ood.threshold
+    scores = [threshold / 2, threshold, float(np.nextafter(threshold, np.inf)), 2 * threshold]
+    scores.append(float("nan"))
+    paths = [min((demo_bundle / "samples").glob("*.dcm"))] * len(scores)
+
+    def answers(contract, gated: bool) -> tuple[list[bool], list[bool], list[bool]]:
+        predictor.runner.contract = contract
+        predictor.runner.statistics = Scripted(scores) if gated else None
+        probabilities, _ = predictor.probabilities(paths)
+        node = [
+            Prediction(
+                classes=contract.output_classes,
+                probabilities=p,
+                normal_class=contract.normal_class,
+                operating_point=0.5,
+                heatmap=np.zeros((2, 2)),
+                boxes=np.zeros((0, 4)),
+                ood_score=s,
+                ood_threshold=None if contract.ood is None else contract.ood.threshold,
+            ).assessed
+            for p, s in zip(probabilities, scores)
+        ]
+        served = served_decisions(probabilities, np.array(scores), contract)
+        return list(predictor.assessed), served.assessed.tolist(), node
+
+    gated, served, node = answers(predictor.contract, True)
+    assert gated == served == node == [True, True, False, False, False]
+    ungated, served, node = answers(replace(predictor.contract, ood=None), False)
+    assert ungated == served == node == [True] * len(scores)
+
+
 def test_sensitivity_specificity_abstention_and_binary_calibration_against_hand_counts() -> None:
     report = evaluate_served(PROBABILITIES, OOD, LABELS, contract(), bootstrap=0, bins=2)
     every, assessed = report.all, report.assessed

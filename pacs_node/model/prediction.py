@@ -12,7 +12,13 @@ from functools import cached_property
 
 import numpy as np
 
-from dp_model.contract import Decision, decide, pneumonia_classes
+from dp_model.contract import (
+    Decision,
+    decide,
+    no_finding_probability,
+    pneumonia_classes,
+    within_gate,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,13 +63,8 @@ class Prediction:
     @property
     def assessed(self) -> bool:
         """False when the image lies outside the model's training distribution (or its score
-        is not a number): no finding is asserted."""
-        # NaN: not assessed
-        return (
-            self.ood_score is None
-            or self.ood_threshold is None
-            or self.ood_score <= self.ood_threshold
-        )
+        is not a number): no finding is asserted (:func:`~dp_model.contract.within_gate`)."""
+        return within_gate(self.ood_score, self.ood_threshold)
 
     @cached_property
     def decision(self) -> Decision:
@@ -110,7 +111,7 @@ class Prediction:
     def probability(self, label: str) -> float:
         """The model's probability of ``label`` (of no finding, for the normal class of a multi-label model)."""
         if self.multi_label and label == self.normal_class:
-            return 1.0 - float(self.probabilities.max())
+            return float(no_finding_probability(self.probabilities))
         return float(self.probabilities[self.classes.index(label)])
 
     @property

@@ -1,6 +1,7 @@
 """The model as the node uses it: a bundle in, :class:`Prediction` per image out.
 
-Pure with respect to I/O: datasets in memory go in, arrays come out. The heat map comes from
+Pure with respect to I/O: datasets in memory go in, arrays come out. The bundle runs through
+:class:`dp_model.runner.Runner`, as in the bundle's own evaluation. The heat map comes from
 the map source the bundle's contract names (:class:`~dp_model.contract.Localization`): the
 learned lesion attention ``map+`` of a stage (the MGACR head trained against the doctors'
 boxes, from the same forward pass), a multi-label variant's map per finding (CIA-Net's
@@ -14,7 +15,6 @@ sources were measured) gets the former default map and no regions.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,20 +23,11 @@ import torch
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dp_model.bundle import BundleError, load_bundle, load_feature_statistics
 from dp_model.classifier import ClassifierBase
-from dp_model.contract import NOT_MEASURED
-from dp_model.explain import (
-    CLASS_MAPS,
-    HEATMAP_STAGE,
-    default_source,
-    map_sources,
-    output_maps,
-    source_stage,
-    stage_map,
-)
-from dp_model.networks import DeepPneumoniaNet
-from dp_model.ood import watching
+from dp_model.contract import NOT_MEASURED, ModelContract
+from dp_model.explain import HEATMAP_STAGE
+from dp_model.ood import Detector
+from dp_model.runner import Runner
 from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
 from dp_transforms.dicom import WORKING_PIXELS
 from dp_transforms.geometry import Letterbox, resize
@@ -183,36 +174,42 @@ class NodePredictor:
         heatmap_stage: int = HEATMAP_STAGE,
         ood_gate: bool = True,
     ) -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {device}: no CUDA GPU is usable here; use --device cpu (or auto)"
-            )
-        self.device = torch.device(device)
-        model, self.contract = load_bundle(bundle, self.device)
-        assert isinstance(model, ClassifierBase), (
-            "a bundle's network is built from dp_model's registry"
-        )
-        self.model = model
-        statistics = load_feature_statistics(bundle, self.contract, self.model)
-        self.statistics = statistics.to(self.device) if statistics is not None else None
+        self.runner = Runner(bundle=bundle, device=device, maps=True, heatmap_stage=heatmap_stage)
         self.operating_point = (
             self.contract.present_point.threshold if operating_point is None else operating_point
         )
         self.ood_gate = ood_gate
         located = self.contract.localization
-        self.source = (
-            default_source(self.model, heatmap_stage) if located is None else located.source
-        )
-        if self.source not in map_sources(self.model):
-            raise BundleError(
-                f"{bundle}: the contract's map source {self.source!r} is not one this network offers ({', '.join(map_sources(self.model))})"
-            )
-        self.class_maps, self.stage = self.source == CLASS_MAPS, source_stage(self.source)
         #: Why a positive result carries no regions ("": they are drawn).
         self.regions_withheld = NOT_MEASURED if located is None else located.reason
         self._announce(operating_point)
+
+    @property
+    def contract(self) -> ModelContract:
+        return self.runner.contract
+
+    @property
+    def model(self) -> ClassifierBase:
+        model = self.runner.model
+        assert isinstance(model, ClassifierBase), (
+            "a bundle's network is built from dp_model's registry"
+        )
+        return model
+
+    @property
+    def statistics(self) -> Detector | None:
+        """The out-of-distribution detector (None: the bundle has no gate)."""
+        return self.runner.statistics
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def source(self) -> str:
+        """The map source of the heat map and the regions."""
+        assert self.runner.source is not None  # the runner was asked for maps
+        return self.runner.source
 
     def _announce(self, override: float | None) -> None:
         """Say at start how the model decides: where each setting comes from."""
@@ -260,54 +257,30 @@ class NodePredictor:
                 "the out-of-distribution gate is switched off: every image is assessed, however unlike the training images"
             )
 
-    @torch.no_grad()
     def predict(self, prepared: list[Prepared]) -> list[Prediction]:
-        """One forward pass for a batch of prepared images."""
+        """One forward pass for a batch of prepared images.
+
+        Raises:
+            ValueError: the model gave non-finite outputs (the batch fails: no report on
+                numbers that mean nothing).
+        """
         if not prepared:
             return []
-        batch = torch.stack([p.canvas for p in prepared]).to(self.device)
-        probabilities, maps, scores = self._forward(batch)
+        outputs = self.runner.run(torch.stack([p.canvas for p in prepared]))
+        if not np.isfinite(outputs.probabilities).all():
+            raise ValueError("the model gave non-finite outputs")
+        assert outputs.maps is not None  # the runner was asked for maps
+        # The gate fails closed, never open: a NaN score is not assessed (Prediction.assessed).
+        scores = outputs.ood_scores
         return [
             self._prediction(
-                p, probabilities[i], maps[i], None if scores is None else float(scores[i])
+                p,
+                outputs.probabilities[i],
+                outputs.maps[i],
+                None if scores is None else float(scores[i]),
             )
             for i, p in enumerate(prepared)
         ]
-
-    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
-        """Calibrated output probabilities ``(B, K)``, maps ``(B, 1 or K, h, w)`` on the
-        canvas, and the out-of-distribution score of each image (None without a gate)."""
-        with (
-            watching(self.model, self.statistics.needs_stages)
-            if self.statistics is not None
-            else nullcontext() as watch
-        ):
-            if self.class_maps:
-                logits, maps = self.model.class_maps(batch)
-            elif self.stage is None:
-                logits = self.model(batch)
-            else:
-                # map+ and lesion: sources are offered by the MGACR network only (map_sources).
-                assert isinstance(self.model, DeepPneumoniaNet)
-                logits, outputs = self.model.forward_train(batch)
-                maps = stage_map(
-                    outputs[self.model.attention_stages.index(self.stage)], self.source
-                )
-        if not self.class_maps and self.stage is None:
-            maps = output_maps(self.model, batch, self.source)
-        probabilities = self.contract.probabilities(logits).cpu().numpy()
-        if not np.isfinite(probabilities).all():
-            # fails the image: no report on numbers that mean nothing
-            raise ValueError("the model gave non-finite outputs")
-        if self.statistics is None:
-            return probabilities, maps.float().cpu(), None
-        # The gate fails closed, never open: no single pass of features, no report.
-        assert watch is not None  # watching(), since there are statistics
-        return (
-            probabilities,
-            maps.float().cpu(),
-            self.statistics.score(watch.seen(logits, len(batch))),
-        )
 
     def _prediction(
         self,
