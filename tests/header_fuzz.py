@@ -25,7 +25,6 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-
 #: What the node reads (screening, the pixel pipeline, geometry) and what it copies into its outputs.
 ATTRIBUTES = (
     "Modality",
