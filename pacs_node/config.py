@@ -388,7 +388,8 @@ def _require_kinds(kinds: tuple[str, ...], key: str, empty: bool) -> None:
         ok,
         key,
         list(kinds),
-        ("" if empty else "one or more ") + "output kinds (sr, sc, gsps, fhir), each once",
+        # which names exist, the results registry says when the node starts (writers_for)
+        ("" if empty else "one or more ") + "output kind names, each once",
     )
 
 

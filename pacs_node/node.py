@@ -69,10 +69,10 @@ class Node:
         self.outcomes = Outcomes(AuditTrail(self.audit), Counters(self.metrics), LogLines())
         self.predictor = predictor or NodePredictor(
             config.bundle,
-            config.device,
-            config.operating_point,
-            config.heatmap_stage,
-            config.ood_gate,
+            device=config.device,
+            operating_point=config.operating_point,
+            heatmap_stage=config.heatmap_stage,
+            ood_gate=config.ood_gate,
         )
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
