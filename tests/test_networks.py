@@ -330,3 +330,18 @@ def test_a_new_registry_entry_brings_its_own_options_loss_offsets_and_card_to_tr
     assert network_options(config, 64) == {} and logit_adjustment(config, [5, 3, 2], 0) == ()
     assert isinstance(stage_two_loss(config, [5, 3, 2], ["normal", "a", "b"]), torch.nn.Module)
     assert card.describe(run) == "A toy."
+
+
+@pytest.mark.parametrize(
+    "name", list(__import__("dp_model.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
+)
+def test_every_training_rule_an_entry_names_is_a_function_and_multi_label_ones_name_a_loss(
+    name: str,
+) -> None:
+    """A misspelt ``"module:function"`` would otherwise surface only when that network trains."""
+    from dp_model.registry import ARCHITECTURES, resolve
+
+    entry = ARCHITECTURES[name]
+    rules = (entry.options, entry.loss, entry.logit_adjustment, entry.card)
+    assert all(callable(resolve(rule)) for rule in rules if rule is not None)
+    assert entry.loss is not None or not entry.multi_label
