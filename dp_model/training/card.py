@@ -50,7 +50,7 @@ def _techniques(config: TrainConfig) -> str:
     return f"{mgacr} and {LOSSES[config.finetune.loss.kind]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CardText:
     """A network's own text in the model card (its registry entry's ``card``); None where the
     generic text serves.
