@@ -123,6 +123,14 @@ class DeepPneumoniaNet(ClassifierBase):
             return self.forward_train(x)
         return self.backbone(self.normalize(x))
 
+    def load_encoder(self, encoder: dict[str, Tensor]) -> None:
+        """Stage I's SimCLR encoder into the trunk; only the classifier layer stays as built."""
+        missing, unexpected = self.backbone.load_state_dict(encoder, strict=False)
+        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+            raise ValueError(
+                f"pre-trained encoder does not fit: missing {missing}, unexpected {unexpected}"
+            )
+
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """Outputs of the four residual stages."""
         out, features = stem(self.backbone, self.normalize(x)), []

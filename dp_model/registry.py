@@ -7,6 +7,11 @@ path, as a bundle config's ``_target_`` names it, and imported when built), so t
 whose ``build_network`` the configs of older bundles name, can import it plainly.
 ``tests/test_networks.py`` builds every entry and checks it against
 :class:`~dp_model.classifier.Classifier`.
+
+What stage II does differently for a network (its constructor options from the training
+config, a loss of its own paper, logit offsets, its model card's text) is data of its entry
+too: ``"module:function"`` names, resolved on use like ``network``, so that the training code
+compares no architecture names and this module imports none of it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,19 @@ class Architecture:
         arguments: constructor arguments fixed by this entry (a torchvision model's name).
         multi_label: one sigmoid output per finding (equals the built network's own flag).
         pretrainable: a ResNet18 trunk that stage I's SimCLR encoder initialises.
-        attention: takes MGACR attention heads (``attention_stages``).
+        attention: takes MGACR attention heads (``attention_stages``); stage II gives it
+            ``mgacr.stages`` when a MGACR term is on.
+        options: ``"module:function"`` of the constructor options a training config sets,
+            ``(FinetuneConfig, image_size) -> dict`` (they travel in the contract); None: none.
+        loss: ``"module:function"`` building the loss of the network's own paper,
+            ``(FinetuneConfig, counts, names, total) -> nn.Module`` with the training split's
+            counts and names of the network's outputs (the findings alone where
+            ``multi_label``) and its number of images; None: the configured ``finetune.loss``
+            (single-label networks only).
+        logit_adjustment: ``"module:function"`` of the contract's logit offsets,
+            ``(FinetuneConfig, class_counts, normal_index) -> tuple[float, ...]``; None: none.
+        card: ``"module:function"`` of the network's own text in the model card,
+            ``(TrainConfig) -> CardText``; None: ``description`` and the configured loss.
     """
 
     name: str
@@ -43,12 +60,21 @@ class Architecture:
     multi_label: bool = False
     pretrainable: bool = False
     attention: bool = False
+    options: str | None = None
+    loss: str | None = None
+    logit_adjustment: str | None = None
+    card: str | None = None
 
     def build(self, num_classes: int, **options: Any) -> Classifier:
         """The network with ``num_classes`` outputs; ``options`` go to its constructor."""
-        module, _, name = self.network.partition(":")
-        network = vars(importlib.import_module(module))[name]
+        network = resolve(self.network)
         return network(num_classes=num_classes, **self.arguments, **options)
+
+
+def resolve(path: str) -> Any:
+    """What a ``"module:name"`` of an entry names, imported now."""
+    module, _, name = path.partition(":")
+    return vars(importlib.import_module(module))[name]
 
 
 _PAPER_BASELINE = "baseline trained from scratch (the Deep Pneumonia paper's Table II)."
@@ -61,6 +87,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             network="dp_model.networks:DeepPneumoniaNet",
             pretrainable=True,
             attention=True,
+            options="dp_model.training.objectives:lesion_head_options",
+            card="dp_model.training.card:deep_pneumonia_text",
             description="Deep Pneumonia: ResNet18 with SimCLR pre-training, mask-guided attention with contrastive regulation and a class-balanced focal loss.",
         ),
         Architecture(
@@ -93,6 +121,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             network="dp_model.variants:ClassAttentionNet",
             multi_label=True,
             pretrainable=True,
+            options="dp_model.training.objectives:class_attention_options",
+            loss="dp_model.training.objectives:class_attention_objective",
+            logit_adjustment="dp_model.training.objectives:class_attention_offsets",
+            card="dp_model.training.card:class_attention_text",
             description="Class-based attention: attention gates on three residual stages with the third replicated per finding, one sigmoid per finding, "
             "trained with positive weights n_min^2/n_i and the entropy of absent findings' attention maps maximised.",
         ),
@@ -101,6 +133,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             network="dp_model.variants:CIANet",
             multi_label=True,
             pretrainable=True,
+            options="dp_model.training.objectives:cia_options",
+            loss="dp_model.training.objectives:cia_objective",
+            card="dp_model.training.card:cia_text",
             description="CIA-Net: contrast-induced attention against the most similar normal image, an alignment module towards a canonical chest, "
             "and a class-aware grid trained with box-level and MIL losses, so that images without boxes train too.",
         ),

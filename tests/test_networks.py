@@ -242,3 +242,106 @@ def test_the_densenet121_baseline_added_as_one_registry_entry_trains_a_step() ->
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(before, net.classifier_layer.weight)
+
+
+class _ToyNet(torch.nn.Module):
+    """A multi-label network of a throwaway registry entry: one linear layer of ``width`` features."""
+
+    multi_label = True
+
+    def __init__(self, num_classes: int, width: int, pooled: bool) -> None:
+        super().__init__()
+        self.width, self.pooled, self.encoder = width, pooled, None
+        self.fc = torch.nn.Linear(width, num_classes)
+
+    def load_encoder(self, encoder: dict[str, torch.Tensor]) -> None:
+        self.encoder = encoder
+
+
+class _ToyLoss(torch.nn.Module):
+    def __init__(self, counts: list[int], names: list[str], total: int, weight: float) -> None:
+        super().__init__()
+        self.counts, self.names, self.total, self.weight = counts, names, total, weight
+
+
+def _toy_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module of the toy entry's rules, found by the ``"module:function"`` names its entry gives."""
+    import types
+
+    module = types.ModuleType("toy_architecture")
+    module.ToyNet = _ToyNet
+    module.options = lambda config, image_size: {"width": image_size // 16, "pooled": True}
+    module.loss = lambda config, counts, names, total: _ToyLoss(counts, names, total, config.lr)
+    module.offsets = lambda config, counts, normal: (float(normal), float(sum(counts)))
+    module.card = lambda config: __import__(
+        "dp_model.training.card", fromlist=["CardText"]
+    ).CardText(description=f"Toy with lr {config.finetune.lr}.", loss="- loss: the toy's own")
+    monkeypatch.setitem(sys.modules, "toy_architecture", module)
+
+
+def test_a_new_registry_entry_brings_its_own_options_loss_offsets_and_card_to_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stage II reads every per-network rule from the entry: a network whose paper defines its
+    own loss and constructor options is one registry entry, with no training code naming it."""
+    from dp_model.registry import ARCHITECTURES, Architecture
+    from dp_model.training import card
+    from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, TrainConfig
+    from dp_model.training.objectives import (
+        build_classifier,
+        logit_adjustment,
+        network_options,
+        stage_two_loss,
+    )
+
+    _toy_module(monkeypatch)
+    entry = Architecture(
+        name="toy",
+        network="toy_architecture:ToyNet",
+        description="A toy network.",
+        multi_label=True,
+        pretrainable=True,
+        options="toy_architecture:options",
+        loss="toy_architecture:loss",
+        logit_adjustment="toy_architecture:offsets",
+        card="toy_architecture:card",
+    )
+    monkeypatch.setitem(ARCHITECTURES, "toy", entry)
+    off = MGACRConfig(attention=False, feature_cr=False)
+    config = FinetuneConfig(architecture="toy", mgacr=off, lr=0.25)
+    assert network_options(config, 64) == {"width": 4, "pooled": True}
+    encoder = {"conv1.weight": torch.zeros(1)}
+    net = build_classifier(config, 3, encoder, seed=0, image_size=64)
+    assert isinstance(net, _ToyNet) and (net.width, net.pooled) == (4, True)
+    assert net.fc.out_features == 2 and net.encoder is encoder  # the findings alone
+    loss = stage_two_loss(config, [5, 3, 2], ["normal", "a", "b"])
+    assert (loss.counts, loss.names, loss.total, loss.weight) == ([3, 2], ["a", "b"], 10, 0.25)
+    assert logit_adjustment(config, [5, 3, 2], 0) == (0.0, 10.0)
+    run = TrainConfig(finetune=config, pretrain=PretrainConfig(enabled=False))
+    assert card.describe(run) == "Toy with lr 0.25."
+    assert (
+        card.summary(run)
+        == "Pneumonia type recognition on frontal chest radiographs. A toy network."
+    )
+    assert "- loss: the toy's own" in card._recipe(run)
+    # a plain entry (no rules of its own) trains with the configured classification loss
+    plain = Architecture(name="toy", network="toy_architecture:ToyNet", description="A toy.")
+    monkeypatch.setitem(ARCHITECTURES, "toy", plain)
+    assert network_options(config, 64) == {} and logit_adjustment(config, [5, 3, 2], 0) == ()
+    assert isinstance(stage_two_loss(config, [5, 3, 2], ["normal", "a", "b"]), torch.nn.Module)
+    assert card.describe(run) == "A toy."
+
+
+@pytest.mark.parametrize(
+    "name", list(__import__("dp_model.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
+)
+def test_every_training_rule_an_entry_names_is_a_function_and_multi_label_ones_name_a_loss(
+    name: str,
+) -> None:
+    """A misspelt ``"module:function"`` would otherwise surface only when that network trains."""
+    from dp_model.registry import ARCHITECTURES, resolve
+
+    entry = ARCHITECTURES[name]
+    rules = (entry.options, entry.loss, entry.logit_adjustment, entry.card)
+    assert all(callable(resolve(rule)) for rule in rules if rule is not None)
+    assert entry.loss is not None or not entry.multi_label

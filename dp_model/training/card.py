@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..architectures import ARCHITECTURES
@@ -11,6 +12,7 @@ from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
 from ..ood import DETECTORS, FALSE_REJECTION
+from ..registry import resolve
 from ..served import ServedReport
 from . import baselines
 from .config import TrainConfig
@@ -48,14 +50,74 @@ def _techniques(config: TrainConfig) -> str:
     return f"{mgacr} and {LOSSES[config.finetune.loss.kind]}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class CardText:
+    """A network's own text in the model card (its registry entry's ``card``); None where the
+    generic text serves.
+
+    Attributes:
+        description: the one line of metadata.json, true to the run's switches (else the
+            entry's ``description``).
+        summary: the card's opening sentence (else the entry's ``description`` after a
+            sentence on the task).
+        loss: the recipe's loss line (else the configured classification loss's).
+    """
+
+    description: str | None = None
+    summary: str | None = None
+    loss: str | None = None
+
+
+def _text(config: TrainConfig) -> CardText:
+    card = ARCHITECTURES[config.finetune.architecture].card
+    return CardText() if card is None else resolve(card)(config)
+
+
 def describe(config: TrainConfig) -> str:
     """One line for metadata.json: the architecture's description, true to this run's switches."""
-    if config.finetune.architecture != "resnet18":
-        return ARCHITECTURES[config.finetune.architecture].description
+    own = _text(config).description
+    return own if own is not None else ARCHITECTURES[config.finetune.architecture].description
+
+
+def summary(config: TrainConfig) -> str:
+    """The model card's opening: what the network is and how it was trained."""
+    own = _text(config).summary
+    if own is not None:
+        return own
+    description = ARCHITECTURES[config.finetune.architecture].description
+    return f"Pneumonia type recognition on frontal chest radiographs. {description}"
+
+
+def deep_pneumonia_text(config: TrainConfig) -> CardText:
+    """Deep Pneumonia's ResNet18, with the stage I and MGACR switches this run had."""
     stage_one = (
         "SimCLR pre-training" if pretrained(config) else "no SimCLR pre-training (stage I off)"
     )
-    return f"Deep Pneumonia: ResNet18 with {stage_one}, {_techniques(config)}."
+    return CardText(
+        description=f"Deep Pneumonia: ResNet18 with {stage_one}, {_techniques(config)}.",
+        summary="Pneumonia type recognition on frontal chest radiographs: a ResNet18 "
+        + (
+            "pre-trained with SimCLR on the training images, then trained"
+            if pretrained(config)
+            else "trained from scratch, without SimCLR pre-training (stage I was off),"
+        )
+        + f" with {_techniques(config)}, after {PAPER}",
+    )
+
+
+def class_attention_text(config: TrainConfig) -> CardText:
+    c = config.finetune.class_attention
+    return CardText(
+        loss=f"- loss: class attention Eq. 5 (positive weights n_min^2/n_i, entropy weight {c.entropy_weight}); one sigmoid per finding"
+    )
+
+
+def cia_text(config: TrainConfig) -> CardText:
+    c = config.finetune.cia
+    return CardText(
+        loss=f"- loss: CIA-Net Eq. 6 (box weight {c.box_weight}) + alignment (feature {c.feature_weight}, consistency {c.consistency_weight}"
+        f"{'' if c.alignment else ', module off'}); negatives: {c.negative_sampling}; boxes used on {config.data.boxed_fraction:.0%} of boxed training images"
+    )
 
 
 def _recipe(config: TrainConfig) -> list[str]:
@@ -69,21 +131,32 @@ def _recipe(config: TrainConfig) -> list[str]:
         ),
         f"- stage II: {f.epochs} epochs, batch {f.batch_size}, {f.optimizer} lr {f.lr}, checkpoint selected on validation {f.select_metric.replace('_', ' ')}",
         f"- network: {f.architecture}",
-        _variant_loss(config)
-        if f.multi_label
-        else f"- classification loss: {f.loss.kind}"
-        + (
-            f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})"
-            if f.loss.kind in ("focal", "cb_focal")
-            else ""
-        )
-        + (f" (alpha {f.loss.alpha}, gamma {f.loss.gamma})" if f.loss.kind == "sqrt_focal" else ""),
+        _loss_line(config),
         f"- mask-guided attention: {'on, weight ' + str(m.att_weight) if m.attention else 'off'}; "
         f"feature contrastive regulation: {'on, weight ' + str(m.feat_weight) if m.feature_cr else 'off'}"
         + (f"; stages {list(m.stages)}; normal images: {m.normal_images}" if m.enabled else ""),
         f"- input: {config.data.image_size} x {config.data.image_size}, one channel, letterboxed, values in [0, 1]",
     ]
     return lines
+
+
+def _loss_line(config: TrainConfig) -> str:
+    """The recipe's loss: the network's own text, its own loss, or the configured one."""
+    f, entry = config.finetune, ARCHITECTURES[config.finetune.architecture]
+    own = _text(config).loss
+    if own is not None:
+        return own
+    if entry.loss is not None:
+        return f"- loss: the network's own (`{entry.loss}`)"
+    return (
+        f"- classification loss: {f.loss.kind}"
+        + (
+            f" (beta {f.loss.beta}, gamma {f.loss.gamma}, {f.loss.mode})"
+            if f.loss.kind in ("focal", "cb_focal")
+            else ""
+        )
+        + (f" (alpha {f.loss.alpha}, gamma {f.loss.gamma})" if f.loss.kind == "sqrt_focal" else "")
+    )
 
 
 def localization_table(accuracy: dict[str, list[float]]) -> list[str]:
@@ -104,17 +177,6 @@ def localization_table(accuracy: dict[str, list[float]]) -> list[str]:
         for name, values in accuracy.items()
     ]
     return [*lines, ""]
-
-
-def _variant_loss(config: TrainConfig) -> str:
-    f = config.finetune
-    if f.architecture == "class_attention":
-        return f"- loss: class attention Eq. 5 (positive weights n_min^2/n_i, entropy weight {f.class_attention.entropy_weight}); one sigmoid per finding"
-    c = f.cia
-    return (
-        f"- loss: CIA-Net Eq. 6 (box weight {c.box_weight}) + alignment (feature {c.feature_weight}, consistency {c.consistency_weight}"
-        f"{'' if c.alignment else ', module off'}); negatives: {c.negative_sampling}; boxes used on {config.data.boxed_fraction:.0%} of boxed training images"
-    )
 
 
 def stage_one_verdict(records: list[dict[str, float]], batch_size: int) -> list[str]:
@@ -175,17 +237,7 @@ def model_card(
         f"# {contract.name} {contract.version}",
         "",
         *warning,
-        (
-            "Pneumonia type recognition on frontal chest radiographs: a ResNet18 "
-            + (
-                "pre-trained with SimCLR on the training images, then trained"
-                if pretrained(config)
-                else "trained from scratch, without SimCLR pre-training (stage I was off),"
-            )
-            + f" with {_techniques(config)}, after {PAPER}"
-            if contract.architecture == "resnet18"
-            else f"Pneumonia type recognition on frontal chest radiographs. {ARCHITECTURES[contract.architecture].description}"
-        ),
+        summary(config),
         "",
         "## Intended use",
         "",

@@ -34,12 +34,11 @@ from .data import Resident, batches
 from .objectives import (
     CIAObjective,
     build_classifier,
-    classification_loss,
     findings,
     make_optimizer,
     mgacr_loss,
     normal_index,
-    variant_loss,
+    stage_two_loss,
 )
 from .runtime import Runtime, augmenters, epoch_seed, unwrap, warmup_cosine, warmup_step, wrap
 
@@ -201,12 +200,7 @@ def finetune(
     if net.needs_references:  # CIA-Net pairs inputs with normal training images
         net.set_references(train.images[train.labels == normal].cpu(), seed)
     model = wrap(net, runtime)
-    if config.multi_label:
-        cls_loss = variant_loss(
-            config, [counts[i] for i in outputs], [class_names[i] for i in outputs], sum(counts)
-        ).to(runtime.device)
-    else:
-        cls_loss = classification_loss(config, counts, class_names).to(runtime.device)
+    cls_loss = stage_two_loss(config, counts, class_names).to(runtime.device)
     mgacr = mgacr_loss(config)
     optimizer = make_optimizer(config, model)
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..architectures import build_network
+from ..architectures import ARCHITECTURES, build_network
 from ..losses import (
     CBFocalLoss,
     ClassAttentionLoss,
@@ -17,27 +17,37 @@ from ..losses import (
     consistency_loss,
     feature_reconstruction_loss,
 )
-from ..networks import DeepPneumoniaNet
+from ..registry import resolve
 from ..variants import warp
 from .config import FinetuneConfig, PretrainConfig
 
 
 def network_options(config: FinetuneConfig, image_size: int) -> dict:
-    """The constructor options of the configured network (they travel in the bundle's contract)."""
-    if config.architecture == "class_attention":
-        return {"dim": config.class_attention.dim}
-    if config.architecture == "cia_net":
-        c = config.cia
-        return {
-            "image_size": image_size,
-            "bank_size": c.bank_size,
-            "negative_sampling": c.negative_sampling,
-            "alignment": c.alignment,
-            "grid_upsample": c.grid_upsample,
-        }
-    if config.architecture == "resnet18" and config.mgacr.enabled and config.mgacr.lesion_stage:
-        return {"lesion_stage": config.mgacr.lesion_stage}
-    return {}
+    """The constructor options of the configured network (they travel in the bundle's contract),
+    as its registry entry's ``options`` sets them."""
+    options = ARCHITECTURES[config.architecture].options
+    return {} if options is None else resolve(options)(config, image_size)
+
+
+def lesion_head_options(config: FinetuneConfig, image_size: int) -> dict:
+    """Deep Pneumonia's lesion head, where a MGACR term is on and ``mgacr.lesion_stage`` names one."""
+    m = config.mgacr
+    return {"lesion_stage": m.lesion_stage} if m.enabled and m.lesion_stage else {}
+
+
+def class_attention_options(config: FinetuneConfig, image_size: int) -> dict:
+    return {"dim": config.class_attention.dim}
+
+
+def cia_options(config: FinetuneConfig, image_size: int) -> dict:
+    c = config.cia
+    return {
+        "image_size": image_size,
+        "bank_size": c.bank_size,
+        "negative_sampling": c.negative_sampling,
+        "alignment": c.alignment,
+        "grid_upsample": c.grid_upsample,
+    }
 
 
 def normal_index(class_names: list[str] | tuple[str, ...]) -> int:
@@ -57,27 +67,18 @@ def build_classifier(
     seed: int,
     image_size: int = 224,
 ) -> nn.Module:
-    """The stage II network: MGACR heads only when a MGACR term is switched on.
+    """The stage II network: MGACR heads (where its entry takes them) only when a MGACR term
+    is switched on; ``encoder`` (stage I's) initialises its ResNet18 trunk.
 
     ``num_classes`` counts every class; a multi-label network gets one output per finding.
     """
     torch.manual_seed(seed)
-    if config.architecture != "resnet18":
-        outputs = num_classes - 1 if config.multi_label else num_classes
-        net = build_network(config.architecture, outputs, **network_options(config, image_size))
-        if encoder is not None:
-            net.load_encoder(encoder)
-        return net
-    stages = config.mgacr.stages if config.mgacr.enabled else ()
-    net = DeepPneumoniaNet(
-        num_classes=num_classes, attention_stages=stages, **network_options(config, image_size)
-    )
+    entry = ARCHITECTURES[config.architecture]
+    outputs = num_classes - 1 if entry.multi_label else num_classes
+    stages = config.mgacr.stages if entry.attention and config.mgacr.enabled else ()
+    net = build_network(config.architecture, outputs, stages, **network_options(config, image_size))
     if encoder is not None:
-        missing, unexpected = net.backbone.load_state_dict(encoder, strict=False)
-        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise ValueError(
-                f"pre-trained encoder does not fit: missing {missing}, unexpected {unexpected}"
-            )
+        net.load_encoder(encoder)
     return net
 
 
@@ -131,17 +132,48 @@ def make_optimizer(
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def variant_loss(
-    config: FinetuneConfig, positive_counts: list[int], names: list[str], total: int | None = None
+def stage_two_loss(
+    config: FinetuneConfig, class_counts: list[int], class_names: list[str]
 ) -> nn.Module:
-    """The multi-label variants' own losses; CIA-Net's is assembled in :func:`multi_label_step`.
-    ``total``: training images (the balanced class weights need it)."""
-    if config.architecture == "class_attention":
-        c = config.class_attention
-        return ClassAttentionLoss(positive_counts, c.entropy_weight, names, c.class_weights, total)
-    return CIAObjective(
-        config.cia.box_weight, config.cia.feature_weight, config.cia.consistency_weight
+    """The loss stage II trains with: the one of the network's own paper (its registry entry's
+    ``loss``), or else the configured classification loss.
+
+    ``class_counts`` and ``class_names`` cover every class of the training split; an entry's
+    loss gets those of the network's outputs (the findings alone for a multi-label network)
+    and the number of training images (the balanced class weights need it).
+    """
+    entry = ARCHITECTURES[config.architecture]
+    if entry.loss is None:
+        if entry.multi_label:
+            raise ValueError(f"the multi-label architecture {entry.name} names no loss of its own")
+        return classification_loss(config, class_counts, class_names)
+    outputs = (
+        findings(class_names, normal_index(class_names))
+        if entry.multi_label
+        else range(len(class_names))
     )
+    return resolve(entry.loss)(
+        config,
+        [class_counts[i] for i in outputs],
+        [class_names[i] for i in outputs],
+        sum(class_counts),
+    )
+
+
+def class_attention_objective(
+    config: FinetuneConfig, positive_counts: list[int], names: list[str], total: int
+) -> nn.Module:
+    """Class-based attention's Eq. 5."""
+    c = config.class_attention
+    return ClassAttentionLoss(positive_counts, c.entropy_weight, names, c.class_weights, total)
+
+
+def cia_objective(
+    config: FinetuneConfig, positive_counts: list[int], names: list[str], total: int
+) -> nn.Module:
+    """CIA-Net's Eq. 6 and alignment losses; assembled in :func:`multi_label_step`."""
+    c = config.cia
+    return CIAObjective(c.box_weight, c.feature_weight, c.consistency_weight)
 
 
 def grid_targets(mask: Tensor, theta: Tensor | None, size: tuple[int, int]) -> Tensor:
@@ -189,9 +221,18 @@ class CIAObjective(nn.Module):
 def logit_adjustment(
     config: FinetuneConfig, class_counts: list[int], normal: int
 ) -> tuple[float, ...]:
-    """``log c_i`` per finding for class attention with ``logit_adjustment`` on (the weights its
+    """The contract's logit offsets, as the network's registry entry computes them from the
+    training split's ``class_counts``, else none."""
+    rule = ARCHITECTURES[config.architecture].logit_adjustment
+    return () if rule is None else tuple(resolve(rule)(config, class_counts, normal))
+
+
+def class_attention_offsets(
+    config: FinetuneConfig, class_counts: list[int], normal: int
+) -> tuple[float, ...]:
+    """``log c_i`` per finding with ``class_attention.logit_adjustment`` on (the weights its
     loss trained with, from the training split's counts), else none."""
-    if config.architecture != "class_attention" or not config.class_attention.logit_adjustment:
+    if not config.class_attention.logit_adjustment:
         return ()
     positives = [class_counts[i] for i in findings(list(range(len(class_counts))), normal)]
     weights = class_attention_weights(
