@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -32,16 +33,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests that need the trained demo bundle ``bundle`` (``make test-fast`` leaves
-    them out); under xdist, start with the files that hold a slow test. ``--dist loadfile``
-    hands out files in this order, so that the longest start first and the two workers end
-    together, rather than one worker running the viewer's or the training's minute alone."""
+    them out); under xdist, hand out the longest files first. ``--dist loadfile`` hands out
+    files in this order, so that the two workers end together, rather than one worker running
+    the viewer's or the worklist's minute alone at the end (longest first: the classic
+    scheduling rule for two machines). A file's seconds come from ``tests/durations.json``
+    (the summed test times of a recent ``make test``; a file not listed counts as short)."""
     for item in items:
         if "demo_bundle" in getattr(item, "fixturenames", ()):
             item.add_marker("bundle")
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        seconds = json.loads((ROOT / "tests" / "durations.json").read_text())
         # stable: the order within a file is kept
-        items.sort(key=lambda item: item.path not in slow)
+        items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
 
 
 @pytest.fixture(scope="session")
