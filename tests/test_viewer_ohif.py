@@ -225,45 +225,66 @@ def run_check(node: str, chromium: str, spec: dict, folder: Path) -> dict:
     return report
 
 
-@pytest.mark.parametrize("case", ["rg1", "rg1_spaced", "synthetic"])
-def test_ohif_shows_the_nodes_results(site: Site, case: str, tmp_path: Path) -> None:
+CASES = ("rg1", "rg1_spaced", "synthetic")
+
+
+@dataclass
+class Checked:
+    """One run of ``ohif_check.mjs`` over every case's study (one browser for all of them)."""
+
+    report: dict
+    reports: dict[str, Dataset]
+    regions: dict[str, list[list[list[float]]]]
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def checked(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Checked:
     node, chromium = require_viewer()
-    series = results_in_orthanc(site, case)
-    sr = stored_sr(site, series["sr_id"])
-    regions = sr_regions(sr)
-    assert all(math.isfinite(v) for region in regions for point in region for v in point), (
-        f"the SR's outlines hold values that are not numbers: {regions}"
-    )
-    spec = {
-        "origin": site.origin.url,
-        "out": str(tmp_path),
-        "studies": [
+    folder = tmp_path_factory.mktemp("ohif")
+    studies, reports, regions = [], {}, {}
+    for case in CASES:
+        series = results_in_orthanc(site, case)
+        reports[case] = stored_sr(site, series["sr_id"])
+        regions[case] = sr_regions(reports[case])
+        studies.append(
             {
                 "name": case,
                 "study": series["study"],
                 "source": series["CR"],
                 "sr": series["SR"],
                 "sc": series["SC"],
-                "regions": regions,
+                "regions": regions[case],
             }
-        ],
-    }
-    report = run_check(node, chromium, spec, tmp_path)
+        )
+    spec = {"origin": site.origin.url, "out": str(folder), "studies": studies}
+    return Checked(run_check(node, chromium, spec, folder), reports, regions, folder)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ohif_shows_the_nodes_results(checked: Checked, case: str) -> None:
+    sr, regions, folder = checked.reports[case], checked.regions[case], checked.folder
+    assert all(math.isfinite(v) for region in regions for point in region for v in point), (
+        f"the SR's outlines hold values that are not numbers: {regions}"
+    )
+    (study,) = [s for s in checked.report["studies"] if s["name"] == case]
+    problems = [p for p in checked.report["problems"] if p.startswith(f"{case}: ")]
     shots = os.environ.get("DP_VIEWER_SHOTS")
     if shots and case != "rg1":
         Path(shots).mkdir(parents=True, exist_ok=True)
         name = {"rg1_spaced": "ohif_rg1", "synthetic": "ohif_phantom"}[case]
         for kind in ("sr", "sc"):
-            shutil.copyfile(tmp_path / f"{case}_{kind}.png", Path(shots) / f"{name}_{kind}.png")
-    for note in report.get("notes", []):
-        warnings.warn(f"OHIF: {note}", stacklevel=1)
-    assert not report["problems"], (
-        f"OHIF does not show the node's results for {case} (screenshots and report.json in {tmp_path}):\n"
-        + "\n".join(report["problems"])
+            shutil.copyfile(folder / f"{case}_{kind}.png", Path(shots) / f"{name}_{kind}.png")
+    for note in checked.report.get("notes", []):
+        if note.startswith(f"{case}: "):
+            warnings.warn(f"OHIF: {note}", stacklevel=1)
+    assert not problems, (
+        f"OHIF does not show the node's results for {case} (screenshots and report.json in {folder}):\n"
+        + "\n".join(problems)
     )
     # OHIF labels the image with the image-level result, the verdict in words first, and each
     # region with its finding and score.
-    labels = report["studies"][0]["views"]["sr"]["viewport"]["labels"]
+    labels = study["views"]["sr"]["viewport"]["labels"]
     verdict = sr_verdict(sr)
     # RG1 is unlike the demo's phantoms
     if case == "synthetic":
