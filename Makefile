@@ -62,10 +62,11 @@ $(DEMO_BUNDLE): | $(STAMP)
 
 # Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built
 # once); the demo bundle is trained once into .pytest_cache for every worker and every run of
-# the same code (tests/conftest.py). TEST_WORKERS=0: one process.
+# the same code (tests/conftest.py). Files are handed out longest first, in the conftest's
+# order (xdist would otherwise reorder them by their number of tests). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: venv system-deps viewer-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The inner loop: the tests that need neither the trained demo bundle, nor the command-line
 # tools, nor a slow run (no system packages, no viewer); `make test` before a commit.
