@@ -690,6 +690,12 @@ def test_a_wrong_password_holds_the_results_with_reason_authentication_and_never
         assert [(line["destination"], line["reason"]) for line in held] == [(url, "authentication")]
         assert len(node.senders[0].pending()) == 2 and in_orthanc(orthanc) == Counter()
         assert any("authentication" in problem for problem in node.health()["problems"])
+        # the counter follows the audit line (the trail is written first): read it once it moved
+        wait_for(
+            lambda: node.metrics.value("delivery_holds", destination=url, reason="authentication"),
+            10,
+            "the hold counted",
+        )
         assert node.metrics.value("delivery_holds", destination=url, reason="authentication") == 1
         monkeypatch.setenv("DP_TEST_PACS_PASSWORD", PASSWORD)  # mended, no restart
         wait_for(
