@@ -38,7 +38,7 @@ TORCH_PINS  := $(shell grep -E '^torch(vision)?==' requirements/constraints.txt)
 DEMO_CONFIGS := configs/synth_demo.yaml configs/demo.yaml
 DEMO_BUNDLE  := $(RUN_DIR)/bundle/.built-$(shell cat $(DEMO_CONFIGS) | sha256sum | cut -c1-12)
 
-.PHONY: run demo-bundle test test-fast venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory gallery clean
+.PHONY: run demo-bundle test test-fast venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-netfuzz benchmark-soak benchmark-memory benchmark-profile gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time only; `make run` again starts the node at once).
@@ -132,6 +132,12 @@ benchmark-soak: venv demo-bundle
 
 # Data sets of 200 MB arriving at once (the node's memory must not grow with them), one
 # 8192 x 8192 image per decode path (the decode budget's edge) and a batch of them: peak memory.
+# Where an image's time and the idle node's memory go: a flame graph (docs/node_profile.svg)
+# and the memory of each import; py-spy is installed for it alone.
+benchmark-profile: venv run-deps demo-bundle
+	$(PY) -m pip install -q py-spy==0.4.3
+	$(PY) benchmarks/node_profile.py --bundle $(RUN_DIR)/bundle --json docs/results/node_profile.json
+
 benchmark-memory: venv run-deps demo-bundle
 	$(PY) benchmarks/node_memory.py --bundle $(RUN_DIR)/bundle --senders 4 --json docs/results/node_memory.json
 

@@ -32,6 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from pydicom import dcmread
@@ -41,6 +42,7 @@ from pydicom.uid import generate_uid
 from dp_model.bundle import load_bundle
 from pacs_node.config import NodeConfig
 from pacs_node.results.identity import ResultIdentity, rendition
+from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 
 def free_port() -> int:
@@ -103,6 +105,25 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class Expected(NamedTuple):
+    """The SOP Instance UIDs of an image's results as storescp stores them."""
+
+    sr_uid: str
+    sc_uid: str
+
+
+def expected(path: Path, contract) -> Expected:
+    """``path``'s results at storescp, which takes Comprehensive 3D SR: the report arrives in
+    that form, under the UID derived from the Comprehensive SR's."""
+    identity = ResultIdentity.of(
+        dcmread(path, stop_before_pixels=True), contract, rendition(NodeConfig(), contract)
+    )
+    return Expected(
+        sop_instance_uid_in(identity.instance_uid("sr"), COMPREHENSIVE_3D_SR),
+        identity.instance_uid("sc"),
+    )
+
+
 def arrived(folder: Path, uids: set[str]) -> bool:
     names = {p.name.split(".", 1)[1] for p in folder.iterdir() if "." in p.name}
     return uids <= names
@@ -153,10 +174,8 @@ def main() -> int:
     try:
         wait(lambda: listening(node_port), 120, "the node")
 
-        def identity(path: Path) -> ResultIdentity:
-            return ResultIdentity.of(
-                dcmread(path, stop_before_pixels=True), contract, rendition(NodeConfig(), contract)
-            )
+        def identity(path: Path) -> Expected:
+            return expected(path, contract)
 
         # Warm-up: the first image pays for lazy imports and allocator growth.
         warm = copies(rg1, work / "warm", 2)

@@ -1,0 +1,273 @@
+"""Where the node's time and memory go: a flame graph of images through ``dp-node`` and the
+memory each import costs before the first image.
+
+    python benchmarks/node_profile.py --bundle runs/demo/bundle      # or: make benchmark-profile
+
+* **Memory before the first image**: a fresh interpreter imports the node's dependencies one
+  after another and reads its resident set size (``VmRSS``) after each, then loads the
+  bundle and starts a node; the increments are what each costs (a later import does not
+  pay again for what an earlier one loaded).
+* **Time per image**: ``dp-node`` runs under ``py-spy record`` (sampling, 200 Hz, every
+  thread, idle waits left out) while ``storescu`` sends copies of the real radiograph RG1
+  one at a time with the SR's arrival at ``storescp`` awaited each time; the flame graph goes
+  to ``docs/node_profile.svg`` and the samples, grouped by the step they fall in, to the
+  printed table and ``--json``.
+
+py-spy is a sampling profiler installed by ``make benchmark-profile`` into the venv (not a
+runtime dependency of the node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from node_latency import arrived, copies, expected, free_port, listening, storescp, wait
+from pydicom.data import get_testdata_file
+
+from dp_model.bundle import load_bundle
+
+#: Imported one after another in a fresh interpreter, in this order.
+IMPORTS = (
+    "numpy",
+    "pydicom",
+    "pynetdicom",
+    "PIL.Image",
+    "highdicom",
+    "torch",
+    "torchvision",
+    "monai",
+    "dp_transforms",
+    "dp_model.bundle",
+    "pacs_node.node",
+)
+
+_MEMORY = """
+import importlib, json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+steps = [("python", rss())]
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+    steps.append((name, rss()))
+from pacs_node.model.predictor import NodePredictor
+NodePredictor(sys.argv[1], device="cpu")
+steps.append(("bundle loaded", rss()))
+print(json.dumps(steps))
+"""
+
+#: A sample belongs to the first step one of whose names is in its stack: start-up first
+#: (an import anywhere below a frame is start-up, whoever imports), then the work of an image.
+STEPS = (
+    ("start-up: imports", ("<module> (",)),
+    ("start-up: bundle", ("NodePredictor.__init__", "load_bundle")),
+    ("SR", ("build_report", "ReportWriter.build")),
+    ("overlay (SC)", ("build_overlay", "OverlayWriter.build")),
+    ("presentation state (GSPS)", ("build_presentation_state", "PresentationWriter.build")),
+    ("model", ("NodePredictor.predict", "Runner.run")),
+    ("decode and letterbox", ("prepare (", "Pipeline._decode")),
+    ("read and screen", ("Pipeline._read",)),
+    ("receive, fsync, answer", ("listener.py",)),
+    ("send results", ("DestinationSender", "cstore.py")),
+)
+
+
+def memory(bundle: Path) -> list[tuple[str, float]]:
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY, str(bundle), *IMPORTS],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    steps = json.loads(out.strip().splitlines()[-1])
+    return [(name, round(mb, 1)) for name, mb in steps]
+
+
+#: A sample whose innermost frame is one of these is a thread waiting, not working.
+WAITS = ("Condition.wait", "Event.wait", ".select (", "sleep (", "_PollLikeSelector")
+
+
+def step_of(stack: str) -> str:
+    frames = stack.split(";")
+    if any(wait in frames[-1] for wait in WAITS):
+        return "waiting"
+    for step, needles in STEPS:
+        if any(needle in frame for frame in frames for needle in needles):
+            return step
+    return "other"
+
+
+def profile(
+    bundle: Path, images: int, out_svg: Path, keep_raw: Path | None = None
+) -> dict[str, float]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise SystemExit("node_profile: py-spy not found (make benchmark-profile installs it)")
+    contract = load_bundle(bundle)[1]
+    work = Path(tempfile.mkdtemp(prefix="dp-node-profile-"))
+    rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
+    dest_port, node_port = free_port(), free_port()
+    destination = storescp(work / "destination", dest_port)
+    config = work / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "port": node_port,
+                "host": "127.0.0.1",
+                "bundle": str(bundle),
+                "spool": str(work / "spool"),
+                "metrics_port": -1,
+                "device": "cpu",
+                "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
+            }
+        )
+    )
+    raw = work / "profile.txt"
+    command = [sys.executable, "-m", "pacs_node.cli", "--config", str(config)]
+    # One recording in raw (collapsed stacks); the SVG is drawn from the same samples.
+    node = subprocess.Popen(
+        [py_spy, "record", "--rate", "200", "--format", "raw", "-o", str(raw), "--", *command],
+        stdout=(work / "node.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait(lambda: listening(node_port), 180, "the node to listen")
+        files = copies(rg1, work / "images", images)
+        started = time.perf_counter()
+        for path in files:
+            sr = expected(path, contract).sr_uid
+            subprocess.run(
+                ["storescu", "-aec", "DPNODE", "127.0.0.1", str(node_port), str(path)],
+                check=True,
+                capture_output=True,
+            )
+            wait(lambda sr=sr: arrived(work / "destination", {sr}), 60, "the SR")
+        seconds = time.perf_counter() - started
+        time.sleep(2.0)  # the overlays still being sent
+    finally:
+        node.send_signal(2)  # SIGINT: py-spy writes its file and stops the node
+        node.wait(120)
+        destination.terminate()
+    by_step: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            by_step[step_of(stack)] += int(count)
+    flamegraph(raw, out_svg)
+    rate = 200.0
+    waiting = by_step.pop("waiting", 0)
+    result = {
+        "images": images,
+        "wall_s": round(seconds, 2),
+        "samples": sum(by_step.values()),
+        "waiting_samples": waiting,
+        # start-up is paid once; the rest per image
+        "cpu_ms_per_image": {
+            step: round(count / rate / (1 if step.startswith("start-up") else images) * 1000, 1)
+            for step, count in by_step.most_common()
+        },
+    }
+    if keep_raw is not None:
+        shutil.copyfile(raw, keep_raw)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def flamegraph(raw: Path, svg: Path) -> None:
+    """An SVG flame graph of collapsed stacks (py-spy's ``raw`` format), drawn here: boxes
+    as wide as their share of the samples, callers below callees."""
+    tree: dict = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        node = tree
+        for frame in stack.split(";"):
+            entry = node.setdefault(frame, [0, {}])
+            entry[0] += int(count)
+            node = entry[1]
+    width, row = 1600.0, 16
+    boxes: list[str] = []
+    depth_max = [0]
+
+    def draw(children: dict, x: float, depth: int) -> None:
+        depth_max[0] = max(depth_max[0], depth)
+        for frame, (count, grand) in sorted(children.items(), key=lambda kv: -kv[1][0]):
+            w = width * count / max(total, 1)
+            if w >= 0.5:
+                name = frame.split(" (")[0]
+                hue = 20 + (hash(name) % 40)
+                label = name if w > 7 * len(name) else name[: max(0, int(w / 7) - 1)]
+                boxes.append(
+                    f"<g><title>{_escape(frame)}: {count} samples ({100 * count / total:.1f} %)</title>"
+                    f'<rect x="{x:.1f}" y="{{y{depth}}}" width="{w:.1f}" height="{row - 1}" '
+                    f'fill="hsl({hue},80%,60%)"/><text x="{x + 2:.1f}" y="{{t{depth}}}" '
+                    f'font-size="11">{_escape(label)}</text></g>'
+                )
+                draw(grand, x, depth + 1)
+            x += w
+
+    draw(tree, 0.0, 0)
+    height = (depth_max[0] + 2) * row
+    body = "\n".join(boxes)
+    for depth in range(depth_max[0] + 1):
+        y = height - (depth + 1) * row
+        body = body.replace(f"{{y{depth}}}", str(y)).replace(f"{{t{depth}}}", str(y + 12))
+    svg.write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+        f'font-family="monospace">\n<text x="4" y="12" font-size="12">dp-node, {total} samples '
+        f"at 200 Hz, every thread (hover a box for its share)</text>\n{body}\n</svg>\n"
+    )
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("runs/demo/bundle"))
+    parser.add_argument("--images", type=int, default=30)
+    parser.add_argument("--svg", type=Path, default=Path("docs/node_profile.svg"))
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    steps = memory(args.bundle)
+    print("memory before the first image (VmRSS after each step, fresh interpreter):")
+    previous = 0.0
+    for name, mb in steps:
+        print(f"  {name:<18} {mb:7.0f} MB  (+{mb - previous:.0f})")
+        previous = mb
+    result = profile(args.bundle, args.images, args.svg, args.raw)
+    print(
+        f"time per image, {result['images']} RG1 images one at a time "
+        f"({result['wall_s']} s; CPU ms per image by step, every thread; start-up once):"
+    )
+    for step, ms in result["cpu_ms_per_image"].items():
+        print(f"  {step:<28} {ms:7.1f} ms")
+    print(
+        "  (sampled at 200 Hz by py-spy, which slows the node: compare the steps, not the totals)"
+    )
+    print(f"flame graph: {args.svg}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"memory_mb": steps, **result}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
