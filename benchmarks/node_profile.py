@@ -207,7 +207,7 @@ def flamegraph(raw: Path, svg: Path) -> None:
         depth_max[0] = max(depth_max[0], depth)
         for frame, (count, grand) in sorted(children.items(), key=lambda kv: -kv[1][0]):
             w = width * count / max(total, 1)
-            if w >= 0.5:
+            if w >= 1.0:
                 name = frame.split(" (")[0]
                 hue = 20 + (hash(name) % 40)
                 label = name if w > 7 * len(name) else name[: max(0, int(w / 7) - 1)]
