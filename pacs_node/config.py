@@ -30,6 +30,8 @@ MAX_WAIT_S = 86400.0
 MAX_AGE_DAYS = 3650.0
 #: PS3.3 C.7.6.3.1: Rows and Columns are US, so no image side exceeds 65535 pixels.
 MAX_IMAGE_SIDE = 65535
+#: Most associations the node opens to one destination at once (outbox.associations).
+MAX_ASSOCIATIONS = 16
 
 
 def check_ae_title(name: str, value: str) -> None:
@@ -324,6 +326,10 @@ class OutboxConfig:
         max_request_mb: most megabytes in one STOW-RS request (an object larger goes alone).
         stall_after_s: ``/health`` says degraded when a destination's oldest result has
             waited this long, or every attempt to deliver to it has failed for this long.
+        associations: most associations (connections, for a web destination) open to one
+            destination at once, each sending its own batch: results keep pace with the
+            worker while one is on a slow link or a slow store; one instance is never on two
+            at once, so a correction still arrives after what it corrects.
     """
 
     batch_size: int = 32
@@ -333,9 +339,16 @@ class OutboxConfig:
     dead_letter_after_s: float = 7 * 24 * 3600.0
     max_request_mb: int = 64
     stall_after_s: float = 600.0
+    associations: int = 2
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "outbox.batch_size", self.batch_size, "at least 1")
+        require(
+            isinstance(self.associations, int) and 1 <= self.associations <= MAX_ASSOCIATIONS,
+            "outbox.associations",
+            self.associations,
+            f"a whole number from 1 to {MAX_ASSOCIATIONS}",
+        )
         require(
             self.max_request_mb >= 1, "outbox.max_request_mb", self.max_request_mb, "at least 1"
         )

@@ -648,3 +648,73 @@ def test_an_image_processed_again_in_another_batch_gives_the_same_content_digest
     assert _content_digest(source, alone) == _content_digest(source, batched)
     # the SR would say 1.82 %, not 1.81 %
     assert _content_digest(source, saying(0.0182)) != _content_digest(source, alone)
+
+
+# --- parallel associations ---------------------------------------------------------------------------
+
+
+class CountingPeer(Peer):
+    """A stalled peer that counts the C-STOREs it holds at once (one per association)."""
+
+    def __init__(self) -> None:
+        super().__init__(stall=True)
+        self.lock, self.in_flight, self.most = threading.Lock(), 0, 0
+
+    def _store(self, event: evt.Event) -> int:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            return super()._store(event)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_a_destination_gets_results_over_parallel_associations_each_once(tmp_path: Path) -> None:
+    peer, deliveries = CountingPeer().start(), []
+    s = sender(tmp_path, peer, deliveries, associations=2)
+    uids = []
+    for i in range(6):
+        ds = result(i)
+        uids.append(ds.SOPInstanceUID)
+        s.put(ds, f"source-{i}")
+    s.start()
+    s.wake()
+    try:
+        # Both associations hold a C-STORE while the peer stalls them: the results are not in one line.
+        wait_for(lambda: peer.in_flight == 2, 20, "two C-STOREs at once")
+        peer.go.set()
+        wait_for(lambda: len(deliveries) == 6, 20, "every result delivered")
+        assert sorted(peer.stored) == sorted(uids) and peer.most == 2
+        assert s.pending() == []
+    finally:
+        s.stop()
+        peer.stop()
+
+
+def test_a_newer_result_of_an_instance_on_the_wire_waits_for_it_and_arrives_last(
+    tmp_path: Path,
+) -> None:
+    """Two associations never carry the same instance at once: a correction put while the
+    first version is on the wire is sent after it is answered, so the destination ends with it."""
+    peer, deliveries = CountingPeer().start(), []
+    s = sender(tmp_path, peer, deliveries, associations=2)
+    first = result(0)
+    s.put(first, "source-0")
+    s.start()
+    s.wake()
+    try:
+        wait_for(peer.on_wire.is_set, 20, "the first version on the wire")
+        corrected = copy.deepcopy(first)
+        corrected.SeriesDescription = "corrected"
+        s.put(corrected, "source-0", digest="corrected")
+        s.wake()
+        time.sleep(1.0)  # an idle association would have taken the correction by now
+        assert peer.in_flight == 1 and peer.most == 1
+        peer.go.set()
+        wait_for(lambda: len(peer.received) == 2, 20, "both versions")
+        assert [ds.get("SeriesDescription", "") for ds in peer.received][-1] == "corrected"
+    finally:
+        s.stop()
+        peer.stop()

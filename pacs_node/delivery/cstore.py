@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,10 +66,16 @@ class CStoreTransport:
     ) -> None:
         self.destination, self.tls = destination, tls
         self._ae = AE(ae_title=calling_ae)
+        self._opening = threading.Lock()
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(self._ae, timeout, timeout_s)
 
     def open(self, ask: bool) -> CStoreLink:
+        # the AE's requested contexts are set per association: one association at a time negotiates
+        with self._opening:
+            return self._open(ask)
+
+    def _open(self, ask: bool) -> CStoreLink:
         self._ae.requested_contexts = []
         for sop_class in RESULT_CLASSES:
             self._ae.add_requested_context(sop_class, list(RESULT_SYNTAXES))

@@ -165,8 +165,16 @@ class DestinationSender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._retry_after = 0.0
-        self._wire_started: float | None = None
-        self._thread = self._new_thread()
+        # the destination's backoff, and the monotonic time before which no association tries
+        # again (a failure backs them all off)
+        self._backoff, self._quiet_until = 0.0, 0.0
+        # per association (thread): when its objects went on the wire
+        self._wire = threading.local()
+        # UIDs some association is sending now (under the lock): never two at once
+        self._claimed: set[str] = set()
+        # when each association's current attempt began (under the lock)
+        self._busy: dict[int, float] = {}
+        self._threads = [self._new_thread(i) for i in range(config.associations)]
         self.forget_old_deliveries()
         for legacy in [p for p in self.folder.glob("*.dcm") if _LEGACY.fullmatch(p.stem)]:
             try:
@@ -294,9 +302,11 @@ class DestinationSender:
                     continue
         return [self.folder / name for _, name in sorted(stamped)]
 
-    def _take(self) -> list[Path]:
-        """The entries to send now, oldest first; entries superseded by a newer one of the same
-        UID are dropped (never sent: the destination must end up with the newer)."""
+    def _take(self) -> tuple[list[Path], int]:
+        """The entries no association is sending, oldest first, with how many entries wait in
+        all. Entries superseded by a newer one of the same UID are dropped (never sent: the
+        destination must end up with the newer), unless one is on the wire: then the UID waits
+        until it is answered, and the newer goes after it."""
         with self._lock:
             entries = self._listing()
             newest: dict[str, Path] = {}
@@ -304,9 +314,37 @@ class DestinationSender:
                 if _sequence(path) >= _sequence(newest.get(_uid_of(path), path)):
                     newest[_uid_of(path)] = path
             for path in entries:
-                if newest[_uid_of(path)] is not path:
+                if newest[_uid_of(path)] is not path and _uid_of(path) not in self._claimed:
                     self._drop(path)
-        return [path for path in entries if newest[_uid_of(path)] is path]
+            waiting = len(newest)
+            free = [
+                path
+                for path in entries
+                if newest[_uid_of(path)] is path and _uid_of(path) not in self._claimed
+            ]
+        return free, waiting
+
+    def _claim(self, files: list[Path]) -> list[Path]:
+        """A share of ``files`` for this association: at most a batch, and no more than an
+        even split among the associations, so that a short queue is sent in parallel too."""
+        share = -(-len(files) // len(self._threads))
+        chosen = files[: min(self.config.batch_size, share)]
+        with self._lock:
+            chosen = [path for path in chosen if _uid_of(path) not in self._claimed]
+            self._claimed.update(_uid_of(path) for path in chosen)
+        return chosen
+
+    def _release(self, files: list[Path]) -> None:
+        with self._lock:
+            self._claimed.difference_update(_uid_of(path) for path in files)
+            self._busy.pop(threading.get_ident(), None)
+            self.stats.busy_since = min(self._busy.values(), default=None)
+
+    def _busy_from(self, when: float) -> None:
+        """This association's attempt runs since ``when``; health reads the oldest of them."""
+        with self._lock:
+            self._busy[threading.get_ident()] = when
+            self.stats.busy_since = min(self._busy.values())
 
     def _drop(self, path: Path) -> None:
         """Remove a superseded entry (the caller holds the lock)."""
@@ -322,10 +360,9 @@ class DestinationSender:
     def wake(self) -> None:
         self._wake.set()
 
-    def _new_thread(self) -> threading.Thread:
-        return threading.Thread(
-            target=self._main, name=f"send-{self.destination.name}", daemon=True
-        )
+    def _new_thread(self, index: int) -> threading.Thread:
+        name = f"send-{self.destination.name}" + (f"-{index + 1}" if index else "")
+        return threading.Thread(target=self._main, name=name, daemon=True)
 
     def _main(self) -> None:
         try:
@@ -334,44 +371,57 @@ class DestinationSender:
             logger.critical("%s: sender thread ended: %s", self.destination, describe(exc))
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def restart(self) -> None:
-        """Start a new sender thread after the last one ended unexpectedly."""
-        self.stats.busy_since = None
-        self._thread = self._new_thread()
-        self._thread.start()
+        """Start new sender threads in place of those that ended unexpectedly."""
+        for index, thread in enumerate(self._threads):
+            if not thread.is_alive():
+                with self._lock:
+                    self._busy.pop(thread.ident or -1, None)
+                    self.stats.busy_since = min(self._busy.values(), default=None)
+                self._threads[index] = self._new_thread(index)
+                self._threads[index].start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(thread.is_alive() for thread in self._threads)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
-        backoff = 0.0
         while not self._stop.is_set():
+            quiet = self._quiet_until - time.monotonic()
+            if quiet > 0:  # an association found the destination failing: all back off together
+                self._stop.wait(quiet)
+                continue
             try:
                 delivered = self._round()
             except Exception as exc:  # noqa: BLE001 - a sender must outlive whatever one round does
-                self.stats.busy_since = None
+                self._release([])
                 self.stats.last_error = f"internal error ({describe(exc)})"
                 logger.error("%s: %s", self.destination, self.stats.last_error)
                 delivered = False
             if delivered is None:
                 continue
-            if delivered:
-                backoff = 0.0
-                continue
-            backoff = next_backoff(backoff, self.config)
-            wait, self._retry_after = (
-                max(backoff, min(self._retry_after, self.config.max_backoff_s)),
-                0.0,
-            )
+            with self._lock:
+                if delivered:
+                    self._backoff, self._quiet_until = 0.0, 0.0
+                    continue
+                # one backoff per destination, whichever association failed
+                self._backoff = next_backoff(self._backoff, self.config)
+                wait, self._retry_after = (
+                    max(self._backoff, min(self._retry_after, self.config.max_backoff_s)),
+                    0.0,
+                )
+                self._quiet_until = time.monotonic() + wait
             logger.warning(
                 "%s: delivery failed (%s); next try in %.1f s",
                 self.destination,
@@ -382,19 +432,21 @@ class DestinationSender:
 
     def _round(self) -> bool | None:
         """One batch: True when the destination was reached, False when not, None when idle."""
-        files = self._take()
-        self.stats.backlog = len(files)
+        files, waiting = self._take()
+        self.stats.backlog = waiting
         self.stats.oldest = _mtime(files[0]) if files else None
-        if not files:
-            self.stats.failing_since = None  # nothing left to fail on
+        batch = self._claim(files)
+        if not batch:
+            if not waiting:
+                self.stats.failing_since = None  # nothing left to fail on
             self._wake.wait(1.0)
             self._wake.clear()
             return None
-        self.stats.busy_since = time.monotonic()
+        self._busy_from(time.monotonic())
         try:
-            return self._send_batch(files[: self.config.batch_size])
+            return self._send_batch(batch)
         finally:
-            self.stats.busy_since = None
+            self._release(batch)
 
     def _pause(self, seconds: float) -> None:
         """Wait before the next attempt; a stop ends the wait at once."""
@@ -430,10 +482,10 @@ class DestinationSender:
         for group in link.groups(todo):
             if not (usable and link.usable) or self._stop.is_set():
                 break
-            self._wire_started = None
+            self._wire.started = None
             outcomes = self._send(link, group)
-            if self._wire_started is not None:
-                self.on_sent(time.perf_counter() - self._wire_started)
+            if self._wire.started is not None:
+                self.on_sent(time.perf_counter() - self._wire.started)
             # every one, even after a False
             settled = [self._settle(path, outcome) for path, outcome in outcomes.items()]
             usable = all(settled)
@@ -475,10 +527,10 @@ class DestinationSender:
 
     def _on_wire(self, group: list[Path]) -> None:
         """Mark objects about to leave: should the process die before their answer, they are in doubt."""
-        self.stats.busy_since = time.monotonic()
+        self._busy_from(time.monotonic())
         for path in group:
             _touch(self._sending_marker(path))
-        self._wire_started = time.perf_counter()
+        self._wire.started = time.perf_counter()
 
     def _sending_marker(self, path: Path) -> Path:
         """Present while ``path`` is on the wire or unanswered: after a crash, the object is in doubt."""
