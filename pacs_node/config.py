@@ -339,7 +339,7 @@ class OutboxConfig:
     dead_letter_after_s: float = 7 * 24 * 3600.0
     max_request_mb: int = 64
     stall_after_s: float = 600.0
-    associations: int = 2
+    associations: int = 1
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "outbox.batch_size", self.batch_size, "at least 1")
