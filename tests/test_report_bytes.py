@@ -161,6 +161,20 @@ def test_building_a_report_leaves_the_next_one_unchanged() -> None:
     assert {name: report_bytes(name) for name in reversed(list(CASES))} == first
 
 
+def test_the_built_report_reads_as_its_whole_content() -> None:
+    """highdicom's view of the object built (``sr.content``) is the whole measurement report:
+    the image-level group, both regions, the evaluations; the items the document holds."""
+    import highdicom as hd
+
+    prediction, attributes = CASES["positive-two-regions"]
+    model, src = contract(), source(**attributes)
+    sr = build_report(src, prediction, model, ResultIdentity.of(src, model, RENDITION))
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 2
+    assert len(sr.content.get_image_measurement_groups()) == 1
+    assert sr.content[0].ContentSequence is sr.ContentSequence
+
+
 if __name__ == "__main__":
     REFERENCES.mkdir(parents=True, exist_ok=True)
     for case in CASES:
