@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.before is None:
         found = measure(args.bundle, args.runs)
-        print(f"build_report: median {found['median_ms']:.1f} ms, fastest {found['fastest_ms']:.1f} ms")
+        print(
+            f"build_report: median {found['median_ms']:.1f} ms, fastest {found['fastest_ms']:.1f} ms"
+        )
         return 0
     figures: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(args.rounds):

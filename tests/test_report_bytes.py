@@ -16,22 +16,19 @@ touched.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from node_support import chest_dataset
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
-sys.path.insert(0, str(Path(__file__).parent))
-from node_support import chest_dataset  # noqa: E402
-
-from dp_model.contract import ModelContract  # noqa: E402
-from pacs_node.intake.sanitize import clean_source  # noqa: E402
-from pacs_node.model.prediction import Prediction  # noqa: E402
-from pacs_node.results.identity import ResultIdentity  # noqa: E402
-from pacs_node.results.report import build_report  # noqa: E402
+from dp_model.contract import ModelContract
+from pacs_node.intake.sanitize import clean_source
+from pacs_node.model.prediction import Prediction
+from pacs_node.results.identity import ResultIdentity
+from pacs_node.results.report import build_report
 
 REFERENCES = Path(__file__).parent / "data" / "sr"
 CLASSES = ("normal", "lobar", "bronchopneumonia", "interstitial", "cavitary")

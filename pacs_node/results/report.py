@@ -141,7 +141,7 @@ def _document(
         contributing_equipment=[contributing_equipment(model)],
     )
     sr["ContentSequence"] = root["ContentSequence"]
-    sr._content = content  # noqa: SLF001 - what the constructor would have converted, already built
+    sr._content = content  # what the constructor would have converted from a copy: built already
     return sr
 
 
