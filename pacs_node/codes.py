@@ -13,6 +13,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import Tag
+from pydicom.valuerep import VR
 
 #: Who the node's results say made them (Manufacturer of every object it writes; the screen
 #: knows the node's own results by it, and never reads them as radiographs).
@@ -147,13 +149,8 @@ def _named_after(label: str, prefix: str, what: str) -> Code:
 
 def identify_schemes(dataset: Dataset) -> None:
     """Add a Coding Scheme Identification item for each private scheme ``dataset`` uses."""
-    used = {
-        str(element.value)
-        for element in dataset.iterall()
-        if element.keyword == "CodingSchemeDesignator"
-    }
     items = []
-    for designator in sorted(used & PRIVATE_SCHEMES.keys()):
+    for designator in sorted(_designators(dataset) & PRIVATE_SCHEMES.keys()):
         item = Dataset()
         item.CodingSchemeDesignator = designator
         item.CodingSchemeName, item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEMES[
@@ -162,6 +159,26 @@ def identify_schemes(dataset: Dataset) -> None:
         items.append(item)
     if items:
         dataset.CodingSchemeIdentificationSequence = Sequence(items)
+
+
+def _designators(dataset: Dataset) -> set[str]:
+    """Every Coding Scheme Designator in ``dataset``, at any depth: a walk through its
+    sequences alone (an SR holds a few hundred elements, and ``iterall`` converts and names
+    each of them, a millisecond a report)."""
+    used: set[str] = set()
+    pending = [dataset]
+    while pending:
+        item = pending.pop()
+        if _DESIGNATOR in item:
+            used.add(str(item[_DESIGNATOR].value))
+        for tag, element in item.items():
+            # a raw element read in implicit VR names no VR until converted
+            if element.VR in (VR.SQ, None) and item[tag].VR == VR.SQ:
+                pending.extend(item[tag].value)
+    return used
+
+
+_DESIGNATOR = Tag("CodingSchemeDesignator")
 
 
 # --- FHIR: the worklist message (pacs_node.results.worklist) -------------------------------------

@@ -72,13 +72,16 @@ class Skipped:
 @dataclass(frozen=True, kw_only=True)
 class Failed:
     """Processing failed for good (``reason`` a FailReason); the image is in ``folder``.
-    ``deaths``: it was quarantined after that many deaths of the node with it in flight."""
+    ``deaths``: it was quarantined after that many deaths of the node with it in flight.
+    ``outputs``: the results handed over before the failure (the report, when the overlay
+    failed after it); they are delivered."""
 
     image: Image
     reason: str
     detail: str
     folder: Path
     deaths: int = 0
+    outputs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,7 +228,13 @@ class AuditTrail:
             case Skipped():
                 self._image(event.image, "skipped", skip_reason=event.reason, detail=event.detail)
             case Failed():
-                self._image(event.image, "failed", reason=event.reason, detail=event.detail)
+                self._image(
+                    event.image,
+                    "failed",
+                    reason=event.reason,
+                    detail=event.detail,
+                    outputs=event.outputs or None,
+                )
             case Delivered():
                 self.audit.write(
                     "delivery",

@@ -2,9 +2,10 @@
 
 The worker takes up to ``batch_size`` waiting instances, reads and screens each, decodes
 it, runs the model once for the batch (whose decoded images hold ``batch_memory_mb`` at
-most), builds every configured output kind (:mod:`pacs_node.results.registry`), puts the
-results durably in every destination's outbox that takes them (or ``output_dir``), then
-lets the spool forget the source. Each image ends in one outcome event
+most), builds every configured output kind (:mod:`pacs_node.results.registry`), the report
+first, and puts each result durably in every destination's outbox that takes it (or
+``output_dir``) as soon as it is built, so that the report is on its way while the overlay
+is drawn; then lets the spool forget the source. Each image ends in one outcome event
 (:mod:`pacs_node.outcomes`): processed, skipped, failed, or put back for later.
 
 The promise: an image the node acknowledged gets its results or a recorded reason,
@@ -13,7 +14,8 @@ whatever the image, the peers or the machine do.
 * Isolation per image: any exception while processing one image costs that image alone
   (``spool/failed/``, a stable :class:`~pacs_node.status.FailReason` or the failing writer's
   reason, an audit line); the next image proceeds. A batch whose inference fails is retried
-  image by image.
+  image by image. Results handed over before a writer failed (the report, when the overlay
+  fails) stay handed over and are delivered, as the failed line's ``outputs`` says.
 * Passing conditions (a full disk, memory) are retried with backoff, never parked.
 * A batch in flight when the process died is retried one image at a time; an image in
   flight alone at :data:`MAX_SOLO_STARTS` deaths goes to ``failed/`` (crash-loop).
@@ -53,6 +55,7 @@ from pacs_node.model.predictor import NodePredictor, Prediction, Prepared, held_
 from pacs_node.outcomes import Failed, Image, Inferred, Outcomes, Processed, Retried, Skipped
 from pacs_node.results.base import Result, ResultContext, ResultWriter
 from pacs_node.results.identity import ResultIdentity, rendition
+from pacs_node.results.registry import build_order
 from pacs_node.status import FailReason
 from pacs_node.uids import is_valid_uid
 
@@ -79,6 +82,8 @@ class Item:
     clean: Cleaned | None = None
     stage: str = FailReason.READ
     timings: dict[str, float] = field(default_factory=dict)
+    #: The UIDs of the results handed over so far (a failure after them leaves them delivered).
+    handed_over: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     read_at: float = 0.0
 
@@ -127,6 +132,8 @@ class Pipeline:
             writers,
             senders,
         )
+        #: The writers in the order their results are built and handed over: the report first.
+        self.build_order = build_order(writers)
         self.outcomes, self.prune_due = outcomes, prune_due
         #: The settings' share of every result's UIDs (identity.rendition), fixed at start.
         self.rendition = rendition(config, predictor.contract)
@@ -301,9 +308,13 @@ class Pipeline:
         return list(zip(ready, predictions, strict=True))
 
     def _write_and_hand_over(self, item: Item, prediction: Prediction) -> bool:
+        """Build each result and hand it over at once, the report first (:func:`build_order`):
+        nothing the SR does not need stands between the model and the SR's send. The image
+        leaves the spool only when every result is handed over; should the process die
+        before, the image is processed again, and a result already handed over (the same UID,
+        the same content digest) is not queued or sent twice (:meth:`DestinationSender.put`)."""
         # _decode succeeded
         assert item.clean is not None and item.dataset is not None and item.prepared is not None
-        t0 = time.perf_counter()
         source, model = item.clean.dataset, self.predictor.contract
         context = ResultContext(
             source=source,
@@ -314,13 +325,19 @@ class Pipeline:
             identity=ResultIdentity.of(source, model, self.rendition),
             config=self.config,
         )
-        results = []
-        for writer in self.writers:
+        digest = _content_digest(source, prediction)
+        results: dict[str, Result] = {}
+        taken: dict[str, bool] = {}
+        item.timings["build"] = 0.0
+        for writer in self.build_order:
             item.stage = writer.fail_reason
-            results.append(writer.build(context))
-        item.timings["build"] = time.perf_counter() - t0
-        item.stage = FailReason.HAND_OVER
-        delivery = self._hand_over(source, results, _content_digest(source, prediction))
+            t0 = time.perf_counter()
+            result = results[writer.kind] = writer.build(context)
+            item.timings["build"] += time.perf_counter() - t0
+            item.stage = FailReason.HAND_OVER
+            for destination, queued in self._hand_over(source, result, digest).items():
+                taken[destination] = taken.get(destination, False) or queued
+            item.handed_over.append(result.uid)
         self.spool.done(item.path)
         item.timings["total"] = time.perf_counter() - item.started
         self._retries.pop(item.path.name, None)
@@ -330,35 +347,42 @@ class Pipeline:
                 image=item.image(),
                 prediction=prediction,
                 model=model,
-                outputs=[r.uid for r in results],
-                delivery=delivery,
+                outputs=[results[writer.kind].uid for writer in self.writers],
+                delivery=self._delivery(source, taken),
                 note=note,
             )
         )
         return True
 
-    def _hand_over(self, source: Dataset, results: list[Result], digest: str) -> str:
-        """Results into the outbox of every destination that takes them, durably; with no
-        destination, into ``output_dir/<StudyInstanceUID>``."""
+    def _hand_over(self, source: Dataset, result: Result, digest: str) -> dict[str, bool]:
+        """One result into the outbox of every destination that takes it, durably, each
+        sender woken at once; with no destination, into ``output_dir/<StudyInstanceUID>``.
+        The destinations that take it: True where it was queued, False where it had been
+        delivered before."""
         if not self.senders:
             folder = self._study_folder(str(source.StudyInstanceUID))
-            for result in results:
-                with atomic_file(folder / result.file_name) as handle:
-                    handle.write(result.data)
-            return f"written to {folder}"
-        queued: list[str] = []
-        had: list[str] = []
+            with atomic_file(folder / result.file_name) as handle:
+                handle.write(result.data)
+            return {}
+        taken: dict[str, bool] = {}
         for sender in self.senders:
-            taken = [result for result in results if sender.takes(result)]
-            if not taken:
-                continue
-            put = [sender.put(result, str(source.SOPInstanceUID), digest) for result in taken]
-            (queued if any(put) else had).append(str(sender.destination))
-            sender.wake()
+            if sender.takes(result):
+                put = sender.put(result, str(source.SOPInstanceUID), digest)
+                taken[str(sender.destination)] = put is not None
+                sender.wake()
+        return taken
+
+    def _delivery(self, source: Dataset, taken: dict[str, bool]) -> str:
+        """Where an image's results went, in words: ``queued for A, B; already delivered to C``."""
+        if not self.senders:
+            return f"written to {self._study_folder(str(source.StudyInstanceUID))}"
+        names = [str(sender.destination) for sender in self.senders]
+        queued = [name for name in names if taken.get(name)]
+        had = [name for name in names if taken.get(name) is False]
         return "; ".join(
-            f"{what} {', '.join(names)}"
-            for what, names in (("queued for", queued), ("already delivered to", had))
-            if names
+            f"{what} {', '.join(found)}"
+            for what, found in (("queued for", queued), ("already delivered to", had))
+            if found
         )
 
     def _study_folder(self, study_uid: str) -> Path:
@@ -385,7 +409,13 @@ class Pipeline:
         self.prune_due.set()
         self._retries.pop(item.path.name, None)
         self.outcomes.emit(
-            Failed(image=item.image(), reason=str(reason), detail=detail, folder=self.spool.failed)
+            Failed(
+                image=item.image(),
+                reason=str(reason),
+                detail=detail,
+                folder=self.spool.failed,
+                outputs=list(item.handed_over),
+            )
         )
 
     def _retry(self, item: Item, exc: BaseException) -> None:

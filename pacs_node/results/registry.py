@@ -1,7 +1,8 @@
 """The output kinds the node can write, as data: one line per writer.
 
-``outputs`` in the configuration names kinds from here, in the order their results are
-built and sent. A kind added here (or by :func:`register`, as a plug-in or a test does) is
+``outputs`` in the configuration names kinds from here, in the order they are listed
+(audit lines, ``output_dir``); their results are built and handed over in
+:func:`build_order`, the report first. A kind added here (or by :func:`register`, as a plug-in or a test does) is
 written, kept, audited, put in ``output_dir`` and delivered with nothing else changed; its
 media type must be one a destination's transport carries to be sent
 (:mod:`pacs_node.delivery.registry`).
@@ -56,6 +57,18 @@ def writers_for(kinds: Iterable[str], key: str = "outputs") -> list[ResultWriter
             f"{key} must be one or more of {', '.join(WRITERS)}, each once, got {kinds!r}"
         )
     return [WRITERS[kind] for kind in kinds]
+
+
+#: The kinds built and handed over before the others, whatever their place in ``outputs``: the
+#: report is what a reading list waits on and takes tens of milliseconds, where the overlay
+#: takes hundreds (drawing and JPEG-LS), so the report never waits for it.
+FIRST = (ReportWriter.kind,)
+
+
+def build_order(writers: Iterable[ResultWriter]) -> list[ResultWriter]:
+    """``writers`` in the order the worker builds and hands over their results: the kinds of
+    :data:`FIRST`, then the others in their given order."""
+    return sorted(writers, key=lambda writer: writer.kind not in FIRST)
 
 
 def dicom_result(dataset: Dataset) -> Result:

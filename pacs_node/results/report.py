@@ -93,9 +93,43 @@ def build_report(
     content = _measurement_report(
         _observation_context(model), _image_library(source), groups, _evaluations(prediction)
     )
+    sr = _document(source, content, identity, model)
+    sr.SeriesDescription = identity.series_description("report")
+    sr.ManufacturerModelName = model.name[:64]
+    sr.SoftwareVersions = model.version[:64]
+    # Enhanced General Equipment (Type 1 in Comprehensive 3D SR): the same in both forms
+    sr.DeviceSerialNumber = model.device_uid[:64]
+    codes.identify_schemes(sr)
+    _separate(sr)
+    return sr
+
+
+def _document(
+    source: Dataset,
+    content: hd.sr.MeasurementReport,
+    identity: ResultIdentity,
+    model: ModelContract,
+) -> hd.sr.ComprehensiveSR:
+    """highdicom's Comprehensive SR of ``content``, constructed around the root item alone,
+    the root's items put in after.
+
+    The constructor deep-copies the whole tree, converts the copy and searches the tree three
+    times (the images it references, for the evidence; SCOORD3D items, which a Comprehensive
+    SR may not hold): two thirds of a report's time, for answers known here. The tree
+    references the source image alone, the ``evidence``, and holds 2D SCOORD only (PS3.3
+    A.35.3). The document is the same, to the byte (tests/test_report_bytes.py): the
+    constructor puts the root's own elements in the document, the items' Sequence itself,
+    not a copy; and its content (what ``sr.content`` gives) is the measurement report built.
+    """
+    root = content[0]
+    shell = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = []
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
-        content=content,
+        content=shell,
         series_instance_uid=identity.series_uid(ROLE),
         series_number=identity.SR_SERIES_NUMBER,
         sop_instance_uid=identity.instance_uid(ROLE),
@@ -106,13 +140,8 @@ def build_report(
         is_verified=False,
         contributing_equipment=[contributing_equipment(model)],
     )
-    sr.SeriesDescription = identity.series_description("report")
-    sr.ManufacturerModelName = model.name[:64]
-    sr.SoftwareVersions = model.version[:64]
-    # Enhanced General Equipment (Type 1 in Comprehensive 3D SR): the same in both forms
-    sr.DeviceSerialNumber = model.device_uid[:64]
-    codes.identify_schemes(sr)
-    _separate(sr)
+    sr["ContentSequence"] = root["ContentSequence"]
+    sr._content = content  # what the constructor would have converted from a copy: built already
     return sr
 
 
