@@ -114,15 +114,61 @@ def _deflate(level: int) -> Callable[[np.ndarray], bytes]:
 
 
 CANDIDATES = (
-    Candidate("JPEG-LS lossless, sample interleave (pyjpegls: today)", JPEGLSLossless, _jls(2), dcmtk=("dcml2pnm", "dcmdjpls")),
-    Candidate("JPEG-LS lossless, line interleave (pyjpegls)", JPEGLSLossless, _jls(1), dcmtk=("dcml2pnm", "dcmdjpls")),
-    Candidate("JPEG-LS lossless, no interleave (pyjpegls)", JPEGLSLossless, _jls(0), dcmtk=("dcml2pnm", "dcmdjpls")),
-    Candidate("RLE lossless (pylibjpeg-rle)", RLELossless, _pydicom(RLELossless, "pylibjpeg"), dcmtk=("dcm2pnm", "dcmdrle")),
-    Candidate("RLE lossless (pydicom, numpy)", RLELossless, _pydicom(RLELossless, "pydicom"), dcmtk=("dcm2pnm", "dcmdrle")),
-    Candidate("Explicit VR Little Endian", ExplicitVRLittleEndian, lambda rgb: rgb.tobytes(), dcmtk=("dcm2pnm", "dcmconv")),
-    Candidate("Deflated Explicit VR LE (zlib 1)", DeflatedExplicitVRLittleEndian, _deflate(1), dcmtk=("dcm2pnm", "dcmconv")),
-    Candidate("Deflated Explicit VR LE (zlib 6, pydicom's)", DeflatedExplicitVRLittleEndian, _deflate(6), dcmtk=("dcm2pnm", "dcmconv")),
-    Candidate("JPEG 2000 lossless, YBR_RCT (openjpeg)", JPEG2000Lossless, _pydicom(JPEG2000Lossless, "pylibjpeg", photometric="YBR_RCT"), "YBR_RCT", ("dcm2pnm",)),
+    Candidate(
+        "JPEG-LS lossless, sample interleave (pyjpegls: today)",
+        JPEGLSLossless,
+        _jls(2),
+        dcmtk=("dcml2pnm", "dcmdjpls"),
+    ),
+    Candidate(
+        "JPEG-LS lossless, line interleave (pyjpegls)",
+        JPEGLSLossless,
+        _jls(1),
+        dcmtk=("dcml2pnm", "dcmdjpls"),
+    ),
+    Candidate(
+        "JPEG-LS lossless, no interleave (pyjpegls)",
+        JPEGLSLossless,
+        _jls(0),
+        dcmtk=("dcml2pnm", "dcmdjpls"),
+    ),
+    Candidate(
+        "RLE lossless (pylibjpeg-rle)",
+        RLELossless,
+        _pydicom(RLELossless, "pylibjpeg"),
+        dcmtk=("dcm2pnm", "dcmdrle"),
+    ),
+    Candidate(
+        "RLE lossless (pydicom, numpy)",
+        RLELossless,
+        _pydicom(RLELossless, "pydicom"),
+        dcmtk=("dcm2pnm", "dcmdrle"),
+    ),
+    Candidate(
+        "Explicit VR Little Endian",
+        ExplicitVRLittleEndian,
+        lambda rgb: rgb.tobytes(),
+        dcmtk=("dcm2pnm", "dcmconv"),
+    ),
+    Candidate(
+        "Deflated Explicit VR LE (zlib 1)",
+        DeflatedExplicitVRLittleEndian,
+        _deflate(1),
+        dcmtk=("dcm2pnm", "dcmconv"),
+    ),
+    Candidate(
+        "Deflated Explicit VR LE (zlib 6, pydicom's)",
+        DeflatedExplicitVRLittleEndian,
+        _deflate(6),
+        dcmtk=("dcm2pnm", "dcmconv"),
+    ),
+    Candidate(
+        "JPEG 2000 lossless, YBR_RCT (openjpeg)",
+        JPEG2000Lossless,
+        _pydicom(JPEG2000Lossless, "pylibjpeg", photometric="YBR_RCT"),
+        "YBR_RCT",
+        ("dcm2pnm",),
+    ),
 )
 
 
@@ -273,7 +319,9 @@ def measure(title: str, received: Dataset, contract, repeats: int, work: Path) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("DP_TEST_BUNDLE", "runs/demo/bundle")))
+    parser.add_argument(
+        "--bundle", type=Path, default=Path(os.environ.get("DP_TEST_BUNDLE", "runs/demo/bundle"))
+    )
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     contract = load_bundle(args.bundle)[1]
@@ -281,7 +329,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dp-overlay-codec-") as folder:
         work = Path(folder)
         (work / "received").mkdir()
-        measure("RG1_UNCR.dcm (1955 x 1841 CR)", dcmread(get_testdata_file("RG1_UNCR.dcm")), contract, args.repeats, work)
+        measure(
+            "RG1_UNCR.dcm (1955 x 1841 CR)",
+            dcmread(get_testdata_file("RG1_UNCR.dcm")),
+            contract,
+            args.repeats,
+            work,
+        )
         measure("phantom 512 x 512", phantom(512), contract, args.repeats, work)
     return 0
 

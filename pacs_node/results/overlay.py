@@ -124,18 +124,25 @@ def render(
 
 def _levels(values: np.ndarray) -> np.ndarray:
     """``values`` in [0, 1] as 8-bit levels, rounded (float32 arithmetic in one buffer)."""
-    scaled = np.multiply(values, np.float32(255), dtype=np.float32)
+    scaled: np.ndarray = np.multiply(values, np.float32(255), dtype=np.float32)
     scaled += np.float32(0.5)
-    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _with_heat(radiograph: Image.Image, heat: np.ndarray) -> Image.Image:
     """The heat map blended over ``radiograph``: its levels index a 256-entry palette (colour)
-    and table (opacity); PIL composites in C."""
+    and table (opacity); PIL composites in C, only within the box where the opacity is not 0."""
     level = Image.fromarray(_levels(heat), "L")
-    colour = level.copy()
+    opacity = level.point(HEAT_OPACITY)
+    box = opacity.getbbox()
+    if box is None:
+        return radiograph
+    colour = level.crop(box)
     colour.putpalette(HEAT_PALETTE)
-    return Image.composite(colour.convert("RGB"), radiograph, level.point(HEAT_OPACITY))
+    blended = Image.composite(colour.convert("RGB"), radiograph.crop(box), opacity.crop(box))
+    radiograph.paste(blended, box[:2])
+    return radiograph
 
 
 def heat_shown(prediction: Prediction) -> bool:
