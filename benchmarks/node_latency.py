@@ -117,6 +117,9 @@ def main() -> int:
         "--images", type=int, default=40, help="images for the throughput run (4 senders)"
     )
     parser.add_argument("--receive-images", type=int, default=20)
+    parser.add_argument(
+        "--overlay-transfer-syntax", default="explicit", help="the node's overlay_transfer_syntax"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -139,6 +142,7 @@ def main() -> int:
                 "spool": str(work / "spool"),
                 "metrics_port": -1,
                 "device": args.device,
+                "overlay_transfer_syntax": args.overlay_transfer_syntax,
                 "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
             }
         )

@@ -418,7 +418,7 @@ OUTPUT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 OVERLAY_MODALITIES = ("source", "OT")
 #: The overlay's transfer syntax, both lossless (docs/decisions.md, "The overlay travels
 #: uncompressed"): explicit (Explicit VR Little Endian: nothing to encode, for loopback and a
-#: LAN) or jpeg-ls (JPEG-LS lossless: a third of the bytes for a third of a second of CPU, for
+#: LAN) or jpeg-ls (JPEG-LS lossless: under a third of the bytes for 0.2 to 0.3 s of CPU per RG1 image, for
 #: a destination behind a link slower than about 1 Gb/s).
 OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
 

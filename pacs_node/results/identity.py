@@ -101,8 +101,8 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
     (otherwise the bundle's own source is drawn, whatever the stage), the overlay's size,
     modality and transfer syntax (the same pixels in other bytes: one UID, one file), the whole
     model contract (its points, gate, temperature: a bundle recalibrated keeps its weights and
-    Device UID), and :func:`results_format`. The list of outputs is not
-    part of it: adding a kind does not change what the others say.
+    Device UID), and :func:`results_format`. The list of outputs is not part of it: adding a
+    kind does not change what the others say.
     """
     point = model.present_point.threshold
     contract = json.dumps(model.to_json(), sort_keys=True, default=str)

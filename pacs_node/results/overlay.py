@@ -60,7 +60,7 @@ warnings.filterwarnings(
 
 #: The overlay's encodings by the node's ``overlay_transfer_syntax``, both lossless (a viewer is
 #: never shown pixels the node degraded). Uncompressed by default: encoding RG1's overlay in
-#: JPEG-LS took 290 ms of the node's CPU, its 8 MB more take 70 ms on a 1 Gb/s link and none of
+#: JPEG-LS took 190 to 290 ms of the node's CPU, its 8 MB more take 70 ms on a 1 Gb/s link and none of
 #: the CPU (docs/benchmarks.md, "The overlay's encoding"). JPEG-LS, a third of the bytes, for a
 #: slower link; the outbox decompresses it for a destination that does not take it.
 TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "jpeg-ls": JPEGLSLossless}
