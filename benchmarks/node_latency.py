@@ -41,7 +41,6 @@ from pydicom.uid import generate_uid
 from dp_model.bundle import load_bundle
 from pacs_node.config import NodeConfig
 from pacs_node.results.identity import ResultIdentity, rendition
-from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 
 def free_port() -> int:
@@ -118,9 +117,6 @@ def main() -> int:
         "--images", type=int, default=40, help="images for the throughput run (4 senders)"
     )
     parser.add_argument("--receive-images", type=int, default=20)
-    parser.add_argument(
-        "--overlay-transfer-syntax", default="explicit", help="the node's overlay_transfer_syntax"
-    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -143,7 +139,6 @@ def main() -> int:
                 "spool": str(work / "spool"),
                 "metrics_port": -1,
                 "device": args.device,
-                "overlay_transfer_syntax": args.overlay_transfer_syntax,
                 "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
             }
         )
@@ -158,29 +153,23 @@ def main() -> int:
     try:
         wait(lambda: listening(node_port), 120, "the node")
 
-        settings = NodeConfig(overlay_transfer_syntax=args.overlay_transfer_syntax)
-
         def identity(path: Path) -> ResultIdentity:
             return ResultIdentity.of(
-                dcmread(path, stop_before_pixels=True), contract, rendition(settings, contract)
+                dcmread(path, stop_before_pixels=True), contract, rendition(NodeConfig(), contract)
             )
-
-        def sr_uid(path: Path) -> str:
-            # storescp takes Comprehensive 3D SR: the report arrives under that class's own UID
-            return sop_instance_uid_in(identity(path).instance_uid("sr"), COMPREHENSIVE_3D_SR)
 
         # Warm-up: the first image pays for lazy imports and allocator growth.
         warm = copies(rg1, work / "warm", 2)
         storescu(node_port, warm, "DPNODE")
         wait(
-            lambda: arrived(work / "destination", {sr_uid(p) for p in warm}),
+            lambda: arrived(work / "destination", {identity(p).sr_uid for p in warm}),
             120,
             "warm-up results",
         )
 
         latencies = []
         for path in copies(rg1, work / "latency", args.latency_images):
-            sr = sr_uid(path)
+            sr = identity(path).sr_uid
             start = time.perf_counter()
             storescu(node_port, [path], "DPNODE")
             wait(lambda sr=sr: arrived(work / "destination", {sr}), 60, "an SR")
@@ -192,7 +181,7 @@ def main() -> int:
         figures["latency_max_s"] = latencies[-1]
 
         batch = copies(rg1, work / "throughput", args.images)
-        expected = {uid for p in batch for uid in (sr_uid(p), identity(p).instance_uid("sc"))}
+        expected = {uid for p in batch for uid in (identity(p).sr_uid, identity(p).sc_uid)}
         start = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: storescu(node_port, batch[i::4], "DPNODE"), range(4)))
@@ -208,7 +197,7 @@ def main() -> int:
         figures["node_receive_images_per_s"] = len(same) / to_node
         figures["node_to_storescp_receive_ratio"] = to_plain / to_node
         wait(
-            lambda: arrived(work / "destination", {sr_uid(p) for p in same}),
+            lambda: arrived(work / "destination", {identity(p).sr_uid for p in same}),
             600,
             "the receive-rate results",
             0.05,
