@@ -429,6 +429,11 @@ OUTPUT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 #: The overlay's Modality: the source's (CR or DX; viewers hang it beside the radiograph, and
 #: OHIF opens a cine player on OT series), or OT, for routing rules that send every CR and DX on.
 OVERLAY_MODALITIES = ("source", "OT")
+#: The overlay's transfer syntax, both lossless (docs/decisions.md, "The overlay travels
+#: uncompressed"): explicit (Explicit VR Little Endian: nothing to encode, for loopback and a
+#: LAN) or jpeg-ls (JPEG-LS lossless: under a third of the bytes for 0.2 to 0.3 s of CPU per RG1 image, for
+#: a destination behind a link slower than about 1 Gb/s).
+OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -482,6 +487,7 @@ class NodeConfig:
     outputs: tuple[str, ...] = ("sr", "sc")
     overlay_max_side: int = 2048
     overlay_modality: str = "source"  # "source": the radiograph's CR or DX; "OT": Other
+    overlay_transfer_syntax: str = "explicit"  # or "jpeg-ls": lossless, a third of the bytes
     keep_skipped: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8089
@@ -554,6 +560,12 @@ class NodeConfig:
             "overlay_modality",
             self.overlay_modality,
             " or ".join(OVERLAY_MODALITIES),
+        )
+        require(
+            self.overlay_transfer_syntax in OVERLAY_TRANSFER_SYNTAXES,
+            "overlay_transfer_syntax",
+            self.overlay_transfer_syntax,
+            " or ".join(OVERLAY_TRANSFER_SYNTAXES),
         )
         require(
             256 <= self.overlay_max_side <= MAX_IMAGE_SIDE,

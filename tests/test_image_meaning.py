@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
 
 from pacs_node import codes
 from pacs_node.intake.sanitize import clean_source
@@ -244,8 +244,9 @@ def test_an_overlay_of_a_lossless_source_claims_no_lossy_history(
 ) -> None:
     sc = overlay(dcmread(rg1_path), predictor, lobar(), max_side=1024)
     assert sc.get("LossyImageCompression") in (None, "00")
-    # the node's own encoding is lossless; were it not, the SC would have to say so
-    assert sc.file_meta.TransferSyntaxUID == JPEGLSLossless
+    # the node's own encoding is lossless (uncompressed by default); were it not, the SC would
+    # have to say so
+    assert sc.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
 def test_a_lossy_step_of_the_nodes_own_is_added_to_the_history() -> None:

@@ -54,6 +54,10 @@ def test_destination_parsing() -> None:
         ({"device": "tpu"}, "device must be auto, cpu or cuda"),
         ({"overlay_modality": "MR"}, "overlay_modality must be source or OT"),
         (
+            {"overlay_transfer_syntax": "jpeg"},
+            "overlay_transfer_syntax must be explicit or jpeg-ls",
+        ),
+        (
             {"tls.cert": "/nonexistent.pem", "tls.key": "/nonexistent.key"},
             "tls.cert must be an existing PEM file",
         ),

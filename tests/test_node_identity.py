@@ -260,6 +260,7 @@ def test_every_setting_a_writer_reads_is_part_of_the_uids_and_changes_them(
         "heatmap_stage": 2,
         "overlay_max_side": 1024,
         "overlay_modality": "OT",
+        "overlay_transfer_syntax": "jpeg-ls",
     }
     assert set(other) == set(identity.CONTENT_SETTINGS)
     base = identity.rendition(default, contract)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,13 @@ from helpers import run_tool
 from node_support import chest_dataset, identity_of
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from dp_model.contract import ModelContract
 from pacs_node import codes
 from pacs_node.intake.screen import SkipReason, screen
 from pacs_node.model.predictor import NodePredictor, Prediction, prepare, regions
+from pacs_node.results.base import Result
 from pacs_node.results.identity import MANUFACTURER
 from pacs_node.results.overlay import BANNER, BOX_COLOUR, build_overlay, render, verdict
 from pacs_node.results.report import build_report
@@ -496,8 +500,8 @@ def test_overlay_passes_dciodvfy_and_is_consistent_with_its_source(
         back.SOPInstanceUID == identity.instance_uid("sc")
         and back.SeriesInstanceUID != sr.SeriesInstanceUID
     )
-    # JPEG-LS lossless: no viewer is shown lossy pixels
-    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    # uncompressed unless configured otherwise: no viewer is shown lossy pixels
+    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
     # the band above the full image
     assert (back.Columns, back.SamplesPerPixel) == (rg1.Columns, 3) and back.Rows > rg1.Rows
@@ -547,6 +551,62 @@ def test_overlay_pixels_show_banner_box_and_heat() -> None:
     cool = rgb[band + 250, 250].astype(int)
     assert abs(cool[0] - cool[2]) < 3  # no tint where the map is 0
     assert BANNER.startswith("AI result")
+
+
+#: SHA-256 of the overlay's pixels for fixed results on RG1 (full size, and at most 1024 a side),
+#: a positive one with its heat map and two regions and a negative one, by the demonstration
+#: model: what a radiologist is
+#: shown changes only on purpose. Pillow draws the text: a new Pillow may change these (it is one
+#: of identity.RESULTS_LIBRARIES for that reason).
+PINNED_OVERLAYS = {
+    (2048, "positive"): "7e4ecb3293191e9b09a2c71fc019e9229309a9a68ffb553924c1d75fe5020439",
+    (2048, "negative"): "8f37c6529fcff2ac01b89396ca9b955ab3fcf0c62912515ec89a70c78582131b",
+    (1024, "positive"): "598764dba063ae79caa2999e141fc1a52b18f736106f6a5370c5baf5ffbec5b1",
+    (1024, "negative"): "a00a482b2b4f99a5841b00acfc04f1a258cf807705c24a120a40c782a47eb186",
+}
+
+
+@pytest.mark.parametrize(("max_side", "result"), sorted(PINNED_OVERLAYS))
+def test_the_overlay_of_a_fixed_result_keeps_its_pixels_and_its_file_carries_them_exactly(
+    predictor: NodePredictor, rg1: Dataset, max_side: int, result: str
+) -> None:
+    contract = predictor.contract
+    prepared = prepare(rg1, contract.image_size, max_side=max_side)
+    yy, xx = np.mgrid[0:16, 0:16] / 15.0
+    heat = np.exp(-((xx - 0.3) ** 2 + (yy - 0.55) ** 2) / 0.02).astype(np.float32)
+    boxes = ((300, 700, 900, 1300), (1100, 600, 1500, 1000))
+    found = positive(heat, boxes=boxes, scores=(0.9, 0.7)) if result == "positive" else negative()
+    shown = prepared.on_source(found)
+    rgb, _ = render(prepared.source.pixels, shown, demo=contract.demo, max_side=max_side)
+    assert hashlib.sha256(rgb.tobytes()).hexdigest() == PINNED_OVERLAYS[max_side, result]
+    identity = identity_of(rg1, contract)
+    sc = build_overlay(rg1, rg1, prepared.source.pixels, shown, contract, identity, max_side)
+    back = dcmread(io.BytesIO(Result.of_dataset(sc, "sc", "SC").data))
+    assert np.array_equal(back.pixel_array, rgb)  # lossless, whatever the transfer syntax
+
+
+@pytest.mark.parametrize(
+    ("syntax", "uid"), [("explicit", ExplicitVRLittleEndian), ("jpeg-ls", JPEGLSLossless)]
+)
+def test_the_overlay_is_written_in_the_configured_syntax_with_the_pixels_drawn(
+    predictor: NodePredictor, rg1: Dataset, syntax: str, uid: str
+) -> None:
+    """Explicit VR Little Endian by default (no encoding on the node's CPU: a LAN carries the
+    bytes faster than JPEG-LS encodes them), JPEG-LS lossless for a slow link; both lossless."""
+    from pacs_node.config import NodeConfig
+
+    assert NodeConfig().overlay_transfer_syntax == "explicit"
+    contract = predictor.contract
+    prepared = prepare(rg1, contract.image_size, max_side=512)
+    shown = prepared.on_source(positive())
+    identity = identity_of(rg1, contract)
+    rgb, _ = render(prepared.source.pixels, shown, demo=contract.demo, max_side=512)
+    sc = build_overlay(
+        rg1, rg1, prepared.source.pixels, shown, contract, identity, 512, syntax=syntax
+    )
+    back = dcmread(io.BytesIO(Result.of_dataset(sc, "sc", "SC").data))
+    assert back.file_meta.TransferSyntaxUID == uid and np.array_equal(back.pixel_array, rgb)
+    assert back.get("LossyImageCompression") in (None, "00")
 
 
 def test_on_a_narrow_film_every_line_of_the_band_is_wrapped_inside_it() -> None:

@@ -2,7 +2,7 @@
 
 A batch goes in as few ``multipart/related; type="application/dicom"`` POSTs to
 ``<url>/studies`` as ``outbox.max_request_mb`` allows, each part an outbox file as it is
-(PS3.10, in its own transfer syntax: the overlay stays JPEG-LS lossless). The answer decides
+(PS3.10, in its own transfer syntax: a JPEG-LS overlay stays JPEG-LS lossless). The answer decides
 the fate of each object (PS3.18 10.5.3):
 
 * an instance listed in FailedSOPSequence is refused, with its FailureReason; one listed in

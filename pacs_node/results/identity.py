@@ -89,6 +89,7 @@ CONTENT_SETTINGS = (
     "heatmap_stage",
     "overlay_max_side",
     "overlay_modality",
+    "overlay_transfer_syntax",
 )
 
 
@@ -97,10 +98,11 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
 
     The operating point in use (the configured one, else the bundle's), whether the
     out-of-distribution gate applies, the map's stage where the bundle names no map source
-    (otherwise the bundle's own source is drawn, whatever the stage), the overlay's size and
-    modality, the whole model contract (its points, gate, temperature: a bundle recalibrated
-    keeps its weights and Device UID), and :func:`results_format`. The list of outputs is not
-    part of it: adding a kind does not change what the others say.
+    (otherwise the bundle's own source is drawn, whatever the stage), the overlay's size,
+    modality and transfer syntax (the same pixels in other bytes: one UID, one file), the whole
+    model contract (its points, gate, temperature: a bundle recalibrated keeps its weights and
+    Device UID), and :func:`results_format`. The list of outputs is not part of it: adding a
+    kind does not change what the others say.
     """
     point = model.present_point.threshold
     contract = json.dumps(model.to_json(), sort_keys=True, default=str)
@@ -114,6 +116,7 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
         "heatmap_stage": config.heatmap_stage if model.localization is None else None,
         "overlay_max_side": int(config.overlay_max_side),
         "overlay_modality": str(config.overlay_modality),
+        "overlay_transfer_syntax": str(config.overlay_transfer_syntax),
     }
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -27,7 +27,13 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from dp_model.contract import ModelContract
 from dp_transforms import header
@@ -52,9 +58,12 @@ warnings.filterwarnings(
     module=r"highdicom\.",
 )
 
-#: The overlay's own encoding: lossless (a viewer is never shown pixels the node degraded),
-#: about a quarter of the size; the outbox decompresses it for a destination without it.
-TRANSFER_SYNTAX = JPEGLSLossless
+#: The overlay's encodings by the node's ``overlay_transfer_syntax``, both lossless (a viewer is
+#: never shown pixels the node degraded). Uncompressed by default: encoding RG1's overlay in
+#: JPEG-LS took 190 to 290 ms of the node's CPU, its 8 MB more take 70 ms on a 1 Gb/s link and none of
+#: the CPU (docs/benchmarks.md, "The overlay's encoding"). JPEG-LS, a third of the bytes, for a
+#: slower link; the outbox decompresses it for a destination that does not take it.
+TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "jpeg-ls": JPEGLSLossless}
 #: Transfer syntaxes whose every image is lossy, and the method each names in Lossy Image
 #: Compression Method (PS3.3 C.7.6.1.1.5.1). JPEG 2000 and HTJ2K may be either: for those the
 #: header's own Lossy Image Compression decides.
@@ -104,21 +113,36 @@ def render(
     the heat map where the model located a finding, the regions."""
     scale = min(1.0, max_side / max(pixels.shape))
     shape = _scaled(pixels.shape, scale)
-    gray = _resize(pixels, shape)
-    # The map only where it says something: a positive result whose regions are shown, at their threshold.
-    heat = (
-        _resize(prediction.heatmap, shape)
-        if heat_shown(prediction)
-        else np.zeros(shape, np.float32)
-    )
-    # Heat levels index a 256-entry palette (colour) and table (opacity); PIL composites in C.
-    level = Image.fromarray(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    colour = level.copy()
-    colour.putpalette(HEAT_PALETTE)
-    base = Image.fromarray(np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    radiograph = Image.composite(colour.convert("RGB"), base, level.point(HEAT_OPACITY))
+    radiograph = Image.fromarray(_levels(_resize(pixels, shape)), "L").convert("RGB")
+    # The map only where it says something: a positive result whose regions are shown, at their
+    # threshold. Elsewhere its opacity is 0 everywhere, and the composite would be the film itself.
+    if heat_shown(prediction):
+        radiograph = _with_heat(radiograph, _resize(prediction.heatmap, shape))
     _draw_regions(radiograph, prediction, scale)
     return np.asarray(_with_band(radiograph, prediction, demo)), scale
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    """``values`` in [0, 1] as 8-bit levels, rounded (float32 arithmetic in one buffer)."""
+    scaled: np.ndarray = np.multiply(values, np.float32(255), dtype=np.float32)
+    scaled += np.float32(0.5)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+def _with_heat(radiograph: Image.Image, heat: np.ndarray) -> Image.Image:
+    """The heat map blended over ``radiograph``: its levels index a 256-entry palette (colour)
+    and table (opacity); PIL composites in C, only within the box where the opacity is not 0."""
+    level = Image.fromarray(_levels(heat), "L")
+    opacity = level.point(HEAT_OPACITY)
+    box = opacity.getbbox()
+    if box is None:
+        return radiograph
+    colour = level.crop(box)
+    colour.putpalette(HEAT_PALETTE)
+    blended = Image.composite(colour.convert("RGB"), radiograph.crop(box), opacity.crop(box))
+    radiograph.paste(blended, box[:2])
+    return radiograph
 
 
 def heat_shown(prediction: Prediction) -> bool:
@@ -256,6 +280,7 @@ def build_overlay(
     identity: ResultIdentity,
     max_side: int,
     modality: str = "source",
+    syntax: str = "explicit",
 ) -> hd.sc.SCImage:
     """The SC for one source image.
 
@@ -266,8 +291,10 @@ def build_overlay(
             lossy history), read tolerantly and carried when valid.
         pixels: the source as displayed, in [0, 1], at most ``max_side`` a side.
         modality: "source" (the radiograph's CR or DX, else OT) or "OT".
+        syntax: its transfer syntax, a key of :data:`TRANSFER_SYNTAXES`.
     """
     rgb, scale = render(pixels, prediction, model.demo, max_side)
+    written = TRANSFER_SYNTAXES[syntax]
     orientation = tuple(source.get("PatientOrientation") or ())
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -282,7 +309,7 @@ def build_overlay(
         manufacturer=MANUFACTURER,
         laterality=None,
         patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
-        transfer_syntax_uid=TRANSFER_SYNTAX,
+        transfer_syntax_uid=written,
         contributing_equipment=[contributing_equipment(model)],
     )
     if len(orientation) != 2:
@@ -296,7 +323,7 @@ def build_overlay(
     _spacing(sc, received, _factors(source, radiograph))
     _what_it_shows(sc, received)
     set_laterality(sc, source)  # after the body part, which decides whether it is required
-    _lossy(sc, received)
+    _lossy(sc, received, written)
     received_modality = str(source.get("Modality", "")).upper()
     # The loop guard knows the node's own objects, whatever their modality.
     sc.Modality = (
@@ -408,8 +435,8 @@ def body_part(received: Dataset) -> str:
     return part if re.fullmatch(r"[A-Z0-9_ ]{1,16}", part) else ""
 
 
-def _lossy(sc: Dataset, received: Dataset) -> None:
-    history = lossy_history(received, TRANSFER_SYNTAX)
+def _lossy(sc: Dataset, received: Dataset, written: str) -> None:
+    history = lossy_history(received, written)
     if history is None:
         return
     flag, ratios, methods = history
@@ -464,5 +491,6 @@ class OverlayWriter:
             context.identity,
             context.config.overlay_max_side,
             context.config.overlay_modality,
+            context.config.overlay_transfer_syntax,
         )
         return Result.of_dataset(overlay, self.kind, self.label)
