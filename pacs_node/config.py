@@ -416,6 +416,9 @@ OUTPUT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 #: The overlay's Modality: the source's (CR or DX; viewers hang it beside the radiograph, and
 #: OHIF opens a cine player on OT series), or OT, for routing rules that send every CR and DX on.
 OVERLAY_MODALITIES = ("source", "OT")
+#: Who runs the model (dp_model.runner.ENGINES, repeated here so that reading a configuration
+#: does not import torch; tests/test_onnx_engine.py keeps the two equal).
+ENGINES = ("auto", "torch", "onnx")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,6 +461,8 @@ class NodeConfig:
     http_max_connections: int = 16  # concurrent HTTP connections; beyond, 503 without a thread
     stall_after_s: float = 300.0
     device: str = "auto"
+    # who runs the model: auto (ONNX Runtime on the CPU where the bundle has a graph), torch, onnx
+    engine: str = "auto"
     batch_size: int = 8
     # what the decoded images of one batch may hold; a larger image goes alone
     batch_memory_mb: int = 256
@@ -524,6 +529,7 @@ class NodeConfig:
             self.device,
             "auto, cpu or cuda[:N]",
         )
+        require(self.engine in ENGINES, "engine", self.engine, ", ".join(ENGINES))
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
         require(self.batch_memory_mb >= 1, "batch_memory_mb", self.batch_memory_mb, "at least 1")
         require(
