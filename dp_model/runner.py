@@ -194,7 +194,11 @@ class Runner:
         ``onnx`` a BundleError. A graph that is not the bundle's own is refused either way."""
         path = verified_graph(bundle, self.contract)
         why = self._cannot(path, network)
-        graph = None if why else open_graph(path, self.contract, torch.get_num_threads())
+        graph = (
+            open_graph(path, self.contract, torch.get_num_threads())
+            if path is not None and not why
+            else None
+        )
         why = why or self._lacks(graph)
         if why:
             if engine == "onnx":
