@@ -108,7 +108,9 @@ def onnx_copy(bundle: Path, folder: Path) -> Path:
 
     folder.mkdir(parents=True)
     shutil.copytree(bundle / "configs", folder / "configs")
-    (folder / "samples").symlink_to(bundle / "samples")
+    for item in bundle.iterdir():
+        if item.name not in ("configs", "models"):
+            (folder / item.name).symlink_to(item)
     (folder / "models").mkdir()
     for item in (bundle / "models").iterdir():
         if item.name != "model.onnx":
