@@ -43,6 +43,20 @@ def measure(model: torch.nn.Module, x: torch.Tensor, runs: int, warmup: int) -> 
     return statistics.median(times), times[int(0.95 * (len(times) - 1))]
 
 
+def alternated(calls, runs: int, warmup: int) -> list[float]:
+    """Median milliseconds of each of ``calls``, run in turn within every round, so that a
+    load that comes and goes on a shared machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in calls]
+    with torch.inference_mode():
+        for round_ in range(warmup + runs):
+            for call, found in zip(calls, times):
+                start = time.perf_counter()
+                call()
+                if round_ >= warmup:
+                    found.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(found) for found in times]
+
+
 def engines(model: torch.nn.Module, size: int, runs: int, warmup: int, threads: int) -> None:
     """PyTorch eager against ONNX Runtime for the node's forward pass of ``model``."""
     from dp_model.onnx_graph import OnnxGraph, ServedGraph, export
@@ -64,9 +78,10 @@ def engines(model: torch.nn.Module, size: int, runs: int, warmup: int, threads: 
             path = Path(folder) / "graph.onnx"
             export(graph, path, size, "2.25.0")
             session = OnnxGraph(path, threads)
-            eager, _ = measure(graph, x, runs, warmup)
             batch = x.numpy()
-            onnx, _ = measure(lambda _x, s=session, b=batch: s.run(b), x, runs, warmup)
+            eager, onnx = alternated(
+                (lambda g=graph: g(x), lambda s=session, b=batch: s.run(b)), runs, warmup
+            )
             with torch.no_grad():
                 want = [t.numpy() for t in graph(x)]
             found = session.run(batch)
