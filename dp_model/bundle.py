@@ -11,6 +11,8 @@ Layout::
     configs/logging.conf
     models/model.pt              plain CPU state dict (torch.load(..., weights_only=True))
     models/model.ts              TorchScript export of the classifier
+    models/model.onnx            the node's forward pass (logits, maps, the gate's features)
+                                 for ONNX Runtime (dp_model.onnx_graph); its SHA-256 in the contract
     models/ood.pt                feature statistics of the out-of-distribution gate
     docs/README.md               the model card, with plots
     samples/                     a few images for the inference config to run on

@@ -530,6 +530,9 @@ class ModelContract:
             bundles written before it was measured: no regions.
         logit_adjustment: subtracted from each output's logit before the temperature (empty:
             none); class attention's ``log c_i``, so that 0.5 means what it says.
+        onnx_digest: SHA-256 of ``models/model.onnx``, the forward pass as an ONNX graph
+            (:mod:`dp_model.onnx_graph`), checked before it runs; empty: the bundle has none.
+            Optional in format 2: a reader that does not know it runs the weights in PyTorch.
     """
 
     classes: tuple[str, ...]
@@ -551,6 +554,7 @@ class ModelContract:
     splits: dict[str, Any] = field(default_factory=dict)
     localization: Localization | None = None
     logit_adjustment: tuple[float, ...] = ()
+    onnx_digest: str = ""
 
     # --- the network and its outputs ------------------------------------------------------------
 
@@ -682,7 +686,7 @@ class ModelContract:
             "splits": dict(self.splits),
             "localization": None if self.localization is None else self.localization.to_json(),
             "logit_adjustment": list(self.logit_adjustment),
-        }
+        } | ({"onnx_digest": self.onnx_digest} if self.onnx_digest else {})
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ModelContract:
@@ -718,6 +722,7 @@ class ModelContract:
                 if data["localization"] is None
                 else Localization.from_json(data["localization"]),
                 logit_adjustment=tuple(float(v) for v in data["logit_adjustment"]),
+                onnx_digest=str(data.get("onnx_digest", "")),
             )
         except ContractError:
             raise
@@ -752,6 +757,12 @@ class ModelContract:
         ):
             raise ContractError(
                 f"logit_adjustment must hold one finite number per output {list(self.output_classes)}, got {list(self.logit_adjustment)}"
+            )
+        if self.onnx_digest and not (
+            len(self.onnx_digest) == 64 and all(c in "0123456789abcdef" for c in self.onnx_digest)
+        ):
+            raise ContractError(
+                f"onnx_digest must be the 64 hex digits of a SHA-256, got {self.onnx_digest!r}"
             )
         triage = self.triage_point
         if triage is not None and triage.threshold < self.present_point.threshold:

@@ -163,10 +163,35 @@ def cam(model: nn.Module, images: Tensor, classes: Tensor | None = None) -> Tens
         handle.remove()
         model.train(was_training)
     chosen = logits.argmax(dim=1) if classes is None else classes.to(logits.device)
-    weights = model.classifier_layer.weight[chosen].float()  # (B, C)
-    maps = F.relu(torch.einsum("bc,bchw->bhw", weights, activations[0].float()))[:, None]
-    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return cam_maps(activations[0], model.classifier_layer.weight, chosen, images.shape[-2:])
+
+
+def cam_maps(activations: Tensor, weight: Tensor, chosen: Tensor, size) -> Tensor:
+    """CAM from ``cam_layer``'s ``activations`` ``(B, C, h, w)``: row ``chosen[i]`` of the
+    classifier's ``weight`` applied pixel by pixel, ReLU, resized to ``size``, scaled to each
+    map's peak. Apart from :func:`cam` so that one forward pass can give both the logits and
+    the maps (the node's ONNX graph, :mod:`dp_model.onnx_graph`)."""
+    weights = weight[chosen].float()  # (B, C)
+    maps = F.relu(torch.einsum("bc,bchw->bhw", weights, activations.float()))[:, None]
+    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     return maps / maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def same_pass_maps(
+    model: nn.Module, images: Tensor, source: str | None
+) -> tuple[Tensor, Tensor | None]:
+    """The logits of ``images`` and the maps of ``source`` that come from the same forward
+    pass (class maps, ``map+``, the lesion head); None for the other sources, which need
+    passes of their own (CAM, Grad-CAM: :func:`output_maps`), and for no source."""
+    if source == CLASS_MAPS:
+        return model.class_maps(images)
+    stage = None if source is None else source_stage(source)
+    if stage is None:
+        return model(images), None
+    # map+ and lesion: sources are offered by the MGACR network only (map_sources).
+    logits, outputs = model.forward_train(images)
+    assert source is not None
+    return logits, stage_map(outputs[model.attention_stages.index(stage)], source)
 
 
 def output_maps(

@@ -7,10 +7,17 @@ the device, the network and its contract, the out-of-distribution detector on th
 and, when maps are asked for, the map source the contract names. One forward pass gives the
 calibrated probabilities, the maps and the gate's scores (:class:`Outputs`), so that what
 the bundle's evaluation measured is what the node serves.
+
+On the CPU the forward pass runs in ONNX Runtime where the bundle carries the graph of it
+(``models/model.onnx``, :mod:`dp_model.onnx_graph`) and ``onnxruntime`` is installed, and
+in PyTorch otherwise (:data:`ENGINES`); calibration and the gate's score are the same code
+for both.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +29,26 @@ from torch import Tensor, nn
 from .classifier import ClassifierBase
 from .contract import ModelContract
 from .explain import (
-    CLASS_MAPS,
+    CAM,
+    GRAD_CAM,
     HEATMAP_STAGE,
     default_source,
     map_sources,
     output_maps,
-    source_stage,
-    stage_map,
+    same_pass_maps,
 )
 from .loading import BundleError, load_bundle, load_feature_statistics
-from .networks import DeepPneumoniaNet
-from .ood import Detector, watching
+from .onnx_graph import OnnxGraph, open_graph, verified_graph
+from .ood import Detector, Seen, watching
 
-__all__ = ["Outputs", "Runner", "choose_device"]
+__all__ = ["ENGINES", "Outputs", "Runner", "choose_device"]
+
+logger = logging.getLogger(__name__)
+
+#: Who runs the forward pass: ``auto`` (ONNX Runtime on the CPU where the bundle carries a
+#: graph that gives what is asked and ``onnxruntime`` is installed, PyTorch otherwise),
+#: ``torch``, or ``onnx`` (refused in one line where it cannot serve).
+ENGINES = ("auto", "torch", "onnx")
 
 
 def choose_device(device: str | torch.device) -> torch.device:
@@ -84,10 +98,16 @@ class Runner:
         maps: give maps too, from the contract's map source (a bundle that names none: the
             former default, ``map+`` of ``heatmap_stage`` or the nearest head).
         heatmap_stage: see ``maps``.
+        engine: one of :data:`ENGINES`. A ``network`` given runs in PyTorch (``auto``).
+
+    Attributes:
+        engine: the engine that serves, ``torch`` or ``onnx``.
 
     Raises:
-        BundleError: the bundle is incomplete, or names a map source its network lacks.
-        ValueError: the device is not usable here.
+        BundleError: the bundle is incomplete, names a map source its network lacks, or holds
+            an ONNX graph that is not its own (when the engine is not ``torch``); ``engine``
+            ``onnx`` where no graph can serve.
+        ValueError: the device is not usable here; an engine not of :data:`ENGINES`.
     """
 
     def __init__(
@@ -98,7 +118,10 @@ class Runner:
         network: nn.Module | None = None,
         maps: bool = False,
         heatmap_stage: int = HEATMAP_STAGE,
+        engine: str = "auto",
     ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r}: use {', '.join(ENGINES)}")
         self.device = choose_device(device)
         loaded, self.contract = load_bundle(bundle, self.device)
         self.model: nn.Module = loaded if network is None else _adopt(network, loaded)
@@ -111,10 +134,14 @@ class Runner:
         self.source = (
             _map_source(bundle, self.model, self.contract, heatmap_stage) if maps else None
         )
+        self._graph = None if engine == "torch" else self._onnx(bundle, engine, network)
+        self.engine = "torch" if self._graph is None else "onnx"
 
     @torch.no_grad()
     def run(self, batch: Tensor) -> Outputs:
         """One forward pass of ``batch`` ``(B, 1, S, S)``, moved to the runner's device."""
+        if self._graph is not None:
+            return self._run_graph(batch)
         batch = batch.to(self.device)
         with (
             watching(self.model, self.statistics.needs_stages)
@@ -137,16 +164,80 @@ class Runner:
 
     def _forward(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
         """The logits, and the maps that come from the same pass (class maps, ``map+``)."""
-        if self.source == CLASS_MAPS:
-            assert isinstance(self.model, ClassifierBase)  # _map_source checked it offers them
-            return self.model.class_maps(batch)
-        stage = None if self.source is None else source_stage(self.source)
-        if stage is None:
-            return self.model(batch), None
-        # map+ and lesion: sources are offered by the MGACR network only (map_sources).
-        assert isinstance(self.model, DeepPneumoniaNet) and self.source is not None
-        logits, outputs = self.model.forward_train(batch)
-        return logits, stage_map(outputs[self.model.attention_stages.index(stage)], self.source)
+        return same_pass_maps(self.model, batch, self.source)
+
+    def _run_graph(self, batch: Tensor) -> Outputs:
+        """:meth:`run` by the bundle's ONNX graph: the same outputs, calibrated and scored
+        by the same code."""
+        assert self._graph is not None
+        found = {
+            name: torch.from_numpy(value)
+            for name, value in self._graph.run(batch.detach().float().cpu().numpy()).items()
+        }
+        logits = found["logits"]
+        scores = None
+        if self.statistics is not None:
+            stages = (
+                tuple(found[f"stage{i}"] for i in range(1, 5))
+                if self.statistics.needs_stages
+                else ()
+            )
+            scores = self.statistics.score(Seen(logits, found["features"], stages))
+        return Outputs(
+            self.contract.probabilities(logits).numpy(),
+            found["maps"] if self.source is not None else None,
+            scores,
+        )
+
+    def _onnx(self, bundle: str | Path, engine: str, network: nn.Module | None) -> OnnxGraph | None:
+        """The bundle's graph in a session where it can serve; else None, or for ``engine``
+        ``onnx`` a BundleError. A graph that is not the bundle's own is refused either way."""
+        path = verified_graph(bundle, self.contract)
+        why = self._cannot(path, network)
+        graph = (
+            open_graph(path, self.contract, torch.get_num_threads())
+            if path is not None and not why
+            else None
+        )
+        why = why or self._lacks(graph)
+        if why:
+            if engine == "onnx":
+                raise BundleError(f"{bundle}: the onnx engine cannot serve: {why}")
+            logger.info("model engine: PyTorch %s on %s (%s)", torch.__version__, self.device, why)
+            return None
+        logger.info(
+            "model engine: ONNX Runtime on the CPU, %d threads (%s)", torch.get_num_threads(), path
+        )
+        return graph
+
+    def _cannot(self, path: Path | None, network: nn.Module | None) -> str:
+        """Why no graph serves here, before one is opened ("": one may)."""
+        if path is None:
+            return "the bundle has no ONNX graph"
+        if self.device.type != "cpu":
+            return f"ONNX Runtime serves on the CPU only, the device is {self.device}"
+        if network is not None:
+            return "a network of the caller's own runs in PyTorch"
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed"
+        return ""
+
+    def _lacks(self, graph: OnnxGraph | None) -> str:
+        """Why ``graph`` does not give what this runner is asked for ("": it does)."""
+        if graph is None:
+            return ""
+        drawn = graph.properties.get("map_source") or None
+        wanted = CAM if self.source == GRAD_CAM and self.model.cam_exact else self.source
+        if wanted is not None and drawn != wanted:
+            return (
+                f"its graph draws the maps of {drawn or 'no source'}, {self.source} are asked for"
+            )
+        needs = {"features"} if self.statistics is not None else set()
+        if self.statistics is not None and self.statistics.needs_stages:
+            needs |= {f"stage{i}" for i in range(1, 5)}
+        if not needs <= set(graph.outputs):
+            return "its graph does not give the features of the out-of-distribution gate"
+        return ""
 
 
 def _adopt(network: nn.Module, loaded: nn.Module) -> nn.Module:

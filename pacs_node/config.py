@@ -435,6 +435,10 @@ OVERLAY_MODALITIES = ("source", "OT")
 #: a destination behind a link slower than about 1 Gb/s).
 OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
 
+#: Who runs the model (dp_model.runner.ENGINES, repeated here so that reading a configuration
+#: does not import torch; tests/test_onnx_engine.py keeps the two equal).
+ENGINES = ("auto", "torch", "onnx")
+
 
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
@@ -476,6 +480,8 @@ class NodeConfig:
     http_max_connections: int = 16  # concurrent HTTP connections; beyond, 503 without a thread
     stall_after_s: float = 300.0
     device: str = "auto"
+    # who runs the model: auto (ONNX Runtime on the CPU where the bundle has a graph), torch, onnx
+    engine: str = "auto"
     batch_size: int = 8
     # what the decoded images of one batch may hold; a larger image goes alone
     batch_memory_mb: int = 256
@@ -543,6 +549,7 @@ class NodeConfig:
             self.device,
             "auto, cpu or cuda[:N]",
         )
+        require(self.engine in ENGINES, "engine", self.engine, ", ".join(ENGINES))
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
         require(self.batch_memory_mb >= 1, "batch_memory_mb", self.batch_memory_mb, "at least 1")
         require(

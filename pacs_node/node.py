@@ -70,6 +70,7 @@ class Node:
         self.predictor = predictor or NodePredictor(
             config.bundle,
             device=config.device,
+            engine=config.engine,
             operating_point=config.operating_point,
             heatmap_stage=config.heatmap_stage,
             ood_gate=config.ood_gate,

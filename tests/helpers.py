@@ -95,3 +95,62 @@ def write_dicom(path: Path, pixels, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     make_dataset(pixels, **kwargs).save_as(path, enforce_file_format=True)
     return path
+
+
+def onnx_copy(bundle: Path, folder: Path) -> Path:
+    """A copy of ``bundle`` in ``folder`` with the ONNX graph of its weights (as dp-train
+    writes it, :func:`dp_model.onnx_graph.write_onnx`) and its SHA-256 in the contract; the
+    other model files are linked, the bundle itself is left as it is."""
+    import json
+
+    from dp_model.loading import load_bundle
+    from dp_model.onnx_graph import write_onnx
+
+    folder.mkdir(parents=True)
+    shutil.copytree(bundle / "configs", folder / "configs")
+    for item in bundle.iterdir():
+        if item.name not in ("configs", "models"):
+            (folder / item.name).symlink_to(item)
+    (folder / "models").mkdir()
+    for item in (bundle / "models").iterdir():
+        if item.name != "model.onnx":
+            (folder / "models" / item.name).symlink_to(item)
+    model, contract = load_bundle(bundle)
+    digest = write_onnx(folder, model, contract)
+    assert digest, "the bundle's forward pass exports"
+    path = folder / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta["deep_pneumonia"]["onnx_digest"] = digest
+    path.write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def assert_engines_agree(bundle: Path, tolerance: float = 1e-4) -> None:
+    """The bundle's ONNX graph in ONNX Runtime and its weights in PyTorch give the same
+    probabilities, maps and out-of-distribution scores, within ``tolerance``, for its samples
+    (and their mirror images), in one batch."""
+    import numpy as np
+    import torch
+
+    from dp_model.runner import Runner
+    from dp_transforms import load_letterboxed
+
+    eager = Runner(bundle=bundle, device="cpu", maps=True, engine="torch")
+    graph = Runner(bundle=bundle, device="cpu", maps=True, engine="onnx")
+    assert (eager.engine, graph.engine) == ("torch", "onnx")
+    size = eager.contract.image_size
+    samples = sorted(p for p in (bundle / "samples").iterdir() if p.suffix != ".json")
+    canvases = [load_letterboxed(p, size)[0] for p in samples]
+    assert canvases, f"{bundle} has no samples"
+    batch = torch.stack(canvases + [c.flip(-1) for c in canvases])
+    want, found = eager.run(batch), graph.run(batch)
+    np.testing.assert_allclose(found.probabilities, want.probabilities, rtol=0, atol=tolerance)
+    assert (found.maps is None) == (want.maps is None)
+    if want.maps is not None and found.maps is not None:
+        assert found.maps.shape == want.maps.shape
+        np.testing.assert_allclose(found.maps.numpy(), want.maps.numpy(), rtol=0, atol=tolerance)
+    assert (found.ood_scores is None) == (want.ood_scores is None)
+    if want.ood_scores is not None:
+        np.testing.assert_allclose(
+            found.ood_scores, want.ood_scores, rtol=tolerance, atol=tolerance
+        )

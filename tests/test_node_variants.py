@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_tool
+from helpers import assert_engines_agree, onnx_copy, run_tool
 from node_support import LOCALIZING, bundle_with, chest_dataset, identity_of, send, wait_for
 from pydicom import dcmread
 
 from dp_model.config import load_config
-from dp_model.explain import map_sources
+from dp_model.explain import default_source, map_sources
+from dp_model.loading import load_bundle
+from dp_model.onnx_graph import graph_source, served_source
 from dp_model.training.config import TrainConfig
 from dp_model.training.run import train
 from pacs_node import codes
@@ -142,6 +144,33 @@ def test_variant_trains_from_its_config_exports_a_bundle_and_the_node_serves_it(
         prediction.probability(c) for c in ("lobar", "bronchopneumonia", "interstitial", "cavitary")
     ]
     assert scores[:5] == pytest.approx([round(100 * p, 2) for p in expected], abs=0.011)
+
+
+#: Variants whose forward pass no ONNX graph gives, and why (the exporter's refusal).
+NO_GRAPH = {"cia_net": "affine_grid_generator"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_a_variants_bundle_serves_its_onnx_graph_with_the_numbers_of_pytorch(
+    name: str, trained, tmp_path: Path
+) -> None:
+    """The graph dp-train wrote gives PyTorch's probabilities, maps and gate scores. Where none
+    could be written (a network the exporter refuses, maps that need gradients) the bundle has
+    none and runs in PyTorch; its weights then export with the network's own maps."""
+    bundle = trained(name)
+    model, contract = load_bundle(bundle)
+    if name in NO_GRAPH or graph_source(model, served_source(model, contract)) is None:
+        assert not (bundle / "models" / "model.onnx").exists()
+        assert NodePredictor(bundle, "cpu").runner.engine == "torch"
+        if name in NO_GRAPH or graph_source(model, default_source(model)) is None:
+            return
+        own = bundle_with(
+            bundle, tmp_path / "own", localization=LOCALIZING | {"source": default_source(model)}
+        )
+        bundle = onnx_copy(own, tmp_path / "onnx")
+    assert (bundle / "models" / "model.onnx").is_file()
+    assert_engines_agree(bundle)
 
 
 def probabilities(sr) -> list[float]:

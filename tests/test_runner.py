@@ -70,4 +70,5 @@ def test_a_network_of_the_bundles_configs_runs_with_the_bundles_weights(demo_bun
     np.testing.assert_allclose(
         given.probabilities([sample])[0], own.probabilities([sample])[0], atol=1e-6
     )
-    assert given.ood_scores == pytest.approx(own.ood_scores)
+    # the bundle's own may run its ONNX graph, which agrees with PyTorch within 1e-4
+    assert given.ood_scores == pytest.approx(own.ood_scores, rel=1e-4)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_engines_agree
 from training_support import CPU, rsna_run, tiny
 
 from dp_model.bundle import BundleError, load_bundle, validate_metadata
@@ -60,6 +61,16 @@ def test_bundle_layout_and_offline_metadata_validation(bundle: Path) -> None:
     broken.write_text(json.dumps({k: v for k, v in meta.items() if k != "network_data_format"}))
     with pytest.raises(BundleError, match="network_data_format"):
         validate_metadata(broken)
+
+
+def test_the_bundle_carries_its_forward_pass_as_an_onnx_graph_with_the_numbers_of_pytorch(
+    bundle: Path,
+) -> None:
+    from dp_model.onnx_graph import file_digest
+
+    _, contract = load_bundle(bundle)
+    assert contract.onnx_digest == file_digest(bundle / "models" / "model.onnx")
+    assert_engines_agree(bundle)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")

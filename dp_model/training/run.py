@@ -18,6 +18,7 @@ from ..contract import ModelContract
 from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
+from ..onnx_graph import write_onnx
 from ..ood import digest as ood_digest
 from ..served import (
     ServedReport,
@@ -438,6 +439,8 @@ def _write_bundle(
     contract = replace(
         contract, localization=fitted.localization, logit_adjustment=fitted.logit_adjustment
     )
+    # The graph of what the node runs (maps of the source just chosen, the gate's features).
+    contract = replace(contract, onnx_digest=write_onnx(out, model, contract))
     description = describe(config)
     if config.demo or synthetic:
         description = (

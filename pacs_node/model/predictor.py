@@ -164,6 +164,8 @@ class NodePredictor:
             is drawn (nearest available head otherwise). A bundle's own source always wins.
         ood_gate: apply the bundle's out-of-distribution gate (off: every image is assessed,
             as when validating a model on a site's own images; the score is still reported).
+        engine: who runs the model (:data:`dp_model.runner.ENGINES`): ``auto`` runs the
+            bundle's ONNX graph in ONNX Runtime on the CPU where it has one.
     """
 
     def __init__(
@@ -173,8 +175,12 @@ class NodePredictor:
         operating_point: float | None = None,
         heatmap_stage: int = HEATMAP_STAGE,
         ood_gate: bool = True,
+        *,
+        engine: str = "auto",
     ) -> None:
-        self.runner = Runner(bundle=bundle, device=device, maps=True, heatmap_stage=heatmap_stage)
+        self.runner = Runner(
+            bundle=bundle, device=device, maps=True, heatmap_stage=heatmap_stage, engine=engine
+        )
         self.operating_point = (
             self.contract.present_point.threshold if operating_point is None else operating_point
         )

@@ -1,0 +1,203 @@
+"""The forward pass as an ONNX graph (``models/model.onnx``): exported from a bundle's weights,
+served by ONNX Runtime on the CPU with the same numbers as PyTorch, tied to the weights, and
+refused in one line when it is not the bundle's own."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_engines_agree, onnx_copy
+from node_support import chest_dataset, send, start_node, wait_for
+
+from dp_model.contract import ContractError, ModelContract
+from dp_model.explain import CAM, grad_cam
+from dp_model.loading import BundleError
+from dp_model.networks import BaselineNet, DeepPneumoniaNet
+from dp_model.onnx_graph import OnnxGraph, ServedGraph, export, file_digest, write_onnx
+from dp_model.runner import ENGINES, Runner
+from pacs_node.config import ENGINES as NODE_ENGINES
+from pacs_node.config import NodeConfig
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo bundle with the graph dp-train writes (the demo bundle is not changed)."""
+    return onnx_copy(demo_bundle, tmp_path_factory.mktemp("onnx") / "bundle")
+
+
+def _tampered(onnx_bundle: Path, folder: Path, graph: bytes | None, digest: str | None) -> Path:
+    """A copy of ``onnx_bundle`` whose graph file is ``graph`` (None: absent) and whose contract
+    records ``digest`` (None: no digest)."""
+    folder.mkdir()
+    (folder / "configs").mkdir()
+    (folder / "samples").symlink_to((onnx_bundle / "samples").resolve())
+    (folder / "models").mkdir()
+    for item in (onnx_bundle / "models").iterdir():
+        if item.name != "model.onnx":
+            (folder / "models" / item.name).symlink_to(item.resolve())
+    if graph is not None:
+        (folder / "models" / "model.onnx").write_bytes(graph)
+    meta = json.loads((onnx_bundle / "configs" / "metadata.json").read_text())
+    meta["deep_pneumonia"].pop("onnx_digest")
+    if digest is not None:
+        meta["deep_pneumonia"]["onnx_digest"] = digest
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_the_demo_bundles_graph_gives_the_probabilities_maps_and_scores_of_pytorch(
+    onnx_bundle: Path,
+) -> None:
+    assert_engines_agree(onnx_bundle)
+
+
+def test_auto_serves_the_graph_on_the_cpu_and_says_so(
+    onnx_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    assert Runner(bundle=onnx_bundle, device="cpu", maps=True).engine == "onnx"
+    assert "model engine: ONNX Runtime on the CPU" in caplog.text
+    caplog.clear()
+    assert Runner(bundle=onnx_bundle, device="cpu", engine="torch").engine == "torch"
+    assert "ONNX Runtime" not in caplog.text
+
+
+def test_a_bundle_without_a_graph_runs_in_pytorch_and_the_onnx_engine_is_refused_in_one_line(
+    demo_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    assert Runner(bundle=demo_bundle, device="cpu", maps=True).engine == "torch"
+    assert "model engine: PyTorch" in caplog.text and "no ONNX graph" in caplog.text
+    with pytest.raises(
+        BundleError, match=r"^[^\n]*onnx engine cannot serve: the bundle has no ONNX graph$"
+    ):
+        Runner(bundle=demo_bundle, device="cpu", engine="onnx")
+    with pytest.raises(ValueError, match="engine 'tensorrt': use auto, torch, onnx"):
+        Runner(bundle=demo_bundle, device="cpu", engine="tensorrt")
+
+
+def test_a_network_of_the_callers_own_runs_in_pytorch(onnx_bundle: Path) -> None:
+    """The MONAI configs hand their own network: that module is what runs."""
+    network = ModelContract.from_json(
+        json.loads((onnx_bundle / "configs" / "metadata.json").read_text())["deep_pneumonia"]
+    ).network()
+    assert Runner(bundle=onnx_bundle, device="cpu", network=network).engine == "torch"
+    with pytest.raises(BundleError, match="a network of the caller's own runs in PyTorch"):
+        Runner(bundle=onnx_bundle, device="cpu", network=network, engine="onnx")
+
+
+@pytest.mark.parametrize("engine", ["auto", "onnx"])
+def test_an_altered_graph_is_refused_in_one_line_not_replaced_by_pytorch(
+    onnx_bundle: Path, tmp_path: Path, engine: str
+) -> None:
+    graph = (onnx_bundle / "models" / "model.onnx").read_bytes()
+    digest = file_digest(onnx_bundle / "models" / "model.onnx")
+    altered = _tampered(onnx_bundle, tmp_path / "altered", graph + b"\0", digest)
+    unrecorded = _tampered(onnx_bundle, tmp_path / "unrecorded", graph, None)
+    missing = _tampered(onnx_bundle, tmp_path / "missing", None, digest)
+    for bundle, reason in (
+        (altered, "its SHA-256 differs from the one metadata.json records"),
+        (unrecorded, "metadata.json records no SHA-256 of it"),
+        (missing, "missing, though metadata.json records its SHA-256"),
+    ):
+        with pytest.raises(BundleError, match=reason) as caught:
+            Runner(bundle=bundle, device="cpu", maps=True, engine=engine)
+        assert "\n" not in str(caught.value)
+    # the engine that does not read the graph serves
+    assert Runner(bundle=altered, device="cpu", engine="torch").engine == "torch"
+
+
+def test_a_graph_of_other_weights_is_refused_even_with_its_digest_recorded(
+    onnx_bundle: Path, tmp_path: Path
+) -> None:
+    """The contract's Device UID names the weights; the graph carries the UID it was exported from."""
+    contract = Runner(bundle=onnx_bundle, device="cpu", engine="torch").contract
+    other = DeepPneumoniaNet(num_classes=len(contract.output_classes), attention_stages=()).eval()
+    path = tmp_path / "other.onnx"
+    export(ServedGraph(other, None), path, contract.image_size, "2.25.1")
+    bundle = _tampered(onnx_bundle, tmp_path / "other", path.read_bytes(), file_digest(path))
+    with pytest.raises(
+        BundleError, match=r"names the Device UID 2\.25\.1.*not these weights' graph"
+    ):
+        Runner(bundle=bundle, device="cpu", engine="auto")
+
+
+def test_the_contract_refuses_an_onnx_digest_that_is_no_sha256_and_keeps_one_that_is(
+    onnx_bundle: Path,
+) -> None:
+    data = json.loads((onnx_bundle / "configs" / "metadata.json").read_text())["deep_pneumonia"]
+    written = ModelContract.from_json(data).to_json()
+    assert written["onnx_digest"] == data["onnx_digest"]
+    assert ModelContract.from_json(written).to_json() == written
+    with pytest.raises(ContractError, match="onnx_digest must be the 64 hex digits"):
+        ModelContract.from_json(data | {"onnx_digest": "abc"})
+    without = {k: v for k, v in data.items() if k != "onnx_digest"}
+    assert "onnx_digest" not in ModelContract.from_json(without).to_json()
+
+
+def test_grad_cam_of_a_network_where_cam_is_exact_is_drawn_as_cam_by_the_graph(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = DeepPneumoniaNet(num_classes=3, attention_stages=()).eval()
+    path = tmp_path / "cam.onnx"
+    graph = ServedGraph(model, CAM)
+    export(graph, path, 64, "2.25.1")
+    x = torch.rand(3, 1, 64, 64)
+    found = OnnxGraph(path, threads=1).run(x.numpy())
+    np.testing.assert_allclose(
+        found["maps"], grad_cam(model, x, model.cam_layer).numpy(), rtol=0, atol=1e-4
+    )
+    assert found["maps"].shape == (3, 1, 64, 64) and found["logits"].shape == (3, 3)
+
+
+def test_no_graph_is_written_where_the_maps_need_gradients(
+    demo_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DenseNet-121's Grad-CAM: no inference graph can draw it, so its bundle runs in PyTorch."""
+    contract = Runner(bundle=demo_bundle, device="cpu", engine="torch").contract
+    network = BaselineNet("densenet121", num_classes=len(contract.classes))
+    from dataclasses import replace
+
+    dense = replace(
+        contract, architecture="densenet121", options={}, attention_stages=(), localization=None
+    )
+    caplog.set_level(logging.WARNING, logger="dp_model.onnx_graph")
+    assert write_onnx(tmp_path, network, dense) == ""
+    assert not (tmp_path / "models" / "model.onnx").exists()
+    assert "no ONNX graph written" in caplog.text and "grad_cam needs gradients" in caplog.text
+
+
+def test_the_node_knows_the_engines_of_the_runner_and_refuses_another_in_one_line() -> None:
+    assert NODE_ENGINES == ENGINES
+    with pytest.raises(ValueError, match="engine") as caught:
+        NodeConfig(engine="openvino")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.tools
+def test_a_node_serves_a_bundle_with_a_graph_by_onnx_runtime_with_pytorchs_numbers(
+    onnx_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    node = start_node(tmp_path, None, bundle=str(onnx_bundle), device="cpu", engine="auto")
+    try:
+        assert node.predictor.runner.engine == "onnx"
+        assert "model engine: ONNX Runtime on the CPU" in caplog.text
+        ds = chest_dataset()
+        assert send(node.port, [ds]) == [0]
+        folder = tmp_path / "out" / ds.StudyInstanceUID
+        wait_for(lambda: folder.exists() and len(list(folder.glob("*.dcm"))) == 2, 30, "SR and SC")
+    finally:
+        node.stop()
+    from pacs_node.model.predictor import NodePredictor, prepare
+
+    eager = NodePredictor(onnx_bundle, "cpu", engine="torch")
+    (want,) = eager.predict([prepare(ds, eager.contract.image_size)])
+    (found,) = node.predictor.predict([prepare(ds, eager.contract.image_size)])
+    np.testing.assert_allclose(found.probabilities, want.probabilities, rtol=0, atol=1e-4)
