@@ -13,5 +13,5 @@ The data path, one folder per step, over a ground floor every step may use::
 ``node.py`` wires the steps together: ``pipeline.py`` is the worker's path for each image,
 ``outcomes.py`` the events it emits (the audit trail, metrics and log subscribe),
 ``supervisor.py`` keeps the threads alive and answers ``/health``; ``cli.py`` is ``dp-node``. A step imports from the
-ground floor and from steps before it, never from a step after it (tests/test_imports.py).
+ground floor and from steps before it, never from a step after it (tests/test_layers.py).
 """

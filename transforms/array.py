@@ -91,8 +91,10 @@ class BoxesToMask(Transform):
 def load_letterboxed(
     source: str | PathLike | Dataset, size: int, boxes: object = None, square_pixels: bool = True
 ) -> tuple[torch.Tensor, np.ndarray, Letterbox]:
-    """Load an image and fit it to the ``size x size`` model canvas; the one preprocessing
-    of training, evaluation and the node.
+    """Load an image and fit it to the ``size x size`` model canvas: the preprocessing of
+    training and evaluation. The node decodes a received data set with its own decode budget
+    (:func:`pacs_node.model.predictor.prepare`) through the same transforms, and
+    tests/test_dicom_pixels.py pins that both give the same canvas.
 
     Returns:
         the ``(1, size, size)`` float32 canvas, ``boxes`` (source pixels) moved onto it as

@@ -14,7 +14,7 @@ import torch
 
 from ..bundle import LICENSE, weights_uid, write_configs, write_metadata, write_model, write_samples
 from ..config import from_mapping, to_mapping
-from ..contract import ModelContract
+from ..contract import ModelContract, within_gate
 from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
@@ -476,7 +476,10 @@ def _write_bundle(
     turned_away = (
         None
         if test_scores is None or fitted.ood is None
-        else float((test_scores > fitted.ood.threshold).mean())
+        # as the node decides it: a NaN score is turned away too
+        else float(
+            1.0 - within_gate(np.asarray(test_scores, np.float64), fitted.ood.threshold).mean()
+        )
     )
     if model.has_class_maps:
         pictures["class_maps"] = plots.class_attention_maps(

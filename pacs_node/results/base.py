@@ -4,7 +4,10 @@
 A result is bytes with a name, a media type and a kind: the outbox keeps it durably, a
 destination takes it when the destination's transport carries its media type (and the
 destination lists the kind, where it lists kinds), and ``output_dir`` gets it as
-``<label>.<uid><suffix>``. Nothing after the writer knows what is inside: a new kind (a FHIR
+``<label>.<uid><suffix>``. Nothing after the writer needs to know what is inside (one
+exception: a DIMSE destination that takes Comprehensive 3D SR but not Comprehensive SR gets
+the report re-encoded in that class under a UID derived from the first, see
+:mod:`pacs_node.delivery.cstore`): a new kind (a FHIR
 DiagnosticReport, say) is one writer module and one line in :mod:`pacs_node.results.registry`,
 and, when no transport carries its media type yet, one transport in
 :mod:`pacs_node.delivery.registry`.
@@ -76,7 +79,7 @@ class Result:
         label: the prefix of its file name in ``output_dir`` (``SR``).
         uid: what identifies it at a destination (the SOP Instance UID of a DICOM object); digits,
             letters, dots and dashes only, as it names files.
-        data: the exact bytes sent and digested.
+        data: the exact bytes digested, and sent (the 3D SR form of a report excepted, above).
         media_type: ``application/dicom`` for DICOM objects; the transport is chosen by it.
         suffix: the file suffix (``.dcm``).
     """
