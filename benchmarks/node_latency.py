@@ -80,6 +80,26 @@ def copies(source: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def node_config(work: Path, port: int, dest_port: int, bundle: Path, device: str) -> Path:
+    """The node's configuration: listening on ``port``, its spool in ``work``, its results to
+    the storescp on ``dest_port``."""
+    config = work / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "port": port,
+                "host": "127.0.0.1",
+                "bundle": str(bundle),
+                "spool": str(work / "spool"),
+                "metrics_port": -1,
+                "device": device,
+                "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
+            }
+        )
+    )
+    return config
+
+
 def storescp(folder: Path, port: int) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
@@ -186,20 +206,7 @@ def main() -> int:
     rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
     dest_port, node_port, plain_port = free_port(), free_port(), free_port()
     destination = storescp(work / "destination", dest_port)
-    config = work / "node.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "port": node_port,
-                "host": "127.0.0.1",
-                "bundle": str(args.bundle),
-                "spool": str(work / "spool"),
-                "metrics_port": -1,
-                "device": args.device,
-                "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
-            }
-        )
-    )
+    config = node_config(work, node_port, dest_port, args.bundle, args.device)
     figures: dict[str, float] = {"fsync_floor_ms": fsync_floor_ms(work / "spool", rg1)}
     log = (work / "node.log").open("w")
     launched = time.perf_counter()

@@ -30,8 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from node_latency import arrived, copies, expected, free_port, listening, storescp, wait
+from node_latency import (
+    arrived,
+    copies,
+    expected,
+    free_port,
+    listening,
+    node_config,
+    storescp,
+    wait,
+)
 from pydicom.data import get_testdata_file
 
 from dp_model.bundle import load_bundle
@@ -119,20 +127,7 @@ def profile(
     rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
     dest_port, node_port = free_port(), free_port()
     destination = storescp(work / "destination", dest_port)
-    config = work / "node.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "port": node_port,
-                "host": "127.0.0.1",
-                "bundle": str(bundle),
-                "spool": str(work / "spool"),
-                "metrics_port": -1,
-                "device": "cpu",
-                "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
-            }
-        )
-    )
+    config = node_config(work, node_port, dest_port, bundle, "cpu")
     raw = work / "profile.txt"
     command = [sys.executable, "-m", "pacs_node.cli", "--config", str(config)]
     # One recording in raw (collapsed stacks); the SVG is drawn from the same samples.
