@@ -63,7 +63,7 @@ from dp_model.training.runtime import Runtime
 from dp_transforms import boxes_to_masks, load_letterboxed
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = Runtime(torch.device("cpu"), amp=False, channels_last=False, compile=False)
+CPU = Runtime(device=torch.device("cpu"), amp=False, channels_last=False, compile=False)
 logger = logging.getLogger("localization_checks")
 
 

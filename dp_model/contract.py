@@ -450,7 +450,7 @@ def pneumonia_classes(
     return declared or tuple(c for c in classes if c != normal)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decision:
     """What the rule says about one image's probabilities."""
 
@@ -488,18 +488,20 @@ def decide(
         key=lambda c: -float(probabilities[outputs.index(c)]),
     )
     if not positive or not ranked:
-        return Decision(p, positive, flagged, normal, ())
+        return Decision(
+            pneumonia_probability=p, positive=positive, triage=flagged, label=normal, findings=()
+        )
     chosen = (
         [c for c in ranked if probabilities[outputs.index(c)] >= threshold]
         if multi_label
         else ranked[:1]
     )
     return Decision(
-        p,
-        positive,
-        flagged,
-        ranked[0],
-        tuple((c, float(probabilities[outputs.index(c)])) for c in chosen),
+        pneumonia_probability=p,
+        positive=positive,
+        triage=flagged,
+        label=ranked[0],
+        findings=tuple((c, float(probabilities[outputs.index(c)])) for c in chosen),
     )
 
 

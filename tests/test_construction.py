@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 import pytest
 
+from dp_model.contract import Decision
 from dp_model.runner import Runner
+from dp_model.training.runtime import Runtime
 from pacs_node.config import NodeConfig, OutboxConfig, RetentionConfig, TLSConfig, WebDestination
 from pacs_node.delivery.outbox import DestinationSender
 from pacs_node.intake.listener import Connection, Listener
@@ -36,6 +38,8 @@ KEYWORD_ONLY: list[tuple[Callable[..., object], tuple[str, ...]]] = [
     (DestinationSender, ("destination", "root")),
     (Listener, ("config",)),
     (Runner, ()),
+    (Decision, ()),
+    (Runtime, ()),
 ]
 
 

@@ -17,7 +17,7 @@ from dp_model.training.config import (
 )
 from dp_model.training.runtime import Runtime
 
-CPU = Runtime(torch.device("cpu"), amp=False, channels_last=False, compile=False)
+CPU = Runtime(device=torch.device("cpu"), amp=False, channels_last=False, compile=False)
 STILL = AugmentConfig(
     crop_scale=(1.0, 1.0),
     crop_ratio=(1.0, 1.0),

@@ -146,7 +146,7 @@ def train(
     close()
     if not runtime.main:
         return RunResult(out, _empty_report(dataset), history, timings)
-    cpu = Runtime(torch.device("cpu"), False, False, False)
+    cpu = Runtime(device=torch.device("cpu"), amp=False, channels_last=False, compile=False)
     if validation_only:
         return _validation_only(
             out,
@@ -249,7 +249,7 @@ def _baselines(
     )
     model = plain.model.cpu()
     model.load_state_dict(plain.best_state)
-    cpu = Runtime(torch.device("cpu"), False, False, False)
+    cpu = Runtime(device=torch.device("cpu"), amp=False, channels_last=False, compile=False)
     labels = data["test"].labels.numpy()
     found = {"plain_resnet18": predict(model, data["test"], cpu, normal=0)}
     if len(data["val"]):

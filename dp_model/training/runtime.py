@@ -25,7 +25,7 @@ from .config import AugmentConfig, RuntimeConfig
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
     """Where the run executes: device, precision and the process group."""
 
@@ -84,13 +84,13 @@ def make_runtime(config: RuntimeConfig, micro_batches: int = 1) -> Runtime:
             torch.get_num_threads(),
         )
     return Runtime(
-        device,
-        config.amp and cuda,
-        config.channels_last and cuda,
-        config.compile,
-        rank,
-        world,
-        micro_batches,
+        device=device,
+        amp=config.amp and cuda,
+        channels_last=config.channels_last and cuda,
+        compile=config.compile,
+        rank=rank,
+        world=world,
+        micro_batches=micro_batches,
     )
 
 
