@@ -186,7 +186,8 @@ def flamegraph(raw: Path, svg: Path) -> None:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+        # the work of images: neither threads waiting nor the imports of the start
+        if not stack or not count.isdigit() or step_of(stack) in ("waiting", "start-up: imports"):
             continue
         total += int(count)
         node = tree
@@ -224,7 +225,8 @@ def flamegraph(raw: Path, svg: Path) -> None:
     svg.write_text(
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
         f'font-family="monospace">\n<text x="4" y="12" font-size="12">dp-node, {total} samples '
-        f"at 200 Hz, every thread (hover a box for its share)</text>\n{body}\n</svg>\n"
+        f"at 200 Hz, every thread, waits and start-up imports left out (hover a box for its "
+        f"share)</text>\n{body}\n</svg>\n"
     )
 
 
