@@ -29,8 +29,6 @@ from torch import Tensor, nn
 from .classifier import ClassifierBase
 from .contract import ModelContract
 from .explain import (
-    CAM,
-    GRAD_CAM,
     HEATMAP_STAGE,
     default_source,
     map_sources,
@@ -38,7 +36,7 @@ from .explain import (
     same_pass_maps,
 )
 from .loading import BundleError, load_bundle, load_feature_statistics
-from .onnx_graph import OnnxGraph, open_graph, verified_graph
+from .onnx_graph import OnnxGraph, graph_source, open_graph, verified_graph
 from .ood import Detector, Seen, watching
 
 __all__ = ["ENGINES", "Outputs", "Runner", "choose_device"]
@@ -148,7 +146,8 @@ class Runner:
             if self.statistics is not None
             else nullcontext() as watch
         ):
-            logits, maps = self._forward(batch)
+            # the logits, and the maps that come from the same pass (class maps, map+)
+            logits, maps = same_pass_maps(self.model, batch, self.source)
         if maps is None and self.source is not None:  # CAM and Grad-CAM: passes of their own
             maps = output_maps(self.model, batch, self.source)
         scores = (
@@ -161,10 +160,6 @@ class Runner:
             None if maps is None else maps.float().cpu(),
             scores,
         )
-
-    def _forward(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The logits, and the maps that come from the same pass (class maps, ``map+``)."""
-        return same_pass_maps(self.model, batch, self.source)
 
     def _run_graph(self, batch: Tensor) -> Outputs:
         """:meth:`run` by the bundle's ONNX graph: the same outputs, calibrated and scored
@@ -227,8 +222,10 @@ class Runner:
         if graph is None:
             return ""
         drawn = graph.properties.get("map_source") or None
-        wanted = CAM if self.source == GRAD_CAM and self.model.cam_exact else self.source
-        if wanted is not None and drawn != wanted:
+        # what an export computes the asked source by: Grad-CAM as CAM where that is exact,
+        # None where no graph can (Grad-CAM elsewhere)
+        wanted = None if self.source is None else graph_source(self.model, self.source)
+        if self.source is not None and (wanted is None or drawn != wanted):
             return (
                 f"its graph draws the maps of {drawn or 'no source'}, {self.source} are asked for"
             )

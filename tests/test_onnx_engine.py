@@ -203,3 +203,32 @@ def test_a_node_serves_a_bundle_with_a_graph_by_onnx_runtime_with_pytorchs_numbe
     (want,) = eager.predict([prepare(ds, eager.contract.image_size)])
     (found,) = node.predictor.predict([prepare(ds, eager.contract.image_size)])
     np.testing.assert_allclose(found.probabilities, want.probabilities, rtol=0, atol=1e-4)
+
+
+def test_a_graph_of_other_maps_than_the_contract_names_is_not_served(
+    onnx_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The contract's map source changed after the graph was written (its digest still
+    matches): auto serves in PyTorch, and the onnx engine is refused in one line."""
+    from dp_model.explain import map_sources
+    from dp_model.loading import load_bundle
+
+    model, contract = load_bundle(onnx_bundle)
+    assert contract.localization is not None
+    other = next(s for s in map_sources(model) if s != contract.localization.source)
+    folder = tmp_path / "other"
+    folder.mkdir()
+    for item in onnx_bundle.iterdir():
+        if item.name != "configs":
+            (folder / item.name).symlink_to(item.resolve())
+    (folder / "configs").mkdir()
+    meta = json.loads((onnx_bundle / "configs" / "metadata.json").read_text())
+    meta["deep_pneumonia"]["localization"]["source"] = other
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    assert Runner(bundle=folder, device="cpu", maps=True).engine == "torch"
+    assert "its graph draws the maps of" in caplog.text
+    # without maps asked for, the same graph serves
+    assert Runner(bundle=folder, device="cpu").engine == "onnx"
+    with pytest.raises(BundleError, match="onnx engine cannot serve: its graph draws the maps"):
+        Runner(bundle=folder, device="cpu", maps=True, engine="onnx")
