@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_node.charsets import fit_character_set
@@ -156,3 +158,13 @@ def region_tracking_uid(identity: ResultIdentity, index: int) -> str:
     TID 1410 row 3) and the presentation state's graphic object (Tracking UID (0062,0021),
     PS3.3 C.10.5.1.2), so that a viewer knows the two marks as one region."""
     return identity.tracking_uid(f"region-{index}")
+
+
+def region_outline(box: Sequence[float] | np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """A box ``(x0, y0, x1, y1)`` in the image's pixels as the closed polyline every result
+    draws it by (the SR's SCOORD, the presentation state's graphic object): cut to the image,
+    and closed by its first point again (viewers draw it open otherwise)."""
+    x0, y0, x1, y1 = (
+        float(np.clip(float(v), 0, limit)) for v, limit in zip(box, (columns, rows, columns, rows))
+    )
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)

@@ -34,7 +34,13 @@ from dp_transforms.header import number, numbers, text, values
 from pacs_node import codes
 from pacs_node.charsets import fit_character_set
 from pacs_node.model.predictor import Prediction
-from pacs_node.results.base import DICOM, Result, ResultContext
+from pacs_node.results.base import (
+    DICOM,
+    Result,
+    ResultContext,
+    region_outline,
+    region_tracking_uid,
+)
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from pacs_node.results.overlay import BANNER, body_part, set_laterality, verdict
 from pacs_node.status import FailReason
@@ -69,10 +75,8 @@ def build_presentation_state(
     headline = _headline(prediction, model, rows, columns)
     graphics, texts, taken = [], [headline], [_box_of(headline)]
     for index, box in enumerate(np.asarray(prediction.boxes, np.float64).reshape(-1, 4)):
-        x0, y0, x1, y1 = (
-            float(np.clip(v, 0, limit)) for v, limit in zip(box, (columns, rows, columns, rows))
-        )
-        outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+        outline = region_outline(box, rows, columns)
+        x0, y0, x1, y1 = (float(v) for v in (*outline[0], *outline[2]))
         graphics.append(
             hd.pr.GraphicObject(
                 hd.pr.GraphicTypeValues.POLYLINE,
@@ -80,7 +84,7 @@ def build_presentation_state(
                 hd.pr.AnnotationUnitsValues.PIXEL,
                 tracking_id=f"region {index + 1}",
                 # the region's UID in the SR as well (TID 1410 Tracking Unique Identifier)
-                tracking_uid=identity.tracking_uid(f"region-{index}"),
+                tracking_uid=region_tracking_uid(identity, index),
             )
         )
         label = _label(_region_text(prediction, index), (x0, y0, x1, y1), taken, rows, columns)

@@ -54,7 +54,13 @@ from pydicom.uid import UID
 from dp_model.contract import ModelContract
 from pacs_node import codes
 from pacs_node.model.predictor import Prediction
-from pacs_node.results.base import DICOM, Result, ResultContext, region_tracking_uid
+from pacs_node.results.base import (
+    DICOM,
+    Result,
+    ResultContext,
+    region_outline,
+    region_tracking_uid,
+)
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
 from pacs_node.results.overlay import verdict
 from pacs_node.status import FailReason
@@ -265,11 +271,6 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
     return _container(codes.IMAGE_LIBRARY, [_container(codes.IMAGE_LIBRARY_GROUP, [entry])])
 
 
-def _outline(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    """A box as a closed polyline (the first point again: viewers draw it open otherwise)."""
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], np.float32)
-
-
 def _observation_context(model: ModelContract) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=model.device_uid,
@@ -379,7 +380,9 @@ def _image_group(
     """The image-level result (TID 1501) on the source image, no region."""
     whole = hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=_outline(0.0, 0.0, float(source.Columns), float(source.Rows)),
+        graphic_data=region_outline(
+            (0, 0, source.Columns, source.Rows), source.Rows, source.Columns
+        ),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
     measured = [
@@ -441,7 +444,7 @@ def _region_group(
     )
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=_outline(*(float(v) for v in prediction.boxes[index])),
+        graphic_data=region_outline(prediction.boxes[index], source.Rows, source.Columns),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
