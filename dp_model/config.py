@@ -9,6 +9,7 @@ override them. Unknown keys, wrong types and out-of-range values raise
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -53,6 +54,18 @@ def load_config(
     if given:
         source = "command line" if path is None else f"{path} with command-line options"
     return from_mapping(cls, data, source)
+
+
+def load_arguments(cls: type[T], args: argparse.Namespace, options: Mapping[str, str]) -> T:
+    """:func:`load_config` of a command line: the file of ``args.config`` (None: defaults),
+    then each option of ``options`` (argparse destination -> dotted key) that the parser
+    defines and that was given, so that every command reads its options one way."""
+    given = vars(args)
+    return load_config(
+        cls,
+        given.get("config"),
+        {key: given[option] for option, key in options.items() if option in given},
+    )
 
 
 def from_mapping(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 # Light imports only, so that --help and a mistaken argument answer at once: the datasets,
 # the bundle and training bring PyTorch and MONAI (seconds on two cores), after parsing.
-from .config import ConfigError, load_config
+from .config import ConfigError, load_arguments
 from .training.config import TrainConfig
 
 logger = logging.getLogger("dp-train")
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = load_config(
-        TrainConfig, args.config, {key: getattr(args, option) for option, key in OPTIONS.items()}
-    )
+    config = load_arguments(TrainConfig, args, OPTIONS)
     if not config.data.root:
         raise ConfigError("no dataset: pass --data or set data.root")
     out = args.out or Path("runs") / config.name
@@ -205,10 +203,7 @@ def _train(args: argparse.Namespace) -> int:
 def _ablation(args: argparse.Namespace) -> int:
     from .training.ablation import run
 
-    options = {k: v for k, v in OPTIONS.items() if k in vars(args)}
-    config = load_config(
-        TrainConfig, args.config, {key: getattr(args, option) for option, key in options.items()}
-    )
+    config = load_arguments(TrainConfig, args, OPTIONS)
     run(config, args.out, args.seeds, args.tables, by_seed=args.by_seed)
     print((args.out / "results.md").read_text())
     print(f"results: {args.out / 'results.md'}, {args.out / 'results.png'}")

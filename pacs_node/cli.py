@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 # Light imports only: `dp-node --help` and every mistake in the arguments answer at once;
 # PyTorch, MONAI and pydicom (seconds on two cores) come once the arguments are known good.
-from dp_model.config import ConfigError, load_config
+from dp_model.config import ConfigError, load_arguments
 from pacs_node.config import NodeConfig
 
 if TYPE_CHECKING:
@@ -111,8 +111,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> NodeConfig:
-    overrides = {key: getattr(args, option) for option, key in OPTIONS.items()}
-    config = load_config(NodeConfig, args.config, overrides)
+    config = load_arguments(NodeConfig, args, OPTIONS)
     if not config.bundle:
         if not (DEMO_BUNDLE / "configs" / "metadata.json").exists():
             raise ConfigError(

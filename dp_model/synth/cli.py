@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_arguments
 from .config import SynthConfig
 
 logger = logging.getLogger("dp-synth")
@@ -100,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s"
     )
-    overrides = {key: getattr(args, option) for option, key in OPTIONS.items()}
     try:
-        config = load_config(SynthConfig, args.config, overrides)
+        config = load_arguments(SynthConfig, args, OPTIONS)
     except ConfigError as exc:
         print(f"dp-synth: {exc}", file=sys.stderr)
         return 2
