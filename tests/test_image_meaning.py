@@ -415,20 +415,28 @@ def test_an_overlay_of_a_source_without_body_part_or_view_invents_none(
 
 
 @pytest.mark.tools
-@pytest.mark.parametrize(("part", "side"), [("LUNG", ""), ("LUNG", "R"), ("CHEST", None)])
-def test_laterality_is_there_for_the_lungs_and_absent_for_a_chest(
-    tmp_path: Path, predictor: NodePredictor, part: str, side: str | None
+@pytest.mark.parametrize(
+    ("part", "side", "state_side"),
+    [("LUNG", "", ""), ("LUNG", "R", "R"), ("CHEST", None, None), ("", None, "")],
+)
+def test_laterality_is_there_for_the_lungs_and_an_unknown_part_and_absent_for_a_chest(
+    tmp_path: Path,
+    predictor: NodePredictor,
+    part: str,
+    side: str | None,
+    state_side: str | None,
 ) -> None:
     """Laterality is Type 2C, required of a paired body part (PS3.3 C.7.3.1): the lungs are
-    one, a chest is not. The header fuzzer found an SC of a LUNG source without it."""
+    one, a chest is not, and a part not known may be one. The header fuzzer found an SC of a
+    LUNG source without it, and one of a source without a valid Body Part Examined."""
     received = chest_dataset(BodyPartExamined=part)
     if side:
         received.ImageLaterality = side
     sc = overlay(received, predictor, lobar((40, 60, 120, 200)))
     state = presentation(received, predictor, lobar((40, 60, 120, 200)))
     # the SC carries Image Laterality where the source has it, which then says the side
-    assert sc.get("Laterality") == (None if side else side)
-    assert state.get("Laterality") == side
+    assert sc.get("Laterality") == (None if side else state_side)
+    assert state.get("Laterality") == state_side
     for result, name in ((sc, "sc.dcm"), (state, "pr.dcm")):
         check = run_tool("dciodvfy", save(result, tmp_path / name), check=False)
         assert errors_of(check) == [], check.stdout + check.stderr

@@ -418,12 +418,14 @@ PAIRED_PARTS = ("LUNG", "LUNGS")
 
 
 def set_laterality(result: Dataset, source: Dataset, part: str | None = None) -> None:
-    """Laterality (PS3.3 C.7.3.1, Type 2C): present only for a paired body part (the lungs; a
-    chest is none) whose result carries no Image Laterality; then the source's side, R or L,
-    or empty when it is not known. ``part``: the body part the result carries (default: its own)."""
+    """Laterality (PS3.3 C.7.3.1, Type 2C): present for a paired body part (the lungs; a
+    chest is none) or one not known (a source without a valid Body Part Examined: nothing
+    says the part is unpaired, and dciodvfy asks for it then), when the result carries no
+    Image Laterality; then the source's side, R or L, or empty when it is not known.
+    ``part``: the body part the result carries (default: its own)."""
     laterality = source.get("Laterality") or source.get("ImageLaterality")
     part = str(result.get("BodyPartExamined", "")) if part is None else part
-    if part in PAIRED_PARTS and not result.get("ImageLaterality"):
+    if (part in PAIRED_PARTS or not part) and not result.get("ImageLaterality"):
         result.Laterality = laterality if laterality in ("R", "L") else ""
     elif "Laterality" in result:
         del result.Laterality
