@@ -165,3 +165,23 @@ def test_prometheus_fires_on_the_drifted_node_alone(
         alike.stop()
         drifted.stop()
     assert time.monotonic() - started < 30
+
+
+def test_every_series_the_dashboard_and_the_rules_name_is_one_a_node_serves(
+    tmp_path: Path, predictor, demo_bundle: Path
+) -> None:
+    """A renamed gauge would leave a panel or an alert silently empty."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dp-node.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = (ROOT / "deploy" / "prometheus" / "rules.yml").read_text()
+    named = set(re.findall(r"\bdp_node_\w+", " ".join(exprs) + rules))
+    node = start_node(tmp_path, predictor, bundle=str(demo_bundle))
+    try:
+        with np.load(scores_path(demo_bundle, "test")) as saved:
+            node.watch(served(node, saved, 0))
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics") as reply:
+            served_names = set(re.findall(r"\bdp_node_\w+", reply.read().decode()))
+    finally:
+        node.stop()
+    assert len(named) > 20
+    assert named <= served_names, sorted(named - served_names)
