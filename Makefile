@@ -21,9 +21,11 @@ VIEWER_STAMP := $(VIEWER)/node_modules/.installed
 # libpixelmed-java: PixelMed's DicomSRValidator checks the SR's content against the PS3.16
 # templates (tests/validators.py); default-jdk-headless runs it, through the JDK's source
 # launcher (a JRE alone has no compiler), over every SR in one JVM.
+# prometheus: promtool tests the shipped alert rules on recorded series, and a real Prometheus
+# scrapes a node whose population drifted (deploy/prometheus, tests/test_node_drift.py).
 RUN_DEBS := dcmtk
 DEBS     := $(RUN_DEBS) dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm) \
-            libpixelmed-java default-jdk-headless
+            libpixelmed-java default-jdk-headless prometheus
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
 # PyTorch from another index, before the rest: on a machine without an NVIDIA GPU,

@@ -446,6 +446,13 @@ def evaluate_served(
 # --- per-image scores on disk, and the reliability diagram -----------------------------------------------
 
 
+def scores_path(bundle: Path, split: str) -> Path:
+    """Where a bundle keeps the per-image scores of ``split`` (``test``, ``val``,
+    ``calibration``): ``docs/scores_<split>.npz``, written by :func:`save_scores`. The node
+    reads the validation split's as its reference population (:mod:`pacs_node.drift`)."""
+    return Path(bundle) / "docs" / f"scores_{split}.npz"
+
+
 def save_scores(
     path: Path,
     ids: list[str],

@@ -497,6 +497,8 @@ class NodeConfig:
     keep_skipped: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8089
+    # the recent window of /metrics' rates and drift distance, in images processed (pacs_node.drift)
+    drift_window: int = 200
     audit_log: str = ""
     tls: TLSConfig = field(default_factory=TLSConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
@@ -526,6 +528,7 @@ class NodeConfig:
             self.metrics_port,
             "-1 (off), 0 (any free port) or a port",
         )
+        require(self.drift_window >= 10, "drift_window", self.drift_window, "at least 10 images")
         require(self.max_associations >= 1, "max_associations", self.max_associations, "at least 1")
         require(
             self.max_associations_per_host >= 1,

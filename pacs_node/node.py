@@ -29,6 +29,7 @@ from pacs_node.audit import AuditLog, safe_uid
 from pacs_node.config import Destination, NodeConfig, WebDestination, is_loopback
 from pacs_node.delivery.outbox import DestinationSender
 from pacs_node.delivery.registry import protocol_of
+from pacs_node.drift import Watch, load_reference
 from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
 from pacs_node.intake.spool import Spool
 from pacs_node.metrics import Metrics, MetricsServer
@@ -75,6 +76,15 @@ class Node:
             heatmap_stage=config.heatmap_stage,
             ood_gate=config.ood_gate,
         )
+        contract = self.predictor.contract
+        #: The recent window's rates and the drift from the bundle's validation images.
+        self.watch = Watch(
+            self.metrics,
+            config.drift_window,
+            (contract.name, contract.version),
+            load_reference(config.bundle, contract.temperature),
+        )
+        self.outcomes.subscribe(self.watch)
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
             DestinationSender(

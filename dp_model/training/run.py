@@ -26,6 +26,7 @@ from ..served import (
     is_pneumonia,
     reliability_diagram,
     save_scores,
+    scores_path,
     served_decisions,
 )
 from . import baselines, calibrate, plots, regions
@@ -488,7 +489,7 @@ def _write_bundle(
     served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
     chosen = [
-        dataset.records[i] for i in example_images(docs / "scores_test.npz", splits.test, normal)
+        dataset.records[i] for i in example_images(scores_path(out, "test"), splits.test, normal)
     ]
     truths = [
         {"labels": list(r.labels), "boxes": [[round(float(v), 1) for v in box] for box in r.boxes]}
@@ -588,7 +589,7 @@ def served_on_test(
             )
             labels = data[name].labels.cpu().numpy()
             save_scores(
-                docs / f"scores_{name}.npz",
+                scores_path(docs.parent, name),
                 [hashed_id(i) for i in data[name].ids],
                 labels,
                 probabilities,
