@@ -29,12 +29,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dp_model.served import scores_path
 from pacs_node.metrics import Labels, Metrics
 from pacs_node.outcomes import Event, Processed
+
+if TYPE_CHECKING:
+    from dp_model.contract import ModelContract
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +229,19 @@ class Watch:
                 NULL_DRAWS,
             )
         self._register(metrics)
+
+    @classmethod
+    def of_bundle(
+        cls, metrics: Metrics, bundle: str | Path, contract: ModelContract, window: int
+    ) -> Watch:
+        """The watch of the node's own model: ``contract``'s name and version, and the
+        reference ``bundle`` carries (:func:`load_reference`)."""
+        return cls(
+            metrics,
+            window,
+            (contract.name, contract.version),
+            load_reference(bundle, contract.temperature),
+        )
 
     def __call__(self, event: Event) -> None:
         if not isinstance(event, Processed):

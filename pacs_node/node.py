@@ -23,13 +23,12 @@ import ssl
 import threading
 from pathlib import Path
 
-from dp_model.config import ConfigError
 from pacs_node import logs
 from pacs_node.audit import AuditLog, safe_uid
 from pacs_node.config import Destination, NodeConfig, WebDestination, is_loopback
 from pacs_node.delivery.outbox import DestinationSender
-from pacs_node.delivery.registry import protocol_of
-from pacs_node.drift import Watch, load_reference
+from pacs_node.delivery.registry import check_outputs
+from pacs_node.drift import Watch
 from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
 from pacs_node.intake.spool import Spool
 from pacs_node.metrics import Metrics, MetricsServer
@@ -45,8 +44,6 @@ from pacs_node.outcomes import (
     Sent,
 )
 from pacs_node.pipeline import Pipeline
-from pacs_node.results.base import ResultWriter
-from pacs_node.results.registry import writers_for
 from pacs_node.status import StoreStatus
 from pacs_node.supervisor import Supervisor
 
@@ -67,7 +64,6 @@ class Node:
         self.spool = Spool(config.spool, config.keep_skipped)
         self.audit = AuditLog(config.audit_path)
         self.metrics = Metrics()
-        self.outcomes = Outcomes(AuditTrail(self.audit), Counters(self.metrics), LogLines())
         self.predictor = predictor or NodePredictor(
             config.bundle,
             device=config.device,
@@ -76,15 +72,12 @@ class Node:
             heatmap_stage=config.heatmap_stage,
             ood_gate=config.ood_gate,
         )
-        contract = self.predictor.contract
-        #: The recent window's rates and the drift from the bundle's validation images.
-        self.watch = Watch(
-            self.metrics,
-            config.drift_window,
-            (contract.name, contract.version),
-            load_reference(config.bundle, contract.temperature),
+        self.watch = Watch.of_bundle(
+            self.metrics, config.bundle, self.predictor.contract, config.drift_window
         )
-        self.outcomes.subscribe(self.watch)
+        self.outcomes = Outcomes(
+            AuditTrail(self.audit), Counters(self.metrics), LogLines(), self.watch
+        )
         outbox = Path(config.spool).parent / "outbox"
         self.senders = [
             DestinationSender(
@@ -259,40 +252,6 @@ class Node:
 
     def _protocol_error(self) -> None:
         self.outcomes.emit(ProtocolError())
-
-
-def check_outputs(config: NodeConfig) -> list[ResultWriter]:
-    """The writers of ``outputs``; a ConfigError naming the key when an output kind, a
-    destination's protocol, or a kind a destination lists is not one the node has, when a
-    destination could never take anything the node writes, or when a kind would be written for
-    every image and taken by no destination (with destinations, ``output_dir`` is not used)."""
-    writers = writers_for(config.outputs)
-    taken: set[str] = set()
-    destinations = config.parsed_destinations()
-    for index, destination in enumerate(destinations):
-        protocol = protocol_of(destination)
-        listed = (
-            writers_for(destination.outputs, f"destinations[{index}].outputs")
-            if destination.outputs
-            else writers
-        )
-        missing = [w.kind for w in listed if w.kind not in config.outputs]
-        if missing:
-            raise ConfigError(
-                f"destinations[{index}].outputs lists {', '.join(missing)}, which outputs does not write ({', '.join(config.outputs)})"
-            )
-        media = {w.kind: w.media_type for w in listed}
-        if not any(m in protocol.media_types for m in media.values()):
-            raise ConfigError(
-                f"destinations[{index}] ({protocol.name}) carries none of the outputs it would take: {', '.join(media)}"
-            )
-        taken |= {kind for kind, m in media.items() if m in protocol.media_types}
-    untaken = [w.kind for w in writers if destinations and w.kind not in taken]
-    if untaken:
-        raise ConfigError(
-            f"outputs writes {', '.join(untaken)}, which no destination takes: add a destination that carries it, or remove it from outputs"
-        )
-    return writers
 
 
 def _sending_tls(
