@@ -238,9 +238,7 @@ def test_temperature_changes_the_auc_of_the_probability_of_pneumonia_of_a_softma
     aucs = []
     for temperature in (1.0, 10.0):
         c = contract(classes=five, temperature=temperature, operating_points={}, ood=None)
-        aucs.append(
-            evaluate_served(c.probabilities(logits), None, labels, c, bootstrap=0).all.auc
-        )
+        aucs.append(evaluate_served(c.probabilities(logits), None, labels, c, bootstrap=0).all.auc)
     assert aucs == [0.0, 1.0]
 
 
