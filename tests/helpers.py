@@ -124,7 +124,8 @@ def onnx_copy(bundle: Path, folder: Path, arrays: bool = True) -> Path:
     path = folder / "configs" / "metadata.json"
     meta = json.loads(path.read_text())
     meta["deep_pneumonia"]["onnx_digest"] = digest
-    meta["deep_pneumonia"].get("ood", {}).pop("arrays_digest", None)
+    if meta["deep_pneumonia"].get("ood"):
+        meta["deep_pneumonia"]["ood"].pop("arrays_digest", None)
     detector = load_feature_statistics(bundle, contract, model)
     if arrays and detector is not None:
         written = save_arrays(folder / "models" / ARRAYS_FILE, detector.arrays.state)
