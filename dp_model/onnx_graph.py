@@ -36,6 +36,7 @@ from .contract import ModelContract
 from .explain import CAM, GRAD_CAM, HEATMAP_STAGE, cam_maps, default_source, same_pass_maps
 from .onnx_session import INPUT, ONNX_FILE, OnnxGraph, file_digest, onnx_path
 from .ood import classifier_layer, needs_stages, watching
+from .sources import drawn_as
 
 __all__ = [
     "INPUT",
@@ -70,11 +71,9 @@ def served_source(model: nn.Module, contract: ModelContract) -> str:
 
 
 def graph_source(model: nn.Module, source: str) -> str | None:
-    """The source the graph computes ``source``'s maps by: itself, CAM for Grad-CAM where CAM is
-    exact, or None where no graph can give them (Grad-CAM elsewhere)."""
-    if source == GRAD_CAM:
-        return CAM if model.cam_exact else None
-    return source
+    """The source the graph computes ``source``'s maps by for ``model``
+    (:func:`dp_model.sources.drawn_as`)."""
+    return drawn_as(source, bool(model.cam_exact))
 
 
 class ServedGraph(nn.Module):

@@ -340,7 +340,7 @@ class FeatureStatistics:
     precision: Tensor
     shrinkage: float | None = None
     kind = "mahalanobis"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -483,7 +483,7 @@ class MaxSoftmax(_Stored):
     """``msp``: minus the largest softmax probability of the logits (nothing to fit)."""
 
     kind = "msp"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> MaxSoftmax:
@@ -496,7 +496,7 @@ class Energy(_Stored):
     """``energy``: minus the log-sum-exp of the logits, at temperature 1 (nothing to fit)."""
 
     kind = "energy"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> Energy:
@@ -514,7 +514,7 @@ class RelativeMahalanobis(_Stored):
     background_mean: Tensor
     background_precision: Tensor
     kind = "relative_mahalanobis"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -556,7 +556,7 @@ class MultiLayerMahalanobis(_Stored):
     centre: Tensor
     spread: Tensor
     kind = "multilayer_mahalanobis"
-    needs_stages = True
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -610,7 +610,7 @@ class NearestNeighbour(_Stored):
     bank: Tensor
     k: int = KNN_K
     kind = "knn"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(features: Tensor, k: int = KNN_K) -> NearestNeighbour:
@@ -648,7 +648,7 @@ class VirtualLogit(_Stored):
     residual: Tensor
     alpha: float
     kind = "vim"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(

@@ -30,8 +30,17 @@ MAP_SOURCES = (
 )
 
 
+def drawn_as(source: str, cam_exact: bool) -> str | None:
+    """The source a graph computes ``source``'s maps by: itself, CAM for Grad-CAM where CAM is
+    exact (there the two are the same map after scaling to its peak), or None where no graph
+    can give them (Grad-CAM elsewhere: it needs gradients)."""
+    if source == GRAD_CAM:
+        return CAM if cam_exact else None
+    return source
+
+
 def draws(drawn: str | None, source: str) -> bool:
-    """Whether a graph that draws the maps of ``drawn`` gives those of ``source``: the same
-    source, or CAM for Grad-CAM (a graph draws CAM only for a network where CAM is exact,
-    and there the two are the same map; :func:`dp_model.onnx_graph.graph_source`)."""
-    return drawn == source or (source == GRAD_CAM and drawn == CAM)
+    """Whether a graph that draws the maps of ``drawn`` (its ``map_source`` property) gives
+    those of ``source``, by :func:`drawn_as`: a graph draws CAM only for a network where CAM
+    is exact, so the graph itself says whether it is."""
+    return drawn is not None and drawn == drawn_as(source, cam_exact=drawn == CAM)

@@ -360,3 +360,16 @@ def test_altered_numpy_statistics_of_the_gate_are_refused_in_one_line(
     ) as caught:
         Runner(bundle=folder, device="cpu", engine="auto")
     assert "\n" not in str(caught.value)
+
+
+def test_the_runner_reads_from_the_graph_alone_which_maps_it_gives() -> None:
+    """A graph gives the maps of the source it records, and CAM's are Grad-CAM's (a graph
+    draws CAM only where CAM is exact); no network is asked."""
+    from dp_model.sources import drawn_as, draws
+
+    assert draws("lesion:1", "lesion:1") and draws("cam", "grad_cam") and draws("cam", "cam")
+    assert not draws("map+:3", "lesion:1") and not draws("cam", "map+:1")
+    assert not draws(None, "grad_cam") and not draws("grad_cam", "grad_cam")
+    assert (
+        drawn_as("grad_cam", cam_exact=False) is None and drawn_as("lesion:2", False) == "lesion:2"
+    )
