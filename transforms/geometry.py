@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 #: A map NumPy slices or a tensor: :meth:`Letterbox.canvas_crop` only slices it.
 ArrayT = TypeVar("ArrayT", bound=Any)
@@ -162,10 +163,10 @@ def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows, columns = int(shape[0]), int(shape[1])
     if tuple(image.shape[-2:]) == (rows, columns):
         return image.astype(np.float32, copy=False)
-    shrinking = rows < image.shape[-2] or columns < image.shape[-1]
-    across = _weights(image.shape[-1], columns, shrinking)  # (columns, W)
-    down = _weights(image.shape[-2], rows, shrinking)  # (rows, H)
     height, width = image.shape[-2:]
+    shrinking = rows < height or columns < width
+    across = _weights(width, columns, shrinking)  # (columns, W)
+    down = _weights(height, rows, shrinking)  # (rows, H)
     # the axis that leaves less to do for the other first (the sum of products is the same)
     down_first = down.nnz * width + across.nnz * rows <= across.nnz * height + down.nnz * columns
     out = np.empty((image.shape[0], rows, columns), np.float32)
@@ -174,12 +175,10 @@ def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _weights(size: int, target: int, antialias: bool):
+def _weights(size: int, target: int, antialias: bool) -> csr_matrix:
     """The ``(target, size)`` sparse matrix of one axis's resampling (PyTorch's
     ``_upsample_bilinear2d_aa`` weights; without ``antialias``, or when enlarging, they are
     plain bilinear interpolation's)."""
-    from scipy.sparse import csr_matrix
-
     scale = size / target
     widened = antialias and scale >= 1.0
     support = scale if widened else 1.0
