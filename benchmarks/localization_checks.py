@@ -241,7 +241,7 @@ def _served(
     model: nn.Module, contract: ModelContract, canvases: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
     """The probability of pneumonia and the decision at the bundle's "present" point."""
-    probabilities = contract.probabilities(model(canvases)).numpy()
+    probabilities = contract.probabilities(model(canvases).cpu().numpy())
     decisions = [contract.decide(p) for p in probabilities]
     return np.array([d.pneumonia_probability for d in decisions]), np.array(
         [d.positive for d in decisions]

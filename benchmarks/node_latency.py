@@ -80,9 +80,11 @@ def copies(source: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def node_config(work: Path, port: int, dest_port: int, bundle: Path, device: str) -> Path:
+def node_config(
+    work: Path, port: int, dest_port: int, bundle: Path, device: str, engine: str = "auto"
+) -> Path:
     """The node's configuration: listening on ``port``, its spool in ``work``, its results to
-    the storescp on ``dest_port``."""
+    the storescp on ``dest_port``, its model run by ``engine``."""
     config = work / "node.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -93,6 +95,7 @@ def node_config(work: Path, port: int, dest_port: int, bundle: Path, device: str
                 "spool": str(work / "spool"),
                 "metrics_port": -1,
                 "device": device,
+                "engine": engine,
                 "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
             }
         )
@@ -194,6 +197,12 @@ def main() -> int:
         "--images", type=int, default=40, help="images for the throughput run (4 senders)"
     )
     parser.add_argument("--receive-images", type=int, default=20)
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="who runs the model (the node's engine): auto serves a bundle's ONNX graph without PyTorch",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -206,7 +215,7 @@ def main() -> int:
     rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
     dest_port, node_port, plain_port = free_port(), free_port(), free_port()
     destination = storescp(work / "destination", dest_port)
-    config = node_config(work, node_port, dest_port, args.bundle, args.device)
+    config = node_config(work, node_port, dest_port, args.bundle, args.device, args.engine)
     figures: dict[str, float] = {"fsync_floor_ms": fsync_floor_ms(work / "spool", rg1)}
     log = (work / "node.log").open("w")
     launched = time.perf_counter()
@@ -282,7 +291,7 @@ def main() -> int:
     f = figures
     floor = 1 / (1 / f["storescp_receive_images_per_s"] + f["fsync_floor_ms"] / 1000)
     lines = [
-        f"node benchmark: RG1_UNCR.dcm (1955 x 1841 CR), model {contract.name} ({contract.image_size} px), device {args.device}, {os.cpu_count()} CPUs",
+        f"node benchmark: RG1_UNCR.dcm (1955 x 1841 CR), model {contract.name} ({contract.image_size} px), device {args.device}, engine {args.engine}, {os.cpu_count()} CPUs",
         f"  latency storescu start -> SR at storescp, 1 image/s, n={args.latency_images}: p50 {f['latency_p50_s']:.2f} s, p95 {f['latency_p95_s']:.2f} s, max {f['latency_max_s']:.2f} s  (targets p50 <= 0.20 s, p95 <= 0.30 s)",
         f"  throughput, 4 concurrent senders, {args.images} images: {f['throughput_images_per_s']:.2f} images/s until every SR and SC is stored  (target >= 7.5)",
         f"  outbox lag: the last result stored {f['outbox_drain_s']:.2f} s after the last image processed  (target: drained within 10 s)",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .classifier import Classifier
-from .contract import no_finding_probability
+from .contract import no_finding_probability, probabilities
 from .registry import ARCHITECTURES, Architecture, build_network
 
 __all__ = [
@@ -31,8 +31,11 @@ PRETRAINABLE = tuple(name for name, a in ARCHITECTURES.items() if a.pretrainable
 
 
 def output_probabilities(model: Classifier, logits: Tensor) -> Tensor:
-    """Probabilities of a network's logits: a sigmoid per finding, or a softmax over classes."""
-    return torch.sigmoid(logits.float()) if model.multi_label else logits.float().softmax(dim=1)
+    """Probabilities of a network's logits, uncalibrated: a sigmoid per finding, or a softmax
+    over classes (:func:`dp_model.contract.probabilities` at temperature 1), float32 on the
+    logits' device; no gradient flows through them."""
+    found = probabilities(logits.detach().float().cpu().numpy(), multi_label=model.multi_label)
+    return torch.from_numpy(found).float().to(logits.device)
 
 
 def class_scores(probabilities: Tensor, multi_label: bool, normal_index: int) -> Tensor:

@@ -14,6 +14,8 @@ Layout::
     models/model.onnx            the node's forward pass (logits, maps, the gate's features)
                                  for ONNX Runtime (dp_model.onnx_graph); its SHA-256 in the contract
     models/ood.pt                feature statistics of the out-of-distribution gate
+    models/ood.npz               the same statistics for NumPy (dp_model.gate), which the node
+                                 serving model.onnx reads; its SHA-256 in the contract
     docs/README.md               the model card, with plots
     samples/                     a few images for the inference config to run on
     LICENSE

@@ -90,13 +90,6 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool =
     return found
 
 
-def probabilities(
-    logits: np.ndarray, temperature: float = 1.0, multi_label: bool = False
-) -> np.ndarray:
-    x = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
-    return (torch.sigmoid(x) if multi_label else x.softmax(dim=1)).numpy()
-
-
 def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> float:
     """Expected calibration error: the bin-weighted gap between confidence and accuracy."""
     confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)

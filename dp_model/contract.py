@@ -21,7 +21,8 @@ What travels with the weights (in ``configs/metadata.json`` under ``deep_pneumon
   ``log c_i``, which undoes the positive weights of its loss);
 * the sizes of the splits that trained, selected, calibrated and tested the model.
 
-The node and evaluation import this module, never the training code. The contract states
+The node and evaluation import this module, never the training code; it imports no PyTorch
+(the node serving an ONNX graph runs without it). The contract states
 its ``format`` (:data:`FORMAT`); one written before the format was recorded is format 1 and
 is migrated on load by :func:`_migrate_1`, which fills each field it lacks with the default
 older bundles meant, and :meth:`ModelContract.defaults` names the defaults used so that the
@@ -32,15 +33,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
-from .explain import MAP_SOURCES
-from .ood import DETECTORS
+from .gate import DETECTORS
 from .registry import ARCHITECTURES, build_network
+from .sources import MAP_SOURCES
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 __all__ = [
     "FORMAT",
@@ -54,6 +56,7 @@ __all__ = [
     "no_finding_probability",
     "pneumonia_classes",
     "pneumonia_probability",
+    "probabilities",
     "within_gate",
 ]
 
@@ -151,7 +154,7 @@ DEFAULT_PRESENT = OperatingPoint(threshold=0.5, target="0.5 (the bundle states n
 @dataclass(frozen=True, kw_only=True)
 class OODGate:
     """An image is outside the training distribution when its score by the ``kind`` detector
-    (:data:`dp_model.ood.DETECTORS`; the Mahalanobis distance of its penultimate features to
+    (:data:`dp_model.gate.DETECTORS`; the Mahalanobis distance of its penultimate features to
     the nearest class mean in bundles that name none) exceeds ``threshold``.
 
     Attributes:
@@ -159,8 +162,11 @@ class OODGate:
         quantile: so that about ``1 - quantile`` of in-distribution images are turned away
             (for a rank ``r`` of ``n``, ``r / (n + 1)``: the expected share let through).
         held_out: how many held-out images the threshold comes from.
-        kind: the detector, a key of :data:`dp_model.ood.DETECTORS`.
+        kind: the detector, a key of :data:`dp_model.gate.DETECTORS`.
         digest: SHA-256 of ``models/ood.pt`` (the statistics), checked at load.
+        arrays_digest: SHA-256 of ``models/ood.npz``, the same statistics for NumPy
+            (:mod:`dp_model.gate`), which the node serving an ONNX graph reads; empty in
+            bundles written before it was: those are gated in PyTorch.
         rank: the threshold is the ``rank``-th smallest held-out distance (None: a quantile).
         false_rejection: the share of in-distribution images turned away is at most this
             with probability ``confidence`` over the draw of the held-out images (None: not stated).
@@ -173,6 +179,7 @@ class OODGate:
     held_out: int
     kind: str = "mahalanobis"
     digest: str = ""
+    arrays_digest: str = ""
     rank: int | None = None
     false_rejection: float | None = None
     confidence: float | None = None
@@ -193,6 +200,7 @@ class OODGate:
             "confidence": self.confidence,
             "shrinkage": self.shrinkage,
             "split": self.split,
+            "arrays_digest": self.arrays_digest,
         }
         return found | {k: v for k, v in extra.items() if v not in (None, "")}
 
@@ -215,6 +223,7 @@ class OODGate:
             held_out=int(data["held_out"]),
             kind=kind,
             digest=str(data.get("digest", "")),
+            arrays_digest=str(data.get("arrays_digest", "")),
             rank=None if rank is None else int(rank),
             false_rejection=bound,
             confidence=confidence,
@@ -277,7 +286,7 @@ def regions_earned(
 class Localization:
     """Where the node's lesion regions come from, and the evidence that they say anything.
 
-    Every map source the network offers (:data:`dp_model.explain.MAP_SOURCES`) and a fixed
+    Every map source the network offers (:data:`dp_model.sources.MAP_SOURCES`) and a fixed
     prior map (each class's mean training box, at half its peak) are scored on the boxed
     images of the validation split, each handed the image's true class; the source with the
     best validation accuracy at IoU > 0.3 is chosen, and the test split is reported once.
@@ -412,14 +421,40 @@ def within_gate(score: float | np.ndarray | None, threshold: float | None) -> bo
     return score is None or threshold is None or bool(score <= threshold)
 
 
-_Probabilities = TypeVar("_Probabilities", np.ndarray, Tensor)
+_Probabilities = TypeVar("_Probabilities", np.ndarray, "Tensor")
+
+
+def probabilities(
+    logits: np.ndarray,
+    temperature: float = 1.0,
+    multi_label: bool = False,
+    adjustment: tuple[float, ...] = (),
+) -> np.ndarray:
+    """Calibrated probabilities ``(N, K)`` of logits ``(N, K)``, float64: ``adjustment``
+    subtracted from each output's logit, divided by ``temperature``, then a sigmoid per
+    finding (``multi_label``) or a softmax over the classes.
+
+    The one calibration rule: the contract's (:meth:`ModelContract.probabilities`), the
+    temperature's fit (:mod:`dp_model.calibration`) and the training code's
+    (:func:`dp_model.architectures.output_probabilities`) all call it.
+    """
+    scaled = np.asarray(logits, np.float64)
+    if len(adjustment):
+        scaled = scaled - np.asarray(adjustment, np.float64)
+    scaled = scaled / temperature
+    if multi_label:
+        # the sigmoid of either sign without overflow: exp of a non-positive number only
+        small = np.exp(-np.abs(scaled))
+        return np.asarray(np.where(scaled >= 0, 1.0 / (1.0 + small), small / (1.0 + small)))
+    shifted = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
 
 
 def no_finding_probability(findings: _Probabilities) -> _Probabilities:
     """The probability of the normal class of a multi-label model: one minus its most probable
     finding's, along the last axis of ``findings`` (each finding's sigmoid), so that "normal"
     is the most probable class exactly when no finding reaches 0.5."""
-    if isinstance(findings, Tensor):
+    if not isinstance(findings, np.ndarray):  # a tensor
         return 1.0 - findings.amax(dim=-1)
     return np.asarray(1.0 - np.max(findings, axis=-1))
 
@@ -582,21 +617,20 @@ class ModelContract:
 
     def network(self) -> nn.Module:
         """The untrained network of this contract (its weights are the bundle's to load)."""
+        from torch import nn  # the network is PyTorch's; the contract alone is not
+
         built = build_network(
             self.architecture, len(self.output_classes), self.attention_stages, **self.options
         )
         assert isinstance(built, nn.Module)  # every registered builder makes a torch module
         return built
 
-    def probabilities(self, logits: Tensor) -> Tensor:
-        """Calibrated probabilities of the network's logits: a sigmoid per finding, or a softmax."""
-        logits = logits.float()
-        if self.logit_adjustment:
-            logits = logits - torch.tensor(
-                self.logit_adjustment, dtype=logits.dtype, device=logits.device
-            )
-        scaled = logits / self.temperature
-        return torch.sigmoid(scaled) if self.multi_label else scaled.softmax(dim=1)
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities ``(N, K)`` float32 of the network's logits
+        (:func:`probabilities` at this contract's temperature and logit adjustment)."""
+        return probabilities(
+            logits, self.temperature, self.multi_label, self.logit_adjustment
+        ).astype(np.float32)
 
     # --- the decision rule ----------------------------------------------------------------------
 

@@ -8,6 +8,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sources import CAM, CLASS_MAPS, GRAD_CAM, HEATMAP_STAGE, MAP_SOURCES
+
+__all__ = [
+    "CAM",
+    "CLASS_MAPS",
+    "GRAD_CAM",
+    "HEATMAP_STAGE",
+    "MAP_SOURCES",
+    "cam",
+    "cam_maps",
+    "default_source",
+    "finding_index",
+    "finding_maps",
+    "grad_cam",
+    "localization_maps",
+    "map_sources",
+    "output_maps",
+    "same_pass_maps",
+    "source_maps",
+    "source_stage",
+    "stage_map",
+]
+
 
 def grad_cam(
     model: nn.Module, images: Tensor, target_layer: nn.Module, classes: Tensor | None = None
@@ -56,10 +79,6 @@ def finding_maps(maps: Tensor, finding: Tensor, size: tuple[int, int]) -> Tensor
     return F.interpolate(chosen.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
-#: The residual stage whose MGACR ``map+`` the node draws and reports regions from.
-HEATMAP_STAGE = 3
-
-
 def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: int = 0) -> Tensor:
     """Each model's own answer to "where is the finding of class ``labels``?", ``(B, 1, H, W)`` in [0, 1].
 
@@ -83,24 +102,6 @@ def localization_maps(model: nn.Module, images: Tensor, labels: Tensor, normal: 
 
 
 # --- map sources: every map a network offers, by name ----------------------------------------------
-
-#: Names of the map sources: the MGACR ``map+`` of a stage ("map+:3"), the supervised lesion
-#: head of a stage ("lesion:2"), a multi-label network's own per-finding maps, Grad-CAM, and
-#: CAM (only where it is exact).
-CLASS_MAPS, GRAD_CAM, CAM = "class_maps", "grad_cam", "cam"
-MAP_SOURCES = (
-    "map+:1",
-    "map+:2",
-    "map+:3",
-    "map+:4",
-    "lesion:1",
-    "lesion:2",
-    "lesion:3",
-    "lesion:4",
-    CLASS_MAPS,
-    GRAD_CAM,
-    CAM,
-)
 
 
 def map_sources(model: nn.Module) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from dp_transforms import ImageError, load_letterboxed
 
 from .architectures import class_scores
 from .contract import ModelContract
+from .gate import Arrays
 from .loading import IMAGE_SUFFIXES, BundleError
 from .ood import Detector
 from .runner import Runner
@@ -47,10 +48,10 @@ class Predictor:
 
     @property
     def device(self) -> torch.device:
-        return self.runner.device
+        return torch.device(self.runner.device)
 
     @property
-    def statistics(self) -> Detector | None:
+    def statistics(self) -> Detector | Arrays | None:
         return self.runner.statistics
 
     def probabilities(self, paths: list[Path]) -> tuple[np.ndarray, list[str]]:

@@ -4,6 +4,10 @@ out-of-distribution gate's statistics; the metadata against the vendored MONAI s
 The lowest of the bundle modules: :mod:`dp_model.inference` (running a bundle on files) and
 :mod:`dp_model.bundle` (writing one, and the names that bundle configs and callers use)
 both build on it. Bundle configs can execute code: load only bundles from people you trust.
+
+The contract and the gate's NumPy statistics load without PyTorch (:func:`load_contract`,
+:func:`load_gate_arrays`: what the node serving an ONNX graph reads); the network and the
+PyTorch statistics import it when loaded.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .contract import ContractError, ModelContract
-from .ood import Detector, classifier_layer, load_detector
-from .ood import digest as ood_digest
+from .gate import Arrays, arrays_path, load_arrays
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .ood import Detector
 
 SCHEMA_FILE = "meta_schema_20240725.json"
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".nrrd")
@@ -57,10 +64,12 @@ def validate_metadata(path: Path) -> None:
         raise BundleError(f"{path}: {where}: {first.message} ({len(errors)} schema error(s))")
 
 
-def load_bundle(
-    root: str | Path, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, ModelContract]:
-    """The classifier (eval mode) and its contract from a bundle written by ``dp-train``."""
+def load_contract(root: str | Path) -> ModelContract:
+    """The contract of a bundle written by ``dp-train``, its metadata validated (no PyTorch).
+
+    Raises:
+        BundleError: not a bundle (no metadata or weights), or a contract that does not validate.
+    """
     root = Path(root)
     meta_path, weights = root / "configs" / "metadata.json", root / "models" / "model.pt"
     for required in (meta_path, weights):
@@ -75,9 +84,20 @@ def load_bundle(
             f"{meta_path}: no deep_pneumonia model contract; was this bundle written by dp-train?"
         )
     try:
-        contract = ModelContract.from_json(meta["deep_pneumonia"])
+        return ModelContract.from_json(meta["deep_pneumonia"])
     except ContractError as exc:
         raise BundleError(f"{meta_path}: {exc}") from None
+
+
+def load_bundle(
+    root: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelContract]:
+    """The classifier (eval mode) and its contract from a bundle written by ``dp-train``."""
+    import torch
+
+    root = Path(root)
+    contract = load_contract(root)
+    meta_path, weights = root / "configs" / "metadata.json", root / "models" / "model.pt"
     model = contract.network()
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -100,6 +120,9 @@ def load_feature_statistics(
     """The out-of-distribution gate's detector (of the contract's ``ood.kind``) from its
     statistics (``models/ood.pt``), checked against the contract's digest and the network's
     feature size; None for a bundle without a gate."""
+    from .ood import classifier_layer, load_detector
+    from .ood import digest as ood_digest
+
     if contract.ood is None:
         return None
     path = Path(root) / "models" / "ood.pt"
@@ -121,6 +144,32 @@ def load_feature_statistics(
         AttributeError,
         TypeError,
     ) as exc:
+        raise BundleError(
+            f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def load_gate_arrays(
+    root: str | Path, contract: ModelContract, features: int | None = None
+) -> Arrays | None:
+    """The out-of-distribution gate's detector in NumPy (:class:`dp_model.gate.Arrays`) from
+    ``models/ood.npz``, checked against the contract's ``arrays_digest`` and ``features``
+    (the penultimate dimension, when known); None for a bundle without a gate.
+
+    Raises:
+        BundleError: the contract records no NumPy statistics (a bundle written before they
+            were: its gate runs in PyTorch), or they cannot be used.
+    """
+    if contract.ood is None:
+        return None
+    path = arrays_path(root)
+    if not contract.ood.arrays_digest:
+        raise BundleError(
+            f"{path}: metadata.json records no SHA-256 of it (ood.arrays_digest): the gate's statistics are PyTorch's alone"
+        )
+    try:
+        return load_arrays(path, contract.ood.kind, contract.ood.arrays_digest, features)
+    except (OSError, ValueError, KeyError) as exc:
         raise BundleError(
             f"{path}: the out-of-distribution gate's statistics cannot be used ({str(exc).splitlines()[0]})"
         ) from None

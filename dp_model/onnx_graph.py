@@ -23,12 +23,10 @@ is written, and such a bundle runs in PyTorch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,33 +34,34 @@ from torch import Tensor, nn
 
 from .contract import ModelContract
 from .explain import CAM, GRAD_CAM, HEATMAP_STAGE, cam_maps, default_source, same_pass_maps
-from .loading import BundleError
+from .onnx_session import INPUT, ONNX_FILE, OnnxGraph, file_digest, onnx_path
 from .ood import classifier_layer, needs_stages, watching
+from .sources import drawn_as
+
+__all__ = [
+    "INPUT",
+    "ONNX_FILE",
+    "OPSET",
+    "TOLERANCE",
+    "OnnxGraph",
+    "ServedGraph",
+    "differences",
+    "export",
+    "file_digest",
+    "graph_source",
+    "onnx_path",
+    "served_graph",
+    "served_source",
+    "write_onnx",
+]
 
 logger = logging.getLogger(__name__)
 
-#: The graph's file, beside ``model.pt`` in the bundle's ``models`` folder.
-ONNX_FILE = "model.onnx"
 #: ONNX opset of the export: 17 has every operator the networks use (LayerNorm-free, no
 #: AffineGrid); ONNX Runtime 1.32 runs opsets up to 23.
 OPSET = 17
-#: The graph's input: canvases ``(B, 1, S, S)`` in [0, 1], float32.
-INPUT = "image"
 #: Outputs are checked against PyTorch's at export within this (absolute and relative).
 TOLERANCE = 1e-4
-
-
-def onnx_path(bundle: str | Path) -> Path:
-    return Path(bundle) / "models" / ONNX_FILE
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of ``path``, hex: the contract records it, the runner checks it."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def served_source(model: nn.Module, contract: ModelContract) -> str:
@@ -72,11 +71,9 @@ def served_source(model: nn.Module, contract: ModelContract) -> str:
 
 
 def graph_source(model: nn.Module, source: str) -> str | None:
-    """The source the graph computes ``source``'s maps by: itself, CAM for Grad-CAM where CAM is
-    exact, or None where no graph can give them (Grad-CAM elsewhere)."""
-    if source == GRAD_CAM:
-        return CAM if model.cam_exact else None
-    return source
+    """The source the graph computes ``source``'s maps by for ``model``
+    (:func:`dp_model.sources.drawn_as`)."""
+    return drawn_as(source, bool(model.cam_exact))
 
 
 class ServedGraph(nn.Module):
@@ -217,77 +214,3 @@ def differences(graph: ServedGraph, session: OnnxGraph, image_size: int) -> str:
         or not np.allclose(found[name], want, rtol=TOLERANCE, atol=TOLERANCE)
     ]
     return ", ".join(wrong)
-
-
-class OnnxGraph:
-    """A bundle's graph in an ONNX Runtime session on the CPU.
-
-    Args:
-        path: the ``.onnx`` file.
-        threads: intra-op threads (0: ONNX Runtime's default, one per core).
-
-    Attributes:
-        outputs: the graph's output names (:attr:`ServedGraph.output_names`).
-        properties: what the graph carries: ``device_uid`` and ``map_source``.
-    """
-
-    def __init__(self, path: Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: ONNX Runtime's warnings go to stderr
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.properties: dict[str, Any] = dict(self.session.get_modelmeta().custom_metadata_map)
-
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output for ``batch`` ``(B, 1, S, S)`` float32, by name."""
-        found = self.session.run(None, {INPUT: np.ascontiguousarray(batch, dtype=np.float32)})
-        return dict(zip(self.outputs, found))
-
-
-def verified_graph(bundle: str | Path, contract: ModelContract) -> Path | None:
-    """The bundle's graph file, checked against the SHA-256 its contract records; None for a
-    bundle without one (written before graphs were, or for a network no graph serves).
-
-    Raises:
-        BundleError: the file and the contract disagree: a graph the contract records no
-            digest of, or another digest, or a recorded graph that is missing.
-    """
-    path = onnx_path(bundle)
-    if not path.exists() and not contract.onnx_digest:
-        return None
-    if not path.exists():
-        raise BundleError(
-            f"{path}: missing, though metadata.json records its SHA-256 (onnx_digest); copy the whole bundle"
-        )
-    if not contract.onnx_digest:
-        raise BundleError(
-            f"{path}: metadata.json records no SHA-256 of it (onnx_digest): not this bundle's graph; remove it or export the bundle again"
-        )
-    if file_digest(path) != contract.onnx_digest:
-        raise BundleError(
-            f"{path}: its SHA-256 differs from the one metadata.json records (altered, or from another training)"
-        )
-    return path
-
-
-def open_graph(path: Path, contract: ModelContract, threads: int) -> OnnxGraph:
-    """A session of the verified graph at ``path``, checked to carry the contract's Device UID.
-
-    Raises:
-        BundleError: ONNX Runtime cannot load it, or it names other weights.
-    """
-    try:
-        graph = OnnxGraph(path, threads)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class; refused in one line
-        raise BundleError(
-            f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]})"
-        ) from None
-    if graph.properties.get("device_uid") != contract.device_uid:
-        raise BundleError(
-            f"{path}: the graph names the Device UID {graph.properties.get('device_uid')}, metadata.json {contract.device_uid}: not these weights' graph"
-        )
-    return graph

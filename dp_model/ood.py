@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +50,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import gate
 from .classifier import Classifier
+from .gate import DETECTORS, Arrays
+from .gate import needs_stages as needs_stages
 
 #: Weight of the scaled identity in the shrunk covariance, in bundles written before it was estimated.
 SHRINKAGE = 0.1
@@ -60,16 +64,6 @@ FALSE_REJECTION = 0.01
 #: ... with this probability over the draw of the held-out images.
 CONFIDENCE = 0.95
 
-#: The detectors a contract's ``ood.kind`` may name, and what each score is, in words (for the model card).
-DETECTORS = {
-    "mahalanobis": "squared Mahalanobis distance of the penultimate features to the nearest class mean of the training features",
-    "relative_mahalanobis": "Mahalanobis distance of the penultimate features to the nearest class mean, less their distance to the training features' overall mean",
-    "multilayer_mahalanobis": "mean over the four residual stages of the standardised Mahalanobis distance of each stage's pooled output to the nearest class mean",
-    "knn": "distance of the normalised penultimate features to their k-th nearest training image",
-    "vim": "virtual-logit score: the features' norm outside the training features' principal subspace, against the energy of the logits",
-    "msp": "minus the largest softmax probability",
-    "energy": "minus the log-sum-exp of the logits",
-}
 #: How the covariance of the Mahalanobis detectors is shrunk (sklearn.covariance's estimates of the weight).
 SHRINKAGE_METHODS = ("ledoit-wolf", "oas")
 #: The detector new bundles are gated by: chosen on validation by the rule in docs/decisions.md
@@ -257,6 +251,9 @@ class Detector(Protocol):
 
     def score(self, seen: Seen) -> np.ndarray: ...
 
+    @property
+    def arrays(self) -> Arrays: ...
+
     def to(self, device: torch.device | str) -> Detector: ...
 
     def save(self, path: Path) -> None: ...
@@ -316,9 +313,21 @@ def _class_gaussians(
 
 
 def nearest_distance(features: Tensor, means: Tensor, precision: Tensor) -> Tensor:
-    """Squared Mahalanobis distance of each row to the nearest of ``means`` ``(K, D)``."""
-    difference = features.float()[:, None, :] - means[None]  # (N, K, D)
-    return torch.einsum("nkd,de,nke->nk", difference, precision, difference).min(dim=1).values
+    """Squared Mahalanobis distance of each row to the nearest of ``means`` ``(K, D)``
+    (:func:`dp_model.gate.nearest_distance`, on the CPU), float32."""
+    found = gate.nearest_distance(_numpy(features), _numpy(means), _numpy(precision))
+    return torch.from_numpy(found).float()
+
+
+def _numpy(value: Tensor) -> np.ndarray:
+    return value.detach().cpu().double().numpy()
+
+
+def scored(arrays: Arrays, seen: Seen) -> np.ndarray:
+    """The score of each image of ``seen`` by the one implementation, :meth:`dp_model.gate.Arrays.score`."""
+    return arrays.score(
+        _numpy(seen.logits), _numpy(seen.features), tuple(_numpy(s) for s in seen.stages)
+    )
 
 
 @dataclass(frozen=True)
@@ -331,7 +340,7 @@ class FeatureStatistics:
     precision: Tensor
     shrinkage: float | None = None
     kind = "mahalanobis"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -351,10 +360,19 @@ class FeatureStatistics:
 
     def scores(self, features: Tensor) -> np.ndarray:
         """Squared Mahalanobis distance of each row of ``features`` to the nearest class mean."""
-        return nearest_distance(features, self.means, self.precision).cpu().numpy()
+        return self.arrays.score(np.zeros((len(features), 0)), _numpy(features))
 
     def score(self, seen: Seen) -> np.ndarray:
-        return self.scores(seen.features)
+        return scored(self.arrays, seen)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The statistics as arrays, by the names of the saved file."""
+        return {"means": _numpy(self.means), "precision": _numpy(self.precision)}
+
+    @cached_property
+    def arrays(self) -> Arrays:
+        """This detector as the NumPy one that scores (:class:`dp_model.gate.Arrays`)."""
+        return Arrays(self.kind, self.state())
 
     def to(self, device: torch.device | str) -> FeatureStatistics:
         return FeatureStatistics(self.means.to(device), self.precision.to(device), self.shrinkage)
@@ -389,26 +407,8 @@ def _checked_gaussian(
     Raises:
         ValueError: what is wrong, in words.
     """
-    means, precision = means.float(), precision.float()
-    if (
-        means.ndim != 2
-        or precision.ndim != 2
-        or precision.shape != (means.shape[1], means.shape[1])
-        or len(means) == 0
-    ):
-        raise ValueError(
-            f"shapes do not fit: means {tuple(means.shape)}, precision {tuple(precision.shape)}"
-        )
-    if features is not None and means.shape[1] != features:
-        raise ValueError(f"{means.shape[1]} feature dimensions, the network has {features}")
-    if not (torch.isfinite(means).all() and torch.isfinite(precision).all()):
-        raise ValueError("non-finite values")
-    if (
-        not torch.allclose(precision, precision.T, rtol=1e-4, atol=1e-6)
-        or torch.linalg.cholesky_ex(precision.double()).info != 0
-    ):
-        raise ValueError("the precision is not symmetric positive-definite")
-    return means, precision
+    gate.checked_gaussian(_numpy(means), _numpy(precision), features)
+    return means.float(), precision.float()
 
 
 # --- the other detectors -------------------------------------------------------------------------
@@ -422,6 +422,9 @@ class _Stored:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self._tensors(), path)
+
+    def _tensors(self) -> dict[str, Tensor]:
         state = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -433,7 +436,19 @@ class _Stored:
                     if isinstance(value, Tensor)
                     else torch.tensor(float(value))
                 )
-        torch.save(state, path)
+        return state
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The statistics as arrays, by the names of the saved file."""
+        return {name: _numpy(value) for name, value in self._tensors().items()}
+
+    @cached_property
+    def arrays(self) -> Arrays:
+        """This detector as the NumPy one that scores (:class:`dp_model.gate.Arrays`)."""
+        return Arrays(self.kind, self.state())
+
+    def score(self, seen: Seen) -> np.ndarray:
+        return scored(self.arrays, seen)
 
     @classmethod
     def _state(cls, path: Path) -> dict[str, Tensor]:
@@ -468,10 +483,7 @@ class MaxSoftmax(_Stored):
     """``msp``: minus the largest softmax probability of the logits (nothing to fit)."""
 
     kind = "msp"
-    needs_stages = False
-
-    def score(self, seen: Seen) -> np.ndarray:
-        return (-torch.softmax(seen.logits.float(), dim=1).max(dim=1).values).cpu().numpy()
+    needs_stages = gate.needs_stages(kind)
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> MaxSoftmax:
@@ -484,10 +496,7 @@ class Energy(_Stored):
     """``energy``: minus the log-sum-exp of the logits, at temperature 1 (nothing to fit)."""
 
     kind = "energy"
-    needs_stages = False
-
-    def score(self, seen: Seen) -> np.ndarray:
-        return (-torch.logsumexp(seen.logits.float(), dim=1)).cpu().numpy()
+    needs_stages = gate.needs_stages(kind)
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> Energy:
@@ -505,7 +514,7 @@ class RelativeMahalanobis(_Stored):
     background_mean: Tensor
     background_precision: Tensor
     kind = "relative_mahalanobis"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -521,14 +530,6 @@ class RelativeMahalanobis(_Stored):
         centre = features.double().mean(0)
         background, _ = shrunk_precision(features.double() - centre, weight, method)
         return RelativeMahalanobis(means, precision, centre[None].float(), background.float())
-
-    def score(self, seen: Seen) -> np.ndarray:
-        x = seen.features.float()
-        difference = x[:, None, :] - self.means[None]
-        per_class = torch.einsum("nkd,de,nke->nk", difference, self.precision, difference)
-        away = x - self.background_mean
-        background = torch.einsum("nd,de,ne->n", away, self.background_precision, away)
-        return (per_class - background[:, None]).min(dim=1).values.cpu().numpy()
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> RelativeMahalanobis:
@@ -555,7 +556,7 @@ class MultiLayerMahalanobis(_Stored):
     centre: Tensor
     spread: Tensor
     kind = "multilayer_mahalanobis"
-    needs_stages = True
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -579,17 +580,6 @@ class MultiLayerMahalanobis(_Stored):
             torch.stack(centres).float(),
             torch.stack(spreads).float(),
         )
-
-    def score(self, seen: Seen) -> np.ndarray:
-        if len(seen.stages) != len(self.means):
-            raise ValueError(
-                f"{len(seen.stages)} stage outputs seen, the detector reads {len(self.means)}"
-            )
-        per_stage = torch.stack(
-            [nearest_distance(x, m, p) for x, m, p in zip(seen.stages, self.means, self.precision)],
-            dim=1,
-        )
-        return ((per_stage - self.centre) / self.spread).mean(dim=1).cpu().numpy()
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> MultiLayerMahalanobis:
@@ -620,17 +610,13 @@ class NearestNeighbour(_Stored):
     bank: Tensor
     k: int = KNN_K
     kind = "knn"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(features: Tensor, k: int = KNN_K) -> NearestNeighbour:
         if not 1 <= k <= len(features):
             raise ValueError(f"k must lie in [1, {len(features)}] (the training images), got {k}")
         return NearestNeighbour(_normalised(features), int(k))
-
-    def score(self, seen: Seen) -> np.ndarray:
-        distances = torch.cdist(_normalised(seen.features).float(), self.bank.float())
-        return distances.kthvalue(self.k, dim=1).values.cpu().numpy()
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> NearestNeighbour:
@@ -662,7 +648,7 @@ class VirtualLogit(_Stored):
     residual: Tensor
     alpha: float
     kind = "vim"
-    needs_stages = False
+    needs_stages = gate.needs_stages(kind)
 
     @staticmethod
     def fit(
@@ -693,10 +679,6 @@ class VirtualLogit(_Stored):
         alpha = float(logits.double().max(dim=1).values.mean() / norms.mean().clamp_min(1e-12))
         return VirtualLogit(origin.float(), residual.float(), alpha)
 
-    def score(self, seen: Seen) -> np.ndarray:
-        virtual = self.alpha * ((seen.features.float() - self.origin) @ self.residual).norm(dim=1)
-        return (virtual - torch.logsumexp(seen.logits.float(), dim=1)).cpu().numpy()
-
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> VirtualLogit:
         origin, residual, alpha = _required(cls._state(path), "origin", "residual", "alpha")
@@ -721,11 +703,6 @@ _CLASSES = {
     "msp": MaxSoftmax,
     "energy": Energy,
 }
-
-
-def needs_stages(kind: str) -> bool:
-    """Whether the detector ``kind`` reads the residual stages' outputs (not only the penultimate features)."""
-    return _known(kind).needs_stages
 
 
 def _known(kind: str):
@@ -770,6 +747,18 @@ def load_detector(path: Path, kind: str = "mahalanobis", features: int | None = 
         ValueError: an unknown kind, or statistics that do not fit it, in words.
     """
     return _known(kind).load(path, features)
+
+
+def write_statistics(detector: Detector, models: Path) -> tuple[str, str]:
+    """``detector``'s statistics into the bundle's ``models`` folder twice: ``ood.pt`` for
+    PyTorch and ``ood.npz`` for the node serving without it (:func:`dp_model.gate.save_arrays`).
+
+    Returns:
+        the SHA-256 of each, for the contract's ``ood.digest`` and ``ood.arrays_digest``.
+    """
+    detector.save(models / "ood.pt")
+    arrays = gate.save_arrays(models / gate.ARRAYS_FILE, detector.arrays.state)
+    return digest(models / "ood.pt"), arrays
 
 
 def digest(path: Path) -> str:

@@ -30,6 +30,7 @@ import errno
 import functools
 import hashlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -491,4 +491,7 @@ def _errno(exc: BaseException | None) -> int | None:
 
 
 def _transient(exc: BaseException) -> bool:
-    return is_transient(exc) or isinstance(exc, torch.OutOfMemoryError)
+    """A failure worth retrying: the disk's or the network's, or PyTorch running out of GPU
+    memory (only where PyTorch runs: serving an ONNX graph, it is never imported)."""
+    torch = sys.modules.get("torch")
+    return is_transient(exc) or (torch is not None and isinstance(exc, torch.OutOfMemoryError))

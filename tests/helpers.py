@@ -97,13 +97,16 @@ def write_dicom(path: Path, pixels, **kwargs) -> Path:
     return path
 
 
-def onnx_copy(bundle: Path, folder: Path) -> Path:
+def onnx_copy(bundle: Path, folder: Path, arrays: bool = True) -> Path:
     """A copy of ``bundle`` in ``folder`` with the ONNX graph of its weights (as dp-train
-    writes it, :func:`dp_model.onnx_graph.write_onnx`) and its SHA-256 in the contract; the
-    other model files are linked, the bundle itself is left as it is."""
+    writes it, :func:`dp_model.onnx_graph.write_onnx`) and, with ``arrays``, the gate's
+    statistics in NumPy's form (``models/ood.npz``, :func:`dp_model.gate.save_arrays`), each
+    with its SHA-256 in the contract; the other model files are linked, the bundle itself is
+    left as it is."""
     import json
 
-    from dp_model.loading import load_bundle
+    from dp_model.gate import ARRAYS_FILE, save_arrays
+    from dp_model.loading import load_bundle, load_feature_statistics
     from dp_model.onnx_graph import write_onnx
 
     folder.mkdir(parents=True)
@@ -113,7 +116,7 @@ def onnx_copy(bundle: Path, folder: Path) -> Path:
             (folder / item.name).symlink_to(item)
     (folder / "models").mkdir()
     for item in (bundle / "models").iterdir():
-        if item.name != "model.onnx":
+        if item.name not in ("model.onnx", ARRAYS_FILE):
             (folder / "models" / item.name).symlink_to(item)
     model, contract = load_bundle(bundle)
     digest = write_onnx(folder, model, contract)
@@ -121,6 +124,12 @@ def onnx_copy(bundle: Path, folder: Path) -> Path:
     path = folder / "configs" / "metadata.json"
     meta = json.loads(path.read_text())
     meta["deep_pneumonia"]["onnx_digest"] = digest
+    if meta["deep_pneumonia"].get("ood"):
+        meta["deep_pneumonia"]["ood"].pop("arrays_digest", None)
+    detector = load_feature_statistics(bundle, contract, model)
+    if arrays and detector is not None:
+        written = save_arrays(folder / "models" / ARRAYS_FILE, detector.arrays.state)
+        meta["deep_pneumonia"]["ood"]["arrays_digest"] = written
     path.write_text(json.dumps(meta, indent=1))
     return folder
 
@@ -142,13 +151,13 @@ def assert_engines_agree(bundle: Path, tolerance: float = 1e-4) -> None:
     samples = sorted(p for p in (bundle / "samples").iterdir() if p.suffix != ".json")
     canvases = [load_letterboxed(p, size)[0] for p in samples]
     assert canvases, f"{bundle} has no samples"
-    batch = torch.stack(canvases + [c.flip(-1) for c in canvases])
+    batch = torch.stack(canvases + [c.flip(-1) for c in canvases]).numpy()
     want, found = eager.run(batch), graph.run(batch)
     np.testing.assert_allclose(found.probabilities, want.probabilities, rtol=0, atol=tolerance)
     assert (found.maps is None) == (want.maps is None)
     if want.maps is not None and found.maps is not None:
         assert found.maps.shape == want.maps.shape
-        np.testing.assert_allclose(found.maps.numpy(), want.maps.numpy(), rtol=0, atol=tolerance)
+        np.testing.assert_allclose(found.maps, want.maps, rtol=0, atol=tolerance)
     assert (found.ood_scores is None) == (want.ood_scores is None)
     if want.ood_scores is not None:
         np.testing.assert_allclose(

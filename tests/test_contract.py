@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dp_model.calibration import fit_temperature, operating_point, probabilities, reliability
+from dp_model.calibration import fit_temperature, operating_point, reliability
 from dp_model.contract import (
     FORMAT,
     ContractError,
@@ -15,6 +15,7 @@ from dp_model.contract import (
     OperatingPoint,
     decide,
     no_finding_probability,
+    probabilities,
     within_gate,
 )
 from dp_model.ood import FeatureStatistics, threshold
@@ -360,7 +361,7 @@ def test_localization_travels_with_the_contract_and_the_rule_is_the_stated_one()
 def test_the_logit_adjustment_comes_off_before_the_sigmoid() -> None:
     multi = contract(architecture="class_attention", logit_adjustment=(np.log(9.0), 0.0))
     # Trained with c = 9 on its first finding, the network says 0.9 where the truth is 0.5.
-    p = multi.probabilities(torch.tensor([[np.log(9.0), 0.0]])).numpy()[0]
+    p = multi.probabilities(np.array([[np.log(9.0), 0.0]]))[0]
     assert p == pytest.approx([0.5, 0.5], abs=1e-6)
 
 

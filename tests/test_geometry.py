@@ -21,6 +21,7 @@ from dp_transforms import (
     pad_boxes,
     xywh_to_xyxy,
 )
+from dp_transforms.geometry import resize
 
 
 def reference_mask(boxes: np.ndarray, shape: tuple[int, int], factor: int) -> np.ndarray:
@@ -89,7 +90,7 @@ def test_letterbox_maps_boxes_both_ways_and_pads_symmetrically() -> None:
 
 
 def test_letterbox_image_content_lands_under_its_boxes() -> None:
-    image = torch.zeros(1, 300, 500)
+    image = np.zeros((1, 300, 500), np.float32)
     image[:, 100:200, 50:150] = 1.0
     geometry = Letterbox((300, 500), 100)
     canvas = geometry.image_to_canvas(image)
@@ -101,19 +102,19 @@ def test_letterbox_image_content_lands_under_its_boxes() -> None:
     assert float(inside) > 0.95 and float(canvas.sum()) == pytest.approx(
         float(inside) * (y1 - y0) * (x1 - x0), rel=0.1
     )
-    assert float(canvas[0, :20].abs().max()) == 0.0  # the padding above the content
+    assert float(np.abs(canvas[0, :20]).max()) == 0.0  # the padding above the content
 
 
 def test_letterbox_canvas_map_returns_to_source_shape() -> None:
     geometry = Letterbox((300, 500), 100)
-    heat = torch.zeros(1, 25, 25)
+    heat = np.zeros((1, 25, 25), np.float32)
     heat[0, 10:14, 4:8] = 1.0  # a blob on a quarter-resolution map of the canvas
     back = geometry.canvas_to_source(heat)
     assert back.shape == (1, 300, 500)
-    ys, xs = torch.nonzero(back[0] > 0.5, as_tuple=True)
+    ys, xs = np.nonzero(back[0] > 0.5)
     centre = geometry.boxes_to_source(np.array([[4 * 4, 10 * 4, 8 * 4, 14 * 4]], np.float32))[0]
-    assert float(xs.float().mean()) == pytest.approx((centre[0] + centre[2]) / 2, abs=6)
-    assert float(ys.float().mean()) == pytest.approx((centre[1] + centre[3]) / 2, abs=6)
+    assert float(xs.mean()) == pytest.approx((centre[0] + centre[2]) / 2, abs=6)
+    assert float(ys.mean()) == pytest.approx((centre[1] + centre[3]) / 2, abs=6)
 
 
 def test_dictionary_pipeline_on_the_real_radiograph(rg1_path: Path) -> None:
@@ -138,3 +139,32 @@ def test_dictionary_pipeline_on_the_real_radiograph(rg1_path: Path) -> None:
 def test_letterboxd_refuses_keys_of_different_shapes() -> None:
     with pytest.raises(ValueError, match="has shape"):
         LetterboxResized(("a", "b"), 32)({"a": torch.zeros(1, 40, 40), "b": torch.zeros(1, 50, 40)})
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ((300, 500), (100, 167)),  # shrinking: antialiased
+        ((1955, 1841), (224, 211)),  # a radiograph to the canvas
+        ((64, 64), (224, 224)),  # enlarging: plain bilinear
+        ((50, 90), (64, 30)),  # one axis enlarged, the other shrunk
+        ((17, 13), (17, 40)),  # one axis left as it is
+    ],
+)
+def test_resize_is_pytorchs_antialiased_bilinear_interpolation(
+    source: tuple[int, int], target: tuple[int, int]
+) -> None:
+    """The NumPy resampling that the node and training's MONAI transform share gives the
+    canvases PyTorch's ``F.interpolate`` gave (the bundles trained before were trained on them)."""
+    image = np.random.default_rng(0).random((2, *source), dtype=np.float32)
+    shrinking = target[0] < source[0] or target[1] < source[1]
+    want = F.interpolate(
+        torch.from_numpy(image)[None],
+        size=target,
+        mode="bilinear",
+        align_corners=False,
+        antialias=shrinking,
+    )[0].numpy()
+    found = resize(image, target)
+    assert found.dtype == np.float32 and found.shape == want.shape
+    np.testing.assert_allclose(found, want, rtol=0, atol=1e-5)

@@ -214,7 +214,7 @@ def test_calibrated_probabilities_are_what_the_node_reports(
     ds = dcmread(min((demo_bundle / "samples").glob("*.dcm")))
     prepared = prepare(ds, predictor.contract.image_size)
     with torch.no_grad():
-        logits = predictor.model(prepared.canvas[None])
+        logits = predictor.model(torch.from_numpy(prepared.canvas)[None])
     expected = (logits / predictor.contract.temperature).softmax(1)[0].numpy()
     (answer,) = predictor.predict([prepared])
     assert np.allclose(answer.probabilities, expected, atol=1e-5)

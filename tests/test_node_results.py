@@ -561,8 +561,10 @@ def test_overlay_pixels_show_banner_box_and_heat() -> None:
 PINNED_OVERLAYS = {
     (2048, "positive"): "7e4ecb3293191e9b09a2c71fc019e9229309a9a68ffb553924c1d75fe5020439",
     (2048, "negative"): "8f37c6529fcff2ac01b89396ca9b955ab3fcf0c62912515ec89a70c78582131b",
-    (1024, "positive"): "598764dba063ae79caa2999e141fc1a52b18f736106f6a5370c5baf5ffbec5b1",
-    (1024, "negative"): "a00a482b2b4f99a5841b00acfc04f1a258cf807705c24a120a40c782a47eb186",
+    # NumPy's resampling (dp_transforms.geometry.resize) since 2026-12-06: 66 of 3.2 million
+    # values of the positive one moved by one level from PyTorch's (rounding at 8 bits)
+    (1024, "positive"): "38c086757131e09fe01863aba7f7c1c86b661413f90c5d924beda8a5d2834f6d",
+    (1024, "negative"): "a1b34442f795d70588d76c86417d6617809e4d0d9d8c15b457299e3bc8984d2f",
 }
 
 

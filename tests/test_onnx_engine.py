@@ -232,3 +232,144 @@ def test_a_graph_of_other_maps_than_the_contract_names_is_not_served(
     assert Runner(bundle=folder, device="cpu").engine == "onnx"
     with pytest.raises(BundleError, match="onnx engine cannot serve: its graph draws the maps"):
         Runner(bundle=folder, device="cpu", maps=True, engine="onnx")
+
+
+#: Run in a fresh interpreter: a node on the bundle ``argv[1]`` (work folder ``argv[2]``)
+#: receives the phantom and RG1 (``argv[3]``) by C-STORE and writes their SR and SC; then it
+#: prints which of PyTorch, torchvision and MONAI were ever imported, and what it predicts.
+_NODE_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+from node_support import chest_dataset, send, start_node, wait_for
+from pydicom import dcmread
+
+bundle, work, rg1 = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+datasets = [chest_dataset(), dcmread(rg1)]
+node = start_node(work, None, bundle=str(bundle), device="cpu", engine="auto")
+try:
+    statuses = send(node.port, datasets)
+    for ds in datasets:
+        folder = work / "out" / ds.StudyInstanceUID
+        wait_for(lambda: folder.exists() and len(list(folder.glob("*.dcm"))) == 2, 60, "SR and SC")
+finally:
+    node.stop()
+from pacs_node.model.predictor import prepare
+
+size = node.predictor.contract.image_size
+found = [node.predictor.predict([prepare(ds, size)])[0] for ds in datasets]
+print(json.dumps({
+    "engine": node.predictor.runner.engine,
+    "statuses": statuses,
+    "modules": sorted(m for m in ("torch", "torchvision", "monai") if m in sys.modules),
+    "predictions": [
+        {
+            "probabilities": p.probabilities.tolist(),
+            "decision": [p.assessed, p.positive, p.triage, p.label],
+            "boxes": p.boxes.tolist(),
+            "box_labels": list(p.box_labels),
+            "ood_score": p.ood_score,
+        }
+        for p in found
+    ],
+}))
+"""
+
+
+def test_a_node_serving_a_graph_imports_no_pytorch_and_reports_what_pytorch_would(
+    onnx_bundle: Path, tmp_path: Path, rg1_path: Path
+) -> None:
+    """The node in its own process, from start to the SR and SC of two images (the phantom
+    and RG1), never imports PyTorch, torchvision or MONAI, and its probabilities, decisions,
+    regions and gate scores are those of the same bundle in PyTorch."""
+    import os
+    import subprocess
+    import sys
+
+    from pydicom import dcmread
+
+    from pacs_node.model.predictor import NodePredictor, prepare
+
+    tests = Path(__file__).resolve().parent
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tests), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", _NODE_SCRIPT, str(onnx_bundle), str(tmp_path), str(rg1_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["engine"] == "onnx" and report["statuses"] == [0, 0]
+    assert report["modules"] == []
+    eager = NodePredictor(onnx_bundle, "cpu", engine="torch")
+    size = eager.contract.image_size
+    for found, ds in zip(report["predictions"], [chest_dataset(), dcmread(rg1_path)]):
+        (want,) = eager.predict([prepare(ds, size)])
+        np.testing.assert_allclose(found["probabilities"], want.probabilities, rtol=0, atol=1e-4)
+        assert found["decision"] == [want.assessed, want.positive, want.triage, want.label]
+        np.testing.assert_allclose(
+            np.asarray(found["boxes"]).reshape(-1, 4), want.boxes, rtol=0, atol=1e-3
+        )
+        assert found["box_labels"] == list(want.box_labels)
+        assert found["ood_score"] == pytest.approx(want.ood_score, rel=1e-4, abs=1e-4)
+
+
+def test_a_bundle_whose_gate_is_stored_for_pytorch_alone_is_served_by_pytorch_and_says_why(
+    demo_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graph without ``models/ood.npz`` (bundles written before it was): auto serves in
+    PyTorch with one INFO line why, the onnx engine is refused in one line, and the node's
+    numbers are PyTorch's."""
+    older = onnx_copy(demo_bundle, tmp_path / "older", arrays=False)
+    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    runner = Runner(bundle=older, device="cpu", maps=True)
+    assert runner.engine == "torch"
+    (line,) = [r.getMessage() for r in caplog.records if "model engine" in r.getMessage()]
+    assert "PyTorch" in line and "NumPy statistics of the out-of-distribution gate" in line
+    with pytest.raises(
+        BundleError, match=r"^[^\n]*onnx engine cannot serve: the contract records no NumPy"
+    ):
+        Runner(bundle=older, device="cpu", engine="onnx")
+    from pacs_node.model.predictor import NodePredictor, prepare
+
+    node = NodePredictor(older, "cpu")
+    (found,) = node.predict([prepare(chest_dataset(), node.contract.image_size)])
+    assert node.runner.engine == "torch" and found.ood_score is not None
+
+
+def test_altered_numpy_statistics_of_the_gate_are_refused_in_one_line(
+    onnx_bundle: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "altered"
+    folder.mkdir()
+    for item in onnx_bundle.iterdir():
+        if item.name != "models":
+            (folder / item.name).symlink_to(item.resolve())
+    (folder / "models").mkdir()
+    for item in (onnx_bundle / "models").iterdir():
+        if item.name != "ood.npz":
+            (folder / "models" / item.name).symlink_to(item.resolve())
+    (folder / "models" / "ood.npz").write_bytes(
+        (onnx_bundle / "models" / "ood.npz").read_bytes() + b"\0"
+    )
+    with pytest.raises(
+        BundleError, match="ood.npz: the out-of-distribution gate's statistics cannot be used"
+    ) as caught:
+        Runner(bundle=folder, device="cpu", engine="auto")
+    assert "\n" not in str(caught.value)
+
+
+def test_the_runner_reads_from_the_graph_alone_which_maps_it_gives() -> None:
+    """A graph gives the maps of the source it records, and CAM's are Grad-CAM's (a graph
+    draws CAM only where CAM is exact); no network is asked."""
+    from dp_model.sources import drawn_as, draws
+
+    assert draws("lesion:1", "lesion:1") and draws("cam", "grad_cam") and draws("cam", "cam")
+    assert not draws("map+:3", "lesion:1") and not draws("cam", "map+:1")
+    assert not draws(None, "grad_cam") and not draws("grad_cam", "grad_cam")
+    assert (
+        drawn_as("grad_cam", cam_exact=False) is None and drawn_as("lesion:2", False) == "lesion:2"
+    )

@@ -15,6 +15,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from dp_model.contract import ContractError, OODGate
+from dp_model.gate import load_arrays
 from dp_model.ood import (
     DEFAULT_DETECTOR,
     DETECTORS,
@@ -32,6 +33,7 @@ from dp_model.ood import (
     observe,
     stage_modules,
     watching,
+    write_statistics,
 )
 
 
@@ -276,6 +278,36 @@ def test_every_detector_saves_and_loads_to_the_same_scores_and_refuses_another_n
         # these hold nothing of the penultimate size
         with pytest.raises(ValueError):
             load_detector(tmp_path / "ood.pt", kind, 32)
+
+
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_every_detectors_numpy_statistics_score_as_pytorchs_without_it(
+    kind: str, tmp_path: Path
+) -> None:
+    """``models/ood.npz`` (what the node serving an ONNX graph reads) gives the scores of
+    ``models/ood.pt``; one altered byte, or another network's size, is refused."""
+    rng = np.random.default_rng(4)
+    labels = np.arange(300) % 3
+    features = torch.from_numpy(rng.normal(size=(300, 16)) + labels[:, None]).float()
+    classifier = torch.nn.Linear(16, 3)
+    train = Seen(classifier(features).detach(), features, (features[:, :8], features))
+    detector = fit_detector(kind, train, labels, classifier)
+    _, digest = write_statistics(detector, tmp_path)
+    arrays = load_arrays(tmp_path / "ood.npz", kind, digest, 16)
+    numpy_seen = [x.numpy() for x in (train.logits, train.features)]
+    np.testing.assert_allclose(
+        arrays.score(*numpy_seen, tuple(s.numpy() for s in train.stages)),
+        detector.score(train),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    (tmp_path / "ood.npz").write_bytes((tmp_path / "ood.npz").read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        load_arrays(tmp_path / "ood.npz", kind, digest, 16)
+    if kind not in ("msp", "energy", "multilayer_mahalanobis"):
+        _, digest = write_statistics(detector, tmp_path)
+        with pytest.raises(ValueError):
+            load_arrays(tmp_path / "ood.npz", kind, digest, 32)
 
 
 def test_statistics_of_one_detector_are_refused_as_another() -> None:

@@ -37,7 +37,7 @@ def test_maps_come_only_when_asked_and_do_not_change_the_probabilities_or_the_sc
         Runner(bundle=demo_bundle, device="cpu", maps=True),
     )
     canvas = prepare(dcmread(_sample(demo_bundle)), plain.contract.image_size).canvas
-    batch = torch.stack([canvas, canvas.flip(-1)])
+    batch = np.stack([canvas, canvas[..., ::-1]])
     without, with_maps = plain.run(batch), mapped.run(batch)
     assert plain.source is None and without.maps is None
     assert with_maps.maps is not None and with_maps.maps.shape[:2] in ((2, 1), (2, 2))

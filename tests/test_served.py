@@ -218,7 +218,7 @@ def test_the_auc_interval_is_a_bootstrap_around_the_served_score_and_is_reproduc
     labels = rng.integers(0, 3, 300)
     logits = rng.normal(0, 1, (300, 3))
     logits[labels > 0, 1] += 1.0
-    probs = contract().probabilities(torch.from_numpy(logits)).numpy()
+    probs = contract().probabilities(logits)
     one, two = (
         evaluate_served(probs, None, labels, contract(), bootstrap=200, seed=1) for _ in range(2)
     )
@@ -233,16 +233,12 @@ def test_temperature_changes_the_auc_of_the_probability_of_pneumonia_of_a_softma
     """Why the card reports the AUC of the served, temperature-scaled score: 1 - p(normal) of
     a softmax over five classes ranks two images differently at T = 1 and T = 10."""
     five = ("normal", "a", "b", "c", "d")
-    logits = torch.tensor(
-        [[0.0, 3.0, -10.0, -10.0, -10.0], [0.0, 1.0, 1.0, 1.0, -10.0]], dtype=torch.float64
-    )
+    logits = np.array([[0.0, 3.0, -10.0, -10.0, -10.0], [0.0, 1.0, 1.0, 1.0, -10.0]])
     labels = np.array([0, 1])  # the first is normal, the second pneumonia
     aucs = []
     for temperature in (1.0, 10.0):
         c = contract(classes=five, temperature=temperature, operating_points={}, ood=None)
-        aucs.append(
-            evaluate_served(c.probabilities(logits).numpy(), None, labels, c, bootstrap=0).all.auc
-        )
+        aucs.append(evaluate_served(c.probabilities(logits), None, labels, c, bootstrap=0).all.auc)
     assert aucs == [0.0, 1.0]
 
 

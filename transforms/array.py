@@ -14,8 +14,9 @@ from monai.transforms import Transform
 from pydicom.dataset import Dataset
 
 from .dicom import read_dicom
-from .geometry import Letterbox, as_boxes, boxes_to_masks
+from .geometry import Letterbox, as_boxes
 from .io import load_image, make_square_pixels
+from .masks import boxes_to_masks
 
 
 class LoadChestXray(Transform):
@@ -68,9 +69,10 @@ class LetterboxResize(Transform):
         return Letterbox((int(image.shape[-2]), int(image.shape[-1])), self.size)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.geometry(image).image_to_canvas(
-            torch.as_tensor(image, dtype=torch.float32), self.fill
-        )
+        """The canvas of :meth:`~dp_transforms.geometry.Letterbox.image_to_canvas` (the
+        node's, in NumPy), as a tensor."""
+        pixels = torch.as_tensor(image, dtype=torch.float32).numpy(force=True)
+        return torch.from_numpy(self.geometry(image).image_to_canvas(pixels, self.fill))
 
 
 class BoxesToMask(Transform):

@@ -1,5 +1,8 @@
 """Boxes, masks and the letterbox mapping between a source image and the model's canvas.
 
+It imports no PyTorch: the node letterboxes received images with it alone. The masks of
+boxes, which training draws on the GPU, are :mod:`dp_transforms.masks`.
+
 Conventions, used everywhere in the project:
 
 * a box is ``(x_min, y_min, x_max, y_max)`` in pixel units of the image it belongs to,
@@ -14,10 +17,13 @@ Conventions, used everywhere in the project:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from scipy.sparse import csr_matrix
+
+#: A map NumPy slices or a tensor: :meth:`Letterbox.canvas_crop` only slices it.
+ArrayT = TypeVar("ArrayT", bound=Any)
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 
@@ -60,54 +66,6 @@ def clip_boxes(boxes: np.ndarray, shape: tuple[int, int], min_size: float = 1.0)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, rows)
     keep = ((out[:, 2] - out[:, 0]) >= min_size) & ((out[:, 3] - out[:, 1]) >= min_size)
     return out[keep]
-
-
-def boxes_to_masks(
-    boxes: torch.Tensor,
-    canvas_shape: tuple[int, int],
-    mask_shape: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Rasterise boxes into ``mask+`` at any resolution, exactly and on any device.
-
-    Each mask pixel gets the fraction of its area covered by the box (the union of
-    several boxes is approximated by their maximum, exact where they do not overlap),
-    which equals area-downsampling a full-resolution mask, without ever building one.
-
-    Args:
-        boxes: ``(B, N, 4)`` boxes in canvas pixel coordinates; padding rows with zero
-            area contribute nothing, so images with fewer boxes pad with zeros.
-        canvas_shape: ``(rows, columns)`` of the image the boxes refer to.
-        mask_shape: ``(rows, columns)`` of the masks; defaults to ``canvas_shape``.
-
-    Returns:
-        ``(B, 1, rows, columns)`` float32 ``mask+`` in [0, 1].
-    """
-    if boxes.ndim != 3 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (B, N, 4), got {tuple(boxes.shape)}")
-    rows, columns = mask_shape or canvas_shape
-    scale_y, scale_x = rows / canvas_shape[0], columns / canvas_shape[1]
-    b = boxes.to(torch.float32)
-    x0, x1 = b[..., 0:1] * scale_x, b[..., 2:3] * scale_x  # (B, N, 1)
-    y0, y1 = b[..., 1:2] * scale_y, b[..., 3:4] * scale_y
-    xs = torch.arange(columns, device=b.device, dtype=torch.float32)
-    ys = torch.arange(rows, device=b.device, dtype=torch.float32)
-    cover_x = (torch.minimum(x1, xs + 1) - torch.maximum(x0, xs)).clamp(0, 1)  # (B, N, W)
-    cover_y = (torch.minimum(y1, ys + 1) - torch.maximum(y0, ys)).clamp(0, 1)  # (B, N, H)
-    mask = torch.zeros(b.shape[0], rows, columns, device=b.device)
-    for n in range(b.shape[1]):  # N is small (a few boxes); avoids a (B, N, H, W) tensor
-        mask = torch.maximum(mask, cover_y[:, n, :, None] * cover_x[:, n, None, :])
-    return mask[:, None]
-
-
-def pad_boxes(boxes: list[np.ndarray], max_boxes: int | None = None) -> torch.Tensor:
-    """Stack per-image ``(N_i, 4)`` boxes into ``(B, N, 4)``, zero-padded (zero area)."""
-    n = max([len(b) for b in boxes] + [1]) if max_boxes is None else max_boxes
-    out = torch.zeros(len(boxes), n, 4)
-    for i, b in enumerate(boxes):
-        k = min(len(b), n)
-        if k:
-            out[i, :k] = torch.as_tensor(np.asarray(b[:k], np.float32))
-    return out
 
 
 @dataclass(frozen=True)
@@ -165,16 +123,17 @@ class Letterbox:
         ) / np.array([sx, sy, sx, sy], np.float32)
         return clip_boxes(out.astype(np.float32), self.source_shape, min_size=0.0)
 
-    def image_to_canvas(self, image: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """``(C, H, W)`` source image to ``(C, size, size)``: antialiased resize, then pad."""
+    def image_to_canvas(self, image: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """``(C, H, W)`` source image to ``(C, size, size)`` float32: antialiased resize, then pad."""
         resized = resize(image, self.content_shape)
         (top, left), (rows, columns) = self.offset, self.content_shape
-        canvas = image.new_full((image.shape[0], self.size, self.size), fill)
+        canvas = np.full((image.shape[0], self.size, self.size), fill, np.float32)
         canvas[:, top : top + rows, left : left + columns] = resized
         return canvas
 
-    def canvas_crop(self, canvas_map: torch.Tensor) -> torch.Tensor:
-        """The part of a ``(C, h, w)`` map over the canvas (any resolution) that covers the source image."""
+    def canvas_crop(self, canvas_map: ArrayT) -> ArrayT:
+        """The part of a ``(C, h, w)`` map over the canvas (any resolution) that covers the
+        source image (a NumPy array or a tensor: only sliced)."""
         factor = canvas_map.shape[-1] / self.size
         (top, left), (rows, columns) = self.offset, self.content_shape
         return canvas_map[
@@ -183,18 +142,58 @@ class Letterbox:
             round(left * factor) : round((left + columns) * factor),
         ]
 
-    def canvas_to_source(self, canvas_map: torch.Tensor) -> torch.Tensor:
+    def canvas_to_source(self, canvas_map: np.ndarray) -> np.ndarray:
         """``(C, h, w)`` map over the canvas (any resolution) back to ``(C, H, W)`` of the source."""
         return resize(self.canvas_crop(canvas_map), self.source_shape)
 
 
-def resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``(C, H, W)`` float image to ``shape``: bilinear, antialiased when shrinking."""
-    if not image.dtype.is_floating_point:
+def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(C, H, W)`` float image to ``shape``, float32: bilinear, antialiased when shrinking.
+
+    The one resampling of the project's images and maps: the letterbox of training (through
+    the MONAI transform) and of the node, the overlay and the heat maps. It is PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=False, antialias=shrinking)``, computed
+    the way PyTorch computes it (a separable triangle filter whose support widens with the
+    reduction, each output pixel's weights normalised to one), so that the canvases of
+    bundles trained before are the same (tests/test_geometry.py compares the two).
+    """
+    image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating):
         raise TypeError(f"resize needs a floating point image, got {image.dtype}")
-    if tuple(image.shape[-2:]) == tuple(shape):
-        return image
-    downscale = shape[0] < image.shape[-2] or shape[1] < image.shape[-1]
-    return F.interpolate(
-        image[None], size=shape, mode="bilinear", align_corners=False, antialias=downscale
-    )[0]
+    rows, columns = int(shape[0]), int(shape[1])
+    if tuple(image.shape[-2:]) == (rows, columns):
+        return image.astype(np.float32, copy=False)
+    height, width = image.shape[-2:]
+    shrinking = rows < height or columns < width
+    across = _weights(width, columns, shrinking)  # (columns, W)
+    down = _weights(height, rows, shrinking)  # (rows, H)
+    # the axis that leaves less to do for the other first (the sum of products is the same)
+    down_first = down.nnz * width + across.nnz * rows <= across.nnz * height + down.nnz * columns
+    out = np.empty((image.shape[0], rows, columns), np.float32)
+    for c, plane in enumerate(np.asarray(image, np.float32)):
+        out[c] = (across @ (down @ plane).T).T if down_first else down @ (across @ plane.T).T
+    return out
+
+
+def _weights(size: int, target: int, antialias: bool) -> csr_matrix:
+    """The ``(target, size)`` sparse matrix of one axis's resampling (PyTorch's
+    ``_upsample_bilinear2d_aa`` weights; without ``antialias``, or when enlarging, they are
+    plain bilinear interpolation's)."""
+    scale = size / target
+    widened = antialias and scale >= 1.0
+    support = scale if widened else 1.0
+    invscale = 1.0 / scale if widened else 1.0
+    centre = scale * (np.arange(target) + 0.5)
+    first = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    last = np.minimum((centre + support + 0.5).astype(np.int64), size)
+    span = int((last - first).max())
+    taps = first[:, None] + np.arange(span)[None]
+    weight = np.clip(1.0 - np.abs((taps - centre[:, None] + 0.5) * invscale), 0.0, None)
+    weight[taps >= last[:, None]] = 0.0
+    weight /= weight.sum(axis=1, keepdims=True)
+    rows = np.repeat(np.arange(target), span)
+    inside = taps.ravel() < size
+    return csr_matrix(
+        (weight.ravel()[inside].astype(np.float32), (rows[inside], taps.ravel()[inside])),
+        shape=(target, size),
+    )

@@ -25,10 +25,16 @@ from ..calibration import (
     Reliability,
     certified_point,
     fit_temperature,
-    probabilities,
     reliability,
 )
-from ..contract import Localization, ModelContract, OODGate, OperatingPoint, pneumonia_probability
+from ..contract import (
+    Localization,
+    ModelContract,
+    OODGate,
+    OperatingPoint,
+    pneumonia_probability,
+    probabilities,
+)
 from ..ood import (
     DEFAULT_DETECTOR,
     DETECTORS,
@@ -37,13 +43,13 @@ from ..ood import (
     Seen,
     certified_threshold,
     classifier_layer,
-    digest,
     fit_detector,
     needs_stages,
     observe,
     one_pass,
     penultimate,
     stage_modules,
+    write_statistics,
 )
 from .data import Resident
 
@@ -68,9 +74,9 @@ def calibrated_outputs(
     probabilities ``(N, K)`` and the out-of-distribution scores ``(N,)`` (None without a gate)."""
     if statistics is None:
         logits, _ = outputs(model, data)
-        return contract.probabilities(torch.from_numpy(logits)).numpy(), None
+        return contract.probabilities(logits), None
     seen = observed(model, data, statistics.needs_stages)
-    return contract.probabilities(seen.logits).numpy(), statistics.score(seen)
+    return contract.probabilities(seen.logits.cpu().numpy()), statistics.score(seen)
 
 
 @torch.no_grad()
@@ -305,16 +311,14 @@ def fit_gate(
 
 
 def replace_gate(root: Path, gate: OODGate, detector: Detector) -> None:
-    """Give the bundle at ``root`` another gate: its ``models/ood.pt`` and the contract's
-    ``ood`` entry (with the new file's digest). The model card is not rewritten: it still
-    describes the gate the bundle was trained with."""
+    """Give the bundle at ``root`` another gate: its ``models/ood.pt`` and ``models/ood.npz``
+    and the contract's ``ood`` entry (with the new files' digests). The model card is not
+    rewritten: it still describes the gate the bundle was trained with."""
     root = Path(root)
-    detector.save(root / "models" / "ood.pt")
+    found, arrays = write_statistics(detector, root / "models")
     meta_path = root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta["deep_pneumonia"]["ood"] = replace(
-        gate, digest=digest(root / "models" / "ood.pt")
-    ).to_json()
+    meta["deep_pneumonia"]["ood"] = replace(gate, digest=found, arrays_digest=arrays).to_json()
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 

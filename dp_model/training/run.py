@@ -19,7 +19,7 @@ from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
 from ..onnx_graph import write_onnx
-from ..ood import digest as ood_digest
+from ..ood import write_statistics
 from ..served import (
     ServedReport,
     evaluate_served,
@@ -416,8 +416,8 @@ def _write_bundle(
     normal = normal_index(dataset.classes)
     gate = fitted.ood
     if fitted.statistics is not None and gate is not None:
-        fitted.statistics.save(out / "models" / "ood.pt")
-        gate = replace(gate, digest=ood_digest(out / "models" / "ood.pt"))
+        digest, arrays = write_statistics(fitted.statistics, out / "models")
+        gate = replace(gate, digest=digest, arrays_digest=arrays)
     contract = ModelContract(
         classes=dataset.classes,
         image_size=config.data.image_size,

@@ -10,6 +10,11 @@ CAM or Grad-CAM. Lesion regions are drawn only when the contract says that sourc
 fixed prior map on held-out images; otherwise a positive result carries no regions and says
 why (:attr:`Prediction.regions_withheld`). A bundle that names no source (written before
 sources were measured) gets the former default map and no regions.
+
+Serving a bundle's ONNX graph on the CPU, nothing here imports PyTorch or MONAI: the
+canvas is letterboxed by the NumPy core that training's MONAI transform calls
+(:meth:`dp_transforms.geometry.Letterbox.image_to_canvas`), the maps are cut and the
+regions found in NumPy and SciPy, and PyTorch is loaded only where the runner runs in it.
 """
 
 from __future__ import annotations
@@ -17,21 +22,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dp_model.classifier import ClassifierBase
 from dp_model.contract import NOT_MEASURED, ModelContract
-from dp_model.explain import HEATMAP_STAGE
-from dp_model.ood import Detector
+from dp_model.gate import Arrays
 from dp_model.runner import Runner
-from dp_transforms import ChestImage, LetterboxResize, dicom_to_image, make_square_pixels
-from dp_transforms.dicom import WORKING_PIXELS
+from dp_model.sources import HEATMAP_STAGE
+from dp_transforms.dicom import WORKING_PIXELS, ChestImage, dicom_to_image
 from dp_transforms.geometry import Letterbox, resize
+from dp_transforms.io import make_square_pixels
 from pacs_node.model.prediction import Prediction
+
+if TYPE_CHECKING:
+    from dp_model.classifier import ClassifierBase
+    from dp_model.ood import Detector
 
 __all__ = ["NodePredictor", "Prediction", "Prepared", "held_bytes", "prepare", "regions"]
 
@@ -59,7 +67,7 @@ class Prepared:
         source_shape: ``(rows, columns)`` of the received image; predictions are in its pixels.
     """
 
-    canvas: torch.Tensor
+    canvas: np.ndarray
     geometry: Letterbox
     source: ChestImage
     source_shape: tuple[int, int]
@@ -94,11 +102,11 @@ def prepare(
         ImageError: the dataset holds no usable image.
     """
     decoded = dicom_to_image(dataset, name)
-    image = torch.from_numpy(make_square_pixels(decoded, max_pixels=WORKING_PIXELS).pixels)[None]
-    resizer = LetterboxResize(size)
+    image = make_square_pixels(decoded, max_pixels=WORKING_PIXELS).pixels[None]
+    geometry = Letterbox((int(image.shape[-2]), int(image.shape[-1])), size)
     shape = decoded.original_shape or decoded.shape
     return Prepared(
-        resizer(image), resizer.geometry(image), overlay_image(decoded, shape, max_side), shape
+        geometry.image_to_canvas(image), geometry, overlay_image(decoded, shape, max_side), shape
     )
 
 
@@ -108,7 +116,7 @@ def overlay_image(image: ChestImage, shape: tuple[int, int], max_side: int) -> C
     target = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
     if image.shape == target:
         return image
-    pixels = resize(torch.from_numpy(image.pixels)[None], target)[0].numpy()
+    pixels = resize(image.pixels[None], target)[0]
     spacing = (
         None
         if image.spacing is None
@@ -196,6 +204,10 @@ class NodePredictor:
 
     @property
     def model(self) -> ClassifierBase:
+        """The bundle's network in PyTorch (loaded, with PyTorch, on first use where the
+        graph serves)."""
+        from dp_model.classifier import ClassifierBase
+
         model = self.runner.model
         assert isinstance(model, ClassifierBase), (
             "a bundle's network is built from dp_model's registry"
@@ -203,12 +215,13 @@ class NodePredictor:
         return model
 
     @property
-    def statistics(self) -> Detector | None:
+    def statistics(self) -> Detector | Arrays | None:
         """The out-of-distribution detector (None: the bundle has no gate)."""
         return self.runner.statistics
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> str:
+        """The device's name (``cpu``, ``cuda:0``)."""
         return self.runner.device
 
     @property
@@ -272,7 +285,7 @@ class NodePredictor:
         """
         if not prepared:
             return []
-        outputs = self.runner.run(torch.stack([p.canvas for p in prepared]))
+        outputs = self.runner.run(np.stack([p.canvas for p in prepared]))
         if not np.isfinite(outputs.probabilities).all():
             raise ValueError("the model gave non-finite outputs")
         assert outputs.maps is not None  # the runner was asked for maps
@@ -292,12 +305,12 @@ class NodePredictor:
         self,
         prepared: Prepared,
         probabilities: np.ndarray,
-        canvas_maps: torch.Tensor,
+        canvas_maps: np.ndarray,
         ood_score: float | None,
     ) -> Prediction:
         contract = self.contract
         # The maps stay coarse (drawing resizes them); only the letterbox padding is cut away.
-        maps = prepared.geometry.canvas_crop(canvas_maps).clamp(0, 1).numpy().astype(np.float32)
+        maps = np.clip(prepared.geometry.canvas_crop(canvas_maps), 0, 1).astype(np.float32)
         draft = Prediction(
             classes=contract.output_classes,
             probabilities=probabilities,

@@ -22,7 +22,6 @@ import warnings
 
 import highdicom as hd
 import numpy as np
-import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
@@ -168,7 +167,7 @@ def _scaled(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return resize(torch.from_numpy(np.ascontiguousarray(array, np.float32))[None], shape)[0].numpy()
+    return np.asarray(resize(np.asarray(array, np.float32)[None], shape)[0])
 
 
 def name(label: str) -> str:
