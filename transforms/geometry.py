@@ -16,6 +16,7 @@ Conventions, used everywhere in the project:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -147,6 +148,10 @@ class Letterbox:
         return resize(self.canvas_crop(canvas_map), self.source_shape)
 
 
+#: Multiply-adds under which :func:`resize` enlarges by dense weights (BLAS) rather than sparse ones.
+DENSE_PRODUCTS = 100_000_000
+
+
 def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """``(C, H, W)`` float image to ``shape``, float32: bilinear, antialiased when shrinking.
 
@@ -167,14 +172,33 @@ def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     shrinking = rows < height or columns < width
     across = _weights(width, columns, shrinking)  # (columns, W)
     down = _weights(height, rows, shrinking)  # (rows, H)
+    out = np.empty((image.shape[0], rows, columns), np.float32)
+    planes = np.asarray(image, np.float32)
+    # A heat map or a canvas enlarged: dense BLAS products, 2 to 8 times faster than sparse
+    # ones there (measured on the 2-core machine); shrinking and large products stay sparse.
+    dense = rows * height * width + rows * width * columns  # (down @ plane) @ across.T
+    if not shrinking and dense <= DENSE_PRODUCTS:
+        down_dense = _dense_weights(height, rows, shrinking)
+        across_dense = _dense_weights(width, columns, shrinking)
+        for c, plane in enumerate(planes):
+            np.matmul(down_dense @ plane, across_dense.T, out=out[c])
+        return out
     # the axis that leaves less to do for the other first (the sum of products is the same)
     down_first = down.nnz * width + across.nnz * rows <= across.nnz * height + down.nnz * columns
-    out = np.empty((image.shape[0], rows, columns), np.float32)
-    for c, plane in enumerate(np.asarray(image, np.float32)):
+    for c, plane in enumerate(planes):
         out[c] = (across @ (down @ plane).T).T if down_first else down @ (across @ plane.T).T
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _dense_weights(size: int, target: int, antialias: bool) -> np.ndarray:
+    """:func:`_weights` as a dense array (read-only: it is shared)."""
+    weights = _weights(size, target, antialias).toarray()
+    weights.flags.writeable = False
+    return weights
+
+
+@functools.lru_cache(maxsize=32)
 def _weights(size: int, target: int, antialias: bool) -> csr_matrix:
     """The ``(target, size)`` sparse matrix of one axis's resampling (PyTorch's
     ``_upsample_bilinear2d_aa`` weights; without ``antialias``, or when enlarging, they are
