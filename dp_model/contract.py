@@ -504,18 +504,22 @@ def decide(
     multi_label: bool,
     threshold: float,
     triage: float | None = None,
+    *,
+    assessed: bool = True,
 ) -> Decision:
     """The one rule from one image's output probabilities to what is reported.
 
     Pneumonia is present when its probability (:func:`pneumonia_probability`) reaches
-    ``threshold``. Then the label is the most probable pneumonia class, and the findings are
+    ``threshold`` and the image was ``assessed`` (the out-of-distribution gate let it through:
+    :func:`within_gate`; an image turned away is reported with no finding, whatever its
+    probabilities). Then the label is the most probable pneumonia class, and the findings are
     the pneumonia classes present: for a multi-label model each one at the threshold, else
     the label alone. The triage flag is raised at ``triage`` (never without one).
     """
     probabilities = np.asarray(probabilities)
     p = float(pneumonia_probability(probabilities, outputs, pneumonia, multi_label))
     # NaN is never positive; the node refuses non-finite outputs before this
-    positive = p >= threshold
+    positive = assessed and p >= threshold
     # a flag on a negative report would contradict it
     flagged = positive and triage is not None and p >= triage
     ranked = sorted(
@@ -647,8 +651,11 @@ class ModelContract:
             probabilities, self.output_classes, self.pneumonia, self.multi_label
         )
 
-    def decide(self, probabilities: np.ndarray, threshold: float | None = None) -> Decision:
-        """:func:`decide` at the bundle's points (``threshold`` overrides "present")."""
+    def decide(
+        self, probabilities: np.ndarray, threshold: float | None = None, *, assessed: bool = True
+    ) -> Decision:
+        """:func:`decide` at the bundle's points (``threshold`` overrides "present") of an image
+        the gate let through (``assessed``) or turned away."""
         threshold = self.present_point.threshold if threshold is None else threshold
         triage = None if self.triage_point is None else self.triage_point.threshold
         return decide(
@@ -659,6 +666,7 @@ class ModelContract:
             self.multi_label,
             threshold,
             triage,
+            assessed=assessed,
         )
 
     @overload

@@ -177,13 +177,15 @@ class Runner:
         assert self._graph is not None
         found = self._graph.run(batch)
         scores = None
-        if isinstance(self.statistics, Arrays):
+        statistics = self.statistics
+        if statistics is not None:
+            # never a gate left unscored: every image would pass it
+            if not isinstance(statistics, Arrays):
+                raise TypeError(f"the graph's gate scores by NumPy statistics, not {statistics!r}")
             stages = (
-                tuple(found[f"stage{i}"] for i in range(1, 5))
-                if self.statistics.needs_stages
-                else ()
+                tuple(found[f"stage{i}"] for i in range(1, 5)) if statistics.needs_stages else ()
             )
-            scores = self.statistics.score(found["logits"], found["features"], stages)
+            scores = statistics.score(found["logits"], found["features"], stages)
         return Outputs(
             self.contract.probabilities(found["logits"]),
             found["maps"].astype(np.float32) if self.source is not None else None,

@@ -133,15 +133,16 @@ def proportion(hits: np.ndarray, confidence: float = CONFIDENCE) -> Proportion:
 # --- the node's rule, image by image ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Served:
-    """What the node reports for each image: arrays ``(N,)``."""
+    """What the node reports for each image: arrays ``(N,)`` (one :class:`~dp_model.contract.Decision` each)."""
 
     pneumonia_probability: np.ndarray
     assessed: np.ndarray
     positive: np.ndarray
     triage: np.ndarray
-    #: the finding the node names (the most probable pneumonia class when positive)
+    #: the finding the node names (the most probable pneumonia class when positive, the
+    #: normal class otherwise, and for an image the gate turned away)
     label: np.ndarray
 
 
@@ -160,18 +161,15 @@ def served_decisions(
     """The node's answers for calibrated ``probabilities`` ``(N, K)`` over the contract's outputs
     and out-of-distribution ``ood_scores`` ``(N,)`` (None: no gate), at the bundle's points."""
     probabilities = np.asarray(probabilities, np.float64)
-    decisions = [contract.decide(row) for row in probabilities]
     gate = admitted(ood_scores, contract)
-    assessed = np.ones(len(decisions), bool) if gate is None else gate
-    positive = assessed & np.array([d.positive for d in decisions], bool)
-    triage = assessed & np.array([d.triage for d in decisions], bool)
-    labels = np.array([d.label for d in decisions], dtype=object)
+    assessed = np.ones(len(probabilities), bool) if gate is None else gate
+    decisions = [contract.decide(row, assessed=bool(a)) for row, a in zip(probabilities, assessed)]
     return Served(
-        np.array([d.pneumonia_probability for d in decisions], np.float64),
-        assessed,
-        positive,
-        triage,
-        labels,
+        pneumonia_probability=np.array([d.pneumonia_probability for d in decisions], np.float64),
+        assessed=assessed,
+        positive=np.array([d.positive for d in decisions], bool),
+        triage=np.array([d.triage for d in decisions], bool),
+        label=np.array([d.label for d in decisions], dtype=object),
     )
 
 

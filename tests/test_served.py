@@ -119,6 +119,11 @@ def test_the_served_rule_is_the_nodes_image_by_image() -> None:
         False,
         True,
     ]
+    # the finding named: the normal class for an image the gate turned away, however probable
+    # pneumonia looked (the fourth, 0.95), in the node and in the evaluation alike
+    assert served.label.tolist() == [p.label for p in node]
+    assert served.label[3] == "normal" != ungated.label[3]
+    assert node[3].findings == [] and node[3].decision.findings == ()
 
 
 class Scripted:
@@ -141,9 +146,12 @@ def test_the_gate_gives_one_answer_in_the_node_the_served_evaluation_and_the_bun
     from dataclasses import replace
 
     from dp_model.inference import Predictor
+    from dp_model.runner import Runner
     from pacs_node.model.prediction import Prediction
 
     predictor = Predictor(str(demo_bundle))
+    # the scripted detector watches the network in PyTorch (the graph's gate is NumPy's)
+    predictor.runner = Runner(bundle=demo_bundle, engine="torch")
     threshold = predictor.contract.ood.threshold
     scores = [threshold / 2, threshold, float(np.nextafter(threshold, np.inf)), 2 * threshold]
     scores.append(float("nan"))
@@ -173,6 +181,12 @@ def test_the_gate_gives_one_answer_in_the_node_the_served_evaluation_and_the_bun
     assert gated == served == node == [True, True, False, False, False]
     ungated, served, node = answers(replace(predictor.contract, ood=None), False)
     assert ungated == served == node == [True] * len(scores)
+    # the graph's gate is NumPy's: a detector of another kind is refused, never skipped (which
+    # would let every image through)
+    graph = Runner(bundle=demo_bundle, engine="onnx")
+    graph.statistics = Scripted(scores)
+    with pytest.raises(TypeError, match="NumPy statistics"):
+        graph.run(np.zeros((1, 1, graph.contract.image_size, graph.contract.image_size)))
 
 
 def test_sensitivity_specificity_abstention_and_binary_calibration_against_hand_counts() -> None:

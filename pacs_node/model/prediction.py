@@ -68,7 +68,8 @@ class Prediction:
 
     @cached_property
     def decision(self) -> Decision:
-        """:func:`~dp_model.contract.decide` on these probabilities (computed once)."""
+        """:func:`~dp_model.contract.decide` on these probabilities and the gate's verdict
+        (computed once): what the SR, the overlay and the worklist report."""
         pneumonia = pneumonia_classes(self.pneumonia, self.classes, self.normal_class)
         return decide(
             self.probabilities,
@@ -78,6 +79,7 @@ class Prediction:
             self.multi_label,
             self.operating_point,
             self.triage_point,
+            assessed=self.assessed,
         )
 
     @property
@@ -87,16 +89,16 @@ class Prediction:
 
     @property
     def positive(self) -> bool:
-        return self.assessed and self.decision.positive
+        return self.decision.positive
 
     @property
     def triage(self) -> bool:
-        return self.assessed and self.decision.triage
+        return self.decision.triage
 
     @property
     def label(self) -> str:
-        """The most probable pneumonia class when positive, else the normal class."""
-        return self.decision.label if self.positive else self.normal_class
+        """The most probable pneumonia class when positive, else (and when not assessed) the normal class."""
+        return self.decision.label
 
     @property
     def most_probable_type(self) -> str | None:
@@ -133,4 +135,4 @@ class Prediction:
     @property
     def findings(self) -> list[tuple[str, float]]:
         """The findings reported present, most probable first."""
-        return list(self.decision.findings) if self.positive else []
+        return list(self.decision.findings)
