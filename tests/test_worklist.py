@@ -63,7 +63,6 @@ PRIORITY = "http://hl7.org/fhir/request-priority"
 #: The triage point of the bundle the node tests run: of the demo samples, sample-3
 #: (probability 1.0) is flagged, sample-1 (0.83, above the operating point 0.61) is positive
 #: but not flagged, sample-2 is negative, and chest_dataset() lies outside the distribution.
-TRIAGE_POINT = 0.9
 
 
 # --- a FHIR server on loopback ------------------------------------------------------------------
@@ -587,10 +586,43 @@ def test_a_softmax_model_names_the_most_probable_type_and_decides_none(contract,
 
 
 @pytest.fixture(scope="module")
-def triage_bundle(demo_bundle: Path, tmp_path_factory) -> Path:
-    """The demo bundle with a triage point (its own operating point kept)."""
+def ranked_samples(demo_bundle: Path) -> list[tuple[int, float]]:
+    """The demo samples' numbers and probabilities of pneumonia (by the demo model), the most
+    probable first."""
+    from pacs_node.model.predictor import NodePredictor, prepare
+
+    predictor = NodePredictor(demo_bundle, "cpu")
+    numbers = sorted(
+        int(path.stem.split("-")[1]) for path in (demo_bundle / "samples").glob("sample-*.dcm")
+    )
+    size = predictor.contract.image_size
+    found = predictor.predict(
+        [prepare(dcmread(demo_bundle / "samples" / f"sample-{n}.dcm"), size) for n in numbers]
+    )
+    return sorted(zip(numbers, (p.pneumonia_probability for p in found)), key=lambda r: -r[1])
+
+
+@pytest.fixture(scope="module")
+def top(ranked_samples: list[tuple[int, float]]) -> int:
+    """The demo sample the triage bundle flags: its most probable."""
+    return ranked_samples[0][0]
+
+
+@pytest.fixture(scope="module")
+def triage_bundle(
+    demo_bundle: Path, ranked_samples: list[tuple[int, float]], tmp_path_factory
+) -> Path:
+    """The demo bundle with a triage point (its own operating point kept) between its most
+    probable sample and the next: that one sample is flagged, whatever a training made of
+    the others (the point is never below the present point)."""
+    (_, first), (_, second) = ranked_samples[:2]
     meta = json.loads((demo_bundle / "configs" / "metadata.json").read_text())
-    points = meta["deep_pneumonia"]["operating_points"] | {"triage": {"threshold": TRIAGE_POINT}}
+    present = meta["deep_pneumonia"]["operating_points"]["present"]["threshold"]
+    triage = max(present, (first + second) / 2)
+    assert second < triage <= first, (
+        f"the two most probable demo samples are not apart: {ranked_samples}"
+    )
+    points = meta["deep_pneumonia"]["operating_points"] | {"triage": {"threshold": triage}}
     return bundle_with(
         demo_bundle, tmp_path_factory.mktemp("triage") / "bundle", operating_points=points
     )
@@ -639,11 +671,12 @@ def deliveries(node_or_path, status: str = "delivered") -> list[dict]:
 
 
 def test_a_worklist_server_gets_exactly_one_message_per_image_and_the_flagged_ones_are_urgent(
-    tmp_path: Path, triage_predictor, sample
+    tmp_path: Path, triage_predictor, sample, ranked_samples
 ) -> None:
     server = FhirServer()
-    flagged = [sample(3), sample(3)]
-    others = [sample(1), sample(2), chest_dataset()]
+    (top, _), *rest = ranked_samples
+    flagged = [sample(top), sample(top)]
+    others = [*(sample(n) for n, _ in rest), chest_dataset()]
     node = fhir_node(tmp_path, triage_predictor, server)
     try:
         images = [*flagged, *others, flagged[0]]  # the first flagged image sent twice
@@ -674,7 +707,7 @@ def test_a_worklist_server_gets_exactly_one_message_per_image_and_the_flagged_on
         assert priorities == expected
         assert sorted(map(len, expected.values())) == [0, 1, 1, 1, 1]
         assert [flag for flag in expected.values() if flag].count(["urgent"]) == 2, (
-            f"the demo samples no longer fall on both sides of the triage point {TRIAGE_POINT}"
+            "only the most probable demo sample is above the triage point"
         )
         assert len(server.of_type("Device")) == 1, "one Device for the model, created once"
     finally:
@@ -684,12 +717,12 @@ def test_a_worklist_server_gets_exactly_one_message_per_image_and_the_flagged_on
 
 @pytest.mark.parametrize("answers", [(503,), (429,), (500, 503), (408,), (404,), (401,)])
 def test_a_message_the_server_could_not_take_now_is_sent_again_and_stored_once(
-    tmp_path: Path, triage_predictor, answers: tuple[int, ...], sample
+    tmp_path: Path, triage_predictor, answers: tuple[int, ...], sample, top
 ) -> None:
     server = FhirServer(answers=answers)
     node = fhir_node(tmp_path, triage_predictor, server)
     try:
-        assert send(node.port, [sample(3)]) == [StoreStatus.SUCCESS]
+        assert send(node.port, [sample(top)]) == [StoreStatus.SUCCESS]
         wait_for(lambda: deliveries(node), 30, "the message delivered after a retry")
         assert len(server.posts) == len(answers) + 1
         assert len(server.of_type("DiagnosticReport")) == 1
@@ -704,12 +737,12 @@ def test_a_message_the_server_could_not_take_now_is_sent_again_and_stored_once(
 
 @pytest.mark.parametrize("status", [400, 409, 412, 422])
 def test_a_message_the_server_refuses_goes_to_dead_letters_at_once_with_an_audit_line(
-    tmp_path: Path, triage_predictor, status: int, sample
+    tmp_path: Path, triage_predictor, status: int, sample, top
 ) -> None:
     server = FhirServer(answers=(status,))
     node = fhir_node(tmp_path, triage_predictor, server)
     try:
-        ds = sample(3)
+        ds = sample(top)
         assert send(node.port, [ds]) == [StoreStatus.SUCCESS]
         (line,) = wait_for(lambda: deliveries(node, "dead-letter"), 30, "a dead letter")
         identity = identity_of(ds, triage_predictor.contract)
@@ -727,7 +760,7 @@ def test_a_message_the_server_refuses_goes_to_dead_letters_at_once_with_an_audit
 
 
 def test_a_message_whose_answer_never_came_is_asked_about_before_it_is_sent_again(
-    tmp_path: Path, triage_predictor, sample
+    tmp_path: Path, triage_predictor, sample, top
 ) -> None:
     """A timeout after the body left: the server may have it. The node searches by the report's
     identifier and finds it: one POST, one report."""
@@ -735,7 +768,7 @@ def test_a_message_whose_answer_never_came_is_asked_about_before_it_is_sent_agai
     server.hold.set()
     node = fhir_node(tmp_path, triage_predictor, server, network_timeout_s=1.0)
     try:
-        assert send(node.port, [sample(3)]) == [StoreStatus.SUCCESS]
+        assert send(node.port, [sample(top)]) == [StoreStatus.SUCCESS]
         wait_for(server.held.is_set, 30, "the POST held without an answer")
         server.hold.clear()
         wait_for(lambda: deliveries(node), 30, "the message delivered")
@@ -750,7 +783,7 @@ def test_a_message_whose_answer_never_came_is_asked_about_before_it_is_sent_agai
 @pytest.mark.slow
 @pytest.mark.parametrize("search", [True, False], ids=["server-searches", "server-cannot-search"])
 def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_the_node(
-    tmp_path: Path, triage_bundle: Path, search: bool, sample
+    tmp_path: Path, triage_bundle: Path, search: bool, sample, top
 ) -> None:
     """The node dies (SIGKILL) while the server has stored the transaction and not yet answered.
     Restarted on the same spool, it asks the server (search by identifier) and sends nothing
@@ -779,7 +812,7 @@ def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_th
     node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: echo_ok(port), 60, "the node to answer C-ECHO")
-        ds = sample(3)
+        ds = sample(top)
         assert send(port, [ds]) == [StoreStatus.SUCCESS]
         wait_for(server.held.is_set, 30, "the transaction stored and its answer held")
         node.kill()  # SIGKILL: the answer never reaches the node
