@@ -1,4 +1,5 @@
-"""pynetdicom's two association loops made to wait for work instead of polling every millisecond.
+"""pynetdicom's two association loops made to wait for work instead of polling every millisecond,
+and its association sockets made to send and acknowledge without delay.
 
 pynetdicom 3.0 runs two threads per association, each in a loop that sleeps 1 ms and then
 looks for work: ``DULServiceProvider.run_reactor`` (a primitive to send, data on the socket, an
@@ -21,6 +22,14 @@ exactly what pynetdicom's do, in the same order:
   by :data:`MAX_WAIT_S`. While it waits it counts as paused (``_is_paused``): it touches no
   DIMSE or ACSE state, so ``send_c_store()`` and ``release()`` need not wait for it to wake.
 
+The module also has the node's association sockets (:class:`PromptSocket`, built by
+:class:`PromptAE` for the node's own associations and the base of the listener's socket): each
+PDU leaves when written (TCP_NODELAY) and each read is acknowledged at once (TCP_QUICKACK).
+pynetdicom writes a C-STORE as two PDUs and leaves Nagle's algorithm on; a peer that does the
+same (dcmtk's storescu and storescp by default) holds its second write until the first is
+acknowledged, which Linux delays up to 40 ms while nothing goes back: one 40 ms stall per
+message each way, whatever the loops do.
+
 Nothing a peer sees changes: the same state machine runs the same events; only the idle waits
 between them differ. The patch is pinned to pynetdicom 3.0.x, whose loops it restates:
 :func:`install` refuses any other version (pynetdicom's own loops then run, as before), and an
@@ -42,11 +51,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pynetdicom
+from pynetdicom import AE
 from pynetdicom.association import LOGGER as _ASSOC_LOGGER
 from pynetdicom.association import Association
 from pynetdicom.dul import LOGGER as _DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 logger = logging.getLogger(__name__)
 
@@ -328,3 +339,52 @@ def uninstall() -> None:
         else:
             setattr(cls, name, original)
     _originals.clear()
+
+
+def _set_option(sock: socket.socket | None, option: int) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):  # closed, or not TCP
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+
+
+#: Linux only; elsewhere reads are acknowledged as the system decides.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+class PromptSocket(AssociationSocket):
+    """pynetdicom's association socket, sending each PDU when written and acknowledging each read at once.
+
+    TCP_NODELAY is set on a socket this class creates (an association the node requests); the
+    listener sets it on the sockets it accepts. TCP_QUICKACK is not kept by Linux once set, so
+    it is set again after every read.
+    """
+
+    def _create_socket(self, address: AddressInformation) -> socket.socket:
+        sock = super()._create_socket(address)
+        _set_option(sock, socket.TCP_NODELAY)
+        return sock
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        data = super().recv(nr_bytes)
+        self.ack_now()
+        return data
+
+    def ack_now(self) -> None:
+        """Acknowledge what was read without waiting for data to go back with the ACK."""
+        if _QUICKACK is not None:
+            _set_option(self.socket, _QUICKACK)
+
+
+class PromptAE(AE):
+    """pynetdicom's application entity whose requested associations use :class:`PromptSocket`."""
+
+    def _create_socket(
+        self,
+        assoc: Association,
+        address: AddressInformation,
+        tls_args: tuple[ssl.SSLContext, str] | None,
+    ) -> AssociationSocket:
+        # As pynetdicom 3.0's ApplicationEntity._create_socket, with the class changed.
+        sock = PromptSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
