@@ -40,6 +40,7 @@ start (:meth:`pacs_node.node.Node.start`); importing this module changes nothing
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import select
@@ -148,13 +149,11 @@ def _association_init(self: Association, *args: Any, **kwargs: Any) -> None:
     _originals[Association, "__init__"](self, *args, **kwargs)
     activity = threading.Event()
     dul = self.dul
-    wakeup = _Wakeup()
     # Nothing has been put on these yet: the association's threads start later.
-    dul.event_queue = _SignallingQueue(wakeup.signal)
-    dul.to_provider_queue = _SignallingQueue(wakeup.signal)
+    dul.event_queue = _SignallingQueue(functools.partial(_wake_dul, dul))
+    dul.to_provider_queue = _SignallingQueue(functools.partial(_wake_dul, dul))
     dul.to_user_queue = _SignallingQueue(activity.set)
     self.dimse.msg_queue = _SignallingQueue(activity.set)
-    dul.__dict__["_dp_wakeup"] = wakeup
     self.__dict__["_dp_activity"] = activity
 
 
@@ -167,10 +166,13 @@ def _timer_wait(timer: Any, bound: float) -> float:
 
 def _dul_run_reactor(self: DULServiceProvider) -> None:
     """``DULServiceProvider.run_reactor`` of pynetdicom 3.0.4, its sleep replaced by :meth:`_Wakeup.wait`."""
-    wakeup: _Wakeup | None = self.__dict__.get("_dp_wakeup")
-    if wakeup is None:  # built before install()
+    if not isinstance(self.event_queue, _SignallingQueue):  # built before install()
         _originals[DULServiceProvider, "run_reactor"](self)
         return
+    # Made here, not with the association: its sockets live only while the loop runs. A put
+    # before this line signals nothing and needs not: the loop looks before its first wait.
+    wakeup = _Wakeup()
+    self.__dict__["_dp_wakeup"] = wakeup
     try:
         _dul_loop(self, wakeup)
     finally:

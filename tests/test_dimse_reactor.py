@@ -234,7 +234,7 @@ def test_importing_the_node_changes_nothing(unpatched: None) -> None:
     import pacs_node.node  # noqa: F401 - the import is the test
 
     assert not dimse_reactor.installed()
-    assert "_dp_wakeup" not in vars(DULServiceProvider)
+    assert "_kill_thread" not in vars(DULServiceProvider)  # the waking flag
     assert Association._run_reactor.__module__ == "pynetdicom.association"
 
 
