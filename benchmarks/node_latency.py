@@ -17,7 +17,9 @@ with its own SOP Instance UID) with dcmtk's ``storescu``. It prints:
   image before it answers, storescp does not: the write-and-fsync time of one such file on
   the spool's disk is measured in the same run and the rate it allows printed beside it);
 * start to listening and the memory held before the first image (targets 3 s, 450 MB);
-* peak resident memory of the node process (target at most 1,000 MB).
+* peak resident memory of the node process (target at most 1,000 MB);
+* the node's CPU: milliseconds (user + system, all threads) per image in the throughput
+  run and in the latency run, and its share of one core while idle, alone and with 4 associations held open.
 """
 
 from __future__ import annotations
@@ -131,6 +133,36 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_percent(pid: int, seconds: float = 3.0) -> float:
+    """The share of one core the process uses over ``seconds`` with nothing sent to it."""
+    before = cpu_s(pid)
+    time.sleep(seconds)
+    return 100 * (cpu_s(pid) - before) / seconds
+
+
+def idle_associations_cpu_percent(pid: int, port: int, count: int) -> float:
+    """:func:`idle_cpu_percent` while ``count`` associations to the node stay open, unused."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title="DPNODE") for _ in range(count)]
+    try:
+        assert all(assoc.is_established for assoc in held), "the node refused an association"
+        time.sleep(0.5)
+        return idle_cpu_percent(pid)
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
 def processed(audit: Path) -> int:
     """Images the node has finished (their audit line says processed)."""
     try:
@@ -241,7 +273,13 @@ def main() -> int:
             "warm-up results",
         )
 
+        figures["idle_cpu_percent"] = idle_cpu_percent(node.pid)
+        figures["idle_4_associations_cpu_percent"] = idle_associations_cpu_percent(
+            node.pid, node_port, 4
+        )
+
         latencies = []
+        cpu_before = cpu_s(node.pid)
         for path in copies(rg1, work / "latency", args.latency_images):
             sr = identity(path).sr_uid
             start = time.perf_counter()
@@ -249,6 +287,9 @@ def main() -> int:
             wait(lambda sr=sr: arrived(work / "destination", {sr}), 60, "an SR")
             latencies.append(time.perf_counter() - start)
             time.sleep(max(0.0, 1.0 - latencies[-1]))  # one image per second
+        figures["cpu_ms_per_image_one_at_a_time"] = (
+            1000 * (cpu_s(node.pid) - cpu_before) / args.latency_images
+        )
         latencies.sort()
         figures["latency_p50_s"] = statistics.median(latencies)
         figures["latency_p95_s"] = latencies[int(0.95 * (len(latencies) - 1))]
@@ -259,12 +300,14 @@ def main() -> int:
         start = time.perf_counter()
         audit = work / "spool" / "audit.jsonl"
         before = processed(audit)
+        cpu_before = cpu_s(node.pid)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: storescu(node_port, batch[i::4], "DPNODE"), range(4)))
         # the last image processed, then the last result at the destination: the outbox's lag
         wait(lambda: processed(audit) >= before + len(batch), 1200, "every image processed", 0.02)
         last_processed = time.perf_counter()
         wait(lambda: arrived(work / "destination", wanted), 1200, "every throughput result", 0.02)
+        figures["cpu_ms_per_image"] = 1000 * (cpu_s(node.pid) - cpu_before) / len(batch)
         figures["throughput_images_per_s"] = len(batch) / (time.perf_counter() - start)
         figures["outbox_drain_s"] = time.perf_counter() - last_processed
 
@@ -299,6 +342,7 @@ def main() -> int:
         f"    write + fsync of one RG1-sized file on the spool's disk: {f['fsync_floor_ms']:.1f} ms; storescp's rate plus that per image: {floor:.1f}/s, ratio {floor / f['storescp_receive_images_per_s']:.2f} (the most one association allows while acknowledging only what is on disk)",
         f"  start to listening: {f['start_to_listening_s']:.2f} s  (target <= 3 s); idle before the first image {f['idle_rss_mb']:.0f} MB  (target <= 450 MB)",
         f"  node peak resident memory: {f['node_peak_rss_mb']:.0f} MB  (target <= 1000 MB)",
+        f"  node CPU: {f['cpu_ms_per_image']:.0f} ms per image in the throughput run, {f['cpu_ms_per_image_one_at_a_time']:.0f} ms in the latency run (one a second, the idle second included); idle {f['idle_cpu_percent']:.1f} % of a core, {f['idle_4_associations_cpu_percent']:.1f} % with 4 associations open",
     ]
     print("\n".join(lines))
     if args.json:

@@ -23,7 +23,7 @@ import ssl
 import threading
 from pathlib import Path
 
-from pacs_node import logs
+from pacs_node import dimse_reactor, logs
 from pacs_node.audit import AuditLog, safe_uid
 from pacs_node.config import Destination, NodeConfig, WebDestination, is_loopback
 from pacs_node.delivery.outbox import DestinationSender
@@ -132,6 +132,7 @@ class Node:
 
     def start(self) -> None:
         """Re-queue the spool, start the worker, senders, supervisor, metrics endpoint and the listener."""
+        dimse_reactor.install()  # associations wait for work instead of polling (before any is built)
         self.supervisor.prune()
         self.pipeline.resume()
         self._protocol.listeners.append(self._protocol_error)

@@ -12,7 +12,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated into the module at import, invisible to a checker
     Comprehensive3DSRStorage,
@@ -24,6 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated in
 
 from pacs_node.config import Destination
 from pacs_node.delivery.transport import STORED, Outcome, Status, Unreachable
+from pacs_node.dimse_reactor import PromptAE
 from pacs_node.logs import describe
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR, in_sop_class
 
@@ -65,7 +65,7 @@ class CStoreTransport:
         timeout_s: float,
     ) -> None:
         self.destination, self.tls = destination, tls
-        self._ae = AE(ae_title=calling_ae)
+        self._ae = PromptAE(ae_title=calling_ae)  # no 40 ms stall per C-STORE (dimse_reactor)
         self._opening = threading.Lock()
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(self._ae, timeout, timeout_s)

@@ -92,6 +92,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog, Bursts, safe_uid
 from pacs_node.config import NodeConfig
+from pacs_node.dimse_reactor import PromptSocket
 from pacs_node.files import atomic_file, is_transient
 from pacs_node.intake.spool import Receipt, Spool
 from pacs_node.logs import Throttle, describe
@@ -442,8 +443,8 @@ def cut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class BoundedSocket(AssociationSocket):
-    """pynetdicom's association socket, refusing to read a PDU larger than :data:`MAX_PDU_BYTES`,
+class BoundedSocket(PromptSocket):
+    """The node's association socket (acknowledging at once), refusing to read a PDU larger than :data:`MAX_PDU_BYTES`,
     and giving every read a deadline.
 
     pynetdicom reads a PDU's header, then its body, each with a blocking loop whose socket
@@ -464,9 +465,11 @@ class BoundedSocket(AssociationSocket):
             return bytearray()  # read as a connection closed before the PDU was complete
         if self.grace_s is None or self.socket is None:
             return super().recv(nr_bytes)
-        return self._recv_by(
+        data = self._recv_by(
             self.socket, nr_bytes, time.monotonic() + self.grace_s + nr_bytes / self.bytes_per_s
         )
+        self.ack_now()  # a sender with Nagle's algorithm on need not wait 40 ms for our ACK
+        return data
 
     def _recv_by(self, sock: socket.socket, nr_bytes: int, deadline: float) -> bytearray:
         data = bytearray()
@@ -518,6 +521,8 @@ class GuardedServer(ThreadedAssociationServer):
         # A partial PDU must not block a reader for ever (an accepted socket blocks by default).
         # The sweeper cuts a slow negotiation at handshake_timeout_s; this is the backstop.
         client.settimeout(2 * self.listener.config.handshake_timeout_s)
+        # Each PDU leaves when written, as on the node's own associations (dimse_reactor.PromptSocket).
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False

@@ -1,0 +1,263 @@
+"""pacs_node.dimse_reactor: pynetdicom's association loops wait for work instead of polling,
+and an association still stores, releases, aborts and times out as with pynetdicom's own loops."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pynetdicom
+import pytest
+from node_support import StoreSCP
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+
+from pacs_node import dimse_reactor
+
+IDLE_S = 2.0
+
+
+@pytest.fixture
+def patched() -> Iterator[None]:
+    was = dimse_reactor.installed()
+    assert dimse_reactor.install()
+    yield
+    if not was:
+        dimse_reactor.uninstall()
+
+
+@pytest.fixture
+def unpatched() -> Iterator[None]:
+    was = dimse_reactor.installed()
+    dimse_reactor.uninstall()
+    yield
+    if was:
+        dimse_reactor.install()
+
+
+def server(
+    network_timeout: float | None = 60, acse_timeout: float = 30
+) -> tuple[AE, object, int, list[str]]:
+    """An SCP of Verification and Secondary Capture on a free port; the events it saw."""
+    seen: list[str] = []
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    ae.network_timeout = network_timeout
+    ae.acse_timeout = acse_timeout
+
+    def store(event: evt.Event) -> int:
+        seen.append("stored " + event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    handlers = [
+        (evt.EVT_C_STORE, store),
+        (evt.EVT_RELEASED, lambda event: seen.append("released")),
+        (evt.EVT_ABORTED, lambda event: seen.append("aborted")),
+        (evt.EVT_CONN_CLOSE, lambda event: seen.append("closed")),
+    ]
+    scp = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    return ae, scp, scp.server_address[1], seen
+
+
+def associate(port: int) -> Association:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+    assert assoc.is_established
+    return assoc
+
+
+def until(predicate, timeout: float) -> float:
+    """Seconds until ``predicate()`` held; fails past ``timeout``."""
+    start = time.perf_counter()
+    while not predicate():
+        assert time.perf_counter() - start < timeout, "not within the time allowed"
+        time.sleep(0.005)
+    return time.perf_counter() - start
+
+
+def secondary_capture() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "Test^Reactor"
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(64 * 64)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def idle_cpu_s() -> float:
+    """This process's CPU seconds while one association (both ends in this process) sits idle."""
+    _, scp, port, _ = server()
+    try:
+        assoc = associate(port)
+        time.sleep(0.2)  # negotiation's work is done
+        before = time.process_time()
+        time.sleep(IDLE_S)
+        used = time.process_time() - before
+        assoc.release()
+        return used
+    finally:
+        scp.shutdown()
+
+
+def test_an_idle_association_costs_a_fraction_of_pynetdicoms_polling() -> None:
+    """Measured against pynetdicom's own loops in the same test, on the same machine."""
+    was = dimse_reactor.installed()
+    dimse_reactor.uninstall()
+    try:
+        polling = idle_cpu_s()
+        assert dimse_reactor.install()
+        waiting = idle_cpu_s()
+    finally:
+        if not was:
+            dimse_reactor.uninstall()
+    assert waiting < 0.25 * polling, (waiting, polling)
+
+
+def test_the_dul_loop_wakes_a_few_times_a_second_when_idle(patched: None) -> None:
+    _, scp, port, _ = server()
+    try:
+        assoc = associate(port)
+        wakeup = assoc.dul.__dict__["_dp_wakeup"]
+        before = wakeup.count
+        time.sleep(IDLE_S)
+        woke = wakeup.count - before
+        assoc.release()
+    finally:
+        scp.shutdown()
+    # pynetdicom's loop: one wake-up a millisecond, 2000 here
+    assert woke <= 2 * IDLE_S / dimse_reactor.MAX_WAIT_S, woke
+
+
+def test_stores_echoes_and_releases_without_waiting_for_a_timeout(patched: None) -> None:
+    """A signal missed anywhere would cost MAX_WAIT_S per message: 40 of them, 4 s."""
+    _, scp, port, seen = server()
+    try:
+        assoc = associate(port)
+        datasets = [secondary_capture() for _ in range(20)]
+        start = time.perf_counter()
+        for ds in datasets:
+            assert assoc.send_c_echo().Status == 0x0000
+            assert assoc.send_c_store(ds).Status == 0x0000
+        took = time.perf_counter() - start
+        released = time.perf_counter()
+        assoc.release()
+        assert assoc.is_released
+        release_s = time.perf_counter() - released
+        until(lambda: "released" in seen, 2)
+    finally:
+        scp.shutdown()
+    assert [s for s in seen if s.startswith("stored")] == [
+        "stored " + ds.SOPInstanceUID for ds in datasets
+    ]
+    assert took < 20 * dimse_reactor.MAX_WAIT_S, took
+    assert release_s < dimse_reactor.MAX_WAIT_S, release_s
+
+
+def test_an_abort_reaches_the_peer_at_once(patched: None) -> None:
+    _, scp, port, seen = server()
+    try:
+        assoc = associate(port)
+        assoc.abort()
+        assert assoc.is_aborted
+        assert until(lambda: "aborted" in seen, 2) < dimse_reactor.MAX_WAIT_S
+    finally:
+        scp.shutdown()
+
+
+def test_network_timeout_still_ends_an_idle_association(patched: None) -> None:
+    _, scp, port, seen = server(network_timeout=0.5)
+    try:
+        assoc = associate(port)
+        took = until(lambda: "aborted" in seen and not assoc.is_established, 3)
+        assert 0.4 < took < 1.5, took
+    finally:
+        scp.shutdown()
+
+
+def test_artim_timer_still_closes_a_connection_that_never_asks(patched: None) -> None:
+    """The acceptor's ARTIM timer (acse_timeout) runs from the connection to the A-ASSOCIATE-RQ."""
+    _, scp, port, _ = server(acse_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            start = time.perf_counter()
+            assert raw.recv(1) == b""  # closed by the node
+            took = time.perf_counter() - start
+        assert 0.4 < took < 1.5, took
+    finally:
+        scp.shutdown()
+
+
+def test_associations_built_before_install_keep_pynetdicoms_loops(unpatched: None) -> None:
+    _, scp, port, seen = server()
+    try:
+        assoc = associate(port)  # built, and running, with pynetdicom's loops
+        assert dimse_reactor.install()
+        try:
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+            assert assoc.is_released
+        finally:
+            dimse_reactor.uninstall()
+    finally:
+        scp.shutdown()
+
+
+def test_install_refuses_another_pynetdicom(
+    unpatched: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    before = (Association._run_reactor, DULServiceProvider.run_reactor)
+    assert dimse_reactor.install() is False
+    assert not dimse_reactor.installed()
+    assert (Association._run_reactor, DULServiceProvider.run_reactor) == before
+
+
+def test_importing_the_node_changes_nothing(unpatched: None) -> None:
+    import pacs_node.node  # noqa: F401 - the import is the test
+
+    assert not dimse_reactor.installed()
+    assert "_kill_thread" not in vars(DULServiceProvider)  # the waking flag
+    assert Association._run_reactor.__module__ == "pynetdicom.association"
+
+
+def c_store_seconds(ae: AE, port: int, count: int = 20) -> float:
+    """Seconds per C-STORE of a small object over one association from ``ae``."""
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RESULTS")
+    assert assoc.is_established
+    try:
+        datasets = [secondary_capture() for _ in range(count)]
+        start = time.perf_counter()
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        return (time.perf_counter() - start) / count
+    finally:
+        assoc.release()
+
+
+def test_a_c_store_to_a_peer_with_nagle_on_waits_for_no_delayed_ack(
+    patched: None, tmp_path: Path
+) -> None:
+    """dcmtk's storescp leaves Nagle's algorithm on, as pynetdicom does: with pynetdicom's
+    socket each C-STORE waits for two delayed ACKs (about 90 ms here), with PromptSocket none."""
+    with StoreSCP(tmp_path / "scp") as scp:
+        prompt = c_store_seconds(dimse_reactor.PromptAE(ae_title="SCU"), scp.port)
+    assert prompt < 0.02, prompt
