@@ -108,10 +108,14 @@ class _Wakeup:
         except (OSError, ValueError):
             time.sleep(0.001)  # a socket closed under us: pynetdicom's loop finds out, as before
         self.count += 1
-        self._pending = False  # before draining: a signal after this line writes a new byte
         with contextlib.suppress(OSError):
             while self._reader.recv(4096):
                 pass
+        # After draining, never before: a byte written between the two would be drained while
+        # _pending stayed set, and every later signal would be dropped until the backstop
+        # wait. A signal dropped here needs no byte: its item was put before it, and the loop
+        # reads the queues after this wait.
+        self._pending = False
 
     def close(self) -> None:
         self._pending = True  # no more writes

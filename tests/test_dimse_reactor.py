@@ -4,6 +4,7 @@ and an association still stores, releases, aborts and times out as with pynetdic
 from __future__ import annotations
 
 import socket
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,8 +147,16 @@ def test_the_dul_loop_wakes_a_few_times_a_second_when_idle(patched: None) -> Non
     assert woke <= 2 * IDLE_S / dimse_reactor.MAX_WAIT_S, woke
 
 
-def test_stores_echoes_and_releases_without_waiting_for_a_timeout(patched: None) -> None:
-    """A signal missed anywhere would cost MAX_WAIT_S per message: 40 of them, 4 s."""
+#: The backstop wait of the tests that look for a missed signal: long, so that one missed
+#: signal shows however loaded the machine is.
+SLOW_BACKSTOP_S = 2.0
+
+
+def test_stores_echoes_and_releases_without_waiting_for_a_timeout(
+    patched: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal missed anywhere would cost the backstop wait (SLOW_BACKSTOP_S) at least once."""
+    monkeypatch.setattr(dimse_reactor, "MAX_WAIT_S", SLOW_BACKSTOP_S)
     _, scp, port, seen = server()
     try:
         assoc = associate(port)
@@ -167,17 +176,18 @@ def test_stores_echoes_and_releases_without_waiting_for_a_timeout(patched: None)
     assert [s for s in seen if s.startswith("stored")] == [
         "stored " + ds.SOPInstanceUID for ds in datasets
     ]
-    assert took < 20 * dimse_reactor.MAX_WAIT_S, took
-    assert release_s < dimse_reactor.MAX_WAIT_S, release_s
+    assert took < SLOW_BACKSTOP_S, took
+    assert release_s < SLOW_BACKSTOP_S / 2, release_s
 
 
-def test_an_abort_reaches_the_peer_at_once(patched: None) -> None:
+def test_an_abort_reaches_the_peer_at_once(patched: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dimse_reactor, "MAX_WAIT_S", SLOW_BACKSTOP_S)
     _, scp, port, seen = server()
     try:
         assoc = associate(port)
         assoc.abort()
         assert assoc.is_aborted
-        assert until(lambda: "aborted" in seen, 2) < dimse_reactor.MAX_WAIT_S
+        assert until(lambda: "aborted" in seen, 2 * SLOW_BACKSTOP_S) < SLOW_BACKSTOP_S / 2
     finally:
         scp.shutdown()
 
@@ -239,16 +249,19 @@ def test_importing_the_node_changes_nothing(unpatched: None) -> None:
 
 
 def c_store_seconds(ae: AE, port: int, count: int = 20) -> float:
-    """Seconds per C-STORE of a small object over one association from ``ae``."""
+    """The median seconds of a C-STORE of a small object over one association from ``ae``
+    (the median: a moment of load on a shared machine moves it little)."""
     ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="RESULTS")
     assert assoc.is_established
     try:
         datasets = [secondary_capture() for _ in range(count)]
-        start = time.perf_counter()
+        seconds = []
         for ds in datasets:
+            start = time.perf_counter()
             assert assoc.send_c_store(ds).Status == 0x0000
-        return (time.perf_counter() - start) / count
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
     finally:
         assoc.release()
 
@@ -260,4 +273,5 @@ def test_a_c_store_to_a_peer_with_nagle_on_waits_for_no_delayed_ack(
     socket each C-STORE waits for two delayed ACKs (about 90 ms here), with PromptSocket none."""
     with StoreSCP(tmp_path / "scp") as scp:
         prompt = c_store_seconds(dimse_reactor.PromptAE(ae_title="SCU"), scp.port)
-    assert prompt < 0.02, prompt
+    # one delayed ACK alone is 40 ms (Linux's minimum): a median under it has none
+    assert prompt < 0.035, prompt
