@@ -451,15 +451,15 @@ class _Stored:
         return scored(self.arrays, seen)
 
     @classmethod
-    def _state(cls, path: Path) -> dict[str, Tensor]:
+    def _state(cls, path: Path, features: int | None = None) -> dict[str, Tensor]:
+        """The saved statistics, checked by the NumPy detector's checks
+        (:meth:`dp_model.gate.Arrays.checked`: one set of checks for both forms)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
         ):
             raise ValueError("not a dict of named tensors")
-        for value in state.values():
-            if not torch.isfinite(value.float()).all():
-                raise ValueError("non-finite values")
+        Arrays.checked(cls.kind, {name: _numpy(value) for name, value in state.items()}, features)
         return state
 
 
@@ -469,13 +469,6 @@ def _moved(value, device):
     if isinstance(value, tuple):
         return tuple(v.to(device) for v in value)
     return value
-
-
-def _required(state: dict[str, Tensor], *keys: str) -> list[Tensor]:
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"no {', '.join(repr(k) for k in missing)} in the statistics")
-    return [state[k] for k in keys]
 
 
 @dataclass(frozen=True)
@@ -533,13 +526,9 @@ class RelativeMahalanobis(_Stored):
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> RelativeMahalanobis:
-        means, precision, centre, background = _required(
-            cls._state(path), "means", "precision", "background_mean", "background_precision"
-        )
-        return cls(
-            *_checked_gaussian(means, precision, features),
-            *_checked_gaussian(centre, background, features),
-        )
+        state = cls._state(path, features)
+        names = ("means", "precision", "background_mean", "background_precision")
+        return cls(*(state[name].float() for name in names))
 
 
 @dataclass(frozen=True)
@@ -585,20 +574,11 @@ class MultiLayerMahalanobis(_Stored):
     def load(cls, path: Path, features: int | None = None) -> MultiLayerMahalanobis:
         state = cls._state(path)
         count = sum(1 for k in state if k.startswith("means."))
-        if count == 0:
-            raise ValueError("no stage statistics")
-        gaussians = [
-            _checked_gaussian(*_required(state, f"means.{i}", f"precision.{i}"), None)
-            for i in range(count)
-        ]
-        centre, spread = _required(state, "centre", "spread")
-        if centre.shape != (count,) or spread.shape != (count,) or not (spread > 0).all():
-            raise ValueError(f"centre and spread must be {count} numbers, spread above 0")
         return cls(
-            tuple(g[0] for g in gaussians),
-            tuple(g[1] for g in gaussians),
-            centre.float(),
-            spread.float(),
+            tuple(state[f"means.{i}"].float() for i in range(count)),
+            tuple(state[f"precision.{i}"].float() for i in range(count)),
+            state["centre"].float(),
+            state["spread"].float(),
         )
 
 
@@ -620,14 +600,8 @@ class NearestNeighbour(_Stored):
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> NearestNeighbour:
-        bank, k = _required(cls._state(path), "bank", "k")
-        if bank.ndim != 2 or (features is not None and bank.shape[1] != features):
-            raise ValueError(
-                f"a bank of shape {tuple(bank.shape)} does not fit {features} features"
-            )
-        if not 1 <= int(k) <= len(bank):
-            raise ValueError(f"k {int(k)} outside [1, {len(bank)}]")
-        return cls(bank.float(), int(k))
+        state = cls._state(path, features)
+        return cls(state["bank"].float(), int(state["k"]))
 
 
 def _normalised(features: Tensor) -> Tensor:
@@ -681,17 +655,8 @@ class VirtualLogit(_Stored):
 
     @classmethod
     def load(cls, path: Path, features: int | None = None) -> VirtualLogit:
-        origin, residual, alpha = _required(cls._state(path), "origin", "residual", "alpha")
-        if (
-            origin.ndim != 1
-            or residual.ndim != 2
-            or residual.shape[0] != len(origin)
-            or (features is not None and len(origin) != features)
-        ):
-            raise ValueError(
-                f"shapes do not fit: origin {tuple(origin.shape)}, residual basis {tuple(residual.shape)}"
-            )
-        return cls(origin.float(), residual.float(), float(alpha))
+        state = cls._state(path, features)
+        return cls(state["origin"].float(), state["residual"].float(), float(state["alpha"]))
 
 
 _CLASSES = {
