@@ -200,17 +200,31 @@ class DeepPneumoniaNet(ClassifierBase):
 
 
 class BaselineNet(ClassifierBase):
-    """A torchvision classifier for one-channel images, trained from scratch (the paper's
-    Table II baselines, and any other torchvision classifier).
+    """A torchvision classification model built by name, without pre-trained weights, for
+    one-channel images in [0, 1] (normalised like the other networks' inputs); the paper's
+    Table II baselines (ResNet-50, VGG16) and DenseNet-121 are its registry entries.
 
-    The first convolution is replaced by a one-channel one of the same shape, under the same
-    name, so that the state dict keeps torchvision's parameter names.
+    torchvision builds the model with ``num_classes`` outputs; then the first ``nn.Conv2d`` in
+    module order (the stem, in torchvision's classifiers) is replaced by a new one-channel one
+    with the same output channels, kernel size, stride, padding and bias, under the same name,
+    so that the state dict keeps torchvision's parameter names.
+
+    Not every torchvision classifier fits: its ``forward`` must return the logits in training
+    too (GoogLeNet and Inception v3 add auxiliary outputs), take the training image size (the
+    vision transformers and MaxViT take 224 pixels only) and end in an ``nn.Linear``
+    (:attr:`classifier_layer`; SqueezeNet ends in a convolution).
 
     Args:
-        architecture: the torchvision model's name ("resnet50", "vgg16", "densenet121", ...).
+        architecture: a name of ``torchvision.models.list_models(torchvision.models)``
+            ("resnet50", "vgg16", "densenet121", ...).
         num_classes: number of classes.
-        cam_layer: dotted name of the module Grad-CAM looks at: the last convolutional stage.
-        cam_exact: the logits are one linear layer over the global average of ``cam_layer``.
+        cam_layer: dotted name of the module Grad-CAM looks at, whose output is a
+            ``(B, C, h, w)`` feature map: the last convolutional stage ("layer4" of a ResNet,
+            "features" of a DenseNet or an EfficientNet). Not checked here; the network tests
+            draw Grad-CAM at each registry entry's.
+        cam_exact: declares that the logits are one linear layer over the global average of
+            ``cam_layer``'s output, so that CAM is offered. Not checked here; the network
+            tests compare CAM with Grad-CAM for each registry entry that declares it.
     """
 
     def __init__(
@@ -247,12 +261,13 @@ class BaselineNet(ClassifierBase):
 
     @property
     def classifier_layer(self) -> nn.Linear:
-        """The last linear layer: its input (one row per image) is the penultimate representation."""
+        """The last ``nn.Linear`` in module order, which gives the logits: its input (one row
+        per image) is the penultimate representation."""
         return [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
 
     @property
     def cam_layer(self) -> nn.Module:
-        """Where Grad-CAM looks: the last convolutional stage."""
+        """Where Grad-CAM looks: the module that ``cam_layer`` names."""
         return self.net.get_submodule(self._cam_layer)
 
 
