@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import STAGE_CHANNELS, STAGES, Normalize, pooled, resnet18, stem
-from .classifier import ClassifierBase
+from .backbones import STAGE_CHANNELS, Normalize, pooled, resnet18, stem
+from .classifier import STAGE_NAMES, ClassifierBase
 
 # named by the configs of bundles written before 2026-12-01
 from .registry import build_network as build_network
@@ -104,7 +104,9 @@ class DeepPneumoniaNet(ClassifierBase):
         self.normalize = Normalize()
         self.backbone = resnet18(in_channels, num_classes)
         self.attention_stages = stages
-        self.heads = nn.ModuleDict({STAGES[s - 1]: MGACRHead(attention_kernel) for s in stages})
+        self.heads = nn.ModuleDict(
+            {STAGE_NAMES[s - 1]: MGACRHead(attention_kernel) for s in stages}
+        )
         self.lesion_stage = int(lesion_stage)
         self.lesion_head = (
             nn.Conv2d(STAGE_CHANNELS[lesion_stage - 1], 1, 1) if lesion_stage else None
@@ -134,7 +136,7 @@ class DeepPneumoniaNet(ClassifierBase):
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """Outputs of the four residual stages."""
         out, features = stem(self.backbone, self.normalize(x)), []
-        for name in STAGES:
+        for name in STAGE_NAMES:
             out = getattr(self.backbone, name)(out)
             features.append(out)
         return features
@@ -144,12 +146,12 @@ class DeepPneumoniaNet(ClassifierBase):
         features = self.stage_features(x)
         logits = self.backbone.fc(pooled(self.backbone, features[-1]))
         outputs = []
-        for name, stage in zip(STAGES, features):
+        for name, stage in zip(STAGE_NAMES, features):
             if name in self.heads:
                 map_pos, map_neg = self.heads[name](stage)
                 lesion = (
                     self.lesion_head(stage)
-                    if self.lesion_head is not None and name == STAGES[self.lesion_stage - 1]
+                    if self.lesion_head is not None and name == STAGE_NAMES[self.lesion_stage - 1]
                     else None
                 )
                 outputs.append(StageOutput(stage, map_pos, map_neg, name, lesion))
@@ -182,7 +184,7 @@ class DeepPneumoniaNet(ClassifierBase):
                 f"stage {stage} has no attention head; heads are on {list(self.attention_stages)}"
             )
         features = self.stage_features(x)[stage - 1]
-        map_pos, _ = self.heads[STAGES[stage - 1]](features)
+        map_pos, _ = self.heads[STAGE_NAMES[stage - 1]](features)
         return F.interpolate(map_pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
@@ -335,7 +337,7 @@ class AttentionResNet50(ClassifierBase):
         self.normalize = Normalize()
         net = torchvision.models.resnet50(num_classes=num_classes)
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        for name, channels in zip(STAGES, (256, 512, 1024, 2048)):
+        for name, channels in zip(STAGE_NAMES, (256, 512, 1024, 2048)):
             setattr(net, name, nn.Sequential(getattr(net, name), SideBranchAttention(channels)))
         self.net = net
 
