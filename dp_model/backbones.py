@@ -28,7 +28,6 @@ RESNET18 = dict(
     shortcut_type="B",
     bias_downsample=False,
 )
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_CHANNELS = (64, 128, 256, 512)
 #: Downsampling of each stage's output relative to the input (224 -> 56, 28, 14, 7).
 STAGE_STRIDES = (4, 8, 16, 32)

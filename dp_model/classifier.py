@@ -17,6 +17,11 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+#: The residual stages of the ResNet trunks, by module name: ``attention_stages`` and
+#: ``lesion_stage`` count them from 1, and the out-of-distribution gate's multi-layer detector
+#: reads their pooled outputs.
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
 
 @runtime_checkable
 class Classifier(Protocol):

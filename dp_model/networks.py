@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import STAGE_CHANNELS, STAGES, Normalize, pooled, resnet18, stem
-from .classifier import ClassifierBase
+from .backbones import STAGE_CHANNELS, Normalize, pooled, resnet18, stem
+from .classifier import STAGE_NAMES, ClassifierBase
 
 # named by the configs of bundles written before 2026-12-01
 from .registry import build_network as build_network
@@ -104,7 +104,9 @@ class DeepPneumoniaNet(ClassifierBase):
         self.normalize = Normalize()
         self.backbone = resnet18(in_channels, num_classes)
         self.attention_stages = stages
-        self.heads = nn.ModuleDict({STAGES[s - 1]: MGACRHead(attention_kernel) for s in stages})
+        self.heads = nn.ModuleDict(
+            {STAGE_NAMES[s - 1]: MGACRHead(attention_kernel) for s in stages}
+        )
         self.lesion_stage = int(lesion_stage)
         self.lesion_head = (
             nn.Conv2d(STAGE_CHANNELS[lesion_stage - 1], 1, 1) if lesion_stage else None
@@ -134,7 +136,7 @@ class DeepPneumoniaNet(ClassifierBase):
     def stage_features(self, x: Tensor) -> list[Tensor]:
         """Outputs of the four residual stages."""
         out, features = stem(self.backbone, self.normalize(x)), []
-        for name in STAGES:
+        for name in STAGE_NAMES:
             out = getattr(self.backbone, name)(out)
             features.append(out)
         return features
@@ -144,12 +146,12 @@ class DeepPneumoniaNet(ClassifierBase):
         features = self.stage_features(x)
         logits = self.backbone.fc(pooled(self.backbone, features[-1]))
         outputs = []
-        for name, stage in zip(STAGES, features):
+        for name, stage in zip(STAGE_NAMES, features):
             if name in self.heads:
                 map_pos, map_neg = self.heads[name](stage)
                 lesion = (
                     self.lesion_head(stage)
-                    if self.lesion_head is not None and name == STAGES[self.lesion_stage - 1]
+                    if self.lesion_head is not None and name == STAGE_NAMES[self.lesion_stage - 1]
                     else None
                 )
                 outputs.append(StageOutput(stage, map_pos, map_neg, name, lesion))
@@ -182,7 +184,7 @@ class DeepPneumoniaNet(ClassifierBase):
                 f"stage {stage} has no attention head; heads are on {list(self.attention_stages)}"
             )
         features = self.stage_features(x)[stage - 1]
-        map_pos, _ = self.heads[STAGES[stage - 1]](features)
+        map_pos, _ = self.heads[STAGE_NAMES[stage - 1]](features)
         return F.interpolate(map_pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
@@ -200,17 +202,31 @@ class DeepPneumoniaNet(ClassifierBase):
 
 
 class BaselineNet(ClassifierBase):
-    """A torchvision classifier for one-channel images, trained from scratch (the paper's
-    Table II baselines, and any other torchvision classifier).
+    """A torchvision classification model built by name, without pre-trained weights, for
+    one-channel images in [0, 1] (normalised like the other networks' inputs); the paper's
+    Table II baselines (ResNet-50, VGG16) and DenseNet-121 are its registry entries.
 
-    The first convolution is replaced by a one-channel one of the same shape, under the same
-    name, so that the state dict keeps torchvision's parameter names.
+    torchvision builds the model with ``num_classes`` outputs; then the first ``nn.Conv2d`` in
+    module order (the stem, in torchvision's classifiers) is replaced by a new one-channel one
+    with the same output channels, kernel size, stride, padding and bias, under the same name,
+    so that the state dict keeps torchvision's parameter names.
+
+    Not every torchvision classifier fits: its ``forward`` must return the logits in training
+    too (GoogLeNet and Inception v3 add auxiliary outputs), take the training image size (the
+    vision transformers and MaxViT take 224 pixels only) and end in an ``nn.Linear``
+    (:attr:`classifier_layer`; SqueezeNet ends in a convolution).
 
     Args:
-        architecture: the torchvision model's name ("resnet50", "vgg16", "densenet121", ...).
+        architecture: a name of ``torchvision.models.list_models(torchvision.models)``
+            ("resnet50", "vgg16", "densenet121", ...).
         num_classes: number of classes.
-        cam_layer: dotted name of the module Grad-CAM looks at: the last convolutional stage.
-        cam_exact: the logits are one linear layer over the global average of ``cam_layer``.
+        cam_layer: dotted name of the module Grad-CAM looks at, whose output is a
+            ``(B, C, h, w)`` feature map: the last convolutional stage ("layer4" of a ResNet,
+            "features" of a DenseNet or an EfficientNet). Not checked here; the network tests
+            draw Grad-CAM at each registry entry's.
+        cam_exact: declares that the logits are one linear layer over the global average of
+            ``cam_layer``'s output, so that CAM is offered. Not checked here; the network
+            tests compare CAM with Grad-CAM for each registry entry that declares it.
     """
 
     def __init__(
@@ -247,12 +263,13 @@ class BaselineNet(ClassifierBase):
 
     @property
     def classifier_layer(self) -> nn.Linear:
-        """The last linear layer: its input (one row per image) is the penultimate representation."""
+        """The last ``nn.Linear`` in module order, which gives the logits: its input (one row
+        per image) is the penultimate representation."""
         return [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
 
     @property
     def cam_layer(self) -> nn.Module:
-        """Where Grad-CAM looks: the last convolutional stage."""
+        """Where Grad-CAM looks: the module that ``cam_layer`` names."""
         return self.net.get_submodule(self._cam_layer)
 
 
@@ -320,7 +337,7 @@ class AttentionResNet50(ClassifierBase):
         self.normalize = Normalize()
         net = torchvision.models.resnet50(num_classes=num_classes)
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        for name, channels in zip(STAGES, (256, 512, 1024, 2048)):
+        for name, channels in zip(STAGE_NAMES, (256, 512, 1024, 2048)):
             setattr(net, name, nn.Sequential(getattr(net, name), SideBranchAttention(channels)))
         self.net = net
 

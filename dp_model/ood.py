@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import gate
-from .classifier import Classifier
+from .classifier import STAGE_NAMES, Classifier
 from .gate import DETECTORS, Arrays
 from .gate import needs_stages as needs_stages
 
@@ -72,8 +72,6 @@ SHRINKAGE_METHODS = ("ledoit-wolf", "oas")
 DEFAULT_DETECTOR = "multilayer_mahalanobis"
 #: Neighbours of the k-NN detector: about 1 % of a learning-regime training split.
 KNN_K = 10
-#: The residual stages whose pooled outputs the multi-layer detector reads, by module name.
-STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def classifier_layer(model: Classifier) -> nn.Linear | None:

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Normalize, pooled, resnet18, stem
-from .classifier import ClassifierBase
-
-STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+from .classifier import STAGE_NAMES, ClassifierBase
 
 
 def _backbone(in_channels: int = 1) -> nn.Module:

@@ -4,13 +4,17 @@ A circle between modules works only in the import order that happens to be tried
 is usually hidden behind a module-level ``__getattr__`` or a function-level import. This test
 reads every module of the installed packages with :mod:`ast` (nothing is imported), builds
 the graph of module-level imports between project modules and names any cycle it finds.
-Packages are found by walking the source folders, so new modules are checked without
-editing this file.
+Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` first, so an import also
+leads to the packages above the module it names (those above the importer itself have
+started already and are not imported again). Packages are found by walking the source
+folders, so new modules are checked without editing this file.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -28,10 +32,11 @@ def _source_folders() -> dict[str, Path]:
     return folders
 
 
-def project_modules() -> dict[str, Path]:
-    """Every module of the project's packages: dotted name -> file."""
+def project_modules(folders: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Every module of the packages in ``folders`` (import name -> folder; default: the
+    project's): dotted name -> file."""
     modules = {}
-    for package, folder in _source_folders().items():
+    for package, folder in (folders or _source_folders()).items():
         for path in sorted(folder.rglob("*.py")):
             parts = path.relative_to(folder).with_suffix("").parts
             if "__pycache__" in parts or any(not p.isidentifier() for p in parts):
@@ -62,8 +67,15 @@ def _module_level(body: list[ast.stmt]):
             yield from _module_level(node.body)
 
 
+def _packages_above(name: str) -> list[str]:
+    """``a`` and ``a.b`` for ``a.b.c``: the packages whose ``__init__`` importing it runs first."""
+    parts = name.split(".")
+    return [".".join(parts[:cut]) for cut in range(1, len(parts))]
+
+
 def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The project modules that module ``name`` imports at module level."""
+    """The project modules that module ``name`` imports at module level, with the packages
+    above each of them, except the packages above ``name`` (already started when it runs)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in _module_level(ast.parse(path.read_text(encoding="utf-8")).body):
@@ -79,11 +91,13 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
                 f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
             ]
         found |= {t for t in targets if t in modules and t != name}
+    started = {*_packages_above(name), name}
+    found |= {p for t in set(found) for p in _packages_above(t) if p in modules} - started
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = project_modules()
+def import_graph(folders: dict[str, Path] | None = None) -> dict[str, set[str]]:
+    modules = project_modules(folders)
     return {name: imported_modules(name, path, modules) for name, path in modules.items()}
 
 
@@ -152,6 +166,37 @@ def test_find_cycle_names_the_modules_of_a_circle() -> None:
         ["a", "b", "a"],
         ["c", "d", "c"],
     ]
+
+
+def test_a_circle_through_a_package_init_is_found_and_a_package_importing_its_own_modules_is_not(
+    tmp_path: Path,
+) -> None:
+    # alpha imports fake.beta.gamma, which runs fake/beta/__init__.py first, which imports
+    # alpha: a circle that no import statement names end to end. beta's __init__ importing its
+    # own gamma, and gamma its sibling delta, is no circle (beta has started when they run).
+    files = {
+        "fake/__init__.py": "",
+        "fake/alpha.py": "from fake.beta.gamma import g\n\na = g\n",
+        "fake/beta/__init__.py": "from .gamma import g\nfrom fake.alpha import a\n",
+        "fake/beta/gamma.py": "from .delta import d\n\ng = d\n",
+        "fake/beta/delta.py": "d = 1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    graph = import_graph({"fake": tmp_path / "fake"})
+    assert graph["fake.alpha"] == {"fake.beta", "fake.beta.gamma"}
+    assert graph["fake.beta.gamma"] == {"fake.beta.delta"}
+    assert all_cycles(graph) == [["fake.alpha", "fake.beta", "fake.alpha"]]
+    # and Python agrees: the circle fails on import
+    result = subprocess.run(
+        [sys.executable, "-c", "import fake.alpha"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "partially initialized module 'fake.alpha'" in result.stderr, result.stderr[-500:]
 
 
 def test_no_module_imports_itself_through_others() -> None:

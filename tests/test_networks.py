@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,26 +223,58 @@ def test_the_registry_and_the_training_config_need_no_pytorch() -> None:
     assert result.stdout.strip() == "[]", result.stderr[-1000:]
 
 
-def test_the_densenet121_baseline_added_as_one_registry_entry_trains_a_step() -> None:
-    """A torchvision classifier is one :class:`~dp_model.networks.BaselineNet` entry: the
-    training config accepts it, stage II builds it and one optimizer step moves its weights."""
+def _readme_example_entry() -> object:
+    """The registry entry that README.md's "Adding a network" shows, as written there."""
+    from dp_model.registry import Architecture
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Adding a network", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    (entry,) = eval(code, {"Architecture": Architecture})
+    return entry
+
+
+def test_the_torchvision_classifier_the_readme_adds_as_one_entry_trains_and_draws_maps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A torchvision classifier the registry does not hold is one
+    :class:`~dp_model.networks.BaselineNet` entry: registered at run time (nothing else
+    edited), the training config accepts it, stage II builds it, one optimizer step moves its
+    weights, and Grad-CAM and CAM (which it declares exact) draw the same maps."""
+    from dp_model.explain import cam, grad_cam, map_sources
+    from dp_model.registry import ARCHITECTURES
     from dp_model.training.config import FinetuneConfig, MGACRConfig
     from dp_model.training.objectives import build_classifier, classification_loss, make_optimizer
 
+    entry = _readme_example_entry()
+    assert entry.name == "efficientnet_b0" and entry.name not in ARCHITECTURES  # a new network
+    monkeypatch.setitem(ARCHITECTURES, entry.name, entry)
     config = FinetuneConfig(
-        architecture="densenet121", mgacr=MGACRConfig(attention=False, feature_cr=False), lr=0.01
+        architecture=entry.name, mgacr=MGACRConfig(attention=False, feature_cr=False), lr=0.01
     )
-    net = build_classifier(config, 3, None, seed=0, image_size=64).train()
-    assert net.net.features.conv0.in_channels == 1 and net.classifier_layer is net.net.classifier
+    net = build_classifier(config, 3, None, seed=0, image_size=32).train()
+    assert net.net.features[0][0].in_channels == 1
+    assert net.classifier_layer is net.net.classifier[1] and net.cam_layer is net.net.features
     loss_fn, optimizer = (
         classification_loss(config, [5, 3, 2], ["normal", "a", "b"]),
         make_optimizer(config, net),
     )
     before = net.classifier_layer.weight.detach().clone()
-    loss = loss_fn(net(torch.rand(4, 1, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    loss = loss_fn(net(torch.rand(4, 1, 32, 32)), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(before, net.classifier_layer.weight)
+    assert grad_cam(net, torch.rand(2, 1, 32, 32), net.cam_layer).shape == (2, 1, 32, 32)
+    # Fresh batch-norm statistics shrink the eval-mode activations of EfficientNet's 16 blocks
+    # to about 1e-13, under the maps' normalisation floor: take one batch's, as training does.
+    x = torch.rand(2, 1, 64, 64)  # 2 x 2 maps at the last stage
+    for norm in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.reset_running_stats()
+        norm.momentum = None  # the running statistics become this batch's exactly
+    with torch.no_grad():
+        net.train()(x)
+    assert "cam" in map_sources(net.eval())
+    assert torch.allclose(cam(net, x), grad_cam(net, x, net.cam_layer), atol=1e-4)
 
 
 class _ToyNet(torch.nn.Module):

@@ -28,7 +28,7 @@ MU = 2.0
 MAX_WORK_RES = 384
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Case:
     """A rendered image and everything recorded about it.
 
@@ -117,7 +117,16 @@ def _render_v2(config: SynthConfig, index: int) -> Case:
         abnormalities=list(abnormal),
         device=acquisition.device.name,
     )
-    return Case(index, patient, label, recorded, pixels, boxes, true_boxes, info)
+    return Case(
+        index=index,
+        patient=patient,
+        label=label,
+        recorded_label=recorded,
+        pixels=pixels,
+        boxes=boxes,
+        true_boxes=true_boxes,
+        info=info,
+    )
 
 
 def _render_v1(config: SynthConfig, index: int) -> Case:
@@ -155,7 +164,16 @@ def _render_v1(config: SynthConfig, index: int) -> Case:
         lesion_density=round(density, 4) if lesions else 0.0,
         distractors=len(clutter),
     )
-    return Case(index, patient, label, recorded, pixels, boxes, true_boxes, info)
+    return Case(
+        index=index,
+        patient=patient,
+        label=label,
+        recorded_label=recorded,
+        pixels=pixels,
+        boxes=boxes,
+        true_boxes=true_boxes,
+        info=info,
+    )
 
 
 def _sample_class(rng: np.random.Generator, config: SynthConfig) -> str:
