@@ -54,6 +54,7 @@ from pacs_node.config import NodeConfig
 from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.intake.sanitize import clean_source
 from pacs_node.results.identity import ResultIdentity, rendition
+from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 CALLING = "SOAK"
 
@@ -199,7 +200,10 @@ def expected_results(indices: list[int], contract) -> dict[str, int]:
     for index in indices:
         source = clean_source(chest(index)).dataset
         identity = ResultIdentity.of(source, contract, rendition(NodeConfig(), contract))
-        expected[identity.instance_uid("sr")] = expected[identity.instance_uid("sc")] = index
+        # the destination takes Comprehensive 3D SR, so the report arrives in that class, under
+        # the UID derived from the Comprehensive SR's (pacs_node.delivery.cstore)
+        report = sop_instance_uid_in(identity.instance_uid("sr"), COMPREHENSIVE_3D_SR)
+        expected[report] = expected[identity.instance_uid("sc")] = index
     return expected
 
 
