@@ -252,12 +252,22 @@ def _association_run_reactor(self: Association) -> None:
     activity.set()  # look once before the first wait
     self._is_paused = False
     while not self._kill:
-        # Waiting counts as paused: nothing is touched until the checkpoint below is passed.
+        # Waiting counts as paused: a send_*() that finds it paused goes ahead at once.
         self._is_paused = True
         activity.wait(_timer_wait(self.dul._idle_timer, MAX_WAIT_S))
         activity.clear()  # before looking: whatever is put after this sets it again
-        self._reactor_checkpoint.wait()
-        self._is_paused = False
+        # Unpaused before the checkpoint is read, and read again after every wait at it: a
+        # send_*() that found this loop paused has cleared the checkpoint already, so the loop
+        # stops here instead of taking that call's response off the queue (which left the
+        # call waiting until its DIMSE timeout, and a C-STORE stored once was sent again). A
+        # loop held up just after the checkpoint let it through (a send of the next message
+        # saw it still paused) thus finds it closed again.
+        while True:
+            self._is_paused = False
+            if self._reactor_checkpoint.is_set():
+                break
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +276,45 @@ def test_a_c_store_to_a_peer_with_nagle_on_waits_for_no_delayed_ack(
         prompt = c_store_seconds(dimse_reactor.PromptAE(ae_title="SCU"), scp.port)
     # one delayed ACK alone is 40 ms (Linux's minimum): a median under it has none
     assert prompt < 0.035, prompt
+
+
+class _SlowCheckpoint(threading.Event):
+    """An association's reactor checkpoint after which its loop is held up 60 ms (longer than
+    a response takes, delayed ACK included), as a loop descheduled there on a loaded machine is."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        time.sleep(0.06)
+        return passed
+
+
+def test_a_send_never_loses_its_response_to_the_association_loop(
+    patched: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-ECHO that finds the association's loop paused gets its own response, even when the
+    loop is held up right after its checkpoint and the caller is slow to take the response off
+    the queue; the loop must never take it ("Received
+    unexpected C-ECHO service message", then a DIMSE timeout: for a C-STORE, a result sent again
+    and stored twice, as a soak once saw)."""
+    monkeypatch.setattr(dimse_reactor, "MAX_WAIT_S", 0.001)  # the loop awake all the time
+    _, scp, port, _ = server()
+    try:
+        assoc = associate(port)
+        assoc.dimse_timeout = 1
+        checkpoint = _SlowCheckpoint()
+        checkpoint.set()
+        assoc._reactor_checkpoint = checkpoint
+        # and the caller slow to take its response off the queue, so that it sits there
+        taking = assoc.dimse.get_msg
+
+        def slowly(block: bool = False):
+            if block:
+                time.sleep(0.02)
+            return taking(block)
+
+        assoc.dimse.get_msg = slowly
+        answered = [getattr(assoc.send_c_echo(), "Status", None) for _ in range(30)]
+        assoc.release()
+    finally:
+        scp.shutdown()
+    assert answered.count(0x0000) == len(answered), f"{answered.count(None)} echoes unanswered"
