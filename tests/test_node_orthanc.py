@@ -15,7 +15,7 @@ from node_support import Orthanc, free_port, wait_for
 from pydicom import dcmread
 
 from pacs_node.config import NodeConfig
-from pacs_node.model.predictor import NodePredictor
+from pacs_node.model.predictor import NodePredictor, prepare
 from pacs_node.node import Node
 
 pytestmark = pytest.mark.tools
@@ -124,7 +124,13 @@ def test_a_second_answer_under_other_settings_is_a_second_report_never_the_first
     node_port = free_port()
     orthanc = Orthanc.routing_to(tmp_path / "orthanc", node_port).start()
     try:
-        for count, point in enumerate((0.01, 0.99), start=1):
+        sample = demo_bundle / "samples" / "sample-1.dcm"
+        first = NodePredictor(demo_bundle, "cpu")
+        (found,) = first.predict([prepare(dcmread(sample), first.contract.image_size)])
+        # the second point above the sample's probability of pneumonia: its answer turns negative
+        above = (found.pneumonia_probability + 1.0) / 2
+        assert found.positive and above < 1.0
+        for count, point in enumerate((0.01, above), start=1):
             config = NodeConfig(
                 port=node_port,
                 metrics_port=-1,
@@ -139,7 +145,7 @@ def test_a_second_answer_under_other_settings_is_a_second_report_never_the_first
             node.start()
             try:
                 if count == 1:  # Orthanc routes what it stores to the node
-                    stored = orthanc.upload(demo_bundle / "samples" / "sample-1.dcm")
+                    stored = orthanc.upload(sample)
                     study = stored["ParentStudy"]
                 else:  # and sends it again to the restarted node
                     request = urllib.request.Request(

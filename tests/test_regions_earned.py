@@ -141,8 +141,13 @@ def test_regions_are_never_drawn_on_a_negative_or_not_assessed_result(
     tmp_path: Path, demo_bundle: Path, positive_case: Dataset
 ) -> None:
     earned = bundle_with(demo_bundle, tmp_path / "earned", localization=EARNED)
-    size = NodePredictor(earned, "cpu").contract.image_size
-    (negative,) = NodePredictor(earned, "cpu", operating_point=0.9999).predict(
+    served = NodePredictor(earned, "cpu")
+    size = served.contract.image_size
+    (positive,) = served.predict([prepare(positive_case, size)])
+    # a point above the image's probability of pneumonia: the same map, a negative answer
+    above = (positive.pneumonia_probability + 1.0) / 2
+    assert positive.positive and above < 1.0
+    (negative,) = NodePredictor(earned, "cpu", operating_point=above).predict(
         [prepare(positive_case, size)]
     )
     # the map would have given regions

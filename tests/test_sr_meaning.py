@@ -280,8 +280,8 @@ def test_a_positive_single_label_report_names_the_most_probable_type_and_states_
     prediction = found.prediction
     assert not prediction.multi_label
     types = [label for label in prediction.classes if label != prediction.normal_class]
-    # the demo's first sample: every type below the operating point, pneumonia above it
-    assert all(prediction.probability(label) < prediction.operating_point for label in types)
+    # whether or not a type reaches the operating point on its own (the demo model decides
+    # that, not the test), no type is stated Present or Absent: the most probable is named
     assert prediction.label == max(types, key=prediction.probability)
     stated = type_statements(found)
     assert key(codes.ABSENT) not in {value for _, value in stated}, stated
