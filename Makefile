@@ -62,11 +62,12 @@ $(DEMO_BUNDLE): | $(STAMP)
 	$(VENV)/bin/dp-train --config configs/demo.yaml --data $(RUN_DIR)/data --out $(RUN_DIR)/bundle
 	touch $@
 
-# Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built
-# once); the demo bundle is trained once into .pytest_cache for every worker and every run of
+# Three pytest-xdist workers on two cores, one test file each at a time (a file's module
+# fixtures are built once): many tests wait on peers, browsers and timeouts, and two workers
+# left a third of the cores idle (128 % CPU of 200); the demo bundle is trained once into .pytest_cache for every worker and every run of
 # the same code (tests/conftest.py). Files are handed out longest first, in the conftest's
 # order (xdist would otherwise reorder them by their number of tests). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: venv system-deps viewer-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 

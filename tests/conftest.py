@@ -22,7 +22,7 @@ THREADS: list[int] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``make test`` runs ``-n 2``), one torch thread per worker: two
+    """Under pytest-xdist (``make test`` runs ``-n 3``), one torch thread per worker: two
     workers of two threads each on two cores wait on each other more than they compute."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests that need the trained demo bundle ``bundle`` (``make test-fast`` leaves
     them out); under xdist, hand out the longest files first. ``--dist loadfile`` hands out
-    files in this order, so that the two workers end together, rather than one worker running
+    files in this order, so that the workers end together, rather than one worker running
     the viewer's or the worklist's minute alone at the end (longest first: the classic
     scheduling rule for two machines). A file's seconds come from ``tests/durations.json``
     (the summed test times of a recent ``make test``; a file not listed counts as short)."""
