@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .contract import ModelContract
 from .explain import CAM, GRAD_CAM, HEATMAP_STAGE, cam_maps, default_source, same_pass_maps
-from .onnx_session import INPUT, ONNX_FILE, OnnxGraph, file_digest, onnx_path
+from .onnx_session import INPUT, ONNX_FILE, STAGE_OUTPUTS, OnnxGraph, file_digest, onnx_path
 from .ood import classifier_layer, needs_stages, watching
 from .sources import drawn_as
 
@@ -106,7 +106,7 @@ class ServedGraph(nn.Module):
     def output_names(self) -> list[str]:
         names = ["logits"] + (["maps"] if self.source is not None else [])
         if self.gate:
-            names += ["features"] + ([f"stage{i}" for i in range(1, 5)] if self.stages else [])
+            names += ["features"] + (list(STAGE_OUTPUTS) if self.stages else [])
         return names
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -22,6 +22,8 @@ from .loading import BundleError
 ONNX_FILE = "model.onnx"
 #: The graph's input: canvases ``(B, 1, S, S)`` in [0, 1], float32.
 INPUT = "image"
+#: The outputs of the residual stages' pooled features, for a gate that reads every stage.
+STAGE_OUTPUTS = tuple(f"stage{i}" for i in range(1, 5))
 
 
 def onnx_path(bundle: str | Path) -> Path:

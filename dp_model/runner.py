@@ -37,7 +37,7 @@ import numpy as np
 from .contract import ModelContract
 from .gate import Arrays, needs_stages
 from .loading import BundleError, load_contract, load_gate_arrays
-from .onnx_session import OnnxGraph, open_graph, verified_graph
+from .onnx_session import STAGE_OUTPUTS, OnnxGraph, open_graph, verified_graph
 from .sources import HEATMAP_STAGE, draws
 
 if TYPE_CHECKING:
@@ -182,9 +182,7 @@ class Runner:
             # never a gate left unscored: every image would pass it
             if not isinstance(statistics, Arrays):
                 raise TypeError(f"the graph's gate scores by NumPy statistics, not {statistics!r}")
-            stages = (
-                tuple(found[f"stage{i}"] for i in range(1, 5)) if statistics.needs_stages else ()
-            )
+            stages = tuple(found[name] for name in STAGE_OUTPUTS) if statistics.needs_stages else ()
             scores = statistics.score(found["logits"], found["features"], stages)
         return Outputs(
             self.contract.probabilities(found["logits"]),
@@ -287,7 +285,7 @@ class Runner:
         gate = self.contract.ood
         needs = set() if gate is None else {"features"}
         if gate is not None and needs_stages(gate.kind):
-            needs |= {f"stage{i}" for i in range(1, 5)}
+            needs |= set(STAGE_OUTPUTS)
         if not needs <= set(graph.outputs):
             return "its graph does not give the features of the out-of-distribution gate"
         return ""
