@@ -281,10 +281,19 @@ def test_metrics_are_prometheus_with_latency_histograms(
     try:
         send(node.port, [chest_dataset()])
         wait_for(lambda: len(final_lines(node)) == 1, 60, "the image")
-        text = (
-            urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10)
-            .read()
-            .decode()
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+            return urllib.request.urlopen(url, timeout=10).read().decode()
+
+        # The audit line and the counters are two observers of one outcome: the
+        # scrape may come between them, so it is read again until the image shows.
+        text = wait_for(
+            lambda: (lambda t: t if "dp_node_processing_seconds_count 1.0" in t else None)(
+                scrape()
+            ),
+            10,
+            "the processed image in the histogram",
         )
     finally:
         node.stop()
