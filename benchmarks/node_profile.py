@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from node_latency import (
@@ -38,6 +39,7 @@ from node_latency import (
     listening,
     node_config,
     storescp,
+    storescu,
     wait,
 )
 from pydicom.data import get_testdata_file
@@ -117,8 +119,18 @@ def step_of(stack: str) -> str:
 
 
 def profile(
-    bundle: Path, images: int, out_svg: Path, keep_raw: Path | None = None
+    bundle: Path,
+    images: int,
+    out_svg: Path,
+    keep_raw: Path | None = None,
+    senders: int = 1,
+    gil: bool = False,
 ) -> dict[str, float]:
+    """Images through a node under py-spy: one at a time, each SR awaited (``senders=1``), or
+    ``senders`` concurrent ``storescu`` over all of them, every SR and SC awaited (the
+    throughput run's shape). With ``gil``, py-spy samples only the thread holding the GIL,
+    so the samples add up to the time the interpreter lock is held per image: the bound on
+    throughput of the work that only one thread can do at a time."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("node_profile: py-spy not found (make benchmark-profile installs it)")
@@ -132,7 +144,19 @@ def profile(
     command = [sys.executable, "-m", "pacs_node.cli", "--config", str(config)]
     # One recording in raw (collapsed stacks); the SVG is drawn from the same samples.
     node = subprocess.Popen(
-        [py_spy, "record", "--rate", "200", "--format", "raw", "-o", str(raw), "--", *command],
+        [
+            py_spy,
+            "record",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            *(["--gil"] if gil else []),
+            "-o",
+            str(raw),
+            "--",
+            *command,
+        ],
         stdout=(work / "node.log").open("w"),
         stderr=subprocess.STDOUT,
     )
@@ -140,16 +164,27 @@ def profile(
         wait(lambda: listening(node_port), 180, "the node to listen")
         files = copies(rg1, work / "images", images)
         started = time.perf_counter()
-        for path in files:
-            sr = expected(path, contract).sr_uid
-            subprocess.run(
-                ["storescu", "-aec", "DPNODE", "127.0.0.1", str(node_port), str(path)],
-                check=True,
-                capture_output=True,
-            )
-            wait(lambda sr=sr: arrived(work / "destination", {sr}), 60, "the SR")
-        seconds = time.perf_counter() - started
-        time.sleep(2.0)  # the overlays still being sent
+        if senders == 1:
+            for path in files:
+                sr = expected(path, contract).sr_uid
+                storescu(node_port, [path], "DPNODE")
+                wait(lambda sr=sr: arrived(work / "destination", {sr}), 60, "the SR")
+            seconds = time.perf_counter() - started
+            time.sleep(2.0)  # the overlays still being sent
+        else:
+            wanted = {
+                uid
+                for p in files
+                for uid in (expected(p, contract).sr_uid, expected(p, contract).sc_uid)
+            }
+            with ThreadPoolExecutor(senders) as pool:
+                list(
+                    pool.map(
+                        lambda i: storescu(node_port, files[i::senders], "DPNODE"), range(senders)
+                    )
+                )
+            wait(lambda: arrived(work / "destination", wanted), 600, "every SR and SC", 0.02)
+            seconds = time.perf_counter() - started
     finally:
         node.send_signal(2)  # SIGINT: py-spy writes its file and stops the node
         node.wait(120)
@@ -164,6 +199,8 @@ def profile(
     waiting = by_step.pop("waiting", 0)
     result = {
         "images": images,
+        "senders": senders,
+        "sampled": "the thread holding the GIL" if gil else "every thread",
         "wall_s": round(seconds, 2),
         "samples": sum(by_step.values()),
         "waiting_samples": waiting,
@@ -241,18 +278,30 @@ def main() -> int:
     parser.add_argument("--svg", type=Path, default=Path("docs/node_profile.svg"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        help="1: one image at a time, each SR awaited; N: N concurrent storescu (throughput)",
+    )
+    parser.add_argument(
+        "--gil", action="store_true", help="sample only the thread holding the interpreter lock"
+    )
+    parser.add_argument("--skip-memory", action="store_true", help="the time per image only")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    steps = memory(args.bundle)
-    print("memory before the first image (VmRSS after each step, fresh interpreter):")
+    steps = [] if args.skip_memory else memory(args.bundle)
+    if steps:
+        print("memory before the first image (VmRSS after each step, fresh interpreter):")
     previous = 0.0
     for name, mb in steps:
         print(f"  {name:<18} {mb:7.0f} MB  (+{mb - previous:.0f})")
         previous = mb
-    result = profile(args.bundle, args.images, args.svg, args.raw)
+    result = profile(args.bundle, args.images, args.svg, args.raw, args.senders, args.gil)
+    shape = "one at a time" if args.senders == 1 else f"from {args.senders} concurrent senders"
     print(
-        f"time per image, {result['images']} RG1 images one at a time "
-        f"({result['wall_s']} s; CPU ms per image by step, every thread; start-up once):"
+        f"time per image, {result['images']} RG1 images {shape} "
+        f"({result['wall_s']} s; CPU ms per image by step, {result['sampled']}; start-up once):"
     )
     for step, ms in result["cpu_ms_per_image"].items():
         print(f"  {step:<28} {ms:7.1f} ms")
