@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dp_model.networks import DeepPneumoniaNet
+from dp_model.networks.networks import DeepPneumoniaNet
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, runs: int, warmup: int) -> tuple[float, float]:

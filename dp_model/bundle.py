@@ -170,7 +170,7 @@ def write_configs(root: Path, contract: ModelContract, train_config: dict) -> No
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": {
-            "_target_": "dp_model.architectures.build_network",
+            "_target_": "dp_model.networks.architectures.build_network",
             "architecture": contract.architecture,
             "num_classes": len(contract.output_classes),
             "attention_stages": list(contract.attention_stages),

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 
 from .gate import DETECTORS
-from .registry import ARCHITECTURES, build_network
+from .networks.registry import ARCHITECTURES, build_network
 from .sources import MAP_SOURCES
 
 if TYPE_CHECKING:
@@ -436,7 +436,7 @@ def probabilities(
 
     The one calibration rule: the contract's (:meth:`ModelContract.probabilities`), the
     temperature's fit (:mod:`dp_model.calibration`) and the training code's
-    (:func:`dp_model.architectures.output_probabilities`) all call it.
+    (:func:`dp_model.networks.architectures.output_probabilities`) all call it.
     """
     scaled = np.asarray(logits, np.float64)
     if len(adjustment):
@@ -556,7 +556,7 @@ class ModelContract:
         normal_class: the class meaning "no finding".
         name, version: the bundle's identity; ``device_uid`` changes with the weights.
         demo: trained as a demonstration; synthetic: trained on synthetic images.
-        architecture: the network (:data:`~dp_model.registry.ARCHITECTURES`); bundles
+        architecture: the network (:data:`~dp_model.networks.registry.ARCHITECTURES`); bundles
             written before variants existed carry none and are ResNet18.
         options: the network's constructor options (JSON values).
         pneumonia_classes: the classes that mean pneumonia (declared by the dataset layout);

@@ -15,10 +15,10 @@ from torch import nn
 
 from dp_transforms import ImageError, load_letterboxed
 
-from .architectures import class_scores
 from .contract import ModelContract
 from .gate import Arrays
 from .loading import IMAGE_SUFFIXES, BundleError
+from .networks.architectures import class_scores
 from .ood import Detector
 from .runner import Runner
 

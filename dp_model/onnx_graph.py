@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .contract import ModelContract
-from .explain import CAM, GRAD_CAM, HEATMAP_STAGE, cam_maps, default_source, same_pass_maps
+from .networks.explain import CAM, GRAD_CAM, HEATMAP_STAGE, cam_maps, default_source, same_pass_maps
 from .onnx_session import INPUT, ONNX_FILE, STAGE_OUTPUTS, OnnxGraph, file_digest, onnx_path
 from .ood import classifier_layer, needs_stages, watching
 from .sources import drawn_as

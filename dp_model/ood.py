@@ -51,9 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from . import gate
-from .classifier import STAGE_NAMES, Classifier
 from .gate import DETECTORS, Arrays
 from .gate import needs_stages as needs_stages
+from .networks.classifier import STAGE_NAMES, Classifier
 
 #: Weight of the scaled identity in the shrunk covariance, in bundles written before it was estimated.
 SHRINKAGE = 0.1

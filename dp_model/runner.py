@@ -194,7 +194,7 @@ class Runner:
         """:meth:`run` by the network in PyTorch."""
         import torch
 
-        from .explain import output_maps, same_pass_maps
+        from .networks.explain import output_maps, same_pass_maps
         from .ood import Watch, watching
 
         statistics = self.statistics
@@ -309,8 +309,8 @@ def _map_source(
 ) -> str:
     """The contract's map source (a bundle that names none: the former default), checked
     against those the network offers."""
-    from .classifier import ClassifierBase
-    from .explain import default_source, map_sources
+    from .networks.classifier import ClassifierBase
+    from .networks.explain import default_source, map_sources
 
     located = contract.localization
     source = default_source(model, heatmap_stage) if located is None else located.source

@@ -1,6 +1,6 @@
 """The names of the map sources, and which graph draws which: no PyTorch.
 
-A *map source* is one way a network shows where it looked (:mod:`dp_model.explain` computes
+A *map source* is one way a network shows where it looked (:mod:`dp_model.networks.explain` computes
 them); a bundle's contract names the one its regions come from, and its ONNX graph records
 the one it draws (:mod:`dp_model.onnx_graph`). The contract and the node serving a graph read
 only these names, so they live apart from the PyTorch code that draws the maps.

@@ -305,7 +305,7 @@ def test_operating_points_refuse_what_the_validation_split_cannot_give() -> None
 
 
 def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> None:
-    from dp_model.architectures import build_network
+    from dp_model.networks.architectures import build_network
     from dp_model.ood import classifier_layer
 
     net = build_network("resnet18", 5)

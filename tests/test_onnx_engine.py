@@ -15,9 +15,9 @@ from helpers import assert_engines_agree, onnx_copy
 from node_support import chest_dataset, send, start_node, wait_for
 
 from dp_model.contract import ContractError, ModelContract
-from dp_model.explain import CAM, grad_cam
 from dp_model.loading import BundleError
-from dp_model.networks import BaselineNet, DeepPneumoniaNet
+from dp_model.networks.explain import CAM, grad_cam
+from dp_model.networks.networks import BaselineNet, DeepPneumoniaNet
 from dp_model.onnx_graph import OnnxGraph, ServedGraph, export, file_digest, write_onnx
 from dp_model.runner import ENGINES, Runner
 from pacs_node.config import ENGINES as NODE_ENGINES
@@ -210,8 +210,8 @@ def test_a_graph_of_other_maps_than_the_contract_names_is_not_served(
 ) -> None:
     """The contract's map source changed after the graph was written (its digest still
     matches): auto serves in PyTorch, and the onnx engine is refused in one line."""
-    from dp_model.explain import map_sources
     from dp_model.loading import load_bundle
+    from dp_model.networks.explain import map_sources
 
     model, contract = load_bundle(onnx_bundle)
     assert contract.localization is not None

@@ -216,7 +216,7 @@ def test_multilayer_mahalanobis_standardises_each_stage_by_the_training_scores_a
 
 
 def test_a_watched_forward_pass_shows_logits_penultimate_features_and_the_four_pooled_stages():
-    from dp_model.networks import DeepPneumoniaNet
+    from dp_model.networks.networks import DeepPneumoniaNet
 
     torch.manual_seed(0)
     model = DeepPneumoniaNet(attention_stages=(2, 3)).eval()

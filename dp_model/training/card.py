@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..architectures import ARCHITECTURES
 from ..bundle import PAPER, SCHEMA_FILE
 from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
+from ..networks.architectures import ARCHITECTURES
+from ..networks.registry import resolve
 from ..ood import DETECTORS, FALSE_REJECTION
-from ..registry import resolve
 from ..served import ServedReport
 from . import baselines
 from .config import TrainConfig

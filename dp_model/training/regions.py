@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from dp_transforms import boxes_to_masks
 
 from ..contract import REGION_MARGIN, Localization, regions_earned
-from ..explain import CAM, CLASS_MAPS, GRAD_CAM, default_source, map_sources, source_maps
 from ..metrics import localization_figures, mask_iou, paired_difference_low, pointing_game
+from ..networks.explain import CAM, CLASS_MAPS, GRAD_CAM, default_source, map_sources, source_maps
 from .data import Resident
 
 logger = logging.getLogger(__name__)

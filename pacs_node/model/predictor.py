@@ -38,7 +38,7 @@ from dp_transforms.io import make_square_pixels
 from pacs_node.model.prediction import Prediction
 
 if TYPE_CHECKING:
-    from dp_model.classifier import ClassifierBase
+    from dp_model.networks.classifier import ClassifierBase
     from dp_model.ood import Detector
 
 __all__ = ["NodePredictor", "Prediction", "Prepared", "held_bytes", "prepare", "regions"]
@@ -206,7 +206,7 @@ class NodePredictor:
     def model(self) -> ClassifierBase:
         """The bundle's network in PyTorch (loaded, with PyTorch, on first use where the
         graph serves)."""
-        from dp_model.classifier import ClassifierBase
+        from dp_model.networks.classifier import ClassifierBase
 
         model = self.runner.model
         assert isinstance(model, ClassifierBase), (
