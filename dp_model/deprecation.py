@@ -1,7 +1,8 @@
 """Old import paths kept for one release after their modules moved, each with a dated warning.
 
-On 2026-12-06 the networks moved from the flat root of :mod:`dp_model` into
-:mod:`dp_model.networks` (the PyTorch networks and what is computed from them).
+On 2026-12-06 the flat root of :mod:`dp_model` was split into :mod:`dp_model.networks` (the
+PyTorch networks and what is computed from them) and :mod:`dp_model.serving` (the contract,
+bundle reading and writing, the runner and the ONNX graph).
 Bundles written before name the old paths in their MONAI configs
 (``dp_model.architectures.build_network``, ``dp_model.inference.Predictor``), so each old
 module stays until 0.2.0 as a small module that re-exports its new one whole

@@ -215,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"bundle {args.bundle} does not exist: pass --bundle with a folder dp-train wrote"
         )
-    from .inference import Predictor
+    from .serving.inference import Predictor
 
     predictor = Predictor(str(args.bundle))
     check_layout(args.data, args.layout)

@@ -301,7 +301,7 @@ def test_the_bundle_runner_states_no_probability_for_an_image_it_does_not_assess
     import csv
     import shutil
 
-    from dp_model.inference import Predictor
+    from dp_model.serving.inference import Predictor
 
     (tmp_path / "in").mkdir()
     # a real radiograph: outside the demonstration model's phantoms

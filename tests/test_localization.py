@@ -370,7 +370,7 @@ class Oracle(ClassifierBase):
 
 
 def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> None:
-    from dp_model.contract import ModelContract
+    from dp_model.serving.contract import ModelContract
     from dp_model.synth import SynthConfig
 
     checks = checks_module()

@@ -202,38 +202,33 @@ def test_the_old_paths_that_bundle_configs_name_give_the_same_objects_with_a_dat
 ):
     """Configs of bundles written before 2026-12-01 name ``dp_model.networks.build_network``
     and ``dp_model.bundle.Predictor``, those written before 2026-12-06
-    ``dp_model.architectures.build_network``; each resolves, until 0.2.0, to the very object
-    of its new home, and says where that is."""
+    ``dp_model.architectures.build_network`` and ``dp_model.inference.Predictor``; each
+    resolves, until 0.2.0, to the very object of its new home, and says where that is
+    (``tests/test_old_paths.py`` has every old module and the demo bundle's configs)."""
     from monai.utils.module import locate  # how a bundle config resolves its _target_
 
-    import dp_model.bundle
-    import dp_model.inference
     import dp_model.networks.architectures
+    import dp_model.serving.inference
 
+    for old in ("dp_model.architectures", "dp_model.bundle", "dp_model.inference"):
+        sys.modules.pop(old, None)  # imported before: import it afresh, as a new process would
+    build, predictor = (
+        dp_model.networks.architectures.build_network,
+        dp_model.serving.inference.Predictor,
+    )
     with pytest.warns(
         DeprecationWarning, match=r"dp_model\.networks\.networks.*2026-12-06.*0\.2\.0"
     ):
-        found = locate("dp_model.networks.build_network")
-    assert found is dp_model.networks.architectures.build_network
-    assert locate("dp_model.bundle.Predictor") is dp_model.inference.Predictor
-
-
-@pytest.mark.parametrize(
-    "old", ["architectures", "backbones", "classifier", "explain", "losses", "registry", "variants"]
-)
-def test_importing_an_old_network_module_warns_and_gives_the_new_modules_objects(old) -> None:
-    import importlib
-
-    new = importlib.import_module(f"dp_model.networks.{old}")
-    sys.modules.pop(
-        f"dp_model.{old}", None
-    )  # imported before: import it afresh, as a new process would
-    with pytest.warns(
-        DeprecationWarning, match=f"dp_model.{old} moved to dp_model.networks.{old} on 2026-12-06"
-    ):
-        shim = importlib.import_module(f"dp_model.{old}")
-    names = [n for n in vars(new) if not n.startswith("__")]
-    assert names and all(getattr(shim, n) is getattr(new, n) for n in names)
+        assert locate("dp_model.networks.build_network") is build
+    for old, new in [
+        ("dp_model.architectures.build_network", build),
+        ("dp_model.bundle.Predictor", predictor),
+        ("dp_model.inference.Predictor", predictor),
+    ]:
+        with pytest.warns(
+            DeprecationWarning, match="moved to dp_model.(networks|serving).* on 2026-12-06"
+        ):
+            assert locate(old) is new
 
 
 def test_the_registry_and_the_training_config_need_no_pytorch() -> None:

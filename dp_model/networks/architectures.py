@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..contract import no_finding_probability, probabilities
+from ..serving.contract import no_finding_probability, probabilities
 from .classifier import Classifier
 from .registry import ARCHITECTURES, Architecture, build_network
 
@@ -32,7 +32,7 @@ PRETRAINABLE = tuple(name for name, a in ARCHITECTURES.items() if a.pretrainable
 
 def output_probabilities(model: Classifier, logits: Tensor) -> Tensor:
     """Probabilities of a network's logits, uncalibrated: a sigmoid per finding, or a softmax
-    over classes (:func:`dp_model.contract.probabilities` at temperature 1), float32 on the
+    over classes (:func:`dp_model.serving.contract.probabilities` at temperature 1), float32 on the
     logits' device; no gradient flows through them."""
     found = probabilities(logits.detach().float().cpu().numpy(), multi_label=model.multi_label)
     return torch.from_numpy(found).float().to(logits.device)
@@ -42,7 +42,7 @@ def class_scores(probabilities: Tensor, multi_label: bool, normal_index: int) ->
     """``(N, C)`` scores over every class, the normal one included, whatever the output.
 
     Softmax probabilities are returned as they are. For per-finding sigmoids ``(N, C - 1)``
-    the normal class scores :func:`~dp_model.contract.no_finding_probability` (``1 - max_k
+    the normal class scores :func:`~dp_model.serving.contract.no_finding_probability` (``1 - max_k
     p_k``) and the findings keep theirs, so that the argmax is "normal" exactly when no
     finding reaches 0.5, and single-label metrics compare every architecture on the same footing.
     """

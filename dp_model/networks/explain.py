@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sources import CAM, CLASS_MAPS, GRAD_CAM, HEATMAP_STAGE, MAP_SOURCES
+from ..serving.sources import CAM, CLASS_MAPS, GRAD_CAM, HEATMAP_STAGE, MAP_SOURCES
 
 __all__ = [
     "CAM",
@@ -171,7 +171,7 @@ def cam_maps(activations: Tensor, weight: Tensor, chosen: Tensor, size) -> Tenso
     """CAM from ``cam_layer``'s ``activations`` ``(B, C, h, w)``: row ``chosen[i]`` of the
     classifier's ``weight`` applied pixel by pixel, ReLU, resized to ``size``, scaled to each
     map's peak. Apart from :func:`cam` so that one forward pass can give both the logits and
-    the maps (the node's ONNX graph, :mod:`dp_model.onnx_graph`)."""
+    the maps (the node's ONNX graph, :mod:`dp_model.serving.onnx_graph`)."""
     weights = weight[chosen].float()  # (B, C)
     maps = F.relu(torch.einsum("bc,bchw->bhw", weights, activations.float()))[:, None]
     maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
