@@ -2,7 +2,9 @@
 
 On 2026-12-06 the flat root of :mod:`dp_model` was split into :mod:`dp_model.networks` (the
 PyTorch networks and what is computed from them) and :mod:`dp_model.serving` (the contract,
-bundle reading and writing, the runner and the ONNX graph).
+bundle reading and writing, the runner and the ONNX graph), and ``dp-train`` moved to
+:mod:`dp_model.training.cli`, beside the code it drives (as ``dp-synth`` is
+:mod:`dp_model.synth.cli` and ``dp-node`` :mod:`pacs_node.cli`).
 Bundles written before name the old paths in their MONAI configs
 (``dp_model.architectures.build_network``, ``dp_model.inference.Predictor``), so each old
 module stays until 0.2.0 as a small module that re-exports its new one whole
@@ -40,4 +42,6 @@ def reexport(namespace: dict[str, Any], module: ModuleType) -> None:
     )
     if hasattr(module, "__all__"):
         namespace["__all__"] = list(module.__all__)
-    moved_warning(namespace["__name__"], module.__name__, stacklevel=4)
+    spec = namespace.get("__spec__")  # run as ``python -m old``, its __name__ is "__main__"
+    old = spec.name if spec is not None else namespace["__name__"]
+    moved_warning(old, module.__name__, stacklevel=4)

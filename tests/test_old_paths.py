@@ -48,6 +48,7 @@ MOVED = {
             "sources",
         ]
     },
+    "train_cli": "training.cli",
 }
 
 
@@ -140,3 +141,16 @@ def test_the_demo_bundle_written_with_the_old_paths_loads_and_predicts(
     through_loader, _ = Predictor(str(demo_bundle), network=model).probabilities(paths)
     assert np.isfinite(through_config).all()
     np.testing.assert_allclose(through_config, through_loader, atol=1e-5)
+
+
+def test_python_m_the_old_command_line_still_runs_dp_train() -> None:
+    found = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-m", "dp_model.train_cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert found.returncode == 0, found.stderr
+    assert "usage: dp-train" in found.stdout
+    assert "dp_model.train_cli moved to dp_model.training.cli on 2026-12-06" in found.stderr

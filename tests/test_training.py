@@ -18,7 +18,7 @@ from dp_model.config import to_mapping
 from dp_model.datasets import read_dataset
 from dp_model.serving.bundle import BundleError, load_bundle, validate_metadata
 from dp_model.synth import SynthConfig, generate
-from dp_model.train_cli import main as train_main
+from dp_model.training.cli import main as train_main
 from dp_model.training.config import (
     DataConfig,
 )
