@@ -9,7 +9,7 @@ decoding), after warm-up, and prints median and 95th percentile in milliseconds 
 mode, channels-last, and with the heads a bundle carries. The target is at most 60 ms at
 224 px on a 2-core machine.
 
-With ``--engines``: the node's forward pass (:class:`dp_model.onnx_graph.ServedGraph`: the
+With ``--engines``: the node's forward pass (:class:`dp_model.serving.onnx_graph.ServedGraph`: the
 logits, the ``map+`` of stage 3 and the gate's features of every stage, as the demo bundle
 serves them; and the logits alone) in PyTorch eager and in ONNX Runtime from the exported
 graph, one image, and the largest difference between the two engines' outputs.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dp_model.networks import DeepPneumoniaNet
+from dp_model.networks.networks import DeepPneumoniaNet
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, runs: int, warmup: int) -> tuple[float, float]:
@@ -60,7 +60,7 @@ def alternated(calls, runs: int, warmup: int) -> list[tuple[float, float]]:
 
 def engines(model: torch.nn.Module, size: int, runs: int, warmup: int, threads: int) -> None:
     """PyTorch eager against ONNX Runtime for the node's forward pass of ``model``."""
-    from dp_model.onnx_graph import OnnxGraph, ServedGraph, export
+    from dp_model.serving.onnx_graph import OnnxGraph, ServedGraph, export
 
     x = torch.rand(1, 1, size, size)
     print(
@@ -109,7 +109,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bundle:
-        from dp_model.bundle import load_bundle
+        from dp_model.serving.bundle import load_bundle
 
         model, contract = load_bundle(args.bundle)
         args.size = contract.image_size

@@ -30,7 +30,7 @@ if [ -z "${REPORT_ONLY:-}" ]; then
     [ -n "${EPOCHS:-}" ] && extra+=(--finetune-epochs "$EPOCHS")
     [ -z "${BY_ROW:-}" ] && extra+=(--by-seed)
     # shellcheck disable=SC2086
-    "$python" -m dp_model.train_cli ablation --config "$config" --data "$data" --out "$out" \
+    "$python" -m dp_model.training.cli ablation --config "$config" --data "$data" --out "$out" \
         --tables "${TABLES:-plain,standing,I,search}" --seeds ${SEEDS:-0 1 2 3 4 5 6 7 8 9} "${extra[@]}"
 fi
 mkdir -p "$docs"

@@ -43,13 +43,13 @@ from PIL import Image
 from scipy.stats import rankdata
 from torch import nn
 
-from dp_model.bundle import load_bundle
 from dp_model.config import load_config
-from dp_model.contract import ModelContract
 from dp_model.datasets import read_dataset
-from dp_model.explain import map_sources, source_maps
 from dp_model.metrics import evaluate, mask_iou, pointing_game
-from dp_model.networks import DeepPneumoniaNet
+from dp_model.networks.explain import map_sources, source_maps
+from dp_model.networks.networks import DeepPneumoniaNet
+from dp_model.serving.bundle import load_bundle
+from dp_model.serving.contract import ModelContract
 from dp_model.synth import SynthConfig, generate
 from dp_model.synth.counterfactual import render_variants
 from dp_model.training.config import TrainConfig

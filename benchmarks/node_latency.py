@@ -44,7 +44,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dp_model.bundle import load_bundle
+from dp_model.serving.bundle import load_bundle
 from pacs_node.config import NodeConfig
 from pacs_node.results.identity import ResultIdentity, rendition
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in

@@ -44,7 +44,7 @@ from node_latency import (
 )
 from pydicom.data import get_testdata_file
 
-from dp_model.bundle import load_bundle
+from dp_model.serving.bundle import load_bundle
 
 #: Imported one after another in a fresh interpreter, in this order.
 IMPORTS = (
@@ -57,7 +57,7 @@ IMPORTS = (
     "torchvision",
     "monai",
     "dp_transforms",
-    "dp_model.bundle",
+    "dp_model.serving.bundle",
     "pacs_node.node",
 )
 

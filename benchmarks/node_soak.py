@@ -49,7 +49,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from dp_model.bundle import load_bundle
+from dp_model.serving.bundle import load_bundle
 from pacs_node.config import NodeConfig
 from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.intake.sanitize import clean_source

@@ -14,13 +14,13 @@ What it builds:
   DICOM conversion decodes (CT, MR, NM, US, a CR of an extremity, ...), and RG1, a real PA
   chest CR, as its own category ("real vs phantom"). Test only: they are too few to choose by.
 
-What it measures, for each detector of :mod:`dp_model.ood` (the Mahalanobis ones with
+What it measures, for each detector of :mod:`dp_model.serving.ood` (the Mahalanobis ones with
 Ledoit-Wolf and with OAS shrinkage), fitted on the bundle's training split:
 
 * per category: AUROC (OOD positive) and FPR at 95 % TPR (the share of OOD images accepted
   when the threshold accepts 95 % of in-distribution images), and the share turned away at
   the certified threshold;
-* the certified threshold (:func:`dp_model.ood.certified_threshold` on the calibration split,
+* the certified threshold (:func:`dp_model.serving.ood.certified_threshold` on the calibration split,
   as ``dp-train`` places it) and the in-distribution false-rejection rate there, with a
   Clopper-Pearson interval;
 * whether the turned-away in-distribution images are those the classifier gets wrong: the
@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dp_model.bundle import load_bundle
-from dp_model.ood import DETECTORS, Seen, certified_threshold, fit_detector, observe
-from dp_model.served import clopper_pearson
+from dp_model.serving.bundle import load_bundle
+from dp_model.serving.ood import DETECTORS, Seen, certified_threshold, fit_detector, observe
+from dp_model.serving.served import clopper_pearson
 
 logger = logging.getLogger("ood_benchmark")
 
@@ -60,7 +60,7 @@ CANDIDATES = tuple(
 )
 #: The roles: validation chooses, test reports.
 ROLES = ("val", "test")
-#: The promise the gate makes (dp_model.ood.FALSE_REJECTION): the choice keeps detectors that keep it.
+#: The promise the gate makes (dp_model.serving.ood.FALSE_REJECTION): the choice keeps detectors that keep it.
 FALSE_REJECTION = 0.01
 #: A challenger replaces the incumbent only by more than this mean AUROC.
 MARGIN = 0.005
@@ -360,7 +360,7 @@ def collect(args) -> tuple[dict[str, Seen], dict[str, np.ndarray], dict, torch.n
 
 
 def evaluate(seen: dict[str, Seen], labels: dict[str, np.ndarray], model) -> dict:
-    from dp_model.ood import classifier_layer
+    from dp_model.serving.ood import classifier_layer
     from dp_model.synth.shifts import SHIFTS
 
     near = list(SHIFTS)

@@ -49,7 +49,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
-from dp_model.bundle import load_bundle
+from dp_model.serving.bundle import load_bundle
 from pacs_node.intake.sanitize import clean_source
 from pacs_node.model.predictor import Prediction, prepare
 from pacs_node.results.identity import ResultIdentity

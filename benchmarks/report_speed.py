@@ -29,7 +29,7 @@ def measure(bundle: Path, runs: int) -> dict[str, float]:
     from pydicom import dcmread
     from pydicom.data import get_testdata_file
 
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
     from pacs_node.config import NodeConfig
     from pacs_node.intake.sanitize import clean_source
     from pacs_node.model.prediction import Prediction

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from dp_model.losses import CBFocalLoss, MGACRLoss, NTXentLoss
-from dp_model.networks import DeepPneumoniaNet, SimCLRNet
+from dp_model.networks.losses import CBFocalLoss, MGACRLoss, NTXentLoss
+from dp_model.networks.networks import DeepPneumoniaNet, SimCLRNet
 from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, RuntimeConfig
 from dp_model.training.data import Resident
 from dp_model.training.engine import finetune_step

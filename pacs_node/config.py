@@ -435,7 +435,7 @@ OVERLAY_MODALITIES = ("source", "OT")
 #: a destination behind a link slower than about 1 Gb/s).
 OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
 
-#: Who runs the model (dp_model.runner.ENGINES, repeated here so that reading a configuration
+#: Who runs the model (dp_model.serving.runner.ENGINES, repeated here so that reading a configuration
 #: does not import torch; tests/test_onnx_engine.py keeps the two equal).
 ENGINES = ("auto", "torch", "onnx")
 

@@ -4,7 +4,7 @@ distance between score distributions, per model version, as gauges of ``/metrics
 Over the last ``drift_window`` images processed (:class:`Watch`, a subscriber of the node's
 outcome events) the node exposes the fraction not assessed (turned away by the
 out-of-distribution gate), positive and flagged for triage, and, where the bundle carries its
-validation images' scores (``docs/scores_val.npz``, :func:`dp_model.served.scores_path`), the
+validation images' scores (``docs/scores_val.npz``, :func:`dp_model.serving.served.scores_path`), the
 same fractions on those images and the Wasserstein-1 distance between the served probability of
 pneumonia of the window's assessed images and the validation images' (:func:`wasserstein`), with
 a bootstrap interval.
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dp_model.served import scores_path
+from dp_model.serving.served import scores_path
 from pacs_node.metrics import Labels, Metrics
 from pacs_node.outcomes import Event, Processed
 
 if TYPE_CHECKING:
-    from dp_model.contract import ModelContract
+    from dp_model.serving.contract import ModelContract
 
 logger = logging.getLogger(__name__)
 

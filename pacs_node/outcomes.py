@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from pacs_node.audit import AuditLog
 from pacs_node.config import Destination, WebDestination
 from pacs_node.metrics import Metrics

@@ -110,7 +110,7 @@ def _train_demo_bundle(root: Path) -> None:
 
     from dp_model.config import load_config
     from dp_model.synth import SynthConfig, generate
-    from dp_model.train_cli import main as train_main
+    from dp_model.training.cli import main as train_main
 
     shutil.rmtree(root, ignore_errors=True)
     configs = ROOT / "configs"

@@ -99,15 +99,15 @@ def write_dicom(path: Path, pixels, **kwargs) -> Path:
 
 def onnx_copy(bundle: Path, folder: Path, arrays: bool = True) -> Path:
     """A copy of ``bundle`` in ``folder`` with the ONNX graph of its weights (as dp-train
-    writes it, :func:`dp_model.onnx_graph.write_onnx`) and, with ``arrays``, the gate's
-    statistics in NumPy's form (``models/ood.npz``, :func:`dp_model.gate.save_arrays`), each
+    writes it, :func:`dp_model.serving.onnx_graph.write_onnx`) and, with ``arrays``, the gate's
+    statistics in NumPy's form (``models/ood.npz``, :func:`dp_model.serving.gate.save_arrays`), each
     with its SHA-256 in the contract; the other model files are linked, the bundle itself is
     left as it is."""
     import json
 
-    from dp_model.gate import ARRAYS_FILE, save_arrays
-    from dp_model.loading import load_bundle, load_feature_statistics
-    from dp_model.onnx_graph import write_onnx
+    from dp_model.serving.gate import ARRAYS_FILE, save_arrays
+    from dp_model.serving.loading import load_bundle, load_feature_statistics
+    from dp_model.serving.onnx_graph import write_onnx
 
     folder.mkdir(parents=True)
     shutil.copytree(bundle / "configs", folder / "configs")
@@ -141,7 +141,7 @@ def assert_engines_agree(bundle: Path, tolerance: float = 1e-4) -> None:
     import numpy as np
     import torch
 
-    from dp_model.runner import Runner
+    from dp_model.serving.runner import Runner
     from dp_transforms import load_letterboxed
 
     eager = Runner(bundle=bundle, device="cpu", maps=True, engine="torch")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from training_support import tiny
 
-from dp_model.train_cli import main as train_main
+from dp_model.training.cli import main as train_main
 
 # --- the paper's tables --------------------------------------------------------------------------------------
 

@@ -207,7 +207,7 @@ def test_step_schedule_divides_the_rate_every_step_after_the_warm_up() -> None:
 def test_an_unknown_architecture_fails_at_load_naming_the_key_and_the_known_names(
     tmp_path: Path,
 ) -> None:
-    from dp_model.architectures import ARCHITECTURES
+    from dp_model.networks.architectures import ARCHITECTURES
     from dp_model.training.config import TrainConfig
 
     path = tmp_path / "train.yaml"
@@ -228,12 +228,12 @@ def test_the_training_config_reads_multi_label_and_pre_training_from_the_registr
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A new entry of the table is a valid ``finetune.architecture`` with nothing else to edit."""
-    from dp_model.registry import ARCHITECTURES, Architecture
+    from dp_model.networks.registry import ARCHITECTURES, Architecture
     from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, TrainConfig
 
     entry = Architecture(
         name="mobile_test",
-        network="dp_model.networks:BaselineNet",
+        network="dp_model.networks.networks:BaselineNet",
         description="a test entry",
         multi_label=True,
     )

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from dp_model.contract import Decision
-from dp_model.runner import Runner
+from dp_model.serving.contract import Decision
+from dp_model.serving.runner import Runner
 from dp_model.training.runtime import Runtime
 from pacs_node.config import NodeConfig, OutboxConfig, RetentionConfig, TLSConfig, WebDestination
 from pacs_node.delivery.outbox import DestinationSender

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dp_model.calibration import fit_temperature, operating_point, reliability
-from dp_model.contract import (
+from dp_model.serving.calibration import fit_temperature, operating_point, reliability
+from dp_model.serving.contract import (
     FORMAT,
     ContractError,
     ModelContract,
@@ -18,7 +18,7 @@ from dp_model.contract import (
     probabilities,
     within_gate,
 )
-from dp_model.ood import FeatureStatistics, threshold
+from dp_model.serving.ood import FeatureStatistics, threshold
 
 RSNA = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 
@@ -305,8 +305,8 @@ def test_operating_points_refuse_what_the_validation_split_cannot_give() -> None
 
 
 def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> None:
-    from dp_model.architectures import build_network
-    from dp_model.ood import classifier_layer
+    from dp_model.networks.architectures import build_network
+    from dp_model.serving.ood import classifier_layer
 
     net = build_network("resnet18", 5)
     assert classifier_layer(net) is net.backbone.fc
@@ -315,7 +315,7 @@ def test_the_gate_uses_the_layer_each_network_names_and_cia_net_has_none() -> No
 
 
 def test_the_gate_takes_exactly_one_pass_of_features_one_row_per_image() -> None:
-    from dp_model.ood import one_pass
+    from dp_model.serving.ood import one_pass
 
     seen = [torch.zeros(4, 8)]
     # taken, and the list emptied for the next batch
@@ -331,7 +331,7 @@ def test_the_gate_takes_exactly_one_pass_of_features_one_row_per_image() -> None
 
 
 def test_localization_travels_with_the_contract_and_the_rule_is_the_stated_one() -> None:
-    from dp_model.contract import Localization, regions_earned
+    from dp_model.serving.contract import Localization, regions_earned
 
     prior = {"iou>0.1": 0.64, "iou>0.3": 0.34, "iou>0.5": 0.21, "pointing": 0.5}
     beats = prior | {"iou>0.3": 0.40, "pointing": 0.6}

@@ -34,7 +34,7 @@ def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, classes: int) 
 
 @pytest.fixture(scope="module")
 def test_scores(demo_bundle: Path):
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
 
     _, contract = load_bundle(demo_bundle)
     saved_scores = demo_bundle / "docs" / "scores_test.npz"
@@ -92,7 +92,7 @@ def test_the_demo_model_is_clearly_above_its_baselines_recomputed_from_their_sav
 
 
 def test_the_demo_models_present_point_keeps_normal_test_phantoms_negative(test_scores) -> None:
-    from dp_model.served import is_pneumonia, served_decisions
+    from dp_model.serving.served import is_pneumonia, served_decisions
 
     contract, scores = test_scores
     ood = None if np.isnan(scores["ood_score"]).all() else scores["ood_score"]
@@ -112,7 +112,7 @@ def test_the_demo_models_present_point_keeps_normal_test_phantoms_negative(test_
 def test_the_demo_model_draws_regions_because_they_beat_the_prior_map(
     demo_bundle: Path, test_scores
 ) -> None:
-    from dp_model.contract import regions_earned
+    from dp_model.serving.contract import regions_earned
 
     contract, _ = test_scores
     located = contract.localization

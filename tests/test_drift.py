@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from dp_model.served import scores_path
+from dp_model.serving.served import scores_path
 from pacs_node import drift
 from pacs_node.metrics import Metrics
 from pacs_node.model.prediction import Prediction

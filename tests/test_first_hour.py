@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Every command a user is told about, as a module run with ``python -m``.
 COMMANDS = [
     ("pacs_node.cli", []),
-    ("dp_model.train_cli", []),
-    ("dp_model.train_cli", ["evaluate"]),
-    ("dp_model.train_cli", ["ablation"]),
+    ("dp_model.training.cli", []),
+    ("dp_model.training.cli", ["evaluate"]),
+    ("dp_model.training.cli", ["ablation"]),
     ("dp_model.synth.cli", []),
     ("pacs_node.health", []),
     ("pacs_node.results.gallery", []),
@@ -170,7 +170,7 @@ def test_dp_node_on_a_port_in_use_exits_2_with_one_line_at_once(
 def test_a_bundle_that_does_not_exist_is_called_so(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from dp_model.train_cli import main as train_main
+    from dp_model.training.cli import main as train_main
     from pacs_node.cli import main as node_main
 
     missing = tmp_path / "no-such-bundle"
@@ -199,7 +199,7 @@ def test_a_folder_that_is_no_dataset_names_the_layout_option_and_its_values(
     command: list[str], demo_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from dp_model.datasets import LAYOUTS
-    from dp_model.train_cli import main as train_main
+    from dp_model.training.cli import main as train_main
 
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")
@@ -214,7 +214,7 @@ def test_a_folder_that_is_no_dataset_names_the_layout_option_and_its_values(
 
 def test_the_layouts_listed_in_the_help_are_the_readers_layouts() -> None:
     from dp_model.datasets import LAYOUTS
-    from dp_model.train_cli import LAYOUT_NAMES
+    from dp_model.training.cli import LAYOUT_NAMES
 
     assert LAYOUT_NAMES.replace(" or ", ", ").split(", ") == list(LAYOUTS)
 
@@ -301,7 +301,7 @@ def test_the_bundle_runner_states_no_probability_for_an_image_it_does_not_assess
     import csv
     import shutil
 
-    from dp_model.inference import Predictor
+    from dp_model.serving.inference import Predictor
 
     (tmp_path / "in").mkdir()
     # a real radiograph: outside the demonstration model's phantoms

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dp_model.architectures import build_network
-from dp_model.classifier import ClassifierBase
-from dp_model.explain import CAM, GRAD_CAM, cam, grad_cam, map_sources, source_maps
 from dp_model.metrics import localization_figures, paired_difference_low, pointing_game
+from dp_model.networks.architectures import build_network
+from dp_model.networks.classifier import ClassifierBase
+from dp_model.networks.explain import CAM, GRAD_CAM, cam, grad_cam, map_sources, source_maps
 from dp_model.training.config import ClassAttentionConfig, FinetuneConfig, MGACRConfig
 from dp_model.training.data import Resident
 from dp_model.training.objectives import logit_adjustment
@@ -370,7 +370,7 @@ class Oracle(ClassifierBase):
 
 
 def test_counterfactual_rates_credit_a_map_that_follows_the_lesion(tmp_path) -> None:
-    from dp_model.contract import ModelContract
+    from dp_model.serving.contract import ModelContract
     from dp_model.synth import SynthConfig
 
     checks = checks_module()

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dp_model.losses import (
+from dp_model.networks.losses import (
     CBFocalLoss,
     MGACRLoss,
     SqrtFocalLoss,
@@ -24,7 +24,7 @@ from dp_model.losses import (
     nt_xent,
     relative_scale,
 )
-from dp_model.networks import StageOutput
+from dp_model.networks.networks import StageOutput
 
 torch.manual_seed(0)
 
@@ -376,7 +376,7 @@ def test_sqrt_focal_weights_favour_rare_classes_and_average_one() -> None:
 
 
 def test_the_lesion_loss_is_smallest_at_the_mask_and_counts_only_where_a_stage_carries_the_head():
-    from dp_model.losses import lesion_loss
+    from dp_model.networks.losses import lesion_loss
 
     stage, mask = _box_stage(side=64, box=16, requires_grad=False)
     cells = torch.nn.functional.adaptive_avg_pool2d(mask, (8, 8))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from dp_model.networks import DeepPneumoniaNet, SimCLRNet, resnet18
+from dp_model.networks.networks import DeepPneumoniaNet, SimCLRNet, resnet18
 
 
 def torchvision_resnet18(num_classes: int = 5) -> torch.nn.Module:
@@ -108,7 +108,7 @@ def test_simclr_encoder_weights_initialise_the_classifier() -> None:
 
 
 def test_side_branch_attention_keeps_the_shape_and_fuses_by_addition() -> None:
-    from dp_model.networks import SideBranchAttention
+    from dp_model.networks.networks import SideBranchAttention
 
     branch = SideBranchAttention(32).eval()
     for size in ((14, 14), (7, 9)):  # odd sizes: the transposed convolution overshoots by one
@@ -120,9 +120,9 @@ def test_side_branch_attention_keeps_the_shape_and_fuses_by_addition() -> None:
 
 
 def test_attention_resnet50_classifies_one_channel_images_and_names_its_cam_layer() -> None:
-    from dp_model.architectures import build_network
-    from dp_model.explain import grad_cam
-    from dp_model.networks import AttentionResNet50, SideBranchAttention
+    from dp_model.networks.architectures import build_network
+    from dp_model.networks.explain import grad_cam
+    from dp_model.networks.networks import AttentionResNet50, SideBranchAttention
 
     model = build_network("attention_resnet50", 3).eval()
     assert isinstance(model, AttentionResNet50)
@@ -133,8 +133,8 @@ def test_attention_resnet50_classifies_one_channel_images_and_names_its_cam_laye
 
 
 def test_build_network_knows_every_architecture_and_refuses_the_rest() -> None:
-    from dp_model.architectures import build_network
-    from dp_model.networks import BaselineNet, DeepPneumoniaNet
+    from dp_model.networks.architectures import build_network
+    from dp_model.networks.networks import BaselineNet, DeepPneumoniaNet
 
     assert isinstance(build_network("resnet18", 5, (3, 4)), DeepPneumoniaNet)
     assert isinstance(build_network("vgg16", 5), BaselineNet)
@@ -149,13 +149,13 @@ TINY = {"cia_net": {"image_size": 64, "bank_size": 4}}
 
 
 @pytest.mark.parametrize(
-    "name", list(__import__("dp_model.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
+    "name", list(__import__("dp_model.networks.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
 )
 def test_every_registered_architecture_builds_and_gives_the_classifier_interface(name: str) -> None:
     """Walks the registry: a new entry is checked here without editing this test."""
-    from dp_model.classifier import Classifier, ClassifierBase
-    from dp_model.explain import cam, grad_cam, map_sources
-    from dp_model.registry import ARCHITECTURES
+    from dp_model.networks.classifier import Classifier, ClassifierBase
+    from dp_model.networks.explain import cam, grad_cam, map_sources
+    from dp_model.networks.registry import ARCHITECTURES
 
     entry = ARCHITECTURES[name]
     assert entry.name == name and entry.description.strip() and "\n" not in entry.description
@@ -187,7 +187,7 @@ def test_every_registered_architecture_builds_and_gives_the_classifier_interface
 
 
 def test_attention_entries_take_mgacr_heads_and_the_others_refuse_them() -> None:
-    from dp_model.registry import ARCHITECTURES, build_network
+    from dp_model.networks.registry import ARCHITECTURES, build_network
 
     for name, entry in ARCHITECTURES.items():
         if entry.attention:
@@ -197,26 +197,43 @@ def test_attention_entries_take_mgacr_heads_and_the_others_refuse_them() -> None
                 build_network(name, 3, (3,), **TINY.get(name, {}))
 
 
-def test_the_names_that_bundle_configs_use_are_plain_imports() -> None:
+def test_the_old_paths_that_bundle_configs_name_give_the_same_objects_with_a_dated_warning() -> (
+    None
+):
     """Configs of bundles written before 2026-12-01 name ``dp_model.networks.build_network``
-    and ``dp_model.bundle.Predictor``; newer ones the ``architectures`` and ``inference`` ones."""
+    and ``dp_model.bundle.Predictor``, those written before 2026-12-06
+    ``dp_model.architectures.build_network`` and ``dp_model.inference.Predictor``; each
+    resolves, until 0.2.0, to the very object of its new home, and says where that is
+    (``tests/test_old_paths.py`` has every old module and the demo bundle's configs)."""
     from monai.utils.module import locate  # how a bundle config resolves its _target_
 
-    import dp_model.architectures
-    import dp_model.bundle
-    import dp_model.inference
-    import dp_model.networks
+    import dp_model.networks.architectures
+    import dp_model.serving.inference
 
-    assert locate("dp_model.networks.build_network") is dp_model.architectures.build_network
-    assert locate("dp_model.bundle.Predictor") is dp_model.inference.Predictor
-    assert not hasattr(dp_model.networks, "__getattr__") and not hasattr(
-        dp_model.bundle, "__getattr__"
+    for old in ("dp_model.architectures", "dp_model.bundle", "dp_model.inference"):
+        sys.modules.pop(old, None)  # imported before: import it afresh, as a new process would
+    build, predictor = (
+        dp_model.networks.architectures.build_network,
+        dp_model.serving.inference.Predictor,
     )
+    with pytest.warns(
+        DeprecationWarning, match=r"dp_model\.networks\.networks.*2026-12-06.*0\.2\.0"
+    ):
+        assert locate("dp_model.networks.build_network") is build
+    for old, new in [
+        ("dp_model.architectures.build_network", build),
+        ("dp_model.bundle.Predictor", predictor),
+        ("dp_model.inference.Predictor", predictor),
+    ]:
+        with pytest.warns(
+            DeprecationWarning, match="moved to dp_model.(networks|serving).* on 2026-12-06"
+        ):
+            assert locate(old) is new
 
 
 def test_the_registry_and_the_training_config_need_no_pytorch() -> None:
     """``dp-train --help`` and config validation read the registry before PyTorch is loaded."""
-    code = "import sys, dp_model.registry, dp_model.training.config; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    code = "import sys, dp_model.networks.registry, dp_model.training.config; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
@@ -225,7 +242,7 @@ def test_the_registry_and_the_training_config_need_no_pytorch() -> None:
 
 def _readme_example_entry() -> object:
     """The registry entry that README.md's "Adding a network" shows, as written there."""
-    from dp_model.registry import Architecture
+    from dp_model.networks.registry import Architecture
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Adding a network", 1)[1]
@@ -238,11 +255,11 @@ def test_the_torchvision_classifier_the_readme_adds_as_one_entry_trains_and_draw
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A torchvision classifier the registry does not hold is one
-    :class:`~dp_model.networks.BaselineNet` entry: registered at run time (nothing else
+    :class:`~dp_model.networks.networks.BaselineNet` entry: registered at run time (nothing else
     edited), the training config accepts it, stage II builds it, one optimizer step moves its
     weights, and Grad-CAM and CAM (which it declares exact) draw the same maps."""
-    from dp_model.explain import cam, grad_cam, map_sources
-    from dp_model.registry import ARCHITECTURES
+    from dp_model.networks.explain import cam, grad_cam, map_sources
+    from dp_model.networks.registry import ARCHITECTURES
     from dp_model.training.config import FinetuneConfig, MGACRConfig
     from dp_model.training.objectives import build_classifier, classification_loss, make_optimizer
 
@@ -317,7 +334,7 @@ def test_a_new_registry_entry_brings_its_own_options_loss_offsets_and_card_to_tr
 ) -> None:
     """Stage II reads every per-network rule from the entry: a network whose paper defines its
     own loss and constructor options is one registry entry, with no training code naming it."""
-    from dp_model.registry import ARCHITECTURES, Architecture
+    from dp_model.networks.registry import ARCHITECTURES, Architecture
     from dp_model.training import card
     from dp_model.training.config import FinetuneConfig, MGACRConfig, PretrainConfig, TrainConfig
     from dp_model.training.objectives import (
@@ -366,13 +383,13 @@ def test_a_new_registry_entry_brings_its_own_options_loss_offsets_and_card_to_tr
 
 
 @pytest.mark.parametrize(
-    "name", list(__import__("dp_model.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
+    "name", list(__import__("dp_model.networks.registry", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
 )
 def test_every_training_rule_an_entry_names_is_a_function_and_multi_label_ones_name_a_loss(
     name: str,
 ) -> None:
     """A misspelt ``"module:function"`` would otherwise surface only when that network trains."""
-    from dp_model.registry import ARCHITECTURES, resolve
+    from dp_model.networks.registry import ARCHITECTURES, resolve
 
     entry = ARCHITECTURES[name]
     rules = (entry.options, entry.loss, entry.logit_adjustment, entry.card)

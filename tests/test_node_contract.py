@@ -14,7 +14,7 @@ from helpers import run_tool
 from node_support import final_lines, identity_of, send_files, wait_for
 from pydicom import dcmread
 
-from dp_model.bundle import load_bundle
+from dp_model.serving.bundle import load_bundle
 from pacs_node import codes
 from pacs_node.model.predictor import NodePredictor, prepare
 from pacs_node.node import Node
@@ -158,7 +158,7 @@ def test_a_bundle_without_a_contract_format_loads_the_same_contract_as_one_of_fo
     demo_bundle: Path, tmp_path: Path
 ) -> None:
     """Bundles written before the format was recorded are format 1, migrated on load."""
-    from dp_model.contract import FORMAT
+    from dp_model.serving.contract import FORMAT
 
     old = _with_contract(
         demo_bundle, tmp_path / "old", lambda c: {k: v for k, v in c.items() if k != "format"}
@@ -173,7 +173,7 @@ def test_a_bundle_without_a_contract_format_loads_the_same_contract_as_one_of_fo
 def test_a_bundle_of_a_newer_contract_format_is_refused_at_load_with_one_line(
     demo_bundle: Path, tmp_path: Path
 ) -> None:
-    from dp_model.bundle import BundleError
+    from dp_model.serving.bundle import BundleError
 
     newer = _with_contract(demo_bundle, tmp_path / "newer", lambda c: c | {"format": 3})
     with pytest.raises(BundleError) as refused:
@@ -226,7 +226,7 @@ def test_altered_gate_statistics_refuse_the_bundle_at_load_not_every_image_later
 ) -> None:
     import torch
 
-    from dp_model.bundle import BundleError
+    from dp_model.serving.bundle import BundleError
 
     copy = tmp_path / "bundle"
     shutil.copytree(demo_bundle, copy)
@@ -286,7 +286,7 @@ def test_sample_images_keep_nothing_that_names_a_patient_a_visit_or_a_site(
 ) -> None:
     from pydicom.dataset import Dataset
 
-    from dp_model.bundle import write_samples
+    from dp_model.serving.bundle import write_samples
 
     ds = dcmread(rg1_path)
     ds.InstitutionalDepartmentName, ds.RequestingPhysician, ds.AdmissionID = (

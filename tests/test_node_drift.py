@@ -20,7 +20,7 @@ import numpy as np
 from helpers import require_tool
 from node_support import final_lines, free_port, send_files, start_node, wait_for
 
-from dp_model.served import scores_path
+from dp_model.serving.served import scores_path
 from pacs_node.model.prediction import Prediction
 from pacs_node.node import Node
 from pacs_node.outcomes import Image, Processed

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from dp_model.bundle import load_bundle
+from dp_model.serving.bundle import load_bundle
 from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 

@@ -174,7 +174,7 @@ def test_every_setting_that_changes_what_a_result_says_changes_its_uids(
 ) -> None:
     from dataclasses import replace
 
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
     from pacs_node.config import NodeConfig
     from pacs_node.results import identity
 
@@ -226,7 +226,7 @@ def test_the_code_digest_reads_every_module_that_decides_a_results_content() -> 
         "pacs_node/model/prediction.py",
         "pacs_node/codes.py",
         "pacs_node/intake/sanitize.py",
-        "dp_model/contract.py",
+        "dp_model/serving/contract.py",
         "dp_transforms/dicom.py",
     } <= read
     assert len(identity.results_format()) == 16
@@ -240,7 +240,7 @@ def test_every_setting_a_writer_reads_is_part_of_the_uids_and_changes_them(
     import re
     from dataclasses import replace
 
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
     from pacs_node.config import NodeConfig
     from pacs_node.results import identity
 

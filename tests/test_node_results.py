@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from pacs_node import codes
 from pacs_node.intake.screen import SkipReason, screen
 from pacs_node.model.predictor import NodePredictor, Prediction, prepare, regions

@@ -27,8 +27,8 @@ from node_support import (
     wait_for,
 )
 
-from dp_model.bundle import BundleError, load_bundle
 from dp_model.config import ConfigError, load_config
+from dp_model.serving.bundle import BundleError, load_bundle
 from pacs_node.cli import main
 from pacs_node.config import NodeConfig, TLSConfig
 from pacs_node.model.predictor import NodePredictor

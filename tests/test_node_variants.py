@@ -12,9 +12,9 @@ from node_support import LOCALIZING, bundle_with, chest_dataset, identity_of, se
 from pydicom import dcmread
 
 from dp_model.config import load_config
-from dp_model.explain import default_source, map_sources
-from dp_model.loading import load_bundle
-from dp_model.onnx_graph import graph_source, served_source
+from dp_model.networks.explain import default_source, map_sources
+from dp_model.serving.loading import load_bundle
+from dp_model.serving.onnx_graph import graph_source, served_source
 from dp_model.training.config import TrainConfig
 from dp_model.training.run import train
 from pacs_node import codes

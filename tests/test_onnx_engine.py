@@ -14,12 +14,12 @@ import torch
 from helpers import assert_engines_agree, onnx_copy
 from node_support import chest_dataset, send, start_node, wait_for
 
-from dp_model.contract import ContractError, ModelContract
-from dp_model.explain import CAM, grad_cam
-from dp_model.loading import BundleError
-from dp_model.networks import BaselineNet, DeepPneumoniaNet
-from dp_model.onnx_graph import OnnxGraph, ServedGraph, export, file_digest, write_onnx
-from dp_model.runner import ENGINES, Runner
+from dp_model.networks.explain import CAM, grad_cam
+from dp_model.networks.networks import BaselineNet, DeepPneumoniaNet
+from dp_model.serving.contract import ContractError, ModelContract
+from dp_model.serving.loading import BundleError
+from dp_model.serving.onnx_graph import OnnxGraph, ServedGraph, export, file_digest, write_onnx
+from dp_model.serving.runner import ENGINES, Runner
 from pacs_node.config import ENGINES as NODE_ENGINES
 from pacs_node.config import NodeConfig
 
@@ -59,7 +59,7 @@ def test_the_demo_bundles_graph_gives_the_probabilities_maps_and_scores_of_pytor
 def test_auto_serves_the_graph_on_the_cpu_and_says_so(
     onnx_bundle: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    caplog.set_level(logging.INFO, logger="dp_model.serving.runner")
     assert Runner(bundle=onnx_bundle, device="cpu", maps=True).engine == "onnx"
     assert "model engine: ONNX Runtime on the CPU" in caplog.text
     caplog.clear()
@@ -72,7 +72,7 @@ def test_a_bundle_without_a_graph_runs_in_pytorch_and_the_onnx_engine_is_refused
 ) -> None:
     # a bundle written before graphs were (the demo bundle itself has one once trained today)
     plain = _tampered(demo_bundle, tmp_path / "plain", None, None)
-    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    caplog.set_level(logging.INFO, logger="dp_model.serving.runner")
     assert Runner(bundle=plain, device="cpu", maps=True).engine == "torch"
     assert "model engine: PyTorch" in caplog.text and "no ONNX graph" in caplog.text
     with pytest.raises(
@@ -169,7 +169,7 @@ def test_no_graph_is_written_where_the_maps_need_gradients(
     dense = replace(
         contract, architecture="densenet121", options={}, attention_stages=(), localization=None
     )
-    caplog.set_level(logging.WARNING, logger="dp_model.onnx_graph")
+    caplog.set_level(logging.WARNING, logger="dp_model.serving.onnx_graph")
     assert write_onnx(tmp_path, network, dense) == ""
     assert not (tmp_path / "models" / "model.onnx").exists()
     assert "no ONNX graph written" in caplog.text and "grad_cam needs gradients" in caplog.text
@@ -210,8 +210,8 @@ def test_a_graph_of_other_maps_than_the_contract_names_is_not_served(
 ) -> None:
     """The contract's map source changed after the graph was written (its digest still
     matches): auto serves in PyTorch, and the onnx engine is refused in one line."""
-    from dp_model.explain import map_sources
-    from dp_model.loading import load_bundle
+    from dp_model.networks.explain import map_sources
+    from dp_model.serving.loading import load_bundle
 
     model, contract = load_bundle(onnx_bundle)
     assert contract.localization is not None
@@ -225,7 +225,7 @@ def test_a_graph_of_other_maps_than_the_contract_names_is_not_served(
     meta = json.loads((onnx_bundle / "configs" / "metadata.json").read_text())
     meta["deep_pneumonia"]["localization"]["source"] = other
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
-    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    caplog.set_level(logging.INFO, logger="dp_model.serving.runner")
     assert Runner(bundle=folder, device="cpu", maps=True).engine == "torch"
     assert "its graph draws the maps of" in caplog.text
     # without maps asked for, the same graph serves
@@ -324,7 +324,7 @@ def test_a_bundle_whose_gate_is_stored_for_pytorch_alone_is_served_by_pytorch_an
     PyTorch with one INFO line why, the onnx engine is refused in one line, and the node's
     numbers are PyTorch's."""
     older = onnx_copy(demo_bundle, tmp_path / "older", arrays=False)
-    caplog.set_level(logging.INFO, logger="dp_model.runner")
+    caplog.set_level(logging.INFO, logger="dp_model.serving.runner")
     runner = Runner(bundle=older, device="cpu", maps=True)
     assert runner.engine == "torch"
     (line,) = [r.getMessage() for r in caplog.records if "model engine" in r.getMessage()]
@@ -365,7 +365,7 @@ def test_altered_numpy_statistics_of_the_gate_are_refused_in_one_line(
 def test_the_runner_reads_from_the_graph_alone_which_maps_it_gives() -> None:
     """A graph gives the maps of the source it records, and CAM's are Grad-CAM's (a graph
     draws CAM only where CAM is exact); no network is asked."""
-    from dp_model.sources import drawn_as, draws
+    from dp_model.serving.sources import drawn_as, draws
 
     assert draws("lesion:1", "lesion:1") and draws("cam", "grad_cam") and draws("cam", "cam")
     assert not draws("map+:3", "lesion:1") and not draws("cam", "map+:1")

@@ -1,4 +1,4 @@
-"""The out-of-distribution detectors (dp_model/ood.py): each score against an answer known in
+"""The out-of-distribution detectors (dp_model/serving/ood.py): each score against an answer known in
 advance on small synthetic features, what a forward pass shows them, their files, and the
 node's default gate on a far-OOD image and a held-out phantom."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from pydicom.dataset import Dataset
 
-from dp_model.contract import ContractError, OODGate
-from dp_model.gate import load_arrays
-from dp_model.ood import (
+from dp_model.serving.contract import ContractError, OODGate
+from dp_model.serving.gate import load_arrays
+from dp_model.serving.ood import (
     DEFAULT_DETECTOR,
     DETECTORS,
     Energy,
@@ -216,7 +216,7 @@ def test_multilayer_mahalanobis_standardises_each_stage_by_the_training_scores_a
 
 
 def test_a_watched_forward_pass_shows_logits_penultimate_features_and_the_four_pooled_stages():
-    from dp_model.networks import DeepPneumoniaNet
+    from dp_model.networks.networks import DeepPneumoniaNet
 
     torch.manual_seed(0)
     model = DeepPneumoniaNet(attention_stages=(2, 3)).eval()
@@ -338,7 +338,7 @@ def test_the_contract_names_every_detector_and_refuses_unknown_ones_and_impossib
 def default_gate_bundle(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo bundle gated by the default detector: as trained, or given it (fitted on its
     own training split, thresholded on its calibration split) when it was trained before."""
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
 
     _, contract = load_bundle(demo_bundle)
     if contract.ood is not None and contract.ood.kind == DEFAULT_DETECTOR:

@@ -371,7 +371,6 @@ def test_the_plain_network_gets_the_systems_search_and_budget() -> None:
 
 def test_every_row_keeps_validation_and_test_scores_per_image(tmp_path: Path) -> None:
     from dp_model.synth import Difficulty, SynthConfig, generate
-    from dp_model.train_cli import main as train_main
     from dp_model.training.ablation import (
         PLAIN_SEARCH,
         PROTOCOL,
@@ -380,6 +379,7 @@ def test_every_row_keeps_validation_and_test_scores_per_image(tmp_path: Path) ->
         SYSTEM_SEARCH,
         TABLE_I,
     )
+    from dp_model.training.cli import main as train_main
 
     data = tmp_path / "synth"
     generate(

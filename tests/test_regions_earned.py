@@ -193,7 +193,7 @@ def test_the_overlay_of_a_positive_result_without_earned_regions_has_no_heat_and
 def test_a_contract_cannot_claim_regions_its_figures_do_not_earn(
     tmp_path: Path, demo_bundle: Path
 ) -> None:
-    from dp_model.bundle import BundleError
+    from dp_model.serving.bundle import BundleError
 
     for name, claim in {
         "below the prior": NOT_EARNED | {"shown": True},

@@ -24,7 +24,7 @@ from node_support import chest_dataset
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from pacs_node.intake.sanitize import clean_source
 from pacs_node.model.prediction import Prediction
 from pacs_node.results.identity import ResultIdentity

@@ -1,4 +1,4 @@
-"""One runner of a bundle (:class:`dp_model.runner.Runner`) behind the node and the bundle's
+"""One runner of a bundle (:class:`dp_model.serving.runner.Runner`) behind the node and the bundle's
 own configs: the same numbers from both, maps only when asked, and a device that cannot be
 used refused in one line."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from pydicom import dcmread
 
-from dp_model.inference import Predictor
-from dp_model.runner import Runner, choose_device
+from dp_model.serving.inference import Predictor
+from dp_model.serving.runner import Runner, choose_device
 from pacs_node.model.predictor import NodePredictor, prepare
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dp_model.calibration import certified_point, operating_point
-from dp_model.contract import ModelContract, OODGate, OperatingPoint
-from dp_model.ood import FeatureStatistics, certified_threshold, gate_rank
-from dp_model.served import (
+from dp_model.serving.calibration import certified_point, operating_point
+from dp_model.serving.contract import ModelContract, OODGate, OperatingPoint
+from dp_model.serving.ood import FeatureStatistics, certified_threshold, gate_rank
+from dp_model.serving.served import (
     adaptive_ece,
     brier,
     clopper_pearson,
@@ -145,8 +145,8 @@ def test_the_gate_gives_one_answer_in_the_node_the_served_evaluation_and_the_bun
     """At, just above and far above the threshold, and NaN; then without a gate."""
     from dataclasses import replace
 
-    from dp_model.inference import Predictor
-    from dp_model.runner import Runner
+    from dp_model.serving.inference import Predictor
+    from dp_model.serving.runner import Runner
     from pacs_node.model.prediction import Prediction
 
     predictor = Predictor(str(demo_bundle))

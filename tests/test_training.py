@@ -14,11 +14,11 @@ import torch
 from helpers import assert_engines_agree
 from training_support import CPU, rsna_run, tiny
 
-from dp_model.bundle import BundleError, load_bundle, validate_metadata
 from dp_model.config import to_mapping
 from dp_model.datasets import read_dataset
+from dp_model.serving.bundle import BundleError, load_bundle, validate_metadata
 from dp_model.synth import SynthConfig, generate
-from dp_model.train_cli import main as train_main
+from dp_model.training.cli import main as train_main
 from dp_model.training.config import (
     DataConfig,
 )
@@ -66,7 +66,7 @@ def test_bundle_layout_and_offline_metadata_validation(bundle: Path) -> None:
 def test_the_bundle_carries_its_forward_pass_as_an_onnx_graph_with_the_numbers_of_pytorch(
     bundle: Path,
 ) -> None:
-    from dp_model.onnx_graph import file_digest
+    from dp_model.serving.onnx_graph import file_digest
 
     _, contract = load_bundle(bundle)
     assert contract.onnx_digest == file_digest(bundle / "models" / "model.onnx")
@@ -162,7 +162,7 @@ def test_model_card_warns_and_reports(bundle: Path) -> None:
 def test_the_card_measures_the_served_decision_on_test_and_its_saved_scores_recompute_it(
     bundle: Path,
 ) -> None:
-    from dp_model.served import evaluate_scores_file
+    from dp_model.serving.served import evaluate_scores_file
 
     _, contract = load_bundle(bundle)
     split = json.loads((bundle / "configs" / "split.json").read_text())

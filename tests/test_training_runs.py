@@ -255,7 +255,7 @@ def test_two_gloo_processes_match_one_process(dataset_dir: Path, tmp_path: Path)
 
 
 def test_compile_switch_wraps_the_model_and_unwrap_finds_it() -> None:
-    from dp_model.networks import DeepPneumoniaNet
+    from dp_model.networks.networks import DeepPneumoniaNet
     from dp_model.training.runtime import unwrap, wrap
 
     net = DeepPneumoniaNet()

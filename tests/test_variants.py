@@ -13,18 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dp_model.architectures import build_network, class_scores
-from dp_model.losses import (
+from dp_model.metrics import localization_accuracy, mask_iou
+from dp_model.networks.architectures import build_network, class_scores
+from dp_model.networks.losses import (
     cia_loss,
     class_attention_loss,
     class_attention_weights,
     consistency_loss,
     feature_reconstruction_loss,
 )
-from dp_model.metrics import localization_accuracy, mask_iou
-from dp_model.training.data import Resident, keep_boxes
-from dp_model.training.objectives import grid_targets
-from dp_model.variants import (
+from dp_model.networks.variants import (
     AlignmentModule,
     AttentionGate,
     CIANet,
@@ -33,6 +31,8 @@ from dp_model.variants import (
     unwarp,
     warp,
 )
+from dp_model.training.data import Resident, keep_boxes
+from dp_model.training.objectives import grid_targets
 
 torch.manual_seed(0)
 

@@ -253,7 +253,7 @@ def context(contract, predicted: Prediction, source: Dataset | None = None) -> R
 
 @pytest.fixture(scope="module")
 def contract(demo_bundle: Path):
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
 
     return load_bundle(demo_bundle)[1]
 
@@ -840,7 +840,7 @@ def test_a_flagged_image_reaches_the_worklist_exactly_once_across_a_kill_9_of_th
 
 
 def contract_of(bundle: Path):
-    from dp_model.bundle import load_bundle
+    from dp_model.serving.bundle import load_bundle
 
     return load_bundle(bundle)[1]
 

@@ -11,7 +11,7 @@ test split, and its training time; a row's time includes the stage I it starts f
 The systems table compares Deep Pneumonia, the attention-enhanced ResNet-50, class-based
 attention and CIA-Net, adding the macro ROC AUC and the localization accuracy at CIA-Net's
 IoU thresholds (every network's own map of the true class, see
-:func:`~dp_model.explain.localization_maps`). ``data.boxed_fraction`` below 1 trains every
+:func:`~dp_model.networks.explain.localization_maps`). ``data.boxed_fraction`` below 1 trains every
 row with boxes on only part of the images, which is the supervision CIA-Net is built for.
 The "cia" table is CIA-Net's own ablation: negative sampling (its Table 5) and the
 alignment module (its Table 6).

@@ -4,7 +4,7 @@ On the calibration split (the validation split when the run holds none out): the
 temperature, the operating points (each where a one-sided Clopper-Pearson bound reaches its
 target) and the threshold of the out-of-distribution gate (an order statistic with a bounded
 false-rejection rate); on the training split: the statistics of the gate's detector
-(:data:`~dp_model.ood.DEFAULT_DETECTOR` unless asked otherwise). On the test split, reported
+(:data:`~dp_model.serving.ood.DEFAULT_DETECTOR` unless asked otherwise). On the test split, reported
 only: the calibration error before and after.
 """
 
@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import (
+from ..serving.calibration import (
     CONFIDENCE,
     Reliability,
     certified_point,
     fit_temperature,
     reliability,
 )
-from ..contract import (
+from ..serving.contract import (
     Localization,
     ModelContract,
     OODGate,
@@ -35,7 +35,7 @@ from ..contract import (
     pneumonia_probability,
     probabilities,
 )
-from ..ood import (
+from ..serving.ood import (
     DEFAULT_DETECTOR,
     DETECTORS,
     FALSE_REJECTION,
@@ -81,7 +81,7 @@ def calibrated_outputs(
 
 @torch.no_grad()
 def observed(model: nn.Module, data: Resident, stages: bool = False, batch_size: int = 128) -> Seen:
-    """What a detector reads of a resident split (:class:`~dp_model.ood.Seen`), on the CPU, without augmentation."""
+    """What a detector reads of a resident split (:class:`~dp_model.serving.ood.Seen`), on the CPU, without augmentation."""
     model = model.eval().cpu()
     starts = range(0, len(data), batch_size)
     return observe(
@@ -249,7 +249,7 @@ def fit_gate(
 ) -> tuple[OODGate | None, Detector | None]:
     """The out-of-distribution gate: the ``kind`` detector fitted on the training split, its
     threshold the order statistic of the ``held_out`` images' scores that bounds the false
-    rejections (:func:`~dp_model.ood.certified_threshold`). None without a classifier layer,
+    rejections (:func:`~dp_model.serving.ood.certified_threshold`). None without a classifier layer,
     with fewer than 10 held-out images, or when a forward pass is not one row per image; a
     network without residual stages gets the Mahalanobis detector instead of the multi-layer one."""
     if kind not in DETECTORS:
@@ -335,9 +335,9 @@ def resident_splits(
     Raises:
         DatasetError: the dataset holds none of a part's images (another dataset).
     """
-    from ..bundle import load_bundle
     from ..datasets import read_dataset
     from ..datasets.splits import split_subset
+    from ..serving.bundle import load_bundle
     from .config import DataConfig
     from .data import load_split
 

@@ -6,14 +6,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..architectures import ARCHITECTURES
-from ..bundle import PAPER, SCHEMA_FILE
-from ..contract import ModelContract
 from ..datasets import ChestDataset
 from ..metrics import IOU_THRESHOLDS, Report
-from ..ood import DETECTORS, FALSE_REJECTION
-from ..registry import resolve
-from ..served import ServedReport
+from ..networks.architectures import ARCHITECTURES
+from ..networks.registry import resolve
+from ..serving.bundle import PAPER, SCHEMA_FILE
+from ..serving.contract import ModelContract
+from ..serving.ood import DETECTORS, FALSE_REJECTION
+from ..serving.served import ServedReport
 from . import baselines
 from .config import TrainConfig
 
@@ -331,7 +331,7 @@ def model_card(
         "```",
         "",
         "```python",
-        "from dp_model.bundle import load_bundle",
+        "from dp_model.serving.bundle import load_bundle",
         "model, contract = load_bundle('.')  # weights loaded with torch.load(..., weights_only=True)",
         "```",
         "",
@@ -427,11 +427,11 @@ def served_section(
         "## The served decision on the test split",
         "",
         f"What the node reports, measured once on the {served.all.images} test images ({served.all.positives} with pneumonia): the contract's rule "
-        "(`dp_model.contract.decide`) at the bundle's operating points, on the temperature-scaled probabilities, behind the "
+        "(`dp_model.serving.contract.decide`) at the bundle's operating points, on the temperature-scaled probabilities, behind the "
         "out-of-distribution gate. An image the gate stops is not reported positive: on every image it counts as missed if it has "
         f"pneumonia. Rates with exact (Clopper-Pearson) {served.confidence:.0%} intervals; the AUC with 1,000 bootstrap resamples. "
         "Per-image scores of every held-out split are in `scores_test.npz`, `scores_val.npz` and `scores_calibration.npz` "
-        "(ids hashed as in `configs/split.json`); `dp_model.served.evaluate_scores_file` recomputes this table from them.",
+        "(ids hashed as in `configs/split.json`); `dp_model.serving.served.evaluate_scores_file` recomputes this table from them.",
         "",
         served.table(),
         "",
@@ -551,7 +551,7 @@ def _no_triage(contract: ModelContract, where: str) -> str:
     negatives = contract.present_point.negatives
     if negatives is None:
         return "No triage point: the node raises no triage flag."
-    from ..calibration import CONFIDENCE
+    from ..serving.calibration import CONFIDENCE
     from .calibrate import TRIAGE_SPECIFICITY
 
     needed = math.ceil(math.log(1 - CONFIDENCE) / math.log(TRIAGE_SPECIFICITY))

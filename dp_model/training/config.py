@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import require as _check
-from ..registry import ARCHITECTURES
+from ..networks.registry import ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -158,13 +158,13 @@ class MGACRConfig:
     feat_weight: float = 0.1
     normal_images: Literal["empty_mask", "skip"] = "empty_mask"
     eps: float = 1e-3
-    #: Eq. 5 as printed, or with the maps detached inside it (see ``dp_model.losses.FeatureCRForm``).
+    #: Eq. 5 as printed, or with the maps detached inside it (see ``dp_model.networks.losses.FeatureCRForm``).
     feature_form: Literal["paper", "detached"] = "paper"
     #: weigh MGACR relative to the classification loss as to plain cross-entropy (``relative_scale``).
     relative: bool = False
     #: a supervised lesion head (1x1 convolution, per-cell cross-entropy against the box mask)
     #: on this stage's features, one of ``stages``; 0: none. Not in the paper: ``map+`` does
-    #: not learn the boxes under Eq. 2 (``dp_model.losses.lesion_loss``).
+    #: not learn the boxes under Eq. 2 (``dp_model.networks.losses.lesion_loss``).
     lesion_stage: int = 0
     lesion_weight: float = 1.0
 
@@ -273,7 +273,7 @@ class FinetuneConfig:
     ``loss`` is for the others.
     """
 
-    #: a key of :data:`dp_model.architectures.ARCHITECTURES`
+    #: a key of :data:`dp_model.networks.architectures.ARCHITECTURES`
     architecture: str = "resnet18"
     epochs: int = 30
     batch_size: int = 128

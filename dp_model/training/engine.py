@@ -26,8 +26,8 @@ from tqdm import tqdm
 from dp_transforms import boxes_to_masks
 
 from ..config import to_mapping
-from ..losses import NTXentLoss, relative_scale
-from ..networks import SimCLRNet
+from ..networks.losses import NTXentLoss, relative_scale
+from ..networks.networks import SimCLRNet
 from .checkpoints import History, history_state, resume, save_checkpoint
 from .config import FinetuneConfig, PretrainConfig
 from .data import Resident, batches

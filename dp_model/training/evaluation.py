@@ -8,9 +8,9 @@ from torch import nn
 
 from dp_transforms import boxes_to_masks
 
-from ..architectures import class_scores, output_probabilities
-from ..explain import localization_maps
 from ..metrics import localization_accuracy, mask_iou
+from ..networks.architectures import class_scores, output_probabilities
+from ..networks.explain import localization_maps
 from .data import Resident
 from .runtime import Runtime, unwrap
 
@@ -26,7 +26,7 @@ def predict(
 ) -> np.ndarray:
     """Class scores ``(N, C)`` of a resident split (no augmentation): softmax probabilities,
     or for a multi-label network its findings' sigmoids with the normal class (index
-    ``normal``) scoring ``1 - max`` (:func:`~dp_model.architectures.class_scores`). ``offsets``
+    ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.architectures.class_scores`). ``offsets``
     are subtracted from the logits first (the contract's ``logit_adjustment``)."""
     model.eval()
     out = []
@@ -53,7 +53,7 @@ def localization(
 ) -> dict[str, list[float]]:
     """Localization accuracy at :data:`~dp_model.metrics.IOU_THRESHOLDS` on the boxed images of ``data``.
 
-    The model's region for an image is its :func:`~dp_model.explain.localization_maps` map
+    The model's region for an image is its :func:`~dp_model.networks.explain.localization_maps` map
     of the image's class at 0.5 or more; the truth is the union of the image's boxes.
     """
     model.eval()

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..architectures import ARCHITECTURES, build_network
-from ..losses import (
+from ..networks.architectures import ARCHITECTURES, build_network
+from ..networks.losses import (
     CBFocalLoss,
     ClassAttentionLoss,
     MGACRLoss,
@@ -17,8 +17,8 @@ from ..losses import (
     consistency_loss,
     feature_reconstruction_loss,
 )
-from ..registry import resolve
-from ..variants import warp
+from ..networks.registry import resolve
+from ..networks.variants import warp
 from .config import FinetuneConfig, PretrainConfig
 
 

@@ -13,10 +13,10 @@ import torch
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from ..architectures import class_scores, output_probabilities
-from ..calibration import BINS, Reliability
-from ..explain import finding_index, finding_maps, grad_cam
 from ..metrics import Report, roc_curve
+from ..networks.architectures import class_scores, output_probabilities
+from ..networks.explain import finding_index, finding_maps, grad_cam
+from ..serving.calibration import BINS, Reliability
 from .checkpoints import History
 from .data import Resident
 from .objectives import findings

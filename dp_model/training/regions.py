@@ -4,7 +4,7 @@ A map that ignores the image can localize: each class's mean training box, hande
 class, overlaps many boxes because lesions of a type sit in the same zones. So a learned map
 is measured against that prior, on the same held-out images, handed the same class, and the
 regions are shown only when it beats it by the contract's rule
-(:func:`~dp_model.contract.regions_earned`). The source is chosen on the validation split;
+(:func:`~dp_model.serving.contract.regions_earned`). The source is chosen on the validation split;
 the test split is reported once.
 """
 
@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from dp_transforms import boxes_to_masks
 
-from ..contract import REGION_MARGIN, Localization, regions_earned
-from ..explain import CAM, CLASS_MAPS, GRAD_CAM, default_source, map_sources, source_maps
 from ..metrics import localization_figures, mask_iou, paired_difference_low, pointing_game
+from ..networks.explain import CAM, CLASS_MAPS, GRAD_CAM, default_source, map_sources, source_maps
+from ..serving.contract import REGION_MARGIN, Localization, regions_earned
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def measure(
     seed: int = 0,
 ) -> Localization:
     """Every map source of ``model`` and the prior on validation, the chosen one on test, and
-    the decision (:func:`~dp_model.contract.regions_earned`)."""
+    the decision (:func:`~dp_model.serving.contract.regions_earned`)."""
     prior = prior_maps(train, num_classes)
     prior_val, prior_test = prior_scores(prior, val), prior_scores(prior, test)
     scored = {source: source_scores(model, val, source, normal) for source in map_sources(model)}

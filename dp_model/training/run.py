@@ -12,15 +12,22 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..bundle import LICENSE, weights_uid, write_configs, write_metadata, write_model, write_samples
 from ..config import from_mapping, to_mapping
-from ..contract import ModelContract, within_gate
 from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
-from ..onnx_graph import write_onnx
-from ..ood import write_statistics
-from ..served import (
+from ..serving.bundle import (
+    LICENSE,
+    weights_uid,
+    write_configs,
+    write_metadata,
+    write_model,
+    write_samples,
+)
+from ..serving.contract import ModelContract, within_gate
+from ..serving.onnx_graph import write_onnx
+from ..serving.ood import write_statistics
+from ..serving.served import (
     ServedReport,
     evaluate_served,
     is_pneumonia,

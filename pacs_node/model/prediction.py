@@ -1,6 +1,6 @@
 """What the model says about one image, and what the node reports from it: :class:`Prediction`.
 
-The decision itself is :func:`dp_model.contract.decide`, the one rule; a prediction holds
+The decision itself is :func:`dp_model.serving.contract.decide`, the one rule; a prediction holds
 its inputs (probabilities, operating point, triage point, the out-of-distribution score and
 threshold) and the regions and heat map in the source image's pixel frame.
 """
@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from dp_model.contract import (
+from dp_model.serving.contract import (
     Decision,
     decide,
     no_finding_probability,
@@ -63,12 +63,12 @@ class Prediction:
     @property
     def assessed(self) -> bool:
         """False when the image lies outside the model's training distribution (or its score
-        is not a number): no finding is asserted (:func:`~dp_model.contract.within_gate`)."""
+        is not a number): no finding is asserted (:func:`~dp_model.serving.contract.within_gate`)."""
         return within_gate(self.ood_score, self.ood_threshold)
 
     @cached_property
     def decision(self) -> Decision:
-        """:func:`~dp_model.contract.decide` on these probabilities and the gate's verdict
+        """:func:`~dp_model.serving.contract.decide` on these probabilities and the gate's verdict
         (computed once): what the SR, the overlay and the worklist report."""
         pneumonia = pneumonia_classes(self.pneumonia, self.classes, self.normal_class)
         return decide(
@@ -84,7 +84,7 @@ class Prediction:
 
     @property
     def pneumonia_probability(self) -> float:
-        """Of any pneumonia (:func:`~dp_model.contract.pneumonia_probability`)."""
+        """Of any pneumonia (:func:`~dp_model.serving.contract.pneumonia_probability`)."""
         return self.decision.pneumonia_probability
 
     @property

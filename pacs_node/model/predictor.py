@@ -1,8 +1,8 @@
 """The model as the node uses it: a bundle in, :class:`Prediction` per image out.
 
 Pure with respect to I/O: datasets in memory go in, arrays come out. The bundle runs through
-:class:`dp_model.runner.Runner`, as in the bundle's own evaluation. The heat map comes from
-the map source the bundle's contract names (:class:`~dp_model.contract.Localization`): the
+:class:`dp_model.serving.runner.Runner`, as in the bundle's own evaluation. The heat map comes from
+the map source the bundle's contract names (:class:`~dp_model.serving.contract.Localization`): the
 learned lesion attention ``map+`` of a stage (the MGACR head trained against the doctors'
 boxes, from the same forward pass), a multi-label variant's map per finding (CIA-Net's
 class-aware grid, class attention's distributions; regions labelled with their finding),
@@ -28,18 +28,18 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dp_model.contract import NOT_MEASURED, ModelContract
-from dp_model.gate import Arrays
-from dp_model.runner import Runner
-from dp_model.sources import HEATMAP_STAGE
+from dp_model.serving.contract import NOT_MEASURED, ModelContract
+from dp_model.serving.gate import Arrays
+from dp_model.serving.runner import Runner
+from dp_model.serving.sources import HEATMAP_STAGE
 from dp_transforms.dicom import WORKING_PIXELS, ChestImage, dicom_to_image
 from dp_transforms.geometry import Letterbox, resize
 from dp_transforms.io import make_square_pixels
 from pacs_node.model.prediction import Prediction
 
 if TYPE_CHECKING:
-    from dp_model.classifier import ClassifierBase
-    from dp_model.ood import Detector
+    from dp_model.networks.classifier import ClassifierBase
+    from dp_model.serving.ood import Detector
 
 __all__ = ["NodePredictor", "Prediction", "Prepared", "held_bytes", "prepare", "regions"]
 
@@ -172,7 +172,7 @@ class NodePredictor:
             is drawn (nearest available head otherwise). A bundle's own source always wins.
         ood_gate: apply the bundle's out-of-distribution gate (off: every image is assessed,
             as when validating a model on a site's own images; the score is still reported).
-        engine: who runs the model (:data:`dp_model.runner.ENGINES`): ``auto`` runs the
+        engine: who runs the model (:data:`dp_model.serving.runner.ENGINES`): ``auto`` runs the
             bundle's ONNX graph in ONNX Runtime on the CPU where it has one.
     """
 
@@ -206,7 +206,7 @@ class NodePredictor:
     def model(self) -> ClassifierBase:
         """The bundle's network in PyTorch (loaded, with PyTorch, on first use where the
         graph serves)."""
-        from dp_model.classifier import ClassifierBase
+        from dp_model.networks.classifier import ClassifierBase
 
         model = self.runner.model
         assert isinstance(model, ClassifierBase), (

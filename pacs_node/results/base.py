@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pacs_node.charsets import fit_character_set
 
 if TYPE_CHECKING:
-    from dp_model.contract import ModelContract
+    from dp_model.serving.contract import ModelContract
     from pacs_node.config import NodeConfig
     from pacs_node.model.prediction import Prediction
     from pacs_node.model.predictor import Prepared

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from pacs_node import codes
 from pacs_node.codes import MANUFACTURER
 from pacs_node.intake.sanitize import integer

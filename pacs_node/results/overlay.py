@@ -34,7 +34,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from dp_transforms import header
 from dp_transforms.geometry import resize
 from pacs_node import codes

@@ -28,7 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from dp_transforms.dicom import VOI_FUNCTIONS
 from dp_transforms.header import number, numbers, text, values
 from pacs_node import codes

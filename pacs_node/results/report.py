@@ -51,7 +51,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from pacs_node import codes
 from pacs_node.model.predictor import Prediction
 from pacs_node.results.base import (

@@ -51,7 +51,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from dp_model.contract import ModelContract
+from dp_model.serving.contract import ModelContract
 from pacs_node import codes
 from pacs_node.codes import Coding, fhir_coding
 from pacs_node.model.prediction import Prediction

@@ -1,8 +1,8 @@
 """Deep Pneumonia networks: ResNet18, the MGACR attention heads, the baselines and the SimCLR
-model. :data:`dp_model.registry.ARCHITECTURES` names each classifier.
+model. :data:`dp_model.networks.registry.ARCHITECTURES` names each classifier.
 
-The ResNet18 trunk (:mod:`dp_model.backbones`) is torchvision's, built with MONAI. Every
-classifier gives the :class:`~dp_model.classifier.Classifier` interface.
+The ResNet18 trunk (:mod:`dp_model.networks.backbones`) is torchvision's, built with MONAI. Every
+classifier gives the :class:`~dp_model.networks.classifier.Classifier` interface.
 
 :class:`DeepPneumoniaNet` in ``forward`` returns logits only, in train and eval mode
 alike, so a bundle's ``verify_net_in_out`` and the node see a plain classifier; MGACR is a
