@@ -269,8 +269,12 @@ def _association_run_reactor(self: Association) -> None:
             self._is_paused = True
             self._reactor_checkpoint.wait()
 
-        context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
+        # The DUL puts a "connection closed" marker, (None, None), for a caller waiting on a
+        # response, then runs the EVT_CONN_CLOSE handlers, and only then queues the A-P-ABORT
+        # this loop acts on. Woken by the marker, the loop leaves it where it is: taken here,
+        # a send_*() made before the abort is seen waited its whole DIMSE timeout for it.
+        if self.dimse.peek_msg()[1] is not None:
+            context_id, msg = self.dimse.get_msg(block=False)
             activity.set()  # another message may be queued behind it
             self._serve_request(msg, cast(int, context_id))
 

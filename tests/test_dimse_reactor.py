@@ -318,3 +318,39 @@ def test_a_send_never_loses_its_response_to_the_association_loop(
     finally:
         scp.shutdown()
     assert answered.count(0x0000) == len(answered), f"{answered.count(None)} echoes unanswered"
+
+
+def test_a_send_to_a_peer_killed_under_it_ends_at_once_not_at_its_dimse_timeout(
+    patched: None, tmp_path: Path
+) -> None:
+    """A peer killed with ``kill -9`` closes the connection; pynetdicom's DUL then puts the
+    "connection closed" marker for a caller waiting on a response, runs the EVT_CONN_CLOSE
+    handlers and only then queues the A-P-ABORT for the association's loop. A C-STORE sent in
+    between (the caller had not yet seen the abort) must get that marker and end at once; a
+    loop that took the marker off the queue left the caller waiting its whole DIMSE timeout
+    (a sender held up for a minute after each node restart)."""
+    closing = threading.Event()
+
+    def slow_close(event: evt.Event) -> None:
+        closing.set()
+        time.sleep(1.0)  # between the marker and the abort, as a loaded machine may be
+
+    with StoreSCP(tmp_path / "scp") as scp:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        ae.dimse_timeout = 20
+        assoc = ae.associate(
+            "127.0.0.1",
+            scp.port,
+            ae_title="RESULTS",
+            evt_handlers=[(evt.EVT_CONN_CLOSE, slow_close)],
+        )
+        assert assoc.is_established
+        assert scp.process is not None
+        scp.process.kill()
+        assert closing.wait(10), "the connection close was never seen"
+        time.sleep(0.3)  # the association's loop has woken on the marker by now
+        started = time.monotonic()
+        status = assoc.send_c_store(secondary_capture())
+        seconds = time.monotonic() - started
+    assert "Status" not in status and seconds < 5, f"the send took {seconds:.1f} s"
