@@ -227,6 +227,8 @@ def test_the_code_digest_reads_every_module_that_decides_a_results_content() -> 
         "pacs_node/codes.py",
         "pacs_node/intake/sanitize.py",
         "dp_model/serving/contract.py",
+        "dp_model/serving/runner.py",
+        "dp_model/serving/gate.py",
         "dp_transforms/dicom.py",
     } <= read
     assert len(identity.results_format()) == 16

@@ -44,18 +44,19 @@ __all__ = [
 ]
 
 #: The code that decides what a result says for a given image and model, as (package, path in
-#: it; "" for the whole package): the model runner and its prediction, the decision rules of the
-#: contract, the writers and their codes, the copy of the source's patient and study modules,
-#: the pixels the overlay is drawn from. Its digest is part of every result's UIDs, so a node
-#: whose code changed never sends a different object under an earlier object's UID; no version
-#: number has to be remembered and raised by hand.
+#: it; "" for the whole package): the node's model runner and its prediction, the served side
+#: of ``dp_model`` (runner, gate, the contract's decision rules), the writers and their codes,
+#: the copy of the source's patient and study modules, the pixels the overlay is drawn from.
+#: Its digest is part of every result's UIDs, so a node whose code changed never sends a
+#: different object under an earlier object's UID; no version number has to be remembered and
+#: raised by hand.
 RESULTS_CODE = (
     ("pacs_node", "results"),
     ("pacs_node", "model"),
     ("pacs_node", "codes.py"),
     ("pacs_node", "charsets.py"),
     ("pacs_node", "intake/sanitize.py"),
-    ("dp_model", "contract.py"),
+    ("dp_model", "serving"),
     ("dp_transforms", ""),
 )
 #: The libraries whose version shows in, or shapes, a result's bytes (highdicom names itself in
