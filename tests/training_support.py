@@ -39,7 +39,7 @@ def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
         finetune=FinetuneConfig(
             **({"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3} | finetune)
         ),
-        runtime=RuntimeConfig(device="cpu", threads=2),
+        runtime=RuntimeConfig(device="cpu", threads=1),
     )
 
 
