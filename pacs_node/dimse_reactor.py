@@ -276,7 +276,7 @@ def _association_run_reactor(self: Association) -> None:
         if self.dimse.peek_msg()[1] is not None:
             context_id, msg = self.dimse.get_msg(block=False)
             activity.set()  # another message may be queued behind it
-            self._serve_request(msg, cast(int, context_id))
+            self._serve_request(cast(Any, msg), cast(int, context_id))
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
