@@ -32,6 +32,10 @@ MAX_AGE_DAYS = 3650.0
 MAX_IMAGE_SIDE = 65535
 #: Most associations the node opens to one destination at once (outbox.associations).
 MAX_ASSOCIATIONS = 16
+#: The largest PDU the node reads (``max_pdu_bytes`` is at most this): an A-ASSOCIATE-RQ is a
+#: few kB, a P-DATA PDU at most the maximum length the node announces. A peer announcing more
+#: is not read.
+MAX_PDU_BYTES = 4 * 2**20
 
 
 def check_ae_title(name: str, value: str) -> None:
@@ -461,6 +465,9 @@ class NodeConfig:
     allow_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_associations: int = 16
     max_associations_per_host: int = 8
+    # the maximum PDU length the node announces: senders cut each data set into PDUs of at
+    # most this; pynetdicom's and dcmtk's 16 kB cost the node a Python round per 16 kB
+    max_pdu_bytes: int = 2**20
     max_queue: int = 10000
     max_dataset_mb: int = 512
     min_free_mb: int = 256
@@ -535,6 +542,12 @@ class NodeConfig:
             "max_associations_per_host",
             self.max_associations_per_host,
             "at least 1",
+        )
+        require(
+            4096 <= self.max_pdu_bytes <= MAX_PDU_BYTES,
+            "max_pdu_bytes",
+            self.max_pdu_bytes,
+            f"from 4096 to {MAX_PDU_BYTES} (4 MB)",
         )
         require(self.max_queue >= 1, "max_queue", self.max_queue, "at least 1")
         require(self.max_dataset_mb >= 1, "max_dataset_mb", self.max_dataset_mb, "at least 1")

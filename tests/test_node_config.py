@@ -67,6 +67,8 @@ def test_destination_parsing() -> None:
             "outbox.initial_backoff_s",
         ),
         ({"max_dataset_mb": 0}, "max_dataset_mb must be at least 1"),
+        ({"max_pdu_bytes": 0}, "max_pdu_bytes must be from 4096 to 4194304"),
+        ({"max_pdu_bytes": 2**23}, "max_pdu_bytes must be from 4096 to 4194304"),
         ({"handshake_timeout_s": 0.0}, "handshake_timeout_s must be above 0"),
         ({"retention.skipped_days": -1.0}, "retention.skipped_days must be 0"),
         ({"allow_networks": ["not-a-network"]}, "allow_networks must be addresses or networks"),

@@ -326,3 +326,32 @@ def test_nearly_full_disk_turns_senders_away_before_they_send(
         assert node.health()["status"] == "degraded"
     finally:
         node.stop()
+
+
+def test_senders_are_told_the_nodes_maximum_pdu_length_and_its_pdus_arrive_whole(
+    node: Node,
+) -> None:
+    """The node announces ``max_pdu_bytes`` (1 MB by default, not the 16 kB most peers
+    default to), and a sender using it stores a real radiograph in PDUs of that size."""
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    ae.maximum_pdu_size = 0  # the sender takes any size the node announces
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.config.ae_title)
+    try:
+        assert assoc.is_established
+        announced = assoc.acceptor.maximum_length
+        assert announced == node.config.max_pdu_bytes == 2**20
+        rg1 = dcmread(data_file("RG1_UNCR.dcm"))
+        rg1.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        sizes: list[int] = []
+        send = assoc.dul.socket.send
+
+        def counted(data: bytes) -> None:
+            sizes.append(len(data))
+            send(data)
+
+        assoc.dul.socket.send = counted
+        assert assoc.send_c_store(rg1).Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert max(sizes) > 16384 * 4 and max(sizes) <= announced + 6

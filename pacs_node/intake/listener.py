@@ -91,7 +91,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated in
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog, Bursts, safe_uid
-from pacs_node.config import NodeConfig
+from pacs_node.config import MAX_PDU_BYTES, NodeConfig
 from pacs_node.dimse_reactor import PromptSocket
 from pacs_node.files import atomic_file, is_transient
 from pacs_node.intake.spool import Receipt, Spool
@@ -132,9 +132,6 @@ TRANSFER_SYNTAXES = (
     JPEG2000,
     RLELossless,
 )
-#: The largest PDU the node reads. An A-ASSOCIATE-RQ is a few kB; P-DATA PDUs are at most the
-#: node's maximum PDU length (16 kB by default). A peer announcing more is not read.
-MAX_PDU_BYTES = 4 * 2**20
 #: Room for command sets and PDU headers beside the data set itself.
 OVERHEAD_BYTES = 2**20
 #: The spool's free space is checked while a data set arrives, every this many bytes.
@@ -649,6 +646,7 @@ class Listener:
         # The listener counts the slots itself (Connections.claim, at EVT_REQUESTED); pynetdicom's
         # own count (threads alive, those ending included) is only the backstop of a flood.
         ae.maximum_associations = FLOOD_FACTOR * self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_bytes
         ae.acse_timeout = self.config.acse_timeout_s
         ae.dimse_timeout = self.config.dimse_timeout_s
         ae.network_timeout = self.config.network_timeout_s
