@@ -7,11 +7,12 @@ memory each import costs before the first image.
   after another and reads its resident set size (``VmRSS``) after each, then loads the
   bundle and starts a node; the increments are what each costs (a later import does not
   pay again for what an earlier one loaded).
-* **Time per image**: ``dp-node`` runs under ``py-spy record`` (sampling, 200 Hz, every
-  thread, idle waits left out) while ``storescu`` sends copies of the real radiograph RG1
-  one at a time with the SR's arrival at ``storescp`` awaited each time; the flame graph goes
-  to ``docs/node_profile.svg`` and the samples, grouped by the step they fall in, to the
-  printed table and ``--json``.
+* **Time per image**: after two warm-up images, ``py-spy record`` attaches to ``dp-node``
+  (sampling, 200 Hz, every thread, idle waits left out; ``--gil``: only the thread holding
+  the interpreter lock) while ``storescu`` sends copies of the real radiograph RG1 one at a
+  time with the SR's arrival at ``storescp`` awaited each time (``--senders N``: N concurrent
+  senders, every SR and SC awaited); the flame graph goes to ``docs/node_profile.svg`` and
+  the samples, grouped by the step they fall in, to the printed table and ``--json``.
 
 py-spy is a sampling profiler installed by ``make benchmark-profile`` into the venv (not a
 runtime dependency of the node).
@@ -142,26 +143,38 @@ def profile(
     config = node_config(work, node_port, dest_port, bundle, "cpu")
     raw = work / "profile.txt"
     command = [sys.executable, "-m", "pacs_node.cli", "--config", str(config)]
-    # One recording in raw (collapsed stacks); the SVG is drawn from the same samples.
-    node = subprocess.Popen(
-        [
-            py_spy,
-            "record",
-            "--rate",
-            "200",
-            "--format",
-            "raw",
-            *(["--gil"] if gil else []),
-            "-o",
-            str(raw),
-            "--",
-            *command,
-        ],
-        stdout=(work / "node.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    node = subprocess.Popen(command, stdout=(work / "node.log").open("w"), stderr=subprocess.STDOUT)
+    recorder: subprocess.Popen | None = None
     try:
         wait(lambda: listening(node_port), 180, "the node to listen")
+        # Warm-up, not recorded: the first images pay once for lazy imports, the tables
+        # highdicom reads on first use and the allocator's growth.
+        warm = copies(rg1, work / "warm", 2)
+        storescu(node_port, warm, "DPNODE")
+        wait(
+            lambda: arrived(work / "destination", {expected(p, contract).sc_uid for p in warm}),
+            120,
+            "the warm-up results",
+        )
+        # One recording in raw (collapsed stacks); the SVG is drawn from the same samples.
+        recorder = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                *(["--gil"] if gil else []),
+                "-o",
+                str(raw),
+                "--pid",
+                str(node.pid),
+            ],
+            stdout=(work / "py-spy.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        time.sleep(1.0)  # py-spy attached
         files = copies(rg1, work / "images", images)
         started = time.perf_counter()
         if senders == 1:
@@ -186,8 +199,11 @@ def profile(
             wait(lambda: arrived(work / "destination", wanted), 600, "every SR and SC", 0.02)
             seconds = time.perf_counter() - started
     finally:
-        node.send_signal(2)  # SIGINT: py-spy writes its file and stops the node
-        node.wait(120)
+        if recorder is not None:
+            recorder.send_signal(2)  # SIGINT: py-spy writes its file
+            recorder.wait(120)
+        node.terminate()
+        node.wait(60)
         destination.terminate()
     by_step: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():

@@ -50,6 +50,7 @@ class Peer:
             queries,
         )
         self.received: list[Dataset] = []
+        self.encoded: list[bytes] = []  # each data set as it came over the wire
         # With ``stall``, each C-STORE waits until the test sets ``go``: the object is on the wire.
         self.go, self.on_wire = threading.Event(), threading.Event()
         if not stall:
@@ -72,6 +73,7 @@ class Peer:
     def _store(self, event: evt.Event) -> int:
         self.on_wire.set()
         assert self.go.wait(30), "the test never let the C-STORE go on"
+        self.encoded.append(event.encoded_dataset(include_meta=False))
         self.received.append(event.dataset)
         self.stored.append(str(event.request.AffectedSOPInstanceUID))
         self.received_syntaxes.append(str(event.context.transfer_syntax))
@@ -341,6 +343,35 @@ def test_a_losslessly_compressed_overlay_reaches_destinations_with_and_without_t
         assert pacs.received_syntaxes == [
             JPEGLSLossless if takes_jpeg_ls else ExplicitVRLittleEndian
         ]
+    finally:
+        s.stop()
+        pacs.stop()
+
+
+def test_a_result_the_destination_takes_as_it_is_leaves_as_the_bytes_of_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overlay whose class and syntax the destination accepted is sent from its outbox file
+    as written, neither decoded nor encoded again (each cost the node's one interpreter lock
+    about as much as building it): pydicom reads nothing of it, and the bytes on the wire are
+    the file's."""
+    import pacs_node.delivery.cstore as cstore
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the outbox file was decoded to be sent")
+
+    monkeypatch.setattr(cstore, "dcmread", no_decoding)
+    pacs = Peer().start()
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    path = s.put(result(0), "source")
+    written = path.read_bytes()
+    s.start()
+    try:
+        wait_for(lambda: deliveries, 20, "the delivery")
+        assert all(ok for _, _, ok in deliveries)
+        (on_wire,) = pacs.encoded
+        assert written.endswith(on_wire) and len(on_wire) > 300 * 300
     finally:
         s.stop()
         pacs.stop()

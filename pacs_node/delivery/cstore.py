@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated into the module at import, invisible to a checker
     Comprehensive3DSRStorage,
@@ -158,6 +160,23 @@ class CStoreLink:
 
     def _store(self, path: Path, on_wire: Callable[[list[Path]], None]) -> Outcome:
         try:
+            meta = read_file_meta_info(path)
+            sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as exc:
+            return Outcome(
+                Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})"
+            )
+        if _as_it_is(self.assoc, sop_class, syntax):
+            # The file's own bytes, as written (and checked against its digest): decoding
+            # them only to encode them again cost as much as building the result.
+            _config.STORE_SEND_CHUNKED_DATASET = True  # (a pynetdicom global, as the listener's)
+            on_wire([path])
+            try:
+                status = self.assoc.send_c_store(path)
+            except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
+                return Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})")
+            return _outcome(status)
+        try:
             dataset: Dataset = dcmread(path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             return Outcome(
@@ -204,6 +223,14 @@ def _outcome(status: Dataset | None) -> Outcome:
     if int(code) in DELIVERED:
         return STORED
     return Outcome(Status.REFUSED, "refused", f"C-STORE status 0x{int(code):04X}")
+
+
+def _as_it_is(assoc: Association, sop_class: str, syntax: str) -> bool:
+    """Whether an object of ``sop_class`` in ``syntax`` goes to the destination unchanged: in
+    a context it accepted, and not a report it gets as Comprehensive 3D SR (:func:`_in_accepted_class`)."""
+    if sop_class == COMPREHENSIVE_SR and _accepts(assoc, COMPREHENSIVE_3D_SR, syntax):
+        return False
+    return _accepts(assoc, sop_class, syntax)
 
 
 def _accepted(assoc: Association, dataset: Dataset) -> bool:
