@@ -197,6 +197,26 @@ def test_attention_entries_take_mgacr_heads_and_the_others_refuse_them() -> None
                 build_network(name, 3, (3,), **TINY.get(name, {}))
 
 
+def test_two_entries_of_one_name_are_refused_not_the_later_kept() -> None:
+    """A second entry under a taken name (a copied entry left unrenamed) would replace the
+    first in the table without a word, and configs naming it would train the other network."""
+    from dp_model.networks.registry import ARCHITECTURES, Architecture, by_name
+
+    first = ARCHITECTURES["resnet50"]
+    copy = Architecture(
+        name="resnet50",
+        network="dp_model.networks.networks:BaselineNet",
+        arguments={"architecture": "resnet101", "cam_layer": "layer4"},
+        description="ResNet-101.",
+    )
+    with pytest.raises(ValueError, match="'resnet50' is registered twice"):
+        by_name([first, ARCHITECTURES["vgg16"], copy])
+    assert by_name([first, ARCHITECTURES["vgg16"]]) == {
+        "resnet50": first,
+        "vgg16": ARCHITECTURES["vgg16"],
+    }
+
+
 def test_the_old_paths_that_bundle_configs_name_give_the_same_objects_with_a_dated_warning() -> (
     None
 ):
