@@ -412,7 +412,13 @@ def long_tailed(n_per_class: dict[str, int], patients: bool) -> ChestDataset:
                 Record(Path(f"{index}.png"), (label,), patient_id=patient, image_id=str(index))
             )
             index += 1
-    return ChestDataset("test", Path("."), tuple(n_per_class), False, tuple(records))
+    return ChestDataset(
+        name="test",
+        root=Path("."),
+        classes=tuple(n_per_class),
+        multi_label=False,
+        records=tuple(records),
+    )
 
 
 def test_stratified_split_takes_ten_percent_of_every_class() -> None:

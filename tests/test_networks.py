@@ -197,6 +197,48 @@ def test_attention_entries_take_mgacr_heads_and_the_others_refuse_them() -> None
                 build_network(name, 3, (3,), **TINY.get(name, {}))
 
 
+def test_a_torchvision_network_whose_logits_come_from_a_convolution_has_no_classifier_layer() -> (
+    None
+):
+    """SqueezeNet ends in a convolution, not an ``nn.Linear``: it trains and draws Grad-CAM, and
+    has no penultimate layer for the out-of-distribution gate, as the interface says (None),
+    rather than an IndexError from looking for a linear layer it does not have."""
+    from dp_model.networks.classifier import Classifier
+    from dp_model.networks.explain import grad_cam, map_sources
+    from dp_model.networks.networks import BaselineNet
+    from dp_model.serving.ood import classifier_layer
+
+    torch.manual_seed(0)
+    net = BaselineNet("squeezenet1_0", num_classes=3, cam_layer="features").eval()
+    assert isinstance(net, Classifier)
+    assert net.classifier_layer is None and classifier_layer(net) is None
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert net(x).shape == (2, 3)
+    assert map_sources(net) == ("grad_cam",)
+    assert grad_cam(net, x, net.cam_layer).shape == (2, 1, 64, 64)
+
+
+def test_two_entries_of_one_name_are_refused_not_the_later_kept() -> None:
+    """A second entry under a taken name (a copied entry left unrenamed) would replace the
+    first in the table without a word, and configs naming it would train the other network."""
+    from dp_model.networks.registry import ARCHITECTURES, Architecture, by_name
+
+    first = ARCHITECTURES["resnet50"]
+    copy = Architecture(
+        name="resnet50",
+        network="dp_model.networks.networks:BaselineNet",
+        arguments={"architecture": "resnet101", "cam_layer": "layer4"},
+        description="ResNet-101.",
+    )
+    with pytest.raises(ValueError, match="'resnet50' is registered twice"):
+        by_name([first, ARCHITECTURES["vgg16"], copy])
+    assert by_name([first, ARCHITECTURES["vgg16"]]) == {
+        "resnet50": first,
+        "vgg16": ARCHITECTURES["vgg16"],
+    }
+
+
 def test_the_old_paths_that_bundle_configs_name_give_the_same_objects_with_a_dated_warning() -> (
     None
 ):

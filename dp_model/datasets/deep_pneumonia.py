@@ -86,13 +86,15 @@ def read(root: str | Path) -> ChestDataset:
             Record(
                 images[image_id],
                 (label,),
-                image_boxes,
-                (label,) * len(image_boxes),
-                patient,
-                image_id,
+                boxes=image_boxes,
+                box_labels=(label,) * len(image_boxes),
+                patient_id=patient,
+                image_id=image_id,
             )
         )
-    return ChestDataset(NAME, root, classes, False, tuple(records))
+    return ChestDataset(
+        name=NAME, root=root, classes=classes, multi_label=False, records=tuple(records)
+    )
 
 
 def _class_name(value: str, classes: tuple[str, ...], path: Path, line: int) -> str:

@@ -57,7 +57,13 @@ def read(csv_path: str | Path, multi_label: bool | None = None) -> ChestDataset:
         )
     records = tuple(_record(csv_path, image, e, multi_label) for image, e in images.items())
     classes = _classes(csv_path, records)
-    return ChestDataset(NAME, csv_path.parent, classes, multi_label, records)
+    return ChestDataset(
+        name=NAME,
+        root=csv_path.parent,
+        classes=classes,
+        multi_label=multi_label,
+        records=records,
+    )
 
 
 def _box(row: dict[str, str], path: Path, line: int) -> list[float] | None:
@@ -82,11 +88,11 @@ def _record(csv_path: Path, image: str, entry: dict, multi_label: bool) -> Recor
     return Record(
         path,
         labels,
-        boxes,
-        tuple(entry["box_labels"]),
-        row.get("patient_id") or None,
-        image,
-        row.get("split") or None,
+        boxes=boxes,
+        box_labels=tuple(entry["box_labels"]),
+        patient_id=row.get("patient_id") or None,
+        image_id=image,
+        split=row.get("split") or None,
     )
 
 

@@ -83,11 +83,11 @@ def read(root: str | Path, missing_images: Literal["skip", "error"] = "skip") ->
             Record(
                 images[name],
                 labels,
-                image_boxes,
-                box_labels,
-                row["Patient ID"],
-                name,
-                split.get(name),
+                boxes=image_boxes,
+                box_labels=box_labels,
+                patient_id=row["Patient ID"],
+                image_id=name,
+                split=split.get(name),
             )
         )
     if missing:
@@ -97,7 +97,14 @@ def read(root: str | Path, missing_images: Literal["skip", "error"] = "skip") ->
             missing,
             missing + len(records),
         )
-    return ChestDataset(NAME, root, CLASSES, True, tuple(records), PNEUMONIA)
+    return ChestDataset(
+        name=NAME,
+        root=root,
+        classes=CLASSES,
+        multi_label=True,
+        records=tuple(records),
+        pneumonia=PNEUMONIA,
+    )
 
 
 def _findings(value: str, path: Path, line: int) -> tuple[str, ...]:

@@ -58,7 +58,13 @@ def read(root: str | Path, classes: Literal["three", "two"] = "three") -> ChestD
                 )
     if not records:
         raise DatasetError(f"{root}: no images in train|val|test/NORMAL|PNEUMONIA")
-    return ChestDataset(NAME, root, THREE if classes == "three" else TWO, False, tuple(records))
+    return ChestDataset(
+        name=NAME,
+        root=root,
+        classes=THREE if classes == "three" else TWO,
+        multi_label=False,
+        records=tuple(records),
+    )
 
 
 def _label(path: Path, folder: str, classes: str) -> str:

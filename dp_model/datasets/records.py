@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class Record:
 
     image: Path
     labels: tuple[str, ...]
+    _: KW_ONLY
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     box_labels: tuple[str, ...] = ()
     patient_id: str | None = None
@@ -40,7 +41,7 @@ class Record:
     split: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class ChestDataset:
     """Records plus the class list that gives each label its index.
 

@@ -63,13 +63,20 @@ def read(root: str | Path) -> ChestDataset:
             Record(
                 images[patient],
                 (label,),
-                xyxy,
-                (label,) * len(xyxy),
-                header_patient(images[patient]) or patient,
-                patient,
+                boxes=xyxy,
+                box_labels=(label,) * len(xyxy),
+                patient_id=header_patient(images[patient]) or patient,
+                image_id=patient,
             )
         )
-    return ChestDataset(NAME, root, CLASSES, False, tuple(records), PNEUMONIA)
+    return ChestDataset(
+        name=NAME,
+        root=root,
+        classes=CLASSES,
+        multi_label=False,
+        records=tuple(records),
+        pneumonia=PNEUMONIA,
+    )
 
 
 def header_patient(path: Path) -> str | None:

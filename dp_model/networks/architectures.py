@@ -2,7 +2,7 @@
 
 The table itself is :data:`dp_model.networks.registry.ARCHITECTURES` (light: no PyTorch); this module
 gives its names where bundle configs (``dp_model.networks.architectures.build_network``), tests and
-the training code look for them, and every list of architectures derives from it.
+the training code look for them; which are multi-label or pre-trainable is each entry's own flag.
 """
 
 from __future__ import annotations
@@ -16,18 +16,11 @@ from .registry import ARCHITECTURES, Architecture, build_network
 
 __all__ = [
     "ARCHITECTURES",
-    "MULTI_LABEL",
-    "PRETRAINABLE",
     "Architecture",
     "build_network",
     "class_scores",
     "output_probabilities",
 ]
-
-#: Those with one sigmoid output per finding (the normal class is none of them).
-MULTI_LABEL = tuple(name for name, a in ARCHITECTURES.items() if a.multi_label)
-#: Those with ResNet18 backbones, which stage I's encoder initialises.
-PRETRAINABLE = tuple(name for name, a in ARCHITECTURES.items() if a.pretrainable)
 
 
 def output_probabilities(model: Classifier, logits: Tensor) -> Tensor:

@@ -212,9 +212,11 @@ class BaselineNet(ClassifierBase):
     so that the state dict keeps torchvision's parameter names.
 
     Not every torchvision classifier fits: its ``forward`` must return the logits in training
-    too (GoogLeNet and Inception v3 add auxiliary outputs), take the training image size (the
-    vision transformers and MaxViT take 224 pixels only) and end in an ``nn.Linear``
-    (:attr:`classifier_layer`; SqueezeNet ends in a convolution).
+    too (GoogLeNet and Inception v3 add auxiliary outputs) and take the training image size
+    (the vision transformers and MaxViT take 224 pixels only). One that does not end in an
+    ``nn.Linear`` (SqueezeNet ends in a convolution) trains, but has no
+    :attr:`classifier_layer`, so the out-of-distribution gate has no penultimate
+    representation to read (and ``cam_exact`` must not be declared for it).
 
     Args:
         architecture: a name of ``torchvision.models.list_models(torchvision.models)``
@@ -262,10 +264,12 @@ class BaselineNet(ClassifierBase):
         return self.net(self.normalize(x))
 
     @property
-    def classifier_layer(self) -> nn.Linear:
+    def classifier_layer(self) -> nn.Linear | None:
         """The last ``nn.Linear`` in module order, which gives the logits: its input (one row
-        per image) is the penultimate representation."""
-        return [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
+        per image) is the penultimate representation. None for a model without one
+        (SqueezeNet's logits come from a convolution)."""
+        linear = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        return linear[-1] if linear else None
 
     @property
     def cam_layer(self) -> nn.Module:

@@ -1,7 +1,8 @@
 """Every classifier a bundle can name, as data: :data:`ARCHITECTURES`.
 
-Configuration checks, the model card, the multi-label and pre-trainable sets and the command
-line all read this one table. It imports no PyTorch (a network class is named by its import
+Configuration checks, the model card, which networks are multi-label or pre-trainable, and
+the command line all read this one table, built by :func:`by_name`, which refuses two entries
+of one name. It imports no PyTorch (a network class is named by its import
 path, as a bundle config's ``_target_`` names it, and imported when built), so that
 ``dp-train --help`` and config validation stay light, and so that :mod:`dp_model.networks.networks`,
 which gives ``build_network`` to the configs of older bundles, can import it plainly.
@@ -17,7 +18,7 @@ compares no architecture names and this module imports none of it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +78,27 @@ def resolve(path: str) -> Any:
     return vars(importlib.import_module(module))[name]
 
 
+def by_name(entries: Iterable[Architecture]) -> dict[str, Architecture]:
+    """The table of ``entries`` by their names.
+
+    Raises:
+        ValueError: two entries have one name; the later would otherwise replace the earlier
+            without a word, and configs naming it would train another network.
+    """
+    table: dict[str, Architecture] = {}
+    for entry in entries:
+        if entry.name in table:
+            raise ValueError(
+                f"architecture {entry.name!r} is registered twice ({table[entry.name].network} and {entry.network}); give each entry its own name"
+            )
+        table[entry.name] = entry
+    return table
+
+
 _PAPER_BASELINE = "baseline trained from scratch (the Deep Pneumonia paper's Table II)."
 
-ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a
-    for a in (
+ARCHITECTURES: dict[str, Architecture] = by_name(
+    (
         Architecture(
             name="resnet18",
             network="dp_model.networks.networks:DeepPneumoniaNet",
@@ -140,7 +157,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "and a class-aware grid trained with box-level and MIL losses, so that images without boxes train too.",
         ),
     )
-}
+)
 
 
 def build_network(

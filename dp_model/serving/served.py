@@ -250,7 +250,7 @@ def _auc_interval(
 # --- the report ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Block:
     """The served decision on one set of images (every image, or the assessed ones).
 
@@ -379,16 +379,18 @@ def _block(
     flags = {"present": served.positive[keep], "triage": served.triage[keep]}
     sensitivity = {name: proportion(flags[name][y], confidence) for name in points}
     specificity = {name: proportion(~flags[name][~y], confidence) for name in points}
-    auc = _auc_interval(p, y, bootstrap, seed, confidence)
+    auc, auc_low, auc_high = _auc_interval(p, y, bootstrap, seed, confidence)
     return Block(
-        int(keep.sum()),
-        int(y.sum()),
-        int((~y).sum()),
-        sensitivity,
-        specificity,
-        brier(p, y),
-        adaptive_ece(p, y, bins),
-        *auc,
+        images=int(keep.sum()),
+        positives=int(y.sum()),
+        negatives=int((~y).sum()),
+        sensitivity=sensitivity,
+        specificity=specificity,
+        brier=brier(p, y),
+        ece=adaptive_ece(p, y, bins),
+        auc=auc,
+        auc_low=auc_low,
+        auc_high=auc_high,
     )
 
 

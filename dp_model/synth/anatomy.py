@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from .frame import Frame, ellipse_margin, segment_distance, soft
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Anatomy:
     """One patient's anatomy (canonical units), drawn by :func:`sample_anatomy`."""
 

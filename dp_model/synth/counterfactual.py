@@ -41,7 +41,7 @@ __all__ = ["Variants", "render_variants"]
 VISIBLE = 0.25
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Variants:
     """Case ``index`` three ways, each ``(size, size)`` float32 in [0, 1].
 
@@ -112,13 +112,13 @@ def render_variants(config: SynthConfig, index: int) -> Variants:
 
     scale = config.size / res
     return Variants(
-        index,
-        label,
-        finish(attenuation(lesions)),
-        finish(attenuation([])),
-        finish(attenuation([Opacity((slice(None), slice(None)), part) for part in moved])),
-        _tight_boxes(parts, scale),
-        _tight_boxes(moved, scale),
+        index=index,
+        label=label,
+        with_lesion=finish(attenuation(lesions)),
+        without_lesion=finish(attenuation([])),
+        moved=finish(attenuation([Opacity((slice(None), slice(None)), part) for part in moved])),
+        boxes=_tight_boxes(parts, scale),
+        moved_boxes=_tight_boxes(moved, scale),
     )
 
 

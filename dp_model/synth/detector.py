@@ -28,7 +28,7 @@ from .frame import resize, smooth, upsample_nearest
 MU = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Device:
     """One simulated X-ray system's fixed processing.
 
@@ -60,7 +60,7 @@ class Device:
 #: The systems images come from, equally often.
 DEVICES = (
     Device(
-        "CR-1",
+        name="CR-1",
         damping=0.35,
         reference=0.75,
         edges=0.25,
@@ -72,7 +72,7 @@ DEVICES = (
         electronic=0.008,
     ),
     Device(
-        "CR-2",
+        name="CR-2",
         damping=0.5,
         reference=0.7,
         edges=0.45,
@@ -84,7 +84,7 @@ DEVICES = (
         electronic=0.01,
     ),
     Device(
-        "DR-1",
+        name="DR-1",
         damping=0.45,
         reference=0.8,
         edges=0.3,
@@ -96,7 +96,7 @@ DEVICES = (
         electronic=0.004,
     ),
     Device(
-        "DR-2",
+        name="DR-2",
         damping=0.55,
         reference=0.75,
         edges=0.55,

@@ -26,7 +26,7 @@ from .dicom import build_dataset
 from .render import Case
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Row:
     """What the tables need of a written case."""
 
@@ -78,14 +78,14 @@ def write_image(root: Path, config: SynthConfig, case: Case) -> Row:
     else:
         Image.fromarray(np.rint(case.pixels * 255).astype(np.uint8)).save(path, compress_level=1)
     return Row(
-        case.index,
-        name,
-        patient,
-        case.label,
-        case.recorded_label,
-        case.boxes.tolist(),
-        case.true_boxes.tolist(),
-        case.info,
+        index=case.index,
+        image_id=name,
+        patient_id=patient,
+        label=case.label,
+        recorded_label=case.recorded_label,
+        boxes=case.boxes.tolist(),
+        true_boxes=case.true_boxes.tolist(),
+        info=case.info,
     )
 
 

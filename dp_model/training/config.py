@@ -264,7 +264,7 @@ class CIAConfig:
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """Stage II: supervised training of the classifier.
 

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +113,7 @@ def make_splits(dataset: ChestDataset, config: DataConfig, seed: int) -> Splits:
         return carve_calibration(
             dataset, Splits(outer.train, (), outer.test, outer.method), config, seed
         )
-    rest = ChestDataset(
-        dataset.name,
-        dataset.root,
-        dataset.classes,
-        dataset.multi_label,
-        tuple(dataset.records[i] for i in outer.train),
-    )
+    rest = replace(dataset, records=tuple(dataset.records[i] for i in outer.train))
     inner = split_dataset(
         rest, config.val_fraction, seed + 1, outer.method if outer.method != "official" else "auto"
     )
@@ -150,13 +144,7 @@ def carve_calibration(
         raise ValueError(
             f"a calibration split of {wanted} images leaves none of the {len(splits.train)} training images; lower data.calibration_fraction or data.calibration_images"
         )
-    part = ChestDataset(
-        dataset.name,
-        dataset.root,
-        dataset.classes,
-        dataset.multi_label,
-        tuple(dataset.records[i] for i in splits.train),
-    )
+    part = replace(dataset, records=tuple(dataset.records[i] for i in splits.train))
     inner = split_dataset(
         part,
         wanted / len(splits.train),

@@ -90,7 +90,7 @@ class _Attempts:
     first_failure: float | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DeliveryStats:
     """What /health shows of a destination (delivery counts are in the node's metrics).
 

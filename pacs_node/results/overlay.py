@@ -215,10 +215,17 @@ def _font(side: int) -> ImageFont.FreeTypeFont:
     return font
 
 
+def outline_width(side: int) -> int:
+    """Pixels across a region's outline on an image whose longer side is ``side`` pixels:
+    the secondary capture draws it so, and the presentation state's overlay plane
+    (:mod:`pacs_node.results.presentation`) repeats it, so that both show the same line."""
+    return max(2, side // 400)
+
+
 def _draw_regions(image: Image.Image, prediction: Prediction, scale: float) -> None:
     draw = ImageDraw.Draw(image)
     side = max(image.size)
-    font, width = _font(side), max(2, side // 400)
+    font, width = _font(side), outline_width(side)
     for i, box in enumerate(prediction.boxes * scale):
         draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=width)
         if prediction.box_labels:  # a model that says which finding it located

@@ -42,7 +42,7 @@ from pacs_node.results.base import (
     region_tracking_uid,
 )
 from pacs_node.results.identity import MANUFACTURER, ResultIdentity, contributing_equipment
-from pacs_node.results.overlay import BANNER, body_part, set_laterality, verdict
+from pacs_node.results.overlay import BANNER, body_part, outline_width, set_laterality, verdict
 from pacs_node.status import FailReason
 
 #: What this output's UIDs are derived under (:meth:`~pacs_node.results.identity.ResultIdentity.instance_uid`).
@@ -144,7 +144,7 @@ def _outline_overlay(state: Dataset, boxes: np.ndarray, rows: int, columns: int)
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     if not len(boxes):
         return
-    width = max(2, max(rows, columns) // 400)
+    width = outline_width(max(rows, columns))
     x0, y0 = (max(0, int(np.floor(boxes[:, i].min()))) for i in (0, 1))
     x1, y1 = (
         min(columns, int(np.ceil(boxes[:, 2].max()))),
