@@ -32,6 +32,7 @@ from ..serving.contract import (
     ModelContract,
     OODGate,
     OperatingPoint,
+    adjusted_logits,
     pneumonia_probability,
     probabilities,
 )
@@ -144,10 +145,9 @@ def fit(
     ``offsets`` (the contract's ``logit_adjustment``) come off the logits before the temperature."""
     split = held_out_split(data)
     name = SPLIT_NAMES[split]
-    val_logits, _ = outputs(model, data[split])
-    test_logits, _ = outputs(model, data["test"])
-    shift = np.asarray(offsets or 0.0, np.float32)
-    val_logits, test_logits = val_logits - shift, test_logits - shift
+    # the temperature is fitted to what it divides: the logits less the contract's adjustment
+    val_logits = adjusted_logits(outputs(model, data[split])[0], offsets)
+    test_logits = adjusted_logits(outputs(model, data["test"])[0], offsets)
     val_labels, test_labels = data[split].labels.cpu().numpy(), data["test"].labels.cpu().numpy()
     outputs_order = (
         tuple(c for i, c in enumerate(classes) if i != normal) if multi_label else classes
