@@ -471,7 +471,12 @@ def _write_bundle(
         "confusion": plots.confusion(report, docs / "confusion.png"),
         "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
         "attention": plots.attention_gallery(
-            model, data["test"], dataset.classes, docs / "attention.png", normal=normal
+            model,
+            data["test"],
+            dataset.classes,
+            docs / "attention.png",
+            normal=normal,
+            offsets=contract.logit_adjustment,
         ),
     }
     # What the node serves, by the node's runner: the bundle just written (its contract, its
