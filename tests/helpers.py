@@ -163,3 +163,59 @@ def assert_engines_agree(bundle: Path, tolerance: float = 1e-4) -> None:
         np.testing.assert_allclose(
             found.ood_scores, want.ood_scores, rtol=tolerance, atol=tolerance
         )
+
+
+def assert_saved_scores_are_the_nodes(
+    bundle: Path, data: Path, predictor=None, tolerance: float = 1e-4
+) -> None:
+    """The bundle's ``docs/scores_test.npz`` (what its card's served figures are computed from)
+    holds, image by image, the calibrated probabilities and out-of-distribution scores that
+    the node's :class:`~pacs_node.model.predictor.NodePredictor` (``predictor``, else one on
+    the CPU) gives the same canvases (the test split of ``data`` as training decoded it),
+    within ``tolerance``, and the node's decisions wherever the probability of pneumonia is
+    not within ``tolerance`` of a threshold."""
+    import numpy as np
+
+    from dp_model.datasets.splits import hashed_id
+    from dp_model.serving.served import scores_path
+    from dp_model.training.calibrate import resident_splits
+    from dp_transforms import ChestImage, Letterbox
+    from pacs_node.model.predictor import NodePredictor, Prepared
+
+    node = predictor or NodePredictor(bundle, "cpu")
+    test = resident_splits(bundle, data, ("test",))["test"]
+    size = node.contract.image_size
+    canvases = test.images.float().div(255.0).numpy()
+    whole = Letterbox((size, size), size)
+    prepared = [Prepared(c, whole, ChestImage(c[0]), (size, size)) for c in canvases]
+    found = [
+        p
+        for start in range(0, len(prepared), 32)
+        for p in node.predict(prepared[start : start + 32])
+    ]
+    with np.load(scores_path(bundle, "test"), allow_pickle=False) as saved:
+        order = {name: row for row, name in enumerate(saved["ids"].tolist())}
+        rows = [order[hashed_id(i)] for i in test.ids]
+        assert len(rows) == len(order), "the saved scores are of the bundle's test split"
+        saved = {
+            key: saved[key][rows]
+            for key in ("probabilities", "ood_score", "pneumonia_probability")
+            + ("assessed", "positive", "triage")
+        }
+    np.testing.assert_allclose(
+        np.stack([p.probabilities for p in found]), saved["probabilities"], rtol=0, atol=tolerance
+    )
+    scores = np.array([np.nan if p.ood_score is None else p.ood_score for p in found])
+    np.testing.assert_allclose(scores, saved["ood_score"], rtol=tolerance, atol=tolerance)
+    probability = np.array([p.pneumonia_probability for p in found])
+    np.testing.assert_allclose(probability, saved["pneumonia_probability"], rtol=0, atol=tolerance)
+    # a decision may go either way within float noise of its threshold
+    triage, gate = node.contract.triage_point, node.contract.ood
+    clear = np.abs(probability - node.operating_point) > tolerance
+    if triage is not None:
+        clear &= np.abs(probability - triage.threshold) > tolerance
+    if gate is not None:
+        clear &= ~np.isclose(scores, gate.threshold, rtol=tolerance, atol=tolerance)
+    for key in ("assessed", "positive", "triage"):
+        decided = np.array([getattr(p, key) for p in found])
+        np.testing.assert_array_equal(decided[clear], saved[key][clear], err_msg=key)

@@ -293,3 +293,17 @@ def test_the_samples_are_a_pneumonia_and_a_normal_test_image_the_node_gets_right
     test = (10, 11, 12, 13, 14, 15)
     assert example_images(tmp_path / "scores.npz", test, normal=0) == [12, 13, 14]
     assert example_images(tmp_path / "scores.npz", test, normal=0, count=5) == [12, 13, 14, 10, 11]
+
+
+def test_the_saved_test_scores_are_what_the_node_computes_for_the_same_images(
+    demo_bundle: Path, predictor
+) -> None:
+    """``docs/scores_test.npz``, which every served figure of the card (and ``dp-train
+    evaluate``'s comparison) is recomputed from, holds what the node's ``NodePredictor`` gives
+    the same test phantoms: the calibrated probabilities and gate scores within 1e-4."""
+    from helpers import assert_saved_scores_are_the_nodes
+
+    phantoms = demo_bundle.parent / "data"
+    if not phantoms.exists():
+        pytest.skip(f"the phantoms the bundle was trained from are not beside it ({phantoms})")
+    assert_saved_scores_are_the_nodes(demo_bundle, phantoms, predictor)

@@ -276,9 +276,11 @@ def test_pixel_spacing_preference() -> None:
 
 @pytest.mark.parametrize("case", ["rg1", "rg1_j2k", "phantom", "anisotropic", "monochrome1"])
 def test_the_node_and_training_see_the_same_canvas(rg1_path: Path, case: str) -> None:
-    """The node's ``prepare`` and training's ``load_letterboxed`` are written apart (the node
-    keeps an overlay-sized copy as it decodes): on images below the node's working size
-    (20 Mpixels) they give the same model canvas, value for value."""
+    """The node's ``prepare`` (a received data set, with an overlay-sized copy kept) and
+    training's ``load_letterboxed`` (a file, with its boxes) both end in
+    ``dp_transforms.io.model_canvas``: they give the same model canvas, value for value, so
+    that a change to either side's square pixels, resize or letterbox fails here; and that
+    canvas is the square-pixel image fitted whole into the model's square, centred."""
     from node_support import chest_dataset
 
     from dp_transforms.array import load_letterboxed
@@ -291,8 +293,19 @@ def test_the_node_and_training_see_the_same_canvas(rg1_path: Path, case: str) ->
         "anisotropic": lambda: chest_dataset(PixelSpacing=[0.1, 0.2]),
         "monochrome1": lambda: chest_dataset(PhotometricInterpretation="MONOCHROME1"),
     }[case]()
-    node = prepare(ds, 224).canvas
-    training = load_letterboxed(ds, 224)[0]
+    prepared, (training, _, letterbox) = prepare(ds, 224), load_letterboxed(ds, 224)
+    node = prepared.canvas
     assert node.shape == training.shape == (1, 224, 224)
     assert isinstance(node, np.ndarray)  # the node's canvas is NumPy's: no PyTorch
-    assert float(np.abs(node - training.numpy()).max()) < 1e-6
+    np.testing.assert_array_equal(node, training.numpy())
+    # one letterbox: the square-pixel image's longer side fills the canvas, its aspect kept,
+    # centred between bands of zeros
+    geometry = prepared.geometry
+    assert geometry == letterbox
+    rows, columns = ds.Rows, ds.Columns * (2 if case == "anisotropic" else 1)
+    (height, width), (top, left) = geometry.content_shape, geometry.offset
+    assert max(height, width) == 224 and abs(height / width - rows / columns) < 0.01
+    assert (top, left) == ((224 - height) // 2, (224 - width) // 2)
+    band = np.ones((224, 224), bool)
+    band[top : top + height, left : left + width] = False
+    assert not node[0][band].any() and node[0][~band].any()

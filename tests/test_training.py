@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_engines_agree
+from helpers import assert_engines_agree, assert_saved_scores_are_the_nodes
 from training_support import CPU, rsna_run, tiny
 
 from dp_model.config import to_mapping
@@ -210,6 +210,14 @@ def test_the_card_measures_the_served_decision_on_test_and_its_saved_scores_reco
         bundle / "docs" / "scores_test.npz", contract, bootstrap=1000, seed=0
     )
     assert recomputed.to_json() == json.loads((bundle / "docs" / "served_test.json").read_text())
+
+
+def test_the_saved_scores_are_what_the_node_computes_for_the_same_images(
+    bundle: Path, dataset_dir: Path
+) -> None:
+    """Training saves each test image's scores by the node's runner: the node's
+    ``NodePredictor`` on the same canvases gives them again, within 1e-4."""
+    assert_saved_scores_are_the_nodes(bundle, dataset_dir)
 
 
 def test_the_contract_carries_every_map_source_against_the_prior_and_the_card_shows_them(

@@ -6,7 +6,8 @@ it can never shadow, or be shadowed by, another top-level ``transforms`` module
 
 * :func:`load_image` / :func:`read_dicom` / :func:`dicom_to_image`: any file or dataset
   to a :class:`ChestImage` (float32 in [0, 1], larger brighter), the one conversion used
-  by training and the node;
+  by training and the node; :func:`model_canvas`: such an image to the model's canvas, the
+  one preprocessing of both;
 * :class:`ImageError`: the one exception for unusable input, with a reason code;
 * geometry: boxes, ``mask+`` / ``mask-`` at any resolution, the letterbox mapping;
 * MONAI array transforms and their dictionary wrappers; batched random augmentation
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .dicom import ChestImage, dicom_to_image, read_dicom, window_to_unit
 from .errors import ImageError, ImageErrorReason
 from .geometry import Letterbox, as_boxes, clip_boxes, xywh_to_xyxy
-from .io import load_image, make_square_pixels
+from .io import load_image, make_square_pixels, model_canvas
 
 if TYPE_CHECKING:
     from .array import BoxesToMask, LetterboxResize, LoadChestXray, load_letterboxed
@@ -92,6 +93,7 @@ __all__ = [
     "load_image",
     "load_letterboxed",
     "make_square_pixels",
+    "model_canvas",
     "pad_boxes",
     "read_dicom",
     "window_to_unit",

@@ -13,9 +13,9 @@ import torch
 from monai.transforms import Transform
 from pydicom.dataset import Dataset
 
-from .dicom import read_dicom
+from .dicom import WORKING_PIXELS, read_dicom
 from .geometry import Letterbox, as_boxes
-from .io import load_image, make_square_pixels
+from .io import load_image, make_square_pixels, model_canvas
 from .masks import boxes_to_masks
 
 
@@ -38,8 +38,8 @@ class LoadChestXray(Transform):
     def __call__(self, source: str | PathLike | Dataset) -> tuple[torch.Tensor, dict]:
         image = read_dicom(source) if isinstance(source, Dataset) else load_image(source)
         original = image.original_shape or image.shape
-        if self.square_pixels:
-            image = make_square_pixels(image)
+        if self.square_pixels:  # as model_canvas makes them square
+            image = make_square_pixels(image, max_pixels=WORKING_PIXELS)
         box_scale = (image.shape[1] / original[1], image.shape[0] / original[0])
         meta = {
             "spacing": image.spacing,
@@ -93,17 +93,19 @@ class BoxesToMask(Transform):
 def load_letterboxed(
     source: str | PathLike | Dataset, size: int, boxes: object = None, square_pixels: bool = True
 ) -> tuple[torch.Tensor, np.ndarray, Letterbox]:
-    """Load an image and fit it to the ``size x size`` model canvas: the preprocessing of
-    training and evaluation. The node decodes a received data set with its own decode budget
-    (:func:`pacs_node.model.predictor.prepare`) through the same transforms, and
-    tests/test_dicom_pixels.py pins that both give the same canvas.
+    """Load an image and fit it to the ``size x size`` model canvas: the file read (or the
+    DICOM data set converted), then :func:`~dp_transforms.io.model_canvas`, the preprocessing
+    the node's :func:`pacs_node.model.predictor.prepare` calls on a received data set too
+    (tests/test_dicom_pixels.py pins that both give the same canvas).
 
     Returns:
         the ``(1, size, size)`` float32 canvas, ``boxes`` (source pixels) moved onto it as
         ``(N, 4)``, and the :class:`~dp_transforms.geometry.Letterbox` that maps outputs back
         (from the image after any square-pixel resampling).
     """
-    image, meta = LoadChestXray(square_pixels)(source)
-    resizer = LetterboxResize(size)
-    geometry = resizer.geometry(image)
-    return resizer(image), geometry.boxes_to_canvas(LoadChestXray.boxes_onto(boxes, meta)), geometry
+    image = read_dicom(source) if isinstance(source, Dataset) else load_image(source)
+    canvas, geometry = model_canvas(image, size, square_pixels)
+    (rows, columns), original = geometry.source_shape, image.original_shape or image.shape
+    sx, sy = columns / original[1], rows / original[0]
+    on_image = as_boxes(boxes, image.source) * np.array([sx, sy, sx, sy], np.float32)
+    return torch.from_numpy(canvas), geometry.boxes_to_canvas(on_image), geometry

@@ -22,12 +22,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .dicom import (
     MAX_PIXELS,
     MAX_SPACING_RATIO,
+    WORKING_PIXELS,
     ChestImage,
     auto_window,
     check_geometry,
     read_dicom,
 )
 from .errors import ImageError, ImageErrorReason
+from .geometry import Letterbox
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +208,23 @@ def make_square_pixels(
     del resampled
     np.clip(pixels, 0.0, 1.0, out=pixels)
     return ChestImage(pixels, (target, target), image.source, image.original_shape or image.shape)
+
+
+def model_canvas(
+    image: ChestImage, size: int, square_pixels: bool = True
+) -> tuple[np.ndarray, Letterbox]:
+    """The one preprocessing from a decoded image to the model's input, for training, a
+    bundle's evaluation and the node alike (:func:`dp_transforms.array.load_letterboxed`
+    reads a file and calls it; the node's ``prepare`` decodes a received data set and calls
+    it): the pixels made square (:func:`make_square_pixels`, within the node's working size
+    :data:`~dp_transforms.dicom.WORKING_PIXELS`), then fitted into the ``size x size`` canvas
+    keeping the aspect ratio (:meth:`~dp_transforms.geometry.Letterbox.image_to_canvas`).
+
+    Returns:
+        the ``(1, size, size)`` float32 canvas, and the letterbox from the image after any
+        square-pixel resampling (its ``source_shape``) to the canvas.
+    """
+    if square_pixels:
+        image = make_square_pixels(image, max_pixels=WORKING_PIXELS)
+    geometry = Letterbox((int(image.shape[0]), int(image.shape[1])), size)
+    return geometry.image_to_canvas(image.pixels[None]), geometry

@@ -23,11 +23,16 @@ __all__ = [
 ]
 
 
-def output_probabilities(model: Classifier, logits: Tensor) -> Tensor:
+def output_probabilities(
+    model: Classifier, logits: Tensor, adjustment: tuple[float, ...] = ()
+) -> Tensor:
     """Probabilities of a network's logits, uncalibrated: a sigmoid per finding, or a softmax
-    over classes (:func:`dp_model.serving.contract.probabilities` at temperature 1), float32 on the
-    logits' device; no gradient flows through them."""
-    found = probabilities(logits.detach().float().cpu().numpy(), multi_label=model.multi_label)
+    over classes (:func:`dp_model.serving.contract.probabilities` at temperature 1, with the
+    logit ``adjustment`` subtracted there), float32 on the logits' device; no gradient flows
+    through them."""
+    found = probabilities(
+        logits.detach().float().cpu().numpy(), multi_label=model.multi_label, adjustment=adjustment
+    )
     return torch.from_numpy(found).float().to(logits.device)
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "ModelContract",
     "OODGate",
     "OperatingPoint",
+    "adjusted_logits",
     "decide",
     "no_finding_probability",
     "pneumonia_classes",
@@ -424,6 +425,14 @@ def within_gate(score: float | np.ndarray | None, threshold: float | None) -> bo
 _Probabilities = TypeVar("_Probabilities", np.ndarray, "Tensor")
 
 
+def adjusted_logits(logits: np.ndarray, adjustment: tuple[float, ...] = ()) -> np.ndarray:
+    """Logits ``(N, K)`` float64 with the logit adjustment (the contract's ``logit_adjustment``,
+    one offset per output; empty: none) subtracted: the one place it comes off, for
+    :func:`probabilities` and for the temperature's fit."""
+    found = np.asarray(logits, np.float64)
+    return found - np.asarray(adjustment, np.float64) if len(adjustment) else found
+
+
 def probabilities(
     logits: np.ndarray,
     temperature: float = 1.0,
@@ -438,10 +447,7 @@ def probabilities(
     temperature's fit (:mod:`dp_model.serving.calibration`) and the training code's
     (:func:`dp_model.networks.architectures.output_probabilities`) all call it.
     """
-    scaled = np.asarray(logits, np.float64)
-    if len(adjustment):
-        scaled = scaled - np.asarray(adjustment, np.float64)
-    scaled = scaled / temperature
+    scaled = adjusted_logits(logits, adjustment) / temperature
     if multi_label:
         # the sigmoid of either sign without overflow: exp of a non-positive number only
         small = np.exp(-np.abs(scaled))

@@ -29,9 +29,9 @@ from ..serving.calibration import (
 )
 from ..serving.contract import (
     Localization,
-    ModelContract,
     OODGate,
     OperatingPoint,
+    adjusted_logits,
     pneumonia_probability,
     probabilities,
 )
@@ -51,6 +51,7 @@ from ..serving.ood import (
     stage_modules,
     write_statistics,
 )
+from ..serving.runner import Runner
 from .data import Resident
 
 logger = logging.getLogger(__name__)
@@ -68,15 +69,23 @@ def held_out_split(data: dict[str, Resident]) -> str:
 
 
 def calibrated_outputs(
-    model: nn.Module, data: Resident, contract: ModelContract, statistics: Detector | None
+    runner: Runner, data: Resident, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """What the node computes for each image of a split: the contract's calibrated
+    """What the node computes for each image of a split, by the node's own runner (a bundle's
+    :class:`~dp_model.serving.runner.Runner`, batch by batch): the contract's calibrated
     probabilities ``(N, K)`` and the out-of-distribution scores ``(N,)`` (None without a gate)."""
-    if statistics is None:
-        logits, _ = outputs(model, data)
-        return contract.probabilities(logits), None
-    seen = observed(model, data, statistics.needs_stages)
-    return contract.probabilities(seen.logits.cpu().numpy()), statistics.score(seen)
+    found = [
+        runner.run(data.batch(torch.arange(s, min(len(data), s + batch_size)))[0].cpu())
+        for s in range(0, len(data), batch_size)
+    ]
+    width = len(runner.contract.output_classes)
+    probabilities = (
+        np.concatenate([f.probabilities for f in found]) if found else np.zeros((0, width))
+    )
+    if runner.statistics is None:
+        return probabilities, None
+    scores = [f.ood_scores for f in found if f.ood_scores is not None]
+    return probabilities, np.concatenate(scores) if scores else np.zeros(0)
 
 
 @torch.no_grad()
@@ -144,10 +153,9 @@ def fit(
     ``offsets`` (the contract's ``logit_adjustment``) come off the logits before the temperature."""
     split = held_out_split(data)
     name = SPLIT_NAMES[split]
-    val_logits, _ = outputs(model, data[split])
-    test_logits, _ = outputs(model, data["test"])
-    shift = np.asarray(offsets or 0.0, np.float32)
-    val_logits, test_logits = val_logits - shift, test_logits - shift
+    # the temperature is fitted to what it divides: the logits less the contract's adjustment
+    val_logits = adjusted_logits(outputs(model, data[split])[0], offsets)
+    test_logits = adjusted_logits(outputs(model, data["test"])[0], offsets)
     val_labels, test_labels = data[split].labels.cpu().numpy(), data["test"].labels.cpu().numpy()
     outputs_order = (
         tuple(c for i, c in enumerate(classes) if i != normal) if multi_label else classes

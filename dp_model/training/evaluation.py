@@ -27,7 +27,8 @@ def predict(
     """Class scores ``(N, C)`` of a resident split (no augmentation): softmax probabilities,
     or for a multi-label network its findings' sigmoids with the normal class (index
     ``normal``) scoring ``1 - max`` (:func:`~dp_model.networks.architectures.class_scores`). ``offsets``
-    are subtracted from the logits first (the contract's ``logit_adjustment``)."""
+    (the contract's ``logit_adjustment``) come off the logits where the contract's calibration
+    takes them off (:func:`~dp_model.serving.contract.adjusted_logits`)."""
     model.eval()
     out = []
     net = unwrap(model)
@@ -37,9 +38,7 @@ def predict(
         x = data.batch(index)[0].to(runtime.device)
         with runtime.autocast():
             logits = model(runtime.prepare(x))
-        if offsets:
-            logits = logits.float() - torch.tensor(offsets, device=logits.device)
-        probabilities = output_probabilities(net, logits)
+        probabilities = output_probabilities(net, logits, offsets)
         out.append(class_scores(probabilities, multi_label, normal).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 

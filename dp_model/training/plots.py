@@ -216,10 +216,12 @@ def attention_gallery(
     path: Path,
     count: int = 6,
     normal: int = 0,
+    offsets: tuple[float, ...] = (),
 ) -> Path:
     """Test images with their radiologist boxes, the Grad-CAM of the predicted class and the
     model's own map: the supervised lesion head's, MGACR's learned ``map+``, or a multi-label
-    variant's map of the image's true finding (the paper's Fig. 9)."""
+    variant's map of the image's true finding (the paper's Fig. 9). The predicted class is
+    the most probable with the contract's logit adjustment (``offsets``) taken off."""
     boxed = torch.nonzero(data.has_boxes.cpu()).flatten()[:count]
     chosen = boxed if len(boxed) else torch.arange(min(count, len(data)))
     device = next(model.parameters()).device
@@ -228,7 +230,7 @@ def attention_gallery(
     multi_label = model.multi_label
     with torch.no_grad():
         scores = class_scores(
-            output_probabilities(model, model.eval()(x)), multi_label, normal
+            output_probabilities(model, model.eval()(x), offsets), multi_label, normal
         ).cpu()
     # Grad-CAM of the predicted output (for a multi-label model: the most probable finding).
     outputs = torch.tensor(findings(classes, normal)) if multi_label else torch.arange(len(classes))

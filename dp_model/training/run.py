@@ -27,6 +27,7 @@ from ..serving.bundle import (
 from ..serving.contract import ModelContract, within_gate
 from ..serving.onnx_graph import write_onnx
 from ..serving.ood import write_statistics
+from ..serving.runner import Runner
 from ..serving.served import (
     ServedReport,
     evaluate_served,
@@ -470,10 +471,18 @@ def _write_bundle(
         "confusion": plots.confusion(report, docs / "confusion.png"),
         "roc": plots.roc(labels, probabilities, report, docs / "roc.png"),
         "attention": plots.attention_gallery(
-            model, data["test"], dataset.classes, docs / "attention.png", normal=normal
+            model,
+            data["test"],
+            dataset.classes,
+            docs / "attention.png",
+            normal=normal,
+            offsets=contract.logit_adjustment,
         ),
     }
-    test_scores = calibrate.calibrated_outputs(model, data["test"], contract, fitted.statistics)[1]
+    # What the node serves, by the node's runner: the bundle just written (its contract, its
+    # gate's statistics) on the network in memory, which holds the weights written.
+    runner = Runner(bundle=out, device="cpu", network=model, engine="torch")
+    test_scores = calibrate.calibrated_outputs(runner, data["test"])[1]
     pictures["calibration"] = plots.reliability(
         fitted.before,
         fitted.after,
@@ -493,7 +502,7 @@ def _write_bundle(
         pictures["class_maps"] = plots.class_attention_maps(
             model, data["test"], dataset.classes, docs / "class_maps.png", normal
         )
-    served = served_on_test(docs, model, contract, fitted, data, config.runtime.seed)
+    served = served_on_test(docs, runner, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
     chosen = [
         dataset.records[i] for i in example_images(scores_path(out, "test"), splits.test, normal)
@@ -578,22 +587,17 @@ def split_sizes(splits: Splits, fitted: calibrate.Fitted) -> dict:
 
 
 def served_on_test(
-    docs: Path,
-    model,
-    contract: ModelContract,
-    fitted: calibrate.Fitted,
-    data: dict[str, Resident],
-    seed: int,
+    docs: Path, runner: Runner, data: dict[str, Resident], seed: int
 ) -> ServedReport:
     """The node's rule measured on the test split, once: ``docs/served_test.json``, the
     reliability diagram of the probability of pneumonia, and each split's per-image scores
-    (``docs/scores_<split>.npz``, ids hashed as in ``split.json``) to recompute every figure from."""
+    (``docs/scores_<split>.npz``, ids hashed as in ``split.json``) to recompute every figure
+    from, each image's by the bundle's ``runner`` (:func:`~.calibrate.calibrated_outputs`)."""
+    contract = runner.contract
     found = {}
     for name in ("test", "val", "calibration"):
         if name in data and len(data[name]):
-            probabilities, ood = calibrate.calibrated_outputs(
-                model, data[name], contract, fitted.statistics
-            )
+            probabilities, ood = calibrate.calibrated_outputs(runner, data[name])
             labels = data[name].labels.cpu().numpy()
             save_scores(
                 scores_path(docs.parent, name),

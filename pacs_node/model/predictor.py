@@ -12,8 +12,8 @@ why (:attr:`Prediction.regions_withheld`). A bundle that names no source (writte
 sources were measured) gets the former default map and no regions.
 
 Serving a bundle's ONNX graph on the CPU, nothing here imports PyTorch or MONAI: the
-canvas is letterboxed by the NumPy core that training's MONAI transform calls
-(:meth:`dp_transforms.geometry.Letterbox.image_to_canvas`), the maps are cut and the
+canvas comes from training's own preprocessing, NumPy and SimpleITK alone
+(:func:`dp_transforms.io.model_canvas`), the maps are cut and the
 regions found in NumPy and SciPy, and PyTorch is loaded only where the runner runs in it.
 """
 
@@ -32,9 +32,9 @@ from dp_model.serving.contract import NOT_MEASURED, ModelContract
 from dp_model.serving.gate import Arrays
 from dp_model.serving.runner import Runner
 from dp_model.serving.sources import HEATMAP_STAGE
-from dp_transforms.dicom import WORKING_PIXELS, ChestImage, dicom_to_image
+from dp_transforms.dicom import ChestImage, dicom_to_image
 from dp_transforms.geometry import Letterbox, resize
-from dp_transforms.io import make_square_pixels
+from dp_transforms.io import model_canvas
 from pacs_node.model.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ class Prepared:
 def prepare(
     dataset: Dataset, size: int, name: str = "", max_side: int = OVERLAY_MAX_SIDE
 ) -> Prepared:
-    """The preprocessing of ``load_letterboxed`` (training's), keeping an overlay-sized source image.
+    """The preprocessing of training (:func:`~dp_transforms.io.model_canvas`, which
+    ``load_letterboxed`` calls too), keeping an overlay-sized source image.
 
     The image is decoded once, within the decode budget; a very large one is reduced on the
     way (see :func:`~dp_transforms.dicom.dicom_to_image`). The canvas comes from it, the
@@ -102,12 +103,9 @@ def prepare(
         ImageError: the dataset holds no usable image.
     """
     decoded = dicom_to_image(dataset, name)
-    image = make_square_pixels(decoded, max_pixels=WORKING_PIXELS).pixels[None]
-    geometry = Letterbox((int(image.shape[-2]), int(image.shape[-1])), size)
+    canvas, geometry = model_canvas(decoded, size)
     shape = decoded.original_shape or decoded.shape
-    return Prepared(
-        geometry.image_to_canvas(image), geometry, overlay_image(decoded, shape, max_side), shape
-    )
+    return Prepared(canvas, geometry, overlay_image(decoded, shape, max_side), shape)
 
 
 def overlay_image(image: ChestImage, shape: tuple[int, int], max_side: int) -> ChestImage:
