@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.filereader import read_file_meta_info
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import _config
 from pynetdicom.association import Association
