@@ -21,6 +21,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs_node.config import Destination, OutboxConfig
@@ -361,6 +362,9 @@ def test_a_result_the_destination_takes_as_it_is_leaves_as_the_bytes_of_its_file
         raise AssertionError("the outbox file was decoded to be sent")
 
     monkeypatch.setattr(cstore, "dcmread", no_decoding)
+    # the peer keeps what it receives in memory (a node started in this process before
+    # switched pynetdicom, process-wide, to receiving into files)
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", False)
     pacs = Peer().start()
     deliveries: list = []
     s = sender(tmp_path, pacs, deliveries)
