@@ -183,8 +183,12 @@ def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         for c, plane in enumerate(planes):
             np.matmul(down_dense @ plane, across_dense.T, out=out[c])
         return out
-    # the axis that leaves less to do for the other first (the sum of products is the same)
-    down_first = down.nnz * width + across.nnz * rows <= across.nnz * height + down.nnz * columns
+    # the axis that leaves less to do for the other first: the products, and the copies the
+    # transposed operands take (across first transposes the whole plane: 10 ms of a 15-bit
+    # radiograph's 26 ms letterbox, on the 2-core machine)
+    down_first = down.nnz * width + across.nnz * rows + rows * (
+        width + columns
+    ) <= across.nnz * height + down.nnz * columns + height * (width + columns)
     for c, plane in enumerate(planes):
         out[c] = (across @ (down @ plane).T).T if down_first else down @ (across @ plane.T).T
     return out
