@@ -564,9 +564,11 @@ PINNED_OVERLAYS = {
     (2048, "positive"): "714e6a070b9bb049f05ccbcf8fb8b6d145062d931bcc218dadf8088c958bc2a8",
     (2048, "negative"): "8f37c6529fcff2ac01b89396ca9b955ab3fcf0c62912515ec89a70c78582131b",
     # NumPy's resampling (dp_transforms.geometry.resize) since 2026-12-06: 66 of 3.2 million
-    # values of the positive one moved by one level from PyTorch's (rounding at 8 bits)
-    (1024, "positive"): "38c086757131e09fe01863aba7f7c1c86b661413f90c5d924beda8a5d2834f6d",
-    (1024, "negative"): "a1b34442f795d70588d76c86417d6617809e4d0d9d8c15b457299e3bc8984d2f",
+    # values of the positive one moved by one level from PyTorch's (rounding at 8 bits); the
+    # radiograph's rows resampled before its columns since the second round of that day (the
+    # whole image no longer transposed): 21 more moved by one level in each
+    (1024, "positive"): "245688480d9a738ba3d884c01c89d55019d4ddbdf9527b2440bae9705a5ccedb",
+    (1024, "negative"): "18ce7636cb67c37d8fce362678a68bbf50dcbb954377f75b4e9dffbb94887a4b",
 }
 
 
