@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -289,8 +291,17 @@ def _readme_example_entry() -> object:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Adding a network", 1)[1]
     code = section.split("```python", 1)[1].split("```", 1)[0]
-    (entry,) = eval(code, {"Architecture": Architecture})
+    (entry,) = eval(f"({textwrap.dedent(code)})", {"Architecture": Architecture})  # in the tuple
     return entry
+
+
+def _readme_example_config() -> dict:
+    """The training configuration README.md's "Adding a network" gives for the entry."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Adding a network", 1)[1]
+    return yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
 
 
 def test_the_torchvision_classifier_the_readme_adds_as_one_entry_trains_and_draws_maps(
@@ -300,17 +311,23 @@ def test_the_torchvision_classifier_the_readme_adds_as_one_entry_trains_and_draw
     :class:`~dp_model.networks.networks.BaselineNet` entry: registered at run time (nothing else
     edited), the training config accepts it, stage II builds it, one optimizer step moves its
     weights, and Grad-CAM and CAM (which it declares exact) draw the same maps."""
+    from dp_model.config import from_mapping
     from dp_model.networks.explain import cam, grad_cam, map_sources
     from dp_model.networks.registry import ARCHITECTURES
-    from dp_model.training.config import FinetuneConfig, MGACRConfig
+    from dp_model.training.config import TrainConfig
     from dp_model.training.objectives import build_classifier, classification_loss, make_optimizer
 
     entry = _readme_example_entry()
     assert entry.name == "efficientnet_b0" and entry.name not in ARCHITECTURES  # a new network
     monkeypatch.setitem(ARCHITECTURES, entry.name, entry)
-    config = FinetuneConfig(
-        architecture=entry.name, mgacr=MGACRConfig(attention=False, feature_cr=False), lr=0.01
-    )
+    given = _readme_example_config()
+    with pytest.raises(ValueError, match="pretrain.enabled: false"):
+        from_mapping(TrainConfig, {"finetune": given["finetune"]})  # pre-training left on
+    with pytest.raises(ValueError, match="switch mgacr.attention and mgacr.feature_cr off"):
+        from_mapping(
+            TrainConfig, {"pretrain": given["pretrain"], "finetune": {"architecture": entry.name}}
+        )
+    config = replace(from_mapping(TrainConfig, given).finetune, lr=0.01)
     net = build_classifier(config, 3, None, seed=0, image_size=32).train()
     assert net.net.features[0][0].in_channels == 1
     assert net.classifier_layer is net.net.classifier[1] and net.cam_layer is net.net.features
