@@ -20,7 +20,7 @@ class Inner:
     names: tuple[str, ...] = ("a",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Outer:
     count: int = 3
     mode: Literal["fast", "slow"] = "fast"

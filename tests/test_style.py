@@ -62,50 +62,78 @@ def test_the_check_fails_on_a_finding(tmp_path: Path) -> None:
 SOURCES = ("dp_model", "pacs_node", "transforms", "tests", "benchmarks")
 
 
-def _dataclass_widths(tree: ast.Module) -> dict[str, int]:
-    """Class name -> init fields declared, for the classes of one module (0: not a dataclass)."""
-    widths: dict[str, int] = {}
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.ClassDef):
+def _positional_fields(node: ast.ClassDef) -> tuple[int, int] | None:
+    """For a dataclass: (init fields, how many of them a call may give by position); None for
+    another class. ``kw_only=True`` allows none; a ``KW_ONLY`` marker, those before it."""
+    calls = [d for d in node.decorator_list if isinstance(d, ast.Call)]
+    decorators = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+    if not any(ast.unparse(d).split(".")[-1] == "dataclass" for d in decorators):
+        return None
+    fields, positional = 0, None
+    for statement in node.body:
+        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
             continue
-        decorators = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
-        fields = [
-            s
-            for s in node.body
-            if isinstance(s, ast.AnnAssign)
-            and isinstance(s.target, ast.Name)
-            and not {"ClassVar", "KW_ONLY"} & set(ast.unparse(s.annotation).split("."))
-            and "ClassVar[" not in ast.unparse(s.annotation)
-        ]
-        dataclass = any(ast.unparse(d).split(".")[-1] == "dataclass" for d in decorators)
-        widths[node.name] = max(widths.get(node.name, 0), len(fields) if dataclass else 0)
-    return widths
+        annotation = ast.unparse(statement.annotation)
+        if annotation.split(".")[-1] == "KW_ONLY":
+            positional = fields if positional is None else positional
+        elif "ClassVar" not in annotation:
+            fields += 1
+    if any(
+        k.arg == "kw_only" and isinstance(k.value, ast.Constant) and k.value.value
+        for call in calls
+        for k in call.keywords
+    ):
+        positional = 0
+    return fields, fields if positional is None else positional
+
+
+def wide_positional_dataclasses(trees: dict[Path, ast.Module]) -> list[str]:
+    """The dataclasses of six or more fields that take more than two values by position."""
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} ({width} fields, "
+        f"{positional} by position)"
+        for path, tree in trees.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and (shape := _positional_fields(node)) is not None
+        and (width := shape[0]) >= 6
+        and (positional := shape[1]) > 2
+    ]
 
 
 def test_a_wide_dataclass_is_built_by_keyword() -> None:
     """A dataclass of six or more fields takes at most two leading values by position (a
     record's image and labels, a destination's URL): a longer row of bare values reads as
     nothing at the call and is silently reassigned when the fields are reordered. Such a
-    class is ``kw_only``, or has a ``KW_ONLY`` marker after its leading fields. A name is the
-    class of that name in the calling module, else the widest of that name elsewhere."""
+    class is declared ``kw_only``, or has a ``KW_ONLY`` marker after its leading fields, so
+    that Python refuses the call, however it is spelt (``Row(*values)``, an alias)."""
     trees = {
         path: ast.parse(path.read_text(encoding="utf-8"), str(path))
         for folder in SOURCES
         for path in sorted((ROOT / folder).rglob("*.py"))
         if "__pycache__" not in path.parts
     }
-    local = {path: _dataclass_widths(tree) for path, tree in trees.items()}
-    widest: dict[str, int] = {}
-    for widths in local.values():
-        for name, width in widths.items():
-            widest[name] = max(widest.get(name, 0), width)
-    found = [
-        f"{path.relative_to(ROOT)}:{node.lineno}: {name}(...) with {len(node.args)} positional values"
-        for path, tree in trees.items()
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and len(node.args) > 2
-        and (name := ast.unparse(node.func).split(".")[-1])
-        and local[path].get(name, widest.get(name, 0)) >= 6
-    ]
+    found = wide_positional_dataclasses(trees)
     assert not found, "\n".join(found)
+
+
+def test_the_keyword_rule_tells_a_wide_dataclass_from_a_narrow_or_keyword_only_one() -> None:
+    source = """
+from dataclasses import KW_ONLY, dataclass
+@dataclass
+class Wide:
+    a: int; b: int; c: int; d: int; e: int; f: int
+@dataclass(frozen=True, kw_only=True)
+class Keyworded:
+    a: int; b: int; c: int; d: int; e: int; f: int
+@dataclass
+class Marked:
+    a: int; b: int; _: KW_ONLY; c: int; d: int; e: int; f: int
+@dataclass
+class Narrow:
+    a: int; b: int; c: int; d: int; e: int
+class Plain:
+    a: int; b: int; c: int; d: int; e: int; f: int
+"""
+    found = wide_positional_dataclasses({ROOT / "x.py": ast.parse(source)})
+    assert found == ["x.py:4: Wide (6 fields, 6 by position)"]

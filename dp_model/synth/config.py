@@ -25,7 +25,7 @@ Layout = Literal["deep-pneumonia", "rsna", "csv"]
 ImageFormat = Literal["dicom", "png"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Difficulty:
     """How hard the benchmark is. The defaults keep a plain ResNet18 well below 100%.
 
@@ -84,7 +84,7 @@ class Difficulty:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynthConfig:
     """What ``dp-synth`` generates.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class Row:
 
     name: str
     table: str
+    _: KW_ONLY
     pretrain: bool = False
     mgacr: MGACRConfig = OFF
     loss: LossConfig = CE

@@ -20,7 +20,7 @@ from ..config import require as _check
 from ..networks.registry import ARCHITECTURES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
     """Random augmentation of the training batches (see ``dp_transforms.augment``).
 
@@ -69,7 +69,7 @@ def _simclr_augment() -> AugmentConfig:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the images come from and how they are split.
 
@@ -124,7 +124,7 @@ class DataConfig:
         _check(self.calibration_images >= 0, "calibration_images", self.calibration_images, ">= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """Stage I: SimCLR on the training images themselves."""
 
@@ -147,7 +147,7 @@ class PretrainConfig:
         _check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "adamw or sgd")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MGACRConfig:
     """Mask-guided attention with contrastive regulation (Eq. 2-6)."""
 
@@ -235,7 +235,7 @@ class ClassAttentionConfig:
         _check(self.entropy_weight >= 0, "entropy_weight", self.entropy_weight, ">= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CIAConfig:
     """CIA-Net (seed 002): negative pairing, alignment and the weights of its losses.
 
@@ -323,7 +323,7 @@ class FinetuneConfig:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Where and how fast.
 
@@ -344,7 +344,7 @@ class RuntimeConfig:
     threads: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything ``dp-train`` needs.
 
