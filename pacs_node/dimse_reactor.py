@@ -267,7 +267,17 @@ def _association_run_reactor(self: Association) -> None:
             if self._reactor_checkpoint.is_set():
                 break
             self._is_paused = True
-            self._reactor_checkpoint.wait()
+            # A caller waits for its response. The DUL wakes it with the "connection closed"
+            # marker when the connection closes, but not when it aborts on a broken PDU (AA-8:
+            # a peer killed in the middle of one), and the caller waited its whole DIMSE
+            # timeout. Seen from here, the abort is passed on to it as that marker, and the
+            # association stops counting as established at once: a caller going straight on
+            # to its next message would otherwise keep this loop paused, the abort unhandled,
+            # one DIMSE timeout after another (the loop handles it when the caller is done).
+            if not self._reactor_checkpoint.wait(MAX_WAIT_S) and self.acse.is_aborted():
+                self.is_established = False
+                if self.dimse.msg_queue.empty():
+                    self.dimse.msg_queue.put((None, None))
 
         # The DUL puts a "connection closed" marker, (None, None), for a caller waiting on a
         # response, then runs the EVT_CONN_CLOSE handlers, and only then queues the A-P-ABORT

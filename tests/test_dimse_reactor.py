@@ -354,3 +354,77 @@ def test_a_send_to_a_peer_killed_under_it_ends_at_once_not_at_its_dimse_timeout(
         status = assoc.send_c_store(secondary_capture())
         seconds = time.monotonic() - started
     assert "Status" not in status and seconds < 5, f"the send took {seconds:.1f} s"
+
+
+def test_a_send_whose_association_aborts_on_a_broken_pdu_ends_at_once(patched: None) -> None:
+    """When the DUL aborts an association on a broken PDU (AA-8, as when a peer is killed in
+    the middle of one), it tells the association (an A-P-ABORT) but not a caller waiting for
+    its response; the loop passes it on, and the caller ends at once, not at its DIMSE timeout."""
+    from pynetdicom.pdu_primitives import A_P_ABORT
+
+    held = threading.Event()
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+
+    def store(event: evt.Event) -> int:
+        held.wait(30)  # never answers while the test runs
+        return 0x0000
+
+    scp = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        assoc = associate(scp.server_address[1])
+        assoc.dimse_timeout = 20
+
+        def broken_pdu() -> None:
+            time.sleep(0.5)  # the C-STORE is on the wire, its caller waiting
+            abort = A_P_ABORT()
+            abort.provider_reason = 0x05
+            assoc.dul.to_user_queue.put(abort)  # what AA-8 issues
+
+        threading.Thread(target=broken_pdu, daemon=True).start()
+        started = time.monotonic()
+        status = assoc.send_c_store(secondary_capture())
+        seconds = time.monotonic() - started
+    finally:
+        held.set()
+        scp.shutdown()
+    assert "Status" not in status and seconds < 5, f"the send took {seconds:.1f} s"
+
+
+def test_a_caller_that_sends_again_at_once_after_an_abort_is_told_it_is_over(
+    patched: None,
+) -> None:
+    """A caller that goes straight on to its next message after a send ended by an abort
+    (as a modality sending a batch does) finds the association no longer established, rather
+    than keeping the association's loop paused with the abort unhandled, one DIMSE timeout
+    after another."""
+    from pynetdicom.pdu_primitives import A_P_ABORT
+
+    held = threading.Event()
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    scp = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: held.wait(30) and 0x0000)],
+    )
+    try:
+        assoc = associate(scp.server_address[1])
+        assoc.dimse_timeout = 3
+
+        def broken_pdu() -> None:
+            time.sleep(0.5)
+            abort = A_P_ABORT()
+            abort.provider_reason = 0x05
+            assoc.dul.to_user_queue.put(abort)  # what AA-8 issues
+
+        threading.Thread(target=broken_pdu, daemon=True).start()
+        started, sends = time.monotonic(), 0
+        while assoc.is_established and time.monotonic() - started < 20:
+            assoc.send_c_store(secondary_capture())  # at once, as a batch goes on
+            sends += 1
+        seconds = time.monotonic() - started
+    finally:
+        held.set()
+        scp.shutdown()
+    assert not assoc.is_established and sends == 1 and seconds < 2.5, (sends, seconds)

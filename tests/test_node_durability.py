@@ -71,6 +71,9 @@ class Modality:
         deadline = time.monotonic() + 600
         while remaining and time.monotonic() < deadline:
             ae = AE(ae_title="MODALITY")
+            # a modality's patience for an answer: a node killed in the middle of a PDU
+            # answers nothing, and the image is sent again
+            ae.acse_timeout = ae.dimse_timeout = 10
             ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
             assoc = ae.associate("127.0.0.1", self.port, ae_title="DPNODE")
             if not assoc.is_established:
