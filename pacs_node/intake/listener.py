@@ -190,7 +190,7 @@ class Connection:
     refused: str = ""  # why the node turned the association request away itself
     receiving: int = 0  # bytes of the data set now arriving
     since_disk_check: int = 0
-    too_large: bool = False  # cut off while arriving (too large, or the disk filled up)
+    cut_arriving: str = ""  # why a data set was cut off as it arrived: "too-large" or "disk-full"
     admitted: bool = False  # holds one of the max_associations slots
     active: float = 0.0  # last DIMSE activity: accepted, a PDU received, a handler run
     # bytes the message now arriving may fall behind the minimum rate, at allowance_at
@@ -902,7 +902,7 @@ class Listener:
             connection.active = time.monotonic()
         if not event.data or event.data[0] != 0x04:  # P-DATA-TF only
             return
-        if connection is None or connection.too_large:
+        if connection is None or connection.cut_arriving:
             return
         connection.took(
             len(event.data),
@@ -919,7 +919,7 @@ class Listener:
                 self._cut_while_arriving(event, connection, "disk-full")
 
     def _cut_while_arriving(self, event: evt.Event, connection: Connection, reason: str) -> None:
-        connection.too_large = True
+        connection.cut_arriving = reason
         self._refused(
             Refusal(StoreStatus.OUT_OF_RESOURCES, reason), _calling(event), _peer(event), ""
         )
@@ -1044,8 +1044,8 @@ class Listener:
 
     def _receive(self, event: evt.Event, calling: str, peer: str, uid: str) -> Refusal | None:
         connection = self.connections.of(event.assoc)
-        if connection is not None and connection.too_large:
-            return Refusal(StoreStatus.OUT_OF_RESOURCES, "too-large")
+        if connection is not None and connection.cut_arriving:  # its reason, not always "too-large"
+            return Refusal(StoreStatus.OUT_OF_RESOURCES, connection.cut_arriving)
         if event.dataset_path is None:
             # a C-STORE-RQ that says no data set follows (PS3.7 9.3.1.1: one must)
             return Refusal(StoreStatus.CANNOT_UNDERSTAND, "no-data-set")
