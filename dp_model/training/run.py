@@ -482,7 +482,12 @@ def _write_bundle(
     # What the node serves, by the node's runner: the bundle just written (its contract, its
     # gate's statistics) on the network in memory, which holds the weights written.
     runner = Runner(bundle=out, device="cpu", network=model, engine="torch")
-    test_scores = calibrate.calibrated_outputs(runner, data["test"])[1]
+    served_outputs = {
+        name: calibrate.calibrated_outputs(runner, data[name])
+        for name in ("test", "val", "calibration")
+        if name in data and len(data[name])
+    }
+    test_scores = served_outputs["test"][1]
     pictures["calibration"] = plots.reliability(
         fitted.before,
         fitted.after,
@@ -502,7 +507,7 @@ def _write_bundle(
         pictures["class_maps"] = plots.class_attention_maps(
             model, data["test"], dataset.classes, docs / "class_maps.png", normal
         )
-    served = served_on_test(docs, runner, data, config.runtime.seed)
+    served = served_on_test(docs, runner.contract, served_outputs, data, config.runtime.seed)
     pictures["served_reliability"] = docs / "served_reliability.png"
     chosen = [
         dataset.records[i] for i in example_images(scores_path(out, "test"), splits.test, normal)
@@ -587,28 +592,28 @@ def split_sizes(splits: Splits, fitted: calibrate.Fitted) -> dict:
 
 
 def served_on_test(
-    docs: Path, runner: Runner, data: dict[str, Resident], seed: int
+    docs: Path,
+    contract: ModelContract,
+    outputs: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    data: dict[str, Resident],
+    seed: int,
 ) -> ServedReport:
     """The node's rule measured on the test split, once: ``docs/served_test.json``, the
     reliability diagram of the probability of pneumonia, and each split's per-image scores
     (``docs/scores_<split>.npz``, ids hashed as in ``split.json``) to recompute every figure
-    from, each image's by the bundle's ``runner`` (:func:`~.calibrate.calibrated_outputs`)."""
-    contract = runner.contract
-    found = {}
-    for name in ("test", "val", "calibration"):
-        if name in data and len(data[name]):
-            probabilities, ood = calibrate.calibrated_outputs(runner, data[name])
-            labels = data[name].labels.cpu().numpy()
-            save_scores(
-                scores_path(docs.parent, name),
-                [hashed_id(i) for i in data[name].ids],
-                labels,
-                probabilities,
-                ood,
-                contract,
-            )
-            found[name] = (probabilities, ood, labels)
-    probabilities, ood, labels = found["test"]
+    from. ``outputs``: each split's calibrated probabilities and gate scores, by the bundle's
+    runner (:func:`~.calibrate.calibrated_outputs`)."""
+    for name, (probabilities, ood) in outputs.items():
+        save_scores(
+            scores_path(docs.parent, name),
+            [hashed_id(i) for i in data[name].ids],
+            data[name].labels.cpu().numpy(),
+            probabilities,
+            ood,
+            contract,
+        )
+    probabilities, ood = outputs["test"]
+    labels = data["test"].labels.cpu().numpy()
     served = evaluate_served(probabilities, ood, labels, contract, bootstrap=1000, seed=seed)
     (docs / "served_test.json").write_text(json.dumps(served.to_json(), indent=1) + "\n")
     decided, truth = served_decisions(probabilities, ood, contract), is_pneumonia(labels, contract)
