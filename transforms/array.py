@@ -40,7 +40,7 @@ class LoadChestXray(Transform):
         original = image.original_shape or image.shape
         if self.square_pixels:  # as model_canvas makes them square
             image = make_square_pixels(image, max_pixels=WORKING_PIXELS)
-        box_scale = (image.shape[1] / original[1], image.shape[0] / original[0])
+        box_scale = _box_scale(image.shape, original)
         meta = {
             "spacing": image.spacing,
             "source": image.source,
@@ -52,8 +52,18 @@ class LoadChestXray(Transform):
     @staticmethod
     def boxes_onto(boxes: object, meta: dict) -> np.ndarray:
         """Validate source-pixel ``boxes`` and carry them onto the loaded image (``meta`` of this call)."""
-        sx, sy = meta["box_scale"]
-        return as_boxes(boxes, meta["source"]) * np.array([sx, sy, sx, sy], np.float32)
+        return _carried(boxes, meta["source"], meta["box_scale"])
+
+
+def _box_scale(shape: tuple[int, ...], original: tuple[int, ...]) -> tuple[float, float]:
+    """``(x, y)`` factors from an image of ``original`` rows and columns to one of ``shape``."""
+    return shape[1] / original[1], shape[0] / original[0]
+
+
+def _carried(boxes: object, source: str, scale: tuple[float, float]) -> np.ndarray:
+    """Validated source-pixel ``boxes`` scaled by ``scale`` (:func:`_box_scale`)."""
+    sx, sy = scale
+    return as_boxes(boxes, source) * np.array([sx, sy, sx, sy], np.float32)
 
 
 class LetterboxResize(Transform):
@@ -105,7 +115,6 @@ def load_letterboxed(
     """
     image = read_dicom(source) if isinstance(source, Dataset) else load_image(source)
     canvas, geometry = model_canvas(image, size, square_pixels)
-    (rows, columns), original = geometry.source_shape, image.original_shape or image.shape
-    sx, sy = columns / original[1], rows / original[0]
-    on_image = as_boxes(boxes, image.source) * np.array([sx, sy, sx, sy], np.float32)
+    scale = _box_scale(geometry.source_shape, image.original_shape or image.shape)
+    on_image = _carried(boxes, image.source, scale)
     return torch.from_numpy(canvas), geometry.boxes_to_canvas(on_image), geometry
