@@ -68,6 +68,9 @@ class CStoreTransport:
     ) -> None:
         self.destination, self.tls = destination, tls
         self._ae = PromptAE(ae_title=calling_ae)  # no 40 ms stall per C-STORE (dimse_reactor)
+        # A file given to send_c_store() leaves as its bytes (CStoreLink._store); pynetdicom
+        # has this as a global, as the listener's chunked receiving.
+        _config.STORE_SEND_CHUNKED_DATASET = True
         self._opening = threading.Lock()
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(self._ae, timeout, timeout_s)
@@ -162,26 +165,30 @@ class CStoreLink:
         try:
             meta = read_file_meta_info(path)
             sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+            # The file's own bytes where the destination takes it as it is (they were checked
+            # against their digest): decoding them only to encode them again cost as much as
+            # building the result. Otherwise the object, to be changed for the destination.
+            dataset = None if _as_it_is(self.assoc, sop_class, syntax) else dcmread(path)
         except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as exc:
             return Outcome(
                 Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})"
             )
-        if _as_it_is(self.assoc, sop_class, syntax):
-            # The file's own bytes, as written (and checked against its digest): decoding
-            # them only to encode them again cost as much as building the result.
-            _config.STORE_SEND_CHUNKED_DATASET = True  # (a pynetdicom global, as the listener's)
-            on_wire([path])
-            try:
-                status = self.assoc.send_c_store(path)
-            except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
-                return Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})")
-            return _outcome(status)
+        sent: Path | Dataset = path
+        if dataset is not None:
+            changed = self._for_destination(dataset)
+            if isinstance(changed, Outcome):
+                return changed
+            sent = changed
+        on_wire([path])
         try:
-            dataset: Dataset = dcmread(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            return Outcome(
-                Status.REJECTED, "unreadable", f"unreadable outbox file ({type(exc).__name__})"
-            )
+            status = self.assoc.send_c_store(sent)
+        except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
+            return Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})")
+        return _outcome(status)
+
+    def _for_destination(self, dataset: Dataset) -> Dataset | Outcome:
+        """``dataset`` in a class and syntax the destination accepted (a report as Comprehensive
+        3D SR, pixels decompressed), or the rejection when it accepted none for it."""
         sent = _in_accepted_class(self.assoc, dataset)
         if sent is not dataset:  # the audit and the ledger name the report by its first UID
             logger.info(
@@ -205,12 +212,7 @@ class CStoreLink:
                 "sop-class-not-accepted",
                 f"the destination accepts no presentation context for {name} in {syntax}",
             )
-        on_wire([path])
-        try:
-            status = self.assoc.send_c_store(dataset)
-        except Exception as exc:  # noqa: BLE001 - an object pynetdicom cannot send is refused, not fatal
-            return Outcome(Status.REFUSED, "send-error", f"sending failed ({describe(exc)})")
-        return _outcome(status)
+        return dataset
 
 
 def _outcome(status: Dataset | None) -> Outcome:
@@ -228,9 +230,13 @@ def _outcome(status: Dataset | None) -> Outcome:
 def _as_it_is(assoc: Association, sop_class: str, syntax: str) -> bool:
     """Whether an object of ``sop_class`` in ``syntax`` goes to the destination unchanged: in
     a context it accepted, and not a report it gets as Comprehensive 3D SR (:func:`_in_accepted_class`)."""
-    if sop_class == COMPREHENSIVE_SR and _accepts(assoc, COMPREHENSIVE_3D_SR, syntax):
-        return False
-    return _accepts(assoc, sop_class, syntax)
+    return not _as_3d_sr(assoc, sop_class, syntax) and _accepts(assoc, sop_class, syntax)
+
+
+def _as_3d_sr(assoc: Association, sop_class: str, syntax: str) -> bool:
+    """Whether a report goes as Comprehensive 3D SR: a Comprehensive SR, and the destination
+    accepted the 3D class in the same syntax."""
+    return sop_class == COMPREHENSIVE_SR and _accepts(assoc, COMPREHENSIVE_3D_SR, syntax)
 
 
 def _accepted(assoc: Association, dataset: Dataset) -> bool:
@@ -250,8 +256,6 @@ def _in_accepted_class(assoc: Association, dataset: Dataset) -> Dataset:
     Results asks for it), else as it is, a Comprehensive SR: decided per destination and
     association, from the contexts it accepted. Both carry the same content; the 3D form has
     a SOP Instance UID of its own, derived from the first (:func:`~pacs_node.results.report.in_sop_class`)."""
-    if str(dataset.SOPClassUID) != COMPREHENSIVE_SR or not _accepts(
-        assoc, COMPREHENSIVE_3D_SR, str(dataset.file_meta.TransferSyntaxUID)
-    ):
+    if not _as_3d_sr(assoc, str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)):
         return dataset
     return in_sop_class(dataset, COMPREHENSIVE_3D_SR)
