@@ -637,6 +637,12 @@ def test_a_node_whose_report_is_cut_short_in_the_outbox_sends_the_overlay_and_au
         uids = {kind: str(dcmread(path).SOPInstanceUID) for kind, path in kinds.items()}
         data = kinds["SR"].read_bytes()
         kinds["SR"].write_bytes(data[: len(data) * 2 // 3])
+        # the next try finds it (one checked just before the cut may still be failing to connect)
+        wait_for(
+            lambda: any(line["status"] == "dead-letter" for line in audit_lines(node)),
+            20,
+            "the SR a dead letter",
+        )
         pacs.start()
         lines = wait_for(
             lambda: (
