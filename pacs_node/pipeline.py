@@ -16,8 +16,14 @@ whatever the image, the peers or the machine do.
   reason, an audit line); the next image proceeds. A batch whose inference fails is retried
   image by image. Results handed over before a writer failed (the report, when the overlay
   fails) stay handed over and are delivered, as the failed line's ``outputs`` says.
+* Two batches in flight at most: while the results of one are built and handed over (a
+  second thread, ``results``), the next is read, decoded and run through the model, the
+  decoded images of both within ``batch_memory_mb``. An image taken alone (a suspect, or
+  the only one waiting) is in flight alone: it starts once the batch before it is done,
+  and the next starts once it is done, so that a death of the process counts against it
+  alone (:data:`MAX_SOLO_STARTS`). Results leave in the order the images were taken.
 * Passing conditions (a full disk, memory) are retried with backoff, never parked.
-* A batch in flight when the process died is retried one image at a time; an image in
+* A batch in flight when the process (or the worker) died is retried one image at a time; an image in
   flight alone at :data:`MAX_SOLO_STARTS` deaths goes to ``failed/`` (crash-loop).
 * :meth:`Pipeline.resume` re-queues every instance still in the spool, so after a crash
   (``kill -9`` included) nothing acknowledged is lost; result UIDs are deterministic, so an
@@ -26,6 +32,7 @@ whatever the image, the peers or the machine do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -33,7 +40,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +118,25 @@ class Item:
         )
 
 
+@dataclass(kw_only=True)
+class Batch:
+    """Images taken together, past the model: their results are still to be built."""
+
+    paths: list[Path]
+    items: list[Item]
+    inferred: list[tuple[Item, Prediction]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def held(self) -> int:
+        """Bytes its decoded images hold until their results are written."""
+        return sum(
+            item.prepared.canvas.nbytes + item.prepared.source.pixels.nbytes
+            for item, _ in self.inferred
+            if item.prepared is not None
+        )
+
+
 class Pipeline:
     """The worker's steps, in order: ``read`` (and screen), ``decode``, ``infer`` (one pass per
     batch), ``write`` (every output kind), ``hand over``; each image's outcome is emitted."""
@@ -139,9 +166,10 @@ class Pipeline:
         self.rendition = rendition(config, predictor.contract)
         self.work = WorkQueue(self._held_bytes)
         self.output_dir = Path(config.output_dir)
-        self.busy_since: float | None = None
         self.last_progress = time.monotonic()
         self._retries: dict[str, int] = {}
+        #: The batches in flight (taken, not yet ended), by identity: at most two.
+        self._in_flight: dict[int, Batch] = {}
 
     # --- the worker's loop ---------------------------------------------------------------------------
 
@@ -162,14 +190,51 @@ class Pipeline:
                 len(suspects),
             )
 
+    @property
+    def busy_since(self) -> float | None:
+        """When the oldest batch in flight was taken; None when none is."""
+        starts = [batch.started for batch in list(self._in_flight.values())]
+        return min(starts) if starts else None
+
+    def forget_in_flight(self) -> None:
+        """The worker died: what it had in flight is the restarted worker's to take again."""
+        self._in_flight.clear()
+
     def run(self, stopping: threading.Event) -> None:
-        """The worker thread's body: batches until ``stopping`` is set."""
+        """The worker thread's body until ``stopping`` is set: reads, decodes and infers one
+        batch while the ``results`` thread builds and hands over the one before."""
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="results") as results:
+                self._loop(stopping, results)
+        except BaseException:
+            # what no ``except Exception`` catches, in either thread: once the results thread
+            # is done, every image still in flight is tried again, each alone
+            for batch in list(self._in_flight.values()):
+                self.work.put_suspects([path for path in batch.paths if path.exists()])
+                self.spool.end([path for path in batch.paths if not path.exists()])
+            raise  # the thread ends here; the supervisor starts another
+
+    def _loop(self, stopping: threading.Event, results: ThreadPoolExecutor) -> None:
+        budget = self.config.batch_memory_mb * 2**20
+        building: tuple[Batch, Future[None]] | None = None
         while not stopping.is_set():
-            batch = self.work.take(self.config.batch_size, 0.2, self.config.batch_memory_mb * 2**20)
-            if batch:
-                self.process(batch)
-            else:
-                self.last_progress = time.monotonic()
+            held = building[0].held if building is not None else 0
+            paths = self.work.take(self.config.batch_size, 0.2, max(1, budget - held))
+            # idle, or an image taken alone: in flight after the batch before it, before the next
+            if len(paths) <= 1:
+                _done(building)
+                building = None
+                if paths and (batch := self._front(paths)) is not None:
+                    self._finish(batch)
+                elif not paths:
+                    self.last_progress = time.monotonic()
+                continue
+            batch = self._front(paths)
+            _done(building)
+            building = None
+            if batch is not None:
+                building = (batch, results.submit(self._finish, batch))
+        _done(building)
 
     def _held_bytes(self, path: Path) -> int:
         """What the image at ``path`` will hold in a batch, from its header's Rows and Columns (0: unreadable)."""
@@ -184,33 +249,54 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - the worker reports an unreadable file when it reads it
             return 0
 
-    def process(self, paths: list[Path]) -> None:
-        """Read, decode, infer (one batch), write and hand over the results of ``paths``."""
+    def _front(self, paths: list[Path]) -> Batch | None:
+        """Begin ``paths`` (durably), read, decode and infer them; None when none is left to
+        build (each already ended: skipped, failed, put back)."""
         paths = [p for p in paths if not self._crash_loop(p)]
         if not paths:
-            return
-        items = [Item(path=path, receipt=self.spool.receipt(path)) for path in paths]
+            return None
+        batch = Batch(
+            paths=paths, items=[Item(path=p, receipt=self.spool.receipt(p)) for p in paths]
+        )
         try:
             self.spool.begin(paths)  # before anything that could kill the process
         except OSError as exc:
-            for item in items:
+            for item in batch.items:
                 self._retry(item, exc)
-            return
-        self.busy_since = time.monotonic()
-        try:
-            try:
-                self._steps(items)
-            except Exception as exc:  # noqa: BLE001 - a fault of the node's own, not of the image: record it, keep serving
-                logger.error("internal error while processing a batch (%s)", logs.describe(exc))
-                for item in items:
-                    if item.path.exists():
-                        self._fail(item, FailReason.INTERNAL, logs.describe(exc))
-        except BaseException:
-            self.work.put_suspects([item.path for item in items if item.path.exists()])
-            raise  # the thread ends here; the supervisor starts another, which tries these alone
-        self.spool.end(paths)
-        self.busy_since = None
+            return None
+        self._in_flight[id(batch)] = batch
+        with self._guard(batch):
+            ready = [
+                item
+                for item in batch.items
+                if self._step(item, self._read) and self._step(item, self._decode)
+            ]
+            batch.inferred = self._infer(ready)
+        return batch
+
+    def _finish(self, batch: Batch) -> None:
+        """Build and hand over the results of a batch past the model, then end it."""
+        with self._guard(batch):
+            for item, prediction in batch.inferred:
+                self._step(
+                    item, functools.partial(self._write_and_hand_over, prediction=prediction)
+                )
+        batch.inferred = []  # its images are no longer held
+        self.spool.end(batch.paths)
+        self._in_flight.pop(id(batch), None)
         self.last_progress = time.monotonic()
+
+    @contextlib.contextmanager
+    def _guard(self, batch: Batch) -> Iterator[None]:
+        """A fault of the node's own fails the batch's images still in the spool, and the node
+        keeps serving (what no ``except Exception`` catches ends the worker: :meth:`run`)."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - a fault of the node's own, not of the image: record it, keep serving
+            logger.error("internal error while processing a batch (%s)", logs.describe(exc))
+            for item in batch.items:
+                if item.path.exists():
+                    self._fail(item, FailReason.INTERNAL, logs.describe(exc))
 
     def _crash_loop(self, path: Path) -> bool:
         """True (and the instance quarantined) when it was in flight, alone, at too many deaths."""
@@ -227,15 +313,6 @@ class Pipeline:
         return True
 
     # --- the steps -----------------------------------------------------------------------------------
-
-    def _steps(self, items: list[Item]) -> None:
-        ready = [
-            item
-            for item in items
-            if self._step(item, self._read) and self._step(item, self._decode)
-        ]
-        for item, prediction in self._infer(ready):
-            self._step(item, functools.partial(self._write_and_hand_over, prediction=prediction))
 
     def _step(self, item: Item, step: Callable[[Item], bool]) -> bool:
         """Run one step for one image; whatever it raises costs this image alone."""
@@ -446,6 +523,12 @@ class Pipeline:
                 deaths=starts,
             )
         )
+
+
+def _done(building: tuple[Batch, Future[None]] | None) -> None:
+    """Wait until the batch being built is done; what ended the results thread is raised here."""
+    if building is not None:
+        building[1].result()
 
 
 def _prepared(item: Item) -> Prepared:

@@ -144,6 +144,7 @@ class Spool:
         )
         self._sequence = itertools.count()
         self._lock = threading.Lock()
+        self._attempts_lock = threading.Lock()
         for stale in self.tmp.iterdir():
             # arrivals and writes that a crash interrupted were never acknowledged
             stale.unlink(missing_ok=True)
@@ -207,29 +208,31 @@ class Spool:
         Raises:
             OSError: the record could not be written (a full disk); do not process.
         """
-        attempts = {name: Attempts(a.solo, a.batch) for name, a in self.attempts.items()}
-        for path in paths:
-            entry = attempts.setdefault(path.name, Attempts())
-            if len(paths) == 1:
-                entry.solo += 1
-            else:
-                entry.batch += 1
-        self._save_attempts(attempts)
-        # only once durable: a start that could not be recorded did not happen
-        self.attempts = attempts
+        with self._attempts_lock:  # the worker begins a batch while the one before ends
+            attempts = {name: Attempts(a.solo, a.batch) for name, a in self.attempts.items()}
+            for path in paths:
+                entry = attempts.setdefault(path.name, Attempts())
+                if len(paths) == 1:
+                    entry.solo += 1
+                else:
+                    entry.batch += 1
+            self._save_attempts(attempts)
+            # only once durable: a start that could not be recorded did not happen
+            self.attempts = attempts
 
     def end(self, paths: list[Path]) -> None:
         """Processing of ``paths`` ended, whatever its outcome (the record is best effort)."""
-        for path in paths:
-            self.attempts.pop(path.name, None)
-        try:
-            self._save_attempts()
-        except OSError as exc:  # kept in memory; written with the next batch
-            logger.warning(
-                "could not update %s (%s); it is written again with the next batch",
-                self.root / "attempts.json",
-                exc.strerror,
-            )
+        with self._attempts_lock:
+            for path in paths:
+                self.attempts.pop(path.name, None)
+            try:
+                self._save_attempts()
+            except OSError as exc:  # kept in memory; written with the next batch
+                logger.warning(
+                    "could not update %s (%s); it is written again with the next batch",
+                    self.root / "attempts.json",
+                    exc.strerror,
+                )
 
     def suspects(self) -> set[str]:
         """Instances in flight when the process last died: each is retried alone."""
