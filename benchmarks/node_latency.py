@@ -16,6 +16,9 @@ with its own SOP Instance UID) with dcmtk's ``storescu``. It prints:
   ``storescp``, in the same run (target: the node at least as fast; the node fsyncs every
   image before it answers, storescp does not: the write-and-fsync time of one such file on
   the spool's disk is measured in the same run and the rate it allows printed beside it);
+* the node's intake alone: lateral views of the same radiograph, which the node receives,
+  fsyncs and acknowledges as any image and then screens out from the header, against a plain
+  ``storescp`` (the receive rate above is measured while the node processes what it receives);
 * start to listening and the memory held before the first image (targets 3 s, 450 MB);
 * peak resident memory of the node process (target at most 1,000 MB);
 * the node's CPU: milliseconds (user + system, all threads) per image in the throughput
@@ -70,10 +73,13 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def copies(source: Path, folder: Path, count: int) -> list[Path]:
-    """``count`` copies of ``source``, each a new instance (new SOP Instance UID)."""
+def copies(source: Path, folder: Path, count: int, **changes: str) -> list[Path]:
+    """``count`` copies of ``source``, each a new instance (new SOP Instance UID), with the
+    attributes in ``changes`` set."""
     folder.mkdir(parents=True, exist_ok=True)
     ds = dcmread(source)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
     paths = []
     for i in range(count):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -83,10 +89,17 @@ def copies(source: Path, folder: Path, count: int) -> list[Path]:
 
 
 def node_config(
-    work: Path, port: int, dest_port: int, bundle: Path, device: str, engine: str = "auto"
+    work: Path,
+    port: int,
+    dest_port: int,
+    bundle: Path,
+    device: str,
+    engine: str = "auto",
+    associations: int = 1,
 ) -> Path:
     """The node's configuration: listening on ``port``, its spool in ``work``, its results to
-    the storescp on ``dest_port``, its model run by ``engine``."""
+    the storescp on ``dest_port`` over at most ``associations`` at once, its model run by
+    ``engine``."""
     config = work / "node.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -99,16 +112,31 @@ def node_config(
                 "device": device,
                 "engine": engine,
                 "destinations": [f"RESULTS@127.0.0.1:{dest_port}"],
+                "outbox": {"associations": associations},
             }
         )
     )
     return config
 
 
-def storescp(folder: Path, port: int) -> subprocess.Popen:
+def storescp(
+    folder: Path, port: int, fork: bool = False, max_pdu: int | None = None
+) -> subprocess.Popen:
+    """dcmtk's storescp; ``fork``: one process per association, so that several are served at
+    once; ``max_pdu``: the largest PDU it announces (its default 16 kB, at most 128 kB)."""
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        ["storescp", "-aet", "RESULTS", "-od", str(folder), "+xa", str(port)],
+        [
+            "storescp",
+            "-aet",
+            "RESULTS",
+            "-od",
+            str(folder),
+            "+xa",
+            *(["--fork"] if fork else []),
+            *(["--max-pdu", str(max_pdu)] if max_pdu else []),
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -137,6 +165,19 @@ def cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) the process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds of the whole machine since boot: (busy, all), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK"), sum(values) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's ended children (the storescu runs)."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def idle_cpu_percent(pid: int, seconds: float = 3.0) -> float:
@@ -235,6 +276,12 @@ def main() -> int:
         choices=("auto", "torch", "onnx"),
         help="who runs the model (the node's engine): auto serves a bundle's ONNX graph without PyTorch",
     )
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=1,
+        help="the node's outbox.associations; above 1 the destination storescp forks per association",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -246,8 +293,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dp-node-bench-"))
     rg1 = Path(get_testdata_file("RG1_UNCR.dcm"))
     dest_port, node_port, plain_port = free_port(), free_port(), free_port()
-    destination = storescp(work / "destination", dest_port)
-    config = node_config(work, node_port, dest_port, args.bundle, args.device, args.engine)
+    destination = storescp(work / "destination", dest_port, fork=args.associations > 1)
+    config = node_config(
+        work, node_port, dest_port, args.bundle, args.device, args.engine, args.associations
+    )
     figures: dict[str, float] = {"fsync_floor_ms": fsync_floor_ms(work / "spool", rg1)}
     log = (work / "node.log").open("w")
     launched = time.perf_counter()
@@ -300,7 +349,8 @@ def main() -> int:
         start = time.perf_counter()
         audit = work / "spool" / "audit.jsonl"
         before = processed(audit)
-        cpu_before = cpu_s(node.pid)
+        cpu_before, peers_before = cpu_s(node.pid), cpu_s(destination.pid) + children_cpu_s()
+        machine_before = machine_cpu_s()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: storescu(node_port, batch[i::4], "DPNODE"), range(4)))
         # the last image processed, then the last result at the destination: the outbox's lag
@@ -308,6 +358,12 @@ def main() -> int:
         last_processed = time.perf_counter()
         wait(lambda: arrived(work / "destination", wanted), 1200, "every throughput result", 0.02)
         figures["cpu_ms_per_image"] = 1000 * (cpu_s(node.pid) - cpu_before) / len(batch)
+        # where the two cores went meanwhile: the node, its peers (the four storescu and the
+        # destination storescp; with --associations above 1 its forked children are not counted)
+        peers = cpu_s(destination.pid) + children_cpu_s() - peers_before
+        figures["peers_cpu_ms_per_image"] = 1000 * peers / len(batch)
+        busy, total = (after - before for after, before in zip(machine_cpu_s(), machine_before))
+        figures["machine_cpu_busy_fraction"] = busy / total
         figures["throughput_images_per_s"] = len(batch) / (time.perf_counter() - start)
         figures["outbox_drain_s"] = time.perf_counter() - last_processed
 
@@ -316,6 +372,7 @@ def main() -> int:
         to_plain = storescu(plain_port, same, "ANY-SCP")
         to_node = storescu(node_port, same, "DPNODE")
         plain.terminate()
+        plain.wait(10)  # its port is taken again below
         figures["storescp_receive_images_per_s"] = len(same) / to_plain
         figures["node_receive_images_per_s"] = len(same) / to_node
         figures["node_to_storescp_receive_ratio"] = to_plain / to_node
@@ -325,6 +382,23 @@ def main() -> int:
             "the receive-rate results",
             0.05,
         )
+        # The node's intake alone: lateral views, which it receives, fsyncs and acknowledges
+        # as any image, then screens out from the header (no decoding, no model, no results),
+        # so that its worker does not share the cores with the receiving meanwhile.
+        lateral = copies(rg1, work / "lateral", args.receive_images, ViewPosition="LL")
+        plain = storescp(work / "plain-lateral", plain_port)
+        to_plain = storescu(plain_port, lateral, "ANY-SCP")
+        to_node = storescu(node_port, lateral, "DPNODE")
+        plain.terminate()
+        plain.wait(10)
+        # the node announces 1 MB PDUs; storescp at the largest it can announce (128 kB)
+        plain = storescp(work / "plain-lateral-128k", plain_port, max_pdu=131072)
+        to_plain_128k = storescu(plain_port, lateral, "ANY-SCP")
+        plain.terminate()
+        figures["intake_alone_storescp_128k_pdu_images_per_s"] = len(lateral) / to_plain_128k
+        figures["intake_alone_storescp_images_per_s"] = len(lateral) / to_plain
+        figures["intake_alone_node_images_per_s"] = len(lateral) / to_node
+        figures["intake_alone_node_to_storescp_ratio"] = to_plain / to_node
         figures["node_peak_rss_mb"] = peak_rss_mb(node.pid)
     finally:
         node.send_signal(signal.SIGTERM)
@@ -340,9 +414,11 @@ def main() -> int:
         f"  outbox lag: the last result stored {f['outbox_drain_s']:.2f} s after the last image processed  (target: drained within 10 s)",
         f"  receive rate, {args.receive_images} images on one association: node {f['node_receive_images_per_s']:.1f}/s, storescp {f['storescp_receive_images_per_s']:.1f}/s, ratio {f['node_to_storescp_receive_ratio']:.2f}  (target >= 1.0)",
         f"    write + fsync of one RG1-sized file on the spool's disk: {f['fsync_floor_ms']:.1f} ms; storescp's rate plus that per image: {floor:.1f}/s, ratio {floor / f['storescp_receive_images_per_s']:.2f} (the most one association allows while acknowledging only what is on disk)",
+        f"  receive rate, the node's intake alone ({args.receive_images} lateral views it screens out, nothing to process): node {f['intake_alone_node_images_per_s']:.1f}/s, storescp {f['intake_alone_storescp_images_per_s']:.1f}/s, ratio {f['intake_alone_node_to_storescp_ratio']:.2f}; storescp announcing 128 kB PDUs {f['intake_alone_storescp_128k_pdu_images_per_s']:.1f}/s",
         f"  start to listening: {f['start_to_listening_s']:.2f} s  (target <= 3 s); idle before the first image {f['idle_rss_mb']:.0f} MB  (target <= 450 MB)",
         f"  node peak resident memory: {f['node_peak_rss_mb']:.0f} MB  (target <= 1000 MB)",
         f"  node CPU: {f['cpu_ms_per_image']:.0f} ms per image in the throughput run, {f['cpu_ms_per_image_one_at_a_time']:.0f} ms in the latency run (one a second, the idle second included); idle {f['idle_cpu_percent']:.1f} % of a core, {f['idle_4_associations_cpu_percent']:.1f} % with 4 associations open",
+        f"  the two cores in the throughput run: {100 * f['machine_cpu_busy_fraction']:.0f} % busy; the node {f['cpu_ms_per_image']:.0f} ms of CPU per image, its peers (4 storescu, storescp) {f['peers_cpu_ms_per_image']:.0f} ms",
     ]
     print("\n".join(lines))
     if args.json:
