@@ -441,7 +441,7 @@ OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
 
 #: Who runs the model (dp_model.serving.runner.ENGINES, repeated here so that reading a configuration
 #: does not import torch; tests/test_onnx_engine.py keeps the two equal).
-ENGINES = ("auto", "torch", "onnx")
+ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -487,7 +487,8 @@ class NodeConfig:
     http_max_connections: int = 16  # concurrent HTTP connections; beyond, 503 without a thread
     stall_after_s: float = 300.0
     device: str = "auto"
-    # who runs the model: auto (ONNX Runtime on the CPU where the bundle has a graph), torch, onnx
+    # who runs the model: auto (ONNX Runtime on the CPU where the bundle has a graph), torch, onnx,
+    # onnx-int8 (the graph's 8-bit copy, where the bundle kept one; never chosen by auto)
     engine: str = "auto"
     batch_size: int = 8
     # what the decoded images of one batch may hold; a larger image goes alone

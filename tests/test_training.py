@@ -73,6 +73,26 @@ def test_the_bundle_carries_its_forward_pass_as_an_onnx_graph_with_the_numbers_o
     assert_engines_agree(bundle)
 
 
+def test_the_bundle_records_whether_its_8bit_graph_earned_its_place_on_validation(
+    bundle: Path,
+) -> None:
+    from dp_model.serving.onnx_graph import file_digest
+    from dp_model.serving.quantized import MAX_AUC_GAP, record_path
+
+    _, contract = load_bundle(bundle)
+    record = json.loads(record_path(bundle).read_text())
+    graph = bundle / "models" / "model.int8.onnx"
+    assert record["validation"]["images"] == contract.splits["validation"]
+    if record["kept"]:
+        assert contract.int8_digest == file_digest(graph)
+        assert record["validation"]["decisions_changed"] == 0
+        assert record["validation"]["auc_gap"] <= MAX_AUC_GAP
+        assert record["test"]["images"] == contract.splits["test"]
+    else:  # refused: no file, no digest, the reason, and the test split never read for it
+        assert not graph.exists() and contract.int8_digest == ""
+        assert record["why_not"] and record["test"] is None
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_weights_load_with_weights_only_and_no_wrapper_prefixes(bundle: Path) -> None:
     state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)

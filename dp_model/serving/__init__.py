@@ -8,7 +8,8 @@ PyTorch.
   MONAI bundle;
 * :mod:`~dp_model.serving.onnx_session`, :mod:`~dp_model.serving.onnx_graph`,
   :mod:`~dp_model.serving.runner`: the ONNX graph, its export, and the one runner of a
-  bundle's network; :mod:`~dp_model.serving.inference`, what ``inference.json`` calls;
+  bundle's network; :mod:`~dp_model.serving.quantized`, the graph's 8-bit copy and the
+  validation it is kept on; :mod:`~dp_model.serving.inference`, what ``inference.json`` calls;
 * :mod:`~dp_model.serving.ood`, :mod:`~dp_model.serving.calibration`,
   :mod:`~dp_model.serving.served`: the gate's detectors, the calibration and operating
   points, and the served decision measured, fitted at training and read when serving.

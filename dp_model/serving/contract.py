@@ -580,6 +580,10 @@ class ModelContract:
         onnx_digest: SHA-256 of ``models/model.onnx``, the forward pass as an ONNX graph
             (:mod:`dp_model.serving.onnx_graph`), checked before it runs; empty: the bundle has none.
             Optional in format 2: a reader that does not know it runs the weights in PyTorch.
+        int8_digest: SHA-256 of ``models/model.int8.onnx``, the graph's 8-bit copy, recorded
+            only where it kept every served decision on the validation split
+            (:mod:`dp_model.serving.quantized`); empty: none. Served only when asked for
+            (``engine: onnx-int8``).
     """
 
     classes: tuple[str, ...]
@@ -602,6 +606,7 @@ class ModelContract:
     localization: Localization | None = None
     logit_adjustment: tuple[float, ...] = ()
     onnx_digest: str = ""
+    int8_digest: str = ""
 
     # --- the network and its outputs ------------------------------------------------------------
 
@@ -736,7 +741,11 @@ class ModelContract:
             "splits": dict(self.splits),
             "localization": None if self.localization is None else self.localization.to_json(),
             "logit_adjustment": list(self.logit_adjustment),
-        } | ({"onnx_digest": self.onnx_digest} if self.onnx_digest else {})
+        } | {
+            key: value
+            for key, value in (("onnx_digest", self.onnx_digest), ("int8_digest", self.int8_digest))
+            if value
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ModelContract:
@@ -773,6 +782,7 @@ class ModelContract:
                 else Localization.from_json(data["localization"]),
                 logit_adjustment=tuple(float(v) for v in data["logit_adjustment"]),
                 onnx_digest=str(data.get("onnx_digest", "")),
+                int8_digest=str(data.get("int8_digest", "")),
             )
         except ContractError:
             raise
@@ -808,11 +818,14 @@ class ModelContract:
             raise ContractError(
                 f"logit_adjustment must hold one finite number per output {list(self.output_classes)}, got {list(self.logit_adjustment)}"
             )
-        if self.onnx_digest and not (
-            len(self.onnx_digest) == 64 and all(c in "0123456789abcdef" for c in self.onnx_digest)
-        ):
+        for name, digest in (("onnx_digest", self.onnx_digest), ("int8_digest", self.int8_digest)):
+            if digest and not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise ContractError(
+                    f"{name} must be the 64 hex digits of a SHA-256, got {digest!r}"
+                )
+        if self.int8_digest and not self.onnx_digest:
             raise ContractError(
-                f"onnx_digest must be the 64 hex digits of a SHA-256, got {self.onnx_digest!r}"
+                "int8_digest without onnx_digest: an 8-bit graph is a float graph's copy"
             )
         triage = self.triage_point
         if triage is not None and triage.threshold < self.present_point.threshold:

@@ -26,8 +26,12 @@ INPUT = "image"
 STAGE_OUTPUTS = tuple(f"stage{i}" for i in range(1, 5))
 
 
-def onnx_path(bundle: str | Path) -> Path:
-    return Path(bundle) / "models" / ONNX_FILE
+#: The graph's 8-bit copy (:mod:`dp_model.serving.quantized`).
+INT8_FILE = "model.int8.onnx"
+
+
+def onnx_path(bundle: str | Path, int8: bool = False) -> Path:
+    return Path(bundle) / "models" / (INT8_FILE if int8 else ONNX_FILE)
 
 
 def file_digest(path: Path) -> str:
@@ -73,26 +77,30 @@ class OnnxGraph:
         return dict(zip(self.outputs, found))
 
 
-def verified_graph(bundle: str | Path, contract: ModelContract) -> Path | None:
-    """The bundle's graph file, checked against the SHA-256 its contract records; None for a
-    bundle without one (written before graphs were, or for a network no graph serves).
+def verified_graph(bundle: str | Path, contract: ModelContract, int8: bool = False) -> Path | None:
+    """The bundle's graph file (``int8``: its 8-bit copy), checked against the SHA-256 its
+    contract records; None for a bundle without one (written before graphs were, or for a
+    network no graph serves; an 8-bit copy that did not earn its place).
 
     Raises:
         BundleError: the file and the contract disagree: a graph the contract records no
             digest of, or another digest, or a recorded graph that is missing.
     """
-    path = onnx_path(bundle)
-    if not path.exists() and not contract.onnx_digest:
+    path = onnx_path(bundle, int8)
+    key, recorded = (
+        ("int8_digest", contract.int8_digest) if int8 else ("onnx_digest", contract.onnx_digest)
+    )
+    if not path.exists() and not recorded:
         return None
     if not path.exists():
         raise BundleError(
-            f"{path}: missing, though metadata.json records its SHA-256 (onnx_digest); copy the whole bundle"
+            f"{path}: missing, though metadata.json records its SHA-256 ({key}); copy the whole bundle"
         )
-    if not contract.onnx_digest:
+    if not recorded:
         raise BundleError(
-            f"{path}: metadata.json records no SHA-256 of it (onnx_digest): not this bundle's graph; remove it or export the bundle again"
+            f"{path}: metadata.json records no SHA-256 of it ({key}): not this bundle's graph; remove it or export the bundle again"
         )
-    if file_digest(path) != contract.onnx_digest:
+    if file_digest(path) != recorded:
         raise BundleError(
             f"{path}: its SHA-256 differs from the one metadata.json records (altered, or from another training)"
         )

@@ -52,8 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: Who runs the forward pass: ``auto`` (ONNX Runtime on the CPU where the bundle carries a
 #: graph that gives what is asked and ``onnxruntime`` is installed, PyTorch otherwise),
-#: ``torch``, or ``onnx`` (refused in one line where it cannot serve).
-ENGINES = ("auto", "torch", "onnx")
+#: ``torch``, ``onnx``, or ``onnx-int8``: the graph's 8-bit copy, where the bundle kept one
+#: (:mod:`dp_model.serving.quantized`). ``onnx`` and ``onnx-int8`` are refused in one line
+#: where they cannot serve; ``auto`` never chooses the 8-bit copy.
+ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 #: Device files of a GPU driver (NVIDIA's, AMD's ROCm): without any, ``auto`` is the CPU
 #: without asking PyTorch (whose CUDA check is what ``auto`` means where there is one).
 GPU_DRIVER_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
@@ -120,7 +122,7 @@ class Runner:
         engine: one of :data:`ENGINES`. A ``network`` given runs in PyTorch (``auto``).
 
     Attributes:
-        engine: the engine that serves, ``torch`` or ``onnx``.
+        engine: the engine that serves, ``torch``, ``onnx`` or ``onnx-int8``.
         device: the device's name (``cpu``, ``cuda:0``).
         source: the map source (None: no maps asked for).
         statistics: the out-of-distribution detector (None: the bundle has no gate): in
@@ -152,7 +154,9 @@ class Runner:
         self.statistics: Detector | Arrays | None = None
         self.source: str | None = None
         self._graph = None if engine == "torch" else self._onnx(engine, network, maps)
-        self.engine = "torch" if self._graph is None else "onnx"
+        self.engine = (
+            "torch" if self._graph is None else "onnx-int8" if engine == "onnx-int8" else "onnx"
+        )
         if self._graph is None:
             self._eager(network, maps, heatmap_stage)
 
@@ -237,15 +241,16 @@ class Runner:
         """The bundle's graph in a session where it can serve, with the gate's NumPy
         statistics and the contract's map source; else None, or for ``engine`` ``onnx`` a
         BundleError. A graph that is not the bundle's own is refused either way."""
-        path = verified_graph(self.bundle, self.contract)
-        why = self._cannot(path, network, maps)
+        int8 = engine == "onnx-int8"
+        path = verified_graph(self.bundle, self.contract, int8)
+        why = self._cannot(path, network, maps, int8)
         graph = (
             open_graph(path, self.contract, _threads()) if path is not None and not why else None
         )
         why = why or self._lacks(graph, maps)
         if why:
-            if engine == "onnx":
-                raise BundleError(f"{self.bundle}: the onnx engine cannot serve: {why}")
+            if engine != "auto":
+                raise BundleError(f"{self.bundle}: the {engine} engine cannot serve: {why}")
             logger.info("model engine: PyTorch on %s (%s)", self.device, why)
             return None
         assert graph is not None
@@ -255,8 +260,12 @@ class Runner:
         logger.info("model engine: ONNX Runtime on the CPU, %d threads (%s)", _threads(), path)
         return graph
 
-    def _cannot(self, path: Path | None, network: nn.Module | None, maps: bool) -> str:
+    def _cannot(
+        self, path: Path | None, network: nn.Module | None, maps: bool, int8: bool = False
+    ) -> str:
         """Why no graph serves here, before one is opened ("": one may)."""
+        if path is None and int8:
+            return "the bundle kept no 8-bit graph (models/model.int8.json says why)"
         if path is None:
             return "the bundle has no ONNX graph"
         if self.device != "cpu":

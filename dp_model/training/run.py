@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from ..config import from_mapping, to_mapping
 from ..datasets import ChestDataset, read_dataset
 from ..datasets.splits import hashed_id
 from ..metrics import Report, evaluate
+from ..serving import quantized
 from ..serving.bundle import (
     LICENSE,
     weights_uid,
@@ -387,6 +389,33 @@ def _validation_only(
     return RunResult(out, report, history, timings)
 
 
+def _int8(
+    out: Path,
+    contract: ModelContract,
+    data: dict[str, Resident],
+    seed: int,
+    publish: Callable[[ModelContract], None],
+) -> str:
+    """The graph's 8-bit copy, kept where it changes no served decision on the validation split
+    (:func:`dp_model.serving.quantized.choose`); its SHA-256, or "". Its ranges come from
+    seeded training canvases, never from a held-out image."""
+    train = data["train"]
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    calibration = train.batch(chosen[: quantized.CALIBRATION_IMAGES].cpu())[0].cpu().numpy()
+
+    def run(engine: str, split: str) -> tuple[tuple[np.ndarray, np.ndarray | None], np.ndarray]:
+        runner = Runner(bundle=out, device="cpu", engine=engine)
+        return calibrate.calibrated_outputs(runner, data[split]), data[split].labels.cpu().numpy()
+
+    return quantized.choose(
+        out,
+        contract,
+        calibration,
+        run,
+        lambda digest: publish(replace(contract, int8_digest=digest)),
+    )
+
+
 def _empty_report(dataset: ChestDataset) -> Report:
     nan = float("nan")
     return Report(
@@ -455,15 +484,23 @@ def _write_bundle(
         description = (
             "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
         )
+
     # Where the data came from, by layout and folder name: an absolute path says too much about a site.
-    write_metadata(
-        out,
-        contract,
-        description,
-        report.scalars(),
-        f"{dataset.name} layout, folder {Path(config.data.root).name}",
-    )
-    write_configs(out, contract, to_mapping(config))
+    def publish(found: ModelContract) -> None:
+        write_metadata(
+            out,
+            found,
+            description,
+            report.scalars(),
+            f"{dataset.name} layout, folder {Path(config.data.root).name}",
+        )
+        write_configs(out, found, to_mapping(config))
+
+    publish(contract)
+    if contract.onnx_digest and len(data["val"]) and len(data["test"]):
+        contract = replace(
+            contract, int8_digest=_int8(out, contract, data, config.runtime.seed, publish)
+        )
     (out / "LICENSE").write_text(LICENSE)
     docs = out / "docs"
     pictures = {

@@ -1,0 +1,295 @@
+"""An 8-bit copy of the served graph, ``models/model.int8.onnx``, kept only where it decides as
+the float graph does on held-out images.
+
+``dp-train`` quantizes the float graph (:mod:`dp_model.serving.onnx_graph`) with ONNX Runtime's
+static quantization: QDQ format, the convolutions of the residual stages with weights int8 per
+output channel and activations uint8 with ranges from :data:`CALIBRATION_IMAGES` canvases of
+the training split (min-max); the stem and the heads stay in float (:func:`kept_in_float`). It
+runs about three times faster on a CPU with 8-bit dot products (AVX-VNNI, AVX-512 VNNI), and it computes
+other numbers than the float graph, so it earns its place on the validation split, through
+the node's own runner (calibration, operating points, the out-of-distribution gate):
+
+* every image's served decision is the float graph's (:func:`decisions`: assessed or turned
+  away, positive, flagged for triage, the label and the findings), and
+* each output class's AUC (one against the rest) is within :data:`MAX_AUC_GAP` of the float
+  graph's.
+
+A graph that fails either is not kept (the reason is logged and recorded), and the node serves
+the float graph. The test split is run once, after the choice, and its figures are recorded
+beside the validation's for the model card (``models/model.int8.json``). The node serves the
+8-bit graph only when asked (``engine: onnx-int8``); its results then carry another rendition
+(:func:`pacs_node.results.identity.rendition`), since their numbers may differ in the last
+digits from the float graph's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .contract import ModelContract
+from .onnx_session import INT8_FILE, onnx_path
+
+__all__ = [
+    "CALIBRATION_IMAGES",
+    "INT8_FILE",
+    "MAX_AUC_GAP",
+    "Agreement",
+    "agreement",
+    "decisions",
+    "quantize",
+    "record_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Its record: the validation figures it was kept (or refused) on, and the test figures.
+RECORD_FILE = "model.int8.json"
+#: Canvases of the training split whose activations set the 8-bit ranges.
+CALIBRATION_IMAGES = 64
+#: The largest difference of any class's AUC from the float graph's that is accepted.
+MAX_AUC_GAP = 0.005
+
+
+def record_path(bundle: str | Path) -> Path:
+    return Path(bundle) / "models" / RECORD_FILE
+
+
+def quantize(float_graph: Path, out: Path, calibration: np.ndarray) -> None:
+    """Write the 8-bit copy of ``float_graph`` to ``out``, its activation ranges from the
+    canvases ``calibration`` ``(N, 1, S, S)`` float32 in [0, 1]; the float graph's metadata
+    (Device UID, map source) carried over."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .onnx_session import INPUT
+
+    class Canvases(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter(np.split(calibration, len(calibration)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT: np.ascontiguousarray(batch, np.float32)}
+
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = Path(folder) / "prepared.onnx"
+        quant_pre_process(str(float_graph), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(out),
+            Canvases(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["Conv"],
+            nodes_to_exclude=kept_in_float(onnx.load(str(prepared))),
+        )
+    source, model = onnx.load(str(float_graph)), onnx.load(str(out))
+    del model.metadata_props[:]
+    for entry in source.metadata_props:
+        added = model.metadata_props.add()
+        added.key, added.value = entry.key, entry.value
+    onnx.save(model, str(out))
+
+
+def kept_in_float(model) -> list[str]:
+    """The convolutions left in float: the stem (it reads the radiograph itself, one channel:
+    little of the time, much of the precision) and the heads of few channels (the lesion maps,
+    attention gates), whose outputs are read as they are. The residual stages, nearly all
+    of the time, run in 8 bits."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    kept = [convs[0].name] if convs else []
+    for node in convs[1:]:
+        weight = initializers.get(node.input[1])
+        if weight is not None and weight.dims and weight.dims[0] < MIN_QUANTIZED_CHANNELS:
+            kept.append(node.name)
+    return kept
+
+
+#: A convolution with fewer output channels than this stays in float (:func:`kept_in_float`).
+MIN_QUANTIZED_CHANNELS = 8
+
+
+#: One image's served decision: assessed, positive, triage, label, findings.
+Served = tuple[bool, bool, bool, str, tuple[str, ...]]
+PARTS = ("assessed", "positive", "triage", "label", "findings")
+
+
+def decisions(
+    contract: ModelContract, probabilities: np.ndarray, scores: np.ndarray | None
+) -> list[Served]:
+    """What the node reports of each image: the contract's decision at its own points."""
+    admitted = (
+        np.ones(len(probabilities), bool) if scores is None else contract.admits(np.asarray(scores))
+    )
+    found = []
+    for row, assessed in zip(probabilities, admitted, strict=True):
+        decision = contract.decide(row, assessed=bool(assessed))
+        found.append(
+            (
+                bool(assessed),
+                decision.positive,
+                decision.triage,
+                decision.label,
+                tuple(name for name, _ in decision.findings),
+            )
+        )
+    return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class Agreement:
+    """How the 8-bit graph compares with the float graph on one split.
+
+    Attributes:
+        images: how many images.
+        decisions_changed: images whose served decision differs.
+        changed: of those, how many differ in each part of the decision (``assessed``: the
+            out-of-distribution gate; ``positive``, ``triage``, ``label``, ``findings``).
+        auc_gap: the largest difference of a class's AUC (one against the rest), absolute.
+        largest_probability_gap: the largest difference of a calibrated probability.
+    """
+
+    images: int
+    decisions_changed: int
+    changed: dict[str, int]
+    auc_gap: float
+    largest_probability_gap: float
+
+    @property
+    def earned(self) -> bool:
+        return self.decisions_changed == 0 and self.auc_gap <= MAX_AUC_GAP
+
+    def why_not(self) -> str:
+        """Why the graph was refused ("" when it was kept)."""
+        if self.decisions_changed:
+            return f"{self.decisions_changed} of {self.images} served decisions changed"
+        if self.auc_gap > MAX_AUC_GAP:
+            return f"a class's AUC moved by {self.auc_gap:.4f} (at most {MAX_AUC_GAP})"
+        return ""
+
+
+Outputs = tuple[np.ndarray, np.ndarray | None]
+
+
+def agreement(
+    contract: ModelContract, float_outputs: Outputs, int8_outputs: Outputs, labels: np.ndarray
+) -> Agreement:
+    """Compare the two graphs' calibrated probabilities and gate scores on one split."""
+    before = decisions(contract, *float_outputs)
+    after = decisions(contract, *int8_outputs)
+    changed = sum(a != b for a, b in zip(before, after, strict=True))
+    parts = {
+        part: sum(a[i] != b[i] for a, b in zip(before, after, strict=True))
+        for i, part in enumerate(PARTS)
+    }
+    gaps = [
+        abs(_auc(labels == k, float_outputs[0][:, k]) - _auc(labels == k, int8_outputs[0][:, k]))
+        for k in range(float_outputs[0].shape[1])
+    ]
+    gaps = [g for g in gaps if np.isfinite(g)]
+    return Agreement(
+        images=len(labels),
+        decisions_changed=int(changed),
+        changed={part: int(count) for part, count in parts.items() if count},
+        auc_gap=float(max(gaps, default=0.0)),
+        largest_probability_gap=float(np.abs(float_outputs[0] - int8_outputs[0]).max(initial=0.0)),
+    )
+
+
+def _auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN when one side is empty."""
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = np.asarray(scores)[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def write_record(
+    bundle: Path, validation: Agreement, test: Agreement | None, kept: bool, why: str
+) -> None:
+    """``models/model.int8.json``: what the 8-bit graph was kept or refused on."""
+    record = {
+        "kept": kept,
+        "why_not": why,
+        "rule": f"validation: no served decision changed, every class's AUC within {MAX_AUC_GAP}",
+        "calibration_images": CALIBRATION_IMAGES,
+        "validation": asdict(validation),
+        "test": None if test is None else asdict(test),
+    }
+    record_path(bundle).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def choose(
+    bundle: Path,
+    contract: ModelContract,
+    calibration: np.ndarray,
+    run: Callable[[str, str], tuple[Outputs, np.ndarray]],
+    publish: Callable[[str], None],
+) -> str:
+    """Quantize the bundle's float graph, keep it if it earns its place on the validation
+    split, report the test split once; its SHA-256 ("": not kept, the file removed).
+
+    ``publish(digest)`` writes the bundle's contract with that ``int8_digest`` (the runner
+    opens only a graph its contract records); ``run(engine, split)`` gives a split's outputs
+    by the bundle's runner with that engine (``onnx`` or ``onnx-int8``), and its labels.
+    """
+    from .onnx_session import file_digest
+
+    out = onnx_path(bundle, int8=True)
+    try:
+        quantize(onnx_path(bundle), out, calibration)
+    except Exception as exc:  # noqa: BLE001 - the quantizer fails in many ways; the float graph serves
+        out.unlink(missing_ok=True)
+        logger.warning("no 8-bit graph written (%s)", str(exc).strip().splitlines()[0])
+        return ""
+    digest = file_digest(out)
+    publish(digest)
+    (float_val, labels), (int8_val, _) = run("onnx", "val"), run("onnx-int8", "val")
+    validation = agreement(contract, float_val, int8_val, labels)
+    why = validation.why_not()
+    test = None
+    if not why:
+        (float_test, test_labels), (int8_test, _) = run("onnx", "test"), run("onnx-int8", "test")
+        test = agreement(contract, float_test, int8_test, test_labels)
+        logger.info(
+            "8-bit graph kept: validation %d images, no decision changed, AUC within %.4f; "
+            "test %d of %d decisions changed, AUC within %.4f",
+            validation.images,
+            validation.auc_gap,
+            test.decisions_changed,
+            test.images,
+            test.auc_gap,
+        )
+    else:
+        publish("")
+        out.unlink(missing_ok=True)
+        logger.warning("8-bit graph not kept: %s on the validation split", why)
+    write_record(bundle, validation, test, not why, why)
+    return "" if why else digest
