@@ -1,6 +1,6 @@
 """The outbox after a burst: does delivery keep pace with the worker over thousands of images?
 
-    python benchmarks/node_burst.py --bundle runs/demo/bundle --images 2000   # make benchmark-burst
+    python benchmarks/node_burst.py --bundle runs/demo/bundle --images 2000   # or: make benchmark-burst
 
 Runs ``dp-node`` as a process (as ``node_latency.py`` does) whose destination is dcmtk's
 ``storescp --ignore`` (it takes every object and writes none: 2,000 overlays would fill
