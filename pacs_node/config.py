@@ -567,6 +567,14 @@ class NodeConfig:
             "auto, cpu or cuda[:N]",
         )
         require(self.engine in ENGINES, "engine", self.engine, ", ".join(ENGINES))
+        # the 8-bit graph was compared with the float graph at the bundle's own points, its gate on
+        require(
+            self.engine != "onnx-int8" or (self.operating_point is None and self.ood_gate),
+            "engine",
+            self.engine,
+            "onnx-int8 only at the bundle's own operating point with the out-of-distribution gate on "
+            "(the decisions it was validated on)",
+        )
         require(1 <= self.batch_size <= 256, "batch_size", self.batch_size, "from 1 to 256")
         require(self.batch_memory_mb >= 1, "batch_memory_mb", self.batch_memory_mb, "at least 1")
         require(

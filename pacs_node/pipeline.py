@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +93,8 @@ class Item:
     handed_over: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     read_at: float = 0.0
+    #: Put back for later (a full disk, memory): no longer this batch's to end or fail.
+    requeued: bool = False
 
     @property
     def sop_instance_uid(self) -> str:
@@ -170,6 +171,8 @@ class Pipeline:
         self._retries: dict[str, int] = {}
         #: The batches in flight (taken, not yet ended), by identity: at most two.
         self._in_flight: dict[int, Batch] = {}
+        #: The batch whose results are being built, on its own thread.
+        self._building: _Building | None = None
 
     # --- the worker's loop ---------------------------------------------------------------------------
 
@@ -202,39 +205,55 @@ class Pipeline:
 
     def run(self, stopping: threading.Event) -> None:
         """The worker thread's body until ``stopping`` is set: reads, decodes and infers one
-        batch while the ``results`` thread builds and hands over the one before."""
+        batch while a ``results`` thread builds and hands over the one before."""
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="results") as results:
-                self._loop(stopping, results)
+            self._loop(stopping)
         except BaseException:
             # what no ``except Exception`` catches, in either thread: once the results thread
             # is done, every image still in flight is tried again, each alone
+            building, self._building = self._building, None
+            if building is not None:
+                with contextlib.suppress(BaseException):
+                    building.wait()
             for batch in list(self._in_flight.values()):
-                self.work.put_suspects([path for path in batch.paths if path.exists()])
-                self.spool.end([path for path in batch.paths if not path.exists()])
+                live = [i.path for i in batch.items if not i.requeued]
+                self.work.put_suspects([path for path in live if path.exists()])
+                self.spool.end([path for path in live if not path.exists()])
             raise  # the thread ends here; the supervisor starts another
 
-    def _loop(self, stopping: threading.Event, results: ThreadPoolExecutor) -> None:
+    def _loop(self, stopping: threading.Event) -> None:
         budget = self.config.batch_memory_mb * 2**20
-        building: tuple[Batch, Future[None]] | None = None
         while not stopping.is_set():
-            held = building[0].held if building is not None else 0
+            held = self._building.batch.held if self._building is not None else 0
             paths = self.work.take(self.config.batch_size, 0.2, max(1, budget - held))
+            if stopping.is_set():  # what was taken stays in the spool for the next start
+                break
             # idle, or an image taken alone: in flight after the batch before it, before the next
             if len(paths) <= 1:
-                _done(building)
-                building = None
-                if paths and (batch := self._front(paths)) is not None:
+                self._wait_building(paths)
+                if paths and (batch := self._front(paths, alone=True)) is not None:
                     self._finish(batch)
                 elif not paths:
                     self.last_progress = time.monotonic()
                 continue
-            batch = self._front(paths)
-            _done(building)
-            building = None
+            batch = self._front(paths, alone=False)
+            self._wait_building([])
             if batch is not None:
-                building = (batch, results.submit(self._finish, batch))
-        _done(building)
+                self._building = _Building(batch, self._finish)
+        self._wait_building([])
+
+    def _wait_building(self, taken: list[Path]) -> None:
+        """Until the batch being built is done; what ended its thread is raised here, ``taken``
+        (images taken, not begun) put back first, to be tried alone."""
+        building = self._building
+        if building is None:
+            return
+        try:
+            building.wait()
+        except BaseException:
+            self.work.put_suspects(taken)
+            raise
+        self._building = None
 
     def _held_bytes(self, path: Path) -> int:
         """What the image at ``path`` will hold in a batch, from its header's Rows and Columns (0: unreadable)."""
@@ -249,9 +268,10 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - the worker reports an unreadable file when it reads it
             return 0
 
-    def _front(self, paths: list[Path]) -> Batch | None:
-        """Begin ``paths`` (durably), read, decode and infer them; None when none is left to
-        build (each already ended: skipped, failed, put back)."""
+    def _front(self, paths: list[Path], *, alone: bool) -> Batch | None:
+        """Begin ``paths`` (durably; ``alone``: taken alone, nothing else in flight), read,
+        decode and infer them; None when none is left to build (each already ended: skipped,
+        failed, put back)."""
         paths = [p for p in paths if not self._crash_loop(p)]
         if not paths:
             return None
@@ -259,10 +279,10 @@ class Pipeline:
             paths=paths, items=[Item(path=p, receipt=self.spool.receipt(p)) for p in paths]
         )
         try:
-            self.spool.begin(paths)  # before anything that could kill the process
+            self.spool.begin(paths, alone=alone)  # before anything that could kill the process
         except OSError as exc:
             for item in batch.items:
-                self._retry(item, exc)
+                self._retry(item, exc, begun=False)
             return None
         self._in_flight[id(batch)] = batch
         with self._guard(batch):
@@ -281,8 +301,10 @@ class Pipeline:
                 self._step(
                     item, functools.partial(self._write_and_hand_over, prediction=prediction)
                 )
-        batch.inferred = []  # its images are no longer held
-        self.spool.end(batch.paths)
+        batch.inferred = []
+        for item in batch.items:  # its images are no longer held
+            item.prepared = item.dataset = item.clean = None
+        self.spool.end([item.path for item in batch.items if not item.requeued])
         self._in_flight.pop(id(batch), None)
         self.last_progress = time.monotonic()
 
@@ -295,7 +317,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a fault of the node's own, not of the image: record it, keep serving
             logger.error("internal error while processing a batch (%s)", logs.describe(exc))
             for item in batch.items:
-                if item.path.exists():
+                if item.path.exists() and not item.requeued:
                     self._fail(item, FailReason.INTERNAL, logs.describe(exc))
 
     def _crash_loop(self, path: Path) -> bool:
@@ -495,8 +517,10 @@ class Pipeline:
             )
         )
 
-    def _retry(self, item: Item, exc: BaseException) -> None:
+    def _retry(self, item: Item, exc: BaseException, *, begun: bool = True) -> None:
         """Put an instance back for later: the condition (a full disk) is expected to pass.
+        Once ``begun``, it is no longer in flight: another batch may take it before this
+        one ends.
 
         A full disk is waited out for as long as it lasts; an image that exhausts the memory
         alone MAX_MEMORY_RETRIES times is not going to fit, and fails.
@@ -506,6 +530,9 @@ class Pipeline:
         if reason == "resources" and count > MAX_MEMORY_RETRIES:
             self._fail(item, item.stage, f"out of memory {count} times ({logs.describe(exc)})")
             return
+        if begun:
+            item.requeued = True
+            self.spool.end([item.path])
         delay = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (count - 1))
         why = getattr(exc, "strerror", None) or type(exc).__name__
         self.outcomes.emit(Retried(image=item.image(), reason=reason, why=why, delay=delay))
@@ -525,10 +552,28 @@ class Pipeline:
         )
 
 
-def _done(building: tuple[Batch, Future[None]] | None) -> None:
-    """Wait until the batch being built is done; what ended the results thread is raised here."""
-    if building is not None:
-        building[1].result()
+class _Building:
+    """One batch's results built on a thread of their own (a daemon: a hand-over stuck on a
+    dead disk does not hold the process when it must end); :meth:`wait` raises what ended it."""
+
+    def __init__(self, batch: Batch, finish: Callable[[Batch], None]) -> None:
+        self.batch = batch
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(finish,), name="results", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, finish: Callable[[Batch], None]) -> None:
+        try:
+            finish(self.batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to the worker, which ends with it
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _prepared(item: Item) -> Prepared:

@@ -126,38 +126,31 @@ def test_training_keeps_the_copy_only_when_validation_agrees_and_reports_test_on
     quantized_bundle: Path, tmp_path: Path
 ) -> None:
     """``choose`` with the runs given: refused on validation, the test split is never run and
-    the file and the digest go; kept, test is run once and recorded."""
+    the file goes; kept, test is run once and recorded. Either way the bundle's contract is
+    untouched: the caller records a digest only once it is returned."""
     for agree in (False, True):
         bundle = tmp_path / f"agree-{agree}"
         shutil.copytree(quantized_bundle, bundle)
         onnx_path(bundle, True).unlink()
         contract = replace(load_contract(bundle), int8_digest="")
-        runs: list[tuple[str, str]] = []
-        published: list[str] = []
+        publish(bundle, contract)
+        runs: list[tuple[str, str, str]] = []
         labels = np.array([0, 1, 0, 1])
         probabilities = np.eye(len(contract.output_classes))[labels]
 
-        def run(
-            engine: str,
-            split: str,
-            agree=agree,
-            runs=runs,
-            probabilities=probabilities,
-            labels=labels,
-        ):
-            runs.append((engine, split))
-            found = probabilities if agree or engine == "onnx" else probabilities[:, ::-1]
-            return (found.astype(np.float32), None), labels
+        def run(engine, split, candidate, agree=agree, runs=runs, p=probabilities, y=labels):
+            runs.append((engine, split, candidate.int8_digest))
+            found = p if agree or engine == "onnx" else p[:, ::-1]
+            return (found.astype(np.float32), None), y
 
-        def keep(digest: str, bundle=bundle, contract=contract, published=published) -> None:
-            published.append(digest)
-            publish(bundle, replace(contract, int8_digest=digest))
-
-        digest = quantized.choose(bundle, contract, canvases(contract, 8, 2), run, keep)
+        digest = quantized.choose(bundle, contract, canvases(contract, 8, 2), run, seed=7)
         record = json.loads(quantized.record_path(bundle).read_text())
+        assert load_contract(bundle).int8_digest == "", "choose publishes nothing"
+        assert {candidate for _, _, candidate in runs} == {record["int8_graph_sha256"]}
+        assert record["quantization"]["kept_in_float"], "the stem stays in float"
         if agree:
-            assert digest == file_digest(onnx_path(bundle, True)) and published == [digest]
-            assert runs == [
+            assert digest == file_digest(onnx_path(bundle, True)) == record["int8_graph_sha256"]
+            assert [r[:2] for r in runs] == [
                 ("onnx", "val"),
                 ("onnx-int8", "val"),
                 ("onnx", "test"),
@@ -166,10 +159,47 @@ def test_training_keeps_the_copy_only_when_validation_agrees_and_reports_test_on
             assert record["kept"] and record["test"]["decisions_changed"] == 0
         else:
             assert digest == "" and not onnx_path(bundle, True).exists()
-            assert published[-1] == "" and load_contract(bundle).int8_digest == ""
-            assert ("onnx", "test") not in runs, "the test split is read only for a kept graph"
+            assert ("onnx", "test") not in [r[:2] for r in runs], "test is read only when kept"
             assert not record["kept"] and record["test"] is None
             assert "served decisions changed" in record["why_not"]
+
+
+def test_a_copy_that_cannot_be_run_is_refused_and_recorded_not_raised(
+    quantized_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(quantized_bundle, bundle)
+    contract = replace(load_contract(bundle), int8_digest="")
+
+    def run(engine, split, candidate):
+        raise RuntimeError()  # an empty message, as some of ONNX Runtime's are
+
+    assert quantized.choose(bundle, contract, canvases(contract, 4, 3), run, seed=0) == ""
+    record = json.loads(quantized.record_path(bundle).read_text())
+    assert not record["kept"] and "RuntimeError" in record["why_not"]
+    assert not onnx_path(bundle, True).exists()
+
+
+def test_non_finite_outputs_are_refused(demo_bundle: Path) -> None:
+    contract = load_contract(demo_bundle)
+    width = len(contract.output_classes)
+    labels = np.arange(4) % width
+    good = np.full((4, width), 1.0 / width, np.float32)
+    bad = good.copy()
+    bad[2, 0] = np.nan
+    found = quantized.agreement(contract, (good, None), (bad, None), labels)
+    assert found.non_finite == 1 and not found.earned and "non-finite" in found.why_not()
+
+
+def test_the_node_refuses_the_8bit_engine_at_points_it_was_not_validated_on(
+    tmp_path: Path,
+) -> None:
+    from node_support import node_config
+
+    for settings in ({"operating_point": 0.3}, {"ood_gate": False}):
+        with pytest.raises(ValueError, match="onnx-int8"):
+            node_config(tmp_path, engine="onnx-int8", **settings)
+    assert node_config(tmp_path, engine="onnx-int8").engine == "onnx-int8"
 
 
 def test_the_node_serves_the_8bit_graph_end_to_end_under_other_result_uids(

@@ -102,7 +102,9 @@ def test_the_next_batch_reaches_the_model_while_the_results_of_the_one_before_ar
         assert send(node.port, images[7:]) == [StoreStatus.SUCCESS]
         first.set()
         wait_for(lambda: uids[4] in overlays.entered, 30, "the results of [4 5 6] being built")
-        time.sleep(1.0)  # time for image 7 to reach the model, were it let in beside [4 5 6]
+        wait_for(lambda: node.pipeline.work.qsize() == 0, 30, "image 7 taken")
+        time.sleep(0.5)  # time for image 7 to reach the model, were it let in beside [4 5 6]
+        assert len(recording.calls) == 3, "image 7 reached the model beside [4 5 6]"
         second.set()
         wait_for(lambda: len(processed_order(node)) == 8, 60, "every image processed")
         assert recording.calls[3] == (1, {uids[7]}), (
@@ -142,9 +144,39 @@ def test_a_worker_that_dies_with_two_batches_in_flight_loses_nothing_and_doubles
         assert node.metrics.value("thread_restarts_total", thread="worker") == 1
         # what was in flight at the death (3 of [1 2 3], all of [4 5 6]) is taken again alone
         assert [size for size, _ in recording.calls[3:]] == [1, 1, 1, 1]
-        results = sorted(p.name for p in Path(node.config.output_dir).rglob("*.dcm"))
-        assert len(results) == len(set(results)) == 2 * 7
+        assert len(list(Path(node.config.output_dir).rglob("*.dcm"))) == 2 * 7
         wait_for(lambda: node.health()["status"] == "ok", 30, "health ok again")
+        assert node.spool.count() == 0 and node.spool.attempts == {}
+    finally:
+        hold.set()
+        recording.gate.set()
+        node.stop()
+
+
+def test_an_image_taken_alone_while_the_results_thread_dies_is_not_lost(
+    tmp_path: Path, predictor: NodePredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker takes image 4 alone and waits for [1 2 3]'s results, whose thread dies: image
+    4, taken but not begun, is put back and processed by the restarted worker."""
+    images = [chest_dataset(seed=seed) for seed in range(5)]
+    uids = [str(ds.SOPInstanceUID) for ds in images]
+    overlays = OverlayGates(monkeypatch)
+    hold = threading.Event()
+    overlays.held = {uids[1]: hold}
+    recording, node = started(tmp_path, predictor)
+    try:
+        assert send(node.port, images[:1]) == [StoreStatus.SUCCESS]
+        assert recording.entered.wait(30)
+        assert send(node.port, images[1:4]) == [StoreStatus.SUCCESS] * 3
+        recording.gate.set()
+        wait_for(lambda: uids[1] in overlays.entered, 30, "the results of [1 2 3] being built")
+        assert send(node.port, images[4:]) == [StoreStatus.SUCCESS]
+        wait_for(lambda: node.pipeline.work.qsize() == 0, 30, "image 4 taken, alone")
+        overlays.crash[uids[2]] = Crash("the results thread fell over")
+        hold.set()
+        wait_for(lambda: len(processed_order(node)) == 5, 60, "every image, after the restart")
+        assert sorted(processed_order(node)) == sorted(uids)
+        assert node.metrics.value("thread_restarts_total", thread="worker") == 1
         assert node.spool.count() == 0 and node.spool.attempts == {}
     finally:
         hold.set()

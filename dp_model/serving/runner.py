@@ -120,6 +120,8 @@ class Runner:
             former default, ``map+`` of ``heatmap_stage`` or the nearest head).
         heatmap_stage: see ``maps``.
         engine: one of :data:`ENGINES`. A ``network`` given runs in PyTorch (``auto``).
+        contract: run under this contract instead of the bundle's (training, to validate a
+            graph before the bundle records it).
 
     Attributes:
         engine: the engine that serves, ``torch``, ``onnx`` or ``onnx-int8``.
@@ -144,12 +146,13 @@ class Runner:
         maps: bool = False,
         heatmap_stage: int = HEATMAP_STAGE,
         engine: str = "auto",
+        contract: ModelContract | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r}: use {', '.join(ENGINES)}")
         self.bundle = Path(bundle)
         self.device = device_name(device)
-        self.contract = load_contract(bundle)
+        self.contract = load_contract(bundle) if contract is None else contract
         self._model: nn.Module | None = None
         self.statistics: Detector | Arrays | None = None
         self.source: str | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -389,13 +388,7 @@ def _validation_only(
     return RunResult(out, report, history, timings)
 
 
-def _int8(
-    out: Path,
-    contract: ModelContract,
-    data: dict[str, Resident],
-    seed: int,
-    publish: Callable[[ModelContract], None],
-) -> str:
+def _int8(out: Path, contract: ModelContract, data: dict[str, Resident], seed: int) -> str:
     """The graph's 8-bit copy, kept where it changes no served decision on the validation split
     (:func:`dp_model.serving.quantized.choose`); its SHA-256, or "". Its ranges come from
     seeded training canvases, never from a held-out image."""
@@ -403,17 +396,13 @@ def _int8(
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     calibration = train.batch(chosen[: quantized.CALIBRATION_IMAGES].cpu())[0].cpu().numpy()
 
-    def run(engine: str, split: str) -> tuple[tuple[np.ndarray, np.ndarray | None], np.ndarray]:
-        runner = Runner(bundle=out, device="cpu", engine=engine)
+    def run(
+        engine: str, split: str, candidate: ModelContract
+    ) -> tuple[tuple[np.ndarray, np.ndarray | None], np.ndarray]:
+        runner = Runner(bundle=out, device="cpu", engine=engine, contract=candidate)
         return calibrate.calibrated_outputs(runner, data[split]), data[split].labels.cpu().numpy()
 
-    return quantized.choose(
-        out,
-        contract,
-        calibration,
-        run,
-        lambda digest: publish(replace(contract, int8_digest=digest)),
-    )
+    return quantized.choose(out, contract, calibration, run, seed)
 
 
 def _empty_report(dataset: ChestDataset) -> Report:
@@ -496,11 +485,10 @@ def _write_bundle(
         )
         write_configs(out, found, to_mapping(config))
 
-    publish(contract)
     if contract.onnx_digest and len(data["val"]) and len(data["test"]):
-        contract = replace(
-            contract, int8_digest=_int8(out, contract, data, config.runtime.seed, publish)
-        )
+        # recorded only once it has earned its place: a bundle never names an unchecked graph
+        contract = replace(contract, int8_digest=_int8(out, contract, data, config.runtime.seed))
+    publish(contract)
     (out / "LICENSE").write_text(LICENSE)
     docs = out / "docs"
     pictures = {

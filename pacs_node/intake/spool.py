@@ -202,8 +202,9 @@ class Spool:
 
     # --- in-flight bookkeeping: a file that kills the process is not retried forever ---------
 
-    def begin(self, paths: list[Path]) -> None:
-        """Record, durably and before it starts, that processing of ``paths`` begins.
+    def begin(self, paths: list[Path], alone: bool | None = None) -> None:
+        """Record, durably and before it starts, that processing of ``paths`` begins;
+        ``alone``: nothing else is in flight (by default, when ``paths`` is one image).
 
         Raises:
             OSError: the record could not be written (a full disk); do not process.
@@ -212,7 +213,7 @@ class Spool:
             attempts = {name: Attempts(a.solo, a.batch) for name, a in self.attempts.items()}
             for path in paths:
                 entry = attempts.setdefault(path.name, Attempts())
-                if len(paths) == 1:
+                if (len(paths) == 1) if alone is None else alone:
                     entry.solo += 1
                 else:
                     entry.batch += 1

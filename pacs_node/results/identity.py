@@ -101,7 +101,7 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
     out-of-distribution gate applies, the map's stage where the bundle names no map source
     (otherwise the bundle's own source is drawn, whatever the stage), the overlay's size,
     modality and transfer syntax (the same pixels in other bytes: one UID, one file), the 8-bit
-    graph when it serves (``engine: onnx-int8``; its numbers may differ in the last digits), the whole
+    graph when it serves (``engine: onnx-int8``; its probabilities may differ by a few points), the whole
     model contract (its points, gate, temperature: a bundle recalibrated keeps its weights and
     Device UID), and :func:`results_format`. The list of outputs is not part of it: adding a
     kind does not change what the others say.
@@ -120,7 +120,7 @@ def rendition(config: NodeConfig, model: ModelContract) -> str:
         "overlay_modality": str(config.overlay_modality),
         "overlay_transfer_syntax": str(config.overlay_transfer_syntax),
     }
-    if config.engine == "onnx-int8":  # other numbers in the last digits: other results
+    if config.engine == "onnx-int8":  # probabilities a few points apart: other results
         settings["int8"] = True
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
