@@ -67,6 +67,15 @@ def processed_order(node) -> list[str]:
     return [line["sop_instance_uid"] for line in final_lines(node, "processed")]
 
 
+def queued_behind_the_first(node, recording: Recording, images: list, count: int) -> None:
+    """Image 0 alone holds the model while images 1 to ``count`` arrive; then the model runs:
+    they are taken in batches of 3, in order."""
+    assert send(node.port, images[:1]) == [StoreStatus.SUCCESS]
+    assert recording.entered.wait(30)
+    assert send(node.port, images[1 : count + 1]) == [StoreStatus.SUCCESS] * count
+    recording.gate.set()
+
+
 def started(tmp_path: Path, predictor: NodePredictor) -> tuple[Recording, object]:
     recording = Recording(predictor)
     node = start_node(tmp_path, recording, batch_size=3)
@@ -84,11 +93,7 @@ def test_the_next_batch_reaches_the_model_while_the_results_of_the_one_before_ar
     overlays.held = dict.fromkeys(uids[1:4], first) | dict.fromkeys(uids[4:7], second)
     recording, node = started(tmp_path, predictor)
     try:
-        # image 0 alone holds the model while 1-6 arrive: then they are taken as [1 2 3], [4 5 6]
-        assert send(node.port, images[:1]) == [StoreStatus.SUCCESS]
-        assert recording.entered.wait(30)
-        assert send(node.port, images[1:7]) == [StoreStatus.SUCCESS] * 6
-        recording.gate.set()
+        queued_behind_the_first(node, recording, images, 6)  # [1 2 3], [4 5 6]
         wait_for(lambda: len(recording.calls) == 3, 30, "[4 5 6] through the model")
         assert processed_order(node) == uids[:1], (
             "[4 5 6] went through the model before the results of [1 2 3] were built"
@@ -129,10 +134,7 @@ def test_a_worker_that_dies_with_two_batches_in_flight_loses_nothing_and_doubles
     overlays.held = {uids[2]: hold}
     recording, node = started(tmp_path, predictor)
     try:
-        assert send(node.port, images[:1]) == [StoreStatus.SUCCESS]
-        assert recording.entered.wait(30)
-        assert send(node.port, images[1:]) == [StoreStatus.SUCCESS] * 6
-        recording.gate.set()
+        queued_behind_the_first(node, recording, images, 6)
         # image 1's results are built; image 2's overlay waits until [4 5 6] is past the model,
         # then the results thread dies on image 3's overlay
         wait_for(lambda: len(recording.calls) == 3, 30, "[4 5 6] through the model")
@@ -165,10 +167,7 @@ def test_an_image_taken_alone_while_the_results_thread_dies_is_not_lost(
     overlays.held = {uids[1]: hold}
     recording, node = started(tmp_path, predictor)
     try:
-        assert send(node.port, images[:1]) == [StoreStatus.SUCCESS]
-        assert recording.entered.wait(30)
-        assert send(node.port, images[1:4]) == [StoreStatus.SUCCESS] * 3
-        recording.gate.set()
+        queued_behind_the_first(node, recording, images, 3)
         wait_for(lambda: uids[1] in overlays.entered, 30, "the results of [1 2 3] being built")
         assert send(node.port, images[4:]) == [StoreStatus.SUCCESS]
         wait_for(lambda: node.pipeline.work.qsize() == 0, 30, "image 4 taken, alone")
