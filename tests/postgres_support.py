@@ -1,0 +1,98 @@
+"""A throwaway PostgreSQL cluster for the scale-out tests: initdb into a temporary folder, the
+server on a Unix socket there (no TCP port), stopped and removed afterwards.
+
+Debian's ``postgresql`` package provides the binaries (``make system-deps``). PostgreSQL
+refuses to run as root; as root the cluster belongs to the ``postgres`` user and its
+commands run through ``runuser``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def _bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for folder in versions:
+        if (folder / name).exists():
+            return str(folder / name)
+    raise FileNotFoundError(name)
+
+
+class Postgres:
+    """One cluster in ``folder``; :attr:`dsn` connects to its ``postgres`` database."""
+
+    def __init__(self, folder: Path, port: int = 5432) -> None:
+        self.folder, self.port = folder, port
+        self.data, self.socket = folder / "data", folder / "socket"
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.socket} port={self.port} dbname=postgres user=dp"
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self._as, *command], check=True, capture_output=True, timeout=120)
+
+    def create(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.socket.mkdir(exist_ok=True)
+        if self._as:
+            shutil.chown(self.folder, "postgres")
+            shutil.chown(self.socket, "postgres")
+        self._run(_bin("initdb"), "-D", str(self.data), "-U", "dp", "-A", "trust", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-k {self.socket} -p {self.port} -c listen_addresses='' -c fsync=on"
+        self._run(
+            _bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.folder / "log"),
+            "-w",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """``immediate``: as a crash (no checkpoint; recovery from the WAL at the next start)."""
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+
+@contextmanager
+def postgres() -> Iterator[Postgres]:
+    """A started cluster, stopped and removed on the way out. Where PostgreSQL is absent the
+    test is skipped, except under CI (``CI`` set), where ``make test`` installs it."""
+    try:
+        _bin("initdb")
+    except FileNotFoundError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql: make system-deps)")
+    # not under pytest's own temporary folder: as root, the postgres user must reach it
+    folder = Path(tempfile.mkdtemp(prefix="dp-pg-"))
+    cluster = Postgres(folder)
+    try:
+        cluster.create()
+        cluster.start()
+        yield cluster
+    finally:
+        with contextlib.suppress(
+            subprocess.CalledProcessError
+        ):  # stopped by the test, or never started
+            cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
