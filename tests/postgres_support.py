@@ -1,9 +1,9 @@
 """A throwaway PostgreSQL cluster for the scale-out tests: initdb into a temporary folder, the
 server on a Unix socket there (no TCP port), stopped and removed afterwards.
 
-Debian's ``postgresql`` package provides the binaries (``make system-deps``). PostgreSQL
-refuses to run as root; as root the cluster belongs to the ``postgres`` user and its
-commands run through ``runuser``.
+Debian's ``postgresql`` package provides the binaries (``make system-deps``), all taken from
+one version's folder. PostgreSQL refuses to run as root; as root the cluster belongs to the
+``postgres`` user and its commands run through ``runuser``.
 """
 
 from __future__ import annotations
@@ -20,22 +20,22 @@ from pathlib import Path
 import pytest
 
 
-def _bin(name: str) -> str:
-    found = shutil.which(name)
+def binaries() -> Path:
+    """The newest installed PostgreSQL's ``bin`` folder (Debian's layout), else the PATH's."""
+    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.parent.name.isdigit()]
     if found:
-        return found
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    for folder in versions:
-        if (folder / name).exists():
-            return str(folder / name)
-    raise FileNotFoundError(name)
+        return max(found, key=lambda p: int(p.parent.name))
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise FileNotFoundError("initdb")
+    return Path(initdb).parent
 
 
 class Postgres:
     """One cluster in ``folder``; :attr:`dsn` connects to its ``postgres`` database."""
 
     def __init__(self, folder: Path, port: int = 5432) -> None:
-        self.folder, self.port = folder, port
+        self.folder, self.port, self.bin = folder, port, binaries()
         self.data, self.socket = folder / "data", folder / "socket"
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
@@ -43,21 +43,30 @@ class Postgres:
     def dsn(self) -> str:
         return f"host={self.socket} port={self.port} dbname=postgres user=dp"
 
-    def _run(self, *command: str) -> None:
-        subprocess.run([*self._as, *command], check=True, capture_output=True, timeout=120)
+    def _run(self, tool: str, *arguments: str) -> None:
+        done = subprocess.run(
+            [*self._as, str(self.bin / tool), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.folder,  # one the postgres user can read
+        )
+        if done.returncode:
+            log = self.folder / "log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip()}\n{tail}")
 
     def create(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.socket.mkdir(exist_ok=True)
+        self.socket.mkdir(parents=True, exist_ok=True)
         if self._as:
             shutil.chown(self.folder, "postgres")
             shutil.chown(self.socket, "postgres")
-        self._run(_bin("initdb"), "-D", str(self.data), "-U", "dp", "-A", "trust", "--no-sync")
+        self._run("initdb", "-D", str(self.data), "-U", "dp", "-A", "trust", "--no-sync")
 
     def start(self) -> None:
         options = f"-k {self.socket} -p {self.port} -c listen_addresses='' -c fsync=on"
         self._run(
-            _bin("pg_ctl"),
+            "pg_ctl",
             "-D",
             str(self.data),
             "-o",
@@ -70,7 +79,7 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         """``immediate``: as a crash (no checkpoint; recovery from the WAL at the next start)."""
-        self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
 
 @contextmanager
@@ -78,21 +87,19 @@ def postgres() -> Iterator[Postgres]:
     """A started cluster, stopped and removed on the way out. Where PostgreSQL is absent the
     test is skipped, except under CI (``CI`` set), where ``make test`` installs it."""
     try:
-        _bin("initdb")
+        binaries()
     except FileNotFoundError:
         if os.environ.get("CI"):
             raise
         pytest.skip("PostgreSQL is not installed (Debian package postgresql: make system-deps)")
     # not under pytest's own temporary folder: as root, the postgres user must reach it
-    folder = Path(tempfile.mkdtemp(prefix="dp-pg-"))
+    folder = Path(tempfile.mkdtemp(prefix="dp-pg-", dir="/tmp"))
     cluster = Postgres(folder)
     try:
         cluster.create()
         cluster.start()
         yield cluster
     finally:
-        with contextlib.suppress(
-            subprocess.CalledProcessError
-        ):  # stopped by the test, or never started
-            cluster.stop()
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            cluster.stop()  # stopped by the test already, or never started
         shutil.rmtree(folder, ignore_errors=True)

@@ -263,6 +263,7 @@ def test_every_setting_a_writer_reads_is_part_of_the_uids_and_changes_them(
         "overlay_max_side": 1024,
         "overlay_modality": "OT",
         "overlay_transfer_syntax": "jpeg-ls",
+        "engine": "onnx-int8",
     }
     assert set(other) == set(identity.CONTENT_SETTINGS)
     base = identity.rendition(default, contract)

@@ -91,6 +91,7 @@ CONTENT_SETTINGS = (
     "overlay_max_side",
     "overlay_modality",
     "overlay_transfer_syntax",
+    "engine",  # onnx-int8 only: the float engines compute the same numbers
 )
 
 

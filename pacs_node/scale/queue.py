@@ -2,37 +2,43 @@
 
 Every acknowledged image is a row of ``dp_images`` until a worker has processed it:
 
-* :meth:`IntakeQueue.admit` inserts the image (its bytes and its receipt) and commits. With
-  PostgreSQL's defaults (``fsync``, ``synchronous_commit`` on) the commit returns once its WAL
-  record is on disk, so a receiver that answers the C-STORE after :meth:`admit` returns keeps
-  the node's promise: acknowledged = durable, now in storage every node reaches.
+* :meth:`IntakeQueue.admit` inserts the image (its bytes and its receipt) and commits. Each
+  connection sets ``synchronous_commit = on`` (a database or role may have turned it off) and
+  refuses a server that runs with ``fsync = off``: the commit returns once its WAL record is
+  on disk, so a receiver that answers the C-STORE after :meth:`admit` returns keeps the node's
+  promise, acknowledged = durable, now in storage every node reaches. A connection lost during
+  :meth:`admit` leaves its outcome unknown (it may have committed): the sender is answered with
+  a failure and may send again, and the second row is the same image, whose results are the
+  same (deterministic UIDs and content) and are delivered once by the shared ledger.
 * :meth:`IntakeQueue.lease` gives a worker up to ``limit`` images no one holds, oldest first,
-  each for ``seconds``: ``SELECT ... FOR UPDATE SKIP LOCKED`` in one ``UPDATE``, so two workers
-  never take the same image, and neither waits on the rows the other is taking. An image
-  whose lease lapsed (its worker died, or stalled past it) is taken again like a new one;
-  each take counts in ``attempts``, and ``alone`` takes in ``solo`` (the crash-loop rule of
-  the single-process spool).
+  each for ``seconds``: ``SELECT ... FOR UPDATE SKIP LOCKED`` in a CTE (run once), then one
+  ``UPDATE``, so two workers never take the same image, and neither waits on the rows the other
+  is taking. An image whose lease lapsed (its worker died, or stalled past it) is taken again
+  like a new one. Each take increments ``attempts``, the lease's fencing token, and ``alone``
+  takes increment ``solo``; a graceful :meth:`IntakeQueue.release` takes its take back, so that
+  what remains counts the takes that ended in no answer (the crash-loop rule of the spool).
 * :meth:`IntakeQueue.renew` extends the leases a worker still holds (its heartbeat while it
-  works); :meth:`IntakeQueue.done` deletes an image only for the worker that still holds its
-  lease, and says whether it did: a worker whose lease lapsed and was taken over learns it
-  there, and the image is the new holder's. Results are deterministic (their UIDs and content
-  digest depend on the image and the model only), so an image processed twice by two workers
-  yields the same results, which the shared delivery ledger sends once.
-* :meth:`IntakeQueue.release` puts leased images back at once (a worker stopping).
+  works); :meth:`IntakeQueue.done` deletes an image only for the take that still holds it
+  (same ``attempts``, lease not lapsed) and says whether it did: a worker whose lease lapsed
+  learns it there, and the image is processed again. Results are deterministic, so an image
+  processed twice yields the same results, which the shared delivery ledger sends once.
 
-Time is PostgreSQL's (``now()``), never a worker's clock: nodes on several machines agree on
-when a lease lapses.
+Time is PostgreSQL's (``now()``: in autocommit, the statement's start), never a worker's clock:
+nodes on several machines agree on when a lease lapses. A lease starts when its statement
+does; a worker schedules its heartbeat from its own clock read before calling :meth:`lease`.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+#: Created once, under a lock, by whichever node finds the table missing.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS dp_images (
+CREATE TABLE dp_images (
     id bigserial PRIMARY KEY,
     sop_instance_uid text NOT NULL,
     receipt jsonb NOT NULL,
@@ -43,13 +49,18 @@ CREATE TABLE IF NOT EXISTS dp_images (
     lease_owner text,
     lease_until timestamptz
 );
-CREATE INDEX IF NOT EXISTS dp_images_lease ON dp_images (lease_until, id);
+ALTER TABLE dp_images ALTER COLUMN data SET STORAGE EXTERNAL;
 """
+#: The advisory lock the schema is created under (any constant both sides agree on).
+SCHEMA_LOCK = 0x6470_696D  # "dpim"
+#: How long connecting and a silent peer may take before the call fails.
+CONNECT_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True, kw_only=True)
 class Leased:
-    """An image a worker holds: its row, receipt, bytes, and how often it was taken."""
+    """An image a worker holds: its row, receipt, bytes, and its take (``attempts``: the
+    fencing token of this lease)."""
 
     id: int
     sop_instance_uid: str
@@ -59,30 +70,65 @@ class Leased:
     solo: int
 
 
+class DurabilityError(RuntimeError):
+    """The server would not keep a committed image through a crash."""
+
+
 class IntakeQueue:
     """The ``dp_images`` table over one connection (psycopg 3), created if missing.
 
     Args:
         dsn: a libpq connection string (``host=... port=... dbname=... user=...``).
-        owner: this worker's name in the leases it holds (unique per process).
+        node: this node's name; the leases it holds carry it and a random suffix, unique per
+            queue object.
+
+    Raises:
+        DurabilityError: the server runs with ``fsync = off``.
     """
 
-    def __init__(self, dsn: str, owner: str) -> None:
+    def __init__(self, dsn: str, node: str) -> None:
         import psycopg
 
-        self.owner = owner
-        self._db = psycopg.connect(dsn, autocommit=True)
-        with self._db.transaction():
-            self._db.execute(SCHEMA)
+        self.owner = f"{node}-{uuid.uuid4().hex[:12]}"
+        self._db = psycopg.connect(
+            dsn,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            keepalives=1,
+            keepalives_idle=30,
+        )
+        try:
+            self._db.execute("SET synchronous_commit = on")
+            fsync = self._db.execute("SHOW fsync").fetchone()
+            if fsync is None or fsync[0] != "on":
+                raise DurabilityError(
+                    "the PostgreSQL server runs with fsync off: an acknowledged image could be lost"
+                )
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                found = self._db.execute("SELECT to_regclass('dp_images')").fetchone()
+                if found is None or found[0] is None:
+                    self._db.execute(SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
 
+    def settings(self) -> dict[str, str]:
+        """``fsync`` and ``synchronous_commit`` as this connection runs."""
+        found = {}
+        for name in ("fsync", "synchronous_commit"):
+            row = self._db.execute(f"SHOW {name}").fetchone()
+            found[name] = str(row[0]) if row else ""
+        return found
+
     def admit(self, data: bytes, sop_instance_uid: str, receipt: dict[str, Any]) -> int:
-        """Hold an image durably (committed before this returns); its row id."""
+        """Hold an image durably (committed, its WAL on disk, before this returns); its row id."""
         row = self._db.execute(
             "INSERT INTO dp_images (sop_instance_uid, receipt, data) VALUES (%s, %s, %s) RETURNING id",
-            (sop_instance_uid, json.dumps(receipt), data),
+            (sop_instance_uid.strip(" \x00"), json.dumps(receipt, allow_nan=False), data),
         ).fetchone()
         assert row is not None  # INSERT ... RETURNING gives its row
         return int(row[0])
@@ -90,23 +136,27 @@ class IntakeQueue:
     def lease(self, limit: int, seconds: float, *, alone: bool = False) -> list[Leased]:
         """Up to ``limit`` images no one holds (never leased, or their lease lapsed), oldest
         first, now held by this worker for ``seconds``; ``alone``: counted as taken alone."""
+        if not seconds > 0:
+            raise ValueError(f"a lease of {seconds} s")
         rows = self._db.execute(
             """
-            UPDATE dp_images SET
-                lease_owner = %(owner)s,
-                lease_until = now() + make_interval(secs => %(seconds)s),
-                attempts = attempts + 1,
-                solo = solo + %(alone)s
-            WHERE id IN (
+            WITH picked AS (
                 SELECT id FROM dp_images
                 WHERE lease_until IS NULL OR lease_until < now()
                 ORDER BY id
                 LIMIT %(limit)s
                 FOR UPDATE SKIP LOCKED
             )
-            RETURNING id, sop_instance_uid, receipt, data, attempts, solo
+            UPDATE dp_images AS d SET
+                lease_owner = %(owner)s,
+                lease_until = now() + make_interval(secs => %(seconds)s),
+                attempts = d.attempts + 1,
+                solo = d.solo + %(alone)s
+            FROM picked WHERE d.id = picked.id
+            RETURNING d.id, d.sop_instance_uid, d.receipt, d.data, d.attempts, d.solo
             """,
-            {"owner": self.owner, "seconds": seconds, "alone": int(alone), "limit": limit},
+            {"owner": self.owner, "seconds": float(seconds), "alone": int(alone), "limit": limit},
+            binary=True,  # the images' bytes as they are, not hex
         ).fetchall()
         return sorted(
             (
@@ -123,31 +173,49 @@ class IntakeQueue:
             key=lambda leased: leased.id,
         )
 
-    def renew(self, ids: Iterable[int], seconds: float) -> set[int]:
-        """Extend this worker's leases of ``ids`` by ``seconds`` from now; the ids it still held."""
+    def renew(self, held: Iterable[Leased], seconds: float) -> set[int]:
+        """Extend this worker's live leases of ``held`` by ``seconds`` from now; the ids it still held."""
+        pairs = [(leased.id, leased.attempts) for leased in held]
+        if not pairs:
+            return set()
         rows = self._db.execute(
             """
-            UPDATE dp_images SET lease_until = now() + make_interval(secs => %s)
-            WHERE id = ANY(%s) AND lease_owner = %s AND lease_until >= now()
-            RETURNING id
+            UPDATE dp_images AS d SET lease_until = now() + make_interval(secs => %s)
+            FROM unnest(%s::bigint[], %s::integer[]) AS t(id, attempts)
+            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s
+                AND d.lease_until >= now()
+            RETURNING d.id
             """,
-            (seconds, list(ids), self.owner),
+            (float(seconds), [p[0] for p in pairs], [p[1] for p in pairs], self.owner),
         ).fetchall()
         return {int(r[0]) for r in rows}
 
-    def done(self, image_id: int) -> bool:
-        """Forget a processed image, if this worker still holds its lease; whether it did."""
+    def done(self, leased: Leased) -> bool:
+        """Forget a processed image, if this take still holds its lease; whether it did."""
         row = self._db.execute(
-            "DELETE FROM dp_images WHERE id = %s AND lease_owner = %s AND lease_until >= now() RETURNING id",
-            (image_id, self.owner),
+            """
+            DELETE FROM dp_images
+            WHERE id = %s AND attempts = %s AND lease_owner = %s AND lease_until >= now()
+            RETURNING id
+            """,
+            (leased.id, leased.attempts, self.owner),
         ).fetchone()
         return row is not None
 
-    def release(self, ids: Iterable[int]) -> None:
-        """Put this worker's images back at once, for any worker to take."""
+    def release(self, held: Iterable[Leased], *, alone: bool = False) -> None:
+        """Put this worker's images back at once, for any worker to take; the take is taken back
+        (a stop is not a death)."""
+        pairs = [(leased.id, leased.attempts) for leased in held]
+        if not pairs:
+            return
         self._db.execute(
-            "UPDATE dp_images SET lease_owner = NULL, lease_until = NULL WHERE id = ANY(%s) AND lease_owner = %s",
-            (list(ids), self.owner),
+            """
+            UPDATE dp_images AS d SET lease_owner = NULL, lease_until = NULL,
+                attempts = d.attempts - 1, solo = d.solo - %s
+            FROM unnest(%s::bigint[], %s::integer[]) AS t(id, attempts)
+            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s
+            """,
+            (int(alone), [p[0] for p in pairs], [p[1] for p in pairs], self.owner),
         )
 
     def waiting(self) -> int:
