@@ -190,6 +190,8 @@ def result_summary(prediction: Prediction, model: ModelContract) -> dict[str, ob
         "model_version": model.version,
         "assessed": prediction.assessed,
     }
+    if prediction.engine:  # the 8-bit graph's numbers are not the float graph's
+        result["engine"] = prediction.engine
     if prediction.triage_point is not None:
         result["triage"] = prediction.triage
     if prediction.ood_score is not None:

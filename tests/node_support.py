@@ -62,14 +62,27 @@ class StoreSCP:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
+        """Started and listening. The free port it was given may be taken by another process
+        before it binds (the tests run in parallel): then it exits, and starts on another."""
         tool = require_tool("storescp")
-        self.process = subprocess.Popen(
-            [tool, "-aet", self.ae_title, "-od", str(self.folder), "+xa", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_for(self._listening, 20, "storescp to listen")
-        return self
+        for _ in range(3):
+            self.process = subprocess.Popen(
+                [tool, "-aet", self.ae_title, "-od", str(self.folder), "+xa", str(self.port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            if wait_for(self._listening_or_gone, 20, "storescp to listen") == "listening":
+                time.sleep(0.2)  # a port another process listens on answers too: storescp quits
+                if self.process.poll() is None:
+                    return self
+            self.port = free_port()
+        raise AssertionError("storescp could not bind a free port three times")
+
+    def _listening_or_gone(self) -> str:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            return "gone"
+        return "listening" if self._listening() else ""
 
     def _listening(self) -> bool:
         with socket.socket() as sock:

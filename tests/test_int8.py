@@ -210,7 +210,7 @@ def test_the_node_serves_the_8bit_graph_end_to_end_under_other_result_uids(
     try:
         assert send(node.port, [chest_dataset()]) == [StoreStatus.SUCCESS]
         (line,) = wait_for(lambda: final_lines(node, "processed"), 60, "the processed line")
-        assert len(line["outputs"]) == 2
+        assert len(line["outputs"]) == 2 and line["result"]["engine"] == "onnx-int8"
     finally:
         node.stop()
     plain = replace(node.config, engine="onnx")

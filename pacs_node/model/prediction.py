@@ -43,6 +43,8 @@ class Prediction:
         regions_withheld: why a positive result carries no regions, in words ("": regions
             are drawn where found): the bundle's localization was not measured, or did not
             beat a fixed prior map on held-out images.
+        engine: who ran the model (``torch``, ``onnx``, ``onnx-int8``; "": not said), for
+            the audit trail.
     """
 
     classes: tuple[str, ...]
@@ -59,6 +61,7 @@ class Prediction:
     ood_threshold: float | None = None
     box_scores: tuple[float, ...] = ()
     regions_withheld: str = ""
+    engine: str = ""
 
     @property
     def assessed(self) -> bool:

@@ -324,6 +324,7 @@ class NodePredictor:
             ood_threshold=None
             if ood_score is None or contract.ood is None or not self.ood_gate
             else contract.ood.threshold,
+            engine=self.runner.engine,
         )
         if len(maps) > 1:  # one map per finding: draw the most probable finding's
             draft = replace(draft, heatmap=maps[int(probabilities.argmax())])
