@@ -123,7 +123,6 @@ class Item:
 class Batch:
     """Images taken together, past the model: their results are still to be built."""
 
-    paths: list[Path]
     items: list[Item]
     inferred: list[tuple[Item, Prediction]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -199,10 +198,6 @@ class Pipeline:
         starts = [batch.started for batch in list(self._in_flight.values())]
         return min(starts) if starts else None
 
-    def forget_in_flight(self) -> None:
-        """The worker died: what it had in flight is the restarted worker's to take again."""
-        self._in_flight.clear()
-
     def run(self, stopping: threading.Event) -> None:
         """The worker thread's body until ``stopping`` is set: reads, decodes and infers one
         batch while a ``results`` thread builds and hands over the one before."""
@@ -219,6 +214,7 @@ class Pipeline:
                 live = [i.path for i in batch.items if not i.requeued]
                 self.work.put_suspects([path for path in live if path.exists()])
                 self.spool.end([path for path in live if not path.exists()])
+            self._in_flight.clear()  # the restarted worker's to take again
             raise  # the thread ends here; the supervisor starts another
 
     def _loop(self, stopping: threading.Event) -> None:
@@ -275,9 +271,7 @@ class Pipeline:
         paths = [p for p in paths if not self._crash_loop(p)]
         if not paths:
             return None
-        batch = Batch(
-            paths=paths, items=[Item(path=p, receipt=self.spool.receipt(p)) for p in paths]
-        )
+        batch = Batch(items=[Item(path=p, receipt=self.spool.receipt(p)) for p in paths])
         try:
             self.spool.begin(paths, alone=alone)  # before anything that could kill the process
         except OSError as exc:

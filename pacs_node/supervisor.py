@@ -124,7 +124,6 @@ class Supervisor:
         restart()
 
     def _restart_worker(self) -> None:
-        self.pipeline.forget_in_flight()
         self.worker = self._new_worker()
         self.worker.start()
 

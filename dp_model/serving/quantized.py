@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import roc_auc
 from .contract import ModelContract
 from .onnx_session import INT8_FILE, onnx_path
+from .served import served_decisions
 
 __all__ = [
     "CALIBRATION_IMAGES",
@@ -131,30 +133,26 @@ MIN_QUANTIZED_CHANNELS = 8
 
 
 #: One image's served decision: assessed, positive, triage, label, findings.
-Served = tuple[bool, bool, bool, str, tuple[str, ...]]
+Decided = tuple[bool, bool, bool, str, tuple[str, ...]]
 PARTS = ("assessed", "positive", "triage", "label", "findings")
 
 
 def decisions(
     contract: ModelContract, probabilities: np.ndarray, scores: np.ndarray | None
-) -> list[Served]:
-    """What the node reports of each image: the contract's decision at its own points."""
-    admitted = (
-        np.ones(len(probabilities), bool) if scores is None else contract.admits(np.asarray(scores))
-    )
-    found = []
-    for row, assessed in zip(probabilities, admitted, strict=True):
-        decision = contract.decide(row, assessed=bool(assessed))
-        found.append(
-            (
-                bool(assessed),
-                decision.positive,
-                decision.triage,
-                decision.label,
-                tuple(name for name, _ in decision.findings),
-            )
+) -> list[Decided]:
+    """What the node reports of each image (:func:`~dp_model.serving.served.served_decisions`:
+    the contract's decision at its own points), one tuple of :data:`PARTS` per image."""
+    served = served_decisions(probabilities, scores, contract)
+    return list(
+        zip(
+            served.assessed.tolist(),
+            served.positive.tolist(),
+            served.triage.tolist(),
+            served.label.tolist(),
+            served.findings.tolist(),
+            strict=True,
         )
-    return found
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +217,7 @@ def agreement(
     gaps: dict[str, float] = {}
     for k, name in enumerate(contract.output_classes):
         positive = np.asarray(labels) == contract.classes.index(name)
-        gap = abs(_auc(positive, before_p[:, k]) - _auc(positive, after_p[:, k]))
+        gap = abs(roc_auc(positive, before_p[:, k]) - roc_auc(positive, after_p[:, k]))
         if np.isfinite(gap):
             gaps[name] = gap
     return Agreement(
@@ -233,25 +231,6 @@ def agreement(
             np.nan_to_num(np.abs(before_p - after_p), nan=1.0).max(initial=0.0)
         ),
     )
-
-
-def _auc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half); NaN when one side is empty."""
-    positive = np.asarray(positive, bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), np.float64)
-    sorted_scores = np.asarray(scores)[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def write_record(bundle: Path, record: dict[str, Any]) -> None:

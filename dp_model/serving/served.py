@@ -144,6 +144,8 @@ class Served:
     #: the finding the node names (the most probable pneumonia class when positive, the
     #: normal class otherwise, and for an image the gate turned away)
     label: np.ndarray
+    #: the findings the report asserts, a tuple of class names each (empty when negative)
+    findings: np.ndarray
 
 
 def admitted(ood_scores: np.ndarray | None, contract: ModelContract) -> np.ndarray | None:
@@ -170,7 +172,15 @@ def served_decisions(
         positive=np.array([d.positive for d in decisions], bool),
         triage=np.array([d.triage for d in decisions], bool),
         label=np.array([d.label for d in decisions], dtype=object),
+        findings=_objects([tuple(name for name, _ in d.findings) for d in decisions]),
     )
+
+
+def _objects(values: list) -> np.ndarray:
+    """``values`` as a one-dimensional object array (tuples stay whole, whatever their length)."""
+    found = np.empty(len(values), dtype=object)
+    found[:] = values
+    return found
 
 
 def is_pneumonia(labels: np.ndarray, contract: ModelContract) -> np.ndarray:

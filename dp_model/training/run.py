@@ -473,22 +473,18 @@ def _write_bundle(
         description = (
             "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
         )
-
-    # Where the data came from, by layout and folder name: an absolute path says too much about a site.
-    def publish(found: ModelContract) -> None:
-        write_metadata(
-            out,
-            found,
-            description,
-            report.scalars(),
-            f"{dataset.name} layout, folder {Path(config.data.root).name}",
-        )
-        write_configs(out, found, to_mapping(config))
-
     if contract.onnx_digest and len(data["val"]) and len(data["test"]):
         # recorded only once it has earned its place: a bundle never names an unchecked graph
         contract = replace(contract, int8_digest=_int8(out, contract, data, config.runtime.seed))
-    publish(contract)
+    # Where the data came from, by layout and folder name: an absolute path says too much about a site.
+    write_metadata(
+        out,
+        contract,
+        description,
+        report.scalars(),
+        f"{dataset.name} layout, folder {Path(config.data.root).name}",
+    )
+    write_configs(out, contract, to_mapping(config))
     (out / "LICENSE").write_text(LICENSE)
     docs = out / "docs"
     pictures = {
