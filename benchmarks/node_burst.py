@@ -25,6 +25,8 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
+from pacs_node.config import ENGINES
+
 sys.path.insert(0, str(Path(__file__).parent))
 from node_latency import (  # a sibling script
     copies,
@@ -33,6 +35,7 @@ from node_latency import (  # a sibling script
     node_config,
     peak_rss_mb,
     processed,
+    storescp,
     storescu,
     wait,
 )
@@ -50,18 +53,12 @@ def main() -> int:
     parser.add_argument(
         "--associations", type=int, default=1, help="the node's outbox.associations"
     )
-    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--engine", default="auto", choices=ENGINES)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dp-node-burst-"))
     dest_port, node_port = free_port(), free_port()
-    fork = ["--fork"] if args.associations > 1 else []
-    destination = subprocess.Popen(
-        ["storescp", "-aet", "RESULTS", "--ignore", *fork, str(dest_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait(lambda: listening(dest_port), 20, "storescp")
+    destination = storescp(work / "destination", dest_port, fork=args.associations > 1, keep=False)
     config = node_config(
         work, node_port, dest_port, args.bundle, "cpu", args.engine, args.associations
     )

@@ -48,7 +48,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dp_model.serving.bundle import load_bundle
-from pacs_node.config import NodeConfig
+from pacs_node.config import ENGINES, NodeConfig
 from pacs_node.results.identity import ResultIdentity, rendition
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
@@ -120,10 +120,11 @@ def node_config(
 
 
 def storescp(
-    folder: Path, port: int, fork: bool = False, max_pdu: int | None = None
+    folder: Path, port: int, fork: bool = False, max_pdu: int | None = None, keep: bool = True
 ) -> subprocess.Popen:
     """dcmtk's storescp; ``fork``: one process per association, so that several are served at
-    once; ``max_pdu``: the largest PDU it announces (its default 16 kB, at most 128 kB)."""
+    once; ``max_pdu``: the largest PDU it announces (its default 16 kB, at most 128 kB);
+    ``keep`` False: it takes every object and writes none (``--ignore``)."""
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [
@@ -135,6 +136,7 @@ def storescp(
             "+xa",
             *(["--fork"] if fork else []),
             *(["--max-pdu", str(max_pdu)] if max_pdu else []),
+            *([] if keep else ["--ignore"]),
             str(port),
         ],
         stdout=subprocess.DEVNULL,
@@ -273,7 +275,7 @@ def main() -> int:
     parser.add_argument(
         "--engine",
         default="auto",
-        choices=("auto", "torch", "onnx"),
+        choices=ENGINES,
         help="who runs the model (the node's engine): auto serves a bundle's ONNX graph without PyTorch",
     )
     parser.add_argument(
