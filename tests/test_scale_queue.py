@@ -56,6 +56,16 @@ def lapse(dsn: str, image: int) -> None:
         )
 
 
+def takes(dsn: str, image: int) -> tuple[int, int]:
+    """An image's ``(attempts, solo)``."""
+    with psycopg.connect(dsn, autocommit=True) as raw:
+        found = raw.execute(
+            "SELECT attempts, solo FROM dp_images WHERE id = %s", (image,)
+        ).fetchone()
+    assert found is not None
+    return int(found[0]), int(found[1])
+
+
 def test_each_connection_commits_durably(db: Postgres) -> None:
     with psycopg.connect(db.dsn, autocommit=True) as raw:
         raw.execute("ALTER ROLE dp SET synchronous_commit = off")  # a site's "tuning"
@@ -106,8 +116,9 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_holder_is_fenced_off(db: Postg
     assert held.sop_instance_uid == "1.2.3.0", "the UI value's padding is not kept"
     assert second.lease(1, 30) == [], "held by first"
     lapse(db.dsn, image)
-    (taken,) = second.lease(1, 30, alone=True)
-    assert taken.id == image and taken.attempts == 2 and taken.solo == 1
+    (taken,) = second.lease(1, 30)
+    assert second.alone([taken]) == {image} and first.alone([held]) == set()
+    assert taken.id == image and taken.attempts == 2 and takes(db.dsn, image) == (2, 1)
     assert first.renew([held], 30) == set() and not first.done(held), "first lost it"
     assert second.renew([taken], 30) == {image} and second.done(taken)
     assert second.waiting() == 0
@@ -118,7 +129,8 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_holder_is_fenced_off(db: Postg
 def test_a_stop_puts_images_back_without_counting_a_take(db: Postgres) -> None:
     (image,) = fill(db.dsn, 1)
     stopping, other = IntakeQueue(db.dsn, "stopping"), IntakeQueue(db.dsn, "other")
-    (held,) = stopping.lease(1, 30, alone=True)
+    (held,) = stopping.lease(1, 30)
+    stopping.alone([held])
     stopping.release([held], alone=True)
     (taken,) = other.lease(1, 30)
     assert taken.id == image and (taken.attempts, taken.solo) == (1, 0)

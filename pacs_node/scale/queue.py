@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pacs_node.scale.db import Database
+
 #: Created once, under a lock, by whichever node finds the table missing.
 SCHEMA = """
 CREATE TABLE dp_images (
@@ -51,10 +53,6 @@ CREATE TABLE dp_images (
 );
 ALTER TABLE dp_images ALTER COLUMN data SET STORAGE EXTERNAL;
 """
-#: The advisory lock the schema is created under (any constant both sides agree on).
-SCHEMA_LOCK = 0x6470_696D  # "dpim"
-#: How long connecting and a silent peer may take before the call fails.
-CONNECT_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,12 +68,9 @@ class Leased:
     solo: int
 
 
-class DurabilityError(RuntimeError):
-    """The server would not keep a committed image through a crash."""
-
-
 class IntakeQueue:
-    """The ``dp_images`` table over one connection (psycopg 3), created if missing.
+    """The ``dp_images`` table (created if missing) over one :class:`~pacs_node.scale.db.Database`
+    connection, opened at once and again after it broke.
 
     Args:
         dsn: a libpq connection string (``host=... port=... dbname=... user=...``).
@@ -83,62 +78,36 @@ class IntakeQueue:
             queue object.
 
     Raises:
-        DurabilityError: the server runs with ``fsync = off``.
+        pacs_node.scale.db.DurabilityError: the server runs with ``fsync = off``.
+        pacs_node.scale.db.Unavailable: the server could not be reached.
     """
 
     def __init__(self, dsn: str, node: str) -> None:
-        import psycopg
-
         self.owner = f"{node}-{uuid.uuid4().hex[:12]}"
-        self._db = psycopg.connect(
-            dsn,
-            autocommit=True,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            keepalives=1,
-            keepalives_idle=30,
-        )
-        try:
-            self._db.execute("SET synchronous_commit = on")
-            fsync = self._db.execute("SHOW fsync").fetchone()
-            if fsync is None or fsync[0] != "on":
-                raise DurabilityError(
-                    "the PostgreSQL server runs with fsync off: an acknowledged image could be lost"
-                )
-            with self._db.transaction():
-                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                found = self._db.execute("SELECT to_regclass('dp_images')").fetchone()
-                if found is None or found[0] is None:
-                    self._db.execute(SCHEMA)
-        except BaseException:
-            self._db.close()
-            raise
+        self.db = Database(dsn, (("dp_images", SCHEMA),))
+        self.db.run(lambda _: None)  # connect now: a node without its database does not start
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
 
     def settings(self) -> dict[str, str]:
         """``fsync`` and ``synchronous_commit`` as this connection runs."""
-        found = {}
-        for name in ("fsync", "synchronous_commit"):
-            row = self._db.execute(f"SHOW {name}").fetchone()
-            found[name] = str(row[0]) if row else ""
-        return found
+        return self.db.settings()
 
     def admit(self, data: bytes, sop_instance_uid: str, receipt: dict[str, Any]) -> int:
         """Hold an image durably (committed, its WAL on disk, before this returns); its row id."""
-        row = self._db.execute(
+        rows = self.db.execute(
             "INSERT INTO dp_images (sop_instance_uid, receipt, data) VALUES (%s, %s, %s) RETURNING id",
             (sop_instance_uid.strip(" \x00"), json.dumps(receipt, allow_nan=False), data),
-        ).fetchone()
-        assert row is not None  # INSERT ... RETURNING gives its row
-        return int(row[0])
+        )
+        return int(rows[0][0])  # INSERT ... RETURNING gives its row
 
-    def lease(self, limit: int, seconds: float, *, alone: bool = False) -> list[Leased]:
+    def lease(self, limit: int, seconds: float) -> list[Leased]:
         """Up to ``limit`` images no one holds (never leased, or their lease lapsed), oldest
-        first, now held by this worker for ``seconds``; ``alone``: counted as taken alone."""
+        first, now held by this worker for ``seconds``."""
         if not seconds > 0:
             raise ValueError(f"a lease of {seconds} s")
-        rows = self._db.execute(
+        rows = self.db.execute(
             """
             WITH picked AS (
                 SELECT id FROM dp_images
@@ -150,14 +119,13 @@ class IntakeQueue:
             UPDATE dp_images AS d SET
                 lease_owner = %(owner)s,
                 lease_until = now() + make_interval(secs => %(seconds)s),
-                attempts = d.attempts + 1,
-                solo = d.solo + %(alone)s
+                attempts = d.attempts + 1
             FROM picked WHERE d.id = picked.id
             RETURNING d.id, d.sop_instance_uid, d.receipt, d.data, d.attempts, d.solo
             """,
-            {"owner": self.owner, "seconds": float(seconds), "alone": int(alone), "limit": limit},
+            {"owner": self.owner, "seconds": float(seconds), "limit": limit},
             binary=True,  # the images' bytes as they are, not hex
-        ).fetchall()
+        )
         return sorted(
             (
                 Leased(
@@ -173,52 +141,55 @@ class IntakeQueue:
             key=lambda leased: leased.id,
         )
 
+    def alone(self, held: Iterable[Leased]) -> set[int]:
+        """Count the images of ``held`` this worker still holds as in processing alone (the
+        crash-loop rule: an image in flight alone at too many deaths is put aside); their ids."""
+        return self._update(held, "solo = d.solo + 1", "AND d.lease_until >= now()")
+
     def renew(self, held: Iterable[Leased], seconds: float) -> set[int]:
         """Extend this worker's live leases of ``held`` by ``seconds`` from now; the ids it still held."""
-        pairs = [(leased.id, leased.attempts) for leased in held]
-        if not pairs:
-            return set()
-        rows = self._db.execute(
-            """
-            UPDATE dp_images AS d SET lease_until = now() + make_interval(secs => %s)
-            FROM unnest(%s::bigint[], %s::integer[]) AS t(id, attempts)
-            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s
-                AND d.lease_until >= now()
-            RETURNING d.id
-            """,
-            (float(seconds), [p[0] for p in pairs], [p[1] for p in pairs], self.owner),
-        ).fetchall()
-        return {int(r[0]) for r in rows}
+        return self._update(
+            held,
+            f"lease_until = now() + make_interval(secs => {float(seconds)!r})",
+            "AND d.lease_until >= now()",
+        )
 
     def done(self, leased: Leased) -> bool:
         """Forget a processed image, if this take still holds its lease; whether it did."""
-        row = self._db.execute(
+        rows = self.db.execute(
             """
             DELETE FROM dp_images
             WHERE id = %s AND attempts = %s AND lease_owner = %s AND lease_until >= now()
             RETURNING id
             """,
             (leased.id, leased.attempts, self.owner),
-        ).fetchone()
-        return row is not None
+        )
+        return bool(rows)
 
     def release(self, held: Iterable[Leased], *, alone: bool = False) -> None:
         """Put this worker's images back at once, for any worker to take; the take is taken back
         (a stop is not a death)."""
+        taken_back = "attempts = d.attempts - 1" + (", solo = d.solo - 1" if alone else "")
+        self._update(held, f"lease_owner = NULL, lease_until = NULL, {taken_back}", "")
+
+    def _update(self, held: Iterable[Leased], assignments: str, condition: str) -> set[int]:
+        """``UPDATE ... SET assignments`` on the rows of ``held`` this take still holds (the
+        same ``attempts``, this owner) and meeting ``condition``; the ids updated. Only this
+        module's constant fragments reach ``assignments`` and ``condition``."""
         pairs = [(leased.id, leased.attempts) for leased in held]
         if not pairs:
-            return
-        self._db.execute(
-            """
-            UPDATE dp_images AS d SET lease_owner = NULL, lease_until = NULL,
-                attempts = d.attempts - 1, solo = d.solo - %s
+            return set()
+        rows = self.db.execute(
+            f"""
+            UPDATE dp_images AS d SET {assignments}
             FROM unnest(%s::bigint[], %s::integer[]) AS t(id, attempts)
-            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s
+            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s {condition}
+            RETURNING d.id
             """,
-            (int(alone), [p[0] for p in pairs], [p[1] for p in pairs], self.owner),
+            ([p[0] for p in pairs], [p[1] for p in pairs], self.owner),
         )
+        return {int(r[0]) for r in rows}
 
     def waiting(self) -> int:
         """Images held, leased or not."""
-        row = self._db.execute("SELECT count(*) FROM dp_images").fetchone()
-        return int(row[0]) if row else 0
+        return int(self.db.execute("SELECT count(*) FROM dp_images")[0][0])
