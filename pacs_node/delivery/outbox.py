@@ -50,6 +50,7 @@ once; mended credentials are used at the next try, with no restart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -59,6 +60,7 @@ import re
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,14 @@ from pacs_node.files import FILE_MODE, atomic_file, fsync_dir, private_folder, p
 from pacs_node.logs import describe
 from pacs_node.results.base import Result
 from pacs_node.results.registry import dicom_result
+from pacs_node.scale.db import Unavailable
+from pacs_node.scale.ledger import Claim, DeliveryLedger
 
 logger = logging.getLogger(__name__)
+
+
+#: How long a sender waits when every object it took is being sent by another node.
+BUSY_WAIT_S = 0.5
 
 
 def next_backoff(previous: float, config: OutboxConfig) -> float:
@@ -132,6 +140,9 @@ class DestinationSender:
         on_sent: called with the seconds each C-STORE or STOW-RS request took.
         on_held: called with ``(destination, reason, detail)`` when the destination's deliveries
             become held (reason ``authentication``), and with reason None when they resume.
+        ledger: the scale-out mode's shared delivery ledger (:mod:`pacs_node.scale.ledger`):
+            each object is claimed there before it is sent, and what any node delivered is not
+            sent again; None: this outbox alone says what was delivered.
     """
 
     def __init__(
@@ -147,6 +158,7 @@ class DestinationSender:
         timeout_s: float = 30.0,
         on_sent: Callable[[float], None] | None = None,
         on_held: Callable[[Destination | WebDestination, str | None, str], None] | None = None,
+        ledger: DeliveryLedger | None = None,
     ) -> None:
         self.destination, self.config = destination, config
         self.folder = private_folder(root / destination.name)
@@ -156,6 +168,9 @@ class DestinationSender:
         self.on_sent = on_sent or (lambda _: None)
         self.on_held = on_held or (lambda *_: None)
         self.stats = DeliveryStats()
+        self.shared = ledger
+        #: Entries waiting, by the source instance they were built from (under the lock).
+        self._sources: Counter[str] = Counter()
         protocol = protocol_of(destination)
         self.media_types = protocol.media_types
         self.transport = protocol.open(destination, calling_ae, config, tls, timeout_s)
@@ -187,7 +202,9 @@ class DestinationSender:
                     legacy.name,
                     describe(exc),
                 )
-        keys = {_key(path) for path in self._listing()}
+        listed = self._listing()
+        self._sources.update(self._source_of(path) for path in listed)
+        keys = {_key(path) for path in listed}
         for orphan in self.folder.iterdir():
             # a sidecar whose object was never written (a full disk)
             if _SIDECAR.fullmatch(orphan.name) and orphan.name[: -len(".json")] not in keys:
@@ -217,6 +234,12 @@ class DestinationSender:
                 return entries[-1]  # the same result is waiting, or on the wire
             if digest and not entries and _read(self.ledger / uid) == digest:
                 return None
+            if (
+                digest
+                and not entries
+                and self._shared_has(Claim(self.destination.name, uid, digest))
+            ):
+                return None
             path = (
                 self.folder / f"{uid}_{_sequence(entries[-1]) + 1 if entries else 1}{result.suffix}"
             )
@@ -233,7 +256,30 @@ class DestinationSender:
                 handle.write(json.dumps(sidecar).encode())
             with atomic_file(path) as handle:
                 handle.write(data)
+            self._sources[source_uid] += 1
         return path
+
+    def holds(self, source_uid: str) -> bool:
+        """Whether a result built from ``source_uid`` waits here (or is on the wire)."""
+        with self._lock:
+            return self._sources[source_uid] > 0
+
+    def _shared_has(self, claim: Claim) -> bool:
+        """Whether the shared ledger says the destination has ``claim``; False without one, or
+        when it cannot be read (the claim before sending decides then)."""
+        if self.shared is None:
+            return False
+        try:
+            return self.shared.has(claim)
+        except Unavailable:
+            return False
+
+    def _forget(self, path: Path) -> None:
+        """An entry leaves the outbox (the caller holds the lock)."""
+        source = self._source_of(path)
+        self._sources[source] -= 1
+        if self._sources[source] <= 0:
+            del self._sources[source]
 
     def _entries_of(self, uid: str) -> list[Path]:
         """The entries of ``uid`` in the outbox, oldest first."""
@@ -348,6 +394,7 @@ class DestinationSender:
 
     def _drop(self, path: Path) -> None:
         """Remove a superseded entry (the caller holds the lock)."""
+        self._forget(path)
         for part in (self._sending_marker(path), path, _sidecar_path(path)):
             part.unlink(missing_ok=True)
         self._attempts.pop(path.name, None)
@@ -395,6 +442,8 @@ class DestinationSender:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        if self.shared is not None:
+            self.shared.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -459,7 +508,8 @@ class DestinationSender:
             return True
         in_doubt = {path for path in files if self._sending_marker(path).exists()}
         try:
-            link = self.transport.open(ask=bool(in_doubt))
+            # with a shared ledger, any object may turn out to be in doubt (another node's)
+            link = self.transport.open(ask=bool(in_doubt) or self.shared is not None)
         except Unreachable as exc:
             self.stats.failed_associations += 1
             # markers stay: nothing was sent
@@ -482,6 +532,9 @@ class DestinationSender:
         for group in link.groups(todo):
             if not (usable and link.usable) or self._stop.is_set():
                 break
+            group = self._claim_group(link, group)
+            if not group:
+                continue
             self._wire.started = None
             outcomes = self._send(link, group)
             if self._wire.started is not None:
@@ -490,6 +543,50 @@ class DestinationSender:
             settled = [self._settle(path, outcome) for path, outcome in outcomes.items()]
             usable = all(settled)
         return usable and link.usable
+
+    def _claim_group(self, link: Link, group: list[Path]) -> list[Path]:
+        """What of ``group`` to send, once claimed in the shared ledger (all of it without one):
+        what a node delivered is settled, what another node is sending waits, what is in
+        doubt is asked about first.
+
+        Raises:
+            pacs_node.scale.db.Unavailable: the ledger is unreachable: nothing is sent.
+        """
+        if self.shared is None:
+            return group
+        claims = {path: self._claim_of(path) for path in group}
+        verdicts = self.shared.claim(list(claims.values()))
+        send = []
+        for path, claim in claims.items():
+            verdict = verdicts[claim]
+            if verdict == "delivered":
+                self._settled_elsewhere(path)
+            elif verdict == "doubt" and link.usable and _has(link, path):
+                self._delivered(path)
+            elif verdict != "busy":
+                send.append(path)
+        if not send and "busy" in verdicts.values():
+            self._stop.wait(BUSY_WAIT_S)  # another node is sending them: not a tight loop
+        return send
+
+    def _claim_of(self, path: Path) -> Claim:
+        sidecar = self._sidecar(path)
+        digest = str(sidecar.get("digest") or sidecar.get("sha256") or "")
+        return Claim(self.destination.name, _uid_of(path), digest)
+
+    def _settled_elsewhere(self, path: Path) -> None:
+        """The destination has this entry's content, delivered by another node (the shared
+        ledger says so): noted in the local ledger too, the entry gone, not sent."""
+        uid = _uid_of(path)
+        with self._lock:
+            _write(self.ledger / uid, self._claim_of(path).digest)
+            self._forget(path)
+            for part in (self._sending_marker(path), path, _sidecar_path(path)):
+                part.unlink(missing_ok=True)
+        self._attempts.pop(path.name, None)
+        logger.info(
+            "%s: %s is already delivered (by another node); not sent", self.destination, uid
+        )
 
     def _send(self, link: Link, group: list[Path]) -> dict[Path, Outcome]:
         """``link.send``; whatever it raises costs the group alone (one file, for C-STORE), as a refusal."""
@@ -540,6 +637,9 @@ class DestinationSender:
         """Act on what became of one object; False when the destination could not take it now."""
         if outcome.status is not Status.UNANSWERED:  # answered: no longer in doubt
             self._sending_marker(path).unlink(missing_ok=True)
+            if outcome.status is not Status.STORED and self.shared is not None:
+                with contextlib.suppress(Unavailable):  # the claim then lapses by itself
+                    self.shared.give_up([self._claim_of(path)])
         if outcome.status is Status.STORED:
             self._delivered(path)
         elif outcome.status is Status.REFUSED:
@@ -584,7 +684,19 @@ class DestinationSender:
         """Note that the destination has entry ``path``: its digest in the ledger, the entry gone,
         in one step against :meth:`put` (the lock)."""
         sidecar, uid = self._sidecar(path), _uid_of(path)
+        if self.shared is not None:
+            try:
+                self.shared.delivered(self._claim_of(path))
+            except Unavailable as exc:
+                # the claim stays "sending": whoever sends it next asks the destination first
+                logger.warning(
+                    "%s: could not note the delivery of %s in the shared ledger (%s)",
+                    self.destination,
+                    uid,
+                    exc,
+                )
         with self._lock:
+            self._forget(path)
             try:
                 _write(self.ledger / uid, str(sidecar.get("digest", "")))
             except OSError:
@@ -620,6 +732,7 @@ class DestinationSender:
         UID; a later dead letter of the same UID replaces it), with its sidecar and the reason."""
         source, uid = self._source_of(path), _uid_of(path)
         with self._lock:
+            self._forget(path)
             for part, suffix in ((path, _suffix(path)), (_sidecar_path(path), ".json")):
                 if part.exists():
                     os.replace(part, self.dead / f"{uid}{suffix}")
