@@ -25,7 +25,7 @@ VIEWER_STAMP := $(VIEWER)/node_modules/.installed
 # scrapes a node whose population drifted (deploy/prometheus, tests/test_node_drift.py).
 RUN_DEBS := dcmtk
 DEBS     := $(RUN_DEBS) dicom3tools orthanc orthanc-dicomweb chromium nodejs $(if $(shell command -v npm),,npm) \
-            libpixelmed-java default-jdk-headless prometheus postgresql
+            libpixelmed-java default-jdk-headless prometheus postgresql haproxy
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUN_DIR ?= runs/demo
 # PyTorch from another index, before the rest: on a machine without an NVIDIA GPU,

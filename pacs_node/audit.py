@@ -54,6 +54,7 @@ FIELDS = (
     "thread",
     "timings_ms",
     "count",
+    "node",
 )
 #: Lines kept in memory while the disk is full; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 100_000
@@ -132,8 +133,10 @@ class _Window:
 class AuditLog:
     """Append-only JSON lines, each written whole and fsynced (one writer per process)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, node: str = "") -> None:
         self.path = Path(path)
+        #: the node's name on every line (the scale-out mode: which node did what)
+        self.node = node
         private_folder(self.path.parent)
         # read: the last byte (_torn)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
@@ -146,6 +149,8 @@ class AuditLog:
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event}
         record |= {k: v for k, v in fields.items() if k in FIELDS and v is not None}
+        if self.node:
+            record["node"] = self.node
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         with self._lock:
             if len(self._pending) >= MAX_PENDING:

@@ -370,6 +370,51 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScaleConfig:
+    """The scale-out mode: several nodes over one PostgreSQL database (docs/decisions.md,
+    "Scale-out on PostgreSQL"). Empty ``database``: the embedded default, one node over its own
+    spool.
+
+    Attributes:
+        database: a libpq connection string (``host=db.example port=5432 dbname=dp
+            user=dpnode``); the password belongs in a password file (``passfile=...`` or
+            ``~/.pgpass``), never in the configuration.
+        node_name: this node's name in the audit trail and on its leases; empty: the host name.
+        lease_s: how long an image taken by this node stays its own without a heartbeat: a
+            node that dies loses its images to the others this long after its last heartbeat.
+        take: most images taken from the shared queue at once (beyond what the worker
+            is processing).
+    """
+
+    database: str = ""
+    node_name: str = ""
+    lease_s: float = 30.0
+    take: int = 16
+
+    def __post_init__(self) -> None:
+        require(
+            _SECRET_IN_DSN.search(self.database) is None,
+            "scale.database",
+            "(a string with a password)",
+            "a connection string without its password (put it in a password file: passfile=... or ~/.pgpass)",
+        )
+        require(
+            2.0 <= self.lease_s <= 3600.0, "scale.lease_s", self.lease_s, "from 2 to 3600 seconds"
+        )
+        require(1 <= self.take <= 256, "scale.take", self.take, "from 1 to 256")
+        require(
+            self.node_name == "" or OUTPUT_NAME.fullmatch(self.node_name) is not None,
+            "scale.node_name",
+            self.node_name,
+            "lower-case letters, digits and hyphens (empty: the host name)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.database)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetentionConfig:
     """How long and how much of what got no result the node keeps for a person to look at.
 
@@ -438,6 +483,9 @@ OVERLAY_MODALITIES = ("source", "OT")
 #: LAN) or jpeg-ls (JPEG-LS lossless: under a third of the bytes for 0.2 to 0.3 s of CPU per RG1 image, for
 #: a destination behind a link slower than about 1 Gb/s).
 OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
+
+#: A password written in a libpq connection string, as a keyword or in a URI's user part.
+_SECRET_IN_DSN = re.compile(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
 
 #: Who runs the model (dp_model.serving.runner.ENGINES, repeated here so that reading a configuration
 #: does not import torch; tests/test_onnx_engine.py keeps the two equal).
@@ -511,6 +559,7 @@ class NodeConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def __post_init__(self) -> None:
         check_ae_title("ae_title", self.ae_title)

@@ -236,12 +236,15 @@ def _tell_busy(request: socket.socket) -> None:
 
 
 class MetricsServer:
-    """``/health`` and ``/metrics`` over HTTP on a background thread.
+    """``/health``, ``/ready`` and ``/metrics`` over HTTP on a background thread.
 
     Args:
         host, port: where to listen (port 0: any free port).
         metrics: what ``/metrics`` shows.
         health: what ``/health`` answers.
+        ready: why the node does not take images now, or None when it does: ``/ready``
+            answers 200 or 503 with the reason (a load balancer's check: a node whose
+            destination is down is degraded, yet still takes images).
         timeout_s: each connection is closed this long after it opened (``http_timeout_s``).
         max_connections: connections open at once (``http_max_connections``).
     """
@@ -254,6 +257,7 @@ class MetricsServer:
         health: Callable[[], dict[str, Any]],
         timeout_s: float = 10.0,
         max_connections: int = 16,
+        ready: Callable[[], str | None] = lambda: None,
     ) -> None:
         outer = self
 
@@ -272,8 +276,14 @@ class MetricsServer:
                         json.dumps(state).encode(),
                         "application/json",
                     )
+                elif path == "/ready":
+                    why = ready()
+                    body = f"not ready: {why}\n" if why else "ready\n"
+                    outer._reply(self, 503 if why else 200, body.encode(), "text/plain")
                 else:
-                    outer._reply(self, 404, b"not found: try /health or /metrics\n", "text/plain")
+                    outer._reply(
+                        self, 404, b"not found: try /health, /ready or /metrics\n", "text/plain"
+                    )
 
             def log_message(self, *_args: object) -> None:  # requests are not worth a log line each
                 pass

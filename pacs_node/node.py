@@ -30,7 +30,6 @@ from pacs_node.delivery.outbox import DestinationSender
 from pacs_node.delivery.registry import check_outputs
 from pacs_node.drift import Watch
 from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
-from pacs_node.intake.spool import Spool
 from pacs_node.metrics import Metrics, MetricsServer
 from pacs_node.model.predictor import NodePredictor
 from pacs_node.outcomes import (
@@ -44,6 +43,7 @@ from pacs_node.outcomes import (
     Sent,
 )
 from pacs_node.pipeline import Pipeline
+from pacs_node.scale.spool import SharedSpool, node_name, open_spool
 from pacs_node.status import StoreStatus
 from pacs_node.supervisor import Supervisor
 
@@ -61,8 +61,9 @@ class Node:
         self._protocol = logs.install()
         self.config = config
         writers = check_outputs(config)
-        self.spool = Spool(config.spool, config.keep_skipped)
-        self.audit = AuditLog(config.audit_path)
+        self.spool = open_spool(config)
+        shared = self.spool if isinstance(self.spool, SharedSpool) else None
+        self.audit = AuditLog(config.audit_path, node_name(config.scale) if shared else "")
         self.metrics = Metrics()
         self.predictor = predictor or NodePredictor(
             config.bundle,
@@ -92,6 +93,7 @@ class Node:
                 on_held=lambda *held: self.outcomes.emit(
                     Held(destination=held[0], reason=held[1], detail=held[2])
                 ),
+                ledger=shared.ledger(2 * config.network_timeout_s) if shared else None,
             )
             for d in config.parsed_destinations()
         ]
@@ -111,7 +113,7 @@ class Node:
             audit=self.audit,
             metrics=self.metrics,
             gate=self._gate,
-            enqueue=self.pipeline.work.put,
+            enqueue=shared.wake if shared else self.pipeline.work.put,
         )
         self.supervisor = Supervisor(
             config=config,
@@ -138,6 +140,8 @@ class Node:
         self._protocol.listeners.append(self._protocol_error)
         for sender in self.senders:
             sender.start()
+        if isinstance(self.spool, SharedSpool):
+            self.spool.start(self.pipeline.work, self.senders)
         self.supervisor.start_worker()
         if self.config.metrics_port >= 0:
             self._http = MetricsServer(
@@ -147,6 +151,7 @@ class Node:
                 self.health,
                 self.config.http_timeout_s,
                 self.config.http_max_connections,
+                self.ready,
             )
             self._http.start()
         self.listener.start(server_tls(self.config) if self.config.tls.listening else None)
@@ -192,6 +197,15 @@ class Node:
     def health(self) -> dict[str, object]:
         """What ``/health`` answers (:meth:`pacs_node.supervisor.Supervisor.health`)."""
         return self.supervisor.health()
+
+    def ready(self) -> str | None:
+        """Why the node takes no image now, or None when it does (``/ready``)."""
+        refusal = self._gate()
+        if refusal is not None:
+            return refusal.reason
+        if not self.listener.alive:
+            return "the DICOM listener is not running"
+        return "; ".join(self.spool.problems()) or None
 
     def _announce_exposure(self) -> None:
         """Say at start what an operator must know about who can reach the node."""

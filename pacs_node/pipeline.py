@@ -431,7 +431,7 @@ class Pipeline:
             for destination, queued in self._hand_over(source, result, digest).items():
                 taken[destination] = taken.get(destination, False) or queued
             item.handed_over.append(result.uid)
-        self.spool.done(item.path)
+        self.spool.done(item.path, source_uid=str(source.SOPInstanceUID))
         item.timings["total"] = time.perf_counter() - item.started
         self._retries.pop(item.path.name, None)
         note = item.clean.note if item.clean else ""

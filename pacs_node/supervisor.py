@@ -207,6 +207,7 @@ class Supervisor:
         if not self.listener.alive:
             problems.append("the DICOM listener is not running")
         problems += self.listener.problems()
+        problems += self.spool.problems()
         problems += [
             problem
             for sender in self.senders

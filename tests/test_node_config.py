@@ -138,6 +138,9 @@ def test_destination_parsing() -> None:
             "destinations[0]: secret_env must be the name of a set",
         ),
         ({"outbox.max_request_mb": 0}, "outbox.max_request_mb must be at least 1"),
+        ({"scale.lease_s": 1}, "scale.lease_s must be from 2 to 3600 seconds"),
+        ({"scale.take": 0}, "scale.take must be from 1 to 256"),
+        ({"scale.node_name": "Node A"}, "scale.node_name must be lower-case letters"),
         ({"overlay_max_side": 10**10}, "overlay_max_side must be from 256 to 65535"),
     ],
 )
@@ -210,6 +213,10 @@ def test_a_secret_given_in_the_configuration_is_never_echoed_in_the_error() -> N
         with pytest.raises(ConfigError) as raised:
             load_config(NodeConfig, None, {"destinations": destinations})
         assert "destinations[0]" in str(raised.value) and "hunter2" not in str(raised.value)
+    for database in ("host=db user=dp password=hunter2", "postgresql://dp:hunter2@db/dp"):
+        with pytest.raises(ConfigError) as raised:
+            load_config(NodeConfig, None, {"scale.database": database})
+        assert "passfile" in str(raised.value) and "hunter2" not in str(raised.value)
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:

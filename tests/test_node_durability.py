@@ -13,81 +13,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from node_support import chest_dataset, echo_ok, free_port, identity_of, wait_for
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from node_support import (
+    CountingSCP,
+    Modality,
+    chest_dataset,
+    echo_ok,
+    free_port,
+    identity_of,
+    wait_for,
+)
 
 from dp_model.serving.bundle import load_bundle
-from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 # a quarter acknowledged at the kill, a backlog behind them (make benchmark-soak: 10,000, three
 # kills)
 IMAGES = 120
 SENDERS = 8
-
-
-class CountingSCP:
-    """A destination that counts every instance it stores, by SOP Instance UID."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.stored: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.server = None
-
-    def _store(self, event: evt.Event) -> int:
-        with self.lock:
-            self.stored[str(event.request.AffectedSOPInstanceUID)] += 1
-        return 0x0000
-
-    def start(self) -> None:
-        ae = AE(ae_title="RESULTS")
-        for sop_class in RESULT_CLASSES:
-            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
-        )
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-
-
-class Modality:
-    """Sends its images like a modality does: retry what was not acknowledged, until all are."""
-
-    def __init__(
-        self, port: int, images: list[Dataset], acknowledged: set[str], lock: threading.Lock
-    ) -> None:
-        self.port, self.images, self.acknowledged, self.lock = port, images, acknowledged, lock
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        remaining = list(self.images)
-        deadline = time.monotonic() + 600
-        while remaining and time.monotonic() < deadline:
-            ae = AE(ae_title="MODALITY")
-            # a modality's patience for an answer: a node killed in the middle of a PDU
-            # answers nothing, and the image is sent again
-            ae.acse_timeout = ae.dimse_timeout = 10
-            ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
-            assoc = ae.associate("127.0.0.1", self.port, ae_title="DPNODE")
-            if not assoc.is_established:
-                time.sleep(0.3)
-                continue
-            while remaining and assoc.is_established:
-                status = assoc.send_c_store(remaining[0])
-                if status and int(status.Status) == 0x0000:
-                    with self.lock:
-                        self.acknowledged.add(str(remaining.pop(0).SOPInstanceUID))
-                elif status:
-                    time.sleep(0.2)  # refused (out of resources): try again
-            if assoc.is_established:
-                assoc.release()
 
 
 def start_node(config: Path, log) -> subprocess.Popen:

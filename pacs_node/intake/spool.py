@@ -74,6 +74,11 @@ class Receipt:
             found = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        return Receipt.of(found)
+
+    @staticmethod
+    def of(found: object) -> Receipt | None:
+        """The receipt a JSON value holds; None when it does not hold what a receipt holds."""
         if not isinstance(found, dict) or set(found) != RECEIPT_FIELDS:
             return None
         texts = all(
@@ -278,11 +283,16 @@ class Spool:
     def count(self) -> int:
         return sum(1 for p in self.incoming.iterdir() if p.suffix == ".dcm")
 
+    def problems(self) -> list[str]:
+        """What ``/health`` should say of the spool beyond its disk (nothing, for this one)."""
+        return []
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def done(self, path: Path) -> None:
-        """The instance's results are durable elsewhere: forget it."""
+    def done(self, path: Path, source_uid: str = "") -> None:
+        """The instance's results are durable elsewhere: forget it (``source_uid``: the
+        instance the results were built from, which the scale-out mode's spool waits on)."""
         path.unlink(missing_ok=True)
         path.with_suffix(".json").unlink(missing_ok=True)
         fsync_dir(path.parent)

@@ -1,0 +1,378 @@
+"""The spool of a node in the scale-out mode: the same pipeline over the shared queue.
+
+A :class:`SharedSpool` is a :class:`~pacs_node.intake.spool.Spool` whose promises are kept by
+PostgreSQL rather than by this machine's disk:
+
+* **Receiving**: :meth:`SharedSpool.admit` commits the image to the shared queue
+  (:class:`~pacs_node.scale.queue.IntakeQueue`) before the C-STORE is answered, then forgets
+  the local file: acknowledged = committed, in storage every node reaches.
+* **Taking work**: a feeder thread leases images from the queue (oldest first, whichever node
+  received them) while this node's worker has fewer than ``scale.take`` waiting, writes each
+  into the local ``incoming/`` (a working copy, not a promise: a node that dies loses its
+  leases, and its working copies mean nothing at its next start), and queues it for the
+  worker. An image taken before by a worker that gave no answer (``attempts`` above 1: its
+  node died or stalled) is a suspect, processed alone; one in flight alone at too many deaths
+  is put aside (``failed/``), the single node's crash-loop rule across the fleet.
+* **Heartbeat**: every third of ``scale.lease_s`` the feeder renews the leases of every image
+  this node holds, in processing or with results still waiting for delivery.
+* **Done**: an image leaves the queue once every result built from it is settled (delivered,
+  or dead-lettered) in this node's outbox. Should the node die before, another node takes the
+  image and builds the same results (deterministic UIDs and content); the shared delivery
+  ledger (:mod:`pacs_node.scale.ledger`) sends what the destination does not have yet.
+  Skipped and failed images leave the queue at once, kept in this node's ``skipped/`` and
+  ``failed/`` for a person to look at.
+* **Stopping**: images held are put back at once, their take taken back (a stop is not a death).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pacs_node.config import NodeConfig, ScaleConfig
+from pacs_node.intake.spool import Attempts, Receipt, Spool
+from pacs_node.intake.work import WorkQueue
+from pacs_node.scale.db import Unavailable
+from pacs_node.scale.ledger import DeliveryLedger
+from pacs_node.scale.queue import IntakeQueue, Leased
+
+logger = logging.getLogger(__name__)
+
+#: How often an idle feeder looks for images other nodes received.
+POLL_S = 0.25
+
+
+class Holder(Protocol):
+    """What the spool asks of a destination's outbox: whether results of a source wait there."""
+
+    def holds(self, source_uid: str) -> bool: ...
+
+
+@dataclass
+class _Awaiting:
+    leased: Leased
+    source_uid: str
+
+
+def node_name(scale: ScaleConfig) -> str:
+    """This node's name: the configured one, else the host name."""
+    return scale.node_name or socket.gethostname()
+
+
+def open_spool(config: NodeConfig) -> Spool:
+    """The node's spool: its own (the embedded default), or over the shared queue
+    (``scale.database``), after the local outboxes of a previous life are emptied: each of
+    their images returns to the shared queue when its lease lapses, and the results are built
+    again and sent once (dead letters are kept)."""
+    if not config.scale.enabled:
+        return Spool(config.spool, config.keep_skipped)
+    spool = SharedSpool(config.spool, config.keep_skipped, config.scale)
+    shutil.rmtree(Path(config.spool).parent / "outbox", ignore_errors=True)
+    return spool
+
+
+class SharedSpool(Spool):
+    """A spool whose images are held by the scale-out mode's shared queue (see the module).
+
+    Args:
+        root: the local spool folder (working copies, ``skipped/``, ``failed/``, the audit trail).
+        keep_skipped: as for :class:`~pacs_node.intake.spool.Spool`.
+        scale: the database, this node's name, the lease and how much to take at once.
+
+    Raises:
+        pacs_node.scale.db.Unavailable: the database could not be reached at start.
+        pacs_node.scale.db.DurabilityError: it runs with ``fsync = off``.
+    """
+
+    def __init__(self, root: str | Path, keep_skipped: bool, scale: ScaleConfig) -> None:
+        super().__init__(root, keep_skipped)
+        self.scale = scale
+        self.node = node_name(scale)
+        for stale in self.incoming.iterdir():  # a previous life's working copies: its leases lapsed
+            stale.unlink(missing_ok=True)
+        (self.root / "attempts.json").unlink(missing_ok=True)
+        self.attempts = {}
+        self.queue = IntakeQueue(scale.database, self.node)
+        #: this process's name on its leases and delivery claims
+        self.owner = self.queue.owner
+        self._receivers: queue.SimpleQueue[IntakeQueue] = queue.SimpleQueue()
+        self._held: dict[str, Leased] = {}  # working copies, by file name
+        self._alone: set[int] = set()  # rows counted as processed alone in this take
+        self._awaiting: list[_Awaiting] = []  # processed, results not yet all settled
+        self._state = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._work: WorkQueue | None = None
+        self._outboxes: Sequence[Holder] = ()
+        self._thread: threading.Thread | None = None
+        self._unavailable_since: float | None = None
+
+    # --- wiring and lifecycle ----------------------------------------------------------------
+
+    def start(self, work: WorkQueue, outboxes: Sequence[Holder]) -> None:
+        """Feed ``work`` from the shared queue; ``outboxes`` say when an image's results are settled."""
+        self._work, self._outboxes = work, outboxes
+        self._thread = threading.Thread(target=self._feed, name="shared-feeder", daemon=True)
+        self._thread.start()
+
+    def ledger(self, claim_s: float) -> DeliveryLedger:
+        """A connection to the shared delivery ledger, for one destination's sender."""
+        return DeliveryLedger(self.scale.database, self.owner, claim_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self, _path: Path | None = None) -> None:
+        """Look for work now (an image was just admitted here)."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop feeding, put back every image held (its take taken back), close the connections."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._state:
+            held = list(self._held.values()) + [a.leased for a in self._awaiting]
+            alone = [x for x in held if x.id in self._alone]
+            self._held.clear()
+            self._awaiting.clear()
+        try:
+            self.queue.release([x for x in held if x not in alone])
+            self.queue.release(alone, alone=True)
+        except Unavailable as exc:
+            logger.warning(
+                "could not put back %d image(s) (%s); they return when their leases lapse",
+                len(held),
+                exc,
+            )
+        self.queue.close()
+        while not self._receivers.empty():
+            self._receivers.get().close()
+        super().close()
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    def admit(self, received: Path, receipt: Receipt) -> Path:
+        """Commit a fully received data set to the shared queue (durable before this returns);
+        the local file is removed. The path returned names the reception; nothing is there.
+
+        Raises:
+            pacs_node.scale.db.Unavailable: the database is unreachable; nothing was admitted
+                (or, when the connection broke during the commit, possibly admitted: the
+                sender, answered with a failure, sends again, and the same results are
+                delivered once).
+        """
+        with self._receiver() as shared:
+            row = shared.admit(received.read_bytes(), receipt.sop_instance_uid, asdict(receipt))
+        received.unlink(missing_ok=True)
+        return self.incoming / f"queued-{row}"
+
+    @contextmanager
+    def _receiver(self) -> Iterator[IntakeQueue]:
+        """A connection of its own for each association admitting at once."""
+        try:
+            shared = self._receivers.get_nowait()
+        except queue.Empty:
+            shared = IntakeQueue(self.scale.database, self.node)
+        try:
+            yield shared
+        finally:
+            self._receivers.put(shared)
+
+    # --- the pipeline's bookkeeping ---------------------------------------------------------
+
+    def receipt(self, path: Path) -> Receipt | None:
+        with self._state:
+            leased = self._held.get(path.name)
+        if leased is not None:
+            found = Receipt.of(leased.receipt)
+            if found is not None:
+                return found
+        return super().receipt(path)
+
+    def begin(self, paths: list[Path], alone: bool | None = None) -> None:
+        """Count images processed alone in the shared queue (the crash-loop rule).
+
+        Raises:
+            OSError: the database is unreachable (:class:`~pacs_node.scale.db.Unavailable`): do not process.
+        """
+        if not ((len(paths) == 1) if alone is None else alone):
+            return
+        with self._state:
+            held = [self._held[p.name] for p in paths if p.name in self._held]
+        self.queue.alone(held)
+        with self._state:
+            self._alone.update(x.id for x in held)
+            for path in paths:
+                entry = self.attempts.setdefault(path.name, Attempts())
+                entry.solo += 1
+
+    def end(self, paths: list[Path]) -> None:
+        with self._state:
+            for path in paths:
+                self.attempts.pop(path.name, None)
+
+    def suspects(self) -> set[str]:
+        return set()  # the feeder finds them as it takes them
+
+    def quarantine(self, max_solo: int) -> list[tuple[Path, int]]:
+        return []  # the pipeline puts aside each image as it takes it
+
+    def pending(self) -> list[Path]:
+        return []  # nothing held before the start: the shared queue is the work
+
+    def done(self, path: Path, source_uid: str = "") -> None:
+        """The image's results are durable in the outbox: it leaves the shared queue once every
+        one of them is settled (at once, when none waits)."""
+        path.unlink(missing_ok=True)
+        with self._state:
+            leased = self._held.pop(path.name, None)
+            if leased is not None and source_uid:
+                self._awaiting.append(_Awaiting(leased, source_uid))
+                leased = None
+        if leased is not None:
+            self._finish([leased])
+        self._wake.set()
+
+    def skip(self, path: Path) -> None:
+        super().skip(path)
+        self._forget(path)
+
+    def fail(self, path: Path, reason: str, detail: str) -> None:
+        super().fail(path, reason, detail)
+        self._forget(path)
+
+    def _forget(self, path: Path) -> None:
+        """No result: the image leaves the shared queue now (kept here for a person)."""
+        with self._state:
+            leased = self._held.pop(path.name, None)
+        if leased is not None:
+            self._finish([leased])
+
+    def count(self) -> int:
+        with self._state:
+            return len(self._held)
+
+    # --- the feeder ----------------------------------------------------------------------------
+
+    def _feed(self) -> None:
+        beat = self.scale.lease_s / 3
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + beat
+                self._take()
+                self._available()
+            except Unavailable as exc:
+                self._unavailable(exc)
+                self._stop.wait(1.0)
+            except Exception as exc:  # noqa: BLE001 - the feeder outlives whatever one round does
+                logger.error("shared queue feeder: %s: %s", type(exc).__name__, exc)
+                self._stop.wait(1.0)
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+
+    def _take(self) -> None:
+        assert self._work is not None
+        room = self.scale.take - self._work.qsize()
+        if room <= 0:
+            return
+        started = time.monotonic()
+        taken = self.queue.lease(room, self.scale.lease_s)
+        for leased in taken:
+            path = self._materialize(leased)
+            if leased.attempts > 1:  # an earlier take gave no answer: its node died or stalled
+                self._work.put_suspects([path])
+            else:
+                self._work.put(path)
+        if taken:
+            logger.debug("took %d image(s) in %.3f s", len(taken), time.monotonic() - started)
+
+    def _materialize(self, leased: Leased) -> Path:
+        """The working copy of a leased image in ``incoming/``."""
+        path = self.incoming / f"{self.receipt_name()}.dcm"
+        part = self.tmp / f"{path.name}.part"
+        part.write_bytes(leased.data)  # no fsync: the shared queue holds the image, not this copy
+        os.replace(part, path)
+        with self._state:
+            self._held[path.name] = leased
+            # the takes before this one that ended in no answer
+            self.attempts[path.name] = Attempts(
+                solo=leased.solo, batch=leased.attempts - 1 - leased.solo
+            )
+        return path
+
+    def _heartbeat(self) -> None:
+        """Renew every lease this node holds; let go of images whose results are all settled."""
+        with self._state:
+            awaiting = list(self._awaiting)
+        settled = [a for a in awaiting if not any(o.holds(a.source_uid) for o in self._outboxes)]
+        if settled:
+            with self._state:
+                self._awaiting = [a for a in self._awaiting if a not in settled]
+            self._finish([a.leased for a in settled])
+        with self._state:
+            held = list(self._held.values()) + [a.leased for a in self._awaiting]
+        kept = self.queue.renew(held, self.scale.lease_s)
+        lost = [x for x in held if x.id not in kept]
+        if lost:
+            logger.warning(
+                "%d image(s) taken by this node were taken over by another (this node was too slow "
+                "to renew its leases); their results are delivered once all the same",
+                len(lost),
+            )
+
+    def _finish(self, leased: list[Leased]) -> None:
+        """Remove images from the shared queue, for the take that holds them."""
+        for one in leased:
+            with self._state:
+                self._alone.discard(one.id)
+            try:
+                if not self.queue.done(one):
+                    logger.warning(
+                        "image %s (row %d) was taken over by another node before it was done here; "
+                        "its results are delivered once all the same",
+                        one.sop_instance_uid,
+                        one.id,
+                    )
+            except Unavailable as exc:
+                # its lease lapses, another node processes it again; the ledger sends nothing twice
+                logger.warning("could not mark image row %d done (%s)", one.id, exc)
+
+    def _unavailable(self, exc: Unavailable) -> None:
+        if self._unavailable_since is None:
+            self._unavailable_since = time.monotonic()
+            logger.error("the shared queue is unavailable (%s); trying again each second", exc)
+
+    def _available(self) -> None:
+        if self._unavailable_since is not None:
+            logger.info(
+                "the shared queue is available again after %.0f s",
+                time.monotonic() - self._unavailable_since,
+            )
+            self._unavailable_since = None
+
+    def problems(self) -> list[str]:
+        found = []
+        if self._thread is not None and not self.alive and not self._stop.is_set():
+            found.append("the shared queue's feeder is not running")
+        since = self._unavailable_since
+        if since is not None:
+            found.append(
+                f"the shared queue has been unavailable for {time.monotonic() - since:.0f} s: "
+                "new images are refused (0xA700) and none is taken"
+            )
+        return found
