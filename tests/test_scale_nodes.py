@@ -5,8 +5,10 @@ sends what."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -137,6 +139,29 @@ def test_the_ledger_lets_one_sender_send_and_the_others_wait_ask_or_skip(db: Pos
         theirs.close()
 
 
+def test_two_senders_claiming_the_same_new_results_at_once_never_both_send(db: Postgres) -> None:
+    claims = [Claim("RESULTS", f"1.2.3.{i}", "digest") for i in range(40)]
+    ledgers = [DeliveryLedger(db.dsn, f"node-{n}-1", 30) for n in range(3)]
+    start = threading.Barrier(len(ledgers))
+
+    def claim_all(ledger: DeliveryLedger) -> dict[Claim, str]:
+        verdicts = {}
+        start.wait()
+        for claim in claims:  # one transaction each: the most chances to interleave
+            verdicts |= ledger.claim([claim])
+        return verdicts
+
+    try:
+        with ThreadPoolExecutor(len(ledgers)) as pool:
+            results = list(pool.map(claim_all, ledgers))
+        for claim in claims:
+            verdicts = sorted(result[claim] for result in results)
+            assert verdicts == ["busy", "busy", "send"], (claim.uid, verdicts)
+    finally:
+        for ledger in ledgers:
+            ledger.close()
+
+
 @pytest.mark.slow
 def test_a_stopped_node_puts_back_what_it_held_and_another_processes_it(
     tmp_path: Path, db: Postgres, predictor, demo_bundle: Path
@@ -202,6 +227,69 @@ def test_a_node_outlives_a_restart_of_the_database_and_refuses_while_it_is_down(
         wait_for(lambda: set(destination.stored) >= expected, 120, "every result delivered")
         wait_for(lambda: node.health()["status"] == "ok", 30, "/health ok again")
         assert node.ready() is None
+        time.sleep(1)
+        assert destination.stored == Counter(dict.fromkeys(expected, 1))
+    finally:
+        node.stop()
+        destination.stop()
+
+
+@pytest.mark.slow
+def test_a_single_node_spool_switched_to_the_scale_out_mode_keeps_its_images(
+    tmp_path: Path, db: Postgres, predictor, demo_bundle: Path
+) -> None:
+    from pacs_node.intake.spool import Receipt, Spool
+
+    images = [chest_dataset(rows=300, columns=280, seed=300 + i) for i in range(2)]
+    own = Spool(tmp_path / "node-a" / "spool")  # what a single node left: acknowledged, unprocessed
+    for ds in images:
+        received = own.tmp / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(received, enforce_file_format=True)
+        own.admit(received, Receipt(str(ds.SOPInstanceUID), "MODALITY", "127.0.0.1", time.time()))
+    own.close()
+    destination = CountingSCP()
+    destination.start()
+    node = scale_node(tmp_path, "node-a", db, predictor, destination)
+    try:
+        expected = expected_results(images, demo_bundle)
+        wait_for(lambda: set(destination.stored) >= expected, 60, "the spool's images processed")
+        wait_for(lambda: rows(db.dsn) == 0, 30, "the shared queue emptied")
+        assert destination.stored == Counter(dict.fromkeys(expected, 1))
+    finally:
+        node.stop()
+        destination.stop()
+
+
+@pytest.mark.slow
+def test_a_node_whose_destination_is_down_leaves_the_rest_of_the_queue_to_others(
+    tmp_path: Path, db: Postgres, predictor, demo_bundle: Path
+) -> None:
+    from pacs_node.scale.spool import AWAITING_PER_TAKE
+
+    destination = CountingSCP()  # down
+    node = scale_node(tmp_path, "node-a", db, predictor, destination)
+    images = [chest_dataset(rows=300, columns=280, seed=400 + i) for i in range(16)]
+    cap = AWAITING_PER_TAKE * 2  # take: 2
+    try:
+        assert send(node.port, images) == [0] * len(images)
+
+        def leased() -> int:
+            with psycopg.connect(db.dsn, autocommit=True) as raw:
+                found = raw.execute("SELECT count(*) FROM dp_images WHERE lease_owner IS NOT NULL")
+                return int(found.fetchone()[0])
+
+        wait_for(lambda: len(node.spool._awaiting) >= cap, 60, "the node's deliveries to lag")
+        time.sleep(2)  # a feeder that ignored the lag would take the rest now
+        lagging = len(node.spool._awaiting)
+        # beyond the cap, at most what was already taken: a take and two batches in flight
+        assert lagging <= cap + 2 + 2 * 2 and leased() == lagging < len(images)
+        time.sleep(1)
+        assert len(node.spool._awaiting) == lagging, "it stopped taking"
+        assert rows(db.dsn) == len(images), "nothing leaves the queue before it is delivered"
+        destination.start()
+        expected = expected_results(images, demo_bundle)
+        wait_for(lambda: set(destination.stored) >= expected, 120, "every result delivered")
+        wait_for(lambda: rows(db.dsn) == 0, 30, "the shared queue emptied")
         time.sleep(1)
         assert destination.stored == Counter(dict.fromkeys(expected, 1))
     finally:

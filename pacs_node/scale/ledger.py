@@ -92,43 +92,58 @@ class DeliveryLedger:
         def decide(db: Any) -> dict[Claim, Verdict]:
             verdicts: dict[Claim, Verdict] = {}
             with db.transaction():
-                for claim in claims:
+                # one order for every sender: two transactions never wait on each other's rows
+                for claim in sorted(claims, key=lambda c: (c.destination, c.uid)):
                     verdicts[claim] = self._decide(db, claim)
             return verdicts
 
         return self.db.run(decide)
 
     def _decide(self, db: Any, claim: Claim) -> Verdict:
+        values = {
+            "d": claim.destination,
+            "u": claim.uid,
+            "g": claim.digest,
+            "o": self.owner,
+            "s": self.claim_s,
+        }
+        # A new row is this sender's claim at once; a row already there (or inserted by a
+        # concurrent transaction, which this statement waits for) is locked and decided on:
+        # no two senders can both find "no row" and both send.
+        inserted = db.execute(
+            """
+            INSERT INTO dp_deliveries (destination, uid, digest, state, owner, until, node)
+            VALUES (%(d)s, %(u)s, %(g)s, 'sending', %(o)s,
+                    now() + make_interval(secs => %(s)s), %(o)s)
+            ON CONFLICT (destination, uid) DO NOTHING
+            RETURNING 1
+            """,
+            values,
+        ).fetchone()
+        if inserted is not None:
+            return "send"
         row = db.execute(
             "SELECT digest, state, owner, until >= now() FROM dp_deliveries"
             " WHERE destination = %s AND uid = %s FOR UPDATE",
             (claim.destination, claim.uid),
         ).fetchone()
-        if row is not None:
-            digest, state, owner, live = row
-            if state == "delivered" and digest == claim.digest:
-                return "delivered"
-            if state == "sending" and owner != self.owner and live:
-                return "busy"
-        verdict: Verdict = "doubt" if row is not None and row[1] == "sending" else "send"
+        if row is None:  # given up between the two statements: free again
+            return self._decide(db, claim)
+        digest, state, owner, live = row
+        if state == "delivered" and digest == claim.digest:
+            return "delivered"
+        if state == "sending" and owner != self.owner and live:
+            return "busy"
         db.execute(
             """
-            INSERT INTO dp_deliveries (destination, uid, digest, state, owner, until, node)
-            VALUES (%(d)s, %(u)s, %(g)s, 'sending', %(o)s,
-                    now() + make_interval(secs => %(s)s), %(o)s)
-            ON CONFLICT (destination, uid) DO UPDATE SET
-                digest = EXCLUDED.digest, state = 'sending', owner = EXCLUDED.owner,
-                until = EXCLUDED.until, node = EXCLUDED.node, at = now()
+            UPDATE dp_deliveries SET digest = %(g)s, state = 'sending', owner = %(o)s,
+                until = now() + make_interval(secs => %(s)s), node = %(o)s, at = now()
+            WHERE destination = %(d)s AND uid = %(u)s
             """,
-            {
-                "d": claim.destination,
-                "u": claim.uid,
-                "g": claim.digest,
-                "o": self.owner,
-                "s": self.claim_s,
-            },
+            values,
         )
-        return verdict
+        # a send that was never answered (this sender's, or a dead one's): ask first
+        return "doubt" if state == "sending" else "send"
 
     def delivered(self, claim: Claim) -> None:
         """The destination has this content of the UID (whoever holds the claim now)."""
