@@ -487,6 +487,9 @@ OVERLAY_TRANSFER_SYNTAXES = ("explicit", "jpeg-ls")
 #: A password written in a libpq connection string, as a keyword or in a URI's user part.
 _SECRET_IN_DSN = re.compile(r"(^|\s)password\s*=|://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
 
+#: The largest data set the scale-out mode takes: a PostgreSQL value holds at most 1 GB.
+MAX_SHARED_DATASET_MB = 1000
+
 #: Who runs the model (dp_model.serving.runner.ENGINES, repeated here so that reading a configuration
 #: does not import torch; tests/test_onnx_engine.py keeps the two equal).
 ENGINES = ("auto", "torch", "onnx", "onnx-int8")
@@ -602,6 +605,12 @@ class NodeConfig:
         require(self.max_queue >= 1, "max_queue", self.max_queue, "at least 1")
         require(self.max_dataset_mb >= 1, "max_dataset_mb", self.max_dataset_mb, "at least 1")
         require(self.min_free_mb >= 0, "min_free_mb", self.min_free_mb, "0 or more")
+        require(
+            not self.scale.enabled or self.max_dataset_mb <= MAX_SHARED_DATASET_MB,
+            "max_dataset_mb",
+            self.max_dataset_mb,
+            f"at most {MAX_SHARED_DATASET_MB} in the scale-out mode (PostgreSQL keeps a value of at most 1 GB)",
+        )
         check_seconds("stall_after_s", self.stall_after_s)
         require(
             not (self.tls.listening and self.destinations and not self.tls.send),

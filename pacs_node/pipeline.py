@@ -63,6 +63,7 @@ from pacs_node.outcomes import Failed, Image, Inferred, Outcomes, Processed, Ret
 from pacs_node.results.base import Result, ResultContext, ResultWriter
 from pacs_node.results.identity import ResultIdentity, rendition
 from pacs_node.results.registry import build_order
+from pacs_node.scale.db import Unavailable
 from pacs_node.status import FailReason
 from pacs_node.uids import is_valid_uid
 
@@ -516,10 +517,16 @@ class Pipeline:
         Once ``begun``, it is no longer in flight: another batch may take it before this
         one ends.
 
-        A full disk is waited out for as long as it lasts; an image that exhausts the memory
-        alone MAX_MEMORY_RETRIES times is not going to fit, and fails.
+        A full disk, and the scale-out mode's database out of reach, are waited out for as
+        long as they last; an image that exhausts the memory alone MAX_MEMORY_RETRIES times is
+        not going to fit, and fails.
         """
-        reason = "disk-full" if _errno(exc) in (errno.ENOSPC, errno.EDQUOT) else "resources"
+        if _errno(exc) in (errno.ENOSPC, errno.EDQUOT):
+            reason = "disk-full"
+        elif isinstance(exc, Unavailable):
+            reason = "database-unavailable"
+        else:
+            reason = "resources"
         count = self._retries[item.path.name] = self._retries.get(item.path.name, 0) + 1
         if reason == "resources" and count > MAX_MEMORY_RETRIES:
             self._fail(item, item.stage, f"out of memory {count} times ({logs.describe(exc)})")

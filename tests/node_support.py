@@ -671,9 +671,15 @@ class Modality:
     """Sends its images like a modality does: retry what was not acknowledged, until all are."""
 
     def __init__(
-        self, port: int, images: list[Dataset], acknowledged: set[str], lock: threading.Lock
+        self,
+        port: int,
+        images: list[Dataset],
+        acknowledged: set[str],
+        lock: threading.Lock,
+        pause: float = 0.0,
     ) -> None:
         self.port, self.images, self.acknowledged, self.lock = port, images, acknowledged, lock
+        self.pause = pause  # between two images: a burst that lasts
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
@@ -694,6 +700,7 @@ class Modality:
                 if status and int(status.Status) == 0x0000:
                     with self.lock:
                         self.acknowledged.add(str(remaining.pop(0).SOPInstanceUID))
+                    time.sleep(self.pause)
                 elif status:
                     time.sleep(0.2)  # refused (out of resources): try again
             if assoc.is_established:

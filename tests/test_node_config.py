@@ -141,6 +141,10 @@ def test_destination_parsing() -> None:
         ({"scale.lease_s": 1}, "scale.lease_s must be from 2 to 3600 seconds"),
         ({"scale.take": 0}, "scale.take must be from 1 to 256"),
         ({"scale.node_name": "Node A"}, "scale.node_name must be lower-case letters"),
+        (
+            {"scale.database": "host=db", "max_dataset_mb": 1024},
+            "max_dataset_mb must be at most 1000 in the scale-out mode",
+        ),
         ({"overlay_max_side": 10**10}, "overlay_max_side must be from 256 to 65535"),
     ],
 )

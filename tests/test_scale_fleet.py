@@ -112,7 +112,9 @@ def test_three_nodes_behind_haproxy_lose_nothing_and_repeat_nothing_when_one_is_
             acknowledged: set[str] = set()
             lock = threading.Lock()
             senders = [
-                Modality(listen, images[i::SENDERS], acknowledged, lock) for i in range(SENDERS)
+                # 15 images each, a quarter of a second apart: a burst of some seconds
+                Modality(listen, images[i::SENDERS], acknowledged, lock, pause=0.25)
+                for i in range(SENDERS)
             ]
             for sender in senders:
                 sender.thread.start()

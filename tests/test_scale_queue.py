@@ -112,7 +112,7 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_holder_is_fenced_off(db: Postg
     first, second = IntakeQueue(db.dsn, "node"), IntakeQueue(db.dsn, "node")  # the same name
     (image,) = fill(db.dsn, 1)
     (held,) = first.lease(1, 30)
-    assert held.id == image and held.attempts == 1 and held.data == b"image 0"
+    assert held.id == image and held.attempts == 1 and first.data(held) == b"image 0"
     assert held.sop_instance_uid == "1.2.3.0", "the UI value's padding is not kept"
     assert second.lease(1, 30) == [], "held by first"
     lapse(db.dsn, image)
@@ -120,10 +120,24 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_holder_is_fenced_off(db: Postg
     assert second.alone([taken]) == {image} and first.alone([held]) == set()
     assert taken.id == image and taken.attempts == 2 and takes(db.dsn, image) == (2, 1)
     assert first.renew([held], 30) == set() and not first.done(held), "first lost it"
+    assert first.data(held) is None and second.data(taken) == b"image 0"
     assert second.renew([taken], 30) == {image} and second.done(taken)
     assert second.waiting() == 0
     first.close()
     second.close()
+
+
+def test_a_lapsed_lease_no_one_took_is_still_its_takes_and_processing_alone_is_taken_back(
+    db: Postgres,
+) -> None:
+    (image,) = fill(db.dsn, 1)
+    worker = IntakeQueue(db.dsn, "worker")
+    (held,) = worker.lease(1, 30)
+    assert worker.alone([held]) == {image} and takes(db.dsn, image) == (1, 1)
+    assert worker.not_alone([held]) == {image} and takes(db.dsn, image) == (1, 0), "ended"
+    lapse(db.dsn, image)  # a database outage longer than the lease: no one took it meanwhile
+    assert worker.renew([held], 30) == {image} and worker.done(held)
+    worker.close()
 
 
 def test_a_stop_puts_images_back_without_counting_a_take(db: Postgres) -> None:

@@ -23,8 +23,14 @@ T = TypeVar("T")
 
 #: The advisory lock the schema is created under (any constant every node agrees on).
 SCHEMA_LOCK = 0x6470_696D  # "dpim"
-#: How long connecting and a silent server may take before the call fails.
+#: How long connecting may take before the call fails.
 CONNECT_TIMEOUT_S = 10
+#: Unacknowledged data this long on the socket: the server is gone (TCP_USER_TIMEOUT; keepalives
+#: alone do not fire while a request is unanswered, and retransmissions last about 15 minutes).
+SILENT_SERVER_MS = 20_000
+#: The most one statement may run (an image of max_dataset_mb admitted, a lease), and wait for a lock.
+STATEMENT_TIMEOUT_MS = 120_000
+LOCK_TIMEOUT_MS = 30_000
 
 
 class Unavailable(OSError):
@@ -98,6 +104,8 @@ class Database:
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
+            tcp_user_timeout=SILENT_SERVER_MS,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
         )
         try:
             db.execute("SET synchronous_commit = on")

@@ -14,14 +14,16 @@ Every acknowledged image is a row of ``dp_images`` until a worker has processed 
   each for ``seconds``: ``SELECT ... FOR UPDATE SKIP LOCKED`` in a CTE (run once), then one
   ``UPDATE``, so two workers never take the same image, and neither waits on the rows the other
   is taking. An image whose lease lapsed (its worker died, or stalled past it) is taken again
-  like a new one. Each take increments ``attempts``, the lease's fencing token, and ``alone``
-  takes increment ``solo``; a graceful :meth:`IntakeQueue.release` takes its take back, so that
-  what remains counts the takes that ended in no answer (the crash-loop rule of the spool).
+  like a new one. Each take increments ``attempts``, the lease's fencing token; the pipeline
+  counts in ``solo`` the images it processes alone (:meth:`IntakeQueue.alone`, taken back
+  when that processing ends); a graceful :meth:`IntakeQueue.release` takes its take back, so
+  that what remains counts the takes that ended in no answer (the crash-loop rule of the spool).
 * :meth:`IntakeQueue.renew` extends the leases a worker still holds (its heartbeat while it
   works); :meth:`IntakeQueue.done` deletes an image only for the take that still holds it
-  (same ``attempts``, lease not lapsed) and says whether it did: a worker whose lease lapsed
-  learns it there, and the image is processed again. Results are deterministic, so an image
-  processed twice yields the same results, which the shared delivery ledger sends once.
+  (same ``attempts``, same owner: a lease that lapsed and that no other worker took since is
+  still this take's) and says whether it did: a worker whose image was taken over learns it
+  there, and the image is processed again. Results are deterministic, so an image processed
+  twice yields the same results, which the shared delivery ledger sends once.
 
 Time is PostgreSQL's (``now()``: in autocommit, the statement's start), never a worker's clock:
 nodes on several machines agree on when a lease lapses. A lease starts when its statement
@@ -57,13 +59,12 @@ ALTER TABLE dp_images ALTER COLUMN data SET STORAGE EXTERNAL;
 
 @dataclass(frozen=True, kw_only=True)
 class Leased:
-    """An image a worker holds: its row, receipt, bytes, and its take (``attempts``: the
-    fencing token of this lease)."""
+    """An image a worker holds: its row, receipt, and its take (``attempts``: the fencing token
+    of this lease); :meth:`IntakeQueue.data` reads its bytes."""
 
     id: int
     sop_instance_uid: str
     receipt: dict[str, Any]
-    data: bytes
     attempts: int
     solo: int
 
@@ -76,14 +77,16 @@ class IntakeQueue:
         dsn: a libpq connection string (``host=... port=... dbname=... user=...``).
         node: this node's name; the leases it holds carry it and a random suffix, unique per
             queue object.
+        owner: the name on the leases instead (another connection of the same worker: its
+            heartbeat's).
 
     Raises:
         pacs_node.scale.db.DurabilityError: the server runs with ``fsync = off``.
         pacs_node.scale.db.Unavailable: the server could not be reached.
     """
 
-    def __init__(self, dsn: str, node: str) -> None:
-        self.owner = f"{node}-{uuid.uuid4().hex[:12]}"
+    def __init__(self, dsn: str, node: str, owner: str = "") -> None:
+        self.owner = owner or f"{node}-{uuid.uuid4().hex[:12]}"
         self.db = Database(dsn, (("dp_images", SCHEMA),))
         self.db.run(lambda _: None)  # connect now: a node without its database does not start
 
@@ -104,7 +107,8 @@ class IntakeQueue:
 
     def lease(self, limit: int, seconds: float) -> list[Leased]:
         """Up to ``limit`` images no one holds (never leased, or their lease lapsed), oldest
-        first, now held by this worker for ``seconds``."""
+        first, now held by this worker for ``seconds``; without their bytes (:meth:`data`
+        reads them one at a time: a take of many large images does not sit in memory at once)."""
         if not seconds > 0:
             raise ValueError(f"a lease of {seconds} s")
         rows = self.db.execute(
@@ -121,10 +125,9 @@ class IntakeQueue:
                 lease_until = now() + make_interval(secs => %(seconds)s),
                 attempts = d.attempts + 1
             FROM picked WHERE d.id = picked.id
-            RETURNING d.id, d.sop_instance_uid, d.receipt, d.data, d.attempts, d.solo
+            RETURNING d.id, d.sop_instance_uid, d.receipt, d.attempts, d.solo
             """,
             {"owner": self.owner, "seconds": float(seconds), "limit": limit},
-            binary=True,  # the images' bytes as they are, not hex
         )
         return sorted(
             (
@@ -132,34 +135,44 @@ class IntakeQueue:
                     id=int(r[0]),
                     sop_instance_uid=str(r[1]),
                     receipt=dict(r[2]),
-                    data=bytes(r[3]),
-                    attempts=int(r[4]),
-                    solo=int(r[5]),
+                    attempts=int(r[3]),
+                    solo=int(r[4]),
                 )
                 for r in rows
             ),
             key=lambda leased: leased.id,
         )
 
+    def data(self, leased: Leased) -> bytes | None:
+        """The bytes of an image this take holds; None when it no longer holds it."""
+        rows = self.db.execute(
+            "SELECT data FROM dp_images WHERE id = %s AND attempts = %s AND lease_owner = %s",
+            (leased.id, leased.attempts, self.owner),
+            binary=True,  # the bytes as they are, not hex
+        )
+        return bytes(rows[0][0]) if rows else None
+
     def alone(self, held: Iterable[Leased]) -> set[int]:
         """Count the images of ``held`` this worker still holds as in processing alone (the
         crash-loop rule: an image in flight alone at too many deaths is put aside); their ids."""
-        return self._update(held, "solo = d.solo + 1", "AND d.lease_until >= now()")
+        return self._update(held, "solo = d.solo + 1")
+
+    def not_alone(self, held: Iterable[Leased]) -> set[int]:
+        """Take back :meth:`alone` for images whose processing ended (the rule counts deaths
+        during processing alone, not the takes before or after)."""
+        return self._update(held, "solo = greatest(d.solo - 1, 0)")
 
     def renew(self, held: Iterable[Leased], seconds: float) -> set[int]:
         """Extend this worker's live leases of ``held`` by ``seconds`` from now; the ids it still held."""
         return self._update(
-            held,
-            f"lease_until = now() + make_interval(secs => {float(seconds)!r})",
-            "AND d.lease_until >= now()",
+            held, f"lease_until = now() + make_interval(secs => {float(seconds)!r})"
         )
 
     def done(self, leased: Leased) -> bool:
         """Forget a processed image, if this take still holds its lease; whether it did."""
         rows = self.db.execute(
             """
-            DELETE FROM dp_images
-            WHERE id = %s AND attempts = %s AND lease_owner = %s AND lease_until >= now()
+            DELETE FROM dp_images WHERE id = %s AND attempts = %s AND lease_owner = %s
             RETURNING id
             """,
             (leased.id, leased.attempts, self.owner),
@@ -170,12 +183,13 @@ class IntakeQueue:
         """Put this worker's images back at once, for any worker to take; the take is taken back
         (a stop is not a death)."""
         taken_back = "attempts = d.attempts - 1" + (", solo = d.solo - 1" if alone else "")
-        self._update(held, f"lease_owner = NULL, lease_until = NULL, {taken_back}", "")
+        self._update(held, f"lease_owner = NULL, lease_until = NULL, {taken_back}")
 
-    def _update(self, held: Iterable[Leased], assignments: str, condition: str) -> set[int]:
+    def _update(self, held: Iterable[Leased], assignments: str) -> set[int]:
         """``UPDATE ... SET assignments`` on the rows of ``held`` this take still holds (the
-        same ``attempts``, this owner) and meeting ``condition``; the ids updated. Only this
-        module's constant fragments reach ``assignments`` and ``condition``."""
+        same ``attempts``, this owner: a lease that lapsed and that no one took since is
+        still this take's); the ids updated. Only this module's constant fragments reach
+        ``assignments``."""
         pairs = [(leased.id, leased.attempts) for leased in held]
         if not pairs:
             return set()
@@ -183,7 +197,7 @@ class IntakeQueue:
             f"""
             UPDATE dp_images AS d SET {assignments}
             FROM unnest(%s::bigint[], %s::integer[]) AS t(id, attempts)
-            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s {condition}
+            WHERE d.id = t.id AND d.attempts = t.attempts AND d.lease_owner = %s
             RETURNING d.id
             """,
             ([p[0] for p in pairs], [p[1] for p in pairs], self.owner),

@@ -26,10 +26,10 @@ PostgreSQL rather than by this machine's disk:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
-import shutil
 import socket
 import threading
 import time
@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 #: How often an idle feeder looks for images other nodes received.
 POLL_S = 0.25
+#: Images committed at once by the receiving associations (each read whole into memory).
+ADMITTING_AT_ONCE = 4
+#: A node takes no more images while this many times ``scale.take`` wait for their deliveries
+#: (a destination down): the others wait in the shared queue, for a node that can deliver.
+AWAITING_PER_TAKE = 4
 
 
 class Holder(Protocol):
@@ -60,8 +65,12 @@ class Holder(Protocol):
 
 @dataclass
 class _Awaiting:
+    """A processed image whose results wait in the outbox: its row, the source its results
+    name, and its working copy's file name (gone)."""
+
     leased: Leased
     source_uid: str
+    name: str
 
 
 def node_name(scale: ScaleConfig) -> str:
@@ -71,14 +80,11 @@ def node_name(scale: ScaleConfig) -> str:
 
 def open_spool(config: NodeConfig) -> Spool:
     """The node's spool: its own (the embedded default), or over the shared queue
-    (``scale.database``), after the local outboxes of a previous life are emptied: each of
-    their images returns to the shared queue when its lease lapses, and the results are built
-    again and sent once (dead letters are kept)."""
+    (``scale.database``). The outbox is kept either way: its results are sent, and the shared
+    ledger settles without sending what another node delivered meanwhile."""
     if not config.scale.enabled:
         return Spool(config.spool, config.keep_skipped)
-    spool = SharedSpool(config.spool, config.keep_skipped, config.scale)
-    shutil.rmtree(Path(config.spool).parent / "outbox", ignore_errors=True)
-    return spool
+    return SharedSpool(config.spool, config.keep_skipped, config.scale, config.min_free_mb)
 
 
 class SharedSpool(Spool):
@@ -88,24 +94,29 @@ class SharedSpool(Spool):
         root: the local spool folder (working copies, ``skipped/``, ``failed/``, the audit trail).
         keep_skipped: as for :class:`~pacs_node.intake.spool.Spool`.
         scale: the database, this node's name, the lease and how much to take at once.
+        min_free_mb: below this much free space on the local disk, the node takes no image.
 
     Raises:
         pacs_node.scale.db.Unavailable: the database could not be reached at start.
         pacs_node.scale.db.DurabilityError: it runs with ``fsync = off``.
     """
 
-    def __init__(self, root: str | Path, keep_skipped: bool, scale: ScaleConfig) -> None:
+    def __init__(
+        self, root: str | Path, keep_skipped: bool, scale: ScaleConfig, min_free_mb: int = 0
+    ) -> None:
         super().__init__(root, keep_skipped)
-        self.scale = scale
+        self.scale, self.min_free_bytes = scale, min_free_mb * 2**20
         self.node = node_name(scale)
-        for stale in self.incoming.iterdir():  # a previous life's working copies: its leases lapsed
-            stale.unlink(missing_ok=True)
-        (self.root / "attempts.json").unlink(missing_ok=True)
-        self.attempts = {}
         self.queue = IntakeQueue(scale.database, self.node)
         #: this process's name on its leases and delivery claims
         self.owner = self.queue.owner
+        #: the heartbeat's own connection: renewals never wait behind a large image
+        self._beat = IntakeQueue(scale.database, self.node, owner=self.owner)
+        (self.root / "attempts.json").unlink(missing_ok=True)
+        self.attempts = {}
         self._receivers: queue.SimpleQueue[IntakeQueue] = queue.SimpleQueue()
+        #: images being committed at once (each is read whole into memory)
+        self._admitting = threading.BoundedSemaphore(ADMITTING_AT_ONCE)
         self._held: dict[str, Leased] = {}  # working copies, by file name
         self._alone: set[int] = set()  # rows counted as processed alone in this take
         self._awaiting: list[_Awaiting] = []  # processed, results not yet all settled
@@ -114,7 +125,24 @@ class SharedSpool(Spool):
         self._work: WorkQueue | None = None
         self._outboxes: Sequence[Holder] = ()
         self._thread: threading.Thread | None = None
+        self._heart: threading.Thread | None = None
         self._unavailable_since: float | None = None
+        self._adopt_own_spool()
+
+    def _adopt_own_spool(self) -> None:
+        """Move into the shared queue what this spool holds from a life as a single node
+        (acknowledged images with their receipts); a previous life's working copies (no
+        receipt beside them) are dropped: their rows return when their leases lapse."""
+        adopted = 0
+        for path in sorted(self.incoming.glob("*.dcm")):
+            receipt = self.receipt(path) if path.with_suffix(".json").exists() else None
+            if receipt is not None:
+                self.queue.admit(path.read_bytes(), receipt.sop_instance_uid, asdict(receipt))
+                adopted += 1
+            path.unlink()
+            path.with_suffix(".json").unlink(missing_ok=True)
+        if adopted:
+            logger.info("%d image(s) of this node's own spool moved into the shared queue", adopted)
 
     # --- wiring and lifecycle ----------------------------------------------------------------
 
@@ -122,7 +150,9 @@ class SharedSpool(Spool):
         """Feed ``work`` from the shared queue; ``outboxes`` say when an image's results are settled."""
         self._work, self._outboxes = work, outboxes
         self._thread = threading.Thread(target=self._feed, name="shared-feeder", daemon=True)
+        self._heart = threading.Thread(target=self._beating, name="shared-heartbeat", daemon=True)
         self._thread.start()
+        self._heart.start()
 
     def ledger(self, claim_s: float) -> DeliveryLedger:
         """A connection to the shared delivery ledger, for one destination's sender."""
@@ -130,7 +160,7 @@ class SharedSpool(Spool):
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return all(t is not None and t.is_alive() for t in (self._thread, self._heart))
 
     def wake(self, _path: Path | None = None) -> None:
         """Look for work now (an image was just admitted here)."""
@@ -140,8 +170,9 @@ class SharedSpool(Spool):
         """Stop feeding, put back every image held (its take taken back), close the connections."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._heart):
+            if thread is not None:
+                thread.join(timeout=10)
         with self._state:
             held = list(self._held.values()) + [a.leased for a in self._awaiting]
             alone = [x for x in held if x.id in self._alone]
@@ -157,6 +188,7 @@ class SharedSpool(Spool):
                 exc,
             )
         self.queue.close()
+        self._beat.close()
         while not self._receivers.empty():
             self._receivers.get().close()
         super().close()
@@ -173,7 +205,7 @@ class SharedSpool(Spool):
                 sender, answered with a failure, sends again, and the same results are
                 delivered once).
         """
-        with self._receiver() as shared:
+        with self._admitting, self._receiver() as shared:
             row = shared.admit(received.read_bytes(), receipt.sop_instance_uid, asdict(receipt))
         received.unlink(missing_ok=True)
         return self.incoming / f"queued-{row}"
@@ -219,9 +251,28 @@ class SharedSpool(Spool):
                 entry.solo += 1
 
     def end(self, paths: list[Path]) -> None:
+        """Processing ended: what was counted as alone is taken back (best effort)."""
         with self._state:
             for path in paths:
                 self.attempts.pop(path.name, None)
+            ended = [
+                leased
+                for path in paths
+                if (leased := self._leased_of(path)) is not None and leased.id in self._alone
+            ]
+            self._alone.difference_update(leased.id for leased in ended)
+        if ended:
+            try:
+                self.queue.not_alone(ended)
+            except Unavailable as exc:
+                logger.warning("could not note that %d image(s) ended (%s)", len(ended), exc)
+
+    def _leased_of(self, path: Path) -> Leased | None:
+        """The row of a working copy, held or awaiting its deliveries (the caller holds the lock)."""
+        found = self._held.get(path.name)
+        if found is None:
+            found = next((a.leased for a in self._awaiting if a.name == path.name), None)
+        return found
 
     def suspects(self) -> set[str]:
         return set()  # the feeder finds them as it takes them
@@ -239,7 +290,7 @@ class SharedSpool(Spool):
         with self._state:
             leased = self._held.pop(path.name, None)
             if leased is not None and source_uid:
-                self._awaiting.append(_Awaiting(leased, source_uid))
+                self._awaiting.append(_Awaiting(leased, source_uid, path.name))
                 leased = None
         if leased is not None:
             self._finish([leased])
@@ -254,11 +305,20 @@ class SharedSpool(Spool):
         self._forget(path)
 
     def _forget(self, path: Path) -> None:
-        """No result: the image leaves the shared queue now (kept here for a person)."""
+        """No result to wait for: the image leaves the shared queue now (kept here for a
+        person); after results were handed over (a later one failed), once they are settled."""
         with self._state:
             leased = self._held.pop(path.name, None)
-        if leased is not None:
+        if leased is None:
+            return
+        if self._waits_on(leased.sop_instance_uid):
+            with self._state:
+                self._awaiting.append(_Awaiting(leased, leased.sop_instance_uid, path.name))
+        else:
             self._finish([leased])
+
+    def _waits_on(self, source_uid: str) -> bool:
+        return any(outbox.holds(source_uid) for outbox in self._outboxes)
 
     def count(self) -> int:
         with self._state:
@@ -267,13 +327,8 @@ class SharedSpool(Spool):
     # --- the feeder ----------------------------------------------------------------------------
 
     def _feed(self) -> None:
-        beat = self.scale.lease_s / 3
-        next_beat = time.monotonic()
         while not self._stop.is_set():
             try:
-                if time.monotonic() >= next_beat:
-                    self._heartbeat()
-                    next_beat = time.monotonic() + beat
                 self._take()
                 self._available()
             except Unavailable as exc:
@@ -285,27 +340,60 @@ class SharedSpool(Spool):
             self._wake.wait(POLL_S)
             self._wake.clear()
 
+    def _beating(self) -> None:
+        """The heartbeat, on its own thread and connection (a lease or a large image never
+        delays it): every third of the lease."""
+        while not self._stop.wait(self.scale.lease_s / 3):
+            try:
+                self._heartbeat()
+            except Unavailable as exc:
+                self._unavailable(exc)
+            except Exception as exc:  # noqa: BLE001 - the heartbeat outlives whatever one beat does
+                logger.error("shared queue heartbeat: %s: %s", type(exc).__name__, exc)
+
     def _take(self) -> None:
+        """Lease what the worker has room for, unless this node's deliveries lag (a
+        destination down) or its disk is full: then the images wait for another node."""
         assert self._work is not None
+        with self._state:
+            awaiting = len(self._awaiting)
         room = self.scale.take - self._work.qsize()
-        if room <= 0:
+        if (
+            room <= 0
+            or awaiting >= AWAITING_PER_TAKE * self.scale.take
+            or self.free_bytes() < self.min_free_bytes
+        ):
             return
-        started = time.monotonic()
         taken = self.queue.lease(room, self.scale.lease_s)
-        for leased in taken:
-            path = self._materialize(leased)
+        for index, leased in enumerate(taken):
+            try:
+                path = self._materialize(leased)
+            except BaseException:
+                # the rest go back at once (a full disk, the database gone): not a death
+                with contextlib.suppress(Unavailable):
+                    self.queue.release(taken[index:])
+                raise
+            if path is None:
+                continue
             if leased.attempts > 1:  # an earlier take gave no answer: its node died or stalled
                 self._work.put_suspects([path])
             else:
                 self._work.put(path)
-        if taken:
-            logger.debug("took %d image(s) in %.3f s", len(taken), time.monotonic() - started)
 
-    def _materialize(self, leased: Leased) -> Path:
-        """The working copy of a leased image in ``incoming/``."""
+    def _materialize(self, leased: Leased) -> Path | None:
+        """The working copy of a leased image in ``incoming/``, its bytes read now (one image
+        in memory at a time); None when the lease was lost meanwhile."""
+        data = self.queue.data(leased)
+        if data is None:
+            return None
         path = self.incoming / f"{self.receipt_name()}.dcm"
         part = self.tmp / f"{path.name}.part"
-        part.write_bytes(leased.data)  # no fsync: the shared queue holds the image, not this copy
+        try:
+            part.write_bytes(data)  # no fsync: the shared queue holds the image, not this copy
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        del data
         os.replace(part, path)
         with self._state:
             self._held[path.name] = leased
@@ -319,29 +407,30 @@ class SharedSpool(Spool):
         """Renew every lease this node holds; let go of images whose results are all settled."""
         with self._state:
             awaiting = list(self._awaiting)
-        settled = [a for a in awaiting if not any(o.holds(a.source_uid) for o in self._outboxes)]
+        settled = [a for a in awaiting if not self._waits_on(a.source_uid)]
         if settled:
             with self._state:
                 self._awaiting = [a for a in self._awaiting if a not in settled]
-            self._finish([a.leased for a in settled])
+            self._finish([a.leased for a in settled], self._beat)
         with self._state:
             held = list(self._held.values()) + [a.leased for a in self._awaiting]
-        kept = self.queue.renew(held, self.scale.lease_s)
+        kept = self._beat.renew(held, self.scale.lease_s)
+        self._available()
         lost = [x for x in held if x.id not in kept]
         if lost:
             logger.warning(
-                "%d image(s) taken by this node were taken over by another (this node was too slow "
-                "to renew its leases); their results are delivered once all the same",
+                "%d image(s) taken by this node were taken over by another (this node did not "
+                "renew its leases in time); their results are delivered once all the same",
                 len(lost),
             )
 
-    def _finish(self, leased: list[Leased]) -> None:
+    def _finish(self, leased: list[Leased], queue_: IntakeQueue | None = None) -> None:
         """Remove images from the shared queue, for the take that holds them."""
         for one in leased:
             with self._state:
                 self._alone.discard(one.id)
             try:
-                if not self.queue.done(one):
+                if not (queue_ or self.queue).done(one):
                     logger.warning(
                         "image %s (row %d) was taken over by another node before it was done here; "
                         "its results are delivered once all the same",
