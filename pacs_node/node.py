@@ -30,6 +30,7 @@ from pacs_node.delivery.outbox import DestinationSender
 from pacs_node.delivery.registry import check_outputs
 from pacs_node.drift import Watch
 from pacs_node.intake.listener import Listener, Refusal, client_tls, server_tls
+from pacs_node.intake.shared import SharedSpool, node_name, open_spool
 from pacs_node.metrics import Metrics, MetricsServer
 from pacs_node.model.predictor import NodePredictor
 from pacs_node.outcomes import (
@@ -43,7 +44,6 @@ from pacs_node.outcomes import (
     Sent,
 )
 from pacs_node.pipeline import Pipeline
-from pacs_node.scale.spool import SharedSpool, node_name, open_spool
 from pacs_node.status import StoreStatus
 from pacs_node.supervisor import Supervisor
 

@@ -264,7 +264,7 @@ def test_a_single_node_spool_switched_to_the_scale_out_mode_keeps_its_images(
 def test_a_node_whose_destination_is_down_leaves_the_rest_of_the_queue_to_others(
     tmp_path: Path, db: Postgres, predictor, demo_bundle: Path
 ) -> None:
-    from pacs_node.scale.spool import AWAITING_PER_TAKE
+    from pacs_node.intake.shared import AWAITING_PER_TAKE
 
     destination = CountingSCP()  # down
     node = scale_node(tmp_path, "node-a", db, predictor, destination)
