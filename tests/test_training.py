@@ -32,7 +32,7 @@ def bundle(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle")
     config = tiny(dataset_dir, out.parent / "cache")
     # 12 calibration images: enough for a gate
-    train(replace(config, data=replace(config.data, calibration_fraction=0.15)), out)
+    train(replace(config, int8=True, data=replace(config.data, calibration_fraction=0.15)), out)
     return out
 
 

@@ -34,6 +34,7 @@ def tiny(dataset_dir: Path, cache: Path, **finetune) -> TrainConfig:
     return TrainConfig(
         name="tiny",
         demo=True,
+        int8=False,  # the 8-bit check has its own tests (test_int8.py, the training module's bundle)
         data=DataConfig(root=str(dataset_dir), image_size=32, cache_dir=str(cache), workers=1),
         pretrain=PretrainConfig(epochs=1, batch_size=16),
         finetune=FinetuneConfig(
@@ -53,6 +54,7 @@ def rsna_run(tmp_path: Path, name: str) -> TrainConfig:
     return TrainConfig(
         name=name,
         baseline=False,
+        int8=False,
         data=DataConfig(
             root=str(tmp_path / "data"),
             image_size=32,

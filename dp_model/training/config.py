@@ -360,6 +360,10 @@ class TrainConfig:
     #: also train an untuned plain ResNet18 (cross-entropy, no augmentation, no search) on the same
     #: split and epochs, and show it, the majority class and chance beside the model in its card
     baseline: bool = True
+    #: check an 8-bit copy of the served graph on the validation split and keep it where no served
+    #: decision changes (dp_model.serving.quantized; minutes on a large split); false: no copy,
+    #: and a node cannot serve this bundle with ``engine: onnx-int8``
+    int8: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -473,7 +473,7 @@ def _write_bundle(
         description = (
             "DEMONSTRATION MODEL trained on synthetic images; not for clinical use. " + description
         )
-    if contract.onnx_digest and len(data["val"]) and len(data["test"]):
+    if config.int8 and contract.onnx_digest and len(data["val"]) and len(data["test"]):
         # recorded only once it has earned its place: a bundle never names an unchecked graph
         contract = replace(contract, int8_digest=_int8(out, contract, data, config.runtime.seed))
     # Where the data came from, by layout and folder name: an absolute path says too much about a site.
