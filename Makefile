@@ -40,7 +40,7 @@ TORCH_PINS  := $(shell grep -E '^torch(vision)?==' requirements/constraints.txt)
 DEMO_CONFIGS := configs/synth_demo.yaml configs/demo.yaml
 DEMO_BUNDLE  := $(RUN_DIR)/bundle/.built-$(shell cat $(DEMO_CONFIGS) | sha256sum | cut -c1-12)
 
-.PHONY: run demo-bundle test test-fast venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-burst benchmark-netfuzz benchmark-soak benchmark-memory benchmark-profile gallery clean
+.PHONY: run demo-bundle test test-fast venv run-deps system-deps viewer-deps benchmark-synth benchmark-node benchmark-burst benchmark-scale benchmark-netfuzz benchmark-soak benchmark-memory benchmark-profile gallery clean
 
 # The main job: the DICOM node on the embedded default, the demonstration bundle (trained
 # on synthetic phantoms the first time only; `make run` again starts the node at once).
@@ -133,6 +133,12 @@ benchmark-burst: venv run-deps demo-bundle
 # 20,000 mutated PDU streams against the node, legitimate stores between them.
 benchmark-netfuzz: venv demo-bundle
 	$(PY) benchmarks/node_netfuzz.py --bundle $(RUN_DIR)/bundle --json docs/results/node_netfuzz.json
+
+# Images/s against the number of node processes in the scale-out mode (a throwaway PostgreSQL;
+# the single node of the embedded default measured first, in the same run). On a larger
+# machine: benchmarks/node_scale.py --workers 1 2 4 8 --images 800.
+benchmark-scale: venv system-deps demo-bundle
+	$(PY) benchmarks/node_scale.py --bundle $(RUN_DIR)/bundle --workers 1 2 3 --json docs/results/node_scale.json
 
 # 10,000 images, three kill -9, a destination outage and a full disk (a tmpfs: run as root).
 benchmark-soak: venv demo-bundle

@@ -4,6 +4,7 @@ one SR and one SC at the destination.
 
     sudo python benchmarks/node_soak.py --bundle runs/demo/bundle            # 10,000 images
     python benchmarks/node_soak.py --bundle runs/demo/bundle --images 1000
+    python benchmarks/node_soak.py --bundle runs/demo/bundle --scale 3       # scale-out mode
 
 Runs ``dp-node`` as a process, its spool and outbox on a tmpfs of ``--disk-mb`` (mounting
 one needs root; without, the disk-full episode is left out and the output says so). A
@@ -20,6 +21,12 @@ It prints:
 * the audit trail: an outcome line for each acknowledged image, images with more than one
   (processed again after a kill), refusals while the disk was full;
 * peak resident memory of the node (the largest of its processes).
+
+``--scale N``: the scale-out mode instead, N nodes over a throwaway PostgreSQL cluster (the
+tests' own, Debian's ``postgresql``), behind HAProxy with ``configs/haproxy.cfg`` when N is 3
+(else each sender stores to one node in turn). The schedule: ``kill -9`` of node 1, 2 and 3 in
+turn at 15 %, 45 % and 75 % (each restarted at once), the destination down at 30 %, the
+database stopped as by a crash (``pg_ctl stop -m immediate``) and started again at 60 %.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
 )
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from postgres_support import postgres  # the tests' throwaway cluster
 
 from dp_model.serving.bundle import load_bundle
 from pacs_node.config import NodeConfig
@@ -101,8 +111,8 @@ class CountingDestination:
 class Node:
     """``dp-node`` as a process that can be killed and started again; remembers its peak memory."""
 
-    def __init__(self, config: Path, log: Path, port: int) -> None:
-        self.config, self.log_path, self.port = config, log, port
+    def __init__(self, config: Path, log: Path, port: int, metrics_port: int = -1) -> None:
+        self.config, self.log_path, self.port, self.metrics_port = config, log, port, metrics_port
         self.log = log.open("a")
         self.process: subprocess.Popen | None = None
         self.peak_rss_mb = 0.0
@@ -173,6 +183,31 @@ class Sender(threading.Thread):
                 assoc.release()
 
 
+def haproxy(nodes: list[Node], work: Path) -> tuple[subprocess.Popen, int]:
+    """HAProxy with configs/haproxy.cfg in front of three nodes; it and its entry port."""
+    entry = free_port()
+    env = {"DP_LISTEN": f"127.0.0.1:{entry}"}
+    for index, node in enumerate(nodes, 1):
+        env |= {
+            f"DP_NODE_{index}": f"127.0.0.1:{node.port}",
+            f"DP_READY_{index}": str(node.metrics_port),
+        }
+    process = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(Path(__file__).parents[1] / "configs" / "haproxy.cfg")],
+        stdout=(work / "haproxy.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ | env,
+    )
+    wait(lambda: _listening(entry), 30, "HAProxy")
+    time.sleep(2.5)  # its checks see each node up (rise 2, inter 1 s)
+    return process, entry
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def mount_tmpfs(folder: Path, size_mb: int) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     return (
@@ -220,42 +255,69 @@ def main() -> int:
     )
     parser.add_argument("--full-seconds", type=float, default=20.0)
     parser.add_argument("--outage-seconds", type=float, default=60.0)
+    parser.add_argument("--database-down-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--scale", type=int, default=0, help="nodes in the scale-out mode (0: one node)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.scale:
+        with postgres() as db:
+            return soak(args, db)
+    return soak(args, None)
+
+
+def soak(args: argparse.Namespace, db) -> int:
+    """The soak of one node (``db`` None) or of ``args.scale`` nodes over ``db``."""
     work = Path(tempfile.mkdtemp(prefix="dp-node-soak-"))
     disk = work / "disk"
-    mounted = mount_tmpfs(disk, args.disk_mb)
-    port, destination = free_port(), CountingDestination()
-    config = work / "node.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "port": port,
-                "host": "127.0.0.1",
-                "bundle": str(args.bundle),
-                "spool": str(disk / "spool"),
-                "metrics_port": -1,
-                "destinations": [f"RESULTS@127.0.0.1:{destination.port}"],
-                "device": "cpu",
-                "batch_size": 16,
-                "allow": [CALLING],
-                "min_free_mb": 8,
-                "keep_skipped": False,
-                "outbox": {"initial_backoff_s": 0.5, "max_backoff_s": 5.0},
-                # the senders stand for modalities on as many hosts
-                "max_associations_per_host": 2 * args.senders,
+    mounted = db is None and mount_tmpfs(disk, args.disk_mb)
+    destination = CountingDestination()
+    nodes = []
+    for index in range(max(args.scale, 1)):
+        port, folder = free_port(), disk / (f"node-{index + 1}" if args.scale else "")
+        settings = {
+            "port": port,
+            "host": "127.0.0.1",
+            "bundle": str(args.bundle),
+            "spool": str(folder / "spool"),
+            "metrics_port": free_port() if args.scale else -1,
+            "destinations": [f"RESULTS@127.0.0.1:{destination.port}"],
+            "device": "cpu",
+            "batch_size": 16,
+            "allow": [CALLING],
+            "min_free_mb": 8,
+            "keep_skipped": False,
+            "outbox": {"initial_backoff_s": 0.5, "max_backoff_s": 5.0},
+            # the senders stand for modalities on as many hosts
+            "max_associations_per_host": 2 * args.senders,
+        }
+        if db is not None:
+            settings["scale"] = {
+                "database": db.dsn,
+                "node_name": f"node-{index + 1}",
+                "lease_s": 10.0,
             }
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "node.yaml").write_text(yaml.safe_dump(settings))
+        nodes.append(
+            Node(
+                folder / "node.yaml", work / f"node-{index + 1}.log", port, settings["metrics_port"]
+            )
         )
-    )
-    node = Node(config, work / "node.log", port)
     acknowledged: dict[str, int] = {}
     lock = threading.Lock()
     events: list[str] = []
     started = time.monotonic()
     destination.up()
-    node.start()
+    for node in nodes:
+        node.start()
+    balancer, ports = None, [node.port for node in nodes]
+    if args.scale == 3:
+        balancer, entry = haproxy(nodes, work)
+        ports = [entry]
     senders = [
-        Sender(port, list(range(i, args.images, args.senders)), acknowledged, lock)
+        Sender(ports[i % len(ports)], list(range(i, args.images, args.senders)), acknowledged, lock)
         for i in range(args.senders)
     ]
     for sender in senders:
@@ -278,15 +340,18 @@ def main() -> int:
             (0.15, "kill"),
             (0.30, "destination outage"),
             (0.45, "kill"),
-            (0.60, "disk full"),
+            (0.60, "database restart" if db is not None else "disk full"),
             (0.75, "kill"),
         ]
+        kills = 0
         for share, what in schedule:
             at(share)
             note(f"{time.monotonic() - started:.0f} s, {len(acknowledged)} acknowledged: {what}")
             if what == "kill":
-                node.kill()
-                node.start()
+                victim = nodes[kills % len(nodes)]
+                kills += 1
+                victim.kill()
+                victim.start()
             elif what == "destination outage":
                 destination.down()
                 time.sleep(args.outage_seconds)
@@ -297,6 +362,11 @@ def main() -> int:
                 time.sleep(args.full_seconds)
                 (disk / "filler").unlink()
                 note(f"{time.monotonic() - started:.0f} s: disk freed")
+            elif what == "database restart":
+                db.stop("immediate")
+                time.sleep(args.database_down_seconds)
+                db.start()
+                note(f"{time.monotonic() - started:.0f} s: database back")
         for sender in senders:
             sender.join(7200)
         sent_seconds = time.monotonic() - started
@@ -311,10 +381,20 @@ def main() -> int:
         done_seconds = time.monotonic() - started
         time.sleep(10)  # anything still to come would be a duplicate or a stray
     finally:
-        exit_code = node.stop() if node.process and node.process.poll() is None else None
+        exit_codes = [
+            node.stop() if node.process and node.process.poll() is None else None for node in nodes
+        ]
+        exit_code = max((c for c in exit_codes if c is not None), default=None)
+        if balancer is not None:
+            balancer.terminate()
+            balancer.wait(10)
         destination.down()
     counts = destination.stored
-    audit = [json.loads(line) for line in (disk / "spool" / "audit.jsonl").read_text().splitlines()]
+    audit = [
+        json.loads(line)
+        for path in sorted(disk.glob("**/spool/audit.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
     outcomes = Counter(line["sop_instance_uid"] for line in audit if line["event"] == "received")
     refusals = Counter(line["reason"] for line in audit if line["event"] == "store-refused")
     figures = {
@@ -323,7 +403,10 @@ def main() -> int:
         "wall_s_until_all_acknowledged": round(sent_seconds, 1),
         "wall_s_until_all_results": round(done_seconds, 1),
         "images_per_s": round(len(acknowledged) / done_seconds, 2),
-        "kills": node.kills,
+        "nodes": len(nodes) if args.scale else 1,
+        "mode": "scale-out" if args.scale else "single node",
+        "kills": sum(node.kills for node in nodes),
+        "database_restarts": int(db is not None),
         "disk_full_episode": mounted,
         "results_expected": len(expected),
         "results_exactly_once": sum(1 for uid in expected if counts[uid] == 1),
@@ -334,13 +417,22 @@ def main() -> int:
         "images_with_several_outcome_lines": sum(1 for uid in acknowledged if outcomes[uid] > 1),
         "refusals_by_reason": dict(refusals),
         "sender_retries": dict(sum((s.refusals for s in senders), Counter())),
-        "node_peak_rss_mb": round(node.peak_rss_mb, 1),
+        "node_peak_rss_mb": round(max(node.peak_rss_mb for node in nodes), 1),
         "node_exit_code": exit_code,
         "events": events,
     }
+    episodes = (
+        "a database restart"
+        if db is not None
+        else (
+            "a disk-full episode"
+            if mounted
+            else "NO disk-full episode (mounting a tmpfs needs root)"
+        )
+    )
     print(
-        f"soak: {len(acknowledged)} images over {args.senders} associations, {node.kills} kill -9, a destination outage, "
-        f"{'a disk-full episode' if mounted else 'NO disk-full episode (mounting a tmpfs needs root)'}; {os.cpu_count()} CPUs"
+        f"soak ({figures['mode']}, {figures['nodes']} node(s)): {len(acknowledged)} images over {args.senders} "
+        f"associations, {figures['kills']} kill -9, a destination outage, {episodes}; {os.cpu_count()} CPUs"
     )
     for event in events:
         print(f"  {event}")
@@ -354,7 +446,7 @@ def main() -> int:
         f"  audit: {figures['images_with_an_outcome_line']} of {len(acknowledged)} images with an outcome line, {figures['images_with_several_outcome_lines']} with more than one; refusals {dict(refusals)}"
     )
     print(
-        f"  node peak resident memory {node.peak_rss_mb:.0f} MB; exit code at the end {exit_code}"
+        f"  node peak resident memory {figures['node_peak_rss_mb']:.0f} MB; exit code at the end {exit_code}"
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
