@@ -44,6 +44,7 @@ from pacs_node.outcomes import (
     Sent,
 )
 from pacs_node.pipeline import Pipeline
+from pacs_node.scale.ledger import DeliveryLedger
 from pacs_node.status import StoreStatus
 from pacs_node.supervisor import Supervisor
 
@@ -93,7 +94,11 @@ class Node:
                 on_held=lambda *held: self.outcomes.emit(
                     Held(destination=held[0], reason=held[1], detail=held[2])
                 ),
-                ledger=shared.ledger(2 * config.network_timeout_s) if shared else None,
+                ledger=DeliveryLedger(
+                    config.scale.database, shared.owner, 2 * config.network_timeout_s
+                )
+                if shared
+                else None,
             )
             for d in config.parsed_destinations()
         ]

@@ -16,12 +16,29 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pacs_node"
 STEPS = ("intake", "model", "results", "delivery")
+#: The wiring (above every step: it may import them all; nothing but the wiring imports it).
 WIRING = (
     "pacs_node.node",
     "pacs_node.cli",
     "pacs_node.pipeline",
     "pacs_node.supervisor",
     "pacs_node.outcomes",
+    "pacs_node.drift",  # an outcome subscriber, as the audit trail and the counters are
+)
+#: The ground floor, named: a module placed nowhere fails :func:`test_every_module_has_its_place`.
+GROUND = (
+    "pacs_node.audit",
+    "pacs_node.charsets",
+    "pacs_node.codes",
+    "pacs_node.config",
+    "pacs_node.dimse_reactor",
+    "pacs_node.files",
+    "pacs_node.health",
+    "pacs_node.logs",
+    "pacs_node.metrics",
+    "pacs_node.status",
+    "pacs_node.uids",
+    "pacs_node.scale",  # the scale-out mode's storage: connections, the queue, the ledger
 )
 
 
@@ -57,9 +74,16 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def _step(module: str) -> int | None:
-    """0 for the ground floor, 1-4 for the steps in their order."""
+    """0 for the ground floor, 1-4 for the steps in their order, 5 for the wiring; None for a
+    module placed nowhere."""
     parts = module.split(".")
-    return STEPS.index(parts[1]) + 1 if len(parts) > 1 and parts[1] in STEPS else 0
+    if len(parts) > 1 and parts[1] in STEPS:
+        return STEPS.index(parts[1]) + 1
+    if module in WIRING:
+        return 5
+    if module == "pacs_node" or any(module == g or module.startswith(g + ".") for g in GROUND):
+        return 0
+    return None
 
 
 def _crossings() -> list[str]:
@@ -69,8 +93,9 @@ def _crossings() -> list[str]:
         if module in WIRING or module == "pacs_node":
             continue
         own = _step(module)
+        assert own is not None, f"{module} is placed nowhere"
         for line, target in _imports(path):
-            if _step(target) > own:
+            if (_step(target) or 0) > own:
                 wrong.append(
                     f"{path.relative_to(PACKAGE.parent)}:{line} imports {target} (a later step)"
                 )
@@ -81,8 +106,26 @@ def test_every_step_has_its_folder():
     assert all((PACKAGE / step / "__init__.py").is_file() for step in STEPS)
 
 
+def test_every_module_has_its_place():
+    """A new module is a step's, the ground floor's or the wiring's: said here, and in the
+    package's map (``pacs_node/__init__.py``)."""
+    placed = [_module(path) for path in sorted(PACKAGE.rglob("*.py"))]
+    assert [module for module in placed if _step(module) is None] == []
+    readme = (PACKAGE / "__init__.py").read_text()
+    named = [m.split(".")[1] for m in (*GROUND, *WIRING)]
+    assert [name for name in named if name not in readme] == []
+
+
 def test_no_module_imports_a_later_step():
     assert _crossings() == []
+
+
+def test_the_ground_floor_importing_the_wiring_is_found(tmp_path, monkeypatch):
+    fake = tmp_path / "pacs_node"
+    fake.mkdir()
+    (fake / "metrics.py").write_text("from pacs_node.outcomes import Event\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert _crossings() == ["pacs_node/metrics.py:1 imports pacs_node.outcomes (a later step)"]
 
 
 def test_a_backward_import_is_found(tmp_path, monkeypatch):

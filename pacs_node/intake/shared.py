@@ -43,7 +43,6 @@ from pacs_node.config import NodeConfig, ScaleConfig
 from pacs_node.intake.spool import Attempts, Receipt, Spool
 from pacs_node.intake.work import WorkQueue
 from pacs_node.scale.db import Unavailable
-from pacs_node.scale.ledger import DeliveryLedger
 from pacs_node.scale.queue import IntakeQueue, Leased
 
 logger = logging.getLogger(__name__)
@@ -153,10 +152,6 @@ class SharedSpool(Spool):
         self._heart = threading.Thread(target=self._beating, name="shared-heartbeat", daemon=True)
         self._thread.start()
         self._heart.start()
-
-    def ledger(self, claim_s: float) -> DeliveryLedger:
-        """A connection to the shared delivery ledger, for one destination's sender."""
-        return DeliveryLedger(self.scale.database, self.owner, claim_s)
 
     @property
     def alive(self) -> bool:
