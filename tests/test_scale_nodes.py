@@ -23,6 +23,7 @@ from node_support import (
     wait_for,
 )
 from postgres_support import Postgres, postgres
+from pynetdicom import AE
 
 from pacs_node.model.predictor import NodePredictor
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
@@ -279,7 +280,13 @@ def test_a_node_whose_destination_is_down_leaves_the_rest_of_the_queue_to_others
                 return int(found.fetchone()[0])
 
         wait_for(lambda: len(node.spool._awaiting) >= cap, 60, "the node's deliveries to lag")
-        time.sleep(2)  # a feeder that ignored the lag would take the rest now
+        seen: list[int] = []
+
+        def steady() -> bool:  # the same count over 1.5 s: what was in flight has landed
+            seen.append(len(node.spool._awaiting))
+            return len(seen) > 16 and len(set(seen[-16:])) == 1
+
+        wait_for(steady, 30, "the lag to settle")  # a feeder that ignored it takes the rest
         lagging = len(node.spool._awaiting)
         # beyond the cap, at most what was already taken: a take and two batches in flight
         assert lagging <= cap + 2 + 2 * 2 and leased() == lagging < len(images)
@@ -295,3 +302,25 @@ def test_a_node_whose_destination_is_down_leaves_the_rest_of_the_queue_to_others
     finally:
         node.stop()
         destination.stop()
+
+
+@pytest.mark.slow
+def test_the_shared_queue_is_bounded_by_max_queue_across_the_nodes(
+    tmp_path: Path, db: Postgres, predictor
+) -> None:
+    destination = CountingSCP()  # down: nothing leaves the queue
+    node = scale_node(tmp_path, "node-a", db, predictor, destination, max_queue=4)
+    try:
+        images = [chest_dataset(rows=300, columns=280, seed=600 + i) for i in range(5)]
+        assert send(node.port, images[:4]) == [0] * 4
+        wait_for(lambda: node.spool.backlog() >= 4, 10, "the heartbeat to count the queue")
+        assert node.ready() == "queue-full"
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(
+            str(images[4].SOPClassUID), str(images[4].file_meta.TransferSyntaxUID)
+        )
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DPNODE")
+        # refused for now (transient), not acknowledged into a database whose disk would fill
+        assert assoc.is_rejected and assoc.acceptor.primitive.result == 0x02
+    finally:
+        node.stop()
