@@ -249,7 +249,7 @@ class Node:
             return Refusal(StoreStatus.SHUTTING_DOWN, "shutting-down")
         if self.fatal:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "node-failed")
-        if self.pipeline.work.qsize() >= self.config.max_queue:
+        if max(self.pipeline.work.qsize(), self.spool.backlog()) >= self.config.max_queue:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "queue-full")
         if self.spool.free_bytes() < self.config.min_free_mb * 2**20:
             return Refusal(StoreStatus.OUT_OF_RESOURCES, "disk-full")

@@ -453,6 +453,10 @@ class DestinationSender:
                 continue
             try:
                 delivered = self._round()
+            except Unavailable as exc:  # the shared ledger: nothing is sent without it
+                self._release([])
+                self.stats.last_error = str(exc)
+                delivered = False
             except Exception as exc:  # noqa: BLE001 - a sender must outlive whatever one round does
                 self._release([])
                 self.stats.last_error = f"internal error ({describe(exc)})"

@@ -126,6 +126,7 @@ class SharedSpool(Spool):
         self._thread: threading.Thread | None = None
         self._heart: threading.Thread | None = None
         self._unavailable_since: float | None = None
+        self._waiting = 0  # the shared queue's images, as the last heartbeat counted them
         self._adopt_own_spool()
 
     def _adopt_own_spool(self) -> None:
@@ -410,6 +411,7 @@ class SharedSpool(Spool):
         with self._state:
             held = list(self._held.values()) + [a.leased for a in self._awaiting]
         kept = self._beat.renew(held, self.scale.lease_s)
+        self._waiting = self._beat.waiting()
         self._available()
         lost = [x for x in held if x.id not in kept]
         if lost:
@@ -448,6 +450,11 @@ class SharedSpool(Spool):
                 time.monotonic() - self._unavailable_since,
             )
             self._unavailable_since = None
+
+    def backlog(self) -> int:
+        """Images in the shared queue, every node's (as of the last heartbeat): the node refuses
+        new ones at ``max_queue`` (0xA700) rather than fill the database's disk."""
+        return self._waiting
 
     def problems(self) -> list[str]:
         found = []

@@ -287,6 +287,11 @@ class Spool:
         """What ``/health`` should say of the spool beyond its disk (nothing, for this one)."""
         return []
 
+    def backlog(self) -> int:
+        """Images acknowledged and waiting beyond this node's own queue (none, for this one:
+        its queue is its spool)."""
+        return 0
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
