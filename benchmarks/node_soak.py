@@ -48,64 +48,23 @@ from pathlib import Path
 import yaml
 from node_latency import free_port, peak_rss_mb, wait
 from node_netfuzz import chest
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
-    StudyRootQueryRetrieveInformationModelFind,
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from node_support import CountingSCP  # the tests' counting destination
 from postgres_support import postgres  # the tests' throwaway cluster
 
 from dp_model.serving.bundle import load_bundle
 from pacs_node.config import NodeConfig
-from pacs_node.delivery.cstore import RESULT_CLASSES
 from pacs_node.intake.sanitize import clean_source
 from pacs_node.results.identity import ResultIdentity, rendition
 from pacs_node.results.report import COMPREHENSIVE_3D_SR, sop_instance_uid_in
 
 CALLING = "SOAK"
-
-
-class CountingDestination:
-    """A PACS that counts every instance it is sent; it can go down and come back on its port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.stored: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.server = None
-
-    def _store(self, event: evt.Event) -> int:
-        with self.lock:
-            self.stored[str(event.request.AffectedSOPInstanceUID)] += 1
-        return 0x0000
-
-    def _find(self, event: evt.Event):
-        """Study Root C-FIND at IMAGE level: whether an instance is stored (as a PACS answers)."""
-        uid = str(event.identifier.SOPInstanceUID)
-        with self.lock:
-            present = self.stored[uid] > 0
-        if present:
-            found = Dataset()
-            found.QueryRetrieveLevel, found.SOPInstanceUID = "IMAGE", uid
-            yield 0xFF00, found
-        yield 0x0000, None
-
-    def up(self) -> None:
-        ae = AE(ae_title="RESULTS")
-        for sop_class in RESULT_CLASSES:
-            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)]
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
-
-    def down(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
 
 
 class Node:
@@ -272,7 +231,7 @@ def soak(args: argparse.Namespace, db) -> int:
     work = Path(tempfile.mkdtemp(prefix="dp-node-soak-"))
     disk = work / "disk"
     mounted = db is None and mount_tmpfs(disk, args.disk_mb)
-    destination = CountingDestination()
+    destination = CountingSCP()
     nodes = []
     for index in range(max(args.scale, 1)):
         port, folder = free_port(), disk / (f"node-{index + 1}" if args.scale else "")
@@ -309,7 +268,7 @@ def soak(args: argparse.Namespace, db) -> int:
     lock = threading.Lock()
     events: list[str] = []
     started = time.monotonic()
-    destination.up()
+    destination.start()
     for node in nodes:
         node.start()
     balancer, ports = None, [node.port for node in nodes]
@@ -353,9 +312,9 @@ def soak(args: argparse.Namespace, db) -> int:
                 victim.kill()
                 victim.start()
             elif what == "destination outage":
-                destination.down()
+                destination.stop()
                 time.sleep(args.outage_seconds)
-                destination.up()
+                destination.start()
                 note(f"{time.monotonic() - started:.0f} s: destination back")
             elif what == "disk full" and mounted:
                 fill(disk)
@@ -388,7 +347,7 @@ def soak(args: argparse.Namespace, db) -> int:
         if balancer is not None:
             balancer.terminate()
             balancer.wait(10)
-        destination.down()
+        destination.stop()
     counts = destination.stored
     audit = [
         json.loads(line)

@@ -50,6 +50,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A throwaway PostgreSQL cluster for a test module (tests/postgres_support.py)."""
+    from postgres_support import postgres
+
+    with postgres() as started:
+        yield started
+
+
 @pytest.fixture(scope="session")
 def rg1_path() -> Path:
     """RG1_UNCR.dcm: a real PA chest CR, 1955 x 1841, 15-bit, MONOCHROME1."""

@@ -638,7 +638,9 @@ def echo_ok(port: int, called: str = "DPNODE") -> bool:
 
 
 class CountingSCP:
-    """A destination that counts every instance it stores, by SOP Instance UID."""
+    """A destination that counts every instance it stores, by SOP Instance UID, and answers
+    Study Root C-FIND at IMAGE level (whether an instance is stored), as a PACS does; it can
+    go down (:meth:`stop`) and come back (:meth:`start`) on its port."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -651,15 +653,27 @@ class CountingSCP:
             self.stored[str(event.request.AffectedSOPInstanceUID)] += 1
         return 0x0000
 
+    def _find(self, event: evt.Event):
+        uid = str(event.identifier.SOPInstanceUID)
+        with self.lock:
+            present = self.stored[uid] > 0
+        if present:
+            found = Dataset()
+            found.QueryRetrieveLevel, found.SOPInstanceUID = "IMAGE", uid
+            yield 0xFF00, found
+        yield 0x0000, None
+
     def start(self) -> None:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
         from pacs_node.delivery.cstore import RESULT_CLASSES
 
         ae = AE(ae_title="RESULTS")
         for sop_class in RESULT_CLASSES:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
-        )
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
 
     def stop(self) -> None:
         if self.server is not None:

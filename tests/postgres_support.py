@@ -103,3 +103,13 @@ def postgres() -> Iterator[Postgres]:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             cluster.stop()  # stopped by the test already, or never started
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def truncate(dsn: str, *tables: str) -> None:
+    """Empty the tables of ``tables`` that exist."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as raw:
+        for table in tables:
+            if raw.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
+                raw.execute(f"TRUNCATE {table}")

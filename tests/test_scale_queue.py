@@ -16,23 +16,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from postgres_support import Postgres, postgres
+from postgres_support import Postgres, truncate
 
 from pacs_node.scale.queue import IntakeQueue
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with postgres() as started:
-        yield started
 
 
 @pytest.fixture
 def db(cluster: Postgres):
     """The cluster with an empty table, and a queue that made it."""
     made = IntakeQueue(cluster.dsn, "test")
-    with psycopg.connect(cluster.dsn, autocommit=True) as raw:
-        raw.execute("TRUNCATE dp_images")
+    truncate(cluster.dsn, "dp_images")
     yield cluster
     made.close()
 
