@@ -86,6 +86,39 @@ def test_an_8bit_graph_the_contract_does_not_record_is_refused(
         Runner(bundle=altered, device="cpu", engine="onnx-int8")
 
 
+def test_an_8bit_graph_validated_on_another_kind_of_cpu_is_refused(
+    quantized_bundle: Path, tmp_path: Path
+) -> None:
+    from dp_model.serving.isa import VNNI, int8_features
+
+    altered = tmp_path / "bundle"
+    shutil.copytree(quantized_bundle, altered)
+    here = int8_features()
+    vnni_here = any(flag in VNNI for flag in here)
+    other = [f for f in here if f not in VNNI] if vnni_here else [*here, "avx512_vnni"]
+    record = altered / "models" / "model.int8.json"
+    record.write_text(json.dumps({"cpu": {"int8_features": other}}))
+    with pytest.raises(BundleError, match="validated on a CPU"):
+        Runner(bundle=altered, device="cpu", engine="onnx-int8")
+    record.write_text(json.dumps({"cpu": {"int8_features": here}}))
+    assert Runner(bundle=altered, device="cpu", engine="onnx-int8").engine == "onnx-int8"
+
+
+def test_the_cpu_flags_that_change_8bit_arithmetic_are_read_and_compared(tmp_path: Path) -> None:
+    from dp_model.serving.isa import int8_features, int8_mismatch
+
+    cpuinfo = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512bw avx512_vnni\nflags\t: other\n"
+    assert int8_features(cpuinfo) == ["avx2", "avx512bw", "avx512_vnni"]
+    record = tmp_path / "model.int8.json"
+    record.write_text(json.dumps({"cpu": {"int8_features": ["avx2", "avx512_vnni"]}}))
+    assert int8_mismatch(record, ["avx2", "avx_vnni"]) == "", "VNNI of another width: one path"
+    assert "without VNNI" in int8_mismatch(record, ["avx2"])
+    record.write_text(json.dumps({"cpu": {"int8_features": ["avx2"]}}))
+    assert "with amx_int8" in int8_mismatch(record, ["avx2", "amx_int8"])
+    record.write_text(json.dumps({"kept": False}))  # written before the CPU was recorded
+    assert int8_mismatch(record, ["avx2"]) == ""
+
+
 def outputs(probabilities: list[list[float]], scores: list[float] | None = None):
     return np.asarray(probabilities, np.float32), None if scores is None else np.asarray(scores)
 

@@ -83,6 +83,9 @@ def test_the_bundle_records_whether_its_8bit_graph_earned_its_place_on_validatio
     record = json.loads(record_path(bundle).read_text())
     graph = bundle / "models" / "model.int8.onnx"
     assert record["validation"]["images"] == contract.splits["validation"]
+    from dp_model.serving.isa import int8_features
+
+    assert record["cpu"]["int8_features"] == int8_features(), "the CPU it was validated on"
     if record["kept"]:
         assert contract.int8_digest == file_digest(graph)
         assert record["validation"]["decisions_changed"] == 0

@@ -28,6 +28,8 @@ STAGE_OUTPUTS = tuple(f"stage{i}" for i in range(1, 5))
 
 #: The graph's 8-bit copy (:mod:`dp_model.serving.quantized`).
 INT8_FILE = "model.int8.onnx"
+#: What the 8-bit graph was kept or refused on (dp_model.serving.quantized), beside it.
+INT8_RECORD = "model.int8.json"
 
 
 def onnx_path(bundle: str | Path, int8: bool = False) -> Path:

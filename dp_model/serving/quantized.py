@@ -38,7 +38,8 @@ import numpy as np
 
 from ..metrics import roc_auc
 from .contract import ModelContract
-from .onnx_session import INT8_FILE, onnx_path
+from .isa import int8_features
+from .onnx_session import INT8_FILE, INT8_RECORD, onnx_path
 from .served import served_decisions
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Its record: the validation figures it was kept (or refused) on, and the test figures.
-RECORD_FILE = "model.int8.json"
+RECORD_FILE = INT8_RECORD
 #: Canvases of the training split whose activations set the 8-bit ranges.
 CALIBRATION_IMAGES = 64
 #: The largest difference of any class's AUC from the float graph's that is accepted.
@@ -269,6 +270,8 @@ def choose(
         "float_graph_sha256": contract.onnx_digest,
         "int8_graph_sha256": "",
         "onnxruntime": onnxruntime_version,
+        # the integer instructions the validation ran with (dp_model.serving.isa)
+        "cpu": {"int8_features": int8_features()},
         "quantization": {
             "format": "QDQ",
             "weights": "int8, per output channel",

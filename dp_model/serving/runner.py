@@ -36,8 +36,9 @@ import numpy as np
 
 from .contract import ModelContract
 from .gate import Arrays, needs_stages
+from .isa import int8_mismatch
 from .loading import BundleError, load_contract, load_gate_arrays
-from .onnx_session import STAGE_OUTPUTS, OnnxGraph, open_graph, verified_graph
+from .onnx_session import INT8_RECORD, STAGE_OUTPUTS, OnnxGraph, open_graph, verified_graph
 from .sources import HEATMAP_STAGE, draws
 
 if TYPE_CHECKING:
@@ -271,6 +272,8 @@ class Runner:
             return "the bundle kept no 8-bit graph (models/model.int8.json says why)"
         if path is None:
             return "the bundle has no ONNX graph"
+        if int8 and (mismatch := int8_mismatch(path.parent / INT8_RECORD)):
+            return mismatch
         if self.device != "cpu":
             return f"ONNX Runtime serves on the CPU only, the device is {self.device}"
         if network is not None:
