@@ -274,9 +274,8 @@ class DestinationSender:
         except Unavailable:
             return False
 
-    def _forget(self, path: Path) -> None:
-        """An entry leaves the outbox (the caller holds the lock)."""
-        source = self._source_of(path)
+    def _forget(self, source: str) -> None:
+        """An entry built from ``source`` leaves the outbox (the caller holds the lock)."""
         self._sources[source] -= 1
         if self._sources[source] <= 0:
             del self._sources[source]
@@ -394,9 +393,8 @@ class DestinationSender:
 
     def _drop(self, path: Path) -> None:
         """Remove a superseded entry (the caller holds the lock)."""
-        self._forget(path)
-        for part in (self._sending_marker(path), path, _sidecar_path(path)):
-            part.unlink(missing_ok=True)
+        self._forget(self._source_of(path))
+        self._unlink(path)
         self._attempts.pop(path.name, None)
         logger.info(
             "%s: %s superseded by a newer result of the same instance before it was delivered; not sent",
@@ -573,23 +571,20 @@ class DestinationSender:
             self._stop.wait(BUSY_WAIT_S)  # another node is sending them: not a tight loop
         return send
 
-    def _claim_of(self, path: Path) -> Claim:
-        sidecar = self._sidecar(path)
+    def _claim_of(self, path: Path, sidecar: dict[str, object] | None = None) -> Claim:
+        """The shared ledger's key of an entry (``sidecar``: its sidecar, when already read)."""
+        sidecar = self._sidecar(path) if sidecar is None else sidecar
         digest = str(sidecar.get("digest") or sidecar.get("sha256") or "")
         return Claim(self.destination.name, _uid_of(path), digest)
 
     def _settled_elsewhere(self, path: Path) -> None:
         """The destination has this entry's content, delivered by another node (the shared
         ledger says so): noted in the local ledger too, the entry gone, not sent."""
-        uid = _uid_of(path)
-        with self._lock:
-            _write(self.ledger / uid, self._claim_of(path).digest)
-            self._forget(path)
-            for part in (self._sending_marker(path), path, _sidecar_path(path)):
-                part.unlink(missing_ok=True)
-        self._attempts.pop(path.name, None)
+        self._gone(path, self._sidecar(path))
         logger.info(
-            "%s: %s is already delivered (by another node); not sent", self.destination, uid
+            "%s: %s is already delivered (by another node); not sent",
+            self.destination,
+            _uid_of(path),
         )
 
     def _send(self, link: Link, group: list[Path]) -> dict[Path, Outcome]:
@@ -690,7 +685,7 @@ class DestinationSender:
         sidecar, uid = self._sidecar(path), _uid_of(path)
         if self.shared is not None:
             try:
-                self.shared.delivered(self._claim_of(path))
+                self.shared.delivered(self._claim_of(path, sidecar))
             except Unavailable as exc:
                 # the claim stays "sending": whoever sends it next asks the destination first
                 logger.warning(
@@ -699,8 +694,17 @@ class DestinationSender:
                     uid,
                     exc,
                 )
+        self._gone(path, sidecar)
+        self.stats.failing_since = None
+        self._resume()
+        self.on_delivered(self.destination, uid, str(sidecar.get("source", "")), None)
+
+    def _gone(self, path: Path, sidecar: dict[str, object]) -> None:
+        """The destination has entry ``path`` (sent here, or by another node): its digest in
+        the local ledger, the entry gone, in one step against :meth:`put` (the lock)."""
+        uid = _uid_of(path)
         with self._lock:
-            self._forget(path)
+            self._forget(str(sidecar.get("source", "")))
             try:
                 _write(self.ledger / uid, str(sidecar.get("digest", "")))
             except OSError:
@@ -711,13 +715,14 @@ class DestinationSender:
                     self.destination,
                     uid,
                 )
-            for part in (self._sending_marker(path), path, _sidecar_path(path)):
-                part.unlink(missing_ok=True)
+            self._unlink(path)
             fsync_dir(self.folder)
         self._attempts.pop(path.name, None)
-        self.stats.failing_since = None
-        self._resume()
-        self.on_delivered(self.destination, uid, str(sidecar.get("source", "")), None)
+
+    def _unlink(self, path: Path) -> None:
+        """Remove an entry, its sidecar and its in-doubt marker."""
+        for part in (self._sending_marker(path), path, _sidecar_path(path)):
+            part.unlink(missing_ok=True)
 
     def _note_failure(self, files: list[Path]) -> None:
         now = time.monotonic()
@@ -736,7 +741,7 @@ class DestinationSender:
         UID; a later dead letter of the same UID replaces it), with its sidecar and the reason."""
         source, uid = self._source_of(path), _uid_of(path)
         with self._lock:
-            self._forget(path)
+            self._forget(source)
             for part, suffix in ((path, _suffix(path)), (_sidecar_path(path), ".json")):
                 if part.exists():
                     os.replace(part, self.dead / f"{uid}{suffix}")
