@@ -283,33 +283,30 @@ class SharedSpool(Spool):
         """The image's results are durable in the outbox: it leaves the shared queue once every
         one of them is settled (at once, when none waits)."""
         path.unlink(missing_ok=True)
-        with self._state:
-            leased = self._held.pop(path.name, None)
-            if leased is not None and source_uid:
-                self._awaiting.append(_Awaiting(leased, source_uid, path.name))
-                leased = None
-        if leased is not None:
-            self._finish([leased])
+        self._leave(path, source_uid)
         self._wake.set()
 
     def skip(self, path: Path) -> None:
         super().skip(path)
-        self._forget(path)
+        self._leave(path)
 
     def fail(self, path: Path, reason: str, detail: str) -> None:
         super().fail(path, reason, detail)
-        self._forget(path)
+        self._leave(path)
 
-    def _forget(self, path: Path) -> None:
-        """No result to wait for: the image leaves the shared queue now (kept here for a
-        person); after results were handed over (a later one failed), once they are settled."""
+    def _leave(self, path: Path, source_uid: str = "") -> None:
+        """The image at ``path`` is done here (processed, skipped, failed): it leaves the shared
+        queue now, or, while results built from it (``source_uid``, else the UID it was received
+        under: a later result failed after one was handed over) wait in an outbox, once they
+        are settled."""
         with self._state:
             leased = self._held.pop(path.name, None)
         if leased is None:
             return
-        if self._waits_on(leased.sop_instance_uid):
+        source = source_uid or leased.sop_instance_uid
+        if self._waits_on(source):
             with self._state:
-                self._awaiting.append(_Awaiting(leased, leased.sop_instance_uid, path.name))
+                self._awaiting.append(_Awaiting(leased, source, path.name))
         else:
             self._finish([leased])
 
