@@ -428,3 +428,59 @@ def test_a_caller_that_sends_again_at_once_after_an_abort_is_told_it_is_over(
         held.set()
         scp.shutdown()
     assert not assoc.is_established and sends == 1 and seconds < 2.5, (sends, seconds)
+
+
+def _stream_of_one_large_c_store(ds: Dataset) -> tuple[bytes, int, int, bytes]:
+    """What the requestor wrote while storing ``ds`` on one association to a peer that takes
+    16 kB PDUs: the bytes, in how many writes, how many PDUs it reported sent, and the pixel
+    data the peer received."""
+    received: list[bytes] = []
+    peer = AE(ae_title="SCP")
+    peer.maximum_pdu_size = 16384
+    peer.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+
+    def store(event: evt.Event) -> int:
+        received.append(bytes(event.dataset.PixelData))
+        return 0x0000
+
+    scp = peer.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    writes: list[bytes] = []
+    pdus = [0]
+    try:
+        ae = dimse_reactor.PromptAE(ae_title="SCU")
+        ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        handlers = [
+            (evt.EVT_DATA_SENT, lambda event: writes.append(bytes(event.data))),
+            (evt.EVT_PDU_SENT, lambda event: pdus.__setitem__(0, pdus[0] + 1)),
+        ]
+        assoc = ae.associate(
+            "127.0.0.1", scp.server_address[1], ae_title="SCP", evt_handlers=handlers
+        )
+        assert assoc.is_established
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+    finally:
+        scp.shutdown()
+    return b"".join(writes), len(writes), pdus[0], received[0]
+
+
+def test_a_large_message_leaves_as_pynetdicoms_pdus_byte_for_byte_in_few_writes() -> None:
+    """A 3 MB object to a peer taking 16 kB PDUs: pynetdicom writes about 190 PDUs one by one;
+    bundled, the same bytes (association, every P-DATA-TF, release) leave in a handful of
+    writes, each PDU still reported sent, and the peer stores the same pixels."""
+    ds = secondary_capture()
+    ds.Rows = ds.Columns = 1774  # 3.1 MB of pixels
+    ds.PixelData = bytes(range(256)) * (1774 * 1774 // 256) + bytes(1774 * 1774 % 256)
+    was = dimse_reactor.installed()
+    dimse_reactor.uninstall()
+    try:
+        plain, plain_writes, plain_pdus, plain_pixels = _stream_of_one_large_c_store(ds)
+        assert dimse_reactor.install()
+        bundled, bundled_writes, bundled_pdus, bundled_pixels = _stream_of_one_large_c_store(ds)
+    finally:
+        if not was:
+            dimse_reactor.uninstall()
+    assert plain_pixels == bundled_pixels == ds.PixelData
+    assert bundled == plain  # the same PDUs, in the same order, byte for byte
+    assert plain_pdus == bundled_pdus > 190  # every P-DATA-TF still reported
+    assert plain_writes > 190 and bundled_writes < 10, (plain_writes, bundled_writes)
