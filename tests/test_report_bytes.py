@@ -158,6 +158,21 @@ def test_building_a_report_leaves_the_next_one_unchanged() -> None:
     assert {name: report_bytes(name) for name in reversed(list(CASES))} == first
 
 
+def test_highdicoms_iod_tables_are_searched_once_per_question() -> None:
+    """Whether an IOD has pixel data, or a content date: asked of highdicom's tables once per
+    SOP class, not on every report (the bytes stay those of the references, above)."""
+    import highdicom.base
+    import highdicom.base_content
+
+    asked = (highdicom.base_content.does_iod_have_pixel_data, highdicom.base.is_attribute_in_iod)
+    report_bytes("negative")
+    searched = [lookup.cache_info().misses for lookup in asked]
+    report_bytes("negative")
+    report_bytes("multi-label")
+    assert [lookup.cache_info().misses for lookup in asked] == searched
+    assert all(lookup.cache_info().hits > 0 for lookup in asked)
+
+
 def test_the_built_report_reads_as_its_whole_content() -> None:
     """highdicom's view of the object built (``sr.content``) is the whole measurement report:
     the image-level group, both regions, the evaluations; the items the document holds."""

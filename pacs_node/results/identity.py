@@ -191,6 +191,25 @@ def contributing_equipment(model: ModelContract) -> hd.ContributingEquipment:
     return item
 
 
+def _remember_iod_lookups() -> None:
+    """highdicom (0.28) searches its tables of the standard's IODs, attribute by attribute, each
+    time it builds an object: whether the source's IOD has pixel data (for the source's
+    equipment, on every report and overlay) and whether the result's IOD has a content date and
+    time; together about a tenth of the lock the node holds per image. Both are functions of
+    their arguments and of tables fixed at import: each is asked once per SOP class here."""
+    import highdicom.base
+    import highdicom.base_content
+
+    pixel_data = highdicom.base_content.does_iod_have_pixel_data
+    in_iod = highdicom.base.is_attribute_in_iod
+    if getattr(pixel_data, "cache_info", None) is None:
+        highdicom.base_content.does_iod_have_pixel_data = functools.cache(pixel_data)
+    if getattr(in_iod, "cache_info", None) is None:
+        highdicom.base.is_attribute_in_iod = functools.cache(in_iod)
+
+
+_remember_iod_lookups()
+
 #: What each result is, by SOP class: the prefix of its file name in ``output_dir``.
 RESULT_KINDS = {
     "1.2.840.10008.5.1.4.1.1.88.33": "SR",  # Comprehensive SR

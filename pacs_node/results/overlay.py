@@ -17,6 +17,7 @@ state mean").
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -208,7 +209,12 @@ def type_name(label: str) -> str:
 
 
 def _font(side: int) -> ImageFont.FreeTypeFont:
-    font = ImageFont.load_default(size=max(12, side // 45))
+    return _font_of_size(max(12, side // 45))
+
+
+@functools.lru_cache(maxsize=64)  # loading parses the font: once per size
+def _font_of_size(size: int) -> ImageFont.FreeTypeFont:
+    font = ImageFont.load_default(size=size)
     # Pillow falls back to a fixed-size bitmap font only when built without FreeType; its
     # wheels always have it, and a bitmap font could not be sized to the film anyway.
     assert isinstance(font, ImageFont.FreeTypeFont), "Pillow without FreeType"
@@ -237,7 +243,8 @@ def _draw_regions(image: Image.Image, prediction: Prediction, scale: float) -> N
             )
 
 
-def _wrapped(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+@functools.lru_cache(maxsize=512)  # the banners and most verdicts recur, image after image
+def _wrapped(text: str, font: ImageFont.FreeTypeFont, width: float) -> tuple[str, ...]:
     """``text`` in lines no wider than ``width`` pixels (a word longer than that keeps its line)."""
     lines: list[str] = []
     for word in text.split():
@@ -245,7 +252,7 @@ def _wrapped(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
-    return lines
+    return tuple(lines)
 
 
 def _with_band(radiograph: Image.Image, prediction: Prediction, demo: bool) -> Image.Image:
