@@ -200,12 +200,13 @@ def _remember_iod_lookups() -> None:
     import highdicom.base
     import highdicom.base_content
 
-    pixel_data = highdicom.base_content.does_iod_have_pixel_data
-    in_iod = highdicom.base.is_attribute_in_iod
-    if getattr(pixel_data, "cache_info", None) is None:
-        highdicom.base_content.does_iod_have_pixel_data = functools.cache(pixel_data)
-    if getattr(in_iod, "cache_info", None) is None:
-        highdicom.base.is_attribute_in_iod = functools.cache(in_iod)
+    for module, name in (
+        (highdicom.base_content, "does_iod_have_pixel_data"),
+        (highdicom.base, "is_attribute_in_iod"),
+    ):
+        lookup = getattr(module, name)
+        if getattr(lookup, "cache_info", None) is None:
+            setattr(module, name, functools.cache(lookup))
 
 
 _remember_iod_lookups()
