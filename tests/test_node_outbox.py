@@ -297,6 +297,8 @@ def test_a_result_delivered_before_is_not_sent_again_unless_its_content_changed(
 def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(
     tmp_path: Path, monkeypatch
 ) -> None:
+    """A full disk (no new file can be made) when a delivery is noted: the object is not sent
+    again, neither by this sender nor after a crash, when its image is processed again."""
     import errno
 
     import pacs_node.delivery.outbox as outbox
@@ -317,6 +319,13 @@ def test_a_delivery_that_cannot_be_noted_on_a_full_disk_is_not_sent_twice(
         assert pacs.stored == [str(ds.SOPInstanceUID)] and s.pending() == []
     finally:
         s.stop()
+    # The node killed now and the image processed again: the same result, put again by a new
+    # sender on the same outbox, is known as delivered (the note took no new room on the disk).
+    again = sender(tmp_path, pacs, deliveries)
+    try:
+        assert again.put(ds, "source", "digest") is None
+        assert again.pending() == []
+    finally:
         pacs.stop()
 
 

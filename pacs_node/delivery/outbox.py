@@ -706,12 +706,11 @@ class DestinationSender:
         with self._lock:
             self._forget(str(sidecar.get("source", "")))
             try:
-                _write(self.ledger / uid, str(sidecar.get("digest", "")))
+                _note(self.ledger / uid, _sidecar_path(path), str(sidecar.get("digest", "")))
             except OSError:
-                # a full disk: the destination has the object all the same; sending it again would
-                # duplicate it
+                # the destination has the object all the same; sending it again would duplicate it
                 logger.warning(
-                    "%s: could not note the delivery of %s (disk full?); an image processed again would be sent again",
+                    "%s: could not note the delivery of %s; an image processed again would be sent again",
                     self.destination,
                     uid,
                 )
@@ -845,6 +844,26 @@ def _has(link: Link, path: Path) -> bool:
 
 def _touch(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+
+
+def _note(note: Path, sidecar: Path, text: str) -> None:
+    """``text`` in the ledger's marker ``note``, made of the entry's own sidecar: written over
+    its start (the sidecar holds the digest and more), cut to length and renamed. It takes no
+    new room on the disk, so a full disk cannot keep a delivery from being noted (the soak saw
+    one delivered while the disk was full, its note lost, and the object sent again after a
+    crash). Without a sidecar, a new marker."""
+    try:
+        fd = os.open(sidecar, os.O_WRONLY)
+    except FileNotFoundError:
+        _write(note, text)
+        return
+    data = text.encode()
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    os.replace(sidecar, note)
 
 
 def _write(path: Path, text: str) -> None:
