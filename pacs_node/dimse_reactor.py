@@ -36,11 +36,12 @@ queue, one state-machine event each, and writes each with its own socket call. T
 a radiograph (12 MB) is 740 PDUs to a peer that takes 16 kB PDUs (dcmtk's and Orthanc's
 default), and those hand-offs between two threads were most of the CPU the node spent sending
 it. :func:`install` has ``send_msg`` hand the PDUs over in bundles of about 1 MB, each one event
-of the state machine (DT-1, Sta6: send P-DATA-TF) written with one call; the peer receives the
-same PDUs, byte for byte, in the same order.
+of the state machine (Evt9; DT-1 in Sta6, AR-7 in Sta8, both replaced) written in one go; the
+peer receives the same PDUs, byte for byte, in the same order.
 
-Nothing a peer sees changes: the same state machine runs the same events; only the idle waits
-between them, and how many PDUs one socket write carries, differ. The patch is pinned to pynetdicom 3.0.x, whose loops it restates:
+Nothing a peer sees changes: the same state machine runs the same actions; only the idle waits
+between them, and how many PDUs one event sends (one Evt9, one EVT_FSM_TRANSITION per
+bundle; EVT_PDU_SENT still once per PDU), differ. The patch is pinned to pynetdicom 3.0.x, whose loops it restates:
 :func:`install` refuses any other version (pynetdicom's own loops then run, as before), and an
 association built before :func:`install` keeps pynetdicom's loops. The node installs it at
 start (:meth:`pacs_node.node.Node.start`); importing this module changes nothing.
@@ -58,7 +59,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import pynetdicom
@@ -81,6 +82,9 @@ MAX_WAIT_S = 0.1
 #: About how many bytes of one message's P-DATA-TF PDUs are handed to the DUL thread, and
 #: written to the socket, at once.
 BUNDLE_BYTES = 1 << 20
+
+#: The most one socket call writes (:meth:`PromptSocket.send`).
+WRITE_CHUNK = 64 * 1024
 
 #: The pynetdicom versions whose loops this module restates.
 SUPPORTED = "3.0."
@@ -344,18 +348,24 @@ def _association_run_reactor(self: Association) -> None:
 
 
 class _Bundle(P_DATA):
-    """Consecutive P-DATA requests of one message, sent as consecutive P-DATA-TF PDUs in one write.
-
-    Its ``presentation_data_value_list`` is theirs, in order (for whatever inspects it);
-    ``encoded`` is the PDUs' bytes, each PDU exactly as pynetdicom's ``P_DATA_TF`` encodes it.
-    """
+    """Consecutive P-DATA requests of one message, sent as consecutive P-DATA-TF PDUs in one
+    write: ``encoded``, each PDU exactly as pynetdicom's ``P_DATA_TF`` encodes it. Only the
+    replaced actions DT-1 and AR-7 send it (:data:`_ACTIONS`); the fragments are held once,
+    encoded, not also as a list of PDVs."""
 
     def __init__(self, parts: list[P_DATA]) -> None:
         super().__init__()
-        self.parts = parts
-        for part in parts:  # as pynetdicom's encode_msg fills it (its setter takes lists only)
-            self.presentation_data_value_list.extend(part.presentation_data_value_list)
         self.encoded = b"".join(_encode_p_data_tf(part) for part in parts)
+
+    def pdus(self) -> Iterator[P_DATA_TF]:
+        """Its PDUs, decoded again (for EVT_PDU_SENT handlers, where any are bound)."""
+        offset = 0
+        while offset < len(self.encoded):
+            (length,) = struct.unpack_from(">I", self.encoded, offset + 2)
+            pdu = P_DATA_TF()
+            pdu.decode(self.encoded[offset : offset + 6 + length])
+            yield pdu
+            offset += 6 + length
 
 
 def _encode_p_data_tf(pdata: P_DATA) -> bytes:
@@ -390,21 +400,26 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         self.dul.send_pdu(_Bundle(parts) if len(parts) > 1 else parts[0])
 
 
-def _dt_1(dul: DULServiceProvider) -> str:
-    """pynetdicom 3.0.4's action DT-1 (Sta6 + Evt9: send P-DATA-TF), which also sends a bundle's
-    PDUs in one write; EVT_PDU_SENT is triggered for each of them, as for PDUs sent one by one."""
-    primitive = cast(P_DATA, dul.to_provider_queue.get(False))  # Evt9 in Sta6: a P-DATA request
-    if not isinstance(primitive, _Bundle):
-        dul._send(P_DATA_TF(primitive))
-        return "Sta6"
-    if dul.socket is None:
-        _DUL_LOGGER.warning("Attempted to send data over closed connection")
-        return "Sta6"
-    dul.socket.send(primitive.encoded)
-    if dul.assoc.get_handlers(pynetdicom.evt.EVT_PDU_SENT):
-        for part in primitive.parts:
-            pynetdicom.evt.trigger(dul.assoc, pynetdicom.evt.EVT_PDU_SENT, {"pdu": P_DATA_TF(part)})
-    return "Sta6"
+def _sending_p_data(state: str) -> Callable[[DULServiceProvider], str]:
+    """pynetdicom 3.0.4's actions that send a P-DATA request, DT-1 (Sta6 + Evt9) and AR-7
+    (Sta8 + Evt9: data goes on while the peer's release request waits), which also send a
+    bundle's PDUs in one write; EVT_PDU_SENT is triggered for each, as for PDUs sent one by one."""
+
+    def action(dul: DULServiceProvider) -> str:
+        primitive = cast(P_DATA, dul.to_provider_queue.get(False))  # Evt9: a P-DATA request
+        if not isinstance(primitive, _Bundle):
+            dul._send(P_DATA_TF(primitive))
+            return state
+        if dul.socket is None:
+            _DUL_LOGGER.warning("Attempted to send data over closed connection")
+            return state
+        dul.socket.send(primitive.encoded)
+        if dul.assoc.get_handlers(pynetdicom.evt.EVT_PDU_SENT):
+            for pdu in primitive.pdus():
+                pynetdicom.evt.trigger(dul.assoc, pynetdicom.evt.EVT_PDU_SENT, {"pdu": pdu})
+        return state
+
+    return action
 
 
 _PATCHES: list[tuple[type, str, Any]] = [
@@ -415,8 +430,12 @@ _PATCHES: list[tuple[type, str, Any]] = [
     (DULServiceProvider, "_kill_thread", _kill_property("_kill_thread", _wake_dul)),
     (DIMSEServiceProvider, "send_msg", _send_msg),
 ]
-#: The state machine's action table entry replaced (pynetdicom looks it up on every event).
-_DT_1 = ("Send P-DATA-TF PDU", _dt_1, "Sta6")
+#: The state machine's action table entries replaced (pynetdicom looks them up on every event):
+#: every action that sends a P-DATA request.
+_ACTIONS: dict[str, tuple[str, Callable[[DULServiceProvider], str], Sequence[str]]] = {
+    "DT-1": ("Send P-DATA-TF PDU", _sending_p_data("Sta6"), "Sta6"),
+    "AR-7": ("Issue P-DATA-TF PDU", _sending_p_data("Sta8"), "Sta8"),
+}
 
 
 def installed() -> bool:
@@ -441,16 +460,19 @@ def install() -> bool:
     for cls, name, replacement in _PATCHES:
         _originals[cls, name] = cls.__dict__.get(name)
         setattr(cls, name, replacement)
-    _originals[dict, "DT-1"] = fsm.ACTIONS["DT-1"]
-    fsm.ACTIONS["DT-1"] = _DT_1
+    actions: dict[str, Any] = fsm.ACTIONS  # its entries' callables name their argument
+    for name, entry in _ACTIONS.items():
+        _originals[dict, name] = actions[name]
+        actions[name] = entry
     return True
 
 
 def uninstall() -> None:
     """pynetdicom's own loops again, for associations built from now on (tests)."""
+    actions: dict[str, Any] = fsm.ACTIONS
     for (cls, name), original in _originals.items():
         if cls is dict:
-            fsm.ACTIONS[name] = original
+            actions[name] = original
         elif original is None:
             delattr(cls, name)
         else:
@@ -482,11 +504,17 @@ class PromptSocket(AssociationSocket):
         return sock
 
     def send(self, bytestream: bytes) -> None:
-        """As pynetdicom 3.0's ``AssociationSocket.send``, written with one ``sendall``: its
-        loop sliced (copied) what was left of a write after each partial send, which a bundle
-        of PDUs (about 1 MB) meets on every write."""
+        """As pynetdicom 3.0's ``AssociationSocket.send``, its writes taken from a memoryview
+        at most :data:`WRITE_CHUNK` at a time: pynetdicom's loop copied what was left of a
+        write after each partial send, which a bundle of PDUs (about 1 MB) meets on every
+        write; and each call keeps the association's timeout to itself, as before (``sendall``
+        would make it a deadline for the whole bundle, which a slow link could miss)."""
+        sock = cast(socket.socket, self.socket)
+        view = memoryview(bytestream)
         try:
-            cast(socket.socket, self.socket).sendall(bytestream)
+            sent = 0
+            while sent < len(view):
+                sent += sock.send(view[sent : sent + WRITE_CHUNK])
             pynetdicom.evt.trigger(self.assoc, pynetdicom.evt.EVT_DATA_SENT, {"data": bytestream})
         except Exception:  # noqa: BLE001 - as pynetdicom's: Evt17, transport connection closed
             self.event_queue.put("Evt17")

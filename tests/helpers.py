@@ -21,6 +21,19 @@ def data_file(name: str) -> Path:
     return Path(path)
 
 
+def p_data_tf_lengths(stream: bytes) -> list[int]:
+    """The length field of every P-DATA-TF PDU (type 04H) in an upper-layer byte stream, as
+    written to the wire (PS3.8 9.3: type, a reserved byte, a 4-byte big-endian length)."""
+    lengths, offset = [], 0
+    while offset + 6 <= len(stream):
+        kind, length = stream[offset], int.from_bytes(stream[offset + 2 : offset + 6], "big")
+        if kind == 0x04:
+            lengths.append(length)
+        offset += 6 + length
+    assert offset == len(stream), "the stream does not end on a PDU boundary"
+    return lengths
+
+
 def require_tool(name: str, package: str = "dcmtk / dicom3tools") -> str:
     """Path of a command-line tool; a missing tool fails in CI (make test installs it) and skips elsewhere."""
     path = shutil.which(name)

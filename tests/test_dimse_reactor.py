@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pynetdicom
 import pytest
+from helpers import p_data_tf_lengths
 from node_support import StoreSCP
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
 from pacs_node import dimse_reactor
@@ -484,3 +486,56 @@ def test_a_large_message_leaves_as_pynetdicoms_pdus_byte_for_byte_in_few_writes(
     assert bundled == plain  # the same PDUs, in the same order, byte for byte
     assert plain_pdus == bundled_pdus > 190  # every P-DATA-TF still reported
     assert plain_writes > 190 and bundled_writes < 10, (plain_writes, bundled_writes)
+
+
+def test_data_sent_while_the_peer_asks_to_release_keeps_to_the_peers_pdu_length(
+    patched: None,
+) -> None:
+    """A peer that asks to release just as a large C-STORE is queued puts the requestor in
+    Sta8, where its P-DATA requests go out through AR-7, not DT-1: every PDU on the wire still
+    holds at most the 16 kB the peer announced (a bundle once left there as one 1 MB PDU)."""
+    peer = AE(ae_title="SCP")
+    peer.maximum_pdu_size = 16384
+    peer.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    accepted: list[Association] = []
+    scp = peer.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[
+            (evt.EVT_C_STORE, lambda event: 0x0000),
+            (evt.EVT_ESTABLISHED, lambda event: accepted.append(event.assoc)),
+        ],
+    )
+    written: list[bytes] = []
+    states: list[str] = []
+
+    def release_asked(event: evt.Event) -> None:
+        if type(event.message).__name__ == "C_STORE_RQ":
+            accepted[0].dul.socket.socket.sendall(A_RELEASE_RQ().encode())
+            until(lambda: event.assoc.dul.state_machine.current_state == "Sta8", 5)
+            states.append(event.assoc.dul.state_machine.current_state)
+
+    ae = dimse_reactor.PromptAE(ae_title="SCU")
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    ae.dimse_timeout = 3
+    assoc = ae.associate(
+        "127.0.0.1",
+        scp.server_address[1],
+        ae_title="SCP",
+        evt_handlers=[
+            (evt.EVT_DATA_SENT, lambda event: written.append(bytes(event.data))),
+            (evt.EVT_DIMSE_SENT, release_asked),
+        ],
+    )
+    try:
+        assert assoc.is_established
+        ds = secondary_capture()
+        ds.Rows = ds.Columns = 1774
+        ds.PixelData = bytes(1774 * 1774)
+        assoc.send_c_store(ds)
+    finally:
+        assoc.abort()
+        scp.shutdown()
+    assert states == ["Sta8"]
+    lengths = p_data_tf_lengths(b"".join(w for w in written if w[:1] == b"\x04"))
+    assert len(lengths) > 190 and max(lengths) <= 16384, (len(lengths), max(lengths))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import data_file, run_tool
+from helpers import data_file, p_data_tf_lengths, run_tool
 from node_support import (
     BIRTH_DATE,
     PATIENT_ID,
@@ -26,7 +26,6 @@ from node_support import (
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from pacs_node.model.predictor import NodePredictor
@@ -347,17 +346,12 @@ def test_senders_are_told_the_nodes_maximum_pdu_length_and_its_pdus_arrive_whole
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     ae.maximum_pdu_size = 0  # the sender takes any size the node announces
-    sizes: list[int] = []  # of each P-DATA-TF PDU sent, its header (6 bytes) left out
-
-    def counted(event: evt.Event) -> None:
-        if isinstance(event.pdu, P_DATA_TF):
-            sizes.append(len(event.pdu.encode()) - 6)
-
+    written: list[bytes] = []  # every write to the wire, as written
     assoc = ae.associate(
         "127.0.0.1",
         node.port,
         ae_title=node.config.ae_title,
-        evt_handlers=[(evt.EVT_PDU_SENT, counted)],
+        evt_handlers=[(evt.EVT_DATA_SENT, lambda event: written.append(bytes(event.data)))],
     )
     try:
         assert assoc.is_established
@@ -368,4 +362,5 @@ def test_senders_are_told_the_nodes_maximum_pdu_length_and_its_pdus_arrive_whole
         assert assoc.send_c_store(rg1).Status == StoreStatus.SUCCESS
     finally:
         assoc.release()
+    sizes = p_data_tf_lengths(b"".join(written))
     assert max(sizes) > 16384 * 4 and max(sizes) <= announced, sizes
