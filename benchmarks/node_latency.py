@@ -165,8 +165,36 @@ def rss_mb(pid: int) -> float:
 
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) the process has used."""
+    user, system, _ = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float, int]:
+    """CPU seconds in user space and in the kernel, and minor page faults, of the process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
+
+
+def fresh_write_cpu_ms(folder: Path, megabytes: int = 12, count: int = 3) -> float:
+    """CPU ms to write and fsync a new file of ``megabytes`` (the overlay's size), median of
+    ``count``: on this machine 3 ms while the kernel has recently freed pages at hand, about
+    25 ms once new pages must come from memory the virtual machine has handed back (a few
+    hundred MB written after files were last deleted); the state every other figure ran in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(megabytes * 2**20)
+    times = []
+    for i in range(count):
+        path = folder / f"fresh{i}.tmp"
+        start = time.process_time()
+        with path.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        times.append(time.process_time() - start)
+    for i in range(count):
+        (folder / f"fresh{i}.tmp").unlink()
+    return 1000 * statistics.median(times)
 
 
 def machine_cpu_s() -> tuple[float, float]:
@@ -351,7 +379,9 @@ def main() -> int:
         start = time.perf_counter()
         audit = work / "spool" / "audit.jsonl"
         before = processed(audit)
+        figures["fresh_write_cpu_ms_before"] = fresh_write_cpu_ms(work / "probe")
         cpu_before, peers_before = cpu_s(node.pid), cpu_s(destination.pid) + children_cpu_s()
+        split_before = cpu_split(node.pid)
         machine_before = machine_cpu_s()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: storescu(node_port, batch[i::4], "DPNODE"), range(4)))
@@ -360,6 +390,11 @@ def main() -> int:
         last_processed = time.perf_counter()
         wait(lambda: arrived(work / "destination", wanted), 1200, "every throughput result", 0.02)
         figures["cpu_ms_per_image"] = 1000 * (cpu_s(node.pid) - cpu_before) / len(batch)
+        user, system, faults = (a - b for a, b in zip(cpu_split(node.pid), split_before))
+        figures["cpu_user_ms_per_image"] = 1000 * user / len(batch)
+        figures["cpu_system_ms_per_image"] = 1000 * system / len(batch)
+        figures["minor_faults_per_image"] = faults / len(batch)
+        figures["fresh_write_cpu_ms_after"] = fresh_write_cpu_ms(work / "probe")
         # where the two cores went meanwhile: the node, its peers (the four storescu and the
         # destination storescp; with --associations above 1 its forked children are not counted)
         peers = cpu_s(destination.pid) + children_cpu_s() - peers_before
@@ -421,6 +456,8 @@ def main() -> int:
         f"  node peak resident memory: {f['node_peak_rss_mb']:.0f} MB  (target <= 1000 MB)",
         f"  node CPU: {f['cpu_ms_per_image']:.0f} ms per image in the throughput run, {f['cpu_ms_per_image_one_at_a_time']:.0f} ms in the latency run (one a second, the idle second included); idle {f['idle_cpu_percent']:.1f} % of a core, {f['idle_4_associations_cpu_percent']:.1f} % with 4 associations open",
         f"  the two cores in the throughput run: {100 * f['machine_cpu_busy_fraction']:.0f} % busy; the node {f['cpu_ms_per_image']:.0f} ms of CPU per image, its peers (4 storescu, storescp) {f['peers_cpu_ms_per_image']:.0f} ms",
+        f"    the node's CPU per image: user {f['cpu_user_ms_per_image']:.0f} ms, kernel {f['cpu_system_ms_per_image']:.0f} ms; {f['minor_faults_per_image']:.0f} new pages (minor faults) per image",
+        f"    CPU to write and fsync a new 12 MB file, before / after the run: {f['fresh_write_cpu_ms_before']:.1f} / {f['fresh_write_cpu_ms_after']:.1f} ms (3 ms: recently freed pages at hand; about 25 ms: pages the virtual machine handed back)",
     ]
     print("\n".join(lines))
     if args.json:
