@@ -232,6 +232,35 @@ def test_an_object_in_flight_at_a_crash_is_asked_about_before_it_is_sent_again(
         pacs.stop()
 
 
+def test_a_delivery_noted_before_a_crash_is_not_sent_again_whatever_the_destination_answers(
+    tmp_path: Path,
+) -> None:
+    """A kill -9 after the ledger noted a delivery and before the entry was removed: the
+    entry (still marked as on the wire) is settled from the note, without a send or a query,
+    even by a destination that answers no queries; a corrected result of the same instance
+    (another digest) is still sent."""
+    import pacs_node.delivery.outbox as outbox
+
+    pacs = Peer().start()  # answers no queries: a query would not settle anything
+    ds, corrected = result(0), result(1)
+    deliveries: list = []
+    s = sender(tmp_path, pacs, deliveries)
+    entry = s.put(ds, "source", "digest-1")
+    s._sending_marker(entry).touch()
+    outbox._note(s.ledger / entry.name.split("_")[0], outbox._sidecar_path(entry), "digest-1")
+    other = s.put(corrected, "other", "digest-2")
+    s.start()
+    try:
+        wait_for(lambda: len(deliveries) == 2, 20, "both entries accounted for")
+        assert pacs.stored == [str(corrected.SOPInstanceUID)]
+        assert s.pending() == [] and not entry.exists() and not other.exists()
+        # the image processed again: the same result is known as delivered
+        assert s.put(ds, "source", "digest-1") is None
+    finally:
+        s.stop()
+        pacs.stop()
+
+
 def test_a_destination_that_answers_no_queries_gets_an_object_in_doubt_again(
     tmp_path: Path,
 ) -> None:
@@ -555,7 +584,8 @@ def test_the_destination_ends_with_the_newest_result_and_superseded_ones_are_nev
     tmp_path: Path,
 ) -> None:
     """On the wire: the first result. Then a correction, then the first content again: the
-    correction, superseded before it was sent, never goes; the destination ends with the newest."""
+    correction, superseded before it was sent, never goes; the destination ends with the newest,
+    which it holds already (the ledger notes the first as delivered): it is not sent twice."""
     pacs = Peer(stall=True).start()
     first = result(0)
     corrected = copy.deepcopy(first)
@@ -569,7 +599,7 @@ def test_the_destination_ends_with_the_newest_result_and_superseded_ones_are_nev
         s.put(first, "source", "digest-1")
         pacs.go.set()
         wait_for(lambda: len(reports) == 2 and s.pending() == [], 10, "two deliveries")
-        assert [str(ds.PatientName) for ds in pacs.received] == ["Doe^Jane^Q", "Doe^Jane^Q"]
+        assert [str(ds.PatientName) for ds in pacs.received] == ["Doe^Jane^Q"]
     finally:
         pacs.go.set()
         s.stop()

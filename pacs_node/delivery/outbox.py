@@ -232,7 +232,7 @@ class DestinationSender:
             entries = self._entries_of(uid)
             if digest and entries and self._sidecar(entries[-1]).get("digest") == digest:
                 return entries[-1]  # the same result is waiting, or on the wire
-            if digest and not entries and _read(self.ledger / uid) == digest:
+            if digest and not entries and _noted(self.ledger / uid) == digest:
                 return None
             if (
                 digest
@@ -526,7 +526,9 @@ class DestinationSender:
         """Ask about the objects in doubt, send the rest; False when the link broke or the destination was unavailable."""
         todo = []
         for path in files:
-            if path in in_doubt and link.usable and _has(link, path):
+            if self._noted_delivered(path) or (
+                path in in_doubt and link.usable and _has(link, path)
+            ):
                 self._delivered(path)
             else:
                 todo.append(path)
@@ -620,6 +622,12 @@ class DestinationSender:
             )
             return False
         return True
+
+    def _noted_delivered(self, path: Path) -> bool:
+        """Whether the ledger notes this entry's content as delivered: the process died after
+        the note and before the entry was removed (a note is made only after a delivery)."""
+        digest = self._sidecar(path).get("digest")
+        return bool(digest) and _noted(self.ledger / _uid_of(path)) == digest
 
     def _on_wire(self, group: list[Path]) -> None:
         """Mark objects about to leave: should the process die before their answer, they are in doubt."""
@@ -719,8 +727,10 @@ class DestinationSender:
         self._attempts.pop(path.name, None)
 
     def _unlink(self, path: Path) -> None:
-        """Remove an entry, its sidecar and its in-doubt marker."""
-        for part in (self._sending_marker(path), path, _sidecar_path(path)):
+        """Remove an entry, then its in-doubt marker and its sidecar: a crash in between leaves
+        no entry that could be sent again without being asked about first (a marker left
+        behind expires; a sidecar left behind goes at the next start)."""
+        for part in (path, self._sending_marker(path), _sidecar_path(path)):
             part.unlink(missing_ok=True)
 
     def _note_failure(self, files: list[Path]) -> None:
@@ -846,24 +856,39 @@ def _touch(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
 
 
-def _note(note: Path, sidecar: Path, text: str) -> None:
-    """``text`` in the ledger's marker ``note``, made of the entry's own sidecar: written over
-    its start (the sidecar holds the digest and more), cut to length and renamed. It takes no
-    new room on the disk, so a full disk cannot keep a delivery from being noted (the soak saw
-    one delivered while the disk was full, its note lost, and the object sent again after a
-    crash). Without a sidecar, a new marker."""
+def _note(note: Path, sidecar: Path, digest: str) -> None:
+    """The ledger's marker ``note`` of a delivered entry: a second name for the entry's own
+    sidecar (a hard link, made under a temporary name and renamed over any earlier note). It
+    takes no new room on the disk, so a full disk cannot keep a delivery from being noted (the
+    soak saw one delivered while the disk was full, its note lost, and the object sent again
+    after a crash), and the sidecar stays whole beside the entry until the entry is gone.
+    Without a sidecar (an entry of the layout before), a new marker holding ``digest``, never
+    an empty one over a note that has one."""
+    temporary = note.with_name(f".{note.name}.link")
+    temporary.unlink(missing_ok=True)
     try:
-        fd = os.open(sidecar, os.O_WRONLY)
+        os.link(sidecar, temporary)
     except FileNotFoundError:
-        _write(note, text)
+        if digest or not note.exists():
+            _write(note, digest)
         return
-    data = text.encode()
+    os.utime(
+        temporary
+    )  # the note ages from the delivery (forget_old_deliveries), not the hand-over
+    os.replace(temporary, note)
+
+
+def _noted(note: Path) -> str | None:
+    """The digest a ledger marker holds: a sidecar's (JSON), or the bare digest of a marker
+    written before markers were sidecars; None without one."""
+    text = _read(note)
+    if text is None or not text.startswith("{"):
+        return text
     try:
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
-    finally:
-        os.close(fd)
-    os.replace(sidecar, note)
+        found = json.loads(text)
+    except ValueError:
+        return None
+    return str(found.get("digest", "")) if isinstance(found, dict) else None
 
 
 def _write(path: Path, text: str) -> None:
